@@ -1,0 +1,105 @@
+"""One error hierarchy, split by who is at fault.
+
+* :class:`LocalProtocolError` -- we misused an API (a wrong-turn call, sending on a closed
+  session). This is a bug in our own code or in the caller's.
+* :class:`RemoteProtocolError` -- a peer sent something malformed or forbidden. Drop that peer
+  (close the one session), count it, and keep serving everyone else.
+
+Every error a peer can provoke must be a :class:`RemoteProtocolError` (or a subclass), never a
+bare ``ValueError``/``KeyError`` leaking out of a decoder: the fuzz tests hold us to that.
+"""
+
+from __future__ import annotations
+
+
+class MeshInferError(Exception):
+    """Base class for every error meshinfer raises on purpose."""
+
+
+class LocalProtocolError(MeshInferError):
+    """We (or our caller) used an API in a way its state does not allow."""
+
+
+class RemoteProtocolError(MeshInferError):
+    """A peer sent bytes or a message that violates the protocol."""
+
+
+class ConfigError(MeshInferError, ValueError):
+    """A configuration file, CLI argument or config object is invalid. The message names the key."""
+
+
+# --- Noise -----------------------------------------------------------------------------------
+
+
+class NoiseError(MeshInferError):
+    """Base class for Noise protocol failures."""
+
+
+class HandshakeError(NoiseError, RemoteProtocolError):
+    """A handshake message could not be processed (malformed, wrong length, failed to decrypt)."""
+
+
+class HandshakeStateError(NoiseError, LocalProtocolError):
+    """A handshake method was called out of turn, or on a failed/finished handshake."""
+
+
+class DecryptError(NoiseError, RemoteProtocolError):
+    """An authenticated ciphertext failed its tag check, or was too short to hold a tag."""
+
+
+class NonceExhaustedError(NoiseError, LocalProtocolError):
+    """A cipher state used up its 2**64-1 nonces; the session must be torn down or rekeyed."""
+
+
+# --- Admission (fleet identity) --------------------------------------------------------------
+
+
+class AdmissionError(RemoteProtocolError):
+    """A peer's certificate was refused. ``reason`` is a short stable code used in metrics."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"admission refused ({reason}){': ' + detail if detail else ''}")
+
+
+class IdentityError(MeshInferError):
+    """A local key, certificate or revocation file is missing, malformed or unusable."""
+
+
+# --- Transport / sessions --------------------------------------------------------------------
+
+
+class TransportError(MeshInferError, ConnectionError):
+    """A dial, listen or stream operation failed at the transport layer."""
+
+
+class StreamClosed(TransportError):
+    """The stream or session was closed (by either side) while an operation was pending."""
+
+
+class SessionTimeout(TransportError, TimeoutError):
+    """A handshake, idle or keep-alive timer fired."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A peer announced or sent a message larger than the configured cap."""
+
+
+# --- Inference -------------------------------------------------------------------------------
+
+
+class InferenceError(MeshInferError):
+    """An engine failed to run a batch."""
+
+
+class ModelNotFoundError(InferenceError, LookupError):
+    """No model with that id (and version) is registered or loaded."""
+
+
+class OverloadedError(InferenceError):
+    """The queue in front of an engine is full: try later or elsewhere."""
+
+
+class DeadlineExceededError(InferenceError, TimeoutError):
+    """A request's deadline passed before it could run; it was not run."""

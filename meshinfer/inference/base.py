@@ -1,0 +1,75 @@
+"""The ``InferenceEngine`` delegate interface and the types around it.
+
+An engine loads models by id and version and runs batches on its device. Implementations:
+NumPy (CPU, the embedded default), CuPy (NVIDIA GPU), Triton (a Triton Inference Server through
+tritonclient). A :class:`~meshinfer.inference.batching.DynamicBatcher` sits in front of each.
+
+Concurrency rules: every coroutine here runs on the event loop and must never block it; engines
+push NumPy/CuPy/network work to a bounded executor (or an asyncio client). ``infer`` may be
+called concurrently for different batches; an engine bounds its own parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, dtype and shape of one input or output; ``-1`` in ``shape`` is the batch axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Which model: an id and a version (e.g. ``digits-mlp`` version ``1``)."""
+
+    model_id: str
+    version: str = "1"
+
+    def __str__(self) -> str:
+        return f"{self.model_id}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapacity:
+    """What an engine can take on right now; gossiped in node state."""
+
+    device: str  # "cpu", "cuda:0", "triton:<url>"
+    max_batch_size: int
+    free_memory_bytes: int | None
+    loaded_models: tuple[ModelRef, ...] = field(default=())
+    ready: bool = True
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """Runs batches of a loaded model. See the module docstring for concurrency rules."""
+
+    name: str
+
+    async def load(self, ref: ModelRef) -> None:
+        """Make ``ref`` ready to run; idempotent. Raises ModelNotFoundError."""
+        ...
+
+    async def unload(self, ref: ModelRef) -> None:
+        """Release a loaded model; idempotent."""
+        ...
+
+    async def infer(self, ref: ModelRef, batch: np.ndarray) -> np.ndarray:
+        """Run one batch (first axis is the batch) and return the outputs as a NumPy array."""
+        ...
+
+    def capacity(self) -> EngineCapacity:
+        """Describe capacity and readiness without blocking."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the device and executor. Idempotent."""
+        ...
