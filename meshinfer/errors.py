@@ -47,6 +47,10 @@ class DecryptError(NoiseError, RemoteProtocolError):
     """An authenticated ciphertext failed its tag check, or was too short to hold a tag."""
 
 
+class MessageTooLargeError(NoiseError, LocalProtocolError):
+    """We tried to write a Noise message longer than 65535 bytes."""
+
+
 class NonceExhaustedError(NoiseError, LocalProtocolError):
     """A cipher state used up its 2**64-1 nonces; the session must be torn down or rekeyed."""
 
