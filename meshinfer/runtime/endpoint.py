@@ -1,0 +1,179 @@
+"""A node's session endpoint: a listener that survives hostile clients, and a dialler.
+
+The listener runs the responder handshake for every accepted stream, under three bounds:
+
+* ``max_handshakes`` handshakes in progress at once (the rest are closed at once and counted),
+  so a burst of a thousand connection attempts cannot exhaust memory or starve good peers;
+* ``max_pending_per_host`` handshakes from one remote host, so one misbehaving host cannot take
+  every handshake slot with half-finished handshakes or a byte-per-second trickle;
+* ``max_sessions_per_peer`` established sessions per authenticated node id.
+
+Every handshake runs under the session's ``handshake_timeout``. Refusals are counted by reason in
+:class:`~meshinfer.runtime.session.SessionMetrics`. Good peers keep being served meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from meshinfer.errors import MeshInferError
+from meshinfer.proto.messages import CloseCode
+from meshinfer.runtime.session import (
+    Admission,
+    Session,
+    SessionConfig,
+    SessionMetrics,
+    accept,
+    connect,
+)
+from meshinfer.transport.base import Address, Listener, Stream, Transport
+
+log = logging.getLogger(__name__)
+
+SessionHandler = Callable[[Session], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """Bounds that keep a listener serving under abuse (see the module docstring)."""
+
+    max_handshakes: int = 64
+    max_pending_per_host: int = 8
+    max_sessions_per_peer: int = 4
+
+
+class SessionListener:
+    """Accepts streams, runs the responder handshake and hands each session to ``handler``.
+
+    The session is closed when ``handler`` returns. ``start`` and ``aclose`` run on the loop;
+    ``aclose`` closes the listener and then every session it accepted, and is idempotent.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        admission: Admission,
+        handler: SessionHandler,
+        *,
+        config: SessionConfig | None = None,
+        limits: ListenerLimits | None = None,
+        metrics: SessionMetrics | None = None,
+    ) -> None:
+        self.transport = transport
+        self.admission = admission
+        self.handler = handler
+        self.config = config or SessionConfig()
+        self.limits = limits or ListenerLimits()
+        self.metrics = metrics or SessionMetrics()
+        self.sessions: set[Session] = set()
+        self._listener: Listener | None = None
+        self._handshaking = 0
+        self._pending_by_host: Counter[str] = Counter()
+        self._by_peer: Counter[str] = Counter()
+        self._closed = False
+
+    @property
+    def address(self) -> Address:
+        if self._listener is None:
+            raise RuntimeError("listener not started")
+        return self._listener.address
+
+    async def start(self, address: Address) -> Address:
+        """Bind and start accepting; returns the bound address (port 0 picks one)."""
+        self._listener = await self.transport.listen(address, self._on_stream)
+        return self._listener.address
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            await self._listener.aclose()
+        await asyncio.gather(
+            *(s.aclose(CloseCode.GOING_AWAY, "node shutting down") for s in list(self.sessions)),
+            return_exceptions=True,
+        )
+
+    async def __aenter__(self) -> SessionListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _on_stream(self, stream: Stream) -> None:
+        host = stream.remote_address.host
+        refusal = self._admit_handshake(host)
+        if refusal:
+            self.metrics.refuse(refusal)
+            await stream.aclose()
+            return
+        self._handshaking += 1
+        self._pending_by_host[host] += 1
+        try:
+            session = await accept(stream, self.admission, config=self.config, metrics=self.metrics)
+        except (MeshInferError, OSError, TimeoutError):
+            return  # counted and logged by the session layer; the stream is closed
+        finally:
+            self._handshaking -= 1
+            self._pending_by_host[host] -= 1
+            if self._pending_by_host[host] <= 0:
+                del self._pending_by_host[host]
+        await self._serve(session)
+
+    def _admit_handshake(self, host: str) -> str | None:
+        if self._closed:
+            return "shutting-down"
+        if self._handshaking >= self.limits.max_handshakes:
+            return "busy"
+        if self._pending_by_host[host] >= self.limits.max_pending_per_host:
+            return "host-limit"
+        return None
+
+    async def _serve(self, session: Session) -> None:
+        peer = session.peer_id
+        if self._by_peer[peer] >= self.limits.max_sessions_per_peer:
+            self.metrics.refuse("peer-limit")
+            await session.aclose(CloseCode.OVERLOADED, "too many sessions from this peer")
+            return
+        self._by_peer[peer] += 1
+        self.sessions.add(session)
+        try:
+            await self.handler(session)
+        except Exception:
+            log.exception("session handler for %s failed", peer)
+        finally:
+            self.sessions.discard(session)
+            self._by_peer[peer] -= 1
+            if self._by_peer[peer] <= 0:
+                del self._by_peer[peer]
+            with contextlib.suppress(Exception):
+                await session.aclose()
+
+
+async def dial(
+    transport: Transport,
+    address: Address,
+    admission: Admission,
+    *,
+    config: SessionConfig | None = None,
+    metrics: SessionMetrics | None = None,
+    expected_static: bytes | None = None,
+    expected_node_id: str | None = None,
+    timeout: float | None = None,
+) -> Session:
+    """Dial ``address`` and run the initiator handshake (IK when ``expected_static`` is given)."""
+    config = config or SessionConfig()
+    stream = await transport.dial(address, timeout=timeout or config.handshake_timeout)
+    return await connect(
+        stream,
+        admission,
+        config=config,
+        metrics=metrics,
+        expected_static=expected_static,
+        expected_node_id=expected_node_id,
+    )

@@ -1,0 +1,597 @@
+"""Encrypted, authenticated sessions: Noise handshake + fleet admission + typed messages.
+
+Theory of operation
+-------------------
+A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three phases:
+
+``handshake``
+    The dialler picks the pattern: ``XX`` by default, ``IK`` when it already knows the peer's
+    static key (from discovery). The first record carries one byte naming the pattern, so the
+    listener can answer either. Each side's :class:`~meshinfer.proto.messages.Hello` rides in an
+    encrypted handshake payload: protocol version, node id and the certificate that the fleet
+    authority signed. A session exists only when :func:`~meshinfer.proto.identity.admit` accepts
+    the peer's certificate for the very static key the handshake proved. The Noise prologue binds
+    protocol version and fleet id, so a node of another fleet fails the handshake cryptographically.
+    The whole handshake runs under ``handshake_timeout``.
+
+``open``
+    Messages are msgpack-encoded, split into chunks that fit one Noise message, encrypted and
+    written behind a 2-byte length (:mod:`~meshinfer.proto.framing`). One reader task per session
+    decrypts, reassembles and decodes; session control (``Ping``/``Pong``/``Close``) is handled
+    here, everything else is queued for :meth:`Session.recv`. When the application does not
+    consume, the bounded queue fills, the reader stops reading, and TCP pushes back on the peer.
+    Both directions rekey after ``rekey_after`` Noise messages; both sides count the same
+    records, so no signal is needed.
+
+``closed``
+    Reached by :meth:`Session.aclose` (sends ``Close`` first), by the peer's ``Close``, by EOF,
+    by an idle timeout, or by a protocol error from the peer. Pending and later ``recv`` calls
+    raise :class:`~meshinfer.errors.StreamClosed` carrying the reason; ``aclose`` is idempotent.
+
+Everything time-related uses the running loop's clock (``loop.time()``), so a virtual-time loop
+can drive sessions unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshinfer import PROTOCOL_VERSION
+from meshinfer.errors import (
+    AdmissionError,
+    HandshakeError,
+    LocalProtocolError,
+    MeshInferError,
+    RemoteProtocolError,
+    SessionTimeout,
+    StreamClosed,
+    TransportError,
+)
+from meshinfer.proto import framing, messages
+from meshinfer.proto.identity import NodeCertificate, NodeIdentity, RevocationList, admit, prologue
+from meshinfer.proto.messages import Close, CloseCode, Hello, Ping, Pong
+from meshinfer.proto.noise import CipherState, HandshakeState
+from meshinfer.transport.base import Stream
+
+log = logging.getLogger(__name__)
+
+#: First byte of the first handshake record: which Noise pattern the dialler chose.
+_PATTERN_XX = 0x01
+_PATTERN_IK = 0x02
+_MAX_HANDSHAKE_RECORD = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Timers and limits of one session. Defaults suit a LAN; radio links want longer timers.
+
+    Attributes:
+        xx_protocol: Noise protocol name used when the peer's static key is unknown.
+        ik_protocol: Noise protocol name used when discovery already gave the peer's static key.
+        handshake_timeout: seconds for the whole handshake; a slow or silent client is cut off.
+        idle_timeout: close the session when nothing at all arrived for this long.
+        keepalive_interval: send a ``Ping`` when nothing was sent for this long; must be well
+            below the peer's ``idle_timeout``.
+        rekey_after: rekey each direction after this many Noise messages.
+        max_message_size: largest reassembled application message accepted (bytes).
+        recv_queue: messages buffered for :meth:`Session.recv` before the reader stops reading.
+        clock_skew: seconds of tolerance on certificate validity windows.
+    """
+
+    xx_protocol: str = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
+    ik_protocol: str = "Noise_IK_25519_ChaChaPoly_BLAKE2b"
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    keepalive_interval: float = 15.0
+    rekey_after: int = 1 << 20
+    max_message_size: int = 16 * 1024 * 1024
+    recv_queue: int = 1024
+    clock_skew: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.keepalive_interval >= self.idle_timeout:
+            raise ValueError("keepalive_interval must be below idle_timeout")
+        if self.rekey_after < 1 or self.recv_queue < 1 or self.max_message_size < 1:
+            raise ValueError("rekey_after, recv_queue and max_message_size must be positive")
+
+
+@dataclass
+class SessionMetrics:
+    """Counters shared by the sessions of one node; exported as Prometheus metrics later."""
+
+    handshakes_ok: int = 0
+    handshake_failures: Counter[str] = field(default_factory=Counter)
+    protocol_errors: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+    def refuse(self, reason: str) -> None:
+        self.handshake_failures[reason] += 1
+
+
+@dataclass
+class Admission:
+    """What a node checks peers against: its fleet trust anchor and the current revocations.
+
+    ``revocations`` is replaced as gossip merges newer lists; sessions read it at handshake time.
+    ``wallclock`` is the only wall-clock read here: certificate validity is wall-clock time.
+    """
+
+    identity: NodeIdentity
+    revocations: RevocationList
+    wallclock: Callable[[], float] = time.time
+
+    def check(self, cert_bytes: bytes, proven_static: bytes, skew: float) -> NodeCertificate:
+        now = self.wallclock()
+        return admit(
+            cert_bytes,
+            proven_static=proven_static,
+            trust=self.identity.trust,
+            revocations=self.revocations,
+            now=now,
+            clock_skew=skew,
+        )
+
+
+class Session:
+    """An open, authenticated, encrypted session with one peer. Use :func:`connect`/:func:`accept`.
+
+    ``send`` and ``recv`` are coroutines that must run on the session's loop. Any number of tasks
+    may ``send`` concurrently (writes are serialised); one task at a time should ``recv``.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        send_cs: CipherState,
+        recv_cs: CipherState,
+        peer: NodeCertificate,
+        config: SessionConfig,
+        metrics: SessionMetrics,
+        *,
+        initiator: bool,
+        handshake_hash: bytes,
+        leftover: list[bytes],
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.config = config
+        self.metrics = metrics
+        self.initiator = initiator
+        self.handshake_hash = handshake_hash
+        self._send_cs = send_cs
+        self._recv_cs = recv_cs
+        self._sent_records = 0
+        self._recv_records = 0
+        self._write_lock = asyncio.Lock()
+        # Unbounded queue plus a high-water mark: the reader pauses at ``recv_queue`` messages
+        # (so TCP pushes back on the peer), while the close sentinel can always be queued.
+        self._inbox: asyncio.Queue[messages.Message | None] = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._decoder = framing.RecordDecoder()
+        self._reassembler = framing.Reassembler(config.max_message_size)
+        self._pings: dict[int, asyncio.Future[float]] = {}
+        self._ping_seq = 0
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._last_rx = self._last_tx = loop.time()
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+        self._closed = asyncio.Event()
+        self._leftover = leftover
+        self._reader = loop.create_task(self._read_loop(), name=f"session-read-{peer.node_id}")
+        self._keeper = loop.create_task(self._keepalive_loop(), name=f"session-ka-{peer.node_id}")
+
+    # --- public API ------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.peer.node_id
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed.is_set()
+
+    async def send(self, msg: messages.Message) -> None:
+        """Encrypt and send one message. Raises StreamClosed once the session is closed."""
+        data = messages.encode(msg)
+        if len(data) > self.config.max_message_size:
+            raise LocalProtocolError(f"message of {len(data)} bytes exceeds the session cap")
+        if self._closed.is_set():
+            raise StreamClosed(f"session with {self.peer_id} is closed: {self.close_reason}")
+        async with self._write_lock:
+            await self._write_records(framing.split_message(data))
+        self.metrics.messages_sent += 1
+
+    async def recv(self) -> messages.Message:
+        """Return the next application message; raises StreamClosed once the session ends."""
+        item = await self._inbox.get()
+        if not self._room.is_set() and self._inbox.qsize() < self.config.recv_queue:
+            self._room.set()
+        if item is None:
+            self._inbox.put_nowait(None)  # keep waking later callers
+            raise StreamClosed(f"session with {self.peer_id} closed: {self.close_reason}")
+        return item
+
+    def __aiter__(self) -> Session:
+        return self
+
+    async def __anext__(self) -> messages.Message:
+        try:
+            return await self.recv()
+        except StreamClosed:
+            raise StopAsyncIteration from None
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Measure one round trip (seconds) with a Ping/Pong exchange."""
+        self._ping_seq += 1
+        nonce = self._ping_seq
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._pings[nonce] = fut
+        started = self._loop.time()
+        try:
+            await self.send(Ping(nonce=nonce))
+            async with asyncio.timeout(timeout):
+                return await fut - started
+        finally:
+            self._pings.pop(nonce, None)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self, code: CloseCode = CloseCode.NORMAL, reason: str = "closed") -> None:
+        """Send ``Close`` (best effort), then close the stream. Idempotent."""
+        if not self._closed.is_set():
+            with contextlib.suppress(MeshInferError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0), self._write_lock:
+                    await self._write_records(
+                        framing.split_message(messages.encode(Close(code=int(code), reason=reason)))
+                    )
+            self._mark_closed(code, reason)
+        await self._shutdown()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _write_records(self, chunks: list[bytes]) -> None:
+        out = bytearray()
+        for chunk in chunks:
+            out += framing.encode_record(self._send_cs.encrypt(chunk))
+            self._sent_records += 1
+            if self._sent_records % self.config.rekey_after == 0:
+                self._send_cs.rekey()
+        await self.stream.write(bytes(out))
+        self._last_tx = self._loop.time()
+
+    def _open_record(self, record: bytes) -> messages.Message | None:
+        plaintext = self._recv_cs.decrypt(record)
+        self._recv_records += 1
+        if self._recv_records % self.config.rekey_after == 0:
+            self._recv_cs.rekey()
+        whole = self._reassembler.feed(plaintext)
+        return None if whole is None else messages.decode(whole)
+
+    async def _read_loop(self) -> None:
+        try:
+            for record in self._leftover:
+                await self._dispatch(self._open_record(record))
+            self._leftover = []
+            while not self._closed.is_set():
+                data = await self.stream.read(262144)
+                if not data:
+                    self._mark_closed(CloseCode.GOING_AWAY, "peer closed the connection")
+                    break
+                self._last_rx = self._loop.time()
+                for record in self._decoder.feed(data):
+                    await self._dispatch(self._open_record(record))
+        except RemoteProtocolError as exc:
+            self.metrics.protocol_errors += 1
+            log.warning("session with %s: protocol error from peer: %s", self.peer_id, exc)
+            self._mark_closed(CloseCode.PROTOCOL_ERROR, f"protocol error: {exc}")
+        except (TransportError, OSError) as exc:
+            self._mark_closed(CloseCode.GOING_AWAY, f"transport error: {exc}")
+        finally:
+            self._mark_closed(CloseCode.GOING_AWAY, "reader stopped")
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
+
+    async def _dispatch(self, msg: messages.Message | None) -> None:
+        if msg is None:
+            return
+        self.metrics.messages_received += 1
+        if isinstance(msg, Ping):
+            with contextlib.suppress(StreamClosed):
+                await self.send(Pong(nonce=msg.nonce))
+        elif isinstance(msg, Pong):
+            fut = self._pings.get(msg.nonce)
+            if fut is not None and not fut.done():
+                fut.set_result(self._loop.time())
+        elif isinstance(msg, Close):
+            self._mark_closed(_close_code(msg.code), f"peer closed: {msg.reason}")
+        else:
+            self._inbox.put_nowait(msg)
+            if self._inbox.qsize() >= self.config.recv_queue:
+                self._room.clear()
+                await self._room.wait()
+
+    async def _keepalive_loop(self) -> None:
+        cfg = self.config
+        while not self._closed.is_set():
+            now = self._loop.time()
+            if now - self._last_rx >= cfg.idle_timeout:
+                log.info(
+                    "session with %s idle for %.1fs: closing", self.peer_id, now - self._last_rx
+                )
+                await self.aclose(CloseCode.IDLE_TIMEOUT, "idle timeout")
+                return
+            if now - self._last_tx >= cfg.keepalive_interval:
+                self._ping_seq += 1
+                with contextlib.suppress(StreamClosed, TransportError, OSError):
+                    await self.send(Ping(nonce=self._ping_seq))
+            next_rx = self._last_rx + cfg.idle_timeout
+            next_tx = self._last_tx + cfg.keepalive_interval
+            await asyncio.sleep(max(0.0, min(next_rx, next_tx) - self._loop.time()))
+
+    def _mark_closed(self, code: CloseCode, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self.close_code, self.close_reason = code, reason
+        self._closed.set()
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(StreamClosed(reason))
+        self._inbox.put_nowait(None)  # wakes every recv() once the queued messages are read
+        self._room.set()
+
+    async def _shutdown(self) -> None:
+        current = asyncio.current_task()
+        for task in (self._keeper, self._reader):
+            if task is not current and not task.done():
+                task.cancel()
+        for task in (self._keeper, self._reader):
+            if task is not current:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+
+def _close_code(code: int) -> CloseCode:
+    try:
+        return CloseCode(code)
+    except ValueError:
+        return CloseCode.PROTOCOL_ERROR
+
+
+# --- the handshake ---------------------------------------------------------------------------
+
+
+class _Handshake:
+    """Drives one Noise handshake over a stream: reads length-prefixed records, keeps leftovers."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.decoder = framing.RecordDecoder()
+        self.pending: list[bytes] = []
+
+    async def read_record(self) -> bytes:
+        while not self.pending:
+            data = await self.stream.read(65536)
+            if not data:
+                raise HandshakeError("peer closed the connection during the handshake")
+            if self.decoder.buffered + len(data) > 2 * _MAX_HANDSHAKE_RECORD + 2:
+                raise HandshakeError("handshake record too large")
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    async def write_record(self, record: bytes) -> None:
+        await self.stream.write(framing.encode_record(record))
+
+
+def _hello(identity: NodeIdentity, config: SessionConfig) -> bytes:
+    cert = identity.certificate
+    return messages.encode(
+        Hello(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=identity.node_id,
+            certificate=cert.to_bytes(),
+            roles=tuple(sorted(cert.roles)),
+            features=(),
+            max_message_size=config.max_message_size,
+        )
+    )
+
+
+def _read_hello(payload: bytes) -> Hello:
+    msg = messages.decode(payload)
+    if not isinstance(msg, Hello):
+        raise HandshakeError(f"expected Hello in the handshake payload, got {type(msg).__name__}")
+    if msg.protocol_version != PROTOCOL_VERSION:
+        raise AdmissionError(
+            "protocol-version", f"peer speaks {msg.protocol_version}, we speak {PROTOCOL_VERSION}"
+        )
+    return msg
+
+
+def _admit(
+    hello: Hello, hs: HandshakeState, admission: Admission, config: SessionConfig
+) -> NodeCertificate:
+    remote = hs.remote_static
+    if remote is None:  # pragma: no cover - XX and IK always prove a static key
+        raise HandshakeError("handshake proved no static key")
+    cert = admission.check(hello.certificate, remote, config.clock_skew)
+    if cert.node_id != hello.node_id:
+        raise AdmissionError("key-mismatch", "Hello node id differs from the certificate's")
+    return cert
+
+
+def _noise_prologue(admission: Admission) -> bytes:
+    return prologue(admission.identity.trust.fleet_id, PROTOCOL_VERSION)
+
+
+async def _initiate(
+    hsio: _Handshake,
+    admission: Admission,
+    config: SessionConfig,
+    expected_static: bytes | None,
+) -> tuple[HandshakeState, NodeCertificate]:
+    ident = admission.identity
+    pattern = _PATTERN_IK if expected_static is not None else _PATTERN_XX
+    name = config.ik_protocol if expected_static is not None else config.xx_protocol
+    hs = HandshakeState(
+        name, True, _noise_prologue(admission), s=ident.static_private, rs=expected_static
+    )
+    if pattern == _PATTERN_IK:
+        await hsio.write_record(bytes([pattern]) + hs.write_message(_hello(ident, config)))
+        hello = _read_hello(hs.read_message(await hsio.read_record()))
+        return hs, _admit(hello, hs, admission, config)
+    await hsio.write_record(bytes([pattern]) + hs.write_message())
+    hello = _read_hello(hs.read_message(await hsio.read_record()))
+    cert = _admit(hello, hs, admission, config)
+    await hsio.write_record(hs.write_message(_hello(ident, config)))
+    return hs, cert
+
+
+async def _respond(
+    hsio: _Handshake, admission: Admission, config: SessionConfig
+) -> tuple[HandshakeState, NodeCertificate]:
+    ident = admission.identity
+    first = await hsio.read_record()
+    pattern, body = first[0], first[1:]
+    if pattern not in (_PATTERN_XX, _PATTERN_IK):
+        raise HandshakeError(f"unknown handshake pattern byte 0x{pattern:02x}")
+    name = config.ik_protocol if pattern == _PATTERN_IK else config.xx_protocol
+    hs = HandshakeState(name, False, _noise_prologue(admission), s=ident.static_private)
+    if pattern == _PATTERN_IK:
+        cert = _admit(_read_hello(hs.read_message(body)), hs, admission, config)
+        await hsio.write_record(hs.write_message(_hello(ident, config)))
+        return hs, cert
+    hs.read_message(body)
+    await hsio.write_record(hs.write_message(_hello(ident, config)))
+    hello = _read_hello(hs.read_message(await hsio.read_record()))
+    try:
+        return hs, _admit(hello, hs, admission, config)
+    except AdmissionError as exc:
+        # The handshake is complete, so the refusal can travel encrypted with its reason.
+        await _send_refusal(hsio, hs, exc)
+        raise
+
+
+async def _send_refusal(hsio: _Handshake, hs: HandshakeState, exc: AdmissionError) -> None:
+    send_cs, _ = hs.transport()
+    refusal = Close(
+        code=int(CloseCode.ADMISSION_REFUSED), reason=f"admission refused: {exc.reason}"
+    )
+    with contextlib.suppress(MeshInferError, OSError):
+        for chunk in framing.split_message(messages.encode(refusal)):
+            await hsio.write_record(send_cs.encrypt(chunk))
+
+
+async def _establish(
+    stream: Stream,
+    admission: Admission,
+    config: SessionConfig,
+    metrics: SessionMetrics,
+    *,
+    initiator: bool,
+    expected_static: bytes | None = None,
+    expected_node_id: str | None = None,
+) -> Session:
+    hsio = _Handshake(stream)
+    try:
+        async with asyncio.timeout(config.handshake_timeout):
+            if initiator:
+                hs, cert = await _initiate(hsio, admission, config, expected_static)
+            else:
+                hs, cert = await _respond(hsio, admission, config)
+        if expected_node_id is not None and cert.node_id != expected_node_id:
+            raise AdmissionError(
+                "unexpected-node", f"wanted {expected_node_id}, got {cert.node_id}"
+            )
+    except BaseException as exc:
+        _count_failure(metrics, exc)
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+        if isinstance(exc, TimeoutError) and not isinstance(exc, SessionTimeout):
+            raise SessionTimeout(f"handshake timed out after {config.handshake_timeout}s") from exc
+        raise
+    metrics.handshakes_ok += 1
+    send_cs, recv_cs = hs.transport()
+    return Session(
+        stream,
+        send_cs,
+        recv_cs,
+        cert,
+        config,
+        metrics,
+        initiator=initiator,
+        handshake_hash=hs.handshake_hash,
+        leftover=hsio.pending,
+    )
+
+
+def _count_failure(metrics: SessionMetrics, exc: BaseException) -> None:
+    if isinstance(exc, AdmissionError):
+        reason = exc.reason
+    elif isinstance(exc, TimeoutError):
+        reason = "timeout"
+    elif isinstance(exc, RemoteProtocolError):
+        reason = "handshake-error"
+    elif isinstance(exc, TransportError | OSError):
+        reason = "transport"
+    elif isinstance(exc, asyncio.CancelledError):
+        reason = "cancelled"
+    else:
+        reason = "internal"
+    metrics.refuse(reason)
+    log.info("handshake refused (%s): %s", reason, exc)
+
+
+async def connect(
+    stream: Stream,
+    admission: Admission,
+    *,
+    config: SessionConfig | None = None,
+    metrics: SessionMetrics | None = None,
+    expected_static: bytes | None = None,
+    expected_node_id: str | None = None,
+) -> Session:
+    """Run the initiator's handshake on ``stream`` (IK if ``expected_static`` is known, else XX).
+
+    Raises :class:`HandshakeError`, :class:`AdmissionError` or :class:`SessionTimeout`; the stream
+    is closed on failure.
+    """
+    return await _establish(
+        stream,
+        admission,
+        config or SessionConfig(),
+        metrics or SessionMetrics(),
+        initiator=True,
+        expected_static=expected_static,
+        expected_node_id=expected_node_id,
+    )
+
+
+async def accept(
+    stream: Stream,
+    admission: Admission,
+    *,
+    config: SessionConfig | None = None,
+    metrics: SessionMetrics | None = None,
+) -> Session:
+    """Run the responder's handshake on an accepted ``stream``; see :func:`connect`."""
+    return await _establish(
+        stream, admission, config or SessionConfig(), metrics or SessionMetrics(), initiator=False
+    )
