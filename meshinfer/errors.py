@@ -67,6 +67,10 @@ class AdmissionError(RemoteProtocolError):
         super().__init__(f"admission refused ({reason}){': ' + detail if detail else ''}")
 
 
+class RevocationError(RemoteProtocolError):
+    """A revocation list or entry from a peer is malformed, foreign or badly signed."""
+
+
 class IdentityError(MeshInferError):
     """A local key, certificate or revocation file is missing, malformed or unusable."""
 

@@ -1,0 +1,354 @@
+"""Command-line plumbing shared by ``meshinfer-node`` and ``meshinfer-coord``, and the ``fleet``
+subcommands both of them carry.
+
+Every command is an argparse subparser whose ``handler`` default takes the parsed namespace and
+returns an exit code. :func:`run_cli` parses, dispatches and turns every expected failure (a bad
+argument, a :class:`MeshInferError`, an ``OSError``) into one line on stderr and exit code 2, so
+a user never sees a traceback. To add a command to a CLI::
+
+    def add_status_command(commands: argparse._SubParsersAction) -> None:
+        parser = commands.add_parser("status", help="...")
+        parser.set_defaults(handler=_status)
+
+Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
+
+    fleet init    --dir DIR --fleet-id ID [--force]
+    fleet sign    --dir DIR --node-id ID --pubkey HEX|FILE --roles R[,R...] [--days N] --out FILE
+    fleet enroll  --dir DIR --node-dir NODEDIR --node-id ID --roles R[,R...] [--days N] [--force]
+    fleet revoke  --dir DIR (--node-id ID | --serial N) [--reason TEXT]
+    fleet show    --dir DIR [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from meshinfer import __version__
+from meshinfer.errors import ConfigError, MeshInferError
+from meshinfer.identity_files import (
+    PUBLIC_MODE,
+    FleetDirectory,
+    NodeDirectory,
+    enroll,
+    write_new_file,
+)
+from meshinfer.proto.identity import (
+    ROLES,
+    NodeCertificate,
+    RevocationList,
+    check_name,
+    check_roles,
+)
+
+EXIT_USAGE = 2
+DEFAULT_CERT_DAYS = 365.0
+SECONDS_PER_DAY = 86400.0
+
+FLEET_HELP = "fleet authority: node certificates and revocations"
+FLEET_DESCRIPTION = (
+    "Manage a fleet authority directory: create it (init), certify node keys (sign, enroll), "
+    "revoke certificates (revoke) and list what was issued (show)."
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def new_parser(prog: str, description: str) -> tuple[CommandParser, Any]:
+    """A top-level CLI parser with ``--version`` and a required command subparser group."""
+    parser = CommandParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    return parser, commands
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv``, run the chosen command's handler and return its exit code."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except (MeshInferError, OSError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- argument types (errors become one-line argparse messages) --------------------------------
+
+
+def _argument_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__.lstrip("_")
+    return convert
+
+
+def _node_id(text: str) -> str:
+    return check_name("node id", text)
+
+
+def _fleet_id(text: str) -> str:
+    return check_name("fleet id", text)
+
+
+def _roles(text: str) -> frozenset[str]:
+    return check_roles(role.strip() for role in text.split(",") if role.strip())
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = float("nan")
+    if not 0 < days < 100 * 366:
+        raise ConfigError(f"days must be a positive number below 36600, got {text!r}")
+    return days
+
+
+def _serial(text: str) -> int:
+    if not text.isdigit():
+        raise ConfigError(f"serial must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _public_key(text: str) -> bytes:
+    """A 64-hex-digit key, or the path of a file (such as node.pub) holding one."""
+    candidate = text.strip()
+    if len(candidate) != 64:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file")
+        try:
+            candidate = path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {text!r}: {exc.strerror}") from None
+    try:
+        key = bytes.fromhex(candidate)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"{text!r} does not hold a 32-byte key as 64 hex digits")
+    return key
+
+
+NODE_ID = _argument_type(_node_id)
+FLEET_ID = _argument_type(_fleet_id)
+ROLE_LIST = _argument_type(_roles)
+DAYS = _argument_type(_days)
+SERIAL = _argument_type(_serial)
+PUBLIC_KEY = _argument_type(_public_key)
+
+
+# --- fleet commands ----------------------------------------------------------------------------
+
+
+def add_fleet_commands(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``fleet`` command group to a CLI's subparsers; return the ``fleet`` parser."""
+    fleet = commands.add_parser("fleet", help=FLEET_HELP, description=FLEET_DESCRIPTION)
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
+    for add in (_add_init, _add_sign, _add_enroll, _add_revoke, _add_show):
+        add(fleet_commands)
+    return fleet
+
+
+def _command(commands: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--dir", required=True, type=Path, help="fleet directory")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_init(commands: Any) -> None:
+    parser = _command(commands, "init", "create a fleet authority and its directory", _init)
+    parser.add_argument("--fleet-id", required=True, type=FLEET_ID)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing fleet")
+
+
+def _add_sign(commands: Any) -> None:
+    parser = _command(commands, "sign", "sign a certificate for a node's public key", _sign)
+    parser.add_argument("--node-id", required=True, type=NODE_ID)
+    parser.add_argument("--pubkey", required=True, type=PUBLIC_KEY, help="hex key or node.pub")
+    _add_roles_and_days(parser)
+    parser.add_argument("--out", required=True, type=Path, help="certificate file to write")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def _add_enroll(commands: Any) -> None:
+    help_text = "make a ready node directory: key (kept if present), certificate, trust anchor"
+    parser = _command(commands, "enroll", help_text, _enroll)
+    parser.add_argument("--node-dir", required=True, type=Path)
+    parser.add_argument("--node-id", required=True, type=NODE_ID)
+    _add_roles_and_days(parser)
+    parser.add_argument("--force", action="store_true", help="replace the node's cert and copies")
+
+
+def _add_revoke(commands: Any) -> None:
+    parser = _command(commands, "revoke", "revoke a certificate or all of a node's", _revoke)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--node-id", type=NODE_ID)
+    target.add_argument("--serial", type=SERIAL)
+    parser.add_argument("--reason", default="", help="short text shown to operators")
+
+
+def _add_show(commands: Any) -> None:
+    parser = _command(commands, "show", "show the fleet, its certificates and revocations", _show)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_roles_and_days(parser: argparse.ArgumentParser) -> None:
+    roles = ",".join(sorted(ROLES))
+    parser.add_argument("--roles", required=True, type=ROLE_LIST, help=f"comma list of {roles}")
+    parser.add_argument("--days", type=DAYS, default=DEFAULT_CERT_DAYS, help="validity in days")
+
+
+def _init(args: argparse.Namespace) -> int:
+    fleet = FleetDirectory.init(args.dir, args.fleet_id, force=args.force)
+    trust = fleet.trust()
+    print(f"fleet {trust.fleet_id} created in {args.dir}")
+    print(f"authority key fingerprint {trust.authority_fingerprint}")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    fleet = FleetDirectory(args.dir)
+    fleet.authority()  # refuse early if the authority is unusable
+    if args.out.exists() and not args.force:
+        raise ConfigError(f"{args.out} already exists; refusing to overwrite it (use --force)")
+    lifetime = args.days * SECONDS_PER_DAY
+    cert = fleet.sign(args.node_id, args.pubkey, args.roles, now=time.time(), lifetime_s=lifetime)
+    write_new_file(args.out, cert.to_bytes(), mode=PUBLIC_MODE, force=args.force)
+    print(f"signed serial {cert.serial} for node {cert.node_id} ({cert.fingerprint}) -> {args.out}")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    node = NodeDirectory(args.node_dir)
+    identity = enroll(
+        FleetDirectory(args.dir),
+        node,
+        args.node_id,
+        args.roles,
+        now=time.time(),
+        lifetime_s=args.days * SECONDS_PER_DAY,
+        force=args.force,
+    )
+    cert = identity.certificate
+    print(f"enrolled node {cert.node_id} serial {cert.serial} ({cert.fingerprint}) in {node.path}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    fleet = FleetDirectory(args.dir)
+    entry = fleet.revoke(
+        now=time.time(), serial=args.serial, node_id=args.node_id, reason=args.reason
+    )
+    target = f"serial {entry.serial}" if entry.serial is not None else f"node {entry.node_id}"
+    print(f"revoked {target}; revocation list version {entry.sequence}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    fleet = FleetDirectory(args.dir)
+    report = fleet_report(fleet, now=time.time())
+    print(json.dumps(report, indent=2) if args.json else _format_report(report))
+    return 0
+
+
+# --- fleet report ------------------------------------------------------------------------------
+
+
+def fleet_report(fleet: FleetDirectory, *, now: float) -> dict[str, Any]:
+    """A JSON-ready description of the fleet, its issued certificates and revocations."""
+    trust, revocations = fleet.trust(), fleet.revocations()
+    return {
+        "fleet_id": trust.fleet_id,
+        "authority_public_key": trust.authority_public_key.hex(),
+        "authority_fingerprint": trust.authority_fingerprint,
+        "revocation_version": revocations.version,
+        "certificates": [_cert_record(c, revocations, now) for c in fleet.issued()],
+        "revocations": [
+            {
+                "sequence": e.sequence,
+                "serial": e.serial,
+                "node_id": e.node_id,
+                "revoked_at": e.revoked_at,
+                "reason": e.reason,
+            }
+            for e in sorted(revocations.entries, key=lambda e: e.sequence)
+        ],
+    }
+
+
+def _cert_record(cert: NodeCertificate, revocations: RevocationList, now: float) -> dict[str, Any]:
+    return {
+        "serial": cert.serial,
+        "node_id": cert.node_id,
+        "roles": sorted(cert.roles),
+        "not_before": cert.not_before,
+        "not_after": cert.not_after,
+        "fingerprint": cert.fingerprint,
+        "static_public_key": cert.static_public.hex(),
+        "status": _status(cert, revocations, now),
+    }
+
+
+def _status(cert: NodeCertificate, revocations: RevocationList, now: float) -> str:
+    if revocations.is_revoked(cert):
+        return "revoked"
+    if now > cert.not_after:
+        return "expired"
+    return "not-yet-valid" if now < cert.not_before else "valid"
+
+
+def _format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"fleet id:        {report['fleet_id']}",
+        f"authority key:   {report['authority_fingerprint']}",
+        f"revocations:     version {report['revocation_version']}, "
+        f"{_count(len(report['revocations']), 'entry', 'entries')}",
+        f"certificates:    {len(report['certificates'])} issued",
+    ]
+    header = f"  {'SERIAL':>6}  {'NODE ID':<24} {'ROLES':<24} {'NOT AFTER (UTC)':<20} "
+    lines += [header + f"{'FINGERPRINT':<16}  STATUS"] if report["certificates"] else []
+    for c in report["certificates"]:
+        lines.append(
+            f"  {c['serial']:>6}  {c['node_id']:<24} {','.join(c['roles']):<24} "
+            f"{_utc(c['not_after']):<20} {c['fingerprint']:<16}  {c['status']}"
+        )
+    for r in report["revocations"]:
+        target = f"serial {r['serial']}" if r["serial"] is not None else f"node {r['node_id']}"
+        reason = f": {r['reason']}" if r["reason"] else ""
+        lines.append(f"  revocation {r['sequence']}: {target} at {_utc(r['revoked_at'])}{reason}")
+    return "\n".join(lines)
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def _utc(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,418 @@
+"""Fleet and node directories on disk: the only file I/O for identities.
+
+Fleet directory (kept by the fleet operator, e.g. on the coordinator host)::
+
+    authority.key    0600  Ed25519 seed of the fleet authority, hex, one line
+    fleet.json       0644  {"format": 1, "fleet_id": ..., "authority_public_key": hex}: the trust
+                           anchor every node needs
+    revocations.bin  0644  RevocationList.to_bytes() (each entry signed by the authority)
+    issued.json      0644  index of issued certificates, {"format": 1, "certificates": [...]};
+                           serials are allocated from it (highest + 1)
+    api-token        0600  random url-safe token for the coordinator HTTP API
+
+Node directory (one per vehicle, roadside unit or coordinator)::
+
+    node.key         0600  X25519 Noise static private key, hex, one line
+    node.pub         0644  the matching public key, hex, one line
+    node.cert        0644  NodeCertificate.to_bytes()
+    fleet.json       0644  copy of the fleet's trust anchor
+    revocations.bin  0644  optional copy of the fleet's revocation list at enrollment
+
+Secret files are created with ``os.open(O_CREAT | O_EXCL, 0o600)`` so they are never readable by
+others, not even briefly, and a node refuses to load a ``node.key`` that group or others can read.
+Nothing is overwritten unless ``force=True``; files that change in normal operation (the index,
+the revocation list) are replaced atomically. Every failure raises :class:`IdentityError` naming
+the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshinfer.errors import AdmissionError, ConfigError, IdentityError, RemoteProtocolError
+from meshinfer.proto.identity import (
+    FleetAuthority,
+    FleetTrust,
+    NodeCertificate,
+    NodeIdentity,
+    RevocationEntry,
+    RevocationList,
+    generate_static_keypair,
+    static_public_key,
+)
+
+FILE_FORMAT = 1
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+# --- low-level file helpers --------------------------------------------------------------------
+
+
+def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> None:
+    """Create ``path`` with ``mode`` and write ``data``; refuse to overwrite unless ``force``."""
+    if force and (path.is_symlink() or path.is_file()):
+        path.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise IdentityError(
+            f"{path} already exists; refusing to overwrite it (use --force)"
+        ) from None
+    except OSError as exc:
+        raise IdentityError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> None:
+    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    write_new_file(temporary, data, mode=mode)
+    os.replace(temporary, path)
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """Read ``path``; a missing or unreadable file raises :class:`IdentityError` naming ``what``."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _hex_key(path: Path, what: str) -> bytes:
+    text = read_file(path, what).decode("ascii", "replace").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise IdentityError(f"{what} {path} must hold 64 hex digits (a 32-byte key)")
+    return key
+
+
+def _require_private(path: Path, what: str) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise IdentityError(f"{what} {path} is readable by others (mode {mode:04o}); chmod 600 it")
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise IdentityError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "refusing to overwrite (use --force)"
+        )
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdentityError(f"cannot create directory {path}: {exc.strerror}") from None
+
+
+# --- trust anchor and revocations --------------------------------------------------------------
+
+
+def trust_to_json(trust: FleetTrust) -> bytes:
+    """The ``fleet.json`` contents for ``trust``."""
+    document = {
+        "format": FILE_FORMAT,
+        "fleet_id": trust.fleet_id,
+        "authority_public_key": trust.authority_public_key.hex(),
+    }
+    return (json.dumps(document, indent=2) + "\n").encode()
+
+
+def load_trust(path: Path) -> FleetTrust:
+    """Read a ``fleet.json`` trust anchor."""
+    document = _load_json(path, "fleet trust file")
+    try:
+        key = bytes.fromhex(document["authority_public_key"])
+        return FleetTrust(document["fleet_id"], key)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IdentityError(f"fleet trust file {path} is invalid: {exc}") from None
+
+
+def load_revocations(path: Path, trust: FleetTrust, *, missing_ok: bool = False) -> RevocationList:
+    """Read and verify ``revocations.bin``; an absent file is an empty list if ``missing_ok``."""
+    if missing_ok and not path.exists():
+        return RevocationList(trust.fleet_id)
+    try:
+        return RevocationList.from_bytes(read_file(path, "revocation list"), trust)
+    except RemoteProtocolError as exc:
+        raise IdentityError(f"revocation list {path} is invalid: {exc}") from None
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(read_file(path, what))
+    except (ValueError, UnicodeDecodeError):
+        raise IdentityError(f"{what} {path} is not valid JSON") from None
+    if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
+        raise IdentityError(f"{what} {path} has an unknown format")
+    return document
+
+
+# --- fleet directory ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetDirectory:
+    """The fleet operator's directory: authority key, trust anchor, index, revocations, token."""
+
+    path: Path
+
+    @property
+    def authority_key(self) -> Path:
+        return self.path / "authority.key"
+
+    @property
+    def fleet_json(self) -> Path:
+        return self.path / "fleet.json"
+
+    @property
+    def revocations_bin(self) -> Path:
+        return self.path / "revocations.bin"
+
+    @property
+    def issued_json(self) -> Path:
+        return self.path / "issued.json"
+
+    @property
+    def api_token_file(self) -> Path:
+        return self.path / "api-token"
+
+    @classmethod
+    def init(cls, path: Path, fleet_id: str, *, force: bool = False) -> FleetDirectory:
+        """Create a new fleet: authority key, trust anchor, empty index and revocations, token."""
+        fleet = cls(Path(path))
+        files = [fleet.authority_key, fleet.fleet_json, fleet.revocations_bin, fleet.issued_json]
+        _refuse_existing([*files, fleet.api_token_file], force)
+        authority = FleetAuthority.create(fleet_id)
+        _make_dir(fleet.path)
+        write_new_file(
+            fleet.authority_key,
+            authority.seed.hex().encode() + b"\n",
+            mode=SECRET_MODE,
+            force=force,
+        )
+        token = secrets.token_urlsafe(32).encode() + b"\n"
+        write_new_file(fleet.api_token_file, token, mode=SECRET_MODE, force=force)
+        write_new_file(
+            fleet.fleet_json, trust_to_json(authority.trust), mode=PUBLIC_MODE, force=force
+        )
+        empty = RevocationList(fleet_id).to_bytes()
+        write_new_file(fleet.revocations_bin, empty, mode=PUBLIC_MODE, force=force)
+        write_new_file(fleet.issued_json, _index_json([]), mode=PUBLIC_MODE, force=force)
+        return fleet
+
+    def trust(self) -> FleetTrust:
+        """The fleet's public trust anchor."""
+        return load_trust(self.fleet_json)
+
+    def authority(self) -> FleetAuthority:
+        """The signing authority; checks the key against ``fleet.json``."""
+        trust = self.trust()
+        seed = _hex_key(self.authority_key, "authority key")
+        _require_private(self.authority_key, "authority key")
+        authority = FleetAuthority.create(trust.fleet_id, seed)
+        if authority.trust != trust:
+            raise IdentityError(f"{self.authority_key} does not match {self.fleet_json}")
+        return authority
+
+    def revocations(self) -> RevocationList:
+        """The fleet's current revocation list, verified."""
+        return load_revocations(self.revocations_bin, self.trust())
+
+    def api_token(self) -> str:
+        """The coordinator HTTP API token."""
+        token = read_file(self.api_token_file, "api token").decode("ascii", "replace").strip()
+        _require_private(self.api_token_file, "api token")
+        return token
+
+    def issued(self) -> list[NodeCertificate]:
+        """Every certificate this fleet directory issued, by serial."""
+        document = _load_json(self.issued_json, "issued-certificates index")
+        try:
+            certs = [bytes.fromhex(c["certificate"]) for c in document["certificates"]]
+            return sorted((NodeCertificate.from_bytes(c) for c in certs), key=lambda c: c.serial)
+        except (KeyError, TypeError, ValueError, AdmissionError) as exc:
+            raise IdentityError(f"index {self.issued_json} is invalid: {exc}") from None
+
+    def sign(
+        self,
+        node_id: str,
+        static_public: bytes,
+        roles: frozenset[str],
+        *,
+        now: float,
+        lifetime_s: float,
+    ) -> NodeCertificate:
+        """Issue a certificate valid from ``now`` for ``lifetime_s`` seconds and index it."""
+        if not lifetime_s > 0:
+            raise ConfigError(f"certificate lifetime must be positive, got {lifetime_s}")
+        authority, issued = self.authority(), self.issued()
+        serial = max((c.serial for c in issued), default=0) + 1
+        cert = authority.sign(
+            node_id=node_id,
+            static_public=static_public,
+            roles=roles,
+            not_before=now,
+            not_after=now + lifetime_s,
+            serial=serial,
+        )
+        replace_file(self.issued_json, _index_json([*issued, cert]))
+        return cert
+
+    def revoke(
+        self, *, now: float, serial: int | None = None, node_id: str | None = None, reason: str = ""
+    ) -> RevocationEntry:
+        """Revoke an issued serial, or every issued certificate of a node; return the entry."""
+        authority, revocations = self.authority(), self.revocations()
+        targets = [c for c in self.issued() if c.serial == serial or c.node_id == node_id]
+        what = f"serial {serial}" if serial is not None else f"node id {node_id!r}"
+        if not targets:
+            raise IdentityError(f"no certificate with {what} was issued from {self.path}")
+        if all(revocations.is_revoked(c) for c in targets):
+            raise IdentityError(f"{what} is already revoked")
+        updated = authority.revoke(
+            revocations, now=now, serial=serial, node_id=node_id, reason=reason
+        )
+        replace_file(self.revocations_bin, updated.to_bytes())
+        (entry,) = updated.since(revocations.version).entries
+        return entry
+
+
+def _index_json(certs: list[NodeCertificate]) -> bytes:
+    records = [
+        {
+            "serial": c.serial,
+            "node_id": c.node_id,
+            "fingerprint": c.fingerprint,
+            "certificate": c.to_bytes().hex(),
+        }
+        for c in certs
+    ]
+    return (json.dumps({"format": FILE_FORMAT, "certificates": records}, indent=2) + "\n").encode()
+
+
+# --- node directory ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeDirectory:
+    """One node's directory: Noise static key pair, certificate, trust anchor, revocations."""
+
+    path: Path
+
+    @property
+    def node_key(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def node_pub(self) -> Path:
+        return self.path / "node.pub"
+
+    @property
+    def node_cert(self) -> Path:
+        return self.path / "node.cert"
+
+    @property
+    def fleet_json(self) -> Path:
+        return self.path / "fleet.json"
+
+    @property
+    def revocations_bin(self) -> Path:
+        return self.path / "revocations.bin"
+
+    def has_key(self) -> bool:
+        """Whether ``node.key`` exists."""
+        return self.node_key.exists()
+
+    def keygen(self, *, force: bool = False) -> bytes:
+        """Write a fresh ``node.key`` (0600) and ``node.pub``; return the public key."""
+        _refuse_existing([self.node_key, self.node_pub], force)
+        private, public = generate_static_keypair()
+        _make_dir(self.path)
+        write_new_file(self.node_key, private.hex().encode() + b"\n", mode=SECRET_MODE, force=force)
+        write_new_file(self.node_pub, public.hex().encode() + b"\n", mode=PUBLIC_MODE, force=force)
+        return public
+
+    def static_private(self) -> bytes:
+        """The Noise static private key; checks its mode and that ``node.pub`` matches."""
+        private = _hex_key(self.node_key, "node key")
+        _require_private(self.node_key, "node key")
+        public = static_public_key(private)
+        if self.node_pub.exists() and _hex_key(self.node_pub, "node public key") != public:
+            raise IdentityError(f"{self.node_pub} does not match {self.node_key}")
+        return private
+
+    def install(
+        self,
+        certificate: NodeCertificate,
+        trust: FleetTrust,
+        revocations: RevocationList | None = None,
+        *,
+        force: bool = False,
+    ) -> None:
+        """Write ``node.cert``, ``fleet.json`` and (optionally) ``revocations.bin``."""
+        outputs = [
+            (self.node_cert, certificate.to_bytes()),
+            (self.fleet_json, trust_to_json(trust)),
+        ]
+        if revocations is not None:
+            outputs.append((self.revocations_bin, revocations.to_bytes()))
+        _refuse_existing([path for path, _ in outputs], force)
+        _make_dir(self.path)
+        for path, data in outputs:
+            write_new_file(path, data, mode=PUBLIC_MODE, force=force)
+
+    def load(self) -> NodeIdentity:
+        """Load and cross-check the whole node identity; raise :class:`IdentityError`."""
+        private = self.static_private()
+        trust = load_trust(self.fleet_json)
+        try:
+            certificate = NodeCertificate.from_bytes(read_file(self.node_cert, "node certificate"))
+        except AdmissionError as exc:
+            raise IdentityError(f"node certificate {self.node_cert} is invalid: {exc}") from None
+        try:
+            return NodeIdentity.from_parts(private, certificate, trust)
+        except IdentityError as exc:
+            raise IdentityError(f"node directory {self.path}: {exc}") from None
+
+    def revocations(self, trust: FleetTrust) -> RevocationList:
+        """The revocation list copied at enrollment (empty if there is none)."""
+        return load_revocations(self.revocations_bin, trust, missing_ok=True)
+
+
+def enroll(
+    fleet: FleetDirectory,
+    node: NodeDirectory,
+    node_id: str,
+    roles: frozenset[str],
+    *,
+    now: float,
+    lifetime_s: float,
+    force: bool = False,
+) -> NodeIdentity:
+    """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations."""
+    _refuse_existing([node.node_cert, node.fleet_json, node.revocations_bin], force)
+    trust, revocations = fleet.trust(), fleet.revocations()
+    fleet.authority()  # fail on a bad authority key before touching the node directory
+    public = static_public_key(node.static_private()) if node.has_key() else node.keygen()
+    cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s)
+    node.install(cert, trust, revocations, force=force)
+    return node.load()
