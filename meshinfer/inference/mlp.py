@@ -1,0 +1,174 @@
+"""Multi-layer perceptron weights, their file format, and the forward pass shared by engines.
+
+A model is a stack of dense layers ``h = relu(h @ W + b)`` with a softmax after the last one.
+Weights live in an ``.npz`` file with arrays ``W0, b0, W1, b1, ...`` (float32). The writer here
+produces byte-identical files for identical arrays (fixed zip timestamps), so a model's sha256
+is a function of its weights alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meshinfer.errors import InferenceError
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# What NumPy and zipfile raise on a damaged archive or member.
+_MALFORMED = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    RuntimeError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """One dense layer: ``weight`` is [fan_in, fan_out], ``bias`` is [fan_out], both float32."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class MLPWeights:
+    """The layers of an MLP, input first. Hidden layers use ReLU; the last feeds a softmax."""
+
+    layers: tuple[DenseLayer, ...]
+
+    @property
+    def input_dim(self) -> int:
+        """Width of one input sample."""
+        return int(self.layers[0].weight.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        """Number of output classes."""
+        return int(self.layers[-1].weight.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes taken by all weights and biases."""
+        return sum(layer.weight.nbytes + layer.bias.nbytes for layer in self.layers)
+
+    @classmethod
+    def from_arrays(cls, arrays: Iterable[tuple[np.ndarray, np.ndarray]]) -> MLPWeights:
+        """Build from (weight, bias) pairs, casting to contiguous float32 and checking shapes."""
+        layers = tuple(
+            DenseLayer(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32))
+            for w, b in arrays
+        )
+        _check_shapes(layers)
+        return cls(layers)
+
+
+def _check_shapes(layers: tuple[DenseLayer, ...]) -> None:
+    if not layers:
+        raise InferenceError("an MLP needs at least one layer")
+    width = layers[0].weight.shape[0]
+    for i, layer in enumerate(layers):
+        if layer.weight.ndim != 2 or layer.weight.shape[0] != width:
+            raise InferenceError(f"layer {i}: weight shape {layer.weight.shape} does not chain")
+        if layer.bias.shape != (layer.weight.shape[1],):
+            raise InferenceError(f"layer {i}: bias shape {layer.bias.shape} does not match")
+        width = layer.weight.shape[1]
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise named arrays to a reproducible ``.npz`` (same arrays -> same bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            with archive.open(info, "w") as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def weights_to_bytes(weights: MLPWeights) -> bytes:
+    """Serialise to a reproducible ``.npz`` with arrays ``W0, b0, W1, b1, ...``."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(weights.layers):
+        arrays[f"W{i}"] = layer.weight
+        arrays[f"b{i}"] = layer.bias
+    return npz_bytes(arrays)
+
+
+def weights_from_bytes(data: bytes) -> MLPWeights:
+    """Parse an ``.npz`` written by :func:`weights_to_bytes`. Raises InferenceError if malformed."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise InferenceError("malformed weights file: not an .npz archive")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            count = len(archive.files) // 2
+            pairs = [(archive[f"W{i}"], archive[f"b{i}"]) for i in range(count)]
+        return MLPWeights.from_arrays(pairs)
+    except _MALFORMED as exc:
+        raise InferenceError(f"malformed weights file: {exc!r}") from exc
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_weights(weights: MLPWeights, path: Path) -> str:
+    """Write ``weights`` to ``path``; return the file's sha256."""
+    data = weights_to_bytes(weights)
+    Path(path).write_bytes(data)
+    return sha256_hex(data)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis, in place; returns ``logits``."""
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def forward(weights: MLPWeights, batch: np.ndarray) -> np.ndarray:
+    """Class probabilities (float32, [batch, classes]) for a float32 [batch, input_dim] array."""
+    h = batch
+    last = len(weights.layers) - 1
+    for i, layer in enumerate(weights.layers):
+        h = h @ layer.weight
+        h += layer.bias
+        if i < last:
+            np.maximum(h, 0.0, out=h)
+    return softmax_rows(h)
+
+
+class BatchShapeError(InferenceError):
+    """A batch does not fit the model's input schema or the engine's batch-size limit."""
+
+
+def check_batch(batch: object, input_dim: int, max_batch_size: int) -> np.ndarray:
+    """Check a batch's shape and dtype kind (cheap: no copy); raises BatchShapeError."""
+    if not isinstance(batch, np.ndarray):
+        raise BatchShapeError(f"a batch must be a NumPy array, not {type(batch).__name__}")
+    if batch.ndim != 2 or batch.shape[1] != input_dim:
+        raise BatchShapeError(f"batch shape {batch.shape} does not match [-1, {input_dim}]")
+    if not 1 <= batch.shape[0] <= max_batch_size:
+        raise BatchShapeError(f"batch of {batch.shape[0]} is outside 1..{max_batch_size}")
+    if batch.dtype.kind not in "fiub":
+        raise BatchShapeError(f"batch dtype {batch.dtype} is not numeric")
+    return batch
+
+
+def as_float32(batch: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 view or copy of ``batch`` (may copy: call off the loop)."""
+    return np.ascontiguousarray(batch, dtype=np.float32)
