@@ -1,0 +1,197 @@
+"""``MeshNode``: one node's networking, composed: sessions, peers, membership, discovery.
+
+Lifecycle (explicit and idempotent, STYLE.md 8)::
+
+    start():  listener up -> membership timer running -> discovery advertising and browsing
+              (readiness = listening; ``wait_joined`` = a seed or discovered peer answered)
+    leave():  graceful: announce LEFT, wait until gossiped, then aclose()
+    aclose(): discovery goodbyes -> membership stopped -> listener closed -> sessions closed
+
+Discovery events (mDNS, static seeds) teach the peer table where a node listens and its static
+key, then ask membership to push-pull with it (a join). Membership teaches the peer table the
+addresses of every member it hears of, so nodes found only through gossip are dialled too.
+Applications add handlers for their own message types on :attr:`MeshNode.peers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshinfer import PROTOCOL_VERSION
+from meshinfer.discovery.base import DiscoveryEvent, PeerAdvert
+from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
+from meshinfer.discovery.static import StaticDiscovery, StaticSeed
+from meshinfer.proto.identity import NodeIdentity, RevocationList
+from meshinfer.proto.membership import MembershipConfig, NodeState
+from meshinfer.runtime.endpoint import ListenerLimits, SessionListener
+from meshinfer.runtime.membership_service import MembershipService
+from meshinfer.runtime.peers import PeerTable
+from meshinfer.runtime.session import Admission, SessionConfig, SessionMetrics
+from meshinfer.transport.base import Address, LinkKind, Transport
+from meshinfer.transport.tcp import TcpTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeshNodeOptions:
+    """How a node joins the mesh (built from the daemon's TOML, or directly in tests)."""
+
+    listen: Address = Address("127.0.0.1", 0)
+    advertise_host: str = ""
+    link: LinkKind = LinkKind.WAN
+    mdns: MdnsConfig | None = field(default_factory=MdnsConfig.loopback)
+    seeds: Sequence[StaticSeed] = ()
+    membership: MembershipConfig = field(default_factory=MembershipConfig.lan)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    limits: ListenerLimits = field(default_factory=ListenerLimits)
+
+
+class MeshNode:
+    """A node's place in the mesh. Run on one event loop; see the module docstring."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        revocations: RevocationList,
+        options: MeshNodeOptions | None = None,
+        *,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.options = options or MeshNodeOptions()
+        self.admission = Admission(identity, revocations)
+        self.transport = transport or TcpTransport(self.options.link)
+        self.metrics = SessionMetrics()
+        self.rng = rng or random.Random()
+        self.peers = PeerTable(
+            identity.node_id,
+            self.transport,
+            self.admission,
+            config=self.options.session,
+            metrics=self.metrics,
+        )
+        self.listener = SessionListener(
+            self.transport,
+            self.admission,
+            self.peers.serve_inbound,
+            config=self.options.session,
+            limits=self.options.limits,
+            metrics=self.metrics,
+        )
+        self.membership: MembershipService | None = None
+        self.discovery: list[MdnsDiscovery | StaticDiscovery] = []
+        self.address: Address | None = None
+        self.ready = asyncio.Event()
+        self._closed = False
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def advertised_host(self) -> str:
+        host = self.options.advertise_host or self.options.listen.host
+        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+    def initial_state(self, port: int) -> NodeState:
+        return NodeState(
+            host=self.advertised_host,
+            port=port,
+            static_key=self.identity.static_public,
+            roles=tuple(sorted(self.identity.certificate.roles)),
+            links=(self.options.link.value,),
+            revocation_version=self.admission.revocations.version,
+        )
+
+    async def start(self) -> None:
+        """Listen, start membership, then advertise and browse. Sets :attr:`ready`."""
+        if self.ready.is_set():
+            return
+        self.address = await self.listener.start(self.options.listen)
+        self.membership = MembershipService(
+            self.peers, self.initial_state(self.address.port), self.options.membership, rng=self.rng
+        )
+        self.membership.start()
+        await self._start_discovery(self.address.port)
+        self.ready.set()
+        log.info("node %s listening on %s", self.node_id, self.address)
+
+    async def _start_discovery(self, port: int) -> None:
+        opts = self.options
+        if opts.mdns is not None:
+            advert = PeerAdvert(
+                node_id=self.node_id,
+                fleet_id=self.identity.trust.fleet_id,
+                static_key=self.identity.static_public,
+                roles=tuple(sorted(self.identity.certificate.roles)),
+                protocol_version=PROTOCOL_VERSION,
+                addresses=(self.advertised_host,),
+                port=port,
+                link=opts.link,
+            )
+            self.discovery.append(MdnsDiscovery(advert, self._on_discovered, opts.mdns))
+        if opts.seeds:
+            self.discovery.append(
+                StaticDiscovery(
+                    list(opts.seeds),
+                    self._on_discovered,
+                    own_node_id=self.node_id,
+                    fleet_id=self.identity.trust.fleet_id,
+                    reannounce_interval=5.0,
+                )
+            )
+        for source in self.discovery:
+            await source.start()
+
+    def _on_discovered(self, event: DiscoveryEvent) -> None:
+        if event.kind == "lost" or self.membership is None:
+            return  # membership, not discovery, decides who is dead
+        advert = event.advert
+        addresses = advert.dial_addresses()
+        if not addresses:
+            return
+        self.peers.learn(advert.node_id, addresses[0], advert.static_key)
+        member = self.membership.core.member(advert.node_id)
+        if member is None or not member.is_live:
+            self.membership.join([advert.node_id])
+
+    async def wait_joined(self) -> None:
+        assert self.membership is not None
+        await self.membership.wait_joined()
+
+    def live_members(self) -> list[str]:
+        return self.membership.live_members() if self.membership else []
+
+    async def leave(self, timeout: float = 2.0) -> None:
+        """Graceful: announce LEFT so peers do not wait for a failure detector, then close."""
+        if self.membership is not None and not self._closed:
+            with contextlib.suppress(Exception):
+                await self.membership.leave(timeout)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Abrupt but orderly shutdown (no leave announcement). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for source in self.discovery:
+            with contextlib.suppress(Exception):
+                await source.aclose()
+        if self.membership is not None:
+            await self.membership.aclose()
+        await self.listener.aclose()
+        await self.peers.aclose()
+
+    async def __aenter__(self) -> MeshNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,293 @@
+"""The peer table: one node's sessions with its peers, dialled on demand, and message dispatch.
+
+``PeerTable`` owns every session of a node, inbound (handed over by the
+:class:`~meshinfer.runtime.endpoint.SessionListener`) and outbound (dialled here, with IK since
+the static key is known from discovery or membership). Callers never wait for a dial:
+:meth:`PeerTable.send` queues the message on the peer's bounded outbox and a per-peer sender
+task dials if needed and writes. Best-effort traffic (gossip) is dropped, counted, when a peer
+is unreachable or its outbox is full; :meth:`PeerTable.request` is for callers that need to know
+the message went out.
+
+Every session gets a reader task that hands each message to the handler registered for its
+type (:meth:`PeerTable.on`). Handlers are plain callables run on the loop; they must not block
+and should spawn their own tasks for slow work. A handler's exception is logged and counted and
+does not close the session.
+
+Concurrency: all methods run on the node's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshinfer.errors import MeshInferError, StreamClosed, TransportError
+from meshinfer.proto import messages
+from meshinfer.proto.messages import CloseCode
+from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.session import Admission, Session, SessionConfig, SessionMetrics
+from meshinfer.transport.base import Address, Transport
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, messages.Message], None]
+SessionCallback = Callable[[str, Session], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """How to reach a peer: where it listens and the static key it must prove."""
+
+    address: Address
+    static_key: bytes
+
+
+@dataclass
+class PeerStats:
+    sent: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    dials: int = 0
+    dial_failures: int = 0
+    handler_errors: int = 0
+    unhandled: Counter[str] = field(default_factory=Counter)
+
+
+class _Outbox:
+    """Bounded queue of messages for one peer and the task that sends them."""
+
+    def __init__(self, limit: int) -> None:
+        self.queue: deque[tuple[messages.Message, asyncio.Future[None] | None]] = deque()
+        self.limit = limit
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.retry_at = 0.0
+
+
+class PeerTable:
+    """Sessions by node id, on-demand dialling, per-peer outboxes and typed dispatch."""
+
+    def __init__(
+        self,
+        node_id: str,
+        transport: Transport,
+        admission: Admission,
+        *,
+        config: SessionConfig | None = None,
+        metrics: SessionMetrics | None = None,
+        outbox_limit: int = 256,
+        dial_backoff: float = 1.0,
+    ) -> None:
+        self.node_id = node_id
+        self.transport = transport
+        self.admission = admission
+        self.config = config or SessionConfig()
+        self.metrics = metrics or SessionMetrics()
+        self.stats = PeerStats()
+        self.addresses: dict[str, PeerAddress] = {}
+        self._sessions: dict[str, list[Session]] = {}
+        self._readers: set[asyncio.Task[None]] = set()
+        self._outboxes: dict[str, _Outbox] = {}
+        self._handlers: dict[type, MessageHandler] = {}
+        self._session_callbacks: list[SessionCallback] = []
+        self._outbox_limit = outbox_limit
+        self._dial_backoff = dial_backoff
+        self._closed = False
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def on(self, message_type: type, handler: MessageHandler) -> None:
+        """Route every received message of ``message_type`` to ``handler(peer_id, msg)``."""
+        self._handlers[message_type] = handler
+
+    def on_session(self, callback: SessionCallback) -> None:
+        """Call ``callback(peer_id, session)`` whenever a session with a peer opens."""
+        self._session_callbacks.append(callback)
+
+    def learn(self, node_id: str, address: Address, static_key: bytes) -> None:
+        """Remember where ``node_id`` listens (from discovery or membership)."""
+        if node_id != self.node_id:
+            self.addresses[node_id] = PeerAddress(address, static_key)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def session(self, node_id: str) -> Session | None:
+        """An open session with ``node_id``, if there is one."""
+        for s in self._sessions.get(node_id, ()):
+            if s.is_open:
+                return s
+        return None
+
+    @property
+    def connected(self) -> list[str]:
+        return sorted(n for n in self._sessions if self.session(n) is not None)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def send(self, node_id: str, msg: messages.Message) -> bool:
+        """Queue ``msg`` for ``node_id`` (best effort); False if it was dropped at once."""
+        return self._enqueue(node_id, msg, None)
+
+    async def request(self, node_id: str, msg: messages.Message) -> None:
+        """Send ``msg`` and wait until it was written to a session; raises if it could not be."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._enqueue(node_id, msg, fut):
+            raise TransportError(f"cannot send to {node_id}: outbox full or node unknown")
+        await fut
+
+    def _enqueue(
+        self, node_id: str, msg: messages.Message, fut: asyncio.Future[None] | None
+    ) -> bool:
+        if self._closed or node_id == self.node_id:
+            return False
+        if node_id not in self.addresses and self.session(node_id) is None:
+            self.stats.dropped["unknown-peer"] += 1
+            return False
+        box = self._outboxes.get(node_id)
+        if box is None:
+            box = self._outboxes[node_id] = _Outbox(self._outbox_limit)
+        if len(box.queue) >= box.limit:
+            self.stats.dropped["outbox-full"] += 1
+            return False
+        box.queue.append((msg, fut))
+        box.wake.set()
+        if box.task is None or box.task.done():
+            box.task = asyncio.get_running_loop().create_task(
+                self._sender(node_id, box), name=f"peer-send-{node_id}"
+            )
+        return True
+
+    async def _sender(self, node_id: str, box: _Outbox) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not box.queue:
+                box.wake.clear()
+                try:
+                    async with asyncio.timeout(30):
+                        await box.wake.wait()
+                except TimeoutError:
+                    return  # idle: the task ends; the next send starts a new one
+                continue
+            session = self.session(node_id)
+            if session is None:
+                if loop.time() < box.retry_at:
+                    self._fail_queue(box, "unreachable")
+                    continue
+                session = await self._dial(node_id)
+                if session is None:
+                    box.retry_at = loop.time() + self._dial_backoff
+                    self._fail_queue(box, "dial-failed")
+                    continue
+            await self._drain(node_id, session, box)
+
+    async def _drain(self, node_id: str, session: Session, box: _Outbox) -> None:
+        while box.queue and session.is_open:
+            msg, fut = box.queue[0]
+            try:
+                await session.send(msg)
+            except (StreamClosed, TransportError, OSError):
+                return  # the loop above redials
+            box.queue.popleft()
+            self.stats.sent += 1
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _fail_queue(self, box: _Outbox, reason: str) -> None:
+        while box.queue:
+            _, fut = box.queue.popleft()
+            self.stats.dropped[reason] += 1
+            if fut is not None and not fut.done():
+                fut.set_exception(TransportError(f"peer {reason}"))
+
+    async def _dial(self, node_id: str) -> Session | None:
+        peer = self.addresses.get(node_id)
+        if peer is None:
+            return None
+        self.stats.dials += 1
+        try:
+            session = await dial(
+                self.transport,
+                peer.address,
+                self.admission,
+                config=self.config,
+                metrics=self.metrics,
+                expected_static=peer.static_key,
+                expected_node_id=node_id,
+            )
+        except (MeshInferError, OSError, TimeoutError) as exc:
+            self.stats.dial_failures += 1
+            log.debug("dial %s at %s failed: %s", node_id, peer.address, exc)
+            return None
+        self.adopt(session)
+        return session
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def adopt(self, session: Session) -> asyncio.Task[None]:
+        """Take ownership of ``session``: register it and start its reader task."""
+        peer = session.peer_id
+        self._sessions.setdefault(peer, []).append(session)
+        task = asyncio.get_running_loop().create_task(self._read(session), name=f"peer-read-{peer}")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+        for callback in self._session_callbacks:
+            callback(peer, session)
+        return task
+
+    async def serve_inbound(self, session: Session) -> None:
+        """A :class:`SessionListener` handler: adopt the session and wait until it ends."""
+        await self.adopt(session)
+
+    async def _read(self, session: Session) -> None:
+        peer = session.peer_id
+        try:
+            async for msg in session:
+                self._dispatch(peer, msg)
+        finally:
+            sessions = self._sessions.get(peer, [])
+            if session in sessions:
+                sessions.remove(session)
+            if not sessions:
+                self._sessions.pop(peer, None)
+
+    def _dispatch(self, peer: str, msg: messages.Message) -> None:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            self.stats.unhandled[type(msg).__name__] += 1
+            return
+        try:
+            handler(peer, msg)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("handler for %s from %s failed", type(msg).__name__, peer)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def disconnect(self, node_id: str, reason: str = "disconnect") -> None:
+        """Close every session with ``node_id`` (e.g. it was declared dead or revoked)."""
+        for session in list(self._sessions.get(node_id, ())):
+            await session.aclose(CloseCode.GOING_AWAY, reason)
+
+    async def aclose(self) -> None:
+        """Close every session and stop every task. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for box in self._outboxes.values():
+            self._fail_queue(box, "shutting-down")
+            box.wake.set()
+            if box.task is not None:
+                box.task.cancel()
+        sessions = [s for group in self._sessions.values() for s in group]
+        await asyncio.gather(
+            *(s.aclose(CloseCode.GOING_AWAY, "node shutting down") for s in sessions),
+            return_exceptions=True,
+        )
+        tasks = [b.task for b in self._outboxes.values() if b.task] + list(self._readers)
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
