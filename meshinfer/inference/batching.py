@@ -1,0 +1,565 @@
+"""A dynamic batcher in front of one model on one :class:`InferenceEngine`.
+
+Callers ``await batcher.submit(inputs)`` with one sample or a small batch. A dispatcher task
+collects waiting requests into one batch -- until ``max_batch_size`` samples are waiting or
+``max_queue_delay_s`` has passed since the oldest waiting request arrived -- runs a single
+``engine.infer`` and hands each caller its own rows of the result. Higher priorities are served
+first (a heap ordered by ``(-priority, arrival)``: FIFO within a priority).
+
+Request lifecycle (``_State``)::
+
+    QUEUED --taken into a batch--> DISPATCHED --engine returns/fails--> future done
+    QUEUED --deadline passes-----> EXPIRED    (DeadlineExceededError; never reaches the engine)
+    QUEUED --submitter cancelled-> CANCELLED  (dropped from the queue)
+    QUEUED --batcher closes------> CLOSED     (InferenceError naming the batcher)
+
+Only QUEUED requests count towards the queue bound; the heap drops the others lazily when they
+surface (and is compacted when they pile up), so memory stays bounded by ``max_queue_size``.
+Priorities are strict: under sustained higher-priority load, lower priorities wait.
+
+Concurrency: everything here runs on one event loop and reads time only from ``loop.time()``,
+so the batcher runs unchanged on a virtual-time loop. Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import enum
+import heapq
+import itertools
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshinfer.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    InferenceError,
+    LocalProtocolError,
+    OverloadedError,
+)
+from meshinfer.inference.base import InferenceEngine, ModelRef, TensorSpec
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds of the end-to-end latency histogram kept in :class:`BatcherStats`."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    """How a :class:`DynamicBatcher` trades latency for throughput.
+
+    * ``max_batch_size`` -- most samples (rows) in one engine call; a single request may not
+      exceed it.
+    * ``max_queue_delay_s`` -- longest the oldest waiting request waits for company before a
+      (possibly partial) batch is sent.
+    * ``max_queue_size`` -- most requests waiting (not yet in a batch); more are refused with
+      OverloadedError at once.
+    * ``priorities`` -- number of priority levels; ``submit(priority=p)`` takes
+      ``0 <= p < priorities``, higher first.
+    * ``max_concurrent_batches`` -- batches handed to the engine at once. While all are busy,
+      requests keep queueing, so batches grow under load.
+    * ``latency_window`` -- how many recent latencies the p50/p99 in :class:`BatcherStats` use.
+    """
+
+    max_batch_size: int = 64
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 1024
+    priorities: int = 4
+    max_concurrent_batches: int = 1
+    latency_window: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_size", "priorities", "max_concurrent_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"BatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_queue_delay_s >= 0:
+            raise ConfigError(f"BatcherConfig.max_queue_delay_s must be >= 0: {self}")
+        if self.latency_window < 1:
+            raise ConfigError(f"BatcherConfig.latency_window must be >= 1: {self}")
+
+    @classmethod
+    def low_latency(cls) -> BatcherConfig:
+        """Small batches, no waiting for company: for interactive, deadline-bound tasks."""
+        return cls(max_batch_size=8, max_queue_delay_s=0.0)
+
+    @classmethod
+    def throughput(cls) -> BatcherConfig:
+        """Large batches and a longer wait: for bulk (sharded) inference."""
+        return cls(max_batch_size=256, max_queue_delay_s=0.010, max_queue_size=4096)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    """A snapshot of one batcher's counters, for telemetry and ``/metrics``.
+
+    Counters are cumulative since :meth:`DynamicBatcher.start`. ``batch_sizes`` holds
+    ``(samples in batch, batches)`` pairs; ``latency_buckets`` holds cumulative
+    ``(upper bound s, requests)`` pairs over :data:`LATENCY_BUCKETS_S` (submit to result).
+    """
+
+    model: str
+    queue_depth: int
+    queued_samples: int
+    in_flight_batches: int
+    submitted: int
+    completed: int
+    failed: int
+    expired: int
+    rejected: int
+    cancelled: int
+    batches: int
+    batch_sizes: tuple[tuple[int, int], ...]
+    latency_buckets: tuple[tuple[float, int], ...]
+    latency_count: int
+    latency_sum_s: float
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+
+    @property
+    def mean_batch_size(self) -> float | None:
+        """Average samples per engine call, or None before the first batch."""
+        samples = sum(size * count for size, count in self.batch_sizes)
+        return samples / self.batches if self.batches else None
+
+
+class _State(enum.Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    inputs: np.ndarray
+    single: bool
+    priority: int
+    enqueued_at: float
+    deadline: float | None
+    future: asyncio.Future[np.ndarray]
+    state: _State = _State.QUEUED
+    expiry: asyncio.TimerHandle | None = None
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = int(self.inputs.shape[0])
+
+    @property
+    def batch_key(self) -> tuple[tuple[int, ...], np.dtype]:
+        """Requests can share a batch only if their sample shapes and dtypes agree."""
+        return self.inputs.shape[1:], self.inputs.dtype
+
+
+@dataclass(slots=True)
+class _Counters:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    expired: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    batches: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
+    latency_count: int = 0
+    latency_sum_s: float = 0.0
+
+
+class DynamicBatcher:
+    """Groups concurrent requests for ``ref`` into batches for ``engine``.
+
+    ``input_spec`` (optional) is the model's input tensor: when given, submitted arrays are
+    checked against it, and an array with one axis fewer than the spec is taken as a single
+    sample (its result comes back without the batch axis). Without it every submission is a
+    batch along axis 0.
+
+    Use ``async with DynamicBatcher(...) as batcher`` or call :meth:`start` / :meth:`aclose`.
+    The batcher does not own the engine: closing it leaves the engine open.
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        ref: ModelRef,
+        config: BatcherConfig | None = None,
+        *,
+        input_spec: TensorSpec | None = None,
+    ) -> None:
+        self.engine = engine
+        self.ref = ref
+        self.config = config or BatcherConfig()
+        self._input_spec = input_spec
+        self._heap: list[tuple[int, int, _Request]] = []
+        self._arrivals: deque[_Request] = deque()  # arrival order; finds the oldest waiting
+        self._sequence = itertools.count()
+        self._queued = 0
+        self._queued_rows = 0
+        self._counters = _Counters()
+        self._recent_latencies: deque[float] = deque(maxlen=self.config.latency_window)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._failure: BaseException | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the dispatcher task on the running loop. Idempotent while open."""
+        if self._closed:
+            raise LocalProtocolError(f"batcher for {self.ref} is closed; create a new one")
+        if self._dispatcher is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
+        self._dispatcher = self._loop.create_task(
+            self._dispatch_forever(), name=f"batcher-{self.ref}"
+        )
+        self._dispatcher.add_done_callback(self._dispatcher_done)
+
+    async def aclose(self) -> None:
+        """Stop batching: fail waiting requests, let running batches finish. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_queued(InferenceError(f"batcher for {self.ref} closed before the request ran"))
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._batch_tasks:
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> DynamicBatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has been called."""
+        return self._closed
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    async def submit(
+        self, inputs: np.ndarray, *, priority: int = 0, deadline: float | None = None
+    ) -> np.ndarray:
+        """Queue ``inputs`` for the next batch and return their outputs. Runs on the loop.
+
+        ``deadline`` is in the running loop's time (``loop.time()``). Raises OverloadedError
+        when the queue is full, DeadlineExceededError if the deadline passes before the request
+        is batched, InferenceError if the engine fails the batch or the batcher closes.
+        """
+        request = self._enqueue(inputs, priority, deadline)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if self._withdraw(request, _State.CANCELLED):
+                self._compact_if_sparse()
+            raise
+
+    def _enqueue(self, inputs: np.ndarray, priority: int, deadline: float | None) -> _Request:
+        self._check_open()
+        batch, single = self._as_batch(inputs)
+        self._check_priority(priority)
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            self._counters.expired += 1
+            raise DeadlineExceededError(f"request for {self.ref}: deadline passed before submit")
+        if self._queued >= self.config.max_queue_size:
+            self._counters.rejected += 1
+            raise OverloadedError(
+                f"batcher for {self.ref} on engine {self.engine.name!r} is full "
+                f"({self._queued} requests waiting, max_queue_size="
+                f"{self.config.max_queue_size}); retry later or on another node"
+            )
+        request = _Request(batch, single, priority, now, deadline, loop.create_future())
+        self._push(request)
+        return request
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise InferenceError(f"batcher for {self.ref} stopped: {self._failure!r}")
+        if self._closed:
+            raise InferenceError(f"batcher for {self.ref} is closed")
+        if self._dispatcher is None:
+            raise LocalProtocolError(f"batcher for {self.ref} not started: call start() first")
+
+    def _check_priority(self, priority: int) -> None:
+        if not 0 <= priority < self.config.priorities:
+            raise LocalProtocolError(
+                f"priority {priority} out of range 0..{self.config.priorities - 1}"
+            )
+
+    def _as_batch(self, inputs: np.ndarray) -> tuple[np.ndarray, bool]:
+        array = np.asarray(inputs)
+        spec = self._input_spec
+        single = spec is not None and array.ndim == len(spec.shape) - 1
+        batch = array[np.newaxis] if single else array
+        if batch.ndim < 1 or batch.shape[0] < 1:
+            raise InferenceError(f"request for {self.ref} has no samples (shape {array.shape})")
+        if batch.shape[0] > self.config.max_batch_size:
+            raise InferenceError(
+                f"request for {self.ref} has {batch.shape[0]} samples, more than "
+                f"max_batch_size={self.config.max_batch_size}; split it"
+            )
+        if spec is not None and not _fits_spec(batch, spec):
+            raise InferenceError(
+                f"request for {self.ref}: shape {array.shape} does not fit input "
+                f"{spec.name} {spec.shape}"
+            )
+        return batch, single
+
+    def _push(self, request: _Request) -> None:
+        heapq.heappush(self._heap, (-request.priority, next(self._sequence), request))
+        self._arrivals.append(request)
+        self._queued += 1
+        self._queued_rows += request.rows
+        self._counters.submitted += 1
+        if request.deadline is not None:
+            request.expiry = self._loop.call_at(request.deadline, self._expire_timer, request)
+        self._wake.set()
+
+    def _withdraw(self, request: _Request, state: _State) -> bool:
+        """Take a QUEUED request out of the queue (it stays in the heap until it surfaces)."""
+        if request.state is not _State.QUEUED:
+            return False
+        request.state = state
+        self._queued -= 1
+        self._queued_rows -= request.rows
+        if request.expiry is not None:
+            request.expiry.cancel()
+        if state is _State.CANCELLED:
+            self._counters.cancelled += 1
+        return True
+
+    def _expire_timer(self, request: _Request) -> None:
+        self._expire(request)
+        self._compact_if_sparse()
+
+    def _expire(self, request: _Request) -> None:
+        if self._withdraw(request, _State.EXPIRED):
+            self._counters.expired += 1
+            _settle(request, DeadlineExceededError(f"request for {self.ref}: deadline passed"))
+
+    def _compact_if_sparse(self) -> None:
+        """Drop withdrawn entries once they outnumber the live ones (never during a take)."""
+        if len(self._heap) + len(self._arrivals) > 4 * self._queued + 128:
+            self._heap = [entry for entry in self._heap if entry[2].state is _State.QUEUED]
+            heapq.heapify(self._heap)
+            self._arrivals = deque(r for r in self._arrivals if r.state is _State.QUEUED)
+
+    def _fail_queued(self, error: InferenceError) -> None:
+        for _, _, request in self._heap:
+            if self._withdraw(request, _State.CLOSED):
+                self._counters.failed += 1
+                _settle(request, error)
+        self._heap.clear()
+        self._arrivals.clear()
+
+    # --- dispatching --------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        assert self._slots is not None
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_done)
+
+    async def _next_batch(self) -> list[_Request]:
+        while True:
+            await self._wait_until_due()
+            batch = self._take_batch()
+            if batch:
+                return batch
+
+    async def _wait_until_due(self) -> None:
+        """Return once a full batch is waiting or the oldest request has waited long enough."""
+        assert self._wake is not None and self._loop is not None
+        while True:
+            oldest = self._oldest_waiting()
+            if oldest is not None and self._queued_rows >= self.config.max_batch_size:
+                return
+            self._wake.clear()
+            if oldest is None:
+                await self._wake.wait()
+                continue
+            due = oldest.enqueued_at + self.config.max_queue_delay_s
+            if self._loop.time() >= due:
+                return
+            try:
+                async with asyncio.timeout_at(due):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+
+    def _oldest_waiting(self) -> _Request | None:
+        while self._arrivals and self._arrivals[0].state is not _State.QUEUED:
+            self._arrivals.popleft()
+        return self._arrivals[0] if self._arrivals else None
+
+    def _take_batch(self) -> list[_Request]:
+        """Pop the highest-priority requests that fit one batch; expire the overdue ones."""
+        now = self._loop.time()
+        taken: list[_Request] = []
+        skipped: list[tuple[int, int, _Request]] = []
+        rows, key = 0, None
+        while self._heap and rows < self.config.max_batch_size:
+            request = self._heap[0][2]
+            if request.state is not _State.QUEUED or request.future.done():
+                heapq.heappop(self._heap)
+                self._withdraw(request, _State.CANCELLED)  # submitter cancelled a moment ago
+            elif request.deadline is not None and request.deadline <= now:
+                heapq.heappop(self._heap)
+                self._expire(request)
+            elif key is not None and request.batch_key != key:
+                skipped.append(heapq.heappop(self._heap))
+            elif rows + request.rows > self.config.max_batch_size:
+                break
+            else:
+                heapq.heappop(self._heap)
+                key = request.batch_key
+                rows += request.rows
+                self._withdraw(request, _State.DISPATCHED)
+                taken.append(request)
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        self._compact_if_sparse()
+        return taken
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        rows = sum(r.rows for r in batch)
+        self._counters.batches += 1
+        self._counters.batch_sizes[rows] += 1
+        try:
+            inputs = (
+                np.concatenate([r.inputs for r in batch]) if len(batch) > 1 else batch[0].inputs
+            )
+            outputs = await self.engine.infer(self.ref, inputs)
+            self._deliver(batch, outputs, rows)
+        except Exception as exc:
+            self._fail_batch(batch, self._batch_error(exc, rows))
+        finally:
+            self._fail_batch(batch, InferenceError(f"batch for {self.ref} was aborted"))
+
+    def _deliver(self, batch: list[_Request], outputs: np.ndarray, rows: int) -> None:
+        if not isinstance(outputs, np.ndarray) or outputs.ndim < 1 or outputs.shape[0] != rows:
+            shape = getattr(outputs, "shape", type(outputs).__name__)
+            raise InferenceError(
+                f"engine {self.engine.name!r} returned {shape} for a batch of {rows} samples"
+            )
+        offset = 0
+        for request in batch:
+            part = outputs[offset] if request.single else outputs[offset : offset + request.rows]
+            offset += request.rows
+            if not request.future.done():
+                self._record_latency(request)
+                self._counters.completed += 1
+                request.future.set_result(part)
+
+    def _batch_error(self, exc: Exception, rows: int) -> InferenceError:
+        if isinstance(exc, InferenceError):
+            return exc
+        error = InferenceError(
+            f"engine {self.engine.name!r} failed a batch of {rows} for {self.ref}: {exc!r}"
+        )
+        error.__cause__ = exc
+        return error
+
+    def _fail_batch(self, batch: list[_Request], error: InferenceError) -> None:
+        for request in batch:
+            if not request.future.done():
+                self._counters.failed += 1
+                request.future.set_exception(error)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batch_tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch task for %s failed", self.ref, exc_info=task.exception())
+
+    def _dispatcher_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self._closed:
+            return
+        self._failure = (
+            asyncio.CancelledError() if task.cancelled() else task.exception()
+        ) or RuntimeError("dispatcher stopped")
+        log.error("batcher dispatcher for %s stopped", self.ref, exc_info=self._failure)
+        error = InferenceError(f"batcher for {self.ref} stopped: {self._failure!r}")
+        error.__cause__ = self._failure
+        self._fail_queued(error)
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    def _record_latency(self, request: _Request) -> None:
+        latency = self._loop.time() - request.enqueued_at
+        counters = self._counters
+        counters.latency_count += 1
+        counters.latency_sum_s += latency
+        first = bisect.bisect_left(LATENCY_BUCKETS_S, latency)
+        if first < len(LATENCY_BUCKETS_S):
+            counters.latency_buckets[first] += 1  # made cumulative in stats()
+        self._recent_latencies.append(latency)
+
+    def stats(self) -> BatcherStats:
+        """A snapshot of queue depth, batch sizes and latencies. Cheap; never blocks."""
+        c = self._counters
+        recent = sorted(self._recent_latencies)
+        return BatcherStats(
+            model=str(self.ref),
+            queue_depth=self._queued,
+            queued_samples=self._queued_rows,
+            in_flight_batches=len(self._batch_tasks),
+            submitted=c.submitted,
+            completed=c.completed,
+            failed=c.failed,
+            expired=c.expired,
+            rejected=c.rejected,
+            cancelled=c.cancelled,
+            batches=c.batches,
+            batch_sizes=tuple(sorted(c.batch_sizes.items())),
+            latency_buckets=tuple(
+                zip(LATENCY_BUCKETS_S, itertools.accumulate(c.latency_buckets), strict=True)
+            ),
+            latency_count=c.latency_count,
+            latency_sum_s=c.latency_sum_s,
+            latency_p50_s=_quantile(recent, 0.50),
+            latency_p99_s=_quantile(recent, 0.99),
+        )
+
+
+def _fits_spec(batch: np.ndarray, spec: TensorSpec) -> bool:
+    sample_shape = spec.shape[1:]
+    if batch.ndim != len(spec.shape):
+        return False
+    return all(want in (-1, got) for want, got in zip(sample_shape, batch.shape[1:], strict=True))
+
+
+def _settle(request: _Request, error: InferenceError) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,323 @@
+"""The Triton engine: batches run on a Triton Inference Server via tritonclient's asyncio clients.
+
+``TritonEngine("127.0.0.1:8000")`` speaks HTTP/REST, ``protocol="grpc"`` speaks gRPC (port 8001
+by default on a server). A :class:`~meshinfer.inference.base.ModelRef` maps to Triton's model
+name (``model_id``) and version (``version``, an integer string). ``load`` checks that the server
+and the model are ready and reads the model's metadata (input/output names, datatype) and config
+(``max_batch_size``); ``infer`` sends one batch as that input and returns the first output.
+
+Failures, and what the caller sees:
+
+* connection refused / reset, server gone (HTTP ``aiohttp`` connection errors, gRPC
+  ``UNAVAILABLE``): the client is closed and recreated and the call retried, at most
+  ``retries`` times with exponential backoff (``backoff_s``, doubling) on the loop's clock;
+  then :class:`InferenceError` naming the server. Inference is a pure function of its input,
+  so retrying a batch is safe. ``capacity().ready`` turns False until a call succeeds again.
+* unknown or not-ready model (HTTP 404, gRPC ``NOT_FOUND``): :class:`ModelNotFoundError`.
+* every other server error (bad shape, backend failure): :class:`InferenceError`.
+* no answer within ``timeout_s``: :class:`InferenceError` (not retried: the time is spent).
+
+Concurrency: coroutines run on the event loop; at most ``max_in_flight`` requests are in flight
+at once (a semaphore). The tritonclient asyncio clients never block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from meshinfer.errors import InferenceError, LocalProtocolError, ModelNotFoundError
+from meshinfer.inference.base import EngineCapacity, ModelRef
+
+T = TypeVar("T")
+_NOT_FOUND_STATUSES = {"404", "StatusCode.NOT_FOUND"}
+
+
+@dataclass(frozen=True, slots=True)
+class TritonModel:
+    """What ``load`` learned about a served model."""
+
+    ref: ModelRef
+    input_name: str
+    input_datatype: str
+    output_name: str
+    max_batch_size: int
+
+
+class _Protocol:
+    """The small differences between tritonclient's HTTP and gRPC asyncio clients."""
+
+    def __init__(self, protocol: str) -> None:
+        if protocol == "http":
+            import tritonclient.http.aio as module
+
+            self.metadata_kwargs: dict[str, Any] = {}
+        elif protocol == "grpc":
+            import tritonclient.grpc.aio as module
+
+            self.metadata_kwargs = {"as_json": True}
+        else:
+            raise LocalProtocolError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        self.name = protocol
+        self.module = module
+
+    def client(self, url: str, timeout_s: float) -> Any:
+        if self.name == "http":
+            return self.module.InferenceServerClient(url, conn_timeout=timeout_s)
+        return self.module.InferenceServerClient(url)
+
+    def max_batch_size(self, config: dict[str, Any]) -> int:
+        config = config.get("config", config)  # gRPC wraps the model config
+        return int(config.get("max_batch_size", 0))
+
+    def requested_output(self, name: str) -> Any:
+        if self.name == "http":
+            return self.module.InferRequestedOutput(name, binary_data=True)
+        return self.module.InferRequestedOutput(name)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import aiohttp
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError):
+        return True
+    return isinstance(exc, InferenceServerException) and exc.status() == "StatusCode.UNAVAILABLE"
+
+
+class TritonEngine:
+    """An :class:`~meshinfer.inference.base.InferenceEngine` backed by a Triton server.
+
+    ``default_max_batch_size`` is reported for models whose config allows no batching info.
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        protocol: str = "http",
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        max_in_flight: int = 4,
+        default_max_batch_size: int = 64,
+    ) -> None:
+        if retries < 0 or timeout_s <= 0 or max_in_flight < 1:
+            raise LocalProtocolError("need retries >= 0, timeout_s > 0 and max_in_flight >= 1")
+        if url.startswith(("http://", "https://")):
+            raise LocalProtocolError(f"give the Triton url as host:port, without scheme: {url}")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.default_max_batch_size = default_max_batch_size
+        self._protocol = _Protocol(protocol)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._client: Any = None
+        self._models: dict[ModelRef, TritonModel] = {}
+        self._ready = False
+        self._closed = False
+
+    @property
+    def protocol(self) -> str:
+        """``"http"`` or ``"grpc"``."""
+        return self._protocol.name
+
+    # --- health -------------------------------------------------------------------------------
+
+    async def server_ready(self) -> bool:
+        """True if the server is live and ready. Never raises for an unreachable server."""
+        try:
+            live = await self._call("live check", lambda c: c.is_server_live())
+            ready = live and await self._call("ready check", lambda c: c.is_server_ready())
+        except InferenceError:
+            ready = False
+        self._ready = bool(ready)
+        return self._ready
+
+    async def model_ready(self, ref: ModelRef) -> bool:
+        """True if the server reports ``ref`` ready. Raises InferenceError if unreachable."""
+        return bool(
+            await self._call(
+                f"ready check of {ref}", lambda c: c.is_model_ready(ref.model_id, ref.version)
+            )
+        )
+
+    # --- InferenceEngine ----------------------------------------------------------------------
+
+    async def load(self, ref: ModelRef) -> None:
+        """Check the server and ``ref`` are ready and learn its tensors; idempotent.
+
+        Raises ModelNotFoundError if the model is unknown or not ready, InferenceError if the
+        server cannot be reached or serves the model in a shape this engine cannot drive.
+        """
+        self._check_open()
+        if ref in self._models:
+            return
+        if not await self.server_ready():
+            raise InferenceError(f"Triton server {self.url} ({self.protocol}) is not ready")
+        if not await self.model_ready(ref):
+            raise ModelNotFoundError(
+                f"model {ref} is not ready on Triton server {self.url} (unknown, unloaded or "
+                "still loading)"
+            )
+        self._models[ref] = await self._describe(ref)
+
+    async def _describe(self, ref: ModelRef) -> TritonModel:
+        kwargs = self._protocol.metadata_kwargs
+        metadata = await self._call(
+            f"metadata of {ref}",
+            lambda c: c.get_model_metadata(ref.model_id, ref.version, **kwargs),
+            ref,
+        )
+        config = await self._call(
+            f"config of {ref}",
+            lambda c: c.get_model_config(ref.model_id, ref.version, **kwargs),
+            ref,
+        )
+        inputs, outputs = metadata.get("inputs", []), metadata.get("outputs", [])
+        if len(inputs) != 1 or not outputs:
+            raise InferenceError(
+                f"model {ref} on {self.url} has {len(inputs)} inputs and {len(outputs)} outputs; "
+                "the Triton engine drives models with one input and at least one output"
+            )
+        max_batch = self._protocol.max_batch_size(config) or self.default_max_batch_size
+        return TritonModel(
+            ref, inputs[0]["name"], inputs[0]["datatype"], outputs[0]["name"], max_batch
+        )
+
+    async def unload(self, ref: ModelRef) -> None:
+        """Forget ``ref`` locally (the server keeps serving it); idempotent."""
+        self._models.pop(ref, None)
+
+    async def infer(self, ref: ModelRef, batch: np.ndarray) -> np.ndarray:
+        """Run one batch on the server and return the model's first output.
+
+        Raises ModelNotFoundError if ``ref`` was not loaded here or vanished from the server,
+        InferenceError for any other failure (see the module docstring).
+        """
+        self._check_open()
+        model = self._models.get(ref)
+        if model is None:
+            raise ModelNotFoundError(f"model {ref} is not loaded on triton engine {self.url}")
+        request = self._request_inputs(model, batch)
+        outputs = [self._protocol.requested_output(model.output_name)]
+        result = await self._call(
+            f"inference on {ref}",
+            lambda c: c.infer(ref.model_id, request, model_version=ref.version, outputs=outputs),
+            ref,
+        )
+        output = result.as_numpy(model.output_name)
+        if output is None:
+            raise InferenceError(
+                f"Triton server {self.url} sent no {model.output_name!r} for {ref}"
+            )
+        return output
+
+    def _request_inputs(self, model: TritonModel, batch: np.ndarray) -> list[Any]:
+        from tritonclient.utils import triton_to_np_dtype
+
+        array = np.ascontiguousarray(batch, dtype=triton_to_np_dtype(model.input_datatype))
+        tensor = self._protocol.module.InferInput(
+            model.input_name, list(array.shape), model.input_datatype
+        )
+        tensor.set_data_from_numpy(array)
+        return [tensor]
+
+    def capacity(self) -> EngineCapacity:
+        """Readiness as of the last server call; never blocks or calls the server."""
+        limits = [m.max_batch_size for m in self._models.values()]
+        return EngineCapacity(
+            device=f"triton:{self.url}",
+            max_batch_size=min(limits) if limits else self.default_max_batch_size,
+            free_memory_bytes=None,
+            loaded_models=tuple(self._models),
+            ready=self._ready and not self._closed,
+        )
+
+    async def aclose(self) -> None:
+        """Close the client. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        self._models.clear()
+        await self._drop_client(self._client)
+
+    async def __aenter__(self) -> TritonEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- calls, retries and error mapping -----------------------------------------------------
+
+    async def _call(
+        self, what: str, operation: Callable[[Any], Awaitable[T]], ref: ModelRef | None = None
+    ) -> T:
+        """Run ``operation(client)`` with timeout, reconnect-and-retry and error mapping."""
+        async with self._slots:
+            for attempt in range(self.retries + 1):
+                client = self._connected_client()
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        result = await operation(client)
+                except TimeoutError:
+                    raise InferenceError(
+                        f"{what} on Triton server {self.url} timed out after {self.timeout_s} s"
+                    ) from None
+                except Exception as exc:
+                    if not _is_connection_error(exc):
+                        raise self._mapped(what, exc, ref) from exc
+                    last_error = exc
+                    await self._reconnect_after(client, attempt)
+                    continue
+                self._ready = True
+                return result
+        raise InferenceError(
+            f"{what}: Triton server {self.url} ({self.protocol}) unreachable after "
+            f"{self.retries + 1} attempts: {last_error}"
+        ) from last_error
+
+    def _connected_client(self) -> Any:
+        self._check_open()
+        if self._client is None:
+            self._client = self._protocol.client(self.url, self.timeout_s)
+        return self._client
+
+    async def _reconnect_after(self, failed_client: Any, attempt: int) -> None:
+        self._ready = False
+        if self._client is failed_client:  # another caller may have replaced it already
+            self._client = None
+            await self._drop_client(failed_client)
+        if attempt < self.retries:
+            await asyncio.sleep(self.backoff_s * 2**attempt)
+
+    @staticmethod
+    async def _drop_client(client: Any) -> None:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    def _mapped(self, what: str, exc: Exception, ref: ModelRef | None) -> InferenceError:
+        from tritonclient.utils import InferenceServerException
+
+        if not isinstance(exc, InferenceServerException):
+            return InferenceError(f"{what} on Triton server {self.url} failed: {exc!r}")
+        detail = f"{exc.message()} (status {exc.status()})"
+        if exc.status() in _NOT_FOUND_STATUSES or "unknown model" in str(exc.message()).lower():
+            if ref is not None:
+                self._models.pop(ref, None)  # it went away: load() must look again
+            return ModelNotFoundError(f"{what}: Triton server {self.url}: {detail}")
+        return InferenceError(f"{what} failed on Triton server {self.url}: {detail}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalProtocolError(f"triton engine for {self.url} is closed")

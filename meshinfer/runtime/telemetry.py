@@ -1,0 +1,648 @@
+"""Node telemetry: host and GPU load, engine queues, and a small Prometheus text exposition.
+
+Three parts:
+
+* :class:`TelemetryCollector` samples CPU, memory and load average (psutil), GPU utilisation,
+  memory, temperature and power (NVML via ``pynvml`` from ``nvidia-ml-py``; all None when the
+  library or a GPU is absent) and folds in the batchers' :class:`BatcherStats`. ``collect`` blocks
+  briefly (psutil/NVML syscalls); on the loop use ``await collector.sample(...)``, which runs it
+  in a worker thread.
+* :class:`TelemetrySnapshot` is the compact, frozen result, gossiped in node state
+  (:meth:`~TelemetrySnapshot.to_wire` / :meth:`~TelemetrySnapshot.from_wire`).
+* :class:`MetricsRegistry` with :class:`Counter`, :class:`Gauge` and :class:`Histogram` renders
+  the Prometheus text format 0.0.4 for the daemon's and coordinator's ``/metrics``;
+  :func:`snapshot_families` and :func:`batcher_families` turn telemetry into metric families
+  for :meth:`MetricsRegistry.add_collector`.
+
+Concurrency: the registry and its metrics are used from the event loop only (not thread-safe);
+the collector serialises its own samples with a lock, so ``sample`` may overlap itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from meshinfer.errors import LocalProtocolError, RemoteProtocolError
+from meshinfer.inference.batching import BatcherStats
+
+log = logging.getLogger(__name__)
+
+# --- snapshots ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySnapshot:
+    """One sample of a node's load. GPU fields are None without NVML or a GPU.
+
+    GPU figures are summed over devices (memory, power), averaged (utilisation) or the maximum
+    (temperature). Engine figures come from the node's batchers: total queue depth, mean batch
+    size over all batches so far, and the worst model's recent p50/p99 latency.
+    """
+
+    cpu_percent: float
+    memory_percent: float
+    memory_available_bytes: int
+    load_average_1m: float | None = None
+    gpu_count: int = 0
+    gpu_utilization_percent: float | None = None
+    gpu_memory_used_bytes: int | None = None
+    gpu_memory_total_bytes: int | None = None
+    gpu_temperature_c: float | None = None
+    gpu_power_w: float | None = None
+    queue_depth: int = 0
+    mean_batch_size: float | None = None
+    latency_p50_s: float | None = None
+    latency_p99_s: float | None = None
+
+    def to_wire(self) -> dict[str, int | float]:
+        """A msgpack-ready dict with short keys (:data:`WIRE_KEYS`); None fields are left out."""
+        return {key: v for name, key in WIRE_KEYS.items() if (v := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_wire(cls, doc: object) -> TelemetrySnapshot:
+        """Decode a peer's :meth:`to_wire` dict. Unknown keys are ignored (newer peers).
+
+        Raises RemoteProtocolError if a field is missing, of the wrong type, or out of range.
+        """
+        if not isinstance(doc, Mapping):
+            raise RemoteProtocolError(f"telemetry must be a map, got {type(doc).__name__}")
+        return cls(**{name: _wire_field(doc, name, key) for name, key in WIRE_KEYS.items()})
+
+
+WIRE_KEYS = {
+    "cpu_percent": "cpu",
+    "memory_percent": "mem",
+    "memory_available_bytes": "mem_free",
+    "load_average_1m": "load1",
+    "gpu_count": "gpus",
+    "gpu_utilization_percent": "gpu_util",
+    "gpu_memory_used_bytes": "gpu_mem",
+    "gpu_memory_total_bytes": "gpu_mem_total",
+    "gpu_temperature_c": "gpu_temp",
+    "gpu_power_w": "gpu_watts",
+    "queue_depth": "queue",
+    "mean_batch_size": "batch",
+    "latency_p50_s": "p50",
+    "latency_p99_s": "p99",
+}
+"""Snapshot field -> key in the gossiped map. Append only; never reuse a key."""
+
+_WIRE_INTS = {"memory_available_bytes", "gpu_count", "gpu_memory_used_bytes"}
+_WIRE_INTS |= {"gpu_memory_total_bytes", "queue_depth"}
+_WIRE_REQUIRED = {"cpu_percent", "memory_percent", "memory_available_bytes"}
+_WIRE_DEFAULTS = {"gpu_count": 0, "queue_depth": 0}
+
+
+def _wire_field(doc: Mapping[Any, Any], name: str, key: str) -> int | float | None:
+    if key not in doc:
+        if name in _WIRE_REQUIRED:
+            raise RemoteProtocolError(f"telemetry lacks {key!r} ({name})")
+        return _WIRE_DEFAULTS.get(name)
+    value = doc[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RemoteProtocolError(f"telemetry {key!r} ({name}) is not a number: {value!r}")
+    if name in _WIRE_INTS and not isinstance(value, int):
+        raise RemoteProtocolError(f"telemetry {key!r} ({name}) is not an integer: {value!r}")
+    if not math.isfinite(value) or value < 0 or value > 2**63:
+        raise RemoteProtocolError(f"telemetry {key!r} ({name}) out of range: {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """NVML figures for all devices together (see :class:`TelemetrySnapshot`)."""
+
+    count: int = 0
+    utilization_percent: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
+class NvmlProbe:
+    """Reads GPU figures through NVML; inert (``available`` False) if NVML cannot start."""
+
+    def __init__(self) -> None:
+        self.available = False
+        self.reason = ""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors
+            self.reason = f"NVML unavailable: {exc!r}"
+            return
+        self._nvml = pynvml
+        self.available = True
+
+    def sample(self) -> GpuSample:
+        """Figures summed/averaged over every device; fields NVML cannot read are None."""
+        if not self.available:
+            return GpuSample()
+        try:
+            return self._sample_devices()
+        except self._nvml.NVMLError as exc:  # e.g. a GPU fell off the bus: report no figures
+            log.warning("NVML sample failed: %r", exc)
+            return GpuSample()
+
+    def _sample_devices(self) -> GpuSample:
+        nvml = self._nvml
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        utils = [
+            self._read(lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, h) for h in handles
+        ]
+        memory = [self._read(nvml.nvmlDeviceGetMemoryInfo, h) for h in handles]
+        temps = [
+            self._read(lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU), h)
+            for h in handles
+        ]
+        power_mw = [self._read(nvml.nvmlDeviceGetPowerUsage, h) for h in handles]
+        return GpuSample(
+            count=len(handles),
+            utilization_percent=_mean(utils),
+            memory_used_bytes=_total([m.used if m else None for m in memory]),
+            memory_total_bytes=_total([m.total if m else None for m in memory]),
+            temperature_c=_maximum(temps),
+            power_w=None if (mw := _total(power_mw)) is None else mw / 1000.0,
+        )
+
+    def _read(self, read: Callable[[Any], Any], handle: Any) -> Any:
+        try:
+            return read(handle)
+        except self._nvml.NVMLError:  # not supported on this device / transient
+            return None
+
+    def close(self) -> None:
+        """Shut NVML down. Idempotent."""
+        if self.available:
+            self.available = False
+            self._nvml.nvmlShutdown()
+
+
+def _known(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    known = _known(values)
+    return float(sum(known)) / len(known) if known else None
+
+
+def _total(values: Iterable[float | None]) -> Any:
+    known = _known(values)
+    return sum(known) if known else None
+
+
+def _maximum(values: Iterable[float | None]) -> float | None:
+    known = _known(values)
+    return float(max(known)) if known else None
+
+
+class TelemetryCollector:
+    """Samples host, GPU and engine figures into :class:`TelemetrySnapshot`.
+
+    CPU percent is psutil's non-blocking ``cpu_percent(interval=None)``: the share of CPU time
+    since the previous reading. It is primed on construction, and a reading less than
+    ``min_cpu_interval_s`` (real time) after the last one reuses that value, because very short
+    intervals give noise. Construction starts NVML (it may take a moment: do it at startup,
+    or in a thread). Call :meth:`close` to release NVML.
+    """
+
+    def __init__(self, *, gpu: bool = True, min_cpu_interval_s: float = 0.5) -> None:
+        self._lock = threading.Lock()
+        self._nvml = NvmlProbe() if gpu else None
+        self._min_cpu_interval_s = min_cpu_interval_s
+        psutil.cpu_percent(interval=None)
+        self._cpu_read_at = time.monotonic()  # real time: CPU shares are about real seconds
+        self._cpu_percent = 0.0
+
+    @property
+    def gpu_available(self) -> bool:
+        """True if NVML started and GPU fields will be filled."""
+        return self._nvml is not None and self._nvml.available
+
+    def collect(self, engine_stats: Iterable[BatcherStats] = ()) -> TelemetrySnapshot:
+        """Sample everything now. Blocks briefly: off the loop, use :meth:`sample`."""
+        with self._lock:
+            memory = psutil.virtual_memory()
+            gpu = self._nvml.sample() if self._nvml is not None else GpuSample()
+            return TelemetrySnapshot(
+                cpu_percent=self._cpu(),
+                memory_percent=float(memory.percent),
+                memory_available_bytes=int(memory.available),
+                load_average_1m=_load_average(),
+                gpu_count=gpu.count,
+                gpu_utilization_percent=gpu.utilization_percent,
+                gpu_memory_used_bytes=gpu.memory_used_bytes,
+                gpu_memory_total_bytes=gpu.memory_total_bytes,
+                gpu_temperature_c=gpu.temperature_c,
+                gpu_power_w=gpu.power_w,
+                **_engine_figures(tuple(engine_stats)),
+            )
+
+    async def sample(self, engine_stats: Iterable[BatcherStats] = ()) -> TelemetrySnapshot:
+        """:meth:`collect` in a worker thread, so the loop never blocks. Runs on the loop."""
+        return await asyncio.to_thread(self.collect, tuple(engine_stats))
+
+    def _cpu(self) -> float:
+        now = time.monotonic()
+        if now - self._cpu_read_at >= self._min_cpu_interval_s:
+            self._cpu_percent = float(psutil.cpu_percent(interval=None))
+            self._cpu_read_at = now
+        return self._cpu_percent
+
+    def close(self) -> None:
+        """Release NVML. Idempotent."""
+        if self._nvml is not None:
+            self._nvml.close()
+
+
+def _load_average() -> float | None:
+    try:
+        return float(psutil.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def _engine_figures(stats: tuple[BatcherStats, ...]) -> dict[str, Any]:
+    batches = sum(s.batches for s in stats)
+    samples = sum(size * count for s in stats for size, count in s.batch_sizes)
+    return {
+        "queue_depth": sum(s.queue_depth for s in stats),
+        "mean_batch_size": samples / batches if batches else None,
+        "latency_p50_s": _maximum(s.latency_p50_s for s in stats),
+        "latency_p99_s": _maximum(s.latency_p99_s for s in stats),
+    }
+
+
+# --- Prometheus text exposition (format 0.0.4) ------------------------------------------------
+
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One exposition line: full sample name (with any ``_bucket`` suffix), labels, value."""
+
+    name: str
+    labels: Labels
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricFamily:
+    """A metric's HELP/TYPE header and its samples. ``kind``: counter, gauge, histogram."""
+
+    name: str
+    kind: str
+    help: str
+    samples: tuple[Sample, ...]
+
+
+def format_value(value: float) -> str:
+    """A sample value as Prometheus writes it (``+Inf``, ``-Inf``, ``NaN``, Go-style floats)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def escape_label_value(value: str) -> str:
+    """Escape backslash, double quote and newline in a label value."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """Escape backslash and newline in HELP text."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render_family(family: MetricFamily) -> str:
+    """The HELP and TYPE lines and every sample line of ``family``."""
+    lines = [
+        f"# HELP {family.name} {escape_help(family.help)}",
+        f"# TYPE {family.name} {family.kind}",
+    ]
+    for sample in family.samples:
+        labels = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sample.labels)
+        lines.append(
+            f"{sample.name}{{{labels}}} {format_value(sample.value)}"
+            if labels
+            else f"{sample.name} {format_value(sample.value)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _check_names(name: str, labelnames: Iterable[str], reserved: Iterable[str] = ()) -> None:
+    if not _METRIC_NAME.match(name):
+        raise LocalProtocolError(f"invalid metric name {name!r}")
+    for label in labelnames:
+        if not _LABEL_NAME.match(label) or label.startswith("__") or label in reserved:
+            raise LocalProtocolError(f"invalid label name {label!r} for metric {name}")
+
+
+class _Metric:
+    """Shared frame: a name, help text, label names and one child per label-value tuple."""
+
+    kind = ""
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:
+        self.name = name
+        self.help = help
+        self.labelnames = tuple(labelnames)
+        _check_names(name, self.labelnames, self._reserved_labels())
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _reserved_labels(self) -> tuple[str, ...]:
+        return ()
+
+    def labels(self, *values: object, **named: object) -> Any:
+        """The child for these label values (positional, or by name); created on first use."""
+        if named:
+            if values or set(named) != set(self.labelnames):
+                raise LocalProtocolError(f"{self.name} takes labels {self.labelnames}")
+            values = tuple(named[n] for n in self.labelnames)
+        if len(values) != len(self.labelnames):
+            raise LocalProtocolError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        if key not in self._children:
+            self._children[key] = self._new_child()
+        return self._children[key]
+
+    def _only_child(self) -> Any:
+        if self.labelnames:
+            raise LocalProtocolError(f"{self.name} has labels {self.labelnames}: use .labels()")
+        return self.labels()
+
+    def _new_child(self) -> Any:
+        raise NotImplementedError
+
+    def _label_pairs(self, key: tuple[str, ...]) -> Labels:
+        return tuple(zip(self.labelnames, key, strict=True))
+
+    def collect(self) -> MetricFamily:
+        """This metric as a family of samples."""
+        samples = [s for key, child in self._children.items() for s in self._samples(key, child)]
+        return MetricFamily(self.name, self.kind, self.help, tuple(samples))
+
+    def _samples(self, key: tuple[str, ...], child: Any) -> list[Sample]:
+        return [Sample(self.name, self._label_pairs(key), child.value)]
+
+
+class _Value:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+class _CounterChild(_Value):
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise LocalProtocolError(f"a counter only goes up; got inc({amount})")
+        self.value += amount
+
+
+class _GaugeChild(_Value):
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class Counter(_Metric):
+    """A cumulative count. By convention its name ends in ``_total``."""
+
+    kind = "counter"
+
+    def _new_child(self) -> _CounterChild:
+        return _CounterChild()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0) to the unlabelled counter."""
+        self._only_child().inc(amount)
+
+
+class Gauge(_Metric):
+    """A value that goes up and down."""
+
+    kind = "gauge"
+
+    def _new_child(self) -> _GaugeChild:
+        return _GaugeChild()
+
+    def set(self, value: float) -> None:
+        """Set the unlabelled gauge."""
+        self._only_child().set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Raise the unlabelled gauge."""
+        self._only_child().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Lower the unlabelled gauge."""
+        self._only_child().dec(amount)
+
+
+class _HistogramChild:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.bucket_counts = [0] * (len(bounds) + 1)  # last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Histogram(_Metric):
+    """Observations counted in cumulative ``le`` buckets, with ``_sum`` and ``_count``."""
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        self.buckets = tuple(sorted(float(b) for b in buckets if b != math.inf))
+        if not self.buckets or len(set(self.buckets)) != len(self.buckets):
+            raise LocalProtocolError(f"histogram {name} needs distinct finite buckets")
+        super().__init__(name, help, labelnames)
+
+    def _reserved_labels(self) -> tuple[str, ...]:
+        return ("le",)
+
+    def _new_child(self) -> _HistogramChild:
+        return _HistogramChild(self.buckets)
+
+    def observe(self, value: float) -> None:
+        """Record one observation in the unlabelled histogram."""
+        self._only_child().observe(value)
+
+    def _samples(self, key: tuple[str, ...], child: _HistogramChild) -> list[Sample]:
+        counts = itertools.accumulate(child.bucket_counts)
+        bounds = (*self.buckets, math.inf)
+        return histogram_samples(
+            self.name, self._label_pairs(key), zip(bounds, counts, strict=True), child.sum
+        )
+
+
+def histogram_samples(
+    name: str, labels: Labels, cumulative: Iterable[tuple[float, int]], total: float
+) -> list[Sample]:
+    """``_bucket`` (cumulative, ending with ``+Inf``), ``_sum`` and ``_count`` samples."""
+    samples = [
+        Sample(f"{name}_bucket", (*labels, ("le", format_value(bound))), count)
+        for bound, count in cumulative
+    ]
+    if samples[-1].labels[-1][1] != "+Inf":
+        raise LocalProtocolError(f"histogram {name} must end with a +Inf bucket")
+    count = samples[-1].value
+    return [*samples, Sample(f"{name}_sum", labels, total), Sample(f"{name}_count", labels, count)]
+
+
+class MetricsRegistry:
+    """Owns metrics and collectors and renders them all. Event-loop only (not thread-safe)."""
+
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _Metric] = {}
+        self._collectors: list[Callable[[], Iterable[MetricFamily]]] = []
+
+    def _register(self, metric: _Metric) -> Any:
+        if metric.name in self._metrics:
+            raise LocalProtocolError(f"metric {metric.name} is already registered")
+        self._metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help: str, labelnames: Iterable[str] = ()) -> Counter:
+        """Register and return a counter."""
+        return self._register(Counter(name, help, labelnames))
+
+    def gauge(self, name: str, help: str, labelnames: Iterable[str] = ()) -> Gauge:
+        """Register and return a gauge."""
+        return self._register(Gauge(name, help, labelnames))
+
+    def histogram(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> Histogram:
+        """Register and return a histogram."""
+        return self._register(Histogram(name, help, labelnames, buckets))
+
+    def add_collector(self, collect: Callable[[], Iterable[MetricFamily]]) -> None:
+        """Call ``collect`` at every render for families computed on demand (e.g. batcher stats).
+
+        A collector that raises is logged and left out of that render; the rest still renders.
+        """
+        self._collectors.append(collect)
+
+    def families(self) -> list[MetricFamily]:
+        """Every registered metric, then every collector's families."""
+        out = [metric.collect() for metric in self._metrics.values()]
+        for collect in self._collectors:
+            try:
+                out.extend(collect())
+            except Exception:
+                log.exception("metrics collector %r failed; its families are left out", collect)
+        return out
+
+    def render(self) -> str:
+        """The Prometheus text exposition (format 0.0.4) of everything registered."""
+        return "".join(render_family(family) for family in self.families())
+
+
+# --- telemetry as metric families -------------------------------------------------------------
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+_SNAPSHOT_GAUGES = (
+    ("cpu_percent", "meshinfer_node_cpu_percent", "Host CPU utilisation, percent."),
+    ("memory_percent", "meshinfer_node_memory_percent", "Host memory in use, percent."),
+    ("memory_available_bytes", "meshinfer_node_memory_available_bytes", "Available memory."),
+    ("load_average_1m", "meshinfer_node_load_average_1m", "One-minute load average."),
+    ("gpu_count", "meshinfer_gpu_count", "GPUs visible through NVML."),
+    ("gpu_utilization_percent", "meshinfer_gpu_utilization_percent", "Mean GPU utilisation."),
+    ("gpu_memory_used_bytes", "meshinfer_gpu_memory_used_bytes", "GPU memory in use."),
+    ("gpu_memory_total_bytes", "meshinfer_gpu_memory_total_bytes", "Total GPU memory."),
+    ("gpu_temperature_c", "meshinfer_gpu_temperature_celsius", "Hottest GPU temperature."),
+    ("gpu_power_w", "meshinfer_gpu_power_watts", "GPU power draw, all devices."),
+)
+
+
+def snapshot_families(snapshot: TelemetrySnapshot) -> list[MetricFamily]:
+    """Gauges for every field of ``snapshot`` that is set (GPU gauges vanish without a GPU)."""
+    families = []
+    for field_name, metric, help in _SNAPSHOT_GAUGES:
+        value = getattr(snapshot, field_name)
+        if value is not None:
+            families.append(MetricFamily(metric, "gauge", help, (Sample(metric, (), value),)))
+    return families
+
+
+def batcher_families(stats: Iterable[BatcherStats]) -> list[MetricFamily]:
+    """Queue depth, request outcomes, batch-size and latency histograms, labelled by model."""
+    depth, outcomes, sizes, latencies = [], [], [], []
+    for s in stats:
+        model = (("model", s.model),)
+        depth.append(Sample("meshinfer_batcher_queue_depth", model, s.queue_depth))
+        for outcome in ("completed", "failed", "expired", "rejected", "cancelled"):
+            labels = (*model, ("outcome", outcome))
+            outcomes.append(Sample("meshinfer_batcher_requests_total", labels, getattr(s, outcome)))
+        sizes += histogram_samples("meshinfer_batcher_batch_size", model, *_batch_sizes(s))
+        latencies += histogram_samples(
+            "meshinfer_batcher_latency_seconds",
+            model,
+            [*s.latency_buckets, (math.inf, s.latency_count)],
+            s.latency_sum_s,
+        )
+    return [
+        MetricFamily("meshinfer_batcher_queue_depth", "gauge", "Requests waiting.", (*depth,)),
+        MetricFamily(
+            "meshinfer_batcher_requests_total", "counter", "Requests by outcome.", (*outcomes,)
+        ),
+        MetricFamily(
+            "meshinfer_batcher_batch_size", "histogram", "Samples per engine call.", (*sizes,)
+        ),
+        MetricFamily(
+            "meshinfer_batcher_latency_seconds",
+            "histogram",
+            "Submit-to-result latency.",
+            (*latencies,),
+        ),
+    ]
+
+
+def _batch_sizes(stats: BatcherStats) -> tuple[list[tuple[float, int]], int]:
+    cumulative = [
+        (float(bound), sum(c for size, c in stats.batch_sizes if size <= bound))
+        for bound in BATCH_SIZE_BUCKETS
+    ]
+    total = sum(size * count for size, count in stats.batch_sizes)
+    return [*cumulative, (math.inf, stats.batches)], total
