@@ -1,8 +1,9 @@
 """``meshinfer-node``: the vehicle / roadside-unit node command line.
 
-Commands so far: ``keygen`` (make the node's Noise static key pair) and the shared ``fleet``
-group (see :mod:`meshinfer.fleetcli`). Add a command by writing an ``_add_<name>(commands)``
-function and listing it in :data:`COMMANDS`.
+Commands: ``run`` (the daemon), ``status`` (ask a running one), ``config`` (the annotated
+default file, or ``--check`` one), ``keygen`` (make the node's Noise static key pair) and the
+shared ``fleet`` group (see :mod:`meshinfer.fleetcli`). Add a command by writing an
+``_add_<name>(commands)`` function and listing it in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,104 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_add_keygen, add_fleet_commands)
+def _add_run(commands: Any) -> None:
+    help_text = "run the node daemon until SIGTERM (prints READY {json} once ready)"
+    parser = commands.add_parser("run", help=help_text, description=help_text)
+    parser.add_argument("--config", required=True, type=Path, help="node TOML file")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from node.config import load_config
+    from node.daemon import run_daemon
+
+    config = load_config(args.config)  # ConfigError -> one line on stderr, exit 2
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(run_daemon(config))
+
+
+def _add_status(commands: Any) -> None:
+    help_text = "ask a running daemon for its status (members, sessions, models, load)"
+    parser = commands.add_parser("status", help=help_text, description=help_text)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="the daemon's HTTP base URL, e.g. http://127.0.0.1:8080")
+    where.add_argument("--data-dir", type=Path, help="the daemon's [node] data_dir")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON document")
+    parser.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from meshinfer.errors import ConfigError
+
+    url = args.url
+    if url is None:
+        runtime = args.data_dir / "runtime.json"
+        try:
+            url = json.loads(runtime.read_text())["http"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{runtime}: no running daemon recorded there ({exc})") from None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as response:
+            doc = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the daemon at {url}: {exc}") from None
+    print(json.dumps(doc, indent=2) if args.json else _status_table(doc))
+    return 0
+
+
+def _status_table(doc: dict[str, Any]) -> str:
+    lines = [
+        f"node {doc['node_id']} (fleet {doc['fleet_id']}) at {doc['session_address']}: "
+        + ("ready" if doc["ready"] else "NOT READY: " + "; ".join(doc["problems"])),
+        f"engine {doc['engine']}, models {', '.join(doc['models']) or '-'}",
+        f"{'member':<20}{'status':<10}{'address':<24}{'queue':>6}  models",
+    ]
+    for m in doc["members"]:
+        lines.append(
+            f"{m['node_id']:<20}{m['status']:<10}{m['address']:<24}{m['queue_depth']:>6}  "
+            + ",".join(m["models"])
+        )
+    return "\n".join(lines)
+
+
+def _add_config(commands: Any) -> None:
+    help_text = "print the annotated default node.toml (every key, documented)"
+    parser = commands.add_parser("config", help=help_text, description=help_text)
+    parser.add_argument("--check", type=Path, help="validate this file instead")
+    parser.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from node.config import load_config, render_defaults
+
+    if args.check is not None:
+        load_config(args.check)
+        print(f"{args.check}: ok")
+        return 0
+    print(render_defaults(), end="")
+    return 0
+
+
+COMMANDS = (_add_keygen, _add_run, _add_status, _add_config, add_fleet_commands)
 
 
 def build_parser() -> CommandParser:

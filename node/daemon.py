@@ -1,0 +1,303 @@
+"""The node daemon: one TOML file in, a running mesh node out.
+
+Composition, in start order (reverse order on shutdown):
+
+1. identity and revocations from ``[node] identity_dir``;
+2. the inference engine (``[inference]``), its models loaded and a dynamic batcher per model;
+3. the mesh: session listener, membership, discovery (:class:`~meshinfer.runtime.node.MeshNode`);
+4. the task executor, which serves work items that reach this node;
+5. the HTTP endpoint (``/healthz``, ``/readyz``, ``/metrics``, ``/status``);
+6. a telemetry loop that refreshes the gossiped node state (queue depth, free GPU memory).
+
+Readiness is reported (``/readyz`` 200 and a ``READY {json}`` line on stdout) only once the
+listener is up and every configured model is loaded. SIGTERM drains: the executor stops taking
+work and hands back queued items, running ones finish, membership announces the leave, then the
+rest closes. A second SIGTERM (or SIGINT) skips the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.discovery.static import parse_seeds
+from meshinfer.errors import ConfigError, IdentityError
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.inference.base import InferenceEngine, ModelRef
+from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.membership_wire import ModelInfo as GossipModel
+from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.runtime.session import SessionConfig
+from meshinfer.runtime.telemetry import TelemetryCollector
+from meshinfer.transport.base import LinkKind
+from node.config import NodeConfig, parse_address
+
+log = logging.getLogger(__name__)
+
+_PRESETS = {"lan": MembershipConfig.lan, "v2v": MembershipConfig.v2v, "test": MembershipConfig.test}
+
+
+def parse_model_ref(text: str, where: str = "model") -> ModelRef:
+    """``"id@version"`` (version defaults to ``1``) -> ModelRef, or ConfigError."""
+    model_id, _, version = text.partition("@")
+    if not model_id or (_ and not version):
+        raise ConfigError(f'{where}: expected "id@version", got {text!r}')
+    return ModelRef(model_id, version or "1")
+
+
+def mesh_options(config: NodeConfig, fleet_id: str) -> MeshNodeOptions:
+    """Translate the TOML sections into :class:`MeshNodeOptions` (ConfigError naming keys)."""
+    d, s = config.discovery, config.session
+    mdns = None
+    if d.mdns:
+        interfaces = "all" if d.interfaces == ("all",) else tuple(d.interfaces)
+        mdns = MdnsConfig(interfaces=interfaces) if interfaces != ("127.0.0.1",) else None
+        mdns = mdns or MdnsConfig.loopback()
+    return MeshNodeOptions(
+        listen=parse_address(config.network.listen, "[network] listen"),
+        advertise_host=config.network.advertise_host,
+        link=LinkKind(config.network.link),
+        mdns=mdns,
+        seeds=tuple(parse_seeds(list(d.seeds), fleet_id=fleet_id)),
+        membership=_PRESETS[config.membership.preset](),
+        session=SessionConfig(
+            handshake_timeout=s.handshake_timeout,
+            idle_timeout=s.idle_timeout,
+            keepalive_interval=s.keepalive_interval,
+            rekey_after=s.rekey_after,
+            max_message_size=s.max_message_mib * 1024 * 1024,
+        ),
+    )
+
+
+def make_engine(config: NodeConfig) -> InferenceEngine:
+    kind = config.inference.engine
+    if kind == "numpy":
+        from meshinfer.inference.numpy_engine import NumpyEngine
+
+        return NumpyEngine()
+    if kind == "cupy":
+        from meshinfer.inference.cupy_engine import CupyEngine
+
+        return CupyEngine()
+    from meshinfer.inference.triton_engine import TritonEngine
+
+    return TritonEngine(config.inference.triton_url)
+
+
+class NodeDaemon:
+    """Everything ``meshinfer-node run`` runs; see the module docstring."""
+
+    def __init__(self, config: NodeConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.identity = self._load_identity()
+        self.models = [
+            parse_model_ref(m, f"[inference] models[{i}]")
+            for i, m in enumerate(config.inference.models)
+        ]
+        self.options = mesh_options(config, self.identity.trust.fleet_id)
+        self.data_dir = Path(config.node.data_dir or tempfile.mkdtemp(prefix="meshinfer-node-"))
+        self.engine: InferenceEngine | None = None
+        self.batchers: dict[ModelRef, DynamicBatcher] = {}
+        self.mesh: MeshNode | None = None
+        self.executor: Any = None
+        self.http: Any = None
+        self.telemetry = TelemetryCollector(gpu=config.inference.engine == "cupy")
+        self.snapshot: Any = None
+        self.ready = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    def _load_identity(self) -> NodeIdentity:
+        directory = self.config.node.identity_dir
+        if not directory:
+            raise ConfigError("[node] identity_dir is required (made by `fleet enroll`)")
+        try:
+            return NodeIdentity.load(directory)
+        except IdentityError as exc:
+            raise ConfigError(f"[node] identity_dir: {exc}") from None
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> dict[str, Any]:
+        """Start every component in order; return the facts printed on the READY line."""
+        revocations = NodeDirectory(Path(self.config.node.identity_dir)).revocations(
+            self.identity.trust
+        )
+        await self._start_inference()
+        self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
+        await self.mesh.start()
+        self._publish_models()
+        await self._start_executor()
+        await self._start_http()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._telemetry_loop()))
+        self.ready.set()
+        facts = self.facts()
+        (self.data_dir / "runtime.json").write_text(json.dumps(facts))
+        return facts
+
+    def facts(self) -> dict[str, Any]:
+        assert self.mesh is not None and self.mesh.address is not None
+        return {
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "session": str(self.mesh.address),
+            "http": self.http.url if self.http else None,
+            "engine": self.config.inference.engine,
+            "models": [str(m) for m in self.models],
+        }
+
+    async def _start_inference(self) -> None:
+        inf = self.config.inference
+        self.engine = make_engine(self.config)
+        batch = BatcherConfig(
+            max_batch_size=inf.max_batch_size,
+            max_queue_delay_s=inf.max_queue_delay_ms / 1000,
+            max_queue_size=inf.max_queue,
+        )
+        for ref in self.models:
+            await self.engine.load(ref)
+            batcher = DynamicBatcher(self.engine, ref, batch)
+            await batcher.start()
+            self.batchers[ref] = batcher
+
+    def _publish_models(self) -> None:
+        assert self.mesh is not None and self.mesh.membership is not None
+        loaded = {info.ref: info.sha256 for info in getattr(self.engine, "loaded_models", ())}
+        models = tuple(
+            GossipModel(r.model_id, r.version, bytes.fromhex(loaded.get(r, "")[:16]))
+            for r in self.models
+        )
+        state = self.mesh.membership.state
+        self.mesh.membership.update_state(_replace(state, models=models))
+
+    async def _start_executor(self) -> None:
+        from node.executor import TaskExecutor
+
+        assert self.mesh is not None
+        self.executor = TaskExecutor(self.mesh, self.batchers, self.config.executor)
+        self.executor.start()
+
+    async def _start_http(self) -> None:
+        if not self.config.http.enabled:
+            return
+        from node.http import NodeHttp
+
+        self.http = NodeHttp(self, parse_address(self.config.http.listen, "[http] listen"))
+        await self.http.start()
+
+    async def _telemetry_loop(self) -> None:
+        assert self.mesh is not None and self.mesh.membership is not None
+        while True:
+            stats = [b.stats() for b in self.batchers.values()]
+            self.snapshot = await self.telemetry.sample(stats)
+            depth = self.executor.backlog if self.executor else 0
+            state = self.mesh.membership.state
+            gpu_free = self._gpu_free_mb()
+            if state.queue_depth != depth or state.gpu_free_mb != gpu_free:
+                self.mesh.membership.update_state(
+                    _replace(state, queue_depth=depth, gpu_free_mb=gpu_free)
+                )
+            await asyncio.sleep(1.0)
+
+    def _gpu_free_mb(self) -> int:
+        snap = self.snapshot
+        total = snap.gpu_memory_total_bytes if snap else None
+        used = snap.gpu_memory_used_bytes if snap else None
+        return 0 if total is None or used is None else int((total - used) // (1 << 20))
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not) for ``/readyz``."""
+        problems = []
+        if self.mesh is None or not self.mesh.ready.is_set():
+            problems.append("mesh not listening")
+        if self.engine is None or not self.engine.capacity().ready:
+            problems.append("engine not ready")
+        missing = [str(r) for r in self.models if r not in self.batchers]
+        if missing:
+            problems.append(f"models not loaded: {', '.join(missing)}")
+        if self.stopping.is_set():
+            problems.append("draining")
+        return not problems, problems
+
+    async def drain_and_close(self, timeout: float = 10.0) -> None:
+        """SIGTERM: stop taking work, finish or hand back what we have, leave, close."""
+        self.stopping.set()
+        if self.executor is not None:
+            with contextlib.suppress(Exception):
+                await self.executor.drain(timeout)
+        if self.mesh is not None:
+            with contextlib.suppress(Exception):
+                await self.mesh.leave(timeout=2.0)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close in reverse start order. Idempotent; errors are logged, not raised."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        steps = [
+            self.http.aclose() if self.http else None,
+            self.executor.aclose() if self.executor else None,
+            self.mesh.aclose() if self.mesh else None,
+            *(b.aclose() for b in self.batchers.values()),
+            self.engine.aclose() if self.engine else None,
+        ]
+        for step in steps:
+            if step is not None:
+                try:
+                    await step
+                except Exception:
+                    log.exception("error while closing")
+        self.telemetry.close()
+
+
+def _replace(state: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(state, **changes)
+
+
+async def run_daemon(config: NodeConfig) -> int:
+    """Run until SIGTERM/SIGINT; print ``READY {json}`` once ready. Returns the exit code."""
+    daemon = NodeDaemon(config)
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue[int]()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    try:
+        facts = await daemon.start()
+    except BaseException:
+        await daemon.aclose()
+        raise
+    print("READY " + json.dumps(facts), flush=True)
+    await signals.get()
+    drain = loop.create_task(daemon.drain_and_close())
+    second = loop.create_task(signals.get())
+    done, _ = await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    if second in done:
+        drain.cancel()
+        await daemon.aclose()
+    else:
+        second.cancel()
+    print(f"STOPPED {daemon.node_id}", flush=True)
+    return 0

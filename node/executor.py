@@ -1,0 +1,270 @@
+"""The node's task executor: work items that reach this node, run through the batcher.
+
+Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
+
+    coordinator --TaskAssign--> node --TaskAccepted--> coordinator
+                                node --TaskResult | TaskFailed--> coordinator
+    coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED)
+
+At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
+when this node's backlog reaches ``offload_queue_depth`` (or it lacks the model) and a live
+peer gossips the model with a smaller queue, the item is forwarded to that peer, and whatever
+comes back is relayed to the coordinator. Bad input from a peer is answered with ``TaskFailed``
+(``BAD_INPUT``) and never reaches the engine. While draining (SIGTERM) new items are refused as
+retryable and queued ones are handed back, so the coordinator re-runs them elsewhere.
+
+Concurrency: every method runs on the node's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshinfer.errors import (
+    DeadlineExceededError,
+    InferenceError,
+    MeshInferError,
+    ModelNotFoundError,
+    OverloadedError,
+    RemoteProtocolError,
+)
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.batching import DynamicBatcher
+from meshinfer.inference.mlp import BatchShapeError
+from meshinfer.proto.tasks_wire import (
+    FailureKind,
+    TaskAccepted,
+    TaskAssign,
+    TaskCancel,
+    TaskFailed,
+    TaskResult,
+    Tensor,
+)
+from meshinfer.runtime.node import MeshNode
+from node.config import ExecutorSection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExecutorStats:
+    accepted: int = 0
+    completed: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    offloaded: int = 0
+    relayed: int = 0
+    cancelled: int = 0
+    handed_back: int = 0
+
+
+class TaskExecutor:
+    """Serves TaskAssign/TaskCancel for one node; see the module docstring."""
+
+    def __init__(
+        self,
+        mesh: MeshNode,
+        batchers: dict[ModelRef, DynamicBatcher],
+        config: ExecutorSection,
+    ) -> None:
+        self.mesh = mesh
+        self.batchers = batchers
+        self.config = config
+        self.stats = ExecutorStats()
+        self.running = 0
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._items: dict[str, asyncio.Task[None]] = {}
+        self._started: set[str] = set()
+        self._offloaded: dict[str, str] = {}  # item id -> coordinator to relay to
+        self._draining = False
+        self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
+
+    def start(self) -> None:
+        peers = self.mesh.peers
+        peers.on(TaskAssign, self._on_assign)
+        peers.on(TaskCancel, self._on_cancel)
+        peers.on(TaskResult, self._on_relay)
+        peers.on(TaskFailed, self._on_relay)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._items)
+
+    # --- incoming --------------------------------------------------------------------------
+
+    def _on_assign(self, peer: str, msg: TaskAssign) -> None:
+        if self._draining:
+            self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
+            return
+        if msg.item_id in self._items:
+            return  # a duplicate of an item we already hold
+        ref = ModelRef(msg.model_id, msg.model_version)
+        if self._should_offload(ref) and self._offload(peer, msg, ref):
+            return
+        if ref not in self.batchers:
+            self._fail(peer, msg, FailureKind.MODEL_NOT_FOUND, f"{ref} not loaded", retryable=True)
+            return
+        self.stats.accepted += 1
+        self.mesh.peers.send(
+            peer, TaskAccepted(msg.item_id, msg.attempt, self.mesh.node_id, self.backlog)
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._run(peer, msg, ref), name=f"item-{msg.item_id}"
+        )
+        self._items[msg.item_id] = task
+        task.add_done_callback(lambda _t, item=msg.item_id: self._items.pop(item, None))
+
+    def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
+        forward = self._offloaded.get(msg.item_id)
+        if forward is not None:
+            return  # the peer we offloaded to finishes it; its result is dropped as a duplicate
+        task = self._items.get(msg.item_id)
+        if task is not None and not task.done():
+            self.stats.cancelled += 1
+            task.cancel()
+
+    def _on_relay(self, peer: str, msg: TaskResult | TaskFailed) -> None:
+        coordinator = self._offloaded.pop(msg.item_id, None)
+        if coordinator is None:
+            return  # not ours to relay (a late or foreign message): ignore
+        self.stats.relayed += 1
+        self.mesh.peers.send(coordinator, msg)
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def _run(self, peer: str, msg: TaskAssign, ref: ModelRef) -> None:
+        loop = asyncio.get_running_loop()
+        received = loop.time()
+        deadline = None if msg.deadline_s is None else received + msg.deadline_s
+        try:
+            batch = _input_array(msg.input)
+            async with self._slot(msg.item_id):
+                started = loop.time()
+                output = await self.batchers[ref].submit(
+                    batch, priority=_priority(msg.priority), deadline=deadline
+                )
+            done = loop.time()
+            timings = {"queue_s": started - received, "infer_s": done - started}
+            timings["total_s"] = done - received
+            result = TaskResult(
+                msg.item_id,
+                msg.attempt,
+                Tensor.from_array(np.ascontiguousarray(output, dtype=np.float32)),
+                self.mesh.node_id,
+                self._engine_name,
+                self._device(),
+                timings,
+            )
+            await self.mesh.peers.request(peer, result)
+            self.stats.completed += 1
+        except asyncio.CancelledError:
+            kind, text = (
+                (FailureKind.SHUTTING_DOWN, "handed back: node draining")
+                if self._draining
+                else (FailureKind.CANCELLED, "cancelled by the coordinator")
+            )
+            self._fail(peer, msg, kind, text, retryable=self._draining)
+            raise
+        except MeshInferError as exc:
+            kind, retryable = _classify(exc)
+            self._fail(peer, msg, kind, str(exc), retryable=retryable)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, item_id: str):
+        async with self._slots:
+            self._started.add(item_id)
+            self.running += 1
+            try:
+                yield
+            finally:
+                self.running -= 1
+                self._started.discard(item_id)
+
+    def _fail(self, peer: str, msg: TaskAssign, kind: FailureKind, text: str, *, retryable: bool):
+        self.stats.failed[kind.name.lower()] += 1
+        self.mesh.peers.send(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
+
+    def _device(self) -> str:
+        engine = next(iter(self.batchers.values())).engine if self.batchers else None
+        return engine.capacity().device if engine is not None else ""
+
+    # --- work sharing ----------------------------------------------------------------------
+
+    def _should_offload(self, ref: ModelRef) -> bool:
+        return ref not in self.batchers or self.backlog >= self.config.offload_queue_depth
+
+    def _offload(self, coordinator: str, msg: TaskAssign, ref: ModelRef) -> bool:
+        target = self._least_loaded_peer(ref, exclude={coordinator})
+        if target is None:
+            return False
+        self._offloaded[msg.item_id] = coordinator
+        if not self.mesh.peers.send(target, msg):
+            self._offloaded.pop(msg.item_id, None)
+            return False
+        self.stats.offloaded += 1
+        log.info("offloaded %s to %s (backlog %d)", msg.item_id, target, self.backlog)
+        return True
+
+    def _least_loaded_peer(self, ref: ModelRef, exclude: set[str]) -> str | None:
+        membership = self.mesh.membership
+        if membership is None:
+            return None
+        best: tuple[int, str] | None = None
+        for member in membership.core.live_members():
+            state = member.state
+            has = any((m.model_id, m.version) == (ref.model_id, ref.version) for m in state.models)
+            if not has or member.node_id in exclude or state.queue_depth >= self.backlog:
+                continue
+            if best is None or state.queue_depth < best[0]:
+                best = (state.queue_depth, member.node_id)
+        return None if best is None else best[1]
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; hand back items not yet started; let running ones finish."""
+        self._draining = True
+        for item_id, task in list(self._items.items()):
+            if item_id not in self._started:
+                self.stats.handed_back += 1
+                task.cancel()
+        pending = [t for t in self._items.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    async def aclose(self) -> None:
+        self._draining = True
+        tasks = [t for t in self._items.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _input_array(tensor: Tensor) -> np.ndarray:
+    array = tensor.to_array()
+    if array.ndim < 2:
+        raise RemoteProtocolError(f"input must have a batch axis, got shape {array.shape}")
+    return array.astype(np.float32, copy=False)
+
+
+def _priority(value: int) -> int:
+    return max(0, min(3, value))
+
+
+def _classify(exc: MeshInferError) -> tuple[FailureKind, bool]:
+    if isinstance(exc, RemoteProtocolError | BatchShapeError):
+        return FailureKind.BAD_INPUT, False
+    if isinstance(exc, OverloadedError):
+        return FailureKind.OVERLOADED, True
+    if isinstance(exc, DeadlineExceededError):
+        return FailureKind.DEADLINE_EXCEEDED, False
+    if isinstance(exc, ModelNotFoundError):
+        return FailureKind.MODEL_NOT_FOUND, True
+    if isinstance(exc, InferenceError):
+        return FailureKind.INFERENCE_ERROR, False
+    return FailureKind.UNKNOWN, True

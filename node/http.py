@@ -1,0 +1,204 @@
+"""The node daemon's HTTP endpoint (aiohttp, loopback by default).
+
+``GET /healthz``  200 while the process is alive and its loop answers.
+``GET /readyz``   200 when able to infer (listening, engine ready, models loaded), else 503
+                  with the reasons.
+``GET /metrics``  Prometheus text: sessions, membership, peers, executor, batchers, host and GPU.
+``GET /status``   JSON for people and ``meshinfer-node status``: members, sessions, models, load.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from meshinfer.runtime.telemetry import (
+    MetricFamily,
+    MetricsRegistry,
+    Sample,
+    batcher_families,
+    snapshot_families,
+)
+from meshinfer.transport.base import Address
+
+if TYPE_CHECKING:
+    from node.daemon import NodeDaemon
+
+
+class NodeHttp:
+    """Serves the daemon's health, readiness, metrics and status. ``start`` / ``aclose``."""
+
+    def __init__(self, daemon: NodeDaemon, address: Address) -> None:
+        self.daemon = daemon
+        self.address = address
+        self.registry = MetricsRegistry()
+        self.registry.add_collector(self._families)
+        self.app = web.Application()
+        self.app.add_routes(
+            [
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/metrics", self.metrics),
+                web.get("/status", self.status),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.address.host, self.address.port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://{self.address.host}:{port}"
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "node_id": self.daemon.node_id})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, problems = self.daemon.readiness()
+        body = {"ready": ready, "problems": problems}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.registry.render().encode(),
+            headers={"Content-Type": self.registry.content_type},
+        )
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(node_status(self.daemon))
+
+    def _families(self) -> list[MetricFamily]:
+        d = self.daemon
+        out: list[MetricFamily] = []
+        if d.snapshot is not None:
+            out += snapshot_families(d.snapshot)
+        out += batcher_families(b.stats() for b in d.batchers.values())
+        out += _mesh_families(d)
+        return out
+
+
+def _family(name: str, kind: str, help: str, samples: list[tuple[dict, float]]) -> MetricFamily:
+    return MetricFamily(
+        name, kind, help, tuple(Sample(name, tuple(sorted(lbl.items())), v) for lbl, v in samples)
+    )
+
+
+def _mesh_families(d: NodeDaemon) -> list[MetricFamily]:
+    mesh = d.mesh
+    if mesh is None:
+        return []
+    m = mesh.metrics
+    refused = [({"reason": r}, n) for r, n in sorted(m.handshake_failures.items())]
+    out = [
+        _family(
+            "meshinfer_handshakes_total",
+            "counter",
+            "Completed handshakes.",
+            [({}, m.handshakes_ok)],
+        ),
+        _family(
+            "meshinfer_handshakes_refused_total",
+            "counter",
+            "Refused handshakes by reason.",
+            refused,
+        ),
+        _family(
+            "meshinfer_protocol_errors_total",
+            "counter",
+            "Sessions dropped for peer errors.",
+            [({}, m.protocol_errors)],
+        ),
+        _family(
+            "meshinfer_sessions_open",
+            "gauge",
+            "Peers with an open session.",
+            [({}, len(mesh.peers.connected))],
+        ),
+    ]
+    if mesh.membership is not None:
+        counts: dict[str, int] = {}
+        for member in mesh.membership.core.members():
+            counts[member.status.value] = counts.get(member.status.value, 0) + 1
+        out.append(
+            _family(
+                "meshinfer_members",
+                "gauge",
+                "Known members by status.",
+                [({"status": s}, n) for s, n in sorted(counts.items())],
+            )
+        )
+    if d.executor is not None:
+        st = d.executor.stats
+        out.append(
+            _family(
+                "meshinfer_items_total",
+                "counter",
+                "Work items by outcome.",
+                [
+                    ({"outcome": "completed"}, st.completed),
+                    ({"outcome": "offloaded"}, st.offloaded),
+                    ({"outcome": "handed_back"}, st.handed_back),
+                    *(({"outcome": f"failed_{k}"}, v) for k, v in sorted(st.failed.items())),
+                ],
+            )
+        )
+        out.append(
+            _family(
+                "meshinfer_items_running",
+                "gauge",
+                "Work items running.",
+                [({}, d.executor.running)],
+            )
+        )
+    return out
+
+
+def node_status(d: NodeDaemon) -> dict[str, Any]:
+    """The JSON document of ``/status``."""
+    mesh = d.mesh
+    members = []
+    if mesh is not None and mesh.membership is not None:
+        core = mesh.membership.core
+        for m in sorted(core.members(), key=lambda m: m.node_id):
+            members.append(
+                {
+                    "node_id": m.node_id,
+                    "status": m.status.value,
+                    "incarnation": m.incarnation,
+                    "address": f"{m.state.host}:{m.state.port}",
+                    "roles": list(m.state.roles),
+                    "models": [f"{x.model_id}@{x.version}" for x in m.state.models],
+                    "queue_depth": m.state.queue_depth,
+                }
+            )
+    ready, problems = d.readiness()
+    ex = d.executor
+    return {
+        "node_id": d.node_id,
+        "fleet_id": d.identity.trust.fleet_id,
+        "ready": ready,
+        "problems": problems,
+        "session_address": str(mesh.address) if mesh and mesh.address else None,
+        "incarnation": mesh.membership.core.incarnation if mesh and mesh.membership else None,
+        "members": members,
+        "sessions": mesh.peers.connected if mesh else [],
+        "engine": d.config.inference.engine,
+        "models": [str(r) for r in d.batchers],
+        "executor": None
+        if ex is None
+        else {
+            "running": ex.running,
+            "backlog": ex.backlog,
+            "completed": ex.stats.completed,
+            "offloaded": ex.stats.offloaded,
+        },
+    }
