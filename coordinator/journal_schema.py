@@ -1,0 +1,110 @@
+"""The journal's SQLite schema as an append-only list of migrations.
+
+``MIGRATIONS[i]`` takes a database from schema version ``i`` to ``i + 1``; the ``schema_version``
+table holds the current version (0 for a new file). :func:`migrate` applies the missing ones,
+each in its own transaction together with the version bump, so a crash mid-migration leaves the
+previous version intact. ONLY APPEND: never edit a migration that has shipped.
+
+Version 1 tables:
+
+* ``tasks``    -- one row per accepted task: the spec (msgpack blob), state, pattern, priority,
+  policy, wall-clock created/updated stamps, the result summary blob and error. ``seq`` orders
+  tasks for keyset pagination.
+* ``items``    -- one row per planned work item: task, position, model, pipeline stage, state,
+  the node it was last sent to, attempt, last error.
+* ``results``  -- at most one row per item (primary key = item id): the exactly-once guarantee.
+* ``events``   -- the audit log (what happened to which task/item, when).
+* ``counters`` -- named counters (duplicate results, late results, ...).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from meshinfer.errors import MeshInferError
+
+__all__ = ["MIGRATIONS", "SchemaError", "migrate", "schema_version"]
+
+
+class SchemaError(MeshInferError):
+    """The database was written by a newer meshinfer (or is not a journal)."""
+
+
+_V1 = (
+    """CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        spec BLOB NOT NULL,
+        state TEXT NOT NULL,
+        pattern TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        policy TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        summary BLOB,
+        error TEXT)""",
+    "CREATE INDEX tasks_by_state ON tasks (state, seq)",
+    """CREATE TABLE items (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks (id),
+        position INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        state TEXT NOT NULL,
+        node TEXT,
+        attempt INTEGER NOT NULL CHECK (attempt >= 1),
+        error TEXT,
+        updated_at REAL NOT NULL)""",
+    "CREATE INDEX items_by_task ON items (task_id, position)",
+    "CREATE INDEX items_by_model ON items (model_id, task_id)",
+    """CREATE TABLE results (
+        item_id TEXT PRIMARY KEY REFERENCES items (id),
+        attempt INTEGER NOT NULL,
+        node TEXT,
+        blob BLOB NOT NULL,
+        received_at REAL NOT NULL)""",
+    """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        task_id TEXT,
+        item_id TEXT,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '')""",
+    "CREATE INDEX events_by_task ON events (task_id, seq)",
+    "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+)
+
+#: Statements taking the schema from version i to i + 1. ONLY APPEND.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The schema version of ``db`` (0 when it has none yet)."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    return row[0] or 0
+
+
+def migrate(db: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...] = MIGRATIONS) -> int:
+    """Bring ``db`` (autocommit mode) up to ``len(migrations)``; returns the version.
+
+    Raises :class:`SchemaError` if the file is newer than this code.
+    """
+    current = schema_version(db)
+    if current > len(migrations):
+        raise SchemaError(f"journal schema version {current} is newer than {len(migrations)}")
+    for version in range(current, len(migrations)):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if schema_version(db) > version:  # another process migrated meanwhile
+                db.execute("ROLLBACK")
+                continue
+            for statement in migrations[version]:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return len(migrations)

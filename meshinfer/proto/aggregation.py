@@ -1,0 +1,269 @@
+"""Combining the outputs of several sources (models or nodes) into one task result. Sans-I/O.
+
+An :class:`Aggregator` is built for a known set of expected sources and fed with
+``add(source, array, now)`` (an output) or ``add_failure(source, now)`` (that source will never
+answer). ``is_done(now)`` says when the result is ready; ``result()`` returns it. Time comes in
+as ``now`` (any monotonic clock, the caller's) and ``deadline()`` says when the caller should
+call ``is_done`` again at the latest.
+
+Modes (:class:`Mode`):
+
+* ``first``    -- the first output that arrives.
+* ``all``      -- every output, as a tuple ordered by source id; done when every source answered.
+* ``majority`` -- a vote: each output's class predictions (``argmax`` over the last axis of a
+  float output; an integer output already holds labels), element-wise majority; ties go to the
+  smallest label and are reported (``tied``). Done when every source answered, or early when no
+  outstanding vote could change any element's winner.
+* ``weighted`` -- the weighted average ``sum(w_s x_s) / sum(w_s)`` of float outputs, with
+  per-source weights (default 1); done when every source answered.
+* ``ensemble`` -- the weighted average over a *quorum*: done once ``quorum`` outputs arrived,
+  whatever the other sources do.
+
+Lifecycle: ``collecting`` -> ``done``, entered exactly once, for one of three reasons
+(:attr:`AggregateResult.reason`): ``complete`` (the mode's own rule), ``timeout`` (``now`` reached
+the deadline) or ``exhausted`` (every source answered or failed, and failures kept the rule
+from being met). Done by timeout or exhausted, the result is *partial* if at least
+``min_responses`` outputs arrived and *failed* otherwise. Once done, further outputs are ignored
+and counted as late; a second output from the same source is ignored and counted as a
+duplicate; outputs from unexpected sources are counted and ignored. Sums run in source-id order,
+so the value does not depend on arrival order (``first`` aside; and a ``majority`` decided early
+lists only the sources that had voted by then).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshinfer.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+
+__all__ = ["AggregateResult", "AggregationConfig", "Aggregator", "Mode", "majority_vote"]
+
+
+class Mode(enum.StrEnum):
+    """How outputs are combined (module docstring)."""
+
+    FIRST = "first"
+    ALL = "all"
+    MAJORITY = "majority"
+    WEIGHTED = "weighted"
+    ENSEMBLE = "ensemble"
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationConfig:
+    """How to aggregate. ``timeout_s`` counts from the aggregator's start (None: no timeout);
+    ``quorum`` (ensemble only) defaults to every expected source; at the timeout, or when
+    every source answered but failures kept the mode's rule from being met, at least
+    ``min_responses`` outputs give a partial result, fewer a failed one. ``weights``: per-source
+    weight for weighted/ensemble (default 1, must be positive)."""
+
+    mode: Mode = Mode.ALL
+    quorum: int | None = None
+    min_responses: int = 1
+    timeout_s: float | None = None
+    weights: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+    def check(self, expected: int) -> None:
+        """Raise ConfigError (naming the field) if unusable with ``expected`` sources."""
+        if expected < 1:
+            raise ConfigError("aggregation: at least one expected source is needed")
+        if self.quorum is not None and not 1 <= self.quorum <= expected:
+            raise ConfigError(f"aggregation.quorum {self.quorum} outside 1..{expected}")
+        if not 1 <= self.min_responses <= expected:
+            raise ConfigError(
+                f"aggregation.min_responses {self.min_responses} outside 1..{expected}"
+            )
+        if self.timeout_s is not None and not 0 <= self.timeout_s < math.inf:
+            raise ConfigError(f"aggregation.timeout_s {self.timeout_s} must be finite and >= 0")
+        if any(not 0 < w < math.inf for w in self.weights.values()):
+            raise ConfigError("aggregation.weights must be positive and finite")
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateResult:
+    """The outcome. ``value``: an array (a tuple of arrays for ``all``; None when failed).
+    ``sources``: who contributed, sorted. ``tied``: for ``majority``, the flat indices of
+    elements whose vote was tied (each resolved to the smallest label)."""
+
+    mode: Mode
+    value: np.ndarray | tuple[np.ndarray, ...] | None
+    sources: tuple[str, ...]
+    partial: bool
+    failed: bool
+    reason: str  # "complete", "timeout" or "exhausted"
+    tied: tuple[int, ...] = ()
+    duplicates: int = 0
+    late: int = 0
+
+
+def _votes(array: np.ndarray) -> np.ndarray:
+    """Class labels of one output: argmax over the last axis of floats, integers as they are."""
+    if np.issubdtype(array.dtype, np.floating):
+        if array.ndim == 0:
+            raise RemoteProtocolError("majority: a float output needs a class axis")
+        return np.argmax(array, axis=-1)
+    return array.astype(np.int64)
+
+
+def _tally(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per element: its ``k`` labels sorted, and how often each of them occurs in the element."""
+    ranked = np.sort(votes.reshape(votes.shape[0], -1).T, axis=1)  # (elements, k)
+    return ranked, (ranked[:, :, None] == ranked[:, None, :]).sum(axis=2)
+
+
+def majority_vote(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise vote over ``votes`` of shape ``(k, *S)`` (k voters, integer labels).
+
+    Returns ``(winner, tied)`` of shape ``S``: the most frequent label (a tie goes to the
+    smallest label) and whether the element was tied.
+    """
+    ranked, counts = _tally(votes)
+    best = counts.max(axis=1)
+    winner = ranked[np.arange(len(ranked)), counts.argmax(axis=1)]  # first max: smallest label
+    tied = (counts == best[:, None]).sum(axis=1) > best
+    shape = votes.shape[1:]
+    return winner.reshape(shape), tied.reshape(shape)
+
+
+def _lead(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per element (flat): the winner's count and the best count of any other label."""
+    ranked, counts = _tally(votes)
+    winner = ranked[np.arange(len(ranked)), counts.argmax(axis=1)]
+    runner_up = np.where(ranked != winner[:, None], counts, 0).max(axis=1)
+    return counts.max(axis=1), runner_up
+
+
+class Aggregator:
+    """Collects outputs from ``expected`` sources under ``config`` (module docstring)."""
+
+    def __init__(self, config: AggregationConfig, expected: Collection[str], *, now: float):
+        self.config = config
+        self.expected = frozenset(expected)
+        config.check(len(self.expected))
+        self._outputs: dict[str, np.ndarray] = {}
+        self._order: list[str] = []
+        self._failed: set[str] = set()
+        self._deadline = None if config.timeout_s is None else now + config.timeout_s
+        self._reason: str | None = None
+        self.duplicates = 0
+        self.late = 0
+        self.unexpected = 0
+
+    def deadline(self) -> float | None:
+        """When the aggregator times out (None: never, or already done)."""
+        return None if self._reason is not None else self._deadline
+
+    def add(self, source_id: str, array: np.ndarray, now: float) -> None:
+        """Record ``source_id``'s output. RemoteProtocolError (nothing recorded) when its shape
+        or dtype does not fit the outputs already in."""
+        if not self._accepts(source_id, now):
+            return
+        array = np.asarray(array)
+        self._check_fits(array)
+        self._outputs[source_id] = array
+        self._order.append(source_id)
+        self.is_done(now)
+
+    def add_failure(self, source_id: str, now: float) -> None:
+        """Record that ``source_id`` will never produce an output."""
+        if self._accepts(source_id, now):
+            self._failed.add(source_id)
+            self.is_done(now)
+
+    def _accepts(self, source_id: str, now: float) -> bool:
+        if self.is_done(now):
+            self.late += 1
+            return False
+        if source_id not in self.expected:
+            self.unexpected += 1
+            return False
+        if source_id in self._outputs or source_id in self._failed:
+            self.duplicates += 1
+            return False
+        return True
+
+    def _check_fits(self, array: np.ndarray) -> None:
+        mode = self.config.mode
+        if mode in (Mode.WEIGHTED, Mode.ENSEMBLE, Mode.MAJORITY) and array.dtype.kind not in "biuf":
+            raise RemoteProtocolError(f"{mode}: output dtype {array.dtype} is not numeric")
+        if mode == Mode.MAJORITY:
+            shape = _votes(array).shape
+            known = [_votes(a).shape for a in self._outputs.values()]
+        else:
+            shape, known = array.shape, [a.shape for a in self._outputs.values()]
+        if mode != Mode.ALL and known and shape != known[0]:
+            raise RemoteProtocolError(f"{mode}: output shape {shape} differs from {known[0]}")
+
+    def is_done(self, now: float) -> bool:
+        """Whether the result is ready; closes the aggregator at the deadline."""
+        if self._reason is None:
+            self._reason = self._why_done(now)
+        return self._reason is not None
+
+    def _why_done(self, now: float) -> str | None:
+        if self._complete():
+            return "complete"
+        if self._exhausted():
+            return "exhausted"
+        if self._deadline is not None and now >= self._deadline:
+            return "timeout"
+        return None
+
+    def _remaining(self) -> int:
+        return len(self.expected) - len(self._outputs) - len(self._failed)
+
+    def _quorum(self) -> int:
+        mode, quorum = self.config.mode, self.config.quorum
+        if mode == Mode.FIRST:
+            return 1
+        return quorum if mode == Mode.ENSEMBLE and quorum is not None else len(self.expected)
+
+    def _complete(self) -> bool:
+        got = len(self._outputs)
+        if got >= self._quorum():
+            return True
+        return self.config.mode == Mode.MAJORITY and self._vote_decided()
+
+    def _exhausted(self) -> bool:
+        return self._remaining() == 0
+
+    def _vote_decided(self) -> bool:
+        """No outstanding vote can change any element's winner (needs at least one vote)."""
+        if not self._outputs:
+            return False
+        best, runner_up = _lead(np.stack([_votes(a) for a in self._outputs.values()]))
+        return bool(np.all(best > runner_up + self._remaining()))
+
+    def result(self) -> AggregateResult:
+        """The aggregate; LocalProtocolError before :meth:`is_done` returned True."""
+        if self._reason is None:
+            raise LocalProtocolError("aggregation is not done yet")
+        sources = tuple(sorted(self._outputs))
+        failed = len(sources) < min(self.config.min_responses, self._quorum())
+        if self._reason == "complete":
+            failed = False
+        value, tied = (None, ()) if failed else self._value(sources)
+        return AggregateResult(
+            self.config.mode, value, sources, self._reason != "complete" and not failed, failed,
+            self._reason, tied, self.duplicates, self.late,
+        )  # fmt: skip
+
+    def _value(self, sources: tuple[str, ...]):
+        mode, outputs = self.config.mode, self._outputs
+        if mode == Mode.FIRST:
+            return outputs[self._order[0]], ()
+        if mode == Mode.ALL:
+            return tuple(outputs[s] for s in sources), ()
+        if mode == Mode.MAJORITY:
+            winner, tied = majority_vote(np.stack([_votes(outputs[s]) for s in sources]))
+            return winner, tuple(int(i) for i in np.flatnonzero(tied))
+        weights = [float(self.config.weights.get(s, 1.0)) for s in sources]
+        total = sum(
+            w * outputs[s].astype(np.float64) for w, s in zip(weights, sources, strict=True)
+        )
+        return total / sum(weights), ()

@@ -1,0 +1,264 @@
+"""Scheduling policies: which node runs a work item, from the gossiped node state.
+
+:func:`choose` is a pure function of the nodes (:class:`NodeView`, what membership gossips plus
+the round-trip time the coordinator measured), the item, the nodes to avoid (``exclude``: those
+that already failed this item), a seeded ``random.Random`` for tie breaks and a
+:class:`SchedulerState` the caller keeps between calls (round-robin cursor, model affinity,
+runtime estimates). No clock is read.
+
+Every policy first narrows the nodes to the *eligible* ones -- alive, not excluded, serving the
+item's model (id and version), and meeting the hard requirements in the item's params
+(``requires_gpu``, ``min_gpu_memory``, ``requires_role``) -- and returns one of those, or None
+when there is none. Then:
+
+* ``round_robin``   -- the next eligible node id after the last one chosen (sorted ids, wrapping).
+* ``least_loaded``  -- the lowest load ``queue_depth / capacity``; ties by ``rng``.
+* ``capability``    -- for a large batch (rows >= ``gpu_batch_rows``) GPU nodes first, most free
+  GPU memory first; then least loaded.
+* ``latency``       -- the lowest measured RTT; unknown RTT only when no node has one; ties by load.
+* ``model_affinity`` -- the node that last ran the model if it still qualifies, else rendezvous
+  (highest-random-weight) hashing of the model over the eligible nodes, so a model stays where
+  its weights are loaded and only the models of a departed node move. A saturated node
+  (``queue_depth >= capacity``) is passed over while an unsaturated one exists.
+* ``contact_aware`` -- drops nodes whose expected contact time (``contact_s``: until the
+  vehicle leaves radio range) is shorter than the expected runtime + RTT + a margin; then least
+  loaded. Unknown contact time counts as long enough (fixed or infrastructure nodes).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tasks imports Policy from here; only annotations need WorkItem
+    from meshinfer.proto.tasks import WorkItem
+
+__all__ = [
+    "NodeView",
+    "Policy",
+    "SchedulerConfig",
+    "SchedulerState",
+    "choose",
+    "eligible",
+    "load_ratio",
+]
+
+
+class Policy(enum.StrEnum):
+    """A scheduling policy (module docstring); selectable per task and as a default."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+    CAPABILITY = "capability"
+    LATENCY = "latency"
+    MODEL_AFFINITY = "model_affinity"
+    CONTACT_AWARE = "contact_aware"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What the scheduler knows about one node.
+
+    ``models``: ``(model_id, version)`` pairs the node serves. ``capacity``: how many items it
+    runs at once (a capacity below 1 counts as 1). ``rtt_s``: round trip measured by the
+    coordinator (None: not measured). ``contact_s``: seconds until the node is expected to leave
+    range (None: unknown or not moving).
+    """
+
+    node_id: str
+    alive: bool = True
+    models: frozenset[tuple[str, str]] = frozenset()
+    roles: frozenset[str] = frozenset()
+    has_gpu: bool = False
+    device: str = "cpu"
+    free_gpu_memory: int | None = None
+    queue_depth: int = 0
+    capacity: int = 1
+    rtt_s: float | None = None
+    links: frozenset[str] = frozenset()
+    contact_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Tunables of the policies (all durations in seconds)."""
+
+    #: ``capability``: a batch of at least this many rows prefers GPU nodes.
+    gpu_batch_rows: int = 32
+    #: ``contact_aware``: RTT assumed for a node that has none measured.
+    default_rtt_s: float = 0.05
+    #: ``contact_aware``: runtime assumed for a model never observed (unless the item's params
+    #: give ``expected_runtime_s``).
+    default_runtime_s: float = 0.1
+    #: ``contact_aware``: the contact must outlast runtime + RTT by this factor (>= 1).
+    contact_safety: float = 1.5
+    #: Weight of a new observation in the runtime moving average (0..1].
+    runtime_smoothing: float = 0.2
+
+
+@dataclass(slots=True)
+class SchedulerState:
+    """What policies remember between calls; one per coordinator, mutated by :func:`choose`
+    (round-robin cursor, model affinity) and :meth:`observe_runtime`."""
+
+    config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    rr_cursor: str | None = None  # the node round robin chose last
+    affinity: dict[tuple[str, str], str] = field(default_factory=dict)
+    runtime_s: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def observe_runtime(self, model: tuple[str, str], seconds: float) -> None:
+        """Fold a measured runtime of ``model`` into its moving average."""
+        old = self.runtime_s.get(model)
+        alpha = self.config.runtime_smoothing
+        self.runtime_s[model] = seconds if old is None else old + alpha * (seconds - old)
+
+    def expected_runtime(self, model: tuple[str, str]) -> float:
+        """The runtime estimate of ``model`` (the default when never observed)."""
+        return self.runtime_s.get(model, self.config.default_runtime_s)
+
+
+# --- eligibility -----------------------------------------------------------------------------
+
+
+def _model_key(item: WorkItem) -> tuple[str, str]:
+    return (item.model.model_id, item.model.version)
+
+
+def _meets_requirements(node: NodeView, params: Mapping[str, object]) -> bool:
+    if params.get("requires_gpu") is True and not node.has_gpu:
+        return False
+    need = params.get("min_gpu_memory")
+    if type(need) is int and (node.free_gpu_memory is None or node.free_gpu_memory < need):
+        return False
+    role = params.get("requires_role")
+    return not (type(role) is str and role not in node.roles)
+
+
+def eligible(nodes: Sequence[NodeView], item: WorkItem, exclude: frozenset[str]) -> list[NodeView]:
+    """The nodes a policy may choose for ``item`` (module docstring), in input order."""
+    model = _model_key(item)
+    return [
+        node
+        for node in nodes
+        if node.alive
+        and node.node_id not in exclude
+        and model in node.models
+        and _meets_requirements(node, item.params)
+    ]
+
+
+def load_ratio(node: NodeView) -> float:
+    """``queue_depth / capacity`` (a capacity below 1 counts as 1).
+
+    Equal ratios compare equal (IEEE division is correctly rounded), and distinct ratios of
+    realistic queue depths and capacities (below 2**20) never round to the same float.
+    """
+    return max(0, node.queue_depth) / max(1, node.capacity)
+
+
+def _least_loaded(nodes: Sequence[NodeView], rng: random.Random) -> NodeView:
+    loads = [load_ratio(n) for n in nodes]
+    lowest = min(loads)
+    tied = sorted((n for n, load in zip(nodes, loads, strict=True) if load == lowest),
+                  key=lambda n: n.node_id)  # fmt: skip
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+# --- policies --------------------------------------------------------------------------------
+
+#: A policy: (eligible nodes, never empty; item; rng; state) -> the chosen node or None.
+_Choose = Callable[[list[NodeView], "WorkItem", random.Random, SchedulerState], NodeView | None]
+
+
+def _round_robin(nodes, item, rng, state) -> NodeView:
+    ordered = sorted(nodes, key=lambda n: n.node_id)
+    last = state.rr_cursor
+    after = [n for n in ordered if last is not None and n.node_id > last]
+    chosen = (after or ordered)[0]
+    state.rr_cursor = chosen.node_id
+    return chosen
+
+
+def _least_loaded_policy(nodes, item, rng, state) -> NodeView:
+    return _least_loaded(nodes, rng)
+
+
+def _capability(nodes, item, rng, state) -> NodeView:
+    if item.input.rows >= state.config.gpu_batch_rows:
+        gpus = [n for n in nodes if n.has_gpu]
+        if gpus:
+            most = max(n.free_gpu_memory or 0 for n in gpus)
+            nodes = [n for n in gpus if (n.free_gpu_memory or 0) == most]
+    return _least_loaded(nodes, rng)
+
+
+def _latency(nodes, item, rng, state) -> NodeView:
+    measured = [n for n in nodes if n.rtt_s is not None]
+    if not measured:
+        return _least_loaded(nodes, rng)
+    best = min(n.rtt_s for n in measured)
+    return _least_loaded([n for n in measured if n.rtt_s == best], rng)
+
+
+def _rendezvous_weight(model: tuple[str, str], node_id: str) -> bytes:
+    key = f"{model[0]}\0{model[1]}\0{node_id}".encode()
+    return hashlib.blake2b(key, digest_size=8).digest()
+
+
+def _model_affinity(nodes, item, rng, state) -> NodeView:
+    model = _model_key(item)
+    ranked = sorted(nodes, key=lambda n: _rendezvous_weight(model, n.node_id), reverse=True)
+    home = state.affinity.get(model)
+    ranked = sorted(ranked, key=lambda n: n.node_id != home)  # stable: the last home first
+    unsaturated = [n for n in ranked if n.queue_depth < max(1, n.capacity)]
+    chosen = (unsaturated or ranked)[0]
+    state.affinity[model] = chosen.node_id
+    return chosen
+
+
+def _contact_aware(nodes, item, rng, state) -> NodeView | None:
+    config = state.config
+    runtime = item.params.get("expected_runtime_s")
+    if type(runtime) not in (int, float):
+        runtime = state.expected_runtime(_model_key(item))
+
+    def stays_long_enough(node: NodeView) -> bool:
+        rtt = config.default_rtt_s if node.rtt_s is None else node.rtt_s
+        return node.contact_s is None or node.contact_s >= (runtime + rtt) * config.contact_safety
+
+    reachable = [n for n in nodes if stays_long_enough(n)]
+    return _least_loaded(reachable, rng) if reachable else None
+
+
+_POLICIES: Mapping[Policy, _Choose] = {
+    Policy.ROUND_ROBIN: _round_robin,
+    Policy.LEAST_LOADED: _least_loaded_policy,
+    Policy.CAPABILITY: _capability,
+    Policy.LATENCY: _latency,
+    Policy.MODEL_AFFINITY: _model_affinity,
+    Policy.CONTACT_AWARE: _contact_aware,
+}
+
+
+def choose(
+    policy: Policy | str,
+    nodes: Sequence[NodeView],
+    item: WorkItem,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    rng: random.Random,
+    state: SchedulerState,
+) -> str | None:
+    """The id of the node that should run ``item`` under ``policy``, or None if none can.
+
+    Only ever an eligible node (alive, has the model, not in ``exclude``, meets the item's
+    hardware requirements). Raises ValueError for an unknown policy name.
+    """
+    run = _POLICIES[Policy(policy)]
+    candidates = eligible(nodes, item, exclude)
+    chosen = run(candidates, item, rng, state) if candidates else None
+    return None if chosen is None else chosen.node_id

@@ -1,0 +1,175 @@
+"""A :class:`~meshinfer.proto.tasks.TaskSpec` as plain data: a dict for APIs, msgpack for storage.
+
+:func:`spec_to_dict` gives a dict of str/int/float/bool/None/bytes/lists/dicts (JSON-ready except
+the tensor ``data`` bytes, which an HTTP layer base64-encodes); :func:`spec_from_dict` reads one
+back, checking every key's type, refusing unknown keys (typos) and validating the spec. Every
+problem raises :class:`~meshinfer.proto.tasks.InvalidTaskError` naming the key.
+:func:`encode_spec`/:func:`decode_spec` are the msgpack blob the coordinator journals.
+
+Dict layout::
+
+    {"task_id": str, "pattern": "single"|"parallel"|"batch"|"pipeline",
+     "inputs": {"data": bytes, "dtype": str, "shape": [int, ...]},
+     "models": [{"model_id": str, "version": str}, ...],          # optional
+     "stages": [{"name": str, "model": {...}, "after": [str, ...], "params": {...}}, ...],
+     "params": {str: scalar}, "deadline_s": float|None, "priority": int,
+     "policy": str|None, "aggregation": str|None, "shard_size": int|None}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from meshinfer.inference.base import ModelRef
+from meshinfer.proto.tasks import InvalidTaskError, Pattern, Stage, TaskSpec
+from meshinfer.proto.tasks_wire import Tensor
+
+__all__ = ["decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
+
+_REQUIRED = object()
+_NUMBER = (int, float)
+_TOP_KEYS = frozenset(
+    {"task_id", "pattern", "inputs", "models", "stages", "params", "deadline_s", "priority"}
+    | {"policy", "aggregation", "shard_size"}
+)
+
+
+def _model_dict(ref: ModelRef) -> dict[str, str]:
+    return {"model_id": ref.model_id, "version": ref.version}
+
+
+def _stage_dict(stage: Stage) -> dict[str, Any]:
+    return {
+        "name": stage.name,
+        "model": _model_dict(stage.model),
+        "after": list(stage.after),
+        "params": dict(stage.params),
+    }
+
+
+def spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
+    """``spec`` as plain data (module docstring for the layout)."""
+    tensor = spec.inputs
+    return {
+        "task_id": spec.task_id,
+        "pattern": str(spec.pattern),
+        "inputs": {"data": tensor.data, "dtype": tensor.dtype, "shape": list(tensor.shape)},
+        "models": [_model_dict(m) for m in spec.models],
+        "stages": [_stage_dict(s) for s in spec.stages],
+        "params": dict(spec.params),
+        "deadline_s": spec.deadline_s,
+        "priority": spec.priority,
+        "policy": spec.policy,
+        "aggregation": spec.aggregation,
+        "shard_size": spec.shard_size,
+    }
+
+
+class _Reader:
+    """Typed access to one dict of the layout; errors name the key path."""
+
+    def __init__(self, raw: Any, path: str, keys: frozenset[str]) -> None:
+        if not isinstance(raw, Mapping):
+            raise InvalidTaskError(f"{path or 'task'}: expected a map, got {type(raw).__name__}")
+        unknown = sorted(str(k) for k in raw if k not in keys)
+        if unknown:
+            raise InvalidTaskError(f"{path or 'task'}: unknown key {unknown[0]!r}")
+        self.raw, self.path = raw, path
+
+    def take(self, key: str, kinds: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        """The value at ``key``, which must be one of ``kinds`` (bool is never an int here)."""
+        if key not in self.raw:
+            if default is _REQUIRED:
+                raise InvalidTaskError(f"{self.path}{key}: missing")
+            return default
+        value = self.raw[key]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if (type(value) is bool and bool not in kinds) or not isinstance(value, kinds):
+            wanted = " or ".join(k.__name__ for k in kinds)
+            raise InvalidTaskError(f"{self.path}{key}: expected {wanted}, got {_kind(value)}")
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        items = self.take(key, (list, tuple), ())
+        if not all(type(item) is str for item in items):
+            raise InvalidTaskError(f"{self.path}{key}: expected a list of strings")
+        return tuple(items)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _model(raw: Any, path: str) -> ModelRef:
+    reader = _Reader(raw, path, frozenset({"model_id", "version"}))
+    return ModelRef(reader.take("model_id", str), reader.take("version", str, "1"))
+
+
+def _tensor(raw: Any) -> Tensor:
+    reader = _Reader(raw, "inputs.", frozenset({"data", "dtype", "shape"}))
+    shape = reader.take("shape", (list, tuple))
+    if not all(type(d) is int for d in shape):
+        raise InvalidTaskError("inputs.shape: expected a list of integers")
+    return Tensor(
+        bytes(reader.take("data", (bytes, bytearray))), reader.take("dtype", str), tuple(shape)
+    )
+
+
+def _stage(raw: Any, index: int) -> Stage:
+    path = f"stages[{index}]."
+    reader = _Reader(raw, path, frozenset({"name", "model", "after", "params"}))
+    model = _model(reader.take("model", Mapping), f"{path}model.")
+    params = dict(reader.take("params", Mapping, {}))
+    return Stage(reader.take("name", str), model, reader.strings("after"), params)
+
+
+def spec_from_dict(raw: Any) -> TaskSpec:
+    """Read a spec from plain data and validate it; InvalidTaskError naming the bad key."""
+    reader = _Reader(raw, "", _TOP_KEYS)
+    models = reader.take("models", (list, tuple), ())
+    stages = reader.take("stages", (list, tuple), ())
+    spec = TaskSpec(
+        task_id=reader.take("task_id", str),
+        pattern=_pattern(reader.take("pattern", str)),
+        inputs=_tensor(reader.take("inputs", Mapping)),
+        models=tuple(_model(m, f"models[{i}].") for i, m in enumerate(models)),
+        stages=tuple(_stage(s, i) for i, s in enumerate(stages)),
+        params=dict(reader.take("params", Mapping, {})),
+        deadline_s=_float_or_none(reader.take("deadline_s", (*_NUMBER, type(None)), None)),
+        priority=reader.take("priority", int, 0),
+        policy=reader.take("policy", (str, type(None)), None),
+        aggregation=reader.take("aggregation", (str, type(None)), None),
+        shard_size=reader.take("shard_size", (int, type(None)), None),
+    )
+    spec.validate()
+    return spec
+
+
+def _pattern(value: str) -> Pattern:
+    try:
+        return Pattern(value)
+    except ValueError:
+        names = [p.value for p in Pattern]
+        raise InvalidTaskError(f"pattern: {value!r} is not one of {names}") from None
+
+
+def _float_or_none(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def encode_spec(spec: TaskSpec) -> bytes:
+    """The msgpack blob of a spec (as journaled)."""
+    return msgpack.packb(spec_to_dict(spec), use_bin_type=True)
+
+
+def decode_spec(blob: bytes) -> TaskSpec:
+    """A spec from its blob; InvalidTaskError for a malformed or invalid one."""
+    try:
+        raw = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise InvalidTaskError(f"task blob: malformed msgpack: {detail}") from None
+    return spec_from_dict(raw)

@@ -1,0 +1,365 @@
+"""Tensors, task parameters and the task wire messages (type ids 32-36).
+
+Tensors travel as raw little-endian bytes plus a dtype name and a shape (:class:`Tensor`); the
+dtype comes from a whitelist (:data:`DTYPES`) and a decoder checks that the byte count matches
+``prod(shape) * itemsize`` before any NumPy view is made.
+
+Task parameters (``requires_gpu``, ``expected_runtime_s``, ...) are a small flat map of
+``str -> str | int | float | bool | None``; on the wire they ride as one msgpack blob
+(:func:`encode_params` / :func:`decode_params`) because the message registry has no union types.
+
+Wire messages (ONLY APPEND; ids from the tasks range 32-79 of :mod:`meshinfer.proto.messages`):
+
+====  ================  ======================  ==============================================
+id    message           direction               meaning
+====  ================  ======================  ==============================================
+32    TaskAssign        coordinator -> node     run this work item (one attempt)
+33    TaskAccepted      node -> coordinator     the item is queued/running on the node
+34    TaskResult        node -> coordinator     the item's output tensor, timings, engine
+35    TaskFailed        node -> coordinator     the attempt failed: kind code, retryable flag
+36    TaskCancel        coordinator -> node     stop working on the item (best effort)
+====  ================  ======================  ==============================================
+
+All five are ``extensible``: fields appended later must have defaults.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from meshinfer.errors import LocalProtocolError, RemoteProtocolError
+from meshinfer.proto.messages import MAX_MESSAGE_SIZE, embedded, message
+
+__all__ = [
+    "DTYPES",
+    "MAX_DIM",
+    "MAX_NDIM",
+    "MAX_TENSOR_BYTES",
+    "FailureKind",
+    "ParamValue",
+    "TaskAccepted",
+    "TaskAssign",
+    "TaskCancel",
+    "TaskFailed",
+    "TaskResult",
+    "Tensor",
+    "check_params",
+    "decode_params",
+    "encode_params",
+    "failure_kind",
+    "pack_array",
+    "unpack_array",
+]
+
+#: The dtypes a tensor may have on the wire (NumPy names).
+DTYPES = frozenset({"float32", "float16", "int64", "int32", "uint8", "bool"})
+#: At most this many dimensions.
+MAX_NDIM = 8
+#: No dimension may be larger than this.
+MAX_DIM = 2**31 - 1
+#: The largest tensor payload in one message: 16 MiB less 64 KiB of room for the other fields.
+MAX_TENSOR_BYTES = MAX_MESSAGE_SIZE - 64 * 1024
+
+MAX_ID_LEN = 200
+MAX_PARAMS = 64
+MAX_PARAM_KEY_LEN = 64
+MAX_PARAM_STR_LEN = 1024
+MAX_PARAMS_BYTES = 16 * 1024
+MAX_ERROR_LEN = 4096
+MAX_TIMINGS = 16
+
+#: A parameter value.
+ParamValue = str | int | float | bool | None
+_PARAM_TYPES = (str, int, float, bool, type(None))
+_SMALL_CAP = 64 * 1024
+
+
+def _refuse(owner: str, detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"invalid {owner}: {detail}")
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+def _check_layout(dtype: str, shape: tuple[int, ...], nbytes: int, limit: int) -> None:
+    """Raise RemoteProtocolError unless dtype/shape are allowed and describe ``nbytes``."""
+    if dtype not in DTYPES:
+        raise _refuse("tensor", f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if len(shape) > MAX_NDIM:
+        raise _refuse("tensor", f"{len(shape)} dimensions, at most {MAX_NDIM} allowed")
+    if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape):
+        raise _refuse("tensor", f"shape {shape} has a dimension outside 0..{MAX_DIM}")
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if expected > limit:
+        raise _refuse("tensor", f"{expected} bytes, over the cap of {limit}")
+    if expected != nbytes:
+        raise _refuse("tensor", f"shape {shape} of {dtype} needs {expected} bytes, got {nbytes}")
+
+
+def pack_array(array: np.ndarray) -> tuple[bytes, str, tuple[int, ...]]:
+    """``(little-endian bytes, dtype name, shape)`` of ``array``.
+
+    Raises LocalProtocolError for a dtype outside :data:`DTYPES` (cast float64 to float32 first)
+    or an array over :data:`MAX_TENSOR_BYTES`.
+    """
+    name = array.dtype.name
+    if name not in DTYPES:
+        raise LocalProtocolError(f"dtype {name} cannot be sent; use one of {sorted(DTYPES)}")
+    if array.nbytes > MAX_TENSOR_BYTES or array.ndim > MAX_NDIM:
+        raise LocalProtocolError(f"array of {array.nbytes} bytes, {array.ndim} dims is too big")
+    wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return wire.tobytes(), name, tuple(int(d) for d in array.shape)
+
+
+def unpack_array(
+    data: bytes, dtype: str, shape: tuple[int, ...], *, limit: int = MAX_TENSOR_BYTES
+) -> np.ndarray:
+    """The (read-only) array described by ``data``/``dtype``/``shape``.
+
+    Raises RemoteProtocolError for an unknown dtype, too many or out-of-range dimensions, more
+    than ``limit`` bytes, or a byte count that does not match ``prod(shape) * itemsize``.
+    """
+    if type(data) is not bytes or type(dtype) is not str or type(shape) is not tuple:
+        raise _refuse("tensor", "data, dtype and shape must be bytes, str and tuple")
+    _check_layout(dtype, shape, len(data), limit)
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+@embedded()
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """An n-dimensional array as it travels: little-endian bytes, a dtype name and a shape."""
+
+    data: bytes
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> Tensor:
+        """Pack ``array`` (see :func:`pack_array`)."""
+        return cls(*pack_array(array))
+
+    def to_array(self) -> np.ndarray:
+        """The array (read-only view of ``data``); RemoteProtocolError if inconsistent."""
+        return unpack_array(self.data, self.dtype, self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Length of the first (batch) axis; 1 for a scalar."""
+        return self.shape[0] if self.shape else 1
+
+    def validate(self) -> None:
+        """Dtype whitelisted, dimensions bounded, byte count consistent."""
+        _check_layout(self.dtype, self.shape, len(self.data), MAX_TENSOR_BYTES)
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+def _check_param(key: Any, value: Any) -> str | None:
+    """What is wrong with one parameter, or None."""
+    if type(key) is not str or not 0 < len(key) <= MAX_PARAM_KEY_LEN:
+        return f"key {key!r} must be a string of 1..{MAX_PARAM_KEY_LEN} characters"
+    if type(value) not in _PARAM_TYPES:
+        return f"{key}: {type(value).__name__} is not str, int, float, bool or None"
+    if type(value) is str and len(value) > MAX_PARAM_STR_LEN:
+        return f"{key}: string longer than {MAX_PARAM_STR_LEN}"
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return f"{key}: integer out of the 64-bit range"
+    return None
+
+
+def check_params(params: Any) -> str | None:
+    """What is wrong with a parameter map, or None when it is fine."""
+    if not isinstance(params, Mapping):
+        return "params must be a map"
+    if len(params) > MAX_PARAMS:
+        return f"{len(params)} params, at most {MAX_PARAMS} allowed"
+    for key, value in params.items():
+        problem = _check_param(key, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def encode_params(params: Mapping[str, ParamValue]) -> bytes:
+    """The msgpack blob of a parameter map (LocalProtocolError if it is not a valid one)."""
+    problem = check_params(params)
+    if problem is not None:
+        raise LocalProtocolError(f"invalid params: {problem}")
+    return msgpack.packb(dict(params), use_bin_type=True)
+
+
+def decode_params(blob: bytes) -> dict[str, ParamValue]:
+    """Parse a parameter blob from a peer; RemoteProtocolError if anything is off."""
+    if len(blob) > MAX_PARAMS_BYTES:
+        raise _refuse("params", f"{len(blob)} bytes, at most {MAX_PARAMS_BYTES}")
+    try:
+        params = msgpack.unpackb(
+            blob, raw=False, strict_map_key=True, max_ext_len=0, max_array_len=0,
+            max_map_len=MAX_PARAMS,
+        )  # fmt: skip
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise _refuse("params", f"malformed msgpack: {str(exc) or type(exc).__name__}") from None
+    problem = check_params(params) if type(params) is dict else "params must be a map"
+    if problem is not None:
+        raise _refuse("params", problem)
+    return params
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+class FailureKind(enum.IntEnum):
+    """Why an attempt failed (:class:`TaskFailed` ``code``). ONLY APPEND."""
+
+    UNKNOWN = 0
+    MODEL_NOT_FOUND = 1
+    OVERLOADED = 2
+    DEADLINE_EXCEEDED = 3
+    INFERENCE_ERROR = 4
+    BAD_INPUT = 5
+    CANCELLED = 6
+    SHUTTING_DOWN = 7
+
+
+def failure_kind(code: int) -> FailureKind:
+    """The kind for a code; codes from a newer peer map to ``UNKNOWN``."""
+    try:
+        return FailureKind(code)
+    except ValueError:
+        return FailureKind.UNKNOWN
+
+
+def _check_id(owner: str, field: str, value: str) -> None:
+    if not 0 < len(value) <= MAX_ID_LEN:
+        raise _refuse(owner, f"{field} must be 1..{MAX_ID_LEN} characters")
+
+
+def _check_attempt(owner: str, attempt: int) -> None:
+    if not 1 <= attempt < 2**32:
+        raise _refuse(owner, f"attempt {attempt} outside 1..2**32-1")
+
+
+@message(type_id=32, max_size=MAX_MESSAGE_SIZE, extensible=True)
+@dataclass(frozen=True, slots=True)
+class TaskAssign:
+    """Coordinator -> node: run one work item (see :class:`~meshinfer.proto.tasks.WorkItem`).
+
+    ``deadline_s`` is the time budget in seconds from receipt (clocks are not synchronised
+    across vehicles, so it is relative); ``params`` is an :func:`encode_params` blob.
+    """
+
+    item_id: str
+    task_id: str
+    model_id: str
+    model_version: str
+    input: Tensor
+    params: bytes
+    deadline_s: float | None
+    priority: int
+    attempt: int
+
+    def validate(self) -> None:
+        """Ids present, attempt positive, deadline non-negative, params well formed."""
+        for field in ("item_id", "task_id", "model_id", "model_version"):
+            _check_id("TaskAssign", field, getattr(self, field))
+        _check_attempt("TaskAssign", self.attempt)
+        if self.deadline_s is not None and not 0 <= self.deadline_s < math.inf:
+            raise _refuse("TaskAssign", f"deadline_s {self.deadline_s} is not a finite >= 0")
+        if not -(2**31) <= self.priority < 2**31:
+            raise _refuse("TaskAssign", "priority outside the 32-bit range")
+        decode_params(self.params)
+
+
+@message(type_id=33, max_size=_SMALL_CAP, extensible=True)
+@dataclass(frozen=True, slots=True)
+class TaskAccepted:
+    """Node -> coordinator: the item is queued on the node (``queue_depth`` items ahead)."""
+
+    item_id: str
+    attempt: int
+    node_id: str
+    queue_depth: int = 0
+
+    def validate(self) -> None:
+        """Ids present, attempt positive, queue depth non-negative."""
+        _check_id("TaskAccepted", "item_id", self.item_id)
+        _check_id("TaskAccepted", "node_id", self.node_id)
+        _check_attempt("TaskAccepted", self.attempt)
+        if not 0 <= self.queue_depth < 2**32:
+            raise _refuse("TaskAccepted", f"queue_depth {self.queue_depth} out of range")
+
+
+@message(type_id=34, max_size=MAX_MESSAGE_SIZE, extensible=True)
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """Node -> coordinator: the output of one attempt.
+
+    ``timings`` holds seconds by phase (``queue_s``, ``infer_s``, ``total_s``, ...); ``engine``
+    and ``device`` say what ran it (``numpy``/``cpu``, ``cupy``/``cuda:0``, ...).
+    """
+
+    item_id: str
+    attempt: int
+    output: Tensor
+    node_id: str
+    engine: str
+    device: str
+    timings: dict[str, float]
+
+    def validate(self) -> None:
+        """Ids present, attempt positive, at most MAX_TIMINGS finite non-negative timings."""
+        _check_id("TaskResult", "item_id", self.item_id)
+        _check_id("TaskResult", "node_id", self.node_id)
+        _check_attempt("TaskResult", self.attempt)
+        if len(self.engine) > MAX_ID_LEN or len(self.device) > MAX_ID_LEN:
+            raise _refuse("TaskResult", f"engine/device longer than {MAX_ID_LEN}")
+        if len(self.timings) > MAX_TIMINGS:
+            raise _refuse("TaskResult", f"more than {MAX_TIMINGS} timings")
+        if any(not 0 <= v < math.inf or len(k) > 64 for k, v in self.timings.items()):
+            raise _refuse("TaskResult", "timings must be finite, >= 0, with short names")
+
+
+@message(type_id=35, max_size=_SMALL_CAP, extensible=True)
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """Node -> coordinator: the attempt failed. ``code`` is usually a :class:`FailureKind`
+    (unknown codes from a newer peer are kept as ints; see :func:`failure_kind`)."""
+
+    item_id: str
+    attempt: int
+    code: int
+    message: str
+    retryable: bool
+
+    def validate(self) -> None:
+        """Ids present, attempt positive, code 16-bit, message bounded."""
+        _check_id("TaskFailed", "item_id", self.item_id)
+        _check_attempt("TaskFailed", self.attempt)
+        if not 0 <= self.code <= 0xFFFF:
+            raise _refuse("TaskFailed", f"code {self.code} out of range 0..65535")
+        if len(self.message) > MAX_ERROR_LEN:
+            raise _refuse("TaskFailed", f"message longer than {MAX_ERROR_LEN}")
+
+
+@message(type_id=36, max_size=_SMALL_CAP, extensible=True)
+@dataclass(frozen=True, slots=True)
+class TaskCancel:
+    """Coordinator -> node: stop working on ``item_id`` (best effort; a result may still come)."""
+
+    item_id: str
+    reason: str = ""
+
+    def validate(self) -> None:
+        """Item id present, reason bounded."""
+        _check_id("TaskCancel", "item_id", self.item_id)
+        if len(self.reason) > MAX_ERROR_LEN:
+            raise _refuse("TaskCancel", f"reason longer than {MAX_ERROR_LEN}")

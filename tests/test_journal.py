@@ -1,0 +1,555 @@
+"""The coordinator's SQLite task journal: round trips, exactly-once results, pagination, schema
+migrations, recovery, and a SIGKILL crash test in a real subprocess."""
+
+import itertools
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from coordinator.journal import (
+    Journal,
+    TaskConflictError,
+    UnknownTaskError,
+)
+from coordinator.journal_schema import MIGRATIONS, SchemaError, migrate, schema_version
+from meshinfer.errors import ConfigError, LocalProtocolError
+from meshinfer.inference.base import ModelRef
+from meshinfer.proto.tasks import (
+    InvalidTaskError,
+    InvalidTransition,
+    Pattern,
+    Stage,
+    TaskSpec,
+    TaskState,
+    outline,
+)
+from meshinfer.proto.tasks_wire import Tensor
+from tests.test_tasks import specs
+
+REPO = Path(__file__).resolve().parent.parent
+_INPUT = Tensor.from_array(np.arange(12, dtype=np.float32).reshape(6, 2))
+# Hypothesis examples make their own files under tmp_path; the fixture is only a parent folder.
+
+
+def fresh_files(max_examples: int) -> settings:
+    """Hypothesis settings for tests that make a fresh database file per example."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+def batch(task_id: str, model: str = "digits", rows_per_item: int = 2) -> TaskSpec:
+    """A batch task of 6 rows: 6 / rows_per_item items."""
+    return TaskSpec(task_id, Pattern.BATCH, _INPUT, (ModelRef(model),), shard_size=rows_per_item)
+
+
+class FakeClock:
+    """A wall clock that ticks one second per reading."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def journal(tmp_path):
+    with Journal(tmp_path / "journal.db", wall_clock=FakeClock()) as j:
+        yield j
+
+
+def fresh_journal(tmp_path: Path, **kwargs) -> Journal:
+    return Journal(tmp_path / f"{uuid.uuid4().hex}.db", **kwargs)
+
+
+# --- submission and reading back -----------------------------------------------------------------
+
+
+@fresh_files(40)
+@given(spec=specs())
+def test_submitted_specs_read_back_with_their_planned_items(tmp_path, spec):
+    with fresh_journal(tmp_path, synchronous="NORMAL") as journal:
+        assert journal.submit(spec) == spec.task_id
+        record = journal.get(spec.task_id)
+    assert record.spec == spec and record.state == TaskState.PENDING
+    planned = outline(spec)
+    assert [i.item_id for i in record.items] == [o.item_id for o in planned]
+    assert [i.model for i in record.items] == [o.model for o in planned]
+    assert all(i.state == TaskState.PENDING and i.attempt == 1 for i in record.items)
+    assert record.summary.pattern == spec.pattern and record.summary.priority == spec.priority
+    assert record.summary.items_total == len(planned) and record.summary.items_done == 0
+
+
+def test_tasks_survive_reopening(tmp_path):
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.submit(batch("t1"))
+        journal.mark_dispatched("t1/0", "veh-1", 1)
+        assert journal.record_result("t1/0", 1, b"output", node="veh-1")
+    with Journal(path) as journal:
+        record = journal.get("t1")
+        assert record.spec == batch("t1")
+        assert record.items[0].result == b"output" and record.items[0].node == "veh-1"
+        assert record.items[0].state == TaskState.SUCCEEDED
+        assert record.summary.items_done == 1
+
+
+def test_resubmitting_is_idempotent_but_a_different_spec_conflicts(journal):
+    spec = TaskSpec("t1", Pattern.SINGLE, _INPUT, (ModelRef("m"),), params={"a": 1, "b": 2})
+    assert journal.submit(spec) == "t1"
+    reordered = TaskSpec("t1", Pattern.SINGLE, _INPUT, (ModelRef("m"),), params={"b": 2, "a": 1})
+    assert journal.submit(reordered) == "t1"
+    with pytest.raises(TaskConflictError, match="t1"):
+        journal.submit(TaskSpec("t1", Pattern.SINGLE, _INPUT, (ModelRef("m"),), params={"a": 2}))
+    assert journal.stats().tasks == {"pending": 1}
+
+
+def test_invalid_specs_are_not_journaled(journal):
+    with pytest.raises(InvalidTaskError):
+        journal.submit(TaskSpec("bad", Pattern.SINGLE, _INPUT, ()))
+    with pytest.raises(UnknownTaskError):
+        journal.get("bad")
+    assert journal.stats().tasks == {}
+
+
+def test_closing_twice_is_fine_and_use_after_close_is_refused(tmp_path):
+    journal = Journal(tmp_path / "j.db")
+    journal.close()
+    journal.close()
+    with pytest.raises(LocalProtocolError, match="closed"):
+        journal.submit(batch("t1"))
+
+
+def test_synchronous_mode_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="synchronous"):
+        Journal(tmp_path / "j.db", synchronous="OFF")
+
+
+def test_the_database_runs_in_wal_mode_with_full_sync(tmp_path):
+    with Journal(tmp_path / "j.db") as journal:
+        db = journal._db
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+
+def test_new_files_get_the_latest_schema_and_newer_files_are_refused(tmp_path):
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    with sqlite3.connect(path) as db:
+        assert schema_version(db) == len(MIGRATIONS)
+        db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+    with pytest.raises(SchemaError, match="newer"):
+        Journal(path)
+
+
+def test_migrations_apply_once_and_keep_the_data(tmp_path):
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.submit(batch("t1"))
+    later = (*MIGRATIONS, ("ALTER TABLE tasks ADD COLUMN owner TEXT DEFAULT 'ops'",))
+    db = sqlite3.connect(path, isolation_level=None)
+    assert migrate(db, later) == len(later)
+    assert migrate(db, later) == len(later)  # nothing left to do: no "duplicate column" error
+    assert db.execute("SELECT id, owner FROM tasks").fetchall() == [("t1", "ops")]
+    db.close()
+
+
+def test_a_failing_migration_leaves_the_previous_version(tmp_path):
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    broken = (*MIGRATIONS, ("CREATE TABLE extra (x)", "THIS IS NOT SQL"))
+    db = sqlite3.connect(path, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError):
+        migrate(db, broken)
+    assert schema_version(db) == len(MIGRATIONS)
+    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone() is None
+    db.close()
+
+
+# --- item lifecycle ------------------------------------------------------------------------------
+
+
+def test_a_task_runs_from_pending_to_succeeded(journal):
+    journal.submit(batch("t1", rows_per_item=3))
+    assert journal.get("t1").state == TaskState.PENDING
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    assert journal.get("t1").state == TaskState.DISPATCHED
+    assert journal.mark_running("t1/0", 1)
+    assert not journal.mark_running("t1/0", 1)  # already running: ignored
+    assert journal.get("t1").state == TaskState.RUNNING
+    journal.mark_dispatched("t1/1", "veh-2", 1)
+    assert journal.record_result("t1/1", 1, b"b", node="veh-2")  # no accept seen: fine
+    assert journal.record_result("t1/0", 1, b"a", node="veh-1")
+    assert journal.finish("t1", TaskState.SUCCEEDED, summary=b"ab") == []
+    record = journal.get("t1")
+    assert record.state == TaskState.SUCCEEDED and record.result_summary == b"ab"
+    assert [i.result for i in record.items] == [b"a", b"b"]
+    kinds = [e.kind for e in journal.history("t1")]
+    assert kinds == ["submitted", "dispatched", "dispatched", "result", "result", "succeeded"]
+
+
+def test_dispatch_needs_the_current_attempt_and_a_waiting_item(journal):
+    journal.submit(batch("t1"))
+    with pytest.raises(LocalProtocolError, match="attempt 2, not 1"):
+        journal.mark_dispatched("t1/0", "veh-1", 2)
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    with pytest.raises(InvalidTransition):
+        journal.mark_dispatched("t1/0", "veh-1", 1)
+    with pytest.raises(UnknownTaskError):
+        journal.mark_dispatched("t9/0", "veh-1", 1)
+
+
+def test_retryable_failures_bump_the_attempt_and_stale_ones_are_ignored(journal):
+    journal.submit(batch("t1"))
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    assert journal.record_failure("t1/0", 1, "overloaded", retryable=True)
+    item = journal.get("t1").items[0]
+    assert (item.state, item.attempt, item.error) == (TaskState.RETRYING, 2, "overloaded")
+    assert not journal.record_failure("t1/0", 1, "again", retryable=True)  # old attempt
+    journal.mark_dispatched("t1/0", "veh-2", 2)
+    assert journal.record_result("t1/0", 1, b"late but fine", node="veh-1")  # attempt 1 answered
+    assert not journal.record_result("t1/0", 2, b"second")
+    assert not journal.record_failure("t1/0", 2, "too late", retryable=False)
+    item = journal.get("t1").items[0]
+    assert (item.state, item.result, item.result_attempt) == (
+        TaskState.SUCCEEDED, b"late but fine", 1,
+    )  # fmt: skip
+    assert journal.stats().counters == {"duplicate_results": 1, "ignored_failures": 2}
+
+
+def test_a_late_result_is_accepted_while_the_item_waits_for_its_retry(journal):
+    journal.submit(batch("t1"))
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    assert journal.record_failure("t1/0", 1, "timed out", retryable=True)
+    assert journal.record_result("t1/0", 1, b"slow but here")
+    with pytest.raises(InvalidTransition):  # nothing left to retry
+        journal.mark_dispatched("t1/0", "veh-2", 2)
+    assert journal.get("t1").items[0].state == TaskState.SUCCEEDED
+
+
+def test_final_failures_and_failing_a_waiting_item(journal):
+    journal.submit(batch("t1"))
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    assert journal.record_failure("t1/0", 1, "model missing", retryable=False)
+    assert journal.record_failure("t1/1", 1, "no node has the model", retryable=False)
+    assert not journal.record_failure("t1/2", 1, "pending items cannot retry", retryable=True)
+    states = [i.state for i in journal.get("t1").items]
+    assert states == [TaskState.FAILED, TaskState.FAILED, TaskState.PENDING]
+    assert not journal.record_result("t1/0", 1, b"x")
+    assert journal.stats().counters["late_results"] == 1
+
+
+def test_results_for_unknown_items_and_undispatched_attempts_are_refused(journal):
+    journal.submit(batch("t1"))
+    assert not journal.record_result("nope/0", 1, b"x")
+    assert not journal.record_result("t1/0", 1, b"x")  # never dispatched
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    assert not journal.record_result("t1/0", 2, b"x")  # attempt 2 was never sent
+    assert not journal.record_result("t1/0", 0, b"x")
+    assert journal.stats().counters == {"unknown_results": 1, "unexpected_results": 3}
+    assert journal.get("t1").items[0].result is None
+
+
+def test_cancel_stops_live_items_and_reports_those_in_flight(journal):
+    journal.submit(batch("t1"))
+    journal.mark_dispatched("t1/0", "veh-1", 1)
+    journal.mark_dispatched("t1/1", "veh-2", 1)
+    assert journal.record_result("t1/1", 1, b"done")
+    assert journal.cancel("t1") == [("t1/0", "veh-1")]
+    assert journal.cancel("t1") == []  # idempotent
+    record = journal.get("t1")
+    assert record.state == TaskState.CANCELLED
+    assert [i.state for i in record.items] == [
+        TaskState.CANCELLED, TaskState.SUCCEEDED, TaskState.CANCELLED,
+    ]  # fmt: skip
+    assert not journal.record_result("t1/0", 1, b"late")
+    assert journal.finish("t1", TaskState.SUCCEEDED) == []  # already over: left alone
+    assert journal.get("t1").state == TaskState.CANCELLED
+    with pytest.raises(UnknownTaskError):
+        journal.cancel("t9")
+
+
+def test_finish_cancels_leftovers_and_takes_only_final_states(journal):
+    journal.submit(TaskSpec("p", Pattern.PARALLEL, _INPUT, (ModelRef("a"), ModelRef("b"))))
+    journal.mark_dispatched("p/0", "veh-1", 1)
+    journal.mark_dispatched("p/1", "veh-2", 1)
+    assert journal.record_result("p/0", 1, b"a")
+    with pytest.raises(LocalProtocolError):
+        journal.finish("p", TaskState.RUNNING)
+    assert journal.finish("p", TaskState.FAILED, error="quorum lost") == [("p/1", "veh-2")]
+    record = journal.get("p")
+    assert record.state == TaskState.FAILED and record.summary.error == "quorum lost"
+
+
+# --- exactly once under any interleaving ----------------------------------------------------------
+
+_ops = st.lists(
+    st.tuples(
+        # weighted: cancel ends everything, so it is rare
+        st.sampled_from(
+            ["dispatch"] * 3
+            + ["result"] * 3
+            + ["accept", "fail", "retry", "restart"]
+            + ["restart", "cancel"]
+        ),
+        st.integers(0, 1),  # item
+        st.integers(-1, 1),  # attempt offset from the item's current attempt
+    ),
+    min_size=4,
+    max_size=25,
+)
+
+
+@fresh_files(100)
+@given(ops=_ops)
+@example(ops=[("dispatch", 0, 0), ("restart", 0, 0), ("result", 0, -1), ("result", 0, 0)])
+@example(ops=[("dispatch", 1, 0), ("retry", 1, 0), ("result", 1, -1), ("dispatch", 1, 0)])
+def test_each_item_gets_exactly_one_result_under_any_interleaving(tmp_path, ops):
+    path = tmp_path / f"{uuid.uuid4().hex}.db"
+    journal = Journal(path, synchronous="NORMAL")
+    journal.submit(batch("t", rows_per_item=3))  # two items
+    accepted: dict[str, bytes] = {}
+    refused = 0
+    for serial, (op, index, offset) in enumerate(ops):
+        item_id = f"t/{index}"
+        item = journal.get("t").items[index]
+        attempt = item.attempt + offset
+        if op == "dispatch" and item.state in (TaskState.PENDING, TaskState.RETRYING):
+            journal.mark_dispatched(item_id, f"veh-{serial % 3}", item.attempt)
+        elif op == "accept":
+            journal.mark_running(item_id, attempt)
+        elif op == "result":
+            blob = f"{item_id}#{serial}".encode()
+            if journal.record_result(item_id, attempt, blob):
+                assert item_id not in accepted, "a second result was accepted"
+                accepted[item_id] = blob
+            else:
+                refused += 1
+        elif op in ("fail", "retry"):
+            journal.record_failure(item_id, attempt, op, retryable=op == "retry")
+        elif op == "restart":
+            journal.close()
+            journal = Journal(path, synchronous="NORMAL")
+            journal.recover()
+        elif op == "cancel":
+            journal.cancel("t")
+    record, stats = journal.get("t"), journal.stats()
+    journal.close()
+    for item in record.items:
+        assert item.result == accepted.get(item.item_id)
+        assert (item.state == TaskState.SUCCEEDED) == (item.item_id in accepted)
+    counters = stats.counters
+    result_refusals = ("duplicate_results", "late_results", "unknown_results", "unexpected_results")
+    assert sum(counters.get(name, 0) for name in result_refusals) == refused
+
+
+# --- listing -------------------------------------------------------------------------------------
+
+
+def test_list_filters_by_state_model_and_time(journal):
+    journal.submit(batch("a", model="digits"))
+    journal.submit(batch("b", model="yolo"))
+    journal.submit(TaskSpec("c", Pattern.PARALLEL, _INPUT, (ModelRef("digits"), ModelRef("yolo"))))
+    journal.cancel("a")
+    created = {t.task_id: t.created_at for t in journal.list().tasks}
+    assert [t.task_id for t in journal.list().tasks] == ["c", "b", "a"]  # newest first
+    assert [t.task_id for t in journal.list(state="cancelled").tasks] == ["a"]
+    assert [t.task_id for t in journal.list(state=TaskState.PENDING).tasks] == ["c", "b"]
+    assert [t.task_id for t in journal.list(model="yolo").tasks] == ["c", "b"]
+    assert [t.task_id for t in journal.list(since=created["b"]).tasks] == ["c", "b"]
+    assert [
+        t.task_id for t in journal.list(model="yolo", state="pending", since=created["c"]).tasks
+    ] == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 100_000}, "limit"),
+        ({"cursor": "abc"}, "cursor"),
+        ({"cursor": "-1"}, "cursor"),
+        ({"state": "sleeping"}, "state"),
+    ],
+)
+def test_list_refuses_bad_arguments(journal, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        journal.list(**kwargs)
+
+
+@fresh_files(40)
+@given(
+    initial=st.integers(0, 25),
+    page=st.integers(1, 7),
+    inserts=st.lists(st.integers(0, 4), max_size=10),
+    finish_some=st.booleans(),
+)
+def test_pagination_loses_and_repeats_nothing_while_tasks_arrive(
+    tmp_path, initial, page, inserts, finish_some
+):
+    with fresh_journal(tmp_path, synchronous="NORMAL") as journal:
+        for i in range(initial):
+            journal.submit(batch(f"old-{i}"))
+        counter, seen, cursor = itertools.count(), [], None
+        for burst in itertools.chain(inserts, itertools.repeat(0)):
+            result = journal.list(limit=page, cursor=cursor)
+            seen.extend(t.task_id for t in result.tasks)
+            for _ in range(burst):  # submitted between two page reads
+                journal.submit(batch(f"new-{next(counter)}"))
+            if finish_some and seen:
+                journal.cancel(seen[-1])  # state changes must not move rows between pages
+            cursor = result.next_cursor
+            if cursor is None:
+                break
+    assert len(seen) == len(set(seen))
+    assert {f"old-{i}" for i in range(initial)} <= set(seen)
+
+
+# --- recovery ------------------------------------------------------------------------------------
+
+
+def test_recover_requeues_in_flight_items_and_skips_finished_tasks(tmp_path):
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.submit(batch("live"))
+        journal.submit(batch("over"))
+        journal.mark_dispatched("live/0", "veh-1", 1)
+        journal.mark_dispatched("live/1", "veh-2", 1)
+        journal.mark_running("live/1", 1)
+        journal.mark_dispatched("live/2", "veh-3", 1)
+        journal.record_result("live/2", 1, b"done")
+        journal.finish("over", TaskState.FAILED, error="given up")
+    with Journal(path) as journal:
+        (recovered,) = journal.recover()
+        assert recovered.task.task_id == "live"
+        to_dispatch = {i.item_id: i for i in recovered.to_dispatch}
+        assert set(to_dispatch) == {"live/0", "live/1"}
+        assert all(i.state == TaskState.PENDING and i.attempt == 2 for i in to_dispatch.values())
+        assert to_dispatch["live/0"].node == "veh-1"  # where it went last: avoid or reuse
+        assert journal.record_result("live/0", 1, b"old attempt still counts")
+        journal.mark_dispatched("live/1", "veh-4", 2)
+        assert journal.record_result("live/1", 2, b"new attempt")
+        assert [e.kind for e in journal.history("live")].count("requeued") == 2
+
+
+def test_stats_count_tasks_items_and_events(journal):
+    journal.submit(batch("a"))
+    journal.submit(batch("b"))
+    journal.mark_dispatched("a/0", "veh-1", 1)
+    journal.record_result("a/0", 1, b"x")
+    journal.record_result("a/0", 1, b"x")
+    stats = journal.stats()
+    assert stats.tasks == {"running": 1, "pending": 1}
+    assert stats.items == {"pending": 5, "succeeded": 1}
+    assert stats.counters == {"duplicate_results": 1}
+    assert stats.events == 4
+
+
+def test_pipeline_items_are_journaled_per_stage(journal):
+    spec = TaskSpec("p", Pattern.PIPELINE, _INPUT, stages=(
+        Stage("detect", ModelRef("yolo")), Stage("classify", ModelRef("digits"), ("detect",)),
+    ))  # fmt: skip
+    journal.submit(spec)
+    items = journal.get("p").items
+    assert [(i.item_id, i.stage, i.model.model_id) for i in items] == [
+        ("p/detect", "detect", "yolo"), ("p/classify", "classify", "digits"),
+    ]  # fmt: skip
+
+
+# --- crash safety --------------------------------------------------------------------------------
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from coordinator.journal import Journal
+    from meshinfer.inference.base import ModelRef
+    from meshinfer.proto.tasks import Pattern, TaskSpec, TaskState
+    from meshinfer.proto.tasks_wire import Tensor
+
+    journal = Journal(sys.argv[1])
+    tensor = Tensor.from_array(np.zeros((4, 2), np.float32))
+    for n in range(10_000):
+        task_id = f"task-{n}"
+        journal.submit(TaskSpec(task_id, Pattern.BATCH, tensor, (ModelRef("m"),), shard_size=2))
+        print("submitted", task_id, flush=True)
+        journal.mark_dispatched(f"{task_id}/0", "veh-1", 1)
+        if journal.record_result(f"{task_id}/0", 1, b"r" * 512):
+            print("result", f"{task_id}/0", flush=True)
+        if n % 3 == 0:
+            journal.mark_dispatched(f"{task_id}/1", "veh-2", 1)
+            journal.record_result(f"{task_id}/1", 1, b"s" * 512)
+            journal.finish(task_id, TaskState.SUCCEEDED, summary=b"ok")
+            print("finished", task_id, flush=True)
+    """
+)
+
+
+def _run_until_killed(db_path: Path, kill_after: int) -> list[list[str]]:
+    """Run the worker, SIGKILL it after ``kill_after`` acknowledgements; all complete lines."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(db_path)],
+        stdout=subprocess.PIPE, cwd=REPO, env=env, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        for line in child.stdout:
+            lines.append(line)
+            if len(lines) >= kill_after:
+                break
+        child.send_signal(signal.SIGKILL)
+        lines.extend(child.stdout)  # whatever it acknowledged before dying
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    return [line.split() for line in lines if line.endswith("\n")]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_acknowledged_task_is_lost_when_the_coordinator_is_killed(tmp_path, seed):
+    db_path = tmp_path / "crash.db"
+    acknowledged = _run_until_killed(db_path, kill_after=random.Random(seed).randint(3, 60))
+    submitted = {words[1] for words in acknowledged if words[0] == "submitted"}
+    results = {words[1] for words in acknowledged if words[0] == "result"}
+    finished = {words[1] for words in acknowledged if words[0] == "finished"}
+    assert submitted
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with Journal(db_path) as journal:
+        recovered = {r.task.task_id: r for r in journal.recover()}
+        for task_id in submitted:
+            record = journal.get(task_id)  # never lost
+            assert record.spec.task_id == task_id
+            if task_id in finished:
+                assert record.state == TaskState.SUCCEEDED
+            assert record.state in (TaskState.SUCCEEDED, TaskState.CANCELLED) or (
+                task_id in recovered
+            )
+        for item_id in results:
+            task = journal.get(item_id.split("/")[0])
+            assert any(i.item_id == item_id and i.result == b"r" * 512 for i in task.items)
+        for task in recovered.values():
+            waiting = {i.item_id for i in task.to_dispatch}
+            for item in task.task.items:
+                assert (item.result is not None) or item.item_id in waiting
