@@ -153,7 +153,7 @@ class MembershipService:
             self.peers.send(to_node, Gossip(payload=data))
         if self.core.joined and not self._joined.is_set():
             self._joined.set()
-        if self.core.table.has_left and self.core.leave_announced:
+        if self.core.has_left and self.core.leave_announced:
             self._left.set()
 
     def _teach(self, node_id: str) -> None:

@@ -1,0 +1,166 @@
+"""Configuration of the SWIM/Lifeguard membership core, with presets and the derived formulas.
+
+One frozen :class:`MembershipConfig` per node. Three presets:
+
+* :meth:`MembershipConfig.lan` -- wired or Wi-Fi LAN, the defaults of the literature (memberlist's
+  LAN profile): 1 s probes, 200 ms gossip to 3 nodes, 30 s push-pull.
+* :meth:`MembershipConfig.v2v` -- lossy, short-lived vehicle-to-vehicle radio: a tighter probe
+  timeout (radio round trips are a few ms, a reply that is late is usually lost), longer
+  suspicion (loss causes many failed probes that must be refuted before they turn into deaths),
+  more retransmissions and more frequent anti-entropy.
+* :meth:`MembershipConfig.test` -- fast timers for unit tests under a virtual clock.
+
+The formulas that scale with the cluster size ``n`` (live members, this node included) are
+methods here so the core, the tests and the benchmark share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from meshinfer.errors import ConfigError
+
+#: Below this many nodes push-pull runs at the configured interval; above it the interval grows
+#: with log2(n / threshold) so the anti-entropy traffic per node stays bounded.
+PUSH_PULL_SCALE_THRESHOLD = 32
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipConfig:
+    """Timers and limits of one membership core. All durations are seconds.
+
+    Read every field's comment for its default and the formula it feeds.
+    """
+
+    #: Period of the failure detector: every ``probe_interval`` (times the local health
+    #: multiplier, see ``awareness_max_multiplier``) a node pings the next member of a shuffled
+    #: round robin. Detection of a crash takes about one interval plus the suspicion timeout.
+    probe_interval: float = 1.0
+    #: How long to wait for the direct ack before asking ``indirect_checks`` others to ping the
+    #: target. Must fit twice into ``probe_interval``: the indirect probes need the rest of the
+    #: interval. Set it to the 99th percentile of the round-trip time.
+    probe_timeout: float = 0.5
+    #: k of SWIM: how many members relay a ping-req when the direct probe timed out. More relays
+    #: make a false suspicion less likely under loss (failure odds ~ p_direct * p_relay**k).
+    indirect_checks: int = 3
+    #: Suspicion timeout base: ``min = suspicion_mult * max(1, log10(n)) * probe_interval``.
+    #: Also sets how many independent confirmations shrink it: ``k = suspicion_mult - 2``.
+    suspicion_mult: int = 4
+    #: Lifeguard: a fresh suspicion starts at ``max = suspicion_max_timeout_mult * min`` and
+    #: shrinks towards ``min`` as independent confirmations ``C`` arrive:
+    #: ``timeout = max(min, max - (max - min) * log(C + 1) / log(k + 1))``.
+    suspicion_max_timeout_mult: int = 6
+    #: Each broadcast update is sent ``retransmit_mult * ceil(log10(n + 1))`` times (piggybacked
+    #: or gossiped) before it leaves the queue; enough for an epidemic to reach every node whp.
+    retransmit_mult: int = 4
+    #: Period of the gossip round: every ``gossip_interval`` a node with queued updates sends them
+    #: to ``gossip_nodes`` random members (nothing is sent when the queue is empty).
+    gossip_interval: float = 0.2
+    #: Gossip fanout per round. The epidemic reaches all n nodes in about
+    #: ``log(n) / (fanout / 2 * (1 - loss))`` rounds.
+    gossip_nodes: int = 3
+    #: Dead (not left) members still receive gossip for this long, so a falsely declared node
+    #: hears of its death and refutes it.
+    gossip_to_the_dead_time: float = 30.0
+    #: Period of full-state anti-entropy with one random member. Above 32 nodes it is multiplied
+    #: by ``ceil(log2(n) - log2(32)) + 1`` (see :meth:`push_pull_period`). 0 disables it.
+    push_pull_interval: float = 30.0
+    #: Period of reconnect attempts: a push-pull with one random dead (not left) member, so the
+    #: two halves of a healed partition find each other again. 0 disables it.
+    reconnect_interval: float = 10.0
+    #: Period of join retries while no seed has answered our join.
+    join_retry_interval: float = 1.0
+    #: Byte budget of one packet (ping, ack, gossip...). Piggybacked updates are packed up to it;
+    #: 1400 fits an Ethernet/802.11 MTU after IP/UDP/Noise overhead.
+    packet_budget: int = 1400
+    #: Lifeguard local health: a node that misses acks and nacks (its own links or CPU are the
+    #: problem) scales its probe interval and timeout by ``score + 1``, up to this multiplier.
+    awareness_max_multiplier: int = 8
+    #: A dead or left member is forgotten this long after its death (the FORGOTTEN event); after
+    #: that its node id may come back with any incarnation. Must be >= gossip_to_the_dead_time.
+    dead_node_reclaim_time: float = 120.0
+    #: A relay sends a nack when the target has not acked within this fraction of probe_timeout.
+    nack_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value < 0 or (value == 0 and item.name not in _MAY_BE_ZERO):
+                raise ConfigError(f"membership.{item.name} must be positive, got {value!r}")
+        if 2 * self.probe_timeout > self.probe_interval:
+            raise ConfigError("membership.probe_timeout must be at most half of probe_interval")
+        if self.suspicion_mult < 2 or self.nack_fraction >= 1:
+            raise ConfigError("membership.suspicion_mult must be >= 2 and nack_fraction < 1")
+        if self.dead_node_reclaim_time < self.gossip_to_the_dead_time:
+            raise ConfigError("membership.dead_node_reclaim_time < gossip_to_the_dead_time")
+        if self.packet_budget < 256:
+            raise ConfigError("membership.packet_budget must be at least 256 bytes")
+
+    # --- presets --------------------------------------------------------------------------
+
+    @classmethod
+    def lan(cls) -> MembershipConfig:
+        """Wired/Wi-Fi LAN: the classic SWIM/Lifeguard defaults (memberlist's LAN profile)."""
+        return cls()
+
+    @classmethod
+    def v2v(cls) -> MembershipConfig:
+        """Vehicle-to-vehicle radio: lossy, short round trips, frequent repair."""
+        return cls(
+            probe_timeout=0.3,
+            suspicion_mult=5,
+            retransmit_mult=5,
+            push_pull_interval=15.0,
+            reconnect_interval=5.0,
+            gossip_to_the_dead_time=15.0,
+            dead_node_reclaim_time=60.0,
+        )
+
+    @classmethod
+    def test(cls) -> MembershipConfig:
+        """Fast timers for tests on a virtual clock (detection in a few seconds)."""
+        return cls(
+            probe_interval=0.5,
+            probe_timeout=0.2,
+            suspicion_mult=3,
+            suspicion_max_timeout_mult=4,
+            retransmit_mult=3,
+            gossip_interval=0.1,
+            push_pull_interval=5.0,
+            reconnect_interval=2.0,
+            join_retry_interval=0.5,
+            gossip_to_the_dead_time=10.0,
+            dead_node_reclaim_time=60.0,
+        )
+
+    # --- derived formulas -----------------------------------------------------------------
+
+    def retransmit_limit(self, n: int) -> int:
+        """How many times one update is sent: ``retransmit_mult * ceil(log10(n + 1))``."""
+        return self.retransmit_mult * math.ceil(math.log10(max(1, n) + 1))
+
+    def suspicion_min_timeout(self, n: int) -> float:
+        """``suspicion_mult * max(1, log10(n)) * probe_interval``."""
+        return self.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.probe_interval
+
+    def suspicion_max_timeout(self, n: int) -> float:
+        """``suspicion_max_timeout_mult * suspicion_min_timeout(n)``."""
+        return self.suspicion_max_timeout_mult * self.suspicion_min_timeout(n)
+
+    def suspicion_confirmations(self, n: int) -> int:
+        """k: independent confirmations expected: ``suspicion_mult - 2``, 0 if n is too small."""
+        k = self.suspicion_mult - 2
+        return 0 if n - 2 < k else k
+
+    def push_pull_period(self, n: int) -> float:
+        """``push_pull_interval``, times ``ceil(log2(n) - log2(32)) + 1`` above 32 nodes."""
+        if n <= PUSH_PULL_SCALE_THRESHOLD:
+            return self.push_pull_interval
+        multiplier = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1
+        return self.push_pull_interval * multiplier
+
+
+_MAY_BE_ZERO = frozenset(
+    {"indirect_checks", "push_pull_interval", "reconnect_interval", "nack_fraction"}
+)

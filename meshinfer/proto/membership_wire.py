@@ -1,0 +1,458 @@
+"""Membership wire format: packets, member records and the gossiped node state (msgpack).
+
+A packet is one msgpack header array followed by zero or more msgpack record arrays, simply
+concatenated, so a sender packs pre-encoded records up to its byte budget without re-encoding::
+
+    header   [PROTOCOL, kind, ...fields]            kind: PacketKind, fields below
+             PING      [1, 1, seq, target]          probe; the target answers ACK(seq)
+             ACK       [1, 2, seq]
+             PING_REQ  [1, 3, seq, target]          please probe target for me
+             NACK      [1, 4, seq]                  relay: target did not answer in time
+             GOSSIP    [1, 5]                       records only
+             PUSH_PULL [1, 6, join, response]       records = the sender's whole member table
+    record   ALIVE     [0, node, incarnation, version, state, signature]
+             SUSPECT   [1, node, incarnation, accuser]
+             DEAD      [2, node, incarnation, accuser]
+             LEFT      [3, node, incarnation, signature]
+    state    [host, port, static_key, roles, models, gpu_free_mb, queue_depth, links,
+              position | nil, velocity | nil, revocation_version]
+    model    [model_id, version, digest]
+
+The sender of a packet is never written in it: it is the node id the session layer
+authenticated (``handle_packet(from_node=...)``). ALIVE and LEFT records are *self-claims*: only
+the node they are about may author them, and they carry that node's signature over
+:func:`signed_body` (empty when the fleet runs without record signatures).
+
+Message kinds and record kinds are append-only registries: never renumber, only append.
+:func:`decode_packet` raises only :class:`MembershipProtocolError` (a RemoteProtocolError).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from meshinfer.errors import RemoteProtocolError
+
+PROTOCOL = 1
+
+MAX_PACKET_BYTES = 65535  # one Noise message
+MAX_PUSH_PULL_BYTES = 32 * 1024 * 1024
+MAX_RECORDS = 2 * 65536
+MAX_STATE_BYTES = 1024  # so an ALIVE record always fits one packet
+MAX_SIGNATURE_BYTES = 128
+MAX_SEQ = 2**63 - 1
+MAX_COUNTER = 2**63 - 1
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class MembershipProtocolError(RemoteProtocolError):
+    """A membership packet from a peer is malformed or over a size cap."""
+
+
+class PacketKind(enum.IntEnum):
+    """Packet header kinds (append only)."""
+
+    PING = 1
+    ACK = 2
+    PING_REQ = 3
+    NACK = 4
+    GOSSIP = 5
+    PUSH_PULL = 6
+
+
+class RecordKind(enum.IntEnum):
+    """Member record kinds (append only)."""
+
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+
+# --- gossiped node state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model a node has loaded: id, version and content digest."""
+
+    model_id: str
+    version: str
+    digest: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """What a node tells the fleet about itself (versioned by its owner, newest wins).
+
+    ``host``/``port`` and ``static_key`` (the Noise static public key, X25519) let any member
+    dial the node, with ``IK`` since the key is known.
+    """
+
+    host: str = ""
+    port: int = 0
+    static_key: bytes = b""
+    roles: tuple[str, ...] = ()
+    models: tuple[ModelInfo, ...] = ()
+    gpu_free_mb: int = 0
+    queue_depth: int = 0
+    links: tuple[str, ...] = ()  # link kinds: "v2v", "v2i", "wan"
+    position: tuple[float, ...] | None = None  # 2 or 3 coordinates, when known
+    velocity: tuple[float, ...] | None = None
+    revocation_version: int = 0
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AliveRecord:
+    """A node's own signed claim: alive at ``incarnation`` with state ``version``.
+
+    Newer means a larger ``(incarnation, version)``.
+    """
+
+    node_id: str
+    incarnation: int
+    version: int
+    state: NodeState
+    signature: bytes = b""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The order of records about one node: ``(incarnation, version)``."""
+        return (self.incarnation, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectRecord:
+    """Gossip: ``accuser`` failed to probe ``node_id`` at ``incarnation``."""
+
+    node_id: str
+    incarnation: int
+    accuser: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRecord:
+    """Gossip: ``accuser``'s suspicion of ``node_id`` at ``incarnation`` timed out."""
+
+    node_id: str
+    incarnation: int
+    accuser: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeftRecord:
+    """A node's own signed claim that it left gracefully at ``incarnation``."""
+
+    node_id: str
+    incarnation: int
+    signature: bytes = b""
+
+
+Record = AliveRecord | SuspectRecord | DeadRecord | LeftRecord
+
+
+# --- packet headers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Direct probe of ``target`` (the receiver checks it is the target)."""
+
+    seq: int
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Answer to a ping with the same ``seq``; also forwarded by a relay for a ping-req."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReq:
+    """Ask the receiver to probe ``target`` and forward its ack as ``Ack(seq)``."""
+
+    seq: int
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """A relay's notice that ``target`` did not answer (Lifeguard: the requester is fine)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gossip:
+    """A packet that only carries records."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushPull:
+    """Anti-entropy: the records are the sender's whole table; ``response`` to a request."""
+
+    join: bool = False
+    response: bool = False
+
+
+Header = Ping | Ack | PingReq | Nack | Gossip | PushPull
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """A decoded packet: its header and the records it carried."""
+
+    header: Header
+    records: tuple[Record, ...]
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def _state_fields(state: NodeState) -> list[Any]:
+    models = [[m.model_id, m.version, m.digest] for m in state.models]
+    position = None if state.position is None else [float(x) for x in state.position]
+    velocity = None if state.velocity is None else [float(x) for x in state.velocity]
+    return [
+        state.host,
+        state.port,
+        state.static_key,
+        list(state.roles),
+        models,
+        state.gpu_free_mb,
+        state.queue_depth,
+        list(state.links),
+        position,
+        velocity,
+        state.revocation_version,
+    ]
+
+
+def encode_state(state: NodeState) -> bytes:
+    """The canonical encoding of a node state (used for its size cap)."""
+    return msgpack.packb(_state_fields(state))
+
+
+def signed_body(record: AliveRecord | LeftRecord) -> bytes:
+    """The bytes a node signs for its own ALIVE or LEFT record (kind-tagged, canonical)."""
+    if isinstance(record, AliveRecord):
+        fields = [RecordKind.ALIVE, record.node_id, record.incarnation, record.version]
+        return b"meshinfer-member-v1\x00" + msgpack.packb([*fields, _state_fields(record.state)])
+    return b"meshinfer-member-v1\x00" + msgpack.packb(
+        [RecordKind.LEFT, record.node_id, record.incarnation]
+    )
+
+
+def encode_record(record: Record) -> bytes:
+    """One record as a msgpack array (see the module docstring)."""
+    if isinstance(record, AliveRecord):
+        state = _state_fields(record.state)
+        fields = [RecordKind.ALIVE, record.node_id, record.incarnation, record.version, state]
+        return msgpack.packb([*fields, record.signature])
+    if isinstance(record, SuspectRecord):
+        fields = [RecordKind.SUSPECT, record.node_id, record.incarnation, record.accuser]
+    elif isinstance(record, DeadRecord):
+        fields = [RecordKind.DEAD, record.node_id, record.incarnation, record.accuser]
+    else:
+        fields = [RecordKind.LEFT, record.node_id, record.incarnation, record.signature]
+    return msgpack.packb(fields)
+
+
+def encode_header(header: Header) -> bytes:
+    """A packet header as a msgpack array."""
+    if isinstance(header, Ping | PingReq):
+        kind = PacketKind.PING if isinstance(header, Ping) else PacketKind.PING_REQ
+        return msgpack.packb([PROTOCOL, kind, header.seq, header.target])
+    if isinstance(header, Ack | Nack):
+        kind = PacketKind.ACK if isinstance(header, Ack) else PacketKind.NACK
+        return msgpack.packb([PROTOCOL, kind, header.seq])
+    if isinstance(header, PushPull):
+        return msgpack.packb([PROTOCOL, PacketKind.PUSH_PULL, header.join, header.response])
+    return msgpack.packb([PROTOCOL, PacketKind.GOSSIP])
+
+
+def encode_packet(header: Header, encoded_records: Iterable[bytes] = ()) -> bytes:
+    """A header followed by already encoded records (from :func:`encode_record`)."""
+    return encode_header(header) + b"".join(encoded_records)
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _fail(detail: str) -> MembershipProtocolError:
+    return MembershipProtocolError(f"membership packet: {detail}")
+
+
+def _list(value: Any, low: int, high: int, what: str) -> list[Any]:
+    if type(value) is not list or not low <= len(value) <= high:
+        raise _fail(f"{what} must be a list of {low}..{high} items")
+    return value
+
+
+def _int(value: Any, high: int, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= high:
+        raise _fail(f"{what} must be an integer in 0..{high}")
+    return value
+
+
+def _str(value: Any, high: int, what: str) -> str:
+    if type(value) is not str or len(value) > high:
+        raise _fail(f"{what} must be a string of at most {high} characters")
+    return value
+
+
+def _bytes(value: Any, high: int, what: str) -> bytes:
+    if type(value) is not bytes or len(value) > high:
+        raise _fail(f"{what} must be at most {high} bytes")
+    return value
+
+
+def _node_id(value: Any, what: str = "node id") -> str:
+    if type(value) is not str or _NODE_ID.fullmatch(value) is None:
+        raise _fail(f"{what} must be 1..64 of [A-Za-z0-9._-]")
+    return value
+
+
+def _vector(value: Any, what: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    items = _list(value, 2, 3, what)
+    if any(type(x) is not float or not math.isfinite(x) for x in items):
+        raise _fail(f"{what} must hold finite floats")
+    return tuple(items)
+
+
+def _strings(value: Any, count: int, length: int, what: str) -> tuple[str, ...]:
+    return tuple(_str(item, length, what) for item in _list(value, 0, count, what))
+
+
+def _model(value: Any) -> ModelInfo:
+    model_id, version, digest = _list(value, 3, 3, "model")
+    return ModelInfo(
+        _str(model_id, 64, "model id"),
+        _str(version, 32, "model version"),
+        _bytes(digest, 64, "model digest"),
+    )
+
+
+def _state(value: Any) -> NodeState:
+    fields = _list(value, 11, 11, "state")
+    static_key = _bytes(fields[2], 32, "static key")
+    if len(static_key) not in (0, 32):
+        raise _fail("static key must be empty or 32 bytes")
+    return NodeState(
+        host=_str(fields[0], 253, "host"),
+        port=_int(fields[1], 65535, "port"),
+        static_key=static_key,
+        roles=_strings(fields[3], 8, 32, "roles"),
+        models=tuple(_model(m) for m in _list(fields[4], 0, 32, "models")),
+        gpu_free_mb=_int(fields[5], 2**40, "gpu_free_mb"),
+        queue_depth=_int(fields[6], 2**32, "queue_depth"),
+        links=_strings(fields[7], 8, 16, "links"),
+        position=_vector(fields[8], "position"),
+        velocity=_vector(fields[9], "velocity"),
+        revocation_version=_int(fields[10], MAX_COUNTER, "revocation_version"),
+    )
+
+
+def _record(value: Any) -> Record:
+    fields = _list(value, 4, 6, "record")
+    kind, node, incarnation = fields[0], _node_id(fields[1]), _int(fields[2], MAX_COUNTER, "inc")
+    if kind == RecordKind.ALIVE and type(kind) is int and len(fields) == 6:
+        version = _int(fields[3], MAX_COUNTER, "version")
+        signature = _bytes(fields[5], MAX_SIGNATURE_BYTES, "signature")
+        return AliveRecord(node, incarnation, version, _state(fields[4]), signature)
+    if len(fields) != 4 or type(kind) is not int:
+        raise _fail("record has the wrong number of fields")
+    if kind == RecordKind.SUSPECT:
+        return SuspectRecord(node, incarnation, _node_id(fields[3], "accuser"))
+    if kind == RecordKind.DEAD:
+        return DeadRecord(node, incarnation, _node_id(fields[3], "accuser"))
+    if kind == RecordKind.LEFT:
+        return LeftRecord(node, incarnation, _bytes(fields[3], MAX_SIGNATURE_BYTES, "signature"))
+    raise _fail(f"unknown record kind {kind!r}")
+
+
+def _header(value: Any) -> Header:
+    fields = _list(value, 2, 4, "header")
+    if fields[0] != PROTOCOL or type(fields[0]) is not int:
+        raise _fail(f"unsupported protocol {fields[0]!r}")
+    kind, arity = fields[1], len(fields)
+    if kind == PacketKind.PING and arity == 4:
+        return Ping(_int(fields[2], MAX_SEQ, "seq"), _node_id(fields[3], "target"))
+    if kind == PacketKind.PING_REQ and arity == 4:
+        return PingReq(_int(fields[2], MAX_SEQ, "seq"), _node_id(fields[3], "target"))
+    if kind in (PacketKind.ACK, PacketKind.NACK) and arity == 3:
+        seq = _int(fields[2], MAX_SEQ, "seq")
+        return Ack(seq) if kind == PacketKind.ACK else Nack(seq)
+    if kind == PacketKind.GOSSIP and arity == 2:
+        return Gossip()
+    if kind == PacketKind.PUSH_PULL and arity == 4:
+        if type(fields[2]) is not bool or type(fields[3]) is not bool:
+            raise _fail("push-pull flags must be booleans")
+        return PushPull(join=fields[2], response=fields[3])
+    raise _fail(f"unknown packet kind {kind!r} with {arity} fields")
+
+
+class _RecordMemo:
+    """Decoded records by their exact bytes (decoding is a pure function of them), so the
+    unchanged records of every push-pull cost one dict lookup instead of a validation."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._records: dict[bytes, Record] = {}
+
+    def decode(self, raw: bytes, value: Any) -> Record:
+        record = self._records.get(raw)
+        if record is None:
+            record = _record(value)
+            if len(self._records) >= self.capacity:
+                self._records.clear()
+            self._records[raw] = record
+        return record
+
+
+_MEMO = _RecordMemo(capacity=16384)
+
+
+def _decode(data: bytes) -> Packet:
+    unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(data)), max_map_len=0, raw=False)
+    unpacker.feed(data)
+    header = _header(next(unpacker))
+    if not isinstance(header, PushPull) and len(data) > MAX_PACKET_BYTES:
+        raise _fail("packet larger than one Noise message")
+    records: list[Record] = []
+    start = unpacker.tell()
+    for value in unpacker:
+        end = unpacker.tell()
+        records.append(_MEMO.decode(data[start:end], value))
+        start = end
+        if len(records) > MAX_RECORDS:
+            raise _fail("too many records")
+    if start != len(data):
+        raise _fail("truncated")
+    return Packet(header, tuple(records))
+
+
+def decode_packet(data: bytes) -> Packet:
+    """Decode and validate one packet. Raises only :class:`MembershipProtocolError`."""
+    if not isinstance(data, bytes | bytearray | memoryview) or len(data) > MAX_PUSH_PULL_BYTES:
+        raise _fail("not bytes, or larger than the push-pull cap")
+    try:
+        return _decode(bytes(data))
+    except MembershipProtocolError:
+        raise
+    except (StopIteration, ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise _fail(f"undecodable ({type(exc).__name__})") from None
