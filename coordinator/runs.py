@@ -1,0 +1,169 @@
+"""One live task in the coordinator: which items to run next, and when the task is done.
+
+A :class:`TaskRun` is the in-memory side of a journaled task. It knows, per pattern, how results
+combine:
+
+``single``    the one item's output;
+``batch``     the shards' outputs concatenated in shard order;
+``parallel``  the models' outputs through an :class:`~meshinfer.proto.aggregation.Aggregator`
+              (first, all, majority, weighted, ensemble with quorum and timeout);
+``pipeline``  stages dispatched as their inputs become available
+              (:class:`~meshinfer.proto.tasks_pipeline.PipelinePlan`); the sinks' outputs.
+
+No I/O and no clock reads: ``now`` is passed in. The service drives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from meshinfer.proto.aggregation import AggregateResult, AggregationConfig, Aggregator, Mode
+from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem, plan
+from meshinfer.proto.tasks_pipeline import PipelinePlan
+from meshinfer.proto.tasks_wire import Tensor
+
+
+@dataclass
+class ItemRun:
+    """One work item's dispatch state."""
+
+    item: WorkItem
+    attempt: int = 1
+    node: str | None = None
+    tried: set[str] = field(default_factory=set)
+    dispatched_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a task ended: ``succeeded`` with outputs, or ``failed`` with an error."""
+
+    succeeded: bool
+    outputs: tuple[np.ndarray, ...] = ()
+    error: str = ""
+    aggregation: AggregateResult | None = None
+
+
+class TaskRun:
+    """Progress of one task; see the module docstring."""
+
+    def __init__(self, spec: TaskSpec, *, default_aggregation: str, now: float) -> None:
+        self.spec = spec
+        self.results: dict[str, Tensor] = {}
+        self.nodes: dict[str, str] = {}  # item id -> node that produced its result
+        self.failed: dict[str, str] = {}
+        self.items: dict[str, ItemRun] = {}
+        self.outcome: Outcome | None = None
+        self.pipeline = PipelinePlan(spec) if spec.pattern == Pattern.PIPELINE else None
+        self._planned = [] if self.pipeline else plan(spec)
+        self.aggregator: Aggregator | None = None
+        if spec.pattern == Pattern.PARALLEL:
+            mode = Mode(spec.aggregation or default_aggregation)
+            cfg = AggregationConfig(mode=mode, timeout_s=spec.deadline_s)
+            ids = [w.item_id for w in self._planned]
+            cfg.check(len(ids))
+            self.aggregator = Aggregator(cfg, ids, now=now)
+
+    @property
+    def task_id(self) -> str:
+        return self.spec.task_id
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def all_item_ids(self) -> tuple[str, ...]:
+        if self.pipeline is not None:
+            return self.pipeline.item_ids
+        return tuple(w.item_id for w in self._planned)
+
+    def ready(self) -> list[WorkItem]:
+        """Items not yet started that can run now (all of them, except in pipelines)."""
+        started = set(self.items) | set(self.results) | set(self.failed)
+        if self.pipeline is not None:
+            return self.pipeline.ready_items(self.results, started)
+        return [w for w in self._planned if w.item_id not in started]
+
+    def record_result(self, item_id: str, output: Tensor, node: str, now: float) -> None:
+        self.results[item_id] = output
+        self.nodes[item_id] = node
+        self.items.pop(item_id, None)
+        if self.aggregator is not None:
+            self.aggregator.add(item_id, output.to_array(), now)
+        self._settle(now)
+
+    def record_failure(self, item_id: str, error: str, now: float) -> None:
+        """An item failed for good (no more retries)."""
+        self.failed[item_id] = error
+        self.items.pop(item_id, None)
+        if self.aggregator is not None:
+            self.aggregator.add_failure(item_id, now)
+        self._settle(now)
+
+    def check_timeout(self, now: float) -> None:
+        """For aggregations with a timeout: settle if the deadline passed."""
+        self._settle(now)
+
+    def deadline(self) -> float | None:
+        return self.aggregator.deadline() if self.aggregator else None
+
+    def _settle(self, now: float) -> None:
+        if self.outcome is not None:
+            return
+        if self.aggregator is not None:
+            if self.aggregator.is_done(now):
+                self.outcome = _from_aggregate(self.aggregator.result())
+            return
+        if self.failed:
+            item, error = next(iter(self.failed.items()))
+            self.outcome = Outcome(False, error=f"item {item} failed: {error}")
+            return
+        ids = self.all_item_ids()
+        if all(i in self.results for i in ids):
+            self.outcome = Outcome(True, self._outputs(ids))
+
+    def _outputs(self, ids: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        if self.spec.pattern == Pattern.BATCH:
+            return (np.concatenate([self.results[i].to_array() for i in ids]),)
+        if self.pipeline is not None:
+            return tuple(self.results[i].to_array() for i in self.pipeline.sinks)
+        return (self.results[ids[0]].to_array(),)
+
+
+def _from_aggregate(result: AggregateResult) -> Outcome:
+    if result.failed:
+        return Outcome(False, error=f"aggregation {result.mode} failed ({result.reason})",
+                       aggregation=result)  # fmt: skip
+    value = result.value
+    outputs = tuple(value) if isinstance(value, tuple) else (value,)
+    return Outcome(True, tuple(np.asarray(v) for v in outputs), aggregation=result)
+
+
+def encode_outcome(run: TaskRun, outcome: Outcome) -> bytes:
+    """The result summary blob the journal keeps for a finished task."""
+    outputs = [
+        [np.ascontiguousarray(o).tobytes(), str(o.dtype), list(o.shape)] for o in outcome.outputs
+    ]
+    agg = outcome.aggregation
+    return msgpack.packb(
+        {
+            "outputs": outputs,
+            "nodes": run.nodes,
+            "aggregation": None if agg is None else {
+                "mode": str(agg.mode), "sources": list(agg.sources), "partial": agg.partial,
+                "reason": agg.reason, "tied": len(agg.tied),
+            },
+        }
+    )  # fmt: skip
+
+
+def decode_outcome(blob: bytes) -> dict:
+    """Inverse of :func:`encode_outcome`, with arrays rebuilt (our own blob, trusted)."""
+    doc = msgpack.unpackb(blob, raw=False)
+    doc["outputs"] = [
+        np.frombuffer(data, dtype=dtype).reshape(shape) for data, dtype, shape in doc["outputs"]
+    ]
+    return doc

@@ -1,0 +1,198 @@
+"""The coordinator with real node daemons (in this process): real TCP, Noise, mDNS, SQLite.
+
+Multi-process variants (SIGKILL of nodes and of the coordinator) are in
+``test_coordinator_processes.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from coordinator.service import Coordinator, CoordinatorConfig
+from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.tasks import Pattern, TaskSpec
+from meshinfer.proto.tasks_wire import Tensor
+from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.testing.cluster import LocalCluster
+from node.config import load_config
+from node.daemon import NodeDaemon
+
+DIGITS = ModelRef("digits-mlp", "1")
+
+
+class Mesh:
+    """A coordinator and ``n`` node daemons, all in this process."""
+
+    def __init__(self, tmp, n=2, config=None, extra=""):
+        self.cluster = LocalCluster(tmp, fleet_id="coord-test")
+        self.names = [f"node-{i}" for i in range(n)]
+        self.configs = [
+            self.cluster.add_node(name, extra="[http]\nenabled = false\n" + extra)
+            for name in self.names
+        ]
+        coord_dir = self.cluster.enroll("coord", roles=("coordinator",))
+        self.coord_ident = NodeIdentity.load(coord_dir)
+        self.coord_dir = coord_dir
+        self.tmp = tmp
+        self.config = config or CoordinatorConfig(item_timeout_s=5.0)
+        self.daemons: dict[str, NodeDaemon] = {}
+
+    async def __aenter__(self):
+        for name, cfg in zip(self.names, self.configs, strict=True):
+            daemon = NodeDaemon(load_config(cfg), rng=random.Random(name))
+            await daemon.start()
+            self.daemons[name] = daemon
+        opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
+        revocations = NodeDirectory(self.coord_dir).revocations(self.coord_ident.trust)
+        self.mesh = MeshNode(self.coord_ident, revocations, opts)
+        await self.mesh.start()
+        self.coordinator = Coordinator(self.mesh, self.tmp / "journal.db", self.config)
+        await self.coordinator.start()
+        await until(lambda: len(self._with_models()) == len(self.names))
+        return self
+
+    def _with_models(self):
+        return [n for n in self.coordinator.nodes() if n["models"] and n["status"] == "alive"]
+
+    async def __aexit__(self, *exc):
+        await self.coordinator.aclose()
+        await self.mesh.aclose()
+        for daemon in self.daemons.values():
+            await daemon.aclose()
+
+
+async def until(predicate, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def spec(task_id, pattern, x, models=(DIGITS,), **kw) -> TaskSpec:
+    return TaskSpec(task_id, Pattern(pattern), Tensor.from_array(x), tuple(models), **kw)
+
+
+async def test_single_task_returns_the_models_answer(tmp_path):
+    x, y = load_digits_holdout()
+    async with Mesh(tmp_path) as mesh:
+        c = mesh.coordinator
+        task_id = await c.submit(spec("one", "single", x[:5]))
+        record = await c.wait(task_id, timeout=10)
+        assert record.state.value == "succeeded"
+        result = c.result_of(record)
+        engine = mesh.daemons["node-0"].engine
+        expected = np.argmax(await engine.infer(DIGITS, x[:5]), axis=1)
+        assert result["labels"] == expected.tolist()
+
+
+async def test_batch_is_sharded_across_nodes_and_accurate(tmp_path):
+    x, y = load_digits_holdout()
+    async with Mesh(tmp_path, n=3) as mesh:
+        c = mesh.coordinator
+        task_id = await c.submit(spec("batch", "batch", x, shard_size=20, policy="round_robin"))
+        record = await c.wait(task_id, timeout=20)
+        assert record.state.value == "succeeded", record.summary.error
+        labels = np.array(c.result_of(record)["labels"])
+        assert labels.shape == y.shape
+        assert (labels == y).mean() >= 0.95
+        workers = {i.node for i in record.items}
+        assert workers == set(mesh.names)  # round robin used every node
+
+
+async def test_every_policy_completes_a_task(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path) as mesh:
+        c = mesh.coordinator
+        for policy in ("round_robin", "least_loaded", "capability", "latency", "model_affinity",
+                       "contact_aware"):  # fmt: skip
+            record = await c.wait(await c.submit(spec(policy, "single", x[:3], policy=policy)), 10)
+            assert record.state.value == "succeeded", (policy, record.summary.error)
+
+
+async def test_cancel_reaches_the_node(tmp_path):
+    x, _ = load_digits_holdout()
+    slow = CoordinatorConfig(item_timeout_s=30)
+    async with Mesh(tmp_path, n=1, config=slow) as mesh:
+        c = mesh.coordinator
+        daemon = mesh.daemons["node-0"]
+        gate = asyncio.Event()
+        original = daemon.engine.infer
+
+        async def held(ref, batch):  # keep the item running until cancelled
+            await gate.wait()
+            return await original(ref, batch)
+
+        daemon.engine.infer = held
+        task_id = await c.submit(spec("cancel-me", "single", x[:2]))
+        await until(lambda: daemon.executor.running == 1)
+        assert await c.cancel(task_id)
+        await until(lambda: daemon.executor.stats.cancelled == 1)
+        record = await c.get(task_id)
+        assert record.state.value == "cancelled"
+        assert not await c.cancel(task_id)  # already ended
+        gate.set()
+
+
+async def test_node_error_is_retried_on_another_node(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2) as mesh:
+        c = mesh.coordinator
+        broken = mesh.daemons["node-0"]
+
+        async def fail(ref, batch):
+            from meshinfer.errors import OverloadedError
+
+            raise OverloadedError("simulated overload")
+
+        broken.engine.infer = fail
+        ids = [await c.submit(spec(f"r{i}", "single", x[i : i + 1], policy="round_robin"))
+               for i in range(4)]  # fmt: skip
+        for task_id in ids:
+            record = await c.wait(task_id, timeout=15)
+            assert record.state.value == "succeeded", record.summary.error
+            assert record.items[0].node == "node-1"
+        assert c.stats_.retries >= 1
+
+
+async def test_task_with_no_capable_node_fails_with_a_reason(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=CoordinatorConfig(max_attempts=2)) as mesh:
+        c = mesh.coordinator
+        daemon = mesh.daemons["node-0"]
+
+        async def broken(ref, batch):
+            raise ValueError("not numbers")
+
+        from meshinfer.errors import InferenceError
+
+        async def bad(ref, batch):
+            raise InferenceError("engine exploded")
+
+        daemon.engine.infer = bad
+        record = await c.wait(await c.submit(spec("doomed", "single", x[:1])), timeout=10)
+        assert record.state.value == "failed"
+        assert "engine exploded" in (record.summary.error or "")
+
+
+@pytest.mark.parametrize("mode", ["first", "all", "majority", "weighted", "ensemble"])
+async def test_parallel_aggregations(tmp_path, mode):
+    x, y = load_digits_holdout()
+    models = (DIGITS, ModelRef("synthetic-mlp", "w64-d2"))
+    extra = '[inference]\nmodels = ["digits-mlp@1", "synthetic-mlp@w64-d2"]\n'
+    async with Mesh(tmp_path, n=2, extra=extra) as mesh:
+        c = mesh.coordinator
+        task = spec(f"par-{mode}", "parallel", x[:20], models=models, aggregation=mode)
+        record = await c.wait(await c.submit(task), timeout=15)
+        assert record.state.value == "succeeded", record.summary.error
+        result = c.result_of(record)
+        assert result["aggregation"]["mode"] == mode
+        sources = result["aggregation"]["sources"]
+        assert len(sources) == (1 if mode == "first" else 2)
