@@ -1,0 +1,1 @@
+"""Test helpers shipped in the package: conformance suites, throw-away fleets, servers."""
