@@ -13,13 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from meshinfer.runtime.telemetry import (
-    MetricFamily,
-    MetricsRegistry,
-    Sample,
-    batcher_families,
-    snapshot_families,
-)
+from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, Sample
+from meshinfer.runtime.telemetry import batcher_families, snapshot_families
 from meshinfer.transport.base import Address
 
 if TYPE_CHECKING:

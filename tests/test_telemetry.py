@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshinfer.errors import LocalProtocolError, RemoteProtocolError
 from meshinfer.inference.batching import LATENCY_BUCKETS_S, BatcherStats
-from meshinfer.runtime import telemetry
+from meshinfer.runtime import metrics, telemetry
+from meshinfer.runtime.metrics import MetricsRegistry
 from meshinfer.runtime.telemetry import (
     WIRE_KEYS,
-    MetricsRegistry,
     TelemetryCollector,
     TelemetrySnapshot,
     batcher_families,
@@ -315,7 +315,7 @@ def test_any_label_value_parses_back(value: str, number: float) -> None:
 
 
 def test_special_values_render_as_prometheus_spells_them() -> None:
-    assert [telemetry.format_value(v) for v in (math.inf, -math.inf, math.nan, 2)] == [
+    assert [metrics.format_value(v) for v in (math.inf, -math.inf, math.nan, 2)] == [
         "+Inf",
         "-Inf",
         "NaN",

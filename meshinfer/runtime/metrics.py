@@ -1,0 +1,307 @@
+"""A small Prometheus registry of our own: Counter, Gauge, Histogram with labels, and the text
+exposition format 0.0.4 (HELP/TYPE lines, label value escaping). The daemons' ``/metrics`` use it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from meshinfer.errors import LocalProtocolError
+
+log = logging.getLogger(__name__)
+
+# --- Prometheus text exposition (format 0.0.4) ------------------------------------------------
+
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One exposition line: full sample name (with any ``_bucket`` suffix), labels, value."""
+
+    name: str
+    labels: Labels
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricFamily:
+    """A metric's HELP/TYPE header and its samples. ``kind``: counter, gauge, histogram."""
+
+    name: str
+    kind: str
+    help: str
+    samples: tuple[Sample, ...]
+
+
+def format_value(value: float) -> str:
+    """A sample value as Prometheus writes it (``+Inf``, ``-Inf``, ``NaN``, Go-style floats)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def escape_label_value(value: str) -> str:
+    """Escape backslash, double quote and newline in a label value."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """Escape backslash and newline in HELP text."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render_family(family: MetricFamily) -> str:
+    """The HELP and TYPE lines and every sample line of ``family``."""
+    lines = [
+        f"# HELP {family.name} {escape_help(family.help)}",
+        f"# TYPE {family.name} {family.kind}",
+    ]
+    for sample in family.samples:
+        labels = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sample.labels)
+        lines.append(
+            f"{sample.name}{{{labels}}} {format_value(sample.value)}"
+            if labels
+            else f"{sample.name} {format_value(sample.value)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _check_names(name: str, labelnames: Iterable[str], reserved: Iterable[str] = ()) -> None:
+    if not _METRIC_NAME.match(name):
+        raise LocalProtocolError(f"invalid metric name {name!r}")
+    for label in labelnames:
+        if not _LABEL_NAME.match(label) or label.startswith("__") or label in reserved:
+            raise LocalProtocolError(f"invalid label name {label!r} for metric {name}")
+
+
+class _Metric:
+    """Shared frame: a name, help text, label names and one child per label-value tuple."""
+
+    kind = ""
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()) -> None:
+        self.name = name
+        self.help = help
+        self.labelnames = tuple(labelnames)
+        _check_names(name, self.labelnames, self._reserved_labels())
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _reserved_labels(self) -> tuple[str, ...]:
+        return ()
+
+    def labels(self, *values: object, **named: object) -> Any:
+        """The child for these label values (positional, or by name); created on first use."""
+        if named:
+            if values or set(named) != set(self.labelnames):
+                raise LocalProtocolError(f"{self.name} takes labels {self.labelnames}")
+            values = tuple(named[n] for n in self.labelnames)
+        if len(values) != len(self.labelnames):
+            raise LocalProtocolError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        if key not in self._children:
+            self._children[key] = self._new_child()
+        return self._children[key]
+
+    def _only_child(self) -> Any:
+        if self.labelnames:
+            raise LocalProtocolError(f"{self.name} has labels {self.labelnames}: use .labels()")
+        return self.labels()
+
+    def _new_child(self) -> Any:
+        raise NotImplementedError
+
+    def _label_pairs(self, key: tuple[str, ...]) -> Labels:
+        return tuple(zip(self.labelnames, key, strict=True))
+
+    def collect(self) -> MetricFamily:
+        """This metric as a family of samples."""
+        samples = [s for key, child in self._children.items() for s in self._samples(key, child)]
+        return MetricFamily(self.name, self.kind, self.help, tuple(samples))
+
+    def _samples(self, key: tuple[str, ...], child: Any) -> list[Sample]:
+        return [Sample(self.name, self._label_pairs(key), child.value)]
+
+
+class _Value:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+class _CounterChild(_Value):
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise LocalProtocolError(f"a counter only goes up; got inc({amount})")
+        self.value += amount
+
+
+class _GaugeChild(_Value):
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class Counter(_Metric):
+    """A cumulative count. By convention its name ends in ``_total``."""
+
+    kind = "counter"
+
+    def _new_child(self) -> _CounterChild:
+        return _CounterChild()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0) to the unlabelled counter."""
+        self._only_child().inc(amount)
+
+
+class Gauge(_Metric):
+    """A value that goes up and down."""
+
+    kind = "gauge"
+
+    def _new_child(self) -> _GaugeChild:
+        return _GaugeChild()
+
+    def set(self, value: float) -> None:
+        """Set the unlabelled gauge."""
+        self._only_child().set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Raise the unlabelled gauge."""
+        self._only_child().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Lower the unlabelled gauge."""
+        self._only_child().dec(amount)
+
+
+class _HistogramChild:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.bucket_counts = [0] * (len(bounds) + 1)  # last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Histogram(_Metric):
+    """Observations counted in cumulative ``le`` buckets, with ``_sum`` and ``_count``."""
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        self.buckets = tuple(sorted(float(b) for b in buckets if b != math.inf))
+        if not self.buckets or len(set(self.buckets)) != len(self.buckets):
+            raise LocalProtocolError(f"histogram {name} needs distinct finite buckets")
+        super().__init__(name, help, labelnames)
+
+    def _reserved_labels(self) -> tuple[str, ...]:
+        return ("le",)
+
+    def _new_child(self) -> _HistogramChild:
+        return _HistogramChild(self.buckets)
+
+    def observe(self, value: float) -> None:
+        """Record one observation in the unlabelled histogram."""
+        self._only_child().observe(value)
+
+    def _samples(self, key: tuple[str, ...], child: _HistogramChild) -> list[Sample]:
+        counts = itertools.accumulate(child.bucket_counts)
+        bounds = (*self.buckets, math.inf)
+        return histogram_samples(
+            self.name, self._label_pairs(key), zip(bounds, counts, strict=True), child.sum
+        )
+
+
+def histogram_samples(
+    name: str, labels: Labels, cumulative: Iterable[tuple[float, int]], total: float
+) -> list[Sample]:
+    """``_bucket`` (cumulative, ending with ``+Inf``), ``_sum`` and ``_count`` samples."""
+    samples = [
+        Sample(f"{name}_bucket", (*labels, ("le", format_value(bound))), count)
+        for bound, count in cumulative
+    ]
+    if samples[-1].labels[-1][1] != "+Inf":
+        raise LocalProtocolError(f"histogram {name} must end with a +Inf bucket")
+    count = samples[-1].value
+    return [*samples, Sample(f"{name}_sum", labels, total), Sample(f"{name}_count", labels, count)]
+
+
+class MetricsRegistry:
+    """Owns metrics and collectors and renders them all. Event-loop only (not thread-safe)."""
+
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _Metric] = {}
+        self._collectors: list[Callable[[], Iterable[MetricFamily]]] = []
+
+    def _register(self, metric: _Metric) -> Any:
+        if metric.name in self._metrics:
+            raise LocalProtocolError(f"metric {metric.name} is already registered")
+        self._metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help: str, labelnames: Iterable[str] = ()) -> Counter:
+        """Register and return a counter."""
+        return self._register(Counter(name, help, labelnames))
+
+    def gauge(self, name: str, help: str, labelnames: Iterable[str] = ()) -> Gauge:
+        """Register and return a gauge."""
+        return self._register(Gauge(name, help, labelnames))
+
+    def histogram(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> Histogram:
+        """Register and return a histogram."""
+        return self._register(Histogram(name, help, labelnames, buckets))
+
+    def add_collector(self, collect: Callable[[], Iterable[MetricFamily]]) -> None:
+        """Call ``collect`` at every render for families computed on demand (e.g. batcher stats).
+
+        A collector that raises is logged and left out of that render; the rest still renders.
+        """
+        self._collectors.append(collect)
+
+    def families(self) -> list[MetricFamily]:
+        """Every registered metric, then every collector's families."""
+        out = [metric.collect() for metric in self._metrics.values()]
+        for collect in self._collectors:
+            try:
+                out.extend(collect())
+            except Exception:
+                log.exception("metrics collector %r failed; its families are left out", collect)
+        return out
+
+    def render(self) -> str:
+        """The Prometheus text exposition (format 0.0.4) of everything registered."""
+        return "".join(render_family(family) for family in self.families())
