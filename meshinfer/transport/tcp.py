@@ -36,7 +36,7 @@ from meshinfer.errors import LocalProtocolError, StreamClosed, TransportError
 from meshinfer.transport._handlers import HandlerTasks
 from meshinfer.transport.base import Address, LinkKind, StreamHandler
 
-DEFAULT_READ_BUFFER = 1048576
+DEFAULT_READ_BUFFER = 256 * 1024
 DEFAULT_BACKLOG = 1024
 DEFAULT_CLOSE_TIMEOUT = 5.0
 
@@ -105,6 +105,8 @@ class TcpStream(asyncio.Protocol):
         """Return up to ``max_bytes`` received bytes; ``b""`` at EOF, after a reset or a close."""
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        if self._read_waiter is not None:
+            raise LocalProtocolError("another task is already reading from this stream")
         if not self._chunks:
             if self._eof or self._closed:
                 return b""
@@ -130,8 +132,8 @@ class TcpStream(asyncio.Protocol):
         """Close the connection; idempotent, safe from any task, never raises.
 
         Already-queued bytes are flushed before the FIN; if the peer does not take them within
-        ``close_timeout`` seconds the connection is aborted. A pending ``read`` returns ``b""``
-        and a pending ``write`` raises :class:`StreamClosed`.
+        ``close_timeout`` seconds the connection is aborted with a reset. A pending ``read``
+        returns ``b""`` and a pending ``write`` raises :class:`StreamClosed`.
         """
         if self._closed:
             return
@@ -228,8 +230,6 @@ class TcpStream(asyncio.Protocol):
         return b"".join(parts)
 
     async def _wait_readable(self) -> None:
-        if self._read_waiter is not None:
-            raise LocalProtocolError("another task is already reading from this stream")
         self._read_waiter = self._loop.create_future()  # type: ignore[union-attr]
         try:
             await self._read_waiter
