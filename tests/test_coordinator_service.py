@@ -196,3 +196,45 @@ async def test_parallel_aggregations(tmp_path, mode):
         assert result["aggregation"]["mode"] == mode
         sources = result["aggregation"]["sources"]
         assert len(sources) == (1 if mode == "first" else 2)
+
+
+async def test_malformed_input_fails_cleanly_and_the_node_keeps_serving(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1) as mesh:
+        c = mesh.coordinator
+        wrong = np.zeros((2, 10), dtype=np.float32)  # the digits model takes 64 features
+        record = await c.wait(await c.submit(spec("bad", "single", wrong)), timeout=10)
+        assert record.state.value == "failed"
+        assert "64" in (record.summary.error or "") or "shape" in (record.summary.error or "")
+        assert mesh.daemons["node-0"].executor.stats.failed["bad_input"] == 1
+        good = await c.wait(await c.submit(spec("good", "single", x[:1])), timeout=10)
+        assert good.state.value == "succeeded"
+
+
+async def test_deep_queue_offloads_to_a_less_loaded_peer(tmp_path):
+    x, _ = load_digits_holdout()
+    extra = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 2\n"
+    async with Mesh(tmp_path, n=2, extra=extra) as mesh:
+        c = mesh.coordinator
+        busy = mesh.daemons["node-0"]
+        gate = asyncio.Event()
+        original = busy.engine.infer
+
+        async def slow(ref, batch):
+            await gate.wait()
+            return await original(ref, batch)
+
+        busy.engine.infer = slow
+        # Round robin sends every other task to node-0, whose backlog (held by the gate) passes
+        # offload_queue_depth, so it forwards further items to node-1 and relays the answers.
+        ids = []
+        for i in range(6):
+            task = spec(f"o{i}", "single", x[i : i + 1], policy="round_robin")
+            ids.append(await c.submit(task))
+        await until(lambda: busy.executor.stats.offloaded >= 1, timeout=10)
+        gate.set()
+        for task_id in ids:
+            record = await c.wait(task_id, timeout=15)
+            assert record.state.value == "succeeded", record.summary.error
+        assert busy.executor.stats.offloaded >= 1
+        assert busy.executor.stats.relayed == busy.executor.stats.offloaded
