@@ -81,7 +81,7 @@ def spec(task_id, pattern, x, models=(DIGITS,), **kw) -> TaskSpec:
 
 
 async def test_single_task_returns_the_models_answer(tmp_path):
-    x, y = load_digits_holdout()
+    x, _y = load_digits_holdout()
     async with Mesh(tmp_path) as mesh:
         c = mesh.coordinator
         task_id = await c.submit(spec("one", "single", x[:5]))
@@ -184,7 +184,7 @@ async def test_task_with_no_capable_node_fails_with_a_reason(tmp_path):
 
 @pytest.mark.parametrize("mode", ["first", "all", "majority", "weighted", "ensemble"])
 async def test_parallel_aggregations(tmp_path, mode):
-    x, y = load_digits_holdout()
+    x, _y = load_digits_holdout()
     models = (DIGITS, ModelRef("synthetic-mlp", "w64-d2"))
     extra = '[inference]\nmodels = ["digits-mlp@1", "synthetic-mlp@w64-d2"]\n'
     async with Mesh(tmp_path, n=2, extra=extra) as mesh:
