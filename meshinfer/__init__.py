@@ -1,4 +1,4 @@
-"""meshinfer: an asyncio peer-to-peer mesh runtime for distributed inference across vehicle fleets."""
+"""meshinfer: an asyncio peer-to-peer mesh runtime for distributed inference across vehicles."""
 
 __version__ = "0.1.0"
 
