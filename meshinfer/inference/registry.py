@@ -1,6 +1,8 @@
 """The model registry: which models a node can load, their schemas, hashes and loaders.
 
-:func:`default_registry` holds the shipped, trained ``digits-mlp@1`` (weights, metadata and
+:func:`default_registry` holds the shipped, trained digits classifiers ``digits-mlp@1``,
+``digits-mlp-wide@1`` and ``digits-mlp-deep@1`` (:data:`DIGITS_REFS`: three architectures trained
+on one split, so they share one held-out set and can be ensembled; weights, metadata and the
 held-out set live in ``meshinfer/inference/models/``) and a few synthetic MLPs. A node
 advertises ``(model_id, version, sha256)`` of what it has loaded; for file-backed models the
 sha256 is that of the weights file and is checked on every load, so a corrupted file is refused
@@ -24,6 +26,9 @@ from meshinfer.inference.synthetic import SyntheticSpec, make_weights
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DIGITS_REF = ModelRef("digits-mlp", "1")
+DIGITS_WIDE_REF = ModelRef("digits-mlp-wide", "1")
+DIGITS_DEEP_REF = ModelRef("digits-mlp-deep", "1")
+DIGITS_REFS = (DIGITS_REF, DIGITS_WIDE_REF, DIGITS_DEEP_REF)
 DEFAULT_SYNTHETIC = (SyntheticSpec(64, 2), SyntheticSpec(1024, 4), SyntheticSpec(4096, 8))
 
 
@@ -140,16 +145,23 @@ def synthetic_model(spec: SyntheticSpec) -> ModelInfo:
     )
 
 
+def digits_metadata_path(ref: ModelRef) -> Path:
+    """Where the metadata JSON of a shipped digits model (one of :data:`DIGITS_REFS`) lives."""
+    return MODELS_DIR / f"{ref.model_id}-{ref.version}.json"
+
+
 def default_registry() -> ModelRegistry:
-    """A fresh registry with the shipped digits classifier and the default synthetic models."""
-    infos = [file_model(MODELS_DIR / f"{DIGITS_REF.model_id}-{DIGITS_REF.version}.json")]
+    """A fresh registry with the shipped digits classifiers and the default synthetic models."""
+    infos = [file_model(digits_metadata_path(ref)) for ref in DIGITS_REFS]
     infos += [synthetic_model(spec) for spec in DEFAULT_SYNTHETIC]
     return ModelRegistry(tuple(infos))
 
 
 def load_digits_holdout() -> tuple[np.ndarray, np.ndarray]:
-    """The shipped held-out digits: (inputs float32 [n, 64] in [0, 1], labels int64 [n])."""
-    doc = json.loads((MODELS_DIR / f"{DIGITS_REF.model_id}-{DIGITS_REF.version}.json").read_text())
+    """The shipped held-out digits: (inputs float32 [n, 64] in [0, 1], labels int64 [n]).
+
+    Held out for every model in :data:`DIGITS_REFS` (they share one training split)."""
+    doc = json.loads(digits_metadata_path(DIGITS_REF).read_text())
     data = _verified_bytes(MODELS_DIR / doc["heldout_file"], doc["heldout_sha256"])
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         pixels, labels = archive["pixels"], archive["labels"]
