@@ -71,7 +71,10 @@ class SessionSection:
 @dataclass(frozen=True)
 class InferenceSection:
     engine: str = _doc("numpy", '"numpy" (CPU), "cupy" (NVIDIA GPU) or "triton"')
-    models: tuple[str, ...] = _doc(("digits-mlp@1",), 'models to load at start, "id@version"')
+    models: tuple[str, ...] = _doc(
+        ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1"),
+        'models to load at start, "id@version"',
+    )
     triton_url: str = _doc("", 'Triton server for engine "triton", e.g. "127.0.0.1:8000"')
     max_batch_size: int = _doc(64, "dynamic batcher: largest batch handed to the engine")
     max_queue_delay_ms: float = _doc(2.0, "dynamic batcher: longest wait to fill a batch")

@@ -145,9 +145,7 @@ class TaskExecutor:
             batch = _input_array(msg.input)
             async with self._slot(msg.item_id):
                 started = loop.time()
-                output = await self.batchers[ref].submit(
-                    batch, priority=_priority(msg.priority), deadline=deadline
-                )
+                output = await self._infer(ref, batch, _priority(msg.priority), deadline)
             done = loop.time()
             timings = {"queue_s": started - received, "infer_s": done - started}
             timings["total_s"] = done - received
@@ -173,6 +171,22 @@ class TaskExecutor:
         except MeshInferError as exc:
             kind, retryable = _classify(exc)
             self._fail(peer, msg, kind, str(exc), retryable=retryable)
+
+    async def _infer(
+        self, ref: ModelRef, batch: np.ndarray, priority: int, deadline: float | None
+    ) -> np.ndarray:
+        """Run ``batch`` through the model's batcher, in pieces the batcher accepts."""
+        batcher = self.batchers[ref]
+        size = batcher.config.max_batch_size
+        if len(batch) <= size:
+            return await batcher.submit(batch, priority=priority, deadline=deadline)
+        parts = await asyncio.gather(
+            *(
+                batcher.submit(batch[i : i + size], priority=priority, deadline=deadline)
+                for i in range(0, len(batch), size)
+            )
+        )
+        return np.concatenate(parts)
 
     @contextlib.asynccontextmanager
     async def _slot(self, item_id: str):

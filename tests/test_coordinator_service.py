@@ -238,3 +238,44 @@ async def test_deep_queue_offloads_to_a_less_loaded_peer(tmp_path):
             assert record.state.value == "succeeded", record.summary.error
         assert busy.executor.stats.offloaded >= 1
         assert busy.executor.stats.relayed == busy.executor.stats.offloaded
+
+
+async def test_ensemble_of_three_digit_models_votes_by_majority(tmp_path):
+    x, y = load_digits_holdout()
+    models = tuple(ModelRef(m, "1") for m in ("digits-mlp", "digits-mlp-wide", "digits-mlp-deep"))
+    async with Mesh(tmp_path, n=3) as mesh:
+        c = mesh.coordinator
+        task = spec("vote", "parallel", x, models=models, aggregation="majority")
+        record = await c.wait(await c.submit(task), timeout=20)
+        assert record.state.value == "succeeded", [(i.item_id, i.error) for i in record.items]
+        result = c.result_of(record)
+        labels = np.asarray(result["outputs"][0])
+        assert labels.shape == y.shape and (labels == y).mean() >= 0.95
+        assert len(result["aggregation"]["sources"]) >= 2
+
+
+async def test_pipeline_stages_feed_each_other(tmp_path):
+    from meshinfer.proto.tasks import Stage
+
+    x, _ = load_digits_holdout()
+    extra = (
+        '[inference]\nmodels = ["digits-mlp@1", "digits-mlp-wide@1", '
+        '"synthetic-mlp@w10-d1", "synthetic-mlp@w20-d1"]\n'
+    )
+    stages = (
+        Stage("a", DIGITS),
+        Stage("b", ModelRef("digits-mlp-wide", "1")),
+        Stage("head", ModelRef("synthetic-mlp", "w20-d1"), after=("a", "b")),
+        Stage("tail", ModelRef("synthetic-mlp", "w10-d1"), after=("head",)),
+    )
+    async with Mesh(tmp_path, n=2, extra=extra) as mesh:
+        c = mesh.coordinator
+        task = TaskSpec("dag", Pattern.PIPELINE, Tensor.from_array(x[:8]), stages=stages)
+        record = await c.wait(await c.submit(task), timeout=20)
+        assert record.state.value == "succeeded", record.summary.error
+        engine = mesh.daemons["node-0"].engine
+        a = await engine.infer(DIGITS, x[:8])
+        b = await engine.infer(ModelRef("digits-mlp-wide", "1"), x[:8])
+        head = await engine.infer(ModelRef("synthetic-mlp", "w20-d1"), np.concatenate([a, b], 1))
+        tail = await engine.infer(ModelRef("synthetic-mlp", "w10-d1"), head)
+        np.testing.assert_allclose(c.result_of(record)["outputs"][0], tail, rtol=1e-5, atol=1e-6)

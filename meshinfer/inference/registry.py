@@ -29,7 +29,15 @@ DIGITS_REF = ModelRef("digits-mlp", "1")
 DIGITS_WIDE_REF = ModelRef("digits-mlp-wide", "1")
 DIGITS_DEEP_REF = ModelRef("digits-mlp-deep", "1")
 DIGITS_REFS = (DIGITS_REF, DIGITS_WIDE_REF, DIGITS_DEEP_REF)
-DEFAULT_SYNTHETIC = (SyntheticSpec(64, 2), SyntheticSpec(1024, 4), SyntheticSpec(4096, 8))
+#: Synthetic MLPs: throughput models (64/1024/4096 wide) and two small heads that take 10 and 20
+#: features, so pipelines can chain them after the digit classifiers (10 outputs each).
+DEFAULT_SYNTHETIC = (
+    SyntheticSpec(64, 2),
+    SyntheticSpec(1024, 4),
+    SyntheticSpec(4096, 8),
+    SyntheticSpec(10, 1),
+    SyntheticSpec(20, 1),
+)
 
 
 class ModelIntegrityError(InferenceError):
