@@ -1,16 +1,60 @@
 """``meshinfer-coord``: the fleet operator's command line.
 
-Commands so far: the ``fleet`` group (see :mod:`meshinfer.fleetcli`). Add a command by writing
-an ``_add_<name>(commands)`` function and listing it in :data:`COMMANDS`.
+Commands: ``serve`` (the coordinator daemon), ``config`` (the annotated default file, or
+``--check`` one), the task commands of :mod:`coordinator.cli_tasks` and the ``fleet`` group (see
+:mod:`meshinfer.fleetcli`). Add a command by writing an ``_add_<name>(commands)`` function and
+listing it in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from coordinator.cli_tasks import add_task_commands
 from meshinfer.fleetcli import CommandParser, add_fleet_commands, new_parser, run_cli
 
-COMMANDS = (add_fleet_commands,)
+
+def _add_serve(commands: Any) -> None:
+    help_text = "run the coordinator daemon until SIGTERM (prints READY {json} once ready)"
+    parser = commands.add_parser("serve", help=help_text, description=help_text)
+    parser.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from coordinator.config import load_config
+    from coordinator.daemon import run_coordinator
+    from meshinfer.runtime.loop import run_main
+
+    config = load_config(args.config)  # ConfigError -> one line on stderr, exit 2
+    return run_main(run_coordinator(config), args.log_level)
+
+
+def _add_config(commands: Any) -> None:
+    help_text = "print the annotated default coordinator.toml (every key, documented)"
+    parser = commands.add_parser("config", help=help_text, description=help_text)
+    parser.add_argument("--check", type=Path, help="validate this file instead")
+    parser.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from coordinator.config import load_config, render_defaults
+
+    if args.check is not None:
+        load_config(args.check)
+        print(f"{args.check}: ok")
+        return 0
+    print(render_defaults(), end="")
+    return 0
+
+
+COMMANDS = (_add_serve, _add_config, add_task_commands, add_fleet_commands)
 
 
 def build_parser() -> CommandParser:

@@ -1,188 +1,310 @@
-"""``meshinfer demo``: a fleet, two node processes and encrypted sessions on loopback TCP.
+"""``meshinfer demo``: a coordinator and node daemons on this machine classify digits together.
 
-What it does, printing each step:
+Everything runs as an operator would run it, only on loopback and in a throw-away directory:
 
-1. creates a throw-away fleet with the real CLI (``meshinfer-coord fleet init``) and enrols two
-   nodes (``fleet enroll``): a roadside unit ``rsu-1`` and a vehicle ``car-1``;
-2. starts ``rsu-1`` as a separate process (``python -m meshinfer.demo serve``) listening on
-   127.0.0.1, which answers every ``AppData`` message;
-3. ``car-1`` (this process) dials it: a Noise XX handshake with certificate checks both ways,
-   then messages each way and a measured round trip; then again with IK, since ``car-1`` now knows
-   ``rsu-1``'s static key;
-4. a node of another fleet tries to connect and is refused; then ``car-1`` is revoked and a
-   fresh ``rsu-1`` refuses it too;
-5. stops the node process with SIGTERM (a graceful close).
+1. a new fleet (authority key, API token) and one certificate per daemon;
+2. ``meshinfer-coord serve`` and ``--nodes`` times ``meshinfer-node run`` as separate processes,
+   each with its own Noise identity, on the CPU (NumPy) engine; they find each other by mDNS and
+   SWIM gossip, and the coordinator waits until it sees every node alive with its models;
+3. the shipped held-out digits are classified across the mesh as a stream of small ``batch``
+   tasks (each sharded into items spread over the nodes), submitted through the coordinator's
+   HTTP API with several tasks in flight;
+4. halfway through, the node with the most work in flight is killed with SIGKILL: its items are
+   re-dispatched to the others, and no task is lost;
+5. one ``parallel`` task runs the whole held-out set through the three digit models and combines
+   them (``ensemble`` aggregation);
+6. a summary: accuracy, throughput, task latency percentiles, and the work each node did.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
+import json
 import signal
-import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from meshinfer.errors import MeshInferError
-from meshinfer.identity_files import FleetDirectory, NodeDirectory
-from meshinfer.proto.identity import NodeIdentity
-from meshinfer.proto.messages import AppData
-from meshinfer.runtime.endpoint import SessionListener, dial
-from meshinfer.runtime.session import Admission, SessionMetrics
-from meshinfer.testing.fleet import make_fleet
-from meshinfer.transport.base import Address
-from meshinfer.transport.tcp import TcpTransport
+
+DIGITS = "digits-mlp@1"
+ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
 
 
-def _say(text: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(text, flush=True)
+@dataclass
+class DemoOptions:
+    """Knobs of ``meshinfer demo`` (the defaults are what the README runs)."""
+
+    nodes: int = 3
+    rows_per_task: int = 8
+    shard_size: int = 2
+    in_flight: int = 12
+    kill: bool = True
+    keep: Path | None = None
+    quiet: bool = False
+    json: bool = False
 
 
-def _cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "coordinator.cli", *args]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+@dataclass
+class Progress:
+    """What the batch stream has done so far (shared by the submitting threads)."""
+
+    latencies: list[float] = field(default_factory=list)
+    labels: dict[int, list[int]] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def done(self) -> int:
+        with self.lock:
+            return len(self.latencies) + len(self.failed)
 
 
-def _load_admission(node_dir: Path) -> Admission:
-    ident = NodeIdentity.load(node_dir)
-    return Admission(ident, NodeDirectory(node_dir).revocations(ident.trust))
+class Demo:
+    """One run of the demo; see the module docstring."""
 
+    def __init__(self, options: DemoOptions, root: Path) -> None:
+        from meshinfer.testing.cluster import LocalCluster
 
-# --- the serving node (a separate process) ----------------------------------------------------
+        self.options = options
+        self.started = time.monotonic()
+        self.cluster = LocalCluster(root, fleet_id=f"demo-{int(time.time())}", preset="lan")
+        roles = ["rsu"] + ["vehicle"] * (options.nodes - 1)
+        self.names = ["rsu-1"] + [f"veh-{i}" for i in range(1, options.nodes)]
+        self.roles = dict(zip(self.names, roles, strict=True))
+        self.client: Any = None
+        self.victim: str | None = None
+        self.kill_report: dict[str, Any] = {}
 
+    def say(self, text: str) -> None:
+        if not self.options.quiet:
+            print(f"[{time.monotonic() - self.started:5.1f}s] {text}", flush=True)
 
-async def _serve(node_dir: Path, fleet_dir: Path | None) -> None:
-    admission = _load_admission(node_dir)
-    if fleet_dir is not None:  # a node with access to the fleet's current revocation list
-        admission.revocations = FleetDirectory(fleet_dir).revocations()
-    metrics = SessionMetrics()
+    # --- setup -----------------------------------------------------------------------------
 
-    async def answer(session):
-        print(f"[{admission.identity.node_id}] session from {session.peer_id}", flush=True)
-        async for msg in session:
-            reply = msg.payload.decode(errors="replace").upper().encode()
-            await session.send(AppData(topic="reply", payload=reply))
-        print(f"[{admission.identity.node_id}] {session.peer_id} left: {session.close_reason}")
+    def start(self) -> None:
+        from coordinator.client import CoordinatorClient
 
-    listener = SessionListener(TcpTransport(), admission, answer, metrics=metrics)
-    addr = await listener.start(Address("127.0.0.1", 0))
-    print(f"LISTENING {addr.port}", flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await listener.aclose()
-    refused = dict(metrics.handshake_failures)
-    print(f"[{admission.identity.node_id}] stopping; refused handshakes: {refused}", flush=True)
-
-
-# --- the driving side -------------------------------------------------------------------------
-
-
-class _NodeProcess:
-    def __init__(self, node_dir: Path, fleet_dir: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "meshinfer.demo", "serve", str(node_dir)]
-        if fleet_dir is not None:
-            cmd.append(str(fleet_dir))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.startswith("LISTENING "):
-            self.proc.kill()
-            raise RuntimeError(f"node process failed to start: {line!r}")
-        self.address = Address("127.0.0.1", int(line.split()[1]))
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=10)
-        return out
-
-
-async def _exchange(car: Admission, addr: Address, n: int, quiet: bool, **kw) -> None:
-    session = await dial(TcpTransport(), addr, car, **kw)
-    kind = "IK" if kw.get("expected_static") else "XX"
-    _say(
-        f"[car-1] {kind} session with {session.peer_id} (roles {sorted(session.peer.roles)})", quiet
-    )
-    for i in range(n):
-        await session.send(AppData(topic="hello", payload=f"frame {i} from car-1".encode()))
-        reply = await session.recv()
-        _say(f"[car-1]   sent 'frame {i} from car-1', got {reply.payload.decode()!r}", quiet)
-    rtt = await session.ping()
-    _say(f"[car-1]   round trip {rtt * 1e3:.2f} ms", quiet)
-    await session.aclose()
-
-
-async def _refused(label: str, admission: Admission, addr: Address, quiet: bool) -> bool:
-    try:
-        session = await dial(TcpTransport(), addr, admission)
-        await session.send(AppData(topic="hello", payload=b"let me in"))
-        await session.recv()
-    except MeshInferError as exc:
-        _say(f"[{label}] refused: {type(exc).__name__}: {exc}", quiet)
-        return True
-    _say(f"[{label}] was NOT refused", quiet)
-    return False
-
-
-async def _drive(tmp: Path, n: int, quiet: bool) -> int:
-    fleet_dir, rsu_dir, car_dir = tmp / "fleet", tmp / "rsu-1", tmp / "car-1"
-    _cli("fleet", "init", "--dir", str(fleet_dir), "--fleet-id", "demo-fleet")
-    for node_id, node_dir, roles in (("rsu-1", rsu_dir, "rsu"), ("car-1", car_dir, "vehicle")):
-        _cli(
-            "fleet",
-            "enroll",
-            "--dir",
-            str(fleet_dir),
-            "--node-dir",
-            str(node_dir),
-            "--node-id",
-            node_id,
-            "--roles",
-            roles,
+        self.cluster.add_coordinator("coord")
+        for name in self.names:
+            self.cluster.add_node(name, roles=(self.roles[name],))
+        self.say(
+            f"fleet {self.cluster.fleet_id!r} created in {self.cluster.root}; enrolled the"
+            f" coordinator and {', '.join(self.names)}"
         )
-    _say(f"fleet 'demo-fleet' created in {fleet_dir}; enrolled rsu-1 and car-1", quiet)
-    car = _load_admission(car_dir)
-    node = _NodeProcess(rsu_dir)
-    ok = True
-    try:
-        _say(f"rsu-1 runs as process {node.proc.pid}, listening on {node.address}", quiet)
-        started = time.perf_counter()
-        await _exchange(car, node.address, n, quiet)
-        rsu_key = NodeIdentity.load(rsu_dir).static_public
-        await _exchange(car, node.address, n, quiet, expected_static=rsu_key)
-        intruder = make_fleet(None, ["intruder"], fleet_id="other-fleet").admission("intruder")
-        _say(
-            "[intruder] a node of another fleet tries (the Noise prologue binds the fleet id)",
-            quiet,
+        with ThreadPoolExecutor(len(self.names) + 1) as pool:
+            futures = [pool.submit(self.cluster.start_coordinator, "coord")]
+            futures += [pool.submit(self.cluster.start, name) for name in self.names]
+            daemons = [f.result() for f in futures]
+        coord = daemons[0]
+        self.client = CoordinatorClient(coord.facts["api"], self.cluster.token)
+        pids = ", ".join(f"{d.name} {d.facts['pid']}" for d in daemons)
+        self.say(f"started 1 coordinator + {len(self.names)} node processes (pids: {pids})")
+        self.say(f"coordinator API at {coord.facts['api']}, session at {coord.facts['session']}")
+        self.cluster.wait_for(self._all_nodes_ready, timeout=30)
+        self.say(
+            f"the coordinator sees {len(self.names)} nodes alive (mDNS + SWIM gossip), each"
+            f" serving {', '.join(ENSEMBLE)}"
         )
-        ok &= await _refused("intruder", intruder, node.address, quiet)
-        _say(f"sessions done in {(time.perf_counter() - started) * 1e3:.0f} ms", quiet)
-    finally:
-        for line in node.stop().splitlines():
-            _say(line, quiet)
-    FleetDirectory(fleet_dir).revoke(node_id="car-1", serial=None, reason="demo", now=time.time())
-    _say("car-1 revoked by the fleet authority; rsu-1 restarts with the new list", quiet)
-    node = _NodeProcess(rsu_dir, fleet_dir)
-    try:
-        ok &= await _refused("car-1", car, node.address, quiet)
-    finally:
-        for line in node.stop().splitlines():
-            _say(line, quiet)
-    print("demo finished: " + ("all checks passed" if ok else "SOME CHECKS FAILED"))
-    return 0 if ok else 1
+
+    def _all_nodes_ready(self) -> bool:
+        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+        return all(
+            nodes.get(name, {}).get("status") == "alive" and len(nodes[name]["models"]) >= 3
+            for name in self.names
+        )
+
+    # --- the batch stream ------------------------------------------------------------------
+
+    def classify(self, x: np.ndarray) -> tuple[Progress, float]:
+        """Classify ``x`` as a stream of batch tasks; kill a node halfway. (progress, seconds)"""
+        from coordinator.client import tensor_json
+
+        step = self.options.rows_per_task
+        chunks = [(i, x[i : i + step]) for i in range(0, len(x), step)]
+        progress = Progress()
+        self.say(
+            f"classifying {len(x)} held-out digits with {DIGITS}: {len(chunks)} batch tasks of"
+            f" {step} rows (shards of {self.options.shard_size}), {self.options.in_flight} in"
+            " flight"
+        )
+
+        def run(chunk: tuple[int, np.ndarray]) -> None:
+            start, rows = chunk
+            t0 = time.perf_counter()
+            try:
+                task = self.client.submit({
+                    "pattern": "batch", "model": DIGITS, "inputs": tensor_json(rows),
+                    "shard_size": self.options.shard_size,
+                })  # fmt: skip
+                doc = self.client.wait(task["task_id"], timeout=60)
+            except MeshInferError as exc:
+                with progress.lock:
+                    progress.failed.append(f"rows {start}..: {exc}")
+                return
+            elapsed = time.perf_counter() - t0
+            with progress.lock:
+                if doc["state"] == "succeeded":
+                    progress.latencies.append(elapsed)
+                    progress.labels[start] = doc["result"]["labels"]
+                else:
+                    progress.failed.append(f"{doc['task_id']}: {doc['state']} {doc['error']}")
+
+        t0 = time.perf_counter()
+        killer = threading.Thread(target=self._kill_halfway, args=(progress, len(chunks)))
+        if self.options.kill:
+            killer.start()
+        with ThreadPoolExecutor(self.options.in_flight) as pool:
+            list(pool.map(run, chunks))
+        elapsed = time.perf_counter() - t0
+        if self.options.kill:
+            killer.join()
+        return progress, elapsed
+
+    def _kill_halfway(self, progress: Progress, total: int) -> None:
+        while progress.done < total // 2:
+            time.sleep(0.005)
+        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+        self.victim = max(self.names[1:], key=lambda n: nodes.get(n, {}).get("in_flight", 0))
+        in_flight = nodes.get(self.victim, {}).get("in_flight", 0)
+        before = self.client.stats()
+        self.cluster.kill(self.victim, signal.SIGKILL)
+        killed_at = time.perf_counter()
+        self.say(f"halfway: SIGKILL {self.victim} with {in_flight} work items in flight on it")
+        self.kill_report = {"node": self.victim, "in_flight": in_flight, "before": before}
+        try:
+            self.cluster.wait_for(self._victim_not_alive, timeout=30, step=0.02)
+        except TimeoutError:
+            self.say(f"{self.victim} is still listed as alive after 30 s")
+            return
+        self.kill_report["detected_s"] = time.perf_counter() - killed_at
+        status = self._victim_status()
+        self.say(
+            f"{self.victim} is {status} to the coordinator after"
+            f" {self.kill_report['detected_s']:.2f}s; its items are re-dispatched to the others"
+        )
+
+    def _victim_status(self) -> str:
+        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+        return nodes.get(self.victim, {}).get("status", "gone")
+
+    def _victim_not_alive(self) -> bool:
+        return self._victim_status() != "alive"
+
+    # --- the ensemble ----------------------------------------------------------------------
+
+    def ensemble(self, x: np.ndarray) -> tuple[dict[str, Any], float]:
+        from coordinator.client import tensor_json
+
+        self.say(f"one parallel task: all {len(x)} digits through {len(ENSEMBLE)} models, ensemble")
+        t0 = time.perf_counter()
+        task = self.client.submit({
+            "pattern": "parallel", "models": list(ENSEMBLE), "inputs": tensor_json(x),
+            "aggregation": "ensemble",
+        })  # fmt: skip
+        doc = self.client.wait(task["task_id"], timeout=60)
+        return doc, time.perf_counter() - t0
+
+    def stop(self) -> None:
+        for daemon in self.cluster.processes.values():
+            if daemon.alive():
+                daemon.proc.send_signal(signal.SIGTERM)
+        for daemon in self.cluster.processes.values():
+            try:
+                daemon.proc.wait(timeout=15)
+            except Exception:
+                daemon.proc.kill()
+        self.cluster.close()
 
 
-def run_demo(*, messages: int = 5, quiet: bool = False) -> int:
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan")}
+    ms = np.asarray(values) * 1000
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+
+
+def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, ens_s: float):
+    predicted = np.full(len(y), -1)
+    for start, labels in progress.labels.items():
+        predicted[start : start + len(labels)] = labels
+    classified = int((predicted >= 0).sum())
+    stats = demo.client.stats()
+    ens_labels = np.asarray((ens.get("result") or {}).get("labels") or [-1] * len(y))
+    return {
+        "nodes": demo.names,
+        "killed": demo.kill_report.get("node"),
+        "killed_in_flight": demo.kill_report.get("in_flight"),
+        "kill_detected_s": demo.kill_report.get("detected_s"),
+        "tasks": len(progress.latencies) + len(progress.failed),
+        "tasks_failed": progress.failed,
+        "rows": len(y),
+        "rows_classified": classified,
+        "accuracy": float((predicted == y).mean()),
+        "rows_per_s": classified / seconds if seconds else 0.0,
+        "seconds": seconds,
+        "latency": _percentiles(progress.latencies),
+        "ensemble_state": ens.get("state"),
+        "ensemble_accuracy": float((ens_labels == y).mean()) if len(ens_labels) == len(y) else 0.0,
+        "ensemble_s": ens_s,
+        "items_by_node": stats["completed_by_node"],
+        "retries": stats["retries"],
+        "redispatched_after_death": stats["redispatched_after_death"],
+        "duplicates_dropped": stats["duplicates"],
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    lat = s["latency"]
+    lines = [
+        "",
+        "summary",
+        f"  batch:    {s['rows_classified']}/{s['rows']} digits in {s['tasks']} tasks,"
+        f" accuracy {s['accuracy']:.1%}, {s['rows_per_s']:.0f} digits/s",
+        f"  latency:  per task (submit -> result over HTTP) p50 {lat['p50_ms']:.1f} ms,"
+        f" p90 {lat['p90_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms",
+        f"  ensemble: {s['ensemble_state']}, accuracy {s['ensemble_accuracy']:.1%}"
+        f" ({s['ensemble_s'] * 1000:.0f} ms)",
+        f"  faults:   killed {s['killed'] or '-'}; items retried {s['retries']},"
+        f" re-dispatched after death {s['redispatched_after_death']}, duplicate results"
+        f" dropped {s['duplicates_dropped']}, tasks failed {len(s['tasks_failed'])}",
+        f"  {'node':<10}{'items done':>12}  status",
+    ]
+    for name in s["nodes"]:
+        status = "killed" if name == s["killed"] else "alive"
+        lines.append(f"  {name:<10}{s['items_by_node'].get(name, 0):>12}  {status}")
+    print("\n".join(lines), flush=True)
+
+
+def run_demo(options: DemoOptions | None = None) -> int:
+    """Run the demo; 0 when every task succeeded and accuracy is as trained, else 1."""
+    from meshinfer.inference.registry import load_digits_holdout
+
+    options = options or DemoOptions()
+    x, y = load_digits_holdout()
     with tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
-        return asyncio.run(_drive(Path(tmp), messages, quiet))
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "serve":
-        fleet = Path(sys.argv[3]) if len(sys.argv) > 3 else None
-        os.environ.setdefault("PYTHONUNBUFFERED", "1")
-        asyncio.run(_serve(Path(sys.argv[2]), fleet))
+        root = options.keep or Path(tmp)
+        demo = Demo(options, root)
+        try:
+            demo.start()
+            progress, seconds = demo.classify(x)
+            ens, ens_s = demo.ensemble(x)
+            summary = _summary(demo, x, y, progress, seconds, ens, ens_s)
+        finally:
+            demo.say("stopping the daemons (SIGTERM)")
+            demo.stop()
+    if options.json:
+        print(json.dumps(summary), flush=True)
     else:
-        raise SystemExit(run_demo())
+        _print_summary(summary)
+    ok = not summary["tasks_failed"] and summary["accuracy"] > 0.9
+    ok = ok and summary["ensemble_state"] == "succeeded"
+    if not ok:
+        print("meshinfer demo: some work failed (see above)", file=sys.stderr)
+    return 0 if ok else 1

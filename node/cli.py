@@ -42,24 +42,12 @@ def _add_run(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
+    from meshinfer.runtime.loop import run_main
     from node.config import load_config
     from node.daemon import run_daemon
 
     config = load_config(args.config)  # ConfigError -> one line on stderr, exit 2
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        return runner.run(run_daemon(config))
+    return run_main(run_daemon(config), args.log_level)
 
 
 def _add_status(commands: Any) -> None:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
+from meshinfer.runtime.loop import serve_until_signalled
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
@@ -56,8 +56,12 @@ def parse_model_ref(text: str, where: str = "model") -> ModelRef:
     return ModelRef(model_id, version or "1")
 
 
-def mesh_options(config: NodeConfig, fleet_id: str) -> MeshNodeOptions:
-    """Translate the TOML sections into :class:`MeshNodeOptions` (ConfigError naming keys)."""
+def mesh_options(config: Any, fleet_id: str) -> MeshNodeOptions:
+    """The mesh sections of a node's or coordinator's file as :class:`MeshNodeOptions`.
+
+    ``config`` has ``network``, ``discovery``, ``membership`` and ``session`` sections (both
+    :class:`~node.config.NodeConfig` and the coordinator's file do).
+    """
     d, s = config.discovery, config.session
     mdns = None
     if d.mdns:
@@ -141,6 +145,7 @@ class NodeDaemon:
         revocations = NodeDirectory(Path(self.config.node.identity_dir)).revocations(
             self.identity.trust
         )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         await self._start_inference()
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await self.mesh.start()
@@ -280,24 +285,4 @@ def _replace(state: Any, **changes: Any) -> Any:
 async def run_daemon(config: NodeConfig) -> int:
     """Run until SIGTERM/SIGINT; print ``READY {json}`` once ready. Returns the exit code."""
     daemon = NodeDaemon(config)
-    loop = asyncio.get_running_loop()
-    signals = asyncio.Queue[int]()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
-    try:
-        facts = await daemon.start()
-    except BaseException:
-        await daemon.aclose()
-        raise
-    print("READY " + json.dumps(facts), flush=True)
-    await signals.get()
-    drain = loop.create_task(daemon.drain_and_close())
-    second = loop.create_task(signals.get())
-    done, _ = await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
-    if second in done:
-        drain.cancel()
-        await daemon.aclose()
-    else:
-        second.cancel()
-    print(f"STOPPED {daemon.node_id}", flush=True)
-    return 0
+    return await serve_until_signalled(daemon, daemon.drain_and_close)

@@ -54,7 +54,12 @@ async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
     names = ["veh-1", "veh-2", "veh-3"]
     with LocalCluster(tmp_path, fleet_id="kill-fleet") as cluster:
         for name in names:
-            cluster.add_node(name, extra="[executor]\nmax_concurrent = 1\n")
+            # veh-1 must still hold work when it is killed: no work sharing, and its batcher
+            # holds items for 300 ms (else a fast node has answered everything in flight)
+            extra = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
+            if name == "veh-1":
+                extra += "[inference]\nmax_queue_delay_ms = 300.0\nmax_batch_size = 4096\n"
+            cluster.add_node(name, extra=extra)
             cluster.start(name)
         config = CoordinatorConfig(item_timeout_s=60, max_in_flight_per_node=8)
         mesh, c = await coordinator_for(cluster, tmp_path, config)
@@ -64,6 +69,7 @@ async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
                             (DIGITS,), shard_size=2, policy="round_robin")  # fmt: skip
             task_id = await c.submit(spec)
             await until(lambda: c.stats_.completed_by_node["veh-1"] >= 3)
+            assert c.nodes()[0]["node_id"] == "veh-1" and c.nodes()[0]["in_flight"] > 0
             cluster.kill("veh-1", signal.SIGKILL)
             record = await c.wait(task_id, timeout=60)
             assert record.state.value == "succeeded", record.summary.error

@@ -85,6 +85,32 @@ class LocalCluster:
         self.configs[node_id] = config
         return config
 
+    def add_coordinator(self, node_id: str = "coord", *, extra: str = "") -> Path:
+        """Enrol a coordinator and write its TOML: API on a free loopback port, fleet token."""
+        node_dir = self.enroll(node_id, ("coordinator",))
+        data_dir = self.root / "data" / node_id
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.root / f"{node_id}.toml"
+        config.write_text(
+            f'[coordinator]\nidentity_dir = "{node_dir}"\ndata_dir = "{data_dir}"\n'
+            f'[discovery]\ninterfaces = ["127.0.0.1"]\n'
+            f'[membership]\npreset = "{self.preset}"\n'
+            f'[api]\nlisten = "127.0.0.1:0"\ntoken_file = "{self.fleet.api_token_file}"\n'
+            f"{extra}"
+        )
+        self.configs[node_id] = config
+        return config
+
+    def start_coordinator(self, node_id: str = "coord", timeout: float = 30.0) -> DaemonProcess:
+        """Start ``meshinfer-coord serve`` for ``node_id`` (see :meth:`add_coordinator`)."""
+        command = (sys.executable, "-m", "coordinator.cli", "serve", "--config")
+        return self.start(node_id, command=command, timeout=timeout)
+
+    @property
+    def token(self) -> str:
+        """The fleet's API token."""
+        return self.fleet.api_token()
+
     def start(self, node_id: str, *, command: tuple[str, ...] | None = None, timeout=30.0):
         """Start a daemon for ``node_id`` and wait for its READY line."""
         argv = command or (sys.executable, "-m", "node.cli", "run", "--config")

@@ -1,0 +1,407 @@
+"""Task path: coordinator -> encrypted session -> one node daemon -> back, versus Ray.
+
+In one run, on loopback:
+
+(a) meshinfer: the coordinator in this process, ONE node daemon as a separate process
+    (:class:`~meshinfer.testing.cluster.LocalCluster`) serving the tiny synthetic model
+    ``synthetic-mlp@w10-d1``; single-pattern tasks of one row, submitted through the public API
+    (``submit`` then ``wait``), a closed loop keeping ``--in-flight`` (64) tasks outstanding.
+    Measured with the journal's default ``synchronous=FULL``, with ``NORMAL`` (WAL + NORMAL
+    survives a process crash but may lose the last commits on power loss) and with no journal at
+    all (a stub that keeps nothing: the ceiling of the rest of the path, NOT durable), each with
+    ``--in-flight`` tasks and with a single task in flight (the unloaded round trip).
+(b) Ray: ``ray.init(num_cpus=2)``, a remote function doing the same tiny MLP forward pass, the
+    same closed loop (``ray.wait`` keeps ``--in-flight`` outstanding), and with one in flight.
+
+Prints tasks/s and submit->result p50/p99 per case, the ratios meshinfer / Ray, whether the
+goals (>= 5x Ray's tasks/s, p50 under 1 ms) are met, and a per-task cost breakdown of the
+meshinfer coordinator (journal time per call, CPU per task in this process and in the node
+process). ``--profile`` adds a cProfile of the coordinator's loop thread. Ray is a bench-only
+dependency (``pip install ray``); without it meshinfer's figures are printed alone. Usage::
+
+    python bench/bench_tasks.py [--seconds 5] [--in-flight 64] [--quick] [--no-ray] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import logging
+import pstats
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coordinator.service import Coordinator, CoordinatorConfig
+from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.mlp import forward
+from meshinfer.inference.synthetic import SyntheticSpec, make_weights
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.tasks import Pattern, TaskSpec
+from meshinfer.proto.tasks_wire import Tensor
+from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.testing.cluster import LocalCluster
+
+TINY = SyntheticSpec(10, 1)
+TINY_REF = ModelRef(TINY.ref.model_id, TINY.ref.version)
+NODE_EXTRA = (
+    f'[inference]\nmodels = ["{TINY_REF.model_id}@{TINY_REF.version}"]\n'
+    "max_queue_delay_ms = 0.0\n"
+    "[executor]\nmax_concurrent = 256\noffload_queue_depth = 100000\n"
+)
+JOURNAL_CALLS = ("submit", "mark_dispatched", "mark_running", "record_result", "finish", "get")
+
+
+class Figures:
+    """Latencies (seconds) of the tasks completed in the measuring window, and its length."""
+
+    def __init__(self, latencies: list[float], seconds: float) -> None:
+        self.latencies = sorted(latencies)
+        self.seconds = seconds
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def pct(self, q: float) -> float:
+        s = self.latencies
+        return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+# --- the measuring loop shared by both systems ------------------------------------------------
+
+
+class Window:
+    """Warm-up, then a measuring window; completions inside it are kept."""
+
+    def __init__(self, warmup: float, seconds: float) -> None:
+        self.start = time.perf_counter() + warmup
+        self.end = self.start + seconds
+        self.latencies: list[float] = []
+
+    def record(self, t0: float, t1: float) -> None:
+        if self.start <= t0 and t1 <= self.end:
+            self.latencies.append(t1 - t0)
+
+    @property
+    def over(self) -> bool:
+        return time.perf_counter() >= self.end
+
+    def figures(self) -> Figures:
+        return Figures(self.latencies, self.end - self.start)
+
+
+# --- (a) meshinfer ----------------------------------------------------------------------------
+
+
+class TimedJournal:
+    """Wraps a journal's methods to add up the time each takes (on the journal thread)."""
+
+    def __init__(self, journal) -> None:
+        self.seconds: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        for name in JOURNAL_CALLS:
+            setattr(journal, name, self._wrap(name, getattr(journal, name)))
+
+    def _wrap(self, name: str, method: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+class NullJournal:
+    """Keeps nothing: the ceiling of the coordinator path without any journal work (NOT durable)."""
+
+    def __init__(self) -> None:
+        self.ended: set[str] = set()
+
+    def submit(self, spec: TaskSpec) -> str:
+        return spec.task_id
+
+    def mark_dispatched(self, *args) -> None:
+        pass
+
+    def mark_running(self, *args) -> bool:
+        return True
+
+    def record_result(self, *args, **kwargs) -> bool:
+        return True
+
+    def finish(self, task_id: str, *args, **kwargs) -> list:
+        self.ended.add(task_id)
+        return []
+
+    def get(self, task_id: str) -> SimpleNamespace:
+        state = "succeeded" if task_id in self.ended else "running"
+        return SimpleNamespace(state=SimpleNamespace(value=state))
+
+    def close(self) -> None:
+        pass
+
+
+def serving(c: Coordinator) -> bool:
+    return any(n["models"] and n["status"] == "alive" for n in c.nodes())
+
+
+async def start_coordinator(cluster: LocalCluster, tmp: Path, synchronous: str, in_flight):
+    """A fresh coordinator (own identity and journal); ``synchronous="none"`` swaps its journal
+    for a :class:`NullJournal`."""
+    name = f"coord-{synchronous}-{in_flight}-{time.monotonic_ns()}"
+    ident = NodeIdentity.load(cluster.enroll(name, roles=("coordinator",)))
+    revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
+    journal = tmp / f"{name}.db"
+    opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
+    mesh = MeshNode(ident, revocations, opts)
+    await mesh.start()
+    config = CoordinatorConfig(
+        journal_synchronous="NORMAL" if synchronous == "none" else synchronous,
+        max_in_flight_per_node=max(in_flight, 1),
+        node_capacity=max(in_flight, 1),
+    )
+    coordinator = Coordinator(mesh, journal, config)
+    await coordinator.start()
+    if synchronous == "none":
+        coordinator.journal.close()
+        coordinator.journal = NullJournal()
+    async with asyncio.timeout(30):
+        while not serving(coordinator):  # noqa: ASYNC110 (polling the public view)
+            await asyncio.sleep(0.05)
+    return mesh, coordinator
+
+
+async def mesh_loop(c: Coordinator, window: Window, in_flight: int, tag: str) -> None:
+    x = Tensor.from_array(np.random.default_rng(0).random((1, TINY.width), dtype=np.float32))
+    counter = iter(range(1 << 62))
+
+    async def worker(w: int) -> None:
+        while not window.over:
+            spec = TaskSpec(f"{tag}-{w}-{next(counter)}", Pattern.SINGLE, x, (TINY_REF,))
+            t0 = time.perf_counter()
+            task_id = await c.submit(spec)
+            record = await c.wait(task_id)
+            window.record(t0, time.perf_counter())
+            if record.state.value != "succeeded":
+                raise RuntimeError(f"task {task_id} ended {record.state.value}")
+
+    await asyncio.gather(*(worker(w) for w in range(in_flight)))
+
+
+async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, node_pid: int):
+    mesh, c = await start_coordinator(cluster, tmp, synchronous, in_flight)
+    timed = TimedJournal(c.journal)
+    me, node = psutil.Process(), psutil.Process(node_pid)
+    profile = cProfile.Profile() if args.profile and in_flight > 1 else None
+    try:
+        window = Window(args.warmup, args.seconds)
+        tag = f"{synchronous}{in_flight}"
+        loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, tag))
+        await asyncio.sleep(args.warmup)
+        timed.reset()
+        cpu0, ncpu0 = me.cpu_times(), node.cpu_times()
+        if profile:
+            profile.enable()
+        await loop_task
+        if profile:
+            profile.disable()
+        cpu1, ncpu1 = me.cpu_times(), node.cpu_times()
+    finally:
+        await c.aclose()
+        await mesh.aclose()
+    figures = window.figures()
+    n = max(1, len(figures.latencies))
+    breakdown = {
+        "journal": {k: timed.seconds[k] / n for k in JOURNAL_CALLS},
+        "coordinator_cpu": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / n,
+        "node_cpu": (ncpu1.user + ncpu1.system - ncpu0.user - ncpu0.system) / n,
+    }
+    return figures, breakdown, profile
+
+
+async def mesh_all(args) -> dict[str, tuple[Figures, dict, cProfile.Profile | None]]:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        with LocalCluster(tmp, fleet_id="bench-tasks") as cluster:
+            await mesh_cases(cluster, tmp, args, out)
+    return out
+
+
+async def mesh_cases(cluster: LocalCluster, tmp: Path, args, out: dict) -> None:
+    cluster.add_node("worker", extra="[http]\nenabled = false\n" + NODE_EXTRA)
+    pid = cluster.start("worker").proc.pid
+    for in_flight in (args.in_flight, 1):
+        for synchronous in ("FULL", "NORMAL", "none"):
+            out[f"{synchronous}/{in_flight}"] = await mesh_case(
+                cluster, tmp, synchronous, in_flight, args, pid
+            )
+
+
+# --- (b) Ray ----------------------------------------------------------------------------------
+
+
+def ray_case(in_flight: int, args) -> Figures:
+    import ray
+
+    weights = make_weights(TINY)
+
+    @ray.remote
+    def infer(w, batch):
+        return forward(w, batch)
+
+    w_ref = ray.put(weights)
+    x = np.random.default_rng(0).random((1, TINY.width), dtype=np.float32)
+    window = Window(args.warmup, args.seconds)
+    started: dict = {}
+    for _ in range(in_flight):
+        started[infer.remote(w_ref, x)] = time.perf_counter()
+    while not window.over:
+        done, _ = ray.wait(list(started), num_returns=1)
+        for ref in done:
+            ray.get(ref)
+            window.record(started.pop(ref), time.perf_counter())
+            started[infer.remote(w_ref, x)] = time.perf_counter()
+    ray.get(list(started))
+    return window.figures()
+
+
+def ray_all(args) -> tuple[str, dict[int, Figures]]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        figures = {args.in_flight: ray_case(args.in_flight, args), 1: ray_case(1, args)}
+        return ray.__version__, figures
+    finally:
+        ray.shutdown()
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def line(text: str, f: Figures) -> None:
+    print(
+        f"{text:<40}{f.rate:>10,.0f}{f.pct(0.5) * 1e3:>10.3f}{f.pct(0.99) * 1e3:>10.3f}"
+        f"{len(f.latencies):>9}"
+    )
+
+
+def label(key: str) -> str:
+    sync, n = key.split("/")
+    journal = "no journal (ceiling)" if sync == "none" else f"sync={sync}"
+    return f"meshinfer {n} in flight, {journal}"
+
+
+def report(args, mesh, ray_version: str | None, ray_figs, ray_error: str | None) -> None:
+    k = args.in_flight
+    print(f"{'case':<40}{'tasks/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'tasks':>9}")
+    for key, (figures, _, _) in mesh.items():
+        line(label(key), figures)
+    if ray_figs:
+        for n in (k, 1):
+            line(f"ray {ray_version} {n} in flight", ray_figs[n])
+        print("\nratios meshinfer / ray (tasks/s: higher is better; p50: lower is better)")
+        for sync in ("FULL", "NORMAL", "none"):
+            m, r = mesh[f"{sync}/{k}"][0], ray_figs[k]
+            m1, r1 = mesh[f"{sync}/1"][0], ray_figs[1]
+            print(
+                f"  {sync:<6} {k} in flight: tasks/s x{m.rate / r.rate:.2f}, "
+                f"p50 x{m.pct(0.5) / r.pct(0.5):.2f};  1 in flight: tasks/s "
+                f"x{m1.rate / r1.rate:.2f}, p50 x{m1.pct(0.5) / r1.pct(0.5):.2f}"
+            )
+        goals(mesh, ray_figs, k)
+    else:
+        print(f"\nray not measured: {ray_error}")
+    breakdown(mesh)
+
+
+def goals(mesh, ray_figs, k: int) -> None:
+    full, ray = mesh[f"FULL/{k}"][0], ray_figs[k]
+    p50 = mesh["FULL/1"][0].pct(0.5)
+    throughput = "met" if full.rate >= 5 * ray.rate else "missed"
+    latency = "met" if p50 < 1e-3 else "missed"
+    print(
+        f"goals (default durability, sync=FULL): tasks/s >= 5x ray: {throughput} "
+        f"(x{full.rate / ray.rate:.2f}); p50 < 1 ms with 1 in flight: {latency} "
+        f"({p50 * 1e3:.2f} ms; with {k} in flight p50 is bounded below by "
+        f"{k}/tasks_per_s = {k / full.rate * 1e3:.1f} ms, Little's law)"
+    )
+
+
+def breakdown(mesh) -> None:
+    print("\nper-task cost, meshinfer (microseconds per completed task; journal = wall time of")
+    print("each call on the journal thread, GIL waits included)")
+    for key, (_, b, _) in mesh.items():
+        journal = " ".join(f"{name}={b['journal'][name] * 1e6:.0f}" for name in JOURNAL_CALLS)
+        total = sum(b["journal"].values()) * 1e6
+        print(f"  {key:<10} journal {total:.0f} ({journal})")
+        print(
+            f"  {'':<10} coordinator process CPU {b['coordinator_cpu'] * 1e6:.0f}, "
+            f"node process CPU {b['node_cpu'] * 1e6:.0f}"
+        )
+    for key, (_, _, profile) in mesh.items():
+        if profile is not None:
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+            print(f"\ncProfile of the coordinator process, {key} (event-loop thread only)")
+            print(text.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per case")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up per case")
+    ap.add_argument("--in-flight", type=int, default=64, help="tasks kept outstanding")
+    ap.add_argument("--quick", action="store_true", help="short windows (smoke run)")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray baseline")
+    ap.add_argument("--profile", action="store_true", help="cProfile the loaded meshinfer cases")
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the fast path logs a warning per kill
+    if args.quick:
+        args.seconds, args.warmup = 1.0, 0.5
+    print(f"python {sys.version.split()[0]}, loop={args.loop}, cpus={psutil.cpu_count()}, "
+          f"window={args.seconds}s after {args.warmup}s warm-up")  # fmt: skip
+    if args.loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            mesh = runner.run(mesh_all(args))
+    else:
+        mesh = asyncio.run(mesh_all(args))
+    ray_version, ray_figs, ray_error = None, None, None
+    if not args.no_ray:
+        try:
+            ray_version, ray_figs = ray_all(args)
+        except ImportError as exc:
+            ray_error = f"ray is not installed ({exc}); pip install ray"
+    else:
+        ray_error = "--no-ray"
+    report(args, mesh, ray_version, ray_figs, ray_error)
+
+
+if __name__ == "__main__":
+    main()

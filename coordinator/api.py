@@ -1,0 +1,761 @@
+"""The coordinator's HTTP API v1 (aiohttp): submit, watch and cancel tasks; see the mesh.
+
+Routes (the OpenAPI document in :mod:`coordinator.openapi` describes each one)::
+
+    POST /v1/tasks                 submit (202 new, 200 identical resubmit, 409 other spec)
+    GET  /v1/tasks                 list: state, model, since, limit, cursor
+    GET  /v1/tasks/{id}            the task, its items and result (?outputs=false: no tensors)
+    GET  /v1/tasks/{id}/wait       the same, once finished or after ?timeout= seconds
+    POST /v1/tasks/{id}/cancel     cancel
+    GET  /v1/nodes, /v1/stats      the mesh as the coordinator sees it; its counters
+    GET  /metrics                  Prometheus text (meshinfer_coord_*)
+    GET  /openapi.json             the OpenAPI 3.1 document
+    GET  /healthz                  liveness; the only route without the bearer token
+
+Every request passes three middlewares, outermost first: ``_observe`` (counts and times it by
+route and status), ``_errors`` (turns every exception into the JSON error
+``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
+never with its traceback) and ``_auth`` (``Authorization: Bearer <token>``, compared in constant
+time). Query parameters are read strictly: an unknown, repeated or malformed one is a 400
+``bad_parameter`` naming it. Large bodies are parsed, and large results rendered, in a worker
+thread so the event loop keeps serving.
+
+Concurrency: every coroutine runs on the coordinator's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hmac
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from coordinator.journal import (
+    MAX_PAGE,
+    ItemRecord,
+    TaskConflictError,
+    TaskRecord,
+    TaskSummary,
+    UnknownTaskError,
+)
+from coordinator.openapi import openapi_document
+from coordinator.service import Coordinator
+from meshinfer.errors import ConfigError
+from meshinfer.inference.executor import BoundedExecutor
+from meshinfer.proto.tasks import TaskSpec, TaskState, new_task_id
+from meshinfer.proto.tasks_codec import spec_from_dict
+from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
+from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, Sample, render_family
+from meshinfer.transport.base import Address
+
+__all__ = [
+    "DEFAULT_PAGE",
+    "DEFAULT_WAIT_S",
+    "MAX_WAIT_S",
+    "ApiError",
+    "CoordinatorApi",
+    "body_to_spec",
+    "coordinator_families",
+    "error_body",
+    "item_doc",
+    "json_safe",
+    "parse_json",
+    "summary_doc",
+    "task_doc",
+    "tensor_from_json",
+    "tensor_to_json",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``/wait`` waits this long when no ``timeout`` is given, and at most :data:`MAX_WAIT_S`.
+DEFAULT_WAIT_S = 30.0
+MAX_WAIT_S = 300.0
+#: A listing page holds this many tasks when no ``limit`` is given (at most MAX_PAGE, 1000).
+DEFAULT_PAGE = 100
+#: Bodies and results larger than this are parsed or rendered in a worker thread.
+_OFF_LOOP_BYTES = 256 * 1024
+#: Requests still running this long after ``aclose`` began are cancelled.
+_SHUTDOWN_GRACE_S = 5.0
+#: Error messages are cut to this many characters (they may quote what the client sent).
+_MAX_MESSAGE = 500
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_STATES = tuple(s.value for s in TaskState)
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+class ApiError(Exception):
+    """An answer other than success: HTTP ``status``, a short ``code`` and a clear ``message``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        """The JSON error response."""
+        body = error_body(self.status, self.code, self.message)
+        return _json(body, status=self.status, headers=self.headers)
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    """The API's error document (the message is cut to a sane length)."""
+    if len(message) > _MAX_MESSAGE:
+        message = message[: _MAX_MESSAGE - 3] + "..."
+    return {"error": {"status": status, "code": code, "message": message}}
+
+
+def _json(doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None):
+    text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
+    return web.Response(text=text, status=status, headers=headers, content_type="application/json")
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+class CoordinatorApi:
+    """Serves :class:`~coordinator.service.Coordinator` over HTTP at ``listen``.
+
+    ``start`` binds (port 0 picks a free port; :attr:`url` then names it) and ``aclose`` stops
+    it (idempotent); also an async context manager. ``token`` is the fleet's API token;
+    ``max_body_bytes`` caps a request body (413 beyond); ``rng`` draws the ids of tasks
+    submitted without one.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        listen: Address,
+        token: str,
+        *,
+        max_body_bytes: int = 64 << 20,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not token or not token.isprintable() or any(c.isspace() for c in token):
+            raise ConfigError("api token must be non-empty printable text without spaces")
+        if max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes {max_body_bytes} must be positive")
+        self.coordinator = coordinator
+        self.listen = listen
+        self.max_body_bytes = max_body_bytes
+        self._token = token.encode()
+        self._rng = rng or random.SystemRandom()
+        self._json_work = BoundedExecutor(2, name="coord-api-json")
+        self._openapi = openapi_document()
+        self.registry = MetricsRegistry()
+        self._requests = self.registry.counter(
+            "meshinfer_coord_api_requests_total",
+            "API requests by method, route and status.",
+            ("method", "route", "status"),
+        )
+        self._latency = self.registry.histogram(
+            "meshinfer_coord_api_request_seconds", "API request duration by route.", ("route",)
+        )
+        self.app = self._build_app()
+        self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
+        self._url = ""
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._observe, self._errors, self._auth],
+            client_max_size=self.max_body_bytes,
+        )
+        get = functools.partial(web.get, allow_head=False)
+        app.add_routes([
+            web.post("/v1/tasks", self.submit),
+            get("/v1/tasks", self.list_tasks),
+            get("/v1/tasks/{id}", self.get_task),
+            get("/v1/tasks/{id}/wait", self.wait_task),
+            web.post("/v1/tasks/{id}/cancel", self.cancel_task),
+            get("/v1/nodes", self.nodes),
+            get("/v1/stats", self.stats),
+            get("/metrics", self.metrics),
+            get("/openapi.json", self.openapi),
+            get("/healthz", self.healthz),
+        ])  # fmt: skip
+        return app
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT`` once started (empty before)."""
+        return self._url
+
+    async def start(self) -> None:
+        """Bind and start serving; readiness is when this returns."""
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE_S
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self.listen.host, self.listen.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    async def aclose(self) -> None:
+        """Stop serving and release the JSON workers. Idempotent.
+
+        Open ``/wait`` calls answer at once with the task as it is; other requests get
+        :data:`_SHUTDOWN_GRACE_S` seconds to finish.
+        """
+        self._closing.set()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        await self._json_work.aclose()
+
+    async def __aenter__(self) -> CoordinatorApi:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- middlewares -----------------------------------------------------------------------
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        response = await handler(request)
+        route = _route_label(request)
+        method = request.method if request.method in _METHODS else "other"
+        self._requests.labels(method, route, str(response.status)).inc()
+        self._latency.labels(route).observe(clock() - started)
+        return response
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            return _from_http_exception(exc, request, self.max_body_bytes).response()
+        except UnknownTaskError as exc:
+            return ApiError(404, "not_found", str(exc)).response()
+        except TaskConflictError as exc:
+            return ApiError(409, "conflict", str(exc)).response()
+        except Exception:
+            log.exception("API %s %s failed", request.method, request.path[:200])
+            message = "the coordinator failed to handle this request; the error is logged"
+            return ApiError(500, "internal", message).response()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        public = request.method == "GET" and request.path == "/healthz"
+        if not public and not self._authorized(request.headers.get("Authorization", "")):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token: send 'Authorization: Bearer <api token>'",
+                {"WWW-Authenticate": 'Bearer realm="meshinfer-coordinator"'},
+            )
+        return await handler(request)
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, given = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode("utf-8", "backslashreplace"), self._token)
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    async def submit(self, request: web.Request) -> web.Response:
+        """POST /v1/tasks."""
+        _require_json(request)
+        body = await self._read_body(request)
+        spec = await self._off_loop(len(body), self._spec_from_body, body)
+        existed = await self._exists(spec.task_id)
+        try:
+            task_id = await self.coordinator.submit(spec)
+        except TaskConflictError:
+            raise ApiError(
+                409, "conflict", f"task_id {spec.task_id!r} is already used by a different task"
+            ) from None
+        except ConfigError as exc:  # e.g. an aggregation the task's models cannot satisfy
+            raise ApiError(400, "invalid_task", str(exc)) from None
+        summary = (await self.coordinator.get(task_id)).summary
+        location = f"/v1/tasks/{task_id}"
+        doc = {"task_id": task_id, "state": summary.state.value,
+               "items_total": summary.items_total, "location": location}  # fmt: skip
+        return _json(doc, status=200 if existed else 202, headers={"Location": location})
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        return await request.read()  # HTTPRequestEntityTooLarge past client_max_size
+
+    def _spec_from_body(self, body: bytes) -> TaskSpec:
+        return body_to_spec(parse_json(body), lambda: new_task_id(self._rng))
+
+    async def _exists(self, task_id: str) -> bool:
+        try:
+            await self.coordinator.get(task_id)
+        except UnknownTaskError:
+            return False
+        return True
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        """GET /v1/tasks."""
+        query = _query(request, {"state", "model", "since", "limit", "cursor"})
+        filters = _list_filters(query)
+        try:
+            page = await self.coordinator.list_tasks(**filters)
+        except ConfigError as exc:  # a cursor this journal never handed out
+            raise ApiError(400, "bad_parameter", f"cursor: {exc}") from None
+        doc = {"tasks": [summary_doc(s) for s in page.tasks], "next_cursor": page.next_cursor}
+        return _json(doc)
+
+    async def get_task(self, request: web.Request) -> web.Response:
+        """GET /v1/tasks/{id}."""
+        query = _query(request, {"outputs"})
+        outputs = _bool_param(query, "outputs", default=True)
+        record = await self.coordinator.get(request.match_info["id"])
+        return await self._task_response(record, outputs)
+
+    async def wait_task(self, request: web.Request) -> web.Response:
+        """GET /v1/tasks/{id}/wait."""
+        query = _query(request, {"timeout", "outputs"})
+        timeout = _number_param(query, "timeout", DEFAULT_WAIT_S, 0.0, MAX_WAIT_S)
+        outputs = _bool_param(query, "outputs", default=True)
+        record = await self._wait(request.match_info["id"], timeout)
+        return await self._task_response(record, outputs)
+
+    async def _wait(self, task_id: str, timeout: float) -> TaskRecord:
+        """The task once it ended, the timeout passed or the server began to close."""
+        waiting = asyncio.ensure_future(self.coordinator.wait(task_id, timeout=timeout))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+            ended = waiting.done()
+        finally:
+            closing.cancel()
+            if not waiting.done():
+                waiting.cancel()
+        return waiting.result() if ended else await self.coordinator.get(task_id)
+
+    async def _task_response(self, record: TaskRecord, outputs: bool) -> web.Response:
+        size = len(record.result_summary or b"")
+        doc = await self._off_loop(size, self._task_doc, record, outputs)
+        return _json(doc)
+
+    def _task_doc(self, record: TaskRecord, outputs: bool) -> dict[str, Any]:
+        return task_doc(record, self.coordinator.result_of(record), outputs=outputs)
+
+    async def cancel_task(self, request: web.Request) -> web.Response:
+        """POST /v1/tasks/{id}/cancel (a body, if any, is ignored)."""
+        _query(request, set())
+        task_id = request.match_info["id"]
+        cancelled = await self.coordinator.cancel(task_id)
+        state = (await self.coordinator.get(task_id)).state.value
+        return _json({"task_id": task_id, "cancelled": cancelled, "state": state})
+
+    # --- the mesh, metrics, health, the document -------------------------------------------
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        """GET /v1/nodes."""
+        _query(request, set())
+        return _json({"nodes": json_safe(self.coordinator.nodes())})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """GET /v1/stats."""
+        _query(request, set())
+        return _json(json_safe(await self.coordinator.stats()))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics: the API's own metrics, then the coordinator's."""
+        stats = await self.coordinator.stats()
+        families = coordinator_families(stats, self.coordinator.nodes())
+        text = self.registry.render() + "".join(render_family(f) for f in families)
+        return web.Response(
+            body=text.encode(), headers={"Content-Type": self.registry.content_type}
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """GET /openapi.json."""
+        _query(request, set())
+        return _json(self._openapi)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """GET /healthz (no token needed)."""
+        return _json({"status": "ok"})
+
+    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` here when ``size`` is small, else in a worker thread."""
+        if size < _OFF_LOOP_BYTES:
+            return fn(*args)
+        return await self._json_work.run(fn, *args)
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_label(request: web.Request) -> str:
+    """The route template (``/v1/tasks/{id}``), or ``unmatched``: bounded label values."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request, cap: int) -> ApiError:
+    status = exc.status
+    code = _HTTP_CODES.get(status) or re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
+    path = request.path[:200]
+    message = {
+        404: f"no route {request.method} {path}",
+        405: f"{request.method} is not allowed on {path}"
+        + (f"; allowed: {exc.headers['Allow']}" if "Allow" in exc.headers else ""),
+        413: f"request body over the limit of {cap} bytes",
+    }.get(status, exc.text or exc.reason)
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return ApiError(status, code or "http_error", message, headers)
+
+
+def _too_large(cap: int) -> ApiError:
+    return ApiError(413, "too_large", f"request body over the limit of {cap} bytes")
+
+
+def _require_json(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type!r}",
+        )
+
+
+# --- query parameters ------------------------------------------------------------------------
+
+
+def _query(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    """The query as a dict; 400 for a parameter that is unknown or given twice."""
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise _bad_parameter(name, f"unknown query parameter (known: {known})")
+        if name in out:
+            raise _bad_parameter(name, "given more than once")
+        out[name] = value
+    return out
+
+
+def _bad_parameter(name: str, problem: str) -> ApiError:
+    return ApiError(400, "bad_parameter", f"{name[:64]}: {problem}")
+
+
+def _number_param(
+    query: dict[str, str], name: str, default: float | None, lo: float, hi: float
+) -> float | None:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    value = float(raw) if _NUMBER.fullmatch(raw) else math.nan
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise _bad_parameter(name, f"{raw[:40]!r} is not a number in {lo:g}..{hi:g}")
+    return value
+
+
+def _int_param(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not lo <= int(raw) <= hi:
+        raise _bad_parameter(name, f"{raw[:40]!r} is not an integer in {lo}..{hi}")
+    return int(raw)
+
+
+def _bool_param(query: dict[str, str], name: str, *, default: bool) -> bool:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if raw not in ("true", "false"):
+        raise _bad_parameter(name, f"{raw[:40]!r} is not true or false")
+    return raw == "true"
+
+
+def _list_filters(query: dict[str, str]) -> dict[str, Any]:
+    state = query.get("state")
+    if state is not None and state not in _STATES:
+        raise _bad_parameter("state", f"{state[:40]!r} is not one of {list(_STATES)}")
+    model = query.get("model")
+    if model is not None and (not model or "@" in model):
+        raise _bad_parameter("model", "give a model id, without @version")
+    cursor = query.get("cursor")
+    if cursor is not None and not cursor:
+        raise _bad_parameter("cursor", "must not be empty")
+    return {
+        "state": state,
+        "model": model,
+        "since": _number_param(query, "since", None, -math.inf, math.inf),
+        "limit": _int_param(query, "limit", DEFAULT_PAGE, 1, MAX_PAGE),
+        "cursor": cursor,
+    }
+
+
+# --- request bodies --------------------------------------------------------------------------
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON value of a body: UTF-8, no NaN/Infinity, no key twice; 400 bad_json if not."""
+    if not body.strip():
+        raise ApiError(400, "bad_json", "the request body is empty; send a JSON object")
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not UTF-8 text: {exc.reason}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, "bad_json", f"the body holds {name}, which is not JSON; send numbers")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ApiError(400, "bad_json", f"key {twice[:64]!r} appears twice in one object")
+    return doc
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "invalid_task", message)
+
+
+def body_to_spec(body: Any, new_id: Callable[[], str]) -> TaskSpec:
+    """A validated spec from a submitted JSON document (ApiError 400 naming the bad key).
+
+    Translates the JSON conveniences (``model``, string model refs, ``values`` and
+    ``data_b64`` tensors, a missing ``task_id``) into the layout of
+    :func:`~meshinfer.proto.tasks_codec.spec_from_dict`, which checks every key.
+    """
+    if not isinstance(body, dict):
+        raise _invalid(f"the body must be a JSON object (a task), not {_kind(body)}")
+    raw = dict(body)
+    if "model" in raw:
+        if "models" in raw:
+            raise _invalid("model: give either model or models, not both")
+        raw["models"] = [raw.pop("model")]
+    if "models" in raw and isinstance(raw["models"], list):
+        raw["models"] = [_model_ref(m, f"models[{i}]") for i, m in enumerate(raw["models"])]
+    if "stages" in raw and isinstance(raw["stages"], list):
+        raw["stages"] = [_stage(s, i) for i, s in enumerate(raw["stages"])]
+    if "inputs" in raw:
+        raw["inputs"] = tensor_from_json(raw["inputs"])
+    raw.setdefault("task_id", new_id())
+    try:
+        return spec_from_dict(raw)
+    except ConfigError as exc:  # InvalidTaskError
+        raise _invalid(str(exc)) from None
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _model_ref(raw: Any, path: str) -> Any:
+    """``"id@version"`` / ``"id"`` as a model map; a map passes on (spec_from_dict checks it)."""
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str):
+        wanted = '"id@version" or {"model_id", "version"}'
+        raise _invalid(f"{path}: expected {wanted}, not {_kind(raw)}")
+    model_id, at, version = raw.partition("@")
+    return {"model_id": model_id, "version": version if at else "1"}
+
+
+def _stage(raw: Any, index: int) -> Any:
+    if isinstance(raw, dict) and "model" in raw:
+        return {**raw, "model": _model_ref(raw["model"], f"stages[{index}].model")}
+    return raw
+
+
+_B64_KEYS = frozenset({"dtype", "shape", "data_b64"})
+_VALUES_KEYS = frozenset({"dtype", "values"})
+
+
+def tensor_from_json(raw: Any) -> dict[str, Any]:
+    """``{"dtype", "shape", "data_b64"}`` or ``{"values", "dtype"?}`` as spec_from_dict's
+    ``{"data", "dtype", "shape"}`` (ApiError 400 naming the key)."""
+    if not isinstance(raw, dict):
+        raise _invalid(f"inputs: expected a tensor object, not {_kind(raw)}")
+    keys = _VALUES_KEYS if "values" in raw else _B64_KEYS
+    unknown = sorted(set(raw) - keys)
+    if unknown:
+        form = "values" if "values" in raw else "data_b64"
+        raise _invalid(f"inputs: unknown key {unknown[0][:64]!r} in a {form} tensor")
+    if "values" in raw:
+        return _values_tensor(raw["values"], raw.get("dtype", "float32"))
+    text = raw.get("data_b64")
+    if not isinstance(text, str):
+        raise _invalid(f"inputs.data_b64: expected a base64 string, not {_kind(text)}")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid("inputs.data_b64: not valid base64") from None
+    return {**{k: v for k, v in raw.items() if k != "data_b64"}, "data": data}
+
+
+def _values_tensor(values: Any, dtype: Any) -> dict[str, Any]:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _invalid(f"inputs.dtype: {str(dtype)[:40]!r} is not one of {sorted(DTYPES)}")
+    leaf = bool if dtype == "bool" else (int, float)
+    if not isinstance(values, list) or not _nested(values, leaf, 0):
+        kind = "booleans" if dtype == "bool" else "numbers"
+        raise _invalid(f"inputs.values: expected an array of {kind} or nested arrays (<= 8 deep)")
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            array = np.array(values, dtype=dtype)
+    except (ValueError, OverflowError, TypeError, FloatingPointError) as exc:
+        raise _invalid(f"inputs.values: cannot be a {dtype} tensor ({exc})") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise _invalid(f"inputs.values: out of range for {dtype}")
+    wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return {"data": wire.tobytes(), "dtype": dtype, "shape": list(array.shape)}
+
+
+def _nested(value: Any, leaf: type | tuple[type, ...], depth: int) -> bool:
+    """A rectangular-or-not nest of lists, at most MAX_NDIM deep, of ``leaf`` values."""
+    if isinstance(value, list):
+        return depth < MAX_NDIM and all(_nested(v, leaf, depth + 1) for v in value)
+    if leaf is bool:
+        return type(value) is bool
+    return type(value) in leaf
+
+
+# --- response documents ----------------------------------------------------------------------
+
+
+def summary_doc(summary: TaskSummary) -> dict[str, Any]:
+    """A task as listed."""
+    return {
+        "task_id": summary.task_id, "state": summary.state.value, "pattern": summary.pattern,
+        "priority": summary.priority, "policy": summary.policy,
+        "created_at": summary.created_at, "updated_at": summary.updated_at,
+        "error": summary.error, "items_total": summary.items_total,
+        "items_done": summary.items_done,
+    }  # fmt: skip
+
+
+def item_doc(item: ItemRecord) -> dict[str, Any]:
+    """One work item of a task document."""
+    return {
+        "item_id": item.item_id, "state": item.state.value, "node": item.node,
+        "attempt": item.attempt, "error": item.error, "model": str(item.model),
+        "stage": item.stage or None, "position": item.position,
+        "has_result": item.result is not None,
+    }  # fmt: skip
+
+
+def tensor_to_json(array: np.ndarray) -> dict[str, Any]:
+    """An output array as ``{"dtype", "shape", "data_b64"}`` (C order, little-endian)."""
+    wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    data = base64.b64encode(wire.tobytes()).decode("ascii")
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data_b64": data}
+
+
+def task_doc(record: TaskRecord, result: dict[str, Any] | None, *, outputs: bool) -> dict:
+    """The document of GET /v1/tasks/{id}: summary, items and result (outputs optional)."""
+    doc = summary_doc(record.summary)
+    doc["items"] = [item_doc(i) for i in record.items]
+    doc["result"] = None
+    if result is not None:
+        doc["result"] = {
+            "labels": result.get("labels"),
+            "nodes": json_safe(result.get("nodes") or {}),
+            "aggregation": json_safe(result.get("aggregation")),
+        }
+        if outputs:
+            doc["result"]["outputs"] = [tensor_to_json(a) for a in result.get("outputs", [])]
+    return doc
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists, bytes as base64, NumPy scalars as numbers, keys as str."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def _family(name: str, kind: str, help: str, samples: list[tuple[dict, float]]) -> MetricFamily:
+    return MetricFamily(
+        name, kind, help, tuple(Sample(name, tuple(sorted(lbl.items())), v) for lbl, v in samples)
+    )
+
+
+def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[MetricFamily]:
+    """``meshinfer_coord_*`` families from :meth:`Coordinator.stats` and :meth:`.nodes`."""
+    tasks, items = stats.get("tasks", {}), stats.get("items", {})
+    by_status: dict[str, int] = {}
+    for node in nodes:
+        by_status[node["status"]] = by_status.get(node["status"], 0) + 1
+    counters = [
+        ("dispatched", "Work items sent to nodes."),
+        ("retries", "Work item attempts retried."),
+        ("duplicates", "Duplicate or late results refused."),
+        ("redispatched_after_death", "Items re-sent after their node died or left."),
+        ("redispatched_after_disconnect", "Items re-sent after their node's session was lost."),
+        ("sessions_lost", "Node sessions that ended without the node's Close frame."),
+        ("redials_ok", "Lost node sessions whose node answered the re-dial."),
+    ]
+    return [
+        _family("meshinfer_coord_tasks", "gauge", "Journaled tasks by state.",
+                [({"state": s}, tasks.get(s, 0)) for s in _STATES]),
+        _family("meshinfer_coord_items", "gauge", "Journaled work items by state.",
+                [({"state": s}, items.get(s, 0)) for s in _STATES]),
+        *(_family(f"meshinfer_coord_{name}_total", "counter", text, [({}, stats.get(name, 0))])
+          for name, text in counters),
+        _family("meshinfer_coord_journal_events_total", "counter",
+                "Journal counters (refused results, ignored failures) by name.",
+                [({"name": k}, v) for k, v in sorted(stats.get("journal_counters", {}).items())]),
+        _family("meshinfer_coord_completed_total", "counter", "Work items completed by node.",
+                [({"node": k}, v) for k, v in sorted(stats.get("completed_by_node", {}).items())]),
+        _family("meshinfer_coord_live_tasks", "gauge", "Tasks in flight.",
+                [({}, stats.get("live_tasks", 0))]),
+        _family("meshinfer_coord_parked_items", "gauge", "Items waiting for a capable node.",
+                [({}, stats.get("parked_items", 0))]),
+        _family("meshinfer_coord_nodes_alive", "gauge", "Members the coordinator sees alive.",
+                [({}, by_status.get("alive", 0))]),
+        _family("meshinfer_coord_nodes", "gauge", "Members by status.",
+                [({"status": s}, n) for s, n in sorted(by_status.items())]),
+    ]  # fmt: skip

@@ -1,0 +1,418 @@
+"""A small synchronous client of the coordinator HTTP API v1 (standard library ``urllib`` only).
+
+Used by the ``meshinfer-coord`` task commands (:mod:`coordinator.cli_tasks`) and by scripts::
+
+    client = CoordinatorClient("http://127.0.0.1:7950", token)
+    task = client.submit({"model": "digits-mlp@1", "pattern": "single",
+                          "inputs": tensor_json(rows)})
+    done = client.wait(task["task_id"], timeout=60)
+    labels = done["result"]["labels"]
+
+Every failure is an :class:`ApiError`: the coordinator's JSON error (status, code, message), an
+answer that is not the JSON the API promises, or no answer at all ("cannot reach the coordinator
+at URL: ..."). :func:`resolve_endpoint` finds the URL and token the way the CLI does: explicit
+options, then ``<data_dir>/runtime.json`` (written by the coordinator daemon: ``{"api": url,
+"token_file": path, ...}``), then the ``MESHINFER_COORD_URL`` / ``MESHINFER_COORD_TOKEN``
+environment variables.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
+from meshinfer.proto.tasks_wire import pack_array, unpack_array
+
+__all__ = [
+    "ENV_TOKEN",
+    "ENV_URL",
+    "MAX_WAIT_S",
+    "RUNTIME_FILE",
+    "TERMINAL_STATES",
+    "ApiError",
+    "CoordinatorClient",
+    "Endpoint",
+    "array_from_json",
+    "resolve_endpoint",
+    "tensor_json",
+]
+
+ENV_URL = "MESHINFER_COORD_URL"
+ENV_TOKEN = "MESHINFER_COORD_TOKEN"
+#: The file in the coordinator's data directory naming its API URL and token file.
+RUNTIME_FILE = "runtime.json"
+#: The longest single ``/wait`` the server grants; :meth:`CoordinatorClient.wait` loops past it.
+MAX_WAIT_S = 300.0
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+_ERROR_BODY_PREVIEW = 200
+
+
+class ApiError(MeshInferError):
+    """A request to the coordinator failed.
+
+    ``status`` is the HTTP status (None when no answer came), ``code`` the API's short error code
+    (``not_found``, ``invalid_task``... or ``unreachable``/``timeout``/``bad_response`` from the
+    client itself) and ``message`` the explanation.
+    """
+
+    def __init__(self, status: int | None, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        suffix = f" (HTTP {status} {code})" if status is not None else ""
+        super().__init__(message + suffix)
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+def tensor_json(array: np.ndarray) -> dict[str, Any]:
+    """``array`` as the API's tensor JSON ``{"dtype", "shape", "data_b64"}`` (C order, LE).
+
+    Raises LocalProtocolError for a dtype the mesh cannot carry (cast float64 to float32 first).
+    """
+    data, dtype, shape = pack_array(np.asarray(array))
+    return {"dtype": dtype, "shape": list(shape), "data_b64": base64.b64encode(data).decode()}
+
+
+def array_from_json(doc: Any) -> np.ndarray:
+    """The array of a tensor JSON: ``{"dtype", "shape", "data_b64"}`` or ``{"values", "dtype"?}``.
+
+    Raises RemoteProtocolError naming what is wrong (the document comes from the server or a
+    file, never trusted).
+    """
+    if not isinstance(doc, Mapping):
+        raise RemoteProtocolError(f"tensor: expected an object, got {type(doc).__name__}")
+    if "values" in doc:
+        return _array_from_values(doc["values"], doc.get("dtype", "float32"))
+    dtype, shape, text = doc.get("dtype"), doc.get("shape"), doc.get("data_b64")
+    if type(dtype) is not str or type(text) is not str or not isinstance(shape, list):
+        raise RemoteProtocolError("tensor: needs dtype (string), shape (list), data_b64 (string)")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RemoteProtocolError("tensor: data_b64 is not valid base64") from None
+    return unpack_array(data, dtype, tuple(shape)).copy()
+
+
+def _array_from_values(values: Any, dtype: Any) -> np.ndarray:
+    if type(dtype) is not str or dtype not in {"float32", "float16", "int64", "int32", "uint8"}:
+        raise RemoteProtocolError(f"tensor: dtype {dtype!r} is not a numeric wire dtype")
+    if not _numeric_nested(values):
+        raise RemoteProtocolError("tensor: values must be numbers or (nested) lists of numbers")
+    try:
+        array = np.array(values, dtype=np.float64)
+    except (ValueError, OverflowError):  # ragged, or an integer beyond float range
+        raise RemoteProtocolError("tensor: values rows have different lengths") from None
+    target = np.dtype(dtype)
+    if not np.isfinite(array).all():
+        raise RemoteProtocolError("tensor: values must be finite numbers")
+    if target.kind in "iu" and not _fits_integers(array, target):
+        raise RemoteProtocolError(f"tensor: values must be whole numbers in the {dtype} range")
+    with np.errstate(over="ignore"):
+        cast = array.astype(target)
+    if not np.isfinite(cast).all():
+        raise RemoteProtocolError(f"tensor: values out of the {dtype} range")
+    return cast
+
+
+def _fits_integers(array: np.ndarray, target: np.dtype) -> bool:
+    info = np.iinfo(target)
+    inside = (array >= info.min) & (array <= info.max) & (array == np.floor(array))
+    return bool(inside.all())
+
+
+def _numeric_nested(values: Any, depth: int = 0) -> bool:
+    if type(values) in (int, float):
+        return True
+    if not isinstance(values, list) or depth >= 8:
+        return False
+    return all(_numeric_nested(v, depth + 1) for v in values)
+
+
+# --- where the coordinator is ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the coordinator's API listens and the bearer token it wants."""
+
+    url: str
+    token: str
+
+
+def resolve_endpoint(
+    url: str | None = None,
+    token_file: Path | None = None,
+    data_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Endpoint:
+    """URL and token from (in order) the arguments, ``data_dir/runtime.json``, the environment.
+
+    ConfigError naming what to pass when either cannot be found.
+    """
+    environ = os.environ if environ is None else environ
+    runtime = _runtime_facts(data_dir) if data_dir is not None else {}
+    if url is None and data_dir is not None:
+        url = runtime.get("api")
+        if not url:
+            where = Path(data_dir) / RUNTIME_FILE
+            raise ConfigError(f"{where}: the coordinator runs without its HTTP API ([api] enabled)")
+    url = url or environ.get(ENV_URL)
+    if not url:
+        raise ConfigError(
+            f"no coordinator given: pass --url URL or --data-dir DIR (the coordinator's data_dir)"
+            f", or set {ENV_URL}"
+        )
+    if token_file is None and runtime.get("token_file"):
+        token_file = Path(runtime["token_file"])
+    token = _read_token(token_file) if token_file is not None else environ.get(ENV_TOKEN)
+    if not token:
+        raise ConfigError(
+            f"no API token given: pass --token-file FILE (the fleet's api-token) or --data-dir"
+            f" DIR, or set {ENV_TOKEN}"
+        )
+    return Endpoint(check_url(url), check_token(token))
+
+
+def _runtime_facts(data_dir: Path) -> dict[str, Any]:
+    path = Path(data_dir) / RUNTIME_FILE
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: no running coordinator recorded there ({exc.strerror})"
+        ) from None
+    except ValueError:
+        raise ConfigError(f"{path}: not a JSON document") from None
+    if not isinstance(facts, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    token_file = facts.get("token_file")
+    if token_file and not Path(token_file).is_absolute():
+        facts["token_file"] = str(Path(data_dir) / token_file)
+    return facts
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the API token file {path}: {exc}") from None
+
+
+def check_url(url: str) -> str:
+    """``url`` without a trailing slash; ConfigError unless it is an http(s) URL with a host."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"coordinator URL {url!r} must look like http://HOST:PORT")
+    return url.strip().rstrip("/")
+
+
+def check_token(token: str) -> str:
+    """``token`` stripped; ConfigError if it is empty or holds spaces or control characters."""
+    token = token.strip()
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError("the API token must be one line of printable characters without spaces")
+    return token
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+class CoordinatorClient:
+    """Blocking calls to one coordinator; each returns the decoded JSON answer (a dict).
+
+    ``timeout`` bounds every request (``wait`` adds the time it asks the server to wait).
+    Thread-safe: it holds no connection between calls.
+    """
+
+    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+        self.url = check_url(url)
+        self.timeout = timeout
+        self._token = check_token(token)
+        self._opener = _opener_for(self.url)
+
+    def submit(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /v1/tasks: ``{"task_id", "state", "items_total", "location"}``."""
+        return self._request("POST", "/v1/tasks", body=doc)
+
+    def get(self, task_id: str, outputs: bool = True) -> dict[str, Any]:
+        """GET /v1/tasks/{id}: the task, its items and (once finished) its result."""
+        query = None if outputs else {"outputs": "false"}
+        return self._request("GET", _task_path(task_id), query=query)
+
+    def wait(
+        self, task_id: str, timeout: float | None = 30.0, outputs: bool = True
+    ) -> dict[str, Any]:
+        """The task document once it finished, or as it is after ``timeout`` s (None: forever).
+
+        Asks the server to wait at most :data:`MAX_WAIT_S` per request and asks again as needed.
+        """
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            left = MAX_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+            step = min(left, MAX_WAIT_S)
+            query = {"timeout": f"{step:.3f}", "outputs": None if outputs else "false"}
+            doc = self._request(
+                "GET", _task_path(task_id, "/wait"), query=query, timeout=self.timeout + step
+            )
+            if doc.get("state") in TERMINAL_STATES or (deadline is not None and left <= step):
+                return doc
+
+    def list(
+        self,
+        state: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """GET /v1/tasks: one page ``{"tasks": [summary...], "next_cursor": str | None}``."""
+        query = {"state": state, "model": model, "since": since, "limit": limit, "cursor": cursor}
+        return self._request("GET", "/v1/tasks", query=query)
+
+    def iter_tasks(
+        self,
+        state: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> Iterator[dict[str, Any]]:
+        """Every matching task summary, newest first, fetching pages of ``limit`` as needed."""
+        cursor = None
+        while True:
+            page = self.list(state, model, since, limit, cursor)
+            yield from page["tasks"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        """POST /v1/tasks/{id}/cancel: ``{"task_id", "cancelled", "state"}``."""
+        return self._request("POST", _task_path(task_id, "/cancel"), body={})
+
+    def nodes(self) -> dict[str, Any]:
+        """GET /v1/nodes: ``{"nodes": [...]}`` as the coordinator sees the mesh."""
+        return self._request("GET", "/v1/nodes")
+
+    def stats(self) -> dict[str, Any]:
+        """GET /v1/stats: task/item counts by state and the coordinator's counters."""
+        return self._request("GET", "/v1/stats")
+
+    def health(self) -> dict[str, Any]:
+        """GET /healthz: ``{"status": "ok"}`` (needs no token)."""
+        return self._request("GET", "/healthz")
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        request = self._build(method, path, query, body)
+        try:
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            raise _error_from_response(exc.code, _read_quietly(exc)) from None
+        except (TimeoutError, urllib.error.URLError, HTTPException, OSError) as exc:
+            raise self._unreachable(exc) from None
+        return _json_object(status, raw)
+
+    def _build(self, method, path, query, body) -> urllib.request.Request:
+        url = self.url + path
+        pairs = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
+        if pairs:
+            url += "?" + urllib.parse.urlencode(pairs)
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body, allow_nan=False).encode()
+            headers["Content-Type"] = "application/json"
+        return urllib.request.Request(url, data=data, headers=headers, method=method)
+
+    def _unreachable(self, exc: BaseException) -> ApiError:
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, TimeoutError):
+            return ApiError(
+                None, "timeout", f"no answer from the coordinator at {self.url} in time"
+            )
+        detail = str(reason) or type(reason).__name__
+        return ApiError(
+            None, "unreachable", f"cannot reach the coordinator at {self.url}: {detail}"
+        )
+
+
+def _task_path(task_id: str, suffix: str = "") -> str:
+    if not isinstance(task_id, str) or not task_id:
+        raise ConfigError("a task id must be a non-empty string")
+    return f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}{suffix}"
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else "0"
+    return str(value)
+
+
+def _opener_for(url: str) -> urllib.request.OpenerDirector:
+    """A urllib opener; environment proxies apply except to a loopback coordinator."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return urllib.request.build_opener(urllib.request.ProxyHandler({} if loopback else None))
+
+
+def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
+    try:
+        return exc.read()
+    except (OSError, HTTPException):
+        return b""
+    finally:
+        exc.close()
+
+
+def _error_from_response(status: int, raw: bytes) -> ApiError:
+    """The API's ``{"error": {...}}`` as an ApiError; something sensible for any other body."""
+    try:
+        error = json.loads(raw)["error"]
+        code, message = error["code"], error["message"]
+        if type(code) is str and type(message) is str:
+            return ApiError(status, code, message)
+    except (ValueError, KeyError, TypeError):
+        pass
+    preview = raw[:_ERROR_BODY_PREVIEW].decode("utf-8", "replace").strip() or "no details"
+    return ApiError(status, "http_error", f"the coordinator refused the request: {preview}")
+
+
+def _json_object(status: int, raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise ApiError(status, "bad_response", "the coordinator's answer is not a JSON object")
+    return doc

@@ -1,0 +1,132 @@
+"""The coordinator daemon's one TOML file: every key documented, with defaults; strict validation.
+
+``meshinfer-coord config`` prints the annotated default file; ``--check FILE`` validates one.
+The mesh sections (``[network]``, ``[discovery]``, ``[membership]``, ``[session]``) are the
+node's, so a coordinator joins the mesh exactly like a node does. Unknown or invalid keys are a
+:class:`~meshinfer.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshinfer.errors import ConfigError
+from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.scheduling import Policy
+from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
+from node.config import CHOICES as NODE_CHOICES
+from node.config import POSITIVE as NODE_POSITIVE
+from node.config import DiscoverySection, MembershipSection, NetworkSection, SessionSection
+
+
+@dataclass(frozen=True)
+class CoordinatorSection:
+    identity_dir: str = doc(
+        "", "directory made by `meshinfer-coord fleet enroll --roles coordinator`"
+    )
+    data_dir: str = doc("", "where the journal (journal.db) and runtime.json live (empty: temp)")
+    default_policy: str = doc(
+        "least_loaded",
+        "scheduling policy for tasks that name none: round_robin, least_loaded, capability,"
+        " latency, model_affinity, contact_aware",
+    )
+    default_aggregation: str = doc(
+        "all",
+        "aggregation for parallel tasks that name none: first, all, majority, weighted, ensemble",
+    )
+    max_attempts: int = doc(4, "attempts per work item (first try included) before it fails")
+    retry_backoff_s: float = doc(0.05, "first retry delay; doubles each attempt")
+    retry_backoff_max_s: float = doc(2.0, "longest retry delay")
+    item_timeout_s: float = doc(30.0, "an attempt with no result after this long is retried")
+    journal_synchronous: str = doc(
+        "FULL",
+        'SQLite synchronous level of the WAL journal: "FULL" survives power loss, "NORMAL"'
+        " survives process crashes",
+    )
+    node_capacity: int = doc(4, "work items a node is assumed to run at once (load estimate)")
+    max_in_flight_per_node: int = doc(32, "work items outstanding on one node at once")
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    enabled: bool = doc(True, "serve the HTTP API (tasks, nodes, stats, /metrics, /healthz)")
+    listen: str = doc("127.0.0.1:7950", 'HTTP "host:port"; port 0 picks a free one')
+    token_file: str = doc(
+        "", "file holding the bearer token (the fleet's `api-token`, made by `fleet init`)"
+    )
+    max_body_mib: int = doc(64, "largest request body accepted (a task's inputs), MiB")
+
+
+@dataclass(frozen=True)
+class CoordinatorFileConfig:
+    """The whole file; each attribute is one ``[section]``."""
+
+    coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+    session: SessionSection = field(default_factory=SessionSection)
+    api: ApiSection = field(default_factory=ApiSection)
+
+
+_CHOICES = {
+    **{k: v for k, v in NODE_CHOICES.items() if k[0] in ("network", "membership")},
+    ("coordinator", "default_policy"): tuple(p.value for p in Policy),
+    ("coordinator", "default_aggregation"): tuple(m.value for m in Mode),
+    ("coordinator", "journal_synchronous"): ("FULL", "NORMAL"),
+}
+_POSITIVE = {k for k in NODE_POSITIVE if k[0] == "session"} | {
+    ("coordinator", "max_attempts"),
+    ("coordinator", "item_timeout_s"),
+    ("coordinator", "retry_backoff_max_s"),
+    ("coordinator", "max_in_flight_per_node"),
+    ("coordinator", "node_capacity"),
+    ("api", "max_body_mib"),
+}
+
+
+def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
+    parse_address(config.network.listen, f"{source}: [network] listen")
+    parse_address(config.api.listen, f"{source}: [api] listen")
+    if config.coordinator.retry_backoff_s < 0:
+        raise ConfigError(f"{source}: [coordinator] retry_backoff_s must not be negative")
+    s = config.session
+    if s.keepalive_interval >= s.idle_timeout:
+        raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
+
+
+SCHEMA = Schema(
+    CoordinatorFileConfig,
+    "meshinfer coordinator configuration (meshinfer-coord serve --config FILE)",
+    _CHOICES,
+    frozenset(_POSITIVE),
+    _cross_checks,
+)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> CoordinatorFileConfig:
+    """Validate a parsed TOML document into a :class:`CoordinatorFileConfig`."""
+    return SCHEMA.from_dict(data, source)
+
+
+def load_config(path: str | Path) -> CoordinatorFileConfig:
+    """Read and validate ``path``; every problem is a ConfigError naming the file and key."""
+    return SCHEMA.load(path)
+
+
+def render_defaults(config: CoordinatorFileConfig | None = None) -> str:
+    """The annotated TOML for ``config`` (defaults if None): every key with its documentation."""
+    return SCHEMA.render(config)
+
+
+__all__ = [
+    "ApiSection",
+    "CoordinatorFileConfig",
+    "CoordinatorSection",
+    "config_from_dict",
+    "load_config",
+    "render_defaults",
+    "with_overrides",
+]

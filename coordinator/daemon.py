@@ -1,0 +1,185 @@
+"""The coordinator daemon: one TOML file in, a coordinator on the mesh with its HTTP API out.
+
+Composition, in start order (reverse order on shutdown):
+
+1. identity and revocations from ``[coordinator] identity_dir`` (a certificate with the
+   ``coordinator`` role) and the API token from ``[api] token_file``;
+2. the mesh: session listener, membership, discovery (the node's sections and code);
+3. the :class:`~coordinator.service.Coordinator` on its SQLite journal
+   (``<data_dir>/journal.db``); starting it recovers every acknowledged, unfinished task;
+4. the HTTP API (:class:`~coordinator.api.CoordinatorApi`).
+
+Once everything listens, ``<data_dir>/runtime.json`` records the API URL and token file (for the
+CLI's ``--data-dir``) and a ``READY {json}`` line goes to stdout. SIGTERM stops the API, the
+dispatcher and the mesh (announcing the leave); unfinished tasks stay in the journal and resume
+on the next start. A second SIGTERM (or SIGINT) skips the graceful leave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from coordinator.config import CoordinatorFileConfig
+from coordinator.service import Coordinator, CoordinatorConfig
+from meshinfer.errors import ConfigError, IdentityError
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.runtime.loop import serve_until_signalled
+from meshinfer.runtime.node import MeshNode
+from meshinfer.tomlconfig import parse_address
+from node.daemon import mesh_options
+
+log = logging.getLogger(__name__)
+
+
+def service_config(config: CoordinatorFileConfig) -> CoordinatorConfig:
+    """The ``[coordinator]`` section as the service's :class:`CoordinatorConfig`."""
+    c = config.coordinator
+    return CoordinatorConfig(
+        default_policy=c.default_policy,
+        default_aggregation=c.default_aggregation,
+        max_attempts=c.max_attempts,
+        retry_backoff_s=c.retry_backoff_s,
+        retry_backoff_max_s=c.retry_backoff_max_s,
+        item_timeout_s=c.item_timeout_s,
+        journal_synchronous=c.journal_synchronous,
+        node_capacity=c.node_capacity,
+        max_in_flight_per_node=c.max_in_flight_per_node,
+    )
+
+
+def read_token(config: CoordinatorFileConfig) -> str:
+    """The API bearer token, or ConfigError saying which file to point ``token_file`` at."""
+    path = config.api.token_file
+    if not path:
+        raise ConfigError(
+            "[api] token_file is required while the API is enabled: point it at the fleet's"
+            " `api-token` (made by `meshinfer-coord fleet init`)"
+        )
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"[api] token_file: cannot read {path}: {exc}") from None
+    if len(token) < 16:
+        raise ConfigError(f"[api] token_file: {path} holds no usable token (under 16 chars)")
+    return token
+
+
+class CoordinatorDaemon:
+    """Everything ``meshinfer-coord serve`` runs; see the module docstring."""
+
+    def __init__(self, config: CoordinatorFileConfig, *, rng: random.Random | None = None):
+        self.config = config
+        self.rng = rng or random.Random()
+        self.identity = self._load_identity()
+        if "coordinator" not in self.identity.certificate.roles:
+            raise ConfigError(
+                f"[coordinator] identity_dir: certificate of {self.identity.node_id!r} lacks"
+                " the coordinator role (enrol it with --roles coordinator)"
+            )
+        self.token = read_token(config) if config.api.enabled else ""
+        self.api_address = parse_address(config.api.listen, "[api] listen")
+        self.options = mesh_options(config, self.identity.trust.fleet_id)
+        self.data_dir = Path(config.coordinator.data_dir or tempfile.mkdtemp(prefix="mi-coord-"))
+        self.mesh: MeshNode | None = None
+        self.coordinator: Coordinator | None = None
+        self.api: Any = None
+        self._closed = False
+
+    def _load_identity(self) -> NodeIdentity:
+        directory = self.config.coordinator.identity_dir
+        if not directory:
+            raise ConfigError("[coordinator] identity_dir is required (made by `fleet enroll`)")
+        try:
+            return NodeIdentity.load(directory)
+        except IdentityError as exc:
+            raise ConfigError(f"[coordinator] identity_dir: {exc}") from None
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_dir / "journal.db"
+
+    async def start(self) -> dict[str, Any]:
+        """Start every component in order; return the facts printed on the READY line."""
+        identity_dir = Path(self.config.coordinator.identity_dir)
+        revocations = NodeDirectory(identity_dir).revocations(self.identity.trust)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
+        await self.mesh.start()
+        self.coordinator = Coordinator(
+            self.mesh, self.journal_path, service_config(self.config), rng=self.rng
+        )
+        await self.coordinator.start()
+        if self.config.api.enabled:
+            from coordinator.api import CoordinatorApi
+
+            self.api = CoordinatorApi(
+                self.coordinator,
+                self.api_address,
+                self.token,
+                max_body_bytes=self.config.api.max_body_mib << 20,
+            )
+            await self.api.start()
+        facts = self.facts()
+        (self.data_dir / "runtime.json").write_text(json.dumps(facts))
+        return facts
+
+    def facts(self) -> dict[str, Any]:
+        assert self.mesh is not None and self.mesh.address is not None
+        token_file = self.config.api.token_file
+        return {
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "session": str(self.mesh.address),
+            "api": self.api.url if self.api else None,
+            "token_file": str(Path(token_file).resolve()) if token_file else None,
+            "journal": str(self.journal_path),
+        }
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Stop serving; with ``graceful``, announce the leave to the mesh first."""
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                await self.api.aclose()
+            self.api = None
+        if self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                await self.coordinator.aclose()
+        if graceful and self.mesh is not None:
+            with contextlib.suppress(Exception):
+                await self.mesh.leave(timeout=2.0)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close in reverse start order. Idempotent; errors are logged, not raised."""
+        if self._closed:
+            return
+        self._closed = True
+        steps = [
+            self.api.aclose() if self.api else None,
+            self.coordinator.aclose() if self.coordinator else None,
+            self.mesh.aclose() if self.mesh else None,
+        ]
+        for step in steps:
+            if step is not None:
+                try:
+                    await step
+                except Exception:
+                    log.exception("error while closing")
+
+
+async def run_coordinator(config: CoordinatorFileConfig) -> int:
+    """Run until SIGTERM/SIGINT; print ``READY {json}`` once ready. Returns the exit code."""
+    daemon = CoordinatorDaemon(config)
+    return await serve_until_signalled(daemon, daemon.stop)

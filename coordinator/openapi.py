@@ -1,0 +1,281 @@
+"""The OpenAPI 3.1 document of the coordinator's HTTP API v1 (served at ``/openapi.json``).
+
+Built from the domain's own enumerations (patterns, states, policies, aggregation modes, wire
+dtypes), so the document cannot drift from what the server accepts. Schemas are JSON Schema
+2020-12, as OpenAPI 3.1 has it; response schemas close their objects
+(``additionalProperties: false``) so tests can hold the server to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.scheduling import Policy
+from meshinfer.proto.tasks import Pattern, TaskState
+from meshinfer.proto.tasks_wire import DTYPES
+
+__all__ = ["API_VERSION", "ERROR_CODES", "openapi_document"]
+
+API_VERSION = "1.0.0"
+#: Every error ``code`` the API answers with.
+ERROR_CODES = (
+    "bad_json", "invalid_task", "bad_parameter", "bad_request", "unauthorized", "not_found",
+    "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "internal",
+)  # fmt: skip
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: list[str], props: dict[str, Schema], *, closed: bool = True) -> Schema:
+    schema: Schema = {"type": "object", "required": required, "properties": props}
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _enum(values: Any, nullable: bool = False) -> Schema:
+    names = [str(getattr(v, "value", v)) for v in values]
+    return {"enum": [*names, None]} if nullable else {"type": "string", "enum": names}
+
+
+_STR: Schema = {"type": "string"}
+_INT: Schema = {"type": "integer"}
+_NUM: Schema = {"type": "number"}
+_NULLABLE_STR: Schema = {"type": ["string", "null"]}
+
+
+def _array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+
+def _tensor_schemas() -> dict[str, Schema]:
+    dtype = _enum(sorted(DTYPES))
+    shape = _array({"type": "integer", "minimum": 0})
+    b64 = {"type": "string", "contentEncoding": "base64"}
+    return {
+        "Tensor": _obj(["dtype", "shape", "data_b64"], {
+            "dtype": {"type": "string", "description": "NumPy dtype name"},
+            "shape": shape, "data_b64": {**b64, "description": "C-order little-endian bytes"},
+        }),
+        "TensorInput": {"oneOf": [
+            _obj(["dtype", "shape", "data_b64"], {"dtype": dtype, "shape": shape, "data_b64": b64}),
+            _obj(["values"], {"values": {"type": "array", "description": "nested numbers"},
+                              "dtype": {**dtype, "default": "float32"}}),
+        ]},
+    }  # fmt: skip
+
+
+def _submission_schemas() -> dict[str, Schema]:
+    params = {"type": "object", "additionalProperties": {
+        "type": ["string", "integer", "number", "boolean", "null"]}}  # fmt: skip
+    return {
+        "ModelRef": {"oneOf": [
+            {"type": "string", "description": '"id@version"; "id" alone means version "1"',
+             "minLength": 1},
+            _obj(["model_id"], {"model_id": _STR, "version": {**_STR, "default": "1"}}),
+        ]},
+        "Stage": _obj(["name", "model"], {
+            "name": _STR, "model": _ref("ModelRef"), "after": _array(_STR), "params": params,
+        }),
+        "TaskSubmission": _obj(["pattern", "inputs"], {
+            "task_id": {**_STR, "description": "generated when absent; reuse it to retry"},
+            "pattern": _enum(Pattern), "inputs": _ref("TensorInput"),
+            "models": _array(_ref("ModelRef")),
+            "model": {**_ref("ModelRef"), "description": "shorthand for models: [model]"},
+            "stages": _array(_ref("Stage")), "params": params,
+            "deadline_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "priority": _INT, "policy": _enum(Policy, nullable=True),
+            "aggregation": _enum(Mode, nullable=True),
+            "shard_size": {"type": ["integer", "null"], "minimum": 1},
+        }),
+    }  # fmt: skip
+
+
+def _summary_props() -> dict[str, Schema]:
+    return {
+        "task_id": _STR, "state": _ref("TaskState"), "pattern": _enum(Pattern),
+        "priority": _INT, "policy": _NULLABLE_STR, "created_at": _NUM, "updated_at": _NUM,
+        "error": _NULLABLE_STR, "items_total": _INT, "items_done": _INT,
+    }  # fmt: skip
+
+
+def _task_schemas() -> dict[str, Schema]:
+    summary = _summary_props()
+    result = _obj(["labels", "nodes", "aggregation"], {
+        "labels": {"type": ["array", "null"], "items": _INT},
+        "outputs": {**_array(_ref("Tensor")), "description": "left out with ?outputs=false"},
+        "nodes": {"type": "object", "additionalProperties": _STR},
+        "aggregation": {"type": ["object", "null"]},
+    })  # fmt: skip
+    item = _obj(["item_id", "state", "node", "attempt", "error"], {
+        "item_id": _STR, "state": _ref("TaskState"), "node": _NULLABLE_STR, "attempt": _INT,
+        "error": _NULLABLE_STR, "model": _STR, "stage": _NULLABLE_STR, "position": _INT,
+        "has_result": {"type": "boolean"},
+    })  # fmt: skip
+    return {
+        "TaskState": _enum(TaskState),
+        "TaskSummary": _obj(list(summary), summary),
+        "WorkItem": item,
+        "TaskResult": result,
+        "Task": _obj([*summary, "items", "result"], {
+            **summary, "items": _array(_ref("WorkItem")),
+            "result": {"oneOf": [{"type": "null"}, _ref("TaskResult")]},
+        }),
+        "TaskPage": _obj(["tasks", "next_cursor"], {
+            "tasks": _array(_ref("TaskSummary")), "next_cursor": _NULLABLE_STR,
+        }),
+        "Submitted": _obj(["task_id", "state", "items_total", "location"], {
+            "task_id": _STR, "state": _ref("TaskState"), "items_total": _INT, "location": _STR,
+        }),
+        "Cancelled": _obj(["task_id", "cancelled", "state"], {
+            "task_id": _STR, "cancelled": {"type": "boolean"}, "state": _ref("TaskState"),
+        }),
+    }  # fmt: skip
+
+
+def _mesh_schemas() -> dict[str, Schema]:
+    node = _obj(["node_id", "status"], {
+        "node_id": _STR, "status": _STR, "roles": _array(_STR), "models": _array(_STR),
+        "queue_depth": _INT, "address": _STR, "in_flight": _INT, "done": _INT,
+    }, closed=False)  # fmt: skip
+    counts = {"type": "object", "additionalProperties": _INT}
+    stats = _obj(["tasks", "items", "dispatched", "retries", "live_tasks"], {
+        "tasks": counts, "items": counts, "journal_counters": counts, "dispatched": _INT,
+        "retries": _INT, "redispatched_after_death": _INT, "duplicates": _INT,
+        "redispatched_after_disconnect": _INT, "sessions_lost": _INT, "redials_ok": _INT,
+        "completed_by_node": counts, "live_tasks": _INT, "parked_items": _INT,
+    }, closed=False)  # fmt: skip
+    error = _obj(["status", "code", "message"], {
+        "status": _INT, "code": _enum(ERROR_CODES), "message": _STR,
+    })  # fmt: skip
+    return {
+        "Node": node,
+        "Nodes": _obj(["nodes"], {"nodes": _array(_ref("Node"))}),
+        "Stats": stats,
+        "Health": _obj(["status"], {"status": {"const": "ok"}}),
+        "Error": _obj(["error"], {"error": error}),
+    }
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+_ERROR_RESPONSES = {
+    "400": "A malformed body or query parameter (code bad_json, invalid_task, bad_parameter).",
+    "401": "No or a wrong bearer token (code unauthorized).",
+    "404": "No such task (code not_found).",
+    "409": "The task_id is used by a different task (code conflict).",
+    "413": "The body is over the size limit (code too_large).",
+    "415": "The body is not application/json (code unsupported_media_type).",
+    "500": "The coordinator failed; the error is logged (code internal).",
+}
+
+
+def _json_content(schema: Schema) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ok(description: str, schema: Schema) -> dict[str, Any]:
+    return {"description": description, "content": _json_content(schema)}
+
+
+def _operation(op_id: str, summary: str, ok: dict[str, dict], errors: str = "", **extra) -> dict:
+    responses = dict(ok)
+    for status in ["401", "500", *errors.split()]:
+        responses[status] = {"$ref": f"#/components/responses/E{status}"}
+    return {"operationId": op_id, "summary": summary, "tags": ["coordinator"],
+            "responses": dict(sorted(responses.items())), **extra}  # fmt: skip
+
+
+def _query(name: str, schema: Schema, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}  # fmt: skip
+
+
+_TASK_ID = {"name": "id", "in": "path", "required": True, "schema": _STR,
+            "description": "The task id."}  # fmt: skip
+_OUTPUTS = _query("outputs", {"type": "boolean", "default": True},
+                  "false leaves result.outputs out (labels and the rest stay).")  # fmt: skip
+
+
+def _task_paths() -> dict[str, Any]:
+    listing = [
+        _query("state", _ref("TaskState"), "Only tasks in this state."),
+        _query("model", _STR, "Only tasks with an item of this model id (no @version)."),
+        _query("since", _NUM, "Only tasks created at or after this Unix time."),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+               "Tasks per page."),
+        _query("cursor", _STR, "next_cursor of the previous page (opaque)."),
+    ]  # fmt: skip
+    submit_body = {"required": True, "content": _json_content(_ref("TaskSubmission"))}
+    task = _ok("The task, its items and result.", _ref("Task"))
+    return {
+        "/v1/tasks": {
+            "post": _operation("submitTask", "Submit a task (journaled before the answer).", {
+                "200": _ok("The same task was already submitted with this spec.",
+                           _ref("Submitted")),
+                "202": _ok("Accepted and journaled.", _ref("Submitted")),
+            }, "400 409 413 415", requestBody=submit_body),
+            "get": _operation("listTasks", "List tasks, newest first, a page at a time.", {
+                "200": _ok("One page.", _ref("TaskPage"))}, "400", parameters=listing),
+        },
+        "/v1/tasks/{id}": {"get": _operation("getTask", "A task with its items and result.",
+            {"200": task}, "400 404", parameters=[_TASK_ID, _OUTPUTS])},
+        "/v1/tasks/{id}/wait": {"get": _operation(
+            "waitTask", "The task once it finished, or as it is when the timeout passed.",
+            {"200": task}, "400 404", parameters=[_TASK_ID, _OUTPUTS, _query(
+                "timeout", {"type": "number", "minimum": 0, "maximum": 300, "default": 30},
+                "Seconds to wait at most.")])},
+        "/v1/tasks/{id}/cancel": {"post": _operation(
+            "cancelTask", "Cancel a task; the nodes running its items are told.",
+            {"200": _ok("cancelled is false when the task had already finished.",
+                        _ref("Cancelled"))}, "404", parameters=[_TASK_ID])},
+    }  # fmt: skip
+
+
+def _other_paths() -> dict[str, Any]:
+    metrics = {"description": "Prometheus text exposition 0.0.4 (meshinfer_coord_*).",
+               "content": {"text/plain": {"schema": _STR}}}  # fmt: skip
+    health = _ok("The coordinator answers.", _ref("Health"))
+    return {
+        "/v1/nodes": {"get": _operation("listNodes", "The mesh as the coordinator sees it.",
+                                        {"200": _ok("Every member.", _ref("Nodes"))})},
+        "/v1/stats": {"get": _operation("getStats", "Task and item counts and counters.",
+                                        {"200": _ok("The counters.", _ref("Stats"))})},
+        "/metrics": {"get": _operation("getMetrics", "Prometheus metrics.", {"200": metrics})},
+        "/openapi.json": {"get": _operation("getOpenApi", "This document.", {
+            "200": _ok("The OpenAPI document.", {"type": "object"})})},
+        "/healthz": {"get": {"operationId": "getHealth", "summary": "Liveness (no token).",
+                             "tags": ["coordinator"], "security": [],
+                             "responses": {"200": health}}},
+    }  # fmt: skip
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document (a fresh dict each call)."""
+    schemas = {**_tensor_schemas(), **_submission_schemas(), **_task_schemas(),
+               **_mesh_schemas()}  # fmt: skip
+    responses = {
+        f"E{status}": _ok(text, _ref("Error")) for status, text in _ERROR_RESPONSES.items()
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "meshinfer coordinator API", "version": API_VERSION,
+                 "description": "Submit, watch and cancel inference tasks on a vehicle mesh."},
+        "security": [{"bearerAuth": []}],
+        "paths": {**_task_paths(), **_other_paths()},
+        "components": {
+            "schemas": schemas,
+            "responses": responses,
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "The fleet's api-token file (meshinfer-coord fleet init)."}},
+        },
+    }  # fmt: skip

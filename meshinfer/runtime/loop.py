@@ -1,0 +1,65 @@
+"""Running a daemon: the event loop (uvloop when installed) and the signal-driven lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+
+class Daemon(Protocol):
+    """What :func:`serve_until_signalled` runs (the node daemon and the coordinator daemon)."""
+
+    node_id: str
+
+    async def start(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def new_runner() -> asyncio.Runner:
+    """An :class:`asyncio.Runner` on uvloop if it can be imported (it is a dependency on Linux)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def run_main(main: Coroutine[Any, Any, int], log_level: str) -> int:
+    """Configure logging to stderr and run ``main`` on :func:`new_runner`; its exit code."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with new_runner() as runner:
+        return runner.run(main)
+
+
+async def serve_until_signalled(daemon: Daemon, graceful: Callable[[], Awaitable[None]]) -> int:
+    """Start ``daemon``, print ``READY {facts}``, and on SIGTERM/SIGINT run ``graceful``.
+
+    A second signal during ``graceful`` abandons it for a plain ``aclose``. Prints
+    ``STOPPED <node id>`` at the end; returns the exit code (0).
+    """
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue[int]()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    try:
+        facts = await daemon.start()
+    except BaseException:
+        await daemon.aclose()
+        raise
+    print("READY " + json.dumps(facts), flush=True)
+    await signals.get()
+    stop = loop.create_task(graceful())
+    second = loop.create_task(signals.get())
+    done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
+    if second in done:
+        stop.cancel()
+        await daemon.aclose()
+    else:
+        second.cancel()
+    print(f"STOPPED {daemon.node_id}", flush=True)
+    return 0

@@ -1,0 +1,155 @@
+"""Strict, self-documenting TOML configuration files (the node's and the coordinator's).
+
+A configuration is a frozen dataclass whose fields are sections, each section a frozen dataclass
+whose fields carry their documentation (:func:`doc`). :class:`Schema` reads a parsed TOML document
+into it, refusing unknown sections and keys, wrong types, values outside a fixed set of choices
+and non-positive values where a positive one is needed, each as a
+:class:`~meshinfer.errors.ConfigError` naming the file, section and key. :meth:`Schema.render`
+prints the annotated file with every key and its documentation, so the documentation cannot
+drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshinfer.errors import ConfigError
+from meshinfer.transport.base import Address
+
+__all__ = ["Schema", "doc", "parse_address", "read_toml", "with_overrides"]
+
+
+def doc(default: Any, text: str) -> Any:
+    """A section field with its default and documentation."""
+    if isinstance(default, list):
+        raise TypeError("use a tuple for list defaults (frozen sections)")
+    return field(default=default, metadata={"doc": text})
+
+
+def parse_address(text: str, where: str) -> Address:
+    """``"host:port"`` (IPv6 as ``"[::1]:7946"``) -> Address, or ConfigError naming ``where``."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f'{where}: expected "host:port", got {text!r}')
+    return Address(host, int(port))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse ``path``; a missing, unreadable or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How to read and render one kind of configuration file.
+
+    ``choices`` maps ``(section, key)`` to the allowed values; ``positive`` lists the keys that
+    must be > 0; ``cross_check(config, source)`` validates relations between keys.
+    """
+
+    root: type
+    title: str
+    choices: Mapping[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    positive: frozenset[tuple[str, str]] = frozenset()
+    cross_check: Callable[[Any, str], None] | None = None
+
+    def from_dict(self, data: Mapping[str, Any], source: str = "config") -> Any:
+        """Validate a parsed TOML document into an instance of :attr:`root`."""
+        sections = {f.name for f in dataclasses.fields(self.root)}
+        for name in data:
+            if name not in sections:
+                raise ConfigError(f"{source}: unknown section [{name}] (known: {sorted(sections)})")
+        hints = typing.get_type_hints(self.root)
+        built = {
+            name: self._section(name, hints[name], table, source) for name, table in data.items()
+        }
+        config = self.root(**built)
+        if self.cross_check is not None:
+            self.cross_check(config, source)
+        return config
+
+    def load(self, path: str | Path) -> Any:
+        """Read and validate ``path``; every problem is a ConfigError naming the file and key."""
+        return self.from_dict(read_toml(path), str(path))
+
+    def _section(self, name: str, cls: type, table: Any, source: str) -> Any:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: [{name}] unknown key {key!r} (known: {sorted(known)})"
+                )
+            where = f"{source}: [{name}] {key}"
+            value = _check_value(where, hints[key], value)
+            allowed = self.choices.get((name, key))
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{where}: must be one of {allowed}, got {value!r}")
+            if (name, key) in self.positive and value <= 0:
+                raise ConfigError(f"{where}: must be positive, got {value!r}")
+            values[key] = value
+        return cls(**values)
+
+    def render(self, config: Any | None = None) -> str:
+        """The annotated TOML for ``config`` (defaults if None): every key with its doc."""
+        config = config or self.root()
+        lines = [f"# {self.title}"]
+        for section in dataclasses.fields(self.root):
+            lines += ["", f"[{section.name}]"]
+            table = getattr(config, section.name)
+            for f in dataclasses.fields(table):
+                lines.append(f"# {f.metadata['doc']}")
+                lines.append(f"{f.name} = {_toml_value(getattr(table, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+def _check_value(where: str, hint: Any, value: Any) -> Any:
+    if typing.get_origin(hint) is tuple:
+        inner = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_check_value(f"{where}[{i}]", inner, v) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def with_overrides(config: Any, **sections: dict[str, Any]) -> Any:
+    """A copy with some keys replaced, e.g. ``with_overrides(c, network={"listen": ...})``."""
+    return dataclasses.replace(
+        config,
+        **{
+            name: dataclasses.replace(getattr(config, name), **vals)
+            for name, vals in sections.items()
+        },
+    )

@@ -1,0 +1,235 @@
+"""``meshinfer-sim``: researcher-facing simulations of the real protocol cores in virtual time.
+
+Commands::
+
+    membership --nodes N --preset lan|v2v|test --loss P --latency-ms LO,HI
+               --crash K --joins J --duration S --seed SEED [--json]
+
+``membership`` plays a :class:`~simulations.membership.MembershipScenario` (a converged fleet,
+J joins, K simultaneous crashes, S more seconds) and prints what it measured: join
+dissemination, crash detection, false deaths, load and the CPU the run took. The same seed gives
+the same figures. Errors follow :func:`meshinfer.fleetcli.run_cli`: a bad argument is one line
+on stderr and exit code 2. Add a command by writing an ``_add_<name>(commands)`` function and
+listing it in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from meshinfer.errors import ConfigError
+from meshinfer.fleetcli import CommandParser, new_parser, run_cli
+from simulations.membership import (
+    MAX_DURATION,
+    MAX_JOINS,
+    MAX_LATENCY,
+    MAX_LOSS,
+    MAX_NODES,
+    PRESETS,
+    MembershipReport,
+    MembershipScenario,
+    run_membership,
+)
+
+# --- argument types (argparse turns ArgumentTypeError into "argument --x: message") -----------
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {low} to {high}, got {text!r}"
+            )
+        return value
+
+    return integer
+
+
+def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (low < value if low_open else low <= value) or not value <= high:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"must be a number in {bracket}{low:g}, {high:g}], got {text!r}"
+            )
+        return value
+
+    return number
+
+
+def _latency_ms(text: str) -> tuple[float, float]:
+    """``LO,HI`` in milliseconds -> (low, high) in seconds."""
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        low = high = float("nan")
+    if not 0 <= low <= high <= MAX_LATENCY * 1000:
+        raise argparse.ArgumentTypeError(
+            f"must be LO,HI milliseconds with 0 <= LO <= HI <= {MAX_LATENCY * 1000:g}, got {text!r}"
+        )
+    return low / 1000, high / 1000
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+# --- membership --------------------------------------------------------------------------------
+
+#: ``meshinfer-sim membership`` options: (flag, add_argument keywords).
+MEMBERSHIP_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--nodes", dict(type=_integer(2, MAX_NODES), default=50, metavar="N",
+                     help="fleet size (default 50)")),
+    ("--preset", dict(choices=tuple(PRESETS), default="lan",
+                      help="membership preset (default lan)")),
+    ("--loss", dict(type=_number(0, MAX_LOSS), default=0.0, metavar="P",
+                    help="packet loss 0..0.5 (default 0)")),
+    ("--latency-ms", dict(type=_latency_ms, default=(0.001, 0.005), metavar="LO,HI",
+                          help="one-way delay range in ms (default 1,5)")),
+    ("--crash", dict(type=_integer(0, MAX_NODES + MAX_JOINS), default=1, metavar="K",
+                     help="nodes crashed at once after the joins (default 1)")),
+    ("--joins", dict(type=_integer(0, MAX_JOINS), default=1, metavar="J",
+                     help="nodes that join one after another (default 1)")),
+    ("--duration", dict(type=_number(0, MAX_DURATION, low_open=True), default=60.0, metavar="S",
+                        help="simulated seconds to run after the crashes (default 60)")),
+    ("--seed", dict(type=_seed, default=1, help="random seed (default 1)")),
+    ("--json", dict(action="store_true", help="print one JSON document instead of the table")),
+)  # fmt: skip
+
+
+def _add_membership(commands: Any) -> None:
+    help_text = "SWIM membership on the virtual network: joins, crashes, loss"
+    description = (
+        "Start a converged fleet of N nodes running the real membership cores, let J nodes "
+        "join one after another, crash K random nodes at once and run S more simulated "
+        "seconds; print join dissemination, crash detection, false deaths and load."
+    )
+    parser = commands.add_parser("membership", help=help_text, description=description)
+    for flag, options in MEMBERSHIP_OPTIONS:
+        parser.add_argument(flag, **options)
+    parser.set_defaults(handler=_membership)
+
+
+def _membership(args: argparse.Namespace) -> int:
+    most = args.nodes + args.joins - 1
+    if args.crash > most:
+        raise ConfigError(
+            f"argument --crash: must leave one node running: at most --nodes + --joins - 1 = "
+            f"{most}, got {args.crash} (see --help)"
+        )
+    scenario = MembershipScenario(
+        nodes=args.nodes,
+        preset=args.preset,
+        loss=args.loss,
+        latency=args.latency_ms,
+        crashes=args.crash,
+        joins=args.joins,
+        duration=args.duration,
+        seed=args.seed,
+    )
+    report = run_membership(scenario)
+    print(json.dumps(report.to_json(), indent=2) if args.json else membership_table(report))
+    return 0
+
+
+def membership_table(report: MembershipReport) -> str:
+    """The human-readable report of one membership run."""
+    doc = report.to_json()
+    scenario, joins, crashes = report.scenario, doc["joins"], doc["crashes"]
+    low, high = doc["scenario"]["latency_ms"]
+    lines = [
+        f"membership: {scenario.nodes} nodes, preset {scenario.preset}, loss {scenario.loss:.1%}, "
+        f"latency {low:g}-{high:g} ms, seed {scenario.seed}",
+        f"simulated {report.simulated:.1f} s = settle {scenario.settle:g} s + "
+        f"{_count(joins['count'], 'join')} {report.join_phase:.1f} s + "
+        f"{scenario.duration:g} s after {_count(crashes['count'], 'crash', 'crashes')}",
+        "",
+        _row("joins", "to 99.9% of the fleet", joins, "max")
+        + f"  ({joins['reached']}/{joins['count']} reached)",
+        _row("crashes", "first DEAD declaration", crashes["first_dead"], "p99")
+        + f"  ({crashes['detected']}/{crashes['count']} detected)",
+        _row("", "DEAD at all live nodes", crashes["all_live"], "p99")
+        + f"  ({crashes['known_by_all']}/{crashes['count']} complete)",
+        *_false_death_rows(doc["false_deaths"]),
+        *_load_rows(report),
+    ]
+    return "\n".join(lines + _per_crash_rows(crashes["per_crash"]))
+
+
+def _count(n: int, singular: str, plural: str = "") -> str:
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
+def _row(section: str, what: str, figures: dict[str, Any], top: str) -> str:
+    median, high = figures["median_s"], figures[f"{top}_s"]
+    return f"{section:<11} {what:<24} median {_seconds(median)}  {top} {_seconds(high)}"
+
+
+def _seconds(value: float | None) -> str:
+    return f"{'never':>8}" if value is None else f"{value:>6.2f} s"
+
+
+def _false_death_rows(false_deaths: dict[str, int]) -> list[str]:
+    return [
+        f"{'false DEAD':<11} {'declarations, live nodes':<24} {false_deaths['declarations']:>8}"
+        f"    ({_count(false_deaths['nodes'], 'node')})",
+        f"{'':<11} {'SUSPECT, live nodes':<24} {false_deaths['suspect_declarations']:>8}"
+        f"    ({_count(false_deaths['suspected_nodes'], 'node')}, refuted or pending)",
+    ]
+
+
+def _load_rows(report: MembershipReport) -> list[str]:
+    lost = report.lost / max(1, report.packets)
+    return [
+        f"{'load':<11} {'per node per second':<24} {report.packets_per_node_second:>8.1f} "
+        f"packets  {report.bytes_per_node_second:>8.0f} bytes  ({lost:.1%} of packets lost)",
+        f"{'cost':<11} {'of this simulation':<24} {report.cpu_seconds:>8.2f} s CPU  "
+        f"{report.wall_seconds:>8.2f} s wall",
+    ]
+
+
+def _per_crash_rows(per_crash: list[dict[str, Any]]) -> list[str]:
+    if not per_crash:
+        return []
+    rows = ["", f"{'crashed':<11} {'first DEAD':>10} {'all live':>10}  declared by"]
+    for crash in per_crash:
+        rows.append(
+            f"{crash['node']:<11} {_seconds(crash['first_dead_s']):>10} "
+            f"{_seconds(crash['all_live_s']):>10}  {crash['known_by']}/{crash['observers']}"
+        )
+    return rows
+
+
+COMMANDS = (_add_membership,)
+
+
+def build_parser() -> CommandParser:
+    """The ``meshinfer-sim`` argument parser with every command."""
+    parser, commands = new_parser("meshinfer-sim", "meshinfer simulations in virtual time")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``meshinfer-sim``; returns the exit code."""
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,593 @@
+"""The coordinator's HTTP API against a real coordinator and real node daemons (in this process:
+real TCP, Noise, mDNS, SQLite), driven over real HTTP with aiohttp.ClientSession.
+
+One mesh and one server serve the whole module (they take about a second to start); tests that
+change how the nodes behave put it back before they end. Every JSON answer is checked against
+the OpenAPI document's schema for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import jsonschema
+import numpy as np
+import pytest
+import pytest_asyncio
+from openapi_spec_validator import validate as validate_openapi
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.api import CoordinatorApi
+from coordinator.openapi import ERROR_CODES, openapi_document
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.transport.base import Address
+from tests.test_coordinator_service import DIGITS, Mesh, until
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOKEN = "api-test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WIDE = ModelRef("digits-mlp-wide", "1")
+MODELS = (
+    '[inference]\nmodels = ["digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1", '
+    '"synthetic-mlp@w10-d1", "synthetic-mlp@w20-d1"]\n'
+)
+DOC = openapi_document()
+
+
+@dataclass
+class Served:
+    mesh: Mesh
+    api: CoordinatorApi
+    http: aiohttp.ClientSession
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(tmp_path_factory):
+    async with Mesh(tmp_path_factory.mktemp("api"), n=2, extra=MODELS) as mesh:
+        api = CoordinatorApi(mesh.coordinator, Address("127.0.0.1", 0), TOKEN)
+        async with api, aiohttp.ClientSession(base_url=api.url, headers=AUTH) as http:
+            yield Served(mesh, api, http)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def conforms(doc, schema_name: str) -> None:
+    """``doc`` matches components/schemas/<schema_name> of the OpenAPI document."""
+    root = {"$ref": f"#/components/schemas/{schema_name}", "components": DOC["components"]}
+    jsonschema.Draft202012Validator(root).validate(doc)
+
+
+async def call(http, method, path, *, status=200, schema=None, **kw):
+    """One request; asserts the status and JSON answer (the error shape for errors)."""
+    async with http.request(method, path, **kw) as response:
+        body = await response.read()
+        assert response.status == status, (response.status, body[:500])
+        assert response.content_type == "application/json"
+        doc = await response.json()
+    if status >= 400:
+        conforms(doc, "Error")
+        assert doc["error"]["status"] == status
+    elif schema is not None:
+        conforms(doc, schema)
+    return doc
+
+
+def b64_tensor(array: np.ndarray) -> dict:
+    return {
+        "dtype": array.dtype.name,
+        "shape": list(array.shape),
+        "data_b64": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(),
+    }
+
+
+def array_of(tensor: dict) -> np.ndarray:
+    data = base64.b64decode(tensor["data_b64"])
+    return np.frombuffer(data, dtype=tensor["dtype"]).reshape(tensor["shape"])
+
+
+async def submit(http, body, status=202) -> dict:
+    return await call(http, "POST", "/v1/tasks", json=body, status=status, schema="Submitted")
+
+
+async def finished(http, task_id, timeout=20, **query) -> dict:
+    params = {"timeout": str(timeout), **query}
+    doc = await call(http, "GET", f"/v1/tasks/{task_id}/wait", params=params, schema="Task")
+    assert doc["state"] == "succeeded", (doc["error"], [i["error"] for i in doc["items"]])
+    return doc
+
+
+@contextlib.contextmanager
+def held_engines(mesh: Mesh):
+    """Every node's engine waits for the returned event before it infers."""
+    gate = asyncio.Event()
+    originals = {}
+    for name, daemon in mesh.daemons.items():
+        original = originals[name] = daemon.engine.infer
+
+        async def held(ref, batch, original=original):
+            await gate.wait()
+            return await original(ref, batch)
+
+        daemon.engine.infer = held
+    try:
+        yield gate
+    finally:
+        gate.set()
+        for name, daemon in mesh.daemons.items():
+            daemon.engine.infer = originals[name]
+
+
+# --- the four patterns -----------------------------------------------------------------------
+
+
+async def test_single_task_with_values_gives_the_models_labels(served):
+    x, _ = load_digits_holdout()
+    body = {"model": "digits-mlp@1", "pattern": "single", "inputs": {"values": x[:5].tolist()}}
+    async with served.http.post("/v1/tasks", json=body) as response:
+        assert response.status == 202
+        accepted = await response.json()
+        assert response.headers["Location"] == accepted["location"]
+    conforms(accepted, "Submitted")
+    task_id = accepted["task_id"]
+    assert len(task_id) == 32 and int(task_id, 16) >= 0  # generated: 128 random bits
+    assert accepted["location"] == f"/v1/tasks/{task_id}" and accepted["items_total"] == 1
+    doc = await finished(served.http, task_id)
+    expected = await served.mesh.daemons["node-0"].engine.infer(DIGITS, x[:5])
+    assert doc["result"]["labels"] == np.argmax(expected, axis=1).tolist()
+    np.testing.assert_allclose(array_of(doc["result"]["outputs"][0]), expected, rtol=1e-5)
+    assert list(doc["result"]["nodes"]) == [f"{task_id}/0"]
+    assert doc["items"][0]["node"] in served.mesh.names and doc["items_done"] == 1
+
+
+async def test_batch_with_base64_input_is_sharded_and_accurate(served):
+    x, y = load_digits_holdout()
+    body = {"task_id": "api-batch", "pattern": "batch", "models": [{"model_id": "digits-mlp"}],
+            "inputs": b64_tensor(x), "shard_size": 300, "policy": "round_robin"}  # fmt: skip
+    accepted = await submit(served.http, body)
+    assert accepted["items_total"] == math.ceil(len(x) / 300)
+    doc = await finished(served.http, "api-batch", outputs="false")
+    assert "outputs" not in doc["result"]
+    labels = np.array(doc["result"]["labels"])
+    assert labels.shape == y.shape and (labels == y).mean() >= 0.95
+    assert {i["node"] for i in doc["items"]} == set(served.mesh.names)
+
+
+async def test_parallel_ensemble_votes_by_majority(served):
+    x, y = load_digits_holdout()
+    models = ["digits-mlp", {"model_id": "digits-mlp-wide", "version": "1"}, "digits-mlp-deep@1"]
+    body = {"task_id": "api-vote", "pattern": "parallel", "models": models,
+            "inputs": b64_tensor(x[:200]), "aggregation": "majority"}  # fmt: skip
+    await submit(served.http, body)
+    doc = await finished(served.http, "api-vote")
+    result = doc["result"]
+    assert result["aggregation"]["mode"] == "majority"
+    assert len(result["aggregation"]["sources"]) >= 2
+    labels = array_of(result["outputs"][0])
+    assert result["labels"] == labels.tolist()
+    assert (labels == y[:200]).mean() >= 0.95
+    assert sorted(i["model"] for i in doc["items"]) == [
+        "digits-mlp-deep@1", "digits-mlp-wide@1", "digits-mlp@1"]  # fmt: skip
+
+
+async def test_pipeline_stages_feed_each_other(served):
+    x, _ = load_digits_holdout()
+    stages = [
+        {"name": "a", "model": "digits-mlp"},
+        {"name": "b", "model": {"model_id": "digits-mlp-wide", "version": "1"}},
+        {"name": "head", "model": "synthetic-mlp@w20-d1", "after": ["a", "b"]},
+        {"name": "tail", "model": "synthetic-mlp@w10-d1", "after": ["head"]},
+    ]
+    body = {"task_id": "api-dag", "pattern": "pipeline", "stages": stages,
+            "inputs": {"values": x[:8].tolist(), "dtype": "float32"}}  # fmt: skip
+    assert (await submit(served.http, body))["items_total"] == 4
+    doc = await finished(served.http, "api-dag")
+    engine = served.mesh.daemons["node-0"].engine
+    a, b = await engine.infer(DIGITS, x[:8]), await engine.infer(WIDE, x[:8])
+    head = await engine.infer(ModelRef("synthetic-mlp", "w20-d1"), np.concatenate([a, b], 1))
+    tail = await engine.infer(ModelRef("synthetic-mlp", "w10-d1"), head)
+    np.testing.assert_allclose(array_of(doc["result"]["outputs"][0]), tail, rtol=1e-5, atol=1e-6)
+    assert {i["stage"] for i in doc["items"]} == {"a", "b", "head", "tail"}
+
+
+# --- idempotency and bad bodies --------------------------------------------------------------
+
+
+async def test_resubmitting_the_same_task_is_idempotent_and_another_spec_conflicts(served):
+    x, _ = load_digits_holdout()
+    body = {"task_id": "api-again", "pattern": "single", "model": "digits-mlp",
+            "inputs": b64_tensor(x[:2])}  # fmt: skip
+    first = await submit(served.http, body)
+    second = await submit(served.http, body, status=200)  # a client's retry
+    assert second["task_id"] == first["task_id"] == "api-again"
+    # The same spec written the other way round (values, models list, explicit version).
+    same = {"task_id": "api-again", "pattern": "single",
+            "models": [{"model_id": "digits-mlp", "version": "1"}],
+            "inputs": {"values": x[:2].tolist()}}  # fmt: skip
+    await submit(served.http, same, status=200)
+    other = await call(served.http, "POST", "/v1/tasks", json={**body, "priority": 5},
+                       status=409)  # fmt: skip
+    assert other["error"]["code"] == "conflict" and "api-again" in other["error"]["message"]
+    await finished(served.http, "api-again")
+
+
+X1 = {"values": [[0.0] * 64]}
+BAD_BODIES = [
+    ({"modle": "digits-mlp", "pattern": "single", "inputs": X1}, "invalid_task", "'modle'"),
+    ({"model": "digits-mlp", "pattern": "single"}, "invalid_task", "inputs"),
+    ({"model": "digits-mlp", "pattern": "sideways", "inputs": X1}, "invalid_task", "pattern"),
+    ({"model": "d", "models": ["d"], "pattern": "single", "inputs": X1}, "invalid_task", "model"),
+    ({"model": 7, "pattern": "single", "inputs": X1}, "invalid_task", "models[0]"),
+    ({"model": {"model_id": "d", "v": "1"}, "pattern": "single", "inputs": X1},
+     "invalid_task", "'v'"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": [[1, 2], [3]]}},
+     "invalid_task", "inputs.values"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": [["1"]]}},
+     "invalid_task", "inputs.values"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": [1e39]}},
+     "invalid_task", "inputs.values"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": [1], "dtype": "float64"}},
+     "invalid_task", "inputs.dtype"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": [1], "shape": [1]}},
+     "invalid_task", "'shape'"),
+    ({"model": "d", "pattern": "single",
+      "inputs": {"dtype": "float32", "shape": [1], "data_b64": "!!"}},
+     "invalid_task", "inputs.data_b64"),
+    ({"model": "d", "pattern": "single",
+      "inputs": {"dtype": "float32", "shape": [2], "data_b64": "AAAAAA=="}},
+     "invalid_task", "inputs"),
+    ({"model": "d", "pattern": "single", "inputs": X1, "priority": "high"},
+     "invalid_task", "priority"),
+    ({"model": "d", "pattern": "single", "inputs": X1, "task_id": "no spaces"},
+     "invalid_task", "task_id"),
+    ({"models": ["d"], "pattern": "parallel", "inputs": X1, "aggregation": "mean"},
+     "invalid_task", "aggregation"),
+    ([1, 2], "invalid_task", "object"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "code", "named"), BAD_BODIES)
+async def test_an_invalid_task_is_refused_naming_the_key(served, body, code, named):
+    doc = await call(served.http, "POST", "/v1/tasks", json=body, status=400)
+    assert doc["error"]["code"] == code
+    assert named in doc["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (b"", "empty"),
+        (b"{", "JSON"),
+        (b'{"pattern": NaN}', "NaN"),
+        (b'{"pattern": "single", "pattern": "batch"}', "'pattern'"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"[" * 100_000, "JSON"),
+    ],
+)
+async def test_a_body_that_is_not_json_is_a_bad_json_error(served, raw, named):
+    headers = {"Content-Type": "application/json"}
+    doc = await call(served.http, "POST", "/v1/tasks", data=raw, headers=headers, status=400)
+    assert doc["error"]["code"] == "bad_json" and named in doc["error"]["message"]
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+async def test_listing_filters_and_a_cursor_walk_returns_every_task_once(served):
+    x, _ = load_digits_holdout()
+    http = served.http
+    before = time.time() - 1
+    mine = [f"api-list-{i}" for i in range(7)]
+    for task_id in mine:
+        model = "digits-mlp-wide" if task_id != mine[0] else "digits-mlp"
+        body = {"task_id": task_id, "pattern": "single", "model": model,
+                "inputs": b64_tensor(x[:1])}  # fmt: skip
+        await submit(http, body)
+    for task_id in mine:
+        await finished(http, task_id)
+    everything = await call(http, "GET", "/v1/tasks", params={"limit": "1000"}, schema="TaskPage")
+    assert everything["next_cursor"] is None
+    all_ids = [t["task_id"] for t in everything["tasks"]]
+    assert set(mine) <= set(all_ids) and len(all_ids) == len(set(all_ids))
+
+    walked, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        page = await call(http, "GET", "/v1/tasks", params=params, schema="TaskPage")
+        assert len(page["tasks"]) <= 3
+        walked += [t["task_id"] for t in page["tasks"]]
+        cursor, pages = page["next_cursor"], pages + 1
+        if cursor is None:
+            break
+    assert walked == all_ids  # every task exactly once, in the same (newest first) order
+    assert pages == math.ceil(len(all_ids) / 3)
+    created = [t["created_at"] for t in everything["tasks"]]
+    assert created == sorted(created, reverse=True)
+
+    wide = await call(http, "GET", "/v1/tasks", params={"model": "digits-mlp-wide"})
+    wide_ids = {t["task_id"] for t in wide["tasks"]}
+    assert set(mine[1:]) <= wide_ids and mine[0] not in wide_ids
+    done = await call(http, "GET", "/v1/tasks", params={"state": "succeeded", "limit": "1000"})
+    assert set(mine) <= {t["task_id"] for t in done["tasks"]}
+    assert all(t["state"] == "succeeded" for t in done["tasks"])
+    recent = await call(http, "GET", "/v1/tasks", params={"since": repr(before)})
+    assert set(mine) <= {t["task_id"] for t in recent["tasks"]}
+    future = await call(http, "GET", "/v1/tasks", params={"since": str(time.time() + 3600)})
+    assert future == {"tasks": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("limit=1.5", "limit"),
+        ("limit=-3", "limit"),
+        ("since=yesterday", "since"),
+        ("since=nan", "since"),
+        ("since=1e999", "since"),
+        ("since=", "since"),
+        ("state=sleeping", "state"),
+        ("model=digits-mlp@1", "model"),
+        ("cursor=abc", "cursor"),
+        ("cursor=", "cursor"),
+        ("limit=5&limit=6", "limit"),
+        ("colour=blue", "colour"),
+    ],
+)
+async def test_a_bad_query_parameter_is_named(served, query, named):
+    doc = await call(served.http, "GET", f"/v1/tasks?{query}", status=400)
+    assert doc["error"]["code"] == "bad_parameter"
+    assert doc["error"]["message"].startswith(named)
+
+
+# --- wait and cancel -------------------------------------------------------------------------
+
+
+async def test_wait_times_out_then_cancel_ends_the_running_task(served):
+    x, _ = load_digits_holdout()
+    http, mesh = served.http, served.mesh
+    with held_engines(mesh):
+        body = {"task_id": "api-long", "pattern": "batch", "model": "digits-mlp",
+                "inputs": b64_tensor(x), "shard_size": 50}  # fmt: skip
+        await submit(http, body)
+        await until(lambda: sum(d.executor.running for d in mesh.daemons.values()) >= 1)
+        started = time.monotonic()
+        doc = await call(http, "GET", "/v1/tasks/api-long/wait", params={"timeout": "0.3"},
+                         schema="Task")  # fmt: skip
+        assert time.monotonic() - started >= 0.3
+        assert doc["state"] in ("dispatched", "running") and doc["result"] is None
+        cancelled_before = sum(d.executor.stats.cancelled for d in mesh.daemons.values())
+
+        answer = await call(http, "POST", "/v1/tasks/api-long/cancel", schema="Cancelled")
+        assert answer == {"task_id": "api-long", "cancelled": True, "state": "cancelled"}
+        doc = await call(http, "GET", "/v1/tasks/api-long", schema="Task")
+        assert doc["state"] == "cancelled"
+        assert {i["state"] for i in doc["items"]} == {"cancelled"}
+        await until(
+            lambda: (
+                sum(d.executor.stats.cancelled for d in mesh.daemons.values()) > cancelled_before
+            )
+        )
+        again = await call(http, "POST", "/v1/tasks/api-long/cancel", schema="Cancelled")
+        assert again == {"task_id": "api-long", "cancelled": False, "state": "cancelled"}
+    waited = await call(http, "GET", "/v1/tasks/api-long/wait", params={"timeout": "5"})
+    assert waited["state"] == "cancelled"  # an ended task answers at once
+
+
+@pytest.mark.parametrize("timeout", ["-1", "301", "soon", "inf", "1e400", ""])
+async def test_a_bad_wait_timeout_is_refused(served, timeout):
+    doc = await call(served.http, "GET", f"/v1/tasks/any/wait?timeout={timeout}", status=400)
+    assert doc["error"]["code"] == "bad_parameter" and "timeout" in doc["error"]["message"]
+
+
+# --- auth and HTTP errors --------------------------------------------------------------------
+
+ROUTES = [
+    ("POST", "/v1/tasks"),
+    ("GET", "/v1/tasks"),
+    ("GET", "/v1/tasks/x"),
+    ("GET", "/v1/tasks/x/wait"),
+    ("POST", "/v1/tasks/x/cancel"),
+    ("GET", "/v1/nodes"),
+    ("GET", "/v1/stats"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+@pytest.mark.parametrize("header", [None, f"Bearer {TOKEN}x", f"Basic {TOKEN}", "Bearer", TOKEN])
+async def test_every_route_but_healthz_needs_the_token(served, method, path, header):
+    headers = {} if header is None else {"Authorization": header}
+    async with aiohttp.ClientSession(base_url=served.api.url, headers=headers) as anonymous:
+        async with anonymous.request(method, path, json={}) as response:
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            doc = await response.json()
+    conforms(doc, "Error")
+    assert doc["error"]["code"] == "unauthorized"
+
+
+async def test_healthz_answers_without_a_token(served):
+    async with aiohttp.ClientSession(base_url=served.api.url) as anonymous:
+        assert await call(anonymous, "GET", "/healthz", schema="Health") == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("GET", "/", 404, "not_found"),
+        ("GET", "/v1/tasks/no-such-task", 404, "not_found"),
+        ("GET", "/v1/tasks/no-such-task/wait?timeout=0", 404, "not_found"),
+        ("POST", "/v1/tasks/no-such-task/cancel", 404, "not_found"),
+        ("DELETE", "/v1/tasks", 405, "method_not_allowed"),
+        ("PUT", "/v1/tasks/x", 405, "method_not_allowed"),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+        ("HEAD", "/v1/nodes", 405, "method_not_allowed"),
+    ],
+)
+async def test_unknown_routes_tasks_and_methods(served, method, path, status, code):
+    if method == "HEAD":  # no body to read: check the status only
+        async with served.http.head(path) as response:
+            assert response.status == status and "GET" in response.headers["Allow"]
+        return
+    doc = await call(served.http, method, path, status=status)
+    assert doc["error"]["code"] == code
+
+
+async def test_a_body_over_the_cap_is_413_and_not_json_is_415(served):
+    small = CoordinatorApi(
+        served.mesh.coordinator, Address("127.0.0.1", 0), TOKEN, max_body_bytes=1024
+    )
+    async with small, aiohttp.ClientSession(base_url=small.url, headers=AUTH) as http:
+        big = {"model": "digits-mlp", "pattern": "single", "inputs": {"values": [0.5] * 600}}
+        doc = await call(http, "POST", "/v1/tasks", json=big, status=413)
+        assert doc["error"]["code"] == "too_large" and "1024" in doc["error"]["message"]
+
+        async def chunks():  # no Content-Length: the cap holds while reading
+            for _ in range(8):
+                yield b" " * 512
+
+        headers = {"Content-Type": "application/json"}
+        doc = await call(http, "POST", "/v1/tasks", data=chunks(), headers=headers, status=413)
+        assert doc["error"]["code"] == "too_large"
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            doc = await call(http, "POST", "/v1/tasks", data=b"{}", status=415,
+                             headers={"Content-Type": content_type})  # fmt: skip
+            assert doc["error"]["code"] == "unsupported_media_type"
+            assert content_type in doc["error"]["message"]
+        assert await call(http, "GET", "/healthz") == {"status": "ok"}
+
+
+async def test_an_unexpected_error_is_a_logged_500_without_traceback(served, monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(served.mesh.coordinator, "nodes", broken)
+    with caplog.at_level(logging.ERROR, logger="coordinator.api"):
+        doc = await call(served.http, "GET", "/v1/nodes", status=500)
+    assert doc["error"]["code"] == "internal"
+    assert "secret" not in doc["error"]["message"] and "Traceback" not in doc["error"]["message"]
+    assert any("secret internals" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    monkeypatch.undo()
+    await call(served.http, "GET", "/v1/nodes", schema="Nodes")
+
+
+# --- the mesh, metrics, the document ---------------------------------------------------------
+
+
+async def test_nodes_and_stats(served):
+    nodes = await call(served.http, "GET", "/v1/nodes", schema="Nodes")
+    mine = {n["node_id"]: n for n in nodes["nodes"] if n["node_id"] in served.mesh.names}
+    assert set(mine) == set(served.mesh.names)
+    assert all(n["status"] == "alive" and "digits-mlp@1" in n["models"] for n in mine.values())
+    stats = await call(served.http, "GET", "/v1/stats", schema="Stats")
+    assert stats == await _stats_now(served)
+
+
+async def _stats_now(served):
+    import json
+
+    return json.loads(json.dumps(await served.mesh.coordinator.stats()))
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def _metrics(http) -> dict:
+    async with http.get("/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return _samples(await response.text())
+
+
+async def test_metrics_parse_and_count_requests(served):
+    http = served.http
+    key = ("meshinfer_coord_api_requests_total",
+           (("method", "GET"), ("route", "/v1/nodes"), ("status", "200")))  # fmt: skip
+    before = (await _metrics(http)).get(key, 0.0)
+    for _ in range(3):
+        await call(http, "GET", "/v1/nodes")
+    await call(http, "GET", "/v1/nope", status=404)
+    after = await _metrics(http)
+    assert after[key] == before + 3
+    assert after[("meshinfer_coord_api_requests_total",
+                  (("method", "GET"), ("route", "unmatched"), ("status", "404")))] >= 1  # fmt: skip
+    assert after[("meshinfer_coord_nodes_alive", ())] >= 2
+    stats = await _stats_now(served)
+    for state, count in stats["tasks"].items():
+        assert after[("meshinfer_coord_tasks", (("state", state),))] == count
+    assert after[("meshinfer_coord_dispatched_total", ())] == stats["dispatched"]
+    assert after[("meshinfer_coord_live_tasks", ())] == stats["live_tasks"]
+    latency = ("meshinfer_coord_api_request_seconds_count", (("route", "/v1/nodes"),))
+    assert after[latency] >= 3
+
+
+async def test_the_openapi_document_is_valid_and_covers_every_route(served):
+    doc = await call(served.http, "GET", "/openapi.json")
+    assert doc == DOC
+    validate_openapi(doc)
+    served_routes = {
+        (route.method.lower(), route.resource.canonical) for route in served.api.app.router.routes()
+    }
+    documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    assert served_routes == documented
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            public = op.get("security") == []
+            assert public == ((method, path) == ("get", "/healthz"))
+            if not public:
+                assert "401" in op["responses"]
+    codes = set(DOC["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+                ["code"]["enum"])  # fmt: skip
+    assert codes == set(ERROR_CODES)
+
+
+async def test_closing_answers_open_waits_at_once_and_twice_is_harmless(served, monkeypatch):
+    # No node has this model: the task waits for one forever.
+    body = {"task_id": "api-orphan", "pattern": "single", "model": "nobody-has-this@1",
+            "inputs": {"values": [1.0]}}  # fmt: skip
+    await submit(served.http, body)
+    coordinator = served.mesh.coordinator
+    entered, original = asyncio.Event(), coordinator.wait
+
+    async def spied(*args, **kw):
+        entered.set()
+        return await original(*args, **kw)
+
+    monkeypatch.setattr(coordinator, "wait", spied)
+    api = CoordinatorApi(coordinator, Address("127.0.0.1", 0), TOKEN)
+    await api.start()
+    url = api.url
+    async with aiohttp.ClientSession(base_url=url, headers=AUTH) as http:
+        waiting = asyncio.create_task(
+            call(http, "GET", "/v1/tasks/api-orphan/wait", params={"timeout": "300"})
+        )
+        await entered.wait()
+        started = time.monotonic()
+        await api.aclose()
+        assert time.monotonic() - started < 2.0
+        doc = await waiting
+        assert doc["state"] == "pending" and doc["result"] is None
+        await api.aclose()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(url + "/healthz")
+    cancelled = await call(served.http, "POST", "/v1/tasks/api-orphan/cancel")
+    assert cancelled["cancelled"] is True

@@ -1,0 +1,815 @@
+"""The task commands of ``meshinfer-coord`` and the HTTP client behind them.
+
+Input files are real files in ``tmp_path``; tables are rendered from API documents; the client's
+error mapping runs against real sockets; the end-to-end tests start a real coordinator, a real
+node daemon (TCP, Noise, mDNS, SQLite) and the real :class:`CoordinatorApi` in this process and
+run ``coordinator.cli.main`` in a worker thread, the way an operator's shell would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import re
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from coordinator.api import CoordinatorApi
+from coordinator.cli import main
+from coordinator.cli_tasks import (
+    format_table,
+    image_row,
+    load_inputs,
+    parse_input,
+    parse_since,
+    progress_line,
+    render_nodes,
+    render_result,
+    render_stats,
+    render_task,
+    render_tasks,
+    utc_iso,
+)
+from coordinator.client import (
+    ENV_TOKEN,
+    ENV_URL,
+    ApiError,
+    CoordinatorClient,
+    array_from_json,
+    resolve_endpoint,
+    tensor_json,
+)
+from coordinator.service import Coordinator, CoordinatorConfig
+from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.errors import ConfigError, InferenceError, MeshInferError, RemoteProtocolError
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.membership import MembershipConfig
+from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.testing.cluster import LocalCluster
+from meshinfer.transport.base import Address
+from node.config import load_config
+from node.daemon import NodeDaemon
+
+DIGITS = ModelRef("digits-mlp", "1")
+OFFLINE = ("--url", "http://127.0.0.1:9", "--timeout", "1")  # never contacted by these tests
+
+
+def digit(index: int) -> tuple[np.ndarray, int]:
+    """Raw 8x8 holdout digit (0..16 counts) and its label."""
+    x, y = load_digits_holdout()
+    return np.rint(x[index] * 16).reshape(8, 8), int(y[index])
+
+
+def full_range_digit() -> tuple[np.ndarray, int]:
+    """A holdout digit whose pixels span 0..16 (contrast stretching leaves it unchanged)."""
+    x, _ = load_digits_holdout()
+    index = next(i for i in range(len(x)) if x[i].min() == 0 and x[i].max() == 1)
+    return digit(index)[0], index
+
+
+def dark_on_light(raw: np.ndarray, scale: int = 4) -> np.ndarray:
+    """A digit as a photographer would give it: dark ink on white, ``scale`` times larger."""
+    return np.kron(16 - raw, np.ones((scale, scale)))
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("meshinfer-coord: error:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+# --- input files -----------------------------------------------------------------------------
+
+
+def test_npy_rows_are_cast_to_float32(tmp_path):
+    rows = np.arange(6 * 64, dtype=np.float64).reshape(6, 64) / 7
+    np.save(tmp_path / "x.npy", rows)
+    got = load_inputs([tmp_path / "x.npy"])
+    assert got.dtype == np.float32 and got.shape == (6, 64)
+    np.testing.assert_array_equal(got, rows.astype(np.float32))
+
+
+def test_one_dimensional_input_is_one_row(tmp_path):
+    np.save(tmp_path / "row.npy", np.arange(64, dtype=np.int64))
+    got = load_inputs([tmp_path / "row.npy"], dtype="int64")
+    assert got.shape == (1, 64) and got.dtype == np.int64 and got[0, 63] == 63
+
+
+def test_npz_takes_the_first_array_or_the_named_one(tmp_path):
+    first, second = np.ones((2, 64)), np.zeros((3, 64))
+    np.savez(tmp_path / "a.npz", first=first, second=second)
+    assert load_inputs([tmp_path / "a.npz"]).shape == (2, 64)
+    assert load_inputs([tmp_path / "a.npz"], key="second").shape == (3, 64)
+    with pytest.raises(ConfigError, match="no array 'third'; it holds first, second"):
+        load_inputs([tmp_path / "a.npz"], key="third")
+
+
+def test_key_applies_to_npz_inputs_only(tmp_path):
+    np.savez(tmp_path / "a.npz", first=np.ones((1, 2)), second=np.zeros((1, 2)))
+    (tmp_path / "b.csv").write_text("5,6\n")
+    got = load_inputs([tmp_path / "a.npz", tmp_path / "b.csv"], key="second")
+    np.testing.assert_array_equal(got, [[0, 0], [5, 6]])
+    with pytest.raises(ConfigError, match="no input is one"):
+        load_inputs([tmp_path / "b.csv"], key="second")
+
+
+def test_npy_header_claiming_a_huge_array_is_refused():
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)}
+    )
+    data = b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + bytes(64)
+    with pytest.raises(ConfigError, match=r"huge\.npy: not a readable \.npy file"):
+        parse_input("huge.npy", data)
+
+
+def test_json_rows_one_row_and_tensor_documents(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([[1, 2.5], [3, 4]]))
+    (tmp_path / "row.json").write_text(json.dumps([1, 2, 3]))
+    array = np.arange(8, dtype=np.float32).reshape(2, 4)
+    (tmp_path / "tensor.json").write_text(json.dumps(tensor_json(array)))
+    np.testing.assert_array_equal(load_inputs([tmp_path / "rows.json"]), [[1, 2.5], [3, 4]])
+    assert load_inputs([tmp_path / "row.json"]).shape == (1, 3)
+    np.testing.assert_array_equal(load_inputs([tmp_path / "tensor.json"]), array)
+
+
+def test_csv_with_and_without_a_header(tmp_path):
+    (tmp_path / "plain.csv").write_text("1,2,3\n4,5,6\n\n")
+    (tmp_path / "header.csv").write_text("a,b,c\n1,2,3\n")
+    np.testing.assert_array_equal(load_inputs([tmp_path / "plain.csv"]), [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(load_inputs([tmp_path / "header.csv"]), [[1, 2, 3]])
+
+
+def test_several_inputs_are_concatenated(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((2, 3)))
+    (tmp_path / "b.csv").write_text("7,8,9\n")
+    got = load_inputs([tmp_path / "a.npy", tmp_path / "b.csv"])
+    np.testing.assert_array_equal(got, [[1, 1, 1], [1, 1, 1], [7, 8, 9]])
+    (tmp_path / "c.csv").write_text("1,2\n")
+    with pytest.raises(ConfigError, match="disagree on the row shape"):
+        load_inputs([tmp_path / "a.npy", tmp_path / "c.csv"])
+
+
+@pytest.mark.parametrize("magic", ["P5", "P2"])
+def test_pgm_digit_becomes_the_models_row(tmp_path, magic):
+    raw, _ = full_range_digit()
+    image = dark_on_light(raw).astype(np.uint8)  # maxval 16: exact pixel counts
+    header = f"{magic}\n# a comment\n{image.shape[1]} {image.shape[0]}\n16\n".encode()
+    body = image.tobytes() if magic == "P5" else " ".join(map(str, image.ravel())).encode()
+    (tmp_path / "d.pgm").write_bytes(header + body)
+    row = load_inputs([tmp_path / "d.pgm"])
+    assert row.shape == (1, 64) and row.dtype == np.float32
+    np.testing.assert_array_equal(row[0], (raw / 16).ravel().astype(np.float32))
+
+
+def test_sixteen_bit_pgm(tmp_path):
+    raw, _ = full_range_digit()
+    image = (dark_on_light(raw, 2) * 4095).astype(">u2")
+    header = f"P5 {image.shape[1]} {image.shape[0]} 65520\n".encode()
+    (tmp_path / "d.pgm").write_bytes(header + image.tobytes())
+    np.testing.assert_array_equal(load_inputs([tmp_path / "d.pgm"])[0], (raw / 16).ravel())
+
+
+def test_png_digit_becomes_the_models_row(tmp_path):
+    raw, _ = full_range_digit()
+    pixels = np.rint(dark_on_light(raw, 3) * 255 / 16).astype(np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "d.png")
+    Image.fromarray(np.stack([pixels] * 3, axis=-1), mode="RGB").save(tmp_path / "rgb.png")
+    expected = (raw / 16).ravel().astype(np.float32)
+    np.testing.assert_array_equal(load_inputs([tmp_path / "d.png"])[0], expected)
+    np.testing.assert_array_equal(load_inputs([tmp_path / "rgb.png"])[0], expected)
+
+
+def test_jpeg_digit_is_close_to_the_models_row(tmp_path):
+    raw, _ = full_range_digit()
+    pixels = np.rint(dark_on_light(raw, 8) * 255 / 16).astype(np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "d.jpg", quality=95)
+    row = load_inputs([tmp_path / "d.jpg"])[0]
+    assert np.abs(row - (raw / 16).ravel()).max() <= 2 / 16
+
+
+def test_light_ink_on_dark_is_not_inverted():
+    raw, _ = full_range_digit()
+    row = image_row(np.kron(raw / 16, np.ones((5, 5))))
+    np.testing.assert_array_equal(row[0], (raw / 16).ravel())
+
+
+def test_small_images_are_enlarged():
+    row = image_row(np.array([[0.0, 1.0], [1.0, 0.0]]))
+    assert row.shape == (1, 64)
+    assert row[0, 0] == 0 and row[0, 7] == 1 and row[0, 63] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, max_side=40),
+                  elements=st.floats(0, 1)))  # fmt: skip
+def test_image_row_is_always_64_digit_levels(gray):
+    row = image_row(gray)
+    assert row.shape == (1, 64)
+    levels = row * 16
+    assert np.array_equal(levels, np.rint(levels)) and levels.min() >= 0 and levels.max() <= 16
+
+
+def test_png_without_pillow_says_to_install_it(tmp_path, monkeypatch):
+    Image.new("L", (8, 8)).save(tmp_path / "d.png")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now fails
+    with pytest.raises(ConfigError, match=r"needs Pillow \(pip install pillow\)"):
+        load_inputs([tmp_path / "d.png"])
+
+
+BAD_FILES = {
+    "bad.npy": b"\x93NUMPY garbage",
+    "bad.npz": b"PK\x03\x04 not really a zip",
+    "bad.json": b"[[1, 2], [3]]",
+    "text.json": b'[["a", "b"]]',
+    "broken.json": b"[1, 2",
+    "bad.csv": b"1,2\n3,x\n",
+    "ragged.csv": b"1,2\n3\n",
+    "bad.pgm": b"P5\n4 4\n255\n\x00\x01",
+    "notpgm.pgm": b"P6\n4 4\n255\n",
+    "bad.png": b"\x89PNG\r\n\x1a\n truncated",
+    "bad.jpg": b"\xff\xd8\xff nope",
+    "empty.json": b"[]",
+    "x.bmp": b"BM",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_malformed_input_is_one_clear_line_and_exit_2(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setenv(ENV_TOKEN, "t" * 32)
+    (tmp_path / name).write_bytes(BAD_FILES[name])
+    code = main(["submit", *OFFLINE, "--model", "digits-mlp", "--input", str(tmp_path / name)])
+    assert code == 2
+    one_line_error(capsys, name)
+
+
+def test_missing_input_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(ENV_TOKEN, "t" * 32)
+    code = main(["submit", *OFFLINE, "--model", "m", "--input", str(tmp_path / "none.npy")])
+    assert code == 2
+    one_line_error(capsys, "cannot read input", "none.npy")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([".npy", ".npz", ".json", ".csv", ".pgm", ".png", ".jpg"]),
+       st.binary(max_size=300))  # fmt: skip
+def test_parse_input_fuzz_raises_only_config_errors(suffix, data):
+    try:
+        array = parse_input("fuzz" + suffix, data)
+    except ConfigError:
+        return
+    assert isinstance(array, np.ndarray)
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+WIRE = st.sampled_from(["float32", "float16", "int64", "int32", "uint8", "bool"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(WIRE.flatmap(lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=4))))
+def test_tensor_json_round_trips(array):
+    doc = json.loads(json.dumps(tensor_json(array)))
+    back = array_from_json(doc)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+TENSORISH = st.fixed_dictionaries(
+    {},
+    optional={"dtype": WIRE | st.text(max_size=6), "shape": st.lists(st.integers(-2, 9)) | JSON,
+              "data_b64": st.text(max_size=24) | JSON, "values": JSON},
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON | TENSORISH)
+def test_array_from_json_fuzz_raises_only_remote_protocol_errors(doc):
+    try:
+        array = array_from_json(doc)
+    except RemoteProtocolError:
+        return
+    assert isinstance(array, np.ndarray)
+
+
+def test_array_from_json_values_form():
+    np.testing.assert_array_equal(array_from_json({"values": [[1, 2]]}), [[1.0, 2.0]])
+    assert array_from_json({"values": [1, 2], "dtype": "int32"}).dtype == np.int32
+    with pytest.raises(RemoteProtocolError, match="different lengths"):
+        array_from_json({"values": [[1, 2], [3]]})
+    with pytest.raises(RemoteProtocolError, match="whole numbers in the uint8 range"):
+        array_from_json({"values": [256], "dtype": "uint8"})
+    with pytest.raises(RemoteProtocolError, match="whole numbers in the int32 range"):
+        array_from_json({"values": [1.5], "dtype": "int32"})
+    with pytest.raises(RemoteProtocolError, match="out of the float16 range"):
+        array_from_json({"values": [1e6], "dtype": "float16"})
+
+
+def test_tensor_json_refuses_float64():
+    with pytest.raises(MeshInferError, match="float64 cannot be sent"):
+        tensor_json(np.zeros(3))
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+def test_parse_since_forms():
+    now = 1_700_000_000.0
+    assert parse_since("90s", now) == now - 90
+    assert parse_since("10m", now) == now - 600
+    assert parse_since("2h", now) == now - 7200
+    assert parse_since("1.5d", now) == now - 1.5 * 86400
+    assert parse_since("1699999000", now) == 1_699_999_000
+    assert parse_since("2023-11-14T22:13:20Z", now) == 1_700_000_000
+    assert parse_since("2023-11-14T22:13:20", now) == 1_700_000_000  # naive: UTC
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["tasks", "--since", "yesterday"], "--since 'yesterday'"),
+        (["tasks", "--limit", "0"], "not a positive integer"),
+        (["tasks", "--limit", "1001"], "over 1000"),
+        (["submit", "--model", "x@", "--input", "f.npy"], "ID@VERSION"),
+        (["submit", "--model", "x", "--input", "f.npy", "--policy", "fastest"], "--policy"),
+        (["submit", "--model", "x", "--input", "f.npy", "--deadline", "-1"], "seconds"),
+        (["status"], "TASK_ID"),
+    ],
+)
+def test_bad_arguments_exit_2(capsys, argv, fragment):
+    assert main([argv[0], *OFFLINE, *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_no_coordinator_given_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_TOKEN, raising=False)
+    assert main(["nodes"]) == 2
+    one_line_error(capsys, "--url", "--data-dir", ENV_URL)
+    assert main(["nodes", "--url", "http://127.0.0.1:9"]) == 2
+    one_line_error(capsys, "--token-file", ENV_TOKEN)
+    assert main(["nodes", "--data-dir", str(tmp_path)]) == 2
+    one_line_error(capsys, "runtime.json", "no running coordinator")
+
+
+def test_endpoint_resolution_order(tmp_path):
+    token_file = tmp_path / "api-token"
+    token_file.write_text("from-file-token\n")
+    (tmp_path / "runtime.json").write_text(
+        json.dumps({"api": "http://10.0.0.1:1/", "token_file": "api-token", "pid": 1})
+    )
+    env = {ENV_URL: "http://env:2", ENV_TOKEN: "env-token"}
+    found = resolve_endpoint(environ=env)
+    assert (found.url, found.token) == ("http://env:2", "env-token")
+    found = resolve_endpoint(data_dir=tmp_path, environ=env)
+    assert (found.url, found.token) == ("http://10.0.0.1:1", "from-file-token")
+    found = resolve_endpoint(url="http://cli:3", data_dir=tmp_path, environ=env)
+    assert found.url == "http://cli:3" and found.token == "from-file-token"
+    with pytest.raises(ConfigError, match="must look like http://HOST:PORT"):
+        resolve_endpoint(url="10.0.0.1:7950", environ=env)
+    with pytest.raises(ConfigError, match="one line of printable characters"):
+        resolve_endpoint(environ={ENV_URL: "http://x:1", ENV_TOKEN: "two words"})
+    (tmp_path / "runtime.json").write_text(json.dumps({"api": None, "token_file": None}))
+    with pytest.raises(ConfigError, match="without its HTTP API"):
+        resolve_endpoint(data_dir=tmp_path, environ={})
+
+
+def test_submit_document_and_default_patterns(tmp_path):
+    from coordinator.cli import build_parser
+    from coordinator.cli_tasks import task_document
+
+    (tmp_path / "stages.json").write_text(json.dumps({"stages": [
+        {"name": "a", "model": "digits-mlp@1"},
+        {"name": "b", "model": {"model_id": "synthetic-mlp", "version": "w10-d1"},
+         "after": ["a"]},
+    ]}))  # fmt: skip
+    parse = build_parser().parse_args
+    rows = np.zeros((3, 64), np.float32)
+    many = np.zeros((300, 64), np.float32)
+
+    def doc(*argv, x=rows):
+        return task_document(parse(["submit", *argv, "--input", "unused.npy"]), x)
+
+    single = doc("--model", "digits-mlp", "--priority", "3", "--deadline", "2.5")
+    assert single["pattern"] == "single" and single["priority"] == 3
+    assert single["models"] == [{"model_id": "digits-mlp", "version": "1"}]
+    assert single["deadline_s"] == 2.5 and "policy" not in single
+    np.testing.assert_array_equal(array_from_json(single["inputs"]), rows)
+    assert doc("--model", "a@1", "--model", "b@2")["pattern"] == "parallel"
+    assert doc("--model", "a@1", x=many)["pattern"] == "batch"
+    assert doc("--model", "a@1", "--shard-size", "2")["shard_size"] == 2
+    assert doc("--model", "a@1", "--pattern", "batch")["pattern"] == "batch"
+    pipeline = doc("--stages", str(tmp_path / "stages.json"), "--task-id", "p1")
+    assert pipeline["pattern"] == "pipeline" and pipeline["task_id"] == "p1"
+    assert pipeline["stages"][0]["model"] == {"model_id": "digits-mlp", "version": "1"}
+    assert "models" not in pipeline
+    with pytest.raises(ConfigError, match="not both or neither"):
+        doc()
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+SUMMARY = {
+    "task_id": "t-1", "state": "succeeded", "pattern": "batch", "priority": 2,
+    "policy": "round_robin", "created_at": 1_700_000_000.0, "updated_at": 1_700_000_001.5,
+    "error": None, "items_total": 3, "items_done": 3,
+}  # fmt: skip
+
+
+def columns_line_up(text: str, header: str, column: str, values: list[str]) -> None:
+    """``values`` start exactly below ``column`` in the table beginning at ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    at = lines[start].index(column)
+    for line, value in zip(lines[start + 1 :], values, strict=False):
+        assert line[at:].startswith(value), (line, value)
+
+
+def test_utc_iso():
+    assert utc_iso(0) == "1970-01-01T00:00:00Z"
+    assert utc_iso(1_700_000_000.9) == "2023-11-14T22:13:20Z"
+    assert utc_iso(None) == "-"
+
+
+def test_format_table_aligns_columns():
+    text = format_table(("NAME", "N"), [("a", 1), ("longer-name", 100)], right={"N"})
+    assert text.splitlines() == ["NAME           N", "a              1", "longer-name  100"]
+
+
+def test_render_tasks_table_and_next_cursor():
+    other = {**SUMMARY, "task_id": "t-22", "state": "failed", "error": "boom\nagain",
+             "items_done": 1, "created_at": 0.0}  # fmt: skip
+    text = render_tasks({"tasks": [SUMMARY, other], "next_cursor": "17"})
+    assert "2023-11-14T22:13:20Z" in text and "1970-01-01T00:00:00Z" in text
+    columns_line_up(text, "TASK", "STATE", ["succeeded", "failed"])
+    columns_line_up(text, "TASK", "CREATED (UTC)", ["2023-11-14T22:13:20Z", "1970-01-01"])
+    assert "boom again" in text and "3/3" in text and "1/3" in text
+    assert text.splitlines()[-1] == "(more: --cursor 17, or --all)"
+    assert render_tasks({"tasks": [], "next_cursor": None}) == "no tasks"
+
+
+def test_render_task_with_items_and_result():
+    items = [
+        {"item_id": "t-1/0", "state": "succeeded", "node": "node-0", "attempt": 1,
+         "error": None, "model": "digits-mlp@1"},
+        {"item_id": "t-1/1", "state": "succeeded", "node": "node-1", "attempt": 2,
+         "error": "node-0: overloaded", "model": "digits-mlp@1"},
+    ]  # fmt: skip
+    result = {
+        "labels": [3, 1, 3],
+        "nodes": {"t-1/0": "node-0", "t-1/1": "node-1"},
+        "aggregation": {"mode": "majority", "sources": ["a", "b"], "partial": True},
+    }
+    text = render_task({**SUMMARY, "items": items, "result": result})
+    assert "state     succeeded" in text and "(1.50 s later)" in text
+    columns_line_up(text, "ITEM", "NODE", ["node-0", "node-1"])
+    columns_line_up(text, "ITEM", "ATTEMPT", ["      1", "      2"])
+    assert "node-0: overloaded" in text
+    assert "labels: 3 rows; first 3: 3 1 3" in text and "counts: 1:1  3:2" in text
+    assert "nodes: node-0 (1 item), node-1 (1 item)" in text
+    assert "aggregation: majority of a, b (partial)" in text
+
+
+def test_render_result_of_a_failed_and_a_running_task():
+    failed = render_result({**SUMMARY, "state": "failed", "error": "no node", "result": None})
+    assert failed.splitlines()[0] == "task t-1: failed (batch, 3/3 items, 1.50 s)"
+    assert "error: no node" in failed
+    running = render_result({**SUMMARY, "state": "running", "result": None})
+    assert "still running" in running
+    outputs = {"labels": None, "outputs": [{"dtype": "float32", "shape": [4, 20]}]}
+    assert "output 0: float32 [4, 20]" in render_result({**SUMMARY, "result": outputs})
+    labels = render_result({**SUMMARY, "result": {"labels": list(range(50))}}, show=5)
+    assert "labels: 50 rows; first 5: 0 1 2 3 4" in labels
+
+
+def test_render_nodes_and_stats():
+    nodes = {"nodes": [
+        {"node_id": "node-0", "status": "alive", "roles": ["vehicle"], "models": ["m@1", "n@2"],
+         "queue_depth": 0, "address": "127.0.0.1:4000", "in_flight": 2, "done": 10},
+        {"node_id": "coord", "status": "suspect", "roles": [], "models": [],
+         "queue_depth": 12, "address": "127.0.0.1:4001", "in_flight": 0, "done": 0},
+    ]}  # fmt: skip
+    text = render_nodes(nodes)
+    columns_line_up(text, "NODE", "STATUS", ["alive", "suspect"])
+    columns_line_up(text, "NODE", "QUEUE", ["    0", "   12"])
+    assert "m@1,n@2" in text
+    assert render_nodes({"nodes": []}) == "no nodes"
+    stats = {"tasks": {"succeeded": 4, "failed": 1}, "items": {"succeeded": 9},
+             "journal_counters": {"late_result": 2}, "dispatched": 11, "retries": 2,
+             "redispatched_after_death": 1, "duplicates": 0,
+             "completed_by_node": {"node-0": 9}, "live_tasks": 0, "parked_items": 0}  # fmt: skip
+    text = render_stats(stats)
+    assert "tasks              failed 1, succeeded 4" in text
+    assert "dispatched         11, retries 2, redispatched after a node death 1" in text
+    assert "done by node       node-0 9" in text and "late_result 2" in text
+
+
+def test_progress_line():
+    line = progress_line({"items_total": 4, "items_done": 1, "state": "running"})
+    assert line.rstrip() == "[" + "#" * 7 + "." * 23 + "] 1/4 items  running"
+
+
+# --- client errors ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ApiError, match=f"cannot reach the coordinator at {url}") as caught:
+        CoordinatorClient(url, "token", timeout=2).stats()
+    assert caught.value.status is None and caught.value.code == "unreachable"
+
+
+def test_silent_coordinator_times_out():
+    with socket.socket() as listener:  # accepts connections (backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ApiError, match="no answer from the coordinator") as caught:
+            CoordinatorClient(url, "token", timeout=0.3).nodes()
+    assert caught.value.code == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (b'{"error": {"status": 404, "code": "not_found", "message": "no task x"}}',
+         "not_found", "no task x (HTTP 404 not_found)"),
+        (b"<html>bad gateway</html>", "http_error", "refused the request: <html>bad gateway"),
+        (b"", "http_error", "refused the request: no details"),
+        (b'{"error": "flat"}', "http_error", 'refused the request: {"error": "flat"}'),
+    ],
+)  # fmt: skip
+def test_error_bodies_become_api_errors(body, code, message):
+    from coordinator.client import _error_from_response
+
+    error = _error_from_response(404, body)
+    assert isinstance(error, MeshInferError)
+    assert (error.status, error.code) == (404, code) and message in str(error)
+
+
+# --- end to end: CLI -> HTTP -> coordinator -> node daemon -----------------------------------
+
+
+class Stack:
+    """A coordinator with its HTTP API and ``n`` node daemons, all real, in this process."""
+
+    def __init__(self, tmp: Path, n: int = 1, config: CoordinatorConfig | None = None) -> None:
+        self.tmp = tmp
+        self.cluster = LocalCluster(tmp, fleet_id="cli-test")
+        self.names = [f"node-{i}" for i in range(n)]
+        self.node_configs = [
+            self.cluster.add_node(name, extra="[http]\nenabled = false\n") for name in self.names
+        ]
+        self.coord_dir = self.cluster.enroll("coord", roles=("coordinator",))
+        self.config = config or CoordinatorConfig(item_timeout_s=10.0)
+        self.token_file = self.cluster.fleet.api_token_file
+        self.daemons: dict[str, NodeDaemon] = {}
+
+    async def __aenter__(self) -> Stack:
+        for name, path in zip(self.names, self.node_configs, strict=True):
+            daemon = NodeDaemon(load_config(path), rng=random.Random(name))
+            await daemon.start()
+            self.daemons[name] = daemon
+        ident = NodeIdentity.load(self.coord_dir)
+        opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
+        revocations = NodeDirectory(self.coord_dir).revocations(ident.trust)
+        self.mesh = MeshNode(ident, revocations, opts)
+        await self.mesh.start()
+        self.coordinator = Coordinator(self.mesh, self.tmp / "journal.db", self.config)
+        await self.coordinator.start()
+        self.api = CoordinatorApi(
+            self.coordinator, Address("127.0.0.1", 0), self.cluster.token, rng=random.Random(7)
+        )
+        await self.api.start()
+        await until(
+            lambda: sum(bool(n["models"]) for n in self.coordinator.nodes()) == len(self.names)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.api.aclose()
+        await self.coordinator.aclose()
+        await self.mesh.aclose()
+        for daemon in self.daemons.values():
+            await daemon.aclose()
+
+    async def cli(self, *argv: str) -> int:
+        """``meshinfer-coord ARGV --url ... --token-file ...`` in a worker thread."""
+        where = ["--url", self.api.url, "--token-file", str(self.token_file)]
+        return await asyncio.to_thread(main, [argv[0], *where, *argv[1:]])
+
+
+async def until(predicate, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def stdout_of(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return captured.out
+
+
+async def test_submit_wait_status_tasks_nodes_stats(tmp_path, capsys, monkeypatch):
+    x, y = load_digits_holdout()
+    np.save(tmp_path / "holdout.npy", x)
+    np.save(tmp_path / "five.npy", x[:5])
+    raw, index = full_range_digit()
+    Image.fromarray(np.rint(dark_on_light(raw) * 255 / 16).astype(np.uint8)).save(
+        tmp_path / "d.png"
+    )
+    async with Stack(tmp_path / "mesh") as stack:
+        c = stack.coordinator
+        engine = stack.daemons["node-0"].engine
+        # a batch, waited for with a progress bar
+        holdout = str(tmp_path / "holdout.npy")
+        code = await stack.cli("submit", "--model", "digits-mlp@1", "--input", holdout,
+                               "--shard-size", "40", "--task-id", "big", "--wait", "--progress",
+                               "--show", "10")  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "9/9 items" in captured.err and "[" + "#" * 30 + "]" in captured.err
+        record = await c.get("big")
+        labels = c.result_of(record)["labels"]
+        assert (np.array(labels) == y).mean() >= 0.95
+        out = captured.out
+        assert out.startswith("task big: succeeded (batch, 9/9 items,")
+        assert f"labels: {len(y)} rows; first 10: {' '.join(map(str, labels[:10]))}" in out
+        counts = re.search(r"counts: (.*)", out).group(1)
+        assert f"0:{labels.count(0)}" in counts.split()
+        assert "nodes: node-0 (9 items)" in out
+
+        # a single task, raw JSON, outputs decoded back into the model's answer
+        assert await stack.cli("submit", "--model", "digits-mlp", "--input",
+                               str(tmp_path / "five.npy"), "--wait", "--json") == 0  # fmt: skip
+        doc = json.loads(stdout_of(capsys))
+        probabilities = array_from_json(doc["result"]["outputs"][0])
+        np.testing.assert_allclose(probabilities, await engine.infer(DIGITS, x[:5]), rtol=1e-5)
+        assert doc["result"]["labels"] == np.argmax(probabilities, axis=1).tolist()
+        five_id = doc["task_id"]
+        assert (await c.get(five_id)).state.value == "succeeded"
+
+        # an image, submitted without waiting, found through --data-dir / runtime.json
+        runtime = tmp_path / "coord-data"
+        runtime.mkdir()
+        (runtime / "runtime.json").write_text(
+            json.dumps({"api": stack.api.url, "token_file": str(stack.token_file)})
+        )
+        args = ["submit", "--data-dir", str(runtime), "--model", "digits-mlp@1", "--input",
+                str(tmp_path / "d.png"), "--task-id", "img"]  # fmt: skip
+        assert await asyncio.to_thread(main, args) == 0
+        assert stdout_of(capsys).strip() == "submitted task img: pending, 1 item"
+        image_record = await c.wait("img", timeout=10)
+        expected = np.argmax(await engine.infer(DIGITS, x[index : index + 1]), axis=1)
+        assert c.result_of(image_record)["labels"] == expected.tolist()
+
+        # status: the task table, and the raw document
+        assert await stack.cli("status", "big") == 0
+        out = stdout_of(capsys)
+        assert "task      big" in out and "items     9/9 done" in out
+        assert sum(line.startswith("big/") for line in out.splitlines()) == 9
+        assert "digits-mlp@1" in out and "node-0" in out
+        assert await stack.cli("status", "big", "--json") == 0
+        doc = json.loads(stdout_of(capsys))
+        assert doc["items_done"] == 9 and "outputs" not in doc["result"]
+
+        # tasks: newest first, pages, --all, filters, JSON
+        assert await stack.cli("tasks", "--limit", "2") == 0
+        out = stdout_of(capsys)
+        rows = [line.split()[0] for line in out.splitlines()[1:] if not line.startswith("(")]
+        assert rows == ["img", five_id]
+        assert "(more: --cursor" in out
+        assert await stack.cli("tasks", "--limit", "2", "--all") == 0
+        out = stdout_of(capsys)
+        assert [line.split()[0] for line in out.splitlines()[1:]] == ["img", five_id, "big"]
+        assert await stack.cli("tasks", "--state", "succeeded", "--since", "1h", "--json") == 0
+        page = json.loads(stdout_of(capsys))
+        assert {t["task_id"] for t in page["tasks"]} == {"img", five_id, "big"}
+        assert await stack.cli("tasks", "--state", "failed") == 0
+        assert stdout_of(capsys).strip() == "no tasks"
+
+        # nodes and stats, as tables and as JSON, through the environment variables
+        monkeypatch.setenv(ENV_URL, stack.api.url)
+        monkeypatch.setenv(ENV_TOKEN, stack.cluster.token)
+        assert await asyncio.to_thread(main, ["nodes"]) == 0
+        out = stdout_of(capsys)
+        line = next(line for line in out.splitlines() if line.startswith("node-0"))
+        assert "alive" in line and "digits-mlp@1" in line
+        assert await asyncio.to_thread(main, ["nodes", "--json"]) == 0
+        assert json.loads(stdout_of(capsys)) == {"nodes": json.loads(json.dumps(c.nodes()))}
+        assert await asyncio.to_thread(main, ["stats"]) == 0
+        out = stdout_of(capsys)
+        assert "tasks              succeeded 3" in out
+        assert f"dispatched         {c.stats_.dispatched}," in out
+        assert await asyncio.to_thread(main, ["stats", "--json"]) == 0
+        assert json.loads(stdout_of(capsys))["tasks"] == {"succeeded": 3}
+
+
+async def test_wait_timeout_then_cancel(tmp_path, capsys):
+    x, _ = load_digits_holdout()
+    np.save(tmp_path / "two.npy", x[:2])
+    async with Stack(tmp_path / "mesh", config=CoordinatorConfig(item_timeout_s=30)) as stack:
+        daemon = stack.daemons["node-0"]
+        gate = asyncio.Event()
+        original = daemon.engine.infer
+
+        async def held(ref, batch):  # keep the item running until cancelled
+            await gate.wait()
+            return await original(ref, batch)
+
+        daemon.engine.infer = held
+        code = await stack.cli("submit", "--model", "digits-mlp@1", "--input",
+                               str(tmp_path / "two.npy"), "--task-id", "slow", "--wait",
+                               "--wait-timeout", "0.3")  # fmt: skip
+        assert code == 3
+        out = stdout_of(capsys)
+        assert out.startswith("task slow: ") and "still running" in out
+        await until(lambda: daemon.executor.running == 1)
+
+        assert await stack.cli("cancel", "slow") == 0
+        assert stdout_of(capsys).strip() == "cancelled task slow"
+        assert (await stack.coordinator.get("slow")).state.value == "cancelled"
+        await until(lambda: daemon.executor.stats.cancelled == 1)
+        assert await stack.cli("cancel", "slow", "--json") == 0
+        assert json.loads(stdout_of(capsys)) == {
+            "task_id": "slow", "cancelled": False, "state": "cancelled"
+        }  # fmt: skip
+        assert await stack.cli("cancel", "slow") == 0
+        assert "not cancelled: it already ended (cancelled)" in stdout_of(capsys)
+        gate.set()
+
+
+async def test_errors_from_a_real_coordinator(tmp_path, capsys):
+    x, _ = load_digits_holdout()
+    np.save(tmp_path / "one.npy", x[:1])
+    (tmp_path / "wrong-token").write_text("not-the-fleet-token\n")
+    one_attempt = CoordinatorConfig(item_timeout_s=10, max_attempts=1)
+    async with Stack(tmp_path / "mesh", config=one_attempt) as stack:
+        url = stack.api.url
+
+        async def broken(ref, batch):
+            raise InferenceError("engine exploded")
+
+        stack.daemons["node-0"].engine.infer = broken
+        one = str(tmp_path / "one.npy")
+        code = await stack.cli("submit", "--model", "digits-mlp", "--input", one,
+                               "--task-id", "doomed", "--wait")  # fmt: skip
+        assert code == 1
+        out = stdout_of(capsys)
+        assert out.startswith("task doomed: failed") and "engine exploded" in out
+        assert (await stack.coordinator.get("doomed")).state.value == "failed"
+
+        argv = ["nodes", "--url", url, "--token-file", str(tmp_path / "wrong-token")]
+        assert await asyncio.to_thread(main, argv) == 2
+        one_line_error(capsys, "bearer token", "(HTTP 401 unauthorized)")
+
+        assert await stack.cli("status", "no-such-task") == 2
+        one_line_error(capsys, "no-such-task", "(HTTP 404 not_found)")
+
+        code = await stack.cli("submit", "--model", "digits-mlp", "--pattern", "single",
+                               "--model", "digits-mlp-wide", "--input", one)  # fmt: skip
+        assert code == 2
+        one_line_error(capsys, "(HTTP 400 invalid_task)")
+
+        # the same task id with another spec: 409; with the same spec: idempotent
+        base = ["submit", "--model", "digits-mlp", "--input", one]
+        assert await stack.cli(*base, "--task-id", "doomed", "--priority", "5") == 2
+        one_line_error(capsys, "(HTTP 409 conflict)")
+
+        client = CoordinatorClient(url, stack.cluster.token)
+        assert await asyncio.to_thread(client.health) == {"status": "ok"}
+        with pytest.raises(ApiError, match="not a JSON object") as caught:
+            await asyncio.to_thread(client._request, "GET", "/metrics")  # Prometheus text
+        assert caught.value.code == "bad_response" and caught.value.status == 200
+        tasks = await asyncio.to_thread(lambda: list(client.iter_tasks(limit=1)))
+        assert [t["task_id"] for t in tasks] == ["doomed"]

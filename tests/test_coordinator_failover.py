@@ -1,0 +1,230 @@
+"""Fast failover: a node whose session is lost abruptly gets its items re-dispatched at once.
+
+Real node daemons as processes with the ``lan`` membership preset (SWIM needs ~5 s to declare a
+crashed node dead there): a SIGKILLed node's items move to the other node before membership
+declares it dead, the task completes with every result accepted exactly once, and the node is
+scheduled again once it is back. A SIGTERM (drain, leave, Close frames) moves nothing it
+finished. In-process peers pin down the two other branches: a graceful ``Close`` with the
+listener gone re-dispatches nothing, and a lost session whose node answers the re-dial keeps
+its items where they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from coordinator.service import Coordinator, CoordinatorConfig
+from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.mlp import forward
+from meshinfer.inference.synthetic import SyntheticSpec, make_weights
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.membership_wire import ModelInfo as GossipModel
+from meshinfer.proto.tasks import Pattern, TaskSpec
+from meshinfer.proto.tasks_wire import TaskAssign, Tensor
+from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.testing.cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+TINY = SyntheticSpec(10, 1)
+TINY_REF = ModelRef(TINY.ref.model_id, TINY.ref.version)
+#: One item at a time, each waiting 20 ms in the batcher: a node holds unfinished items.
+SLOW_NODE = (
+    f'[http]\nenabled = false\n[inference]\nmodels = ["{TINY_REF.model_id}@{TINY_REF.version}"]\n'
+    "max_queue_delay_ms = 20.0\n[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
+)
+X, Y = "veh-x", "veh-y"
+
+
+def mesh_for(cluster: LocalCluster, name: str, roles=("coordinator",)) -> MeshNode:
+    ident = NodeIdentity.load(cluster.enroll(name, roles=roles))
+    revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
+    opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.lan())
+    return MeshNode(ident, revocations, opts)
+
+
+async def coordinator_for(cluster: LocalCluster, tmp) -> tuple[MeshNode, Coordinator]:
+    mesh = mesh_for(cluster, "coord")
+    await mesh.start()
+    coordinator = Coordinator(mesh, tmp / "journal.db", CoordinatorConfig(item_timeout_s=60))
+    await coordinator.start()
+    return mesh, coordinator
+
+
+async def until(predicate, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def serving(c: Coordinator, names) -> bool:
+    nodes = {n["node_id"]: n for n in c.nodes()}
+    return all(nodes.get(n, {}).get("status") == "alive" and nodes[n]["models"] for n in names)
+
+
+def in_flight_on(c: Coordinator, node: str) -> int:
+    return next((n["in_flight"] for n in c.nodes() if n["node_id"] == node), 0)
+
+
+def batch(task_id: str, rows: int, seed: int) -> tuple[TaskSpec, np.ndarray]:
+    x = np.random.default_rng(seed).random((rows, TINY.width), dtype=np.float32)
+    spec = TaskSpec(task_id, Pattern.BATCH, Tensor.from_array(x), (TINY_REF,), shard_size=1)
+    return spec, x
+
+
+async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> None:
+    """Succeeded; every item has one result of its latest attempt; outputs in order."""
+    record = await c.wait(task_id, timeout=30)
+    assert record.state.value == "succeeded", record.summary.error
+    assert all(item.result_attempt == item.attempt for item in record.items)
+    outputs = c.result_of(record)["outputs"][0]
+    np.testing.assert_allclose(outputs, forward(make_weights(TINY), x), rtol=1e-5, atol=1e-6)
+    stats = await c.stats()
+    assert stats["duplicates"] == 0
+    assert stats["journal_counters"].get("duplicate_results", 0) == 0
+
+
+# --- real node processes -----------------------------------------------------------------------
+
+
+async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_path):
+    with LocalCluster(tmp_path, fleet_id="failover-kill", preset="lan") as cluster:
+        for name in (X, Y):
+            cluster.add_node(name, extra=SLOW_NODE)
+            cluster.start(name)
+        mesh, c = await coordinator_for(cluster, tmp_path)
+        try:
+            await until(lambda: serving(c, (X, Y)))
+            spec, x = batch("killed", 160, seed=1)
+            await c.submit(spec)
+            await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
+            os.kill(cluster.processes[X].proc.pid, signal.SIGKILL)
+            await until(
+                lambda: c.stats_.redispatched_after_disconnect > 0 and not in_flight_on(c, X)
+            )
+            # The real property: the items moved while membership still counts X as live.
+            assert mesh.membership.core.member(X).is_live
+            assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
+            await assert_exactly_once(c, "killed", x)
+            assert c.stats_.completed_by_node[Y] > 0
+            # Nothing was sent to the dead X after that (it would have waited for its death).
+            assert c.stats_.redispatched_after_death == c.stats_.redispatched_after_disconnect
+            # X is back (same identity, new process): once it has a session with the
+            # coordinator again, it gets work again.
+            await asyncio.to_thread(cluster.start, X)
+            await until(lambda: mesh.peers.session(X) is not None)
+            done_by_x = c.stats_.completed_by_node[X]
+            spec, x = batch("after-restart", 60, seed=2)
+            await c.submit(spec)
+            await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
+            await assert_exactly_once(c, "after-restart", x)
+        finally:
+            await c.aclose()
+            await mesh.aclose()
+
+
+async def test_sigterm_drain_moves_nothing_the_node_finished(tmp_path):
+    with LocalCluster(tmp_path, fleet_id="failover-term", preset="lan") as cluster:
+        for name in (X, Y):
+            cluster.add_node(name, extra=SLOW_NODE)
+            cluster.start(name)
+        mesh, c = await coordinator_for(cluster, tmp_path)
+        try:
+            await until(lambda: serving(c, (X, Y)))
+            spec, x = batch("drained", 120, seed=3)
+            await c.submit(spec)
+            await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
+            process = cluster.processes[X].proc
+            process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(process.wait, 30)
+            await assert_exactly_once(c, "drained", x)
+            await until(lambda: mesh.peers.session(X) is None)
+            assert c.stats_.sessions_closed >= 1
+            assert c.stats_.sessions_lost == 0 and c.stats_.redispatched_after_disconnect == 0
+        finally:
+            await c.aclose()
+            await mesh.aclose()
+
+
+# --- in-process peers ------------------------------------------------------------------------
+
+
+class HoldingNode:
+    """An in-process mesh node that gossips the tiny model and keeps every item it is sent."""
+
+    def __init__(self, cluster: LocalCluster, name: str) -> None:
+        self.mesh = mesh_for(cluster, name, roles=("vehicle",))
+        self.held: list[TaskAssign] = []
+
+    async def start(self) -> None:
+        await self.mesh.start()
+        self.mesh.peers.on(TaskAssign, lambda _peer, msg: self.held.append(msg))
+        membership = self.mesh.membership
+        models = (GossipModel(TINY_REF.model_id, TINY_REF.version),)
+        membership.update_state(dataclasses.replace(membership.state, models=models))
+
+    async def drop_sessions_abruptly(self, peer: str) -> None:
+        """Close the sockets under every session with ``peer``, no Close frame (still listening).
+
+        Sessions that open meanwhile (the peer re-dialling) are left alone."""
+        fresh: set[int] = set()
+        self.mesh.peers.on_session(lambda _peer, session: fresh.add(id(session)))
+        while (session := self.mesh.peers.session(peer)) is not None and id(session) not in fresh:
+            await session.stream.aclose()
+            await session.wait_closed()
+
+
+async def holding_setup(tmp_path, fleet_id: str):
+    cluster = LocalCluster(tmp_path, fleet_id=fleet_id, preset="lan")
+    node = HoldingNode(cluster, "holder")
+    await node.start()
+    mesh, c = await coordinator_for(cluster, tmp_path)
+    await until(lambda: serving(c, ("holder",)))
+    spec, _ = batch("held", 3, seed=4)
+    await c.submit(spec)
+    await until(lambda: len(node.held) == 3)
+    return node, mesh, c
+
+
+async def test_graceful_close_without_leave_moves_nothing(tmp_path):
+    node, mesh, c = await holding_setup(tmp_path, "failover-close")
+    try:
+        await node.mesh.aclose()  # Close frames on every session; listener gone; no leave
+        await until(lambda: mesh.peers.session("holder") is None and c.stats_.sessions_closed)
+        assert c.stats_.sessions_lost == 0 and c.stats_.redispatched_after_disconnect == 0
+        assert in_flight_on(c, "holder") == 3  # left to membership and the item timeout
+    finally:
+        await c.aclose()
+        await mesh.aclose()
+        await node.mesh.aclose()
+
+
+async def test_lost_session_whose_node_answers_the_redial_keeps_its_items(tmp_path):
+    node, mesh, c = await holding_setup(tmp_path, "failover-redial")
+    try:
+        await node.drop_sessions_abruptly(c.node_id)
+        await until(lambda: c.stats_.redials_ok >= 1)
+        assert c.stats_.sessions_lost >= 1 and c.stats_.redispatched_after_disconnect == 0
+        assert in_flight_on(c, "holder") == 3 and mesh.peers.session("holder") is not None
+        spec, _ = batch("still-scheduled", 2, seed=5)
+        await c.submit(spec)
+        await until(lambda: len(node.held) == 5)  # not excluded from scheduling
+    finally:
+        await c.aclose()
+        await mesh.aclose()
+        await node.mesh.aclose()
+
+
+def test_redial_timeout_must_not_be_negative():
+    with pytest.raises(ValueError, match="redial_timeout_s"):
+        CoordinatorConfig(redial_timeout_s=-1.0)
+    assert CoordinatorConfig(redial_timeout_s=0.0).redial_timeout_s == 0.0  # 0: fast path off
