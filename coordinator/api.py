@@ -35,6 +35,7 @@ import logging
 import math
 import random
 import re
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -633,12 +634,15 @@ def _values_tensor(values: Any, dtype: Any) -> dict[str, Any]:
         kind = "booleans" if dtype == "bool" else "numbers"
         raise _invalid(f"inputs.values: expected an array of {kind} or nested arrays (<= 8 deep)")
     try:
-        with np.errstate(over="raise", invalid="raise"):
+        with np.errstate(over="raise", invalid="raise"), warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # NumPy 1.x: int out of range
             array = np.array(values, dtype=dtype)
-    except (ValueError, OverflowError, TypeError, FloatingPointError) as exc:
+    except (ValueError, OverflowError, TypeError, FloatingPointError, DeprecationWarning) as exc:
         raise _invalid(f"inputs.values: cannot be a {dtype} tensor ({exc})") from None
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise _invalid(f"inputs.values: out of range for {dtype}")
+    if array.dtype.kind in "iu" and not np.array_equal(array, np.array(values, dtype=object)):
+        raise _invalid(f"inputs.values: not whole numbers within the range of {dtype}")
     wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return {"data": wire.tobytes(), "dtype": dtype, "shape": list(array.shape)}
 
@@ -708,7 +712,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, np.generic):
-        return value.item()
+        return json_safe(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli_tasks import add_task_commands
-from meshinfer.fleetcli import CommandParser, add_fleet_commands, new_parser, run_cli
+from meshinfer.fleetcli import CommandParser, add_fleet_commands, command_line, run_cli
 
 
 def _add_serve(commands: Any) -> None:
@@ -59,10 +59,7 @@ COMMANDS = (_add_serve, _add_config, add_task_commands, add_fleet_commands)
 
 def build_parser() -> CommandParser:
     """The ``meshinfer-coord`` argument parser with every command."""
-    parser, commands = new_parser("meshinfer-coord", "meshinfer fleet coordinator")
-    for add in COMMANDS:
-        add(commands)
-    return parser
+    return command_line("meshinfer-coord", "meshinfer fleet coordinator", COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ import csv
 import datetime
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -140,7 +141,13 @@ def _as_rows(path: Path, array: np.ndarray) -> np.ndarray:
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ConfigError("input holds NaN or infinite values")
-    return np.ascontiguousarray(array, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(array, dtype=dtype)
+    if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+        raise ConfigError(f"input values are out of range for {dtype}")
+    if cast.dtype.kind in "iu" and not np.array_equal(cast, array):
+        raise ConfigError(f"input values do not fit {dtype} (out of range or not whole numbers)")
+    return cast
 
 
 #: What np.load raises for a malformed file (MemoryError: a header claiming a huge shape).
@@ -337,9 +344,13 @@ def parse_since(text: str, now: float) -> float:
     if match:
         return now - float(match.group(1)) * _UNIT_S[match.group(2)]
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise ConfigError(f"--since: {text!r} is not a finite number")
+        return value
     try:
         moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -203,6 +203,9 @@ def _runtime_facts(data_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a JSON document") from None
     if not isinstance(facts, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    for key in ("api", "token_file"):
+        if not isinstance(facts.get(key), str | None):
+            raise ConfigError(f"{path}: {key!r} must be a string or null")
     token_file = facts.get("token_file")
     if token_file and not Path(token_file).is_absolute():
         facts["token_file"] = str(Path(data_dir) / token_file)
@@ -218,8 +221,12 @@ def _read_token(path: Path) -> str:
 
 def check_url(url: str) -> str:
     """``url`` without a trailing slash; ConfigError unless it is an http(s) URL with a host."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"coordinator URL {url!r} must look like http://HOST:PORT")
     return url.strip().rstrip("/")
 
@@ -371,9 +378,9 @@ def _task_path(task_id: str, suffix: str = "") -> str:
 
 
 def _query_value(value: Any) -> str:
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else "0"
-    return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{value!r} is not a finite number")
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _opener_for(url: str) -> urllib.request.OpenerDirector:

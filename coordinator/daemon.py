@@ -28,13 +28,12 @@ from typing import Any
 
 from coordinator.config import CoordinatorFileConfig
 from coordinator.service import Coordinator, CoordinatorConfig
-from meshinfer.errors import ConfigError, IdentityError
+from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.runtime.loop import serve_until_signalled
 from meshinfer.runtime.node import MeshNode
 from meshinfer.tomlconfig import parse_address
-from node.daemon import mesh_options
+from node.daemon import load_identity, mesh_options
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class CoordinatorDaemon:
     def __init__(self, config: CoordinatorFileConfig, *, rng: random.Random | None = None):
         self.config = config
         self.rng = rng or random.Random()
-        self.identity = self._load_identity()
+        self.identity = load_identity(config.coordinator.identity_dir, "[coordinator] identity_dir")
         if "coordinator" not in self.identity.certificate.roles:
             raise ConfigError(
                 f"[coordinator] identity_dir: certificate of {self.identity.node_id!r} lacks"
@@ -92,15 +91,6 @@ class CoordinatorDaemon:
         self.coordinator: Coordinator | None = None
         self.api: Any = None
         self._closed = False
-
-    def _load_identity(self) -> NodeIdentity:
-        directory = self.config.coordinator.identity_dir
-        if not directory:
-            raise ConfigError("[coordinator] identity_dir is required (made by `fleet enroll`)")
-        try:
-            return NodeIdentity.load(directory)
-        except IdentityError as exc:
-            raise ConfigError(f"[coordinator] identity_dir: {exc}") from None
 
     @property
     def node_id(self) -> str:

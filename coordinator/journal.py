@@ -19,21 +19,43 @@ of its current dispatch (dispatched/running) or of its next one (pending/retryin
 dispatched, ``dispatched`` until a node accepts or answers, then ``running``; it ends through
 :meth:`Journal.finish` (the coordinator decides, e.g. after aggregation) or :meth:`Journal.cancel`.
 
+Group commit: :meth:`Journal.commit_group` runs several calls in ONE transaction (one fsync),
+each as if inside its own ``SAVEPOINT``: a call that raises (:class:`TaskConflictError`,
+:class:`UnknownTaskError`, an ``InvalidTransition``...) has only its own writes undone and gets
+its exception back, while the others commit. Nothing of a group is durable before its
+``COMMIT`` returns; if the ``COMMIT`` fails, every call of the group fails with that error.
+:class:`JournalWriter` is the one thread that feeds it: it takes every call queued at that
+moment (at most ``max_group``), commits them as one group, and only then resolves the callers'
+futures -- so "acknowledged" still means "durable", at one fsync per group instead of per call.
+Reads may share a group: they see the group's earlier writes, and their answer, like every
+other, is handed out only after the commit (nobody reads a write that could still vanish).
+
+Statements are what a group costs: each one releases the GIL and so hands it to the event loop
+when that waits for it. The hot methods therefore check and write in as few statements as they
+can (a conditional ``UPDATE`` whose row count says whether it applied; the slow path only works
+out why not), audit-log lines are written with the transaction in one statement, and
+savepoints are taken only when a call failed after writing (see :meth:`Journal.commit_group`).
+
 Concurrency: the methods are synchronous and do blocking disk I/O. The coordinator service calls
-them through a single-thread executor so the event loop never blocks; a lock makes each call
-atomic should several threads share one journal anyway. Wall-clock timestamps (``*_at``) are
-for people only; nothing schedules by them.
+them through a :class:`JournalWriter` so the event loop never blocks; a lock makes each call (and
+each group) atomic should several threads share one journal anyway. Wall-clock timestamps
+(``*_at``) are for people only; nothing schedules by them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from coordinator.journal_schema import MIGRATIONS, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
@@ -51,11 +73,13 @@ from meshinfer.proto.tasks_codec import decode_spec, encode_spec
 
 __all__ = [
     "MIGRATIONS",
+    "CallOutcome",
     "ItemRecord",
     "Journal",
     "JournalError",
     "JournalEvent",
     "JournalStats",
+    "JournalWriter",
     "RecoveredTask",
     "TaskConflictError",
     "TaskPage",
@@ -64,10 +88,20 @@ __all__ = [
     "UnknownTaskError",
 ]
 
+log = logging.getLogger(__name__)
+
 MAX_PAGE = 1000
+#: Specs journaled lately are kept decoded (up to this many bytes of spec blobs), so that
+#: reading a task back soon after (the coordinator's ``wait``) need not decode its spec again.
+SPEC_CACHE_BYTES = 8 << 20
 _LIVE = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
 _IN_FLIGHT = (TaskState.DISPATCHED.value, TaskState.RUNNING.value)
 _WAITING = (TaskState.PENDING.value, TaskState.RETRYING.value)
+#: The states a dispatch moves on (read off the transition table), as SQL; all go to dispatched.
+_DISPATCHABLE = tuple(sorted(s.value for s, e in TRANSITIONS if e == TaskEvent.DISPATCH))
+assert {TRANSITIONS[TaskState(s), TaskEvent.DISPATCH] for s in _DISPATCHABLE} == {
+    TaskState.DISPATCHED
+}
 
 
 class JournalError(MeshInferError):
@@ -176,6 +210,20 @@ class JournalStats:
     events: int
 
 
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """What one call of a group returned (``value``) or raised (``error``, its writes undone)."""
+
+    value: object = None
+    error: BaseException | None = None
+
+    def unwrap(self) -> object:
+        """The value, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 # --- the journal -----------------------------------------------------------------------------
 
 _TASK_COLUMNS = """t.id, t.state, t.pattern, t.priority, t.policy, t.created_at, t.updated_at,
@@ -183,6 +231,24 @@ _TASK_COLUMNS = """t.id, t.state, t.pattern, t.priority, t.policy, t.created_at,
     (SELECT count(*) FROM results r JOIN items i ON r.item_id = i.id WHERE i.task_id = t.id)"""
 _ITEM_COLUMNS = """i.id, i.task_id, i.position, i.model_id, i.model_version, i.stage, i.state,
     i.node, i.attempt, i.error, r.blob, r.attempt"""
+#: A task and its items in one query; the (possibly large) spec and summary blobs come with the
+#: first row only.
+_FIRST_ROW = """(i.position IS NULL
+    OR i.position = (SELECT min(j.position) FROM items j WHERE j.task_id = t.id))"""
+_RECORD = f"""SELECT t.id, t.state, t.pattern, t.priority, t.policy, t.created_at, t.updated_at,
+    t.error, CASE WHEN {_FIRST_ROW} THEN t.spec END, CASE WHEN {_FIRST_ROW} THEN t.summary END,
+    {_ITEM_COLUMNS}
+    FROM tasks t LEFT JOIN items i ON i.task_id = t.id LEFT JOIN results r ON r.item_id = i.id
+    WHERE t.id = ? ORDER BY i.position"""
+_EVENT_COLUMNS = "INSERT INTO events (at, task_id, item_id, kind, detail)"
+#: Events of item-only calls get their task id from the item (the mapping never changes).
+_EVENTS_FROM_JSON = f"""{_EVENT_COLUMNS} SELECT json_extract(value, '$[0]'),
+    coalesce(json_extract(value, '$[1]'),
+             (SELECT i.task_id FROM items i WHERE i.id = json_extract(value, '$[2]'))),
+    json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]')
+    FROM json_each(?) ORDER BY key"""
+_EVENT_ROW = f"""{_EVENT_COLUMNS} SELECT ?, coalesce(?, (SELECT task_id FROM items WHERE id = ?)),
+    ?, ?, ?"""
 
 
 class Journal:
@@ -202,7 +268,11 @@ class Journal:
             raise ConfigError(f"journal.synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.path = Path(path)
         self._clock = wall_clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by the calls of a group (same thread)
+        self._in_group = False  # a group's transaction is open (only its thread holds the lock)
+        self._specs: dict[str, tuple[bytes, TaskSpec]] = {}  # task id -> (blob, spec), oldest 1st
+        self._spec_bytes = 0
+        self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
         self._db: sqlite3.Connection | None = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False
         )
@@ -211,10 +281,13 @@ class Journal:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         migrate(self._db)
+        self._json_events = _has_json(self._db)
 
     def close(self) -> None:
-        """Close the database; safe to call twice."""
+        """Close the database; safe to call twice (not from a call of a group)."""
         with self._lock:
+            if self._in_group:
+                raise LocalProtocolError("cannot close the journal from inside a group commit")
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -227,39 +300,132 @@ class Journal:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error)."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error); inside a
+        group, the group's transaction stands in for it."""
         with self._lock:
             db = self._connection()
+            if self._in_group:
+                yield db
+                return
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                self._write_events(db)
                 db.execute("COMMIT")
             except BaseException:
+                self._events.clear()
                 if db.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                     db.execute("ROLLBACK")
                 raise
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """One consistent read snapshot."""
+        """One consistent read snapshot (inside a group: the group's, with its earlier writes)."""
         with self._lock:
             db = self._connection()
+            if self._in_group:
+                yield db
+                return
             db.execute("BEGIN")
             try:
                 yield db
             finally:
                 db.execute("COMMIT")
 
+    def commit_group(self, calls: Sequence[Callable[[], object]]) -> list[CallOutcome]:
+        """Run ``calls`` in order in one transaction, as if each were in its own savepoint;
+        commit once.
+
+        A call that raises an :class:`Exception` has its writes undone and the exception in its
+        :class:`CallOutcome`; the others are unaffected. Returns only after the ``COMMIT``;
+        raises (having rolled the whole group back) if the group cannot begin or commit. The
+        calls may be this journal's methods or functions calling several of them (one
+        savepoint for all: they commit or roll back together). They must act on this journal
+        only: a call may run twice (see below).
+
+        Savepoints cost statements, and every statement hands the GIL to the event loop, so
+        the group first runs without them. This journal's methods check before they write, so
+        a call that raises has usually written nothing (``total_changes`` tells) and nothing
+        needs undoing. Only if a call raised *after* writing is the group rolled back and run
+        again with a real ``SAVEPOINT`` around each call.
+        """
+        with self._lock:
+            db = self._connection()
+            outcomes = self._run_group(db, calls, savepoints=False)
+            if outcomes is None:
+                outcomes = self._run_group(db, calls, savepoints=True)
+        return outcomes
+
+    def _run_group(self, db, calls, *, savepoints: bool) -> list[CallOutcome] | None:
+        """One try at a group; None (rolled back) if, without savepoints, a call raised after
+        writing."""
+        db.execute("BEGIN IMMEDIATE")
+        self._in_group = True
+        try:
+            run = self._in_savepoint if savepoints else self._undo_free
+            outcomes = []
+            for call in calls:
+                outcome = run(db, call)
+                if outcome is None:
+                    db.execute("ROLLBACK")
+                    return None
+                if not db.in_transaction:  # SQLite rolled it all back (I/O error, disk full)
+                    raise JournalError(f"the group's transaction was lost: {outcome.error}")
+                outcomes.append(outcome)
+            self._write_events(db)
+            db.execute("COMMIT")
+            return outcomes
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            self._in_group = False
+            self._events.clear()
+
+    def _undo_free(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome | None:
+        """Run ``call`` with no savepoint; None if it raised after writing (undo needed)."""
+        changes, logged = db.total_changes, len(self._events)
+        try:
+            return CallOutcome(call())
+        except Exception as exc:
+            if db.total_changes != changes:
+                return None
+            del self._events[logged:]
+            return CallOutcome(error=exc)
+
+    def _in_savepoint(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome:
+        self._write_events(db)  # the events of earlier calls must not be undone with this one
+        db.execute("SAVEPOINT call")
+        try:
+            value = call()
+        except Exception as exc:
+            db.execute("ROLLBACK TO call")
+            db.execute("RELEASE call")
+            self._events.clear()
+            return CallOutcome(error=exc)
+        db.execute("RELEASE call")
+        return CallOutcome(value)
+
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             raise LocalProtocolError("the journal is closed")
         return self._db
 
-    def _log(self, db: sqlite3.Connection, kind: str, task_id: str | None, item_id=None, detail=""):
-        db.execute(
-            "INSERT INTO events (at, task_id, item_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
-            (self._clock(), task_id, item_id, kind, detail),
-        )
+    def _log(self, kind: str, task_id: str | None, item_id=None, detail="") -> None:
+        """Add a line to the audit log, written with the transaction (before its COMMIT)."""
+        self._events.append((self._clock(), task_id, item_id, kind, detail))
+
+    def _write_events(self, db: sqlite3.Connection) -> None:
+        """Write the logged events: one statement for all of them (an SQLite without JSON
+        functions gets one per event)."""
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        if self._json_events:
+            db.execute(_EVENTS_FROM_JSON, (json.dumps(events),))
+        else:
+            db.executemany(_EVENT_ROW, [(a, t, i, i, k, d) for a, t, i, k, d in events])
 
     def _count(self, db: sqlite3.Connection, name: str) -> None:
         db.execute(
@@ -277,24 +443,53 @@ class Journal:
         spec under a known id raises :class:`TaskConflictError`. Invalid specs raise
         :class:`~meshinfer.proto.tasks.InvalidTaskError`.
         """
+        self.accept(spec)
+        return spec.task_id
+
+    def accept(self, spec: TaskSpec) -> bool:
+        """As :meth:`submit`, but True if this call journaled the task, False if the very same
+        spec already was (an idempotent retry: nothing to run again)."""
         items = outline(spec)
         blob = encode_spec(spec)
         with self._write() as db:
-            row = db.execute("SELECT spec FROM tasks WHERE id = ?", (spec.task_id,)).fetchone()
-            if row is not None:
-                if decode_spec(bytes(row[0])) != spec:  # compare specs: dict order may differ
-                    raise TaskConflictError(f"task {spec.task_id!r} exists with another spec")
-                return spec.task_id
-            self._insert_task(db, spec, blob, items)
-        return spec.task_id
+            if not self._insert_task(db, spec, blob, items):
+                self._check_same(db, spec, blob)
+                return False
+            self._remember(spec, blob)  # under the lock; harmless if rolled back (blob checked)
+        return True
 
-    def _insert_task(self, db, spec: TaskSpec, blob: bytes, items) -> None:
+    def _check_same(self, db, spec: TaskSpec, blob: bytes) -> None:
+        """:class:`TaskConflictError` unless the task journaled under ``spec``'s id is ``spec``."""
+        (known,) = db.execute("SELECT spec FROM tasks WHERE id = ?", (spec.task_id,)).fetchone()
+        if bytes(known) != blob and decode_spec(bytes(known)) != spec:  # dict order may differ
+            raise TaskConflictError(f"task {spec.task_id!r} exists with another spec")
+
+    def _remember(self, spec: TaskSpec, blob: bytes) -> None:
+        """Keep ``spec`` decoded (see :data:`SPEC_CACHE_BYTES`), dropping the oldest first."""
+        old = self._specs.pop(spec.task_id, None)
+        if old is not None:
+            self._spec_bytes -= len(old[0])
+        self._specs[spec.task_id] = (blob, spec)
+        self._spec_bytes += len(blob)
+        while self._spec_bytes > SPEC_CACHE_BYTES:
+            dropped, _ = self._specs.pop(next(iter(self._specs)))
+            self._spec_bytes -= len(dropped)
+
+    def _spec_of(self, task_id: str, blob: bytes) -> TaskSpec:
+        """The spec stored as ``blob``: the one remembered if its blob is the same, or decoded."""
+        known = self._specs.get(task_id)
+        return known[1] if known is not None and known[0] == blob else decode_spec(blob)
+
+    def _insert_task(self, db, spec: TaskSpec, blob: bytes, items) -> bool:
+        """Insert the task and its items; False (nothing written) if the task id is taken."""
         now = self._clock()
-        db.execute(
+        inserted = db.execute(
             "INSERT INTO tasks (id, spec, state, pattern, priority, policy, created_at, updated_at)"
-            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (spec.task_id, blob, str(spec.pattern), spec.priority, spec.policy, now, now),
-        )
+        ).rowcount
+        if not inserted:
+            return False
         db.executemany(
             "INSERT INTO items (id, task_id, position, model_id, model_version, stage, state,"
             " attempt, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 1, ?)",
@@ -303,7 +498,8 @@ class Journal:
                 for o in items
             ],
         )
-        self._log(db, "submitted", spec.task_id, detail=f"{len(items)} items")
+        self._log("submitted", spec.task_id, detail=f"{len(items)} items")
+        return True
 
     # --- item progress --------------------------------------------------------------------------
 
@@ -334,20 +530,36 @@ class Journal:
     def mark_dispatched(self, item_id: str, node: str, attempt: int) -> None:
         """Record that attempt ``attempt`` of the item was sent to ``node``.
 
-        Call it *before* sending. ``attempt`` must be the item's current attempt; the item must
-        be pending or retrying (else :class:`~meshinfer.proto.tasks.InvalidTransition`).
+        Queue it before sending, and the item's result after it, on the same ordered writer;
+        there is no need to wait for it to commit before sending: if the coordinator dies before
+        it commits, the item is still pending and :meth:`recover` dispatches it again (an item
+        whose fate is unknown always runs again). ``attempt`` must be the item's current
+        attempt; the item must be pending or retrying (else
+        :class:`~meshinfer.proto.tasks.InvalidTransition`).
         """
         with self._write() as db:
-            row = self._item_row(db, item_id)
-            if row is None:
-                raise UnknownTaskError(f"no work item {item_id!r}")
-            task_id, state, current, task_state = row
-            new = transition(state, TaskEvent.DISPATCH)
-            if attempt != current:
-                raise LocalProtocolError(f"{item_id}: dispatch of attempt {attempt}, not {current}")
-            self._set_item(db, item_id, new, node=node)
-            self._advance_task(db, task_id, task_state, TaskEvent.DISPATCH)
-            self._log(db, "dispatched", task_id, item_id, f"attempt {attempt} to {node}")
+            now = self._clock()
+            moved = db.execute(
+                "UPDATE items SET state = ?, node = ?, updated_at = ? WHERE id = ? AND attempt = ?"
+                f" AND state IN {_DISPATCHABLE}",
+                (TaskState.DISPATCHED.value, node, now, item_id, attempt),
+            ).rowcount
+            if not moved:
+                self._refuse_dispatch(db, item_id, attempt)
+            db.execute(  # the task moves with its first dispatch
+                "UPDATE tasks SET state = ?, updated_at = ? WHERE id = (SELECT task_id FROM items"
+                f" WHERE id = ?) AND state IN {_DISPATCHABLE}",
+                (TaskState.DISPATCHED.value, now, item_id),
+            )
+            self._log("dispatched", None, item_id, f"attempt {attempt} to {node}")
+
+    def _refuse_dispatch(self, db, item_id: str, attempt: int) -> NoReturn:
+        """Why the item cannot be dispatched as ``attempt`` (unknown, wrong state or attempt)."""
+        row = self._item_row(db, item_id)
+        if row is None:
+            raise UnknownTaskError(f"no work item {item_id!r}")
+        transition(row[1], TaskEvent.DISPATCH)  # InvalidTransition unless pending or retrying
+        raise LocalProtocolError(f"{item_id}: dispatch of attempt {attempt}, not {row[2]}")
 
     def mark_running(self, item_id: str, attempt: int) -> bool:
         """A node accepted the item (``TaskAccepted``); False (ignored) when stale or unknown."""
@@ -370,11 +582,12 @@ class Journal:
         never dispatched. The result of any dispatched attempt is accepted while the item lives.
         """
         with self._write() as db:
-            verdict = self._judge_result(db, item_id, attempt)
+            row = self._item_row(db, item_id)
+            verdict = _judge_result(row, attempt)
             if verdict is not None:
                 self._count(db, verdict)
                 return False
-            task_id, state, _, task_state = self._item_row(db, item_id)
+            task_id, state, _, task_state = row
             try:
                 db.execute(
                     "INSERT INTO results (item_id, attempt, node, blob, received_at)"
@@ -387,21 +600,8 @@ class Journal:
             self._set_item(db, item_id, transition(state, TaskEvent.SUCCEED))
             self._advance_task(db, task_id, task_state, TaskEvent.ACCEPT)
             source = f" from {node}" if node else ""
-            self._log(db, "result", task_id, item_id, f"attempt {attempt}{source}")
+            self._log("result", task_id, item_id, f"attempt {attempt}{source}")
             return True
-
-    def _judge_result(self, db, item_id: str, attempt: int) -> str | None:
-        """The counter to bump when a result must be refused, or None to accept it."""
-        row = self._item_row(db, item_id)
-        if row is None:
-            return "unknown_results"
-        _, state, current, _ = row
-        if state == TaskState.SUCCEEDED:
-            return "duplicate_results"
-        if state in TERMINAL_STATES:
-            return "late_results"
-        highest_sent = current if state.value in _IN_FLIGHT else current - 1
-        return None if 1 <= attempt <= highest_sent else "unexpected_results"
 
     def record_failure(self, item_id: str, attempt: int, error: str, *, retryable: bool) -> bool:
         """The item's current attempt failed; True if that changed its state.
@@ -421,7 +621,7 @@ class Journal:
             self._set_item(
                 db, item_id, transition(state, event), attempt=current + bump, error=error
             )
-            self._log(db, "retry" if retryable else "failed", task_id, item_id, error[:500])
+            self._log("retry" if retryable else "failed", task_id, item_id, error[:500])
             return True
 
     # --- task outcome ---------------------------------------------------------------------------
@@ -450,27 +650,29 @@ class Journal:
 
     def _close_task(self, task_id, state, summary, error) -> list[tuple[str, str]]:
         with self._write() as db:
-            row = db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is None:
-                raise UnknownTaskError(f"no task {task_id!r}")
-            if TaskState(row[0]) in TERMINAL_STATES:
+            now = self._clock()
+            closed = db.execute(
+                "UPDATE tasks SET state = ?, summary = ?, error = ?, updated_at = ? WHERE id = ?"
+                f" AND state IN {_LIVE}",
+                (state.value, summary, error, now, task_id),
+            ).rowcount
+            if not closed:  # over already, or unknown
+                if db.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
+                    raise UnknownTaskError(f"no task {task_id!r}")
                 return []
-            in_flight = db.execute(
-                f"SELECT id, node FROM items WHERE task_id = ? AND state IN {_IN_FLIGHT}"
+            live = db.execute(
+                f"SELECT id, node, state FROM items WHERE task_id = ? AND state IN {_LIVE}"
                 " ORDER BY position",
                 (task_id,),
             ).fetchall()
-            db.execute(
-                f"UPDATE items SET state = 'cancelled', updated_at = ? WHERE task_id = ?"
-                f" AND state IN {_LIVE}",
-                (self._clock(), task_id),
-            )
-            db.execute(
-                "UPDATE tasks SET state = ?, summary = ?, error = ?, updated_at = ? WHERE id = ?",
-                (state.value, summary, error, self._clock(), task_id),
-            )
-            self._log(db, str(state), task_id, detail=(error or "")[:500])
-            return [(item_id, node) for item_id, node in in_flight]
+            if live:
+                db.execute(
+                    "UPDATE items SET state = 'cancelled', updated_at = ? WHERE task_id = ?"
+                    f" AND state IN {_LIVE}",
+                    (now, task_id),
+                )
+            self._log(str(state), task_id, detail=(error or "")[:500])
+            return [(item_id, node) for item_id, node, was in live if was in _IN_FLIGHT]
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -480,20 +682,15 @@ class Journal:
             return self._record(db, task_id)
 
     def _record(self, db, task_id: str) -> TaskRecord:
-        row = db.execute(
-            f"SELECT {_TASK_COLUMNS}, t.spec, t.summary FROM tasks t WHERE t.id = ?", (task_id,)
-        ).fetchone()
-        if row is None:
+        rows = db.execute(_RECORD, (task_id,)).fetchall()  # one query: one GIL hand-over less
+        if not rows:
             raise UnknownTaskError(f"no task {task_id!r}")
-        items = db.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM items i LEFT JOIN results r ON r.item_id = i.id"
-            " WHERE i.task_id = ? ORDER BY i.position",
-            (task_id,),
-        ).fetchall()
-        summary_blob = None if row[11] is None else bytes(row[11])
-        return TaskRecord(
-            _summary(row[:10]), decode_spec(bytes(row[10])), tuple(map(_item, items)), summary_blob
-        )
+        first = rows[0]
+        items = tuple(_item(row[10:]) for row in rows if row[10] is not None)
+        done = sum(item.result is not None for item in items)
+        summary = _summary((*first[:8], len(items), done))
+        result_summary = None if first[9] is None else bytes(first[9])
+        return TaskRecord(summary, self._spec_of(task_id, bytes(first[8])), items, result_summary)
 
     def list(
         self,
@@ -522,6 +719,7 @@ class Journal:
     def history(self, task_id: str) -> list[JournalEvent]:
         """The audit log of one task, oldest first."""
         with self._read() as db:
+            self._write_events(db)  # inside a group: its earlier calls' events
             rows = db.execute(
                 "SELECT seq, at, task_id, item_id, kind, detail FROM events WHERE task_id = ?"
                 " ORDER BY seq",
@@ -533,7 +731,11 @@ class Journal:
         """After a restart: every unfinished task, with the items that need a (re)dispatch.
 
         Items that were dispatched or running have an unknown fate: they go back to pending
-        with attempt + 1 (a late result of the old attempt is still accepted). Call once, at
+        with attempt + 1 (a late result of the old attempt is still accepted). Items still
+        pending or retrying are listed too, with their attempt: among them any item that was
+        sent while its :meth:`mark_dispatched` had not committed yet, which therefore runs
+        again (a result of that unjournaled send is refused until the new dispatch is
+        journaled, then accepted once, like any other). Call once, at
         startup, before dispatching anything. Pipeline items are all listed; dispatch only
         those :class:`~meshinfer.proto.tasks_pipeline.PipelinePlan` says are ready.
         """
@@ -557,16 +759,228 @@ class Journal:
                 " WHERE id = ?",
                 (self._clock(), item_id),
             )
-            self._log(db, "requeued", task_id, item_id, "coordinator restarted")
+            self._log("requeued", task_id, item_id, "coordinator restarted")
 
     def stats(self) -> JournalStats:
         """Counts of tasks and items by state, the counters and the audit log length."""
         with self._read() as db:
+            self._write_events(db)  # inside a group: its earlier calls' events
             tasks = dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
             items = dict(db.execute("SELECT state, count(*) FROM items GROUP BY state"))
             counters = dict(db.execute("SELECT name, value FROM counters"))
             (events,) = db.execute("SELECT count(*) FROM events").fetchone()
         return JournalStats(tasks, items, counters, events)
+
+
+# --- the writer thread -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[..., object]
+    args: tuple[object, ...]
+    future: asyncio.Future[object] | None  # None: nobody waits (a failure is logged)
+    alone: bool
+
+    def run(self) -> object:
+        return self.fn(*self.args)
+
+
+class JournalWriter:
+    """The one thread that runs journal calls, in the order they were queued, as group commits.
+
+    It takes every call queued at that moment (up to ``max_group``) and hands them to the
+    journal's :meth:`Journal.commit_group` as one transaction; every caller's future resolves
+    only after that ``COMMIT`` returned, all of them in one wake-up of the event loop.
+    ``journal`` returns the journal to commit on (read at each group; None before it is open).
+    An object without ``commit_group`` (a stand-in for tests or benchmarks) gets its calls one
+    by one, in order. A queued call always runs; a caller cancelled meanwhile gets no answer.
+
+    :meth:`call`, :meth:`tell`, :meth:`run`, :meth:`run_alone` and :meth:`aclose` run on the
+    event loop (the first call binds the writer to that loop and starts the thread); the calls
+    run on the writer's thread. The hand-over is a lock-free :class:`queue.SimpleQueue`:
+    queuing a call never waits for the writer's thread.
+    """
+
+    def __init__(
+        self, journal: Callable[[], object], *, max_group: int = 256, name: str = "journal"
+    ) -> None:
+        if max_group < 1:
+            raise ConfigError("max_group must be >= 1")
+        self.max_group = max_group
+        self.name = name
+        self._journal = journal
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
+        self._next: _Call | None = None  # taken from the queue, opens the next group (thread)
+        self._stopping = False  # the thread took the stop mark from the queue
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self.groups = 0  # groups run, for tests and metrics
+        self.calls = 0
+
+    def call(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
+        """Queue ``fn(*args)`` now (in order with every other call); a future of its outcome
+        (failed with :class:`LocalProtocolError` once the writer is closed)."""
+        return self._queue_call(fn, args, alone=False)
+
+    def tell(self, fn: Callable[..., object], *args: object) -> None:
+        """Queue ``fn(*args)`` now, in order, for nobody to wait for (a dispatch journaled as
+        the message leaves): no future, one loop wake-up less; a failure is logged."""
+        if self._closing:
+            log.warning("journal writer closed: %s not journaled", getattr(fn, "__name__", fn))
+            return
+        self._loop or self._start()
+        self._queue.put(_Call(fn, args, None, False))
+
+    async def run(self, fn: Callable[..., object], *args: object) -> object:
+        """Queue ``fn(*args)`` and await its outcome (after its group committed)."""
+        return await self._queue_call(fn, args, alone=False)
+
+    async def run_alone(self, fn: Callable[..., object], *args: object) -> object:
+        """Run ``fn(*args)`` outside any group (after the calls queued before it committed):
+        opening or closing the journal."""
+        return await self._queue_call(fn, args, alone=True)
+
+    def _queue_call(self, fn, args, *, alone: bool) -> asyncio.Future[object]:
+        if self._closing:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(LocalProtocolError("the journal writer is closed"))
+            return future
+        future = (self._loop or self._start()).create_future()
+        self._queue.put(_Call(fn, args, future, alone))
+        return future
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        self._loop = loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        threading.Thread(target=self._serve, name=self.name, daemon=True).start()
+        return loop
+
+    async def aclose(self) -> None:
+        """Run what is queued, then stop the thread; later calls are refused. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(None)
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+
+    # --- on the writer's thread -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        group: list[_Call] = []
+        try:
+            while group := self._next_group():
+                outcomes = self._execute(group)
+                self.groups += 1
+                self.calls += len(group)
+                self._hand_back(self._settle, group, outcomes)
+        except BaseException as exc:  # a bug here: fail what waits rather than hang it
+            log.critical("the journal writer died", exc_info=exc)
+            self._closing = True
+            self._hand_back(self._settle_all, group, exc)
+        finally:
+            self._hand_back(_resolve, self._stopped)
+
+    def _settle_all(self, group: list[_Call], error: BaseException) -> None:
+        """On the loop, after the thread died: fail its last group and every call queued."""
+        pending = [*group, self._next]
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        calls = [call for call in pending if call is not None]
+        self._settle(calls, [CallOutcome(error=error)] * len(calls))
+
+    def _next_group(self) -> list[_Call]:
+        """Every call queued now, up to ``max_group`` (waits for the first); an alone call
+        makes a group by itself. Empty once the writer is closed and drained."""
+        first, self._next = self._next, None
+        if first is None and not self._stopping:
+            first = self._queue.get()
+        if first is None:
+            self._stopping = True
+            return []
+        group = [first]
+        while not first.alone and len(group) < self.max_group:
+            try:
+                call = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if call is None or call.alone:  # ends this group; opens the next one or stops
+                self._next, self._stopping = call, call is None
+                break
+            group.append(call)
+        return group
+
+    def _execute(self, group: list[_Call]) -> list[CallOutcome]:
+        commit_group = getattr(self._journal(), "commit_group", None)
+        if group[0].alone or commit_group is None:
+            return [_outcome_of(call.run) for call in group]
+        try:
+            return commit_group([call.run for call in group])
+        except BaseException as exc:  # rolled back: nothing in the group is durable
+            return [CallOutcome(error=exc)] * len(group)
+
+    def _hand_back(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    @staticmethod
+    def _settle(group: list[_Call], outcomes: list[CallOutcome]) -> None:
+        """On the loop: answer every caller of a committed (or failed) group."""
+        for call, outcome in zip(group, outcomes, strict=True):
+            future, error = call.future, outcome.error
+            if future is None:
+                if error is not None:
+                    level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
+                    log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)
+            elif future.done():  # the caller was cancelled
+                continue
+            elif isinstance(error, StopIteration):  # a future refuses those, as a coroutine does
+                future.set_exception(RuntimeError(f"journal call raised {error!r}"))
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outcome.value)
+
+
+def _outcome_of(fn: Callable[[], object]) -> CallOutcome:
+    try:
+        return CallOutcome(fn())
+    except BaseException as exc:  # handed to the caller, whatever it is
+        return CallOutcome(error=exc)
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _has_json(db: sqlite3.Connection) -> bool:
+    """Whether this SQLite has the JSON functions (built in since 3.38, usually before)."""
+    try:
+        db.execute("SELECT value FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+def _judge_result(row: tuple[str, TaskState, int, TaskState] | None, attempt: int) -> str | None:
+    """The counter to bump when a result for the item (its ``_item_row``) must be refused, or
+    None to accept it."""
+    if row is None:
+        return "unknown_results"
+    _, state, current, _ = row
+    if state == TaskState.SUCCEEDED:
+        return "duplicate_results"
+    if state in TERMINAL_STATES:
+        return "late_results"
+    highest_sent = current if state.value in _IN_FLIGHT else current - 1
+    return None if 1 <= attempt <= highest_sent else "unexpected_results"
 
 
 def _filters(state, model, since, cursor) -> tuple[str, list[object]]:

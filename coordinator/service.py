@@ -25,13 +25,22 @@ higher incarnation. A ``Close`` frame (a draining node, a graceful leave) trigge
                                          suspect --re-dial failed--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
 
-Durability: every journal call runs on one dedicated thread, in order, so the event loop never
-blocks and a result can never be journaled before its dispatch (calls queue on that thread; the
-loop does not wait for one to end before handing over the next). On start, :meth:`recover` puts
-every acknowledged, unfinished task back in flight (items whose fate is unknown run again). An
-item is journaled as running only if its result has not arrived ``running_mark_delay_s`` after
-the node accepted it: a fast item goes from dispatched to succeeded in one journal write less
-(recovery treats dispatched and running alike).
+Durability: every journal call runs on one dedicated thread (a
+:class:`~coordinator.journal.JournalWriter`), in the order it was queued, so the event loop never
+blocks and a result can never be journaled before its dispatch. That thread commits every call
+queued at that moment as one group (one fsync) and answers their callers only after the commit,
+so a submit is acknowledged, and a result acted upon, only once durable. On start,
+:meth:`recover` puts every acknowledged, unfinished task back in flight (items whose fate is
+unknown run again). Journal writes per task are kept few:
+
+* the dispatch is queued before the message leaves but not waited for (a crash before it
+  commits leaves the item pending: recovery dispatches it again);
+* an item is journaled as running only if its result has not arrived ``running_mark_delay_s``
+  after the node accepted it (recovery treats dispatched and running alike);
+* the result that completes a task (single, batch, pipeline) is journaled together with the
+  task's end, in one call: both commit or neither does;
+* submitting a known task id with the same spec again is an idempotent retry: nothing runs
+  again.
 
 Concurrency: every coroutine runs on the coordinator's event loop.
 """
@@ -50,10 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.journal import Journal, TaskPage, TaskRecord, UnknownTaskError
+from coordinator.journal import Journal, JournalWriter, TaskPage, TaskRecord, UnknownTaskError
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import MeshInferError, RemoteProtocolError
-from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.proto import messages
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
@@ -125,9 +133,8 @@ class Coordinator:
         self.stats_ = CoordinatorStats()
         self.scheduler = SchedulerState()
         self.journal: Journal | None = None
-        # One thread keeps journal calls in order; they queue there (up to 4096) so the thread
-        # never idles while the loop hands over the next call.
-        self._db = BoundedExecutor(1, max_in_flight=4096, name="journal")
+        # One thread keeps journal calls in order and commits what is queued as one group.
+        self._db = JournalWriter(lambda: self.journal, name="journal")
         self._runs: dict[str, TaskRun] = {}
         self._items: dict[str, tuple[TaskRun, ItemRun]] = {}  # live item id -> run, item
         self._ready: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
@@ -157,7 +164,7 @@ class Coordinator:
     async def start(self) -> None:
         """Open (and recover) the journal, hook into the mesh, start dispatching."""
         self._running_loop = asyncio.get_running_loop()
-        self.journal = await self._db.run(
+        self.journal = await self._db.run_alone(
             lambda: Journal(self.journal_path, synchronous=self.config.journal_synchronous)
         )
         peers = self.mesh.peers
@@ -188,7 +195,7 @@ class Coordinator:
         for timer in self._timers.values():
             timer.cancel()
         if self.journal is not None:
-            await self._db.run(self.journal.close)
+            await self._db.run_alone(self.journal.close)
         await self._db.aclose()
 
     async def _recover(self) -> None:
@@ -222,17 +229,30 @@ class Coordinator:
     async def submit(self, spec: TaskSpec) -> str:
         """Validate, journal (durably), and queue ``spec``; returns its task id.
 
-        Raises :class:`~meshinfer.proto.tasks.InvalidTaskError` (a ConfigError) for a bad spec.
+        The same spec under a known task id (an idempotent client retry) returns the id and
+        runs nothing again, whether the task still runs or is over; another spec under a known
+        id raises :class:`~coordinator.journal.TaskConflictError`. Raises
+        :class:`~meshinfer.proto.tasks.InvalidTaskError` (a ConfigError) for a bad spec.
         """
         assert self.journal is not None
         run = TaskRun(
             spec, default_aggregation=self.config.default_aggregation, now=self._loop.time()
         )  # fmt: skip  (validates the spec)
-        task_id = await self._db.run(self.journal.submit, spec)
-        if task_id not in self._runs:
-            self._runs[task_id] = run
+        created = await self._db.run(self._journal_task, spec)
+        if created is None:  # a journal stand-in that cannot tell: trust what runs here
+            created = spec.task_id not in self._runs
+        if created:
+            self._runs[spec.task_id] = run
             self._schedule_ready(run, {})
-        return task_id
+        return spec.task_id
+
+    def _journal_task(self, spec: TaskSpec) -> bool | None:
+        """On the journal thread: True if ``spec`` is journaled now, False if it already was."""
+        accept = getattr(self.journal, "accept", None)
+        if accept is None:  # e.g. a benchmark's stand-in with submit() only
+            self.journal.submit(spec)
+            return None
+        return accept(spec)
 
     async def get(self, task_id: str) -> TaskRecord:
         assert self.journal is not None
@@ -244,15 +264,15 @@ class Coordinator:
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """The task once it ended (or as it is at ``timeout``)."""
-        record = await self.get(task_id)
-        if record.state.value in ("succeeded", "failed", "cancelled") or task_id not in self._runs:
-            return record
-        fut = self._loop.create_future()
+        if task_id not in self._runs:  # not running here: as the journal has it (or unknown)
+            return await self.get(task_id)
+        fut: asyncio.Future[TaskRecord | None] = self._loop.create_future()
         waiters = self._waiters.setdefault(task_id, [])
         waiters.append(fut)
+        record = None
         try:
             async with asyncio.timeout(timeout):
-                await fut
+                record = await fut  # read with the task's end, in the same journal call
         except TimeoutError:
             pass
         finally:
@@ -260,7 +280,7 @@ class Coordinator:
                 waiters.remove(fut)
             if not waiters and self._waiters.get(task_id) is waiters:
                 del self._waiters[task_id]
-        return await self.get(task_id)
+        return record if record is not None else await self.get(task_id)
 
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task; the nodes running its items are told. False if it already ended."""
@@ -341,7 +361,7 @@ class Coordinator:
             if node is None:
                 self._parked.append(item_id)
                 continue
-            await self._send(run, entry, node)
+            self._send(run, entry, node)
 
     def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
         policy = run.spec.policy or self.config.default_policy
@@ -377,23 +397,24 @@ class Coordinator:
             ))  # fmt: skip
         return views
 
-    async def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
+    def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         assert self.journal is not None
         entry.node = node
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
         item_id, attempt = entry.item.item_id, entry.attempt
-        # Journaled before the message leaves; the single journal thread keeps the order.
-        mark = self._loop.create_task(
-            self._db.run(self.journal.mark_dispatched, item_id, node, attempt)
-        )
-        mark.add_done_callback(_log_failure)
+        # Queued before the message leaves, not waited for (see the module docstring): the
+        # journal thread runs it before anything queued later (the result, a failure).
+        self._journal_later(self.journal.mark_dispatched, item_id, node, attempt)
         self.stats_.dispatched += 1
         if not self.mesh.peers.send(node, entry.item.to_message()):
-            await mark
             self._retry(run, entry, f"could not send to {node}", backoff=True)
             return
         self._arm_timeout(item_id, attempt)
+
+    def _journal_later(self, fn: Any, *args: Any) -> None:
+        """Queue a journal call nobody waits for; its failure is logged."""
+        self._db.tell(fn, *args)
 
     def _arm_timeout(self, item_id: str, attempt: int) -> None:
         old = self._timers.pop(item_id, None)
@@ -439,8 +460,7 @@ class Coordinator:
         pair = self._items.get(item_id)
         if pair is None or pair[1].attempt != attempt or self.journal is None or self._closed:
             return
-        task = self._loop.create_task(self._db.run(self.journal.mark_running, item_id, attempt))
-        task.add_done_callback(_log_failure)
+        self._journal_later(self.journal.mark_running, item_id, attempt)
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
         self._answered.add(msg.item_id)  # being journaled: not to be re-dispatched meanwhile
@@ -448,11 +468,10 @@ class Coordinator:
 
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
         assert self.journal is not None
-        blob = messages.encode(msg)
         try:
-            fresh = await self._db.run(
-                lambda: self.journal.record_result(msg.item_id, msg.attempt, blob, node=msg.node_id)
-            )
+            blob = messages.encode(msg)
+            ending = self._ending_with(msg)
+            fresh, ended = await self._db.run(self._journal_result, msg, blob, ending)
         finally:
             self._answered.discard(msg.item_id)
         if not fresh:
@@ -460,20 +479,84 @@ class Coordinator:
             return
         pair = self._items.pop(msg.item_id, None)
         self._cancel_timer(msg.item_id)
+        if pair is not None:
+            self._count_result(pair[1], msg)
+        if ending is not None:  # the journal ended the task together with this result
+            self._ended(ending.task_id, *ended)
+            return
         if pair is None:
             return
-        run, entry = pair
+        run = pair[0]
+        try:
+            run.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
+        except RemoteProtocolError as exc:  # a node returned an output we cannot use
+            run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
+        await self._advance(run)
+
+    def _count_result(self, entry: ItemRun, msg: TaskResult) -> None:
         self._wake_parked.set()  # a slot on that node is free again
         self.stats_.completed_by_node[msg.node_id] += 1
         if entry.dispatched_at is not None:
             elapsed = self._loop.time() - entry.dispatched_at
             model = entry.item.model
             self.scheduler.observe_runtime((model.model_id, model.version), elapsed)
+
+    def _ending_with(self, msg: TaskResult) -> _Ending | None:
+        """How the task ends if ``msg`` is accepted, when that alone decides it: the last
+        missing result of a single, batch or pipeline task (aggregations are left to
+        :meth:`_advance`: their outcome may depend on time). Tried on a copy of the run."""
+        pair = self._items.get(msg.item_id)
+        if pair is None:
+            return None  # not live here: the journal will refuse it
+        run = pair[0]
+        ids = run.all_item_ids()
+        if run.aggregator is not None or run.done or len(run.results) + 1 != len(ids):
+            return None
         try:
-            run.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
-        except RemoteProtocolError as exc:  # a node returned an output we cannot use
-            run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
-        await self._advance(run)
+            trial = object.__new__(TaskRun)  # a shallow copy whose result maps can change
+            trial.__dict__.update(run.__dict__, results=dict(run.results), nodes=dict(run.nodes))
+            trial.items = {}
+            trial.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
+        except Exception:  # e.g. an output we cannot use: the ordinary way handles it
+            return None
+        outcome = trial.outcome
+        if outcome is None:
+            return None
+        return self._ending(run, trial, outcome)
+
+    def _ending(self, run: TaskRun, source: TaskRun, outcome: Outcome) -> _Ending:
+        state = TaskState.SUCCEEDED if outcome.succeeded else TaskState.FAILED
+        summary = encode_outcome(source, outcome)
+        waited = run.task_id in self._waiters  # then read the record back with the end
+        return _Ending(run.task_id, state, summary, outcome.error or None, waited)
+
+    def _journal_result(
+        self, msg: TaskResult, blob: bytes, ending: _Ending | None
+    ) -> tuple[bool, _Ended | None]:
+        """On the journal thread, as one call (one savepoint of a group): the result exactly
+        once and, if it was accepted and ends the task, the task's end (see _journal_end)."""
+        journal = self.journal
+        if not journal.record_result(msg.item_id, msg.attempt, blob, node=msg.node_id):
+            return False, None
+        return True, None if ending is None else self._journal_end(ending)
+
+    def _journal_end(self, ending: _Ending) -> _Ended:
+        """On the journal thread: end the task; the items still in flight and, if someone
+        waits for it, the task as it ended (read in the same group: handed out once durable)."""
+        journal = self.journal
+        in_flight = journal.finish(
+            ending.task_id, ending.state, summary=ending.summary, error=ending.error
+        )
+        return in_flight, journal.get(ending.task_id) if ending.read_back else None
+
+    def _ended(
+        self, task_id: str, in_flight: list[tuple[str, str]], record: TaskRecord | None
+    ) -> None:
+        """The journal ended the task: tell nodes still on its items, forget it here."""
+        for item_id, node in in_flight:  # e.g. an ensemble that reached its quorum early
+            if node:
+                self.mesh.peers.send(node, TaskCancel(item_id, "task finished"))
+        self._forget(task_id, record)
 
     def _on_failed(self, peer: str, msg: TaskFailed) -> None:
         pair = self._items.get(msg.item_id)
@@ -588,12 +671,9 @@ class Coordinator:
         self.stats_.retries += 1
         log.info("retrying %s (attempt %d failed: %s)", item_id, attempt, reason)
         assert self.journal is not None
-        journaled = self._loop.create_task(
-            self._db.run(
-                partial(self.journal.record_failure, retryable=True), item_id, attempt, reason
-            )
+        self._journal_later(
+            partial(self.journal.record_failure, retryable=True), item_id, attempt, reason
         )
-        journaled.add_done_callback(_log_failure)
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
         entry.node = None
@@ -623,17 +703,8 @@ class Coordinator:
 
     async def _finish(self, run: TaskRun, outcome: Outcome) -> None:
         assert self.journal is not None
-        state = TaskState.SUCCEEDED if outcome.succeeded else TaskState.FAILED
-        blob = encode_outcome(run, outcome)
-        in_flight = await self._db.run(
-            lambda: self.journal.finish(
-                run.task_id, state, summary=blob, error=outcome.error or None
-            )
-        )
-        for item_id, node in in_flight:  # e.g. an ensemble that reached its quorum early
-            if node:
-                self.mesh.peers.send(node, TaskCancel(item_id, "task finished"))
-        self._forget(run.task_id)
+        in_flight, record = await self._db.run(self._journal_end, self._ending(run, run, outcome))
+        self._ended(run.task_id, in_flight, record)
 
     def _arm_aggregation_timeout(self, run: TaskRun) -> None:
         deadline = run.deadline()
@@ -648,7 +719,8 @@ class Coordinator:
 
         self._loop.call_at(deadline + 1e-3, check)
 
-    def _forget(self, task_id: str) -> None:
+    def _forget(self, task_id: str, record: TaskRecord | None = None) -> None:
+        """Drop the task from memory; its waiters get ``record`` (None: they read it)."""
         run = self._runs.pop(task_id, None)
         if run is not None:
             for item_id in list(run.items):
@@ -656,7 +728,7 @@ class Coordinator:
                 self._cancel_timer(item_id)
         for fut in self._waiters.pop(task_id, []):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(record)
 
     def _cancel_timer(self, item_id: str) -> None:
         timer = self._timers.pop(item_id, None)
@@ -664,13 +736,25 @@ class Coordinator:
             timer.cancel()
 
 
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    """A task's end, journaled together with the result that decides it."""
+
+    task_id: str
+    state: TaskState
+    summary: bytes
+    error: str | None
+    read_back: bool  # someone waits: read the ended task in the same journal call
+
+
+#: What ending a task returns: the items still in flight, the task as it ended (if read back).
+_Ended = tuple[list[tuple[str, str]], TaskRecord | None]
+
+
 #: How :class:`Session` words a close that came from the stream ending (EOF, reset) rather than
 #: from the peer's ``Close`` frame ("peer closed: ...") or from this side.
-_ABRUPT_CLOSE_REASONS = ("peer closed the connection", "transport error")
-
-
 def _lost_abruptly(session: Session) -> bool:
-    return session.close_reason.startswith(_ABRUPT_CLOSE_REASONS)
+    return session.lost  # ended without a Close frame from either side
 
 
 def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:

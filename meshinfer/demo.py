@@ -177,18 +177,33 @@ class Demo:
         self.cluster.kill(self.victim, signal.SIGKILL)
         killed_at = time.perf_counter()
         self.say(f"halfway: SIGKILL {self.victim} with {in_flight} work items in flight on it")
-        self.kill_report = {"node": self.victim, "in_flight": in_flight, "before": before}
+        self.kill_report = {"node": self.victim, "in_flight": in_flight}
         try:
+            self.cluster.wait_for(self._victim_idle, timeout=30, step=0.005)
+            self.kill_report["settled_s"] = time.perf_counter() - killed_at
+            moved = (
+                self.client.stats()["redispatched_after_death"] - before["redispatched_after_death"]
+            )
+            self.kill_report["moved"] = moved
             self.cluster.wait_for(self._victim_not_alive, timeout=30, step=0.02)
         except TimeoutError:
-            self.say(f"{self.victim} is still listed as alive after 30 s")
+            self.say(f"{self.victim}'s work was not settled within 30 s")
             return
         self.kill_report["detected_s"] = time.perf_counter() - killed_at
-        status = self._victim_status()
         self.say(
-            f"{self.victim} is {status} to the coordinator after"
-            f" {self.kill_report['detected_s']:.2f}s; its items are re-dispatched to the others"
+            f"{self.kill_report['settled_s'] * 1000:.0f} ms after the kill nothing was left on"
+            f" {self.victim}: {moved} items re-dispatched to other nodes (the coordinator saw the"
+            f" session drop and could not re-dial), {max(0, in_flight - moved)} answered just"
+            " before"
         )
+        self.say(
+            f"membership marked {self.victim} {self._victim_status()} after"
+            f" {self.kill_report['detected_s']:.2f}s (SWIM, lan preset)"
+        )
+
+    def _victim_idle(self) -> bool:
+        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+        return nodes.get(self.victim, {}).get("in_flight", 0) == 0
 
     def _victim_status(self) -> str:
         nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
@@ -225,7 +240,7 @@ class Demo:
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
-        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan")}
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
     ms = np.asarray(values) * 1000
     return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
 
@@ -241,6 +256,8 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         "nodes": demo.names,
         "killed": demo.kill_report.get("node"),
         "killed_in_flight": demo.kill_report.get("in_flight"),
+        "kill_settled_s": demo.kill_report.get("settled_s"),
+        "killed_items_moved": demo.kill_report.get("moved"),
         "kill_detected_s": demo.kill_report.get("detected_s"),
         "tasks": len(progress.latencies) + len(progress.failed),
         "tasks_failed": progress.failed,
@@ -260,6 +277,10 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
     }
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     lat = s["latency"]
     lines = [
@@ -267,8 +288,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         "summary",
         f"  batch:    {s['rows_classified']}/{s['rows']} digits in {s['tasks']} tasks,"
         f" accuracy {s['accuracy']:.1%}, {s['rows_per_s']:.0f} digits/s",
-        f"  latency:  per task (submit -> result over HTTP) p50 {lat['p50_ms']:.1f} ms,"
-        f" p90 {lat['p90_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms",
+        f"  latency:  per task (submit -> result over HTTP) p50 {_ms(lat['p50_ms'])},"
+        f" p90 {_ms(lat['p90_ms'])}, p99 {_ms(lat['p99_ms'])}",
         f"  ensemble: {s['ensemble_state']}, accuracy {s['ensemble_accuracy']:.1%}"
         f" ({s['ensemble_s'] * 1000:.0f} ms)",
         f"  faults:   killed {s['killed'] or '-'}; items retried {s['retries']},"

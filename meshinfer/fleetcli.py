@@ -75,6 +75,16 @@ def new_parser(prog: str, description: str) -> tuple[CommandParser, Any]:
     return parser, commands
 
 
+def command_line(
+    prog: str, description: str, commands: Sequence[Callable[[Any], Any]]
+) -> CommandParser:
+    """:func:`new_parser` with every ``add(commands)`` function of ``commands`` applied."""
+    parser, group = new_parser(prog, description)
+    for add in commands:
+        add(group)
+    return parser
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv``, run the chosen command's handler and return its exit code."""
     try:

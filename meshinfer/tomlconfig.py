@@ -12,6 +12,7 @@ drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -129,6 +130,8 @@ def _check_value(where: str, hint: Any, value: Any) -> Any:
         return tuple(_check_value(f"{where}[{i}]", inner, v) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
     return value

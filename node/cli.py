@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshinfer.fleetcli import CommandParser, add_fleet_commands, new_parser, run_cli
+from meshinfer.fleetcli import CommandParser, add_fleet_commands, command_line, run_cli
 from meshinfer.identity_files import NodeDirectory
 
 
@@ -121,10 +121,7 @@ COMMANDS = (_add_keygen, _add_run, _add_status, _add_config, add_fleet_commands)
 
 def build_parser() -> CommandParser:
     """The ``meshinfer-node`` argument parser with every command."""
-    parser, commands = new_parser("meshinfer-node", "meshinfer vehicle / roadside-unit node")
-    for add in COMMANDS:
-        add(commands)
-    return parser
+    return command_line("meshinfer-node", "meshinfer vehicle / roadside-unit node", COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,6 +85,16 @@ def mesh_options(config: Any, fleet_id: str) -> MeshNodeOptions:
     )
 
 
+def load_identity(directory: str, where: str) -> NodeIdentity:
+    """The identity in ``directory`` (made by ``fleet enroll``), or ConfigError naming ``where``."""
+    if not directory:
+        raise ConfigError(f"{where} is required (made by `fleet enroll`)")
+    try:
+        return NodeIdentity.load(directory)
+    except IdentityError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def make_engine(config: NodeConfig) -> InferenceEngine:
     kind = config.inference.engine
     if kind == "numpy":
@@ -106,7 +116,7 @@ class NodeDaemon:
     def __init__(self, config: NodeConfig, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.rng = rng or random.Random()
-        self.identity = self._load_identity()
+        self.identity = load_identity(config.node.identity_dir, "[node] identity_dir")
         self.models = [
             parse_model_ref(m, f"[inference] models[{i}]")
             for i, m in enumerate(config.inference.models)
@@ -124,15 +134,6 @@ class NodeDaemon:
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-
-    def _load_identity(self) -> NodeIdentity:
-        directory = self.config.node.identity_dir
-        if not directory:
-            raise ConfigError("[node] identity_dir is required (made by `fleet enroll`)")
-        try:
-            return NodeIdentity.load(directory)
-        except IdentityError as exc:
-            raise ConfigError(f"[node] identity_dir: {exc}") from None
 
     @property
     def node_id(self) -> str:

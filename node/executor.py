@@ -9,9 +9,12 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
 At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
 when this node's backlog reaches ``offload_queue_depth`` (or it lacks the model) and a live
 peer gossips the model with a smaller queue, the item is forwarded to that peer, and whatever
-comes back is relayed to the coordinator. Bad input from a peer is answered with ``TaskFailed``
-(``BAD_INPUT``) and never reaches the engine. While draining (SIGTERM) new items are refused as
-retryable and queued ones are handed back, so the coordinator re-runs them elsewhere.
+comes back is relayed to the coordinator; if that peer dies, leaves or its session is lost
+abruptly first, the item is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so the
+coordinator re-runs it at once instead of waiting for its item timeout. Bad input from a peer
+is answered with ``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. While draining
+(SIGTERM) new items are refused as retryable and queued ones are handed back, so the
+coordinator re-runs them elsewhere.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -37,6 +40,7 @@ from meshinfer.errors import (
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import DynamicBatcher
 from meshinfer.inference.mlp import BatchShapeError
+from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.tasks_wire import (
     FailureKind,
     TaskAccepted,
@@ -47,6 +51,7 @@ from meshinfer.proto.tasks_wire import (
     Tensor,
 )
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.session import Session
 from node.config import ExecutorSection
 
 log = logging.getLogger(__name__)
@@ -80,8 +85,9 @@ class TaskExecutor:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._items: dict[str, asyncio.Task[None]] = {}
         self._started: set[str] = set()
-        self._offloaded: dict[str, str] = {}  # item id -> coordinator to relay to
+        self._offloaded: dict[str, tuple[str, TaskAssign, str]] = {}  # item -> coord, msg, target
         self._draining = False
+        self._watchers: set[asyncio.Task[None]] = set()
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
 
     def start(self) -> None:
@@ -90,6 +96,9 @@ class TaskExecutor:
         peers.on(TaskCancel, self._on_cancel)
         peers.on(TaskResult, self._on_relay)
         peers.on(TaskFailed, self._on_relay)
+        peers.on_session(self._on_session)
+        if self.mesh.membership is not None:
+            self.mesh.membership.subscribe(self._on_member)
 
     @property
     def backlog(self) -> int:
@@ -129,9 +138,10 @@ class TaskExecutor:
             task.cancel()
 
     def _on_relay(self, peer: str, msg: TaskResult | TaskFailed) -> None:
-        coordinator = self._offloaded.pop(msg.item_id, None)
-        if coordinator is None:
+        offload = self._offloaded.get(msg.item_id)
+        if offload is None or offload[2] != peer:
             return  # not ours to relay (a late or foreign message): ignore
+        coordinator = self._offloaded.pop(msg.item_id)[0]
         self.stats.relayed += 1
         self.mesh.peers.send(coordinator, msg)
 
@@ -216,13 +226,36 @@ class TaskExecutor:
         target = self._least_loaded_peer(ref, exclude={coordinator})
         if target is None:
             return False
-        self._offloaded[msg.item_id] = coordinator
+        self._offloaded[msg.item_id] = (coordinator, msg, target)
         if not self.mesh.peers.send(target, msg):
             self._offloaded.pop(msg.item_id, None)
             return False
         self.stats.offloaded += 1
         log.info("offloaded %s to %s (backlog %d)", msg.item_id, target, self.backlog)
         return True
+
+    def _on_member(self, event: MemberEvent) -> None:
+        if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
+            self._hand_back_from(event.member.node_id, f"{event.kind.value}")
+
+    def _on_session(self, node: str, session: Session) -> None:
+        task = asyncio.get_running_loop().create_task(self._watch(node, session))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, node: str, session: Session) -> None:
+        await session.wait_closed()
+        if session.lost and self.mesh.peers.session(node) is None:
+            self._hand_back_from(node, "session lost")
+
+    def _hand_back_from(self, target: str, why: str) -> None:
+        """Items offloaded to ``target`` will not come back: the coordinator re-runs them."""
+        for item_id, (coordinator, msg, to) in list(self._offloaded.items()):
+            if to == target:
+                del self._offloaded[item_id]
+                self.stats.handed_back += 1
+                text = f"offloaded to {target}, which was lost ({why})"
+                self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
 
     def _least_loaded_peer(self, ref: ModelRef, exclude: set[str]) -> str | None:
         membership = self.mesh.membership
@@ -253,6 +286,8 @@ class TaskExecutor:
 
     async def aclose(self) -> None:
         self._draining = True
+        for watcher in list(self._watchers):
+            watcher.cancel()
         tasks = [t for t in self._items.values() if not t.done()]
         for task in tasks:
             task.cancel()

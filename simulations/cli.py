@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshinfer.errors import ConfigError
-from meshinfer.fleetcli import CommandParser, new_parser, run_cli
+from meshinfer.fleetcli import CommandParser, command_line, run_cli
 from simulations.membership import (
     MAX_DURATION,
     MAX_JOINS,
@@ -220,10 +220,7 @@ COMMANDS = (_add_membership,)
 
 def build_parser() -> CommandParser:
     """The ``meshinfer-sim`` argument parser with every command."""
-    parser, commands = new_parser("meshinfer-sim", "meshinfer simulations in virtual time")
-    for add in COMMANDS:
-        add(commands)
-    return parser
+    return command_line("meshinfer-sim", "meshinfer simulations in virtual time", COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

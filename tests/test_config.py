@@ -49,6 +49,8 @@ def test_rendered_defaults_read_back_as_the_defaults(kind, tmp_path):
         ("coordinator", {"coordinator": {"journal_synchronous": "OFF"}}, "journal_synchronous"),
         ("coordinator", {"coordinator": {"retry_backoff_s": -1}}, "retry_backoff_s must not"),
         ("coordinator", {"coordinator": {"item_timeout_s": 0}}, "must be positive"),
+        ("coordinator", {"coordinator": {"item_timeout_s": float("nan")}}, "finite number"),
+        ("node", {"session": {"idle_timeout": float("inf")}}, "idle_timeout: must be a finite"),
         ("coordinator", {"api": {"listen": "localhost"}}, '[api] listen: expected "host:port"'),
         ("coordinator", {"http": {}}, "unknown section [http]"),
         ("coordinator", {"inference": {}}, "unknown section [inference]"),

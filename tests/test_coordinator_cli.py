@@ -344,6 +344,9 @@ def test_parse_since_forms():
     assert parse_since("1699999000", now) == 1_699_999_000
     assert parse_since("2023-11-14T22:13:20Z", now) == 1_700_000_000
     assert parse_since("2023-11-14T22:13:20", now) == 1_700_000_000  # naive: UTC
+    for text in ("nan", "inf", "1e999"):
+        with pytest.raises(ConfigError, match="not a finite number"):
+            parse_since(text, now)
 
 
 @pytest.mark.parametrize(
@@ -395,6 +398,13 @@ def test_endpoint_resolution_order(tmp_path):
     (tmp_path / "runtime.json").write_text(json.dumps({"api": None, "token_file": None}))
     with pytest.raises(ConfigError, match="without its HTTP API"):
         resolve_endpoint(data_dir=tmp_path, environ={})
+    for url in ("http://[::1", "http://host:port", "http://:80"):
+        with pytest.raises(ConfigError, match="must look like http://HOST:PORT"):
+            resolve_endpoint(url=url, environ=env)
+    for facts in ({"api": 5, "token_file": None}, {"api": "http://a:1", "token_file": 5}):
+        (tmp_path / "runtime.json").write_text(json.dumps(facts))
+        with pytest.raises(ConfigError, match="must be a string or null"):
+            resolve_endpoint(data_dir=tmp_path, environ={})
 
 
 def test_submit_document_and_default_patterns(tmp_path):
@@ -813,3 +823,14 @@ async def test_errors_from_a_real_coordinator(tmp_path, capsys):
         assert caught.value.code == "bad_response" and caught.value.status == 200
         tasks = await asyncio.to_thread(lambda: list(client.iter_tasks(limit=1)))
         assert [t["task_id"] for t in tasks] == ["doomed"]
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [(np.array([[1e300]]), "float32"), (np.array([[300]]), "uint8"), (np.array([[1.5]]), "int32")],
+)
+def test_inputs_that_do_not_fit_the_dtype_are_refused(tmp_path, values, dtype):
+    path = tmp_path / "rows.npy"
+    np.save(path, values)
+    with pytest.raises(ConfigError, match=r"out of range|do not fit"):
+        load_inputs([path], dtype=dtype)

@@ -240,6 +240,41 @@ async def test_deep_queue_offloads_to_a_less_loaded_peer(tmp_path):
         assert busy.executor.stats.relayed == busy.executor.stats.offloaded
 
 
+async def test_items_offloaded_to_a_peer_that_dies_are_handed_back(tmp_path):
+    x, _ = load_digits_holdout()
+    extra = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 1\n"
+    config = CoordinatorConfig(item_timeout_s=120.0)  # the hand-back, not the timeout, must act
+    async with Mesh(tmp_path, n=2, extra=extra, config=config) as mesh:
+        c = mesh.coordinator
+        busy, helper = mesh.daemons["node-0"], mesh.daemons["node-1"]
+        busy_gate, never = asyncio.Event(), asyncio.Event()
+        original = busy.engine.infer
+
+        async def slow(ref, batch):
+            await busy_gate.wait()
+            return await original(ref, batch)
+
+        async def stuck(ref, batch):
+            await never.wait()
+
+        busy.engine.infer, helper.engine.infer = slow, stuck
+        ids = [
+            await c.submit(spec(f"h{i}", "single", x[i : i + 1], policy="round_robin"))
+            for i in range(4)
+        ]
+        await until(lambda: busy.executor.stats.offloaded >= 1, timeout=10)
+        await helper.mesh.aclose()  # node-1 vanishes holding the offloaded item (no leave)
+        busy_gate.set()
+        try:
+            for task_id in ids:
+                record = await c.wait(task_id, timeout=30)
+                assert record.state.value == "succeeded", record.summary.error
+            assert busy.executor.stats.handed_back >= 1
+            assert c.stats_.retries >= 1
+        finally:
+            never.set()  # lets node-1's batcher finish so the daemon can close
+
+
 async def test_ensemble_of_three_digit_models_votes_by_majority(tmp_path):
     x, y = load_digits_holdout()
     models = tuple(ModelRef(m, "1") for m in ("digits-mlp", "digits-mlp-wide", "digits-mlp-deep"))

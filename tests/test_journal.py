@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import coordinator.journal as journal_module
 from coordinator.journal import (
     Journal,
     TaskConflictError,
@@ -117,6 +118,40 @@ def test_resubmitting_is_idempotent_but_a_different_spec_conflicts(journal):
     with pytest.raises(TaskConflictError, match="t1"):
         journal.submit(TaskSpec("t1", Pattern.SINGLE, _INPUT, (ModelRef("m"),), params={"a": 2}))
     assert journal.stats().tasks == {"pending": 1}
+
+
+def test_accept_tells_a_new_task_from_an_idempotent_retry(journal):
+    assert journal.accept(batch("t1")) is True
+    assert journal.accept(batch("t1")) is False  # the same spec: nothing to run again
+    with pytest.raises(TaskConflictError):
+        journal.accept(batch("t1", model="other"))
+    assert journal.stats().events == 1 and journal.stats().tasks == {"pending": 1}
+
+
+def test_specs_read_back_the_same_whether_remembered_or_decoded(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "SPEC_CACHE_BYTES", 2_000)  # room for a few specs
+    specs = [batch(f"t{n}", rows_per_item=n % 3 + 1) for n in range(30)]
+    with Journal(tmp_path / "j.db") as journal:
+        for spec in specs:
+            journal.submit(spec)
+        assert 0 < len(journal._specs) < len(specs)  # the oldest were forgotten
+        assert [journal.get(spec.task_id).spec for spec in specs] == specs
+    with Journal(tmp_path / "j.db") as reopened:  # nothing remembered: every spec decoded
+        assert [reopened.get(spec.task_id).spec for spec in specs] == specs
+
+
+def test_the_audit_log_works_without_sqlite_json_functions(tmp_path):
+    with Journal(tmp_path / "j.db", wall_clock=FakeClock()) as journal:
+        journal._json_events = False  # as on an SQLite built without them
+        journal.submit(batch("t1", rows_per_item=6))
+        journal.mark_dispatched("t1/0", "veh-1", 1)
+        journal.record_result("t1/0", 1, b"out")
+        journal.finish("t1", TaskState.SUCCEEDED)
+        events = journal.history("t1")
+    assert [(e.kind, e.item_id) for e in events] == [
+        ("submitted", None), ("dispatched", "t1/0"), ("result", "t1/0"), ("succeeded", None),
+    ]  # fmt: skip
+    assert [e.at for e in events] == sorted(e.at for e in events)
 
 
 def test_invalid_specs_are_not_journaled(journal):
@@ -448,6 +483,22 @@ def test_recover_requeues_in_flight_items_and_skips_finished_tasks(tmp_path):
         journal.mark_dispatched("live/1", "veh-4", 2)
         assert journal.record_result("live/1", 2, b"new attempt")
         assert [e.kind for e in journal.history("live")].count("requeued") == 2
+
+
+def test_a_send_whose_dispatch_was_never_journaled_runs_again_after_recovery(tmp_path):
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.submit(batch("t1", rows_per_item=6))
+        # the item went out; the coordinator died before its mark_dispatched committed
+    with Journal(path) as journal:
+        (recovered,) = journal.recover()
+        (item,) = recovered.to_dispatch
+        assert (item.item_id, item.state, item.attempt) == ("t1/0", TaskState.PENDING, 1)
+        assert not journal.record_result("t1/0", 1, b"lost send")  # not journaled as sent
+        journal.mark_dispatched("t1/0", "veh-2", 1)
+        assert journal.record_result("t1/0", 1, b"answer")  # accepted once, whoever sent it
+        assert not journal.record_result("t1/0", 1, b"the other answer")
+        assert journal.stats().counters == {"unexpected_results": 1, "duplicate_results": 1}
 
 
 def test_stats_count_tasks_items_and_events(journal):

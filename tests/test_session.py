@@ -236,6 +236,23 @@ async def test_graceful_close_reaches_the_peer(transport_and_addr):
             await client.send(AppData(topic="x", payload=b""))
 
 
+async def test_a_close_frame_is_not_a_lost_session_but_a_dropped_stream_is(transport_and_addr):
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet) as pair:
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        await client.aclose(CloseCode.NORMAL, "bye")
+        await server.wait_closed()
+        assert not server.lost and not client.lost
+
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        await client.stream.aclose()  # the peer's process dies: no Close frame
+        await server.wait_closed()
+        assert server.lost
+        assert "peer closed the connection" in server.close_reason
+
+
 async def test_ping_measures_round_trip(transport_and_addr):
     fleet = make_fleet(None, ["alpha", "bravo"])
     async with Pair(*transport_and_addr, fleet) as pair:

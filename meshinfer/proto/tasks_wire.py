@@ -228,6 +228,7 @@ class FailureKind(enum.IntEnum):
     BAD_INPUT = 5
     CANCELLED = 6
     SHUTTING_DOWN = 7
+    PEER_LOST = 8  # the node this item was offloaded to died, left or dropped its session
 
 
 def failure_kind(code: int) -> FailureKind:

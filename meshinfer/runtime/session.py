@@ -184,6 +184,9 @@ class Session:
         self._last_rx = self._last_tx = loop.time()
         self.close_code: CloseCode | None = None
         self.close_reason = ""
+        #: True when the session ended without a Close from either side: the connection hit EOF
+        #: or an error (e.g. the peer's process was killed and its kernel reset the socket).
+        self.lost = False
         self._closed = asyncio.Event()
         self._leftover = leftover
         self._reader = loop.create_task(self._read_loop(), name=f"session-read-{peer.node_id}")
@@ -291,7 +294,7 @@ class Session:
             while not self._closed.is_set():
                 data = await self.stream.read(262144)
                 if not data:
-                    self._mark_closed(CloseCode.GOING_AWAY, "peer closed the connection")
+                    self._mark_lost("peer closed the connection")
                     break
                 self._last_rx = self._loop.time()
                 for record in self._decoder.feed(data):
@@ -301,7 +304,7 @@ class Session:
             log.warning("session with %s: protocol error from peer: %s", self.peer_id, exc)
             self._mark_closed(CloseCode.PROTOCOL_ERROR, f"protocol error: {exc}")
         except (TransportError, OSError) as exc:
-            self._mark_closed(CloseCode.GOING_AWAY, f"transport error: {exc}")
+            self._mark_lost(f"transport error: {exc}")
         finally:
             self._mark_closed(CloseCode.GOING_AWAY, "reader stopped")
             with contextlib.suppress(Exception):
@@ -343,6 +346,11 @@ class Session:
             next_rx = self._last_rx + cfg.idle_timeout
             next_tx = self._last_tx + cfg.keepalive_interval
             await asyncio.sleep(max(0.0, min(next_rx, next_tx) - self._loop.time()))
+
+    def _mark_lost(self, reason: str) -> None:
+        if not self._closed.is_set():
+            self.lost = True
+        self._mark_closed(CloseCode.GOING_AWAY, reason)
 
     def _mark_closed(self, code: CloseCode, reason: str) -> None:
         if self._closed.is_set():
