@@ -176,7 +176,7 @@ class Demo:
         before = self.client.stats()
         self.cluster.kill(self.victim, signal.SIGKILL)
         killed_at = time.perf_counter()
-        self.say(f"halfway: SIGKILL {self.victim} with {in_flight} work items in flight on it")
+        self.say(f"halfway: SIGKILL {self.victim} with {_items(in_flight)} in flight on it")
         self.kill_report = {"node": self.victim, "in_flight": in_flight}
         try:
             self.cluster.wait_for(self._victim_idle, timeout=30, step=0.005)
@@ -192,9 +192,9 @@ class Demo:
         self.kill_report["detected_s"] = time.perf_counter() - killed_at
         self.say(
             f"{self.kill_report['settled_s'] * 1000:.0f} ms after the kill nothing was left on"
-            f" {self.victim}: {moved} items re-dispatched to other nodes (the coordinator saw the"
-            f" session drop and could not re-dial), {max(0, in_flight - moved)} answered just"
-            " before"
+            f" {self.victim}: {_items(moved)} re-dispatched to other nodes (the coordinator saw the"
+            f" session drop and could not re-dial),"
+            f" {_items(max(0, in_flight - moved))} answered just before"
         )
         self.say(
             f"membership marked {self.victim} {self._victim_status()} after"
@@ -275,6 +275,10 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         "redispatched_after_death": stats["redispatched_after_death"],
         "duplicates_dropped": stats["duplicates"],
     }
+
+
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"
 
 
 def _ms(value: float | None) -> str:

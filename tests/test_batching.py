@@ -447,3 +447,14 @@ async def test_mass_cancellation_loses_no_surviving_request(release_first: bool)
             np.testing.assert_array_equal(outcome, rows(2.0 * i + 1))
     assert (stats.cancelled, stats.completed, stats.queue_depth) == (225, 76, 0)
     assert not {float(i) for i in range(300) if i % 4} & engine.seen_values()
+
+
+async def test_close_abandons_a_batch_the_engine_never_finishes() -> None:
+    engine = EchoEngine(hold=True)  # never released
+    batcher = DynamicBatcher(engine, REF, BatcherConfig(max_batch_size=1, max_queue_delay_s=0.0))
+    await batcher.start()
+    busy = await occupy(batcher, engine)
+    async with asyncio.timeout(5):
+        await batcher.aclose(grace=0.05)
+    with pytest.raises(InferenceError, match="aborted"):
+        await busy

@@ -226,8 +226,12 @@ class DynamicBatcher:
         )
         self._dispatcher.add_done_callback(self._dispatcher_done)
 
-    async def aclose(self) -> None:
-        """Stop batching: fail waiting requests, let running batches finish. Idempotent."""
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Stop batching: fail waiting requests, let running batches finish. Idempotent.
+
+        A batch still running after ``grace`` seconds (an engine that hangs) is abandoned: its
+        callers get an InferenceError, so closing never waits on the engine forever.
+        """
         if self._closed:
             return
         self._closed = True
@@ -235,8 +239,15 @@ class DynamicBatcher:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        if self._batch_tasks:
-            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
+        if not self._batch_tasks:
+            return
+        _, stuck = await asyncio.wait(list(self._batch_tasks), timeout=grace)
+        if stuck:
+            log.warning("batcher for %s: abandoning %d batch(es) after %.1fs", self.ref,
+                        len(stuck), grace)  # fmt: skip
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
 
     async def __aenter__(self) -> DynamicBatcher:
         await self.start()
