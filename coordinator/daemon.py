@@ -30,7 +30,7 @@ from coordinator.config import CoordinatorFileConfig
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory
-from meshinfer.runtime.loop import serve_until_signalled
+from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
 from meshinfer.tomlconfig import parse_address
 from node.daemon import load_identity, mesh_options
@@ -161,12 +161,7 @@ class CoordinatorDaemon:
             self.coordinator.aclose() if self.coordinator else None,
             self.mesh.aclose() if self.mesh else None,
         ]
-        for step in steps:
-            if step is not None:
-                try:
-                    await step
-                except Exception:
-                    log.exception("error while closing")
+        await close_in_order(steps, log)
 
 
 async def run_coordinator(config: CoordinatorFileConfig) -> int:

@@ -36,7 +36,7 @@ from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
-from meshinfer.runtime.loop import serve_until_signalled
+from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
@@ -268,12 +268,7 @@ class NodeDaemon:
             *(b.aclose() for b in self.batchers.values()),
             self.engine.aclose() if self.engine else None,
         ]
-        for step in steps:
-            if step is not None:
-                try:
-                    await step
-                except Exception:
-                    log.exception("error while closing")
+        await close_in_order(steps, log)
         self.telemetry.close()
 
 

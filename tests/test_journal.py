@@ -554,11 +554,12 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _run_until_killed(db_path: Path, kill_after: int) -> list[list[str]]:
-    """Run the worker, SIGKILL it after ``kill_after`` acknowledgements; all complete lines."""
+def run_until_killed(db_path: Path, kill_after: int, worker: str = _WORKER) -> list[list[str]]:
+    """Run ``worker`` (a script printing one line per acknowledged write) on ``db_path``,
+    SIGKILL it after ``kill_after`` acknowledgements; every complete line, split."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(db_path)],
+        [sys.executable, "-c", worker, str(db_path)],
         stdout=subprocess.PIPE, cwd=REPO, env=env, text=True,
     )  # fmt: skip
     lines = []
@@ -580,7 +581,7 @@ def _run_until_killed(db_path: Path, kill_after: int) -> list[list[str]]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_no_acknowledged_task_is_lost_when_the_coordinator_is_killed(tmp_path, seed):
     db_path = tmp_path / "crash.db"
-    acknowledged = _run_until_killed(db_path, kill_after=random.Random(seed).randint(3, 60))
+    acknowledged = run_until_killed(db_path, kill_after=random.Random(seed).randint(3, 60))
     submitted = {words[1] for words in acknowledged if words[0] == "submitted"}
     results = {words[1] for words in acknowledged if words[0] == "result"}
     finished = {words[1] for words in acknowledged if words[0] == "finished"}

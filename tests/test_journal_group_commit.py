@@ -11,11 +11,7 @@ calls (its result and its end are one), and resubmitting a known task runs nothi
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import threading
 import uuid
@@ -41,6 +37,7 @@ from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.tasks import InvalidTransition, Pattern, TaskSpec, TaskState
 from meshinfer.proto.tasks_wire import Tensor
 from tests.test_coordinator_service import Mesh, spec
+from tests.test_journal import run_until_killed
 
 REPO = Path(__file__).resolve().parent.parent
 _INPUT = Tensor.from_array(np.arange(8, dtype=np.float32).reshape(4, 2))
@@ -440,32 +437,10 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _run_until_killed(db_path: Path, kill_after: int) -> list[list[str]]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(db_path)],
-        stdout=subprocess.PIPE, cwd=REPO, env=env, text=True,
-    )  # fmt: skip
-    lines = []
-    try:
-        for line in child.stdout:
-            lines.append(line)
-            if len(lines) >= kill_after:
-                break
-        child.send_signal(signal.SIGKILL)
-        lines.extend(child.stdout)  # whatever it acknowledged before dying
-    finally:
-        child.kill()
-        child.wait(timeout=30)
-        child.stdout.close()
-    assert child.returncode == -signal.SIGKILL
-    return [line.split() for line in lines if line.endswith("\n")]
-
-
 @pytest.mark.parametrize("kill_after", [50, 700])
 def test_no_acknowledged_group_write_is_lost_when_the_process_is_killed(tmp_path, kill_after):
     db_path = tmp_path / f"crash-{uuid.uuid4().hex}.db"
-    acknowledged = _run_until_killed(db_path, kill_after)
+    acknowledged = run_until_killed(db_path, kill_after, _WORKER)
     submitted = {words[1] for words in acknowledged if words[0] == "submitted"}
     finished = {words[1] for words in acknowledged if words[0] == "finished"}
     assert len(acknowledged) >= kill_after and finished

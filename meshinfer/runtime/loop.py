@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 
@@ -18,6 +18,17 @@ class Daemon(Protocol):
     async def start(self) -> dict[str, Any]: ...
 
     async def aclose(self) -> None: ...
+
+
+async def close_in_order(steps: Iterable[Awaitable[Any] | None], log: logging.Logger) -> None:
+    """Await each close step in turn (None is skipped); an error is logged and the rest run."""
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            await step
+        except Exception:
+            log.exception("error while closing")
 
 
 def new_runner() -> asyncio.Runner:
