@@ -235,6 +235,8 @@ BAD_BODIES = [
      "invalid_task", "inputs.values"),
     ({"model": "d", "pattern": "single", "inputs": {"values": [1e39]}},
      "invalid_task", "inputs.values"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": []}}, "invalid_task", "inputs"),
+    ({"model": "d", "pattern": "single", "inputs": {"values": [[]]}}, "invalid_task", "inputs"),
     ({"model": "d", "pattern": "single", "inputs": {"values": [[300]], "dtype": "uint8"}},
      "invalid_task", "inputs.values"),
     ({"model": "d", "pattern": "single", "inputs": {"values": [[-1]], "dtype": "uint8"}},

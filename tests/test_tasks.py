@@ -96,7 +96,7 @@ def dags(draw, max_stages=6):
 
 @st.composite
 def specs(draw, patterns=tuple(Pattern)):
-    """Valid task specs of every pattern."""
+    """Valid task specs of every pattern (inputs are never empty: that is refused)."""
     pattern = draw(st.sampled_from(patterns))
     kwargs = dict(
         params=draw(params),
@@ -108,15 +108,16 @@ def specs(draw, patterns=tuple(Pattern)):
     task_id = draw(names)
     if pattern == Pattern.PIPELINE:
         # stages concatenate along the last axis: keep inputs at least 1-D
-        return TaskSpec(task_id, pattern, draw(tensors(min_dims=1)), stages=draw(dags()), **kwargs)
+        inputs = draw(tensors(min_dims=1, min_side=1))
+        return TaskSpec(task_id, pattern, inputs, stages=draw(dags()), **kwargs)
     if pattern == Pattern.PARALLEL:
         refs = tuple(draw(st.lists(models, min_size=1, max_size=4, unique=True)))
-        return TaskSpec(task_id, pattern, draw(tensors()), refs, **kwargs)
+        return TaskSpec(task_id, pattern, draw(tensors(min_side=1)), refs, **kwargs)
     if pattern == Pattern.BATCH:
         shard = draw(st.none() | st.integers(1, 6))
         spec_input = draw(tensors(min_dims=1, min_side=1))
         return TaskSpec(task_id, pattern, spec_input, (draw(models),), shard_size=shard, **kwargs)
-    return TaskSpec(task_id, pattern, draw(tensors()), (draw(models),), **kwargs)
+    return TaskSpec(task_id, pattern, draw(tensors(min_side=1)), (draw(models),), **kwargs)
 
 
 def _tensor(array) -> Tensor:

@@ -273,6 +273,8 @@ def _check_inputs(spec: TaskSpec) -> str | None:
         return f"inputs: {exc}"
     if batch and (not tensor.shape or tensor.shape[0] == 0):
         return "inputs: a batch needs at least one row on the first axis"
+    if 0 in tensor.shape:
+        return f"inputs: an empty tensor (shape {list(tensor.shape)}) has nothing to infer"
     return None
 
 
