@@ -14,16 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli_tasks import add_task_commands
-from meshinfer.fleetcli import CommandParser, add_fleet_commands, command_line, run_cli
+from meshinfer.fleetcli import (
+    CommandParser,
+    add_config_command,
+    add_fleet_commands,
+    add_log_level,
+    command_line,
+    run_cli,
+)
 
 
 def _add_serve(commands: Any) -> None:
     help_text = "run the coordinator daemon until SIGTERM (prints READY {json} once ready)"
     parser = commands.add_parser("serve", help=help_text, description=help_text)
     parser.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
+    add_log_level(parser)
     parser.set_defaults(handler=_serve)
 
 
@@ -37,21 +42,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_config(commands: Any) -> None:
-    help_text = "print the annotated default coordinator.toml (every key, documented)"
-    parser = commands.add_parser("config", help=help_text, description=help_text)
-    parser.add_argument("--check", type=Path, help="validate this file instead")
-    parser.set_defaults(handler=_config)
+    def schema() -> Any:
+        from coordinator.config import SCHEMA
 
+        return SCHEMA
 
-def _config(args: argparse.Namespace) -> int:
-    from coordinator.config import load_config, render_defaults
-
-    if args.check is not None:
-        load_config(args.check)
-        print(f"{args.check}: ok")
-        return 0
-    print(render_defaults(), end="")
-    return 0
+    add_config_command(commands, "coordinator.toml", schema)
 
 
 COMMANDS = (_add_serve, _add_config, add_task_commands, add_fleet_commands)

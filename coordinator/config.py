@@ -18,7 +18,13 @@ from meshinfer.proto.scheduling import Policy
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 from node.config import CHOICES as NODE_CHOICES
 from node.config import POSITIVE as NODE_POSITIVE
-from node.config import DiscoverySection, MembershipSection, NetworkSection, SessionSection
+from node.config import (
+    DiscoverySection,
+    MembershipSection,
+    NetworkSection,
+    SessionSection,
+    check_mesh_sections,
+)
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,10 @@ _POSITIVE = {k for k in NODE_POSITIVE if k[0] == "session"} | {
 
 
 def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
-    parse_address(config.network.listen, f"{source}: [network] listen")
+    check_mesh_sections(config, source)
     parse_address(config.api.listen, f"{source}: [api] listen")
     if config.coordinator.retry_backoff_s < 0:
         raise ConfigError(f"{source}: [coordinator] retry_backoff_s must not be negative")
-    s = config.session
-    if s.keepalive_interval >= s.idle_timeout:
-        raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
 
 
 SCHEMA = Schema(

@@ -17,7 +17,6 @@ on the next start. A second SIGTERM (or SIGINT) skips the graceful leave.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -138,18 +137,16 @@ class CoordinatorDaemon:
         }
 
     async def stop(self, *, graceful: bool = True) -> None:
-        """Stop serving; with ``graceful``, announce the leave to the mesh first."""
-        if self.api is not None:
-            with contextlib.suppress(Exception):
-                await self.api.aclose()
-            self.api = None
-        if self.coordinator is not None:
-            with contextlib.suppress(Exception):
-                await self.coordinator.aclose()
-        if graceful and self.mesh is not None:
-            with contextlib.suppress(Exception):
-                await self.mesh.leave(timeout=2.0)
-        await self.aclose()
+        """Stop serving (API, dispatch); with ``graceful``, announce the leave; close the rest."""
+        await close_in_order(
+            [
+                self.api.aclose() if self.api else None,
+                self.coordinator.aclose() if self.coordinator else None,
+                self.mesh.leave(timeout=2.0) if graceful and self.mesh else None,
+            ],
+            log,
+        )
+        await self.aclose()  # both aclose calls above are idempotent
 
     async def aclose(self) -> None:
         """Close in reverse start order. Idempotent; errors are logged, not raised."""

@@ -624,7 +624,7 @@ class Coordinator:
         await session.wait_closed()
         if self._closed:
             return
-        if not _lost_abruptly(session):
+        if not session.lost:  # ended with a Close frame: nothing to recover
             self.stats_.sessions_closed += 1
             return
         self.stats_.sessions_lost += 1
@@ -753,10 +753,6 @@ _Ended = tuple[list[tuple[str, str]], TaskRecord | None]
 
 #: How :class:`Session` words a close that came from the stream ending (EOF, reset) rather than
 #: from the peer's ``Close`` frame ("peer closed: ...") or from this side.
-def _lost_abruptly(session: Session) -> bool:
-    return session.lost  # ended without a Close frame from either side
-
-
 def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
     import dataclasses
 

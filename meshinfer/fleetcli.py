@@ -172,6 +172,36 @@ SERIAL = _argument_type(_serial)
 PUBLIC_KEY = _argument_type(_public_key)
 
 
+# --- pieces shared by the daemons' command lines ----------------------------------------------
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """The ``--log-level`` option of a daemon command."""
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+
+
+def add_config_command(commands: Any, filename: str, schema: Callable[[], Any]) -> None:
+    """``config``: print the annotated default ``filename``, or ``--check FILE`` against it.
+
+    ``schema()`` returns the :class:`~meshinfer.tomlconfig.Schema` (imported only when run).
+    """
+    help_text = f"print the annotated default {filename} (every key, documented)"
+    parser = commands.add_parser("config", help=help_text, description=help_text)
+    parser.add_argument("--check", type=Path, help="validate this file instead")
+    parser.set_defaults(handler=lambda args: _config(schema(), args.check))
+
+
+def _config(schema: Any, check: Path | None) -> int:
+    if check is not None:
+        schema.load(check)  # ConfigError -> one line on stderr, exit 2
+        print(f"{check}: ok")
+        return 0
+    print(schema.render(), end="")
+    return 0
+
+
 # --- fleet commands ----------------------------------------------------------------------------
 
 

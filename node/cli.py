@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshinfer.fleetcli import CommandParser, add_fleet_commands, command_line, run_cli
+from meshinfer.fleetcli import (
+    CommandParser,
+    add_config_command,
+    add_fleet_commands,
+    add_log_level,
+    command_line,
+    run_cli,
+)
 from meshinfer.identity_files import NodeDirectory
 
 
@@ -35,9 +42,7 @@ def _add_run(commands: Any) -> None:
     help_text = "run the node daemon until SIGTERM (prints READY {json} once ready)"
     parser = commands.add_parser("run", help=help_text, description=help_text)
     parser.add_argument("--config", required=True, type=Path, help="node TOML file")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
+    add_log_level(parser)
     parser.set_defaults(handler=_run)
 
 
@@ -99,21 +104,12 @@ def _status_table(doc: dict[str, Any]) -> str:
 
 
 def _add_config(commands: Any) -> None:
-    help_text = "print the annotated default node.toml (every key, documented)"
-    parser = commands.add_parser("config", help=help_text, description=help_text)
-    parser.add_argument("--check", type=Path, help="validate this file instead")
-    parser.set_defaults(handler=_config)
+    def schema() -> Any:
+        from node.config import SCHEMA
 
+        return SCHEMA
 
-def _config(args: argparse.Namespace) -> int:
-    from node.config import load_config, render_defaults
-
-    if args.check is not None:
-        load_config(args.check)
-        print(f"{args.check}: ok")
-        return 0
-    print(render_defaults(), end="")
-    return 0
+    add_config_command(commands, "node.toml", schema)
 
 
 COMMANDS = (_add_keygen, _add_run, _add_status, _add_config, add_fleet_commands)

@@ -119,12 +119,17 @@ POSITIVE = {
 }
 
 
-def _cross_checks(config: NodeConfig, source: str) -> None:
+def check_mesh_sections(config: Any, source: str) -> None:
+    """Relations between keys of the mesh sections a node's and a coordinator's file share."""
     parse_address(config.network.listen, f"{source}: [network] listen")
-    parse_address(config.http.listen, f"{source}: [http] listen")
     s = config.session
     if s.keepalive_interval >= s.idle_timeout:
         raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
+
+
+def _cross_checks(config: NodeConfig, source: str) -> None:
+    check_mesh_sections(config, source)
+    parse_address(config.http.listen, f"{source}: [http] listen")
     if config.inference.engine == "triton" and not config.inference.triton_url:
         raise ConfigError(f'{source}: [inference] triton_url is required for engine "triton"')
 

@@ -236,7 +236,7 @@ class TaskExecutor:
 
     def _on_member(self, event: MemberEvent) -> None:
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
-            self._hand_back_from(event.member.node_id, f"{event.kind.value}")
+            self._hand_back_from(event.member.node_id, event.kind.value)
 
     def _on_session(self, node: str, session: Session) -> None:
         task = asyncio.get_running_loop().create_task(self._watch(node, session))
