@@ -221,6 +221,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, tag))
         await asyncio.sleep(args.warmup)
         timed.reset()
+        groups0, calls0 = c._db.groups, c._db.calls
         cpu0, ncpu0 = me.cpu_times(), node.cpu_times()
         if profile:
             profile.enable()
@@ -228,6 +229,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         if profile:
             profile.disable()
         cpu1, ncpu1 = me.cpu_times(), node.cpu_times()
+        groups, calls = c._db.groups - groups0, c._db.calls - calls0
     finally:
         await c.aclose()
         await mesh.aclose()
@@ -237,6 +239,8 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         "journal": {k: timed.seconds[k] / n for k in JOURNAL_CALLS},
         "coordinator_cpu": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / n,
         "node_cpu": (ncpu1.user + ncpu1.system - ncpu0.user - ncpu0.system) / n,
+        "groups": groups / n,
+        "group_size": calls / max(1, groups),
     }
     return figures, breakdown, profile
 
@@ -255,6 +259,8 @@ async def mesh_cases(cluster: LocalCluster, tmp: Path, args, out: dict) -> None:
     pid = cluster.start("worker").proc.pid
     for in_flight in (args.in_flight, 1):
         for synchronous in ("FULL", "NORMAL", "none"):
+            if args.only and f"{synchronous}/{in_flight}" not in args.only:
+                continue
             out[f"{synchronous}/{in_flight}"] = await mesh_case(
                 cluster, tmp, synchronous, in_flight, args, pid
             )
@@ -362,6 +368,10 @@ def breakdown(mesh) -> None:
             f"  {'':<10} coordinator process CPU {b['coordinator_cpu'] * 1e6:.0f}, "
             f"node process CPU {b['node_cpu'] * 1e6:.0f}"
         )
+        print(
+            f"  {'':<10} journal groups (transactions) per task {b['groups']:.2f}, "
+            f"calls per group {b['group_size']:.1f}"
+        )
     for key, (_, _, profile) in mesh.items():
         if profile is not None:
             text = io.StringIO()
@@ -378,6 +388,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short windows (smoke run)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray baseline")
     ap.add_argument("--profile", action="store_true", help="cProfile the loaded meshinfer cases")
+    ap.add_argument(
+        "--only", nargs="*", help="only these meshinfer cases, e.g. FULL/64 none/1 (no Ray)"
+    )
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the fast path logs a warning per kill
@@ -392,6 +405,11 @@ def main() -> None:
             mesh = runner.run(mesh_all(args))
     else:
         mesh = asyncio.run(mesh_all(args))
+    if args.only:
+        for key, (figures, _, _) in mesh.items():
+            line(label(key), figures)
+        breakdown(mesh)
+        return
     ray_version, ray_figs, ray_error = None, None, None
     if not args.no_ray:
         try:

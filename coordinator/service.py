@@ -365,8 +365,8 @@ class Coordinator:
 
     def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
         policy = run.spec.policy or self.config.default_policy
-        views = self._views()
         busy = self._in_flight()
+        views = self._views(busy)
         full = {n for n, k in busy.items() if k >= self.config.max_in_flight_per_node}
         kw = {"rng": self.rng, "state": self.scheduler}
         node = choose(policy, views, entry.item, exclude=frozenset(entry.tried | full), **kw)
@@ -377,11 +377,12 @@ class Coordinator:
     def _in_flight(self) -> Counter[str]:
         return Counter(i.node for _, i in self._items.values() if i.node)
 
-    def _views(self) -> list[NodeView]:
+    def _views(self, in_flight: Counter[str]) -> list[NodeView]:
+        """What the scheduling policies see of each reachable live member; ``in_flight``:
+        the items this coordinator has on each node (see :meth:`_in_flight`)."""
         membership = self.mesh.membership
         if membership is None:
             return []
-        in_flight = self._in_flight()
         views = []
         for m in membership.core.live_members():
             if not self._reachable(m):

@@ -79,6 +79,11 @@ class ExecutorSection:
     offload_queue_depth: int = doc(
         16, "queue depth above which work is offered to a less loaded peer with the model"
     )
+    accepted_notice_ms: float = doc(
+        20.0,
+        "tell the coordinator an item was accepted only if it still runs after this long"
+        " (0: at once); quick items go straight to their result",
+    )
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,8 @@ def check_mesh_sections(config: Any, source: str) -> None:
 def _cross_checks(config: NodeConfig, source: str) -> None:
     check_mesh_sections(config, source)
     parse_address(config.http.listen, f"{source}: [http] listen")
+    if config.executor.accepted_notice_ms < 0:
+        raise ConfigError(f"{source}: [executor] accepted_notice_ms must be >= 0")
     if config.inference.engine == "triton" and not config.inference.triton_url:
         raise ConfigError(f'{source}: [inference] triton_url is required for engine "triton"')
 

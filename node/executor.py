@@ -2,7 +2,8 @@
 
 Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
 
-    coordinator --TaskAssign--> node --TaskAccepted--> coordinator
+    coordinator --TaskAssign--> node --TaskAccepted--> coordinator   (if still running after
+                                                                      accepted_notice_ms)
                                 node --TaskResult | TaskFailed--> coordinator
     coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED)
 
@@ -84,11 +85,13 @@ class TaskExecutor:
         self.running = 0
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._items: dict[str, asyncio.Task[None]] = {}
+        self._notices: dict[str, asyncio.TimerHandle] = {}  # item -> its pending TaskAccepted
         self._started: set[str] = set()
         self._offloaded: dict[str, tuple[str, TaskAssign, str]] = {}  # item -> coord, msg, target
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
+        self._device_name: str | None = None
 
     def start(self) -> None:
         peers = self.mesh.peers
@@ -119,14 +122,32 @@ class TaskExecutor:
             self._fail(peer, msg, FailureKind.MODEL_NOT_FOUND, f"{ref} not loaded", retryable=True)
             return
         self.stats.accepted += 1
-        self.mesh.peers.send(
-            peer, TaskAccepted(msg.item_id, msg.attempt, self.mesh.node_id, self.backlog)
-        )
-        task = asyncio.get_running_loop().create_task(
-            self._run(peer, msg, ref), name=f"item-{msg.item_id}"
-        )
-        self._items[msg.item_id] = task
-        task.add_done_callback(lambda _t, item=msg.item_id: self._items.pop(item, None))
+        loop = asyncio.get_running_loop()
+        item_id = msg.item_id
+        task = loop.create_task(self._run(peer, msg, ref), name=f"item-{item_id}")
+        self._items[item_id] = task
+        delay = self.config.accepted_notice_ms / 1000
+        if delay > 0:
+            self._notices[item_id] = loop.call_later(
+                delay, self._notify_accepted, peer, item_id, msg.attempt
+            )
+        else:
+            self._notify_accepted(peer, item_id, msg.attempt)
+        task.add_done_callback(lambda _t, item=item_id: self._item_done(item))
+
+    def _notify_accepted(self, peer: str, item_id: str, attempt: int) -> None:
+        """Tell the coordinator the item runs here (only sent for items that take a while)."""
+        self._notices.pop(item_id, None)
+        if item_id in self._items:
+            self.mesh.peers.send(
+                peer, TaskAccepted(item_id, attempt, self.mesh.node_id, self.backlog)
+            )
+
+    def _item_done(self, item_id: str) -> None:
+        self._items.pop(item_id, None)
+        notice = self._notices.pop(item_id, None)
+        if notice is not None:
+            notice.cancel()
 
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
         forward = self._offloaded.get(msg.item_id)
@@ -214,8 +235,11 @@ class TaskExecutor:
         self.mesh.peers.send(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
 
     def _device(self) -> str:
-        engine = next(iter(self.batchers.values())).engine if self.batchers else None
-        return engine.capacity().device if engine is not None else ""
+        """The engine's device name (read once: ``capacity()`` also samples free memory)."""
+        if self._device_name is None:
+            engine = next(iter(self.batchers.values())).engine if self.batchers else None
+            self._device_name = engine.capacity().device if engine is not None else ""
+        return self._device_name
 
     # --- work sharing ----------------------------------------------------------------------
 

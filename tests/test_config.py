@@ -197,3 +197,8 @@ def test_coordinator_daemon_refuses_bad_setups_before_starting(fleet, tmp_path):
         {"coordinator": {"identity_dir": coord}, "api": {"enabled": False}}
     )
     assert CoordinatorDaemon(no_api).token == ""
+
+
+def test_a_negative_accepted_notice_delay_is_refused():
+    with pytest.raises(ConfigError, match="accepted_notice_ms"):
+        node_config.config_from_dict({"executor": {"accepted_notice_ms": -1.0}}, "node.toml")

@@ -20,7 +20,7 @@ from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
-from meshinfer.proto.tasks_wire import Tensor
+from meshinfer.proto.tasks_wire import TaskAccepted, Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
 from node.config import load_config
@@ -139,6 +139,41 @@ async def test_cancel_reaches_the_node(tmp_path):
         assert record.state.value == "cancelled"
         assert not await c.cancel(task_id)  # already ended
         gate.set()
+
+
+async def test_only_an_item_still_running_after_the_notice_delay_is_reported_accepted(tmp_path):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=30, running_mark_delay_s=0.0)
+    extra = "[executor]\naccepted_notice_ms = 100.0\n"
+    async with Mesh(tmp_path, n=1, config=config, extra=extra) as mesh:
+        c = mesh.coordinator
+        accepted: list[str] = []
+        handler = c._on_accepted
+
+        def counting(peer, msg):
+            accepted.append(msg.item_id)
+            handler(peer, msg)
+
+        c.mesh.peers.on(TaskAccepted, counting)
+        quick = await c.wait(await c.submit(spec("quick", "single", x[:1])), timeout=10)
+        assert quick.state.value == "succeeded" and accepted == []  # its result came first
+
+        daemon = mesh.daemons["node-0"]
+        gate = asyncio.Event()
+        original = daemon.engine.infer
+
+        async def held(ref, batch):
+            await gate.wait()
+            return await original(ref, batch)
+
+        daemon.engine.infer = held
+        task_id = await c.submit(spec("slow", "single", x[:1]))
+        await until(lambda: accepted == ["slow/0"])  # told once the item outlived the delay
+        async with asyncio.timeout(10):  # the journal marks it running
+            while (await c.get(task_id)).items[0].state.value != "running":
+                await asyncio.sleep(0.02)
+        gate.set()
+        assert (await c.wait(task_id, timeout=10)).state.value == "succeeded"
 
 
 async def test_node_error_is_retried_on_another_node(tmp_path):

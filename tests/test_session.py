@@ -324,3 +324,47 @@ async def _until(predicate, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+class CountingWrites:
+    """Wraps a stream's ``write`` to count the calls (each is one send on the socket)."""
+
+    def __init__(self, stream) -> None:
+        self.calls = 0
+        self._write = stream.write
+        stream.write = self.write
+
+    async def write(self, data: bytes) -> None:
+        self.calls += 1
+        await self._write(data)
+
+
+async def test_send_many_writes_every_message_once_in_order(transport_and_addr):
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    cfg = SessionConfig(rekey_after=3)  # the batch crosses several rekeys
+    async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
+        client = await pair.dial(config=cfg)
+        server = await pair.accepted.get()
+        writes = CountingWrites(client.stream)
+        big = bytes(range(256)) * 1024  # 256 KiB: several records
+        payloads = [b"a", big, *(b"m%d" % n for n in range(10))]
+        await client.send_many([AppData(topic="t", payload=p) for p in payloads])
+        assert writes.calls == 1
+        assert [(await server.recv()).payload for _ in payloads] == payloads
+        assert client.metrics.messages_sent >= len(payloads)
+        await client.aclose()
+
+
+async def test_send_many_sends_nothing_when_one_message_is_too_large(transport_and_addr):
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet) as pair:
+        client = await pair.dial(config=SessionConfig(max_message_size=100_000))
+        server = await pair.accepted.get()
+        writes = CountingWrites(client.stream)
+        batch = [AppData(topic="t", payload=b"ok"), AppData(topic="t", payload=b"x" * 200_000)]
+        with pytest.raises(LocalProtocolError, match="exceeds"):
+            await client.send_many(batch)
+        assert writes.calls == 0
+        await client.send(AppData(topic="t", payload=b"next"))  # the session goes on
+        assert (await server.recv()).payload == b"next"
+        await client.aclose()

@@ -20,7 +20,9 @@ id    message           direction               meaning
 36    TaskCancel        coordinator -> node     stop working on the item (best effort)
 ====  ================  ======================  ==============================================
 
-All five are ``extensible``: fields appended later must have defaults.
+All five are ``extensible``: fields appended later must have defaults. A node sends
+``TaskAccepted`` only for an item still queued or running some time after it arrived (the node's
+``accepted_notice_ms``); a quick item is answered by its ``TaskResult`` alone.
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshinfer.errors import MeshInferError, StreamClosed, TransportError
+from meshinfer.errors import LocalProtocolError, MeshInferError, StreamClosed, TransportError
 from meshinfer.proto import messages
 from meshinfer.proto.messages import CloseCode
 from meshinfer.runtime.endpoint import dial
@@ -33,6 +34,9 @@ from meshinfer.runtime.session import Admission, Session, SessionConfig, Session
 from meshinfer.transport.base import Address, Transport
 
 log = logging.getLogger(__name__)
+
+#: Most messages written to a session at once by a peer's sender task.
+WRITE_BATCH = 64
 
 MessageHandler = Callable[[str, messages.Message], None]
 SessionCallback = Callable[[str, Session], None]
@@ -184,16 +188,48 @@ class PeerTable:
             await self._drain(node_id, session, box)
 
     async def _drain(self, node_id: str, session: Session, box: _Outbox) -> None:
+        """Send what is queued, up to ``WRITE_BATCH`` messages per write (one syscall, one
+        wake-up of the peer's reader for all of them). A message is taken off the queue only
+        once written; one that can never be sent (over the session's size cap) is dropped,
+        its requester told, and the rest go on."""
         while box.queue and session.is_open:
+            batch = list(itertools.islice(box.queue, WRITE_BATCH))
+            try:
+                await session.send_many([msg for msg, _ in batch])
+            except LocalProtocolError:
+                if not await self._send_singly(session, box, len(batch)):
+                    return
+                continue
+            except (StreamClosed, TransportError, OSError):
+                return  # the loop above redials
+            for _ in batch:
+                box.queue.popleft()
+            self.stats.sent += len(batch)
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _send_singly(self, session: Session, box: _Outbox, count: int) -> bool:
+        """The first ``count`` queued messages one by one, dropping those the session refuses
+        as too large; False if the session failed meanwhile."""
+        for _ in range(count):
+            if not box.queue:
+                break
             msg, fut = box.queue[0]
             try:
                 await session.send(msg)
+            except LocalProtocolError as exc:
+                self.stats.dropped["too-large"] += 1
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
             except (StreamClosed, TransportError, OSError):
-                return  # the loop above redials
+                return False
+            else:
+                self.stats.sent += 1
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
             box.queue.popleft()
-            self.stats.sent += 1
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        return True
 
     def _fail_queue(self, box: _Outbox, reason: str) -> None:
         while box.queue:

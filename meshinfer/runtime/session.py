@@ -39,7 +39,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshinfer import PROTOCOL_VERSION
@@ -204,14 +204,26 @@ class Session:
 
     async def send(self, msg: messages.Message) -> None:
         """Encrypt and send one message. Raises StreamClosed once the session is closed."""
-        data = messages.encode(msg)
-        if len(data) > self.config.max_message_size:
-            raise LocalProtocolError(f"message of {len(data)} bytes exceeds the session cap")
+        await self.send_many((msg,))
+
+    async def send_many(self, msgs: Sequence[messages.Message]) -> None:
+        """Encrypt and send ``msgs`` in order with one write to the stream (each message still
+        its own record(s): the peer cannot tell this from separate sends).
+
+        Raises :class:`LocalProtocolError`, having sent none of them, if one exceeds the
+        session's message cap; StreamClosed once the session is closed.
+        """
+        chunks: list[bytes] = []
+        for msg in msgs:
+            data = messages.encode(msg)
+            if len(data) > self.config.max_message_size:
+                raise LocalProtocolError(f"message of {len(data)} bytes exceeds the session cap")
+            chunks += framing.split_message(data)
         if self._closed.is_set():
             raise StreamClosed(f"session with {self.peer_id} is closed: {self.close_reason}")
         async with self._write_lock:
-            await self._write_records(framing.split_message(data))
-        self.metrics.messages_sent += 1
+            await self._write_records(chunks)
+        self.metrics.messages_sent += len(msgs)
 
     async def recv(self) -> messages.Message:
         """Return the next application message; raises StreamClosed once the session ends."""

@@ -1,0 +1,81 @@
+"""The peer table's outboxes: queued messages go out in order, many per write, and a message
+that can never be sent is refused without blocking the ones behind it.
+
+Each behaviour runs over the in-memory transport and over real TCP on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from meshinfer.errors import LocalProtocolError
+from meshinfer.proto.messages import AppData
+from meshinfer.runtime.endpoint import SessionListener
+from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
+from meshinfer.runtime.session import SessionConfig
+from meshinfer.testing.fleet import make_fleet
+from meshinfer.transport.base import Address
+from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
+from meshinfer.transport.tcp import TcpTransport
+
+
+@pytest.fixture(params=["memory", "tcp"])
+def transport_and_addr(request):
+    if request.param == "memory":
+        return MemoryTransport(MemoryNetwork()), Address("bravo", 0)
+    return TcpTransport(), Address("127.0.0.1", 0)
+
+
+class Pair:
+    """Peer tables for ``alpha`` and ``bravo``; bravo listens and keeps the AppData it gets."""
+
+    def __init__(self, transport, addr, config: SessionConfig | None = None) -> None:
+        self.fleet = make_fleet(None, ["alpha", "bravo"])
+        self.addr = addr
+        kw = {"config": config} if config else {}
+        self.alpha = PeerTable("alpha", transport, self.fleet.admission("alpha"), **kw)
+        self.bravo = PeerTable("bravo", transport, self.fleet.admission("bravo"), **kw)
+        self.listener = SessionListener(
+            transport, self.fleet.admission("bravo"), self.bravo.serve_inbound, **kw
+        )
+        self.got: asyncio.Queue[bytes] = asyncio.Queue()
+        self.bravo.on(AppData, lambda _peer, msg: self.got.put_nowait(msg.payload))
+
+    async def __aenter__(self) -> Pair:
+        bound = await self.listener.start(self.addr)
+        self.alpha.learn("bravo", bound, self.fleet.identities["bravo"].static_public)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.alpha.aclose()
+        await self.bravo.aclose()
+        await self.listener.aclose()
+
+    async def received(self, n: int) -> list[bytes]:
+        async with asyncio.timeout(10):
+            return [await self.got.get() for _ in range(n)]
+
+
+async def test_a_burst_of_sends_arrives_whole_and_in_order(transport_and_addr):
+    async with Pair(*transport_and_addr) as pair:
+        payloads = [b"%d" % n for n in range(3 * WRITE_BATCH + 5)]
+        for payload in payloads:  # all queued in one turn of the loop
+            assert pair.alpha.send("bravo", AppData(topic="t", payload=payload))
+        assert await pair.received(len(payloads)) == payloads
+        assert pair.alpha.stats.sent == len(payloads)
+
+
+async def test_a_message_too_large_to_send_is_refused_and_the_rest_go_on(transport_and_addr):
+    async with Pair(*transport_and_addr, SessionConfig(max_message_size=100_000)) as pair:
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"first"))
+        pair.alpha.send("bravo", AppData(topic="t", payload=b"before"))
+        too_large = pair.alpha.request("bravo", AppData(topic="t", payload=b"x" * 200_000))
+        pair.alpha.send("bravo", AppData(topic="t", payload=b"after"))
+        with pytest.raises(LocalProtocolError, match="exceeds"):
+            await too_large
+        assert await pair.received(3) == [b"first", b"before", b"after"]
+        assert pair.alpha.stats.dropped["too-large"] == 1
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"later"))
+        assert await pair.received(1) == [b"later"]
