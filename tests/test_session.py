@@ -355,16 +355,34 @@ async def test_send_many_writes_every_message_once_in_order(transport_and_addr):
         await client.aclose()
 
 
-async def test_send_many_sends_nothing_when_one_message_is_too_large(transport_and_addr):
+async def test_send_many_stops_before_a_message_too_large_and_refuses_it_first(
+    transport_and_addr,
+):
     fleet = make_fleet(None, ["alpha", "bravo"])
     async with Pair(*transport_and_addr, fleet) as pair:
         client = await pair.dial(config=SessionConfig(max_message_size=100_000))
         server = await pair.accepted.get()
         writes = CountingWrites(client.stream)
-        batch = [AppData(topic="t", payload=b"ok"), AppData(topic="t", payload=b"x" * 200_000)]
+        too_large = AppData(topic="t", payload=b"x" * 200_000)
+        assert await client.send_many([AppData(topic="t", payload=b"ok"), too_large]) == 1
+        assert (await server.recv()).payload == b"ok"
         with pytest.raises(LocalProtocolError, match="exceeds"):
-            await client.send_many(batch)
-        assert writes.calls == 0
+            await client.send_many([too_large, AppData(topic="t", payload=b"behind")])
+        assert writes.calls == 1  # nothing written for the refused call
         await client.send(AppData(topic="t", payload=b"next"))  # the session goes on
         assert (await server.recv()).payload == b"next"
+        await client.aclose()
+
+
+async def test_send_many_puts_at_most_max_bytes_in_one_write(transport_and_addr):
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet) as pair:
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        writes = CountingWrites(client.stream)
+        msgs = [AppData(topic="t", payload=bytes([n]) * 400_000) for n in range(3)]
+        assert await client.send_many(msgs, max_bytes=1_000_000) == 2  # a third would pass 1 MB
+        assert await client.send_many(msgs[2:], max_bytes=1) == 1  # the first always goes
+        assert writes.calls == 2
+        assert [(await server.recv()).payload[0] for _ in msgs] == [0, 1, 2]
         await client.aclose()

@@ -188,55 +188,32 @@ class PeerTable:
             await self._drain(node_id, session, box)
 
     async def _drain(self, node_id: str, session: Session, box: _Outbox) -> None:
-        """Send what is queued, up to ``WRITE_BATCH`` messages per write (one syscall, one
-        wake-up of the peer's reader for all of them). A message is taken off the queue only
-        once written; one that can never be sent (over the session's size cap) is dropped,
-        its requester told, and the rest go on."""
+        """Send what is queued, several messages per write (up to ``WRITE_BATCH``, and
+        :data:`~meshinfer.runtime.session.SEND_MANY_BYTES`): one syscall and one wake-up of the
+        peer's reader for all of them. A message leaves the queue only once written; one that
+        can never be sent (over the session's size cap) is dropped, its requester told, and
+        the rest go on."""
         while box.queue and session.is_open:
             batch = list(itertools.islice(box.queue, WRITE_BATCH))
             try:
-                await session.send_many([msg for msg, _ in batch])
-            except LocalProtocolError:
-                if not await self._send_singly(session, box, len(batch)):
-                    return
+                sent = await session.send_many([msg for msg, _ in batch])
+            except LocalProtocolError as exc:  # the first message is too large to send
+                box.queue.popleft()
+                self.stats.dropped["too-large"] += 1
+                _settle(batch[0][1], exc)
                 continue
             except (StreamClosed, TransportError, OSError):
                 return  # the loop above redials
-            for _ in batch:
+            for _, fut in batch[:sent]:
                 box.queue.popleft()
-            self.stats.sent += len(batch)
-            for _, fut in batch:
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-
-    async def _send_singly(self, session: Session, box: _Outbox, count: int) -> bool:
-        """The first ``count`` queued messages one by one, dropping those the session refuses
-        as too large; False if the session failed meanwhile."""
-        for _ in range(count):
-            if not box.queue:
-                break
-            msg, fut = box.queue[0]
-            try:
-                await session.send(msg)
-            except LocalProtocolError as exc:
-                self.stats.dropped["too-large"] += 1
-                if fut is not None and not fut.done():
-                    fut.set_exception(exc)
-            except (StreamClosed, TransportError, OSError):
-                return False
-            else:
-                self.stats.sent += 1
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            box.queue.popleft()
-        return True
+                _settle(fut, None)
+            self.stats.sent += sent
 
     def _fail_queue(self, box: _Outbox, reason: str) -> None:
         while box.queue:
             _, fut = box.queue.popleft()
             self.stats.dropped[reason] += 1
-            if fut is not None and not fut.done():
-                fut.set_exception(TransportError(f"peer {reason}"))
+            _settle(fut, TransportError(f"peer {reason}"))
 
     async def _dial(self, node_id: str) -> Session | None:
         peer = self.addresses.get(node_id)
@@ -327,3 +304,13 @@ class PeerTable:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _settle(fut: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    """Tell a requester its message was written (or why it never will be)."""
+    if fut is None or fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)

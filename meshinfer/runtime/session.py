@@ -61,6 +61,10 @@ from meshinfer.transport.base import Stream
 
 log = logging.getLogger(__name__)
 
+#: Most bytes of encoded messages :meth:`Session.send_many` puts in one write (beyond its first
+#: message): bounds the copy a burst of large messages makes.
+SEND_MANY_BYTES = 1 << 20
+
 #: First byte of the first handshake record: which Noise pattern the dialler chose.
 _PATTERN_XX = 0x01
 _PATTERN_IK = 0x02
@@ -206,24 +210,37 @@ class Session:
         """Encrypt and send one message. Raises StreamClosed once the session is closed."""
         await self.send_many((msg,))
 
-    async def send_many(self, msgs: Sequence[messages.Message]) -> None:
-        """Encrypt and send ``msgs`` in order with one write to the stream (each message still
-        its own record(s): the peer cannot tell this from separate sends).
+    async def send_many(
+        self, msgs: Sequence[messages.Message], max_bytes: int = SEND_MANY_BYTES
+    ) -> int:
+        """Encrypt and send messages from the front of ``msgs``, in order, with one write to the
+        stream (each message still its own record(s): the peer cannot tell this from separate
+        sends); returns how many were sent. It takes as many as fit in ``max_bytes`` of encoded
+        messages, and always the first.
 
-        Raises :class:`LocalProtocolError`, having sent none of them, if one exceeds the
-        session's message cap; StreamClosed once the session is closed.
+        Raises :class:`LocalProtocolError`, having sent nothing, if the first message exceeds
+        the session's message cap (a later one that does ends the batch before it: the next
+        call raises); StreamClosed once the session is closed.
         """
         chunks: list[bytes] = []
+        total = count = 0
         for msg in msgs:
             data = messages.encode(msg)
             if len(data) > self.config.max_message_size:
+                if count:
+                    break
                 raise LocalProtocolError(f"message of {len(data)} bytes exceeds the session cap")
+            if count and total + len(data) > max_bytes:
+                break
             chunks += framing.split_message(data)
+            total += len(data)
+            count += 1
         if self._closed.is_set():
             raise StreamClosed(f"session with {self.peer_id} is closed: {self.close_reason}")
         async with self._write_lock:
             await self._write_records(chunks)
-        self.metrics.messages_sent += len(msgs)
+        self.metrics.messages_sent += count
+        return count
 
     async def recv(self) -> messages.Message:
         """Return the next application message; raises StreamClosed once the session ends."""
