@@ -9,8 +9,9 @@ Everything runs as an operator would run it, only on loopback and in a throw-awa
 3. the shipped held-out digits are classified across the mesh as a stream of small ``batch``
    tasks (each sharded into items spread over the nodes), submitted through the coordinator's
    HTTP API with several tasks in flight;
-4. halfway through, the node with the most work in flight is killed with SIGKILL: its items are
-   re-dispatched to the others, and no task is lost;
+4. halfway through, the node with the most work in flight is frozen (SIGSTOP, so that its work
+   cannot finish first) and killed with SIGKILL: its items are re-dispatched to the others, and
+   no task is lost;
 5. one ``parallel`` task runs the whole held-out set through the three digit models and combines
    them (``ensemble`` aggregation);
 6. a summary: accuracy, throughput, task latency percentiles, and the work each node did.
@@ -170,9 +171,7 @@ class Demo:
     def _kill_halfway(self, progress: Progress, total: int) -> None:
         while progress.done < total // 2:
             time.sleep(0.005)
-        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
-        self.victim = max(self.names[1:], key=lambda n: nodes.get(n, {}).get("in_flight", 0))
-        in_flight = nodes.get(self.victim, {}).get("in_flight", 0)
+        self.victim, in_flight = self._freeze_a_busy_node(progress, total)
         before = self.client.stats()
         self.cluster.kill(self.victim, signal.SIGKILL)
         killed_at = time.perf_counter()
@@ -200,6 +199,24 @@ class Demo:
             f"membership marked {self.victim} {self._victim_status()} after"
             f" {self.kill_report['detected_s']:.2f}s (SWIM, lan preset)"
         )
+
+    def _freeze_a_busy_node(self, progress: Progress, total: int) -> tuple[str, int]:
+        """SIGSTOP the node with the most work in flight, so that the kill finds its work still
+        on it (a fast node may otherwise answer everything between the look and the kill); if
+        the coordinator then counts nothing in flight there, let it go on and look again, until
+        three quarters of the stream are done. (node, items in flight on it)"""
+        while True:
+            nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+            victim = max(self.names[1:], key=lambda n: nodes.get(n, {}).get("in_flight", 0))
+            proc = self.cluster.processes[victim].proc
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.02)  # answers already on their way arrive
+            nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+            in_flight = nodes.get(victim, {}).get("in_flight", 0)
+            if in_flight or progress.done >= total * 3 // 4:
+                return victim, in_flight
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
 
     def _victim_idle(self) -> bool:
         nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
