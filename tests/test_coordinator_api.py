@@ -29,7 +29,7 @@ from coordinator.openapi import ERROR_CODES, openapi_document
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.transport.base import Address
-from tests.test_coordinator_service import DIGITS, Mesh, until
+from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -109,16 +109,10 @@ async def finished(http, task_id, timeout=20, **query) -> dict:
 @contextlib.contextmanager
 def held_engines(mesh: Mesh):
     """Every node's engine waits for the returned event before it infers."""
+    originals = {name: daemon.engine.infer for name, daemon in mesh.daemons.items()}
     gate = asyncio.Event()
-    originals = {}
-    for name, daemon in mesh.daemons.items():
-        original = originals[name] = daemon.engine.infer
-
-        async def held(ref, batch, original=original):
-            await gate.wait()
-            return await original(ref, batch)
-
-        daemon.engine.infer = held
+    for daemon in mesh.daemons.values():
+        hold_inference(daemon, gate)
     try:
         yield gate
     finally:

@@ -62,6 +62,7 @@ from meshinfer.testing.cluster import LocalCluster
 from meshinfer.transport.base import Address
 from node.config import load_config
 from node.daemon import NodeDaemon
+from tests.test_coordinator_service import hold_inference
 
 DIGITS = ModelRef("digits-mlp", "1")
 OFFLINE = ("--url", "http://127.0.0.1:9", "--timeout", "1")  # never contacted by these tests
@@ -750,14 +751,7 @@ async def test_wait_timeout_then_cancel(tmp_path, capsys):
     np.save(tmp_path / "two.npy", x[:2])
     async with Stack(tmp_path / "mesh", config=CoordinatorConfig(item_timeout_s=30)) as stack:
         daemon = stack.daemons["node-0"]
-        gate = asyncio.Event()
-        original = daemon.engine.infer
-
-        async def held(ref, batch):  # keep the item running until cancelled
-            await gate.wait()
-            return await original(ref, batch)
-
-        daemon.engine.infer = held
+        gate = hold_inference(daemon)  # the item runs until cancelled
         code = await stack.cli("submit", "--model", "digits-mlp@1", "--input",
                                str(tmp_path / "two.npy"), "--task-id", "slow", "--wait",
                                "--wait-timeout", "0.3")  # fmt: skip

@@ -76,6 +76,21 @@ async def until(predicate, timeout: float = 15.0) -> None:
             await asyncio.sleep(0.05)
 
 
+def hold_inference(daemon: NodeDaemon, gate: asyncio.Event | None = None) -> asyncio.Event:
+    """Make ``daemon``'s engine wait for ``gate`` (a new event if None; returned) before each
+    inference: its items stay running until the test sets it."""
+    if gate is None:
+        gate = asyncio.Event()
+    original = daemon.engine.infer
+
+    async def held(ref, batch):
+        await gate.wait()
+        return await original(ref, batch)
+
+    daemon.engine.infer = held
+    return gate
+
+
 def spec(task_id, pattern, x, models=(DIGITS,), **kw) -> TaskSpec:
     return TaskSpec(task_id, Pattern(pattern), Tensor.from_array(x), tuple(models), **kw)
 
@@ -123,14 +138,7 @@ async def test_cancel_reaches_the_node(tmp_path):
     async with Mesh(tmp_path, n=1, config=slow) as mesh:
         c = mesh.coordinator
         daemon = mesh.daemons["node-0"]
-        gate = asyncio.Event()
-        original = daemon.engine.infer
-
-        async def held(ref, batch):  # keep the item running until cancelled
-            await gate.wait()
-            return await original(ref, batch)
-
-        daemon.engine.infer = held
+        gate = hold_inference(daemon)  # the item runs until cancelled
         task_id = await c.submit(spec("cancel-me", "single", x[:2]))
         await until(lambda: daemon.executor.running == 1)
         assert await c.cancel(task_id)
@@ -158,15 +166,7 @@ async def test_only_an_item_still_running_after_the_notice_delay_is_reported_acc
         quick = await c.wait(await c.submit(spec("quick", "single", x[:1])), timeout=10)
         assert quick.state.value == "succeeded" and accepted == []  # its result came first
 
-        daemon = mesh.daemons["node-0"]
-        gate = asyncio.Event()
-        original = daemon.engine.infer
-
-        async def held(ref, batch):
-            await gate.wait()
-            return await original(ref, batch)
-
-        daemon.engine.infer = held
+        gate = hold_inference(mesh.daemons["node-0"])
         task_id = await c.submit(spec("slow", "single", x[:1]))
         await until(lambda: accepted == ["slow/0"])  # told once the item outlived the delay
         async with asyncio.timeout(10):  # the journal marks it running
@@ -252,14 +252,7 @@ async def test_deep_queue_offloads_to_a_less_loaded_peer(tmp_path):
     async with Mesh(tmp_path, n=2, extra=extra) as mesh:
         c = mesh.coordinator
         busy = mesh.daemons["node-0"]
-        gate = asyncio.Event()
-        original = busy.engine.infer
-
-        async def slow(ref, batch):
-            await gate.wait()
-            return await original(ref, batch)
-
-        busy.engine.infer = slow
+        gate = hold_inference(busy)
         # Round robin sends every other task to node-0, whose backlog (held by the gate) passes
         # offload_queue_depth, so it forwards further items to node-1 and relays the answers.
         ids = []

@@ -36,7 +36,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.tasks import InvalidTransition, Pattern, TaskSpec, TaskState
 from meshinfer.proto.tasks_wire import Tensor
-from tests.test_coordinator_service import Mesh, spec
+from tests.test_coordinator_service import Mesh, hold_inference, spec
 from tests.test_journal import run_until_killed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -500,14 +500,7 @@ async def test_resubmitting_a_running_task_adds_no_second_run(tmp_path):
     async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
         c = mesh.coordinator
         daemon = mesh.daemons["node-0"]
-        gate = asyncio.Event()
-        original = daemon.engine.infer
-
-        async def held(ref, batch):
-            await gate.wait()
-            return await original(ref, batch)
-
-        daemon.engine.infer = held
+        gate = hold_inference(daemon)
         task = spec("slow", "single", x[:1])
         await c.submit(task)
         assert await c.submit(task) == "slow"

@@ -16,16 +16,6 @@ from meshinfer.runtime.endpoint import SessionListener
 from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
 from meshinfer.runtime.session import SessionConfig
 from meshinfer.testing.fleet import make_fleet
-from meshinfer.transport.base import Address
-from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
-from meshinfer.transport.tcp import TcpTransport
-
-
-@pytest.fixture(params=["memory", "tcp"])
-def transport_and_addr(request):
-    if request.param == "memory":
-        return MemoryTransport(MemoryNetwork()), Address("bravo", 0)
-    return TcpTransport(), Address("127.0.0.1", 0)
 
 
 class Pair:

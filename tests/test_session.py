@@ -15,16 +15,6 @@ from meshinfer.proto.messages import AppData, CloseCode
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import SessionConfig, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
-from meshinfer.transport.base import Address
-from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
-from meshinfer.transport.tcp import TcpTransport
-
-
-@pytest.fixture(params=["memory", "tcp"])
-def transport_and_addr(request):
-    if request.param == "memory":
-        return MemoryTransport(MemoryNetwork()), Address("bravo", 0)
-    return TcpTransport(), Address("127.0.0.1", 0)
 
 
 class Pair:
