@@ -71,6 +71,11 @@ class InferenceSection:
     max_batch_size: int = doc(64, "dynamic batcher: largest batch handed to the engine")
     max_queue_delay_ms: float = doc(2.0, "dynamic batcher: longest wait to fill a batch")
     max_queue: int = doc(1024, "dynamic batcher: queued requests before answering overloaded")
+    inline_max_macs: int = doc(
+        1 << 18,
+        'engine "numpy": largest forward pass (rows x multiply-adds per row) run on the event'
+        " loop; bigger ones go to a worker thread (0: always a thread)",
+    )
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,8 @@ def check_mesh_sections(config: Any, source: str) -> None:
 def _cross_checks(config: NodeConfig, source: str) -> None:
     check_mesh_sections(config, source)
     parse_address(config.http.listen, f"{source}: [http] listen")
+    if config.inference.inline_max_macs < 0:
+        raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")
     if config.executor.accepted_notice_ms < 0:
         raise ConfigError(f"{source}: [executor] accepted_notice_ms must be >= 0")
     if config.inference.engine == "triton" and not config.inference.triton_url:

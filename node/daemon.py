@@ -100,7 +100,7 @@ def make_engine(config: NodeConfig) -> InferenceEngine:
     if kind == "numpy":
         from meshinfer.inference.numpy_engine import NumpyEngine
 
-        return NumpyEngine()
+        return NumpyEngine(inline_max_macs=config.inference.inline_max_macs)
     if kind == "cupy":
         from meshinfer.inference.cupy_engine import CupyEngine
 

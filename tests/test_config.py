@@ -199,6 +199,10 @@ def test_coordinator_daemon_refuses_bad_setups_before_starting(fleet, tmp_path):
     assert CoordinatorDaemon(no_api).token == ""
 
 
-def test_a_negative_accepted_notice_delay_is_refused():
-    with pytest.raises(ConfigError, match="accepted_notice_ms"):
-        node_config.config_from_dict({"executor": {"accepted_notice_ms": -1.0}}, "node.toml")
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("executor", "accepted_notice_ms", -1.0), ("inference", "inline_max_macs", -1)],
+)
+def test_negative_values_are_refused_naming_the_key(section, key, value):
+    with pytest.raises(ConfigError, match=key):
+        node_config.config_from_dict({section: {key: value}}, "node.toml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -99,6 +100,32 @@ async def test_concurrent_batches_equal_sequential_ones(engine) -> None:
     together = await asyncio.gather(*(engine.infer(DIGITS_REF, c) for c in chunks))
     for chunk, probs in zip(chunks, together, strict=True):
         np.testing.assert_array_equal(probs, await engine.infer(DIGITS_REF, chunk))
+
+
+async def test_small_batches_run_on_the_loop_and_big_ones_in_a_worker_thread() -> None:
+    x, _ = load_digits_holdout()
+    macs = 64 * 128 + 128 * 64 + 64 * 10  # digits-mlp@1: 64 -> 128 -> 64 -> 10
+    threads: list[str] = []
+    async with (
+        NumpyEngine(inline_max_macs=4 * macs) as inline,
+        NumpyEngine(inline_max_macs=0) as threaded,
+    ):
+        for engine in (inline, threaded):
+            await engine.load(DIGITS_REF)
+            forward = engine._forward
+            engine._forward = lambda *a, f=forward: (
+                threads.append(threading.current_thread().name),
+                f(*a),
+            )[1]
+        for rows in (1, 4, 5, 40):
+            a = await inline.infer(DIGITS_REF, x[:rows])
+            b = await threaded.infer(DIGITS_REF, x[:rows])
+            np.testing.assert_array_equal(a, b)
+    on_loop = [name == threading.main_thread().name for name in threads]
+    # per batch size: the inline engine first, then the threaded one (always a worker)
+    assert on_loop == [True, False, True, False, False, False, False, False]
+    with pytest.raises(ValueError, match="inline_max_macs"):
+        NumpyEngine(inline_max_macs=-1)
 
 
 async def test_load_is_idempotent_and_unload_forgets(engine) -> None:

@@ -60,6 +60,11 @@ class MLPWeights:
         return int(self.layers[-1].weight.shape[1])
 
     @property
+    def macs_per_row(self) -> int:
+        """Multiply-adds of a forward pass, per input row."""
+        return sum(int(layer.weight.shape[0] * layer.weight.shape[1]) for layer in self.layers)
+
+    @property
     def nbytes(self) -> int:
         """Bytes taken by all weights and biases."""
         return sum(layer.weight.nbytes + layer.bias.nbytes for layer in self.layers)

@@ -4,7 +4,9 @@
 a :class:`ModelRegistry`, loading weights off the loop, checking batches against the model's
 schema, and running the forward pass in a :class:`BoundedExecutor`. Subclasses say how weights
 are prepared for their device (``_prepare``) and how a batch runs there (``_forward``); both are
-called in a worker thread, never on the event loop.
+called in a worker thread, never on the event loop -- except a forward pass small enough
+(``_runs_inline``) that handing it to a thread and back would cost more than it does: the NumPy
+engine runs those on the loop (see :data:`INLINE_MAX_MACS`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from meshinfer.inference.base import EngineCapacity, ModelRef
 from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.inference.mlp import MLPWeights, as_float32, check_batch, forward
 from meshinfer.inference.registry import ModelInfo, ModelRegistry, default_registry
+
+INLINE_MAX_MACS = 1 << 18
+"""Largest forward pass (multiply-adds: rows x the model's weights) the NumPy engine runs on the
+event loop itself: ~20 us on one core, less than a round trip through a worker thread (~50-100 us
+on loopback benchmarks). Bigger batches go to the worker threads, where BLAS releases the GIL."""
 
 
 class LocalMLPEngine:
@@ -76,6 +83,8 @@ class LocalMLPEngine:
         except KeyError:
             raise ModelNotFoundError(f"model {ref} is not loaded on {self.name}") from None
         check_batch(batch, info.inputs[0].shape[1], self.max_batch_size)
+        if self._runs_inline(prepared, len(batch)):
+            return self._forward(prepared, batch)
         return await self._executor.run(self._forward, prepared, batch)
 
     def capacity(self) -> EngineCapacity:
@@ -115,6 +124,10 @@ class LocalMLPEngine:
     def _forward(self, prepared: Any, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _runs_inline(self, prepared: Any, rows: int) -> bool:
+        """On the loop: whether a batch of ``rows`` is cheap enough to run right here."""
+        return False
+
     def _device_name(self) -> str:
         raise NotImplementedError
 
@@ -128,7 +141,8 @@ class LocalMLPEngine:
 class NumpyEngine(LocalMLPEngine):
     """Runs MLPs on the CPU with NumPy (float32, BLAS-backed matmul).
 
-    ``max_workers`` threads run batches in parallel (NumPy's BLAS releases the GIL).
+    ``max_workers`` threads run batches in parallel (NumPy's BLAS releases the GIL). A batch of
+    at most ``inline_max_macs`` multiply-adds runs on the event loop instead (0: never).
     """
 
     name = "numpy"
@@ -139,12 +153,19 @@ class NumpyEngine(LocalMLPEngine):
         *,
         max_workers: int = 1,
         max_batch_size: int = 1024,
+        inline_max_macs: int = INLINE_MAX_MACS,
     ) -> None:
+        if inline_max_macs < 0:
+            raise ValueError("inline_max_macs must be >= 0")
         executor = BoundedExecutor(max_workers, name="meshinfer-numpy")
         super().__init__(registry, executor, max_batch_size)
+        self.inline_max_macs = inline_max_macs
 
     def _prepare(self, weights: MLPWeights) -> MLPWeights:
         return weights
+
+    def _runs_inline(self, prepared: MLPWeights, rows: int) -> bool:
+        return rows * prepared.macs_per_row <= self.inline_max_macs
 
     def _forward(self, prepared: MLPWeights, batch: np.ndarray) -> np.ndarray:
         return forward(prepared, as_float32(batch))
