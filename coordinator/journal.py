@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -332,9 +333,15 @@ class Journal:
             finally:
                 db.execute("COMMIT")
 
-    def commit_group(self, calls: Sequence[Callable[[], object]]) -> list[CallOutcome]:
+    def commit_group(
+        self,
+        calls: Sequence[Callable[[], object]],
+        *,
+        before_commit: Callable[[list[CallOutcome]], None] | None = None,
+    ) -> list[CallOutcome]:
         """Run ``calls`` in order in one transaction, as if each were in its own savepoint;
-        commit once.
+        commit once. ``before_commit`` gets the outcomes once the calls ran, before the
+        ``COMMIT`` (and its sync) starts: what is decided, not yet durable.
 
         A call that raises an :class:`Exception` has its writes undone and the exception in its
         :class:`CallOutcome`; the others are unaffected. Returns only after the ``COMMIT``;
@@ -351,12 +358,12 @@ class Journal:
         """
         with self._lock:
             db = self._connection()
-            outcomes = self._run_group(db, calls, savepoints=False)
+            outcomes = self._run_group(db, calls, before_commit, savepoints=False)
             if outcomes is None:
-                outcomes = self._run_group(db, calls, savepoints=True)
+                outcomes = self._run_group(db, calls, before_commit, savepoints=True)
         return outcomes
 
-    def _run_group(self, db, calls, *, savepoints: bool) -> list[CallOutcome] | None:
+    def _run_group(self, db, calls, before_commit, *, savepoints: bool) -> list[CallOutcome] | None:
         """One try at a group; None (rolled back) if, without savepoints, a call raised after
         writing."""
         db.execute("BEGIN IMMEDIATE")
@@ -373,6 +380,8 @@ class Journal:
                     raise JournalError(f"the group's transaction was lost: {outcome.error}")
                 outcomes.append(outcome)
             self._write_events(db)
+            if before_commit is not None:
+                before_commit(outcomes)
             db.execute("COMMIT")
             return outcomes
         except BaseException:
@@ -781,6 +790,7 @@ class _Call:
     args: tuple[object, ...]
     future: asyncio.Future[object] | None  # None: nobody waits (a failure is logged)
     alone: bool
+    decided: Callable[[CallOutcome], None] | None = None  # see JournalWriter.call; once
 
     def run(self) -> object:
         return self.fn(*self.args)
@@ -803,11 +813,19 @@ class JournalWriter:
     """
 
     def __init__(
-        self, journal: Callable[[], object], *, max_group: int = 256, name: str = "journal"
+        self,
+        journal: Callable[[], object],
+        *,
+        max_group: int = 256,
+        tell_delay_s: float = 0.005,
+        name: str = "journal",
     ) -> None:
         if max_group < 1:
             raise ConfigError("max_group must be >= 1")
+        if not 0 <= tell_delay_s <= 1:
+            raise ConfigError(f"tell_delay_s must be within 0..1, not {tell_delay_s}")
         self.max_group = max_group
+        self.tell_delay_s = tell_delay_s
         self.name = name
         self._journal = journal
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
@@ -819,10 +837,21 @@ class JournalWriter:
         self.groups = 0  # groups run, for tests and metrics
         self.calls = 0
 
-    def call(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
+    def call(
+        self,
+        fn: Callable[..., object],
+        *args: object,
+        on_decided: Callable[[CallOutcome], None] | None = None,
+    ) -> asyncio.Future[object]:
         """Queue ``fn(*args)`` now (in order with every other call); a future of its outcome
-        (failed with :class:`LocalProtocolError` once the writer is closed)."""
-        return self._queue_call(fn, args, alone=False)
+        once committed (failed with :class:`LocalProtocolError` once the writer is closed).
+
+        ``on_decided`` is called on the loop with the call's outcome as soon as its group ran,
+        while the ``COMMIT`` still syncs (or with the final outcome if the group never got
+        that far): act on what the call decided while it becomes durable, and undo that if
+        the future then fails. It is called exactly once, before the future resolves.
+        """
+        return self._queue_call(fn, args, alone=False, decided=on_decided)
 
     def tell(self, fn: Callable[..., object], *args: object) -> None:
         """Queue ``fn(*args)`` now, in order, for nobody to wait for (a dispatch journaled as
@@ -842,13 +871,16 @@ class JournalWriter:
         opening or closing the journal."""
         return await self._queue_call(fn, args, alone=True)
 
-    def _queue_call(self, fn, args, *, alone: bool) -> asyncio.Future[object]:
+    def _queue_call(self, fn, args, *, alone: bool, decided=None) -> asyncio.Future[object]:
         if self._closing:
             future = asyncio.get_running_loop().create_future()
-            future.set_exception(LocalProtocolError("the journal writer is closed"))
+            error = LocalProtocolError("the journal writer is closed")
+            future.set_exception(error)
+            if decided is not None:
+                decided(CallOutcome(error=error))
             return future
         future = (self._loop or self._start()).create_future()
-        self._queue.put(_Call(fn, args, future, alone))
+        self._queue.put(_Call(fn, args, future, alone, decided))
         return future
 
     def _start(self) -> asyncio.AbstractEventLoop:
@@ -895,7 +927,13 @@ class JournalWriter:
 
     def _next_group(self) -> list[_Call]:
         """Every call queued now, up to ``max_group`` (waits for the first); an alone call
-        makes a group by itself. Empty once the writer is closed and drained."""
+        makes a group by itself. Empty once the writer is closed and drained.
+
+        A group of told calls only (nobody waits for their commit) waits up to
+        ``tell_delay_s`` for a call to join it: a dispatch then commits with its result (one
+        sync instead of two when the load is low). Told calls may be lost in a crash anyway;
+        the journal's recovery is built for that (see :meth:`Journal.mark_dispatched`).
+        """
         first, self._next = self._next, None
         if first is None and not self._stopping:
             first = self._queue.get()
@@ -903,23 +941,32 @@ class JournalWriter:
             self._stopping = True
             return []
         group = [first]
+        told_only = first.future is None
+        deadline = time.monotonic() + self.tell_delay_s
         while not first.alone and len(group) < self.max_group:
             try:
-                call = self._queue.get_nowait()
+                if told_only and (wait := deadline - time.monotonic()) > 0:
+                    call = self._queue.get(timeout=wait)
+                else:
+                    call = self._queue.get_nowait()
             except queue.Empty:
                 break
             if call is None or call.alone:  # ends this group; opens the next one or stops
                 self._next, self._stopping = call, call is None
                 break
             group.append(call)
+            told_only = told_only and call.future is None
         return group
 
     def _execute(self, group: list[_Call]) -> list[CallOutcome]:
         commit_group = getattr(self._journal(), "commit_group", None)
         if group[0].alone or commit_group is None:
             return [_outcome_of(call.run) for call in group]
+        kw = {}
+        if any(call.decided is not None for call in group):
+            kw["before_commit"] = partial(self._hand_back, self._settle_decided, group)
         try:
-            return commit_group([call.run for call in group])
+            return commit_group([call.run for call in group], **kw)
         except BaseException as exc:  # rolled back: nothing in the group is durable
             return [CallOutcome(error=exc)] * len(group)
 
@@ -930,8 +977,20 @@ class JournalWriter:
             pass
 
     @staticmethod
-    def _settle(group: list[_Call], outcomes: list[CallOutcome]) -> None:
+    def _settle_decided(group: list[_Call], outcomes: list[CallOutcome]) -> None:
+        """On the loop: tell the callers that asked what their calls decided (not durable)."""
+        for call, outcome in zip(group, outcomes, strict=True):
+            decided, call.decided = call.decided, None
+            if decided is not None:
+                try:
+                    decided(outcome)
+                except Exception:  # a bug in the callback: the call itself goes on
+                    log.exception("on_decided callback of %s failed", call.fn)
+
+    @classmethod
+    def _settle(cls, group: list[_Call], outcomes: list[CallOutcome]) -> None:
         """On the loop: answer every caller of a committed (or failed) group."""
+        cls._settle_decided(group, outcomes)  # those whose group never reached its COMMIT
         for call, outcome in zip(group, outcomes, strict=True):
             future, error = call.future, outcome.error
             if future is None:

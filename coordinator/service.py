@@ -2,8 +2,9 @@
 
 Flow of one work item (messages in :mod:`meshinfer.proto.tasks_wire`)::
 
-    submit -> journal (committed) -> ready queue -> choose(policy, gossiped node views)
+    submit -> journal (decided) -> ready queue -> choose(policy, gossiped node views)
            -> journal mark_dispatched -> TaskAssign over the node's session
+           (the submit is acknowledged once the journal's COMMIT is durable)
            <- TaskAccepted / TaskResult (journaled exactly once) / TaskFailed
 
 Fault tolerance: an attempt that fails retryably, times out (``item_timeout_s``), or whose node
@@ -29,7 +30,11 @@ Durability: every journal call runs on one dedicated thread (a
 :class:`~coordinator.journal.JournalWriter`), in the order it was queued, so the event loop never
 blocks and a result can never be journaled before its dispatch. That thread commits every call
 queued at that moment as one group (one fsync) and answers their callers only after the commit,
-so a submit is acknowledged, and a result acted upon, only once durable. On start,
+so a submit is acknowledged, and a result acted upon, only once durable. A submitted task's
+items are dispatched as soon as the journal has taken it, while its COMMIT syncs: the sync
+overlaps the trip to the node, and the result, journaled by the same ordered thread, can only
+commit after the task. If that COMMIT fails the submit is refused and the items are called back
+(``TaskCancel``); a result of theirs is then refused as unknown. On start,
 :meth:`recover` puts every acknowledged, unfinished task back in flight (items whose fate is
 unknown run again). Journal writes per task are kept few:
 
@@ -59,7 +64,14 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.journal import Journal, JournalWriter, TaskPage, TaskRecord, UnknownTaskError
+from coordinator.journal import (
+    CallOutcome,
+    Journal,
+    JournalWriter,
+    TaskPage,
+    TaskRecord,
+    UnknownTaskError,
+)
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import MeshInferError, RemoteProtocolError
 from meshinfer.proto import messages
@@ -238,13 +250,32 @@ class Coordinator:
         run = TaskRun(
             spec, default_aggregation=self.config.default_aggregation, now=self._loop.time()
         )  # fmt: skip  (validates the spec)
-        created = await self._db.run(self._journal_task, spec)
-        if created is None:  # a journal stand-in that cannot tell: trust what runs here
-            created = spec.task_id not in self._runs
-        if created:
-            self._runs[spec.task_id] = run
-            self._schedule_ready(run, {})
+        durable = self._db.call(self._journal_task, spec, on_decided=partial(self._decided, run))
+        durable.add_done_callback(partial(self._undo_unless_durable, run))
+        await asyncio.shield(durable)  # a cancelled caller leaves the task to run
         return spec.task_id
+
+    def _decided(self, run: TaskRun, outcome: CallOutcome) -> None:
+        """The journal took the task (its COMMIT is still syncing): dispatch its items now.
+        Their results are journaled after the task, by the same ordered writer."""
+        created = outcome.value
+        if created is None and outcome.error is None:  # a stand-in that cannot tell
+            created = run.task_id not in self._runs
+        if created and outcome.error is None and not self._closed:
+            self._runs[run.task_id] = run
+            self._schedule_ready(run, {})
+
+    def _undo_unless_durable(self, run: TaskRun, durable: asyncio.Future[object]) -> None:
+        """The task's COMMIT failed after its items may have gone out: call them back."""
+        if durable.cancelled() or durable.exception() is None:
+            return
+        if self._runs.get(run.task_id) is run:
+            for entry in run.items.values():
+                if entry.node:
+                    self.mesh.peers.send(
+                        entry.node, TaskCancel(entry.item.item_id, "task not journaled")
+                    )
+            self._forget(run.task_id)
 
     def _journal_task(self, spec: TaskSpec) -> bool | None:
         """On the journal thread: True if ``spec`` is journaled now, False if it already was."""

@@ -29,7 +29,8 @@ from coordinator.openapi import ERROR_CODES, openapi_document
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.transport.base import Address
-from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, until
+from tests.helpers import until
+from tests.test_coordinator_service import DIGITS, Mesh, hold_inference
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

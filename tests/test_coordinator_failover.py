@@ -32,6 +32,7 @@ from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import TaskAssign, Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
+from tests.helpers import until
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +59,6 @@ async def coordinator_for(cluster: LocalCluster, tmp) -> tuple[MeshNode, Coordin
     coordinator = Coordinator(mesh, tmp / "journal.db", CoordinatorConfig(item_timeout_s=60))
     await coordinator.start()
     return mesh, coordinator
-
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def serving(c: Coordinator, names) -> bool:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import numpy as np
 import pytest
 
+from coordinator.journal import UnknownTaskError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
@@ -25,6 +27,7 @@ from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
 from node.config import load_config
 from node.daemon import NodeDaemon
+from tests.helpers import until
 
 DIGITS = ModelRef("digits-mlp", "1")
 
@@ -68,12 +71,6 @@ class Mesh:
         await self.mesh.aclose()
         for daemon in self.daemons.values():
             await daemon.aclose()
-
-
-async def until(predicate, timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
 
 
 def hold_inference(daemon: NodeDaemon, gate: asyncio.Event | None = None) -> asyncio.Event:
@@ -146,6 +143,62 @@ async def test_cancel_reaches_the_node(tmp_path):
         record = await c.get(task_id)
         assert record.state.value == "cancelled"
         assert not await c.cancel(task_id)  # already ended
+        gate.set()
+
+
+def hold_commits(coordinator: Coordinator, fail: bool = False) -> threading.Event:
+    """Make the coordinator's journal wait, in each group that has a submit, between running
+    the calls and their ``COMMIT`` until the returned event is set; ``fail``: the COMMIT then
+    fails (as on a full disk) and the group rolls back."""
+    release = threading.Event()
+    journal = coordinator.journal
+    original = journal.commit_group
+
+    def held(calls, before_commit=None):
+        if before_commit is None:  # no submit in this group
+            return original(calls)
+
+        def hold(outcomes):
+            before_commit(outcomes)
+            assert release.wait(10), "the test never released the commit"
+            if fail:
+                raise OSError("disk full (injected)")
+
+        return original(calls, before_commit=hold)
+
+    journal.commit_group = held
+    return release
+
+
+async def test_items_go_out_while_the_submit_commits_and_are_acknowledged_after(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1) as mesh:
+        c, daemon = mesh.coordinator, mesh.daemons["node-0"]
+        release = hold_commits(c)
+        submit = asyncio.create_task(c.submit(spec("early", "single", x[:2])))
+        await until(lambda: daemon.executor.stats.completed == 1)  # ran before the COMMIT
+        assert not submit.done()  # not acknowledged before it is durable
+        release.set()
+        assert await submit == "early"
+        record = await c.wait("early", timeout=10)
+        assert record.state.value == "succeeded" and record.items[0].attempt == 1
+
+
+async def test_a_submit_whose_commit_fails_is_refused_and_its_items_called_back(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=CoordinatorConfig(item_timeout_s=30)) as mesh:
+        c, daemon = mesh.coordinator, mesh.daemons["node-0"]
+        gate = hold_inference(daemon)
+        release = hold_commits(c, fail=True)
+        submit = asyncio.create_task(c.submit(spec("lost", "single", x[:2])))
+        await until(lambda: daemon.executor.running == 1)  # dispatched before the COMMIT
+        release.set()
+        with pytest.raises(OSError, match="disk full"):
+            await submit
+        await until(lambda: daemon.executor.stats.cancelled == 1)  # called back
+        assert "lost" not in c._runs and not c._items
+        with pytest.raises(UnknownTaskError):
+            await c.get("lost")  # nothing journaled
         gate.set()
 
 

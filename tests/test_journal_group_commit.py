@@ -31,11 +31,12 @@ from coordinator.journal import (
     UnknownTaskError,
 )
 from coordinator.service import CoordinatorConfig
-from meshinfer.errors import LocalProtocolError
+from meshinfer.errors import ConfigError, LocalProtocolError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.tasks import InvalidTransition, Pattern, TaskSpec, TaskState
 from meshinfer.proto.tasks_wire import Tensor
+from tests.helpers import until
 from tests.test_coordinator_service import Mesh, hold_inference, spec
 from tests.test_journal import run_until_killed
 
@@ -290,9 +291,9 @@ class CountingJournal(Journal):
         super().__init__(*args, **kwargs)
         self.group_sizes: list[int] = []
 
-    def commit_group(self, calls):
+    def commit_group(self, calls, **kw):
         self.group_sizes.append(len(calls))
-        return super().commit_group(calls)
+        return super().commit_group(calls, **kw)
 
 
 async def test_callers_are_answered_only_once_their_group_is_durable(tmp_path):
@@ -344,6 +345,84 @@ async def test_told_calls_keep_their_place_and_their_failures_are_logged(tmp_pat
     await writer.aclose()
     writer.tell(journal.get, "t")
     assert "writer closed" in caplog.text
+
+
+async def test_told_calls_wait_briefly_for_a_call_to_commit_with(tmp_path):
+    journal = CountingJournal(tmp_path / "j.db", synchronous="NORMAL")
+    writer = JournalWriter(lambda: journal, tell_delay_s=0.5)
+    await writer.run(journal.submit, single("t"))
+    writer.tell(journal.mark_dispatched, "t/0", "veh", 1)
+    assert await writer.run(journal.record_result, "t/0", 1, b"out")
+    assert journal.group_sizes == [1, 2]  # the dispatch waited and committed with the result
+    await writer.run_alone(journal.close)
+    await writer.aclose()
+
+
+async def test_told_calls_alone_commit_once_the_delay_is_over(tmp_path):
+    path = tmp_path / "j.db"
+    journal = CountingJournal(path, synchronous="NORMAL")
+    writer = JournalWriter(lambda: journal, tell_delay_s=0.05)
+    writer.tell(journal.submit, single("t"))
+    await until(lambda: "t" in committed_tasks(path))
+    assert journal.group_sizes == [1]
+    writer.tell(journal.submit, single("u"))
+    await writer.aclose()  # closing does not wait out the delay
+    assert "u" in committed_tasks(path)
+    journal.close()
+    with pytest.raises(ConfigError, match="tell_delay_s"):
+        JournalWriter(lambda: journal, tell_delay_s=-1)
+
+
+async def test_on_decided_comes_before_the_commit_and_exactly_once(tmp_path):
+    path = tmp_path / "j.db"
+    journal = CountingJournal(path, synchronous="NORMAL")
+    writer = JournalWriter(lambda: journal)
+    seen: list[tuple[object, bool]] = []
+    told = threading.Event()
+    original_commit = journal.commit_group
+
+    def commit_once_told(calls, before_commit=None):
+        def wait_for_the_loop(outcomes):
+            before_commit(outcomes)
+            assert told.wait(10)  # the COMMIT waits until the loop ran the callback
+
+        return original_commit(calls, before_commit=wait_for_the_loop)
+
+    def decided(outcome: CallOutcome) -> None:  # what a second connection sees meanwhile
+        seen.append((outcome.unwrap(), "t" in committed_tasks(path)))
+        told.set()
+
+    journal.commit_group = commit_once_told
+    assert await writer.call(journal.submit, single("t"), on_decided=decided) == "t"
+    assert seen == [("t", False)]  # decided, not yet committed
+
+    failing = CountingJournal(tmp_path / "k.db", synchronous="NORMAL")
+    original = failing.commit_group
+
+    def failing_commit(calls, before_commit=None):
+        def then_fail(outcomes):
+            before_commit(outcomes)
+            raise OSError("injected")
+
+        return original(calls, before_commit=then_fail)
+
+    failing.commit_group = failing_commit
+    outcomes: list[CallOutcome] = []
+    writer2 = JournalWriter(lambda: failing)
+    with pytest.raises(OSError, match="injected"):
+        await writer2.call(failing.submit, single("u"), on_decided=outcomes.append)
+    assert [o.value for o in outcomes] == ["u"]  # decided, then the commit failed
+    assert not committed_tasks(tmp_path / "k.db")
+
+    writer2._journal = lambda: object()  # a stand-in without groups: told at the end
+    assert await writer2.call(lambda: 7, on_decided=outcomes.append) == 7
+    assert [o.value for o in outcomes] == ["u", 7]
+    for w, j in ((writer, journal), (writer2, failing)):
+        await w.aclose()
+        j.close()
+    with pytest.raises(LocalProtocolError):
+        await writer.call(lambda: 1, on_decided=outcomes.append)
+    assert isinstance(outcomes[-1].error, LocalProtocolError)
 
 
 async def test_alone_calls_run_outside_groups_and_a_closed_writer_refuses(tmp_path):

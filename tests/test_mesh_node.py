@@ -10,17 +10,12 @@ from meshinfer.discovery.static import StaticSeed
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.fleet import make_fleet
+from tests.helpers import until
 
 
 def options(**kw) -> MeshNodeOptions:
     kw.setdefault("mdns", MdnsConfig.loopback())
     return MeshNodeOptions(membership=MembershipConfig.test(), **kw)
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def nodes_for(fleet, names, opts_for=None):
