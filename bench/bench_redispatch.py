@@ -51,7 +51,8 @@ TINY = ModelRef("synthetic-mlp", "w10-d1")
 #: half of the stream) when it is killed.
 NODE_EXTRA = (
     '[http]\nenabled = false\n[inference]\nmodels = ["synthetic-mlp@w10-d1"]\n'
-    "max_queue_delay_ms = 20.0\n[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
+    "max_queue_delay_ms = 20.0\ndispatch_when_idle = false\n"
+    "[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
 )
 VICTIM, SURVIVOR = "veh-x", "veh-y"
 

@@ -69,8 +69,15 @@ class InferenceSection:
     )
     triton_url: str = doc("", 'Triton server for engine "triton", e.g. "127.0.0.1:8000"')
     max_batch_size: int = doc(64, "dynamic batcher: largest batch handed to the engine")
-    max_queue_delay_ms: float = doc(2.0, "dynamic batcher: longest wait to fill a batch")
+    max_queue_delay_ms: float = doc(
+        2.0, "dynamic batcher: longest wait to fill a batch (see dispatch_when_idle)"
+    )
     max_queue: int = doc(1024, "dynamic batcher: queued requests before answering overloaded")
+    dispatch_when_idle: bool = doc(
+        True,
+        "dynamic batcher: while the engine runs no batch of the model, send a waiting request at"
+        " once (max_queue_delay_ms then applies only while it is busy)",
+    )
     inline_max_macs: int = doc(
         1 << 18,
         'engine "numpy": largest forward pass (rows x multiply-adds per row) run on the event'

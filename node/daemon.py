@@ -177,6 +177,7 @@ class NodeDaemon:
             max_batch_size=inf.max_batch_size,
             max_queue_delay_s=inf.max_queue_delay_ms / 1000,
             max_queue_size=inf.max_queue,
+            dispatch_when_idle=inf.dispatch_when_idle,
         )
         for ref in self.models:
             await self.engine.load(ref)

@@ -63,13 +63,16 @@ def run_virtual(coro):
 class EchoEngine:
     """A deterministic fake engine: output row = 2 * input row + 1; records every call.
 
-    ``hold`` (when set) keeps each call waiting until released; ``poison`` fails any batch
-    that contains that value.
+    ``hold`` (when set) keeps each call waiting until released; ``delay`` makes each call take
+    that long (loop time); ``poison`` fails any batch that contains that value.
     """
 
     name = "echo"
 
-    def __init__(self, *, hold: bool = False, poison: float | None = None) -> None:
+    def __init__(
+        self, *, hold: bool = False, poison: float | None = None, delay: float = 0.0
+    ) -> None:
+        self.delay = delay
         self.calls: list[np.ndarray] = []
         self.call_times: list[float] = []
         self.entered = asyncio.Event()
@@ -89,6 +92,8 @@ class EchoEngine:
         self.call_times.append(asyncio.get_running_loop().time())
         self.entered.set()
         await self.release.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.poison is not None and bool((batch == self.poison).any()):
             raise RuntimeError("poisoned batch")
         return batch * 2 + 1
@@ -162,6 +167,27 @@ def test_partial_batch_waits_exactly_the_queue_delay() -> None:
     start, called_at, sizes = run_virtual(scenario())
     assert called_at - start == pytest.approx(0.25)  # measured from the oldest request
     assert sizes == [2]
+
+
+def test_an_idle_batcher_sends_at_once_and_batches_only_while_busy() -> None:
+    async def scenario() -> tuple[list[float], list[int]]:
+        loop = asyncio.get_running_loop()
+        engine = EchoEngine(delay=0.1)
+        config = BatcherConfig(max_batch_size=8, max_queue_delay_s=0.25, dispatch_when_idle=True)
+        async with DynamicBatcher(engine, REF, config) as batcher:
+            start = loop.time()
+            first = asyncio.ensure_future(batcher.submit(rows(1.0)))  # idle: goes at once
+            await asyncio.sleep(0.05)  # the engine is busy until 0.1
+            later = [asyncio.ensure_future(batcher.submit(rows(2.0))) for _ in range(3)]
+            await asyncio.gather(first, *later)
+            await asyncio.sleep(1.0)  # idle again
+            await batcher.submit(rows(3.0))
+        return [t - start for t in engine.call_times], engine.batch_sizes()
+
+    times, sizes = run_virtual(scenario())
+    assert sizes == [1, 3, 1]  # the three that queued while busy went together
+    assert times[0] == 0.0 and times[1] == pytest.approx(0.1)  # when the engine was free
+    assert times[2] == pytest.approx(1.2)  # a lone request on an idle engine: no delay
 
 
 def test_full_batch_goes_without_waiting() -> None:

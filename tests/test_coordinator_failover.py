@@ -38,10 +38,12 @@ pytestmark = pytest.mark.slow
 
 TINY = SyntheticSpec(10, 1)
 TINY_REF = ModelRef(TINY.ref.model_id, TINY.ref.version)
-#: One item at a time, each waiting 20 ms in the batcher: a node holds unfinished items.
+#: One item at a time, each waiting 20 ms in the batcher (even when idle): a node holds
+#: unfinished items.
 SLOW_NODE = (
     f'[http]\nenabled = false\n[inference]\nmodels = ["{TINY_REF.model_id}@{TINY_REF.version}"]\n'
-    "max_queue_delay_ms = 20.0\n[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
+    "max_queue_delay_ms = 20.0\ndispatch_when_idle = false\n"
+    "[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
 )
 X, Y = "veh-x", "veh-y"
 

@@ -59,6 +59,7 @@ async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
             extra = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 100000\n"
             if name == "veh-1":
                 extra += "[inference]\nmax_queue_delay_ms = 300.0\nmax_batch_size = 4096\n"
+                extra += "dispatch_when_idle = false\n"
             cluster.add_node(name, extra=extra)
             cluster.start(name)
         config = CoordinatorConfig(item_timeout_s=60, max_in_flight_per_node=8)

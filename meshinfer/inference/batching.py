@@ -64,6 +64,9 @@ class BatcherConfig:
     * ``max_concurrent_batches`` -- batches handed to the engine at once. While all are busy,
       requests keep queueing, so batches grow under load.
     * ``latency_window`` -- how many recent latencies the p50/p99 in :class:`BatcherStats` use.
+    * ``dispatch_when_idle`` -- while no batch of this batcher is running, send what waits at
+      once instead of waiting ``max_queue_delay_s`` for company: a lone request pays no delay,
+      and batches still form from what queues while the engine is busy.
     """
 
     max_batch_size: int = 64
@@ -72,6 +75,7 @@ class BatcherConfig:
     priorities: int = 4
     max_concurrent_batches: int = 1
     latency_window: int = 1024
+    dispatch_when_idle: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "priorities", "max_concurrent_batches"):
@@ -408,7 +412,10 @@ class DynamicBatcher:
         assert self._wake is not None and self._loop is not None
         while True:
             oldest = self._oldest_waiting()
-            if oldest is not None and self._queued_rows >= self.config.max_batch_size:
+            if oldest is not None and (
+                self._queued_rows >= self.config.max_batch_size
+                or (self.config.dispatch_when_idle and not self._batch_tasks)
+            ):
                 return
             self._wake.clear()
             if oldest is None:
@@ -505,6 +512,8 @@ class DynamicBatcher:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batch_tasks.discard(task)
         self._slots.release()
+        if self.config.dispatch_when_idle and not self._batch_tasks and self._wake is not None:
+            self._wake.set()  # idle now: what waits for company goes at once
         if not task.cancelled() and task.exception() is not None:
             log.error("batch task for %s failed", self.ref, exc_info=task.exception())
 
