@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import ConfigError
+from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 
@@ -79,7 +80,7 @@ class InferenceSection:
         " once (max_queue_delay_ms then applies only while it is busy)",
     )
     inline_max_macs: int = doc(
-        1 << 18,
+        INLINE_MAX_MACS,
         'engine "numpy": largest forward pass (rows x multiply-adds per row) run on the event'
         " loop; bigger ones go to a worker thread (0: always a thread)",
     )

@@ -5,7 +5,6 @@ Killing the coordinator process itself is covered in ``test_coordinator_restart.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
 import numpy as np
@@ -22,6 +21,7 @@ from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
+from tests.helpers import until
 
 pytestmark = pytest.mark.slow
 DIGITS = ModelRef("digits-mlp", "1")
@@ -36,12 +36,6 @@ async def coordinator_for(cluster: LocalCluster, tmp, config: CoordinatorConfig)
     coordinator = Coordinator(mesh, tmp / "journal.db", config)
     await coordinator.start()
     return mesh, coordinator
-
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
 
 
 def alive_with_model(coordinator, names):

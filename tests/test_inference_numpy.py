@@ -102,6 +102,16 @@ async def test_concurrent_batches_equal_sequential_ones(engine) -> None:
         np.testing.assert_array_equal(probs, await engine.infer(DIGITS_REF, chunk))
 
 
+def noting_the_thread(forward, threads: list[str]):
+    """``forward`` that first appends the name of the thread running it to ``threads``."""
+
+    def noted(*args):
+        threads.append(threading.current_thread().name)
+        return forward(*args)
+
+    return noted
+
+
 async def test_small_batches_run_on_the_loop_and_big_ones_in_a_worker_thread() -> None:
     x, _ = load_digits_holdout()
     macs = 64 * 128 + 128 * 64 + 64 * 10  # digits-mlp@1: 64 -> 128 -> 64 -> 10
@@ -112,11 +122,7 @@ async def test_small_batches_run_on_the_loop_and_big_ones_in_a_worker_thread() -
     ):
         for engine in (inline, threaded):
             await engine.load(DIGITS_REF)
-            forward = engine._forward
-            engine._forward = lambda *a, f=forward: (
-                threads.append(threading.current_thread().name),
-                f(*a),
-            )[1]
+            engine._forward = noting_the_thread(engine._forward, threads)
         for rows in (1, 4, 5, 40):
             a = await inline.infer(DIGITS_REF, x[:rows])
             b = await threaded.infer(DIGITS_REF, x[:rows])
