@@ -6,10 +6,14 @@ are accepted exactly once per work item: the ``results`` table has the item id a
 key, and the check-then-insert runs in one ``BEGIN IMMEDIATE`` transaction; a second delivery
 (same or another attempt) returns False and is counted.
 
-Durability trade-off: the journal runs ``journal_mode=WAL`` with ``synchronous=FULL`` (the
-default here), so every commit fsyncs the write-ahead log before returning: an acknowledged
-submit or result survives a process crash *and* a power loss or OS crash, at the price of one
-fsync per write (tens of microseconds on NVMe, a few milliseconds on SD cards or eMMC).
+Durability trade-off: the journal runs ``journal_mode=WAL`` and, at ``synchronous="FULL"`` (the
+default here), syncs the write-ahead log after every commit before anyone is answered (SQLite
+itself runs at ``NORMAL``, which syncs before checkpoints; the commit's sync is
+:meth:`Journal.sync`, an ``fdatasync`` of the ``-wal`` file, which a writer may run on another
+thread while the next group's statements run -- see :mod:`coordinator.journal_writer`): an
+acknowledged submit or result survives a process crash *and* a power loss or OS crash, at the
+price of one fsync per write (tens of microseconds on NVMe, a few milliseconds on SD cards or
+eMMC).
 ``synchronous="NORMAL"`` skips that fsync: still safe against a process crash (SIGKILL), but the
 last commits may roll back on power loss -- acceptable for simulations, not for a fleet.
 
@@ -23,10 +27,11 @@ Group commit: :meth:`Journal.commit_group` runs several calls in ONE transaction
 each as if inside its own ``SAVEPOINT``: a call that raises (:class:`TaskConflictError`,
 :class:`UnknownTaskError`, an ``InvalidTransition``...) has only its own writes undone and gets
 its exception back, while the others commit. Nothing of a group is durable before its
-``COMMIT`` returns; if the ``COMMIT`` fails, every call of the group fails with that error.
-:class:`JournalWriter` is the one thread that feeds it: it takes every call queued at that
-moment (at most ``max_group``), commits them as one group, and only then resolves the callers'
-futures -- so "acknowledged" still means "durable", at one fsync per group instead of per call.
+``COMMIT`` (and, at FULL, its sync) returns; if either fails, every call of the group fails
+with that error. :class:`~coordinator.journal_writer.JournalWriter` is the one thread that feeds
+it: it takes every call queued at that moment (at most ``max_group``), commits them as one
+group, and its callers are answered only once that group is synced -- so "acknowledged" still
+means "durable", at one fsync per group (or fewer) instead of per call.
 Reads may share a group: they see the group's earlier writes, and their answer, like every
 other, is handed out only after the commit (nobody reads a write that could still vanish).
 
@@ -37,24 +42,22 @@ out why not), audit-log lines are written with the transaction in one statement,
 savepoints are taken only when a call failed after writing (see :meth:`Journal.commit_group`).
 
 Concurrency: the methods are synchronous and do blocking disk I/O. The coordinator service calls
-them through a :class:`JournalWriter` so the event loop never blocks; a lock makes each call (and
-each group) atomic should several threads share one journal anyway. Wall-clock timestamps
-(``*_at``) are for people only; nothing schedules by them.
+them through a :class:`~coordinator.journal_writer.JournalWriter` so the event loop never blocks;
+a lock makes each call (and each group) atomic should several threads share one journal anyway.
+Wall-clock timestamps (``*_at``) are for people only; nothing schedules by them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import queue
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -80,9 +83,10 @@ __all__ = [
     "JournalError",
     "JournalEvent",
     "JournalStats",
-    "JournalWriter",
     "RecoveredTask",
     "TaskConflictError",
+    "TaskEnd",
+    "TaskEnding",
     "TaskPage",
     "TaskRecord",
     "TaskSummary",
@@ -212,6 +216,23 @@ class JournalStats:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskEnding:
+    """How a task ends, decided by the coordinator: journaled with :meth:`Journal.end_task`
+    (or together with the result that decides it, :meth:`Journal.take_result`)."""
+
+    task_id: str
+    state: TaskState  # succeeded or failed
+    summary: bytes | None
+    error: str | None
+    read_back: bool  # someone waits: read the ended task back in the same call
+
+
+#: What ending a task returns: the items still in flight (``(item id, node)``: tell their
+#: nodes) and, if :attr:`TaskEnding.read_back`, the task as it ended.
+TaskEnd = tuple[list[tuple[str, str]], "TaskRecord | None"]
+
+
+@dataclass(frozen=True, slots=True)
 class CallOutcome:
     """What one call of a group returned (``value``) or raised (``error``, its writes undone)."""
 
@@ -278,7 +299,13 @@ class Journal:
             self.path, isolation_level=None, check_same_thread=False
         )
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        # FULL's sync of the write-ahead log at each commit is done by sync(), so that a writer
+        # can run the next group while the last one syncs; SQLite itself still syncs the log
+        # before every checkpoint (what NORMAL does).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.syncs = synchronous == "FULL"  # commits are durable only once sync() returned
+        self._wal: int | None = None  # a descriptor of the write-ahead log, opened by sync()
+        self._sync_lock = threading.Lock()
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         migrate(self._db)
@@ -292,6 +319,27 @@ class Journal:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            with self._sync_lock:
+                if self._wal is not None:
+                    os.close(self._wal)
+                    self._wal = None
+
+    def sync(self) -> None:
+        """Make every commit so far durable: ``fdatasync`` the write-ahead log (FULL; NORMAL:
+        nothing). The log is appended to in commit order, so one sync covers every commit
+        before it. Thread-safe; it runs beside the next group's statements on the connection.
+        Raises ``OSError`` if the sync fails (those commits may then be lost)."""
+        if not self.syncs:
+            return
+        with self._sync_lock:
+            if self._db is None:
+                return  # closed: closing the connection checkpointed and synced the log
+            if self._wal is None:
+                try:
+                    self._wal = os.open(f"{self.path}-wal", os.O_RDONLY)
+                except FileNotFoundError:  # nothing committed in WAL mode yet
+                    return
+            os.fdatasync(self._wal)
 
     def __enter__(self) -> Journal:
         return self
@@ -313,6 +361,7 @@ class Journal:
                 yield db
                 self._write_events(db)
                 db.execute("COMMIT")
+                self.sync()
             except BaseException:
                 self._events.clear()
                 if db.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
@@ -338,10 +387,13 @@ class Journal:
         calls: Sequence[Callable[[], object]],
         *,
         before_commit: Callable[[list[CallOutcome]], None] | None = None,
+        sync: bool = True,
     ) -> list[CallOutcome]:
         """Run ``calls`` in order in one transaction, as if each were in its own savepoint;
         commit once. ``before_commit`` gets the outcomes once the calls ran, before the
-        ``COMMIT`` (and its sync) starts: what is decided, not yet durable.
+        ``COMMIT`` (and its sync) starts: what is decided, not yet durable. ``sync=False``:
+        return after the ``COMMIT`` without :meth:`sync`; the caller syncs before it treats
+        the group as durable (a writer then runs the next group meanwhile).
 
         A call that raises an :class:`Exception` has its writes undone and the exception in its
         :class:`CallOutcome`; the others are unaffected. Returns only after the ``COMMIT``;
@@ -361,6 +413,8 @@ class Journal:
             outcomes = self._run_group(db, calls, before_commit, savepoints=False)
             if outcomes is None:
                 outcomes = self._run_group(db, calls, before_commit, savepoints=True)
+        if sync:
+            self.sync()
         return outcomes
 
     def _run_group(self, db, calls, before_commit, *, savepoints: bool) -> list[CallOutcome] | None:
@@ -657,6 +711,30 @@ class Journal:
             raise LocalProtocolError(f"finish() takes succeeded or failed, not {state}")
         return self._close_task(task_id, state, summary, error)
 
+    def end_task(self, ending: TaskEnding) -> TaskEnd:
+        """:meth:`finish` the task as ``ending`` says; also read it back if asked (one call:
+        the record is handed out with the end, once durable)."""
+        in_flight = self.finish(
+            ending.task_id, ending.state, summary=ending.summary, error=ending.error
+        )
+        return in_flight, self.get(ending.task_id) if ending.read_back else None
+
+    def take_result(
+        self,
+        item_id: str,
+        attempt: int,
+        blob: bytes,
+        *,
+        node: str | None = None,
+        ending: TaskEnding | None = None,
+    ) -> tuple[bool, TaskEnd | None]:
+        """:meth:`record_result` and, if it was accepted and ``ending`` is given (this result
+        decides the task), :meth:`end_task`, in one call (both commit or neither does).
+        Returns whether the result was accepted, and what ending the task returned."""
+        if not self.record_result(item_id, attempt, blob, node=node):
+            return False, None
+        return True, None if ending is None else self.end_task(ending)
+
     def _close_task(self, task_id, state, summary, error) -> list[tuple[str, str]]:
         with self._write() as db:
             now = self._clock()
@@ -779,244 +857,6 @@ class Journal:
             counters = dict(db.execute("SELECT name, value FROM counters"))
             (events,) = db.execute("SELECT count(*) FROM events").fetchone()
         return JournalStats(tasks, items, counters, events)
-
-
-# --- the writer thread -----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Call:
-    fn: Callable[..., object]
-    args: tuple[object, ...]
-    future: asyncio.Future[object] | None  # None: nobody waits (a failure is logged)
-    alone: bool
-    decided: Callable[[CallOutcome], None] | None = None  # see JournalWriter.call; once
-
-    def run(self) -> object:
-        return self.fn(*self.args)
-
-
-class JournalWriter:
-    """The one thread that runs journal calls, in the order they were queued, as group commits.
-
-    It takes every call queued at that moment (up to ``max_group``) and hands them to the
-    journal's :meth:`Journal.commit_group` as one transaction; every caller's future resolves
-    only after that ``COMMIT`` returned, all of them in one wake-up of the event loop.
-    ``journal`` returns the journal to commit on (read at each group; None before it is open).
-    An object without ``commit_group`` (a stand-in for tests or benchmarks) gets its calls one
-    by one, in order. A queued call always runs; a caller cancelled meanwhile gets no answer.
-
-    :meth:`call`, :meth:`tell`, :meth:`run`, :meth:`run_alone` and :meth:`aclose` run on the
-    event loop (the first call binds the writer to that loop and starts the thread); the calls
-    run on the writer's thread. The hand-over is a lock-free :class:`queue.SimpleQueue`:
-    queuing a call never waits for the writer's thread.
-    """
-
-    def __init__(
-        self,
-        journal: Callable[[], object],
-        *,
-        max_group: int = 256,
-        tell_delay_s: float = 0.005,
-        name: str = "journal",
-    ) -> None:
-        if max_group < 1:
-            raise ConfigError("max_group must be >= 1")
-        if not 0 <= tell_delay_s <= 1:
-            raise ConfigError(f"tell_delay_s must be within 0..1, not {tell_delay_s}")
-        self.max_group = max_group
-        self.tell_delay_s = tell_delay_s
-        self.name = name
-        self._journal = journal
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
-        self._next: _Call | None = None  # taken from the queue, opens the next group (thread)
-        self._stopping = False  # the thread took the stop mark from the queue
-        self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Future[None] | None = None
-        self.groups = 0  # groups run, for tests and metrics
-        self.calls = 0
-
-    def call(
-        self,
-        fn: Callable[..., object],
-        *args: object,
-        on_decided: Callable[[CallOutcome], None] | None = None,
-    ) -> asyncio.Future[object]:
-        """Queue ``fn(*args)`` now (in order with every other call); a future of its outcome
-        once committed (failed with :class:`LocalProtocolError` once the writer is closed).
-
-        ``on_decided`` is called on the loop with the call's outcome as soon as its group ran,
-        while the ``COMMIT`` still syncs (or with the final outcome if the group never got
-        that far): act on what the call decided while it becomes durable, and undo that if
-        the future then fails. It is called exactly once, before the future resolves.
-        """
-        return self._queue_call(fn, args, alone=False, decided=on_decided)
-
-    def tell(self, fn: Callable[..., object], *args: object) -> None:
-        """Queue ``fn(*args)`` now, in order, for nobody to wait for (a dispatch journaled as
-        the message leaves): no future, one loop wake-up less; a failure is logged."""
-        if self._closing:
-            log.warning("journal writer closed: %s not journaled", getattr(fn, "__name__", fn))
-            return
-        self._loop or self._start()
-        self._queue.put(_Call(fn, args, None, False))
-
-    async def run(self, fn: Callable[..., object], *args: object) -> object:
-        """Queue ``fn(*args)`` and await its outcome (after its group committed)."""
-        return await self._queue_call(fn, args, alone=False)
-
-    async def run_alone(self, fn: Callable[..., object], *args: object) -> object:
-        """Run ``fn(*args)`` outside any group (after the calls queued before it committed):
-        opening or closing the journal."""
-        return await self._queue_call(fn, args, alone=True)
-
-    def _queue_call(self, fn, args, *, alone: bool, decided=None) -> asyncio.Future[object]:
-        if self._closing:
-            future = asyncio.get_running_loop().create_future()
-            error = LocalProtocolError("the journal writer is closed")
-            future.set_exception(error)
-            if decided is not None:
-                decided(CallOutcome(error=error))
-            return future
-        future = (self._loop or self._start()).create_future()
-        self._queue.put(_Call(fn, args, future, alone, decided))
-        return future
-
-    def _start(self) -> asyncio.AbstractEventLoop:
-        self._loop = loop = asyncio.get_running_loop()
-        self._stopped = loop.create_future()
-        threading.Thread(target=self._serve, name=self.name, daemon=True).start()
-        return loop
-
-    async def aclose(self) -> None:
-        """Run what is queued, then stop the thread; later calls are refused. Idempotent."""
-        if not self._closing:
-            self._closing = True
-            self._queue.put(None)
-        if self._stopped is not None:
-            await asyncio.shield(self._stopped)
-
-    # --- on the writer's thread -----------------------------------------------------------
-
-    def _serve(self) -> None:
-        group: list[_Call] = []
-        try:
-            while group := self._next_group():
-                outcomes = self._execute(group)
-                self.groups += 1
-                self.calls += len(group)
-                self._hand_back(self._settle, group, outcomes)
-        except BaseException as exc:  # a bug here: fail what waits rather than hang it
-            log.critical("the journal writer died", exc_info=exc)
-            self._closing = True
-            self._hand_back(self._settle_all, group, exc)
-        finally:
-            self._hand_back(_resolve, self._stopped)
-
-    def _settle_all(self, group: list[_Call], error: BaseException) -> None:
-        """On the loop, after the thread died: fail its last group and every call queued."""
-        pending = [*group, self._next]
-        while True:
-            try:
-                pending.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        calls = [call for call in pending if call is not None]
-        self._settle(calls, [CallOutcome(error=error)] * len(calls))
-
-    def _next_group(self) -> list[_Call]:
-        """Every call queued now, up to ``max_group`` (waits for the first); an alone call
-        makes a group by itself. Empty once the writer is closed and drained.
-
-        A group of told calls only (nobody waits for their commit) waits up to
-        ``tell_delay_s`` for a call to join it: a dispatch then commits with its result (one
-        sync instead of two when the load is low). Told calls may be lost in a crash anyway;
-        the journal's recovery is built for that (see :meth:`Journal.mark_dispatched`).
-        """
-        first, self._next = self._next, None
-        if first is None and not self._stopping:
-            first = self._queue.get()
-        if first is None:
-            self._stopping = True
-            return []
-        group = [first]
-        told_only = first.future is None
-        deadline = time.monotonic() + self.tell_delay_s
-        while not first.alone and len(group) < self.max_group:
-            try:
-                if told_only and (wait := deadline - time.monotonic()) > 0:
-                    call = self._queue.get(timeout=wait)
-                else:
-                    call = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if call is None or call.alone:  # ends this group; opens the next one or stops
-                self._next, self._stopping = call, call is None
-                break
-            group.append(call)
-            told_only = told_only and call.future is None
-        return group
-
-    def _execute(self, group: list[_Call]) -> list[CallOutcome]:
-        commit_group = getattr(self._journal(), "commit_group", None)
-        if group[0].alone or commit_group is None:
-            return [_outcome_of(call.run) for call in group]
-        kw = {}
-        if any(call.decided is not None for call in group):
-            kw["before_commit"] = partial(self._hand_back, self._settle_decided, group)
-        try:
-            return commit_group([call.run for call in group], **kw)
-        except BaseException as exc:  # rolled back: nothing in the group is durable
-            return [CallOutcome(error=exc)] * len(group)
-
-    def _hand_back(self, callback: Callable[..., None], *args: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    @staticmethod
-    def _settle_decided(group: list[_Call], outcomes: list[CallOutcome]) -> None:
-        """On the loop: tell the callers that asked what their calls decided (not durable)."""
-        for call, outcome in zip(group, outcomes, strict=True):
-            decided, call.decided = call.decided, None
-            if decided is not None:
-                try:
-                    decided(outcome)
-                except Exception:  # a bug in the callback: the call itself goes on
-                    log.exception("on_decided callback of %s failed", call.fn)
-
-    @classmethod
-    def _settle(cls, group: list[_Call], outcomes: list[CallOutcome]) -> None:
-        """On the loop: answer every caller of a committed (or failed) group."""
-        cls._settle_decided(group, outcomes)  # those whose group never reached its COMMIT
-        for call, outcome in zip(group, outcomes, strict=True):
-            future, error = call.future, outcome.error
-            if future is None:
-                if error is not None:
-                    level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
-                    log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)
-            elif future.done():  # the caller was cancelled
-                continue
-            elif isinstance(error, StopIteration):  # a future refuses those, as a coroutine does
-                future.set_exception(RuntimeError(f"journal call raised {error!r}"))
-            elif error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(outcome.value)
-
-
-def _outcome_of(fn: Callable[[], object]) -> CallOutcome:
-    try:
-        return CallOutcome(fn())
-    except BaseException as exc:  # handed to the caller, whatever it is
-        return CallOutcome(error=exc)
-
-
-def _resolve(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
 
 
 def _has_json(db: sqlite3.Connection) -> bool:

@@ -27,10 +27,11 @@ higher incarnation. A ``Close`` frame (a draining node, a graceful leave) trigge
     unreachable --new session / higher incarnation / forgotten--> reachable
 
 Durability: every journal call runs on one dedicated thread (a
-:class:`~coordinator.journal.JournalWriter`), in the order it was queued, so the event loop never
-blocks and a result can never be journaled before its dispatch. That thread commits every call
-queued at that moment as one group (one fsync) and answers their callers only after the commit,
-so a submit is acknowledged, and a result acted upon, only once durable. A submitted task's
+:class:`~coordinator.journal_writer.JournalWriter`), in the order it was queued, so the event
+loop never blocks and a result can never be journaled before its dispatch. That thread commits
+every call queued at that moment as one group (one fsync, run by a second thread while the next
+group commits) and answers their callers only once it is synced, so a submit is acknowledged,
+and a result acted upon, only once durable. A submitted task's
 items are dispatched as soon as the journal has taken it, while its COMMIT syncs: the sync
 overlaps the trip to the node, and the result, journaled by the same ordered thread, can only
 commit after the task. If that COMMIT fails the submit is refused and the items are called back
@@ -67,13 +68,14 @@ import numpy as np
 from coordinator.journal import (
     CallOutcome,
     Journal,
-    JournalWriter,
+    TaskEnding,
     TaskPage,
     TaskRecord,
     UnknownTaskError,
 )
+from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
-from meshinfer.errors import MeshInferError, RemoteProtocolError
+from meshinfer.errors import LocalProtocolError, MeshInferError, RemoteProtocolError
 from meshinfer.proto import messages
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
@@ -147,6 +149,7 @@ class Coordinator:
         self.journal: Journal | None = None
         # One thread keeps journal calls in order and commits what is queued as one group.
         self._db = JournalWriter(lambda: self.journal, name="journal")
+        self._started = False
         self._runs: dict[str, TaskRun] = {}
         self._items: dict[str, tuple[TaskRun, ItemRun]] = {}  # live item id -> run, item
         self._ready: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
@@ -179,6 +182,7 @@ class Coordinator:
         self.journal = await self._db.run_alone(
             lambda: Journal(self.journal_path, synchronous=self.config.journal_synchronous)
         )
+        self._started = True
         peers = self.mesh.peers
         peers.on(TaskAccepted, self._on_accepted)
         peers.on(TaskResult, self._on_result)
@@ -210,9 +214,12 @@ class Coordinator:
             await self._db.run_alone(self.journal.close)
         await self._db.aclose()
 
+    def _check_started(self) -> None:
+        if not self._started:
+            raise LocalProtocolError("the coordinator is not started")
+
     async def _recover(self) -> None:
-        assert self.journal is not None
-        recovered = await self._db.run(self.journal.recover)
+        recovered = await self._db.run("recover")
         now = self._loop.time()
         for rec in recovered:
             run = TaskRun(rec.task.spec, default_aggregation=self.config.default_aggregation,
@@ -246,11 +253,11 @@ class Coordinator:
         id raises :class:`~coordinator.journal.TaskConflictError`. Raises
         :class:`~meshinfer.proto.tasks.InvalidTaskError` (a ConfigError) for a bad spec.
         """
-        assert self.journal is not None
+        self._check_started()
         run = TaskRun(
             spec, default_aggregation=self.config.default_aggregation, now=self._loop.time()
         )  # fmt: skip  (validates the spec)
-        durable = self._db.call(self._journal_task, spec, on_decided=partial(self._decided, run))
+        durable = self._db.call("accept", spec, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
         await asyncio.shield(durable)  # a cancelled caller leaves the task to run
         return spec.task_id
@@ -258,10 +265,7 @@ class Coordinator:
     def _decided(self, run: TaskRun, outcome: CallOutcome) -> None:
         """The journal took the task (its COMMIT is still syncing): dispatch its items now.
         Their results are journaled after the task, by the same ordered writer."""
-        created = outcome.value
-        if created is None and outcome.error is None:  # a stand-in that cannot tell
-            created = run.task_id not in self._runs
-        if created and outcome.error is None and not self._closed:
+        if outcome.value and outcome.error is None and not self._closed:
             self._runs[run.task_id] = run
             self._schedule_ready(run, {})
 
@@ -277,21 +281,13 @@ class Coordinator:
                     )
             self._forget(run.task_id)
 
-    def _journal_task(self, spec: TaskSpec) -> bool | None:
-        """On the journal thread: True if ``spec`` is journaled now, False if it already was."""
-        accept = getattr(self.journal, "accept", None)
-        if accept is None:  # e.g. a benchmark's stand-in with submit() only
-            self.journal.submit(spec)
-            return None
-        return accept(spec)
-
     async def get(self, task_id: str) -> TaskRecord:
-        assert self.journal is not None
-        return await self._db.run(self.journal.get, task_id)
+        self._check_started()
+        return await self._db.run("get", task_id)
 
     async def list_tasks(self, **filters: Any) -> TaskPage:
-        assert self.journal is not None
-        return await self._db.run(lambda: self.journal.list(**filters))
+        self._check_started()
+        return await self._db.run("list", **filters)
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """The task once it ended (or as it is at ``timeout``)."""
@@ -315,11 +311,10 @@ class Coordinator:
 
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task; the nodes running its items are told. False if it already ended."""
-        assert self.journal is not None
         record = await self.get(task_id)  # UnknownTaskError for an unknown id
         if record.state.value in ("succeeded", "failed", "cancelled"):
             return False
-        in_flight = await self._db.run(self.journal.cancel, task_id)
+        in_flight = await self._db.run("cancel", task_id)
         for item_id, node in in_flight:
             if node:
                 self.mesh.peers.send(node, TaskCancel(item_id, "task cancelled"))
@@ -354,8 +349,8 @@ class Coordinator:
         return out
 
     async def stats(self) -> dict[str, Any]:
-        assert self.journal is not None
-        js = await self._db.run(self.journal.stats)
+        self._check_started()
+        js = await self._db.run("stats")
         s = self.stats_
         return {
             "tasks": js.tasks, "items": js.items, "journal_counters": js.counters,
@@ -430,23 +425,18 @@ class Coordinator:
         return views
 
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
-        assert self.journal is not None
         entry.node = node
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
         item_id, attempt = entry.item.item_id, entry.attempt
         # Queued before the message leaves, not waited for (see the module docstring): the
         # journal thread runs it before anything queued later (the result, a failure).
-        self._journal_later(self.journal.mark_dispatched, item_id, node, attempt)
+        self._db.tell("mark_dispatched", item_id, node, attempt)
         self.stats_.dispatched += 1
         if not self.mesh.peers.send(node, entry.item.to_message()):
             self._retry(run, entry, f"could not send to {node}", backoff=True)
             return
         self._arm_timeout(item_id, attempt)
-
-    def _journal_later(self, fn: Any, *args: Any) -> None:
-        """Queue a journal call nobody waits for; its failure is logged."""
-        self._db.tell(fn, *args)
 
     def _arm_timeout(self, item_id: str, attempt: int) -> None:
         old = self._timers.pop(item_id, None)
@@ -481,7 +471,7 @@ class Coordinator:
 
     def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
         pair = self._items.get(msg.item_id)
-        if pair is None or self.journal is None or pair[1].attempt != msg.attempt:
+        if pair is None or not self._started or pair[1].attempt != msg.attempt:
             return
         self._loop.call_later(
             self.config.running_mark_delay_s, self._mark_running, msg.item_id, msg.attempt
@@ -490,20 +480,21 @@ class Coordinator:
     def _mark_running(self, item_id: str, attempt: int) -> None:
         """Journal the item as running unless its result (or a retry) came first."""
         pair = self._items.get(item_id)
-        if pair is None or pair[1].attempt != attempt or self.journal is None or self._closed:
+        if pair is None or pair[1].attempt != attempt or not self._started or self._closed:
             return
-        self._journal_later(self.journal.mark_running, item_id, attempt)
+        self._db.tell("mark_running", item_id, attempt)
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
         self._answered.add(msg.item_id)  # being journaled: not to be re-dispatched meanwhile
         self._loop.create_task(self._accept_result(peer, msg)).add_done_callback(_log_failure)
 
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
-        assert self.journal is not None
         try:
             blob = messages.encode(msg)
             ending = self._ending_with(msg)
-            fresh, ended = await self._db.run(self._journal_result, msg, blob, ending)
+            fresh, ended = await self._db.run(
+                "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id, ending=ending
+            )
         finally:
             self._answered.discard(msg.item_id)
         if not fresh:
@@ -533,7 +524,7 @@ class Coordinator:
             model = entry.item.model
             self.scheduler.observe_runtime((model.model_id, model.version), elapsed)
 
-    def _ending_with(self, msg: TaskResult) -> _Ending | None:
+    def _ending_with(self, msg: TaskResult) -> TaskEnding | None:
         """How the task ends if ``msg`` is accepted, when that alone decides it: the last
         missing result of a single, batch or pipeline task (aggregations are left to
         :meth:`_advance`: their outcome may depend on time). Tried on a copy of the run."""
@@ -556,30 +547,11 @@ class Coordinator:
             return None
         return self._ending(run, trial, outcome)
 
-    def _ending(self, run: TaskRun, source: TaskRun, outcome: Outcome) -> _Ending:
+    def _ending(self, run: TaskRun, source: TaskRun, outcome: Outcome) -> TaskEnding:
         state = TaskState.SUCCEEDED if outcome.succeeded else TaskState.FAILED
         summary = encode_outcome(source, outcome)
         waited = run.task_id in self._waiters  # then read the record back with the end
-        return _Ending(run.task_id, state, summary, outcome.error or None, waited)
-
-    def _journal_result(
-        self, msg: TaskResult, blob: bytes, ending: _Ending | None
-    ) -> tuple[bool, _Ended | None]:
-        """On the journal thread, as one call (one savepoint of a group): the result exactly
-        once and, if it was accepted and ends the task, the task's end (see _journal_end)."""
-        journal = self.journal
-        if not journal.record_result(msg.item_id, msg.attempt, blob, node=msg.node_id):
-            return False, None
-        return True, None if ending is None else self._journal_end(ending)
-
-    def _journal_end(self, ending: _Ending) -> _Ended:
-        """On the journal thread: end the task; the items still in flight and, if someone
-        waits for it, the task as it ended (read in the same group: handed out once durable)."""
-        journal = self.journal
-        in_flight = journal.finish(
-            ending.task_id, ending.state, summary=ending.summary, error=ending.error
-        )
-        return in_flight, journal.get(ending.task_id) if ending.read_back else None
+        return TaskEnding(run.task_id, state, summary, outcome.error or None, waited)
 
     def _ended(
         self, task_id: str, in_flight: list[tuple[str, str]], record: TaskRecord | None
@@ -702,10 +674,7 @@ class Coordinator:
             return
         self.stats_.retries += 1
         log.info("retrying %s (attempt %d failed: %s)", item_id, attempt, reason)
-        assert self.journal is not None
-        self._journal_later(
-            partial(self.journal.record_failure, retryable=True), item_id, attempt, reason
-        )
+        self._db.tell("record_failure", item_id, attempt, reason, retryable=True)
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
         entry.node = None
@@ -717,13 +686,10 @@ class Coordinator:
         self._loop.call_later(delay, self._queue, item_id, run.spec.priority)
 
     async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:
-        assert self.journal is not None
         item_id = entry.item.item_id
         self._items.pop(item_id, None)
         self._cancel_timer(item_id)
-        await self._db.run(
-            partial(self.journal.record_failure, retryable=False), item_id, entry.attempt, reason
-        )
+        await self._db.run("record_failure", item_id, entry.attempt, reason, retryable=False)
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
 
@@ -734,8 +700,7 @@ class Coordinator:
         await self._finish(run, run.outcome)
 
     async def _finish(self, run: TaskRun, outcome: Outcome) -> None:
-        assert self.journal is not None
-        in_flight, record = await self._db.run(self._journal_end, self._ending(run, run, outcome))
+        in_flight, record = await self._db.run("end_task", self._ending(run, run, outcome))
         self._ended(run.task_id, in_flight, record)
 
     def _arm_aggregation_timeout(self, run: TaskRun) -> None:
@@ -766,21 +731,6 @@ class Coordinator:
         timer = self._timers.pop(item_id, None)
         if timer is not None:
             timer.cancel()
-
-
-@dataclass(frozen=True, slots=True)
-class _Ending:
-    """A task's end, journaled together with the result that decides it."""
-
-    task_id: str
-    state: TaskState
-    summary: bytes
-    error: str | None
-    read_back: bool  # someone waits: read the ended task in the same journal call
-
-
-#: What ending a task returns: the items still in flight, the task as it ended (if read back).
-_Ended = tuple[list[tuple[str, str]], TaskRecord | None]
 
 
 #: How :class:`Session` words a close that came from the stream ending (EOF, reset) rather than

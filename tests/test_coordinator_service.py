@@ -147,16 +147,16 @@ async def test_cancel_reaches_the_node(tmp_path):
 
 
 def hold_commits(coordinator: Coordinator, fail: bool = False) -> threading.Event:
-    """Make the coordinator's journal wait, in each group that has a submit, between running
-    the calls and their ``COMMIT`` until the returned event is set; ``fail``: the COMMIT then
-    fails (as on a full disk) and the group rolls back."""
+    """Make the coordinator's journal wait, in each group that has a submit,
+    between running the calls and their ``COMMIT`` until the returned event is set; ``fail``:
+    the COMMIT then fails (as on a full disk) and the group rolls back."""
     release = threading.Event()
     journal = coordinator.journal
     original = journal.commit_group
 
-    def held(calls, before_commit=None):
+    def held(calls, before_commit=None, **kw):
         if before_commit is None:  # no submit in this group
-            return original(calls)
+            return original(calls, **kw)
 
         def hold(outcomes):
             before_commit(outcomes)
@@ -164,7 +164,7 @@ def hold_commits(coordinator: Coordinator, fail: bool = False) -> threading.Even
             if fail:
                 raise OSError("disk full (injected)")
 
-        return original(calls, before_commit=hold)
+        return original(calls, before_commit=hold, **kw)
 
     journal.commit_group = held
     return release

@@ -175,11 +175,44 @@ def test_synchronous_mode_is_checked(tmp_path):
         Journal(tmp_path / "j.db", synchronous="OFF")
 
 
-def test_the_database_runs_in_wal_mode_with_full_sync(tmp_path):
+def wal_syncs(monkeypatch) -> list[str]:
+    """Record which files ``os.fdatasync`` syncs from now on (it still syncs them)."""
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def noting(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", noting)
+    return synced
+
+
+def test_the_database_runs_in_wal_mode_and_full_syncs_the_log_of_every_commit(
+    tmp_path, monkeypatch
+):
     with Journal(tmp_path / "j.db") as journal:
         db = journal._db
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        # SQLite syncs the log before a checkpoint (NORMAL); the journal syncs it at commits
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 1 and journal.syncs
+        synced = wal_syncs(monkeypatch)
+        journal.submit(batch("t1"))
+        assert synced == [str(tmp_path / "j.db-wal")]
+        journal.commit_group([lambda: journal.submit(batch("t2"))])
+        assert len(synced) == 2
+        journal.commit_group([lambda: journal.submit(batch("t3"))], sync=False)
+        assert len(synced) == 2  # left to the caller
+        journal.sync()
+        assert len(synced) == 3
+
+
+def test_normal_never_syncs_the_log_itself(tmp_path, monkeypatch):
+    with Journal(tmp_path / "j.db", synchronous="NORMAL") as journal:
+        synced = wal_syncs(monkeypatch)
+        journal.submit(batch("t1"))
+        journal.sync()
+        assert synced == [] and not journal.syncs
 
 
 # --- schema --------------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ from coordinator.journal import (
     CallOutcome,
     Journal,
     JournalError,
-    JournalWriter,
     TaskConflictError,
     UnknownTaskError,
 )
+from coordinator.journal_writer import JournalWriter
 from coordinator.service import CoordinatorConfig
 from meshinfer.errors import ConfigError, LocalProtocolError
 from meshinfer.inference.base import ModelRef
@@ -373,6 +373,56 @@ async def test_told_calls_alone_commit_once_the_delay_is_over(tmp_path):
         JournalWriter(lambda: journal, tell_delay_s=-1)
 
 
+async def test_the_next_group_runs_while_the_last_one_syncs_and_answers_wait_for_it(tmp_path):
+    path = tmp_path / "j.db"
+    journal = Journal(path)  # synchronous=FULL: the writer's sync thread syncs the log
+    syncing, release = threading.Event(), threading.Event()
+    real_sync = journal.sync
+
+    def held_sync() -> None:
+        syncing.set()
+        assert release.wait(10), "the test never released the sync"
+        real_sync()
+
+    journal.sync = held_sync
+    writer = JournalWriter(lambda: journal)
+    first = writer.call("submit", single("a"))
+    await until(syncing.is_set)  # "a" is committed; its sync is held
+    second = writer.call("submit", single("b"))
+    await until(lambda: "b" in committed_tasks(path))  # the next group ran meanwhile
+    assert not first.done() and not second.done()  # neither is known durable yet
+    release.set()
+    assert await first == "a" and await second == "b"
+    await writer.aclose()
+    journal.close()
+
+
+async def test_a_failed_sync_fails_the_callers_it_would_have_made_durable(tmp_path, caplog):
+    journal = Journal(tmp_path / "j.db")
+
+    def failing_sync() -> None:
+        raise OSError("EIO (injected)")
+
+    journal.sync = failing_sync
+    writer = JournalWriter(lambda: journal)
+    with pytest.raises(OSError, match="EIO"):  # committed, but maybe not on the disk
+        await writer.run("submit", single("a"))
+    assert "could not sync" in caplog.text
+    await writer.aclose()
+    journal.close()
+
+
+async def test_calls_may_name_journal_methods_with_keyword_arguments(journal):
+    writer = JournalWriter(lambda: journal)
+    assert await writer.run("submit", single("t")) == "t"
+    writer.tell("mark_dispatched", "t/0", "veh-1", 1)
+    assert await writer.run("record_failure", "t/0", 1, "lost", retryable=True)
+    assert (await writer.run("get", "t")).items[0].attempt == 2
+    with pytest.raises(AttributeError):
+        await writer.run("no_such_method")
+    await writer.aclose()
+
+
 async def test_on_decided_comes_before_the_commit_and_exactly_once(tmp_path):
     path = tmp_path / "j.db"
     journal = CountingJournal(path, synchronous="NORMAL")
@@ -381,12 +431,12 @@ async def test_on_decided_comes_before_the_commit_and_exactly_once(tmp_path):
     told = threading.Event()
     original_commit = journal.commit_group
 
-    def commit_once_told(calls, before_commit=None):
+    def commit_once_told(calls, before_commit=None, **kw):
         def wait_for_the_loop(outcomes):
             before_commit(outcomes)
             assert told.wait(10)  # the COMMIT waits until the loop ran the callback
 
-        return original_commit(calls, before_commit=wait_for_the_loop)
+        return original_commit(calls, before_commit=wait_for_the_loop, **kw)
 
     def decided(outcome: CallOutcome) -> None:  # what a second connection sees meanwhile
         seen.append((outcome.unwrap(), "t" in committed_tasks(path)))
@@ -399,12 +449,12 @@ async def test_on_decided_comes_before_the_commit_and_exactly_once(tmp_path):
     failing = CountingJournal(tmp_path / "k.db", synchronous="NORMAL")
     original = failing.commit_group
 
-    def failing_commit(calls, before_commit=None):
+    def failing_commit(calls, before_commit=None, **kw):
         def then_fail(outcomes):
             before_commit(outcomes)
             raise OSError("injected")
 
-        return original(calls, before_commit=then_fail)
+        return original(calls, before_commit=then_fail, **kw)
 
     failing.commit_group = failing_commit
     outcomes: list[CallOutcome] = []
@@ -481,7 +531,8 @@ _WORKER = textwrap.dedent(
     """
     import asyncio, sys
     import numpy as np
-    from coordinator.journal import Journal, JournalWriter
+    from coordinator.journal import Journal
+    from coordinator.journal_writer import JournalWriter
     from meshinfer.inference.base import ModelRef
     from meshinfer.proto.tasks import Pattern, TaskSpec, TaskState
     from meshinfer.proto.tasks_wire import Tensor
@@ -551,7 +602,7 @@ async def test_a_task_costs_three_journal_calls_and_waiting_costs_none(tmp_path)
         assert record.state == TaskState.SUCCEEDED and record.result_summary is not None
         # submit, mark_dispatched, then the result with the task's end and its read-back
         assert c._db.calls - before == 3
-        kinds = [e.kind for e in await c._db.run(c.journal.history, "one")]
+        kinds = [e.kind for e in await c._db.run("history", "one")]
         assert kinds == ["submitted", "dispatched", "result", "succeeded"]
 
 
@@ -562,13 +613,13 @@ async def test_resubmitting_a_known_task_runs_nothing_again(tmp_path):
         task = spec("once", "batch", x[:6], shard_size=2)
         first = await c.wait(await c.submit(task), timeout=10)
         assert first.state == TaskState.SUCCEEDED
-        dispatched, events = c.stats_.dispatched, len(await c._db.run(c.journal.history, "once"))
+        dispatched, events = c.stats_.dispatched, len(await c._db.run("history", "once"))
         assert await c.submit(task) == "once"  # an idempotent client retry of a finished task
         again = await c.wait("once", timeout=10)
         assert again.state == TaskState.SUCCEEDED and again.result_summary == first.result_summary
         stats = await c.stats()
         assert c.stats_.dispatched == dispatched == 3 and stats["live_tasks"] == 0
-        assert len(await c._db.run(c.journal.history, "once")) == events
+        assert len(await c._db.run("history", "once")) == events
         assert stats["journal_counters"] == {} and stats["duplicates"] == 0
         with pytest.raises(TaskConflictError):
             await c.submit(spec("once", "batch", x[:4], shard_size=2))

@@ -1,0 +1,325 @@
+"""The journal's writer: one thread that runs journal calls in order, as group commits.
+
+:class:`JournalWriter` feeds :meth:`coordinator.journal.Journal.commit_group` from the event
+loop: every call queued while the previous group committed goes into the next group (one
+``COMMIT``, one fsync), and the callers hear back only after that ``COMMIT``. A call is a
+function, or the name of a method of the journal (looked up on the writer's thread when it
+runs, on the journal open at that moment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from coordinator.journal import CallOutcome
+from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
+
+__all__ = ["JournalWriter"]
+
+log = logging.getLogger(__name__)
+
+#: A journal call: a function, or the name of a method of the journal.
+JournalCall = Callable[..., object] | str
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: JournalCall
+    args: tuple[object, ...]
+    kwargs: dict[str, object] = field(default_factory=dict)
+    future: asyncio.Future[object] | None = None  # None: nobody waits (a failure is logged)
+    alone: bool = False
+    decided: Callable[[CallOutcome], None] | None = None  # see JournalWriter.call; once
+
+    def bound(self, journal: object) -> Callable[[], object]:
+        """The call, ready to run on ``journal`` (a name is looked up there)."""
+        fn = getattr(journal, self.fn) if isinstance(self.fn, str) else self.fn
+        return partial(fn, *self.args, **self.kwargs)
+
+
+class JournalWriter:
+    """The one thread that runs journal calls, in the order they were queued, as group commits.
+
+    It takes every call queued at that moment (up to ``max_group``) and hands them to the
+    journal's :meth:`Journal.commit_group` as one transaction. A second thread then syncs the
+    journal's log (:meth:`Journal.sync`) while the writer runs the next group -- one sync
+    covers every group committed meanwhile -- and only then resolves the callers' futures, all
+    of a group in one wake-up of the event loop. So an answer still means "durable", and the
+    sync no longer stalls the statements behind it.
+    ``journal`` returns the journal to commit on (read at each group; None before it is open).
+    An object without ``commit_group`` (a stand-in for tests or benchmarks) gets its calls one
+    by one, in order. A queued call always runs; a caller cancelled meanwhile gets no answer.
+
+    :meth:`call`, :meth:`tell`, :meth:`run`, :meth:`run_alone` and :meth:`aclose` run on the
+    event loop (the first call binds the writer to that loop and starts the thread); the calls
+    run on the writer's thread. The hand-over is a lock-free :class:`queue.SimpleQueue`:
+    queuing a call never waits for the writer's thread.
+    """
+
+    def __init__(
+        self,
+        journal: Callable[[], object],
+        *,
+        max_group: int = 256,
+        tell_delay_s: float = 0.005,
+        name: str = "journal",
+    ) -> None:
+        if max_group < 1:
+            raise ConfigError("max_group must be >= 1")
+        if not 0 <= tell_delay_s <= 1:
+            raise ConfigError(f"tell_delay_s must be within 0..1, not {tell_delay_s}")
+        self.max_group = max_group
+        self.tell_delay_s = tell_delay_s
+        self.name = name
+        self._journal = journal
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
+        self._next: _Call | None = None  # taken from the queue, opens the next group (thread)
+        self._stopping = False  # the thread took the stop mark from the queue
+        #: Groups committed by the writer's thread, to sync and answer (None: stop).
+        self._committed: queue.Queue[tuple[list[_Call], list[CallOutcome], object] | None]
+        self._committed = queue.Queue()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self.groups = 0  # groups run, for tests and metrics
+        self.calls = 0
+
+    def call(
+        self,
+        fn: JournalCall,
+        *args: object,
+        on_decided: Callable[[CallOutcome], None] | None = None,
+        **kwargs: object,
+    ) -> asyncio.Future[object]:
+        """Queue ``fn(*args, **kwargs)`` now (in order with every other call); a future of its
+        outcome once committed (failed with :class:`LocalProtocolError` once the writer is
+        closed). ``fn`` may name a method of the journal.
+
+        ``on_decided`` is called on the loop with the call's outcome as soon as its group ran,
+        while the ``COMMIT`` still syncs (or with the final outcome if the group never got
+        that far): act on what the call decided while it becomes durable, and undo that if
+        the future then fails. It is called exactly once, before the future resolves.
+        """
+        return self._queue_call(_Call(fn, args, kwargs, decided=on_decided))
+
+    def tell(self, fn: JournalCall, *args: object, **kwargs: object) -> None:
+        """Queue ``fn(*args, **kwargs)`` now, in order, for nobody to wait for (a dispatch
+        journaled as the message leaves): no future, one loop wake-up less; a failure is
+        logged."""
+        if self._closing:
+            log.warning("journal writer closed: %s not journaled", getattr(fn, "__name__", fn))
+            return
+        self._loop or self._start()
+        self._queue.put(_Call(fn, args, kwargs))
+
+    async def run(self, fn: JournalCall, *args: object, **kwargs: object) -> object:
+        """Queue ``fn(*args, **kwargs)`` and await its outcome (after its group committed)."""
+        return await self._queue_call(_Call(fn, args, kwargs))
+
+    async def run_alone(self, fn: JournalCall, *args: object, **kwargs: object) -> object:
+        """Run ``fn(*args, **kwargs)`` outside any group (after the calls queued before it
+        committed): opening or closing the journal."""
+        return await self._queue_call(_Call(fn, args, kwargs, alone=True))
+
+    def _queue_call(self, call: _Call) -> asyncio.Future[object]:
+        if self._closing:
+            future = asyncio.get_running_loop().create_future()
+            error = LocalProtocolError("the journal writer is closed")
+            future.set_exception(error)
+            if call.decided is not None:
+                call.decided(CallOutcome(error=error))
+            return future
+        call.future = future = (self._loop or self._start()).create_future()
+        self._queue.put(call)
+        return future
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        self._loop = loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        threading.Thread(target=self._serve, name=self.name, daemon=True).start()
+        return loop
+
+    async def aclose(self) -> None:
+        """Run what is queued, then stop the thread; later calls are refused. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(None)
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+
+    # --- on the writer's thread -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        group: list[_Call] = []
+        syncer = threading.Thread(target=self._sync_and_settle, name=f"{self.name}-sync")
+        syncer.start()
+        try:
+            while group := self._next_group():
+                if group[0].alone:  # e.g. closing the journal: after the syncs before it
+                    self._committed.join()
+                journal = self._journal()
+                outcomes = self._execute(group, journal)
+                self.groups += 1
+                self.calls += len(group)
+                self._committed.put((group, outcomes, journal))
+        except BaseException as exc:  # a bug here: fail what waits rather than hang it
+            log.critical("the journal writer died", exc_info=exc)
+            self._closing = True
+            self._committed.put(None)
+            syncer.join()
+            self._hand_back(self._settle_all, group, exc)
+        finally:
+            self._committed.put(None)
+            syncer.join()
+            self._hand_back(_resolve, self._stopped)
+
+    def _sync_and_settle(self) -> None:
+        """The sync thread: sync what the writer committed (one sync for every group committed
+        meanwhile), then answer those groups' callers, in order. Meanwhile the writer runs the
+        next group: its statements overlap this sync."""
+        stop = False
+        while not stop:
+            batch = [self._committed.get()]
+            while not self._committed.empty():
+                batch.append(self._committed.get_nowait())
+            groups = [item for item in batch if item is not None]
+            stop = len(groups) < len(batch)
+            failed = None
+            for journal in {id(j): j for _, _, j in groups}.values():  # one, but for tests
+                failed = failed or self._sync(journal)
+            for group, outcomes, _ in groups:
+                if failed is not None:  # committed, but not known to be durable
+                    outcomes = [CallOutcome(error=failed)] * len(group)
+                self._hand_back(self._settle, group, outcomes)
+            for _ in batch:
+                self._committed.task_done()
+
+    @staticmethod
+    def _sync(journal: object) -> BaseException | None:
+        sync = getattr(journal, "sync", None)
+        if sync is None:
+            return None
+        try:
+            sync()
+        except BaseException as exc:
+            log.critical("the journal could not sync its log: %s", exc)
+            return exc
+        return None
+
+    def _settle_all(self, group: list[_Call], error: BaseException) -> None:
+        """On the loop, after the thread died: fail its last group and every call queued."""
+        pending = [*group, self._next]
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        calls = [call for call in pending if call is not None]
+        self._settle(calls, [CallOutcome(error=error)] * len(calls))
+
+    def _next_group(self) -> list[_Call]:
+        """Every call queued now, up to ``max_group`` (waits for the first); an alone call
+        makes a group by itself. Empty once the writer is closed and drained.
+
+        A group of told calls only (nobody waits for their commit) waits up to
+        ``tell_delay_s`` for a call to join it: a dispatch then commits with its result (one
+        sync instead of two when the load is low). Told calls may be lost in a crash anyway;
+        the journal's recovery is built for that (see :meth:`Journal.mark_dispatched`).
+        """
+        first, self._next = self._next, None
+        if first is None and not self._stopping:
+            first = self._queue.get()
+        if first is None:
+            self._stopping = True
+            return []
+        group = [first]
+        told_only = first.future is None
+        deadline = time.monotonic() + self.tell_delay_s
+        while not first.alone and len(group) < self.max_group:
+            try:
+                if told_only and (wait := deadline - time.monotonic()) > 0:
+                    call = self._queue.get(timeout=wait)
+                else:
+                    call = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if call is None or call.alone:  # ends this group; opens the next one or stops
+                self._next, self._stopping = call, call is None
+                break
+            group.append(call)
+            told_only = told_only and call.future is None
+        return group
+
+    def _execute(self, group: list[_Call], journal: object) -> list[CallOutcome]:
+        commit_group = getattr(journal, "commit_group", None)
+        if group[0].alone or commit_group is None:
+            return [_outcome_of(call.bound(journal)) for call in group]
+        kw = {}
+        if any(call.decided is not None for call in group):
+            kw["before_commit"] = partial(self._hand_back, self._settle_decided, group)
+        if hasattr(journal, "sync"):
+            kw["sync"] = False  # the sync thread syncs it, while the next group runs
+        try:
+            return commit_group([call.bound(journal) for call in group], **kw)
+        except BaseException as exc:  # rolled back: nothing in the group is durable
+            return [CallOutcome(error=exc)] * len(group)
+
+    def _hand_back(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    @staticmethod
+    def _settle_decided(group: list[_Call], outcomes: list[CallOutcome]) -> None:
+        """On the loop: tell the callers that asked what their calls decided (not durable)."""
+        for call, outcome in zip(group, outcomes, strict=True):
+            decided, call.decided = call.decided, None
+            if decided is not None:
+                try:
+                    decided(outcome)
+                except Exception:  # a bug in the callback: the call itself goes on
+                    log.exception("on_decided callback of %s failed", call.fn)
+
+    @classmethod
+    def _settle(cls, group: list[_Call], outcomes: list[CallOutcome]) -> None:
+        """On the loop: answer every caller of a committed (or failed) group."""
+        cls._settle_decided(group, outcomes)  # those whose group never reached its COMMIT
+        for call, outcome in zip(group, outcomes, strict=True):
+            future, error = call.future, outcome.error
+            if future is None:
+                _log_failed_tell(call, error)
+            elif future.done():  # the caller was cancelled
+                continue
+            elif isinstance(error, StopIteration):  # a future refuses those, as a coroutine does
+                future.set_exception(RuntimeError(f"journal call raised {error!r}"))
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outcome.value)
+
+
+def _log_failed_tell(call: _Call, error: BaseException | None) -> None:
+    """Log the failure (if any) of a told call: nobody else hears of it."""
+    if error is not None:
+        level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
+        log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)
+
+
+def _outcome_of(fn: Callable[[], object]) -> CallOutcome:
+    try:
+        return CallOutcome(fn())
+    except BaseException as exc:  # handed to the caller, whatever it is
+        return CallOutcome(error=exc)
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
