@@ -19,6 +19,12 @@ from meshinfer.testing.cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 NODES = ("veh-1", "veh-2")
+#: Nodes that hold every batch 20 ms: the kill must catch tasks unfinished, however fast the
+#: machine (a digits forward pass takes microseconds).
+SLOW_NODE = (
+    "[executor]\nmax_concurrent = 1\n"
+    "[inference]\nmax_queue_delay_ms = 20.0\ndispatch_when_idle = false\n"
+)
 
 
 def _client(cluster: LocalCluster) -> CoordinatorClient:
@@ -51,7 +57,7 @@ def test_every_acknowledged_task_finishes_after_a_coordinator_crash(tmp_path):
     with LocalCluster(tmp_path, fleet_id="restart-fleet") as cluster:
         cluster.add_coordinator("coord")
         for name in NODES:
-            cluster.add_node(name, extra="[executor]\nmax_concurrent = 1\n")
+            cluster.add_node(name, extra=SLOW_NODE)
             cluster.start(name)
         cluster.start_coordinator("coord")
         client = _client(cluster)
