@@ -63,9 +63,10 @@ NODE_EXTRA = (
     "max_queue_delay_ms = 0.0\n"
     "[executor]\nmax_concurrent = 256\noffload_queue_depth = 100000\n"
 )
-JOURNAL_CALLS = (
-    "accept", "submit", "mark_dispatched", "mark_running", "record_result", "finish", "get",
-)  # fmt: skip
+#: The journal calls the coordinator makes for a task (each one timed).
+JOURNAL_CALLS = ("accept", "mark_dispatched", "mark_running", "take_result")
+#: The cases: the journal at each sync level, and none at all.
+MODES = ("FULL", "NORMAL", "none")
 
 
 class Figures:
@@ -142,8 +143,8 @@ class NullJournal:
     def __init__(self) -> None:
         self.ended: set[str] = set()
 
-    def submit(self, spec: TaskSpec) -> str:
-        return spec.task_id
+    def accept(self, spec: TaskSpec) -> bool:
+        return True
 
     def mark_dispatched(self, *args) -> None:
         pass
@@ -151,12 +152,12 @@ class NullJournal:
     def mark_running(self, *args) -> bool:
         return True
 
-    def record_result(self, *args, **kwargs) -> bool:
-        return True
+    def take_result(self, *args, ending=None, **kwargs) -> tuple[bool, tuple | None]:
+        return True, None if ending is None else self.end_task(ending)
 
-    def finish(self, task_id: str, *args, **kwargs) -> list:
-        self.ended.add(task_id)
-        return []
+    def end_task(self, ending) -> tuple[list, None]:
+        self.ended.add(ending.task_id)
+        return [], None
 
     def get(self, task_id: str) -> SimpleNamespace:
         state = "succeeded" if task_id in self.ended else "running"
@@ -170,10 +171,11 @@ def serving(c: Coordinator) -> bool:
     return any(n["models"] and n["status"] == "alive" for n in c.nodes())
 
 
-async def start_coordinator(cluster: LocalCluster, tmp: Path, synchronous: str, in_flight):
-    """A fresh coordinator (own identity and journal); ``synchronous="none"`` swaps its journal
-    for a :class:`NullJournal`."""
-    name = f"coord-{synchronous}-{in_flight}-{time.monotonic_ns()}"
+async def start_coordinator(cluster: LocalCluster, tmp: Path, mode: str, in_flight):
+    """A fresh coordinator (own identity and journal) for one of :data:`MODES`: "none" swaps
+    its journal for a :class:`NullJournal`."""
+    synchronous = mode
+    name = f"coord-{mode}-{in_flight}-{time.monotonic_ns()}"
     ident = NodeIdentity.load(cluster.enroll(name, roles=("coordinator",)))
     revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
     journal = tmp / f"{name}.db"
@@ -213,14 +215,14 @@ async def mesh_loop(c: Coordinator, window: Window, in_flight: int, tag: str) ->
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
 
 
-async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, node_pid: int):
-    mesh, c = await start_coordinator(cluster, tmp, synchronous, in_flight)
+async def mesh_case(cluster, tmp: Path, mode: str, in_flight: int, args, node_pid: int):
+    mesh, c = await start_coordinator(cluster, tmp, mode, in_flight)
     timed = TimedJournal(c.journal)
     me, node = psutil.Process(), psutil.Process(node_pid)
     profile = cProfile.Profile() if args.profile and in_flight > 1 else None
     try:
         window = Window(args.warmup, args.seconds)
-        tag = f"{synchronous}{in_flight}"
+        tag = f"{mode}{in_flight}"
         loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, tag))
         await asyncio.sleep(args.warmup)
         timed.reset()
@@ -240,12 +242,16 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
     n = max(1, len(figures.latencies))
     breakdown = {
         "journal": {k: timed.seconds[k] / n for k in JOURNAL_CALLS if timed.calls[k]},
-        "coordinator_cpu": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / n,
-        "node_cpu": (ncpu1.user + ncpu1.system - ncpu0.user - ncpu0.system) / n,
+        "coordinator_cpu": cpu_between(cpu0, cpu1) / n,
+        "node_cpu": cpu_between(ncpu0, ncpu1) / n,
         "groups": groups / n,
         "group_size": calls / max(1, groups),
     }
     return figures, breakdown, profile
+
+
+def cpu_between(t0, t1) -> float:
+    return t1.user + t1.system - t0.user - t0.system
 
 
 async def mesh_all(args) -> dict[str, tuple[Figures, dict, cProfile.Profile | None]]:
@@ -261,12 +267,10 @@ async def mesh_cases(cluster: LocalCluster, tmp: Path, args, out: dict) -> None:
     cluster.add_node("worker", extra="[http]\nenabled = false\n" + NODE_EXTRA)
     pid = cluster.start("worker").proc.pid
     for in_flight in (args.in_flight, 1):
-        for synchronous in ("FULL", "NORMAL", "none"):
-            if args.only and f"{synchronous}/{in_flight}" not in args.only:
+        for mode in MODES:
+            if args.only and f"{mode}/{in_flight}" not in args.only:
                 continue
-            out[f"{synchronous}/{in_flight}"] = await mesh_case(
-                cluster, tmp, synchronous, in_flight, args, pid
-            )
+            out[f"{mode}/{in_flight}"] = await mesh_case(cluster, tmp, mode, in_flight, args, pid)
 
 
 # --- (b) Ray ----------------------------------------------------------------------------------
