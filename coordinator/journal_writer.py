@@ -48,11 +48,11 @@ class JournalWriter:
     """The one thread that runs journal calls, in the order they were queued, as group commits.
 
     It takes every call queued at that moment (up to ``max_group``) and hands them to the
-    journal's :meth:`Journal.commit_group` as one transaction. A second thread then syncs the
-    journal's log (:meth:`Journal.sync`) while the writer runs the next group -- one sync
-    covers every group committed meanwhile -- and only then resolves the callers' futures, all
-    of a group in one wake-up of the event loop. So an answer still means "durable", and the
-    sync no longer stalls the statements behind it.
+    journal's :meth:`~coordinator.journal.Journal.commit_group` as one transaction. A second
+    thread then syncs the journal's log (:meth:`~coordinator.journal.Journal.sync`) while the
+    writer runs the next group -- one sync covers every group committed meanwhile -- and only
+    then resolves the callers' futures, all of a group in one wake-up of the event loop. So an
+    answer still means "durable", and the sync no longer stalls the statements behind it.
     ``journal`` returns the journal to commit on (read at each group; None before it is open).
     An object without ``commit_group`` (a stand-in for tests or benchmarks) gets its calls one
     by one, in order. A queued call always runs; a caller cancelled meanwhile gets no answer.

@@ -597,8 +597,12 @@ async def test_a_task_costs_three_journal_calls_and_waiting_costs_none(tmp_path)
     async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
         c = mesh.coordinator
         await c.wait(await c.submit(spec("warm", "single", x[:1])), timeout=10)
+        gate = hold_inference(mesh.daemons["node-0"])  # the result must not beat the waiter
         before = c._db.calls
-        record = await c.wait(await c.submit(spec("one", "single", x[:2])), timeout=10)
+        waiting = asyncio.create_task(c.wait(await c.submit(spec("one", "single", x[:2])), 10))
+        await until(lambda: "one" in c._waiters)
+        gate.set()
+        record = await waiting
         assert record.state == TaskState.SUCCEEDED and record.result_summary is not None
         # submit, mark_dispatched, then the result with the task's end and its read-back
         assert c._db.calls - before == 3
