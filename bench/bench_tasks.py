@@ -65,8 +65,6 @@ NODE_EXTRA = (
 )
 #: The journal calls the coordinator makes for a task (each one timed).
 JOURNAL_CALLS = ("accept", "mark_dispatched", "mark_running", "take_result")
-#: The cases: the journal at each sync level, and none at all.
-MODES = ("FULL", "NORMAL", "none")
 
 
 class Figures:
@@ -171,11 +169,10 @@ def serving(c: Coordinator) -> bool:
     return any(n["models"] and n["status"] == "alive" for n in c.nodes())
 
 
-async def start_coordinator(cluster: LocalCluster, tmp: Path, mode: str, in_flight):
-    """A fresh coordinator (own identity and journal) for one of :data:`MODES`: "none" swaps
-    its journal for a :class:`NullJournal`."""
-    synchronous = mode
-    name = f"coord-{mode}-{in_flight}-{time.monotonic_ns()}"
+async def start_coordinator(cluster: LocalCluster, tmp: Path, synchronous: str, in_flight):
+    """A fresh coordinator (own identity and journal); ``synchronous="none"`` swaps its journal
+    for a :class:`NullJournal`."""
+    name = f"coord-{synchronous}-{in_flight}-{time.monotonic_ns()}"
     ident = NodeIdentity.load(cluster.enroll(name, roles=("coordinator",)))
     revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
     journal = tmp / f"{name}.db"
@@ -215,14 +212,14 @@ async def mesh_loop(c: Coordinator, window: Window, in_flight: int, tag: str) ->
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
 
 
-async def mesh_case(cluster, tmp: Path, mode: str, in_flight: int, args, node_pid: int):
-    mesh, c = await start_coordinator(cluster, tmp, mode, in_flight)
+async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, node_pid: int):
+    mesh, c = await start_coordinator(cluster, tmp, synchronous, in_flight)
     timed = TimedJournal(c.journal)
     me, node = psutil.Process(), psutil.Process(node_pid)
     profile = cProfile.Profile() if args.profile and in_flight > 1 else None
     try:
         window = Window(args.warmup, args.seconds)
-        tag = f"{mode}{in_flight}"
+        tag = f"{synchronous}{in_flight}"
         loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, tag))
         await asyncio.sleep(args.warmup)
         timed.reset()
@@ -267,10 +264,12 @@ async def mesh_cases(cluster: LocalCluster, tmp: Path, args, out: dict) -> None:
     cluster.add_node("worker", extra="[http]\nenabled = false\n" + NODE_EXTRA)
     pid = cluster.start("worker").proc.pid
     for in_flight in (args.in_flight, 1):
-        for mode in MODES:
-            if args.only and f"{mode}/{in_flight}" not in args.only:
+        for synchronous in ("FULL", "NORMAL", "none"):
+            if args.only and f"{synchronous}/{in_flight}" not in args.only:
                 continue
-            out[f"{mode}/{in_flight}"] = await mesh_case(cluster, tmp, mode, in_flight, args, pid)
+            out[f"{synchronous}/{in_flight}"] = await mesh_case(
+                cluster, tmp, synchronous, in_flight, args, pid
+            )
 
 
 # --- (b) Ray ----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 :class:`JournalWriter` feeds :meth:`coordinator.journal.Journal.commit_group` from the event
 loop: every call queued while the previous group committed goes into the next group (one
-``COMMIT``, one fsync), and the callers hear back only after that ``COMMIT``. A call is a
+``COMMIT``), and the callers hear back only once that group's log is synced, which a second
+thread does while the next group runs (one sync for every group committed meanwhile). A call is a
 function, or the name of a method of the journal (looked up on the writer's thread when it
 runs, on the journal open at that moment).
 """
@@ -158,6 +159,7 @@ class JournalWriter:
 
     def _serve(self) -> None:
         group: list[_Call] = []
+        died: BaseException | None = None
         syncer = threading.Thread(target=self._sync_and_settle, name=f"{self.name}-sync")
         syncer.start()
         try:
@@ -172,12 +174,12 @@ class JournalWriter:
         except BaseException as exc:  # a bug here: fail what waits rather than hang it
             log.critical("the journal writer died", exc_info=exc)
             self._closing = True
-            self._committed.put(None)
-            syncer.join()
-            self._hand_back(self._settle_all, group, exc)
+            died = exc
         finally:
             self._committed.put(None)
-            syncer.join()
+            syncer.join()  # every committed group is answered before what follows
+            if died is not None:
+                self._hand_back(self._settle_all, group, died)
             self._hand_back(_resolve, self._stopped)
 
     def _sync_and_settle(self) -> None:

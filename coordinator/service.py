@@ -733,8 +733,6 @@ class Coordinator:
             timer.cancel()
 
 
-#: How :class:`Session` words a close that came from the stream ending (EOF, reset) rather than
-#: from the peer's ``Close`` frame ("peer closed: ...") or from this side.
 def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
     import dataclasses
 

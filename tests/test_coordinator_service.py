@@ -147,9 +147,9 @@ async def test_cancel_reaches_the_node(tmp_path):
 
 
 def hold_commits(coordinator: Coordinator, fail: bool = False) -> threading.Event:
-    """Make the coordinator's journal wait, in each group that has a submit,
-    between running the calls and their ``COMMIT`` until the returned event is set; ``fail``:
-    the COMMIT then fails (as on a full disk) and the group rolls back."""
+    """Make the coordinator's journal wait, in each group that has a submit, between running
+    the calls and their ``COMMIT`` until the returned event is set; ``fail``: the COMMIT then
+    fails (as on a full disk) and the group rolls back."""
     release = threading.Event()
     journal = coordinator.journal
     original = journal.commit_group
