@@ -636,21 +636,37 @@ class Journal:
             return True
 
     def record_result(
-        self, item_id: str, attempt: int, blob: bytes, *, node: str | None = None
+        self,
+        item_id: str,
+        attempt: int,
+        blob: bytes,
+        *,
+        node: str | None = None,
+        sent_to: str | None = None,
     ) -> bool:
         """Accept the item's result exactly once; True if this call recorded it.
 
         Returns False, counting it, for a duplicate (the item already has a result), a late
         result (the item failed or was cancelled), an unknown item, or an attempt that was
         never dispatched. The result of any dispatched attempt is accepted while the item lives.
+
+        ``sent_to``: the caller vouches that attempt ``attempt`` went to that node although its
+        :meth:`mark_dispatched` may not be journaled (the coordinator journals a dispatch only
+        once its result is overdue): an item still waiting at that attempt is then taken as
+        dispatched there, in this same call.
         """
+        return self._record_result(item_id, attempt, blob, node, sent_to, advance=True)
+
+    def _record_result(self, item_id, attempt, blob, node, sent_to, *, advance: bool) -> bool:
+        """:meth:`record_result`; ``advance=False`` leaves the task's row alone (the caller
+        ends the task in the same transaction)."""
         with self._write() as db:
             row = self._item_row(db, item_id)
-            verdict = _judge_result(row, attempt)
+            verdict = _judge_result(row, attempt, vouched=sent_to is not None)
             if verdict is not None:
                 self._count(db, verdict)
                 return False
-            task_id, state, _, task_state = row
+            task_id, state, current, task_state = row
             try:
                 db.execute(
                     "INSERT INTO results (item_id, attempt, node, blob, received_at)"
@@ -660,8 +676,15 @@ class Journal:
             except sqlite3.IntegrityError:  # belt and braces: the primary key says "once"
                 self._count(db, "duplicate_results")
                 return False
-            self._set_item(db, item_id, transition(state, TaskEvent.SUCCEED))
-            self._advance_task(db, task_id, task_state, TaskEvent.ACCEPT)
+            if state.value in _WAITING and attempt == current and sent_to is not None:
+                self._log("dispatched", task_id, item_id, f"attempt {attempt} to {sent_to}")
+                self._set_item(db, item_id, transition(state, TaskEvent.SUCCEED), node=sent_to)
+                if task_state == TaskState.PENDING:  # as its dispatch would have moved it
+                    task_state = TaskState.DISPATCHED
+            else:
+                self._set_item(db, item_id, transition(state, TaskEvent.SUCCEED))
+            if advance:
+                self._advance_task(db, task_id, task_state, TaskEvent.ACCEPT)
             source = f" from {node}" if node else ""
             self._log("result", task_id, item_id, f"attempt {attempt}{source}")
             return True
@@ -726,12 +749,13 @@ class Journal:
         blob: bytes,
         *,
         node: str | None = None,
+        sent_to: str | None = None,
         ending: TaskEnding | None = None,
     ) -> tuple[bool, TaskEnd | None]:
         """:meth:`record_result` and, if it was accepted and ``ending`` is given (this result
         decides the task), :meth:`end_task`, in one call (both commit or neither does).
         Returns whether the result was accepted, and what ending the task returned."""
-        if not self.record_result(item_id, attempt, blob, node=node):
+        if not self._record_result(item_id, attempt, blob, node, sent_to, advance=ending is None):
             return False, None
         return True, None if ending is None else self.end_task(ending)
 
@@ -868,9 +892,11 @@ def _has_json(db: sqlite3.Connection) -> bool:
     return True
 
 
-def _judge_result(row: tuple[str, TaskState, int, TaskState] | None, attempt: int) -> str | None:
+def _judge_result(
+    row: tuple[str, TaskState, int, TaskState] | None, attempt: int, *, vouched: bool = False
+) -> str | None:
     """The counter to bump when a result for the item (its ``_item_row``) must be refused, or
-    None to accept it."""
+    None to accept it. ``vouched``: the caller knows the current attempt was sent."""
     if row is None:
         return "unknown_results"
     _, state, current, _ = row
@@ -878,7 +904,7 @@ def _judge_result(row: tuple[str, TaskState, int, TaskState] | None, attempt: in
         return "duplicate_results"
     if state in TERMINAL_STATES:
         return "late_results"
-    highest_sent = current if state.value in _IN_FLIGHT else current - 1
+    highest_sent = current if state.value in _IN_FLIGHT or vouched else current - 1
     return None if 1 <= attempt <= highest_sent else "unexpected_results"
 
 

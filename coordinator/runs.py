@@ -35,6 +35,7 @@ class ItemRun:
     node: str | None = None
     tried: set[str] = field(default_factory=set)
     dispatched_at: float | None = None
+    journaled: int = 0  # the attempt whose dispatch the journal has (0: none yet)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Flow of one work item (messages in :mod:`meshinfer.proto.tasks_wire`)::
 
     submit -> journal (decided) -> ready queue -> choose(policy, gossiped node views)
-           -> journal mark_dispatched -> TaskAssign over the node's session
+           -> TaskAssign over the node's session
            (the submit is acknowledged once the journal's COMMIT is durable)
            <- TaskAccepted / TaskResult (journaled exactly once) / TaskFailed
 
@@ -39,8 +39,12 @@ commit after the task. If that COMMIT fails the submit is refused and the items 
 :meth:`recover` puts every acknowledged, unfinished task back in flight (items whose fate is
 unknown run again). Journal writes per task are kept few:
 
-* the dispatch is queued before the message leaves but not waited for (a crash before it
-  commits leaves the item pending: recovery dispatches it again);
+* a dispatch is journaled only if the item's result is not in ``running_mark_delay_s`` after
+  it went out (or before a failure or a running mark of that attempt is); the result of an
+  attempt whose dispatch is not journaled carries it (``take_result(sent_to=...)``), in the
+  same call. A crash meanwhile leaves the item pending: recovery dispatches it again, as it
+  does every item whose fate is unknown, and a result of the earlier send is still accepted
+  once. Cancels go to the nodes this coordinator sent the items to, journaled or not;
 * an item is journaled as running only if its result has not arrived ``running_mark_delay_s``
   after the node accepted it (recovery treats dispatched and running alike);
 * the result that completes a task (single, batch, pipeline) is journaled together with the
@@ -57,7 +61,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -87,6 +91,10 @@ from meshinfer.runtime.session import Session
 
 log = logging.getLogger(__name__)
 
+#: How many ended tasks' records wait for the wait() that follows their submit() (a client
+#: that never waits leaves them here until newer ones push them out).
+HANDED_RECORDS = 256
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -104,7 +112,8 @@ class CoordinatorConfig:
     #: Fast failover: after a node's session is lost abruptly, re-dial it once within this many
     #: seconds before re-dispatching its items (0 disables the fast path: membership decides).
     redial_timeout_s: float = 0.25
-    #: Journal an accepted item as running only if its result is not in after this delay.
+    #: Journal an item's dispatch, and its node's accept (running), only if its result is not
+    #: in this long after it (a quick item costs the journal its result alone).
     running_mark_delay_s: float = 0.05
 
     def __post_init__(self) -> None:
@@ -157,6 +166,10 @@ class Coordinator:
         self._seq = itertools.count()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._submitting: set[str] = set()  # tasks whose submit() is not answered yet
+        #: Tasks that ended while their submit() was still being answered: their record, read
+        #: with the end, for the wait() that usually follows (oldest dropped beyond a bound).
+        self._handed: OrderedDict[str, TaskRecord] = OrderedDict()
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: set[asyncio.Task[None]] = set()
@@ -259,7 +272,11 @@ class Coordinator:
         )  # fmt: skip  (validates the spec)
         durable = self._db.call("accept", spec, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
-        await asyncio.shield(durable)  # a cancelled caller leaves the task to run
+        self._submitting.add(spec.task_id)
+        try:
+            await asyncio.shield(durable)  # a cancelled caller leaves the task to run
+        finally:
+            self._submitting.discard(spec.task_id)
         return spec.task_id
 
     def _decided(self, run: TaskRun, outcome: CallOutcome) -> None:
@@ -274,11 +291,7 @@ class Coordinator:
         if durable.cancelled() or durable.exception() is None:
             return
         if self._runs.get(run.task_id) is run:
-            for entry in run.items.values():
-                if entry.node:
-                    self.mesh.peers.send(
-                        entry.node, TaskCancel(entry.item.item_id, "task not journaled")
-                    )
+            self._call_back(run.task_id, [], "task not journaled")
             self._forget(run.task_id)
 
     async def get(self, task_id: str) -> TaskRecord:
@@ -292,7 +305,8 @@ class Coordinator:
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """The task once it ended (or as it is at ``timeout``)."""
         if task_id not in self._runs:  # not running here: as the journal has it (or unknown)
-            return await self.get(task_id)
+            record = self._handed.pop(task_id, None)
+            return record if record is not None else await self.get(task_id)
         fut: asyncio.Future[TaskRecord | None] = self._loop.create_future()
         waiters = self._waiters.setdefault(task_id, [])
         waiters.append(fut)
@@ -315,9 +329,7 @@ class Coordinator:
         if record.state.value in ("succeeded", "failed", "cancelled"):
             return False
         in_flight = await self._db.run("cancel", task_id)
-        for item_id, node in in_flight:
-            if node:
-                self.mesh.peers.send(node, TaskCancel(item_id, "task cancelled"))
+        self._call_back(task_id, in_flight, "task cancelled")
         self._forget(task_id)
         return True
 
@@ -428,23 +440,44 @@ class Coordinator:
         entry.node = node
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
-        item_id, attempt = entry.item.item_id, entry.attempt
-        # Queued before the message leaves, not waited for (see the module docstring): the
-        # journal thread runs it before anything queued later (the result, a failure).
-        self._db.tell("mark_dispatched", item_id, node, attempt)
         self.stats_.dispatched += 1
         if not self.mesh.peers.send(node, entry.item.to_message()):
             self._retry(run, entry, f"could not send to {node}", backoff=True)
             return
-        self._arm_timeout(item_id, attempt)
+        # Journaled only if its result is overdue (see the module docstring).
+        item_id, attempt = entry.item.item_id, entry.attempt
+        delay = self.config.running_mark_delay_s
+        if delay < self.config.item_timeout_s:
+            self._set_timer(item_id, delay, self._dispatch_overdue, item_id, attempt)
+        else:
+            self._set_timer(item_id, self.config.item_timeout_s, self._on_timeout, item_id, attempt)
 
-    def _arm_timeout(self, item_id: str, attempt: int) -> None:
+    def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
+        """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the
+        dispatch, then watch for the item's timeout."""
+        pair = self._items.get(item_id)
+        if pair is None or pair[1].attempt != attempt or self._closed:
+            return
+        self._journal_dispatch(pair[1])
+        remaining = self.config.item_timeout_s - self.config.running_mark_delay_s
+        self._set_timer(item_id, remaining, self._on_timeout, item_id, attempt)
+
+    def _journal_dispatch(self, entry: ItemRun) -> None:
+        """Journal the item's current dispatch unless done, or its result is being journaled
+        (which records the dispatch with it: ``take_result(sent_to=...)``). Told, not waited
+        for: the journal's thread runs it before anything queued later (a failure, a result)."""
+        item_id, attempt = entry.item.item_id, entry.attempt
+        if entry.node is None or entry.journaled == attempt or item_id in self._answered:
+            return
+        entry.journaled = attempt
+        self._db.tell("mark_dispatched", item_id, entry.node, attempt)
+
+    def _set_timer(self, item_id: str, delay: float, callback, *args: object) -> None:
+        """The item's one timer (its dispatch mark or its timeout), replacing any before."""
         old = self._timers.pop(item_id, None)
         if old is not None:
             old.cancel()
-        self._timers[item_id] = self._loop.call_later(
-            self.config.item_timeout_s, self._on_timeout, item_id, attempt
-        )
+        self._timers[item_id] = self._loop.call_later(delay, callback, *args)
 
     def _on_timeout(self, item_id: str, attempt: int) -> None:
         pair = self._items.get(item_id)
@@ -482,6 +515,7 @@ class Coordinator:
         pair = self._items.get(item_id)
         if pair is None or pair[1].attempt != attempt or not self._started or self._closed:
             return
+        self._journal_dispatch(pair[1])  # first, if its own timer has not fired yet
         self._db.tell("mark_running", item_id, attempt)
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
@@ -492,9 +526,12 @@ class Coordinator:
         try:
             blob = messages.encode(msg)
             ending = self._ending_with(msg)
+            pair = self._items.get(msg.item_id)
+            sent = pair is not None and pair[1].attempt == msg.attempt and pair[1].node == peer
             fresh, ended = await self._db.run(
-                "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id, ending=ending
-            )
+                "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
+                sent_to=peer if sent else None, ending=ending,
+            )  # fmt: skip
         finally:
             self._answered.discard(msg.item_id)
         if not fresh:
@@ -550,17 +587,31 @@ class Coordinator:
     def _ending(self, run: TaskRun, source: TaskRun, outcome: Outcome) -> TaskEnding:
         state = TaskState.SUCCEEDED if outcome.succeeded else TaskState.FAILED
         summary = encode_outcome(source, outcome)
-        waited = run.task_id in self._waiters  # then read the record back with the end
+        # read the record back with the end if someone waits, or soon will (see _handed)
+        waited = run.task_id in self._waiters or run.task_id in self._submitting
         return TaskEnding(run.task_id, state, summary, outcome.error or None, waited)
 
     def _ended(
         self, task_id: str, in_flight: list[tuple[str, str]], record: TaskRecord | None
     ) -> None:
-        """The journal ended the task: tell nodes still on its items, forget it here."""
-        for item_id, node in in_flight:  # e.g. an ensemble that reached its quorum early
-            if node:
-                self.mesh.peers.send(node, TaskCancel(item_id, "task finished"))
+        """The journal ended the task: tell nodes still on its items (e.g. an ensemble that
+        reached its quorum early), forget it here."""
+        self._call_back(task_id, in_flight, "task finished")
         self._forget(task_id, record)
+
+    def _call_back(self, task_id: str, in_flight: list[tuple[str, str]], reason: str) -> None:
+        """``TaskCancel`` to every node on one of the task's items: those the journal had in
+        flight, and those sent from here (a dispatch is journaled only once overdue)."""
+        calls = {(item_id, node) for item_id, node in in_flight if node}
+        run = self._runs.get(task_id)
+        if run is not None:
+            calls.update(
+                (item_id, entry.node)
+                for item_id, entry in run.items.items()
+                if entry.node and item_id in self._items
+            )
+        for item_id, node in sorted(calls):
+            self.mesh.peers.send(node, TaskCancel(item_id, reason))
 
     def _on_failed(self, peer: str, msg: TaskFailed) -> None:
         pair = self._items.get(msg.item_id)
@@ -674,6 +725,7 @@ class Coordinator:
             return
         self.stats_.retries += 1
         log.info("retrying %s (attempt %d failed: %s)", item_id, attempt, reason)
+        self._journal_dispatch(entry)  # the failure needs it first
         self._db.tell("record_failure", item_id, attempt, reason, retryable=True)
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
@@ -687,6 +739,7 @@ class Coordinator:
 
     async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:
         item_id = entry.item.item_id
+        self._journal_dispatch(entry)
         self._items.pop(item_id, None)
         self._cancel_timer(item_id)
         await self._db.run("record_failure", item_id, entry.attempt, reason, retryable=False)
@@ -726,6 +779,10 @@ class Coordinator:
         for fut in self._waiters.pop(task_id, []):
             if not fut.done():
                 fut.set_result(record)
+        if record is not None and task_id in self._submitting:
+            self._handed[task_id] = record
+            while len(self._handed) > HANDED_RECORDS:
+                self._handed.popitem(last=False)
 
     def _cancel_timer(self, item_id: str) -> None:
         timer = self._timers.pop(item_id, None)

@@ -129,15 +129,21 @@ async def test_every_policy_completes_a_task(tmp_path):
             assert record.state.value == "succeeded", (policy, record.summary.error)
 
 
-async def test_cancel_reaches_the_node(tmp_path):
+@pytest.mark.parametrize("mark_delay", [0.0, 60.0], ids=["dispatch-journaled", "not-yet"])
+async def test_cancel_reaches_the_node(tmp_path, mark_delay):
     x, _ = load_digits_holdout()
-    slow = CoordinatorConfig(item_timeout_s=30)
+    slow = CoordinatorConfig(item_timeout_s=30, running_mark_delay_s=mark_delay)
     async with Mesh(tmp_path, n=1, config=slow) as mesh:
         c = mesh.coordinator
         daemon = mesh.daemons["node-0"]
         gate = hold_inference(daemon)  # the item runs until cancelled
         task_id = await c.submit(spec("cancel-me", "single", x[:2]))
         await until(lambda: daemon.executor.running == 1)
+        # the journal has the dispatch once its result is overdue (at once here), or not yet
+        journaled = "dispatched" if mark_delay == 0 else "pending"
+        async with asyncio.timeout(10):
+            while (await c.get(task_id)).items[0].state.value != journaled:
+                await asyncio.sleep(0.02)
         assert await c.cancel(task_id)
         await until(lambda: daemon.executor.stats.cancelled == 1)
         record = await c.get(task_id)
@@ -248,6 +254,28 @@ async def test_node_error_is_retried_on_another_node(tmp_path):
             assert record.state.value == "succeeded", record.summary.error
             assert record.items[0].node == "node-1"
         assert c.stats_.retries >= 1
+
+
+async def test_a_failed_attempt_is_journaled_after_its_dispatch_however_quick(tmp_path):
+    x, _ = load_digits_holdout()
+    never = CoordinatorConfig(item_timeout_s=30, running_mark_delay_s=60.0)  # no overdue mark
+    async with Mesh(tmp_path, n=2, config=never) as mesh:
+        c = mesh.coordinator
+        broken = mesh.daemons["node-0"]
+
+        async def fail(ref, batch):
+            from meshinfer.errors import OverloadedError
+
+            raise OverloadedError("simulated overload")
+
+        broken.engine.infer = fail
+        task = spec("r", "single", x[:1], policy="round_robin")
+        record = await c.wait(await c.submit(task), timeout=15)
+        assert record.state.value == "succeeded" and record.items[0].node == "node-1"
+        history = [(e.kind, e.detail) for e in await c._db.run("history", "r")]
+        kinds = [kind for kind, _ in history]
+        assert kinds == ["submitted", "dispatched", "retry", "dispatched", "result", "succeeded"]
+        assert history[1][1] == "attempt 1 to node-0" and history[3][1] == "attempt 2 to node-1"
 
 
 async def test_task_with_no_capable_node_fails_with_a_reason(tmp_path):

@@ -336,6 +336,32 @@ def test_results_for_unknown_items_and_undispatched_attempts_are_refused(journal
     assert journal.get("t1").items[0].result is None
 
 
+def test_a_result_vouched_as_sent_carries_its_unjournaled_dispatch(journal):
+    journal.submit(batch("t1"))
+    # attempt 2 was never sent, vouched or not; attempt 1 of t1/0 went to veh-1, unjournaled
+    assert not journal.record_result("t1/0", 2, b"x", sent_to="veh-1")
+    assert journal.record_result("t1/0", 1, b"a", node="veh-9", sent_to="veh-1")
+    assert journal.get("t1").state == TaskState.RUNNING  # moved as the dispatch would have
+    item = journal.get("t1").items[0]
+    assert (item.state, item.node, item.result, item.result_attempt) == (
+        TaskState.SUCCEEDED, "veh-1", b"a", 1,
+    )  # fmt: skip
+    history = [(e.kind, e.item_id, e.detail) for e in journal.history("t1")][1:]
+    assert history == [
+        ("dispatched", "t1/0", "attempt 1 to veh-1"), ("result", "t1/0", "attempt 1 from veh-9"),
+    ]  # fmt: skip
+    # a retrying item: the vouched result of its current attempt counts as that attempt's
+    journal.mark_dispatched("t1/1", "veh-1", 1)
+    assert journal.record_failure("t1/1", 1, "overloaded", retryable=True)
+    assert journal.record_result("t1/1", 2, b"b", sent_to="veh-2")
+    assert journal.get("t1").items[1].node == "veh-2"
+    # a dispatched item needs no voucher, and the voucher changes nothing there
+    journal.mark_dispatched("t1/2", "veh-3", 1)
+    assert journal.record_result("t1/2", 1, b"c", sent_to="veh-3")
+    assert not journal.record_result("t1/2", 1, b"c", sent_to="veh-3")  # still once
+    assert journal.stats().counters == {"unexpected_results": 1, "duplicate_results": 1}
+
+
 def test_cancel_stops_live_items_and_reports_those_in_flight(journal):
     journal.submit(batch("t1"))
     journal.mark_dispatched("t1/0", "veh-1", 1)
@@ -375,7 +401,7 @@ _ops = st.lists(
         st.sampled_from(
             ["dispatch"] * 3
             + ["result"] * 3
-            + ["accept", "fail", "retry", "restart"]
+            + ["sent_result", "accept", "fail", "retry", "restart"]
             + ["restart", "cancel"]
         ),
         st.integers(0, 1),  # item
@@ -404,9 +430,10 @@ def test_each_item_gets_exactly_one_result_under_any_interleaving(tmp_path, ops)
             journal.mark_dispatched(item_id, f"veh-{serial % 3}", item.attempt)
         elif op == "accept":
             journal.mark_running(item_id, attempt)
-        elif op == "result":
+        elif op in ("result", "sent_result"):  # sent_result: its dispatch vouched for
             blob = f"{item_id}#{serial}".encode()
-            if journal.record_result(item_id, attempt, blob):
+            sent_to = "veh-0" if op == "sent_result" else None
+            if journal.record_result(item_id, attempt, blob, sent_to=sent_to):
                 assert item_id not in accepted, "a second result was accepted"
                 accepted[item_id] = blob
             else:

@@ -592,7 +592,7 @@ def test_no_acknowledged_group_write_is_lost_when_the_process_is_killed(tmp_path
 _CONFIG = CoordinatorConfig(item_timeout_s=10.0, running_mark_delay_s=60.0)
 
 
-async def test_a_task_costs_three_journal_calls_and_waiting_costs_none(tmp_path):
+async def test_a_quick_task_costs_two_journal_calls_and_waiting_costs_none(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
         c = mesh.coordinator
@@ -604,10 +604,44 @@ async def test_a_task_costs_three_journal_calls_and_waiting_costs_none(tmp_path)
         gate.set()
         record = await waiting
         assert record.state == TaskState.SUCCEEDED and record.result_summary is not None
-        # submit, mark_dispatched, then the result with the task's end and its read-back
-        assert c._db.calls - before == 3
-        kinds = [e.kind for e in await c._db.run("history", "one")]
-        assert kinds == ["submitted", "dispatched", "result", "succeeded"]
+        # submit, then the result with its dispatch, the task's end and its read-back
+        assert c._db.calls - before == 2
+        history = await c._db.run("history", "one")
+        assert [e.kind for e in history] == ["submitted", "dispatched", "result", "succeeded"]
+        assert history[1].detail == "attempt 1 to node-0"
+        assert record.items[0].node == "node-0" and record.summary.state == TaskState.SUCCEEDED
+
+
+async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_wait_for(
+    tmp_path,
+):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
+        c = mesh.coordinator
+        await c.wait(await c.submit(spec("warm", "single", x[:1])), timeout=10)
+        entered, synced, journal = threading.Event(), threading.Event(), c.journal
+        original = journal.sync
+
+        def held_sync():
+            entered.set()
+            assert synced.wait(10), "the test never released the sync"
+            original()
+
+        journal.sync = held_sync
+        before = c._db.calls
+        read = asyncio.create_task(c.get("warm"))  # its group's sync holds the sync thread
+        await until(entered.is_set)
+        submit = asyncio.create_task(c.submit(spec("quick", "single", x[:1])))
+        # the submit's answer waits for a sync; its item goes out, and its result commits
+        await until(lambda: c._db._committed.qsize() == 2)  # (its sync thread's queue)
+        synced.set()  # one sync answers both groups: the task ends before the submit returns
+        task_id = await submit
+        await read
+        assert "quick" not in c._runs and "quick" in c._handed
+        record = await c.wait(task_id, timeout=10)
+        assert record.state == TaskState.SUCCEEDED and record.result_summary is not None
+        assert c._db.calls - before == 3 and "quick" not in c._handed  # no read: handed over
+        assert (await c.get("quick")) == record
 
 
 async def test_resubmitting_a_known_task_runs_nothing_again(tmp_path):
