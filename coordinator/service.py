@@ -58,6 +58,7 @@ Concurrency: every coroutine runs on the coordinator's event loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import random
@@ -161,8 +162,10 @@ class Coordinator:
         self._started = False
         self._runs: dict[str, TaskRun] = {}
         self._items: dict[str, tuple[TaskRun, ItemRun]] = {}  # live item id -> run, item
+        self._busy: Counter[str] = Counter()  # node -> live items sent to it (kept as they move)
         self._ready: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
-        self._parked: list[str] = []
+        #: Items no node took, per model (id, version): heaps ordered as ``_ready``.
+        self._parked: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
         self._seq = itertools.count()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -347,7 +350,7 @@ class Coordinator:
         membership = self.mesh.membership
         if membership is None:
             return []
-        in_flight = self._in_flight()
+        in_flight = self._busy
         out = []
         for m in sorted(membership.core.members(), key=lambda m: m.node_id):
             s = m.state
@@ -371,7 +374,7 @@ class Coordinator:
             "redispatched_after_disconnect": s.redispatched_after_disconnect,
             "sessions_lost": s.sessions_lost, "redials_ok": s.redials_ok,
             "duplicates": s.duplicates, "completed_by_node": dict(s.completed_by_node),
-            "live_tasks": len(self._runs), "parked_items": len(self._parked),
+            "live_tasks": len(self._runs), "parked_items": sum(map(len, self._parked.values())),
         }  # fmt: skip
 
     # --- dispatching -----------------------------------------------------------------------
@@ -397,13 +400,15 @@ class Coordinator:
             run, entry = pair
             node = self._choose(run, entry)
             if node is None:
-                self._parked.append(item_id)
+                model = entry.item.model
+                heap = self._parked.setdefault((model.model_id, model.version), [])
+                heapq.heappush(heap, (-run.spec.priority, next(self._seq), item_id))
                 continue
             self._send(run, entry, node)
 
     def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
         policy = run.spec.policy or self.config.default_policy
-        busy = self._in_flight()
+        busy = self._busy
         views = self._views(busy)
         full = {n for n, k in busy.items() if k >= self.config.max_in_flight_per_node}
         kw = {"rng": self.rng, "state": self.scheduler}
@@ -412,12 +417,26 @@ class Coordinator:
             node = choose(policy, views, entry.item, exclude=frozenset(full), **kw)
         return node
 
-    def _in_flight(self) -> Counter[str]:
-        return Counter(i.node for _, i in self._items.values() if i.node)
+    def _assign(self, entry: ItemRun, node: str | None) -> None:
+        """Move a live item to ``node`` (None: to no node), keeping ``_busy`` in step."""
+        if entry.node:
+            self._busy[entry.node] -= 1
+            if not self._busy[entry.node]:
+                del self._busy[entry.node]
+        entry.node = node
+        if node:
+            self._busy[node] += 1
+
+    def _drop(self, item_id: str) -> tuple[TaskRun, ItemRun] | None:
+        """The item is no longer live here (answered, failed, or its task ended)."""
+        pair = self._items.pop(item_id, None)
+        if pair is not None:
+            self._assign(pair[1], None)
+        return pair
 
     def _views(self, in_flight: Counter[str]) -> list[NodeView]:
         """What the scheduling policies see of each reachable live member; ``in_flight``:
-        the items this coordinator has on each node (see :meth:`_in_flight`)."""
+        the items this coordinator has on each node (``_busy``)."""
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -437,7 +456,7 @@ class Coordinator:
         return views
 
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
-        entry.node = node
+        self._assign(entry, node)
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
         self.stats_.dispatched += 1
@@ -486,7 +505,10 @@ class Coordinator:
             self._retry(run, entry, f"no answer from {entry.node} in {self.config.item_timeout_s}s")
 
     async def _parked_loop(self) -> None:
-        """Items no node could take wait here until membership changes (or 1 s passes)."""
+        """Items no node could take wait here, per model, until a slot frees, membership or a
+        node's reachability changes, or 1 s passes. Then as many of a model's items as the
+        reachable nodes serving it have free slots are tried again, highest priority first:
+        a large batch waiting for slots is not re-scheduled whole on every result."""
         while True:
             self._wake_parked.clear()
             try:
@@ -494,11 +516,28 @@ class Coordinator:
                     await self._wake_parked.wait()
             except TimeoutError:
                 pass
-            parked, self._parked = self._parked, []
-            for item_id in parked:
-                pair = self._items.get(item_id)
-                if pair is not None:
-                    self._queue(item_id, pair[0].spec.priority)
+            if not self._parked:
+                continue
+            free = self._free_slots()
+            for model, heap in list(self._parked.items()):
+                for _ in range(min(free[model], len(heap))):
+                    _, _, item_id = heapq.heappop(heap)
+                    pair = self._items.get(item_id)
+                    if pair is not None:
+                        self._queue(item_id, pair[0].spec.priority)
+                if not heap:
+                    del self._parked[model]
+
+    def _free_slots(self) -> Counter[tuple[str, str]]:
+        """Per model: the items the reachable nodes serving it could take now (per-node cap;
+        a node serving several models counts for each)."""
+        cap, free = self.config.max_in_flight_per_node, Counter()
+        for view in self._views(self._busy):
+            room = cap - self._busy[view.node_id]
+            if room > 0:
+                for model in view.models:
+                    free[model] += room
+        return free
 
     # --- answers from nodes ----------------------------------------------------------------
 
@@ -537,7 +576,7 @@ class Coordinator:
         if not fresh:
             self.stats_.duplicates += 1
             return
-        pair = self._items.pop(msg.item_id, None)
+        pair = self._drop(msg.item_id)
         self._cancel_timer(msg.item_id)
         if pair is not None:
             self._count_result(pair[1], msg)
@@ -729,7 +768,7 @@ class Coordinator:
         self._db.tell("record_failure", item_id, attempt, reason, retryable=True)
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
-        entry.node = None
+        self._assign(entry, None)
         delay = 0.0
         if backoff:
             delay = min(
@@ -740,7 +779,7 @@ class Coordinator:
     async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:
         item_id = entry.item.item_id
         self._journal_dispatch(entry)
-        self._items.pop(item_id, None)
+        self._drop(item_id)
         self._cancel_timer(item_id)
         await self._db.run("record_failure", item_id, entry.attempt, reason, retryable=False)
         run.record_failure(item_id, reason, self._loop.time())
@@ -774,12 +813,13 @@ class Coordinator:
         run = self._runs.pop(task_id, None)
         if run is not None:
             for item_id in list(run.items):
-                self._items.pop(item_id, None)
+                self._drop(item_id)
                 self._cancel_timer(item_id)
-        for fut in self._waiters.pop(task_id, []):
+        waiters = self._waiters.pop(task_id, [])
+        for fut in waiters:
             if not fut.done():
                 fut.set_result(record)
-        if record is not None and task_id in self._submitting:
+        if record is not None and not waiters:  # read back for a submit still being answered
             self._handed[task_id] = record
             while len(self._handed) > HANDED_RECORDS:
                 self._handed.popitem(last=False)

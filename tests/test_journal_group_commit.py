@@ -637,8 +637,7 @@ async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_w
         synced.set()  # one sync answers both groups: the task ends before the submit returns
         task_id = await submit
         await read
-        assert "quick" not in c._runs and "quick" in c._handed
-        record = await c.wait(task_id, timeout=10)
+        record = await c.wait(task_id, timeout=10)  # usually handed over from the end
         assert record.state == TaskState.SUCCEEDED and record.result_summary is not None
         assert c._db.calls - before == 3 and "quick" not in c._handed  # no read: handed over
         assert (await c.get("quick")) == record
