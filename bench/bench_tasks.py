@@ -153,9 +153,9 @@ class NullJournal:
     def take_result(self, *args, ending=None, **kwargs) -> tuple[bool, tuple | None]:
         return True, None if ending is None else self.end_task(ending)
 
-    def end_task(self, ending) -> tuple[list, None]:
+    def end_task(self, ending) -> tuple[list, SimpleNamespace | None]:
         self.ended.add(ending.task_id)
-        return [], None
+        return [], self.get(ending.task_id) if ending.read_back else None
 
     def get(self, task_id: str) -> SimpleNamespace:
         state = "succeeded" if task_id in self.ended else "running"
