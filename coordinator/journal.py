@@ -593,10 +593,11 @@ class Journal:
     def mark_dispatched(self, item_id: str, node: str, attempt: int) -> None:
         """Record that attempt ``attempt`` of the item was sent to ``node``.
 
-        Queue it before sending, and the item's result after it, on the same ordered writer;
-        there is no need to wait for it to commit before sending: if the coordinator dies before
-        it commits, the item is still pending and :meth:`recover` dispatches it again (an item
-        whose fate is unknown always runs again). ``attempt`` must be the item's current
+        It may be journaled after the send (the coordinator does so only once the result is
+        overdue, or before a failure of that attempt; a result can carry it instead: see
+        ``sent_to`` in :meth:`record_result`): if the coordinator dies before it commits, the
+        item is still pending and :meth:`recover` dispatches it again (an item whose fate is
+        unknown always runs again). ``attempt`` must be the item's current
         attempt; the item must be pending or retrying (else
         :class:`~meshinfer.proto.tasks.InvalidTransition`).
         """
@@ -845,8 +846,9 @@ class Journal:
         with attempt + 1 (a late result of the old attempt is still accepted). Items still
         pending or retrying are listed too, with their attempt: among them any item that was
         sent while its :meth:`mark_dispatched` had not committed yet, which therefore runs
-        again (a result of that unjournaled send is refused until the new dispatch is
-        journaled, then accepted once, like any other). Call once, at
+        again (a result of that unjournaled send is refused unless the new dispatch is
+        journaled, or the result is vouched for as sent, then accepted once, like any other).
+        Call once, at
         startup, before dispatching anything. Pipeline items are all listed; dispatch only
         those :class:`~meshinfer.proto.tasks_pipeline.PipelinePlan` says are ready.
         """

@@ -112,8 +112,7 @@ class JournalWriter:
 
     def tell(self, fn: JournalCall, *args: object, **kwargs: object) -> None:
         """Queue ``fn(*args, **kwargs)`` now, in order, for nobody to wait for (a dispatch
-        journaled as the message leaves): no future, one loop wake-up less; a failure is
-        logged."""
+        or a running mark): no future, one loop wake-up less; a failure is logged."""
         if self._closing:
             log.warning("journal writer closed: %s not journaled", getattr(fn, "__name__", fn))
             return
@@ -231,9 +230,10 @@ class JournalWriter:
         makes a group by itself. Empty once the writer is closed and drained.
 
         A group of told calls only (nobody waits for their commit) waits up to
-        ``tell_delay_s`` for a call to join it: a dispatch then commits with its result (one
-        sync instead of two when the load is low). Told calls may be lost in a crash anyway;
-        the journal's recovery is built for that (see :meth:`Journal.mark_dispatched`).
+        ``tell_delay_s`` for a call to join it: a dispatch or running mark then shares the
+        next call's sync (one sync instead of two when the load is low). Told calls may be
+        lost in a crash anyway; the journal's recovery is built for that (see
+        :meth:`Journal.mark_dispatched`).
         """
         first, self._next = self._next, None
         if first is None and not self._stopping:

@@ -42,9 +42,11 @@ unknown run again). Journal writes per task are kept few:
 * a dispatch is journaled only if the item's result is not in ``running_mark_delay_s`` after
   it went out (or before a failure or a running mark of that attempt is); the result of an
   attempt whose dispatch is not journaled carries it (``take_result(sent_to=...)``), in the
-  same call. A crash meanwhile leaves the item pending: recovery dispatches it again, as it
-  does every item whose fate is unknown, and a result of the earlier send is still accepted
-  once. Cancels go to the nodes this coordinator sent the items to, journaled or not;
+  same call. A crash meanwhile leaves the item pending: recovery dispatches it again (the same
+  attempt), as it does every item whose fate is unknown; a result of the earlier send is
+  accepted once if the new send went to the same node or its dispatch is journaled by then.
+  Answers about an item count only from the node its current attempt went to. Cancels go to
+  the nodes this coordinator sent the items to, journaled or not;
 * an item is journaled as running only if its result has not arrived ``running_mark_delay_s``
   after the node accepted it (recovery treats dispatched and running alike);
 * the result that completes a task (single, batch, pipeline) is journaled together with the
@@ -84,7 +86,7 @@ from meshinfer.errors import LocalProtocolError, MeshInferError, RemoteProtocolE
 from meshinfer.proto import messages
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
-from meshinfer.proto.scheduling import NodeView, Policy, SchedulerState, choose
+from meshinfer.proto.scheduling import NodeView, Policy, SchedulerState, choose, requirements
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskCancel, TaskFailed, TaskResult
 from meshinfer.runtime.node import MeshNode
@@ -92,9 +94,11 @@ from meshinfer.runtime.session import Session
 
 log = logging.getLogger(__name__)
 
-#: How many ended tasks' records wait for the wait() that follows their submit() (a client
-#: that never waits leaves them here until newer ones push them out).
+#: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
+#: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
+#: leaves them here until newer ones push them out).
 HANDED_RECORDS = 256
+HANDED_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -164,15 +168,16 @@ class Coordinator:
         self._items: dict[str, tuple[TaskRun, ItemRun]] = {}  # live item id -> run, item
         self._busy: Counter[str] = Counter()  # node -> live items sent to it (kept as they move)
         self._ready: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
-        #: Items no node took, per model (id, version): heaps ordered as ``_ready``.
-        self._parked: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+        #: Items no node took, per placement class (see _placement): heaps ordered as _ready.
+        self._parked: dict[tuple, list[tuple[int, int, str]]] = {}
         self._seq = itertools.count()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._submitting: set[str] = set()  # tasks whose submit() is not answered yet
         #: Tasks that ended while their submit() was still being answered: their record, read
         #: with the end, for the wait() that usually follows (oldest dropped beyond a bound).
-        self._handed: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._handed: OrderedDict[str, tuple[TaskRecord, int]] = OrderedDict()  # record, bytes
+        self._handed_bytes = 0
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: set[asyncio.Task[None]] = set()
@@ -308,8 +313,11 @@ class Coordinator:
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """The task once it ended (or as it is at ``timeout``)."""
         if task_id not in self._runs:  # not running here: as the journal has it (or unknown)
-            record = self._handed.pop(task_id, None)
-            return record if record is not None else await self.get(task_id)
+            handed = self._handed.pop(task_id, None)
+            if handed is None:
+                return await self.get(task_id)
+            self._handed_bytes -= handed[1]
+            return handed[0]
         fut: asyncio.Future[TaskRecord | None] = self._loop.create_future()
         waiters = self._waiters.setdefault(task_id, [])
         waiters.append(fut)
@@ -400,8 +408,7 @@ class Coordinator:
             run, entry = pair
             node = self._choose(run, entry)
             if node is None:
-                model = entry.item.model
-                heap = self._parked.setdefault((model.model_id, model.version), [])
+                heap = self._parked.setdefault(self._placement(run, entry), [])
                 heapq.heappush(heap, (-run.spec.priority, next(self._seq), item_id))
                 continue
             self._send(run, entry, node)
@@ -423,6 +430,7 @@ class Coordinator:
             self._busy[entry.node] -= 1
             if not self._busy[entry.node]:
                 del self._busy[entry.node]
+            self._wake_parked.set()  # a slot on that node is free again
         entry.node = node
         if node:
             self._busy[node] += 1
@@ -482,11 +490,11 @@ class Coordinator:
         self._set_timer(item_id, remaining, self._on_timeout, item_id, attempt)
 
     def _journal_dispatch(self, entry: ItemRun) -> None:
-        """Journal the item's current dispatch unless done, or its result is being journaled
-        (which records the dispatch with it: ``take_result(sent_to=...)``). Told, not waited
-        for: the journal's thread runs it before anything queued later (a failure, a result)."""
+        """Journal the item's current dispatch unless that is done or a vouched result of it is
+        queued (``take_result(sent_to=...)`` records the dispatch). Told, not waited for: the
+        journal's thread runs it before anything queued later (a failure, a result)."""
         item_id, attempt = entry.item.item_id, entry.attempt
-        if entry.node is None or entry.journaled == attempt or item_id in self._answered:
+        if entry.node is None or entry.journaled == attempt:
             return
         entry.journaled = attempt
         self._db.tell("mark_dispatched", item_id, entry.node, attempt)
@@ -504,29 +512,44 @@ class Coordinator:
             run, entry = pair
             self._retry(run, entry, f"no answer from {entry.node} in {self.config.item_timeout_s}s")
 
+    def _placement(self, run: TaskRun, entry: ItemRun) -> tuple:
+        """Items of one class fit the same nodes: model, policy and requirements. If the first
+        of a class fits nowhere, none of the class does (a node an item failed on is only
+        avoided while another fits)."""
+        model = entry.item.model
+        policy = run.spec.policy or self.config.default_policy
+        return (model.model_id, model.version, policy, *requirements(entry.item.params))
+
     async def _parked_loop(self) -> None:
-        """Items no node could take wait here, per model, until a slot frees, membership or a
-        node's reachability changes, or 1 s passes. Then as many of a model's items as the
-        reachable nodes serving it have free slots are tried again, highest priority first:
-        a large batch waiting for slots is not re-scheduled whole on every result."""
+        """Items no node could take wait here, per placement class, until a slot frees,
+        membership or a node's reachability changes, or 1 s passes. Then as many of a class's
+        items as the reachable nodes serving its model have free slots are tried again, highest
+        priority first: a large batch waiting for slots is not re-scheduled whole on every
+        result, and a class that fits nowhere holds back no other class."""
         while True:
             self._wake_parked.clear()
+            tick = False
             try:
                 async with asyncio.timeout(1.0):
                     await self._wake_parked.wait()
             except TimeoutError:
-                pass
+                tick = True
             if not self._parked:
                 continue
             free = self._free_slots()
-            for model, heap in list(self._parked.items()):
-                for _ in range(min(free[model], len(heap))):
+            for key, heap in list(self._parked.items()):
+                if tick:  # drop the entries of items that ended or were cancelled meanwhile
+                    heap[:] = [e for e in heap if e[2] in self._items]
+                    heapq.heapify(heap)
+                budget = free[key[:2]]
+                while budget > 0 and heap:
                     _, _, item_id = heapq.heappop(heap)
                     pair = self._items.get(item_id)
                     if pair is not None:
                         self._queue(item_id, pair[0].spec.priority)
+                        budget -= 1
                 if not heap:
-                    del self._parked[model]
+                    del self._parked[key]
 
     def _free_slots(self) -> Counter[tuple[str, str]]:
         """Per model: the items the reachable nodes serving it could take now (per-node cap;
@@ -543,7 +566,15 @@ class Coordinator:
 
     def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
         pair = self._items.get(msg.item_id)
-        if pair is None or not self._started or pair[1].attempt != msg.attempt:
+        if (
+            pair is None
+            or not self._started
+            or (pair[1].attempt, pair[1].node)
+            != (
+                msg.attempt,
+                peer,
+            )
+        ):  # fmt: skip  (stale: e.g. a send before a restart, or a re-sent item)
             return
         self._loop.call_later(
             self.config.running_mark_delay_s, self._mark_running, msg.item_id, msg.attempt
@@ -567,6 +598,8 @@ class Coordinator:
             ending = self._ending_with(msg)
             pair = self._items.get(msg.item_id)
             sent = pair is not None and pair[1].attempt == msg.attempt and pair[1].node == peer
+            if sent:  # this result journals the dispatch: no mark_dispatched after it
+                pair[1].journaled = msg.attempt
             fresh, ended = await self._db.run(
                 "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
                 sent_to=peer if sent else None, ending=ending,
@@ -593,7 +626,6 @@ class Coordinator:
         await self._advance(run)
 
     def _count_result(self, entry: ItemRun, msg: TaskResult) -> None:
-        self._wake_parked.set()  # a slot on that node is free again
         self.stats_.completed_by_node[msg.node_id] += 1
         if entry.dispatched_at is not None:
             elapsed = self._loop.time() - entry.dispatched_at
@@ -654,8 +686,8 @@ class Coordinator:
 
     def _on_failed(self, peer: str, msg: TaskFailed) -> None:
         pair = self._items.get(msg.item_id)
-        if pair is None or pair[1].attempt != msg.attempt:
-            return
+        if pair is None or (pair[1].attempt, pair[1].node) != (msg.attempt, peer):
+            return  # stale (see _on_accepted); relayed failures come from the node sent to
         run, entry = pair
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
@@ -820,9 +852,17 @@ class Coordinator:
             if not fut.done():
                 fut.set_result(record)
         if record is not None and not waiters:  # read back for a submit still being answered
-            self._handed[task_id] = record
-            while len(self._handed) > HANDED_RECORDS:
-                self._handed.popitem(last=False)
+            self._hand(task_id, record)
+
+    def _hand(self, task_id: str, record: TaskRecord) -> None:
+        size = len(record.spec.inputs.data) + len(record.result_summary or b"")
+        size += sum(len(item.result or b"") for item in record.items)
+        old = self._handed.pop(task_id, None)
+        self._handed_bytes += size - (old[1] if old else 0)
+        self._handed[task_id] = (record, size)
+        while len(self._handed) > HANDED_RECORDS or self._handed_bytes > HANDED_BYTES:
+            _, (_, dropped) = self._handed.popitem(last=False)
+            self._handed_bytes -= dropped
 
     def _cancel_timer(self, item_id: str) -> None:
         timer = self._timers.pop(item_id, None)

@@ -23,7 +23,7 @@ from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
-from meshinfer.proto.tasks_wire import TaskAccepted, Tensor
+from meshinfer.proto.tasks_wire import FailureKind, TaskAccepted, TaskFailed, Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
 from node.config import load_config
@@ -144,6 +144,76 @@ async def test_a_batch_larger_than_the_nodes_slots_waits_without_rescheduling_ev
         # every parked item on every result would take thousands
         assert len(tries) <= 3 * 120, len(tries)
         assert not c._busy and not c._parked and (await c.stats())["parked_items"] == 0
+
+
+#: One item at a time per node: what else is submitted waits parked.
+ONE_SLOT = CoordinatorConfig(item_timeout_s=30, max_in_flight_per_node=1)
+
+
+async def take_the_only_slot(mesh: Mesh, x: np.ndarray) -> tuple[asyncio.Event, str]:
+    """Submit task "busy", held on node-0 until the returned gate is set."""
+    c = mesh.coordinator
+    gate = hold_inference(mesh.daemons["node-0"])
+    busy = await c.submit(spec("busy", "single", x[:1]))
+    await until(lambda: sum(c._busy.values()) == 1)
+    return gate, busy
+
+
+async def test_a_parked_class_that_fits_nowhere_holds_back_no_other_task(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=ONE_SLOT) as mesh:
+        c = mesh.coordinator
+        gate, busy = await take_the_only_slot(mesh, x)
+        gpu = spec("gpu", "single", x[:1], priority=10, params={"requires_gpu": True})
+        await c.submit(gpu)  # first in line, but no node has a GPU
+        low = await c.submit(spec("low", "single", x[:1], priority=0))
+        await until(lambda: sum(map(len, c._parked.values())) == 2)
+        gate.set()
+        assert (await c.wait(busy, timeout=10)).state.value == "succeeded"
+        assert (await c.wait(low, timeout=10)).state.value == "succeeded"
+        assert (await c.get("gpu")).state.value == "pending"  # still waiting for a GPU node
+        assert (await c.stats())["parked_items"] == 1
+
+
+async def test_a_timeout_as_the_result_arrives_loses_neither_the_result_nor_the_journal(
+    tmp_path,
+):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=30, running_mark_delay_s=60.0)  # no overdue mark
+    async with Mesh(tmp_path, n=1, config=config) as mesh:
+        c = mesh.coordinator
+        accept, fired = c._accept_result, []
+
+        async def racing(peer, msg):  # the item's timer falls due in the result's loop turn
+            if not fired:
+                fired.append(msg.item_id)
+                c._on_timeout(msg.item_id, msg.attempt)
+            await accept(peer, msg)
+
+        c._accept_result = racing
+        record = await c.wait(await c.submit(spec("race", "single", x[:1])), timeout=15)
+        assert fired and record.state.value == "succeeded", record.summary.error
+        history = [e.kind for e in await c._db.run("history", "race")]
+        assert history[:4] == ["submitted", "dispatched", "retry", "result"]
+        assert (await c.stats())["journal_counters"] == {}  # nothing refused or ignored
+
+
+async def test_answers_about_an_item_count_only_from_the_node_it_was_sent_to(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=ONE_SLOT) as mesh:
+        c = mesh.coordinator
+        gate, busy = await take_the_only_slot(mesh, x)
+        parked = await c.submit(spec("parked", "single", x[:1]))
+        await until(lambda: sum(map(len, c._parked.values())) == 1)
+        # as a send of attempt 1 before a coordinator restart would answer (recovery sends
+        # attempt 1 again): the item waits for a slot here, so this is not about its send
+        c._on_failed("node-0", TaskFailed("parked/0", 1, FailureKind.OVERLOADED, "draining", True))
+        assert c.stats_.retries == 0 and c._items["parked/0"][1].attempt == 1
+        gate.set()
+        for task_id in (busy, parked):
+            record = await c.wait(task_id, timeout=15)
+            assert record.state.value == "succeeded", record.summary.error
+        assert (await c.stats())["journal_counters"] == {}
 
 
 def test_a_large_batch_plans_and_settles_in_linear_work(monkeypatch):

@@ -643,6 +643,32 @@ async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_w
         assert (await c.get("quick")) == record
 
 
+async def test_records_kept_for_a_later_wait_are_bounded_in_count_and_bytes(tmp_path):
+    import coordinator.service as service
+
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
+        c = mesh.coordinator
+        record = await c.wait(await c.submit(spec("kept", "single", x[:4])), timeout=10)
+        size = len(record.spec.inputs.data) + len(record.result_summary)
+        size += sum(len(item.result) for item in record.items)
+        for n in range(service.HANDED_RECORDS + 5):  # as if nobody ever waited for them
+            c._hand(f"t{n}", record)
+        assert len(c._handed) == service.HANDED_RECORDS and "t0" not in c._handed
+        assert c._handed_bytes == size * service.HANDED_RECORDS
+        c._hand("t100", record)  # again: counted once
+        assert c._handed_bytes == size * service.HANDED_RECORDS
+        assert await c.wait("t100") is record and c._handed_bytes == size * 255
+        original = service.HANDED_BYTES
+        service.HANDED_BYTES = size * 3
+        try:
+            c._hand("last", record)  # the byte bound drops the oldest down to three records
+        finally:
+            service.HANDED_BYTES = original
+        assert len(c._handed) == 3 and "last" in c._handed
+        assert c._handed_bytes == size * 3
+
+
 async def test_resubmitting_a_known_task_runs_nothing_again(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:

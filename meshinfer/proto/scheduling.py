@@ -45,6 +45,7 @@ __all__ = [
     "choose",
     "eligible",
     "load_ratio",
+    "requirements",
 ]
 
 
@@ -128,14 +129,25 @@ def _model_key(item: WorkItem) -> tuple[str, str]:
     return (item.model.model_id, item.model.version)
 
 
+def requirements(params: Mapping[str, object]) -> tuple[bool, int | None, str | None]:
+    """What an item's ``params`` ask of a node (``requires_gpu``, ``min_gpu_memory``,
+    ``requires_role``; values of the wrong type ask nothing): items of one model, policy and
+    requirements are eligible on the same nodes."""
+    need, role = params.get("min_gpu_memory"), params.get("requires_role")
+    return (
+        params.get("requires_gpu") is True,
+        need if type(need) is int else None,
+        role if type(role) is str else None,
+    )
+
+
 def _meets_requirements(node: NodeView, params: Mapping[str, object]) -> bool:
-    if params.get("requires_gpu") is True and not node.has_gpu:
+    gpu, need, role = requirements(params)
+    if gpu and not node.has_gpu:
         return False
-    need = params.get("min_gpu_memory")
-    if type(need) is int and (node.free_gpu_memory is None or node.free_gpu_memory < need):
+    if need is not None and (node.free_gpu_memory is None or node.free_gpu_memory < need):
         return False
-    role = params.get("requires_role")
-    return not (type(role) is str and role not in node.roles)
+    return role is None or role in node.roles
 
 
 def eligible(nodes: Sequence[NodeView], item: WorkItem, exclude: frozenset[str]) -> list[NodeView]:
