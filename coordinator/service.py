@@ -566,16 +566,8 @@ class Coordinator:
 
     def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
         pair = self._items.get(msg.item_id)
-        if (
-            pair is None
-            or not self._started
-            or (pair[1].attempt, pair[1].node)
-            != (
-                msg.attempt,
-                peer,
-            )
-        ):  # fmt: skip  (stale: e.g. a send before a restart, or a re-sent item)
-            return
+        if pair is None or not self._started or not _sent_to(pair[1], msg.attempt, peer):
+            return  # stale: e.g. a send before a restart (the same attempt is sent again)
         self._loop.call_later(
             self.config.running_mark_delay_s, self._mark_running, msg.item_id, msg.attempt
         )
@@ -597,7 +589,7 @@ class Coordinator:
             blob = messages.encode(msg)
             ending = self._ending_with(msg)
             pair = self._items.get(msg.item_id)
-            sent = pair is not None and pair[1].attempt == msg.attempt and pair[1].node == peer
+            sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
             if sent:  # this result journals the dispatch: no mark_dispatched after it
                 pair[1].journaled = msg.attempt
             fresh, ended = await self._db.run(
@@ -686,7 +678,7 @@ class Coordinator:
 
     def _on_failed(self, peer: str, msg: TaskFailed) -> None:
         pair = self._items.get(msg.item_id)
-        if pair is None or (pair[1].attempt, pair[1].node) != (msg.attempt, peer):
+        if pair is None or not _sent_to(pair[1], msg.attempt, peer):
             return  # stale (see _on_accepted); relayed failures come from the node sent to
         run, entry = pair
         reason = f"{peer}: {msg.message}"
@@ -855,6 +847,7 @@ class Coordinator:
             self._hand(task_id, record)
 
     def _hand(self, task_id: str, record: TaskRecord) -> None:
+        """Keep ``record`` for the task's next wait() (see ``_handed``), within the bounds."""
         size = len(record.spec.inputs.data) + len(record.result_summary or b"")
         size += sum(len(item.result or b"") for item in record.items)
         old = self._handed.pop(task_id, None)
@@ -868,6 +861,12 @@ class Coordinator:
         timer = self._timers.pop(item_id, None)
         if timer is not None:
             timer.cancel()
+
+
+def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
+    """Whether the item's current attempt is ``attempt`` and went to ``node``: only then does
+    that node's answer about it count (relayed answers come from the node it was sent to)."""
+    return entry.attempt == attempt and entry.node == node
 
 
 def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
