@@ -292,7 +292,7 @@ class CoordinatorApi:
         spec = await self._off_loop(len(body), self._spec_from_body, body)
         existed = await self._exists(spec.task_id)
         try:
-            task_id = await self.coordinator.submit(spec)
+            task_id = await self.coordinator.submit(spec, will_wait=False)
         except TaskConflictError:
             raise ApiError(
                 409, "conflict", f"task_id {spec.task_id!r} is already used by a different task"

@@ -53,6 +53,11 @@ class CoordinatorSection:
     )
     node_capacity: int = doc(4, "work items a node is assumed to run at once (load estimate)")
     max_in_flight_per_node: int = doc(32, "work items outstanding on one node at once")
+    retention_days: float = doc(
+        7.0,
+        "ended tasks (their inputs, results and audit lines) are deleted from the journal this"
+        " many days after they ended; 0 keeps them forever",
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,9 @@ _POSITIVE = {k for k in NODE_POSITIVE if k[0] == "session"} | {
 def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     check_mesh_sections(config, source)
     parse_address(config.api.listen, f"{source}: [api] listen")
-    if config.coordinator.retry_backoff_s < 0:
-        raise ConfigError(f"{source}: [coordinator] retry_backoff_s must not be negative")
+    for key in ("retry_backoff_s", "retention_days"):
+        if getattr(config.coordinator, key) < 0:
+            raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
 
 
 SCHEMA = Schema(

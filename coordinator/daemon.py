@@ -50,6 +50,7 @@ def service_config(config: CoordinatorFileConfig) -> CoordinatorConfig:
         journal_synchronous=c.journal_synchronous,
         node_capacity=c.node_capacity,
         max_in_flight_per_node=c.max_in_flight_per_node,
+        retention_s=c.retention_days * 86400.0,
     )
 
 

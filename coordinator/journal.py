@@ -96,10 +96,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 1000
+#: Tasks :meth:`Journal.prune` forgets per call (one group: keep it short for the calls behind).
+PRUNE_BATCH = 200
 #: Specs journaled lately are kept decoded (up to this many bytes of spec blobs), so that
 #: reading a task back soon after (the coordinator's ``wait``) need not decode its spec again.
 SPEC_CACHE_BYTES = 8 << 20
 _LIVE = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
+_ENDED = tuple(sorted(s.value for s in TERMINAL_STATES))
 _IN_FLIGHT = (TaskState.DISPATCHED.value, TaskState.RUNNING.value)
 _WAITING = (TaskState.PENDING.value, TaskState.RETRYING.value)
 #: The states a dispatch moves on (read off the transition table), as SQL; all go to dispatched.
@@ -490,11 +493,11 @@ class Journal:
         else:
             db.executemany(_EVENT_ROW, [(a, t, i, i, k, d) for a, t, i, k, d in events])
 
-    def _count(self, db: sqlite3.Connection, name: str) -> None:
+    def _count(self, db: sqlite3.Connection, name: str, by: int = 1) -> None:
         db.execute(
-            "INSERT INTO counters (name, value) VALUES (?, 1) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + 1",
-            (name,),
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
         )
 
     # --- submission ---------------------------------------------------------------------------
@@ -529,9 +532,7 @@ class Journal:
 
     def _remember(self, spec: TaskSpec, blob: bytes) -> None:
         """Keep ``spec`` decoded (see :data:`SPEC_CACHE_BYTES`), dropping the oldest first."""
-        old = self._specs.pop(spec.task_id, None)
-        if old is not None:
-            self._spec_bytes -= len(old[0])
+        self._forget_spec(spec.task_id)
         self._specs[spec.task_id] = (blob, spec)
         self._spec_bytes += len(blob)
         while self._spec_bytes > SPEC_CACHE_BYTES:
@@ -873,6 +874,53 @@ class Journal:
                 (self._clock(), item_id),
             )
             self._log("requeued", task_id, item_id, "coordinator restarted")
+
+    # --- retention -----------------------------------------------------------------------------
+
+    def prune(self, older_than_s: float, *, limit: int = PRUNE_BATCH) -> int:
+        """Forget up to ``limit`` tasks that ended more than ``older_than_s`` seconds ago (by the
+        journal's wall clock), oldest first, with their items, results and audit events; and
+        audit lines about no task that are as old. Returns how many tasks went (call again
+        while it returns ``limit``). Live tasks are never touched. A pruned task is unknown
+        afterwards: reading it raises :class:`UnknownTaskError`, and submitting its id again
+        journals it as a new task.
+
+        Counted in the ``pruned_tasks`` counter. The file does not shrink: SQLite reuses the
+        freed pages for new tasks, so a journal with retention stays about as large as the
+        tasks of one retention period.
+        """
+        if older_than_s < 0 or limit < 1:
+            raise LocalProtocolError("prune() needs older_than_s >= 0 and limit >= 1")
+        with self._write() as db:
+            cutoff = self._clock() - older_than_s
+            ids = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT id FROM tasks INDEXED BY tasks_ended WHERE state IN {_ENDED}"
+                    " AND updated_at < ?"
+                    " ORDER BY updated_at LIMIT ?",
+                    (cutoff, limit),
+                )
+            ]
+            if ids:
+                params = [(task_id,) for task_id in ids]
+                db.executemany("DELETE FROM events WHERE task_id = ?", params)
+                db.executemany(
+                    "DELETE FROM results WHERE item_id IN (SELECT id FROM items WHERE task_id = ?)",
+                    params,
+                )
+                db.executemany("DELETE FROM items WHERE task_id = ?", params)
+                db.executemany("DELETE FROM tasks WHERE id = ?", params)
+                self._count(db, "pruned_tasks", len(ids))
+            db.execute("DELETE FROM events WHERE task_id IS NULL AND at < ?", (cutoff,))
+        for task_id in ids:
+            self._forget_spec(task_id)
+        return len(ids)
+
+    def _forget_spec(self, task_id: str) -> None:
+        old = self._specs.pop(task_id, None)
+        if old is not None:
+            self._spec_bytes -= len(old[0])
 
     def stats(self) -> JournalStats:
         """Counts of tasks and items by state, the counters and the audit log length."""

@@ -192,15 +192,26 @@ class JournalWriter:
                 batch.append(self._committed.get_nowait())
             groups = [item for item in batch if item is not None]
             stop = len(groups) < len(batch)
-            failed = None
-            for journal in {id(j): j for _, _, j in groups}.values():  # one, but for tests
-                failed = failed or self._sync(journal)
-            for group, outcomes, _ in groups:
-                if failed is not None:  # committed, but not known to be durable
-                    outcomes = [CallOutcome(error=failed)] * len(group)
-                self._hand_back(self._settle, group, outcomes)
-            for _ in batch:
-                self._committed.task_done()
+            try:
+                self._sync_groups(groups)
+            except BaseException as exc:  # a bug here: fail those callers rather than hang them
+                log.critical("the journal's sync thread failed", exc_info=exc)
+                for group, _, _ in groups:
+                    self._hand_back(self._settle, group, [CallOutcome(error=exc)] * len(group))
+            finally:
+                for _ in batch:
+                    self._committed.task_done()
+
+    def _sync_groups(self, groups: list[tuple[list[_Call], list[CallOutcome], object]]) -> None:
+        """Sync the journal(s) of ``groups`` once, then hand their outcomes to the loop (each
+        one failed with the sync's error if it failed: committed, not known to be durable)."""
+        failed = None
+        for journal in {id(j): j for _, _, j in groups}.values():  # one, but for tests
+            failed = failed or self._sync(journal)
+        for group, outcomes, _ in groups:
+            if failed is not None:
+                outcomes = [CallOutcome(error=failed)] * len(group)
+            self._hand_back(self._settle, group, outcomes)
 
     @staticmethod
     def _sync(journal: object) -> BaseException | None:

@@ -170,7 +170,7 @@ def _mesh_schemas() -> dict[str, Schema]:
 _ERROR_RESPONSES = {
     "400": "A malformed body or query parameter (code bad_json, invalid_task, bad_parameter).",
     "401": "No or a wrong bearer token (code unauthorized).",
-    "404": "No such task (code not_found).",
+    "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
     "413": "The body is over the size limit (code too_large).",
     "415": "The body is not application/json (code unsupported_media_type).",

@@ -52,7 +52,7 @@ unknown run again). Journal writes per task are kept few:
 * the result that completes a task (single, batch, pipeline) is journaled together with the
   task's end, in one call: both commit or neither does;
 * submitting a known task id with the same spec again is an idempotent retry: nothing runs
-  again.
+  again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
 Concurrency: every coroutine runs on the coordinator's event loop.
 """
@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.journal import (
+    PRUNE_BATCH,
     CallOutcome,
     Journal,
     TaskEnding,
@@ -120,13 +121,19 @@ class CoordinatorConfig:
     #: Journal an item's dispatch, and its node's accept (running), only if its result is not
     #: in this long after it (a quick item costs the journal its result alone).
     running_mark_delay_s: float = 0.05
+    #: Ended tasks are deleted from the journal (items, results, audit lines) this long after
+    #: they ended, checked every ``prune_interval_s``; 0 keeps them forever.
+    retention_s: float = 7 * 86400.0
+    prune_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         Policy(self.default_policy)  # ValueError names an unknown policy
         if self.max_attempts < 1 or self.item_timeout_s <= 0 or self.retry_backoff_s < 0:
             raise ValueError("max_attempts >= 1, item_timeout_s > 0 and retry_backoff_s >= 0")
-        if self.redial_timeout_s < 0 or self.running_mark_delay_s < 0:
-            raise ValueError("redial_timeout_s and running_mark_delay_s must be >= 0")
+        if self.redial_timeout_s < 0 or self.running_mark_delay_s < 0 or self.retention_s < 0:
+            raise ValueError("redial_timeout_s, running_mark_delay_s and retention_s must be >= 0")
+        if self.prune_interval_s <= 0:
+            raise ValueError("prune_interval_s must be > 0")
 
 
 @dataclass
@@ -173,7 +180,7 @@ class Coordinator:
         self._seq = itertools.count()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._submitting: set[str] = set()  # tasks whose submit() is not answered yet
+        self._submitting: set[str] = set()  # submit() not answered yet, wait() to follow
         #: Tasks that ended while their submit() was still being answered: their record, read
         #: with the end, for the wait() that usually follows (oldest dropped beyond a bound).
         self._handed: OrderedDict[str, tuple[TaskRecord, int]] = OrderedDict()  # record, bytes
@@ -183,7 +190,9 @@ class Coordinator:
         self._watchers: set[asyncio.Task[None]] = set()
         self._suspects: set[str] = set()  # lost a session, being re-dialled
         self._unreachable: dict[str, int] = {}  # node -> its incarnation when we gave up on it
-        self._answered: set[str] = set()  # items whose result is being journaled
+        #: Items whose result is being journaled (how many of their results: two copies of
+        #: one result may be in the journal's hands at once).
+        self._answered: Counter[str] = Counter()
         self._closed = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
 
@@ -217,6 +226,8 @@ class Coordinator:
             loop.create_task(self._dispatch_loop(), name="coordinator-dispatch"),
             loop.create_task(self._parked_loop(), name="coordinator-parked"),
         ]
+        if self.config.retention_s > 0:
+            self._tasks.append(loop.create_task(self._prune_loop(), name="coordinator-prune"))
         for task in self._tasks:
             task.add_done_callback(_log_death)
 
@@ -266,8 +277,12 @@ class Coordinator:
 
     # --- the API ---------------------------------------------------------------------------
 
-    async def submit(self, spec: TaskSpec) -> str:
+    async def submit(self, spec: TaskSpec, *, will_wait: bool = True) -> str:
         """Validate, journal (durably), and queue ``spec``; returns its task id.
+
+        ``will_wait``: the caller calls :meth:`wait` next, so a task that ends before this
+        returns has its record read with its end and kept for that wait (no second journal
+        read); False for callers that never wait (the HTTP API), whose records are not kept.
 
         The same spec under a known task id (an idempotent client retry) returns the id and
         runs nothing again, whether the task still runs or is over; another spec under a known
@@ -280,9 +295,12 @@ class Coordinator:
         )  # fmt: skip  (validates the spec)
         durable = self._db.call("accept", spec, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
+        if not will_wait:
+            await asyncio.shield(durable)  # a cancelled caller leaves the task to run
+            return spec.task_id
         self._submitting.add(spec.task_id)
         try:
-            await asyncio.shield(durable)  # a cancelled caller leaves the task to run
+            await asyncio.shield(durable)
         finally:
             self._submitting.discard(spec.task_id)
         return spec.task_id
@@ -551,6 +569,20 @@ class Coordinator:
                 if not heap:
                     del self._parked[key]
 
+    async def _prune_loop(self) -> None:
+        """Retention: every ``prune_interval_s``, delete from the journal the tasks that ended
+        more than ``retention_s`` ago, a bounded batch per journal group (the calls queued
+        behind one wait for a short group only). A failed prune is logged and tried again at
+        the next interval."""
+        retention = self.config.retention_s
+        while True:
+            await asyncio.sleep(self.config.prune_interval_s)
+            try:
+                while await self._db.run("prune", retention, limit=PRUNE_BATCH) == PRUNE_BATCH:
+                    pass
+            except MeshInferError as exc:
+                log.warning("journal retention: prune failed, retrying later: %s", exc)
+
     def _free_slots(self) -> Counter[tuple[str, str]]:
         """Per model: the items the reachable nodes serving it could take now (per-node cap;
         a node serving several models counts for each)."""
@@ -581,7 +613,7 @@ class Coordinator:
         self._db.tell("mark_running", item_id, attempt)
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
-        self._answered.add(msg.item_id)  # being journaled: not to be re-dispatched meanwhile
+        self._answered[msg.item_id] += 1  # being journaled: not to be re-dispatched meanwhile
         self._loop.create_task(self._accept_result(peer, msg)).add_done_callback(_log_failure)
 
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
@@ -597,7 +629,9 @@ class Coordinator:
                 sent_to=peer if sent else None, ending=ending,
             )  # fmt: skip
         finally:
-            self._answered.discard(msg.item_id)
+            self._answered[msg.item_id] -= 1
+            if not self._answered[msg.item_id]:
+                del self._answered[msg.item_id]
         if not fresh:
             self.stats_.duplicates += 1
             return

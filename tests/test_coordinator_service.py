@@ -247,6 +247,39 @@ async def test_every_policy_completes_a_task(tmp_path):
             assert record.state.value == "succeeded", (policy, record.summary.error)
 
 
+async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_ones(tmp_path):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(retention_s=0.3, prune_interval_s=0.05)
+    async with Mesh(tmp_path, n=1, config=config) as mesh:
+        c = mesh.coordinator
+        gate = hold_inference(mesh.daemons["node-0"])
+        done = await c.submit(spec("done", "single", x[:2]))
+        await c.cancel(done)
+        held = await c.submit(spec("held", "single", x[:2]))
+
+        async def pruned() -> bool:
+            try:
+                await c.get(done)
+            except UnknownTaskError:
+                return True
+            return False
+
+        async with asyncio.timeout(20):
+            while not await pruned():
+                await asyncio.sleep(0.05)
+        assert (await c.stats())["journal_counters"]["pruned_tasks"] == 1
+        assert (await c.get(held)).state.value != "cancelled"  # live: kept however old
+        gate.set()
+        assert (await c.wait(held, timeout=10)).state.value == "succeeded"
+
+
+def test_retention_is_off_at_zero_and_checked():
+    assert CoordinatorConfig(retention_s=0).retention_s == 0
+    for bad in ({"retention_s": -1.0}, {"prune_interval_s": 0.0}):
+        with pytest.raises(ValueError, match=r"retention_s|prune_interval_s"):
+            CoordinatorConfig(**bad)
+
+
 @pytest.mark.parametrize("mark_delay", [0.0, 60.0], ids=["dispatch-journaled", "not-yet"])
 async def test_cancel_reaches_the_node(tmp_path, mark_delay):
     x, _ = load_digits_holdout()

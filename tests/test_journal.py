@@ -665,3 +665,129 @@ def test_no_acknowledged_task_is_lost_when_the_coordinator_is_killed(tmp_path, s
             waiting = {i.item_id for i in task.to_dispatch}
             for item in task.task.items:
                 assert (item.result is not None) or item.item_id in waiting
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+def _rows(journal: Journal, table: str) -> int:
+    (count,) = journal._db.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return count
+
+
+def _orphans(journal: Journal) -> int:
+    """Rows left behind by a deleted task: items, results and audit lines of no task."""
+    (count,) = journal._db.execute(
+        "SELECT (SELECT count(*) FROM items WHERE task_id NOT IN (SELECT id FROM tasks))"
+        " + (SELECT count(*) FROM results WHERE item_id NOT IN (SELECT id FROM items))"
+        " + (SELECT count(*) FROM events WHERE task_id NOT IN (SELECT id FROM tasks))"
+    ).fetchone()
+    return count
+
+
+def test_prune_forgets_only_tasks_that_ended_long_enough_ago(tmp_path):
+    clock = FakeClock()
+    with Journal(tmp_path / "j.db", wall_clock=clock) as journal:
+        for task_id in ("old", "recent", "live"):
+            journal.submit(batch(task_id))
+        journal.mark_dispatched("old/0", "veh-1", 1)
+        journal.record_result("old/0", 1, b"x", node="veh-1")
+        journal.finish("old", TaskState.SUCCEEDED, summary=b"x")
+        clock.now += 1_000
+        journal.cancel("recent")
+        journal.mark_dispatched("live/0", "veh-1", 1)
+        clock.now += 500
+        assert journal.prune(older_than_s=900) == 1
+        with pytest.raises(UnknownTaskError):
+            journal.get("old")
+        assert journal.history("old") == []
+        assert journal.get("recent").state == TaskState.CANCELLED
+        assert journal.get("live").state == TaskState.DISPATCHED
+        assert _rows(journal, "results") == 0 and _orphans(journal) == 0
+        assert journal.stats().counters == {"pruned_tasks": 1}
+        assert journal.prune(older_than_s=900) == 0  # nothing else is old enough
+        assert journal.accept(batch("old"))  # a pruned id is a new task again
+
+
+def test_prune_goes_oldest_end_first_and_at_most_limit_tasks_per_call(tmp_path):
+    clock = FakeClock()
+    with Journal(tmp_path / "j.db", wall_clock=clock) as journal:
+        ids = [f"t{i}" for i in range(5)]
+        for task_id in ids:
+            journal.submit(batch(task_id))
+        for task_id in reversed(ids):  # ends in the opposite order of submission
+            journal.cancel(task_id)
+        clock.now += 100
+        assert journal.prune(0, limit=2) == 2
+        assert {r.task_id for r in journal.list().tasks} == {"t0", "t1", "t2"}
+        assert journal.prune(0, limit=2) == 2
+        assert journal.prune(0, limit=2) == 1
+        assert _rows(journal, "tasks") == 0 and _rows(journal, "items") == 0
+        assert _rows(journal, "events") == 0
+
+
+def test_prune_also_drops_old_audit_lines_about_no_task(journal):
+    journal._log("note", None, detail="coordinator restarted")
+    journal.submit(batch("t"))  # writes the logged lines with its own
+    assert _rows(journal, "events") == 2
+    assert journal.prune(0) == 0
+    assert [e.kind for e in journal.history("t")] == ["submitted"]
+    assert _rows(journal, "events") == 1
+
+
+def test_prune_refuses_a_negative_age_or_an_empty_batch(journal):
+    for kwargs in ({"older_than_s": -1}, {"older_than_s": 0, "limit": 0}):
+        with pytest.raises(LocalProtocolError, match="prune"):
+            journal.prune(**kwargs)
+
+
+def test_a_version_1_journal_gets_the_retention_index_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "j.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    migrate(db, MIGRATIONS[:1])
+    db.close()
+    with Journal(path, wall_clock=FakeClock()) as journal:
+        journal.submit(batch("t"))
+        journal.cancel("t")
+        assert schema_version(journal._db) == len(MIGRATIONS) >= 2
+        assert journal.prune(0) == 1
+
+
+_PRUNE_OPS = st.lists(
+    st.tuples(st.sampled_from(["submit", "finish", "cancel", "tick", "prune"]), st.integers(0, 5)),
+    max_size=40,
+)
+
+
+@fresh_files(150)
+@given(ops=_PRUNE_OPS)
+def test_prune_never_touches_live_tasks_or_leaves_orphans(tmp_path, ops):
+    clock = FakeClock()
+    ended_at: dict[str, float] = {}
+    with fresh_journal(tmp_path, wall_clock=clock) as journal:
+        submitted: set[str] = set()
+        for op, n in ops:
+            task_id = f"t{n}"
+            if op == "submit" and task_id not in submitted:
+                journal.submit(batch(task_id))
+                submitted.add(task_id)
+            elif op in ("finish", "cancel") and task_id in submitted - ended_at.keys():
+                if op == "finish":
+                    journal.finish(task_id, TaskState.FAILED, error="no")
+                else:
+                    journal.cancel(task_id)
+                ended_at[task_id] = clock.now
+            elif op == "tick":
+                clock.now += 10 * n
+            elif op == "prune":
+                cutoff = clock.now + 1 - 5 * n  # prune reads the clock once (+1)
+                gone = journal.prune(5 * n)
+                expired = {t for t, at in ended_at.items() if at < cutoff}
+                assert gone == len(expired)
+                submitted -= expired
+                for t in expired:
+                    del ended_at[t]
+            assert {r.task_id for r in journal.list().tasks} == submitted
+            assert _orphans(journal) == 0
+        for task_id in submitted - ended_at.keys():
+            assert len(journal.get(task_id).items) == 3  # live tasks keep every item

@@ -504,6 +504,25 @@ async def test_callers_are_failed_not_left_hanging_if_the_writer_dies(journal, c
     assert committed_tasks(journal.path) == {"a", "b"}
 
 
+async def test_a_bug_in_the_sync_thread_fails_its_callers_and_hangs_nothing_after(journal, caplog):
+    writer = JournalWriter(lambda: journal)
+    sync = writer._sync
+
+    def buggy(_journal: object) -> BaseException | None:
+        writer._sync = sync  # once
+        raise RuntimeError("a bug in the sync thread (injected)")
+
+    writer._sync = buggy
+    with pytest.raises(RuntimeError, match="injected"):  # committed, not known to be durable
+        await writer.run(journal.submit, single("a"))
+    assert "sync thread failed" in caplog.text
+    async with asyncio.timeout(10):  # an alone call waits for every sync before it
+        assert await writer.run_alone(lambda: "alone") == "alone"
+        assert await writer.run(journal.submit, single("b")) == "b"
+    await writer.aclose()
+    assert committed_tasks(journal.path) == {"a", "b"}
+
+
 async def test_a_stand_in_without_groups_gets_its_calls_one_by_one():
     class StandIn:
         def __init__(self) -> None:
@@ -612,8 +631,9 @@ async def test_a_quick_task_costs_two_journal_calls_and_waiting_costs_none(tmp_p
         assert record.items[0].node == "node-0" and record.summary.state == TaskState.SUCCEEDED
 
 
+@pytest.mark.parametrize("will_wait", [True, False], ids=["wait-follows", "never-waits"])
 async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_wait_for(
-    tmp_path,
+    tmp_path, will_wait
 ):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
@@ -631,7 +651,7 @@ async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_w
         before = c._db.calls
         read = asyncio.create_task(c.get("warm"))  # its group's sync holds the sync thread
         await until(entered.is_set)
-        submit = asyncio.create_task(c.submit(spec("quick", "single", x[:1])))
+        submit = asyncio.create_task(c.submit(spec("quick", "single", x[:1]), will_wait=will_wait))
         # the submit's answer waits for a sync; its item goes out, and its result commits
         await until(lambda: c._db._committed.qsize() == 2)  # (its sync thread's queue)
         synced.set()  # one sync answers both groups: the task ends before the submit returns
@@ -639,7 +659,9 @@ async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_w
         await read
         record = await c.wait(task_id, timeout=10)  # usually handed over from the end
         assert record.state == TaskState.SUCCEEDED and record.result_summary is not None
-        assert c._db.calls - before == 3 and "quick" not in c._handed  # no read: handed over
+        assert "quick" not in c._handed
+        # handed over with the end: no read; never-waits (the HTTP API): nothing kept, one read
+        assert c._db.calls - before == (3 if will_wait else 4)
         assert (await c.get("quick")) == record
 
 
