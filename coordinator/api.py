@@ -141,8 +141,10 @@ class CoordinatorApi:
 
     ``start`` binds (port 0 picks a free port; :attr:`url` then names it) and ``aclose`` stops
     it (idempotent); also an async context manager. ``token`` is the fleet's API token;
-    ``max_body_bytes`` caps a request body (413 beyond); ``rng`` draws the ids of tasks
-    submitted without one.
+    ``max_body_bytes`` caps a request body (413 beyond); ``max_upload_bytes`` caps the bytes
+    of all the task submissions being read and parsed at once (a submission that would go
+    beyond waits for none: it gets 503 ``busy`` and a ``Retry-After``; one submission alone is
+    always let in); ``rng`` draws the ids of tasks submitted without one.
     """
 
     def __init__(
@@ -152,15 +154,20 @@ class CoordinatorApi:
         token: str,
         *,
         max_body_bytes: int = 64 << 20,
+        max_upload_bytes: int = 256 << 20,
         rng: random.Random | None = None,
     ) -> None:
         if not token or not token.isprintable() or any(c.isspace() for c in token):
             raise ConfigError("api token must be non-empty printable text without spaces")
         if max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes {max_body_bytes} must be positive")
+        if max_upload_bytes < max_body_bytes:
+            raise ConfigError(f"max_upload_bytes {max_upload_bytes} is below max_body_bytes")
         self.coordinator = coordinator
         self.listen = listen
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self._uploading = 0  # bytes of the submissions being read and parsed now
         self._token = token.encode()
         self._rng = rng or random.SystemRandom()
         self._json_work = BoundedExecutor(2, name="coord-api-json")
@@ -288,6 +295,21 @@ class CoordinatorApi:
     async def submit(self, request: web.Request) -> web.Response:
         """POST /v1/tasks."""
         _require_json(request)
+        size = request.content_length
+        if size is None or size > self.max_body_bytes:  # chunked: it may be as large as allowed
+            size = self.max_body_bytes
+        if self._uploading and self._uploading + size > self.max_upload_bytes:
+            raise ApiError(
+                503, "busy", "too many task submissions are being uploaded; retry shortly",
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
+        self._uploading += size
+        try:
+            return await self._submit(request)
+        finally:
+            self._uploading -= size
+
+    async def _submit(self, request: web.Request) -> web.Response:
         body = await self._read_body(request)
         spec = await self._off_loop(len(body), self._spec_from_body, body)
         existed = await self._exists(spec.task_id)

@@ -68,13 +68,17 @@ class ApiError(MeshInferError):
 
     ``status`` is the HTTP status (None when no answer came), ``code`` the API's short error code
     (``not_found``, ``invalid_task``... or ``unreachable``/``timeout``/``bad_response`` from the
-    client itself) and ``message`` the explanation.
+    client itself) and ``message`` the explanation. ``retry_after``: the seconds the coordinator
+    asked to wait before trying again (its ``Retry-After``), if it did.
     """
 
-    def __init__(self, status: int | None, code: str, message: str) -> None:
+    def __init__(
+        self, status: int | None, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
         suffix = f" (HTTP {status} {code})" if status is not None else ""
         super().__init__(message + suffix)
 
@@ -255,9 +259,21 @@ class CoordinatorClient:
         self._token = check_token(token)
         self._opener = _opener_for(self.url)
 
-    def submit(self, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """POST /v1/tasks: ``{"task_id", "state", "items_total", "location"}``."""
-        return self._request("POST", "/v1/tasks", body=doc)
+    def submit(self, doc: Mapping[str, Any], *, busy_s: float = 30.0) -> dict[str, Any]:
+        """POST /v1/tasks: ``{"task_id", "state", "items_total", "location"}``.
+
+        A coordinator busy with other uploads (503 ``busy``: it read nothing of this one) is
+        asked again after its ``Retry-After``, for up to ``busy_s`` seconds in all.
+        """
+        deadline = time.monotonic() + busy_s
+        while True:
+            try:
+                return self._request("POST", "/v1/tasks", body=doc)
+            except ApiError as exc:
+                pause = exc.retry_after if exc.code == "busy" else None
+                if pause is None or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
 
     def get(self, task_id: str, outputs: bool = True) -> dict[str, Any]:
         """GET /v1/tasks/{id}: the task, its items and (once finished) its result."""
@@ -342,7 +358,9 @@ class CoordinatorClient:
             with self._opener.open(request, timeout=timeout or self.timeout) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as exc:
-            raise _error_from_response(exc.code, _read_quietly(exc)) from None
+            error = _error_from_response(exc.code, _read_quietly(exc))
+            error.retry_after = _seconds(exc.headers.get("Retry-After"))
+            raise error from None
         except (TimeoutError, urllib.error.URLError, HTTPException, OSError) as exc:
             raise self._unreachable(exc) from None
         return _json_object(status, raw)
@@ -400,6 +418,15 @@ def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
         return b""
     finally:
         exc.close()
+
+
+def _seconds(header: str | None) -> float | None:
+    """A ``Retry-After`` given in seconds (0..300), else None (absent, a date, nonsense)."""
+    try:
+        value = float(header) if header is not None else math.nan
+    except ValueError:
+        return None
+    return value if 0 <= value <= MAX_WAIT_S else None
 
 
 def _error_from_response(status: int, raw: bytes) -> ApiError:

@@ -68,6 +68,11 @@ class ApiSection:
         "", "file holding the bearer token (the fleet's `api-token`, made by `fleet init`)"
     )
     max_body_mib: int = doc(64, "largest request body accepted (a task's inputs), MiB")
+    max_uploads_mib: int = doc(
+        256,
+        "task submissions read and parsed at once, MiB of bodies (at least max_body_mib);"
+        " one more gets 503 busy with Retry-After",
+    )
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,15 @@ _POSITIVE = {k for k in NODE_POSITIVE if k[0] == "session"} | {
     ("coordinator", "max_in_flight_per_node"),
     ("coordinator", "node_capacity"),
     ("api", "max_body_mib"),
+    ("api", "max_uploads_mib"),
 }
 
 
 def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     check_mesh_sections(config, source)
     parse_address(config.api.listen, f"{source}: [api] listen")
+    if config.api.max_uploads_mib < config.api.max_body_mib:
+        raise ConfigError(f"{source}: [api] max_uploads_mib must be at least max_body_mib")
     for key in ("retry_backoff_s", "retention_days"):
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")

@@ -119,6 +119,7 @@ class CoordinatorDaemon:
                 self.api_address,
                 self.token,
                 max_body_bytes=self.config.api.max_body_mib << 20,
+                max_upload_bytes=self.config.api.max_uploads_mib << 20,
             )
             await self.api.start()
         facts = self.facts()

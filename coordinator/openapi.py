@@ -21,7 +21,7 @@ API_VERSION = "1.0.0"
 #: Every error ``code`` the API answers with.
 ERROR_CODES = (
     "bad_json", "invalid_task", "bad_parameter", "bad_request", "unauthorized", "not_found",
-    "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "internal",
+    "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "busy", "internal",
 )  # fmt: skip
 
 Schema = dict[str, Any]
@@ -174,6 +174,7 @@ _ERROR_RESPONSES = {
     "409": "The task_id is used by a different task (code conflict).",
     "413": "The body is over the size limit (code too_large).",
     "415": "The body is not application/json (code unsupported_media_type).",
+    "503": "Too many submissions are being uploaded; retry after Retry-After (code busy).",
     "500": "The coordinator failed; the error is logged (code internal).",
 }
 
@@ -222,7 +223,7 @@ def _task_paths() -> dict[str, Any]:
                 "200": _ok("The same task was already submitted with this spec.",
                            _ref("Submitted")),
                 "202": _ok("Accepted and journaled.", _ref("Submitted")),
-            }, "400 409 413 415", requestBody=submit_body),
+            }, "400 409 413 415 503", requestBody=submit_body),
             "get": _operation("listTasks", "List tasks, newest first, a page at a time.", {
                 "200": _ok("One page.", _ref("TaskPage"))}, "400", parameters=listing),
         },

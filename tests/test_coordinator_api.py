@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import math
 import time
@@ -25,7 +26,9 @@ from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.api import CoordinatorApi
+from coordinator.client import ApiError, CoordinatorClient
 from coordinator.openapi import ERROR_CODES, openapi_document
+from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.transport.base import Address
@@ -448,6 +451,64 @@ async def test_unknown_routes_tasks_and_methods(served, method, path, status, co
         return
     doc = await call(served.http, method, path, status=status)
     assert doc["error"]["code"] == code
+
+
+async def test_uploads_beyond_the_upload_budget_get_503_busy_and_then_go_through(served):
+    small = CoordinatorApi(
+        served.mesh.coordinator, Address("127.0.0.1", 0), TOKEN,
+        max_body_bytes=1024, max_upload_bytes=2048,
+    )  # fmt: skip
+    x, _ = load_digits_holdout()
+    body = json.dumps({"model": "digits-mlp", "pattern": "single",
+                       "inputs": {"values": np.round(x[:1], 1).tolist()}}).encode()  # fmt: skip
+    assert len(body) <= 1024
+    gate = asyncio.Event()
+
+    async def slow_body():  # chunked: counted as the largest body allowed (1024)
+        yield body[:10]
+        await gate.wait()
+        yield body[10:]
+
+    headers = {"Content-Type": "application/json"}
+    async with small, aiohttp.ClientSession(base_url=small.url, headers=AUTH) as http:
+        slow = [
+            asyncio.create_task(
+                call(http, "POST", "/v1/tasks", data=slow_body(), headers=headers, status=202)
+            )
+            for _ in range(2)
+        ]
+        await until(lambda: small._uploading == 2048)  # both are being read
+        async with http.post("/v1/tasks", data=body, headers=headers) as response:
+            assert response.status == 503 and response.headers["Retry-After"] == "1"
+            doc = await response.json()
+        conforms(doc, "Error")
+        assert doc["error"]["code"] == "busy"
+        busy = small._requests.labels("POST", "/v1/tasks", "503")
+        client = CoordinatorClient(small.url, TOKEN)  # the CLI's client asks again later
+        by_client = asyncio.create_task(asyncio.to_thread(client.submit, json.loads(body)))
+        await until(lambda: busy.value == 2)
+        gate.set()
+        for task in slow:
+            assert (await task)["items_total"] == 1
+        assert (await by_client)["items_total"] == 1 and busy.value == 2
+        assert small._uploading == 0
+        await call(http, "POST", "/v1/tasks", data=body, headers=headers, status=202)
+        with pytest.raises(ApiError) as refused:  # what it gets when it will not wait
+            held = asyncio.create_task(call(http, "POST", "/v1/tasks", data=slow_body(),
+                                            headers=headers, status=202))  # fmt: skip
+            gate.clear()
+            await until(lambda: small._uploading == 1024)
+            small._uploading += 1024  # as if another upload were being read
+            try:
+                await asyncio.to_thread(client.submit, json.loads(body), busy_s=0)
+            finally:
+                small._uploading -= 1024
+                gate.set()
+                await held
+        assert refused.value.code == "busy" and refused.value.retry_after == 1.0
+    with pytest.raises(ConfigError, match="below max_body_bytes"):
+        CoordinatorApi(served.mesh.coordinator, Address("127.0.0.1", 0), TOKEN,
+                       max_body_bytes=1024, max_upload_bytes=1000)  # fmt: skip
 
 
 async def test_a_body_over_the_cap_is_413_and_not_json_is_415(served):
