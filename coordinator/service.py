@@ -14,17 +14,9 @@ re-dispatched at once), up to ``max_attempts``; then the task fails with the rea
 is accepted exactly once (the journal refuses duplicates and late results; they are counted).
 Cancelling a task sends ``TaskCancel`` to every node running one of its items.
 
-Fast failover (membership needs seconds to declare a crashed node dead). A node's session that
-ends without the node's ``Close`` frame (EOF or reset: a killed process's socket is closed by
-its kernel at once) makes the node *suspect here*: it gets no new items while the coordinator
-re-dials it once (``redial_timeout_s``). If the re-dial fails the node is *unreachable here*:
-its in-flight items are re-dispatched at once (a late result is still accepted exactly once)
-and it stays out of scheduling until a new session with it opens or membership reports it at a
-higher incarnation. A ``Close`` frame (a draining node, a graceful leave) triggers none of this::
-
-    reachable --session lost abruptly--> suspect --re-dial ok--> reachable
-                                         suspect --re-dial failed--> unreachable (re-dispatch)
-    unreachable --new session / higher incarnation / forgotten--> reachable
+Fast failover: a node whose session ends abruptly is re-dialled once and, if that fails, its
+in-flight items are re-dispatched at once, before membership declares it dead
+(:mod:`coordinator.failover`).
 
 Durability: every journal call runs on one dedicated thread (a
 :class:`~coordinator.journal_writer.JournalWriter`), in the order it was queued, so the event
@@ -72,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.failover import Reachability
 from coordinator.journal import (
     PRUNE_BATCH,
     CallOutcome,
@@ -85,13 +78,11 @@ from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import LocalProtocolError, MeshInferError, RemoteProtocolError
 from meshinfer.proto import messages
-from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
-from meshinfer.proto.messages import Ping
+from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.scheduling import NodeView, Policy, SchedulerState, choose, requirements
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskCancel, TaskFailed, TaskResult
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +178,10 @@ class Coordinator:
         self._handed_bytes = 0
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._watchers: set[asyncio.Task[None]] = set()
-        self._suspects: set[str] = set()  # lost a session, being re-dialled
-        self._unreachable: dict[str, int] = {}  # node -> its incarnation when we gave up on it
+        self._reach = Reachability(
+            mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
+            on_lost=self._lost, on_back=self._wake_parked.set,
+        )  # fmt: skip
         #: Items whose result is being journaled (how many of their results: two copies of
         #: one result may be in the journal's hands at once).
         self._answered: Counter[str] = Counter()
@@ -219,7 +211,7 @@ class Coordinator:
         peers.on(TaskFailed, self._on_failed)
         assert self.mesh.membership is not None, "start the MeshNode first"
         self.mesh.membership.subscribe(self._on_member)
-        self._watch_sessions()
+        self._reach.start()
         await self._recover()
         loop = self._loop
         self._tasks = [
@@ -236,10 +228,9 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._tasks, *self._watchers]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
         for timer in self._timers.values():
             timer.cancel()
         if self.journal is not None:
@@ -468,7 +459,7 @@ class Coordinator:
             return []
         views = []
         for m in membership.core.live_members():
-            if not self._reachable(m):
+            if not self._reach.reachable(m):
                 continue
             s = m.state
             views.append(NodeView(
@@ -727,14 +718,13 @@ class Coordinator:
         node = event.member.node_id
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
             self._redispatch_from(node, f"node {node} {event.kind.value}")
-        gave_up_at = self._unreachable.get(node)
-        if gave_up_at is not None and (
-            event.kind == MemberEventKind.FORGOTTEN or event.member.incarnation > gave_up_at
-        ):
-            self._unreachable.pop(node)
-            self._wake_parked.set()
+        self._reach.on_member(event)
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
             self._wake_parked.set()
+
+    def _lost(self, node: str) -> None:
+        """``node``'s session ended abruptly and it could not be re-dialled."""
+        self._redispatch_from(node, f"lost the session with {node}", fast=True)
 
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
         """Retry at once every item in flight on ``node`` (it died, left or is unreachable)."""
@@ -743,73 +733,6 @@ class Coordinator:
                 self.stats_.redispatched_after_death += 1
                 self.stats_.redispatched_after_disconnect += fast
                 self._retry(run, entry, reason, backoff=False)
-
-    # --- fast failover (see the module docstring) ------------------------------------------
-
-    def _reachable(self, member: Member) -> bool:
-        if member.node_id in self._suspects:
-            return False
-        gave_up_at = self._unreachable.get(member.node_id)
-        return gave_up_at is None or member.incarnation > gave_up_at
-
-    def _watch_sessions(self) -> None:
-        peers = self.mesh.peers
-        peers.on_session(self._on_session)
-        for node in peers.connected:
-            session = peers.session(node)
-            if session is not None:
-                self._on_session(node, session)
-
-    def _on_session(self, node: str, session: Session) -> None:
-        """A session with ``node`` opened: it is reachable; watch how the session ends."""
-        if self._closed:
-            return
-        if self._unreachable.pop(node, None) is not None:
-            log.info("node %s is reachable again", node)
-            self._wake_parked.set()
-        task = self._loop.create_task(self._watch(node, session), name=f"coordinator-watch-{node}")
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
-        task.add_done_callback(_log_failure)
-
-    async def _watch(self, node: str, session: Session) -> None:
-        await session.wait_closed()
-        if self._closed:
-            return
-        if not session.lost:  # ended with a Close frame: nothing to recover
-            self.stats_.sessions_closed += 1
-            return
-        self.stats_.sessions_lost += 1
-        redial = self.config.redial_timeout_s > 0 and node not in self._suspects
-        if redial and self.mesh.peers.session(node) is None:
-            await self._probe(node)
-
-    async def _probe(self, node: str) -> None:
-        """Re-dial ``node`` once; re-dispatch its items if that fails."""
-        self._suspects.add(node)
-        try:
-            reachable = await self._redial(node)
-        finally:
-            self._suspects.discard(node)
-        if self._closed:
-            return
-        if reachable:
-            self.stats_.redials_ok += 1
-            self._wake_parked.set()
-            return
-        member = self.mesh.membership.core.member(node) if self.mesh.membership else None
-        self._unreachable[node] = member.incarnation if member is not None else -1
-        log.warning("lost the session with %s and could not re-dial it: re-dispatching", node)
-        self._redispatch_from(node, f"lost the session with {node}", fast=True)
-
-    async def _redial(self, node: str) -> bool:
-        """True if a session with ``node`` carried a ping within ``redial_timeout_s``."""
-        try:
-            async with asyncio.timeout(self.config.redial_timeout_s):
-                await self.mesh.peers.request(node, Ping(nonce=0))
-        except (MeshInferError, OSError, TimeoutError):
-            return False
-        return True
 
     # --- retries and outcomes --------------------------------------------------------------
 

@@ -1,0 +1,164 @@
+"""Fast failover: which nodes the coordinator can reach, judged by its own sessions with them.
+
+Membership needs seconds to declare a crashed node dead. A node's session that ends without
+the node's ``Close`` frame (EOF or reset: a killed process's socket is closed by its kernel at
+once) makes the node *suspect here*: it gets no new items while the coordinator re-dials it
+once (``redial_timeout_s``). If the re-dial fails the node is *unreachable here*: its in-flight
+items are re-dispatched at once (a late result is still accepted exactly once) and it stays out
+of scheduling until a new session with it opens or membership reports it at a higher
+incarnation. A ``Close`` frame (a draining node, a graceful leave) triggers none of this::
+
+    reachable --session lost abruptly--> suspect --re-dial ok--> reachable
+                                         suspect --re-dial failed--> unreachable (re-dispatch)
+    unreachable --new session / higher incarnation / forgotten--> reachable
+
+Concurrency: every method runs on the coordinator's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from meshinfer.errors import MeshInferError
+from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
+from meshinfer.proto.messages import Ping
+from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.session import Session
+
+__all__ = ["Reachability"]
+
+log = logging.getLogger(__name__)
+
+
+class SessionCounts(Protocol):
+    """Where :class:`Reachability` counts what happened to sessions (the coordinator's stats)."""
+
+    sessions_lost: int
+    sessions_closed: int
+    redials_ok: int
+
+
+class Reachability:
+    """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
+
+    ``on_lost(node)`` is called when a node could not be re-dialled (re-dispatch its items);
+    ``on_back()`` when a node may take work again (retry parked items). ``counts`` gets the
+    session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
+    watchers (idempotent).
+    """
+
+    def __init__(
+        self,
+        mesh: MeshNode,
+        counts: SessionCounts,
+        *,
+        redial_timeout_s: float,
+        on_lost: Callable[[str], None],
+        on_back: Callable[[], None],
+    ) -> None:
+        self.mesh = mesh
+        self.counts = counts
+        self.redial_timeout_s = redial_timeout_s
+        self._on_lost = on_lost
+        self._on_back = on_back
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._suspects: set[str] = set()  # lost a session, being re-dialled
+        self._unreachable: dict[str, int] = {}  # node -> its incarnation when we gave up on it
+        self._closed = False
+
+    def start(self) -> None:
+        """Watch every session with a node, those open now and those to come."""
+        peers = self.mesh.peers
+        peers.on_session(self._on_session)
+        for node in peers.connected:
+            session = peers.session(node)
+            if session is not None:
+                self._on_session(node, session)
+
+    async def aclose(self) -> None:
+        """Stop watching (pending re-dials are cancelled). Idempotent."""
+        self._closed = True
+        watchers = list(self._watchers)
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+    def reachable(self, member: Member) -> bool:
+        """Whether ``member`` may get work: not suspect, and not given up on at this
+        incarnation."""
+        if member.node_id in self._suspects:
+            return False
+        gave_up_at = self._unreachable.get(member.node_id)
+        return gave_up_at is None or member.incarnation > gave_up_at
+
+    def on_member(self, event: MemberEvent) -> None:
+        """Membership news: an unreachable node forgotten or back at a higher incarnation is
+        reachable again."""
+        node = event.member.node_id
+        gave_up_at = self._unreachable.get(node)
+        if gave_up_at is not None and (
+            event.kind == MemberEventKind.FORGOTTEN or event.member.incarnation > gave_up_at
+        ):
+            self._unreachable.pop(node)
+            self._on_back()
+
+    def _on_session(self, node: str, session: Session) -> None:
+        """A session with ``node`` opened: it is reachable; watch how the session ends."""
+        if self._closed:
+            return
+        if self._unreachable.pop(node, None) is not None:
+            log.info("node %s is reachable again", node)
+            self._on_back()
+        task = asyncio.get_running_loop().create_task(
+            self._watch(node, session), name=f"coordinator-watch-{node}"
+        )
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(_log_failure)
+
+    async def _watch(self, node: str, session: Session) -> None:
+        await session.wait_closed()
+        if self._closed:
+            return
+        if not session.lost:  # ended with a Close frame: nothing to recover
+            self.counts.sessions_closed += 1
+            return
+        self.counts.sessions_lost += 1
+        redial = self.redial_timeout_s > 0 and node not in self._suspects
+        if redial and self.mesh.peers.session(node) is None:
+            await self._probe(node)
+
+    async def _probe(self, node: str) -> None:
+        """Re-dial ``node`` once; give up on it (``on_lost``) if that fails."""
+        self._suspects.add(node)
+        try:
+            reachable = await self._redial(node)
+        finally:
+            self._suspects.discard(node)
+        if self._closed:
+            return
+        if reachable:
+            self.counts.redials_ok += 1
+            self._on_back()
+            return
+        member = self.mesh.membership.core.member(node) if self.mesh.membership else None
+        self._unreachable[node] = member.incarnation if member is not None else -1
+        log.warning("lost the session with %s and could not re-dial it: re-dispatching", node)
+        self._on_lost(node)
+
+    async def _redial(self, node: str) -> bool:
+        """True if a session with ``node`` carried a ping within ``redial_timeout_s``."""
+        try:
+            async with asyncio.timeout(self.redial_timeout_s):
+                await self.mesh.peers.request(node, Ping(nonce=0))
+        except (MeshInferError, OSError, TimeoutError):
+            return False
+        return True
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("session watcher failed", exc_info=task.exception())
