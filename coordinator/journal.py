@@ -91,6 +91,7 @@ __all__ = [
     "TaskRecord",
     "TaskSummary",
     "UnknownTaskError",
+    "read_stats",
 ]
 
 log = logging.getLogger(__name__)
@@ -878,30 +879,25 @@ class Journal:
     # --- retention -----------------------------------------------------------------------------
 
     def prune(self, older_than_s: float, *, limit: int = PRUNE_BATCH) -> int:
-        """Forget up to ``limit`` tasks that ended more than ``older_than_s`` seconds ago (by the
-        journal's wall clock), oldest first, with their items, results and audit events; and
-        audit lines about no task that are as old. Returns how many tasks went (call again
-        while it returns ``limit``). Live tasks are never touched. A pruned task is unknown
-        afterwards: reading it raises :class:`UnknownTaskError`, and submitting its id again
-        journals it as a new task.
+        """Forget up to ``limit`` of the oldest tasks that ended more than ``older_than_s``
+        seconds ago (by the journal's wall clock), with their items, results and audit
+        events; and audit lines about no task that are as old. Returns how many tasks went
+        (call again while it returns ``limit``). Live tasks are never touched. A pruned task is
+        unknown afterwards: reading it raises :class:`UnknownTaskError`, and submitting its id
+        again journals it as a new task.
 
-        Counted in the ``pruned_tasks`` counter. The file does not shrink: SQLite reuses the
-        freed pages for new tasks, so a journal with retention stays about as large as the
-        tasks of one retention period.
+        Tasks are walked in the order they were journaled, up to the first one created after
+        the cutoff (no later task can have ended before it), so no index is kept for this on
+        the hot path and a call reads little more than what it deletes (and the old tasks still
+        live). Counted in the ``pruned_tasks`` counter. The file does not shrink: SQLite reuses
+        the freed pages, so a journal with retention stays about as large as the tasks of one
+        retention period.
         """
         if older_than_s < 0 or limit < 1:
             raise LocalProtocolError("prune() needs older_than_s >= 0 and limit >= 1")
         with self._write() as db:
             cutoff = self._clock() - older_than_s
-            ids = [
-                row[0]
-                for row in db.execute(
-                    f"SELECT id FROM tasks INDEXED BY tasks_ended WHERE state IN {_ENDED}"
-                    " AND updated_at < ?"
-                    " ORDER BY updated_at LIMIT ?",
-                    (cutoff, limit),
-                )
-            ]
+            ids = self._expired(db, cutoff, limit)
             if ids:
                 params = [(task_id,) for task_id in ids]
                 db.executemany("DELETE FROM events WHERE task_id = ?", params)
@@ -917,20 +913,51 @@ class Journal:
             self._forget_spec(task_id)
         return len(ids)
 
+    @staticmethod
+    def _expired(db: sqlite3.Connection, cutoff: float, limit: int) -> list[str]:
+        """The ids of up to ``limit`` tasks that ended before ``cutoff``, oldest first."""
+        ids: list[str] = []
+        rows = db.execute("SELECT id, state, created_at, updated_at FROM tasks ORDER BY seq")
+        for task_id, state, created_at, updated_at in rows:
+            if created_at >= cutoff or len(ids) == limit:
+                break
+            if state in _ENDED and updated_at < cutoff:
+                ids.append(task_id)
+        return ids
+
     def _forget_spec(self, task_id: str) -> None:
         old = self._specs.pop(task_id, None)
         if old is not None:
             self._spec_bytes -= len(old[0])
 
     def stats(self) -> JournalStats:
-        """Counts of tasks and items by state, the counters and the audit log length."""
+        """Counts of tasks and items by state, the counters and the audit log length.
+
+        These scan the tables (~0.1 s per million rows): a service should rather call
+        :func:`read_stats` from a thread of its own than hold up the journal's writes."""
         with self._read() as db:
             self._write_events(db)  # inside a group: its earlier calls' events
-            tasks = dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
-            items = dict(db.execute("SELECT state, count(*) FROM items GROUP BY state"))
-            counters = dict(db.execute("SELECT name, value FROM counters"))
-            (events,) = db.execute("SELECT count(*) FROM events").fetchone()
-        return JournalStats(tasks, items, counters, events)
+            return _stats_of(db)
+
+
+def read_stats(path: str | Path) -> JournalStats:
+    """:meth:`Journal.stats` of the journal file at ``path``, read on a read-only connection of
+    its own: call it from any thread while a :class:`Journal` writes (in WAL mode readers and
+    the writer do not wait for each other); it sees what was committed when it began."""
+    db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        db.execute("BEGIN")
+        return _stats_of(db)
+    finally:
+        db.close()
+
+
+def _stats_of(db: sqlite3.Connection) -> JournalStats:
+    tasks = dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
+    items = dict(db.execute("SELECT state, count(*) FROM items GROUP BY state"))
+    counters = dict(db.execute("SELECT name, value FROM counters"))
+    (events,) = db.execute("SELECT count(*) FROM events").fetchone()
+    return JournalStats(tasks, items, counters, events)
 
 
 def _has_json(db: sqlite3.Connection) -> bool:

@@ -15,8 +15,6 @@ Version 1 tables:
 * ``results``  -- at most one row per item (primary key = item id): the exactly-once guarantee.
 * ``events``   -- the audit log (what happened to which task/item, when).
 * ``counters`` -- named counters (duplicate results, late results, ...).
-
-Version 2 adds ``tasks_ended``, a partial index of ended tasks by their end (retention).
 """
 
 from __future__ import annotations
@@ -77,15 +75,8 @@ _V1 = (
     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 
-#: Version 2: ended tasks by when they ended, for retention (``Journal.prune``). Partial: live
-#: tasks, updated on every move, are not in it. The WHERE must stay the one prune() queries with.
-_V2 = (
-    "CREATE INDEX tasks_ended ON tasks (updated_at)"
-    " WHERE state IN ('cancelled', 'failed', 'succeeded')",
-)
-
 #: Statements taking the schema from version i to i + 1. ONLY APPEND.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
 
 
 def schema_version(db: sqlite3.Connection) -> int:

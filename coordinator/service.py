@@ -73,6 +73,7 @@ from coordinator.journal import (
     TaskPage,
     TaskRecord,
     UnknownTaskError,
+    read_stats,
 )
 from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
@@ -382,7 +383,8 @@ class Coordinator:
 
     async def stats(self) -> dict[str, Any]:
         self._check_started()
-        js = await self._db.run("stats")
+        # off the journal's thread: its table scans must not hold up the writes behind them
+        js = await asyncio.to_thread(read_stats, self.journal_path)
         s = self.stats_
         return {
             "tasks": js.tasks, "items": js.items, "journal_counters": js.counters,
