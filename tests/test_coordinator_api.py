@@ -607,7 +607,7 @@ async def test_metrics_parse_and_count_requests(served):
 async def test_the_openapi_document_is_valid_and_covers_every_route(served):
     doc = await call(served.http, "GET", "/openapi.json")
     assert doc == DOC
-    validate_openapi(doc)
+    await asyncio.to_thread(validate_openapi, doc)  # ~0.15 s of CPU: not on the served loop
     served_routes = {
         (route.method.lower(), route.resource.canonical) for route in served.api.app.router.routes()
     }

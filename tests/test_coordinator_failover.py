@@ -94,10 +94,10 @@ async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> No
 
 
 async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_path):
-    with LocalCluster(tmp_path, fleet_id="failover-kill", preset="lan") as cluster:
+    async with LocalCluster(tmp_path, fleet_id="failover-kill", preset="lan") as cluster:
         for name in (X, Y):
             cluster.add_node(name, extra=SLOW_NODE)
-            cluster.start(name)
+            await asyncio.to_thread(cluster.start, name)
         mesh, c = await coordinator_for(cluster, tmp_path)
         try:
             await until(lambda: serving(c, (X, Y)))
@@ -130,10 +130,10 @@ async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_
 
 
 async def test_sigterm_drain_moves_nothing_the_node_finished(tmp_path):
-    with LocalCluster(tmp_path, fleet_id="failover-term", preset="lan") as cluster:
+    async with LocalCluster(tmp_path, fleet_id="failover-term", preset="lan") as cluster:
         for name in (X, Y):
             cluster.add_node(name, extra=SLOW_NODE)
-            cluster.start(name)
+            await asyncio.to_thread(cluster.start, name)
         mesh, c = await coordinator_for(cluster, tmp_path)
         try:
             await until(lambda: serving(c, (X, Y)))

@@ -5,6 +5,7 @@ Killing the coordinator process itself is covered in ``test_coordinator_restart.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import numpy as np
@@ -46,7 +47,7 @@ def alive_with_model(coordinator, names):
 async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
     x, y = load_digits_holdout()
     names = ["veh-1", "veh-2", "veh-3"]
-    with LocalCluster(tmp_path, fleet_id="kill-fleet") as cluster:
+    async with LocalCluster(tmp_path, fleet_id="kill-fleet") as cluster:
         for name in names:
             # veh-1 must still hold work when it is killed: no work sharing, and its batcher
             # holds items for 300 ms (else a fast node has answered everything in flight)
@@ -55,7 +56,7 @@ async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
                 extra += "[inference]\nmax_queue_delay_ms = 300.0\nmax_batch_size = 4096\n"
                 extra += "dispatch_when_idle = false\n"
             cluster.add_node(name, extra=extra)
-            cluster.start(name)
+            await asyncio.to_thread(cluster.start, name)
         config = CoordinatorConfig(item_timeout_s=60, max_in_flight_per_node=8)
         mesh, c = await coordinator_for(cluster, tmp_path, config)
         try:
@@ -65,7 +66,7 @@ async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
             task_id = await c.submit(spec)
             await until(lambda: c.stats_.completed_by_node["veh-1"] >= 3)
             assert c.nodes()[0]["node_id"] == "veh-1" and c.nodes()[0]["in_flight"] > 0
-            cluster.kill("veh-1", signal.SIGKILL)
+            await asyncio.to_thread(cluster.kill, "veh-1", signal.SIGKILL)
             record = await c.wait(task_id, timeout=60)
             assert record.state.value == "succeeded", record.summary.error
             labels = np.array(c.result_of(record)["labels"])
@@ -82,14 +83,14 @@ async def test_node_killed_mid_task_its_items_run_elsewhere(tmp_path):
 
 async def test_node_of_another_fleet_gets_no_tasks(tmp_path):
     x, _ = load_digits_holdout()
-    with (
+    async with (
         LocalCluster(tmp_path / "good", fleet_id="good-fleet") as good,
         LocalCluster(tmp_path / "evil", fleet_id="evil-fleet") as evil,
     ):
         good.add_node("worker")
-        good.start("worker")
+        await asyncio.to_thread(good.start, "worker")
         evil.add_node("intruder")
-        evil.start("intruder")
+        await asyncio.to_thread(evil.start, "intruder")
         mesh, c = await coordinator_for(good, tmp_path, CoordinatorConfig())
         try:
             await until(lambda: alive_with_model(c, ["worker"]))
@@ -100,7 +101,7 @@ async def test_node_of_another_fleet_gets_no_tasks(tmp_path):
                 assert record.state.value == "succeeded"
                 assert record.items[0].node == "worker"
             assert "intruder" not in {n["node_id"] for n in c.nodes()}
-            status = evil.processes["intruder"].get("/status")
+            status = await asyncio.to_thread(evil.processes["intruder"].get, "/status")
             assert status["members"] == [] and status["executor"]["completed"] == 0
         finally:
             await c.aclose()

@@ -14,6 +14,7 @@ from meshinfer.inference.mlp import forward
 from meshinfer.inference.numpy_engine import NumpyEngine
 from meshinfer.inference.registry import ModelRegistry, synthetic_model
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights, sample_inputs
+from tests.loopguard import GUARD
 
 TICK_S = 0.005
 MAX_GAP_S = 0.100
@@ -66,8 +67,10 @@ async def test_heavy_inference_through_engine_does_not_stall_the_loop() -> None:
             forward(weights, batch)
             rounds += 1
 
-    control_gap = await measure_max_gap(on_the_loop)
+    with GUARD.sink.captured() as blocks:  # the control blocks the loop on purpose
+        control_gap = await measure_max_gap(on_the_loop)
     assert control_gap > MAX_GAP_S
+    assert all(b.cause == "on the CPU" and "test_heavy_inference" in b.callback for b in blocks)
 
     async with NumpyEngine(ModelRegistry((synthetic_model(spec),))) as engine:
         await engine.load(spec.ref)

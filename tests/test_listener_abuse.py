@@ -187,3 +187,47 @@ async def test_listener_close_is_idempotent_and_closes_sessions():
         async with asyncio.timeout(5):
             await session.wait_closed()
         assert session.close_code == CloseCode.GOING_AWAY
+
+
+class HandlerLog:
+    """Session handlers that record how they ended: ``returned`` or ``cancelled``."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.ended: list[str] = []
+
+    async def reads_until_closed(self, session) -> None:
+        self.started.set()
+        async for _ in session:
+            pass
+        self.ended.append("returned")
+
+    async def ignores_its_session(self, session) -> None:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+
+
+@pytest.mark.parametrize("handler", ["reads_until_closed", "ignores_its_session"])
+async def test_listener_close_leaves_no_handler_running(handler):
+    """A handler that returns once its session is closed is let return; one that ignores it
+    is cancelled after the grace; either way none is left running after aclose()."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    log = HandlerLog()
+    transport = TcpTransport()
+    listener = SessionListener(
+        transport,
+        fleet.admission("bravo"),
+        getattr(log, handler),
+        limits=ListenerLimits(handler_grace_s=0.05 if handler == "ignores_its_session" else 30),
+    )
+    address = await listener.start(Address("127.0.0.1", 0))
+    client = await dial(transport, address, fleet.admission("alpha"))
+    await log.started.wait()
+    await listener.aclose()
+    expected = "returned" if handler == "reads_until_closed" else "cancelled"
+    assert log.ended == [expected]
+    await client.aclose()

@@ -18,7 +18,8 @@ from meshinfer.testing.fleet import make_fleet
 
 
 class Pair:
-    """A listener for ``bravo`` whose accepted sessions land in a queue, and a dialler."""
+    """A listener for ``bravo`` whose accepted sessions land in a queue, and a dialler that
+    closes the sessions it opened on exit."""
 
     def __init__(self, transport, addr, fleet, *, server_config=None, metrics=None):
         self.transport, self.fleet = transport, fleet
@@ -33,6 +34,7 @@ class Pair:
             metrics=self.metrics,
         )
         self.bind = addr
+        self.clients = []
 
     async def _handler(self, session):
         await self.accepted.put(session)
@@ -44,10 +46,14 @@ class Pair:
 
     async def __aexit__(self, *exc):
         self.release.set()
+        for client in self.clients:
+            await client.aclose()
         await self.listener.aclose()
 
     async def dial(self, node="alpha", **kw):
-        return await dial(self.transport, self.addr, self.fleet.admission(node), **kw)
+        client = await dial(self.transport, self.addr, self.fleet.admission(node), **kw)
+        self.clients.append(client)
+        return client
 
 
 async def test_xx_session_exchanges_messages_both_ways(transport_and_addr):
@@ -241,6 +247,23 @@ async def test_a_close_frame_is_not_a_lost_session_but_a_dropped_stream_is(trans
         await server.wait_closed()
         assert server.lost
         assert "peer closed the connection" in server.close_reason
+
+
+async def test_a_session_its_peer_closed_ends_its_tasks_without_aclose(transport_and_addr):
+    """Its owner may never call aclose(): the reader ends at the Close, and the keep-alive
+    task wakes at once rather than at its next ping (30 s away here)."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    cfg = SessionConfig(keepalive_interval=30, idle_timeout=60)
+    async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
+        client = await pair.dial(config=cfg)
+        server = await pair.accepted.get()
+        tasks = {t for t in asyncio.all_tasks() if t.get_name().startswith("session-")}
+        mine = {t for t in tasks if t.get_name().endswith("-bravo")}  # the client's
+        assert len(mine) == 2
+        await server.aclose()
+        async with asyncio.timeout(5):
+            await asyncio.wait(mine)
+        assert not client.is_open
 
 
 async def test_ping_measures_round_trip(transport_and_addr):

@@ -309,8 +309,13 @@ def test_virtual_clock_reports_a_deadlock() -> None:
     async def wait_for_each_other() -> None:
         await asyncio.Event().wait()
 
-    with (
-        asyncio.Runner(loop_factory=lambda: VirtualClockLoop(deadlock_after=0.05)) as runner,
-        pytest.raises(VirtualClockDeadlock),
-    ):
-        runner.run(wait_for_each_other())
+    with asyncio.Runner(loop_factory=lambda: VirtualClockLoop(deadlock_after=0.05)) as runner:
+        with pytest.raises(VirtualClockDeadlock):
+            runner.run(wait_for_each_other())
+        stuck = asyncio.all_tasks(runner.get_loop())
+        assert [task.get_coro().__qualname__ for task in stuck] == [
+            "test_virtual_clock_reports_a_deadlock.<locals>.wait_for_each_other"
+        ]
+        for task in stuck:  # end the deadlocked task rather than leave it to the loop's close
+            task.cancel()
+        runner.run(asyncio.wait(stuck))

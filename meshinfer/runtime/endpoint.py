@@ -45,13 +45,19 @@ class ListenerLimits:
     max_handshakes: int = 64
     max_pending_per_host: int = 8
     max_sessions_per_peer: int = 4
+    #: Seconds ``SessionListener.aclose`` gives handlers whose session it closed to return
+    #: before it cancels them.
+    handler_grace_s: float = 1.0
 
 
 class SessionListener:
     """Accepts streams, runs the responder handshake and hands each session to ``handler``.
 
     The session is closed when ``handler`` returns. ``start`` and ``aclose`` run on the loop;
-    ``aclose`` closes the listener and then every session it accepted, and is idempotent.
+    ``aclose`` closes the listener, then every session it accepted, then waits for the handler
+    tasks: a handler whose session was closed has ``limits.handler_grace_s`` to return, then
+    it is cancelled, as is a handshake still in progress. Nothing it started outlives ``aclose``,
+    which is idempotent.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class SessionListener:
         self._handshaking = 0
         self._pending_by_host: Counter[str] = Counter()
         self._by_peer: Counter[str] = Counter()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -98,6 +105,16 @@ class SessionListener:
             *(s.aclose(CloseCode.GOING_AWAY, "node shutting down") for s in list(self.sessions)),
             return_exceptions=True,
         )
+        await self._end_handlers()
+
+    async def _end_handlers(self) -> None:
+        handlers = self._handlers - {asyncio.current_task()}
+        if not handlers:
+            return
+        _, late = await asyncio.wait(handlers, timeout=self.limits.handler_grace_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def __aenter__(self) -> SessionListener:
         return self
@@ -106,6 +123,15 @@ class SessionListener:
         await self.aclose()
 
     async def _on_stream(self, stream: Stream) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # the transport runs each handler in its own task
+        self._handlers.add(task)
+        try:
+            await self._handle_stream(stream)
+        finally:
+            self._handlers.discard(task)
+
+    async def _handle_stream(self, stream: Stream) -> None:
         host = stream.remote_address.host
         refusal = self._admit_handshake(host)
         if refusal:

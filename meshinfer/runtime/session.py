@@ -374,7 +374,14 @@ class Session:
                     await self.send(Ping(nonce=self._ping_seq))
             next_rx = self._last_rx + cfg.idle_timeout
             next_tx = self._last_tx + cfg.keepalive_interval
-            await asyncio.sleep(max(0.0, min(next_rx, next_tx) - self._loop.time()))
+            await self._closed_or_timeout(min(next_rx, next_tx) - self._loop.time())
+
+    async def _closed_or_timeout(self, seconds: float) -> None:
+        """Sleep ``seconds``, waking at once when the session closes (so that a session the
+        peer closed leaves no keep-alive task behind, whether or not anyone calls aclose)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._closed.wait()
 
     def _mark_lost(self, reason: str) -> None:
         if not self._closed.is_set():

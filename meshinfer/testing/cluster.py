@@ -8,6 +8,7 @@ operator would run by hand.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -49,7 +50,9 @@ class DaemonProcess:
 
 
 class LocalCluster:
-    """See the module docstring. Use as a context manager: every process is killed on exit."""
+    """See the module docstring. Use as a context manager (``async with`` in a test on an event
+    loop): every process is killed on exit. Its other methods block: from a coroutine, call
+    them with ``asyncio.to_thread``."""
 
     def __init__(self, root: Path, *, fleet_id: str = "test-fleet", preset: str = "test") -> None:
         self.root = Path(root)
@@ -171,6 +174,17 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` for a test on an event loop: waiting for the processes to exit would
+        block the loop, so it runs in a thread."""
+        await asyncio.to_thread(self.close)
+
+    async def __aenter__(self) -> LocalCluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _pump(stream: TextIO | None, daemon: DaemonProcess, ready: threading.Event) -> None:
