@@ -56,6 +56,7 @@ import heapq
 import itertools
 import logging
 import random
+import sqlite3
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -573,7 +574,7 @@ class Coordinator:
             try:
                 while await self._db.run("prune", retention, limit=PRUNE_BATCH) == PRUNE_BATCH:
                     pass
-            except MeshInferError as exc:
+            except (MeshInferError, sqlite3.Error, OSError) as exc:  # e.g. disk I/O, locked
                 log.warning("journal retention: prune failed, retrying later: %s", exc)
 
     def _free_slots(self) -> Counter[tuple[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import threading
 from collections import Counter
 
@@ -247,11 +248,20 @@ async def test_every_policy_completes_a_task(tmp_path):
             assert record.state.value == "succeeded", (policy, record.summary.error)
 
 
-async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_ones(tmp_path):
+async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_ones(tmp_path, caplog):
     x, _ = load_digits_holdout()
     config = CoordinatorConfig(retention_s=0.3, prune_interval_s=0.05)
     async with Mesh(tmp_path, n=1, config=config) as mesh:
         c = mesh.coordinator
+        prune, failures = c.journal.prune, []
+
+        def flaky_prune(*args, **kwargs):  # the first try fails as a busy disk would
+            if not failures:
+                failures.append(1)
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            return prune(*args, **kwargs)
+
+        c.journal.prune = flaky_prune
         gate = hold_inference(mesh.daemons["node-0"])
         done = await c.submit(spec("done", "single", x[:2]))
         await c.cancel(done)
@@ -268,6 +278,7 @@ async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_one
             while not await pruned():
                 await asyncio.sleep(0.05)
         assert (await c.stats())["journal_counters"]["pruned_tasks"] == 1
+        assert failures and "prune failed, retrying later" in caplog.text
         assert (await c.get(held)).state.value != "cancelled"  # live: kept however old
         gate.set()
         assert (await c.wait(held, timeout=10)).state.value == "succeeded"
