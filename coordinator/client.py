@@ -422,8 +422,10 @@ def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
 
 def _seconds(header: str | None) -> float | None:
     """A ``Retry-After`` given in seconds (0..300), else None (absent, a date, nonsense)."""
+    if header is None:
+        return None
     try:
-        value = float(header) if header is not None else math.nan
+        value = float(header)
     except ValueError:
         return None
     return value if 0 <= value <= MAX_WAIT_S else None

@@ -25,12 +25,14 @@ from typing import Protocol
 from meshinfer.errors import MeshInferError
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
+from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.session import Session
 
 __all__ = ["Reachability"]
 
 log = logging.getLogger(__name__)
+_log_failure = log_failure(log, "session watcher")
 
 
 class SessionCounts(Protocol):
@@ -157,8 +159,3 @@ class Reachability:
         except (MeshInferError, OSError, TimeoutError):
             return False
         return True
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("session watcher failed", exc_info=task.exception())

@@ -84,9 +84,11 @@ from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.scheduling import NodeView, Policy, SchedulerState, choose, requirements
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskCancel, TaskFailed, TaskResult
+from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 
 log = logging.getLogger(__name__)
+_log_failure = log_failure(log, "coordinator step")
 
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
 #: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
@@ -843,13 +845,6 @@ def _labels(output: np.ndarray | None) -> list[int] | None:
     if output.dtype.kind == "f" and output.ndim == 2:
         return [int(v) for v in np.argmax(output, axis=1)]
     return None
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        level = logging.WARNING if isinstance(exc, MeshInferError) else logging.ERROR
-        log.log(level, "coordinator step failed: %s", exc, exc_info=exc)
 
 
 def _log_death(task: asyncio.Task[Any]) -> None:

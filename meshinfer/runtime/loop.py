@@ -9,6 +9,8 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+from meshinfer.errors import MeshInferError
+
 
 class Daemon(Protocol):
     """What :func:`serve_until_signalled` runs (the node daemon and the coordinator daemon)."""
@@ -18,6 +20,20 @@ class Daemon(Protocol):
     async def start(self) -> dict[str, Any]: ...
 
     async def aclose(self) -> None: ...
+
+
+def log_failure(log: logging.Logger, what: str) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback that logs how a background task failed (no task fails silently): a
+    warning for a :class:`MeshInferError` (a peer, the input, the network), an error with its
+    traceback for anything else (our bug). A cancelled task did not fail."""
+
+    def logged(task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        level = logging.WARNING if isinstance(exc, MeshInferError) else logging.ERROR
+        log.log(level, "%s failed: %s", what, exc, exc_info=exc)
+
+    return logged
 
 
 async def close_in_order(steps: Iterable[Awaitable[Any] | None], log: logging.Logger) -> None:
