@@ -999,7 +999,7 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
         clauses.append("t.created_at >= ?")
         args.append(float(since))
     if cursor is not None:
-        if not cursor.isdigit() or len(cursor) > 19:
+        if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19:  # not "²"
             raise ConfigError(f"cursor {cursor!r} is not one this journal handed out")
         clauses.append("t.seq < ?")
         args.append(int(cursor))

@@ -484,6 +484,7 @@ def test_list_filters_by_state_model_and_time(journal):
         ({"limit": 100_000}, "limit"),
         ({"cursor": "abc"}, "cursor"),
         ({"cursor": "-1"}, "cursor"),
+        ({"cursor": "\u00b2"}, "cursor"),  # a digit to str.isdigit, not to int()
         ({"state": "sleeping"}, "state"),
     ],
 )
