@@ -58,6 +58,7 @@ import logging
 import random
 import sqlite3
 from collections import Counter, OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -182,6 +183,7 @@ class Coordinator:
         self._handed_bytes = 0
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._steps: set[asyncio.Task[None]] | None = set()  # None once closed (see _spawn)
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
@@ -235,11 +237,28 @@ class Coordinator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
+        while self._steps:  # results and failures being journaled: let them land first
+            await asyncio.gather(*self._steps, return_exceptions=True)
+        self._steps = None
         for timer in self._timers.values():
             timer.cancel()
         if self.journal is not None:
             await self._db.run_alone(self.journal.close)
         await self._db.aclose()
+
+    def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` (one that journals, then acts on what it wrote) as a task of its own.
+
+        :meth:`aclose` waits for the steps under way before it closes the journal; a step due
+        after that is dropped (what it would have journaled is redone after a restart).
+        """
+        if self._steps is None:
+            step.close()
+            return
+        task = self._loop.create_task(step)
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
+        task.add_done_callback(_log_failure)
 
     def _check_started(self) -> None:
         if not self._started:
@@ -610,7 +629,7 @@ class Coordinator:
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
         self._answered[msg.item_id] += 1  # being journaled: not to be re-dispatched meanwhile
-        self._loop.create_task(self._accept_result(peer, msg)).add_done_callback(_log_failure)
+        self._spawn(self._accept_result(peer, msg))
 
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
         try:
@@ -715,9 +734,7 @@ class Coordinator:
         if msg.retryable:
             self._retry(run, entry, reason, backoff=True)
         else:
-            self._loop.create_task(self._fail_item(run, entry, reason)).add_done_callback(
-                _log_failure
-            )
+            self._spawn(self._fail_item(run, entry, reason))
 
     def _on_member(self, event: MemberEvent) -> None:
         node = event.member.node_id
@@ -746,7 +763,7 @@ class Coordinator:
         self._cancel_timer(item_id)
         if attempt >= self.config.max_attempts:
             why = f"gave up after {attempt} attempts; last: {reason}"
-            self._loop.create_task(self._fail_item(run, entry, why)).add_done_callback(_log_failure)
+            self._spawn(self._fail_item(run, entry, why))
             return
         self.stats_.retries += 1
         log.info("retrying %s (attempt %d failed: %s)", item_id, attempt, reason)
@@ -790,7 +807,7 @@ class Coordinator:
             if run.task_id in self._runs and not run.done:
                 run.check_timeout(self._loop.time())
                 if run.done:
-                    self._loop.create_task(self._advance(run)).add_done_callback(_log_failure)
+                    self._spawn(self._advance(run))
 
         self._loop.call_at(deadline + 1e-3, check)
 

@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from coordinator.journal import UnknownTaskError
+from coordinator.journal import Journal, UnknownTaskError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
@@ -197,6 +197,33 @@ async def test_a_timeout_as_the_result_arrives_loses_neither_the_result_nor_the_
         history = [e.kind for e in await c._db.run("history", "race")]
         assert history[:4] == ["submitted", "dispatched", "retry", "result"]
         assert (await c.stats())["journal_counters"] == {}  # nothing refused or ignored
+
+
+async def test_closing_while_a_result_is_being_journaled_waits_for_it(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1) as mesh:
+        c = mesh.coordinator
+        accept, arrived, release = c._accept_result, asyncio.Event(), asyncio.Event()
+
+        async def held(peer, msg):  # the result is in; its journaling is still under way
+            arrived.set()
+            await release.wait()
+            await accept(peer, msg)
+
+        c._accept_result = held
+        await c.submit(spec("late", "single", x[:1]))
+        await asyncio.wait_for(arrived.wait(), 15)
+        closing = asyncio.create_task(c.aclose())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # it waits for the result's journaling
+        release.set()
+        await asyncio.wait_for(closing, 15)
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        record = journal.get("late")
+    finally:
+        journal.close()
+    assert record.state.value == "succeeded" and record.items[0].result is not None
 
 
 async def test_answers_about_an_item_count_only_from_the_node_it_was_sent_to(tmp_path):
