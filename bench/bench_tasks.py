@@ -16,7 +16,8 @@ In one run, on loopback:
 Prints tasks/s and submit->result p50/p99 per case, the ratios meshinfer / Ray, whether the
 goals (>= 5x Ray's tasks/s, p50 under 1 ms) are met, and a per-task cost breakdown of the
 meshinfer coordinator (journal time per call, CPU per task in this process and in the node
-process). ``--profile`` adds a cProfile of the coordinator's loop thread. Ray is a bench-only
+process). ``--profile`` adds a cProfile of the coordinator's loop thread (sorted by
+``PROFILE_SORT``, default tottime, ``PROFILE_LINES`` lines, default 25). Ray is a bench-only
 dependency (``pip install ray``); without it meshinfer's figures are printed alone. Usage::
 
     python bench/bench_tasks.py [--seconds 5] [--in-flight 64] [--quick] [--no-ray] [--profile]
@@ -29,6 +30,7 @@ import asyncio
 import cProfile
 import io
 import logging
+import os
 import pstats
 import sys
 import tempfile
@@ -141,7 +143,7 @@ class NullJournal:
     def __init__(self) -> None:
         self.ended: set[str] = set()
 
-    def accept(self, spec: TaskSpec) -> bool:
+    def accept(self, spec: TaskSpec, items: object = None) -> bool:
         return True
 
     def mark_dispatched(self, *args) -> None:
@@ -378,10 +380,12 @@ def breakdown(mesh) -> None:
             f"  {'':<10} journal groups (transactions) per task {b['groups']:.2f}, "
             f"calls per group {b['group_size']:.1f}"
         )
+    order = os.environ.get("PROFILE_SORT", "tottime")
+    lines = int(os.environ.get("PROFILE_LINES", 25))
     for key, (_, _, profile) in mesh.items():
         if profile is not None:
             text = io.StringIO()
-            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+            pstats.Stats(profile, stream=text).sort_stats(order).print_stats(lines)
             print(f"\ncProfile of the coordinator process, {key} (event-loop thread only)")
             print(text.getvalue())
 

@@ -67,6 +67,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.proto.tasks import (
     TERMINAL_STATES,
     TRANSITIONS,
+    ItemOutline,
     TaskEvent,
     TaskSpec,
     TaskState,
@@ -513,10 +514,13 @@ class Journal:
         self.accept(spec)
         return spec.task_id
 
-    def accept(self, spec: TaskSpec) -> bool:
+    def accept(self, spec: TaskSpec, items: tuple[ItemOutline, ...] | None = None) -> bool:
         """As :meth:`submit`, but True if this call journaled the task, False if the very same
-        spec already was (an idempotent retry: nothing to run again)."""
-        items = outline(spec)
+        spec already was (an idempotent retry: nothing to run again). ``items``: the spec's
+        :func:`~meshinfer.proto.tasks.outline` if the caller has it (the spec is then known
+        to be valid and is not checked again)."""
+        if items is None:
+            items = outline(spec)
         blob = encode_spec(spec)
         with self._write() as db:
             if not self._insert_task(db, spec, blob, items):

@@ -15,13 +15,14 @@ No I/O and no clock reads: ``now`` is passed in. The service drives it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
 from meshinfer.proto.aggregation import AggregateResult, AggregationConfig, Aggregator, Mode
-from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem, plan
+from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem, outline, plan
 from meshinfer.proto.tasks_pipeline import PipelinePlan
 from meshinfer.proto.tasks_wire import Tensor
 
@@ -58,8 +59,10 @@ class TaskRun:
         self.failed: dict[str, str] = {}
         self.items: dict[str, ItemRun] = {}
         self.outcome: Outcome | None = None
+        #: the task's items (validates the spec), handed to the journal with the task
+        self.outline = outline(spec)
         self.pipeline = PipelinePlan(spec) if spec.pattern == Pattern.PIPELINE else None
-        self._planned = [] if self.pipeline else plan(spec)
+        self._planned = [] if self.pipeline else plan(spec, self.outline)
         self._ids = (
             self.pipeline.item_ids if self.pipeline else tuple(w.item_id for w in self._planned)
         )
@@ -157,7 +160,8 @@ def _from_aggregate(result: AggregateResult) -> Outcome:
 def encode_outcome(run: TaskRun, outcome: Outcome) -> bytes:
     """The result summary blob the journal keeps for a finished task."""
     outputs = [
-        [np.ascontiguousarray(o).tobytes(), str(o.dtype), list(o.shape)] for o in outcome.outputs
+        [np.ascontiguousarray(o).tobytes(), _dtype_name(o.dtype), list(o.shape)]
+        for o in outcome.outputs
     ]
     agg = outcome.aggregation
     return msgpack.packb(
@@ -170,6 +174,12 @@ def encode_outcome(run: TaskRun, outcome: Outcome) -> bytes:
             },
         }
     )  # fmt: skip
+
+
+@functools.cache
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)``, remembered (numpy computes it in Python on every call)."""
+    return str(dtype)
 
 
 def decode_outcome(blob: bytes) -> dict:

@@ -184,6 +184,8 @@ class Coordinator:
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._steps: set[asyncio.Task[None]] | None = set()  # None once closed (see _spawn)
+        #: each member's models, roles and links as sets, as of its gossiped state object
+        self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
@@ -307,7 +309,7 @@ class Coordinator:
         run = TaskRun(
             spec, default_aggregation=self.config.default_aggregation, now=self._loop.time()
         )  # fmt: skip  (validates the spec)
-        durable = self._db.call("accept", spec, on_decided=partial(self._decided, run))
+        durable = self._db.call("accept", spec, run.outline, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
         if not will_wait:
             await asyncio.shield(durable)  # a cancelled caller leaves the task to run
@@ -486,14 +488,20 @@ class Coordinator:
             if not self._reach.reachable(m):
                 continue
             s = m.state
+            known = self._sets_of.get(m.node_id)
+            if known is None or known[0] is not s:
+                sets = frozenset((x.model_id, x.version) for x in s.models), frozenset(s.roles)
+                known = self._sets_of[m.node_id] = (s, *sets, frozenset(s.links))
+            _, models, roles, links = known
             views.append(NodeView(
-                node_id=m.node_id, alive=m.status.value == "alive",
-                models=frozenset((x.model_id, x.version) for x in s.models),
-                roles=frozenset(s.roles), has_gpu=s.gpu_free_mb > 0,
+                node_id=m.node_id, alive=m.status.value == "alive", models=models, roles=roles,
+                has_gpu=s.gpu_free_mb > 0,
                 free_gpu_memory=s.gpu_free_mb << 20 if s.gpu_free_mb else None,
                 queue_depth=max(s.queue_depth, in_flight[m.node_id]),
-                capacity=self.config.node_capacity, links=frozenset(s.links),
+                capacity=self.config.node_capacity, links=links,
             ))  # fmt: skip
+        if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
+            self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}
         return views
 
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:

@@ -11,6 +11,7 @@ import random
 import sqlite3
 import threading
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -224,6 +225,22 @@ async def test_closing_while_a_result_is_being_journaled_waits_for_it(tmp_path):
     finally:
         journal.close()
     assert record.state.value == "succeeded" and record.items[0].result is not None
+
+
+async def test_the_scheduler_sees_a_nodes_gossiped_models_change(tmp_path):
+    async with Mesh(tmp_path, n=1) as mesh:
+        c, membership = mesh.coordinator, mesh.daemons["node-0"].mesh.membership
+
+        def models_seen():
+            return {m for view in c._views(Counter()) for m in view.models}
+
+        state = membership.state
+        assert models_seen() == {(m.model_id, m.version) for m in state.models}
+        extra = replace(state.models[0], model_id="other-model")
+        membership.update_state(replace(state, models=(*state.models, extra)))
+        await until(lambda: ("other-model", "1") in models_seen())
+        membership.update_state(replace(membership.state, models=(extra,)))
+        await until(lambda: models_seen() == {("other-model", "1")})
 
 
 async def test_answers_about_an_item_count_only_from_the_node_it_was_sent_to(tmp_path):

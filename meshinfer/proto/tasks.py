@@ -38,6 +38,7 @@ retrying items can also fail outright (no node can take them, attempts exhausted
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import random
 import re
@@ -234,7 +235,12 @@ def new_task_id(rng: random.Random) -> str:
 
 
 def _is_value(value: object, choices: type[enum.StrEnum]) -> bool:
-    return isinstance(value, str) and value in {c.value for c in choices}
+    return isinstance(value, str) and value in _values(choices)
+
+
+@functools.cache
+def _values(choices: type[enum.StrEnum]) -> frozenset[str]:
+    return frozenset(c.value for c in choices)
 
 
 def _check_name(what: str, name: object) -> str | None:
@@ -483,15 +489,17 @@ def _item(spec: TaskSpec, where: ItemOutline, tensor: Tensor) -> WorkItem:
     )  # fmt: skip
 
 
-def plan(spec: TaskSpec) -> list[WorkItem]:
-    """The work items of a single, parallel or batch task (validates ``spec`` first).
+def plan(spec: TaskSpec, outlines: tuple[ItemOutline, ...] | None = None) -> list[WorkItem]:
+    """The work items of a single, parallel or batch task (validates ``spec`` first, unless
+    its ``outlines``, from :func:`outline`, are given).
 
     Pipelines are planned step by step with
     :class:`~meshinfer.proto.tasks_pipeline.PipelinePlan`; passing one raises LocalProtocolError.
     """
     if spec.pattern == Pattern.PIPELINE:
         raise LocalProtocolError("plan a pipeline task with PipelinePlan(spec).ready_items()")
-    outlines = outline(spec)
+    if outlines is None:
+        outlines = outline(spec)
     if spec.pattern != Pattern.BATCH:
         return [_item(spec, where, spec.inputs) for where in outlines]
     rows = _shard_rows(spec)
