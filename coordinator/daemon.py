@@ -85,7 +85,9 @@ class CoordinatorDaemon:
             )
         self.token = read_token(config) if config.api.enabled else ""
         self.api_address = parse_address(config.api.listen, "[api] listen")
-        self.options = mesh_options(config, self.identity.trust.fleet_id)
+        self.options = mesh_options(
+            config, self.identity.trust.fleet_id, config.coordinator.identity_dir
+        )
         self.data_dir = Path(config.coordinator.data_dir or tempfile.mkdtemp(prefix="mi-coord-"))
         self.mesh: MeshNode | None = None
         self.coordinator: Coordinator | None = None

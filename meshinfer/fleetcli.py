@@ -307,6 +307,10 @@ def _revoke(args: argparse.Namespace) -> int:
     )
     target = f"serial {entry.serial}" if entry.serial is not None else f"node {entry.node_id}"
     print(f"revoked {target}; revocation list version {entry.sequence}")
+    print(
+        f"to spread it, copy {fleet.revocations_bin} into the identity directory of any running"
+        " node or coordinator"
+    )
     return 0
 
 

@@ -56,11 +56,12 @@ def parse_model_ref(text: str, where: str = "model") -> ModelRef:
     return ModelRef(model_id, version or "1")
 
 
-def mesh_options(config: Any, fleet_id: str) -> MeshNodeOptions:
+def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
     """The mesh sections of a node's or coordinator's file as :class:`MeshNodeOptions`.
 
     ``config`` has ``network``, ``discovery``, ``membership`` and ``session`` sections (both
-    :class:`~node.config.NodeConfig` and the coordinator's file do).
+    :class:`~node.config.NodeConfig` and the coordinator's file do). The revocation list file
+    watched and kept current is ``identity_dir``'s ``revocations.bin``.
     """
     d, s = config.discovery, config.session
     mdns = None
@@ -82,6 +83,7 @@ def mesh_options(config: Any, fleet_id: str) -> MeshNodeOptions:
             rekey_after=s.rekey_after,
             max_message_size=s.max_message_mib * 1024 * 1024,
         ),
+        revocations_file=NodeDirectory(Path(identity_dir)).revocations_bin,
     )
 
 
@@ -121,7 +123,7 @@ class NodeDaemon:
             parse_model_ref(m, f"[inference] models[{i}]")
             for i, m in enumerate(config.inference.models)
         ]
-        self.options = mesh_options(config, self.identity.trust.fleet_id)
+        self.options = mesh_options(config, self.identity.trust.fleet_id, config.node.identity_dir)
         self.data_dir = Path(config.node.data_dir or tempfile.mkdtemp(prefix="meshinfer-node-"))
         self.engine: InferenceEngine | None = None
         self.batchers: dict[ModelRef, DynamicBatcher] = {}

@@ -131,6 +131,24 @@ def _mesh_families(d: NodeDaemon) -> list[MetricFamily]:
                 [({"status": s}, n) for s, n in sorted(counts.items())],
             )
         )
+    sync = mesh.revocation_sync
+    if sync is not None:
+        out.append(
+            _family(
+                "meshinfer_revocation_list_version",
+                "gauge",
+                "Highest sequence number in the revocation list in force.",
+                [({}, sync.revocations.version)],
+            )
+        )
+        out.append(
+            _family(
+                "meshinfer_revocation_entries_refused_total",
+                "counter",
+                "Revocation entries from peers that failed verification.",
+                [({}, sync.stats.bad_entries)],
+            )
+        )
     if d.executor is not None:
         st = d.executor.stats
         out.append(

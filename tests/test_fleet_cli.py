@@ -181,7 +181,8 @@ def test_revoking_twice_is_refused(tmp_path: Path) -> None:
     ok(cli("coord", "fleet", "init", "--dir", tmp_path, "--fleet-id", "f"))
     sign = "fleet sign --dir {tmp} --node-id n --pubkey {key} --roles vehicle --out {tmp}/n.cert"
     ok(line("coord", sign, tmp=tmp_path, key="11" * 32))
-    ok(cli("coord", "fleet", "revoke", "--dir", tmp_path, "--serial", "1"))
+    said = ok(cli("coord", "fleet", "revoke", "--dir", tmp_path, "--serial", "1"))
+    assert "revocation list version 1" in said and "copy " in said  # how it spreads
     before = snapshot(tmp_path)
     refused(cli("coord", "fleet", "revoke", "--dir", tmp_path, "--serial", "1"), "already revoked")
     refused(cli("coord", "fleet", "revoke", "--dir", tmp_path, "--node-id", "n"), "already revoked")

@@ -2,10 +2,12 @@
 
 Lifecycle (explicit and idempotent, STYLE.md 8)::
 
-    start():  listener up -> membership timer running -> discovery advertising and browsing
+    start():  listener up -> membership timer and revocation sync running (see
+              :mod:`meshinfer.runtime.revocations`) -> discovery advertising and browsing
               (readiness = listening; ``wait_joined`` = a seed or discovered peer answered)
     leave():  graceful: announce LEFT, wait until gossiped, then aclose()
-    aclose(): discovery goodbyes -> membership stopped -> listener closed -> sessions closed
+    aclose(): discovery goodbyes -> revocation sync and membership stopped -> listener closed
+              -> sessions closed
 
 Discovery events (mDNS, static seeds) teach the peer table where a node listens and its static
 key, then ask membership to push-pull with it (a join). Membership teaches the peer table the
@@ -21,6 +23,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import DiscoveryEvent, PeerAdvert
@@ -31,6 +34,7 @@ from meshinfer.proto.membership import MembershipConfig, NodeState
 from meshinfer.runtime.endpoint import ListenerLimits, SessionListener
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
+from meshinfer.runtime.revocations import RevocationSync, RevocationSyncConfig
 from meshinfer.runtime.session import Admission, SessionConfig, SessionMetrics
 from meshinfer.transport.base import Address, LinkKind, Transport
 from meshinfer.transport.tcp import TcpTransport
@@ -50,6 +54,10 @@ class MeshNodeOptions:
     membership: MembershipConfig = field(default_factory=MembershipConfig.lan)
     session: SessionConfig = field(default_factory=SessionConfig)
     limits: ListenerLimits = field(default_factory=ListenerLimits)
+    #: the revocation list file to watch for news and to write merged lists to (the identity
+    #: directory's ``revocations.bin``; None: the list lives in memory only)
+    revocations_file: Path | None = None
+    revocations: RevocationSyncConfig = field(default_factory=RevocationSyncConfig)
 
 
 class MeshNode:
@@ -86,6 +94,7 @@ class MeshNode:
             metrics=self.metrics,
         )
         self.membership: MembershipService | None = None
+        self.revocation_sync: RevocationSync | None = None
         self.discovery: list[MdnsDiscovery | StaticDiscovery] = []
         self.address: Address | None = None
         self.ready = asyncio.Event()
@@ -119,6 +128,11 @@ class MeshNode:
             self.peers, self.initial_state(self.address.port), self.options.membership, rng=self.rng
         )
         self.membership.start()
+        self.revocation_sync = RevocationSync(
+            self.admission, self.peers, self.membership, store=self.options.revocations_file,
+            config=self.options.revocations, rng=self.rng,
+        )  # fmt: skip
+        self.revocation_sync.start()
         await self._start_discovery(self.address.port)
         self.ready.set()
         log.info("node %s listening on %s", self.node_id, self.address)
@@ -184,6 +198,8 @@ class MeshNode:
         for source in self.discovery:
             with contextlib.suppress(Exception):
                 await source.aclose()
+        if self.revocation_sync is not None:
+            await self.revocation_sync.aclose()
         if self.membership is not None:
             await self.membership.aclose()
         await self.listener.aclose()

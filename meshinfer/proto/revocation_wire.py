@@ -1,0 +1,63 @@
+"""Wire messages that spread revocation lists through the fleet (sans-I/O).
+
+Every node gossips the version of its revocation list (the highest sequence number it holds,
+``NodeState.revocation_version``). A node that sees a member with a higher version asks that
+member for what it lacks, and merges the answer::
+
+    asker                                   member with a newer list
+      | -- RevocationsWanted(have=3) -------> |
+      | <------ RevocationsOffer(entries) --- |   entries: each RevocationEntry.to_bytes()
+                                                  with a sequence above 3
+
+The entries are signed one by one by the fleet authority, so whoever relays them cannot forge
+or alter one; the receiver verifies each against its own trust anchor before it merges
+(:meth:`meshinfer.proto.identity.RevocationEntry.from_bytes`). Merging is a set union, so
+offers may arrive late, twice or out of order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshinfer.errors import RemoteProtocolError
+from meshinfer.proto.identity import (
+    MAX_REVOCATION_ENTRIES,
+    MAX_REVOCATION_ENTRY_BYTES,
+    MAX_REVOCATION_LIST_BYTES,
+)
+from meshinfer.proto.messages import message
+
+__all__ = ["MAX_VERSION", "RevocationsOffer", "RevocationsWanted"]
+
+#: The largest list version (a sequence number) a peer may name.
+MAX_VERSION = 2**63 - 1
+
+
+@message(type_id=17, max_size=64)
+@dataclass(frozen=True, slots=True)
+class RevocationsWanted:
+    """Ask a peer for its revocation entries with a sequence above ``have`` (the asker's
+    list version; 0 for all of them)."""
+
+    have: int
+
+    def validate(self) -> None:
+        if not 0 <= self.have <= MAX_VERSION:
+            raise RemoteProtocolError(
+                f"invalid RevocationsWanted: have is outside 0..{MAX_VERSION}"
+            )
+
+
+@message(type_id=18, max_size=MAX_REVOCATION_LIST_BYTES + 1024, max_items=MAX_REVOCATION_ENTRIES)
+@dataclass(frozen=True, slots=True)
+class RevocationsOffer:
+    """Revocation entries, each as the authority signed it (``RevocationEntry.to_bytes()``);
+    the receiver verifies every one before it believes it."""
+
+    entries: tuple[bytes, ...]
+
+    def validate(self) -> None:
+        if any(len(e) > MAX_REVOCATION_ENTRY_BYTES for e in self.entries):
+            raise RemoteProtocolError(
+                f"invalid RevocationsOffer: an entry is over {MAX_REVOCATION_ENTRY_BYTES} bytes"
+            )

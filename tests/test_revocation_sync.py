@@ -1,0 +1,174 @@
+"""Revocations spread by gossip: MeshNodes in one process (real TCP, Noise, mDNS on loopback),
+then node daemons as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import shutil
+import time
+import urllib.request
+from dataclasses import replace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.errors import RemoteProtocolError
+from meshinfer.identity_files import NodeDirectory, load_revocations, replace_file
+from meshinfer.proto import messages
+from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
+from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.runtime.revocations import RevocationSyncConfig
+from meshinfer.testing.cluster import LocalCluster
+from meshinfer.testing.fleet import make_fleet
+from tests.helpers import until
+
+QUICK = RevocationSyncConfig(check_interval_s=0.1, ask_timeout_s=0.5)
+
+
+def test_the_wire_ids_are_pinned_and_bad_fields_refused():
+    assert messages.spec_of(RevocationsWanted).type_id == 17
+    assert messages.spec_of(RevocationsOffer).type_id == 18
+    wire = messages.encode(RevocationsOffer((b"x" * 10, b"y")))
+    assert messages.decode(wire) == RevocationsOffer((b"x" * 10, b"y"))
+    with pytest.raises(RemoteProtocolError, match="have"):
+        messages.decode(messages.encode(RevocationsWanted(-1)))
+    with pytest.raises(RemoteProtocolError, match="entry is over"):
+        messages.decode(messages.encode(RevocationsOffer((b"x" * 5000,))))
+
+
+class Fleet:
+    """Three nodes of one fleet, each watching its own list file under ``tmp``."""
+
+    def __init__(self, tmp, names=("car-a", "car-b", "car-c")):
+        self.names = list(names)
+        self.fleet = make_fleet(None, self.names)
+        self.files = {n: tmp / f"{n}-revocations.bin" for n in self.names}
+        self.nodes = {
+            n: MeshNode(
+                self.fleet.identities[n],
+                self.fleet.revocations,
+                MeshNodeOptions(
+                    mdns=MdnsConfig.loopback(),
+                    membership=MembershipConfig.test(),
+                    revocations_file=self.files[n],
+                    revocations=QUICK,
+                ),
+                rng=random.Random(i),
+            )
+            for i, n in enumerate(self.names)
+        }
+
+    async def __aenter__(self):
+        for node in self.nodes.values():
+            await node.start()
+        count = len(self.names) - 1
+        await until(lambda: all(len(n.live_members()) == count for n in self.nodes.values()))
+        return self
+
+    async def __aexit__(self, *exc):
+        for node in self.nodes.values():
+            await node.aclose()
+
+
+async def test_a_revocation_copied_to_one_node_reaches_every_node_and_cuts_the_revoked_one_off(
+    tmp_path,
+):
+    async with Fleet(tmp_path) as f:
+        a, b, c = (f.nodes[n] for n in f.names)
+        await until(lambda: b.peers.session("car-c") is not None)
+        f.fleet.revoke("car-c", "stolen")
+        replace_file(f.files["car-a"], f.fleet.revocations.to_bytes())  # the operator's copy
+
+        await until(lambda: a.admission.revocations.version == 1)
+        await until(lambda: b.admission.revocations.version == 1)  # from a, by gossip
+        assert b.revocation_sync.stats.asked >= 1 and b.revocation_sync.stats.merged == 1
+        assert b.membership.state.revocation_version == 1  # and gossiped on
+        written = load_revocations(f.files["car-b"], b.identity.trust)  # kept for a restart
+        assert written.entries == f.fleet.revocations.entries
+        for node in (a, b):
+            await until(lambda node=node: node.peers.session("car-c") is None)
+        # c keeps trying (membership probes); its handshakes are refused now
+        await until(lambda: b.metrics.handshake_failures["revoked"] >= 1, timeout=15)
+        assert b.peers.session("car-c") is None
+        assert c.admission.revocations.version == 0  # nobody answers c any more
+
+
+async def test_forged_entries_from_a_peer_are_refused_and_counted(tmp_path):
+    async with Fleet(tmp_path) as f:
+        a, b, c = (f.nodes[n] for n in f.names)
+        forger = make_fleet(None, ["car-a"])  # another authority, same fleet id
+        forger.revoke("car-b", "forged")
+        (forged,) = forger.revocations.entries
+        f.fleet.revoke("car-x")
+        (genuine,) = f.fleet.revocations.entries
+        await until(lambda: c.peers.session("car-b") is not None)
+        assert c.peers.send("car-b", RevocationsOffer((genuine.to_bytes(),)))  # nobody asked
+        await until(lambda: b.revocation_sync.stats.unsolicited == 1)
+
+        def answer_forged(peer, msg):
+            a.peers.send(peer, RevocationsOffer((forged.to_bytes(), b"\x93junk")))
+
+        a.peers.on(RevocationsWanted, answer_forged)
+        a.membership.update_state(replace(a.membership.state, revocation_version=5))  # a lies
+        loop, sync = asyncio.get_running_loop(), b.revocation_sync
+        await until(lambda: sync.stats.bad_entries == 2)
+        first = loop.time()
+        await until(lambda: sync.stats.bad_entries >= 4)  # asked again, but not at once
+        assert loop.time() - first >= QUICK.ask_timeout_s / 2 and sync.stats.asked == 2
+        assert b.admission.revocations.version == 0  # neither the forged nor the unasked entry
+        assert b.peers.session("car-a") is not None  # a bad entry is not a reason to hang up
+        assert not f.files["car-b"].exists()
+
+
+async def test_a_bad_list_file_is_logged_and_a_good_one_later_is_used(tmp_path, caplog):
+    async with Fleet(tmp_path, names=("car-a", "car-b")) as f:
+        a, b = f.nodes["car-a"], f.nodes["car-b"]
+        with caplog.at_level(logging.WARNING, logger="meshinfer.runtime.revocations"):
+            f.files["car-a"].write_bytes(b"not a revocation list")
+            await until(lambda: "revocation list file not used" in caplog.text)
+        assert a.admission.revocations.version == 0
+        f.fleet.revoke("car-b")
+        replace_file(f.files["car-a"], f.fleet.revocations.to_bytes())
+        await until(lambda: a.admission.revocations.version == 1)
+        await until(lambda: a.peers.session("car-b") is None)  # a revoked b itself
+        assert b.admission.revocations.version == 0  # and b learns nothing from a any more
+
+
+async def test_an_asked_member_that_never_answers_is_not_waited_for(tmp_path):
+    async with Fleet(tmp_path) as f:
+        a, b = f.nodes["car-a"], f.nodes["car-b"]
+        f.fleet.revoke("car-x-never-enrolled")
+        listed = f.fleet.revocations.to_bytes()
+        a.peers.on(RevocationsWanted, lambda peer, msg: None)  # a hears requests, answers none
+        replace_file(f.files["car-a"], listed)
+        await until(lambda: a.admission.revocations.version == 1)
+        await asyncio.sleep(0.3)  # c is asked first if it has news: give b a chance to ask a
+        replace_file(f.files["car-c"], listed)
+        await until(lambda: b.admission.revocations.version == 1, timeout=10)
+        assert b.revocation_sync.stats.answered >= 1
+
+
+def test_node_daemons_in_processes_spread_a_revocation_to_each_others_files(tmp_path):
+    with LocalCluster(tmp_path) as cluster:
+        names = ["node-0", "node-1"]
+        for name in names:
+            cluster.add_node(name)
+        cluster.enroll("lost-car")
+        for name in names:
+            cluster.start(name)
+        cluster.wait_for(lambda: cluster.members("node-1") == {"node-0": "alive"})
+        cluster.fleet.revoke(node_id="lost-car", now=time.time(), reason="stolen")
+        target = NodeDirectory(tmp_path / "nodes" / "node-0").revocations_bin
+        shutil.copyfile(cluster.fleet.revocations_bin, target)  # the operator's copy
+        written = NodeDirectory(tmp_path / "nodes" / "node-1").revocations_bin
+        trust = cluster.fleet.trust()
+        cluster.wait_for(lambda: load_revocations(written, trust).version == 1)
+        with urllib.request.urlopen(cluster.processes["node-1"].http + "/metrics") as response:
+            text = response.read().decode()
+        gauges = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert gauges["meshinfer_revocation_list_version"] == 1
+        assert gauges["meshinfer_revocation_entries_refused_total"] == 0
