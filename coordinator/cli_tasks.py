@@ -461,7 +461,10 @@ def _add_submit(commands: Any) -> None:
     what.add_argument("--policy", choices=[p.value for p in Policy])
     what.add_argument("--aggregation", choices=[m.value for m in Mode])
     what.add_argument("--priority", type=int, help="larger runs first (default 0)")
-    what.add_argument("--deadline", type=_seconds, metavar="S", help="time budget in seconds")
+    what.add_argument(
+        "--deadline", type=_seconds, metavar="S",
+        help="time budget in seconds from acceptance; the task fails when it runs out",
+    )  # fmt: skip
     what.add_argument("--shard-size", type=_positive_int, metavar="ROWS")
     what.add_argument("--task-id", help="your own id (a retry with the same spec is idempotent)")
     wait = parser.add_argument_group("waiting")

@@ -91,7 +91,9 @@ def _submission_schemas() -> dict[str, Schema]:
             "models": _array(_ref("ModelRef")),
             "model": {**_ref("ModelRef"), "description": "shorthand for models: [model]"},
             "stages": _array(_ref("Stage")), "params": params,
-            "deadline_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "deadline_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                           "description": "budget in seconds from acceptance; the task fails "
+                           "when it runs out (a parallel task: its aggregation's timeout)"},
             "priority": _INT, "policy": _enum(Policy, nullable=True),
             "aggregation": _enum(Mode, nullable=True),
             "shard_size": {"type": ["integer", "null"], "minimum": 1},

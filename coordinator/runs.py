@@ -15,6 +15,7 @@ No I/O and no clock reads: ``now`` is passed in. The service drives it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import dataclass, field
 
@@ -59,6 +60,9 @@ class TaskRun:
         self.failed: dict[str, str] = {}
         self.items: dict[str, ItemRun] = {}
         self.outcome: Outcome | None = None
+        #: when the task's ``deadline_s`` runs out, on the loop's clock (None: no deadline)
+        self.expires_at = None if spec.deadline_s is None else now + spec.deadline_s
+        self.deadline_timer: asyncio.TimerHandle | None = None
         #: the task's items (validates the spec), handed to the journal with the task
         self.outline = outline(spec)
         self.pipeline = PipelinePlan(spec) if spec.pattern == Pattern.PIPELINE else None

@@ -57,9 +57,10 @@ import itertools
 import logging
 import random
 import sqlite3
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -268,10 +269,12 @@ class Coordinator:
 
     async def _recover(self) -> None:
         recovered = await self._db.run("recover")
-        now = self._loop.time()
+        now, wall = self._loop.time(), time.time()
         for rec in recovered:
+            # accepted this long ago, by the journal's wall clock (the loop's did not survive)
+            since = max(0.0, wall - rec.task.summary.created_at)
             run = TaskRun(rec.task.spec, default_aggregation=self.config.default_aggregation,
-                          now=now)  # fmt: skip
+                          now=now - since)  # fmt: skip
             self._runs[run.task_id] = run
             for item in rec.task.items:
                 if item.result is not None:
@@ -285,6 +288,7 @@ class Coordinator:
                 continue
             self._schedule_ready(run, attempts)
             self._arm_aggregation_timeout(run)
+            self._arm_deadline(run)
 
     def _replay_result(self, run: TaskRun, item_id: str, blob: bytes, now: float) -> None:
         msg = messages.decode(blob)
@@ -327,6 +331,7 @@ class Coordinator:
         if outcome.value and outcome.error is None and not self._closed:
             self._runs[run.task_id] = run
             self._schedule_ready(run, {})
+            self._arm_deadline(run)
 
     def _undo_unless_durable(self, run: TaskRun, durable: asyncio.Future[object]) -> None:
         """The task's COMMIT failed after its items may have gone out: call them back."""
@@ -509,7 +514,10 @@ class Coordinator:
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
         self.stats_.dispatched += 1
-        if not self.mesh.peers.send(node, entry.item.to_message()):
+        msg = entry.item.to_message()
+        if run.expires_at is not None:  # what is left of the task's budget
+            msg = replace(msg, deadline_s=max(0.0, run.expires_at - entry.dispatched_at))
+        if not self.mesh.peers.send(node, msg):
             self._retry(run, entry, f"could not send to {node}", backoff=True)
             return
         # Journaled only if its result is overdue (see the module docstring).
@@ -819,10 +827,29 @@ class Coordinator:
 
         self._loop.call_at(deadline + 1e-3, check)
 
+    def _arm_deadline(self, run: TaskRun) -> None:
+        """Fail the task when its ``deadline_s`` runs out, wherever its items are (queued,
+        parked for want of a node, running). A parallel task's deadline is its aggregation's
+        timeout instead (:meth:`_arm_aggregation_timeout`: it may end with partial results)."""
+        if run.expires_at is None or run.aggregator is not None or run.done:
+            return
+        run.deadline_timer = self._loop.call_at(run.expires_at, self._on_deadline, run)
+
+    def _on_deadline(self, run: TaskRun) -> None:
+        if self._runs.get(run.task_id) is not run or run.done:
+            return
+        done, total = len(run.results), len(run.all_item_ids())
+        error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+        log.info("task %s failed: %s", run.task_id, error)
+        run.outcome = Outcome(False, error=error)
+        self._spawn(self._finish(run, run.outcome))
+
     def _forget(self, task_id: str, record: TaskRecord | None = None) -> None:
         """Drop the task from memory; its waiters get ``record`` (None: they read it)."""
         run = self._runs.pop(task_id, None)
         if run is not None:
+            if run.deadline_timer is not None:
+                run.deadline_timer.cancel()
             for item_id in list(run.items):
                 self._drop(item_id)
                 self._cancel_timer(item_id)

@@ -243,6 +243,56 @@ async def test_the_scheduler_sees_a_nodes_gossiped_models_change(tmp_path):
         await until(lambda: models_seen() == {("other-model", "1")})
 
 
+async def test_a_task_past_its_deadline_fails_with_a_reason_wherever_its_items_are(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1) as mesh:
+        c, daemon = mesh.coordinator, mesh.daemons["node-0"]
+        gate = hold_inference(daemon)
+        sent = []
+        send = c.mesh.peers.send
+        c.mesh.peers.send = lambda node, msg: sent.append(msg) or send(node, msg)
+        nowhere = spec(
+            "nowhere", "single", x[:1], models=(ModelRef("no-such-model", "1"),), deadline_s=0.3
+        )  # fmt: skip  (no node serves it: parked)
+        stuck = spec("stuck", "batch", x[:2], shard_size=1, deadline_s=0.5)  # held on the node
+        patient = spec("patient", "single", x[:1])  # no deadline: waits for the gate
+        for each in (nowhere, stuck, patient):
+            await c.submit(each)
+        for task_id, done in (("nowhere", "0 of 1"), ("stuck", "0 of 2")):
+            record = await c.wait(task_id, timeout=10)
+            assert record.state.value == "failed"
+            assert f"deadline of {'0.3' if task_id == 'nowhere' else '0.5'} s passed" in (
+                record.summary.error or ""
+            )
+            assert done in record.summary.error
+        await until(lambda: daemon.executor.stats.cancelled == 2)  # the node was told
+        assigned = [m for m in sent if getattr(m, "task_id", None) == "stuck"]
+        assert assigned and all(0 < m.deadline_s <= 0.5 for m in assigned)  # what was left
+        assert "nowhere" not in c._runs and "nowhere/0" not in c._items  # forgotten here
+        gate.set()
+        assert (await c.wait("patient", timeout=10)).state.value == "succeeded"
+
+
+async def test_a_task_whose_deadline_passed_while_the_coordinator_was_down_fails_on_recovery(
+    tmp_path,
+):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1) as mesh:
+        c = mesh.coordinator
+        unserved = (ModelRef("no-such-model", "1"),)
+        await c.submit(spec("late", "single", x[:1], models=unserved, deadline_s=60))
+        await c.submit(spec("in-time", "single", x[:1], models=unserved, deadline_s=600))
+        await c.aclose()
+        with sqlite3.connect(tmp_path / "journal.db") as db:  # as if journaled 2 minutes ago
+            db.execute("UPDATE tasks SET created_at = created_at - 120")
+        db.close()
+        mesh.coordinator = c = Coordinator(mesh.mesh, tmp_path / "journal.db", mesh.config)
+        await c.start()
+        record = await c.wait("late", timeout=10)
+        assert record.state.value == "failed" and "deadline of 60 s" in record.summary.error
+        assert (await c.get("in-time")).state.value == "pending"  # 480 s left: still waiting
+
+
 async def test_answers_about_an_item_count_only_from_the_node_it_was_sent_to(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=ONE_SLOT) as mesh:
