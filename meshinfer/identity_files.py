@@ -73,11 +73,14 @@ def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -
         file.write(data)
 
 
-def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> None:
-    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename)."""
+def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat_result:
+    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
+    the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     write_new_file(temporary, data, mode=mode)
+    written = os.stat(temporary)
     os.replace(temporary, path)
+    return written
 
 
 def read_file(path: Path, what: str) -> bytes:

@@ -138,14 +138,14 @@ def _mesh_families(d: NodeDaemon) -> list[MetricFamily]:
                 "meshinfer_revocation_list_version",
                 "gauge",
                 "Highest sequence number in the revocation list in force.",
-                [({}, sync.revocations.version)],
+                [({}, sync.version)],
             )
         )
         out.append(
             _family(
-                "meshinfer_revocation_entries_refused_total",
+                "meshinfer_revocation_answers_refused_total",
                 "counter",
-                "Revocation entries from peers that failed verification.",
+                "Revocation answers from peers refused at an entry that failed verification.",
                 [({}, sync.stats.bad_entries)],
             )
         )

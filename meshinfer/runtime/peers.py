@@ -129,6 +129,10 @@ class PeerTable:
     def connected(self) -> list[str]:
         return sorted(n for n in self._sessions if self.session(n) is not None)
 
+    def open_sessions(self) -> list[Session]:
+        """Every open session, with every peer (a node id may have more than one)."""
+        return [s for sessions in self._sessions.values() for s in sessions if s.is_open]
+
     # --- sending ---------------------------------------------------------------------------
 
     def send(self, node_id: str, msg: messages.Message) -> bool:

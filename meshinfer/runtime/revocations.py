@@ -9,31 +9,39 @@ How a revocation reaches every node of a running fleet:
    it, and gossips its new list version (``NodeState.revocation_version``, the highest sequence
    number it holds) with its membership state;
 3. a node that sees a live member with a higher version than its own asks that member for the
-   entries above its version (:class:`~meshinfer.proto.revocation_wire.RevocationsWanted`),
-   verifies every entry of the answer against its own trust anchor, merges them (a set union:
-   late, repeated or reordered answers are harmless), writes the merged list to its own
-   ``revocations.bin`` (so it survives a restart) and gossips the new version in turn.
+   entries above its version (:class:`~meshinfer.proto.revocation_wire.RevocationsWanted`), in
+   pages of at most :data:`PAGE_ENTRIES`; it verifies every entry against its own trust anchor,
+   merges them (a set union: late, repeated or reordered answers are harmless), writes the
+   merged list to its own ``revocations.bin`` (so it survives a restart) and gossips the new
+   version in turn.
 
-After every merge the node closes its sessions with peers whose certificate is now revoked, and
-its handshakes refuse them from then on (:class:`~meshinfer.runtime.session.Admission` reads
-the current list). A node asks at most one question per ``ask_timeout_s``: a member that stays
-silent, or whose answer falls short of the version it claims, is not waited for, and the next
-look asks a member with a newer list again (chosen at random). Offers nobody asked for are
-dropped unread.
+After every merge the node closes each session whose peer certificate is now revoked (a node id
+may have two: an old, stolen certificate and a new one), and checks every session adopted from
+then on; handshakes refuse revoked peers (:class:`~meshinfer.runtime.session.Admission` reads
+the current list).
 
-Versions compare the highest sequence numbers only: the authority numbers its entries 1, 2, 3...
-and every list it writes holds all of them, so a list with the same version holds the same
-entries.
+What a peer can make a node do is bounded. A node asks at most one question per
+``ask_timeout_s``, except for the next page of an answer that filled one. A member whose answer
+falls short of the version it claims, or holds a bad entry, is not asked again until it claims
+another version; checking an answer stops at its first bad entry. Answers nobody asked for
+(or that come after ``ask_timeout_s``) are dropped unread, and a node answers each peer at most
+once per ``answer_interval_s`` unless it asks for the next page.
 
-Concurrency: everything runs on the node's loop; the signature checks of an answer (thousands of
-entries at most) run in a worker thread, so a large list never blocks the loop.
+The list file is only ever replaced whole, and reading or writing it holds one lock: a file the
+operator copied in is merged before the node writes its own list over it. Versions compare the
+highest sequence numbers only: the authority numbers its entries 1, 2, 3... and every list it
+writes holds all of them, so a list with the same version holds the same entries.
+
+Concurrency: everything runs on the node's loop; signature checks and file I/O run in worker
+threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import bisect
 import logging
+import os
 import random
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -42,44 +50,65 @@ from typing import Any
 
 from meshinfer.errors import IdentityError, RevocationError
 from meshinfer.identity_files import load_revocations, replace_file
-from meshinfer.proto.identity import FleetTrust, RevocationEntry, RevocationList
+from meshinfer.proto.identity import (
+    MAX_REVOCATION_ENTRIES,
+    FleetTrust,
+    RevocationEntry,
+    RevocationList,
+)
 from meshinfer.proto.membership import MemberEvent
+from meshinfer.proto.messages import CloseCode
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
-from meshinfer.runtime.session import Admission
+from meshinfer.runtime.session import Admission, Session
 
 log = logging.getLogger(__name__)
 
 _log_failure = log_failure(log, "revocation step")
 
+#: The most entries one answer carries (~130 bytes each); a longer list goes in pages.
+PAGE_ENTRIES = 256
+
 
 @dataclass(frozen=True)
 class RevocationSyncConfig:
     """``check_interval_s``: how often the list file and the members' versions are looked at
-    (a member's newer version is acted on at once, too). ``ask_timeout_s``: how long an asked
-    member may take to answer before another is asked."""
+    (a member's newer version is acted on at once, too). ``ask_timeout_s``: the pace of
+    questions, and how long an answer is awaited. ``answer_interval_s``: the least time between
+    two answers to one peer."""
 
     check_interval_s: float = 2.0
     ask_timeout_s: float = 5.0
+    answer_interval_s: float = 0.05
 
 
 @dataclass
 class RevocationStats:
     """Counters for metrics and tests."""
 
+    checks: int = 0  # looks at the file and the members
     asked: int = 0
-    answered: int = 0
+    answered: int = 0  # answers to our questions
     merged: int = 0  # merges that added entries (from the file or from peers)
-    bad_entries: int = 0  # entries from peers that failed verification
-    unsolicited: int = 0  # offers from peers that were not asked (dropped)
+    bad_entries: int = 0  # answers from peers stopped at an entry that failed verification
+    unsolicited: int = 0  # offers nobody asked for, or too late or too long (dropped)
+    answers_sent: int = 0
+    requests_dropped: int = 0  # questions from a peer answered too recently
     disconnected: int = 0  # sessions closed because the peer's certificate was revoked
+
+
+@dataclass(frozen=True)
+class _Question:
+    at: float  # when asked (loop time)
+    claimed: int  # the version the member gossiped then
 
 
 class RevocationSync:
     """Keeps ``admission.revocations`` current; see the module docstring. ``store``: the list
-    file to watch and to write merged lists to (None: neither)."""
+    file to watch and to write merged lists to (None: neither). Start with :meth:`start`, stop
+    with :meth:`aclose` (before the peer table closes)."""
 
     def __init__(
         self,
@@ -102,12 +131,18 @@ class RevocationSync:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._asked_at: float | None = None  # when a member was last asked
-        self._awaiting: set[str] = set()  # members asked that have not answered
-        self._seen_file = self._file_stamp()  # the file as loaded at start: not news
-        self._write_lock = asyncio.Lock()
+        self._awaiting: dict[str, _Question] = {}  # members asked that have not answered
+        self._shortfall: dict[str, int] = {}  # member -> the version it claimed and fell short of
+        self._answered: dict[str, tuple[float, int]] = {}  # peer -> last answer: when, have
+        self._seen_file: tuple[int, int] | None = None  # None: read the file at the first look
+        self._file_lock = asyncio.Lock()
+        self._wire: dict[RevocationEntry, bytes] = {}
+        self._index(admission.revocations)
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
+        peers.on_session(self._on_session)
         membership.subscribe(self._on_member)
 
     @property
@@ -115,111 +150,136 @@ class RevocationSync:
         return self.admission.revocations
 
     @property
+    def version(self) -> int:
+        """The version of the list in force (kept, not recomputed from the entries)."""
+        return self._version
+
+    @property
     def trust(self) -> FleetTrust:
         return self.admission.identity.trust
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is None and not self._closed:
             self._task = self._loop.create_task(self._run(), name="revocations")
             self._task.add_done_callback(_log_failure)
 
     async def aclose(self) -> None:
-        """Stop looking; merges under way finish first (their file writes included)."""
-        tasks = [t for t in (self._task, *self._steps) if t is not None]
+        """Stop: peers' messages are ignored from now on; merges already under way (and their
+        file writes) finish first. Idempotent."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._steps:
+            await asyncio.gather(*self._steps, return_exceptions=True)
 
-    # --- looking for news ----------------------------------------------------------------------
+    # --- looking for news --------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
+            self.stats.checks += 1
             await self._reload()
             self._ask()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(self.config.check_interval_s):
                     await self._wake.wait()
+            except TimeoutError:
+                pass
 
     def _on_member(self, event: MemberEvent) -> None:
-        if event.member.state.revocation_version > self.revocations.version:
+        if event.member.state.revocation_version > self._version:
             self._wake.set()
 
-    def _ask(self) -> None:
-        """Ask one live member whose list is newer than ours for the entries we lack; at most
-        one question per ``ask_timeout_s`` (a member whose answer does not bring us to the
-        version it claims is asked again no sooner, nor is one that stays silent)."""
-        version, now = self.revocations.version, self._loop.time()
-        if self._asked_at is not None and now - self._asked_at < self.config.ask_timeout_s:
+    def _ask(self, *, next_page_of: str | None = None) -> None:
+        """Ask one live member whose list is newer than ours for the entries we lack (see the
+        module docstring for the pace); ``next_page_of``: that member, at once."""
+        now = self._loop.time()
+        patience = self.config.ask_timeout_s
+        self._awaiting = {n: q for n, q in self._awaiting.items() if now - q.at < patience}
+        if next_page_of is None and self._asked_at is not None and now - self._asked_at < patience:
             return
-        ahead = sorted(
-            m.node_id
+        claims = {
+            m.node_id: m.state.revocation_version
             for m in self.membership.core.live_members()
-            if m.state.revocation_version > version
-        )
-        if not ahead:
+            if m.state.revocation_version > self._version
+            and self._shortfall.get(m.node_id) != m.state.revocation_version
+        }
+        if next_page_of is not None:
+            claims = {n: v for n, v in claims.items() if n == next_page_of}
+        if not claims:
             return
-        node = self._rng.choice(ahead)
-        if self.peers.send(node, RevocationsWanted(have=version)):
+        node = self._rng.choice(sorted(claims))
+        if self.peers.send(node, RevocationsWanted(have=self._version)):
             self._asked_at = now
-            self._awaiting.add(node)
+            self._awaiting[node] = _Question(now, claims[node])
             self.stats.asked += 1
 
     async def _reload(self) -> None:
         """Merge the list file if it changed since last looked at (a bad file is logged)."""
-        stamp = self._file_stamp()
-        if stamp is None or stamp == self._seen_file:
-            return
-        listed = await self._read_file(stamp)
+        async with self._file_lock:
+            listed = await self._read_file_if_changed()
         if listed is not None:
             await self._adopt(listed, f"file {self.store}")
 
-    async def _read_file(self, stamp: tuple[int, int]) -> RevocationList | None:
-        assert self.store is not None
-        self._seen_file = stamp
+    async def _read_file_if_changed(self) -> RevocationList | None:
+        """The file's list if it changed since last read (call holding ``_file_lock``)."""
+        stamp = _stamp_of(self.store)
+        if self.store is None or stamp is None or stamp == self._seen_file:
+            return None
         try:
-            return await asyncio.to_thread(load_revocations, self.store, self.trust)
+            listed = await asyncio.to_thread(load_revocations, self.store, self.trust)
         except IdentityError as exc:
             log.warning("revocation list file not used: %s", exc)
-            return None
+            listed = None
+        self._seen_file = stamp  # if it changed again while read, the next look reads it again
+        return listed
 
-    def _file_stamp(self) -> tuple[int, int] | None:
-        if self.store is None:
-            return None
-        try:
-            st = self.store.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
-    # --- peers' requests and answers ----------------------------------------------------------
+    # --- peers' questions and answers --------------------------------------------------------
 
     def _on_wanted(self, peer: str, msg: RevocationsWanted) -> None:
-        newer = self.revocations.since(msg.have)
-        ordered = sorted(newer.entries, key=lambda e: (e.sequence, e.signature))
-        self.peers.send(peer, RevocationsOffer(tuple(e.to_bytes() for e in ordered)))
+        """Answer with the next page above ``have``; a peer asked again within
+        ``answer_interval_s`` is answered only if it moved on (the next page)."""
+        now = self._loop.time()
+        last = self._answered.get(peer)
+        repeated = last is not None and now - last[0] < self.config.answer_interval_s
+        if self._closed or (repeated and msg.have <= last[1]):
+            self.stats.requests_dropped += 1
+            return
+        if len(self._answered) > 64:  # only the recent ones matter
+            interval = self.config.answer_interval_s
+            self._answered = {p: a for p, a in self._answered.items() if now - a[0] < interval}
+        self._answered[peer] = (now, msg.have)
+        start = bisect.bisect_right(self._sequences, msg.have)
+        page = tuple(self._encoded[start : start + PAGE_ENTRIES])
+        if self.peers.send(peer, RevocationsOffer(page)):
+            self.stats.answers_sent += 1
 
     def _on_offer(self, peer: str, msg: RevocationsOffer) -> None:
-        """An answer: merged if it answers a question of ours (an offer nobody asked for is
-        dropped: checking signatures costs CPU, which a peer must not make us spend at will)."""
-        if peer not in self._awaiting:
+        question = self._awaiting.pop(peer, None)
+        late = question is None or self._loop.time() - question.at >= self.config.ask_timeout_s
+        if self._closed or late or len(msg.entries) > PAGE_ENTRIES:
             self.stats.unsolicited += 1
             return
-        self._awaiting.discard(peer)
         self.stats.answered += 1
-        known = {e.to_bytes() for e in self.revocations.entries}
-        fresh = [raw for raw in dict.fromkeys(msg.entries) if raw not in known]
-        if fresh:
-            self._spawn(self._merge_offer(peer, fresh))
+        fresh = [raw for raw in dict.fromkeys(msg.entries) if raw not in self._known]
+        self._spawn(self._merge_offer(peer, question, fresh, full=len(msg.entries) == PAGE_ENTRIES))
 
-    async def _merge_offer(self, peer: str, raws: list[bytes]) -> None:
+    async def _merge_offer(
+        self, peer: str, question: _Question, raws: list[bytes], *, full: bool
+    ) -> None:
         verified, bad = await asyncio.to_thread(_verify, raws, self.trust)
-        if bad:
-            self.stats.bad_entries += len(bad)
-            log.warning("%d revocation entries from %s refused: %s", len(bad), peer, bad[0])
         if verified:
             await self._adopt(RevocationList(self.trust.fleet_id, verified), f"peer {peer}")
+        if bad is not None:
+            self.stats.bad_entries += 1
+            log.warning("revocation answer from %s refused from a bad entry on: %s", peer, bad)
+        if self._closed:
+            return
+        if bad is None and full:
+            self._ask(next_page_of=peer)  # the next page, at once
+        elif self._version < question.claimed:  # short of what it claimed: not asked again
+            self._shortfall[peer] = question.claimed  # until it claims another version
 
     # --- merging -----------------------------------------------------------------------------
 
@@ -228,7 +288,7 @@ class RevocationSync:
         sessions of peers it revokes."""
         if self._merge(more, source):
             await self._write_down()
-            await self._disconnect_revoked()
+            await self._close_revoked(self.peers.open_sessions())
 
     def _merge(self, more: RevocationList, source: str) -> bool:
         """Put the union in force and gossip its version; whether it grew."""
@@ -236,58 +296,101 @@ class RevocationSync:
         merged = current.merge(more)
         if len(merged.entries) == len(current.entries):
             return False
+        if len(merged.entries) > MAX_REVOCATION_ENTRIES:  # the file could not be read back
+            log.error(
+                "revocation list from %s not merged: over %d entries",
+                source,
+                MAX_REVOCATION_ENTRIES,
+            )
+            return False
         self.admission.revocations = merged
+        self._index(merged)
         self.stats.merged += 1
         state = self.membership.state
-        if merged.version != state.revocation_version:
-            self.membership.update_state(replace(state, revocation_version=merged.version))
+        if self._version != state.revocation_version:
+            self.membership.update_state(replace(state, revocation_version=self._version))
         log.info(
             "revocation list now version %d (%d entries, from %s)",
-            merged.version, len(merged.entries), source,
+            self._version, len(merged.entries), source,
         )  # fmt: skip
         return True
 
-    async def _disconnect_revoked(self) -> None:
-        for node in self.peers.connected:
-            session = self.peers.session(node)
-            if session is not None and self.revocations.is_revoked(session.peer):
-                log.warning("closing the sessions with %s: its certificate is revoked", node)
+    def _index(self, listed: RevocationList) -> None:
+        """Keep the version and the entries' wire forms (in sequence order) for answers; an
+        entry is encoded once, when it first arrives."""
+        wire = self._wire
+        for entry in listed.entries:
+            if entry not in wire:
+                wire[entry] = entry.to_bytes()
+        ordered = sorted(listed.entries, key=lambda e: (e.sequence, e.signature))
+        self._sequences = [e.sequence for e in ordered]
+        self._encoded = [wire[e] for e in ordered]
+        self._known = set(self._encoded)
+        self._version = self._sequences[-1] if ordered else 0
+
+    def _on_session(self, peer: str, session: Session) -> None:
+        if self.revocations.is_revoked(session.peer):  # admitted just before a merge
+            self._spawn(self._close_revoked([session]))
+
+    async def _close_revoked(self, sessions: list[Session]) -> None:
+        for session in sessions:
+            if session.is_open and self.revocations.is_revoked(session.peer):
+                log.warning(
+                    "closing a session with %s: its certificate (serial %d) is revoked",
+                    session.peer_id, session.peer.serial,
+                )  # fmt: skip
                 self.stats.disconnected += 1
-                await self.peers.disconnect(node, "certificate revoked")
+                await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
 
     async def _write_down(self) -> None:
         """Write the list in force to ``store``, merging first what the file holds if it was
         replaced meanwhile (by the operator): its entries are never overwritten unread."""
         if self.store is None:
             return
-        async with self._write_lock:
-            stamp = self._file_stamp()
-            if stamp is not None and stamp != self._seen_file:
-                listed = await self._read_file(stamp)
-                if listed is not None:
-                    self._merge(listed, f"file {self.store}")
-            data = self.revocations.to_bytes()
+        async with self._file_lock:
+            listed = await self._read_file_if_changed()
+            if listed is not None:
+                self._merge(listed, f"file {self.store}")
+            current = self.revocations
             try:
-                await asyncio.to_thread(replace_file, self.store, data)
+                written = await asyncio.to_thread(_write, self.store, current)
             except (IdentityError, OSError) as exc:
                 log.warning("revocation list not written to %s: %s", self.store, exc)
                 return
-            self._seen_file = self._file_stamp()  # our own write is not news
+            self._seen_file = (written.st_mtime_ns, written.st_size)  # our own write: not news
 
     def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            step.close()
+            return
         task = self._loop.create_task(step)
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
         task.add_done_callback(_log_failure)
 
 
-def _verify(raws: list[bytes], trust: FleetTrust) -> tuple[list[RevocationEntry], list[str]]:
-    """Each entry decoded and checked against ``trust``: the good ones, and why the rest are
-    bad (runs in a worker thread)."""
-    good, bad = [], []
+def _stamp_of(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _write(path: Path, listed: RevocationList) -> os.stat_result:
+    """Encode and atomically replace the file (runs in a worker thread)."""
+    return replace_file(path, listed.to_bytes())
+
+
+def _verify(raws: list[bytes], trust: FleetTrust) -> tuple[list[RevocationEntry], str | None]:
+    """The entries decoded and checked against ``trust`` up to the first bad one, and why that
+    one is bad (None: all good). Runs in a worker thread."""
+    good = []
     for raw in raws:
         try:
             good.append(RevocationEntry.from_bytes(raw, trust))
         except RevocationError as exc:
-            bad.append(str(exc))
-    return good, bad
+            return good, str(exc)
+    return good, None
