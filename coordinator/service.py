@@ -86,11 +86,10 @@ from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.scheduling import NodeView, Policy, SchedulerState, choose, requirements
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskCancel, TaskFailed, TaskResult
-from meshinfer.runtime.loop import log_failure
+from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
 
 log = logging.getLogger(__name__)
-_log_failure = log_failure(log, "coordinator step")
 
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
 #: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
@@ -184,7 +183,8 @@ class Coordinator:
         self._handed_bytes = 0
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._steps: set[asyncio.Task[None]] | None = set()  # None once closed (see _spawn)
+        #: results and failures being journaled (see _spawn)
+        self._steps = Steps(log, "coordinator step")
         #: each member's models, roles and links as sets, as of its gossiped state object
         self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
         self._reach = Reachability(
@@ -240,9 +240,7 @@ class Coordinator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
-        while self._steps:  # results and failures being journaled: let them land first
-            await asyncio.gather(*self._steps, return_exceptions=True)
-        self._steps = None
+        await self._steps.aclose()  # results and failures being journaled: they land first
         for timer in self._timers.values():
             timer.cancel()
         if self.journal is not None:
@@ -255,13 +253,7 @@ class Coordinator:
         :meth:`aclose` waits for the steps under way before it closes the journal; a step due
         after that is dropped (what it would have journaled is redone after a restart).
         """
-        if self._steps is None:
-            step.close()
-            return
-        task = self._loop.create_task(step)
-        self._steps.add(task)
-        task.add_done_callback(self._steps.discard)
-        task.add_done_callback(_log_failure)
+        self._steps.spawn(step)
 
     def _check_started(self) -> None:
         if not self._started:

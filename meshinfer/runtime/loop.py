@@ -36,6 +36,36 @@ def log_failure(log: logging.Logger, what: str) -> Callable[[asyncio.Task[Any]],
     return logged
 
 
+class Steps:
+    """The short background steps of one component (STYLE.md 9: each has an owner, and a
+    failure is logged by :func:`log_failure`). :meth:`aclose` waits until none is left, steps
+    spawned meanwhile included, then drops (closes unrun) any spawned later."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self._logged = log_failure(log, what)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def spawn(self, step: Coroutine[Any, Any, Any]) -> None:
+        """Run ``step`` as a task of its own on the running loop (dropped once closed)."""
+        if self._closed:
+            step.close()
+            return
+        task = asyncio.get_running_loop().create_task(step)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._logged)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def aclose(self) -> None:
+        """Wait for every step under way, then refuse new ones. Idempotent."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closed = True
+
+
 async def close_in_order(steps: Iterable[Awaitable[Any] | None], log: logging.Logger) -> None:
     """Await each close step in turn (None is skipped); an error is logged and the rest run."""
     for step in steps:

@@ -59,7 +59,7 @@ from meshinfer.proto.identity import (
 from meshinfer.proto.membership import MemberEvent
 from meshinfer.proto.messages import CloseCode
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
-from meshinfer.runtime.loop import log_failure
+from meshinfer.runtime.loop import Steps, log_failure
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.session import Admission, Session
@@ -130,7 +130,7 @@ class RevocationSync:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._steps: set[asyncio.Task[None]] = set()
+        self._steps = Steps(log, "revocation step")
         self._closed = False
         self._asked_at: float | None = None  # when a member was last asked
         self._awaiting: dict[str, _Question] = {}  # members asked that have not answered
@@ -170,8 +170,7 @@ class RevocationSync:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self._steps:
-            await asyncio.gather(*self._steps, return_exceptions=True)
+        await self._steps.aclose()
 
     # --- looking for news --------------------------------------------------------------------
 
@@ -363,10 +362,7 @@ class RevocationSync:
         if self._closed:
             step.close()
             return
-        task = self._loop.create_task(step)
-        self._steps.add(task)
-        task.add_done_callback(self._steps.discard)
-        task.add_done_callback(_log_failure)
+        self._steps.spawn(step)
 
 
 def _stamp_of(path: Path | None) -> tuple[int, int] | None:
