@@ -817,7 +817,9 @@ class Coordinator:
                 if run.done:
                     self._spawn(self._advance(run))
 
-        self._loop.call_at(deadline + 1e-3, check)
+        if run.deadline_timer is not None:  # armed again as more items became ready
+            run.deadline_timer.cancel()
+        run.deadline_timer = self._loop.call_at(deadline + 1e-3, check)  # cancelled on forget
 
     def _arm_deadline(self, run: TaskRun) -> None:
         """Fail the task when its ``deadline_s`` runs out, wherever its items are (queued,

@@ -654,6 +654,30 @@ async def test_ensemble_of_three_digit_models_votes_by_majority(tmp_path):
         assert len(result["aggregation"]["sources"]) >= 2
 
 
+async def test_a_parallel_task_at_its_deadline_ends_with_the_outputs_in_by_then(tmp_path):
+    x, y = load_digits_holdout()
+    models = tuple(ModelRef(m, "1") for m in ("digits-mlp", "digits-mlp-wide", "digits-mlp-deep"))
+    async with Mesh(tmp_path, n=1) as mesh:
+        c, daemon = mesh.coordinator, mesh.daemons["node-0"]
+        original, gate = daemon.engine.infer, asyncio.Event()
+
+        async def deep_is_stuck(ref, batch):
+            if ref.model_id == "digits-mlp-deep":
+                await gate.wait()
+            return await original(ref, batch)
+
+        daemon.engine.infer = deep_is_stuck
+        task = spec("vote", "parallel", x, models=models, aggregation="weighted", deadline_s=1.0)
+        record = await c.wait(await c.submit(task), timeout=10)
+        gate.set()
+        assert record.state.value == "succeeded", record.summary.error
+        result = c.result_of(record)
+        assert result["aggregation"]["partial"] and result["aggregation"]["reason"] == "timeout"
+        assert sorted(result["aggregation"]["sources"]) == ["vote/0", "vote/1"]
+        assert (np.argmax(result["outputs"][0], axis=-1) == y).mean() >= 0.9
+        await until(lambda: daemon.executor.stats.cancelled == 1)  # the stuck one was told
+
+
 async def test_pipeline_stages_feed_each_other(tmp_path):
     from meshinfer.proto.tasks import Stage
 
