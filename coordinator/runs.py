@@ -15,7 +15,6 @@ No I/O and no clock reads: ``now`` is passed in. The service drives it.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from dataclasses import dataclass, field
 
@@ -62,8 +61,6 @@ class TaskRun:
         self.outcome: Outcome | None = None
         #: when the task's ``deadline_s`` runs out, on the loop's clock (None: no deadline)
         self.expires_at = None if spec.deadline_s is None else now + spec.deadline_s
-        #: the timer of the deadline, or of the aggregation's timeout (cancelled on forget)
-        self.deadline_timer: asyncio.TimerHandle | None = None
         #: the task's items (validates the spec), handed to the journal with the task
         self.outline = outline(spec)
         self.pipeline = PipelinePlan(spec) if spec.pattern == Pattern.PIPELINE else None

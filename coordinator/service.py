@@ -59,7 +59,6 @@ import random
 import sqlite3
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -183,8 +182,12 @@ class Coordinator:
         self._handed_bytes = 0
         self._wake_parked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        #: results and failures being journaled (see _spawn)
+        #: steps that journal, then act on what they wrote (a result, a failure, an end), each
+        #: as a task of its own; aclose waits for them before it closes the journal, and one due
+        #: after that is dropped (what it would have journaled is redone after a restart)
         self._steps = Steps(log, "coordinator step")
+        #: per live task, the timer of its deadline or of its aggregation's timeout
+        self._task_timers: dict[str, asyncio.TimerHandle] = {}
         #: each member's models, roles and links as sets, as of its gossiped state object
         self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
         self._reach = Reachability(
@@ -246,14 +249,6 @@ class Coordinator:
         if self.journal is not None:
             await self._db.run_alone(self.journal.close)
         await self._db.aclose()
-
-    def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
-        """Run ``step`` (one that journals, then acts on what it wrote) as a task of its own.
-
-        :meth:`aclose` waits for the steps under way before it closes the journal; a step due
-        after that is dropped (what it would have journaled is redone after a restart).
-        """
-        self._steps.spawn(step)
 
     def _check_started(self) -> None:
         if not self._started:
@@ -542,10 +537,7 @@ class Coordinator:
 
     def _set_timer(self, item_id: str, delay: float, callback, *args: object) -> None:
         """The item's one timer (its dispatch mark or its timeout), replacing any before."""
-        old = self._timers.pop(item_id, None)
-        if old is not None:
-            old.cancel()
-        self._timers[item_id] = self._loop.call_later(delay, callback, *args)
+        _replace_timer(self._timers, item_id, self._loop.call_later(delay, callback, *args))
 
     def _on_timeout(self, item_id: str, attempt: int) -> None:
         pair = self._items.get(item_id)
@@ -637,7 +629,7 @@ class Coordinator:
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
         self._answered[msg.item_id] += 1  # being journaled: not to be re-dispatched meanwhile
-        self._spawn(self._accept_result(peer, msg))
+        self._steps.spawn(self._accept_result(peer, msg))
 
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
         try:
@@ -742,7 +734,7 @@ class Coordinator:
         if msg.retryable:
             self._retry(run, entry, reason, backoff=True)
         else:
-            self._spawn(self._fail_item(run, entry, reason))
+            self._steps.spawn(self._fail_item(run, entry, reason))
 
     def _on_member(self, event: MemberEvent) -> None:
         node = event.member.node_id
@@ -771,7 +763,7 @@ class Coordinator:
         self._cancel_timer(item_id)
         if attempt >= self.config.max_attempts:
             why = f"gave up after {attempt} attempts; last: {reason}"
-            self._spawn(self._fail_item(run, entry, why))
+            self._steps.spawn(self._fail_item(run, entry, why))
             return
         self.stats_.retries += 1
         log.info("retrying %s (attempt %d failed: %s)", item_id, attempt, reason)
@@ -815,11 +807,9 @@ class Coordinator:
             if run.task_id in self._runs and not run.done:
                 run.check_timeout(self._loop.time())
                 if run.done:
-                    self._spawn(self._advance(run))
+                    self._steps.spawn(self._advance(run))
 
-        if run.deadline_timer is not None:  # armed again as more items became ready
-            run.deadline_timer.cancel()
-        run.deadline_timer = self._loop.call_at(deadline + 1e-3, check)  # cancelled on forget
+        self._set_task_timer(run.task_id, deadline + 1e-3, check)
 
     def _arm_deadline(self, run: TaskRun) -> None:
         """Fail the task when its ``deadline_s`` runs out, wherever its items are (queued,
@@ -827,7 +817,7 @@ class Coordinator:
         timeout instead (:meth:`_arm_aggregation_timeout`: it may end with partial results)."""
         if run.expires_at is None or run.aggregator is not None or run.done:
             return
-        run.deadline_timer = self._loop.call_at(run.expires_at, self._on_deadline, run)
+        self._set_task_timer(run.task_id, run.expires_at, self._on_deadline, run)
 
     def _on_deadline(self, run: TaskRun) -> None:
         if self._runs.get(run.task_id) is not run or run.done:
@@ -836,14 +826,15 @@ class Coordinator:
         error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
         log.info("task %s failed: %s", run.task_id, error)
         run.outcome = Outcome(False, error=error)
-        self._spawn(self._finish(run, run.outcome))
+        self._steps.spawn(self._finish(run, run.outcome))
 
     def _forget(self, task_id: str, record: TaskRecord | None = None) -> None:
         """Drop the task from memory; its waiters get ``record`` (None: they read it)."""
         run = self._runs.pop(task_id, None)
         if run is not None:
-            if run.deadline_timer is not None:
-                run.deadline_timer.cancel()
+            timer = self._task_timers.pop(task_id, None)
+            if timer is not None:
+                timer.cancel()
             for item_id in list(run.items):
                 self._drop(item_id)
                 self._cancel_timer(item_id)
@@ -865,10 +856,22 @@ class Coordinator:
             _, (_, dropped) = self._handed.popitem(last=False)
             self._handed_bytes -= dropped
 
+    def _set_task_timer(self, task_id: str, when: float, callback, *args: object) -> None:
+        """The task's one timer (its deadline or its aggregation's timeout), replacing any
+        before (re-armed as more items became ready); cancelled when the task is forgotten."""
+        _replace_timer(self._task_timers, task_id, self._loop.call_at(when, callback, *args))
+
     def _cancel_timer(self, item_id: str) -> None:
         timer = self._timers.pop(item_id, None)
         if timer is not None:
             timer.cancel()
+
+
+def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
+    old = timers.pop(key, None)
+    if old is not None:
+        old.cancel()
+    timers[key] = timer
 
 
 def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
