@@ -246,7 +246,6 @@ class _TypeCodec:
         "field_names",
         "fields_to_wire",
         "fixed_len",
-        "get_fields",
         "has_validate",
         "max_items",
         "max_size",
@@ -303,27 +302,20 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
 
 
-def _field_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    if not names:
-        return lambda obj: ()
-    if len(names) == 1:
-        get_one = operator.attrgetter(names[0])
-        return lambda obj: (get_one(obj),)
-    return operator.attrgetter(*names)
-
-
-def _fields_converter(get: Callable[[Any], tuple[Any, ...]], converts: list[_Convert]) -> Callable:
-    """``obj -> tuple of msgpack-ready field values`` (nested dataclasses become arrays)."""
-    if all(c is None for c in converts):
-        return get
-    pairs = tuple(converts)
-    return lambda obj: tuple(v if c is None else c(v) for c, v in zip(pairs, get(obj), strict=True))
-
-
-def _top_level_converter(fields_to_wire: Callable, type_id: int | None) -> Callable:
-    if type_id is None:
-        return fields_to_wire
-    return lambda obj: (type_id, *fields_to_wire(obj))
+def _generate_to_wire(names: tuple[str, ...], converts: list[_Convert], type_id: int | None):
+    """Generate a straight-line ``obj -> tuple of msgpack-ready field values`` (nested
+    dataclasses become arrays), led by ``type_id`` unless it is None: one tuple display, no
+    generator or zip per message."""
+    parts = [str(type_id)] if type_id is not None else []
+    namespace: dict[str, Any] = {}
+    for i, (name, convert) in enumerate(zip(names, converts, strict=True)):
+        if convert is None:
+            parts.append(f"obj.{name}")
+        else:
+            namespace[f"c{i}"] = convert
+            parts.append(f"c{i}(obj.{name})")
+    exec(f"def to_wire(obj):\n    return ({', '.join(parts)}{',' if parts else ''})", namespace)
+    return namespace["to_wire"]
 
 
 def _generate_fast_build(codec: _TypeCodec, skip: int) -> Callable[[tuple[Any, ...]], Any]:
@@ -474,14 +466,12 @@ class MessageRegistry:
         hint_list = [hints[f.name] for f in fields]
         codec.checks = tuple(self._check_for(h, cls) for h in hint_list)
         codec.scalar_types = tuple(h if h in (int, str, bytes, bool) else None for h in hint_list)
-        codec.get_fields = _field_getter(codec.field_names)
         fixed, variable = self._shape(hint_list)
         codec.fixed_len = max(fixed, codec.arity)
         codec.variable = variable or extensible
-        codec.fields_to_wire = _fields_converter(
-            codec.get_fields, [self._convert_for(h) for h in hint_list]
-        )
-        codec.to_wire = _top_level_converter(codec.fields_to_wire, type_id)
+        converts = [self._convert_for(h) for h in hint_list]
+        codec.fields_to_wire = _generate_to_wire(codec.field_names, converts, None)
+        codec.to_wire = _generate_to_wire(codec.field_names, converts, type_id)
         codec.unpack_kwargs = _unpack_kwargs(codec)
         codec.fast_build = _generate_fast_build(codec, skip=0)
         codec.fast_build_top = _generate_fast_build(codec, skip=1)

@@ -62,6 +62,9 @@ __all__ = [
 
 #: The dtypes a tensor may have on the wire (NumPy names).
 DTYPES = frozenset({"float32", "float16", "int64", "int32", "uint8", "bool"})
+#: Each wire dtype as NumPy reads it (little-endian), and its item size.
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+_ITEM_SIZES = {name: np.dtype(name).itemsize for name in DTYPES}
 #: At most this many dimensions.
 MAX_NDIM = 8
 #: No dimension may be larger than this.
@@ -92,13 +95,15 @@ def _refuse(owner: str, detail: str) -> RemoteProtocolError:
 
 def _check_layout(dtype: str, shape: tuple[int, ...], nbytes: int, limit: int) -> None:
     """Raise RemoteProtocolError unless dtype/shape are allowed and describe ``nbytes``."""
-    if dtype not in DTYPES:
+    itemsize = _ITEM_SIZES.get(dtype) if type(dtype) is str else None
+    if itemsize is None:
         raise _refuse("tensor", f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if len(shape) > MAX_NDIM:
         raise _refuse("tensor", f"{len(shape)} dimensions, at most {MAX_NDIM} allowed")
-    if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape):
-        raise _refuse("tensor", f"shape {shape} has a dimension outside 0..{MAX_DIM}")
-    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= MAX_DIM:
+            raise _refuse("tensor", f"shape {shape} has a dimension outside 0..{MAX_DIM}")
+    expected = math.prod(shape) * itemsize
     if expected > limit:
         raise _refuse("tensor", f"{expected} bytes, over the cap of {limit}")
     if expected != nbytes:
@@ -131,7 +136,7 @@ def unpack_array(
     if type(data) is not bytes or type(dtype) is not str or type(shape) is not tuple:
         raise _refuse("tensor", "data, dtype and shape must be bytes, str and tuple")
     _check_layout(dtype, shape, len(data), limit)
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    return np.frombuffer(data, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
 
 
 @embedded()
