@@ -384,11 +384,13 @@ class CoordinatorApi:
 
     async def _task_response(self, record: TaskRecord, outputs: bool) -> web.Response:
         size = len(record.result_summary or b"")
-        doc = await self._off_loop(size, self._task_doc, record, outputs)
+        waiting = self.coordinator.waiting(record.task_id)  # on the loop: it reads membership
+        doc = await self._off_loop(size, self._task_doc, record, outputs, waiting)
         return _json(doc)
 
-    def _task_doc(self, record: TaskRecord, outputs: bool) -> dict[str, Any]:
-        return task_doc(record, self.coordinator.result_of(record), outputs=outputs)
+    def _task_doc(self, record: TaskRecord, outputs: bool, waiting: Mapping[str, str]) -> dict:
+        result = self.coordinator.result_of(record)
+        return task_doc(record, result, outputs=outputs, waiting=waiting)
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         """POST /v1/tasks/{id}/cancel (a body, if any, is ignored)."""
@@ -692,13 +694,13 @@ def summary_doc(summary: TaskSummary) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def item_doc(item: ItemRecord) -> dict[str, Any]:
-    """One work item of a task document."""
+def item_doc(item: ItemRecord, waiting: str | None = None) -> dict[str, Any]:
+    """One work item of a task document; ``waiting``: why it is on no node (live items)."""
     return {
         "item_id": item.item_id, "state": item.state.value, "node": item.node,
         "attempt": item.attempt, "error": item.error, "model": str(item.model),
         "stage": item.stage or None, "position": item.position,
-        "has_result": item.result is not None,
+        "has_result": item.result is not None, "waiting": waiting,
     }  # fmt: skip
 
 
@@ -709,10 +711,21 @@ def tensor_to_json(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": array.dtype.name, "shape": list(array.shape), "data_b64": data}
 
 
-def task_doc(record: TaskRecord, result: dict[str, Any] | None, *, outputs: bool) -> dict:
-    """The document of GET /v1/tasks/{id}: summary, items and result (outputs optional)."""
+def task_doc(
+    record: TaskRecord,
+    result: dict[str, Any] | None,
+    *,
+    outputs: bool,
+    waiting: Mapping[str, str] | None = None,
+) -> dict:
+    """The document of GET /v1/tasks/{id}: summary, deadline, items (with why those on no
+    node wait, from ``waiting``) and result (outputs optional)."""
     doc = summary_doc(record.summary)
-    doc["items"] = [item_doc(i) for i in record.items]
+    deadline = record.spec.deadline_s
+    doc["deadline_s"] = deadline
+    doc["expires_at"] = None if deadline is None else record.summary.created_at + deadline
+    waiting = waiting or {}
+    doc["items"] = [item_doc(i, waiting.get(i.item_id)) for i in record.items]
     doc["result"] = None
     if result is not None:
         doc["result"] = {

@@ -566,11 +566,14 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
 
 def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: TextIO) -> None:
     """Draw a progress bar from GET ?outputs=false polls until the task ends or time is up."""
+    width = 0
     try:
         while True:
             doc = client.get(task_id, outputs=False)
-            stream.write("\r" + progress_line(doc))
+            line = progress_line(doc)
+            stream.write("\r" + line.ljust(width))  # blank what a longer line left
             stream.flush()
+            width = len(line)
             if doc["state"] in TERMINAL_STATES or time.monotonic() >= deadline:
                 return
             time.sleep(POLL_INTERVAL_S)
@@ -579,11 +582,14 @@ def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: Tex
 
 
 def progress_line(doc: dict[str, Any]) -> str:
-    """``[#####.....] done/total items  state`` for a task summary."""
+    """``[#####.....] done/total items  state`` for a task, and why its items wait if they
+    do (the most common reason)."""
     total, done = doc["items_total"], doc["items_done"]
     filled = PROGRESS_WIDTH * done // total if total else PROGRESS_WIDTH
     bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
-    return f"[{bar}] {done}/{total} items  {doc['state']:<10}"
+    line = f"[{bar}] {done}/{total} items  {doc['state']:<10}"
+    why = waiting_lines(doc, show=1)
+    return f"{line}  {_short(why[0], 70)}" if why else line
 
 
 def _exit_code(doc: dict[str, Any]) -> int:
@@ -753,20 +759,36 @@ def render_task(doc: dict[str, Any]) -> str:
         f" ({took:.2f} s later)",
         f"items     {doc['items_done']}/{doc['items_total']} done",
     ]
+    if doc.get("deadline_s") is not None:
+        lines.append(f"deadline  {deadline_text(doc)}")
     if doc.get("error"):
         lines.append(f"error     {_short(doc['error'], 200)}")
     items = doc.get("items") or []
     if items:
         rows = [
             (i["item_id"], i["state"], i.get("model"), i.get("node"), i.get("attempt"),
-             _short(i.get("error")))
+             _short(f"waiting: {i['waiting']}" if i.get("waiting") else i.get("error"), 80))
             for i in items
         ]  # fmt: skip
-        headers = ("ITEM", "STATE", "MODEL", "NODE", "ATTEMPT", "ERROR")
+        headers = ("ITEM", "STATE", "MODEL", "NODE", "ATTEMPT", "ERROR / WAITING")
         lines += ["", format_table(headers, rows, right={"ATTEMPT"})]
     if doc.get("result"):
         lines += ["", *_result_lines(doc["result"], 20)]
     return "\n".join(lines)
+
+
+def deadline_text(doc: dict[str, Any]) -> str:
+    """``30 s, until 2026-11-23T10:00:30Z`` for a task with a deadline."""
+    return f"{doc['deadline_s']:g} s, until {utc_iso(doc.get('expires_at'))}"
+
+
+def waiting_lines(doc: dict[str, Any], show: int = 3) -> list[str]:
+    """``waiting: <why> (N items)`` for the most common reasons live items are on no node."""
+    reasons = Counter(i["waiting"] for i in doc.get("items") or () if i.get("waiting"))
+    lines = [f"waiting: {why} ({_count(n, 'item')})" for why, n in reasons.most_common(show)]
+    if len(reasons) > show:
+        lines.append(f"waiting: ... and {len(reasons) - show} other reasons")
+    return lines
 
 
 def render_result(doc: dict[str, Any], show: int = 20) -> str:
@@ -779,6 +801,7 @@ def render_result(doc: dict[str, Any], show: int = 20) -> str:
     lines = [head]
     if doc["state"] not in TERMINAL_STATES:
         lines.append("still running: see `meshinfer-coord status " + doc["task_id"] + "`")
+        lines += waiting_lines(doc)
     if doc.get("error"):
         lines.append(f"error: {_short(doc['error'], 200)}")
     if doc.get("result"):

@@ -121,14 +121,19 @@ def _task_schemas() -> dict[str, Schema]:
         "item_id": _STR, "state": _ref("TaskState"), "node": _NULLABLE_STR, "attempt": _INT,
         "error": _NULLABLE_STR, "model": _STR, "stage": _NULLABLE_STR, "position": _INT,
         "has_result": {"type": "boolean"},
+        "waiting": {**_NULLABLE_STR, "description": "why a live item is on no node: no live"
+                    " node serves its model, none meets its requirements, all are full..."},
     })  # fmt: skip
     return {
         "TaskState": _enum(TaskState),
         "TaskSummary": _obj(list(summary), summary),
         "WorkItem": item,
         "TaskResult": result,
-        "Task": _obj([*summary, "items", "result"], {
+        "Task": _obj([*summary, "deadline_s", "expires_at", "items", "result"], {
             **summary, "items": _array(_ref("WorkItem")),
+            "deadline_s": {"type": ["number", "null"], "description": "the task's time budget"},
+            "expires_at": {"type": ["number", "null"],
+                           "description": "created_at + deadline_s (Unix seconds)"},
             "result": {"oneOf": [{"type": "null"}, _ref("TaskResult")]},
         }),
         "TaskPage": _obj(["tasks", "next_cursor"], {

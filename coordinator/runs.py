@@ -91,6 +91,13 @@ class TaskRun:
     def _started(self, item_id: str) -> bool:
         return item_id in self.items or item_id in self.results or item_id in self.failed
 
+    def unstarted(self) -> list[str]:
+        """The ids of a pipeline's items that wait for the stages they take input from (none
+        for the other patterns: their items all start at once)."""
+        if self.pipeline is None or self.done:
+            return []
+        return [i for i in self._ids if not self._started(i)]
+
     def ready(self) -> list[WorkItem]:
         """Items not yet started that can run now (all of them, except in pipelines).
 

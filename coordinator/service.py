@@ -82,7 +82,14 @@ from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_o
 from meshinfer.errors import LocalProtocolError, MeshInferError, RemoteProtocolError
 from meshinfer.proto import messages
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
-from meshinfer.proto.scheduling import NodeView, Policy, SchedulerState, choose, requirements
+from meshinfer.proto.scheduling import (
+    NodeView,
+    Policy,
+    SchedulerState,
+    choose,
+    requirements,
+    unplaced_reason,
+)
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskCancel, TaskFailed, TaskResult
 from meshinfer.runtime.loop import Steps
@@ -378,6 +385,32 @@ class Coordinator:
         first = doc["outputs"][0] if doc["outputs"] else None
         doc["labels"] = _labels(first)
         return doc
+
+    def waiting(self, task_id: str) -> dict[str, str]:
+        """Why each item of a task live here that is on no node is waiting (for people: a
+        task's status), by item id: no node serves its model, none meets its requirements,
+        all that could are full, a pipeline stage it needs is not done, or only its turn.
+        Empty for a task that is not live here."""
+        run = self._runs.get(task_id)
+        if run is None:
+            return {}
+        why: dict[str, str] = {}
+        views: list[NodeView] | None = None
+        full: frozenset[str] = frozenset()
+        policy = run.spec.policy or self.config.default_policy
+        for item_id, entry in run.items.items():
+            if entry.node is not None or item_id not in self._items:
+                continue
+            if views is None:
+                views = self._views(self._busy)
+                limit = self.config.max_in_flight_per_node
+                full = frozenset(n for n, k in self._busy.items() if k >= limit)
+            why[item_id] = unplaced_reason(
+                policy, views, entry.item, full=full, state=self.scheduler
+            )
+        for item_id in run.unstarted():
+            why[item_id] = "waiting for the pipeline stages it takes its input from"
+        return why
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every member as the coordinator sees it, with the work it has in flight and done."""

@@ -391,6 +391,31 @@ async def test_wait_times_out_then_cancel_ends_the_running_task(served):
     assert waited["state"] == "cancelled"  # an ended task answers at once
 
 
+async def test_a_task_shows_its_deadline_and_why_its_items_wait(served):
+    x, _ = load_digits_holdout()
+    http = served.http
+    body = {"task_id": "api-nowhere", "pattern": "batch", "model": "no-such-model@2",
+            "inputs": b64_tensor(x[:2]), "shard_size": 1, "deadline_s": 120}  # fmt: skip
+    await submit(http, body)
+    doc = await call(http, "GET", "/v1/tasks/api-nowhere", schema="Task")
+    assert doc["deadline_s"] == 120 and doc["expires_at"] == doc["created_at"] + 120
+    assert [i["waiting"] for i in doc["items"]] == [
+        "no live, reachable node serves model no-such-model@2"
+    ] * 2
+    await call(http, "POST", "/v1/tasks/api-nowhere/cancel", schema="Cancelled")
+    doc = await call(http, "GET", "/v1/tasks/api-nowhere", schema="Task")
+    assert [i["waiting"] for i in doc["items"]] == [None, None]  # over: nothing waits
+    served_doc = await finished(
+        http,
+        (
+            await submit(
+                http, {"pattern": "single", "model": "digits-mlp", "inputs": b64_tensor(x[:1])}
+            )
+        )["task_id"],
+    )
+    assert served_doc["deadline_s"] is None and served_doc["expires_at"] is None
+
+
 @pytest.mark.parametrize("timeout", ["-1", "301", "soon", "inf", "1e400", ""])
 async def test_a_bad_wait_timeout_is_refused(served, timeout):
     doc = await call(served.http, "GET", f"/v1/tasks/any/wait?timeout={timeout}", status=400)

@@ -542,6 +542,39 @@ def test_render_nodes_and_stats():
 def test_progress_line():
     line = progress_line({"items_total": 4, "items_done": 1, "state": "running"})
     assert line.rstrip() == "[" + "#" * 7 + "." * 23 + "] 1/4 items  running"
+    items = [{"waiting": "no GPU"}, {"waiting": None}, {"waiting": "no GPU"}]
+    waiting = progress_line({"items_total": 4, "items_done": 1, "state": "running", "items": items})
+    assert waiting.startswith(line) and waiting.endswith("  waiting: no GPU (2 items)")
+
+
+NOWHERE = "no live, reachable node serves model m@1"
+
+
+def test_a_waiting_task_shows_why_and_its_deadline():
+    items = [
+        {"item_id": "t-1/0", "state": "pending", "node": None, "attempt": 1, "error": None,
+         "model": "m@1", "waiting": NOWHERE},
+        {"item_id": "t-1/1", "state": "retrying", "node": None, "attempt": 2,
+         "error": "node-0: overloaded", "model": "m@1", "waiting": "full"},
+        {"item_id": "t-1/2", "state": "succeeded", "node": "node-1", "attempt": 1,
+         "error": None, "model": "m@1", "waiting": None},
+    ]  # fmt: skip
+    doc = {**SUMMARY, "state": "dispatched", "items": items, "result": None,
+           "deadline_s": 30.0, "expires_at": SUMMARY["created_at"] + 30}  # fmt: skip
+    text = render_task(doc)
+    assert "deadline  30 s, until 2023-11-14T22:13:50Z" in text
+    columns_line_up(text, "ITEM", "ERROR / WAITING", [f"waiting: {NOWHERE}", "waiting: full", "-"])
+    assert "deadline" not in render_task({**doc, "deadline_s": None, "expires_at": None})
+    lines = render_result(doc).splitlines()
+    assert lines[1:] == [
+        "still running: see `meshinfer-coord status t-1`",
+        f"waiting: {NOWHERE} (1 item)",
+        "waiting: full (1 item)",
+    ]
+    many = [{"waiting": f"reason {i}"} for i in range(5)]
+    assert render_result({**doc, "items": many}).splitlines()[-1] == (
+        "waiting: ... and 2 other reasons"
+    )
 
 
 # --- client errors ---------------------------------------------------------------------------

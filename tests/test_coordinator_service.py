@@ -170,11 +170,18 @@ async def test_a_parked_class_that_fits_nowhere_holds_back_no_other_task(tmp_pat
         await c.submit(gpu)  # first in line, but no node has a GPU
         low = await c.submit(spec("low", "single", x[:1], priority=0))
         await until(lambda: sum(map(len, c._parked.values())) == 2)
+        model = f"{DIGITS.model_id}@{DIGITS.version}"
+        no_gpu = f"no live node serving {model} (1) has what the item asks for: a GPU"
+        assert list(c.waiting("gpu").values()) == [no_gpu]
+        full = "every node that can run it (1) has its limit of items in flight"
+        assert list(c.waiting(low).values()) == [full]
+        assert c.waiting(busy) == {}  # on a node
         gate.set()
         assert (await c.wait(busy, timeout=10)).state.value == "succeeded"
         assert (await c.wait(low, timeout=10)).state.value == "succeeded"
         assert (await c.get("gpu")).state.value == "pending"  # still waiting for a GPU node
         assert (await c.stats())["parked_items"] == 1
+        assert list(c.waiting("gpu").values()) == [no_gpu] and c.waiting(low) == {}
 
 
 async def test_a_timeout_as_the_result_arrives_loses_neither_the_result_nor_the_journal(
@@ -705,3 +712,24 @@ async def test_pipeline_stages_feed_each_other(tmp_path):
         head = await engine.infer(ModelRef("synthetic-mlp", "w20-d1"), np.concatenate([a, b], 1))
         tail = await engine.infer(ModelRef("synthetic-mlp", "w10-d1"), head)
         np.testing.assert_allclose(c.result_of(record)["outputs"][0], tail, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_pipeline_item_waits_for_its_stage_and_says_so(tmp_path):
+    from meshinfer.proto.tasks import Stage
+
+    x, _ = load_digits_holdout()
+    nowhere = ModelRef("no-such-model", "1")
+    stages = (Stage("first", nowhere), Stage("then", DIGITS, after=("first",)))
+    async with Mesh(tmp_path, n=1) as mesh:
+        c = mesh.coordinator
+        task = TaskSpec("waits", Pattern.PIPELINE, Tensor.from_array(x[:2]), stages=stages)
+        await c.submit(task)
+        await until(lambda: len(c.waiting("waits")) == 2)
+        record = await c.get("waits")
+        by_stage = {item.stage: c.waiting("waits")[item.item_id] for item in record.items}
+        assert by_stage == {
+            "first": "no live, reachable node serves model no-such-model@1",
+            "then": "waiting for the pipeline stages it takes its input from",
+        }
+        await c.cancel("waits")
+        assert c.waiting("waits") == {}

@@ -17,6 +17,7 @@ from meshinfer.proto.scheduling import (
     SchedulerState,
     choose,
     load_ratio,
+    unplaced_reason,
 )
 from meshinfer.proto.tasks import WorkItem
 from meshinfer.proto.tasks_wire import Tensor
@@ -314,3 +315,56 @@ def test_contact_aware_learns_runtimes():
     assert state.expected_runtime(MODELS[0]) == pytest.approx(1.0)
     assert choose(Policy.CONTACT_AWARE, [leaving], make_item(), **args) is None
     assert state.expected_runtime(MODELS[1]) == 0.1
+
+
+# --- why an item is on no node -------------------------------------------------------------------
+
+TURN = "waiting for its turn to be dispatched"
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+@settings(max_examples=100, deadline=None)
+@given(
+    nodes=fleets(),
+    item=items,
+    full=st.frozensets(st.sampled_from(NODE_IDS), max_size=4),
+    seed=st.integers(0, 2**32),
+)
+def test_the_unplaced_reason_says_turn_exactly_when_a_node_would_be_chosen(
+    policy, nodes, item, full, seed
+):
+    state = SchedulerState()
+    reason = unplaced_reason(policy, nodes, item, full=full, state=state)
+    chosen = choose(policy, nodes, item, exclude=full, rng=random.Random(seed), state=state)
+    assert (reason == TURN) == (chosen is not None), reason
+
+
+def test_unplaced_reasons_name_the_first_thing_missing():
+    state = SchedulerState()
+    gpu = {"requires_gpu": True}
+    cpu_node = NodeView("veh-0", models=frozenset({MODELS[0]}))
+    gpu_node = NodeView("veh-1", models=frozenset({MODELS[0]}), has_gpu=True)
+    dead_node = NodeView("veh-2", alive=False, models=frozenset({MODELS[1]}))
+    leaving = NodeView("veh-3", models=frozenset({MODELS[0]}), contact_s=0.01)
+
+    def why(nodes, params=None, model=MODELS[0], policy=Policy.LEAST_LOADED, full=frozenset()):
+        item = make_item(model, params=params)
+        return unplaced_reason(policy, nodes, item, full=full, state=state)
+
+    assert why([]) == "no live, reachable node serves model digits@1"
+    assert why([dead_node], model=MODELS[1]) == "no live, reachable node serves model digits@2"
+    assert why([cpu_node], gpu) == (
+        "no live node serving digits@1 (1) has what the item asks for: a GPU"
+    )
+    role = {"requires_role": "rsu", "min_gpu_memory": 1 << 30}
+    assert why([cpu_node, gpu_node], role).endswith(
+        "(2) has what the item asks for: 1073741824 bytes of free GPU memory, role 'rsu'"
+    )
+    assert why([leaving], policy=Policy.CONTACT_AWARE) == (
+        "no node serving digits@1 is expected to stay in range long enough"
+    )
+    assert why([leaving]) == TURN  # only contact_aware minds the contact time
+    assert why([cpu_node, gpu_node], gpu, full=frozenset({"veh-1"})) == (
+        "every node that can run it (1) has its limit of items in flight"
+    )
+    assert why([cpu_node, gpu_node], gpu, full=frozenset({"veh-0"})) == TURN

@@ -46,6 +46,7 @@ __all__ = [
     "eligible",
     "load_ratio",
     "requirements",
+    "unplaced_reason",
 ]
 
 
@@ -232,7 +233,8 @@ def _model_affinity(nodes, item, rng, state) -> NodeView:
     return chosen
 
 
-def _contact_aware(nodes, item, rng, state) -> NodeView | None:
+def _in_contact_long_enough(nodes, item, state: SchedulerState) -> list[NodeView]:
+    """``contact_aware``: the nodes expected to stay in range for the item's runtime + RTT."""
     config = state.config
     runtime = item.params.get("expected_runtime_s")
     if type(runtime) not in (int, float):
@@ -242,7 +244,11 @@ def _contact_aware(nodes, item, rng, state) -> NodeView | None:
         rtt = config.default_rtt_s if node.rtt_s is None else node.rtt_s
         return node.contact_s is None or node.contact_s >= (runtime + rtt) * config.contact_safety
 
-    reachable = [n for n in nodes if stays_long_enough(n)]
+    return [n for n in nodes if stays_long_enough(n)]
+
+
+def _contact_aware(nodes, item, rng, state) -> NodeView | None:
+    reachable = _in_contact_long_enough(nodes, item, state)
     return _least_loaded(reachable, rng) if reachable else None
 
 
@@ -274,3 +280,43 @@ def choose(
     candidates = eligible(nodes, item, exclude)
     chosen = run(candidates, item, rng, state) if candidates else None
     return None if chosen is None else chosen.node_id
+
+
+def _describe_requirements(params: Mapping[str, object]) -> str:
+    gpu, need, role = requirements(params)
+    asked = ["a GPU"] if gpu else []
+    if need is not None:
+        asked.append(f"{need} bytes of free GPU memory")
+    if role is not None:
+        asked.append(f"role {role!r}")
+    return ", ".join(asked)
+
+
+def unplaced_reason(
+    policy: Policy | str,
+    nodes: Sequence[NodeView],
+    item: WorkItem,
+    *,
+    full: frozenset[str] = frozenset(),
+    state: SchedulerState,
+) -> str:
+    """Why ``item`` may be on no node now, for people (a task's status): the first of "no
+    live node serves its model", "none of those meets its requirements", "none stays in range
+    long enough" (``contact_aware``), "all of those are ``full``" (at the caller's in-flight
+    limit); else it is only waiting for its turn. Reads ``state``, never changes it."""
+    model = f"{item.model.model_id}@{item.model.version}"
+    key = _model_key(item)
+    serving = [n for n in nodes if n.alive and key in n.models]
+    if not serving:
+        return f"no live, reachable node serves model {model}"
+    fit = [n for n in serving if _meets_requirements(n, item.params)]
+    if not fit:
+        asked = _describe_requirements(item.params)
+        return f"no live node serving {model} ({len(serving)}) has what the item asks for: {asked}"
+    if Policy(policy) is Policy.CONTACT_AWARE:
+        fit = _in_contact_long_enough(fit, item, state)
+        if not fit:
+            return f"no node serving {model} is expected to stay in range long enough"
+    if all(n.node_id in full for n in fit):
+        return f"every node that can run it ({len(fit)}) has its limit of items in flight"
+    return "waiting for its turn to be dispatched"
