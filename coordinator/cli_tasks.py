@@ -791,15 +791,18 @@ def waiting_lines(doc: dict[str, Any], show: int = 3) -> list[str]:
     return lines
 
 
-def render_result(doc: dict[str, Any], show: int = 20) -> str:
-    """What ``submit --wait`` prints: the outcome line, then labels, outputs and nodes."""
-    took = doc["updated_at"] - doc["created_at"]
+def render_result(doc: dict[str, Any], show: int = 20, *, now: float | None = None) -> str:
+    """What ``submit --wait`` prints: the outcome line, then labels, outputs and nodes. A task
+    still live shows its age (``now`` - created; ``now`` defaults to the wall clock)."""
+    live = doc["state"] not in TERMINAL_STATES
+    end = doc["updated_at"] if not live else time.time() if now is None else now
+    took = end - doc["created_at"]
     head = (
         f"task {doc['task_id']}: {doc['state']} ({doc['pattern']}, "
-        f"{doc['items_done']}/{doc['items_total']} items, {took:.2f} s)"
+        f"{doc['items_done']}/{doc['items_total']} items, {took:.2f} s{' so far' if live else ''})"
     )
     lines = [head]
-    if doc["state"] not in TERMINAL_STATES:
+    if live:
         lines.append("still running: see `meshinfer-coord status " + doc["task_id"] + "`")
         lines += waiting_lines(doc)
     if doc.get("error"):

@@ -857,6 +857,10 @@ class Coordinator:
             return
         done, total = len(run.results), len(run.all_item_ids())
         error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+        reasons = Counter(self.waiting(run.task_id).values())
+        if reasons:  # said now: once the task ended, nothing waits any more
+            why, count = reasons.most_common(1)[0]
+            error += f"; {count} of them waiting: {why}"
         log.info("task %s failed: %s", run.task_id, error)
         run.outcome = Outcome(False, error=error)
         self._steps.spawn(self._finish(run, run.outcome))

@@ -565,7 +565,8 @@ def test_a_waiting_task_shows_why_and_its_deadline():
     assert "deadline  30 s, until 2023-11-14T22:13:50Z" in text
     columns_line_up(text, "ITEM", "ERROR / WAITING", [f"waiting: {NOWHERE}", "waiting: full", "-"])
     assert "deadline" not in render_task({**doc, "deadline_s": None, "expires_at": None})
-    lines = render_result(doc).splitlines()
+    lines = render_result(doc, now=SUMMARY["created_at"] + 4).splitlines()
+    assert lines[0] == "task t-1: dispatched (batch, 3/3 items, 4.00 s so far)"
     assert lines[1:] == [
         "still running: see `meshinfer-coord status t-1`",
         f"waiting: {NOWHERE} (1 item)",
