@@ -19,9 +19,10 @@ from meshinfer.errors import RemoteProtocolError
 from meshinfer.identity_files import NodeDirectory, load_revocations, replace_file
 from meshinfer.proto import messages
 from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.revocation_sync import PAGE_ENTRIES
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
-from meshinfer.runtime.revocations import PAGE_ENTRIES, RevocationSyncConfig
+from meshinfer.runtime.revocations import RevocationSyncConfig
 from meshinfer.testing.cluster import LocalCluster
 from meshinfer.testing.fleet import make_fleet
 from tests.helpers import until

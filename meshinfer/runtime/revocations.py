@@ -10,22 +10,23 @@ How a revocation reaches every node of a running fleet:
    number it holds) with its membership state;
 3. a node that sees a live member with a higher version than its own asks that member for the
    entries above its version (:class:`~meshinfer.proto.revocation_wire.RevocationsWanted`), in
-   pages of at most :data:`PAGE_ENTRIES`; it verifies every entry against its own trust anchor,
-   merges them (a set union: late, repeated or reordered answers are harmless), writes the
-   merged list to its own ``revocations.bin`` (so it survives a restart) and gossips the new
-   version in turn.
+   pages of at most :data:`~meshinfer.proto.revocation_sync.PAGE_ENTRIES`; it verifies every
+   entry against its own trust anchor, merges them (a set union: late, repeated or reordered
+   answers are harmless), writes the merged list to its own ``revocations.bin`` (so it survives
+   a restart) and gossips the new version in turn.
 
 After every merge the node closes each session whose peer certificate is now revoked (a node id
 may have two: an old, stolen certificate and a new one), and checks every session adopted from
 then on; handshakes refuse revoked peers (:class:`~meshinfer.runtime.session.Admission` reads
 the current list).
 
-What a peer can make a node do is bounded. A node asks at most one question per
-``ask_timeout_s``, except for the next page of an answer that filled one. A member whose answer
-falls short of the version it claims, or holds a bad entry, is not asked again until it claims
-another version; checking an answer stops at its first bad entry. Answers nobody asked for
-(or that come after ``ask_timeout_s``) are dropped unread, and a node answers each peer at most
-once per ``answer_interval_s`` unless it asks for the next page.
+What a peer can make a node do is bounded (the decisions are the pure
+:class:`~meshinfer.proto.revocation_sync.RevocationExchange`; this module drives it). A node
+asks at most one question per ``ask_timeout_s``, except for the next page of an answer that
+filled one. A member whose answer falls short of the version it claims, or holds a bad entry,
+is not asked again until it claims another version; checking an answer stops at its first bad
+entry. Answers nobody asked for (or that come after ``ask_timeout_s``) are dropped unread, and a
+node answers each peer at most once per ``answer_interval_s`` unless it asks for the next page.
 
 The list file is only ever replaced whole, and reading or writing it holds one lock: a file the
 operator copied in is merged before the node writes its own list over it. Versions compare the
@@ -39,7 +40,6 @@ threads.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import os
 import random
@@ -58,6 +58,7 @@ from meshinfer.proto.identity import (
 )
 from meshinfer.proto.membership import MemberEvent
 from meshinfer.proto.messages import CloseCode
+from meshinfer.proto.revocation_sync import Answer, RevocationExchange
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
 from meshinfer.runtime.loop import Steps, log_failure
 from meshinfer.runtime.membership_service import MembershipService
@@ -67,9 +68,6 @@ from meshinfer.runtime.session import Admission, Session
 log = logging.getLogger(__name__)
 
 _log_failure = log_failure(log, "revocation step")
-
-#: The most entries one answer carries (~130 bytes each); a longer list goes in pages.
-PAGE_ENTRIES = 256
 
 
 @dataclass(frozen=True)
@@ -99,12 +97,6 @@ class RevocationStats:
     disconnected: int = 0  # sessions closed because the peer's certificate was revoked
 
 
-@dataclass(frozen=True)
-class _Question:
-    at: float  # when asked (loop time)
-    claimed: int  # the version the member gossiped then
-
-
 class RevocationSync:
     """Keeps ``admission.revocations`` current; see the module docstring. ``store``: the list
     file to watch and to write merged lists to (None: neither). Start with :meth:`start`, stop
@@ -132,14 +124,13 @@ class RevocationSync:
         self._task: asyncio.Task[None] | None = None
         self._steps = Steps(log, "revocation step")
         self._closed = False
-        self._asked_at: float | None = None  # when a member was last asked
-        self._awaiting: dict[str, _Question] = {}  # members asked that have not answered
-        self._shortfall: dict[str, int] = {}  # member -> the version it claimed and fell short of
-        self._answered: dict[str, tuple[float, int]] = {}  # peer -> last answer: when, have
+        self._exchange = RevocationExchange(
+            admission.revocations,
+            patience=self.config.ask_timeout_s,
+            answer_interval=self.config.answer_interval_s,
+        )
         self._seen_file: tuple[int, int] | None = None  # None: read the file at the first look
         self._file_lock = asyncio.Lock()
-        self._wire: dict[RevocationEntry, bytes] = {}
-        self._index(admission.revocations)
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
         peers.on_session(self._on_session)
@@ -152,7 +143,7 @@ class RevocationSync:
     @property
     def version(self) -> int:
         """The version of the list in force (kept, not recomputed from the entries)."""
-        return self._version
+        return self._exchange.version
 
     @property
     def trust(self) -> FleetTrust:
@@ -187,31 +178,23 @@ class RevocationSync:
                 pass
 
     def _on_member(self, event: MemberEvent) -> None:
-        if event.member.state.revocation_version > self._version:
+        if event.member.state.revocation_version > self.version:
             self._wake.set()
 
     def _ask(self, *, next_page_of: str | None = None) -> None:
         """Ask one live member whose list is newer than ours for the entries we lack (see the
         module docstring for the pace); ``next_page_of``: that member, at once."""
         now = self._loop.time()
-        patience = self.config.ask_timeout_s
-        self._awaiting = {n: q for n, q in self._awaiting.items() if now - q.at < patience}
-        if next_page_of is None and self._asked_at is not None and now - self._asked_at < patience:
-            return
         claims = {
-            m.node_id: m.state.revocation_version
-            for m in self.membership.core.live_members()
-            if m.state.revocation_version > self._version
-            and self._shortfall.get(m.node_id) != m.state.revocation_version
+            m.node_id: m.state.revocation_version for m in self.membership.core.live_members()
         }
-        if next_page_of is not None:
-            claims = {n: v for n, v in claims.items() if n == next_page_of}
-        if not claims:
-            return
-        node = self._rng.choice(sorted(claims))
-        if self.peers.send(node, RevocationsWanted(have=self._version)):
-            self._asked_at = now
-            self._awaiting[node] = _Question(now, claims[node])
+        exchange = self._exchange
+        if next_page_of is None:
+            asking = exchange.question(claims, now, self._rng)
+        else:
+            asking = exchange.next_page(next_page_of, claims, self._rng)
+        if asking is not None and self.peers.send(*asking):
+            exchange.asked(asking[0], claims[asking[0]], now)
             self.stats.asked += 1
 
     async def _reload(self) -> None:
@@ -237,48 +220,30 @@ class RevocationSync:
     # --- peers' questions and answers --------------------------------------------------------
 
     def _on_wanted(self, peer: str, msg: RevocationsWanted) -> None:
-        """Answer with the next page above ``have``; a peer asked again within
-        ``answer_interval_s`` is answered only if it moved on (the next page)."""
-        now = self._loop.time()
-        last = self._answered.get(peer)
-        repeated = last is not None and now - last[0] < self.config.answer_interval_s
-        if self._closed or (repeated and msg.have <= last[1]):
+        """Answer with the next page above ``have`` (unless asked again too soon)."""
+        offer = None if self._closed else self._exchange.answer(peer, msg, self._loop.time())
+        if offer is None:
             self.stats.requests_dropped += 1
-            return
-        if len(self._answered) > 64:  # only the recent ones matter
-            interval = self.config.answer_interval_s
-            self._answered = {p: a for p, a in self._answered.items() if now - a[0] < interval}
-        self._answered[peer] = (now, msg.have)
-        start = bisect.bisect_right(self._sequences, msg.have)
-        page = tuple(self._encoded[start : start + PAGE_ENTRIES])
-        if self.peers.send(peer, RevocationsOffer(page)):
+        elif self.peers.send(peer, offer):
             self.stats.answers_sent += 1
 
     def _on_offer(self, peer: str, msg: RevocationsOffer) -> None:
-        question = self._awaiting.pop(peer, None)
-        late = question is None or self._loop.time() - question.at >= self.config.ask_timeout_s
-        if self._closed or late or len(msg.entries) > PAGE_ENTRIES:
+        answer = None if self._closed else self._exchange.take(peer, msg, self._loop.time())
+        if answer is None:
             self.stats.unsolicited += 1
             return
         self.stats.answered += 1
-        fresh = [raw for raw in dict.fromkeys(msg.entries) if raw not in self._known]
-        self._spawn(self._merge_offer(peer, question, fresh, full=len(msg.entries) == PAGE_ENTRIES))
+        self._spawn(self._merge_offer(peer, answer))
 
-    async def _merge_offer(
-        self, peer: str, question: _Question, raws: list[bytes], *, full: bool
-    ) -> None:
-        verified, bad = await asyncio.to_thread(_verify, raws, self.trust)
+    async def _merge_offer(self, peer: str, answer: Answer) -> None:
+        verified, bad = await asyncio.to_thread(_verify, answer.fresh, self.trust)
         if verified:
             await self._adopt(RevocationList(self.trust.fleet_id, verified), f"peer {peer}")
         if bad is not None:
             self.stats.bad_entries += 1
             log.warning("revocation answer from %s refused from a bad entry on: %s", peer, bad)
-        if self._closed:
-            return
-        if bad is None and full:
+        if self._exchange.checked(answer, bad=bad is not None) and not self._closed:
             self._ask(next_page_of=peer)  # the next page, at once
-        elif self._version < question.claimed:  # short of what it claimed: not asked again
-            self._shortfall[peer] = question.claimed  # until it claims another version
 
     # --- merging -----------------------------------------------------------------------------
 
@@ -303,29 +268,16 @@ class RevocationSync:
             )
             return False
         self.admission.revocations = merged
-        self._index(merged)
+        self._exchange.hold(merged)
         self.stats.merged += 1
         state = self.membership.state
-        if self._version != state.revocation_version:
-            self.membership.update_state(replace(state, revocation_version=self._version))
+        if self.version != state.revocation_version:
+            self.membership.update_state(replace(state, revocation_version=self.version))
         log.info(
             "revocation list now version %d (%d entries, from %s)",
-            self._version, len(merged.entries), source,
+            self.version, len(merged.entries), source,
         )  # fmt: skip
         return True
-
-    def _index(self, listed: RevocationList) -> None:
-        """Keep the version and the entries' wire forms (in sequence order) for answers; an
-        entry is encoded once, when it first arrives."""
-        wire = self._wire
-        for entry in listed.entries:
-            if entry not in wire:
-                wire[entry] = entry.to_bytes()
-        ordered = sorted(listed.entries, key=lambda e: (e.sequence, e.signature))
-        self._sequences = [e.sequence for e in ordered]
-        self._encoded = [wire[e] for e in ordered]
-        self._known = set(self._encoded)
-        self._version = self._sequences[-1] if ordered else 0
 
     def _on_session(self, peer: str, session: Session) -> None:
         if self.revocations.is_revoked(session.peer):  # admitted just before a merge
@@ -380,7 +332,7 @@ def _write(path: Path, listed: RevocationList) -> os.stat_result:
     return replace_file(path, listed.to_bytes())
 
 
-def _verify(raws: list[bytes], trust: FleetTrust) -> tuple[list[RevocationEntry], str | None]:
+def _verify(raws: tuple[bytes, ...], trust: FleetTrust) -> tuple[list[RevocationEntry], str | None]:
     """The entries decoded and checked against ``trust`` up to the first bad one, and why that
     one is bad (None: all good). Runs in a worker thread."""
     good = []

@@ -1,0 +1,169 @@
+"""Who asks whom for revocation entries, when, and which answers count (sans-I/O).
+
+The decisions of the revocation exchange (:mod:`meshinfer.proto.revocation_wire`), kept apart
+from the node that drives them (:mod:`meshinfer.runtime.revocations`: files, threads, sessions).
+Time (``now``) and randomness (``rng``) are passed in; nothing here reads a clock or does I/O.
+
+:class:`RevocationExchange` holds a node's list as answers need it (entries in sequence order,
+in the very bytes the authority signed) and the state of its questions and answers:
+
+asking
+    :meth:`~RevocationExchange.question` picks, among the live members that gossip a higher
+    list version than ours, one at random to ask -- at most one question per ``patience``
+    seconds, except :meth:`~RevocationExchange.next_page` right after an answer that filled a
+    page. A member that fell short of the version it claimed (or sent a bad entry) is not
+    asked again until it claims another version.
+answering
+    :meth:`~RevocationExchange.answer` gives the next page above the asker's version, at most
+    once per ``answer_interval`` seconds to one peer, unless it asks for the page after the
+    one it got (it moved on).
+taking answers
+    :meth:`~RevocationExchange.take` drops an answer nobody asked for, one that came after
+    ``patience`` or one longer than a page, and leaves out the entries we hold already; the
+    caller verifies the rest, merges what verified and reports with
+    :meth:`~RevocationExchange.checked`.
+
+Versions compare the highest sequence numbers only: the authority numbers its entries 1, 2,
+3... and every list it writes holds all of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meshinfer.proto.identity import RevocationEntry, RevocationList
+from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
+
+__all__ = ["PAGE_ENTRIES", "Answer", "Question", "RevocationExchange"]
+
+#: The most entries one answer carries (~130 bytes each); a longer list goes in pages.
+PAGE_ENTRIES = 256
+#: Beyond this many peers answered recently, the ones answered longer ago are forgotten.
+_ANSWERED_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """A question put to ``node`` at ``at``, when it claimed version ``claimed``."""
+
+    node: str
+    at: float
+    claimed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer worth checking: the ``fresh`` entries (not held yet, each once), whether it
+    filled a page (``full``: there may be more), and the question it answers."""
+
+    question: Question
+    fresh: tuple[bytes, ...]
+    full: bool
+
+
+class RevocationExchange:
+    """The revocation exchange of one node; see the module docstring. ``patience``: the pace
+    of questions and how long an answer is awaited; ``answer_interval``: the least time
+    between two answers to one peer (both seconds)."""
+
+    def __init__(self, listed: RevocationList, *, patience: float, answer_interval: float) -> None:
+        self.patience = patience
+        self.answer_interval = answer_interval
+        self._asked_at: float | None = None  # when a member was last asked
+        self._awaiting: dict[str, Question] = {}  # members asked that have not answered
+        self._shortfall: dict[str, int] = {}  # member -> the version it claimed and fell short of
+        self._answered: dict[str, tuple[float, int]] = {}  # peer -> last answer: when, have
+        self._wire: dict[RevocationEntry, bytes] = {}
+        self.hold(listed)
+
+    @property
+    def version(self) -> int:
+        """The version of the list held: its highest sequence number (0: empty)."""
+        return self._version
+
+    def hold(self, listed: RevocationList) -> None:
+        """The list in force is now ``listed`` (each entry is encoded once, when first seen)."""
+        wire = self._wire
+        for entry in listed.entries:
+            if entry not in wire:
+                wire[entry] = entry.to_bytes()
+        ordered = sorted(listed.entries, key=lambda e: (e.sequence, e.signature))
+        self._sequences = [e.sequence for e in ordered]
+        self._encoded = [wire[e] for e in ordered]
+        self._known = set(self._encoded)
+        self._version = self._sequences[-1] if ordered else 0
+
+    # --- asking ------------------------------------------------------------------------------
+
+    def question(
+        self, claims: Mapping[str, int], now: float, rng: random.Random
+    ) -> tuple[str, RevocationsWanted] | None:
+        """Whom to ask, and what, given the live members' gossiped versions (``claims``); None
+        while the last question is younger than ``patience`` or no member is worth asking.
+        Call :meth:`asked` once the question is sent."""
+        self._awaiting = {n: q for n, q in self._awaiting.items() if now - q.at < self.patience}
+        if self._asked_at is not None and now - self._asked_at < self.patience:
+            return None
+        return self._pick(claims, rng)
+
+    def next_page(
+        self, node: str, claims: Mapping[str, int], rng: random.Random
+    ) -> tuple[str, RevocationsWanted] | None:
+        """The question for the page after ``node``'s full answer, at once (None if ``node``
+        no longer claims more than we hold)."""
+        return self._pick({n: v for n, v in claims.items() if n == node}, rng)
+
+    def _pick(self, claims: Mapping[str, int], rng: random.Random):
+        worth = sorted(
+            n for n, v in claims.items() if v > self._version and self._shortfall.get(n) != v
+        )
+        if not worth:
+            return None
+        node = rng.choice(worth)
+        return node, RevocationsWanted(have=self._version)
+
+    def asked(self, node: str, claimed: int, now: float) -> None:
+        """The question to ``node`` (claiming ``claimed``) went out at ``now``."""
+        self._asked_at = now
+        self._awaiting[node] = Question(node, now, claimed)
+
+    # --- answering ---------------------------------------------------------------------------
+
+    def answer(self, peer: str, wanted: RevocationsWanted, now: float) -> RevocationsOffer | None:
+        """The page to send ``peer`` for ``wanted``; None (drop it) if ``peer`` was answered
+        within ``answer_interval`` and did not move on to a later version."""
+        last = self._answered.get(peer)
+        if last is not None and now - last[0] < self.answer_interval and wanted.have <= last[1]:
+            return None
+        if len(self._answered) > _ANSWERED_KEPT:  # only the recent ones matter
+            self._answered = {
+                p: a for p, a in self._answered.items() if now - a[0] < self.answer_interval
+            }
+        self._answered[peer] = (now, wanted.have)
+        start = bisect.bisect_right(self._sequences, wanted.have)
+        return RevocationsOffer(tuple(self._encoded[start : start + PAGE_ENTRIES]))
+
+    # --- taking answers ----------------------------------------------------------------------
+
+    def take(self, peer: str, offer: RevocationsOffer, now: float) -> Answer | None:
+        """What of ``peer``'s offer to check; None (drop it unread) if nobody asked ``peer``,
+        the answer came after ``patience``, or it is longer than a page."""
+        question = self._awaiting.pop(peer, None)
+        late = question is None or now - question.at >= self.patience
+        if late or len(offer.entries) > PAGE_ENTRIES:
+            return None
+        fresh = tuple(raw for raw in dict.fromkeys(offer.entries) if raw not in self._known)
+        return Answer(question, fresh, full=len(offer.entries) == PAGE_ENTRIES)
+
+    def checked(self, answer: Answer, *, bad: bool) -> bool:
+        """``answer`` was checked (``bad``: an entry failed verification) and what verified
+        merged: True to ask its node for the next page at once. A node that still left us
+        short of what it claimed is not asked again until it claims another version."""
+        if not bad and answer.full:
+            return True
+        if self._version < answer.question.claimed:
+            self._shortfall[answer.question.node] = answer.question.claimed
+        return False
