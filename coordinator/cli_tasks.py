@@ -839,7 +839,8 @@ def _result_lines(result: dict[str, Any], show: int) -> list[str]:
 
 
 def render_nodes(doc: dict[str, Any]) -> str:
-    """The ``nodes`` table of a GET /v1/nodes answer."""
+    """The ``nodes`` table of a GET /v1/nodes answer (the queue of a node that left or died
+    is its last gossiped one: shown as ``-``)."""
     nodes = doc["nodes"]
     if not nodes:
         return "no nodes"
@@ -849,7 +850,7 @@ def render_nodes(doc: dict[str, Any]) -> str:
             n["status"],
             ",".join(n["roles"]) or "-",
             n["address"],
-            n["queue_depth"],
+            n["queue_depth"] if n["status"] in ("alive", "suspect") else None,
             n["in_flight"],
             n["done"],
             ",".join(n["models"]) or "-",

@@ -524,9 +524,10 @@ def test_render_nodes_and_stats():
         {"node_id": "coord", "status": "suspect", "roles": [], "models": [],
          "queue_depth": 12, "address": "127.0.0.1:4001", "in_flight": 0, "done": 0},
     ]}  # fmt: skip
+    nodes["nodes"].append({**nodes["nodes"][0], "node_id": "gone", "status": "left"})
     text = render_nodes(nodes)
-    columns_line_up(text, "NODE", "STATUS", ["alive", "suspect"])
-    columns_line_up(text, "NODE", "QUEUE", ["    0", "   12"])
+    columns_line_up(text, "NODE", "STATUS", ["alive", "suspect", "left"])
+    columns_line_up(text, "NODE", "QUEUE", ["    0", "   12", "    -"])
     assert "m@1,n@2" in text
     assert render_nodes({"nodes": []}) == "no nodes"
     stats = {"tasks": {"succeeded": 4, "failed": 1}, "items": {"succeeded": 9},

@@ -388,11 +388,24 @@ async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_one
         assert (await c.wait(held, timeout=10)).state.value == "succeeded"
 
 
-def test_retention_is_off_at_zero_and_checked():
-    assert CoordinatorConfig(retention_s=0).retention_s == 0
+def test_retention_is_checked():
     for bad in ({"retention_s": -1.0}, {"prune_interval_s": 0.0}):
         with pytest.raises(ValueError, match=r"retention_s|prune_interval_s"):
             CoordinatorConfig(**bad)
+
+
+async def test_retention_zero_keeps_every_task_and_runs_no_prune(tmp_path):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(retention_s=0, prune_interval_s=0.01)
+    async with Mesh(tmp_path, n=1, config=config) as mesh:
+        c, calls = mesh.coordinator, []
+        prune = c.journal.prune
+        c.journal.prune = lambda *a, **kw: calls.append(a) or prune(*a, **kw)
+        done = await c.submit(spec("kept", "single", x[:1]))
+        assert (await c.wait(done, timeout=10)).state.value == "succeeded"
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "coordinator-prune"]
+        await asyncio.sleep(0.2)  # twenty prune intervals: nothing may happen in them
+        assert calls == [] and (await c.get(done)).state.value == "succeeded"
 
 
 @pytest.mark.parametrize("mark_delay", [0.0, 60.0], ids=["dispatch-journaled", "not-yet"])
