@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import msgpack
+import numpy as np
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt as aead_decrypt,
 )
@@ -31,6 +32,7 @@ from nacl.bindings import (
 
 from meshinfer.proto.framing import Reassembler, RecordDecoder, encode_record, split_message
 from meshinfer.proto.messages import AppData, Hello, Ping, decode, encode
+from meshinfer.proto.tasks_wire import TaskAssign, Tensor
 
 
 def _rate(fn: Callable[[], object], seconds: float) -> float:
@@ -63,6 +65,17 @@ def _cases() -> dict[str, object]:
         "AppData 1 KiB": AppData("bench", b"x" * 1024),
         "AppData 64 KiB": AppData("bench", b"x" * 65536),
         "AppData 1 MiB": AppData("bench", b"x" * (1 << 20)),
+        "TaskAssign (1x64 float32)": TaskAssign(
+            "0123456789abcdef/0",
+            "0123456789abcdef",
+            "digits-mlp",
+            "1",
+            Tensor.from_array(np.zeros((1, 64), np.float32)),
+            b"\x80",
+            5.0,
+            0,
+            1,
+        ),
     }
 
 
