@@ -390,11 +390,13 @@ class Coordinator:
         """Why each item of a task live here that is on no node is waiting (for people: a
         task's status), by item id: no node serves its model, none meets its requirements,
         all that could are full, a pipeline stage it needs is not done, or only its turn.
-        Empty for a task that is not live here."""
+        Empty for a task that is not live here. Items of one placement class share a reason
+        (their task's params are the same): a large batch costs one look per model."""
         run = self._runs.get(task_id)
         if run is None:
             return {}
         why: dict[str, str] = {}
+        by_class: dict[tuple, str] = {}
         views: list[NodeView] | None = None
         full: frozenset[str] = frozenset()
         policy = run.spec.policy or self.config.default_policy
@@ -405,9 +407,12 @@ class Coordinator:
                 views = self._views(self._busy)
                 limit = self.config.max_in_flight_per_node
                 full = frozenset(n for n, k in self._busy.items() if k >= limit)
-            why[item_id] = unplaced_reason(
-                policy, views, entry.item, full=full, state=self.scheduler
-            )
+            key = self._placement(run, entry)
+            if key not in by_class:
+                by_class[key] = unplaced_reason(
+                    policy, views, entry.item, full=full, state=self.scheduler
+                )
+            why[item_id] = by_class[key]
         for item_id in run.unstarted():
             why[item_id] = "waiting for the pipeline stages it takes its input from"
         return why
