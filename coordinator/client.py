@@ -266,9 +266,10 @@ class CoordinatorClient:
         asked again after its ``Retry-After``, for up to ``busy_s`` seconds in all.
         """
         deadline = time.monotonic() + busy_s
+        request = self._build("POST", "/v1/tasks", None, doc)  # encoded once, sent again
         while True:
             try:
-                return self._request("POST", "/v1/tasks", body=doc)
+                return self._send(request)
             except ApiError as exc:
                 pause = exc.retry_after if exc.code == "busy" else None
                 if pause is None or time.monotonic() + pause > deadline:
@@ -353,7 +354,9 @@ class CoordinatorClient:
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        request = self._build(method, path, query, body)
+        return self._send(self._build(method, path, query, body), timeout)
+
+    def _send(self, request: urllib.request.Request, timeout: float | None = None) -> dict:
         try:
             with self._opener.open(request, timeout=timeout or self.timeout) as response:
                 status, raw = response.status, response.read()

@@ -296,7 +296,8 @@ class Journal:
         self.path = Path(path)
         self._clock = wall_clock
         self._lock = threading.RLock()  # re-entered by the calls of a group (same thread)
-        self._in_group = False  # a group's transaction is open (only its thread holds the lock)
+        self._in_group = False  # a group's or a write's transaction is open (its thread holds
+        # the lock): reads and writes inside join it
         self._specs: dict[str, tuple[bytes, TaskSpec]] = {}  # task id -> (blob, spec), oldest 1st
         self._spec_bytes = 0
         self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
@@ -355,23 +356,27 @@ class Journal:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error); inside a
-        group, the group's transaction stands in for it."""
+        group or another write, the open transaction stands in for it (so a call made of
+        several writes, e.g. :meth:`take_result`, commits or rolls back whole)."""
         with self._lock:
             db = self._connection()
             if self._in_group:
                 yield db
                 return
             db.execute("BEGIN IMMEDIATE")
+            self._in_group = True
             try:
                 yield db
                 self._write_events(db)
                 db.execute("COMMIT")
-                self.sync()
             except BaseException:
                 self._events.clear()
                 if db.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                     db.execute("ROLLBACK")
                 raise
+            finally:
+                self._in_group = False
+            self.sync()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -744,10 +749,11 @@ class Journal:
     def end_task(self, ending: TaskEnding) -> TaskEnd:
         """:meth:`finish` the task as ``ending`` says; also read it back if asked (one call:
         the record is handed out with the end, once durable)."""
-        in_flight = self.finish(
-            ending.task_id, ending.state, summary=ending.summary, error=ending.error
-        )
-        return in_flight, self.get(ending.task_id) if ending.read_back else None
+        with self._write():  # one transaction, also when called outside a group
+            in_flight = self.finish(
+                ending.task_id, ending.state, summary=ending.summary, error=ending.error
+            )
+            return in_flight, self.get(ending.task_id) if ending.read_back else None
 
     def take_result(
         self,
@@ -762,9 +768,12 @@ class Journal:
         """:meth:`record_result` and, if it was accepted and ``ending`` is given (this result
         decides the task), :meth:`end_task`, in one call (both commit or neither does).
         Returns whether the result was accepted, and what ending the task returned."""
-        if not self._record_result(item_id, attempt, blob, node, sent_to, advance=ending is None):
-            return False, None
-        return True, None if ending is None else self.end_task(ending)
+        with self._write():  # one transaction, also when called outside a group
+            if not self._record_result(
+                item_id, attempt, blob, node, sent_to, advance=ending is None
+            ):
+                return False, None
+            return True, None if ending is None else self.end_task(ending)
 
     def _close_task(self, task_id, state, summary, error) -> list[tuple[str, str]]:
         with self._write() as db:

@@ -404,9 +404,7 @@ class Coordinator:
             if entry.node is not None or item_id not in self._items:
                 continue
             if views is None:
-                views = self._views(self._busy)
-                limit = self.config.max_in_flight_per_node
-                full = frozenset(n for n, k in self._busy.items() if k >= limit)
+                views, full = self._views(self._busy), self._full_nodes()
             key = self._placement(run, entry)
             if key not in by_class:
                 by_class[key] = unplaced_reason(
@@ -480,14 +478,17 @@ class Coordinator:
 
     def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
         policy = run.spec.policy or self.config.default_policy
-        busy = self._busy
-        views = self._views(busy)
-        full = {n for n, k in busy.items() if k >= self.config.max_in_flight_per_node}
+        views, full = self._views(self._busy), self._full_nodes()
         kw = {"rng": self.rng, "state": self.scheduler}
-        node = choose(policy, views, entry.item, exclude=frozenset(entry.tried | full), **kw)
+        node = choose(policy, views, entry.item, exclude=frozenset(entry.tried) | full, **kw)
         if node is None and entry.tried:  # every capable node failed it once: allow repeats
-            node = choose(policy, views, entry.item, exclude=frozenset(full), **kw)
+            node = choose(policy, views, entry.item, exclude=full, **kw)
         return node
+
+    def _full_nodes(self) -> frozenset[str]:
+        """The nodes with ``max_in_flight_per_node`` items of this coordinator on them."""
+        limit = self.config.max_in_flight_per_node
+        return frozenset(n for n, k in self._busy.items() if k >= limit)
 
     def _assign(self, entry: ItemRun, node: str | None) -> None:
         """Move a live item to ``node`` (None: to no node), keeping ``_busy`` in step."""

@@ -518,18 +518,18 @@ async def test_uploads_beyond_the_upload_budget_get_503_busy_and_then_go_through
         assert (await by_client)["items_total"] == 1 and busy.value == 2
         assert small._uploading == 0
         await call(http, "POST", "/v1/tasks", data=body, headers=headers, status=202)
-        with pytest.raises(ApiError) as refused:  # what it gets when it will not wait
-            held = asyncio.create_task(call(http, "POST", "/v1/tasks", data=slow_body(),
-                                            headers=headers, status=202))  # fmt: skip
-            gate.clear()
-            await until(lambda: small._uploading == 1024)
-            small._uploading += 1024  # as if another upload were being read
-            try:
+        held = asyncio.create_task(call(http, "POST", "/v1/tasks", data=slow_body(),
+                                        headers=headers, status=202))  # fmt: skip
+        gate.clear()
+        await until(lambda: small._uploading == 1024)
+        small._uploading += 1024  # as if another upload were being read
+        try:
+            with pytest.raises(ApiError) as refused:  # what it gets when it will not wait
                 await asyncio.to_thread(client.submit, json.loads(body), busy_s=0)
-            finally:
-                small._uploading -= 1024
-                gate.set()
-                await held
+        finally:
+            small._uploading -= 1024
+            gate.set()
+            await held
         assert refused.value.code == "busy" and refused.value.retry_after == 1.0
     with pytest.raises(ConfigError, match="below max_body_bytes"):
         CoordinatorApi(served.mesh.coordinator, Address("127.0.0.1", 0), TOKEN,

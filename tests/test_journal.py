@@ -22,6 +22,7 @@ import coordinator.journal as journal_module
 from coordinator.journal import (
     Journal,
     TaskConflictError,
+    TaskEnding,
     UnknownTaskError,
     read_stats,
 )
@@ -362,6 +363,25 @@ def test_a_result_vouched_as_sent_carries_its_unjournaled_dispatch(journal):
     assert journal.record_result("t1/2", 1, b"c", sent_to="veh-3")
     assert not journal.record_result("t1/2", 1, b"c", sent_to="veh-3")  # still once
     assert journal.stats().counters == {"unexpected_results": 1, "duplicate_results": 1}
+
+
+def test_a_result_and_the_end_it_decides_commit_together_or_not_at_all(journal):
+    journal.submit(TaskSpec("one", Pattern.SINGLE, Tensor.from_array(np.zeros((1, 2), np.float32)),
+                            models=(ModelRef("digits", "1"),)))  # fmt: skip
+    bad_end = TaskEnding("one", TaskState.CANCELLED, b"s", None, read_back=False)  # not final
+    with pytest.raises(LocalProtocolError):
+        journal.take_result("one/0", 1, b"r", sent_to="veh-1", ending=bad_end)
+    item = journal.get("one").items[0]
+    assert (journal.get("one").state, item.state, item.result) == (
+        TaskState.PENDING,
+        TaskState.PENDING,
+        None,
+    )  # fmt: skip  (the result was rolled back with the failed end)
+    good_end = TaskEnding("one", TaskState.SUCCEEDED, b"s", None, read_back=True)
+    fresh, (in_flight, record) = journal.take_result("one/0", 1, b"r", sent_to="veh-1",
+                                                     ending=good_end)  # fmt: skip
+    assert fresh and in_flight == [] and record.state == TaskState.SUCCEEDED
+    assert record.items[0].result == b"r"
 
 
 def test_cancel_stops_live_items_and_reports_those_in_flight(journal):

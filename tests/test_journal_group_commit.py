@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import coordinator.service as service
 from coordinator.journal import (
     CallOutcome,
     Journal,
@@ -665,9 +666,7 @@ async def test_a_task_that_ends_before_its_submit_is_answered_costs_no_read_to_w
         assert (await c.get("quick")) == record
 
 
-async def test_records_kept_for_a_later_wait_are_bounded_in_count_and_bytes(tmp_path):
-    import coordinator.service as service
-
+async def test_records_kept_for_a_later_wait_are_bounded_in_count_and_bytes(tmp_path, monkeypatch):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=_CONFIG) as mesh:
         c = mesh.coordinator
@@ -680,13 +679,10 @@ async def test_records_kept_for_a_later_wait_are_bounded_in_count_and_bytes(tmp_
         assert c._handed_bytes == size * service.HANDED_RECORDS
         c._hand("t100", record)  # again: counted once
         assert c._handed_bytes == size * service.HANDED_RECORDS
-        assert await c.wait("t100") is record and c._handed_bytes == size * 255
-        original = service.HANDED_BYTES
-        service.HANDED_BYTES = size * 3
-        try:
-            c._hand("last", record)  # the byte bound drops the oldest down to three records
-        finally:
-            service.HANDED_BYTES = original
+        assert await c.wait("t100") is record
+        assert c._handed_bytes == size * (service.HANDED_RECORDS - 1)
+        monkeypatch.setattr(service, "HANDED_BYTES", size * 3)
+        c._hand("last", record)  # the byte bound drops the oldest down to three records
         assert len(c._handed) == 3 and "last" in c._handed
         assert c._handed_bytes == size * 3
 

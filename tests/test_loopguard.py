@@ -326,12 +326,6 @@ async def test_clean_on_the_same_loop() -> None:
     await asyncio.sleep(0)
 """
 
-INNER_INI = """
-[pytest]
-asyncio_mode = auto
-asyncio_default_fixture_loop_scope = function
-"""
-
 INNER_CONFTEST = """
 from tests.loopguard import GUARD, LoopGuardPlugin
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshinfer.proto import revocation_sync
 from meshinfer.proto.identity import RevocationList
 from meshinfer.proto.revocation_sync import PAGE_ENTRIES, RevocationExchange
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
@@ -132,7 +133,8 @@ def test_many_peers_answered_long_ago_are_forgotten():
     theirs = exchange(1)
     for i in range(200):
         theirs.answer(f"p{i}", RevocationsWanted(have=0), float(i))
-    assert len(theirs._answered) <= 66  # bounded memory is the point
+    # bounded memory is the point: past the bound only the peers of the last interval stay
+    assert len(theirs._answered) <= revocation_sync._ANSWERED_KEPT + 2
 
 
 # --- taking answers --------------------------------------------------------------------------
