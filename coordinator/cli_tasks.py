@@ -875,6 +875,9 @@ def render_stats(doc: dict[str, Any]) -> str:
             f"dispatched         {doc['dispatched']}, retries {doc['retries']}, "
             f"redispatched after a node death {doc['redispatched_after_death']}",
             f"duplicate results  {doc['duplicates']}",
+            f"inputs by ref      {doc.get('inputs_by_reference', 0)}, "
+            f"{doc.get('input_bytes_saved', 0) / 2**20:.1f} MiB not sent, "
+            f"{doc.get('input_cache_misses', 0)} sent again",
             f"done by node       {by_key(doc['completed_by_node'])}",
             f"journal counters   {by_key(doc.get('journal_counters') or {})}",
         ]

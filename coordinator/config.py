@@ -58,6 +58,12 @@ class CoordinatorSection:
         "ended tasks (their inputs, results and audit lines) are deleted from the journal this"
         " many days after they ended; 0 keeps them forever",
     )
+    input_ref_min_kib: int = doc(
+        64,
+        "an input this large (KiB) or larger goes to a node that already keeps it (its"
+        " [executor] input_cache_mib) as a reference to its sha256, not as its bytes; 0 always"
+        " sends the bytes",
+    )
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     parse_address(config.api.listen, f"{source}: [api] listen")
     if config.api.max_uploads_mib < config.api.max_body_mib:
         raise ConfigError(f"{source}: [api] max_uploads_mib must be at least max_body_mib")
-    for key in ("retry_backoff_s", "retention_days"):
+    for key in ("retry_backoff_s", "retention_days", "input_ref_min_kib"):
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
 

@@ -51,6 +51,7 @@ def service_config(config: CoordinatorFileConfig) -> CoordinatorConfig:
         node_capacity=c.node_capacity,
         max_in_flight_per_node=c.max_in_flight_per_node,
         retention_s=c.retention_days * 86400.0,
+        input_ref_min_bytes=c.input_ref_min_kib * 1024,
     )
 
 

@@ -37,6 +37,8 @@ class ItemRun:
     tried: set[str] = field(default_factory=set)
     dispatched_at: float | None = None
     journaled: int = 0  # the attempt whose dispatch the journal has (0: none yet)
+    digest: str = ""  # the input's sha256, once it was worth sending by reference
+    by_reference: bool = False  # the current send named its input by digest only
 
 
 @dataclass(frozen=True, slots=True)

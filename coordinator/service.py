@@ -14,6 +14,12 @@ re-dispatched at once), up to ``max_attempts``; then the task fails with the rea
 is accepted exactly once (the journal refuses duplicates and late results; they are counted).
 Cancelling a task sends ``TaskCancel`` to every node running one of its items.
 
+Inputs by reference: an input of at least ``input_ref_min_bytes`` goes to a node that gossips
+an input cache with ``keep_input``, and again to that node as a reference to its sha256, while
+the node's :class:`~meshinfer.inference.cache.InputMirror` says it holds it (a parallel task's
+models, a retry, the next task on the same frame). A node that does not hold it answers
+``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which is not a retry.
+
 Fast failover: a node whose session ends abruptly is re-dialled once and, if that fails, its
 in-flight items are re-dispatched at once, before membership declares it dead
 (:mod:`coordinator.failover`).
@@ -80,6 +86,7 @@ from coordinator.journal import (
 from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import LocalProtocolError, MeshInferError, RemoteProtocolError
+from meshinfer.inference.cache import InputMirror, Send, content_digest
 from meshinfer.proto import messages
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.scheduling import (
@@ -91,7 +98,15 @@ from meshinfer.proto.scheduling import (
     unplaced_reason,
 )
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
-from meshinfer.proto.tasks_wire import TaskAccepted, TaskCancel, TaskFailed, TaskResult
+from meshinfer.proto.tasks_wire import (
+    FailureKind,
+    TaskAccepted,
+    TaskAssign,
+    TaskCancel,
+    TaskFailed,
+    TaskResult,
+    by_reference,
+)
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
 
@@ -127,6 +142,9 @@ class CoordinatorConfig:
     #: they ended, checked every ``prune_interval_s``; 0 keeps them forever.
     retention_s: float = 7 * 86400.0
     prune_interval_s: float = 60.0
+    #: Inputs this large or larger are sent by reference to a node that keeps them already
+    #: (see the module docstring); 0 always sends the bytes.
+    input_ref_min_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         Policy(self.default_policy)  # ValueError names an unknown policy
@@ -136,6 +154,8 @@ class CoordinatorConfig:
             raise ValueError("redial_timeout_s, running_mark_delay_s and retention_s must be >= 0")
         if self.prune_interval_s <= 0:
             raise ValueError("prune_interval_s must be > 0")
+        if self.input_ref_min_bytes < 0:
+            raise ValueError("input_ref_min_bytes must be >= 0")
 
 
 @dataclass
@@ -149,6 +169,9 @@ class CoordinatorStats:
     redials_ok: int = 0  # lost sessions whose node answered the re-dial
     duplicates: int = 0
     unexpected: int = 0
+    inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
+    input_bytes_saved: int = 0  # the bytes those references did not send
+    input_cache_misses: int = 0  # references a node did not hold (the bytes went again)
     completed_by_node: Counter[str] = field(default_factory=Counter)
 
 
@@ -197,6 +220,8 @@ class Coordinator:
         self._task_timers: dict[str, asyncio.TimerHandle] = {}
         #: each member's models, roles and links as sets, as of its gossiped state object
         self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
+        #: per node that keeps inputs: what it holds of ours, for its (incarnation, MiB)
+        self._mirrors: dict[str, tuple[tuple[int, int], InputMirror]] = {}
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
@@ -445,6 +470,9 @@ class Coordinator:
             "redispatched_after_disconnect": s.redispatched_after_disconnect,
             "sessions_lost": s.sessions_lost, "redials_ok": s.redials_ok,
             "duplicates": s.duplicates, "completed_by_node": dict(s.completed_by_node),
+            "inputs_by_reference": s.inputs_by_reference,
+            "input_bytes_saved": s.input_bytes_saved,
+            "input_cache_misses": s.input_cache_misses,
             "live_tasks": len(self._runs), "parked_items": sum(map(len, self._parked.values())),
         }  # fmt: skip
 
@@ -540,10 +568,7 @@ class Coordinator:
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
         self.stats_.dispatched += 1
-        msg = entry.item.to_message()
-        if run.expires_at is not None:  # what is left of the task's budget
-            msg = replace(msg, deadline_s=max(0.0, run.expires_at - entry.dispatched_at))
-        if not self.mesh.peers.send(node, msg):
+        if not self.mesh.peers.send(node, self._message(run, entry, node)):
             self._retry(run, entry, f"could not send to {node}", backoff=True)
             return
         # Journaled only if its result is overdue (see the module docstring).
@@ -553,6 +578,53 @@ class Coordinator:
             self._set_timer(item_id, delay, self._dispatch_overdue, item_id, attempt)
         else:
             self._set_timer(item_id, self.config.item_timeout_s, self._on_timeout, item_id, attempt)
+
+    def _message(self, run: TaskRun, entry: ItemRun, node: str) -> TaskAssign:
+        """The item's TaskAssign for ``node``: what is left of the task's deadline, the input
+        by reference or to be kept where ``node``'s input cache allows."""
+        msg = entry.item.to_message()
+        if run.expires_at is not None:  # what is left of the task's budget
+            msg = replace(msg, deadline_s=max(0.0, run.expires_at - self._loop.time()))
+        entry.by_reference = False
+        size = len(msg.input.data)
+        if not self.config.input_ref_min_bytes or size < self.config.input_ref_min_bytes:
+            return msg
+        mirror = self._mirror(node)
+        if mirror is None:
+            return msg
+        if not entry.digest:
+            entry.digest = content_digest(msg.input.data)
+        how = mirror.send(entry.digest, size)
+        if how is Send.REF:
+            entry.by_reference = True
+            self.stats_.inputs_by_reference += 1
+            self.stats_.input_bytes_saved += size
+            return by_reference(msg, entry.digest)
+        return replace(msg, keep_input=True) if how is Send.KEEP else msg
+
+    def _mirror(self, node: str) -> InputMirror | None:
+        """What ``node``'s input cache holds of ours (None: it gossips no input cache). A
+        restarted node, or one with a new budget, starts from an empty mirror."""
+        membership = self.mesh.membership
+        member = membership.core.member(node) if membership is not None else None
+        if member is None or not member.state.input_cache_mb:
+            self._mirrors.pop(node, None)
+            return None
+        key = (member.record.incarnation, member.state.input_cache_mb)
+        known = self._mirrors.get(node)
+        if known is None or known[0] != key:
+            known = self._mirrors[node] = (key, InputMirror(member.state.input_cache_mb << 20))
+        return known[1]
+
+    def _resend_input(self, run: TaskRun, entry: ItemRun, node: str) -> None:
+        """``node`` does not hold the input this attempt named by reference: the same attempt
+        goes again with the bytes (not a retry: the node ran nothing)."""
+        self.stats_.input_cache_misses += 1
+        mirror = self._mirror(node)
+        if mirror is not None:
+            mirror.forget(entry.digest)
+        if not self.mesh.peers.send(node, self._message(run, entry, node)):
+            self._retry(run, entry, f"could not send to {node}", backoff=True)
 
     def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
         """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the
@@ -769,6 +841,9 @@ class Coordinator:
         if pair is None or not _sent_to(pair[1], msg.attempt, peer):
             return  # stale (see _on_accepted); relayed failures come from the node sent to
         run, entry = pair
+        if msg.code == FailureKind.INPUT_NOT_CACHED and entry.by_reference:
+            self._resend_input(run, entry, peer)
+            return
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
             self._retry(run, entry, reason, backoff=True)
@@ -778,6 +853,7 @@ class Coordinator:
     def _on_member(self, event: MemberEvent) -> None:
         node = event.member.node_id
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
+            self._mirrors.pop(node, None)  # if it comes back, its cache starts empty
             self._redispatch_from(node, f"node {node} {event.kind.value}")
         self._reach.on_member(event)
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
@@ -785,6 +861,7 @@ class Coordinator:
 
     def _lost(self, node: str) -> None:
         """``node``'s session ended abruptly and it could not be re-dialled."""
+        self._mirrors.pop(node, None)
         self._redispatch_from(node, f"lost the session with {node}", fast=True)
 
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:

@@ -97,6 +97,11 @@ class ExecutorSection:
         "tell the coordinator an item was accepted only if it still runs after this long"
         " (0: at once); quick items go straight to their result",
     )
+    input_cache_mib: int = doc(
+        256,
+        "MiB of task inputs kept so a coordinator can send the same input again by reference"
+        " (its sha256) instead of its bytes; 0 keeps none",
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,8 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")
     if config.executor.accepted_notice_ms < 0:
         raise ConfigError(f"{source}: [executor] accepted_notice_ms must be >= 0")
+    if not 0 <= config.executor.input_cache_mib < 2**20:
+        raise ConfigError(f"{source}: [executor] input_cache_mib must be in 0..{2**20 - 1}")
     if config.inference.engine == "triton" and not config.inference.triton_url:
         raise ConfigError(f'{source}: [inference] triton_url is required for engine "triton"')
 

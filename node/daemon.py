@@ -203,6 +203,13 @@ class NodeDaemon:
         assert self.mesh is not None
         self.executor = TaskExecutor(self.mesh, self.batchers, self.config.executor)
         self.executor.start()
+        membership = self.mesh.membership
+        if membership is not None and self.config.executor.input_cache_mib:
+            # only now may a coordinator send inputs by reference
+            state = membership.state
+            membership.update_state(
+                _replace(state, input_cache_mb=self.config.executor.input_cache_mib)
+            )
 
     async def _start_http(self) -> None:
         if not self.config.http.enabled:

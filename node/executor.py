@@ -13,7 +13,13 @@ peer gossips the model with a smaller queue, the item is forwarded to that peer,
 comes back is relayed to the coordinator; if that peer dies, leaves or its session is lost
 abruptly first, the item is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so the
 coordinator re-runs it at once instead of waiting for its item timeout. Bad input from a peer
-is answered with ``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. While draining
+is answered with ``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. Inputs a
+coordinator asks this node to keep (``keep_input``) go into its input cache
+(:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item arrives,
+and an item that names its input by reference (``input_ref``) is given it from there, or
+answered ``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before anything
+else is decided about the item, so the cache sees every message in the order sent (which is
+what lets the coordinator mirror it). While draining
 (SIGTERM) new items are refused as retryable and queued ones are handed back, so the
 coordinator re-runs them elsewhere.
 
@@ -26,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,6 +46,7 @@ from meshinfer.errors import (
 )
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import DynamicBatcher
+from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache
 from meshinfer.inference.mlp import BatchShapeError
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.tasks_wire import (
@@ -92,6 +99,7 @@ class TaskExecutor:
         self._watchers: set[asyncio.Task[None]] = set()
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
         self._device_name: str | None = None
+        self.inputs = ContentCache(config.input_cache_mib << 20)
 
     def start(self) -> None:
         peers = self.mesh.peers
@@ -110,6 +118,9 @@ class TaskExecutor:
     # --- incoming --------------------------------------------------------------------------
 
     def _on_assign(self, peer: str, msg: TaskAssign) -> None:
+        msg = self._with_input(peer, msg)
+        if msg is None:
+            return
         if self._draining:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
             return
@@ -134,6 +145,28 @@ class TaskExecutor:
         else:
             self._notify_accepted(peer, item_id, msg.attempt)
         task.add_done_callback(lambda _t, item=item_id: self._item_done(item))
+
+    def _with_input(self, peer: str, msg: TaskAssign) -> TaskAssign | None:
+        """``msg`` with its input inline (kept in the cache if asked), or None once answered
+        with ``TaskFailed`` (a reference to bytes this node does not hold, or that do not fit
+        the reference's dtype and shape)."""
+        ref = msg.input_ref
+        if ref is not None:
+            data = self.inputs.get(ref.digest)
+            if data is None:
+                text = f"input {ref.digest[:16]} is not in this node's input cache"
+                self._fail(peer, msg, FailureKind.INPUT_NOT_CACHED, text, retryable=True)
+                return None
+            try:
+                return replace(msg, input=ref.resolve(data), input_ref=None)
+            except RemoteProtocolError as exc:
+                self._fail(peer, msg, FailureKind.BAD_INPUT, str(exc), retryable=False)
+                return None
+        if msg.keep_input:
+            with contextlib.suppress(CacheItemTooLargeError):  # the coordinator knows the budget
+                self.inputs.put(msg.input.data)
+            return replace(msg, keep_input=False)  # offloaded, it travels as a plain item
+        return msg
 
     def _notify_accepted(self, peer: str, item_id: str, attempt: int) -> None:
         """Tell the coordinator the item runs here (only sent for items that take a while)."""

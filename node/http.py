@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -77,7 +78,7 @@ class NodeHttp:
         if d.snapshot is not None:
             out += snapshot_families(d.snapshot)
         out += batcher_families(b.stats() for b in d.batchers.values())
-        out += _mesh_families(d)
+        out += mesh_families(d)
         return out
 
 
@@ -87,7 +88,8 @@ def _family(name: str, kind: str, help: str, samples: list[tuple[dict, float]]) 
     )
 
 
-def _mesh_families(d: NodeDaemon) -> list[MetricFamily]:
+def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
+    """The Prometheus families of the mesh, membership, revocations, executor and input cache."""
     mesh = d.mesh
     if mesh is None:
         return []
@@ -172,6 +174,27 @@ def _mesh_families(d: NodeDaemon) -> list[MetricFamily]:
                 [({}, d.executor.running)],
             )
         )
+        cache = d.executor.inputs.stats
+        out += [
+            _family(
+                "meshinfer_input_cache_lookups_total",
+                "counter",
+                "Inputs named by reference, by whether the input cache held them.",
+                [({"result": "hit"}, cache.hits), ({"result": "miss"}, cache.misses)],
+            ),
+            _family(
+                "meshinfer_input_cache_evictions_total",
+                "counter",
+                "Inputs evicted from the input cache to make room.",
+                [({}, cache.evictions)],
+            ),
+            _family(
+                "meshinfer_input_cache_bytes",
+                "gauge",
+                "Bytes of inputs held in the input cache.",
+                [({}, cache.bytes)],
+            ),
+        ]
     return out
 
 
@@ -213,5 +236,6 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
             "backlog": ex.backlog,
             "completed": ex.stats.completed,
             "offloaded": ex.stats.offloaded,
+            "input_cache": dataclasses.asdict(ex.inputs.stats),
         },
     }

@@ -1,4 +1,5 @@
-"""ContentCache: content addressing, LRU eviction within a byte budget, and stats."""
+"""ContentCache: content addressing, LRU eviction within a byte budget, and stats; InputMirror:
+a coordinator's exact picture of what one node's cache holds of its inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from meshinfer.errors import ConfigError
-from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache, content_digest
+from meshinfer.inference.cache import (
+    CacheItemTooLargeError,
+    ContentCache,
+    InputMirror,
+    Send,
+    content_digest,
+)
 
 BUDGET = 64
 
@@ -126,3 +133,63 @@ class CacheAgainstModel(RuleBasedStateMachine):
 
 TestCacheAgainstModel = CacheAgainstModel.TestCase
 TestCacheAgainstModel.settings = settings(max_examples=300, stateful_step_count=30, deadline=None)
+
+
+def test_mirror_sends_bytes_once_then_references() -> None:
+    mirror = InputMirror(10)
+    a, b = content_digest(b"a"), content_digest(b"b")
+    assert mirror.send(a, 6) is Send.KEEP
+    assert mirror.send(a, 6) is Send.REF
+    assert mirror.send(b, 6) is Send.KEEP  # evicts a, as the node's cache will
+    assert a not in mirror and b in mirror
+    assert mirror.send(content_digest(b"c"), 11) is Send.INLINE  # larger than the node's cache
+    mirror.forget(b)
+    assert mirror.send(b, 6) is Send.KEEP
+    with pytest.raises(ConfigError):
+        InputMirror(-1)
+
+
+class MirrorAgainstNodeCache(RuleBasedStateMachine):
+    """A coordinator's mirror fed the messages it sends, and the node's real cache fed the same
+    messages in order: a reference is sent only for bytes the node holds. Other senders' inputs
+    (a second coordinator) may evict ours behind the mirror's back; then the node reports a miss
+    and the mirror forgets, and it never claims an input the node lacks after that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = ContentCache(BUDGET)
+        self.mirror = InputMirror(BUDGET)
+        self.shared = False  # another sender used the node's cache since the mirror was exact
+        self.misses = 0
+
+    @rule(data=st.sampled_from([bytes([i]) * n for i in range(4) for n in (8, 20, 40, 70)]))
+    def send(self, data: bytes) -> None:
+        digest = content_digest(data)
+        how = self.mirror.send(digest, len(data))
+        if how is Send.REF:
+            if self.node.get(digest) is None:  # the node answers INPUT_NOT_CACHED
+                assert self.shared, "a reference to bytes the node lacks, with no other sender"
+                self.misses += 1
+                self.mirror.forget(digest)
+                assert self.mirror.send(digest, len(data)) is Send.KEEP
+                self.node.put(data)
+        elif how is Send.KEEP:
+            self.node.put(data)
+        else:
+            assert len(data) > BUDGET
+
+    @rule(data=st.binary(min_size=1, max_size=BUDGET))
+    def other_sender(self, data: bytes) -> None:
+        self.node.put(data)
+        self.shared = True
+
+    @invariant()
+    def mirror_is_exact_while_alone(self) -> None:
+        if not self.shared:
+            assert self.mirror.digests() == self.node.digests()  # the same items, same order
+
+
+TestMirrorAgainstNodeCache = MirrorAgainstNodeCache.TestCase
+TestMirrorAgainstNodeCache.settings = settings(
+    max_examples=200, stateful_step_count=30, deadline=None
+)

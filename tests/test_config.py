@@ -204,7 +204,11 @@ def test_coordinator_daemon_refuses_bad_setups_before_starting(fleet, tmp_path):
 
 @pytest.mark.parametrize(
     ("section", "key", "value"),
-    [("executor", "accepted_notice_ms", -1.0), ("inference", "inline_max_macs", -1)],
+    [
+        ("executor", "accepted_notice_ms", -1.0),
+        ("inference", "inline_max_macs", -1),
+        ("executor", "input_cache_mib", -1),
+    ],
 )
 def test_negative_values_are_refused_naming_the_key(section, key, value):
     with pytest.raises(ConfigError, match=key):

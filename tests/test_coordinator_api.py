@@ -624,6 +624,7 @@ async def test_metrics_parse_and_count_requests(served):
     for state, count in stats["tasks"].items():
         assert after[("meshinfer_coord_tasks", (("state", state),))] == count
     assert after[("meshinfer_coord_dispatched_total", ())] == stats["dispatched"]
+    assert after[("meshinfer_coord_inputs_by_reference_total", ())] == stats["inputs_by_reference"]
     assert after[("meshinfer_coord_live_tasks", ())] == stats["live_tasks"]
     latency = ("meshinfer_coord_api_request_seconds_count", (("route", "/v1/nodes"),))
     assert after[latency] >= 3

@@ -51,6 +51,7 @@ states = st.builds(
     position=vectors,
     velocity=vectors,
     revocation_version=counters,
+    input_cache_mb=st.integers(0, 2**32),
 )
 records = st.one_of(
     st.builds(AliveRecord, node_ids, counters, counters, states, st.binary(max_size=64)),
@@ -164,6 +165,8 @@ def _alive_fields(**overrides) -> list:
         _alive_fields(f8=[float("nan"), 1.0]),  # not finite
         _alive_fields(f8=[1, 2]),  # integers, not floats
         _alive_fields(f4=[["m", "v"]]),  # model without digest
+        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, -1], b""],  # cache < 0
+        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 1, 2], b""],  # unknown
         [0, "n1", 0, 1, "state", b""],  # state not a list
         [1, "n1", 0],  # suspect without accuser
         [9, "n1", 0, "n2"],  # unknown record kind
@@ -206,3 +209,16 @@ def test_signed_body_separates_kinds_and_covers_state() -> None:
     assert len({signed_body(alive), signed_body(moved), signed_body(left)}) == 3
     # the signature itself is not part of what is signed
     assert signed_body(alive) == signed_body(AliveRecord("n1", 2, 3, NodeState(host="a"), b"x"))
+
+
+def test_appended_state_fields_are_written_only_when_set() -> None:
+    """A state using no appended field encodes (and so is signed) as the 11 original fields,
+    which is what a node before ``input_cache_mb`` sends; one that sets it carries a 12th."""
+    plain = AliveRecord("n1", 2, 3, NodeState(host="a"))
+    assert len(msgpack.unpackb(encode_record(plain))[4]) == 11
+    decoded = decode_packet(encode_packet(Gossip(), [encode_record(plain)])).records[0]
+    assert decoded == plain and signed_body(decoded) == signed_body(plain)
+    cached = AliveRecord("n1", 2, 3, NodeState(host="a", input_cache_mb=256))
+    assert msgpack.unpackb(encode_record(cached))[4][11] == 256
+    assert decode_packet(encode_packet(Gossip(), [encode_record(cached)])).records[0] == cached
+    assert signed_body(cached) != signed_body(plain)

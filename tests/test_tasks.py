@@ -4,6 +4,7 @@ import graphlib
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 from meshinfer.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from meshinfer.inference.base import ModelRef
+from meshinfer.inference.cache import content_digest
 from meshinfer.proto.messages import decode, decode_as, encode, spec_of
 from meshinfer.proto.tasks import (
     MAX_BATCH_INPUT_BYTES,
@@ -46,6 +48,8 @@ from meshinfer.proto.tasks_wire import (
     TaskFailed,
     TaskResult,
     Tensor,
+    TensorRef,
+    by_reference,
     decode_params,
     encode_params,
     failure_kind,
@@ -356,9 +360,52 @@ def test_task_assign_refuses_bad_params_and_deadline():
         decode(encode(bad_deadline))
 
 
+def _by_reference() -> TaskAssign:
+    msg = _sample_item().to_message()
+    return by_reference(msg, content_digest(msg.input.data))
+
+
+def test_an_input_travels_by_reference_and_resolves_from_the_cached_bytes():
+    msg = _sample_item().to_message()
+    ref_msg = decode_as(encode(_by_reference()), TaskAssign)
+    assert ref_msg.input.data == b"" and not ref_msg.keep_input
+    assert ref_msg.input_ref == TensorRef(content_digest(msg.input.data), "float32", (4, 64))
+    assert len(encode(ref_msg)) < len(encode(msg)) - len(msg.input.data) + 100
+    assert ref_msg.input_ref.resolve(msg.input.data) == msg.input
+    with pytest.raises(RemoteProtocolError, match="needs 1024 bytes, got 1020"):
+        ref_msg.input_ref.resolve(msg.input.data[:-4])  # bytes that do not fit the shape
+    kept = decode_as(encode(replace(msg, keep_input=True)), TaskAssign)
+    assert kept.keep_input and kept.input == msg.input
+
+
+def test_an_older_peers_task_assign_decodes_with_the_input_inline():
+    wire = msgpack.packb(msgpack.unpackb(encode(_sample_item().to_message()))[:10])
+    assert len(msgpack.unpackb(wire)) == 10  # type id + the 9 original fields
+    old = decode_as(wire, TaskAssign)
+    assert old.input_ref is None and old.keep_input is False
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"input": _tensor(np.ones(2, np.uint8))}, "empty input"),  # a ref and bytes
+        ({"keep_input": True}, "not kept"),
+        ({"input_ref": TensorRef("AB" * 32, "float32", (4, 64))}, "lowercase hex"),
+        ({"input_ref": TensorRef("ab" * 31, "float32", (4, 64))}, "64 lowercase hex"),
+        ({"input_ref": TensorRef("ab" * 32, "float64", (4, 64))}, "dtype"),
+        ({"input_ref": TensorRef("ab" * 32, "uint8", (2**30, 2**30))}, "cap"),
+    ],
+)
+def test_task_assign_refuses_bad_references(change, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode(encode(replace(_by_reference(), **change)))
+
+
 @settings(max_examples=400, deadline=None)
 @given(
-    which=st.sampled_from([*VALID, _sample_item(input=_tensor(np.ones(3, np.uint8))).to_message()]),
+    which=st.sampled_from(
+        [*VALID, _sample_item(input=_tensor(np.ones(3, np.uint8))).to_message(), _by_reference()]
+    ),
     flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
     cut=st.integers(0, 10_000),
 )

@@ -15,7 +15,7 @@ concatenated, so a sender packs pre-encoded records up to its byte budget withou
              DEAD      [2, node, incarnation, accuser]
              LEFT      [3, node, incarnation, signature]
     state    [host, port, static_key, roles, models, gpu_free_mb, queue_depth, links,
-              position | nil, velocity | nil, revocation_version]
+              position | nil, velocity | nil, revocation_version, (input_cache_mb)]
     model    [model_id, version, digest]
 
 The sender of a packet is never written in it: it is the node id the session layer
@@ -23,7 +23,10 @@ authenticated (``handle_packet(from_node=...)``). ALIVE and LEFT records are *se
 the node they are about may author them, and they carry that node's signature over
 :func:`signed_body` (empty when the fleet runs without record signatures).
 
-Message kinds and record kinds are append-only registries: never renumber, only append.
+Message kinds and record kinds are append-only registries: never renumber, only append. State
+fields are appended too, each optional: it is written only when it is not its default, so a
+state that uses none of the newer fields encodes (and is signed) exactly as before, and a
+decoder takes the 11 original fields plus any appended ones it knows.
 :func:`decode_packet` raises only :class:`MembershipProtocolError` (a RemoteProtocolError).
 """
 
@@ -107,6 +110,7 @@ class NodeState:
     position: tuple[float, ...] | None = None  # 2 or 3 coordinates, when known
     velocity: tuple[float, ...] | None = None
     revocation_version: int = 0
+    input_cache_mb: int = 0  # MiB of inputs kept by reference (0: none; tasks_wire)
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -237,6 +241,7 @@ def _state_fields(state: NodeState) -> list[Any]:
         position,
         velocity,
         state.revocation_version,
+        *((state.input_cache_mb,) if state.input_cache_mb else ()),
     ]
 
 
@@ -348,7 +353,7 @@ def _model(value: Any) -> ModelInfo:
 
 
 def _state(value: Any) -> NodeState:
-    fields = _list(value, 11, 11, "state")
+    fields = _list(value, 11, 12, "state")
     static_key = _bytes(fields[2], 32, "static key")
     if len(static_key) not in (0, 32):
         raise _fail("static key must be empty or 32 bytes")
@@ -364,6 +369,7 @@ def _state(value: Any) -> NodeState:
         position=_vector(fields[8], "position"),
         velocity=_vector(fields[9], "velocity"),
         revocation_version=_int(fields[10], MAX_COUNTER, "revocation_version"),
+        input_cache_mb=_int(fields[11], 2**32, "input_cache_mb") if len(fields) > 11 else 0,
     )
 
 

@@ -23,6 +23,14 @@ id    message           direction               meaning
 All five are ``extensible``: fields appended later must have defaults. A node sends
 ``TaskAccepted`` only for an item still queued or running some time after it arrived (the node's
 ``accepted_notice_ms``); a quick item is answered by its ``TaskResult`` alone.
+
+Inputs by reference (the node's input cache, :mod:`meshinfer.inference.cache`): a node that
+gossips an input cache (``NodeState.input_cache_mb``) keeps the input of a ``TaskAssign`` sent
+with ``keep_input`` under its sha256. A later ``TaskAssign`` may then carry only an
+``input_ref`` (:class:`TensorRef`: digest, dtype, shape) and an empty ``input``; a node that no
+longer holds that digest answers ``TaskFailed`` with ``INPUT_NOT_CACHED`` (retryable), and the
+sender sends the same attempt again with the bytes. A node never trusts a sender's digest: it
+hashes what it keeps itself.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -44,6 +52,7 @@ __all__ = [
     "MAX_DIM",
     "MAX_NDIM",
     "MAX_TENSOR_BYTES",
+    "NO_INPUT",
     "FailureKind",
     "ParamValue",
     "TaskAccepted",
@@ -52,6 +61,8 @@ __all__ = [
     "TaskFailed",
     "TaskResult",
     "Tensor",
+    "TensorRef",
+    "by_reference",
     "check_params",
     "decode_params",
     "encode_params",
@@ -167,6 +178,46 @@ class Tensor:
         _check_layout(self.dtype, self.shape, len(self.data), MAX_TENSOR_BYTES)
 
 
+#: An empty input: what a :class:`TaskAssign` carries in ``input`` when ``input_ref`` names it.
+NO_INPUT = Tensor(b"", "uint8", (0,))
+_HEX = frozenset("0123456789abcdef")
+
+
+@embedded()
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A tensor named by the hex sha256 of its bytes, for a node that keeps it in its cache."""
+
+    digest: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: Tensor, digest: str) -> TensorRef:
+        """The reference to ``tensor``, whose bytes hash to ``digest``."""
+        return cls(digest, tensor.dtype, tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """The byte count of the tensor it names."""
+        return math.prod(self.shape) * _ITEM_SIZES[self.dtype]
+
+    def resolve(self, data: bytes) -> Tensor:
+        """The tensor, given the cached bytes under :attr:`digest`; RemoteProtocolError if they
+        do not fit the dtype and shape."""
+        tensor = Tensor(data, self.dtype, self.shape)
+        tensor.validate()
+        return tensor
+
+    def validate(self) -> None:
+        """A 64-character lowercase hex digest; dtype and shape as for a tensor."""
+        if len(self.digest) != 64 or not _HEX.issuperset(self.digest):
+            raise _refuse("tensor ref", "digest must be 64 lowercase hex characters (sha256)")
+        if type(self.dtype) is not str or self.dtype not in _ITEM_SIZES:
+            raise _refuse("tensor ref", f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        _check_layout(self.dtype, self.shape, self.nbytes, MAX_TENSOR_BYTES)
+
+
 # --- parameters ------------------------------------------------------------------------------
 
 
@@ -236,6 +287,7 @@ class FailureKind(enum.IntEnum):
     CANCELLED = 6
     SHUTTING_DOWN = 7
     PEER_LOST = 8  # the node this item was offloaded to died, left or dropped its session
+    INPUT_NOT_CACHED = 9  # input_ref names bytes the node does not hold: send them inline
 
 
 def failure_kind(code: int) -> FailureKind:
@@ -263,6 +315,8 @@ class TaskAssign:
 
     ``deadline_s`` is the time budget in seconds from receipt (clocks are not synchronised
     across vehicles, so it is relative); ``params`` is an :func:`encode_params` blob.
+    ``input_ref`` (with ``input`` empty) names an input the node keeps in its cache;
+    ``keep_input`` asks it to keep this one (see the module docstring).
     """
 
     item_id: str
@@ -274,17 +328,27 @@ class TaskAssign:
     deadline_s: float | None
     priority: int
     attempt: int
+    input_ref: TensorRef | None = None
+    keep_input: bool = False
 
     def validate(self) -> None:
-        """Ids present, attempt positive, deadline non-negative, params well formed."""
+        """Ids present, attempt positive, deadline non-negative, params well formed; an input
+        by reference comes with an empty ``input`` and is not also to be kept."""
         for field in ("item_id", "task_id", "model_id", "model_version"):
             _check_id("TaskAssign", field, getattr(self, field))
         _check_attempt("TaskAssign", self.attempt)
+        if self.input_ref is not None and (self.input.data or self.keep_input):
+            raise _refuse("TaskAssign", "an input_ref comes with an empty input, not kept")
         if self.deadline_s is not None and not 0 <= self.deadline_s < math.inf:
             raise _refuse("TaskAssign", f"deadline_s {self.deadline_s} is not a finite >= 0")
         if not -(2**31) <= self.priority < 2**31:
             raise _refuse("TaskAssign", "priority outside the 32-bit range")
         decode_params(self.params)
+
+
+def by_reference(msg: TaskAssign, digest: str) -> TaskAssign:
+    """``msg`` with its input replaced by a reference to it (its bytes hash to ``digest``)."""
+    return replace(msg, input=NO_INPUT, input_ref=TensorRef.of(msg.input, digest), keep_input=False)
 
 
 @message(type_id=33, max_size=_SMALL_CAP, extensible=True)

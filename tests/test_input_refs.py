@@ -1,0 +1,126 @@
+"""Inputs by reference: a coordinator and real node daemons (TCP, Noise, mDNS, SQLite) in this
+process. An input a node keeps goes to it again as its sha256 alone; a reference the node no
+longer holds is answered ``INPUT_NOT_CACHED`` and the same attempt goes again with the bytes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from coordinator.service import CoordinatorConfig
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.cache import content_digest
+from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.proto.tasks_wire import (
+    TaskAssign,
+    Tensor,
+    TensorRef,
+    by_reference,
+    encode_params,
+)
+from node.http import mesh_families as node_families
+from node.http import node_status
+from tests.helpers import until
+from tests.test_coordinator_service import DIGITS, Mesh, spec
+
+#: Small enough for the digits inputs below (20 rows of 64 float32: 5,120 bytes).
+CONFIG = CoordinatorConfig(item_timeout_s=5.0, input_ref_min_bytes=4096)
+
+
+async def _labels(c, task) -> list[int]:
+    record = await c.wait(await c.submit(task), timeout=10)
+    assert record.state.value == "succeeded", record.summary.error
+    assert [i.attempt for i in record.items] == [1] * len(record.items)  # nothing was retried
+    return c.result_of(record)["labels"]
+
+
+async def test_a_repeated_input_goes_by_reference_and_gives_the_same_answer(tmp_path):
+    x, _ = load_digits_holdout()
+    frame = x[:20]
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        assert node.mesh.membership.state.input_cache_mb == 256  # the default, gossiped
+        first = await _labels(c, spec("a", "single", frame))
+        assert (c.stats_.inputs_by_reference, node.executor.inputs.stats.items) == (0, 1)
+        second = await _labels(c, spec("b", "single", frame))
+        assert second == first
+        assert c.stats_.inputs_by_reference == 1
+        assert c.stats_.input_bytes_saved == frame.nbytes
+        assert node.executor.inputs.stats.hits == 1
+        other = await _labels(c, spec("c", "single", x[20:40]))  # new bytes: sent, and kept
+        assert other != first and c.stats_.inputs_by_reference == 1
+        assert c.stats_.input_cache_misses == 0
+        stats = await c.stats()
+        assert stats["inputs_by_reference"] == 1 and stats["input_bytes_saved"] == frame.nbytes
+        cache = node_status(node)["executor"]["input_cache"]
+        assert (cache["items"], cache["hits"], cache["budget_bytes"]) == (2, 1, 256 << 20)
+        metrics = {(f.name, sample.labels): sample.value for f in node_families(node)
+                   for sample in f.samples}  # fmt: skip
+        assert metrics[("meshinfer_input_cache_lookups_total", (("result", "hit"),))] == 1
+        assert metrics[("meshinfer_input_cache_bytes", ())] == frame.nbytes * 2
+
+
+async def test_a_parallel_tasks_models_share_one_copy_of_the_input(tmp_path):
+    x, _ = load_digits_holdout()
+    models = (DIGITS, ModelRef("synthetic-mlp", "w64-d2"))
+    extra = '[inference]\nmodels = ["digits-mlp@1", "synthetic-mlp@w64-d2"]\n'
+    async with Mesh(tmp_path, n=1, config=CONFIG, extra=extra) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        task = spec("par", "parallel", x[:20], models=models, aggregation="all")
+        record = await c.wait(await c.submit(task), timeout=15)
+        assert record.state.value == "succeeded", record.summary.error
+        assert len(c.result_of(record)["aggregation"]["sources"]) == 2
+        assert c.stats_.inputs_by_reference == 1  # the second model's item named the first's
+        assert node.executor.inputs.stats.hits == 1
+
+
+async def test_a_reference_the_node_no_longer_holds_is_sent_again_with_the_bytes(tmp_path):
+    x, _ = load_digits_holdout()
+    frame = x[:20]
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        first = await _labels(c, spec("a", "single", frame))
+        assert node.executor.inputs.discard(content_digest(frame.tobytes()))  # e.g. evicted
+        assert await _labels(c, spec("b", "single", frame)) == first  # attempt 1 still
+        assert node.executor.stats.failed["input_not_cached"] == 1
+        assert (c.stats_.input_cache_misses, c.stats_.retries) == (1, 0)
+        assert await _labels(c, spec("c", "single", frame)) == first
+        assert c.stats_.inputs_by_reference == 2  # b's first send and c's
+        assert node.executor.inputs.stats.hits == 1  # c's: the bytes went again with b
+
+
+async def test_a_node_without_an_input_cache_and_small_inputs_get_the_bytes(tmp_path):
+    x, _ = load_digits_holdout()
+    extra = "[executor]\ninput_cache_mib = 0\n"
+    async with Mesh(tmp_path, n=1, config=CONFIG, extra=extra) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        assert node.mesh.membership.state.input_cache_mb == 0
+        for task_id in ("a", "b"):
+            await _labels(c, spec(task_id, "single", x[:20]))
+        assert c.stats_.inputs_by_reference == 0 and len(node.executor.inputs) == 0
+    async with Mesh(tmp_path / "small", n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        for task_id in ("a", "b"):
+            await _labels(c, spec(task_id, "single", x[:10]))  # 2,560 bytes: under 4 KiB
+        assert c.stats_.inputs_by_reference == 0 and len(node.executor.inputs) == 0
+
+
+async def test_a_node_answers_bad_references_without_running_anything(tmp_path):
+    x, _ = load_digits_holdout()
+    frame = Tensor.from_array(x[:20])
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        node = mesh.daemons["node-0"]
+        executor = node.executor
+        plain = TaskAssign("t/0", "t", "digits-mlp", "1", frame, encode_params({}), None, 0, 1)
+        digest = content_digest(frame.data)
+        send = mesh.mesh.peers.send
+        # a reference to bytes the node never saw
+        assert send(node.node_id, by_reference(plain, digest))
+        await until(lambda: executor.stats.failed["input_not_cached"] == 1)
+        # kept, then named with a shape its bytes do not fit
+        executor.inputs.put(frame.data)
+        misfit = TensorRef(digest, "float32", (10, 64))
+        wrong = replace(by_reference(plain, digest), input_ref=misfit)
+        assert send(node.node_id, wrong)
+        await until(lambda: executor.stats.failed["bad_input"] == 1)
+        assert executor.stats.accepted == 0 and executor.stats.completed == 0
+        assert executor.inputs.get(digest) == frame.data  # the cache is intact
