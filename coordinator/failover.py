@@ -6,11 +6,17 @@ once) makes the node *suspect here*: it gets no new items while the coordinator 
 once (``redial_timeout_s``). If the re-dial fails the node is *unreachable here*: its in-flight
 items are re-dispatched at once (a late result is still accepted exactly once) and it stays out
 of scheduling until a new session with it opens or membership reports it at a higher
-incarnation. A ``Close`` frame (a draining node, a graceful leave) triggers none of this::
+incarnation. A ``Close`` frame (a draining node, a graceful leave) triggers none of this.
+A node whose session this coordinator closed because its certificate is revoked
+(:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is *revoked here*: its items
+are re-dispatched at once, and it gets no work until a session with it opens again (which
+only a certificate that is not revoked can open), whatever membership says meanwhile::
 
     reachable --session lost abruptly--> suspect --re-dial ok--> reachable
                                          suspect --re-dial failed--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
+    any --session closed for a revoked certificate--> revoked (re-dispatch)
+    revoked --new session--> reachable
 
 Concurrency: every method runs on the coordinator's event loop.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -33,6 +40,8 @@ __all__ = ["Reachability"]
 
 log = logging.getLogger(__name__)
 _log_failure = log_failure(log, "session watcher")
+#: The incarnation an unreachable node must exceed when its certificate is revoked: none does.
+_REVOKED = math.inf
 
 
 class SessionCounts(Protocol):
@@ -68,13 +77,16 @@ class Reachability:
         self._on_back = on_back
         self._watchers: set[asyncio.Task[None]] = set()
         self._suspects: set[str] = set()  # lost a session, being re-dialled
-        self._unreachable: dict[str, int] = {}  # node -> its incarnation when we gave up on it
+        #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
+        self._unreachable: dict[str, float] = {}
         self._closed = False
 
     def start(self) -> None:
         """Watch every session with a node, those open now and those to come."""
         peers = self.mesh.peers
         peers.on_session(self._on_session)
+        if self.mesh.revocation_sync is not None:
+            self.mesh.revocation_sync.on_cut_off(self._on_revoked)
         for node in peers.connected:
             session = peers.session(node)
             if session is not None:
@@ -101,11 +113,19 @@ class Reachability:
         reachable again."""
         node = event.member.node_id
         gave_up_at = self._unreachable.get(node)
-        if gave_up_at is not None and (
+        if gave_up_at not in (None, _REVOKED) and (
             event.kind == MemberEventKind.FORGOTTEN or event.member.incarnation > gave_up_at
         ):
             self._unreachable.pop(node)
             self._on_back()
+
+    def _on_revoked(self, node: str) -> None:
+        """This node closed its session with ``node``: its certificate is revoked."""
+        if self._closed:
+            return
+        self._unreachable[node] = _REVOKED
+        log.warning("node %s's certificate is revoked: re-dispatching its items", node)
+        self._on_lost(node)
 
     def _on_session(self, node: str, session: Session) -> None:
         """A session with ``node`` opened: it is reachable; watch how the session ends."""

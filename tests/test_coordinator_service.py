@@ -10,6 +10,7 @@ import asyncio
 import random
 import sqlite3
 import threading
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -19,7 +20,7 @@ import pytest
 from coordinator.journal import Journal, UnknownTaskError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
-from meshinfer.identity_files import NodeDirectory
+from meshinfer.identity_files import NodeDirectory, replace_file
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
@@ -27,6 +28,7 @@ from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import FailureKind, TaskAccepted, TaskFailed, Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.runtime.revocations import RevocationSyncConfig
 from meshinfer.testing.cluster import LocalCluster
 from node.config import load_config
 from node.daemon import NodeDaemon
@@ -38,7 +40,7 @@ DIGITS = ModelRef("digits-mlp", "1")
 class Mesh:
     """A coordinator and ``n`` node daemons, all in this process."""
 
-    def __init__(self, tmp, n=2, config=None, extra=""):
+    def __init__(self, tmp, n=2, config=None, extra="", options=None):
         self.cluster = LocalCluster(tmp, fleet_id="coord-test")
         self.names = [f"node-{i}" for i in range(n)]
         self.configs = [
@@ -50,6 +52,7 @@ class Mesh:
         self.coord_dir = coord_dir
         self.tmp = tmp
         self.config = config or CoordinatorConfig(item_timeout_s=5.0)
+        self.options = options or {}  # more MeshNodeOptions for the coordinator's node
         self.daemons: dict[str, NodeDaemon] = {}
 
     async def __aenter__(self):
@@ -57,7 +60,9 @@ class Mesh:
             daemon = NodeDaemon(load_config(cfg), rng=random.Random(name))
             await daemon.start()
             self.daemons[name] = daemon
-        opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
+        opts = MeshNodeOptions(
+            mdns=MdnsConfig.loopback(), membership=MembershipConfig.test(), **self.options
+        )
         revocations = NodeDirectory(self.coord_dir).revocations(self.coord_ident.trust)
         self.mesh = MeshNode(self.coord_ident, revocations, opts)
         await self.mesh.start()
@@ -661,6 +666,36 @@ async def test_items_offloaded_to_a_peer_that_dies_are_handed_back(tmp_path):
             assert c.stats_.retries >= 1
         finally:
             never.set()  # lets node-1's batcher finish so the daemon can close
+
+
+async def test_a_node_whose_certificate_is_revoked_gets_no_work_and_its_items_move_at_once(
+    tmp_path,
+):
+    x, _ = load_digits_holdout()
+    listed = tmp_path / "coord-revocations.bin"  # the coordinator's list file (operator's copy)
+    quick = RevocationSyncConfig(check_interval_s=0.1, ask_timeout_s=0.5)
+    options = {"revocations_file": listed, "revocations": quick}
+    config = CoordinatorConfig(item_timeout_s=120.0)  # the revocation, not the timeout, must act
+    async with Mesh(tmp_path, n=2, config=config, options=options) as mesh:
+        c = mesh.coordinator
+        never = hold_inference(mesh.daemons["node-0"])  # node-0 keeps what it gets
+        ids = [
+            await c.submit(spec(f"r{i}", "single", x[i : i + 1], policy="round_robin"))
+            for i in range(4)
+        ]
+        await until(lambda: any(n["node_id"] == "node-0" and n["in_flight"] for n in c.nodes()))
+        mesh.cluster.fleet.revoke(now=time.time(), node_id="node-0", reason="stolen")
+        replace_file(listed, mesh.cluster.fleet.revocations_bin.read_bytes())  # copied by hand
+        try:
+            for task_id in [*ids, await c.submit(spec("after", "single", x[:1]))]:
+                record = await c.wait(task_id, timeout=15)
+                assert record.state.value == "succeeded", record.summary.error
+                assert {item.node for item in record.items} == {"node-1"}
+            # moved by the coordinator's own cut-off (the fast path), not by membership
+            assert c.stats_.redispatched_after_disconnect >= 1
+            assert mesh.mesh.revocation_sync.stats.disconnected >= 1
+        finally:
+            never.set()
 
 
 async def test_ensemble_of_three_digit_models_votes_by_majority(tmp_path):

@@ -43,7 +43,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ class RevocationSync:
         )
         self._seen_file: tuple[int, int] | None = None  # None: read the file at the first look
         self._file_lock = asyncio.Lock()
+        self._cut_off: list[Callable[[str], None]] = []
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
         peers.on_session(self._on_session)
@@ -148,6 +149,11 @@ class RevocationSync:
     @property
     def trust(self) -> FleetTrust:
         return self.admission.identity.trust
+
+    def on_cut_off(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(node_id)`` for each peer whose open session this node closed because
+        its certificate is revoked (a scheduler's cue to stop counting on that peer at once)."""
+        self._cut_off.append(callback)
 
     def start(self) -> None:
         if self._task is None and not self._closed:
@@ -292,6 +298,8 @@ class RevocationSync:
                 )  # fmt: skip
                 self.stats.disconnected += 1
                 await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
+                for callback in self._cut_off:
+                    callback(session.peer_id)
 
     async def _write_down(self) -> None:
         """Write the list in force to ``store``, merging first what the file holds if it was
