@@ -55,7 +55,8 @@ class SessionCounts(Protocol):
 class Reachability:
     """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
 
-    ``on_lost(node)`` is called when a node could not be re-dialled (re-dispatch its items);
+    ``on_lost(node, why)`` is called when a node could not be re-dialled or its certificate
+    was revoked (re-dispatch its items);
     ``on_back()`` when a node may take work again (retry parked items). ``counts`` gets the
     session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
     watchers (idempotent).
@@ -67,7 +68,7 @@ class Reachability:
         counts: SessionCounts,
         *,
         redial_timeout_s: float,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[str, str], None],
         on_back: Callable[[], None],
     ) -> None:
         self.mesh = mesh
@@ -125,7 +126,7 @@ class Reachability:
             return
         self._unreachable[node] = _REVOKED
         log.warning("node %s's certificate is revoked: re-dispatching its items", node)
-        self._on_lost(node)
+        self._on_lost(node, f"the certificate of {node} was revoked")
 
     def _on_session(self, node: str, session: Session) -> None:
         """A session with ``node`` opened: it is reachable; watch how the session ends."""
@@ -169,7 +170,7 @@ class Reachability:
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         self._unreachable[node] = member.incarnation if member is not None else -1
         log.warning("lost the session with %s and could not re-dial it: re-dispatching", node)
-        self._on_lost(node)
+        self._on_lost(node, f"lost the session with {node}")
 
     async def _redial(self, node: str) -> bool:
         """True if a session with ``node`` carried a ping within ``redial_timeout_s``."""

@@ -859,10 +859,11 @@ class Coordinator:
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
             self._wake_parked.set()
 
-    def _lost(self, node: str) -> None:
-        """``node``'s session ended abruptly and it could not be re-dialled."""
+    def _lost(self, node: str, why: str) -> None:
+        """``node``'s session ended abruptly and it could not be re-dialled, or this node cut
+        it off for a revoked certificate (``why`` says which)."""
         self._mirrors.pop(node, None)
-        self._redispatch_from(node, f"lost the session with {node}", fast=True)
+        self._redispatch_from(node, why, fast=True)
 
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
         """Retry at once every item in flight on ``node`` (it died, left or is unreachable)."""
