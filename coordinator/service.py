@@ -568,8 +568,7 @@ class Coordinator:
         entry.tried.add(node)
         entry.dispatched_at = self._loop.time()
         self.stats_.dispatched += 1
-        if not self.mesh.peers.send(node, self._message(run, entry, node)):
-            self._retry(run, entry, f"could not send to {node}", backoff=True)
+        if not self._send_message(run, entry, node):
             return
         # Journaled only if its result is overdue (see the module docstring).
         item_id, attempt = entry.item.item_id, entry.attempt
@@ -623,8 +622,16 @@ class Coordinator:
         mirror = self._mirror(node)
         if mirror is not None:
             mirror.forget(entry.digest)
-        if not self.mesh.peers.send(node, self._message(run, entry, node)):
-            self._retry(run, entry, f"could not send to {node}", backoff=True)
+        self._send_message(run, entry, node)
+
+    def _send_message(self, run: TaskRun, entry: ItemRun, node: str) -> bool:
+        """Send the item's TaskAssign to ``node``; if it cannot even be queued, forget what the
+        mirror now believes the node keeps and retry the item elsewhere."""
+        if self.mesh.peers.send(node, self._message(run, entry, node)):
+            return True
+        self._mirrors.pop(node, None)
+        self._retry(run, entry, f"could not send to {node}", backoff=True)
+        return False
 
     def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
         """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the

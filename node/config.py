@@ -14,6 +14,7 @@ from typing import Any
 
 from meshinfer.errors import ConfigError
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
+from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 
@@ -157,8 +158,9 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")
     if config.executor.accepted_notice_ms < 0:
         raise ConfigError(f"{source}: [executor] accepted_notice_ms must be >= 0")
-    if not 0 <= config.executor.input_cache_mib < 2**20:
-        raise ConfigError(f"{source}: [executor] input_cache_mib must be in 0..{2**20 - 1}")
+    if not 0 <= config.executor.input_cache_mib <= MAX_INPUT_CACHE_MB:
+        limit = MAX_INPUT_CACHE_MB
+        raise ConfigError(f"{source}: [executor] input_cache_mib must be in 0..{limit}")
     if config.inference.engine == "triton" and not config.inference.triton_url:
         raise ConfigError(f'{source}: [inference] triton_url is required for engine "triton"')
 

@@ -110,6 +110,10 @@ class TaskExecutor:
         peers.on_session(self._on_session)
         if self.mesh.membership is not None:
             self.mesh.membership.subscribe(self._on_member)
+        if self.mesh.revocation_sync is not None:  # a graceful close, but it will not answer
+            self.mesh.revocation_sync.on_cut_off(
+                lambda node: self._hand_back_from(node, "certificate revoked")
+            )
 
     @property
     def backlog(self) -> int:

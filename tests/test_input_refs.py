@@ -20,14 +20,18 @@ from meshinfer.proto.tasks_wire import (
 from node.http import mesh_families as node_families
 from node.http import node_status
 from tests.helpers import until
-from tests.test_coordinator_service import DIGITS, Mesh, spec
+from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, spec
 
 #: Small enough for the digits inputs below (20 rows of 64 float32: 5,120 bytes).
 CONFIG = CoordinatorConfig(item_timeout_s=5.0, input_ref_min_bytes=4096)
 
 
 async def _labels(c, task) -> list[int]:
-    record = await c.wait(await c.submit(task), timeout=10)
+    return await _labels_of(c, await c.submit(task))
+
+
+async def _labels_of(c, task_id: str) -> list[int]:
+    record = await c.wait(task_id, timeout=10)
     assert record.state.value == "succeeded", record.summary.error
     assert [i.attempt for i in record.items] == [1] * len(record.items)  # nothing was retried
     return c.result_of(record)["labels"]
@@ -124,3 +128,31 @@ async def test_a_node_answers_bad_references_without_running_anything(tmp_path):
         await until(lambda: executor.stats.failed["bad_input"] == 1)
         assert executor.stats.accepted == 0 and executor.stats.completed == 0
         assert executor.inputs.get(digest) == frame.data  # the cache is intact
+
+
+async def test_an_item_named_by_reference_is_offloaded_with_its_bytes(tmp_path):
+    x, _ = load_digits_holdout()
+    frame, other = x[:20], x[20:40]
+    extra = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 1\n"
+    async with Mesh(tmp_path, n=2, config=CONFIG, extra=extra) as mesh:
+        c = mesh.coordinator
+        gates = {name: hold_inference(d) for name, d in mesh.daemons.items()}
+
+        def busy() -> set[str]:
+            return {n["node_id"] for n in c.nodes() if n["in_flight"]}
+
+        held = await c.submit(spec("a", "single", frame, policy="round_robin"))  # kept there
+        await until(lambda: len(busy()) == 1)
+        (first,) = busy()
+        (second,) = set(mesh.names) - {first}
+        gates[second].set()
+        await _labels(c, spec("b", "single", other, policy="round_robin"))  # on `second`
+        # round robin sends c to `first` by reference; its backlog (a, held) makes it offload
+        # c to `second`, which never saw this frame: it must get the bytes
+        labels = await _labels(c, spec("c", "single", frame, policy="round_robin"))
+        gates[first].set()
+        assert await _labels_of(c, held) == labels
+        first_ex, second_ex = mesh.daemons[first].executor, mesh.daemons[second].executor
+        assert first_ex.stats.offloaded == 1 and first_ex.inputs.stats.hits == 1
+        assert c.stats_.inputs_by_reference == 1 and c.stats_.input_cache_misses == 0
+        assert second_ex.stats.failed["input_not_cached"] == 0

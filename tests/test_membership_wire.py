@@ -51,7 +51,11 @@ states = st.builds(
     position=vectors,
     velocity=vectors,
     revocation_version=counters,
-    input_cache_mb=st.integers(0, 2**32),
+    input_cache_mb=st.integers(0, 2**20 - 1),
+    later=st.lists(
+        st.one_of(st.integers(0, 2**32), st.text(max_size=8), st.none()).map(msgpack.packb),
+        max_size=2,
+    ).map(tuple),
 )
 records = st.one_of(
     st.builds(AliveRecord, node_ids, counters, counters, states, st.binary(max_size=64)),
@@ -166,7 +170,9 @@ def _alive_fields(**overrides) -> list:
         _alive_fields(f8=[1, 2]),  # integers, not floats
         _alive_fields(f4=[["m", "v"]]),  # model without digest
         [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, -1], b""],  # cache < 0
-        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 1, 2], b""],  # unknown
+        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 0], b""],  # default
+        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 2**20], b""],  # over
+        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 1, *[2] * 9], b""],
         [0, "n1", 0, 1, "state", b""],  # state not a list
         [1, "n1", 0],  # suspect without accuser
         [9, "n1", 0, "n2"],  # unknown record kind
@@ -222,3 +228,16 @@ def test_appended_state_fields_are_written_only_when_set() -> None:
     assert msgpack.unpackb(encode_record(cached))[4][11] == 256
     assert decode_packet(encode_packet(Gossip(), [encode_record(cached)])).records[0] == cached
     assert signed_body(cached) != signed_body(plain)
+
+
+def test_fields_a_newer_node_appended_are_passed_on_as_signed() -> None:
+    """A state with fields this node does not know decodes, re-encodes to the same bytes (so
+    the author's signature still verifies) and relays them unchanged."""
+    newer = [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 0, "x", [1, 2]], b""]
+    record = decode_packet(encode_header(Gossip()) + msgpack.packb(newer)).records[0]
+    assert record.state.input_cache_mb == 0
+    assert record.state.later == (msgpack.packb("x"), msgpack.packb([1, 2]))
+    assert encode_record(record) == msgpack.packb(newer)
+    assert signed_body(record)[len(b"meshinfer-member-v1\x00") :] == msgpack.packb(
+        [0, "n1", 0, 1, newer[4]]
+    )

@@ -24,9 +24,13 @@ the node they are about may author them, and they carry that node's signature ov
 :func:`signed_body` (empty when the fleet runs without record signatures).
 
 Message kinds and record kinds are append-only registries: never renumber, only append. State
-fields are appended too, each optional: it is written only when it is not its default, so a
-state that uses none of the newer fields encodes (and is signed) exactly as before, and a
-decoder takes the 11 original fields plus any appended ones it knows.
+fields are appended too, each optional: the state array ends at its last field that is not its
+default, so a state that uses none of the newer fields encodes (and is signed) exactly as
+before. A decoder takes the 11 original fields, the appended ones it knows, and up to
+:data:`MAX_LATER_FIELDS` it does not (from a newer node): those are kept, each as its msgpack
+encoding (``NodeState.later``), and written back after the known ones, so the record is relayed
+and its signature verified as its author wrote it (nodes from before ``input_cache_mb`` took
+exactly 11 fields and refuse a state with more).
 :func:`decode_packet` raises only :class:`MembershipProtocolError` (a RemoteProtocolError).
 """
 
@@ -52,6 +56,10 @@ MAX_STATE_BYTES = 1024  # so an ALIVE record always fits one packet
 MAX_SIGNATURE_BYTES = 128
 MAX_SEQ = 2**63 - 1
 MAX_COUNTER = 2**63 - 1
+#: Unknown trailing state fields (from a newer node) a decoder keeps and passes on.
+MAX_LATER_FIELDS = 8
+#: The largest input cache a node may gossip, MiB (as ``[executor] input_cache_mib``).
+MAX_INPUT_CACHE_MB = 2**20 - 1
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -111,6 +119,7 @@ class NodeState:
     velocity: tuple[float, ...] | None = None
     revocation_version: int = 0
     input_cache_mb: int = 0  # MiB of inputs kept by reference (0: none; tasks_wire)
+    later: tuple[bytes, ...] = ()  # fields a newer node appended, each msgpack-encoded
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -241,8 +250,16 @@ def _state_fields(state: NodeState) -> list[Any]:
         position,
         velocity,
         state.revocation_version,
-        *((state.input_cache_mb,) if state.input_cache_mb else ()),
+        *_appended(state),
     ]
+
+
+def _appended(state: NodeState) -> list[Any]:
+    """The state fields after the original 11, up to the last one that is set."""
+    fields = [state.input_cache_mb, *(msgpack.unpackb(raw) for raw in state.later)]
+    while fields and not state.later and not fields[-1]:
+        fields.pop()
+    return fields
 
 
 def encode_state(state: NodeState) -> bytes:
@@ -353,7 +370,7 @@ def _model(value: Any) -> ModelInfo:
 
 
 def _state(value: Any) -> NodeState:
-    fields = _list(value, 11, 12, "state")
+    fields = _list(value, 11, 12 + MAX_LATER_FIELDS, "state")
     static_key = _bytes(fields[2], 32, "static key")
     if len(static_key) not in (0, 32):
         raise _fail("static key must be empty or 32 bytes")
@@ -369,8 +386,18 @@ def _state(value: Any) -> NodeState:
         position=_vector(fields[8], "position"),
         velocity=_vector(fields[9], "velocity"),
         revocation_version=_int(fields[10], MAX_COUNTER, "revocation_version"),
-        input_cache_mb=_int(fields[11], 2**32, "input_cache_mb") if len(fields) > 11 else 0,
+        input_cache_mb=_input_cache_mb(fields),
+        later=tuple(msgpack.packb(v) for v in fields[12:]),
     )
+
+
+def _input_cache_mb(fields: list[Any]) -> int:
+    if len(fields) < 12:
+        return 0
+    mb = _int(fields[11], MAX_INPUT_CACHE_MB, "input_cache_mb")
+    if mb == 0 and len(fields) == 12:  # a trailing default is never written
+        raise _fail("input_cache_mb is written only when set")
+    return mb
 
 
 def _record(value: Any) -> Record:

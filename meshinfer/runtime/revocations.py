@@ -151,8 +151,9 @@ class RevocationSync:
         return self.admission.identity.trust
 
     def on_cut_off(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(node_id)`` for each peer whose open session this node closed because
-        its certificate is revoked (a scheduler's cue to stop counting on that peer at once)."""
+        """Call ``callback(node_id)`` for each peer whose open session this node closes because
+        its certificate is revoked, just before it closes it (a scheduler's cue to stop
+        counting on that peer at once). A callback that raises is logged."""
         self._cut_off.append(callback)
 
     def start(self) -> None:
@@ -297,9 +298,12 @@ class RevocationSync:
                     session.peer_id, session.peer.serial,
                 )  # fmt: skip
                 self.stats.disconnected += 1
+                for callback in self._cut_off:  # first: nothing new is sent there meanwhile
+                    try:
+                        callback(session.peer_id)
+                    except Exception:  # one listener's bug must not keep the session open
+                        log.exception("cut-off listener failed for %s", session.peer_id)
                 await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
-                for callback in self._cut_off:
-                    callback(session.peer_id)
 
     async def _write_down(self) -> None:
         """Write the list in force to ``store``, merging first what the file holds if it was
