@@ -40,6 +40,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_tasks import Figures, cpu_between
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
@@ -123,24 +124,18 @@ async def run_case(cluster, tmp: Path, case: str, args, node: psutil.Process) ->
         await c.aclose()
         await mesh.aclose()
     n = max(1, len(latencies))
-    latencies.sort()
+    figures = Figures(latencies, args.seconds)
     return {
-        "rate": len(latencies) / args.seconds,
-        "p50": latencies[len(latencies) // 2] if latencies else float("nan"),
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-        if latencies
-        else float("nan"),
+        "rate": figures.rate,
+        "p50": figures.pct(0.5),
+        "p99": figures.pct(0.99),
         "node_read": (read1 - read0) / n,
-        "coord_cpu": _cpu(cpu0, cpu1) / n,
-        "node_cpu": _cpu(ncpu0, ncpu1) / n,
+        "coord_cpu": cpu_between(cpu0, cpu1) / n,
+        "node_cpu": cpu_between(ncpu0, ncpu1) / n,
         "refs_per_task": (refs1 - refs0) / n,
         "misses": misses,
         "tasks": len(latencies),
     }
-
-
-def _cpu(t0, t1) -> float:
-    return t1.user + t1.system - t0.user - t0.system
 
 
 async def run_all(args) -> list[tuple[str, dict]]:
@@ -151,16 +146,18 @@ async def run_all(args) -> list[tuple[str, dict]]:
         "max_queue_delay_ms = 0.0\n"
         "[executor]\nmax_concurrent = 256\noffload_queue_depth = 100000\n"
     )
-    with (
-        tempfile.TemporaryDirectory() as tmpdir,
-        LocalCluster(Path(tmpdir), fleet_id="bench-refs") as cluster,
-    ):
-        cluster.add_node("worker", extra=extra)
-        node = psutil.Process(cluster.start("worker").proc.pid)
-        for _ in range(args.rounds):
-            for case in (args.only,) if args.only else CASES:
-                out.append((case, await run_case(cluster, Path(tmpdir), case, args, node)))
+    with tempfile.TemporaryDirectory() as tmpdir:
+        async with LocalCluster(Path(tmpdir), fleet_id="bench-refs") as cluster:
+            await run_cases(cluster, Path(tmpdir), extra, args, out)
     return out
+
+
+async def run_cases(cluster: LocalCluster, tmp: Path, extra: str, args, out: list) -> None:
+    cluster.add_node("worker", extra=extra)
+    node = psutil.Process(cluster.start("worker").proc.pid)
+    for _ in range(args.rounds):
+        for case in (args.only,) if args.only else CASES:
+            out.append((case, await run_case(cluster, tmp, case, args, node)))
 
 
 def report(results: list[tuple[str, dict]], args) -> None:

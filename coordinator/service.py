@@ -276,7 +276,7 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
         await self._steps.aclose()  # results and failures being journaled: they land first
-        for timer in self._timers.values():
+        for timer in (*self._timers.values(), *self._task_timers.values()):
             timer.cancel()
         if self.journal is not None:
             await self._db.run_alone(self.journal.close)
@@ -619,6 +619,7 @@ class Coordinator:
         """``node`` does not hold the input this attempt named by reference: the same attempt
         goes again with the bytes (not a retry: the node ran nothing)."""
         self.stats_.input_cache_misses += 1
+        self.stats_.input_bytes_saved -= len(entry.item.input.data)  # they go after all
         mirror = self._mirror(node)
         if mirror is not None:
             mirror.forget(entry.digest)
@@ -1009,9 +1010,7 @@ def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
 
 
 def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
-    import dataclasses
-
-    return item if item.attempt == attempt else dataclasses.replace(item, attempt=attempt)
+    return item if item.attempt == attempt else replace(item, attempt=attempt)
 
 
 def _labels(output: np.ndarray | None) -> list[int] | None:

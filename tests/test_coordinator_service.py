@@ -81,15 +81,18 @@ class Mesh:
             await daemon.aclose()
 
 
-def hold_inference(daemon: NodeDaemon, gate: asyncio.Event | None = None) -> asyncio.Event:
+def hold_inference(
+    daemon: NodeDaemon, gate: asyncio.Event | None = None, *, only: str | None = None
+) -> asyncio.Event:
     """Make ``daemon``'s engine wait for ``gate`` (a new event if None; returned) before each
-    inference: its items stay running until the test sets it."""
+    inference (of model ``only``, if given): its items stay running until the test sets it."""
     if gate is None:
         gate = asyncio.Event()
     original = daemon.engine.infer
 
     async def held(ref, batch):
-        await gate.wait()
+        if only is None or ref.model_id == only:
+            await gate.wait()
         return await original(ref, batch)
 
     daemon.engine.infer = held
@@ -717,14 +720,7 @@ async def test_a_parallel_task_at_its_deadline_ends_with_the_outputs_in_by_then(
     models = tuple(ModelRef(m, "1") for m in ("digits-mlp", "digits-mlp-wide", "digits-mlp-deep"))
     async with Mesh(tmp_path, n=1) as mesh:
         c, daemon = mesh.coordinator, mesh.daemons["node-0"]
-        original, gate = daemon.engine.infer, asyncio.Event()
-
-        async def deep_is_stuck(ref, batch):
-            if ref.model_id == "digits-mlp-deep":
-                await gate.wait()
-            return await original(ref, batch)
-
-        daemon.engine.infer = deep_is_stuck
+        gate = hold_inference(daemon, only="digits-mlp-deep")
         task = spec("vote", "parallel", x, models=models, aggregation="weighted", deadline_s=1.0)
         record = await c.wait(await c.submit(task), timeout=10)
         stats = daemon.executor.stats  # the stuck one ended there: by its deadline or told

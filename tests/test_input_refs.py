@@ -87,6 +87,7 @@ async def test_a_reference_the_node_no_longer_holds_is_sent_again_with_the_bytes
         assert await _labels(c, spec("b", "single", frame)) == first  # attempt 1 still
         assert node.executor.stats.failed["input_not_cached"] == 1
         assert (c.stats_.input_cache_misses, c.stats_.retries) == (1, 0)
+        assert c.stats_.input_bytes_saved == 0  # b's reference missed: its bytes went after all
         assert await _labels(c, spec("c", "single", frame)) == first
         assert c.stats_.inputs_by_reference == 2  # b's first send and c's
         assert node.executor.inputs.stats.hits == 1  # c's: the bytes went again with b

@@ -152,8 +152,8 @@ def test_bad_headers_are_refused(fields) -> None:
         decode_packet(msgpack.packb(fields))
 
 
-def _alive_fields(**overrides) -> list:
-    state = ["h", 1, b"", [], [], 0, 0, [], None, None, 0]
+def _alive_fields(*appended, **overrides) -> list:
+    state = ["h", 1, b"", [], [], 0, 0, [], None, None, 0, *appended]
     for index, value in overrides.items():
         state[int(index[1:])] = value
     return [0, "n1", 0, 1, state, b""]
@@ -169,10 +169,10 @@ def _alive_fields(**overrides) -> list:
         _alive_fields(f8=[float("nan"), 1.0]),  # not finite
         _alive_fields(f8=[1, 2]),  # integers, not floats
         _alive_fields(f4=[["m", "v"]]),  # model without digest
-        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, -1], b""],  # cache < 0
-        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 0], b""],  # default
-        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 2**20], b""],  # over
-        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 1, *[2] * 9], b""],
+        _alive_fields(-1),  # input_cache_mb < 0
+        _alive_fields(0),  # input_cache_mb 0 written explicitly (a trailing default)
+        _alive_fields(2**20),  # input_cache_mb over its cap
+        _alive_fields(1, *[2] * 9),  # 9 later fields, over the 8 kept
         [0, "n1", 0, 1, "state", b""],  # state not a list
         [1, "n1", 0],  # suspect without accuser
         [9, "n1", 0, "n2"],  # unknown record kind
@@ -233,7 +233,7 @@ def test_appended_state_fields_are_written_only_when_set() -> None:
 def test_fields_a_newer_node_appended_are_passed_on_as_signed() -> None:
     """A state with fields this node does not know decodes, re-encodes to the same bytes (so
     the author's signature still verifies) and relays them unchanged."""
-    newer = [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0, 0, "x", [1, 2]], b""]
+    newer = _alive_fields(0, "x", [1, 2])
     record = decode_packet(encode_header(Gossip()) + msgpack.packb(newer)).records[0]
     assert record.state.input_cache_mb == 0
     assert record.state.later == (msgpack.packb("x"), msgpack.packb([1, 2]))

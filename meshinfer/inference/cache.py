@@ -14,9 +14,8 @@ coordinator then sends such an input again as a reference (``TaskAssign.input_re
 node: the same LRU run over digests and sizes alone, fed the same operations in the same order
 (the session keeps them in order, and the node does them as each message arrives), so while one
 coordinator feeds a node's cache, and its messages arrive, the mirror knows exactly what it
-holds. When it does not (a
-second coordinator, a node restart) the node answers a reference it lacks with
-``INPUT_NOT_CACHED`` and gets the bytes again: a wrong guess costs one round trip.
+holds. When it does not (a second coordinator, a node restart) the node answers a reference it
+lacks with ``INPUT_NOT_CACHED`` and gets the bytes again: a wrong guess costs one round trip.
 
 Concurrency: not thread-safe. Use it from the event loop only (every method is short and never
 blocks, except hashing the bytes given to :meth:`put`, which is linear in their size).

@@ -214,7 +214,7 @@ class RevocationSync:
     async def _read_file_if_changed(self) -> RevocationList | None:
         """The file's list if it changed since last read (call holding ``_file_lock``)."""
         stamp = _stamp_of(self.store)
-        if self.store is None or stamp is None or stamp == self._seen_file:
+        if stamp is None or stamp == self._seen_file:  # no file (or no store: _stamp_of None)
             return None
         try:
             listed = await asyncio.to_thread(load_revocations, self.store, self.trust)
