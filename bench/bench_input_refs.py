@@ -15,12 +15,14 @@ alternated ``--rounds`` times so drift on a noisy machine hits both alike:
 
 Prints tasks/s, p50/p99, the bytes the node process read per task (``read_chars`` of
 ``/proc/<pid>/io``: every socket read, gossip and pings included), CPU per task in each
-process, and the ratios refs / bytes. The node runs with one BLAS thread
-(``OPENBLAS_NUM_THREADS=1`` unless set): on a 2-core machine OpenBLAS's own threads otherwise
-spin on the core the event loops need, and both cases mostly measure that. Linux only
-(``read_chars``). Usage::
+process, and the ratios refs / bytes. ``--cpu-threads`` sets the node's ``[inference]
+cpu_threads`` (its math libraries' threads per pool; 0: their own default, one per core); given
+several values, each round starts a fresh node per value, in turn, and the ratios of each value
+to the first are printed too (on a 2-core machine OpenBLAS's default threads spin on the cores
+the event loops need: 0 against 1 measures that). Linux only (``read_chars``). Usage::
 
     python bench/bench_input_refs.py [--seconds 5] [--rounds 2] [--models 4] [--rows 1024]
+        [--cpu-threads 0 1] [--only refs]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -52,10 +55,12 @@ from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
+from node.config import CPU_THREADS
 
 WIDTH = 64
 MODELS = (*DIGITS_REFS, ModelRef("synthetic-mlp", "w64-d2"))
 CASES = {"bytes": 0, "refs": CoordinatorConfig().input_ref_min_bytes}
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def models(n: int) -> tuple[ModelRef, ...]:
@@ -138,52 +143,77 @@ async def run_case(cluster, tmp: Path, case: str, args, node: psutil.Process) ->
     }
 
 
-async def run_all(args) -> list[tuple[str, dict]]:
-    out = []
-    extra = (
-        "[http]\nenabled = false\n"
-        f"[inference]\nmodels = [{', '.join(repr(str(m)) for m in models(args.models))}]\n"
-        "max_queue_delay_ms = 0.0\n"
-        "[executor]\nmax_concurrent = 256\noffload_queue_depth = 100000\n"
-    )
+async def run_all(args) -> list[tuple[int, str, dict]]:
+    out: list[tuple[int, str, dict]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         async with LocalCluster(Path(tmpdir), fleet_id="bench-refs") as cluster:
-            await run_cases(cluster, Path(tmpdir), extra, args, out)
+            await run_cases(cluster, Path(tmpdir), args, out)
     return out
 
 
-async def run_cases(cluster: LocalCluster, tmp: Path, extra: str, args, out: list) -> None:
-    cluster.add_node("worker", extra=extra)
-    node = psutil.Process(cluster.start("worker").proc.pid)
-    for _ in range(args.rounds):
-        for case in (args.only,) if args.only else CASES:
-            out.append((case, await run_case(cluster, tmp, case, args, node)))
+def node_extra(args, cpu_threads: int) -> str:
+    return (
+        "[http]\nenabled = false\n"
+        f"[inference]\nmodels = [{', '.join(repr(str(m)) for m in models(args.models))}]\n"
+        f"max_queue_delay_ms = 0.0\ncpu_threads = {cpu_threads}\n"
+        "[executor]\nmax_concurrent = 256\noffload_queue_depth = 100000\n"
+    )
 
 
-def report(results: list[tuple[str, dict]], args) -> None:
+async def run_cases(cluster: LocalCluster, tmp: Path, args, out: list) -> None:
+    """Each round: a fresh node per ``--cpu-threads`` value, in turn, running every case."""
+    for r in range(args.rounds):
+        for threads in args.cpu_threads:
+            name = f"worker-{r}-t{threads}"
+            cluster.add_node(name, extra=node_extra(args, threads))
+            node = psutil.Process(cluster.start(name).proc.pid)
+            try:
+                for case in (args.only,) if args.only else CASES:
+                    out.append((threads, case, await run_case(cluster, tmp, case, args, node)))
+            finally:
+                await asyncio.to_thread(cluster.kill, name, signal.SIGKILL)
+
+
+def report(results: list[tuple[int, str, dict]], args) -> None:
     frame_kib = args.rows * WIDTH * 4 / 1024
     print(
         f"{args.models} models, a {frame_kib:,.0f} KiB frame per task, {args.in_flight} in flight"
     )
-    print(f"{'case':<8}{'tasks/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'node read KiB/task':>20}"
-          f"{'refs/task':>11}{'coord CPU ms':>14}{'node CPU ms':>13}{'tasks':>7}")  # fmt: skip
-    for case, r in results:
-        print(f"{case:<8}{r['rate']:>9,.1f}{r['p50'] * 1e3:>9.2f}{r['p99'] * 1e3:>9.2f}"
-              f"{r['node_read'] / 1024:>20,.1f}{r['refs_per_task']:>11.2f}"
+    print(f"{'threads':<8}{'case':<8}{'tasks/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'node read KiB/task':>20}{'refs/task':>11}{'coord CPU ms':>14}{'node CPU ms':>13}"
+          f"{'tasks':>7}")  # fmt: skip
+    for threads, case, r in results:
+        print(f"{threads:<8}{case:<8}{r['rate']:>9,.1f}{r['p50'] * 1e3:>9.2f}"
+              f"{r['p99'] * 1e3:>9.2f}{r['node_read'] / 1024:>20,.1f}{r['refs_per_task']:>11.2f}"
               f"{r['coord_cpu'] * 1e3:>14.2f}{r['node_cpu'] * 1e3:>13.2f}"
               f"{r['tasks']:>7}")  # fmt: skip
-    by = {case: [r for c, r in results if c == case] for case in CASES}
-    if not all(by.values()):
+    for threads in args.cpu_threads:
+        refs_ratios(results, threads, args.rounds)
+    base = args.cpu_threads[0]
+    for threads in args.cpu_threads[1:]:
+        for case in (args.only,) if args.only else CASES:
+            print(f"cpu_threads {threads} / {base}, {case} (means over {args.rounds} rounds): "
+                  f"tasks/s {ratio(results, (threads, case), (base, case), 'rate')}, "
+                  f"p50 {ratio(results, (threads, case), (base, case), 'p50')}, node CPU per "
+                  f"task {ratio(results, (threads, case), (base, case), 'node_cpu')}")  # fmt: skip
+
+
+def ratio(results: list, top: tuple[int, str], bottom: tuple[int, str], key: str) -> str:
+    """Mean of ``key`` over the runs of ``top`` (threads, case) / its mean over ``bottom``'s."""
+    a, b = (statistics.fmean(r[key] for t, c, r in results if (t, c) == k) for k in (top, bottom))
+    return f"{a / b:.2f}x"
+
+
+def refs_ratios(results: list, threads: int, rounds: int) -> None:
+    if not all(c in {c for t, c, _ in results if t == threads} for c in CASES):
         return
-
-    def ratio(key: str) -> str:
-        refs, plain = (statistics.fmean(r[key] for r in by[c]) for c in ("refs", "bytes"))
-        return f"{refs / plain:.2f}x"
-
-    print(f"refs / bytes (means over {args.rounds} rounds): tasks/s {ratio('rate')}, "
-          f"p50 {ratio('p50')}, bytes the node read per task {ratio('node_read')}, "
-          f"node CPU per task {ratio('node_cpu')}, coordinator CPU per task "
-          f"{ratio('coord_cpu')}; misses {sum(r['misses'] for r in by['refs'])}")  # fmt: skip
+    refs, plain = (threads, "refs"), (threads, "bytes")
+    misses = sum(r["misses"] for t, c, r in results if (t, c) == refs)
+    print(f"cpu_threads {threads}, refs / bytes (means over {rounds} rounds): tasks/s "
+          f"{ratio(results, refs, plain, 'rate')}, p50 {ratio(results, refs, plain, 'p50')}, "
+          f"bytes the node read per task {ratio(results, refs, plain, 'node_read')}, "
+          f"node CPU per task {ratio(results, refs, plain, 'node_cpu')}, coordinator CPU per "
+          f"task {ratio(results, refs, plain, 'coord_cpu')}; misses {misses}")  # fmt: skip
 
 
 def main() -> None:
@@ -198,16 +228,27 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1024, help="rows of 64 float32 per frame")
     ap.add_argument("--quick", action="store_true", help="short windows, one round (smoke run)")
     ap.add_argument("--only", choices=tuple(CASES), help="run one case (for profiling)")
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        nargs="+",
+        default=[CPU_THREADS],
+        help="the node's [inference] cpu_threads; several: a node per value, alternated",
+    )
     args = ap.parse_args()
     if not 1 <= args.models <= len(MODELS) or min(args.rows, args.in_flight, args.rounds) < 1:
         ap.error(f"--models in 1..{len(MODELS)}, and --rows, --in-flight and --rounds >= 1")
+    if min(args.cpu_threads) < 0:
+        ap.error("--cpu-threads values must be >= 0")
     if args.quick:
         args.seconds, args.warmup, args.rounds = 1.0, 0.5, 1
     logging.basicConfig(level=logging.ERROR)
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")  # inherited by the node process (see the docstring)
     print(f"python {sys.version.split()[0]}, cpus={psutil.cpu_count()}, "
-          f"window={args.seconds}s after {args.warmup}s warm-up, {args.rounds} rounds")  # fmt: skip
+          f"window={args.seconds}s after {args.warmup}s warm-up, {args.rounds} rounds, "
+          f"node cpu_threads {args.cpu_threads}")  # fmt: skip
+    inherited = {k: v for k, v in os.environ.items() if k in BLAS_ENV}
+    if inherited:  # the node inherits them: they decide what cpu_threads 0 means
+        print(f"note: the node inherits {inherited}")
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

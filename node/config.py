@@ -17,6 +17,10 @@ from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
+CPU_THREADS = 1
+"""Default ``[inference] cpu_threads``, chosen from ``python bench/bench_input_refs.py
+--cpu-threads 0 1 2`` (figures in the key's documentation)."""
+
 
 @dataclass(frozen=True)
 class NodeSection:
@@ -84,6 +88,13 @@ class InferenceSection:
         INLINE_MAX_MACS,
         'engine "numpy": largest forward pass (rows x multiply-adds per row) run on the event'
         " loop; bigger ones go to a worker thread (0: always a thread)",
+    )
+    cpu_threads: int = doc(
+        CPU_THREADS,
+        "threads each math-library pool behind NumPy (OpenBLAS, MKL, OpenMP) may use, process-wide,"
+        " set at start (0: the libraries' default, one per core); at the node's batch sizes more"
+        " than 1 gains nothing and spins on the cores the event loop needs (2 cores: 1.3-1.5x"
+        " tasks/s, 0.3-0.4x node CPU per task with 1 against 0)",
     )
 
 
@@ -156,6 +167,8 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
     parse_address(config.http.listen, f"{source}: [http] listen")
     if config.inference.inline_max_macs < 0:
         raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")
+    if config.inference.cpu_threads < 0:
+        raise ConfigError(f"{source}: [inference] cpu_threads must be >= 0")
     if config.executor.accepted_notice_ms < 0:
         raise ConfigError(f"{source}: [executor] accepted_notice_ms must be >= 0")
     if not 0 <= config.executor.input_cache_mib <= MAX_INPUT_CACHE_MB:

@@ -3,7 +3,9 @@
 Composition, in start order (reverse order on shutdown):
 
 1. identity and revocations from ``[node] identity_dir``;
-2. the inference engine (``[inference]``), its models loaded and a dynamic batcher per model;
+2. the inference engine (``[inference]``): the math libraries' thread pools limited to
+   ``cpu_threads`` (process-wide, put back on close), its models loaded and a dynamic batcher per
+   model;
 3. the mesh: session listener, membership, discovery (:class:`~meshinfer.runtime.node.MeshNode`);
 4. the task executor, which serves work items that reach this node;
 5. the HTTP endpoint (``/healthz``, ``/readyz``, ``/metrics``, ``/status``);
@@ -33,6 +35,7 @@ from meshinfer.errors import ConfigError, IdentityError
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
 from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
+from meshinfer.inference.threads import limit_cpu_threads, restore_cpu_threads
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
@@ -127,6 +130,8 @@ class NodeDaemon:
         self.data_dir = Path(config.node.data_dir or tempfile.mkdtemp(prefix="meshinfer-node-"))
         self.engine: InferenceEngine | None = None
         self.batchers: dict[ModelRef, DynamicBatcher] = {}
+        self.cpu_threads: dict[str, int] = {}  # math-library pool -> threads, as applied
+        self._cpu_limited = False
         self.mesh: MeshNode | None = None
         self.executor: Any = None
         self.http: Any = None
@@ -174,6 +179,7 @@ class NodeDaemon:
 
     async def _start_inference(self) -> None:
         inf = self.config.inference
+        self._limit_cpu_threads(inf.cpu_threads)
         self.engine = make_engine(self.config)
         batch = BatcherConfig(
             max_batch_size=inf.max_batch_size,
@@ -186,6 +192,14 @@ class NodeDaemon:
             batcher = DynamicBatcher(self.engine, ref, batch)
             await batcher.start()
             self.batchers[ref] = batcher
+
+    def _limit_cpu_threads(self, n: int) -> None:
+        """Limit the math libraries' pools (process-wide) before any model runs; log them."""
+        self.cpu_threads = limit_cpu_threads(n)
+        self._cpu_limited = n > 0
+        pools = ", ".join(f"{k}={v}" for k, v in self.cpu_threads.items()) or "none found"
+        setting = n or "the libraries' default"
+        log.info("math-library threads per pool (cpu_threads %s): %s", setting, pools)
 
     def _publish_models(self) -> None:
         assert self.mesh is not None and self.mesh.membership is not None
@@ -280,6 +294,9 @@ class NodeDaemon:
         ]
         await close_in_order(steps, log)
         self.telemetry.close()
+        if self._cpu_limited:
+            self._cpu_limited = False
+            restore_cpu_threads()
 
 
 def _replace(state: Any, **changes: Any) -> Any:

@@ -229,6 +229,7 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
         "sessions": mesh.peers.connected if mesh else [],
         "engine": d.config.inference.engine,
         "models": [str(r) for r in d.batchers],
+        "cpu_threads": {"setting": d.config.inference.cpu_threads, "pools": d.cpu_threads},
         "executor": None
         if ex is None
         else {
