@@ -7,15 +7,22 @@ once (``redial_timeout_s``). If the re-dial fails the node is *unreachable here*
 items are re-dispatched at once (a late result is still accepted exactly once) and it stays out
 of scheduling until a new session with it opens or membership reports it at a higher
 incarnation. A ``Close`` frame (a draining node, a graceful leave) triggers none of this.
-A node whose session this coordinator closed because its certificate is revoked
-(:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is *revoked here*: its items
-are re-dispatched at once, and it gets no work until a session with it opens again (which
-only a certificate that is not revoked can open), whatever membership says meanwhile::
+A node whose last session under a good certificate this coordinator closed because that
+certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is
+*revoked here*: its items are re-dispatched at once, and it gets no work until a session with it
+opens again (which only a certificate that is not revoked can open), whatever membership says
+meanwhile. A node that keeps a session under a good certificate (re-enrolled; only its old
+certificate was revoked, by serial) stays as it was: only if the closed session was the one its
+items went over are they re-dispatched at once (items are tracked by node, not by session: all
+of the node's move, maybe back to it over the good session; a result still coming is accepted
+once)::
 
     reachable --session lost abruptly--> suspect --re-dial ok--> reachable
                                          suspect --re-dial failed--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
-    any --session closed for a revoked certificate--> revoked (re-dispatch)
+    any --its last good session closed for a revoked certificate--> revoked (re-dispatch)
+    any --a session closed for a revoked certificate, a good one open--> unchanged
+                                       (re-dispatch if the closed session carried its items)
     revoked --new session--> reachable
 
 Concurrency: every method runs on the coordinator's event loop.
@@ -34,6 +41,7 @@ from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.revocations import CutOff
 from meshinfer.runtime.session import Session
 
 __all__ = ["Reachability"]
@@ -55,8 +63,8 @@ class SessionCounts(Protocol):
 class Reachability:
     """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
 
-    ``on_lost(node, why)`` is called when a node could not be re-dialled or its certificate
-    was revoked (re-dispatch its items);
+    ``on_lost(node, why)`` is called when a node could not be re-dialled or the session its
+    items went over was closed for a revoked certificate (re-dispatch its items);
     ``on_back()`` when a node may take work again (retry parked items). ``counts`` gets the
     session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
     watchers (idempotent).
@@ -120,13 +128,15 @@ class Reachability:
             self._unreachable.pop(node)
             self._on_back()
 
-    def _on_revoked(self, node: str) -> None:
-        """This node closed its session with ``node``: its certificate is revoked."""
-        if self._closed:
+    def _on_revoked(self, cut: CutOff) -> None:
+        """This node closed a session with ``cut.node_id``: its certificate is revoked."""
+        if self._closed or not cut.sends_lost:
             return
-        self._unreachable[node] = _REVOKED
-        log.warning("node %s's certificate is revoked: re-dispatching its items", node)
-        self._on_lost(node, f"the certificate of {node} was revoked")
+        node = cut.node_id
+        if not cut.still_connected:  # else it stays reachable, over its good session
+            self._unreachable[node] = _REVOKED
+        log.warning("certificate %d of %s is revoked: re-dispatching its items", cut.serial, node)
+        self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
 
     def _on_session(self, node: str, session: Session) -> None:
         """A session with ``node`` opened: it is reachable; watch how the session ends."""

@@ -10,10 +10,11 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
 At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
 when this node's backlog reaches ``offload_queue_depth`` (or it lacks the model) and a live
 peer gossips the model with a smaller queue, the item is forwarded to that peer, and whatever
-comes back is relayed to the coordinator; if that peer dies, leaves or its session is lost
-abruptly first, the item is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so the
-coordinator re-runs it at once instead of waiting for its item timeout. Bad input from a peer
-is answered with ``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. Inputs a
+comes back is relayed to the coordinator; if that peer dies, leaves, its session is lost
+abruptly, or the session the item went over is closed for a revoked certificate first, the item
+is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so the coordinator re-runs it at once
+instead of waiting for its item timeout. Bad input from a peer is answered with ``TaskFailed``
+(``BAD_INPUT``) and never reaches the engine. Inputs a
 coordinator asks this node to keep (``keep_input``) go into its input cache
 (:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item arrives,
 and an item that names its input by reference (``input_ref``) is given it from there, or
@@ -59,6 +60,7 @@ from meshinfer.proto.tasks_wire import (
     Tensor,
 )
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.revocations import CutOff
 from meshinfer.runtime.session import Session
 from node.config import ExecutorSection
 
@@ -110,10 +112,8 @@ class TaskExecutor:
         peers.on_session(self._on_session)
         if self.mesh.membership is not None:
             self.mesh.membership.subscribe(self._on_member)
-        if self.mesh.revocation_sync is not None:  # a graceful close, but it will not answer
-            self.mesh.revocation_sync.on_cut_off(
-                lambda node: self._hand_back_from(node, "certificate revoked")
-            )
+        if self.mesh.revocation_sync is not None:
+            self.mesh.revocation_sync.on_cut_off(self._on_cut_off)
 
     @property
     def backlog(self) -> int:
@@ -298,6 +298,13 @@ class TaskExecutor:
     def _on_member(self, event: MemberEvent) -> None:
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
             self._hand_back_from(event.member.node_id, event.kind.value)
+
+    def _on_cut_off(self, cut: CutOff) -> None:
+        """A session with a peer was closed for its revoked certificate: a graceful close, but
+        what went over it will not be answered. Nothing is lost if the items went over another
+        session of that peer, under a good certificate, which stays up."""
+        if cut.sends_lost:
+            self._hand_back_from(cut.node_id, f"certificate serial {cut.serial} revoked")
 
     def _on_session(self, node: str, session: Session) -> None:
         task = asyncio.get_running_loop().create_task(self._watch(node, session))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import shutil
 import time
 import urllib.request
@@ -14,18 +13,21 @@ from dataclasses import replace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.errors import RemoteProtocolError
 from meshinfer.identity_files import NodeDirectory, load_revocations, replace_file
 from meshinfer.proto import messages
-from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.revocation_sync import PAGE_ENTRIES
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
-from meshinfer.runtime.node import MeshNode, MeshNodeOptions
-from meshinfer.runtime.revocations import RevocationSyncConfig
+from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.revocations import CutOff, RevocationSyncConfig
+from meshinfer.runtime.session import Admission, Session
 from meshinfer.testing.cluster import LocalCluster
-from meshinfer.testing.fleet import make_fleet
+from meshinfer.testing.fleet import DAY, make_fleet
+from meshinfer.transport.base import Address
+from meshinfer.transport.tcp import TcpTransport
 from tests.helpers import until
+from tests.test_mesh_node import nodes_for, options
 
 QUICK = RevocationSyncConfig(check_interval_s=0.1, ask_timeout_s=0.5)
 
@@ -48,20 +50,8 @@ class Fleet:
         self.names = list(names)
         self.fleet = make_fleet(None, self.names)
         self.files = {n: tmp / f"{n}-revocations.bin" for n in self.names}
-        self.nodes = {
-            n: MeshNode(
-                self.fleet.identities[n],
-                self.fleet.revocations,
-                MeshNodeOptions(
-                    mdns=MdnsConfig.loopback(),
-                    membership=MembershipConfig.test(),
-                    revocations_file=self.files[n],
-                    revocations=QUICK,
-                ),
-                rng=random.Random(i),
-            )
-            for i, n in enumerate(self.names)
-        }
+        opts = {n: options(revocations_file=self.files[n], revocations=QUICK) for n in self.names}
+        self.nodes = dict(zip(self.names, nodes_for(self.fleet, self.names, opts.get), strict=True))
 
     async def __aenter__(self):
         for node in self.nodes.values():
@@ -88,6 +78,7 @@ async def test_a_revocation_copied_to_one_node_reaches_every_node_and_cuts_the_r
         await until(lambda: b.admission.revocations.version == 1)  # from a, by gossip
         assert b.revocation_sync.stats.asked >= 1 and b.revocation_sync.stats.merged == 1
         assert b.membership.state.revocation_version == 1  # and gossiped on
+        await until(f.files["car-b"].exists)  # written (whole) in a worker thread after the merge
         written = load_revocations(f.files["car-b"], b.identity.trust)  # kept for a restart
         assert written.entries == f.fleet.revocations.entries
         for node in (a, b):
@@ -96,6 +87,67 @@ async def test_a_revocation_copied_to_one_node_reaches_every_node_and_cuts_the_r
         await until(lambda: b.metrics.handshake_failures["revoked"] >= 1, timeout=15)
         assert b.peers.session("car-c") is None
         assert c.admission.revocations.version == 0  # nobody answers c any more
+
+
+def revoke_serial(fleet, serial: int) -> None:
+    fleet.revocations = fleet.authority.revoke(
+        fleet.revocations, now=time.time(), serial=serial, reason="old certificate"
+    )
+
+
+def sessions_of(node: MeshNode, peer: str) -> list[Session]:
+    return [s for s in node.peers.open_sessions() if s.peer_id == peer]
+
+
+async def dial_as(identity, fleet, node: MeshNode) -> Session:
+    """A session with ``node`` under ``identity`` (nobody reads it on this side)."""
+    return await dial(
+        TcpTransport(),
+        Address("127.0.0.1", node.address.port),
+        Admission(identity, fleet.revocations),
+        expected_static=node.identity.static_public,
+        expected_node_id=node.node_id,
+    )
+
+
+async def test_revoking_an_old_serial_cuts_that_session_only_and_the_node_stays_connected(
+    tmp_path,
+):
+    async with Fleet(tmp_path, names=("car-a", "car-b")) as f:
+        a = f.nodes["car-a"]
+        cuts: list[CutOff] = []
+        a.revocation_sync.on_cut_off(cuts.append)
+        await until(lambda: sessions_of(a, "car-b"))
+        new_serial = f.fleet.identities["car-b"].certificate.serial
+        earlier = time.time() - 3600  # car-b was enrolled before, under another certificate
+        old = f.fleet.authority.enroll(
+            "car-b", ("vehicle",), now=earlier, lifetime_s=DAY, serial=99
+        )
+        stale = await dial_as(old, f.fleet, a)
+        try:
+            await until(lambda: any(s.peer.serial == 99 for s in sessions_of(a, "car-b")))
+            revoke_serial(f.fleet, 99)
+            replace_file(f.files["car-a"], f.fleet.revocations.to_bytes())
+            async with asyncio.timeout(10):
+                await stale.wait_closed()
+            await until(lambda: cuts)
+            # a sent car-b's messages over the older session under the new certificate
+            assert cuts == [CutOff("car-b", 99, still_connected=True, carried_sends=False)]
+            assert not cuts[0].sends_lost
+            assert sessions_of(a, "car-b") and all(
+                s.peer.serial == new_serial for s in sessions_of(a, "car-b")
+            )
+            assert "car-b" in a.live_members()
+
+            f.fleet.revoke("car-b")  # by node id: every certificate issued until now
+            replace_file(f.files["car-a"], f.fleet.revocations.to_bytes())
+            await until(lambda: a.peers.session("car-b") is None)
+            await until(lambda: len(cuts) == a.revocation_sync.stats.disconnected)
+            later = cuts[1:]
+            assert later and all(c.serial == new_serial and not c.still_connected for c in later)
+            assert later[0].carried_sends and all(c.sends_lost for c in later)
+        finally:
+            await stale.aclose()
 
 
 async def test_forged_entries_from_a_peer_are_refused_and_counted(tmp_path):

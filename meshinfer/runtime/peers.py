@@ -184,11 +184,14 @@ class PeerTable:
                 if loop.time() < box.retry_at:
                     self._fail_queue(box, "unreachable")
                     continue
-                session = await self._dial(node_id)
-                if session is None:
+                dialled = await self._dial(node_id)
+                if dialled is None:
                     box.retry_at = loop.time() + self._dial_backoff
                     self._fail_queue(box, "dial-failed")
                     continue
+                # the node's oldest open session, as for every send: one it dialled meanwhile
+                # may have been adopted first
+                session = self.session(node_id) or dialled
             await self._drain(node_id, session, box)
 
     async def _drain(self, node_id: str, session: Session, box: _Outbox) -> None:

@@ -15,10 +15,14 @@ How a revocation reaches every node of a running fleet:
    answers are harmless), writes the merged list to its own ``revocations.bin`` (so it survives
    a restart) and gossips the new version in turn.
 
-After every merge the node closes each session whose peer certificate is now revoked (a node id
-may have two: an old, stolen certificate and a new one), and checks every session adopted from
-then on; handshakes refuse revoked peers (:class:`~meshinfer.runtime.session.Admission` reads
-the current list).
+After every merge the node closes each session whose peer certificate is now revoked, and
+checks every session adopted from then on; handshakes refuse revoked peers
+(:class:`~meshinfer.runtime.session.Admission` reads the current list). Sessions are judged one
+by one: a node id may have two, under an old certificate revoked by serial (stolen, or left over
+from before the node was re-enrolled) and under its new one, which stays up. The
+:meth:`RevocationSync.on_cut_off` listeners learn of each closed session as a :class:`CutOff`:
+whether the node keeps a session under a good certificate, and whether what this node sent to
+it went over the closed one (a peer table sends over a node's oldest open session).
 
 What a peer can make a node do is bounded (the decisions are the pure
 :class:`~meshinfer.proto.revocation_sync.RevocationExchange`; this module drives it). A node
@@ -97,6 +101,29 @@ class RevocationStats:
     disconnected: int = 0  # sessions closed because the peer's certificate was revoked
 
 
+@dataclass(frozen=True)
+class CutOff:
+    """A session :class:`RevocationSync` closed because the peer's certificate is revoked, as
+    its :meth:`~RevocationSync.on_cut_off` listeners are told.
+
+    ``serial``: that certificate's. ``still_connected``: ``node_id`` keeps an open session under
+    a certificate that is not revoked (only an old one was revoked, by serial), so it is still
+    reachable. ``carried_sends``: this session was the one the peer table sent ``node_id``'s
+    messages over (its oldest open one); if not, an older session that is still open carried
+    everything sent to the node while this one was open."""
+
+    node_id: str
+    serial: int
+    still_connected: bool
+    carried_sends: bool
+
+    @property
+    def sends_lost(self) -> bool:
+        """Whether work sent to ``node_id`` may be lost with this session: it went over this
+        session, or no session under a good certificate is left to answer on."""
+        return self.carried_sends or not self.still_connected
+
+
 class RevocationSync:
     """Keeps ``admission.revocations`` current; see the module docstring. ``store``: the list
     file to watch and to write merged lists to (None: neither). Start with :meth:`start`, stop
@@ -131,7 +158,7 @@ class RevocationSync:
         )
         self._seen_file: tuple[int, int] | None = None  # None: read the file at the first look
         self._file_lock = asyncio.Lock()
-        self._cut_off: list[Callable[[str], None]] = []
+        self._cut_off: list[Callable[[CutOff], None]] = []
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
         peers.on_session(self._on_session)
@@ -150,10 +177,11 @@ class RevocationSync:
     def trust(self) -> FleetTrust:
         return self.admission.identity.trust
 
-    def on_cut_off(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(node_id)`` for each peer whose open session this node closes because
-        its certificate is revoked, just before it closes it (a scheduler's cue to stop
-        counting on that peer at once). A callback that raises is logged."""
+    def on_cut_off(self, callback: Callable[[CutOff], None]) -> None:
+        """Call ``callback(cut)`` (a :class:`CutOff`) for each open session this node closes
+        because the peer's certificate is revoked, just after it closed it: a scheduler's cue to
+        re-run at once what was sent over it and, unless ``cut.still_connected``, to stop
+        counting on that peer. A callback that raises is logged."""
         self._cut_off.append(callback)
 
     def start(self) -> None:
@@ -293,17 +321,32 @@ class RevocationSync:
     async def _close_revoked(self, sessions: list[Session]) -> None:
         for session in sessions:
             if session.is_open and self.revocations.is_revoked(session.peer):
-                log.warning(
-                    "closing a session with %s: its certificate (serial %d) is revoked",
-                    session.peer_id, session.peer.serial,
-                )  # fmt: skip
-                self.stats.disconnected += 1
-                for callback in self._cut_off:  # first: nothing new is sent there meanwhile
-                    try:
-                        callback(session.peer_id)
-                    except Exception:  # one listener's bug must not keep the session open
-                        log.exception("cut-off listener failed for %s", session.peer_id)
-                await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
+                await self._cut(session)
+
+    async def _cut(self, session: Session) -> None:
+        """Close ``session``, then tell the listeners: after the close, so that what went to
+        the node while it closed is theirs to re-run too, and what they send again goes over
+        a good session if the node has one."""
+        node, serial = session.peer_id, session.peer.serial
+        log.warning(
+            "closing a session with %s: its certificate (serial %d) is revoked", node, serial
+        )
+        self.stats.disconnected += 1
+        carried = self.peers.session(node) is session
+        await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
+        cut = CutOff(node, serial, self._has_good_session(node), carried)
+        for callback in self._cut_off:
+            try:
+                callback(cut)
+            except Exception:  # one listener's bug must not keep the others from hearing
+                log.exception("cut-off listener failed for %s", node)
+
+    def _has_good_session(self, node: str) -> bool:
+        """Whether ``node`` has an open session under a certificate that is not revoked."""
+        return any(
+            s.peer_id == node and not self.revocations.is_revoked(s.peer)
+            for s in self.peers.open_sessions()
+        )
 
     async def _write_down(self) -> None:
         """Write the list in force to ``store``, merging first what the file holds if it was

@@ -1,0 +1,244 @@
+"""What a coordinator and a node do with work when a peer's session is cut off for a revoked
+certificate: real node daemons in this process (TCP, Noise, mDNS, SQLite), plus a session opened
+by the test under a node's old certificate, as a stolen copy of it (or a process left over from
+before the node was re-enrolled) would hold.
+
+A node id may then have two sessions: revoking the old certificate by serial cuts that one only.
+The node stays schedulable over the other, and only work sent over the cut session moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from coordinator.service import CoordinatorConfig
+from meshinfer.identity_files import NodeDirectory, enroll, replace_file
+from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.proto.identity import NodeIdentity, RevocationList
+from meshinfer.proto.messages import Message
+from meshinfer.proto.tasks_wire import TaskAssign
+from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.revocations import CutOff, RevocationSyncConfig
+from meshinfer.runtime.session import Admission, Session
+from meshinfer.transport.base import Address
+from meshinfer.transport.tcp import TcpTransport
+from tests.helpers import until
+from tests.test_coordinator_service import Mesh, hold_inference, spec
+
+QUICK = RevocationSyncConfig(check_interval_s=0.1, ask_timeout_s=0.5)
+OFFLOADING = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 1\n"
+
+
+def reenroll(mesh: Mesh, node_id: str) -> NodeIdentity:
+    """Give ``node_id`` a new certificate (same key) before its daemon starts; return its
+    identity under the old one."""
+    directory = NodeDirectory(mesh.cluster.root / "nodes" / node_id)
+    old = directory.load()
+    roles, now = frozenset({"vehicle"}), time.time() - 30
+    enroll(mesh.cluster.fleet, directory, node_id, roles, now=now, lifetime_s=3600.0, force=True)
+    return old
+
+
+def revoke(mesh: Mesh, into: str, **which: object) -> None:
+    """Revoke (``serial=`` or ``node_id=``) and copy the fleet's list where ``into`` (a node,
+    or "coord") watches it, as the operator would."""
+    mesh.cluster.fleet.revoke(now=time.time(), reason="test", **which)
+    if into == "coord":
+        target = mesh.options["revocations_file"]
+    else:
+        target = NodeDirectory(mesh.cluster.root / "nodes" / into).revocations_bin
+    replace_file(target, mesh.cluster.fleet.revocations_bin.read_bytes())
+
+
+def coordinator_options(tmp_path) -> dict:
+    return {"revocations_file": tmp_path / "coord-revocations.bin", "revocations": QUICK}
+
+
+def serials_of(node: MeshNode, peer: str) -> list[int]:
+    """The certificate serials of ``node``'s open sessions with ``peer``, oldest first."""
+    return [s.peer.serial for s in node.peers.open_sessions() if s.peer_id == peer]
+
+
+class StaleSession:
+    """A session with ``to`` under ``identity``: it keeps what it is sent and answers nothing."""
+
+    def __init__(self, identity: NodeIdentity, to: MeshNode) -> None:
+        self.identity = identity
+        self.to = to
+        self.received: list[Message] = []
+        self.session: Session | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def serial(self) -> int:
+        return self.identity.certificate.serial
+
+    def assigned(self) -> list[TaskAssign]:
+        return [m for m in self.received if isinstance(m, TaskAssign)]
+
+    async def __aenter__(self) -> StaleSession:
+        node_id = self.identity.node_id
+        await until(lambda: serials_of(self.to, node_id))  # the stale one comes after these
+        self.session = await dial(
+            TcpTransport(),
+            Address("127.0.0.1", self.to.address.port),
+            Admission(self.identity, RevocationList(self.identity.trust.fleet_id)),
+            expected_static=self.to.identity.static_public,
+            expected_node_id=self.to.node_id,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        await until(lambda: self.serial in serials_of(self.to, node_id))
+        return self
+
+    async def _read(self) -> None:
+        async for msg in self.session:
+            self.received.append(msg)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.aclose()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def cut_offs(node: MeshNode) -> list[CutOff]:
+    cuts: list[CutOff] = []
+    node.revocation_sync.on_cut_off(cuts.append)
+    return cuts
+
+
+def serving(c) -> set[str]:
+    """The nodes alive with models, as the coordinator sees them."""
+    return {n["node_id"] for n in c.nodes() if n["status"] == "alive" and n["models"]}
+
+
+async def succeeded(c, task_id: str):
+    record = await c.wait(task_id, timeout=15)
+    assert record.state.value == "succeeded", record.summary.error
+    return record
+
+
+# --- the coordinator ---------------------------------------------------------------------------
+
+
+async def test_revoking_a_nodes_old_certificate_leaves_it_working_over_its_new_one(tmp_path):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=120.0)  # neither a timeout nor a retry may act
+    mesh = Mesh(tmp_path, n=1, config=config, options=coordinator_options(tmp_path))
+    old = reenroll(mesh, "node-0")
+    async with mesh:
+        c, coord = mesh.coordinator, mesh.mesh
+        cuts = cut_offs(coord)
+        gate = hold_inference(mesh.daemons["node-0"])
+        try:
+            running = await c.submit(spec("running", "single", x[:1]))
+            await until(lambda: any(n["in_flight"] for n in c.nodes()))
+            async with StaleSession(old, coord) as stale:  # opened after the node's own
+                revoke(mesh, "coord", serial=old.certificate.serial)
+                await until(lambda: cuts)
+            new = mesh.daemons["node-0"].identity.certificate.serial
+            assert cuts == [CutOff("node-0", old.certificate.serial, True, carried_sends=False)]
+            assert set(serials_of(coord, "node-0")) == {new}
+            gate.set()
+            for task_id in (running, await c.submit(spec("after", "single", x[1:2]))):
+                record = await succeeded(c, task_id)  # node-0 is the only node: not shunned
+                assert [(i.node, i.attempt) for i in record.items] == [("node-0", 1)]
+            assert c.stats_.redispatched_after_disconnect == 0  # nothing went the stale way
+            assert stale.assigned() == []
+        finally:
+            gate.set()
+
+
+async def test_items_sent_over_the_revoked_session_move_and_the_node_keeps_getting_work(tmp_path):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=120.0)
+    mesh = Mesh(tmp_path, n=2, config=config, options=coordinator_options(tmp_path))
+    old = reenroll(mesh, "node-0")
+    async with mesh:
+        c, coord = mesh.coordinator, mesh.mesh
+        cuts = cut_offs(coord)
+        new = mesh.daemons["node-0"].identity.certificate.serial
+        async with StaleSession(old, coord) as stale:
+            # node-0 dials again: its new session then comes after the stale one, which
+            # carries what the coordinator sends to node-0 from then on
+            for session in coord.peers.open_sessions():
+                if session.peer.serial == new:
+                    await session.aclose()
+            await until(lambda: serials_of(coord, "node-0")[0] == old.certificate.serial)
+            await until(lambda: new in serials_of(coord, "node-0"))
+            ids = [
+                await c.submit(spec(f"r{i}", "single", x[i : i + 1], policy="round_robin"))
+                for i in range(2)
+            ]
+            await until(lambda: stale.assigned())
+            revoke(mesh, "coord", serial=old.certificate.serial)
+            await until(lambda: cuts)
+        assert cuts == [CutOff("node-0", old.certificate.serial, True, carried_sends=True)]
+        (lost,) = stale.assigned()
+        for task_id in ids:
+            await succeeded(c, task_id)
+        assert c.stats_.redispatched_after_disconnect == 1
+        moved = await c.wait(lost.item_id.split("/")[0])  # "<task id>/<index>"
+        assert [item.attempt for item in moved.items] == [2]  # ran again, over a good session
+        await until(lambda: serving(c) == {"node-0", "node-1"})  # probes went the stale way, too
+        later = [
+            await c.submit(spec(f"a{i}", "single", x[i : i + 1], policy="round_robin"))
+            for i in range(4)
+        ]
+        workers = {item.node for t in later for item in (await succeeded(c, t)).items}
+        assert "node-0" in workers  # still schedulable: not shunned as revoked
+
+
+# --- the node's executor -----------------------------------------------------------------------
+
+
+async def offloading_mesh(tmp_path, stack: contextlib.AsyncExitStack, old_of: str | None = None):
+    """Two daemons; node-0 runs one item at a time (held by the returned gate) and forwards the
+    rest to node-1, which keeps them until the returned ``release`` is set."""
+    config = CoordinatorConfig(item_timeout_s=120.0)  # the hand-back, not the timeout, must act
+    mesh = Mesh(tmp_path, n=2, extra=OFFLOADING, config=config)
+    old = reenroll(mesh, old_of) if old_of else None
+    await stack.enter_async_context(mesh)
+    busy, helper = mesh.daemons["node-0"], mesh.daemons["node-1"]
+    gate, release = hold_inference(busy), hold_inference(helper)
+    stack.callback(release.set)  # lets node-1's batcher finish so the daemon can close
+    stack.callback(gate.set)
+    x, _ = load_digits_holdout()
+    ids = [
+        await mesh.coordinator.submit(spec(f"h{i}", "single", x[i : i + 1], policy="round_robin"))
+        for i in range(4)
+    ]
+    await until(lambda: busy.executor.stats.offloaded >= 1, timeout=10)
+    return mesh, ids, gate, release, old
+
+
+async def test_items_offloaded_to_a_peer_cut_off_for_revocation_are_handed_back(tmp_path):
+    async with contextlib.AsyncExitStack() as stack:
+        mesh, ids, gate, _, _ = await offloading_mesh(tmp_path, stack)
+        busy = mesh.daemons["node-0"]
+        revoke(mesh, "node-0", node_id="node-1")  # node-0 hears of it first
+        await until(lambda: busy.executor.stats.handed_back >= 1)
+        gate.set()
+        records = [await succeeded(mesh.coordinator, task_id) for task_id in ids]
+        errors = [item.error or "" for r in records for item in r.items]
+        assert any("offloaded to node-1, which was lost (certificate" in e for e in errors)
+        assert {item.node for r in records for item in r.items} == {"node-0"}
+
+
+async def test_a_stale_session_cut_off_does_not_hand_back_what_went_over_the_good_one(tmp_path):
+    async with contextlib.AsyncExitStack() as stack:
+        mesh, ids, gate, release, old = await offloading_mesh(tmp_path, stack, old_of="node-1")
+        busy = mesh.daemons["node-0"]
+        cuts = cut_offs(busy.mesh)
+        async with StaleSession(old, busy.mesh) as stale:  # node-0 sends over the older one
+            revoke(mesh, "node-0", serial=old.certificate.serial)
+            await until(lambda: cuts)
+        assert cuts == [CutOff("node-1", old.certificate.serial, True, carried_sends=False)]
+        assert stale.assigned() == []
+        gate.set()
+        release.set()
+        for task_id in ids:
+            await succeeded(mesh.coordinator, task_id)
+        stats = busy.executor.stats
+        assert stats.handed_back == 0 and stats.relayed == stats.offloaded >= 1
