@@ -839,8 +839,8 @@ def _result_lines(result: dict[str, Any], show: int) -> list[str]:
 
 
 def render_nodes(doc: dict[str, Any]) -> str:
-    """The ``nodes`` table of a GET /v1/nodes answer (the queue of a node that left or died
-    is its last gossiped one: shown as ``-``)."""
+    """The ``nodes`` table of a GET /v1/nodes answer (a node that left or died has no queue
+    depth: ``-``)."""
     nodes = doc["nodes"]
     if not nodes:
         return "no nodes"
@@ -850,7 +850,7 @@ def render_nodes(doc: dict[str, Any]) -> str:
             n["status"],
             ",".join(n["roles"]) or "-",
             n["address"],
-            n["queue_depth"] if n["status"] in ("alive", "suspect") else None,
+            n["queue_depth"],
             n["in_flight"],
             n["done"],
             ",".join(n["models"]) or "-",

@@ -46,6 +46,11 @@ class CoordinatorSection:
     retry_backoff_s: float = doc(0.05, "first retry delay; doubles each attempt")
     retry_backoff_max_s: float = doc(2.0, "longest retry delay")
     item_timeout_s: float = doc(30.0, "an attempt with no result after this long is retried")
+    default_deadline_s: float = doc(
+        0.0,
+        "time budget in seconds of a task that names no deadline_s (it fails, or a parallel"
+        " task aggregates what it has, when it runs out); 0: such a task has none",
+    )
     journal_synchronous: str = doc(
         "FULL",
         'SQLite synchronous level of the WAL journal: "FULL" survives power loss, "NORMAL"'
@@ -115,7 +120,7 @@ def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     parse_address(config.api.listen, f"{source}: [api] listen")
     if config.api.max_uploads_mib < config.api.max_body_mib:
         raise ConfigError(f"{source}: [api] max_uploads_mib must be at least max_body_mib")
-    for key in ("retry_backoff_s", "retention_days", "input_ref_min_kib"):
+    for key in ("retry_backoff_s", "retention_days", "input_ref_min_kib", "default_deadline_s"):
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
 

@@ -47,6 +47,7 @@ def service_config(config: CoordinatorFileConfig) -> CoordinatorConfig:
         retry_backoff_s=c.retry_backoff_s,
         retry_backoff_max_s=c.retry_backoff_max_s,
         item_timeout_s=c.item_timeout_s,
+        default_deadline_s=c.default_deadline_s,
         journal_synchronous=c.journal_synchronous,
         node_capacity=c.node_capacity,
         max_in_flight_per_node=c.max_in_flight_per_node,

@@ -131,7 +131,8 @@ def _task_schemas() -> dict[str, Schema]:
         "TaskResult": result,
         "Task": _obj([*summary, "deadline_s", "expires_at", "items", "result"], {
             **summary, "items": _array(_ref("WorkItem")),
-            "deadline_s": {"type": ["number", "null"], "description": "the task's time budget"},
+            "deadline_s": {"type": ["number", "null"], "description": "the task's time budget: its"
+                           " own, else the coordinator's default_deadline_s (null: none)"},
             "expires_at": {"type": ["number", "null"],
                            "description": "created_at + deadline_s (Unix seconds)"},
             "result": {"oneOf": [{"type": "null"}, _ref("TaskResult")]},
@@ -151,7 +152,9 @@ def _task_schemas() -> dict[str, Schema]:
 def _mesh_schemas() -> dict[str, Schema]:
     node = _obj(["node_id", "status"], {
         "node_id": _STR, "status": _STR, "roles": _array(_STR), "models": _array(_STR),
-        "queue_depth": _INT, "address": _STR, "in_flight": _INT, "done": _INT,
+        "queue_depth": {"type": ["integer", "null"], "description": "the node's gossiped queue;"
+                        " null for a node that died or left (its last one is stale)"},
+        "address": _STR, "in_flight": _INT, "done": _INT,
     }, closed=False)  # fmt: skip
     counts = {"type": "object", "additionalProperties": _INT}
     stats = _obj(["tasks", "items", "dispatched", "retries", "live_tasks"], {

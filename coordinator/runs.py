@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from meshinfer.inference.cache import content_digest
 from meshinfer.proto.aggregation import AggregateResult, AggregationConfig, Aggregator, Mode
 from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem, outline, plan
 from meshinfer.proto.tasks_pipeline import PipelinePlan
@@ -54,15 +55,24 @@ class Outcome:
 class TaskRun:
     """Progress of one task; see the module docstring."""
 
-    def __init__(self, spec: TaskSpec, *, default_aggregation: str, now: float) -> None:
+    def __init__(
+        self,
+        spec: TaskSpec,
+        *,
+        default_aggregation: str,
+        now: float,
+        default_deadline_s: float | None = None,
+    ) -> None:
         self.spec = spec
+        #: the task's time budget: its own ``deadline_s``, else the coordinator's default
+        self.deadline_s = spec.deadline_s if spec.deadline_s is not None else default_deadline_s
         self.results: dict[str, Tensor] = {}
         self.nodes: dict[str, str] = {}  # item id -> node that produced its result
         self.failed: dict[str, str] = {}
         self.items: dict[str, ItemRun] = {}
         self.outcome: Outcome | None = None
         #: when the task's ``deadline_s`` runs out, on the loop's clock (None: no deadline)
-        self.expires_at = None if spec.deadline_s is None else now + spec.deadline_s
+        self.expires_at = None if self.deadline_s is None else now + self.deadline_s
         #: the task's items (validates the spec), handed to the journal with the task
         self.outline = outline(spec)
         self.pipeline = PipelinePlan(spec) if spec.pattern == Pattern.PIPELINE else None
@@ -72,12 +82,22 @@ class TaskRun:
         )
         self._unstarted = 0  # every planned item before this index has started (never undone)
         self.aggregator: Aggregator | None = None
+        #: id(input bytes) -> (those bytes, their sha256): items sharing one input hash it once
+        self._digests: dict[int, tuple[bytes, str]] = {}
         if spec.pattern == Pattern.PARALLEL:
             mode = Mode(spec.aggregation or default_aggregation)
-            cfg = AggregationConfig(mode=mode, timeout_s=spec.deadline_s)
+            cfg = AggregationConfig(mode=mode, timeout_s=self.deadline_s)
             ids = [w.item_id for w in self._planned]
             cfg.check(len(ids))
             self.aggregator = Aggregator(cfg, ids, now=now)
+
+    def digest_of(self, data: bytes) -> str:
+        """The sha256 of an item's input, computed once for the items that share it (a
+        parallel task's models, the retries of one item)."""
+        known = self._digests.get(id(data))
+        if known is None or known[0] is not data:
+            known = self._digests[id(data)] = (data, content_digest(data))
+        return known[1]
 
     @property
     def task_id(self) -> str:

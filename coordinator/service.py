@@ -18,7 +18,9 @@ Inputs by reference: an input of at least ``input_ref_min_bytes`` goes to a node
 an input cache with ``keep_input``, and again to that node as a reference to its sha256, while
 the node's :class:`~meshinfer.inference.cache.InputMirror` says it holds it (a parallel task's
 models, a retry, the next task on the same frame). A node that does not hold it answers
-``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which is not a retry.
+``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which is not a retry. A
+mirror starts again when its node restarts, dies or leaves, a send to it fails, or a session
+with it opens after one was lost (messages queued on the lost one may never have arrived).
 
 Fast failover: a node whose session ends abruptly is re-dialled once and, if that fails, its
 in-flight items are re-dispatched at once, before membership declares it dead
@@ -61,6 +63,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import random
 import sqlite3
 import time
@@ -85,10 +88,11 @@ from coordinator.journal import (
 )
 from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
-from meshinfer.errors import LocalProtocolError, MeshInferError, RemoteProtocolError
-from meshinfer.inference.cache import InputMirror, Send, content_digest
+from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, RemoteProtocolError
+from meshinfer.inference.cache import InputMirror, Send
 from meshinfer.proto import messages
-from meshinfer.proto.membership import MemberEvent, MemberEventKind
+from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.membership import MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.scheduling import (
     NodeView,
     Policy,
@@ -109,6 +113,7 @@ from meshinfer.proto.tasks_wire import (
 )
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +122,10 @@ log = logging.getLogger(__name__)
 #: leaves them here until newer ones push them out).
 HANDED_RECORDS = 256
 HANDED_BYTES = 32 << 20
+
+_POLICIES = frozenset(p.value for p in Policy)
+_AGGREGATIONS = frozenset(m.value for m in Mode)
+_REACHABLE = frozenset((MemberStatus.ALIVE, MemberStatus.SUSPECT))
 
 
 @dataclass(frozen=True)
@@ -145,17 +154,27 @@ class CoordinatorConfig:
     #: Inputs this large or larger are sent by reference to a node that keeps them already
     #: (see the module docstring); 0 always sends the bytes.
     input_ref_min_bytes: int = 64 * 1024
+    #: The time budget (s) of a task that names no ``deadline_s``; 0: such a task has none.
+    default_deadline_s: float = 0.0
 
     def __post_init__(self) -> None:
-        Policy(self.default_policy)  # ValueError names an unknown policy
-        if self.max_attempts < 1 or self.item_timeout_s <= 0 or self.retry_backoff_s < 0:
-            raise ValueError("max_attempts >= 1, item_timeout_s > 0 and retry_backoff_s >= 0")
-        if self.redial_timeout_s < 0 or self.running_mark_delay_s < 0 or self.retention_s < 0:
-            raise ValueError("redial_timeout_s, running_mark_delay_s and retention_s must be >= 0")
-        if self.prune_interval_s <= 0:
-            raise ValueError("prune_interval_s must be > 0")
-        if self.input_ref_min_bytes < 0:
-            raise ValueError("input_ref_min_bytes must be >= 0")
+        if self.default_policy not in _POLICIES:
+            raise ConfigError(f"default_policy: unknown policy {self.default_policy!r}")
+        if self.default_aggregation not in _AGGREGATIONS:
+            raise ConfigError(f"default_aggregation: unknown mode {self.default_aggregation!r}")
+        for name in ("max_attempts", "item_timeout_s", "prune_interval_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be > 0 and finite, got {getattr(self, name)!r}")
+        for name in (
+            "retry_backoff_s",
+            "redial_timeout_s",
+            "running_mark_delay_s",
+            "retention_s",
+            "input_ref_min_bytes",
+            "default_deadline_s",
+        ):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -222,6 +241,8 @@ class Coordinator:
         self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
         #: per node that keeps inputs: what it holds of ours, for its (incarnation, MiB)
         self._mirrors: dict[str, tuple[tuple[int, int], InputMirror]] = {}
+        #: each node's latest session (a new one after a lost one resets its mirror)
+        self._sessions: dict[str, Session] = {}
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
@@ -253,6 +274,10 @@ class Coordinator:
         peers.on(TaskAccepted, self._on_accepted)
         peers.on(TaskResult, self._on_result)
         peers.on(TaskFailed, self._on_failed)
+        peers.on_session(self._on_session)
+        for node in peers.connected:  # sessions that opened before this start
+            if (session := peers.session(node)) is not None:
+                self._sessions[node] = session
         assert self.mesh.membership is not None, "start the MeshNode first"
         self.mesh.membership.subscribe(self._on_member)
         self._reach.start()
@@ -292,8 +317,7 @@ class Coordinator:
         for rec in recovered:
             # accepted this long ago, by the journal's wall clock (the loop's did not survive)
             since = max(0.0, wall - rec.task.summary.created_at)
-            run = TaskRun(rec.task.spec, default_aggregation=self.config.default_aggregation,
-                          now=now - since)  # fmt: skip
+            run = self._new_run(rec.task.spec, now - since)
             self._runs[run.task_id] = run
             for item in rec.task.items:
                 if item.result is not None:
@@ -308,6 +332,15 @@ class Coordinator:
             self._schedule_ready(run, attempts)
             self._arm_aggregation_timeout(run)
             self._arm_deadline(run)
+
+    def _new_run(self, spec: TaskSpec, accepted_at: float) -> TaskRun:
+        default = self.config.default_deadline_s or None
+        return TaskRun(
+            spec,
+            default_aggregation=self.config.default_aggregation,
+            now=accepted_at,
+            default_deadline_s=default,
+        )
 
     def _replay_result(self, run: TaskRun, item_id: str, blob: bytes, now: float) -> None:
         msg = messages.decode(blob)
@@ -329,9 +362,7 @@ class Coordinator:
         :class:`~meshinfer.proto.tasks.InvalidTaskError` (a ConfigError) for a bad spec.
         """
         self._check_started()
-        run = TaskRun(
-            spec, default_aggregation=self.config.default_aggregation, now=self._loop.time()
-        )  # fmt: skip  (validates the spec)
+        run = self._new_run(spec, self._loop.time())  # validates the spec
         durable = self._db.call("accept", spec, run.outline, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
         if not will_wait:
@@ -441,7 +472,9 @@ class Coordinator:
         return why
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every member as the coordinator sees it, with the work it has in flight and done."""
+        """Every member as the coordinator sees it, with the work it has in flight and done.
+        A member that died or left has no ``queue_depth`` (None): its last gossiped one is
+        stale."""
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -452,7 +485,8 @@ class Coordinator:
             out.append({
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),
                 "models": [f"{x.model_id}@{x.version}" for x in s.models],
-                "queue_depth": s.queue_depth, "address": f"{s.host}:{s.port}",
+                "queue_depth": s.queue_depth if m.status in _REACHABLE else None,
+                "address": f"{s.host}:{s.port}",
                 "in_flight": in_flight[m.node_id],
                 "done": self.stats_.completed_by_node[m.node_id],
             })  # fmt: skip
@@ -592,7 +626,7 @@ class Coordinator:
         if mirror is None:
             return msg
         if not entry.digest:
-            entry.digest = content_digest(msg.input.data)
+            entry.digest = run.digest_of(msg.input.data)
         how = mirror.send(entry.digest, size)
         if how is Send.REF:
             entry.by_reference = True
@@ -615,15 +649,28 @@ class Coordinator:
             known = self._mirrors[node] = (key, InputMirror(member.state.input_cache_mb << 20))
         return known[1]
 
+    def _on_session(self, node: str, session: Session) -> None:
+        """A session with ``node`` opened. If the one before it was lost, what was queued on it
+        may never have arrived, so the node's mirror starts again (it may then know less than
+        the node keeps, never more)."""
+        previous = self._sessions.get(node)
+        self._sessions[node] = session
+        if previous is not None and previous.lost:
+            self._mirrors.pop(node, None)
+
     def _resend_input(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         """``node`` does not hold the input this attempt named by reference: the same attempt
         goes again with the bytes (not a retry: the node ran nothing)."""
         self.stats_.input_cache_misses += 1
         self.stats_.input_bytes_saved -= len(entry.item.input.data)  # they go after all
-        mirror = self._mirror(node)
-        if mirror is not None:
-            mirror.forget(entry.digest)
+        self._forget_input(node, entry)
         self._send_message(run, entry, node)
+
+    def _forget_input(self, node: str, entry: ItemRun) -> None:
+        """``node`` does not hold the item's input, whatever its mirror said."""
+        mirror = self._mirror(node)
+        if mirror is not None and entry.digest:
+            mirror.forget(entry.digest)
 
     def _send_message(self, run: TaskRun, entry: ItemRun, node: str) -> bool:
         """Send the item's TaskAssign to ``node``; if it cannot even be queued, forget what the
@@ -849,9 +896,11 @@ class Coordinator:
         if pair is None or not _sent_to(pair[1], msg.attempt, peer):
             return  # stale (see _on_accepted); relayed failures come from the node sent to
         run, entry = pair
-        if msg.code == FailureKind.INPUT_NOT_CACHED and entry.by_reference:
-            self._resend_input(run, entry, peer)
-            return
+        if msg.code == FailureKind.INPUT_NOT_CACHED:
+            if entry.by_reference:
+                self._resend_input(run, entry, peer)
+                return
+            self._forget_input(peer, entry)  # sent with its bytes, yet not kept there
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
             self._retry(run, entry, reason, backoff=True)
@@ -862,6 +911,7 @@ class Coordinator:
         node = event.member.node_id
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
             self._mirrors.pop(node, None)  # if it comes back, its cache starts empty
+            self._sessions.pop(node, None)
             self._redispatch_from(node, f"node {node} {event.kind.value}")
         self._reach.on_member(event)
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
@@ -948,7 +998,7 @@ class Coordinator:
         if self._runs.get(run.task_id) is not run or run.done:
             return
         done, total = len(run.results), len(run.all_item_ids())
-        error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+        error = f"deadline of {run.deadline_s:g} s passed with {done} of {total} items done"
         reasons = Counter(self.waiting(run.task_id).values())
         if reasons:  # said now: once the task ended, nothing waits any more
             why, count = reasons.most_common(1)[0]

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 import jsonschema
@@ -405,15 +405,17 @@ async def test_a_task_shows_its_deadline_and_why_its_items_wait(served):
     await call(http, "POST", "/v1/tasks/api-nowhere/cancel", schema="Cancelled")
     doc = await call(http, "GET", "/v1/tasks/api-nowhere", schema="Task")
     assert [i["waiting"] for i in doc["items"]] == [None, None]  # over: nothing waits
-    served_doc = await finished(
-        http,
-        (
-            await submit(
-                http, {"pattern": "single", "model": "digits-mlp", "inputs": b64_tensor(x[:1])}
-            )
-        )["task_id"],
-    )
+    plain = {"pattern": "single", "model": "digits-mlp", "inputs": b64_tensor(x[:1])}
+    served_doc = await finished(http, (await submit(http, plain))["task_id"])
     assert served_doc["deadline_s"] is None and served_doc["expires_at"] is None
+    coordinator = served.mesh.coordinator  # with a default, a task naming none shows it
+    kept = coordinator.config
+    coordinator.config = replace(kept, default_deadline_s=30.0)
+    try:
+        doc = await call(http, "GET", f"/v1/tasks/{served_doc['task_id']}", schema="Task")
+    finally:
+        coordinator.config = kept
+    assert doc["deadline_s"] == 30.0 and doc["expires_at"] == doc["created_at"] + 30.0
 
 
 @pytest.mark.parametrize("timeout", ["-1", "301", "soon", "inf", "1e400", ""])
@@ -531,9 +533,9 @@ async def test_uploads_beyond_the_upload_budget_get_503_busy_and_then_go_through
             gate.set()
             await held
         assert refused.value.code == "busy" and refused.value.retry_after == 1.0
+    coordinator, anywhere = served.mesh.coordinator, Address("127.0.0.1", 0)
     with pytest.raises(ConfigError, match="below max_body_bytes"):
-        CoordinatorApi(served.mesh.coordinator, Address("127.0.0.1", 0), TOKEN,
-                       max_body_bytes=1024, max_upload_bytes=1000)  # fmt: skip
+        CoordinatorApi(coordinator, anywhere, TOKEN, max_body_bytes=1024, max_upload_bytes=1000)
 
 
 async def test_a_body_over_the_cap_is_413_and_not_json_is_415(served):

@@ -524,7 +524,8 @@ def test_render_nodes_and_stats():
         {"node_id": "coord", "status": "suspect", "roles": [], "models": [],
          "queue_depth": 12, "address": "127.0.0.1:4001", "in_flight": 0, "done": 0},
     ]}  # fmt: skip
-    nodes["nodes"].append({**nodes["nodes"][0], "node_id": "gone", "status": "left"})
+    gone = {"node_id": "gone", "status": "left", "queue_depth": None}
+    nodes["nodes"].append({**nodes["nodes"][0], **gone})
     text = render_nodes(nodes)
     columns_line_up(text, "NODE", "STATUS", ["alive", "suspect", "left"])
     columns_line_up(text, "NODE", "QUEUE", ["    0", "   12", "    -"])

@@ -20,6 +20,7 @@ import pytest
 from coordinator.journal import Journal, UnknownTaskError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory, replace_file
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
@@ -311,6 +312,35 @@ async def test_a_task_whose_deadline_passed_while_the_coordinator_was_down_fails
         assert (await c.get("in-time")).state.value == "pending"  # 480 s left: still waiting
 
 
+async def test_a_task_naming_no_deadline_gets_the_coordinators_default(tmp_path):
+    x, _ = load_digits_holdout()
+    unserved = (ModelRef("no-such-model", "1"),)
+    config = CoordinatorConfig(item_timeout_s=5.0, default_deadline_s=0.3)
+    async with Mesh(tmp_path, n=1, config=config) as mesh:
+        c = mesh.coordinator
+        await c.submit(spec("defaulted", "single", x[:1], models=unserved))
+        await c.submit(spec("own", "single", x[:1], models=unserved, deadline_s=600))
+        record = await c.wait("defaulted", timeout=10)
+        assert record.state.value == "failed"
+        assert record.summary.error.startswith("deadline of 0.3 s passed with 0 of 1 items done")
+        assert record.spec.deadline_s is None  # the spec is kept as it was submitted
+        assert (await c.get("own")).state.value == "pending"  # its own budget: 600 s
+        ok = await c.wait(await c.submit(spec("served", "single", x[:1])), timeout=10)
+        assert ok.state.value == "succeeded"
+
+
+async def test_a_node_that_left_is_listed_without_its_stale_queue_depth(tmp_path):
+    async with Mesh(tmp_path) as mesh:
+        await mesh.daemons.pop("node-1").aclose()
+
+        def listed():
+            return {n["node_id"]: n for n in mesh.coordinator.nodes()}
+
+        await until(lambda: listed()["node-1"]["status"] in ("left", "dead"))
+        assert listed()["node-1"]["queue_depth"] is None
+        assert listed()["node-0"]["queue_depth"] == 0
+
+
 async def test_answers_about_an_item_count_only_from_the_node_it_was_sent_to(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=ONE_SLOT) as mesh:
@@ -348,6 +378,28 @@ def test_a_large_batch_plans_and_settles_in_linear_work(monkeypatch):
         assert run.ready() == []
     assert run.done and run.outcome.outputs[0].shape == (n, 2)
     assert len(checks) <= 3 * n  # a rescan per result would be n * n / 2
+
+
+def test_items_sharing_an_input_hash_it_once(monkeypatch):
+    import hashlib
+
+    import coordinator.runs
+    from coordinator.runs import TaskRun
+
+    hashed = []
+    digest = coordinator.runs.content_digest
+    monkeypatch.setattr(coordinator.runs, "content_digest", lambda d: hashed.append(d) or digest(d))
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    models = (DIGITS, ModelRef("a", "1"), ModelRef("b", "1"))
+    for pattern, kw, distinct in (("parallel", {}, 1), ("batch", {"shard_size": 1}, 3)):
+        hashed.clear()
+        run = TaskRun(spec(pattern, pattern, x, models[: 3 if distinct == 1 else 1], **kw),
+                      default_aggregation="all", now=0.0)  # fmt: skip
+        items = run.ready()
+        assert len(items) == 3
+        digests = [run.digest_of(i.to_message().input.data) for i in items * 2]
+        assert digests == [hashlib.sha256(i.input.data).hexdigest() for i in items * 2]
+        assert len(hashed) == len(set(digests)) == distinct
 
 
 async def test_every_policy_completes_a_task(tmp_path):
@@ -396,10 +448,27 @@ async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_one
         assert (await c.wait(held, timeout=10)).state.value == "succeeded"
 
 
-def test_retention_is_checked():
-    for bad in ({"retention_s": -1.0}, {"prune_interval_s": 0.0}):
-        with pytest.raises(ValueError, match=r"retention_s|prune_interval_s"):
-            CoordinatorConfig(**bad)
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("default_policy", "fastest"),
+        ("default_aggregation", "median"),
+        ("max_attempts", 0),
+        ("item_timeout_s", 0.0),
+        ("prune_interval_s", 0.0),
+        ("retry_backoff_s", -0.1),
+        ("redial_timeout_s", -1.0),
+        ("running_mark_delay_s", -1.0),
+        ("retention_s", -1.0),
+        ("input_ref_min_bytes", -1),
+        ("default_deadline_s", -1.0),
+        ("default_deadline_s", float("inf")),
+        ("item_timeout_s", float("nan")),
+    ],
+)
+def test_a_bad_knob_is_a_config_error_naming_it(key, bad):
+    with pytest.raises(ConfigError, match=key):
+        CoordinatorConfig(**{key: bad})
 
 
 async def test_retention_zero_keeps_every_task_and_runs_no_prune(tmp_path):

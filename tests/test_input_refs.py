@@ -1,6 +1,7 @@
 """Inputs by reference: a coordinator and real node daemons (TCP, Noise, mDNS, SQLite) in this
 process. An input a node keeps goes to it again as its sha256 alone; a reference the node no
-longer holds is answered ``INPUT_NOT_CACHED`` and the same attempt goes again with the bytes."""
+longer holds is answered ``INPUT_NOT_CACHED`` and the same attempt goes again with the bytes.
+The same answer to an item sent with its bytes is an ordinary retryable failure."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.cache import content_digest
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.tasks_wire import (
+    FailureKind,
     TaskAssign,
+    TaskFailed,
     Tensor,
     TensorRef,
     by_reference,
@@ -24,6 +27,25 @@ from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, spec
 
 #: Small enough for the digits inputs below (20 rows of 64 float32: 5,120 bytes).
 CONFIG = CoordinatorConfig(item_timeout_s=5.0, input_ref_min_bytes=4096)
+
+
+class ForgetfulNode:
+    """Stands in for a daemon's executor: answers every item ``INPUT_NOT_CACHED``, even one
+    that came with its bytes (as a node that lost them before running it, or a buggy one)."""
+
+    def __init__(self, daemon) -> None:
+        self.peers = daemon.mesh.peers
+        self.assigns: list[TaskAssign] = []
+        self.peers.on(TaskAssign, self._on_assign)
+
+    def _on_assign(self, peer: str, msg: TaskAssign) -> None:
+        self.assigns.append(msg)
+        code = int(FailureKind.INPUT_NOT_CACHED)
+        self.peers.send(peer, TaskFailed(msg.item_id, msg.attempt, code, "input lost", True))
+
+    def sends(self) -> list[tuple[int, bool]]:
+        """(attempt, by reference) of each item received, in order."""
+        return [(msg.attempt, msg.input_ref is not None) for msg in self.assigns]
 
 
 async def _labels(c, task) -> list[int]:
@@ -157,3 +179,55 @@ async def test_an_item_named_by_reference_is_offloaded_with_its_bytes(tmp_path):
         assert first_ex.stats.offloaded == 1 and first_ex.inputs.stats.hits == 1
         assert c.stats_.inputs_by_reference == 1 and c.stats_.input_cache_misses == 0
         assert second_ex.stats.failed["input_not_cached"] == 0
+
+
+async def test_an_item_sent_with_its_bytes_and_answered_not_cached_is_retried_elsewhere(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2, config=CONFIG) as mesh:
+        c = mesh.coordinator
+        forgetful = ForgetfulNode(mesh.daemons["node-0"])  # round robin's first choice
+        task = spec("a", "single", x[:20], policy="round_robin")
+        record = await c.wait(await c.submit(task), timeout=10)
+        assert record.state.value == "succeeded", record.summary.error
+        assert forgetful.sends() == [(1, False)]  # the bytes went, and were "not cached"
+        assert (record.items[0].node, record.items[0].attempt) == ("node-1", 2)
+        assert c.stats_.retries == 1
+        assert (c.stats_.input_cache_misses, c.stats_.inputs_by_reference) == (0, 0)
+
+
+async def test_a_node_that_never_has_the_input_fails_the_item_after_max_attempts(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c = mesh.coordinator
+        forgetful = ForgetfulNode(mesh.daemons["node-0"])
+        record = await c.wait(await c.submit(spec("a", "single", x[:20])), timeout=10)
+        assert record.state.value == "failed"
+        attempts = CONFIG.max_attempts
+        assert f"gave up after {attempts} attempts; last: node-0: input lost" in (
+            record.summary.error
+        )
+        sends = forgetful.sends()
+        # each attempt went with the bytes: the node's "not cached" answer to the bytes made
+        # the coordinator forget that it keeps them, so no retry named them by reference
+        assert sends == [(attempt, False) for attempt in range(1, attempts + 1)]
+        assert c.stats_.retries == attempts - 1
+        assert c.stats_.input_cache_misses == c.stats_.inputs_by_reference == 0
+        assert c.stats_.input_bytes_saved == 0
+        # nothing more went for it: the next task's items come after its last on the session
+        await c.wait(await c.submit(spec("b", "single", x[:10])), timeout=10)
+        assert [m.task_id for m in forgetful.assigns[len(sends) :]] == ["b"] * attempts
+
+
+async def test_after_a_lost_session_an_input_goes_with_its_bytes_once_more(tmp_path):
+    x, _ = load_digits_holdout()
+    frame = x[:20]
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        first = await _labels(c, spec("a", "single", frame))
+        lost = node.mesh.peers.session(c.node_id)
+        await lost.stream.aclose()  # no Close frame: what was queued on it may be gone
+        await until(lambda: c.stats_.redials_ok == 1)
+        assert await _labels(c, spec("b", "single", frame)) == first
+        assert c.stats_.inputs_by_reference == 0  # its mirror started again: bytes, kept
+        assert await _labels(c, spec("c", "single", frame)) == first
+        assert (c.stats_.inputs_by_reference, c.stats_.input_cache_misses) == (1, 0)
