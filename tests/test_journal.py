@@ -366,20 +366,18 @@ def test_a_result_vouched_as_sent_carries_its_unjournaled_dispatch(journal):
 
 
 def test_a_result_and_the_end_it_decides_commit_together_or_not_at_all(journal):
-    journal.submit(TaskSpec("one", Pattern.SINGLE, Tensor.from_array(np.zeros((1, 2), np.float32)),
-                            models=(ModelRef("digits", "1"),)))  # fmt: skip
+    zeros = Tensor.from_array(np.zeros((1, 2), np.float32))
+    journal.submit(TaskSpec("one", Pattern.SINGLE, zeros, models=(ModelRef("digits", "1"),)))
     bad_end = TaskEnding("one", TaskState.CANCELLED, b"s", None, read_back=False)  # not final
     with pytest.raises(LocalProtocolError):
         journal.take_result("one/0", 1, b"r", sent_to="veh-1", ending=bad_end)
-    item = journal.get("one").items[0]
-    assert (journal.get("one").state, item.state, item.result) == (
-        TaskState.PENDING,
-        TaskState.PENDING,
-        None,
-    )  # fmt: skip  (the result was rolled back with the failed end)
+    record = journal.get("one")  # the result was rolled back with the failed end
+    assert record.state == record.items[0].state == TaskState.PENDING
+    assert record.items[0].result is None
     good_end = TaskEnding("one", TaskState.SUCCEEDED, b"s", None, read_back=True)
-    fresh, (in_flight, record) = journal.take_result("one/0", 1, b"r", sent_to="veh-1",
-                                                     ending=good_end)  # fmt: skip
+    fresh, (in_flight, record) = journal.take_result(
+        "one/0", 1, b"r", sent_to="veh-1", ending=good_end
+    )
     assert fresh and in_flight == [] and record.state == TaskState.SUCCEEDED
     assert record.items[0].result == b"r"
 

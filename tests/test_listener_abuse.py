@@ -25,14 +25,17 @@ ATTACKER = "127.0.0.2"
 
 
 class Server:
-    def __init__(self, *, config=None, limits=None):
+    """A session listener on loopback for fleet member ``bravo``; its sessions echo, or go to
+    ``handler``."""
+
+    def __init__(self, *, config=None, limits=None, handler=None):
         self.fleet = make_fleet(None, ["alpha", "bravo"])
         self.metrics = SessionMetrics()
         self.transport = TcpTransport()
         self.listener = SessionListener(
             self.transport,
             self.fleet.admission("bravo"),
-            self._echo,
+            handler or self._echo,
             config=config or SessionConfig(handshake_timeout=0.5),
             limits=limits or ListenerLimits(),
             metrics=self.metrics,
@@ -215,19 +218,13 @@ class HandlerLog:
 async def test_listener_close_leaves_no_handler_running(handler):
     """A handler that returns once its session is closed is let return; one that ignores it
     is cancelled after the grace; either way none is left running after aclose()."""
-    fleet = make_fleet(None, ["alpha", "bravo"])
     log = HandlerLog()
-    transport = TcpTransport()
-    listener = SessionListener(
-        transport,
-        fleet.admission("bravo"),
-        getattr(log, handler),
-        limits=ListenerLimits(handler_grace_s=0.05 if handler == "ignores_its_session" else 30),
-    )
-    address = await listener.start(Address("127.0.0.1", 0))
-    client = await dial(transport, address, fleet.admission("alpha"))
-    await log.started.wait()
-    await listener.aclose()
-    expected = "returned" if handler == "reads_until_closed" else "cancelled"
-    assert log.ended == [expected]
-    await client.aclose()
+    grace_s = 0.05 if handler == "ignores_its_session" else 30
+    limits = ListenerLimits(handler_grace_s=grace_s)
+    async with Server(limits=limits, handler=getattr(log, handler)) as srv:
+        client = await dial(srv.transport, srv.addr, srv.fleet.admission("alpha"))
+        await log.started.wait()
+        await srv.listener.aclose()
+        expected = "returned" if handler == "reads_until_closed" else "cancelled"
+        assert log.ended == [expected]
+        await client.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,15 @@ from typing import Any
 import pytest
 import uvloop
 
-from tests.loopguard import GUARD, Allowance, BlockedLoop, Finding, GuardLimits, LeakedTask
+from tests.loopguard import (
+    GUARD,
+    Allowance,
+    BlockedLoop,
+    Finding,
+    GuardLimits,
+    LeakedTask,
+    LoopGuardPlugin,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -59,21 +68,34 @@ async def sleep_forever() -> None:
     await asyncio.Event().wait()
 
 
+def guard_in_asyncio() -> bool:
+    """Whether the guard's probes are in asyncio now (as the session's plugin puts them)."""
+    handle_run, runner_close = asyncio.events.Handle._run, asyncio.Runner.close
+    return hasattr(handle_run, "__loopguard__") and hasattr(runner_close, "__wrapped__")
+
+
 @pytest.fixture(autouse=True)
-def guard_installed() -> Iterator[None]:
-    """These tests drive the guard directly, also in a session run with LOOPGUARD=off."""
+def guard_installed() -> Iterator[bool]:
+    """These tests drive the guard directly, also in a session run with LOOPGUARD=off: it is
+    installed for each test. Yields whether it was in place before, i.e. the session's."""
+    by_session = guard_in_asyncio()
     installed_here = not GUARD.installed
     GUARD.install()
-    yield
+    yield by_session
     if installed_here:
         GUARD.uninstall()
 
 
-def test_the_suite_runs_under_the_guard(request: pytest.FixtureRequest) -> None:
-    if os.environ.get("LOOPGUARD") != "off":
-        assert request.config.pluginmanager.get_plugin("loopguard") is not None
-    assert hasattr(asyncio.events.Handle._run, "__loopguard__")
-    assert hasattr(asyncio.Runner.close, "__wrapped__")
+def test_the_suite_runs_under_the_guard(request: pytest.FixtureRequest, guard_installed) -> None:
+    """The plugin of tests/conftest.py installed the guard for the session (before this
+    module's fixture could); with LOOPGUARD=off there is neither plugin nor guard."""
+    plugin = request.config.pluginmanager.get_plugin("loopguard")
+    if os.environ.get("LOOPGUARD") == "off":
+        assert plugin is None
+        assert not guard_installed, "LOOPGUARD=off, yet the guard was installed"
+    else:
+        assert isinstance(plugin, LoopGuardPlugin)
+        assert guard_installed, "the session runs without the loop guard"
 
 
 @pytest.mark.parametrize("loop_factory", [None, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
@@ -361,3 +383,59 @@ def test_a_suite_with_the_plugin_fails_the_leaking_and_blocking_tests(
         ]
     )
     result.stdout.fnmatch_lines(["*test_burns_the_loop*", "*on the CPU (limit 200 ms)*"])
+
+
+INNER_SLOW_TESTS = """
+import time
+
+
+def burn_cpu(seconds):
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        pass
+
+
+async def test_holds_the_loop_past_the_limit() -> None:
+    burn_cpu(0.25)
+
+
+async def test_holds_the_loop_past_the_survey_limit_only() -> None:
+    burn_cpu(0.1)
+"""
+
+INNER_SUITE_CONFTEST = """
+from tests.conftest import pytest_configure  # the suite's own, which reads LOOPGUARD_REPORT
+"""
+
+
+def test_survey_mode_reports_under_lowered_limits_and_fails_nothing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.delenv("LOOPGUARD", raising=False)
+    monkeypatch.delenv("LOOPGUARD_REPORT", raising=False)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makeconftest(INNER_SUITE_CONFTEST)
+    pytester.makepyfile(test_slow=INNER_SLOW_TESTS)
+
+    guarded = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    report = tmp_path / "survey.jsonl"
+    monkeypatch.setenv("LOOPGUARD_REPORT", str(report))
+    surveyed = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+    guarded.assert_outcomes(passed=1, failed=1)
+    blocked = "*loop blocked: *(test_holds_the_loop_past_the_limit()) spent * ms on the CPU"
+    guarded.stdout.fnmatch_lines([f"{blocked} (limit 200 ms)*"])
+    surveyed.assert_outcomes(passed=2)
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    found = {row["test"]: row for row in rows if row["phase"] == "call"}
+    assert sorted(found) == [
+        "test_slow.py::test_holds_the_loop_past_the_limit",
+        "test_slow.py::test_holds_the_loop_past_the_survey_limit_only",
+    ]
+    for test, row in found.items():
+        assert (row["kind"], row["cause"], row["limit_s"]) == ("BlockedLoop", "on the CPU", 0.05)
+        assert test.partition("::")[2] + "()" in row["callback"]
+        assert row["seconds"] > 0.05
