@@ -92,7 +92,7 @@ from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, Re
 from meshinfer.inference.cache import InputMirror, Send
 from meshinfer.proto import messages
 from meshinfer.proto.aggregation import Mode
-from meshinfer.proto.membership import MemberEvent, MemberEventKind, MemberStatus
+from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.scheduling import (
     NodeView,
     Policy,
@@ -125,7 +125,6 @@ HANDED_BYTES = 32 << 20
 
 _POLICIES = frozenset(p.value for p in Policy)
 _AGGREGATIONS = frozenset(m.value for m in Mode)
-_REACHABLE = frozenset((MemberStatus.ALIVE, MemberStatus.SUSPECT))
 
 
 @dataclass(frozen=True)
@@ -485,7 +484,7 @@ class Coordinator:
             out.append({
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),
                 "models": [f"{x.model_id}@{x.version}" for x in s.models],
-                "queue_depth": s.queue_depth if m.status in _REACHABLE else None,
+                "queue_depth": s.queue_depth if m.is_live else None,
                 "address": f"{s.host}:{s.port}",
                 "in_flight": in_flight[m.node_id],
                 "done": self.stats_.completed_by_node[m.node_id],

@@ -96,8 +96,9 @@ def _status_table(doc: dict[str, Any]) -> str:
         f"{'member':<20}{'status':<10}{'address':<24}{'queue':>6}  models",
     ]
     for m in doc["members"]:
+        queue = "-" if m["queue_depth"] is None else m["queue_depth"]  # dead or left
         lines.append(
-            f"{m['node_id']:<20}{m['status']:<10}{m['address']:<24}{m['queue_depth']:>6}  "
+            f"{m['node_id']:<20}{m['status']:<10}{m['address']:<24}{queue:>6}  "
             + ",".join(m["models"])
         )
     return "\n".join(lines)

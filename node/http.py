@@ -213,7 +213,8 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
                     "address": f"{m.state.host}:{m.state.port}",
                     "roles": list(m.state.roles),
                     "models": [f"{x.model_id}@{x.version}" for x in m.state.models],
-                    "queue_depth": m.state.queue_depth,
+                    # a dead or left member's last gossiped queue is stale: none
+                    "queue_depth": m.state.queue_depth if m.is_live else None,
                 }
             )
     ready, problems = d.readiness()

@@ -41,12 +41,12 @@ DIGITS = ModelRef("digits-mlp", "1")
 class Mesh:
     """A coordinator and ``n`` node daemons, all in this process."""
 
-    def __init__(self, tmp, n=2, config=None, extra="", options=None):
+    def __init__(self, tmp, n=2, config=None, extra="", options=None, http=False):
         self.cluster = LocalCluster(tmp, fleet_id="coord-test")
         self.names = [f"node-{i}" for i in range(n)]
+        http_section = f"[http]\nenabled = {str(http).lower()}\n"
         self.configs = [
-            self.cluster.add_node(name, extra="[http]\nenabled = false\n" + extra)
-            for name in self.names
+            self.cluster.add_node(name, extra=http_section + extra) for name in self.names
         ]
         coord_dir = self.cluster.enroll("coord", roles=("coordinator",))
         self.coord_ident = NodeIdentity.load(coord_dir)
