@@ -40,7 +40,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_tasks import TINY_REF, cpu_between, serving
+from bench.bench_tasks import TINY_REF, add_cpu_threads_option, cpu_between, serving
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
@@ -52,7 +52,6 @@ from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
-from node.config import CPU_THREADS
 
 
 def node_extra(model: ModelRef, cpu_threads: int) -> str:
@@ -155,13 +154,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="max_in_flight_per_node")
     ap.add_argument("--shard-size", type=int, default=1, help="rows per work item")
     ap.add_argument("--model", default=str(TINY_REF), help='the model served, "id@version"')
-    ap.add_argument(
-        "--cpu-threads",
-        type=int,
-        nargs="+",
-        default=[CPU_THREADS],
-        help="the node's [inference] cpu_threads; several: a node per value, alternated",
-    )
+    add_cpu_threads_option(ap)
     ap.add_argument("--rounds", type=int, default=1, help="times each --cpu-threads value runs")
     args = ap.parse_args()
     model_id, _, version = args.model.partition("@")

@@ -43,7 +43,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_tasks import Figures, cpu_between
+from bench.bench_tasks import Figures, add_cpu_threads_option, cpu_between
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
@@ -55,7 +55,6 @@ from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
-from node.config import CPU_THREADS
 
 WIDTH = 64
 MODELS = (*DIGITS_REFS, ModelRef("synthetic-mlp", "w64-d2"))
@@ -228,13 +227,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1024, help="rows of 64 float32 per frame")
     ap.add_argument("--quick", action="store_true", help="short windows, one round (smoke run)")
     ap.add_argument("--only", choices=tuple(CASES), help="run one case (for profiling)")
-    ap.add_argument(
-        "--cpu-threads",
-        type=int,
-        nargs="+",
-        default=[CPU_THREADS],
-        help="the node's [inference] cpu_threads; several: a node per value, alternated",
-    )
+    add_cpu_threads_option(ap)
     args = ap.parse_args()
     if not 1 <= args.models <= len(MODELS) or min(args.rows, args.in_flight, args.rounds) < 1:
         ap.error(f"--models in 1..{len(MODELS)}, and --rows, --in-flight and --rounds >= 1")

@@ -57,6 +57,7 @@ from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
+from node.config import CPU_THREADS
 
 TINY = SyntheticSpec(10, 1)
 TINY_REF = ModelRef(TINY.ref.model_id, TINY.ref.version)
@@ -247,6 +248,17 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         "group_size": calls / max(1, groups),
     }
     return figures, breakdown, profile
+
+
+def add_cpu_threads_option(ap: argparse.ArgumentParser) -> None:
+    """``--cpu-threads N [N ...]``: the node's ``[inference] cpu_threads``, one node per value."""
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        nargs="+",
+        default=[CPU_THREADS],
+        help="the node's [inference] cpu_threads; several: a node per value, alternated",
+    )
 
 
 def cpu_between(t0, t1) -> float:
