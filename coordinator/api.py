@@ -390,10 +390,7 @@ class CoordinatorApi:
 
     def _task_doc(self, record: TaskRecord, outputs: bool, waiting: Mapping[str, str]) -> dict:
         result = self.coordinator.result_of(record)
-        default = self.coordinator.config.default_deadline_s or None
-        return task_doc(
-            record, result, outputs=outputs, waiting=waiting, default_deadline_s=default
-        )
+        return task_doc(record, result, outputs=outputs, waiting=waiting)
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         """POST /v1/tasks/{id}/cancel (a body, if any, is ignored)."""
@@ -720,15 +717,11 @@ def task_doc(
     *,
     outputs: bool,
     waiting: Mapping[str, str] | None = None,
-    default_deadline_s: float | None = None,
 ) -> dict:
-    """The document of GET /v1/tasks/{id}: summary, deadline (the task's own, else
-    ``default_deadline_s``), items (with why those on no node wait, from ``waiting``) and
-    result (outputs optional)."""
+    """The document of GET /v1/tasks/{id}: summary, deadline, items (with why those on no
+    node wait, from ``waiting``) and result (outputs optional)."""
     doc = summary_doc(record.summary)
     deadline = record.spec.deadline_s
-    if deadline is None:
-        deadline = default_deadline_s
     doc["deadline_s"] = deadline
     doc["expires_at"] = None if deadline is None else record.summary.created_at + deadline
     waiting = waiting or {}

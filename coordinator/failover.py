@@ -63,9 +63,12 @@ class SessionCounts(Protocol):
 class Reachability:
     """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
 
-    ``on_lost(node, why)`` is called when a node could not be re-dialled or the session its
-    items went over was closed for a revoked certificate (re-dispatch its items);
-    ``on_back()`` when a node may take work again (retry parked items). ``counts`` gets the
+    ``on_lost(node, why)`` is called when a node could not be re-dialled, or a session with it
+    was closed for a revoked certificate and either its items went over that session or no
+    session under a good certificate is left (re-dispatch its items);
+    ``on_back()`` when a node may take work again (retry parked items);
+    ``on_session_lost(node)``, if given, as soon as any session with a node ends without its
+    Close frame (what was queued on it may never have arrived). ``counts`` gets the
     session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
     watchers (idempotent).
     """
@@ -78,12 +81,14 @@ class Reachability:
         redial_timeout_s: float,
         on_lost: Callable[[str, str], None],
         on_back: Callable[[], None],
+        on_session_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.mesh = mesh
         self.counts = counts
         self.redial_timeout_s = redial_timeout_s
         self._on_lost = on_lost
         self._on_back = on_back
+        self._on_session_lost = on_session_lost
         self._watchers: set[asyncio.Task[None]] = set()
         self._suspects: set[str] = set()  # lost a session, being re-dialled
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
@@ -160,6 +165,8 @@ class Reachability:
             self.counts.sessions_closed += 1
             return
         self.counts.sessions_lost += 1
+        if self._on_session_lost is not None:
+            self._on_session_lost(node)
         redial = self.redial_timeout_s > 0 and node not in self._suspects
         if redial and self.mesh.peers.session(node) is None:
             await self._probe(node)

@@ -132,7 +132,8 @@ def _task_schemas() -> dict[str, Schema]:
         "Task": _obj([*summary, "deadline_s", "expires_at", "items", "result"], {
             **summary, "items": _array(_ref("WorkItem")),
             "deadline_s": {"type": ["number", "null"], "description": "the task's time budget: its"
-                           " own, else the coordinator's default_deadline_s (null: none)"},
+                           " own, else the coordinator's default_deadline_s when it was"
+                           " accepted (null: none)"},
             "expires_at": {"type": ["number", "null"],
                            "description": "created_at + deadline_s (Unix seconds)"},
             "result": {"oneOf": [{"type": "null"}, _ref("TaskResult")]},

@@ -55,24 +55,15 @@ class Outcome:
 class TaskRun:
     """Progress of one task; see the module docstring."""
 
-    def __init__(
-        self,
-        spec: TaskSpec,
-        *,
-        default_aggregation: str,
-        now: float,
-        default_deadline_s: float | None = None,
-    ) -> None:
+    def __init__(self, spec: TaskSpec, *, default_aggregation: str, now: float) -> None:
         self.spec = spec
-        #: the task's time budget: its own ``deadline_s``, else the coordinator's default
-        self.deadline_s = spec.deadline_s if spec.deadline_s is not None else default_deadline_s
         self.results: dict[str, Tensor] = {}
         self.nodes: dict[str, str] = {}  # item id -> node that produced its result
         self.failed: dict[str, str] = {}
         self.items: dict[str, ItemRun] = {}
         self.outcome: Outcome | None = None
         #: when the task's ``deadline_s`` runs out, on the loop's clock (None: no deadline)
-        self.expires_at = None if self.deadline_s is None else now + self.deadline_s
+        self.expires_at = None if spec.deadline_s is None else now + spec.deadline_s
         #: the task's items (validates the spec), handed to the journal with the task
         self.outline = outline(spec)
         self.pipeline = PipelinePlan(spec) if spec.pattern == Pattern.PIPELINE else None
@@ -86,14 +77,14 @@ class TaskRun:
         self._digests: dict[int, tuple[bytes, str]] = {}
         if spec.pattern == Pattern.PARALLEL:
             mode = Mode(spec.aggregation or default_aggregation)
-            cfg = AggregationConfig(mode=mode, timeout_s=self.deadline_s)
+            cfg = AggregationConfig(mode=mode, timeout_s=spec.deadline_s)
             ids = [w.item_id for w in self._planned]
             cfg.check(len(ids))
             self.aggregator = Aggregator(cfg, ids, now=now)
 
     def digest_of(self, data: bytes) -> str:
         """The sha256 of an item's input, computed once for the items that share it (a
-        parallel task's models, the retries of one item)."""
+        parallel task's models)."""
         known = self._digests.get(id(data))
         if known is None or known[0] is not data:
             known = self._digests[id(data)] = (data, content_digest(data))

@@ -20,7 +20,7 @@ the node's :class:`~meshinfer.inference.cache.InputMirror` says it holds it (a p
 models, a retry, the next task on the same frame). A node that does not hold it answers
 ``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which is not a retry. A
 mirror starts again when its node restarts, dies or leaves, a send to it fails, or a session
-with it opens after one was lost (messages queued on the lost one may never have arrived).
+with it is lost (messages queued on it may never have arrived).
 
 Fast failover: a node whose session ends abruptly is re-dialled once and, if that fails, its
 in-flight items are re-dispatched at once, before membership declares it dead
@@ -113,7 +113,6 @@ from meshinfer.proto.tasks_wire import (
 )
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,18 @@ class CoordinatorConfig:
             raise ConfigError(f"default_policy: unknown policy {self.default_policy!r}")
         if self.default_aggregation not in _AGGREGATIONS:
             raise ConfigError(f"default_aggregation: unknown mode {self.default_aggregation!r}")
-        for name in ("max_attempts", "item_timeout_s", "prune_interval_s"):
+        if self.journal_synchronous not in ("FULL", "NORMAL"):
+            raise ConfigError(
+                f'journal_synchronous: "FULL" or "NORMAL", not {self.journal_synchronous!r}'
+            )
+        for name in (
+            "max_attempts",
+            "item_timeout_s",
+            "prune_interval_s",
+            "retry_backoff_max_s",
+            "node_capacity",
+            "max_in_flight_per_node",
+        ):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be > 0 and finite, got {getattr(self, name)!r}")
         for name in (
@@ -240,11 +250,10 @@ class Coordinator:
         self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
         #: per node that keeps inputs: what it holds of ours, for its (incarnation, MiB)
         self._mirrors: dict[str, tuple[tuple[int, int], InputMirror]] = {}
-        #: each node's latest session (a new one after a lost one resets its mirror)
-        self._sessions: dict[str, Session] = {}
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
+            on_session_lost=self._forget_mirror,
         )  # fmt: skip
         #: Items whose result is being journaled (how many of their results: two copies of
         #: one result may be in the journal's hands at once).
@@ -273,10 +282,6 @@ class Coordinator:
         peers.on(TaskAccepted, self._on_accepted)
         peers.on(TaskResult, self._on_result)
         peers.on(TaskFailed, self._on_failed)
-        peers.on_session(self._on_session)
-        for node in peers.connected:  # sessions that opened before this start
-            if (session := peers.session(node)) is not None:
-                self._sessions[node] = session
         assert self.mesh.membership is not None, "start the MeshNode first"
         self.mesh.membership.subscribe(self._on_member)
         self._reach.start()
@@ -333,13 +338,7 @@ class Coordinator:
             self._arm_deadline(run)
 
     def _new_run(self, spec: TaskSpec, accepted_at: float) -> TaskRun:
-        default = self.config.default_deadline_s or None
-        return TaskRun(
-            spec,
-            default_aggregation=self.config.default_aggregation,
-            now=accepted_at,
-            default_deadline_s=default,
-        )
+        return TaskRun(spec, default_aggregation=self.config.default_aggregation, now=accepted_at)
 
     def _replay_result(self, run: TaskRun, item_id: str, blob: bytes, now: float) -> None:
         msg = messages.decode(blob)
@@ -359,8 +358,14 @@ class Coordinator:
         runs nothing again, whether the task still runs or is over; another spec under a known
         id raises :class:`~coordinator.journal.TaskConflictError`. Raises
         :class:`~meshinfer.proto.tasks.InvalidTaskError` (a ConfigError) for a bad spec.
+
+        A spec naming no ``deadline_s`` is accepted with ``default_deadline_s`` (if set), so
+        the journal, recovery and the task's document all hold the budget it ran under (a
+        retry of it after the default changed is a conflict).
         """
         self._check_started()
+        if spec.deadline_s is None and self.config.default_deadline_s:
+            spec = replace(spec, deadline_s=self.config.default_deadline_s)
         run = self._new_run(spec, self._loop.time())  # validates the spec
         durable = self._db.call("accept", spec, run.outline, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
@@ -648,14 +653,11 @@ class Coordinator:
             known = self._mirrors[node] = (key, InputMirror(member.state.input_cache_mb << 20))
         return known[1]
 
-    def _on_session(self, node: str, session: Session) -> None:
-        """A session with ``node`` opened. If the one before it was lost, what was queued on it
-        may never have arrived, so the node's mirror starts again (it may then know less than
-        the node keeps, never more)."""
-        previous = self._sessions.get(node)
-        self._sessions[node] = session
-        if previous is not None and previous.lost:
-            self._mirrors.pop(node, None)
+    def _forget_mirror(self, node: str) -> None:
+        """A session with ``node`` ended without its Close frame: what was queued on it may
+        never have arrived, so its mirror starts again (it may then know less than the node
+        keeps, never more)."""
+        self._mirrors.pop(node, None)
 
     def _resend_input(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         """``node`` does not hold the input this attempt named by reference: the same attempt
@@ -910,7 +912,6 @@ class Coordinator:
         node = event.member.node_id
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
             self._mirrors.pop(node, None)  # if it comes back, its cache starts empty
-            self._sessions.pop(node, None)
             self._redispatch_from(node, f"node {node} {event.kind.value}")
         self._reach.on_member(event)
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
@@ -997,7 +998,7 @@ class Coordinator:
         if self._runs.get(run.task_id) is not run or run.done:
             return
         done, total = len(run.results), len(run.all_item_ids())
-        error = f"deadline of {run.deadline_s:g} s passed with {done} of {total} items done"
+        error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
         reasons = Counter(self.waiting(run.task_id).values())
         if reasons:  # said now: once the task ended, nothing waits any more
             why, count = reasons.most_common(1)[0]

@@ -200,6 +200,8 @@ class NodeDaemon:
         pools = ", ".join(f"{k}={v}" for k, v in self.cpu_threads.items()) or "none found"
         setting = n or "the libraries' default"
         log.info("math-library threads per pool (cpu_threads %s): %s", setting, pools)
+        if n and any(threads != n for threads in self.cpu_threads.values()):
+            log.warning("[inference] cpu_threads %d did not take for every pool: %s", n, pools)
 
     def _publish_models(self) -> None:
         assert self.mesh is not None and self.mesh.membership is not None

@@ -408,14 +408,17 @@ async def test_a_task_shows_its_deadline_and_why_its_items_wait(served):
     plain = {"pattern": "single", "model": "digits-mlp", "inputs": b64_tensor(x[:1])}
     served_doc = await finished(http, (await submit(http, plain))["task_id"])
     assert served_doc["deadline_s"] is None and served_doc["expires_at"] is None
-    coordinator = served.mesh.coordinator  # with a default, a task naming none shows it
+    coordinator = served.mesh.coordinator  # a task naming none gets the default in force
     kept = coordinator.config
     coordinator.config = replace(kept, default_deadline_s=30.0)
     try:
-        doc = await call(http, "GET", f"/v1/tasks/{served_doc['task_id']}", schema="Task")
+        defaulted = (await submit(http, plain))["task_id"]
     finally:
         coordinator.config = kept
+    doc = await finished(http, defaulted)
     assert doc["deadline_s"] == 30.0 and doc["expires_at"] == doc["created_at"] + 30.0
+    doc = await call(http, "GET", f"/v1/tasks/{served_doc['task_id']}", schema="Task")
+    assert doc["deadline_s"] is None  # accepted before: no deadline, whatever the config says
 
 
 @pytest.mark.parametrize("timeout", ["-1", "301", "soon", "inf", "1e400", ""])

@@ -7,6 +7,7 @@ Multi-process variants (SIGKILL of nodes and of the coordinator) are in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from coordinator import runs
 from coordinator.journal import Journal, UnknownTaskError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
@@ -323,9 +325,10 @@ async def test_a_task_naming_no_deadline_gets_the_coordinators_default(tmp_path)
         record = await c.wait("defaulted", timeout=10)
         assert record.state.value == "failed"
         assert record.summary.error.startswith("deadline of 0.3 s passed with 0 of 1 items done")
-        assert record.spec.deadline_s is None  # the spec is kept as it was submitted
+        assert record.spec.deadline_s == 0.3  # journaled with the budget it ran under
         assert (await c.get("own")).state.value == "pending"  # its own budget: 600 s
-        ok = await c.wait(await c.submit(spec("served", "single", x[:1])), timeout=10)
+        assert await c.submit(spec("defaulted", "single", x[:1], models=unserved)) == "defaulted"
+        ok = await c.wait(await c.submit(spec("served", "single", x[:1], deadline_s=30)), 10)
         assert ok.state.value == "succeeded"
 
 
@@ -381,20 +384,15 @@ def test_a_large_batch_plans_and_settles_in_linear_work(monkeypatch):
 
 
 def test_items_sharing_an_input_hash_it_once(monkeypatch):
-    import hashlib
-
-    import coordinator.runs
-    from coordinator.runs import TaskRun
-
     hashed = []
-    digest = coordinator.runs.content_digest
-    monkeypatch.setattr(coordinator.runs, "content_digest", lambda d: hashed.append(d) or digest(d))
+    digest = runs.content_digest
+    monkeypatch.setattr(runs, "content_digest", lambda d: hashed.append(d) or digest(d))
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     models = (DIGITS, ModelRef("a", "1"), ModelRef("b", "1"))
     for pattern, kw, distinct in (("parallel", {}, 1), ("batch", {"shard_size": 1}, 3)):
         hashed.clear()
-        run = TaskRun(spec(pattern, pattern, x, models[: 3 if distinct == 1 else 1], **kw),
-                      default_aggregation="all", now=0.0)  # fmt: skip
+        task = spec(pattern, pattern, x, models[: 3 if distinct == 1 else 1], **kw)
+        run = runs.TaskRun(task, default_aggregation="all", now=0.0)
         items = run.ready()
         assert len(items) == 3
         digests = [run.digest_of(i.to_message().input.data) for i in items * 2]
@@ -464,6 +462,10 @@ async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_one
         ("default_deadline_s", -1.0),
         ("default_deadline_s", float("inf")),
         ("item_timeout_s", float("nan")),
+        ("retry_backoff_max_s", 0.0),
+        ("node_capacity", 0),
+        ("max_in_flight_per_node", 0),
+        ("journal_synchronous", "OFF"),
     ],
 )
 def test_a_bad_knob_is_a_config_error_naming_it(key, bad):

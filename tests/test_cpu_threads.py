@@ -156,6 +156,7 @@ def test_negative_counts_are_refused():
 async def test_the_daemon_limits_the_pools_shows_them_in_status_and_puts_them_back(
     tmp_path, caplog, cpu_threads
 ):
+    assert threads._holders == 0, "a daemon of an earlier test still holds the limit"
     cluster = LocalCluster(tmp_path, fleet_id="threads-test")
     extra = f'[inference]\nmodels = ["{TINY}"]\ncpu_threads = {cpu_threads}\n'
     daemon = NodeDaemon(load_config(cluster.add_node("node-0", extra=extra)))

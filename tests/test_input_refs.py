@@ -182,6 +182,7 @@ async def test_an_item_named_by_reference_is_offloaded_with_its_bytes(tmp_path):
 
 
 async def test_an_item_sent_with_its_bytes_and_answered_not_cached_is_retried_elsewhere(tmp_path):
+    """Not a reference that missed (nothing to resend): an ordinary retry, on another node."""
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CONFIG) as mesh:
         c = mesh.coordinator
@@ -226,7 +227,7 @@ async def test_after_a_lost_session_an_input_goes_with_its_bytes_once_more(tmp_p
         first = await _labels(c, spec("a", "single", frame))
         lost = node.mesh.peers.session(c.node_id)
         await lost.stream.aclose()  # no Close frame: what was queued on it may be gone
-        await until(lambda: c.stats_.redials_ok == 1)
+        await until(lambda: c.stats_.sessions_lost == 1)
         assert await _labels(c, spec("b", "single", frame)) == first
         assert c.stats_.inputs_by_reference == 0  # its mirror started again: bytes, kept
         assert await _labels(c, spec("c", "single", frame)) == first

@@ -150,6 +150,37 @@ async def test_revoking_an_old_serial_cuts_that_session_only_and_the_node_stays_
             await stale.aclose()
 
 
+async def test_a_session_two_merges_find_open_is_cut_once(tmp_path):
+    async with Fleet(tmp_path, names=("car-a", "car-b")) as f:
+        a = f.nodes["car-a"]
+        cuts: list[CutOff] = []
+        a.revocation_sync.on_cut_off(cuts.append)
+        await until(lambda: sessions_of(a, "car-b"))
+        earlier = time.time() - 3600
+        old = f.fleet.authority.enroll(
+            "car-b", ("vehicle",), now=earlier, lifetime_s=DAY, serial=99
+        )
+        stale = await dial_as(old, f.fleet, a)
+        try:
+            await until(lambda: any(s.peer.serial == 99 for s in sessions_of(a, "car-b")))
+            (session,) = [s for s in sessions_of(a, "car-b") if s.peer.serial == 99]
+            revoke_serial(f.fleet, 99)
+            sync = a.revocation_sync
+            assert sync._merge(f.fleet.revocations, "test")  # in force; nothing closed yet
+            # two merges (the file and a peer's offer) each close what they find revoked, while
+            # a send in progress holds the session's writer, so the Close frame waits
+            async with session._write_lock:
+                closes = [asyncio.create_task(sync._close_revoked([session])) for _ in "ab"]
+                await until(lambda: sync.stats.disconnected >= 1)
+                await asyncio.sleep(0)  # the second has looked at the session too
+                assert session.is_open
+            await asyncio.gather(*closes)
+            assert cuts == [CutOff("car-b", 99, still_connected=True, carried_sends=False)]
+            assert sync.stats.disconnected == 1
+        finally:
+            await stale.aclose()
+
+
 async def test_forged_entries_from_a_peer_are_refused_and_counted(tmp_path):
     async with Fleet(tmp_path) as f:
         a, b, c = (f.nodes[n] for n in f.names)

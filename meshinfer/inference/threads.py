@@ -14,7 +14,11 @@ holds it for whoever asked (a daemon, or several in one test process): the first
 :func:`limit_cpu_threads` remembers the pools' own sizes, and when the last holder calls
 :func:`restore_cpu_threads` they are put back. Libraries loaded after the call are not limited.
 For an OpenMP runtime the limit is what new parallel regions of the calling thread use (OpenMP
-keeps that per thread); OpenBLAS's and MKL's own settings are global.
+keeps that per thread), and so is it for an OpenBLAS built on OpenMP: there the engine's worker
+threads keep the default (the daemon logs the pools as read back). OpenBLAS's pthreads build
+(NumPy's wheels) and MKL's settings are global. Limiting outside a ``with`` block makes the
+calling thread OpenBLAS's controlling thread for threadpoolctl, so later threadpoolctl calls
+from other threads of the process do nothing; the daemon limits once, from its loop thread.
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ def restore_cpu_threads() -> None:
         if _holders or not _originals:
             return
         controller = _controller()
-        if controller is not None:
-            known = {lib.filepath for lib in controller.lib_controllers}
-            controller.limit(limits={p: n for p, n in _originals.items() if p in known})
+        if controller is not None:  # each library by its file (limit() matches those from 3.8)
+            for lib in controller.lib_controllers:
+                if lib.filepath in _originals:
+                    lib.set_num_threads(_originals[lib.filepath])
         _originals.clear()
 
 

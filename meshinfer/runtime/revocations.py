@@ -110,7 +110,10 @@ class CutOff:
     a certificate that is not revoked (only an old one was revoked, by serial), so it is still
     reachable. ``carried_sends``: this session was the one the peer table sent ``node_id``'s
     messages over (its oldest open one); if not, an older session that is still open carried
-    everything sent to the node while this one was open."""
+    everything sent to the node while this one was open. That says nothing of what the peer
+    sent back: it picks its own oldest session, and after simultaneous dials the two sides may
+    disagree, so an answer unread on the closed session is lost even when ``carried_sends`` is
+    False (the asker's own timeout covers it)."""
 
     node_id: str
     serial: int
@@ -159,6 +162,7 @@ class RevocationSync:
         self._seen_file: tuple[int, int] | None = None  # None: read the file at the first look
         self._file_lock = asyncio.Lock()
         self._cut_off: list[Callable[[CutOff], None]] = []
+        self._cutting: set[Session] = set()  # sessions being closed for a revoked certificate
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
         peers.on_session(self._on_session)
@@ -320,8 +324,13 @@ class RevocationSync:
 
     async def _close_revoked(self, sessions: list[Session]) -> None:
         for session in sessions:
-            if session.is_open and self.revocations.is_revoked(session.peer):
-                await self._cut(session)
+            cutting = session in self._cutting  # two merges may find it open while it closes
+            if session.is_open and not cutting and self.revocations.is_revoked(session.peer):
+                self._cutting.add(session)
+                try:
+                    await self._cut(session)
+                finally:
+                    self._cutting.discard(session)
 
     async def _cut(self, session: Session) -> None:
         """Close ``session``, then tell the listeners: after the close, so that what went to
