@@ -49,7 +49,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import DynamicBatcher
 from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache
 from meshinfer.inference.mlp import BatchShapeError
-from meshinfer.proto.membership import MemberEvent, MemberEventKind
+from meshinfer.proto.membership import MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
     FailureKind,
     TaskAccepted,
@@ -97,6 +97,9 @@ class TaskExecutor:
         self._notices: dict[str, asyncio.TimerHandle] = {}  # item -> its pending TaskAccepted
         self._started: set[str] = set()
         self._offloaded: dict[str, tuple[str, TaskAssign, str]] = {}  # item -> coord, msg, target
+        #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
+        #: coordinator's retry after the one who sent it first went away): answered instead
+        self._reply: dict[str, tuple[str, int]] = {}
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
@@ -129,9 +132,11 @@ class TaskExecutor:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
             return
         if msg.item_id in self._items:
-            return  # a duplicate of an item we already hold
+            self._reply[msg.item_id] = (peer, msg.attempt)  # answer the latest assignment
+            return
         ref = ModelRef(msg.model_id, msg.model_version)
-        if self._should_offload(ref) and self._offload(peer, msg, ref):
+        offloaded_to_us = not self._is_coordinator(peer)
+        if not offloaded_to_us and self._should_offload(ref) and self._offload(peer, msg, ref):
             return
         if ref not in self.batchers:
             self._fail(peer, msg, FailureKind.MODEL_NOT_FOUND, f"{ref} not loaded", retryable=True)
@@ -182,6 +187,7 @@ class TaskExecutor:
 
     def _item_done(self, item_id: str) -> None:
         self._items.pop(item_id, None)
+        self._reply.pop(item_id, None)
         notice = self._notices.pop(item_id, None)
         if notice is not None:
             notice.cancel()
@@ -217,9 +223,11 @@ class TaskExecutor:
             done = loop.time()
             timings = {"queue_s": started - received, "infer_s": done - started}
             timings["total_s"] = done - received
+            peer, attempt = self._reply.pop(msg.item_id, (peer, msg.attempt))
+            msg = replace(msg, attempt=attempt)
             result = TaskResult(
                 msg.item_id,
-                msg.attempt,
+                attempt,
                 Tensor.from_array(np.ascontiguousarray(output, dtype=np.float32)),
                 self.mesh.node_id,
                 self._engine_name,
@@ -268,6 +276,8 @@ class TaskExecutor:
                 self._started.discard(item_id)
 
     def _fail(self, peer: str, msg: TaskAssign, kind: FailureKind, text: str, *, retryable: bool):
+        peer, attempt = self._reply.pop(msg.item_id, (peer, msg.attempt))
+        msg = replace(msg, attempt=attempt)
         self.stats.failed[kind.name.lower()] += 1
         self.mesh.peers.send(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
 
@@ -325,6 +335,15 @@ class TaskExecutor:
                 text = f"offloaded to {target}, which was lost ({why})"
                 self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
 
+    def _is_coordinator(self, peer: str) -> bool:
+        """Whether ``peer`` may have sent us an item to run or pass on: a coordinator (or a
+        peer membership does not know yet). An item a node passed to us is run here, never
+        passed on again: one hop, so items cannot bounce between nodes whose gossiped queue
+        depths are a second old, and an offloading node's relay entry is never overwritten."""
+        membership = self.mesh.membership
+        member = membership.core.member(peer) if membership is not None else None
+        return member is None or "coordinator" in member.state.roles
+
     def _least_loaded_peer(self, ref: ModelRef, exclude: set[str]) -> str | None:
         membership = self.mesh.membership
         if membership is None:
@@ -334,6 +353,12 @@ class TaskExecutor:
             state = member.state
             has = any((m.model_id, m.version) == (ref.model_id, ref.version) for m in state.models)
             if not has or member.node_id in exclude or state.queue_depth >= self.backlog:
+                continue
+            # not a suspect (it may be dead or just restarted) nor one we have no session with:
+            # an item sent there would be dropped at the dial with nobody told
+            if member.status is not MemberStatus.ALIVE or not self.mesh.peers.session(
+                member.node_id
+            ):
                 continue
             if best is None or state.queue_depth < best[0]:
                 best = (state.queue_depth, member.node_id)

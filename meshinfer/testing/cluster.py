@@ -88,14 +88,20 @@ class LocalCluster:
         self.configs[node_id] = config
         return config
 
-    def add_coordinator(self, node_id: str = "coord", *, extra: str = "") -> Path:
-        """Enrol a coordinator and write its TOML: API on a free loopback port, fleet token."""
+    def add_coordinator(
+        self, node_id: str = "coord", *, extra: str = "", settings: str = ""
+    ) -> Path:
+        """Enrol a coordinator and write its TOML: API on a free loopback port, fleet token.
+
+        ``settings``: TOML lines placed in its ``[coordinator]`` section (``max_attempts = 8``);
+        ``extra`` is appended verbatim after the ``[api]`` section."""
         node_dir = self.enroll(node_id, ("coordinator",))
         data_dir = self.root / "data" / node_id
         data_dir.mkdir(parents=True, exist_ok=True)
         config = self.root / f"{node_id}.toml"
+        settings = settings if not settings or settings.endswith("\n") else settings + "\n"
         config.write_text(
-            f'[coordinator]\nidentity_dir = "{node_dir}"\ndata_dir = "{data_dir}"\n'
+            f'[coordinator]\nidentity_dir = "{node_dir}"\ndata_dir = "{data_dir}"\n{settings}'
             f'[discovery]\ninterfaces = ["127.0.0.1"]\n'
             f'[membership]\npreset = "{self.preset}"\n'
             f'[api]\nlisten = "127.0.0.1:0"\ntoken_file = "{self.fleet.api_token_file}"\n'
