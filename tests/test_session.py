@@ -249,6 +249,25 @@ async def test_a_close_frame_is_not_a_lost_session_but_a_dropped_stream_is(trans
         assert "peer closed the connection" in server.close_reason
 
 
+async def test_a_failed_write_ends_the_session_at_once(transport_and_addr):
+    """The connection is lost and the stream says so to a writer before the session's reader
+    has run: the session is closed (lost) by that failed write itself, so a sender that picks
+    the peer's open session again does not spin on it."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet) as pair:
+        client = await pair.dial()
+        await pair.accepted.get()
+
+        async def lost(data: bytes) -> None:
+            raise StreamClosed("connection lost")
+
+        client.stream.write = lost
+        with pytest.raises(StreamClosed):
+            await client.send(AppData(topic="up", payload=b"x"))
+        assert not client.is_open and client.lost
+        assert "connection lost" in client.close_reason
+
+
 async def test_a_session_its_peer_closed_ends_its_tasks_without_aclose(transport_and_addr):
     """Its owner may never call aclose(): the reader ends at the Close, and the keep-alive
     task wakes at once rather than at its next ping (30 s away here)."""

@@ -304,7 +304,13 @@ class Session:
             self._sent_records += 1
             if self._sent_records % self.config.rekey_after == 0:
                 self._send_cs.rekey()
-        await self.stream.write(bytes(out))
+        try:
+            await self.stream.write(bytes(out))
+        except (StreamClosed, TransportError, OSError) as exc:
+            # the connection is gone: say so now, not when the reader gets round to it (a
+            # sender retrying an "open" session whose writes fail at once never lets it run)
+            self._mark_lost(f"transport error: {exc}")
+            raise
         self._last_tx = self._loop.time()
 
     def _open_record(self, record: bytes) -> messages.Message | None:
