@@ -296,8 +296,9 @@ class Journal:
         self.path = Path(path)
         self._clock = wall_clock
         self._lock = threading.RLock()  # re-entered by the calls of a group (same thread)
-        self._in_group = False  # a group's or a write's transaction is open (its thread holds
-        # the lock): reads and writes inside join it
+        #: a group's or a lone write's transaction is open (its thread holds the lock): reads
+        #: and writes inside join it
+        self._in_transaction = False
         self._specs: dict[str, tuple[bytes, TaskSpec]] = {}  # task id -> (blob, spec), oldest 1st
         self._spec_bytes = 0
         self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
@@ -320,7 +321,7 @@ class Journal:
     def close(self) -> None:
         """Close the database; safe to call twice (not from a call of a group)."""
         with self._lock:
-            if self._in_group:
+            if self._in_transaction:
                 raise LocalProtocolError("cannot close the journal from inside a group commit")
             if self._db is not None:
                 self._db.close()
@@ -360,11 +361,11 @@ class Journal:
         several writes, e.g. :meth:`take_result`, commits or rolls back whole)."""
         with self._lock:
             db = self._connection()
-            if self._in_group:
+            if self._in_transaction:
                 yield db
                 return
             db.execute("BEGIN IMMEDIATE")
-            self._in_group = True
+            self._in_transaction = True
             try:
                 yield db
                 self._write_events(db)
@@ -375,7 +376,7 @@ class Journal:
                     db.execute("ROLLBACK")
                 raise
             finally:
-                self._in_group = False
+                self._in_transaction = False
             self.sync()
 
     @contextmanager
@@ -383,7 +384,7 @@ class Journal:
         """One consistent read snapshot (inside a group: the group's, with its earlier writes)."""
         with self._lock:
             db = self._connection()
-            if self._in_group:
+            if self._in_transaction:
                 yield db
                 return
             db.execute("BEGIN")
@@ -431,7 +432,7 @@ class Journal:
         """One try at a group; None (rolled back) if, without savepoints, a call raised after
         writing."""
         db.execute("BEGIN IMMEDIATE")
-        self._in_group = True
+        self._in_transaction = True
         try:
             run = self._in_savepoint if savepoints else self._undo_free
             outcomes = []
@@ -453,7 +454,7 @@ class Journal:
                 db.execute("ROLLBACK")
             raise
         finally:
-            self._in_group = False
+            self._in_transaction = False
             self._events.clear()
 
     def _undo_free(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome | None:

@@ -22,6 +22,11 @@ models, a retry, the next task on the same frame). A node that does not hold it 
 mirror starts again when its node restarts, dies or leaves, a send to it fails, or a session
 with it is lost (messages queued on it may never have arrived).
 
+Deadlines: a task's ``deadline_s`` (or, for one naming none, ``default_deadline_s``, applied at
+acceptance and journaled) is its budget from acceptance; each item goes out with what is left of
+it, a parallel task's deadline is its aggregation's timeout, and a recovered task's budget
+counts the time since it was accepted.
+
 Fast failover: a node whose session ends abruptly is re-dialled once and, if that fails, its
 in-flight items are re-dispatched at once, before membership declares it dead
 (:mod:`coordinator.failover`).
@@ -464,7 +469,7 @@ class Coordinator:
             if entry.node is not None or item_id not in self._items:
                 continue
             if views is None:
-                views, full = self._views(self._busy), self._full_nodes()
+                views, full = self._views(), self._full_nodes()
             key = self._placement(run, entry)
             if key not in by_class:
                 by_class[key] = unplaced_reason(
@@ -544,7 +549,7 @@ class Coordinator:
 
     def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
         policy = run.spec.policy or self.config.default_policy
-        views, full = self._views(self._busy), self._full_nodes()
+        views, full = self._views(), self._full_nodes()
         kw = {"rng": self.rng, "state": self.scheduler}
         node = choose(policy, views, entry.item, exclude=frozenset(entry.tried) | full, **kw)
         if node is None and entry.tried:  # every capable node failed it once: allow repeats
@@ -574,9 +579,10 @@ class Coordinator:
             self._assign(pair[1], None)
         return pair
 
-    def _views(self, in_flight: Counter[str]) -> list[NodeView]:
-        """What the scheduling policies see of each reachable live member; ``in_flight``:
-        the items this coordinator has on each node (``_busy``)."""
+    def _views(self) -> list[NodeView]:
+        """What the scheduling policies see of each reachable live member, with the items
+        this coordinator has on each node (``_busy``)."""
+        in_flight = self._busy
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -654,9 +660,10 @@ class Coordinator:
         return known[1]
 
     def _forget_mirror(self, node: str) -> None:
-        """A session with ``node`` ended without its Close frame: what was queued on it may
-        never have arrived, so its mirror starts again (it may then know less than the node
-        keeps, never more)."""
+        """What ``node`` keeps of ours is no longer known (a session with it ended without its
+        Close frame, so what was queued on it may never have arrived; a send failed; it died,
+        left or was given up on): its mirror starts again, knowing less than the node keeps,
+        never more."""
         self._mirrors.pop(node, None)
 
     def _resend_input(self, run: TaskRun, entry: ItemRun, node: str) -> None:
@@ -678,7 +685,7 @@ class Coordinator:
         mirror now believes the node keeps and retry the item elsewhere."""
         if self.mesh.peers.send(node, self._message(run, entry, node)):
             return True
-        self._mirrors.pop(node, None)
+        self._forget_mirror(node)
         self._retry(run, entry, f"could not send to {node}", backoff=True)
         return False
 
@@ -769,7 +776,7 @@ class Coordinator:
         """Per model: the items the reachable nodes serving it could take now (per-node cap;
         a node serving several models counts for each)."""
         cap, free = self.config.max_in_flight_per_node, Counter()
-        for view in self._views(self._busy):
+        for view in self._views():
             room = cap - self._busy[view.node_id]
             if room > 0:
                 for model in view.models:
@@ -911,7 +918,7 @@ class Coordinator:
     def _on_member(self, event: MemberEvent) -> None:
         node = event.member.node_id
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
-            self._mirrors.pop(node, None)  # if it comes back, its cache starts empty
+            self._forget_mirror(node)  # if it comes back, its cache starts empty
             self._redispatch_from(node, f"node {node} {event.kind.value}")
         self._reach.on_member(event)
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
@@ -920,7 +927,7 @@ class Coordinator:
     def _lost(self, node: str, why: str) -> None:
         """``node``'s session ended abruptly and it could not be re-dialled, or this node cut
         it off for a revoked certificate (``why`` says which)."""
-        self._mirrors.pop(node, None)
+        self._forget_mirror(node)
         self._redispatch_from(node, why, fast=True)
 
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
@@ -1011,9 +1018,7 @@ class Coordinator:
         """Drop the task from memory; its waiters get ``record`` (None: they read it)."""
         run = self._runs.pop(task_id, None)
         if run is not None:
-            timer = self._task_timers.pop(task_id, None)
-            if timer is not None:
-                timer.cancel()
+            _pop_timer(self._task_timers, task_id)
             for item_id in list(run.items):
                 self._drop(item_id)
                 self._cancel_timer(item_id)
@@ -1041,15 +1046,18 @@ class Coordinator:
         _replace_timer(self._task_timers, task_id, self._loop.call_at(when, callback, *args))
 
     def _cancel_timer(self, item_id: str) -> None:
-        timer = self._timers.pop(item_id, None)
-        if timer is not None:
-            timer.cancel()
+        _pop_timer(self._timers, item_id)
+
+
+def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
+    """Cancel and forget ``key``'s timer, if it has one."""
+    timer = timers.pop(key, None)
+    if timer is not None:
+        timer.cancel()
 
 
 def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
-    old = timers.pop(key, None)
-    if old is not None:
-        old.cancel()
+    _pop_timer(timers, key)
     timers[key] = timer
 
 

@@ -102,7 +102,9 @@ class InferenceSection:
 class ExecutorSection:
     max_concurrent: int = doc(4, "work items executed at once on this node")
     offload_queue_depth: int = doc(
-        16, "queue depth above which work is offered to a less loaded peer with the model"
+        16,
+        "queue depth from which an item from a coordinator is passed to a less loaded peer"
+        " with the model (one hop: a passed item runs where it lands)",
     )
     accepted_notice_ms: float = doc(
         20.0,

@@ -8,21 +8,23 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
     coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED)
 
 At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
-when this node's backlog reaches ``offload_queue_depth`` (or it lacks the model) and a live
-peer gossips the model with a smaller queue, the item is forwarded to that peer, and whatever
-comes back is relayed to the coordinator; if that peer dies, leaves, its session is lost
-abruptly, or the session the item went over is closed for a revoked certificate first, the item
-is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so the coordinator re-runs it at once
-instead of waiting for its item timeout. Bad input from a peer is answered with ``TaskFailed``
-(``BAD_INPUT``) and never reaches the engine. Inputs a
-coordinator asks this node to keep (``keep_input``) go into its input cache
-(:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item arrives,
-and an item that names its input by reference (``input_ref``) is given it from there, or
-answered ``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before anything
-else is decided about the item, so the cache sees every message in the order sent (which is
-what lets the coordinator mirror it). While draining
-(SIGTERM) new items are refused as retryable and queued ones are handed back, so the
-coordinator re-runs them elsewhere.
+when an item from a coordinator arrives while this node's backlog reaches
+``offload_queue_depth`` (or it lacks the model) and a peer that is ALIVE (not suspect), has an
+open session with this node and gossips the model with a smaller queue exists, the item is
+forwarded to that peer, and whatever comes back is relayed to the coordinator. One hop only:
+an item another node passed on runs where it lands. A node already holding an item answers its
+latest ``TaskAssign`` (a coordinator's retry after the first sender went away). If the peer
+an item was passed to dies, leaves, loses its session abruptly, or the session the item went
+over is closed for a revoked certificate first, the item is handed back (``TaskFailed``
+``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of waiting for its item
+timeout. Bad input from a peer is answered with ``TaskFailed`` (``BAD_INPUT``) and never
+reaches the engine. Inputs a coordinator asks this node to keep (``keep_input``) go into its
+input cache (:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item
+arrives, and an item that names its input by reference (``input_ref``) is given it from there,
+or answered ``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before
+anything else is decided about the item, so the cache sees every message in the order sent
+(which is what lets the coordinator mirror it). While draining (SIGTERM) new items are refused
+as retryable and queued ones are handed back, so the coordinator re-runs them elsewhere.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -181,6 +183,7 @@ class TaskExecutor:
         """Tell the coordinator the item runs here (only sent for items that take a while)."""
         self._notices.pop(item_id, None)
         if item_id in self._items:
+            peer, attempt = self._reply.get(item_id, (peer, attempt))
             self.mesh.peers.send(
                 peer, TaskAccepted(item_id, attempt, self.mesh.node_id, self.backlog)
             )
@@ -223,11 +226,10 @@ class TaskExecutor:
             done = loop.time()
             timings = {"queue_s": started - received, "infer_s": done - started}
             timings["total_s"] = done - received
-            peer, attempt = self._reply.pop(msg.item_id, (peer, msg.attempt))
-            msg = replace(msg, attempt=attempt)
+            peer, msg = self._answer_to(peer, msg)
             result = TaskResult(
                 msg.item_id,
-                attempt,
+                msg.attempt,
                 Tensor.from_array(np.ascontiguousarray(output, dtype=np.float32)),
                 self.mesh.node_id,
                 self._engine_name,
@@ -237,6 +239,7 @@ class TaskExecutor:
             await self.mesh.peers.request(peer, result)
             self.stats.completed += 1
         except asyncio.CancelledError:
+            peer, msg = self._answer_to(peer, msg)
             kind, text = (
                 (FailureKind.SHUTTING_DOWN, "handed back: node draining")
                 if self._draining
@@ -245,6 +248,7 @@ class TaskExecutor:
             self._fail(peer, msg, kind, text, retryable=self._draining)
             raise
         except MeshInferError as exc:
+            peer, msg = self._answer_to(peer, msg)
             kind, retryable = _classify(exc)
             self._fail(peer, msg, kind, str(exc), retryable=retryable)
 
@@ -275,9 +279,13 @@ class TaskExecutor:
                 self.running -= 1
                 self._started.discard(item_id)
 
+    def _answer_to(self, peer: str, msg: TaskAssign) -> tuple[str, TaskAssign]:
+        """Who a held item's answer goes to: the latest assignment of it (``_reply``), else
+        the one it came with."""
+        later = self._reply.pop(msg.item_id, None)
+        return (peer, msg) if later is None else (later[0], replace(msg, attempt=later[1]))
+
     def _fail(self, peer: str, msg: TaskAssign, kind: FailureKind, text: str, *, retryable: bool):
-        peer, attempt = self._reply.pop(msg.item_id, (peer, msg.attempt))
-        msg = replace(msg, attempt=attempt)
         self.stats.failed[kind.name.lower()] += 1
         self.mesh.peers.send(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
 
@@ -356,9 +364,9 @@ class TaskExecutor:
                 continue
             # not a suspect (it may be dead or just restarted) nor one we have no session with:
             # an item sent there would be dropped at the dial with nobody told
-            if member.status is not MemberStatus.ALIVE or not self.mesh.peers.session(
-                member.node_id
-            ):
+            if member.status is not MemberStatus.ALIVE:
+                continue
+            if self.mesh.peers.session(member.node_id) is None:
                 continue
             if best is None or state.queue_depth < best[0]:
                 best = (state.queue_depth, member.node_id)

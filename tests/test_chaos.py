@@ -46,7 +46,7 @@ from meshinfer.inference.numpy_engine import NumpyEngine
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.testing.cluster import LocalCluster
 from node.daemon import parse_model_ref
-from tests.test_coordinator_restart import _client, client_labels_reference
+from tests.test_coordinator_restart import _client, _nodes_ready, client_labels_reference
 
 pytestmark = pytest.mark.slow
 
@@ -393,8 +393,13 @@ def lost_answers(root: Path, runner: FaultRunner) -> list[str]:
     A node's promise is to answer every item it takes, or hand it back when it cannot; a
     timeout is for nodes that die silently."""
     lost, hops = [], offload_hops(root)
-    for line in (root / f"{COORD}.log").read_text(errors="replace").splitlines():
+    lines = (root / f"{COORD}.log").read_text(errors="replace").splitlines()
+    if lines and not any(LOG_RECORD.match(line) for line in lines):
+        lost.append(f"{COORD}.log has no line in the log format this test reads")
+    for line in lines:
         if (m := TIMED_OUT.match(line)) is None:
+            if "retrying" in line and "no answer from" in line:  # a wording this cannot read
+                lost.append(f"a timeout line this test cannot read: {line}")
             continue
         when, ms, item, attempt, node = m.groups()
         at = time.mktime(time.strptime(when, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
@@ -416,8 +421,7 @@ def offload_hops(root: Path) -> Counter[str]:
 
 
 def _all_nodes_alive(client: CoordinatorClient) -> bool:
-    nodes = {n["node_id"]: n for n in client.nodes()["nodes"]}
-    return all(nodes.get(n, {}).get("status") == "alive" and nodes[n]["models"] for n in NODES)
+    return _nodes_ready(client, NODES)
 
 
 def start_cluster(cluster: LocalCluster) -> None:
@@ -469,9 +473,18 @@ def counter_problems(runner: FaultRunner, stats: dict[str, Any]) -> list[str]:
     (``*_results`` counters: duplicate, late, unexpected, unknown)."""
     runner.add_counters()  # the coordinator running now
     refused = sum(v for k, v in stats["journal_counters"].items() if k.endswith("_results"))
+    problems = []
     if runner.counters["duplicates"] > refused:
-        return [f"{runner.counters['duplicates']} duplicates counted, {refused} in the journal"]
-    return []
+        problems.append(
+            f"{runner.counters['duplicates']} duplicates counted, {refused} in the journal"
+        )
+    moved = (
+        runner.counters["redispatched_after_death"]
+        + runner.counters["redispatched_after_disconnect"]
+    )
+    if not moved:  # the faults must have caught work in flight, or this test says little
+        problems.append("no fault caught an item in flight (nothing was re-dispatched)")
+    return problems
 
 
 def print_summary(seed, runner, stream, docs, stats, root: Path) -> None:

@@ -31,9 +31,9 @@ def _client(cluster: LocalCluster) -> CoordinatorClient:
     return CoordinatorClient(cluster.processes["coord"].facts["api"], cluster.token, timeout=10)
 
 
-def _nodes_ready(client: CoordinatorClient) -> bool:
+def _nodes_ready(client: CoordinatorClient, names=NODES) -> bool:
     nodes = {n["node_id"]: n for n in client.nodes()["nodes"]}
-    return all(nodes.get(n, {}).get("status") == "alive" and nodes[n]["models"] for n in NODES)
+    return all(nodes.get(n, {}).get("status") == "alive" and nodes[n]["models"] for n in names)
 
 
 def _submit_until_killed(client, x, acknowledged, stop) -> None:

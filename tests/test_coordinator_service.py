@@ -250,7 +250,7 @@ async def test_the_scheduler_sees_a_nodes_gossiped_models_change(tmp_path):
         c, membership = mesh.coordinator, mesh.daemons["node-0"].mesh.membership
 
         def models_seen():
-            return {m for view in c._views(Counter()) for m in view.models}
+            return {m for view in c._views() for m in view.models}
 
         state = membership.state
         assert models_seen() == {(m.model_id, m.version) for m in state.models}
@@ -792,7 +792,7 @@ async def test_a_parallel_task_at_its_deadline_ends_with_the_outputs_in_by_then(
     async with Mesh(tmp_path, n=1) as mesh:
         c, daemon = mesh.coordinator, mesh.daemons["node-0"]
         gate = hold_inference(daemon, only="digits-mlp-deep")
-        task = spec("vote", "parallel", x, models=models, aggregation="weighted", deadline_s=1.0)
+        task = spec("vote", "parallel", x, models=models, aggregation="weighted", deadline_s=3.0)
         record = await c.wait(await c.submit(task), timeout=10)
         stats = daemon.executor.stats  # the stuck one ended there: by its deadline or told
         await until(lambda: stats.cancelled + stats.failed["deadline_exceeded"] == 1)

@@ -479,8 +479,8 @@ async def test_on_decided_comes_before_the_commit_and_exactly_once(tmp_path):
 async def test_alone_calls_run_outside_groups_and_a_closed_writer_refuses(tmp_path):
     journal = Journal(tmp_path / "j.db", synchronous="NORMAL")
     writer = JournalWriter(lambda: journal)
-    assert await writer.run_alone(lambda: journal._in_group) is False
-    assert await writer.run(lambda: journal._in_group) is True
+    assert await writer.run_alone(lambda: journal._in_transaction) is False
+    assert await writer.run(lambda: journal._in_transaction) is True
     await writer.run_alone(journal.close)
     with pytest.raises(LocalProtocolError, match="closed"):
         await writer.run(journal.get, "t")  # the journal is closed: every call says so

@@ -256,10 +256,9 @@ def _state_fields(state: NodeState) -> list[Any]:
 
 def _appended(state: NodeState) -> list[Any]:
     """The state fields after the original 11, up to the last one that is set."""
-    fields = [state.input_cache_mb, *(msgpack.unpackb(raw) for raw in state.later)]
-    while fields and not state.later and not fields[-1]:
-        fields.pop()
-    return fields
+    if not state.later and not state.input_cache_mb:
+        return []
+    return [state.input_cache_mb, *(msgpack.unpackb(raw) for raw in state.later)]
 
 
 def encode_state(state: NodeState) -> bytes:
