@@ -14,13 +14,11 @@ re-dispatched at once), up to ``max_attempts``; then the task fails with the rea
 is accepted exactly once (the journal refuses duplicates and late results; they are counted).
 Cancelling a task sends ``TaskCancel`` to every node running one of its items.
 
-Inputs by reference: an input of at least ``input_ref_min_bytes`` goes to a node that gossips
-an input cache with ``keep_input``, and again to that node as a reference to its sha256, while
-the node's :class:`~meshinfer.inference.cache.InputMirror` says it holds it (a parallel task's
-models, a retry, the next task on the same frame). A node that does not hold it answers
-``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which is not a retry. A
-mirror starts again when its node restarts, dies or leaves, a send to it fails, or a session
-with it is lost (messages queued on it may never have arrived).
+Inputs by reference (:mod:`coordinator.input_refs`): an input of at least
+``input_ref_min_bytes`` goes to a node that gossips an input cache with ``keep_input``, and
+again to that node as a reference to its sha256, while the node's mirror says it holds it (a
+parallel task's models, a retry, the next task on the same frame). A node that does not hold it
+answers ``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which is not a retry.
 
 Deadlines: a task's ``deadline_s`` (or, for one naming none, ``default_deadline_s``, applied at
 acceptance and journaled) is its budget from acceptance; each item goes out with what is left of
@@ -81,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.failover import Reachability
+from coordinator.input_refs import InputRefs
 from coordinator.journal import (
     PRUNE_BATCH,
     CallOutcome,
@@ -94,7 +93,6 @@ from coordinator.journal import (
 from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, RemoteProtocolError
-from meshinfer.inference.cache import InputMirror, Send
 from meshinfer.proto import messages
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
@@ -114,7 +112,6 @@ from meshinfer.proto.tasks_wire import (
     TaskCancel,
     TaskFailed,
     TaskResult,
-    by_reference,
 )
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
@@ -253,8 +250,7 @@ class Coordinator:
         self._task_timers: dict[str, asyncio.TimerHandle] = {}
         #: each member's models, roles and links as sets, as of its gossiped state object
         self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
-        #: per node that keeps inputs: what it holds of ours, for its (incarnation, MiB)
-        self._mirrors: dict[str, tuple[tuple[int, int], InputMirror]] = {}
+        self._inputs = InputRefs(mesh, self.config.input_ref_min_bytes, self.stats_)
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
@@ -628,62 +624,25 @@ class Coordinator:
         msg = entry.item.to_message()
         if run.expires_at is not None:  # what is left of the task's budget
             msg = replace(msg, deadline_s=max(0.0, run.expires_at - self._loop.time()))
-        entry.by_reference = False
-        size = len(msg.input.data)
-        if not self.config.input_ref_min_bytes or size < self.config.input_ref_min_bytes:
-            return msg
-        mirror = self._mirror(node)
-        if mirror is None:
-            return msg
-        if not entry.digest:
-            entry.digest = run.digest_of(msg.input.data)
-        how = mirror.send(entry.digest, size)
-        if how is Send.REF:
-            entry.by_reference = True
-            self.stats_.inputs_by_reference += 1
-            self.stats_.input_bytes_saved += size
-            return by_reference(msg, entry.digest)
-        return replace(msg, keep_input=True) if how is Send.KEEP else msg
-
-    def _mirror(self, node: str) -> InputMirror | None:
-        """What ``node``'s input cache holds of ours (None: it gossips no input cache). A
-        restarted node, or one with a new budget, starts from an empty mirror."""
-        membership = self.mesh.membership
-        member = membership.core.member(node) if membership is not None else None
-        if member is None or not member.state.input_cache_mb:
-            self._mirrors.pop(node, None)
-            return None
-        key = (member.record.incarnation, member.state.input_cache_mb)
-        known = self._mirrors.get(node)
-        if known is None or known[0] != key:
-            known = self._mirrors[node] = (key, InputMirror(member.state.input_cache_mb << 20))
-        return known[1]
+        return self._inputs.message(run, entry, node, msg)
 
     def _forget_mirror(self, node: str) -> None:
         """What ``node`` keeps of ours is no longer known (a session with it ended without its
         Close frame, so what was queued on it may never have arrived; a send failed; it died,
-        left or was given up on): its mirror starts again, knowing less than the node keeps,
-        never more."""
-        self._mirrors.pop(node, None)
+        left or was given up on)."""
+        self._inputs.forget_node(node)
 
     def _resend_input(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         """``node`` does not hold the input this attempt named by reference: the same attempt
         goes again with the bytes (not a retry: the node ran nothing)."""
-        self.stats_.input_cache_misses += 1
-        self.stats_.input_bytes_saved -= len(entry.item.input.data)  # they go after all
-        self._forget_input(node, entry)
+        self._inputs.missed(node, entry)
         self._send_message(run, entry, node)
-
-    def _forget_input(self, node: str, entry: ItemRun) -> None:
-        """``node`` does not hold the item's input, whatever its mirror said."""
-        mirror = self._mirror(node)
-        if mirror is not None and entry.digest:
-            mirror.forget(entry.digest)
 
     def _send_message(self, run: TaskRun, entry: ItemRun, node: str) -> bool:
         """Send the item's TaskAssign to ``node``; if it cannot even be queued, forget what the
         mirror now believes the node keeps and retry the item elsewhere."""
         if self.mesh.peers.send(node, self._message(run, entry, node)):
+            self._inputs.queued(entry)
             return True
         self._forget_mirror(node)
         self._retry(run, entry, f"could not send to {node}", backoff=True)
@@ -908,7 +867,7 @@ class Coordinator:
             if entry.by_reference:
                 self._resend_input(run, entry, peer)
                 return
-            self._forget_input(peer, entry)  # sent with its bytes, yet not kept there
+            self._inputs.forget_input(peer, entry)  # sent with its bytes, yet not kept there
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
             self._retry(run, entry, reason, backoff=True)

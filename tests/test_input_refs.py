@@ -6,8 +6,11 @@ The same answer to an item sent with its bytes is an ordinary retryable failure.
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
-from coordinator.service import CoordinatorConfig
+from coordinator.input_refs import InputRefs
+from coordinator.runs import ItemRun, TaskRun
+from coordinator.service import CoordinatorConfig, CoordinatorStats
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.cache import content_digest
 from meshinfer.inference.registry import load_digits_holdout
@@ -232,3 +235,66 @@ async def test_after_a_lost_session_an_input_goes_with_its_bytes_once_more(tmp_p
         assert c.stats_.inputs_by_reference == 0  # its mirror started again: bytes, kept
         assert await _labels(c, spec("c", "single", frame)) == first
         assert (c.stats_.inputs_by_reference, c.stats_.input_cache_misses) == (1, 0)
+
+
+# --- the coordinator's bookkeeping alone (coordinator.input_refs) ------------------------------
+
+
+class _Members:
+    """What InputRefs reads of membership: a member's incarnation and input cache budget."""
+
+    def __init__(self, **cache_mb: int) -> None:
+        self.cache_mb = cache_mb
+        self.incarnation = 1
+
+    def member(self, node: str):
+        if node not in self.cache_mb:
+            return None
+        state = SimpleNamespace(input_cache_mb=self.cache_mb[node])
+        return SimpleNamespace(state=state, record=SimpleNamespace(incarnation=self.incarnation))
+
+
+def _refs(members: _Members, min_bytes: int = 4096) -> tuple[InputRefs, CoordinatorStats]:
+    stats = CoordinatorStats()
+    mesh = SimpleNamespace(membership=SimpleNamespace(core=members))
+    return InputRefs(mesh, min_bytes, stats), stats
+
+
+def _item_of(x) -> tuple[TaskRun, ItemRun]:
+    run = TaskRun(spec("t", "single", x), default_aggregation="all", now=0.0)
+    return run, ItemRun(run.ready()[0])
+
+
+def test_a_reference_is_counted_only_once_its_message_was_queued():
+    x, _y = load_digits_holdout()
+    refs, stats = _refs(_Members(n=1))
+    run, entry = _item_of(x[:20])
+    first = refs.message(run, entry, "n", entry.item.to_message())
+    assert first.keep_input and first.input_ref is None
+    refs.queued(entry)
+    again = refs.message(run, entry, "n", entry.item.to_message())
+    assert again.input_ref is not None and entry.by_reference
+    assert stats.inputs_by_reference == 0  # made, not queued (the peer table refused it)
+    refs.queued(entry)
+    size = len(entry.item.input.data)
+    assert (stats.inputs_by_reference, stats.input_bytes_saved) == (1, size)
+    refs.missed("n", entry)  # the node did not hold it: the bytes go after all
+    assert (stats.input_cache_misses, stats.input_bytes_saved) == (1, 0)
+    assert refs.message(run, entry, "n", entry.item.to_message()).input_ref is None
+
+
+def test_a_node_restarted_or_forgotten_starts_from_an_empty_mirror():
+    x, _y = load_digits_holdout()
+    members = _Members(n=1, plain=0)
+    refs, _stats = _refs(members)
+    run, entry = _item_of(x[:20])
+    refs.message(run, entry, "n", entry.item.to_message())
+    assert refs.message(run, entry, "n", entry.item.to_message()).input_ref is not None
+    members.incarnation += 1  # restarted: its cache is empty
+    assert refs.message(run, entry, "n", entry.item.to_message()).input_ref is None
+    refs.forget_node("n")  # e.g. its session was lost
+    assert refs.message(run, entry, "n", entry.item.to_message()).input_ref is None
+    plain = refs.message(run, entry, "plain", entry.item.to_message())  # keeps no inputs
+    assert plain.input_ref is None and not plain.keep_input
+    small = _item_of(x[:2])  # 512 bytes: under min_bytes
+    assert not refs.message(*small, "n", small[1].item.to_message()).keep_input
