@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from meshinfer.errors import LocalProtocolError
+from meshinfer.errors import LocalProtocolError, TransportError
 from meshinfer.proto.messages import AppData
 from meshinfer.runtime.endpoint import SessionListener
 from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
@@ -69,3 +69,26 @@ async def test_a_message_too_large_to_send_is_refused_and_the_rest_go_on(transpo
         assert pair.alpha.stats.dropped["too-large"] == 1
         await pair.alpha.request("bravo", AppData(topic="t", payload=b"later"))
         assert await pair.received(1) == [b"later"]
+
+
+async def test_a_session_whose_write_fails_while_it_says_open_is_closed_and_redialled(
+    transport_and_addr,
+):
+    async with Pair(*transport_and_addr) as pair:
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"first"))
+        broken = pair.alpha.session("bravo")
+        real_send_many, calls = broken.send_many, []
+
+        async def failing_send_many(msgs, *args):
+            calls.append(len(msgs))
+            if len(calls) > 50:  # without the fix the sender retries this session at once
+                return await real_send_many(msgs, *args)
+            raise TransportError("write failed, session none the wiser")
+
+        broken.send_many = failing_send_many
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"second"))
+        assert await pair.received(2) == [b"first", b"second"]
+        assert len(calls) == 1  # one failed write, then a new session
+        assert not broken.is_open
+        assert pair.alpha.session("bravo") is not broken
+        assert pair.alpha.stats.dials == 2
