@@ -145,7 +145,7 @@ def test_without_threadpoolctl_nothing_changes_and_a_warning_says_why(monkeypatc
 
 
 def test_negative_counts_are_refused():
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ConfigError, match=">= 0"):
         limit_cpu_threads(-1)
 
 

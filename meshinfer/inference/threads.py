@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from meshinfer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -46,7 +48,7 @@ def limit_cpu_threads(n: int) -> dict[str, int]:
     """
     global _holders
     if n < 0:
-        raise ValueError(f"cpu threads must be >= 0, got {n}")
+        raise ConfigError(f"cpu threads must be >= 0, got {n}")
     controller = _controller()
     if controller is None:
         return {}
