@@ -25,20 +25,25 @@ from meshinfer.fleetcli import (
 
 
 def _add_serve(commands: Any) -> None:
+    from meshinfer.runtime.loop import add_parent_watch_option
+
     help_text = "run the coordinator daemon until SIGTERM (prints READY {json} once ready)"
     parser = commands.add_parser("serve", help=help_text, description=help_text)
     parser.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
+    add_parent_watch_option(parser)
     add_log_level(parser)
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from meshinfer.runtime.loop import run_main, watched_parent
+
+    parent_pid = watched_parent(args.exit_with_parent)  # before anything slow
     from coordinator.config import load_config
     from coordinator.daemon import run_coordinator
-    from meshinfer.runtime.loop import run_main
 
     config = load_config(args.config)  # ConfigError -> one line on stderr, exit 2
-    return run_main(run_coordinator(config), args.log_level)
+    return run_main(run_coordinator(config, parent_pid), args.log_level)
 
 
 def _add_config(commands: Any) -> None:

@@ -167,7 +167,9 @@ class CoordinatorDaemon:
         await close_in_order(steps, log)
 
 
-async def run_coordinator(config: CoordinatorFileConfig) -> int:
-    """Run until SIGTERM/SIGINT; print ``READY {json}`` once ready. Returns the exit code."""
+async def run_coordinator(config: CoordinatorFileConfig, parent_pid: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or, with ``parent_pid``, until this process's parent is no
+    longer that one: ``--exit-with-parent``); print ``READY {json}`` once ready. Returns the
+    exit code."""
     daemon = CoordinatorDaemon(config)
-    return await serve_until_signalled(daemon, daemon.stop)
+    return await serve_until_signalled(daemon, daemon.stop, parent_pid)

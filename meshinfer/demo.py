@@ -15,6 +15,10 @@ Everything runs as an operator would run it, only on loopback and in a throw-awa
 5. one ``parallel`` task runs the whole held-out set through the three digit models and combines
    them (``ensemble`` aggregation);
 6. a summary: accuracy, throughput, task latency percentiles, and the work each node did.
+
+Ctrl-C, SIGTERM and SIGHUP stop it early the same way: the daemons are stopped (SIGTERM, they
+drain) before it exits with status 128 + the signal. The daemons also run with
+``--exit-with-parent``, so that even a demo killed outright leaves none behind.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,64 @@ from meshinfer.errors import MeshInferError
 
 DIGITS = "digits-mlp@1"
 ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by the first of :data:`STOP_SIGNALS` (a BaseException, like
+    KeyboardInterrupt: no ``except Exception`` on the way swallows it)."""
+
+
+class StopSignals:
+    """While entered, the first of :data:`STOP_SIGNALS` sets :attr:`stopping` and raises
+    :class:`Interrupted` in the main thread, so that the ``finally`` stopping the daemons runs;
+    once :meth:`hold` was called (that cleanup is under way) it is only recorded. Later signals
+    are ignored. The previous handlers are put back on exit. Outside the main thread (where no
+    handler can be set) it does nothing.
+
+    A handler's exception can land where Python cannot raise it (a weakref callback, a
+    ``__del__``: it is then "ignored"); :meth:`check` raises it again between the demo's steps,
+    and :attr:`stopping` ends the step under way soon.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopping = threading.Event()
+        self._held = False
+        self._previous: dict[int, Any] = {}
+        self._unraisable = sys.unraisablehook
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+            sys.unraisablehook = self._ignore_interrupted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._previous:
+            sys.unraisablehook = self._unraisable
+
+    def hold(self) -> None:
+        """From now on a signal is recorded, not raised."""
+        self._held = True
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came (and no cleanup is under way)."""
+        if self.received is not None and not self._held:
+            raise Interrupted(signal.Signals(self.received).name)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        self.stopping.set()
+        self.check()
+
+    def _ignore_interrupted(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self._unraisable(unraisable)
 
 
 @dataclass
@@ -70,7 +134,10 @@ class Progress:
 class Demo:
     """One run of the demo; see the module docstring."""
 
-    def __init__(self, options: DemoOptions, root: Path) -> None:
+    def __init__(
+        self, options: DemoOptions, root: Path, halted: threading.Event | None = None
+    ) -> None:
+        """``halted``: set when the demo is to stop (by :meth:`stop`, or a signal)."""
         from meshinfer.testing.cluster import LocalCluster
 
         self.options = options
@@ -82,6 +149,7 @@ class Demo:
         self.client: Any = None
         self.victim: str | None = None
         self.kill_report: dict[str, Any] = {}
+        self.halted = halted or threading.Event()  # the stream and the killer give up
 
     def say(self, text: str) -> None:
         if not self.options.quiet:
@@ -108,7 +176,7 @@ class Demo:
         pids = ", ".join(f"{d.name} {d.facts['pid']}" for d in daemons)
         self.say(f"started 1 coordinator + {len(self.names)} node processes (pids: {pids})")
         self.say(f"coordinator API at {coord.facts['api']}, session at {coord.facts['session']}")
-        self.cluster.wait_for(self._all_nodes_ready, timeout=30)
+        self.cluster.wait_for(lambda: self.halted.is_set() or self._all_nodes_ready(), timeout=30)
         self.say(
             f"the coordinator sees {len(self.names)} nodes alive (mDNS + SWIM gossip), each"
             f" serving {', '.join(ENSEMBLE)}"
@@ -137,6 +205,8 @@ class Demo:
         )
 
         def run(chunk: tuple[int, np.ndarray]) -> None:
+            if self.halted.is_set():
+                return
             start, rows = chunk
             t0 = time.perf_counter()
             try:
@@ -158,10 +228,12 @@ class Demo:
                     progress.failed.append(f"{doc['task_id']}: {doc['state']} {doc['error']}")
 
         t0 = time.perf_counter()
-        killer = threading.Thread(target=self._kill_halfway, args=(progress, len(chunks)))
+        killer = threading.Thread(
+            target=self._kill_halfway, args=(progress, len(chunks)), daemon=True
+        )
         if self.options.kill:
             killer.start()
-        with ThreadPoolExecutor(self.options.in_flight) as pool:
+        with _abandoned_when_interrupted(ThreadPoolExecutor(self.options.in_flight)) as pool:
             list(pool.map(run, chunks))
         elapsed = time.perf_counter() - t0
         if self.options.kill:
@@ -169,9 +241,19 @@ class Demo:
         return progress, elapsed
 
     def _kill_halfway(self, progress: Progress, total: int) -> None:
+        try:
+            self._kill_a_busy_node(progress, total)
+        except MeshInferError:
+            if not self.halted.is_set():
+                raise  # (the coordinator is gone when the demo is stopped early)
+
+    def _kill_a_busy_node(self, progress: Progress, total: int) -> None:
         while progress.done < total // 2:
-            time.sleep(0.005)
+            if self.halted.wait(0.005):
+                return
         self.victim, in_flight = self._freeze_a_busy_node(progress, total)
+        if self.halted.is_set():
+            return
         before = self.client.stats()
         self.cluster.kill(self.victim, signal.SIGKILL)
         killed_at = time.perf_counter()
@@ -213,7 +295,7 @@ class Demo:
             time.sleep(0.02)  # answers already on their way arrive
             nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
             in_flight = nodes.get(victim, {}).get("in_flight", 0)
-            if in_flight or progress.done >= total * 3 // 4:
+            if in_flight or progress.done >= total * 3 // 4 or self.halted.is_set():
                 return victim, in_flight
             proc.send_signal(signal.SIGCONT)
             time.sleep(0.005)
@@ -244,15 +326,31 @@ class Demo:
         return doc, time.perf_counter() - t0
 
     def stop(self) -> None:
+        """SIGTERM every daemon (a frozen one is let go on), wait for them, kill stragglers."""
+        self.halted.set()
         for daemon in self.cluster.processes.values():
             if daemon.alive():
                 daemon.proc.send_signal(signal.SIGTERM)
+                daemon.proc.send_signal(signal.SIGCONT)
         for daemon in self.cluster.processes.values():
             try:
                 daemon.proc.wait(timeout=15)
             except Exception:
                 daemon.proc.kill()
         self.cluster.close()
+
+
+@contextmanager
+def _abandoned_when_interrupted(pool: ThreadPoolExecutor) -> Iterator[ThreadPoolExecutor]:
+    """``pool`` as a context manager that, when left by an exception (:class:`Interrupted`),
+    cancels the work not started and does not wait for the work under way: it ends once the
+    daemons it talks to are stopped."""
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -324,23 +422,43 @@ def _print_summary(s: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _run(demo: Demo, x: np.ndarray, y: np.ndarray, signals: StopSignals) -> dict[str, Any]:
+    """The demo's steps, then (also when a step failed or a signal interrupted it) the daemons
+    stopped, with no signal let in meanwhile. The summary."""
+    try:
+        demo.start()
+        signals.check()
+        progress, seconds = demo.classify(x)
+        signals.check()
+        ens, ens_s = demo.ensemble(x)
+        signals.check()
+        return _summary(demo, x, y, progress, seconds, ens, ens_s)
+    finally:
+        try:
+            signals.hold()
+        finally:
+            demo.say("stopping the daemons (SIGTERM)")
+            demo.stop()
+
+
 def run_demo(options: DemoOptions | None = None) -> int:
-    """Run the demo; 0 when every task succeeded and accuracy is as trained, else 1."""
+    """Run the demo; 0 when every task succeeded and accuracy is as trained, else 1; 128 + the
+    signal when SIGINT, SIGTERM or SIGHUP stopped it early (its daemons are stopped first)."""
     from meshinfer.inference.registry import load_digits_holdout
 
     options = options or DemoOptions()
     x, y = load_digits_holdout()
-    with tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
-        root = options.keep or Path(tmp)
-        demo = Demo(options, root)
-        try:
-            demo.start()
-            progress, seconds = demo.classify(x)
-            ens, ens_s = demo.ensemble(x)
-            summary = _summary(demo, x, y, progress, seconds, ens, ens_s)
-        finally:
-            demo.say("stopping the daemons (SIGTERM)")
-            demo.stop()
+    signals = StopSignals()
+    try:
+        with signals, tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
+            demo = Demo(options, options.keep or Path(tmp), signals.stopping)
+            summary = _run(demo, x, y, signals)
+    except Interrupted:
+        pass  # the daemons were stopped on the way out
+    if signals.received is not None:
+        name = signal.Signals(signals.received).name
+        print(f"meshinfer demo: stopped by {name}; its daemons were stopped", file=sys.stderr)
+        return 128 + signals.received
     if options.json:
         print(json.dumps(summary), flush=True)
     else:

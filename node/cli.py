@@ -39,20 +39,25 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _add_run(commands: Any) -> None:
+    from meshinfer.runtime.loop import add_parent_watch_option
+
     help_text = "run the node daemon until SIGTERM (prints READY {json} once ready)"
     parser = commands.add_parser("run", help=help_text, description=help_text)
     parser.add_argument("--config", required=True, type=Path, help="node TOML file")
+    add_parent_watch_option(parser)
     add_log_level(parser)
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from meshinfer.runtime.loop import run_main
+    from meshinfer.runtime.loop import run_main, watched_parent
+
+    parent_pid = watched_parent(args.exit_with_parent)  # before anything slow
     from node.config import load_config
     from node.daemon import run_daemon
 
     config = load_config(args.config)  # ConfigError -> one line on stderr, exit 2
-    return run_main(run_daemon(config), args.log_level)
+    return run_main(run_daemon(config, parent_pid), args.log_level)
 
 
 def _add_status(commands: Any) -> None:

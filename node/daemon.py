@@ -307,7 +307,9 @@ def _replace(state: Any, **changes: Any) -> Any:
     return dataclasses.replace(state, **changes)
 
 
-async def run_daemon(config: NodeConfig) -> int:
-    """Run until SIGTERM/SIGINT; print ``READY {json}`` once ready. Returns the exit code."""
+async def run_daemon(config: NodeConfig, parent_pid: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or, with ``parent_pid``, until this process's parent is no
+    longer that one: ``--exit-with-parent``); print ``READY {json}`` once ready. Returns the
+    exit code."""
     daemon = NodeDaemon(config)
-    return await serve_until_signalled(daemon, daemon.drain_and_close)
+    return await serve_until_signalled(daemon, daemon.drain_and_close, parent_pid)

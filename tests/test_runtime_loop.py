@@ -1,10 +1,13 @@
-"""Done-callbacks that log how a background task ended (meshinfer.runtime.loop.log_failure)."""
+"""meshinfer.runtime.loop: done-callbacks that log how a background task ended (log_failure),
+Steps, and serve_until_signalled's stops (signals, the parent watch of ``--exit-with-parent``)."""
 
 import asyncio
 import logging
+import os
+import signal
 
 from meshinfer.errors import RemoteProtocolError
-from meshinfer.runtime.loop import Steps, log_failure
+from meshinfer.runtime.loop import Steps, log_failure, serve_until_signalled
 from tests.helpers import until
 
 log = logging.getLogger("tests.background")
@@ -60,3 +63,78 @@ async def test_steps_close_after_every_step_under_way_even_those_spawned_meanwhi
     steps.spawn(late)  # after the close: dropped, never run
     assert late.cr_frame is None and len(steps) == 0
     assert "test step failed: bug" in caplog.text
+
+
+class Started:
+    """A stand-in daemon for serve_until_signalled: it only records its lifecycle."""
+
+    node_id = "stand-in"
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.drained = False
+        self.closed = 0
+
+    async def start(self) -> dict:
+        self.started.set()
+        return {"node_id": self.node_id}
+
+    async def drain(self) -> None:
+        self.drained = True
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_a_daemon_watching_its_parent_drains_once_it_is_re_parented(capsys, caplog):
+    daemon, parent, looks = Started(), [4242], []
+
+    def current_parent() -> int:
+        looks.append(parent[0])
+        return parent[0]
+
+    caplog.set_level(logging.INFO, logger="meshinfer.runtime.loop")
+    serving = asyncio.create_task(
+        serve_until_signalled(daemon, daemon.drain, 4242, current_parent=current_parent)
+    )
+    await daemon.started.wait()
+    await until(lambda: len(looks) >= 2)  # it looked again, and the same parent keeps it up
+    assert not serving.done() and not daemon.drained
+    parent[0] = 1  # the parent died: this process now belongs to init
+    assert await asyncio.wait_for(serving, timeout=5) == 0
+    assert daemon.drained and daemon.closed == 1
+    assert capsys.readouterr().out.splitlines() == [
+        'READY {"node_id": "stand-in"}',
+        "STOPPED stand-in",
+    ]
+    assert "parent process 4242 is gone (re-parented to 1): stopping as on SIGTERM" in caplog.text
+    # the signal handlers it set are gone with it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+async def test_a_parent_gone_before_the_start_ends_stops_the_daemon_right_after_it(capsys):
+    daemon = Started()
+    stopped = await asyncio.wait_for(
+        serve_until_signalled(daemon, daemon.drain, 4242, current_parent=lambda: 1), timeout=5
+    )
+    assert stopped == 0 and daemon.drained
+    assert capsys.readouterr().out.splitlines()[0].startswith("READY ")
+
+
+async def test_without_a_parent_pid_the_parent_is_not_looked_at(capsys):
+    daemon, looks = Started(), []
+
+    def current_parent() -> int:
+        looks.append(1)
+        return 1
+
+    serving = asyncio.create_task(
+        serve_until_signalled(daemon, daemon.drain, current_parent=current_parent)
+    )
+    await daemon.started.wait()
+    await until(lambda: "READY" in capsys.readouterr().out)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop while serving
+    assert await asyncio.wait_for(serving, timeout=5) == 0
+    assert daemon.drained and looks == []

@@ -1,15 +1,31 @@
-"""Running a daemon: the event loop (uvloop when installed) and the signal-driven lifecycle."""
+"""Running a daemon: the event loop (uvloop when installed) and the signal-driven lifecycle.
+
+A daemon serves until something asks it to stop: SIGTERM or SIGINT, or, with
+``--exit-with-parent``, its parent process going away (the daemon is re-parented, so nobody is
+left to stop it). The first stop runs the daemon's graceful drain; a second signal during the
+drain abandons it for a plain close.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from meshinfer.errors import MeshInferError
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_S = 0.5
+"""How often a daemon watching its parent (``--exit-with-parent``) looks whether it is gone."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Daemon(Protocol):
@@ -93,30 +109,129 @@ def run_main(main: Coroutine[Any, Any, int], log_level: str) -> int:
         return runner.run(main)
 
 
-async def serve_until_signalled(daemon: Daemon, graceful: Callable[[], Awaitable[None]]) -> int:
+def add_parent_watch_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--exit-with-parent [PID]`` to a daemon's command (read it with
+    :func:`watched_parent`)."""
+    parser.add_argument(
+        "--exit-with-parent",
+        nargs="?",
+        const=0,
+        type=_pid,
+        metavar="PID",
+        help="stop (draining, as on SIGTERM) once the process that started this one is gone,"
+        " for launchers and test harnesses that may die without stopping it; PID: the"
+        " launcher's own pid, so that a launcher dying before this daemon got to look is"
+        " noticed too (default: the parent at start)",
+    )
+
+
+def watched_parent(option: int | None) -> int | None:
+    """The parent pid to watch for a ``--exit-with-parent`` value: None without the option,
+    this process's parent now for the bare flag, else the pid given."""
+    if option is None:
+        return None
+    return option or os.getppid()
+
+
+def _pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = 0
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a process id (a positive integer), got {text!r}"
+        )
+    return pid
+
+
+async def serve_until_signalled(
+    daemon: Daemon,
+    graceful: Callable[[], Awaitable[None]],
+    parent_pid: int | None = None,
+    *,
+    current_parent: Callable[[], int] = os.getppid,
+) -> int:
     """Start ``daemon``, print ``READY {facts}``, and on SIGTERM/SIGINT run ``graceful``.
 
-    A second signal during ``graceful`` abandons it for a plain ``aclose``. Prints
-    ``STOPPED <node id>`` at the end; returns the exit code (0).
+    With ``parent_pid``, also run ``graceful`` once ``current_parent()`` (the parent process id)
+    is no longer ``parent_pid``, looked at every :data:`PARENT_CHECK_S` from before the start:
+    the parent died and this process was re-parented. A second signal during ``graceful``
+    abandons it for a plain ``aclose``. Prints ``STOPPED <node id>`` at the end; returns the
+    exit code (0). The signal handlers are removed on return.
     """
     loop = asyncio.get_running_loop()
-    signals = asyncio.Queue[int]()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    stops = asyncio.Queue[str]()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stops.put_nowait, sig.name)
+    watch = None
+    if parent_pid is not None:
+        watch = loop.create_task(_watch_parent(parent_pid, current_parent, stops))
+        watch.add_done_callback(log_failure(log, "the parent watch"))
+    try:
+        return await _serve(daemon, graceful, stops, watch)
+    finally:
+        await _cancelled(watch)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def _watch_parent(
+    parent_pid: int, current_parent: Callable[[], int], stops: asyncio.Queue[str]
+) -> None:
+    # nothing to await: a child learns of its parent's death only by being re-parented
+    while (parent_now := current_parent()) == parent_pid:  # noqa: ASYNC110
+        await asyncio.sleep(PARENT_CHECK_S)
+    log.warning(
+        "parent process %d is gone (re-parented to %d): stopping as on SIGTERM",
+        parent_pid,
+        parent_now,
+    )
+    stops.put_nowait("parent gone")
+
+
+async def _serve(
+    daemon: Daemon,
+    graceful: Callable[[], Awaitable[None]],
+    stops: asyncio.Queue[str],
+    watch: asyncio.Task[None] | None,
+) -> int:
     try:
         facts = await daemon.start()
     except BaseException:
         await daemon.aclose()
         raise
-    print("READY " + json.dumps(facts), flush=True)
-    await signals.get()
+    _announce("READY " + json.dumps(facts))
+    log.info("stopping (%s)", await stops.get())
+    await _cancelled(watch)  # only a signal cuts the drain short
+    loop = asyncio.get_running_loop()
     stop = loop.create_task(graceful())
-    second = loop.create_task(signals.get())
+    second = loop.create_task(stops.get())
     done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
     if second in done:
-        stop.cancel()
+        log.warning("%s while draining: closing at once", second.result())
+        await _cancelled(stop)
         await daemon.aclose()
     else:
-        second.cancel()
-    print(f"STOPPED {daemon.node_id}", flush=True)
+        await _cancelled(second)
+        log.info("stopped cleanly")
+    _announce(f"STOPPED {daemon.node_id}")
     return 0
+
+
+async def _cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (None: nothing) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _announce(line: str) -> None:
+    """Print a lifecycle line (``READY``, ``STOPPED``) on stdout. A reader that is gone (the
+    parent died) is no error: stdout goes to /dev/null from then on."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

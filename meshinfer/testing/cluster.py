@@ -3,7 +3,8 @@
 ``LocalCluster`` creates a fleet directory, enrols nodes, writes each node's TOML and starts
 ``meshinfer-node run`` (or ``meshinfer-coord serve``) as separate processes, reading the
 ``READY {json}`` line each prints. Everything is plain files and subprocesses, exactly what an
-operator would run by hand.
+operator would run by hand. Each daemon runs with ``--exit-with-parent``: a test or benchmark
+killed outright (SIGKILL, the OOM killer, a crashed worker) leaves no daemon behind.
 """
 
 from __future__ import annotations
@@ -121,9 +122,13 @@ class LocalCluster:
         return self.fleet.api_token()
 
     def start(self, node_id: str, *, command: tuple[str, ...] | None = None, timeout=30.0):
-        """Start a daemon for ``node_id`` and wait for its READY line."""
+        """Start a daemon for ``node_id`` and wait for its READY line.
+
+        ``command`` ends with ``--config`` (the file is appended). Every daemon gets
+        ``--exit-with-parent <this pid>``: it stops by itself once this process is gone, even
+        when killed before it could stop its daemons."""
         argv = command or (sys.executable, "-m", "node.cli", "run", "--config")
-        argv = (*argv, str(self.configs[node_id]))
+        argv = (*argv, str(self.configs[node_id]), "--exit-with-parent", str(os.getpid()))
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -138,7 +143,12 @@ class LocalCluster:
             target=_pump, args=(proc.stdout, daemon, ready), daemon=True
         )
         daemon.reader.start()
-        if not ready.wait(timeout) or not daemon.facts:
+        try:
+            came_up = ready.wait(timeout) and daemon.facts
+        except BaseException:  # interrupted (KeyboardInterrupt, a signal): not left running
+            proc.kill()
+            raise
+        if not came_up:
             proc.kill()
             log = (self.root / f"{node_id}.log").read_text()[-2000:]
             raise RuntimeError(f"{node_id} did not become ready; log tail:\n{log}")
