@@ -15,6 +15,7 @@ from meshinfer.proto.messages import AppData, CloseCode
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import SessionConfig, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
+from tests.helpers import until
 
 
 class Pair:
@@ -108,7 +109,7 @@ async def test_node_of_another_fleet_is_refused(transport_and_addr):
     async with Pair(*transport_and_addr, fleet) as pair:
         with pytest.raises((HandshakeError, StreamClosed)):
             await dial(pair.transport, pair.addr, other.admission("mallory"))
-        await _until(lambda: sum(pair.metrics.handshake_failures.values()) >= 1)
+        await until(lambda: sum(pair.metrics.handshake_failures.values()) >= 1)
         assert pair.accepted.empty()
 
 
@@ -122,7 +123,7 @@ async def test_same_fleet_id_but_foreign_authority_is_refused(transport_and_addr
         # IK, so the forged certificate reaches bravo in the first handshake message.
         with pytest.raises((HandshakeError, AdmissionError, StreamClosed)):
             await dial(pair.transport, pair.addr, forged, expected_static=bravo_key)
-        await _until(lambda: pair.metrics.handshake_failures["bad-signature"] >= 1)
+        await until(lambda: pair.metrics.handshake_failures["bad-signature"] >= 1)
         assert pair.accepted.empty()
 
 
@@ -146,7 +147,7 @@ async def test_expired_certificate_is_refused(transport_and_addr):
         with contextlib.suppress(StreamClosed, HandshakeError):
             client = await pair.dial()
             await client.wait_closed()
-        await _until(lambda: pair.metrics.handshake_failures["expired"] == 1)
+        await until(lambda: pair.metrics.handshake_failures["expired"] == 1)
         assert pair.accepted.empty()
 
 
@@ -350,12 +351,6 @@ async def test_slow_reader_pushes_back_instead_of_buffering(transport_and_addr):
             assert (await server.recv()).payload == payload, i
         await task
         await client.aclose()
-
-
-async def _until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 class CountingWrites:
