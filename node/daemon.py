@@ -217,7 +217,7 @@ class NodeDaemon:
         from node.executor import TaskExecutor
 
         assert self.mesh is not None
-        self.executor = TaskExecutor(self.mesh, self.batchers, self.config.executor)
+        self.executor = TaskExecutor(self.mesh, self.batchers, self.config.executor, rng=self.rng)
         self.executor.start()
         membership = self.mesh.membership
         if membership is not None and self.config.executor.input_cache_mib:

@@ -10,21 +10,27 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
 At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
 when an item from a coordinator arrives while this node's backlog reaches
 ``offload_queue_depth`` (or it lacks the model) and a peer that is ALIVE (not suspect), has an
-open session with this node and gossips the model with a smaller queue exists, the item is
-forwarded to that peer, and whatever comes back is relayed to the coordinator. One hop only:
-an item another node passed on runs where it lands. A node already holding an item answers its
-latest ``TaskAssign`` (a coordinator's retry after the first sender went away). If the peer
-an item was passed to dies, leaves, loses its session abruptly, or the session the item went
-over is closed for a revoked certificate first, the item is handed back (``TaskFailed``
-``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of waiting for its item
-timeout. Bad input from a peer is answered with ``TaskFailed`` (``BAD_INPUT``) and never
-reaches the engine. Inputs a coordinator asks this node to keep (``keep_input``) go into its
-input cache (:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item
-arrives, and an item that names its input by reference (``input_ref``) is given it from there,
-or answered ``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before
-anything else is decided about the item, so the cache sees every message in the order sent
-(which is what lets the coordinator mirror it). While draining (SIGTERM) new items are refused
-as retryable and queued ones are handed back, so the coordinator re-runs them elsewhere.
+open session with this node and gossips the model with a smaller load (any load, if this node
+lacks the model) exists, the item is forwarded to that peer, and whatever comes back is relayed
+to the coordinator. One hop only: an item another node passed on runs where it lands. A peer's
+load is its gossiped queue depth (up to a second old) plus the items this node passed to it that
+are not answered yet, and ties are broken at random, so overloaded nodes do not all pile onto
+the one peer that looked idlest. A peer whose session this node would send over carries a
+certificate that is now revoked (the session is about to be cut) gets nothing. A node already
+holding an item answers its latest ``TaskAssign`` (a coordinator's retry after the first sender
+went away). If the peer an item was passed to dies, leaves, loses its session abruptly, or the
+session the item went over is closed for a revoked certificate first, or the item could never be
+written to it (the peer table gave up: dial failed, message too large), the item is handed back
+(``TaskFailed`` ``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of
+waiting for its item timeout. Bad input from a peer is answered with ``TaskFailed``
+(``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this node to keep
+(``keep_input``) go into its input cache (:class:`~meshinfer.inference.cache.ContentCache`,
+``input_cache_mib``) as the item arrives, and an item that names its input by reference
+(``input_ref``) is given it from there, or answered ``INPUT_NOT_CACHED`` so the coordinator
+sends the bytes; both happen before anything else is decided about the item, so the cache sees
+every message in the order sent (which is what lets the coordinator mirror it). While draining
+(SIGTERM) new items are refused as retryable and queued ones are handed back, so the coordinator
+re-runs them elsewhere.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -34,7 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 from collections import Counter
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -51,7 +60,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import DynamicBatcher
 from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache
 from meshinfer.inference.mlp import BatchShapeError
-from meshinfer.proto.membership import MemberEvent, MemberEventKind, MemberStatus
+from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
     FailureKind,
     TaskAccepted,
@@ -61,12 +70,15 @@ from meshinfer.proto.tasks_wire import (
     TaskResult,
     Tensor,
 )
+from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.revocations import CutOff
 from meshinfer.runtime.session import Session
 from node.config import ExecutorSection
 
 log = logging.getLogger(__name__)
+
+_log_failure = log_failure(log, "executor step")
 
 
 @dataclass
@@ -80,14 +92,21 @@ class ExecutorStats:
     handed_back: int = 0
 
 
+#: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
+Offload = tuple[str, TaskAssign, str]
+
+
 class TaskExecutor:
-    """Serves TaskAssign/TaskCancel for one node; see the module docstring."""
+    """Serves TaskAssign/TaskCancel for one node; see the module docstring. ``rng`` breaks ties
+    between equally loaded peers when passing an item on."""
 
     def __init__(
         self,
         mesh: MeshNode,
         batchers: dict[ModelRef, DynamicBatcher],
         config: ExecutorSection,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self.mesh = mesh
         self.batchers = batchers
@@ -98,12 +117,13 @@ class TaskExecutor:
         self._items: dict[str, asyncio.Task[None]] = {}
         self._notices: dict[str, asyncio.TimerHandle] = {}  # item -> its pending TaskAccepted
         self._started: set[str] = set()
-        self._offloaded: dict[str, tuple[str, TaskAssign, str]] = {}  # item -> coord, msg, target
+        self._offloaded: dict[str, Offload] = {}
         #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
         #: coordinator's retry after the one who sent it first went away): answered instead
         self._reply: dict[str, tuple[str, int]] = {}
         self._draining = False
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()  # session watchers and offload sends
+        self._rng = rng or random.Random()
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
         self._device_name: str | None = None
         self.inputs = ContentCache(config.input_cache_mib << 20)
@@ -305,13 +325,25 @@ class TaskExecutor:
         target = self._least_loaded_peer(ref, exclude={coordinator})
         if target is None:
             return False
-        self._offloaded[msg.item_id] = (coordinator, msg, target)
-        if not self.mesh.peers.send(target, msg):
-            self._offloaded.pop(msg.item_id, None)
+        sent = self.mesh.peers.send_tracked(target, msg)
+        if sent is None:  # refused at once (outbox full): run it here after all
             return False
+        offload = self._offloaded[msg.item_id] = (coordinator, msg, target)
+        self._spawn(self._forward(offload, sent))
         self.stats.offloaded += 1
         log.info("offloaded %s to %s (backlog %d)", msg.item_id, target, self.backlog)
         return True
+
+    async def _forward(self, offload: Offload, sent: asyncio.Future[None]) -> None:
+        """Wait until an offloaded item was written to its peer; if the peer table gives up on
+        it (dial failed, too large for the session), hand it back unless it was answered or
+        handed back meanwhile."""
+        _, msg, target = offload
+        try:
+            await sent
+        except MeshInferError as exc:
+            if self._offloaded.get(msg.item_id) is offload:
+                self._hand_back(msg.item_id, f"offloaded to {target}, but not sent: {exc}")
 
     def _on_member(self, event: MemberEvent) -> None:
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
@@ -325,9 +357,14 @@ class TaskExecutor:
             self._hand_back_from(cut.node_id, f"certificate serial {cut.serial} revoked")
 
     def _on_session(self, node: str, session: Session) -> None:
-        task = asyncio.get_running_loop().create_task(self._watch(node, session))
+        self._spawn(self._watch(node, session))
+
+    def _spawn(self, step: Coroutine[object, object, None]) -> None:
+        """Run ``step`` as a task this executor owns (cancelled by :meth:`aclose`)."""
+        task = asyncio.get_running_loop().create_task(step)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(_log_failure)
 
     async def _watch(self, node: str, session: Session) -> None:
         await session.wait_closed()
@@ -336,12 +373,15 @@ class TaskExecutor:
 
     def _hand_back_from(self, target: str, why: str) -> None:
         """Items offloaded to ``target`` will not come back: the coordinator re-runs them."""
-        for item_id, (coordinator, msg, to) in list(self._offloaded.items()):
+        for item_id, (_, _, to) in list(self._offloaded.items()):
             if to == target:
-                del self._offloaded[item_id]
-                self.stats.handed_back += 1
-                text = f"offloaded to {target}, which was lost ({why})"
-                self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
+                self._hand_back(item_id, f"offloaded to {target}, which was lost ({why})")
+
+    def _hand_back(self, item_id: str, text: str) -> None:
+        """Tell the coordinator an offloaded item will not be answered (retryable)."""
+        coordinator, msg, _ = self._offloaded.pop(item_id)
+        self.stats.handed_back += 1
+        self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
 
     def _is_coordinator(self, peer: str) -> bool:
         """Whether ``peer`` may have sent us an item to run or pass on: a coordinator (or a
@@ -353,24 +393,42 @@ class TaskExecutor:
         return member is None or "coordinator" in member.state.roles
 
     def _least_loaded_peer(self, ref: ModelRef, exclude: set[str]) -> str | None:
+        """The peer to pass an item for ``ref`` to: the least loaded of those that can take
+        it and are less loaded than this node (any, if this node lacks the model), at random
+        among equals; None if there is none. A peer's load counts what this node passed to it
+        and has not had answered, which its gossiped depth may not show yet."""
+        passed = Counter(to for _, _, to in self._offloaded.values())
+        ceiling = self.backlog if ref in self.batchers else math.inf
+        loads = {
+            m.node_id: m.state.queue_depth + passed[m.node_id]
+            for m in self._offload_targets(ref, exclude)
+        }
+        loads = {node: load for node, load in loads.items() if load < ceiling}
+        if not loads:
+            return None
+        least = min(loads.values())
+        return self._rng.choice(sorted(node for node, load in loads.items() if load == least))
+
+    def _offload_targets(self, ref: ModelRef, exclude: set[str]) -> Iterator[Member]:
+        """Live members that gossip ``ref`` and can be sent an item now (:meth:`_reachable`)."""
         membership = self.mesh.membership
         if membership is None:
-            return None
-        best: tuple[int, str] | None = None
+            return
         for member in membership.core.live_members():
-            state = member.state
-            has = any((m.model_id, m.version) == (ref.model_id, ref.version) for m in state.models)
-            if not has or member.node_id in exclude or state.queue_depth >= self.backlog:
-                continue
-            # not a suspect (it may be dead or just restarted) nor one we have no session with:
-            # an item sent there would be dropped at the dial with nobody told
-            if member.status is not MemberStatus.ALIVE:
-                continue
-            if self.mesh.peers.session(member.node_id) is None:
-                continue
-            if best is None or state.queue_depth < best[0]:
-                best = (state.queue_depth, member.node_id)
-        return None if best is None else best[1]
+            models = member.state.models
+            has = any((m.model_id, m.version) == (ref.model_id, ref.version) for m in models)
+            if has and member.node_id not in exclude and self._reachable(member):
+                yield member
+
+    def _reachable(self, member: Member) -> bool:
+        """ALIVE (a suspect may be dead or just restarted), with an open session (else an item
+        would wait for a dial that may fail), and that session's certificate not revoked: the
+        revocation list in force already names it while the session is being cut, and what
+        went over it then would be lost."""
+        if member.status is not MemberStatus.ALIVE:
+            return False
+        session = self.mesh.peers.session(member.node_id)
+        return session is not None and not self.mesh.admission.revocations.is_revoked(session.peer)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -386,10 +444,9 @@ class TaskExecutor:
             await asyncio.wait(pending, timeout=timeout)
 
     async def aclose(self) -> None:
+        """Stop: cancel running items, session watchers and offload sends. Idempotent."""
         self._draining = True
-        for watcher in list(self._watchers):
-            watcher.cancel()
-        tasks = [t for t in self._items.values() if not t.done()]
+        tasks = [t for t in (*self._watchers, *self._items.values()) if not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

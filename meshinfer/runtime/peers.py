@@ -141,10 +141,16 @@ class PeerTable:
 
     async def request(self, node_id: str, msg: messages.Message) -> None:
         """Send ``msg`` and wait until it was written to a session; raises if it could not be."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._enqueue(node_id, msg, fut):
+        fut = self.send_tracked(node_id, msg)
+        if fut is None:
             raise TransportError(f"cannot send to {node_id}: outbox full or node unknown")
         await fut
+
+    def send_tracked(self, node_id: str, msg: messages.Message) -> asyncio.Future[None] | None:
+        """Queue ``msg`` for ``node_id``: None if it was dropped at once, else a future done
+        once it was written to a session (or failed with why it never will be)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        return fut if self._enqueue(node_id, msg, fut) else None
 
     def _enqueue(
         self, node_id: str, msg: messages.Message, fut: asyncio.Future[None] | None

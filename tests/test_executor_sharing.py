@@ -1,0 +1,556 @@
+"""Work sharing in the node's task executor (node/executor.py): which peer an item is passed to,
+what happens when it cannot be sent, and whom a held item answers.
+
+Real peer tables and Noise sessions, over the in-memory transport (and real TCP on loopback
+where the transport matters), a real NumPy engine and batcher whose forward passes wait for a
+gate. Membership is a stand-in table (:class:`Members`): each test sets exactly the status,
+roles, models and gossiped queue depth that the executor reads for each peer.
+
+The worker ``w`` runs one item at a time; with ``offload_queue_depth = 3`` the first three items
+from a coordinator stay on ``w`` (held by the gate), so ``w``'s backlog is 3 and a peer that
+gossips a smaller load can be passed the next ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
+from meshinfer.inference.cache import content_digest
+from meshinfer.inference.numpy_engine import NumpyEngine
+from meshinfer.inference.registry import ModelRegistry, synthetic_model
+from meshinfer.inference.synthetic import SyntheticSpec, sample_inputs
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.membership import Member, MemberStatus, NodeState
+from meshinfer.proto.membership_wire import AliveRecord, ModelInfo
+from meshinfer.proto.messages import AppData, Message
+from meshinfer.proto.tasks_wire import (
+    FailureKind,
+    TaskAccepted,
+    TaskAssign,
+    TaskCancel,
+    TaskFailed,
+    TaskResult,
+    Tensor,
+    by_reference,
+    encode_params,
+)
+from meshinfer.runtime.endpoint import SessionListener
+from meshinfer.runtime.peers import PeerTable
+from meshinfer.runtime.session import Admission, SessionConfig
+from meshinfer.testing.fleet import make_fleet
+from meshinfer.transport.base import Address
+from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
+from meshinfer.transport.tcp import TcpTransport
+from node.config import ExecutorSection
+from node.executor import TaskExecutor
+from tests.helpers import until
+
+MODEL = SyntheticSpec(8, 1)
+REF: ModelRef = MODEL.ref
+GOSSIPED = (ModelInfo(REF.model_id, REF.version),)
+COORDINATORS = ("coord", "coord-2")
+VEHICLES = ("w", "v", "b", "c", "d")
+#: One item runs at a time; the first three from a coordinator stay (see the module docstring).
+SHARING = ExecutorSection(max_concurrent=1, offload_queue_depth=3, input_cache_mib=1)
+KEEPING = ExecutorSection(max_concurrent=1, offload_queue_depth=1000, input_cache_mib=1)
+WAIT_S = 5.0  # how long a message that must come may take (a failing test waits this long)
+
+
+class Members:
+    """Stands in for the node's ``MembershipService`` (``core.live_members()``,
+    ``core.member()``, ``subscribe``): a table the test writes."""
+
+    def __init__(self) -> None:
+        self.core = self
+        self.table: dict[str, Member] = {}
+        self.subscribers: list = []
+
+    def set(
+        self,
+        node_id: str,
+        *,
+        depth: int = 0,
+        status: MemberStatus = MemberStatus.ALIVE,
+        roles: tuple[str, ...] = ("vehicle",),
+        models: tuple[ModelInfo, ...] = GOSSIPED,
+    ) -> None:
+        state = NodeState(roles=roles, models=models, queue_depth=depth)
+        self.table[node_id] = Member(node_id, status, 1, AliveRecord(node_id, 1, 1, state), 0.0)
+
+    def member(self, node_id: str) -> Member | None:
+        return self.table.get(node_id)
+
+    def live_members(self) -> list[Member]:
+        return [m for m in self.table.values() if m.is_live]
+
+    def subscribe(self, callback) -> None:
+        self.subscribers.append(callback)
+
+
+@dataclass
+class WorkerMesh:
+    """What the executor uses of a ``MeshNode``."""
+
+    node_id: str
+    peers: PeerTable
+    admission: Admission
+    membership: Members
+    revocation_sync: None = None
+
+
+@dataclass
+class Endpoint:
+    """One node's peer table (and listener), keeping every task message it receives."""
+
+    peers: PeerTable
+    listener: SessionListener | None
+    got: list[tuple[str, Message]] = field(default_factory=list)
+
+    def keep(self, peer: str, msg: Message) -> None:
+        self.got.append((peer, msg))
+
+    def assigned(self) -> list[str]:
+        return [m.item_id for _, m in self.got if isinstance(m, TaskAssign)]
+
+    def answers(self) -> list[tuple[str, str, int, str]]:
+        """(type, item, attempt, sender) of each TaskResult and TaskFailed received."""
+        return [
+            (type(m).__name__, m.item_id, m.attempt, peer)
+            for peer, m in self.got
+            if isinstance(m, TaskResult | TaskFailed)
+        ]
+
+    def failure(self, item_id: str) -> TaskFailed | None:
+        failed = [m for _, m in self.got if isinstance(m, TaskFailed) and m.item_id == item_id]
+        return failed[-1] if failed else None
+
+
+class Net:
+    """Coordinators ``coord`` and ``coord-2``, vehicles ``w`` (the worker under test), ``v``,
+    ``b``, ``c``, ``d``, each with a listener; every node knows every other's address. No
+    session exists until a test opens one (:meth:`connect`)."""
+
+    def __init__(
+        self,
+        kind: str = "memory",
+        *,
+        worker_sends: SessionConfig | None = None,
+        worker_outbox: int = 256,
+    ) -> None:
+        self.kind = kind
+        self.worker_outbox = worker_outbox
+        self.memory = MemoryNetwork()
+        self.fleet = make_fleet(None, VEHICLES)
+        for name in COORDINATORS:
+            self.fleet.enroll(name, ("coordinator",))
+        self.worker_sends = worker_sends
+        self.nodes: dict[str, Endpoint] = {}
+        self.members = Members()
+        self.gate = asyncio.Event()
+        self.executors: list[TaskExecutor] = []
+        self.engine = NumpyEngine(ModelRegistry((synthetic_model(MODEL),)))
+        self.batcher = DynamicBatcher(
+            self.engine, REF, BatcherConfig(max_queue_delay_s=0.0, dispatch_when_idle=True)
+        )
+
+    async def __aenter__(self) -> Net:
+        for name in (*VEHICLES, *COORDINATORS):
+            self.nodes[name] = await self.endpoint(name, self.fleet.identities[name])
+        for node in self.nodes.values():
+            self.teach(node.peers)
+        await self.engine.load(REF)
+        infer = self.engine.infer
+
+        async def held(ref, batch):
+            await self.gate.wait()
+            return await infer(ref, batch)
+
+        self.engine.infer = held
+        await self.batcher.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.gate.set()
+        for executor in self.executors:
+            await executor.aclose()
+        await self.batcher.aclose()
+        await self.engine.aclose()
+        for node in self.nodes.values():
+            await node.peers.aclose()
+            if node.listener is not None:
+                await node.listener.aclose()
+
+    async def endpoint(self, name: str, identity: NodeIdentity, *, listen: bool = True):
+        """A node's peer table (listening unless told not to); ``w``'s own messages go to its
+        executor, everyone else's are kept in :attr:`Endpoint.got`."""
+        transport = (
+            MemoryTransport(self.memory, host=name) if self.kind == "memory" else TcpTransport()
+        )
+        admission = Admission(identity, self.fleet.revocations)
+        config = self.worker_sends if name == "w" else None
+        outbox = self.worker_outbox if name == "w" else 256
+        peers = PeerTable(name, transport, admission, config=config, outbox_limit=outbox)
+        listener = None
+        if listen:
+            listener = SessionListener(transport, admission, peers.serve_inbound)
+            host = name if self.kind == "memory" else "127.0.0.1"
+            await listener.start(Address(host, 0))
+        node = Endpoint(peers, listener)
+        if name != "w":
+            for kind in (TaskAssign, TaskResult, TaskFailed, TaskAccepted):
+                peers.on(kind, node.keep)
+        return node
+
+    def teach(self, peers: PeerTable) -> None:
+        """Let ``peers`` dial every listening node."""
+        for name, node in self.nodes.items():
+            if node.listener is not None:
+                key = self.fleet.identities[name].static_public
+                peers.learn(name, node.listener.address, key)
+
+    @property
+    def w(self) -> PeerTable:
+        return self.nodes["w"].peers
+
+    def worker(
+        self, config: ExecutorSection = SHARING, *, seed: int = 0, model: bool = True
+    ) -> TaskExecutor:
+        """Start an executor on ``w`` (with the model unless told not to; ``rng`` seeded)."""
+        mesh = WorkerMesh("w", self.w, self.w.admission, self.members)
+        batchers = {REF: self.batcher} if model else {}
+        executor = TaskExecutor(mesh, batchers, config, rng=random.Random(seed))
+        executor.start()
+        self.executors.append(executor)
+        return executor
+
+    async def connect(self, a: str, b: str) -> None:
+        """Open a session from ``a`` to ``b`` (``a`` dials)."""
+        await self.nodes[a].peers.request(b, AppData(topic="hello", payload=b""))
+
+    async def assign(self, sender: str, item_id: str, attempt: int = 1, rows: int = 1) -> None:
+        await self.nodes[sender].peers.request("w", item(item_id, attempt, rows))
+
+    async def fill(self, executor: TaskExecutor, n: int = 3) -> None:
+        """Give ``w`` ``n`` items from ``coord`` that stay there (held by the gate)."""
+        for i in range(n):
+            await self.assign("coord", f"held-{len(self.executors)}-{i}")
+        await soon(lambda: executor.backlog == n)
+
+    def assigned(self, *names: str) -> dict[str, list[str]]:
+        return {name: self.nodes[name].assigned() for name in names}
+
+    def holder(self, item_id: str) -> str | None:
+        """Which of b and c was passed ``item_id``, if one was."""
+        return next((n for n, ids in self.assigned("b", "c").items() if item_id in ids), None)
+
+
+async def soon(predicate) -> None:
+    """Wait until ``predicate`` holds, for at most :data:`WAIT_S`."""
+    await until(predicate, timeout=WAIT_S)
+
+
+def item(item_id: str, attempt: int = 1, rows: int = 1) -> TaskAssign:
+    x = sample_inputs(MODEL, rows)
+    return TaskAssign(
+        item_id, f"task-{item_id}", REF.model_id, REF.version, Tensor.from_array(x),
+        encode_params({}), None, 0, attempt,
+    )  # fmt: skip
+
+
+def coordinators(members: Members) -> None:
+    for name in COORDINATORS:
+        members.set(name, roles=("coordinator",), models=())
+
+
+# --- which peer: load, ties, liveness, sessions, certificates ---------------------------------
+
+
+async def test_items_passed_on_in_a_burst_spread_over_equally_idle_peers():
+    """Gossip says b and c are idle (and will for up to a second): each item passed counts
+    against its peer, so four items land two and two, not all on the first one found."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b")
+        net.members.set("c")
+        await net.connect("w", "b")
+        await net.connect("w", "c")
+        executor = net.worker()
+        await net.fill(executor)
+        for i in range(4):
+            await net.assign("coord", f"burst-{i}")
+        await soon(lambda: executor.stats.offloaded == 4)
+        await soon(lambda: sum(map(len, net.assigned("b", "c").values())) == 4)
+        assert sorted(map(len, net.assigned("b", "c").values())) == [2, 2]
+        assert executor.backlog == 3  # nothing more ran here
+
+
+async def test_an_answered_item_no_longer_counts_against_its_peer():
+    """Once b answers what it was passed, it looks idle again and gets the next item (c, with
+    one unanswered item, does not)."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b")
+        net.members.set("c")
+        await net.connect("w", "b")
+        await net.connect("w", "c")
+        executor = net.worker()
+        await net.fill(executor)
+        await net.assign("coord", "first")
+        await net.assign("coord", "second")
+        await soon(lambda: executor.stats.offloaded == 2)
+        await soon(lambda: all(net.assigned("b", "c").values()))
+        (done,) = net.nodes["b"].assigned()
+        result = TaskResult(done, 1, Tensor.from_array(sample_inputs(MODEL, 1)), "b", "", "", {})
+        await net.nodes["b"].peers.request("w", result)
+        await soon(lambda: ("TaskResult", done, 1, "w") in net.nodes["coord"].answers())
+        await net.assign("coord", "third")
+        await soon(lambda: len(net.nodes["b"].assigned()) == 2)
+        other = ({"first", "second"} - {done}).pop()
+        assert net.assigned("b", "c") == {"b": [done, "third"], "c": [other]}
+
+
+async def test_a_tie_between_peers_is_broken_by_the_injected_rng():
+    """Equally loaded peers: which one gets an item follows the executor's ``random.Random``
+    (so nodes seeded differently do not all pick the same peer), the same seed the same one."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b")
+        net.members.set("c")
+        await net.connect("w", "b")
+        await net.connect("w", "c")
+        picks: list[str] = []
+        for i, seed in enumerate((*range(6), 0)):
+            executor = net.worker(seed=seed)
+            await net.fill(executor)
+            item_id = f"tie-{i}"
+            await net.assign("coord", item_id)
+            await soon(lambda i=item_id: net.holder(i))
+            picks.append(net.holder(item_id))
+            await executor.aclose()  # its held items are cancelled: the next one starts empty
+        assert set(picks[:-1]) == {"b", "c"}
+        assert picks[-1] == picks[0]  # seed 0 again
+
+
+async def test_a_node_without_the_model_passes_the_item_on_even_with_an_empty_queue():
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b", depth=7)  # busy, but it has the model and w does not
+        await net.connect("w", "b")
+        executor = net.worker(model=False)
+        await net.assign("coord", "no-model-here")
+        await soon(lambda: net.nodes["b"].assigned() == ["no-model-here"])
+        assert executor.stats.failed["model_not_found"] == 0
+
+
+async def test_only_alive_members_with_an_open_session_are_passed_items():
+    """c is idle but SUSPECT (it may be dead, or just restarted); d is idle and ALIVE but has
+    no session with w (an item would wait on a dial that may fail, with nobody told): the
+    item goes to b, busier but ALIVE and connected."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b", depth=2)
+        net.members.set("c", status=MemberStatus.SUSPECT)
+        net.members.set("d")
+        await net.connect("w", "b")
+        await net.connect("w", "c")
+        executor = net.worker()
+        await net.fill(executor)
+        await net.assign("coord", "one")
+        await soon(lambda: executor.stats.offloaded == 1)
+        await soon(lambda: net.nodes["b"].assigned() == ["one"])
+        assert net.assigned("c", "d") == {"c": [], "d": []}
+
+
+async def test_no_item_goes_over_a_session_whose_certificate_was_just_revoked():
+    """Between a revocation reaching w's list and the session with b being cut, the session
+    is still open (and the one the peer table would send over): b gets nothing meanwhile."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b")
+        net.members.set("c", depth=1)
+        await net.connect("w", "b")
+        await net.connect("w", "c")
+        executor = net.worker()
+        await net.fill(executor)
+        net.fleet.revoke("b")
+        net.w.admission.revocations = net.fleet.revocations  # merged; the cut has not run yet
+        assert net.w.session("b") is not None
+        await net.assign("coord", "after-revocation")
+        await soon(lambda: executor.stats.offloaded == 1)
+        await soon(lambda: net.nodes["c"].assigned() == ["after-revocation"])
+        assert net.nodes["b"].assigned() == []
+
+
+async def test_a_peer_is_skipped_only_while_its_revoked_session_is_the_one_sent_over():
+    """b re-enrolled: it has a session with w under its old certificate (the oldest, which the
+    peer table sends over) and one under its new one. Once the old serial is revoked, b gets
+    nothing until that session is gone; then it is passed items again, over the good one."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b")
+        net.members.set("c", depth=1)
+        await net.connect("w", "c")
+        old = net.fleet.identities["b"]
+        new = net.fleet.enroll("b")
+        stale = await net.endpoint("b", old, listen=False)
+        fresh = await net.endpoint("b", new, listen=False)
+        net.nodes["b-old"], net.nodes["b-new"] = stale, fresh  # closed with the rest
+        for count, node in enumerate((stale, fresh), 1):
+            net.teach(node.peers)
+            await node.peers.request("w", AppData(topic="hello", payload=b""))
+            await soon(lambda n=count: sum(s.peer_id == "b" for s in net.w.open_sessions()) == n)
+        assert net.w.session("b").peer.serial == old.certificate.serial  # the one sent over
+        executor = net.worker()
+        await net.fill(executor)
+        revoked = net.fleet.authority.revoke(
+            net.fleet.revocations, now=time.time(), serial=old.certificate.serial
+        )
+        net.w.admission.revocations = revoked
+        await net.assign("coord", "while-cut")
+        await soon(lambda: net.nodes["c"].assigned() == ["while-cut"])
+        await stale.peers.aclose()  # the cut completes
+        await soon(lambda: net.w.session("b").peer.serial == new.certificate.serial)
+        await net.assign("coord", "after-cut")
+        await soon(lambda: fresh.assigned() == ["after-cut"])
+        assert stale.assigned() == []
+
+
+# --- an item that cannot be sent is handed back -----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "tcp"])
+async def test_an_offloaded_item_the_peer_table_cannot_send_is_handed_back(kind):
+    """w may send messages of at most 2 KiB on the sessions it dials (it receives bigger ones
+    from the coordinator): the peer table drops the item it passes b as too large, after
+    ``_offload`` returned. The coordinator hears at once (PEER_LOST, retryable), not at its
+    attempt timeout, and b's load counts the item no longer."""
+    async with Net(kind, worker_sends=SessionConfig(max_message_size=2048)) as net:
+        coordinators(net.members)
+        net.members.set("b")
+        await net.connect("w", "b")
+        executor = net.worker()
+        await net.fill(executor)
+        await net.assign("coord", "too-large", rows=64)  # 64 x 8 float32: 2 KiB of input alone
+        coord = net.nodes["coord"]
+        await soon(lambda: coord.failure("too-large") is not None)
+        failed = coord.failure("too-large")
+        assert (failed.code, failed.retryable, failed.attempt) == (FailureKind.PEER_LOST, True, 1)
+        assert "not sent" in failed.message and executor.stats.handed_back == 1
+        await net.assign("coord", "small")  # b's load is 0 again: it gets the next one
+        await soon(lambda: net.nodes["b"].assigned() == ["small"])
+        assert executor.stats.offloaded == 2
+
+
+async def test_an_item_the_peer_table_refuses_at_once_runs_here():
+    """w's outbox takes nothing (as one that is full): the item it would pass b cannot even be
+    queued, so it runs on w after all instead of being handed back. (b dialled w: w has a
+    session with b without sending anything.)"""
+    async with Net(worker_outbox=0) as net:
+        coordinators(net.members)
+        net.members.set("b")
+        await net.connect("b", "w")
+        executor = net.worker()
+        await net.fill(executor)
+        await net.assign("coord", "stays")
+        await soon(lambda: executor.backlog == 4)
+        assert (executor.stats.offloaded, executor.stats.handed_back) == (0, 0)
+        assert net.nodes["b"].assigned() == []
+
+
+# --- one hop; the latest assignment ----------------------------------------------------------
+
+
+async def test_an_item_from_a_peer_runs_here_and_is_never_passed_on_again():
+    """An item v (a vehicle) passed to w runs on w even though w is over its offload depth and
+    c is idle; an item from the coordinator at that moment goes to c."""
+    config = ExecutorSection(max_concurrent=1, offload_queue_depth=1, input_cache_mib=1)
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("v", models=())
+        net.members.set("c")
+        await net.connect("w", "c")
+        executor = net.worker(config)
+        await net.assign("coord", "from-coord")  # backlog 0 < 1: stays
+        await soon(lambda: executor.backlog == 1)
+        await net.assign("v", "from-peer")  # backlog 1 >= 1, but one hop only
+        await soon(lambda: executor.backlog == 2)
+        await net.assign("coord", "from-coord-too")  # backlog 2 >= 1: passed on
+        await soon(lambda: net.nodes["c"].assigned() == ["from-coord-too"])
+        net.gate.set()
+        await soon(lambda: ("TaskResult", "from-peer", 1, "w") in net.nodes["v"].answers())
+        assert net.nodes["c"].assigned() == ["from-coord-too"]
+
+
+async def test_a_held_item_answers_its_latest_assignment():
+    """coord assigned x (attempt 1), then coord-2 re-assigned it (attempt 2: the coordinator's
+    retry, from elsewhere): w runs it once and answers coord-2, attempt 2, only."""
+    async with Net() as net:
+        coordinators(net.members)
+        executor = net.worker(KEEPING)
+        await net.assign("coord", "x")
+        await soon(lambda: executor.running == 1)
+        await net.assign("coord-2", "x", attempt=2)
+        await net.assign("coord", "y")
+        net.gate.set()
+        await soon(lambda: ("TaskResult", "y", 1, "w") in net.nodes["coord"].answers())
+        await soon(lambda: net.nodes["coord-2"].answers() == [("TaskResult", "x", 2, "w")])
+        assert net.nodes["coord"].answers() == [("TaskResult", "y", 1, "w")]  # x's came first
+        assert executor.stats.accepted == 2  # x once
+
+
+async def test_a_held_item_cancelled_reports_to_its_latest_assignment():
+    async with Net() as net:
+        coordinators(net.members)
+        executor = net.worker(KEEPING)
+        await net.assign("coord", "x")
+        await soon(lambda: executor.running == 1)
+        await net.assign("coord-2", "x", attempt=2)
+        await net.nodes["coord-2"].peers.request("w", TaskCancel("x", "retried, then cancelled"))
+        await soon(lambda: net.nodes["coord-2"].failure("x") is not None)
+        failed = net.nodes["coord-2"].failure("x")
+        assert (failed.code, failed.attempt) == (FailureKind.CANCELLED, 2)
+        await net.assign("coord", "y")
+        net.gate.set()
+        await soon(lambda: ("TaskResult", "y", 1, "w") in net.nodes["coord"].answers())
+        assert net.nodes["coord"].answers() == [("TaskResult", "y", 1, "w")]
+
+
+async def test_a_refused_reassignment_does_not_take_the_answer():
+    """A re-assignment refused on arrival (here: its input by reference is not in w's cache)
+    is answered as refused; the running item still answers the assignment it runs under."""
+    async with Net() as net:
+        coordinators(net.members)
+        executor = net.worker(KEEPING)
+        await net.assign("coord", "x")
+        await soon(lambda: executor.running == 1)
+        again = by_reference(item("x", attempt=2), content_digest(b"never sent"))
+        await net.nodes["coord-2"].peers.request("w", again)
+        await soon(lambda: net.nodes["coord-2"].failure("x") is not None)
+        assert net.nodes["coord-2"].failure("x").code == FailureKind.INPUT_NOT_CACHED
+        net.gate.set()
+        await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+        assert net.nodes["coord-2"].answers() == [("TaskFailed", "x", 2, "w")]
+
+
+async def test_a_reassignment_refused_while_draining_does_not_take_the_answer():
+    async with Net() as net:
+        coordinators(net.members)
+        executor = net.worker(KEEPING)
+        await net.assign("coord", "x")
+        await soon(lambda: executor.running == 1)
+        draining = asyncio.create_task(executor.drain(timeout=WAIT_S))
+        await asyncio.sleep(0)  # drain() refuses new work from its first step on
+        await net.assign("coord-2", "x", attempt=2)
+        await soon(lambda: net.nodes["coord-2"].failure("x") is not None)
+        assert net.nodes["coord-2"].failure("x").code == FailureKind.SHUTTING_DOWN
+        net.gate.set()
+        await draining
+        await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+        assert net.nodes["coord-2"].answers() == [("TaskFailed", "x", 2, "w")]
