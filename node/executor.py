@@ -433,15 +433,24 @@ class TaskExecutor:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking work; hand back items not yet started; let running ones finish."""
+        """Stop taking work; hand back items not yet started; let running ones finish, and
+        items passed to peers be answered (relayed), within ``timeout``; then hand back the
+        passed items still unanswered: once this node is gone their answers have nowhere to
+        go, and the coordinator re-runs them at once instead of at their timeout."""
         self._draining = True
         for item_id, task in list(self._items.items()):
             if item_id not in self._started:
                 self.stats.handed_back += 1
                 task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         pending = [t for t in self._items.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        while self._offloaded and loop.time() < deadline:  # noqa: ASYNC110 - relays are handler calls
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        for item_id in list(self._offloaded):
+            self._hand_back(item_id, "passed on by a node that is stopping; not answered yet")
 
     async def aclose(self) -> None:
         """Stop: cancel running items, session watchers and offload sends. Idempotent."""

@@ -464,6 +464,35 @@ async def test_an_item_the_peer_table_refuses_at_once_runs_here():
         assert net.nodes["b"].assigned() == []
 
 
+async def test_a_draining_node_waits_for_what_it_passed_on_then_hands_back_the_rest():
+    """SIGTERM's drain: an item b answers within the drain's timeout is relayed; one still
+    unanswered at the end is handed back (its answer would have nowhere to go)."""
+    async with Net() as net:
+        coordinators(net.members)
+        net.members.set("b")
+        await net.connect("w", "b")
+        executor = net.worker()
+        await net.fill(executor)
+        await net.assign("coord", "answered")
+        await net.assign("coord", "silent")
+        await soon(lambda: net.nodes["b"].assigned() == ["answered", "silent"])
+        net.gate.set()  # w's own items finish
+        drain = asyncio.create_task(executor.drain(timeout=1.0))
+        await asyncio.sleep(0.1)
+        result = TaskResult(
+            "answered", 1, Tensor.from_array(sample_inputs(MODEL, 1)), "b", "", "", {}
+        )
+        await net.nodes["b"].peers.request("w", result)
+        await drain
+        coord = net.nodes["coord"]
+        await soon(lambda: coord.failure("silent") is not None)
+        assert ("TaskResult", "answered", 1, "w") in coord.answers()
+        assert coord.failure("answered") is None
+        failed = coord.failure("silent")
+        assert (failed.code, failed.retryable) == (FailureKind.PEER_LOST, True)
+        assert "stopping" in failed.message
+
+
 # --- one hop; the latest assignment ----------------------------------------------------------
 
 
