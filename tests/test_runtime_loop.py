@@ -138,3 +138,18 @@ async def test_without_a_parent_pid_the_parent_is_not_looked_at(capsys):
     os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop while serving
     assert await asyncio.wait_for(serving, timeout=5) == 0
     assert daemon.drained and looks == []
+
+
+async def test_a_drain_that_raises_is_logged_and_the_daemon_closed_with_exit_code_1(caplog):
+    daemon = Started()
+
+    async def broken_drain() -> None:
+        raise RuntimeError("drain bug")
+
+    caplog.set_level(logging.INFO, logger="meshinfer.runtime.loop")
+    code = await asyncio.wait_for(
+        serve_until_signalled(daemon, broken_drain, 4242, current_parent=lambda: 1), timeout=5
+    )
+    assert code == 1 and daemon.closed == 1
+    assert "the drain failed; closing at once" in caplog.text and "drain bug" in caplog.text
+    assert "stopped cleanly" not in caplog.text

@@ -157,8 +157,9 @@ async def serve_until_signalled(
     With ``parent_pid``, also run ``graceful`` once ``current_parent()`` (the parent process id)
     is no longer ``parent_pid``, looked at every :data:`PARENT_CHECK_S` from before the start:
     the parent died and this process was re-parented. A second signal during ``graceful``
-    abandons it for a plain ``aclose``. Prints ``STOPPED <node id>`` at the end; returns the
-    exit code (0). The signal handlers are removed on return.
+    abandons it for a plain ``aclose``, and so does a ``graceful`` that raises (logged; exit code
+    1). Prints ``STOPPED <node id>`` at the end; returns the exit code (0 after a clean stop).
+    The signal handlers are removed on return.
     """
     loop = asyncio.get_running_loop()
     stops = asyncio.Queue[str]()
@@ -202,6 +203,7 @@ async def _serve(
         await daemon.aclose()
         raise
     _announce("READY " + json.dumps(facts))
+    code = 0
     log.info("stopping (%s)", await stops.get())
     await _cancelled(watch)  # only a signal cuts the drain short
     loop = asyncio.get_running_loop()
@@ -214,9 +216,15 @@ async def _serve(
         await daemon.aclose()
     else:
         await _cancelled(second)
-        log.info("stopped cleanly")
+        failure = stop.exception()
+        if failure is None:
+            log.info("stopped cleanly")
+        else:  # a bug in the drain: say so, close anyway, and exit non-zero
+            log.error("the drain failed; closing at once", exc_info=failure)
+            await daemon.aclose()
+            code = 1
     _announce(f"STOPPED {daemon.node_id}")
-    return 0
+    return code
 
 
 async def _cancelled(task: asyncio.Task[Any] | None) -> None:
