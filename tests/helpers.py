@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from coordinator.client import CoordinatorClient
+from meshinfer.inference.base import ModelRef
+from meshinfer.inference.numpy_engine import NumpyEngine
+from meshinfer.testing.cluster import LocalCluster
 
 
 async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
@@ -12,3 +19,31 @@ async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+def api_client(cluster: LocalCluster, name: str = "coord") -> CoordinatorClient:
+    """An HTTP client of the coordinator ``name`` a :class:`LocalCluster` started."""
+    return CoordinatorClient(cluster.processes[name].facts["api"], cluster.token, timeout=10)
+
+
+def nodes_ready(client: CoordinatorClient, names: Iterable[str]) -> bool:
+    """Whether the coordinator sees every node of ``names`` alive and serving models."""
+    nodes = {n["node_id"]: n for n in client.nodes()["nodes"]}
+    return all(nodes.get(n, {}).get("status") == "alive" and nodes[n]["models"] for n in names)
+
+
+def labels_reference(rows: np.ndarray) -> list[int]:
+    """The labels the shipped digits model gives ``rows``, computed here with the NumPy
+    engine (for a test's own loop-free thread: it runs a loop of its own)."""
+
+    async def infer() -> list[int]:
+        engine = NumpyEngine()
+        ref = ModelRef("digits-mlp", "1")
+        await engine.load(ref)
+        try:
+            out = await engine.infer(ref, rows)
+        finally:
+            await engine.aclose()
+        return [int(v) for v in np.argmax(out, axis=1)]
+
+    return asyncio.run(infer())

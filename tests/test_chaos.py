@@ -46,7 +46,7 @@ from meshinfer.inference.numpy_engine import NumpyEngine
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.testing.cluster import LocalCluster
 from node.daemon import parse_model_ref
-from tests.test_coordinator_restart import _client, _nodes_ready, client_labels_reference
+from tests.helpers import api_client, labels_reference, nodes_ready
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ class FaultRunner:
     def add_counters(self) -> None:
         """Add the counters of the coordinator running now (they start again at each start)."""
         try:
-            stats = _client(self.cluster).stats()
+            stats = api_client(self.cluster).stats()
         except ApiError:
             return
         for key in COUNTERS:
@@ -269,7 +269,7 @@ class TaskStream:
         while True:
             sub.tries += 1
             try:
-                _client(self.cluster).submit(body)
+                api_client(self.cluster).submit(body)
             except ApiError as exc:
                 if exc.status is not None:
                     self.refused.append((sub, exc))
@@ -305,7 +305,7 @@ def reference_outputs(x: np.ndarray) -> dict[str, np.ndarray]:
         return out
 
     out = asyncio.run(infer())
-    assert np.argmax(out[DIGITS], axis=1).tolist() == client_labels_reference(x)
+    assert np.argmax(out[DIGITS], axis=1).tolist() == labels_reference(x)
     return out
 
 
@@ -421,7 +421,7 @@ def offload_hops(root: Path) -> Counter[str]:
 
 
 def _all_nodes_alive(client: CoordinatorClient) -> bool:
-    return _nodes_ready(client, NODES)
+    return nodes_ready(client, NODES)
 
 
 def start_cluster(cluster: LocalCluster) -> None:
@@ -430,12 +430,12 @@ def start_cluster(cluster: LocalCluster) -> None:
         cluster.add_node(name, extra=NODE_EXTRA)
         cluster.start(name)
     cluster.start_coordinator(COORD)
-    cluster.wait_for(lambda: _all_nodes_alive(_client(cluster)))
+    cluster.wait_for(lambda: _all_nodes_alive(api_client(cluster)))
 
 
 def wait_all(cluster, stream, ref) -> tuple[list[str], list[dict[str, Any]]]:
     """Wait for every acknowledged task (one deadline for all); the problems and documents."""
-    client = _client(cluster)
+    client = api_client(cluster)
     deadline = time.monotonic() + WAIT_S
     problems, docs = [], []
     for sub in stream.acknowledged:
@@ -533,7 +533,7 @@ def cluster_problems(cluster, stream, runner, ref) -> tuple[list[str], list[dict
     """Everything the API, the exit codes and the mesh say is wrong; the task documents and
     the coordinator's stats."""
     problems, docs = wait_all(cluster, stream, ref)
-    client = _client(cluster)
+    client = api_client(cluster)
     journal, stats = journal_problems(client, stream)
     problems += journal + counter_problems(runner, stats)
     problems += [f"refused: {s.task_id}: {exc}" for s, exc in stream.refused]

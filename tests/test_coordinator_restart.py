@@ -10,12 +10,12 @@ from __future__ import annotations
 import signal
 import threading
 
-import numpy as np
 import pytest
 
-from coordinator.client import ApiError, CoordinatorClient, tensor_json
+from coordinator.client import ApiError, tensor_json
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.testing.cluster import LocalCluster
+from tests.helpers import api_client, labels_reference, nodes_ready
 
 pytestmark = pytest.mark.slow
 NODES = ("veh-1", "veh-2")
@@ -25,15 +25,6 @@ SLOW_NODE = (
     "[executor]\nmax_concurrent = 1\n"
     "[inference]\nmax_queue_delay_ms = 20.0\ndispatch_when_idle = false\n"
 )
-
-
-def _client(cluster: LocalCluster) -> CoordinatorClient:
-    return CoordinatorClient(cluster.processes["coord"].facts["api"], cluster.token, timeout=10)
-
-
-def _nodes_ready(client: CoordinatorClient, names=NODES) -> bool:
-    nodes = {n["node_id"]: n for n in client.nodes()["nodes"]}
-    return all(nodes.get(n, {}).get("status") == "alive" and nodes[n]["models"] for n in names)
 
 
 def _submit_until_killed(client, x, acknowledged, stop) -> None:
@@ -60,8 +51,8 @@ def test_every_acknowledged_task_finishes_after_a_coordinator_crash(tmp_path):
             cluster.add_node(name, extra=SLOW_NODE)
             cluster.start(name)
         cluster.start_coordinator("coord")
-        client = _client(cluster)
-        cluster.wait_for(lambda: _nodes_ready(client))
+        client = api_client(cluster)
+        cluster.wait_for(lambda: nodes_ready(client, NODES))
 
         acknowledged: list[tuple[str, int, int]] = []
         stop = threading.Event()
@@ -79,7 +70,7 @@ def test_every_acknowledged_task_finishes_after_a_coordinator_crash(tmp_path):
         cluster.start_coordinator("coord")
         recovered = log.read_text().count("recovered task") - before
         assert recovered > 0, "the kill should have caught tasks unfinished"
-        client = _client(cluster)
+        client = api_client(cluster)
         states = {}
         for task_id, start, n in acknowledged:
             doc = client.wait(task_id, timeout=60)
@@ -87,28 +78,8 @@ def test_every_acknowledged_task_finishes_after_a_coordinator_crash(tmp_path):
             assert doc["state"] == "succeeded", doc
             labels = doc["result"]["labels"]
             assert len(labels) == n
-            reference = client_labels_reference(x[start : start + n])
+            reference = labels_reference(x[start : start + n])
             assert labels == reference
         assert len(states) == len(acknowledged) >= 40
         listed = {t["task_id"] for t in client.iter_tasks()}
         assert {task_id for task_id, _, _ in acknowledged} <= listed
-
-
-def client_labels_reference(rows: np.ndarray) -> list[int]:
-    """The labels the shipped model gives ``rows``, computed here with the NumPy engine."""
-    import asyncio
-
-    from meshinfer.inference.base import ModelRef
-    from meshinfer.inference.numpy_engine import NumpyEngine
-
-    async def infer() -> list[int]:
-        engine = NumpyEngine()
-        ref = ModelRef("digits-mlp", "1")
-        await engine.load(ref)
-        try:
-            out = await engine.infer(ref, rows)
-        finally:
-            await engine.aclose()
-        return [int(v) for v in np.argmax(out, axis=1)]
-
-    return asyncio.run(infer())
