@@ -17,7 +17,7 @@ items went over are they re-dispatched at once (items are tracked by node, not b
 of the node's move, maybe back to it over the good session; a result still coming is accepted
 once)::
 
-    reachable --session lost abruptly--> suspect --re-dial ok--> reachable
+    reachable --session lost abruptly--> suspect --re-dial ok--> reachable (items sent again)
                                          suspect --re-dial failed--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
     any --its last good session closed for a revoked certificate--> revoked (re-dispatch)
@@ -68,7 +68,10 @@ class Reachability:
     session under a good certificate is left (re-dispatch its items);
     ``on_back()`` when a node may take work again (retry parked items);
     ``on_session_lost(node)``, if given, as soon as any session with a node ends without its
-    Close frame (what was queued on it may never have arrived). ``counts`` gets the
+    Close frame (what was queued on it may never have arrived); ``on_resend(node)``, if given,
+    once such a node is found reachable over another session (re-dialled, or one already open):
+    what went over the lost session, and the answers coming back on it, may be gone (a node
+    restarted quickly holds nothing at all), so its items are sent again. ``counts`` gets the
     session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
     watchers (idempotent).
     """
@@ -82,6 +85,7 @@ class Reachability:
         on_lost: Callable[[str, str], None],
         on_back: Callable[[], None],
         on_session_lost: Callable[[str], None] | None = None,
+        on_resend: Callable[[str], None] | None = None,
     ) -> None:
         self.mesh = mesh
         self.counts = counts
@@ -89,6 +93,7 @@ class Reachability:
         self._on_lost = on_lost
         self._on_back = on_back
         self._on_session_lost = on_session_lost
+        self._on_resend = on_resend
         self._watchers: set[asyncio.Task[None]] = set()
         self._suspects: set[str] = set()  # lost a session, being re-dialled
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
@@ -167,9 +172,12 @@ class Reachability:
         self.counts.sessions_lost += 1
         if self._on_session_lost is not None:
             self._on_session_lost(node)
-        redial = self.redial_timeout_s > 0 and node not in self._suspects
-        if redial and self.mesh.peers.session(node) is None:
+        if self.redial_timeout_s <= 0 or node in self._suspects:
+            return
+        if self.mesh.peers.session(node) is None:
             await self._probe(node)
+        elif self._on_resend is not None:
+            self._on_resend(node)
 
     async def _probe(self, node: str) -> None:
         """Re-dial ``node`` once; give up on it (``on_lost``) if that fails."""
@@ -183,6 +191,8 @@ class Reachability:
         if reachable:
             self.counts.redials_ok += 1
             self._on_back()
+            if self._on_resend is not None:
+                self._on_resend(node)
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         self._unreachable[node] = member.incarnation if member is not None else -1

@@ -162,7 +162,8 @@ def _mesh_schemas() -> dict[str, Schema]:
         "tasks": counts, "items": counts, "journal_counters": counts, "dispatched": _INT,
         "retries": _INT, "redispatched_after_death": _INT, "duplicates": _INT,
         "redispatched_after_disconnect": _INT, "sessions_lost": _INT, "redials_ok": _INT,
-        "completed_by_node": counts, "live_tasks": _INT, "parked_items": _INT,
+        "resent_after_redial": _INT, "completed_by_node": counts, "live_tasks": _INT,
+        "parked_items": _INT,
         "inputs_by_reference": _INT, "input_bytes_saved": _INT, "input_cache_misses": _INT,
     }, closed=False)  # fmt: skip
     error = _obj(["status", "code", "message"], {

@@ -197,6 +197,7 @@ class CoordinatorStats:
     sessions_lost: int = 0  # node sessions that ended without the node's Close frame
     sessions_closed: int = 0  # node sessions that ended otherwise (Close frame, local close)
     redials_ok: int = 0  # lost sessions whose node answered the re-dial
+    resent_after_redial: int = 0  # items sent again to a node reachable after a lost session
     duplicates: int = 0
     unexpected: int = 0
     inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
@@ -254,7 +255,7 @@ class Coordinator:
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
-            on_session_lost=self._forget_mirror,
+            on_session_lost=self._forget_mirror, on_resend=self._resend_to,
         )  # fmt: skip
         #: Items whose result is being journaled (how many of their results: two copies of
         #: one result may be in the journal's hands at once).
@@ -508,6 +509,7 @@ class Coordinator:
             "redispatched_after_death": s.redispatched_after_death,
             "redispatched_after_disconnect": s.redispatched_after_disconnect,
             "sessions_lost": s.sessions_lost, "redials_ok": s.redials_ok,
+            "resent_after_redial": s.resent_after_redial,
             "duplicates": s.duplicates, "completed_by_node": dict(s.completed_by_node),
             "inputs_by_reference": s.inputs_by_reference,
             "input_bytes_saved": s.input_bytes_saved,
@@ -888,6 +890,18 @@ class Coordinator:
         it off for a revoked certificate (``why`` says which)."""
         self._forget_mirror(node)
         self._redispatch_from(node, why, fast=True)
+
+    def _resend_to(self, node: str) -> None:
+        """A session with ``node`` was lost abruptly, and ``node`` is reachable again: what
+        went over the lost session may never have arrived, an answer coming back on it is gone,
+        and a node that restarted meanwhile holds nothing. Each item in flight there goes again
+        under the same attempt (not a retry): a node still holding it keeps running it and
+        answers once, one that does not runs it, and a second answer is dropped as a
+        duplicate."""
+        for run, entry in list(self._items.values()):
+            if entry.node == node and not run.done:
+                self.stats_.resent_after_redial += 1
+                self._send_message(run, entry, node)
 
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
         """Retry at once every item in flight on ``node`` (it died, left or is unreachable)."""

@@ -206,15 +206,22 @@ async def test_graceful_close_without_leave_moves_nothing(tmp_path):
 
 
 async def test_lost_session_whose_node_answers_the_redial_keeps_its_items(tmp_path):
+    """The items stay on the node, and go to it again under the same attempts: what went over
+    the lost session (and any answer on its way back) may be gone, and a node that restarted
+    quickly would hold nothing."""
     node, mesh, c = await holding_setup(tmp_path, "failover-redial")
     try:
+        sent = sorted((m.item_id, m.attempt) for m in node.held)
         await node.drop_sessions_abruptly(c.node_id)
-        await until(lambda: c.stats_.redials_ok >= 1)
+        await until(lambda: c.stats_.redials_ok >= 1 or c.stats_.resent_after_redial >= 3)
         assert c.stats_.sessions_lost >= 1 and c.stats_.redispatched_after_disconnect == 0
         assert in_flight_on(c, "holder") == 3 and mesh.peers.session("holder") is not None
+        await until(lambda: len(node.held) == 6)
+        assert sorted((m.item_id, m.attempt) for m in node.held[3:]) == sent
+        assert c.stats_.resent_after_redial == 3 and c.stats_.retries == 0
         spec, _ = batch("still-scheduled", 2, seed=5)
         await c.submit(spec)
-        await until(lambda: len(node.held) == 5)  # not excluded from scheduling
+        await until(lambda: len(node.held) == 8)  # not excluded from scheduling
     finally:
         await c.aclose()
         await mesh.aclose()
