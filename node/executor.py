@@ -78,6 +78,10 @@ from node.config import ExecutorSection
 
 log = logging.getLogger(__name__)
 
+#: How long an item passed to a peer may go unanswered (less: its deadline and a second) before
+#: it is handed back; its answer was lost on the way, and until then it counts against the peer.
+OFFLOAD_ANSWER_S = 60.0
+
 _log_failure = log_failure(log, "executor step")
 
 
@@ -117,7 +121,13 @@ class TaskExecutor:
         self._items: dict[str, asyncio.Task[None]] = {}
         self._notices: dict[str, asyncio.TimerHandle] = {}  # item -> its pending TaskAccepted
         self._started: set[str] = set()
+        self._answered: set[str] = set()  # items whose result is queued or being written
         self._offloaded: dict[str, Offload] = {}
+        #: per item passed on, the timer that hands it back if no answer comes
+        self._offload_timers: dict[str, asyncio.TimerHandle] = {}
+        self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
+        self._no_offloads.set()
+        self._closed = False
         #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
         #: coordinator's retry after the one who sent it first went away): answered instead
         self._reply: dict[str, tuple[str, int]] = {}
@@ -210,6 +220,7 @@ class TaskExecutor:
 
     def _item_done(self, item_id: str) -> None:
         self._items.pop(item_id, None)
+        self._answered.discard(item_id)
         self._reply.pop(item_id, None)
         notice = self._notices.pop(item_id, None)
         if notice is not None:
@@ -226,9 +237,9 @@ class TaskExecutor:
 
     def _on_relay(self, peer: str, msg: TaskResult | TaskFailed) -> None:
         offload = self._offloaded.get(msg.item_id)
-        if offload is None or offload[2] != peer:
-            return  # not ours to relay (a late or foreign message): ignore
-        coordinator = self._offloaded.pop(msg.item_id)[0]
+        if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
+            return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
+        coordinator = self._settle_offload(msg.item_id)[0]
         self.stats.relayed += 1
         self.mesh.peers.send(coordinator, msg)
 
@@ -256,9 +267,12 @@ class TaskExecutor:
                 self._device(),
                 timings,
             )
+            self._answered.add(msg.item_id)  # its answer is queued: cancelling sends no other
             await self.mesh.peers.request(peer, result)
             self.stats.completed += 1
         except asyncio.CancelledError:
+            if msg.item_id in self._answered:
+                raise
             peer, msg = self._answer_to(peer, msg)
             kind, text = (
                 (FailureKind.SHUTTING_DOWN, "handed back: node draining")
@@ -329,6 +343,11 @@ class TaskExecutor:
         if sent is None:  # refused at once (outbox full): run it here after all
             return False
         offload = self._offloaded[msg.item_id] = (coordinator, msg, target)
+        self._no_offloads.clear()
+        wait = OFFLOAD_ANSWER_S if msg.deadline_s is None else msg.deadline_s + 1.0
+        self._offload_timers[msg.item_id] = asyncio.get_running_loop().call_later(
+            min(wait, OFFLOAD_ANSWER_S), self._offload_overdue, offload
+        )
         self._spawn(self._forward(offload, sent))
         self.stats.offloaded += 1
         log.info("offloaded %s to %s (backlog %d)", msg.item_id, target, self.backlog)
@@ -360,7 +379,11 @@ class TaskExecutor:
         self._spawn(self._watch(node, session))
 
     def _spawn(self, step: Coroutine[object, object, None]) -> None:
-        """Run ``step`` as a task this executor owns (cancelled by :meth:`aclose`)."""
+        """Run ``step`` as a task this executor owns (cancelled by :meth:`aclose`; after it,
+        dropped)."""
+        if self._closed:
+            step.close()
+            return
         task = asyncio.get_running_loop().create_task(step)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -379,9 +402,27 @@ class TaskExecutor:
 
     def _hand_back(self, item_id: str, text: str) -> None:
         """Tell the coordinator an offloaded item will not be answered (retryable)."""
-        coordinator, msg, _ = self._offloaded.pop(item_id)
+        coordinator, msg, _ = self._settle_offload(item_id)
         self.stats.handed_back += 1
         self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
+
+    def _settle_offload(self, item_id: str) -> Offload:
+        """The item passed on is answered or handed back: forget it (and its timer)."""
+        offload = self._offloaded.pop(item_id)
+        timer = self._offload_timers.pop(item_id, None)
+        if timer is not None:
+            timer.cancel()
+        if not self._offloaded:
+            self._no_offloads.set()
+        return offload
+
+    def _offload_overdue(self, offload: Offload) -> None:
+        """No answer from the peer an item was passed to, by the item's deadline (or within
+        :data:`OFFLOAD_ANSWER_S`): the answer was lost on the way; hand the item back."""
+        _, msg, target = offload
+        self._offload_timers.pop(msg.item_id, None)
+        if self._offloaded.get(msg.item_id) is offload:
+            self._hand_back(msg.item_id, f"offloaded to {target}, which has not answered")
 
     def _is_coordinator(self, peer: str) -> bool:
         """Whether ``peer`` may have sent us an item to run or pass on: a coordinator (or a
@@ -439,7 +480,7 @@ class TaskExecutor:
         go, and the coordinator re-runs them at once instead of at their timeout."""
         self._draining = True
         for item_id, task in list(self._items.items()):
-            if item_id not in self._started:
+            if item_id not in self._started and item_id not in self._answered:
                 self.stats.handed_back += 1
                 task.cancel()
         loop = asyncio.get_running_loop()
@@ -447,14 +488,20 @@ class TaskExecutor:
         pending = [t for t in self._items.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
-        while self._offloaded and loop.time() < deadline:  # noqa: ASYNC110 - relays are handler calls
-            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._no_offloads.wait()
         for item_id in list(self._offloaded):
             self._hand_back(item_id, "passed on by a node that is stopping; not answered yet")
 
     async def aclose(self) -> None:
-        """Stop: cancel running items, session watchers and offload sends. Idempotent."""
+        """Stop: cancel running items, session watchers and the waits for offloaded items'
+        sends (what is queued is still written), and the timers of items passed on.
+        Idempotent."""
         self._draining = True
+        self._closed = True
+        for timer in self._offload_timers.values():
+            timer.cancel()
         tasks = [t for t in (*self._watchers, *self._items.values()) if not t.done()]
         for task in tasks:
             task.cancel()
