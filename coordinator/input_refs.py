@@ -4,8 +4,9 @@ An input of at least ``min_bytes`` goes to a node that gossips an input cache wi
 ``keep_input``, and again to that node as a reference to its sha256, while the node's
 :class:`~meshinfer.inference.cache.InputMirror` says it holds it. A mirror is per node
 incarnation and cache budget: a restarted node, or one with a new budget, starts from an empty
-mirror, and one whose messages may not have arrived (a session lost, a send failed, the node
-died or left) starts again, knowing less than the node keeps, never more.
+mirror, and the coordinator has one start again (:meth:`InputRefs.forget_node`) when messages to
+its node may not have arrived (a session lost, a send failed, the node died or left): it then
+knows less than the node keeps, never more.
 
 Counting: an item is counted as sent by reference (and its input's bytes as saved) once its
 message is queued (:meth:`InputRefs.queued`), and the bytes are taken back when the node did not
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 
 class InputRefStats(Protocol):
+    """Where :class:`InputRefs` counts (the coordinator's stats)."""
+
     inputs_by_reference: int
     input_bytes_saved: int
     input_cache_misses: int
@@ -63,6 +66,7 @@ class InputRefs:
     def queued(self, entry: ItemRun) -> None:
         """The message :meth:`message` made for ``entry`` was queued for its node."""
         if entry.by_reference:
+            entry.referenced = entry.attempt
             self.stats.inputs_by_reference += 1
             self.stats.input_bytes_saved += len(entry.item.input.data)
 

@@ -40,6 +40,7 @@ class ItemRun:
     journaled: int = 0  # the attempt whose dispatch the journal has (0: none yet)
     digest: str = ""  # the input's sha256, once it was worth sending by reference
     by_reference: bool = False  # the current send named its input by digest only
+    referenced: int = 0  # the attempt in which a send last named its input by digest only
 
 
 @dataclass(frozen=True, slots=True)

@@ -869,6 +869,8 @@ class Coordinator:
             if entry.by_reference:
                 self._resend_input(run, entry, peer)
                 return
+            if entry.referenced == entry.attempt:  # the answer to a reference sent earlier in
+                return  # this attempt: the bytes went after it (a resend after a re-dial)
             self._inputs.forget_input(peer, entry)  # sent with its bytes, yet not kept there
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
@@ -899,7 +901,7 @@ class Coordinator:
         answers once, one that does not runs it, and a second answer is dropped as a
         duplicate."""
         for run, entry in list(self._items.values()):
-            if entry.node == node and not run.done:
+            if entry.node == node and not run.done and entry.item.item_id not in self._answered:
                 self.stats_.resent_after_redial += 1
                 self._send_message(run, entry, node)
 

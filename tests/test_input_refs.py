@@ -237,6 +237,60 @@ async def test_after_a_lost_session_an_input_goes_with_its_bytes_once_more(tmp_p
         assert (c.stats_.inputs_by_reference, c.stats_.input_cache_misses) == (1, 0)
 
 
+async def test_a_reference_the_peer_table_refuses_is_not_counted_and_the_item_goes_again(
+    tmp_path,
+):
+    """The peer table refuses the item that names its input by reference (as a full outbox
+    would): nothing was saved, and the retry goes with the bytes (the mirror started again)."""
+    x, _ = load_digits_holdout()
+    frame = x[:20]
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c = mesh.coordinator
+        first = await _labels(c, spec("a", "single", frame))
+        peers, refused = c.mesh.peers, []
+        send = peers.send
+
+        def refusing_send(node, msg):
+            if isinstance(msg, TaskAssign) and msg.input_ref is not None and not refused:
+                refused.append(msg.item_id)
+                return False
+            return send(node, msg)
+
+        peers.send = refusing_send
+        task_id = await c.submit(spec("b", "single", frame))
+        record = await c.wait(task_id, timeout=10)
+        assert record.state.value == "succeeded" and c.result_of(record)["labels"] == first
+        assert refused == ["b/0"] and [i.attempt for i in record.items] == [2]
+        assert (c.stats_.inputs_by_reference, c.stats_.input_bytes_saved) == (0, 0)
+
+
+async def test_a_late_not_cached_answer_to_a_reference_resent_with_its_bytes_is_no_failure(
+    tmp_path,
+):
+    """An item went by reference; its session was lost, and after the re-dial the item went
+    again with its bytes (same attempt). The node's INPUT_NOT_CACHED answer to the reference
+    (it arrives after the resend) is not taken for a failure of the copy with the bytes: the
+    item is not retried, and the node's one result ends it."""
+    x, _ = load_digits_holdout()
+    frame = x[:20]
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        first = await _labels(c, spec("a", "single", frame))
+        gate = hold_inference(node)
+        task_id = await c.submit(spec("b", "single", frame))
+        await until(lambda: node.executor.running == 1)
+        assert c.stats_.inputs_by_reference == 1
+        lost = node.mesh.peers.session(c.node_id)
+        await lost.stream.aclose()  # no Close frame
+        await until(lambda: c.stats_.resent_after_redial == 1)
+        late = TaskFailed("b/0", 1, int(FailureKind.INPUT_NOT_CACHED), "not cached", True)
+        await node.mesh.peers.request(c.node_id, late)  # before the result, on the same session
+        gate.set()
+        record = await c.wait(task_id, timeout=10)
+        assert record.state.value == "succeeded" and c.result_of(record)["labels"] == first
+        assert [i.attempt for i in record.items] == [1] and c.stats_.retries == 0
+
+
 # --- the coordinator's bookkeeping alone (coordinator.input_refs) ------------------------------
 
 
