@@ -89,6 +89,6 @@ async def test_a_session_whose_write_fails_while_it_says_open_is_closed_and_redi
         await pair.alpha.request("bravo", AppData(topic="t", payload=b"second"))
         assert await pair.received(2) == [b"first", b"second"]
         assert len(calls) == 1  # one failed write, then a new session
-        assert not broken.is_open
+        assert not broken.is_open and broken.lost  # ended as lost: no Close frame went
         assert pair.alpha.session("bravo") is not broken
         assert pair.alpha.stats.dials == 2

@@ -217,8 +217,8 @@ class PeerTable:
                 continue
             except (StreamClosed, TransportError, OSError) as exc:
                 if session.is_open:  # a write failed on a session that says it is open: it
-                    # is broken, and retrying it would spin without ever yielding
-                    await session.aclose(CloseCode.GOING_AWAY, f"write failed: {exc}")
+                    # is broken (lost), and retrying it would spin without ever yielding
+                    await session.abort(f"write failed: {exc}")
                 return  # the loop above redials
             for _, fut in batch[:sent]:
                 box.queue.popleft()

@@ -289,6 +289,11 @@ class Session:
             self._mark_closed(code, reason)
         await self._shutdown()
 
+    async def abort(self, reason: str) -> None:
+        """End the session at once, as lost (no Close frame: its stream is broken)."""
+        self._mark_lost(reason)
+        await self._shutdown()
+
     async def __aenter__(self) -> Session:
         return self
 
