@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +43,8 @@ from meshinfer.errors import MeshInferError
 DIGITS = "digits-mlp@1"
 ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+KILLER_GRACE_S = 10.0
+"""How long :meth:`Demo.stop` waits for the node killer to give up before stopping the daemons."""
 
 
 class Interrupted(BaseException):
@@ -149,6 +151,7 @@ class Demo:
         self.client: Any = None
         self.victim: str | None = None
         self.kill_report: dict[str, Any] = {}
+        self.killer: threading.Thread | None = None  # kills a node halfway (see classify)
         self.halted = halted or threading.Event()  # the stream and the killer give up
 
     def say(self, text: str) -> None:
@@ -176,7 +179,13 @@ class Demo:
         pids = ", ".join(f"{d.name} {d.facts['pid']}" for d in daemons)
         self.say(f"started 1 coordinator + {len(self.names)} node processes (pids: {pids})")
         self.say(f"coordinator API at {coord.facts['api']}, session at {coord.facts['session']}")
+        self.wait_for_nodes()
+
+    def wait_for_nodes(self) -> None:
+        """Wait until the coordinator sees every node alive with its models (or a halt)."""
         self.cluster.wait_for(lambda: self.halted.is_set() or self._all_nodes_ready(), timeout=30)
+        if self.halted.is_set():
+            return
         self.say(
             f"the coordinator sees {len(self.names)} nodes alive (mDNS + SWIM gossip), each"
             f" serving {', '.join(ENSEMBLE)}"
@@ -228,17 +237,22 @@ class Demo:
                     progress.failed.append(f"{doc['task_id']}: {doc['state']} {doc['error']}")
 
         t0 = time.perf_counter()
-        killer = threading.Thread(
-            target=self._kill_halfway, args=(progress, len(chunks)), daemon=True
-        )
         if self.options.kill:
-            killer.start()
+            self.start_killer(progress, len(chunks))
         with _abandoned_when_interrupted(ThreadPoolExecutor(self.options.in_flight)) as pool:
             list(pool.map(run, chunks))
         elapsed = time.perf_counter() - t0
-        if self.options.kill:
-            killer.join()
+        if self.killer is not None:
+            self.killer.join()
         return progress, elapsed
+
+    def start_killer(self, progress: Progress, total: int) -> None:
+        """Start the thread that kills the busiest node once half of ``total`` tasks are done
+        (:meth:`stop` waits for it)."""
+        self.killer = threading.Thread(
+            target=self._kill_halfway, args=(progress, total), daemon=True
+        )
+        self.killer.start()
 
     def _kill_halfway(self, progress: Progress, total: int) -> None:
         try:
@@ -251,24 +265,29 @@ class Demo:
         while progress.done < total // 2:
             if self.halted.wait(0.005):
                 return
-        self.victim, in_flight = self._freeze_a_busy_node(progress, total)
-        if self.halted.is_set():
-            return
         before = self.client.stats()
+        frozen = self._freeze_a_busy_node(progress, total)
+        if frozen is None:
+            return
+        self.victim, in_flight = frozen
         self.cluster.kill(self.victim, signal.SIGKILL)
         killed_at = time.perf_counter()
         self.say(f"halfway: SIGKILL {self.victim} with {_items(in_flight)} in flight on it")
         self.kill_report = {"node": self.victim, "in_flight": in_flight}
         try:
-            self.cluster.wait_for(self._victim_idle, timeout=30, step=0.005)
+            self.cluster.wait_for(self._halted_or(self._victim_idle), timeout=30, step=0.005)
+            if self.halted.is_set():
+                return
             self.kill_report["settled_s"] = time.perf_counter() - killed_at
             moved = (
                 self.client.stats()["redispatched_after_death"] - before["redispatched_after_death"]
             )
             self.kill_report["moved"] = moved
-            self.cluster.wait_for(self._victim_not_alive, timeout=30, step=0.02)
+            self.cluster.wait_for(self._halted_or(self._victim_not_alive), timeout=30, step=0.02)
         except TimeoutError:
             self.say(f"{self.victim}'s work was not settled within 30 s")
+            return
+        if self.halted.is_set():
             return
         self.kill_report["detected_s"] = time.perf_counter() - killed_at
         self.say(
@@ -282,34 +301,48 @@ class Demo:
             f" {self.kill_report['detected_s']:.2f}s (SWIM, lan preset)"
         )
 
-    def _freeze_a_busy_node(self, progress: Progress, total: int) -> tuple[str, int]:
+    def _freeze_a_busy_node(self, progress: Progress, total: int) -> tuple[str, int] | None:
         """SIGSTOP the node with the most work in flight, so that the kill finds its work still
         on it (a fast node may otherwise answer everything between the look and the kill); if
         the coordinator then counts nothing in flight there, let it go on and look again, until
-        three quarters of the stream are done. (node, items in flight on it)"""
-        while True:
-            nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
+        three quarters of the stream are done. (node, items in flight on it), that node left
+        stopped; None once the demo is halted. No other way out (a look that fails raises) leaves
+        a node stopped."""
+        while not self.halted.is_set():
+            nodes = self._nodes()
             victim = max(self.names[1:], key=lambda n: nodes.get(n, {}).get("in_flight", 0))
+            if self.halted.is_set():  # stop() may have let every node go on: freeze none now
+                return None
             proc = self.cluster.processes[victim].proc
             proc.send_signal(signal.SIGSTOP)
-            time.sleep(0.02)  # answers already on their way arrive
-            nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
-            in_flight = nodes.get(victim, {}).get("in_flight", 0)
-            if in_flight or progress.done >= total * 3 // 4 or self.halted.is_set():
-                return victim, in_flight
-            proc.send_signal(signal.SIGCONT)
+            frozen = None
+            try:
+                time.sleep(0.02)  # answers already on their way arrive
+                in_flight = self._nodes().get(victim, {}).get("in_flight", 0)
+                if (in_flight or progress.done >= total * 3 // 4) and not self.halted.is_set():
+                    frozen = victim, in_flight
+            finally:
+                if frozen is None:  # let it go on, also when the look failed
+                    proc.send_signal(signal.SIGCONT)
+            if frozen is not None:
+                return frozen
             time.sleep(0.005)
+        return None
+
+    def _nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["node_id"]: n for n in self.client.nodes()["nodes"]}
 
     def _victim_idle(self) -> bool:
-        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
-        return nodes.get(self.victim, {}).get("in_flight", 0) == 0
+        return self._nodes().get(self.victim, {}).get("in_flight", 0) == 0
 
     def _victim_status(self) -> str:
-        nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
-        return nodes.get(self.victim, {}).get("status", "gone")
+        return self._nodes().get(self.victim, {}).get("status", "gone")
 
     def _victim_not_alive(self) -> bool:
         return self._victim_status() != "alive"
+
+    def _halted_or(self, predicate: Callable[[], bool]) -> Callable[[], bool]:
+        return lambda: self.halted.is_set() or predicate()
 
     # --- the ensemble ----------------------------------------------------------------------
 
@@ -326,8 +359,12 @@ class Demo:
         return doc, time.perf_counter() - t0
 
     def stop(self) -> None:
-        """SIGTERM every daemon (a frozen one is let go on), wait for them, kill stragglers."""
+        """Halt the stream and the node killer (waiting up to :data:`KILLER_GRACE_S` for it to
+        give up), SIGTERM every daemon (a frozen one is let go on), wait for them, kill
+        stragglers."""
         self.halted.set()
+        if self.killer is not None:
+            self.killer.join(KILLER_GRACE_S)
         for daemon in self.cluster.processes.values():
             if daemon.alive():
                 daemon.proc.send_signal(signal.SIGTERM)

@@ -13,8 +13,10 @@ import weakref
 import psutil
 import pytest
 
+from coordinator.client import ApiError
 from meshinfer.cli import main
-from meshinfer.demo import Interrupted, StopSignals
+from meshinfer.demo import Demo, DemoOptions, Interrupted, Progress, StopSignals
+from tests.test_parent_watch import kill_all, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +67,10 @@ def test_a_sigterm_stops_the_demo_and_every_daemon_it_started_before_it_exits():
         demo.send_signal(signal.SIGTERM)
         out, err = demo.communicate(timeout=60)
         # gone when the demo exits: it stopped them (their own parent watch would be later)
-        running = [d.pid for d in daemons if d.is_running() and d.status() != "zombie"]
+        running = [d.pid for d in still_running(daemons)]
     finally:
         demo.kill()
-        for daemon in daemons:
-            if daemon.is_running():
-                daemon.kill()
+        kill_all(daemons)
     watching = ["--exit-with-parent", str(demo.pid)]
     assert commands == [
         ["coordinator.cli", "serve", *watching],
@@ -111,6 +111,116 @@ def test_a_signal_landing_where_python_cannot_raise_is_raised_at_the_next_check(
         signals.check()  # held: the cleanup is under way
     assert ignored == []  # not printed as "Exception ignored"
     assert sys.unraisablehook == ignored.append
+
+
+class FakeDaemon:
+    """A daemon of :class:`FakeCluster`: it only records the signals it is sent."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.proc = self
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def kill(self) -> None:
+        self.signals.append(signal.SIGKILL)
+
+    def alive(self) -> bool:
+        return signal.SIGKILL not in self.signals
+
+
+class FakeCluster:
+    """What the demo asks of LocalCluster, with no processes."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.processes = {name: FakeDaemon() for name in ["coord", *names]}
+
+    def kill(self, name: str, sig: int) -> None:
+        self.processes[name].send_signal(sig)
+
+    def wait_for(self, predicate, timeout: float = 30.0, step: float = 0.1) -> None:
+        assert predicate(), "the fake mesh is ready at once"
+
+    def close(self) -> None:
+        pass
+
+
+class StallingCoordinator:
+    """A coordinator client: veh-1 has work in flight. Its ``stall_at``-th ``nodes()`` stalls
+    until the demo is halted, then fails as a coordinator being stopped would (``fail``) or
+    answers."""
+
+    def __init__(self, halted: threading.Event, stall_at: int = 0, fail: bool = False) -> None:
+        self.halted, self.stall_at, self.fail = halted, stall_at, fail
+        self.looks = 0
+        self.stalled = threading.Event()
+
+    def nodes(self) -> dict:
+        self.looks += 1
+        if self.looks == self.stall_at:
+            self.stalled.set()
+            assert self.halted.wait(10), "the demo was not halted"
+            if self.fail:
+                raise ApiError(None, "unreachable", "cannot reach the coordinator")
+        return {"nodes": [
+            {"node_id": "rsu-1", "status": "alive", "in_flight": 0, "models": [1, 2, 3]},
+            {"node_id": "veh-1", "status": "alive", "in_flight": 2, "models": [1, 2, 3]},
+            {"node_id": "veh-2", "status": "alive", "in_flight": 0, "models": [1, 2, 3]},
+        ]}  # fmt: skip
+
+    def stats(self) -> dict:
+        return {"redispatched_after_death": 0}
+
+
+def _fake_demo(tmp_path, stall_at: int = 0, fail: bool = False) -> Demo:
+    demo = Demo(DemoOptions(nodes=3, quiet=True), tmp_path)
+    demo.cluster = FakeCluster(demo.names)
+    demo.client = StallingCoordinator(demo.halted, stall_at, fail)
+    return demo
+
+
+@pytest.mark.parametrize(
+    ("stall_at", "fail", "victim_signals"),
+    [
+        # stopped while the killer looks for a victim: it freezes none after that
+        (1, False, [signal.SIGTERM, signal.SIGCONT]),
+        # stopped while the victim is frozen, and the coordinator gone: it lets it go on first
+        (2, True, [signal.SIGSTOP, signal.SIGCONT, signal.SIGTERM, signal.SIGCONT]),
+    ],
+)
+def test_stopping_the_demo_waits_for_the_node_killer_and_leaves_no_node_frozen(
+    tmp_path, stall_at, fail, victim_signals
+):
+    demo = _fake_demo(tmp_path, stall_at, fail)
+    demo.start_killer(Progress(), total=0)  # (half of nothing is done: it goes at once)
+    assert demo.client.stalled.wait(10)
+    demo.stop()  # halts the demo: the stalled look returns
+    assert not demo.killer.is_alive()
+    processes = demo.cluster.processes
+    assert processes["veh-1"].signals == victim_signals
+    assert (
+        processes["veh-2"].signals
+        == processes["coord"].signals
+        == [
+            signal.SIGTERM,
+            signal.SIGCONT,
+        ]
+    )
+
+
+def test_a_halted_demo_does_not_claim_the_nodes_are_up(tmp_path, capsys):
+    demo = _fake_demo(tmp_path)
+    demo.options.quiet = False
+    demo.halted.set()
+    demo.wait_for_nodes()
+    assert "nodes alive" not in capsys.readouterr().out
+    demo.halted.clear()
+    demo.wait_for_nodes()
+    assert "the coordinator sees 3 nodes alive" in capsys.readouterr().out
 
 
 def test_wire_demo_passes_its_checks():

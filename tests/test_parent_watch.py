@@ -7,11 +7,12 @@ daemons' own parent watch can stop them. Also the option as the command lines pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,7 @@ import pytest
 
 from coordinator import cli as coord_cli
 from meshinfer.runtime.loop import watched_parent
+from meshinfer.testing.cluster import LocalCluster
 from node import cli as node_cli
 
 pytestmark = pytest.mark.slow
@@ -40,48 +42,46 @@ sys.stdin.read()
 """
 
 
-def _gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie not yet reaped by its new parent counts)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Poll until every pid has exited or ``timeout`` passed; the pids still running."""
-    deadline = time.monotonic() + timeout
-    while (running := [p for p in pids if not _gone(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def still_running(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that have not exited; one that has (a zombie not yet reaped by its
+    new parent, or one gone meanwhile) is left out."""
+    running = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                running.append(proc)
     return running
 
 
-def _launch(root: Path) -> tuple[subprocess.Popen[str], list[int]]:
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(root)],
+def kill_all(procs: Iterable[psutil.Process]) -> None:
+    """SIGKILL each of ``procs`` still there (psutil makes sure a reused pid is not hit)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def test_daemons_stop_gracefully_by_themselves_when_their_launcher_is_sigkilled(tmp_path):
+    daemons: list[psutil.Process] = []
+    with subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    line = launcher.stdout.readline()  # the daemons are READY (pytest-timeout bounds this)
-    return launcher, [int(pid) for pid in line.split()]
-
-
-def test_daemons_stop_gracefully_by_themselves_when_their_launcher_is_sigkilled(tmp_path):
-    launcher, pids = _launch(tmp_path)
-    try:
-        assert len(pids) == 2, f"the launcher printed no pids (exit {launcher.poll()})"
-        assert all(psutil.Process(pid).ppid() == launcher.pid for pid in pids)
-        launcher.kill()  # SIGKILL: the launcher cleans nothing up
-        launcher.wait(timeout=10)
-        running = _wait_gone(pids, timeout=15)
-        assert running == [], f"daemons {running} outlived their launcher"
-    finally:
-        launcher.kill()
-        for pid in pids:
-            if not _gone(pid):
-                os.kill(pid, signal.SIGKILL)
+    ) as launcher:
+        try:
+            line = launcher.stdout.readline()  # the daemons are READY (pytest-timeout bounds it)
+            # taken while the launcher (their parent) lives: these pids are not reused yet
+            daemons = [psutil.Process(int(pid)) for pid in line.split()]
+            assert len(daemons) == 2, f"the launcher printed no pids (exit {launcher.poll()})"
+            assert all(daemon.ppid() == launcher.pid for daemon in daemons)
+            launcher.kill()  # SIGKILL: the launcher cleans nothing up
+            launcher.wait(timeout=10)
+            _, running = psutil.wait_procs(daemons, timeout=15)
+            assert running == [], f"daemons {running} outlived their launcher"
+        finally:
+            launcher.kill()
+            kill_all(daemons)
     for name in ("coord", "veh-1"):
         log = (tmp_path / f"{name}.log").read_text()
         assert f"parent process {launcher.pid} is gone" in log, log[-2000:]
@@ -89,6 +89,36 @@ def test_daemons_stop_gracefully_by_themselves_when_their_launcher_is_sigkilled(
         assert "stopping (parent gone)" in said, log[-2000:]
         assert said.rstrip().endswith("stopped cleanly"), log[-2000:]  # (no broken pipe after)
         assert "Traceback" not in log and " ERROR " not in log, log[-2000:]
+
+
+class StartInterrupted(Exception):
+    pass
+
+
+# A daemon that never gets READY: it names itself, then has its start interrupted (SIGUSR1).
+NEVER_READY = (
+    "import os, signal, sys, time;"
+    " print(os.getpid(), file=sys.stderr, flush=True);"
+    " os.kill(os.getppid(), signal.SIGUSR1);"
+    " time.sleep(60)"
+)
+
+
+def test_a_daemon_whose_start_is_interrupted_is_killed_and_reaped(tmp_path):
+    cluster = LocalCluster(tmp_path)
+    cluster.configs["stuck"] = tmp_path / "stuck.toml"  # (never read)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise StartInterrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(StartInterrupted):
+            cluster.start("stuck", command=(sys.executable, "-c", NEVER_READY), timeout=30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    pid = int((tmp_path / "stuck.log").read_text().split()[0])
+    assert not psutil.pid_exists(pid)  # not even a zombie: it was waited for
 
 
 @pytest.mark.parametrize("parser", [node_cli.build_parser, coord_cli.build_parser])

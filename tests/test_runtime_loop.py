@@ -5,9 +5,11 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 from meshinfer.errors import RemoteProtocolError
-from meshinfer.runtime.loop import Steps, log_failure, serve_until_signalled
+from meshinfer.runtime.loop import Steps, log_failure, pid_alive, serve_until_signalled
 from tests.helpers import until
 
 log = logging.getLogger("tests.background")
@@ -88,15 +90,21 @@ class Started:
 
 
 async def test_a_daemon_watching_its_parent_drains_once_it_is_re_parented(capsys, caplog):
-    daemon, parent, looks = Started(), [4242], []
+    daemon, parent, looks, asked = Started(), [4242], [], []
 
     def current_parent() -> int:
         looks.append(parent[0])
         return parent[0]
 
+    def alive(pid: int) -> bool:
+        asked.append(pid)
+        return False
+
     caplog.set_level(logging.INFO, logger="meshinfer.runtime.loop")
     serving = asyncio.create_task(
-        serve_until_signalled(daemon, daemon.drain, 4242, current_parent=current_parent)
+        serve_until_signalled(
+            daemon, daemon.drain, 4242, current_parent=current_parent, pid_alive=alive
+        )
     )
     await daemon.started.wait()
     await until(lambda: len(looks) >= 2)  # it looked again, and the same parent keeps it up
@@ -109,6 +117,7 @@ async def test_a_daemon_watching_its_parent_drains_once_it_is_re_parented(capsys
         "STOPPED stand-in",
     ]
     assert "parent process 4242 is gone (re-parented to 1): stopping as on SIGTERM" in caplog.text
+    assert asked == []  # its parent was the launcher: liveness is not what it watches
     # the signal handlers it set are gone with it
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -117,10 +126,46 @@ async def test_a_daemon_watching_its_parent_drains_once_it_is_re_parented(capsys
 async def test_a_parent_gone_before_the_start_ends_stops_the_daemon_right_after_it(capsys):
     daemon = Started()
     stopped = await asyncio.wait_for(
-        serve_until_signalled(daemon, daemon.drain, 4242, current_parent=lambda: 1), timeout=5
+        serve_until_signalled(
+            daemon, daemon.drain, 4242, current_parent=lambda: 1, pid_alive=lambda pid: False
+        ),
+        timeout=5,
     )
     assert stopped == 0 and daemon.drained
     assert capsys.readouterr().out.splitlines()[0].startswith("READY ")
+
+
+async def test_a_daemon_started_through_a_wrapper_serves_while_its_launcher_lives(capsys, caplog):
+    # (under timeout, sudo or sh -c: its parent is the wrapper, not the launcher's pid given)
+    daemon, launcher_alive, asked = Started(), [True], []
+
+    def alive(pid: int) -> bool:
+        asked.append(pid)
+        return launcher_alive[0]
+
+    caplog.set_level(logging.INFO, logger="meshinfer.runtime.loop")
+    serving = asyncio.create_task(
+        serve_until_signalled(
+            daemon, daemon.drain, 4242, current_parent=lambda: 777, pid_alive=alive
+        )
+    )
+    await daemon.started.wait()
+    await until(lambda: len(asked) >= 2)  # it looked again, and the live launcher keeps it up
+    assert not serving.done() and not daemon.drained
+    assert set(asked) == {4242}
+    launcher_alive[0] = False
+    assert await asyncio.wait_for(serving, timeout=5) == 0
+    assert daemon.drained and daemon.closed == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "STOPPED stand-in"
+    assert "parent process 4242 is gone (no longer running): stopping as on SIGTERM" in caplog.text
+
+
+def test_a_pid_is_alive_while_its_process_runs_and_not_once_reaped():
+    assert pid_alive(os.getpid())
+    assert pid_alive(1)  # init: alive even where this process may not signal it
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not pid_alive(child.pid)
 
 
 async def test_without_a_parent_pid_the_parent_is_not_looked_at(capsys):
@@ -133,10 +178,19 @@ async def test_without_a_parent_pid_the_parent_is_not_looked_at(capsys):
     serving = asyncio.create_task(
         serve_until_signalled(daemon, daemon.drain, current_parent=current_parent)
     )
-    await daemon.started.wait()
-    await until(lambda: "READY" in capsys.readouterr().out)
-    os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop while serving
-    assert await asyncio.wait_for(serving, timeout=5) == 0
+    # set before the serving task runs: should it set no handler, the SIGTERM below lands here
+    # (and fails this test) instead of killing pytest
+    stray: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stray.append(signum))
+    try:
+        await daemon.started.wait()
+        await until(lambda: "READY" in capsys.readouterr().out)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop while serving
+        await asyncio.wait({serving}, timeout=5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stray == [], "the SIGTERM missed the loop's handler"
+    assert serving.result() == 0
     assert daemon.drained and looks == []
 
 
@@ -148,7 +202,10 @@ async def test_a_drain_that_raises_is_logged_and_the_daemon_closed_with_exit_cod
 
     caplog.set_level(logging.INFO, logger="meshinfer.runtime.loop")
     code = await asyncio.wait_for(
-        serve_until_signalled(daemon, broken_drain, 4242, current_parent=lambda: 1), timeout=5
+        serve_until_signalled(
+            daemon, broken_drain, 4242, current_parent=lambda: 1, pid_alive=lambda pid: False
+        ),
+        timeout=5,
     )
     assert code == 1 and daemon.closed == 1
     assert "the drain failed; closing at once" in caplog.text and "drain bug" in caplog.text

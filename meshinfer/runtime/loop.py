@@ -1,9 +1,11 @@
 """Running a daemon: the event loop (uvloop when installed) and the signal-driven lifecycle.
 
 A daemon serves until something asks it to stop: SIGTERM or SIGINT, or, with
-``--exit-with-parent``, its parent process going away (the daemon is re-parented, so nobody is
-left to stop it). The first stop runs the daemon's graceful drain; a second signal during the
-drain abandons it for a plain close.
+``--exit-with-parent``, its launcher going away (nobody is left to stop it). The parent watch
+decides how to look at its first look: a daemon whose parent is the launcher watches for being
+re-parented; one started through something in between (``timeout``, ``sudo``, ``sh -c``,
+``strace -f``) watches whether the launcher's pid is still alive. The first stop runs the
+daemon's graceful drain; a second signal during the drain abandons it for a plain close.
 """
 
 from __future__ import annotations
@@ -120,8 +122,9 @@ def add_parent_watch_option(parser: argparse.ArgumentParser) -> None:
         metavar="PID",
         help="stop (draining, as on SIGTERM) once the process that started this one is gone,"
         " for launchers and test harnesses that may die without stopping it; PID: the"
-        " launcher's own pid, so that a launcher dying before this daemon got to look is"
-        " noticed too (default: the parent at start)",
+        " launcher's pid (this daemon need not be its direct child: one started through"
+        " timeout, sudo or sh -c watches whether PID is alive), so that a launcher dying"
+        " before this daemon got to look is noticed too (default: the parent at start)",
     )
 
 
@@ -131,6 +134,17 @@ def watched_parent(option: int | None) -> int | None:
     if option is None:
         return None
     return option or os.getppid()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one this process may not signal included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _pid(text: str) -> int:
@@ -151,15 +165,18 @@ async def serve_until_signalled(
     parent_pid: int | None = None,
     *,
     current_parent: Callable[[], int] = os.getppid,
+    pid_alive: Callable[[int], bool] = pid_alive,
 ) -> int:
     """Start ``daemon``, print ``READY {facts}``, and on SIGTERM/SIGINT run ``graceful``.
 
-    With ``parent_pid``, also run ``graceful`` once ``current_parent()`` (the parent process id)
-    is no longer ``parent_pid``, looked at every :data:`PARENT_CHECK_S` from before the start:
-    the parent died and this process was re-parented. A second signal during ``graceful``
-    abandons it for a plain ``aclose``, and so does a ``graceful`` that raises (logged; exit code
-    1). Prints ``STOPPED <node id>`` at the end; returns the exit code (0 after a clean stop).
-    The signal handlers are removed on return.
+    With ``parent_pid`` (the launcher), also run ``graceful`` once it is gone, looked at every
+    :data:`PARENT_CHECK_S` from before the start: if ``current_parent()`` (the parent process
+    id) is ``parent_pid`` at the first look, once it no longer is (the parent died and this
+    process was re-parented); else once ``pid_alive(parent_pid)`` is false (this process was
+    started through something in between, or the launcher was gone already). A second signal
+    during ``graceful`` abandons it for a plain ``aclose``, and so does a ``graceful`` that raises
+    (logged; exit code 1). Prints ``STOPPED <node id>`` at the end; returns the exit code (0
+    after a clean stop). The signal handlers are removed on return.
     """
     loop = asyncio.get_running_loop()
     stops = asyncio.Queue[str]()
@@ -167,7 +184,8 @@ async def serve_until_signalled(
         loop.add_signal_handler(sig, stops.put_nowait, sig.name)
     watch = None
     if parent_pid is not None:
-        watch = loop.create_task(_watch_parent(parent_pid, current_parent, stops))
+        watched = _watch_parent(parent_pid, current_parent, pid_alive, stops)
+        watch = loop.create_task(watched)
         watch.add_done_callback(log_failure(log, "the parent watch"))
     try:
         return await _serve(daemon, graceful, stops, watch)
@@ -178,16 +196,22 @@ async def serve_until_signalled(
 
 
 async def _watch_parent(
-    parent_pid: int, current_parent: Callable[[], int], stops: asyncio.Queue[str]
+    parent_pid: int,
+    current_parent: Callable[[], int],
+    pid_alive: Callable[[int], bool],
+    stops: asyncio.Queue[str],
 ) -> None:
-    # nothing to await: a child learns of its parent's death only by being re-parented
-    while (parent_now := current_parent()) == parent_pid:  # noqa: ASYNC110
-        await asyncio.sleep(PARENT_CHECK_S)
-    log.warning(
-        "parent process %d is gone (re-parented to %d): stopping as on SIGTERM",
-        parent_pid,
-        parent_now,
-    )
+    # nothing to await: a child learns of its parent's death only by being re-parented, and of
+    # another process's death only by looking
+    if current_parent() == parent_pid:
+        while (parent_now := current_parent()) == parent_pid:  # noqa: ASYNC110
+            await asyncio.sleep(PARENT_CHECK_S)
+        how = f"re-parented to {parent_now}"
+    else:
+        while pid_alive(parent_pid):  # noqa: ASYNC110
+            await asyncio.sleep(PARENT_CHECK_S)
+        how = "no longer running"
+    log.warning("parent process %d is gone (%s): stopping as on SIGTERM", parent_pid, how)
     stops.put_nowait("parent gone")
 
 

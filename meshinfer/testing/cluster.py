@@ -146,10 +146,10 @@ class LocalCluster:
         try:
             came_up = ready.wait(timeout) and daemon.facts
         except BaseException:  # interrupted (KeyboardInterrupt, a signal): not left running
-            proc.kill()
+            _killed(proc)
             raise
         if not came_up:
-            proc.kill()
+            _killed(proc)
             log = (self.root / f"{node_id}.log").read_text()[-2000:]
             raise RuntimeError(f"{node_id} did not become ready; log tail:\n{log}")
         self.processes[node_id] = daemon
@@ -201,6 +201,15 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _killed(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+    """SIGKILL ``proc`` and reap it (waiting at most ``timeout``: no zombie is left behind)."""
+    proc.kill()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass  # (uninterruptible sleep in the kernel: nothing more to do from here)
 
 
 def _pump(stream: TextIO | None, daemon: DaemonProcess, ready: threading.Event) -> None:
