@@ -900,18 +900,26 @@ class Coordinator:
         under the same attempt (not a retry): a node still holding it keeps running it and
         answers once, one that does not runs it, and a second answer is dropped as a
         duplicate."""
-        for run, entry in list(self._items.values()):
-            if entry.node == node and not run.done and entry.item.item_id not in self._answered:
+        for run, entry in self._in_flight_on(node):
+            if not run.done:
                 self.stats_.resent_after_redial += 1
                 self._send_message(run, entry, node)
 
+    def _in_flight_on(self, node: str) -> list[tuple[TaskRun, ItemRun]]:
+        """The items on ``node`` whose result is not being journaled (a copy: callers change
+        ``_items``)."""
+        return [
+            (run, entry)
+            for run, entry in self._items.values()
+            if entry.node == node and entry.item.item_id not in self._answered
+        ]
+
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
         """Retry at once every item in flight on ``node`` (it died, left or is unreachable)."""
-        for run, entry in list(self._items.values()):
-            if entry.node == node and entry.item.item_id not in self._answered:
-                self.stats_.redispatched_after_death += 1
-                self.stats_.redispatched_after_disconnect += fast
-                self._retry(run, entry, reason, backoff=False)
+        for run, entry in self._in_flight_on(node):
+            self.stats_.redispatched_after_death += 1
+            self.stats_.redispatched_after_disconnect += fast
+            self._retry(run, entry, reason, backoff=False)
 
     # --- retries and outcomes --------------------------------------------------------------
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import psutil
 
 from coordinator.client import CoordinatorClient
 from meshinfer.inference.base import ModelRef
@@ -47,3 +49,21 @@ def labels_reference(rows: np.ndarray) -> list[int]:
         return [int(v) for v in np.argmax(out, axis=1)]
 
     return asyncio.run(infer())
+
+
+def still_running(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that have not exited; one that has (a zombie not yet reaped by its
+    new parent, or one gone meanwhile) is left out."""
+    running = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                running.append(proc)
+    return running
+
+
+def kill_all(procs: Iterable[psutil.Process]) -> None:
+    """SIGKILL each of ``procs`` still there (psutil makes sure a reused pid is not hit)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()

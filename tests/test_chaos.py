@@ -420,17 +420,13 @@ def offload_hops(root: Path) -> Counter[str]:
 # --- the test --------------------------------------------------------------------------------
 
 
-def _all_nodes_alive(client: CoordinatorClient) -> bool:
-    return nodes_ready(client, NODES)
-
-
 def start_cluster(cluster: LocalCluster) -> None:
     cluster.add_coordinator(COORD, settings=COORD_SETTINGS)
     for name in NODES:
         cluster.add_node(name, extra=NODE_EXTRA)
         cluster.start(name)
     cluster.start_coordinator(COORD)
-    cluster.wait_for(lambda: _all_nodes_alive(api_client(cluster)))
+    cluster.wait_for(lambda: nodes_ready(api_client(cluster), NODES))
 
 
 def wait_all(cluster, stream, ref) -> tuple[list[str], list[dict[str, Any]]]:
@@ -541,7 +537,7 @@ def cluster_problems(cluster, stream, runner, ref) -> tuple[list[str], list[dict
     problems += [f"{f.action} {f.target} exited with {rc}" for f, rc in runner.exit_codes
                  if f.action == "sigterm" and rc != 0]  # fmt: skip
     try:
-        cluster.wait_for(lambda: _all_nodes_alive(client), timeout=20)
+        cluster.wait_for(lambda: nodes_ready(client, NODES), timeout=20)
     except TimeoutError:
         problems.append(f"restarted nodes did not all rejoin: {client.nodes()['nodes']}")
     return problems, docs, stats

@@ -28,7 +28,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
-from meshinfer.proto.tasks import Pattern, TaskSpec
+from meshinfer.proto.tasks import Pattern, Stage, TaskSpec
 from meshinfer.proto.tasks_wire import FailureKind, TaskAccepted, TaskFailed, Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.revocations import RevocationSyncConfig
@@ -805,8 +805,6 @@ async def test_a_parallel_task_at_its_deadline_ends_with_the_outputs_in_by_then(
 
 
 async def test_pipeline_stages_feed_each_other(tmp_path):
-    from meshinfer.proto.tasks import Stage
-
     x, _ = load_digits_holdout()
     extra = (
         '[inference]\nmodels = ["digits-mlp@1", "digits-mlp-wide@1", '
@@ -832,8 +830,6 @@ async def test_pipeline_stages_feed_each_other(tmp_path):
 
 
 async def test_a_pipeline_item_waits_for_its_stage_and_says_so(tmp_path):
-    from meshinfer.proto.tasks import Stage
-
     x, _ = load_digits_holdout()
     nowhere = ModelRef("no-such-model", "1")
     stages = (Stage("first", nowhere), Stage("then", DIGITS, after=("first",)))

@@ -16,7 +16,7 @@ import pytest
 from coordinator.client import ApiError
 from meshinfer.cli import main
 from meshinfer.demo import Demo, DemoOptions, Interrupted, Progress, StopSignals
-from tests.test_parent_watch import kill_all, still_running
+from tests.helpers import kill_all, still_running
 
 pytestmark = pytest.mark.slow
 

@@ -135,7 +135,8 @@ class Endpoint:
 class Net:
     """Coordinators ``coord`` and ``coord-2``, vehicles ``w`` (the worker under test), ``v``,
     ``b``, ``c``, ``d``, each with a listener; every node knows every other's address. No
-    session exists until a test opens one (:meth:`connect`)."""
+    session exists until a test opens one (:meth:`connect`). Membership lists both
+    coordinators from the start."""
 
     def __init__(
         self,
@@ -161,6 +162,8 @@ class Net:
         )
 
     async def __aenter__(self) -> Net:
+        for name in COORDINATORS:
+            self.members.set(name, roles=("coordinator",), models=())
         for name in (*VEHICLES, *COORDINATORS):
             self.nodes[name] = await self.endpoint(name, self.fleet.identities[name])
         for node in self.nodes.values():
@@ -243,6 +246,14 @@ class Net:
             await self.assign("coord", f"held-{len(self.executors)}-{i}")
         await soon(lambda: executor.backlog == n)
 
+    async def loaded_worker(self, *dialled: str) -> TaskExecutor:
+        """``w``, having dialled each of ``dialled``, with an executor holding three items."""
+        for name in dialled:
+            await self.connect("w", name)
+        executor = self.worker()
+        await self.fill(executor)
+        return executor
+
     def assigned(self, *names: str) -> dict[str, list[str]]:
         return {name: self.nodes[name].assigned() for name in names}
 
@@ -264,11 +275,6 @@ def item(item_id: str, attempt: int = 1, rows: int = 1) -> TaskAssign:
     )  # fmt: skip
 
 
-def coordinators(members: Members) -> None:
-    for name in COORDINATORS:
-        members.set(name, roles=("coordinator",), models=())
-
-
 # --- which peer: load, ties, liveness, sessions, certificates ---------------------------------
 
 
@@ -276,13 +282,9 @@ async def test_items_passed_on_in_a_burst_spread_over_equally_idle_peers():
     """Gossip says b and c are idle (and will for up to a second): each item passed counts
     against its peer, so four items land two and two, not all on the first one found."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b")
         net.members.set("c")
-        await net.connect("w", "b")
-        await net.connect("w", "c")
-        executor = net.worker()
-        await net.fill(executor)
+        executor = await net.loaded_worker("b", "c")
         for i in range(4):
             await net.assign("coord", f"burst-{i}")
         await soon(lambda: executor.stats.offloaded == 4)
@@ -295,11 +297,8 @@ async def test_an_answered_item_no_longer_counts_against_its_peer():
     """b gossips a depth of 2, w's backlog is 3: b can take one item (2 + 1 is not below 3).
     Once b answers it, b can take the next; while it counted, the next ran on w."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b", depth=2)
-        await net.connect("w", "b")
-        executor = net.worker()
-        await net.fill(executor)
+        executor = await net.loaded_worker("b")
         await net.assign("coord", "first")
         await soon(lambda: net.nodes["b"].assigned() == ["first"])
         result = TaskResult("first", 1, Tensor.from_array(sample_inputs(MODEL, 1)), "b", "", "", {})
@@ -314,7 +313,6 @@ async def test_a_tie_between_peers_is_broken_by_the_injected_rng():
     """Equally loaded peers: which one gets an item follows the executor's ``random.Random``
     (so nodes seeded differently do not all pick the same peer), the same seed the same one."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b")
         net.members.set("c")
         await net.connect("w", "b")
@@ -334,7 +332,6 @@ async def test_a_tie_between_peers_is_broken_by_the_injected_rng():
 
 async def test_a_node_without_the_model_passes_the_item_on_even_with_an_empty_queue():
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b", depth=7)  # busy, but it has the model and w does not
         await net.connect("w", "b")
         executor = net.worker(model=False)
@@ -348,14 +345,10 @@ async def test_only_alive_members_with_an_open_session_are_passed_items():
     no session with w (an item would wait on a dial that may fail, with nobody told): the
     item goes to b, busier but ALIVE and connected."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b", depth=2)
         net.members.set("c", status=MemberStatus.SUSPECT)
         net.members.set("d")
-        await net.connect("w", "b")
-        await net.connect("w", "c")
-        executor = net.worker()
-        await net.fill(executor)
+        executor = await net.loaded_worker("b", "c")
         await net.assign("coord", "one")
         await soon(lambda: executor.stats.offloaded == 1)
         await soon(lambda: net.nodes["b"].assigned() == ["one"])
@@ -366,13 +359,9 @@ async def test_no_item_goes_over_a_session_whose_certificate_was_just_revoked():
     """Between a revocation reaching w's list and the session with b being cut, the session
     is still open (and the one the peer table would send over): b gets nothing meanwhile."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b")
         net.members.set("c", depth=1)
-        await net.connect("w", "b")
-        await net.connect("w", "c")
-        executor = net.worker()
-        await net.fill(executor)
+        executor = await net.loaded_worker("b", "c")
         net.fleet.revoke("b")
         net.w.admission.revocations = net.fleet.revocations  # merged; the cut has not run yet
         assert net.w.session("b") is not None
@@ -387,7 +376,6 @@ async def test_a_peer_is_skipped_only_while_its_revoked_session_is_the_one_sent_
     peer table sends over) and one under its new one. Once the old serial is revoked, b gets
     nothing until that session is gone; then it is passed items again, over the good one."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b")
         net.members.set("c", depth=1)
         await net.connect("w", "c")
@@ -426,11 +414,8 @@ async def test_an_offloaded_item_the_peer_table_cannot_send_is_handed_back(kind)
     ``_offload`` returned. The coordinator hears at once (PEER_LOST, retryable), not at its
     attempt timeout, and b's load counts the item no longer."""
     async with Net(kind, worker_sends=SessionConfig(max_message_size=2048)) as net:
-        coordinators(net.members)
         net.members.set("b", depth=2)  # it can take one item at a time (w's backlog is 3)
-        await net.connect("w", "b")
-        executor = net.worker()
-        await net.fill(executor)
+        executor = await net.loaded_worker("b")
         await net.assign("coord", "too-large", rows=64)  # 64 x 8 float32: 2 KiB of input alone
         coord = net.nodes["coord"]
         await soon(lambda: coord.failure("too-large") is not None)
@@ -447,7 +432,6 @@ async def test_an_item_the_peer_table_refuses_at_once_runs_here():
     queued, so it runs on w after all instead of being handed back. (b dialled w: w has a
     session with b without sending anything.)"""
     async with Net(worker_outbox=0) as net:
-        coordinators(net.members)
         net.members.set("b")
         await net.connect("b", "w")
         executor = net.worker()
@@ -462,11 +446,8 @@ async def test_a_draining_node_waits_for_what_it_passed_on_then_hands_back_the_r
     """SIGTERM's drain: an item b answers within the drain's timeout is relayed; one still
     unanswered at the end is handed back (its answer would have nowhere to go)."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b")
-        await net.connect("w", "b")
-        executor = net.worker()
-        await net.fill(executor)
+        executor = await net.loaded_worker("b")
         await net.assign("coord", "answered")
         await net.assign("coord", "silent")
         await soon(lambda: net.nodes["b"].assigned() == ["answered", "silent"])
@@ -491,11 +472,8 @@ async def test_an_item_passed_on_and_never_answered_is_handed_back_after_its_dea
     """b never answers (its answer was lost on the way): a second after the item's deadline
     w hands it back, and b's load no longer counts it."""
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("b", depth=2)
-        await net.connect("w", "b")
-        executor = net.worker()
-        await net.fill(executor)
+        await net.loaded_worker("b")
         lost = replace(item("lost"), deadline_s=0.2)
         await net.nodes["coord"].peers.request("w", lost)
         await soon(lambda: net.nodes["b"].assigned() == ["lost"])
@@ -516,7 +494,6 @@ async def test_an_item_from_a_peer_runs_here_and_is_never_passed_on_again():
     c is idle; an item from the coordinator at that moment goes to c."""
     config = ExecutorSection(max_concurrent=1, offload_queue_depth=1, input_cache_mib=1)
     async with Net() as net:
-        coordinators(net.members)
         net.members.set("v", models=())
         net.members.set("c")
         await net.connect("w", "c")
@@ -536,7 +513,6 @@ async def test_a_held_item_answers_its_latest_assignment():
     """coord assigned x (attempt 1), then coord-2 re-assigned it (attempt 2: the coordinator's
     retry, from elsewhere): w runs it once and answers coord-2, attempt 2, only."""
     async with Net() as net:
-        coordinators(net.members)
         executor = net.worker(KEEPING)
         await net.assign("coord", "x")
         await soon(lambda: executor.running == 1)
@@ -551,7 +527,6 @@ async def test_a_held_item_answers_its_latest_assignment():
 
 async def test_a_held_item_cancelled_reports_to_its_latest_assignment():
     async with Net() as net:
-        coordinators(net.members)
         executor = net.worker(KEEPING)
         await net.assign("coord", "x")
         await soon(lambda: executor.running == 1)
@@ -570,7 +545,6 @@ async def test_a_refused_reassignment_does_not_take_the_answer():
     """A re-assignment refused on arrival (here: its input by reference is not in w's cache)
     is answered as refused; the running item still answers the assignment it runs under."""
     async with Net() as net:
-        coordinators(net.members)
         executor = net.worker(KEEPING)
         await net.assign("coord", "x")
         await soon(lambda: executor.running == 1)
@@ -585,7 +559,6 @@ async def test_a_refused_reassignment_does_not_take_the_answer():
 
 async def test_a_reassignment_refused_while_draining_does_not_take_the_answer():
     async with Net() as net:
-        coordinators(net.members)
         executor = net.worker(KEEPING)
         await net.assign("coord", "x")
         await soon(lambda: executor.running == 1)

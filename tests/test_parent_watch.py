@@ -7,12 +7,10 @@ daemons' own parent watch can stop them. Also the option as the command lines pa
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -22,6 +20,7 @@ from coordinator import cli as coord_cli
 from meshinfer.runtime.loop import watched_parent
 from meshinfer.testing.cluster import LocalCluster
 from node import cli as node_cli
+from tests.helpers import kill_all
 
 pytestmark = pytest.mark.slow
 
@@ -40,24 +39,6 @@ coord, node = cluster.start_coordinator("coord"), cluster.start("veh-1")
 print(coord.proc.pid, node.proc.pid, flush=True)
 sys.stdin.read()
 """
-
-
-def still_running(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
-    """Those of ``procs`` that have not exited; one that has (a zombie not yet reaped by its
-    new parent, or one gone meanwhile) is left out."""
-    running = []
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                running.append(proc)
-    return running
-
-
-def kill_all(procs: Iterable[psutil.Process]) -> None:
-    """SIGKILL each of ``procs`` still there (psutil makes sure a reused pid is not hit)."""
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
 
 
 def test_daemons_stop_gracefully_by_themselves_when_their_launcher_is_sigkilled(tmp_path):

@@ -172,7 +172,7 @@ async def test_a_session_two_merges_find_open_is_cut_once(tmp_path):
             async with session._write_lock:
                 closes = [asyncio.create_task(sync._close_revoked([session])) for _ in "ab"]
                 await until(lambda: sync.stats.disconnected >= 1)
-                await asyncio.sleep(0)  # the second has looked at the session too
+                await until(closes[1].done)  # the second has looked at the session too
                 assert session.is_open
             await asyncio.gather(*closes)
             assert cuts == [CutOff("car-b", 99, still_connected=True, carried_sends=False)]

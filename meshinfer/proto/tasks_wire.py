@@ -104,19 +104,26 @@ def _refuse(owner: str, detail: str) -> RemoteProtocolError:
 # --- tensors ---------------------------------------------------------------------------------
 
 
-def _check_layout(dtype: str, shape: tuple[int, ...], nbytes: int, limit: int) -> None:
-    """Raise RemoteProtocolError unless dtype/shape are allowed and describe ``nbytes``."""
+def _layout_bytes(dtype: str, shape: tuple[int, ...], limit: int, what: str = "tensor") -> int:
+    """The byte count ``dtype``/``shape`` describe; RemoteProtocolError unless the dtype is
+    allowed, the dimensions bounded and the count within ``limit``."""
     itemsize = _ITEM_SIZES.get(dtype) if type(dtype) is str else None
     if itemsize is None:
-        raise _refuse("tensor", f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise _refuse(what, f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if len(shape) > MAX_NDIM:
-        raise _refuse("tensor", f"{len(shape)} dimensions, at most {MAX_NDIM} allowed")
+        raise _refuse(what, f"{len(shape)} dimensions, at most {MAX_NDIM} allowed")
     for d in shape:
         if type(d) is not int or not 0 <= d <= MAX_DIM:
-            raise _refuse("tensor", f"shape {shape} has a dimension outside 0..{MAX_DIM}")
+            raise _refuse(what, f"shape {shape} has a dimension outside 0..{MAX_DIM}")
     expected = math.prod(shape) * itemsize
     if expected > limit:
-        raise _refuse("tensor", f"{expected} bytes, over the cap of {limit}")
+        raise _refuse(what, f"{expected} bytes, over the cap of {limit}")
+    return expected
+
+
+def _check_layout(dtype: str, shape: tuple[int, ...], nbytes: int, limit: int) -> None:
+    """Raise RemoteProtocolError unless dtype/shape are allowed and describe ``nbytes``."""
+    expected = _layout_bytes(dtype, shape, limit)
     if expected != nbytes:
         raise _refuse("tensor", f"shape {shape} of {dtype} needs {expected} bytes, got {nbytes}")
 
@@ -213,9 +220,7 @@ class TensorRef:
         """A 64-character lowercase hex digest; dtype and shape as for a tensor."""
         if len(self.digest) != 64 or not _HEX.issuperset(self.digest):
             raise _refuse("tensor ref", "digest must be 64 lowercase hex characters (sha256)")
-        if type(self.dtype) is not str or self.dtype not in _ITEM_SIZES:
-            raise _refuse("tensor ref", f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        _check_layout(self.dtype, self.shape, self.nbytes, MAX_TENSOR_BYTES)
+        _layout_bytes(self.dtype, self.shape, MAX_TENSOR_BYTES, "tensor ref")
 
 
 # --- parameters ------------------------------------------------------------------------------

@@ -182,8 +182,7 @@ class LocalCluster:
     def close(self) -> None:
         for daemon in self.processes.values():
             if daemon.alive():
-                daemon.proc.kill()
-                daemon.proc.wait(timeout=10)
+                _killed(daemon.proc)
 
     def __enter__(self) -> LocalCluster:
         return self
