@@ -244,6 +244,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         "journal": {k: timed.seconds[k] / n for k in JOURNAL_CALLS if timed.calls[k]},
         "coordinator_cpu": cpu_between(cpu0, cpu1) / n,
         "node_cpu": cpu_between(ncpu0, ncpu1) / n,
+        "coordinator_sys": (cpu1.system - cpu0.system) / n,
         "groups": groups / n,
         "group_size": calls / max(1, groups),
     }
@@ -385,7 +386,8 @@ def breakdown(mesh) -> None:
         total = sum(b["journal"].values()) * 1e6
         print(f"  {key:<10} journal {total:.0f} ({journal})")
         print(
-            f"  {'':<10} coordinator process CPU {b['coordinator_cpu'] * 1e6:.0f}, "
+            f"  {'':<10} coordinator process CPU {b['coordinator_cpu'] * 1e6:.0f} "
+            f"(system {b['coordinator_sys'] * 1e6:.0f}), "
             f"node process CPU {b['node_cpu'] * 1e6:.0f}"
         )
         print(

@@ -36,10 +36,15 @@ Reads may share a group: they see the group's earlier writes, and their answer, 
 other, is handed out only after the commit (nobody reads a write that could still vanish).
 
 Statements are what a group costs: each one releases the GIL and so hands it to the event loop
-when that waits for it. The hot methods therefore check and write in as few statements as they
-can (a conditional ``UPDATE`` whose row count says whether it applied; the slow path only works
-out why not), audit-log lines are written with the transaction in one statement, and
-savepoints are taken only when a call failed after writing (see :meth:`Journal.commit_group`).
+when that waits for it. A task's usual life (accepted, then the result that ends it) therefore
+takes the hot path of :mod:`coordinator.journal_hot`: the journal keeps the live tasks it
+accepted in memory, judges their results and reads them back from there, and writes their rows
+in a few multi-row statements per group (one per table), just before the transaction needs them
+(its ``COMMIT``, a savepoint, or any other call's statement). Everything else checks and writes
+in as few statements as it can (a conditional ``UPDATE`` whose row count says whether it
+applied; the slow path only works out why not), audit-log lines are written with the
+transaction in one statement, and savepoints are taken only when a call failed after writing
+(see :meth:`Journal.commit_group`).
 
 Concurrency: the methods are synchronous and do blocking disk I/O. The coordinator service calls
 them through a :class:`~coordinator.journal_writer.JournalWriter` so the event loop never blocks;
@@ -61,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from coordinator.journal_hot import HotItem, HotTask, HotTasks, StagedRows
 from coordinator.journal_schema import MIGRATIONS, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
 from meshinfer.inference.base import ModelRef
@@ -100,13 +106,17 @@ log = logging.getLogger(__name__)
 MAX_PAGE = 1000
 #: Tasks :meth:`Journal.prune` forgets per call (one group: keep it short for the calls behind).
 PRUNE_BATCH = 200
-#: Specs journaled lately are kept decoded (up to this many bytes of spec blobs), so that
-#: reading a task back soon after (the coordinator's ``wait``) need not decode its spec again.
+#: Specs journaled lately are kept decoded (up to this many bytes of spec blobs, and this many
+#: specs), so that reading a task back soon after (the coordinator's ``wait``) need not decode
+#: its spec again. The count bounds the objects the garbage collector walks: 8 MiB of small
+#: specs is ~80,000 of them, and every full collection walked them all.
 SPEC_CACHE_BYTES = 8 << 20
+SPEC_CACHE_COUNT = 4096
 _LIVE = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
 _ENDED = tuple(sorted(s.value for s in TERMINAL_STATES))
 _IN_FLIGHT = (TaskState.DISPATCHED.value, TaskState.RUNNING.value)
 _WAITING = (TaskState.PENDING.value, TaskState.RETRYING.value)
+_FINISHED = (TaskState.SUCCEEDED, TaskState.FAILED)  # what finish() ends a task as
 #: The states a dispatch moves on (read off the transition table), as SQL; all go to dispatched.
 _DISPATCHABLE = tuple(sorted(s.value for s, e in TRANSITIONS if e == TaskEvent.DISPATCH))
 assert {TRANSITIONS[TaskState(s), TaskEvent.DISPATCH] for s in _DISPATCHABLE} == {
@@ -302,6 +312,8 @@ class Journal:
         self._specs: dict[str, tuple[bytes, TaskSpec]] = {}  # task id -> (blob, spec), oldest 1st
         self._spec_bytes = 0
         self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
+        self._hot = HotTasks()  # live tasks known in memory (see coordinator.journal_hot)
+        self._staged = StagedRows()  # their rows, not yet written
         self._db: sqlite3.Connection | None = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False
         )
@@ -326,6 +338,7 @@ class Journal:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+                self._hot.clear()
             with self._sync_lock:
                 if self._wal is not None:
                     os.close(self._wal)
@@ -355,23 +368,26 @@ class Journal:
         self.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, flush: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error); inside a
         group or another write, the open transaction stands in for it (so a call made of
-        several writes, e.g. :meth:`take_result`, commits or rolls back whole)."""
+        several writes, e.g. :meth:`take_result`, commits or rolls back whole), with its staged
+        rows written first (``flush=False``: for a call that neither reads nor changes them)."""
         with self._lock:
             db = self._connection()
             if self._in_transaction:
+                if flush:
+                    self._flush(db)
                 yield db
                 return
             db.execute("BEGIN IMMEDIATE")
             self._in_transaction = True
             try:
                 yield db
-                self._write_events(db)
+                self._flush(db)
                 db.execute("COMMIT")
             except BaseException:
-                self._events.clear()
+                self._forget_unwritten()
                 if db.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                     db.execute("ROLLBACK")
                 raise
@@ -385,6 +401,7 @@ class Journal:
         with self._lock:
             db = self._connection()
             if self._in_transaction:
+                self._flush(db)
                 yield db
                 return
             db.execute("BEGIN")
@@ -439,17 +456,19 @@ class Journal:
             for call in calls:
                 outcome = run(db, call)
                 if outcome is None:
+                    self._forget_unwritten()
                     db.execute("ROLLBACK")
                     return None
                 if not db.in_transaction:  # SQLite rolled it all back (I/O error, disk full)
                     raise JournalError(f"the group's transaction was lost: {outcome.error}")
                 outcomes.append(outcome)
-            self._write_events(db)
+            self._flush(db)
             if before_commit is not None:
                 before_commit(outcomes)
             db.execute("COMMIT")
             return outcomes
         except BaseException:
+            self._forget_unwritten()
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
@@ -459,24 +478,24 @@ class Journal:
 
     def _undo_free(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome | None:
         """Run ``call`` with no savepoint; None if it raised after writing (undo needed)."""
-        changes, logged = db.total_changes, len(self._events)
+        changes, logged, staged = db.total_changes, len(self._events), self._staged.serial
         try:
             return CallOutcome(call())
         except Exception as exc:
-            if db.total_changes != changes:
+            if db.total_changes != changes or self._staged.serial != staged:
                 return None
             del self._events[logged:]
             return CallOutcome(error=exc)
 
     def _in_savepoint(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome:
-        self._write_events(db)  # the events of earlier calls must not be undone with this one
+        self._flush(db)  # the writes of earlier calls must not be undone with this one
         db.execute("SAVEPOINT call")
         try:
             value = call()
         except Exception as exc:
+            self._forget_unwritten()
             db.execute("ROLLBACK TO call")
             db.execute("RELEASE call")
-            self._events.clear()
             return CallOutcome(error=exc)
         db.execute("RELEASE call")
         return CallOutcome(value)
@@ -489,6 +508,18 @@ class Journal:
     def _log(self, kind: str, task_id: str | None, item_id=None, detail="") -> None:
         """Add a line to the audit log, written with the transaction (before its COMMIT)."""
         self._events.append((self._clock(), task_id, item_id, kind, detail))
+
+    def _flush(self, db: sqlite3.Connection) -> None:
+        """Write what the transaction holds back: staged rows, then the logged events."""
+        self._staged.flush(db)
+        self._write_events(db)
+
+    def _forget_unwritten(self) -> None:
+        """The transaction (or savepoint) is rolled back: drop what it held back, and the hot
+        tasks (their rows may be rolled back too; they take the ordinary path from now)."""
+        self._staged.clear()
+        self._events.clear()
+        self._hot.clear()
 
     def _write_events(self, db: sqlite3.Connection) -> None:
         """Write the logged events: one statement for all of them (an SQLite without JSON
@@ -528,7 +559,7 @@ class Journal:
         if items is None:
             items = outline(spec)
         blob = encode_spec(spec)
-        with self._write() as db:
+        with self._write(flush=False) as db:  # a task's row is never staged: nothing to read
             if not self._insert_task(db, spec, blob, items):
                 self._check_same(db, spec, blob)
                 return False
@@ -546,7 +577,7 @@ class Journal:
         self._forget_spec(spec.task_id)
         self._specs[spec.task_id] = (blob, spec)
         self._spec_bytes += len(blob)
-        while self._spec_bytes > SPEC_CACHE_BYTES:
+        while self._spec_bytes > SPEC_CACHE_BYTES or len(self._specs) > SPEC_CACHE_COUNT:
             dropped, _ = self._specs.pop(next(iter(self._specs)))
             self._spec_bytes -= len(dropped)
 
@@ -556,24 +587,25 @@ class Journal:
         return known[1] if known is not None and known[0] == blob else decode_spec(blob)
 
     def _insert_task(self, db, spec: TaskSpec, blob: bytes, items) -> bool:
-        """Insert the task and its items; False (nothing written) if the task id is taken."""
+        """Insert the task and stage its items; False (nothing written) if the id is taken.
+        The task is then kept hot (see :mod:`coordinator.journal_hot`)."""
         now = self._clock()
+        task_id = spec.task_id
         inserted = db.execute(
             "INSERT INTO tasks (id, spec, state, pattern, priority, policy, created_at, updated_at)"
             " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (spec.task_id, blob, str(spec.pattern), spec.priority, spec.policy, now, now),
+            (task_id, blob, str(spec.pattern), spec.priority, spec.policy, now, now),
         ).rowcount
         if not inserted:
             return False
-        db.executemany(
-            "INSERT INTO items (id, task_id, position, model_id, model_version, stage, state,"
-            " attempt, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 1, ?)",
-            [
-                (o.item_id, spec.task_id, o.index, o.model.model_id, o.model.version, o.stage, now)
-                for o in items
-            ],
-        )
-        self._log("submitted", spec.task_id, detail=f"{len(items)} items")
+        self._staged.items += [
+            (o.item_id, task_id, o.index, o.model.model_id, o.model.version, o.stage, now)
+            for o in items
+        ]
+        self._staged.serial += 1
+        hot = {o.item_id: HotItem(o, TaskState.PENDING) for o in items}
+        self._hot.add(task_id, HotTask(spec, now, now, TaskState.PENDING, hot))
+        self._log("submitted", task_id, detail=f"{len(items)} items")
         return True
 
     # --- item progress --------------------------------------------------------------------------
@@ -614,6 +646,7 @@ class Journal:
         :class:`~meshinfer.proto.tasks.InvalidTransition`).
         """
         with self._write() as db:
+            self._hot.drop_item(item_id)
             now = self._clock()
             moved = db.execute(
                 "UPDATE items SET state = ?, node = ?, updated_at = ? WHERE id = ? AND attempt = ?"
@@ -643,6 +676,7 @@ class Journal:
             row = self._item_row(db, item_id)
             if row is None or row[1] != TaskState.DISPATCHED or row[2] != attempt:
                 return False
+            self._hot.drop_item(item_id)
             task_id, state, _, task_state = row
             self._set_item(db, item_id, transition(state, TaskEvent.ACCEPT))
             self._advance_task(db, task_id, task_state, TaskEvent.ACCEPT)
@@ -668,7 +702,7 @@ class Journal:
         once its result is overdue): an item still waiting at that attempt is then taken as
         dispatched there, in this same call.
         """
-        return self._record_result(item_id, attempt, blob, node, sent_to, advance=True)
+        return self.take_result(item_id, attempt, blob, node=node, sent_to=sent_to)[0]
 
     def _record_result(self, item_id, attempt, blob, node, sent_to, *, advance: bool) -> bool:
         """:meth:`record_result`; ``advance=False`` leaves the task's row alone (the caller
@@ -679,6 +713,7 @@ class Journal:
             if verdict is not None:
                 self._count(db, verdict)
                 return False
+            self._hot.drop_item(item_id)
             task_id, state, current, task_state = row
             try:
                 db.execute(
@@ -715,6 +750,7 @@ class Journal:
             if row is None or row[2] != attempt or (row[1], event) not in TRANSITIONS:
                 self._count(db, "ignored_failures")
                 return False
+            self._hot.drop_item(item_id)
             task_id, state, current, _ = row
             bump = 1 if retryable else 0
             self._set_item(
@@ -769,15 +805,85 @@ class Journal:
         """:meth:`record_result` and, if it was accepted and ``ending`` is given (this result
         decides the task), :meth:`end_task`, in one call (both commit or neither does).
         Returns whether the result was accepted, and what ending the task returned."""
-        with self._write():  # one transaction, also when called outside a group
-            if not self._record_result(
-                item_id, attempt, blob, node, sent_to, advance=ending is None
-            ):
-                return False, None
-            return True, None if ending is None else self.end_task(ending)
+        with self._lock:
+            taken = self._take_hot(item_id, attempt, blob, node, sent_to, ending)
+            if taken is not None:
+                return taken
+            with self._write():  # one transaction, also when called outside a group
+                if not self._record_result(
+                    item_id, attempt, blob, node, sent_to, advance=ending is None
+                ):
+                    return False, None
+                return True, None if ending is None else self.end_task(ending)
+
+    def _take_hot(
+        self, item_id, attempt, blob, node, sent_to, ending
+    ) -> tuple[bool, TaskEnd | None] | None:
+        """:meth:`take_result` from memory, its rows staged (see :mod:`coordinator.journal_hot`),
+        as :meth:`_record_result` and :meth:`end_task` would write them; None (nothing done)
+        unless the item's task is hot, the result is accepted and the ending is for that task
+        and valid. Called with the lock held."""
+        found = self._hot.of_item(item_id)
+        if found is None:
+            return None
+        task_id, task, item = found
+        row = (task_id, item.state, item.attempt, task.state)
+        if _judge_result(row, attempt, vouched=sent_to is not None) is not None:
+            return None  # refused: the ordinary path counts it
+        if ending is not None and (ending.task_id != task_id or ending.state not in _FINISHED):
+            return None
+        state = transition(item.state, TaskEvent.SUCCEED)
+        with self._write(flush=False):
+            now = self._clock()
+            moved = task.state  # as the item's first dispatch, journaled here, would move it
+            if item.state.value in _WAITING and attempt == item.attempt and sent_to is not None:
+                self._log("dispatched", task_id, item_id, f"attempt {attempt} to {sent_to}")
+                item.node = sent_to
+                if moved == TaskState.PENDING:
+                    moved = TaskState.DISPATCHED
+            item.state, item.result, item.result_attempt = state, blob, attempt
+            staged = self._staged
+            staged.results.append((item_id, attempt, node, blob, now))
+            staged.item_states[item_id] = (state.value, item.node, now)
+            staged.serial += 1
+            if ending is None:
+                new = TRANSITIONS.get((moved, TaskEvent.ACCEPT))
+                if new is not None and new not in TERMINAL_STATES:
+                    task.state, task.updated_at = new, now
+                    staged.task_states[task_id] = (new.value, None, None, now)
+            source = f" from {node}" if node else ""
+            self._log("result", task_id, item_id, f"attempt {attempt}{source}")
+            return True, None if ending is None else self._end_hot(task_id, task, ending, now)
+
+    def _end_hot(self, task_id: str, task: HotTask, ending: TaskEnding, now: float) -> TaskEnd:
+        """:meth:`end_task` of a hot task, from memory (as :meth:`_close_task` and :meth:`get`
+        would write and read it); the task is then no longer hot."""
+        in_flight = []
+        for item_id, item in task.items.items():
+            if item.state.value in _LIVE:
+                if item.state.value in _IN_FLIGHT:
+                    in_flight.append((item_id, item.node))
+                item.state = TaskState.CANCELLED
+                self._staged.item_states[item_id] = (item.state.value, item.node, now)
+        task.state, task.updated_at = ending.state, now
+        self._staged.task_states[task_id] = (ending.state.value, ending.summary, ending.error, now)
+        self._staged.serial += 1
+        self._log(str(ending.state), task_id, detail=(ending.error or "")[:500])
+        self._hot.drop(task_id)
+        if not ending.read_back:
+            return in_flight, None
+        items = tuple(_hot_record(task_id, item) for item in task.items.values())
+        spec = task.spec
+        done = sum(item.result is not None for item in items)
+        summary = TaskSummary(
+            task_id, task.state, str(spec.pattern), spec.priority, spec.policy, task.created_at,
+            now, ending.error, len(items), done,
+        )  # fmt: skip
+        return in_flight, TaskRecord(summary, spec, items, ending.summary)
 
     def _close_task(self, task_id, state, summary, error) -> list[tuple[str, str]]:
         with self._write() as db:
+            self._hot.drop(task_id)
             now = self._clock()
             closed = db.execute(
                 "UPDATE tasks SET state = ?, summary = ?, error = ?, updated_at = ? WHERE id = ?"
@@ -847,7 +953,6 @@ class Journal:
     def history(self, task_id: str) -> list[JournalEvent]:
         """The audit log of one task, oldest first."""
         with self._read() as db:
-            self._write_events(db)  # inside a group: its earlier calls' events
             rows = db.execute(
                 "SELECT seq, at, task_id, item_id, kind, detail FROM events WHERE task_id = ?"
                 " ORDER BY seq",
@@ -869,6 +974,7 @@ class Journal:
         those :class:`~meshinfer.proto.tasks_pipeline.PipelinePlan` says are ready.
         """
         with self._write() as db:
+            self._hot.clear()
             ids = [r[0] for r in db.execute(f"SELECT id FROM tasks WHERE state IN {_LIVE}")]
             for task_id in ids:
                 self._requeue(db, task_id)
@@ -913,6 +1019,8 @@ class Journal:
             cutoff = self._clock() - older_than_s
             ids = self._expired(db, cutoff, limit)
             if ids:
+                for task_id in ids:
+                    self._hot.drop(task_id)  # (an ended task is not hot: belt and braces)
                 params = [(task_id,) for task_id in ids]
                 db.executemany("DELETE FROM events WHERE task_id = ?", params)
                 db.executemany(
@@ -950,7 +1058,6 @@ class Journal:
         These scan the tables (~0.1 s per million rows): a service should rather call
         :func:`read_stats` from a thread of its own than hold up the journal's writes."""
         with self._read() as db:
-            self._write_events(db)  # inside a group: its earlier calls' events
             return _stats_of(db)
 
 
@@ -1018,6 +1125,15 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
         clauses.append("t.seq < ?")
         args.append(int(cursor))
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+def _hot_record(task_id: str, item: HotItem) -> ItemRecord:
+    """A hot item as :meth:`Journal.get` reads it (a hot item has no error)."""
+    where = item.outline
+    return ItemRecord(
+        where.item_id, task_id, where.index, where.model, where.stage, item.state, item.node,
+        item.attempt, None, item.result, item.result_attempt,
+    )  # fmt: skip
 
 
 def _summary(row) -> TaskSummary:

@@ -131,13 +131,17 @@ def test_accept_tells_a_new_task_from_an_idempotent_retry(journal):
     assert journal.stats().events == 1 and journal.stats().tasks == {"pending": 1}
 
 
-def test_specs_read_back_the_same_whether_remembered_or_decoded(tmp_path, monkeypatch):
-    monkeypatch.setattr(journal_module, "SPEC_CACHE_BYTES", 2_000)  # room for a few specs
+@pytest.mark.parametrize("bound", ["SPEC_CACHE_BYTES", "SPEC_CACHE_COUNT"])
+def test_specs_read_back_the_same_whether_remembered_or_decoded(tmp_path, monkeypatch, bound):
+    monkeypatch.setattr(journal_module, bound, {"SPEC_CACHE_BYTES": 2_000}.get(bound, 5))
     specs = [batch(f"t{n}", rows_per_item=n % 3 + 1) for n in range(30)]
     with Journal(tmp_path / "j.db") as journal:
         for spec in specs:
             journal.submit(spec)
         assert 0 < len(journal._specs) < len(specs)  # the oldest were forgotten
+        assert list(journal._specs) == [spec.task_id for spec in specs[-len(journal._specs) :]]
+        if bound == "SPEC_CACHE_COUNT":
+            assert len(journal._specs) == 5
         assert [journal.get(spec.task_id).spec for spec in specs] == specs
     with Journal(tmp_path / "j.db") as reopened:  # nothing remembered: every spec decoded
         assert [reopened.get(spec.task_id).spec for spec in specs] == specs

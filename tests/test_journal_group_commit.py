@@ -28,6 +28,7 @@ from coordinator.journal import (
     Journal,
     JournalError,
     TaskConflictError,
+    TaskEnding,
     UnknownTaskError,
 )
 from coordinator.journal_writer import JournalWriter
@@ -196,7 +197,7 @@ def test_groups_from_many_threads_keep_every_acknowledged_write(tmp_path):
 
 _OP_NAMES = (
     *("submit", "conflict", "dispatch", "result", "fail", "finish", "cancel", "get"),
-    "write-then-raise",
+    *("vouched", "end", "write-then-raise"),
 )
 _OPS = st.lists(
     st.tuples(
@@ -230,6 +231,17 @@ def _call(journal: Journal, op: str, task: int, item: int, attempt: int, *, grou
         return lambda: journal.cancel(task_id)
     if op == "get":
         return lambda: [(i.state, i.attempt, i.result) for i in journal.get(task_id).items]
+    if op == "vouched":  # a result whose dispatch the caller vouches for
+        return lambda: journal.record_result(item_id, attempt, b"v", node="veh", sent_to="veh")
+    if op == "end":  # a result that ends the task (failed if from item 1), read back
+        ending = TaskEnding(
+            task_id, TaskState.FAILED if item else TaskState.SUCCEEDED, b"sum",
+            "lost" if item else None, read_back=attempt != 3,
+        )  # fmt: skip
+        return lambda: _ended(
+            journal.take_result(item_id, attempt, b"e", sent_to="veh" if attempt < 3 else None,
+                                ending=ending)
+        )  # fmt: skip
 
     def write_then_raise():
         if grouped:
@@ -237,6 +249,20 @@ def _call(journal: Journal, op: str, task: int, item: int, attempt: int, *, grou
         raise Boom(task_id)
 
     return write_then_raise
+
+
+def _ended(taken):
+    """What :meth:`Journal.take_result` returned, less its wall-clock stamps."""
+    fresh, end = taken
+    if end is None:
+        return fresh, None
+    in_flight, record = end
+    if record is None:
+        return fresh, in_flight, None
+    items = [(i.item_id, i.state, i.node, i.attempt, i.error, i.result, i.result_attempt)
+             for i in record.items]  # fmt: skip
+    s = record.summary
+    return fresh, in_flight, (s.state, s.error, s.items_total, s.items_done), items
 
 
 def _run_alone(call) -> CallOutcome:
@@ -262,6 +288,16 @@ def _state(journal: Journal) -> tuple:
     return records, stats.counters, stats.events
 
 
+def _in_groups(journal: Journal, ops, cuts) -> list:
+    together, start = [], 0
+    for cut in [*sorted(set(cuts)), len(ops)]:  # split the ops into a few groups
+        chunk = ops[start:cut]
+        start = max(start, cut)
+        calls = [_call(journal, *op) for op in chunk]
+        together += [_outcome(o) for o in journal.commit_group(calls)] if calls else []
+    return together
+
+
 @settings(max_examples=150, deadline=None)
 @given(ops=_OPS, cuts=st.lists(st.integers(1, 30), max_size=6))
 def test_a_group_commits_what_its_calls_one_by_one_would(tmp_path_factory, ops, cuts):
@@ -272,13 +308,7 @@ def test_a_group_commits_what_its_calls_one_by_one_would(tmp_path_factory, ops, 
     ):
         # one by one: each journal method is its own transaction
         one_by_one = [_outcome(_run_alone(_call(alone, *op, grouped=False))) for op in ops]
-        together, start = [], 0
-        for cut in [*sorted(set(cuts)), len(ops)]:  # split the ops into a few groups
-            chunk = ops[start:cut]
-            start = max(start, cut)
-            calls = [_call(grouped, *op) for op in chunk]
-            together += [_outcome(o) for o in grouped.commit_group(calls)] if calls else []
-        assert together == one_by_one
+        assert _in_groups(grouped, ops, cuts) == one_by_one
         assert _state(grouped) == _state(alone)
 
 
