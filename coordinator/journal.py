@@ -314,6 +314,9 @@ class Journal:
         self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
         self._hot = HotTasks()  # live tasks known in memory (see coordinator.journal_hot)
         self._staged = StagedRows()  # their rows, not yet written
+        self._logged = 0  # audit lines logged so far (see _undo_free)
+        self._flushes = 0  # flushes that wrote something
+        self._flushed_changes = 0  # rows those flushes changed
         self._db: sqlite3.Connection | None = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False
         )
@@ -477,14 +480,23 @@ class Journal:
             self._events.clear()
 
     def _undo_free(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome | None:
-        """Run ``call`` with no savepoint; None if it raised after writing (undo needed)."""
-        changes, logged, staged = db.total_changes, len(self._events), self._staged.serial
+        """Run ``call`` with no savepoint; None if it raised after writing (undo needed). What
+        a flush inside the call wrote of earlier calls' rows is not the call's own writing: a
+        call that reads, finds nothing and raises is refused alone, the group runs once."""
+        own = db.total_changes - self._flushed_changes
+        logged, staged, flushes = self._logged, self._staged.serial, self._flushes
         try:
             return CallOutcome(call())
         except Exception as exc:
-            if db.total_changes != changes or self._staged.serial != staged:
+            lines = self._logged - logged  # its audit lines, unwritten unless a flush ran since
+            if (
+                db.total_changes - self._flushed_changes != own
+                or self._staged.serial != staged
+                or (lines and self._flushes != flushes)
+            ):
                 return None
-            del self._events[logged:]
+            if lines:
+                del self._events[-lines:]
             return CallOutcome(error=exc)
 
     def _in_savepoint(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome:
@@ -494,6 +506,8 @@ class Journal:
             value = call()
         except Exception as exc:
             self._forget_unwritten()
+            if not db.in_transaction:  # a flush inside the call failed: the group fails
+                return CallOutcome(error=exc)
             db.execute("ROLLBACK TO call")
             db.execute("RELEASE call")
             return CallOutcome(error=exc)
@@ -508,11 +522,26 @@ class Journal:
     def _log(self, kind: str, task_id: str | None, item_id=None, detail="") -> None:
         """Add a line to the audit log, written with the transaction (before its COMMIT)."""
         self._events.append((self._clock(), task_id, item_id, kind, detail))
+        self._logged += 1
 
     def _flush(self, db: sqlite3.Connection) -> None:
-        """Write what the transaction holds back: staged rows, then the logged events."""
-        self._staged.flush(db)
-        self._write_events(db)
+        """Write what the transaction holds back: staged rows, then the logged events. If that
+        fails, the whole transaction is rolled back (calls already answered wrote those rows:
+        it must not commit without them) and the error raised."""
+        if not (self._staged or self._events):
+            return
+        before = db.total_changes
+        try:
+            self._staged.flush(db)
+            self._write_events(db)
+        except BaseException:
+            self._forget_unwritten()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            self._flushes += 1
+            self._flushed_changes += db.total_changes - before
 
     def _forget_unwritten(self) -> None:
         """The transaction (or savepoint) is rolled back: drop what it held back, and the hot
@@ -646,7 +675,6 @@ class Journal:
         :class:`~meshinfer.proto.tasks.InvalidTransition`).
         """
         with self._write() as db:
-            self._hot.drop_item(item_id)
             now = self._clock()
             moved = db.execute(
                 "UPDATE items SET state = ?, node = ?, updated_at = ? WHERE id = ? AND attempt = ?"
@@ -655,6 +683,7 @@ class Journal:
             ).rowcount
             if not moved:
                 self._refuse_dispatch(db, item_id, attempt)
+            self._hot.drop_item(item_id)
             db.execute(  # the task moves with its first dispatch
                 "UPDATE tasks SET state = ?, updated_at = ? WHERE id = (SELECT task_id FROM items"
                 f" WHERE id = ?) AND state IN {_DISPATCHABLE}",

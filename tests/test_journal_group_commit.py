@@ -197,7 +197,7 @@ def test_groups_from_many_threads_keep_every_acknowledged_write(tmp_path):
 
 _OP_NAMES = (
     *("submit", "conflict", "dispatch", "result", "fail", "finish", "cancel", "get"),
-    *("vouched", "end", "write-then-raise"),
+    *("vouched", "end", "unknown", "history", "write-then-raise", "take-then-raise"),
 )
 _OPS = st.lists(
     st.tuples(
@@ -215,8 +215,9 @@ def _call(journal: Journal, op: str, task: int, item: int, attempt: int, *, grou
     """The call for one op. Outside a group a write-then-raise call writes nothing: what a
     group must make of it."""
     task_id, item_id = f"t{task}", f"t{task}/{item}"
-    if op == "submit":
-        return lambda: journal.submit(pair(task_id))
+    if op == "submit":  # two items: a batch, or (task 2) the same input through two models
+        both = TaskSpec(task_id, Pattern.PARALLEL, _INPUT, (ModelRef("a"), ModelRef("b")))
+        return lambda: journal.submit(both if task == 2 else pair(task_id))
     if op == "conflict":
         return lambda: journal.submit(single(task_id))
     if op == "dispatch":
@@ -231,6 +232,10 @@ def _call(journal: Journal, op: str, task: int, item: int, attempt: int, *, grou
         return lambda: journal.cancel(task_id)
     if op == "get":
         return lambda: [(i.state, i.attempt, i.result) for i in journal.get(task_id).items]
+    if op == "unknown":  # refused without writing anything
+        return lambda: journal.get("no such task")
+    if op == "history":
+        return lambda: [(e.kind, e.item_id, e.detail) for e in journal.history(task_id)]
     if op == "vouched":  # a result whose dispatch the caller vouches for
         return lambda: journal.record_result(item_id, attempt, b"v", node="veh", sent_to="veh")
     if op == "end":  # a result that ends the task (failed if from item 1), read back
@@ -244,8 +249,10 @@ def _call(journal: Journal, op: str, task: int, item: int, attempt: int, *, grou
         )  # fmt: skip
 
     def write_then_raise():
-        if grouped:
+        if grouped and op == "write-then-raise":
             journal.submit(pair(f"x{task}"))
+        elif grouped:  # a result (from memory, if its task is) and then the raise
+            journal.record_result(item_id, attempt, b"lost", sent_to="veh")
         raise Boom(task_id)
 
     return write_then_raise

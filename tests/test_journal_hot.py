@@ -16,16 +16,23 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import coordinator.journal_hot as journal_hot
-from coordinator.journal import Journal, TaskEnding
+from coordinator.journal import Journal, JournalError, TaskEnding
 from meshinfer.proto.tasks import TaskState
 from tests.test_journal_group_commit import _OPS, _in_groups, _state, pair, single
 
 
 def hot_and_cold(folder):
-    hot = Journal(folder / "hot.db", synchronous="NORMAL")
-    cold = Journal(folder / "cold.db", synchronous="NORMAL")
+    """Two journals on one constant clock (so their rows compare whole, stamps included)."""
+    hot = Journal(folder / "hot.db", synchronous="NORMAL", wall_clock=lambda: 1.0)
+    cold = Journal(folder / "cold.db", synchronous="NORMAL", wall_clock=lambda: 1.0)
     cold._hot.limit = 0  # keeps no task in memory: every call reads and writes its rows
     return hot, cold
+
+
+def rows(journal: Journal) -> dict[str, list[tuple]]:
+    """Every row of every table, in a fixed order."""
+    tables = ("tasks", "items", "results", "events", "counters")
+    return {t: journal._db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
 
 
 @settings(max_examples=150, deadline=None)
@@ -39,6 +46,7 @@ def test_the_hot_path_does_what_the_ordinary_path_does(tmp_path_factory, ops, cu
     hot, cold = hot_and_cold(tmp_path_factory.mktemp("hot"))
     with hot, cold, mock.patch.object(journal_hot, "UPDATE_FROM", update_from):
         assert _in_groups(hot, ops, cuts) == _in_groups(cold, ops, cuts)
+        assert rows(hot) == rows(cold)
         assert _state(hot) == _state(cold)
 
 
@@ -99,6 +107,58 @@ def test_only_as_many_items_as_the_limit_are_kept(tmp_path):
         journal.submit(pair("b"))  # 4 items would not fit
         journal.submit(single("c"))
         assert set(journal._hot._tasks) == {"a", "c"}
+
+
+def test_a_call_refused_without_writing_leaves_its_group_and_the_hot_tasks_alone(tmp_path):
+    """A read inside a group writes the earlier calls' staged rows first: those are not the
+    refused call's own writes (the group would run twice, and forget every hot task)."""
+    with Journal(tmp_path / "j.db") as journal:
+        journal.commit_group([lambda n=n: journal.submit(pair(f"t{n}")) for n in range(50)])
+        runs = []
+        run_group = journal._run_group
+        journal._run_group = lambda *a, savepoints: (
+            runs.append(savepoints) or run_group(*a, savepoints=savepoints)
+        )
+        outcomes = journal.commit_group([
+            lambda: journal.take_result("t0/0", 1, b"r", sent_to="veh"),
+            lambda: journal.get("no such task"),  # a client asking after an unknown id
+            lambda: journal.mark_dispatched("t1/0", "veh", 7),  # the wrong attempt
+            lambda: journal.take_result("t2/0", 1, b"r", sent_to="veh"),
+        ])  # fmt: skip
+        assert [type(o.error).__name__ for o in outcomes] == [
+            "NoneType", "UnknownTaskError", "LocalProtocolError", "NoneType",
+        ]  # fmt: skip
+        assert runs == [False] and len(journal._hot) == 50
+        assert journal.get("t0").items[0].result == journal.get("t2").items[0].result == b"r"
+
+
+def test_audit_lines_a_raising_call_wrote_out_are_undone(tmp_path):
+    with Journal(tmp_path / "j.db") as journal:
+
+        def log_read_raise():  # its line is written by the read's flush, then it raises
+            journal._log("note", "a")
+            journal.get("a")
+            raise RuntimeError("after the read")
+
+        outcomes = journal.commit_group([lambda: journal.submit(single("a")), log_read_raise])
+        assert isinstance(outcomes[1].error, RuntimeError)
+        assert [e.kind for e in journal.history("a")] == ["submitted"]
+
+
+def test_a_failed_flush_fails_the_whole_group(tmp_path):
+    """Calls answered before the flush wrote those rows: the group must not commit without
+    them (here a node id SQLite cannot bind, which a caller's bug could pass)."""
+    with Journal(tmp_path / "j.db") as journal:
+        journal.submit(single("a"))
+        journal.submit(single("b"))
+        with pytest.raises(JournalError, match="lost"):
+            journal.commit_group([
+                lambda: journal.take_result("a/0", 1, b"r", node=("n",), sent_to="veh"),
+                lambda: journal.get("b"),  # flushes the row above, inside this call
+            ])  # fmt: skip
+        assert len(journal._hot) == 0 and not journal._staged
+        assert journal.get("a").items[0].result is None  # nothing of the group committed
+        assert journal.take_result("a/0", 1, b"r", node="n", sent_to="veh")[0]
 
 
 class Statements:
