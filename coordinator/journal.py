@@ -390,9 +390,7 @@ class Journal:
                 self._flush(db)
                 db.execute("COMMIT")
             except BaseException:
-                self._forget_unwritten()
-                if db.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                    db.execute("ROLLBACK")
+                self._roll_back(db)  # also when COMMIT itself failed (disk full, I/O error)
                 raise
             finally:
                 self._in_transaction = False
@@ -459,8 +457,7 @@ class Journal:
             for call in calls:
                 outcome = run(db, call)
                 if outcome is None:
-                    self._forget_unwritten()
-                    db.execute("ROLLBACK")
+                    self._roll_back(db)
                     return None
                 if not db.in_transaction:  # SQLite rolled it all back (I/O error, disk full)
                     raise JournalError(f"the group's transaction was lost: {outcome.error}")
@@ -471,9 +468,7 @@ class Journal:
             db.execute("COMMIT")
             return outcomes
         except BaseException:
-            self._forget_unwritten()
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            self._roll_back(db)
             raise
         finally:
             self._in_transaction = False
@@ -535,13 +530,17 @@ class Journal:
             self._staged.flush(db)
             self._write_events(db)
         except BaseException:
-            self._forget_unwritten()
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            self._roll_back(db)
             raise
         finally:
             self._flushes += 1
             self._flushed_changes += db.total_changes - before
+
+    def _roll_back(self, db: sqlite3.Connection) -> None:
+        """Roll the open transaction back (if SQLite has not already), with what it held."""
+        self._forget_unwritten()
+        if db.in_transaction:
+            db.execute("ROLLBACK")
 
     def _forget_unwritten(self) -> None:
         """The transaction (or savepoint) is rolled back: drop what it held back, and the hot
