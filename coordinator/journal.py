@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from coordinator.journal_hot import HotItem, HotTask, HotTasks, StagedRows
+from coordinator.journal_hot import HOT_ITEMS, HotItem, HotTask, HotTasks, StagedRows
 from coordinator.journal_schema import MIGRATIONS, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
 from meshinfer.inference.base import ModelRef
@@ -292,6 +292,8 @@ class Journal:
     """The task journal in the SQLite file at ``path`` (created and migrated on open).
 
     Use as a context manager or call :meth:`close`. ``wall_clock`` stamps rows for people.
+    ``hot_items``: at most this many items of live tasks kept in memory (0: none; see
+    :mod:`coordinator.journal_hot`).
     """
 
     def __init__(
@@ -300,6 +302,7 @@ class Journal:
         *,
         synchronous: str = "FULL",
         wall_clock: Callable[[], float] = time.time,
+        hot_items: int = HOT_ITEMS,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(f"journal.synchronous must be FULL or NORMAL, not {synchronous!r}")
@@ -312,7 +315,7 @@ class Journal:
         self._specs: dict[str, tuple[bytes, TaskSpec]] = {}  # task id -> (blob, spec), oldest 1st
         self._spec_bytes = 0
         self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
-        self._hot = HotTasks()  # live tasks known in memory (see coordinator.journal_hot)
+        self._hot = HotTasks(hot_items)  # live tasks known in memory (coordinator.journal_hot)
         self._staged = StagedRows()  # their rows, not yet written
         self._logged = 0  # audit lines logged so far (see _undo_free)
         self._flushes = 0  # flushes that wrote something

@@ -110,9 +110,11 @@ class HotTasks:
 class StagedRows:
     """Rows written by hot-path calls of the open transaction, not yet given to SQLite."""
 
-    __slots__ = ("item_states", "items", "results", "serial", "task_states")
+    __slots__ = ("item_states", "items", "results", "serial", "task_states", "update_from")
 
-    def __init__(self) -> None:
+    def __init__(self, *, update_from: bool = UPDATE_FROM) -> None:
+        #: update many rows per statement (else one statement per row; SQLite < 3.33)
+        self.update_from = update_from
         #: new items: (id, task id, position, model id, model version, stage, updated at)
         self.items: list[tuple[object, ...]] = []
         #: (item id, attempt, node, blob, received at)
@@ -135,37 +137,33 @@ class StagedRows:
 
     def flush(self, db: sqlite3.Connection) -> None:
         """Write the staged rows (items before the results that refer to them)."""
-        if not self:
-            return
-        try:
-            _insert(db, _ITEMS, self.items)
-            _insert(db, _RESULTS, self.results)
-            _update(db, _ITEM_STATES, [(k, *v) for k, v in self.item_states.items()])
-            _update(db, _TASK_STATES, [(k, *v) for k, v in self.task_states.items()])
-        finally:  # written, or the transaction fails with them (the journal rolls it back)
-            self.clear()
+        _in_chunks(db, _ITEMS, self.items)
+        _in_chunks(db, _RESULTS, self.results)
+        for table, staged in ((_ITEM_STATES, self.item_states), (_TASK_STATES, self.task_states)):
+            rows = [(key, *values) for key, values in staged.items()]
+            if self.update_from:
+                _in_chunks(db, table, rows)
+            else:
+                db.executemany(table.single, rows)
+        self.clear()  # (if a statement failed, the journal rolls back and clears them)
 
 
 @dataclass(frozen=True, slots=True)
 class _Table:
     head: str  # the statement up to its rows
     row: str  # one row's placeholders
-    tail: str  # after the rows
-    single: str  # the same for one row (UPDATE without FROM)
+    tail: str = ""  # after the rows
+    single: str = ""  # an update of one row (without FROM)
 
 
 _ITEMS = _Table(
     "INSERT INTO items (id, task_id, position, model_id, model_version, stage, state, attempt,"
     " updated_at) VALUES ",
     "(?, ?, ?, ?, ?, ?, 'pending', 1, ?)",
-    "",
-    "",
 )
 _RESULTS = _Table(
     "INSERT INTO results (item_id, attempt, node, blob, received_at) VALUES ",
     "(?, ?, ?, ?, ?)",
-    "",
-    "",
 )
 _ITEM_STATES = _Table(
     "UPDATE items SET state = v.column2, node = v.column3, updated_at = v.column4 FROM (VALUES ",
@@ -196,13 +194,7 @@ def _chunks(rows: list[tuple[object, ...]]):
         start += size
 
 
-def _insert(db: sqlite3.Connection, table: _Table, rows: list[tuple[object, ...]]) -> None:
+def _in_chunks(db: sqlite3.Connection, table: _Table, rows: list[tuple[object, ...]]) -> None:
+    """Write ``rows`` with one multi-row statement per chunk."""
     for chunk in _chunks(rows):
         db.execute(_statement(table, len(chunk)), [value for row in chunk for value in row])
-
-
-def _update(db: sqlite3.Connection, table: _Table, rows: list[tuple[object, ...]]) -> None:
-    if not UPDATE_FROM:
-        db.executemany(table.single, rows)
-        return
-    _insert(db, table, rows)  # the same multi-row form

@@ -5,6 +5,7 @@ The same answer to an item sent with its bytes is an ordinary retryable failure.
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -62,6 +63,16 @@ async def _labels_of(c, task_id: str) -> list[int]:
     return c.result_of(record)["labels"]
 
 
+@asynccontextmanager
+async def after_a_first_task(tmp_path):
+    """One node that ran a first task ("a") on a 20-row frame, so it holds that input: yields
+    the coordinator, the node daemon, the frame and the task's labels."""
+    frame = load_digits_holdout()[0][:20]
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c = mesh.coordinator
+        yield c, mesh.daemons["node-0"], frame, await _labels(c, spec("a", "single", frame))
+
+
 async def test_a_repeated_input_goes_by_reference_and_gives_the_same_answer(tmp_path):
     x, _ = load_digits_holdout()
     frame = x[:20]
@@ -103,11 +114,7 @@ async def test_a_parallel_tasks_models_share_one_copy_of_the_input(tmp_path):
 
 
 async def test_a_reference_the_node_no_longer_holds_is_sent_again_with_the_bytes(tmp_path):
-    x, _ = load_digits_holdout()
-    frame = x[:20]
-    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
-        c, node = mesh.coordinator, mesh.daemons["node-0"]
-        first = await _labels(c, spec("a", "single", frame))
+    async with after_a_first_task(tmp_path) as (c, node, frame, first):
         assert node.executor.inputs.discard(content_digest(frame.tobytes()))  # e.g. evicted
         assert await _labels(c, spec("b", "single", frame)) == first  # attempt 1 still
         assert node.executor.stats.failed["input_not_cached"] == 1
@@ -223,11 +230,7 @@ async def test_a_node_that_never_has_the_input_fails_the_item_after_max_attempts
 
 
 async def test_after_a_lost_session_an_input_goes_with_its_bytes_once_more(tmp_path):
-    x, _ = load_digits_holdout()
-    frame = x[:20]
-    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
-        c, node = mesh.coordinator, mesh.daemons["node-0"]
-        first = await _labels(c, spec("a", "single", frame))
+    async with after_a_first_task(tmp_path) as (c, node, frame, first):
         lost = node.mesh.peers.session(c.node_id)
         await lost.stream.aclose()  # no Close frame: what was queued on it may be gone
         await until(lambda: c.stats_.sessions_lost == 1)
@@ -242,11 +245,7 @@ async def test_a_reference_the_peer_table_refuses_is_not_counted_and_the_item_go
 ):
     """The peer table refuses the item that names its input by reference (as a full outbox
     would): nothing was saved, and the retry goes with the bytes (the mirror started again)."""
-    x, _ = load_digits_holdout()
-    frame = x[:20]
-    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
-        c = mesh.coordinator
-        first = await _labels(c, spec("a", "single", frame))
+    async with after_a_first_task(tmp_path) as (c, _, frame, first):
         peers, refused = c.mesh.peers, []
         send = peers.send
 
@@ -271,11 +270,7 @@ async def test_a_late_not_cached_answer_to_a_reference_resent_with_its_bytes_is_
     again with its bytes (same attempt). The node's INPUT_NOT_CACHED answer to the reference
     (it arrives after the resend) is not taken for a failure of the copy with the bytes: the
     item is not retried, and the node's one result ends it."""
-    x, _ = load_digits_holdout()
-    frame = x[:20]
-    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
-        c, node = mesh.coordinator, mesh.daemons["node-0"]
-        first = await _labels(c, spec("a", "single", frame))
+    async with after_a_first_task(tmp_path) as (c, node, frame, first):
         gate = hold_inference(node)
         task_id = await c.submit(spec("b", "single", frame))
         await until(lambda: node.executor.running == 1)

@@ -9,13 +9,10 @@ costs a few statements, not one per row: counted.
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import coordinator.journal_hot as journal_hot
 from coordinator.journal import Journal, JournalError, TaskEnding
 from meshinfer.proto.tasks import TaskState
 from tests.test_journal_group_commit import _OPS, _in_groups, _state, pair, single
@@ -24,8 +21,8 @@ from tests.test_journal_group_commit import _OPS, _in_groups, _state, pair, sing
 def hot_and_cold(folder):
     """Two journals on one constant clock (so their rows compare whole, stamps included)."""
     hot = Journal(folder / "hot.db", synchronous="NORMAL", wall_clock=lambda: 1.0)
-    cold = Journal(folder / "cold.db", synchronous="NORMAL", wall_clock=lambda: 1.0)
-    cold._hot.limit = 0  # keeps no task in memory: every call reads and writes its rows
+    # keeps no task in memory: every call reads and writes its rows
+    cold = Journal(folder / "cold.db", synchronous="NORMAL", wall_clock=lambda: 1.0, hot_items=0)
     return hot, cold
 
 
@@ -44,7 +41,8 @@ def rows(journal: Journal) -> dict[str, list[tuple]]:
 def test_the_hot_path_does_what_the_ordinary_path_does(tmp_path_factory, ops, cuts, update_from):
     ops = [("submit", task, 0, 1) for task in range(3)] + ops  # mostly calls on live tasks
     hot, cold = hot_and_cold(tmp_path_factory.mktemp("hot"))
-    with hot, cold, mock.patch.object(journal_hot, "UPDATE_FROM", update_from):
+    hot._staged.update_from = update_from  # False: as on SQLite < 3.33
+    with hot, cold:
         assert _in_groups(hot, ops, cuts) == _in_groups(cold, ops, cuts)
         assert rows(hot) == rows(cold)
         assert _state(hot) == _state(cold)
@@ -101,8 +99,7 @@ def test_a_rolled_back_group_forgets_the_tasks_it_kept(tmp_path):
 
 
 def test_only_as_many_items_as_the_limit_are_kept(tmp_path):
-    with Journal(tmp_path / "j.db") as journal:
-        journal._hot.limit = 3
+    with Journal(tmp_path / "j.db", hot_items=3) as journal:
         journal.submit(pair("a"))
         journal.submit(pair("b"))  # 4 items would not fit
         journal.submit(single("c"))
