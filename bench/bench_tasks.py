@@ -32,6 +32,7 @@ import io
 import logging
 import os
 import pstats
+import random
 import sys
 import tempfile
 import time
@@ -53,7 +54,7 @@ from meshinfer.inference.mlp import forward
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
-from meshinfer.proto.tasks import Pattern, TaskSpec
+from meshinfer.proto.tasks import Pattern, TaskSpec, new_task_id
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
@@ -198,13 +199,23 @@ async def start_coordinator(cluster: LocalCluster, tmp: Path, synchronous: str, 
     return mesh, coordinator
 
 
-async def mesh_loop(c: Coordinator, window: Window, in_flight: int, tag: str) -> None:
+def task_ids(kind: str) -> Callable[[], str]:
+    """Task ids as the HTTP API makes them (``ordered``: by creation time) or uniformly random
+    (``random``: what a client choosing its own random ids sends; the journal's indexes then
+    take each new task at a random place)."""
+    rng = random.Random(0)
+    if kind == "random":
+        return lambda: f"{rng.getrandbits(128):032x}"
+    return lambda: new_task_id(rng, time.time())
+
+
+async def mesh_loop(c: Coordinator, window: Window, in_flight: int, ids: str) -> None:
     x = Tensor.from_array(np.random.default_rng(0).random((1, TINY.width), dtype=np.float32))
-    counter = iter(range(1 << 62))
+    new_id = task_ids(ids)
 
     async def worker(w: int) -> None:
         while not window.over:
-            spec = TaskSpec(f"{tag}-{w}-{next(counter)}", Pattern.SINGLE, x, (TINY_REF,))
+            spec = TaskSpec(new_id(), Pattern.SINGLE, x, (TINY_REF,))
             t0 = time.perf_counter()
             task_id = await c.submit(spec)
             record = await c.wait(task_id)
@@ -222,8 +233,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
     profile = cProfile.Profile() if args.profile and in_flight > 1 else None
     try:
         window = Window(args.warmup, args.seconds)
-        tag = f"{synchronous}{in_flight}"
-        loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, tag))
+        loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, args.ids))
         await asyncio.sleep(args.warmup)
         timed.reset()
         groups0, calls0 = c._db.groups, c._db.calls
@@ -416,12 +426,18 @@ def main() -> None:
         "--only", nargs="*", help="only these meshinfer cases, e.g. FULL/64 none/1 (no Ray)"
     )
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument(
+        "--ids",
+        choices=("ordered", "random"),
+        default="ordered",
+        help="task ids as the HTTP API makes them (by creation time) or uniformly random",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the fast path logs a warning per kill
     if args.quick:
         args.seconds, args.warmup = 1.0, 0.5
     print(f"python {sys.version.split()[0]}, loop={args.loop}, cpus={psutil.cpu_count()}, "
-          f"window={args.seconds}s after {args.warmup}s warm-up")  # fmt: skip
+          f"window={args.seconds}s after {args.warmup}s warm-up, {args.ids} task ids")  # fmt: skip
     if args.loop == "uvloop":
         import uvloop
 

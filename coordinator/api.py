@@ -35,6 +35,7 @@ import logging
 import math
 import random
 import re
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -334,7 +335,7 @@ class CoordinatorApi:
         return await request.read()  # HTTPRequestEntityTooLarge past client_max_size
 
     def _spec_from_body(self, body: bytes) -> TaskSpec:
-        return body_to_spec(parse_json(body), lambda: new_task_id(self._rng))
+        return body_to_spec(parse_json(body), lambda: new_task_id(self._rng, time.time()))
 
     async def _exists(self, task_id: str) -> bool:
         try:

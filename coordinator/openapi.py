@@ -86,7 +86,11 @@ def _submission_schemas() -> dict[str, Schema]:
             "name": _STR, "model": _ref("ModelRef"), "after": _array(_STR), "params": params,
         }),
         "TaskSubmission": _obj(["pattern", "inputs"], {
-            "task_id": {**_STR, "description": "generated when absent; reuse it to retry"},
+            "task_id": {
+                **_STR,
+                "description": "generated when absent (32 hex digits, ordered by creation"
+                " time); reuse it to retry",
+            },
             "pattern": _enum(Pattern), "inputs": _ref("TensorInput"),
             "models": _array(_ref("ModelRef")),
             "model": {**_ref("ModelRef"), "description": "shorthand for models: [model]"},

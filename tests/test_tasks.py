@@ -518,10 +518,37 @@ def test_invalid_specs_are_refused_naming_the_field(spec, match):
     assert isinstance(caught.value, ConfigError)
 
 
-def test_new_task_ids_come_from_the_rng():
-    one, two = new_task_id(random.Random(7)), new_task_id(random.Random(7))
+NOW = 1_795_000_000.25  # 2026-11-18, in seconds since the epoch
+
+
+def test_new_task_ids_come_from_the_rng_after_the_time():
+    one, two = new_task_id(random.Random(7), NOW), new_task_id(random.Random(7), NOW)
     assert one == two and len(one) == 32 and int(one, 16) >= 0
-    assert new_task_id(random.Random(8)) != one
+    assert one[:12] == f"{int(NOW * 1000):012x}"
+    other = new_task_id(random.Random(8), NOW)
+    assert other != one and other[:12] == one[:12]
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(0, (1 << 48) - 2),
+    st.integers(1, 10**9),
+    st.integers(0, 2**32),
+    st.integers(0, 2**32),
+)
+def test_new_task_ids_sort_by_creation_time(millis, later_by, seed_a, seed_b):
+    at = (millis + 0.5) / 1000  # mid-millisecond: no float rounding across a boundary
+    later_at = (min(millis + later_by, (1 << 48) - 1) + 0.5) / 1000
+    earlier, later = (
+        new_task_id(random.Random(seed_a), at),
+        new_task_id(random.Random(seed_b), later_at),
+    )
+    assert earlier < later and len(earlier) == len(later) == 32
+
+
+def test_new_task_ids_clamp_a_time_outside_48_bits():
+    assert new_task_id(random.Random(1), -5.0)[:12] == "0" * 12
+    assert new_task_id(random.Random(1), 1e30)[:12] == "f" * 12
 
 
 # --- pipelines -----------------------------------------------------------------------------------
