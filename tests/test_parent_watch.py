@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import psutil
@@ -100,6 +101,26 @@ def test_a_daemon_whose_start_is_interrupted_is_killed_and_reaped(tmp_path):
         signal.signal(signal.SIGUSR1, previous)
     pid = int((tmp_path / "stuck.log").read_text().split()[0])
     assert not psutil.pid_exists(pid)  # not even a zombie: it was waited for
+
+
+READY_THEN_WAIT = (
+    "import json, time;"
+    " print('READY', json.dumps({'node_id': 'quick'}), flush=True);"
+    " time.sleep(60)"
+)
+
+
+def test_starting_a_daemon_leaves_its_log_open_in_the_daemon_only(tmp_path):
+    """The parent closes its copy of the log file at once (no unclosed-file warning)."""
+    cluster = LocalCluster(tmp_path)
+    cluster.configs["quick"] = tmp_path / "quick.toml"  # (never read)
+    with cluster, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        daemon = cluster.start("quick", command=(sys.executable, "-c", READY_THEN_WAIT))
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+        log = str(tmp_path / "quick.log")
+        assert log in {f.path for f in psutil.Process(daemon.proc.pid).open_files()}
+        assert log not in {f.path for f in psutil.Process().open_files()}
 
 
 @pytest.mark.parametrize("parser", [node_cli.build_parser, coord_cli.build_parser])

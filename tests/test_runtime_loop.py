@@ -168,6 +168,16 @@ def test_a_pid_is_alive_while_its_process_runs_and_not_once_reaped():
     assert not pid_alive(child.pid)
 
 
+def test_a_zombie_is_not_alive():
+    """An exited launcher its own parent has not reaped yet is gone for the parent watch."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, left unreaped
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+
+
 async def test_without_a_parent_pid_the_parent_is_not_looked_at(capsys):
     daemon, looks = Started(), []
 

@@ -129,14 +129,15 @@ class LocalCluster:
         when killed before it could stop its daemons."""
         argv = command or (sys.executable, "-m", "node.cli", "run", "--config")
         argv = (*argv, str(self.configs[node_id]), "--exit-with-parent", str(os.getpid()))
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=open(self.root / f"{node_id}.log", "a"),  # the child owns it
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
+        with open(self.root / f"{node_id}.log", "a") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
         daemon = DaemonProcess(node_id, proc, {})
         ready = threading.Event()
         daemon.reader = threading.Thread(
