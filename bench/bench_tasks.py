@@ -56,6 +56,7 @@ from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec, new_task_id
 from meshinfer.proto.tasks_wire import Tensor
+from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
 from node.config import CPU_THREADS
@@ -228,6 +229,8 @@ async def mesh_loop(c: Coordinator, window: Window, in_flight: int, ids: str) ->
 
 async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, node_pid: int):
     mesh, c = await start_coordinator(cluster, tmp, synchronous, in_flight)
+    if args.heap == "settled":
+        settle_heap()  # as the coordinator daemon does once ready
     timed = TimedJournal(c.journal)
     me, node = psutil.Process(), psutil.Process(node_pid)
     profile = cProfile.Profile() if args.profile and in_flight > 1 else None
@@ -432,12 +435,20 @@ def main() -> None:
         default="ordered",
         help="task ids as the HTTP API makes them (by creation time) or uniformly random",
     )
+    ap.add_argument(
+        "--heap",
+        choices=("settled", "default"),
+        default="settled",
+        help="the coordinator's garbage collector as the daemon sets it once ready, or"
+        " CPython's defaults (the node daemon always settles its own)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the fast path logs a warning per kill
     if args.quick:
         args.seconds, args.warmup = 1.0, 0.5
     print(f"python {sys.version.split()[0]}, loop={args.loop}, cpus={psutil.cpu_count()}, "
-          f"window={args.seconds}s after {args.warmup}s warm-up, {args.ids} task ids")  # fmt: skip
+          f"window={args.seconds}s after {args.warmup}s warm-up, {args.ids} task ids,"
+          f" {args.heap} heap")  # fmt: skip
     if args.loop == "uvloop":
         import uvloop
 

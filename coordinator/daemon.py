@@ -29,6 +29,7 @@ from coordinator.config import CoordinatorFileConfig
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory
+from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
 from meshinfer.tomlconfig import parse_address
@@ -172,4 +173,4 @@ async def run_coordinator(config: CoordinatorFileConfig, parent_pid: int | None 
     longer that one: ``--exit-with-parent``); print ``READY {json}`` once ready. Returns the
     exit code."""
     daemon = CoordinatorDaemon(config)
-    return await serve_until_signalled(daemon, daemon.stop, parent_pid)
+    return await serve_until_signalled(daemon, daemon.stop, parent_pid, on_ready=settle_heap)

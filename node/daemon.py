@@ -39,6 +39,7 @@ from meshinfer.inference.threads import limit_cpu_threads, restore_cpu_threads
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
+from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import SessionConfig
@@ -312,4 +313,6 @@ async def run_daemon(config: NodeConfig, parent_pid: int | None = None) -> int:
     longer that one: ``--exit-with-parent``); print ``READY {json}`` once ready. Returns the
     exit code."""
     daemon = NodeDaemon(config)
-    return await serve_until_signalled(daemon, daemon.drain_and_close, parent_pid)
+    return await serve_until_signalled(
+        daemon, daemon.drain_and_close, parent_pid, on_ready=settle_heap
+    )

@@ -2,6 +2,7 @@
 Steps, and serve_until_signalled's stops (signals, the parent watch of ``--exit-with-parent``)."""
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -220,3 +221,47 @@ async def test_a_drain_that_raises_is_logged_and_the_daemon_closed_with_exit_cod
     assert code == 1 and daemon.closed == 1
     assert "the drain failed; closing at once" in caplog.text and "drain bug" in caplog.text
     assert "stopped cleanly" not in caplog.text
+
+
+async def test_on_ready_runs_once_after_the_start_and_before_ready_is_printed(capsys):
+    daemon, seen = Started(), []
+
+    def on_ready() -> None:
+        seen.append((daemon.started.is_set(), capsys.readouterr().out))
+
+    code = await asyncio.wait_for(
+        serve_until_signalled(
+            daemon,
+            daemon.drain,
+            4242,
+            current_parent=lambda: 1,
+            pid_alive=lambda pid: False,
+            on_ready=on_ready,
+        ),
+        timeout=5,
+    )
+    assert code == 0 and seen == [(True, "")]
+    assert capsys.readouterr().out.startswith("READY ")
+
+
+SETTLE = """
+import gc, json
+from meshinfer.runtime.heap import settle_heap
+before = gc.get_threshold()
+kept = [[] for _ in range(1000)]
+settle_heap()
+print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count(), gc.get_count()[0]]))
+"""
+
+
+def test_a_settled_heap_is_frozen_and_collected_less_often():
+    """In a process of its own: the settings are process-wide."""
+    from meshinfer.runtime.heap import FIRST_GENERATION_THRESHOLD
+
+    out = subprocess.run(
+        [sys.executable, "-c", SETTLE], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    before, after, frozen, young = json.loads(out)
+    assert after == [FIRST_GENERATION_THRESHOLD, *before[1:]] and before[0] < after[0]
+    assert frozen >= 1000  # the lists above, and the start-up heap around them
+    assert young < 50  # collected just before the freeze

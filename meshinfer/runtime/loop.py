@@ -174,6 +174,7 @@ async def serve_until_signalled(
     *,
     current_parent: Callable[[], int] = os.getppid,
     pid_alive: Callable[[int], bool] = pid_alive,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Start ``daemon``, print ``READY {facts}``, and on SIGTERM/SIGINT run ``graceful``.
 
@@ -184,7 +185,8 @@ async def serve_until_signalled(
     started through something in between, or the launcher was gone already). A second signal
     during ``graceful`` abandons it for a plain ``aclose``, and so does a ``graceful`` that raises
     (logged; exit code 1). Prints ``STOPPED <node id>`` at the end; returns the exit code (0
-    after a clean stop). The signal handlers are removed on return.
+    after a clean stop). The signal handlers are removed on return. ``on_ready`` runs once the
+    daemon started, before ``READY`` is printed (e.g. :func:`~meshinfer.runtime.heap.settle_heap`).
     """
     loop = asyncio.get_running_loop()
     stops = asyncio.Queue[str]()
@@ -196,7 +198,7 @@ async def serve_until_signalled(
         watch = loop.create_task(watched)
         watch.add_done_callback(log_failure(log, "the parent watch"))
     try:
-        return await _serve(daemon, graceful, stops, watch)
+        return await _serve(daemon, graceful, stops, watch, on_ready)
     finally:
         await _cancelled(watch)
         for sig in STOP_SIGNALS:
@@ -228,12 +230,15 @@ async def _serve(
     graceful: Callable[[], Awaitable[None]],
     stops: asyncio.Queue[str],
     watch: asyncio.Task[None] | None,
+    on_ready: Callable[[], None] | None,
 ) -> int:
     try:
         facts = await daemon.start()
     except BaseException:
         await daemon.aclose()
         raise
+    if on_ready is not None:
+        on_ready()
     _announce("READY " + json.dumps(facts))
     code = 0
     log.info("stopping (%s)", await stops.get())
