@@ -6,6 +6,14 @@ loop: every call queued while the previous group committed goes into the next gr
 thread does while the next group runs (one sync for every group committed meanwhile). A call is a
 function, or the name of a method of the journal (looked up on the writer's thread when it
 runs, on the journal open at that moment).
+
+A told call (:meth:`JournalWriter.tell`) has nobody to hear of its failure, so the writer logs
+it -- except the one refusal that is the expected end of a race, not a fault: a dispatch (or
+another step) of an item that ended before the call ran. The coordinator journals a dispatch
+without waiting (an overdue mark, or before a retry's failure) and hears of a task's end only
+once that end is durable, so a result or a cancel that ends the task can be queued just before
+the dispatch of one of its other items. The journal refuses that dispatch (the item is over,
+nothing is lost); the writer counts it (``stale_tells``) and logs it at debug level only.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from functools import partial
 
 from coordinator.journal import CallOutcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
+from meshinfer.proto.tasks import TERMINAL_STATES, InvalidTransition
 
 __all__ = ["JournalWriter"]
 
@@ -91,6 +100,7 @@ class JournalWriter:
         self._stopped: asyncio.Future[None] | None = None
         self.groups = 0  # groups run, for tests and metrics
         self.calls = 0
+        self.stale_tells = 0  # told calls refused because their item had ended (module doc)
 
     def call(
         self,
@@ -112,7 +122,9 @@ class JournalWriter:
 
     def tell(self, fn: JournalCall, *args: object, **kwargs: object) -> None:
         """Queue ``fn(*args, **kwargs)`` now, in order, for nobody to wait for (a dispatch
-        or a running mark): no future, one loop wake-up less; a failure is logged."""
+        or a running mark): no future, one loop wake-up less; a failure is logged, unless the
+        call was refused only because its item had ended meanwhile (counted in
+        ``stale_tells``; see the module docstring)."""
         if self._closing:
             log.warning("journal writer closed: %s not journaled", getattr(fn, "__name__", fn))
             return
@@ -301,14 +313,13 @@ class JournalWriter:
                 except Exception:  # a bug in the callback: the call itself goes on
                     log.exception("on_decided callback of %s failed", call.fn)
 
-    @classmethod
-    def _settle(cls, group: list[_Call], outcomes: list[CallOutcome]) -> None:
+    def _settle(self, group: list[_Call], outcomes: list[CallOutcome]) -> None:
         """On the loop: answer every caller of a committed (or failed) group."""
-        cls._settle_decided(group, outcomes)  # those whose group never reached its COMMIT
+        self._settle_decided(group, outcomes)  # those whose group never reached its COMMIT
         for call, outcome in zip(group, outcomes, strict=True):
             future, error = call.future, outcome.error
             if future is None:
-                _log_failed_tell(call, error)
+                self._told_failed(call, error)
             elif future.done():  # the caller was cancelled
                 continue
             elif isinstance(error, StopIteration):  # a future refuses those, as a coroutine does
@@ -318,12 +329,24 @@ class JournalWriter:
             else:
                 future.set_result(outcome.value)
 
-
-def _log_failed_tell(call: _Call, error: BaseException | None) -> None:
-    """Log the failure (if any) of a told call: nobody else hears of it."""
-    if error is not None:
+    def _told_failed(self, call: _Call, error: BaseException | None) -> None:
+        """Log the failure (if any) of a told call: nobody else hears of it. A refusal because
+        the item had ended is counted and logged at debug level (see the module docstring)."""
+        if error is None:
+            return
+        if _item_ended(error):
+            self.stale_tells += 1
+            log.debug("journal call %s skipped: %s", call.fn, error)
+            return
         level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
         log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)
+
+
+def _item_ended(error: BaseException) -> bool:
+    """Whether ``error`` refuses a step of an item that had already ended (succeeded, failed or
+    cancelled): the race the module docstring describes. A step refused in any other state
+    (e.g. a second dispatch of an item in flight) is a fault and stays loud."""
+    return isinstance(error, InvalidTransition) and error.state in TERMINAL_STATES
 
 
 def _outcome_of(fn: Callable[[], object]) -> CallOutcome:
