@@ -273,6 +273,7 @@ class NodeDaemon:
     async def drain_and_close(self, timeout: float = 10.0) -> None:
         """SIGTERM: stop taking work, finish or hand back what we have, leave, close."""
         self.stopping.set()
+        self._withdraw_models()
         if self.executor is not None:
             with contextlib.suppress(Exception):
                 await self.executor.drain(timeout)
@@ -280,6 +281,13 @@ class NodeDaemon:
             with contextlib.suppress(Exception):
                 await self.mesh.leave(timeout=2.0)
         await self.aclose()
+
+    def _withdraw_models(self) -> None:
+        """Gossip that this node serves no model any more: coordinators and peers stop
+        sending it work now, instead of having every item bounce off the drain."""
+        membership = self.mesh.membership if self.mesh is not None else None
+        if membership is not None:
+            membership.update_state(_replace(membership.state, models=()))
 
     async def aclose(self) -> None:
         """Close in reverse start order. Idempotent; errors are logged, not raised."""

@@ -114,3 +114,26 @@ async def test_a_draining_daemon_is_not_ready_and_finishes_what_it_runs(tmp_path
         assert [i.attempt for i in record.items] == [1]  # finished there, not run again
         assert daemon.executor.stats.handed_back == 0
         mesh.daemons.pop("node-0")  # closed by its drain
+
+
+async def test_a_draining_daemon_stops_being_offered_work_at_once(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2) as mesh:
+        c, daemon = mesh.coordinator, mesh.daemons["node-0"]
+        gate = hold_inference(daemon)  # the drain waits for the item it runs
+        for i in range(2):  # one to each node
+            await c.submit(spec(f"held{i}", "single", x[:1], policy="round_robin"))
+        await until(lambda: daemon.executor.running == 1)
+        draining = asyncio.create_task(daemon.drain_and_close(timeout=10))
+
+        def models_of_node_0() -> list[str]:
+            return next(n["models"] for n in c.nodes() if n["node_id"] == "node-0")
+
+        await until(lambda: models_of_node_0() == [])  # gossiped: it serves nothing any more
+        ids = [await c.submit(spec(f"t{i}", "single", x[i : i + 1])) for i in range(6)]
+        for task_id in ids:  # none bounced off the drain
+            record = await c.wait(task_id, timeout=10)
+            assert [(i.node, i.attempt) for i in record.items] == [("node-1", 1)]
+        gate.set()
+        await draining
+        mesh.daemons.pop("node-0")  # closed by its drain
