@@ -642,13 +642,27 @@ class Coordinator:
 
     def _send_message(self, run: TaskRun, entry: ItemRun, node: str) -> bool:
         """Send the item's TaskAssign to ``node``; if it cannot even be queued, forget what the
-        mirror now believes the node keeps and retry the item elsewhere."""
-        if self.mesh.peers.send(node, self._message(run, entry, node)):
+        mirror now believes the node keeps and retry the item elsewhere (and the same, later,
+        if it is dropped unwritten: :meth:`_unsent`)."""
+        unsent = partial(self._unsent, entry.item.item_id, entry.attempt, node)
+        if self.mesh.peers.send(node, self._message(run, entry, node), on_failure=unsent):
             self._inputs.queued(entry)
             return True
         self._forget_mirror(node)
         self._retry(run, entry, f"could not send to {node}", backoff=True)
         return False
+
+    def _unsent(self, item_id: str, attempt: int, node: str, error: BaseException) -> None:
+        """The TaskAssign of this attempt was queued for ``node`` but dropped before it was
+        written (no session could be had: e.g. a restarted node not yet found at its new
+        address): the node never saw it, so retry it now rather than after its timeout."""
+        pair = self._items.get(item_id)
+        if pair is None or self._closed:
+            return
+        run, entry = pair
+        if entry.attempt == attempt and entry.node == node:
+            self._forget_mirror(node)
+            self._retry(run, entry, f"could not send to {node}: {error}", backoff=True)
 
     def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
         """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the

@@ -636,6 +636,31 @@ async def test_a_failed_attempt_is_journaled_after_its_dispatch_however_quick(tm
         assert history[1][1] == "attempt 1 to node-0" and history[3][1] == "attempt 2 to node-1"
 
 
+async def test_an_item_dropped_unwritten_for_want_of_a_session_is_retried_at_once(tmp_path):
+    """A TaskAssign queued for a node no session can be had with (here: neither side's dial
+    gets through) never reaches it: retried on another node at once, not after its timeout."""
+    x, _ = load_digits_holdout()
+    slow = CoordinatorConfig(item_timeout_s=60.0)  # longer than this test waits
+    async with Mesh(tmp_path, n=2, config=slow) as mesh:
+        c, node_0 = mesh.coordinator, mesh.daemons["node-0"]
+
+        async def unreachable(node_id):
+            return None
+
+        c.mesh.peers._dial = unreachable  # the coordinator cannot reach node-0 ...
+        node_0.mesh.peers._dial = unreachable  # ... nor node-0 the coordinator
+        await c.mesh.peers.disconnect("node-0")
+        await until(lambda: c.mesh.peers.session("node-0") is None)
+        ids = [await c.submit(spec(f"u{i}", "single", x[i : i + 1], policy="round_robin"))
+               for i in range(2)]  # fmt: skip
+        records = [await c.wait(task_id, timeout=10) for task_id in ids]
+        assert all(r.state.value == "succeeded" for r in records)
+        retried = [i for r in records for i in r.items if i.attempt == 2]
+        assert [i.node for i in retried] == ["node-1"]  # the one sent to node-0
+        history = [e.detail for e in await c._db.run("history", retried[0].item_id.split("/")[0])]
+        assert any("could not send to node-0: peer" in detail for detail in history)
+
+
 async def test_task_with_no_capable_node_fails_with_a_reason(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=CoordinatorConfig(max_attempts=2)) as mesh:

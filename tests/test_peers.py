@@ -16,6 +16,7 @@ from meshinfer.runtime.endpoint import SessionListener
 from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
 from meshinfer.runtime.session import SessionConfig
 from meshinfer.testing.fleet import make_fleet
+from tests.helpers import until
 
 
 class Pair:
@@ -92,3 +93,34 @@ async def test_a_session_whose_write_fails_while_it_says_open_is_closed_and_redi
         assert not broken.is_open and broken.lost  # ended as lost: no Close frame went
         assert pair.alpha.session("bravo") is not broken
         assert pair.alpha.stats.dials == 2
+
+
+async def test_a_send_never_written_tells_its_on_failure_and_a_written_one_does_not(
+    transport_and_addr, caplog
+):
+    async with Pair(*transport_and_addr) as pair:
+        failures: list[tuple[bytes, BaseException]] = []
+
+        def on_failure(payload: bytes):
+            return lambda error: failures.append((payload, error))
+
+        assert pair.alpha.send("bravo", AppData(topic="t", payload=b"ok"), on_failure(b"ok"))
+        assert await pair.received(1) == [b"ok"]
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"after"))  # (in order)
+        assert await pair.received(1) == [b"after"] and failures == []
+
+        await pair.alpha.disconnect("bravo")
+        await pair.listener.aclose()  # nobody at bravo's address now: the re-dial fails
+        assert pair.alpha.send("bravo", AppData(topic="t", payload=b"lost"), on_failure(b"lost"))
+        await until(lambda: failures)
+        assert [(p, type(e)) for p, e in failures] == [(b"lost", TransportError)]
+        assert "dial-failed" in str(failures[0][1])
+
+        def broken(error: BaseException) -> None:
+            raise RuntimeError("bug in a sender's callback")
+
+        assert pair.alpha.send("bravo", AppData(topic="t", payload=b"x"), broken)  # backoff
+        assert pair.alpha.send("bravo", AppData(topic="t", payload=b"y"), on_failure(b"y"))
+        await until(lambda: len(failures) == 2)
+        assert failures[1][0] == b"y" and "unreachable" in str(failures[1][1])
+        assert "on_failure callback of a send failed" in caplog.text

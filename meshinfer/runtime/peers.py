@@ -60,11 +60,16 @@ class PeerStats:
     unhandled: Counter[str] = field(default_factory=Counter)
 
 
+#: Who hears what became of a queued message: a future (:meth:`PeerTable.send_tracked`), a
+#: callback told only if it is never written (``send``'s ``on_failure``), or nobody.
+Requester = asyncio.Future[None] | Callable[[BaseException], None] | None
+
+
 class _Outbox:
     """Bounded queue of messages for one peer and the task that sends them."""
 
     def __init__(self, limit: int) -> None:
-        self.queue: deque[tuple[messages.Message, asyncio.Future[None] | None]] = deque()
+        self.queue: deque[tuple[messages.Message, Requester]] = deque()
         self.limit = limit
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -135,9 +140,17 @@ class PeerTable:
 
     # --- sending ---------------------------------------------------------------------------
 
-    def send(self, node_id: str, msg: messages.Message) -> bool:
-        """Queue ``msg`` for ``node_id`` (best effort); False if it was dropped at once."""
-        return self._enqueue(node_id, msg, None)
+    def send(
+        self,
+        node_id: str,
+        msg: messages.Message,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> bool:
+        """Queue ``msg`` for ``node_id`` (best effort); False if it was dropped at once.
+        ``on_failure`` is called (on the loop) with the reason if it is dropped later, never
+        written to a session (no session could be had with the peer, this table closed):
+        cheaper than :meth:`send_tracked` for a sender that only acts on a loss."""
+        return self._enqueue(node_id, msg, on_failure)
 
     async def request(self, node_id: str, msg: messages.Message) -> None:
         """Send ``msg`` and wait until it was written to a session; raises if it could not be."""
@@ -152,9 +165,7 @@ class PeerTable:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         return fut if self._enqueue(node_id, msg, fut) else None
 
-    def _enqueue(
-        self, node_id: str, msg: messages.Message, fut: asyncio.Future[None] | None
-    ) -> bool:
+    def _enqueue(self, node_id: str, msg: messages.Message, fut: Requester) -> bool:
         if self._closed or node_id == self.node_id:
             return False
         if node_id not in self.addresses and self.session(node_id) is None:
@@ -322,11 +333,19 @@ class PeerTable:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _settle(fut: asyncio.Future[None] | None, error: BaseException | None) -> None:
-    """Tell a requester its message was written (or why it never will be)."""
-    if fut is None or fut.done():
+def _settle(requester: Requester, error: BaseException | None) -> None:
+    """Tell a requester its message was written (a future only), or why it never will be."""
+    if requester is None:
         return
-    if error is None:
-        fut.set_result(None)
+    if not isinstance(requester, asyncio.Future):
+        if error is not None:
+            try:
+                requester(error)
+            except Exception:  # the sender's bug: the table goes on
+                log.exception("on_failure callback of a send failed")
+    elif requester.done():
+        return
+    elif error is None:
+        requester.set_result(None)
     else:
-        fut.set_exception(error)
+        requester.set_exception(error)
