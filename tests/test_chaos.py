@@ -6,13 +6,19 @@ stream of tasks over the HTTP API -- batch (sharded), single, parallel (the thre
 majority or all) and pipeline (digits-mlp feeding a synthetic head) -- while the test applies a
 schedule drawn from ``random.Random(seed)``: SIGKILL a node, SIGTERM (drain) a node, SIGKILL or
 SIGTERM the coordinator, restart what is down, with short random pauses, never taking the last
-node down. A submission that got no answer (the coordinator was down) is sent again, same task
+node down, SIGKILLing a node at least once while the coordinator runs. Before it signals a node
+while the coordinator runs, the test waits (bounded) until the coordinator has items in flight
+there, and after a SIGKILL until it moved them elsewhere: every seed's faults catch work in
+flight. A submission that got no answer (the coordinator was down) is sent again, same task
 id and spec, until the API acknowledges it. Then every process is restored and the promises are
 checked end to end:
 
-* every task the API acknowledged ends ``succeeded``, with the outputs the models give here;
+* every task the API acknowledged ends ``succeeded``, with the outputs the models give here,
+  each item within ``max_attempts`` (plus one per coordinator restart: recovery runs again, as
+  a new attempt, every item whose fate it cannot know);
 * none is missing from the listing, the journal holds no live task or item, and every
   duplicate result a coordinator counted is in the journal's counters;
+* a node SIGKILLed with items in flight has them moved elsewhere at once (fast failover);
 * no attempt times out on a node that ran all along: a node answers every item it takes, or
   hands it back (the item timeout is for nodes that die silently);
 * SIGTERM stops a daemon cleanly (exit 0) and the restarted nodes rejoin the mesh;
@@ -26,6 +32,7 @@ messages still varies between runs; the schedule and the task stream do not).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -75,6 +82,11 @@ STEPS = 10
 MIN_TASKS = 20
 PAUSE_S = (0.2, 1.5)
 WAIT_S = 60.0
+#: How long a fault on a node waits for the coordinator to have items in flight there (it
+#: usually has some at once: the nodes are slow), and a SIGKILL for them to be moved elsewhere
+#: (the session's loss and a failed re-dial: about ``redial_timeout_s``).
+HOLD_WAIT_S = 5.0
+MOVE_WAIT_S = 5.0
 COUNTERS = ("dispatched", "retries", "duplicates", "redispatched_after_death",
             "redispatched_after_disconnect", "sessions_lost")  # fmt: skip
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
@@ -106,20 +118,40 @@ class Fault:
 
 
 def draw_schedule(rng: random.Random, steps: int = STEPS) -> list[Fault]:
-    """``steps`` faults and restarts, at least one SIGKILL of the coordinator, at least one node
-    always up; then the restarts that bring every process back."""
+    """``steps`` faults and restarts, at least one SIGKILL of a node while the coordinator runs
+    and one of the coordinator, at least one node always up; then the restarts that bring every
+    process back."""
     down: set[str] = set()
     faults: list[Fault] = []
-    for _ in range(steps):
-        action, target = rng.choice(_choices(down))
+
+    def add(action: str, target: str) -> None:
         faults.append(Fault(rng.uniform(*PAUSE_S), action, target))
         (down.discard if action == "restart" else down.add)(target)
+
+    for _ in range(steps):
+        add(*rng.choice(_choices(down)))
+    if not _kills_a_node_under_the_coordinator(faults):
+        if COORD in down:
+            add("restart", COORD)
+        if len(NODES) - len(down - {COORD}) < 2:
+            add("restart", rng.choice(sorted(down - {COORD})))
+        add("sigkill", rng.choice([n for n in NODES if n not in down]))
     if not any(f.action == "sigkill" and f.target == COORD for f in faults):
         if COORD in down:
-            faults.append(Fault(rng.uniform(*PAUSE_S), "restart", COORD))
-        faults.append(Fault(rng.uniform(*PAUSE_S), "sigkill", COORD))
-        down.add(COORD)
+            add("restart", COORD)
+        add("sigkill", COORD)
     return faults + [Fault(0.0, "restart", target) for target in sorted(down)]
+
+
+def _kills_a_node_under_the_coordinator(faults: list[Fault]) -> bool:
+    """Whether ``faults`` SIGKILL a node while the coordinator runs (it sees items move)."""
+    coordinator_up = True
+    for fault in faults:
+        if fault.target == COORD:
+            coordinator_up = fault.action == "restart"
+        elif fault.action == "sigkill" and coordinator_up:
+            return True
+    return False
 
 
 def _choices(down: set[str]) -> list[tuple[str, str]]:
@@ -134,13 +166,19 @@ def _choices(down: set[str]) -> list[tuple[str, str]]:
 
 class FaultRunner:
     """Applies a schedule to a cluster; notes when (wall clock, as the logs), exit codes and
-    the coordinator's counters."""
+    the coordinator's counters. A signal to a node while the coordinator runs waits until the
+    coordinator has items in flight on it (notes how many), and a SIGKILL then waits until
+    they were moved elsewhere (notes whether they were)."""
 
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
         self.applied: list[tuple[float, float, Fault]] = []  # began, ended, fault
         self.exit_codes: list[tuple[Fault, int | None]] = []
         self.counters: Counter[str] = Counter()  # summed over the coordinator's lifetimes
+        self.down: set[str] = set()
+        #: signals to a node while the coordinator ran, with its items in flight there then
+        self.held: list[tuple[Fault, int]] = []
+        self.stuck: list[Fault] = []  # SIGKILLs whose victim's items were not moved in time
 
     def run(self, faults: list[Fault]) -> None:
         for fault in faults:
@@ -160,11 +198,36 @@ class FaultRunner:
         if fault.action == "restart":
             start = self.cluster.start_coordinator if fault.target == COORD else self.cluster.start
             start(fault.target)
+            self.down.discard(fault.target)
             return
+        watched = fault.target != COORD and COORD not in self.down
         if fault.target == COORD:
             self.add_counters()
+        elif watched:
+            held = self.wait_in_flight(fault.target, HOLD_WAIT_S, above=0)
+            self.held.append((fault, held or 0))
         self.cluster.kill(fault.target, SIGNALS[fault.action])
+        self.down.add(fault.target)
         self.exit_codes.append((fault, self.cluster.processes[fault.target].proc.returncode))
+        if watched and fault.action == "sigkill" and self.held[-1][1]:
+            if self.wait_in_flight(fault.target, MOVE_WAIT_S, above=None) != 0:
+                self.stuck.append(fault)
+
+    def wait_in_flight(self, node: str, timeout: float, *, above: int | None) -> int | None:
+        """Wait until the coordinator lists more than ``above`` items in flight on ``node``
+        (None: none at all), at most ``timeout`` s; the number it lists then (None: it never
+        answered)."""
+        client = api_client(self.cluster)
+        seen: list[int | None] = [None]
+
+        def in_flight() -> bool:
+            listed = {n["node_id"]: n["in_flight"] for n in client.nodes()["nodes"]}
+            seen[0] = count = listed.get(node, 0)
+            return count > above if above is not None else not count
+
+        with contextlib.suppress(TimeoutError, ApiError):
+            self.cluster.wait_for(in_flight, timeout=timeout, step=0.02)
+        return seen[0]
 
     def add_counters(self) -> None:
         """Add the counters of the coordinator running now (they start again at each start)."""
@@ -309,8 +372,11 @@ def reference_outputs(x: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def answer_problems(sub: Submission, doc: dict[str, Any], ref: dict[str, np.ndarray]) -> list:
-    """What is wrong with the finished task ``doc`` of ``sub`` (empty: nothing)."""
+def answer_problems(
+    sub: Submission, doc: dict[str, Any], ref: dict[str, np.ndarray], max_attempt: int
+) -> list:
+    """What is wrong with the finished task ``doc`` of ``sub`` (empty: nothing); its items may
+    have reached attempt ``max_attempt``."""
     where = f"{sub.task_id} ({sub.kind} {','.join(sub.models)} rows {sub.start}+{sub.rows})"
     if doc["state"] != "succeeded":
         return [f"{where}: {doc['state']}: {doc['error']}"]
@@ -331,7 +397,7 @@ def answer_problems(sub: Submission, doc: dict[str, Any], ref: dict[str, np.ndar
             problems.append(f"{where}: outputs differ from the models' here")
         elif result["labels"] != np.argmax(got[0], axis=1).tolist():
             problems.append(f"{where}: labels {result['labels']} are not its outputs' argmax")
-    problems += item_problems(where, sub, doc)
+    problems += item_problems(where, sub, doc, max_attempt)
     return problems
 
 
@@ -350,13 +416,13 @@ def majority(votes: np.ndarray) -> np.ndarray:
     return np.argmax(counts, axis=0)
 
 
-def item_problems(where: str, sub: Submission, doc: dict[str, Any]) -> list[str]:
+def item_problems(where: str, sub: Submission, doc: dict[str, Any], max_attempt: int) -> list:
     """Items of a succeeded task: each answered once (a majority may drop the vote it no
-    longer needs), within the attempts allowed."""
+    longer needs), within the attempts allowed (``max_attempt``)."""
     ok_states = {"succeeded", "cancelled"} if sub.kind == "majority" else {"succeeded"}
     problems = []
     for item in doc["items"]:
-        if item["state"] not in ok_states or item["attempt"] > MAX_ATTEMPTS:
+        if item["state"] not in ok_states or item["attempt"] > max_attempt:
             problems.append(f"{where}: item {item}")
         elif item["state"] == "succeeded" and not item["has_result"]:
             problems.append(f"{where}: item {item['item_id']} succeeded without a result")
@@ -429,8 +495,11 @@ def start_cluster(cluster: LocalCluster) -> None:
     cluster.wait_for(lambda: nodes_ready(api_client(cluster), NODES))
 
 
-def wait_all(cluster, stream, ref) -> tuple[list[str], list[dict[str, Any]]]:
-    """Wait for every acknowledged task (one deadline for all); the problems and documents."""
+def wait_all(cluster, stream, runner, ref) -> tuple[list[str], list[dict[str, Any]]]:
+    """Wait for every acknowledged task (one deadline for all); the problems and documents.
+    Each coordinator restart may have given an item one attempt more (see the docstring)."""
+    max_attempt = MAX_ATTEMPTS + sum(f.target == COORD for _, _, f in runner.applied
+                                     if f.action != "restart")  # fmt: skip
     client = api_client(cluster)
     deadline = time.monotonic() + WAIT_S
     problems, docs = [], []
@@ -441,7 +510,7 @@ def wait_all(cluster, stream, ref) -> tuple[list[str], list[dict[str, Any]]]:
             problems.append(f"{sub.task_id}: acknowledged, then {exc}")
             continue
         docs.append(doc)
-        problems += answer_problems(sub, doc, ref)
+        problems += answer_problems(sub, doc, ref, max_attempt)
     return problems, docs
 
 
@@ -478,8 +547,12 @@ def counter_problems(runner: FaultRunner, stats: dict[str, Any]) -> list[str]:
         runner.counters["redispatched_after_death"]
         + runner.counters["redispatched_after_disconnect"]
     )
-    if not moved:  # the faults must have caught work in flight, or this test says little
-        problems.append("no fault caught an item in flight (nothing was re-dispatched)")
+    caught = [f for f, held in runner.held if f.action == "sigkill" and held]
+    if not caught:  # the schedule has one; its victim had no work for HOLD_WAIT_S
+        problems.append(f"no node was SIGKILLed with items in flight: {runner.held}")
+    elif not moved:
+        problems.append(f"{len(caught)} nodes SIGKILLed with items in flight, none re-dispatched")
+    problems += [f"{f}: its items were still on it {MOVE_WAIT_S}s later" for f in runner.stuck]
     return problems
 
 
@@ -501,6 +574,7 @@ def print_summary(seed, runner, stream, docs, stats, root: Path) -> None:
         f"work sharing: {sum(hops.values())} hops of {len(hops)} items, at most"
         f" {max(hops.values(), default=0)} for one item",
         f"coordinator counters (all lifetimes): {dict(runner.counters)}",
+        f"items in flight on a node as it was signalled: {[(str(f), n) for f, n in runner.held]}",
         f"coordinator log: {coord_log.count('retrying ')} retries,"
         f" {coord_log.count('recovered task')} tasks recovered after restarts",
         f"journal: tasks {stats['tasks']} items {stats['items']}"
@@ -528,7 +602,7 @@ def run_chaos(cluster: LocalCluster, x: np.ndarray, seed: int) -> tuple[TaskStre
 def cluster_problems(cluster, stream, runner, ref) -> tuple[list[str], list[dict], dict]:
     """Everything the API, the exit codes and the mesh say is wrong; the task documents and
     the coordinator's stats."""
-    problems, docs = wait_all(cluster, stream, ref)
+    problems, docs = wait_all(cluster, stream, runner, ref)
     client = api_client(cluster)
     journal, stats = journal_problems(client, stream)
     problems += journal + counter_problems(runner, stats)
