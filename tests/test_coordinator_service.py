@@ -268,7 +268,7 @@ async def test_a_task_past_its_deadline_fails_with_a_reason_wherever_its_items_a
         gate = hold_inference(daemon)
         sent = []
         send = c.mesh.peers.send
-        c.mesh.peers.send = lambda node, msg: sent.append(msg) or send(node, msg)
+        c.mesh.peers.send = lambda node, msg, **kw: sent.append(msg) or send(node, msg, **kw)
         nowhere = spec(
             "nowhere", "single", x[:1], models=(ModelRef("no-such-model", "1"),), deadline_s=0.3
         )  # fmt: skip  (no node serves it: parked)

@@ -249,11 +249,11 @@ async def test_a_reference_the_peer_table_refuses_is_not_counted_and_the_item_go
         peers, refused = c.mesh.peers, []
         send = peers.send
 
-        def refusing_send(node, msg):
+        def refusing_send(node, msg, **kw):
             if isinstance(msg, TaskAssign) and msg.input_ref is not None and not refused:
                 refused.append(msg.item_id)
                 return False
-            return send(node, msg)
+            return send(node, msg, **kw)
 
         peers.send = refusing_send
         task_id = await c.submit(spec("b", "single", frame))
