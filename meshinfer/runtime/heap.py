@@ -7,7 +7,8 @@ second, and the task that happened to run then waited for it (the p99 of a busy 
 :func:`settle_heap` runs once, after the start: a full collection, then :func:`gc.freeze` (what
 is alive now is never walked again), then a higher first-generation threshold, so the
 short-lived objects of each task (messages, futures, records) are collected in fewer, larger
-rounds. Reference counting frees all of them as before; only cycles wait for a collection.
+rounds. Reference counting frees all of them as before; only cycles wait for a collection, and
+a cycle among the frozen start-up objects is never collected (they live as long as the daemon).
 """
 
 from __future__ import annotations
