@@ -20,8 +20,6 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
-import psutil
-
 from meshinfer.errors import MeshInferError
 
 log = logging.getLogger(__name__)
@@ -141,15 +139,11 @@ def watched_parent(option: int | None) -> int | None:
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` runs (one this process may not signal included); a zombie
     (exited, not yet reaped by its parent) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
+    import psutil  # here: the daemons read their parent before anything slow is imported
+
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:  # reaped since
+    except psutil.NoSuchProcess:  # never was, or reaped (a ZombieProcess where one is refused)
         return False
     except psutil.Error:  # e.g. not allowed to look: it exists
         return True
