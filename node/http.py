@@ -115,6 +115,25 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
             [({}, m.protocol_errors)],
         ),
         _family(
+            "meshinfer_session_messages_total",
+            "counter",
+            "Application messages over encrypted sessions, by direction.",
+            [
+                ({"direction": "received"}, m.messages_received),
+                ({"direction": "sent"}, m.messages_sent),
+            ],
+        ),
+        _family(
+            "meshinfer_session_records_total",
+            "counter",
+            "Noise messages (records) over encrypted sessions, by direction: fewer than the"
+            " application messages when small ones are packed.",
+            [
+                ({"direction": "received"}, m.records_received),
+                ({"direction": "sent"}, m.records_sent),
+            ],
+        ),
+        _family(
             "meshinfer_sessions_open",
             "gauge",
             "Peers with an open session.",

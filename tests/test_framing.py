@@ -11,12 +11,14 @@ from meshinfer.proto import messages
 from meshinfer.proto.framing import (
     FLAG_FINAL,
     FLAG_MORE,
+    FLAG_PACKED,
     MAX_CHUNK,
     MAX_RECORD,
     TAG_SIZE,
     Reassembler,
     RecordDecoder,
     encode_record,
+    frame_messages,
     split_message,
 )
 
@@ -227,13 +229,121 @@ def test_fuzz_reassembler_only_raises_remote_errors(chunks, cap):
     assert reassembler.buffered <= cap
 
 
+# --- packed chunks -----------------------------------------------------------------------------
+
+
+def _unframe(chunks: list[bytes], cap: int = 1 << 20) -> list[bytes]:
+    reassembler = Reassembler(max_message_size=cap)
+    out = [whole for chunk in chunks for whole in reassembler.feed_all(chunk)]
+    assert reassembler.buffered == 0
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    plaintexts=st.lists(
+        st.one_of(st.binary(max_size=12), st.binary(min_size=30, max_size=90)), max_size=12
+    ),
+    max_chunk=st.integers(1, 64),
+)
+def test_packed_framing_gives_the_messages_back_in_order(plaintexts, max_chunk):
+    chunks = frame_messages(plaintexts, pack=True, max_chunk=max_chunk)
+    assert _unframe(chunks) == plaintexts
+    assert all(len(c) <= max_chunk + 1 for c in chunks)
+    unpacked = frame_messages(plaintexts, pack=False, max_chunk=max_chunk)
+    assert len(chunks) <= len(unpacked)
+    for chunk in chunks:  # a packed chunk holds two or more messages, none of them empty
+        if chunk[0] == FLAG_PACKED:
+            assert len(Reassembler().feed_all(chunk)) >= 2
+
+
+def test_without_packing_each_message_is_split_alone():
+    plaintexts = [b"a" * 10, b"", b"b" * 100]
+    assert frame_messages(plaintexts, pack=False, max_chunk=40) == [
+        c for p in plaintexts for c in split_message(p, 40)
+    ]
+
+
+def test_small_messages_share_one_chunk_and_a_lone_one_is_a_plain_final_chunk():
+    burst = [bytes([i]) * 100 for i in range(50)]
+    (chunk,) = frame_messages(burst, pack=True)
+    assert chunk[0] == FLAG_PACKED and len(chunk) == 1 + 50 * 102
+    assert Reassembler().feed_all(chunk) == burst
+    assert frame_messages([b"one"], pack=True) == split_message(b"one")
+
+
+def test_a_large_message_between_small_ones_keeps_its_place():
+    big = b"L" * (MAX_CHUNK + 10)
+    plaintexts = [b"s1", b"s2", big, b"s3", b"", b"s4", b"s5"]
+    chunks = frame_messages(plaintexts, pack=True)
+    assert [c[0] for c in chunks] == [FLAG_PACKED, FLAG_MORE, FLAG_FINAL, FLAG_FINAL, FLAG_FINAL,
+                                      FLAG_PACKED]  # fmt: skip
+    assert _unframe(chunks) == plaintexts
+
+
+@pytest.mark.parametrize(
+    ("chunk", "match"),
+    [
+        (b"\x02", "no message"),
+        (b"\x02\x00", "inside a length"),
+        (b"\x02\x00\x01a\x00", "inside a length"),
+        (b"\x02\x00\x00", "empty message"),
+        (b"\x02\x00\x01a\x00\x00", "empty message"),
+        (b"\x02\x00\x05abc", "runs past"),
+    ],
+)
+def test_malformed_packed_chunks_are_refused_and_the_reassembler_stays_failed(chunk, match):
+    reassembler = Reassembler()
+    with pytest.raises(RemoteProtocolError, match=match):
+        reassembler.feed_all(chunk)
+    with pytest.raises(RemoteProtocolError):
+        reassembler.feed_all(b"\x00fine")
+
+
+def test_a_packed_chunk_inside_a_chunked_message_is_refused():
+    reassembler = Reassembler()
+    assert reassembler.feed_all(b"\x01start") == []
+    with pytest.raises(RemoteProtocolError, match="inside a chunked message"):
+        reassembler.feed_all(frame_messages([b"x", b"y"], pack=True)[0])
+    assert reassembler.buffered == 0
+
+
+def test_a_packed_message_over_the_cap_is_refused():
+    (chunk,) = frame_messages([b"ok", b"m" * 11], pack=True)
+    with pytest.raises(FrameTooLarge, match="cap of 10"):
+        Reassembler(max_message_size=10).feed_all(chunk)
+    assert Reassembler(max_message_size=11).feed_all(chunk) == [b"ok", b"m" * 11]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    chunks=st.lists(
+        st.one_of(st.binary(max_size=20), st.binary(max_size=20).map(lambda b: b"\x02" + b)),
+        max_size=10,
+    ),
+    cap=st.integers(0, 64),
+)
+def test_fuzz_feed_all_only_raises_remote_errors(chunks, cap):
+    reassembler = Reassembler(max_message_size=cap)
+    try:
+        done = [whole for c in chunks for whole in reassembler.feed_all(c)]
+    except RemoteProtocolError:
+        return
+    assert all(type(r) is bytes and len(r) <= cap for r in done)
+    assert reassembler.buffered <= cap
+
+
 # --- the whole stack, with a stand-in for the Noise cipher --------------------------------------
 
 _FAKE_TAG = b"T" * TAG_SIZE
 
 
 def _send(msg: object, max_chunk: int) -> bytes:
-    chunks = split_message(messages.encode(msg), max_chunk)
+    return _send_many([msg], max_chunk, pack=False)
+
+
+def _send_many(msgs: list[object], max_chunk: int, *, pack: bool) -> bytes:
+    chunks = frame_messages([messages.encode(m) for m in msgs], pack=pack, max_chunk=max_chunk)
     return b"".join(encode_record(c + _FAKE_TAG) for c in chunks)
 
 
@@ -241,9 +351,7 @@ def _receive(pieces: list[bytes]) -> list[object]:
     decoder, reassembler, received = RecordDecoder(), Reassembler(), []
     for record in _feed_all(decoder, pieces):
         assert record.endswith(_FAKE_TAG)
-        whole = reassembler.feed(record[:-TAG_SIZE])
-        if whole is not None:
-            received.append(messages.decode(whole))
+        received += [messages.decode(w) for w in reassembler.feed_all(record[:-TAG_SIZE])]
     return received
 
 
@@ -263,3 +371,15 @@ def test_a_large_message_crosses_many_records():
     sent = messages.AppData("bulk", bytes(range(256)) * 1024)  # 256 KiB
     stream = _send(sent, MAX_CHUNK)
     assert _receive(_split_at(stream, list(range(0, len(stream), 40_000)))) == [sent]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=20),
+    max_chunk=st.sampled_from([7, 100, 1000, MAX_CHUNK]),
+    cuts=st.lists(st.integers(0, 1 << 16), max_size=10),
+)
+def test_packed_bursts_survive_arbitrary_stream_splits(payloads, max_chunk, cuts):
+    sent = [messages.AppData("topic", p) for p in payloads]
+    stream = _send_many(sent, max_chunk, pack=True)
+    assert _receive(_split_at(stream, cuts)) == sent

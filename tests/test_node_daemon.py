@@ -46,6 +46,8 @@ async def test_healthz_readyz_metrics_and_status_answer_over_http(tmp_path):
         assert (status, kind) == (200, "text/plain")
         families = {f.name: f for f in text_string_to_metric_families(body)}
         assert "meshinfer_handshakes" in families  # the parser drops the _total suffix
+        records = families["meshinfer_session_records"].samples
+        assert {s.labels["direction"] for s in records} == {"sent", "received"}
         assert "meshinfer_input_cache_bytes" in families
         requests = families["meshinfer_batcher_requests"]
         completed = {

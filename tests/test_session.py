@@ -413,3 +413,46 @@ async def test_send_many_puts_at_most_max_bytes_in_one_write(transport_and_addr)
         assert writes.calls == 2
         assert [(await server.recv()).payload[0] for _ in msgs] == [0, 1, 2]
         await client.aclose()
+
+
+async def test_small_messages_of_one_send_many_share_a_record_when_both_sides_pack(
+    transport_and_addr,
+):
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet) as pair:
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        assert client.pack and server.pack  # both announced the feature
+        sent, received = client.metrics.records_sent, pair.metrics.records_received
+        payloads = [b"m%d" % n for n in range(40)]
+        assert await client.send_many([AppData(topic="t", payload=p) for p in payloads]) == 40
+        assert [(await server.recv()).payload for _ in payloads] == payloads
+        assert client.metrics.records_sent - sent == 1
+        assert pair.metrics.records_received - received == 1
+        await server.send_many([AppData(topic="t", payload=b"back%d" % n) for n in range(3)])
+        assert [(await client.recv()).payload for _ in range(3)] == [b"back0", b"back1", b"back2"]
+        await client.aclose()
+
+
+@pytest.mark.parametrize("plain_side", ["client", "server"])
+async def test_a_peer_that_does_not_announce_packing_gets_a_record_per_message(
+    transport_and_addr, plain_side
+):
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    plain = SessionConfig(pack=False)
+    server_config = plain if plain_side == "server" else None
+    async with Pair(*transport_and_addr, fleet, server_config=server_config) as pair:
+        client = await pair.dial(config=plain if plain_side == "client" else None)
+        server = await pair.accepted.get()
+        assert not client.pack and not server.pack
+        for one, other, metrics in (
+            (client, server, client.metrics),
+            (server, client, pair.metrics),
+        ):
+            sent = metrics.records_sent
+            await one.send_many([AppData(topic="t", payload=bytes([n])) for n in range(10)])
+            assert [(await other.recv()).payload for _ in range(10)] == [
+                bytes([n]) for n in range(10)
+            ]
+            assert metrics.records_sent - sent == 10
+        await client.aclose()

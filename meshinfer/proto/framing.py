@@ -9,9 +9,14 @@ Noise ``CipherState``; the receiver runs the same steps backwards)::
       -> each chunk encrypted by Noise (+16 byte tag, so <= 65535 bytes)
       -> record: 2-byte big-endian length + ciphertext   encode_record (RecordDecoder on receipt)
 
-Flag byte: ``0`` = final chunk of the message, ``1`` = more chunks follow; anything else is a
-:class:`~meshinfer.errors.RemoteProtocolError`, and so are a zero-length record, an empty chunk and
-an empty non-final chunk (which would let a peer grow our buffers without sending data).
+Flag byte: ``0`` = final chunk of the message, ``1`` = more chunks follow, ``2`` = a *packed*
+chunk: several whole small messages, each behind its 2-byte big-endian length
+(:func:`frame_messages` makes them for a peer that announced the ``packed`` feature; one Noise
+message, one AEAD call and one record for a burst of small messages instead of one each).
+Anything else is a :class:`~meshinfer.errors.RemoteProtocolError`, and so are a zero-length
+record, an empty chunk, an empty non-final chunk (which would let a peer grow our buffers without
+sending data), a packed chunk with no message, an empty message or a length running past its
+end, and a packed chunk between the chunks of a larger message.
 
 State: :class:`RecordDecoder` holds at most one partial record; :class:`Reassembler` holds the
 chunks of at most one unfinished message, never more than ``max_message_size`` bytes of them.
@@ -22,12 +27,14 @@ every later ``feed`` raises again rather than try to resynchronise.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from meshinfer.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "FLAG_FINAL",
     "FLAG_MORE",
+    "FLAG_PACKED",
     "MAX_CHUNK",
     "MAX_RECORD",
     "RECORD_HEADER_SIZE",
@@ -35,6 +42,7 @@ __all__ = [
     "Reassembler",
     "RecordDecoder",
     "encode_record",
+    "frame_messages",
     "split_message",
 ]
 
@@ -45,6 +53,7 @@ MAX_RECORD = 0xFFFF
 TAG_SIZE = 16
 FLAG_FINAL = 0
 FLAG_MORE = 1
+FLAG_PACKED = 2
 #: Largest chunk of application data that fits one Noise message with its flag byte.
 MAX_CHUNK = MAX_RECORD - TAG_SIZE - 1
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -52,6 +61,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _HEADER = struct.Struct(">H")
 _FINAL_BYTE = bytes((FLAG_FINAL,))
 _MORE_BYTE = bytes((FLAG_MORE,))
+_PACKED_BYTE = bytes((FLAG_PACKED,))
 
 
 def encode_record(ciphertext: bytes) -> bytes:
@@ -138,6 +148,40 @@ def split_message(plaintext: bytes, max_chunk: int = MAX_CHUNK) -> list[bytes]:
     return chunks
 
 
+def frame_messages(
+    plaintexts: Sequence[bytes], *, pack: bool, max_chunk: int = MAX_CHUNK
+) -> list[bytes]:
+    """Chunk plaintexts for encoded messages, in order. ``pack``: runs of small messages share
+    packed chunks (a message is small if it fits one with its 2-byte length; a run of one is
+    sent as an ordinary final chunk); else each message is :func:`split_message` on its own."""
+    if not pack:
+        return [chunk for data in plaintexts for chunk in split_message(data, max_chunk)]
+    chunks: list[bytes] = []
+    run: list[bytes] = []  # the messages of the packed chunk being filled
+    room = 0  # bytes left in it
+    for data in plaintexts:
+        need = _HEADER.size + len(data)
+        if run and (need > room or not data):
+            chunks.append(_packed(run))
+            run = []
+        if not data or need > max_chunk:  # an empty message is never packed (see Reassembler)
+            chunks += split_message(data, max_chunk)
+        elif run:
+            run.append(data)
+            room -= need
+        else:
+            run, room = [data], max_chunk - need
+    if run:
+        chunks.append(_packed(run))
+    return chunks
+
+
+def _packed(run: list[bytes]) -> bytes:
+    if len(run) == 1:
+        return _FINAL_BYTE + run[0]
+    return _PACKED_BYTE + b"".join(_HEADER.pack(len(data)) + data for data in run)
+
+
 class Reassembler:
     """Join chunk plaintexts (as :func:`split_message` makes them) back into whole messages.
 
@@ -161,8 +205,39 @@ class Reassembler:
         """Bytes of an unfinished message held so far."""
         return self._size
 
+    def feed_all(self, chunk: bytes) -> list[bytes]:
+        """As :meth:`feed`, for a peer that may pack: the whole messages ``chunk`` completes or
+        holds (several for a packed chunk; none while a larger message is still incomplete)."""
+        if chunk and chunk[0] == FLAG_PACKED and not self._failed:
+            return self._unpack(chunk)
+        whole = self.feed(chunk)
+        return [] if whole is None else [whole]
+
+    def _unpack(self, chunk: bytes) -> list[bytes]:
+        if self._parts:
+            self._fail(RemoteProtocolError("packed chunk inside a chunked message"))
+        found: list[bytes] = []
+        pos, end = 1, len(chunk)
+        if pos == end:
+            self._fail(RemoteProtocolError("packed chunk with no message"))
+        with memoryview(chunk) as view:
+            while pos < end:
+                if end - pos < _HEADER.size:
+                    self._fail(RemoteProtocolError("packed chunk ends inside a length"))
+                size = (view[pos] << 8) | view[pos + 1]
+                pos += _HEADER.size
+                if size == 0:
+                    self._fail(RemoteProtocolError("empty message in a packed chunk"))
+                if size > end - pos:
+                    self._fail(RemoteProtocolError("packed message runs past its chunk"))
+                self._check_size(size)
+                found.append(bytes(view[pos : pos + size]))
+                pos += size
+        return found
+
     def feed(self, chunk: bytes) -> bytes | None:
-        """Take one decrypted chunk plaintext; return the whole message once complete."""
+        """Take one decrypted chunk plaintext; return the whole message once complete (a
+        packed chunk is refused here: see :meth:`feed_all`)."""
         if self._failed:
             raise RemoteProtocolError("message reassembly already failed")
         if not chunk:

@@ -16,7 +16,9 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
 
 ``open``
     Messages are msgpack-encoded, split into chunks that fit one Noise message, encrypted and
-    written behind a 2-byte length (:mod:`~meshinfer.proto.framing`). One reader task per session
+    written behind a 2-byte length (:mod:`~meshinfer.proto.framing`). When both Hellos list the
+    ``packed`` feature, the small messages of one :meth:`Session.send_many` share chunks (one
+    Noise message for a burst of them). One reader task per session
     decrypts, reassembles and decodes; session control (``Ping``/``Pong``/``Close``) is handled
     here, everything else is queued for :meth:`Session.recv`. When the application does not
     consume, the bounded queue fills, the reader stops reading, and TCP pushes back on the peer.
@@ -69,6 +71,8 @@ SEND_MANY_BYTES = 1 << 20
 _PATTERN_XX = 0x01
 _PATTERN_IK = 0x02
 _MAX_HANDSHAKE_RECORD = 4096
+#: The Hello feature: several small messages may share one Noise message (framing.FLAG_PACKED).
+PACKED_FEATURE = "packed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class SessionConfig:
         max_message_size: largest reassembled application message accepted (bytes).
         recv_queue: messages buffered for :meth:`Session.recv` before the reader stops reading.
         clock_skew: seconds of tolerance on certificate validity windows.
+        pack: announce the ``packed`` feature (several small messages per Noise message; used
+            towards a peer that announces it too, and understood from any peer either way).
     """
 
     xx_protocol: str = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
@@ -97,6 +103,7 @@ class SessionConfig:
     max_message_size: int = 16 * 1024 * 1024
     recv_queue: int = 1024
     clock_skew: float = 300.0
+    pack: bool = True
 
     def __post_init__(self) -> None:
         if self.keepalive_interval >= self.idle_timeout:
@@ -114,6 +121,9 @@ class SessionMetrics:
     protocol_errors: int = 0
     messages_sent: int = 0
     messages_received: int = 0
+    #: Noise messages (records) after the handshake; fewer than messages when sessions pack
+    records_sent: int = 0
+    records_received: int = 0
 
     def refuse(self, reason: str) -> None:
         self.handshake_failures[reason] += 1
@@ -162,9 +172,12 @@ class Session:
         initiator: bool,
         handshake_hash: bytes,
         leftover: list[bytes],
+        pack: bool = False,
     ) -> None:
         self.stream = stream
         self.peer = peer
+        #: small messages of one send_many share a Noise message (both sides announced it)
+        self.pack = pack
         self.config = config
         self.metrics = metrics
         self.initiator = initiator
@@ -214,33 +227,32 @@ class Session:
         self, msgs: Sequence[messages.Message], max_bytes: int = SEND_MANY_BYTES
     ) -> int:
         """Encrypt and send messages from the front of ``msgs``, in order, with one write to the
-        stream (each message still its own record(s): the peer cannot tell this from separate
-        sends); returns how many were sent. It takes as many as fit in ``max_bytes`` of encoded
-        messages, and always the first.
+        stream (small ones packed several to a record if the session packs, else each its own
+        record(s)); returns how many were sent. It takes as many as fit in ``max_bytes`` of
+        encoded messages, and always the first.
 
         Raises :class:`LocalProtocolError`, having sent nothing, if the first message exceeds
         the session's message cap (a later one that does ends the batch before it: the next
         call raises); StreamClosed once the session is closed.
         """
-        chunks: list[bytes] = []
-        total = count = 0
+        encoded: list[bytes] = []
+        total = 0
         for msg in msgs:
             data = messages.encode(msg)
             if len(data) > self.config.max_message_size:
-                if count:
+                if encoded:
                     break
                 raise LocalProtocolError(f"message of {len(data)} bytes exceeds the session cap")
-            if count and total + len(data) > max_bytes:
+            if encoded and total + len(data) > max_bytes:
                 break
-            chunks += framing.split_message(data)
+            encoded.append(data)
             total += len(data)
-            count += 1
         if self._closed.is_set():
             raise StreamClosed(f"session with {self.peer_id} is closed: {self.close_reason}")
         async with self._write_lock:
-            await self._write_records(chunks)
-        self.metrics.messages_sent += count
-        return count
+            await self._write_records(framing.frame_messages(encoded, pack=self.pack))
+        self.metrics.messages_sent += len(encoded)
+        return len(encoded)
 
     async def recv(self) -> messages.Message:
         """Return the next application message; raises StreamClosed once the session ends."""
@@ -307,6 +319,7 @@ class Session:
         for chunk in chunks:
             out += framing.encode_record(self._send_cs.encrypt(chunk))
             self._sent_records += 1
+            self.metrics.records_sent += 1
             if self._sent_records % self.config.rekey_after == 0:
                 self._send_cs.rekey()
         try:
@@ -318,18 +331,21 @@ class Session:
             raise
         self._last_tx = self._loop.time()
 
-    def _open_record(self, record: bytes) -> messages.Message | None:
+    def _open_record(self, record: bytes) -> list[messages.Message]:
+        """The messages one record completes: none (a part of a larger one), one, or several
+        (a packed chunk)."""
         plaintext = self._recv_cs.decrypt(record)
         self._recv_records += 1
+        self.metrics.records_received += 1
         if self._recv_records % self.config.rekey_after == 0:
             self._recv_cs.rekey()
-        whole = self._reassembler.feed(plaintext)
-        return None if whole is None else messages.decode(whole)
+        return [messages.decode(whole) for whole in self._reassembler.feed_all(plaintext)]
 
     async def _read_loop(self) -> None:
         try:
             for record in self._leftover:
-                await self._dispatch(self._open_record(record))
+                for msg in self._open_record(record):
+                    await self._dispatch(msg)
             self._leftover = []
             while not self._closed.is_set():
                 data = await self.stream.read(262144)
@@ -338,7 +354,8 @@ class Session:
                     break
                 self._last_rx = self._loop.time()
                 for record in self._decoder.feed(data):
-                    await self._dispatch(self._open_record(record))
+                    for msg in self._open_record(record):
+                        await self._dispatch(msg)
         except RemoteProtocolError as exc:
             self.metrics.protocol_errors += 1
             log.warning("session with %s: protocol error from peer: %s", self.peer_id, exc)
@@ -350,9 +367,7 @@ class Session:
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
 
-    async def _dispatch(self, msg: messages.Message | None) -> None:
-        if msg is None:
-            return
+    async def _dispatch(self, msg: messages.Message) -> None:
         self.metrics.messages_received += 1
         if isinstance(msg, Ping):
             with contextlib.suppress(StreamClosed):
@@ -463,7 +478,7 @@ def _hello(identity: NodeIdentity, config: SessionConfig) -> bytes:
             node_id=identity.node_id,
             certificate=cert.to_bytes(),
             roles=tuple(sorted(cert.roles)),
-            features=(),
+            features=(PACKED_FEATURE,) if config.pack else (),
             max_message_size=config.max_message_size,
         )
     )
@@ -501,7 +516,7 @@ async def _initiate(
     admission: Admission,
     config: SessionConfig,
     expected_static: bytes | None,
-) -> tuple[HandshakeState, NodeCertificate]:
+) -> tuple[HandshakeState, NodeCertificate, Hello]:
     ident = admission.identity
     pattern = _PATTERN_IK if expected_static is not None else _PATTERN_XX
     name = config.ik_protocol if expected_static is not None else config.xx_protocol
@@ -511,17 +526,17 @@ async def _initiate(
     if pattern == _PATTERN_IK:
         await hsio.write_record(bytes([pattern]) + hs.write_message(_hello(ident, config)))
         hello = _read_hello(hs.read_message(await hsio.read_record()))
-        return hs, _admit(hello, hs, admission, config)
+        return hs, _admit(hello, hs, admission, config), hello
     await hsio.write_record(bytes([pattern]) + hs.write_message())
     hello = _read_hello(hs.read_message(await hsio.read_record()))
     cert = _admit(hello, hs, admission, config)
     await hsio.write_record(hs.write_message(_hello(ident, config)))
-    return hs, cert
+    return hs, cert, hello
 
 
 async def _respond(
     hsio: _Handshake, admission: Admission, config: SessionConfig
-) -> tuple[HandshakeState, NodeCertificate]:
+) -> tuple[HandshakeState, NodeCertificate, Hello]:
     ident = admission.identity
     first = await hsio.read_record()
     pattern, body = first[0], first[1:]
@@ -530,14 +545,15 @@ async def _respond(
     name = config.ik_protocol if pattern == _PATTERN_IK else config.xx_protocol
     hs = HandshakeState(name, False, _noise_prologue(admission), s=ident.static_private)
     if pattern == _PATTERN_IK:
-        cert = _admit(_read_hello(hs.read_message(body)), hs, admission, config)
+        hello = _read_hello(hs.read_message(body))
+        cert = _admit(hello, hs, admission, config)
         await hsio.write_record(hs.write_message(_hello(ident, config)))
-        return hs, cert
+        return hs, cert, hello
     hs.read_message(body)
     await hsio.write_record(hs.write_message(_hello(ident, config)))
     hello = _read_hello(hs.read_message(await hsio.read_record()))
     try:
-        return hs, _admit(hello, hs, admission, config)
+        return hs, _admit(hello, hs, admission, config), hello
     except AdmissionError as exc:
         # The handshake is complete, so the refusal can travel encrypted with its reason.
         await _send_refusal(hsio, hs, exc)
@@ -568,9 +584,9 @@ async def _establish(
     try:
         async with asyncio.timeout(config.handshake_timeout):
             if initiator:
-                hs, cert = await _initiate(hsio, admission, config, expected_static)
+                hs, cert, hello = await _initiate(hsio, admission, config, expected_static)
             else:
-                hs, cert = await _respond(hsio, admission, config)
+                hs, cert, hello = await _respond(hsio, admission, config)
         if expected_node_id is not None and cert.node_id != expected_node_id:
             raise AdmissionError(
                 "unexpected-node", f"wanted {expected_node_id}, got {cert.node_id}"
@@ -594,6 +610,7 @@ async def _establish(
         initiator=initiator,
         handshake_hash=hs.handshake_hash,
         leftover=hsio.pending,
+        pack=config.pack and PACKED_FEATURE in hello.features,
     )
 
 
