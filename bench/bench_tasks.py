@@ -240,6 +240,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         await asyncio.sleep(args.warmup)
         timed.reset()
         groups0, calls0 = c._db.groups, c._db.calls
+        wire0 = session_counts(mesh)
         cpu0, ncpu0 = me.cpu_times(), node.cpu_times()
         if profile:
             profile.enable()
@@ -248,6 +249,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
             profile.disable()
         cpu1, ncpu1 = me.cpu_times(), node.cpu_times()
         groups, calls = c._db.groups - groups0, c._db.calls - calls0
+        wire = [b - a for a, b in zip(wire0, session_counts(mesh), strict=True)]
     finally:
         await c.aclose()
         await mesh.aclose()
@@ -260,6 +262,8 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         "coordinator_sys": (cpu1.system - cpu0.system) / n,
         "groups": groups / n,
         "group_size": calls / max(1, groups),
+        # the coordinator's messages per Noise message (record), sent and received
+        "packing": (wire[0] / max(1, wire[1]), wire[2] / max(1, wire[3])),
     }
     return figures, breakdown, profile
 
@@ -273,6 +277,12 @@ def add_cpu_threads_option(ap: argparse.ArgumentParser) -> None:
         default=[CPU_THREADS],
         help="the node's [inference] cpu_threads; several: a node per value, alternated",
     )
+
+
+def session_counts(mesh: MeshNode) -> tuple[int, int, int, int]:
+    """The coordinator's messages and records sent, then received, over all its sessions."""
+    m = mesh.metrics
+    return m.messages_sent, m.records_sent, m.messages_received, m.records_received
 
 
 def cpu_between(t0, t1) -> float:
@@ -406,6 +416,11 @@ def breakdown(mesh) -> None:
         print(
             f"  {'':<10} journal groups (transactions) per task {b['groups']:.2f}, "
             f"calls per group {b['group_size']:.1f}"
+        )
+        sent, received = b["packing"]
+        print(
+            f"  {'':<10} coordinator's messages per Noise message: sent {sent:.1f}, "
+            f"received {received:.1f}"
         )
     order = os.environ.get("PROFILE_SORT", "tottime")
     lines = int(os.environ.get("PROFILE_LINES", 25))
