@@ -872,7 +872,8 @@ def render_stats(doc: dict[str, Any]) -> str:
             f"tasks              {by_key(doc['tasks'])}",
             f"items              {by_key(doc['items'])}",
             f"live tasks         {doc['live_tasks']}, parked items {doc['parked_items']}",
-            f"dispatched         {doc['dispatched']}, retries {doc['retries']}, "
+            f"dispatched         {doc['dispatched']}, retries {doc['retries']} "
+            f"({doc.get('refusals', 0)} refused), "
             f"redispatched after a node death {doc['redispatched_after_death']}",
             f"duplicate results  {doc['duplicates']}",
             f"inputs by ref      {doc.get('inputs_by_reference', 0)}, "

@@ -10,7 +10,10 @@ Flow of one work item (messages in :mod:`meshinfer.proto.tasks_wire`)::
 Fault tolerance: an attempt that fails retryably, times out (``item_timeout_s``), or whose node
 is declared dead or left by membership, is retried on a different node when one exists (the
 failed nodes are excluded), with exponential backoff (none after a node death: the item is
-re-dispatched at once), up to ``max_attempts``; then the task fails with the reason. A result
+re-dispatched at once), up to ``max_attempts``; then the task fails with the reason. An attempt
+the node never ran does not count: one it refused (draining, overloaded, model not loaded) or
+never got (dropped unsent); at most ``max_attempts`` of those go uncounted per item (in this
+coordinator's life), so a fleet that refuses an item for ever still fails it. A result
 is accepted exactly once (the journal refuses duplicates and late results; they are counted).
 Cancelling a task sends ``TaskCancel`` to every node running one of its items.
 
@@ -192,6 +195,7 @@ class CoordinatorConfig:
 class CoordinatorStats:
     dispatched: int = 0
     retries: int = 0
+    refusals: int = 0  # retries of attempts the node never ran (not counted in max_attempts)
     redispatched_after_death: int = 0  # after a death, a leave, or a lost session (below)
     redispatched_after_disconnect: int = 0  # by the fast path, before membership decided
     sessions_lost: int = 0  # node sessions that ended without the node's Close frame
@@ -505,7 +509,7 @@ class Coordinator:
         s = self.stats_
         return {
             "tasks": js.tasks, "items": js.items, "journal_counters": js.counters,
-            "dispatched": s.dispatched, "retries": s.retries,
+            "dispatched": s.dispatched, "retries": s.retries, "refusals": s.refusals,
             "redispatched_after_death": s.redispatched_after_death,
             "redispatched_after_disconnect": s.redispatched_after_disconnect,
             "sessions_lost": s.sessions_lost, "redials_ok": s.redials_ok,
@@ -649,7 +653,7 @@ class Coordinator:
             self._inputs.queued(entry)
             return True
         self._forget_mirror(node)
-        self._retry(run, entry, f"could not send to {node}", backoff=True)
+        self._retry(run, entry, f"could not send to {node}", backoff=True, ran=False)
         return False
 
     def _unsent(self, item_id: str, attempt: int, node: str, error: BaseException) -> None:
@@ -662,7 +666,7 @@ class Coordinator:
         run, entry = pair
         if entry.attempt == attempt and entry.node == node:
             self._forget_mirror(node)
-            self._retry(run, entry, f"could not send to {node}: {error}", backoff=True)
+            self._retry(run, entry, f"could not send to {node}: {error}", backoff=True, ran=False)
 
     def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
         """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the
@@ -888,7 +892,7 @@ class Coordinator:
             self._inputs.forget_input(peer, entry)  # sent with its bytes, yet not kept there
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
-            self._retry(run, entry, reason, backoff=True)
+            self._retry(run, entry, reason, backoff=True, ran=msg.code not in _REFUSALS)
         else:
             self._steps.spawn(self._fail_item(run, entry, reason))
 
@@ -937,15 +941,25 @@ class Coordinator:
 
     # --- retries and outcomes --------------------------------------------------------------
 
-    def _retry(self, run: TaskRun, entry: ItemRun, reason: str, *, backoff: bool = True) -> None:
+    def _retry(
+        self, run: TaskRun, entry: ItemRun, reason: str, *, backoff: bool = True, ran: bool = True
+    ) -> None:
+        """Try the item again (on another node if one fits), or fail it once ``max_attempts``
+        attempts failed. ``ran=False``: the node never ran this attempt (it refused it, or never
+        got it), which does not count, up to ``max_attempts`` such attempts."""
         item_id, attempt = entry.item.item_id, entry.attempt
         self._cancel_timer(item_id)
-        if attempt >= self.config.max_attempts:
-            why = f"gave up after {attempt} attempts; last: {reason}"
-            self._steps.spawn(self._fail_item(run, entry, why))
+        counted = ran or entry.refused >= self.config.max_attempts
+        if not counted:
+            entry.refused += 1
+            self.stats_.refusals += 1
+        if attempt - entry.refused >= self.config.max_attempts:
+            tried = f"{attempt} attempts" + (f" ({entry.refused} refused)" if entry.refused else "")
+            self._steps.spawn(self._fail_item(run, entry, f"gave up after {tried}; last: {reason}"))
             return
         self.stats_.retries += 1
-        log.info("retrying %s (attempt %d failed: %s)", item_id, attempt, reason)
+        outcome = "failed" if counted else "refused"
+        log.info("retrying %s (attempt %d %s: %s)", item_id, attempt, outcome, reason)
         self._journal_dispatch(entry)  # the failure needs it first
         self._db.tell("record_failure", item_id, attempt, reason, retryable=True)
         entry.attempt += 1
@@ -1056,6 +1070,12 @@ def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
 def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
     _pop_timer(timers, key)
     timers[key] = timer
+
+
+#: Failures of an attempt the node never ran (a refusal): not counted against max_attempts.
+_REFUSALS = frozenset(
+    {FailureKind.SHUTTING_DOWN, FailureKind.OVERLOADED, FailureKind.MODEL_NOT_FOUND}
+)
 
 
 def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:

@@ -98,6 +98,8 @@ TIMED_OUT = re.compile(
     r" no answer from (\S+) in "
 )
 OFFLOADED = re.compile(r"node\.executor: offloaded (\S+) to ")
+#: The coordinator's log line for an attempt a node refused (e.g. draining): not counted.
+REFUSED = re.compile(r"coordinator\.service: retrying (\S+) \(attempt \d+ refused: ")
 BAD_LOG_LINE = re.compile(r"Traceback|Task exception was never retrieved|CRITICAL| ERROR ")
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
@@ -373,10 +375,14 @@ def reference_outputs(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def answer_problems(
-    sub: Submission, doc: dict[str, Any], ref: dict[str, np.ndarray], max_attempt: int
+    sub: Submission,
+    doc: dict[str, Any],
+    ref: dict[str, np.ndarray],
+    max_attempt: int,
+    refused: Counter[str],
 ) -> list:
     """What is wrong with the finished task ``doc`` of ``sub`` (empty: nothing); its items may
-    have reached attempt ``max_attempt``."""
+    have reached attempt ``max_attempt``, plus the attempts nodes refused (``refused``)."""
     where = f"{sub.task_id} ({sub.kind} {','.join(sub.models)} rows {sub.start}+{sub.rows})"
     if doc["state"] != "succeeded":
         return [f"{where}: {doc['state']}: {doc['error']}"]
@@ -397,7 +403,7 @@ def answer_problems(
             problems.append(f"{where}: outputs differ from the models' here")
         elif result["labels"] != np.argmax(got[0], axis=1).tolist():
             problems.append(f"{where}: labels {result['labels']} are not its outputs' argmax")
-    problems += item_problems(where, sub, doc, max_attempt)
+    problems += item_problems(where, sub, doc, max_attempt, refused)
     return problems
 
 
@@ -416,13 +422,16 @@ def majority(votes: np.ndarray) -> np.ndarray:
     return np.argmax(counts, axis=0)
 
 
-def item_problems(where: str, sub: Submission, doc: dict[str, Any], max_attempt: int) -> list:
+def item_problems(
+    where: str, sub: Submission, doc: dict[str, Any], max_attempt: int, refused: Counter[str]
+) -> list:
     """Items of a succeeded task: each answered once (a majority may drop the vote it no
-    longer needs), within the attempts allowed (``max_attempt``)."""
+    longer needs), within the attempts allowed (``max_attempt`` and the item's refusals)."""
     ok_states = {"succeeded", "cancelled"} if sub.kind == "majority" else {"succeeded"}
     problems = []
     for item in doc["items"]:
-        if item["state"] not in ok_states or item["attempt"] > max_attempt:
+        allowed = max_attempt + refused[item["item_id"]]
+        if item["state"] not in ok_states or item["attempt"] > allowed:
             problems.append(f"{where}: item {item}")
         elif item["state"] == "succeeded" and not item["has_result"]:
             problems.append(f"{where}: item {item['item_id']} succeeded without a result")
@@ -475,6 +484,11 @@ def lost_answers(root: Path, runner: FaultRunner) -> list[str]:
     return lost
 
 
+def refusals(root: Path) -> Counter[str]:
+    """Per item id: the attempts nodes refused, as the coordinator logged them (all runs)."""
+    return Counter(REFUSED.findall((root / f"{COORD}.log").read_text(errors="replace")))
+
+
 def offload_hops(root: Path) -> Counter[str]:
     """Per item id: how often a node passed it on to a peer (work sharing), all attempts."""
     hops: Counter[str] = Counter()
@@ -497,21 +511,24 @@ def start_cluster(cluster: LocalCluster) -> None:
 
 def wait_all(cluster, stream, runner, ref) -> tuple[list[str], list[dict[str, Any]]]:
     """Wait for every acknowledged task (one deadline for all); the problems and documents.
-    Each coordinator restart may have given an item one attempt more (see the docstring)."""
+    Each coordinator restart may have given an item one attempt more (see the docstring),
+    and each refusal of it by a node (not counted against ``max_attempts``) another."""
     max_attempt = MAX_ATTEMPTS + sum(f.target == COORD for _, _, f in runner.applied
                                      if f.action != "restart")  # fmt: skip
     client = api_client(cluster)
     deadline = time.monotonic() + WAIT_S
-    problems, docs = [], []
+    problems, done = [], []
     for sub in stream.acknowledged:
         try:
             doc = client.wait(sub.task_id, timeout=max(0.5, deadline - time.monotonic()))
         except ApiError as exc:
             problems.append(f"{sub.task_id}: acknowledged, then {exc}")
             continue
-        docs.append(doc)
-        problems += answer_problems(sub, doc, ref, max_attempt)
-    return problems, docs
+        done.append((sub, doc))
+    refused = refusals(cluster.root)  # once every task ended: all its refusals are logged
+    for sub, doc in done:
+        problems += answer_problems(sub, doc, ref, max_attempt, refused)
+    return problems, [doc for _, doc in done]
 
 
 def journal_problems(client: CoordinatorClient, stream: TaskStream) -> tuple[list[str], dict]:

@@ -532,7 +532,7 @@ def test_render_nodes_and_stats():
     assert "m@1,n@2" in text
     assert render_nodes({"nodes": []}) == "no nodes"
     stats = {"tasks": {"succeeded": 4, "failed": 1}, "items": {"succeeded": 9},
-             "journal_counters": {"late_result": 2}, "dispatched": 11, "retries": 2,
+             "journal_counters": {"late_result": 2}, "dispatched": 11, "retries": 2, "refusals": 1,
              "redispatched_after_death": 1, "duplicates": 0,
              "completed_by_node": {"node-0": 9}, "live_tasks": 0, "parked_items": 0,
              "inputs_by_reference": 3, "input_bytes_saved": 3 << 19,
@@ -540,7 +540,7 @@ def test_render_nodes_and_stats():
     text = render_stats(stats)
     assert "inputs by ref      3, 1.5 MiB not sent, 1 sent again" in text
     assert "tasks              failed 1, succeeded 4" in text
-    assert "dispatched         11, retries 2, redispatched after a node death 1" in text
+    assert "dispatched         11, retries 2 (1 refused), redispatched after a node death 1" in text
     assert "done by node       node-0 9" in text and "late_result 2" in text
 
 

@@ -614,6 +614,36 @@ async def test_node_error_is_retried_on_another_node(tmp_path):
         assert c.stats_.retries >= 1
 
 
+async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attempts(tmp_path):
+    """Both nodes refuse the item (they drain) more often than max_attempts allows; once one
+    takes work again the task succeeds: a refusal is not a failed attempt."""
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=3)) as mesh:
+        c = mesh.coordinator
+        for daemon in mesh.daemons.values():
+            daemon.executor._draining = True  # refuses with SHUTTING_DOWN, still gossips models
+        task_id = await c.submit(spec("refused", "single", x[:1]))
+        await until(lambda: c.stats_.refusals == 3)  # as many as max_attempts go uncounted
+        mesh.daemons["node-1"].executor._draining = False
+        record = await c.wait(task_id, timeout=15)
+        assert record.state.value == "succeeded", record.summary.error
+        assert record.items[0].node == "node-1" and record.items[0].attempt > 3
+        assert (await c.stats())["refusals"] == 3
+
+
+async def test_an_item_every_node_refuses_for_ever_still_fails(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=2)) as mesh:
+        c = mesh.coordinator
+        for daemon in mesh.daemons.values():
+            daemon.executor._draining = True
+        record = await c.wait(await c.submit(spec("never", "single", x[:1])), timeout=15)
+        assert record.state.value == "failed"
+        assert "gave up after 4 attempts (2 refused)" in record.summary.error
+        assert "node is draining" in record.summary.error
+        assert c.stats_.refusals == 2
+
+
 async def test_a_failed_attempt_is_journaled_after_its_dispatch_however_quick(tmp_path):
     x, _ = load_digits_holdout()
     never = CoordinatorConfig(item_timeout_s=30, running_mark_delay_s=60.0)  # no overdue mark
