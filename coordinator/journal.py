@@ -73,6 +73,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.proto.tasks import (
     TERMINAL_STATES,
     TRANSITIONS,
+    InvalidTransition,
     ItemOutline,
     TaskEvent,
     TaskSpec,
@@ -98,6 +99,7 @@ __all__ = [
     "TaskRecord",
     "TaskSummary",
     "UnknownTaskError",
+    "item_ended",
     "read_stats",
 ]
 
@@ -1156,6 +1158,17 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
         clauses.append("t.seq < ?")
         args.append(int(cursor))
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+def item_ended(error: BaseException) -> bool:
+    """Whether ``error`` is this journal refusing a step (a dispatch, a running mark) of an
+    item that had already ended (succeeded, failed or cancelled): the expected end of a race
+    when the step was told without waiting. The coordinator journals a dispatch that way (an
+    overdue mark, or before a retry's failure) and hears of a task's end only once that end is
+    durable, so a result or a cancel that ends the task can be queued just before the dispatch
+    of one of its other items; nothing is lost. A step refused in any other state (e.g. a
+    second dispatch of an item in flight) is a fault."""
+    return isinstance(error, InvalidTransition) and error.state in TERMINAL_STATES
 
 
 def _hot_record(task_id: str, item: HotItem) -> ItemRecord:

@@ -8,12 +8,9 @@ function, or the name of a method of the journal (looked up on the writer's thre
 runs, on the journal open at that moment).
 
 A told call (:meth:`JournalWriter.tell`) has nobody to hear of its failure, so the writer logs
-it -- except the one refusal that is the expected end of a race, not a fault: a dispatch (or
-another step) of an item that ended before the call ran. The coordinator journals a dispatch
-without waiting (an overdue mark, or before a retry's failure) and hears of a task's end only
-once that end is durable, so a result or a cancel that ends the task can be queued just before
-the dispatch of one of its other items. The journal refuses that dispatch (the item is over,
-nothing is lost); the writer counts it (``stale_tells``) and logs it at debug level only.
+it -- except a failure its owner's ``stale`` predicate calls the expected end of a race, not a
+fault (for the coordinator: :func:`coordinator.journal.item_ended`, a step of an item that
+ended before the call ran); those it counts (``stale_tells``) and logs at debug level only.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from functools import partial
 
 from coordinator.journal import CallOutcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
-from meshinfer.proto.tasks import TERMINAL_STATES, InvalidTransition
 
 __all__ = ["JournalWriter"]
 
@@ -80,6 +76,7 @@ class JournalWriter:
         max_group: int = 256,
         tell_delay_s: float = 0.005,
         name: str = "journal",
+        stale: Callable[[BaseException], bool] = lambda error: False,
     ) -> None:
         if max_group < 1:
             raise ConfigError("max_group must be >= 1")
@@ -88,6 +85,7 @@ class JournalWriter:
         self.max_group = max_group
         self.tell_delay_s = tell_delay_s
         self.name = name
+        self._stale = stale  # which told-call failures are the expected end of a race
         self._journal = journal
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
         self._next: _Call | None = None  # taken from the queue, opens the next group (thread)
@@ -100,7 +98,7 @@ class JournalWriter:
         self._stopped: asyncio.Future[None] | None = None
         self.groups = 0  # groups run, for tests and metrics
         self.calls = 0
-        self.stale_tells = 0  # told calls refused because their item had ended (module doc)
+        self.stale_tells = 0  # told calls that failed as ``stale`` expects (module doc)
 
     def call(
         self,
@@ -122,9 +120,9 @@ class JournalWriter:
 
     def tell(self, fn: JournalCall, *args: object, **kwargs: object) -> None:
         """Queue ``fn(*args, **kwargs)`` now, in order, for nobody to wait for (a dispatch
-        or a running mark): no future, one loop wake-up less; a failure is logged, unless the
-        call was refused only because its item had ended meanwhile (counted in
-        ``stale_tells``; see the module docstring)."""
+        or a running mark): no future, one loop wake-up less; a failure is logged, unless
+        ``stale`` says it is expected (counted in ``stale_tells``; see the module
+        docstring)."""
         if self._closing:
             log.warning("journal writer closed: %s not journaled", getattr(fn, "__name__", fn))
             return
@@ -330,23 +328,16 @@ class JournalWriter:
                 future.set_result(outcome.value)
 
     def _told_failed(self, call: _Call, error: BaseException | None) -> None:
-        """Log the failure (if any) of a told call: nobody else hears of it. A refusal because
-        the item had ended is counted and logged at debug level (see the module docstring)."""
+        """Log the failure (if any) of a told call: nobody else hears of it. One ``stale``
+        expects is counted and logged at debug level (see the module docstring)."""
         if error is None:
             return
-        if _item_ended(error):
+        if self._stale(error):
             self.stale_tells += 1
             log.debug("journal call %s skipped: %s", call.fn, error)
             return
         level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
         log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)
-
-
-def _item_ended(error: BaseException) -> bool:
-    """Whether ``error`` refuses a step of an item that had already ended (succeeded, failed or
-    cancelled): the race the module docstring describes. A step refused in any other state
-    (e.g. a second dispatch of an item in flight) is a fault and stays loud."""
-    return isinstance(error, InvalidTransition) and error.state in TERMINAL_STATES
 
 
 def _outcome_of(fn: Callable[[], object]) -> CallOutcome:

@@ -91,6 +91,7 @@ from coordinator.journal import (
     TaskPage,
     TaskRecord,
     UnknownTaskError,
+    item_ended,
     read_stats,
 )
 from coordinator.journal_writer import JournalWriter
@@ -229,7 +230,7 @@ class Coordinator:
         self.scheduler = SchedulerState()
         self.journal: Journal | None = None
         # One thread keeps journal calls in order and commits what is queued as one group.
-        self._db = JournalWriter(lambda: self.journal, name="journal")
+        self._db = JournalWriter(lambda: self.journal, name="journal", stale=item_ended)
         self._started = False
         self._runs: dict[str, TaskRun] = {}
         self._items: dict[str, tuple[TaskRun, ItemRun]] = {}  # live item id -> run, item

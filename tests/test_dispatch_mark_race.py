@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 
-from coordinator.journal import Journal, TaskEnding
+from coordinator.journal import Journal, TaskEnding, item_ended
 from coordinator.journal_writer import JournalWriter
 from coordinator.service import CoordinatorConfig
 from meshinfer.inference.base import ModelRef
@@ -60,7 +60,7 @@ def end_by_finish(task_id: str) -> tuple:
 @pytest.mark.parametrize("end", [end_by_cancel, end_by_deciding_result, end_by_finish])
 async def test_a_dispatch_queued_behind_its_tasks_end_is_counted_not_logged(tmp_path, caplog, end):
     journal = Journal(tmp_path / "j.db", synchronous="NORMAL")
-    writer = JournalWriter(lambda: journal)
+    writer = JournalWriter(lambda: journal, stale=item_ended)
     await writer.run("submit", three_models("t"))
     writer.tell("mark_dispatched", "t/1", "veh-1", 1)
     args, kwargs = end("t")
@@ -77,9 +77,26 @@ async def test_a_dispatch_queued_behind_its_tasks_end_is_counted_not_logged(tmp_
     await writer.aclose()
 
 
-async def test_any_other_refused_told_call_stays_loud(tmp_path, caplog):
+async def test_the_writer_itself_knows_no_expected_refusal(tmp_path, caplog):
+    """The rule is the journal's (``item_ended``), handed to the writer by its owner: a writer
+    given none logs the same refusal as any other failed told call."""
     journal = Journal(tmp_path / "j.db", synchronous="NORMAL")
     writer = JournalWriter(lambda: journal)
+    await writer.run("submit", three_models("t"))
+    args, kwargs = end_by_cancel("t")
+    ended = writer.call(*args, **kwargs)
+    writer.tell("mark_dispatched", "t/2", "veh-2", 1)
+    await ended
+    await writer.run("get", "t")
+    assert [r.levelno for r in loud_records(caplog)] == [logging.WARNING]
+    assert writer.stale_tells == 0
+    await writer.run_alone(journal.close)
+    await writer.aclose()
+
+
+async def test_any_other_refused_told_call_stays_loud(tmp_path, caplog):
+    journal = Journal(tmp_path / "j.db", synchronous="NORMAL")
+    writer = JournalWriter(lambda: journal, stale=item_ended)
     await writer.run("submit", three_models("t"))
     writer.tell("mark_dispatched", "t/0", "veh-1", 2)  # not its attempt
     writer.tell("mark_dispatched", "t/1", "veh-1", 1)
