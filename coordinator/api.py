@@ -782,6 +782,7 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         ("inputs_by_reference", "Items sent naming their input by sha256, not its bytes."),
         ("input_bytes_saved", "Input bytes not sent because the node kept them."),
         ("input_cache_misses", "Inputs named by reference that the node no longer held."),
+        ("stale_tells", "Dispatch or running marks of items that had ended (a race; no loss)."),
     ]
     return [
         _family("meshinfer_coord_tasks", "gauge", "Journaled tasks by state.",

@@ -169,6 +169,7 @@ def _mesh_schemas() -> dict[str, Schema]:
         "resent_after_redial": _INT, "completed_by_node": counts, "live_tasks": _INT,
         "parked_items": _INT,
         "inputs_by_reference": _INT, "input_bytes_saved": _INT, "input_cache_misses": _INT,
+        "stale_tells": _INT,
     }, closed=False)  # fmt: skip
     error = _obj(["status", "code", "message"], {
         "status": _INT, "code": _enum(ERROR_CODES), "message": _STR,

@@ -518,7 +518,7 @@ class Coordinator:
             "duplicates": s.duplicates, "completed_by_node": dict(s.completed_by_node),
             "inputs_by_reference": s.inputs_by_reference,
             "input_bytes_saved": s.input_bytes_saved,
-            "input_cache_misses": s.input_cache_misses,
+            "input_cache_misses": s.input_cache_misses, "stale_tells": self._db.stale_tells,
             "live_tasks": len(self._runs), "parked_items": sum(map(len, self._parked.values())),
         }  # fmt: skip
 

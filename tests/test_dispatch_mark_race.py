@@ -163,3 +163,4 @@ async def test_a_dispatch_mark_after_another_items_result_ended_the_task(tmp_pat
     assert {i.item_id: i.state.value for i in record.items}["race/1"] == "cancelled"
     assert loud_records(caplog) == []
     assert c._db.stale_tells == 1
+    assert (await c.stats())["stale_tells"] == 1
