@@ -72,21 +72,22 @@ async def test_a_message_too_large_to_send_is_refused_and_the_rest_go_on(transpo
         assert await pair.received(1) == [b"later"]
 
 
-async def test_a_session_whose_write_fails_while_it_says_open_is_closed_and_redialled(
-    transport_and_addr,
-):
+async def test_a_session_whose_write_fails_is_ended_and_redialled(transport_and_addr):
+    """The stream fails the write before the session's reader has noticed anything: that write
+    ends the session (lost, its stream closed), and the sender dials a new one for what is
+    queued rather than retrying the broken one."""
     async with Pair(*transport_and_addr) as pair:
         await pair.alpha.request("bravo", AppData(topic="t", payload=b"first"))
         broken = pair.alpha.session("bravo")
-        real_send_many, calls = broken.send_many, []
+        real_write, calls = broken.stream.write, []
 
-        async def failing_send_many(msgs, *args):
-            calls.append(len(msgs))
-            if len(calls) > 50:  # without the fix the sender retries this session at once
-                return await real_send_many(msgs, *args)
-            raise TransportError("write failed, session none the wiser")
+        async def failing_write(data: bytes) -> None:
+            calls.append(len(data))
+            if len(calls) > 50:  # were the broken session retried, it would spin here
+                return await real_write(data)
+            raise TransportError("write failed, the reader none the wiser")
 
-        broken.send_many = failing_send_many
+        broken.stream.write = failing_write
         await pair.alpha.request("bravo", AppData(topic="t", payload=b"second"))
         assert await pair.received(2) == [b"first", b"second"]
         assert len(calls) == 1  # one failed write, then a new session

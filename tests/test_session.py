@@ -263,10 +263,12 @@ async def test_a_failed_write_ends_the_session_at_once(transport_and_addr):
             raise StreamClosed("connection lost")
 
         client.stream.write = lost
+        tasks = {t for t in asyncio.all_tasks() if t.get_name().endswith("-bravo")}
         with pytest.raises(StreamClosed):
             await client.send(AppData(topic="up", payload=b"x"))
         assert not client.is_open and client.lost
         assert "connection lost" in client.close_reason
+        assert len(tasks) == 2 and all(t.done() for t in tasks)  # reader and keep-alive ended
 
 
 async def test_a_session_its_peer_closed_ends_its_tasks_without_aclose(transport_and_addr):

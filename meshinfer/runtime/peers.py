@@ -226,11 +226,8 @@ class PeerTable:
                 self.stats.dropped["too-large"] += 1
                 _settle(batch[0][1], exc)
                 continue
-            except (StreamClosed, TransportError, OSError) as exc:
-                if session.is_open:  # a write failed on a session that says it is open: it
-                    # is broken (lost), and retrying it would spin without ever yielding
-                    await session.abort(f"write failed: {exc}")
-                return  # the loop above redials
+            except (StreamClosed, TransportError, OSError):
+                return  # the session ended with the failed write: the loop above redials
             for _, fut in batch[:sent]:
                 box.queue.popleft()
                 _settle(fut, None)

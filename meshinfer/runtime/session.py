@@ -301,11 +301,6 @@ class Session:
             self._mark_closed(code, reason)
         await self._shutdown()
 
-    async def abort(self, reason: str) -> None:
-        """End the session at once, as lost (no Close frame: its stream is broken)."""
-        self._mark_lost(reason)
-        await self._shutdown()
-
     async def __aenter__(self) -> Session:
         return self
 
@@ -325,9 +320,11 @@ class Session:
         try:
             await self.stream.write(bytes(out))
         except (StreamClosed, TransportError, OSError) as exc:
-            # the connection is gone: say so now, not when the reader gets round to it (a
-            # sender retrying an "open" session whose writes fail at once never lets it run)
+            # the connection is gone: end the session (lost: no Close frame can go) now, its
+            # tasks and stream too, not when the reader gets round to it (a sender retrying an
+            # "open" session whose writes fail at once never lets it run)
             self._mark_lost(f"transport error: {exc}")
+            await self._shutdown()
             raise
         self._last_tx = self._loop.time()
 
