@@ -355,15 +355,16 @@ def _receive(pieces: list[bytes]) -> list[object]:
     return received
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
-    payloads=st.lists(st.binary(max_size=2000), min_size=1, max_size=4),
+    payloads=st.lists(st.binary(max_size=2000), min_size=1, max_size=12),
     max_chunk=st.sampled_from([7, 100, 1000, MAX_CHUNK]),
     cuts=st.lists(st.integers(0, 1 << 20), max_size=10),
+    pack=st.booleans(),
 )
-def test_messages_survive_chunking_and_arbitrary_stream_splits(payloads, max_chunk, cuts):
+def test_messages_survive_framing_and_arbitrary_stream_splits(payloads, max_chunk, cuts, pack):
     sent = [messages.AppData("topic", p) for p in payloads]
-    stream = b"".join(_send(m, max_chunk) for m in sent)
+    stream = _send_many(sent, max_chunk, pack=pack)
     assert _receive(_split_at(stream, cuts)) == sent
 
 
@@ -371,15 +372,3 @@ def test_a_large_message_crosses_many_records():
     sent = messages.AppData("bulk", bytes(range(256)) * 1024)  # 256 KiB
     stream = _send(sent, MAX_CHUNK)
     assert _receive(_split_at(stream, list(range(0, len(stream), 40_000)))) == [sent]
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=20),
-    max_chunk=st.sampled_from([7, 100, 1000, MAX_CHUNK]),
-    cuts=st.lists(st.integers(0, 1 << 16), max_size=10),
-)
-def test_packed_bursts_survive_arbitrary_stream_splits(payloads, max_chunk, cuts):
-    sent = [messages.AppData("topic", p) for p in payloads]
-    stream = _send_many(sent, max_chunk, pack=True)
-    assert _receive(_split_at(stream, cuts)) == sent
