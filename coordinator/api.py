@@ -772,7 +772,7 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
     counters = [
         ("dispatched", "Work items sent to nodes."),
         ("retries", "Work item attempts retried."),
-        ("refusals", "Retried attempts the node never ran (refused or never got; not counted)."),
+        ("refusals", "Retried attempts a node refused, handed back or never got (uncounted)."),
         ("duplicates", "Duplicate or late results refused."),
         ("redispatched_after_death", "Items re-sent after their node died or left."),
         ("redispatched_after_disconnect", "Items re-sent after their node's session was lost."),

@@ -36,7 +36,7 @@ class ItemRun:
     attempt: int = 1
     node: str | None = None
     tried: set[str] = field(default_factory=set)
-    refused: int = 0  # attempts a node refused or never got: not counted against max_attempts
+    refused: int = 0  # refusals not counted against max_attempts (Coordinator._retry)
     dispatched_at: float | None = None
     journaled: int = 0  # the attempt whose dispatch the journal has (0: none yet)
     digest: str = ""  # the input's sha256, once it was worth sending by reference

@@ -10,10 +10,8 @@ Flow of one work item (messages in :mod:`meshinfer.proto.tasks_wire`)::
 Fault tolerance: an attempt that fails retryably, times out (``item_timeout_s``), or whose node
 is declared dead or left by membership, is retried on a different node when one exists (the
 failed nodes are excluded), with exponential backoff (none after a node death: the item is
-re-dispatched at once), up to ``max_attempts``; then the task fails with the reason. An attempt
-the node never ran does not count: one it refused (draining, overloaded, model not loaded) or
-never got (dropped unsent); at most ``max_attempts`` of those go uncounted per item (in this
-coordinator's life), so a fleet that refuses an item for ever still fails it. A result
+re-dispatched at once), up to ``max_attempts``; then the task fails with the reason. A refusal
+does not count (see :meth:`Coordinator._retry`). A result
 is accepted exactly once (the journal refuses duplicates and late results; they are counted).
 Cancelling a task sends ``TaskCancel`` to every node running one of its items.
 
@@ -196,7 +194,7 @@ class CoordinatorConfig:
 class CoordinatorStats:
     dispatched: int = 0
     retries: int = 0
-    refusals: int = 0  # retries of attempts the node never ran (not counted in max_attempts)
+    refusals: int = 0  # retries not counted against max_attempts (Coordinator._retry)
     redispatched_after_death: int = 0  # after a death, a leave, or a lost session (below)
     redispatched_after_disconnect: int = 0  # by the fast path, before membership decided
     sessions_lost: int = 0  # node sessions that ended without the node's Close frame
@@ -946,8 +944,13 @@ class Coordinator:
         self, run: TaskRun, entry: ItemRun, reason: str, *, backoff: bool = True, ran: bool = True
     ) -> None:
         """Try the item again (on another node if one fits), or fail it once ``max_attempts``
-        attempts failed. ``ran=False``: the node never ran this attempt (it refused it, or never
-        got it), which does not count, up to ``max_attempts`` such attempts."""
+        attempts failed. ``ran=False``, a *refusal*: the node refused or handed back this
+        attempt (draining, overloaded, model not loaded: ``_REFUSALS``) or never got it
+        (dropped unsent, though a resend after a re-dial may have reached it). Refusals do not
+        count, up to ``max_attempts`` of them per item, so a rolling restart of the nodes fails
+        no task while an item every node refuses for ever still fails. They are remembered in
+        memory only: after a coordinator restart an item's refused attempts count again. The
+        backoff still grows with every attempt, refused or not."""
         item_id, attempt = entry.item.item_id, entry.attempt
         self._cancel_timer(item_id)
         counted = ran or entry.refused >= self.config.max_attempts
@@ -1073,7 +1076,7 @@ def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> N
     timers[key] = timer
 
 
-#: Failures of an attempt the node never ran (a refusal): not counted against max_attempts.
+#: Failure kinds that are refusals (see Coordinator._retry): not counted against max_attempts.
 _REFUSALS = frozenset(
     {FailureKind.SHUTTING_DOWN, FailureKind.OVERLOADED, FailureKind.MODEL_NOT_FOUND}
 )

@@ -117,7 +117,7 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
         _family(
             "meshinfer_session_messages_total",
             "counter",
-            "Application messages over encrypted sessions, by direction.",
+            "Messages over encrypted sessions (application and session control), by direction.",
             [
                 ({"direction": "received"}, m.messages_received),
                 ({"direction": "sent"}, m.messages_sent),
@@ -126,8 +126,8 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
         _family(
             "meshinfer_session_records_total",
             "counter",
-            "Noise messages (records) over encrypted sessions, by direction: fewer than the"
-            " application messages when small ones are packed.",
+            "Noise messages (records) written and read on encrypted sessions, by direction:"
+            " fewer than the messages when small ones are packed.",
             [
                 ({"direction": "received"}, m.records_received),
                 ({"direction": "sent"}, m.records_sent),

@@ -615,8 +615,8 @@ async def test_node_error_is_retried_on_another_node(tmp_path):
 
 
 async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attempts(tmp_path):
-    """Both nodes refuse the item (they drain) more often than max_attempts allows; once one
-    takes work again the task succeeds: a refusal is not a failed attempt."""
+    """Both nodes refuse the item (they drain) as often as max_attempts allows; once they take
+    work again the task succeeds: a refusal is not a failed attempt."""
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=3)) as mesh:
         c = mesh.coordinator
@@ -624,10 +624,11 @@ async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attem
             daemon.executor._draining = True  # refuses with SHUTTING_DOWN, still gossips models
         task_id = await c.submit(spec("refused", "single", x[:1]))
         await until(lambda: c.stats_.refusals == 3)  # as many as max_attempts go uncounted
-        mesh.daemons["node-1"].executor._draining = False
+        for daemon in mesh.daemons.values():  # the next attempt runs, wherever it goes
+            daemon.executor._draining = False
         record = await c.wait(task_id, timeout=15)
         assert record.state.value == "succeeded", record.summary.error
-        assert record.items[0].node == "node-1" and record.items[0].attempt > 3
+        assert record.items[0].attempt > 3  # more attempts than max_attempts, yet no failure
         assert (await c.stats())["refusals"] == 3
 
 

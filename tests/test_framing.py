@@ -151,9 +151,13 @@ def test_empty_message_is_one_empty_final_chunk():
 
 
 @pytest.mark.parametrize("max_chunk", [0, MAX_CHUNK + 1, 1.5])
-def test_split_message_refuses_bad_chunk_sizes(max_chunk):
+@pytest.mark.parametrize("pack", [None, False, True])
+def test_framing_refuses_bad_chunk_sizes(max_chunk, pack):
     with pytest.raises(LocalProtocolError):
-        split_message(b"abc", max_chunk)
+        if pack is None:
+            split_message(b"abc", max_chunk)
+        else:
+            frame_messages([b"abc", b"de"], pack=pack, max_chunk=max_chunk)
 
 
 @settings(max_examples=300, deadline=None)
@@ -270,6 +274,14 @@ def test_small_messages_share_one_chunk_and_a_lone_one_is_a_plain_final_chunk():
     assert chunk[0] == FLAG_PACKED and len(chunk) == 1 + 50 * 102
     assert Reassembler().feed_all(chunk) == burst
     assert frame_messages([b"one"], pack=True) == split_message(b"one")
+
+
+def test_a_pack_fills_its_chunk_exactly_and_no_further():
+    # two messages of 10 bytes need 1 + 2 * (2 + 10) = 25 bytes: max_chunk 24 holds both
+    (chunk,) = frame_messages([b"a" * 10, b"b" * 10], pack=True, max_chunk=24)
+    assert len(chunk) == 25 and chunk[0] == FLAG_PACKED
+    one_short = frame_messages([b"a" * 10, b"b" * 10], pack=True, max_chunk=23)
+    assert one_short == [b"\x00" + b"a" * 10, b"\x00" + b"b" * 10]
 
 
 def test_a_large_message_between_small_ones_keeps_its_place():

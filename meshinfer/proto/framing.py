@@ -5,7 +5,8 @@ Noise ``CipherState``; the receiver runs the same steps backwards)::
 
     message (dataclass)
       -> msgpack bytes                         meshinfer.proto.messages.encode
-      -> chunks: 1 flag byte + <= MAX_CHUNK     split_message         (Reassembler on receipt)
+      -> chunks: 1 flag byte + <= MAX_CHUNK     split_message, or frame_messages for several
+                                               (Reassembler.feed / feed_all on receipt)
       -> each chunk encrypted by Noise (+16 byte tag, so <= 65535 bytes)
       -> record: 2-byte big-endian length + ciphertext   encode_record (RecordDecoder on receipt)
 
@@ -156,6 +157,8 @@ def frame_messages(
     sent as an ordinary final chunk); else each message is :func:`split_message` on its own."""
     if not pack:
         return [chunk for data in plaintexts for chunk in split_message(data, max_chunk)]
+    if type(max_chunk) is not int or not 0 < max_chunk <= MAX_CHUNK:
+        raise LocalProtocolError(f"max_chunk must be 1..{MAX_CHUNK}, got {max_chunk!r}")
     chunks: list[bytes] = []
     run: list[bytes] = []  # the messages of the packed chunk being filled
     room = 0  # bytes left in it

@@ -233,7 +233,8 @@ class Session:
 
         Raises :class:`LocalProtocolError`, having sent nothing, if the first message exceeds
         the session's message cap (a later one that does ends the batch before it: the next
-        call raises); StreamClosed once the session is closed.
+        call raises); StreamClosed once the session is closed. A write the stream fails ends
+        the session (lost) before its error (TransportError, OSError) is raised.
         """
         encoded: list[bytes] = []
         total = 0
@@ -423,14 +424,17 @@ class Session:
         self._room.set()
 
     async def _shutdown(self) -> None:
+        """Stop the session's reader and keep-alive tasks (but the one running this) and close
+        its stream. A cancel of the caller itself still goes through (``asyncio.wait`` does not
+        swallow it, as awaiting the cancelled tasks under a suppress would)."""
         current = asyncio.current_task()
-        for task in (self._keeper, self._reader):
-            if task is not current and not task.done():
-                task.cancel()
-        for task in (self._keeper, self._reader):
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        others = [task for task in (self._keeper, self._reader) if task is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.wait(others)
+        for task in others:  # their own end is theirs: retrieved, so never reported unretrieved
+            if not task.cancelled():
+                task.exception()
         with contextlib.suppress(Exception):
             await self.stream.aclose()
 
