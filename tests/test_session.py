@@ -271,6 +271,36 @@ async def test_a_failed_write_ends_the_session_at_once(transport_and_addr):
         assert len(tasks) == 2 and all(t.done() for t in tasks)  # reader and keep-alive ended
 
 
+async def test_a_sender_cancelled_while_its_failed_write_shuts_the_session_down_is_cancelled(
+    transport_and_addr,
+):
+    """The failed write waits for the session's tasks to end; a cancel of the sender meanwhile
+    is not swallowed (the sender ends cancelled, not with the write's error)."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet) as pair:
+        client = await pair.dial()
+        await pair.accepted.get()
+
+        async def slow_to_end() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.5)  # ends, in its own time
+
+        async def lost(data: bytes) -> None:
+            raise StreamClosed("connection lost")
+
+        client._keeper.cancel()
+        client._keeper = asyncio.create_task(slow_to_end())
+        await asyncio.sleep(0)
+        client.stream.write = lost
+        sender = asyncio.create_task(client.send(AppData(topic="up", payload=b"x")))
+        await until(lambda: not client.is_open)  # the write failed: shutting down
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+
+
 async def test_a_session_its_peer_closed_ends_its_tasks_without_aclose(transport_and_addr):
     """Its owner may never call aclose(): the reader ends at the Close, and the keep-alive
     task wakes at once rather than at its next ping (30 s away here)."""
