@@ -137,8 +137,7 @@ def split_message(plaintext: bytes, max_chunk: int = MAX_CHUNK) -> list[bytes]:
 
     An empty message gives one final, empty chunk. Each chunk is one copy of its slice.
     """
-    if type(max_chunk) is not int or not 0 < max_chunk <= MAX_CHUNK:
-        raise LocalProtocolError(f"max_chunk must be 1..{MAX_CHUNK}, got {max_chunk!r}")
+    _check_max_chunk(max_chunk)
     size = len(plaintext)
     if size <= max_chunk:
         return [_FINAL_BYTE + plaintext]
@@ -149,6 +148,11 @@ def split_message(plaintext: bytes, max_chunk: int = MAX_CHUNK) -> list[bytes]:
     return chunks
 
 
+def _check_max_chunk(max_chunk: int) -> None:
+    if type(max_chunk) is not int or not 0 < max_chunk <= MAX_CHUNK:
+        raise LocalProtocolError(f"max_chunk must be 1..{MAX_CHUNK}, got {max_chunk!r}")
+
+
 def frame_messages(
     plaintexts: Sequence[bytes], *, pack: bool, max_chunk: int = MAX_CHUNK
 ) -> list[bytes]:
@@ -157,8 +161,7 @@ def frame_messages(
     sent as an ordinary final chunk); else each message is :func:`split_message` on its own."""
     if not pack:
         return [chunk for data in plaintexts for chunk in split_message(data, max_chunk)]
-    if type(max_chunk) is not int or not 0 < max_chunk <= MAX_CHUNK:
-        raise LocalProtocolError(f"max_chunk must be 1..{MAX_CHUNK}, got {max_chunk!r}")
+    _check_max_chunk(max_chunk)
     chunks: list[bytes] = []
     run: list[bytes] = []  # the messages of the packed chunk being filled
     room = 0  # bytes left in it
@@ -186,7 +189,8 @@ def _packed(run: list[bytes]) -> bytes:
 
 
 class Reassembler:
-    """Join chunk plaintexts (as :func:`split_message` makes them) back into whole messages.
+    """Join chunk plaintexts (as :func:`split_message` and :func:`frame_messages` make them)
+    back into whole messages.
 
     ``feed`` returns the message when its final chunk arrives, else None. A message larger than
     ``max_message_size`` raises :class:`~meshinfer.errors.FrameTooLarge` as soon as the running

@@ -18,9 +18,9 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     Messages are msgpack-encoded, split into chunks that fit one Noise message, encrypted and
     written behind a 2-byte length (:mod:`~meshinfer.proto.framing`). When both Hellos list the
     ``packed`` feature, the small messages of one :meth:`Session.send_many` share chunks (one
-    Noise message for a burst of them). One reader task per session
-    decrypts, reassembles and decodes; session control (``Ping``/``Pong``/``Close``) is handled
-    here, everything else is queued for :meth:`Session.recv`. When the application does not
+    Noise message for a burst of them). One reader task per session decrypts, reassembles and
+    decodes; session control (``Ping``/``Pong``/``Close``) is handled here, everything else is
+    queued for :meth:`Session.recv`. When the application does not
     consume, the bounded queue fills, the reader stops reading, and TCP pushes back on the peer.
     Both directions rekey after ``rekey_after`` Noise messages; both sides count the same
     records, so no signal is needed.
