@@ -213,12 +213,16 @@ def _killed(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
 
 
 def _pump(stream: TextIO | None, daemon: DaemonProcess, ready: threading.Event) -> None:
-    if stream is None:
+    """Read the daemon's stdout to its end, then close our end of the pipe (left open, it
+    would be closed by the garbage collector with a ResourceWarning, at any later moment)."""
+    try:
+        if stream is None:
+            return
+        with stream:
+            for line in stream:
+                daemon.lines.append(line.rstrip("\n"))
+                if line.startswith("READY ") and not daemon.facts:
+                    daemon.facts = json.loads(line[6:])
+                    ready.set()
+    finally:
         ready.set()
-        return
-    for line in stream:
-        daemon.lines.append(line.rstrip("\n"))
-        if line.startswith("READY ") and not daemon.facts:
-            daemon.facts = json.loads(line[6:])
-            ready.set()
-    ready.set()
