@@ -313,7 +313,8 @@ def test_close_to_a_stalled_peer_returns_at_once_and_aborts_later(runner: asynci
         async with listening(accepted.put, transport) as listener:
             sock = await raw_connect(listener.address)
             server = await accepted.get()
-            flood = asyncio.create_task(server.write(bytes(64 * 1024 * 1024)))
+            # 32 MiB: more than the socket buffers hold while the peer reads nothing
+            flood = asyncio.create_task(server.write(bytes(32 * 1024 * 1024)))
             done, _ = await asyncio.wait({flood}, timeout=0.1)
             assert not done, "the peer never reads, so the write must be blocked"
             async with asyncio.timeout(1):
