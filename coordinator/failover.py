@@ -2,11 +2,14 @@
 
 Membership needs seconds to declare a crashed node dead. A node's session that ends without
 the node's ``Close`` frame (EOF or reset: a killed process's socket is closed by its kernel at
-once) makes the node *suspect here*: it gets no new items while the coordinator re-dials it
-once (``redial_timeout_s``). If the re-dial fails the node is *unreachable here*: its in-flight
-items are re-dispatched at once (a late result is still accepted exactly once) and it stays out
-of scheduling until a new session with it opens or membership reports it at a higher
-incarnation. A ``Close`` frame (a draining node, a graceful leave) triggers none of this.
+once) makes the node *suspect here*: it gets no new items while the coordinator has it answer a
+ping within ``redial_timeout_s``, over another session still open with it or a new dial (an open
+session proves nothing: the node may be dead with its end not read yet, or silent behind a
+broken link). If it does not answer, the node is *unreachable here*: its in-flight items are
+re-dispatched at once (a late result is still accepted exactly once), a session still open with
+it is closed, and it stays out of scheduling until a new session with it opens or membership
+reports it at a higher incarnation. A ``Close`` frame (a draining node, a graceful leave)
+triggers none of this.
 A node whose last session under a good certificate this coordinator closed because that
 certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is
 *revoked here*: its items are re-dispatched at once, and it gets no work until a session with it
@@ -17,8 +20,8 @@ items went over are they re-dispatched at once (items are tracked by node, not b
 of the node's move, maybe back to it over the good session; a result still coming is accepted
 once)::
 
-    reachable --session lost abruptly--> suspect --re-dial ok--> reachable (items sent again)
-                                         suspect --re-dial failed--> unreachable (re-dispatch)
+    reachable --session lost abruptly--> suspect --ping answered--> reachable (items sent again)
+                                         suspect --no answer in time--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
     any --its last good session closed for a revoked certificate--> revoked (re-dispatch)
     any --a session closed for a revoked certificate, a good one open--> unchanged
@@ -36,7 +39,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
-from meshinfer.errors import MeshInferError
+from meshinfer.errors import MeshInferError, StreamClosed
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
 from meshinfer.runtime.loop import log_failure
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 _log_failure = log_failure(log, "session watcher")
 #: The incarnation an unreachable node must exceed when its certificate is revoked: none does.
 _REVOKED = math.inf
+#: Sessions a probe tries in turn (each ending under it, or a dial) before it gives up.
+_PROBE_SESSIONS = 3
 
 
 class SessionCounts(Protocol):
@@ -69,7 +74,7 @@ class Reachability:
     ``on_back()`` when a node may take work again (retry parked items);
     ``on_session_lost(node)``, if given, as soon as any session with a node ends without its
     Close frame (what was queued on it may never have arrived); ``on_resend(node)``, if given,
-    once such a node is found reachable over another session (re-dialled, or one already open):
+    once such a node answered the ping (over a session already open, or a new one):
     what went over the lost session, and the answers coming back on it, may be gone (a node
     restarted quickly holds nothing at all), so its items are sent again. ``counts`` gets the
     session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
@@ -174,13 +179,11 @@ class Reachability:
             self._on_session_lost(node)
         if self.redial_timeout_s <= 0 or node in self._suspects:
             return
-        if self.mesh.peers.session(node) is None:
-            await self._probe(node)
-        elif self._on_resend is not None:
-            self._on_resend(node)
+        await self._probe(node)
 
     async def _probe(self, node: str) -> None:
-        """Re-dial ``node`` once; give up on it (``on_lost``) if that fails."""
+        """Have ``node`` answer a ping (re-dialling it if no session is left); give up on it
+        (``on_lost``) if it does not in time."""
         self._suspects.add(node)
         try:
             reachable = await self._redial(node)
@@ -196,14 +199,30 @@ class Reachability:
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         self._unreachable[node] = member.incarnation if member is not None else -1
-        log.warning("lost the session with %s and could not re-dial it: re-dispatching", node)
+        silent = self.mesh.peers.session(node) is not None
+        how = "it does not answer on its other session" if silent else "could not re-dial it"
+        log.warning("lost the session with %s and %s: re-dispatching", node, how)
         self._on_lost(node, f"lost the session with {node}")
+        if silent:  # useless now, and the node is back only once a new session opens
+            await self.mesh.peers.disconnect(node, "no answer to a ping")
 
     async def _redial(self, node: str) -> bool:
-        """True if a session with ``node`` carried a ping within ``redial_timeout_s``."""
+        """True if ``node`` answered a ping within ``redial_timeout_s``, over a session still
+        open with it or a new one. A session that is merely open proves nothing: a second
+        session with a killed node may not have seen its end yet, and one across a link that
+        went silent never will; items re-sent over it would wait for their timeout."""
         try:
             async with asyncio.timeout(self.redial_timeout_s):
-                await self.mesh.peers.request(node, Ping(nonce=0))
+                for _ in range(_PROBE_SESSIONS):
+                    session = self.mesh.peers.session(node)
+                    if session is None:
+                        await self.mesh.peers.request(node, Ping(nonce=0))  # dials it
+                        continue
+                    try:
+                        await session.ping(timeout=self.redial_timeout_s)
+                    except StreamClosed:
+                        continue  # it ended meanwhile: the next one, or a new dial
+                    return True
         except (MeshInferError, OSError, TimeoutError):
-            return False
-        return True
+            pass
+        return False

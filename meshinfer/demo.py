@@ -290,11 +290,16 @@ class Demo:
         if self.halted.is_set():
             return
         self.kill_report["detected_s"] = time.perf_counter() - killed_at
+        if moved > in_flight:  # the coordinator went on sending to the frozen node
+            counted = f" ({moved - in_flight} sent to it after the count above)"
+        else:
+            counted = (
+                f", {_items(in_flight - moved)} answered just before" if in_flight > moved else ""
+            )
         self.say(
             f"{self.kill_report['settled_s'] * 1000:.0f} ms after the kill nothing was left on"
-            f" {self.victim}: {_items(moved)} re-dispatched to other nodes (the coordinator saw the"
-            f" session drop and could not re-dial),"
-            f" {_items(max(0, in_flight - moved))} answered just before"
+            f" {self.victim}: {_items(moved)} re-dispatched to other nodes{counted} (the"
+            " coordinator saw the session drop and could not re-dial)"
         )
         self.say(
             f"membership marked {self.victim} {self._victim_status()} after"

@@ -19,6 +19,7 @@ import signal
 import numpy as np
 import pytest
 
+from coordinator.journal import TaskRecord
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
@@ -30,7 +31,9 @@ from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import TaskAssign, Tensor
+from meshinfer.runtime.endpoint import dial
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+from meshinfer.runtime.session import Session
 from meshinfer.testing.cluster import LocalCluster
 from tests.helpers import until
 
@@ -78,13 +81,19 @@ def batch(task_id: str, rows: int, seed: int) -> tuple[TaskSpec, np.ndarray]:
     return spec, x
 
 
-async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> None:
-    """Succeeded; every item has one result of its latest attempt; outputs in order."""
+async def assert_succeeded(c: Coordinator, task_id: str, x: np.ndarray) -> TaskRecord:
+    """Succeeded, with the right outputs in order."""
     record = await c.wait(task_id, timeout=30)
     assert record.state.value == "succeeded", record.summary.error
-    assert all(item.result_attempt == item.attempt for item in record.items)
     outputs = c.result_of(record)["outputs"][0]
     np.testing.assert_allclose(outputs, forward(make_weights(TINY), x), rtol=1e-5, atol=1e-6)
+    return record
+
+
+async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> None:
+    """Succeeded; every item has one result of its latest attempt; outputs in order."""
+    record = await assert_succeeded(c, task_id, x)
+    assert all(item.result_attempt == item.attempt for item in record.items)
     stats = await c.stats()
     assert stats["duplicates"] == 0
     assert stats["journal_counters"].get("duplicate_results", 0) == 0
@@ -124,6 +133,58 @@ async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_
             await c.submit(spec)
             await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
             await assert_exactly_once(c, "after-restart", x)
+        finally:
+            await c.aclose()
+            await mesh.aclose()
+
+
+async def second_session(mesh: MeshNode, node: str) -> Session:
+    """Dial ``node`` once more: the coordinator then holds two sessions with it."""
+    peer = mesh.peers.addresses[node]
+    session = await dial(
+        mesh.peers.transport, peer.address, mesh.peers.admission, config=mesh.peers.config,
+        expected_static=peer.static_key, expected_node_id=node,
+    )  # fmt: skip
+    mesh.peers.adopt(session)
+    return session
+
+
+async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on(tmp_path):
+    """A stopped node (SIGSTOP) keeps its second session open but answers nothing on it. When
+    the first is lost, the coordinator pings over the second: no answer, so the node's items
+    move at once (not re-sent over a session that carries nothing, to wait for their timeout)
+    and the silent session is closed. Let go on, the node gets work over a new session."""
+    async with LocalCluster(tmp_path, fleet_id="failover-silent", preset="lan") as cluster:
+        for name in (X, Y):
+            cluster.add_node(name, extra=SLOW_NODE)
+            await asyncio.to_thread(cluster.start, name)
+        mesh, c = await coordinator_for(cluster, tmp_path)
+        try:
+            await until(lambda: serving(c, (X, Y)))
+            first = mesh.peers.session(X)
+            second = await second_session(mesh, X)
+            spec, x = batch("silent", 160, seed=6)
+            await c.submit(spec)
+            await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
+            process = cluster.processes[X].proc
+            process.send_signal(signal.SIGSTOP)
+            try:
+                await first.stream.aclose()  # lost: no Close frame
+                await until(lambda: not in_flight_on(c, X) and not second.is_open)
+                assert mesh.membership.core.member(X).is_live  # moved before membership acted
+                assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
+                assert c.stats_.resent_after_redial == 0
+                assert c.stats_.redispatched_after_disconnect > 0
+            finally:
+                process.send_signal(signal.SIGCONT)
+            # (the node, going on, may still answer a moved item first: accepted once)
+            await assert_succeeded(c, "silent", x)
+            await until(lambda: mesh.peers.session(X) is not None)
+            done_by_x = c.stats_.completed_by_node[X]
+            spec, x = batch("after-silence", 60, seed=7)
+            await c.submit(spec)
+            await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
+            await assert_exactly_once(c, "after-silence", x)
         finally:
             await c.aclose()
             await mesh.aclose()
