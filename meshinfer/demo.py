@@ -290,16 +290,15 @@ class Demo:
         if self.halted.is_set():
             return
         self.kill_report["detected_s"] = time.perf_counter() - killed_at
+        counted = ""
         if moved > in_flight:  # the coordinator went on sending to the frozen node
-            counted = f" ({moved - in_flight} sent to it after the count above)"
-        else:
-            counted = (
-                f", {_items(in_flight - moved)} answered just before" if in_flight > moved else ""
-            )
+            counted = f" ({moved - in_flight} of them sent to it after the count above)"
+        elif in_flight > moved:
+            counted = f"; {_items(in_flight - moved)} answered just before"
         self.say(
             f"{self.kill_report['settled_s'] * 1000:.0f} ms after the kill nothing was left on"
-            f" {self.victim}: {_items(moved)} re-dispatched to other nodes{counted} (the"
-            " coordinator saw the session drop and could not re-dial)"
+            f" {self.victim}: the coordinator saw the session drop, got no answer to a re-dial"
+            f" and re-dispatched {_items(moved)} to other nodes{counted}"
         )
         self.say(
             f"membership marked {self.victim} {self._victim_status()} after"
