@@ -651,8 +651,7 @@ class Coordinator:
         if self.mesh.peers.send(node, self._message(run, entry, node), on_failure=unsent):
             self._inputs.queued(entry)
             return True
-        self._forget_mirror(node)
-        self._retry(run, entry, f"could not send to {node}", backoff=True, ran=False)
+        self._never_got(run, entry, node, f"could not send to {node}")
         return False
 
     def _unsent(self, item_id: str, attempt: int, node: str, error: BaseException) -> None:
@@ -664,8 +663,13 @@ class Coordinator:
             return
         run, entry = pair
         if entry.attempt == attempt and entry.node == node:
-            self._forget_mirror(node)
-            self._retry(run, entry, f"could not send to {node}: {error}", backoff=True, ran=False)
+            self._never_got(run, entry, node, f"could not send to {node}: {error}")
+
+    def _never_got(self, run: TaskRun, entry: ItemRun, node: str, reason: str) -> None:
+        """``node`` never got this attempt: what the mirror believes it keeps is unknown now,
+        and the item is retried as a refusal (see :meth:`_retry`)."""
+        self._forget_mirror(node)
+        self._retry(run, entry, reason, backoff=True, ran=False)
 
     def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
         """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the
