@@ -12,6 +12,7 @@ its items where they are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -102,40 +103,50 @@ async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> No
 # --- real node processes -----------------------------------------------------------------------
 
 
-async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_path):
-    async with LocalCluster(tmp_path, fleet_id="failover-kill", preset="lan") as cluster:
+@contextlib.asynccontextmanager
+async def two_slow_nodes(tmp_path, fleet_id: str):
+    """Node daemons X and Y (SLOW_NODE) as processes and an in-process coordinator that sees both
+    serving: ``(cluster, mesh, coordinator)``."""
+    async with LocalCluster(tmp_path, fleet_id=fleet_id, preset="lan") as cluster:
         for name in (X, Y):
             cluster.add_node(name, extra=SLOW_NODE)
             await asyncio.to_thread(cluster.start, name)
         mesh, c = await coordinator_for(cluster, tmp_path)
         try:
             await until(lambda: serving(c, (X, Y)))
-            spec, x = batch("killed", 160, seed=1)
-            await c.submit(spec)
-            await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
-            os.kill(cluster.processes[X].proc.pid, signal.SIGKILL)
-            await until(
-                lambda: c.stats_.redispatched_after_disconnect > 0 and not in_flight_on(c, X)
-            )
-            # The real property: the items moved while membership still counts X as live.
-            assert mesh.membership.core.member(X).is_live
-            assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
-            await assert_exactly_once(c, "killed", x)
-            assert c.stats_.completed_by_node[Y] > 0
-            # Nothing was sent to the dead X after that (it would have waited for its death).
-            assert c.stats_.redispatched_after_death == c.stats_.redispatched_after_disconnect
-            # X is back (same identity, new process): once it has a session with the
-            # coordinator again, it gets work again.
-            await asyncio.to_thread(cluster.start, X)
-            await until(lambda: mesh.peers.session(X) is not None)
-            done_by_x = c.stats_.completed_by_node[X]
-            spec, x = batch("after-restart", 60, seed=2)
-            await c.submit(spec)
-            await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
-            await assert_exactly_once(c, "after-restart", x)
+            yield cluster, mesh, c
         finally:
             await c.aclose()
             await mesh.aclose()
+
+
+async def assert_x_gets_work_again(mesh: MeshNode, c: Coordinator, task_id: str, seed: int):
+    """Once X has a session with the coordinator again, it gets work again."""
+    await until(lambda: mesh.peers.session(X) is not None)
+    done_by_x = c.stats_.completed_by_node[X]
+    spec, x = batch(task_id, 60, seed=seed)
+    await c.submit(spec)
+    await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
+    await assert_exactly_once(c, task_id, x)
+
+
+async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_path):
+    async with two_slow_nodes(tmp_path, "failover-kill") as (cluster, mesh, c):
+        spec, x = batch("killed", 160, seed=1)
+        await c.submit(spec)
+        await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
+        os.kill(cluster.processes[X].proc.pid, signal.SIGKILL)
+        await until(lambda: c.stats_.redispatched_after_disconnect > 0 and not in_flight_on(c, X))
+        # The real property: the items moved while membership still counts X as live.
+        assert mesh.membership.core.member(X).is_live
+        assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
+        await assert_exactly_once(c, "killed", x)
+        assert c.stats_.completed_by_node[Y] > 0
+        # Nothing was sent to the dead X after that (it would have waited for its death).
+        assert c.stats_.redispatched_after_death == c.stats_.redispatched_after_disconnect
+        # X is back (same identity, new process)
+        await asyncio.to_thread(cluster.start, X)
+        await assert_x_gets_work_again(mesh, c, "after-restart", seed=2)
 
 
 async def second_session(mesh: MeshNode, node: str) -> Session:
@@ -154,63 +165,40 @@ async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on
     the first is lost, the coordinator pings over the second: no answer, so the node's items
     move at once (not re-sent over a session that carries nothing, to wait for their timeout)
     and the silent session is closed. Let go on, the node gets work over a new session."""
-    async with LocalCluster(tmp_path, fleet_id="failover-silent", preset="lan") as cluster:
-        for name in (X, Y):
-            cluster.add_node(name, extra=SLOW_NODE)
-            await asyncio.to_thread(cluster.start, name)
-        mesh, c = await coordinator_for(cluster, tmp_path)
+    async with two_slow_nodes(tmp_path, "failover-silent") as (cluster, mesh, c):
+        first = mesh.peers.session(X)
+        second = await second_session(mesh, X)
+        spec, x = batch("silent", 160, seed=6)
+        await c.submit(spec)
+        await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
+        process = cluster.processes[X].proc
+        process.send_signal(signal.SIGSTOP)
         try:
-            await until(lambda: serving(c, (X, Y)))
-            first = mesh.peers.session(X)
-            second = await second_session(mesh, X)
-            spec, x = batch("silent", 160, seed=6)
-            await c.submit(spec)
-            await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
-            process = cluster.processes[X].proc
-            process.send_signal(signal.SIGSTOP)
-            try:
-                await first.stream.aclose()  # lost: no Close frame
-                await until(lambda: not in_flight_on(c, X) and not second.is_open)
-                assert mesh.membership.core.member(X).is_live  # moved before membership acted
-                assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
-                assert c.stats_.resent_after_redial == 0
-                assert c.stats_.redispatched_after_disconnect > 0
-            finally:
-                process.send_signal(signal.SIGCONT)
-            # (the node, going on, may still answer a moved item first: accepted once)
-            await assert_succeeded(c, "silent", x)
-            await until(lambda: mesh.peers.session(X) is not None)
-            done_by_x = c.stats_.completed_by_node[X]
-            spec, x = batch("after-silence", 60, seed=7)
-            await c.submit(spec)
-            await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
-            await assert_exactly_once(c, "after-silence", x)
+            await first.stream.aclose()  # lost: no Close frame
+            await until(lambda: not in_flight_on(c, X) and not second.is_open)
+            assert mesh.membership.core.member(X).is_live  # moved before membership acted
+            assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
+            assert c.stats_.resent_after_redial == 0
+            assert c.stats_.redispatched_after_disconnect > 0
         finally:
-            await c.aclose()
-            await mesh.aclose()
+            process.send_signal(signal.SIGCONT)
+        # (the node, going on, may still answer a moved item first: accepted once)
+        await assert_succeeded(c, "silent", x)
+        await assert_x_gets_work_again(mesh, c, "after-silence", seed=7)
 
 
 async def test_sigterm_drain_moves_nothing_the_node_finished(tmp_path):
-    async with LocalCluster(tmp_path, fleet_id="failover-term", preset="lan") as cluster:
-        for name in (X, Y):
-            cluster.add_node(name, extra=SLOW_NODE)
-            await asyncio.to_thread(cluster.start, name)
-        mesh, c = await coordinator_for(cluster, tmp_path)
-        try:
-            await until(lambda: serving(c, (X, Y)))
-            spec, x = batch("drained", 120, seed=3)
-            await c.submit(spec)
-            await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
-            process = cluster.processes[X].proc
-            process.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(process.wait, 30)
-            await assert_exactly_once(c, "drained", x)
-            await until(lambda: mesh.peers.session(X) is None)
-            assert c.stats_.sessions_closed >= 1
-            assert c.stats_.sessions_lost == 0 and c.stats_.redispatched_after_disconnect == 0
-        finally:
-            await c.aclose()
-            await mesh.aclose()
+    async with two_slow_nodes(tmp_path, "failover-term") as (cluster, mesh, c):
+        spec, x = batch("drained", 120, seed=3)
+        await c.submit(spec)
+        await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
+        process = cluster.processes[X].proc
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+        await assert_exactly_once(c, "drained", x)
+        await until(lambda: mesh.peers.session(X) is None)
+        assert c.stats_.sessions_closed >= 1
+        assert c.stats_.sessions_lost == 0 and c.stats_.redispatched_after_disconnect == 0
 
 
 # --- in-process peers ------------------------------------------------------------------------
