@@ -777,7 +777,7 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         ("redispatched_after_death", "Items re-sent after their node died or left."),
         ("redispatched_after_disconnect", "Items re-sent after their node's session was lost."),
         ("sessions_lost", "Node sessions that ended without the node's Close frame."),
-        ("redials_ok", "Lost node sessions whose node answered the re-dial."),
+        ("redials_ok", "Lost node sessions whose node then answered a ping."),
         ("resent_after_redial", "Items sent again to a node reachable after a lost session."),
         ("inputs_by_reference", "Items sent naming their input by sha256, not its bytes."),
         ("input_bytes_saved", "Input bytes not sent because the node kept them."),

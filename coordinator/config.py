@@ -63,6 +63,13 @@ class CoordinatorSection:
         "ended tasks (their inputs, results and audit lines) are deleted from the journal this"
         " many days after they ended; 0 keeps them forever",
     )
+    redial_timeout_s: float = doc(
+        0.25,
+        "fast failover: after a node's session is lost abruptly, the node must answer a ping"
+        " (over another session, or a re-dial) within this many seconds or its items are"
+        " re-dispatched at once; on a slow link, set it above a round trip plus a"
+        " retransmission; 0 leaves it to membership",
+    )
     input_ref_min_kib: int = doc(
         64,
         "an input this large (KiB) or larger goes to a node that already keeps it (its"
@@ -120,7 +127,11 @@ def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     parse_address(config.api.listen, f"{source}: [api] listen")
     if config.api.max_uploads_mib < config.api.max_body_mib:
         raise ConfigError(f"{source}: [api] max_uploads_mib must be at least max_body_mib")
-    for key in ("retry_backoff_s", "retention_days", "input_ref_min_kib", "default_deadline_s"):
+    non_negative = (
+        "retry_backoff_s", "retention_days", "input_ref_min_kib", "default_deadline_s",
+        "redial_timeout_s",
+    )  # fmt: skip
+    for key in non_negative:
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
 

@@ -54,6 +54,7 @@ def service_config(config: CoordinatorFileConfig) -> CoordinatorConfig:
         max_in_flight_per_node=c.max_in_flight_per_node,
         retention_s=c.retention_days * 86400.0,
         input_ref_min_bytes=c.input_ref_min_kib * 1024,
+        redial_timeout_s=c.redial_timeout_s,
     )
 
 

@@ -6,10 +6,10 @@ once) makes the node *suspect here*: it gets no new items while the coordinator 
 ping within ``redial_timeout_s``, over another session still open with it or a new dial (an open
 session proves nothing: the node may be dead with its end not read yet, or silent behind a
 broken link). If it does not answer, the node is *unreachable here*: its in-flight items are
-re-dispatched at once (a late result is still accepted exactly once), a session still open with
-it is closed, and it stays out of scheduling until a new session with it opens or membership
-reports it at a higher incarnation. A ``Close`` frame (a draining node, a graceful leave)
-triggers none of this.
+re-dispatched at once (a late result is still accepted exactly once), and it stays out of
+scheduling until a new session with it opens or membership reports it at a higher incarnation.
+Either way a session left open that did not answer is closed (what is sent over it vanishes).
+A ``Close`` frame (a draining node, a graceful leave) triggers none of this.
 A node whose last session under a good certificate this coordinator closed because that
 certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is
 *revoked here*: its items are re-dispatched at once, and it gets no work until a session with it
@@ -36,12 +36,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-from meshinfer.errors import MeshInferError, StreamClosed
+from meshinfer.errors import MeshInferError
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
-from meshinfer.proto.messages import Ping
+from meshinfer.proto.messages import CloseCode, Ping
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.revocations import CutOff
@@ -53,8 +54,6 @@ log = logging.getLogger(__name__)
 _log_failure = log_failure(log, "session watcher")
 #: The incarnation an unreachable node must exceed when its certificate is revoked: none does.
 _REVOKED = math.inf
-#: Sessions a probe tries in turn (each ending under it, or a dial) before it gives up.
-_PROBE_SESSIONS = 3
 
 
 class SessionCounts(Protocol):
@@ -68,7 +67,8 @@ class SessionCounts(Protocol):
 class Reachability:
     """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
 
-    ``on_lost(node, why)`` is called when a node could not be re-dialled, or a session with it
+    ``on_lost(node, why)`` is called when a node did not answer the ping after a lost session
+    (over another session or a re-dial), or a session with it
     was closed for a revoked certificate and either its items went over that session or no
     session under a good certificate is left (re-dispatch its items);
     ``on_back()`` when a node may take work again (retry parked items);
@@ -100,7 +100,8 @@ class Reachability:
         self._on_session_lost = on_session_lost
         self._on_resend = on_resend
         self._watchers: set[asyncio.Task[None]] = set()
-        self._suspects: set[str] = set()  # lost a session, being re-dialled
+        self._suspects: set[str] = set()  # lost a session, being probed
+        self._opened: Counter[str] = Counter()  # sessions opened with each node so far
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
         self._unreachable: dict[str, float] = {}
         self._closed = False
@@ -157,6 +158,7 @@ class Reachability:
         """A session with ``node`` opened: it is reachable; watch how the session ends."""
         if self._closed:
             return
+        self._opened[node] += 1
         if self._unreachable.pop(node, None) is not None:
             log.info("node %s is reachable again", node)
             self._on_back()
@@ -183,15 +185,20 @@ class Reachability:
 
     async def _probe(self, node: str) -> None:
         """Have ``node`` answer a ping (re-dialling it if no session is left); give up on it
-        (``on_lost``) if it does not in time."""
+        (``on_lost``) if it does not in time. A session pinged in vain is closed either way:
+        what is sent over it vanishes, and the peer table sends over a node's oldest session."""
         self._suspects.add(node)
+        opened = self._opened[node]
+        silent: list[Session] = []
         try:
-            reachable = await self._redial(node)
+            answered = await self._ping(node, silent)
         finally:
             self._suspects.discard(node)
         if self._closed:
             return
-        if reachable:
+        for session in silent:
+            await session.aclose(CloseCode.GOING_AWAY, "no answer to a ping")
+        if answered or self._opened[node] != opened:  # (a session opened meanwhile: it is up)
             self.counts.redials_ok += 1
             self._on_back()
             if self._on_resend is not None:
@@ -199,30 +206,42 @@ class Reachability:
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         self._unreachable[node] = member.incarnation if member is not None else -1
-        silent = self.mesh.peers.session(node) is not None
-        how = "it does not answer on its other session" if silent else "could not re-dial it"
+        how = "it did not answer a ping" if silent else "could not re-dial it"
         log.warning("lost the session with %s and %s: re-dispatching", node, how)
         self._on_lost(node, f"lost the session with {node}")
-        if silent:  # useless now, and the node is back only once a new session opens
-            await self.mesh.peers.disconnect(node, "no answer to a ping")
 
-    async def _redial(self, node: str) -> bool:
-        """True if ``node`` answered a ping within ``redial_timeout_s``, over a session still
-        open with it or a new one. A session that is merely open proves nothing: a second
-        session with a killed node may not have seen its end yet, and one across a link that
-        went silent never will; items re-sent over it would wait for their timeout."""
-        try:
-            async with asyncio.timeout(self.redial_timeout_s):
-                for _ in range(_PROBE_SESSIONS):
-                    session = self.mesh.peers.session(node)
-                    if session is None:
+    async def _ping(self, node: str, silent: list[Session]) -> bool:
+        """True if ``node`` answered a ping within ``redial_timeout_s``: every session still
+        open with it is pinged, and if they all ended meanwhile (a killed node) it is re-dialled
+        and the new one pinged. An open session proves nothing: a second session with a killed
+        node may not have seen its end yet, and one across a link that went silent never will;
+        items sent over it would wait for their timeout. The sessions that stay open without
+        answering are added to ``silent``."""
+        deadline = asyncio.get_running_loop().time() + self.redial_timeout_s
+        for _ in range(2):  # the sessions open now; if they all end unanswered, a new one
+            sessions = self._open_with(node)
+            if not sessions:
+                try:
+                    async with asyncio.timeout_at(deadline):
                         await self.mesh.peers.request(node, Ping(nonce=0))  # dials it
-                        continue
-                    try:
-                        await session.ping(timeout=self.redial_timeout_s)
-                    except StreamClosed:
-                        continue  # it ended meanwhile: the next one, or a new dial
-                    return True
-        except (MeshInferError, OSError, TimeoutError):
-            pass
+                except (MeshInferError, OSError, TimeoutError):
+                    return False
+                sessions = self._open_with(node)
+            answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
+            silent.extend(
+                s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open
+            )
+            if any(answers) or silent:
+                return any(answers)
         return False
+
+    async def _answers(self, session: Session, deadline: float) -> bool:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await session.ping(timeout=self.redial_timeout_s)
+        except (MeshInferError, OSError, TimeoutError):  # (StreamClosed: it ended meanwhile)
+            return False
+        return True
+
+    def _open_with(self, node: str) -> list[Session]:
+        return [s for s in self.mesh.peers.open_sessions() if s.peer_id == node]

@@ -143,8 +143,10 @@ class CoordinatorConfig:
     journal_synchronous: str = "FULL"
     node_capacity: int = 4
     max_in_flight_per_node: int = 32
-    #: Fast failover: after a node's session is lost abruptly, re-dial it once within this many
-    #: seconds before re-dispatching its items (0 disables the fast path: membership decides).
+    #: Fast failover: after a node's session is lost abruptly, the node must answer a ping (over
+    #: another session, or a re-dial) within this many seconds, or its items are re-dispatched
+    #: (0 disables the fast path: membership decides). On a slow link, set it above a round
+    #: trip plus a retransmission.
     redial_timeout_s: float = 0.25
     #: Journal an item's dispatch, and its node's accept (running), only if its result is not
     #: in this long after it (a quick item costs the journal its result alone).
@@ -199,7 +201,7 @@ class CoordinatorStats:
     redispatched_after_disconnect: int = 0  # by the fast path, before membership decided
     sessions_lost: int = 0  # node sessions that ended without the node's Close frame
     sessions_closed: int = 0  # node sessions that ended otherwise (Close frame, local close)
-    redials_ok: int = 0  # lost sessions whose node answered the re-dial
+    redials_ok: int = 0  # lost sessions whose node answered the ping (over another or a new one)
     resent_after_redial: int = 0  # items sent again to a node reachable after a lost session
     duplicates: int = 0
     unexpected: int = 0
@@ -909,8 +911,8 @@ class Coordinator:
             self._wake_parked.set()
 
     def _lost(self, node: str, why: str) -> None:
-        """``node``'s session ended abruptly and it could not be re-dialled, or this node cut
-        it off for a revoked certificate (``why`` says which)."""
+        """``node``'s session ended abruptly and it answered no ping (over another session or a
+        re-dial), or this node cut it off for a revoked certificate (``why`` says which)."""
         self._forget_mirror(node)
         self._redispatch_from(node, why, fast=True)
 

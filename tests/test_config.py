@@ -50,6 +50,7 @@ def test_rendered_defaults_read_back_as_the_defaults(kind, tmp_path):
         ("coordinator", {"coordinator": {"retry_backoff_s": -1}}, "retry_backoff_s must not"),
         ("coordinator", {"coordinator": {"retention_days": -0.5}}, "retention_days must not"),
         ("coordinator", {"coordinator": {"default_deadline_s": -1}}, "default_deadline_s must not"),
+        ("coordinator", {"coordinator": {"redial_timeout_s": -0.1}}, "redial_timeout_s must not"),
         ("coordinator", {"coordinator": {"item_timeout_s": 0}}, "must be positive"),
         ("coordinator", {"coordinator": {"item_timeout_s": float("nan")}}, "finite number"),
         ("node", {"session": {"idle_timeout": float("inf")}}, "idle_timeout: must be a finite"),
@@ -74,10 +75,11 @@ def test_ints_are_accepted_for_floats_and_lists_become_tuples():
     assert config.discovery.interfaces == ("127.0.0.1",)
     assert service_config(config).item_timeout_s == 5.0
     days = coord_config.config_from_dict(
-        {"coordinator": {"retention_days": 2, "default_deadline_s": 90}}
+        {"coordinator": {"retention_days": 2, "default_deadline_s": 90, "redial_timeout_s": 1}}
     )
     assert service_config(days).retention_s == 2 * 86400.0
     assert service_config(days).default_deadline_s == 90.0
+    assert service_config(days).redial_timeout_s == 1.0
 
 
 def test_malformed_files_are_config_errors(tmp_path):
