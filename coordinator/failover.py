@@ -68,17 +68,16 @@ class Reachability:
     """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
 
     ``on_lost(node, why)`` is called when a node did not answer the ping after a lost session
-    (over another session or a re-dial), or a session with it
-    was closed for a revoked certificate and either its items went over that session or no
-    session under a good certificate is left (re-dispatch its items);
-    ``on_back()`` when a node may take work again (retry parked items);
-    ``on_session_lost(node)``, if given, as soon as any session with a node ends without its
-    Close frame (what was queued on it may never have arrived); ``on_resend(node)``, if given,
-    once such a node answered the ping (over a session already open, or a new one):
-    what went over the lost session, and the answers coming back on it, may be gone (a node
-    restarted quickly holds nothing at all), so its items are sent again. ``counts`` gets the
-    session counters. :meth:`start` hooks into ``mesh``'s sessions; :meth:`aclose` stops the
-    watchers (idempotent).
+    (over another session or a re-dial), or a session with it was closed for a revoked
+    certificate and either its items went over that session or no session under a good
+    certificate is left (re-dispatch its items); ``on_back()`` when a node may take work again
+    (retry parked items); ``on_session_lost(node)``, if given, as soon as any session with a
+    node ends without its Close frame (what was queued on it may never have arrived);
+    ``on_resend(node)``, if given, once such a node answered the ping (over a session already
+    open, or a new one): what went over the lost session, and the answers coming back on it,
+    may be gone (a node restarted quickly holds nothing at all), so its items are sent again.
+    ``counts`` gets the session counters. :meth:`start` hooks into ``mesh``'s sessions;
+    :meth:`aclose` stops the watchers (idempotent).
     """
 
     def __init__(
