@@ -699,7 +699,8 @@ def item_doc(item: ItemRecord, waiting: str | None = None) -> dict[str, Any]:
     """One work item of a task document; ``waiting``: why it is on no node (live items)."""
     return {
         "item_id": item.item_id, "state": item.state.value, "node": item.node,
-        "attempt": item.attempt, "error": item.error, "model": str(item.model),
+        "attempt": item.attempt, "refused": item.refused, "error": item.error,
+        "model": str(item.model),
         "stage": item.stage or None, "position": item.position,
         "has_result": item.result is not None, "waiting": waiting,
     }  # fmt: skip

@@ -156,6 +156,8 @@ class ItemRecord:
     error: str | None
     result: bytes | None
     result_attempt: int | None
+    #: attempts refused by their node or never sent (not counted against ``max_attempts``)
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,7 @@ _TASK_COLUMNS = """t.id, t.state, t.pattern, t.priority, t.policy, t.created_at,
     t.error, (SELECT count(*) FROM items i WHERE i.task_id = t.id),
     (SELECT count(*) FROM results r JOIN items i ON r.item_id = i.id WHERE i.task_id = t.id)"""
 _ITEM_COLUMNS = """i.id, i.task_id, i.position, i.model_id, i.model_version, i.stage, i.state,
-    i.node, i.attempt, i.error, r.blob, r.attempt"""
+    i.node, i.attempt, i.error, r.blob, r.attempt, i.refused"""
 #: A task and its items in one query; the (possibly large) spec and summary blobs come with the
 #: first row only.
 _FIRST_ROW = """(i.position IS NULL
@@ -770,12 +772,16 @@ class Journal:
             self._log("result", task_id, item_id, f"attempt {attempt}{source}")
             return True
 
-    def record_failure(self, item_id: str, attempt: int, error: str, *, retryable: bool) -> bool:
+    def record_failure(
+        self, item_id: str, attempt: int, error: str, *, retryable: bool, refused: bool = False
+    ) -> bool:
         """The item's current attempt failed; True if that changed its state.
 
         Retryable: the item goes to ``retrying`` with attempt + 1 (dispatch it again, to another
         node). Not retryable: ``failed`` (the coordinator then decides the task's fate). Failures
-        of an older attempt, or of an item that is done, are ignored and counted.
+        of an older attempt, or of an item that is done, are ignored and counted. ``refused``:
+        the node refused the attempt or never got it (the item's ``refused`` count grows; the
+        audit line says ``refused``, not ``retry``).
         """
         event = TaskEvent.RETRY if retryable else TaskEvent.FAIL
         with self._write() as db:
@@ -789,7 +795,10 @@ class Journal:
             self._set_item(
                 db, item_id, transition(state, event), attempt=current + bump, error=error
             )
-            self._log("retry" if retryable else "failed", task_id, item_id, error[:500])
+            if refused:
+                db.execute("UPDATE items SET refused = refused + 1 WHERE id = ?", (item_id,))
+            kind = ("refused" if refused else "retry") if retryable else "failed"
+            self._log(kind, task_id, item_id, error[:500])
             return True
 
     # --- task outcome ---------------------------------------------------------------------------
@@ -1187,5 +1196,5 @@ def _summary(row) -> TaskSummary:
 def _item(row) -> ItemRecord:
     return ItemRecord(
         row[0], row[1], row[2], ModelRef(row[3], row[4]), row[5], TaskState(row[6]),
-        row[7], row[8], row[9], None if row[10] is None else bytes(row[10]), row[11],
+        row[7], row[8], row[9], None if row[10] is None else bytes(row[10]), row[11], row[12],
     )  # fmt: skip

@@ -15,6 +15,9 @@ Version 1 tables:
 * ``results``  -- at most one row per item (primary key = item id): the exactly-once guarantee.
 * ``events``   -- the audit log (what happened to which task/item, when).
 * ``counters`` -- named counters (duplicate results, late results, ...).
+
+Version 2: ``items.refused`` -- how many of the item's attempts were refused or never reached
+their node (not counted against ``max_attempts``; a restarted coordinator reads it back).
 """
 
 from __future__ import annotations
@@ -75,8 +78,10 @@ _V1 = (
     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 
+_V2 = ("ALTER TABLE items ADD COLUMN refused INTEGER NOT NULL DEFAULT 0",)
+
 #: Statements taking the schema from version i to i + 1. ONLY APPEND.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 
 
 def schema_version(db: sqlite3.Connection) -> int:

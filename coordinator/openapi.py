@@ -123,6 +123,8 @@ def _task_schemas() -> dict[str, Schema]:
     })  # fmt: skip
     item = _obj(["item_id", "state", "node", "attempt", "error"], {
         "item_id": _STR, "state": _ref("TaskState"), "node": _NULLABLE_STR, "attempt": _INT,
+        "refused": {**_INT, "description": "attempts its node refused or never got (not counted"
+                    " against max_attempts)"},
         "error": _NULLABLE_STR, "model": _STR, "stage": _NULLABLE_STR, "position": _INT,
         "has_result": {"type": "boolean"},
         "waiting": {**_NULLABLE_STR, "description": "why a live item is on no node: no live"

@@ -335,7 +335,7 @@ class Coordinator:
                     self._replay_result(run, item.item_id, item.result, now)
                 elif item.state == TaskState.FAILED:
                     run.record_failure(item.item_id, item.error or "failed", now)
-            attempts = {i.item_id: i.attempt for i in rec.to_dispatch}
+            attempts = {i.item_id: (i.attempt, i.refused) for i in rec.to_dispatch}
             log.info("recovered task %s (%d items to dispatch)", run.task_id, len(attempts))
             if run.outcome is not None:  # every result was in before the crash
                 await self._finish(run, run.outcome)
@@ -524,10 +524,12 @@ class Coordinator:
 
     # --- dispatching -----------------------------------------------------------------------
 
-    def _schedule_ready(self, run: TaskRun, attempts: dict[str, int]) -> None:
+    def _schedule_ready(self, run: TaskRun, attempts: dict[str, tuple[int, int]]) -> None:
+        """Queue the task's items that are ready; ``attempts``: item id -> (attempt, refused)
+        as the journal has them (recovery), else a first attempt."""
         for item in run.ready():
-            attempt = attempts.get(item.item_id, 1)
-            entry = ItemRun(_with_attempt(item, attempt), attempt)
+            attempt, refused = attempts.get(item.item_id, (1, 0))
+            entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
             self._queue(item.item_id, run.spec.priority)
@@ -954,9 +956,9 @@ class Coordinator:
         attempt (draining, overloaded, model not loaded: ``_REFUSALS``) or never got it
         (dropped unsent, though a resend after a re-dial may have reached it). Refusals do not
         count, up to ``max_attempts`` of them per item, so a rolling restart of the nodes fails
-        no task while an item every node refuses for ever still fails. They are remembered in
-        memory only: after a coordinator restart an item's refused attempts count again. The
-        backoff still grows with every attempt, refused or not."""
+        no task while an item every node refuses for ever still fails. The journal keeps the
+        count (``items.refused``), so a restarted coordinator goes on from it. The backoff still
+        grows with every attempt, refused or not."""
         item_id, attempt = entry.item.item_id, entry.attempt
         self._cancel_timer(item_id)
         counted = ran or entry.refused >= self.config.max_attempts
@@ -971,7 +973,9 @@ class Coordinator:
         outcome = "failed" if counted else "refused"
         log.info("retrying %s (attempt %d %s: %s)", item_id, attempt, outcome, reason)
         self._journal_dispatch(entry)  # the failure needs it first
-        self._db.tell("record_failure", item_id, attempt, reason, retryable=True)
+        self._db.tell(
+            "record_failure", item_id, attempt, reason, retryable=True, refused=not counted
+        )
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
         self._assign(entry, None)

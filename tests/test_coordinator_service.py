@@ -632,6 +632,25 @@ async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attem
         assert (await c.stats())["refusals"] == 3
 
 
+async def test_a_restarted_coordinator_goes_on_from_the_journaled_refusals(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1, config=CoordinatorConfig(max_attempts=3)) as mesh:
+        c = mesh.coordinator
+        mesh.daemons["node-0"].executor._draining = True
+        await c.submit(spec("refused", "single", x[:1]))
+        await until(lambda: c.stats_.refusals >= 2)
+        await mesh.daemons.pop("node-0").aclose()  # nowhere to go after the restart: it waits
+        await c.aclose()
+        with sqlite3.connect(tmp_path / "journal.db") as db:
+            journaled = db.execute("SELECT refused FROM items WHERE id = 'refused/0'").fetchone()
+        db.close()
+        assert journaled[0] >= 2
+        mesh.coordinator = c = Coordinator(mesh.mesh, tmp_path / "journal.db", mesh.config)
+        await c.start()
+        assert c._items["refused/0"][1].refused == journaled[0]
+        assert (await c.get("refused")).items[0].refused == journaled[0]
+
+
 async def test_an_item_every_node_refuses_for_ever_still_fails(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=2)) as mesh:
@@ -663,8 +682,10 @@ async def test_a_failed_attempt_is_journaled_after_its_dispatch_however_quick(tm
         assert record.state.value == "succeeded" and record.items[0].node == "node-1"
         history = [(e.kind, e.detail) for e in await c._db.run("history", "r")]
         kinds = [kind for kind, _ in history]
-        assert kinds == ["submitted", "dispatched", "retry", "dispatched", "result", "succeeded"]
+        # (an overload is a refusal: the history and the item's count say so)
+        assert kinds == ["submitted", "dispatched", "refused", "dispatched", "result", "succeeded"]
         assert history[1][1] == "attempt 1 to node-0" and history[3][1] == "attempt 2 to node-1"
+        assert record.items[0].refused == 1 and record.items[0].attempt == 2
 
 
 async def test_an_item_dropped_unwritten_for_want_of_a_session_is_retried_at_once(tmp_path):

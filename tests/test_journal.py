@@ -570,6 +570,38 @@ def test_recover_requeues_in_flight_items_and_skips_finished_tasks(tmp_path):
         assert [e.kind for e in journal.history("live")].count("requeued") == 2
 
 
+def test_refused_attempts_are_counted_and_read_back_after_recovery(tmp_path):
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.submit(batch("t1"))
+        journal.mark_dispatched("t1/0", "veh-1", 1)
+        assert journal.record_failure("t1/0", 1, "node is draining", retryable=True, refused=True)
+        journal.mark_dispatched("t1/0", "veh-2", 2)
+        assert journal.record_failure("t1/0", 2, "no answer", retryable=True)
+        journal.mark_dispatched("t1/0", "veh-3", 3)
+    with Journal(path) as journal:
+        (recovered,) = journal.recover()
+        item = next(i for i in recovered.to_dispatch if i.item_id == "t1/0")
+        assert (item.attempt, item.refused) == (4, 1)  # (the requeue counts: fate unknown)
+        assert [e.kind for e in journal.history("t1")].count("refused") == 1
+        assert [e.kind for e in journal.history("t1")].count("retry") == 1
+
+
+def test_a_version_1_journal_gains_the_refused_column(tmp_path):
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.submit(batch("t1"))
+    with sqlite3.connect(path) as db:  # as the first release left it
+        db.execute("ALTER TABLE items DROP COLUMN refused")
+        db.execute("DELETE FROM schema_version WHERE version = 2")
+    db.close()
+    with Journal(path) as journal:
+        assert [i.refused for i in journal.get("t1").items] == [0] * 3
+    with sqlite3.connect(path) as db:
+        assert schema_version(db) == len(MIGRATIONS) == 2
+    db.close()
+
+
 def test_a_send_whose_dispatch_was_never_journaled_runs_again_after_recovery(tmp_path):
     path = tmp_path / "j.db"
     with Journal(path) as journal:
