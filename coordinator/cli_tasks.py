@@ -766,7 +766,7 @@ def render_task(doc: dict[str, Any]) -> str:
     items = doc.get("items") or []
     if items:
         rows = [
-            (i["item_id"], i["state"], i.get("model"), i.get("node"), i.get("attempt"),
+            (i["item_id"], i["state"], i.get("model"), i.get("node"), _attempt_text(i),
              _short(f"waiting: {i['waiting']}" if i.get("waiting") else i.get("error"), 80))
             for i in items
         ]  # fmt: skip
@@ -775,6 +775,12 @@ def render_task(doc: dict[str, Any]) -> str:
     if doc.get("result"):
         lines += ["", *_result_lines(doc["result"], 20)]
     return "\n".join(lines)
+
+
+def _attempt_text(item: dict[str, Any]) -> str:
+    """``3``, or ``3 (2 refused)`` for an item whose node refused (or never got) some attempts."""
+    refused = item.get("refused") or 0
+    return f"{item.get('attempt')}" + (f" ({refused} refused)" if refused else "")
 
 
 def deadline_text(doc: dict[str, Any]) -> str:

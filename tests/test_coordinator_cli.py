@@ -488,7 +488,7 @@ def test_render_task_with_items_and_result():
         {"item_id": "t-1/0", "state": "succeeded", "node": "node-0", "attempt": 1,
          "error": None, "model": "digits-mlp@1"},
         {"item_id": "t-1/1", "state": "succeeded", "node": "node-1", "attempt": 2,
-         "error": "node-0: overloaded", "model": "digits-mlp@1"},
+         "refused": 1, "error": "node-0: overloaded", "model": "digits-mlp@1"},
     ]  # fmt: skip
     result = {
         "labels": [3, 1, 3],
@@ -498,7 +498,11 @@ def test_render_task_with_items_and_result():
     text = render_task({**SUMMARY, "items": items, "result": result})
     assert "state     succeeded" in text and "(1.50 s later)" in text
     columns_line_up(text, "ITEM", "NODE", ["node-0", "node-1"])
-    columns_line_up(text, "ITEM", "ATTEMPT", ["      1", "      2"])
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("ITEM"))
+    end = lines[header].index("ATTEMPT") + len("ATTEMPT")  # a right-aligned column
+    first, second = (line[:end] for line in lines[header + 1 : header + 3])
+    assert first.endswith("node-0              1") and second.endswith("  2 (1 refused)")
     assert "node-0: overloaded" in text
     assert "labels: 3 rows; first 3: 3 1 3" in text and "counts: 1:1  3:2" in text
     assert "nodes: node-0 (1 item), node-1 (1 item)" in text
