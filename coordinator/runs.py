@@ -36,6 +36,7 @@ class ItemRun:
     attempt: int = 1
     node: str | None = None
     tried: set[str] = field(default_factory=set)
+    last: str | None = None  # the node of the latest dispatch
     refused: int = 0  # refusals not counted against max_attempts (Coordinator._retry)
     dispatched_at: float | None = None
     journaled: int = 0  # the attempt whose dispatch the journal has (0: none yet)

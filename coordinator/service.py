@@ -9,10 +9,11 @@ Flow of one work item (messages in :mod:`meshinfer.proto.tasks_wire`)::
 
 Fault tolerance: an attempt that fails retryably, times out (``item_timeout_s``), or whose node
 is declared dead or left by membership, is retried on a different node when one exists (the
-failed nodes are excluded), with exponential backoff (none after a node death: the item is
-re-dispatched at once), up to ``max_attempts``; then the task fails with the reason. A refusal
-does not count (see :meth:`Coordinator._retry`). A result
-is accepted exactly once (the journal refuses duplicates and late results; they are counted).
+nodes it was on are excluded; once every capable node had it, any but the last one), with
+exponential backoff (none after a node death: the item is re-dispatched at once), up to
+``max_attempts``; then the task fails with the reason. A refusal does not count (see
+:meth:`Coordinator._retry`). A result is accepted exactly once (the journal refuses duplicates
+and late results; they are counted).
 Cancelling a task sends ``TaskCancel`` to every node running one of its items.
 
 Inputs by reference (:mod:`coordinator.input_refs`): an input of at least
@@ -557,8 +558,11 @@ class Coordinator:
         views, full = self._views(), self._full_nodes()
         kw = {"rng": self.rng, "state": self.scheduler}
         node = choose(policy, views, entry.item, exclude=frozenset(entry.tried) | full, **kw)
-        if node is None and entry.tried:  # every capable node failed it once: allow repeats
-            node = choose(policy, views, entry.item, exclude=full, **kw)
+        if node is None and entry.tried:  # every capable node had it once: allow repeats, but
+            if entry.last is not None:  # not the one it just came back from while another fits
+                node = choose(policy, views, entry.item, exclude=full | {entry.last}, **kw)
+            if node is None:
+                node = choose(policy, views, entry.item, exclude=full, **kw)
         return node
 
     def _full_nodes(self) -> frozenset[str]:
@@ -615,6 +619,7 @@ class Coordinator:
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         self._assign(entry, node)
         entry.tried.add(node)
+        entry.last = node
         entry.dispatched_at = self._loop.time()
         self.stats_.dispatched += 1
         if not self._send_message(run, entry, node):

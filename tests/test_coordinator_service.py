@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
 import sqlite3
 import threading
@@ -630,6 +631,20 @@ async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attem
         assert record.state.value == "succeeded", record.summary.error
         assert record.items[0].attempt > 3  # more attempts than max_attempts, yet no failure
         assert (await c.stats())["refusals"] == 3
+
+
+async def test_once_every_node_had_an_item_it_does_not_go_back_to_the_one_it_just_left(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=3)) as mesh:
+        c = mesh.coordinator
+        for daemon in mesh.daemons.values():
+            daemon.executor._draining = True
+        record = await c.wait(await c.submit(spec("bounced", "single", x[:1])), timeout=15)
+        assert record.state.value == "failed"  # 3 refusals, then 3 counted attempts
+        history = await c._db.run("history", "bounced")
+        nodes = [e.detail.split(" to ")[1] for e in history if e.kind == "dispatched"]
+        assert len(nodes) == 6 and set(nodes) == {"node-0", "node-1"}
+        assert all(a != b for a, b in itertools.pairwise(nodes)), nodes
 
 
 async def test_a_restarted_coordinator_goes_on_from_the_journaled_refusals(tmp_path):
