@@ -9,8 +9,9 @@ item X held was re-dispatched to the other node), and when membership declared X
 task must then succeed with its result accepted exactly once.
 
 Two modes in the same run: ``membership only`` (``redial_timeout_s=0``: items move when SWIM
-declares X dead, the baseline) and ``fast path`` (the default: the lost session is re-dialled
-once for 250 ms, then X's items move at once). Prints median and max per mode and the ratio.
+declares X dead, the baseline) and ``fast path`` (the default: X must answer a ping, over
+another session or a re-dial, within 250 ms; else its items move at once). Prints median and
+max per mode and the ratio.
 Usage::
 
     python bench/bench_redispatch.py [--trials 5] [--quick]

@@ -117,7 +117,7 @@ class Reachability:
                 self._on_session(node, session)
 
     async def aclose(self) -> None:
-        """Stop watching (pending re-dials are cancelled). Idempotent."""
+        """Stop watching (probes under way are cancelled). Idempotent."""
         self._closed = True
         watchers = list(self._watchers)
         for task in watchers:
@@ -195,9 +195,8 @@ class Reachability:
             self._suspects.discard(node)
         if self._closed:
             return
-        for session in silent:
-            await session.aclose(CloseCode.GOING_AWAY, "no answer to a ping")
         if answered or self._opened[node] != opened:  # (a session opened meanwhile: it is up)
+            await self._close_silent(silent)  # first: sends go over a node's oldest session
             self.counts.redials_ok += 1
             self._on_back()
             if self._on_resend is not None:
@@ -208,14 +207,23 @@ class Reachability:
         how = "it did not answer a ping" if silent else "could not re-dial it"
         log.warning("lost the session with %s and %s: re-dispatching", node, how)
         self._on_lost(node, f"lost the session with {node}")
+        await self._close_silent(silent)
+
+    @staticmethod
+    async def _close_silent(sessions: list[Session]) -> None:
+        """Close the sessions that did not answer, together (a close may wait a second for a
+        write stuck behind a peer that reads nothing)."""
+        await asyncio.gather(
+            *(s.aclose(CloseCode.GOING_AWAY, "no answer to a ping") for s in sessions)
+        )
 
     async def _ping(self, node: str, silent: list[Session]) -> bool:
-        """True if ``node`` answered a ping within ``redial_timeout_s``: every session still
-        open with it is pinged, and if they all ended meanwhile (a killed node) it is re-dialled
-        and the new one pinged. An open session proves nothing: a second session with a killed
-        node may not have seen its end yet, and one across a link that went silent never will;
-        items sent over it would wait for their timeout. The sessions that stay open without
-        answering are added to ``silent``."""
+        """True if ``node`` answered within ``redial_timeout_s``: every session still open with
+        it is pinged, and if they all ended meanwhile (a killed node) it is re-dialled (a
+        handshake done is an answer). An open session proves nothing: a second session with a
+        killed node may not have seen its end yet, and one across a link that went silent never
+        will; items sent over it would wait for their timeout. The sessions that stay open
+        without answering are added to ``silent``."""
         deadline = asyncio.get_running_loop().time() + self.redial_timeout_s
         for _ in range(2):  # the sessions open now; if they all end unanswered, a new one
             sessions = self._open_with(node)
@@ -225,7 +233,7 @@ class Reachability:
                         await self.mesh.peers.request(node, Ping(nonce=0))  # dials it
                 except (MeshInferError, OSError, TimeoutError):
                     return False
-                sessions = self._open_with(node)
+                return True  # its handshake was the answer
             answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
             silent.extend(
                 s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open

@@ -779,9 +779,9 @@ class Journal:
 
         Retryable: the item goes to ``retrying`` with attempt + 1 (dispatch it again, to another
         node). Not retryable: ``failed`` (the coordinator then decides the task's fate). Failures
-        of an older attempt, or of an item that is done, are ignored and counted. ``refused``:
-        the node refused the attempt or never got it (the item's ``refused`` count grows; the
-        audit line says ``refused``, not ``retry``).
+        of an older attempt, or of an item that is done, are ignored and counted. ``refused``
+        (retryable failures only): the node refused the attempt or never got it (the item's
+        ``refused`` count grows; the audit line says ``refused``, not ``retry``).
         """
         event = TaskEvent.RETRY if retryable else TaskEvent.FAIL
         with self._write() as db:
@@ -795,7 +795,7 @@ class Journal:
             self._set_item(
                 db, item_id, transition(state, event), attempt=current + bump, error=error
             )
-            if refused:
+            if refused and retryable:
                 db.execute("UPDATE items SET refused = refused + 1 WHERE id = ?", (item_id,))
             kind = ("refused" if refused else "retry") if retryable else "failed"
             self._log(kind, task_id, item_id, error[:500])
@@ -1181,7 +1181,8 @@ def item_ended(error: BaseException) -> bool:
 
 
 def _hot_record(task_id: str, item: HotItem) -> ItemRecord:
-    """A hot item as :meth:`Journal.get` reads it (a hot item has no error)."""
+    """A hot item as :meth:`Journal.get` reads it (a hot item has no error and no refusals:
+    a failure drops it from memory first)."""
     where = item.outline
     return ItemRecord(
         where.item_id, task_id, where.index, where.model, where.stage, item.state, item.node,

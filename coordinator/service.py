@@ -27,9 +27,9 @@ acceptance and journaled) is its budget from acceptance; each item goes out with
 it, a parallel task's deadline is its aggregation's timeout, and a recovered task's budget
 counts the time since it was accepted.
 
-Fast failover: a node whose session ends abruptly is re-dialled once and, if that fails, its
-in-flight items are re-dispatched at once, before membership declares it dead
-(:mod:`coordinator.failover`).
+Fast failover: a node whose session ends abruptly must answer a ping (over another session, or
+a re-dial) and, if it does not, its in-flight items are re-dispatched at once, before membership
+declares it dead (:mod:`coordinator.failover`).
 
 Durability: every journal call runs on one dedicated thread (a
 :class:`~coordinator.journal_writer.JournalWriter`), in the order it was queued, so the event

@@ -297,7 +297,7 @@ class Demo:
             counted = f"; {_items(in_flight - moved)} answered just before"
         self.say(
             f"{self.kill_report['settled_s'] * 1000:.0f} ms after the kill nothing was left on"
-            f" {self.victim}: the coordinator saw the session drop, got no answer to a re-dial"
+            f" {self.victim}: the coordinator saw the session drop, got no answer to a ping"
             f" and re-dispatched {_items(moved)} to other nodes{counted}"
         )
         self.say(

@@ -3,10 +3,11 @@
 Real node daemons as processes with the ``lan`` membership preset (SWIM needs ~5 s to declare a
 crashed node dead there): a SIGKILLed node's items move to the other node before membership
 declares it dead, the task completes with every result accepted exactly once, and the node is
-scheduled again once it is back. A SIGTERM (drain, leave, Close frames) moves nothing it
-finished. In-process peers pin down the two other branches: a graceful ``Close`` with the
-listener gone re-dispatches nothing, and a lost session whose node answers the re-dial keeps
-its items where they are.
+scheduled again once it is back. A stopped node (SIGSTOP) whose other session stays open but
+silent has its items moved as fast, and the silent session closed. A SIGTERM (drain, leave,
+Close frames) moves nothing it finished. In-process peers pin down the two other branches: a
+graceful ``Close`` with the listener gone re-dispatches nothing, and a lost session whose node
+answers the re-dial keeps its items where they are.
 """
 
 from __future__ import annotations

@@ -587,13 +587,15 @@ def test_refused_attempts_are_counted_and_read_back_after_recovery(tmp_path):
         assert [e.kind for e in journal.history("t1")].count("retry") == 1
 
 
-def test_a_version_1_journal_gains_the_refused_column(tmp_path):
+def test_a_version_1_journal_gains_the_refused_column(tmp_path, monkeypatch):
     path = tmp_path / "j.db"
-    with Journal(path) as journal:
-        journal.submit(batch("t1"))
-    with sqlite3.connect(path) as db:  # as the first release left it
-        db.execute("ALTER TABLE items DROP COLUMN refused")
-        db.execute("DELETE FROM schema_version WHERE version = 2")
+    with monkeypatch.context() as patch:  # a journal written by the first release (schema v1)
+        patch.setattr(journal_module, "migrate", lambda db: migrate(db, MIGRATIONS[:1]))
+        with Journal(path) as journal:
+            journal.submit(batch("t1"))
+    with sqlite3.connect(path) as db:
+        assert schema_version(db) == 1
+        assert "refused" not in [row[1] for row in db.execute("PRAGMA table_info(items)")]
     db.close()
     with Journal(path) as journal:
         assert [i.refused for i in journal.get("t1").items] == [0] * 3
