@@ -225,22 +225,21 @@ class Reachability:
         will; items sent over it would wait for their timeout. The sessions that stay open
         without answering are added to ``silent``."""
         deadline = asyncio.get_running_loop().time() + self.redial_timeout_s
-        for _ in range(2):  # the sessions open now; if they all end unanswered, a new one
-            sessions = self._open_with(node)
-            if not sessions:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await self.mesh.peers.request(node, Ping(nonce=0))  # dials it
-                except (MeshInferError, OSError, TimeoutError):
-                    return False
-                return True  # its handshake was the answer
+        sessions = self._open_with(node)
+        if sessions:
             answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
             silent.extend(
                 s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open
             )
             if any(answers) or silent:
                 return any(answers)
-        return False
+        # none open, or all ended unanswered (a killed node): re-dial it
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.mesh.peers.request(node, Ping(nonce=0))
+        except (MeshInferError, OSError, TimeoutError):
+            return False
+        return True  # its handshake was the answer
 
     async def _answers(self, session: Session, deadline: float) -> bool:
         try:

@@ -103,6 +103,12 @@ def hold_inference(
     return gate
 
 
+def set_draining(mesh: Mesh, draining: bool) -> None:
+    """Every node refuses new items with SHUTTING_DOWN (still gossiping its models), or not."""
+    for daemon in mesh.daemons.values():
+        daemon.executor._draining = draining
+
+
 def spec(task_id, pattern, x, models=(DIGITS,), **kw) -> TaskSpec:
     return TaskSpec(task_id, Pattern(pattern), Tensor.from_array(x), tuple(models), **kw)
 
@@ -621,12 +627,10 @@ async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attem
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=3)) as mesh:
         c = mesh.coordinator
-        for daemon in mesh.daemons.values():
-            daemon.executor._draining = True  # refuses with SHUTTING_DOWN, still gossips models
+        set_draining(mesh, True)
         task_id = await c.submit(spec("refused", "single", x[:1]))
         await until(lambda: c.stats_.refusals == 3)  # as many as max_attempts go uncounted
-        for daemon in mesh.daemons.values():  # the next attempt runs, wherever it goes
-            daemon.executor._draining = False
+        set_draining(mesh, False)  # the next attempt runs, wherever it goes
         record = await c.wait(task_id, timeout=15)
         assert record.state.value == "succeeded", record.summary.error
         assert record.items[0].attempt > 3  # more attempts than max_attempts, yet no failure
@@ -637,8 +641,7 @@ async def test_once_every_node_had_an_item_it_does_not_go_back_to_the_one_it_jus
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=3)) as mesh:
         c = mesh.coordinator
-        for daemon in mesh.daemons.values():
-            daemon.executor._draining = True
+        set_draining(mesh, True)
         record = await c.wait(await c.submit(spec("bounced", "single", x[:1])), timeout=15)
         assert record.state.value == "failed"  # 3 refusals, then 3 counted attempts
         history = await c._db.run("history", "bounced")
@@ -670,8 +673,7 @@ async def test_an_item_every_node_refuses_for_ever_still_fails(tmp_path):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=2)) as mesh:
         c = mesh.coordinator
-        for daemon in mesh.daemons.values():
-            daemon.executor._draining = True
+        set_draining(mesh, True)
         record = await c.wait(await c.submit(spec("never", "single", x[:1])), timeout=15)
         assert record.state.value == "failed"
         assert "gave up after 4 attempts (2 refused)" in record.summary.error

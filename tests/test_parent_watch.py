@@ -77,6 +77,13 @@ class StartInterrupted(Exception):
     pass
 
 
+def stand_in_cluster(tmp_path, name: str) -> LocalCluster:
+    """A cluster whose daemon ``name`` is a stand-in script (its config is never read)."""
+    cluster = LocalCluster(tmp_path)
+    cluster.configs[name] = tmp_path / f"{name}.toml"
+    return cluster
+
+
 # A daemon that never gets READY: it names itself, then has its start interrupted (SIGUSR1).
 NEVER_READY = (
     "import os, signal, sys, time;"
@@ -87,8 +94,7 @@ NEVER_READY = (
 
 
 def test_a_daemon_whose_start_is_interrupted_is_killed_and_reaped(tmp_path):
-    cluster = LocalCluster(tmp_path)
-    cluster.configs["stuck"] = tmp_path / "stuck.toml"  # (never read)
+    cluster = stand_in_cluster(tmp_path, "stuck")
 
     def interrupt(signum: int, frame: object) -> None:
         raise StartInterrupted
@@ -112,8 +118,7 @@ READY_THEN_WAIT = (
 
 def test_starting_a_daemon_leaves_its_log_open_in_the_daemon_only(tmp_path):
     """The parent closes its copy of the log file at once (no unclosed-file warning)."""
-    cluster = LocalCluster(tmp_path)
-    cluster.configs["quick"] = tmp_path / "quick.toml"  # (never read)
+    cluster = stand_in_cluster(tmp_path, "quick")
     log = str(tmp_path / "quick.log")
     with cluster, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
@@ -122,6 +127,18 @@ def test_starting_a_daemon_leaves_its_log_open_in_the_daemon_only(tmp_path):
         assert not [w for w in caught if log in str(w.message)]
         assert log in {f.path for f in psutil.Process(daemon.proc.pid).open_files()}
         assert log not in {f.path for f in psutil.Process().open_files()}
+
+
+def test_a_daemons_stdout_pipe_is_closed_once_it_has_exited(tmp_path):
+    """The reader closes its end of the pipe at EOF, so nothing is left to the collector
+    (which would warn about it during some later test)."""
+    cluster = stand_in_cluster(tmp_path, "quick")
+    with cluster:
+        daemon = cluster.start("quick", command=(sys.executable, "-c", READY_THEN_WAIT))
+        assert not daemon.proc.stdout.closed
+        cluster.kill("quick")  # (joins the reader)
+        assert daemon.proc.stdout.closed
+        assert daemon.lines[0].startswith("READY ")
 
 
 @pytest.mark.parametrize("parser", [node_cli.build_parser, coord_cli.build_parser])
@@ -141,16 +158,3 @@ def test_a_pid_that_is_no_pid_is_refused(value, capsys):
     argv = ["run", "--config", "x.toml", "--exit-with-parent", value]
     assert node_cli.main(argv) == 2
     assert "expected a process id (a positive integer)" in capsys.readouterr().err
-
-
-def test_a_daemons_stdout_pipe_is_closed_once_it_has_exited(tmp_path):
-    """The reader closes its end of the pipe at EOF, so nothing is left to the collector
-    (which would warn about it during some later test)."""
-    cluster = LocalCluster(tmp_path)
-    cluster.configs["quick"] = tmp_path / "quick.toml"  # (never read)
-    with cluster:
-        daemon = cluster.start("quick", command=(sys.executable, "-c", READY_THEN_WAIT))
-        assert not daemon.proc.stdout.closed
-        cluster.kill("quick")  # (joins the reader)
-        assert daemon.proc.stdout.closed
-        assert daemon.lines[0].startswith("READY ")
