@@ -17,6 +17,9 @@ from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
+#: The largest ``[executor] result_replay_mib``.
+MAX_RESULT_REPLAY_MIB = 1 << 16
+
 CPU_THREADS = 1
 """Default ``[inference] cpu_threads``, chosen from ``python bench/bench_input_refs.py
 --cpu-threads 0 1 2`` (figures in the key's documentation)."""
@@ -116,6 +119,13 @@ class ExecutorSection:
         "MiB of task inputs kept so a coordinator can send the same input again by reference"
         " (its sha256) instead of its bytes; 0 keeps none",
     )
+    result_replay_mib: int = doc(
+        16,
+        "MiB of recent results kept so an item a coordinator sends again (its answer may have"
+        " been lost with a session, or with the coordinator's restart) is answered without"
+        " running it again; each result counts its output plus ~512 bytes; 0 keeps none",
+    )
+    result_replay_s: float = doc(60.0, "seconds a result is kept for such a replay (0 keeps none)")
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,11 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
     if not 0 <= config.executor.input_cache_mib <= MAX_INPUT_CACHE_MB:
         limit = MAX_INPUT_CACHE_MB
         raise ConfigError(f"{source}: [executor] input_cache_mib must be in 0..{limit}")
+    if not 0 <= config.executor.result_replay_mib <= MAX_RESULT_REPLAY_MIB:
+        limit = MAX_RESULT_REPLAY_MIB
+        raise ConfigError(f"{source}: [executor] result_replay_mib must be in 0..{limit}")
+    if not config.executor.result_replay_s >= 0:
+        raise ConfigError(f"{source}: [executor] result_replay_s must be >= 0")
     if config.inference.engine == "triton" and not config.inference.triton_url:
         raise ConfigError(f'{source}: [inference] triton_url is required for engine "triton"')
 

@@ -28,9 +28,12 @@ waiting for its item timeout. Bad input from a peer is answered with ``TaskFaile
 ``input_cache_mib``) as the item arrives, and an item that names its input by reference
 (``input_ref``) is given it from there, or answered ``INPUT_NOT_CACHED`` so the coordinator
 sends the bytes; both happen before anything else is decided about the item, so the cache sees
-every message in the order sent (which is what lets the coordinator mirror it). While draining
-(SIGTERM) new items are refused as retryable and queued ones are handed back, so the coordinator
-re-runs them elsewhere.
+every message in the order sent (which is what lets the coordinator mirror it). An item this
+node already answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``)
+is answered again from the kept result when it comes back (a coordinator resending what a lost
+session or its restart may have swallowed), even while draining, instead of running again.
+While draining (SIGTERM) new items are refused as retryable and queued ones are handed back,
+so the coordinator re-runs them elsewhere.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -75,6 +78,7 @@ from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.revocations import CutOff
 from meshinfer.runtime.session import Session
 from node.config import ExecutorSection
+from node.replay import ResultReplay
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,7 @@ class TaskExecutor:
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
         self._device_name: str | None = None
         self.inputs = ContentCache(config.input_cache_mib << 20)
+        self.replay = ResultReplay(config.result_replay_mib << 20, config.result_replay_s)
 
     def start(self) -> None:
         peers = self.mesh.peers
@@ -158,7 +163,7 @@ class TaskExecutor:
 
     def _on_assign(self, peer: str, msg: TaskAssign) -> None:
         msg = self._with_input(peer, msg)
-        if msg is None:
+        if msg is None or self._replayed(peer, msg):
             return
         if self._draining:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
@@ -186,6 +191,19 @@ class TaskExecutor:
         else:
             self._notify_accepted(peer, item_id, msg.attempt)
         task.add_done_callback(lambda _t, item=item_id: self._item_done(item))
+
+    def _replayed(self, peer: str, msg: TaskAssign) -> bool:
+        """Whether ``msg`` was answered from the result kept of its item: one that ran here (or
+        was passed on and answered) and is not running here now, or whose answer is queued."""
+        if msg.item_id in self._items and msg.item_id not in self._answered:
+            return False
+        ref = ModelRef(msg.model_id, msg.model_version)
+        now = asyncio.get_running_loop().time()
+        result = self.replay.answer(msg.item_id, ref, msg.attempt, now)
+        if result is None:
+            return False
+        self.mesh.peers.send(peer, result)
+        return True
 
     def _with_input(self, peer: str, msg: TaskAssign) -> TaskAssign | None:
         """``msg`` with its input inline (kept in the cache if asked), or None once answered
@@ -239,7 +257,10 @@ class TaskExecutor:
         offload = self._offloaded.get(msg.item_id)
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
-        coordinator = self._settle_offload(msg.item_id)[0]
+        coordinator, item, _ = self._settle_offload(msg.item_id)
+        if isinstance(msg, TaskResult):
+            ref = ModelRef(item.model_id, item.model_version)
+            self.replay.keep(ref, msg, asyncio.get_running_loop().time())
         self.stats.relayed += 1
         self.mesh.peers.send(coordinator, msg)
 
@@ -268,6 +289,7 @@ class TaskExecutor:
                 timings,
             )
             self._answered.add(msg.item_id)  # its answer is queued: cancelling sends no other
+            self.replay.keep(ref, result, done)
             await self.mesh.peers.request(peer, result)
             self.stats.completed += 1
         except asyncio.CancelledError:

@@ -181,6 +181,7 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
                     ({"outcome": "completed"}, st.completed),
                     ({"outcome": "offloaded"}, st.offloaded),
                     ({"outcome": "handed_back"}, st.handed_back),
+                    ({"outcome": "replayed"}, d.executor.replay.stats.replayed),
                     *(({"outcome": f"failed_{k}"}, v) for k, v in sorted(st.failed.items())),
                 ],
             )
@@ -258,5 +259,11 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
             "completed": ex.stats.completed,
             "offloaded": ex.stats.offloaded,
             "input_cache": dataclasses.asdict(ex.inputs.stats),
+            "result_replay": {
+                "results": len(ex.replay),
+                "replayed": ex.replay.stats.replayed,
+                "bytes": ex.replay.bytes,
+                "evicted": ex.replay.stats.evicted,
+            },
         },
     }

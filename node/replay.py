@@ -1,0 +1,110 @@
+"""Results a node keeps for a while, so an item sent to it again is answered, not run again.
+
+A coordinator sends a node an item it already answered when the answer may have been lost: the
+session it went over ended abruptly and the node answered the coordinator's ping
+(:mod:`coordinator.failover` sends its items again), or the coordinator restarted before it
+journaled the result (recovery sends every item in flight again, with the next attempt). The
+result was computed; running the item a second time only spends the node's engine on work
+done. :class:`ResultReplay` keeps each result this node sent, keyed by item id, for
+``keep_s`` seconds and within ``budget_bytes`` (oldest first out); the executor answers a
+``TaskAssign`` for a kept item with the kept result under the new attempt.
+
+An item id names one piece of work (one input through one model), so a kept result answers
+any later attempt of the same item; the model is checked too (a coordinator that assigns the
+same item to another model or version gets it run). Each entry counts its output's bytes plus
+:data:`ENTRY_OVERHEAD` (the Python objects around it), so a budget bounds the count of tiny
+results as well.
+
+Pure and synchronous: the clock is passed in. Not thread-safe (the node's event loop owns it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from meshinfer.errors import ConfigError
+from meshinfer.inference.base import ModelRef
+from meshinfer.proto.tasks_wire import TaskResult
+
+__all__ = ["ENTRY_OVERHEAD", "ReplayStats", "ResultReplay"]
+
+#: Bytes an entry is counted for besides its output's data (its result, tensor, timings and
+#: this store's bookkeeping, measured roughly with ``sys.getsizeof``).
+ENTRY_OVERHEAD = 512
+
+
+@dataclass
+class ReplayStats:
+    replayed: int = 0  # assignments answered from a kept result
+    evicted: int = 0  # results dropped for room before they expired
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    stored_at: float
+    ref: ModelRef
+    result: TaskResult
+    size: int
+
+
+class ResultReplay:
+    """The last results this node sent, for ``keep_s`` seconds, within ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int, keep_s: float) -> None:
+        if budget_bytes < 0 or not keep_s >= 0:
+            raise ConfigError(
+                f"result replay needs budget_bytes >= 0 and keep_s >= 0, got {budget_bytes},"
+                f" {keep_s}"
+            )
+        self.budget_bytes = budget_bytes
+        self.keep_s = keep_s
+        self.stats = ReplayStats()
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # in the order stored
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def keep(self, ref: ModelRef, result: TaskResult, now: float) -> None:
+        """Remember ``result`` (of an item run through ``ref``), dropping expired entries and,
+        if still over budget, the oldest. A result larger than the whole budget is not kept."""
+        self._expire(now)
+        size = len(result.output.data) + ENTRY_OVERHEAD
+        if size > self.budget_bytes or self.keep_s <= 0:
+            return
+        self._forget(result.item_id)
+        while self._bytes + size > self.budget_bytes:
+            self._forget(next(iter(self._kept)))
+            self.stats.evicted += 1
+        self._kept[result.item_id] = _Kept(now, ref, result, size)
+        self._bytes += size
+
+    def answer(self, item_id: str, ref: ModelRef, attempt: int, now: float) -> TaskResult | None:
+        """The kept result of ``item_id`` run through ``ref``, as the answer to ``attempt``;
+        None if none is kept (never run here, expired, evicted, or another model)."""
+        kept = self._kept.get(item_id)
+        if kept is None or kept.ref != ref:
+            return None
+        if now - kept.stored_at >= self.keep_s:
+            self._expire(now)
+            return None
+        self.stats.replayed += 1
+        result = kept.result
+        return result if result.attempt == attempt else replace(result, attempt=attempt)
+
+    def _expire(self, now: float) -> None:
+        while self._kept:
+            oldest = next(iter(self._kept.values()))
+            if now - oldest.stored_at < self.keep_s:
+                return
+            self._forget(oldest.result.item_id)
+
+    def _forget(self, item_id: str) -> None:
+        kept = self._kept.pop(item_id, None)
+        if kept is not None:
+            self._bytes -= kept.size
