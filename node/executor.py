@@ -17,10 +17,12 @@ load is its gossiped queue depth (up to a second old) plus the items this node p
 are not answered yet, and ties are broken at random, so overloaded nodes do not all pile onto
 the one peer that looked idlest. A peer whose session this node would send over carries a
 certificate that is now revoked (the session is about to be cut) gets nothing. A node already
-holding an item answers its latest ``TaskAssign`` (a coordinator's retry after the first sender
-went away). If the peer an item was passed to dies, leaves, loses its session abruptly, or the
-session the item went over is closed for a revoked certificate first, or the item could never be
-written to it (the peer table gave up: dial failed, message too large), the item is handed back
+holding an item, running or passed on, answers its latest ``TaskAssign`` (a coordinator's retry
+after the first sender went away, or its resend after a lost session): an item passed on is not
+passed on again, and the peer's answer is relayed under the latest attempt. If the peer an item
+was passed to dies, leaves, loses its session abruptly, or the session the item went over is
+closed for a revoked certificate first, or the item could never be written to it (the peer table
+gave up: dial failed, message too large), the item is handed back
 (``TaskFailed`` ``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of
 waiting for its item timeout. Bad input from a peer is answered with ``TaskFailed``
 (``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this node to keep
@@ -168,7 +170,7 @@ class TaskExecutor:
         if self._draining:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
             return
-        if msg.item_id in self._items:
+        if msg.item_id in self._items or msg.item_id in self._offloaded:
             self._reply[msg.item_id] = (peer, msg.attempt)  # answer the latest assignment
             return
         ref = ModelRef(msg.model_id, msg.model_version)
@@ -261,6 +263,9 @@ class TaskExecutor:
         if isinstance(msg, TaskResult):
             ref = ModelRef(item.model_id, item.model_version)
             self.replay.keep(ref, msg, asyncio.get_running_loop().time())
+        coordinator, latest = self._answer_to(coordinator, item)
+        if latest.attempt != msg.attempt:
+            msg = replace(msg, attempt=latest.attempt)
         self.stats.relayed += 1
         self.mesh.peers.send(coordinator, msg)
 
@@ -424,7 +429,7 @@ class TaskExecutor:
 
     def _hand_back(self, item_id: str, text: str) -> None:
         """Tell the coordinator an offloaded item will not be answered (retryable)."""
-        coordinator, msg, _ = self._settle_offload(item_id)
+        coordinator, msg = self._answer_to(*self._settle_offload(item_id)[:2])
         self.stats.handed_back += 1
         self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
 

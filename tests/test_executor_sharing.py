@@ -27,7 +27,13 @@ from meshinfer.inference.numpy_engine import NumpyEngine
 from meshinfer.inference.registry import ModelRegistry, synthetic_model
 from meshinfer.inference.synthetic import SyntheticSpec, sample_inputs
 from meshinfer.proto.identity import NodeIdentity
-from meshinfer.proto.membership import Member, MemberStatus, NodeState
+from meshinfer.proto.membership import (
+    Member,
+    MemberEvent,
+    MemberEventKind,
+    MemberStatus,
+    NodeState,
+)
 from meshinfer.proto.membership_wire import AliveRecord, ModelInfo
 from meshinfer.proto.messages import AppData, Message
 from meshinfer.proto.tasks_wire import (
@@ -523,6 +529,45 @@ async def test_a_held_item_answers_its_latest_assignment():
         await soon(lambda: net.nodes["coord-2"].answers() == [("TaskResult", "x", 2, "w")])
         assert net.nodes["coord"].answers() == [("TaskResult", "y", 1, "w")]  # x's came first
         assert executor.stats.accepted == 2  # x once
+
+
+async def test_an_item_passed_on_and_assigned_again_stays_with_its_peer():
+    """coord's item went to b; coord-2 then assigns it again (attempt 2): w does not pass it
+    on again (nor run it), and b's answer to attempt 1 reaches coord-2 as attempt 2's."""
+    async with Net() as net:
+        net.members.set("b")
+        net.members.set("c")
+        executor = await net.loaded_worker("b", "c")
+        await net.assign("coord", "p")
+        await soon(lambda: net.holder("p") is not None)
+        holder = net.holder("p")
+        await net.assign("coord-2", "p", attempt=2)
+        await net.assign("coord", "q")  # a message after it: the reassignment was handled
+        await soon(lambda: net.holder("q") is not None)
+        assert [net.holder("p")] == [n for n in ("b", "c") if "p" in net.nodes[n].assigned()]
+        assert executor.stats.offloaded == 2 and executor.backlog == 3
+        output = Tensor.from_array(sample_inputs(MODEL, 1))
+        await net.nodes[holder].peers.request("w", TaskResult("p", 1, output, holder, "", "", {}))
+        await soon(lambda: net.nodes["coord-2"].answers() == [("TaskResult", "p", 2, "w")])
+        assert all(a[1] != "p" for a in net.nodes["coord"].answers())
+
+
+async def test_an_item_passed_on_and_assigned_again_is_handed_back_to_the_latest_sender():
+    async with Net() as net:
+        net.members.set("b")
+        await net.loaded_worker("b")
+        await net.assign("coord", "p")
+        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        await net.assign("coord-2", "p", attempt=2)
+        await net.assign("coord-2", "q")
+        await soon(lambda: net.nodes["b"].assigned() == ["p", "q"])
+        dead = MemberEvent(MemberEventKind.DEAD, net.members.member("b"), at=0.0)
+        for subscriber in net.members.subscribers:
+            subscriber(dead)
+        await soon(lambda: net.nodes["coord-2"].failure("p") is not None)
+        failed = net.nodes["coord-2"].failure("p")
+        assert (failed.code, failed.attempt) == (FailureKind.PEER_LOST, 2)
+        assert net.nodes["coord"].failure("p") is None
 
 
 async def test_a_held_item_cancelled_reports_to_its_latest_assignment():
