@@ -8,6 +8,9 @@ Routes (the OpenAPI document in :mod:`coordinator.openapi` describes each one)::
     GET  /v1/tasks/{id}/wait       the same, once finished or after ?timeout= seconds
     POST /v1/tasks/{id}/cancel     cancel
     GET  /v1/nodes, /v1/stats      the mesh as the coordinator sees it; its counters
+    GET  /v1/revocations           the certificate revocation list in force here
+    POST /v1/revocations           merge a signed list (the fleet's revocations.bin as the body,
+                                   application/octet-stream); gossip spreads it to the fleet
     GET  /metrics                  Prometheus text (meshinfer_coord_*)
     GET  /openapi.json             the OpenAPI 3.1 document
     GET  /healthz                  liveness; the only route without the bearer token
@@ -53,12 +56,14 @@ from coordinator.journal import (
 )
 from coordinator.openapi import openapi_document
 from coordinator.service import Coordinator
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, RevocationError
 from meshinfer.inference.executor import BoundedExecutor
+from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES, RevocationList
 from meshinfer.proto.tasks import TaskSpec, TaskState, new_task_id
 from meshinfer.proto.tasks_codec import spec_from_dict
 from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, Sample, render_family
+from meshinfer.runtime.revocations import RevocationSync
 from meshinfer.transport.base import Address
 
 __all__ = [
@@ -120,6 +125,19 @@ class ApiError(Exception):
         """The JSON error response."""
         body = error_body(self.status, self.code, self.message)
         return _json(body, status=self.status, headers=self.headers)
+
+
+def revocations_doc(listed: RevocationList) -> dict[str, Any]:
+    """``{"version", "entries": [...]}`` of a revocation list, oldest entry first."""
+    entries = sorted(listed.entries, key=lambda e: e.sequence)
+    return {
+        "version": listed.version,
+        "entries": [
+            {"sequence": e.sequence, "serial": e.serial, "node_id": e.node_id,
+             "revoked_at": e.revoked_at, "reason": e.reason}
+            for e in entries
+        ],
+    }  # fmt: skip
 
 
 def error_body(status: int, code: str, message: str) -> dict[str, Any]:
@@ -201,6 +219,8 @@ class CoordinatorApi:
             web.post("/v1/tasks/{id}/cancel", self.cancel_task),
             get("/v1/nodes", self.nodes),
             get("/v1/stats", self.stats),
+            get("/v1/revocations", self.revocations),
+            web.post("/v1/revocations", self.push_revocations),
             get("/metrics", self.metrics),
             get("/openapi.json", self.openapi),
             get("/healthz", self.healthz),
@@ -426,6 +446,45 @@ class CoordinatorApi:
         """GET /openapi.json."""
         _query(request, set())
         return _json(self._openapi)
+
+    # --- certificate revocations ----------------------------------------------------------
+
+    async def revocations(self, request: web.Request) -> web.Response:
+        """GET /v1/revocations."""
+        _query(request, set())
+        return _json(revocations_doc(self._revocation_sync().revocations))
+
+    async def push_revocations(self, request: web.Request) -> web.Response:
+        """POST /v1/revocations: the body is a revocation list file as ``meshinfer fleet
+        revoke`` writes it; every entry is verified against the fleet's authority, then merged
+        (a set union: pushing an older or the same list changes nothing) and gossiped."""
+        _query(request, set())
+        if request.content_type != "application/octet-stream":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "Content-Type must be application/octet-stream (the revocations.bin file), not"
+                f" {request.content_type!r}",
+            )
+        sync = self._revocation_sync()
+        length = request.content_length
+        if length is not None and length > MAX_REVOCATION_LIST_BYTES:
+            raise _too_large(MAX_REVOCATION_LIST_BYTES)
+        body = await self._read_body(request)
+        if len(body) > MAX_REVOCATION_LIST_BYTES:
+            raise _too_large(MAX_REVOCATION_LIST_BYTES)
+        try:  # (an Ed25519 check per entry: off the loop)
+            listed = await asyncio.to_thread(RevocationList.from_bytes, body, sync.trust)
+            merged = await sync.merge_list(listed, "the HTTP API")
+        except RevocationError as exc:
+            raise ApiError(400, "invalid_revocations", str(exc)) from None
+        return _json({**revocations_doc(sync.revocations), "merged": merged})
+
+    def _revocation_sync(self) -> RevocationSync:
+        sync = self.coordinator.mesh.revocation_sync
+        if sync is None:
+            raise ApiError(503, "unavailable", "this coordinator runs no revocation sync")
+        return sync
 
     async def healthz(self, request: web.Request) -> web.Response:
         """GET /healthz (no token needed)."""

@@ -10,6 +10,7 @@
     cancel  TASK_ID [--json]
     nodes   [--json]
     stats   [--json]
+    revocations [--push FLEET_DIR | FILE] [--json]
 
 Every command takes ``--url``/``--token-file`` or ``--data-dir`` (the coordinator's data
 directory, whose ``runtime.json`` names both), else ``MESHINFER_COORD_URL`` and
@@ -56,6 +57,7 @@ from coordinator.client import (
     tensor_json,
 )
 from meshinfer.errors import ConfigError, RemoteProtocolError
+from meshinfer.identity_files import read_file
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, Pattern, TaskState
@@ -395,8 +397,12 @@ Command = Callable[[CoordinatorClient, argparse.Namespace], int]
 
 
 def add_task_commands(commands: Any) -> None:
-    """Add ``submit``, ``status``, ``tasks``, ``cancel``, ``nodes`` and ``stats``."""
-    for add in (_add_submit, _add_status, _add_tasks, _add_cancel, _add_nodes, _add_stats):
+    """Add ``submit``, ``status``, ``tasks``, ``cancel``, ``nodes``, ``stats`` and
+    ``revocations``."""
+    for add in (
+        _add_submit, _add_status, _add_tasks, _add_cancel, _add_nodes, _add_stats,
+        _add_revocations,
+    ):  # fmt: skip
         add(commands)
 
 
@@ -673,6 +679,55 @@ def _nodes(client: CoordinatorClient, args: argparse.Namespace) -> int:
     else:
         print(render_nodes(doc))
     return 0
+
+
+def _add_revocations(commands: Any) -> None:
+    parser = _command(
+        commands,
+        "revocations",
+        "show the certificate revocation list in force, or --push the fleet's to the coordinator"
+        " (gossip then spreads it to every node)",
+        _revocations,
+    )
+    parser.add_argument(
+        "--push",
+        type=Path,
+        metavar="PATH",
+        help="a revocations.bin file, or the fleet directory holding one (after fleet revoke)",
+    )
+
+
+def _revocations(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    if args.push is None:
+        doc = client.revocations()
+    else:
+        path = args.push / "revocations.bin" if args.push.is_dir() else args.push
+        doc = client.push_revocations(read_file(path, "revocation list"))
+    if args.json:
+        _print_json(doc)
+    else:
+        print(render_revocations(doc))
+    return 0
+
+
+def render_revocations(doc: dict[str, Any]) -> str:
+    """The ``revocations`` view: the list's version and entries (and whether a push merged)."""
+    merged = doc.get("merged")
+    head = f"revocation list version {doc['version']}" + (
+        "" if merged is None else (" (merged)" if merged else " (nothing new)")
+    )
+    rows = [
+        (
+            e["sequence"],
+            f"serial {e['serial']}" if e["serial"] is not None else f"node {e['node_id']}",
+            utc_iso(e["revoked_at"]),
+            e["reason"] or "-",
+        )
+        for e in doc["entries"]
+    ]
+    if not rows:
+        return head + ": no certificate revoked"
+    return head + "\n" + format_table(("SEQ", "REVOKES", "AT", "REASON"), rows, right={"SEQ"})
 
 
 def _add_stats(commands: Any) -> None:

@@ -339,6 +339,18 @@ class CoordinatorClient:
         """GET /v1/stats: task/item counts by state and the coordinator's counters."""
         return self._request("GET", "/v1/stats")
 
+    def revocations(self) -> dict[str, Any]:
+        """GET /v1/revocations: ``{"version", "entries"}``, the list in force."""
+        return self._request("GET", "/v1/revocations")
+
+    def push_revocations(self, data: bytes) -> dict[str, Any]:
+        """POST /v1/revocations with a revocation list file's bytes: ``{"version", "entries",
+        "merged"}``."""
+        request = self._build("POST", "/v1/revocations", None, None)
+        request.data = data
+        request.add_header("Content-Type", "application/octet-stream")
+        return self._send(request)
+
     def health(self) -> dict[str, Any]:
         """GET /healthz: ``{"status": "ok"}`` (needs no token)."""
         return self._request("GET", "/healthz")

@@ -22,6 +22,7 @@ API_VERSION = "1.0.0"
 ERROR_CODES = (
     "bad_json", "invalid_task", "bad_parameter", "bad_request", "unauthorized", "not_found",
     "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "busy", "internal",
+    "invalid_revocations", "unavailable",
 )  # fmt: skip
 
 Schema = dict[str, Any]
@@ -176,7 +177,20 @@ def _mesh_schemas() -> dict[str, Schema]:
     error = _obj(["status", "code", "message"], {
         "status": _INT, "code": _enum(ERROR_CODES), "message": _STR,
     })  # fmt: skip
+    revocation = _obj(["sequence", "serial", "node_id", "revoked_at", "reason"], {
+        "sequence": _INT,
+        "serial": {"type": ["integer", "null"], "description": "the certificate revoked"},
+        "node_id": {"type": ["string", "null"], "description": "every certificate of the node"
+                    " issued before revoked_at"},
+        "revoked_at": _NUM, "reason": _STR,
+    })  # fmt: skip
+    revocations = {"version": _INT, "entries": _array(_ref("Revocation"))}
     return {
+        "Revocation": revocation,
+        "Revocations": _obj(["version", "entries"], revocations),
+        "RevocationsMerged": _obj(
+            ["version", "entries", "merged"], {**revocations, "merged": {"type": "boolean"}}
+        ),
         "Node": node,
         "Nodes": _obj(["nodes"], {"nodes": _array(_ref("Node"))}),
         "Stats": stats,
@@ -188,13 +202,15 @@ def _mesh_schemas() -> dict[str, Schema]:
 # --- paths -----------------------------------------------------------------------------------
 
 _ERROR_RESPONSES = {
-    "400": "A malformed body or query parameter (code bad_json, invalid_task, bad_parameter).",
+    "400": "A malformed body or query parameter (code bad_json, invalid_task, bad_parameter,"
+    " invalid_revocations).",
     "401": "No or a wrong bearer token (code unauthorized).",
     "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
     "413": "The body is over the size limit (code too_large).",
-    "415": "The body is not application/json (code unsupported_media_type).",
-    "503": "Too many submissions are being uploaded; retry after Retry-After (code busy).",
+    "415": "The body is not of the route's media type (code unsupported_media_type).",
+    "503": "Too many submissions are being uploaded; retry after Retry-After (code busy); or"
+    " this coordinator runs no revocation sync (code unavailable).",
     "500": "The coordinator failed; the error is logged (code internal).",
 }
 
@@ -270,6 +286,19 @@ def _other_paths() -> dict[str, Any]:
                                         {"200": _ok("Every member.", _ref("Nodes"))})},
         "/v1/stats": {"get": _operation("getStats", "Task and item counts and counters.",
                                         {"200": _ok("The counters.", _ref("Stats"))})},
+        "/v1/revocations": {
+            "get": _operation("getRevocations", "The certificate revocation list in force.",
+                              {"200": _ok("The list.", _ref("Revocations"))}, "503"),
+            "post": _operation(
+                "pushRevocations",
+                "Merge a signed revocation list (what meshinfer fleet revoke writes); gossip"
+                " spreads it to the fleet and revoked nodes' sessions are closed.",
+                {"200": _ok("The list in force now; merged is false if nothing was new.",
+                            _ref("RevocationsMerged"))}, "400 413 415 503",
+                requestBody={"required": True, "content": {
+                    "application/octet-stream": {"schema": {"type": "string",
+                                                            "format": "binary"}}}}),
+        },
         "/metrics": {"get": _operation("getMetrics", "Prometheus metrics.", {"200": metrics})},
         "/openapi.json": {"get": _operation("getOpenApi", "This document.", {
             "200": _ok("The OpenAPI document.", {"type": "object"})})},

@@ -286,12 +286,23 @@ class RevocationSync:
 
     # --- merging -----------------------------------------------------------------------------
 
-    async def _adopt(self, more: RevocationList, source: str) -> None:
+    async def merge_list(self, more: RevocationList, source: str) -> bool:
+        """Merge a list verified against :attr:`trust` that reached this node another way (an
+        operator's push through the coordinator's API), as if a peer had offered it: written
+        down, gossiped, revoked peers' sessions closed. Whether the list in force grew (False
+        too if the union would be over ``MAX_REVOCATION_ENTRIES``, which is logged)."""
+        if more.fleet_id != self.trust.fleet_id:
+            raise RevocationError(f"revocation list is for fleet {more.fleet_id!r}")
+        return await self._adopt(more, source)
+
+    async def _adopt(self, more: RevocationList, source: str) -> bool:
         """Merge ``more`` into the list in force; if it grew, write it down and close the
         sessions of peers it revokes."""
-        if self._merge(more, source):
-            await self._write_down()
-            await self._close_revoked(self.peers.open_sessions())
+        if not self._merge(more, source):
+            return False
+        await self._write_down()
+        await self._close_revoked(self.peers.open_sessions())
+        return True
 
     def _merge(self, more: RevocationList, source: str) -> bool:
         """Put the union in force and gossip its version; whether it grew."""
