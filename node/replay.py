@@ -29,9 +29,9 @@ from meshinfer.proto.tasks_wire import TaskResult
 
 __all__ = ["ENTRY_OVERHEAD", "ReplayStats", "ResultReplay"]
 
-#: Bytes an entry is counted for besides its output's data (its result, tensor, timings and
-#: this store's bookkeeping, measured roughly with ``sys.getsizeof``).
-ENTRY_OVERHEAD = 512
+#: Bytes an entry is counted for besides its output's data: its result, tensor, timings, item
+#: id and this store's bookkeeping (``tracemalloc``: ~690 bytes for a one-row result).
+ENTRY_OVERHEAD = 700
 
 
 @dataclass
