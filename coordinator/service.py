@@ -109,6 +109,7 @@ from meshinfer.proto.scheduling import (
 )
 from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
 from meshinfer.proto.tasks_wire import (
+    REFUSALS,
     FailureKind,
     TaskAccepted,
     TaskAssign,
@@ -904,7 +905,7 @@ class Coordinator:
             self._inputs.forget_input(peer, entry)  # sent with its bytes, yet not kept there
         reason = f"{peer}: {msg.message}"
         if msg.retryable:
-            self._retry(run, entry, reason, backoff=True, ran=msg.code not in _REFUSALS)
+            self._retry(run, entry, reason, backoff=True, ran=msg.code not in REFUSALS)
         else:
             self._steps.spawn(self._fail_item(run, entry, reason))
 
@@ -958,7 +959,7 @@ class Coordinator:
     ) -> None:
         """Try the item again (on another node if one fits), or fail it once ``max_attempts``
         attempts failed. ``ran=False``, a *refusal*: the node refused or handed back this
-        attempt (draining, overloaded, model not loaded: ``_REFUSALS``) or never got it
+        attempt (draining, overloaded, model not loaded: ``REFUSALS``) or never got it
         (dropped unsent, though a resend after a re-dial may have reached it). Refusals do not
         count, up to ``max_attempts`` of them per item, so a rolling restart of the nodes fails
         no task while an item every node refuses for ever still fails. The journal keeps the
@@ -1089,12 +1090,6 @@ def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
 def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
     _pop_timer(timers, key)
     timers[key] = timer
-
-
-#: Failure kinds that are refusals (see Coordinator._retry): not counted against max_attempts.
-_REFUSALS = frozenset(
-    {FailureKind.SHUTTING_DOWN, FailureKind.OVERLOADED, FailureKind.MODEL_NOT_FOUND}
-)
 
 
 def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:

@@ -12,7 +12,9 @@ when an item from a coordinator arrives while this node's backlog reaches
 ``offload_queue_depth`` (or it lacks the model) and a peer that is ALIVE (not suspect), has an
 open session with this node and gossips the model with a smaller load (any load, if this node
 lacks the model) exists, the item is forwarded to that peer, and whatever comes back is relayed
-to the coordinator. One hop only: an item another node passed on runs where it lands. A peer's
+to the coordinator, except a refusal (the peer is draining, overloaded or lacks the model: it
+never ran the item), after which the item runs here unless this node is draining too. One hop
+only: an item another node passed on runs where it lands. A peer's
 load is its gossiped queue depth (up to a second old) plus the items this node passed to it that
 are not answered yet, and ties are broken at random, so overloaded nodes do not all pile onto
 the one peer that looked idlest. A peer whose session this node would send over carries a
@@ -67,6 +69,7 @@ from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache
 from meshinfer.inference.mlp import BatchShapeError
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
+    REFUSALS,
     FailureKind,
     TaskAccepted,
     TaskAssign,
@@ -74,6 +77,7 @@ from meshinfer.proto.tasks_wire import (
     TaskFailed,
     TaskResult,
     Tensor,
+    failure_kind,
 )
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
@@ -100,6 +104,7 @@ class ExecutorStats:
     relayed: int = 0
     cancelled: int = 0
     handed_back: int = 0
+    taken_back: int = 0  # items passed on, refused by the peer, then run here
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -180,6 +185,10 @@ class TaskExecutor:
         if ref not in self.batchers:
             self._fail(peer, msg, FailureKind.MODEL_NOT_FOUND, f"{ref} not loaded", retryable=True)
             return
+        self._start(peer, msg, ref)
+
+    def _start(self, peer: str, msg: TaskAssign, ref: ModelRef) -> None:
+        """Run the item here (``ref`` is loaded); its answer goes to ``peer``."""
         self.stats.accepted += 1
         loop = asyncio.get_running_loop()
         item_id = msg.item_id
@@ -260,10 +269,15 @@ class TaskExecutor:
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
         coordinator, item, _ = self._settle_offload(msg.item_id)
+        ref = ModelRef(item.model_id, item.model_version)
         if isinstance(msg, TaskResult):
-            ref = ModelRef(item.model_id, item.model_version)
             self.replay.keep(ref, msg, asyncio.get_running_loop().time())
         coordinator, latest = self._answer_to(coordinator, item)
+        if isinstance(msg, TaskFailed) and self._runs_refused(msg, ref):
+            log.info("%s refused %s (%s): running it here", peer, msg.item_id, msg.message)
+            self.stats.taken_back += 1
+            self._start(coordinator, latest, ref)
+            return
         if latest.attempt != msg.attempt:
             msg = replace(msg, attempt=latest.attempt)
         self.stats.relayed += 1
@@ -450,6 +464,13 @@ class TaskExecutor:
         self._offload_timers.pop(msg.item_id, None)
         if self._offloaded.get(msg.item_id) is offload:
             self._hand_back(msg.item_id, f"offloaded to {target}, which has not answered")
+
+    def _runs_refused(self, failed: TaskFailed, ref: ModelRef) -> bool:
+        """Whether an item the peer refused (draining, overloaded, model not loaded: it never
+        ran there) runs here instead of the refusal going back: this node has the model and is
+        not draining itself (one round trip to the coordinator and its re-scheduling saved)."""
+        refused = failed.retryable and failure_kind(failed.code) in REFUSALS
+        return refused and not self._draining and ref in self.batchers
 
     def _is_coordinator(self, peer: str) -> bool:
         """Whether ``peer`` may have sent us an item to run or pass on: a coordinator (or a

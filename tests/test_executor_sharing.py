@@ -570,6 +570,50 @@ async def test_an_item_passed_on_and_assigned_again_is_handed_back_to_the_latest
         assert net.nodes["coord"].failure("p") is None
 
 
+@pytest.mark.parametrize(
+    ("code", "runs_here"),
+    [
+        (FailureKind.SHUTTING_DOWN, True),
+        (FailureKind.OVERLOADED, True),
+        (FailureKind.MODEL_NOT_FOUND, True),
+        (FailureKind.INFERENCE_ERROR, False),  # it ran there and failed: the coordinator decides
+    ],
+)
+async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
+    """b refuses the item w passed it (it never ran there): w, which has the model and is not
+    draining, runs it itself instead of sending the refusal back to the coordinator."""
+    async with Net() as net:
+        net.members.set("b")
+        executor = await net.loaded_worker("b")
+        await net.assign("coord", "p")
+        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        refusal = TaskFailed("p", 1, int(code), "no", retryable=True)
+        await net.nodes["b"].peers.request("w", refusal)
+        net.gate.set()
+        coord = net.nodes["coord"]
+        await soon(lambda: any(a[1] == "p" for a in coord.answers()))
+        expected = ("TaskResult", "p", 1, "w") if runs_here else ("TaskFailed", "p", 1, "w")
+        assert [a for a in coord.answers() if a[1] == "p"] == [expected]
+        assert executor.stats.taken_back == int(runs_here)
+
+
+async def test_a_draining_node_relays_its_peers_refusal():
+    async with Net() as net:
+        net.members.set("b")
+        executor = await net.loaded_worker("b")
+        await net.assign("coord", "p")
+        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        draining = asyncio.create_task(executor.drain(timeout=WAIT_S))
+        await asyncio.sleep(0)
+        refusal = TaskFailed("p", 1, int(FailureKind.SHUTTING_DOWN), "draining", retryable=True)
+        await net.nodes["b"].peers.request("w", refusal)
+        await soon(lambda: net.nodes["coord"].failure("p") is not None)
+        assert net.nodes["coord"].failure("p").code == FailureKind.SHUTTING_DOWN
+        assert executor.stats.taken_back == 0
+        net.gate.set()
+        await draining
+
+
 async def test_a_held_item_cancelled_reports_to_its_latest_assignment():
     async with Net() as net:
         executor = net.worker(KEEPING)

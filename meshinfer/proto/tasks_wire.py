@@ -54,6 +54,7 @@ __all__ = [
     "MAX_NDIM",
     "MAX_TENSOR_BYTES",
     "NO_INPUT",
+    "REFUSALS",
     "FailureKind",
     "ParamValue",
     "TaskAccepted",
@@ -300,6 +301,14 @@ class FailureKind(enum.IntEnum):
     SHUTTING_DOWN = 7
     PEER_LOST = 8  # the node this item was offloaded to died, left or dropped its session
     INPUT_NOT_CACHED = 9  # input_ref names bytes the node does not hold: send them inline
+
+
+#: Failures that say the node never ran the attempt (it refused it, or handed it back unstarted):
+#: a coordinator retries them without counting them against ``max_attempts``, and a node that
+#: passed such an item on runs it itself when it can.
+REFUSALS = frozenset(
+    {FailureKind.SHUTTING_DOWN, FailureKind.OVERLOADED, FailureKind.MODEL_NOT_FOUND}
+)
 
 
 def failure_kind(code: int) -> FailureKind:
