@@ -66,8 +66,9 @@ class CoordinatorSection:
     redial_timeout_s: float = doc(
         0.25,
         "fast failover: after a node's session is lost abruptly, the node must answer a ping"
-        " (over another session, or a re-dial) within this many seconds or its items are"
-        " re-dispatched at once; on a slow link, set it above a round trip plus a"
+        " over another session within this many seconds, or else a new dial within as many"
+        " again (after closing sessions that stayed silent), or its items are re-dispatched at"
+        " once; on a slow link, set it above a round trip plus a"
         " retransmission; 0 leaves it to membership",
     )
     input_ref_min_kib: int = doc(

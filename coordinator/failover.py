@@ -3,12 +3,17 @@
 Membership needs seconds to declare a crashed node dead. A node's session that ends without
 the node's ``Close`` frame (EOF or reset: a killed process's socket is closed by its kernel at
 once) makes the node *suspect here*: it gets no new items while the coordinator has it answer a
-ping within ``redial_timeout_s``, over another session still open with it or a new dial (an open
-session proves nothing: the node may be dead with its end not read yet, or silent behind a
-broken link). If it does not answer, the node is *unreachable here*: its in-flight items are
-re-dispatched at once (a late result is still accepted exactly once), and it stays out of
+ping within ``redial_timeout_s`` over every other session still open with it (an open session
+proves nothing: the node may be dead with its end not read yet, or silent behind a broken link).
+If none answers, it is re-dialled (a handshake done is the answer): at once, in what is left of
+that time, if every session with it ended meanwhile (a killed node); if some stayed open without
+answering, once those are closed, with ``redial_timeout_s`` afresh (a vehicle that roamed: its
+old connections dead but not reset, a dial to where it is now works). A node that answers keeps
+its items, sent to it again; one that answers neither is *unreachable here*: its in-flight items
+are re-dispatched at once (a late result is still accepted exactly once), and it stays out of
 scheduling until a new session with it opens or membership reports it at a higher incarnation.
-Either way a session left open that did not answer is closed (what is sent over it vanishes).
+Either way a session left open that did not answer is closed before anything is sent again (what
+is sent over it vanishes, and the peer table sends over a node's oldest open session).
 A ``Close`` frame (a draining node, a graceful leave) triggers none of this.
 A node whose last session under a good certificate this coordinator closed because that
 certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is
@@ -20,8 +25,12 @@ items went over are they re-dispatched at once (items are tracked by node, not b
 of the node's move, maybe back to it over the good session; a result still coming is accepted
 once)::
 
-    reachable --session lost abruptly--> suspect --ping answered--> reachable (items sent again)
-                                         suspect --no answer in time--> unreachable (re-dispatch)
+    reachable --session lost abruptly--> suspect (pings every session open with it)
+    suspect --a ping answered, or a session opened meanwhile--> reachable (items sent again)
+    suspect --every session ended--> re-dialling (in the rest of the time)
+    suspect --none answered, some open--> re-dialling (silent sessions closed first; time anew)
+    re-dialling --handshake done--> reachable (items sent again)
+    re-dialling --dial failed or timed out--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
     any --its last good session closed for a revoked certificate--> revoked (re-dispatch)
     any --a session closed for a revoked certificate, a good one open--> unchanged
@@ -36,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -67,8 +75,8 @@ class SessionCounts(Protocol):
 class Reachability:
     """Tracks suspect and unreachable nodes (see the module docstring) for one coordinator.
 
-    ``on_lost(node, why)`` is called when a node did not answer the ping after a lost session
-    (over another session or a re-dial), or a session with it was closed for a revoked
+    ``on_lost(node, why)`` is called when a node answered neither a ping over another session
+    nor a re-dial after a lost session, or a session with it was closed for a revoked
     certificate and either its items went over that session or no session under a good
     certificate is left (re-dispatch its items); ``on_back()`` when a node may take work again
     (retry parked items); ``on_session_lost(node)``, if given, as soon as any session with a
@@ -99,8 +107,9 @@ class Reachability:
         self._on_session_lost = on_session_lost
         self._on_resend = on_resend
         self._watchers: set[asyncio.Task[None]] = set()
-        self._suspects: set[str] = set()  # lost a session, being probed
-        self._opened: Counter[str] = Counter()  # sessions opened with each node so far
+        #: node being probed (it lost a session) -> sessions opened with it since the probe began
+        #: (one that opens is an answer); kept only while probed: bounded by the nodes under probe
+        self._suspects: dict[str, int] = {}
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
         self._unreachable: dict[str, float] = {}
         self._closed = False
@@ -157,7 +166,8 @@ class Reachability:
         """A session with ``node`` opened: it is reachable; watch how the session ends."""
         if self._closed:
             return
-        self._opened[node] += 1
+        if node in self._suspects:
+            self._suspects[node] += 1
         if self._unreachable.pop(node, None) is not None:
             log.info("node %s is reachable again", node)
             self._on_back()
@@ -183,20 +193,19 @@ class Reachability:
         await self._probe(node)
 
     async def _probe(self, node: str) -> None:
-        """Have ``node`` answer a ping (re-dialling it if no session is left); give up on it
-        (``on_lost``) if it does not in time. A session pinged in vain is closed either way:
-        what is sent over it vanishes, and the peer table sends over a node's oldest session."""
-        self._suspects.add(node)
-        opened = self._opened[node]
+        """Have ``node`` answer (:meth:`_ping`: a ping over a session still open, else a
+        re-dial); give up on it (``on_lost``) if it does not in time. The sessions pinged in
+        vain are closed by then either way; a session with it that opened meanwhile is an
+        answer."""
+        self._suspects[node] = 0
         silent: list[Session] = []
         try:
             answered = await self._ping(node, silent)
         finally:
-            self._suspects.discard(node)
+            opened = self._suspects.pop(node)
         if self._closed:
             return
-        if answered or self._opened[node] != opened:  # (a session opened meanwhile: it is up)
-            await self._close_silent(silent)  # first: sends go over a node's oldest session
+        if answered or opened:
             self.counts.redials_ok += 1
             self._on_back()
             if self._on_resend is not None:
@@ -204,10 +213,52 @@ class Reachability:
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         self._unreachable[node] = member.incarnation if member is not None else -1
-        how = "it did not answer a ping" if silent else "could not re-dial it"
+        how = "it neither answered a ping nor a new dial" if silent else "could not re-dial it"
         log.warning("lost the session with %s and %s: re-dispatching", node, how)
         self._on_lost(node, f"lost the session with {node}")
-        await self._close_silent(silent)
+
+    async def _ping(self, node: str, silent: list[Session]) -> bool:
+        """True if ``node`` answered: a ping over any session still open with it within
+        ``redial_timeout_s``, else a re-dial (a handshake done is an answer). An open session
+        proves nothing: a second session with a killed node may not have seen its end yet, and
+        one across a link that went silent never will; items sent over it would wait for their
+        timeout. The sessions that stay open without answering are closed, and added to
+        ``silent``. The re-dial comes at once, in what is left of the time, if every session
+        ended (a killed node), and with ``redial_timeout_s`` afresh once the silent ones are
+        closed (a node that roamed: its old connections dead but not reset)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.redial_timeout_s
+        answered = await self._ping_open(node, deadline, silent)
+        if silent:
+            # Closed before anything else goes to the node, above all the dial: the peer table
+            # sends over a node's oldest open session, so the dial's Ping would be written into
+            # a silent session and pass for an answer. A session stops being open (for the peer
+            # table) only once its Close frame is written or given up on: up to a second behind
+            # a stuck write (Session.aclose). What its close does after that (stop its tasks,
+            # close its stream: one with unsent bytes is aborted later, not waited for) takes a
+            # loop turn or two, so the dial waits for the whole close, which leaves no closing
+            # task to outlive the probe.
+            await self._close_silent(silent)
+            deadline = loop.time() + self.redial_timeout_s
+        return answered or await self._redial(node, deadline)
+
+    async def _ping_open(self, node: str, deadline: float, silent: list[Session]) -> bool:
+        """True if a session still open with ``node`` answered a ping by ``deadline``; those
+        that stay open without answering are added to ``silent``."""
+        sessions = self._open_with(node)
+        answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
+        silent.extend(s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open)
+        return any(answers)
+
+    async def _redial(self, node: str, deadline: float) -> bool:
+        """True if a session with ``node`` could be had by ``deadline``: a dial's handshake
+        done (no session is open with it by now, so the Ping queued goes over the new one)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.mesh.peers.request(node, Ping(nonce=0))
+        except (MeshInferError, OSError, TimeoutError):
+            return False
+        return True
 
     @staticmethod
     async def _close_silent(sessions: list[Session]) -> None:
@@ -216,30 +267,6 @@ class Reachability:
         await asyncio.gather(
             *(s.aclose(CloseCode.GOING_AWAY, "no answer to a ping") for s in sessions)
         )
-
-    async def _ping(self, node: str, silent: list[Session]) -> bool:
-        """True if ``node`` answered within ``redial_timeout_s``: every session still open with
-        it is pinged, and if they all ended meanwhile (a killed node) it is re-dialled (a
-        handshake done is an answer). An open session proves nothing: a second session with a
-        killed node may not have seen its end yet, and one across a link that went silent never
-        will; items sent over it would wait for their timeout. The sessions that stay open
-        without answering are added to ``silent``."""
-        deadline = asyncio.get_running_loop().time() + self.redial_timeout_s
-        sessions = self._open_with(node)
-        if sessions:
-            answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
-            silent.extend(
-                s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open
-            )
-            if any(answers) or silent:
-                return any(answers)
-        # none open, or all ended unanswered (a killed node): re-dial it
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self.mesh.peers.request(node, Ping(nonce=0))
-        except (MeshInferError, OSError, TimeoutError):
-            return False
-        return True  # its handshake was the answer
 
     async def _answers(self, session: Session, deadline: float) -> bool:
         try:

@@ -4,10 +4,12 @@ Real node daemons as processes with the ``lan`` membership preset (SWIM needs ~5
 crashed node dead there): a SIGKILLed node's items move to the other node before membership
 declares it dead, the task completes with every result accepted exactly once, and the node is
 scheduled again once it is back. A stopped node (SIGSTOP) whose other session stays open but
-silent has its items moved as fast, and the silent session closed. A SIGTERM (drain, leave,
-Close frames) moves nothing it finished. In-process peers pin down the two other branches: a
-graceful ``Close`` with the listener gone re-dispatches nothing, and a lost session whose node
-answers the re-dial keeps its items where they are.
+silent has its items moved once it answers neither a ping there nor a new dial, and the silent
+session closed. A SIGTERM (drain, leave, Close frames) moves nothing it finished. In-process
+peers pin down the other branches: a graceful ``Close`` with the listener gone re-dispatches
+nothing, a lost session whose node answers the re-dial keeps its items where they are, and so
+does a node that went silent on every session left but answers a new dial (it roamed). Fakes
+pin down the bookkeeping: nothing is kept of nodes that came and went.
 """
 
 from __future__ import annotations
@@ -15,28 +17,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from coordinator.failover import Reachability
 from coordinator.journal import TaskRecord
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.errors import TransportError
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.mlp import forward
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights
 from meshinfer.proto.identity import NodeIdentity
-from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.membership import MemberEvent, MemberEventKind, MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.proto.tasks import Pattern, TaskSpec
-from meshinfer.proto.tasks_wire import TaskAssign, Tensor
+from meshinfer.proto.tasks_wire import TaskAssign, TaskResult, Tensor
 from meshinfer.runtime.endpoint import dial
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import Session
 from meshinfer.testing.cluster import LocalCluster
+from meshinfer.transport.base import Address
 from tests.helpers import until
 
 pytestmark = pytest.mark.slow
@@ -95,10 +102,15 @@ async def assert_succeeded(c: Coordinator, task_id: str, x: np.ndarray) -> TaskR
     return record
 
 
-async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> None:
-    """Succeeded; every item has one result of its latest attempt; outputs in order."""
+async def assert_latest_attempts(c: Coordinator, task_id: str, x: np.ndarray) -> None:
+    """Succeeded; every item's result is of its latest attempt; outputs in order."""
     record = await assert_succeeded(c, task_id, x)
     assert all(item.result_attempt == item.attempt for item in record.items)
+
+
+async def assert_exactly_once(c: Coordinator, task_id: str, x: np.ndarray) -> None:
+    """:func:`assert_latest_attempts`, and no result refused as a duplicate, of any task."""
+    await assert_latest_attempts(c, task_id, x)
     stats = await c.stats()
     assert stats["duplicates"] == 0
     assert stats["journal_counters"].get("duplicate_results", 0) == 0
@@ -124,14 +136,17 @@ async def two_slow_nodes(tmp_path, fleet_id: str):
             await mesh.aclose()
 
 
-async def assert_x_gets_work_again(mesh: MeshNode, c: Coordinator, task_id: str, seed: int):
-    """Once X has a session with the coordinator again, it gets work again."""
+async def assert_x_gets_work_again(
+    mesh: MeshNode, c: Coordinator, task_id: str, seed: int, check=assert_exactly_once
+):
+    """Once X has a session with the coordinator again, it gets work again (``check``: how
+    the task it takes part in must end)."""
     await until(lambda: mesh.peers.session(X) is not None)
     done_by_x = c.stats_.completed_by_node[X]
     spec, x = batch(task_id, 60, seed=seed)
     await c.submit(spec)
     await until(lambda: c.stats_.completed_by_node[X] > done_by_x)
-    await assert_exactly_once(c, task_id, x)
+    await check(c, task_id, x)
 
 
 async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_path):
@@ -153,22 +168,27 @@ async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_
         await assert_x_gets_work_again(mesh, c, "after-restart", seed=2)
 
 
-async def second_session(mesh: MeshNode, node: str) -> Session:
-    """Dial ``node`` once more: the coordinator then holds two sessions with it."""
+async def second_session(mesh: MeshNode, node: str, via: Address | None = None) -> Session:
+    """Dial ``node`` once more (through ``via``, a relay, if given): the coordinator then holds
+    two sessions with it."""
     peer = mesh.peers.addresses[node]
     session = await dial(
-        mesh.peers.transport, peer.address, mesh.peers.admission, config=mesh.peers.config,
+        mesh.peers.transport, via or peer.address, mesh.peers.admission, config=mesh.peers.config,
         expected_static=peer.static_key, expected_node_id=node,
     )  # fmt: skip
     mesh.peers.adopt(session)
     return session
 
 
-async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on(tmp_path):
+async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on(tmp_path, caplog):
     """A stopped node (SIGSTOP) keeps its second session open but answers nothing on it. When
-    the first is lost, the coordinator pings over the second: no answer, so the node's items
-    move at once (not re-sent over a session that carries nothing, to wait for their timeout)
-    and the silent session is closed. Let go on, the node gets work over a new session."""
+    the first is lost, the coordinator pings over the second: no answer, so it closes that one
+    and dials the node afresh; its kernel takes the connection, but the handshake gets no
+    answer either. Only then, after both budgets, the node's items move (not re-sent over a
+    session that carries nothing, to wait for their timeout). Let go on, the node gets work
+    over a new session."""
+    caplog.set_level(logging.WARNING, logger="coordinator.failover")
+    loop = asyncio.get_running_loop()
     async with two_slow_nodes(tmp_path, "failover-silent") as (cluster, mesh, c):
         first = mesh.peers.session(X)
         second = await second_session(mesh, X)
@@ -180,17 +200,24 @@ async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on
         try:
             await asyncio.sleep(0.05)  # answers already on their way arrive
             assert in_flight_on(c, X) > 0
+            dials, lost_at = mesh.peers.stats.dials, loop.time()
             await first.stream.aclose()  # lost: no Close frame
             await until(lambda: not in_flight_on(c, X) and not second.is_open)
             assert mesh.membership.core.member(X).is_live  # moved before membership acted
+            assert loop.time() - lost_at >= 2 * c.config.redial_timeout_s  # ping, then dial
+            assert mesh.peers.stats.dials > dials and not second.lost
+            assert "neither answered a ping nor a new dial" in caplog.text
             assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 0
             assert c.stats_.resent_after_redial == 0
             assert c.stats_.redispatched_after_disconnect > 0
         finally:
             process.send_signal(signal.SIGCONT)
-        # (the node, going on, may still answer a moved item first: accepted once)
+        # The node, going on, answers the items it held, moved or not: each result is accepted
+        # once, and a moved item answered by both nodes has its second answer refused as a
+        # duplicate (whether the other node got it first is timing: how much of the task was
+        # left to it when the items moved), maybe only while the next task runs.
         await assert_succeeded(c, "silent", x)
-        await assert_x_gets_work_again(mesh, c, "after-silence", seed=7)
+        await assert_x_gets_work_again(mesh, c, "after-silence", 7, check=assert_latest_attempts)
 
 
 async def test_sigterm_drain_moves_nothing_the_node_finished(tmp_path):
@@ -282,6 +309,204 @@ async def test_lost_session_whose_node_answers_the_redial_keeps_its_items(tmp_pa
         await c.aclose()
         await mesh.aclose()
         await node.mesh.aclose()
+
+
+class SilentLink:
+    """A TCP relay on loopback to ``target`` that forwards both ways until :meth:`go_silent`;
+    from then on it neither forwards nor closes anything (a link that died without a reset, as
+    a vehicle's old connections when it roamed away), until :meth:`aclose` ends every
+    connection through it."""
+
+    def __init__(self, target: Address) -> None:
+        self.target = target
+        self.silent = False
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Address:
+        """Listen; returns the address to dial through the link."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return Address("127.0.0.1", self._server.sockets[0].getsockname()[1])
+
+    def go_silent(self) -> None:
+        self.silent = True
+
+    async def aclose(self) -> None:
+        self._server.close()
+        for task in self._relays:
+            task.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    async def _relay(self, down: asyncio.StreamReader, back: asyncio.StreamWriter) -> None:
+        self._relays.add(asyncio.current_task())
+        up_reader, up = await asyncio.open_connection(self.target.host, self.target.port)
+        async with asyncio.TaskGroup() as pumps:
+            pumps.create_task(self._pump(down, up))
+            pumps.create_task(self._pump(up_reader, back))
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while (data := await source.read(65536)) and not self.silent:
+                sink.write(data)
+                await sink.drain()
+            if self.silent:  # what came is dropped; nothing more is read, nothing closed
+                await asyncio.Event().wait()
+        finally:
+            sink.close()
+
+
+def open_with(mesh: MeshNode, peer: str) -> list[Session]:
+    return [s for s in mesh.peers.open_sessions() if s.peer_id == peer]
+
+
+async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_items(tmp_path):
+    """A vehicle that roamed: its connections with the coordinator dead but not reset, a dial
+    to where it is now works. One of its sessions is lost, the one left stays silent: the
+    coordinator closes that one and dials the node afresh. The node keeps its items: they go
+    to it again over the new session, under the same attempts, and its answers complete the
+    task exactly once, with nothing re-dispatched."""
+    node, mesh, c = await holding_setup(tmp_path, "failover-roamed")
+    link = SilentLink(mesh.peers.addresses["holder"].address)
+    try:
+        sent = sorted((m.item_id, m.attempt) for m in node.held)
+        silent = await second_session(mesh, "holder", via=await link.start())
+        await until(lambda: len(open_with(node.mesh, c.node_id)) >= 2)  # the holder has it too
+        link.go_silent()
+        for session in open_with(mesh, "holder"):
+            if session is not silent:
+                await session.stream.aclose()  # lost: no Close frame
+        await until(lambda: c.stats_.redials_ok or c.stats_.redispatched_after_disconnect)
+        assert c.stats_.sessions_lost >= 1 and c.stats_.redials_ok == 1
+        assert c.stats_.redispatched_after_disconnect == c.stats_.redispatched_after_death == 0
+        assert not silent.is_open and not silent.lost  # closed by the probe, Close frame sent
+        assert silent.close_reason == "no answer to a ping"
+        assert in_flight_on(c, "holder") == 3 and mesh.peers.session("holder") is not None
+        await until(lambda: len(node.held) == 6)
+        assert sorted((m.item_id, m.attempt) for m in node.held[3:]) == sent
+        # the link is gone for good: the holder's end of the silent session ends too, so that
+        # its answers go over the new session
+        await link.aclose()
+        await until(lambda: len(open_with(node.mesh, c.node_id)) == 1)
+        weights = make_weights(TINY)
+        for m in node.held[3:]:
+            output = Tensor.from_array(forward(weights, m.input.to_array()))
+            answer = TaskResult(m.item_id, m.attempt, output, "holder", "numpy", "cpu", {})
+            node.mesh.peers.send(c.node_id, answer)
+        await assert_exactly_once(c, "held", batch("held", 3, seed=4)[1])
+        assert c.stats_.retries == 0 and c.stats_.redispatched_after_death == 0
+    finally:
+        await link.aclose()
+        await c.aclose()
+        await mesh.aclose()
+        await node.mesh.aclose()
+
+
+# --- the bookkeeping, with fakes ---------------------------------------------------------------
+
+
+class FakeSession:
+    """What :class:`Reachability` reads of a session: whose it is, whether open, how it ended."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self.lost = False
+        self._ended = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return not self._ended.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._ended.wait()
+
+    def end(self, *, lost: bool) -> None:
+        self.lost = lost
+        self._ended.set()
+
+
+class FakePeers:
+    """A peer table whose sessions the test opens and ends, and whose dials wait for
+    ``dialled`` (forever unless set) and then fail."""
+
+    def __init__(self) -> None:
+        self.connected: list[str] = []
+        self.dialled = asyncio.Event()
+        self._callbacks = []
+
+    def on_session(self, callback) -> None:
+        self._callbacks.append(callback)
+
+    def open(self, node: str) -> FakeSession:
+        session = FakeSession(node)
+        for callback in self._callbacks:
+            callback(node, session)
+        return session
+
+    def open_sessions(self) -> list[FakeSession]:
+        return []  # (every session the tests end was the only one with its node)
+
+    async def request(self, node: str, _msg) -> None:
+        await self.dialled.wait()
+        raise TransportError(f"could not dial {node}")
+
+
+def fake_reachability(peers: FakePeers, redial_timeout_s: float = 5.0):
+    """A started :class:`Reachability` over ``peers``: ``(reach, counts, lost, resent)``."""
+    counts = SimpleNamespace(sessions_lost=0, sessions_closed=0, redials_ok=0)
+    lost: list[str] = []
+    resent: list[str] = []
+    mesh = SimpleNamespace(peers=peers, revocation_sync=None, membership=None)
+    reach = Reachability(
+        mesh, counts, redial_timeout_s=redial_timeout_s,
+        on_lost=lambda node, _why: lost.append(node), on_back=lambda: None, on_resend=resent.append,
+    )  # fmt: skip
+    reach.start()
+    return reach, counts, lost, resent
+
+
+def node_ids_kept(reach: Reachability) -> set[str]:
+    """The node ids among the keys and members of every container ``reach`` holds."""
+    kept: set[str] = set()
+    for value in vars(reach).values():
+        if isinstance(value, dict | set | list):
+            kept |= {k for k in value if isinstance(k, str) and k.startswith("veh-")}
+    return kept
+
+
+async def test_nothing_is_kept_of_nodes_that_came_and_went():
+    """Per-node state is bounded by the nodes under probe or given up on, not by every node
+    ever seen: sessions that ended gracefully leave nothing, a node given up on is kept until
+    membership forgets it."""
+    peers = FakePeers()
+    peers.dialled.set()  # dials fail at once
+    reach, counts, lost, _ = fake_reachability(peers)
+    try:
+        for i in range(50):
+            peers.open(f"veh-{i}").end(lost=False)
+        peers.open("veh-gone").end(lost=True)
+        await until(lambda: counts.sessions_closed == 50 and lost == ["veh-gone"])
+        assert node_ids_kept(reach) == {"veh-gone"}  # (given up on: kept out of scheduling)
+        forgotten = SimpleNamespace(node_id="veh-gone", incarnation=1)
+        reach.on_member(MemberEvent(MemberEventKind.FORGOTTEN, forgotten, at=0.0))
+        assert node_ids_kept(reach) == set()
+    finally:
+        await reach.aclose()
+
+
+async def test_a_session_that_opens_during_a_probe_is_an_answer():
+    """While a node is probed (its re-dial hanging), a session with it opens: it is up, so it
+    keeps its items (sent again), although the re-dial itself failed."""
+    peers = FakePeers()
+    reach, counts, lost, resent = fake_reachability(peers, redial_timeout_s=0.2)
+    try:
+        peers.open("veh-a").end(lost=True)
+        await until(lambda: counts.sessions_lost == 1)
+        peers.open("veh-a")
+        peers.dialled.set()
+        await until(lambda: counts.redials_ok == 1)
+        assert resent == ["veh-a"] and lost == []
+    finally:
+        await reach.aclose()
 
 
 def test_redial_timeout_must_not_be_negative():
