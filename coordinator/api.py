@@ -129,15 +129,12 @@ class ApiError(Exception):
 
 def revocations_doc(listed: RevocationList) -> dict[str, Any]:
     """``{"version", "entries": [...]}`` of a revocation list, oldest entry first."""
-    entries = sorted(listed.entries, key=lambda e: e.sequence)
-    return {
-        "version": listed.version,
-        "entries": [
-            {"sequence": e.sequence, "serial": e.serial, "node_id": e.node_id,
-             "revoked_at": e.revoked_at, "reason": e.reason}
-            for e in entries
-        ],
-    }  # fmt: skip
+    return {"version": listed.version, "entries": listed.records()}
+
+
+def _doc_bytes(listed: RevocationList) -> int:
+    """About how large ``listed``'s JSON document is (a long list is built off the loop)."""
+    return 300 * len(listed.entries)
 
 
 def error_body(status: int, code: str, message: str) -> dict[str, Any]:
@@ -452,7 +449,8 @@ class CoordinatorApi:
     async def revocations(self, request: web.Request) -> web.Response:
         """GET /v1/revocations."""
         _query(request, set())
-        return _json(revocations_doc(self._revocation_sync().revocations))
+        listed = self._revocation_sync().revocations
+        return _json(await self._off_loop(_doc_bytes(listed), revocations_doc, listed))
 
     async def push_revocations(self, request: web.Request) -> web.Response:
         """POST /v1/revocations: the body is a revocation list file as ``meshinfer fleet
@@ -478,7 +476,9 @@ class CoordinatorApi:
             merged = await sync.merge_list(listed, "the HTTP API")
         except RevocationError as exc:
             raise ApiError(400, "invalid_revocations", str(exc)) from None
-        return _json({**revocations_doc(sync.revocations), "merged": merged})
+        listed = sync.revocations
+        doc = await self._off_loop(_doc_bytes(listed), revocations_doc, listed)
+        return _json({**doc, "merged": merged})
 
     def _revocation_sync(self) -> RevocationSync:
         sync = self.coordinator.mesh.revocation_sync

@@ -333,16 +333,7 @@ def fleet_report(fleet: FleetDirectory, *, now: float) -> dict[str, Any]:
         "authority_fingerprint": trust.authority_fingerprint,
         "revocation_version": revocations.version,
         "certificates": [_cert_record(c, revocations, now) for c in fleet.issued()],
-        "revocations": [
-            {
-                "sequence": e.sequence,
-                "serial": e.serial,
-                "node_id": e.node_id,
-                "revoked_at": e.revoked_at,
-                "reason": e.reason,
-            }
-            for e in sorted(revocations.entries, key=lambda e: e.sequence)
-        ],
+        "revocations": revocations.records(),
     }
 
 

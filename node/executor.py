@@ -14,10 +14,10 @@ open session with this node and gossips the model with a smaller load (any load,
 lacks the model) exists, the item is forwarded to that peer, and whatever comes back is relayed
 to the coordinator, except a refusal (the peer is draining, overloaded or lacks the model: it
 never ran the item), after which the item runs here unless this node is draining too. One hop
-only: an item another node passed on runs where it lands. A peer's
-load is its gossiped queue depth (up to a second old) plus the items this node passed to it that
-are not answered yet, and ties are broken at random, so overloaded nodes do not all pile onto
-the one peer that looked idlest. A peer whose session this node would send over carries a
+only: an item another node passed on runs where it lands. A peer's load is its gossiped queue
+depth (up to a second old) plus the items this node passed to it that are not answered yet,
+and ties are broken at random, so overloaded nodes do not all pile onto the one peer that looked
+idlest. A peer whose session this node would send over carries a
 certificate that is now revoked (the session is about to be cut) gets nothing. A node already
 holding an item, running or passed on, answers its latest ``TaskAssign`` (a coordinator's retry
 after the first sender went away, or its resend after a lost session): an item passed on is not
@@ -134,6 +134,7 @@ class TaskExecutor:
         self._started: set[str] = set()
         self._answered: set[str] = set()  # items whose result is queued or being written
         self._offloaded: dict[str, Offload] = {}
+        self._offload_cancels: set[str] = set()  # items passed on, then cancelled
         #: per item passed on, the timer that hands it back if no answer comes
         self._offload_timers: dict[str, asyncio.TimerHandle] = {}
         self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
@@ -208,9 +209,7 @@ class TaskExecutor:
         was passed on and answered) and is not running here now, or whose answer is queued."""
         if msg.item_id in self._items and msg.item_id not in self._answered:
             return False
-        ref = ModelRef(msg.model_id, msg.model_version)
-        now = asyncio.get_running_loop().time()
-        result = self.replay.answer(msg.item_id, ref, msg.attempt, now)
+        result = self.replay.answer(peer, msg, asyncio.get_running_loop().time())
         if result is None:
             return False
         self.mesh.peers.send(peer, result)
@@ -257,8 +256,9 @@ class TaskExecutor:
 
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
         forward = self._offloaded.get(msg.item_id)
-        if forward is not None:
-            return  # the peer we offloaded to finishes it; its result is dropped as a duplicate
+        if forward is not None:  # the peer finishes it (its result is dropped as a duplicate);
+            self._offload_cancels.add(msg.item_id)  # if it refuses, the item is not run here
+            return
         task = self._items.get(msg.item_id)
         if task is not None and not task.done():
             self.stats.cancelled += 1
@@ -268,12 +268,13 @@ class TaskExecutor:
         offload = self._offloaded.get(msg.item_id)
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
+        cancelled = msg.item_id in self._offload_cancels
         coordinator, item, _ = self._settle_offload(msg.item_id)
         ref = ModelRef(item.model_id, item.model_version)
-        if isinstance(msg, TaskResult):
-            self.replay.keep(ref, msg, asyncio.get_running_loop().time())
         coordinator, latest = self._answer_to(coordinator, item)
-        if isinstance(msg, TaskFailed) and self._runs_refused(msg, ref):
+        if isinstance(msg, TaskResult):
+            self.replay.keep(coordinator, latest, msg, asyncio.get_running_loop().time())
+        if isinstance(msg, TaskFailed) and not cancelled and self._runs_refused(msg, ref):
             log.info("%s refused %s (%s): running it here", peer, msg.item_id, msg.message)
             self.stats.taken_back += 1
             self._start(coordinator, latest, ref)
@@ -308,7 +309,7 @@ class TaskExecutor:
                 timings,
             )
             self._answered.add(msg.item_id)  # its answer is queued: cancelling sends no other
-            self.replay.keep(ref, result, done)
+            self.replay.keep(peer, msg, result, done)
             await self.mesh.peers.request(peer, result)
             self.stats.completed += 1
         except asyncio.CancelledError:
@@ -450,6 +451,7 @@ class TaskExecutor:
     def _settle_offload(self, item_id: str) -> Offload:
         """The item passed on is answered or handed back: forget it (and its timer)."""
         offload = self._offloaded.pop(item_id)
+        self._offload_cancels.discard(item_id)
         timer = self._offload_timers.pop(item_id, None)
         if timer is not None:
             timer.cancel()

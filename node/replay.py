@@ -9,10 +9,12 @@ done. :class:`ResultReplay` keeps each result this node sent, keyed by item id, 
 ``keep_s`` seconds and within ``budget_bytes`` (oldest first out); the executor answers a
 ``TaskAssign`` for a kept item with the kept result under the new attempt.
 
-An item id names one piece of work (one input through one model), so a kept result answers
-any later attempt of the same item; the model is checked too (a coordinator that assigns the
-same item to another model or version gets it run). Each entry counts its output's bytes plus
-:data:`ENTRY_OVERHEAD` (the Python objects around it), so a budget bounds the count of tiny
+A kept result answers a later attempt of the same item only if it is the same work asked by the
+same peer (:func:`work_of`: the coordinator, the model and version, the input's dtype, shape and
+CRC-32, the parameters): item ids are ``task/n`` and a client may choose its task ids, so
+another coordinator, or the same one after losing its journal, may reuse an id for other work;
+and a peer can only ever get back what it asked for itself. Each entry counts its output's bytes
+plus :data:`ENTRY_OVERHEAD` (the Python objects around it), so a budget bounds the count of tiny
 results as well. An entry is kept as a flat tuple of strings, numbers and bytes, which the
 garbage collector stops tracking: thousands of long-lived results would otherwise be walked by
 every older-generation collection (measured: ~10 us more node CPU per task at 64 in flight).
@@ -22,14 +24,14 @@ Pure and synchronous: the clock is passed in. Not thread-safe (the node's event 
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from meshinfer.errors import ConfigError
-from meshinfer.inference.base import ModelRef
-from meshinfer.proto.tasks_wire import TaskResult, Tensor
+from meshinfer.proto.tasks_wire import TaskAssign, TaskResult, Tensor
 
-__all__ = ["ENTRY_OVERHEAD", "ReplayStats", "ResultReplay"]
+__all__ = ["ENTRY_OVERHEAD", "ReplayStats", "ResultReplay", "Work", "work_of"]
 
 #: Bytes an entry is counted for besides its output's data: its result, tensor, timings, item
 #: id and this store's bookkeeping (``tracemalloc``: ~690 bytes for a one-row result).
@@ -42,15 +44,29 @@ class ReplayStats:
     evicted: int = 0  # results dropped for room before they expired
 
 
-#: One kept result: (stored_at, size, model id, version, dtype, shape, data, node id, engine,
-#: device, timings as (name, seconds) pairs). Atomic parts only: see the module docstring.
+#: What an item asks of this node, and who asks it: (peer, model id, version, input dtype,
+#: input shape, CRC-32 of the input, CRC-32 of the parameters). See :func:`work_of`.
+Work = tuple
+
+
+def work_of(asker: str, item: TaskAssign) -> Work:
+    """The :data:`Work` of ``item`` (its input inline) asked by ``asker``. CRC-32 runs at
+    several GB/s (~4 ms for the largest input a session carries) and tells accidental reuse
+    of an id apart; the peer in the key keeps anyone else from asking for a result."""
+    x = item.input
+    return (asker, item.model_id, item.model_version, x.dtype, x.shape, zlib.crc32(x.data),
+            zlib.crc32(item.params))  # fmt: skip
+
+
+#: One kept result: (stored_at, size, work, dtype, shape, data, node id, engine, device,
+#: timings as (name, seconds) pairs). Atomic parts only: see the module docstring.
 _Kept = tuple
 
 
-def _flat(now: float, size: int, ref: ModelRef, result: TaskResult) -> _Kept:
+def _flat(now: float, size: int, work: Work, result: TaskResult) -> _Kept:
     out = result.output
     timings = tuple(result.timings.items())
-    return (now, size, ref.model_id, ref.version, out.dtype, out.shape, out.data,
+    return (now, size, work, out.dtype, out.shape, out.data,
             result.node_id, result.engine, result.device, timings)  # fmt: skip
 
 
@@ -82,9 +98,10 @@ class ResultReplay:
     def bytes(self) -> int:
         return self._bytes
 
-    def keep(self, ref: ModelRef, result: TaskResult, now: float) -> None:
-        """Remember ``result`` (of an item run through ``ref``), dropping expired entries and,
-        if still over budget, the oldest. A result larger than the whole budget is not kept."""
+    def keep(self, asker: str, item: TaskAssign, result: TaskResult, now: float) -> None:
+        """Remember ``result``, the answer to ``item`` (its input inline) asked by ``asker``,
+        dropping expired entries and, if still over budget, the oldest. A result larger than
+        the whole budget is not kept."""
         self._expire(now)
         size = len(result.output.data) + ENTRY_OVERHEAD
         if size > self.budget_bytes or self.keep_s <= 0:
@@ -93,20 +110,21 @@ class ResultReplay:
         while self._bytes + size > self.budget_bytes:
             self._forget(next(iter(self._kept)))
             self.stats.evicted += 1
-        self._kept[result.item_id] = _flat(now, size, ref, result)
+        self._kept[result.item_id] = _flat(now, size, work_of(asker, item), result)
         self._bytes += size
 
-    def answer(self, item_id: str, ref: ModelRef, attempt: int, now: float) -> TaskResult | None:
-        """The kept result of ``item_id`` run through ``ref``, as the answer to ``attempt``;
-        None if none is kept (never run here, expired, evicted, or another model)."""
-        kept = self._kept.get(item_id)
-        if kept is None or kept[2:4] != (ref.model_id, ref.version):
+    def answer(self, asker: str, item: TaskAssign, now: float) -> TaskResult | None:
+        """The kept result of ``item``'s id, as the answer to its attempt, if it answered the
+        same work asked by the same peer (:func:`work_of`); None if none is (never run here,
+        expired, evicted, or other work or another peer under that id)."""
+        kept = self._kept.get(item.item_id)
+        if kept is None or kept[2] != work_of(asker, item):
             return None
         if now - kept[0] >= self.keep_s:
             self._expire(now)
             return None
         self.stats.replayed += 1
-        return _result(item_id, attempt, kept)
+        return _result(item.item_id, item.attempt, kept)
 
     def _expire(self, now: float) -> None:
         while self._kept:

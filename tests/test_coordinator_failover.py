@@ -497,7 +497,7 @@ async def test_a_session_that_opens_during_a_probe_is_an_answer():
     """While a node is probed (its re-dial hanging), a session with it opens: it is up, so it
     keeps its items (sent again), although the re-dial itself failed."""
     peers = FakePeers()
-    reach, counts, lost, resent = fake_reachability(peers, redial_timeout_s=0.2)
+    reach, counts, lost, resent = fake_reachability(peers, redial_timeout_s=5.0)
     try:
         peers.open("veh-a").end(lost=True)
         await until(lambda: counts.sessions_lost == 1)

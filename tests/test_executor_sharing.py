@@ -597,6 +597,19 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
         assert executor.stats.taken_back == int(runs_here)
 
 
+async def test_an_item_passed_on_then_cancelled_is_not_run_here_when_the_peer_refuses_it():
+    async with Net() as net:
+        net.members.set("b")
+        executor = await net.loaded_worker("b")
+        await net.assign("coord", "p")
+        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        await net.nodes["coord"].peers.request("w", TaskCancel("p", "no longer wanted"))
+        refusal = TaskFailed("p", 1, int(FailureKind.OVERLOADED), "busy", retryable=True)
+        await net.nodes["b"].peers.request("w", refusal)
+        await soon(lambda: net.nodes["coord"].failure("p") is not None)
+        assert executor.stats.taken_back == 0 and executor.backlog == 3
+
+
 async def test_a_draining_node_relays_its_peers_refusal():
     async with Net() as net:
         net.members.set("b")

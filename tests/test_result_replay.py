@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
-from meshinfer.proto.tasks_wire import TaskResult, Tensor
+from meshinfer.proto.tasks_wire import TaskResult, Tensor, encode_params
 from meshinfer.testing.cluster import LocalCluster
 from node.replay import ENTRY_OVERHEAD, ResultReplay
 from tests.helpers import until
@@ -39,25 +39,42 @@ def result(item_id: str, attempt: int = 1, values: int = 4, fill: float = 0.5) -
 # --- the store -------------------------------------------------------------------------------
 
 
-def test_a_kept_result_answers_a_later_attempt_of_its_item_only_through_its_model():
+def keep(replay: ResultReplay, item_id: str, now: float, **kw) -> None:
+    """Keep ``result(item_id, **kw)`` as coord's answer to :func:`item` ``item_id``."""
+    replay.keep("coord", item(item_id), result(item_id, **kw), now)
+
+
+def answer(replay: ResultReplay, item_id: str, now: float, attempt: int = 2):
+    return replay.answer("coord", item(item_id, attempt), now)
+
+
+def test_a_kept_result_answers_a_later_attempt_of_the_same_work_from_the_same_peer_only():
     replay = ResultReplay(1 << 20, keep_s=10)
-    replay.keep(REF, result("a", fill=0.25), now=0.0)
-    again = replay.answer("a", REF, attempt=3, now=1.0)
-    assert again is not None and again.attempt == 3
+    keep(replay, "a", 0.0, fill=0.25)
+    again = answer(replay, "a", 1.0, attempt=3)
+    assert again is not None and again.attempt == 3 and again.item_id == "a"
     assert again.output.to_array().tolist() == [[0.25] * 4]
-    assert replay.answer("a", OTHER, attempt=3, now=1.0) is None  # same id, another model
-    assert replay.answer("b", REF, attempt=1, now=1.0) is None
+    assert answer(replay, "b", 1.0) is None
+    same_id = item("a", attempt=3)
+    other_work = {
+        "model": dataclasses.replace(same_id, model_version=OTHER.version),
+        "input": dataclasses.replace(same_id, input=Tensor.from_array(np.zeros((1, 8), "f4"))),
+        "params": dataclasses.replace(same_id, params=encode_params({"k": 1})),
+    }
+    for why, assign in other_work.items():
+        assert replay.answer("coord", assign, 1.0) is None, why
+    assert replay.answer("coord-2", same_id, 1.0) is None  # another peer
     assert replay.stats.replayed == 1
 
 
 def test_results_expire_after_keep_s():
     replay = ResultReplay(1 << 20, keep_s=10)
-    replay.keep(REF, result("old"), now=0.0)
-    replay.keep(REF, result("new"), now=5.0)
-    assert replay.answer("old", REF, 2, now=9.9) is not None
-    assert replay.answer("old", REF, 2, now=10.0) is None
-    assert replay.answer("new", REF, 2, now=10.0) is not None
-    replay.keep(REF, result("newest"), now=15.0)  # keeping also drops what expired
+    keep(replay, "old", 0.0)
+    keep(replay, "new", 5.0)
+    assert answer(replay, "old", 9.9) is not None
+    assert answer(replay, "old", 10.0) is None
+    assert answer(replay, "new", 10.0) is not None
+    keep(replay, "newest", 15.0)  # keeping also drops what expired
     assert len(replay) == 1 and replay.bytes == 16 + ENTRY_OVERHEAD
 
 
@@ -65,8 +82,8 @@ def test_the_oldest_results_make_room_within_the_budget():
     size = 16 + ENTRY_OVERHEAD  # 4 float32 values
     replay = ResultReplay(3 * size, keep_s=60)
     for i in range(5):
-        replay.keep(REF, result(f"r{i}"), now=float(i))
-    assert [replay.answer(f"r{i}", REF, 1, now=5.0) is not None for i in range(5)] == [
+        keep(replay, f"r{i}", float(i))
+    assert [answer(replay, f"r{i}", 5.0) is not None for i in range(5)] == [
         False,
         False,
         True,
@@ -78,12 +95,12 @@ def test_the_oldest_results_make_room_within_the_budget():
 
 def test_a_result_larger_than_the_budget_or_a_zero_setting_keeps_nothing():
     small = ResultReplay(ENTRY_OVERHEAD + 8, keep_s=60)
-    small.keep(REF, result("big", values=4), now=0.0)
+    keep(small, "big", 0.0, values=4)
     assert len(small) == 0
     for budget, keep_s in ((0, 60.0), (1 << 20, 0.0)):
         off = ResultReplay(budget, keep_s)
-        off.keep(REF, result("x"), now=0.0)
-        assert off.answer("x", REF, 1, now=0.0) is None
+        keep(off, "x", 0.0)
+        assert answer(off, "x", 0.0) is None
     with pytest.raises(ConfigError):
         ResultReplay(-1, 1.0)
     with pytest.raises(ConfigError):
@@ -117,14 +134,14 @@ def test_the_store_matches_a_plain_model_of_it(ops, budget_values):
         model = [e for e in model if now - e[0] < keep_s]
         if op == "keep":
             size = values * 4 + ENTRY_OVERHEAD
-            replay.keep(REF, result(item_id, values=values), now)
+            keep(replay, item_id, now, values=values)
             if size <= budget:
                 model = [e for e in model if e[1] != item_id]
                 while sum(e[2] for e in model) + size > budget:
                     model.pop(0)
                 model.append((now, item_id, size))
         else:
-            got = replay.answer(item_id, REF, 7, now)
+            got = answer(replay, item_id, now, attempt=7)
             assert (got is not None) == any(e[1] == item_id for e in model)
             if got is not None:
                 assert got.attempt == 7 and got.item_id == item_id
@@ -158,12 +175,13 @@ async def test_a_draining_node_still_answers_an_item_it_already_ran():
         await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
         draining = asyncio.create_task(executor.drain(timeout=5))
         await asyncio.sleep(0)
-        await net.assign("coord-2", "x", attempt=2)
-        await net.assign("coord-2", "y")  # new work is refused
-        await soon(lambda: len(net.nodes["coord-2"].answers()) == 2)
+        await net.assign("coord", "x", attempt=2)
+        await net.assign("coord", "y")  # new work is refused
+        await soon(lambda: len(net.nodes["coord"].answers()) == 3)
         await draining
-        assert sorted(net.nodes["coord-2"].answers()) == [
+        assert sorted(net.nodes["coord"].answers()) == [
             ("TaskFailed", "y", 1, "w"),
+            ("TaskResult", "x", 1, "w"),
             ("TaskResult", "x", 2, "w"),
         ]
 
@@ -201,9 +219,9 @@ NODE = (
 
 async def test_a_result_lost_with_its_session_is_replayed_not_run_again(tmp_path):
     """The coordinator's first result from the node vanishes with the session it came on (the
-        coordinator drops it and closes the socket: a link that broke just then). The coordinator
-        re-dials the node and sends its items again; the node answers the lost one from the result
-        it kept (so are those it answered meanwhile over the new session: their second answers are
+    coordinator drops it and closes the socket: a link that broke just then). The coordinator
+    re-dials the node and sends its items again; the node answers the lost one from the result
+    it kept (so are those it answered meanwhile over the new session: their second answers are
     dropped as duplicates): the task succeeds and the node ran every item once."""
     rows = 12
     async with LocalCluster(tmp_path, fleet_id="replay", preset="lan") as cluster:

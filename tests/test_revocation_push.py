@@ -18,6 +18,7 @@ from coordinator.api import CoordinatorApi
 from coordinator.cli import main as coord_main
 from coordinator.client import ApiError, CoordinatorClient
 from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.runtime import revocations as revocations_module
 from meshinfer.testing.fleet import make_fleet
 from meshinfer.transport.base import Address
 from tests.helpers import until
@@ -68,7 +69,7 @@ async def test_a_pushed_revocation_cuts_the_node_off_and_reaches_the_fleet(tmp_p
                 never.set()
 
 
-async def test_a_bad_push_is_refused_with_a_clear_error(tmp_path):
+async def test_a_bad_push_is_refused_with_a_clear_error(tmp_path, monkeypatch):
     async with Mesh(tmp_path, n=1) as mesh:
         api = CoordinatorApi(mesh.coordinator, Address("127.0.0.1", 0), TOKEN)
         async with api, aiohttp.ClientSession(base_url=api.url) as http:
@@ -91,6 +92,13 @@ async def test_a_bad_push_is_refused_with_a_clear_error(tmp_path):
             await refused(415, "unsupported_media_type", data=b"{}", headers=json_type)
             await refused(401, "unauthorized", data=foreign, headers={"Content-Type": "x/y"})
             await refused(400, "bad_parameter", data=foreign, headers=OCTETS, params={"x": "1"})
+            mesh.cluster.enroll("veh-9")
+            mesh.cluster.fleet.revoke(now=time.time(), node_id="veh-9")
+            ours = mesh.cluster.fleet.revocations_bin.read_bytes()
+            monkeypatch.setattr(revocations_module, "MAX_REVOCATION_ENTRIES", 0)
+            assert "over 0 entries" in await refused(
+                400, "invalid_revocations", data=ours, headers=OCTETS
+            )
             assert mesh.mesh.revocation_sync.version == 0  # nothing was merged
             listed = await call(http, "GET", "/v1/revocations", headers=AUTH)
             assert listed["version"] == 0

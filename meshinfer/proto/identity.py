@@ -380,6 +380,13 @@ class RevocationList:
             raise LocalProtocolError(f"cannot merge revocations of {other.fleet_id!r}")
         return RevocationList(self.fleet_id, self.entries | other.entries)
 
+    def records(self) -> list[dict[str, Any]]:
+        """The entries as plain dicts (sequence, serial, node_id, revoked_at, reason), oldest
+        first: for JSON documents."""
+        fields = ("sequence", "serial", "node_id", "revoked_at", "reason")
+        ordered = sorted(self.entries, key=lambda e: e.sequence)
+        return [{name: getattr(e, name) for name in fields} for e in ordered]
+
     def since(self, version: int) -> RevocationList:
         """The entries with a sequence above ``version`` (a delta to gossip to a peer)."""
         return RevocationList(

@@ -289,10 +289,12 @@ class RevocationSync:
     async def merge_list(self, more: RevocationList, source: str) -> bool:
         """Merge a list verified against :attr:`trust` that reached this node another way (an
         operator's push through the coordinator's API), as if a peer had offered it: written
-        down, gossiped, revoked peers' sessions closed. Whether the list in force grew (False
-        too if the union would be over ``MAX_REVOCATION_ENTRIES``, which is logged)."""
+        down, gossiped, revoked peers' sessions closed. Whether the list in force grew;
+        :class:`RevocationError` if the union would be over ``MAX_REVOCATION_ENTRIES``."""
         if more.fleet_id != self.trust.fleet_id:
             raise RevocationError(f"revocation list is for fleet {more.fleet_id!r}")
+        if len(self.revocations.merge(more).entries) > MAX_REVOCATION_ENTRIES:
+            raise RevocationError(f"the merged list would be over {MAX_REVOCATION_ENTRIES} entries")
         return await self._adopt(more, source)
 
     async def _adopt(self, more: RevocationList, source: str) -> bool:
