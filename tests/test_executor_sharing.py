@@ -570,6 +570,15 @@ async def test_an_item_passed_on_and_assigned_again_is_handed_back_to_the_latest
         assert net.nodes["coord"].failure("p") is None
 
 
+async def passed_to_b(net: Net) -> TaskExecutor:
+    """``w`` (loaded), having passed coord's item ``p`` to b."""
+    net.members.set("b")
+    executor = await net.loaded_worker("b")
+    await net.assign("coord", "p")
+    await soon(lambda: net.nodes["b"].assigned() == ["p"])
+    return executor
+
+
 @pytest.mark.parametrize(
     ("code", "runs_here"),
     [
@@ -583,10 +592,7 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
     """b refuses the item w passed it (it never ran there): w, which has the model and is not
     draining, runs it itself instead of sending the refusal back to the coordinator."""
     async with Net() as net:
-        net.members.set("b")
-        executor = await net.loaded_worker("b")
-        await net.assign("coord", "p")
-        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        executor = await passed_to_b(net)
         refusal = TaskFailed("p", 1, int(code), "no", retryable=True)
         await net.nodes["b"].peers.request("w", refusal)
         net.gate.set()
@@ -599,10 +605,7 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
 
 async def test_an_item_passed_on_then_cancelled_is_not_run_here_when_the_peer_refuses_it():
     async with Net() as net:
-        net.members.set("b")
-        executor = await net.loaded_worker("b")
-        await net.assign("coord", "p")
-        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        executor = await passed_to_b(net)
         await net.nodes["coord"].peers.request("w", TaskCancel("p", "no longer wanted"))
         refusal = TaskFailed("p", 1, int(FailureKind.OVERLOADED), "busy", retryable=True)
         await net.nodes["b"].peers.request("w", refusal)
@@ -612,10 +615,7 @@ async def test_an_item_passed_on_then_cancelled_is_not_run_here_when_the_peer_re
 
 async def test_a_draining_node_relays_its_peers_refusal():
     async with Net() as net:
-        net.members.set("b")
-        executor = await net.loaded_worker("b")
-        await net.assign("coord", "p")
-        await soon(lambda: net.nodes["b"].assigned() == ["p"])
+        executor = await passed_to_b(net)
         draining = asyncio.create_task(executor.drain(timeout=WAIT_S))
         await asyncio.sleep(0)
         refusal = TaskFailed("p", 1, int(FailureKind.SHUTTING_DOWN), "draining", retryable=True)

@@ -16,6 +16,8 @@ from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
 from meshinfer.proto.tasks_wire import TaskResult, Tensor, encode_params
 from meshinfer.testing.cluster import LocalCluster
+from node.config import ExecutorSection
+from node.executor import TaskExecutor
 from node.replay import ENTRY_OVERHEAD, ResultReplay
 from tests.helpers import until
 from tests.test_coordinator_failover import (
@@ -153,12 +155,18 @@ def test_the_store_matches_a_plain_model_of_it(ops, budget_values):
 # --- the executor ----------------------------------------------------------------------------
 
 
+async def answered_once(net: Net, config: ExecutorSection = KEEPING) -> TaskExecutor:
+    """``w``'s executor, having run item ``x`` for coord and answered it."""
+    executor = net.worker(config)
+    net.gate.set()
+    await net.assign("coord", "x")
+    await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+    return executor
+
+
 async def test_an_item_sent_again_after_its_answer_is_answered_without_running_again():
     async with Net() as net:
-        executor = net.worker(KEEPING)
-        net.gate.set()
-        await net.assign("coord", "x")
-        await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+        executor = await answered_once(net)
         await net.assign("coord", "x", attempt=2)  # e.g. after the coordinator restarted
         await soon(lambda: ("TaskResult", "x", 2, "w") in net.nodes["coord"].answers())
         first, second = (m for _, m in net.nodes["coord"].got if isinstance(m, TaskResult))
@@ -169,10 +177,7 @@ async def test_an_item_sent_again_after_its_answer_is_answered_without_running_a
 
 async def test_a_draining_node_still_answers_an_item_it_already_ran():
     async with Net() as net:
-        executor = net.worker(KEEPING)
-        net.gate.set()
-        await net.assign("coord", "x")
-        await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+        executor = await answered_once(net)
         draining = asyncio.create_task(executor.drain(timeout=5))
         await asyncio.sleep(0)
         await net.assign("coord", "x", attempt=2)
@@ -188,10 +193,7 @@ async def test_a_draining_node_still_answers_an_item_it_already_ran():
 
 async def test_without_a_replay_budget_the_item_runs_again():
     async with Net() as net:
-        executor = net.worker(dataclasses.replace(KEEPING, result_replay_mib=0))
-        net.gate.set()
-        await net.assign("coord", "x")
-        await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+        executor = await answered_once(net, dataclasses.replace(KEEPING, result_replay_mib=0))
         await net.assign("coord", "x", attempt=2)
         await soon(lambda: ("TaskResult", "x", 2, "w") in net.nodes["coord"].answers())
         assert executor.stats.accepted == 2 and executor.replay.stats.replayed == 0
@@ -199,10 +201,7 @@ async def test_without_a_replay_budget_the_item_runs_again():
 
 async def test_an_item_sent_again_for_another_model_is_not_answered_from_the_kept_result():
     async with Net() as net:
-        executor = net.worker(KEEPING)
-        net.gate.set()
-        await net.assign("coord", "x")
-        await soon(lambda: ("TaskResult", "x", 1, "w") in net.nodes["coord"].answers())
+        executor = await answered_once(net)
         other = dataclasses.replace(item("x", attempt=2), model_version=OTHER.version)
         await net.nodes["coord"].peers.request("w", other)
         await soon(lambda: ("TaskFailed", "x", 2, "w") in net.nodes["coord"].answers())
