@@ -69,8 +69,8 @@ class CoordinatorSection:
         " over another session within this many seconds, or else a new dial (in what is left of"
         " that time if every session ended; in as many seconds again once sessions that stayed"
         " silent are closed, which may take up to a second more), or its items are re-dispatched"
-        " at once; on a slow link, set it above a round trip plus a"
-        " retransmission; 0 leaves it to membership",
+        " at once; on a slow link, set it above a round trip plus a retransmission; 0 leaves it"
+        " to membership",
     )
     input_ref_min_kib: int = doc(
         64,

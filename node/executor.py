@@ -207,6 +207,8 @@ class TaskExecutor:
     def _replayed(self, peer: str, msg: TaskAssign) -> bool:
         """Whether ``msg`` was answered from the result kept of its item: one that ran here (or
         was passed on and answered) and is not running here now, or whose answer is queued."""
+        if msg.item_id not in self.replay:  # (the usual case: no clock read, no CRC)
+            return False
         if msg.item_id in self._items and msg.item_id not in self._answered:
             return False
         result = self.replay.answer(peer, msg, asyncio.get_running_loop().time())

@@ -94,6 +94,10 @@ class ResultReplay:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def __contains__(self, item_id: object) -> bool:
+        """Whether a result of ``item_id`` is kept (perhaps expired, or for other work)."""
+        return item_id in self._kept
+
     @property
     def bytes(self) -> int:
         return self._bytes

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from coordinator import runs
-from coordinator.journal import Journal, UnknownTaskError
+from coordinator.journal import Journal, TaskRecord, UnknownTaskError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.errors import ConfigError
@@ -637,13 +637,20 @@ async def test_attempts_refused_by_draining_nodes_do_not_count_against_max_attem
         assert (await c.stats())["refusals"] == 3
 
 
-async def test_once_every_node_had_an_item_it_does_not_go_back_to_the_one_it_just_left(tmp_path):
+async def refused_everywhere(mesh: Mesh, task_id: str) -> TaskRecord:
+    """Submit a one-row task while every node drains; its record once it failed."""
     x, _ = load_digits_holdout()
+    set_draining(mesh, True)
+    c = mesh.coordinator
+    record = await c.wait(await c.submit(spec(task_id, "single", x[:1])), timeout=15)
+    assert record.state.value == "failed"
+    return record
+
+
+async def test_once_every_node_had_an_item_it_does_not_go_back_to_the_one_it_just_left(tmp_path):
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=3)) as mesh:
         c = mesh.coordinator
-        set_draining(mesh, True)
-        record = await c.wait(await c.submit(spec("bounced", "single", x[:1])), timeout=15)
-        assert record.state.value == "failed"  # 3 refusals, then 3 counted attempts
+        await refused_everywhere(mesh, "bounced")  # 3 refusals, then 3 counted attempts
         history = await c._db.run("history", "bounced")
         nodes = [e.detail.split(" to ")[1] for e in history if e.kind == "dispatched"]
         assert len(nodes) == 6 and set(nodes) == {"node-0", "node-1"}
@@ -654,7 +661,7 @@ async def test_a_restarted_coordinator_goes_on_from_the_journaled_refusals(tmp_p
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1, config=CoordinatorConfig(max_attempts=3)) as mesh:
         c = mesh.coordinator
-        mesh.daemons["node-0"].executor._draining = True
+        set_draining(mesh, True)
         await c.submit(spec("refused", "single", x[:1]))
         await until(lambda: c.stats_.refusals >= 2)
         await mesh.daemons.pop("node-0").aclose()  # nowhere to go after the restart: it waits
@@ -670,12 +677,9 @@ async def test_a_restarted_coordinator_goes_on_from_the_journaled_refusals(tmp_p
 
 
 async def test_an_item_every_node_refuses_for_ever_still_fails(tmp_path):
-    x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=2, config=CoordinatorConfig(max_attempts=2)) as mesh:
         c = mesh.coordinator
-        set_draining(mesh, True)
-        record = await c.wait(await c.submit(spec("never", "single", x[:1])), timeout=15)
-        assert record.state.value == "failed"
+        record = await refused_everywhere(mesh, "never")
         assert "gave up after 4 attempts (2 refused)" in record.summary.error
         assert "node is draining" in record.summary.error
         assert c.stats_.refusals == 2
