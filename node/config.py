@@ -67,6 +67,13 @@ class SessionSection:
     keepalive_interval: float = doc(15.0, "send a ping after this many seconds without sending")
     rekey_after: int = doc(1 << 20, "rekey each direction after this many Noise messages")
     max_message_mib: int = doc(16, "largest application message accepted, MiB")
+    verify_timeout: float = doc(
+        1.0,
+        "when a peer opens a session while older ones with it are open (it re-dialled after"
+        " roaming), each older one must answer a ping within this many seconds or it is"
+        " abandoned as lost and what went over it is sent again; sends to that peer wait"
+        " meanwhile; 0 keeps older sessions unchecked",
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,8 @@ def check_mesh_sections(config: Any, source: str) -> None:
     s = config.session
     if s.keepalive_interval >= s.idle_timeout:
         raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
+    if s.verify_timeout < 0:
+        raise ConfigError(f"{source}: [session] verify_timeout must be >= 0")
 
 
 def _cross_checks(config: NodeConfig, source: str) -> None:

@@ -86,6 +86,7 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
             keepalive_interval=s.keepalive_interval,
             rekey_after=s.rekey_after,
             max_message_size=s.max_message_mib * 1024 * 1024,
+            verify_timeout=s.verify_timeout,
         ),
         revocations_file=NodeDirectory(Path(identity_dir)).revocations_bin,
     )

@@ -139,6 +139,16 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
             "Peers with an open session.",
             [({}, len(mesh.peers.connected))],
         ),
+        _family(
+            "meshinfer_older_sessions_checked_total",
+            "counter",
+            "Older sessions with a peer pinged when it opened another: answered (kept), or"
+            " silent (abandoned as lost).",
+            [
+                ({"outcome": "answered"}, mesh.peers.stats.verified),
+                ({"outcome": "silent"}, mesh.peers.stats.abandoned),
+            ],
+        ),
     ]
     if mesh.membership is not None:
         counts: dict[str, int] = {}

@@ -44,6 +44,8 @@ def test_rendered_defaults_read_back_as_the_defaults(kind, tmp_path):
         ("node", {"inference": {"models": [1]}}, "models[0]: expected str"),
         ("node", {"inference": {"engine": "triton"}}, "triton_url is required"),
         ("node", {"session": {"keepalive_interval": 90.0}}, "keepalive_interval must be below"),
+        ("node", {"session": {"verify_timeout": -1}}, "[session] verify_timeout must be >= 0"),
+        ("coordinator", {"session": {"verify_timeout": -0.5}}, "verify_timeout must be >= 0"),
         ("node", {"http": []}, "[http] must be a table"),
         ("coordinator", {"coordinator": {"default_policy": "fastest"}}, "default_policy"),
         ("coordinator", {"coordinator": {"journal_synchronous": "OFF"}}, "journal_synchronous"),

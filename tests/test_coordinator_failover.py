@@ -8,8 +8,9 @@ silent has its items moved once it answers neither a ping there nor a new dial, 
 session closed. A SIGTERM (drain, leave, Close frames) moves nothing it finished. In-process
 peers pin down the other branches: a graceful ``Close`` with the listener gone re-dispatches
 nothing, a lost session whose node answers the re-dial keeps its items where they are, and so
-does a node that went silent on every session left but answers a new dial (it roamed). Fakes
-pin down the bookkeeping: nothing is kept of nodes that came and went.
+does a node that went silent on every session left but answers a new dial (it roamed), or that
+dials the coordinator itself from where it is now; either way its answers go over the new
+session. Fakes pin down the bookkeeping: nothing is kept of nodes that came and went.
 """
 
 from __future__ import annotations
@@ -359,12 +360,23 @@ def open_with(mesh: MeshNode, peer: str) -> list[Session]:
     return [s for s in mesh.peers.open_sessions() if s.peer_id == peer]
 
 
+def answer(node: HoldingNode, to: str, held: list[TaskAssign]) -> None:
+    """``node`` sends the result of each of ``held`` to ``to``, as a node would."""
+    weights = make_weights(TINY)
+    for m in held:
+        output = Tensor.from_array(forward(weights, m.input.to_array()))
+        result = TaskResult(m.item_id, m.attempt, output, "holder", "numpy", "cpu", {})
+        node.mesh.peers.send(to, result)
+
+
 async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_items(tmp_path):
     """A vehicle that roamed: its connections with the coordinator dead but not reset, a dial
     to where it is now works. One of its sessions is lost, the one left stays silent: the
     coordinator closes that one and dials the node afresh. The node keeps its items: they go
-    to it again over the new session, under the same attempts, and its answers complete the
-    task exactly once, with nothing re-dispatched."""
+    to it again over the new session, under the same attempts. Its own end of the silent
+    session still looks open, but it answers over the new one: the coordinator's dial made it
+    check the older session, which did not answer. The task completes exactly once, with
+    nothing re-dispatched."""
     node, mesh, c = await holding_setup(tmp_path, "failover-roamed")
     link = SilentLink(mesh.peers.addresses["holder"].address)
     try:
@@ -383,16 +395,45 @@ async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_i
         assert in_flight_on(c, "holder") == 3 and mesh.peers.session("holder") is not None
         await until(lambda: len(node.held) == 6)
         assert sorted((m.item_id, m.attempt) for m in node.held[3:]) == sent
-        # the link is gone for good: the holder's end of the silent session ends too, so that
-        # its answers go over the new session
-        await link.aclose()
-        await until(lambda: len(open_with(node.mesh, c.node_id)) == 1)
-        weights = make_weights(TINY)
-        for m in node.held[3:]:
-            output = Tensor.from_array(forward(weights, m.input.to_array()))
-            answer = TaskResult(m.item_id, m.attempt, output, "holder", "numpy", "cpu", {})
-            node.mesh.peers.send(c.node_id, answer)
+        answer(node, c.node_id, node.held[3:])  # the link still swallows what goes into it
         await assert_exactly_once(c, "held", batch("held", 3, seed=4)[1])
+        assert c.stats_.retries == 0 and c.stats_.redispatched_after_death == 0
+        assert node.mesh.peers.stats.abandoned == 1 and len(open_with(node.mesh, c.node_id)) == 1
+    finally:
+        await link.aclose()
+        await c.aclose()
+        await mesh.aclose()
+        await node.mesh.aclose()
+
+
+async def test_a_node_that_roamed_and_dialled_the_coordinator_gets_its_items_again(tmp_path):
+    """The other way round: the node dials the coordinator from where it is now, while the
+    coordinator's session with it (the one its items went over) looks open but is dead. The
+    coordinator checks that older session, abandons it as lost when it does not answer, and
+    sends the node's items again over the new session, under the same attempts; the node's
+    answers complete both tasks exactly once, with nothing re-dispatched."""
+    node, mesh, c = await holding_setup(tmp_path, "failover-dialled-in")
+    link = SilentLink(mesh.peers.addresses["holder"].address)
+    try:
+        via_link = await second_session(mesh, "holder", via=await link.start())
+        await until(lambda: len(open_with(node.mesh, c.node_id)) == 2)
+        for session in open_with(mesh, "holder"):
+            if session is not via_link:
+                await session.aclose()  # a graceful end: the link's session is left
+        spec, x = batch("roamed", 3, seed=8)
+        await c.submit(spec)
+        await until(lambda: len(node.held) == 6)  # over the link
+        sent = sorted((m.item_id, m.attempt) for m in node.held)
+        link.go_silent()
+        await second_session(node.mesh, c.node_id)  # the node, from where it is now
+        await until(lambda: len(node.held) == 12)
+        assert sorted((m.item_id, m.attempt) for m in node.held[6:]) == sent
+        assert not via_link.is_open and via_link.lost
+        assert mesh.peers.stats.abandoned == 1 and c.stats_.redials_ok == 1
+        assert c.stats_.resent_after_redial == 6 and c.stats_.redispatched_after_disconnect == 0
+        answer(node, c.node_id, node.held[6:])
+        await assert_exactly_once(c, "held", batch("held", 3, seed=4)[1])
+        await assert_exactly_once(c, "roamed", x)
         assert c.stats_.retries == 0 and c.stats_.redispatched_after_death == 0
     finally:
         await link.aclose()

@@ -48,6 +48,9 @@ async def test_healthz_readyz_metrics_and_status_answer_over_http(tmp_path):
         assert "meshinfer_handshakes" in families  # the parser drops the _total suffix
         records = families["meshinfer_session_records"].samples
         assert {s.labels["direction"] for s in records} == {"sent", "received"}
+        checked = families["meshinfer_older_sessions_checked"].samples
+        outcomes = {s.labels["outcome"]: s.value for s in checked}
+        assert outcomes.keys() == {"answered", "silent"} and outcomes["silent"] == 0
         assert "meshinfer_input_cache_bytes" in families
         requests = families["meshinfer_batcher_requests"]
         completed = {

@@ -12,21 +12,31 @@ import pytest
 
 from meshinfer.errors import LocalProtocolError, TransportError
 from meshinfer.proto.messages import AppData
-from meshinfer.runtime.endpoint import SessionListener
+from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
-from meshinfer.runtime.session import SessionConfig
+from meshinfer.runtime.session import Session, SessionConfig
 from meshinfer.testing.fleet import make_fleet
+from meshinfer.transport.base import Address
 from tests.helpers import until
 
 
 class Pair:
-    """Peer tables for ``alpha`` and ``bravo``; bravo listens and keeps the AppData it gets."""
+    """Peer tables for ``alpha`` and ``bravo``; bravo listens and keeps the AppData it gets.
+    ``alpha_config``, if given, is alpha's alone."""
 
-    def __init__(self, transport, addr, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        transport,
+        addr,
+        config: SessionConfig | None = None,
+        alpha_config: SessionConfig | None = None,
+    ) -> None:
         self.fleet = make_fleet(None, ["alpha", "bravo"])
         self.addr = addr
+        self.bound: Address | None = None
         kw = {"config": config} if config else {}
-        self.alpha = PeerTable("alpha", transport, self.fleet.admission("alpha"), **kw)
+        alpha_kw = {"config": alpha_config} if alpha_config else kw
+        self.alpha = PeerTable("alpha", transport, self.fleet.admission("alpha"), **alpha_kw)
         self.bravo = PeerTable("bravo", transport, self.fleet.admission("bravo"), **kw)
         self.listener = SessionListener(
             transport, self.fleet.admission("bravo"), self.bravo.serve_inbound, **kw
@@ -35,8 +45,8 @@ class Pair:
         self.bravo.on(AppData, lambda _peer, msg: self.got.put_nowait(msg.payload))
 
     async def __aenter__(self) -> Pair:
-        bound = await self.listener.start(self.addr)
-        self.alpha.learn("bravo", bound, self.fleet.identities["bravo"].static_public)
+        self.bound = await self.listener.start(self.addr)
+        self.alpha.learn("bravo", self.bound, self.fleet.identities["bravo"].static_public)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -47,6 +57,43 @@ class Pair:
     async def received(self, n: int) -> list[bytes]:
         async with asyncio.timeout(10):
             return [await self.got.get() for _ in range(n)]
+
+    async def redial(self) -> Session:
+        """alpha dials bravo once more (as after roaming), its older session still open; the
+        new session is adopted on both sides when this returns."""
+        before = len(open_with(self.bravo, "alpha"))
+        session = await dial(
+            self.alpha.transport, self.bound, self.alpha.admission, config=self.alpha.config,
+            expected_static=self.fleet.identities["bravo"].static_public,
+        )  # fmt: skip
+        self.alpha.adopt(session)
+        await until(lambda: len(open_with(self.bravo, "alpha")) > before)
+        return session
+
+
+def open_with(peers: PeerTable, peer: str) -> list[Session]:
+    return [s for s in peers.open_sessions() if s.peer_id == peer]
+
+
+def record_writes(session: Session, *, deliver: bool) -> list[int]:
+    """Count what ``session`` writes from now on (the sizes); with ``deliver`` False the
+    writes vanish, as into a connection whose far end is gone but was never reset."""
+    writes: list[int] = []
+    real_write = session.stream.write
+
+    async def write(data: bytes) -> None:
+        writes.append(len(data))
+        if deliver:
+            await real_write(data)
+
+    session.stream.write = write
+    return writes
+
+
+def keep_app_data(peers: PeerTable) -> asyncio.Queue[bytes]:
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    peers.on(AppData, lambda _peer, msg: got.put_nowait(msg.payload))
+    return got
 
 
 async def test_a_burst_of_sends_arrives_whole_and_in_order(transport_and_addr):
@@ -125,3 +172,70 @@ async def test_a_send_never_written_tells_its_on_failure_and_a_written_one_does_
         await until(lambda: len(failures) == 2)
         assert failures[1][0] == b"y" and "unreachable" in str(failures[1][1])
         assert "on_failure callback of a send failed" in caplog.text
+
+
+# --- several sessions with one peer --------------------------------------------------------
+
+#: bravo checks older sessions quickly; alpha (the peer that re-dials) leaves its own unchecked,
+#: so that what happens to bravo's older session is bravo's doing alone
+QUICK_CHECK = SessionConfig(verify_timeout=0.3)
+NO_CHECK = SessionConfig(verify_timeout=0)
+
+
+async def test_a_peer_that_dials_again_gets_what_is_sent_to_it_over_the_new_session(
+    transport_and_addr,
+):
+    """The older session looks open but is dead (writes into it vanish): when the peer dials
+    again, it does not answer bravo's ping, so bravo abandons it as lost, and what bravo sends
+    meanwhile waits and goes over the new session instead of into the dead one."""
+    async with Pair(*transport_and_addr, QUICK_CHECK, alpha_config=NO_CHECK) as pair:
+        at_alpha = keep_app_data(pair.alpha)
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
+        (old,) = open_with(pair.bravo, "alpha")
+        into_the_void = record_writes(old, deliver=False)
+        await pair.redial()
+        assert pair.bravo.send("alpha", AppData(topic="t", payload=b"answer"))
+        async with asyncio.timeout(10):
+            assert await at_alpha.get() == b"answer"
+        assert not old.is_open and old.lost  # its watchers re-send what went over it
+        assert "no answer to a ping" in old.close_reason
+        assert len(into_the_void) == 1  # the ping; the answer waited for it
+        assert (pair.bravo.stats.abandoned, pair.bravo.stats.verified) == (1, 0)
+        assert pair.bravo.session("alpha") is open_with(pair.bravo, "alpha")[0]
+
+
+async def test_an_older_session_that_answers_keeps_carrying_the_messages(transport_and_addr):
+    """Both sessions work (the two sides dialled at once): the older one answers the ping and
+    stays the one messages go over; what was sent while the ping was out arrives, in order."""
+    async with Pair(*transport_and_addr, QUICK_CHECK, alpha_config=NO_CHECK) as pair:
+        at_alpha = keep_app_data(pair.alpha)
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
+        (old,) = open_with(pair.bravo, "alpha")
+        over_old = record_writes(old, deliver=True)
+        await pair.redial()
+        (new,) = [s for s in open_with(pair.bravo, "alpha") if s is not old]
+        over_new = record_writes(new, deliver=True)
+        payloads = [b"%d" % n for n in range(10)]
+        for payload in payloads:
+            assert pair.bravo.send("alpha", AppData(topic="t", payload=payload))
+        async with asyncio.timeout(10):
+            assert [await at_alpha.get() for _ in payloads] == payloads
+        assert (pair.bravo.stats.verified, pair.bravo.stats.abandoned) == (1, 0)
+        assert old.is_open and new.is_open and pair.bravo.session("alpha") is old
+        assert len(over_old) >= 2 and over_new == []  # the ping (and its answer), then the ten
+
+
+async def test_with_no_verify_timeout_an_older_session_is_left_unchecked(transport_and_addr):
+    async with Pair(*transport_and_addr, NO_CHECK) as pair:
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
+        (old,) = open_with(pair.bravo, "alpha")
+        into_the_void = record_writes(old, deliver=False)
+        await pair.redial()
+        await pair.bravo.request("alpha", AppData(topic="t", payload=b"lost"))
+        assert into_the_void and old.is_open and pair.bravo.session("alpha") is old
+        assert (pair.bravo.stats.verified, pair.bravo.stats.abandoned) == (0, 0)
+
+
+def test_a_negative_verify_timeout_is_refused():
+    with pytest.raises(ValueError, match="verify_timeout"):
+        SessionConfig(verify_timeout=-1)

@@ -13,6 +13,17 @@ type (:meth:`PeerTable.on`). Handlers are plain callables run on the loop; they 
 and should spawn their own tasks for slow work. A handler's exception is logged and counted and
 does not close the session.
 
+A peer may hold several sessions with this node: both sides dialled at once, or the peer dialled
+again while an older connection looked open here (a vehicle that roamed: its old connections
+dead, not reset; another certificate of the same node). Messages go over the peer's oldest open
+session, so a newer one never takes traffic from a session that works (nor does a session under
+a stale certificate). A newer session is also a hint that an older one may be dead, which a
+send would otherwise find out only after ``idle_timeout``: when one is adopted, every older open
+session with that peer is pinged, and one that does not answer within the session config's
+``verify_timeout`` is abandoned as lost (its watchers re-send what went over it). Sends to the
+peer wait until those pings are settled (one round trip when the older sessions work), so they go
+over a session that answered, or the new one.
+
 Concurrency: all methods run on the node's event loop.
 """
 
@@ -56,6 +67,8 @@ class PeerStats:
     dropped: Counter[str] = field(default_factory=Counter)
     dials: int = 0
     dial_failures: int = 0
+    verified: int = 0  # older sessions that answered a ping when a newer one opened
+    abandoned: int = 0  # older sessions that did not, abandoned as lost
     handler_errors: int = 0
     unhandled: Counter[str] = field(default_factory=Counter)
 
@@ -99,6 +112,8 @@ class PeerTable:
         self.addresses: dict[str, PeerAddress] = {}
         self._sessions: dict[str, list[Session]] = {}
         self._readers: set[asyncio.Task[None]] = set()
+        self._verifying: Counter[str] = Counter()  # peer -> verifications of its sessions
+        self._verifiers: set[asyncio.Task[None]] = set()
         self._outboxes: dict[str, _Outbox] = {}
         self._handlers: dict[type, MessageHandler] = {}
         self._session_callbacks: list[SessionCallback] = []
@@ -124,7 +139,7 @@ class PeerTable:
     # --- queries ---------------------------------------------------------------------------
 
     def session(self, node_id: str) -> Session | None:
-        """An open session with ``node_id``, if there is one."""
+        """The oldest open session with ``node_id`` (the one messages go over), if any."""
         for s in self._sessions.get(node_id, ()):
             if s.is_open:
                 return s
@@ -196,20 +211,20 @@ class PeerTable:
                 except TimeoutError:
                     return  # idle: the task ends; the next send starts a new one
                 continue
+            if node_id in self._verifying:  # an older session may be dead: wait for the ping
+                box.wake.clear()
+                await box.wake.wait()
+                continue
             session = self.session(node_id)
-            if session is None:
-                if loop.time() < box.retry_at:
-                    self._fail_queue(box, "unreachable")
-                    continue
-                dialled = await self._dial(node_id)
-                if dialled is None:
-                    box.retry_at = loop.time() + self._dial_backoff
-                    self._fail_queue(box, "dial-failed")
-                    continue
-                # the node's oldest open session, as for every send: one it dialled meanwhile
-                # may have been adopted first
-                session = self.session(node_id) or dialled
-            await self._drain(node_id, session, box)
+            if session is not None:
+                await self._drain(node_id, session, box)
+            elif loop.time() < box.retry_at:
+                self._fail_queue(box, "unreachable")
+            elif await self._dial(node_id) is None:
+                box.retry_at = loop.time() + self._dial_backoff
+                self._fail_queue(box, "dial-failed")
+            # else round again: the oldest open session, as for every send (one the peer
+            # dialled meanwhile may have been adopted first, and is then being checked)
 
     async def _drain(self, node_id: str, session: Session, box: _Outbox) -> None:
         """Send what is queued, several messages per write (up to ``WRITE_BATCH``, and
@@ -217,7 +232,7 @@ class PeerTable:
         peer's reader for all of them. A message leaves the queue only once written; one that
         can never be sent (over the session's size cap) is dropped, its requester told, and
         the rest go on."""
-        while box.queue and session.is_open:
+        while box.queue and session.is_open and node_id not in self._verifying:
             batch = list(itertools.islice(box.queue, WRITE_BATCH))
             try:
                 sent = await session.send_many([msg for msg, _ in batch])
@@ -264,15 +279,51 @@ class PeerTable:
     # --- receiving -------------------------------------------------------------------------
 
     def adopt(self, session: Session) -> asyncio.Task[None]:
-        """Take ownership of ``session``: register it and start its reader task."""
+        """Take ownership of ``session``: register it and start its reader task; if older
+        sessions with its peer are open, check that they still answer."""
         peer = session.peer_id
-        self._sessions.setdefault(peer, []).append(session)
-        task = asyncio.get_running_loop().create_task(self._read(session), name=f"peer-read-{peer}")
+        sessions = self._sessions.setdefault(peer, [])
+        older = [s for s in sessions if s.is_open]
+        sessions.append(session)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._read(session), name=f"peer-read-{peer}")
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
+        if older and self.config.verify_timeout > 0 and not self._closed:
+            self._verifying[peer] += 1
+            check = loop.create_task(self._verify(peer, older), name=f"peer-verify-{peer}")
+            self._verifiers.add(check)
+            check.add_done_callback(self._verifiers.discard)
         for callback in self._session_callbacks:
             callback(peer, session)
         return task
+
+    async def _verify(self, peer: str, older: list[Session]) -> None:
+        """Ping each of ``older`` (open sessions with ``peer`` when a newer one opened);
+        abandon those that do not answer in time; then let sends to ``peer`` go on."""
+        try:
+            answers = await asyncio.gather(*(self._answers(s) for s in older))
+            for session, answered in zip(older, answers, strict=True):
+                if answered:
+                    self.stats.verified += 1
+                elif session.is_open:
+                    self.stats.abandoned += 1
+                    log.info("an older session with %s did not answer a ping: abandoned", peer)
+                    await session.abandon("no answer to a ping after a newer session opened")
+        finally:
+            self._verifying[peer] -= 1
+            if self._verifying[peer] <= 0:
+                del self._verifying[peer]
+                box = self._outboxes.get(peer)
+                if box is not None:
+                    box.wake.set()
+
+    async def _answers(self, session: Session) -> bool:
+        try:
+            await session.ping(timeout=self.config.verify_timeout)
+        except (MeshInferError, OSError, TimeoutError):  # (StreamClosed: it ended meanwhile)
+            return False
+        return True
 
     async def serve_inbound(self, session: Session) -> None:
         """A :class:`SessionListener` handler: adopt the session and wait until it ends."""
@@ -323,7 +374,8 @@ class PeerTable:
             *(s.aclose(CloseCode.GOING_AWAY, "node shutting down") for s in sessions),
             return_exceptions=True,
         )
-        tasks = [b.task for b in self._outboxes.values() if b.task] + list(self._readers)
+        tasks = [b.task for b in self._outboxes.values() if b.task]
+        tasks += [*self._readers, *self._verifiers]
         for task in tasks:
             task.cancel()
         with contextlib.suppress(Exception):

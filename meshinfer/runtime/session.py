@@ -92,6 +92,10 @@ class SessionConfig:
         clock_skew: seconds of tolerance on certificate validity windows.
         pack: announce the ``packed`` feature (several small messages per Noise message; used
             towards a peer that announces it too, and understood from any peer either way).
+        verify_timeout: when a peer opens another session while older ones with it are open
+            (it re-dialled after roaming, or both sides dialled at once), each older one must
+            answer a ping within this many seconds or it is abandoned as lost (see
+            :class:`~meshinfer.runtime.peers.PeerTable`); 0 keeps them unchecked.
     """
 
     xx_protocol: str = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
@@ -104,10 +108,13 @@ class SessionConfig:
     recv_queue: int = 1024
     clock_skew: float = 300.0
     pack: bool = True
+    verify_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if self.keepalive_interval >= self.idle_timeout:
             raise ValueError("keepalive_interval must be below idle_timeout")
+        if self.verify_timeout < 0:
+            raise ValueError("verify_timeout must not be negative")
         if self.rekey_after < 1 or self.recv_queue < 1 or self.max_message_size < 1:
             raise ValueError("rekey_after, recv_queue and max_message_size must be positive")
 
@@ -202,7 +209,8 @@ class Session:
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         #: True when the session ended without a Close from either side: the connection hit EOF
-        #: or an error (e.g. the peer's process was killed and its kernel reset the socket).
+        #: or an error (e.g. the peer's process was killed and its kernel reset the socket), or
+        #: this side gave up on a peer that stopped answering (:meth:`abandon`).
         self.lost = False
         self._closed = asyncio.Event()
         self._leftover = leftover
@@ -300,6 +308,14 @@ class Session:
                         framing.split_message(messages.encode(Close(code=int(code), reason=reason)))
                     )
             self._mark_closed(code, reason)
+        await self._shutdown()
+
+    async def abandon(self, reason: str) -> None:
+        """End the session as lost, at once and with no ``Close`` frame: for a peer that
+        stopped answering. What went over it may never have arrived (``lost`` tells the
+        session's watchers so), and a frame written into a dead connection would arrive no
+        more surely, nor wait behind a stuck write. Idempotent; a no-op once closed."""
+        self._mark_lost(reason)
         await self._shutdown()
 
     async def __aenter__(self) -> Session:
