@@ -1,8 +1,10 @@
 """Fast failover: which nodes the coordinator can reach, judged by its own sessions with them.
 
-Membership needs seconds to declare a crashed node dead. A node's session that ends without
-the node's ``Close`` frame (EOF or reset: a killed process's socket is closed by its kernel at
-once) makes the node *suspect here*: it gets no new items while the coordinator has it answer a
+Membership needs seconds to declare a crashed node dead. A node's session that ends lost
+(:attr:`~meshinfer.runtime.session.Session.lost`: without the node's ``Close`` frame, by EOF or
+reset as a killed process's socket is closed by its kernel at once; or given up on, silent for
+the session's ``idle_timeout`` or for a ping when the node opened a newer session) makes the
+node *suspect here*: it gets no new items while the coordinator has it answer a
 ping within ``redial_timeout_s`` over every other session still open with it (an open session
 proves nothing: the node may be dead with its end not read yet, or silent behind a broken link).
 If none answers, it is re-dialled (a handshake done is the answer): at once, in what is left of
@@ -25,7 +27,7 @@ items went over are they re-dispatched at once (items are tracked by node, not b
 of the node's move, maybe back to it over the good session; a result still coming is accepted
 once)::
 
-    reachable --session lost abruptly--> suspect (pings every session open with it)
+    reachable --session lost (abruptly, or silent)--> suspect (pings every session open)
     suspect --a ping answered, or a session opened meanwhile--> reachable (items sent again)
     suspect --every session ended--> re-dialling (in the rest of the time)
     suspect --none answered, some open--> re-dialling (silent sessions closed first; time anew)

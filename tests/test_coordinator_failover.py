@@ -38,11 +38,12 @@ from meshinfer.inference.synthetic import SyntheticSpec, make_weights
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MemberEvent, MemberEventKind, MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
+from meshinfer.proto.messages import CloseCode
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import TaskAssign, TaskResult, Tensor
 from meshinfer.runtime.endpoint import dial
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
-from meshinfer.runtime.session import Session
+from meshinfer.runtime.session import Session, SessionConfig
 from meshinfer.testing.cluster import LocalCluster
 from meshinfer.transport.base import Address
 from tests.helpers import until
@@ -61,17 +62,27 @@ SLOW_NODE = (
 X, Y = "veh-x", "veh-y"
 
 
-def mesh_for(cluster: LocalCluster, name: str, roles=("coordinator",)) -> MeshNode:
+def mesh_for(
+    cluster: LocalCluster,
+    name: str,
+    roles=("coordinator",),
+    session: SessionConfig | None = None,
+) -> MeshNode:
     ident = NodeIdentity.load(cluster.enroll(name, roles=roles))
     revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.lan())
+    if session is not None:
+        opts = dataclasses.replace(opts, session=session)
     return MeshNode(ident, revocations, opts)
 
 
 async def coordinator_for(
-    cluster: LocalCluster, tmp, redial_timeout_s: float = 0.25
+    cluster: LocalCluster,
+    tmp,
+    redial_timeout_s: float = 0.25,
+    session: SessionConfig | None = None,
 ) -> tuple[MeshNode, Coordinator]:
-    mesh = mesh_for(cluster, "coord")
+    mesh = mesh_for(cluster, "coord", session=session)
     await mesh.start()
     config = CoordinatorConfig(item_timeout_s=60, redial_timeout_s=redial_timeout_s)
     coordinator = Coordinator(mesh, tmp / "journal.db", config)
@@ -241,8 +252,10 @@ async def test_sigterm_drain_moves_nothing_the_node_finished(tmp_path):
 class HoldingNode:
     """An in-process mesh node that gossips the tiny model and keeps every item it is sent."""
 
-    def __init__(self, cluster: LocalCluster, name: str) -> None:
-        self.mesh = mesh_for(cluster, name, roles=("vehicle",))
+    def __init__(
+        self, cluster: LocalCluster, name: str, session: SessionConfig | None = None
+    ) -> None:
+        self.mesh = mesh_for(cluster, name, roles=("vehicle",), session=session)
         self.held: list[TaskAssign] = []
 
     async def start(self) -> None:
@@ -263,12 +276,14 @@ class HoldingNode:
             await session.wait_closed()
 
 
-async def holding_setup(tmp_path, fleet_id: str):
+async def holding_setup(tmp_path, fleet_id: str, session: SessionConfig | None = None):
+    """A :class:`HoldingNode` ("holder") and a coordinator (both with ``session``, if given)
+    that sent it the three items of task "held"."""
     cluster = LocalCluster(tmp_path, fleet_id=fleet_id, preset="lan")
-    node = HoldingNode(cluster, "holder")
+    node = HoldingNode(cluster, "holder", session)
     await node.start()
     # (the holder answers on this test's loop: time for a dial and a ping on a busy machine)
-    mesh, c = await coordinator_for(cluster, tmp_path, redial_timeout_s=2.0)
+    mesh, c = await coordinator_for(cluster, tmp_path, redial_timeout_s=2.0, session=session)
     await until(lambda: serving(c, ("holder",)))
     spec, _ = batch("held", 3, seed=4)
     await c.submit(spec)
@@ -406,35 +421,71 @@ async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_i
         await node.mesh.aclose()
 
 
+async def only_over(link: SilentLink, mesh: MeshNode, node: HoldingNode) -> Session:
+    """The coordinator's (``mesh``) only session with the holder, through ``link``; the
+    holder's other sessions with it ended gracefully."""
+    via_link = await second_session(mesh, "holder", via=await link.start())
+    await until(lambda: len(open_with(node.mesh, mesh.node_id)) == 2)
+    for session in open_with(mesh, "holder"):
+        if session is not via_link:
+            await session.aclose()
+    await until(lambda: len(open_with(node.mesh, mesh.node_id)) == 1)
+    return via_link
+
+
+async def resent_over_a_new_session(c: Coordinator, node: HoldingNode, sent: list) -> None:
+    """The holder got ``sent`` (item, attempt) again; its answers complete the tasks "held"
+    and "roamed" exactly once, with nothing re-dispatched."""
+    await until(lambda: len(node.held) == 2 * len(sent))
+    assert sorted((m.item_id, m.attempt) for m in node.held[len(sent) :]) == sent
+    assert c.stats_.redials_ok == 1 and c.stats_.resent_after_redial == len(sent)
+    assert c.stats_.redispatched_after_disconnect == 0
+    answer(node, c.node_id, node.held[len(sent) :])
+    await assert_exactly_once(c, "held", batch("held", 3, seed=4)[1])
+    await assert_exactly_once(c, "roamed", batch("roamed", 3, seed=8)[1])
+    assert c.stats_.retries == 0 and c.stats_.redispatched_after_death == 0
+
+
 async def test_a_node_that_roamed_and_dialled_the_coordinator_gets_its_items_again(tmp_path):
     """The other way round: the node dials the coordinator from where it is now, while the
     coordinator's session with it (the one its items went over) looks open but is dead. The
     coordinator checks that older session, abandons it as lost when it does not answer, and
-    sends the node's items again over the new session, under the same attempts; the node's
-    answers complete both tasks exactly once, with nothing re-dispatched."""
+    sends the node's items again over the new session, under the same attempts."""
     node, mesh, c = await holding_setup(tmp_path, "failover-dialled-in")
     link = SilentLink(mesh.peers.addresses["holder"].address)
     try:
-        via_link = await second_session(mesh, "holder", via=await link.start())
-        await until(lambda: len(open_with(node.mesh, c.node_id)) == 2)
-        for session in open_with(mesh, "holder"):
-            if session is not via_link:
-                await session.aclose()  # a graceful end: the link's session is left
-        spec, x = batch("roamed", 3, seed=8)
-        await c.submit(spec)
+        via_link = await only_over(link, mesh, node)
+        await c.submit(batch("roamed", 3, seed=8)[0])
         await until(lambda: len(node.held) == 6)  # over the link
         sent = sorted((m.item_id, m.attempt) for m in node.held)
         link.go_silent()
         await second_session(node.mesh, c.node_id)  # the node, from where it is now
-        await until(lambda: len(node.held) == 12)
-        assert sorted((m.item_id, m.attempt) for m in node.held[6:]) == sent
-        assert not via_link.is_open and via_link.lost
-        assert mesh.peers.stats.abandoned == 1 and c.stats_.redials_ok == 1
-        assert c.stats_.resent_after_redial == 6 and c.stats_.redispatched_after_disconnect == 0
-        answer(node, c.node_id, node.held[6:])
-        await assert_exactly_once(c, "held", batch("held", 3, seed=4)[1])
-        await assert_exactly_once(c, "roamed", x)
-        assert c.stats_.retries == 0 and c.stats_.redispatched_after_death == 0
+        await resent_over_a_new_session(c, node, sent)
+        assert not via_link.is_open and via_link.lost and mesh.peers.stats.abandoned == 1
+    finally:
+        await link.aclose()
+        await c.aclose()
+        await mesh.aclose()
+        await node.mesh.aclose()
+
+
+async def test_a_session_silent_for_the_idle_timeout_is_lost_and_its_node_probed(tmp_path):
+    """Nobody dials: the coordinator's only session with the node goes silent (a vehicle that
+    roamed, its connections dead but not reset). The idle timeout ends it as lost, not as a
+    graceful close, so the coordinator probes the node at once: a dial to where it is now
+    works, and its items go to it again, rather than waiting for their item timeout."""
+    quick = SessionConfig(idle_timeout=1.0, keepalive_interval=0.2)
+    node, mesh, c = await holding_setup(tmp_path, "failover-idle", session=quick)
+    link = SilentLink(mesh.peers.addresses["holder"].address)
+    try:
+        via_link = await only_over(link, mesh, node)
+        await c.submit(batch("roamed", 3, seed=8)[0])
+        await until(lambda: len(node.held) == 6)
+        sent = sorted((m.item_id, m.attempt) for m in node.held)
+        link.go_silent()
+        await resent_over_a_new_session(c, node, sent)
+        assert via_link.lost and via_link.close_code == CloseCode.IDLE_TIMEOUT
+        assert c.stats_.sessions_lost >= 1
     finally:
         await link.aclose()
         await c.aclose()

@@ -210,7 +210,8 @@ class Session:
         self.close_reason = ""
         #: True when the session ended without a Close from either side: the connection hit EOF
         #: or an error (e.g. the peer's process was killed and its kernel reset the socket), or
-        #: this side gave up on a peer that stopped answering (:meth:`abandon`).
+        #: this side gave up on a peer that stopped answering (:meth:`abandon`, or nothing came
+        #: for ``idle_timeout``: then a Close frame is still sent, best effort).
         self.lost = False
         self._closed = asyncio.Event()
         self._leftover = leftover
@@ -406,6 +407,10 @@ class Session:
                 log.info(
                     "session with %s idle for %.1fs: closing", self.peer_id, now - self._last_rx
                 )
+                # Lost: the peer stopped answering (not even the keep-alives came), so what
+                # went over the session may never have arrived; the Close frame goes for a
+                # peer whose link comes back.
+                self.lost = True
                 await self.aclose(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 return
             if now - self._last_tx >= cfg.keepalive_interval:
