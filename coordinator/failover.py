@@ -122,10 +122,8 @@ class Reachability:
         peers.on_session(self._on_session)
         if self.mesh.revocation_sync is not None:
             self.mesh.revocation_sync.on_cut_off(self._on_revoked)
-        for node in peers.connected:
-            session = peers.session(node)
-            if session is not None:
-                self._on_session(node, session)
+        for session in peers.open_sessions():
+            self._on_session(session.peer_id, session)
 
     async def aclose(self) -> None:
         """Stop watching (probes under way are cancelled). Idempotent."""

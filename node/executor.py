@@ -15,29 +15,30 @@ lacks the model) exists, the item is forwarded to that peer, and whatever comes 
 to the coordinator, except a refusal (the peer is draining, overloaded or lacks the model: it
 never ran the item), after which the item runs here unless this node is draining too. One hop
 only: an item another node passed on runs where it lands. A peer's load is its gossiped queue
-depth (up to a second old) plus the items this node passed to it that are not answered yet,
-and ties are broken at random, so overloaded nodes do not all pile onto the one peer that looked
-idlest. A peer whose session this node would send over carries a
-certificate that is now revoked (the session is about to be cut) gets nothing. A node already
-holding an item, running or passed on, answers its latest ``TaskAssign`` (a coordinator's retry
-after the first sender went away, or its resend after a lost session): an item passed on is not
-passed on again, and the peer's answer is relayed under the latest attempt. If the peer an item
-was passed to dies, leaves, loses its session abruptly, or the session the item went over is
-closed for a revoked certificate first, or the item could never be written to it (the peer table
-gave up: dial failed, message too large), the item is handed back
-(``TaskFailed`` ``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of
-waiting for its item timeout. Bad input from a peer is answered with ``TaskFailed``
+depth (up to a second old) plus the items this node passed to it that are not answered yet, and
+ties are broken at random, so overloaded nodes do not all pile onto the one peer that looked
+idlest. A peer whose session this node would send over carries a certificate that is now revoked
+(the session is about to be cut) gets nothing. A node already holding an item, running or passed
+on, answers its latest ``TaskAssign`` (a coordinator's retry after the first sender went away,
+or its resend after a lost session): an item passed on is not passed on again, and the peer's
+answer is relayed under the latest attempt. If the peer an item was passed to dies, leaves,
+loses its session abruptly, or the session the item went over is closed for a revoked
+certificate first, or the item could never be written to it (the peer table gave up: dial
+failed, message too large), the item is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so
+the coordinator re-runs it at once instead of waiting for its item timeout. A session with the
+peer lost while another stays open (the peer dialled again after roaming) sends the peer's items
+again over the open one instead. Bad input from a peer is answered with ``TaskFailed``
 (``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this node to keep
 (``keep_input``) go into its input cache (:class:`~meshinfer.inference.cache.ContentCache`,
 ``input_cache_mib``) as the item arrives, and an item that names its input by reference
 (``input_ref``) is given it from there, or answered ``INPUT_NOT_CACHED`` so the coordinator
 sends the bytes; both happen before anything else is decided about the item, so the cache sees
 every message in the order sent (which is what lets the coordinator mirror it). An item this
-node already answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``)
-is answered again from the kept result when it comes back (a coordinator resending what a lost
-session or its restart may have swallowed), even while draining, instead of running again.
-While draining (SIGTERM) new items are refused as retryable and queued ones are handed back,
-so the coordinator re-runs them elsewhere.
+node already answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is
+answered again from the kept result when it comes back (a coordinator resending what a lost
+session or its restart may have swallowed), even while draining, instead of running again. While
+draining (SIGTERM) new items are refused as retryable and queued ones are handed back, so the
+coordinator re-runs them elsewhere.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -105,6 +106,7 @@ class ExecutorStats:
     cancelled: int = 0
     handed_back: int = 0
     taken_back: int = 0  # items passed on, refused by the peer, then run here
+    passed_again: int = 0  # items passed on, sent to their peer again after a lost session
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -152,6 +154,8 @@ class TaskExecutor:
         self.replay = ResultReplay(config.result_replay_mib << 20, config.result_replay_s)
 
     def start(self) -> None:
+        """Take task messages from the peer table; watch every session, those open now (the
+        mesh started first) and those to come."""
         peers = self.mesh.peers
         peers.on(TaskAssign, self._on_assign)
         peers.on(TaskCancel, self._on_cancel)
@@ -162,6 +166,8 @@ class TaskExecutor:
             self.mesh.membership.subscribe(self._on_member)
         if self.mesh.revocation_sync is not None:
             self.mesh.revocation_sync.on_cut_off(self._on_cut_off)
+        for session in peers.open_sessions():
+            self._on_session(session.peer_id, session)
 
     @property
     def backlog(self) -> int:
@@ -435,8 +441,28 @@ class TaskExecutor:
 
     async def _watch(self, node: str, session: Session) -> None:
         await session.wait_closed()
-        if session.lost and self.mesh.peers.session(node) is None:
+        if not session.lost:
+            return
+        if self.mesh.peers.session(node) is None:
             self._hand_back_from(node, "session lost")
+        else:
+            self._pass_again(node)
+
+    def _pass_again(self, target: str) -> None:
+        """A session with ``target`` was lost while another stays open (it dialled again after
+        roaming, or both sides had dialled): an item passed to it over the lost one may never
+        have arrived, or its answer may have gone with it. Send each item passed to ``target``
+        again, over the open session; a peer that holds or answered one answers it once more
+        (its latest assignment; its kept result), as for a coordinator's resend."""
+        for offload in [o for o in self._offloaded.values() if o[2] == target]:
+            if offload[1].item_id in self._offload_cancels:
+                continue  # its answer is not wanted: left to its peer or its timer
+            sent = self.mesh.peers.send_tracked(target, offload[1])
+            if sent is None:  # the outbox is full: it would wait for its deadline
+                self._hand_back(offload[1].item_id, f"offloaded to {target}, not sent again")
+                continue
+            self.stats.passed_again += 1
+            self._spawn(self._forward(offload, sent))
 
     def _hand_back_from(self, target: str, why: str) -> None:
         """Items offloaded to ``target`` will not come back: the coordinator re-runs them."""

@@ -192,6 +192,7 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
                     ({"outcome": "offloaded"}, st.offloaded),
                     ({"outcome": "handed_back"}, st.handed_back),
                     ({"outcome": "taken_back"}, st.taken_back),
+                    ({"outcome": "passed_again"}, st.passed_again),
                     ({"outcome": "replayed"}, d.executor.replay.stats.replayed),
                     *(({"outcome": f"failed_{k}"}, v) for k, v in sorted(st.failed.items())),
                 ],

@@ -521,21 +521,22 @@ class FakePeers:
     ``dialled`` (forever unless set) and then fail."""
 
     def __init__(self) -> None:
-        self.connected: list[str] = []
         self.dialled = asyncio.Event()
         self._callbacks = []
+        self._sessions: list[FakeSession] = []
 
     def on_session(self, callback) -> None:
         self._callbacks.append(callback)
 
     def open(self, node: str) -> FakeSession:
         session = FakeSession(node)
+        self._sessions.append(session)
         for callback in self._callbacks:
             callback(node, session)
         return session
 
     def open_sessions(self) -> list[FakeSession]:
-        return []  # (every session the tests end was the only one with its node)
+        return [s for s in self._sessions if s.is_open]
 
     async def request(self, node: str, _msg) -> None:
         await self.dialled.wait()
@@ -581,6 +582,20 @@ async def test_nothing_is_kept_of_nodes_that_came_and_went():
         forgotten = SimpleNamespace(node_id="veh-gone", incarnation=1)
         reach.on_member(MemberEvent(MemberEventKind.FORGOTTEN, forgotten, at=0.0))
         assert node_ids_kept(reach) == set()
+    finally:
+        await reach.aclose()
+
+
+async def test_every_session_open_before_the_start_is_watched():
+    peers = FakePeers()
+    peers.dialled.set()
+    oldest, newer = peers.open("veh-a"), peers.open("veh-a")  # before anyone watches
+    reach, counts, lost, _ = fake_reachability(peers)
+    try:
+        oldest.end(lost=False)
+        newer.end(lost=True)  # (not the one messages went over: all the same, a suspect)
+        await until(lambda: counts.sessions_closed == 1 and lost == ["veh-a"])
+        assert counts.sessions_lost == 1
     finally:
         await reach.aclose()
 

@@ -47,7 +47,7 @@ from meshinfer.proto.tasks_wire import (
     by_reference,
     encode_params,
 )
-from meshinfer.runtime.endpoint import SessionListener
+from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.session import Admission, SessionConfig
 from meshinfer.testing.fleet import make_fleet
@@ -601,6 +601,51 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
         expected = ("TaskResult", "p", 1, "w") if runs_here else ("TaskFailed", "p", 1, "w")
         assert [a for a in coord.answers() if a[1] == "p"] == [expected]
         assert executor.stats.taken_back == int(runs_here)
+
+
+def sessions_with(peers: PeerTable, peer: str):
+    return [s for s in peers.open_sessions() if s.peer_id == peer]
+
+
+async def dial_again(net: Net, a: str, b: str) -> None:
+    """``a`` dials ``b`` once more, whatever sessions they have (as after roaming)."""
+    peers, to = net.nodes[a].peers, net.nodes[a].peers.addresses[b]
+    session = await dial(
+        peers.transport, to.address, peers.admission, config=peers.config,
+        expected_static=to.static_key, expected_node_id=b,
+    )  # fmt: skip
+    peers.adopt(session)
+
+
+async def test_an_item_passed_to_a_peer_whose_only_session_is_lost_is_handed_back():
+    async with Net() as net:
+        executor = await passed_to_b(net)
+        (session,) = sessions_with(net.nodes["b"].peers, "w")
+        await session.stream.aclose()  # b is gone without a word (a reset, as w sees it)
+        await soon(lambda: net.nodes["coord"].failure("p") is not None)
+        failed = net.nodes["coord"].failure("p")
+        assert (failed.code, failed.retryable) == (FailureKind.PEER_LOST, True)
+        assert "session lost" in failed.message and executor.stats.handed_back == 1
+
+
+async def test_an_item_passed_on_is_sent_again_when_its_session_is_lost_and_another_stays():
+    """b dialled w too (a second session), then the first one, which w passed the item over,
+    is lost: the item may never have reached b, so w sends it again over the one left, and
+    relays b's one answer."""
+    async with Net() as net:
+        executor = await passed_to_b(net)
+        b = net.nodes["b"]
+        (first,) = sessions_with(b.peers, "w")
+        await dial_again(net, "b", "w")
+        await soon(lambda: len(sessions_with(net.w, "b")) == 2)
+        await first.stream.aclose()  # lost, as w sees it; b's second session stays
+        await soon(lambda: b.assigned() == ["p", "p"])
+        assert executor.stats.passed_again == 1 and executor.stats.handed_back == 0
+        output = Tensor.from_array(sample_inputs(MODEL, 1))
+        await b.peers.request("w", TaskResult("p", 1, output, "b", "numpy", "cpu", {}))
+        coord = net.nodes["coord"]
+        await soon(lambda: coord.answers())
+        assert coord.answers() == [("TaskResult", "p", 1, "w")] and coord.failure("p") is None
 
 
 async def test_an_item_passed_on_then_cancelled_is_not_run_here_when_the_peer_refuses_it():
