@@ -231,9 +231,12 @@ class CoordinatorApi:
 
     async def start(self) -> None:
         """Bind and start serving; readiness is when this returns."""
+        # lingering_time=0: a body answered before it was read whole (an error: too large,
+        # unauthorized...) is not read on and dropped for up to 10 s; the connection is closed
         runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE_S
-        )
+            self.app, access_log=None, handle_signals=False,
+            shutdown_timeout=_SHUTDOWN_GRACE_S, lingering_time=0,
+        )  # fmt: skip
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.listen.host, self.listen.port)
@@ -345,11 +348,21 @@ class CoordinatorApi:
                "items_total": summary.items_total, "location": location}  # fmt: skip
         return _json(doc, status=200 if existed else 202, headers={"Location": location})
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request, cap: int | None = None) -> bytes:
+        """The request's body, 413 past ``cap`` (at most, and by default, ``max_body_bytes``):
+        a chunked body is read no further than that."""
+        cap = self.max_body_bytes if cap is None else min(cap, self.max_body_bytes)
         length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise _too_large(self.max_body_bytes)
-        return await request.read()  # HTTPRequestEntityTooLarge past client_max_size
+        if length is not None and length > cap:
+            raise _too_large(cap)
+        if cap == self.max_body_bytes:
+            return await request.read()  # HTTPRequestEntityTooLarge past client_max_size
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > cap:
+                raise _too_large(cap)
+        return bytes(body)
 
     def _spec_from_body(self, body: bytes) -> TaskSpec:
         return body_to_spec(parse_json(body), lambda: new_task_id(self._rng, time.time()))
@@ -465,12 +478,7 @@ class CoordinatorApi:
                 f" {request.content_type!r}",
             )
         sync = self._revocation_sync()
-        length = request.content_length
-        if length is not None and length > MAX_REVOCATION_LIST_BYTES:
-            raise _too_large(MAX_REVOCATION_LIST_BYTES)
-        body = await self._read_body(request)
-        if len(body) > MAX_REVOCATION_LIST_BYTES:
-            raise _too_large(MAX_REVOCATION_LIST_BYTES)
+        body = await self._read_body(request, MAX_REVOCATION_LIST_BYTES)
         try:  # (an Ed25519 check per entry: off the loop)
             listed = await asyncio.to_thread(RevocationList.from_bytes, body, sync.trust)
             merged = await sync.merge_list(listed, "the HTTP API")

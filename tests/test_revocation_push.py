@@ -14,6 +14,7 @@ import time
 import aiohttp
 import pytest
 
+from coordinator import api as api_module
 from coordinator.api import CoordinatorApi
 from coordinator.cli import main as coord_main
 from coordinator.client import ApiError, CoordinatorClient
@@ -102,6 +103,31 @@ async def test_a_bad_push_is_refused_with_a_clear_error(tmp_path, monkeypatch):
             assert mesh.mesh.revocation_sync.version == 0  # nothing was merged
             listed = await call(http, "GET", "/v1/revocations", headers=AUTH)
             assert listed["version"] == 0
+
+
+async def test_a_chunked_push_is_read_no_further_than_the_list_limit(tmp_path, monkeypatch):
+    """A body with no length (chunked) that goes past the limit is refused as soon as it does:
+    this one never ends, and gets its 413 all the same."""
+    monkeypatch.setattr(api_module, "MAX_REVOCATION_LIST_BYTES", 4096)
+    async with Mesh(tmp_path, n=1) as mesh:
+        api = CoordinatorApi(mesh.coordinator, Address("127.0.0.1", 0), TOKEN)
+        async with api, aiohttp.ClientSession(base_url=api.url) as http:
+            endless = asyncio.Event()
+
+            async def body():
+                for _ in range(3):
+                    yield b"x" * 2048
+                await endless.wait()  # the rest never comes
+                yield b""
+
+            try:
+                async with asyncio.timeout(10):
+                    doc = await call(http, "POST", "/v1/revocations", status=413, data=body(),
+                                     headers=OCTETS)  # fmt: skip
+                assert doc["error"]["code"] == "too_large" and "4096" in doc["error"]["message"]
+            finally:
+                endless.set()
+            assert mesh.mesh.revocation_sync.version == 0
 
 
 async def test_the_revocations_command_shows_and_pushes_the_list(tmp_path, capsys):
