@@ -94,6 +94,8 @@ DEFAULT_PAGE = 100
 #: Bodies and results larger than this are parsed or rendered in a worker thread.
 _OFF_LOOP_BYTES = 256 * 1024
 #: Requests still running this long after ``aclose`` began are cancelled.
+#: Seconds an unread request body is read and dropped after an early answer (see start()).
+LINGER_S = 1.0
 _SHUTDOWN_GRACE_S = 5.0
 #: Error messages are cut to this many characters (they may quote what the client sent).
 _MAX_MESSAGE = 500
@@ -231,11 +233,13 @@ class CoordinatorApi:
 
     async def start(self) -> None:
         """Bind and start serving; readiness is when this returns."""
-        # lingering_time=0: a body answered before it was read whole (an error: too large,
-        # unauthorized...) is not read on and dropped for up to 10 s; the connection is closed
+        # a body answered before it was read whole (an error: too large, unauthorized...) is
+        # read on and dropped for LINGER_S at most, not aiohttp's 10 s: long enough for the
+        # client to read the answer before the close (closing on unread bytes resets the
+        # connection), short enough not to hold a handler for a client that keeps sending
         runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False,
-            shutdown_timeout=_SHUTDOWN_GRACE_S, lingering_time=0,
+            shutdown_timeout=_SHUTDOWN_GRACE_S, lingering_time=LINGER_S,
         )  # fmt: skip
         await runner.setup()
         self._runner = runner

@@ -212,7 +212,8 @@ class Reachability:
                 self._on_resend(node)
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
-        self._unreachable[node] = member.incarnation if member is not None else -1
+        if self._unreachable.get(node) != _REVOKED:  # (cut off meanwhile: it stays so)
+            self._unreachable[node] = member.incarnation if member is not None else -1
         how = "it neither answered a ping nor a new dial" if silent else "could not re-dial it"
         log.warning("lost the session with %s and %s: re-dispatching", node, how)
         self._on_lost(node, f"lost the session with {node}")

@@ -70,9 +70,10 @@ class SessionSection:
     verify_timeout: float = doc(
         1.0,
         "when a peer opens a session while older ones with it are open (it re-dialled after"
-        " roaming), each older one must answer a ping within this many seconds or it is"
-        " abandoned as lost and what went over it is sent again; sends to that peer wait"
-        " meanwhile; 0 keeps older sessions unchecked",
+        " roaming), each older one must answer a ping (or receive anything) within this many"
+        " seconds or it is abandoned as lost (the coordinator then sends that node's items"
+        " again, a node the items it passed on); sends to that peer wait meanwhile; 0 keeps"
+        " older sessions unchecked",
     )
 
 

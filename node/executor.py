@@ -445,15 +445,16 @@ class TaskExecutor:
             return
         if self.mesh.peers.session(node) is None:
             self._hand_back_from(node, "session lost")
-        else:
+        elif self.mesh.peers.carried(session):
             self._pass_again(node)
 
     def _pass_again(self, target: str) -> None:
-        """A session with ``target`` was lost while another stays open (it dialled again after
-        roaming, or both sides had dialled): an item passed to it over the lost one may never
-        have arrived, or its answer may have gone with it. Send each item passed to ``target``
-        again, over the open session; a peer that holds or answered one answers it once more
-        (its latest assignment; its kept result), as for a coordinator's resend."""
+        """A session with ``target`` that carried messages to it was lost while another stays
+        open (it dialled again after roaming, or both sides had dialled): an item passed to it
+        over the lost one may never have arrived, or its answer may have gone with it. Send
+        each item passed to ``target`` again, over the open session; a peer that holds or
+        answered one answers it once more (its latest assignment; its kept result), as for a
+        coordinator's resend."""
         for offload in [o for o in self._offloaded.values() if o[2] == target]:
             if offload[1].item_id in self._offload_cancels:
                 continue  # its answer is not wanted: left to its peer or its timer

@@ -648,6 +648,26 @@ async def test_an_item_passed_on_is_sent_again_when_its_session_is_lost_and_anot
         assert coord.answers() == [("TaskResult", "p", 1, "w")] and coord.failure("p") is None
 
 
+async def test_a_lost_session_that_carried_nothing_sends_nothing_again():
+    """b dialled w too, and that second session, which w never sent anything over (w sends
+    over the oldest), is lost: the item passed over the first is not sent again."""
+    async with Net() as net:
+        executor = await passed_to_b(net)
+        b = net.nodes["b"]
+        heard = asyncio.Event()
+        b.peers.on(AppData, lambda _peer, _msg: heard.set())
+        (first,) = sessions_with(b.peers, "w")
+        await dial_again(net, "b", "w")
+        await soon(lambda: len(sessions_with(net.w, "b")) == 2)
+        (second,) = [s for s in sessions_with(b.peers, "w") if s is not first]
+        await second.stream.aclose()  # lost, as w sees it
+        await soon(lambda: len(sessions_with(net.w, "b")) == 1)
+        await net.w.request("b", AppData(topic="after", payload=b""))  # behind any resend
+        async with asyncio.timeout(WAIT_S):
+            await heard.wait()
+        assert b.assigned() == ["p"] and executor.stats.passed_again == 0
+
+
 async def test_an_item_passed_on_then_cancelled_is_not_run_here_when_the_peer_refuses_it():
     async with Net() as net:
         executor = await passed_to_b(net)

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from meshinfer.errors import LocalProtocolError, TransportError
+from meshinfer.errors import LocalProtocolError, StreamClosed, TransportError
 from meshinfer.proto.messages import AppData
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
@@ -73,6 +73,17 @@ class Pair:
 
 def open_with(peers: PeerTable, peer: str) -> list[Session]:
     return [s for s in peers.open_sessions() if s.peer_id == peer]
+
+
+def stick_writes(session: Session) -> None:
+    """From now on a write to ``session`` never completes until the session ends (then it
+    fails): a send buffer full behind a link that died without a reset."""
+
+    async def write(data: bytes) -> None:
+        await session.wait_closed()
+        raise StreamClosed("closed while a write was stuck")
+
+    session.stream.write = write
 
 
 def record_writes(session: Session, *, deliver: bool) -> list[int]:
@@ -179,6 +190,8 @@ async def test_a_send_never_written_tells_its_on_failure_and_a_written_one_does_
 #: bravo checks older sessions quickly; alpha (the peer that re-dials) leaves its own unchecked,
 #: so that what happens to bravo's older session is bravo's doing alone
 QUICK_CHECK = SessionConfig(verify_timeout=0.3)
+#: for a session that answers: one round trip, however long a busy machine takes
+PATIENT_CHECK = SessionConfig(verify_timeout=30.0)
 NO_CHECK = SessionConfig(verify_timeout=0)
 
 
@@ -209,13 +222,14 @@ async def test_a_peer_that_dials_again_gets_what_is_sent_to_it_over_the_new_sess
         assert "no answer to a ping" in old.close_reason
         assert len(into_the_void) == 1  # the ping; the answer waited for it
         assert (pair.bravo.stats.abandoned, pair.bravo.stats.verified) == (1, 0)
-        assert pair.bravo.session("alpha") is open_with(pair.bravo, "alpha")[0]
+        (new,) = open_with(pair.bravo, "alpha")
+        assert new is not old and pair.bravo.session("alpha") is new
 
 
 async def test_an_older_session_that_answers_keeps_carrying_the_messages(transport_and_addr):
     """Both sessions work (the two sides dialled at once): the older one answers the ping and
     stays the one messages go over; what was sent while the ping was out arrives, in order."""
-    async with Pair(*transport_and_addr, QUICK_CHECK, alpha_config=NO_CHECK) as pair:
+    async with Pair(*transport_and_addr, PATIENT_CHECK, alpha_config=NO_CHECK) as pair:
         at_alpha, old, over_old = await redialled(pair, old_delivers=True)
         (new,) = [s for s in open_with(pair.bravo, "alpha") if s is not old]
         over_new = record_writes(new, deliver=True)
@@ -240,3 +254,50 @@ async def test_with_no_verify_timeout_an_older_session_is_left_unchecked(transpo
 def test_a_negative_verify_timeout_is_refused():
     with pytest.raises(ValueError, match="verify_timeout"):
         SessionConfig(verify_timeout=-1)
+
+
+async def test_an_older_session_whose_write_is_stuck_is_abandoned_and_its_message_goes_on(
+    transport_and_addr,
+):
+    """bravo's write into the older session never completes (it holds the session's writer, so
+    the ping cannot even be written): the check still ends after ``verify_timeout``, and the
+    message stuck there goes over the new session, followed by the next one."""
+    async with Pair(*transport_and_addr, QUICK_CHECK, alpha_config=NO_CHECK) as pair:
+        at_alpha = keep_app_data(pair.alpha)
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
+        (old,) = open_with(pair.bravo, "alpha")
+        stick_writes(old)
+        assert pair.bravo.send("alpha", AppData(topic="t", payload=b"stuck"))
+        await until(lambda: old._write_lock.locked())
+        await pair.redial()
+        assert pair.bravo.send("alpha", AppData(topic="t", payload=b"next"))
+        async with asyncio.timeout(10):
+            assert [await at_alpha.get(), await at_alpha.get()] == [b"stuck", b"next"]
+        assert old.lost and pair.bravo.stats.abandoned == 1
+
+
+async def test_overlapping_checks_of_one_peer_all_settle_before_it_gets_messages(
+    transport_and_addr,
+):
+    """alpha dials twice more while its first session with bravo is dead: two checks of it
+    run at once; bravo's message waits for both, then goes over a session that works."""
+    async with Pair(*transport_and_addr, QUICK_CHECK, alpha_config=NO_CHECK) as pair:
+        at_alpha, old, _ = await redialled(pair, old_delivers=False)
+        await pair.redial()
+        assert pair.bravo.send("alpha", AppData(topic="t", payload=b"answer"))
+        async with asyncio.timeout(10):
+            assert await at_alpha.get() == b"answer"
+        assert old.lost and pair.bravo.stats.abandoned == 1  # pinged twice, abandoned once
+        assert pair.bravo.stats.verified == 1  # the second check found the first redial alive
+        await until(lambda: not pair.bravo._verifying)
+
+
+async def test_a_table_closed_during_a_check_stops_at_once(transport_and_addr):
+    slow = SessionConfig(verify_timeout=60.0)
+    async with Pair(*transport_and_addr, slow, alpha_config=NO_CHECK) as pair:
+        _, old, _ = await redialled(pair, old_delivers=False)
+        assert pair.bravo.send("alpha", AppData(topic="t", payload=b"waits"))
+        await until(lambda: pair.bravo._verifying)
+        async with asyncio.timeout(5):
+            await pair.bravo.aclose()
+        assert not old.is_open and pair.bravo.stats.dropped["shutting-down"] == 1

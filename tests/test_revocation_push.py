@@ -109,6 +109,7 @@ async def test_a_chunked_push_is_read_no_further_than_the_list_limit(tmp_path, m
     """A body with no length (chunked) that goes past the limit is refused as soon as it does:
     this one never ends, and gets its 413 all the same."""
     monkeypatch.setattr(api_module, "MAX_REVOCATION_LIST_BYTES", 4096)
+    monkeypatch.setattr(api_module, "LINGER_S", 0.0)  # (no handler left reading at the end)
     async with Mesh(tmp_path, n=1) as mesh:
         api = CoordinatorApi(mesh.coordinator, Address("127.0.0.1", 0), TOKEN)
         async with api, aiohttp.ClientSession(base_url=api.url) as http:

@@ -11,7 +11,7 @@ import contextlib
 import pytest
 
 from meshinfer.errors import AdmissionError, HandshakeError, LocalProtocolError, StreamClosed
-from meshinfer.proto.messages import AppData, CloseCode
+from meshinfer.proto.messages import AppData, CloseCode, Ping
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import SessionConfig, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
@@ -358,6 +358,60 @@ async def test_idle_timeout_closes_a_silent_peer(transport_and_addr):
             await server.wait_closed()
         assert server.close_code == CloseCode.IDLE_TIMEOUT
         assert server.lost  # what went to the silent peer may never have arrived
+        await client.aclose()
+
+
+def withhold_pongs(session) -> None:
+    """``session`` keeps reading (a Close still ends it) but answers no ping and sends no
+    keep-alive: its peer hears nothing."""
+    session._keeper.cancel()
+    dispatch = session._dispatch
+
+    async def no_pongs(msg):
+        if not isinstance(msg, Ping):
+            await dispatch(msg)
+
+    session._dispatch = no_pongs
+
+
+async def test_the_idle_timeout_ends_a_session_as_lost_on_both_sides(transport_and_addr):
+    """The side that times out sends Close(IDLE_TIMEOUT): the other side, which may have missed
+    what it was sent too, ends the session as lost as well."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    cfg = SessionConfig(idle_timeout=0.3, keepalive_interval=0.05)
+    async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        withhold_pongs(client)
+        async with asyncio.timeout(5):
+            await client.wait_closed()
+        assert client.close_code == CloseCode.IDLE_TIMEOUT and client.lost and server.lost
+
+
+async def test_a_write_stuck_behind_a_dead_link_does_not_hold_off_the_idle_timeout(
+    transport_and_addr,
+):
+    """A send never completes (the link died without a reset, the send buffer is full): the
+    keep-alive does not queue behind it, so the idle timeout still ends the session, and the
+    stuck send then fails."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    cfg = SessionConfig(idle_timeout=0.3, keepalive_interval=0.05)
+    async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        withhold_pongs(client)
+
+        async def stuck(data: bytes) -> None:
+            await server.wait_closed()
+            raise StreamClosed("closed while a write was stuck")
+
+        server.stream.write = stuck
+        sending = asyncio.create_task(server.send(AppData(topic="t", payload=b"never")))
+        async with asyncio.timeout(5):
+            await server.wait_closed()
+        assert server.close_code == CloseCode.IDLE_TIMEOUT and server.lost
+        with pytest.raises(StreamClosed):
+            await sending
         await client.aclose()
 
 

@@ -19,8 +19,10 @@ dead, not reset; another certificate of the same node). Messages go over the pee
 session, so a newer one never takes traffic from a session that works (nor does a session under
 a stale certificate). A newer session is also a hint that an older one may be dead, which a
 send would otherwise find out only after ``idle_timeout``: when one is adopted, every older open
-session with that peer is pinged, and one that does not answer within the session config's
-``verify_timeout`` is abandoned as lost (its watchers re-send what went over it). Sends to the
+session with that peer is pinged, and one that neither answers nor receives anything within the
+session config's ``verify_timeout`` is abandoned as lost (its watchers re-send what went over
+it). A ping stuck behind a write that never completes still times out (it is not cancelled: a
+send cut off part-way would break the record stream; it ends with the session). Sends to the
 peer wait until those pings are settled (one round trip when the older sessions work), so they go
 over a session that answered, or the new one.
 
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,7 +116,8 @@ class PeerTable:
         self._sessions: dict[str, list[Session]] = {}
         self._readers: set[asyncio.Task[None]] = set()
         self._verifying: Counter[str] = Counter()  # peer -> verifications of its sessions
-        self._verifiers: set[asyncio.Task[None]] = set()
+        self._verifiers: set[asyncio.Task[object]] = set()
+        self._carriers: weakref.WeakSet[Session] = weakref.WeakSet()  # sessions sent over
         self._outboxes: dict[str, _Outbox] = {}
         self._handlers: dict[type, MessageHandler] = {}
         self._session_callbacks: list[SessionCallback] = []
@@ -144,6 +148,11 @@ class PeerTable:
             if s.is_open:
                 return s
         return None
+
+    def carried(self, session: Session) -> bool:
+        """Whether this table wrote a message to ``session`` (so what it sent the peer may be
+        lost with it); session control (pings, keep-alives) does not count."""
+        return session in self._carriers
 
     @property
     def connected(self) -> list[str]:
@@ -247,6 +256,7 @@ class PeerTable:
                 box.queue.popleft()
                 _settle(fut, None)
             self.stats.sent += sent
+            self._carriers.add(session)
 
     def _fail_queue(self, box: _Outbox, reason: str) -> None:
         while box.queue:
@@ -319,11 +329,20 @@ class PeerTable:
                     box.wake.set()
 
     async def _answers(self, session: Session) -> bool:
-        try:
-            await session.ping(timeout=self.config.verify_timeout)
-        except (MeshInferError, OSError, TimeoutError):  # (StreamClosed: it ended meanwhile)
-            return False
-        return True
+        """Whether ``session`` answers a ping within ``verify_timeout``, or at least received
+        something meanwhile (a busy link may hold the answer behind what it carries). The
+        ping is not cancelled when the time is up: a send cut off part-way would break the
+        session's record stream; it ends with the session if its write is stuck."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ping = loop.create_task(session.ping(timeout=self.config.verify_timeout))
+        self._verifiers.add(ping)
+        ping.add_done_callback(self._verifiers.discard)
+        ping.add_done_callback(_retrieve)
+        done, _ = await asyncio.wait((ping,), timeout=self.config.verify_timeout)
+        if done:
+            return not ping.cancelled() and ping.exception() is None
+        return session.last_received > started
 
     async def serve_inbound(self, session: Session) -> None:
         """A :class:`SessionListener` handler: adopt the session and wait until it ends."""
@@ -380,6 +399,12 @@ class PeerTable:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    """Mark ``task``'s outcome as seen (a failed ping needs no report)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _settle(requester: Requester, error: BaseException | None) -> None:

@@ -211,8 +211,10 @@ class Session:
         #: True when the session ended without a Close from either side: the connection hit EOF
         #: or an error (e.g. the peer's process was killed and its kernel reset the socket), or
         #: this side gave up on a peer that stopped answering (:meth:`abandon`, or nothing came
-        #: for ``idle_timeout``: then a Close frame is still sent, best effort).
+        #: for ``idle_timeout``: then a Close frame is still sent, best effort), or the peer
+        #: closed it for its own idle timeout.
         self.lost = False
+        self._closing = False  # aclose() under way
         self._closed = asyncio.Event()
         self._leftover = leftover
         self._reader = loop.create_task(self._read_loop(), name=f"session-read-{peer.node_id}")
@@ -302,6 +304,7 @@ class Session:
 
     async def aclose(self, code: CloseCode = CloseCode.NORMAL, reason: str = "closed") -> None:
         """Send ``Close`` (best effort), then close the stream. Idempotent."""
+        self._closing = True
         if not self._closed.is_set():
             with contextlib.suppress(MeshInferError, OSError, TimeoutError):
                 async with asyncio.timeout(1.0), self._write_lock:
@@ -315,9 +318,17 @@ class Session:
         """End the session as lost, at once and with no ``Close`` frame: for a peer that
         stopped answering. What went over it may never have arrived (``lost`` tells the
         session's watchers so), and a frame written into a dead connection would arrive no
-        more surely, nor wait behind a stuck write. Idempotent; a no-op once closed."""
+        more surely, nor wait behind a stuck write. Idempotent; a no-op once closed or while a
+        deliberate close (:meth:`aclose`) is under way."""
+        if self._closing:
+            return
         self._mark_lost(reason)
         await self._shutdown()
+
+    @property
+    def last_received(self) -> float:
+        """The loop time at which bytes last arrived on the session."""
+        return self._last_rx
 
     async def __aenter__(self) -> Session:
         return self
@@ -392,6 +403,8 @@ class Session:
             if fut is not None and not fut.done():
                 fut.set_result(self._loop.time())
         elif isinstance(msg, Close):
+            if msg.code == CloseCode.IDLE_TIMEOUT:  # what the peer missed may be lost too
+                self.lost = True
             self._mark_closed(_close_code(msg.code), f"peer closed: {msg.reason}")
         else:
             self._inbox.put_nowait(msg)
@@ -413,12 +426,17 @@ class Session:
                 self.lost = True
                 await self.aclose(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 return
-            if now - self._last_tx >= cfg.keepalive_interval:
+            next_tx = self._last_tx + cfg.keepalive_interval
+            if now >= next_tx and self._write_lock.locked():
+                # a write is under way, maybe stuck behind a dead link: waiting for it here
+                # would keep the idle check from ever running
+                next_tx = now + cfg.keepalive_interval
+            elif now >= next_tx:
                 self._ping_seq += 1
                 with contextlib.suppress(StreamClosed, TransportError, OSError):
                     await self.send(Ping(nonce=self._ping_seq))
+                next_tx = self._last_tx + cfg.keepalive_interval
             next_rx = self._last_rx + cfg.idle_timeout
-            next_tx = self._last_tx + cfg.keepalive_interval
             await self._closed_or_timeout(min(next_rx, next_tx) - self._loop.time())
 
     async def _closed_or_timeout(self, seconds: float) -> None:
