@@ -374,15 +374,23 @@ def withhold_pongs(session) -> None:
     session._dispatch = no_pongs
 
 
-async def test_the_idle_timeout_ends_a_session_as_lost_on_both_sides(transport_and_addr):
-    """The side that times out sends Close(IDLE_TIMEOUT): the other side, which may have missed
-    what it was sent too, ends the session as lost as well."""
+@contextlib.asynccontextmanager
+async def silent_client(transport_and_addr):
+    """``(client, server)``: the server ends a session silent for 0.3 s; the client hears it
+    but says nothing (:func:`withhold_pongs`)."""
     fleet = make_fleet(None, ["alpha", "bravo"])
     cfg = SessionConfig(idle_timeout=0.3, keepalive_interval=0.05)
     async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
         client = await pair.dial()
         server = await pair.accepted.get()
         withhold_pongs(client)
+        yield client, server
+
+
+async def test_the_idle_timeout_ends_a_session_as_lost_on_both_sides(transport_and_addr):
+    """The side that times out sends Close(IDLE_TIMEOUT): the other side, which may have missed
+    what it was sent too, ends the session as lost as well."""
+    async with silent_client(transport_and_addr) as (client, server):
         async with asyncio.timeout(5):
             await client.wait_closed()
         assert client.close_code == CloseCode.IDLE_TIMEOUT and client.lost and server.lost
@@ -394,12 +402,7 @@ async def test_a_write_stuck_behind_a_dead_link_does_not_hold_off_the_idle_timeo
     """A send never completes (the link died without a reset, the send buffer is full): the
     keep-alive does not queue behind it, so the idle timeout still ends the session, and the
     stuck send then fails."""
-    fleet = make_fleet(None, ["alpha", "bravo"])
-    cfg = SessionConfig(idle_timeout=0.3, keepalive_interval=0.05)
-    async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
-        client = await pair.dial()
-        server = await pair.accepted.get()
-        withhold_pongs(client)
+    async with silent_client(transport_and_addr) as (client, server):
 
         async def stuck(data: bytes) -> None:
             await server.wait_closed()
