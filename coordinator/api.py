@@ -93,9 +93,9 @@ MAX_WAIT_S = 300.0
 DEFAULT_PAGE = 100
 #: Bodies and results larger than this are parsed or rendered in a worker thread.
 _OFF_LOOP_BYTES = 256 * 1024
-#: Requests still running this long after ``aclose`` began are cancelled.
 #: Seconds an unread request body is read and dropped after an early answer (see start()).
 LINGER_S = 1.0
+#: Requests still running this long after ``aclose`` began are cancelled.
 _SHUTDOWN_GRACE_S = 5.0
 #: Error messages are cut to this many characters (they may quote what the client sent).
 _MAX_MESSAGE = 500
@@ -848,7 +848,7 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         ("duplicates", "Duplicate or late results refused."),
         ("redispatched_after_death", "Items re-sent after their node died or left."),
         ("redispatched_after_disconnect", "Items re-sent after their node's session was lost."),
-        ("sessions_lost", "Node sessions that ended without the node's Close frame."),
+        ("sessions_lost", "Node sessions that ended lost (no Close frame, or silent)."),
         ("redials_ok", "Lost node sessions whose node then answered a ping."),
         ("resent_after_redial", "Items sent again to a node reachable after a lost session."),
         ("inputs_by_reference", "Items sent naming their input by sha256, not its bytes."),

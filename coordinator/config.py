@@ -65,12 +65,12 @@ class CoordinatorSection:
     )
     redial_timeout_s: float = doc(
         0.25,
-        "fast failover: after a node's session is lost abruptly, the node must answer a ping"
-        " over another session within this many seconds, or else a new dial (in what is left of"
-        " that time if every session ended; in as many seconds again once sessions that stayed"
-        " silent are closed, which may take up to a second more), or its items are re-dispatched"
-        " at once; on a slow link, set it above a round trip plus a retransmission; 0 leaves it"
-        " to membership",
+        "fast failover: after a node's session is lost (abruptly, or silent), the node must"
+        " answer a ping over another session within this many seconds, or else a new dial (in"
+        " what is left of that time if every session ended; in as many seconds again once"
+        " sessions that stayed silent are closed, which may take up to a second more), or its"
+        " items are re-dispatched at once; on a slow link, set it above a round trip plus a"
+        " retransmission; 0 leaves it to membership",
     )
     input_ref_min_kib: int = doc(
         64,

@@ -246,7 +246,7 @@ class Reachability:
     async def _ping_open(self, node: str, deadline: float, silent: list[Session]) -> bool:
         """True if a session still open with ``node`` answered a ping by ``deadline``; those
         that stay open without answering are added to ``silent``."""
-        sessions = self._open_with(node)
+        sessions = self.mesh.peers.open_sessions(node)
         answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
         silent.extend(s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open)
         return any(answers)
@@ -276,6 +276,3 @@ class Reachability:
         except (MeshInferError, OSError, TimeoutError):  # (StreamClosed: it ended meanwhile)
             return False
         return True
-
-    def _open_with(self, node: str) -> list[Session]:
-        return [s for s in self.mesh.peers.open_sessions() if s.peer_id == node]

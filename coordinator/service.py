@@ -201,7 +201,7 @@ class CoordinatorStats:
     refusals: int = 0  # retries not counted against max_attempts (Coordinator._retry)
     redispatched_after_death: int = 0  # after a death, a leave, or a lost session (below)
     redispatched_after_disconnect: int = 0  # by the fast path, before membership decided
-    sessions_lost: int = 0  # node sessions that ended without the node's Close frame
+    sessions_lost: int = 0  # node sessions that ended lost (no Close frame from it, or silent)
     sessions_closed: int = 0  # node sessions that ended otherwise (Close frame, local close)
     redials_ok: int = 0  # lost sessions whose node answered the ping (over another or a new one)
     resent_after_redial: int = 0  # items sent again to a node reachable after a lost session

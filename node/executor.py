@@ -456,11 +456,12 @@ class TaskExecutor:
         answered one answers it once more (its latest assignment; its kept result), as for a
         coordinator's resend."""
         for offload in [o for o in self._offloaded.values() if o[2] == target]:
-            if offload[1].item_id in self._offload_cancels:
+            _, item, _ = offload
+            if item.item_id in self._offload_cancels:
                 continue  # its answer is not wanted: left to its peer or its timer
-            sent = self.mesh.peers.send_tracked(target, offload[1])
+            sent = self.mesh.peers.send_tracked(target, item)
             if sent is None:  # the outbox is full: it would wait for its deadline
-                self._hand_back(offload[1].item_id, f"offloaded to {target}, not sent again")
+                self._hand_back(item.item_id, f"offloaded to {target}, not sent again")
                 continue
             self.stats.passed_again += 1
             self._spawn(self._forward(offload, sent))

@@ -12,7 +12,11 @@ import psutil
 from coordinator.client import CoordinatorClient
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import NumpyEngine
+from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.peers import PeerTable
+from meshinfer.runtime.session import Session
 from meshinfer.testing.cluster import LocalCluster
+from meshinfer.transport.base import Address
 
 
 async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
@@ -21,6 +25,18 @@ async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+async def dial_again(peers: PeerTable, node: str, via: Address | None = None) -> Session:
+    """``peers`` dials ``node`` once more (through ``via``, a relay, if given), whatever
+    sessions they already have (as after roaming), and adopts the new session."""
+    to = peers.addresses[node]
+    session = await dial(
+        peers.transport, via or to.address, peers.admission, config=peers.config,
+        expected_static=to.static_key, expected_node_id=node,
+    )  # fmt: skip
+    peers.adopt(session)
+    return session
 
 
 def api_client(cluster: LocalCluster, name: str = "coord") -> CoordinatorClient:

@@ -41,12 +41,11 @@ from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.proto.messages import CloseCode
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import TaskAssign, TaskResult, Tensor
-from meshinfer.runtime.endpoint import dial
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import Session, SessionConfig
 from meshinfer.testing.cluster import LocalCluster
 from meshinfer.transport.base import Address
-from tests.helpers import until
+from tests.helpers import dial_again, until
 
 pytestmark = pytest.mark.slow
 
@@ -180,18 +179,6 @@ async def test_sigkilled_node_items_move_before_membership_declares_it_dead(tmp_
         await assert_x_gets_work_again(mesh, c, "after-restart", seed=2)
 
 
-async def second_session(mesh: MeshNode, node: str, via: Address | None = None) -> Session:
-    """Dial ``node`` once more (through ``via``, a relay, if given): the coordinator then holds
-    two sessions with it."""
-    peer = mesh.peers.addresses[node]
-    session = await dial(
-        mesh.peers.transport, via or peer.address, mesh.peers.admission, config=mesh.peers.config,
-        expected_static=peer.static_key, expected_node_id=node,
-    )  # fmt: skip
-    mesh.peers.adopt(session)
-    return session
-
-
 async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on(tmp_path, caplog):
     """A stopped node (SIGSTOP) keeps its second session open but answers nothing on it. When
     the first is lost, the coordinator pings over the second: no answer, so it closes that one
@@ -203,7 +190,7 @@ async def test_a_lost_session_is_not_replaced_by_one_the_node_does_not_answer_on
     loop = asyncio.get_running_loop()
     async with two_slow_nodes(tmp_path, "failover-silent") as (cluster, mesh, c):
         first = mesh.peers.session(X)
-        second = await second_session(mesh, X)
+        second = await dial_again(mesh.peers, X)
         spec, x = batch("silent", 160, seed=6)
         await c.submit(spec)
         await until(lambda: c.stats_.completed_by_node[X] >= 3 and in_flight_on(c, X) > 0)
@@ -371,10 +358,6 @@ class SilentLink:
             sink.close()
 
 
-def open_with(mesh: MeshNode, peer: str) -> list[Session]:
-    return [s for s in mesh.peers.open_sessions() if s.peer_id == peer]
-
-
 def answer(node: HoldingNode, to: str, held: list[TaskAssign]) -> None:
     """``node`` sends the result of each of ``held`` to ``to``, as a node would."""
     weights = make_weights(TINY)
@@ -396,10 +379,11 @@ async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_i
     link = SilentLink(mesh.peers.addresses["holder"].address)
     try:
         sent = sorted((m.item_id, m.attempt) for m in node.held)
-        silent = await second_session(mesh, "holder", via=await link.start())
-        await until(lambda: len(open_with(node.mesh, c.node_id)) >= 2)  # the holder has it too
+        silent = await dial_again(mesh.peers, "holder", via=await link.start())
+        held = node.mesh.peers
+        await until(lambda: len(held.open_sessions(c.node_id)) >= 2)  # the holder has it too
         link.go_silent()
-        for session in open_with(mesh, "holder"):
+        for session in mesh.peers.open_sessions("holder"):
             if session is not silent:
                 await session.stream.aclose()  # lost: no Close frame
         await until(lambda: c.stats_.redials_ok or c.stats_.redispatched_after_disconnect)
@@ -413,7 +397,7 @@ async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_i
         answer(node, c.node_id, node.held[3:])  # the link still swallows what goes into it
         await assert_exactly_once(c, "held", batch("held", 3, seed=4)[1])
         assert c.stats_.retries == 0 and c.stats_.redispatched_after_death == 0
-        assert node.mesh.peers.stats.abandoned >= 1 and len(open_with(node.mesh, c.node_id)) == 1
+        assert held.stats.abandoned >= 1 and len(held.open_sessions(c.node_id)) == 1
     finally:
         await link.aclose()
         await c.aclose()
@@ -424,12 +408,12 @@ async def test_a_node_silent_on_its_sessions_that_answers_a_new_dial_keeps_its_i
 async def only_over(link: SilentLink, mesh: MeshNode, node: HoldingNode) -> Session:
     """The coordinator's (``mesh``) only session with the holder, through ``link``; the
     holder's other sessions with it ended gracefully."""
-    via_link = await second_session(mesh, "holder", via=await link.start())
-    await until(lambda: len(open_with(node.mesh, mesh.node_id)) == 2)
-    for session in open_with(mesh, "holder"):
+    via_link = await dial_again(mesh.peers, "holder", via=await link.start())
+    await until(lambda: len(node.mesh.peers.open_sessions(mesh.node_id)) == 2)
+    for session in mesh.peers.open_sessions("holder"):
         if session is not via_link:
             await session.aclose()
-    await until(lambda: len(open_with(node.mesh, mesh.node_id)) == 1)
+    await until(lambda: len(node.mesh.peers.open_sessions(mesh.node_id)) == 1)
     return via_link
 
 
@@ -459,7 +443,7 @@ async def test_a_node_that_roamed_and_dialled_the_coordinator_gets_its_items_aga
         await until(lambda: len(node.held) == 6)  # over the link
         sent = sorted((m.item_id, m.attempt) for m in node.held)
         link.go_silent()
-        await second_session(node.mesh, c.node_id)  # the node, from where it is now
+        await dial_again(node.mesh.peers, c.node_id)  # the node, from where it is now
         await resent_over_a_new_session(c, node, sent)
         assert not via_link.is_open and via_link.lost and mesh.peers.stats.abandoned >= 1
     finally:
@@ -535,8 +519,8 @@ class FakePeers:
             callback(node, session)
         return session
 
-    def open_sessions(self) -> list[FakeSession]:
-        return [s for s in self._sessions if s.is_open]
+    def open_sessions(self, node_id: str | None = None) -> list[FakeSession]:
+        return [s for s in self._sessions if s.is_open and node_id in (None, s.peer_id)]
 
     async def request(self, node: str, _msg) -> None:
         await self.dialled.wait()

@@ -47,7 +47,7 @@ from meshinfer.proto.tasks_wire import (
     by_reference,
     encode_params,
 )
-from meshinfer.runtime.endpoint import SessionListener, dial
+from meshinfer.runtime.endpoint import SessionListener
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.session import Admission, SessionConfig
 from meshinfer.testing.fleet import make_fleet
@@ -56,7 +56,7 @@ from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
 from meshinfer.transport.tcp import TcpTransport
 from node.config import ExecutorSection
 from node.executor import TaskExecutor
-from tests.helpers import until
+from tests.helpers import dial_again, until
 
 MODEL = SyntheticSpec(8, 1)
 REF: ModelRef = MODEL.ref
@@ -603,24 +603,10 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
         assert executor.stats.taken_back == int(runs_here)
 
 
-def sessions_with(peers: PeerTable, peer: str):
-    return [s for s in peers.open_sessions() if s.peer_id == peer]
-
-
-async def dial_again(net: Net, a: str, b: str) -> None:
-    """``a`` dials ``b`` once more, whatever sessions they have (as after roaming)."""
-    peers, to = net.nodes[a].peers, net.nodes[a].peers.addresses[b]
-    session = await dial(
-        peers.transport, to.address, peers.admission, config=peers.config,
-        expected_static=to.static_key, expected_node_id=b,
-    )  # fmt: skip
-    peers.adopt(session)
-
-
 async def test_an_item_passed_to_a_peer_whose_only_session_is_lost_is_handed_back():
     async with Net() as net:
         executor = await passed_to_b(net)
-        (session,) = sessions_with(net.nodes["b"].peers, "w")
+        (session,) = net.nodes["b"].peers.open_sessions("w")
         await session.stream.aclose()  # b is gone without a word (a reset, as w sees it)
         await soon(lambda: net.nodes["coord"].failure("p") is not None)
         failed = net.nodes["coord"].failure("p")
@@ -635,9 +621,9 @@ async def test_an_item_passed_on_is_sent_again_when_its_session_is_lost_and_anot
     async with Net() as net:
         executor = await passed_to_b(net)
         b = net.nodes["b"]
-        (first,) = sessions_with(b.peers, "w")
-        await dial_again(net, "b", "w")
-        await soon(lambda: len(sessions_with(net.w, "b")) == 2)
+        (first,) = b.peers.open_sessions("w")
+        await dial_again(b.peers, "w")
+        await soon(lambda: len(net.w.open_sessions("b")) == 2)
         await first.stream.aclose()  # lost, as w sees it; b's second session stays
         await soon(lambda: b.assigned() == ["p", "p"])
         assert executor.stats.passed_again == 1 and executor.stats.handed_back == 0
@@ -656,12 +642,12 @@ async def test_a_lost_session_that_carried_nothing_sends_nothing_again():
         b = net.nodes["b"]
         heard = asyncio.Event()
         b.peers.on(AppData, lambda _peer, _msg: heard.set())
-        (first,) = sessions_with(b.peers, "w")
-        await dial_again(net, "b", "w")
-        await soon(lambda: len(sessions_with(net.w, "b")) == 2)
-        (second,) = [s for s in sessions_with(b.peers, "w") if s is not first]
+        (first,) = b.peers.open_sessions("w")
+        await dial_again(b.peers, "w")
+        await soon(lambda: len(net.w.open_sessions("b")) == 2)
+        (second,) = [s for s in b.peers.open_sessions("w") if s is not first]
         await second.stream.aclose()  # lost, as w sees it
-        await soon(lambda: len(sessions_with(net.w, "b")) == 1)
+        await soon(lambda: len(net.w.open_sessions("b")) == 1)
         await net.w.request("b", AppData(topic="after", payload=b""))  # behind any resend
         async with asyncio.timeout(WAIT_S):
             await heard.wait()

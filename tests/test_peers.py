@@ -12,12 +12,11 @@ import pytest
 
 from meshinfer.errors import LocalProtocolError, StreamClosed, TransportError
 from meshinfer.proto.messages import AppData
-from meshinfer.runtime.endpoint import SessionListener, dial
+from meshinfer.runtime.endpoint import SessionListener
 from meshinfer.runtime.peers import WRITE_BATCH, PeerTable
 from meshinfer.runtime.session import Session, SessionConfig
 from meshinfer.testing.fleet import make_fleet
-from meshinfer.transport.base import Address
-from tests.helpers import until
+from tests.helpers import dial_again, until
 
 
 class Pair:
@@ -33,7 +32,6 @@ class Pair:
     ) -> None:
         self.fleet = make_fleet(None, ["alpha", "bravo"])
         self.addr = addr
-        self.bound: Address | None = None
         kw = {"config": config} if config else {}
         alpha_kw = {"config": alpha_config} if alpha_config else kw
         self.alpha = PeerTable("alpha", transport, self.fleet.admission("alpha"), **alpha_kw)
@@ -45,8 +43,8 @@ class Pair:
         self.bravo.on(AppData, lambda _peer, msg: self.got.put_nowait(msg.payload))
 
     async def __aenter__(self) -> Pair:
-        self.bound = await self.listener.start(self.addr)
-        self.alpha.learn("bravo", self.bound, self.fleet.identities["bravo"].static_public)
+        bound = await self.listener.start(self.addr)
+        self.alpha.learn("bravo", bound, self.fleet.identities["bravo"].static_public)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -61,18 +59,10 @@ class Pair:
     async def redial(self) -> Session:
         """alpha dials bravo once more (as after roaming), its older session still open; the
         new session is adopted on both sides when this returns."""
-        before = len(open_with(self.bravo, "alpha"))
-        session = await dial(
-            self.alpha.transport, self.bound, self.alpha.admission, config=self.alpha.config,
-            expected_static=self.fleet.identities["bravo"].static_public,
-        )  # fmt: skip
-        self.alpha.adopt(session)
-        await until(lambda: len(open_with(self.bravo, "alpha")) > before)
+        before = len(self.bravo.open_sessions("alpha"))
+        session = await dial_again(self.alpha, "bravo")
+        await until(lambda: len(self.bravo.open_sessions("alpha")) > before)
         return session
-
-
-def open_with(peers: PeerTable, peer: str) -> list[Session]:
-    return [s for s in peers.open_sessions() if s.peer_id == peer]
 
 
 def stick_writes(session: Session) -> None:
@@ -201,7 +191,7 @@ async def redialled(pair: Pair, *, old_delivers: bool):
     :func:`record_writes` for ``old_delivers``)."""
     at_alpha = keep_app_data(pair.alpha)
     await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
-    (old,) = open_with(pair.bravo, "alpha")
+    (old,) = pair.bravo.open_sessions("alpha")
     writes = record_writes(old, deliver=old_delivers)
     await pair.redial()
     return at_alpha, old, writes
@@ -222,7 +212,7 @@ async def test_a_peer_that_dials_again_gets_what_is_sent_to_it_over_the_new_sess
         assert "no answer to a ping" in old.close_reason
         assert len(into_the_void) == 1  # the ping; the answer waited for it
         assert (pair.bravo.stats.abandoned, pair.bravo.stats.verified) == (1, 0)
-        (new,) = open_with(pair.bravo, "alpha")
+        (new,) = pair.bravo.open_sessions("alpha")
         assert new is not old and pair.bravo.session("alpha") is new
 
 
@@ -231,7 +221,7 @@ async def test_an_older_session_that_answers_keeps_carrying_the_messages(transpo
     stays the one messages go over; what was sent while the ping was out arrives, in order."""
     async with Pair(*transport_and_addr, PATIENT_CHECK, alpha_config=NO_CHECK) as pair:
         at_alpha, old, over_old = await redialled(pair, old_delivers=True)
-        (new,) = [s for s in open_with(pair.bravo, "alpha") if s is not old]
+        (new,) = [s for s in pair.bravo.open_sessions("alpha") if s is not old]
         over_new = record_writes(new, deliver=True)
         payloads = [b"%d" % n for n in range(10)]
         for payload in payloads:
@@ -265,7 +255,7 @@ async def test_an_older_session_whose_write_is_stuck_is_abandoned_and_its_messag
     async with Pair(*transport_and_addr, QUICK_CHECK, alpha_config=NO_CHECK) as pair:
         at_alpha = keep_app_data(pair.alpha)
         await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
-        (old,) = open_with(pair.bravo, "alpha")
+        (old,) = pair.bravo.open_sessions("alpha")
         stick_writes(old)
         assert pair.bravo.send("alpha", AppData(topic="t", payload=b"stuck"))
         await until(lambda: old._write_lock.locked())

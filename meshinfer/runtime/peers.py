@@ -44,6 +44,7 @@ from meshinfer.errors import LocalProtocolError, MeshInferError, StreamClosed, T
 from meshinfer.proto import messages
 from meshinfer.proto.messages import CloseCode
 from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.session import Admission, Session, SessionConfig, SessionMetrics
 from meshinfer.transport.base import Address, Transport
 
@@ -158,8 +159,11 @@ class PeerTable:
     def connected(self) -> list[str]:
         return sorted(n for n in self._sessions if self.session(n) is not None)
 
-    def open_sessions(self) -> list[Session]:
-        """Every open session, with every peer (a node id may have more than one)."""
+    def open_sessions(self, node_id: str | None = None) -> list[Session]:
+        """Every open session, with every peer or with ``node_id`` only (a node id may have
+        more than one), each peer's oldest first."""
+        if node_id is not None:
+            return [s for s in self._sessions.get(node_id, ()) if s.is_open]
         return [s for sessions in self._sessions.values() for s in sessions if s.is_open]
 
     # --- sending ---------------------------------------------------------------------------
@@ -304,6 +308,7 @@ class PeerTable:
             check = loop.create_task(self._verify(peer, older), name=f"peer-verify-{peer}")
             self._verifiers.add(check)
             check.add_done_callback(self._verifiers.discard)
+            check.add_done_callback(_log_check_failure)
         for callback in self._session_callbacks:
             callback(peer, session)
         return task
@@ -401,10 +406,17 @@ class PeerTable:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+_log_check_failure = log_failure(log, "check of older sessions")
+
+
 def _retrieve(task: asyncio.Task[object]) -> None:
-    """Mark ``task``'s outcome as seen (a failed ping needs no report)."""
-    if not task.cancelled():
-        task.exception()
+    """Mark a ping's outcome as seen: no answer in time, or its session ended, needs no
+    report; anything else is our bug and is logged."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, MeshInferError | OSError | TimeoutError):
+        log.error("ping of an older session failed", exc_info=exc)
 
 
 def _settle(requester: Requester, error: BaseException | None) -> None:

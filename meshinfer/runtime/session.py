@@ -20,8 +20,8 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     ``packed`` feature, the small messages of one :meth:`Session.send_many` share chunks (one
     Noise message for a burst of them). One reader task per session decrypts, reassembles and
     decodes; session control (``Ping``/``Pong``/``Close``) is handled here, everything else is
-    queued for :meth:`Session.recv`. When the application does not
-    consume, the bounded queue fills, the reader stops reading, and TCP pushes back on the peer.
+    queued for :meth:`Session.recv`. When the application does not consume, the bounded queue
+    fills, the reader stops reading, and TCP pushes back on the peer.
     Both directions rekey after ``rekey_after`` Noise messages; both sides count the same
     records, so no signal is needed.
 
@@ -94,8 +94,8 @@ class SessionConfig:
             towards a peer that announces it too, and understood from any peer either way).
         verify_timeout: when a peer opens another session while older ones with it are open
             (it re-dialled after roaming, or both sides dialled at once), each older one must
-            answer a ping within this many seconds or it is abandoned as lost (see
-            :class:`~meshinfer.runtime.peers.PeerTable`); 0 keeps them unchecked.
+            answer a ping (or receive anything) within this many seconds or it is abandoned
+            as lost (see :class:`~meshinfer.runtime.peers.PeerTable`); 0 keeps them unchecked.
     """
 
     xx_protocol: str = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
