@@ -37,6 +37,8 @@ once)::
     any --its last good session closed for a revoked certificate--> revoked (re-dispatch)
     any --a session closed for a revoked certificate, a good one open--> unchanged
                                        (re-dispatch if the closed session carried its items)
+    any --the session its items go over is under a revoked certificate--> no new items
+                                       (until the cut-off closes it)
     revoked --new session--> reachable
 
 Concurrency: every method runs on the coordinator's event loop.
@@ -134,12 +136,23 @@ class Reachability:
         await asyncio.gather(*watchers, return_exceptions=True)
 
     def reachable(self, member: Member) -> bool:
-        """Whether ``member`` may get work: not suspect, and not given up on at this
-        incarnation."""
-        if member.node_id in self._suspects:
+        """Whether ``member`` may get work: not suspect, not given up on at this incarnation,
+        and the session its items would go over (the oldest open one) not under a certificate
+        the list in force revokes: that session is being cut (the list is written down first;
+        the close may wait behind the session's writer), and what went over it meanwhile
+        would reach the revoked certificate's holder. A node with no session is left to the
+        dial (which such a certificate cannot pass)."""
+        node = member.node_id
+        if node in self._suspects:
             return False
-        gave_up_at = self._unreachable.get(member.node_id)
-        return gave_up_at is None or member.incarnation > gave_up_at
+        gave_up_at = self._unreachable.get(node)
+        if gave_up_at is not None and member.incarnation <= gave_up_at:
+            return False
+        revocations = self.mesh.admission.revocations
+        if not revocations.entries:
+            return True
+        session = self.mesh.peers.session(node)
+        return session is None or not revocations.is_revoked(session.peer)
 
     def on_member(self, event: MemberEvent) -> None:
         """Membership news: an unreachable node forgotten or back at a higher incarnation is

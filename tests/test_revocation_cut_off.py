@@ -190,6 +190,58 @@ async def test_items_sent_over_the_revoked_session_move_and_the_node_keeps_getti
         assert "node-0" in workers  # still schedulable: not shunned as revoked
 
 
+async def test_no_work_goes_over_a_revoked_session_while_it_is_being_cut(tmp_path):
+    """Between the list naming the certificate and its session's close (the list is written
+    down first; the close waits for the session's writer), the node gets no new items: what
+    went over that session would reach a revoked holder."""
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=120.0)
+    mesh = Mesh(tmp_path, n=2, config=config, options=coordinator_options(tmp_path))
+    old = reenroll(mesh, "node-0")
+    async with mesh:
+        c, coord = mesh.coordinator, mesh.mesh
+        cuts = cut_offs(coord)
+        new = mesh.daemons["node-0"].identity.certificate.serial
+        cut, gate = coord.revocation_sync._cut, asyncio.Event()
+
+        async def held_cut(session: Session) -> None:
+            await gate.wait()
+            await cut(session)
+
+        coord.revocation_sync._cut = held_cut
+        try:
+            async with StaleSession(old, coord) as stale:
+                for session in coord.peers.open_sessions("node-0"):  # the stale one carries
+                    if session.peer.serial == new:
+                        await session.aclose()
+                await until(lambda: serials_of(coord, "node-0")[0] == old.certificate.serial)
+                await until(lambda: new in serials_of(coord, "node-0"))
+                revoke(mesh, "coord", serial=old.certificate.serial)
+                await until(lambda: coord.admission.revocations.is_revoked(old.certificate))
+                ids = [
+                    await c.submit(spec(f"w{i}", "single", x[i : i + 1], policy="round_robin"))
+                    for i in range(4)
+                ]
+                records = [await c.wait(task_id, timeout=10) for task_id in ids]
+                assert stale.assigned() == []
+                assert [r.state.value for r in records] == ["succeeded"] * 4
+                assert {item.node for r in records for item in r.items} == {"node-1"}
+                assert not cuts  # all that happened while the cut was held
+                gate.set()
+                await until(lambda: cuts)
+        finally:
+            gate.set()
+        # it carried node-0's messages, but none of its items: nothing to re-dispatch
+        assert cuts == [CutOff("node-0", old.certificate.serial, True, carried_sends=True)]
+        assert c.stats_.redispatched_after_disconnect == 0
+        later = [
+            await c.submit(spec(f"a{i}", "single", x[i : i + 1], policy="round_robin"))
+            for i in range(4)
+        ]
+        workers = {item.node for t in later for item in (await succeeded(c, t)).items}
+        assert workers == {"node-0", "node-1"}  # node-0 again, over its good session
+
+
 # --- the node's executor -----------------------------------------------------------------------
 
 
