@@ -11,7 +11,7 @@ Routes (the OpenAPI document in :mod:`coordinator.openapi` describes each one)::
     GET  /v1/revocations           the certificate revocation list in force here
     POST /v1/revocations           merge a signed list (the fleet's revocations.bin as the body,
                                    application/octet-stream); gossip spreads it to the fleet
-    GET  /metrics                  Prometheus text (meshinfer_coord_*)
+    GET  /metrics                  Prometheus text (meshinfer_coord_*, the mesh's meshinfer_*)
     GET  /openapi.json             the OpenAPI 3.1 document
     GET  /healthz                  liveness; the only route without the bearer token
 
@@ -62,7 +62,8 @@ from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES, RevocationList
 from meshinfer.proto.tasks import TaskSpec, TaskState, new_task_id
 from meshinfer.proto.tasks_codec import spec_from_dict
 from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
-from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, Sample, render_family
+from meshinfer.runtime.mesh_metrics import mesh_families
+from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family, render_family
 from meshinfer.runtime.revocations import RevocationSync
 from meshinfer.transport.base import Address
 
@@ -448,9 +449,11 @@ class CoordinatorApi:
         return _json(json_safe(await self.coordinator.stats()))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """GET /metrics: the API's own metrics, then the coordinator's."""
+        """GET /metrics: the API's own metrics, the coordinator's, then its mesh's (handshakes,
+        sessions, membership, revocations: as a node daemon names them)."""
         stats = await self.coordinator.stats()
         families = coordinator_families(stats, self.coordinator.nodes())
+        families += mesh_families(self.coordinator.mesh)
         text = self.registry.render() + "".join(render_family(f) for f in families)
         return web.Response(
             body=text.encode(), headers={"Content-Type": self.registry.content_type}
@@ -829,12 +832,6 @@ def json_safe(value: Any) -> Any:
 # --- metrics ---------------------------------------------------------------------------------
 
 
-def _family(name: str, kind: str, help: str, samples: list[tuple[dict, float]]) -> MetricFamily:
-    return MetricFamily(
-        name, kind, help, tuple(Sample(name, tuple(sorted(lbl.items())), v) for lbl, v in samples)
-    )
-
-
 def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[MetricFamily]:
     """``meshinfer_coord_*`` families from :meth:`Coordinator.stats` and :meth:`.nodes`."""
     tasks, items = stats.get("tasks", {}), stats.get("items", {})
@@ -857,23 +854,23 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         ("stale_tells", "Dispatch or running marks of items that had ended (a race; no loss)."),
     ]
     return [
-        _family("meshinfer_coord_tasks", "gauge", "Journaled tasks by state.",
+        family("meshinfer_coord_tasks", "gauge", "Journaled tasks by state.",
                 [({"state": s}, tasks.get(s, 0)) for s in _STATES]),
-        _family("meshinfer_coord_items", "gauge", "Journaled work items by state.",
+        family("meshinfer_coord_items", "gauge", "Journaled work items by state.",
                 [({"state": s}, items.get(s, 0)) for s in _STATES]),
-        *(_family(f"meshinfer_coord_{name}_total", "counter", text, [({}, stats.get(name, 0))])
+        *(family(f"meshinfer_coord_{name}_total", "counter", text, [({}, stats.get(name, 0))])
           for name, text in counters),
-        _family("meshinfer_coord_journal_events_total", "counter",
+        family("meshinfer_coord_journal_events_total", "counter",
                 "Journal counters (refused results, ignored failures) by name.",
                 [({"name": k}, v) for k, v in sorted(stats.get("journal_counters", {}).items())]),
-        _family("meshinfer_coord_completed_total", "counter", "Work items completed by node.",
+        family("meshinfer_coord_completed_total", "counter", "Work items completed by node.",
                 [({"node": k}, v) for k, v in sorted(stats.get("completed_by_node", {}).items())]),
-        _family("meshinfer_coord_live_tasks", "gauge", "Tasks in flight.",
+        family("meshinfer_coord_live_tasks", "gauge", "Tasks in flight.",
                 [({}, stats.get("live_tasks", 0))]),
-        _family("meshinfer_coord_parked_items", "gauge", "Items waiting for a capable node.",
+        family("meshinfer_coord_parked_items", "gauge", "Items waiting for a capable node.",
                 [({}, stats.get("parked_items", 0))]),
-        _family("meshinfer_coord_nodes_alive", "gauge", "Members the coordinator sees alive.",
+        family("meshinfer_coord_nodes_alive", "gauge", "Members the coordinator sees alive.",
                 [({}, by_status.get("alive", 0))]),
-        _family("meshinfer_coord_nodes", "gauge", "Members by status.",
+        family("meshinfer_coord_nodes", "gauge", "Members by status.",
                 [({"status": s}, n) for s, n in sorted(by_status.items())]),
     ]  # fmt: skip

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, Sample
+from meshinfer.runtime.mesh_metrics import mesh_families
+from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
 from meshinfer.transport.base import Address
 
@@ -78,112 +79,20 @@ class NodeHttp:
         if d.snapshot is not None:
             out += snapshot_families(d.snapshot)
         out += batcher_families(b.stats() for b in d.batchers.values())
-        out += mesh_families(d)
+        out += node_families(d)
         return out
 
 
-def _family(name: str, kind: str, help: str, samples: list[tuple[dict, float]]) -> MetricFamily:
-    return MetricFamily(
-        name, kind, help, tuple(Sample(name, tuple(sorted(lbl.items())), v) for lbl, v in samples)
-    )
-
-
-def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
-    """The Prometheus families of the mesh, membership, revocations, executor and input cache."""
-    mesh = d.mesh
-    if mesh is None:
+def node_families(d: NodeDaemon) -> list[MetricFamily]:
+    """The Prometheus families of the mesh (see :func:`~meshinfer.runtime.mesh_metrics
+    .mesh_families`), the executor and the input cache."""
+    if d.mesh is None:
         return []
-    m = mesh.metrics
-    refused = [({"reason": r}, n) for r, n in sorted(m.handshake_failures.items())]
-    out = [
-        _family(
-            "meshinfer_handshakes_total",
-            "counter",
-            "Completed handshakes.",
-            [({}, m.handshakes_ok)],
-        ),
-        _family(
-            "meshinfer_handshakes_refused_total",
-            "counter",
-            "Refused handshakes by reason.",
-            refused,
-        ),
-        _family(
-            "meshinfer_protocol_errors_total",
-            "counter",
-            "Sessions dropped for peer errors.",
-            [({}, m.protocol_errors)],
-        ),
-        _family(
-            "meshinfer_session_messages_total",
-            "counter",
-            "Messages over encrypted sessions (application and session control), by direction.",
-            [
-                ({"direction": "received"}, m.messages_received),
-                ({"direction": "sent"}, m.messages_sent),
-            ],
-        ),
-        _family(
-            "meshinfer_session_records_total",
-            "counter",
-            "Noise messages (records) written and read on encrypted sessions, by direction:"
-            " fewer than the messages when small ones are packed.",
-            [
-                ({"direction": "received"}, m.records_received),
-                ({"direction": "sent"}, m.records_sent),
-            ],
-        ),
-        _family(
-            "meshinfer_sessions_open",
-            "gauge",
-            "Peers with an open session.",
-            [({}, len(mesh.peers.connected))],
-        ),
-        _family(
-            "meshinfer_older_sessions_checked_total",
-            "counter",
-            "Older sessions with a peer pinged when it opened another: answered (kept), or"
-            " silent (abandoned as lost).",
-            [
-                ({"outcome": "answered"}, mesh.peers.stats.verified),
-                ({"outcome": "silent"}, mesh.peers.stats.abandoned),
-            ],
-        ),
-    ]
-    if mesh.membership is not None:
-        counts: dict[str, int] = {}
-        for member in mesh.membership.core.members():
-            counts[member.status.value] = counts.get(member.status.value, 0) + 1
-        out.append(
-            _family(
-                "meshinfer_members",
-                "gauge",
-                "Known members by status.",
-                [({"status": s}, n) for s, n in sorted(counts.items())],
-            )
-        )
-    sync = mesh.revocation_sync
-    if sync is not None:
-        out.append(
-            _family(
-                "meshinfer_revocation_list_version",
-                "gauge",
-                "Highest sequence number in the revocation list in force.",
-                [({}, sync.version)],
-            )
-        )
-        out.append(
-            _family(
-                "meshinfer_revocation_answers_refused_total",
-                "counter",
-                "Revocation answers from peers refused at an entry that failed verification.",
-                [({}, sync.stats.bad_entries)],
-            )
-        )
+    out = mesh_families(d.mesh)
     if d.executor is not None:
         st = d.executor.stats
         out.append(
-            _family(
+            family(
                 "meshinfer_items_total",
                 "counter",
                 "Work items by outcome.",
@@ -199,7 +108,7 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
             )
         )
         out.append(
-            _family(
+            family(
                 "meshinfer_items_running",
                 "gauge",
                 "Work items running.",
@@ -208,19 +117,19 @@ def mesh_families(d: NodeDaemon) -> list[MetricFamily]:
         )
         cache = d.executor.inputs.stats
         out += [
-            _family(
+            family(
                 "meshinfer_input_cache_lookups_total",
                 "counter",
                 "Inputs named by reference, by whether the input cache held them.",
                 [({"result": "hit"}, cache.hits), ({"result": "miss"}, cache.misses)],
             ),
-            _family(
+            family(
                 "meshinfer_input_cache_evictions_total",
                 "counter",
                 "Inputs evicted from the input cache to make room.",
                 [({}, cache.evictions)],
             ),
-            _family(
+            family(
                 "meshinfer_input_cache_bytes",
                 "gauge",
                 "Bytes of inputs held in the input cache.",

@@ -635,6 +635,25 @@ async def test_metrics_parse_and_count_requests(served):
     assert after[latency] >= 3
 
 
+async def test_metrics_show_the_coordinators_mesh_as_a_node_names_it(served):
+    after = await _metrics(served.http)
+    mesh = served.mesh.mesh
+    connected = len(mesh.peers.connected)
+    assert connected >= 2  # a session with each node
+    assert after[("meshinfer_sessions_open", ())] == connected
+    assert after[("meshinfer_handshakes_total", ())] == mesh.metrics.handshakes_ok >= connected
+    sent = after[("meshinfer_session_messages_total", (("direction", "sent"),))]
+    assert sent >= mesh.metrics.records_sent > 0
+    checked = mesh.peers.stats
+    assert after[("meshinfer_older_sessions_checked_total", (("outcome", "silent"),))] == (
+        checked.abandoned
+    )
+    alive = sum(m.status.value == "alive" for m in mesh.membership.core.members())
+    assert after[("meshinfer_members", (("status", "alive"),))] == alive >= 2
+    version = after[("meshinfer_revocation_list_version", ())]
+    assert version == mesh.revocation_sync.version
+
+
 async def test_the_openapi_document_is_valid_and_covers_every_route(served):
     doc = await call(served.http, "GET", "/openapi.json")
     assert doc == DOC

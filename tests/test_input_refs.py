@@ -24,8 +24,7 @@ from meshinfer.proto.tasks_wire import (
     by_reference,
     encode_params,
 )
-from node.http import mesh_families as node_families
-from node.http import node_status
+from node.http import node_families, node_status
 from tests.helpers import until
 from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, spec
 

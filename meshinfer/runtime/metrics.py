@@ -44,6 +44,15 @@ class MetricFamily:
     samples: tuple[Sample, ...]
 
 
+def family(
+    name: str, kind: str, help: str, samples: Iterable[tuple[dict[str, str], float]]
+) -> MetricFamily:
+    """A family of plain samples, each given as ``(labels, value)``."""
+    return MetricFamily(
+        name, kind, help, tuple(Sample(name, tuple(sorted(lbl.items())), v) for lbl, v in samples)
+    )
+
+
 def format_value(value: float) -> str:
     """A sample value as Prometheus writes it (``+Inf``, ``-Inf``, ``NaN``, Go-style floats)."""
     if math.isnan(value):

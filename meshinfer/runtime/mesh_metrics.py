@@ -1,0 +1,103 @@
+"""The Prometheus families of a :class:`~meshinfer.runtime.node.MeshNode`: handshakes, sessions,
+membership and revocations. Every daemon that runs one (a node, a coordinator) serves them on
+its ``/metrics`` under the same names.
+"""
+
+from __future__ import annotations
+
+from meshinfer.runtime.metrics import MetricFamily, family
+from meshinfer.runtime.node import MeshNode
+
+__all__ = ["mesh_families"]
+
+
+def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
+    """The families of ``mesh``'s handshakes, sessions, membership and revocation list."""
+    m = mesh.metrics
+    refused = [({"reason": r}, n) for r, n in sorted(m.handshake_failures.items())]
+    out = [
+        family(
+            "meshinfer_handshakes_total",
+            "counter",
+            "Completed handshakes.",
+            [({}, m.handshakes_ok)],
+        ),
+        family(
+            "meshinfer_handshakes_refused_total",
+            "counter",
+            "Refused handshakes by reason.",
+            refused,
+        ),
+        family(
+            "meshinfer_protocol_errors_total",
+            "counter",
+            "Sessions dropped for peer errors.",
+            [({}, m.protocol_errors)],
+        ),
+        family(
+            "meshinfer_session_messages_total",
+            "counter",
+            "Messages over encrypted sessions (application and session control), by direction.",
+            [
+                ({"direction": "received"}, m.messages_received),
+                ({"direction": "sent"}, m.messages_sent),
+            ],
+        ),
+        family(
+            "meshinfer_session_records_total",
+            "counter",
+            "Noise messages (records) written and read on encrypted sessions, by direction:"
+            " fewer than the messages when small ones are packed.",
+            [
+                ({"direction": "received"}, m.records_received),
+                ({"direction": "sent"}, m.records_sent),
+            ],
+        ),
+        family(
+            "meshinfer_sessions_open",
+            "gauge",
+            "Peers with an open session.",
+            [({}, len(mesh.peers.connected))],
+        ),
+        family(
+            "meshinfer_older_sessions_checked_total",
+            "counter",
+            "Older sessions with a peer pinged when it opened another: answered (kept), or"
+            " silent (abandoned as lost).",
+            [
+                ({"outcome": "answered"}, mesh.peers.stats.verified),
+                ({"outcome": "silent"}, mesh.peers.stats.abandoned),
+            ],
+        ),
+    ]
+    if mesh.membership is not None:
+        counts: dict[str, int] = {}
+        for member in mesh.membership.core.members():
+            counts[member.status.value] = counts.get(member.status.value, 0) + 1
+        out.append(
+            family(
+                "meshinfer_members",
+                "gauge",
+                "Known members by status.",
+                [({"status": s}, n) for s, n in sorted(counts.items())],
+            )
+        )
+    sync = mesh.revocation_sync
+    if sync is not None:
+        out.append(
+            family(
+                "meshinfer_revocation_list_version",
+                "gauge",
+                "Highest sequence number in the revocation list in force.",
+                [({}, sync.version)],
+            )
+        )
+        out.append(
+            family(
+                "meshinfer_revocation_answers_refused_total",
+                "counter",
+                "Revocation answers from peers refused at an entry that failed verification.",
+                [({}, sync.stats.bad_entries)],
+            )
+        )
+    return out
