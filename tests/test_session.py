@@ -15,6 +15,9 @@ from meshinfer.proto.messages import AppData, CloseCode, Ping
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import SessionConfig, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
+from meshinfer.transport.base import Address
+from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
+from meshinfer.transport.tcp import TcpTransport
 from tests.helpers import until
 
 
@@ -441,6 +444,50 @@ async def test_slow_reader_pushes_back_instead_of_buffering(transport_and_addr):
             assert (await server.recv()).payload == payload, i
         await task
         await client.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "tcp"])
+async def test_abandon_drops_what_is_still_queued_instead_of_delivering_it_late(kind):
+    """A peer given up on gets no late delivery of what was queued for it (its watchers send
+    that again over another session): the stream is reset, not flushed and closed. (In memory
+    the link has a second of latency, so that what was sent is still on the way.)"""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    cfg = SessionConfig(recv_queue=4)
+    if kind == "memory":
+        network = MemoryNetwork()
+        where = MemoryTransport(network), Address("bravo", 0)
+    else:
+        where = TcpTransport(), Address("127.0.0.1", 0)
+    async with Pair(*where, fleet, server_config=cfg) as pair:
+        client = await pair.dial()
+        server = await pair.accepted.get()
+        if kind == "memory":
+            network.latency = 1.0  # after the handshake
+        payload = b"p" * 16384
+        sent = 0
+
+        async def flood():
+            nonlocal sent
+            for _ in range(2000):
+                await client.send(AppData(topic="f", payload=payload))
+                sent += 1
+
+        task = asyncio.create_task(flood())
+        await until(lambda: sent > 2)
+        await asyncio.sleep(0.3)
+        assert not task.done(), "the sender should be held by backpressure"
+        await client.abandon("the peer stopped answering")
+        with contextlib.suppress(StreamClosed, LocalProtocolError):
+            await task
+        assert client.lost and not client.is_open
+        received = 0
+        with contextlib.suppress(StreamClosed, LocalProtocolError):
+            async with asyncio.timeout(10):
+                while True:
+                    await server.recv()
+                    received += 1
+        assert received < sent  # what was queued but not yet taken by the peer is gone
+        assert server.lost
 
 
 class CountingWrites:

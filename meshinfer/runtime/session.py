@@ -318,12 +318,14 @@ class Session:
         """End the session as lost, at once and with no ``Close`` frame: for a peer that
         stopped answering. What went over it may never have arrived (``lost`` tells the
         session's watchers so), and a frame written into a dead connection would arrive no
-        more surely, nor wait behind a stuck write. Idempotent; a no-op once closed or while a
-        deliberate close (:meth:`aclose`) is under way."""
+        more surely, nor wait behind a stuck write. The stream is reset where it can be
+        (``abort``: TCP, memory): what is still queued on it is dropped, not delivered late
+        beside what the watchers send again over another session. Idempotent; a no-op once
+        closed or while a deliberate close (:meth:`aclose`) is under way."""
         if self._closing:
             return
         self._mark_lost(reason)
-        await self._shutdown()
+        await self._shutdown(abort=True)
 
     @property
     def last_received(self) -> float:
@@ -462,10 +464,16 @@ class Session:
         self._inbox.put_nowait(None)  # wakes every recv() once the queued messages are read
         self._room.set()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, *, abort: bool = False) -> None:
         """Stop the session's reader and keep-alive tasks (but the one running this) and close
-        its stream. A cancel of the caller itself still goes through (``asyncio.wait`` does not
-        swallow it, as awaiting the cancelled tasks under a suppress would)."""
+        its stream; ``abort``: drop what is still queued on it, where the stream can (a TCP
+        reset), rather than flush it. A cancel of the caller itself still goes through
+        (``asyncio.wait`` does not swallow it, as awaiting the cancelled tasks under a suppress
+        would)."""
+        dropping = getattr(self.stream, "abort", None) if abort else None
+        if dropping is not None:  # first: a queued write must not go out meanwhile
+            with contextlib.suppress(Exception):
+                dropping()
         current = asyncio.current_task()
         others = [task for task in (self._keeper, self._reader) if task is not current]
         for task in others:

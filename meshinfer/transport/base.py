@@ -39,7 +39,11 @@ class Address:
 
 @runtime_checkable
 class Stream(Protocol):
-    """A reliable, ordered, bidirectional byte stream."""
+    """A reliable, ordered, bidirectional byte stream.
+
+    A stream may also offer ``abort()``: close at once, dropping what is still queued (a TCP
+    reset). Sessions use it, where there, to give up on a silent peer
+    (:meth:`~meshinfer.runtime.session.Session.abandon`)."""
 
     link: LinkKind
     local_address: Address

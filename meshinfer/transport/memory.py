@@ -207,6 +207,13 @@ class MemoryStream:
         self._outbound.close_writer()
         self._network._forget(self)
 
+    def abort(self) -> None:
+        """Close at once, dropping buffered bytes both ways (as a TCP reset would)."""
+        self.sever()
+        if not self._closed:
+            self._closed = True
+            self._network._forget(self)
+
     def sever(self) -> None:
         """Break both directions at once, dropping buffered bytes (a lost radio link)."""
         self._inbound.sever()

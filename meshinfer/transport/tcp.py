@@ -149,6 +149,17 @@ class TcpStream(asyncio.Protocol):
             return
         await asyncio.shield(self._lost_waiter)  # type: ignore[arg-type]
 
+    def abort(self) -> None:
+        """Drop the connection at once with a reset, discarding what is queued: for a peer
+        given up on, whose late delivery of old bytes would do more harm than good.
+        Idempotent, never raises; pending reads and writes end as after :meth:`aclose`."""
+        if self._closed and (self._lost or self._transport is None):
+            return
+        self._closed = True
+        self._chunks.clear()
+        self._wake_all()
+        self._abort()
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """asyncio's transport information (``"socket"``, ``"peername"``, ``"sockname"``...)."""
         if self._transport is None:
