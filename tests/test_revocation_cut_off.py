@@ -119,6 +119,25 @@ async def succeeded(c, task_id: str):
     return record
 
 
+def with_reenrolled_node(tmp_path) -> tuple[Mesh, NodeIdentity]:
+    """A coordinator and two nodes, node-0 re-enrolled; returns its identity under the old
+    certificate too."""
+    config = CoordinatorConfig(item_timeout_s=120.0)  # neither a timeout nor a retry may act
+    mesh = Mesh(tmp_path, n=2, config=config, options=coordinator_options(tmp_path))
+    return mesh, reenroll(mesh, "node-0")
+
+
+async def stale_carries(mesh: Mesh, stale: StaleSession) -> None:
+    """node-0 dials again: its new session then comes after the stale one, which carries what
+    the coordinator sends to node-0 from then on."""
+    coord, new = mesh.mesh, mesh.daemons["node-0"].identity.certificate.serial
+    for session in coord.peers.open_sessions("node-0"):
+        if session.peer.serial == new:
+            await session.aclose()
+    await until(lambda: serials_of(coord, "node-0")[0] == stale.serial)
+    await until(lambda: new in serials_of(coord, "node-0"))
+
+
 # --- the coordinator ---------------------------------------------------------------------------
 
 
@@ -152,21 +171,12 @@ async def test_revoking_a_nodes_old_certificate_leaves_it_working_over_its_new_o
 
 async def test_items_sent_over_the_revoked_session_move_and_the_node_keeps_getting_work(tmp_path):
     x, _ = load_digits_holdout()
-    config = CoordinatorConfig(item_timeout_s=120.0)
-    mesh = Mesh(tmp_path, n=2, config=config, options=coordinator_options(tmp_path))
-    old = reenroll(mesh, "node-0")
+    mesh, old = with_reenrolled_node(tmp_path)
     async with mesh:
         c, coord = mesh.coordinator, mesh.mesh
         cuts = cut_offs(coord)
-        new = mesh.daemons["node-0"].identity.certificate.serial
         async with StaleSession(old, coord) as stale:
-            # node-0 dials again: its new session then comes after the stale one, which
-            # carries what the coordinator sends to node-0 from then on
-            for session in coord.peers.open_sessions():
-                if session.peer.serial == new:
-                    await session.aclose()
-            await until(lambda: serials_of(coord, "node-0")[0] == old.certificate.serial)
-            await until(lambda: new in serials_of(coord, "node-0"))
+            await stale_carries(mesh, stale)
             ids = [
                 await c.submit(spec(f"r{i}", "single", x[i : i + 1], policy="round_robin"))
                 for i in range(2)
@@ -195,13 +205,10 @@ async def test_no_work_goes_over_a_revoked_session_while_it_is_being_cut(tmp_pat
     down first; the close waits for the session's writer), the node gets no new items: what
     went over that session would reach a revoked holder."""
     x, _ = load_digits_holdout()
-    config = CoordinatorConfig(item_timeout_s=120.0)
-    mesh = Mesh(tmp_path, n=2, config=config, options=coordinator_options(tmp_path))
-    old = reenroll(mesh, "node-0")
+    mesh, old = with_reenrolled_node(tmp_path)
     async with mesh:
         c, coord = mesh.coordinator, mesh.mesh
         cuts = cut_offs(coord)
-        new = mesh.daemons["node-0"].identity.certificate.serial
         cut, gate = coord.revocation_sync._cut, asyncio.Event()
 
         async def held_cut(session: Session) -> None:
@@ -211,11 +218,7 @@ async def test_no_work_goes_over_a_revoked_session_while_it_is_being_cut(tmp_pat
         coord.revocation_sync._cut = held_cut
         try:
             async with StaleSession(old, coord) as stale:
-                for session in coord.peers.open_sessions("node-0"):  # the stale one carries
-                    if session.peer.serial == new:
-                        await session.aclose()
-                await until(lambda: serials_of(coord, "node-0")[0] == old.certificate.serial)
-                await until(lambda: new in serials_of(coord, "node-0"))
+                await stale_carries(mesh, stale)
                 revoke(mesh, "coord", serial=old.certificate.serial)
                 await until(lambda: coord.admission.revocations.is_revoked(old.certificate))
                 ids = [

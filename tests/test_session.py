@@ -427,23 +427,31 @@ async def test_slow_reader_pushes_back_instead_of_buffering(transport_and_addr):
     async with Pair(*transport_and_addr, fleet, server_config=cfg) as pair:
         client = await pair.dial()
         server = await pair.accepted.get()
-        payload = b"p" * 16384
-        sent = 0
-
-        async def flood():
-            nonlocal sent
-            for _ in range(2000):
-                await client.send(AppData(topic="f", payload=payload))
-                sent += 1
-
-        task = asyncio.create_task(flood())
+        flood = Flood(client)
         await asyncio.sleep(0.3)
-        assert not task.done(), "sender should be blocked by backpressure"
-        assert sent < 2000
-        for i in range(2000):
-            assert (await server.recv()).payload == payload, i
-        await task
+        assert not flood.task.done(), "sender should be blocked by backpressure"
+        assert flood.sent < Flood.COUNT
+        for i in range(Flood.COUNT):
+            assert (await server.recv()).payload == Flood.PAYLOAD, i
+        await flood.task
         await client.aclose()
+
+
+class Flood:
+    """Sends ``COUNT`` messages of ``PAYLOAD`` over ``session`` in a task; ``sent`` counts
+    those the session took."""
+
+    COUNT = 2000
+    PAYLOAD = b"p" * 16384
+
+    def __init__(self, session) -> None:
+        self.sent = 0
+        self.task = asyncio.create_task(self._send(session))
+
+    async def _send(self, session) -> None:
+        for _ in range(self.COUNT):
+            await session.send(AppData(topic="f", payload=self.PAYLOAD))
+            self.sent += 1
 
 
 @pytest.mark.parametrize("kind", ["memory", "tcp"])
@@ -463,22 +471,13 @@ async def test_abandon_drops_what_is_still_queued_instead_of_delivering_it_late(
         server = await pair.accepted.get()
         if kind == "memory":
             network.latency = 1.0  # after the handshake
-        payload = b"p" * 16384
-        sent = 0
-
-        async def flood():
-            nonlocal sent
-            for _ in range(2000):
-                await client.send(AppData(topic="f", payload=payload))
-                sent += 1
-
-        task = asyncio.create_task(flood())
-        await until(lambda: sent > 2)
+        flood = Flood(client)
+        await until(lambda: flood.sent > 2)
         await asyncio.sleep(0.3)
-        assert not task.done(), "the sender should be held by backpressure"
+        assert not flood.task.done(), "the sender should be held by backpressure"
         await client.abandon("the peer stopped answering")
         with contextlib.suppress(StreamClosed, LocalProtocolError):
-            await task
+            await flood.task
         assert client.lost and not client.is_open
         received = 0
         with contextlib.suppress(StreamClosed, LocalProtocolError):
@@ -486,7 +485,7 @@ async def test_abandon_drops_what_is_still_queued_instead_of_delivering_it_late(
                 while True:
                     await server.recv()
                     received += 1
-        assert received < sent  # what was queued but not yet taken by the peer is gone
+        assert received < flood.sent  # what was queued but not yet taken by the peer is gone
         assert server.lost
 
 
