@@ -34,6 +34,7 @@ from meshinfer.inference.batching import BatcherStats
 from meshinfer.runtime.metrics import (
     MetricFamily,
     Sample,
+    family,
     histogram_samples,
 )
 
@@ -312,7 +313,7 @@ def snapshot_families(snapshot: TelemetrySnapshot) -> list[MetricFamily]:
     for field_name, metric, help in _SNAPSHOT_GAUGES:
         value = getattr(snapshot, field_name)
         if value is not None:
-            families.append(MetricFamily(metric, "gauge", help, (Sample(metric, (), value),)))
+            families.append(family(metric, "gauge", help, [({}, value)]))
     return families
 
 
