@@ -14,8 +14,9 @@ old connections dead but not reset, a dial to where it is now works). A node tha
 its items, sent to it again; one that answers neither is *unreachable here*: its in-flight items
 are re-dispatched at once (a late result is still accepted exactly once), and it stays out of
 scheduling until a new session with it opens or membership reports it at a higher incarnation.
-Either way a session left open that did not answer is closed before anything is sent again (what
-is sent over it vanishes, and the peer table sends over a node's oldest open session).
+Either way a session left open that did not answer is abandoned before anything is sent again
+(what is sent over it vanishes, and the peer table sends over a node's oldest open session): it
+ends lost at once, its stream reset, with no Close frame to wait behind a stuck write.
 A ``Close`` frame (a draining node, a graceful leave) triggers none of this.
 A node whose last session under a good certificate this coordinator closed because that
 certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is
@@ -30,7 +31,7 @@ once)::
     reachable --session lost (abruptly, or silent)--> suspect (pings every session open)
     suspect --a ping answered, or a session opened meanwhile--> reachable (items sent again)
     suspect --every session ended--> re-dialling (in the rest of the time)
-    suspect --none answered, some open--> re-dialling (silent sessions closed first; time anew)
+    suspect --none answered, some open--> re-dialling (silent ones abandoned first; time anew)
     re-dialling --handshake done--> reachable (items sent again)
     re-dialling --dial failed or timed out--> unreachable (re-dispatch)
     unreachable --new session / higher incarnation / forgotten--> reachable
@@ -49,12 +50,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
 from meshinfer.errors import MeshInferError
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
-from meshinfer.proto.messages import CloseCode, Ping
+from meshinfer.proto.messages import Ping
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.revocations import CutOff
@@ -116,6 +118,8 @@ class Reachability:
         self._suspects: dict[str, int] = {}
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
         self._unreachable: dict[str, float] = {}
+        #: sessions a probe gave up on (:meth:`_close_silent`): their end starts no probe
+        self._silenced: weakref.WeakSet[Session] = weakref.WeakSet()
         self._closed = False
 
     def start(self) -> None:
@@ -201,7 +205,7 @@ class Reachability:
         self.counts.sessions_lost += 1
         if self._on_session_lost is not None:
             self._on_session_lost(node)
-        if self.redial_timeout_s <= 0 or node in self._suspects:
+        if self.redial_timeout_s <= 0 or node in self._suspects or session in self._silenced:
             return
         await self._probe(node)
 
@@ -244,14 +248,15 @@ class Reachability:
         deadline = loop.time() + self.redial_timeout_s
         answered = await self._ping_open(node, deadline, silent)
         if silent:
-            # Closed before anything else goes to the node, above all the dial: the peer table
-            # sends over a node's oldest open session, so the dial's Ping would be written into
-            # a silent session and pass for an answer. A session stops being open (for the peer
-            # table) only once its Close frame is written or given up on: up to a second behind
-            # a stuck write (Session.aclose). What its close does after that (stop its tasks,
-            # close its stream: one with unsent bytes is aborted later, not waited for) takes a
-            # loop turn or two, so the dial waits for the whole close, which leaves no closing
-            # task to outlive the probe.
+            # Given up on before anything else goes to the node, above all the dial: the peer
+            # table sends over a node's oldest open session, so the dial's Ping would be written
+            # into a silent session and pass for an answer. Abandoned, not closed: a Close frame
+            # would wait up to a second behind a write stuck in the dead link, and what is
+            # queued on the session would still be flushed into it, to arrive late (if ever)
+            # beside what is sent again over the new session; abandoning resets the stream and
+            # ends the session lost at once, as the peer table does with a silent older
+            # session. The dial still waits for the whole shutdown (a loop turn or two), which
+            # leaves no closing task to outlive the probe.
             await self._close_silent(silent)
             deadline = loop.time() + self.redial_timeout_s
         return answered or await self._redial(node, deadline)
@@ -274,13 +279,12 @@ class Reachability:
             return False
         return True
 
-    @staticmethod
-    async def _close_silent(sessions: list[Session]) -> None:
-        """Close the sessions that did not answer, together (a close may wait a second for a
-        write stuck behind a peer that reads nothing)."""
-        await asyncio.gather(
-            *(s.aclose(CloseCode.GOING_AWAY, "no answer to a ping") for s in sessions)
-        )
+    async def _close_silent(self, sessions: list[Session]) -> None:
+        """Abandon the sessions that did not answer, together: each ends lost (its watcher
+        counts it and calls ``on_session_lost``: what went over it may never have arrived),
+        without starting a probe of its own (this one goes on)."""
+        self._silenced.update(sessions)
+        await asyncio.gather(*(s.abandon("no answer to a ping") for s in sessions))
 
     async def _answers(self, session: Session, deadline: float) -> bool:
         try:
