@@ -38,8 +38,8 @@ once)::
     any --its last good session closed for a revoked certificate--> revoked (re-dispatch)
     any --a session closed for a revoked certificate, a good one open--> unchanged
                                        (re-dispatch if the closed session carried its items)
-    any --the session its items go over is under a revoked certificate--> no new items
-                                       (until the cut-off closes it)
+    any --the session its items go over is under a revoked certificate--> no new items,
+                                       none sent again (until the cut-off closes it)
     revoked --new session--> reachable
 
 Concurrency: every method runs on the coordinator's event loop.
@@ -152,11 +152,7 @@ class Reachability:
         gave_up_at = self._unreachable.get(node)
         if gave_up_at is not None and member.incarnation <= gave_up_at:
             return False
-        revocations = self.mesh.admission.revocations
-        if not revocations.entries:
-            return True
-        session = self.mesh.peers.session(node)
-        return session is None or not revocations.is_revoked(session.peer)
+        return not self.mesh.peers.carrier_revoked(node)
 
     def on_member(self, event: MemberEvent) -> None:
         """Membership news: an unreachable node forgotten or back at a higher incarnation is

@@ -548,8 +548,8 @@ class TaskExecutor:
         went over it then would be lost."""
         if member.status is not MemberStatus.ALIVE:
             return False
-        session = self.mesh.peers.session(member.node_id)
-        return session is not None and not self.mesh.admission.revocations.is_revoked(session.peer)
+        peers, node = self.mesh.peers, member.node_id
+        return peers.session(node) is not None and not peers.carrier_revoked(node)
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -138,6 +138,19 @@ async def stale_carries(mesh: Mesh, stale: StaleSession) -> None:
     await until(lambda: new in serials_of(coord, "node-0"))
 
 
+def hold_cut(node: MeshNode) -> asyncio.Event:
+    """Hold ``node``'s cut-offs (the list is in force, the session not yet closed) until the
+    returned event is set."""
+    cut, gate = node.revocation_sync._cut, asyncio.Event()
+
+    async def held_cut(session: Session) -> None:
+        await gate.wait()
+        await cut(session)
+
+    node.revocation_sync._cut = held_cut
+    return gate
+
+
 # --- the coordinator ---------------------------------------------------------------------------
 
 
@@ -209,13 +222,7 @@ async def test_no_work_goes_over_a_revoked_session_while_it_is_being_cut(tmp_pat
     async with mesh:
         c, coord = mesh.coordinator, mesh.mesh
         cuts = cut_offs(coord)
-        cut, gate = coord.revocation_sync._cut, asyncio.Event()
-
-        async def held_cut(session: Session) -> None:
-            await gate.wait()
-            await cut(session)
-
-        coord.revocation_sync._cut = held_cut
+        gate = hold_cut(coord)
         try:
             async with StaleSession(old, coord) as stale:
                 await stale_carries(mesh, stale)
@@ -243,6 +250,42 @@ async def test_no_work_goes_over_a_revoked_session_while_it_is_being_cut(tmp_pat
         ]
         workers = {item.node for t in later for item in (await succeeded(c, t)).items}
         assert workers == {"node-0", "node-1"}  # node-0 again, over its good session
+
+
+async def test_items_are_not_sent_again_over_a_revoked_session_while_it_is_being_cut(tmp_path):
+    """node-0's good session is lost while its stale one, under a revoked certificate, is
+    being cut. The probe's ping goes over the stale one, which answers (session control), but
+    the items node-0 holds are not sent again over it, to the revoked holder: the cut-off
+    moves them."""
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=120.0)  # neither a timeout nor a retry may act
+    mesh = Mesh(tmp_path, n=1, config=config, options=coordinator_options(tmp_path))
+    old = reenroll(mesh, "node-0")
+    async with mesh:
+        c, coord = mesh.coordinator, mesh.mesh
+        new = mesh.daemons["node-0"].identity.certificate.serial
+        cuts = cut_offs(coord)
+        gate, inference = hold_cut(coord), hold_inference(mesh.daemons["node-0"])
+        try:
+            held = await c.submit(spec("held", "single", x[:1]))
+            await until(lambda: any(n["in_flight"] for n in c.nodes()))  # over the good one
+            async with StaleSession(old, coord) as stale:
+                revoke(mesh, "coord", serial=old.certificate.serial)
+                await until(lambda: coord.admission.revocations.is_revoked(old.certificate))
+                (good,) = [s for s in coord.peers.open_sessions("node-0") if s.peer.serial == new]
+                await good.stream.aclose()  # lost: no Close frame; the stale one carries now
+                await until(lambda: c.stats_.redials_ok)  # the node answered the probe
+                assert stale.assigned() == [] and c.stats_.resent_after_redial == 0
+                assert not cuts
+                gate.set()
+                await until(lambda: cuts)
+            assert cuts[0].serial == old.certificate.serial and cuts[0].carried_sends
+            assert c.stats_.redispatched_after_disconnect == 1  # moved by the cut-off
+            inference.set()
+            await succeeded(c, held)
+        finally:
+            gate.set()
+            inference.set()
 
 
 # --- the node's executor -----------------------------------------------------------------------

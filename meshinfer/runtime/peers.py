@@ -150,6 +150,18 @@ class PeerTable:
                 return s
         return None
 
+    def carrier_revoked(self, node_id: str) -> bool:
+        """Whether the session messages to ``node_id`` go over (its oldest open one) is under
+        a certificate the revocation list in force revokes. That session is being cut (the
+        list is written down first; the close may wait behind the session's writer): what
+        goes over it meanwhile would reach the revoked certificate's holder, and be lost with
+        the session. False if no session is open."""
+        revocations = self.admission.revocations
+        if not revocations.entries:
+            return False
+        session = self.session(node_id)
+        return session is not None and revocations.is_revoked(session.peer)
+
     def carried(self, session: Session) -> bool:
         """Whether this table wrote a message to ``session`` (so what it sent the peer may be
         lost with it); session control (pings, keep-alives) does not count."""
