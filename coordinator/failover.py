@@ -167,13 +167,18 @@ class Reachability:
 
     def _on_revoked(self, cut: CutOff) -> None:
         """This node closed a session with ``cut.node_id``: its certificate is revoked."""
-        if self._closed or not cut.sends_lost:
+        if self._closed:
             return
         node = cut.node_id
-        if not cut.still_connected:  # else it stays reachable, over its good session
-            self._unreachable[node] = _REVOKED
-        log.warning("certificate %d of %s is revoked: re-dispatching its items", cut.serial, node)
-        self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
+        if cut.sends_lost:
+            if not cut.still_connected:  # else it stays reachable, over its good session
+                self._unreachable[node] = _REVOKED
+            log.warning(
+                "certificate %d of %s is revoked: re-dispatching its items", cut.serial, node
+            )
+            self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
+        if cut.still_connected:  # schedulable again (refused while the cut was under way)
+            self._on_back()
 
     def _on_session(self, node: str, session: Session) -> None:
         """A session with ``node`` opened: it is reachable; watch how the session ends."""

@@ -119,11 +119,11 @@ async def succeeded(c, task_id: str):
     return record
 
 
-def with_reenrolled_node(tmp_path) -> tuple[Mesh, NodeIdentity]:
-    """A coordinator and two nodes, node-0 re-enrolled; returns its identity under the old
+def with_reenrolled_node(tmp_path, n: int = 2) -> tuple[Mesh, NodeIdentity]:
+    """A coordinator and ``n`` nodes, node-0 re-enrolled; returns its identity under the old
     certificate too."""
     config = CoordinatorConfig(item_timeout_s=120.0)  # neither a timeout nor a retry may act
-    mesh = Mesh(tmp_path, n=2, config=config, options=coordinator_options(tmp_path))
+    mesh = Mesh(tmp_path, n=n, config=config, options=coordinator_options(tmp_path))
     return mesh, reenroll(mesh, "node-0")
 
 
@@ -156,9 +156,7 @@ def hold_cut(node: MeshNode) -> asyncio.Event:
 
 async def test_revoking_a_nodes_old_certificate_leaves_it_working_over_its_new_one(tmp_path):
     x, _ = load_digits_holdout()
-    config = CoordinatorConfig(item_timeout_s=120.0)  # neither a timeout nor a retry may act
-    mesh = Mesh(tmp_path, n=1, config=config, options=coordinator_options(tmp_path))
-    old = reenroll(mesh, "node-0")
+    mesh, old = with_reenrolled_node(tmp_path, n=1)
     async with mesh:
         c, coord = mesh.coordinator, mesh.mesh
         cuts = cut_offs(coord)
@@ -252,15 +250,42 @@ async def test_no_work_goes_over_a_revoked_session_while_it_is_being_cut(tmp_pat
         assert workers == {"node-0", "node-1"}  # node-0 again, over its good session
 
 
+async def test_work_parked_while_a_session_was_being_cut_goes_out_once_it_is_closed(tmp_path):
+    """node-0, the only node, is refused work while its carrying session is being cut: a task
+    submitted meanwhile waits, parked. The cut closes that session and node-0 keeps its good
+    one: the parked item is tried again then (not at the parked loop's next tick)."""
+    x, _ = load_digits_holdout()
+    mesh, old = with_reenrolled_node(tmp_path, n=1)
+    async with mesh:
+        c, coord = mesh.coordinator, mesh.mesh
+        woken: list[bool] = []  # at each cut-off: was the parked loop woken by then?
+        gate = hold_cut(coord)
+        coord.revocation_sync.on_cut_off(lambda _: woken.append(c._wake_parked.is_set()))
+        try:
+            async with StaleSession(old, coord) as stale:
+                await stale_carries(mesh, stale)
+                revoke(mesh, "coord", serial=old.certificate.serial)
+                await until(lambda: coord.admission.revocations.is_revoked(old.certificate))
+                parked = await c.submit(spec("parked", "single", x[:1]))
+                why = c.waiting(parked)
+                assert why == {"parked/0": "no live, reachable node serves model digits-mlp@1"}
+                gate.set()
+                await until(lambda: woken)
+            assert woken == [True]
+            record = await succeeded(c, parked)
+            assert [(i.node, i.attempt) for i in record.items] == [("node-0", 1)]
+            assert stale.assigned() == []
+        finally:
+            gate.set()
+
+
 async def test_items_are_not_sent_again_over_a_revoked_session_while_it_is_being_cut(tmp_path):
     """node-0's good session is lost while its stale one, under a revoked certificate, is
     being cut. The probe's ping goes over the stale one, which answers (session control), but
     the items node-0 holds are not sent again over it, to the revoked holder: the cut-off
     moves them."""
     x, _ = load_digits_holdout()
-    config = CoordinatorConfig(item_timeout_s=120.0)  # neither a timeout nor a retry may act
-    mesh = Mesh(tmp_path, n=1, config=config, options=coordinator_options(tmp_path))
-    old = reenroll(mesh, "node-0")
+    mesh, old = with_reenrolled_node(tmp_path, n=1)
     async with mesh:
         c, coord = mesh.coordinator, mesh.mesh
         new = mesh.daemons["node-0"].identity.certificate.serial
