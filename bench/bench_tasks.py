@@ -16,7 +16,8 @@ In one run, on loopback:
 Prints tasks/s and submit->result p50/p99 per case, the ratios meshinfer / Ray, whether the
 goals (>= 5x Ray's tasks/s, p50 under 1 ms) are met, and a per-task cost breakdown of the
 meshinfer coordinator (journal time per call, CPU per task in this process and in the node
-process). ``--profile`` adds a cProfile of the coordinator's loop thread (sorted by
+process, and each item's round trip from the coordinator's send to its result's arrival,
+without the journal and the client: see :class:`WireTimes`). ``--profile`` adds a cProfile of the coordinator's loop thread (sorted by
 ``PROFILE_SORT``, default tottime, ``PROFILE_LINES`` lines, default 25). Ray is a bench-only
 dependency (``pip install ray``); without it meshinfer's figures are printed alone. Usage::
 
@@ -146,6 +147,39 @@ class TimedJournal:
         self.calls.clear()
 
 
+class WireTimes:
+    """Each item's trip as the coordinator sees it, from handing its ``TaskAssign`` to the peer
+    table to its ``TaskResult`` reaching the coordinator's handler: the session's writer,
+    encryption, loopback TCP, the node daemon (decode, queue, forward pass, answer) and the way
+    back, decryption and dispatch included; the journal, the client's ``submit`` and ``wait``
+    not. The issue's "round trip from the coordinator through an encrypted session to one node
+    and back", read narrowly. Hooks two of the coordinator's private methods (a bench only);
+    install before :meth:`Coordinator.start`, which registers the result handler."""
+
+    def __init__(self, c: Coordinator) -> None:
+        self.latencies: list[float] = []
+        self._sent: dict[tuple[str, int], float] = {}
+        send, on_result = c._send_message, c._on_result
+
+        def timed_send(run, entry, node):
+            self._sent[entry.item.item_id, entry.attempt] = time.perf_counter()
+            return send(run, entry, node)
+
+        def timed_result(peer, msg):
+            t0 = self._sent.pop((msg.item_id, msg.attempt), None)
+            if t0 is not None:
+                self.latencies.append(time.perf_counter() - t0)
+            return on_result(peer, msg)
+
+        c._send_message, c._on_result = timed_send, timed_result
+
+    def reset(self) -> None:
+        self.latencies.clear()
+
+    def pct(self, q: float) -> float:
+        return Figures(self.latencies, 1.0).pct(q)
+
+
 class NullJournal:
     """Keeps nothing: the ceiling of the coordinator path without any journal work (NOT durable)."""
 
@@ -196,6 +230,7 @@ async def start_coordinator(cluster: LocalCluster, tmp: Path, synchronous: str, 
         node_capacity=max(in_flight, 1),
     )
     coordinator = Coordinator(mesh, journal, config)
+    coordinator.wire = WireTimes(coordinator)
     await coordinator.start()
     if synchronous == "none":
         coordinator.journal.close()
@@ -245,6 +280,7 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         loop_task = asyncio.create_task(mesh_loop(c, window, in_flight, args.ids))
         await asyncio.sleep(args.warmup)
         timed.reset()
+        c.wire.reset()
         groups0, calls0 = c._db.groups, c._db.calls
         wire0 = session_counts(mesh)
         cpu0, ncpu0 = me.cpu_times(), node.cpu_times()
@@ -270,6 +306,8 @@ async def mesh_case(cluster, tmp: Path, synchronous: str, in_flight: int, args, 
         "group_size": calls / max(1, groups),
         # the coordinator's messages per Noise message (record), sent and received
         "packing": (wire[0] / max(1, wire[1]), wire[2] / max(1, wire[3])),
+        # coordinator -> node -> coordinator, per item (seconds): p50, p99
+        "wire_rtt": (c.wire.pct(0.5), c.wire.pct(0.99)),
     }
     return figures, breakdown, profile
 
@@ -405,6 +443,11 @@ def goals(mesh, ray_figs, k: int) -> None:
         f"({p50 * 1e3:.2f} ms; with {k} in flight p50 is bounded below by "
         f"{k}/tasks_per_s = {k / full.rate * 1e3:.1f} ms, Little's law)"
     )
+    wire = mesh["FULL/1"][1]["wire_rtt"][0]
+    print(
+        f"  (p50 is submit -> durable result, both journal syncs included; the item's round trip "
+        f"coordinator -> node -> coordinator alone, 1 in flight: p50 {wire * 1e3:.2f} ms)"
+    )
 
 
 def breakdown(mesh) -> None:
@@ -427,6 +470,11 @@ def breakdown(mesh) -> None:
         print(
             f"  {'':<10} coordinator's messages per Noise message: sent {sent:.1f}, "
             f"received {received:.1f}"
+        )
+        p50, p99 = b["wire_rtt"]
+        print(
+            f"  {'':<10} item round trip coordinator -> node -> coordinator (no journal, "
+            f"no client): p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms"
         )
     order = os.environ.get("PROFILE_SORT", "tottime")
     lines = int(os.environ.get("PROFILE_LINES", 25))
