@@ -17,8 +17,9 @@ Prints tasks/s and submit->result p50/p99 per case, the ratios meshinfer / Ray, 
 goals (>= 5x Ray's tasks/s, p50 under 1 ms) are met, and a per-task cost breakdown of the
 meshinfer coordinator (journal time per call, CPU per task in this process and in the node
 process, and each item's round trip from the coordinator's send to its result's arrival,
-without the journal and the client: see :class:`WireTimes`). ``--profile`` adds a cProfile of the coordinator's loop thread (sorted by
-``PROFILE_SORT``, default tottime, ``PROFILE_LINES`` lines, default 25). Ray is a bench-only
+without the journal and the client: see :class:`WireTimes`). ``--profile`` adds a cProfile of
+the coordinator's loop thread (sorted by ``PROFILE_SORT``, default tottime, ``PROFILE_LINES``
+lines, default 25). Ray is a bench-only
 dependency (``pip install ray``); without it meshinfer's figures are printed alone. Usage::
 
     python bench/bench_tasks.py [--seconds 5] [--in-flight 64] [--quick] [--no-ray] [--profile]
