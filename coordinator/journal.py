@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from coordinator.journal_history import JournalEvent, read_history
 from coordinator.journal_hot import HOT_ITEMS, HotItem, HotTask, HotTasks, StagedRows
 from coordinator.journal_schema import MIGRATIONS, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
@@ -213,20 +214,9 @@ class RecoveredTask:
 
 
 @dataclass(frozen=True, slots=True)
-class JournalEvent:
-    """One line of the audit log."""
-
-    seq: int
-    at: float
-    task_id: str | None
-    item_id: str | None
-    kind: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
 class JournalStats:
-    """Counts by state, counters (duplicate/late/unexpected deliveries...) and log length."""
+    """Counts by state, counters (duplicate/late/unexpected deliveries...) and the audit lines
+    stored (not those read back from the rows: see :mod:`coordinator.journal_history`)."""
 
     tasks: dict[str, int]
     items: dict[str, int]
@@ -640,7 +630,6 @@ class Journal:
         self._staged.serial += 1
         hot = {o.item_id: HotItem(o, TaskState.PENDING) for o in items}
         self._hot.add(task_id, HotTask(spec, now, now, TaskState.PENDING, hot))
-        self._log("submitted", task_id, detail=f"{len(items)} items")
         return True
 
     # --- item progress --------------------------------------------------------------------------
@@ -760,7 +749,6 @@ class Journal:
                 self._count(db, "duplicate_results")
                 return False
             if state.value in _WAITING and attempt == current and sent_to is not None:
-                self._log("dispatched", task_id, item_id, f"attempt {attempt} to {sent_to}")
                 self._set_item(db, item_id, transition(state, TaskEvent.SUCCEED), node=sent_to)
                 if task_state == TaskState.PENDING:  # as its dispatch would have moved it
                     task_state = TaskState.DISPATCHED
@@ -768,8 +756,6 @@ class Journal:
                 self._set_item(db, item_id, transition(state, TaskEvent.SUCCEED))
             if advance:
                 self._advance_task(db, task_id, task_state, TaskEvent.ACCEPT)
-            source = f" from {node}" if node else ""
-            self._log("result", task_id, item_id, f"attempt {attempt}{source}")
             return True
 
     def record_failure(
@@ -879,7 +865,6 @@ class Journal:
             now = self._clock()
             moved = task.state  # as the item's first dispatch, journaled here, would move it
             if item.state.value in _WAITING and attempt == item.attempt and sent_to is not None:
-                self._log("dispatched", task_id, item_id, f"attempt {attempt} to {sent_to}")
                 item.node = sent_to
                 if moved == TaskState.PENDING:
                     moved = TaskState.DISPATCHED
@@ -893,8 +878,6 @@ class Journal:
                 if new is not None and new not in TERMINAL_STATES:
                     task.state, task.updated_at = new, now
                     staged.task_states[task_id] = (new.value, None, None, now)
-            source = f" from {node}" if node else ""
-            self._log("result", task_id, item_id, f"attempt {attempt}{source}")
             return True, None if ending is None else self._end_hot(task_id, task, ending, now)
 
     def _end_hot(self, task_id: str, task: HotTask, ending: TaskEnding, now: float) -> TaskEnd:
@@ -910,7 +893,6 @@ class Journal:
         task.state, task.updated_at = ending.state, now
         self._staged.task_states[task_id] = (ending.state.value, ending.summary, ending.error, now)
         self._staged.serial += 1
-        self._log(str(ending.state), task_id, detail=(ending.error or "")[:500])
         self._hot.drop(task_id)
         if not ending.read_back:
             return in_flight, None
@@ -947,7 +929,6 @@ class Journal:
                     f" AND state IN {_LIVE}",
                     (now, task_id),
                 )
-            self._log(str(state), task_id, detail=(error or "")[:500])
             return [(item_id, node) for item_id, node, was in live if was in _IN_FLIGHT]
 
     # --- reading --------------------------------------------------------------------------------
@@ -993,14 +974,10 @@ class Journal:
         return TaskPage(page, str(rows[limit - 1][10]) if more else None)
 
     def history(self, task_id: str) -> list[JournalEvent]:
-        """The audit log of one task, oldest first."""
+        """The audit log of one task, oldest first: the lines stored, and those its rows say
+        (see :mod:`coordinator.journal_history`)."""
         with self._read() as db:
-            rows = db.execute(
-                "SELECT seq, at, task_id, item_id, kind, detail FROM events WHERE task_id = ?"
-                " ORDER BY seq",
-                (task_id,),
-            ).fetchall()
-        return [JournalEvent(*row) for row in rows]
+            return read_history(db, task_id)
 
     def recover(self) -> list[RecoveredTask]:
         """After a restart: every unfinished task, with the items that need a (re)dispatch.

@@ -13,7 +13,8 @@ Version 1 tables:
 * ``items``    -- one row per planned work item: task, position, model, pipeline stage, state,
   the node it was last sent to, attempt, last error.
 * ``results``  -- at most one row per item (primary key = item id): the exactly-once guarantee.
-* ``events``   -- the audit log (what happened to which task/item, when).
+* ``events``   -- the audit log's stored lines (what happened to which task/item, when), those the
+  other rows do not say: :mod:`coordinator.journal_history` reads the rest back from them.
 * ``counters`` -- named counters (duplicate results, late results, ...).
 
 Version 2: ``items.refused`` -- how many of the item's attempts were refused or never reached
