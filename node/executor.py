@@ -5,7 +5,8 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
     coordinator --TaskAssign--> node --TaskAccepted--> coordinator   (if still running after
                                                                       accepted_notice_ms)
                                 node --TaskResult | TaskFailed--> coordinator
-    coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED)
+    coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED;
+                                        an item passed to a peer: the cancel is passed on)
 
 At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
 when an item from a coordinator arrives while this node's backlog reaches
@@ -107,6 +108,7 @@ class ExecutorStats:
     handed_back: int = 0
     taken_back: int = 0  # items passed on, refused by the peer, then run here
     passed_again: int = 0  # items passed on, sent to their peer again after a lost session
+    cancels_refused: int = 0  # TaskCancel from a peer that may not cancel the item: ignored
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -136,7 +138,8 @@ class TaskExecutor:
         self._started: set[str] = set()
         self._answered: set[str] = set()  # items whose result is queued or being written
         self._offloaded: dict[str, Offload] = {}
-        self._offload_cancels: set[str] = set()  # items passed on, then cancelled
+        #: items passed on, then cancelled: the cancel passed on too (sent again with them)
+        self._offload_cancels: dict[str, TaskCancel] = {}
         #: per item passed on, the timer that hands it back if no answer comes
         self._offload_timers: dict[str, asyncio.TimerHandle] = {}
         self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
@@ -145,6 +148,7 @@ class TaskExecutor:
         #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
         #: coordinator's retry after the one who sent it first went away): answered instead
         self._reply: dict[str, tuple[str, int]] = {}
+        self._senders: dict[str, str] = {}  # item running here -> the peer it came from
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()  # session watchers and offload sends
         self._rng = rng or random.Random()
@@ -201,6 +205,7 @@ class TaskExecutor:
         item_id = msg.item_id
         task = loop.create_task(self._run(peer, msg, ref), name=f"item-{item_id}")
         self._items[item_id] = task
+        self._senders[item_id] = peer
         delay = self.config.accepted_notice_ms / 1000
         if delay > 0:
             self._notices[item_id] = loop.call_later(
@@ -256,6 +261,7 @@ class TaskExecutor:
 
     def _item_done(self, item_id: str) -> None:
         self._items.pop(item_id, None)
+        self._senders.pop(item_id, None)
         self._answered.discard(item_id)
         self._reply.pop(item_id, None)
         notice = self._notices.pop(item_id, None)
@@ -263,14 +269,30 @@ class TaskExecutor:
             notice.cancel()
 
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
+        if not self._may_cancel(peer, msg.item_id):
+            self.stats.cancels_refused += 1
+            log.info("%s may not cancel %s: ignored", peer, msg.item_id)
+            return
         forward = self._offloaded.get(msg.item_id)
-        if forward is not None:  # the peer finishes it (its result is dropped as a duplicate);
-            self._offload_cancels.add(msg.item_id)  # if it refuses, the item is not run here
+        if forward is not None:  # the peer runs it: the cancel goes there (its CANCELLED, or a
+            self._offload_cancels[msg.item_id] = msg  # result already on its way, is relayed);
+            self.mesh.peers.send(forward[2], msg)  # if it refuses, the item is not run here
             return
         task = self._items.get(msg.item_id)
         if task is not None and not task.done():
             self.stats.cancelled += 1
             task.cancel()
+
+    def _may_cancel(self, peer: str, item_id: str) -> bool:
+        """A coordinator (as :meth:`_is_coordinator` tells), or the peer that sent the item
+        here (a node that passed it on forwards its coordinator's cancel), or sent it last:
+        not any other member of the fleet."""
+        latest = self._reply.get(item_id)
+        return (
+            peer == self._senders.get(item_id)
+            or (latest is not None and peer == latest[0])
+            or self._is_coordinator(peer)
+        )
 
     def _on_relay(self, peer: str, msg: TaskResult | TaskFailed) -> None:
         offload = self._offloaded.get(msg.item_id)
@@ -454,11 +476,13 @@ class TaskExecutor:
         over the lost one may never have arrived, or its answer may have gone with it. Send
         each item passed to ``target`` again, over the open session; a peer that holds or
         answered one answers it once more (its latest assignment; its kept result), as for a
-        coordinator's resend."""
+        coordinator's resend. An item cancelled meanwhile is not sent again: its cancel is."""
         for offload in [o for o in self._offloaded.values() if o[2] == target]:
             _, item, _ = offload
-            if item.item_id in self._offload_cancels:
-                continue  # its answer is not wanted: left to its peer or its timer
+            cancel = self._offload_cancels.get(item.item_id)
+            if cancel is not None:  # not wanted any more: the cancel may have been lost too
+                self.mesh.peers.send(target, cancel)
+                continue
             sent = self.mesh.peers.send_tracked(target, item)
             if sent is None:  # the outbox is full: it would wait for its deadline
                 self._hand_back(item.item_id, f"offloaded to {target}, not sent again")
@@ -481,7 +505,7 @@ class TaskExecutor:
     def _settle_offload(self, item_id: str) -> Offload:
         """The item passed on is answered or handed back: forget it (and its timer)."""
         offload = self._offloaded.pop(item_id)
-        self._offload_cancels.discard(item_id)
+        self._offload_cancels.pop(item_id, None)
         timer = self._offload_timers.pop(item_id, None)
         if timer is not None:
             timer.cancel()

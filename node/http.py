@@ -102,9 +102,19 @@ def node_families(d: NodeDaemon) -> list[MetricFamily]:
                     ({"outcome": "handed_back"}, st.handed_back),
                     ({"outcome": "taken_back"}, st.taken_back),
                     ({"outcome": "passed_again"}, st.passed_again),
+                    ({"outcome": "cancelled"}, st.cancelled),
                     ({"outcome": "replayed"}, d.executor.replay.stats.replayed),
                     *(({"outcome": f"failed_{k}"}, v) for k, v in sorted(st.failed.items())),
                 ],
+            )
+        )
+        out.append(
+            family(
+                "meshinfer_cancels_refused_total",
+                "counter",
+                "TaskCancel messages ignored: from a peer that is neither a coordinator nor the"
+                " item's sender.",
+                [({}, st.cancels_refused)],
             )
         )
         out.append(

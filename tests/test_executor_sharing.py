@@ -125,6 +125,9 @@ class Endpoint:
     def assigned(self) -> list[str]:
         return [m.item_id for _, m in self.got if isinstance(m, TaskAssign)]
 
+    def cancels(self) -> list[str]:
+        return [m.item_id for _, m in self.got if isinstance(m, TaskCancel)]
+
     def answers(self) -> list[tuple[str, str, int, str]]:
         """(type, item, attempt, sender) of each TaskResult and TaskFailed received."""
         return [
@@ -213,7 +216,7 @@ class Net:
             await listener.start(Address(host, 0))
         node = Endpoint(peers, listener)
         if name != "w":
-            for kind in (TaskAssign, TaskResult, TaskFailed, TaskAccepted):
+            for kind in (TaskAssign, TaskResult, TaskFailed, TaskAccepted, TaskCancel):
                 peers.on(kind, node.keep)
         return node
 
@@ -662,6 +665,61 @@ async def test_an_item_passed_on_then_cancelled_is_not_run_here_when_the_peer_re
         await net.nodes["b"].peers.request("w", refusal)
         await soon(lambda: net.nodes["coord"].failure("p") is not None)
         assert executor.stats.taken_back == 0 and executor.backlog == 3
+
+
+async def test_a_cancel_reaches_the_peer_an_item_was_passed_to():
+    """The coordinator cancels an item w passed to b: w passes the cancel on (b would run it to
+    the end otherwise), and relays b's CANCELLED."""
+    async with Net() as net:
+        executor = await passed_to_b(net)
+        await net.nodes["coord"].peers.request("w", TaskCancel("p", "no longer wanted"))
+        b = net.nodes["b"]
+        await soon(lambda: b.cancels() == ["p"])
+        cancelled = TaskFailed("p", 1, int(FailureKind.CANCELLED), "cancelled", retryable=False)
+        await b.peers.request("w", cancelled)
+        await soon(lambda: net.nodes["coord"].failure("p") is not None)
+        assert net.nodes["coord"].failure("p").code == FailureKind.CANCELLED
+        assert executor.stats.taken_back == 0 and b.assigned() == ["p"]
+
+
+async def test_a_cancel_passed_on_is_sent_again_when_its_session_is_lost_and_another_stays():
+    """As an item passed on is sent again over the session left, so is its cancel (instead of
+    the item: it is not wanted any more)."""
+    async with Net() as net:
+        executor = await passed_to_b(net)
+        b = net.nodes["b"]
+        (first,) = b.peers.open_sessions("w")
+        await dial_again(b.peers, "w")
+        await soon(lambda: len(net.w.open_sessions("b")) == 2)
+        await net.nodes["coord"].peers.request("w", TaskCancel("p", "no longer wanted"))
+        await soon(lambda: b.cancels() == ["p"])
+        await first.stream.aclose()  # lost, as w sees it; b's second session stays
+        await soon(lambda: b.cancels() == ["p", "p"])
+        assert b.assigned() == ["p"] and executor.stats.passed_again == 0
+
+
+async def test_only_a_coordinator_or_the_items_sender_may_cancel_it():
+    """A vehicle of the fleet (v) cannot cancel what w runs for a coordinator: ignored and
+    counted. An item a node (b) passed to w is b's to cancel. The coordinator's own cancel
+    goes through."""
+    async with Net() as net:
+        net.members.set("v")
+        net.members.set("b")
+        executor = net.worker(KEEPING)
+        await net.assign("coord", "x")
+        await net.assign("b", "from-b")  # passed on by b: runs here, answered to b
+        await soon(lambda: executor.backlog == 2)
+        await net.nodes["v"].peers.request("w", TaskCancel("x", "not mine"))
+        await net.nodes["v"].peers.request("w", TaskCancel("from-b", "not mine either"))
+        await soon(lambda: executor.stats.cancels_refused == 2)
+        assert executor.backlog == 2 and executor.stats.cancelled == 0
+        await net.nodes["b"].peers.request("w", TaskCancel("from-b", "b's own"))
+        await soon(lambda: net.nodes["b"].failure("from-b") is not None)
+        assert net.nodes["b"].failure("from-b").code == FailureKind.CANCELLED
+        await net.nodes["coord"].peers.request("w", TaskCancel("x", "the coordinator's"))
+        await soon(lambda: net.nodes["coord"].failure("x") is not None)
+        assert net.nodes["coord"].failure("x").code == FailureKind.CANCELLED
+        assert executor.stats.cancelled == 2 and executor.stats.cancels_refused == 2
 
 
 async def test_a_draining_node_relays_its_peers_refusal():
