@@ -49,7 +49,7 @@ from meshinfer.proto.tasks_wire import (
 )
 from meshinfer.runtime.endpoint import SessionListener
 from meshinfer.runtime.peers import PeerTable
-from meshinfer.runtime.session import Admission, SessionConfig
+from meshinfer.runtime.session import Admission, Session, SessionConfig
 from meshinfer.testing.fleet import make_fleet
 from meshinfer.transport.base import Address
 from meshinfer.transport.memory import MemoryNetwork, MemoryTransport
@@ -606,6 +606,15 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
         assert executor.stats.taken_back == int(runs_here)
 
 
+async def b_dials_again(net: Net) -> Session:
+    """b dials w again: a second session, w still sends over the first, which is returned."""
+    b = net.nodes["b"]
+    (first,) = b.peers.open_sessions("w")
+    await dial_again(b.peers, "w")
+    await soon(lambda: len(net.w.open_sessions("b")) == 2)
+    return first
+
+
 async def test_an_item_passed_to_a_peer_whose_only_session_is_lost_is_handed_back():
     async with Net() as net:
         executor = await passed_to_b(net)
@@ -623,10 +632,7 @@ async def test_an_item_passed_on_is_sent_again_when_its_session_is_lost_and_anot
     relays b's one answer."""
     async with Net() as net:
         executor = await passed_to_b(net)
-        b = net.nodes["b"]
-        (first,) = b.peers.open_sessions("w")
-        await dial_again(b.peers, "w")
-        await soon(lambda: len(net.w.open_sessions("b")) == 2)
+        b, first = net.nodes["b"], await b_dials_again(net)
         await first.stream.aclose()  # lost, as w sees it; b's second session stays
         await soon(lambda: b.assigned() == ["p", "p"])
         assert executor.stats.passed_again == 1 and executor.stats.handed_back == 0
@@ -645,9 +651,7 @@ async def test_a_lost_session_that_carried_nothing_sends_nothing_again():
         b = net.nodes["b"]
         heard = asyncio.Event()
         b.peers.on(AppData, lambda _peer, _msg: heard.set())
-        (first,) = b.peers.open_sessions("w")
-        await dial_again(b.peers, "w")
-        await soon(lambda: len(net.w.open_sessions("b")) == 2)
+        first = await b_dials_again(net)
         (second,) = [s for s in b.peers.open_sessions("w") if s is not first]
         await second.stream.aclose()  # lost, as w sees it
         await soon(lambda: len(net.w.open_sessions("b")) == 1)
@@ -687,10 +691,7 @@ async def test_a_cancel_passed_on_is_sent_again_when_its_session_is_lost_and_ano
     the item: it is not wanted any more)."""
     async with Net() as net:
         executor = await passed_to_b(net)
-        b = net.nodes["b"]
-        (first,) = b.peers.open_sessions("w")
-        await dial_again(b.peers, "w")
-        await soon(lambda: len(net.w.open_sessions("b")) == 2)
+        b, first = net.nodes["b"], await b_dials_again(net)
         await net.nodes["coord"].peers.request("w", TaskCancel("p", "no longer wanted"))
         await soon(lambda: b.cancels() == ["p"])
         await first.stream.aclose()  # lost, as w sees it; b's second session stays
