@@ -1072,7 +1072,7 @@ class Journal:
             self._spec_bytes -= len(old[0])
 
     def stats(self) -> JournalStats:
-        """Counts of tasks and items by state, the counters and the audit log length.
+        """Counts of tasks and items by state, the counters and the audit lines stored.
 
         These scan the tables (~0.1 s per million rows): a service should rather call
         :func:`read_stats` from a thread of its own than hold up the journal's writes."""

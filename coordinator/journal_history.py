@@ -5,18 +5,17 @@ vouched for, when the dispatch itself was not journaled), and its end -- is full
 its rows: the task row (created, its end state, when, why), the item rows (which node) and the
 result rows (which attempt, from which node, when). Storing those lines as well (four rows a
 task, in the ``events`` table and its index) was up to a quarter of the journal's work for a
-task on the hot path, so they are not stored: :func:`read_history` reads them
-back from the rows. What the rows do not keep is still stored as it happens: dispatches the
+task on the hot path, so they are not stored: :func:`read_history` reads them back from the
+rows. What the rows do not keep is still stored as it happens: dispatches the
 coordinator journaled, failures, retries, refusals, requeues after a restart.
 
-Lines read back from the rows carry ``seq`` 0 (stored lines keep theirs) and are placed among
-the stored ones by time (the same wall clock stamps both); the stored lines keep their order. A
-journal written before this stored every line: a line stored is never read back a second time.
+Lines read back from the rows carry ``seq`` 0 (stored lines keep theirs, and their order); see
+:func:`_merged` for where they go. A journal written before this (schema version 2 or older)
+stored every line: a line stored is never read back a second time.
 """
 
 from __future__ import annotations
 
-import heapq
 import sqlite3
 from dataclasses import dataclass
 
@@ -25,8 +24,6 @@ from meshinfer.proto.tasks import TERMINAL_STATES
 __all__ = ["JournalEvent", "read_history"]
 
 _ENDINGS = frozenset(s.value for s in TERMINAL_STATES)
-#: Among lines stamped alike: submitted, stored lines, a dispatch, its result, the end.
-_SUBMITTED, _STORED, _DISPATCHED, _RESULT, _END = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,43 +55,50 @@ def read_history(db: sqlite3.Connection, task_id: str) -> list[JournalEvent]:
     ]
     if task is None:
         return stored
-    results = db.execute(
+    results = db.execute(  # in the order they were accepted (a rowid only grows within a task)
         "SELECT r.item_id, r.attempt, r.node, r.received_at, i.node FROM results r"
-        " JOIN items i ON i.id = r.item_id WHERE i.task_id = ? ORDER BY r.received_at",
+        " JOIN items i ON i.id = r.item_id WHERE i.task_id = ? ORDER BY r.rowid",
         (task_id,),
     ).fetchall()
-    derived = _from_rows(task_id, task, results, stored)
-    keyed = heapq.merge(
-        ((e.at, _STORED, e) for e in stored),
-        derived,
-        key=lambda line: line[:2],
-    )
-    return [line[2] for line in keyed]
+    return _merged(task_id, task, stored, results)
 
 
-def _from_rows(task_id: str, task, results, stored: list[JournalEvent]):
-    """The lines the rows say and no stored line does, as ``(at, rank, line)`` in order."""
+def _merged(task_id: str, task, stored: list[JournalEvent], results) -> list[JournalEvent]:
+    """``stored`` (in their order) with the lines the rows say and no stored line does.
+
+    The order leans on the wall clock only where nothing else tells: the submission comes
+    first and the end last; each result (with the dispatch it vouched for) comes in the order
+    the results were accepted, after the stored dispatch of its attempt, and among the other
+    stored lines by time (before the first one stamped later). A clock that steps back can
+    misplace a result among unrelated lines, never before its own dispatch."""
     created_at, state, updated_at, error, items = task
-    kinds = {e.kind for e in stored if e.item_id is None}  # the task's own lines
-    dispatched = {(e.item_id, _attempt(e.detail)) for e in stored if e.kind == "dispatched"}
+    own = {e.kind for e in stored if e.item_id is None}  # the task's own lines
+    sent = {
+        (e.item_id, _attempt(e.detail)): n for n, e in enumerate(stored) if e.kind == "dispatched"
+    }
     answered = {e.item_id for e in stored if e.kind == "result"}
-    lines = []
-    if "submitted" not in kinds:
-        line = JournalEvent(0, created_at, task_id, None, "submitted", f"{items} items")
-        lines.append((created_at, _SUBMITTED, line))
+    lines: list[JournalEvent] = []
+    if "submitted" not in own:
+        lines.append(JournalEvent(0, created_at, task_id, None, "submitted", f"{items} items"))
+    emitted = 0  # stored lines already in ``lines``
     for item_id, attempt, node, received_at, sent_to in results:
-        if (item_id, str(attempt)) not in dispatched:  # vouched for by the result
+        dispatch = sent.get((item_id, str(attempt)))
+        told = []
+        if dispatch is None:  # vouched for by the result: the rows say where it went
             detail = f"attempt {attempt} to {sent_to}"
-            line = JournalEvent(0, received_at, task_id, item_id, "dispatched", detail)
-            lines.append((received_at, _DISPATCHED, line))
+            told.append(JournalEvent(0, received_at, task_id, item_id, "dispatched", detail))
         if item_id not in answered:
             detail = f"attempt {attempt}" + (f" from {node}" if node else "")
-            line = JournalEvent(0, received_at, task_id, item_id, "result", detail)
-            lines.append((received_at, _RESULT, line))
-    if state in _ENDINGS and state not in kinds:
-        line = JournalEvent(0, updated_at, task_id, None, state, (error or "")[:500])
-        lines.append((updated_at, _END, line))
-    lines.sort(key=lambda line: line[:2])
+            told.append(JournalEvent(0, received_at, task_id, item_id, "result", detail))
+        end = max(emitted, 0 if dispatch is None else dispatch + 1)
+        while end < len(stored) and stored[end].at <= received_at:
+            end += 1
+        lines += stored[emitted:end]
+        lines += told
+        emitted = end
+    lines += stored[emitted:]
+    if state in _ENDINGS and state not in own:
+        lines.append(JournalEvent(0, updated_at, task_id, None, state, (error or "")[:500]))
     return lines
 
 

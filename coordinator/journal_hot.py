@@ -13,7 +13,7 @@ and every statement releases the GIL to the event loop and waits to get it back.
 * :class:`StagedRows` holds the rows those calls write until the transaction needs them: before
   any other statement of the transaction reads or writes (so that it sees them), and before its
   ``COMMIT``. Then they go in a few multi-row statements (one per table and up to 128 rows), not
-  one statement per row: a group of 64 results costs four statements, not 256.
+  one statement per row: a group of 64 results costs three statements, not 256.
 
 Both are the journal's own state: it takes its lock around them, and clears them when a
 transaction (or a savepoint) rolls back.

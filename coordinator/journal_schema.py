@@ -19,6 +19,10 @@ Version 1 tables:
 
 Version 2: ``items.refused`` -- how many of the item's attempts were refused or never reached
 their node (not counted against ``max_attempts``; a restarted coordinator reads it back).
+
+Version 3: no statement: from it on, ``events`` holds only the audit lines the other rows do not
+say (:mod:`coordinator.journal_history`). Its number keeps an older coordinator, which would read
+those histories with lines missing, from opening the file.
 """
 
 from __future__ import annotations
@@ -80,9 +84,10 @@ _V1 = (
 )
 
 _V2 = ("ALTER TABLE items ADD COLUMN refused INTEGER NOT NULL DEFAULT 0",)
+_V3: tuple[str, ...] = ()  # the audit log's stored lines: see the module docstring
 
 #: Statements taking the schema from version i to i + 1. ONLY APPEND.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 
 
 def schema_version(db: sqlite3.Connection) -> int:
