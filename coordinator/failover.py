@@ -9,7 +9,7 @@ ping within ``redial_timeout_s`` over every other session still open with it (an
 proves nothing: the node may be dead with its end not read yet, or silent behind a broken link).
 If none answers, it is re-dialled (a handshake done is the answer): at once, in what is left of
 that time, if every session with it ended meanwhile (a killed node); if some stayed open without
-answering, once those are closed, with ``redial_timeout_s`` afresh (a vehicle that roamed: its
+answering, once those are abandoned, with ``redial_timeout_s`` afresh (a vehicle that roamed: its
 old connections dead but not reset, a dial to where it is now works). A node that answers keeps
 its items, sent to it again; one that answers neither is *unreachable here*: its in-flight items
 are re-dispatched at once (a late result is still accepted exactly once), and it stays out of
@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -89,7 +88,9 @@ class Reachability:
     node ends without its Close frame (what was queued on it may never have arrived);
     ``on_resend(node)``, if given, once such a node answered the ping (over a session already
     open, or a new one): what went over the lost session, and the answers coming back on it,
-    may be gone (a node restarted quickly holds nothing at all), so its items are sent again.
+    may be gone (a node restarted quickly holds nothing at all), so its items are sent again;
+    if the session they would go over is being cut for a revoked certificate, once the cut is
+    done (unless the cut-off re-dispatches them).
     ``counts`` gets the session counters. :meth:`start` hooks into ``mesh``'s sessions;
     :meth:`aclose` stops the watchers (idempotent).
     """
@@ -118,8 +119,9 @@ class Reachability:
         self._suspects: dict[str, int] = {}
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
         self._unreachable: dict[str, float] = {}
-        #: sessions a probe gave up on (:meth:`_close_silent`): their end starts no probe
-        self._silenced: weakref.WeakSet[Session] = weakref.WeakSet()
+        #: nodes that answered a probe while the session their items go over was being cut for
+        #: a revoked certificate: their items are sent again once the cut is done
+        self._resend_after_cut: set[str] = set()
         self._closed = False
 
     def start(self) -> None:
@@ -176,7 +178,10 @@ class Reachability:
             log.warning(
                 "certificate %d of %s is revoked: re-dispatching its items", cut.serial, node
             )
+            self._resend_after_cut.discard(node)  # (moved instead)
             self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
+        elif node in self._resend_after_cut:  # it answered a probe while this session was cut
+            self._resend(node)
         if cut.still_connected:  # schedulable again (refused while the cut was under way)
             self._on_back()
 
@@ -206,14 +211,14 @@ class Reachability:
         self.counts.sessions_lost += 1
         if self._on_session_lost is not None:
             self._on_session_lost(node)
-        if self.redial_timeout_s <= 0 or node in self._suspects or session in self._silenced:
+        if self.redial_timeout_s <= 0 or node in self._suspects:
             return
         await self._probe(node)
 
     async def _probe(self, node: str) -> None:
         """Have ``node`` answer (:meth:`_ping`: a ping over a session still open, else a
         re-dial); give up on it (``on_lost``) if it does not in time. The sessions pinged in
-        vain are closed by then either way; a session with it that opened meanwhile is an
+        vain are abandoned by then either way; a session with it that opened meanwhile is an
         answer."""
         self._suspects[node] = 0
         silent: list[Session] = []
@@ -226,8 +231,7 @@ class Reachability:
         if answered or opened:
             self.counts.redials_ok += 1
             self._on_back()
-            if self._on_resend is not None:
-                self._on_resend(node)
+            self._resend(node)
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         if self._unreachable.get(node) != _REVOKED:  # (cut off meanwhile: it stays so)
@@ -241,10 +245,10 @@ class Reachability:
         ``redial_timeout_s``, else a re-dial (a handshake done is an answer). An open session
         proves nothing: a second session with a killed node may not have seen its end yet, and
         one across a link that went silent never will; items sent over it would wait for their
-        timeout. The sessions that stay open without answering are closed, and added to
+        timeout. The sessions that stay open without answering are abandoned, and added to
         ``silent``. The re-dial comes at once, in what is left of the time, if every session
         ended (a killed node), and with ``redial_timeout_s`` afresh once the silent ones are
-        closed (a node that roamed: its old connections dead but not reset)."""
+        abandoned (a node that roamed: its old connections dead but not reset)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.redial_timeout_s
         answered = await self._ping_open(node, deadline, silent)
@@ -258,7 +262,7 @@ class Reachability:
             # ends the session lost at once, as the peer table does with a silent older
             # session. The dial still waits for the whole shutdown (a loop turn or two), which
             # leaves no closing task to outlive the probe.
-            await self._close_silent(silent)
+            await self._abandon_silent(silent)
             deadline = loop.time() + self.redial_timeout_s
         return answered or await self._redial(node, deadline)
 
@@ -280,12 +284,31 @@ class Reachability:
             return False
         return True
 
-    async def _close_silent(self, sessions: list[Session]) -> None:
-        """Abandon the sessions that did not answer, together: each ends lost (its watcher
-        counts it and calls ``on_session_lost``: what went over it may never have arrived),
-        without starting a probe of its own (this one goes on)."""
-        self._silenced.update(sessions)
-        await asyncio.gather(*(s.abandon("no answer to a ping") for s in sessions))
+    @staticmethod
+    async def _abandon_silent(sessions: list[Session]) -> None:
+        """Abandon the sessions that did not answer, together: each ends lost (its watcher,
+        woken first, counts it and calls ``on_session_lost``: what went over it may never have
+        arrived; it starts no probe while this one runs). A session whose close was already
+        under way (abandoning it does nothing then) is waited for: until it is closed, the
+        peer table would still send over it."""
+
+        async def abandon(session: Session) -> None:
+            await session.abandon("no answer to a ping")
+            await session.wait_closed()
+
+        await asyncio.gather(*(abandon(s) for s in sessions))
+
+    def _resend(self, node: str) -> None:
+        """``on_resend(node)``, unless the session the items would go over is being cut for a
+        revoked certificate (they would reach its holder): then once the cut is done."""
+        if self._on_resend is None:
+            return
+        if self.mesh.peers.carrier_revoked(node):
+            log.info("not sending %s's items again over a session being cut off", node)
+            self._resend_after_cut.add(node)
+            return
+        self._resend_after_cut.discard(node)
+        self._on_resend(node)
 
     async def _answers(self, session: Session, deadline: float) -> bool:
         try:

@@ -930,11 +930,8 @@ class Coordinator:
         and a node that restarted meanwhile holds nothing. Each item in flight there goes again
         under the same attempt (not a retry): a node still holding it keeps running it and
         answers once, one that does not runs it, and a second answer is dropped as a
-        duplicate. Nothing goes while the session they would go over is being cut for a
-        revoked certificate: the cut-off re-dispatches them (that session carries them)."""
-        if self.mesh.peers.carrier_revoked(node):
-            log.info("not sending %s's items again over a session being cut off", node)
-            return
+        duplicate. (Not while the session they would go over is being cut for a revoked
+        certificate: :class:`~coordinator.failover.Reachability` calls this once it is cut.)"""
         for run, entry in self._in_flight_on(node):
             if not run.done:
                 self.stats_.resent_after_redial += 1

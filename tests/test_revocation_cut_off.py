@@ -25,7 +25,7 @@ from meshinfer.runtime.revocations import CutOff, RevocationSyncConfig
 from meshinfer.runtime.session import Admission, Session
 from meshinfer.transport.base import Address
 from meshinfer.transport.tcp import TcpTransport
-from tests.helpers import until
+from tests.helpers import dial_again, until
 from tests.test_coordinator_service import Mesh, hold_inference, spec
 
 QUICK = RevocationSyncConfig(check_interval_s=0.1, ask_timeout_s=0.5)
@@ -310,6 +310,54 @@ async def test_items_are_not_sent_again_over_a_revoked_session_while_it_is_being
             await succeeded(c, held)
         finally:
             gate.set()
+            inference.set()
+
+
+async def test_items_held_back_during_a_cut_are_sent_again_once_it_is_done(tmp_path):
+    """node-0 has its good session, a stale one under a certificate about to be revoked, and a
+    second good one it dialled. The stale one's cut begins while the first good one carries
+    node-0's items (so the cut will not move them), and its close is held. Then the first good
+    session is lost: node-0 answers the probe, but the stale session now carries its messages,
+    so its items are not sent again yet; once the cut is done they go over the good session
+    left (not left to wait for their timeout)."""
+    x, _ = load_digits_holdout()
+    mesh, old = with_reenrolled_node(tmp_path, n=1)
+    async with mesh:
+        c, coord, node = mesh.coordinator, mesh.mesh, mesh.daemons["node-0"]
+        new, cuts = node.identity.certificate.serial, cut_offs(coord)
+        inference = hold_inference(node)
+        closing, closed = asyncio.Event(), asyncio.Event()
+        try:
+            held = await c.submit(spec("held", "single", x[:1]))
+            await until(lambda: any(n["in_flight"] for n in c.nodes()))
+            async with StaleSession(old, coord) as stale:
+                await dial_again(node.mesh.peers, coord.node_id)
+                await until(lambda: serials_of(coord, "node-0") == [new, stale.serial, new])
+                good, cut, _ = coord.peers.open_sessions("node-0")
+                close = cut.aclose
+
+                async def held_close(*args, **kwargs) -> None:
+                    closing.set()
+                    await closed.wait()
+                    await close(*args, **kwargs)
+
+                cut.aclose = held_close
+                revoke(mesh, "coord", serial=old.certificate.serial)
+                await asyncio.wait_for(closing.wait(), 10)  # carried: no (the first carries)
+                await good.stream.aclose()  # lost: no Close frame; the stale one carries now
+                await until(lambda: c.stats_.redials_ok)  # node-0 answered the probe
+                assert c.stats_.resent_after_redial == 0 and stale.assigned() == []
+                closed.set()
+                await until(lambda: cuts)
+                await until(lambda: c.stats_.resent_after_redial == 1)
+                assert stale.assigned() == []
+            assert cuts == [CutOff("node-0", old.certificate.serial, True, carried_sends=False)]
+            assert c.stats_.redispatched_after_disconnect == 0
+            inference.set()
+            record = await succeeded(c, held)
+            assert [(i.node, i.attempt) for i in record.items] == [("node-0", 1)]
+        finally:
+            closed.set()
             inference.set()
 
 
