@@ -108,7 +108,7 @@ class ExecutorStats:
     handed_back: int = 0
     taken_back: int = 0  # items passed on, refused by the peer, then run here
     passed_again: int = 0  # items passed on, sent to their peer again after a lost session
-    cancels_refused: int = 0  # TaskCancel from a peer that may not cancel the item: ignored
+    cancels_refused: int = 0  # TaskCancel for an item here from a peer that may not: ignored
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -269,6 +269,8 @@ class TaskExecutor:
             notice.cancel()
 
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
+        if msg.item_id not in self._items and msg.item_id not in self._offloaded:
+            return  # over already (a forwarded cancel may come after the answer), or unknown
         if not self._may_cancel(peer, msg.item_id):
             self.stats.cancels_refused += 1
             log.info("%s may not cancel %s: ignored", peer, msg.item_id)
@@ -287,9 +289,10 @@ class TaskExecutor:
         """A coordinator (as :meth:`_is_coordinator` tells), or the peer that sent the item
         here (a node that passed it on forwards its coordinator's cancel), or sent it last:
         not any other member of the fleet."""
-        latest = self._reply.get(item_id)
+        latest, passed = self._reply.get(item_id), self._offloaded.get(item_id)
         return (
             peer == self._senders.get(item_id)
+            or (passed is not None and peer == passed[0])
             or (latest is not None and peer == latest[0])
             or self._is_coordinator(peer)
         )

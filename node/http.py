@@ -102,7 +102,6 @@ def node_families(d: NodeDaemon) -> list[MetricFamily]:
                     ({"outcome": "handed_back"}, st.handed_back),
                     ({"outcome": "taken_back"}, st.taken_back),
                     ({"outcome": "passed_again"}, st.passed_again),
-                    ({"outcome": "cancelled"}, st.cancelled),
                     ({"outcome": "replayed"}, d.executor.replay.stats.replayed),
                     *(({"outcome": f"failed_{k}"}, v) for k, v in sorted(st.failed.items())),
                 ],
@@ -112,8 +111,8 @@ def node_families(d: NodeDaemon) -> list[MetricFamily]:
             family(
                 "meshinfer_cancels_refused_total",
                 "counter",
-                "TaskCancel messages ignored: from a peer that is neither a coordinator nor the"
-                " item's sender.",
+                "TaskCancel messages ignored: for an item here, from a peer that is neither a"
+                " coordinator nor the item's sender.",
                 [({}, st.cancels_refused)],
             )
         )

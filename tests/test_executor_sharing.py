@@ -701,8 +701,8 @@ async def test_a_cancel_passed_on_is_sent_again_when_its_session_is_lost_and_ano
 
 async def test_only_a_coordinator_or_the_items_sender_may_cancel_it():
     """A vehicle of the fleet (v) cannot cancel what w runs for a coordinator: ignored and
-    counted. An item a node (b) passed to w is b's to cancel. The coordinator's own cancel
-    goes through."""
+    counted (a cancel for an item w does not hold is just ignored). An item a node (b) passed
+    to w is b's to cancel. The coordinator's own cancel goes through."""
     async with Net() as net:
         net.members.set("v")
         net.members.set("b")
@@ -710,8 +710,10 @@ async def test_only_a_coordinator_or_the_items_sender_may_cancel_it():
         await net.assign("coord", "x")
         await net.assign("b", "from-b")  # passed on by b: runs here, answered to b
         await soon(lambda: executor.backlog == 2)
-        await net.nodes["v"].peers.request("w", TaskCancel("x", "not mine"))
-        await net.nodes["v"].peers.request("w", TaskCancel("from-b", "not mine either"))
+        v = net.nodes["v"].peers
+        await v.request("w", TaskCancel("x", "not mine"))
+        await v.request("w", TaskCancel("nothing-here", "unknown: nothing to refuse"))
+        await v.request("w", TaskCancel("from-b", "not mine either"))
         await soon(lambda: executor.stats.cancels_refused == 2)
         assert executor.backlog == 2 and executor.stats.cancelled == 0
         await net.nodes["b"].peers.request("w", TaskCancel("from-b", "b's own"))
