@@ -354,6 +354,32 @@ async def check_aclose_fails_blocked_writer(factory: TransportFactory) -> None:
         await within(5, expect_raises(StreamClosed, task), "the blocked write to fail")
 
 
+async def check_abort_drops_what_is_queued(factory: TransportFactory) -> None:
+    """``abort`` (optional on a stream: every transport here has it) ends the stream at once:
+    a write blocked on backpressure raises StreamClosed, a pending read returns b"", what was
+    still queued never reaches the peer, and the peer sees the stream end (b"" or
+    StreamClosed). Aborting again, or after ``aclose``, is a no-op."""
+    async with factory() as setup, Served(setup) as served:
+        client, server, task, written = await _stalled_writer(served, 32 * MiB)
+        assert hasattr(client, "abort"), "the stream has no abort()"
+        pending = asyncio.create_task(client.read(), name="read pending at abort")
+        await settle(pending)
+        client.abort()
+        await within(5, expect_raises(StreamClosed, task), "the blocked write to fail")
+        assert await within(5, pending, "a pending read to end at abort") == b""
+        client.abort()
+        received = 0
+        try:
+            while data := await within(10, server.read(1 * MiB), "the peer to see the end"):
+                received += len(data)
+        except StreamClosed:
+            pass
+        assert received < written[0], "every byte written arrived: nothing was dropped"
+        other, _ = await served.pair()
+        await other.aclose()
+        other.abort()
+
+
 async def check_concurrent_reads_rejected(factory: TransportFactory) -> None:
     """A second read while one is pending raises LocalProtocolError; the first still works."""
     async with factory() as setup, Served(setup) as served:
@@ -429,6 +455,7 @@ ALL_CHECKS: tuple[Check, ...] = (
     check_dial_nothing_raises,
     check_backpressure,
     check_aclose_fails_blocked_writer,
+    check_abort_drops_what_is_queued,
     check_concurrent_reads_rejected,
     check_listener_close_keeps_streams,
     check_many_connections,
