@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from coordinator.journal_history import JournalEvent, read_history
+from coordinator.journal_history import JournalEvent, dispatch_detail, read_history
 from coordinator.journal_hot import HOT_ITEMS, HotItem, HotTask, HotTasks, StagedRows
 from coordinator.journal_schema import MIGRATIONS, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
@@ -684,7 +684,7 @@ class Journal:
                 f" WHERE id = ?) AND state IN {_DISPATCHABLE}",
                 (TaskState.DISPATCHED.value, now, item_id),
             )
-            self._log("dispatched", None, item_id, f"attempt {attempt} to {node}")
+            self._log("dispatched", None, item_id, dispatch_detail(attempt, node))
 
     def _refuse_dispatch(self, db, item_id: str, attempt: int) -> NoReturn:
         """Why the item cannot be dispatched as ``attempt`` (unknown, wrong state or attempt)."""

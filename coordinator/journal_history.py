@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from meshinfer.proto.tasks import TERMINAL_STATES
 
-__all__ = ["JournalEvent", "read_history"]
+__all__ = ["JournalEvent", "dispatch_detail", "read_history"]
 
 _ENDINGS = frozenset(s.value for s in TERMINAL_STATES)
 
@@ -85,7 +85,7 @@ def _merged(task_id: str, task, stored: list[JournalEvent], results) -> list[Jou
         dispatch = sent.get((item_id, str(attempt)))
         told = []
         if dispatch is None:  # vouched for by the result: the rows say where it went
-            detail = f"attempt {attempt} to {sent_to}"
+            detail = dispatch_detail(attempt, sent_to)
             told.append(JournalEvent(0, received_at, task_id, item_id, "dispatched", detail))
         if item_id not in answered:
             detail = f"attempt {attempt}" + (f" from {node}" if node else "")
@@ -100,6 +100,11 @@ def _merged(task_id: str, task, stored: list[JournalEvent], results) -> list[Jou
     if state in _ENDINGS and state not in own:
         lines.append(JournalEvent(0, updated_at, task_id, None, state, (error or "")[:500]))
     return lines
+
+
+def dispatch_detail(attempt: int, node: str | None) -> str:
+    """A dispatch line's detail, stored or read back (:func:`_attempt` reads it)."""
+    return f"attempt {attempt} to {node}"
 
 
 def _attempt(detail: str) -> str:

@@ -286,9 +286,9 @@ class TaskExecutor:
             task.cancel()
 
     def _may_cancel(self, peer: str, item_id: str) -> bool:
-        """A coordinator (as :meth:`_is_coordinator` tells), or the peer that sent the item
-        here (a node that passed it on forwards its coordinator's cancel), or sent it last:
-        not any other member of the fleet."""
+        """A coordinator (as :meth:`_is_coordinator` tells), the peer that sent the item here
+        (a node that passed it on forwards its coordinator's cancel) or sent it last, or the
+        one whose item this node passed on: not any other member of the fleet."""
         latest, passed = self._reply.get(item_id), self._offloaded.get(item_id)
         return (
             peer == self._senders.get(item_id)
