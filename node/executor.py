@@ -286,9 +286,9 @@ class TaskExecutor:
             task.cancel()
 
     def _may_cancel(self, peer: str, item_id: str) -> bool:
-        """A coordinator (as :meth:`_is_coordinator` tells), the peer that sent the item here
-        (a node that passed it on forwards its coordinator's cancel) or sent it last, or the
-        one whose item this node passed on: not any other member of the fleet."""
+        """A coordinator (by its certificate: :meth:`_is_coordinator`), the peer that sent the
+        item here (a node that passed it on forwards its coordinator's cancel) or sent it last,
+        or the one whose item this node passed on: not any other member of the fleet."""
         latest, passed = self._reply.get(item_id), self._offloaded.get(item_id)
         return (
             peer == self._senders.get(item_id)
@@ -532,13 +532,14 @@ class TaskExecutor:
         return refused and not self._draining and ref in self.batchers
 
     def _is_coordinator(self, peer: str) -> bool:
-        """Whether ``peer`` may have sent us an item to run or pass on: a coordinator (or a
-        peer membership does not know yet). An item a node passed to us is run here, never
-        passed on again: one hop, so items cannot bounce between nodes whose gossiped queue
-        depths are a second old, and an offloading node's relay entry is never overwritten."""
-        membership = self.mesh.membership
-        member = membership.core.member(peer) if membership is not None else None
-        return member is None or "coordinator" in member.state.roles
+        """Whether ``peer`` holds the coordinator role, as the fleet certificate its session
+        proved says (not what membership gossips, nor "unknown, so maybe"): a coordinator may
+        send items to run or pass on, and cancel any. An item a node passed to us is run here,
+        never passed on again: one hop, so items cannot bounce between nodes whose gossiped
+        queue depths are a second old, and an offloading node's relay entry is never
+        overwritten. A message's handler runs while its session is listed, so its sender's
+        certificate is always at hand."""
+        return "coordinator" in self.mesh.peers.roles(peer)
 
     def _least_loaded_peer(self, ref: ModelRef, exclude: set[str]) -> str | None:
         """The peer to pass an item for ``ref`` to: the least loaded of those that can take

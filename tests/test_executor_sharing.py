@@ -725,6 +725,32 @@ async def test_only_a_coordinator_or_the_items_sender_may_cancel_it():
         assert executor.stats.cancelled == 2 and executor.stats.cancels_refused == 2
 
 
+async def test_a_coordinator_is_known_by_its_certificate_not_by_gossip_or_absence():
+    """v, a vehicle membership has not heard of, and c, a vehicle whose gossip claims the
+    coordinator role, are neither coordinators: their cancels are refused, and an item c sends
+    runs here although w is over its offload depth and b is idle (one hop). coord-2, whose
+    certificate names the role but whom membership does not list, may cancel."""
+    config = replace(KEEPING, offload_queue_depth=1)
+    async with Net() as net:
+        del net.members.table["coord-2"]
+        net.members.set("c", roles=("coordinator",))
+        net.members.set("b")
+        await net.connect("w", "b")
+        executor = net.worker(config)
+        await net.assign("coord", "x")
+        await soon(lambda: executor.backlog == 1)
+        await net.assign("c", "from-c")  # over the depth, but c is no coordinator: stays here
+        await soon(lambda: executor.backlog == 2)
+        for sender in ("v", "c"):
+            await net.nodes[sender].peers.request("w", TaskCancel("x", "not a coordinator"))
+        await soon(lambda: executor.stats.cancels_refused == 2)
+        assert executor.stats.cancelled == 0 and net.nodes["b"].assigned() == []
+        await net.nodes["coord-2"].peers.request("w", TaskCancel("x", "a coordinator"))
+        await soon(lambda: net.nodes["coord"].failure("x") is not None)
+        assert net.nodes["coord"].failure("x").code == FailureKind.CANCELLED
+        assert executor.stats.cancelled == 1 and executor.stats.cancels_refused == 2
+
+
 async def test_a_draining_node_relays_its_peers_refusal():
     async with Net() as net:
         executor = await passed_to_b(net)

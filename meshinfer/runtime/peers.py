@@ -150,6 +150,16 @@ class PeerTable:
                 return s
         return None
 
+    def roles(self, node_id: str) -> frozenset[str]:
+        """The roles the fleet's certificates grant ``node_id``, as its sessions with this table
+        proved them in their handshakes (every session still listed, so also the one whose
+        message is being handled while it closes); empty if this table holds none. Unlike the
+        roles membership gossips, these were checked against the fleet authority."""
+        sessions = self._sessions.get(node_id, ())
+        if len(sessions) == 1:
+            return sessions[0].peer.roles
+        return frozenset().union(*(s.peer.roles for s in sessions))
+
     def carrier_revoked(self, node_id: str) -> bool:
         """Whether the session messages to ``node_id`` go over (its oldest open one) is under
         a certificate the revocation list in force revokes. That session is being cut (the
