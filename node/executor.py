@@ -281,9 +281,10 @@ class TaskExecutor:
             self.mesh.peers.send(forward[2], msg)  # if it refuses, the item is not run here
             return
         task = self._items.get(msg.item_id)
-        if task is not None and not task.done():
-            self.stats.cancelled += 1
-            task.cancel()
+        if task is None or task.done() or msg.item_id in self._answered:
+            return  # its answer is queued already: too late to cancel (it completes as sent)
+        self.stats.cancelled += 1
+        task.cancel()
 
     def _may_cancel(self, peer: str, item_id: str) -> bool:
         """A coordinator (by its certificate: :meth:`_is_coordinator`), the peer that sent the

@@ -751,6 +751,38 @@ async def test_a_coordinator_is_known_by_its_certificate_not_by_gossip_or_absenc
         assert executor.stats.cancelled == 1 and executor.stats.cancels_refused == 2
 
 
+async def test_a_cancel_after_the_answer_was_queued_changes_nothing():
+    """x's result is queued for coord (its session write not yet confirmed) when coord's
+    cancel arrives: too late to cancel, so x completes, counted as completed and not as
+    cancelled, and coord gets the result, no CANCELLED."""
+    async with Net() as net:
+        executor = net.worker(KEEPING)
+        queued, written = asyncio.Event(), asyncio.Event()
+        request = net.w.request
+
+        async def confirmed_late(node, msg):  # queue at once, hear back once told to
+            sent = asyncio.ensure_future(request(node, msg))
+            if isinstance(msg, TaskResult) and msg.item_id == "x":
+                queued.set()
+                await written.wait()
+            await sent
+
+        net.w.request = confirmed_late
+        await net.assign("coord", "x")
+        net.gate.set()
+        await soon(queued.is_set)
+        await net.nodes["coord"].peers.request("w", TaskCancel("x", "too late"))
+        await net.assign("coord", "y")  # after the cancel on the same session: it was handled
+        await soon(lambda: executor.stats.accepted == 2)
+        written.set()
+        await soon(lambda: executor.stats.completed == 2)
+        assert executor.stats.cancelled == 0
+        assert sorted(net.nodes["coord"].answers()) == [
+            ("TaskResult", "x", 1, "w"),
+            ("TaskResult", "y", 1, "w"),
+        ]
+
+
 async def test_a_draining_node_relays_its_peers_refusal():
     async with Net() as net:
         executor = await passed_to_b(net)
