@@ -93,6 +93,10 @@ log = logging.getLogger(__name__)
 #: How long an item passed to a peer may go unanswered (less: its deadline and a second) before
 #: it is handed back; its answer was lost on the way, and until then it counts against the peer.
 OFFLOAD_ANSWER_S = 60.0
+#: How long a drain waits, past its own timeout if need be, for the hand-backs it queued to be
+#: written to their sessions (one may need a re-dial): the peer table drops what is still
+#: queued when it closes, and a coordinator that missed one waits for the node's LEAVE.
+HAND_BACK_WRITE_S = 2.0
 
 _log_failure = log_failure(log, "executor step")
 
@@ -144,6 +148,7 @@ class TaskExecutor:
         self._offload_timers: dict[str, asyncio.TimerHandle] = {}
         self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
         self._no_offloads.set()
+        self._handing_back: set[asyncio.Future[None]] = set()  # failures sent while draining
         self._closed = False
         #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
         #: coordinator's retry after the one who sent it first went away): answered instead
@@ -396,8 +401,22 @@ class TaskExecutor:
         return (peer, msg) if later is None else (later[0], replace(msg, attempt=later[1]))
 
     def _fail(self, peer: str, msg: TaskAssign, kind: FailureKind, text: str, *, retryable: bool):
+        """Answer ``TaskFailed`` (best effort; while draining, a drain waits for it to be
+        written before the node closes its sessions: see :meth:`drain`)."""
         self.stats.failed[kind.name.lower()] += 1
-        self.mesh.peers.send(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
+        failed = TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable)
+        if not self._draining:
+            self.mesh.peers.send(peer, failed)
+            return
+        sent = self.mesh.peers.send_tracked(peer, failed)
+        if sent is not None:
+            self._handing_back.add(sent)
+            sent.add_done_callback(self._written)
+
+    def _written(self, sent: asyncio.Future[None]) -> None:
+        self._handing_back.discard(sent)
+        if not sent.cancelled() and sent.exception() is not None:  # the coordinator relies
+            log.info("a hand-back was not written: %s", sent.exception())  # on LEAVE, timeout
 
     def _device(self) -> str:
         """The engine's device name (read once: ``capacity()`` also samples free memory)."""
@@ -586,7 +605,10 @@ class TaskExecutor:
         """Stop taking work; hand back items not yet started; let running ones finish, and
         items passed to peers be answered (relayed), within ``timeout``; then hand back the
         passed items still unanswered: once this node is gone their answers have nowhere to
-        go, and the coordinator re-runs them at once instead of at their timeout."""
+        go, and the coordinator re-runs them at once instead of at their timeout. Returns once
+        every hand-back was written to its session (or failed), for up to
+        :data:`HAND_BACK_WRITE_S` past ``timeout``: the peer table drops what is still queued
+        when it closes."""
         self._draining = True
         for item_id, task in list(self._items.items()):
             if item_id not in self._started and item_id not in self._answered:
@@ -602,6 +624,9 @@ class TaskExecutor:
                 await self._no_offloads.wait()
         for item_id in list(self._offloaded):
             self._hand_back(item_id, "passed on by a node that is stopping; not answered yet")
+        if self._handing_back:  # written before the sessions close (which drops what is queued)
+            wait = max(deadline - loop.time(), HAND_BACK_WRITE_S)
+            await asyncio.wait(set(self._handing_back), timeout=wait)
 
     async def aclose(self) -> None:
         """Stop: cancel running items, session watchers and the waits for offloaded items'

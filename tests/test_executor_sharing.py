@@ -477,6 +477,25 @@ async def test_a_draining_node_waits_for_what_it_passed_on_then_hands_back_the_r
         assert "stopping" in failed.message
 
 
+async def test_a_drain_returns_once_its_hand_backs_are_written():
+    """The node closes its peer table right after the drain (the peer table drops what is
+    still queued): the hand-backs of an item waiting for a slot and of one passed to a silent
+    b reach the coordinator all the same. w's session with coord is gone when the drain
+    starts, so they wait for a re-dial."""
+    async with Net() as net:
+        net.members.set("b")
+        executor = await net.loaded_worker("b")  # three held items from coord, w over its depth
+        await net.assign("coord", "passed")
+        await soon(lambda: net.nodes["b"].assigned() == ["passed"])
+        await net.w.disconnect("coord", "the link dropped")
+        await executor.drain(timeout=0.05)
+        await net.w.aclose()
+        coord = net.nodes["coord"]
+        for item_id in ("passed", "held-1-1", "held-1-2"):  # held-1-0 runs (one slot)
+            await soon(lambda item_id=item_id: coord.failure(item_id) is not None)
+            assert coord.failure(item_id).retryable
+
+
 async def test_an_item_passed_on_and_never_answered_is_handed_back_after_its_deadline():
     """b never answers (its answer was lost on the way): a second after the item's deadline
     w hands it back, and b's load no longer counts it."""
