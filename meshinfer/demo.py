@@ -17,7 +17,9 @@ Everything runs as an operator would run it, only on loopback and in a throw-awa
 6. a summary: accuracy, throughput, task latency percentiles, and the work each node did.
 
 Ctrl-C, SIGTERM and SIGHUP stop it early the same way: the daemons are stopped (SIGTERM, they
-drain) before it exits with status 128 + the signal. The daemons also run with
+drain) before it exits with status 128 + the signal. A second of them while it waits for the
+daemons (a second Ctrl-C) waits no longer: the daemons left are killed (SIGKILL) and reaped, and
+it exits with the same status (128 + the first signal). The daemons also run with
 ``--exit-with-parent``, so that even a demo killed outright leaves none behind.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +48,10 @@ ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KILLER_GRACE_S = 10.0
 """How long :meth:`Demo.stop` waits for the node killer to give up before stopping the daemons."""
+DRAIN_S = 15.0
+"""How long :meth:`Demo.stop` lets the daemons drain after SIGTERM before it kills them."""
+FORCED_CHECK_S = 0.05
+"""How often :meth:`Demo.stop` looks, while it waits, whether a second stop signal came."""
 
 
 class Interrupted(BaseException):
@@ -55,9 +62,10 @@ class Interrupted(BaseException):
 class StopSignals:
     """While entered, the first of :data:`STOP_SIGNALS` sets :attr:`stopping` and raises
     :class:`Interrupted` in the main thread, so that the ``finally`` stopping the daemons runs;
-    once :meth:`hold` was called (that cleanup is under way) it is only recorded. Later signals
-    are ignored. The previous handlers are put back on exit. Outside the main thread (where no
-    handler can be set) it does nothing.
+    once :meth:`hold` was called (that cleanup is under way) it is only recorded. A second one
+    sets :attr:`forced` (the daemons are to be killed, not waited for); later ones are ignored.
+    The previous handlers are put back on exit. Outside the main thread (where no handler can be
+    set) it does nothing.
 
     A handler's exception can land where Python cannot raise it (a weakref callback, a
     ``__del__``: it is then "ignored"); :meth:`check` raises it again between the demo's steps,
@@ -67,6 +75,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self.stopping = threading.Event()
+        self.forced = threading.Event()
         self._held = False
         self._previous: dict[int, Any] = {}
         self._unraisable = sys.unraisablehook
@@ -94,6 +103,7 @@ class StopSignals:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:
+            self.forced.set()  # (nothing waits on it in this thread: setting it cannot block)
             return
         self.received = signum
         self.stopping.set()
@@ -137,9 +147,14 @@ class Demo:
     """One run of the demo; see the module docstring."""
 
     def __init__(
-        self, options: DemoOptions, root: Path, halted: threading.Event | None = None
+        self,
+        options: DemoOptions,
+        root: Path,
+        halted: threading.Event | None = None,
+        forced: threading.Event | None = None,
     ) -> None:
-        """``halted``: set when the demo is to stop (by :meth:`stop`, or a signal)."""
+        """``halted``: set when the demo is to stop (by :meth:`stop`, or a signal); ``forced``:
+        set when it is to stop at once (a second signal): :meth:`stop` then kills the daemons."""
         from meshinfer.testing.cluster import LocalCluster
 
         self.options = options
@@ -153,6 +168,7 @@ class Demo:
         self.kill_report: dict[str, Any] = {}
         self.killer: threading.Thread | None = None  # kills a node halfway (see classify)
         self.halted = halted or threading.Event()  # the stream and the killer give up
+        self.forced = forced or threading.Event()  # stop() waits no longer
 
     def say(self, text: str) -> None:
         if not self.options.quiet:
@@ -364,21 +380,68 @@ class Demo:
 
     def stop(self) -> None:
         """Halt the stream and the node killer (waiting up to :data:`KILLER_GRACE_S` for it to
-        give up), SIGTERM every daemon (a frozen one is let go on), wait for them, kill
-        stragglers."""
+        give up), SIGTERM every daemon (a frozen one is let go on), wait up to :data:`DRAIN_S`
+        for them, kill stragglers and reap them. Once :attr:`forced` is set (at the latest
+        :data:`FORCED_CHECK_S` later) it waits no longer: it kills every daemon left."""
         self.halted.set()
         if self.killer is not None:
-            self.killer.join(KILLER_GRACE_S)
-        for daemon in self.cluster.processes.values():
-            if daemon.alive():
-                daemon.proc.send_signal(signal.SIGTERM)
-                daemon.proc.send_signal(signal.SIGCONT)
-        for daemon in self.cluster.processes.values():
-            try:
-                daemon.proc.wait(timeout=15)
-            except Exception:
-                daemon.proc.kill()
+            self._unless_forced(_joined(self.killer), KILLER_GRACE_S)
+        daemons = list(self.cluster.processes.values())
+        if not self.forced.is_set():
+            for daemon in daemons:
+                if daemon.alive():
+                    daemon.proc.send_signal(signal.SIGTERM)
+                    daemon.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + DRAIN_S
+        stragglers = [
+            d
+            for d in daemons
+            if not self._unless_forced(_exited(d.proc), deadline - time.monotonic())
+        ]
+        if self.forced.is_set() and any(d.alive() for d in stragglers):
+            print(
+                "meshinfer demo: second stop signal: killing the daemons (SIGKILL)",
+                file=sys.stderr,
+                flush=True,
+            )
+        for daemon in stragglers:  # all at once; close() reaps them
+            daemon.proc.kill()
         self.cluster.close()
+
+    def _unless_forced(self, over: Callable[[float], bool], timeout: float) -> bool:
+        """Call ``over(seconds)`` (a wait of at most that long: whether what it waits for is
+        over) until it is, ``timeout`` passed or :attr:`forced` is set. Whether it is over."""
+        deadline = time.monotonic() + timeout
+        while not self.forced.is_set():
+            left = deadline - time.monotonic()
+            if over(max(0.0, min(FORCED_CHECK_S, left))):
+                return True
+            if left <= 0:
+                return False
+        return False
+
+
+def _joined(thread: threading.Thread) -> Callable[[float], bool]:
+    """A wait for ``thread`` (see :meth:`Demo._unless_forced`)."""
+
+    def join(seconds: float) -> bool:
+        thread.join(seconds)
+        return not thread.is_alive()
+
+    return join
+
+
+def _exited(proc: subprocess.Popen[str]) -> Callable[[float], bool]:
+    """A wait for ``proc`` to exit (see :meth:`Demo._unless_forced`); it is reaped."""
+
+    def wait(seconds: float) -> bool:
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    return wait
 
 
 @contextmanager
@@ -484,7 +547,8 @@ def _run(demo: Demo, x: np.ndarray, y: np.ndarray, signals: StopSignals) -> dict
 
 def run_demo(options: DemoOptions | None = None) -> int:
     """Run the demo; 0 when every task succeeded and accuracy is as trained, else 1; 128 + the
-    signal when SIGINT, SIGTERM or SIGHUP stopped it early (its daemons are stopped first)."""
+    signal when SIGINT, SIGTERM or SIGHUP stopped it early (its daemons are stopped first: they
+    drain, or are killed at once when a second of those signals comes meanwhile)."""
     from meshinfer.inference.registry import load_digits_holdout
 
     options = options or DemoOptions()
@@ -492,7 +556,7 @@ def run_demo(options: DemoOptions | None = None) -> int:
     signals = StopSignals()
     try:
         with signals, tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
-            demo = Demo(options, options.keep or Path(tmp), signals.stopping)
+            demo = Demo(options, options.keep or Path(tmp), signals.stopping, signals.forced)
             summary = _run(demo, x, y, signals)
     except Interrupted:
         pass  # the daemons were stopped on the way out

@@ -4,10 +4,12 @@ and how a signal stops it."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 
 import psutil
@@ -15,7 +17,8 @@ import pytest
 
 from coordinator.client import ApiError
 from meshinfer.cli import main
-from meshinfer.demo import Demo, DemoOptions, Interrupted, Progress, StopSignals
+from meshinfer.demo import Demo, DemoOptions, Interrupted, Progress, StopSignals, run_demo
+from meshinfer.testing.cluster import DaemonProcess
 from tests.helpers import kill_all, still_running
 
 pytestmark = pytest.mark.slow
@@ -85,14 +88,17 @@ def test_a_sigterm_stops_the_demo_and_every_daemon_it_started_before_it_exits():
     assert "Traceback" not in err and "summary" not in out
 
 
-def test_the_first_stop_signal_raises_in_the_main_thread_and_later_ones_are_ignored():
+def test_the_first_stop_signal_raises_in_the_main_thread_and_a_second_forces_the_stop():
     assert threading.current_thread() is threading.main_thread()  # else no handler is set
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as signals:
         with pytest.raises(Interrupted, match="SIGTERM"):
             signal.raise_signal(signal.SIGTERM)
-        signal.raise_signal(signal.SIGHUP)  # a later signal: ignored
+        assert not signals.forced.is_set()
+        signal.raise_signal(signal.SIGHUP)  # a second signal: recorded as forcing, not raised
+        signal.raise_signal(signal.SIGINT)  # a later one: ignored
         assert signals.received == signal.SIGTERM and signals.stopping.is_set()
+        assert signals.forced.is_set()
     assert signal.getsignal(signal.SIGTERM) == before
 
 
@@ -212,6 +218,71 @@ def test_stopping_the_demo_waits_for_the_node_killer_and_leaves_no_node_frozen(
             signal.SIGCONT,
         ]
     )
+
+
+def test_a_forced_stop_kills_every_daemon_without_a_sigterm(tmp_path, capsys):
+    demo = _fake_demo(tmp_path)
+    demo.forced.set()
+    demo.stop()
+    assert all(d.signals == [signal.SIGKILL] for d in demo.cluster.processes.values())
+    assert "second stop signal: killing the daemons (SIGKILL)" in capsys.readouterr().err
+
+
+STUBBORN_DAEMON = """\
+import signal, time
+signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM", flush=True))  # and goes on
+print("up", flush=True)
+time.sleep(120)
+"""
+"""A daemon that does not stop on SIGTERM (as one draining slowly), and says it got one."""
+
+
+def test_a_second_stop_signal_kills_the_daemons_at_once_and_exits_as_stopped(monkeypatch, capsys):
+    stubborn: list[subprocess.Popen[str]] = []
+    heard: list[str] = []
+    second_at: list[float] = []
+
+    def interrupt_again() -> None:  # once the demo has sent every daemon SIGTERM: Ctrl-C again
+        heard.extend(proc.stdout.readline() for proc in stubborn)
+        if heard == ["SIGTERM\n"] * len(stubborn):  # (else the demo may be gone: no SIGINT)
+            second_at.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    second = threading.Thread(target=interrupt_again)
+
+    def start(demo: Demo) -> None:  # (in place of Demo.start) the daemons are up; Ctrl-C
+        for name in ["coord", *demo.names]:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", STUBBORN_DAEMON],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            stubborn.append(proc)
+            demo.cluster.processes[name] = DaemonProcess(name, proc, {})
+            assert proc.stdout.readline() == "up\n"  # its SIGTERM handler is set
+        second.start()
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Demo, "start", start)
+    try:
+        status = run_demo(DemoOptions(nodes=2, quiet=True))
+        stopped_in = time.monotonic() - second_at[0] if second_at else None
+        codes = [proc.returncode for proc in stubborn]  # (set once the demo reaped them)
+        second.join(10)
+    finally:
+        for proc in stubborn:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    assert heard == ["SIGTERM\n"] * 3 and not second.is_alive()
+    # killed, not waited for: they would be given 15 s to drain (and never would)
+    assert stopped_in is not None and stopped_in < 10
+    assert codes == [-signal.SIGKILL] * 3
+    assert status == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "meshinfer demo: second stop signal: killing the daemons (SIGKILL)" in err
+    assert "meshinfer demo: stopped by SIGINT; its daemons were stopped" in err
 
 
 def test_a_halted_demo_does_not_claim_the_nodes_are_up(tmp_path, capsys):
