@@ -466,14 +466,13 @@ class Session:
 
     async def _shutdown(self, *, abort: bool = False) -> None:
         """Stop the session's reader and keep-alive tasks (but the one running this) and close
-        its stream; ``abort``: drop what is still queued on it, where the stream can (a TCP
-        reset), rather than flush it. A cancel of the caller itself still goes through
+        its stream; ``abort``: drop what is still queued on it (a TCP reset) rather than flush
+        it. A cancel of the caller itself still goes through
         (``asyncio.wait`` does not swallow it, as awaiting the cancelled tasks under a suppress
         would)."""
-        dropping = getattr(self.stream, "abort", None) if abort else None
-        if dropping is not None:  # first: a queued write must not go out meanwhile
+        if abort:  # first: a queued write must not go out meanwhile
             with contextlib.suppress(Exception):
-                dropping()
+                self.stream.abort()
         current = asyncio.current_task()
         others = [task for task in (self._keeper, self._reader) if task is not current]
         for task in others:

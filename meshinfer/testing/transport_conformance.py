@@ -355,9 +355,9 @@ async def check_aclose_fails_blocked_writer(factory: TransportFactory) -> None:
 
 
 async def check_abort_drops_what_is_queued(factory: TransportFactory) -> None:
-    """``abort`` (optional on a stream: every transport here has it) ends the stream at once:
-    a write blocked on backpressure raises StreamClosed, a pending read returns b"", what was
-    still queued never reaches the peer, and the peer sees the stream end (b"" or
+    """``abort`` (of the :class:`~meshinfer.transport.base.Stream` protocol) ends the stream at
+    once: a write blocked on backpressure raises StreamClosed, a pending read returns b"", what
+    was still queued never reaches the peer, and the peer sees the stream end (b"" or
     StreamClosed). Aborting again, or after ``aclose``, is a no-op."""
     async with factory() as setup, Served(setup) as served:
         client, server, task, written = await _stalled_writer(served, 32 * MiB)

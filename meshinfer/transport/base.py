@@ -39,11 +39,7 @@ class Address:
 
 @runtime_checkable
 class Stream(Protocol):
-    """A reliable, ordered, bidirectional byte stream.
-
-    A stream may also offer ``abort()``: close at once, dropping what is still queued (a TCP
-    reset). Sessions use it, where there, to give up on a silent peer
-    (:meth:`~meshinfer.runtime.session.Session.abandon`)."""
+    """A reliable, ordered, bidirectional byte stream."""
 
     link: LinkKind
     local_address: Address
@@ -59,6 +55,12 @@ class Stream(Protocol):
 
     async def aclose(self) -> None:
         """Close both directions. Idempotent."""
+        ...
+
+    def abort(self) -> None:
+        """Close at once, dropping what is still queued (a TCP reset): a blocked ``write``
+        fails, a pending ``read`` ends. Idempotent. Sessions use it to give up on a silent
+        peer (:meth:`~meshinfer.runtime.session.Session.abandon`)."""
         ...
 
 
