@@ -87,11 +87,22 @@ class TaskRun:
 
     def digest_of(self, data: bytes) -> str:
         """The sha256 of an item's input, computed once for the items that share it (a
-        parallel task's models)."""
+        parallel task's models). Computed here, on the caller's thread, unless known."""
+        digest = self.known_digest(data)
+        if digest is None:
+            digest = content_digest(data)
+            self.remember_digest(data, digest)
+        return digest
+
+    def known_digest(self, data: bytes) -> str | None:
+        """The sha256 of an item's input if it was computed (None: not yet)."""
         known = self._digests.get(id(data))
-        if known is None or known[0] is not data:
-            known = self._digests[id(data)] = (data, content_digest(data))
-        return known[1]
+        return known[1] if known is not None and known[0] is data else None
+
+    def remember_digest(self, data: bytes, digest: str) -> None:
+        """``digest`` is the sha256 of ``data``, an item's input (computed elsewhere: a worker
+        thread, see :meth:`coordinator.input_refs.InputRefs.when_hashed`)."""
+        self._digests[id(data)] = (data, digest)
 
     @property
     def task_id(self) -> str:

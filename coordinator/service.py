@@ -314,6 +314,7 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
         await self._steps.aclose()  # results and failures being journaled: they land first
+        await self._inputs.aclose()  # inputs being hashed: their items are not queued any more
         for timer in (*self._timers.values(), *self._task_timers.values()):
             timer.cancel()
         if self.journal is not None:
@@ -534,7 +535,8 @@ class Coordinator:
             entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
-            self._queue(item.item_id, run.spec.priority)
+            # a large input is hashed in a worker thread first (coordinator.input_refs)
+            self._inputs.when_hashed(run, entry, self._queue, item.item_id, run.spec.priority)
         self._arm_aggregation_timeout(run)
 
     def _queue(self, item_id: str, priority: int) -> None:

@@ -5,10 +5,16 @@ The same answer to an item sent with its bytes is an ordinary retryable failure.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
+
+import coordinator.input_refs
+import coordinator.runs
 from coordinator.input_refs import InputRefs
 from coordinator.runs import ItemRun, TaskRun
 from coordinator.service import CoordinatorConfig, CoordinatorStats
@@ -30,6 +36,11 @@ from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, spec
 
 #: Small enough for the digits inputs below (20 rows of 64 float32: 5,120 bytes).
 CONFIG = CoordinatorConfig(item_timeout_s=5.0, input_ref_min_bytes=4096)
+
+
+def _large_frame() -> np.ndarray:
+    """1,024 rows of digits: 256 KiB, large enough to be hashed in a worker thread."""
+    return np.tile(load_digits_holdout()[0][:64], (16, 1))
 
 
 class ForgetfulNode:
@@ -346,3 +357,173 @@ def test_a_node_restarted_or_forgotten_starts_from_an_empty_mirror():
     assert plain.input_ref is None and not plain.keep_input
     small = _item_of(x[:2])  # 512 bytes: under min_bytes
     assert not refs.message(*small, "n", small[1].item.to_message()).keep_input
+
+
+def _parallel_items_of(x) -> tuple[TaskRun, list[ItemRun]]:
+    models = (DIGITS, ModelRef("synthetic-mlp", "w64-d2"))
+    task = spec("p", "parallel", x, models=models, aggregation="all")
+    run = TaskRun(task, default_aggregation="all", now=0.0)
+    return run, [ItemRun(item) for item in run.ready()]
+
+
+# --- hashing a large input off the loop -------------------------------------------------------
+
+
+class _HeldHash:
+    """Stands in for ``content_digest`` in the coordinator: each call, in whatever thread runs
+    it, waits for ``release`` (a threading.Event) before it hashes."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        self.calls = 0
+
+    def __call__(self, data: bytes) -> str:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        self.finished.set()
+        return content_digest(data)
+
+
+def _hash_that_needs_the_loop(loop: asyncio.AbstractEventLoop, answered: list[bool]):
+    """``content_digest`` that, for a large input, has the loop run a callback and waits for it
+    (5 s at most) before it hashes; ``answered`` gets whether the loop ran it. Run on the loop
+    itself, it blocks the loop and waits in vain."""
+
+    def digest(data: bytes) -> str:
+        if len(data) >= _large_frame().nbytes:
+            ran = threading.Event()
+            loop.call_soon_threadsafe(ran.set)
+            answered.append(ran.wait(5))
+        return content_digest(data)
+
+    return digest
+
+
+def _patch_hash(monkeypatch, digest) -> None:
+    for module in (coordinator.runs, coordinator.input_refs):
+        monkeypatch.setattr(module, "content_digest", digest, raising=False)
+
+
+async def test_a_large_input_is_hashed_while_the_loop_runs_on_and_then_goes_by_reference(
+    tmp_path, monkeypatch
+):
+    frame = _large_frame()
+    answered: list[bool] = []
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        _patch_hash(monkeypatch, _hash_that_needs_the_loop(asyncio.get_running_loop(), answered))
+        first = await _labels(c, spec("a", "single", frame))
+        assert answered == [True]  # the loop ran a callback while the input was hashed
+        assert node.executor.inputs.stats.items == 1  # sent with keep_input: its digest was known
+        assert await _labels(c, spec("b", "single", frame)) == first
+        assert answered == [True, True]
+        assert (c.stats_.inputs_by_reference, c.stats_.input_bytes_saved) == (1, frame.nbytes)
+        assert node.executor.inputs.stats.hits == 1 and c.stats_.input_cache_misses == 0
+
+
+async def test_an_item_is_queued_once_its_large_input_is_hashed_in_a_worker_thread(monkeypatch):
+    held = _HeldHash()
+    _patch_hash(monkeypatch, held)
+    refs, _stats = _refs(_Members(n=1))
+    run, entry = _item_of(_large_frame())
+    data, queued = entry.item.input.data, []
+    refs.when_hashed(run, entry, queued.append, "t/0")
+    await until(held.started.is_set)  # polled on the loop: it runs while the thread hashes
+    assert held.started.is_set() and not held.finished.is_set()
+    assert queued == [] and run.known_digest(data) is None
+    held.release.set()
+    await until(lambda: queued)
+    assert queued == ["t/0"] and held.calls == 1
+    assert run.known_digest(data) == content_digest(data)
+    first = refs.message(run, entry, "n", entry.item.to_message())
+    assert first.keep_input and first.input_ref is None
+    refs.queued(entry)
+    again = refs.message(run, entry, "n", entry.item.to_message())
+    assert again.input_ref.digest == content_digest(data) and held.calls == 1
+
+
+async def test_items_sharing_a_large_input_share_one_hash_and_small_inputs_take_no_thread(
+    monkeypatch,
+):
+    held = _HeldHash()
+    held.release.set()
+    _patch_hash(monkeypatch, held)
+    refs, _stats = _refs(_Members(n=1))
+    run, items = _parallel_items_of(_large_frame())
+    queued: list[str] = []
+    for entry in items:
+        refs.when_hashed(run, entry, queued.append, entry.item.item_id)
+    await until(lambda: len(queued) == 2)
+    assert held.calls == 1 and sorted(queued) == sorted(e.item.item_id for e in items)
+    x = load_digits_holdout()[0]
+    small = _item_of(x[:20])  # 5,120 bytes: may go by reference, hashed on the loop if so
+    refs.when_hashed(*small, queued.append, "small")
+    off = _refs(_Members(n=1), min_bytes=0)[0]  # no references at all: nothing to hash
+    off.when_hashed(*_item_of(_large_frame()), queued.append, "off")
+    assert queued[2:] == ["small", "off"] and held.calls == 1  # at once, no hop to a thread
+    assert small[0].known_digest(small[1].item.input.data) is None
+
+
+def test_a_large_input_whose_digest_is_not_known_at_its_send_goes_with_its_bytes_unkept():
+    refs, _stats = _refs(_Members(n=1))
+    run, entry = _item_of(_large_frame())  # not queued through when_hashed
+    data = entry.item.input.data
+    msg = refs.message(run, entry, "n", entry.item.to_message())
+    assert msg == entry.item.to_message()  # the bytes, no keep_input: the node keeps nothing
+    assert not entry.by_reference and len(refs.mirror("n")) == 0 and not entry.digest
+    run.remember_digest(data, content_digest(data))  # the hash came in later
+    assert refs.message(run, entry, "n", entry.item.to_message()).keep_input
+    refs.queued(entry)
+    assert refs.message(run, entry, "n", entry.item.to_message()).input_ref is not None
+
+
+async def test_closing_while_an_input_is_hashed_waits_for_the_hash_and_queues_nothing(
+    monkeypatch,
+):
+    held = _HeldHash()
+    _patch_hash(monkeypatch, held)
+    refs, _stats = _refs(_Members(n=1))
+    run, entry = _item_of(_large_frame())
+    queued: list[int] = []
+    refs.when_hashed(run, entry, queued.append, 1)
+    await until(held.started.is_set)
+    closing = asyncio.create_task(refs.aclose())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not closing.done()  # the hash under way holds it
+    held.release.set()
+    await closing
+    assert held.finished.is_set() and queued == []  # the thread is done; nothing was queued
+    refs.when_hashed(run, entry, queued.append, 2)  # closed: at once, no thread
+    assert queued == [2] and held.calls == 1
+    await refs.aclose()  # idempotent
+
+
+async def test_a_task_cancelled_or_a_coordinator_closed_while_hashing_sends_nothing(
+    tmp_path, monkeypatch
+):
+    frame = _large_frame()
+    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+        c, node = mesh.coordinator, mesh.daemons["node-0"]
+        held = _HeldHash()
+        _patch_hash(monkeypatch, held)
+        task_id = await c.submit(spec("a", "single", frame))  # journaled; its item waits
+        await until(held.started.is_set)
+        assert await c.cancel(task_id)
+        held.release.set()
+        await until(held.finished.is_set)
+        await _labels(c, spec("b", "single", frame[:20]))  # after a's item was let go
+        assert node.executor.stats.accepted == 1  # b's item alone
+        held = _HeldHash()
+        _patch_hash(monkeypatch, held)
+        await c.submit(spec("c", "single", frame))
+        await until(held.started.is_set)
+        closing = asyncio.create_task(c.aclose())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        held.release.set()
+        await closing
+        assert held.finished.is_set() and node.executor.stats.accepted == 1
