@@ -19,9 +19,9 @@ Every request passes three middlewares, outermost first: ``_observe`` (counts an
 route and status), ``_errors`` (turns every exception into the JSON error
 ``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
 never with its traceback) and ``_auth`` (``Authorization: Bearer <token>``, compared in constant
-time). Query parameters are read strictly: an unknown, repeated or malformed one is a 400
-``bad_parameter`` naming it. Large bodies are parsed, and large results rendered, in a worker
-thread so the event loop keeps serving.
+time). Query parameters are read strictly (on every route but ``/metrics`` and ``/healthz``): an
+unknown, repeated or malformed one is a 400 ``bad_parameter`` naming it. Large bodies are
+parsed, and large results rendered, in a worker thread so the event loop keeps serving.
 
 Concurrency: every coroutine runs on the coordinator's event loop.
 """
@@ -101,7 +101,7 @@ _SHUTDOWN_GRACE_S = 5.0
 #: Error messages are cut to this many characters (they may quote what the client sent).
 _MAX_MESSAGE = 500
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _STATES = tuple(s.value for s in TaskState)
 _HTTP_CODES = {
     400: "bad_request",
@@ -320,6 +320,7 @@ class CoordinatorApi:
 
     async def submit(self, request: web.Request) -> web.Response:
         """POST /v1/tasks."""
+        _query(request, set())
         _require_json(request)
         size = request.content_length
         if size is None or size > self.max_body_bytes:  # chunked: it may be as large as allowed
@@ -360,14 +361,19 @@ class CoordinatorApi:
         length = request.content_length
         if length is not None and length > cap:
             raise _too_large(cap)
-        if cap == self.max_body_bytes:
-            return await request.read()  # HTTPRequestEntityTooLarge past client_max_size
-        body = bytearray()
-        async for chunk in request.content.iter_any():
-            body += chunk
-            if len(body) > cap:
-                raise _too_large(cap)
-        return bytes(body)
+        try:
+            if cap == self.max_body_bytes:
+                return await request.read()  # HTTPRequestEntityTooLarge past client_max_size
+            body = bytearray()
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > cap:
+                    raise _too_large(cap)
+            return bytes(body)
+        except web.RequestPayloadError:  # e.g. bytes that do not decode as their encoding
+            encoding = request.headers.get("Content-Encoding", "identity")[:40]
+            message = f"the body cannot be read as sent (Content-Encoding {encoding!r})"
+            raise ApiError(400, "bad_request", message) from None
 
     def _spec_from_body(self, body: bytes) -> TaskSpec:
         return body_to_spec(parse_json(body), lambda: new_task_id(self._rng, time.time()))
@@ -626,11 +632,26 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "bad_json", "the request body is empty; send a JSON object")
     try:
         text = body.decode("utf-8")
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        doc = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not UTF-8 text: {exc.reason}") from None
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text) is not None:  # rare: check the strings only then
+        _no_lone_surrogates(doc)
+    return doc
+
+
+#: A ``\uD800``..``\uDFFF`` escape: half of a pair, or a lone surrogate (which is not text).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_lone_surrogates(doc: Any) -> None:
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        message = "a string holds a lone surrogate escape (\\ud800..\\udfff), which is not text"
+        raise ApiError(400, "bad_json", message) from None
 
 
 def _no_constant(name: str) -> Any:
@@ -670,11 +691,21 @@ def body_to_spec(body: Any, new_id: Callable[[], str]) -> TaskSpec:
         raw["stages"] = [_stage(s, i) for i, s in enumerate(raw["stages"])]
     if "inputs" in raw:
         raw["inputs"] = tensor_from_json(raw["inputs"])
+    if type(raw.get("deadline_s")) is int and not _fits_float(raw["deadline_s"]):
+        raise _invalid("deadline_s: too large a number of seconds")
     raw.setdefault("task_id", new_id())
     try:
         return spec_from_dict(raw)
     except ConfigError as exc:  # InvalidTaskError
         raise _invalid(str(exc)) from None
+
+
+def _fits_float(number: int) -> bool:
+    try:
+        float(number)
+    except OverflowError:
+        return False
+    return True
 
 
 def _kind(value: Any) -> str:

@@ -88,6 +88,8 @@ DIGIT_SIDE = 8
 DIGIT_LEVELS = 16
 MAX_IMAGE_SIDE = 16384
 POLL_INTERVAL_S = 0.25
+#: The longest ``--timeout`` (per request; ``/wait`` adds what it asks the server to wait).
+MAX_REQUEST_TIMEOUT_S = 86400.0
 PROGRESS_WIDTH = 30
 
 # --- input files -----------------------------------------------------------------------------
@@ -391,6 +393,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _request_seconds(text: str) -> float:
+    """``--timeout``: positive seconds, at most a day (sockets refuse far longer timeouts)."""
+    value = _seconds(text)
+    if value > MAX_REQUEST_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is over {MAX_REQUEST_TIMEOUT_S:g} seconds")
+    return value
+
+
 # --- command wiring --------------------------------------------------------------------------
 
 Command = Callable[[CoordinatorClient, argparse.Namespace], int]
@@ -412,7 +422,9 @@ def _command(commands: Any, name: str, help_text: str, run: Command) -> argparse
     where.add_argument("--url", help="the API base URL, e.g. http://127.0.0.1:7950")
     where.add_argument("--token-file", type=Path, help="file holding the API token")
     where.add_argument("--data-dir", type=Path, help="the coordinator's data_dir (runtime.json)")
-    where.add_argument("--timeout", type=_seconds, default=30.0, help="per-request seconds")
+    where.add_argument(
+        "--timeout", type=_request_seconds, default=30.0, help="per-request seconds (<= 86400)"
+    )
     parser.add_argument("--json", action="store_true", help="print the raw JSON documents")
     parser.set_defaults(handler=lambda args: _run(run, args))
     return parser

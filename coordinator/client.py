@@ -120,15 +120,17 @@ def _array_from_values(values: Any, dtype: Any) -> np.ndarray:
         raise RemoteProtocolError(f"tensor: dtype {dtype!r} is not a numeric wire dtype")
     if not _numeric_nested(values):
         raise RemoteProtocolError("tensor: values must be numbers or (nested) lists of numbers")
+    target = np.dtype(dtype)
     try:
         array = np.array(values, dtype=np.float64)
-    except (ValueError, OverflowError):  # ragged, or an integer beyond float range
+    except OverflowError:  # an integer beyond the float range
+        raise RemoteProtocolError(f"tensor: values out of the {dtype} range") from None
+    except ValueError:
         raise RemoteProtocolError("tensor: values rows have different lengths") from None
-    target = np.dtype(dtype)
     if not np.isfinite(array).all():
         raise RemoteProtocolError("tensor: values must be finite numbers")
-    if target.kind in "iu" and not _fits_integers(array, target):
-        raise RemoteProtocolError(f"tensor: values must be whole numbers in the {dtype} range")
+    if target.kind in "iu":
+        return _integer_array(values, array.shape, target)
     with np.errstate(over="ignore"):
         cast = array.astype(target)
     if not np.isfinite(cast).all():
@@ -136,10 +138,14 @@ def _array_from_values(values: Any, dtype: Any) -> np.ndarray:
     return cast
 
 
-def _fits_integers(array: np.ndarray, target: np.dtype) -> bool:
+def _integer_array(values: Any, shape: tuple[int, ...], target: np.dtype) -> np.ndarray:
+    """The exact integers of ``values`` (a rectangular nest of finite numbers) as ``target``:
+    not through float64, which rounds past 2**53 and lets 2**63 wrap around in int64."""
+    flat = np.array(values, dtype=object).reshape(-1).tolist()
     info = np.iinfo(target)
-    inside = (array >= info.min) & (array <= info.max) & (array == np.floor(array))
-    return bool(inside.all())
+    if not all(v == int(v) and info.min <= int(v) <= info.max for v in flat):
+        raise RemoteProtocolError(f"tensor: values must be whole numbers in the {target} range")
+    return np.array([int(v) for v in flat], dtype=target).reshape(shape)
 
 
 def _numeric_nested(values: Any, depth: int = 0) -> bool:

@@ -8,6 +8,7 @@ node's, so a coordinator joins the mesh exactly like a node does. Unknown or inv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     for key in non_negative:
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
+    if not math.isfinite(config.coordinator.retention_days * 86400.0):  # the service's seconds
+        raise ConfigError(f"{source}: [coordinator] retention_days is too large (0: forever)")
 
 
 SCHEMA = Schema(

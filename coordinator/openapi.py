@@ -48,6 +48,9 @@ _STR: Schema = {"type": "string"}
 _INT: Schema = {"type": "integer"}
 _NUM: Schema = {"type": "number"}
 _NULLABLE_STR: Schema = {"type": ["string", "null"]}
+#: A task id or stage name, as :class:`~meshinfer.proto.tasks.TaskSpec` validates it.
+_NAME: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}
+_PRIORITY: Schema = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
 
 
 def _array(items: Schema) -> Schema:
@@ -84,11 +87,11 @@ def _submission_schemas() -> dict[str, Schema]:
             _obj(["model_id"], {"model_id": _STR, "version": {**_STR, "default": "1"}}),
         ]},
         "Stage": _obj(["name", "model"], {
-            "name": _STR, "model": _ref("ModelRef"), "after": _array(_STR), "params": params,
+            "name": _NAME, "model": _ref("ModelRef"), "after": _array(_STR), "params": params,
         }),
         "TaskSubmission": _obj(["pattern", "inputs"], {
             "task_id": {
-                **_STR,
+                **_NAME,
                 "description": "generated when absent (32 hex digits, ordered by creation"
                 " time); reuse it to retry",
             },
@@ -99,7 +102,8 @@ def _submission_schemas() -> dict[str, Schema]:
             "deadline_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
                            "description": "budget in seconds from acceptance; the task fails "
                            "when it runs out (a parallel task: its aggregation's timeout)"},
-            "priority": _INT, "policy": _enum(Policy, nullable=True),
+            "priority": {**_PRIORITY, "default": 0, "description": "larger runs first"},
+            "policy": _enum(Policy, nullable=True),
             "aggregation": _enum(Mode, nullable=True),
             "shard_size": {"type": ["integer", "null"], "minimum": 1},
         }),
@@ -202,8 +206,9 @@ def _mesh_schemas() -> dict[str, Schema]:
 # --- paths -----------------------------------------------------------------------------------
 
 _ERROR_RESPONSES = {
-    "400": "A malformed body or query parameter (code bad_json, invalid_task, bad_parameter,"
-    " invalid_revocations).",
+    "400": "A malformed body or query parameter, or an unknown one (code bad_json, invalid_task,"
+    " bad_parameter, invalid_revocations; bad_request: a body that does not decode as its"
+    " Content-Encoding).",
     "401": "No or a wrong bearer token (code unauthorized).",
     "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
@@ -273,7 +278,7 @@ def _task_paths() -> dict[str, Any]:
         "/v1/tasks/{id}/cancel": {"post": _operation(
             "cancelTask", "Cancel a task; the nodes running its items are told.",
             {"200": _ok("cancelled is false when the task had already finished.",
-                        _ref("Cancelled"))}, "404", parameters=[_TASK_ID])},
+                        _ref("Cancelled"))}, "400 404", parameters=[_TASK_ID])},
     }  # fmt: skip
 
 
@@ -283,12 +288,12 @@ def _other_paths() -> dict[str, Any]:
     health = _ok("The coordinator answers.", _ref("Health"))
     return {
         "/v1/nodes": {"get": _operation("listNodes", "The mesh as the coordinator sees it.",
-                                        {"200": _ok("Every member.", _ref("Nodes"))})},
+                                        {"200": _ok("Every member.", _ref("Nodes"))}, "400")},
         "/v1/stats": {"get": _operation("getStats", "Task and item counts and counters.",
-                                        {"200": _ok("The counters.", _ref("Stats"))})},
+                                        {"200": _ok("The counters.", _ref("Stats"))}, "400")},
         "/v1/revocations": {
             "get": _operation("getRevocations", "The certificate revocation list in force.",
-                              {"200": _ok("The list.", _ref("Revocations"))}, "503"),
+                              {"200": _ok("The list.", _ref("Revocations"))}, "400 503"),
             "post": _operation(
                 "pushRevocations",
                 "Merge a signed revocation list (what meshinfer fleet revoke writes); gossip"
@@ -301,7 +306,7 @@ def _other_paths() -> dict[str, Any]:
         },
         "/metrics": {"get": _operation("getMetrics", "Prometheus metrics.", {"200": metrics})},
         "/openapi.json": {"get": _operation("getOpenApi", "This document.", {
-            "200": _ok("The OpenAPI document.", {"type": "object"})})},
+            "200": _ok("The OpenAPI document.", {"type": "object"})}, "400")},
         "/healthz": {"get": {"operationId": "getHealth", "summary": "Liveness (no token).",
                              "tags": ["coordinator"], "security": [],
                              "responses": {"200": health}}},

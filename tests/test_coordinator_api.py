@@ -25,7 +25,7 @@ import pytest_asyncio
 from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.api import CoordinatorApi
+from coordinator.api import CoordinatorApi, body_to_spec, parse_json
 from coordinator.client import ApiError, CoordinatorClient
 from coordinator.openapi import ERROR_CODES, openapi_document
 from meshinfer.errors import ConfigError
@@ -257,6 +257,8 @@ BAD_BODIES = [
      "invalid_task", "task_id"),
     ({"models": ["d"], "pattern": "parallel", "inputs": X1, "aggregation": "mean"},
      "invalid_task", "aggregation"),
+    ({"model": "d", "pattern": "single", "inputs": X1, "deadline_s": 10**400},
+     "invalid_task", "deadline_s"),
     ([1, 2], "invalid_task", "object"),
 ]  # fmt: skip
 
@@ -277,12 +279,36 @@ async def test_an_invalid_task_is_refused_naming_the_key(served, body, code, nam
         (b'{"pattern": "single", "pattern": "batch"}', "'pattern'"),
         (b"\xff\xfe{}", "UTF-8"),
         (b"[" * 100_000, "JSON"),
+        # a lone surrogate escape: valid JSON syntax, but not text (no UTF-8 for it)
+        (b'{"pattern": "single", "model": "\\ud800", "inputs": {"values": [1]}}', "surrogate"),
+        (
+            b'{"pattern": "single", "model": "m", "params": {"\\udfff": 1}, "inputs": '
+            b'{"values": [1]}}',
+            "surrogate",
+        ),
+        (
+            b'{"pattern": "parallel", "models": ["m", "a\\ud83d"], "inputs": {"values": [1]}}',
+            "surrogate",
+        ),
     ],
 )
 async def test_a_body_that_is_not_json_is_a_bad_json_error(served, raw, named):
     headers = {"Content-Type": "application/json"}
     doc = await call(served.http, "POST", "/v1/tasks", data=raw, headers=headers, status=400)
     assert doc["error"]["code"] == "bad_json" and named in doc["error"]["message"]
+
+
+async def test_escaped_surrogate_pairs_and_backslashes_are_still_json():
+    assert parse_json(b'{"k": "\\ud83d\\ude00"}') == {"k": "\U0001f600"}  # ensure_ascii clients
+    assert parse_json(b'{"k": "\\\\ud800"}') == {"k": "\\ud800"}  # a backslash, then text
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])  # (bad deflate: aiohttp's own 400)
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(served, encoding):
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    doc = await call(served.http, "POST", "/v1/tasks", data=b"{}", headers=headers, status=400)
+    assert doc["error"]["code"] == "bad_request" and encoding in doc["error"]["message"]
+    assert await call(served.http, "GET", "/healthz") == {"status": "ok"}
 
 
 # --- listing ---------------------------------------------------------------------------------
@@ -348,6 +374,7 @@ async def test_listing_filters_and_a_cursor_walk_returns_every_task_once(served)
         ("cursor=abc", "cursor"),
         ("cursor=", "cursor"),
         ("limit=5&limit=6", "limit"),
+        ("since=%EF%BC%91", "since"),  # a fullwidth digit one
         ("colour=blue", "colour"),
     ],
 )
@@ -421,7 +448,7 @@ async def test_a_task_shows_its_deadline_and_why_its_items_wait(served):
     assert doc["deadline_s"] is None  # accepted before: no deadline, whatever the config says
 
 
-@pytest.mark.parametrize("timeout", ["-1", "301", "soon", "inf", "1e400", ""])
+@pytest.mark.parametrize("timeout", ["-1", "301", "soon", "inf", "1e400", "", "%EF%BC%91"])
 async def test_a_bad_wait_timeout_is_refused(served, timeout):
     doc = await call(served.http, "GET", f"/v1/tasks/any/wait?timeout={timeout}", status=400)
     assert doc["error"]["code"] == "bad_parameter" and "timeout" in doc["error"]["message"]
@@ -481,6 +508,58 @@ async def test_unknown_routes_tasks_and_methods(served, method, path, status, co
         return
     doc = await call(served.http, method, path, status=status)
     assert doc["error"]["code"] == code
+
+
+# every route but /metrics and /healthz (for scrapers and probes) reads its query strictly
+STRICT_ROUTES = [
+    ("POST", "/v1/tasks", "/v1/tasks"),
+    ("GET", "/v1/tasks", "/v1/tasks"),
+    ("GET", "/v1/tasks/x", "/v1/tasks/{id}"),
+    ("GET", "/v1/tasks/x/wait", "/v1/tasks/{id}/wait"),
+    ("POST", "/v1/tasks/x/cancel", "/v1/tasks/{id}/cancel"),
+    ("GET", "/v1/nodes", "/v1/nodes"),
+    ("GET", "/v1/stats", "/v1/stats"),
+    ("GET", "/v1/revocations", "/v1/revocations"),
+    ("POST", "/v1/revocations", "/v1/revocations"),
+    ("GET", "/openapi.json", "/openapi.json"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "template"), STRICT_ROUTES)
+async def test_an_unknown_query_parameter_is_a_documented_400_on_every_route(
+    served, method, path, template
+):
+    doc = await call(served.http, method, f"{path}?colour=blue", json={}, status=400)
+    assert doc["error"]["code"] == "bad_parameter"
+    assert doc["error"]["message"].startswith("colour: unknown query parameter")
+    assert "400" in DOC["paths"][template][method.lower()]["responses"]
+
+
+SUBMISSION = {"pattern": "single", "model": "digits-mlp", "inputs": X1}
+SCHEMA_AND_SERVER_REFUSE = [
+    {**SUBMISSION, "task_id": "no spaces"},
+    {**SUBMISSION, "task_id": "-starts-with-a-dash"},
+    {**SUBMISSION, "task_id": "x" * 65},
+    {**SUBMISSION, "task_id": ""},
+    {**SUBMISSION, "priority": 2**31},
+    {**SUBMISSION, "priority": -(2**31) - 1},
+    {"pattern": "pipeline", "inputs": X1, "stages": [{"name": "a b", "model": "digits-mlp"}]},
+]
+
+
+@pytest.mark.parametrize("body", SCHEMA_AND_SERVER_REFUSE)
+async def test_the_submission_schema_refuses_what_the_server_refuses(served, body):
+    doc = await call(served.http, "POST", "/v1/tasks", json=body, status=400)
+    assert doc["error"]["code"] == "invalid_task"
+    with pytest.raises(jsonschema.ValidationError):
+        conforms(body, "TaskSubmission")
+
+
+async def test_the_submission_schema_takes_the_extremes_the_server_takes():
+    for body in [{**SUBMISSION, "task_id": "x" * 64, "priority": 2**31 - 1},
+                 {**SUBMISSION, "task_id": "A0_.:-", "priority": -(2**31)}]:  # fmt: skip
+        conforms(body, "TaskSubmission")
+        assert body_to_spec(body, lambda: "unused").validate() is None
 
 
 async def test_uploads_beyond_the_upload_budget_get_503_busy_and_then_go_through(served):

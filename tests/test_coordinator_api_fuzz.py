@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.api import CoordinatorApi
+from coordinator.api import ApiError, CoordinatorApi, body_to_spec, parse_json
 from coordinator.openapi import ERROR_CODES, openapi_document
+from meshinfer.proto.tasks_codec import decode_spec, encode_spec
 from meshinfer.transport.base import Address
 from tests.test_coordinator_service import Mesh
 
@@ -160,6 +161,32 @@ QUERY = st.lists(
 
 
 # --- the fuzz tests --------------------------------------------------------------------------
+
+
+ANY_TEXT = st.text(st.characters(categories=["Cs", "L", "N", "P", "Z"]), max_size=6)
+STRING_SLOTS = {
+    "model": lambda t: {"model": t},
+    "model@": lambda t: {"model": f"m@{t}"},
+    "models": lambda t: {"pattern": "parallel", "models": ["m", t]},
+    "param key": lambda t: {"params": {t or "k": 1}},
+    "param value": lambda t: {"params": {"k": t}},
+    "stage": lambda t: {"pattern": "pipeline", "model": None,
+                        "stages": [{"name": "s", "model": t, "params": {"k": t}}]},
+}  # fmt: skip
+
+
+@FUZZ
+@given(slot=st.sampled_from(sorted(STRING_SLOTS)), text=ANY_TEXT)
+async def test_what_the_parser_accepts_the_journal_can_store(slot, text):
+    body = {**BASES[0], **STRING_SLOTS[slot](text)}
+    body = {k: v for k, v in body.items() if v is not None}
+    raw = json.dumps(body).encode()  # ensure_ascii: a lone surrogate travels as \ud800
+    try:
+        spec = body_to_spec(parse_json(raw), lambda: "fuzz")
+    except ApiError as exc:
+        assert exc.status == 400 and exc.code in ERROR_CODES
+        return
+    assert decode_spec(encode_spec(spec)) == spec  # what is accepted is journaled as is
 
 
 @FUZZ

@@ -329,6 +329,16 @@ def test_array_from_json_values_form():
         array_from_json({"values": [1e6], "dtype": "float16"})
 
 
+def test_array_from_json_integers_are_exact_or_refused():
+    exact = array_from_json({"values": [[2**53 + 1, -(2**63)]], "dtype": "int64"})
+    assert exact.tolist() == [[2**53 + 1, -(2**63)]]  # not rounded through float64
+    for beyond in (2**63, -(2**63) - 1, 1e19):
+        with pytest.raises(RemoteProtocolError, match="whole numbers in the int64 range"):
+            array_from_json({"values": [beyond], "dtype": "int64"})
+    with pytest.raises(RemoteProtocolError, match="out of the float32 range"):
+        array_from_json({"values": [[10**400]]})  # not "rows have different lengths"
+
+
 def test_tensor_json_refuses_float64():
     with pytest.raises(MeshInferError, match="float64 cannot be sent"):
         tensor_json(np.zeros(3))
@@ -367,6 +377,21 @@ def test_bad_arguments_exit_2(capsys, argv, fragment):
     assert main([argv[0], *OFFLINE, *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("timeout", ["1e308", "1e10", "86401"])
+def test_a_request_timeout_over_a_day_is_a_usage_error(capsys, monkeypatch, timeout):
+    monkeypatch.setenv(ENV_TOKEN, "t" * 32)  # else the missing token is the error
+    assert main(["nodes", *OFFLINE, "--timeout", timeout]) == 2
+    err = capsys.readouterr().err
+    assert "argument --timeout" in err and "Traceback" not in err, err
+
+
+def test_config_check_refuses_what_serve_would_refuse(tmp_path, capsys):
+    path = tmp_path / "coordinator.toml"
+    path.write_text("[coordinator]\nretention_days = 1e304\n")  # 8.64e308 s: inf
+    assert main(["config", "--check", str(path)]) == 2
+    one_line_error(capsys, "[coordinator] retention_days")
 
 
 def test_no_coordinator_given_is_a_clear_error(tmp_path, capsys, monkeypatch):
