@@ -684,6 +684,11 @@ def test_specs_round_trip_through_dicts_and_blobs(spec):
         (lambda d: d.update(models=[{"model_id": 3}]), r"models\[0\].model_id"),
         (lambda d: d.update(stages=[{"name": "a"}]), r"stages\[0\].model: missing"),
         (lambda d: d.update(deadline_s=-1), "deadline_s"),
+        (lambda d: d.update(deadline_s=10**400), "deadline_s: too large"),
+        (lambda d: d.update(models=[{"model_id": "m\ud800"}]), "lone surrogate"),
+        (lambda d: d.update(models=[{"model_id": "m", "version": "\udfff"}]), "lone surrogate"),
+        (lambda d: d.update(params={"k\ud83d": 1}), "params: key .* lone surrogate"),
+        (lambda d: d.update(params={"k": "v\udc00"}), "params: k: .* lone surrogate"),
     ],
 )
 def test_spec_from_dict_names_the_bad_key(change, match):
@@ -691,6 +696,29 @@ def test_spec_from_dict_names_the_bad_key(change, match):
     change(raw)
     with pytest.raises(InvalidTaskError, match=match):
         spec_from_dict(raw)
+
+
+#: any code point, surrogates included (Hypothesis leaves them out unless told)
+ANY_CHAR = st.characters(exclude_categories=()) | st.sampled_from("\ud800\udbff\udc00\udfff")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    model=st.text(ANY_CHAR, min_size=1, max_size=8),
+    key=st.text(ANY_CHAR, min_size=1, max_size=8),
+    value=st.text(ANY_CHAR),
+)
+def test_a_spec_that_validates_can_be_journaled(model, key, value):
+    """Any text (lone surrogates included) in a model id or a parameter: the spec is refused
+    with InvalidTaskError, or it is written and read back as it was."""
+    raw = spec_to_dict(TaskSpec("t", Pattern.SINGLE, _IN, _M))
+    raw.update(models=[{"model_id": model}], params={key: value})
+    try:
+        spec = spec_from_dict(raw)
+    except InvalidTaskError:
+        return
+    assert decode_spec(encode_spec(spec)) == spec
+    assert decode_params(encode_params(spec.params)) == spec.params
 
 
 @settings(max_examples=300, deadline=None)

@@ -57,6 +57,7 @@ from meshinfer.proto.tasks_wire import (
     check_params,
     decode_params,
     encode_params,
+    is_text,
     unpack_array,
 )
 
@@ -270,6 +271,8 @@ def _check_model(what: str, ref: object) -> str | None:
         return f"{what} must be a ModelRef"
     if not (0 < len(ref.model_id) <= _MAX_MODEL_LEN and 0 < len(ref.version) <= _MAX_MODEL_LEN):
         return f"{what} {ref} must have an id and version of 1..{_MAX_MODEL_LEN} characters"
+    if not (is_text(ref.model_id) and is_text(ref.version)):
+        return f"{what} {ref!r} holds a lone surrogate, which is not text"
     return None
 
 

@@ -157,7 +157,10 @@ def _pattern(value: str) -> Pattern:
 
 
 def _float_or_none(value: int | float | None) -> float | None:
-    return None if value is None else float(value)
+    try:
+        return None if value is None else float(value)
+    except OverflowError:  # an int past the float range
+        raise InvalidTaskError("deadline_s: too large a number of seconds") from None
 
 
 def encode_spec(spec: TaskSpec) -> bytes:

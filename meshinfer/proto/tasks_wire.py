@@ -69,6 +69,7 @@ __all__ = [
     "decode_params",
     "encode_params",
     "failure_kind",
+    "is_text",
     "pack_array",
     "unpack_array",
 ]
@@ -234,14 +235,31 @@ class TensorRef:
 # --- parameters ------------------------------------------------------------------------------
 
 
+def is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8 (msgpack's strings, the journal's): False for
+    one holding a lone surrogate (``"\\ud800"`` in a JSON body decodes to that), which no peer
+    can send but a caller or an HTTP client can."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_param(key: Any, value: Any) -> str | None:
     """What is wrong with one parameter, or None."""
     if type(key) is not str or not 0 < len(key) <= MAX_PARAM_KEY_LEN:
         return f"key {key!r} must be a string of 1..{MAX_PARAM_KEY_LEN} characters"
+    if not is_text(key):
+        return f"key {key!r} holds a lone surrogate, which is not text"
     if type(value) not in _PARAM_TYPES:
         return f"{key}: {type(value).__name__} is not str, int, float, bool or None"
     if type(value) is str and len(value) > MAX_PARAM_STR_LEN:
         return f"{key}: string longer than {MAX_PARAM_STR_LEN}"
+    if type(value) is str and not is_text(value):
+        return f"{key}: the string holds a lone surrogate, which is not text"
     if type(value) is int and not -(2**63) <= value < 2**64:
         return f"{key}: integer out of the 64-bit range"
     return None
