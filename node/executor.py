@@ -93,9 +93,10 @@ log = logging.getLogger(__name__)
 #: How long an item passed to a peer may go unanswered (less: its deadline and a second) before
 #: it is handed back; its answer was lost on the way, and until then it counts against the peer.
 OFFLOAD_ANSWER_S = 60.0
-#: How long a drain waits, past its own timeout if need be, for the hand-backs it queued to be
-#: written to their sessions (one may need a re-dial): the peer table drops what is still
-#: queued when it closes, and a coordinator that missed one waits for the node's LEAVE.
+#: How long a drain waits, past its own timeout if need be, for the hand-backs and relayed
+#: answers it queued to be written to their sessions (one may need a re-dial): the peer table
+#: drops what is still queued when it closes, and a coordinator that missed one waits for the
+#: node's LEAVE.
 HAND_BACK_WRITE_S = 2.0
 
 _log_failure = log_failure(log, "executor step")
@@ -113,6 +114,7 @@ class ExecutorStats:
     taken_back: int = 0  # items passed on, refused by the peer, then run here
     passed_again: int = 0  # items passed on, sent to their peer again after a lost session
     cancels_refused: int = 0  # TaskCancel for an item here from a peer that may not: ignored
+    reassigns_refused: int = 0  # TaskAssign for an item held here, from a peer that may not
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -192,6 +194,10 @@ class TaskExecutor:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
             return
         if msg.item_id in self._items or msg.item_id in self._offloaded:
+            if not self._may_direct(peer, msg.item_id):  # would take the answer (and cancel)
+                self.stats.reassigns_refused += 1
+                log.info("%s may not re-assign %s: ignored", peer, msg.item_id)
+                return
             self._reply[msg.item_id] = (peer, msg.attempt)  # answer the latest assignment
             return
         ref = ModelRef(msg.model_id, msg.model_version)
@@ -276,7 +282,7 @@ class TaskExecutor:
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
         if msg.item_id not in self._items and msg.item_id not in self._offloaded:
             return  # over already (a forwarded cancel may come after the answer), or unknown
-        if not self._may_cancel(peer, msg.item_id):
+        if not self._may_direct(peer, msg.item_id):
             self.stats.cancels_refused += 1
             log.info("%s may not cancel %s: ignored", peer, msg.item_id)
             return
@@ -291,9 +297,10 @@ class TaskExecutor:
         self.stats.cancelled += 1
         task.cancel()
 
-    def _may_cancel(self, peer: str, item_id: str) -> bool:
-        """A coordinator (by its certificate: :meth:`_is_coordinator`), the peer that sent the
-        item here (a node that passed it on forwards its coordinator's cancel) or sent it last,
+    def _may_direct(self, peer: str, item_id: str) -> bool:
+        """Whether ``peer`` may cancel or re-assign an item held here: a coordinator (by its
+        certificate: :meth:`_is_coordinator`), the peer that sent the item here (a node that
+        passed it on forwards its coordinator's cancel) or re-assigned it last (one of those),
         or the one whose item this node passed on: not any other member of the fleet."""
         latest, passed = self._reply.get(item_id), self._offloaded.get(item_id)
         return (
@@ -321,7 +328,7 @@ class TaskExecutor:
         if latest.attempt != msg.attempt:
             msg = replace(msg, attempt=latest.attempt)
         self.stats.relayed += 1
-        self.mesh.peers.send(coordinator, msg)
+        self._answer(coordinator, msg)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -401,14 +408,17 @@ class TaskExecutor:
         return (peer, msg) if later is None else (later[0], replace(msg, attempt=later[1]))
 
     def _fail(self, peer: str, msg: TaskAssign, kind: FailureKind, text: str, *, retryable: bool):
-        """Answer ``TaskFailed`` (best effort; while draining, a drain waits for it to be
-        written before the node closes its sessions: see :meth:`drain`)."""
         self.stats.failed[kind.name.lower()] += 1
-        failed = TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable)
-        if not self._draining:
-            self.mesh.peers.send(peer, failed)
+        self._answer(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
+
+    def _answer(self, peer: str, msg: TaskResult | TaskFailed) -> None:
+        """Send an answer that nothing here waits for (a failure, a relayed answer): best
+        effort, except during a drain, which waits for it to be written before the node closes
+        its sessions (see :meth:`drain`)."""
+        if not self._draining or self._closed:
+            self.mesh.peers.send(peer, msg)
             return
-        sent = self.mesh.peers.send_tracked(peer, failed)
+        sent = self.mesh.peers.send_tracked(peer, msg)
         if sent is not None:
             self._handing_back.add(sent)
             sent.add_done_callback(self._written)
@@ -416,7 +426,7 @@ class TaskExecutor:
     def _written(self, sent: asyncio.Future[None]) -> None:
         self._handing_back.discard(sent)
         if not sent.cancelled() and sent.exception() is not None:  # the coordinator relies
-            log.info("a hand-back was not written: %s", sent.exception())  # on LEAVE, timeout
+            log.info("an answer sent while draining was not written: %s", sent.exception())
 
     def _device(self) -> str:
         """The engine's device name (read once: ``capacity()`` also samples free memory)."""
@@ -606,7 +616,7 @@ class TaskExecutor:
         items passed to peers be answered (relayed), within ``timeout``; then hand back the
         passed items still unanswered: once this node is gone their answers have nowhere to
         go, and the coordinator re-runs them at once instead of at their timeout. Returns once
-        every hand-back was written to its session (or failed), for up to
+        every hand-back and relayed answer was written to its session (or failed), for up to
         :data:`HAND_BACK_WRITE_S` past ``timeout``: the peer table drops what is still queued
         when it closes."""
         self._draining = True

@@ -118,6 +118,15 @@ def node_families(d: NodeDaemon) -> list[MetricFamily]:
         )
         out.append(
             family(
+                "meshinfer_reassigns_refused_total",
+                "counter",
+                "TaskAssign messages ignored: for an item held here, from a peer that is neither"
+                " a coordinator nor the item's sender.",
+                [({}, st.reassigns_refused)],
+            )
+        )
+        out.append(
+            family(
                 "meshinfer_items_running",
                 "gauge",
                 "Work items running.",

@@ -496,6 +496,27 @@ async def test_a_drain_returns_once_its_hand_backs_are_written():
             assert coord.failure(item_id).retryable
 
 
+async def test_an_answer_relayed_during_a_drain_is_written_before_it_returns():
+    """b answers the item w (without the model) passed it while w drains, its session with
+    coord gone (so the relay waits for a re-dial); w closes its peer table right after: coord
+    gets the result."""
+    async with Net() as net:
+        net.members.set("b")
+        await net.connect("w", "b")
+        executor = net.worker(model=False)
+        await net.assign("coord", "answered")
+        await soon(lambda: net.nodes["b"].assigned() == ["answered"])
+        await net.w.disconnect("coord", "the link dropped")
+        drain = asyncio.create_task(executor.drain(timeout=3.0))
+        output = Tensor.from_array(sample_inputs(MODEL, 1))
+        result = TaskResult("answered", 1, output, "b", "", "", {})
+        await net.nodes["b"].peers.request("w", result)
+        await drain  # b answered: nothing passed on is left
+        await net.w.aclose()
+        coord = net.nodes["coord"]
+        await soon(lambda: ("TaskResult", "answered", 1, "w") in coord.answers())
+
+
 async def test_an_item_passed_on_and_never_answered_is_handed_back_after_its_deadline():
     """b never answers (its answer was lost on the way): a second after the item's deadline
     w hands it back, and b's load no longer counts it."""
@@ -768,6 +789,22 @@ async def test_a_coordinator_is_known_by_its_certificate_not_by_gossip_or_absenc
         await soon(lambda: net.nodes["coord"].failure("x") is not None)
         assert net.nodes["coord"].failure("x").code == FailureKind.CANCELLED
         assert executor.stats.cancelled == 1 and executor.stats.cancels_refused == 2
+
+
+async def test_only_a_coordinator_or_the_items_sender_may_re_assign_it():
+    """v, a vehicle, re-assigns coord's item x (which would make w answer v) and then cancels
+    it: both are ignored and counted; coord still gets x's result."""
+    async with Net() as net:
+        executor = net.worker(KEEPING)
+        await net.assign("coord", "x")
+        await soon(lambda: executor.backlog == 1)
+        await net.assign("v", "x", attempt=7)
+        await net.nodes["v"].peers.request("w", TaskCancel("x", "not mine"))
+        await soon(lambda: executor.stats.cancels_refused == 1)
+        assert executor.stats.reassigns_refused == 1 and executor.stats.cancelled == 0
+        net.gate.set()
+        await soon(lambda: net.nodes["coord"].answers() == [("TaskResult", "x", 1, "w")])
+        assert net.nodes["v"].answers() == []
 
 
 async def test_a_cancel_after_the_answer_was_queued_changes_nothing():
