@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -72,27 +73,42 @@ class InputRefs:
         self.off_loop_from = max(min_bytes, off_loop_bytes) if min_bytes else 1 << 62
         #: per node that keeps inputs: what it holds of ours, for its (incarnation, MiB)
         self._mirrors: dict[str, tuple[tuple[int, int], InputMirror]] = {}
-        #: id(input) -> (input, its sha256 being computed in a worker thread)
-        self._hashing: dict[int, tuple[bytes, asyncio.Future[str]]] = {}
+        #: id(input) -> (input, its sha256 being computed in a worker thread: the thread's
+        #: future, and the loop's)
+        self._hashing: dict[int, tuple[bytes, Future[str], asyncio.Future[str]]] = {}
+        #: the one thread that hashes (started at the first large input): in the order asked,
+        #: so a batch's shards are queued in order, and never holding up the loop's other
+        #: worker-thread users (the default executor's)
+        self._hasher: ThreadPoolExecutor | None = None
         self._closed = False
 
     def when_hashed(
         self, run: TaskRun, entry: ItemRun, then: Callable[..., None], *args: object
     ) -> None:
         """Call ``then(*args)`` (queue the item) once the item's input has its digest, if that
-        input is hashed in a worker thread; at once otherwise (no hop to a thread), or once
-        closed. Items sharing an input share its hash. On the loop; ``then`` is called on it,
-        and not after :meth:`aclose`."""
+        input is hashed in a worker thread; at once otherwise: a small input (no hop to a
+        thread), a digest known already, no member keeping inputs (no reference can be sent:
+        nothing to wait for), or after :meth:`aclose`. Items sharing an input share its hash.
+        On the loop; ``then`` is called on it. Callbacks still pending at :meth:`aclose` are
+        dropped."""
         data = entry.item.input.data
-        if len(data) < self.off_loop_from or self._closed or run.known_digest(data) is not None:
+        if (
+            len(data) < self.off_loop_from
+            or self._closed
+            or run.known_digest(data) is not None
+            or not self._anyone_keeps()
+        ):
             then(*args)
             return
         hashing = self._hashing.get(id(data))
         if hashing is None:
-            fut = asyncio.get_running_loop().run_in_executor(None, content_digest, data)
-            hashing = self._hashing[id(data)] = (data, fut)
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="input-hash")
+            work = self._hasher.submit(content_digest, data)
+            fut = asyncio.wrap_future(work)
+            hashing = self._hashing[id(data)] = (data, work, fut)
             fut.add_done_callback(partial(self._hashed, id(data)))
-        hashing[1].add_done_callback(partial(self._digest_known, run, data, then, args))
+        hashing[2].add_done_callback(partial(self._digest_known, run, data, then, args))
 
     def _hashed(self, key: int, fut: asyncio.Future[str]) -> None:
         self._hashing.pop(key, None)
@@ -108,12 +124,22 @@ class InputRefs:
             run.remember_digest(data, fut.result())
         then(*args)
 
+    def _anyone_keeps(self) -> bool:
+        """Whether a live member gossips an input cache (a reference may be sent to it)."""
+        membership = self.mesh.membership
+        if membership is None:
+            return False
+        return any(m.state.input_cache_mb for m in membership.core.live_members())
+
     async def aclose(self) -> None:
-        """Call nothing back any more, and wait for the hashes under way (a thread cannot be
-        stopped; each takes milliseconds). Idempotent."""
+        """Call nothing back any more: drop the hashes not started, wait for the one under way
+        (a thread cannot be stopped; it takes milliseconds). Idempotent."""
         self._closed = True
-        pending = [fut for _, fut in self._hashing.values()]
-        await asyncio.gather(*pending, return_exceptions=True)
+        hashing = list(self._hashing.values())
+        under_way = [fut for _, work, fut in hashing if not work.cancel()]  # (not started: off)
+        await asyncio.gather(*under_way, return_exceptions=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=False)
 
     def message(self, run: TaskRun, entry: ItemRun, node: str, msg: TaskAssign) -> TaskAssign:
         """``msg`` as it goes to ``node``: its input by reference if the node holds it, with

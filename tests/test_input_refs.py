@@ -6,7 +6,9 @@ The same answer to an item sent with its bytes is an ordinary retryable failure.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import SimpleNamespace
@@ -312,6 +314,9 @@ class _Members:
         state = SimpleNamespace(input_cache_mb=self.cache_mb[node])
         return SimpleNamespace(state=state, record=SimpleNamespace(incarnation=self.incarnation))
 
+    def live_members(self) -> list:
+        return [self.member(node) for node in self.cache_mb]
+
 
 def _refs(members: _Members, min_bytes: int = 4096) -> tuple[InputRefs, CoordinatorStats]:
     stats = CoordinatorStats()
@@ -465,6 +470,30 @@ async def test_items_sharing_a_large_input_share_one_hash_and_small_inputs_take_
     off.when_hashed(*_item_of(_large_frame()), queued.append, "off")
     assert queued[2:] == ["small", "off"] and held.calls == 1  # at once, no hop to a thread
     assert small[0].known_digest(small[1].item.input.data) is None
+
+
+async def test_large_inputs_are_queued_in_the_order_asked_and_not_hashed_if_nobody_keeps_any(
+    monkeypatch,
+):
+    """Three large inputs, the first asked hashing longest: their items are queued in the
+    order asked (one hashing thread). With no member keeping inputs nothing is hashed."""
+    calls = itertools.count()
+
+    def first_slowest(data: bytes) -> str:
+        time.sleep(0.03 * (3 - next(calls)))
+        return content_digest(data)
+
+    _patch_hash(monkeypatch, first_slowest)
+    refs, _stats = _refs(_Members(n=1))
+    queued: list[object] = []
+    for i in range(3):
+        refs.when_hashed(*_item_of(_large_frame()), queued.append, i)
+    await until(lambda: len(queued) == 3)
+    assert queued == [0, 1, 2]
+    nobody = _refs(_Members())[0]
+    nobody.when_hashed(*_item_of(_large_frame()), queued.append, "nobody keeps inputs")
+    assert queued[3:] == ["nobody keeps inputs"] and next(calls) == 3  # at once, not hashed
+    await refs.aclose()
 
 
 def test_a_large_input_whose_digest_is_not_known_at_its_send_goes_with_its_bytes_unkept():
