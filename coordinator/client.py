@@ -142,10 +142,11 @@ def _integer_array(values: Any, shape: tuple[int, ...], target: np.dtype) -> np.
     """The exact integers of ``values`` (a rectangular nest of finite numbers) as ``target``:
     not through float64, which rounds past 2**53 and lets 2**63 wrap around in int64."""
     flat = np.array(values, dtype=object).reshape(-1).tolist()
+    ints = [int(v) for v in flat]  # (finite: checked before)
     info = np.iinfo(target)
-    if not all(v == int(v) and info.min <= int(v) <= info.max for v in flat):
+    if not all(i == v and info.min <= i <= info.max for i, v in zip(ints, flat, strict=True)):
         raise RemoteProtocolError(f"tensor: values must be whole numbers in the {target} range")
-    return np.array([int(v) for v in flat], dtype=target).reshape(shape)
+    return np.array(ints, dtype=target).reshape(shape)
 
 
 def _numeric_nested(values: Any, depth: int = 0) -> bool:

@@ -150,7 +150,7 @@ class TaskExecutor:
         self._offload_timers: dict[str, asyncio.TimerHandle] = {}
         self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
         self._no_offloads.set()
-        self._handing_back: set[asyncio.Future[None]] = set()  # failures sent while draining
+        self._handing_back: set[asyncio.Future[None]] = set()  # answers sent while draining
         self._closed = False
         #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
         #: coordinator's retry after the one who sent it first went away): answered instead

@@ -467,9 +467,8 @@ class Session:
     async def _shutdown(self, *, abort: bool = False) -> None:
         """Stop the session's reader and keep-alive tasks (but the one running this) and close
         its stream; ``abort``: drop what is still queued on it (a TCP reset) rather than flush
-        it. A cancel of the caller itself still goes through
-        (``asyncio.wait`` does not swallow it, as awaiting the cancelled tasks under a suppress
-        would)."""
+        it. A cancel of the caller itself still goes through (``asyncio.wait`` does not swallow
+        it, as awaiting the cancelled tasks under a suppress would)."""
         if abort:  # first: a queued write must not go out meanwhile
             with contextlib.suppress(Exception):
                 self.stream.abort()
