@@ -110,6 +110,13 @@ class InputRefs:
             fut.add_done_callback(partial(self._hashed, id(data)))
         hashing[2].add_done_callback(partial(self._digest_known, run, data, then, args))
 
+    def is_hashing(self, entry: ItemRun) -> bool:
+        """Whether the item's input is being hashed in the worker thread (its item is queued
+        once that is done: :meth:`when_hashed`)."""
+        data = entry.item.input.data
+        hashing = self._hashing.get(id(data))
+        return hashing is not None and hashing[0] is data
+
     def _hashed(self, key: int, fut: asyncio.Future[str]) -> None:
         self._hashing.pop(key, None)
         if not fut.cancelled() and fut.exception() is not None:

@@ -458,8 +458,9 @@ class Coordinator:
 
     def waiting(self, task_id: str) -> dict[str, str]:
         """Why each item of a task live here that is on no node is waiting (for people: a
-        task's status), by item id: no node serves its model, none meets its requirements,
-        all that could are full, a pipeline stage it needs is not done, or only its turn.
+        task's status), by item id: its large input is being hashed, no node serves its model,
+        none meets its requirements, all that could are full, a pipeline stage it needs is not
+        done, or only its turn.
         Empty for a task that is not live here. Items of one placement class share a reason
         (their task's params are the same): a large batch costs one look per model."""
         run = self._runs.get(task_id)
@@ -472,6 +473,9 @@ class Coordinator:
         policy = run.spec.policy or self.config.default_policy
         for item_id, entry in run.items.items():
             if entry.node is not None or item_id not in self._items:
+                continue
+            if self._inputs.is_hashing(entry):
+                why[item_id] = "its input is being hashed (to be sent by reference)"
                 continue
             if views is None:
                 views, full = self._views(), self._full_nodes()
@@ -546,8 +550,10 @@ class Coordinator:
         while True:
             _, _, item_id = await self._ready.get()
             pair = self._items.get(item_id)
-            if pair is None:
-                continue  # cancelled or finished meanwhile
+            if pair is None or pair[1].node is not None:
+                # cancelled or finished meanwhile, or out already: queued twice (a retry's
+                # timer, or a hash's callback for a task id pruned and submitted again)
+                continue
             run, entry = pair
             node = self._choose(run, entry)
             if node is None:

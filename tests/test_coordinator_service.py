@@ -369,6 +369,27 @@ async def test_answers_about_an_item_count_only_from_the_node_it_was_sent_to(tmp
         assert (await c.stats())["journal_counters"] == {}
 
 
+async def test_an_item_queued_twice_goes_out_once(tmp_path):
+    # A stale queue entry (a retry's timer, a hashed input's callback for a task id pruned and
+    # submitted again) must not send an item that is already out a second time.
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2) as mesh:
+        c = mesh.coordinator
+        gates = [hold_inference(daemon) for daemon in mesh.daemons.values()]
+        try:
+            task_id = await c.submit(spec("twice", "single", x[:1]))
+            await until(lambda: c._items["twice/0"][1].node is not None)
+            c._queue("twice/0", 0)
+            await until(lambda: c._ready.empty())
+            await asyncio.sleep(0.05)  # a second send would be on its way by now
+            accepted = sum(d.executor.stats.accepted for d in mesh.daemons.values())
+            assert c.stats_.dispatched == 1 and accepted == 1
+        finally:
+            for gate in gates:
+                gate.set()
+        assert (await c.wait(task_id, timeout=10)).state.value == "succeeded"
+
+
 def test_a_large_batch_plans_and_settles_in_linear_work(monkeypatch):
     from coordinator.runs import ItemRun, TaskRun
 

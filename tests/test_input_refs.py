@@ -541,6 +541,7 @@ async def test_a_task_cancelled_or_a_coordinator_closed_while_hashing_sends_noth
         _patch_hash(monkeypatch, held)
         task_id = await c.submit(spec("a", "single", frame))  # journaled; its item waits
         await until(held.started.is_set)
+        assert c.waiting(task_id) == {"a/0": "its input is being hashed (to be sent by reference)"}
         assert await c.cancel(task_id)
         held.release.set()
         await until(held.finished.is_set)
