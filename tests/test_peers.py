@@ -291,3 +291,21 @@ async def test_a_table_closed_during_a_check_stops_at_once(transport_and_addr):
         async with asyncio.timeout(5):
             await pair.bravo.aclose()
         assert not old.is_open and pair.bravo.stats.dropped["shutting-down"] == 1
+
+
+async def test_a_role_counts_only_while_every_session_listed_with_the_peer_proves_it(
+    transport_and_addr,
+):
+    """alpha, a coordinator, is re-enrolled as a vehicle and dials again while its session
+    under the older certificate is still listed: bravo no longer takes it for a coordinator."""
+    async with Pair(*transport_and_addr) as pair:
+        pair.fleet.enroll("alpha", ("vehicle", "coordinator"))
+        pair.alpha.admission = pair.fleet.admission("alpha")
+        await pair.alpha.request("bravo", AppData(topic="t", payload=b"hello"))
+        assert pair.bravo.roles("alpha") == {"vehicle", "coordinator"}
+        pair.fleet.enroll("alpha", ("vehicle",))
+        pair.alpha.admission = pair.fleet.admission("alpha")
+        await pair.redial()
+        assert len(pair.bravo.open_sessions("alpha")) == 2
+        assert pair.bravo.roles("alpha") == {"vehicle"}
+        assert pair.bravo.roles("nobody") == frozenset()

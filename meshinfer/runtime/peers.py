@@ -152,13 +152,17 @@ class PeerTable:
 
     def roles(self, node_id: str) -> frozenset[str]:
         """The roles the fleet's certificates grant ``node_id``, as its sessions with this table
-        proved them in their handshakes (every session still listed, so also the one whose
-        message is being handled while it closes); empty if this table holds none. Unlike the
-        roles membership gossips, these were checked against the fleet authority."""
+        proved them in their handshakes: those that every session still listed proves (also the
+        one whose message is being handled while it closes), so a node re-enrolled with fewer
+        roles has lost the others even while a session under its older certificate is listed;
+        empty if this table holds none. Unlike the roles membership gossips, these were checked
+        against the fleet authority."""
         sessions = self._sessions.get(node_id, ())
+        if not sessions:
+            return frozenset()
         if len(sessions) == 1:
             return sessions[0].peer.roles
-        return frozenset().union(*(s.peer.roles for s in sessions))
+        return frozenset.intersection(*(s.peer.roles for s in sessions))
 
     def carrier_revoked(self, node_id: str) -> bool:
         """Whether the session messages to ``node_id`` go over (its oldest open one) is under
