@@ -169,6 +169,7 @@ class Demo:
         self.killer: threading.Thread | None = None  # kills a node halfway (see classify)
         self.halted = halted or threading.Event()  # the stream and the killer give up
         self.forced = forced or threading.Event()  # stop() waits no longer
+        self.killed: list[str] = []  # the daemons stop() had to SIGKILL
 
     def say(self, text: str) -> None:
         if not self.options.quiet:
@@ -398,12 +399,15 @@ class Demo:
             for d in daemons
             if not self._unless_forced(_exited(d.proc), deadline - time.monotonic())
         ]
-        if self.forced.is_set() and any(d.alive() for d in stragglers):
-            print(
-                "meshinfer demo: second stop signal: killing the daemons (SIGKILL)",
-                file=sys.stderr,
-                flush=True,
+        self.killed = [d.name for d in stragglers if d.alive()]
+        if self.killed:
+            why = (
+                "second stop signal"
+                if self.forced.is_set()
+                else f"{', '.join(self.killed)} still running after {DRAIN_S:g} s"
             )
+            print(f"meshinfer demo: {why}: killing the daemons (SIGKILL)", file=sys.stderr,
+                  flush=True)  # fmt: skip
         for daemon in stragglers:  # all at once; close() reaps them
             daemon.proc.kill()
         self.cluster.close()
@@ -541,7 +545,8 @@ def _run(demo: Demo, x: np.ndarray, y: np.ndarray, signals: StopSignals) -> dict
         try:
             signals.hold()
         finally:
-            demo.say("stopping the daemons (SIGTERM)")
+            if not demo.forced.is_set():  # (else they are killed: stop() says so)
+                demo.say("stopping the daemons (SIGTERM)")
             demo.stop()
 
 
@@ -554,6 +559,7 @@ def run_demo(options: DemoOptions | None = None) -> int:
     options = options or DemoOptions()
     x, y = load_digits_holdout()
     signals = StopSignals()
+    demo: Demo | None = None
     try:
         with signals, tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
             demo = Demo(options, options.keep or Path(tmp), signals.stopping, signals.forced)
@@ -562,7 +568,8 @@ def run_demo(options: DemoOptions | None = None) -> int:
         pass  # the daemons were stopped on the way out
     if signals.received is not None:
         name = signal.Signals(signals.received).name
-        print(f"meshinfer demo: stopped by {name}; its daemons were stopped", file=sys.stderr)
+        how = "killed" if demo is not None and demo.killed else "stopped"
+        print(f"meshinfer demo: stopped by {name}; its daemons were {how}", file=sys.stderr)
         return 128 + signals.received
     if options.json:
         print(json.dumps(summary), flush=True)

@@ -15,6 +15,7 @@ import weakref
 import psutil
 import pytest
 
+import meshinfer.demo as demo_module
 from coordinator.client import ApiError
 from meshinfer.cli import main
 from meshinfer.demo import Demo, DemoOptions, Interrupted, Progress, StopSignals, run_demo
@@ -124,15 +125,19 @@ def test_a_signal_landing_where_python_cannot_raise_is_raised_at_the_next_check(
 class FakeDaemon:
     """A daemon of :class:`FakeCluster`: it only records the signals it is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, stubborn: bool = False) -> None:
+        self.name = name
         self.signals: list[int] = []
         self.proc = self
+        self.stubborn = stubborn  # does not exit on SIGTERM
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.stubborn and signal.SIGKILL not in self.signals:
+            raise subprocess.TimeoutExpired("fake daemon", timeout)
+        return 0
 
     def send_signal(self, sig: int) -> None:
         self.signals.append(sig)
-
-    def wait(self, timeout: float | None = None) -> int:
-        return 0
 
     def kill(self) -> None:
         self.signals.append(signal.SIGKILL)
@@ -145,7 +150,7 @@ class FakeCluster:
     """What the demo asks of LocalCluster, with no processes."""
 
     def __init__(self, names: list[str]) -> None:
-        self.processes = {name: FakeDaemon() for name in ["coord", *names]}
+        self.processes = {name: FakeDaemon(name) for name in ["coord", *names]}
 
     def kill(self, name: str, sig: int) -> None:
         self.processes[name].send_signal(sig)
@@ -226,6 +231,43 @@ def test_a_forced_stop_kills_every_daemon_without_a_sigterm(tmp_path, capsys):
     demo.stop()
     assert all(d.signals == [signal.SIGKILL] for d in demo.cluster.processes.values())
     assert "second stop signal: killing the daemons (SIGKILL)" in capsys.readouterr().err
+    assert demo.killed == ["coord", *demo.names]
+
+
+def test_a_daemon_still_running_after_the_drain_time_is_killed_and_named(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(demo_module, "DRAIN_S", 0.2)
+    demo = _fake_demo(tmp_path)
+    demo.cluster.processes["veh-2"] = FakeDaemon("veh-2", stubborn=True)
+    demo.stop()
+    assert demo.cluster.processes["veh-2"].signals == [
+        signal.SIGTERM,
+        signal.SIGCONT,
+        signal.SIGKILL,
+    ]
+    assert demo.cluster.processes["coord"].signals == [signal.SIGTERM, signal.SIGCONT]
+    assert demo.killed == ["veh-2"]
+    err = capsys.readouterr().err
+    assert "veh-2 still running after 0.2 s: killing the daemons (SIGKILL)" in err
+
+
+def test_a_stop_forced_before_the_daemons_were_told_to_stop_does_not_say_it_stops_them(
+    tmp_path, monkeypatch, capsys
+):
+    demo = _fake_demo(tmp_path)
+    demo.options.quiet = False
+
+    def start() -> None:  # a second signal came while the demo started
+        demo.forced.set()
+        raise Interrupted("SIGINT")
+
+    monkeypatch.setattr(demo, "start", start)
+    with pytest.raises(Interrupted):
+        demo_module._run(demo, None, None, StopSignals())
+    out, err = capsys.readouterr()
+    assert "stopping the daemons (SIGTERM)" not in out
+    assert "second stop signal: killing the daemons (SIGKILL)" in err
 
 
 STUBBORN_DAEMON = """\
@@ -282,7 +324,7 @@ def test_a_second_stop_signal_kills_the_daemons_at_once_and_exits_as_stopped(mon
     assert status == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "meshinfer demo: second stop signal: killing the daemons (SIGKILL)" in err
-    assert "meshinfer demo: stopped by SIGINT; its daemons were stopped" in err
+    assert "meshinfer demo: stopped by SIGINT; its daemons were killed" in err
 
 
 def test_a_halted_demo_does_not_claim_the_nodes_are_up(tmp_path, capsys):
