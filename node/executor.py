@@ -28,18 +28,19 @@ certificate first, or the item could never be written to it (the peer table gave
 failed, message too large), the item is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so
 the coordinator re-runs it at once instead of waiting for its item timeout. A session with the
 peer lost while another stays open (the peer dialled again after roaming) sends the peer's items
-again over the open one instead. Bad input from a peer is answered with ``TaskFailed``
-(``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this node to keep
-(``keep_input``) go into its input cache (:class:`~meshinfer.inference.cache.ContentCache`,
+again over the open one instead. Sent again, or run here after a refusal, an item has what is left
+of its deadline, counted from when it came here. Bad input from a peer is answered with
+``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this node to
+keep (``keep_input``) go into its input cache (:class:`~meshinfer.inference.cache.ContentCache`,
 ``input_cache_mib``) as the item arrives, and an item that names its input by reference
-(``input_ref``) is given it from there, or answered ``INPUT_NOT_CACHED`` so the coordinator
-sends the bytes; both happen before anything else is decided about the item, so the cache sees
-every message in the order sent (which is what lets the coordinator mirror it). An item this
-node already answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is
-answered again from the kept result when it comes back (a coordinator resending what a lost
-session or its restart may have swallowed), even while draining, instead of running again. While
-draining (SIGTERM) new items are refused as retryable and queued ones are handed back, so the
-coordinator re-runs them elsewhere.
+(``input_ref``) is given it from there, or answered ``INPUT_NOT_CACHED`` so the coordinator sends
+the bytes; both happen before anything else is decided about the item, so the cache sees every
+message in the order sent (which is what lets the coordinator mirror it). An item this node already
+answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is answered again
+from the kept result when it comes back (a coordinator resending what a lost session or its restart
+may have swallowed), even while draining, instead of running again. While draining (SIGTERM) new
+items are refused as retryable and queued ones are handed back, so the coordinator re-runs them
+elsewhere.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -148,6 +149,9 @@ class TaskExecutor:
         self._offload_cancels: dict[str, TaskCancel] = {}
         #: per item passed on, the timer that hands it back if no answer comes
         self._offload_timers: dict[str, asyncio.TimerHandle] = {}
+        #: per item passed on with a deadline, when (loop time) that deadline passes: what is
+        #: left of it goes with the item when it is sent again or run here after all
+        self._offload_expiry: dict[str, float] = {}
         self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
         self._no_offloads.set()
         self._handing_back: set[asyncio.Future[None]] = set()  # answers sent while draining
@@ -315,7 +319,8 @@ class TaskExecutor:
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
         cancelled = msg.item_id in self._offload_cancels
-        coordinator, item, _ = self._settle_offload(msg.item_id)
+        item = self._time_left(offload[1])  # (before it is settled: that forgets its expiry)
+        coordinator, _, _ = self._settle_offload(msg.item_id)
         ref = ModelRef(item.model_id, item.model_version)
         coordinator, latest = self._answer_to(coordinator, item)
         if isinstance(msg, TaskResult):
@@ -449,10 +454,12 @@ class TaskExecutor:
             return False
         offload = self._offloaded[msg.item_id] = (coordinator, msg, target)
         self._no_offloads.clear()
-        wait = OFFLOAD_ANSWER_S if msg.deadline_s is None else msg.deadline_s + 1.0
-        self._offload_timers[msg.item_id] = asyncio.get_running_loop().call_later(
-            min(wait, OFFLOAD_ANSWER_S), self._offload_overdue, offload
-        )
+        loop = asyncio.get_running_loop()
+        wait = OFFLOAD_ANSWER_S
+        if msg.deadline_s is not None:
+            self._offload_expiry[msg.item_id] = loop.time() + msg.deadline_s
+            wait = min(wait, msg.deadline_s + 1.0)
+        self._offload_timers[msg.item_id] = loop.call_later(wait, self._offload_overdue, offload)
         self._spawn(self._forward(offload, sent))
         self.stats.offloaded += 1
         log.info("offloaded %s to %s (backlog %d)", msg.item_id, target, self.backlog)
@@ -516,7 +523,7 @@ class TaskExecutor:
             if cancel is not None:  # not wanted any more: the cancel may have been lost too
                 self.mesh.peers.send(target, cancel)
                 continue
-            sent = self.mesh.peers.send_tracked(target, item)
+            sent = self.mesh.peers.send_tracked(target, self._time_left(item))
             if sent is None:  # the outbox is full: it would wait for its deadline
                 self._hand_back(item.item_id, f"offloaded to {target}, not sent again")
                 continue
@@ -539,12 +546,22 @@ class TaskExecutor:
         """The item passed on is answered or handed back: forget it (and its timer)."""
         offload = self._offloaded.pop(item_id)
         self._offload_cancels.pop(item_id, None)
+        self._offload_expiry.pop(item_id, None)
         timer = self._offload_timers.pop(item_id, None)
         if timer is not None:
             timer.cancel()
         if not self._offloaded:
             self._no_offloads.set()
         return offload
+
+    def _time_left(self, item: TaskAssign) -> TaskAssign:
+        """``item``, passed on, with what is left of its deadline now (it counts from when the
+        item arrived here, not from when it is sent again or run here after all)."""
+        expiry = self._offload_expiry.get(item.item_id)
+        if expiry is None:
+            return item
+        left = max(0.0, expiry - asyncio.get_running_loop().time())
+        return replace(item, deadline_s=left)
 
     def _offload_overdue(self, offload: Offload) -> None:
         """No answer from the peer an item was passed to, by the item's deadline (or within

@@ -646,6 +646,41 @@ async def test_an_item_a_peer_refuses_runs_here_instead(code, runs_here):
         assert executor.stats.taken_back == int(runs_here)
 
 
+async def test_an_item_passed_on_keeps_counting_down_its_deadline_when_sent_again_or_run_here():
+    """An item with a 30 s deadline, passed to b: sent to b again after a lost session, and
+    then run here after b refuses it, it has only what is left of those 30 s (its deadline
+    counts from when it came to w, as the coordinator's does)."""
+    async with Net() as net:
+        net.members.set("b")
+        executor = await net.loaded_worker("b")
+        deadlines: list[float] = []
+        infer = executor._infer
+
+        async def noted(ref, batch, priority, deadline):
+            if deadline is not None:  # (the three items w holds have none)
+                deadlines.append(deadline - asyncio.get_running_loop().time())
+            return await infer(ref, batch, priority, deadline)
+
+        executor._infer = noted
+        await net.nodes["coord"].peers.request("w", replace(item("p"), deadline_s=30.0))
+        b = net.nodes["b"]
+        await soon(lambda: b.assigned() == ["p"])
+        await asyncio.sleep(0.3)
+        first = await b_dials_again(net)
+        await first.stream.aclose()  # lost: w sends the item again over b's other session
+        await soon(lambda: b.assigned() == ["p", "p"])
+        resent = [m for _, m in b.got if isinstance(m, TaskAssign)][1]
+        assert 0 < resent.deadline_s <= 29.7
+        await asyncio.sleep(0.3)
+        refusal = TaskFailed("p", 1, int(FailureKind.OVERLOADED), "no", retryable=True)
+        await b.peers.request("w", refusal)
+        await soon(lambda: executor.stats.taken_back == 1)
+        net.gate.set()  # (w runs one item at a time: the three it holds go first)
+        await soon(lambda: deadlines)
+        assert 0 < deadlines[0] <= 29.4
+        await soon(lambda: any(a[1] == "p" for a in net.nodes["coord"].answers()))
+
+
 async def b_dials_again(net: Net) -> Session:
     """b dials w again: a second session, w still sends over the first, which is returned."""
     b = net.nodes["b"]
