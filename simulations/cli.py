@@ -153,17 +153,17 @@ def membership_table(report: MembershipReport) -> str:
     scenario, joins, crashes = report.scenario, doc["joins"], doc["crashes"]
     low, high = doc["scenario"]["latency_ms"]
     lines = [
-        f"membership: {scenario.nodes} nodes, preset {scenario.preset}, loss {scenario.loss:.1%}, "
-        f"latency {low:g}-{high:g} ms, seed {scenario.seed}",
+        f"membership: {scenario.nodes} nodes, preset {scenario.preset}, "
+        f"loss {_share(scenario.loss)}, latency {low:g}-{high:g} ms, seed {scenario.seed}",
         f"simulated {report.simulated:.1f} s = settle {scenario.settle:g} s + "
         f"{_count(joins['count'], 'join')} {report.join_phase:.1f} s + "
         f"{scenario.duration:g} s after {_count(crashes['count'], 'crash', 'crashes')}",
         "",
-        _row("joins", "to 99.9% of the fleet", joins, "max")
+        _row("joins", "to 99.9% of the fleet", joins, "max", joins["count"])
         + f"  ({joins['reached']}/{joins['count']} reached)",
-        _row("crashes", "first DEAD declaration", crashes["first_dead"], "p99")
+        _row("crashes", "first DEAD declaration", crashes["first_dead"], "p99", crashes["count"])
         + f"  ({crashes['detected']}/{crashes['count']} detected)",
-        _row("", "DEAD at all live nodes", crashes["all_live"], "p99")
+        _row("", "DEAD at all live nodes", crashes["all_live"], "p99", crashes["count"])
         + f"  ({crashes['known_by_all']}/{crashes['count']} complete)",
         *_false_death_rows(doc["false_deaths"]),
         *_load_rows(report),
@@ -171,17 +171,24 @@ def membership_table(report: MembershipReport) -> str:
     return "\n".join(lines + _per_crash_rows(crashes["per_crash"]))
 
 
+def _share(value: float) -> str:
+    """``value`` as a percentage, with every digit it has beyond the first decimal."""
+    return f"{value:.1%}" if round(value, 3) == value else f"{value * 100:g}%"
+
+
 def _count(n: int, singular: str, plural: str = "") -> str:
     return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
-def _row(section: str, what: str, figures: dict[str, Any], top: str) -> str:
+def _row(section: str, what: str, figures: dict[str, Any], top: str, count: int) -> str:
+    """``count`` 0: nothing was measured, so the figures are "-" rather than "never"."""
     median, high = figures["median_s"], figures[f"{top}_s"]
-    return f"{section:<11} {what:<24} median {_seconds(median)}  {top} {_seconds(high)}"
+    none = "never" if count else "-"
+    return f"{section:<11} {what:<24} median {_seconds(median, none)}  {top} {_seconds(high, none)}"
 
 
-def _seconds(value: float | None) -> str:
-    return f"{'never':>8}" if value is None else f"{value:>6.2f} s"
+def _seconds(value: float | None, none: str = "never") -> str:
+    return f"{none:>8}" if value is None else f"{value:>6.2f} s"
 
 
 def _false_death_rows(false_deaths: dict[str, int]) -> list[str]:

@@ -67,6 +67,13 @@ class MembershipScenario:
     join_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        counts = (self.nodes, self.crashes, self.joins)
+        _check(
+            all(isinstance(n, int) and not isinstance(n, bool) for n in counts),
+            "nodes/crashes/joins",
+            "integers",
+            counts,
+        )
         _check(2 <= self.nodes <= MAX_NODES, "nodes", f"from 2 to {MAX_NODES}", self.nodes)
         _check(self.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", self.preset)
         _check(0 <= self.loss <= MAX_LOSS, "loss", f"from 0 to {MAX_LOSS}", self.loss)
@@ -82,9 +89,9 @@ class MembershipScenario:
         )
         _check(0 < self.duration <= MAX_DURATION, "duration", "in (0, 86400]", self.duration)
         _check(
-            self.settle >= 0 and self.join_timeout > 0,
+            0 <= self.settle < math.inf and 0 < self.join_timeout < math.inf,
             "settle/join_timeout",
-            "positive",
+            "finite, settle >= 0 and join_timeout > 0",
             (self.settle, self.join_timeout),
         )
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import nacl.signing
 import pytest
@@ -12,7 +17,7 @@ from hypothesis import strategies as st
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig, MemberStatus
 from meshinfer.proto.membership_auth import Ed25519RecordAuthenticator
 from meshinfer.proto.membership_wire import AliveRecord, Gossip, encode_packet, encode_record
-from meshinfer.testing.virtual_network import MembershipCluster
+from meshinfer.testing.virtual_network import MembershipCluster, VirtualNetwork
 
 CONFIG = MembershipConfig.test()
 
@@ -262,3 +267,65 @@ def test_same_seed_gives_the_same_event_trace() -> None:
     first = trace(21)
     assert first == trace(21)
     assert first != trace(22)
+
+
+# --- the virtual clocks themselves ------------------------------------------------------------
+
+
+class _OverdueCore:
+    """A core that, once a packet arrived, asks for a tick at time 0 (already past)."""
+
+    def __init__(self) -> None:
+        self.deadline = math.inf
+        self.ticks: list[float] = []
+
+    def handle_packet(self, from_node: str, data: bytes, now: float) -> None:
+        self.deadline = 0.0
+
+    def tick(self, now: float) -> None:
+        self.ticks.append(now)
+        self.deadline = math.inf
+
+    def next_deadline(self) -> float:
+        return self.deadline
+
+    def drain_packets(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def drain_events(self) -> list:
+        return []
+
+
+def test_network_clock_never_goes_back_for_an_overdue_timer_or_callback() -> None:
+    network = VirtualNetwork(random.Random(1), latency=(0.5, 0.5))
+    core = _OverdueCore()
+    network.add("a", core)
+    network.run_for(5.0)
+    network.inject("b", "a", b"ping")
+    seen: list[tuple[float, float]] = []
+    network.schedule(1.0, lambda now: seen.append((now, network.now)))
+    network.run_for(1.0)
+    assert seen == [(5.0, 5.0)]
+    assert core.ticks == [5.5] and network.now == 6.0
+
+
+def test_virtual_clock_loop_runs_timers_at_a_late_start_time() -> None:
+    """Past 2**24 s one ulp of the clock exceeds asyncio's 1 ns resolution; timers must still
+    run there instead of the loop spinning at one instant (run in a process: it would hang)."""
+    code = (
+        "import asyncio\n"
+        "from meshinfer.testing.virtual_clock import VirtualClockLoop\n"
+        "async def main():\n"
+        "    loop = asyncio.get_running_loop()\n"
+        "    start = loop.time()\n"
+        "    await asyncio.sleep(1.5)\n"
+        "    print(loop.time() - start)\n"
+        "with asyncio.Runner(loop_factory=lambda: VirtualClockLoop(start=1e9)) as runner:\n"
+        "    runner.run(main())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1.5"]

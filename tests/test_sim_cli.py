@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,6 +147,19 @@ def test_crash_not_detected_within_the_duration_is_reported_as_never(capsys) -> 
     assert "(0/2 detected)" in table and "never" in table
 
 
+def test_table_shows_a_dash_not_never_when_nothing_was_measured(capsys) -> None:
+    args = ("--nodes", 3, "--preset", "test", "--joins", 0, "--crash", 0, "--duration", 1)
+    table = run(capsys, *args)
+    assert "never" not in table, "no join or crash happened, so none was missed"
+    assert "(0/0 reached)" in table and "(0/0 detected)" in table and "(0/0 complete)" in table
+
+
+@pytest.mark.parametrize(("loss", "shown"), [(0.0005, "0.05%"), (0.0004, "0.04%"), (0.25, "25.0%")])
+def test_table_header_shows_the_loss_that_was_simulated(capsys, loss, shown) -> None:
+    table = run(capsys, "--nodes", 3, "--preset", "test", "--loss", loss, "--duration", 1)
+    assert f", loss {shown}, " in table.splitlines()[0]
+
+
 def test_table_shows_the_figures_of_the_json_report(capsys) -> None:
     doc = run_json(capsys, *SMALL, "--seed", 9)
     table = run(capsys, *SMALL, "--seed", 9)
@@ -196,6 +210,22 @@ def test_scenario_rejects_out_of_range_fields() -> None:
         MembershipScenario(nodes=3, latency=(0.01, 0.001))
     report = run_membership(MembershipScenario(nodes=3, duration=1.0))
     assert report.simulated == pytest.approx(3.0) and report.crashes == ()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"settle": math.inf},  # would run forever
+        {"join_timeout": math.inf},
+        {"settle": math.nan},
+        {"nodes": 3.5},  # TypeError deep in the run
+        {"crashes": 1.5},
+        {"joins": True},
+    ],
+)
+def test_scenario_rejects_endless_times_and_non_integer_counts(bad) -> None:
+    with pytest.raises(ConfigError, match="scenario"):
+        MembershipScenario(**{"nodes": 3, "duration": 1.0, **bad})
 
 
 def test_summary_treats_missing_figures_as_infinitely_late() -> None:

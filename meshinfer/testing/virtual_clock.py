@@ -16,6 +16,7 @@ Usage: ``asyncio.Runner(loop_factory=VirtualClockLoop)``.
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
 
 
@@ -48,6 +49,8 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         self._virtual_now = start
         self.deadlock_after = deadlock_after
         super().__init__(selector=_JumpingSelector(self))
+        self._least_resolution = self._clock_resolution
+        self._keep_resolution()
 
     def time(self) -> float:
         """The virtual clock, in seconds."""
@@ -56,3 +59,10 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds`` (never backwards)."""
         self._virtual_now += max(0.0, seconds)
+        self._keep_resolution()
+
+    def _keep_resolution(self) -> None:
+        # asyncio runs a timer once ``when < time() + _clock_resolution``; past 2**24 s one ulp
+        # of the clock exceeds 1 ns, the sum rounds back to ``time()`` and a timer due now would
+        # never run (the loop would spin at that instant forever).
+        self._clock_resolution = max(self._least_resolution, math.ulp(self._virtual_now))

@@ -149,8 +149,8 @@ class VirtualNetwork:
         self._flush(node_id)
 
     def schedule(self, at: float, callback: Callable[[float], None]) -> None:
-        """Run ``callback(now)`` at virtual time ``at``."""
-        self._push(at, _CALLBACK, "", 0, callback)
+        """Run ``callback(now)`` at virtual time ``at`` (a time already past means now)."""
+        self._push(max(at, self.now), _CALLBACK, "", 0, callback)
 
     def inject(self, src: str, dst: str, data: bytes) -> None:
         """Send ``data`` as if ``src`` had (fault injection: forged or malformed packets)."""
@@ -211,7 +211,7 @@ class VirtualNetwork:
         if self.on_event is not None:
             for event in node.core.drain_events():
                 self.on_event(self.now, node_id, event)
-        deadline = node.core.next_deadline()
+        deadline = max(node.core.next_deadline(), self.now)  # overdue: now, never back in time
         if deadline < node.timer_at:
             node.timer_at = deadline
             self._push(deadline, _TIMER, node_id, node.generation, None)
