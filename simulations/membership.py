@@ -12,7 +12,8 @@ in four phases:
    the JOINED event of the ``ceil(0.999 * others)``-th running node;
 3. *crashes* -- ``crashes`` random running nodes (founders or joiners) stop at one instant;
 4. *observation* -- the fleet runs ``duration`` more seconds. For every crash: the time to the
-   first DEAD declaration by any node, and until every running node had declared it DEAD.
+   first DEAD declaration by any node, and until every running node had declared it DEAD (one
+   that held it DEAD already, from a false death not refuted by then, counts from the crash).
 
 Over the whole run a DEAD declaration about a node that is running is a *false death*; the load
 is every packet the cores sent divided by the node-seconds of uptime. All randomness comes from
@@ -31,7 +32,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from meshinfer.errors import ConfigError
-from meshinfer.proto.membership import MemberEvent, MemberEventKind, MembershipConfig
+from meshinfer.proto.membership import (
+    Member,
+    MemberEvent,
+    MemberEventKind,
+    MembershipConfig,
+    MemberStatus,
+)
 from meshinfer.testing.virtual_network import MembershipCluster
 
 #: Membership presets a scenario may name.
@@ -249,7 +256,13 @@ class MembershipRun:
         cluster = self.cluster
         victims = self.rng.sample(sorted(cluster.up()), self.scenario.crashes)
         for victim in victims:
-            self.watch.dead[victim] = {}
+            # a node that holds the victim DEAD already (a false death not refuted yet) will
+            # not declare it again: it knows from the crash on
+            self.watch.dead[victim] = {
+                observer: cluster.now
+                for observer in cluster.up()
+                if _holds_dead(cluster.membership(observer).member(victim))
+            }
             cluster.crash(victim)
             self.watch.stopped(victim, cluster.now)
         start, observers = cluster.now, set(cluster.up())
@@ -268,6 +281,10 @@ class MembershipRun:
             len(seen),
             len(observers),
         )
+
+
+def _holds_dead(member: Member | None) -> bool:
+    return member is not None and member.status is MemberStatus.DEAD
 
 
 def run_membership(scenario: MembershipScenario) -> MembershipReport:

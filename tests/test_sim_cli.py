@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from meshinfer.errors import ConfigError
-from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.membership import MembershipConfig, MemberStatus
+from meshinfer.proto.membership_wire import DeadRecord, Gossip, encode_packet, encode_record
 from simulations.cli import main
-from simulations.membership import MembershipScenario, run_membership, summary
+from simulations.membership import MembershipRun, MembershipScenario, run_membership, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("--nodes", 20, "--preset", "test", "--crash", 2, "--joins", 2, "--duration", 15)
@@ -257,3 +258,27 @@ def test_module_entry_point_runs_as_a_process_and_matches_in_process(capsys) -> 
         "meshinfer-sim membership: error: argument --loss: must be a number in [0, 0.5], "
         "got '0.9' (see --help)"
     ]
+
+
+def test_a_crashed_node_some_held_dead_already_is_known_to_them_from_the_crash() -> None:
+    """An observer that holds the victim DEAD from a false death not refuted yet does not
+    declare it again after the crash: it counts as knowing from the crash on, so the crash can
+    still be known by all."""
+    scenario = MembershipScenario(nodes=6, crashes=1, preset="test", settle=5.0, duration=10.0)
+    run = MembershipRun(scenario)
+    run.warm_start()
+    cluster = run.cluster
+    victim, observer = "n0001", "n0002"
+    incarnation = cluster.membership(observer).member(victim).incarnation
+    forged = DeadRecord(victim, incarnation, accuser="n0003")
+    cluster.network.inject("n0003", observer, encode_packet(Gossip(), [encode_record(forged)]))
+    cluster.run_until(
+        lambda: cluster.membership(observer).member(victim).status is MemberStatus.DEAD,
+        timeout=1.0,
+        step=0.001,
+    )
+    run.rng.sample = lambda population, k: [victim]  # this victim, crashed before it refutes
+    (outcome,) = run.crash_and_observe()
+    assert run.watch.dead[victim][observer] == pytest.approx(cluster.now - 10.0)
+    assert outcome.known_by == outcome.observers == 5
+    assert outcome.all_live is not None and outcome.all_live >= outcome.first_dead >= 0
