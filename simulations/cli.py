@@ -84,9 +84,12 @@ def _latency_ms(text: str) -> tuple[float, float]:
 
 def _seed(text: str) -> int:
     try:
-        return int(text)
+        seed = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        seed = -1
+    if seed < 0:  # random.Random(-n) draws what random.Random(n) does
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return seed
 
 
 # --- membership --------------------------------------------------------------------------------

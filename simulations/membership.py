@@ -74,13 +74,15 @@ class MembershipScenario:
     join_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        counts = (self.nodes, self.crashes, self.joins)
+        counts = (self.nodes, self.crashes, self.joins, self.seed)
         _check(
             all(isinstance(n, int) and not isinstance(n, bool) for n in counts),
-            "nodes/crashes/joins",
+            "nodes/crashes/joins/seed",
             "integers",
             counts,
         )
+        # random.Random(-n) draws what random.Random(n) does: two seeds, one run
+        _check(self.seed >= 0, "seed", ">= 0", self.seed)
         _check(2 <= self.nodes <= MAX_NODES, "nodes", f"from 2 to {MAX_NODES}", self.nodes)
         _check(self.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", self.preset)
         _check(0 <= self.loss <= MAX_LOSS, "loss", f"from 0 to {MAX_LOSS}", self.loss)

@@ -191,6 +191,7 @@ BAD_ARGUMENTS = [
     (("--duration", "0"), "--duration"),
     (("--duration", "inf"), "--duration"),
     (("--seed", "x"), "--seed"),
+    (("--seed", "-7"), "--seed"),  # random.Random(-7) is random.Random(7)
     (("--bogus",), "--bogus"),
 ]
 
@@ -222,6 +223,8 @@ def test_scenario_rejects_out_of_range_fields() -> None:
         {"nodes": 3.5},  # TypeError deep in the run
         {"crashes": 1.5},
         {"joins": True},
+        {"seed": -7},
+        {"seed": 1.5},
     ],
 )
 def test_scenario_rejects_endless_times_and_non_integer_counts(bad) -> None:
