@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -37,9 +38,14 @@ def parse_address(text: str, where: str) -> Address:
     """``"host:port"`` (IPv6 as ``"[::1]:7946"``) -> Address, or ConfigError naming ``where``."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII digits only: str.isdigit also takes "²", which int() refuses
+    if not sep or not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f'{where}: expected "host:port", got {text!r}')
     return Address(host, int(port))
+
+
+def _is_decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -51,7 +57,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # a TOMLDecodeError, or an integer of over 4300 digits
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
@@ -122,6 +128,9 @@ class Schema:
         return "\n".join(lines) + "\n"
 
 
+_LARGEST_FLOAT = int(sys.float_info.max)
+
+
 def _check_value(where: str, hint: Any, value: Any) -> Any:
     if typing.get_origin(hint) is tuple:
         inner = typing.get_args(hint)[0]
@@ -129,11 +138,15 @@ def _check_value(where: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return tuple(_check_value(f"{where}[{i}]", inner, v) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > _LARGEST_FLOAT:  # float() would raise OverflowError
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    if isinstance(value, str) and "\0" in value:  # no path, host or name holds one; open() fails
+        raise ConfigError(f"{where}: must not contain a NUL character, got {value!r}")
     return value
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meshinfer.errors import ConfigError
 from meshinfer.fleetcli import (
     CommandParser,
     add_config_command,
@@ -72,25 +73,54 @@ def _add_status(commands: Any) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     import json
+
+    url = args.url if args.url is not None else _recorded_url(args.data_dir)
+    doc = _fetch_status(url)
+    try:  # built before --json prints too: it checks that a meshinfer node answered
+        table = _status_table(doc)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{url}: not a meshinfer node's /status ({exc!r})") from None
+    print(json.dumps(doc, indent=2) if args.json else table)
+    return 0
+
+
+def _recorded_url(data_dir: Path) -> str:
+    """The HTTP URL the daemon with ``data_dir`` recorded in its runtime file."""
+    import json
+
+    runtime = data_dir / "runtime.json"
+    try:
+        url = json.loads(runtime.read_text())["http"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{runtime}: no running daemon recorded there ({exc})") from None
+    if url is None:
+        raise ConfigError(
+            f"{runtime}: the daemon recorded there serves no HTTP ([http] enabled = false)"
+        )
+    if not isinstance(url, str):
+        raise ConfigError(f"{runtime}: no running daemon recorded there (http: {url!r})")
+    return url
+
+
+def _fetch_status(url: str) -> Any:
+    """The JSON document at ``url``/status; any failure is a ConfigError naming ``url``."""
+    import http.client
+    import json
     import urllib.error
+    import urllib.parse
     import urllib.request
 
-    from meshinfer.errors import ConfigError
-
-    url = args.url
-    if url is None:
-        runtime = args.data_dir / "runtime.json"
-        try:
-            url = json.loads(runtime.read_text())["http"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{runtime}: no running daemon recorded there ({exc})") from None
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"the daemon's URL must be http://HOST:PORT, got {url!r}")
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as response:
-            doc = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+            body = response.read()
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError(f"cannot reach the daemon at {url}: {exc}") from None
-    print(json.dumps(doc, indent=2) if args.json else _status_table(doc))
-    return 0
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ConfigError(f"{url}: not a meshinfer node's /status (not JSON: {exc})") from None
 
 
 def _status_table(doc: dict[str, Any]) -> str:

@@ -189,6 +189,8 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
     parse_address(config.http.listen, f"{source}: [http] listen")
     if config.inference.inline_max_macs < 0:
         raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")
+    if config.inference.max_queue_delay_ms < 0:
+        raise ConfigError(f"{source}: [inference] max_queue_delay_ms must be >= 0")
     if config.inference.cpu_threads < 0:
         raise ConfigError(f"{source}: [inference] cpu_threads must be >= 0")
     if config.executor.accepted_notice_ms < 0:

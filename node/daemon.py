@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.runtime.heap import settle_heap
-from meshinfer.runtime.loop import close_in_order, serve_until_signalled
+from meshinfer.runtime.loop import close_in_order, log_failure, serve_until_signalled
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
@@ -58,6 +59,21 @@ def parse_model_ref(text: str, where: str = "model") -> ModelRef:
     if not model_id or (_ and not version):
         raise ConfigError(f'{where}: expected "id@version", got {text!r}')
     return ModelRef(model_id, version or "1")
+
+
+def parse_models(texts: Sequence[str], where: str) -> list[ModelRef]:
+    """Each ``"id@version"`` of ``texts`` as a ModelRef, or ConfigError naming ``where[i]``.
+
+    A model listed twice (``"m"`` and ``"m@1"`` are one) is refused: its second batcher would
+    replace the first, whose dispatch task then runs on with no owner to close it.
+    """
+    refs: list[ModelRef] = []
+    for i, text in enumerate(texts):
+        ref = parse_model_ref(text, f"{where}[{i}]")
+        if ref in refs:
+            raise ConfigError(f"{where}[{i}]: {ref} is listed twice")
+        refs.append(ref)
+    return refs
 
 
 def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
@@ -124,10 +140,7 @@ class NodeDaemon:
         self.config = config
         self.rng = rng or random.Random()
         self.identity = load_identity(config.node.identity_dir, "[node] identity_dir")
-        self.models = [
-            parse_model_ref(m, f"[inference] models[{i}]")
-            for i, m in enumerate(config.inference.models)
-        ]
+        self.models = parse_models(config.inference.models, "[inference] models")
         self.options = mesh_options(config, self.identity.trust.fleet_id, config.node.identity_dir)
         self.data_dir = Path(config.node.data_dir or tempfile.mkdtemp(prefix="meshinfer-node-"))
         self.engine: InferenceEngine | None = None
@@ -155,18 +168,30 @@ class NodeDaemon:
         revocations = NodeDirectory(Path(self.config.node.identity_dir)).revocations(
             self.identity.trust
         )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_data_dir()
         await self._start_inference()
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await self.mesh.start()
         self._publish_models()
         await self._start_executor()
         await self._start_http()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._telemetry_loop()))
+        telemetry = asyncio.get_running_loop().create_task(self._telemetry_loop())
+        telemetry.add_done_callback(log_failure(log, "the telemetry loop"))  # gossip goes stale
+        self._tasks.append(telemetry)
         self.ready.set()
         facts = self.facts()
         (self.data_dir / "runtime.json").write_text(json.dumps(facts))
         return facts
+
+    def _make_data_dir(self) -> None:
+        """Create ``[node] data_dir``; a path that cannot be one is a ConfigError naming it."""
+        where = f"[node] data_dir {self.data_dir}"
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file (or a link to one) is in the way
+            raise ConfigError(f"{where}: exists and is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot create it: {exc.strerror or exc}") from None
 
     def facts(self) -> dict[str, Any]:
         assert self.mesh is not None and self.mesh.address is not None
@@ -234,8 +259,12 @@ class NodeDaemon:
             return
         from node.http import NodeHttp
 
-        self.http = NodeHttp(self, parse_address(self.config.http.listen, "[http] listen"))
-        await self.http.start()
+        listen = self.config.http.listen
+        self.http = NodeHttp(self, parse_address(listen, "[http] listen"))
+        try:
+            await self.http.start()
+        except OSError as exc:  # in use, not an address of this host, a name that resolves not
+            raise ConfigError(f"[http] listen {listen}: {exc.strerror or exc}") from None
 
     async def _telemetry_loop(self) -> None:
         assert self.mesh is not None and self.mesh.membership is not None

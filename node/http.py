@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
@@ -21,6 +23,23 @@ from meshinfer.transport.base import Address
 
 if TYPE_CHECKING:
     from node.daemon import NodeDaemon
+
+
+log = logging.getLogger(__name__)
+
+
+class _RequestErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log, less alarmed by clients: aiohttp logs a request it could not parse
+    (a malformed line or header, a URL over 8 KiB: the client's fault, answered 400) at ERROR
+    with a traceback, as if it were our bug; such a request is one DEBUG line here. A handler
+    that raised (answered 500) still logs at ERROR with its traceback."""
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            level, kwargs["exc_info"] = logging.DEBUG, None
+            msg, args = f"{msg}: %s", (*args, str(exc).replace("\n", " "))
+        super().log(level, msg, *args, **kwargs)
 
 
 class NodeHttp:
@@ -44,12 +63,13 @@ class NodeHttp:
         self.url = ""
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, logger=_RequestErrorLog(log, {}))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.address.host, self.address.port)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://{self.address.host}:{port}"
+        host = self.address.host
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def aclose(self) -> None:
         if self._runner is not None:

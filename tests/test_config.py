@@ -56,6 +56,11 @@ def test_rendered_defaults_read_back_as_the_defaults(kind, tmp_path):
         ("coordinator", {"coordinator": {"item_timeout_s": 0}}, "must be positive"),
         ("coordinator", {"coordinator": {"item_timeout_s": float("nan")}}, "finite number"),
         ("node", {"session": {"idle_timeout": float("inf")}}, "idle_timeout: must be a finite"),
+        ("node", {"session": {"idle_timeout": 10**400}}, "idle_timeout: must be a finite"),
+        ("node", {"network": {"listen": "127.0.0.1:\u00b2"}}, '[network] listen: expected "host'),
+        ("node", {"http": {"listen": "[::1]:\u0663"}}, '[http] listen: expected "host:port"'),
+        ("node", {"node": {"data_dir": "d\0"}}, "[node] data_dir: must not contain a NUL"),
+        ("node", {"inference": {"max_queue_delay_ms": -5.0}}, "max_queue_delay_ms must be >= 0"),
         ("coordinator", {"api": {"listen": "localhost"}}, '[api] listen: expected "host:port"'),
         ("coordinator", {"http": {}}, "unknown section [http]"),
         ("coordinator", {"inference": {}}, "unknown section [inference]"),
@@ -93,6 +98,9 @@ def test_malformed_files_are_config_errors(tmp_path):
         read_toml(tmp_path / "absent.toml")
     bad.write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="cannot read"):
+        read_toml(bad)
+    bad.write_text("[session]\nrekey_after = " + "9" * 5000)  # over int()'s 4300 digits
+    with pytest.raises(ConfigError, match="not valid TOML"):
         read_toml(bad)
 
 
