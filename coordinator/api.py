@@ -62,6 +62,7 @@ from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES, RevocationList
 from meshinfer.proto.tasks import TaskSpec, TaskState, new_task_id
 from meshinfer.proto.tasks_codec import spec_from_dict
 from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
+from meshinfer.runtime.http_log import ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family, render_family
 from meshinfer.runtime.revocations import RevocationSync
@@ -239,7 +240,7 @@ class CoordinatorApi:
         # client to read the answer before the close (closing on unread bytes resets the
         # connection), short enough not to hold a handler for a client that keeps sending
         runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False,
+            self.app, access_log=None, handle_signals=False, logger=ClientErrorLog(log),
             shutdown_timeout=_SHUTDOWN_GRACE_S, lingering_time=LINGER_S,
         )  # fmt: skip
         await runner.setup()

@@ -14,8 +14,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
+from meshinfer.runtime.http_log import ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
@@ -26,20 +26,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-
-class _RequestErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's server log, less alarmed by clients: aiohttp logs a request it could not parse
-    (a malformed line or header, a URL over 8 KiB: the client's fault, answered 400) at ERROR
-    with a traceback, as if it were our bug; such a request is one DEBUG line here. A handler
-    that raised (answered 500) still logs at ERROR with its traceback."""
-
-    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info")
-        if isinstance(exc, HttpProcessingError):
-            level, kwargs["exc_info"] = logging.DEBUG, None
-            msg, args = f"{msg}: %s", (*args, str(exc).replace("\n", " "))
-        super().log(level, msg, *args, **kwargs)
 
 
 class NodeHttp:
@@ -63,7 +49,7 @@ class NodeHttp:
         self.url = ""
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, logger=_RequestErrorLog(log, {}))
+        self._runner = web.AppRunner(self.app, access_log=None, logger=ClientErrorLog(log))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.address.host, self.address.port)
         await site.start()

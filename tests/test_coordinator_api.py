@@ -304,11 +304,32 @@ async def test_escaped_surrogate_pairs_and_backslashes_are_still_json():
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "br"])  # (bad deflate: aiohttp's own 400)
-async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(served, encoding):
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(served, encoding, caplog):
     headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
     doc = await call(served.http, "POST", "/v1/tasks", data=b"{}", headers=headers, status=400)
     assert doc["error"]["code"] == "bad_request" and encoding in doc["error"]["message"]
     assert await call(served.http, "GET", "/healthz") == {"status": "ok"}
+    # the client's fault: no ERROR with a traceback in the coordinator's log (aiohttp's own)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_request_aiohttp_cannot_parse_is_400_and_logged_as_the_clients_fault(
+    served, caplog
+):
+    port = int(served.api.url.rsplit(":", 1)[1])
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET /healthz?a=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Encoding: deflate\r\n"
+        b"Content-Length: 4\r\n\r\nabcd",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        assert (await reader.readline()).split()[1] in (b"400", b"401")
+        writer.close()
+        await writer.wait_closed()
+    assert await call(served.http, "GET", "/healthz") == {"status": "ok"}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 # --- listing ---------------------------------------------------------------------------------
