@@ -48,8 +48,9 @@ ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KILLER_GRACE_S = 10.0
 """How long :meth:`Demo.stop` waits for the node killer to give up before stopping the daemons."""
-DRAIN_S = 15.0
-"""How long :meth:`Demo.stop` lets the daemons drain after SIGTERM before it kills them."""
+DRAIN_S = 20.0
+"""How long :meth:`Demo.stop` lets the daemons drain after SIGTERM before it kills them: a node
+daemon's drain and leave take up to ``node.daemon.STOP_S`` (14 s), then it closes."""
 FORCED_CHECK_S = 0.05
 """How often :meth:`Demo.stop` looks, while it waits, whether a second stop signal came."""
 

@@ -47,8 +47,17 @@ from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.transport.base import LinkKind
 from node.config import NodeConfig, parse_address
+from node.executor import HAND_BACK_WRITE_S
 
 log = logging.getLogger(__name__)
+
+DRAIN_S = 10.0
+"""How long a SIGTERM's drain lets the items running here finish (the rest are handed back)."""
+LEAVE_S = 2.0
+"""How long a SIGTERM's graceful leave waits for membership to tell the others."""
+STOP_S = DRAIN_S + HAND_BACK_WRITE_S + LEAVE_S
+"""The longest a SIGTERM's drain and leave take (the hand-backs' writes may outlast the drain
+by up to :data:`~node.executor.HAND_BACK_WRITE_S`); closing comes after."""
 
 _PRESETS = {"lan": MembershipConfig.lan, "v2v": MembershipConfig.v2v, "test": MembershipConfig.test}
 
@@ -300,8 +309,9 @@ class NodeDaemon:
             problems.append("draining")
         return not problems, problems
 
-    async def drain_and_close(self, timeout: float = 10.0) -> None:
-        """SIGTERM: stop taking work, finish or hand back what we have, leave, close."""
+    async def drain_and_close(self, timeout: float = DRAIN_S) -> None:
+        """SIGTERM: stop taking work, finish or hand back what we have, leave, close (at most
+        :data:`STOP_S` with the default ``timeout``, closing aside)."""
         self.stopping.set()
         self._withdraw_models()
         if self.executor is not None:
@@ -309,7 +319,7 @@ class NodeDaemon:
                 await self.executor.drain(timeout)
         if self.mesh is not None:
             with contextlib.suppress(Exception):
-                await self.mesh.leave(timeout=2.0)
+                await self.mesh.leave(timeout=LEAVE_S)
         await self.aclose()
 
     def _withdraw_models(self) -> None:

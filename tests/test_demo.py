@@ -234,6 +234,12 @@ def test_a_forced_stop_kills_every_daemon_without_a_sigterm(tmp_path, capsys):
     assert demo.killed == ["coord", *demo.names]
 
 
+def test_the_demo_gives_its_daemons_the_time_their_drain_may_take():
+    from node.daemon import STOP_S
+
+    assert demo_module.DRAIN_S >= STOP_S + 5  # (closing the rest after the drain and leave)
+
+
 def test_a_daemon_still_running_after_the_drain_time_is_killed_and_named(
     tmp_path, monkeypatch, capsys
 ):
@@ -318,7 +324,7 @@ def test_a_second_stop_signal_kills_the_daemons_at_once_and_exits_as_stopped(mon
             proc.wait()
             proc.stdout.close()
     assert heard == ["SIGTERM\n"] * 3 and not second.is_alive()
-    # killed, not waited for: they would be given 15 s to drain (and never would)
+    # killed, not waited for: they would be given DRAIN_S (20 s) to drain (and never would)
     assert stopped_in is not None and stopped_in < 10
     assert codes == [-signal.SIGKILL] * 3
     assert status == 128 + signal.SIGINT
