@@ -283,6 +283,19 @@ def test_leave_announces_left_and_is_not_refuted_afterwards() -> None:
     assert now < 1.0 + 10 * CONFIG.gossip_interval
 
 
+def test_a_node_with_no_live_member_has_announced_its_leave_at_once() -> None:
+    """Nobody to tell: the leave is done (a lone daemon's SIGTERM does not wait out the leave
+    timeout). One that knows only dead members is as alone."""
+    alone = core(peers=())
+    alone.leave(1.0)
+    assert alone.leave_announced and alone.drain_packets() == []
+    m = core(peers=("b",))
+    m.handle_packet("c", gossip(DeadRecord("b", 1, "c")), 0.5)
+    assert m.member("b").status is MemberStatus.DEAD and not m.live_members()
+    m.leave(1.0)
+    assert m.leave_announced
+
+
 def test_receiver_marks_left_not_dead() -> None:
     m = core()
     m.handle_packet("b", gossip(LeftRecord("b", 1)), 1.0)

@@ -167,8 +167,9 @@ class Membership:
 
     @property
     def leave_announced(self) -> bool:
-        """After :meth:`leave`: the LEFT news was sent its full number of times."""
-        return self.table.leave_announced()
+        """After :meth:`leave`: the LEFT news was sent its full number of times, or there is
+        no live member to tell (nothing would ever send it)."""
+        return self.table.leave_announced() or (self.has_left and not self.live_members())
 
     @property
     def health_score(self) -> int:
