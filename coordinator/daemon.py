@@ -17,6 +17,7 @@ on the next start. A second SIGTERM (or SIGINT) skips the graceful leave.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorFileConfig
+from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory
@@ -110,7 +112,8 @@ class CoordinatorDaemon:
         """Start every component in order; return the facts printed on the READY line."""
         identity_dir = Path(self.config.coordinator.identity_dir)
         revocations = NodeDirectory(identity_dir).revocations(self.identity.trust)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_data_dir()
+        await asyncio.to_thread(self._check_journal)
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await self.mesh.start()
         self.coordinator = Coordinator(
@@ -127,10 +130,31 @@ class CoordinatorDaemon:
                 max_body_bytes=self.config.api.max_body_mib << 20,
                 max_upload_bytes=self.config.api.max_uploads_mib << 20,
             )
-            await self.api.start()
+            try:
+                await self.api.start()
+            except OSError as exc:  # taken, not this host's, or no such name
+                listen = self.config.api.listen
+                raise ConfigError(f"[api] listen {listen}: {exc.strerror or exc}") from None
         facts = self.facts()
         (self.data_dir / "runtime.json").write_text(json.dumps(facts))
         return facts
+
+    def _make_data_dir(self) -> None:
+        """Make ``data_dir`` (and its parents), or say in one line why it cannot be one."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "it is a file" if isinstance(exc, FileExistsError) else exc.strerror
+            raise ConfigError(
+                f"[coordinator] data_dir: cannot make {self.data_dir}: {why}"
+            ) from None
+
+    def _check_journal(self) -> None:
+        """Open and close the journal before joining the mesh: a coordinator whose journal is
+        unusable (no journal, a newer one, one another coordinator holds) says so and stops
+        before it announces itself, rather than join beside the one that holds it, under the
+        same node id. The coordinator opens it again to serve (and holds it from then on)."""
+        Journal(self.journal_path, synchronous=self.config.coordinator.journal_synchronous).close()
 
     def facts(self) -> dict[str, Any]:
         assert self.mesh is not None and self.mesh.address is not None

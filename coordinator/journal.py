@@ -66,9 +66,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from coordinator.journal_files import explained, lock_journal
 from coordinator.journal_history import JournalEvent, dispatch_detail, read_history
 from coordinator.journal_hot import HOT_ITEMS, HotItem, HotTask, HotTasks, StagedRows
-from coordinator.journal_schema import MIGRATIONS, migrate
+from coordinator.journal_schema import MIGRATIONS, check_is_journal, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
 from meshinfer.inference.base import ModelRef
 from meshinfer.proto.tasks import (
@@ -285,6 +286,8 @@ _EVENT_ROW = f"""{_EVENT_COLUMNS} SELECT ?, coalesce(?, (SELECT task_id FROM ite
 class Journal:
     """The task journal in the SQLite file at ``path`` (created and migrated on open).
 
+    One journal holds the file at a time: while it is open, another is refused (a file that
+    cannot be a journal is refused too, naming it; see :mod:`coordinator.journal_files`).
     Use as a context manager or call :meth:`close`. ``wall_clock`` stamps rows for people.
     ``hot_items``: at most this many items of live tasks kept in memory (0: none; see
     :mod:`coordinator.journal_hot`).
@@ -314,21 +317,43 @@ class Journal:
         self._logged = 0  # audit lines logged so far (see _undo_free)
         self._flushes = 0  # flushes that wrote something
         self._flushed_changes = 0  # rows those flushes changed
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL's sync of the write-ahead log at each commit is done by sync(), so that a writer
-        # can run the next group while the last one syncs; SQLite itself still syncs the log
-        # before every checkpoint (what NORMAL does).
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self.syncs = synchronous == "FULL"  # commits are durable only once sync() returned
         self._wal: int | None = None  # a descriptor of the write-ahead log, opened by sync()
         self._sync_lock = threading.Lock()
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        migrate(self._db)
-        self._json_events = _has_json(self._db)
+        #: held while open: one journal per file (see coordinator.journal_files)
+        self._file_lock: int | None = lock_journal(self.path)
+        try:
+            self._db: sqlite3.Connection | None = self._open()
+        except BaseException:
+            self._release_file()
+            raise
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, set the pragmas and migrate; a file that cannot be a journal is a
+        :class:`~coordinator.journal_files.JournalFileError` (or ``SchemaError``) naming it."""
+        with explained(self.path):
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                check_is_journal(db)  # before the switch to WAL, which would rewrite the file
+                if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                    raise sqlite3.OperationalError("it cannot be switched to WAL mode")
+                # FULL's sync of the write-ahead log at each commit is done by sync(), so that a
+                # writer can run the next group while the last one syncs; SQLite itself still
+                # syncs the log before every checkpoint (what NORMAL does).
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA foreign_keys=ON")
+                db.execute("PRAGMA busy_timeout=5000")
+                migrate(db)
+                self._json_events = _has_json(db)
+            except BaseException:
+                db.close()
+                raise
+        return db
+
+    def _release_file(self) -> None:
+        if self._file_lock is not None:
+            os.close(self._file_lock)
+            self._file_lock = None
 
     def close(self) -> None:
         """Close the database; safe to call twice (not from a call of a group)."""
@@ -343,6 +368,7 @@ class Journal:
                 if self._wal is not None:
                     os.close(self._wal)
                     self._wal = None
+            self._release_file()  # last: another journal may open the file from now on
 
     def sync(self) -> None:
         """Make every commit so far durable: ``fdatasync`` the write-ahead log (FULL; NORMAL:

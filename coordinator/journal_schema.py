@@ -31,7 +31,7 @@ import sqlite3
 
 from meshinfer.errors import MeshInferError
 
-__all__ = ["MIGRATIONS", "SchemaError", "migrate", "schema_version"]
+__all__ = ["MIGRATIONS", "SchemaError", "check_is_journal", "migrate", "schema_version"]
 
 
 class SchemaError(MeshInferError):
@@ -97,14 +97,40 @@ def schema_version(db: sqlite3.Connection) -> int:
     return row[0] or 0
 
 
+#: The tables of a journal at version 1 or later (``sqlite_sequence`` is SQLite's own).
+_TABLES = frozenset({"schema_version", "tasks", "items", "results", "events", "counters"})
+
+
+def check_is_journal(db: sqlite3.Connection) -> None:
+    """Refuse, before writing anything, a database of some other application: one with tables
+    but no ``schema_version`` (a new journal has none; one a crash interrupted before its
+    first migration has that table only), or one whose version claims tables it lacks."""
+    rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    tables = {name for (name,) in rows} - {"sqlite_sequence"}
+    version = schema_version(db) if "schema_version" in tables else 0
+    if version == 0 and (others := sorted(tables - {"schema_version"})):
+        raise SchemaError(
+            f"not a meshinfer journal (it holds other tables: {', '.join(others[:5])})"
+        )
+    if version > 0 and (missing := _TABLES - tables):
+        raise SchemaError(
+            f"not a meshinfer journal (schema version {version}, but no table"
+            f" {', '.join(sorted(missing))})"
+        )
+
+
 def migrate(db: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...] = MIGRATIONS) -> int:
     """Bring ``db`` (autocommit mode) up to ``len(migrations)``; returns the version.
 
-    Raises :class:`SchemaError` if the file is newer than this code.
+    Raises :class:`SchemaError` if the file is newer than this code, or is no journal.
     """
+    check_is_journal(db)
     current = schema_version(db)
     if current > len(migrations):
-        raise SchemaError(f"journal schema version {current} is newer than {len(migrations)}")
+        raise SchemaError(
+            f"schema version {current} is newer than this meshinfer's {len(migrations)}"
+            " (a newer meshinfer wrote it: run that one)"
+        )
     for version in range(current, len(migrations)):
         db.execute("BEGIN IMMEDIATE")
         try:

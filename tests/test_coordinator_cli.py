@@ -49,6 +49,7 @@ from coordinator.client import (
     resolve_endpoint,
     tensor_json,
 )
+from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.errors import ConfigError, InferenceError, MeshInferError, RemoteProtocolError
@@ -57,6 +58,8 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.tasks import Pattern, TaskSpec, TaskState
+from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
 from meshinfer.transport.base import Address
@@ -895,3 +898,70 @@ def test_inputs_that_do_not_fit_the_dtype_are_refused(tmp_path, values, dtype):
     np.save(path, values)
     with pytest.raises(ConfigError, match=r"out of range|do not fit"):
         load_inputs([path], dtype=dtype)
+
+
+# --- serve: the journal and data_dir as an operator meets them --------------------------------
+
+
+def serve_config(tmp_path: Path, data_dir: Path, api_listen: str = "127.0.0.1:0") -> Path:
+    """A coordinator file for ``serve`` (enrolled identity, token, no mDNS) on ``data_dir``."""
+    fleet, identity = tmp_path / "fleet", tmp_path / "coord"
+    assert main(["fleet", "init", "--dir", str(fleet), "--fleet-id", "f"]) == 0
+    enroll = ["fleet", "enroll", "--dir", str(fleet), "--node-dir", str(identity)]
+    assert main([*enroll, "--node-id", "coord", "--roles", "coordinator"]) == 0
+    path = tmp_path / "coordinator.toml"
+    path.write_text(
+        f'[coordinator]\nidentity_dir = "{identity}"\ndata_dir = "{data_dir}"\n'
+        '[discovery]\nmdns = false\n[network]\nlisten = "127.0.0.1:0"\n'
+        f'[api]\nlisten = "{api_listen}"\ntoken_file = "{fleet / "api-token"}"\n'
+    )
+    return path
+
+
+def random_bytes(path: Path) -> None:
+    path.parent.mkdir()
+    path.write_bytes(random.Random(1).randbytes(8192))
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda path: path.mkdir(parents=True), "is a directory"),
+        (random_bytes, "not an SQLite database"),
+        (lambda path: path.parent.write_text("a file"), "[coordinator] data_dir: cannot make"),
+    ],
+)
+def test_serve_on_an_unusable_journal_is_one_clear_line_and_exit_2(
+    tmp_path, capsys, make, fragment
+):
+    journal = tmp_path / "data" / "journal.db"
+    config = serve_config(tmp_path, journal.parent)
+    make(journal)
+    capsys.readouterr()
+    assert main(["serve", "--config", str(config)]) == 2
+    one_line_error(capsys, fragment)
+
+
+def test_a_second_coordinator_on_one_journal_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    config = serve_config(tmp_path, data)
+    data.mkdir()
+    with Journal(data / "journal.db") as first:  # as a running coordinator holds it
+        rows = Tensor.from_array(np.zeros((1, 64), np.float32))
+        first.submit(TaskSpec("t1", Pattern.SINGLE, rows, (DIGITS,)))
+        capsys.readouterr()
+        assert main(["serve", "--config", str(config)]) == 2
+        one_line_error(capsys, "journal.db is in use by another coordinator")
+        assert not (data / "runtime.json").exists()  # the first one's stays the one to reach
+        assert first.get("t1").state == TaskState.PENDING
+
+
+def test_an_api_address_in_use_names_the_key(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        config = serve_config(tmp_path, tmp_path / "data", api_listen=f"{host}:{port}")
+        capsys.readouterr()
+        assert main(["serve", "--config", str(config)]) == 2
+    one_line_error(capsys, f"[api] listen {host}:{port}:", "address already in use")

@@ -1,0 +1,102 @@
+"""The journal's files: one coordinator at a time on a journal, and a clear error for a file that
+is no journal (or cannot be one).
+
+Two coordinators on one journal would each recover the other's live tasks and run them again,
+and each keeps the live tasks it accepted in memory (:mod:`coordinator.journal_hot`) and judges
+their results there, blind to what the other wrote. So a :class:`~coordinator.journal.Journal`
+holds an exclusive ``flock`` on ``<journal>-lock`` for as long as it is open
+(:func:`lock_journal`), and a second one is refused, naming the process that holds it. The lock
+is a file of its own, not the database: SQLite's own (POSIX) locks on the database are dropped
+when *any* descriptor of that file in the process is closed. Readers
+(:func:`~coordinator.journal.read_stats`, the CLI) take no lock: WAL lets them read beside the
+writer. The kernel drops the lock when its process dies, so a crash leaves nothing to clean up
+(the file stays, unlocked).
+
+Every ``sqlite3`` error while the journal opens (a directory, random bytes, a damaged file, a
+read-only place, a full disk) becomes a :class:`JournalFileError` naming the file and what is
+wrong (:func:`explained`): the operator meets it as one line from ``meshinfer-coord serve``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from coordinator.journal_schema import SchemaError
+from meshinfer.errors import MeshInferError
+
+__all__ = ["LOCK_SUFFIX", "JournalFileError", "explained", "lock_journal"]
+
+#: The lock file is the journal's path with this appended (as SQLite's ``-wal`` and ``-shm``).
+LOCK_SUFFIX = "-lock"
+
+#: What an ``sqlite3`` error met while opening says to an operator (first match wins).
+_HINTS = (
+    ("not a database", "it is not an SQLite database (not a meshinfer journal, or damaged)"),
+    ("malformed", "it is damaged (restore it from a backup, or move it away to start afresh)"),
+    ("readonly", "it is read-only, and the coordinator must write its journal"),
+    ("unable to open", "it cannot be opened or created (may this user write its directory?)"),
+    ("locked", "another process holds it locked"),
+    ("full", "the disk is full"),
+)
+
+
+class JournalFileError(MeshInferError):
+    """The journal's file cannot serve as one (its message names the file and why)."""
+
+
+def lock_journal(path: Path) -> int:
+    """Take the journal's lock (see the module docstring); its descriptor, which holds the lock
+    until it is closed. :class:`JournalFileError` if another journal holds it, or the lock
+    file cannot be made."""
+    if path.is_dir():
+        raise JournalFileError(f"journal {path} is a directory, not a file")
+    lock_path = f"{path}{LOCK_SUFFIX}"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise JournalFileError(f"journal {path}: cannot make {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _holder(fd)
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise JournalFileError(
+                f"journal {path} is in use by another coordinator{holder}: one journal serves"
+                " one coordinator (stop that one, or give this one another data_dir)"
+            ) from None
+        raise JournalFileError(f"journal {path}: cannot lock {lock_path}: {exc.strerror}") from None
+    try:  # who holds it, for the message above; best effort (e.g. on a full disk)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """`` (pid N)`` as the lock file says, or nothing if it says no pid."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+@contextmanager
+def explained(path: Path) -> Iterator[None]:
+    """Turn an ``sqlite3`` error raised inside into a :class:`JournalFileError` saying what it
+    means for the journal at ``path``; a :class:`SchemaError` gets the path in its message."""
+    try:
+        yield
+    except SchemaError as exc:
+        raise SchemaError(f"journal {path}: {exc}") from None
+    except sqlite3.Error as exc:
+        text = str(exc)
+        hint = next((f"{hint} ({text})" for key, hint in _HINTS if key in text.lower()), text)
+        raise JournalFileError(f"journal {path}: {hint}") from None
