@@ -122,9 +122,10 @@ def check_is_journal(db: sqlite3.Connection) -> None:
 def migrate(db: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...] = MIGRATIONS) -> int:
     """Bring ``db`` (autocommit mode) up to ``len(migrations)``; returns the version.
 
-    Raises :class:`SchemaError` if the file is newer than this code, or is no journal.
+    Raises :class:`SchemaError` if the file is newer than this code. Whether it is a journal
+    at all is :func:`check_is_journal`'s to say, before the file is touched (the journal calls
+    it first, before its switch to WAL).
     """
-    check_is_journal(db)
     current = schema_version(db)
     if current > len(migrations):
         raise SchemaError(

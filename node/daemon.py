@@ -47,7 +47,7 @@ from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.transport.base import LinkKind
 from node.config import NodeConfig, parse_address
-from node.executor import HAND_BACK_WRITE_S
+from node.executor import HAND_BACK_WRITE_S, TaskExecutor
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,6 @@ class NodeDaemon:
         self.mesh.membership.update_state(_replace(state, models=models))
 
     async def _start_executor(self) -> None:
-        from node.executor import TaskExecutor
-
         assert self.mesh is not None
         self.executor = TaskExecutor(self.mesh, self.batchers, self.config.executor, rng=self.rng)
         self.executor.start()
