@@ -205,6 +205,55 @@ async def test_without_a_parent_pid_the_parent_is_not_looked_at(capsys):
     assert daemon.drained and looks == []
 
 
+class Hanging(Started):
+    """A stand-in whose start never ends (a join or a model load that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_cancelled = False
+
+    async def start(self) -> dict:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.start_cancelled = True
+            raise
+        return {}
+
+
+async def test_a_stop_during_a_start_that_hangs_cancels_it_and_closes_without_ready(capsys, caplog):
+    daemon = Hanging()
+    caplog.set_level(logging.INFO, logger="meshinfer.runtime.loop")
+    serving = asyncio.create_task(serve_until_signalled(daemon, daemon.drain))
+    stray: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stray.append(signum))
+    try:
+        await daemon.started.wait()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop while starting
+        await asyncio.wait({serving}, timeout=5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stray == [] and serving.result() == 0
+    assert daemon.start_cancelled and daemon.closed == 1 and not daemon.drained
+    assert capsys.readouterr().out.splitlines() == ["STOPPED stand-in"]
+    assert "stopping during the start-up (SIGTERM)" in caplog.text
+
+
+async def test_a_start_that_fails_closes_what_started_and_raises_its_error(capsys):
+    daemon = Started()
+
+    async def broken_start() -> dict:
+        raise RuntimeError("start bug")
+
+    daemon.start = broken_start
+    serving = asyncio.create_task(serve_until_signalled(daemon, daemon.drain))
+    await asyncio.wait({serving}, timeout=5)
+    assert isinstance(serving.exception(), RuntimeError) and daemon.closed == 1
+    assert capsys.readouterr().out == ""
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 async def test_a_drain_that_raises_is_logged_and_the_daemon_closed_with_exit_code_1(caplog):
     daemon = Started()
 

@@ -178,9 +178,11 @@ async def serve_until_signalled(
     process was re-parented); else once ``pid_alive(parent_pid)`` is false (this process was
     started through something in between, or the launcher was gone already). A second signal
     during ``graceful`` abandons it for a plain ``aclose``, and so does a ``graceful`` that raises
-    (logged; exit code 1). Prints ``STOPPED <node id>`` at the end; returns the exit code (0
-    after a clean stop). The signal handlers are removed on return. ``on_ready`` runs once the
-    daemon started, before ``READY`` is printed (e.g. :func:`~meshinfer.runtime.heap.settle_heap`).
+    (logged; exit code 1). A stop during the start cancels it and closes what started, without
+    ``READY`` (a join or a model load that hangs needs no SIGKILL). Prints ``STOPPED <node id>``
+    at the end; returns the exit code (0 after a clean stop). The signal handlers are removed on
+    return. ``on_ready`` runs once the daemon started, before ``READY`` is printed (e.g.
+    :func:`~meshinfer.runtime.heap.settle_heap`).
     """
     loop = asyncio.get_running_loop()
     stops = asyncio.Queue[str]()
@@ -226,18 +228,34 @@ async def _serve(
     watch: asyncio.Task[None] | None,
     on_ready: Callable[[], None] | None,
 ) -> int:
+    loop = asyncio.get_running_loop()
+    starting = loop.create_task(daemon.start())
+    first = loop.create_task(stops.get())
     try:
-        facts = await daemon.start()
-    except BaseException:
+        await asyncio.wait({starting, first}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled from outside: the start goes too
+        await _cancelled(first)
+        await _cancelled(starting)
+        await daemon.aclose()
+        raise
+    if not starting.done():  # a stop during the start (a join or a model load that hangs)
+        log.info("stopping during the start-up (%s): closing what started", first.result())
+        await _cancelled(starting)
+        await daemon.aclose()
+        _announce(f"STOPPED {daemon.node_id}")
+        return 0
+    try:
+        facts = starting.result()
+    except BaseException:  # the start failed: close what it started, and raise its error
+        await _cancelled(first)
         await daemon.aclose()
         raise
     if on_ready is not None:
         on_ready()
     _announce("READY " + json.dumps(facts))
     code = 0
-    log.info("stopping (%s)", await stops.get())
+    log.info("stopping (%s)", await first)
     await _cancelled(watch)  # only a signal cuts the drain short
-    loop = asyncio.get_running_loop()
     stop = loop.create_task(graceful())
     second = loop.create_task(stops.get())
     done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
