@@ -38,6 +38,7 @@ import numpy as np
 
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
+from meshinfer.runtime.data_dir import RUNTIME_FILE
 
 __all__ = [
     "ENV_TOKEN",
@@ -55,8 +56,6 @@ __all__ = [
 
 ENV_URL = "MESHINFER_COORD_URL"
 ENV_TOKEN = "MESHINFER_COORD_TOKEN"
-#: The file in the coordinator's data directory naming its API URL and token file.
-RUNTIME_FILE = "runtime.json"
 #: The longest single ``/wait`` the server grants; :meth:`CoordinatorClient.wait` loops past it.
 MAX_WAIT_S = 300.0
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})

@@ -33,7 +33,9 @@ class CoordinatorSection:
     identity_dir: str = doc(
         "", "directory made by `meshinfer-coord fleet enroll --roles coordinator`"
     )
-    data_dir: str = doc("", "where the journal (journal.db) and runtime.json live (empty: temp)")
+    data_dir: str = doc(
+        "", "where journal.db and runtime.json live (empty: a temp dir, removed at stop)"
+    )
     default_policy: str = doc(
         "least_loaded",
         "scheduling policy for tasks that name none: round_robin, least_loaded, capability,"

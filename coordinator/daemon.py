@@ -18,11 +18,9 @@ on the next start. A second SIGTERM (or SIGINT) skips the graceful leave.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,12 @@ from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory
+from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
-from meshinfer.tomlconfig import parse_address
-from node.daemon import load_identity, mesh_options
+from meshinfer.tomlconfig import listen_failure, parse_address
+from node.daemon import load_identity, mesh_options, start_mesh
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,8 @@ class CoordinatorDaemon:
         self.options = mesh_options(
             config, self.identity.trust.fleet_id, config.coordinator.identity_dir
         )
-        self.data_dir = Path(config.coordinator.data_dir or tempfile.mkdtemp(prefix="mi-coord-"))
+        self.data = DataDir(config.coordinator.data_dir, "[coordinator] data_dir", "mi-coord-")
+        self.data_dir = self.data.path
         self.mesh: MeshNode | None = None
         self.coordinator: Coordinator | None = None
         self.api: Any = None
@@ -112,10 +112,10 @@ class CoordinatorDaemon:
         """Start every component in order; return the facts printed on the READY line."""
         identity_dir = Path(self.config.coordinator.identity_dir)
         revocations = NodeDirectory(identity_dir).revocations(self.identity.trust)
-        self._make_data_dir()
+        self.data.make()
         await asyncio.to_thread(self._check_journal)
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
-        await self.mesh.start()
+        await start_mesh(self.mesh, self.config)
         self.coordinator = Coordinator(
             self.mesh, self.journal_path, service_config(self.config), rng=self.rng
         )
@@ -132,22 +132,11 @@ class CoordinatorDaemon:
             )
             try:
                 await self.api.start()
-            except OSError as exc:  # taken, not this host's, or no such name
-                listen = self.config.api.listen
-                raise ConfigError(f"[api] listen {listen}: {exc.strerror or exc}") from None
+            except OSError as exc:
+                raise listen_failure("[api] listen", self.config.api.listen, exc) from None
         facts = self.facts()
-        (self.data_dir / "runtime.json").write_text(json.dumps(facts))
+        self.data.write_runtime(facts)
         return facts
-
-    def _make_data_dir(self) -> None:
-        """Make ``data_dir`` (and its parents), or say in one line why it cannot be one."""
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            why = "it is a file" if isinstance(exc, FileExistsError) else exc.strerror
-            raise ConfigError(
-                f"[coordinator] data_dir: cannot make {self.data_dir}: {why}"
-            ) from None
 
     def _check_journal(self) -> None:
         """Open and close the journal before joining the mesh: a coordinator whose journal is
@@ -191,6 +180,7 @@ class CoordinatorDaemon:
             self.mesh.aclose() if self.mesh else None,
         ]
         await close_in_order(steps, log)
+        self.data.close()
 
 
 async def run_coordinator(config: CoordinatorFileConfig, parent_pid: int | None = None) -> int:

@@ -44,6 +44,13 @@ def parse_address(text: str, where: str) -> Address:
     return Address(host, int(port))
 
 
+def listen_failure(key: str, listen: str, exc: OSError) -> ConfigError:
+    """A socket that cannot listen at ``listen`` (taken, not an address of this host, a name
+    that does not resolve) as one line naming the setting: ``[http] listen HOST:PORT: why``."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return ConfigError(f"{key} {listen}: {cause.strerror or cause}")
+
+
 def _is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 

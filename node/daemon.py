@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.discovery.static import parse_seeds
-from meshinfer.errors import ConfigError, IdentityError
+from meshinfer.errors import ConfigError, IdentityError, TransportError
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
 from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
@@ -40,11 +38,13 @@ from meshinfer.inference.threads import limit_cpu_threads, restore_cpu_threads
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
+from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, log_failure, serve_until_signalled
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
+from meshinfer.tomlconfig import listen_failure
 from meshinfer.transport.base import LinkKind
 from node.config import NodeConfig, parse_address
 from node.executor import HAND_BACK_WRITE_S, TaskExecutor
@@ -117,6 +117,16 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
     )
 
 
+async def start_mesh(mesh: MeshNode, config: Any) -> None:
+    """Start ``mesh``; a ``[network] listen`` that cannot be bound is a ConfigError naming it."""
+    try:
+        await mesh.start()
+    except TransportError as exc:
+        if mesh.address is not None:  # listening: something after the bind failed
+            raise
+        raise listen_failure("[network] listen", config.network.listen, exc) from None
+
+
 def load_identity(directory: str, where: str) -> NodeIdentity:
     """The identity in ``directory`` (made by ``fleet enroll``), or ConfigError naming ``where``."""
     if not directory:
@@ -151,7 +161,8 @@ class NodeDaemon:
         self.identity = load_identity(config.node.identity_dir, "[node] identity_dir")
         self.models = parse_models(config.inference.models, "[inference] models")
         self.options = mesh_options(config, self.identity.trust.fleet_id, config.node.identity_dir)
-        self.data_dir = Path(config.node.data_dir or tempfile.mkdtemp(prefix="meshinfer-node-"))
+        self.data = DataDir(config.node.data_dir, "[node] data_dir", "meshinfer-node-")
+        self.data_dir = self.data.path
         self.engine: InferenceEngine | None = None
         self.batchers: dict[ModelRef, DynamicBatcher] = {}
         self.cpu_threads: dict[str, int] = {}  # math-library pool -> threads, as applied
@@ -177,10 +188,10 @@ class NodeDaemon:
         revocations = NodeDirectory(Path(self.config.node.identity_dir)).revocations(
             self.identity.trust
         )
-        self._make_data_dir()
+        self.data.make()
         await self._start_inference()
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
-        await self.mesh.start()
+        await start_mesh(self.mesh, self.config)
         self._publish_models()
         await self._start_executor()
         await self._start_http()
@@ -189,18 +200,8 @@ class NodeDaemon:
         self._tasks.append(telemetry)
         self.ready.set()
         facts = self.facts()
-        (self.data_dir / "runtime.json").write_text(json.dumps(facts))
+        self.data.write_runtime(facts)
         return facts
-
-    def _make_data_dir(self) -> None:
-        """Create ``[node] data_dir``; a path that cannot be one is a ConfigError naming it."""
-        where = f"[node] data_dir {self.data_dir}"
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:  # a file (or a link to one) is in the way
-            raise ConfigError(f"{where}: exists and is not a directory") from None
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot create it: {exc.strerror or exc}") from None
 
     def facts(self) -> dict[str, Any]:
         assert self.mesh is not None and self.mesh.address is not None
@@ -270,8 +271,8 @@ class NodeDaemon:
         self.http = NodeHttp(self, parse_address(listen, "[http] listen"))
         try:
             await self.http.start()
-        except OSError as exc:  # in use, not an address of this host, a name that resolves not
-            raise ConfigError(f"[http] listen {listen}: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise listen_failure("[http] listen", listen, exc) from None
 
     async def _telemetry_loop(self) -> None:
         assert self.mesh is not None and self.mesh.membership is not None
@@ -342,6 +343,7 @@ class NodeDaemon:
             self.engine.aclose() if self.engine else None,
         ]
         await close_in_order(steps, log)
+        self.data.close()
         self.telemetry.close()
         if self._cpu_limited:
             self._cpu_limited = False

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from coordinator import config as coord_config
 from coordinator.api import CoordinatorApi
 from coordinator.cli import main
 from coordinator.cli_tasks import (
@@ -49,6 +50,7 @@ from coordinator.client import (
     resolve_endpoint,
     tensor_json,
 )
+from coordinator.daemon import CoordinatorDaemon
 from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
@@ -928,7 +930,7 @@ def random_bytes(path: Path) -> None:
     [
         (lambda path: path.mkdir(parents=True), "is a directory"),
         (random_bytes, "not an SQLite database"),
-        (lambda path: path.parent.write_text("a file"), "[coordinator] data_dir: cannot make"),
+        (lambda path: path.parent.write_text("a file"), "exists and is not a directory"),
     ],
 )
 def test_serve_on_an_unusable_journal_is_one_clear_line_and_exit_2(
@@ -940,6 +942,25 @@ def test_serve_on_an_unusable_journal_is_one_clear_line_and_exit_2(
     capsys.readouterr()
     assert main(["serve", "--config", str(config)]) == 2
     one_line_error(capsys, fragment)
+
+
+@pytest.mark.parametrize("configured", [True, False])
+async def test_serve_records_its_runtime_file_while_it_runs_and_not_after(tmp_path, configured):
+    """A configured data_dir keeps the journal and loses runtime.json at the stop (the CLI's
+    --data-dir then says no coordinator runs there); a temporary one goes whole."""
+    data = tmp_path / "data"
+    config = coord_config.load_config(serve_config(tmp_path, data if configured else ""))
+    daemon = CoordinatorDaemon(config)
+    try:
+        await daemon.start()
+        runtime = daemon.data_dir / "runtime.json"
+        assert json.loads(runtime.read_text())["api"] == daemon.api.url
+    finally:
+        await daemon.stop()
+    assert not runtime.exists()
+    assert daemon.data_dir.exists() == configured
+    if configured:
+        assert (data / "journal.db").is_file()
 
 
 def test_a_second_coordinator_on_one_journal_is_refused(tmp_path, capsys):

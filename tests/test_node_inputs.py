@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 
 import aiohttp
@@ -77,6 +78,35 @@ async def test_an_http_listen_address_that_cannot_be_bound_is_named(base):
             with pytest.raises(ConfigError, match=rf"^\[http\] listen {address}: "):
                 async with _started(config):
                     pass
+
+
+async def test_a_network_listen_address_that_cannot_be_bound_is_named(base):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        for address, why in [(listen, "in use"), ("no-such-host.invalid:0", "")]:
+            config = _config(base, network={"listen": address})
+            with pytest.raises(ConfigError, match=rf"^\[network\] listen {address}: \S.*{why}"):
+                async with _started(config):
+                    pass
+
+
+async def test_the_runtime_file_is_written_whole_and_removed_at_stop(base, tmp_path):
+    runtime = tmp_path / "data" / "runtime.json"
+    async with _started(_config(base)) as daemon:
+        facts = json.loads(runtime.read_text())
+        assert facts["pid"] == os.getpid() and facts["node_id"] == daemon.node_id
+        assert os.listdir(runtime.parent) == ["runtime.json"]  # no partial file beside it
+    assert not runtime.exists()  # `meshinfer-node status --data-dir` no longer finds it
+    assert runtime.parent.is_dir()  # a configured data_dir stays
+
+
+async def test_a_temporary_data_dir_is_removed_at_stop(base):
+    async with _started(_config(base, node={"data_dir": ""})) as daemon:
+        temporary = daemon.data_dir
+        assert (temporary / "runtime.json").is_file()
+    assert not temporary.exists()
 
 
 async def test_http_on_ipv6_loopback_records_a_bracketed_url(base):

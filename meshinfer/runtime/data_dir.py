@@ -1,0 +1,70 @@
+"""A daemon's data directory and the runtime file it records itself in.
+
+Both daemons (``meshinfer-node run``, ``meshinfer-coord serve``) keep one: ``data_dir`` in their
+config, or, left empty, a fresh temporary directory that is removed when the daemon closes
+(nothing could find it again). Once ready, a daemon records where it can be reached in
+``<data_dir>/runtime.json`` (the CLIs' ``--data-dir`` reads it): written whole or not at all
+(a reader never sees half a file), and removed when the daemon closes if it is still this
+process's, so a stopped daemon is not taken for a running one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from meshinfer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILE = "runtime.json"
+
+
+class DataDir:
+    """``configured`` (empty: a temporary directory named ``temp_prefix...``); ``key`` names
+    the setting in errors, e.g. ``"[node] data_dir"``."""
+
+    def __init__(self, configured: str, key: str, temp_prefix: str) -> None:
+        self.key = key
+        self.temporary = not configured
+        self.path = Path(configured) if configured else Path(tempfile.mkdtemp(prefix=temp_prefix))
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.path / RUNTIME_FILE
+
+    def make(self) -> None:
+        """Create the directory (and its parents); one that cannot be is a ConfigError
+        naming the key and the path."""
+        where = f"{self.key} {self.path}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file (or a link to one) is in the way
+            raise ConfigError(f"{where}: exists and is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot create it: {exc.strerror or exc}") from None
+
+    def write_runtime(self, facts: dict[str, Any]) -> None:
+        """Record ``facts`` (which must hold this process's ``pid``) in the runtime file."""
+        partial = self.path / f".{RUNTIME_FILE}.{os.getpid()}"
+        partial.write_text(json.dumps(facts))
+        os.replace(partial, self.runtime_file)
+
+    def close(self) -> None:
+        """Remove the runtime file if this process wrote it, and a temporary directory whole.
+        Errors are logged, not raised: this runs on the way out."""
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+            if self.path.exists():
+                log.warning("cannot remove the temporary %s %s", self.key, self.path)
+            return
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            if json.loads(self.runtime_file.read_text()).get("pid") != os.getpid():
+                return  # not there, or another daemon's since (one on the same data_dir)
+            self.runtime_file.unlink()
