@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshinfer.discovery.base import is_host
 from meshinfer.errors import ConfigError
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
@@ -30,14 +31,18 @@ class NodeSection:
     identity_dir: str = doc(
         "", "directory made by `meshinfer-coord fleet enroll`: node.key, node.cert, fleet.json"
     )
-    data_dir: str = doc("", "where the node keeps its cache and runtime files (empty: a temp dir)")
+    data_dir: str = doc(
+        "", "where the node keeps its runtime.json (empty: a temp dir, removed at stop)"
+    )
 
 
 @dataclass(frozen=True)
 class NetworkSection:
     listen: str = doc("127.0.0.1:0", 'session listener "host:port"; port 0 picks a free one')
     advertise_host: str = doc(
-        "", "address peers should dial (empty: the listen host, or 127.0.0.1 for 0.0.0.0)"
+        "",
+        "address peers should dial (empty: the listen host; for 0.0.0.0 or ::, the address"
+        " this host routes from)",
     )
     link: str = doc("wan", 'link kind of this host\'s interface: "v2v", "v2i" or "wan"')
 
@@ -177,6 +182,12 @@ POSITIVE = {
 def check_mesh_sections(config: Any, source: str) -> None:
     """Relations between keys of the mesh sections a node's and a coordinator's file share."""
     parse_address(config.network.listen, f"{source}: [network] listen")
+    host = config.network.advertise_host
+    if host and (not is_host(host) or host in ("0.0.0.0", "::")):
+        raise ConfigError(
+            f"{source}: [network] advertise_host must be an address or host name peers can"
+            f" dial, got {host!r}"
+        )
     s = config.session
     if s.keepalive_interval >= s.idle_timeout:
         raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
+
+import psutil
 
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.discovery.static import StaticSeed
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.fleet import make_fleet
+from meshinfer.transport.base import Address
 from tests.helpers import until
 
 
@@ -113,3 +117,36 @@ async def test_node_of_another_fleet_is_never_a_member():
     finally:
         for node in [*good, evil]:
             await node.aclose()
+
+
+async def test_a_node_listening_on_every_interface_advertises_an_address_peers_can_dial():
+    """Not 127.0.0.1 (which a peer on another host would dial itself at): the address this
+    host routes from, an address of one of its interfaces; a peer given it joins."""
+    fleet = make_fleet(None, ["rsu", "car"], roles=("vehicle", "rsu"))
+    everywhere = options(mdns=None, listen=Address("0.0.0.0", 0))
+    rsu = MeshNode(fleet.identities["rsu"], fleet.revocations, everywhere)
+    await rsu.start()
+    car = None
+    try:
+        host = rsu.membership.state.host  # what gossip (and mDNS) tell every peer
+        interfaces = psutil.net_if_addrs().values()
+        own = {a.address for addresses in interfaces for a in addresses}
+        assert host in own
+        others = {a for a in own if "." in a and not ipaddress.ip_address(a).is_loopback}
+        assert not ipaddress.ip_address(host).is_loopback or not others
+        seed = StaticSeed(
+            node_id="rsu",
+            host=host,
+            port=rsu.address.port,
+            static_key=fleet.identities["rsu"].static_public,
+            fleet_id="test-fleet",
+        )
+        car = MeshNode(fleet.identities["car"], fleet.revocations, options(mdns=None, seeds=[seed]))
+        await car.start()
+        async with asyncio.timeout(10):
+            await car.wait_joined()
+        await until(lambda: rsu.live_members() == ["car"] and car.live_members() == ["rsu"])
+    finally:
+        if car is not None:
+            await car.aclose()
+        await rsu.aclose()

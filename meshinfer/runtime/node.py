@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import DiscoveryEvent, PeerAdvert
@@ -58,6 +62,25 @@ class MeshNodeOptions:
     #: directory's ``revocations.bin``; None: the list lives in memory only)
     revocations_file: Path | None = None
     revocations: RevocationSyncConfig = field(default_factory=RevocationSyncConfig)
+
+
+def outbound_address() -> str:
+    """The IPv4 address peers on other hosts most likely reach this one at: the source address
+    of the route off this host (a UDP socket's connect only looks the route up; nothing is
+    sent), else the first non-loopback IPv4 address of an interface that is up, else
+    127.0.0.1 (a host with no network: only loopback peers can reach it anyway)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))  # a documentation address (RFC 5737): a route lookup
+        host = probe.getsockname()[0]
+        if not ipaddress.ip_address(host).is_loopback and host != "0.0.0.0":
+            return host
+    up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
+    for name, addresses in psutil.net_if_addrs().items():
+        for address in addresses:
+            if name in up and address.family == socket.AF_INET:
+                if not ipaddress.ip_address(address.address).is_loopback:
+                    return address.address
+    return "127.0.0.1"
 
 
 class MeshNode:
@@ -99,6 +122,7 @@ class MeshNode:
         self.address: Address | None = None
         self.ready = asyncio.Event()
         self._closed = False
+        self._outbound: str | None = None
 
     @property
     def node_id(self) -> str:
@@ -106,6 +130,10 @@ class MeshNode:
 
     @property
     def advertised_host(self) -> str:
+        """The host peers are told to dial (gossip, mDNS): ``advertise_host``, else the listen
+        host; for a listener on every interface, the address this host routes from."""
+        if self._outbound is not None:  # looked up at the start
+            return self._outbound
         host = self.options.advertise_host or self.options.listen.host
         return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
@@ -124,6 +152,8 @@ class MeshNode:
         if self.ready.is_set():
             return
         self.address = await self.listener.start(self.options.listen)
+        if (self.options.advertise_host or self.options.listen.host) in ("0.0.0.0", "::"):
+            self._outbound = await asyncio.to_thread(outbound_address)
         self.membership = MembershipService(
             self.peers, self.initial_state(self.address.port), self.options.membership, rng=self.rng
         )
