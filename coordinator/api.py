@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import functools
 import hmac
 import json
@@ -38,6 +39,7 @@ import logging
 import math
 import random
 import re
+import sqlite3
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -111,6 +113,14 @@ _HTTP_CODES = {
     413: "too_large",
     415: "unsupported_media_type",
 }
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """True for a journal write (SQLite's SQLITE_FULL) or a file write that found the disk full."""
+    if isinstance(exc, sqlite3.OperationalError):
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        return full or str(exc) == "database or disk is full"
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 class ApiError(Exception):
@@ -294,7 +304,16 @@ class CoordinatorApi:
             return ApiError(404, "not_found", str(exc)).response()
         except TaskConflictError as exc:
             return ApiError(409, "conflict", str(exc)).response()
-        except Exception:
+        except Exception as exc:
+            if _out_of_space(exc):  # an operator's problem, not a bug: one line, no traceback
+                log.error(
+                    "API %s %s: out of disk space: %s", request.method, request.path[:200], exc
+                )
+                message = (
+                    "the coordinator is out of disk space: its journal could not record this"
+                    " request, which changed nothing; retry once space is freed"
+                )
+                return ApiError(507, "insufficient_storage", message).response()
             log.exception("API %s %s failed", request.method, request.path[:200])
             message = "the coordinator failed to handle this request; the error is logged"
             return ApiError(500, "internal", message).response()

@@ -22,7 +22,7 @@ API_VERSION = "1.0.0"
 ERROR_CODES = (
     "bad_json", "invalid_task", "bad_parameter", "bad_request", "unauthorized", "not_found",
     "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "busy", "internal",
-    "invalid_revocations", "unavailable",
+    "invalid_revocations", "unavailable", "insufficient_storage",
 )  # fmt: skip
 
 Schema = dict[str, Any]
@@ -217,6 +217,8 @@ _ERROR_RESPONSES = {
     "503": "Too many submissions are being uploaded; retry after Retry-After (code busy); or"
     " this coordinator runs no revocation sync (code unavailable).",
     "500": "The coordinator failed; the error is logged (code internal).",
+    "507": "The coordinator is out of disk space: the request changed nothing (code"
+    " insufficient_storage).",
 }
 
 
@@ -264,7 +266,7 @@ def _task_paths() -> dict[str, Any]:
                 "200": _ok("The same task was already submitted with this spec.",
                            _ref("Submitted")),
                 "202": _ok("Accepted and journaled.", _ref("Submitted")),
-            }, "400 409 413 415 503", requestBody=submit_body),
+            }, "400 409 413 415 503 507", requestBody=submit_body),
             "get": _operation("listTasks", "List tasks, newest first, a page at a time.", {
                 "200": _ok("One page.", _ref("TaskPage"))}, "400", parameters=listing),
         },
@@ -278,7 +280,7 @@ def _task_paths() -> dict[str, Any]:
         "/v1/tasks/{id}/cancel": {"post": _operation(
             "cancelTask", "Cancel a task; the nodes running its items are told.",
             {"200": _ok("cancelled is false when the task had already finished.",
-                        _ref("Cancelled"))}, "400 404", parameters=[_TASK_ID])},
+                        _ref("Cancelled"))}, "400 404 507", parameters=[_TASK_ID])},
     }  # fmt: skip
 
 
@@ -299,7 +301,7 @@ def _other_paths() -> dict[str, Any]:
                 "Merge a signed revocation list (what meshinfer fleet revoke writes); gossip"
                 " spreads it to the fleet and revoked nodes' sessions are closed.",
                 {"200": _ok("The list in force now; merged is false if nothing was new.",
-                            _ref("RevocationsMerged"))}, "400 413 415 503",
+                            _ref("RevocationsMerged"))}, "400 413 415 503 507",
                 requestBody={"required": True, "content": {
                     "application/octet-stream": {"schema": {"type": "string",
                                                             "format": "binary"}}}}),

@@ -34,6 +34,7 @@ from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.transport.base import Address
 from tests.helpers import until
 from tests.test_coordinator_service import DIGITS, Mesh, hold_inference
+from tests.test_journal_files import FullDisk
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -643,6 +644,23 @@ async def test_uploads_beyond_the_upload_budget_get_503_busy_and_then_go_through
     coordinator, anywhere = served.mesh.coordinator, Address("127.0.0.1", 0)
     with pytest.raises(ConfigError, match="below max_body_bytes"):
         CoordinatorApi(coordinator, anywhere, TOKEN, max_body_bytes=1024, max_upload_bytes=1000)
+
+
+async def test_a_full_disk_is_507_insufficient_storage_and_the_task_is_not_taken(served, caplog):
+    journal = served.mesh.coordinator.journal
+    body = {"task_id": "api-full-disk", "pattern": "single", "model": "digits-mlp@1",
+            "inputs": {"values": [[0.0] * 64]}}  # fmt: skip
+    db, journal._db = journal._db, FullDisk(journal._db)  # every COMMIT fails as on a full disk
+    try:
+        doc = await call(served.http, "POST", "/v1/tasks", json=body, status=507)
+    finally:
+        journal._db = db
+    assert doc["error"]["code"] == "insufficient_storage"
+    assert "out of disk space" in doc["error"]["message"]
+    assert "Traceback" not in caplog.text and "out of disk space" in caplog.text
+    await call(served.http, "GET", "/v1/tasks/api-full-disk", status=404)  # nothing was taken
+    await submit(served.http, body)  # space again: the same task goes through
+    await finished(served.http, "api-full-disk")
 
 
 async def test_a_body_over_the_cap_is_413_and_not_json_is_415(served):
