@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import string
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from meshinfer import __version__
-from meshinfer.errors import ConfigError, MeshInferError
+from meshinfer.errors import AdmissionError, ConfigError, MeshInferError
 from meshinfer.identity_files import (
     PUBLIC_MODE,
     FleetDirectory,
@@ -41,13 +42,16 @@ from meshinfer.identity_files import (
 )
 from meshinfer.proto.identity import (
     ROLES,
+    FleetTrust,
     NodeCertificate,
     RevocationList,
     check_name,
+    check_reason,
     check_roles,
 )
 
 EXIT_USAGE = 2
+MAX_PUBLIC_KEY_FILE_BYTES = 4096
 DEFAULT_CERT_DAYS = 365.0
 SECONDS_PER_DAY = 86400.0
 
@@ -87,6 +91,7 @@ def command_line(
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv``, run the chosen command's handler and return its exit code."""
+    _tolerate_unencodable_output()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
@@ -100,6 +105,14 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _tolerate_unencodable_output() -> None:
+    """Print what stdout cannot encode (a path of undecodable bytes) escaped rather than fail
+    after the work is done; a stream that already tolerates it is left alone."""
+    stdout = sys.stdout
+    if getattr(stdout, "errors", None) == "strict" and hasattr(stdout, "reconfigure"):
+        stdout.reconfigure(errors="backslashreplace")
 
 
 # --- argument types (errors become one-line argparse messages) --------------------------------
@@ -139,29 +152,44 @@ def _days(text: str) -> float:
 
 
 def _serial(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # int() also takes non-ASCII digits
         raise ConfigError(f"serial must be a non-negative integer, got {text!r}")
     return int(text)
 
 
 def _public_key(text: str) -> bytes:
     """A 64-hex-digit key, or the path of a file (such as node.pub) holding one."""
-    candidate = text.strip()
-    if len(candidate) != 64:
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file")
-        try:
-            candidate = path.read_text(encoding="ascii", errors="replace").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {text!r}: {exc.strerror}") from None
+    key = _hex_key_text(text)
+    if key is not None:
+        return key
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file")
+    if path.suffix == ".key":  # node.key holds the private key: certifying it would publish it
+        raise ConfigError(f"{text!r} is a private key file; give the public key (node.pub)")
     try:
-        key = bytes.fromhex(candidate)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
+        with path.open("rb") as file:
+            content = file.read(MAX_PUBLIC_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {text!r}: {exc.strerror}") from None
+    key = _hex_key_text(content.decode("ascii", errors="replace"))
+    if key is None or len(content) > MAX_PUBLIC_KEY_FILE_BYTES:
         raise ConfigError(f"{text!r} does not hold a 32-byte key as 64 hex digits")
     return key
+
+
+def _hex_key_text(text: str) -> bytes | None:
+    """The 32-byte key that ``text`` spells as 64 hex digits (blanks around allowed), or None."""
+    candidate = text.strip()
+    if len(candidate) != 64 or not all(c in string.hexdigits for c in candidate):
+        return None
+    return bytes.fromhex(candidate)
+
+
+def _reason(text: str) -> str:
+    if not text.isprintable():
+        raise ConfigError(f"reason must be printable text on one line, got {text!r:.80}")
+    return check_reason(text)
 
 
 NODE_ID = _argument_type(_node_id)
@@ -170,6 +198,7 @@ ROLE_LIST = _argument_type(_roles)
 DAYS = _argument_type(_days)
 SERIAL = _argument_type(_serial)
 PUBLIC_KEY = _argument_type(_public_key)
+REASON = _argument_type(_reason)
 
 
 # --- pieces shared by the daemons' command lines ----------------------------------------------
@@ -250,7 +279,7 @@ def _add_revoke(commands: Any) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--node-id", type=NODE_ID)
     target.add_argument("--serial", type=SERIAL)
-    parser.add_argument("--reason", default="", help="short text shown to operators")
+    parser.add_argument("--reason", default="", type=REASON, help="short text shown to operators")
 
 
 def _add_show(commands: Any) -> None:
@@ -275,13 +304,21 @@ def _init(args: argparse.Namespace) -> int:
 def _sign(args: argparse.Namespace) -> int:
     fleet = FleetDirectory(args.dir)
     fleet.authority()  # refuse early if the authority is unusable
-    if args.out.exists() and not args.force:
-        raise ConfigError(f"{args.out} already exists; refusing to overwrite it (use --force)")
+    _check_output(args.out, args.force)  # before a serial is issued that no file would hold
     lifetime = args.days * SECONDS_PER_DAY
     cert = fleet.sign(args.node_id, args.pubkey, args.roles, now=time.time(), lifetime_s=lifetime)
     write_new_file(args.out, cert.to_bytes(), mode=PUBLIC_MODE, force=args.force)
     print(f"signed serial {cert.serial} for node {cert.node_id} ({cert.fingerprint}) -> {args.out}")
     return 0
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.is_dir() and not out.is_symlink():
+        raise ConfigError(f"--out {out} is a directory; give the certificate file to write")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise ConfigError(f"{out} already exists; refusing to overwrite it (use --force)")
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -332,12 +369,14 @@ def fleet_report(fleet: FleetDirectory, *, now: float) -> dict[str, Any]:
         "authority_public_key": trust.authority_public_key.hex(),
         "authority_fingerprint": trust.authority_fingerprint,
         "revocation_version": revocations.version,
-        "certificates": [_cert_record(c, revocations, now) for c in fleet.issued()],
+        "certificates": [_cert_record(c, trust, revocations, now) for c in fleet.issued()],
         "revocations": revocations.records(),
     }
 
 
-def _cert_record(cert: NodeCertificate, revocations: RevocationList, now: float) -> dict[str, Any]:
+def _cert_record(
+    cert: NodeCertificate, trust: FleetTrust, revocations: RevocationList, now: float
+) -> dict[str, Any]:
     return {
         "serial": cert.serial,
         "node_id": cert.node_id,
@@ -346,11 +385,17 @@ def _cert_record(cert: NodeCertificate, revocations: RevocationList, now: float)
         "not_after": cert.not_after,
         "fingerprint": cert.fingerprint,
         "static_public_key": cert.static_public.hex(),
-        "status": _status(cert, revocations, now),
+        "status": _status(cert, trust, revocations, now),
     }
 
 
-def _status(cert: NodeCertificate, revocations: RevocationList, now: float) -> str:
+def _status(
+    cert: NodeCertificate, trust: FleetTrust, revocations: RevocationList, now: float
+) -> str:
+    try:
+        cert.verify(trust)
+    except AdmissionError as exc:  # e.g. the authority key was replaced after it was issued
+        return exc.reason
     if revocations.is_revoked(cert):
         return "revoked"
     if now > cert.not_after:
@@ -385,5 +430,9 @@ def _count(n: int, singular: str, plural: str) -> str:
 
 
 def _utc(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    """``seconds`` as a UTC date and time, or as a number where no calendar date fits."""
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.6g} s"
     return moment.strftime("%Y-%m-%d %H:%M:%S")

@@ -20,23 +20,30 @@ Node directory (one per vehicle, roadside unit or coordinator)::
 
 Secret files are created with ``os.open(O_CREAT | O_EXCL, 0o600)`` so they are never readable by
 others, not even briefly, and a node refuses to load a ``node.key`` that group or others can read.
-Nothing is overwritten unless ``force=True``; files that change in normal operation (the index,
-the revocation list) are replaced atomically. Every failure raises :class:`IdentityError` naming
-the file.
+Every file is written to a temporary file beside it, flushed to disk, and only then given its name
+(hard-linked, or renamed over the old one), so a crash never leaves a half-written key. Nothing is
+overwritten unless ``force=True``. Commands that change the index or the revocation list hold an
+exclusive lock on the fleet directory meanwhile; a second one at once is refused. Files are read
+with a size cap. Every failure raises :class:`IdentityError` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import secrets
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import AdmissionError, ConfigError, IdentityError, RemoteProtocolError
 from meshinfer.proto.identity import (
+    MAX_REVOCATION_LIST_BYTES,
     FleetAuthority,
     FleetTrust,
     NodeCertificate,
@@ -51,50 +58,130 @@ FILE_FORMAT = 1
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+MAX_FILE_BYTES = 64 * 1024 * 1024  # the issued-certificates index is the largest file
+MAX_SMALL_FILE_BYTES = 64 * 1024  # keys, tokens, fleet.json
 
 
 # --- low-level file helpers --------------------------------------------------------------------
 
 
 def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> None:
-    """Create ``path`` with ``mode`` and write ``data``; refuse to overwrite unless ``force``."""
-    if force and (path.is_symlink() or path.is_file()):
-        path.unlink()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
-    try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
-        raise IdentityError(
-            f"{path} already exists; refusing to overwrite it (use --force)"
-        ) from None
-    except OSError as exc:
-        raise IdentityError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
+    """Create ``path`` with ``mode`` holding ``data``; refuse to overwrite unless ``force``.
+
+    The data goes to a temporary file in the same directory first, flushed to disk, and only
+    then appears under ``path`` (hard-linked, or renamed over it with ``force``): a crash never
+    leaves a half-written file, and an existing file (or symlink) is never followed or clobbered.
+    """
+    _write_atomically(path, data, mode=mode, force=force)
 
 
 def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat_result:
     """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
     the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
+    return _write_atomically(path, data, mode=mode, force=True)
+
+
+def _write_atomically(path: Path, data: bytes, *, mode: int, force: bool) -> os.stat_result:
+    if path.is_dir() and not path.is_symlink():
+        raise IdentityError(f"cannot write {path}: it is a directory")
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    write_new_file(temporary, data, mode=mode)
-    written = os.stat(temporary)
-    os.replace(temporary, path)
+    written = _write_temporary(temporary, data, mode, path)
+    try:
+        if force:
+            os.replace(temporary, path)
+        else:
+            _link_new(temporary, path, data, mode)
+    except FileExistsError:
+        raise IdentityError(
+            f"{path} already exists; refusing to overwrite it (use --force)"
+        ) from None
+    except OSError as exc:
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        _remove_quietly(temporary)
+    _sync_directory(path.parent)
     return written
 
 
-def read_file(path: Path, what: str) -> bytes:
-    """Read ``path``; a missing or unreadable file raises :class:`IdentityError` naming ``what``."""
+def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.stat_result:
+    """Write and fsync ``temporary`` (created with ``mode``); return its status."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
     try:
-        return path.read_bytes()
+        fd = os.open(temporary, flags, mode)
+    except OSError as exc:
+        raise IdentityError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+            return os.fstat(file.fileno())
+    except OSError as exc:
+        _remove_quietly(temporary)
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _link_new(temporary: Path, path: Path, data: bytes, mode: int) -> None:
+    """Give the finished ``temporary`` the name ``path`` unless that name exists (even as a
+    dangling symlink). Where the file system has no hard links, create ``path`` exclusively and
+    write it directly instead, removing it again if that fails."""
+    try:
+        os.link(temporary, path)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            os.fsync(file.fileno())
+    except OSError:
+        _remove_quietly(path)
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _sync_directory(directory: Path) -> None:
+    """Flush a directory's entries to disk (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Read ``path`` (at most ``limit`` bytes); a missing, unreadable or larger file raises
+    :class:`IdentityError` naming ``what``."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
     except FileNotFoundError:
         raise IdentityError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise IdentityError(f"{what} {path} is a directory, not a file") from None
     except OSError as exc:
         raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise IdentityError(f"{what} {path} is over the {limit}-byte limit")
+    return data
 
 
 def _hex_key(path: Path, what: str) -> bytes:
-    text = read_file(path, what).decode("ascii", "replace").strip()
+    text = read_file(path, what, limit=MAX_SMALL_FILE_BYTES).decode("ascii", "replace").strip()
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -119,6 +206,12 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
         )
 
 
+def _refuse_directories(paths: list[Path]) -> None:
+    directories = [str(p) for p in paths if p.is_dir() and not p.is_symlink()]
+    if directories:
+        raise IdentityError(f"{', '.join(directories)}: a directory where a file belongs")
+
+
 def _make_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -141,7 +234,7 @@ def trust_to_json(trust: FleetTrust) -> bytes:
 
 def load_trust(path: Path) -> FleetTrust:
     """Read a ``fleet.json`` trust anchor."""
-    document = _load_json(path, "fleet trust file")
+    document = _load_json(path, "fleet trust file", limit=MAX_SMALL_FILE_BYTES)
     try:
         key = bytes.fromhex(document["authority_public_key"])
         return FleetTrust(document["fleet_id"], key)
@@ -154,19 +247,24 @@ def load_revocations(path: Path, trust: FleetTrust, *, missing_ok: bool = False)
     if missing_ok and not path.exists():
         return RevocationList(trust.fleet_id)
     try:
-        return RevocationList.from_bytes(read_file(path, "revocation list"), trust)
+        listed = read_file(path, "revocation list", limit=MAX_REVOCATION_LIST_BYTES)
+        return RevocationList.from_bytes(listed, trust)
     except RemoteProtocolError as exc:
         raise IdentityError(f"revocation list {path} is invalid: {exc}") from None
 
 
-def _load_json(path: Path, what: str) -> dict[str, Any]:
+def _load_json(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> dict[str, Any]:
     try:
-        document = json.loads(read_file(path, what))
-    except (ValueError, UnicodeDecodeError):
+        document = json.loads(read_file(path, what, limit=limit))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise IdentityError(f"{what} {path} is not valid JSON") from None
-    if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
+    if not isinstance(document, dict) or not _is_format(document.get("format")):
         raise IdentityError(f"{what} {path} has an unknown format")
     return document
+
+
+def _is_format(value: object) -> bool:
+    return type(value) is int and value == FILE_FORMAT
 
 
 # --- fleet directory ---------------------------------------------------------------------------
@@ -204,6 +302,7 @@ class FleetDirectory:
         fleet = cls(Path(path))
         files = [fleet.authority_key, fleet.fleet_json, fleet.revocations_bin, fleet.issued_json]
         _refuse_existing([*files, fleet.api_token_file], force)
+        _refuse_directories([*files, fleet.api_token_file])  # before replacing anything
         authority = FleetAuthority.create(fleet_id)
         _make_dir(fleet.path)
         write_new_file(
@@ -242,18 +341,38 @@ class FleetDirectory:
 
     def api_token(self) -> str:
         """The coordinator HTTP API token."""
-        token = read_file(self.api_token_file, "api token").decode("ascii", "replace").strip()
+        token = read_file(self.api_token_file, "api token", limit=MAX_SMALL_FILE_BYTES)
+        token = token.decode("ascii", "replace").strip()
         _require_private(self.api_token_file, "api token")
         return token
 
     def issued(self) -> list[NodeCertificate]:
         """Every certificate this fleet directory issued, by serial."""
+        fleet_id = self.trust().fleet_id
         document = _load_json(self.issued_json, "issued-certificates index")
         try:
             certs = [bytes.fromhex(c["certificate"]) for c in document["certificates"]]
-            return sorted((NodeCertificate.from_bytes(c) for c in certs), key=lambda c: c.serial)
+            issued = [NodeCertificate.from_bytes(c) for c in certs]
         except (KeyError, TypeError, ValueError, AdmissionError) as exc:
             raise IdentityError(f"index {self.issued_json} is invalid: {exc}") from None
+        foreign = next((c for c in issued if c.fleet_id != fleet_id), None)
+        if foreign is not None:
+            raise IdentityError(
+                f"index {self.issued_json} is invalid: serial {foreign.serial} is a certificate"
+                f" of fleet {foreign.fleet_id!r}, not {fleet_id!r}"
+            )
+        return sorted(issued, key=lambda c: c.serial)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the fleet directory's lock while reading, changing and rewriting the index or the
+        revocation list, so that two commands at once can neither issue one serial twice nor
+        lose a revocation (the second one is refused)."""
+        fd = _lock_directory(self.path)
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def sign(
         self,
@@ -267,36 +386,59 @@ class FleetDirectory:
         """Issue a certificate valid from ``now`` for ``lifetime_s`` seconds and index it."""
         if not lifetime_s > 0:
             raise ConfigError(f"certificate lifetime must be positive, got {lifetime_s}")
-        authority, issued = self.authority(), self.issued()
-        serial = max((c.serial for c in issued), default=0) + 1
-        cert = authority.sign(
-            node_id=node_id,
-            static_public=static_public,
-            roles=roles,
-            not_before=now,
-            not_after=now + lifetime_s,
-            serial=serial,
-        )
-        replace_file(self.issued_json, _index_json([*issued, cert]))
+        authority = self.authority()
+        with self._exclusive():
+            issued = self.issued()
+            serial = max((c.serial for c in issued), default=0) + 1
+            cert = authority.sign(
+                node_id=node_id,
+                static_public=static_public,
+                roles=roles,
+                not_before=now,
+                not_after=now + lifetime_s,
+                serial=serial,
+            )
+            replace_file(self.issued_json, _index_json([*issued, cert]))
         return cert
 
     def revoke(
         self, *, now: float, serial: int | None = None, node_id: str | None = None, reason: str = ""
     ) -> RevocationEntry:
         """Revoke an issued serial, or every issued certificate of a node; return the entry."""
-        authority, revocations = self.authority(), self.revocations()
-        targets = [c for c in self.issued() if c.serial == serial or c.node_id == node_id]
-        what = f"serial {serial}" if serial is not None else f"node id {node_id!r}"
-        if not targets:
-            raise IdentityError(f"no certificate with {what} was issued from {self.path}")
-        if all(revocations.is_revoked(c) for c in targets):
-            raise IdentityError(f"{what} is already revoked")
-        updated = authority.revoke(
-            revocations, now=now, serial=serial, node_id=node_id, reason=reason
-        )
-        replace_file(self.revocations_bin, updated.to_bytes())
+        authority = self.authority()
+        with self._exclusive():
+            revocations = self.revocations()
+            targets = [c for c in self.issued() if c.serial == serial or c.node_id == node_id]
+            what = f"serial {serial}" if serial is not None else f"node id {node_id!r}"
+            if not targets:
+                raise IdentityError(f"no certificate with {what} was issued from {self.path}")
+            if all(revocations.is_revoked(c) for c in targets):
+                raise IdentityError(f"{what} is already revoked")
+            updated = authority.revoke(
+                revocations, now=now, serial=serial, node_id=node_id, reason=reason
+            )
+            replace_file(self.revocations_bin, updated.to_bytes())
         (entry,) = updated.since(revocations.version).entries
         return entry
+
+
+def _lock_directory(path: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive lock (close it to unlock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise IdentityError(f"cannot open fleet directory {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise IdentityError(
+                f"fleet directory {path} is in use by another fleet command;"
+                " run this one again when that one is done"
+            ) from None
+        raise IdentityError(f"cannot lock fleet directory {path}: {exc.strerror}") from None
+    return fd
 
 
 def _index_json(certs: list[NodeCertificate]) -> bytes:
@@ -388,7 +530,8 @@ class NodeDirectory:
         private = self.static_private()
         trust = load_trust(self.fleet_json)
         try:
-            certificate = NodeCertificate.from_bytes(read_file(self.node_cert, "node certificate"))
+            encoded = read_file(self.node_cert, "node certificate", limit=MAX_SMALL_FILE_BYTES)
+            certificate = NodeCertificate.from_bytes(encoded)
         except AdmissionError as exc:
             raise IdentityError(f"node certificate {self.node_cert} is invalid: {exc}") from None
         try:
@@ -412,7 +555,9 @@ def enroll(
     force: bool = False,
 ) -> NodeIdentity:
     """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations."""
-    _refuse_existing([node.node_cert, node.fleet_json, node.revocations_bin], force)
+    outputs = [node.node_cert, node.fleet_json, node.revocations_bin]
+    _refuse_existing(outputs, force)
+    _refuse_directories(outputs)  # before a serial is issued that no file would hold
     trust, revocations = fleet.trust(), fleet.revocations()
     fleet.authority()  # fail on a bad authority key before touching the node directory
     public = static_public_key(node.static_private()) if node.has_key() else node.keygen()

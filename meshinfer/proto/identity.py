@@ -103,6 +103,17 @@ def check_roles(value: Iterable[object]) -> frozenset[str]:
     return frozenset(items)  # type: ignore[arg-type]
 
 
+def check_reason(value: object) -> str:
+    """Return ``value`` if it is a revocation reason: text of at most 128 characters (UTF-8)."""
+    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
+        raise ConfigError(f"revocation reason must be a string of <= {MAX_REASON_CHARS} chars")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from a command line
+        raise ConfigError(f"revocation reason is not valid text, got {value!r:.80}") from None
+    return value
+
+
 def _check_key(kind: str, value: object) -> bytes:
     if type(value) is not bytes or len(value) != KEY_BYTES:
         raise ConfigError(f"{kind} must be {KEY_BYTES} bytes")
@@ -310,8 +321,7 @@ class RevocationEntry:
             _check_counter("serial", self.serial, 0)
         if self.node_id is not None:
             check_name("node id", self.node_id)
-        if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON_CHARS:
-            raise ConfigError(f"revocation reason must be a string of <= {MAX_REASON_CHARS} chars")
+        check_reason(self.reason)
         _check_signature(self.signature)
 
     def covers(self, cert: NodeCertificate) -> bool:
