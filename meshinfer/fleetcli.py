@@ -416,12 +416,14 @@ def _format_report(report: dict[str, Any]) -> str:
     for c in report["certificates"]:
         lines.append(
             f"  {c['serial']:>6}  {c['node_id']:<24} {','.join(c['roles']):<24} "
-            f"{_utc(c['not_after']):<20} {c['fingerprint']:<16}  {c['status']}"
+            f"{utc_text(c['not_after']):<20} {c['fingerprint']:<16}  {c['status']}"
         )
     for r in report["revocations"]:
         target = f"serial {r['serial']}" if r["serial"] is not None else f"node {r['node_id']}"
         reason = f": {r['reason']}" if r["reason"] else ""
-        lines.append(f"  revocation {r['sequence']}: {target} at {_utc(r['revoked_at'])}{reason}")
+        lines.append(
+            f"  revocation {r['sequence']}: {target} at {utc_text(r['revoked_at'])}{reason}"
+        )
     return "\n".join(lines)
 
 
@@ -429,7 +431,7 @@ def _count(n: int, singular: str, plural: str) -> str:
     return f"{n} {singular if n == 1 else plural}"
 
 
-def _utc(seconds: float) -> str:
+def utc_text(seconds: float) -> str:
     """``seconds`` as a UTC date and time, or as a number where no calendar date fits."""
     try:
         moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError, IdentityError, TransportError
+from meshinfer.fleetcli import utc_text
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
 from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
@@ -132,9 +134,28 @@ def load_identity(directory: str, where: str) -> NodeIdentity:
     if not directory:
         raise ConfigError(f"{where} is required (made by `fleet enroll`)")
     try:
-        return NodeIdentity.load(directory)
+        identity = NodeIdentity.load(directory)
     except IdentityError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    check_validity(identity, where, now=time.time())
+    return identity
+
+
+def check_validity(identity: NodeIdentity, where: str, *, now: float) -> None:
+    """An expired certificate is a ConfigError (every peer refuses it: the daemon could only
+    sit alone); one not valid yet is a warning (this host's clock may be behind its peers')."""
+    cert = identity.certificate
+    if now > cert.not_after:
+        raise ConfigError(
+            f"{where}: the certificate of {cert.node_id!r} (serial {cert.serial}) expired at"
+            f" {utc_text(cert.not_after)} UTC; enrol the node again (fleet enroll --force)"
+        )
+    if now < cert.not_before:
+        log.warning(
+            "%s: the certificate of %r is valid only from %s UTC (is this host's clock behind?):"
+            " peers refuse it until then",
+            where, cert.node_id, utc_text(cert.not_before),
+        )  # fmt: skip
 
 
 def make_engine(config: NodeConfig) -> InferenceEngine:

@@ -13,16 +13,19 @@ import json
 import logging
 import os
 import socket
+import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from meshinfer.errors import ConfigError
+from meshinfer.identity_files import NodeDirectory, enroll
+from meshinfer.proto.identity import NodeIdentity
 from meshinfer.testing.cluster import LocalCluster
 from node import cli as node_cli
 from node.config import config_from_dict
-from node.daemon import NodeDaemon
+from node.daemon import NodeDaemon, check_validity
 from tests.helpers import until
 
 
@@ -200,3 +203,27 @@ async def test_a_failing_telemetry_loop_is_logged(base, caplog, monkeypatch):
         monkeypatch.setattr(daemon.telemetry, "sample", broken)  # its next sample, in 1 s
         said = "the telemetry loop failed: sensor gone"
         await until(lambda: any(said in r.getMessage() for r in caplog.records), timeout=5)
+
+
+def test_an_expired_certificate_is_refused_and_one_not_valid_yet_is_a_warning(base, caplog):
+    identity = NodeIdentity.load(base["node"]["identity_dir"])
+    cert, where = identity.certificate, "[node] identity_dir"
+    check_validity(identity, where, now=cert.not_before)  # valid: nothing to say
+    assert caplog.records == []
+    with pytest.raises(
+        ConfigError, match=r"^\[node\] identity_dir: .*'veh' \(serial \d+\) expired"
+    ):
+        check_validity(identity, where, now=cert.not_after + 1)
+    check_validity(identity, where, now=cert.not_before - 60)  # this host's clock may be behind
+    assert "valid only from" in caplog.text and "clock behind" in caplog.text
+
+
+def test_a_daemon_on_an_expired_certificate_is_refused_before_it_starts(base, tmp_path):
+    cluster = LocalCluster(tmp_path / "other", fleet_id="inputs")
+    old = NodeDirectory(tmp_path / "old")
+    hour = 3600.0
+    enroll(cluster.fleet, old, "old", frozenset({"vehicle"}), now=time.time() - 2 * hour,
+           lifetime_s=hour)  # fmt: skip
+    config = _config(base, node={"identity_dir": str(old.path)})
+    with pytest.raises(ConfigError, match=r"identity_dir: the certificate of 'old' .* expired"):
+        NodeDaemon(config)
