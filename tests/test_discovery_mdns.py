@@ -20,14 +20,16 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zeroconf import DNSOutgoing
+from zeroconf import DNSOutgoing, DNSPointer
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _TYPE_PTR
 
 from meshinfer.discovery.base import DiscoveryEvent, DiscoverySource, MalformedAdvert, PeerAdvert
 from meshinfer.discovery.mdns import (
     SERVICE_TYPE,
     MdnsConfig,
     MdnsDiscovery,
+    advert_from_service,
     advert_from_txt,
     instance_label,
     pack_txt,
@@ -434,3 +436,88 @@ async def test_second_process_finds_and_is_found(fleet: str) -> None:
                 await child.wait()
         assert child.returncode == 0
         await seen.wait("lost", "veh-child", limit=1.0)
+
+
+# --- hostile hosts ---------------------------------------------------------------------------
+
+
+async def _send_pointers(raw: AsyncZeroconf, *names: str) -> None:
+    """Multicast one PTR record per name, as a host on the link could, valid name or not."""
+    await raw.zeroconf.async_wait_for_start()
+    out = DNSOutgoing(MDNS_RESPONSE_FLAGS)
+    for name in names:
+        out.add_answer_at_time(DNSPointer(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN, 4500, name), 0)
+    raw.zeroconf.async_send(out)
+
+
+async def test_hostile_service_names_do_not_stop_discovery(fleet: str) -> None:
+    async with nodes(fleet, "veh-a") as [(a, a_seen)]:
+        malformed = spy_on(a, "malformed")
+        hostile = [f"bad\x01name.{SERVICE_TYPE}", f"{'x' * 40}.{'y' * 40}.{SERVICE_TYPE}"]
+        async with AsyncZeroconf(interfaces=["127.0.0.1"]) as raw:
+            await _send_pointers(raw, *hostile)
+            while a.stats.ignored_malformed < len(hostile):
+                malformed.clear()
+                async with asyncio.timeout(WAIT):
+                    await malformed.wait()
+        # zeroconf keeps a change whose handler raised pending, and fires it first on every
+        # later update: had the names reached it, no peer would be found from here on.
+        async with nodes(fleet, "veh-b"):
+            found = await a_seen.wait("found", "veh-b")
+        assert found.advert.addresses == ("127.0.0.1",)
+
+
+def _offline_service(node_id: str, fleet: str, addresses: list[str]) -> AsyncServiceInfo:
+    label = instance_label(node_id, fleet)
+    return AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"{label}.{SERVICE_TYPE}",
+        port=7000,
+        properties=txt_for_advert(make_advert(node_id, fleet)),
+        server=f"{label}.local.",
+        parsed_addresses=addresses,
+    )
+
+
+def test_addresses_no_peer_listens_on_are_dropped() -> None:
+    usable = ["0.0.0.0", "224.0.0.251", "127.0.0.1", "255.255.255.255", "ff02::fb", "::", "fd00::1"]
+    info = _offline_service("veh-1", "f", usable)
+    advert = advert_from_service(info.name, info)
+    assert sorted(advert.addresses) == ["127.0.0.1", "fd00::1"]
+    info = _offline_service("veh-1", "f", ["0.0.0.0", "255.255.255.255", "224.0.0.1", "::"])
+    with pytest.raises(MalformedAdvert, match="unicast"):
+        advert_from_service(info.name, info)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.text(max_size=90) | st.sampled_from([f"x.{SERVICE_TYPE}", SERVICE_TYPE]),
+    text=st.binary(max_size=300) | adverts.map(txt_for_advert),
+    port=st.integers(0, 65535),
+    addresses=st.lists(st.ip_addresses().map(str), min_size=1, max_size=20),
+)
+def test_advert_from_service_fuzz_raises_only_malformed(
+    name: str, text: bytes, port: int, addresses: list[str]
+) -> None:
+    info = AsyncServiceInfo(
+        SERVICE_TYPE, f"x.{SERVICE_TYPE}", port=port, properties=text, parsed_addresses=addresses
+    )
+    try:
+        advert = advert_from_service(name, info)
+    except MalformedAdvert:
+        return
+    assert name.lower() == f"{instance_label(advert.node_id, advert.fleet_id)}.{SERVICE_TYPE}"
+    assert 1 <= len(advert.addresses) <= 16 and advert.port == port
+
+
+async def test_flood_of_bare_service_names_is_resolved_with_bounded_questions(fleet: str) -> None:
+    config = replace(LOOPBACK, resolve_timeout=0.2, max_resolving=1)
+    async with MdnsDiscovery(make_advert("veh-a", fleet), Recorder(), config) as a:
+        async with AsyncZeroconf(interfaces=["127.0.0.1"]) as raw:
+            ghosts = [_service(f"veh-ghost-{i}", fleet).name for i in range(3)]
+            task = await _resolve_task(a, _send_pointers(raw, *ghosts))
+            async with asyncio.timeout(WAIT):
+                await task
+        assert a.stats.unresolved >= 3 and not a.peers and not a._resolving
+    with pytest.raises(ConfigError, match="max_resolving"):
+        MdnsConfig(max_resolving=0)

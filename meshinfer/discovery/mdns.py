@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import ifaddr
-from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
+from zeroconf import BadTypeInNameException, InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from meshinfer.discovery.base import (
@@ -207,12 +207,19 @@ def _txt_link(items: Mapping[str, bytes | None]) -> LinkKind | None:
 
 
 def advert_from_service(name: str, info: AsyncServiceInfo) -> PeerAdvert:
-    """Parse a resolved service into a PeerAdvert; its label must derive from its TXT ids."""
+    """Parse a resolved service into a PeerAdvert; its label must derive from its TXT ids.
+
+    Addresses no peer can be reached at (unspecified, multicast, broadcast) are dropped; a
+    service left with none is malformed.
+    """
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):
         raise MalformedAdvert(f"service name {name!r} is not of type {SERVICE_TYPE}")
     text = info.text if isinstance(info.text, bytes) else b""
-    advert = advert_from_txt(text, addresses=info.parsed_scoped_addresses(), port=info.port)
+    addresses = [a for a in info.parsed_scoped_addresses() if _is_unicast(a)]
+    if not addresses:
+        raise MalformedAdvert(f"service {name!r} has no unicast address")
+    advert = advert_from_txt(text, addresses=addresses, port=info.port)
     if name[: -len(suffix)].lower() != instance_label(advert.node_id, advert.fleet_id).lower():
         raise MalformedAdvert(f"service name {name!r} does not derive from fleet and node id")
     return advert
@@ -237,6 +244,9 @@ class MdnsConfig:
     * ``reannounce_interval``: least seconds between two reciprocal announcements (and since
       registration); RFC 6762 section 14 asks for 1 s on a real link.
     * ``resolve_timeout``: seconds to wait for records of a service not fully in the cache.
+    * ``max_resolving``: most services asked for at once; a service named while that many are
+      being asked for is counted ``unresolved`` and left to the next announcement, so a flood of
+      bare service names from one host cannot make us query without bound.
     """
 
     interfaces: str | tuple[str, ...] = "all"
@@ -245,6 +255,7 @@ class MdnsConfig:
     reciprocal_announce: bool = True
     reannounce_interval: float = 1.0
     resolve_timeout: float = 0.5
+    max_resolving: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.interfaces, list):  # from TOML
@@ -259,6 +270,8 @@ class MdnsConfig:
             raise ConfigError("mdns.reannounce_interval: must be >= 0 seconds")
         if not self.resolve_timeout > 0:
             raise ConfigError("mdns.resolve_timeout: must be > 0 seconds")
+        if type(self.max_resolving) is not int or self.max_resolving < 1:
+            raise ConfigError("mdns.max_resolving: must be an integer >= 1")
 
     @classmethod
     def lan(cls) -> MdnsConfig:
@@ -303,6 +316,16 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_unicast(host: str) -> bool:
+    """True for an IP literal a peer can listen on: not unspecified, multicast or broadcast."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    broadcast = ip.version == 4 and int(ip) == 0xFFFFFFFF
+    return not (ip.is_unspecified or ip.is_multicast or broadcast)
 
 
 def _ifaddr_ip(ip: str | tuple[str, int, int]) -> str:
@@ -418,16 +441,36 @@ class MdnsDiscovery(SourceBase):
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
-        """zeroconf browser callback (on the loop): resolve added/updated, forget removed."""
+        """zeroconf browser callback (on the loop): resolve added/updated, forget removed.
+
+        It must never raise: zeroconf would leave the browser's pending changes uncleared, and
+        one hostile service name would then hide every later peer.
+        """
         if self._closed or self._zc is None:
             return
+        try:
+            self._on_change(name, state_change)
+        except BadTypeInNameException as exc:  # a name zeroconf itself refuses to resolve
+            self.directory.malformed(f"service name {name!r}: {exc}")
+        except Exception:
+            self.stats.ignored_malformed += 1
+            log.exception("mdns: handling %s of %r failed", state_change, name)
+
+    def _on_change(self, name: str, state_change: ServiceStateChange) -> None:
+        assert self._zc is not None
         if state_change is ServiceStateChange.Removed:
             self._forget(name)
             return
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if info.load_from_cache(self._zc.zeroconf) and info.port is not None:
             self._accept(name, info)
-        elif name.lower() not in self._resolving:
+        elif name.lower() in self._resolving:
+            return
+        elif len(self._resolving) >= self.config.max_resolving:
+            self.stats.unresolved += 1
+            log.debug("mdns: %d services being resolved; not asking for %r", len(self._resolving),
+                      name)  # fmt: skip
+        else:
             self._spawn_resolve(name, info)
 
     def _spawn_resolve(self, name: str, info: AsyncServiceInfo) -> None:
