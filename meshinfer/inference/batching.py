@@ -42,6 +42,7 @@ from meshinfer.errors import (
     OverloadedError,
 )
 from meshinfer.inference.base import InferenceEngine, ModelRef, TensorSpec
+from meshinfer.inference.mlp import BatchShapeError, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +273,12 @@ class DynamicBatcher:
     ) -> np.ndarray:
         """Queue ``inputs`` for the next batch and return their outputs. Runs on the loop.
 
-        ``deadline`` is in the running loop's time (``loop.time()``). Raises OverloadedError
-        when the queue is full, DeadlineExceededError if the deadline passes before the request
-        is batched, InferenceError if the engine fails the batch or the batcher closes.
+        ``deadline`` is in the running loop's time (``loop.time()``). Raises BatchShapeError at
+        once for inputs that are not an array of 1..``max_batch_size`` samples (fitting the
+        input spec, if any), or that hold NaN or infinity (NonFiniteInputError): such a request
+        never joins a batch, so it cannot fail anyone else's. Raises OverloadedError when the
+        queue is full, DeadlineExceededError if the deadline passes before the request is
+        batched, InferenceError if the engine fails the batch or the batcher closes.
         """
         request = self._enqueue(inputs, priority, deadline)
         try:
@@ -320,22 +324,26 @@ class DynamicBatcher:
             )
 
     def _as_batch(self, inputs: np.ndarray) -> tuple[np.ndarray, bool]:
-        array = np.asarray(inputs)
+        try:
+            array = np.asarray(inputs)
+        except (ValueError, TypeError) as exc:
+            raise BatchShapeError(f"request for {self.ref} is not an array: {exc}") from None
         spec = self._input_spec
         single = spec is not None and array.ndim == len(spec.shape) - 1
         batch = array[np.newaxis] if single else array
         if batch.ndim < 1 or batch.shape[0] < 1:
-            raise InferenceError(f"request for {self.ref} has no samples (shape {array.shape})")
+            raise BatchShapeError(f"request for {self.ref} has no samples (shape {array.shape})")
         if batch.shape[0] > self.config.max_batch_size:
-            raise InferenceError(
+            raise BatchShapeError(
                 f"request for {self.ref} has {batch.shape[0]} samples, more than "
                 f"max_batch_size={self.config.max_batch_size}; split it"
             )
         if spec is not None and not _fits_spec(batch, spec):
-            raise InferenceError(
+            raise BatchShapeError(
                 f"request for {self.ref}: shape {array.shape} does not fit input "
                 f"{spec.name} {spec.shape}"
             )
+        check_finite(batch)
         return batch, single
 
     def _push(self, request: _Request) -> None:

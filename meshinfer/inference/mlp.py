@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -21,6 +22,14 @@ import numpy as np
 from meshinfer.errors import InferenceError
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+MAX_WEIGHTS_BYTES = 1 << 31
+"""Most bytes of array data a weights file may hold (2 GiB). Checked against the archive's
+directory and each array's header before anything is allocated, so no file, however it lies
+about its sizes, makes a node allocate more."""
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 # What NumPy and zipfile raise on a damaged archive or member.
 _MALFORMED = (
     OSError,
@@ -87,6 +96,8 @@ def _check_shapes(layers: tuple[DenseLayer, ...]) -> None:
     for i, layer in enumerate(layers):
         if layer.weight.ndim != 2 or layer.weight.shape[0] != width:
             raise InferenceError(f"layer {i}: weight shape {layer.weight.shape} does not chain")
+        if layer.weight.size == 0:
+            raise InferenceError(f"layer {i}: weight shape {layer.weight.shape} is empty")
         if layer.bias.shape != (layer.weight.shape[1],):
             raise InferenceError(f"layer {i}: bias shape {layer.bias.shape} does not match")
         width = layer.weight.shape[1]
@@ -112,17 +123,69 @@ def weights_to_bytes(weights: MLPWeights) -> bytes:
     return npz_bytes(arrays)
 
 
-def weights_from_bytes(data: bytes) -> MLPWeights:
-    """Parse an ``.npz`` written by :func:`weights_to_bytes`. Raises InferenceError if malformed."""
+def weights_from_bytes(data: bytes, *, max_bytes: int = MAX_WEIGHTS_BYTES) -> MLPWeights:
+    """Parse an ``.npz`` written by :func:`weights_to_bytes`. Raises InferenceError if malformed.
+
+    The archive must hold exactly the arrays ``W0, b0, ..., W<n-1>, b<n-1>``, of real numbers,
+    finite, and at most ``max_bytes`` in all. Nothing is unpickled, and every array's size is
+    checked against its header and its member before any memory is allocated for it.
+    """
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise InferenceError("malformed weights file: not an .npz archive")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            count = len(archive.files) // 2
-            pairs = [(archive[f"W{i}"], archive[f"b{i}"]) for i in range(count)]
-        return MLPWeights.from_arrays(pairs)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            arrays = _read_members(archive, max_bytes)
+        weights = MLPWeights.from_arrays(_layer_pairs(arrays))
     except _MALFORMED as exc:
         raise InferenceError(f"malformed weights file: {exc!r}") from exc
+    for i, layer in enumerate(weights.layers):
+        if not (np.isfinite(layer.weight).all() and np.isfinite(layer.bias).all()):
+            raise InferenceError(f"malformed weights file: layer {i} holds NaN or infinity")
+    return weights
+
+
+def _read_members(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, np.ndarray]:
+    members = archive.infolist()
+    names = [member.filename.removesuffix(".npy") for member in members]
+    if len(set(names)) != len(names):
+        raise InferenceError("malformed weights file: an array name repeats")
+    total = sum(member.file_size for member in members)
+    if total > max_bytes:
+        raise InferenceError(f"weights file holds {total} bytes, more than {max_bytes}")
+    return {name: _read_npy(archive, member) for name, member in zip(names, members, strict=True)}
+
+
+def _read_npy(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` member, its header checked before its data is read (never unpickles)."""
+    name = member.filename
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version not in _NPY_HEADER_READERS:
+            raise InferenceError(f"malformed weights file: {name}: .npy format {version}")
+        shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+        if dtype.kind not in "fiu":
+            raise InferenceError(f"malformed weights file: {name}: dtype {dtype} is not real")
+        size = math.prod(shape) * dtype.itemsize
+        if member.file_size - stream.tell() != size:
+            raise InferenceError(
+                f"malformed weights file: {name}: header says {shape} {dtype} ({size} bytes), "
+                f"the member holds {member.file_size - stream.tell()}"
+            )
+        raw = stream.read(size)
+    array = np.frombuffer(raw, dtype=dtype)  # raises if the member was shorter than it said
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _layer_pairs(arrays: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    count = (len(arrays) + 1) // 2
+    expected = {f"{kind}{i}" for i in range(count) for kind in "Wb"}
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays))[:4], sorted(set(arrays) - expected)[:4]
+        raise InferenceError(
+            f"malformed weights file: {len(arrays)} arrays are not W0, b0, ..., W<n-1>, b<n-1> "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    return [(arrays[f"W{i}"], arrays[f"b{i}"]) for i in range(count)]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -161,6 +224,12 @@ class BatchShapeError(InferenceError):
     """A batch does not fit the model's input schema or the engine's batch-size limit."""
 
 
+class NonFiniteInputError(BatchShapeError):
+    """A batch holds NaN or infinity (as float32), which no model can give an answer for.
+
+    Bad input like a wrong shape, hence a :class:`BatchShapeError`."""
+
+
 def check_batch(batch: object, input_dim: int, max_batch_size: int) -> np.ndarray:
     """Check a batch's shape and dtype kind (cheap: no copy); raises BatchShapeError."""
     if not isinstance(batch, np.ndarray):
@@ -177,3 +246,25 @@ def check_batch(batch: object, input_dim: int, max_batch_size: int) -> np.ndarra
 def as_float32(batch: np.ndarray) -> np.ndarray:
     """A C-contiguous float32 view or copy of ``batch`` (may copy: call off the loop)."""
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def finite_float32(batch: np.ndarray) -> np.ndarray:
+    """:func:`as_float32` of ``batch``; raises NonFiniteInputError if it holds NaN or infinity
+    (a float64 too large for float32 included). Linear in the batch: call off the loop."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = as_float32(batch)
+    check_finite(array)
+    return array
+
+
+def check_finite(batch: np.ndarray) -> None:
+    """Raise NonFiniteInputError naming the rows (first axis) of ``batch`` with NaN or infinity.
+
+    Arrays of other than floating or complex numbers always pass."""
+    if batch.dtype.kind not in "fc" or batch.size == 0 or np.isfinite(batch).all():
+        return
+    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+    bad = np.flatnonzero(~finite)
+    raise NonFiniteInputError(
+        f"{len(bad)} of {len(batch)} rows hold NaN or infinity (first: {bad[:4].tolist()})"
+    )

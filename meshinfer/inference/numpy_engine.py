@@ -19,7 +19,7 @@ import psutil
 from meshinfer.errors import LocalProtocolError, ModelNotFoundError
 from meshinfer.inference.base import EngineCapacity, ModelRef
 from meshinfer.inference.executor import BoundedExecutor
-from meshinfer.inference.mlp import MLPWeights, as_float32, check_batch, forward
+from meshinfer.inference.mlp import MLPWeights, as_float32, check_batch, finite_float32, forward
 from meshinfer.inference.registry import ModelInfo, ModelRegistry, default_registry
 
 INLINE_MAX_MACS = 1 << 18
@@ -76,7 +76,8 @@ class LocalMLPEngine:
 
     async def infer(self, ref: ModelRef, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, float32 [batch, classes]. Raises ModelNotFoundError if not loaded,
-        BatchShapeError if ``batch`` does not fit the model's input."""
+        BatchShapeError if ``batch`` does not fit the model's input, NonFiniteInputError (one)
+        if it holds NaN or infinity as float32."""
         self._check_open()
         try:
             info, prepared = self._loaded[ref]
@@ -84,8 +85,11 @@ class LocalMLPEngine:
             raise ModelNotFoundError(f"model {ref} is not loaded on {self.name}") from None
         check_batch(batch, info.inputs[0].shape[1], self.max_batch_size)
         if self._runs_inline(prepared, len(batch)):
-            return self._forward(prepared, batch)
-        return await self._executor.run(self._forward, prepared, batch)
+            return self._checked_forward(prepared, batch)
+        return await self._executor.run(self._checked_forward, prepared, batch)
+
+    def _checked_forward(self, prepared: Any, batch: np.ndarray) -> np.ndarray:
+        return self._forward(prepared, finite_float32(batch))
 
     def capacity(self) -> EngineCapacity:
         """Device, batch limit, free memory and loaded models, without blocking."""

@@ -116,12 +116,33 @@ def _verified_bytes(path: Path, sha256: str) -> bytes:
     return data
 
 
+def _metadata(metadata_path: Path) -> dict:
+    try:
+        doc = json.loads(metadata_path.read_bytes())
+    except (OSError, ValueError) as exc:  # unreadable, a directory, not UTF-8 or not JSON
+        raise ModelIntegrityError(f"cannot read model metadata {metadata_path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ModelIntegrityError(f"model metadata {metadata_path} is not a JSON object")
+    return doc
+
+
 def file_model(metadata_path: Path) -> ModelInfo:
-    """A :class:`ModelInfo` from a metadata JSON written by ``examples/train_digits.py``."""
+    """A :class:`ModelInfo` from a metadata JSON written by ``examples/train_digits.py``.
+
+    Raises ModelIntegrityError naming the file if it cannot be read or lacks a field."""
     metadata_path = Path(metadata_path)
-    doc = json.loads(metadata_path.read_text())
+    doc = _metadata(metadata_path)
+    try:
+        return _file_model(metadata_path, doc)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelIntegrityError(f"model metadata {metadata_path}: bad or missing {exc}") from exc
+
+
+def _file_model(metadata_path: Path, doc: dict) -> ModelInfo:
     weights_path = metadata_path.parent / doc["weights_file"]
     sha = doc["sha256"]
+    if not isinstance(sha, str):
+        raise TypeError(f"sha256 {sha!r}")
 
     def load() -> MLPWeights:
         data = _verified_bytes(weights_path, sha)
@@ -130,15 +151,22 @@ def file_model(metadata_path: Path) -> ModelInfo:
         except InferenceError as exc:
             raise ModelIntegrityError(f"{weights_path}: {exc}") from exc
 
+    inputs, outputs = _tensor_specs(doc["inputs"]), _tensor_specs(doc["outputs"])
+    if not (_is_matrix(inputs) and _is_matrix(outputs)):
+        raise ValueError("inputs/outputs: one [-1, n] tensor each")
     return ModelInfo(
-        ref=ModelRef(doc["model_id"], str(doc["version"])),
+        ref=ModelRef(str(doc["model_id"]), str(doc["version"])),
         sha256=sha,
-        inputs=_tensor_specs(doc["inputs"]),
-        outputs=_tensor_specs(doc["outputs"]),
+        inputs=inputs,
+        outputs=outputs,
         loader=load,
-        description=doc.get("description", ""),
+        description=str(doc.get("description", "")),
         path=weights_path,
     )
+
+
+def _is_matrix(specs: tuple[TensorSpec, ...]) -> bool:
+    return len(specs) >= 1 and len(specs[0].shape) == 2 and specs[0].shape[1] >= 1
 
 
 def synthetic_model(spec: SyntheticSpec) -> ModelInfo:

@@ -33,6 +33,7 @@ import numpy as np
 
 from meshinfer.errors import InferenceError, LocalProtocolError, ModelNotFoundError
 from meshinfer.inference.base import EngineCapacity, ModelRef
+from meshinfer.inference.mlp import BatchShapeError
 
 T = TypeVar("T")
 _NOT_FOUND_STATUSES = {"404", "StatusCode.NOT_FOUND"}
@@ -200,10 +201,15 @@ class TritonEngine:
     async def infer(self, ref: ModelRef, batch: np.ndarray) -> np.ndarray:
         """Run one batch on the server and return the model's first output.
 
-        Raises ModelNotFoundError if ``ref`` was not loaded here or vanished from the server,
+        Raises BatchShapeError (before any server call) if ``batch`` is not an array with at
+        least one sample or cannot be converted to the model's input datatype,
+        ModelNotFoundError if ``ref`` was not loaded here or vanished from the server,
         InferenceError for any other failure (see the module docstring).
         """
         self._check_open()
+        if not isinstance(batch, np.ndarray) or batch.ndim < 1 or batch.shape[0] < 1:
+            shape = getattr(batch, "shape", type(batch).__name__)
+            raise BatchShapeError(f"a batch must be an array of >= 1 samples, got {shape}")
         model = self._models.get(ref)
         if model is None:
             raise ModelNotFoundError(f"model {ref} is not loaded on triton engine {self.url}")
@@ -224,7 +230,12 @@ class TritonEngine:
     def _request_inputs(self, model: TritonModel, batch: np.ndarray) -> list[Any]:
         from tritonclient.utils import triton_to_np_dtype
 
-        array = np.ascontiguousarray(batch, dtype=triton_to_np_dtype(model.input_datatype))
+        try:
+            array = np.ascontiguousarray(batch, dtype=triton_to_np_dtype(model.input_datatype))
+        except (TypeError, ValueError) as exc:
+            raise BatchShapeError(
+                f"batch of {batch.dtype} does not convert to {model.input_datatype}: {exc}"
+            ) from None
         tensor = self._protocol.module.InferInput(
             model.input_name, list(array.shape), model.input_datatype
         )
