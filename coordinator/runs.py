@@ -10,6 +10,12 @@ combine:
 ``pipeline``  stages dispatched as their inputs become available
               (:class:`~meshinfer.proto.tasks_pipeline.PipelinePlan`); the sinks' outputs.
 
+An output that cannot be combined with the others fails the whole task, naming the item and
+why, whatever order the outputs arrived in: a batch shard whose rows do not match its input's,
+or whose trailing shape differs from another shard's; a parallel output the
+aggregation cannot use (its shape differs from another model's, a non-numeric output for a
+vote or an average); pipeline stage outputs that cannot be joined into a later stage's input.
+
 No I/O and no clock reads: ``now`` is passed in. The service drives it.
 """
 
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from meshinfer.errors import RemoteProtocolError
 from meshinfer.inference.cache import content_digest
 from meshinfer.proto.aggregation import AggregateResult, AggregationConfig, Aggregator, Mode
 from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem, outline, plan
@@ -65,6 +72,8 @@ class TaskRun:
         self.failed: dict[str, str] = {}
         self.items: dict[str, ItemRun] = {}
         self.outcome: Outcome | None = None
+        #: when the task was accepted, on the loop's clock (journaled results replay at it)
+        self.started_at = now
         #: when the task's ``deadline_s`` runs out, on the loop's clock (None: no deadline)
         self.expires_at = None if spec.deadline_s is None else now + spec.deadline_s
         #: the task's items (validates the spec), handed to the journal with the task
@@ -131,20 +140,49 @@ class TaskRun:
         Amortized O(1) per item of a large batch once its items have started: the planned
         items before the first unstarted one are not looked at again."""
         if self.pipeline is not None:
+            if self.done:
+                return []
             started = set(self.items) | set(self.results) | set(self.failed)
-            return self.pipeline.ready_items(self.results, started)
+            try:
+                return self.pipeline.ready_items(self.results, started)
+            except RemoteProtocolError as exc:  # the stages' outputs do not fit together
+                self.outcome = Outcome(False, error=f"pipeline: {exc}")
+                return []
         planned = self._planned
         while self._unstarted < len(planned) and self._started(planned[self._unstarted].item_id):
             self._unstarted += 1
         return [w for w in planned[self._unstarted :] if not self._started(w.item_id)]
 
     def record_result(self, item_id: str, output: Tensor, node: str, now: float) -> None:
+        """An item's output. One that cannot be combined with the others fails the task
+        (module docstring); a pipeline whose next stage cannot be fed fails in :meth:`ready`."""
+        self.items.pop(item_id, None)
+        try:
+            self._check_shard(item_id, output)
+            if self.aggregator is not None:
+                self.aggregator.add(item_id, output.to_array(), now)
+        except RemoteProtocolError as exc:
+            self.failed[item_id] = f"unusable output from {node}: {exc}"
+            if self.outcome is None:
+                self.outcome = Outcome(False, error=f"item {item_id}: {self.failed[item_id]}")
+            return
         self.results[item_id] = output
         self.nodes[item_id] = node
-        self.items.pop(item_id, None)
-        if self.aggregator is not None:
-            self.aggregator.add(item_id, output.to_array(), now)
         self._settle(now)
+
+    def _check_shard(self, item_id: str, output: Tensor) -> None:
+        """A batch shard's output must have its input's rows, and the trailing shape of the
+        other shards' outputs (RemoteProtocolError otherwise): the rows must line up."""
+        if self.spec.pattern != Pattern.BATCH:
+            return
+        rows = self._planned[int(item_id.rpartition("/")[2])].input.rows
+        if not output.shape or output.shape[0] != rows:
+            raise RemoteProtocolError(f"shape {list(output.shape)} for a shard of {rows} rows")
+        known = next(iter(self.results.values()), None)
+        if known is not None and known.shape[1:] != output.shape[1:]:
+            raise RemoteProtocolError(
+                f"shape {list(output.shape)} does not join the other shards' {list(known.shape)}"
+            )
 
     def record_failure(self, item_id: str, error: str, now: float) -> None:
         """An item failed for good (no more retries)."""
@@ -166,7 +204,7 @@ class TaskRun:
             return
         if self.aggregator is not None:
             if self.aggregator.is_done(now):
-                self.outcome = _from_aggregate(self.aggregator.result())
+                self.outcome = self._from_aggregate(self.aggregator.result())
             return
         if self.failed:
             item, error = next(iter(self.failed.items()))
@@ -183,14 +221,23 @@ class TaskRun:
             return tuple(self.results[i].to_array() for i in self.pipeline.sinks)
         return (self.results[ids[0]].to_array(),)
 
+    def _from_aggregate(self, result: AggregateResult) -> Outcome:
+        if result.failed:
+            return Outcome(False, error=self._aggregation_error(result), aggregation=result)
+        value = result.value
+        outputs = tuple(value) if isinstance(value, tuple) else (value,)
+        return Outcome(True, tuple(np.asarray(v) for v in outputs), aggregation=result)
 
-def _from_aggregate(result: AggregateResult) -> Outcome:
-    if result.failed:
-        return Outcome(False, error=f"aggregation {result.mode} failed ({result.reason})",
-                       aggregation=result)  # fmt: skip
-    value = result.value
-    outputs = tuple(value) if isinstance(value, tuple) else (value,)
-    return Outcome(True, tuple(np.asarray(v) for v in outputs), aggregation=result)
+    def _aggregation_error(self, result: AggregateResult) -> str:
+        """Why an aggregation failed: how many outputs it had, and the items' own errors."""
+        got, total = len(result.sources), len(self._ids)
+        error = f"aggregation {result.mode} failed ({result.reason}): {got} of {total} outputs"
+        if result.reason == "timeout" and self.spec.deadline_s is not None:
+            error += f" in by the deadline of {self.spec.deadline_s:g} s"
+        if self.failed:
+            item, why = next(iter(self.failed.items()))
+            error += f"; {len(self.failed)} item(s) failed, {item}: {why}"
+        return error
 
 
 def encode_outcome(run: TaskRun, outcome: Outcome) -> bytes:

@@ -333,17 +333,21 @@ class Coordinator:
             since = max(0.0, wall - rec.task.summary.created_at)
             run = self._new_run(rec.task.spec, now - since)
             self._runs[run.task_id] = run
+            # journaled answers count as of the task's start: they came in while it was live
+            # (an aggregation's timeout must not call them late), then the clock catches up
             for item in rec.task.items:
                 if item.result is not None:
-                    self._replay_result(run, item.item_id, item.result, now)
+                    self._replay_result(run, item.item_id, item.result, run.started_at)
                 elif item.state == TaskState.FAILED:
-                    run.record_failure(item.item_id, item.error or "failed", now)
+                    run.record_failure(item.item_id, item.error or "failed", run.started_at)
+            run.check_timeout(now)
             attempts = {i.item_id: (i.attempt, i.refused) for i in rec.to_dispatch}
             log.info("recovered task %s (%d items to dispatch)", run.task_id, len(attempts))
-            if run.outcome is not None:  # every result was in before the crash
+            if run.outcome is None:
+                self._schedule_ready(run, attempts)  # may fail a pipeline (outputs misfit)
+            if run.outcome is not None:  # every result was in before the crash, or a misfit
                 await self._finish(run, run.outcome)
                 continue
-            self._schedule_ready(run, attempts)
             self._arm_aggregation_timeout(run)
             self._arm_deadline(run)
 
@@ -860,7 +864,12 @@ class Coordinator:
             return None
         try:
             trial = object.__new__(TaskRun)  # a shallow copy whose result maps can change
-            trial.__dict__.update(run.__dict__, results=dict(run.results), nodes=dict(run.nodes))
+            trial.__dict__.update(
+                run.__dict__,
+                results=dict(run.results),
+                nodes=dict(run.nodes),
+                failed=dict(run.failed),
+            )
             trial.items = {}
             trial.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
         except Exception:  # e.g. an output we cannot use: the ordinary way handles it
@@ -1012,9 +1021,9 @@ class Coordinator:
 
     async def _advance(self, run: TaskRun) -> None:
         if run.outcome is None:
-            self._schedule_ready(run, {})
-            return
-        await self._finish(run, run.outcome)
+            self._schedule_ready(run, {})  # may end a pipeline whose outputs do not fit
+        if run.outcome is not None:
+            await self._finish(run, run.outcome)
 
     async def _finish(self, run: TaskRun, outcome: Outcome) -> None:
         in_flight, record = await self._db.run("end_task", self._ending(run, run, outcome))

@@ -264,3 +264,40 @@ def test_every_mode_is_exercised():
         assert agg.is_done(0.0) and not agg.result().failed
         seen.add(agg.result().mode)
     assert seen == set(Mode)
+
+
+@pytest.mark.parametrize("mode", [Mode.WEIGHTED, Mode.ENSEMBLE])
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    weights=st.lists(
+        st.floats(1e-300, 1.7e308, allow_nan=False, allow_infinity=False), min_size=1, max_size=5
+    ),
+)
+def test_a_weighted_average_stays_between_its_inputs_whatever_the_weights(mode, data, weights):
+    """A convex combination, even of weights whose sum (or products) overflow a float."""
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=3))
+    element = st.floats(-1e6, 1e6, width=32)
+    outputs = {
+        SOURCES[i]: data.draw(hnp.arrays(np.float32, shape, elements=element))
+        for i in range(len(weights))
+    }
+    config = AggregationConfig(mode, weights=dict(zip(SOURCES, weights, strict=False)))
+    value = feed(config, outputs).result().value
+    stacked = np.stack(list(outputs.values())).astype(np.float64)
+    assert np.all(np.isfinite(value))
+    slack = 1e-9 * np.abs(stacked).max(initial=1.0)
+    assert np.all(value >= stacked.min(axis=0) - slack)
+    assert np.all(value <= stacked.max(axis=0) + slack)
+
+
+def test_huge_weights_average_as_their_ratios_say():
+    config = AggregationConfig(Mode.WEIGHTED, weights={"a": 1.5e308, "b": 0.5e308})
+    agg = feed(config, {"a": np.array([4.0, 0.0]), "b": np.array([0.0, 4.0])})
+    np.testing.assert_allclose(agg.result().value, [3.0, 1.0])
+
+
+def test_weights_for_a_source_that_is_not_expected_are_refused():
+    config = AggregationConfig(Mode.WEIGHTED, weights={"src-0": 2.0, "src-9": 5.0})
+    with pytest.raises(ConfigError, match="weights names 'src-9'"):
+        Aggregator(config, SOURCES[:2], now=0.0)

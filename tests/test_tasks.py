@@ -480,6 +480,8 @@ def test_plan_refuses_pipelines():
 _IN = _tensor(np.ones((3, 2), np.float32))
 _ROW = MAX_TENSOR_BYTES // 2 + 1
 _TWO_BIG_ROWS = Tensor(bytes(2 * _ROW), "uint8", (2, _ROW))
+#: a batch row no shard can carry (each item is one message)
+_ONE_HUGE_ROW = Tensor(bytes(MAX_TENSOR_BYTES + 1), "uint8", (1, MAX_TENSOR_BYTES + 1))
 _M = (ModelRef("m"),)
 
 
@@ -510,6 +512,7 @@ _M = (ModelRef("m"),)
         (TaskSpec("t", Pattern.BATCH, Tensor(b"", "uint8", (MAX_BATCH_INPUT_BYTES + 1,)), _M),
          "over the cap"),
         (TaskSpec("t", Pattern.BATCH, _TWO_BIG_ROWS, _M, shard_size=2), "bytes per item"),
+        (TaskSpec("t", Pattern.BATCH, _ONE_HUGE_ROW, _M), "a row of .* bytes exceeds"),
     ],
 )  # fmt: skip
 def test_invalid_specs_are_refused_naming_the_field(spec, match):

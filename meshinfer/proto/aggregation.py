@@ -60,7 +60,8 @@ class AggregationConfig:
     ``quorum`` (ensemble only) defaults to every expected source; at the timeout, or when
     every source answered but failures kept the mode's rule from being met, at least
     ``min_responses`` outputs give a partial result, fewer a failed one. ``weights``: per-source
-    weight for weighted/ensemble (default 1, must be positive)."""
+    weight for weighted/ensemble (default 1, must be positive and finite; a source not
+    expected is refused)."""
 
     mode: Mode = Mode.ALL
     quorum: int | None = None
@@ -145,6 +146,9 @@ class Aggregator:
         self.config = config
         self.expected = frozenset(expected)
         config.check(len(self.expected))
+        strangers = sorted(set(config.weights) - self.expected)
+        if strangers:  # a typo would silently weigh that source 1
+            raise ConfigError(f"aggregation.weights names {strangers[0]!r}, not a source here")
         self._outputs: dict[str, np.ndarray] = {}
         self._order: list[str] = []
         self._failed: set[str] = set()
@@ -262,8 +266,9 @@ class Aggregator:
         if mode == Mode.MAJORITY:
             winner, tied = majority_vote(np.stack([_votes(outputs[s]) for s in sources]))
             return winner, tuple(int(i) for i in np.flatnonzero(tied))
-        weights = [float(self.config.weights.get(s, 1.0)) for s in sources]
+        weights = np.array([self.config.weights.get(s, 1.0) for s in sources], np.float64)
+        weights /= weights.max()  # in (0, 1]: huge weights cannot overflow the sums
         total = sum(
             w * outputs[s].astype(np.float64) for w, s in zip(weights, sources, strict=True)
         )
-        return total / sum(weights), ()
+        return total / weights.sum(), ()

@@ -300,6 +300,8 @@ def _check_inputs(spec: TaskSpec) -> str | None:
         return "inputs: a batch needs at least one row on the first axis"
     if 0 in tensor.shape:
         return f"inputs: an empty tensor (shape {list(tensor.shape)}) has nothing to infer"
+    if batch and _row_bytes(tensor) > MAX_TENSOR_BYTES:  # no shard of it could be sent
+        return f"inputs: a row of {_row_bytes(tensor)} bytes exceeds {MAX_TENSOR_BYTES} per item"
     return None
 
 
