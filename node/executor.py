@@ -378,6 +378,13 @@ class TaskExecutor:
             peer, msg = self._answer_to(peer, msg)
             kind, retryable = _classify(exc)
             self._fail(peer, msg, kind, str(exc), retryable=retryable)
+        except Exception as exc:  # a bug here or in an engine: say so, never leave it unanswered
+            log.exception("item %s failed unexpectedly", msg.item_id)
+            if msg.item_id in self._answered:
+                return  # its result is on its way
+            peer, msg = self._answer_to(peer, msg)
+            why = f"node {self.mesh.node_id} failed: {type(exc).__name__}: {exc}"
+            self._fail(peer, msg, FailureKind.UNKNOWN, why[:500], retryable=True)
 
     async def _infer(
         self, ref: ModelRef, batch: np.ndarray, priority: int, deadline: float | None

@@ -11,8 +11,10 @@ import asyncio
 import json
 
 import aiohttp
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.service import CoordinatorConfig
 from meshinfer.inference.registry import load_digits_holdout
 from node import cli as node_cli
 from tests.helpers import until
@@ -142,3 +144,21 @@ async def test_a_draining_daemon_stops_being_offered_work_at_once(tmp_path):
         gate.set()
         await draining
         mesh.daemons.pop("node-0")  # closed by its drain
+
+
+async def test_an_unexpected_error_running_an_item_is_answered_at_once_not_left_to_the_timeout(
+    tmp_path, caplog
+):
+    x, _ = load_digits_holdout()
+    config = CoordinatorConfig(item_timeout_s=60.0, max_attempts=1)
+    async with Mesh(tmp_path, n=1, config=config) as mesh:
+
+        async def buggy(ref, batch):  # an engine answering what is not numbers
+            return np.full((len(batch), 10), "?")
+
+        mesh.daemons["node-0"].engine.infer = buggy
+        c = mesh.coordinator
+        record = await c.wait(await c.submit(spec("bug", "single", x[:1])), timeout=10)
+        assert record.state.value == "failed", "the node never answered"
+        assert "node node-0 failed: ValueError: could not convert" in (record.summary.error or "")
+        assert "item bug/0 failed unexpectedly" in caplog.text
