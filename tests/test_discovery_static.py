@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import (
+    MALFORMED_WARNING_S,
     DiscoveryEvent,
     DiscoverySource,
     DiscoveryStats,
@@ -65,6 +67,26 @@ def test_advert_validates_fields_and_names_the_bad_one() -> None:
     for name, change in cases.items():
         with pytest.raises(ConfigError, match=name):
             PeerAdvert(**{**fields, **change})
+
+
+def test_malformed_adverts_are_a_warning_at_most_once_a_minute(caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshinfer.discovery.base")
+    stats = DiscoveryStats()
+    directory = PeerDirectory("me", FLEET, lambda event: None, stats, "mdns")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    directory.malformed("bad TXT 1", now=100.0)
+    for i in range(2, 6):  # a flood within the minute: DEBUG only
+        directory.malformed(f"bad TXT {i}", now=100.0 + i)
+    directory.malformed("bad TXT 6", now=100.0 + MALFORMED_WARNING_S)
+    assert warnings() == [
+        "mdns: ignored a malformed advert: bad TXT 1",
+        "mdns: ignored a malformed advert: bad TXT 6 (4 more since the last warning)",
+    ]
+    assert stats.ignored_malformed == 6
+    assert "mdns: ignored a malformed advert: bad TXT 3" in caplog.text  # at DEBUG
 
 
 def test_directory_reports_found_updated_lost_in_order_and_filters() -> None:

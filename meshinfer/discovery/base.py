@@ -32,6 +32,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -229,6 +230,10 @@ class DiscoverySource(Protocol):
     ) -> None: ...
 
 
+MALFORMED_WARNING_S = 60.0
+"""Least seconds between two warnings about malformed adverts from one source."""
+
+
 class PeerDirectory:
     """The peers one source reports, and the filter between what it sees and its sink.
 
@@ -245,6 +250,8 @@ class PeerDirectory:
         self.stats = stats
         self.source = source
         self.peers: dict[str, PeerAdvert] = {}
+        self._warned_at: float | None = None  # the last malformed advert logged as a warning
+        self._warned_count = 0  # ignored_malformed then
 
     def sight(
         self, advert: PeerAdvert, now: float, *, repeat: bool = False
@@ -271,10 +278,20 @@ class PeerDirectory:
         advert = self.peers.pop(node_id, None)
         return None if advert is None else self._emit("lost", advert, now)
 
-    def malformed(self, why: object) -> None:
-        """Count an advert that could not be parsed."""
+    def malformed(self, why: object, now: float | None = None) -> None:
+        """Count an advert that could not be parsed, and say so: a WARNING for the first and
+        then at most one per :data:`MALFORMED_WARNING_S` (with how many went by meanwhile),
+        DEBUG for the rest (a broken or hostile host on the LAN must not flood the log).
+        ``now``: a monotonic clock reading (default ``time.monotonic()``)."""
         self.stats.ignored_malformed += 1
-        log.debug("%s: ignored a malformed advert: %s", self.source, why)
+        now = time.monotonic() if now is None else now
+        if self._warned_at is not None and now - self._warned_at < MALFORMED_WARNING_S:
+            log.debug("%s: ignored a malformed advert: %s", self.source, why)
+            return
+        since = self.stats.ignored_malformed - self._warned_count - 1
+        more = f" ({since} more since the last warning)" if self._warned_at is not None else ""
+        log.warning("%s: ignored a malformed advert: %s%s", self.source, why, more)
+        self._warned_at, self._warned_count = now, self.stats.ignored_malformed
 
     def _emit(self, kind: EventKind, advert: PeerAdvert, now: float) -> DiscoveryEvent:
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
