@@ -4,6 +4,7 @@
 
     submit  --model ID[@VER] ... --input FILE ... [--pattern P] [--stages FILE.json]
             [--policy P] [--aggregation A] [--priority N] [--deadline S] [--shard-size N]
+            [--quorum N] [--min-responses N] [--aggregation-timeout S] [--weight ID[@VER]=W ...]
             [--task-id ID] [--wait [--wait-timeout S] [--progress]] [--json]
     status  TASK_ID [--json [--outputs]]
     tasks   [--state S] [--model ID] [--since WHEN] [--limit N] [--cursor C | --all] [--json]
@@ -393,6 +394,21 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _weight(text: str) -> tuple[str, float]:
+    """``ID[@VER]=W``: a model of the task (named as by --model) and its positive weight."""
+    name, equals, number = text.rpartition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"weight {text!r} must look like ID[@VER]=WEIGHT")
+    _model_ref(name)  # the same names as --model
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"weight {number!r} is not a positive, finite number")
+    return name, value
+
+
 def _request_seconds(text: str) -> float:
     """``--timeout``: positive seconds, at most a day (sockets refuse far longer timeouts)."""
     value = _seconds(text)
@@ -477,13 +493,30 @@ def _add_submit(commands: Any) -> None:
     )
     what.add_argument("--stages", type=Path, metavar="FILE.json", help="pipeline stages")
     what.add_argument("--policy", choices=[p.value for p in Policy])
-    what.add_argument("--aggregation", choices=[m.value for m in Mode])
     what.add_argument("--priority", type=int, help="larger runs first (default 0)")
     what.add_argument(
         "--deadline", type=_seconds, metavar="S",
         help="time budget in seconds from acceptance; the task fails when it runs out",
     )  # fmt: skip
     what.add_argument("--shard-size", type=_positive_int, metavar="ROWS")
+    agg = parser.add_argument_group("aggregation of a parallel task")
+    agg.add_argument("--aggregation", choices=[m.value for m in Mode])
+    agg.add_argument(
+        "--quorum", type=_positive_int, metavar="N",
+        help="ensemble: done once N models answered (default: all of them)",
+    )  # fmt: skip
+    agg.add_argument(
+        "--min-responses", type=_positive_int, metavar="N",
+        help="outputs a partial result needs at the timeout (default 1)",
+    )  # fmt: skip
+    agg.add_argument(
+        "--aggregation-timeout", type=_seconds, metavar="S",
+        help="seconds the aggregation waits (default: --deadline; at most that)",
+    )  # fmt: skip
+    agg.add_argument(
+        "--weight", action="append", type=_weight, default=[], metavar="ID[@VER]=W",
+        help="weighted/ensemble: a model's weight (repeat; unnamed models weigh 1)",
+    )  # fmt: skip
     what.add_argument("--task-id", help="your own id (a retry with the same spec is idempotent)")
     wait = parser.add_argument_group("waiting")
     wait.add_argument("--wait", action="store_true", help="wait for the result and print it")
@@ -533,9 +566,23 @@ def task_document(args: argparse.Namespace, inputs: np.ndarray) -> dict[str, Any
         "priority": args.priority,
         "deadline_s": args.deadline,
         "shard_size": args.shard_size,
+        "quorum": args.quorum,
+        "min_responses": args.min_responses,
+        "aggregation_timeout_s": args.aggregation_timeout,
     }
     doc.update({k: v for k, v in options.items() if v is not None})
+    if args.weight:
+        doc["weights"] = _weights(args.weight)
     return doc
+
+
+def _weights(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for name, value in pairs:
+        if name in weights:
+            raise ConfigError(f"--weight: model {name!r} is weighted twice")
+        weights[name] = value
+    return weights
 
 
 def _default_pattern(args: argparse.Namespace, inputs: np.ndarray) -> str:

@@ -106,7 +106,28 @@ def _submission_schemas() -> dict[str, Schema]:
             "policy": _enum(Policy, nullable=True),
             "aggregation": _enum(Mode, nullable=True),
             "shard_size": {"type": ["integer", "null"], "minimum": 1},
+            **_aggregation_options(),
         }),
+    }  # fmt: skip
+
+
+def _aggregation_options() -> dict[str, Schema]:
+    """A parallel task's aggregation options (TaskSpec; refused on other patterns)."""
+    count = "1..the number of models"
+    return {
+        "quorum": {"type": ["integer", "null"], "minimum": 1, "description": "ensemble only:"
+                   f" outputs that complete it, {count} (default: every model)"},
+        "min_responses": {"type": ["integer", "null"], "minimum": 1, "description": "outputs"
+                          " that still make a partial result when the aggregation times out or"
+                          f" models fail, {count} (default 1)"},
+        "aggregation_timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                  "description": "seconds from acceptance the aggregation waits"
+                                  " (default: deadline_s); at most deadline_s"},
+        "weights": {"type": "object", "propertyNames": {"minLength": 1},
+                    "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
+                    "description": 'weighted and ensemble only: a weight per model, keyed'
+                    ' "id@version" or "id" (version "1") as in models; a model not named'
+                    " weighs 1"},
     }  # fmt: skip
 
 

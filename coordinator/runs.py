@@ -6,7 +6,8 @@ combine:
 ``single``    the one item's output;
 ``batch``     the shards' outputs concatenated in shard order;
 ``parallel``  the models' outputs through an :class:`~meshinfer.proto.aggregation.Aggregator`
-              (first, all, majority, weighted, ensemble with quorum and timeout);
+              (first, all, majority, weighted, ensemble with quorum and timeout), configured
+              by the spec's aggregation options (:func:`aggregation_config`);
 ``pipeline``  stages dispatched as their inputs become available
               (:class:`~meshinfer.proto.tasks_pipeline.PipelinePlan`); the sinks' outputs.
 
@@ -30,7 +31,14 @@ import numpy as np
 from meshinfer.errors import RemoteProtocolError
 from meshinfer.inference.cache import content_digest
 from meshinfer.proto.aggregation import AggregateResult, AggregationConfig, Aggregator, Mode
-from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem, outline, plan
+from meshinfer.proto.tasks import (
+    Pattern,
+    TaskSpec,
+    WorkItem,
+    check_aggregation_mode,
+    outline,
+    plan,
+)
 from meshinfer.proto.tasks_pipeline import PipelinePlan
 from meshinfer.proto.tasks_wire import Tensor
 
@@ -88,8 +96,7 @@ class TaskRun:
         #: id(input bytes) -> (those bytes, their sha256): items sharing one input hash it once
         self._digests: dict[int, tuple[bytes, str]] = {}
         if spec.pattern == Pattern.PARALLEL:
-            mode = Mode(spec.aggregation or default_aggregation)
-            cfg = AggregationConfig(mode=mode, timeout_s=spec.deadline_s)
+            cfg = aggregation_config(spec, self._planned, default_aggregation)
             ids = [w.item_id for w in self._planned]
             cfg.check(len(ids))
             self.aggregator = Aggregator(cfg, ids, now=now)
@@ -232,12 +239,35 @@ class TaskRun:
         """Why an aggregation failed: how many outputs it had, and the items' own errors."""
         got, total = len(result.sources), len(self._ids)
         error = f"aggregation {result.mode} failed ({result.reason}): {got} of {total} outputs"
-        if result.reason == "timeout" and self.spec.deadline_s is not None:
-            error += f" in by the deadline of {self.spec.deadline_s:g} s"
+        if result.reason == "timeout" and self.aggregator is not None:
+            timeout = self.aggregator.config.timeout_s
+            if timeout is not None and timeout == self.spec.deadline_s:
+                error += f" in by the deadline of {timeout:g} s"
+            elif timeout is not None:
+                error += f" in by the aggregation timeout of {timeout:g} s"
         if self.failed:
             item, why = next(iter(self.failed.items()))
             error += f"; {len(self.failed)} item(s) failed, {item}: {why}"
         return error
+
+
+def aggregation_config(
+    spec: TaskSpec, items: list[WorkItem], default_mode: str
+) -> AggregationConfig:
+    """A parallel task's aggregation: its mode (else ``default_mode``) and options, with the
+    weights keyed by the items (sources) of the models they name. InvalidTaskError if the
+    options do not suit the mode (the coordinator writes the mode in at submit, so a journaled
+    task always has the mode its options were checked against)."""
+    mode = Mode(spec.aggregation or default_mode)
+    check_aggregation_mode(spec, mode)
+    timeout = spec.aggregation_timeout_s
+    return AggregationConfig(
+        mode=mode,
+        quorum=spec.quorum,
+        min_responses=1 if spec.min_responses is None else spec.min_responses,
+        timeout_s=spec.deadline_s if timeout is None else timeout,
+        weights={w.item_id: spec.weights[w.model] for w in items if w.model in spec.weights},
+    )
 
 
 def encode_outcome(run: TaskRun, outcome: Outcome) -> bytes:

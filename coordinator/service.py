@@ -24,8 +24,9 @@ answers ``INPUT_NOT_CACHED``: the same attempt goes again with the bytes, which 
 
 Deadlines: a task's ``deadline_s`` (or, for one naming none, ``default_deadline_s``, applied at
 acceptance and journaled) is its budget from acceptance; each item goes out with what is left of
-it, a parallel task's deadline is its aggregation's timeout, and a recovered task's budget
-counts the time since it was accepted.
+it, a parallel task's deadline is its aggregation's timeout (``aggregation_timeout_s`` when the
+spec gives one: it may not exceed the deadline, the default one included), and a recovered task's
+budget counts the time since it was accepted.
 
 Fast failover: a node whose session ends abruptly must answer a ping (over another session, or
 a re-dial) and, if it does not, its in-flight items are re-dispatched at once, before membership
@@ -107,7 +108,7 @@ from meshinfer.proto.scheduling import (
     requirements,
     unplaced_reason,
 )
-from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem
+from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem, with_aggregation_mode
 from meshinfer.proto.tasks_wire import (
     REFUSALS,
     FailureKind,
@@ -375,11 +376,14 @@ class Coordinator:
 
         A spec naming no ``deadline_s`` is accepted with ``default_deadline_s`` (if set), so
         the journal, recovery and the task's document all hold the budget it ran under (a
-        retry of it after the default changed is a conflict).
+        retry of it after the default changed is a conflict). Likewise a parallel spec with a
+        quorum or weights and no ``aggregation`` is accepted with ``default_aggregation``, and
+        refused (InvalidTaskError) if that mode takes no quorum or weights.
         """
         self._check_started()
         if spec.deadline_s is None and self.config.default_deadline_s:
             spec = replace(spec, deadline_s=self.config.default_deadline_s)
+        spec = with_aggregation_mode(spec, self.config.default_aggregation)
         run = self._new_run(spec, self._loop.time())  # validates the spec
         durable = self._db.call("accept", spec, run.outline, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))

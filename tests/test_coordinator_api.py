@@ -41,6 +41,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 TOKEN = "api-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 WIDE = ModelRef("digits-mlp-wide", "1")
+WIDE_NAME = "digits-mlp-wide@1"
 MODELS = (
     '[inference]\nmodels = ["digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1", '
     '"synthetic-mlp@w10-d1", "synthetic-mlp@w20-d1"]\n'
@@ -112,12 +113,13 @@ async def finished(http, task_id, timeout=20, **query) -> dict:
 
 
 @contextlib.contextmanager
-def held_engines(mesh: Mesh):
-    """Every node's engine waits for the returned event before it infers."""
+def held_engines(mesh: Mesh, only: str | None = None):
+    """Every node's engine waits for the returned event before it infers (model id ``only``,
+    if given)."""
     originals = {name: daemon.engine.infer for name, daemon in mesh.daemons.items()}
     gate = asyncio.Event()
     for daemon in mesh.daemons.values():
-        hold_inference(daemon, gate)
+        hold_inference(daemon, gate, only=only)
     try:
         yield gate
     finally:
@@ -178,6 +180,75 @@ async def test_parallel_ensemble_votes_by_majority(served):
         "digits-mlp-deep@1", "digits-mlp-wide@1", "digits-mlp@1"]  # fmt: skip
 
 
+async def test_an_ensemble_with_a_quorum_ends_without_the_model_held_back(served):
+    x, _ = load_digits_holdout()
+    http, mesh = served.http, served.mesh
+    models = ["digits-mlp", "digits-mlp-wide@1", "digits-mlp-deep"]
+    body = {"task_id": "api-quorum", "pattern": "parallel", "models": models,
+            "inputs": b64_tensor(x[:20]), "aggregation": "ensemble", "quorum": 2,
+            "deadline_s": 120}  # fmt: skip
+    with held_engines(mesh, only="digits-mlp-deep"):  # its item runs until the gate opens
+        await submit(http, body)
+        started = time.monotonic()
+        doc = await finished(http, "api-quorum", timeout=30)
+        assert time.monotonic() - started < 120  # by the quorum, not the deadline
+        agg = doc["result"]["aggregation"]
+        assert agg["mode"] == "ensemble" and agg["reason"] == "complete" and not agg["partial"]
+        assert agg["sources"] == ["api-quorum/0", "api-quorum/1"]  # not the deep model's item
+        engine = mesh.daemons["node-0"].engine
+        mean = (await engine.infer(DIGITS, x[:20]) + await engine.infer(WIDE, x[:20])) / 2
+        np.testing.assert_allclose(array_of(doc["result"]["outputs"][0]), mean, rtol=1e-5)
+        deep = next(i for i in doc["items"] if i["model"] == "digits-mlp-deep@1")
+        assert not deep["has_result"]
+    await until(lambda: idle(mesh))  # the held batch finishes once the gate opened
+
+
+def idle(mesh: Mesh) -> bool:
+    """No node runs an item or a batch."""
+    return all(
+        daemon.executor.running == 0
+        and all(b.stats().in_flight_batches == 0 for b in daemon.executor.batchers.values())
+        for daemon in mesh.daemons.values()
+    )
+
+
+async def test_the_aggregation_timeout_ends_a_task_with_a_partial_result_before_its_deadline(
+    served,
+):
+    x, _ = load_digits_holdout()
+    http, mesh = served.http, served.mesh
+    body = {"task_id": "api-agg-timeout", "pattern": "parallel", "inputs": b64_tensor(x[:5]),
+            "models": ["digits-mlp", WIDE_NAME, "digits-mlp-deep"], "aggregation": "ensemble",
+            "aggregation_timeout_s": 2, "min_responses": 2, "deadline_s": 120}  # fmt: skip
+    with held_engines(mesh, only="digits-mlp-deep"):
+        await submit(http, body)
+        doc = await finished(http, "api-agg-timeout", timeout=30)
+        agg = doc["result"]["aggregation"]
+        assert agg["reason"] == "timeout" and agg["partial"]  # 2 of 3: at least min_responses
+        assert agg["sources"] == ["api-agg-timeout/0", "api-agg-timeout/1"]
+        assert doc["updated_at"] - doc["created_at"] < 60  # the timeout, not the deadline
+    await until(lambda: idle(mesh))
+
+
+async def test_weights_move_a_weighted_average_toward_the_heavier_model(served):
+    x, _ = load_digits_holdout()
+    engine = served.mesh.daemons["node-0"].engine
+    a, b = await engine.infer(DIGITS, x[:10]), await engine.infer(WIDE, x[:10])
+    for task_id, weights, expected in [
+        ("api-weighed-a", {"digits-mlp": 3}, (3 * a + b) / 4),
+        ("api-weighed-b", {"digits-mlp-wide@1": 3, "digits-mlp@1": 1}, (a + 3 * b) / 4),
+        ("api-weighed-not", {}, (a + b) / 2),
+    ]:
+        body = {"task_id": task_id, "pattern": "parallel", "models": ["digits-mlp", WIDE_NAME],
+                "inputs": b64_tensor(x[:10]), "aggregation": "weighted",
+                "weights": weights}  # fmt: skip
+        await submit(served.http, body)
+        doc = await finished(served.http, task_id)
+        output = array_of(doc["result"]["outputs"][0])
+        np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose((3 * a + b) / 4, (a + b) / 2)  # the weights did move it
+
+
 async def test_pipeline_stages_feed_each_other(served):
     x, _ = load_digits_holdout()
     stages = [
@@ -220,6 +291,7 @@ async def test_resubmitting_the_same_task_is_idempotent_and_another_spec_conflic
 
 
 X1 = {"values": [[0.0] * 64]}
+PAIR = {"models": ["d", "e@1"], "pattern": "parallel", "inputs": X1}
 BAD_BODIES = [
     ({"modle": "digits-mlp", "pattern": "single", "inputs": X1}, "invalid_task", "'modle'"),
     ({"model": "digits-mlp", "pattern": "single"}, "invalid_task", "inputs"),
@@ -261,6 +333,34 @@ BAD_BODIES = [
     ({"model": "d", "pattern": "single", "inputs": X1, "deadline_s": 10**400},
      "invalid_task", "deadline_s"),
     ([1, 2], "invalid_task", "object"),
+    # aggregation options: a parallel task's, each in its range, with a mode that takes it
+    ({"model": "d", "pattern": "single", "inputs": X1, "quorum": 1},
+     "invalid_task", "quorum: only a parallel task"),
+    ({"model": "d", "pattern": "single", "inputs": X1, "weights": {"d": 2}},
+     "invalid_task", "weights: only a parallel task"),
+    ({**PAIR, "aggregation": "majority", "quorum": 1}, "invalid_task", "quorum: only an ensemble"),
+    ({**PAIR, "quorum": 1}, "invalid_task", "quorum: only an ensemble"),  # default mode: all
+    ({**PAIR, "weights": {"d": 2}}, "invalid_task", "weights: only weighted"),  # default: all
+    ({**PAIR, "aggregation": "first", "weights": {"d": 2}}, "invalid_task", "weights: only"),
+    ({**PAIR, "aggregation": "ensemble", "quorum": 3}, "invalid_task", "quorum 3"),
+    ({**PAIR, "aggregation": "ensemble", "quorum": True},
+     "invalid_task", "quorum: expected int or NoneType, got bool"),
+    ({**PAIR, "min_responses": 0}, "invalid_task", "min_responses 0"),
+    ({**PAIR, "min_responses": 3}, "invalid_task", "min_responses 3"),
+    ({**PAIR, "aggregation_timeout_s": 0}, "invalid_task", "aggregation_timeout_s 0"),
+    ({**PAIR, "aggregation_timeout_s": "soon"},
+     "invalid_task", "aggregation_timeout_s: expected int or float"),
+    ({**PAIR, "aggregation_timeout_s": 10**400},
+     "invalid_task", "aggregation_timeout_s: too large"),
+    ({**PAIR, "aggregation_timeout_s": 5, "deadline_s": 2},
+     "invalid_task", "aggregation_timeout_s 5 exceeds deadline_s 2"),
+    ({**PAIR, "aggregation": "weighted", "weights": {"z": 2}},
+     "invalid_task", "weights: z@1 is not one of the task's models"),
+    ({**PAIR, "aggregation": "weighted", "weights": {"d@2": 2}}, "invalid_task", "weights: d@2"),
+    ({**PAIR, "aggregation": "weighted", "weights": {"d": 0}}, "invalid_task", "weights: d@1"),
+    ({**PAIR, "aggregation": "weighted", "weights": {"d": "2"}}, "invalid_task", "weights['d']"),
+    ({**PAIR, "aggregation": "weighted", "weights": [2]},
+     "invalid_task", "weights: expected Mapping, got list"),
 ]  # fmt: skip
 
 
@@ -558,6 +658,8 @@ async def test_an_unknown_query_parameter_is_a_documented_400_on_every_route(
 
 
 SUBMISSION = {"pattern": "single", "model": "digits-mlp", "inputs": X1}
+ENSEMBLE = {"pattern": "parallel", "models": ["digits-mlp", "digits-mlp-wide@1"],
+            "aggregation": "ensemble", "inputs": X1}  # fmt: skip
 SCHEMA_AND_SERVER_REFUSE = [
     {**SUBMISSION, "task_id": "no spaces"},
     {**SUBMISSION, "task_id": "-starts-with-a-dash"},
@@ -566,6 +668,20 @@ SCHEMA_AND_SERVER_REFUSE = [
     {**SUBMISSION, "priority": 2**31},
     {**SUBMISSION, "priority": -(2**31) - 1},
     {"pattern": "pipeline", "inputs": X1, "stages": [{"name": "a b", "model": "digits-mlp"}]},
+    {**ENSEMBLE, "quorum": 0},
+    {**ENSEMBLE, "quorum": "2"},
+    {**ENSEMBLE, "quorum": True},
+    {**ENSEMBLE, "min_responses": 0},
+    {**ENSEMBLE, "min_responses": -1},
+    {**ENSEMBLE, "aggregation_timeout_s": 0},
+    {**ENSEMBLE, "aggregation_timeout_s": -1.5},
+    {**ENSEMBLE, "aggregation_timeout_s": "1"},
+    {**ENSEMBLE, "weights": {"digits-mlp": 0}},
+    {**ENSEMBLE, "weights": {"digits-mlp": -2}},
+    {**ENSEMBLE, "weights": {"digits-mlp": "2"}},
+    {**ENSEMBLE, "weights": {"": 2}},
+    {**ENSEMBLE, "weights": [["digits-mlp", 2]]},
+    {**ENSEMBLE, "weights": None},
 ]
 
 
@@ -573,13 +689,20 @@ SCHEMA_AND_SERVER_REFUSE = [
 async def test_the_submission_schema_refuses_what_the_server_refuses(served, body):
     doc = await call(served.http, "POST", "/v1/tasks", json=body, status=400)
     assert doc["error"]["code"] == "invalid_task"
+    assert "unknown key" not in doc["error"]["message"]  # refused for its value
     with pytest.raises(jsonschema.ValidationError):
         conforms(body, "TaskSubmission")
 
 
 async def test_the_submission_schema_takes_the_extremes_the_server_takes():
     for body in [{**SUBMISSION, "task_id": "x" * 64, "priority": 2**31 - 1},
-                 {**SUBMISSION, "task_id": "A0_.:-", "priority": -(2**31)}]:  # fmt: skip
+                 {**SUBMISSION, "task_id": "A0_.:-", "priority": -(2**31)},
+                 {**ENSEMBLE, "quorum": 1, "min_responses": 2, "aggregation_timeout_s": 1e-300,
+                  "weights": {"digits-mlp": 1e-300, "digits-mlp-wide@1": 1e300}},
+                 {**ENSEMBLE, "quorum": 2, "min_responses": 1, "aggregation_timeout_s": 5,
+                  "deadline_s": 5, "weights": {"digits-mlp@1": 7}},
+                 {**ENSEMBLE, "quorum": None, "min_responses": None,
+                  "aggregation_timeout_s": None, "weights": {}}]:  # fmt: skip
         conforms(body, "TaskSubmission")
         assert body_to_spec(body, lambda: "unused").validate() is None
 

@@ -84,7 +84,8 @@ JSON = st.recursive(
     max_leaves=12,
 )
 KEYS = ["task_id", "pattern", "inputs", "models", "model", "stages", "params", "deadline_s",
-        "priority", "policy", "aggregation", "shard_size", "bogus"]  # fmt: skip
+        "priority", "policy", "aggregation", "shard_size", "quorum", "min_responses",
+        "aggregation_timeout_s", "weights", "bogus"]  # fmt: skip
 MODEL = st.sampled_from(["digits-mlp", "digits-mlp@1", "x@", "@", ""]) | JSON
 TENSOR = st.fixed_dictionaries(
     {},
@@ -111,6 +112,13 @@ VALUES = {
     "policy": st.sampled_from(["round_robin", "latency", "fastest"]) | JSON,
     "aggregation": st.sampled_from(["first", "all", "ensemble", "mean"]) | JSON,
     "params": st.dictionaries(st.text(max_size=70), SCALARS, max_size=3) | JSON,
+    "quorum": st.integers(-1, 4) | JSON,
+    "min_responses": st.integers(-1, 4) | JSON,
+    "aggregation_timeout_s": st.floats() | st.integers(-1, 10**400) | JSON,
+    "weights": st.dictionaries(
+        st.sampled_from(["a", "a@1", "b@2", "b", "", "@"]) | st.text(max_size=8),
+        st.floats() | st.integers(-1, 10**400) | JSON, max_size=3,
+    ) | JSON,
 }  # fmt: skip
 TASKISH = st.dictionaries(st.sampled_from(KEYS), JSON, max_size=6).flatmap(
     lambda d: st.fixed_dictionaries({k: VALUES.get(k, JSON) for k in d})
@@ -121,6 +129,9 @@ BASES = [
      "inputs": {"dtype": "float32", "shape": [2, 1], "data_b64": "AAAAAAAAAAA="}},
     {"pattern": "parallel", "models": ["a", "b@2"], "aggregation": "majority",
      "inputs": {"values": [1, 2], "dtype": "int32"}},
+    {"pattern": "parallel", "models": ["a", "b@2", "c"], "aggregation": "ensemble", "quorum": 2,
+     "min_responses": 1, "aggregation_timeout_s": 5, "deadline_s": 10,
+     "weights": {"a": 2, "b@2": 0.5}, "inputs": {"values": [[1.0, 2.0]]}},
     {"pattern": "pipeline", "inputs": {"values": [[1.0]]},
      "stages": [{"name": "s", "model": "m"}, {"name": "t", "model": "n", "after": ["s"]}]},
 ]  # fmt: skip
@@ -172,6 +183,10 @@ STRING_SLOTS = {
     "param value": lambda t: {"params": {"k": t}},
     "stage": lambda t: {"pattern": "pipeline", "model": None,
                         "stages": [{"name": "s", "model": t, "params": {"k": t}}]},
+    "weighed model": lambda t: {"pattern": "parallel", "model": None, "models": ["m", t],
+                                "aggregation": "weighted", "weights": {t: 2}},
+    "weights key": lambda t: {"pattern": "parallel", "model": None, "models": ["m", "n@2"],
+                              "aggregation": "ensemble", "weights": {t: 2, "m": 1}},
 }  # fmt: skip
 
 

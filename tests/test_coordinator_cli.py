@@ -376,8 +376,28 @@ def test_parse_since_forms():
         (["submit", "--model", "x", "--input", "f.npy", "--policy", "fastest"], "--policy"),
         (["submit", "--model", "x", "--input", "f.npy", "--deadline", "-1"], "seconds"),
         (["status"], "TASK_ID"),
+        (["submit", "--model", "x", "--input", "f.npy", "--quorum", "0"],
+         "argument --quorum: '0' is not a positive integer"),
+        (["submit", "--model", "x", "--input", "f.npy", "--quorum", "2.5"],
+         "argument --quorum: '2.5' is not a positive integer"),
+        (["submit", "--model", "x", "--input", "f.npy", "--min-responses", "-1"],
+         "argument --min-responses: '-1' is not a positive integer"),
+        (["submit", "--model", "x", "--input", "f.npy", "--aggregation-timeout", "nan"],
+         "argument --aggregation-timeout: 'nan' is not a positive number of seconds"),
+        (["submit", "--model", "x", "--input", "f.npy", "--aggregation-timeout", "0"],
+         "argument --aggregation-timeout: '0' is not a positive number of seconds"),
+        (["submit", "--model", "x", "--input", "f.npy", "--weight", "x"],
+         "argument --weight: weight 'x' must look like ID[@VER]=WEIGHT"),
+        (["submit", "--model", "x", "--input", "f.npy", "--weight", "x=0"],
+         "argument --weight: weight '0' is not a positive, finite number"),
+        (["submit", "--model", "x", "--input", "f.npy", "--weight", "x=inf"],
+         "argument --weight: weight 'inf' is not a positive, finite number"),
+        (["submit", "--model", "x", "--input", "f.npy", "--weight", "x=heavy"],
+         "argument --weight: weight 'heavy' is not a positive, finite number"),
+        (["submit", "--model", "x", "--input", "f.npy", "--weight", "x@=2"],
+         "argument --weight: model 'x@' must look like ID or ID@VERSION"),
     ],
-)
+)  # fmt: skip
 def test_bad_arguments_exit_2(capsys, argv, fragment):
     assert main([argv[0], *OFFLINE, *argv[1:]]) == 2
     err = capsys.readouterr().err
@@ -470,6 +490,27 @@ def test_submit_document_and_default_patterns(tmp_path):
     assert "models" not in pipeline
     with pytest.raises(ConfigError, match="not both or neither"):
         doc()
+
+
+def test_submit_aggregation_flags_become_the_documents_options():
+    from coordinator.cli import build_parser
+    from coordinator.cli_tasks import task_document
+
+    def doc(*argv):
+        args = build_parser().parse_args(["submit", "--model", "a", "--model", "b@2", *argv,
+                                          "--input", "unused.npy"])  # fmt: skip
+        return task_document(args, np.zeros((1, 4), np.float32))
+
+    plain = doc()
+    assert not {"quorum", "min_responses", "aggregation_timeout_s", "weights"} & set(plain)
+    full = doc("--aggregation", "ensemble", "--quorum", "2", "--min-responses", "1",
+               "--aggregation-timeout", "1.5", "--weight", "a=2",
+               "--weight", "b@2=0.25")  # fmt: skip
+    assert full["aggregation"] == "ensemble" and full["quorum"] == 2
+    assert full["min_responses"] == 1 and full["aggregation_timeout_s"] == 1.5
+    assert full["weights"] == {"a": 2.0, "b@2": 0.25}
+    with pytest.raises(ConfigError, match="--weight: model 'a' is weighted twice"):
+        doc("--weight", "a=2", "--weight", "a=3")
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -889,6 +930,34 @@ async def test_errors_from_a_real_coordinator(tmp_path, capsys):
         assert caught.value.code == "bad_response" and caught.value.status == 200
         tasks = await asyncio.to_thread(lambda: list(client.iter_tasks(limit=1)))
         assert [t["task_id"] for t in tasks] == ["doomed"]
+
+
+async def test_submit_aggregation_flags_reach_the_journaled_spec(tmp_path, capsys):
+    x, _ = load_digits_holdout()
+    np.save(tmp_path / "ten.npy", x[:10])
+    ten = str(tmp_path / "ten.npy")
+    models = ["--model", "digits-mlp", "--model", "digits-mlp-wide@1", "--model",
+              "digits-mlp-deep"]  # fmt: skip
+    async with Stack(tmp_path / "mesh") as stack:
+        c = stack.coordinator
+        code = await stack.cli("submit", *models, "--input", ten, "--task-id", "ens",
+                               "--aggregation", "ensemble", "--quorum", "2", "--min-responses",
+                               "2", "--aggregation-timeout", "20", "--deadline", "30",
+                               "--weight", "digits-mlp=3", "--weight", "digits-mlp-deep@1=0.5",
+                               "--wait", "--json")  # fmt: skip
+        assert code == 0
+        doc = json.loads(stdout_of(capsys))
+        spec = (await c.get("ens")).spec
+        assert (spec.aggregation, spec.quorum, spec.min_responses) == ("ensemble", 2, 2)
+        assert spec.aggregation_timeout_s == 20.0 and spec.deadline_s == 30.0
+        assert spec.weights == {DIGITS: 3.0, ModelRef("digits-mlp-deep"): 0.5}
+        assert doc["result"]["aggregation"]["mode"] == "ensemble"
+        assert len(doc["result"]["aggregation"]["sources"]) == 2  # the quorum, then done
+
+        # no --aggregation: the coordinator's default (all) takes no quorum
+        code = await stack.cli("submit", *models, "--input", ten, "--quorum", "2")
+        assert code == 2
+        one_line_error(capsys, "quorum: only an ensemble", "(HTTP 400 invalid_task)")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import graphlib
 import itertools
 import math
 import random
+import re
 from dataclasses import replace
 
 import msgpack
@@ -29,11 +30,14 @@ from meshinfer.proto.tasks import (
     TaskSpec,
     TaskState,
     WorkItem,
+    check_aggregation_mode,
+    models_named,
     new_task_id,
     outline,
     plan,
     stage_order,
     transition,
+    with_aggregation_mode,
 )
 from meshinfer.proto.tasks_codec import decode_spec, encode_spec, spec_from_dict, spec_to_dict
 from meshinfer.proto.tasks_pipeline import PipelinePlan
@@ -99,6 +103,22 @@ def dags(draw, max_stages=6):
 
 
 @st.composite
+def aggregation_options(draw, refs, mode, deadline_s):
+    """Valid aggregation options of a parallel task of ``refs`` aggregated by ``mode``."""
+    count = len(refs)
+    options = {
+        "min_responses": draw(st.none() | st.integers(1, count)),
+        "aggregation_timeout_s": draw(st.none() | st.floats(0.001, deadline_s or 1e6)),
+    }
+    if mode == "ensemble":
+        options["quorum"] = draw(st.none() | st.integers(1, count))
+        weighted = draw(st.lists(st.sampled_from(refs), unique=True))
+        weights = st.floats(1e-300, 1e300) | st.integers(1, 10**6)
+        options["weights"] = {ref: draw(weights) for ref in weighted}
+    return options
+
+
+@st.composite
 def specs(draw, patterns=tuple(Pattern)):
     """Valid task specs of every pattern (inputs are never empty: that is refused)."""
     pattern = draw(st.sampled_from(patterns))
@@ -116,6 +136,7 @@ def specs(draw, patterns=tuple(Pattern)):
         return TaskSpec(task_id, pattern, inputs, stages=draw(dags()), **kwargs)
     if pattern == Pattern.PARALLEL:
         refs = tuple(draw(st.lists(models, min_size=1, max_size=4, unique=True)))
+        kwargs.update(draw(aggregation_options(refs, kwargs["aggregation"], kwargs["deadline_s"])))
         return TaskSpec(task_id, pattern, draw(tensors(min_side=1)), refs, **kwargs)
     if pattern == Pattern.BATCH:
         shard = draw(st.none() | st.integers(1, 6))
@@ -521,6 +542,92 @@ def test_invalid_specs_are_refused_naming_the_field(spec, match):
     assert isinstance(caught.value, ConfigError)
 
 
+_A, _B, _C = ModelRef("a"), ModelRef("b", "2"), ModelRef("c")
+
+
+def _parallel(aggregation="ensemble", **options) -> TaskSpec:
+    return TaskSpec("t", Pattern.PARALLEL, _IN, (_A, _B, _C), aggregation=aggregation, **options)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (TaskSpec("t", Pattern.SINGLE, _IN, _M, quorum=1), "quorum: only a parallel task"),
+        (TaskSpec("t", Pattern.BATCH, _IN, _M, min_responses=1), "min_responses: only a par"),
+        (TaskSpec("t", Pattern.SINGLE, _IN, _M, aggregation_timeout_s=1.0),
+         "aggregation_timeout_s: only a parallel task"),
+        (TaskSpec("t", Pattern.PIPELINE, _IN, stages=(Stage("s", _A),), weights={_A: 2.0}),
+         "weights: only a parallel task"),
+        (_parallel(quorum=0), r"quorum 0 must be an integer in 1\.\.3"),
+        (_parallel(quorum=4), r"quorum 4 must be an integer in 1\.\.3"),
+        (_parallel(quorum=True), "quorum True"),
+        (_parallel(quorum=2.0), "quorum 2.0"),
+        (_parallel(min_responses=0), "min_responses 0"),
+        (_parallel(min_responses=4), "min_responses 4"),
+        (_parallel(min_responses=False), "min_responses False"),
+        (_parallel(aggregation_timeout_s=0.0), "aggregation_timeout_s 0.0"),
+        (_parallel(aggregation_timeout_s=-1), "aggregation_timeout_s -1"),
+        (_parallel(aggregation_timeout_s=math.nan), "aggregation_timeout_s nan"),
+        (_parallel(aggregation_timeout_s=math.inf), "aggregation_timeout_s inf"),
+        (_parallel(aggregation_timeout_s=True), "aggregation_timeout_s True"),
+        (_parallel(aggregation_timeout_s=10**400), "aggregation_timeout_s 1000"),
+        (_parallel(aggregation_timeout_s="1"), "aggregation_timeout_s '1'"),
+        (_parallel(aggregation_timeout_s=5.0, deadline_s=2.0),
+         "aggregation_timeout_s 5 exceeds deadline_s 2"),
+        (_parallel(weights={ModelRef("d"): 2.0}), "weights: d@1 is not one of the task's models"),
+        (_parallel(weights={"a@1": 2.0}), "weights: a@1 is not one of the task's models"),
+        (_parallel(weights={_A: 0.0}), "weights: a@1 has weight 0.0"),
+        (_parallel(weights={_A: -1.0}), "weights: a@1 has weight -1.0"),
+        (_parallel(weights={_A: math.nan}), "weights: a@1 has weight nan"),
+        (_parallel(weights={_A: math.inf}), "weights: a@1 has weight inf"),
+        (_parallel(weights={_A: True}), "weights: a@1 has weight True"),
+        (_parallel(weights={_A: 10**400}), "weights: a@1 has weight 1000"),
+        (_parallel(weights=[(_A, 2.0)]), "weights must map"),
+        (_parallel("majority", quorum=2), "quorum: only an ensemble"),
+        (_parallel("weighted", quorum=2), "quorum: only an ensemble"),
+        (_parallel("all", weights={_A: 2.0}), "weights: only weighted and ensemble"),
+        (_parallel("first", weights={_A: 2.0}), "weights: only weighted and ensemble"),
+        # two models one name could mean: weights could not be written down and read back
+        (TaskSpec("t", Pattern.PARALLEL, _IN, (ModelRef("a@b"), ModelRef("a", "b@1")),
+                  aggregation="weighted", weights={ModelRef("a@b"): 2.0}),
+         "cannot be named apart"),
+    ],
+)  # fmt: skip
+def test_invalid_aggregation_options_are_refused_naming_the_key(spec, match):
+    with pytest.raises(InvalidTaskError, match=match):
+        spec.validate()
+
+
+def test_valid_aggregation_options_and_the_mode_they_need():
+    for spec in (
+        _parallel(quorum=3, min_responses=3, aggregation_timeout_s=2, deadline_s=2.0),
+        _parallel(quorum=1, weights={_A: 0.5, _C: 1e300}),
+        _parallel("weighted", weights={_B: 3}),
+        _parallel("majority", min_responses=2, aggregation_timeout_s=1e-3),
+        _parallel(None, quorum=2, weights={_B: 3}),  # the mode comes from the coordinator
+    ):
+        assert spec.validate() is None
+    pinned = _parallel(None, quorum=2)
+    assert with_aggregation_mode(pinned, "ensemble").aggregation == "ensemble"
+    with pytest.raises(InvalidTaskError, match="quorum: only an ensemble"):
+        with_aggregation_mode(pinned, "all").validate()
+    with pytest.raises(InvalidTaskError, match="weights: only weighted"):
+        check_aggregation_mode(_parallel(None, weights={_A: 2.0}), "majority")
+    check_aggregation_mode(_parallel(None, weights={_A: 2.0}), "weighted")
+    # options every mode takes, or none: the spec is left as it is (no mode written in)
+    for spec in (_parallel(None, min_responses=2), _parallel(None), _parallel("all", quorum=None)):
+        assert with_aggregation_mode(spec, "ensemble") is spec
+
+
+def test_models_are_named_as_submissions_name_them():
+    refs = (_A, _B, ModelRef("a@b"), ModelRef("a", "b@1"))
+    assert models_named("a", refs) == (_A,)  # no version: version "1"
+    assert models_named("a@1", refs) == (_A,)
+    assert models_named("b@2", refs) == (_B,)
+    assert models_named("b", refs) == ()  # b@1 is not one of them
+    assert models_named("a@b@1", refs) == (ModelRef("a@b"), ModelRef("a", "b@1"))
+
+
 NOW = 1_795_000_000.25  # 2026-11-18, in seconds since the epoch
 
 
@@ -699,6 +806,96 @@ def test_spec_from_dict_names_the_bad_key(change, match):
     change(raw)
     with pytest.raises(InvalidTaskError, match=match):
         spec_from_dict(raw)
+
+
+_OPTIONS = {"quorum": 2, "min_responses": 1, "aggregation_timeout_s": 1.5,
+            "weights": {"a": 2, "b@2": 0.5}}  # fmt: skip
+
+
+def _parallel_dict(**changes) -> dict:
+    raw = spec_to_dict(_parallel())
+    raw.update(changes)
+    return raw
+
+
+def test_aggregation_options_travel_in_dicts_and_blobs():
+    spec = spec_from_dict(_parallel_dict(**_OPTIONS))
+    assert (spec.quorum, spec.min_responses, spec.aggregation_timeout_s) == (2, 1, 1.5)
+    assert spec.weights == {_A: 2.0, _B: 0.5} and type(spec.weights[_A]) is float
+    raw = spec_to_dict(spec)
+    assert raw["weights"] == {"a@1": 2.0, "b@2": 0.5}  # written as "id@version"
+    assert spec_from_dict(raw) == spec
+    assert decode_spec(encode_spec(spec)) == spec
+    unset = spec_to_dict(_parallel())
+    assert not set(unset) & {"quorum", "min_responses", "aggregation_timeout_s", "weights"}
+
+
+def _old_encoder_blob(spec: TaskSpec) -> bytes:
+    """A spec as the encoder before the aggregation options wrote it (those 11 keys only)."""
+    tensor = spec.inputs
+    return msgpack.packb(
+        {
+            "task_id": spec.task_id, "pattern": str(spec.pattern),
+            "inputs": {"data": tensor.data, "dtype": tensor.dtype, "shape": list(tensor.shape)},
+            "models": [{"model_id": m.model_id, "version": m.version} for m in spec.models],
+            "stages": [], "params": dict(spec.params), "deadline_s": spec.deadline_s,
+            "priority": spec.priority, "policy": spec.policy, "aggregation": spec.aggregation,
+            "shard_size": spec.shard_size,
+        },
+        use_bin_type=True,
+    )  # fmt: skip
+
+
+def test_a_spec_journaled_before_the_aggregation_options_decodes_with_their_defaults():
+    old = _old_encoder_blob(_parallel(deadline_s=3.0))
+    spec = decode_spec(old)
+    assert spec == _parallel(deadline_s=3.0)
+    assert (spec.quorum, spec.min_responses, spec.aggregation_timeout_s) == (None, None, None)
+    assert spec.weights == {}
+    assert encode_spec(spec) == old  # unchanged: a retry of it matches the journaled blob
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"quorum": "2"}, "quorum: expected int or NoneType, got str"),
+        ({"quorum": True}, "quorum: expected int or NoneType, got bool"),
+        ({"quorum": 1.0}, "quorum: expected int or NoneType, got float"),
+        ({"min_responses": [1]}, "min_responses: expected int"),
+        ({"aggregation_timeout_s": "1"}, "aggregation_timeout_s: expected int or float"),
+        ({"aggregation_timeout_s": False}, "aggregation_timeout_s: expected int or float"),
+        ({"aggregation_timeout_s": 10**400}, "aggregation_timeout_s: too large"),
+        ({"weights": [["a", 1]]}, "weights: expected Mapping, got list"),
+        ({"weights": None}, "weights: expected Mapping, got null"),
+        ({"weights": {"a": "2"}}, "weights['a']: expected a number, got str"),
+        ({"weights": {"a": True}}, "weights['a']: expected a number, got bool"),
+        ({"weights": {"a": 10**400}}, "weights['a']: too large"),
+        ({"weights": {"a": 1, "a@1": 2}}, "weights['a@1']: names a@1 a second time"),
+        ({"weights": {"d@1": 2}}, "weights: d@1 is not one of the task's models"),
+        ({"weights": {"b": 2}}, "weights: b@1 is not one of the task's models"),
+        ({"weights": {"a": 0}}, "weights: a@1 has weight 0.0"),
+        ({"quorum": 4}, "quorum 4 must be an integer in 1..3"),
+        ({"aggregation": "all", "quorum": 2}, "quorum: only an ensemble"),
+        ({"aggregation": "majority", "weights": {"c": 2}}, "weights: only weighted"),
+        ({"pattern": "single", "models": [{"model_id": "a"}], "weights": {"a": 2}},
+         "weights: only a parallel task"),
+        ({"deadline_s": 1, "aggregation_timeout_s": 1.5}, "aggregation_timeout_s 1.5 exceeds"),
+    ],
+)  # fmt: skip
+def test_spec_from_dict_names_the_bad_aggregation_option(changes, match):
+    with pytest.raises(InvalidTaskError, match=re.escape(match)):
+        spec_from_dict(_parallel_dict(**changes))
+
+
+def test_weights_of_models_whose_ids_hold_at_signs_round_trip():
+    refs = ({"model_id": "a@b", "version": "1"}, {"model_id": "x", "version": "y@z"})
+    raw = _parallel_dict(models=list(refs), weights={"a@b": 2, "x@y@z": 3}, quorum=None)
+    spec = spec_from_dict(raw)
+    assert spec.weights == {ModelRef("a@b"): 2.0, ModelRef("x", "y@z"): 3.0}
+    assert decode_spec(encode_spec(spec)) == spec
+    both = [*refs, {"model_id": "a", "version": "b@1"}]
+    with pytest.raises(InvalidTaskError, match=r"weights\['a@b@1'\]: names 2 of the models"):
+        spec_from_dict(_parallel_dict(models=both, weights={"a@b@1": 2}))
 
 
 #: any code point, surrogates included (Hypothesis leaves them out unless told)

@@ -42,8 +42,8 @@ import functools
 import math
 import random
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from meshinfer.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from meshinfer.inference.base import ModelRef
@@ -62,6 +62,7 @@ from meshinfer.proto.tasks_wire import (
 )
 
 __all__ = [
+    "AGGREGATION_OPTIONS",
     "DEFAULT_SHARD_ROWS",
     "MAX_BATCH_INPUT_BYTES",
     "MAX_STAGES",
@@ -76,11 +77,14 @@ __all__ = [
     "TaskSpec",
     "TaskState",
     "WorkItem",
+    "check_aggregation_mode",
+    "models_named",
     "new_task_id",
     "outline",
     "plan",
     "stage_order",
     "transition",
+    "with_aggregation_mode",
 ]
 
 #: A batch task's whole input may be this large (each shard still fits one message).
@@ -205,7 +209,19 @@ class TaskSpec:
     ``aggregation``: a :class:`~meshinfer.proto.scheduling.Policy` and
     :class:`~meshinfer.proto.aggregation.Mode` value, None for the coordinator's default.
     ``shard_size``: rows per item of a batch task (None: :data:`DEFAULT_SHARD_ROWS`, fewer when
-    rows are large). Call :meth:`validate` (``plan`` does) before trusting a spec from a user.
+    rows are large).
+
+    Aggregation options, for a parallel task only (None / empty: the default):
+    ``quorum`` (ensemble only) -- outputs that complete it, 1..len(models) (default: every
+    model); ``min_responses`` -- outputs that still make a partial result when it times out or
+    models fail, 1..len(models) (default 1); ``aggregation_timeout_s`` -- seconds from
+    acceptance the aggregation waits, positive, finite and at most ``deadline_s`` (default: the
+    deadline); ``weights`` (weighted and ensemble only) -- a positive, finite weight per model
+    of ``models`` (a model not named weighs 1). An ``aggregation`` of None takes the
+    coordinator's default mode; a spec with a quorum or weights gets it written in at submit
+    (:func:`with_aggregation_mode`) so the mode they need is checked before it is journaled.
+
+    Call :meth:`validate` (``plan`` does) before trusting a spec from a user.
     """
 
     task_id: str
@@ -219,10 +235,15 @@ class TaskSpec:
     policy: str | None = None
     aggregation: str | None = None
     shard_size: int | None = None
+    quorum: int | None = None
+    min_responses: int | None = None
+    aggregation_timeout_s: float | None = None
+    weights: Mapping[ModelRef, float] = field(default_factory=dict, hash=False)
 
     def validate(self) -> None:
         """Raise :class:`InvalidTaskError` naming the first invalid field or stage."""
-        for check in (_check_header, _check_inputs, _check_models, _check_options):
+        checks = (_check_header, _check_inputs, _check_models, _check_options, _check_aggregation)
+        for check in checks:
             problem = check(self)
             if problem is not None:
                 raise InvalidTaskError(f"task {self.task_id!r}: {problem}")
@@ -343,6 +364,95 @@ def _check_shard_size(spec: TaskSpec) -> str | None:
     if spec.shard_size * _row_bytes(spec.inputs) > MAX_TENSOR_BYTES:
         return f"shard_size: {spec.shard_size} rows exceed {MAX_TENSOR_BYTES} bytes per item"
     return None
+
+
+# --- aggregation options --------------------------------------------------------------------
+
+#: The spec's aggregation options (a parallel task's only), in the order they are checked.
+AGGREGATION_OPTIONS = ("quorum", "min_responses", "aggregation_timeout_s", "weights")
+#: The modes that weigh their sources.
+_WEIGHING = frozenset({Mode.WEIGHTED, Mode.ENSEMBLE})
+
+
+def _positive_finite(value: object) -> bool:
+    """A real number (not a bool) in (0, inf), an int past the float range excluded."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:
+        return False
+
+
+def _given(spec: TaskSpec) -> list[str]:
+    return [key for key in AGGREGATION_OPTIONS if getattr(spec, key) not in (None, {})]
+
+
+def _check_aggregation(spec: TaskSpec) -> str | None:
+    given = _given(spec)
+    if given and spec.pattern != Pattern.PARALLEL:
+        return f"{given[0]}: only a parallel task aggregates, not a {spec.pattern} task"
+    count = len(spec.models)
+    for key in ("quorum", "min_responses"):
+        value = getattr(spec, key)
+        if value is not None and (type(value) is not int or not 1 <= value <= count):
+            return f"{key} {value!r} must be an integer in 1..{count} (the task's models)"
+    timeout = spec.aggregation_timeout_s
+    if timeout is not None and not _positive_finite(timeout):
+        return f"aggregation_timeout_s {timeout!r} must be a positive, finite number of seconds"
+    if timeout is not None and spec.deadline_s is not None and timeout > spec.deadline_s:
+        return f"aggregation_timeout_s {timeout:g} exceeds deadline_s {spec.deadline_s:g}"
+    if (problem := _check_weights(spec)) is not None:
+        return problem
+    return None if spec.aggregation is None else _mode_problem(spec, Mode(spec.aggregation))
+
+
+def _check_weights(spec: TaskSpec) -> str | None:
+    if not isinstance(spec.weights, Mapping):
+        return "weights must map models of the task to weights"
+    for ref, weight in spec.weights.items():
+        if not isinstance(ref, ModelRef) or ref not in spec.models:
+            return f"weights: {ref!s:.140} is not one of the task's models"
+        if not _positive_finite(weight):
+            return f"weights: {ref} has weight {weight!r}, not a positive, finite number"
+        if models_named(str(ref), spec.models) != (ref,):  # it could not be written down
+            return f"weights: {ref} cannot be named apart from the task's other models"
+    return None
+
+
+def _mode_problem(spec: TaskSpec, mode: Mode) -> str | None:
+    if spec.quorum is not None and mode != Mode.ENSEMBLE:
+        return f"quorum: only an ensemble aggregation has a quorum, not {mode}"
+    if spec.weights and mode not in _WEIGHING:
+        return f"weights: only weighted and ensemble aggregations weigh models, not {mode}"
+    return None
+
+
+def check_aggregation_mode(spec: TaskSpec, mode: str) -> None:
+    """Raise :class:`InvalidTaskError` if the spec's aggregation options do not suit ``mode``
+    (a quorum outside ensemble, weights outside weighted and ensemble)."""
+    if (problem := _mode_problem(spec, Mode(mode))) is not None:
+        raise InvalidTaskError(f"task {spec.task_id!r}: {problem}")
+
+
+def with_aggregation_mode(spec: TaskSpec, default: str) -> TaskSpec:
+    """``spec`` with ``default`` (the coordinator's mode) as its ``aggregation`` when it names
+    none but has options that only some modes take (a quorum, weights): checked together at
+    submit and journaled together, the mode cannot change under them on a later restart."""
+    if spec.aggregation is not None or spec.pattern != Pattern.PARALLEL:
+        return spec
+    if spec.quorum is None and not spec.weights:
+        return spec
+    return replace(spec, aggregation=default)
+
+
+def models_named(name: str, models: Sequence[ModelRef]) -> tuple[ModelRef, ...]:
+    """The ``models`` that ``name`` names, written as submissions write models: ``"id@version"``,
+    or ``"id"`` for version ``"1"``. One, unless the name is unknown (none) or ambiguous (an id
+    holding ``@``: ``"a@b@1"`` is both ``a@b`` version 1 and ``a`` version ``b@1``)."""
+    return tuple(
+        ref for ref in models if name == str(ref) or (name == ref.model_id and ref.version == "1")
+    )
 
 
 # --- pipeline DAG --------------------------------------------------------------------------

@@ -13,18 +13,27 @@ Dict layout::
      "models": [{"model_id": str, "version": str}, ...],          # optional
      "stages": [{"name": str, "model": {...}, "after": [str, ...], "params": {...}}, ...],
      "params": {str: scalar}, "deadline_s": float|None, "priority": int,
-     "policy": str|None, "aggregation": str|None, "shard_size": int|None}
+     "policy": str|None, "aggregation": str|None, "shard_size": int|None,
+     "quorum": int|None, "min_responses": int|None,             # parallel tasks only;
+     "aggregation_timeout_s": float|None,                      # written only when set
+     "weights": {"model_id@version": float, ...}}
+
+``weights`` keys name models as submissions do (``"id@version"``, or ``"id"`` for version
+``"1"``); :func:`spec_to_dict` writes ``"id@version"``. The aggregation options are left out of
+the dict when unset, so a spec without them encodes as it did before they existed, and a blob
+journaled then decodes with their defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import msgpack
 
 from meshinfer.inference.base import ModelRef
-from meshinfer.proto.tasks import InvalidTaskError, Pattern, Stage, TaskSpec
+from meshinfer.proto.tasks import InvalidTaskError, Pattern, Stage, TaskSpec, models_named
 from meshinfer.proto.tasks_wire import Tensor
 
 __all__ = ["decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
@@ -34,6 +43,7 @@ _NUMBER = (int, float)
 _TOP_KEYS = frozenset(
     {"task_id", "pattern", "inputs", "models", "stages", "params", "deadline_s", "priority"}
     | {"policy", "aggregation", "shard_size"}
+    | {"quorum", "min_responses", "aggregation_timeout_s", "weights"}
 )
 
 
@@ -65,7 +75,22 @@ def spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
         "policy": spec.policy,
         "aggregation": spec.aggregation,
         "shard_size": spec.shard_size,
+        **_aggregation_options(spec),
     }
+
+
+def _aggregation_options(spec: TaskSpec) -> dict[str, Any]:
+    """The aggregation options that are set (weights sorted by model, floats)."""
+    options = {
+        "quorum": spec.quorum,
+        "min_responses": spec.min_responses,
+        "aggregation_timeout_s": spec.aggregation_timeout_s,
+    }
+    doc: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    if spec.weights:
+        pairs = sorted(spec.weights.items(), key=lambda p: (p[0].model_id, p[0].version))
+        doc["weights"] = {str(ref): float(weight) for ref, weight in pairs}
+    return doc
 
 
 class _Reader:
@@ -138,14 +163,39 @@ def spec_from_dict(raw: Any) -> TaskSpec:
         models=tuple(_model(m, f"models[{i}].") for i, m in enumerate(models)),
         stages=tuple(_stage(s, i) for i, s in enumerate(stages)),
         params=dict(reader.take("params", Mapping, {})),
-        deadline_s=_float_or_none(reader.take("deadline_s", (*_NUMBER, type(None)), None)),
+        deadline_s=_seconds(reader, "deadline_s"),
         priority=reader.take("priority", int, 0),
         policy=reader.take("policy", (str, type(None)), None),
         aggregation=reader.take("aggregation", (str, type(None)), None),
         shard_size=reader.take("shard_size", (int, type(None)), None),
+        quorum=reader.take("quorum", (int, type(None)), None),
+        min_responses=reader.take("min_responses", (int, type(None)), None),
+        aggregation_timeout_s=_seconds(reader, "aggregation_timeout_s"),
     )
+    weights = _weights(reader.take("weights", Mapping, {}), spec.models)
+    spec = replace(spec, weights=weights) if weights else spec
     spec.validate()
     return spec
+
+
+def _weights(raw: Mapping[Any, Any], models: tuple[ModelRef, ...]) -> dict[ModelRef, float]:
+    """``{"id@version" | "id": weight}`` keyed by the models named; a name that is none of
+    them becomes the model it spells, for :meth:`TaskSpec.validate` to refuse."""
+    weights: dict[ModelRef, float] = {}
+    for name, value in raw.items():
+        if type(name) is not str:
+            raise InvalidTaskError(f"weights: key {name!r:.80} is not a model name")
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
+            raise InvalidTaskError(f"weights[{name!r:.80}]: expected a number, got {_kind(value)}")
+        named = models_named(name, models)
+        if len(named) > 1:
+            raise InvalidTaskError(f"weights[{name!r:.80}]: names {len(named)} of the models")
+        model_id, at, version = name.partition("@")
+        ref = named[0] if named else ModelRef(model_id, version if at else "1")
+        if ref in weights:
+            raise InvalidTaskError(f"weights[{name!r:.80}]: names {ref} a second time")
+        weights[ref] = _float(value, f"weights[{name!r:.80}]")
+    return weights
 
 
 def _pattern(value: str) -> Pattern:
@@ -156,11 +206,16 @@ def _pattern(value: str) -> Pattern:
         raise InvalidTaskError(f"pattern: {value!r} is not one of {names}") from None
 
 
-def _float_or_none(value: int | float | None) -> float | None:
+def _seconds(reader: _Reader, key: str) -> float | None:
+    value = reader.take(key, (*_NUMBER, type(None)), None)
+    return None if value is None else _float(value, key)
+
+
+def _float(value: int | float, key: str) -> float:
     try:
-        return None if value is None else float(value)
+        return float(value)
     except OverflowError:  # an int past the float range
-        raise InvalidTaskError("deadline_s: too large a number of seconds") from None
+        raise InvalidTaskError(f"{key}: too large a number") from None
 
 
 def encode_spec(spec: TaskSpec) -> bytes:
