@@ -384,12 +384,18 @@ def _limit(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _positive_finite(text: str) -> float | None:
+    """``text`` as a positive, finite number, or None."""
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
+        return None
+    return value if 0 < value < math.inf else None
+
+
+def _seconds(text: str) -> float:
+    value = _positive_finite(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
 
@@ -400,11 +406,8 @@ def _weight(text: str) -> tuple[str, float]:
     if not equals:
         raise argparse.ArgumentTypeError(f"weight {text!r} must look like ID[@VER]=WEIGHT")
     _model_ref(name)  # the same names as --model
-    try:
-        value = float(number)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
+    value = _positive_finite(number)
+    if value is None:
         raise argparse.ArgumentTypeError(f"weight {number!r} is not a positive, finite number")
     return name, value
 

@@ -135,7 +135,7 @@ class CoordinatorDaemon:
             except OSError as exc:
                 raise listen_failure("[api] listen", self.config.api.listen, exc) from None
         facts = self.facts()
-        self.data.write_runtime(facts)
+        await asyncio.to_thread(self.data.write_runtime, facts)
         return facts
 
     def _check_journal(self) -> None:
@@ -180,7 +180,7 @@ class CoordinatorDaemon:
             self.mesh.aclose() if self.mesh else None,
         ]
         await close_in_order(steps, log)
-        self.data.close()
+        await asyncio.to_thread(self.data.close)  # a temporary one is removed whole
 
 
 async def run_coordinator(config: CoordinatorFileConfig, parent_pid: int | None = None) -> int:

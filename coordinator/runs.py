@@ -80,8 +80,6 @@ class TaskRun:
         self.failed: dict[str, str] = {}
         self.items: dict[str, ItemRun] = {}
         self.outcome: Outcome | None = None
-        #: when the task was accepted, on the loop's clock (journaled results replay at it)
-        self.started_at = now
         #: when the task's ``deadline_s`` runs out, on the loop's clock (None: no deadline)
         self.expires_at = None if spec.deadline_s is None else now + spec.deadline_s
         #: the task's items (validates the spec), handed to the journal with the task
@@ -97,9 +95,7 @@ class TaskRun:
         self._digests: dict[int, tuple[bytes, str]] = {}
         if spec.pattern == Pattern.PARALLEL:
             cfg = aggregation_config(spec, self._planned, default_aggregation)
-            ids = [w.item_id for w in self._planned]
-            cfg.check(len(ids))
-            self.aggregator = Aggregator(cfg, ids, now=now)
+            self.aggregator = Aggregator(cfg, self._ids, now=now)  # checks cfg against them
 
     def digest_of(self, data: bytes) -> str:
         """The sha256 of an item's input, computed once for the items that share it (a
@@ -239,12 +235,10 @@ class TaskRun:
         """Why an aggregation failed: how many outputs it had, and the items' own errors."""
         got, total = len(result.sources), len(self._ids)
         error = f"aggregation {result.mode} failed ({result.reason}): {got} of {total} outputs"
-        if result.reason == "timeout" and self.aggregator is not None:
-            timeout = self.aggregator.config.timeout_s
-            if timeout is not None and timeout == self.spec.deadline_s:
-                error += f" in by the deadline of {timeout:g} s"
-            elif timeout is not None:
-                error += f" in by the aggregation timeout of {timeout:g} s"
+        if result.reason == "timeout":  # only an aggregator with a timeout times out
+            timeout = self.aggregator.config.timeout_s  # type: ignore[union-attr]
+            what = "deadline" if timeout == self.spec.deadline_s else "aggregation timeout"
+            error += f" in by the {what} of {timeout:g} s"
         if self.failed:
             item, why = next(iter(self.failed.items()))
             error += f"; {len(self.failed)} item(s) failed, {item}: {why}"

@@ -331,26 +331,22 @@ class Coordinator:
         now, wall = self._loop.time(), time.time()
         for rec in recovered:
             # accepted this long ago, by the journal's wall clock (the loop's did not survive)
-            since = max(0.0, wall - rec.task.summary.created_at)
-            run = self._new_run(rec.task.spec, now - since)
+            accepted_at = now - max(0.0, wall - rec.task.summary.created_at)
+            run = self._new_run(rec.task.spec, accepted_at)
             self._runs[run.task_id] = run
             # journaled answers count as of the task's start: they came in while it was live
             # (an aggregation's timeout must not call them late), then the clock catches up
             for item in rec.task.items:
                 if item.result is not None:
-                    self._replay_result(run, item.item_id, item.result, run.started_at)
+                    self._replay_result(run, item.item_id, item.result, accepted_at)
                 elif item.state == TaskState.FAILED:
-                    run.record_failure(item.item_id, item.error or "failed", run.started_at)
+                    run.record_failure(item.item_id, item.error or "failed", accepted_at)
             run.check_timeout(now)
             attempts = {i.item_id: (i.attempt, i.refused) for i in rec.to_dispatch}
             log.info("recovered task %s (%d items to dispatch)", run.task_id, len(attempts))
-            if run.outcome is None:
-                self._schedule_ready(run, attempts)  # may fail a pipeline (outputs misfit)
-            if run.outcome is not None:  # every result was in before the crash, or a misfit
-                await self._finish(run, run.outcome)
-                continue
-            self._arm_aggregation_timeout(run)
-            self._arm_deadline(run)
+            # every result was in before the crash, or a pipeline's outputs misfit: it ends
+            await self._advance(run, attempts)
+            self._arm_deadline(run)  # (nothing once it ended)
 
     def _new_run(self, spec: TaskSpec, accepted_at: float) -> TaskRun:
         return TaskRun(spec, default_aggregation=self.config.default_aggregation, now=accepted_at)
@@ -1023,9 +1019,11 @@ class Coordinator:
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
 
-    async def _advance(self, run: TaskRun) -> None:
+    async def _advance(self, run: TaskRun, attempts: dict[str, tuple[int, int]] | None = None):
+        """Queue what is ready (``attempts``: see :meth:`_schedule_ready`), or finish the run
+        once it has an outcome (queuing may give it one: pipeline outputs that do not fit)."""
         if run.outcome is None:
-            self._schedule_ready(run, {})  # may end a pipeline whose outputs do not fit
+            self._schedule_ready(run, attempts or {})
         if run.outcome is not None:
             await self._finish(run, run.outcome)
 

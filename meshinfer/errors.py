@@ -105,6 +105,16 @@ class ModelNotFoundError(InferenceError, LookupError):
     """No model with that id (and version) is registered or loaded."""
 
 
+class BatchShapeError(InferenceError):
+    """A batch does not fit the model's input schema or the engine's batch-size limit."""
+
+
+class NonFiniteInputError(BatchShapeError):
+    """A batch holds NaN or infinity (as float32), which no model can give an answer for.
+
+    Bad input like a wrong shape, hence a :class:`BatchShapeError`."""
+
+
 class OverloadedError(InferenceError):
     """The queue in front of an engine is full: try later or elsewhere."""
 

@@ -66,23 +66,14 @@ MAX_SMALL_FILE_BYTES = 64 * 1024  # keys, tokens, fleet.json
 # --- low-level file helpers --------------------------------------------------------------------
 
 
-def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> None:
+def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> os.stat_result:
     """Create ``path`` with ``mode`` holding ``data``; refuse to overwrite unless ``force``.
+    Returns the new file's status as written.
 
     The data goes to a temporary file in the same directory first, flushed to disk, and only
     then appears under ``path`` (hard-linked, or renamed over it with ``force``): a crash never
     leaves a half-written file, and an existing file (or symlink) is never followed or clobbered.
     """
-    _write_atomically(path, data, mode=mode, force=force)
-
-
-def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat_result:
-    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
-    the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
-    return _write_atomically(path, data, mode=mode, force=True)
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int, force: bool) -> os.stat_result:
     if path.is_dir() and not path.is_symlink():
         raise IdentityError(f"cannot write {path}: it is a directory")
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -91,7 +82,7 @@ def _write_atomically(path: Path, data: bytes, *, mode: int, force: bool) -> os.
         if force:
             os.replace(temporary, path)
         else:
-            _link_new(temporary, path, data, mode)
+            _link_new(temporary, path, mode)
     except FileExistsError:
         raise IdentityError(
             f"{path} already exists; refusing to overwrite it (use --force)"
@@ -102,6 +93,12 @@ def _write_atomically(path: Path, data: bytes, *, mode: int, force: bool) -> os.
         _remove_quietly(temporary)
     _sync_directory(path.parent)
     return written
+
+
+def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat_result:
+    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
+    the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
+    return write_new_file(path, data, mode=mode, force=True)
 
 
 def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.stat_result:
@@ -122,24 +119,18 @@ def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.
         raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _link_new(temporary: Path, path: Path, data: bytes, mode: int) -> None:
+def _link_new(temporary: Path, path: Path, mode: int) -> None:
     """Give the finished ``temporary`` the name ``path`` unless that name exists (even as a
-    dangling symlink). Where the file system has no hard links, create ``path`` exclusively and
-    write it directly instead, removing it again if that fails."""
+    dangling symlink). Where the file system has no hard links, the name is reserved by
+    creating it exclusively, then the temporary file is renamed over it."""
     try:
         os.link(temporary, path)
         return
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            os.fsync(file.fileno())
-    except OSError:
-        _remove_quietly(path)
-        raise
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode))
+    os.replace(temporary, path)
 
 
 def _remove_quietly(path: Path) -> None:

@@ -221,7 +221,7 @@ class NodeDaemon:
         self._tasks.append(telemetry)
         self.ready.set()
         facts = self.facts()
-        self.data.write_runtime(facts)
+        await asyncio.to_thread(self.data.write_runtime, facts)
         return facts
 
     def facts(self) -> dict[str, Any]:
@@ -364,7 +364,7 @@ class NodeDaemon:
             self.engine.aclose() if self.engine else None,
         ]
         await close_in_order(steps, log)
-        self.data.close()
+        await asyncio.to_thread(self.data.close)  # a temporary one is removed whole
         self.telemetry.close()
         if self._cpu_limited:
             self._cpu_limited = False

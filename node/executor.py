@@ -59,6 +59,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from meshinfer.errors import (
+    BatchShapeError,
     DeadlineExceededError,
     InferenceError,
     MeshInferError,
@@ -69,7 +70,6 @@ from meshinfer.errors import (
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import DynamicBatcher
 from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache
-from meshinfer.inference.mlp import BatchShapeError
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
     REFUSALS,

@@ -109,6 +109,18 @@ def set_draining(mesh: Mesh, draining: bool) -> None:
         daemon.executor._draining = draining
 
 
+async def restarted_as_if_accepted_ago(mesh: Mesh, seconds: float) -> Coordinator:
+    """Close ``mesh``'s coordinator, move every task's acceptance ``seconds`` back in its
+    journal, and start a new coordinator on it (the mesh's from then on)."""
+    await mesh.coordinator.aclose()
+    with sqlite3.connect(mesh.tmp / "journal.db") as db:
+        db.execute("UPDATE tasks SET created_at = created_at - ?", (seconds,))
+    db.close()
+    mesh.coordinator = Coordinator(mesh.mesh, mesh.tmp / "journal.db", mesh.config)
+    await mesh.coordinator.start()
+    return mesh.coordinator
+
+
 def spec(task_id, pattern, x, models=(DIGITS,), **kw) -> TaskSpec:
     return TaskSpec(task_id, Pattern(pattern), Tensor.from_array(x), tuple(models), **kw)
 
@@ -310,12 +322,7 @@ async def test_a_task_whose_deadline_passed_while_the_coordinator_was_down_fails
         unserved = (ModelRef("no-such-model", "1"),)
         await c.submit(spec("late", "single", x[:1], models=unserved, deadline_s=60))
         await c.submit(spec("in-time", "single", x[:1], models=unserved, deadline_s=600))
-        await c.aclose()
-        with sqlite3.connect(tmp_path / "journal.db") as db:  # as if journaled 2 minutes ago
-            db.execute("UPDATE tasks SET created_at = created_at - 120")
-        db.close()
-        mesh.coordinator = c = Coordinator(mesh.mesh, tmp_path / "journal.db", mesh.config)
-        await c.start()
+        c = await restarted_as_if_accepted_ago(mesh, 120)
         record = await c.wait("late", timeout=10)
         assert record.state.value == "failed" and "deadline of 60 s" in record.summary.error
         assert (await c.get("in-time")).state.value == "pending"  # 480 s left: still waiting

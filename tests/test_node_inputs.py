@@ -71,26 +71,15 @@ async def test_a_data_dir_that_cannot_be_one_is_named(base, tmp_path):
                 pass
 
 
-async def test_an_http_listen_address_that_cannot_be_bound_is_named(base):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        listen = f"127.0.0.1:{taken.getsockname()[1]}"
-        for address in (listen, "no-such-host.invalid:0"):
-            config = _config(base, http={"listen": address})
-            with pytest.raises(ConfigError, match=rf"^\[http\] listen {address}: "):
-                async with _started(config):
-                    pass
-
-
-async def test_a_network_listen_address_that_cannot_be_bound_is_named(base):
+@pytest.mark.parametrize("section", ["network", "http"])
+async def test_a_listen_address_that_cannot_be_bound_is_named(base, section):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         listen = f"127.0.0.1:{taken.getsockname()[1]}"
         for address, why in [(listen, "in use"), ("no-such-host.invalid:0", "")]:
-            config = _config(base, network={"listen": address})
-            with pytest.raises(ConfigError, match=rf"^\[network\] listen {address}: \S.*{why}"):
+            config = _config(base, **{section: {"listen": address}})
+            with pytest.raises(ConfigError, match=rf"^\[{section}\] listen {address}: \S.*{why}"):
                 async with _started(config):
                     pass
 

@@ -9,19 +9,23 @@ coordinator and node daemons (``tests.test_coordinator_service.Mesh``).
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import numpy as np
 import pytest
 
 from coordinator.runs import ItemRun, TaskRun
-from coordinator.service import Coordinator
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.tasks import Pattern, Stage, TaskSpec, WorkItem
 from meshinfer.proto.tasks_wire import Tensor
 from tests.helpers import until
-from tests.test_coordinator_service import DIGITS, Mesh, hold_inference, spec
+from tests.test_coordinator_service import (
+    DIGITS,
+    Mesh,
+    hold_inference,
+    restarted_as_if_accepted_ago,
+    spec,
+)
 
 M1, M2, M3 = ModelRef("m1", "1"), ModelRef("m2", "1"), ModelRef("m3", "1")
 X = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -221,12 +225,7 @@ async def test_a_parallel_task_recovered_past_its_deadline_keeps_its_journaled_r
         async with asyncio.timeout(10):  # the digits model's result is journaled
             while (await c.get("vote")).items[0].state.value != "succeeded":
                 await asyncio.sleep(0.02)
-        await c.aclose()
-        with sqlite3.connect(tmp_path / "journal.db") as db:  # as if accepted 2 minutes ago
-            db.execute("UPDATE tasks SET created_at = created_at - 120")
-        db.close()
-        mesh.coordinator = c = Coordinator(mesh.mesh, tmp_path / "journal.db", mesh.config)
-        await c.start()
+        c = await restarted_as_if_accepted_ago(mesh, 120)
         record = await c.wait("vote", timeout=10)
         gate.set()
         # before: the journaled result was replayed as late, and the task failed empty

@@ -32,7 +32,6 @@ import asyncio
 import ipaddress
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -278,13 +277,11 @@ class PeerDirectory:
         advert = self.peers.pop(node_id, None)
         return None if advert is None else self._emit("lost", advert, now)
 
-    def malformed(self, why: object, now: float | None = None) -> None:
+    def malformed(self, why: object, now: float) -> None:
         """Count an advert that could not be parsed, and say so: a WARNING for the first and
         then at most one per :data:`MALFORMED_WARNING_S` (with how many went by meanwhile),
-        DEBUG for the rest (a broken or hostile host on the LAN must not flood the log).
-        ``now``: a monotonic clock reading (default ``time.monotonic()``)."""
+        DEBUG for the rest (a broken or hostile host on the LAN must not flood the log)."""
         self.stats.ignored_malformed += 1
-        now = time.monotonic() if now is None else now
         if self._warned_at is not None and now - self._warned_at < MALFORMED_WARNING_S:
             log.debug("%s: ignored a malformed advert: %s", self.source, why)
             return

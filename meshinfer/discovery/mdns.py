@@ -451,7 +451,7 @@ class MdnsDiscovery(SourceBase):
         try:
             self._on_change(name, state_change)
         except BadTypeInNameException as exc:  # a name zeroconf itself refuses to resolve
-            self.directory.malformed(f"service name {name!r}: {exc}")
+            self.directory.malformed(f"service name {name!r}: {exc}", self._now())
         except Exception:
             self.stats.ignored_malformed += 1
             log.exception("mdns: handling %s of %r failed", state_change, name)
@@ -468,8 +468,8 @@ class MdnsDiscovery(SourceBase):
             return
         elif len(self._resolving) >= self.config.max_resolving:
             self.stats.unresolved += 1
-            log.debug("mdns: %d services being resolved; not asking for %r", len(self._resolving),
-                      name)  # fmt: skip
+            busy = len(self._resolving)
+            log.debug("mdns: %d services being resolved; not asking for %r", busy, name)
         else:
             self._spawn_resolve(name, info)
 
@@ -499,7 +499,7 @@ class MdnsDiscovery(SourceBase):
         try:
             advert = advert_from_service(name, info)
         except MalformedAdvert as exc:
-            self.directory.malformed(exc)
+            self.directory.malformed(exc, self._now())
             self._forget(name)
             return
         self._names[name.lower()] = advert.node_id

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshinfer.errors import (
+    BatchShapeError,
     ConfigError,
     DeadlineExceededError,
     InferenceError,
@@ -42,7 +43,7 @@ from meshinfer.errors import (
     OverloadedError,
 )
 from meshinfer.inference.base import InferenceEngine, ModelRef, TensorSpec
-from meshinfer.inference.mlp import BatchShapeError, check_finite
+from meshinfer.inference.mlp import check_finite
 
 log = logging.getLogger(__name__)
 

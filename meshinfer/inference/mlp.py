@@ -19,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from meshinfer.errors import InferenceError
+from meshinfer.errors import (  # the batch errors: here too, where they were first
+    BatchShapeError,
+    InferenceError,
+    NonFiniteInputError,
+)
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 MAX_WEIGHTS_BYTES = 1 << 31
@@ -218,16 +222,6 @@ def forward(weights: MLPWeights, batch: np.ndarray) -> np.ndarray:
         if i < last:
             np.maximum(h, 0.0, out=h)
     return softmax_rows(h)
-
-
-class BatchShapeError(InferenceError):
-    """A batch does not fit the model's input schema or the engine's batch-size limit."""
-
-
-class NonFiniteInputError(BatchShapeError):
-    """A batch holds NaN or infinity (as float32), which no model can give an answer for.
-
-    Bad input like a wrong shape, hence a :class:`BatchShapeError`."""
 
 
 def check_batch(batch: object, input_dim: int, max_batch_size: int) -> np.ndarray:

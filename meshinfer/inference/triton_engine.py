@@ -31,9 +31,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from meshinfer.errors import InferenceError, LocalProtocolError, ModelNotFoundError
+from meshinfer.errors import (
+    BatchShapeError,
+    InferenceError,
+    LocalProtocolError,
+    ModelNotFoundError,
+)
 from meshinfer.inference.base import EngineCapacity, ModelRef
-from meshinfer.inference.mlp import BatchShapeError
 
 T = TypeVar("T")
 _NOT_FOUND_STATUSES = {"404", "StatusCode.NOT_FOUND"}

@@ -62,7 +62,6 @@ from meshinfer.proto.tasks_wire import (
 )
 
 __all__ = [
-    "AGGREGATION_OPTIONS",
     "DEFAULT_SHARD_ROWS",
     "MAX_BATCH_INPUT_BYTES",
     "MAX_STAGES",
@@ -369,7 +368,7 @@ def _check_shard_size(spec: TaskSpec) -> str | None:
 # --- aggregation options --------------------------------------------------------------------
 
 #: The spec's aggregation options (a parallel task's only), in the order they are checked.
-AGGREGATION_OPTIONS = ("quorum", "min_responses", "aggregation_timeout_s", "weights")
+_AGGREGATION_OPTIONS = ("quorum", "min_responses", "aggregation_timeout_s", "weights")
 #: The modes that weigh their sources.
 _WEIGHING = frozenset({Mode.WEIGHTED, Mode.ENSEMBLE})
 
@@ -384,14 +383,10 @@ def _positive_finite(value: object) -> bool:
         return False
 
 
-def _given(spec: TaskSpec) -> list[str]:
-    return [key for key in AGGREGATION_OPTIONS if getattr(spec, key) not in (None, {})]
-
-
 def _check_aggregation(spec: TaskSpec) -> str | None:
-    given = _given(spec)
-    if given and spec.pattern != Pattern.PARALLEL:
-        return f"{given[0]}: only a parallel task aggregates, not a {spec.pattern} task"
+    given = next((k for k in _AGGREGATION_OPTIONS if getattr(spec, k) not in (None, {})), None)
+    if given is not None and spec.pattern != Pattern.PARALLEL:
+        return f"{given}: only a parallel task aggregates, not a {spec.pattern} task"
     count = len(spec.models)
     for key in ("quorum", "min_responses"):
         value = getattr(spec, key)

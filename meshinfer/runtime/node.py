@@ -64,6 +64,10 @@ class MeshNodeOptions:
     revocations: RevocationSyncConfig = field(default_factory=RevocationSyncConfig)
 
 
+EVERY_INTERFACE = ("0.0.0.0", "::")
+"""Listen hosts that are no address a peer can dial (a listener on every interface)."""
+
+
 def outbound_address() -> str:
     """The IPv4 address peers on other hosts most likely reach this one at: the source address
     of the route off this host (a UDP socket's connect only looks the route up; nothing is
@@ -135,7 +139,7 @@ class MeshNode:
         if self._outbound is not None:  # looked up at the start
             return self._outbound
         host = self.options.advertise_host or self.options.listen.host
-        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return "127.0.0.1" if host in (*EVERY_INTERFACE, "") else host
 
     def initial_state(self, port: int) -> NodeState:
         return NodeState(
@@ -152,7 +156,7 @@ class MeshNode:
         if self.ready.is_set():
             return
         self.address = await self.listener.start(self.options.listen)
-        if (self.options.advertise_host or self.options.listen.host) in ("0.0.0.0", "::"):
+        if (self.options.advertise_host or self.options.listen.host) in EVERY_INTERFACE:
             self._outbound = await asyncio.to_thread(outbound_address)
         self.membership = MembershipService(
             self.peers, self.initial_state(self.address.port), self.options.membership, rng=self.rng
