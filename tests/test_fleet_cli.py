@@ -207,6 +207,8 @@ SIGN = "fleet sign --node-id n --out x.cert --pubkey " + "ab" * 32
         ("coord", SIGN + " --dir {fleet} --roles vehicle --pubkey {tmp}", "64-hex-digit"),
         ("coord", SIGN + " --dir {fleet} --roles vehicle --days -1", "days"),
         ("coord", SIGN + " --dir {fleet} --roles vehicle --node-id a/b", "node id"),
+        ("coord", SIGN + " --dir {fleet} --roles vehicle --node-id ..", "node id"),
+        ("coord", "fleet init --dir {tmp}/f --fleet-id .", "fleet id"),
         ("coord", SIGN + " --dir {tmp} --roles vehicle", "not found"),
         ("node", "fleet revoke --dir {fleet}", "required"),
         ("node", "fleet revoke --dir {fleet} --serial 1 --node-id n", "not allowed"),

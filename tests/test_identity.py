@@ -108,12 +108,14 @@ def test_fingerprint_is_short_hex_of_the_static_key() -> None:
     assert a.fingerprint != b.fingerprint
 
 
-@pytest.mark.parametrize("node_id", ["a", "A" * 64, "car-1.eu_west", "0"])
+@pytest.mark.parametrize("node_id", ["a", "A" * 64, "car-1.eu_west", "0", "...", ".a", "a.."])
 def test_valid_node_ids(node_id: str) -> None:
     assert issue(node_id=node_id).node_id == node_id
 
 
-@pytest.mark.parametrize("node_id", ["", "a" * 65, "car 1", "car/1", "café", "car\n", None, 7])
+@pytest.mark.parametrize(
+    "node_id", ["", "a" * 65, "car 1", "car/1", "café", "car\n", ".", "..", None, 7]
+)
 def test_invalid_node_ids_are_refused(node_id: object) -> None:
     with pytest.raises(ConfigError, match="node id"):
         issue(node_id=node_id)

@@ -85,9 +85,15 @@ ErrorFactory = Callable[[str], RemoteProtocolError]
 
 
 def check_name(kind: str, value: object) -> str:
-    """Return ``value`` if it is a valid node or fleet id: 1-64 chars of ``[A-Za-z0-9._-]``."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ConfigError(f"{kind} must be 1-64 characters of A-Z a-z 0-9 . _ -, got {value!r:.80}")
+    """Return ``value`` if it is a valid node or fleet id: 1-64 chars of ``[A-Za-z0-9._-]``.
+
+    ``.`` and ``..`` are refused: ids name files and directories (a fleet's certificates, a
+    cluster's node directories), where those two mean "here" and "the parent".
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
+        raise ConfigError(
+            f"{kind} must be 1-64 characters of A-Z a-z 0-9 . _ - (not . or ..), got {value!r:.80}"
+        )
     return value
 
 
