@@ -2,6 +2,7 @@
 
 import collections
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -128,6 +129,19 @@ def test_majority_vote_matches_counting_by_hand(votes):
         leaders = sorted(label for label, count in tally.items() if count == best)
         assert winner[column] == leaders[0]
         assert tied[column] == (len(leaders) > 1)
+
+
+def test_majority_vote_memory_is_linear_in_the_voters():
+    # 64 voters: comparing every pair of voters per element took 64 x 64 bytes per element,
+    # 8 times the votes themselves; counting runs of sorted labels takes a few times them.
+    votes = np.random.default_rng(0).integers(0, 10, size=(64, 20_000))
+    tracemalloc.start()
+    try:
+        majority_vote(votes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * votes.nbytes
 
 
 # --- modes ---------------------------------------------------------------------------------------

@@ -112,9 +112,17 @@ def _votes(array: np.ndarray) -> np.ndarray:
 
 
 def _tally(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per element: its ``k`` labels sorted, and how often each of them occurs in the element."""
+    """Per element: its ``k`` labels sorted, and how often each of them occurs in the element.
+
+    Equal labels are neighbours once sorted, so each label's count is the length of its run:
+    memory is linear in elements x k (comparing every pair of voters was elements x k x k).
+    """
     ranked = np.sort(votes.reshape(votes.shape[0], -1).T, axis=1)  # (elements, k)
-    return ranked, (ranked[:, :, None] == ranked[:, None, :]).sum(axis=2)
+    elements, k = ranked.shape
+    starts = np.ones(ranked.shape, dtype=bool)
+    starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    runs = np.cumsum(starts, axis=1) - 1 + (np.arange(elements) * k)[:, None]  # run ids, global
+    return ranked, np.bincount(runs.ravel(), minlength=elements * k)[runs]
 
 
 def majority_vote(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
