@@ -61,7 +61,7 @@ from coordinator.service import Coordinator
 from meshinfer.errors import ConfigError, RevocationError
 from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES, RevocationList
-from meshinfer.proto.tasks import TaskSpec, TaskState, new_task_id
+from meshinfer.proto.tasks import Pattern, TaskSpec, TaskState, new_task_id
 from meshinfer.proto.tasks_codec import spec_from_dict
 from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
 from meshinfer.runtime.http_log import ClientErrorLog
@@ -452,7 +452,10 @@ class CoordinatorApi:
 
     def _task_doc(self, record: TaskRecord, outputs: bool, waiting: Mapping[str, str]) -> dict:
         result = self.coordinator.result_of(record)
-        return task_doc(record, result, outputs=outputs, waiting=waiting)
+        default = self.coordinator.config.default_aggregation
+        return task_doc(
+            record, result, outputs=outputs, waiting=waiting, default_aggregation=default
+        )
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         """POST /v1/tasks/{id}/cancel (a body, if any, is ignored)."""
@@ -834,13 +837,16 @@ def task_doc(
     *,
     outputs: bool,
     waiting: Mapping[str, str] | None = None,
+    default_aggregation: str | None = None,
 ) -> dict:
-    """The document of GET /v1/tasks/{id}: summary, deadline, items (with why those on no
-    node wait, from ``waiting``) and result (outputs optional)."""
+    """The document of GET /v1/tasks/{id}: summary, deadline, aggregation (a parallel task's:
+    ``default_aggregation`` stands for a mode the task left to the coordinator), items (with
+    why those on no node wait, from ``waiting``) and result (outputs optional)."""
     doc = summary_doc(record.summary)
     deadline = record.spec.deadline_s
     doc["deadline_s"] = deadline
     doc["expires_at"] = None if deadline is None else record.summary.created_at + deadline
+    doc["aggregation"] = aggregation_doc(record.spec, default_aggregation)
     waiting = waiting or {}
     doc["items"] = [item_doc(i, waiting.get(i.item_id)) for i in record.items]
     doc["result"] = None
@@ -853,6 +859,18 @@ def task_doc(
         if outputs:
             doc["result"]["outputs"] = [tensor_to_json(a) for a in result.get("outputs", [])]
     return doc
+
+
+def aggregation_doc(spec: TaskSpec, default_mode: str | None) -> dict[str, Any] | None:
+    """How a parallel task aggregates, as accepted (None for the other patterns): the mode
+    (``default_mode`` when it named none), its options (null: the default) and weights."""
+    if spec.pattern != Pattern.PARALLEL:
+        return None
+    return {
+        "mode": spec.aggregation or default_mode, "quorum": spec.quorum,
+        "min_responses": spec.min_responses, "timeout_s": spec.aggregation_timeout_s,
+        "weights": {str(ref): weight for ref, weight in spec.weights.items()},
+    }  # fmt: skip
 
 
 def json_safe(value: Any) -> Any:

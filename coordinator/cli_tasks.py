@@ -878,6 +878,8 @@ def render_task(doc: dict[str, Any]) -> str:
     ]
     if doc.get("deadline_s") is not None:
         lines.append(f"deadline  {deadline_text(doc)}")
+    if doc.get("aggregation"):
+        lines.append(f"aggregate {aggregation_text(doc['aggregation'])}")
     if doc.get("error"):
         lines.append(f"error     {_short(doc['error'], 200)}")
     items = doc.get("items") or []
@@ -898,6 +900,21 @@ def _attempt_text(item: dict[str, Any]) -> str:
     """``3``, or ``3 (2 refused)`` for an item whose node refused (or never got) some attempts."""
     refused = item.get("refused") or 0
     return f"{item.get('attempt')}" + (f" ({refused} refused)" if refused else "")
+
+
+def aggregation_text(aggregation: dict[str, Any]) -> str:
+    """``ensemble, quorum 2, timeout 1.5 s, weights a@1=2`` (options left at their default are
+    not shown)."""
+    parts = [str(aggregation.get("mode") or "-")]
+    for key, label in (("quorum", "quorum"), ("min_responses", "min responses")):
+        if aggregation.get(key) is not None:
+            parts.append(f"{label} {aggregation[key]}")
+    if aggregation.get("timeout_s") is not None:
+        parts.append(f"timeout {aggregation['timeout_s']:g} s")
+    weights = aggregation.get("weights") or {}
+    if weights:
+        parts.append("weights " + " ".join(f"{m}={w:g}" for m, w in sorted(weights.items())))
+    return ", ".join(parts)
 
 
 def deadline_text(doc: dict[str, Any]) -> str:

@@ -147,6 +147,15 @@ def _task_schemas() -> dict[str, Schema]:
         "nodes": {"type": "object", "additionalProperties": _STR},
         "aggregation": {"type": ["object", "null"]},
     })  # fmt: skip
+    aggregation = _obj(["mode", "quorum", "min_responses", "timeout_s", "weights"], {
+        "mode": {**_enum(Mode), "description": "the task's, else the coordinator's"
+                 " default_aggregation"},
+        "quorum": {"type": ["integer", "null"], "description": "null: every model"},
+        "min_responses": {"type": ["integer", "null"], "description": "null: 1"},
+        "timeout_s": {"type": ["number", "null"], "description": "null: deadline_s"},
+        "weights": {"type": "object", "additionalProperties": _NUM,
+                    "description": "by model (id@version); a model not named weighs 1"},
+    })  # fmt: skip
     item = _obj(["item_id", "state", "node", "attempt", "error"], {
         "item_id": _STR, "state": _ref("TaskState"), "node": _NULLABLE_STR, "attempt": _INT,
         "refused": {**_INT, "description": "attempts its node refused or never got (not counted"
@@ -161,8 +170,10 @@ def _task_schemas() -> dict[str, Schema]:
         "TaskSummary": _obj(list(summary), summary),
         "WorkItem": item,
         "TaskResult": result,
-        "Task": _obj([*summary, "deadline_s", "expires_at", "items", "result"], {
+        "Task": _obj([*summary, "deadline_s", "expires_at", "aggregation", "items", "result"], {
             **summary, "items": _array(_ref("WorkItem")),
+            "aggregation": {"oneOf": [{"type": "null"}, aggregation], "description": "a"
+                            " parallel task's aggregation as accepted (null: another pattern)"},
             "deadline_s": {"type": ["number", "null"], "description": "the task's time budget: its"
                            " own, else the coordinator's default_deadline_s when it was"
                            " accepted (null: none)"},

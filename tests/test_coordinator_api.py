@@ -157,7 +157,7 @@ async def test_batch_with_base64_input_is_sharded_and_accurate(served):
     accepted = await submit(served.http, body)
     assert accepted["items_total"] == math.ceil(len(x) / 300)
     doc = await finished(served.http, "api-batch", outputs="false")
-    assert "outputs" not in doc["result"]
+    assert "outputs" not in doc["result"] and doc["aggregation"] is None  # not parallel
     labels = np.array(doc["result"]["labels"])
     assert labels.shape == y.shape and (labels == y).mean() >= 0.95
     assert {i["node"] for i in doc["items"]} == set(served.mesh.names)
@@ -171,6 +171,8 @@ async def test_parallel_ensemble_votes_by_majority(served):
     await submit(served.http, body)
     doc = await finished(served.http, "api-vote")
     result = doc["result"]
+    assert doc["aggregation"] == {"mode": "majority", "quorum": None, "min_responses": None,
+                                  "timeout_s": None, "weights": {}}  # fmt: skip
     assert result["aggregation"]["mode"] == "majority"
     assert len(result["aggregation"]["sources"]) >= 2
     labels = array_of(result["outputs"][0])
@@ -192,6 +194,13 @@ async def test_an_ensemble_with_a_quorum_ends_without_the_model_held_back(served
         started = time.monotonic()
         doc = await finished(http, "api-quorum", timeout=30)
         assert time.monotonic() - started < 120  # by the quorum, not the deadline
+        assert doc["aggregation"] == {
+            "mode": "ensemble",
+            "quorum": 2,
+            "min_responses": None,
+            "timeout_s": None,
+            "weights": {},
+        }  # as accepted
         agg = doc["result"]["aggregation"]
         assert agg["mode"] == "ensemble" and agg["reason"] == "complete" and not agg["partial"]
         assert agg["sources"] == ["api-quorum/0", "api-quorum/1"]  # not the deep model's item

@@ -645,6 +645,7 @@ def test_a_waiting_task_shows_why_and_its_deadline():
     assert "deadline  30 s, until 2023-11-14T22:13:50Z" in text
     columns_line_up(text, "ITEM", "ERROR / WAITING", [f"waiting: {NOWHERE}", "waiting: full", "-"])
     assert "deadline" not in render_task({**doc, "deadline_s": None, "expires_at": None})
+    assert "aggregate" not in text  # a batch task: no aggregation
     lines = render_result(doc, now=SUMMARY["created_at"] + 4).splitlines()
     assert lines[0] == "task t-1: dispatched (batch, 3/3 items, 4.00 s so far)"
     assert lines[1:] == [
@@ -1055,3 +1056,15 @@ def test_an_api_address_in_use_names_the_key(tmp_path, capsys):
         capsys.readouterr()
         assert main(["serve", "--config", str(config)]) == 2
     one_line_error(capsys, f"[api] listen {host}:{port}:", "address already in use")
+
+
+def test_render_task_shows_a_parallel_tasks_aggregation_options():
+    aggregation = {"mode": "ensemble", "quorum": 2, "min_responses": None, "timeout_s": 1.5,
+                   "weights": {"wide@1": 2.0, "a@1": 0.5}}  # fmt: skip
+    doc = {**SUMMARY, "pattern": "parallel", "items": [], "result": None,
+           "aggregation": aggregation}  # fmt: skip
+    assert "aggregate ensemble, quorum 2, timeout 1.5 s, weights a@1=0.5 wide@1=2" in (
+        render_task(doc).splitlines()
+    )
+    default = {**aggregation, "mode": "all", "quorum": None, "timeout_s": None, "weights": {}}
+    assert "aggregate all" in render_task({**doc, "aggregation": default}).splitlines()
