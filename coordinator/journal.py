@@ -815,9 +815,10 @@ class Journal:
 
     # --- task outcome ---------------------------------------------------------------------------
 
-    def cancel(self, task_id: str) -> list[tuple[str, str]]:
+    def cancel(self, task_id: str) -> list[tuple[str, str]] | None:
         """Cancel the task and its live items; returns ``(item id, node)`` of the items that
-        were in flight (send them a ``TaskCancel``). A finished task is left alone ([])."""
+        were in flight (send them a ``TaskCancel``). A task that had ended is left alone (None:
+        a caller that read it live tells whether the cancel, or its end, came first)."""
         return self._close_task(task_id, TaskState.CANCELLED, None, None)
 
     def finish(
@@ -835,7 +836,7 @@ class Journal:
         """
         if state not in (TaskState.SUCCEEDED, TaskState.FAILED):
             raise LocalProtocolError(f"finish() takes succeeded or failed, not {state}")
-        return self._close_task(task_id, state, summary, error)
+        return self._close_task(task_id, state, summary, error) or []
 
     def end_task(self, ending: TaskEnding) -> TaskEnd:
         """:meth:`finish` the task as ``ending`` says; also read it back if asked (one call:
@@ -931,7 +932,7 @@ class Journal:
         )  # fmt: skip
         return in_flight, TaskRecord(summary, spec, items, ending.summary)
 
-    def _close_task(self, task_id, state, summary, error) -> list[tuple[str, str]]:
+    def _close_task(self, task_id, state, summary, error) -> list[tuple[str, str]] | None:
         with self._write() as db:
             self._hot.drop(task_id)
             now = self._clock()
@@ -943,7 +944,7 @@ class Journal:
             if not closed:  # over already, or unknown
                 if db.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
                     raise UnknownTaskError(f"no task {task_id!r}")
-                return []
+                return None
             live = db.execute(
                 f"SELECT id, node, state FROM items WHERE task_id = ? AND state IN {_LIVE}"
                 " ORDER BY position",

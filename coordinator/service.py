@@ -442,11 +442,14 @@ class Coordinator:
         return record if record is not None else await self.get(task_id)
 
     async def cancel(self, task_id: str) -> bool:
-        """Cancel a task; the nodes running its items are told. False if it already ended."""
+        """Cancel a task; the nodes running its items are told. False if it already ended
+        (also when it ended after this call read it live: the journal says which came first)."""
         record = await self.get(task_id)  # UnknownTaskError for an unknown id
         if record.state.value in ("succeeded", "failed", "cancelled"):
             return False
         in_flight = await self._db.run("cancel", task_id)
+        if in_flight is None:
+            return False
         self._call_back(task_id, in_flight, "task cancelled")
         self._forget(task_id)
         return True

@@ -545,6 +545,25 @@ async def test_cancel_reaches_the_node(tmp_path, mark_delay):
         gate.set()
 
 
+async def test_cancel_of_a_task_that_ends_meanwhile_answers_false(tmp_path):
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=1) as mesh:
+        c = mesh.coordinator
+        gate = hold_inference(mesh.daemons["node-0"])
+        task_id = await c.submit(spec("ends-first", "single", x[:2]))
+        read_live = await c.get(task_id)
+        gate.set()
+        assert (await c.wait(task_id, 10)).state.value == "succeeded"
+
+        async def stale_get(_task_id: str):  # cancel read the task just before it ended
+            return read_live
+
+        c.get = stale_get
+        assert not await c.cancel(task_id)
+        del c.get
+        assert (await c.get(task_id)).state.value == "succeeded"
+
+
 def hold_commits(coordinator: Coordinator, fail: bool = False) -> threading.Event:
     """Make the coordinator's journal wait, in each group that has a submit, between running
     the calls and their ``COMMIT`` until the returned event is set; ``fail``: the COMMIT then
