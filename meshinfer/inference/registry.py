@@ -197,7 +197,7 @@ def load_digits_holdout() -> tuple[np.ndarray, np.ndarray]:
     """The shipped held-out digits: (inputs float32 [n, 64] in [0, 1], labels int64 [n]).
 
     Held out for every model in :data:`DIGITS_REFS` (they share one training split)."""
-    doc = json.loads(digits_metadata_path(DIGITS_REF).read_text())
+    doc = _metadata(digits_metadata_path(DIGITS_REF))
     data = _verified_bytes(MODELS_DIR / doc["heldout_file"], doc["heldout_sha256"])
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         pixels, labels = archive["pixels"], archive["labels"]
