@@ -40,6 +40,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _unusable_keep_dir(path: Path) -> str | None:
+    """Why ``path`` cannot hold a new demo's fleet, configs and logs (None: it can; it is made
+    if missing). An earlier demo's directory is refused: its fleet would not be overwritten."""
+    try:
+        if path.exists() and not path.is_dir():
+            return "not a directory"
+        if path.is_dir() and any(path.iterdir()):
+            return "not empty (an earlier demo's?); name a new or empty directory"
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot use it: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "version":
@@ -55,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("demo: --nodes must be between 2 and 8")
     if not 1 <= args.in_flight <= 256:
         return _fail("demo: --in-flight must be between 1 and 256")
+    if args.keep is not None and (problem := _unusable_keep_dir(args.keep)) is not None:
+        return _fail(f"demo: --keep {args.keep}: {problem}")
     from meshinfer.demo import DemoOptions, run_demo
 
     options = DemoOptions(

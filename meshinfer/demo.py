@@ -567,6 +567,10 @@ def run_demo(options: DemoOptions | None = None) -> int:
             summary = _run(demo, x, y, signals)
     except Interrupted:
         pass  # the daemons were stopped on the way out
+    except MeshInferError as exc:  # a fleet that cannot be made, a daemon that cannot start
+        if signals.received is None:
+            print(f"meshinfer demo: {exc}", file=sys.stderr)
+            return 1
     if signals.received is not None:
         name = signal.Signals(signals.received).name
         how = "killed" if demo is not None and demo.killed else "stopped"

@@ -16,9 +16,11 @@ import psutil
 import pytest
 
 import meshinfer.demo as demo_module
+import meshinfer.testing.cluster as cluster_module
 from coordinator.client import ApiError
 from meshinfer.cli import main
 from meshinfer.demo import Demo, DemoOptions, Interrupted, Progress, StopSignals, run_demo
+from meshinfer.errors import IdentityError
 from meshinfer.testing.cluster import DaemonProcess
 from tests.helpers import kill_all, still_running
 
@@ -357,8 +359,26 @@ def test_wire_demo_passes_its_checks():
         (["demo", "--nodes", "1"], "--nodes must be between 2 and 8"),
         (["demo", "--in-flight", "0"], "--in-flight must be between 1 and 256"),
         (["wire-demo", "--messages", "0"], "--messages must be between 1 and 100000"),
+        (["demo", "--keep", "{file}"], "not a directory"),
+        (["demo", "--keep", "{file}/below"], "cannot use it"),
+        (["demo", "--keep", "{full}"], "not empty"),
     ],
 )
-def test_bad_arguments_are_refused(args, message, capsys):
+def test_bad_arguments_are_refused(args, message, capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full" / "fleet").mkdir(parents=True)  # an earlier demo's
+    args = [a.format(file=tmp_path / "file", full=tmp_path / "full") for a in args]
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_demo_whose_fleet_cannot_be_made_says_why_in_one_line(monkeypatch, capsys, tmp_path):
+    def refuse(*args, **kwargs):
+        raise IdentityError("cannot create directory /nowhere: No such file or directory")
+
+    monkeypatch.setattr(cluster_module, "LocalCluster", refuse)
+    assert demo_module.run_demo(demo_module.DemoOptions(keep=tmp_path, quiet=True)) == 1
+    err = capsys.readouterr().err
+    assert err == "meshinfer demo: cannot create directory /nowhere: No such file or directory\n"
