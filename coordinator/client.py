@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
+from meshinfer.http_url import check_http_url
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE
 
@@ -198,7 +199,7 @@ def resolve_endpoint(
             f"no API token given: pass --token-file FILE (the fleet's api-token) or --data-dir"
             f" DIR, or set {ENV_TOKEN}"
         )
-    return Endpoint(check_url(url), check_token(token))
+    return Endpoint(check_http_url(url, "coordinator URL"), check_token(token))
 
 
 def _runtime_facts(data_dir: Path) -> dict[str, Any]:
@@ -229,18 +230,6 @@ def _read_token(path: Path) -> str:
         raise ConfigError(f"cannot read the API token file {path}: {exc}") from None
 
 
-def check_url(url: str) -> str:
-    """``url`` without a trailing slash; ConfigError unless it is an http(s) URL with a host."""
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        parts.port  # noqa: B018 -- raises ValueError for a malformed port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"coordinator URL {url!r} must look like http://HOST:PORT")
-    return url.strip().rstrip("/")
-
-
 def check_token(token: str) -> str:
     """``token`` stripped; ConfigError if it is empty or holds spaces or control characters."""
     token = token.strip()
@@ -260,7 +249,7 @@ class CoordinatorClient:
     """
 
     def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
-        self.url = check_url(url)
+        self.url = check_http_url(url, "coordinator URL")
         self.timeout = timeout
         self._token = check_token(token)
         self._opener = _opener_for(self.url)

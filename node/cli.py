@@ -107,11 +107,11 @@ def _fetch_status(url: str) -> Any:
     import http.client
     import json
     import urllib.error
-    import urllib.parse
     import urllib.request
 
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise ConfigError(f"the daemon's URL must be http://HOST:PORT, got {url!r}")
+    from meshinfer.http_url import check_http_url
+
+    url = check_http_url(url, "the daemon's URL")
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as response:
             body = response.read()
