@@ -4,7 +4,8 @@ subcommands both of them carry.
 Every command is an argparse subparser whose ``handler`` default takes the parsed namespace and
 returns an exit code. :func:`run_cli` parses, dispatches and turns every expected failure (a bad
 argument, a :class:`MeshInferError`, an ``OSError``) into one line on stderr and exit code 2, so
-a user never sees a traceback. To add a command to a CLI::
+a user never sees a traceback; a reader that closed stdout early (``| head``) ends the command
+quietly with exit code 141. To add a command to a CLI::
 
     def add_status_command(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser("status", help="...")
@@ -24,6 +25,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import select
 import string
 import sys
 import time
@@ -51,6 +54,9 @@ from meshinfer.proto.identity import (
 )
 
 EXIT_USAGE = 2
+EXIT_CLOSED_PIPE = 141
+"""A command whose reader closed stdout early stops quietly with the code a shell shows for a
+process SIGPIPE killed (128 + 13)."""
 MAX_PUBLIC_KEY_FILE_BYTES = 4096
 DEFAULT_CERT_DAYS = 365.0
 SECONDS_PER_DAY = 86400.0
@@ -99,12 +105,40 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             return 0
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in a warning at exit
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # a pipe the command wrote to itself: an error like any
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        _discard_stdout()
+        return EXIT_CLOSED_PIPE
     except (MeshInferError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_closed() -> bool:
+    """Whether whoever read stdout has gone (``... | head``): its pipe reports an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor, or no poll
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail on the closed pipe again:
+    the reader stopped reading, which is no error of this command (as with ``git log | head``)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _tolerate_unencodable_output() -> None:

@@ -307,3 +307,20 @@ def test_fleet_refuses_a_world_readable_or_foreign_authority_key(tmp_path: Path)
     write_new_file(fleet.authority_key, b"22" * 32 + b"\n", mode=SECRET_MODE)
     with pytest.raises(IdentityError, match="does not match"):
         fleet.authority()
+
+
+@pytest.mark.parametrize("program", ["node", "coord"])
+def test_a_reader_that_closed_stdout_stops_the_command_quietly(program: str) -> None:
+    # as `meshinfer-coord tasks --json | head -1` does once head has its line
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        command = [sys.executable, "-m", f"{'node' if program == 'node' else 'coordinator'}.cli"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(
+            [*command, "config"], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+            timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")  # was "error: [Errno 32] Broken pipe"
