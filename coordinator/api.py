@@ -766,7 +766,18 @@ def tensor_from_json(raw: Any) -> dict[str, Any]:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid("inputs.data_b64: not valid base64") from None
+    _check_finite_b64(data, raw.get("dtype"))
     return {**{k: v for k, v in raw.items() if k != "data_b64"}, "data": data}
+
+
+def _check_finite_b64(data: bytes, dtype: Any) -> None:
+    """Floats sent as base64 must be finite, as ``values`` must be: NaN or infinity would fail
+    on the node after the task was journaled, or poison an average. (A dtype or length that
+    does not fit is refused by the spec's own check.)"""
+    if dtype not in ("float16", "float32") or len(data) % np.dtype(dtype).itemsize:
+        return
+    if not np.isfinite(np.frombuffer(data, np.dtype(dtype).newbyteorder("<"))).all():
+        raise _invalid(f"inputs.data_b64: holds NaN or infinity ({dtype})")
 
 
 def _values_tensor(values: Any, dtype: Any) -> dict[str, Any]:
