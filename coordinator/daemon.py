@@ -98,6 +98,7 @@ class CoordinatorDaemon:
         self.mesh: MeshNode | None = None
         self.coordinator: Coordinator | None = None
         self.api: Any = None
+        self._journal: Journal | None = None  # open, not yet the coordinator's
         self._closed = False
 
     @property
@@ -113,12 +114,14 @@ class CoordinatorDaemon:
         identity_dir = Path(self.config.coordinator.identity_dir)
         revocations = NodeDirectory(identity_dir).revocations(self.identity.trust)
         self.data.make()
-        await asyncio.to_thread(self._check_journal)
+        self._journal = await asyncio.to_thread(self._open_journal)
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await start_mesh(self.mesh, self.config)
+        journal, self._journal = self._journal, None  # the coordinator's to close from here
         self.coordinator = Coordinator(
-            self.mesh, self.journal_path, service_config(self.config), rng=self.rng
-        )
+            self.mesh, self.journal_path, service_config(self.config), rng=self.rng,
+            journal=journal,
+        )  # fmt: skip
         await self.coordinator.start()
         if self.config.api.enabled:
             from coordinator.api import CoordinatorApi
@@ -138,12 +141,13 @@ class CoordinatorDaemon:
         await asyncio.to_thread(self.data.write_runtime, facts)
         return facts
 
-    def _check_journal(self) -> None:
-        """Open and close the journal before joining the mesh: a coordinator whose journal is
-        unusable (no journal, a newer one, one another coordinator holds) says so and stops
-        before it announces itself, rather than join beside the one that holds it, under the
-        same node id. The coordinator opens it again to serve (and holds it from then on)."""
-        Journal(self.journal_path, synchronous=self.config.coordinator.journal_synchronous).close()
+    def _open_journal(self) -> Journal:
+        """Open the journal before joining the mesh: a coordinator whose journal is unusable
+        (no journal, a newer one, one another coordinator holds) says so and stops before it
+        announces itself, rather than join beside the one that holds it, under the same node
+        id. It stays open (and locked) for the coordinator to serve from: two started at one
+        instant cannot both get past this."""
+        return Journal(self.journal_path, synchronous=self.config.coordinator.journal_synchronous)
 
     def facts(self) -> dict[str, Any]:
         assert self.mesh is not None and self.mesh.address is not None
@@ -180,6 +184,9 @@ class CoordinatorDaemon:
             self.mesh.aclose() if self.mesh else None,
         ]
         await close_in_order(steps, log)
+        if self._journal is not None:  # opened, never handed to a coordinator
+            await asyncio.to_thread(self._journal.close)
+            self._journal = None
         await asyncio.to_thread(self.data.close)  # a temporary one is removed whole
 
 

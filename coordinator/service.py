@@ -224,14 +224,18 @@ class Coordinator:
         config: CoordinatorConfig | None = None,
         *,
         rng: random.Random | None = None,
+        journal: Journal | None = None,
     ) -> None:
+        """``journal``: the journal at ``journal_path`` already open (its lock held since a
+        daemon checked it before joining the mesh); this coordinator closes it. None: ``start``
+        opens it."""
         self.mesh = mesh
         self.config = config or CoordinatorConfig()
         self.journal_path = Path(journal_path)
         self.rng = rng or random.Random()
         self.stats_ = CoordinatorStats()
         self.scheduler = SchedulerState()
-        self.journal: Journal | None = None
+        self.journal: Journal | None = journal
         # One thread keeps journal calls in order and commits what is queued as one group.
         self._db = JournalWriter(lambda: self.journal, name="journal", stale=item_ended)
         self._started = False
@@ -284,9 +288,10 @@ class Coordinator:
     async def start(self) -> None:
         """Open (and recover) the journal, hook into the mesh, start dispatching."""
         self._running_loop = asyncio.get_running_loop()
-        self.journal = await self._db.run_alone(
-            lambda: Journal(self.journal_path, synchronous=self.config.journal_synchronous)
-        )
+        if self.journal is None:
+            self.journal = await self._db.run_alone(
+                lambda: Journal(self.journal_path, synchronous=self.config.journal_synchronous)
+            )
         self._started = True
         peers = self.mesh.peers
         peers.on(TaskAccepted, self._on_accepted)

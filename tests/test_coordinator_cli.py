@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+import coordinator.daemon as coordinator_daemon
 from coordinator import config as coord_config
 from coordinator.api import CoordinatorApi
 from coordinator.cli import main
@@ -52,6 +53,7 @@ from coordinator.client import (
 )
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.journal import Journal
+from coordinator.journal_files import JournalFileError
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.errors import ConfigError, InferenceError, MeshInferError, RemoteProtocolError
@@ -1045,6 +1047,54 @@ def test_a_second_coordinator_on_one_journal_is_refused(tmp_path, capsys):
         one_line_error(capsys, "journal.db is in use by another coordinator")
         assert not (data / "runtime.json").exists()  # the first one's stays the one to reach
         assert first.get("t1").state == TaskState.PENDING
+
+
+async def test_the_journal_stays_locked_from_its_check_until_the_coordinator_serves(
+    tmp_path, monkeypatch
+):
+    """Two coordinators started at one instant on one data_dir: the second cannot open the
+    journal while the first joins the mesh (it was closed after the check, then reopened)."""
+    data = tmp_path / "data"
+    joining, go_on = asyncio.Event(), asyncio.Event()
+    real_start_mesh = coordinator_daemon.start_mesh
+
+    async def held_start_mesh(mesh, config):
+        joining.set()
+        await go_on.wait()
+        await real_start_mesh(mesh, config)
+
+    monkeypatch.setattr(coordinator_daemon, "start_mesh", held_start_mesh)
+    daemon = CoordinatorDaemon(coord_config.load_config(serve_config(tmp_path, data)))
+    starting = asyncio.create_task(daemon.start())
+    try:
+        await asyncio.wait_for(joining.wait(), 10)
+        with pytest.raises(JournalFileError, match="in use by another coordinator"):
+            Journal(data / "journal.db").close()
+        go_on.set()
+        await starting
+        with pytest.raises(JournalFileError, match="in use by another coordinator"):
+            Journal(data / "journal.db").close()
+    finally:
+        go_on.set()
+        await asyncio.gather(starting, return_exceptions=True)
+        await daemon.stop()
+    Journal(data / "journal.db").close()  # released at the stop
+
+
+async def test_a_start_that_fails_after_the_journal_check_releases_the_journal(
+    tmp_path, monkeypatch
+):
+    data = tmp_path / "data"
+
+    async def failing_start_mesh(mesh, config):
+        raise ConfigError("[network] listen 127.0.0.1:1: address already in use (injected)")
+
+    monkeypatch.setattr(coordinator_daemon, "start_mesh", failing_start_mesh)
+    daemon = CoordinatorDaemon(coord_config.load_config(serve_config(tmp_path, data)))
+    with pytest.raises(ConfigError, match="injected"):
+        await daemon.start()
+    await daemon.stop()
+    Journal(data / "journal.db").close()  # not held by the failed start
 
 
 def test_an_api_address_in_use_names_the_key(tmp_path, capsys):
