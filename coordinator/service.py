@@ -1013,9 +1013,8 @@ class Coordinator:
         self._assign(entry, None)
         delay = 0.0
         if backoff:
-            delay = min(
-                self.config.retry_backoff_max_s, self.config.retry_backoff_s * 2 ** (attempt - 1)
-            )
+            doubled = 2.0 ** min(attempt - 1, 64)  # (2 ** 1024 overflows a float)
+            delay = min(self.config.retry_backoff_max_s, self.config.retry_backoff_s * doubled)
         self._loop.call_later(delay, self._queue, item_id, run.spec.priority)
 
     async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:

@@ -23,12 +23,19 @@ when there is none. Then:
 * ``contact_aware`` -- drops nodes whose expected contact time (``contact_s``: until the
   vehicle leaves radio range) is shorter than the expected runtime + RTT + a margin; then least
   loaded. Unknown contact time counts as long enough (fixed or infrastructure nodes).
+
+Degenerate gossiped figures never make a policy raise: an RTT that is NaN, negative, infinite
+or beyond any float counts as not measured, a NaN or negative free GPU memory as none, a load
+that is NaN (infinite depth over infinite capacity) or beyond any float as the highest load,
+and a runtime observation or ``expected_runtime_s`` that is not a finite, non-negative number
+of seconds as not given.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +120,10 @@ class SchedulerState:
     runtime_s: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def observe_runtime(self, model: tuple[str, str], seconds: float) -> None:
-        """Fold a measured runtime of ``model`` into its moving average."""
+        """Fold a measured runtime of ``model`` into its moving average (one that is NaN,
+        infinite or negative is ignored: it would stay in the average for good)."""
+        if _seconds(seconds) is None:
+            return
         old = self.runtime_s.get(model)
         alpha = self.config.runtime_smoothing
         self.runtime_s[model] = seconds if old is None else old + alpha * (seconds - old)
@@ -124,6 +134,28 @@ class SchedulerState:
 
 
 # --- eligibility -----------------------------------------------------------------------------
+
+
+def _seconds(value: object) -> float | None:
+    """``value`` as seconds a policy can use (a finite, non-negative number), else None."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer beyond any float
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _rtt(node: NodeView) -> float | None:
+    """The node's measured RTT, None if not measured or not usable (NaN, negative, infinite)."""
+    return _seconds(node.rtt_s)
+
+
+def _free_gpu_memory(node: NodeView) -> int | float:
+    """The node's free GPU memory, 0 if unknown or not usable (NaN, negative)."""
+    free = node.free_gpu_memory
+    return free if free is not None and free > 0 else 0
 
 
 def _model_key(item: WorkItem) -> tuple[str, str]:
@@ -146,7 +178,7 @@ def _meets_requirements(node: NodeView, params: Mapping[str, object]) -> bool:
     gpu, need, role = requirements(params)
     if gpu and not node.has_gpu:
         return False
-    if need is not None and (node.free_gpu_memory is None or node.free_gpu_memory < need):
+    if need is not None and (node.free_gpu_memory is None or not _free_gpu_memory(node) >= need):
         return False
     return role is None or role in node.roles
 
@@ -168,9 +200,14 @@ def load_ratio(node: NodeView) -> float:
     """``queue_depth / capacity`` (a capacity below 1 counts as 1).
 
     Equal ratios compare equal (IEEE division is correctly rounded), and distinct ratios of
-    realistic queue depths and capacities (below 2**20) never round to the same float.
+    realistic queue depths and capacities (below 2**20) never round to the same float. A ratio
+    that is NaN (an infinite depth over an infinite capacity) or beyond any float is infinite.
     """
-    return max(0, node.queue_depth) / max(1, node.capacity)
+    try:
+        ratio = max(0, node.queue_depth) / max(1, node.capacity)
+    except OverflowError:  # an integer depth beyond any float
+        return math.inf
+    return math.inf if math.isnan(ratio) else ratio
 
 
 def _least_loaded(nodes: Sequence[NodeView], rng: random.Random) -> NodeView:
@@ -204,17 +241,17 @@ def _capability(nodes, item, rng, state) -> NodeView:
     if item.input.rows >= state.config.gpu_batch_rows:
         gpus = [n for n in nodes if n.has_gpu]
         if gpus:
-            most = max(n.free_gpu_memory or 0 for n in gpus)
-            nodes = [n for n in gpus if (n.free_gpu_memory or 0) == most]
+            most = max(_free_gpu_memory(n) for n in gpus)
+            nodes = [n for n in gpus if _free_gpu_memory(n) == most]
     return _least_loaded(nodes, rng)
 
 
 def _latency(nodes, item, rng, state) -> NodeView:
-    measured = [n for n in nodes if n.rtt_s is not None]
+    measured = [n for n in nodes if _rtt(n) is not None]
     if not measured:
         return _least_loaded(nodes, rng)
-    best = min(n.rtt_s for n in measured)
-    return _least_loaded([n for n in measured if n.rtt_s == best], rng)
+    best = min(_rtt(n) for n in measured)
+    return _least_loaded([n for n in measured if _rtt(n) == best], rng)
 
 
 def _rendezvous_weight(model: tuple[str, str], node_id: str) -> bytes:
@@ -236,12 +273,13 @@ def _model_affinity(nodes, item, rng, state) -> NodeView:
 def _in_contact_long_enough(nodes, item, state: SchedulerState) -> list[NodeView]:
     """``contact_aware``: the nodes expected to stay in range for the item's runtime + RTT."""
     config = state.config
-    runtime = item.params.get("expected_runtime_s")
-    if type(runtime) not in (int, float):
+    runtime = _seconds(item.params.get("expected_runtime_s"))
+    if runtime is None:
         runtime = state.expected_runtime(_model_key(item))
 
     def stays_long_enough(node: NodeView) -> bool:
-        rtt = config.default_rtt_s if node.rtt_s is None else node.rtt_s
+        rtt = _rtt(node)
+        rtt = config.default_rtt_s if rtt is None else rtt
         return node.contact_s is None or node.contact_s >= (runtime + rtt) * config.contact_safety
 
     return [n for n in nodes if stays_long_enough(n)]

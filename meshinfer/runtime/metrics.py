@@ -151,7 +151,7 @@ class _Value:
 
 class _CounterChild(_Value):
     def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
+        if not amount >= 0:  # (NaN too: a counter at NaN would stay there for good)
             raise LocalProtocolError(f"a counter only goes up; got inc({amount})")
         self.value += amount
 
@@ -208,7 +208,9 @@ class _HistogramChild:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
+        # NaN is at or below no finite bound: it counts in the +Inf bucket only
+        index = len(self.bounds) if math.isnan(value) else bisect.bisect_left(self.bounds, value)
+        self.bucket_counts[index] += 1
         self.sum += value
 
 
@@ -225,7 +227,8 @@ class Histogram(_Metric):
         buckets: Iterable[float] = DEFAULT_BUCKETS,
     ) -> None:
         self.buckets = tuple(sorted(float(b) for b in buckets if b != math.inf))
-        if not self.buckets or len(set(self.buckets)) != len(self.buckets):
+        distinct = len(set(self.buckets)) == len(self.buckets)
+        if not self.buckets or not distinct or not all(map(math.isfinite, self.buckets)):
             raise LocalProtocolError(f"histogram {name} needs distinct finite buckets")
         super().__init__(name, help, labelnames)
 
@@ -297,20 +300,40 @@ class MetricsRegistry:
     def add_collector(self, collect: Callable[[], Iterable[MetricFamily]]) -> None:
         """Call ``collect`` at every render for families computed on demand (e.g. batcher stats).
 
-        A collector that raises is logged and left out of that render; the rest still renders.
+        A collector that raises (a generator: at any point) is logged and left out of that
+        render, whatever it yielded before; the rest still renders.
         """
         self._collectors.append(collect)
 
     def families(self) -> list[MetricFamily]:
-        """Every registered metric, then every collector's families."""
-        out = [metric.collect() for metric in self._metrics.values()]
+        """Every registered metric, then every collector's families; families of one name are
+        merged into one (one HELP and TYPE line each, their samples together, as the text
+        format requires), and one whose kind differs from the first of its name is left out."""
+        out = {metric.name: metric.collect() for metric in self._metrics.values()}
         for collect in self._collectors:
             try:
-                out.extend(collect())
+                collected = list(collect())
             except Exception:
                 log.exception("metrics collector %r failed; its families are left out", collect)
-        return out
+                continue
+            for fam in collected:
+                _merge_into(out, fam)
+        return list(out.values())
 
     def render(self) -> str:
         """The Prometheus text exposition (format 0.0.4) of everything registered."""
         return "".join(render_family(family) for family in self.families())
+
+
+def _merge_into(families: dict[str, MetricFamily], fam: MetricFamily) -> None:
+    """Add ``fam`` to ``families`` (by name): its samples join those of a family of its name."""
+    known = families.get(fam.name)
+    if known is None:
+        families[fam.name] = fam
+    elif known.kind != fam.kind:
+        log.error("metric family %s is a %s and a %s: the %s left out", fam.name, known.kind,
+                  fam.kind, fam.kind)  # fmt: skip
+    else:
+        families[fam.name] = MetricFamily(
+            known.name, known.kind, known.help, known.samples + fam.samples
+        )

@@ -187,10 +187,13 @@ class NvmlProbe:
             return None
 
     def close(self) -> None:
-        """Shut NVML down. Idempotent."""
+        """Shut NVML down. Idempotent; a failing shutdown (a driver gone) is logged."""
         if self.available:
             self.available = False
-            self._nvml.nvmlShutdown()
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError as exc:
+                log.warning("NVML shutdown failed: %r", exc)
 
 
 def _known(values: Iterable[float | None]) -> list[float]:
@@ -220,15 +223,22 @@ class TelemetryCollector:
     ``min_cpu_interval_s`` (real time) after the last one reuses that value, because very short
     intervals give noise. Construction starts NVML (it may take a moment: do it at startup,
     or in a thread). Call :meth:`close` to release NVML.
+
+    A host sensor that raises (psutil on a host where ``/proc`` is not readable, say) never
+    makes :meth:`collect` raise: its figures stay at their last reading (0 before the first),
+    and the failure is logged once until the sensor reads again. The node's telemetry loop,
+    which also gossips its queue depth, must not die of it.
     """
 
     def __init__(self, *, gpu: bool = True, min_cpu_interval_s: float = 0.5) -> None:
         self._lock = threading.Lock()
         self._nvml = NvmlProbe() if gpu else None
         self._min_cpu_interval_s = min_cpu_interval_s
-        psutil.cpu_percent(interval=None)
+        self._failing: set[str] = set()  # host sensors whose last reading failed
+        self._read("cpu_percent", _cpu_percent, 0.0)  # primes psutil (its first reading is 0)
         self._cpu_read_at = time.monotonic()  # real time: CPU shares are about real seconds
         self._cpu_percent = 0.0
+        self._memory = (0.0, 0)  # (percent, available bytes) as last read
 
     @property
     def gpu_available(self) -> bool:
@@ -238,12 +248,12 @@ class TelemetryCollector:
     def collect(self, engine_stats: Iterable[BatcherStats] = ()) -> TelemetrySnapshot:
         """Sample everything now. Blocks briefly: off the loop, use :meth:`sample`."""
         with self._lock:
-            memory = psutil.virtual_memory()
+            self._memory = self._read("virtual_memory", _memory, self._memory)
             gpu = self._nvml.sample() if self._nvml is not None else GpuSample()
             return TelemetrySnapshot(
                 cpu_percent=self._cpu(),
-                memory_percent=float(memory.percent),
-                memory_available_bytes=int(memory.available),
+                memory_percent=self._memory[0],
+                memory_available_bytes=self._memory[1],
                 load_average_1m=_load_average(),
                 gpu_count=gpu.count,
                 gpu_utilization_percent=gpu.utilization_percent,
@@ -261,14 +271,35 @@ class TelemetryCollector:
     def _cpu(self) -> float:
         now = time.monotonic()
         if now - self._cpu_read_at >= self._min_cpu_interval_s:
-            self._cpu_percent = float(psutil.cpu_percent(interval=None))
+            self._cpu_percent = self._read("cpu_percent", _cpu_percent, self._cpu_percent)
             self._cpu_read_at = now
         return self._cpu_percent
+
+    def _read(self, sensor: str, read: Callable[[], Any], last: Any) -> Any:
+        """``read()``, or ``last`` if the sensor raises (logged once until it reads again)."""
+        try:
+            value = read()
+        except Exception as exc:  # psutil.Error, OSError, a /proc it cannot parse: any failure
+            if sensor not in self._failing:
+                log.warning("telemetry: %s failed, keeping its last reading: %r", sensor, exc)
+                self._failing.add(sensor)
+            return last
+        self._failing.discard(sensor)
+        return value
 
     def close(self) -> None:
         """Release NVML. Idempotent."""
         if self._nvml is not None:
             self._nvml.close()
+
+
+def _cpu_percent() -> float:
+    return float(psutil.cpu_percent(interval=None))
+
+
+def _memory() -> tuple[float, int]:
+    memory = psutil.virtual_memory()
+    return float(memory.percent), int(memory.available)
 
 
 def _load_average() -> float | None:
