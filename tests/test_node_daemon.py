@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
+import subprocess
+import sys
 
 import aiohttp
 import numpy as np
@@ -16,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.service import CoordinatorConfig
 from meshinfer.inference.registry import load_digits_holdout
+from meshinfer.testing.cluster import LocalCluster
 from node import cli as node_cli
 from tests.helpers import until
 from tests.test_coordinator_service import Mesh, hold_inference, spec
@@ -162,3 +167,33 @@ async def test_an_unexpected_error_running_an_item_is_answered_at_once_not_left_
         assert record.state.value == "failed", "the node never answered"
         assert "node node-0 failed: ValueError: could not convert" in (record.summary.error or "")
         assert "item bug/0 failed unexpectedly" in caplog.text
+
+
+def test_a_sigterm_while_the_start_hangs_stops_the_real_daemon_without_ready(tmp_path):
+    """A real ``meshinfer-node run`` whose start waits on a Triton server that never answers:
+    SIGTERM cancels the start, closes what started and exits 0 without READY (not after the
+    engine's own timeout, with its error)."""
+    with socket.socket() as silent:  # takes connections, never answers one
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        silent.settimeout(30)
+        host, port = silent.getsockname()
+        cluster = LocalCluster(tmp_path)
+        engine = f'[inference]\nengine = "triton"\ntriton_url = "{host}:{port}"\n'
+        config = cluster.add_node("veh-1", extra=engine)
+        argv = [sys.executable, "-m", "node.cli", "run", "--config", str(config)]
+        with open(tmp_path / "veh-1.log", "w") as log:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            waiting, _ = silent.accept()  # the start now waits for Triton's answer
+            with waiting:
+                proc.send_signal(signal.SIGTERM)
+                out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log_text = (tmp_path / "veh-1.log").read_text()
+    assert (proc.returncode, out.splitlines()) == (0, ["STOPPED veh-1"]), log_text[-2000:]
+    assert "stopping during the start-up (SIGTERM)" in log_text
+    assert "is not ready" not in log_text
