@@ -25,8 +25,12 @@ record whose signature does not verify for the claimed node id is refused and co
 (``impersonations_refused``), whoever relays it; an honest relay verifies before it re-gossips,
 so a refused record marks its sender as the forger. Without an authenticator relays are trusted
 (admission already limits the mesh to fleet members). SUSPECT and DEAD claims about others are
-plain gossip and are accepted from anyone; they cannot raise an incarnation, so the worst a liar
-achieves is a refutation (or, for a real crash, an earlier death). The accuser named in a
+plain gossip and are accepted from anyone; they cannot raise an incarnation above the member's
+own newest ALIVE record (a claim above it is applied at that incarnation and counted,
+``claims_ahead``), so the worst a liar achieves is a refutation (or, for a real crash, an
+earlier death). Nor does a node refute a claim about itself that only an incarnation above
+``MAX_COUNTER`` would answer (no decoder takes that ALIVE record, nor any packet carrying it:
+one such claim sent to a node would cut it out of the mesh for good). The accuser named in a
 SUSPECT is not authenticated: a forged one can shrink a suspicion timeout to its minimum but
 never below. Acks are checked by the probe round (see :mod:`membership_probe`).
 
@@ -54,6 +58,7 @@ from meshinfer.proto.membership_config import MembershipConfig
 from meshinfer.proto.membership_gossip import BroadcastQueue, UpdateFamily
 from meshinfer.proto.membership_suspicion import LocalHealth, SuspicionTimer
 from meshinfer.proto.membership_wire import (
+    MAX_COUNTER,
     MAX_STATE_BYTES,
     AliveRecord,
     DeadRecord,
@@ -171,6 +176,9 @@ class MembershipCounters:
     deaths_declared: int = 0
     refutations: int = 0
     impersonations_refused: int = 0
+    #: SUSPECT/DEAD claims above the subject's own newest ALIVE incarnation (lowered to it),
+    #: and claims about this node that only an incarnation over MAX_COUNTER could refute
+    claims_ahead: int = 0
     misdirected_pings: int = 0
     late_acks: int = 0
     push_pulls: int = 0
@@ -311,7 +319,7 @@ class MemberTable:
 
     def leave(self, now: float) -> None:
         """Mark this node LEFT at the next incarnation and queue the announcement."""
-        incarnation = self.local.incarnation + 1
+        incarnation = min(self.local.incarnation + 1, MAX_COUNTER)  # LEFT wins at >=
         left = LeftRecord(self.local_id, incarnation)
         self._left_signature = self._signature(left)
         self.local = Member(self.local_id, MemberStatus.LEFT, incarnation, self.local.record, now)
@@ -369,6 +377,9 @@ class MemberTable:
             record = SuspectRecord(record.node_id, record.incarnation, record.accuser)
         member = self._members.get(record.node_id)
         if isinstance(record, SuspectRecord | DeadRecord) and member is not None:
+            if record.incarnation > member.record.incarnation:  # the member never reached it
+                self.counters.claims_ahead += 1
+                record = type(record)(record.node_id, member.record.incarnation, record.accuser)
             self._correct_stale(member, record)
         if isinstance(record, AliveRecord):
             if member is None:
@@ -501,6 +512,9 @@ class MemberTable:
                 self.corrections.append(self.local_bytes)  # the sender missed our refutation
             return
         elif isinstance(record, LeftRecord) and not self._authentic(record):
+            return
+        if record.incarnation >= MAX_COUNTER:
+            self.counters.claims_ahead += 1  # a refutation would be undecodable
             return
         self.refute(record.incarnation, now)
         if not isinstance(record, AliveRecord):

@@ -67,10 +67,16 @@ log = logging.getLogger(__name__)
 #: message): bounds the copy a burst of large messages makes.
 SEND_MANY_BYTES = 1 << 20
 
+#: Most messages the reader handles in one turn of the loop before it lets other tasks run: a
+#: read of 256 KiB may hold ~50,000 packed pings, each answered with a write.
+DISPATCH_BATCH = 256
+
 #: First byte of the first handshake record: which Noise pattern the dialler chose.
 _PATTERN_XX = 0x01
 _PATTERN_IK = 0x02
-_MAX_HANDSHAKE_RECORD = 4096
+#: Largest handshake record accepted (a Hello, its certificate included, with Noise's keys
+#: and tags: about 4.5 KiB for a 4 KiB certificate).
+_MAX_HANDSHAKE_RECORD = 8192
 #: The Hello feature: several small messages may share one Noise message (framing.FLAG_PACKED).
 PACKED_FEATURE = "packed"
 
@@ -180,6 +186,7 @@ class Session:
         handshake_hash: bytes,
         leftover: list[bytes],
         pack: bool = False,
+        decoder: framing.RecordDecoder | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
@@ -199,10 +206,12 @@ class Session:
         self._inbox: asyncio.Queue[messages.Message | None] = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
-        self._decoder = framing.RecordDecoder()
+        # the handshake's: it may hold the start of a record that came with the last one
+        self._decoder = decoder or framing.RecordDecoder()
         self._reassembler = framing.Reassembler(config.max_message_size)
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._ping_seq = 0
+        self._handled = 0  # messages dispatched since the reader last yielded the loop
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._last_rx = self._last_tx = loop.time()
@@ -371,9 +380,7 @@ class Session:
 
     async def _read_loop(self) -> None:
         try:
-            for record in self._leftover:
-                for msg in self._open_record(record):
-                    await self._dispatch(msg)
+            await self._handle_records(self._leftover)
             self._leftover = []
             while not self._closed.is_set():
                 data = await self.stream.read(262144)
@@ -381,9 +388,7 @@ class Session:
                     self._mark_lost("peer closed the connection")
                     break
                 self._last_rx = self._loop.time()
-                for record in self._decoder.feed(data):
-                    for msg in self._open_record(record):
-                        await self._dispatch(msg)
+                await self._handle_records(self._decoder.feed(data))
         except RemoteProtocolError as exc:
             self.metrics.protocol_errors += 1
             log.warning("session with %s: protocol error from peer: %s", self.peer_id, exc)
@@ -394,6 +399,18 @@ class Session:
             self._mark_closed(CloseCode.GOING_AWAY, "reader stopped")
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
+
+    async def _handle_records(self, records: list[bytes]) -> None:
+        """Open and dispatch ``records``, yielding the loop every ``DISPATCH_BATCH`` messages
+        (a peer's flood of small messages must not starve the node's other sessions), counted
+        across reads: a read that finds bytes waiting returns without yielding."""
+        for record in records:
+            for msg in self._open_record(record):
+                await self._dispatch(msg)
+                self._handled += 1
+                if self._handled >= DISPATCH_BATCH:
+                    self._handled = 0
+                    await asyncio.sleep(0)
 
     async def _dispatch(self, msg: messages.Message) -> None:
         self.metrics.messages_received += 1
@@ -503,14 +520,22 @@ class _Handshake:
         self.pending: list[bytes] = []
 
     async def read_record(self) -> bytes:
+        """The next handshake record. What came after it (the peer's first transport records,
+        sent right behind its last handshake message, whole or in part) stays in ``pending``
+        and ``decoder`` for the session; a handshake record over ``_MAX_HANDSHAKE_RECORD``
+        is refused as soon as that many of its bytes are in."""
         while not self.pending:
             data = await self.stream.read(65536)
             if not data:
                 raise HandshakeError("peer closed the connection during the handshake")
-            if self.decoder.buffered + len(data) > 2 * _MAX_HANDSHAKE_RECORD + 2:
-                raise HandshakeError("handshake record too large")
             self.pending.extend(self.decoder.feed(data))
-        return self.pending.pop(0)
+            incomplete = self.decoder.buffered - framing.RECORD_HEADER_SIZE
+            if not self.pending and incomplete > _MAX_HANDSHAKE_RECORD:
+                raise HandshakeError("handshake record too large")
+        record = self.pending.pop(0)
+        if len(record) > _MAX_HANDSHAKE_RECORD:
+            raise HandshakeError("handshake record too large")
+        return record
 
     async def write_record(self, record: bytes) -> None:
         await self.stream.write(framing.encode_record(record))
@@ -657,6 +682,7 @@ async def _establish(
         handshake_hash=hs.handshake_hash,
         leftover=hsio.pending,
         pack=config.pack and PACKED_FEATURE in hello.features,
+        decoder=hsio.decoder,
     )
 
 
