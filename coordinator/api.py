@@ -913,6 +913,7 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         ("retries", "Work item attempts retried."),
         ("refusals", "Retried attempts a node refused, handed back or never got (uncounted)."),
         ("duplicates", "Duplicate or late results refused."),
+        ("foreign_results", "Results refused: their attempt went to another node."),
         ("redispatched_after_death", "Items re-sent after their node died or left."),
         ("redispatched_after_disconnect", "Items re-sent after their node's session was lost."),
         ("sessions_lost", "Node sessions that ended lost (no Close frame, or silent)."),

@@ -204,6 +204,8 @@ def _mesh_schemas() -> dict[str, Schema]:
     stats = _obj(["tasks", "items", "dispatched", "retries", "live_tasks"], {
         "tasks": counts, "items": counts, "journal_counters": counts, "dispatched": _INT,
         "retries": _INT, "refusals": _INT, "redispatched_after_death": _INT, "duplicates": _INT,
+        "foreign_results": {**_INT, "description": "results refused because their attempt"
+                            " went to another node (forged or misrouted)"},
         "redispatched_after_disconnect": _INT, "sessions_lost": _INT, "redials_ok": _INT,
         "resent_after_redial": _INT, "completed_by_node": counts, "live_tasks": _INT,
         "parked_items": _INT,

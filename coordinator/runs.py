@@ -58,6 +58,9 @@ class ItemRun:
     digest: str = ""  # the input's sha256, once it was worth sending by reference
     by_reference: bool = False  # the current send named its input by digest only
     referenced: int = 0  # the attempt in which a send last named its input by digest only
+    #: (attempt, node) of every send of the item by this coordinator (and of the dispatch the
+    #: journal had at recovery): a result for one of those attempts counts only from its node
+    sent: set[tuple[int, str]] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,7 @@ import random
 import sqlite3
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -126,6 +127,10 @@ log = logging.getLogger(__name__)
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
 #: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
 #: leaves them here until newer ones push them out).
+#: An item's attempt as the journal has it at recovery: (attempt, refused, node of its
+#: journaled dispatch or None).
+Attempt = tuple[int, int, str | None]
+
 HANDED_RECORDS = 256
 HANDED_BYTES = 32 << 20
 
@@ -207,7 +212,7 @@ class CoordinatorStats:
     redials_ok: int = 0  # lost sessions whose node answered the ping (over another or a new one)
     resent_after_redial: int = 0  # items sent again to a node reachable after a lost session
     duplicates: int = 0
-    unexpected: int = 0
+    foreign_results: int = 0  # results from a node their attempt was not sent to (refused)
     inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
     input_bytes_saved: int = 0  # the bytes those references did not send
     input_cache_misses: int = 0  # references a node did not hold (the bytes went again)
@@ -347,7 +352,7 @@ class Coordinator:
                 elif item.state == TaskState.FAILED:
                     run.record_failure(item.item_id, item.error or "failed", accepted_at)
             run.check_timeout(now)
-            attempts = {i.item_id: (i.attempt, i.refused) for i in rec.to_dispatch}
+            attempts = {i.item_id: (i.attempt, i.refused, i.node) for i in rec.to_dispatch}
             log.info("recovered task %s (%d items to dispatch)", run.task_id, len(attempts))
             # every result was in before the crash, or a pipeline's outputs misfit: it ends
             await self._advance(run, attempts)
@@ -534,7 +539,8 @@ class Coordinator:
             "redispatched_after_disconnect": s.redispatched_after_disconnect,
             "sessions_lost": s.sessions_lost, "redials_ok": s.redials_ok,
             "resent_after_redial": s.resent_after_redial,
-            "duplicates": s.duplicates, "completed_by_node": dict(s.completed_by_node),
+            "duplicates": s.duplicates, "foreign_results": s.foreign_results,
+            "completed_by_node": dict(s.completed_by_node),
             "inputs_by_reference": s.inputs_by_reference,
             "input_bytes_saved": s.input_bytes_saved,
             "input_cache_misses": s.input_cache_misses, "stale_tells": self._db.stale_tells,
@@ -543,12 +549,15 @@ class Coordinator:
 
     # --- dispatching -----------------------------------------------------------------------
 
-    def _schedule_ready(self, run: TaskRun, attempts: dict[str, tuple[int, int]]) -> None:
-        """Queue the task's items that are ready; ``attempts``: item id -> (attempt, refused)
-        as the journal has them (recovery), else a first attempt."""
+    def _schedule_ready(self, run: TaskRun, attempts: Mapping[str, Attempt]) -> None:
+        """Queue the task's items that are ready; ``attempts``: item id -> (attempt, refused,
+        node of its journaled dispatch or None) as the journal has them (recovery), else a
+        first attempt."""
         for item in run.ready():
-            attempt, refused = attempts.get(item.item_id, (1, 0))
+            attempt, refused, node = attempts.get(item.item_id, (1, 0, None))
             entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
+            if node:  # sent before the restart: that node's result of it counts
+                entry.sent.add((attempt, node))
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
             # a large input is hashed in a worker thread first (coordinator.input_refs)
@@ -640,6 +649,7 @@ class Coordinator:
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         self._assign(entry, node)
         entry.tried.add(node)
+        entry.sent.add((entry.attempt, node))
         entry.last = node
         entry.dispatched_at = self._loop.time()
         self.stats_.dispatched += 1
@@ -819,9 +829,16 @@ class Coordinator:
 
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
         try:
+            pair = self._items.get(msg.item_id)
+            if pair is not None and not _may_answer(pair[1], msg.attempt, peer):
+                self.stats_.foreign_results += 1
+                log.warning(
+                    "refused a result of %s attempt %d from %s: that attempt went to %s",
+                    msg.item_id, msg.attempt, peer, _nodes_of(pair[1], msg.attempt),
+                )  # fmt: skip
+                return
             blob = messages.encode(msg)
             ending = self._ending_with(msg)
-            pair = self._items.get(msg.item_id)
             sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
             if sent:  # this result journals the dispatch: no mark_dispatched after it
                 pair[1].journaled = msg.attempt
@@ -1026,7 +1043,7 @@ class Coordinator:
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
 
-    async def _advance(self, run: TaskRun, attempts: dict[str, tuple[int, int]] | None = None):
+    async def _advance(self, run: TaskRun, attempts: Mapping[str, Attempt] | None = None):
         """Queue what is ready (``attempts``: see :meth:`_schedule_ready`), or finish the run
         once it has an outcome (queuing may give it one: pipeline outputs that do not fit)."""
         if run.outcome is None:
@@ -1123,6 +1140,18 @@ def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
     """Whether the item's current attempt is ``attempt`` and went to ``node``: only then does
     that node's answer about it count (relayed answers come from the node it was sent to)."""
     return entry.attempt == attempt and entry.node == node
+
+
+def _may_answer(entry: ItemRun, attempt: int, node: str) -> bool:
+    """Whether ``node`` may answer ``attempt`` of the item: it was sent that attempt, or this
+    coordinator sent that attempt to no node (a send before a restart the journal has no
+    dispatch of: the journal judges it, as before). Any other member's result is forged or
+    misrouted: it would become the task's output."""
+    return (attempt, node) in entry.sent or all(a != attempt for a, _ in entry.sent)
+
+
+def _nodes_of(entry: ItemRun, attempt: int) -> str:
+    return ", ".join(sorted(n for a, n in entry.sent if a == attempt))
 
 
 def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
