@@ -8,7 +8,9 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
     coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED;
                                         an item passed to a peer: the cancel is passed on)
 
-At most ``max_concurrent`` items run at once; the rest wait in order of priority. Work sharing:
+At most ``max_concurrent`` items run at once; the rest wait in order of priority (larger
+first, then in order of arrival), each until its deadline at most (then it is answered
+``DEADLINE_EXCEEDED``, not once a slot frees). Work sharing:
 when an item from a coordinator arrives while this node's backlog reaches
 ``offload_queue_depth`` (or it lacks the model) and a peer that is ALIVE (not suspect), has an
 open session with this node and gossips the model with a smaller load (any load, if this node
@@ -40,7 +42,9 @@ answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``)
 from the kept result when it comes back (a coordinator resending what a lost session or its restart
 may have swallowed), even while draining, instead of running again. While draining (SIGTERM) new
 items are refused as retryable and queued ones are handed back, so the coordinator re-runs them
-elsewhere.
+elsewhere; those still running when the drain's time is up are handed back too. A cancelled item
+is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came before
+its task first ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -49,6 +53,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -139,7 +145,7 @@ class TaskExecutor:
         self.config = config
         self.stats = ExecutorStats()
         self.running = 0
-        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._slots = _Slots(config.max_concurrent)
         self._items: dict[str, asyncio.Task[None]] = {}
         self._notices: dict[str, asyncio.TimerHandle] = {}  # item -> its pending TaskAccepted
         self._started: set[str] = set()
@@ -228,7 +234,7 @@ class TaskExecutor:
             )
         else:
             self._notify_accepted(peer, item_id, msg.attempt)
-        task.add_done_callback(lambda _t, item=item_id: self._item_done(item))
+        task.add_done_callback(lambda t: self._item_done(peer, msg, t))
 
     def _replayed(self, peer: str, msg: TaskAssign) -> bool:
         """Whether ``msg`` was answered from the result kept of its item: one that ran here (or
@@ -274,7 +280,19 @@ class TaskExecutor:
                 peer, TaskAccepted(item_id, attempt, self.mesh.node_id, self.backlog)
             )
 
-    def _item_done(self, item_id: str) -> None:
+    def _item_done(self, peer: str, msg: TaskAssign, task: asyncio.Task[None]) -> None:
+        """Forget a finished item. A cancelled one is answered here, not in :meth:`_run`: a
+        task cancelled before its first step (its cancel or a drain came in the same loop
+        iteration as the item) never runs a line of it."""
+        item_id = msg.item_id
+        if task.cancelled() and item_id not in self._answered:
+            peer, msg = self._answer_to(peer, msg)
+            kind, text = (
+                (FailureKind.SHUTTING_DOWN, "handed back: node draining")
+                if self._draining
+                else (FailureKind.CANCELLED, "cancelled by the coordinator")
+            )
+            self._fail(peer, msg, kind, text, retryable=self._draining)
         self._items.pop(item_id, None)
         self._senders.pop(item_id, None)
         self._answered.discard(item_id)
@@ -343,7 +361,7 @@ class TaskExecutor:
         deadline = None if msg.deadline_s is None else received + msg.deadline_s
         try:
             batch = _input_array(msg.input)
-            async with self._slot(msg.item_id):
+            async with self._slot(msg.item_id, _priority(msg.priority), deadline):
                 started = loop.time()
                 output = await self._infer(ref, batch, _priority(msg.priority), deadline)
             done = loop.time()
@@ -363,17 +381,9 @@ class TaskExecutor:
             self.replay.keep(peer, msg, result, done)
             await self.mesh.peers.request(peer, result)
             self.stats.completed += 1
-        except asyncio.CancelledError:
-            if msg.item_id in self._answered:
-                raise
-            peer, msg = self._answer_to(peer, msg)
-            kind, text = (
-                (FailureKind.SHUTTING_DOWN, "handed back: node draining")
-                if self._draining
-                else (FailureKind.CANCELLED, "cancelled by the coordinator")
-            )
-            self._fail(peer, msg, kind, text, retryable=self._draining)
-            raise
+            later = self._reply.pop(msg.item_id, None)
+            if later is not None:  # re-assigned while written (and not answered from replay)
+                self._answer(later[0], replace(result, attempt=later[1]))
         except MeshInferError as exc:
             peer, msg = self._answer_to(peer, msg)
             kind, retryable = _classify(exc)
@@ -403,15 +413,23 @@ class TaskExecutor:
         return np.concatenate(parts)
 
     @contextlib.asynccontextmanager
-    async def _slot(self, item_id: str):
-        async with self._slots:
-            self._started.add(item_id)
-            self.running += 1
-            try:
-                yield
-            finally:
-                self.running -= 1
-                self._started.discard(item_id)
+    async def _slot(self, item_id: str, priority: int, deadline: float | None):
+        """One of the ``max_concurrent`` slots (highest ``priority`` first), waited for until
+        ``deadline`` (loop time) at most: an item whose deadline passes while it waits is
+        answered then, not once a slot frees (DeadlineExceededError)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire(priority)
+        except TimeoutError:
+            raise DeadlineExceededError(f"item {item_id}: deadline passed waiting to run") from None
+        self._started.add(item_id)
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._started.discard(item_id)
+            self._slots.release()
 
     def _answer_to(self, peer: str, msg: TaskAssign) -> tuple[str, TaskAssign]:
         """Who a held item's answer goes to: the latest assignment of it (``_reply``), else
@@ -638,16 +656,13 @@ class TaskExecutor:
     async def drain(self, timeout: float) -> None:
         """Stop taking work; hand back items not yet started; let running ones finish, and
         items passed to peers be answered (relayed), within ``timeout``; then hand back the
-        passed items still unanswered: once this node is gone their answers have nowhere to
-        go, and the coordinator re-runs them at once instead of at their timeout. Returns once
-        every hand-back and relayed answer was written to its session (or failed), for up to
-        :data:`HAND_BACK_WRITE_S` past ``timeout``: the peer table drops what is still queued
-        when it closes."""
+        passed items still unanswered, and the items still running here: once this node is
+        gone their answers have nowhere to go, and the coordinator re-runs them at once
+        instead of at their timeout. Returns once every hand-back, result and relayed answer
+        was written to its session (or failed), for up to :data:`HAND_BACK_WRITE_S` past
+        ``timeout``: the peer table drops what is still queued when it closes."""
         self._draining = True
-        for item_id, task in list(self._items.items()):
-            if item_id not in self._started and item_id not in self._answered:
-                self.stats.handed_back += 1
-                task.cancel()
+        self._stop_items(running=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pending = [t for t in self._items.values() if not t.done()]
@@ -658,9 +673,26 @@ class TaskExecutor:
                 await self._no_offloads.wait()
         for item_id in list(self._offloaded):
             self._hand_back(item_id, "passed on by a node that is stopping; not answered yet")
-        if self._handing_back:  # written before the sessions close (which drops what is queued)
-            wait = max(deadline - loop.time(), HAND_BACK_WRITE_S)
-            await asyncio.wait(set(self._handing_back), timeout=wait)
+        write_by = max(deadline, loop.time() + HAND_BACK_WRITE_S)
+        stopped = self._stop_items(running=True)
+        if stopped:  # each is answered as it ends (_item_done)
+            await asyncio.wait(stopped, timeout=max(0.0, write_by - loop.time()))
+        writing = {*self._handing_back, *(t for t in self._items.values() if not t.done())}
+        if writing:  # written before the sessions close (which drops what is queued)
+            await asyncio.wait(writing, timeout=max(0.0, write_by - loop.time()))
+
+    def _stop_items(self, *, running: bool) -> list[asyncio.Task[None]]:
+        """Cancel (hand back) the items here that wait for a slot, and with ``running`` those
+        that run too, but none whose result is queued; return their tasks."""
+        stopped = []
+        for item_id, task in list(self._items.items()):
+            started = item_id in self._started and not running
+            if started or task.done() or item_id in self._answered:
+                continue
+            self.stats.handed_back += 1
+            task.cancel()
+            stopped.append(task)
+        return stopped
 
     async def aclose(self) -> None:
         """Stop: cancel running items, session watchers and the waits for offloaded items'
@@ -674,6 +706,38 @@ class TaskExecutor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Slots:
+    """``limit`` slots for items to run in, given to waiters highest priority first (in order
+    of arrival within one priority). A waiter cancelled after it was given a slot passes the
+    slot on."""
+
+    def __init__(self, limit: int) -> None:
+        self.free = limit
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # (-priority, n, fut)
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (-priority, next(self._arrivals), given))
+        try:
+            await given
+        except asyncio.CancelledError:
+            if given.done() and not given.cancelled():  # given a slot, then cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, given = heapq.heappop(self._waiters)
+            if not given.done():  # (a cancelled waiter's future is done: skipped)
+                given.set_result(None)
+                return
+        self.free += 1
 
 
 def _input_array(tensor: Tensor) -> np.ndarray:

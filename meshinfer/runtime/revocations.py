@@ -33,9 +33,11 @@ entry. Answers nobody asked for (or that come after ``ask_timeout_s``) are dropp
 node answers each peer at most once per ``answer_interval_s`` unless it asks for the next page.
 
 The list file is only ever replaced whole, and reading or writing it holds one lock: a file the
-operator copied in is merged before the node writes its own list over it. Versions compare the
-highest sequence numbers only: the authority numbers its entries 1, 2, 3... and every list it
-writes holds all of them, so a list with the same version holds the same entries.
+operator copied in is merged before the node writes its own list over it, and one that lacks
+entries in force (an older list copied in) is written over with the list in force, which a
+restart reads. Versions compare the highest sequence numbers only: the authority numbers its
+entries 1, 2, 3... and every list it writes holds all of them, so a list with the same version
+holds the same entries.
 
 Concurrency: everything runs on the node's loop; signature checks and file I/O run in worker
 threads.
@@ -237,11 +239,16 @@ class RevocationSync:
             self.stats.asked += 1
 
     async def _reload(self) -> None:
-        """Merge the list file if it changed since last looked at (a bad file is logged)."""
+        """Merge the list file if it changed since last looked at (a bad file is logged); one
+        that lacks entries in force (an older list copied in) is written over with them: a
+        restart reads the file."""
         async with self._file_lock:
             listed = await self._read_file_if_changed()
-        if listed is not None:
-            await self._adopt(listed, f"file {self.store}")
+        if listed is None:
+            return
+        grew = await self._adopt(listed, f"file {self.store}")
+        if not grew and listed.entries < self.revocations.entries:
+            await self._write_down()
 
     async def _read_file_if_changed(self) -> RevocationList | None:
         """The file's list if it changed since last read (call holding ``_file_lock``)."""
