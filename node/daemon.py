@@ -297,9 +297,16 @@ class NodeDaemon:
 
     async def _telemetry_loop(self) -> None:
         assert self.mesh is not None and self.mesh.membership is not None
+        failing = False
         while True:
             stats = [b.stats() for b in self.batchers.values()]
-            self.snapshot = await self.telemetry.sample(stats)
+            try:
+                self.snapshot = await self.telemetry.sample(stats)
+                failing = False
+            except Exception:  # the loop also gossips the queue depth: it must go on
+                if not failing:
+                    log.exception("telemetry sample failed; keeping the last one")
+                failing = True
             depth = self.executor.backlog if self.executor else 0
             state = self.mesh.membership.state
             gpu_free = self._gpu_free_mb()
@@ -313,7 +320,9 @@ class NodeDaemon:
         snap = self.snapshot
         total = snap.gpu_memory_total_bytes if snap else None
         used = snap.gpu_memory_used_bytes if snap else None
-        return 0 if total is None or used is None else int((total - used) // (1 << 20))
+        if total is None or used is None:
+            return 0
+        return max(0, int((total - used) // (1 << 20)))  # (peers refuse a negative figure)
 
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons it is not) for ``/readyz``."""
