@@ -10,12 +10,12 @@ from dataclasses import replace
 
 from meshinfer.identity_files import load_revocations, replace_file
 from meshinfer.proto.membership_wire import ModelInfo
-from meshinfer.proto.tasks_wire import FailureKind, TaskAssign, TaskCancel, TaskResult
+from meshinfer.proto.tasks_wire import FailureKind, TaskAssign, TaskCancel
 from meshinfer.runtime.node import MeshNode
 from meshinfer.testing.fleet import make_fleet
 from node.config import ExecutorSection
 from tests.helpers import until
-from tests.test_executor_sharing import KEEPING, REF, WAIT_S, Net, item, soon
+from tests.test_executor_sharing import KEEPING, REF, WAIT_S, Net, confirm_result_late, item, soon
 from tests.test_mesh_node import options
 from tests.test_revocation_sync import QUICK
 
@@ -125,17 +125,7 @@ async def test_an_item_re_assigned_while_its_result_is_written_answers_the_re_as
 async def re_assigned_while_written(config: ExecutorSection) -> None:
     async with Net() as net:
         executor = net.worker(config)
-        queued, written = asyncio.Event(), asyncio.Event()
-        request = net.w.request
-
-        async def confirmed_late(node, msg):  # queue at once, hear back once told to
-            sent = asyncio.ensure_future(request(node, msg))
-            if isinstance(msg, TaskResult) and msg.item_id == "x":
-                queued.set()
-                await written.wait()
-            await sent
-
-        net.w.request = confirmed_late
+        queued, written = confirm_result_late(net, "x")
         await net.assign("coord", "x")
         net.gate.set()
         await soon(queued.is_set)

@@ -842,23 +842,30 @@ async def test_only_a_coordinator_or_the_items_sender_may_re_assign_it():
         assert net.nodes["v"].answers() == []
 
 
+def confirm_result_late(net: Net, item_id: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the worker's session writes of ``item_id``'s result queue at once but confirm only
+    once the second event returned is set; the first is set when the result is queued."""
+    queued, written = asyncio.Event(), asyncio.Event()
+    request = net.w.request
+
+    async def confirmed_late(node, msg):
+        sent = asyncio.ensure_future(request(node, msg))
+        if isinstance(msg, TaskResult) and msg.item_id == item_id:
+            queued.set()
+            await written.wait()
+        await sent
+
+    net.w.request = confirmed_late
+    return queued, written
+
+
 async def test_a_cancel_after_the_answer_was_queued_changes_nothing():
     """x's result is queued for coord (its session write not yet confirmed) when coord's
     cancel arrives: too late to cancel, so x completes, counted as completed and not as
     cancelled, and coord gets the result, no CANCELLED."""
     async with Net() as net:
         executor = net.worker(KEEPING)
-        queued, written = asyncio.Event(), asyncio.Event()
-        request = net.w.request
-
-        async def confirmed_late(node, msg):  # queue at once, hear back once told to
-            sent = asyncio.ensure_future(request(node, msg))
-            if isinstance(msg, TaskResult) and msg.item_id == "x":
-                queued.set()
-                await written.wait()
-            await sent
-
-        net.w.request = confirmed_late
+        queued, written = confirm_result_late(net, "x")
         await net.assign("coord", "x")
         net.gate.set()
         await soon(queued.is_set)
