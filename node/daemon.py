@@ -310,7 +310,8 @@ class NodeDaemon:
             depth = self.executor.backlog if self.executor else 0
             state = self.mesh.membership.state
             gpu_free = self._gpu_free_mb()
-            if state.queue_depth != depth or state.gpu_free_mb != gpu_free:
+            changed = state.queue_depth != depth or state.gpu_free_mb != gpu_free
+            if changed and not self.mesh.membership.core.has_left:  # (a drain left: no gossip)
                 self.mesh.membership.update_state(
                     _replace(state, queue_depth=depth, gpu_free_mb=gpu_free)
                 )

@@ -225,3 +225,21 @@ def test_a_daemon_on_an_expired_certificate_is_refused_before_it_starts(base, tm
     config = _config(base, node={"identity_dir": str(old.path)})
     with pytest.raises(ConfigError, match=r"identity_dir: the certificate of 'old' .* expired"):
         NodeDaemon(config)
+
+
+async def test_the_telemetry_loop_goes_on_quietly_after_the_node_left(base, caplog, monkeypatch):
+    """A drain leaves membership, then the loop still sees the depth change (items handed
+    back): it must not update the gossiped state (membership refuses it after a leave)."""
+    async with _started(_config(base)) as daemon:
+        await daemon.mesh.leave(timeout=0.1)
+        samples = []
+        sample = daemon.telemetry.sample
+
+        async def counted(stats):
+            samples.append(1)
+            return await sample(stats)
+
+        monkeypatch.setattr(daemon.telemetry, "sample", counted)
+        monkeypatch.setattr(daemon, "_gpu_free_mb", lambda: 12345)  # a change to gossip
+        await until(lambda: len(samples) >= 2, timeout=10)  # a whole turn after the change
+        assert not any("telemetry loop failed" in r.getMessage() for r in caplog.records)
