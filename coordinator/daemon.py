@@ -111,9 +111,10 @@ class CoordinatorDaemon:
 
     async def start(self) -> dict[str, Any]:
         """Start every component in order; return the facts printed on the READY line."""
-        identity_dir = Path(self.config.coordinator.identity_dir)
-        revocations = NodeDirectory(identity_dir).revocations(self.identity.trust)
-        self.data.make()
+        node_dir = NodeDirectory(Path(self.config.coordinator.identity_dir))
+        # file I/O (and the list's signature checks) off the loop, as a stop may come meanwhile
+        revocations = await asyncio.to_thread(node_dir.revocations, self.identity.trust)
+        await asyncio.to_thread(self.data.make)
         self._journal = await asyncio.to_thread(self._open_journal)
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await start_mesh(self.mesh, self.config)

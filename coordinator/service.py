@@ -124,13 +124,13 @@ from meshinfer.runtime.node import MeshNode
 
 log = logging.getLogger(__name__)
 
-#: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
-#: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
-#: leaves them here until newer ones push them out).
 #: An item's attempt as the journal has it at recovery: (attempt, refused, node of its
 #: journaled dispatch or None).
 Attempt = tuple[int, int, str | None]
 
+#: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
+#: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
+#: leaves them here until newer ones push them out).
 HANDED_RECORDS = 256
 HANDED_BYTES = 32 << 20
 

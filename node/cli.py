@@ -113,7 +113,7 @@ def _fetch_status(url: str) -> Any:
 
     url = check_http_url(url, "the daemon's URL")
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as response:
+        with urllib.request.urlopen(url + "/status", timeout=5) as response:
             body = response.read()
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError(f"cannot reach the daemon at {url}: {exc}") from None

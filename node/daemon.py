@@ -206,10 +206,10 @@ class NodeDaemon:
 
     async def start(self) -> dict[str, Any]:
         """Start every component in order; return the facts printed on the READY line."""
-        revocations = NodeDirectory(Path(self.config.node.identity_dir)).revocations(
-            self.identity.trust
-        )
-        self.data.make()
+        node_dir = NodeDirectory(Path(self.config.node.identity_dir))
+        # file I/O (and the list's signature checks) off the loop, as a stop may come meanwhile
+        revocations = await asyncio.to_thread(node_dir.revocations, self.identity.trust)
+        await asyncio.to_thread(self.data.make)
         await self._start_inference()
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await start_mesh(self.mesh, self.config)

@@ -545,7 +545,7 @@ async def test_cancel_reaches_the_node(tmp_path, mark_delay):
         gate.set()
 
 
-async def test_cancel_of_a_task_that_ends_meanwhile_answers_false(tmp_path):
+async def test_cancel_of_a_task_that_ends_meanwhile_answers_false(tmp_path, monkeypatch):
     x, _ = load_digits_holdout()
     async with Mesh(tmp_path, n=1) as mesh:
         c = mesh.coordinator
@@ -558,9 +558,9 @@ async def test_cancel_of_a_task_that_ends_meanwhile_answers_false(tmp_path):
         async def stale_get(_task_id: str):  # cancel read the task just before it ended
             return read_live
 
-        c.get = stale_get
+        monkeypatch.setattr(c, "get", stale_get)
         assert not await c.cancel(task_id)
-        del c.get
+        monkeypatch.undo()
         assert (await c.get(task_id)).state.value == "succeeded"
 
 
