@@ -980,7 +980,8 @@ def _result_lines(result: dict[str, Any], show: int) -> list[str]:
 
 def render_nodes(doc: dict[str, Any]) -> str:
     """The ``nodes`` table of a GET /v1/nodes answer (a node that left or died has no queue
-    depth: ``-``)."""
+    depth: ``-``; nor has one whose round trip was not measured yet, or a coordinator's answer
+    from before ``rtt_ms``, an RTT)."""
     nodes = doc["nodes"]
     if not nodes:
         return "no nodes"
@@ -990,6 +991,7 @@ def render_nodes(doc: dict[str, Any]) -> str:
             n["status"],
             ",".join(n["roles"]) or "-",
             n["address"],
+            None if (rtt := n.get("rtt_ms")) is None else f"{rtt:.1f}",
             n["queue_depth"],
             n["in_flight"],
             n["done"],
@@ -997,8 +999,10 @@ def render_nodes(doc: dict[str, Any]) -> str:
         )
         for n in nodes
     ]
-    headers = ("NODE", "STATUS", "ROLES", "ADDRESS", "QUEUE", "IN FLIGHT", "DONE", "MODELS")
-    return format_table(headers, rows, right={"QUEUE", "IN FLIGHT", "DONE"})
+    headers = (
+        "NODE", "STATUS", "ROLES", "ADDRESS", "RTT MS", "QUEUE", "IN FLIGHT", "DONE", "MODELS"
+    )  # fmt: skip
+    return format_table(headers, rows, right={"RTT MS", "QUEUE", "IN FLIGHT", "DONE"})
 
 
 def render_stats(doc: dict[str, Any]) -> str:

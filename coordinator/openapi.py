@@ -199,6 +199,9 @@ def _mesh_schemas() -> dict[str, Schema]:
         "queue_depth": {"type": ["integer", "null"], "description": "the node's gossiped queue;"
                         " null for a node that died or left (its last one is stale)"},
         "address": _STR, "in_flight": _INT, "done": _INT,
+        "rtt_ms": {"type": ["number", "null"], "description": "smoothed round trip of the"
+                   " coordinator's membership probes to the node (what the latency policy ranks"
+                   " by); null until one was answered, and for a node that died or left"},
     }, closed=False)  # fmt: skip
     counts = {"type": "object", "additionalProperties": _INT}
     stats = _obj(["tasks", "items", "dispatched", "retries", "live_tasks"], {

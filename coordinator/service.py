@@ -507,9 +507,9 @@ class Coordinator:
         return why
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every member as the coordinator sees it, with the work it has in flight and done.
-        A member that died or left has no ``queue_depth`` (None): its last gossiped one is
-        stale."""
+        """Every member as the coordinator sees it, with the work it has in flight and done and
+        the round trip its membership probes measured (``rtt_ms``). A member that died or left
+        has no ``queue_depth`` nor ``rtt_ms`` (None): its last ones are stale."""
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -524,6 +524,8 @@ class Coordinator:
                 "address": f"{s.host}:{s.port}",
                 "in_flight": in_flight[m.node_id],
                 "done": self.stats_.completed_by_node[m.node_id],
+                "rtt_ms": None if (rtt := membership.core.rtt(m.node_id)) is None
+                else round(rtt * 1e3, 3),
             })  # fmt: skip
         return out
 
@@ -640,7 +642,8 @@ class Coordinator:
                 has_gpu=s.gpu_free_mb > 0,
                 free_gpu_memory=s.gpu_free_mb << 20 if s.gpu_free_mb else None,
                 queue_depth=max(s.queue_depth, in_flight[m.node_id]),
-                capacity=self.config.node_capacity, links=links,
+                capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
+                links=links,
             ))  # fmt: skip
         if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
             self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}

@@ -597,15 +597,20 @@ def test_render_result_of_a_failed_and_a_running_task():
 def test_render_nodes_and_stats():
     nodes = {"nodes": [
         {"node_id": "node-0", "status": "alive", "roles": ["vehicle"], "models": ["m@1", "n@2"],
-         "queue_depth": 0, "address": "127.0.0.1:4000", "in_flight": 2, "done": 10},
+         "queue_depth": 0, "address": "127.0.0.1:4000", "in_flight": 2, "done": 10,
+         "rtt_ms": 0.4321},
         {"node_id": "coord", "status": "suspect", "roles": [], "models": [],
-         "queue_depth": 12, "address": "127.0.0.1:4001", "in_flight": 0, "done": 0},
+         "queue_depth": 12, "address": "127.0.0.1:4001", "in_flight": 0, "done": 0,
+         "rtt_ms": 81.25},
     ]}  # fmt: skip
-    gone = {"node_id": "gone", "status": "left", "queue_depth": None}
+    gone = {"node_id": "gone", "status": "left", "queue_depth": None, "rtt_ms": None}
     nodes["nodes"].append({**nodes["nodes"][0], **gone})
     text = render_nodes(nodes)
     columns_line_up(text, "NODE", "STATUS", ["alive", "suspect", "left"])
     columns_line_up(text, "NODE", "QUEUE", ["    0", "   12", "    -"])
+    columns_line_up(text, "NODE", "RTT MS", ["   0.4", "  81.2", "     -"])
+    older = {"nodes": [{k: v for k, v in nodes["nodes"][0].items() if k != "rtt_ms"}]}
+    assert render_nodes(older).splitlines()[1].split()[4] == "-"  # a coordinator without it
     assert "m@1,n@2" in text
     assert render_nodes({"nodes": []}) == "no nodes"
     stats = {"tasks": {"succeeded": 4, "failed": 1}, "items": {"succeeded": 9},

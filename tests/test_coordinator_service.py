@@ -29,6 +29,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.messages import Gossip
 from meshinfer.proto.tasks import Pattern, Stage, TaskSpec
 from meshinfer.proto.tasks_wire import FailureKind, TaskAccepted, TaskFailed, Tensor
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
@@ -443,6 +444,34 @@ async def test_every_policy_completes_a_task(tmp_path):
                        "contact_aware"):  # fmt: skip
             record = await c.wait(await c.submit(spec(policy, "single", x[:3], policy=policy)), 10)
             assert record.state.value == "succeeded", (policy, record.summary.error)
+
+
+async def test_latency_policy_sends_work_to_the_node_its_probes_measured_closest(tmp_path):
+    """node-1 sits behind a slow link (its membership packets from the coordinator wait 80 ms
+    before they are handled, as a far radio hop would): the coordinator's own probes measure
+    it, ``nodes`` reports it, and the latency policy keeps every item on node-0."""
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path) as mesh:
+        c, far = mesh.coordinator, mesh.daemons["node-1"]
+        membership, loop = far.mesh.membership, asyncio.get_running_loop()
+        handle = membership._on_gossip  # the handler the node's peer table routes Gossip to
+
+        def slow_link(peer, msg):
+            if peer == "coord":
+                loop.call_later(0.08, handle, peer, msg)
+            else:
+                handle(peer, msg)
+
+        far.mesh.peers.on(Gossip, slow_link)
+        rtt = mesh.mesh.membership.core.rtt
+        await until(lambda: (rtt("node-1") or 0) > 0.05 and rtt("node-0") is not None, 15)
+        assert rtt("node-0") < 0.05
+        listed = {n["node_id"]: n["rtt_ms"] for n in c.nodes()}
+        assert listed["node-1"] > 50 > listed["node-0"]
+        for i in range(6):
+            record = await c.wait(await c.submit(spec(f"t{i}", "single", x[:2], policy="latency")))
+            assert record.state.value == "succeeded"
+        assert c.stats_.completed_by_node == Counter({"node-0": 6})
 
 
 async def test_retention_deletes_ended_tasks_from_the_journal_and_keeps_live_ones(tmp_path, caplog):

@@ -140,6 +140,42 @@ def test_ack_from_a_node_that_was_not_asked_is_refused_and_counted() -> None:
     assert m.member(target).status is MemberStatus.SUSPECT  # the forged ack did not count
 
 
+def test_probe_acks_measure_a_smoothed_round_trip_to_the_target() -> None:
+    m = core()
+    target, seq, start = run_until_probe(m)
+    assert m.rtt(target) is None  # nothing measured before the first ack
+    m.handle_packet(target, encode_packet(Ack(seq)), start + 0.040)
+    assert m.rtt(target) == pytest.approx(0.040)
+    assert all(m.rtt(p) is None for p in PEERS if p != target)  # only the probed node
+    # The next probe of the same node folds its sample in (an exponential moving average).
+    while True:
+        again, seq, start = run_until_probe(m)
+        if again == target:
+            break
+        m.handle_packet(again, encode_packet(Ack(seq)), start + 0.001)
+    m.handle_packet(target, encode_packet(Ack(seq)), start + 0.080)
+    assert 0.040 < m.rtt(target) < 0.080
+
+
+def test_an_ack_that_came_late_or_through_a_relay_counts_the_whole_wait() -> None:
+    m = core()
+    target, seq, start = run_until_probe(m)
+    m.tick(start + CONFIG.probe_timeout)
+    relay = next(to for to, p in sent(m) if isinstance(p.header, PingReq))
+    m.handle_packet(relay, encode_packet(Ack(seq)), start + 0.3)
+    assert m.rtt(target) == pytest.approx(0.3)  # slow to reach, never a stale fast figure
+    assert m.rtt(relay) is None
+
+
+def test_round_trips_of_a_member_that_is_no_longer_live_are_not_reported() -> None:
+    m = core()
+    target, seq, start = run_until_probe(m)
+    m.handle_packet(target, encode_packet(Ack(seq)), start + 0.010)
+    m.handle_packet("b", gossip(DeadRecord(target, 0, "b")), start + 0.02)
+    assert m.member(target).status is MemberStatus.DEAD
+    assert m.rtt(target) is None
+
+
 def test_relay_pings_the_target_and_forwards_its_ack_or_sends_a_nack() -> None:
     m = core()
     m.handle_packet("b", encode_packet(PingReq(77, "c")), 1.0)

@@ -20,6 +20,7 @@ Four periodic activities run off the timers, each first scheduled at a random ph
     Ping the next member of a shuffled round robin; without an ack after ``probe_timeout`` ask
     ``indirect_checks`` relays (ping-req) and ping it once more directly; without any ack by the
     end of the round, suspect it (:mod:`membership_probe`, :mod:`membership_suspicion`).
+    The ack's delay is this node's measured round trip to the member (:meth:`Membership.rtt`).
     Missing nacks lower local health. A ping to a suspect carries its suspicion (Lifeguard's
     buddy system); any other ping echoes one suspicion this node holds, so a node that missed
     a refutation is corrected by whoever saw it.
@@ -45,7 +46,7 @@ from typing import NamedTuple
 
 from meshinfer.proto.membership_auth import RecordAuthenticator
 from meshinfer.proto.membership_config import MembershipConfig
-from meshinfer.proto.membership_probe import ProbeOrder, ProbeRound, RelayedProbe
+from meshinfer.proto.membership_probe import ProbeOrder, ProbeRound, RelayedProbe, RoundTrips
 from meshinfer.proto.membership_table import (
     Member,
     MemberEvent,
@@ -123,6 +124,7 @@ class Membership:
         self._outbox: list[Outbound] = []
         self._seq = rng.randrange(1 << 32)
         self._probe: ProbeRound | None = None
+        self._rtts = RoundTrips()
         self._relayed: dict[int, RelayedProbe] = {}
         self._seeds: tuple[str, ...] = ()
         self._joined = False
@@ -187,6 +189,12 @@ class Membership:
     def live_members(self) -> list[Member]:
         """Alive and suspect members, this node excluded."""
         return [m for m in self.table.members() if m.is_live]
+
+    def rtt(self, node_id: str) -> float | None:
+        """The smoothed round trip of this node's probes to a live member, in seconds (None:
+        not live, or no probe of it answered yet); see :class:`RoundTrips`."""
+        member = self.table.get(node_id)
+        return self._rtts.get(node_id) if member is not None and member.is_live else None
 
     def address_of(self, node_id: str) -> tuple[str, int, bytes] | None:
         """``(host, port, static_key)`` to dial ``node_id``, if known."""
@@ -298,6 +306,7 @@ class Membership:
                 return
             self._probe = None
             self.table.health.apply(-1)
+            self._rtts.observe(probe.target, now - probe.sent_at)
             return
         relayed = self._relayed.get(seq)
         if relayed is None:
@@ -348,6 +357,8 @@ class Membership:
             self._join_tick(now)
         if now >= self.table.reap_at:
             self.table.reap(now)
+            if len(self._rtts) > self.table.live_count():  # some member may be gone for good
+                self._rtts.keep_only({m.node_id for m in self.table.members()})
 
     def _relay_tick(self, now: float) -> None:
         for seq in [s for s, r in self._relayed.items() if r.nack_at <= now]:
@@ -362,7 +373,7 @@ class Membership:
             return
         seq = self._next_seq()
         ack_deadline = now + health.scale(config.probe_timeout)
-        self._probe = ProbeRound(seq, target, ack_deadline, self._next_probe)
+        self._probe = ProbeRound(seq, target, now, ack_deadline, self._next_probe)
         self.counters.probes += 1
         self._send(target, Ping(seq, target), first=self.table.suspicion_notice(target))
 

@@ -1,10 +1,10 @@
 """Scheduling policies: which node runs a work item, from the gossiped node state.
 
 :func:`choose` is a pure function of the nodes (:class:`NodeView`, what membership gossips plus
-the round-trip time the coordinator measured), the item, the nodes to avoid (``exclude``: those
-that already failed this item), a seeded ``random.Random`` for tie breaks and a
-:class:`SchedulerState` the caller keeps between calls (round-robin cursor, model affinity,
-runtime estimates). No clock is read.
+the round trip the coordinator's own membership probes measured, ``Membership.rtt``), the item,
+the nodes to avoid (``exclude``: those that already failed this item), a seeded
+``random.Random`` for tie breaks and a :class:`SchedulerState` the caller keeps between calls
+(round-robin cursor, model affinity, runtime estimates). No clock is read.
 
 Every policy first narrows the nodes to the *eligible* ones -- alive, not excluded, serving the
 item's model (id and version), and meeting the hard requirements in the item's params
