@@ -758,19 +758,24 @@ class Coordinator:
         items as the reachable nodes serving its model have free slots are tried again, highest
         priority first: a large batch waiting for slots is not re-scheduled whole on every
         result, and a class that fits nowhere holds back no other class."""
+        loop = self._loop
+        swept_at = loop.time()
         while True:
             self._wake_parked.clear()
-            tick = False
             try:
                 async with asyncio.timeout(1.0):
                     await self._wake_parked.wait()
             except TimeoutError:
-                tick = True
+                pass
             if not self._parked:
                 continue
+            # once a second, by the clock: a busy fleet's gossip and results wake this loop
+            # more often than that, and a class no node takes would keep its ended items
+            sweep = loop.time() - swept_at >= 1.0
+            swept_at = loop.time() if sweep else swept_at
             free = self._free_slots()
             for key, heap in list(self._parked.items()):
-                if tick:  # drop the entries of items that ended or were cancelled meanwhile
+                if sweep:  # drop the entries of items that ended or were cancelled meanwhile
                     heap[:] = [e for e in heap if e[2] in self._items]
                     heapq.heapify(heap)
                 budget = free[key[:2]]

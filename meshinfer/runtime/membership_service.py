@@ -9,7 +9,8 @@ loses the packet, as a lossy radio would, and SWIM's indirect probes and suspici
 
 The timer task sleeps until the core's ``next_deadline()`` (or until an input wakes it), calls
 ``tick``, and flushes packets and events. Every addressed member's host, port and static key
-from its gossiped state are taught to the peer table, so any member can be dialled with IK.
+from its gossiped state are taught to the peer table, so any member can be dialled with IK, and
+forgotten there once the core forgets the member (FORGOTTEN).
 
 Concurrency: all methods run on the node's loop; event subscribers are plain callables that
 must not block.
@@ -166,6 +167,8 @@ class MembershipService:
     def _on_event(self, event: MemberEvent) -> None:
         if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
             self._teach(event.member.node_id)
+        elif event.kind == MemberEventKind.FORGOTTEN:  # else the table keeps every node ever met
+            self.peers.forget(event.member.node_id)
         log.info("member %s %s", event.member.node_id, event.kind.value)
         for callback in self._subscribers:
             try:

@@ -141,6 +141,12 @@ class PeerTable:
         if node_id != self.node_id:
             self.addresses[node_id] = PeerAddress(address, static_key)
 
+    def forget(self, node_id: str) -> None:
+        """Forget where ``node_id`` listens (membership forgot it: dead or left for good), unless
+        a session with it is open; discovery or membership teach it again if it comes back."""
+        if self.session(node_id) is None:
+            self.addresses.pop(node_id, None)
+
     # --- queries ---------------------------------------------------------------------------
 
     def session(self, node_id: str) -> Session | None:
@@ -248,7 +254,13 @@ class PeerTable:
                     async with asyncio.timeout(30):
                         await box.wake.wait()
                 except TimeoutError:
-                    return  # idle: the task ends; the next send starts a new one
+                    if box.queue:  # queued as the wait timed out
+                        continue
+                    # idle: the task ends, and its outbox goes too (a node meets many peers
+                    # over weeks, most of them never again); the next send makes both anew
+                    if self._outboxes.get(node_id) is box:
+                        del self._outboxes[node_id]
+                    return
                 continue
             if node_id in self._verifying:  # an older session may be dead: wait for the ping
                 box.wake.clear()
