@@ -43,7 +43,8 @@ overlaps the trip to the node, and the result, journaled by the same ordered thr
 commit after the task. If that COMMIT fails the submit is refused and the items are called back
 (``TaskCancel``); a result of theirs is then refused as unknown. On start,
 :meth:`recover` puts every acknowledged, unfinished task back in flight (items whose fate is
-unknown run again). Journal writes per task are kept few:
+unknown run again; a result that comes in meanwhile is dropped: its item goes again, and its
+node answers that). Journal writes per task are kept few:
 
 * a dispatch is journaled only if the item's result is not in ``running_mark_delay_s`` after
   it went out (or before a failure or a running mark of that attempt is); the result of an
@@ -278,6 +279,8 @@ class Coordinator:
         #: one result may be in the journal's hands at once).
         self._answered: Counter[str] = Counter()
         self._closed = False
+        #: :meth:`_recover` is over: answers from nodes count from then on (see _on_result)
+        self._recovered = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -306,6 +309,7 @@ class Coordinator:
         self.mesh.membership.subscribe(self._on_member)
         self._reach.start()
         await self._recover()
+        self._recovered = True
         loop = self._loop
         self._tasks = [
             loop.create_task(self._dispatch_loop(), name="coordinator-dispatch"),
@@ -832,6 +836,8 @@ class Coordinator:
         self._db.tell("mark_running", item_id, attempt)
 
     def _on_result(self, peer: str, msg: TaskResult) -> None:
+        if not self._recovered:  # its item may not be live yet, to take a result the journal
+            return  # takes: recovery sends it again, and its node answers that send
         self._answered[msg.item_id] += 1  # being journaled: not to be re-dispatched meanwhile
         self._steps.spawn(self._accept_result(peer, msg))
 
@@ -861,7 +867,9 @@ class Coordinator:
         if not fresh:
             self.stats_.duplicates += 1
             return
-        pair = self._drop(msg.item_id)
+        live, pair = pair, self._drop(msg.item_id)
+        if pair is None and live is not None and self._runs.get(live[0].task_id) is live[0]:
+            pair = live  # given up on meanwhile (its timeout): the journal took this result first
         self._cancel_timer(msg.item_id)
         if pair is not None:
             self._count_result(pair[1], msg)
@@ -1048,6 +1056,8 @@ class Coordinator:
         self._drop(item_id)
         self._cancel_timer(item_id)
         await self._db.run("record_failure", item_id, entry.attempt, reason, retryable=False)
+        if item_id in run.results:  # a result of it was journaled first (the journal ignored
+            return  # this failure): _accept_result recorded it
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
 
