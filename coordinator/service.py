@@ -851,6 +851,7 @@ class Coordinator:
                     msg.item_id, msg.attempt, peer, _nodes_of(pair[1], msg.attempt),
                 )  # fmt: skip
                 return
+            msg = self._credited(peer, msg)
             blob = messages.encode(msg)
             ending = self._ending_with(msg)
             sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
@@ -884,6 +885,21 @@ class Coordinator:
         except RemoteProtocolError as exc:  # a node returned an output we cannot use
             run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
         await self._advance(run)
+
+    def _credited(self, peer: str, msg: TaskResult) -> TaskResult:
+        """``msg`` naming as the node that ran it one this coordinator can vouch for: the
+        sender, or another member (one the sender passed the item to: work sharing). Any
+        other ``node_id`` is the sender's say-so alone: the sender is credited (in the journal,
+        the task document and ``completed_by_node``, whose series stay one per member)."""
+        if msg.node_id == peer:
+            return msg
+        membership = self.mesh.membership
+        if msg.node_id != self.mesh.node_id and membership is not None:
+            if membership.core.member(msg.node_id) is not None:
+                return msg
+        log.info("result of %s from %s names %s, no member: credited to %s",
+                 msg.item_id, peer, msg.node_id, peer)  # fmt: skip
+        return replace(msg, node_id=peer)
 
     def _count_result(self, entry: ItemRun, msg: TaskResult) -> None:
         self.stats_.completed_by_node[msg.node_id] += 1

@@ -287,3 +287,31 @@ def _notice(peers, message_type) -> asyncio.Event:
 
     peers.on(message_type, noticed)
     return handled
+
+
+async def test_a_result_naming_a_node_no_member_has_is_credited_to_its_sender(tmp_path):
+    """The node the item went to answers it but names a made-up node as the one that ran it:
+    the answer counts (it came from the node the attempt was sent to), the credit goes to the
+    sender, in the stats and in the task document, and no series for the made-up id appears."""
+    x, _ = load_digits_holdout()
+    async with Mesh(tmp_path, n=2) as mesh:
+        c = mesh.coordinator
+        output = await mesh.daemons["node-0"].engine.infer(DIGITS, x[:1])
+        gates = [hold_inference(daemon) for daemon in mesh.daemons.values()]
+        task_id = await c.submit(spec("claimed", "single", x[:1]))
+        entry = c._items["claimed/0"][1]
+        await until(lambda: entry.journaled == 1)
+        runner = entry.node
+        claim = TaskResult(
+            "claimed/0", 1, Tensor.from_array(output), "ghost-9", "numpy", "cpu", {"total_s": 0.0}
+        )
+        handled = _notice(mesh.mesh.peers, TaskResult)
+        await mesh.daemons[runner].mesh.peers.request(mesh.coord_ident.node_id, claim)
+        await handled.wait()
+        record = await c.wait(task_id, timeout=15)
+        for gate in gates:
+            gate.set()
+        assert record.state.value == "succeeded"
+        assert c.stats_.completed_by_node == Counter({runner: 1})
+        assert [item.node for item in record.items] == [runner]
+        assert not any(n["node_id"] == "ghost-9" for n in c.nodes())
