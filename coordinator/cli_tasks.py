@@ -809,10 +809,15 @@ def _stats(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 def utc_iso(seconds: float | None) -> str:
-    """Unix seconds as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC); ``-`` for None."""
+    """Unix seconds as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC); ``-`` for None; a moment past what a
+    date can show (the end of any positive, finite ``deadline_s`` the API accepts) as
+    ``unix SECONDS``."""
     if seconds is None:
         return "-"
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (ValueError, OverflowError, OSError):  # past year 9999, or past the C library's
+        return f"unix {seconds:g}"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

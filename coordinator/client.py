@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
-from meshinfer.http_url import check_http_url
+from meshinfer.http_url import check_http_url, opener_for
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE
 
@@ -252,7 +251,7 @@ class CoordinatorClient:
         self.url = check_http_url(url, "coordinator URL")
         self.timeout = timeout
         self._token = check_token(token)
-        self._opener = _opener_for(self.url)
+        self._opener = opener_for(self.url)
 
     def submit(self, doc: Mapping[str, Any], *, busy_s: float = 30.0) -> dict[str, Any]:
         """POST /v1/tasks: ``{"task_id", "state", "items_total", "location"}``.
@@ -411,16 +410,6 @@ def _query_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _opener_for(url: str) -> urllib.request.OpenerDirector:
-    """A urllib opener; environment proxies apply except to a loopback coordinator."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    return urllib.request.build_opener(urllib.request.ProxyHandler({} if loopback else None))
-
-
 def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
     try:
         return exc.read()
@@ -448,7 +437,7 @@ def _error_from_response(status: int, raw: bytes) -> ApiError:
         code, message = error["code"], error["message"]
         if type(code) is str and type(message) is str:
             return ApiError(status, code, message)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # (nested past the parser's limit)
         pass
     preview = raw[:_ERROR_BODY_PREVIEW].decode("utf-8", "replace").strip() or "no details"
     return ApiError(status, "http_error", f"the coordinator refused the request: {preview}")
@@ -457,7 +446,7 @@ def _error_from_response(status: int, raw: bytes) -> ApiError:
 def _json_object(status: int, raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested past the parser's limit)
         doc = None
     if not isinstance(doc, dict):
         raise ApiError(status, "bad_response", "the coordinator's answer is not a JSON object")

@@ -12,6 +12,7 @@ drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import tomllib
@@ -161,7 +162,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes are TOML's; DEL, which JSON leaves bare, TOML wants escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

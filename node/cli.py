@@ -107,19 +107,18 @@ def _fetch_status(url: str) -> Any:
     import http.client
     import json
     import urllib.error
-    import urllib.request
 
-    from meshinfer.http_url import check_http_url
+    from meshinfer.http_url import check_http_url, opener_for
 
     url = check_http_url(url, "the daemon's URL")
     try:
-        with urllib.request.urlopen(url + "/status", timeout=5) as response:
+        with opener_for(url).open(url + "/status", timeout=5) as response:
             body = response.read()
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError(f"cannot reach the daemon at {url}: {exc}") from None
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nested past the parser's limit)
         raise ConfigError(f"{url}: not a meshinfer node's /status (not JSON: {exc})") from None
 
 

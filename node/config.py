@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.discovery.base import is_host
+from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
@@ -20,6 +21,14 @@ from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
 MAX_RESULT_REPLAY_MIB = 1 << 16
+
+MAX_MESSAGE_MIB = 1 << 16
+"""The largest ``[session] max_message_mib``: each handshake's Hello carries the size in bytes
+as an unsigned 64-bit integer, which from 2**44 MiB on no Hello can hold."""
+
+_SEED_FLEET = "fleet"
+"""The fleet id a seed naming none is checked with here (the daemon reads seeds with its own
+fleet's id, known only from the identity directory)."""
 
 CPU_THREADS = 1
 """Default ``[inference] cpu_threads``, chosen from ``python bench/bench_input_refs.py
@@ -71,7 +80,7 @@ class SessionSection:
     idle_timeout: float = doc(60.0, "close a session after this many silent seconds")
     keepalive_interval: float = doc(15.0, "send a ping after this many seconds without sending")
     rekey_after: int = doc(1 << 20, "rekey each direction after this many Noise messages")
-    max_message_mib: int = doc(16, "largest application message accepted, MiB")
+    max_message_mib: int = doc(16, "largest application message accepted, MiB (at most 65536)")
     verify_timeout: float = doc(
         1.0,
         "when a peer opens a session while older ones with it are open (it re-dialled after"
@@ -193,6 +202,19 @@ def check_mesh_sections(config: Any, source: str) -> None:
         raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
     if s.verify_timeout < 0:
         raise ConfigError(f"{source}: [session] verify_timeout must be >= 0")
+    if s.max_message_mib > MAX_MESSAGE_MIB:
+        raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
+    _check_discovery(config.discovery, source)
+
+
+def _check_discovery(d: DiscoverySection, source: str) -> None:
+    """What the daemon refuses at start (there without naming the file or key)."""
+    if d.mdns and not d.interfaces:
+        raise ConfigError(f'{source}: [discovery] interfaces: ["all"] or at least one interface')
+    try:
+        parse_seeds(d.seeds, fleet_id=_SEED_FLEET)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: [discovery] seeds: {exc}") from None
 
 
 def _cross_checks(config: NodeConfig, source: str) -> None:
