@@ -305,6 +305,22 @@ def test_a_weighted_average_stays_between_its_inputs_whatever_the_weights(mode, 
     assert np.all(value <= stacked.max(axis=0) + slack)
 
 
+@pytest.mark.parametrize("mode", [Mode.WEIGHTED, Mode.ENSEMBLE])
+def test_an_average_keeps_the_outputs_float_dtype(mode):
+    """Summed in float64 (the value is the float64 average, rounded once), returned in the
+    models' own dtype: float32 outputs give float32, mixed floats the wider, integers float64."""
+    a, b = np.array([0.1, 1.0], np.float32), np.array([0.2, 3.0], np.float32)
+    config = AggregationConfig(mode, weights={"a": 1.0, "b": 2.0})
+    value = feed(config, {"a": a, "b": b}).result().value
+    exact = (a.astype(np.float64) + 2 * b.astype(np.float64)) / 3
+    assert value.dtype == np.float32
+    np.testing.assert_array_equal(value, exact.astype(np.float32))
+    mixed = feed(config, {"a": a, "b": b.astype(np.float64)}).result().value
+    assert mixed.dtype == np.float64
+    labels = feed(config, {"a": np.array([1, 2]), "b": np.array([4, 2])}).result().value
+    assert labels.dtype == np.float64 and labels.tolist() == [3.0, 2.0]
+
+
 def test_huge_weights_average_as_their_ratios_say():
     config = AggregationConfig(Mode.WEIGHTED, weights={"a": 1.5e308, "b": 0.5e308})
     agg = feed(config, {"a": np.array([4.0, 0.0]), "b": np.array([0.0, 4.0])})

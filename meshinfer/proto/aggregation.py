@@ -15,7 +15,8 @@ Modes (:class:`Mode`):
   smallest label and are reported (``tied``). Done when every source answered, or early when no
   outstanding vote could change any element's winner.
 * ``weighted`` -- the weighted average ``sum(w_s x_s) / sum(w_s)`` of float outputs, with
-  per-source weights (default 1); done when every source answered.
+  per-source weights (default 1); done when every source answered. Summed in float64, it has
+  the outputs' float dtype (float64 for integer outputs).
 * ``ensemble`` -- the weighted average over a *quorum*: done once ``quorum`` outputs arrived,
   whatever the other sources do.
 
@@ -100,6 +101,17 @@ class AggregateResult:
     tied: tuple[int, ...] = ()
     duplicates: int = 0
     late: int = 0
+
+
+def _average_dtype(outputs) -> np.dtype:
+    """The dtype of a weighted average: the outputs' own float dtype (float32 models give a
+    float32 average; mixed ones the wider), float64 when any output holds integers. The sums
+    run in float64 either way; an average lies between its inputs, so narrowing it back to
+    their dtype never overflows."""
+    dtypes = [a.dtype for a in outputs]
+    if all(d.kind == "f" for d in dtypes):
+        return np.result_type(*dtypes)
+    return np.dtype(np.float64)
 
 
 def _votes(array: np.ndarray) -> np.ndarray:
@@ -279,4 +291,4 @@ class Aggregator:
         total = sum(
             w * outputs[s].astype(np.float64) for w, s in zip(weights, sources, strict=True)
         )
-        return total / weights.sum(), ()
+        return (total / weights.sum()).astype(_average_dtype(outputs[s] for s in sources)), ()
