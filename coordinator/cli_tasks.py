@@ -57,7 +57,7 @@ from coordinator.client import (
     resolve_endpoint,
     tensor_json,
 )
-from meshinfer.errors import ConfigError, RemoteProtocolError
+from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
 from meshinfer.identity_files import read_file
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
@@ -454,7 +454,9 @@ def _run(run: Command, args: argparse.Namespace) -> int:
     client = CoordinatorClient(endpoint.url, endpoint.token, timeout=args.timeout)
     try:
         return run(client, args)
-    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+    except MeshInferError:
+        raise  # (a ConfigError is a ValueError too: a bad argument, not a bad answer)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
         detail = f"{type(exc).__name__}: {exc}"
         message = f"unexpected answer from the coordinator ({detail})"
         raise ApiError(None, "bad_response", message) from None
@@ -677,7 +679,9 @@ def _add_status(commands: Any) -> None:
 
 
 def _status(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    doc = client.get(args.task_id, outputs=args.outputs and args.json)
+    if args.outputs and not args.json:  # the table shows no tensors: say so, not ignore it
+        raise ConfigError("--outputs adds the output tensors to the --json document; add --json")
+    doc = client.get(args.task_id, outputs=args.outputs)
     if args.json:
         _print_json(doc)
     else:

@@ -41,9 +41,11 @@ from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE
 
 __all__ = [
+    "BUSY_PAUSE_S",
     "ENV_TOKEN",
     "ENV_URL",
     "MAX_WAIT_S",
+    "MIN_RETRY_PAUSE_S",
     "RUNTIME_FILE",
     "TERMINAL_STATES",
     "ApiError",
@@ -58,6 +60,11 @@ ENV_URL = "MESHINFER_COORD_URL"
 ENV_TOKEN = "MESHINFER_COORD_TOKEN"
 #: The longest single ``/wait`` the server grants; :meth:`CoordinatorClient.wait` loops past it.
 MAX_WAIT_S = 300.0
+#: The least pause before asking again after a ``/wait`` answered early (the server closing, or
+#: capping its waits shorter) or a 503 ``busy``, whatever its ``Retry-After``: never a tight loop.
+MIN_RETRY_PAUSE_S = 0.25
+#: The pause after a 503 ``busy`` without a usable ``Retry-After`` (what the coordinator sends).
+BUSY_PAUSE_S = 1.0
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _ERROR_BODY_PREVIEW = 200
 
@@ -243,11 +250,14 @@ def check_token(token: str) -> str:
 class CoordinatorClient:
     """Blocking calls to one coordinator; each returns the decoded JSON answer (a dict).
 
-    ``timeout`` bounds every request (``wait`` adds the time it asks the server to wait).
-    Thread-safe: it holds no connection between calls.
+    ``timeout`` bounds every request (``wait`` adds the time it asks the server to wait): positive,
+    finite seconds, as the CLI's ``--timeout``, else ConfigError. Thread-safe: it holds no
+    connection between calls.
     """
 
     def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+        if not 0 < timeout < math.inf:
+            raise ConfigError(f"timeout: {timeout!r} is not a positive, finite number of seconds")
         self.url = check_http_url(url, "coordinator URL")
         self.timeout = timeout
         self._token = check_token(token)
@@ -257,7 +267,8 @@ class CoordinatorClient:
         """POST /v1/tasks: ``{"task_id", "state", "items_total", "location"}``.
 
         A coordinator busy with other uploads (503 ``busy``: it read nothing of this one) is
-        asked again after its ``Retry-After``, for up to ``busy_s`` seconds in all.
+        asked again after its ``Retry-After`` (at least :data:`MIN_RETRY_PAUSE_S`; without a
+        usable one, :data:`BUSY_PAUSE_S`), for up to ``busy_s`` seconds in all.
         """
         deadline = time.monotonic() + busy_s
         request = self._build("POST", "/v1/tasks", None, doc)  # encoded once, sent again
@@ -265,8 +276,11 @@ class CoordinatorClient:
             try:
                 return self._send(request)
             except ApiError as exc:
-                pause = exc.retry_after if exc.code == "busy" else None
-                if pause is None or time.monotonic() + pause > deadline:
+                if exc.code != "busy":
+                    raise
+                asked = BUSY_PAUSE_S if exc.retry_after is None else exc.retry_after
+                pause = max(MIN_RETRY_PAUSE_S, asked)
+                if time.monotonic() + pause > deadline:
                     raise
             time.sleep(pause)
 
@@ -280,18 +294,24 @@ class CoordinatorClient:
     ) -> dict[str, Any]:
         """The task document once it finished, or as it is after ``timeout`` s (None: forever).
 
-        Asks the server to wait at most :data:`MAX_WAIT_S` per request and asks again as needed.
+        Asks the server to wait at most :data:`MAX_WAIT_S` per request and asks again until
+        ``timeout`` is spent: a server may answer sooner (closing, or capping its waits shorter),
+        and is then asked again after a pause of up to :data:`MIN_RETRY_PAUSE_S`.
         """
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
-            left = MAX_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+            asked = time.monotonic()
+            left = MAX_WAIT_S if deadline is None else max(0.0, deadline - asked)
             step = min(left, MAX_WAIT_S)
             query = {"timeout": f"{step:.3f}", "outputs": None if outputs else "false"}
             doc = self._request(
                 "GET", _task_path(task_id, "/wait"), query=query, timeout=self.timeout + step
             )
-            if doc.get("state") in TERMINAL_STATES or (deadline is not None and left <= step):
+            now = time.monotonic()
+            if doc.get("state") in TERMINAL_STATES or (deadline is not None and now >= deadline):
                 return doc
+            if now < asked + step:  # answered early: not asked again in a tight loop
+                time.sleep(min(MIN_RETRY_PAUSE_S, asked + step - now))
 
     def list(
         self,

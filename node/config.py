@@ -211,14 +211,26 @@ def _check_discovery(d: DiscoverySection, source: str) -> None:
     """What the daemon refuses at start (there without naming the file or key)."""
     if d.mdns and not d.interfaces:
         raise ConfigError(f'{source}: [discovery] interfaces: ["all"] or at least one interface')
+    if d.mdns and "all" in d.interfaces and len(d.interfaces) > 1:  # no interface is named "all"
+        raise ConfigError(
+            f'{source}: [discovery] interfaces: "all" stands alone (["all"]), or name interfaces'
+        )
     try:
         parse_seeds(d.seeds, fleet_id=_SEED_FLEET)
     except ConfigError as exc:
         raise ConfigError(f"{source}: [discovery] seeds: {exc}") from None
 
 
+def _check_models(models: tuple[str, ...], source: str) -> None:
+    """The daemon's own reading of ``[inference] models`` (malformed, or listed twice)."""
+    from node.daemon import parse_models  # (node.daemon imports this module)
+
+    parse_models(models, f"{source}: [inference] models")
+
+
 def _cross_checks(config: NodeConfig, source: str) -> None:
     check_mesh_sections(config, source)
+    _check_models(config.inference.models, source)
     parse_address(config.http.listen, f"{source}: [http] listen")
     if config.inference.inline_max_macs < 0:
         raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -56,9 +57,12 @@ async def _started(config):
 
 
 def test_a_model_listed_twice_is_refused_naming_it(base):
-    # its second batcher replaced the first, whose task then ran on with no owner
-    config = _config(base, inference={"models": ["digits-mlp@1", "digits-mlp"]})
-    with pytest.raises(ConfigError, match=r"\[inference\] models\[1\]: digits-mlp@1 is listed"):
+    # its second batcher replaced the first, whose task then ran on with no owner; the config
+    # checks refuse it too, so the models are put in past them: the daemon must refuse them
+    config = _config(base)
+    twice = dataclasses.replace(config.inference, models=("digits-mlp@1", "digits-mlp"))
+    config = dataclasses.replace(config, inference=twice)
+    with pytest.raises(ConfigError, match=r"^\[inference\] models\[1\]: digits-mlp@1 is listed"):
         NodeDaemon(config)
 
 
