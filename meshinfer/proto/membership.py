@@ -34,8 +34,9 @@ Four periodic activities run off the timers, each first scheduled at a random ph
 
 Joining is a push-pull marked ``join`` to the seeds, retried until one answers. Leaving marks
 this node LEFT at a higher incarnation and keeps gossiping until the news is out
-(:attr:`Membership.leave_announced`). The rules for applying records, including refutation and
-the impersonation rule, live in :mod:`membership_table`.
+(:attr:`Membership.leave_announced`). The rules for applying records, including refutation,
+the impersonation rule and the table cap (``max_members``), live in :mod:`membership_table`; a
+packet is read up to ``max_packet_records()`` records (:mod:`membership_config`).
 """
 
 from __future__ import annotations
@@ -264,10 +265,13 @@ class Membership:
         Raises :class:`~meshinfer.proto.membership_wire.MembershipProtocolError` (a
         RemoteProtocolError) for a malformed packet; nothing of it is applied then.
         Impersonation attempts are dropped and counted, the rest of the packet is applied.
+        Only the first ``config.max_packet_records()`` records are read (``packets_truncated``
+        counts the longer packets), and a full table refuses new members (``members_refused``).
         """
-        packet = decode_packet(data)
+        packet = decode_packet(data, self.config.max_packet_records())
         self.counters.packets_in += 1
         self.counters.bytes_in += len(data)
+        self.counters.packets_truncated += packet.truncated
         header = packet.header
         if isinstance(header, PushPull):
             self._on_push_pull(from_node, header, packet.records, now)

@@ -12,6 +12,12 @@ One frozen :class:`MembershipConfig` per node. Three presets:
 
 The formulas that scale with the cluster size ``n`` (live members, this node included) are
 methods here so the core, the tests and the benchmark share one definition.
+
+``max_members`` bounds the table. ALIVE records are relayed self-claims, so one hostile member
+(it holds a fleet certificate) could otherwise invent members without end: a single push-pull of
+~130,000 made-up records once held the event loop for ~4 s and left them all to be probed. A
+vehicle fleet's size is known in advance, so the cap sits well above it; every preset keeps the
+default.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 from dataclasses import dataclass, fields
 
 from meshinfer.errors import ConfigError
+from meshinfer.proto.membership_wire import MAX_RECORDS
 
 #: Below this many nodes push-pull runs at the configured interval; above it the interval grows
 #: with log2(n / threshold) so the anti-entropy traffic per node stays bounded.
@@ -82,6 +89,14 @@ class MembershipConfig:
     dead_node_reclaim_time: float = 120.0
     #: A relay sends a nack when the target has not acked within this fraction of probe_timeout.
     nack_fraction: float = 0.8
+    #: Most members one table holds, this node included, in any status (the dead and left until
+    #: they are forgotten). ALIVE records of node ids not in a full table are refused and counted
+    #: (``members_refused``); known members are never evicted for them, and forgetting the dead
+    #: frees room. Set it well above the fleet, the same on every node: a packet is read up to
+    #: :meth:`max_packet_records` records. At 4096 a full table holds ~6 MB, and the longest
+    #: packet read (8192 records) costs ~0.1 s of CPU: ~10 us a record to decode, ~10 us more
+    #: per new member (a push-pull of 130,000 made-up members took ~4 s before the cap).
+    max_members: int = 4096
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -96,6 +111,8 @@ class MembershipConfig:
             raise ConfigError("membership.dead_node_reclaim_time < gossip_to_the_dead_time")
         if self.packet_budget < 256:
             raise ConfigError("membership.packet_budget must be at least 256 bytes")
+        if not 2 <= self.max_members <= MAX_RECORDS // 2:
+            raise ConfigError(f"membership.max_members must be in 2..{MAX_RECORDS // 2}")
 
     # --- presets --------------------------------------------------------------------------
 
@@ -152,6 +169,12 @@ class MembershipConfig:
         """k: independent confirmations expected: ``suspicion_mult - 2``, 0 if n is too small."""
         k = self.suspicion_mult - 2
         return 0 if n - 2 < k else k
+
+    def max_packet_records(self) -> int:
+        """Records read from one packet: ``2 * max_members``, a whole table at the cap (each
+        member's ALIVE record plus a status record when it is not alive), so an honest node joins
+        a full fleet with one push-pull; the rest of a longer packet is dropped unread."""
+        return 2 * self.max_members
 
     def push_pull_period(self, n: int) -> float:
         """``push_pull_interval``, times ``ceil(log2(n) - log2(32)) + 1`` above 32 nodes."""

@@ -43,6 +43,13 @@ of the suspicions it holds on each probe it sends (:meth:`MemberTable.suspicion_
 
 Anti-entropy (push-pull) merges are conservative: a remote DEAD is applied as SUSPECT (we check
 for ourselves), and members that the remote side lists only as dead or left are not learned.
+
+Table cap. Without record signatures any member may invent node ids, so the table holds at most
+``config.max_members`` members (this node included, in any status): an ALIVE record about a
+node id the full table does not know is refused and counted (``members_refused``) before any
+signature check. Known members are never evicted for a newcomer; the dead and left free their
+room when they are forgotten. An invented member that got in is probed like any other, suspected
+and forgotten after ``dead_node_reclaim_time``.
 """
 
 from __future__ import annotations
@@ -182,6 +189,10 @@ class MembershipCounters:
     misdirected_pings: int = 0
     late_acks: int = 0
     push_pulls: int = 0
+    #: ALIVE records about node ids a full table (``max_members``) did not know
+    members_refused: int = 0
+    #: packets that carried more than ``max_packet_records()`` records (the rest was dropped)
+    packets_truncated: int = 0
 
 
 class MemberTable:
@@ -248,6 +259,10 @@ class MemberTable:
         member = self._members.get(node_id)
         return member is not None and member.status in _LIVE
 
+    def is_full(self) -> bool:
+        """Whether the table holds ``max_members`` members (this node included)."""
+        return len(self._members) + 1 >= self.config.max_members
+
     def live_ids(self) -> list[str]:
         """Ids of the live members (this node excluded)."""
         return [m.node_id for m in self._members.values() if m.status in _LIVE]
@@ -301,10 +316,14 @@ class MemberTable:
     # --- local changes ---------------------------------------------------------------------
 
     def add_known(self, records: Iterable[AliveRecord], now: float) -> None:
-        """Seed the table with trusted records (warm start): no events, no broadcasts."""
+        """Seed the table with trusted records (warm start): no events, no broadcasts; those
+        past ``max_members`` are refused like received ones."""
         members, local_id = self._members, self.local_id
         for record in records:
             if record.node_id != local_id and record.node_id not in members:
+                if self.is_full():
+                    self.counters.members_refused += 1
+                    continue
                 member = Member(record.node_id, MemberStatus.ALIVE, record.incarnation, record, now)
                 self._store(member, b"")  # encoded on first use; probed from the next pass on
 
@@ -409,6 +428,9 @@ class MemberTable:
             self.corrections.append(data)
 
     def _learn(self, record: AliveRecord, now: float) -> None:
+        if self.is_full():  # see "Table cap" in the module docstring
+            self.counters.members_refused += 1
+            return
         if not self._authentic(record):
             return
         member = Member(record.node_id, MemberStatus.ALIVE, record.incarnation, record, now)

@@ -32,6 +32,11 @@ encoding (``NodeState.later``), and written back after the known ones, so the re
 and its signature verified as its author wrote it (nodes from before ``input_cache_mb`` took
 exactly 11 fields and refuse a state with more).
 :func:`decode_packet` raises only :class:`MembershipProtocolError` (a RemoteProtocolError).
+It reads at most ``max_records`` records (the receiver's
+:meth:`~meshinfer.proto.membership_config.MembershipConfig.max_packet_records`, at most
+:data:`MAX_RECORDS`) and drops the rest of the packet unread (``Packet.truncated``), so the time
+one packet holds the loop is bounded by the limit, not by the session's message size (a
+push-pull may be as large as one session message, ``[session] max_message_mib``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ PROTOCOL = 1
 
 MAX_PACKET_BYTES = 65535  # one Noise message
 MAX_PUSH_PULL_BYTES = 32 * 1024 * 1024
+#: Records one packet may carry: a whole table at the largest ``max_members`` (65536).
 MAX_RECORDS = 2 * 65536
 MAX_STATE_BYTES = 1024  # so an ALIVE record always fits one packet
 MAX_SIGNATURE_BYTES = 128
@@ -225,10 +231,12 @@ Header = Ping | Ack | PingReq | Nack | Gossip | PushPull
 
 @dataclass(frozen=True, slots=True)
 class Packet:
-    """A decoded packet: its header and the records it carried."""
+    """A decoded packet: its header and the records it carried (``truncated``: it carried
+    more than the decoder's ``max_records``, and the rest was dropped unread)."""
 
     header: Header
     records: tuple[Record, ...]
+    truncated: bool = False
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -459,7 +467,10 @@ class _RecordMemo:
 _MEMO = _RecordMemo(capacity=16384)
 
 
-def _decode(data: bytes) -> Packet:
+_END = object()  # the unpacker ran out: the packet ends inside a record
+
+
+def _decode(data: bytes, max_records: int) -> Packet:
     unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(data)), max_map_len=0, raw=False)
     unpacker.feed(data)
     header = _header(next(unpacker))
@@ -467,23 +478,24 @@ def _decode(data: bytes) -> Packet:
         raise _fail("packet larger than one Noise message")
     records: list[Record] = []
     start = unpacker.tell()
-    for value in unpacker:
+    while start != len(data) and len(records) < max_records:
+        value = next(unpacker, _END)
+        if value is _END:
+            raise _fail("truncated")
         end = unpacker.tell()
         records.append(_MEMO.decode(data[start:end], value))
         start = end
-        if len(records) > MAX_RECORDS:
-            raise _fail("too many records")
-    if start != len(data):
-        raise _fail("truncated")
-    return Packet(header, tuple(records))
+    return Packet(header, tuple(records), truncated=start != len(data))
 
 
-def decode_packet(data: bytes) -> Packet:
-    """Decode and validate one packet. Raises only :class:`MembershipProtocolError`."""
+def decode_packet(data: bytes, max_records: int = MAX_RECORDS) -> Packet:
+    """Decode and validate one packet, up to ``max_records`` records (at most
+    :data:`MAX_RECORDS`); the rest is dropped unread and the packet marked ``truncated``.
+    Raises only :class:`MembershipProtocolError`."""
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) > MAX_PUSH_PULL_BYTES:
         raise _fail("not bytes, or larger than the push-pull cap")
     try:
-        return _decode(bytes(data))
+        return _decode(bytes(data), min(max_records, MAX_RECORDS))
     except MembershipProtocolError:
         raise
     except (StopIteration, ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:

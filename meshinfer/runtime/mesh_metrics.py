@@ -82,6 +82,25 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
                 [({"status": s}, n) for s, n in sorted(counts.items())],
             )
         )
+        counters = mesh.membership.core.counters
+        out.append(
+            family(
+                "meshinfer_members_refused_total",
+                "counter",
+                "ALIVE records about unknown node ids refused because the member table was full"
+                " (membership max_members): a member invents nodes, or the fleet outgrew the cap.",
+                [({}, counters.members_refused)],
+            )
+        )
+        out.append(
+            family(
+                "meshinfer_membership_packets_truncated_total",
+                "counter",
+                "Membership packets that carried more records than a whole table of max_members"
+                " (the rest was dropped unread).",
+                [({}, counters.packets_truncated)],
+            )
+        )
     sync = mesh.revocation_sync
     if sync is not None:
         out.append(
