@@ -81,6 +81,13 @@ class CoordinatorSection:
         " [executor] input_cache_mib) as a reference to its sha256, not as its bytes; 0 always"
         " sends the bytes",
     )
+    radio_range_m: float = doc(
+        300.0,
+        "contact_aware policy: radio range in metres of a roadside unit (a node with role rsu or"
+        " link v2i; 300 is the DSRC / C-V2X class); a vehicle whose gossiped position and"
+        " velocity ([mobility] of its node) take it out of every unit's range before an item's"
+        " expected runtime is over gets none",
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ _POSITIVE = {k for k in NODE_POSITIVE if k[0] == "session"} | {
     ("coordinator", "retry_backoff_max_s"),
     ("coordinator", "max_in_flight_per_node"),
     ("coordinator", "node_capacity"),
+    ("coordinator", "radio_range_m"),
     ("api", "max_body_mib"),
     ("api", "max_uploads_mib"),
 }

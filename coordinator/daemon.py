@@ -56,6 +56,7 @@ def service_config(config: CoordinatorFileConfig) -> CoordinatorConfig:
         retention_s=c.retention_days * 86400.0,
         input_ref_min_bytes=c.input_ref_min_kib * 1024,
         redial_timeout_s=c.redial_timeout_s,
+        radio_range_m=c.radio_range_m,
     )
 
 

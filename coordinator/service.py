@@ -101,6 +101,7 @@ from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_o
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, RemoteProtocolError
 from meshinfer.proto import messages
 from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.contact import infrastructure_positions, node_contact_s
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.scheduling import (
     NodeView,
@@ -169,6 +170,10 @@ class CoordinatorConfig:
     input_ref_min_bytes: int = 64 * 1024
     #: The time budget (s) of a task that names no ``deadline_s``; 0: such a task has none.
     default_deadline_s: float = 0.0
+    #: ``contact_aware``: radio range (m) of an infrastructure node (role ``rsu`` or link
+    #: ``v2i``), from which a moving node's gossiped position and velocity give its contact time
+    #: (:mod:`meshinfer.proto.contact`).
+    radio_range_m: float = 300.0
 
     def __post_init__(self) -> None:
         if self.default_policy not in _POLICIES:
@@ -186,6 +191,7 @@ class CoordinatorConfig:
             "retry_backoff_max_s",
             "node_capacity",
             "max_in_flight_per_node",
+            "radio_range_m",
         ):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be > 0 and finite, got {getattr(self, name)!r}")
@@ -631,8 +637,9 @@ class Coordinator:
         membership = self.mesh.membership
         if membership is None:
             return []
-        views = []
-        for m in membership.core.live_members():
+        views, live = [], membership.core.live_members()
+        infrastructure = infrastructure_positions(m.state for m in live)
+        for m in live:
             if not self._reach.reachable(m):
                 continue
             s = m.state
@@ -648,6 +655,7 @@ class Coordinator:
                 queue_depth=max(s.queue_depth, in_flight[m.node_id]),
                 capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
                 links=links,
+                contact_s=node_contact_s(s, infrastructure, self.config.radio_range_m),
             ))  # fmt: skip
         if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
             self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}

@@ -157,6 +157,21 @@ class HttpSection:
 
 
 @dataclass(frozen=True)
+class MobilitySection:
+    position: tuple[float, ...] = doc(
+        (),
+        "where this node is, 2 or 3 coordinates in metres in the fleet's local frame (empty:"
+        " unknown); gossiped, with velocity, for the contact_aware scheduling policy; a vehicle's"
+        " positioning updates both at run time with POST /position on the [http] endpoint",
+    )
+    velocity: tuple[float, ...] = doc(
+        (),
+        "how this node moves, metres/second, as many coordinates as position (empty: not"
+        " moving, as a roadside unit)",
+    )
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """The whole file; each attribute is one ``[section]``."""
 
@@ -168,6 +183,7 @@ class NodeConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     executor: ExecutorSection = field(default_factory=ExecutorSection)
     http: HttpSection = field(default_factory=HttpSection)
+    mobility: MobilitySection = field(default_factory=MobilitySection)
 
 
 CHOICES = {
@@ -250,6 +266,15 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: [executor] result_replay_s must be >= 0")
     if config.inference.engine == "triton" and not config.inference.triton_url:
         raise ConfigError(f'{source}: [inference] triton_url is required for engine "triton"')
+    _check_mobility(config.mobility, source)
+
+
+def _check_mobility(m: MobilitySection, source: str) -> None:
+    for key in ("position", "velocity"):
+        if len(getattr(m, key)) not in (0, 2, 3):
+            raise ConfigError(f"{source}: [mobility] {key}: 2 or 3 numbers, or [] for unknown")
+    if m.velocity and len(m.velocity) != len(m.position):
+        raise ConfigError(f"{source}: [mobility] velocity needs a position of as many numbers")
 
 
 SCHEMA = Schema(

@@ -8,8 +8,12 @@ Composition, in start order (reverse order on shutdown):
    model;
 3. the mesh: session listener, membership, discovery (:class:`~meshinfer.runtime.node.MeshNode`);
 4. the task executor, which serves work items that reach this node;
-5. the HTTP endpoint (``/healthz``, ``/readyz``, ``/metrics``, ``/status``);
+5. the HTTP endpoint (``/healthz``, ``/readyz``, ``/metrics``, ``/status``, ``POST
+   /position``);
 6. a telemetry loop that refreshes the gossiped node state (queue depth, free GPU memory).
+
+The gossiped position and velocity (``[mobility]``, then ``POST /position`` from the vehicle's
+positioning) let a coordinator's ``contact_aware`` policy tell how long this node stays in range.
 
 Readiness is reported (``/readyz`` 200 and a ``READY {json}`` line on stdout) only once the
 listener is up and every configured model is loaded. SIGTERM drains: the executor stops taking
@@ -214,6 +218,7 @@ class NodeDaemon:
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await start_mesh(self.mesh, self.config)
         self._publish_models()
+        self.set_mobility(self.config.mobility.position, self.config.mobility.velocity)
         await self._start_executor()
         await self._start_http()
         telemetry = asyncio.get_running_loop().create_task(self._telemetry_loop())
@@ -270,6 +275,19 @@ class NodeDaemon:
         )
         state = self.mesh.membership.state
         self.mesh.membership.update_state(_replace(state, models=models))
+
+    def set_mobility(self, position: Sequence[float], velocity: Sequence[float]) -> None:
+        """Gossip where this node is and how it moves (metres, metres/second; empty: unknown,
+        not moving), for the ``contact_aware`` policy: ``[mobility]`` at start, then ``POST
+        /position``. Both checked by the caller (2 or 3 finite numbers). On the loop."""
+        membership = self.mesh.membership if self.mesh is not None else None
+        if membership is None or membership.core.has_left:  # (a drain left: no gossip)
+            return
+        state = membership.state
+        where = tuple(map(float, position)) or None
+        motion = tuple(map(float, velocity)) or None
+        if (state.position, state.velocity) != (where, motion):
+            membership.update_state(_replace(state, position=where, velocity=motion))
 
     async def _start_executor(self) -> None:
         assert self.mesh is not None

@@ -5,16 +5,23 @@
                   with the reasons.
 ``GET /metrics``  Prometheus text: sessions, membership, peers, executor, batchers, host and GPU.
 ``GET /status``   JSON for people and ``meshinfer-node status``: members, sessions, models, load.
+``POST /position`` from the vehicle's positioning, loopback only: JSON ``{"position": [x, y(, z)],
+                  "velocity": [vx, vy(, vz)]}`` (metres, metres/second; a key left out, null or
+                  ``[]``: unknown, not moving), gossiped for the ``contact_aware`` policy
+                  (``[mobility]``). 200 with what is published; 400 for a bad body; 403 from
+                  another host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from meshinfer.proto.contact import check_vector
 from meshinfer.runtime.http_log import ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
@@ -43,6 +50,7 @@ class NodeHttp:
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.metrics),
                 web.get("/status", self.status),
+                web.post("/position", self.position),
             ]
         )
         self._runner: web.AppRunner | None = None
@@ -79,6 +87,26 @@ class NodeHttp:
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(node_status(self.daemon))
 
+    async def position(self, request: web.Request) -> web.Response:
+        if not _is_loopback(request.remote):
+            return _refuse(403, "POST /position is accepted from this host (loopback) only")
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):  # (nested past the parser's limit)
+            return _refuse(400, "the body must be JSON")
+        if not isinstance(body, dict) or not set(body) <= {"position", "velocity"}:
+            return _refuse(400, 'expected a JSON object with "position" and "velocity"')
+        try:
+            where = check_vector(body.get("position"), "position") or ()
+            motion = check_vector(body.get("velocity"), "velocity") or ()
+        except ValueError as exc:
+            return _refuse(400, str(exc))
+        if motion and len(motion) != len(where):
+            return _refuse(400, "velocity needs a position of as many numbers")
+        self.daemon.set_mobility(where, motion)
+        published = {"position": list(where) or None, "velocity": list(motion) or None}
+        return web.json_response(published)
+
     def _families(self) -> list[MetricFamily]:
         d = self.daemon
         out: list[MetricFamily] = []
@@ -87,6 +115,19 @@ class NodeHttp:
         out += batcher_families(b.stats() for b in d.batchers.values())
         out += node_families(d)
         return out
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address((remote or "").split("%")[0])
+    except ValueError:  # a Unix socket, or no address
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def _refuse(status: int, error: str) -> web.Response:
+    return web.json_response({"error": error}, status=status)
 
 
 def node_families(d: NodeDaemon) -> list[MetricFamily]:

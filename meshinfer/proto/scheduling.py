@@ -22,7 +22,9 @@ when there is none. Then:
   (``queue_depth >= capacity``) is passed over while an unsaturated one exists.
 * ``contact_aware`` -- drops nodes whose expected contact time (``contact_s``: until the
   vehicle leaves radio range) is shorter than the expected runtime + RTT + a margin; then least
-  loaded. Unknown contact time counts as long enough (fixed or infrastructure nodes).
+  loaded. Unknown contact time counts as long enough (fixed or infrastructure nodes). The
+  coordinator derives ``contact_s`` from the position and velocity each node gossips, relative
+  to the roadside units' positions (:func:`meshinfer.proto.contact.node_contact_s`).
 
 Degenerate gossiped figures never make a policy raise: an RTT that is NaN, negative, infinite
 or beyond any float counts as not measured, a NaN or negative free GPU memory as none, a load

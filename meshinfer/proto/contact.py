@@ -1,0 +1,147 @@
+"""Radio contact: how long a moving node stays in range of the roadside infrastructure.
+
+The ``contact_aware`` scheduling policy (:mod:`meshinfer.proto.scheduling`) needs, per node,
+``contact_s``: the seconds until it is expected to leave radio range. Nodes gossip their
+``position`` (metres, 2 or 3 coordinates) and ``velocity`` (metres/second) in their
+:class:`~meshinfer.proto.membership_wire.NodeState`; the coordinator derives ``contact_s`` from
+them with :func:`node_contact_s`, a pure function (no clock: positions are taken as current).
+
+Model: the node moves in a straight line at constant velocity; infrastructure nodes (role
+``rsu`` or link kind ``v2i``) stand still, each covering a ball of radius ``radio_range_m``.
+The node is in range at time ``t`` while ``|p + v t - q| <= R`` for some infrastructure position
+``q``: for each ``q`` that is an interval of ``t`` (the roots of a quadratic). The contact time
+is the end of the run of overlapping intervals that holds ``t = 0`` (a hand-over between units
+whose coverage overlaps keeps the contact); 0 when out of range of every unit now. None --
+"unknown, counts as long enough" -- for an infrastructure node, a node not moving (no velocity,
+or zero), one with no position, when no infrastructure position is known, or when the figures
+are too large to compute with (an expected contact beyond any float).
+
+A 2-coordinate vector is taken as lying in the plane ``z = 0``, so 2- and 3-coordinate figures
+can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "INFRASTRUCTURE_LINKS",
+    "INFRASTRUCTURE_ROLES",
+    "check_vector",
+    "contact_time",
+    "infrastructure_positions",
+    "is_infrastructure",
+    "node_contact_s",
+]
+
+INFRASTRUCTURE_ROLES = frozenset({"rsu"})
+"""Roles of a fixed infrastructure node (a roadside unit)."""
+INFRASTRUCTURE_LINKS = frozenset({"v2i"})
+"""Link kinds of a fixed infrastructure node (its interface is the V2I side)."""
+
+Vector = tuple[float, ...]
+
+
+def check_vector(value: Any, what: str) -> Vector | None:
+    """``value`` as a position or velocity: None or empty is unknown (None); otherwise a list
+    or tuple of 2 or 3 finite numbers (ints are taken as floats). ValueError naming ``what``
+    for anything else."""
+    if value is None or (isinstance(value, list | tuple) and not value):
+        return None
+    if not isinstance(value, list | tuple) or len(value) not in (2, 3):
+        raise ValueError(f"{what}: expected 2 or 3 numbers (metres), got {value!r}")
+    out = []
+    for x in value:
+        if type(x) not in (int, float):
+            raise ValueError(f"{what}: expected numbers, got {x!r}")
+        try:
+            f = float(x)
+        except OverflowError:  # an integer beyond any float
+            f = math.inf
+        if not math.isfinite(f):
+            raise ValueError(f"{what}: expected finite numbers, got {x!r}")
+        out.append(f)
+    return tuple(out)
+
+
+def is_infrastructure(state: Any) -> bool:
+    """Whether a gossiped state (``roles``, ``links``) is that of a fixed infrastructure node."""
+    return bool(INFRASTRUCTURE_ROLES.intersection(state.roles)) or bool(
+        INFRASTRUCTURE_LINKS.intersection(state.links)
+    )
+
+
+def infrastructure_positions(states: Iterable[Any]) -> tuple[Vector, ...]:
+    """The positions of the infrastructure nodes among ``states`` that gossip one."""
+    return tuple(s.position for s in states if s.position is not None and is_infrastructure(s))
+
+
+def node_contact_s(
+    state: Any, infrastructure: Sequence[Vector], radio_range_m: float
+) -> float | None:
+    """``contact_s`` of the node gossiping ``state`` (module docstring): None for an
+    infrastructure node, else :func:`contact_time` of its position and velocity."""
+    if is_infrastructure(state):
+        return None
+    return contact_time(state.position, state.velocity, infrastructure, radio_range_m)
+
+
+def _xyz(v: Sequence[float]) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]) if len(v) > 2 else 0.0)
+
+
+def _in_range_interval(
+    rel: tuple[float, float, float], v: tuple[float, float, float], speed2: float, r: float
+) -> tuple[float, float] | None:
+    """The times ``[t_in, t_out]`` with ``|rel + v t| <= r`` (``t_out >= 0``), or None if
+    never at or after 0. Roots of ``a t^2 + 2 b t + c`` with the cancellation-free formula."""
+    b = rel[0] * v[0] + rel[1] * v[1] + rel[2] * v[2]
+    c = (math.hypot(*rel) - r) * (math.hypot(*rel) + r)
+    disc = b * b - speed2 * c
+    if not disc >= 0:  # passes by out of range (or NaN from figures too large)
+        return None
+    s = math.sqrt(disc)
+    if b > 0:
+        q = -(b + s)
+        t_in, t_out = q / speed2, c / q
+    elif b < 0:
+        q = s - b
+        t_in, t_out = c / q, q / speed2
+    else:
+        t_in, t_out = -s / speed2, s / speed2
+    return (t_in, t_out) if t_out >= 0 else None
+
+
+def contact_time(
+    position: Sequence[float] | None,
+    velocity: Sequence[float] | None,
+    infrastructure: Sequence[Sequence[float]],
+    radio_range_m: float,
+) -> float | None:
+    """Seconds until a node at ``position`` moving at ``velocity`` leaves the range
+    ``radio_range_m`` of every ``infrastructure`` position (module docstring): 0 if out of
+    range now, None if unknown (no position, not moving, no infrastructure, figures too large).
+    For one unit it is the largest ``t >= 0`` with ``|position + velocity t - unit| = R``."""
+    if position is None or velocity is None or not infrastructure:
+        return None
+    v = _xyz(velocity)
+    speed2 = v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
+    if not 0 < speed2 < math.inf:  # not moving (or a speed beyond any float)
+        return None
+    p = _xyz(position)
+    intervals = []
+    for unit in infrastructure:
+        q = _xyz(unit)
+        rel = (p[0] - q[0], p[1] - q[1], p[2] - q[2])
+        found = _in_range_interval(rel, v, speed2, radio_range_m)
+        if found is not None:
+            intervals.append(found)
+    if not all(math.isfinite(t) for pair in intervals for t in pair):
+        return None  # a contact beyond any float
+    end = 0.0  # out of range of every unit now: no interval holds 0
+    for t_in, t_out in sorted(intervals):
+        if t_in <= end:
+            end = max(end, t_out)
+    return end
