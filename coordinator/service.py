@@ -14,7 +14,8 @@ exponential backoff (none after a node death: the item is re-dispatched at once)
 ``max_attempts``; then the task fails with the reason. A refusal does not count (see
 :meth:`Coordinator._retry`). A result is accepted exactly once (the journal refuses duplicates
 and late results; they are counted).
-Cancelling a task sends ``TaskCancel`` to every node running one of its items.
+Cancelling a task sends ``TaskCancel`` to every node running one of its items; so does a late
+result of an earlier attempt, taken while a retry runs elsewhere, to the node of the retry.
 
 Inputs by reference (:mod:`coordinator.input_refs`): an input of at least
 ``input_ref_min_bytes`` goes to a node that gossips an input cache with ``keep_input``, and
@@ -26,7 +27,8 @@ Deadlines: a task's ``deadline_s`` (or, for one naming none, ``default_deadline_
 acceptance and journaled) is its budget from acceptance; each item goes out with what is left of
 it, a parallel task's deadline is its aggregation's timeout (``aggregation_timeout_s`` when the
 spec gives one: it may not exceed the deadline, the default one included), and a recovered task's
-budget counts the time since it was accepted.
+budget counts the time since it was accepted (one recovered past its deadline fails at once,
+its items unsent).
 
 Fast failover: a node whose session ends abruptly must answer a ping (over another session, or
 a re-dial) and, if it does not, its in-flight items are re-dispatched at once, before membership
@@ -52,12 +54,18 @@ node answers that). Journal writes per task are kept few:
   same call. A crash meanwhile leaves the item pending: recovery dispatches it again (the same
   attempt), as it does every item whose fate is unknown; a result of the earlier send is
   accepted once if the new send went to the same node or its dispatch is journaled by then.
-  Answers about an item count only from the node its current attempt went to. Cancels go to
-  the nodes this coordinator sent the items to, journaled or not;
+  Answers about an item count only from the node its current attempt went to. A result of
+  the attempt before a recovered item's own counts only from the node the journal has that
+  attempt's dispatch on (any other member's is refused, in ``foreign_results``); of an attempt
+  whose node the journal does not have (an unjournaled send, or two or more attempts back) the
+  journal alone judges it, from whichever member. Cancels go to the nodes this coordinator
+  sent the items to, journaled or not;
 * an item is journaled as running only if its result has not arrived ``running_mark_delay_s``
   after the node accepted it (recovery treats dispatched and running alike);
 * the result that completes a task (single, batch, pipeline) is journaled together with the
-  task's end, in one call: both commit or neither does;
+  task's end, in one call: both commit or neither does; any other end (an aggregation, a
+  failure, a deadline) whose write fails is written again, with a backoff, until it commits
+  (its waiters hear of it only then) or the coordinator closes;
 * submitting a known task id with the same spec again is an idempotent retry: nothing runs
   again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
@@ -127,7 +135,9 @@ from meshinfer.runtime.node import MeshNode
 log = logging.getLogger(__name__)
 
 #: An item's attempt as the journal has it at recovery: (attempt, refused, node of its
-#: journaled dispatch or None).
+#: journaled dispatch or None). An item waiting to be sent has only the dispatch of the attempt
+#: before its own journaled (the journal moves an item on to attempt + 1 only from a journaled
+#: dispatch: a retry, a refusal, or recovery requeuing an item in flight).
 Attempt = tuple[int, int, str | None]
 
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
@@ -135,6 +145,11 @@ Attempt = tuple[int, int, str | None]
 #: leaves them here until newer ones push them out).
 HANDED_RECORDS = 256
 HANDED_BYTES = 32 << 20
+
+#: A task's end the journal failed to write is written again after this long, doubling up to
+#: the maximum (see Coordinator._finish).
+END_RETRY_FIRST_S = 0.05
+END_RETRY_MAX_S = 2.0
 
 _POLICIES = frozenset(p.value for p in Policy)
 _AGGREGATIONS = frozenset(m.value for m in Mode)
@@ -285,6 +300,7 @@ class Coordinator:
         #: one result may be in the journal's hands at once).
         self._answered: Counter[str] = Counter()
         self._closed = False
+        self._closing = asyncio.Event()  # set by aclose: wakes a step waiting to retry a write
         #: :meth:`_recover` is over: answers from nodes count from then on (see _on_result)
         self._recovered = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
@@ -331,6 +347,7 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
@@ -362,6 +379,12 @@ class Coordinator:
                 elif item.state == TaskState.FAILED:
                     run.record_failure(item.item_id, item.error or "failed", accepted_at)
             run.check_timeout(now)
+            # past its deadline: it fails here, its items unsent (they would go with no time)
+            expired = run.expires_at is not None and run.expires_at <= now
+            if expired and run.aggregator is None and not run.done:
+                error = f"{_deadline_passed(run)} (while the coordinator was down)"
+                log.info("task %s failed: %s", run.task_id, error)
+                run.outcome = Outcome(False, error=error)
             attempts = {i.item_id: (i.attempt, i.refused, i.node) for i in rec.to_dispatch}
             log.info("recovered task %s (%d items to dispatch)", run.task_id, len(attempts))
             # every result was in before the crash, or a pipeline's outputs misfit: it ends
@@ -568,8 +591,8 @@ class Coordinator:
         for item in run.ready():
             attempt, refused, node = attempts.get(item.item_id, (1, 0, None))
             entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
-            if node:  # sent before the restart: that node's result of it counts
-                entry.sent.add((attempt, node))
+            if node and attempt > 1:  # attempt - 1 went there: only its result of it counts
+                entry.sent.add((attempt - 1, node))
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
             # a large input is hashed in a worker thread first (coordinator.input_refs)
@@ -876,6 +899,7 @@ class Coordinator:
         if not fresh:
             self.stats_.duplicates += 1
             return
+        self._call_back_superseded(peer, msg)
         live, pair = pair, self._drop(msg.item_id)
         if pair is None and live is not None and self._runs.get(live[0].task_id) is live[0]:
             pair = live  # given up on meanwhile (its timeout): the journal took this result first
@@ -893,6 +917,18 @@ class Coordinator:
         except RemoteProtocolError as exc:  # a node returned an output we cannot use
             run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
         await self._advance(run)
+
+    def _call_back_superseded(self, peer: str, msg: TaskResult) -> None:
+        """The journal took ``msg``, a result of an earlier attempt than the one now out (a
+        late answer after a retry): ``TaskCancel`` to the node running the later attempt, which
+        would finish wasted work once the item is dropped here (and no longer counted on it)."""
+        pair = self._items.get(msg.item_id)
+        if pair is None or pair[1].node is None or _sent_to(pair[1], msg.attempt, peer):
+            return
+        node = pair[1].node
+        log.info("%s answered by %s (attempt %d): cancelling attempt %d on %s",
+                 msg.item_id, peer, msg.attempt, pair[1].attempt, node)  # fmt: skip
+        self.mesh.peers.send(node, TaskCancel(msg.item_id, "answered by an earlier attempt"))
 
     def _credited(self, peer: str, msg: TaskResult) -> TaskResult:
         """``msg`` naming as the node that ran it one this coordinator can vouch for: the
@@ -1094,7 +1130,30 @@ class Coordinator:
             await self._finish(run, run.outcome)
 
     async def _finish(self, run: TaskRun, outcome: Outcome) -> None:
-        in_flight, record = await self._db.run("end_task", self._ending(run, run, outcome))
+        """Journal the task's end, then act on it (its waiters get the outcome once durable).
+        A failed write (e.g. a busy or full disk) is tried again, with a backoff of up to
+        ``END_RETRY_MAX_S``, until it commits, the coordinator closes (one last try; recovery
+        redoes the end) or the task ended otherwise meanwhile (cancelled, or its submit's
+        COMMIT failed)."""
+        delay = END_RETRY_FIRST_S
+        while True:
+            try:
+                ending = self._ending(run, run, outcome)  # read back if a waiter came meanwhile
+                in_flight, record = await self._db.run("end_task", ending)
+                break
+            except (sqlite3.OperationalError, OSError) as exc:  # may pass (busy, full disk)
+                if self._closed or self._runs.get(run.task_id) is not run:
+                    raise
+                log.warning("journal: ending task %s failed, retrying in %g s: %s",
+                            run.task_id, delay, exc)  # fmt: skip
+            try:
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+            except TimeoutError:
+                pass
+            if self._runs.get(run.task_id) is not run:
+                return  # ended meanwhile (cancelled): nothing left to write
+            delay = min(END_RETRY_MAX_S, 2 * delay)
         self._ended(run.task_id, in_flight, record)
 
     def _arm_aggregation_timeout(self, run: TaskRun) -> None:
@@ -1121,8 +1180,7 @@ class Coordinator:
     def _on_deadline(self, run: TaskRun) -> None:
         if self._runs.get(run.task_id) is not run or run.done:
             return
-        done, total = len(run.results), len(run.all_item_ids())
-        error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+        error = _deadline_passed(run)
         reasons = Counter(self.waiting(run.task_id).values())
         if reasons:  # said now: once the task ended, nothing waits any more
             why, count = reasons.most_common(1)[0]
@@ -1176,6 +1234,12 @@ def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
 def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
     _pop_timer(timers, key)
     timers[key] = timer
+
+
+def _deadline_passed(run: TaskRun) -> str:
+    """Why a task failed at its deadline (the start of it: what waited may be said after)."""
+    done, total = len(run.results), len(run.all_item_ids())
+    return f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
 
 
 def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
