@@ -807,7 +807,8 @@ class Coordinator:
             # once a second, by the clock: a busy fleet's gossip and results wake this loop
             # more often than that, and a class no node takes would keep its ended items
             sweep = loop.time() - swept_at >= 1.0
-            swept_at = loop.time() if sweep else swept_at
+            if sweep:
+                swept_at = loop.time()
             free = self._free_slots()
             for key, heap in list(self._parked.items()):
                 if sweep:  # drop the entries of items that ended or were cancelled meanwhile

@@ -10,9 +10,7 @@ virtual clock instead of sleeping.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -25,54 +23,7 @@ from meshinfer.errors import ConfigError
 from node import cli as node_cli
 from node import config as node_config
 from node.daemon import parse_models
-from tests.test_client_config_hunt import TOKEN, one_line_error, task
-
-Answer = tuple[int, bytes, dict[str, str]]
-
-
-class ScriptedServer:
-    """An HTTP server on loopback answering ``METHOD path`` with the next answer scripted for
-    it (the last one repeats); every other request gets 404. ``requests`` lists what came, as
-    ``"METHOD path?query"``."""
-
-    def __init__(self) -> None:
-        self.scripts: dict[tuple[str, str], list[Answer]] = {}
-        self.requests: list[str] = []
-        scripts, requests = self.scripts, self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self._answer()
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self._answer()
-
-            def _answer(self) -> None:
-                requests.append(f"{self.command} {self.path}")
-                script = scripts.get((self.command, self.path.split("?")[0])) or [(404, b"", {})]
-                status, body, headers = script.pop(0) if len(script) > 1 else script[0]
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        serve = {"poll_interval": 0.05}  # (a shutdown waits up to one)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs=serve, daemon=True)
-
-    def script(self, method: str, path: str, *answers: object, status: int = 200, **headers: str):
-        """Answer ``method path`` with ``answers`` in turn (JSON documents), each with ``status``
-        and ``headers`` (a name's ``_`` written as ``-``)."""
-        sent = {k.replace("_", "-"): v for k, v in headers.items()}
-        queue = self.scripts.setdefault((method, path), [])
-        queue += [(status, json.dumps(doc).encode(), sent) for doc in answers]
+from tests.test_client_config_hunt import TOKEN, ScriptedServer, one_line_error, task
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Faults found in the coordinator's client and CLI, the TOML configuration and static seeds.
 
-The CLI runs in process (``main(argv)``) against a canned HTTP server on loopback: a thread of
-:mod:`http.server` answering each path with a fixed status and body, so a test controls exactly
+The CLI runs in process (``main(argv)``) against a stand-in HTTP server on loopback
+(:class:`ScriptedServer`, also used by test_cli_leftovers): a thread of :mod:`http.server`
+answering each request with the status and body scripted for it, so a test controls exactly
 what the client reads without starting a coordinator.
 """
 
@@ -28,19 +29,34 @@ TOKEN = "t" * 32
 KEY = "ab" * 32
 
 
-class CannedServer:
-    """An HTTP server on loopback answering ``GET path`` with ``answers[path]`` (status,
-    body); every other request gets 404."""
+Answer = tuple[int, bytes, dict[str, str]]
+
+
+class ScriptedServer:
+    """An HTTP server on loopback answering ``METHOD path`` with the next answer scripted for
+    it (the last one repeats); every other request gets 404. ``requests`` lists what came, as
+    ``"METHOD path?query"``."""
 
     def __init__(self) -> None:
-        self.answers: dict[str, tuple[int, bytes]] = {}
-        answers = self.answers
+        self.scripts: dict[tuple[str, str], list[Answer]] = {}
+        self.requests: list[str] = []
+        scripts, requests = self.scripts, self.requests
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                status, body = answers.get(self.path.split("?")[0], (404, b""))
+                self._answer()
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer()
+
+            def _answer(self) -> None:
+                requests.append(f"{self.command} {self.path}")
+                script = scripts.get((self.command, self.path.split("?")[0])) or [(404, b"", {})]
+                status, body, headers = script.pop(0) if len(script) > 1 else script[0]
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -50,16 +66,29 @@ class CannedServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        serve = {"poll_interval": 0.05}  # (a shutdown waits up to one)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs=serve, daemon=True)
+
+    def script(self, method: str, path: str, *answers: object, status: int = 200, **headers: str):
+        """Answer ``method path`` with ``answers`` in turn (JSON documents, or bytes as they
+        are), each with ``status``
+        and ``headers`` (a name's ``_`` written as ``-``)."""
+        sent = {k.replace("_", "-"): v for k, v in headers.items()}
+        queue = self.scripts.setdefault((method, path), [])
+        queue += [(status, _body(doc), sent) for doc in answers]
 
     def answer(self, path: str, doc: object, status: int = 200) -> None:
-        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        self.answers[path] = (status, body)
+        """Answer every ``GET path`` with ``doc`` (a JSON document, or bytes as they are)."""
+        self.script("GET", path, doc, status=status)
+
+
+def _body(doc: object) -> bytes:
+    return doc if isinstance(doc, bytes) else json.dumps(doc).encode()
 
 
 @pytest.fixture
-def canned() -> Iterator[CannedServer]:
-    server = CannedServer()
+def canned() -> Iterator[ScriptedServer]:
+    server = ScriptedServer()
     server.thread.start()
     try:
         yield server
@@ -68,8 +97,8 @@ def canned() -> Iterator[CannedServer]:
         server.server.server_close()
 
 
-def coord(canned: CannedServer, *argv: str) -> int:
-    """``meshinfer-coord ARGV`` against the canned server."""
+def coord(canned: ScriptedServer, *argv: str) -> int:
+    """``meshinfer-coord ARGV`` against the stand-in server."""
     return coord_main([argv[0], "--url", canned.url, "--timeout", "5", *argv[1:]])
 
 

@@ -26,6 +26,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from meshinfer.proto.membership_wire import NodeState
+
 __all__ = [
     "INFRASTRUCTURE_LINKS",
     "INFRASTRUCTURE_ROLES",
@@ -66,20 +68,20 @@ def check_vector(value: Any, what: str) -> Vector | None:
     return tuple(out)
 
 
-def is_infrastructure(state: Any) -> bool:
+def is_infrastructure(state: NodeState) -> bool:
     """Whether a gossiped state (``roles``, ``links``) is that of a fixed infrastructure node."""
     return bool(INFRASTRUCTURE_ROLES.intersection(state.roles)) or bool(
         INFRASTRUCTURE_LINKS.intersection(state.links)
     )
 
 
-def infrastructure_positions(states: Iterable[Any]) -> tuple[Vector, ...]:
+def infrastructure_positions(states: Iterable[NodeState]) -> tuple[Vector, ...]:
     """The positions of the infrastructure nodes among ``states`` that gossip one."""
     return tuple(s.position for s in states if s.position is not None and is_infrastructure(s))
 
 
 def node_contact_s(
-    state: Any, infrastructure: Sequence[Vector], radio_range_m: float
+    state: NodeState, infrastructure: Sequence[Vector], radio_range_m: float
 ) -> float | None:
     """``contact_s`` of the node gossiping ``state`` (module docstring): None for an
     infrastructure node, else :func:`contact_time` of its position and velocity."""
@@ -98,7 +100,8 @@ def _in_range_interval(
     """The times ``[t_in, t_out]`` with ``|rel + v t| <= r`` (``t_out >= 0``), or None if
     never at or after 0. Roots of ``a t^2 + 2 b t + c`` with the cancellation-free formula."""
     b = rel[0] * v[0] + rel[1] * v[1] + rel[2] * v[2]
-    c = (math.hypot(*rel) - r) * (math.hypot(*rel) + r)
+    distance = math.hypot(*rel)
+    c = (distance - r) * (distance + r)
     disc = b * b - speed2 * c
     if not disc >= 0:  # passes by out of range (or NaN from figures too large)
         return None
