@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from meshinfer.errors import RemoteProtocolError
 from meshinfer.proto.membership_wire import (
     MAX_PACKET_BYTES,
+    MAX_SIGNATURE_BYTES,
     Ack,
     AliveRecord,
     DeadRecord,
@@ -176,7 +177,7 @@ def _alive_fields(*appended, **overrides) -> list:
         [0, "n1", 0, 1, "state", b""],  # state not a list
         [1, "n1", 0],  # suspect without accuser
         [9, "n1", 0, "n2"],  # unknown record kind
-        [3, "n1", 0, b"s" * 129],  # signature over its cap
+        [3, "n1", 0, b"s" * (MAX_SIGNATURE_BYTES + 1)],  # signature over its cap
     ],
 )
 def test_bad_records_are_refused(record) -> None:

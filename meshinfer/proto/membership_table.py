@@ -44,7 +44,8 @@ of the suspicions it holds on each probe it sends (:meth:`MemberTable.suspicion_
 Anti-entropy (push-pull) merges are conservative: a remote DEAD is applied as SUSPECT (we check
 for ourselves), and members that the remote side lists only as dead or left are not learned.
 
-Table cap. Without record signatures any member may invent node ids, so the table holds at most
+Table cap. Without record signatures any member may invent node ids (node daemons sign, so there
+each node id needs a fleet certificate; simulations may not), so the table holds at most
 ``config.max_members`` members (this node included, in any status): an ALIVE record about a
 node id the full table does not know is refused and counted (``members_refused``) before any
 signature check. Known members are never evicted for a newcomer; the dead and left free their
@@ -412,13 +413,24 @@ class MemberTable:
         self._liveness(member, record, now)
 
     def merge(self, records: Iterable[Record], now: float) -> None:
-        """Apply a remote member table (push-pull): members listed only as gone are skipped."""
+        """Apply a remote member table (push-pull): members listed only as gone are skipped, and
+        of several ALIVE records about one member only the newest is applied (one signature
+        check per member, however many versions a hostile table lists)."""
         records = list(records)
         gone = {r.node_id for r in records if isinstance(r, DeadRecord | LeftRecord)}
+        newest: dict[str, AliveRecord] = {}
         for record in records:
-            unknown = record.node_id not in self._members and record.node_id != self.local_id
-            if isinstance(record, AliveRecord) and unknown and record.node_id in gone:
-                continue
+            if isinstance(record, AliveRecord):
+                seen = newest.get(record.node_id)
+                if seen is None or record.key > seen.key:
+                    newest[record.node_id] = record
+        for record in records:
+            if isinstance(record, AliveRecord):
+                if newest[record.node_id] is not record:
+                    continue
+                unknown = record.node_id not in self._members and record.node_id != self.local_id
+                if unknown and record.node_id in gone:
+                    continue
             self.apply(record, now, push_pull=True)
 
     def _correct_stale(self, member: Member, claim: SuspectRecord | DeadRecord) -> None:

@@ -20,8 +20,9 @@ concatenated, so a sender packs pre-encoded records up to its byte budget withou
 
 The sender of a packet is never written in it: it is the node id the session layer
 authenticated (``handle_packet(from_node=...)``). ALIVE and LEFT records are *self-claims*: only
-the node they are about may author them, and they carry that node's signature over
-:func:`signed_body` (empty when the fleet runs without record signatures).
+the node they are about may author them, and they carry that node's proof of authorship over
+:func:`signed_body`: node daemons send their fleet certificate and an XEdDSA signature by the
+static key it binds (:mod:`membership_auth`); empty when a simulation runs without signatures.
 
 Message kinds and record kinds are append-only registries: never renumber, only append. State
 fields are appended too, each optional: the state array ends at its last field that is not its
@@ -59,7 +60,9 @@ MAX_PUSH_PULL_BYTES = 32 * 1024 * 1024
 #: Records one packet may carry: a whole table at the largest ``max_members`` (65536).
 MAX_RECORDS = 2 * 65536
 MAX_STATE_BYTES = 1024  # so an ALIVE record always fits one packet
-MAX_SIGNATURE_BYTES = 128
+#: A record's proof of authorship: a certificate (<= 512 bytes) and a signature, msgpack-framed
+#: (see :class:`~meshinfer.proto.membership_auth.CertifiedRecordAuthenticator`).
+MAX_SIGNATURE_BYTES = 640
 MAX_SEQ = 2**63 - 1
 MAX_COUNTER = 2**63 - 1
 #: Unknown trailing state fields (from a newer node) a decoder keeps and passes on.

@@ -32,6 +32,7 @@ from meshinfer.proto.membership import (
     MembershipConfig,
     NodeState,
 )
+from meshinfer.proto.membership_auth import RecordAuthenticator
 from meshinfer.proto.messages import Gossip
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.transport.base import Address
@@ -52,6 +53,7 @@ class MembershipService:
         *,
         rng: random.Random | None = None,
         incarnation: int = 0,
+        authenticator: RecordAuthenticator | None = None,
     ) -> None:
         self.peers = peers
         self.config = config
@@ -63,6 +65,7 @@ class MembershipService:
             rng or random.Random(),
             self._loop.time(),
             incarnation=incarnation,
+            authenticator=authenticator,
         )
         self._subscribers: list[MemberSubscriber] = []
         self._wake = asyncio.Event()

@@ -35,6 +35,7 @@ from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
 from meshinfer.discovery.static import StaticDiscovery, StaticSeed
 from meshinfer.proto.identity import NodeIdentity, RevocationList
 from meshinfer.proto.membership import MembershipConfig, NodeState
+from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.runtime.endpoint import ListenerLimits, SessionListener
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
@@ -62,6 +63,10 @@ class MeshNodeOptions:
     #: directory's ``revocations.bin``; None: the list lives in memory only)
     revocations_file: Path | None = None
     revocations: RevocationSyncConfig = field(default_factory=RevocationSyncConfig)
+    #: Sign this node's membership records and take others' only with their author's proof
+    #: (:class:`~meshinfer.proto.membership_auth.CertifiedRecordAuthenticator`). Off only for
+    #: tests of the unsigned core over real sessions: a signing node refuses unsigned records.
+    signed_records: bool = True
 
 
 EVERY_INTERFACE = ("0.0.0.0", "::")
@@ -159,7 +164,11 @@ class MeshNode:
         if (self.options.advertise_host or self.options.listen.host) in EVERY_INTERFACE:
             self._outbound = await asyncio.to_thread(outbound_address)
         self.membership = MembershipService(
-            self.peers, self.initial_state(self.address.port), self.options.membership, rng=self.rng
+            self.peers,
+            self.initial_state(self.address.port),
+            self.options.membership,
+            rng=self.rng,
+            authenticator=self._record_authenticator(),
         )
         self.membership.start()
         self.revocation_sync = RevocationSync(
@@ -170,6 +179,19 @@ class MeshNode:
         await self._start_discovery(self.address.port)
         self.ready.set()
         log.info("node %s listening on %s", self.node_id, self.address)
+
+    def _record_authenticator(self) -> CertifiedRecordAuthenticator | None:
+        """Membership records proven by fleet certificates (see :mod:`membership_auth`)."""
+        if not self.options.signed_records:
+            return None
+        identity, admission = self.identity, self.admission
+        return CertifiedRecordAuthenticator(
+            identity.certificate,
+            identity.static_private,
+            identity.trust,
+            revoked=lambda cert: admission.revocations.is_revoked(cert),
+            cache_entries=2 * self.options.membership.max_members,
+        )
 
     async def _start_discovery(self, port: int) -> None:
         opts = self.options
