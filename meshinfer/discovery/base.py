@@ -8,8 +8,10 @@ multicast is off: roadside units, the coordinator).
 Concurrency rules (every source follows them):
 
 * ``start`` and ``aclose`` are coroutines that run on the event loop. ``start`` is called once;
-  ``aclose`` may be called any number of times, from any task, also without ``start``. Entering
-  the source as an async context manager calls ``start``; leaving it calls ``aclose``.
+  ``aclose`` may be called any number of times, from any task, also without ``start``; each call
+  returns once the source is stopped (an ``aclose`` during ``start`` makes ``start`` raise
+  LocalProtocolError, as ``start`` after ``aclose`` does). Entering the source as an async
+  context manager calls ``start``; leaving it calls ``aclose``.
 * The sink is called on the loop's thread, synchronously, from inside the source's own callbacks.
   It must return quickly and never block; to do async work (dial a session) it schedules a task
   or puts the event on a queue (:class:`EventQueue` does the latter). An exception raised by the
@@ -152,14 +154,19 @@ def _addresses_problem(addresses: object) -> str | None:
 
 
 def is_host(value: object) -> bool:
-    """True for an IPv4/IPv6 literal (a ``%scope`` allowed) or an RFC 1123 host name."""
+    """True for an IPv4/IPv6 literal (a ``%scope`` allowed) or an RFC 1123 host name.
+
+    A name whose last label is all digits is neither (RFC 3696 section 2): the resolver would
+    read ``10.0.7`` as the IPv4 address 10.0.0.7, and ``999.0.0.1`` resolves to nothing.
+    """
     if not isinstance(value, str) or not value or len(value) > 253:
         return False
     try:
         ipaddress.ip_address(value)
     except ValueError:
         labels = value.removesuffix(".").split(".")
-        return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+        valid = all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+        return valid and not labels[-1].isdigit()
     return True
 
 
@@ -191,6 +198,7 @@ class DiscoveryStats:
     ignored_other_fleet: int = 0
     ignored_malformed: int = 0
     unresolved: int = 0  # mDNS: a service whose SRV/TXT/address records never arrived
+    ignored_full: int = 0  # a new peer while ``max_peers`` were reported already
     sink_errors: int = 0
 
 
@@ -238,6 +246,8 @@ class PeerDirectory:
 
     ``sight`` and ``lose`` turn observations into events (found/updated/lost), drop our own node
     and other fleets, keep the counters, and call the sink. Loop-only; ``now`` is passed in.
+    ``max_peers`` (``None``: no limit) bounds how many peers are reported at once: a node id
+    sighted beyond it is ignored and counted, so a flood of forged adverts cannot grow memory.
     """
 
     def __init__(
@@ -249,8 +259,13 @@ class PeerDirectory:
         self.stats = stats
         self.source = source
         self.peers: dict[str, PeerAdvert] = {}
+        self.max_peers: int | None = None
         self._warned_at: float | None = None  # the last malformed advert logged as a warning
         self._warned_count = 0  # ignored_malformed then
+
+    def reports(self, advert: PeerAdvert) -> bool:
+        """True if ``advert`` is one the sink hears of: another node, of our fleet."""
+        return advert.node_id != self.own_node_id and advert.fleet_id == self.fleet_id
 
     def sight(
         self, advert: PeerAdvert, now: float, *, repeat: bool = False
@@ -267,6 +282,10 @@ class PeerDirectory:
             return None
         old = self.peers.get(advert.node_id)
         if old == advert and not repeat:
+            return None
+        if old is None and self.max_peers is not None and len(self.peers) >= self.max_peers:
+            self.stats.ignored_full += 1
+            log.debug("%s: %d peers reported; ignored %s", self.source, self.max_peers, advert)
             return None
         self.peers[advert.node_id] = advert
         kind: EventKind = "updated" if old is not None and old != advert else "found"
@@ -343,6 +362,7 @@ class SourceBase:
         self.directory = PeerDirectory(own_node_id, fleet_id, sink, self.stats, self.name)
         self._started_at: float | None = None
         self._closed = False
+        self._stopped = asyncio.Event()  # set once the first aclose() has finished stopping
 
     @property
     def started_at(self) -> float | None:
@@ -368,11 +388,16 @@ class SourceBase:
             raise
 
     async def aclose(self) -> None:
-        """Stop the source. Idempotent; safe before ``start``."""
+        """Stop the source. Idempotent; safe before ``start``. A call made while another one
+        is stopping the source returns when that one is done."""
         if self._closed:
+            await self._stopped.wait()
             return
         self._closed = True
-        await self._stop()
+        try:
+            await self._stop()
+        finally:
+            self._stopped.set()
 
     async def __aenter__(self) -> Self:
         await self.start()

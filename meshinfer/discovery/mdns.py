@@ -43,7 +43,7 @@ import hashlib
 import ipaddress
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -209,8 +209,8 @@ def _txt_link(items: Mapping[str, bytes | None]) -> LinkKind | None:
 def advert_from_service(name: str, info: AsyncServiceInfo) -> PeerAdvert:
     """Parse a resolved service into a PeerAdvert; its label must derive from its TXT ids.
 
-    Addresses no peer can be reached at (unspecified, multicast, broadcast) are dropped; a
-    service left with none is malformed.
+    Addresses no peer can be reached at (unspecified, multicast, broadcast, IPv6 link-local
+    without a scope) are dropped; a service left with none is malformed.
     """
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):
@@ -247,6 +247,10 @@ class MdnsConfig:
     * ``max_resolving``: most services asked for at once; a service named while that many are
       being asked for is counted ``unresolved`` and left to the next announcement, so a flood of
       bare service names from one host cannot make us query without bound.
+    * ``max_peers``: most peers reported at once; a new node beyond it is counted
+      ``ignored_full`` (membership gossip still spreads it). Bounds our memory against a host
+      forging adverts without end: zeroconf evicts the oldest of its 10000 cached records
+      silently, so a forged peer evicted that way would never be reported lost.
     """
 
     interfaces: str | tuple[str, ...] = "all"
@@ -256,6 +260,7 @@ class MdnsConfig:
     reannounce_interval: float = 1.0
     resolve_timeout: float = 0.5
     max_resolving: int = 32
+    max_peers: int = 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.interfaces, list):  # from TOML
@@ -272,6 +277,8 @@ class MdnsConfig:
             raise ConfigError("mdns.resolve_timeout: must be > 0 seconds")
         if type(self.max_resolving) is not int or self.max_resolving < 1:
             raise ConfigError("mdns.max_resolving: must be an integer >= 1")
+        if type(self.max_peers) is not int or self.max_peers < 1:
+            raise ConfigError("mdns.max_peers: must be an integer >= 1")
 
     @classmethod
     def lan(cls) -> MdnsConfig:
@@ -319,13 +326,15 @@ def _is_ip(host: str) -> bool:
 
 
 def _is_unicast(host: str) -> bool:
-    """True for an IP literal a peer can listen on: not unspecified, multicast or broadcast."""
+    """True for an IP literal a peer can listen on and we can dial: not unspecified, multicast
+    or broadcast, nor an IPv6 link-local address without its ``%scope`` (connect() refuses)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return False
     broadcast = ip.version == 4 and int(ip) == 0xFFFFFFFF
-    return not (ip.is_unspecified or ip.is_multicast or broadcast)
+    unscoped = isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local and not ip.scope_id
+    return not (ip.is_unspecified or ip.is_multicast or broadcast or unscoped)
 
 
 def _ifaddr_ip(ip: str | tuple[str, int, int]) -> str:
@@ -373,6 +382,7 @@ class MdnsDiscovery(SourceBase):
         super().__init__(advert.node_id, advert.fleet_id, sink)
         self.advert = advert
         self.config = config or MdnsConfig()
+        self.directory.max_peers = self.config.max_peers
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -396,14 +406,15 @@ class MdnsDiscovery(SourceBase):
         )
         zc = self._zc.zeroconf
         await zc.async_wait_for_start()
+        if self._closed:  # aclose ran meanwhile and closed zeroconf: make nothing more on it
+            raise LocalProtocolError("mdns: aclose() was called while start() ran")
         # Browse before announcing, so that answers to our announcement are heard.
         self._browser = AsyncServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_service_change])
         self._info = self._service_info()
         broadcast = await self._zc.async_register_service(
             self._info, cooperating_responders=self.config.fast_register
         )
-        self._broadcasts.append(asyncio.ensure_future(broadcast))
-        self._last_announce = self._now()
+        await self._own_broadcast(broadcast, "start")
 
     async def update(self, advert: PeerAdvert) -> None:
         """Advertise a changed advert (roles, port, addresses...); peers report ``updated``.
@@ -419,8 +430,16 @@ class MdnsDiscovery(SourceBase):
         self.advert = advert
         self._info = self._service_info()
         broadcast = await self._zc.async_update_service(self._info)
-        self._broadcasts = [f for f in self._broadcasts if not f.done()]
-        self._broadcasts.append(asyncio.ensure_future(broadcast))
+        await self._own_broadcast(broadcast, "update")
+
+    async def _own_broadcast(self, broadcast: Awaitable[Any], step: str) -> None:
+        """Keep zeroconf's announcement task, to cancel on close. If ``aclose`` ran while
+        ``step`` awaited zeroconf, it missed this task: cancel it here, and raise."""
+        future = asyncio.ensure_future(broadcast)
+        if self._closed:
+            await _cancel_all([future])
+            raise LocalProtocolError(f"mdns: aclose() was called while {step}() ran")
+        self._broadcasts = [*(f for f in self._broadcasts if not f.done()), future]
         self._last_announce = self._now()
 
     def _service_info(self) -> AsyncServiceInfo:
@@ -499,11 +518,14 @@ class MdnsDiscovery(SourceBase):
         try:
             advert = advert_from_service(name, info)
         except MalformedAdvert as exc:
+            # Ignored, not taken as a goodbye: any host can publish a broken TXT record under
+            # a peer's name. The peer stays found until its own goodbye or its records expire.
             self.directory.malformed(exc, self._now())
-            self._forget(name)
             return
-        self._names[name.lower()] = advert.node_id
         event = self.directory.sight(advert, self._now())
+        # Only names of reported peers: not ours, not another fleet's node of a peer's id.
+        if self.directory.reports(advert) and advert.node_id in self.directory.peers:
+            self._names[name.lower()] = advert.node_id
         if event is not None and event.kind == "found" and self.config.reciprocal_announce:
             self._announce_soon()
 
