@@ -8,6 +8,8 @@ expected "host:port", got "7946"``.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from meshinfer.discovery.base import is_host
 from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
+from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
@@ -34,6 +37,10 @@ CPU_THREADS = 1
 """Default ``[inference] cpu_threads``, chosen from ``python bench/bench_input_refs.py
 --cpu-threads 0 1 2`` (figures in the key's documentation)."""
 
+MAX_CPU_THREADS = 1 << 16
+"""The largest ``[inference] cpu_threads``: far above any host's cores, and within the C ``int``
+the math libraries take (a larger figure made their call raise at start, a traceback)."""
+
 
 @dataclass(frozen=True)
 class NodeSection:
@@ -51,7 +58,7 @@ class NetworkSection:
     advertise_host: str = doc(
         "",
         "address peers should dial (empty: the listen host; for 0.0.0.0 or ::, the address"
-        " this host routes from)",
+        " this host routes from); an IP address, not a host name, while [discovery] mdns is on",
     )
     link: str = doc("wan", 'link kind of this host\'s interface: "v2v", "v2i" or "wan"')
 
@@ -117,9 +124,9 @@ class InferenceSection:
     cpu_threads: int = doc(
         CPU_THREADS,
         "threads each math-library pool behind NumPy (OpenBLAS, MKL, OpenMP) may use, process-wide,"
-        " set at start (0: the libraries' default, one per core); at the node's batch sizes more"
-        " than 1 gains nothing and spins on the cores the event loop needs (2 cores: 1.3-1.5x"
-        " tasks/s, 0.3-0.4x node CPU per task with 1 against 0)",
+        " set at start (0: the libraries' default, one per core; at most 65536); at the node's"
+        " batch sizes more than 1 gains nothing and spins on the cores the event loop needs"
+        " (2 cores: 1.3-1.5x tasks/s, 0.3-0.4x node CPU per task with 1 against 0)",
     )
 
 
@@ -213,6 +220,8 @@ def check_mesh_sections(config: Any, source: str) -> None:
             f"{source}: [network] advertise_host must be an address or host name peers can"
             f" dial, got {host!r}"
         )
+    if config.discovery.mdns:
+        _check_mdns_host(config.network, source)
     s = config.session
     if s.keepalive_interval >= s.idle_timeout:
         raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
@@ -221,6 +230,24 @@ def check_mesh_sections(config: Any, source: str) -> None:
     if s.max_message_mib > MAX_MESSAGE_MIB:
         raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
     _check_discovery(config.discovery, source)
+
+
+def _check_mdns_host(n: NetworkSection, source: str) -> None:
+    """mDNS advertises an address, never a name: the host advertised must be an IP literal
+    (the daemon refused a name only at start, naming neither file nor key)."""
+    if n.advertise_host:
+        key, host = "advertise_host", n.advertise_host
+    else:
+        key, host = "listen", parse_address(n.listen, f"{source}: [network] listen").host
+        if host in ("0.0.0.0", "::"):  # the address this host routes from is advertised
+            return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{source}: [network] {key}: mDNS ([discovery] mdns) advertises an IP address, not"
+            f" the host name {host!r}: give an address, or set mdns = false"
+        ) from None
 
 
 def _check_discovery(d: DiscoverySection, source: str) -> None:
@@ -237,16 +264,32 @@ def _check_discovery(d: DiscoverySection, source: str) -> None:
         raise ConfigError(f"{source}: [discovery] seeds: {exc}") from None
 
 
-def _check_models(models: tuple[str, ...], source: str) -> None:
-    """The daemon's own reading of ``[inference] models`` (malformed, or listed twice)."""
-    from node.daemon import parse_models  # (node.daemon imports this module)
+def parse_model_ref(text: str, where: str = "model") -> ModelRef:
+    """``"id@version"`` (version defaults to ``1``) -> ModelRef, or ConfigError."""
+    model_id, _, version = text.partition("@")
+    if not model_id or (_ and not version):
+        raise ConfigError(f'{where}: expected "id@version", got {text!r}')
+    return ModelRef(model_id, version or "1")
 
-    parse_models(models, f"{source}: [inference] models")
+
+def parse_models(texts: Sequence[str], where: str) -> list[ModelRef]:
+    """Each ``"id@version"`` of ``texts`` as a ModelRef, or ConfigError naming ``where[i]``.
+
+    A model listed twice (``"m"`` and ``"m@1"`` are one) is refused: its second batcher would
+    replace the first, whose dispatch task then runs on with no owner to close it.
+    """
+    refs: list[ModelRef] = []
+    for i, text in enumerate(texts):
+        ref = parse_model_ref(text, f"{where}[{i}]")
+        if ref in refs:
+            raise ConfigError(f"{where}[{i}]: {ref} is listed twice")
+        refs.append(ref)
+    return refs
 
 
 def _cross_checks(config: NodeConfig, source: str) -> None:
     check_mesh_sections(config, source)
-    _check_models(config.inference.models, source)
+    parse_models(config.inference.models, f"{source}: [inference] models")
     parse_address(config.http.listen, f"{source}: [http] listen")
     if config.inference.inline_max_macs < 0:
         raise ConfigError(f"{source}: [inference] inline_max_macs must be >= 0")
@@ -254,6 +297,9 @@ def _cross_checks(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: [inference] max_queue_delay_ms must be >= 0")
     if config.inference.cpu_threads < 0:
         raise ConfigError(f"{source}: [inference] cpu_threads must be >= 0")
+    if config.inference.cpu_threads > MAX_CPU_THREADS:
+        limit = MAX_CPU_THREADS
+        raise ConfigError(f"{source}: [inference] cpu_threads must be at most {limit}")
     if config.executor.accepted_notice_ms < 0:
         raise ConfigError(f"{source}: [executor] accepted_notice_ms must be >= 0")
     if not 0 <= config.executor.input_cache_mib <= MAX_INPUT_CACHE_MB:
@@ -306,6 +352,8 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "parse_address",
+    "parse_model_ref",
+    "parse_models",
     "render_defaults",
     "with_overrides",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.discovery.static import parse_seeds
-from meshinfer.errors import ConfigError, IdentityError, TransportError
+from meshinfer.errors import ConfigError, IdentityError, ModelNotFoundError, TransportError
 from meshinfer.fleetcli import utc_text
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
@@ -52,7 +52,8 @@ from meshinfer.runtime.session import SessionConfig
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.tomlconfig import listen_failure
 from meshinfer.transport.base import LinkKind
-from node.config import NodeConfig, parse_address
+from node.config import NodeConfig, parse_address, parse_models
+from node.config import parse_model_ref as parse_model_ref  # (its home was here: re-exported)
 from node.executor import HAND_BACK_WRITE_S, TaskExecutor
 
 log = logging.getLogger(__name__)
@@ -66,29 +67,6 @@ STOP_S = DRAIN_S + HAND_BACK_WRITE_S + LEAVE_S
 by up to :data:`~node.executor.HAND_BACK_WRITE_S`); closing comes after."""
 
 _PRESETS = {"lan": MembershipConfig.lan, "v2v": MembershipConfig.v2v, "test": MembershipConfig.test}
-
-
-def parse_model_ref(text: str, where: str = "model") -> ModelRef:
-    """``"id@version"`` (version defaults to ``1``) -> ModelRef, or ConfigError."""
-    model_id, _, version = text.partition("@")
-    if not model_id or (_ and not version):
-        raise ConfigError(f'{where}: expected "id@version", got {text!r}')
-    return ModelRef(model_id, version or "1")
-
-
-def parse_models(texts: Sequence[str], where: str) -> list[ModelRef]:
-    """Each ``"id@version"`` of ``texts`` as a ModelRef, or ConfigError naming ``where[i]``.
-
-    A model listed twice (``"m"`` and ``"m@1"`` are one) is refused: its second batcher would
-    replace the first, whose dispatch task then runs on with no owner to close it.
-    """
-    refs: list[ModelRef] = []
-    for i, text in enumerate(texts):
-        ref = parse_model_ref(text, f"{where}[{i}]")
-        if ref in refs:
-            raise ConfigError(f"{where}[{i}]: {ref} is listed twice")
-        refs.append(ref)
-    return refs
 
 
 def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
@@ -250,8 +228,11 @@ class NodeDaemon:
             max_queue_size=inf.max_queue,
             dispatch_when_idle=inf.dispatch_when_idle,
         )
-        for ref in self.models:
-            await self.engine.load(ref)
+        for i, ref in enumerate(self.models):
+            try:
+                await self.engine.load(ref)
+            except ModelNotFoundError as exc:  # a typo in the file, most likely: name the key
+                raise ConfigError(f"[inference] models[{i}]: {exc}") from None
             batcher = DynamicBatcher(self.engine, ref, batch)
             await batcher.start()
             self.batchers[ref] = batcher

@@ -239,6 +239,7 @@ class TelemetryCollector:
         self._cpu_read_at = time.monotonic()  # real time: CPU shares are about real seconds
         self._cpu_percent = 0.0
         self._memory = (0.0, 0)  # (percent, available bytes) as last read
+        self._load: float | None = None  # one-minute load average as last read
 
     @property
     def gpu_available(self) -> bool:
@@ -249,12 +250,13 @@ class TelemetryCollector:
         """Sample everything now. Blocks briefly: off the loop, use :meth:`sample`."""
         with self._lock:
             self._memory = self._read("virtual_memory", _memory, self._memory)
+            self._load = self._read("getloadavg", _load_average, self._load)
             gpu = self._nvml.sample() if self._nvml is not None else GpuSample()
             return TelemetrySnapshot(
                 cpu_percent=self._cpu(),
                 memory_percent=self._memory[0],
                 memory_available_bytes=self._memory[1],
-                load_average_1m=_load_average(),
+                load_average_1m=self._load,
                 gpu_count=gpu.count,
                 gpu_utilization_percent=gpu.utilization_percent,
                 gpu_memory_used_bytes=gpu.memory_used_bytes,
@@ -305,7 +307,7 @@ def _memory() -> tuple[float, int]:
 def _load_average() -> float | None:
     try:
         return float(psutil.getloadavg()[0])
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # a platform without one: no figure, quietly
         return None
 
 
