@@ -15,36 +15,44 @@ when an item from a coordinator arrives while this node's backlog reaches
 ``offload_queue_depth`` (or it lacks the model) and a peer that is ALIVE (not suspect), has an
 open session with this node and gossips the model with a smaller load (any load, if this node
 lacks the model) exists, the item is forwarded to that peer, and whatever comes back is relayed
-to the coordinator, except a refusal (the peer is draining, overloaded or lacks the model: it
-never ran the item), after which the item runs here unless this node is draining too. One hop
-only: an item another node passed on runs where it lands. A peer's load is its gossiped queue
-depth (up to a second old) plus the items this node passed to it that are not answered yet, and
-ties are broken at random, so overloaded nodes do not all pile onto the one peer that looked
-idlest. A peer whose session this node would send over carries a certificate that is now revoked
-(the session is about to be cut) gets nothing. A node already holding an item, running or passed
-on, answers its latest ``TaskAssign`` (a coordinator's retry after the first sender went away,
-or its resend after a lost session): an item passed on is not passed on again, and the peer's
-answer is relayed under the latest attempt. If the peer an item was passed to dies, leaves,
-loses its session abruptly, or the session the item went over is closed for a revoked
-certificate first, or the item could never be written to it (the peer table gave up: dial
-failed, message too large), the item is handed back (``TaskFailed`` ``PEER_LOST``, retryable) so
-the coordinator re-runs it at once instead of waiting for its item timeout. A session with the
-peer lost while another stays open (the peer dialled again after roaming) sends the peer's items
-again over the open one instead. Sent again, or run here after a refusal, an item has what is left
-of its deadline, counted from when it came here. Bad input from a peer is answered with
-``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this node to
-keep (``keep_input``) go into its input cache (:class:`~meshinfer.inference.cache.ContentCache`,
-``input_cache_mib``) as the item arrives, and an item that names its input by reference
-(``input_ref``) is given it from there, or answered ``INPUT_NOT_CACHED`` so the coordinator sends
-the bytes; both happen before anything else is decided about the item, so the cache sees every
-message in the order sent (which is what lets the coordinator mirror it). An item this node already
-answered (its result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is answered again
-from the kept result when it comes back (a coordinator resending what a lost session or its restart
-may have swallowed), even while draining, instead of running again. While draining (SIGTERM) new
-items are refused as retryable and queued ones are handed back, so the coordinator re-runs them
-elsewhere; those still running when the drain's time is up are handed back too. A cancelled item
-is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came before
-its task first ran.
+to the coordinator (its ``TaskAccepted`` too, so the coordinator sees the item running), except
+a refusal (the peer is draining, overloaded or lacks the model: it never ran the item), after
+which the item runs here unless this node is draining too. One hop only: an item another node
+passed on runs where it lands. A peer's load is its gossiped queue depth (up to a second old)
+plus the items this node passed to it that are not answered yet, and ties are broken at random,
+so overloaded nodes do not all pile onto the one peer that looked idlest. A peer whose session
+this node would send over carries a certificate that is now revoked (the session is about to be
+cut) gets nothing. A node already holding an item, running or passed on, answers its latest
+``TaskAssign`` (a coordinator's retry after the first sender went away, or its resend after a
+lost session): an item passed on is not passed on again, and the peer's answer is relayed under
+the latest attempt. If the peer an item was passed to dies, leaves, loses its session abruptly
+or closes it without answering (and keeps no other), or the session the item went over is
+closed for a revoked certificate first, or the item could never be written to it (the peer
+table gave up: dial failed, message too large), the item is handed back (``TaskFailed``
+``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of waiting for its item
+timeout. A session with the peer lost while another stays open (the peer dialled again after
+roaming) sends the peer's items again over the open one instead (unless that one is being cut
+for a revoked certificate: then they are handed back). An answer from a peer with a session
+under a revoked certificate (being cut) is not relayed, as it may come from the revoked
+certificate's holder: the item is handed back. Items a node passed here are cancelled when it
+dies or leaves (it handed them back: their answer would go nowhere useful; answered
+``PEER_LOST`` if its session stays open, as it may be alive after all), or when its last good
+session is cut for a revoked certificate (not answered: nothing goes to the holder), unless a
+coordinator assigned them here again meanwhile. Sent again, or run here after a refusal, an item
+has what is left of its deadline, counted from when it came here. Bad input from a peer is answered
+with ``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this
+node to keep (``keep_input``) go into its input cache
+(:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item arrives, and an
+item that names its input by reference (``input_ref``) is given it from there, or answered
+``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before anything else is
+decided about the item, so the cache sees every message in the order sent (which is what lets the
+coordinator mirror it). An item this node already answered (its result is kept a while:
+:mod:`node.replay`, ``result_replay_mib``) is answered again from the kept result when it comes
+back (a coordinator resending what a lost session or its restart may have swallowed), even while
+draining, instead of running again. While draining (SIGTERM) new items are refused as retryable and
+queued ones are handed back, so the coordinator re-runs them elsewhere; those still running when
+the drain's time is up are handed back too. A cancelled item is answered (``CANCELLED``, or
+``SHUTTING_DOWN`` while draining) even if its cancel came before its task first ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -122,6 +130,8 @@ class ExecutorStats:
     passed_again: int = 0  # items passed on, sent to their peer again after a lost session
     cancels_refused: int = 0  # TaskCancel for an item here from a peer that may not: ignored
     reassigns_refused: int = 0  # TaskAssign for an item held here, from a peer that may not
+    dropped: int = 0  # items a node passed here, cancelled: it died, left or was revoked
+    answers_refused: int = 0  # answers from a peer whose certificate is revoked: not relayed
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -166,6 +176,10 @@ class TaskExecutor:
         #: coordinator's retry after the one who sent it first went away): answered instead
         self._reply: dict[str, tuple[str, int]] = {}
         self._senders: dict[str, str] = {}  # item running here -> the peer it came from
+        self._passed_here: set[str] = set()  # items here that a node (no coordinator) passed
+        #: items cancelled because the node that passed them is gone -> what to answer it
+        #: (``PEER_LOST`` with this text), or None: nothing (its certificate is revoked)
+        self._dropped: dict[str, str | None] = {}
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()  # session watchers and offload sends
         self._rng = rng or random.Random()
@@ -182,6 +196,7 @@ class TaskExecutor:
         peers.on(TaskCancel, self._on_cancel)
         peers.on(TaskResult, self._on_relay)
         peers.on(TaskFailed, self._on_relay)
+        peers.on(TaskAccepted, self._on_accepted)
         peers.on_session(self._on_session)
         if self.mesh.membership is not None:
             self.mesh.membership.subscribe(self._on_member)
@@ -218,6 +233,8 @@ class TaskExecutor:
             self._fail(peer, msg, FailureKind.MODEL_NOT_FOUND, f"{ref} not loaded", retryable=True)
             return
         self._start(peer, msg, ref)
+        if offloaded_to_us:
+            self._passed_here.add(msg.item_id)
 
     def _start(self, peer: str, msg: TaskAssign, ref: ModelRef) -> None:
         """Run the item here (``ref`` is loaded); its answer goes to ``peer``."""
@@ -285,15 +302,19 @@ class TaskExecutor:
         task cancelled before its first step (its cancel or a drain came in the same loop
         iteration as the item) never runs a line of it."""
         item_id = msg.item_id
-        if task.cancelled() and item_id not in self._answered:
+        dropped = self._dropped.pop(item_id, "")
+        if task.cancelled() and item_id not in self._answered and dropped is not None:
             peer, msg = self._answer_to(peer, msg)
             kind, text = (
                 (FailureKind.SHUTTING_DOWN, "handed back: node draining")
                 if self._draining
                 else (FailureKind.CANCELLED, "cancelled by the coordinator")
             )
-            self._fail(peer, msg, kind, text, retryable=self._draining)
+            if dropped:  # the node that passed it was declared dead or left: maybe wrongly
+                kind, text = FailureKind.PEER_LOST, dropped
+            self._fail(peer, msg, kind, text, retryable=self._draining or bool(dropped))
         self._items.pop(item_id, None)
+        self._passed_here.discard(item_id)
         self._senders.pop(item_id, None)
         self._answered.discard(item_id)
         self._reply.pop(item_id, None)
@@ -336,6 +357,10 @@ class TaskExecutor:
         offload = self._offloaded.get(msg.item_id)
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
+        if self._revoked_sender(peer):  # maybe from the revoked certificate's holder
+            self.stats.answers_refused += 1
+            self._hand_back(msg.item_id, f"offloaded to {peer}, whose certificate is revoked")
+            return
         cancelled = msg.item_id in self._offload_cancels
         item = self._time_left(offload[1])  # (before it is settled: that forgets its expiry)
         coordinator, _, _ = self._settle_offload(msg.item_id)
@@ -352,6 +377,17 @@ class TaskExecutor:
             msg = replace(msg, attempt=latest.attempt)
         self.stats.relayed += 1
         self._answer(coordinator, msg)
+
+    def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
+        """The peer an item was passed to accepted it: the coordinator hears so (under the
+        item's latest assignment), as from a node running it itself; else its journal shows
+        the item dispatched, never running, until the answer."""
+        offload = self._offloaded.get(msg.item_id)
+        if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
+            return
+        if not self._revoked_sender(peer):
+            coordinator, attempt = self._reply.get(msg.item_id, (offload[0], msg.attempt))
+            self.mesh.peers.send(coordinator, replace(msg, attempt=attempt))
 
     # --- running ---------------------------------------------------------------------------
 
@@ -503,7 +539,11 @@ class TaskExecutor:
 
     def _on_member(self, event: MemberEvent) -> None:
         if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
-            self._hand_back_from(event.member.node_id, event.kind.value)
+            node = event.member.node_id
+            self._hand_back_from(node, event.kind.value)
+            tell = self.mesh.peers.session(node) is not None  # it may be alive after all
+            why = f"passed here by {node}, which is {event.kind.value} as seen here"
+            self._drop_from(node, why, tell=tell)
 
     def _on_cut_off(self, cut: CutOff) -> None:
         """A session with a peer was closed for its revoked certificate: a graceful close, but
@@ -511,6 +551,8 @@ class TaskExecutor:
         session of that peer, under a good certificate, which stays up."""
         if cut.sends_lost:
             self._hand_back_from(cut.node_id, f"certificate serial {cut.serial} revoked")
+        if not cut.still_connected:  # an answer would go to the revoked certificate's holder
+            self._drop_from(cut.node_id, "", tell=False)
 
     def _on_session(self, node: str, session: Session) -> None:
         self._spawn(self._watch(node, session))
@@ -527,12 +569,19 @@ class TaskExecutor:
         task.add_done_callback(_log_failure)
 
     async def _watch(self, node: str, session: Session) -> None:
+        """Once ``session`` ends: with no other session left, hand back what was passed to
+        ``node`` (lost, or closed by a peer going away without answering: nothing more comes,
+        and a peer that still runs an item dials again only to have its answer ignored); lost
+        while another stays, send it again. A session cut for a revoked certificate is left
+        to :meth:`_on_cut_off`."""
         await session.wait_closed()
-        if not session.lost:
-            return
-        if self.mesh.peers.session(node) is None:
-            self._hand_back_from(node, "session lost")
-        elif self.mesh.peers.carried(session):
+        peers = self.mesh.peers
+        if peers.session(node) is None:
+            if session.lost:
+                self._hand_back_from(node, "session lost")
+            elif not peers.admission.revocations.is_revoked(session.peer):
+                self._hand_back_from(node, f"session closed: {session.close_reason}")
+        elif session.lost and peers.carried(session):
             self._pass_again(node)
 
     def _pass_again(self, target: str) -> None:
@@ -541,7 +590,12 @@ class TaskExecutor:
         over the lost one may never have arrived, or its answer may have gone with it. Send
         each item passed to ``target`` again, over the open session; a peer that holds or
         answered one answers it once more (its latest assignment; its kept result), as for a
-        coordinator's resend. An item cancelled meanwhile is not sent again: its cancel is."""
+        coordinator's resend. An item cancelled meanwhile is not sent again: its cancel is. The
+        session left being cut for a revoked certificate, nothing goes to its holder: the items
+        are handed back."""
+        if self.mesh.peers.carrier_revoked(target):
+            self._hand_back_from(target, "its session left is under a revoked certificate")
+            return
         for offload in [o for o in self._offloaded.values() if o[2] == target]:
             _, item, _ = offload
             cancel = self._offload_cancels.get(item.item_id)
@@ -554,6 +608,30 @@ class TaskExecutor:
                 continue
             self.stats.passed_again += 1
             self._spawn(self._forward(offload, sent))
+
+    def _drop_from(self, sender: str, why: str, *, tell: bool) -> None:
+        """Cancel the items ``sender``, a node, passed here whose answer goes to it (not to a
+        coordinator that assigned them again): it died, left or was revoked, and gave them
+        back to their coordinators, so running them only spends this node's engine.
+        ``tell``: answer each to it all the same (``PEER_LOST``, retryable, ``why``), for a
+        node declared dead while its session with this one stays open."""
+        for item_id in list(self._passed_here):
+            task = self._items[item_id]
+            to = self._reply.get(item_id, (self._senders.get(item_id), 0))[0]
+            if to != sender or task.done() or item_id in self._answered:
+                continue
+            self._dropped[item_id] = why if tell else None
+            self.stats.dropped += 1
+            task.cancel()
+
+    def _revoked_sender(self, peer: str) -> bool:
+        """Whether a session with ``peer`` is under a certificate the revocation list in force
+        revokes (it is being cut): a message from ``peer`` may have come over that one, from
+        the revoked certificate's holder (a handler cannot tell which session carried it)."""
+        revocations = self.mesh.peers.admission.revocations
+        if not revocations.entries:
+            return False
+        return any(revocations.is_revoked(s.peer) for s in self.mesh.peers.open_sessions(peer))
 
     def _hand_back_from(self, target: str, why: str) -> None:
         """Items offloaded to ``target`` will not come back: the coordinator re-runs them."""
