@@ -1,6 +1,6 @@
 """SWIM/Lifeguard membership on the virtual network: dissemination, detection, false deaths, load.
 
-Run: ``python bench/bench_membership.py [--quick] [--seed 1]``.
+Run: ``python bench/bench_membership.py [--quick] [--seed 1] [--records unsigned signed]``.
 
 Every scenario starts a converged fleet of N nodes (LAN preset: 1 s probes, gossip every 200 ms
 to 3 nodes) on :class:`~meshinfer.testing.virtual_network.VirtualNetwork` with 1-5 ms latency
@@ -31,7 +31,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from meshinfer.proto.identity import FleetAuthority
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig
+from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.proto.membership_wire import PacketKind
 from meshinfer.testing.virtual_network import MembershipCluster
 
@@ -67,13 +69,39 @@ class Row:
     wall: float
 
 
+class FleetSigners:
+    """Each simulated node's record authenticator, enrolled in one throw-away fleet on demand
+    (what node daemons run: certificate + XEdDSA proofs, checked with the fleet's trust)."""
+
+    def __init__(self) -> None:
+        self.authority = FleetAuthority.create("bench-fleet")
+        self.signers: dict[str, CertifiedRecordAuthenticator] = {}
+
+    def __call__(self, node_id: str) -> CertifiedRecordAuthenticator:
+        if node_id not in self.signers:
+            identity = self.authority.enroll(
+                node_id,
+                ["vehicle"],
+                now=time.time(),
+                lifetime_s=86400,
+                serial=len(self.signers) + 1,
+            )
+            self.signers[node_id] = CertifiedRecordAuthenticator(
+                identity.certificate, identity.static_private, identity.trust
+            )
+        return self.signers[node_id]
+
+
 class Scenario:
     """One fleet: warm start, quiet window, joins, crashes."""
 
-    def __init__(self, n: int, loss: float, seed: int) -> None:
+    def __init__(self, n: int, loss: float, seed: int, signed: bool = False) -> None:
         self.config = MembershipConfig.lan()
         self.n = n
-        self.cluster = MembershipCluster(self.config, seed=seed, loss=loss, keep_log=False)
+        signers = FleetSigners() if signed else None
+        self.cluster = MembershipCluster(
+            self.config, seed=seed, loss=loss, keep_log=False, authenticator_for=signers
+        )
         self.known: dict[str, dict[str, float]] = {}  # subject -> observer -> first JOINED
         self.dead: dict[str, dict[str, float]] = {}  # subject -> observer -> first DEAD
         self.sent = {"packets": 0, "bytes": 0, "push_pull": 0}
@@ -138,9 +166,9 @@ class Scenario:
         return pairs, firsts
 
 
-def run_scenario(n: int, loss: float, seed: int, quick: bool) -> Row:
+def run_scenario(n: int, loss: float, seed: int, quick: bool, signed: bool = False) -> Row:
     started = time.process_time()
-    scenario = Scenario(n, loss, seed)
+    scenario = Scenario(n, loss, seed, signed)
     scenario.cluster.warm_start(n)
     scenario.cluster.run_for(2.0)
     packets, size, share = scenario.load(10.0 if quick else 20.0)
@@ -184,22 +212,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 50, 200 and shorter runs")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--records",
+        nargs="+",
+        choices=("unsigned", "signed"),
+        default=["unsigned"],
+        help="run (a), (b) and (d) with these records; signed: as node daemons (certificate +"
+        " XEdDSA proof, ~2.5x the bytes), compared with unsigned when both are given",
+    )
     args = parser.parse_args()
     sizes = (50, 200) if args.quick else (50, 200, 1000)
     total = time.process_time()
     print(f"# {' '.join(sys.argv)}  (LAN preset, gossip 200 ms, fanout 3, latency 1-5 ms)")
     header = (
-        f"{'N':>5} {'loss':>5} | {'spread':>7} {'model':>6} {'ratio':>6} | {'det.med':>7} "
-        f"{'det.p99':>7} {'first':>6} | {'pkt/n/s':>7} {'B/n/s':>7} {'pp%':>5} {'B-pp':>6} | "
-        f"{'wall':>6}"
+        f"{'N':>5} {'loss':>5} {'records':>8} | {'spread':>7} {'model':>6} {'ratio':>6} | "
+        f"{'det.med':>7} {'det.p99':>7} {'first':>6} | {'pkt/n/s':>7} {'B/n/s':>7} {'pp%':>5} "
+        f"{'B-pp':>6} | {'wall':>6}"
     )
     print(header)
     print("-" * len(header))
     for n in sizes:
-        for loss in (0.0, 0.1):
-            r = run_scenario(n, loss, args.seed, args.quick)
+        for loss, records in ((loss, r) for loss in (0.0, 0.1) for r in args.records):
+            r = run_scenario(n, loss, args.seed, args.quick, records == "signed")
             print(
-                f"{r.n:>5} {r.loss:>5.0%} | {r.spread:>6.2f}s {r.model:>5.2f}s "
+                f"{r.n:>5} {r.loss:>5.0%} {records:>8} | {r.spread:>6.2f}s {r.model:>5.2f}s "
                 f"{r.spread / r.model:>6.2f} | {r.detect_median:>6.2f}s {r.detect_p99:>6.2f}s "
                 f"{r.first_median:>5.2f}s | {r.packets:>7.2f} {r.bytes:>7.0f} "
                 f"{r.push_pull_share:>5.0%} {r.bytes * (1 - r.push_pull_share):>6.0f} | "

@@ -34,6 +34,7 @@ from meshinfer.proto.membership_wire import (
 from meshinfer.proto.messages import Gossip as GossipMessage
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.fleet import make_fleet
+from meshinfer.testing.virtual_network import MembershipCluster
 from tests.helpers import until
 
 NOW = 1.8e9
@@ -317,3 +318,26 @@ async def test_a_node_learns_a_member_it_never_met_through_a_relay():
     finally:
         for node in [rsu, *cars]:
             await node.aclose()
+
+
+def test_a_simulated_fleet_warm_starts_and_gossips_with_signed_records(authority):
+    # the simulator's converged start signs each node's record as its core would, so the
+    # researchers' harness runs the daemons' authenticator too (bench_membership --records)
+    signers: dict[str, CertifiedRecordAuthenticator] = {}
+
+    def signer(node_id: str) -> CertifiedRecordAuthenticator:
+        if node_id not in signers:
+            signers[node_id] = authenticator(enrolled(authority, node_id, 100 + len(signers)))
+        return signers[node_id]
+
+    cluster = MembershipCluster(MembershipConfig.test(), seed=3, authenticator_for=signer)
+    ids = cluster.warm_start(6)
+    cluster.start_node("late", seeds=[ids[0]])
+    assert cluster.run_until(
+        lambda: all(len(cluster.membership(n).live_members()) == 6 for n in ids), timeout=30
+    )
+    for node_id in ids:
+        core_ = cluster.membership(node_id)
+        assert core_.member("late").status is MemberStatus.ALIVE
+        assert core_.counters.impersonations_refused == 0
+        assert all(m.record.signature for m in core_.live_members())

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from meshinfer.errors import LocalProtocolError, RemoteProtocolError
 from meshinfer.proto.membership import Membership, MembershipConfig, MemberStatus, NodeState
 from meshinfer.proto.membership_auth import RecordAuthenticator
-from meshinfer.proto.membership_wire import AliveRecord
+from meshinfer.proto.membership_wire import AliveRecord, signed_body
 
 _TIMER, _DELIVERY, _CALLBACK = 0, 1, 2
 
@@ -336,12 +336,18 @@ class MembershipCluster:
         ids = [f"{prefix}{len(self._states) + i:04d}" for i in range(count)]
         for index, node_id in enumerate(ids):
             self._states[node_id] = self._state_for(index)
-        records = [AliveRecord(n, 0, 1, self._states[n]) for n in ids]
-        if any(self._authenticator_for(n) is not None for n in ids):
-            raise LocalProtocolError("warm_start needs signed records: use join_all")
+        records = [self._signed(AliveRecord(n, 0, 1, self._states[n])) for n in ids]
         for node_id in ids:
             self.start_node(node_id, known=records)
         return ids
+
+    def _signed(self, record: AliveRecord) -> AliveRecord:
+        """``record`` with its author's proof, as its core would have signed it."""
+        authenticator = self._authenticator_for(record.node_id)
+        if authenticator is None:
+            return record
+        proof = authenticator.sign(signed_body(record))
+        return AliveRecord(record.node_id, record.incarnation, record.version, record.state, proof)
 
     def _state_for(self, index: int) -> NodeState:
         return NodeState(
