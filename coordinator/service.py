@@ -55,17 +55,20 @@ node answers that). Journal writes per task are kept few:
   attempt), as it does every item whose fate is unknown; a result of the earlier send is
   accepted once if the new send went to the same node or its dispatch is journaled by then.
   Answers about an item count only from the node its current attempt went to. A result of
-  the attempt before a recovered item's own counts only from the node the journal has that
-  attempt's dispatch on (any other member's is refused, in ``foreign_results``); of an attempt
-  whose node the journal does not have (an unjournaled send, or two or more attempts back) the
-  journal alone judges it, from whichever member. Cancels go to the nodes this coordinator
-  sent the items to, journaled or not;
+  an earlier attempt counts only from a node this coordinator sent it to or, for a recovered
+  item, one the journal has that attempt's dispatch on (the item's row has the attempt just
+  before its own, the audit log those further back); any other member's is refused (in
+  ``foreign_results``), and so is every answer to a send the journal has no dispatch of
+  (that attempt runs again). Cancels go to the nodes this coordinator sent the items to,
+  journaled or not;
 * an item is journaled as running only if its result has not arrived ``running_mark_delay_s``
   after the node accepted it (recovery treats dispatched and running alike);
 * the result that completes a task (single, batch, pipeline) is journaled together with the
   task's end, in one call: both commit or neither does; any other end (an aggregation, a
   failure, a deadline) whose write fails is written again, with a backoff, until it commits
-  (its waiters hear of it only then) or the coordinator closes;
+  (its waiters hear of it only then) or the coordinator closes; so is an item's failure, a
+  final one or a retry's (whose next attempt goes out only once the journal has it, else the
+  journal would refuse that attempt's dispatch and result);
 * submitting a known task id with the same spec again is an idempotent retry: nothing runs
   again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
@@ -83,11 +86,11 @@ import random
 import sqlite3
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -97,6 +100,9 @@ from coordinator.journal import (
     PRUNE_BATCH,
     CallOutcome,
     Journal,
+    JournalEvent,
+    RecoveredTask,
+    TaskEnd,
     TaskEnding,
     TaskPage,
     TaskRecord,
@@ -119,7 +125,13 @@ from meshinfer.proto.scheduling import (
     requirements,
     unplaced_reason,
 )
-from meshinfer.proto.tasks import TaskSpec, TaskState, WorkItem, with_aggregation_mode
+from meshinfer.proto.tasks import (
+    TaskSpec,
+    TaskState,
+    WorkItem,
+    check_aggregation_used,
+    with_aggregation_mode,
+)
 from meshinfer.proto.tasks_wire import (
     REFUSALS,
     FailureKind,
@@ -134,11 +146,14 @@ from meshinfer.runtime.node import MeshNode
 
 log = logging.getLogger(__name__)
 
-#: An item's attempt as the journal has it at recovery: (attempt, refused, node of its
-#: journaled dispatch or None). An item waiting to be sent has only the dispatch of the attempt
-#: before its own journaled (the journal moves an item on to attempt + 1 only from a journaled
-#: dispatch: a retry, a refusal, or recovery requeuing an item in flight).
-Attempt = tuple[int, int, str | None]
+T = TypeVar("T")
+
+#: An item's attempt as the journal has it at recovery: (attempt, refused, the (attempt, node)
+#: of each journaled dispatch of an earlier attempt). An item waiting to be sent has only
+#: dispatches of attempts before its own journaled (the journal moves an item on to attempt + 1
+#: only from a journaled dispatch: a retry, a refusal, or recovery requeuing an item in
+#: flight): the one just before it on the item's row, those further back in the audit log.
+Attempt = tuple[int, int, frozenset[tuple[int, str]]]
 
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
 #: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
@@ -299,6 +314,9 @@ class Coordinator:
         #: Items whose result is being journaled (how many of their results: two copies of
         #: one result may be in the journal's hands at once).
         self._answered: Counter[str] = Counter()
+        #: Items dropped for good whose failure is being journaled (see _fail_item): a result
+        #: the journal may still take counts, as for a live item, only from the nodes sent it.
+        self._failing: dict[str, ItemRun] = {}
         self._closed = False
         self._closing = asyncio.Event()  # set by aclose: wakes a step waiting to retry a write
         #: :meth:`_recover` is over: answers from nodes count from then on (see _on_result)
@@ -385,11 +403,26 @@ class Coordinator:
                 error = f"{_deadline_passed(run)} (while the coordinator was down)"
                 log.info("task %s failed: %s", run.task_id, error)
                 run.outcome = Outcome(False, error=error)
-            attempts = {i.item_id: (i.attempt, i.refused, i.node) for i in rec.to_dispatch}
+            attempts = await self._attempts_of(rec)
             log.info("recovered task %s (%d items to dispatch)", run.task_id, len(attempts))
             # every result was in before the crash, or a pipeline's outputs misfit: it ends
             await self._advance(run, attempts)
             self._arm_deadline(run)  # (nothing once it ended)
+
+    async def _attempts_of(self, rec: RecoveredTask) -> dict[str, Attempt]:
+        """The recovered task's items to dispatch, each with its journaled :data:`Attempt`
+        (only the nodes of its earlier attempts' dispatches may answer those): the node of the
+        attempt just before its own is on its row; the audit log, read only if an item is
+        further on, has those before."""
+        far = any(i.attempt > 2 for i in rec.to_dispatch)
+        logged = _journaled_sends(await self._db.run("history", rec.task.task_id) if far else [])
+        attempts: dict[str, Attempt] = {}
+        for i in rec.to_dispatch:
+            sent = {(a, node) for a, node in logged.get(i.item_id, ()) if a < i.attempt}
+            if i.node and i.attempt > 1:
+                sent.add((i.attempt - 1, i.node))
+            attempts[i.item_id] = (i.attempt, i.refused, frozenset(sent))
+        return attempts
 
     def _new_run(self, spec: TaskSpec, accepted_at: float) -> TaskRun:
         return TaskRun(spec, default_aggregation=self.config.default_aggregation, now=accepted_at)
@@ -417,13 +450,15 @@ class Coordinator:
         the journal, recovery and the task's document all hold the budget it ran under (a
         retry of it after the default changed is a conflict). Likewise a parallel spec with a
         quorum or weights and no ``aggregation`` is accepted with ``default_aggregation``, and
-        refused (InvalidTaskError) if that mode takes no quorum or weights.
+        refused (InvalidTaskError) if that mode takes no quorum or weights. A spec of another
+        pattern naming an ``aggregation`` is refused (it would be ignored).
         """
         self._check_started()
         if spec.deadline_s is None and self.config.default_deadline_s:
             spec = replace(spec, deadline_s=self.config.default_deadline_s)
         spec = with_aggregation_mode(spec, self.config.default_aggregation)
         run = self._new_run(spec, self._loop.time())  # validates the spec
+        check_aggregation_used(spec)
         durable = self._db.call("accept", spec, run.outline, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
         if not will_wait:
@@ -585,14 +620,12 @@ class Coordinator:
     # --- dispatching -----------------------------------------------------------------------
 
     def _schedule_ready(self, run: TaskRun, attempts: Mapping[str, Attempt]) -> None:
-        """Queue the task's items that are ready; ``attempts``: item id -> (attempt, refused,
-        node of its journaled dispatch or None) as the journal has them (recovery), else a
-        first attempt."""
+        """Queue the task's items that are ready; ``attempts``: item id -> :data:`Attempt` as
+        the journal has it (recovery), else a first attempt."""
         for item in run.ready():
-            attempt, refused, node = attempts.get(item.item_id, (1, 0, None))
+            attempt, refused, sent = attempts.get(item.item_id, (1, 0, frozenset()))
             entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
-            if node and attempt > 1:  # attempt - 1 went there: only its result of it counts
-                entry.sent.add((attempt - 1, node))
+            entry.sent.update(sent)  # earlier attempts went there: only their results count
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
             # a large input is hashed in a worker thread first (coordinator.input_refs)
@@ -876,11 +909,12 @@ class Coordinator:
     async def _accept_result(self, peer: str, msg: TaskResult) -> None:
         try:
             pair = self._items.get(msg.item_id)
-            if pair is not None and not _may_answer(pair[1], msg.attempt, peer):
+            known = pair[1] if pair is not None else self._failing.get(msg.item_id)
+            if known is not None and not _may_answer(known, msg.attempt, peer):
                 self.stats_.foreign_results += 1
                 log.warning(
                     "refused a result of %s attempt %d from %s: that attempt went to %s",
-                    msg.item_id, msg.attempt, peer, _nodes_of(pair[1], msg.attempt),
+                    msg.item_id, msg.attempt, peer, _nodes_of(known, msg.attempt) or "no node",
                 )  # fmt: skip
                 return
             msg = self._credited(peer, msg)
@@ -1098,10 +1132,8 @@ class Coordinator:
         self.stats_.retries += 1
         outcome = "failed" if counted else "refused"
         log.info("retrying %s (attempt %d %s: %s)", item_id, attempt, outcome, reason)
-        self._journal_dispatch(entry)  # the failure needs it first
-        self._db.tell(
-            "record_failure", item_id, attempt, reason, retryable=True, refused=not counted
-        )
+        self._journal_dispatch(entry)  # the failure needs it first (and journals it, if lost)
+        failure = partial(_journal_retry, self, item_id, entry.node, attempt, reason, not counted)
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
         self._assign(entry, None)
@@ -1109,18 +1141,75 @@ class Coordinator:
         if backoff:
             doubled = 2.0 ** min(attempt - 1, 64)  # (2 ** 1024 overflows a float)
             delay = min(self.config.retry_backoff_max_s, self.config.retry_backoff_s * doubled)
-        self._loop.call_later(delay, self._queue, item_id, run.spec.priority)
+        due = self._loop.time() + delay
+        written = self._db.call(failure)  # queued now: in order with what comes after it
+        self._steps.spawn(self._queue_once_journaled(run, entry, failure, written, due))
+
+    async def _queue_once_journaled(
+        self,
+        run: TaskRun,
+        entry: ItemRun,
+        failure: Callable[[], bool],
+        written: asyncio.Future[object],
+        due: float,
+    ) -> None:
+        """Queue the item's next attempt at ``due`` (its backoff), but not before the journal
+        has the failure of the attempt before it (``written``; written again while it fails:
+        see :meth:`_until_durable`): a journal that still has that attempt in flight refuses
+        the next one's dispatch and result. The wait is one group commit, within the backoff
+        but for a retry after a node death. (A late result of the failed attempt may be taken
+        meanwhile: the item is then done, and not queued.)"""
+        item_id, attempt = entry.item.item_id, entry.attempt
+        first: asyncio.Future[object] | None = written
+
+        async def write() -> object:
+            nonlocal first
+            pending, first = first, None
+            return await (pending if pending is not None else self._db.run(failure))
+
+        if await self._until_durable(run, f"retrying item {item_id}", write) is None:
+            return
+        pair = self._items.get(item_id)
+        if pair is None or pair[1] is not entry or entry.attempt != attempt or self._closed:
+            return  # answered, failed or ended meanwhile
+        self._loop.call_at(due, self._queue, item_id, run.spec.priority)
 
     async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:
+        """Fail the item for good: journal that (written again while the write fails, see
+        :meth:`_until_durable`), then decide the task. A result of the item the journal took
+        first is its outcome instead (the journal ignores the failure)."""
         item_id = entry.item.item_id
         self._journal_dispatch(entry)
         self._drop(item_id)
         self._cancel_timer(item_id)
-        await self._db.run("record_failure", item_id, entry.attempt, reason, retryable=False)
-        if item_id in run.results:  # a result of it was journaled first (the journal ignored
-            return  # this failure): _accept_result recorded it
+        self._failing[item_id] = entry  # answers about it still count only from its nodes
+        try:
+            write = partial(
+                self._db.run, "record_failure", item_id, entry.attempt, reason, retryable=False
+            )
+            changed = await self._until_durable(run, f"failing item {item_id}", write)
+        finally:
+            self._failing.pop(item_id, None)
+        if changed is None or item_id in run.results:  # the task ended meanwhile, or a result
+            return  # of the item was journaled while it was live: _accept_result recorded it
+        if not changed and await self._take_journaled_result(run, item_id):
+            return  # taken while the failure's write was tried again (the item was dropped)
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
+
+    async def _take_journaled_result(self, run: TaskRun, item_id: str) -> bool:
+        """Record the item's result as the journal has it, if it has one, and advance the
+        task; whether it had one."""
+        record = await self._db.run("get", run.task_id)
+        blob = next((i.result for i in record.items if i.item_id == item_id), None)
+        if blob is None or self._runs.get(run.task_id) is not run:
+            return blob is not None
+        try:
+            self._replay_result(run, item_id, blob, self._loop.time())
+        except RemoteProtocolError as exc:  # a node returned an output we cannot use
+            run.record_failure(item_id, f"bad output: {exc}", self._loop.time())
+        await self._advance(run)
+        return True
 
     async def _advance(self, run: TaskRun, attempts: Mapping[str, Attempt] | None = None):
         """Queue what is ready (``attempts``: see :meth:`_schedule_ready`), or finish the run
@@ -1136,26 +1225,39 @@ class Coordinator:
         ``END_RETRY_MAX_S``, until it commits, the coordinator closes (one last try; recovery
         redoes the end) or the task ended otherwise meanwhile (cancelled, or its submit's
         COMMIT failed)."""
+
+        async def end() -> TaskEnd:  # read back if a waiter came meanwhile
+            return await self._db.run("end_task", self._ending(run, run, outcome))
+
+        ended = await self._until_durable(run, f"ending task {run.task_id}", end)
+        if ended is not None:  # (None: ended meanwhile, e.g. cancelled: nothing left to write)
+            self._ended(run.task_id, *ended)
+
+    async def _until_durable(
+        self, run: TaskRun, what: str, write: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """``await write()``, a journal write for ``run``, until it commits: one that fails
+        (e.g. a busy or full disk) is tried again after ``END_RETRY_FIRST_S``, doubling up to
+        ``END_RETRY_MAX_S``. Returns its value (never None), or None once ``run`` ended
+        otherwise meanwhile (cancelled, or its submit's COMMIT failed). Raises the write's
+        error if it fails once ``run`` ended or the coordinator closes (one last try:
+        recovery redoes it)."""
         delay = END_RETRY_FIRST_S
         while True:
             try:
-                ending = self._ending(run, run, outcome)  # read back if a waiter came meanwhile
-                in_flight, record = await self._db.run("end_task", ending)
-                break
+                return await write()
             except (sqlite3.OperationalError, OSError) as exc:  # may pass (busy, full disk)
                 if self._closed or self._runs.get(run.task_id) is not run:
                     raise
-                log.warning("journal: ending task %s failed, retrying in %g s: %s",
-                            run.task_id, delay, exc)  # fmt: skip
+                log.warning("journal: %s failed, retrying in %g s: %s", what, delay, exc)
             try:
                 async with asyncio.timeout(delay):
                     await self._closing.wait()
             except TimeoutError:
                 pass
             if self._runs.get(run.task_id) is not run:
-                return  # ended meanwhile (cancelled): nothing left to write
+                return None
             delay = min(END_RETRY_MAX_S, 2 * delay)
-        self._ended(run.task_id, in_flight, record)
 
     def _arm_aggregation_timeout(self, run: TaskRun) -> None:
         deadline = run.deadline()
@@ -1250,11 +1352,41 @@ def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
 
 
 def _may_answer(entry: ItemRun, attempt: int, node: str) -> bool:
-    """Whether ``node`` may answer ``attempt`` of the item: it was sent that attempt, or this
-    coordinator sent that attempt to no node (a send before a restart the journal has no
-    dispatch of: the journal judges it, as before). Any other member's result is forged or
-    misrouted: it would become the task's output."""
-    return (attempt, node) in entry.sent or all(a != attempt for a, _ in entry.sent)
+    """Whether ``node`` may answer ``attempt`` of the item: this coordinator sent it that
+    attempt, or the journal has that attempt's dispatch to it (from before a restart). Any
+    other member's result is forged or misrouted: it would become the task's output. (An
+    attempt sent before a restart whose dispatch the journal lacks runs again: the answer to
+    that send is the one that counts.)"""
+    return (attempt, node) in entry.sent
+
+
+def _journal_retry(
+    coordinator: Coordinator, item_id: str, node: str | None, attempt: int, reason: str,
+    refused: bool,
+) -> bool:  # fmt: skip
+    """On the journal's thread: ``attempt``'s retryable failure, its dispatch to ``node``
+    journaled first unless it is (the dispatch mark is told, and may have failed: a journal
+    that has the item pending would ignore the failure), in one call: both commit or neither
+    does. Whether the failure changed the item (see :meth:`Journal.record_failure`)."""
+    journal = coordinator.journal
+    assert journal is not None
+    if node is not None:
+        try:
+            journal.mark_dispatched(item_id, node, attempt)
+        except (LocalProtocolError, UnknownTaskError):  # in flight (journaled), moved on, ended
+            pass
+    return journal.record_failure(item_id, attempt, reason, retryable=True, refused=refused)
+
+
+def _journaled_sends(history: list[JournalEvent]) -> dict[str, set[tuple[int, str]]]:
+    """Per item id, the (attempt, node) of each dispatch in a task's audit log."""
+    sends: dict[str, set[tuple[int, str]]] = {}
+    for event in history:
+        words = event.detail.split(" ", 3)  # "attempt 2 to node-1"
+        if event.kind == "dispatched" and event.item_id and len(words) == 4 and words[2] == "to":
+            if words[0] == "attempt" and words[1].isascii() and words[1].isdigit():
+                sends.setdefault(event.item_id, set()).add((int(words[1]), words[3]))
+    return sends
 
 
 def _nodes_of(entry: ItemRun, attempt: int) -> str:

@@ -25,8 +25,6 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.failover import Reachability
-from coordinator.runs import ItemRun, TaskRun
-from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.errors import LocalProtocolError
 from meshinfer.inference.base import ModelRef
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
@@ -39,7 +37,7 @@ from meshinfer.proto.scheduling import (
     load_ratio,
     unplaced_reason,
 )
-from meshinfer.proto.tasks import Pattern, TaskSpec, WorkItem
+from meshinfer.proto.tasks import WorkItem
 from meshinfer.proto.tasks_wire import Tensor
 from meshinfer.runtime import telemetry
 from meshinfer.runtime.metrics import MetricsRegistry, family
@@ -331,20 +329,6 @@ def test_a_failing_nvml_shutdown_does_not_raise_from_close(monkeypatch):
 
 
 # --- the coordinator's retries ----------------------------------------------------------------
-
-
-async def test_the_backoff_of_a_late_attempt_does_not_overflow(tmp_path):
-    mesh = SimpleNamespace(peers=None, membership=None, revocation_sync=None, node_id="coord")
-    c = Coordinator(mesh, tmp_path / "journal.db", CoordinatorConfig(max_attempts=5000))
-    c._db = SimpleNamespace(tell=lambda *args, **kwargs: None)  # no journal: _retry tells it
-    spec = TaskSpec("t", Pattern.SINGLE, Tensor.from_array(np.zeros((1, 2), np.float32)),
-                    (ModelRef(*MODEL),))  # fmt: skip
-    run = TaskRun(spec, default_aggregation="all", now=0.0)
-    entry = ItemRun(run.ready()[0], attempt=1100)
-    c._items[entry.item.item_id] = (run, entry)
-    c._retry(run, entry, "no answer")
-    assert entry.attempt == 1101
-    await until(lambda: c._ready.qsize() == 1)  # queued again, after the longest backoff
 
 
 # --- a node that flaps ------------------------------------------------------------------------

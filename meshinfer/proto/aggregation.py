@@ -57,8 +57,8 @@ class Mode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AggregationConfig:
-    """How to aggregate. ``timeout_s`` counts from the aggregator's start (None: no timeout);
-    ``quorum`` (ensemble only) defaults to every expected source; at the timeout, or when
+    """How to aggregate. ``timeout_s`` (positive) counts from the aggregator's start (None: no
+    timeout); ``quorum`` (ensemble only) defaults to every expected source; at the timeout, or when
     every source answered but failures kept the mode's rule from being met, at least
     ``min_responses`` outputs give a partial result, fewer a failed one. ``weights``: per-source
     weight for weighted/ensemble (default 1, must be positive and finite; a source not
@@ -80,8 +80,9 @@ class AggregationConfig:
             raise ConfigError(
                 f"aggregation.min_responses {self.min_responses} outside 1..{expected}"
             )
-        if self.timeout_s is not None and not 0 <= self.timeout_s < math.inf:
-            raise ConfigError(f"aggregation.timeout_s {self.timeout_s} must be finite and >= 0")
+        if self.timeout_s is not None and not 0 < self.timeout_s < math.inf:
+            # (0 would time the aggregation out as it starts, with no output in)
+            raise ConfigError(f"aggregation.timeout_s {self.timeout_s} must be finite and > 0")
         if any(not 0 < w < math.inf for w in self.weights.values()):
             raise ConfigError("aggregation.weights must be positive and finite")
 

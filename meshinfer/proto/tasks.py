@@ -77,6 +77,7 @@ __all__ = [
     "TaskState",
     "WorkItem",
     "check_aggregation_mode",
+    "check_aggregation_used",
     "models_named",
     "new_task_id",
     "outline",
@@ -428,6 +429,18 @@ def check_aggregation_mode(spec: TaskSpec, mode: str) -> None:
     (a quorum outside ensemble, weights outside weighted and ensemble)."""
     if (problem := _mode_problem(spec, Mode(mode))) is not None:
         raise InvalidTaskError(f"task {spec.task_id!r}: {problem}")
+
+
+def check_aggregation_used(spec: TaskSpec) -> None:
+    """Raise :class:`InvalidTaskError` if the spec names an ``aggregation`` mode but is not a
+    parallel task: nothing would aggregate, and the mode would be silently ignored. Checked at
+    submit, not by :meth:`TaskSpec.validate`: journals may hold such specs, accepted before
+    this check, and must still read and recover them (a submit of one again is refused)."""
+    if spec.aggregation is not None and spec.pattern != Pattern.PARALLEL:
+        raise InvalidTaskError(
+            f"task {spec.task_id!r}: aggregation: only a parallel task aggregates,"
+            f" not a {spec.pattern} task"
+        )
 
 
 def with_aggregation_mode(spec: TaskSpec, default: str) -> TaskSpec:
