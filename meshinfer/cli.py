@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def _unusable_keep_dir(path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C before a demo set its own handlers (while importing)
+        print(f"meshinfer {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "version":
         print(f"meshinfer {__version__} (wire protocol {PROTOCOL_VERSION})")
         return 0

@@ -26,6 +26,7 @@ it exits with the same status (128 + the first signal). The daemons also run wit
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -33,8 +34,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ DRAIN_S = 20.0
 daemon's drain and leave take up to ``node.daemon.STOP_S`` (14 s), then it closes."""
 FORCED_CHECK_S = 0.05
 """How often :meth:`Demo.stop` looks, while it waits, whether a second stop signal came."""
+
+
+class DemoError(MeshInferError):
+    """The demo cannot run here: no temporary directory, a daemon that did not come up (its mDNS
+    or API port taken), a fleet that did not assemble. Reported in one message, no traceback."""
 
 
 class Interrupted(BaseException):
@@ -160,7 +166,10 @@ class Demo:
 
         self.options = options
         self.started = time.monotonic()
-        self.cluster = LocalCluster(root, fleet_id=f"demo-{int(time.time())}", preset="lan")
+        # a fleet id of its own: two demos at once would otherwise share one (started in the same
+        # second), and with it their nodes' mDNS names, and dial each other's nodes
+        fleet_id = f"demo-{int(time.time())}-{secrets.token_hex(3)}"
+        self.cluster = LocalCluster(root, fleet_id=fleet_id, preset="lan")
         roles = ["rsu"] + ["vehicle"] * (options.nodes - 1)
         self.names = ["rsu-1"] + [f"veh-{i}" for i in range(1, options.nodes)]
         self.roles = dict(zip(self.names, roles, strict=True))
@@ -191,7 +200,7 @@ class Demo:
         with ThreadPoolExecutor(len(self.names) + 1) as pool:
             futures = [pool.submit(self.cluster.start_coordinator, "coord")]
             futures += [pool.submit(self.cluster.start, name) for name in self.names]
-            daemons = [f.result() for f in futures]
+            daemons = [_started(future) for future in futures]
         coord = daemons[0]
         self.client = CoordinatorClient(coord.facts["api"], self.cluster.token)
         pids = ", ".join(f"{d.name} {d.facts['pid']}" for d in daemons)
@@ -201,7 +210,12 @@ class Demo:
 
     def wait_for_nodes(self) -> None:
         """Wait until the coordinator sees every node alive with its models (or a halt)."""
-        self.cluster.wait_for(lambda: self.halted.is_set() or self._all_nodes_ready(), timeout=30)
+        try:
+            self.cluster.wait_for(self._halted_or(self._all_nodes_ready), timeout=30)
+        except TimeoutError:
+            raise DemoError(
+                "the coordinator did not see every node alive with its models within 30 s"
+            ) from None
         if self.halted.is_set():
             return
         self.say(
@@ -426,6 +440,29 @@ class Demo:
         return False
 
 
+def _started(future: Future[Any]) -> Any:
+    """The daemon ``future`` started (:meth:`LocalCluster.start`); a :class:`DemoError` saying
+    why, with its log's tail, when it did not come up."""
+    try:
+        return future.result()
+    except (RuntimeError, OSError) as exc:
+        raise DemoError(str(exc)) from None
+
+
+def _demo_root(keep: Path | None) -> AbstractContextManager[str | Path]:
+    """``keep``, or a temporary directory removed on exit; a :class:`DemoError` when none can be
+    made."""
+    if keep is not None:
+        return nullcontext(keep)
+    try:
+        return tempfile.TemporaryDirectory(prefix="meshinfer-demo-")
+    except OSError as exc:
+        raise DemoError(
+            f"cannot make a temporary directory ({exc.strerror or exc}: {exc.filename});"
+            " name a directory with --keep DIR"
+        ) from None
+
+
 def _joined(thread: threading.Thread) -> Callable[[float], bool]:
     """A wait for ``thread`` (see :meth:`Demo._unless_forced`)."""
 
@@ -562,12 +599,12 @@ def run_demo(options: DemoOptions | None = None) -> int:
     signals = StopSignals()
     demo: Demo | None = None
     try:
-        with signals, tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
-            demo = Demo(options, options.keep or Path(tmp), signals.stopping, signals.forced)
+        with signals, _demo_root(options.keep) as root:
+            demo = Demo(options, Path(root), signals.stopping, signals.forced)
             summary = _run(demo, x, y, signals)
     except Interrupted:
         pass  # the daemons were stopped on the way out
-    except MeshInferError as exc:  # a fleet that cannot be made, a daemon that cannot start
+    except (MeshInferError, OSError) as exc:  # no fleet or temporary directory, no daemon up
         if signals.received is None:
             print(f"meshinfer demo: {exc}", file=sys.stderr)
             return 1

@@ -12,6 +12,11 @@ What it does, printing each step:
 4. a node of another fleet tries to connect and is refused; then ``car-1`` is revoked and a
    fresh ``rsu-1`` refuses it too;
 5. stops the node process with SIGTERM (a graceful close).
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop it early: the node process is stopped the same way
+before it exits with status 128 + the signal. The node process runs in a session of its own (a
+Ctrl-C at the terminal reaches this process only) and stops by itself when its standard input,
+a pipe from this process, closes: also when this process was killed outright.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from meshinfer.errors import MeshInferError
 from meshinfer.identity_files import FleetDirectory, NodeDirectory
@@ -35,6 +42,12 @@ from meshinfer.testing.fleet import make_fleet
 from meshinfer.transport.base import Address
 from meshinfer.transport.tcp import TcpTransport
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class WireDemoError(MeshInferError):
+    """A step of the wire demo could not run (reported in one line, no traceback)."""
+
 
 def _say(text: str, quiet: bool = False) -> None:
     if not quiet:
@@ -43,7 +56,10 @@ def _say(text: str, quiet: bool = False) -> None:
 
 def _cli(*args: str) -> None:
     cmd = [sys.executable, "-m", "coordinator.cli", *args]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    # (a session of its own: a Ctrl-C meant for the demo lets it finish; the demo stops after it)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+    if done.returncode != 0:
+        raise WireDemoError(f"meshinfer-coord {args[0]} {args[1]} failed (exit {done.returncode})")
 
 
 def _load_admission(node_dir: Path) -> Admission:
@@ -71,7 +87,10 @@ async def _serve(node_dir: Path, fleet_dir: Path | None) -> None:
     addr = await listener.start(Address("127.0.0.1", 0))
     print(f"LISTENING {addr.port}", flush=True)
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_reader(sys.stdin.fileno(), stop.set)  # end of file: the demo is gone
     await stop.wait()
     await listener.aclose()
     refused = dict(metrics.handshake_failures)
@@ -86,16 +105,24 @@ class _NodeProcess:
         cmd = [sys.executable, "-m", "meshinfer.demo_wire", "serve", str(node_dir)]
         if fleet_dir is not None:
             cmd.append(str(fleet_dir))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("LISTENING "):
             self.proc.kill()
-            raise RuntimeError(f"node process failed to start: {line!r}")
+            self.proc.communicate()
+            raise WireDemoError(f"node process failed to start: {line!r}")
         self.address = Address("127.0.0.1", int(line.split()[1]))
 
     def stop(self) -> str:
+        """SIGTERM it and reap it (killed if it has not exited within 10 s); what it printed."""
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=10)
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
         return out
 
 
@@ -174,9 +201,42 @@ async def _drive(tmp: Path, n: int, quiet: bool) -> int:
     return 0 if ok else 1
 
 
+async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; the first of :data:`STOP_SIGNALS` cancels it (its ``finally`` stops the node
+    process) and makes the result 128 + that signal."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            task.cancel()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await task
+    except BaseException:
+        if not received:
+            raise
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+    name = signal.Signals(received[0]).name
+    print(f"meshinfer wire-demo: stopped by {name}; its node process was stopped", file=sys.stderr)
+    return 128 + received[0]
+
+
 def run_demo(*, messages: int = 5, quiet: bool = False) -> int:
-    with tempfile.TemporaryDirectory(prefix="meshinfer-demo-") as tmp:
-        return asyncio.run(_drive(Path(tmp), messages, quiet))
+    """Run the wire demo: 0 when every check passed, 1 when one failed or a step could not run,
+    128 + the signal when SIGINT, SIGTERM or SIGHUP stopped it."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="meshinfer-wire-demo-") as tmp:
+            return asyncio.run(_until_signalled(_drive(Path(tmp), messages, quiet)))
+    except (MeshInferError, OSError) as exc:  # no temporary directory, a step that failed
+        print(f"meshinfer wire-demo: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
