@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -87,7 +88,10 @@ class FleetSigners:
                 serial=len(self.signers) + 1,
             )
             self.signers[node_id] = CertifiedRecordAuthenticator(
-                identity.certificate, identity.static_private, identity.trust
+                identity.certificate,
+                identity.static_private,
+                identity.trust,
+                random_bytes=os.urandom,
             )
         return self.signers[node_id]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import statistics
 import time
@@ -53,7 +54,11 @@ def state_of(identity: NodeIdentity, port: int = 47001) -> NodeState:
 
 def authenticator(identity: NodeIdentity) -> CertifiedRecordAuthenticator:
     return CertifiedRecordAuthenticator(
-        identity.certificate, identity.static_private, identity.trust, cache_entries=1 << 16
+        identity.certificate,
+        identity.static_private,
+        identity.trust,
+        random_bytes=os.urandom,
+        cache_entries=1 << 16,
     )
 
 

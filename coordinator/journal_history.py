@@ -107,6 +107,17 @@ def dispatch_detail(attempt: int, node: str | None) -> str:
     return f"attempt {attempt} to {node}"
 
 
+def dispatch_sent(detail: str) -> tuple[int, str] | None:
+    """The (attempt, node) a dispatch line's detail names (:func:`dispatch_detail`'s inverse),
+    or None if it names none."""
+    words = detail.split(" ", 3)  # "attempt 2 to node-1"
+    if len(words) != 4 or words[0] != "attempt" or words[2] != "to":
+        return None
+    if not (words[1].isascii() and words[1].isdigit()):
+        return None
+    return int(words[1]), words[3]
+
+
 def _attempt(detail: str) -> str:
     """The attempt a dispatch line names (``"attempt 2 to node-1"`` -> ``"2"``)."""
     words = detail.split(" ", 2)

@@ -110,6 +110,7 @@ from coordinator.journal import (
     item_ended,
     read_stats,
 )
+from coordinator.journal_history import dispatch_sent
 from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, RemoteProtocolError
@@ -1382,10 +1383,9 @@ def _journaled_sends(history: list[JournalEvent]) -> dict[str, set[tuple[int, st
     """Per item id, the (attempt, node) of each dispatch in a task's audit log."""
     sends: dict[str, set[tuple[int, str]]] = {}
     for event in history:
-        words = event.detail.split(" ", 3)  # "attempt 2 to node-1"
-        if event.kind == "dispatched" and event.item_id and len(words) == 4 and words[2] == "to":
-            if words[0] == "attempt" and words[1].isascii() and words[1].isdigit():
-                sends.setdefault(event.item_id, set()).add((int(words[1]), words[3]))
+        sent = dispatch_sent(event.detail) if event.kind == "dispatched" else None
+        if sent is not None and event.item_id:
+            sends.setdefault(event.item_id, set()).add(sent)
     return sends
 
 

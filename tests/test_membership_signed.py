@@ -8,6 +8,7 @@ to invent members, and where a node learns a member only through a relay.
 
 from __future__ import annotations
 
+import os
 import random
 
 import msgpack
@@ -108,6 +109,7 @@ def enrolled(authority: FleetAuthority, node_id: str, serial: int) -> NodeIdenti
 
 
 def authenticator(identity: NodeIdentity, trust=None, **kw) -> CertifiedRecordAuthenticator:
+    kw.setdefault("random_bytes", os.urandom)
     return CertifiedRecordAuthenticator(
         identity.certificate, identity.static_private, trust or identity.trust, **kw
     )
@@ -167,7 +169,9 @@ def test_any_malformed_proof_is_refused_without_raising(authority, proof):
 def test_the_authenticator_refuses_a_certificate_for_another_key(authority):
     alice, bob = enrolled(authority, "alice", 1), enrolled(authority, "bob", 2)
     with pytest.raises(ValueError, match="does not bind"):
-        CertifiedRecordAuthenticator(alice.certificate, bob.static_private, alice.trust)
+        CertifiedRecordAuthenticator(
+            alice.certificate, bob.static_private, alice.trust, random_bytes=os.urandom
+        )
 
 
 # --- the SWIM core -----------------------------------------------------------------------------
@@ -227,7 +231,9 @@ class CountingAuthenticator(CertifiedRecordAuthenticator):
 
 def test_a_push_pull_listing_many_versions_of_a_member_costs_one_signature_check(authority):
     a, x = enrolled(authority, "a", 1), enrolled(authority, "x", 2)
-    checker = CountingAuthenticator(a.certificate, a.static_private, a.trust)
+    checker = CountingAuthenticator(
+        a.certificate, a.static_private, a.trust, random_bytes=os.urandom
+    )
     node = Membership("a", state_of(a), MembershipConfig.test(), random.Random(1), 0.0,
                       authenticator=checker)  # fmt: skip
     x_signs = authenticator(x)

@@ -23,12 +23,11 @@ An authenticator must be pure and fast: it runs inside the sans-I/O core, once p
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgpack
 import nacl.exceptions
 import nacl.signing
-import nacl.utils
 
 from meshinfer.errors import AdmissionError
 from meshinfer.proto import xeddsa
@@ -92,9 +91,10 @@ class CertifiedRecordAuthenticator:
     windows are the session layer's to judge (with its clock-skew tolerance), not gossip's: an
     expired node can no longer open sessions, so it is probed out of the mesh.
 
-    Checked certificates and their Edwards keys are kept (at most ``cache_entries`` each, the
+    Checked certificates, with their Edwards keys, are kept (at most ``cache_entries``, the
     cache emptied when full), so a member's further records cost one Ed25519 verification
-    (~55 us) and signing one ~25 us.
+    (~55 us) and signing one ~25 us. ``random_bytes`` gives each signature's nonce (the runtime
+    passes the OS CSPRNG: nothing here reads randomness of its own).
     """
 
     def __init__(
@@ -103,8 +103,8 @@ class CertifiedRecordAuthenticator:
         static_private: bytes,
         trust: FleetTrust,
         *,
+        random_bytes: Callable[[int], bytes],
         revoked: Callable[[NodeCertificate], bool] = lambda cert: False,
-        random_bytes: Callable[[int], bytes] = nacl.utils.random,
         cache_entries: int = 8192,
     ) -> None:
         self._key = xeddsa.XEdDSAKey(static_private)
@@ -115,8 +115,7 @@ class CertifiedRecordAuthenticator:
         self._revoked = revoked
         self._random_bytes = random_bytes
         self._cache_entries = cache_entries
-        self._certificates: dict[bytes, NodeCertificate | None] = {}
-        self._edwards: dict[bytes, bytes | None] = {}
+        self._known: dict[bytes, tuple[NodeCertificate, bytes] | None] = {}
 
     def sign(self, body: bytes) -> bytes:
         """``[certificate, XEdDSA signature over body]`` (~230 bytes)."""
@@ -128,29 +127,28 @@ class CertifiedRecordAuthenticator:
         proof = _proof(signature)
         if proof is None:
             return False
-        cert = self._checked(proof[0])
-        if cert is None or cert.node_id != node_id or self._revoked(cert):
+        known = self._certified(proof[0])
+        if known is None or known[0].node_id != node_id or self._revoked(known[0]):
             return False
-        edwards = self._edwards_of(cert.static_public)
-        return edwards is not None and xeddsa.verify_edwards(edwards, body, proof[1])
+        return xeddsa.verify_edwards(known[1], body, proof[1])
 
-    def _checked(self, data: bytes) -> NodeCertificate | None:
-        if data in self._certificates:
-            return self._certificates[data]
-        try:
-            cert: NodeCertificate | None = NodeCertificate.from_bytes(data)
-            cert.verify(self._trust)  # type: ignore[union-attr]
-        except AdmissionError:
-            cert = None
-        _remember(self._certificates, data, cert, self._cache_entries)
-        return cert
+    def _certified(self, data: bytes) -> tuple[NodeCertificate, bytes] | None:
+        """The certificate ``data`` and its Edwards key, if the fleet authority signed it."""
+        if data not in self._known:
+            if len(self._known) >= self._cache_entries:
+                self._known.clear()
+            self._known[data] = _certified(data, self._trust)
+        return self._known[data]
 
-    def _edwards_of(self, static_public: bytes) -> bytes | None:
-        if static_public not in self._edwards:
-            edwards = xeddsa.edwards_public(static_public)
-            _remember(self._edwards, static_public, edwards, self._cache_entries)
-            return edwards
-        return self._edwards[static_public]
+
+def _certified(data: bytes, trust: FleetTrust) -> tuple[NodeCertificate, bytes] | None:
+    try:
+        cert = NodeCertificate.from_bytes(data)
+        cert.verify(trust)
+    except AdmissionError:
+        return None
+    edwards = xeddsa.edwards_public(cert.static_public)
+    return None if edwards is None else (cert, edwards)
 
 
 def _proof(data: bytes) -> tuple[bytes, bytes] | None:
@@ -169,9 +167,3 @@ def _proof(data: bytes) -> tuple[bytes, bytes] | None:
     if len(signature) != xeddsa.SIGNATURE_BYTES:
         return None
     return cert, signature
-
-
-def _remember(cache: dict[bytes, Any], key: bytes, value: Any, limit: int) -> None:
-    if len(cache) >= limit:
-        cache.clear()
-    cache[key] = value

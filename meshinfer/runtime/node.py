@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nacl.utils
 import psutil
 
 from meshinfer import PROTOCOL_VERSION
@@ -189,6 +190,7 @@ class MeshNode:
             identity.certificate,
             identity.static_private,
             identity.trust,
+            random_bytes=nacl.utils.random,
             revoked=lambda cert: admission.revocations.is_revoked(cert),
             cache_entries=2 * self.options.membership.max_members,
         )
