@@ -437,7 +437,7 @@ class TaskExecutor:
     ) -> np.ndarray:
         """Run ``batch`` through the model's batcher, in pieces the batcher accepts."""
         batcher = self.batchers[ref]
-        size = batcher.config.max_batch_size
+        size = batcher.max_request_rows
         if len(batch) <= size:
             return await batcher.submit(batch, priority=priority, deadline=deadline)
         parts = await asyncio.gather(

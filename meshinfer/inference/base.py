@@ -7,6 +7,12 @@ tritonclient). A :class:`~meshinfer.inference.batching.DynamicBatcher` sits in f
 Concurrency rules: every coroutine here runs on the event loop and must never block it; engines
 push NumPy/CuPy/network work to a bounded executor (or an asyncio client). ``infer`` may be
 called concurrently for different batches; an engine bounds its own parallelism.
+
+Optional: ``input_spec(ref) -> TensorSpec | None`` (cheap, on the loop), the input tensor of a
+loaded model. A batcher given no spec of its own checks each request against it, so a request
+that does not fit fails alone before it joins a batch. ``infer`` returns outputs as computed:
+they may hold NaN or infinity when inputs overflow the model; the batcher fails such a request
+(and only it) with a clear error.
 """
 
 from __future__ import annotations

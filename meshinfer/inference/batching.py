@@ -17,8 +17,19 @@ Only QUEUED requests count towards the queue bound; the heap drops the others la
 surface (and is compacted when they pile up), so memory stays bounded by ``max_queue_size``.
 Priorities are strict: under sustained higher-priority load, lower priorities wait.
 
+Bad input fails its own request only. Before a request joins the queue it is checked against
+the model's input tensor (the ``input_spec`` given, else the one the engine reports through its
+optional ``input_spec(ref)`` method), converted to the model's floating dtype (so float64 and
+float32 requests share batches) and checked for NaN and infinity *as that dtype* (a float64
+1e300 is infinite as float32). Outputs are checked too: a request whose rows of the result hold
+NaN or infinity (inputs too large for the model) fails with an InferenceError saying so, while
+the other requests of its batch get their answers. A batch never holds more rows than the
+engine's ``capacity().max_batch_size`` (read at :meth:`DynamicBatcher.start`).
+
 Concurrency: everything here runs on one event loop and reads time only from ``loop.time()``,
-so the batcher runs unchanged on a virtual-time loop. Not thread-safe.
+so the batcher runs unchanged on a virtual-time loop. Not thread-safe. Converting and checking
+a request larger than :data:`INLINE_MAX_BYTES`, and joining a batch that large, run in the
+batcher's one worker thread, never on the loop.
 """
 
 from __future__ import annotations
@@ -30,7 +41,9 @@ import heapq
 import itertools
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -40,15 +53,22 @@ from meshinfer.errors import (
     DeadlineExceededError,
     InferenceError,
     LocalProtocolError,
+    NonFiniteInputError,
     OverloadedError,
 )
 from meshinfer.inference.base import InferenceEngine, ModelRef, TensorSpec
+from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.inference.mlp import check_finite
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Upper bounds of the end-to-end latency histogram kept in :class:`BatcherStats`."""
+
+INLINE_MAX_BYTES = 1 << 20
+"""Largest request whose conversion and NaN/infinity check (~25 us), or batch whose joining,
+runs on the event loop; bigger ones go to the batcher's worker thread (16 MiB: 1-2 ms)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +203,8 @@ class DynamicBatcher:
     ``input_spec`` (optional) is the model's input tensor: when given, submitted arrays are
     checked against it, and an array with one axis fewer than the spec is taken as a single
     sample (its result comes back without the batch axis). Without it every submission is a
-    batch along axis 0.
+    batch along axis 0, checked against the spec the engine reports for ``ref`` if it does
+    (``engine.input_spec(ref)``, optional; the NumPy and CuPy engines have it).
 
     Use ``async with DynamicBatcher(...) as batcher`` or call :meth:`start` / :meth:`aclose`.
     The batcher does not own the engine: closing it leaves the engine open.
@@ -215,6 +236,14 @@ class DynamicBatcher:
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._failure: BaseException | None = None
+        self._max_rows = self.config.max_batch_size  # capped by the engine's limit at start()
+        self._worker = BoundedExecutor(1, name="meshinfer-batcher")  # big checks and joins
+
+    @property
+    def max_request_rows(self) -> int:
+        """Most samples one request (and one batch) may hold: ``max_batch_size``, or less if
+        the engine takes less (known once started)."""
+        return self._max_rows
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -225,12 +254,21 @@ class DynamicBatcher:
         if self._dispatcher is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._max_rows = self._engine_row_limit()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
         self._dispatcher = self._loop.create_task(
             self._dispatch_forever(), name=f"batcher-{self.ref}"
         )
         self._dispatcher.add_done_callback(self._dispatcher_done)
+
+    def _engine_row_limit(self) -> int:
+        limit = self.engine.capacity().max_batch_size
+        if not 1 <= limit < self.config.max_batch_size:
+            return self.config.max_batch_size
+        log.info("batcher for %s: engine %r takes at most %d rows, not max_batch_size=%d",
+                 self.ref, self.engine.name, limit, self.config.max_batch_size)  # fmt: skip
+        return limit
 
     async def aclose(self, grace: float = 10.0) -> None:
         """Stop batching: fail waiting requests, let running batches finish. Idempotent.
@@ -245,8 +283,11 @@ class DynamicBatcher:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        if not self._batch_tasks:
-            return
+        if self._batch_tasks:
+            await self._finish_batches(grace)
+        await self._worker.aclose()
+
+    async def _finish_batches(self, grace: float) -> None:
         _, stuck = await asyncio.wait(list(self._batch_tasks), timeout=grace)
         if stuck:
             log.warning("batcher for %s: abandoning %d batch(es) after %.1fs", self.ref,
@@ -275,30 +316,48 @@ class DynamicBatcher:
         """Queue ``inputs`` for the next batch and return their outputs. Runs on the loop.
 
         ``deadline`` is in the running loop's time (``loop.time()``). Raises BatchShapeError at
-        once for inputs that are not an array of 1..``max_batch_size`` samples (fitting the
-        input spec, if any), or that hold NaN or infinity (NonFiniteInputError): such a request
-        never joins a batch, so it cannot fail anyone else's. Raises OverloadedError when the
-        queue is full, DeadlineExceededError if the deadline passes before the request is
-        batched, InferenceError if the engine fails the batch or the batcher closes.
+        once for inputs that are not an array of 1..:attr:`max_request_rows` samples fitting
+        the model's input (see the module docstring), or that hold NaN or infinity as the
+        model's dtype (NonFiniteInputError): such a request never joins a batch, so it cannot
+        fail anyone else's. Raises OverloadedError when the queue is full,
+        DeadlineExceededError if the deadline passes before the request is batched,
+        InferenceError if the engine fails the batch, gives NaN or infinity for this request's
+        rows, or the batcher closes.
         """
-        request = self._enqueue(inputs, priority, deadline)
+        self._check_open()
+        self._check_priority(priority)
+        batch, single, dtype = self._as_batch(inputs)
+        if batch.nbytes <= INLINE_MAX_BYTES:
+            batch = self._model_input(batch, dtype)
+        else:
+            self._check_room()  # before the work, not only after it
+            batch = await self._off_loop(self._model_input, batch, dtype)
+        request = self._enqueue(batch, single, priority, deadline)
         try:
             return await request.future
         except asyncio.CancelledError:
             if self._withdraw(request, _State.CANCELLED):
                 self._compact_if_sparse()
+            elif request.state is _State.DISPATCHED:
+                self._counters.cancelled += 1  # in a batch already: its rows are dropped
             raise
 
-    def _enqueue(self, inputs: np.ndarray, priority: int, deadline: float | None) -> _Request:
-        self._check_open()
-        batch, single = self._as_batch(inputs)
-        self._check_priority(priority)
+    def _enqueue(
+        self, batch: np.ndarray, single: bool, priority: int, deadline: float | None
+    ) -> _Request:
+        self._check_open()  # again: the batcher may have closed while the input was checked
         loop = self._loop
         assert loop is not None
         now = loop.time()
         if deadline is not None and deadline <= now:
             self._counters.expired += 1
             raise DeadlineExceededError(f"request for {self.ref}: deadline passed before submit")
+        self._check_room()
+        request = _Request(batch, single, priority, now, deadline, loop.create_future())
+        self._push(request)
+        return request
+
+    def _check_room(self) -> None:
         if self._queued >= self.config.max_queue_size:
             self._counters.rejected += 1
             raise OverloadedError(
@@ -306,9 +365,13 @@ class DynamicBatcher:
                 f"({self._queued} requests waiting, max_queue_size="
                 f"{self.config.max_queue_size}); retry later or on another node"
             )
-        request = _Request(batch, single, priority, now, deadline, loop.create_future())
-        self._push(request)
-        return request
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the batcher's worker thread (for work linear in a large input)."""
+        try:
+            return await self._worker.run(fn, *args)
+        except LocalProtocolError:  # the worker closed: so did the batcher
+            raise InferenceError(f"batcher for {self.ref} closed before the request ran") from None
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -324,7 +387,9 @@ class DynamicBatcher:
                 f"priority {priority} out of range 0..{self.config.priorities - 1}"
             )
 
-    def _as_batch(self, inputs: np.ndarray) -> tuple[np.ndarray, bool]:
+    def _as_batch(self, inputs: np.ndarray) -> tuple[np.ndarray, bool, np.dtype | None]:
+        """Shape checks (cheap, on the loop): the batch, whether it is a single sample, and the
+        floating dtype the model takes, if known."""
         try:
             array = np.asarray(inputs)
         except (ValueError, TypeError) as exc:
@@ -334,18 +399,42 @@ class DynamicBatcher:
         batch = array[np.newaxis] if single else array
         if batch.ndim < 1 or batch.shape[0] < 1:
             raise BatchShapeError(f"request for {self.ref} has no samples (shape {array.shape})")
-        if batch.shape[0] > self.config.max_batch_size:
+        if batch.shape[0] > self._max_rows:
             raise BatchShapeError(
-                f"request for {self.ref} has {batch.shape[0]} samples, more than "
-                f"max_batch_size={self.config.max_batch_size}; split it"
+                f"request for {self.ref} has {batch.shape[0]} samples, more than the "
+                f"{self._max_rows} a batch may hold (max_batch_size="
+                f"{self.config.max_batch_size}, engine {self.engine.name!r}); split it"
             )
+        spec = spec or self._engine_spec()
         if spec is not None and not _fits_spec(batch, spec):
             raise BatchShapeError(
                 f"request for {self.ref}: shape {array.shape} does not fit input "
                 f"{spec.name} {spec.shape}"
             )
-        check_finite(batch)
-        return batch, single
+        dtype = _floating_dtype(spec)
+        if dtype is not None and batch.dtype.kind not in "fiub":
+            raise BatchShapeError(
+                f"request for {self.ref}: dtype {batch.dtype} does not convert to input "
+                f"{spec.name} {dtype}"
+            )
+        return batch, single, dtype
+
+    def _engine_spec(self) -> TensorSpec | None:
+        describe = getattr(self.engine, "input_spec", None)
+        spec = describe(self.ref) if callable(describe) else None
+        return spec if isinstance(spec, TensorSpec) else None
+
+    def _model_input(self, batch: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+        """``batch`` as the model takes it (``dtype``, when known), refused if it holds NaN or
+        infinity then. Linear in the batch: on the loop only for small ones."""
+        if dtype is not None and batch.dtype != dtype:
+            with np.errstate(over="ignore", invalid="ignore"):
+                batch = np.ascontiguousarray(batch, dtype=dtype)
+        try:
+            check_finite(batch)
+        except NonFiniteInputError as exc:
+            raise NonFiniteInputError(f"request for {self.ref}: {exc} as {batch.dtype}") from None
+        return batch
 
     def _push(self, request: _Request) -> None:
         heapq.heappush(self._heap, (-request.priority, next(self._sequence), request))
@@ -422,7 +511,7 @@ class DynamicBatcher:
         while True:
             oldest = self._oldest_waiting()
             if oldest is not None and (
-                self._queued_rows >= self.config.max_batch_size
+                self._queued_rows >= self._max_rows
                 or (self.config.dispatch_when_idle and not self._batch_tasks)
             ):
                 return
@@ -450,7 +539,7 @@ class DynamicBatcher:
         taken: list[_Request] = []
         skipped: list[tuple[int, int, _Request]] = []
         rows, key = 0, None
-        while self._heap and rows < self.config.max_batch_size:
+        while self._heap and rows < self._max_rows:
             request = self._heap[0][2]
             if request.state is not _State.QUEUED or request.future.done():
                 heapq.heappop(self._heap)
@@ -460,7 +549,7 @@ class DynamicBatcher:
                 self._expire(request)
             elif key is not None and request.batch_key != key:
                 skipped.append(heapq.heappop(self._heap))
-            elif rows + request.rows > self.config.max_batch_size:
+            elif rows + request.rows > self._max_rows:
                 break
             else:
                 heapq.heappop(self._heap)
@@ -474,13 +563,14 @@ class DynamicBatcher:
         return taken
 
     async def _run_batch(self, batch: list[_Request]) -> None:
+        batch = [r for r in batch if not r.future.done()]  # cancelled before it started
+        if not batch:
+            return
         rows = sum(r.rows for r in batch)
         self._counters.batches += 1
         self._counters.batch_sizes[rows] += 1
         try:
-            inputs = (
-                np.concatenate([r.inputs for r in batch]) if len(batch) > 1 else batch[0].inputs
-            )
+            inputs = await self._joined(batch, rows)
             outputs = await self.engine.infer(self.ref, inputs)
             self._deliver(batch, outputs, rows)
         except Exception as exc:
@@ -488,20 +578,43 @@ class DynamicBatcher:
         finally:
             self._fail_batch(batch, InferenceError(f"batch for {self.ref} was aborted"))
 
+    async def _joined(self, batch: list[_Request], rows: int) -> np.ndarray:
+        """The batch's inputs as one array (joined in the worker thread when large)."""
+        if len(batch) == 1:
+            return batch[0].inputs
+        parts = [r.inputs for r in batch]
+        if rows * parts[0][0].nbytes <= INLINE_MAX_BYTES:
+            return np.concatenate(parts)
+        return await self._off_loop(np.concatenate, parts)
+
     def _deliver(self, batch: list[_Request], outputs: np.ndarray, rows: int) -> None:
         if not isinstance(outputs, np.ndarray) or outputs.ndim < 1 or outputs.shape[0] != rows:
             shape = getattr(outputs, "shape", type(outputs).__name__)
             raise InferenceError(
                 f"engine {self.engine.name!r} returned {shape} for a batch of {rows} samples"
             )
+        finite = _finite_rows(outputs)
         offset = 0
         for request in batch:
-            part = outputs[offset] if request.single else outputs[offset : offset + request.rows]
+            span = slice(offset, offset + request.rows)
+            part = outputs[offset] if request.single else outputs[span]
             offset += request.rows
-            if not request.future.done():
-                self._record_latency(request)
-                self._counters.completed += 1
-                request.future.set_result(part)
+            if request.future.done():
+                continue
+            if finite is not None and not finite[span].all():
+                self._fail_batch([request], self._non_finite_output(request, finite[span]))
+                continue
+            self._record_latency(request)
+            self._counters.completed += 1
+            request.future.set_result(part)
+
+    def _non_finite_output(self, request: _Request, finite: np.ndarray) -> InferenceError:
+        bad = np.flatnonzero(~finite)
+        return InferenceError(
+            f"engine {self.engine.name!r} gave NaN or infinity for {self.ref} on {bad.size} of "
+            f"the request's {request.rows} rows (first: {bad[:4].tolist()}): inputs out of the "
+            "range the model handles, or a broken model"
+        )
 
     def _batch_error(self, exc: Exception, rows: int) -> InferenceError:
         if isinstance(exc, InferenceError):
@@ -581,6 +694,22 @@ def _fits_spec(batch: np.ndarray, spec: TensorSpec) -> bool:
     if batch.ndim != len(spec.shape):
         return False
     return all(want in (-1, got) for want, got in zip(sample_shape, batch.shape[1:], strict=True))
+
+
+def _floating_dtype(spec: TensorSpec | None) -> np.dtype | None:
+    """The NumPy dtype of ``spec`` if it is a floating one NumPy knows (``float32``), else None."""
+    try:
+        dtype = np.dtype(spec.dtype) if spec is not None else None
+    except TypeError:  # not a NumPy name (e.g. Triton's "FP32")
+        return None
+    return dtype if dtype is not None and dtype.kind == "f" else None
+
+
+def _finite_rows(outputs: np.ndarray) -> np.ndarray | None:
+    """Per row (first axis) of ``outputs``: all finite? None when every value is (or no float)."""
+    if outputs.dtype.kind not in "fc" or outputs.size == 0 or np.isfinite(outputs).all():
+        return None
+    return np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
 
 
 def _settle(request: _Request, error: InferenceError) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 
 from meshinfer.errors import LocalProtocolError, ModelNotFoundError
-from meshinfer.inference.base import EngineCapacity, ModelRef
+from meshinfer.inference.base import EngineCapacity, ModelRef, TensorSpec
 from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.inference.mlp import MLPWeights, as_float32, check_batch, finite_float32, forward
 from meshinfer.inference.registry import ModelInfo, ModelRegistry, default_registry
@@ -55,6 +55,12 @@ class LocalMLPEngine:
     def is_loaded(self, ref: ModelRef) -> bool:
         """True if ``ref`` is loaded and ready to run."""
         return ref in self._loaded
+
+    def input_spec(self, ref: ModelRef) -> TensorSpec | None:
+        """The input tensor of loaded model ``ref`` (None if not loaded); cheap, on the loop.
+        A batcher built without a spec checks requests against it."""
+        loaded = self._loaded.get(ref)
+        return None if loaded is None else loaded[0].inputs[0]
 
     async def load(self, ref: ModelRef) -> None:
         """Load ``ref`` from the registry (off the loop); idempotent. Raises ModelNotFoundError."""

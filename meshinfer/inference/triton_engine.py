@@ -14,7 +14,9 @@ Failures, and what the caller sees:
   then :class:`InferenceError` naming the server. Inference is a pure function of its input,
   so retrying a batch is safe. ``capacity().ready`` turns False until a call succeeds again.
 * unknown or not-ready model (HTTP 404, gRPC ``NOT_FOUND``): :class:`ModelNotFoundError`.
-* every other server error (bad shape, backend failure): :class:`InferenceError`.
+* the server refuses the batch as malformed (HTTP 400, gRPC ``INVALID_ARGUMENT``: wrong shape,
+  more rows than the model's ``max_batch_size``): :class:`BatchShapeError` (bad input).
+* every other server error (backend failure): :class:`InferenceError`.
 * no answer within ``timeout_s``: :class:`InferenceError` (not retried: the time is spent).
 
 Concurrency: coroutines run on the event loop; at most ``max_in_flight`` requests are in flight
@@ -37,10 +39,11 @@ from meshinfer.errors import (
     LocalProtocolError,
     ModelNotFoundError,
 )
-from meshinfer.inference.base import EngineCapacity, ModelRef
+from meshinfer.inference.base import EngineCapacity, ModelRef, TensorSpec
 
 T = TypeVar("T")
 _NOT_FOUND_STATUSES = {"404", "StatusCode.NOT_FOUND"}
+_BAD_INPUT_STATUSES = {"400", "StatusCode.INVALID_ARGUMENT"}  # shape, batch size, datatype
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class TritonModel:
     input_datatype: str
     output_name: str
     max_batch_size: int
+    input_spec: TensorSpec | None = None  # when the server reports a batch-led shape
 
 
 class _Protocol:
@@ -84,6 +88,21 @@ class _Protocol:
         if self.name == "http":
             return self.module.InferRequestedOutput(name, binary_data=True)
         return self.module.InferRequestedOutput(name)
+
+
+def _input_spec(tensor: dict[str, Any]) -> TensorSpec | None:
+    """A batch-led TensorSpec from a model's metadata input (None if it is not one)."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    try:
+        shape = tuple(int(n) for n in tensor["shape"])
+        dtype = triton_to_np_dtype(tensor["datatype"])  # None for a datatype it does not know
+        name = None if dtype is None else np.dtype(dtype).name
+    except (KeyError, TypeError, ValueError):
+        return None
+    if name is None or shape[:1] != (-1,):
+        return None
+    return TensorSpec(str(tensor["name"]), name, shape)
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -193,10 +212,18 @@ class TritonEngine:
                 f"model {ref} on {self.url} has {len(inputs)} inputs and {len(outputs)} outputs; "
                 "the Triton engine drives models with one input and at least one output"
             )
-        max_batch = self._protocol.max_batch_size(config) or self.default_max_batch_size
+        batching = self._protocol.max_batch_size(config)
+        max_batch = batching or self.default_max_batch_size
+        spec = _input_spec(inputs[0]) if batching else None
         return TritonModel(
-            ref, inputs[0]["name"], inputs[0]["datatype"], outputs[0]["name"], max_batch
+            ref, inputs[0]["name"], inputs[0]["datatype"], outputs[0]["name"], max_batch, spec
         )
+
+    def input_spec(self, ref: ModelRef) -> TensorSpec | None:
+        """The input tensor of loaded ``ref`` as the server described it (shape ``[-1, ...]``,
+        NumPy dtype name), or None if not loaded or not a batching model. Cheap, on the loop."""
+        model = self._models.get(ref)
+        return None if model is None else model.input_spec
 
     async def unload(self, ref: ModelRef) -> None:
         """Forget ``ref`` locally (the server keeps serving it); idempotent."""
@@ -331,6 +358,8 @@ class TritonEngine:
             if ref is not None:
                 self._models.pop(ref, None)  # it went away: load() must look again
             return ModelNotFoundError(f"{what}: Triton server {self.url}: {detail}")
+        if exc.status() in _BAD_INPUT_STATUSES and what.startswith("inference"):
+            return BatchShapeError(f"{what} refused by Triton server {self.url}: {detail}")
         return InferenceError(f"{what} failed on Triton server {self.url}: {detail}")
 
     def _check_open(self) -> None:
