@@ -22,11 +22,12 @@ A node whose last session under a good certificate this coordinator closed becau
 certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_cut_off`) is
 *revoked here*: its items are re-dispatched at once, and it gets no work until a session with it
 opens again (which only a certificate that is not revoked can open), whatever membership says
-meanwhile. A node that keeps a session under a good certificate (re-enrolled; only its old
-certificate was revoked, by serial) stays as it was: only if the closed session was the one its
-items went over are they re-dispatched at once (items are tracked by node, not by session: all
-of the node's move, maybe back to it over the good session; a result still coming is accepted
-once)::
+meanwhile, or until membership forgets it (the list in force keeps a revoked certificate out of
+membership as out of sessions). A node that keeps a session under a good certificate
+(re-enrolled; only its old certificate was revoked, by serial) stays as it was: only if the
+closed session was the one its items went over are they re-dispatched at once (items are
+tracked by node, not by session: all of the node's move, maybe back to it over the good
+session; a result still coming is accepted once)::
 
     reachable --session lost (abruptly, or silent)--> suspect (pings every session open)
     suspect --a ping answered, or a session opened meanwhile--> reachable (items sent again)
@@ -40,7 +41,12 @@ once)::
                                        (re-dispatch if the closed session carried its items)
     any --the session its items go over is under a revoked certificate--> no new items,
                                        none sent again (until the cut-off closes it)
-    revoked --new session--> reachable
+    revoked --new session / forgotten--> reachable
+
+What is kept per node is bounded by the members: a node is kept unreachable or revoked only
+while membership knows it (a node it does not know, or no longer, is never scheduled: one that
+joins later is reachable at any incarnation), and a node waiting for a cut before its items go
+again is looked at after :data:`CUT_WAIT_S` (the cut never came: the session closed otherwise).
 
 Concurrency: every method runs on the coordinator's event loop.
 """
@@ -67,6 +73,11 @@ log = logging.getLogger(__name__)
 _log_failure = log_failure(log, "session watcher")
 #: The incarnation an unreachable node must exceed when its certificate is revoked: none does.
 _REVOKED = math.inf
+#: How long a node that answered a probe waits for the cut of the revoked session its items
+#: would go over (the list written down, then a close of up to a second behind a stuck write)
+#: before it is looked at again: still being cut, it waits on; else its items go again now
+#: (over a session open with it) or are left to their timeout (none is open).
+CUT_WAIT_S = 10.0
 
 
 class SessionCounts(Protocol):
@@ -90,7 +101,8 @@ class Reachability:
     open, or a new one): what went over the lost session, and the answers coming back on it,
     may be gone (a node restarted quickly holds nothing at all), so its items are sent again;
     if the session they would go over is being cut for a revoked certificate, once the cut is
-    done (unless the cut-off re-dispatches them).
+    done (unless the cut-off re-dispatches them; ``cut_wait_s``: how long that is waited for
+    before looking again, :data:`CUT_WAIT_S`).
     ``counts`` gets the session counters. :meth:`start` hooks into ``mesh``'s sessions;
     :meth:`aclose` stops the watchers (idempotent).
     """
@@ -105,6 +117,7 @@ class Reachability:
         on_back: Callable[[], None],
         on_session_lost: Callable[[str], None] | None = None,
         on_resend: Callable[[str], None] | None = None,
+        cut_wait_s: float = CUT_WAIT_S,
     ) -> None:
         self.mesh = mesh
         self.counts = counts
@@ -113,6 +126,7 @@ class Reachability:
         self._on_back = on_back
         self._on_session_lost = on_session_lost
         self._on_resend = on_resend
+        self.cut_wait_s = cut_wait_s
         self._watchers: set[asyncio.Task[None]] = set()
         #: node being probed (it lost a session) -> sessions opened with it since the probe began
         #: (one that opens is an answer); kept only while probed: bounded by the nodes under probe
@@ -120,8 +134,9 @@ class Reachability:
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
         self._unreachable: dict[str, float] = {}
         #: nodes that answered a probe while the session their items go over was being cut for
-        #: a revoked certificate: their items are sent again once the cut is done
-        self._resend_after_cut: set[str] = set()
+        #: a revoked certificate: their items are sent again once the cut is done; each with
+        #: the timer that looks at it again after CUT_WAIT_S (a cut that never comes)
+        self._resend_after_cut: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
 
     def start(self) -> None:
@@ -136,6 +151,9 @@ class Reachability:
     async def aclose(self) -> None:
         """Stop watching (probes under way are cancelled). Idempotent."""
         self._closed = True
+        for timer in self._resend_after_cut.values():
+            timer.cancel()
+        self._resend_after_cut.clear()
         watchers = list(self._watchers)
         for task in watchers:
             task.cancel()
@@ -158,14 +176,27 @@ class Reachability:
 
     def on_member(self, event: MemberEvent) -> None:
         """Membership news: an unreachable node forgotten or back at a higher incarnation is
-        reachable again."""
+        reachable again; a revoked one forgotten is no longer kept (membership refuses its
+        revoked certificate, and a dial to it cannot pass either)."""
         node = event.member.node_id
         gave_up_at = self._unreachable.get(node)
-        if gave_up_at not in (None, _REVOKED) and (
-            event.kind == MemberEventKind.FORGOTTEN or event.member.incarnation > gave_up_at
+        if gave_up_at is None:
+            return
+        if event.kind == MemberEventKind.FORGOTTEN or (
+            gave_up_at != _REVOKED and event.member.incarnation > gave_up_at
         ):
             self._unreachable.pop(node)
             self._on_back()
+
+    def _give_up(self, node: str, incarnation: float) -> None:
+        """Keep ``node`` out of scheduling up to ``incarnation`` (:data:`_REVOKED`: until a
+        session opens), if membership knows it: one it does not know is never scheduled, and
+        gets no FORGOTTEN event to drop it by."""
+        membership = self.mesh.membership
+        if membership is not None and membership.core.member(node) is None:
+            self._unreachable.pop(node, None)
+            return
+        self._unreachable[node] = incarnation
 
     def _on_revoked(self, cut: CutOff) -> None:
         """This node closed a session with ``cut.node_id``: its certificate is revoked."""
@@ -174,11 +205,11 @@ class Reachability:
         node = cut.node_id
         if cut.sends_lost:
             if not cut.still_connected:  # else it stays reachable, over its good session
-                self._unreachable[node] = _REVOKED
+                self._give_up(node, _REVOKED)
             log.warning(
                 "certificate %d of %s is revoked: re-dispatching its items", cut.serial, node
             )
-            self._resend_after_cut.discard(node)  # (moved instead)
+            self._stop_waiting_for_cut(node)  # (moved instead)
             self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
         elif node in self._resend_after_cut:  # it answered a probe while this session was cut
             self._resend(node)
@@ -235,7 +266,7 @@ class Reachability:
             return
         member = self.mesh.membership.core.member(node) if self.mesh.membership else None
         if self._unreachable.get(node) != _REVOKED:  # (cut off meanwhile: it stays so)
-            self._unreachable[node] = member.incarnation if member is not None else -1
+            self._give_up(node, member.incarnation if member is not None else -1)
         how = "it neither answered a ping nor a new dial" if silent else "could not re-dial it"
         log.warning("lost the session with %s and %s: re-dispatching", node, how)
         self._on_lost(node, f"lost the session with {node}")
@@ -305,10 +336,29 @@ class Reachability:
             return
         if self.mesh.peers.carrier_revoked(node):
             log.info("not sending %s's items again over a session being cut off", node)
-            self._resend_after_cut.add(node)
+            self._stop_waiting_for_cut(node)
+            self._resend_after_cut[node] = asyncio.get_running_loop().call_later(
+                self.cut_wait_s, self._cut_overdue, node
+            )
             return
-        self._resend_after_cut.discard(node)
+        self._stop_waiting_for_cut(node)
         self._on_resend(node)
+
+    def _stop_waiting_for_cut(self, node: str) -> None:
+        timer = self._resend_after_cut.pop(node, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _cut_overdue(self, node: str) -> None:
+        """No cut came ``cut_wait_s`` after ``node`` answered a probe while the session
+        its items go over was being cut: wait on if it still is; else that session closed
+        otherwise, and the items go again over a session still open (none: they are left to
+        their timeout, or to a probe if the session was lost)."""
+        self._resend_after_cut.pop(node, None)
+        if self._closed:
+            return
+        if self.mesh.peers.carrier_revoked(node) or self.mesh.peers.open_sessions(node):
+            self._resend(node)
 
     async def _answers(self, session: Session, deadline: float) -> bool:
         try:

@@ -113,6 +113,10 @@ OFFLOAD_ANSWER_S = 60.0
 #: drops what is still queued when it closes, and a coordinator that missed one waits for the
 #: node's LEAVE.
 HAND_BACK_WRITE_S = 2.0
+#: The least time between two sweeps of the kept results (:mod:`node.replay`) that drop the
+#: expired ones (a quarter of ``result_replay_s`` if shorter): a result is held up to this long
+#: past its time, never answered from then.
+REPLAY_SWEEP_S = 1.0
 
 _log_failure = log_failure(log, "executor step")
 
@@ -187,6 +191,7 @@ class TaskExecutor:
         self._device_name: str | None = None
         self.inputs = ContentCache(config.input_cache_mib << 20)
         self.replay = ResultReplay(config.result_replay_mib << 20, config.result_replay_s)
+        self._replay_sweep: asyncio.TimerHandle | None = None  # drops expired kept results
 
     def start(self) -> None:
         """Take task messages from the peer table; watch every session, those open now (the
@@ -367,7 +372,7 @@ class TaskExecutor:
         ref = ModelRef(item.model_id, item.model_version)
         coordinator, latest = self._answer_to(coordinator, item)
         if isinstance(msg, TaskResult):
-            self.replay.keep(coordinator, latest, msg, asyncio.get_running_loop().time())
+            self._keep_result(coordinator, latest, msg)
         if isinstance(msg, TaskFailed) and not cancelled and self._runs_refused(msg, ref):
             log.info("%s refused %s (%s): running it here", peer, msg.item_id, msg.message)
             self.stats.taken_back += 1
@@ -414,7 +419,7 @@ class TaskExecutor:
                 timings,
             )
             self._answered.add(msg.item_id)  # its answer is queued: cancelling sends no other
-            self.replay.keep(peer, msg, result, done)
+            self._keep_result(peer, msg, result)
             await self.mesh.peers.request(peer, result)
             self.stats.completed += 1
             later = self._reply.pop(msg.item_id, None)
@@ -493,6 +498,23 @@ class TaskExecutor:
         self._handing_back.discard(sent)
         if not sent.cancelled() and sent.exception() is not None:  # the coordinator relies
             log.info("an answer sent while draining was not written: %s", sent.exception())
+
+    def _keep_result(self, asker: str, item: TaskAssign, result: TaskResult) -> None:
+        """Keep ``result`` a while (:mod:`node.replay`), and the sweep that drops it then: an
+        idle node keeps no result past its time."""
+        self.replay.keep(asker, item, result, asyncio.get_running_loop().time())
+        if self._replay_sweep is None:
+            self._sweep_replay()
+
+    def _sweep_replay(self) -> None:
+        """Drop the kept results expired by now; come back when the oldest left expires (at
+        least :data:`REPLAY_SWEEP_S` later, or a quarter of ``result_replay_s``)."""
+        loop = asyncio.get_running_loop()
+        due = self.replay.expire(loop.time())
+        self._replay_sweep = None
+        if due is not None and not self._closed:
+            gap = min(REPLAY_SWEEP_S, self.replay.keep_s / 4)
+            self._replay_sweep = loop.call_at(max(due, loop.time() + gap), self._sweep_replay)
 
     def _device(self) -> str:
         """The engine's device name (read once: ``capacity()`` also samples free memory)."""
@@ -780,6 +802,9 @@ class TaskExecutor:
         self._closed = True
         for timer in self._offload_timers.values():
             timer.cancel()
+        if self._replay_sweep is not None:
+            self._replay_sweep.cancel()
+            self._replay_sweep = None
         tasks = [t for t in (*self._watchers, *self._items.values()) if not t.done()]
         for task in tasks:
             task.cancel()
@@ -789,12 +814,15 @@ class TaskExecutor:
 class _Slots:
     """``limit`` slots for items to run in, given to waiters highest priority first (in order
     of arrival within one priority). A waiter cancelled after it was given a slot passes the
-    slot on."""
+    slot on; one cancelled before stays in the heap until popped, or until the cancelled ones
+    are more than half of it (then they are all dropped): a heap of waiters whose deadlines
+    passed while every slot stayed busy is not kept."""
 
     def __init__(self, limit: int) -> None:
         self.free = limit
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # (-priority, n, fut)
         self._arrivals = itertools.count()
+        self._gone = 0  # waiters in the heap that were cancelled before being given a slot
 
     async def acquire(self, priority: int) -> None:
         if self.free > 0 and not self._waiters:
@@ -807,7 +835,18 @@ class _Slots:
         except asyncio.CancelledError:
             if given.done() and not given.cancelled():  # given a slot, then cancelled
                 self.release()
+            else:
+                given.cancel()  # (cancelled with its task already: a stale entry either way)
+                self._left()
             raise
+
+    def _left(self) -> None:
+        """A waiter was cancelled in the heap: drop every cancelled one once they are most."""
+        self._gone += 1
+        if 2 * self._gone > len(self._waiters):
+            self._waiters = [w for w in self._waiters if not w[2].done()]
+            heapq.heapify(self._waiters)
+            self._gone = 0
 
     def release(self) -> None:
         while self._waiters:
@@ -815,6 +854,7 @@ class _Slots:
             if not given.done():  # (a cancelled waiter's future is done: skipped)
                 given.set_result(None)
                 return
+            self._gone -= 1
         self.free += 1
 
 

@@ -19,6 +19,10 @@ results as well. An entry is kept as a flat tuple of strings, numbers and bytes,
 garbage collector stops tracking: thousands of long-lived results would otherwise be walked by
 every older-generation collection (measured: ~10 us more node CPU per task at 64 in flight).
 
+Expired entries are dropped whenever the store is used (:meth:`~ResultReplay.keep`,
+:meth:`~ResultReplay.answer`) and by :meth:`~ResultReplay.expire`, which says when to call it
+next: the executor calls it from a timer, so an idle node does not hold its budget.
+
 Pure and synchronous: the clock is passed in. Not thread-safe (the node's event loop owns it).
 """
 
@@ -121,14 +125,20 @@ class ResultReplay:
         """The kept result of ``item``'s id, as the answer to its attempt, if it answered the
         same work asked by the same peer (:func:`work_of`); None if none is (never run here,
         expired, evicted, or other work or another peer under that id)."""
+        self._expire(now)
         kept = self._kept.get(item.item_id)
         if kept is None or kept[2] != work_of(asker, item):
             return None
-        if now - kept[0] >= self.keep_s:
-            self._expire(now)
-            return None
         self.stats.replayed += 1
         return _result(item.item_id, item.attempt, kept)
+
+    def expire(self, now: float) -> float | None:
+        """Drop the entries expired by ``now``; return when the oldest one left expires (on
+        the clock ``now`` is read from), None if none is left."""
+        self._expire(now)
+        if not self._kept:
+            return None
+        return next(iter(self._kept.values()))[0] + self.keep_s
 
     def _expire(self, now: float) -> None:
         while self._kept:

@@ -17,6 +17,9 @@ answering
     :meth:`~RevocationExchange.answer` gives the next page above the asker's version, at most
     once per ``answer_interval`` seconds to one peer, unless it asks for the page after the
     one it got (it moved on).
+    A member's shortfall is forgotten once it no longer claims that version among the live
+    members (it left, died or claims another; one that comes back claiming it is asked once
+    more): what is kept is bounded by the live members.
 taking answers
     :meth:`~RevocationExchange.take` drops an answer nobody asked for, one that came after
     ``patience`` or one longer than a page, and leaves out the entries we hold already; the
@@ -105,6 +108,7 @@ class RevocationExchange:
         while the last question is younger than ``patience`` or no member is worth asking.
         Call :meth:`asked` once the question is sent."""
         self._awaiting = {n: q for n, q in self._awaiting.items() if now - q.at < self.patience}
+        self._forget_shortfalls(claims)
         if self._asked_at is not None and now - self._asked_at < self.patience:
             return None
         return self._pick(claims, rng)
@@ -115,6 +119,15 @@ class RevocationExchange:
         """The question for the page after ``node``'s full answer, at once (None if ``node``
         no longer claims more than we hold)."""
         return self._pick({n: v for n, v in claims.items() if n == node}, rng)
+
+    def _forget_shortfalls(self, claims: Mapping[str, int]) -> None:
+        """Forget the shortfalls that no longer matter: of members not live any more (left,
+        died, forgotten) or that claim another version or one we hold by now."""
+        shortfall = self._shortfall
+        if any(claims.get(n) != v or v <= self._version for n, v in shortfall.items()):
+            self._shortfall = {
+                n: v for n, v in shortfall.items() if claims.get(n) == v and v > self._version
+            }
 
     def _pick(self, claims: Mapping[str, int], rng: random.Random):
         worth = sorted(
