@@ -38,7 +38,7 @@ import numpy as np
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
 from meshinfer.http_url import check_http_url, opener_for
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
-from meshinfer.runtime.data_dir import RUNTIME_FILE
+from meshinfer.runtime.data_dir import RUNTIME_FILE, stale_pid
 
 __all__ = [
     "BUSY_PAUSE_S",
@@ -220,6 +220,11 @@ def _runtime_facts(data_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a JSON document") from None
     if not isinstance(facts, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    if (pid := stale_pid(path, facts)) is not None:  # SIGKILLed: it could not remove the file
+        raise ConfigError(
+            f"{path}: no coordinator running (stale runtime file from pid {pid}; a coordinator"
+            " started on this data_dir replaces it once ready)"
+        )
     for key in ("api", "token_file"):
         if not isinstance(facts.get(key), str | None):
             raise ConfigError(f"{path}: {key!r} must be a string or null")

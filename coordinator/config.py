@@ -9,6 +9,7 @@ node's, so a coordinator joins the mesh exactly like a node does. Unknown or inv
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,14 @@ from node.config import (
 @dataclass(frozen=True)
 class CoordinatorSection:
     identity_dir: str = doc(
-        "", "directory made by `meshinfer-coord fleet enroll --roles coordinator`"
+        "",
+        "directory made by `meshinfer-coord fleet enroll --roles coordinator` (a relative path"
+        " is taken from this file's folder, not the working directory)",
     )
     data_dir: str = doc(
-        "", "where journal.db and runtime.json live (empty: a temp dir, removed at stop)"
+        "",
+        "where journal.db and runtime.json live (empty: a temp dir, removed at stop; relative:"
+        " from this file's folder)",
     )
     default_policy: str = doc(
         "least_loaded",
@@ -95,7 +100,9 @@ class ApiSection:
     enabled: bool = doc(True, "serve the HTTP API (tasks, nodes, stats, /metrics, /healthz)")
     listen: str = doc("127.0.0.1:7950", 'HTTP "host:port"; port 0 picks a free one')
     token_file: str = doc(
-        "", "file holding the bearer token (the fleet's `api-token`, made by `fleet init`)"
+        "",
+        "file holding the bearer token (the fleet's `api-token`, made by `fleet init`; relative:"
+        " from this file's folder)",
     )
     max_body_mib: int = doc(64, "largest request body accepted (a task's inputs), MiB")
     max_uploads_mib: int = doc(
@@ -166,8 +173,29 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Coordinato
 
 
 def load_config(path: str | Path) -> CoordinatorFileConfig:
-    """Read and validate ``path``; every problem is a ConfigError naming the file and key."""
-    return SCHEMA.load(path)
+    """Read and validate ``path``; every problem is a ConfigError naming the file and key.
+
+    A relative ``[coordinator] identity_dir`` or ``data_dir``, or ``[api] token_file``, is taken
+    from the file's folder (made absolute), so the daemon finds the same files whatever directory
+    it is started from.
+    """
+    return _paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent)
+
+
+_PATH_KEYS = {"coordinator": ("identity_dir", "data_dir"), "api": ("token_file",)}
+
+
+def _paths_from(config: CoordinatorFileConfig, folder: Path) -> CoordinatorFileConfig:
+    """``config`` with its relative paths joined to ``folder``."""
+    sections = {
+        name: {
+            key: str(folder / value)
+            for key in keys
+            if (value := getattr(getattr(config, name), key)) and not Path(value).is_absolute()
+        }
+        for name, keys in _PATH_KEYS.items()
+    }
+    return with_overrides(config, **{name: vals for name, vals in sections.items() if vals})
 
 
 def render_defaults(config: CoordinatorFileConfig | None = None) -> str:

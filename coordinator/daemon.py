@@ -4,7 +4,8 @@ Composition, in start order (reverse order on shutdown):
 
 1. identity and revocations from ``[coordinator] identity_dir`` (a certificate with the
    ``coordinator`` role) and the API token from ``[api] token_file``;
-2. the mesh: session listener, membership, discovery (the node's sections and code);
+2. the mesh: session listener, membership, discovery (the node's sections, and the start-up
+   code both daemons share: :mod:`meshinfer.runtime.startup`);
 3. the :class:`~coordinator.service.Coordinator` on its SQLite journal
    (``<data_dir>/journal.db``); starting it recovers every acknowledged, unfinished task;
 4. the HTTP API (:class:`~coordinator.api.CoordinatorApi`).
@@ -33,8 +34,8 @@ from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.startup import address_text, load_identity, mesh_options, start_mesh
 from meshinfer.tomlconfig import listen_failure, parse_address
-from node.daemon import load_identity, mesh_options, start_mesh
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class CoordinatorDaemon:
         return {
             "node_id": self.node_id,
             "pid": os.getpid(),
-            "session": str(self.mesh.address),
+            "session": address_text(self.mesh.address.host, self.mesh.address.port),
             "api": self.api.url if self.api else None,
             "token_file": str(Path(token_file).resolve()) if token_file else None,
             "journal": str(self.journal_path),

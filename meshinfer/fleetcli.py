@@ -23,7 +23,6 @@ Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import select
@@ -52,6 +51,7 @@ from meshinfer.proto.identity import (
     check_reason,
     check_roles,
 )
+from meshinfer.runtime.startup import utc_text
 
 EXIT_USAGE = 2
 EXIT_CLOSED_PIPE = 141
@@ -463,12 +463,3 @@ def _format_report(report: dict[str, Any]) -> str:
 
 def _count(n: int, singular: str, plural: str) -> str:
     return f"{n} {singular if n == 1 else plural}"
-
-
-def utc_text(seconds: float) -> str:
-    """``seconds`` as a UTC date and time, or as a number where no calendar date fits."""
-    try:
-        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds:.6g} s"
-    return moment.strftime("%Y-%m-%d %H:%M:%S")

@@ -9,6 +9,7 @@ expected "host:port", got "7946"``.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,14 @@ the math libraries take (a larger figure made their call raise at start, a trace
 @dataclass(frozen=True)
 class NodeSection:
     identity_dir: str = doc(
-        "", "directory made by `meshinfer-coord fleet enroll`: node.key, node.cert, fleet.json"
+        "",
+        "directory made by `meshinfer-coord fleet enroll`: node.key, node.cert, fleet.json (a"
+        " relative path is taken from this file's folder, not the working directory)",
     )
     data_dir: str = doc(
-        "", "where the node keeps its runtime.json (empty: a temp dir, removed at stop)"
+        "",
+        "where the node keeps its runtime.json (empty: a temp dir, removed at stop; relative:"
+        " from this file's folder)",
     )
 
 
@@ -338,8 +343,23 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> NodeConfig
 
 
 def load_config(path: str | Path) -> NodeConfig:
-    """Read and validate ``path``; every problem is a ConfigError naming the file and key."""
-    return SCHEMA.load(path)
+    """Read and validate ``path``; every problem is a ConfigError naming the file and key.
+
+    A relative ``[node] identity_dir`` or ``data_dir`` is taken from the file's folder (made
+    absolute), so the daemon finds the same directories whatever directory it is started from.
+    """
+    return _paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent)
+
+
+def _paths_from(config: NodeConfig, folder: Path) -> NodeConfig:
+    """``config`` with its relative directories joined to ``folder``."""
+    node = config.node
+    relative = {
+        key: str(folder / value)
+        for key in ("identity_dir", "data_dir")
+        if (value := getattr(node, key)) and not Path(value).is_absolute()
+    }
+    return with_overrides(config, node=relative) if relative else config
 
 
 def render_defaults(config: NodeConfig | None = None) -> str:

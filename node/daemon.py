@@ -28,30 +28,24 @@ import contextlib
 import logging
 import os
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshinfer.discovery.mdns import MdnsConfig
-from meshinfer.discovery.static import parse_seeds
-from meshinfer.errors import ConfigError, IdentityError, ModelNotFoundError, TransportError
-from meshinfer.fleetcli import utc_text
+from meshinfer.errors import ConfigError, ModelNotFoundError
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
 from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
 from meshinfer.inference.threads import limit_cpu_threads, restore_cpu_threads
-from meshinfer.proto.identity import NodeIdentity
-from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, log_failure, serve_until_signalled
-from meshinfer.runtime.node import MeshNode, MeshNodeOptions
-from meshinfer.runtime.session import SessionConfig
+from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.startup import address_text, load_identity, mesh_options, start_mesh
+from meshinfer.runtime.startup import check_validity as check_validity  # (its home was here)
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.tomlconfig import listen_failure
-from meshinfer.transport.base import LinkKind
 from node.config import NodeConfig, parse_address, parse_models
 from node.config import parse_model_ref as parse_model_ref  # (its home was here: re-exported)
 from node.executor import HAND_BACK_WRITE_S, TaskExecutor
@@ -65,79 +59,6 @@ LEAVE_S = 2.0
 STOP_S = DRAIN_S + HAND_BACK_WRITE_S + LEAVE_S
 """The longest a SIGTERM's drain and leave take (the hand-backs' writes may outlast the drain
 by up to :data:`~node.executor.HAND_BACK_WRITE_S`); closing comes after."""
-
-_PRESETS = {"lan": MembershipConfig.lan, "v2v": MembershipConfig.v2v, "test": MembershipConfig.test}
-
-
-def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
-    """The mesh sections of a node's or coordinator's file as :class:`MeshNodeOptions`.
-
-    ``config`` has ``network``, ``discovery``, ``membership`` and ``session`` sections (both
-    :class:`~node.config.NodeConfig` and the coordinator's file do). The revocation list file
-    watched and kept current is ``identity_dir``'s ``revocations.bin``.
-    """
-    d, s = config.discovery, config.session
-    mdns = None
-    if d.mdns:
-        interfaces = "all" if d.interfaces == ("all",) else tuple(d.interfaces)
-        mdns = MdnsConfig(interfaces=interfaces) if interfaces != ("127.0.0.1",) else None
-        mdns = mdns or MdnsConfig.loopback()
-    return MeshNodeOptions(
-        listen=parse_address(config.network.listen, "[network] listen"),
-        advertise_host=config.network.advertise_host,
-        link=LinkKind(config.network.link),
-        mdns=mdns,
-        seeds=tuple(parse_seeds(list(d.seeds), fleet_id=fleet_id)),
-        membership=_PRESETS[config.membership.preset](),
-        session=SessionConfig(
-            handshake_timeout=s.handshake_timeout,
-            idle_timeout=s.idle_timeout,
-            keepalive_interval=s.keepalive_interval,
-            rekey_after=s.rekey_after,
-            max_message_size=s.max_message_mib * 1024 * 1024,
-            verify_timeout=s.verify_timeout,
-        ),
-        revocations_file=NodeDirectory(Path(identity_dir)).revocations_bin,
-    )
-
-
-async def start_mesh(mesh: MeshNode, config: Any) -> None:
-    """Start ``mesh``; a ``[network] listen`` that cannot be bound is a ConfigError naming it."""
-    try:
-        await mesh.start()
-    except TransportError as exc:
-        if mesh.address is not None:  # listening: something after the bind failed
-            raise
-        raise listen_failure("[network] listen", config.network.listen, exc) from None
-
-
-def load_identity(directory: str, where: str) -> NodeIdentity:
-    """The identity in ``directory`` (made by ``fleet enroll``), or ConfigError naming ``where``."""
-    if not directory:
-        raise ConfigError(f"{where} is required (made by `fleet enroll`)")
-    try:
-        identity = NodeIdentity.load(directory)
-    except IdentityError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    check_validity(identity, where, now=time.time())
-    return identity
-
-
-def check_validity(identity: NodeIdentity, where: str, *, now: float) -> None:
-    """An expired certificate is a ConfigError (every peer refuses it: the daemon could only
-    sit alone); one not valid yet is a warning (this host's clock may be behind its peers')."""
-    cert = identity.certificate
-    if now > cert.not_after:
-        raise ConfigError(
-            f"{where}: the certificate of {cert.node_id!r} (serial {cert.serial}) expired at"
-            f" {utc_text(cert.not_after)} UTC; enrol the node again (fleet enroll --force)"
-        )
-    if now < cert.not_before:
-        log.warning(
-            "%s: the certificate of %r is valid only from %s UTC (is this host's clock behind?):"
-            " peers refuse it until then",
-            where, cert.node_id, utc_text(cert.not_before),
-        )  # fmt: skip
 
 
 def make_engine(config: NodeConfig) -> InferenceEngine:
@@ -212,7 +133,7 @@ class NodeDaemon:
         return {
             "node_id": self.node_id,
             "pid": os.getpid(),
-            "session": str(self.mesh.address),
+            "session": address_text(self.mesh.address.host, self.mesh.address.port),
             "http": self.http.url if self.http else None,
             "engine": self.config.inference.engine,
             "models": [str(m) for m in self.models],
@@ -257,18 +178,20 @@ class NodeDaemon:
         state = self.mesh.membership.state
         self.mesh.membership.update_state(_replace(state, models=models))
 
-    def set_mobility(self, position: Sequence[float], velocity: Sequence[float]) -> None:
+    def set_mobility(self, position: Sequence[float], velocity: Sequence[float]) -> bool:
         """Gossip where this node is and how it moves (metres, metres/second; empty: unknown,
         not moving), for the ``contact_aware`` policy: ``[mobility]`` at start, then ``POST
-        /position``. Both checked by the caller (2 or 3 finite numbers). On the loop."""
+        /position``. Both checked by the caller (2 or 3 finite numbers). On the loop. False
+        when nothing is gossiped any more (a drain left membership): nothing was taken."""
         membership = self.mesh.membership if self.mesh is not None else None
         if membership is None or membership.core.has_left:  # (a drain left: no gossip)
-            return
+            return False
         state = membership.state
         where = tuple(map(float, position)) or None
         motion = tuple(map(float, velocity)) or None
         if (state.position, state.velocity) != (where, motion):
             membership.update_state(_replace(state, position=where, velocity=motion))
+        return True
 
     async def _start_executor(self) -> None:
         assert self.mesh is not None

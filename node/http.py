@@ -9,7 +9,7 @@
                   "velocity": [vx, vy(, vz)]}`` (metres, metres/second; a key left out, null or
                   ``[]``: unknown, not moving), gossiped for the ``contact_aware`` policy
                   (``[mobility]``). 200 with what is published; 400 for a bad body; 403 from
-                  another host.
+                  another host; 503 once a drain has left the mesh (nothing is gossiped).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from meshinfer.proto.contact import check_vector
 from meshinfer.runtime.http_log import ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
+from meshinfer.runtime.startup import address_text
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
 from meshinfer.transport.base import Address
 
@@ -115,7 +116,8 @@ class NodeHttp:
             return _refuse(400, str(exc))
         if motion and len(motion) != len(where):
             return _refuse(400, "velocity needs a position of as many numbers")
-        self.daemon.set_mobility(where, motion)
+        if not self.daemon.set_mobility(where, motion):
+            return _refuse(503, "this node has left the mesh (draining): nothing is gossiped")
         published = {"position": list(where) or None, "velocity": list(motion) or None}
         return web.json_response(published)
 
@@ -186,6 +188,24 @@ def node_families(d: NodeDaemon) -> list[MetricFamily]:
         )
         out.append(
             family(
+                "meshinfer_items_dropped_total",
+                "counter",
+                "Work items a node passed here, cancelled because that node died, left or was"
+                " revoked (it handed them back to their coordinators).",
+                [({}, st.dropped)],
+            )
+        )
+        out.append(
+            family(
+                "meshinfer_offload_answers_refused_total",
+                "counter",
+                "Answers to items this node passed on, from a peer whose certificate is revoked:"
+                " not relayed (the item is handed back).",
+                [({}, st.answers_refused)],
+            )
+        )
+        out.append(
+            family(
                 "meshinfer_items_running",
                 "gauge",
                 "Work items running.",
@@ -228,7 +248,7 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
                     "node_id": m.node_id,
                     "status": m.status.value,
                     "incarnation": m.incarnation,
-                    "address": f"{m.state.host}:{m.state.port}",
+                    "address": address_text(m.state.host, m.state.port),
                     "roles": list(m.state.roles),
                     "models": [f"{x.model_id}@{x.version}" for x in m.state.models],
                     # a dead or left member's last gossiped queue is stale: none
@@ -237,12 +257,13 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
             )
     ready, problems = d.readiness()
     ex = d.executor
+    here = mesh.address if mesh is not None else None  # (IPv6 in brackets, as a seed's)
     return {
         "node_id": d.node_id,
         "fleet_id": d.identity.trust.fleet_id,
         "ready": ready,
         "problems": problems,
-        "session_address": str(mesh.address) if mesh and mesh.address else None,
+        "session_address": address_text(here.host, here.port) if here else None,
         "incarnation": mesh.membership.core.incarnation if mesh and mesh.membership else None,
         "members": members,
         "sessions": mesh.peers.connected if mesh else [],

@@ -43,8 +43,9 @@ def limit_cpu_threads(n: int) -> dict[str, int]:
     Returns ``{pool: threads}`` as read back afterwards, one entry per library loaded in this
     process, named by its kind (``"openblas"``, ``"mkl"``, ``"openmp"``; the library's file name
     is added when two are of one kind). Without ``threadpoolctl`` it logs a warning, changes
-    nothing and returns ``{}``. Each call with ``n > 0`` is undone by one
-    :func:`restore_cpu_threads`.
+    nothing and returns ``{}``. Each call with ``n > 0`` that returns is undone by one
+    :func:`restore_cpu_threads`; one that raises (a library refused ``n``) holds nothing (held by
+    nobody else, the pools are put back).
     """
     global _holders
     if n < 0:
@@ -57,26 +58,37 @@ def limit_cpu_threads(n: int) -> dict[str, int]:
             for lib in controller.lib_controllers:
                 _originals.setdefault(lib.filepath, lib.num_threads)
             _holders += 1
-            controller.limit(limits=n)
+            limited = False
+            try:
+                controller.limit(limits=n)
+                limited = True
+            finally:
+                if not limited:  # (a library refused n): no hold is left for nobody to undo,
+                    _release()  # and pools changed before the refusal are put back
     return cpu_thread_pools(controller)
 
 
 def restore_cpu_threads() -> None:
     """Undo one :func:`limit_cpu_threads` with ``n > 0``; the last one puts every pool back to
     the size it had before the first. Extra calls do nothing."""
-    global _holders
     with _lock:
-        if _holders == 0:
-            return
-        _holders -= 1
-        if _holders or not _originals:
-            return
-        controller = _controller()
-        if controller is not None:  # each library by its file (limit() matches those from 3.8)
-            for lib in controller.lib_controllers:
-                if lib.filepath in _originals:
-                    lib.set_num_threads(_originals[lib.filepath])
-        _originals.clear()
+        _release()
+
+
+def _release() -> None:
+    """Drop one hold (under ``_lock``); the last one puts the pools back."""
+    global _holders
+    if _holders == 0:
+        return
+    _holders -= 1
+    if _holders or not _originals:
+        return
+    controller = _controller()
+    if controller is not None:  # each library by its file (limit() matches those from 3.8)
+        for lib in controller.lib_controllers:
+            if lib.filepath in _originals:
+                lib.set_num_threads(_originals[lib.filepath])
+    _originals.clear()
 
 
 def cpu_thread_pools(controller: Any = None) -> dict[str, int]:

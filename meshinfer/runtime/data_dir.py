@@ -5,7 +5,9 @@ config, or, left empty, a fresh temporary directory that is removed when the dae
 (nothing could find it again). Once ready, a daemon records where it can be reached in
 ``<data_dir>/runtime.json`` (the CLIs' ``--data-dir`` reads it): written whole or not at all
 (a reader never sees half a file), and removed when the daemon closes if it is still this
-process's, so a stopped daemon is not taken for a running one.
+process's, so a stopped daemon is not taken for a running one. A daemon that could not remove
+it (SIGKILLed, the OOM killer, a power cut) leaves it behind: :func:`stale_pid` tells such a
+file from a running daemon's by the ``pid`` it records.
 """
 
 from __future__ import annotations
@@ -68,3 +70,29 @@ class DataDir:
             if json.loads(self.runtime_file.read_text()).get("pid") != os.getpid():
                 return  # not there, or another daemon's since (one on the same data_dir)
             self.runtime_file.unlink()
+
+
+def stale_pid(runtime_file: Path, facts: dict[str, Any]) -> int | None:
+    """The ``pid`` recorded in ``runtime_file`` (its ``facts``) if that daemon is gone: no such
+    process, a zombie, or a process started after the file was written (the pid was reused).
+    None while it may still run, or when no pid is recorded (nothing to tell by)."""
+    import psutil  # here: the command lines import this module and start fast
+
+    pid = facts.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return pid
+        started = process.create_time()
+    except psutil.NoSuchProcess:  # (a ZombieProcess too, where one is refused)
+        return pid
+    except psutil.Error:  # e.g. not allowed to look: it exists
+        return None
+    try:
+        written = runtime_file.stat().st_mtime
+    except OSError:
+        return None
+    # a daemon writes its file once ready, after it started (1 s: create_time is coarse)
+    return pid if started > written + 1.0 else None

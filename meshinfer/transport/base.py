@@ -34,7 +34,8 @@ class Address:
     port: int = 0
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        """``host:port``; an IPv6 host in brackets (``[::1]:7946``), as config and seeds take it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @runtime_checkable

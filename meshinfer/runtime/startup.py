@@ -1,0 +1,128 @@
+"""What both daemons (``meshinfer-node run``, ``meshinfer-coord serve``) do alike at start-up.
+
+:func:`load_identity` reads the node identity made by ``fleet enroll`` and refuses an expired
+certificate (:func:`check_validity`); :func:`mesh_options` turns the mesh sections their files
+share (``[network]``, ``[discovery]``, ``[membership]``, ``[session]``) into
+:class:`~meshinfer.runtime.node.MeshNodeOptions`; :func:`start_mesh` starts the mesh, naming the
+setting when the listener cannot bind; :func:`utc_text` writes a certificate's times for people.
+
+The command lines import :func:`utc_text` from here (``fleet show``), so this module imports
+only light modules at its top: the mesh's own (sessions, discovery, membership) are imported by
+:func:`mesh_options`, which only a starting daemon calls.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshinfer.errors import ConfigError, IdentityError, TransportError
+from meshinfer.identity_files import NodeDirectory
+from meshinfer.proto.identity import NodeIdentity
+from meshinfer.tomlconfig import listen_failure, parse_address
+from meshinfer.transport.base import LinkKind
+
+if TYPE_CHECKING:
+    from meshinfer.runtime.node import MeshNode, MeshNodeOptions
+
+log = logging.getLogger(__name__)
+
+
+def utc_text(seconds: float) -> str:
+    """``seconds`` as a UTC date and time, or as a number where no calendar date fits."""
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.6g} s"
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def load_identity(directory: str, where: str) -> NodeIdentity:
+    """The identity in ``directory`` (made by ``fleet enroll``), or ConfigError naming ``where``."""
+    if not directory:
+        raise ConfigError(f"{where} is required (made by `fleet enroll`)")
+    try:
+        identity = NodeIdentity.load(directory)
+    except IdentityError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    check_validity(identity, where, now=time.time())
+    return identity
+
+
+def check_validity(identity: NodeIdentity, where: str, *, now: float) -> None:
+    """An expired certificate is a ConfigError (every peer refuses it: the daemon could only
+    sit alone); one not valid yet is a warning (this host's clock may be behind its peers')."""
+    cert = identity.certificate
+    if now > cert.not_after:
+        raise ConfigError(
+            f"{where}: the certificate of {cert.node_id!r} (serial {cert.serial}) expired at"
+            f" {utc_text(cert.not_after)} UTC; enrol the node again (fleet enroll --force)"
+        )
+    if now < cert.not_before:
+        log.warning(
+            "%s: the certificate of %r is valid only from %s UTC (is this host's clock behind?):"
+            " peers refuse it until then",
+            where, cert.node_id, utc_text(cert.not_before),
+        )  # fmt: skip
+
+
+def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
+    """The mesh sections of a node's or coordinator's file as :class:`MeshNodeOptions`.
+
+    ``config`` has ``network``, ``discovery``, ``membership`` and ``session`` sections (both
+    :class:`~node.config.NodeConfig` and the coordinator's file do). The revocation list file
+    watched and kept current is ``identity_dir``'s ``revocations.bin``.
+    """
+    from meshinfer.discovery.mdns import MdnsConfig
+    from meshinfer.discovery.static import parse_seeds
+    from meshinfer.proto.membership_config import MembershipConfig
+    from meshinfer.runtime.node import MeshNodeOptions
+    from meshinfer.runtime.session import SessionConfig
+
+    presets = {
+        "lan": MembershipConfig.lan,
+        "v2v": MembershipConfig.v2v,
+        "test": MembershipConfig.test,
+    }
+    d, s = config.discovery, config.session
+    mdns = None
+    if d.mdns:
+        interfaces = "all" if d.interfaces == ("all",) else tuple(d.interfaces)
+        mdns = MdnsConfig(interfaces=interfaces) if interfaces != ("127.0.0.1",) else None
+        mdns = mdns or MdnsConfig.loopback()
+    return MeshNodeOptions(
+        listen=parse_address(config.network.listen, "[network] listen"),
+        advertise_host=config.network.advertise_host,
+        link=LinkKind(config.network.link),
+        mdns=mdns,
+        seeds=tuple(parse_seeds(list(d.seeds), fleet_id=fleet_id)),
+        membership=presets[config.membership.preset](),
+        session=SessionConfig(
+            handshake_timeout=s.handshake_timeout,
+            idle_timeout=s.idle_timeout,
+            keepalive_interval=s.keepalive_interval,
+            rekey_after=s.rekey_after,
+            max_message_size=s.max_message_mib * 1024 * 1024,
+            verify_timeout=s.verify_timeout,
+        ),
+        revocations_file=NodeDirectory(Path(identity_dir)).revocations_bin,
+    )
+
+
+async def start_mesh(mesh: MeshNode, config: Any) -> None:
+    """Start ``mesh``; a ``[network] listen`` that cannot be bound is a ConfigError naming it."""
+    try:
+        await mesh.start()
+    except TransportError as exc:
+        if mesh.address is not None:  # listening: something after the bind failed
+            raise
+        raise listen_failure("[network] listen", config.network.listen, exc) from None
+
+
+def address_text(host: str, port: int) -> str:
+    """``host:port`` as the daemons write an address for people and their files, IPv6 in
+    brackets (``[::1]:7946``) as ``[network] listen`` and seeds take it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
