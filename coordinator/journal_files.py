@@ -5,12 +5,13 @@ Two coordinators on one journal would each recover the other's live tasks and ru
 and each keeps the live tasks it accepted in memory (:mod:`coordinator.journal_hot`) and judges
 their results there, blind to what the other wrote. So a :class:`~coordinator.journal.Journal`
 holds an exclusive ``flock`` on ``<journal>-lock`` for as long as it is open
-(:func:`lock_journal`), and a second one is refused, naming the process that holds it. The lock
-is a file of its own, not the database: SQLite's own (POSIX) locks on the database are dropped
-when *any* descriptor of that file in the process is closed. Readers
-(:func:`~coordinator.journal.read_stats`, the CLI) take no lock: WAL lets them read beside the
-writer. The kernel drops the lock when its process dies, so a crash leaves nothing to clean up
-(the file stays, unlocked).
+(:func:`lock_journal`, by :func:`meshinfer.filelock.lock_file`), and a second one is refused,
+naming the process that holds it. The lock is a file of its own, not the database: SQLite's own
+(POSIX) locks on the database are dropped when *any* descriptor of that file in the process is
+closed. A lock file of another user (left by a coordinator run as root) is an error naming that
+user and what to do. Readers (:func:`~coordinator.journal.read_stats`, the CLI) take no lock:
+WAL lets them read beside the writer. The kernel drops the lock when its process dies, so a
+crash leaves nothing to clean up (the file stays, unlocked).
 
 Every ``sqlite3`` error while the journal opens (a directory, random bytes, a damaged file, a
 read-only place, a full disk) becomes a :class:`JournalFileError` naming the file and what is
@@ -19,8 +20,6 @@ wrong (:func:`explained`): the operator meets it as one line from ``meshinfer-co
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from coordinator.journal_schema import SchemaError
 from meshinfer.errors import MeshInferError
+from meshinfer.filelock import LockHeld, LockUnavailable, lock_file
 
 __all__ = ["LOCK_SUFFIX", "JournalFileError", "explained", "lock_journal"]
 
@@ -52,40 +52,20 @@ class JournalFileError(MeshInferError):
 def lock_journal(path: Path) -> int:
     """Take the journal's lock (see the module docstring); its descriptor, which holds the lock
     until it is closed. :class:`JournalFileError` if another journal holds it, or the lock
-    file cannot be made."""
+    file cannot be made or opened (one of another user names that user and what to do)."""
     if path.is_dir():
         raise JournalFileError(f"journal {path} is a directory, not a file")
-    lock_path = f"{path}{LOCK_SUFFIX}"
+    lock_path = Path(f"{path}{LOCK_SUFFIX}")
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise JournalFileError(f"journal {path}: cannot make {lock_path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _holder(fd)
-        os.close(fd)
-        if isinstance(exc, BlockingIOError):
-            raise JournalFileError(
-                f"journal {path} is in use by another coordinator{holder}: one journal serves"
-                " one coordinator (stop that one, or give this one another data_dir)"
-            ) from None
-        raise JournalFileError(f"journal {path}: cannot lock {lock_path}: {exc.strerror}") from None
-    try:  # who holds it, for the message above; best effort (e.g. on a full disk)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError:
-        pass
-    return fd
-
-
-def _holder(fd: int) -> str:
-    """`` (pid N)`` as the lock file says, or nothing if it says no pid."""
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {text})" if text.isdigit() else ""
+        return lock_file(lock_path)
+    except LockHeld as exc:
+        holder = f" (pid {exc.pid})" if exc.pid else ""
+        raise JournalFileError(
+            f"journal {path} is in use by another coordinator{holder}: one journal serves"
+            " one coordinator (stop that one, or give this one another data_dir)"
+        ) from None
+    except LockUnavailable as exc:
+        raise JournalFileError(f"journal {path}: {exc}") from None
 
 
 @contextmanager

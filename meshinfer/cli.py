@@ -1,4 +1,7 @@
-"""``meshinfer``: the umbrella command (``demo``, ``wire-demo``, ``version``)."""
+"""``meshinfer``: the umbrella command (``demo``, ``wire-demo``, ``fleet``, ``version``).
+
+``meshinfer fleet ...`` is the fleet authority's command group of ``meshinfer-coord fleet``
+and ``meshinfer-node fleet`` (:mod:`meshinfer.fleetcli`, one implementation)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import sys
 from pathlib import Path
 
 from meshinfer import PROTOCOL_VERSION, __version__
+from meshinfer.fleetcli import CommandParser, add_fleet_commands, dispatch, parse_command_line
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshinfer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    description = "meshinfer: demos on this machine, the fleet authority's commands, version"
+    parser = CommandParser(prog="meshinfer", description=description)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser(
         "demo",
         help="a coordinator and node daemons on this machine classify digits together",
@@ -32,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     wire.add_argument("--messages", type=int, default=5, help="messages each way (default 5)")
     wire.add_argument("--quiet", action="store_true", help="print only the summary")
+    add_fleet_commands(sub)
     sub.add_parser("version", help="print the package and protocol versions")
     return parser
 
@@ -56,7 +62,12 @@ def _unusable_keep_dir(path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parse_command_line(parser, argv)
+    if isinstance(args, int):  # --help, or a usage error (one line on stderr, exit code 2)
+        return args
+    if args.command == "fleet":
+        return dispatch(parser, args)
     try:
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C before a demo set its own handlers (while importing)

@@ -1,9 +1,10 @@
 """Command-line plumbing shared by ``meshinfer-node`` and ``meshinfer-coord``, and the ``fleet``
-subcommands both of them carry.
+subcommands both of them carry, as does ``meshinfer`` (one implementation: these functions).
 
 Every command is an argparse subparser whose ``handler`` default takes the parsed namespace and
-returns an exit code. :func:`run_cli` parses, dispatches and turns every expected failure (a bad
-argument, a :class:`MeshInferError`, an ``OSError``) into one line on stderr and exit code 2, so
+returns an exit code. :func:`run_cli` parses, dispatches (:func:`dispatch`, which ``meshinfer
+fleet`` uses as well) and turns every expected failure (a bad argument, a
+:class:`MeshInferError`, an ``OSError``) into one line on stderr and exit code 2, so
 a user never sees a traceback; a reader that closed stdout early (``| head``) ends the command
 quietly with exit code 141. To add a command to a CLI::
 
@@ -13,9 +14,11 @@ quietly with exit code 141. To add a command to a CLI::
 
 Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
 
-    fleet init    --dir DIR --fleet-id ID [--force]
+    fleet init    --dir DIR --fleet-id ID [--force]      (--force keeps the old fleet's files)
     fleet sign    --dir DIR --node-id ID --pubkey HEX|FILE --roles R[,R...] [--days N] --out FILE
+                  [--force] [--new-key]
     fleet enroll  --dir DIR --node-dir NODEDIR --node-id ID --roles R[,R...] [--days N] [--force]
+                  [--new-key]
     fleet revoke  --dir DIR (--node-id ID | --serial N) [--reason TEXT]
     fleet show    --dir DIR [--json]
 """
@@ -40,6 +43,7 @@ from meshinfer.identity_files import (
     FleetDirectory,
     NodeDirectory,
     enroll,
+    init_fleet,
     write_new_file,
 )
 from meshinfer.proto.identity import (
@@ -98,12 +102,27 @@ def command_line(
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv``, run the chosen command's handler and return its exit code."""
     _tolerate_unencodable_output()
+    args = parse_command_line(parser, argv)
+    return args if isinstance(args, int) else dispatch(parser, args)
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace | int:
+    """The parsed ``argv``, or the exit code where parsing ended the command (``--help``,
+    ``--version``: 0; a usage error, already printed: 2)."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return parser.parse_args(argv)
+    except SystemExit as exc:
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the handler ``args`` chose and return its exit code; every expected failure is one
+    line on stderr (see the module docstring)."""
+    _tolerate_unencodable_output()
     try:
         code = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in a warning at exit
@@ -287,7 +306,12 @@ def _command(commands: Any, name: str, help_text: str, handler: Handler) -> argp
 def _add_init(commands: Any) -> None:
     parser = _command(commands, "init", "create a fleet authority and its directory", _init)
     parser.add_argument("--fleet-id", required=True, type=FLEET_ID)
-    parser.add_argument("--force", action="store_true", help="overwrite an existing fleet")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing (or unfinished) fleet; its files are moved to a"
+        " replaced-<UTC time> directory inside --dir, not deleted",
+    )
 
 
 def _add_sign(commands: Any) -> None:
@@ -297,6 +321,7 @@ def _add_sign(commands: Any) -> None:
     _add_roles_and_days(parser)
     parser.add_argument("--out", required=True, type=Path, help="certificate file to write")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_new_key(parser)
 
 
 def _add_enroll(commands: Any) -> None:
@@ -306,6 +331,16 @@ def _add_enroll(commands: Any) -> None:
     parser.add_argument("--node-id", required=True, type=NODE_ID)
     _add_roles_and_days(parser)
     parser.add_argument("--force", action="store_true", help="replace the node's cert and copies")
+    _add_new_key(parser)
+
+
+def _add_new_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--new-key",
+        action="store_true",
+        help="certify a node id that holds a good certificate for another key (the node moves"
+        " to a new key; revoke the old serial once it runs with the new one)",
+    )
 
 
 def _add_revoke(commands: Any) -> None:
@@ -328,10 +363,12 @@ def _add_roles_and_days(parser: argparse.ArgumentParser) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    fleet = FleetDirectory.init(args.dir, args.fleet_id, force=args.force)
+    fleet, replaced = init_fleet(args.dir, args.fleet_id, force=args.force, now=time.time())
     trust = fleet.trust()
     print(f"fleet {trust.fleet_id} created in {args.dir}")
     print(f"authority key fingerprint {trust.authority_fingerprint}")
+    if replaced is not None:
+        print(f"the fleet it replaced (its authority key too) was moved to {replaced}")
     return 0
 
 
@@ -340,7 +377,14 @@ def _sign(args: argparse.Namespace) -> int:
     fleet.authority()  # refuse early if the authority is unusable
     _check_output(args.out, args.force)  # before a serial is issued that no file would hold
     lifetime = args.days * SECONDS_PER_DAY
-    cert = fleet.sign(args.node_id, args.pubkey, args.roles, now=time.time(), lifetime_s=lifetime)
+    cert = fleet.sign(
+        args.node_id,
+        args.pubkey,
+        args.roles,
+        now=time.time(),
+        lifetime_s=lifetime,
+        new_key=args.new_key,
+    )
     write_new_file(args.out, cert.to_bytes(), mode=PUBLIC_MODE, force=args.force)
     print(f"signed serial {cert.serial} for node {cert.node_id} ({cert.fingerprint}) -> {args.out}")
     return 0
@@ -365,6 +409,7 @@ def _enroll(args: argparse.Namespace) -> int:
         now=time.time(),
         lifetime_s=args.days * SECONDS_PER_DAY,
         force=args.force,
+        new_key=args.new_key,
     )
     cert = identity.certificate
     print(f"enrolled node {cert.node_id} serial {cert.serial} ({cert.fingerprint}) in {node.path}")

@@ -9,6 +9,14 @@ Fleet directory (kept by the fleet operator, e.g. on the coordinator host)::
     issued.json      0644  index of issued certificates, {"format": 1, "certificates": [...]};
                            serials are allocated from it (highest + 1)
     api-token        0600  random url-safe token for the coordinator HTTP API
+    replaced-<UTC time>/  0700  the files of a fleet ``fleet init --force`` replaced
+
+``fleet init`` is all or nothing: it writes the five files into a private directory inside the
+fleet directory, then names them, ``fleet.json`` last; a fleet directory holding some of them
+without ``fleet.json`` (an init cut short) is refused as an unfinished fleet until
+``init --force`` makes it again. ``--force`` moves the files it replaces (the authority key
+too) into ``replaced-<UTC time>/`` instead of deleting them. A node id that holds a good
+certificate for another key is not certified again unless asked (``--new-key``).
 
 Node directory (one per vehicle, roadside unit or coordinator)::
 
@@ -30,11 +38,12 @@ with a size cap. Every failure raises :class:`IdentityError` naming the file.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import secrets
+import shutil
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import AdmissionError, ConfigError, IdentityError, RemoteProtocolError
+from meshinfer.filelock import LockHeld, LockUnavailable, lock_directory
 from meshinfer.proto.identity import (
     MAX_REVOCATION_LIST_BYTES,
     FleetAuthority,
@@ -61,6 +71,10 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 MAX_FILE_BYTES = 64 * 1024 * 1024  # the issued-certificates index is the largest file
 MAX_SMALL_FILE_BYTES = 64 * 1024  # keys, tokens, fleet.json
+#: a fleet directory's files, in the order ``fleet init`` names them: the trust anchor last
+FLEET_FILES = ("authority.key", "api-token", "revocations.bin", "issued.json", "fleet.json")
+STAGING_PREFIX = ".init-"  # where ``fleet init`` writes a new fleet before naming its files
+BACKUP_PREFIX = "replaced-"  # where ``fleet init --force`` keeps the fleet it replaced
 
 
 # --- low-level file helpers --------------------------------------------------------------------
@@ -99,6 +113,36 @@ def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat
     """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
     the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
     return write_new_file(path, data, mode=mode, force=True)
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """``path``'s (mtime in ns, size), which every write changes; None if there is no file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def replace_unchanged(
+    path: Path, data: bytes, stamp: tuple[int, int] | None, *, mode: int = PUBLIC_MODE
+) -> os.stat_result | None:
+    """:func:`replace_file`, unless ``path`` no longer has ``stamp`` (:func:`file_stamp`; None:
+    no file) once the new contents are on disk: then ``path`` is left as it is and None returned.
+    So a file someone is writing meanwhile (an operator's copy) is not renamed over, which
+    would send the rest of their writes to a file nobody can read."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    written = _write_temporary(temporary, data, mode, path)
+    try:
+        if file_stamp(path) != stamp:
+            return None
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        _remove_quietly(temporary)
+    _sync_directory(path.parent)
+    return written
 
 
 def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.stat_result:
@@ -289,31 +333,19 @@ class FleetDirectory:
 
     @classmethod
     def init(cls, path: Path, fleet_id: str, *, force: bool = False) -> FleetDirectory:
-        """Create a new fleet: authority key, trust anchor, empty index and revocations, token."""
-        fleet = cls(Path(path))
-        files = [fleet.authority_key, fleet.fleet_json, fleet.revocations_bin, fleet.issued_json]
-        _refuse_existing([*files, fleet.api_token_file], force)
-        _refuse_directories([*files, fleet.api_token_file])  # before replacing anything
-        authority = FleetAuthority.create(fleet_id)
-        _make_dir(fleet.path)
-        write_new_file(
-            fleet.authority_key,
-            authority.seed.hex().encode() + b"\n",
-            mode=SECRET_MODE,
-            force=force,
-        )
-        token = secrets.token_urlsafe(32).encode() + b"\n"
-        write_new_file(fleet.api_token_file, token, mode=SECRET_MODE, force=force)
-        write_new_file(
-            fleet.fleet_json, trust_to_json(authority.trust), mode=PUBLIC_MODE, force=force
-        )
-        empty = RevocationList(fleet_id).to_bytes()
-        write_new_file(fleet.revocations_bin, empty, mode=PUBLIC_MODE, force=force)
-        write_new_file(fleet.issued_json, _index_json([]), mode=PUBLIC_MODE, force=force)
-        return fleet
+        """Create a new fleet: authority key, trust anchor, empty index and revocations, token
+        (see :func:`init_fleet`, which also says where a replaced fleet went)."""
+        return init_fleet(Path(path), fleet_id, force=force, now=time.time())[0]
+
+    def files(self) -> list[Path]:
+        """The fleet's five files, in the order :func:`init_fleet` gives them their names
+        (``fleet.json`` last: a directory without it holds no finished fleet)."""
+        return [self.path / name for name in FLEET_FILES]
 
     def trust(self) -> FleetTrust:
         """The fleet's public trust anchor."""
+        if not self.fleet_json.exists():
+            _refuse_unfinished(self)
         return load_trust(self.fleet_json)
 
     def authority(self) -> FleetAuthority:
@@ -373,13 +405,20 @@ class FleetDirectory:
         *,
         now: float,
         lifetime_s: float,
+        new_key: bool = False,
     ) -> NodeCertificate:
-        """Issue a certificate valid from ``now`` for ``lifetime_s`` seconds and index it."""
+        """Issue a certificate valid from ``now`` for ``lifetime_s`` seconds and index it.
+
+        A node id that holds a good certificate (issued, not revoked, not expired) for another
+        key is refused (two machines under one id), unless ``new_key`` (the node moves to a new
+        key; revoke the old serial once it runs with the new one)."""
         if not lifetime_s > 0:
             raise ConfigError(f"certificate lifetime must be positive, got {lifetime_s}")
         authority = self.authority()
         with self._exclusive():
             issued = self.issued()
+            if not new_key:
+                self.refuse_another_key(node_id, static_public, now=now, issued=issued)
             serial = max((c.serial for c in issued), default=0) + 1
             cert = authority.sign(
                 node_id=node_id,
@@ -391,6 +430,34 @@ class FleetDirectory:
             )
             replace_file(self.issued_json, _index_json([*issued, cert]))
         return cert
+
+    def refuse_another_key(
+        self,
+        node_id: str,
+        static_public: bytes | None,
+        *,
+        now: float,
+        issued: list[NodeCertificate] | None = None,
+    ) -> None:
+        """:class:`IdentityError` if ``node_id`` holds a good certificate for a key other than
+        ``static_public`` (None: a key not made yet), saying what to do."""
+        revocations = self.revocations()
+        holding = [
+            c
+            for c in (self.issued() if issued is None else issued)
+            if c.node_id == node_id
+            and c.static_public != static_public
+            and now <= c.not_after
+            and not revocations.is_revoked(c)
+        ]
+        if holding:
+            held = holding[-1]
+            raise IdentityError(
+                f"node id {node_id!r} already holds serial {held.serial} for another key"
+                f" ({held.fingerprint}), so two machines would share it: revoke that one first"
+                f" (fleet revoke --serial {held.serial}), or give --new-key if the node moves"
+                " to a new key (and revoke the old serial once it runs with the new one)"
+            )
 
     def revoke(
         self, *, now: float, serial: int | None = None, node_id: str | None = None, reason: str = ""
@@ -413,23 +480,126 @@ class FleetDirectory:
         return entry
 
 
+def init_fleet(
+    path: Path, fleet_id: str, *, force: bool = False, now: float
+) -> tuple[FleetDirectory, Path | None]:
+    """Create a new fleet in ``path``, all or nothing; return it, and the directory inside
+    ``path`` that the fleet it replaced (``force``) was moved to, or None.
+
+    The five files are written into a directory of their own inside ``path`` first, then
+    given their names one by one, ``fleet.json`` last; a fleet replaced is first moved aside
+    (``fleet.json`` first) into ``replaced-<UTC time>/``. So an init cut short leaves either
+    the old fleet whole, or files without a ``fleet.json``, which every fleet command refuses
+    as an unfinished fleet (:meth:`FleetDirectory.trust`) until ``--force`` makes it again.
+    """
+    fleet = FleetDirectory(Path(path))
+    _refuse_directories(fleet.files())  # before replacing anything
+    authority = FleetAuthority.create(fleet_id)
+    contents = {
+        "authority.key": (authority.seed.hex().encode() + b"\n", SECRET_MODE),
+        "api-token": (secrets.token_urlsafe(32).encode() + b"\n", SECRET_MODE),
+        "revocations.bin": (RevocationList(fleet_id).to_bytes(), PUBLIC_MODE),
+        "issued.json": (_index_json([]), PUBLIC_MODE),
+        "fleet.json": (trust_to_json(authority.trust), PUBLIC_MODE),
+    }
+    _make_dir(fleet.path)
+    with fleet._exclusive():
+        existing = [p for p in fleet.files() if p.exists() or p.is_symlink()]
+        if existing and not force:
+            _refuse_unfinished(fleet)
+            _refuse_existing(existing, force)
+        _remove_staging_left_over(fleet.path)  # by an init cut short (it holds a secret)
+        staging = _stage(fleet.path, contents)
+        try:
+            backup = _set_aside(fleet.path, existing, now) if existing else None
+            _name_files(staging, fleet.path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return fleet, backup
+
+
+def _stage(directory: Path, contents: dict[str, tuple[bytes, int]]) -> Path:
+    """A new private directory inside ``directory`` holding ``contents``, flushed to disk."""
+    staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(mode=0o700)
+    except OSError as exc:
+        raise IdentityError(f"cannot create directory {staging}: {exc.strerror}") from None
+    try:
+        for name, (data, mode) in contents.items():
+            write_new_file(staging / name, data, mode=mode)
+    except IdentityError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _set_aside(directory: Path, files: list[Path], now: float) -> Path:
+    """Move ``files`` (``fleet.json`` first) into a new ``replaced-<UTC time>`` directory
+    inside ``directory``; return it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    for attempt in range(1, 1000):
+        backup = directory / f"{BACKUP_PREFIX}{stamp}{'' if attempt == 1 else f'-{attempt}'}"
+        try:
+            backup.mkdir(mode=0o700)  # it holds the old authority key
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise IdentityError(f"cannot create directory {backup}: {exc.strerror}") from None
+    else:
+        raise IdentityError(f"cannot create a {BACKUP_PREFIX}{stamp} directory in {directory}")
+    for path in sorted(files, key=lambda p: p.name != "fleet.json"):
+        _rename(path, backup / path.name)
+    _sync_directory(backup)
+    _sync_directory(directory)
+    return backup
+
+
+def _name_files(staging: Path, directory: Path) -> None:
+    """Move the staged fleet's files into ``directory``, ``fleet.json`` last."""
+    for name in FLEET_FILES:
+        _rename(staging / name, directory / name)
+    _sync_directory(directory)
+
+
+def _rename(source: Path, target: Path) -> None:
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        raise IdentityError(f"cannot move {source} to {target}: {exc.strerror}") from None
+
+
+def _remove_staging_left_over(directory: Path) -> None:
+    for left in directory.glob(f"{STAGING_PREFIX}*"):
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _refuse_unfinished(fleet: FleetDirectory) -> None:
+    """:class:`IdentityError` if ``fleet`` holds some of its files but not ``fleet.json``."""
+    present = [p.name for p in fleet.files() if p.exists() or p.is_symlink()]
+    if present and "fleet.json" not in present:
+        backups = sorted(p.name for p in fleet.path.glob(f"{BACKUP_PREFIX}*"))
+        kept = f"; the fleet replaced last is in {backups[-1]}/ there" if backups else ""
+        raise IdentityError(
+            f"fleet directory {fleet.path} holds an unfinished fleet ({', '.join(present)}"
+            f" without fleet.json: a `fleet init` was cut short{kept}); make it again with"
+            " `fleet init --force`, which keeps these files in a backup directory"
+        )
+
+
 def _lock_directory(path: Path) -> int:
     """An open descriptor of ``path`` holding its exclusive lock (close it to unlock)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        raise IdentityError(f"cannot open fleet directory {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if isinstance(exc, BlockingIOError):
-            raise IdentityError(
-                f"fleet directory {path} is in use by another fleet command;"
-                " run this one again when that one is done"
-            ) from None
-        raise IdentityError(f"cannot lock fleet directory {path}: {exc.strerror}") from None
-    return fd
+        return lock_directory(path)
+    except LockHeld:
+        raise IdentityError(
+            f"fleet directory {path} is in use by another fleet command;"
+            " run this one again when that one is done"
+        ) from None
+    except LockUnavailable as exc:
+        raise IdentityError(f"fleet directory {path}: {exc}") from None
 
 
 def _index_json(certs: list[NodeCertificate]) -> bytes:
@@ -544,14 +714,19 @@ def enroll(
     now: float,
     lifetime_s: float,
     force: bool = False,
+    new_key: bool = False,
 ) -> NodeIdentity:
-    """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations."""
+    """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations.
+    ``new_key``: as for :meth:`FleetDirectory.sign`."""
     outputs = [node.node_cert, node.fleet_json, node.revocations_bin]
     _refuse_existing(outputs, force)
     _refuse_directories(outputs)  # before a serial is issued that no file would hold
     trust, revocations = fleet.trust(), fleet.revocations()
     fleet.authority()  # fail on a bad authority key before touching the node directory
-    public = static_public_key(node.static_private()) if node.has_key() else node.keygen()
-    cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s)
+    present = static_public_key(node.static_private()) if node.has_key() else None
+    if not new_key:  # before a key is made for a node id that is taken
+        fleet.refuse_another_key(node_id, present, now=now)
+    public = present if present is not None else node.keygen()
+    cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key)
     node.install(cert, trust, revocations, force=force)
     return node.load()

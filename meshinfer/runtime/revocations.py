@@ -35,9 +35,11 @@ node answers each peer at most once per ``answer_interval_s`` unless it asks for
 The list file is only ever replaced whole, and reading or writing it holds one lock: a file the
 operator copied in is merged before the node writes its own list over it, and one that lacks
 entries in force (an older list copied in) is written over with the list in force, which a
-restart reads. Versions compare the highest sequence numbers only: the authority numbers its
-entries 1, 2, 3... and every list it writes holds all of them, so a list with the same version
-holds the same entries.
+restart reads. A file that does not parse (damaged, or still being copied in) is never written
+over: a warning names it, the last good list stays in force, and the file is read again when it
+changes. Nor is a file that changed since it was last read (the node reads it first). Versions
+compare the highest sequence numbers only: the authority numbers its entries 1, 2, 3... and
+every list it writes holds all of them, so a list with the same version holds the same entries.
 
 Concurrency: everything runs on the node's loop; signature checks and file I/O run in worker
 threads.
@@ -55,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import IdentityError, RevocationError
-from meshinfer.identity_files import load_revocations, replace_file
+from meshinfer.identity_files import file_stamp, load_revocations, replace_unchanged
 from meshinfer.proto.identity import (
     MAX_REVOCATION_ENTRIES,
     FleetTrust,
@@ -161,7 +163,9 @@ class RevocationSync:
             patience=self.config.ask_timeout_s,
             answer_interval=self.config.answer_interval_s,
         )
-        self._seen_file: tuple[int, int] | None = None  # None: read the file at the first look
+        #: the list file's stamp when last looked at (None: absent, or not looked at yet)
+        self._seen_file: tuple[int, int] | None = None
+        self._file_unusable = False  # the file as last read does not parse: never written over
         self._file_lock = asyncio.Lock()
         self._cut_off: list[Callable[[CutOff], None]] = []
         self._cutting: set[Session] = set()  # sessions being closed for a revoked certificate
@@ -251,17 +255,27 @@ class RevocationSync:
             await self._write_down()
 
     async def _read_file_if_changed(self) -> RevocationList | None:
-        """The file's list if it changed since last read (call holding ``_file_lock``)."""
+        """The file's list if it changed since last read (call holding ``_file_lock``). A file
+        that does not parse (damaged, or half-copied by an operator) is logged and marked
+        unusable until it changes: the list in force stays, and is not written over it."""
         stamp = _stamp_of(self.store)
-        if stamp is None or stamp == self._seen_file:  # no file (or no store: _stamp_of None)
+        if stamp == self._seen_file:  # unchanged, still absent, or no store
+            return None
+        self._seen_file = stamp  # if it changed again while read, the next look reads it again
+        self._file_unusable = False
+        if stamp is None:
             return None
         try:
-            listed = await asyncio.to_thread(load_revocations, self.store, self.trust)
+            return await asyncio.to_thread(load_revocations, self.store, self.trust)
         except IdentityError as exc:
-            log.warning("revocation list file not used: %s", exc)
-            listed = None
-        self._seen_file = stamp  # if it changed again while read, the next look reads it again
-        return listed
+            self._file_unusable = True
+            log.warning(
+                "revocation list file not used: %s; the list in force (version %d) stays, and"
+                " is not written over that file until it changes",
+                exc,
+                self.version,
+            )
+            return None
 
     # --- peers' questions and answers --------------------------------------------------------
 
@@ -379,20 +393,31 @@ class RevocationSync:
 
     async def _write_down(self) -> None:
         """Write the list in force to ``store``, merging first what the file holds if it was
-        replaced meanwhile (by the operator): its entries are never overwritten unread."""
+        replaced meanwhile (by the operator): its entries are never overwritten unread. A file
+        that does not parse (perhaps one the operator is still copying in) is left as it is;
+        so is one that changes while this write is made ready: the next look reads it."""
         if self.store is None:
             return
         async with self._file_lock:
             listed = await self._read_file_if_changed()
             if listed is not None:
                 self._merge(listed, f"file {self.store}")
-            current = self.revocations
+            if self._file_unusable:
+                log.warning(
+                    "revocation list (version %d) not written to %s: that file does not parse;"
+                    " it is written once the file is fixed or removed",
+                    self.version,
+                    self.store,
+                )
+                return
+            current, seen = self.revocations, self._seen_file
             try:
-                written = await asyncio.to_thread(_write, self.store, current)
+                written = await asyncio.to_thread(_write, self.store, current, seen)
             except (IdentityError, OSError) as exc:
                 log.warning("revocation list not written to %s: %s", self.store, exc)
                 return
-            self._seen_file = (written.st_mtime_ns, written.st_size)  # our own write: not news
+            if written is not None:  # our own write: not news
+                self._seen_file = (written.st_mtime_ns, written.st_size)
 
     def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
         if self._closed:
@@ -402,18 +427,15 @@ class RevocationSync:
 
 
 def _stamp_of(path: Path | None) -> tuple[int, int] | None:
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
+    return None if path is None else file_stamp(path)
 
 
-def _write(path: Path, listed: RevocationList) -> os.stat_result:
-    """Encode and atomically replace the file (runs in a worker thread)."""
-    return replace_file(path, listed.to_bytes())
+def _write(
+    path: Path, listed: RevocationList, seen: tuple[int, int] | None
+) -> os.stat_result | None:
+    """Encode and atomically replace the file, unless it changed since it was seen as ``seen``
+    (then None). Runs in a worker thread."""
+    return replace_unchanged(path, listed.to_bytes(), seen)
 
 
 def _verify(raws: tuple[bytes, ...], trust: FleetTrust) -> tuple[list[RevocationEntry], str | None]:

@@ -1,0 +1,114 @@
+"""Exclusive ``flock`` locks that one process holds at a time: a fleet command on its fleet
+directory (:mod:`meshinfer.identity_files`), a coordinator on its journal
+(:mod:`coordinator.journal_files`).
+
+:func:`lock_directory` locks a directory itself; :func:`lock_file` locks a lock file of its own
+(made if missing), and writes the holder's pid into it for the message another process gets.
+Either returns the open descriptor that holds the lock until it is closed; the kernel drops the
+lock when its process dies, so a crash leaves nothing to clean up. Nobody waits: a lock someone
+holds is :class:`LockHeld` at once. A path that cannot be opened or locked is
+:class:`LockUnavailable`, whose message names the path and, when it belongs to another user,
+that user and what to do (rather than a bare "Permission denied").
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pwd
+from pathlib import Path
+
+from meshinfer.errors import MeshInferError
+
+__all__ = ["LockHeld", "LockUnavailable", "lock_directory", "lock_file"]
+
+_DENIED = {errno.EACCES, errno.EPERM}
+
+
+class LockHeld(MeshInferError):
+    """Another process holds the lock; ``pid`` is its pid where the lock file says it."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        super().__init__(f"{path} is locked by another process" + (f" (pid {pid})" if pid else ""))
+        self.path = path
+        self.pid = pid
+
+
+class LockUnavailable(MeshInferError):
+    """The lock's path cannot be opened or locked; the message names it and says why."""
+
+
+def lock_directory(path: Path) -> int:
+    """Take the exclusive lock of the directory ``path``; its open descriptor (see the module
+    docstring)."""
+    return _lock(Path(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), record_pid=False)
+
+
+def lock_file(path: Path) -> int:
+    """Take the exclusive lock of the lock file ``path`` (made with mode 0644 if missing) and
+    write this process's pid into it; its open descriptor (see the module docstring)."""
+    return _lock(Path(path), os.O_RDWR | os.O_CREAT, record_pid=True)
+
+
+def _lock(path: Path, flags: int, *, record_pid: bool) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise LockUnavailable(_why(path, "open", exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(fd) if record_pid else None
+        os.close(fd)
+        raise LockHeld(path, pid) from None
+    except OSError as exc:
+        os.close(fd)
+        raise LockUnavailable(_why(path, "lock", exc)) from None
+    if record_pid:
+        _record_holder(fd)
+    return fd
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process's pid into the lock file (best effort: e.g. on a full disk)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+
+
+def _holder(fd: int) -> int | None:
+    """The pid the lock file names, or None if it names none."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _why(path: Path, doing: str, exc: OSError) -> str:
+    """``cannot open PATH: REASON``, and for a path of another user, whose it is and what to
+    do."""
+    message = f"cannot {doing} {path}: {exc.strerror}"
+    if exc.errno not in _DENIED:
+        return message
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return message
+    me = os.geteuid()
+    if owner == me:
+        return message
+    return (
+        f"{message}; it belongs to {_user(owner)} and this process runs as {_user(me)}: run"
+        f" this as {_user(owner)}, or chown it to {_user(me)}"
+    )
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
