@@ -1,6 +1,7 @@
 """SWIM/Lifeguard membership on the virtual network: dissemination, detection, false deaths, load.
 
-Run: ``python bench/bench_membership.py [--quick] [--seed 1] [--records unsigned signed]``.
+Run: ``python bench/bench_membership.py [--quick] [--seed 1] [--records unsigned signed]
+[--anti-entropy whole digest]``.
 
 Every scenario starts a converged fleet of N nodes (LAN preset: 1 s probes, gossip every 200 ms
 to 3 nodes) on :class:`~meshinfer.testing.virtual_network.VirtualNetwork` with 1-5 ms latency
@@ -18,6 +19,8 @@ and the given random packet loss, then measures, in virtual time:
 (d) *load*: packets and bytes sent per node per second over a quiet window (no joins, no
     crashes; at 10 % loss the window still has the suspicions and refutations loss causes), the
     share of push-pull anti-entropy in the bytes ("pp%") and the bytes without it ("B-pp").
+    ``--anti-entropy whole digest`` runs each row with both anti-entropy exchanges (whole tables,
+    the baseline, and digests first), in the same run.
 
 The printed "wall" column is the CPU time the simulation took in this process.
 """
@@ -30,7 +33,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshinfer.proto.identity import FleetAuthority
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig
@@ -39,6 +42,7 @@ from meshinfer.proto.membership_wire import PacketKind
 from meshinfer.testing.virtual_network import MembershipCluster
 
 TARGET = 0.999
+ANTI_ENTROPY = (PacketKind.PUSH_PULL, PacketKind.DIGEST, PacketKind.DIGEST_REPLY)
 
 
 def model_seconds(n: int, fanout: int, loss: float, interval: float) -> float:
@@ -99,8 +103,10 @@ class FleetSigners:
 class Scenario:
     """One fleet: warm start, quiet window, joins, crashes."""
 
-    def __init__(self, n: int, loss: float, seed: int, signed: bool = False) -> None:
-        self.config = MembershipConfig.lan()
+    def __init__(
+        self, n: int, loss: float, seed: int, signed: bool = False, digests: bool = True
+    ) -> None:
+        self.config = replace(MembershipConfig.lan(), push_pull_digests=digests)
         self.n = n
         signers = FleetSigners() if signed else None
         self.cluster = MembershipCluster(
@@ -122,7 +128,7 @@ class Scenario:
     def _on_send(self, src: str, dst: str, data: bytes) -> None:
         self.sent["packets"] += 1
         self.sent["bytes"] += len(data)
-        if data[2] == PacketKind.PUSH_PULL:
+        if data[2] in ANTI_ENTROPY:
             self.sent["push_pull"] += len(data)
 
     def load(self, window: float) -> tuple[float, float, float]:
@@ -170,9 +176,11 @@ class Scenario:
         return pairs, firsts
 
 
-def run_scenario(n: int, loss: float, seed: int, quick: bool, signed: bool = False) -> Row:
+def run_scenario(
+    n: int, loss: float, seed: int, quick: bool, signed: bool = False, digests: bool = True
+) -> Row:
     started = time.process_time()
-    scenario = Scenario(n, loss, seed, signed)
+    scenario = Scenario(n, loss, seed, signed, digests)
     scenario.cluster.warm_start(n)
     scenario.cluster.run_for(2.0)
     packets, size, share = scenario.load(10.0 if quick else 20.0)
@@ -224,22 +232,35 @@ def main() -> None:
         help="run (a), (b) and (d) with these records; signed: as node daemons (certificate +"
         " XEdDSA proof, ~2.5x the bytes), compared with unsigned when both are given",
     )
+    parser.add_argument(
+        "--anti-entropy",
+        nargs="+",
+        choices=("whole", "digest"),
+        default=["digest"],
+        help="push-pull exchanges: digest (the default: a digest, then only the records that "
+        "differ) and/or whole (both tables in full), compared when both are given",
+    )
     args = parser.parse_args()
     sizes = (50, 200) if args.quick else (50, 200, 1000)
     total = time.process_time()
     print(f"# {' '.join(sys.argv)}  (LAN preset, gossip 200 ms, fanout 3, latency 1-5 ms)")
     header = (
-        f"{'N':>5} {'loss':>5} {'records':>8} | {'spread':>7} {'model':>6} {'ratio':>6} | "
+        f"{'N':>5} {'loss':>5} {'records':>8} {'a-e':>6} | "
+        f"{'spread':>7} {'model':>6} {'ratio':>6} | "
         f"{'det.med':>7} {'det.p99':>7} {'first':>6} | {'pkt/n/s':>7} {'B/n/s':>7} {'pp%':>5} "
         f"{'B-pp':>6} | {'wall':>6}"
     )
     print(header)
     print("-" * len(header))
     for n in sizes:
-        for loss, records in ((loss, r) for loss in (0.0, 0.1) for r in args.records):
-            r = run_scenario(n, loss, args.seed, args.quick, records == "signed")
+        rows = [(lo, r, a) for lo in (0.0, 0.1) for r in args.records for a in args.anti_entropy]
+        for loss, records, exchange in rows:
+            r = run_scenario(
+                n, loss, args.seed, args.quick, records == "signed", exchange == "digest"
+            )
             print(
-                f"{r.n:>5} {r.loss:>5.0%} {records:>8} | {r.spread:>6.2f}s {r.model:>5.2f}s "
+                f"{r.n:>5} {r.loss:>5.0%} {records:>8} {exchange:>6} | "
+                f"{r.spread:>6.2f}s {r.model:>5.2f}s "
                 f"{r.spread / r.model:>6.2f} | {r.detect_median:>6.2f}s {r.detect_p99:>6.2f}s "
                 f"{r.first_median:>5.2f}s | {r.packets:>7.2f} {r.bytes:>7.0f} "
                 f"{r.push_pull_share:>5.0%} {r.bytes * (1 - r.push_pull_share):>6.0f} | "

@@ -14,6 +14,9 @@ from meshinfer.proto.membership_wire import (
     Ack,
     AliveRecord,
     DeadRecord,
+    Digest,
+    DigestEntry,
+    DigestReply,
     Gossip,
     LeftRecord,
     MembershipProtocolError,
@@ -26,6 +29,7 @@ from meshinfer.proto.membership_wire import (
     PushPull,
     SuspectRecord,
     decode_packet,
+    encode_entry,
     encode_header,
     encode_packet,
     encode_record,
@@ -71,7 +75,9 @@ headers = st.one_of(
     st.builds(Nack, counters),
     st.just(Gossip()),
     st.builds(PushPull, st.booleans(), st.booleans()),
+    st.builds(DigestReply, st.lists(node_ids, max_size=4).map(tuple)),
 )
+entries = st.builds(DigestEntry, node_ids, st.integers(0, 3), counters, counters, counters)
 
 
 @settings(max_examples=200)
@@ -90,10 +96,14 @@ def test_random_bytes_raise_only_remote_protocol_error(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(headers, st.lists(records, max_size=3), st.data())
-def test_mutated_packets_raise_only_remote_protocol_error(header, items, data) -> None:
-    packet = bytearray(encode_packet(header, [encode_record(r) for r in items]))
+@settings(max_examples=200)
+@given(st.lists(entries, max_size=6))
+def test_digests_round_trip(items) -> None:
+    data = encode_packet(Digest(), [encode_entry(e) for e in items])
+    assert decode_packet(data) == Packet(Digest(), (), entries=tuple(items))
+
+
+def _mutate(packet: bytearray, data) -> bytes:
     for _ in range(data.draw(st.integers(1, 4))):
         action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
         position = data.draw(st.integers(0, max(0, len(packet) - 1)))
@@ -103,8 +113,25 @@ def test_mutated_packets_raise_only_remote_protocol_error(header, items, data) -
             del packet[position:]
         else:
             packet[position:position] = data.draw(st.binary(min_size=1, max_size=4))
+    return bytes(packet)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(headers, st.lists(records, max_size=3), st.data())
+def test_mutated_packets_raise_only_remote_protocol_error(header, items, data) -> None:
+    packet = bytearray(encode_packet(header, [encode_record(r) for r in items]))
     try:
-        decode_packet(bytes(packet))
+        decode_packet(_mutate(packet, data))
+    except MembershipProtocolError:
+        pass
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(entries, max_size=4), st.data())
+def test_mutated_digests_raise_only_remote_protocol_error(items, data) -> None:
+    packet = bytearray(encode_packet(Digest(), [encode_entry(e) for e in items]))
+    try:
+        decode_packet(_mutate(packet, data))
     except MembershipProtocolError:
         pass
 
@@ -145,6 +172,10 @@ def test_decode_errors_are_remote_protocol_errors() -> None:
         [1, 1, 1, "bad id!"],  # node id outside the alphabet
         [1, 1, 1, "x" * 65],  # node id too long
         [1, 6, 1, 0],  # push-pull flags not booleans
+        [1, 7, 0],  # digest with a field
+        [1, 8],  # digest reply without its wanted ids
+        [1, 8, "n1"],  # wanted ids not a list
+        [1, 8, ["n1", "bad id!"]],  # a wanted id outside the alphabet
         [True, 5],  # protocol version must be an int, not a bool
     ],
 )
@@ -183,6 +214,36 @@ def _alive_fields(*appended, **overrides) -> list:
 def test_bad_records_are_refused(record) -> None:
     with pytest.raises(MembershipProtocolError):
         decode_packet(encode_header(Gossip()) + msgpack.packb(record))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["n1", 4, 0, 0, 1],  # status is not a record kind
+        ["n1", True, 0, 0, 1],  # status a bool
+        ["n1", 0, 0, 1],  # four fields
+        ["n1", 0, 0, 0, 1, 0],  # six fields
+        ["bad id!", 0, 0, 0, 1],  # node id outside the alphabet
+        ["n1", 0, -1, 0, 1],  # negative incarnation
+        ["n1", 0, 0, 0, 2**63],  # version over the counter cap
+        [0, "n1", 0, 1, ["h", 1, b"", [], [], 0, 0, [], None, None, 0], b""],  # a record
+    ],
+)
+def test_bad_digest_entries_are_refused(entry) -> None:
+    with pytest.raises(MembershipProtocolError):
+        decode_packet(encode_header(Digest()) + msgpack.packb(entry))
+
+
+def test_a_digest_is_read_up_to_max_records_and_may_exceed_one_noise_message() -> None:
+    entry = encode_entry(DigestEntry("n" * 64, 0, 2**40, 2**40, 2**40))
+    many = [entry] * (MAX_PACKET_BYTES // len(entry) + 1)
+    assert len(decode_packet(encode_packet(Digest(), many)).entries) == len(many)
+    packet = decode_packet(encode_packet(Digest(), many), max_records=3)
+    assert len(packet.entries) == 3 and packet.truncated
+    reply = encode_packet(
+        DigestReply(("n1",)), [encode_record(SuspectRecord("n1", 0, "n2"))] * 8000
+    )
+    assert len(reply) > MAX_PACKET_BYTES and len(decode_packet(reply).records) == 8000
 
 
 def test_map_and_trailing_garbage_are_refused() -> None:

@@ -28,12 +28,17 @@ Four periodic activities run off the timers, each first scheduled at a random ph
     Send queued updates to ``gossip_nodes`` random members (live, or recently dead). Updates also
     ride on every ping, ack, ping-req and nack up to ``packet_budget`` (:mod:`membership_gossip`).
 ``push-pull`` (every ``push_pull_period(n)``)
-    Exchange whole tables with one random live member; both sides merge.
+    Anti-entropy with one random live member; both sides merge. With ``push_pull_digests`` (the
+    default) it takes three packets: a digest of this node's table (a few bytes per member), a
+    reply with the records the digest lacked or listed otherwise plus the ids whose records the
+    replier wants, and those records (see "Digests" in :mod:`membership_table`). Otherwise
+    both sides send their whole tables (two packets).
 ``reconnect`` (every ``reconnect_interval``)
-    Push-pull with one random *dead* member, so a partition heals once its links are back.
+    The same exchange with one random *dead* member, so a partition heals once its links are
+    back.
 
-Joining is a push-pull marked ``join`` to the seeds, retried until one answers. Leaving marks
-this node LEFT at a higher incarnation and keeps gossiping until the news is out
+Joining is a whole-table push-pull marked ``join`` to the seeds, retried until one answers.
+Leaving marks this node LEFT at a higher incarnation and keeps gossiping until the news is out
 (:attr:`Membership.leave_announced`). The rules for applying records, including refutation,
 the impersonation rule and the table cap (``max_members``), live in :mod:`membership_table`; a
 packet is read up to ``max_packet_records()`` records (:mod:`membership_config`).
@@ -59,6 +64,9 @@ from meshinfer.proto.membership_table import (
 from meshinfer.proto.membership_wire import (
     Ack,
     AliveRecord,
+    Digest,
+    DigestEntry,
+    DigestReply,
     Gossip,
     Header,
     Nack,
@@ -276,6 +284,12 @@ class Membership:
         if isinstance(header, PushPull):
             self._on_push_pull(from_node, header, packet.records, now)
             return
+        if isinstance(header, Digest):
+            self._on_digest(from_node, packet.entries)
+            return
+        if isinstance(header, DigestReply):
+            self._on_digest_reply(from_node, header, packet.records, now)
+            return
         for record in packet.records:
             self.table.apply(record, now)
         self._send_corrections(from_node)
@@ -333,13 +347,32 @@ class Membership:
         self, sender: str, header: PushPull, records: tuple[Record, ...], now: float
     ) -> None:
         self.counters.push_pulls += 1
+        incarnation = self.table.local.incarnation
         self.table.merge(records, now)
         self.table.corrections.clear()  # the table we send back (or sent) carries them
         if not header.response:
             self._send_table(sender, PushPull(join=header.join, response=True))
-        elif header.join and sender in self._seeds:
+            return
+        if self.table.local.incarnation != incarnation:  # the answer held a claim we refuted
+            self._emit(sender, encode_packet(Gossip(), [self.table.local_bytes]))
+        if header.join and sender in self._seeds:
             self._joined = True
             self._next_join = INF
+
+    def _on_digest(self, sender: str, entries: tuple[DigestEntry, ...]) -> None:
+        self.counters.digests += 1
+        records, wants = self.table.reconcile(entries)
+        self._emit(sender, encode_packet(DigestReply(tuple(wants)), records))
+
+    def _on_digest_reply(
+        self, sender: str, header: DigestReply, records: tuple[Record, ...], now: float
+    ) -> None:
+        self.table.merge(records, now)
+        corrections, self.table.corrections = self.table.corrections, []
+        back = self.table.records_for(header.wants[: self.config.max_packet_records()])
+        back += [data for data in dict.fromkeys(corrections) if data not in back]
+        if back:
+            self._emit(sender, encode_packet(PushPull(response=True), back))
 
     # --- inputs: timers --------------------------------------------------------------------
 
@@ -426,13 +459,19 @@ class Membership:
         self._next_push_pull = now + period
         targets = self.table.sample(1, lambda m: m.status is MemberStatus.ALIVE)
         if targets:
-            self._send_table(targets[0], PushPull())
+            self._anti_entropy(targets[0])
 
     def _reconnect_tick(self, now: float) -> None:
         self._next_reconnect = now + self.config.reconnect_interval
         targets = self.table.sample(1, lambda m: m.status is MemberStatus.DEAD)
         if targets:
-            self._send_table(targets[0], PushPull())
+            self._anti_entropy(targets[0])
+
+    def _anti_entropy(self, to_node: str) -> None:
+        if self.config.push_pull_digests:
+            self._emit(to_node, encode_packet(Digest(), self.table.digest()))
+        else:
+            self._send_table(to_node, PushPull())
 
     def _join_tick(self, now: float) -> None:
         if self._joined or not self._seeds or self.table.has_left:

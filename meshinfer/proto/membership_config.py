@@ -73,6 +73,12 @@ class MembershipConfig:
     #: Period of full-state anti-entropy with one random member. Above 32 nodes it is multiplied
     #: by ``ceil(log2(n) - log2(32)) + 1`` (see :meth:`push_pull_period`). 0 disables it.
     push_pull_interval: float = 30.0
+    #: Anti-entropy (push-pull and reconnect) starts with a digest of the table, a few bytes
+    #: per member, and then sends only the records the two sides hold differently (three
+    #: packets instead of two whole tables). False sends whole tables, for a fleet that still
+    #: has nodes that do not know digest packets (they refuse and count them). Joins always
+    #: send whole tables.
+    push_pull_digests: bool = True
     #: Period of reconnect attempts: a push-pull with one random dead (not left) member, so the
     #: two halves of a healed partition find each other again. 0 disables it.
     reconnect_interval: float = 10.0
@@ -185,5 +191,11 @@ class MembershipConfig:
 
 
 _MAY_BE_ZERO = frozenset(
-    {"indirect_checks", "push_pull_interval", "reconnect_interval", "nack_fraction"}
+    {
+        "indirect_checks",
+        "push_pull_interval",
+        "reconnect_interval",
+        "nack_fraction",
+        "push_pull_digests",
+    }
 )

@@ -44,6 +44,16 @@ of the suspicions it holds on each probe it sends (:meth:`MemberTable.suspicion_
 Anti-entropy (push-pull) merges are conservative: a remote DEAD is applied as SUSPECT (we check
 for ourselves), and members that the remote side lists only as dead or left are not learned.
 
+Digests. Periodic anti-entropy compares tables before it sends records. A digest lists one entry
+per member, :func:`_entry_of`: its status (as a record kind), liveness incarnation and newest ALIVE
+record's key. Two tables with equal entries for a member hold the same records about it, since a
+signed ALIVE record is fixed by its ``(incarnation, version)``. :meth:`MemberTable.reconcile`
+answers a digest with the records the digest lacked or listed otherwise (not the gone it lacks,
+which merge would skip) and the ids whose records this table wants: those listed otherwise (this
+node's own included, so a claim about it is refuted) and live members it lacks while it has room.
+The other side sends those (:meth:`MemberTable.records_for`) and both have merged what a
+whole-table exchange would have given them.
+
 Table cap. Without record signatures any member may invent node ids (node daemons sign, so there
 each node id needs a fleet certificate; simulations may not), so the table holds at most
 ``config.max_members`` members (this node included, in any status): an ALIVE record about a
@@ -70,11 +80,13 @@ from meshinfer.proto.membership_wire import (
     MAX_STATE_BYTES,
     AliveRecord,
     DeadRecord,
+    DigestEntry,
     LeftRecord,
     NodeState,
     Record,
     RecordKind,
     SuspectRecord,
+    encode_entry,
     encode_record,
     encode_state,
     signed_body,
@@ -189,7 +201,8 @@ class MembershipCounters:
     claims_ahead: int = 0
     misdirected_pings: int = 0
     late_acks: int = 0
-    push_pulls: int = 0
+    push_pulls: int = 0  # push-pull packets received (whole tables, or a digest's last step)
+    digests: int = 0  # digests answered (the first step of digest anti-entropy)
     #: ALIVE records about node ids a full table (``max_members``) did not know
     members_refused: int = 0
     #: packets that carried more than ``max_packet_records()`` records (the rest was dropped)
@@ -298,20 +311,74 @@ class MemberTable:
 
     def encoded_table(self) -> list[bytes]:
         """Every member (this node first) as encoded records, for push-pull."""
-        out = [self.local_bytes]
-        if self.has_left:
-            out.append(
-                encode_record(
-                    LeftRecord(self.local_id, self.local.incarnation, self._left_signature)
-                )
-            )
+        out = self._local_records()
         for member in self._members.values():
-            data = self._encoded[member.node_id]
-            if not data:
-                data = self._encoded[member.node_id] = encode_record(member.record)
-            out.append(data)
-            if member.status is not MemberStatus.ALIVE:
-                out.append(encode_record(_status_record(member)))
+            out += self._records_of(member)
+        return out
+
+    def _local_records(self) -> list[bytes]:
+        if not self.has_left:
+            return [self.local_bytes]
+        left = LeftRecord(self.local_id, self.local.incarnation, self._left_signature)
+        return [self.local_bytes, encode_record(left)]
+
+    def _records_of(self, member: Member) -> list[bytes]:
+        """A member's ALIVE record, and its status record when it is not alive."""
+        data = self._encoded[member.node_id]
+        if not data:
+            data = self._encoded[member.node_id] = encode_record(member.record)
+        if member.status is MemberStatus.ALIVE:
+            return [data]
+        return [data, encode_record(_status_record(member))]
+
+    # --- anti-entropy by digest (see "Digests" in the module docstring) --------------------
+
+    def digest(self) -> list[bytes]:
+        """Every member (this node first) as an encoded digest entry."""
+        return [encode_entry(_entry_of(self.local))] + [
+            encode_entry(_entry_of(member)) for member in self._members.values()
+        ]
+
+    def reconcile(self, entries: Iterable[DigestEntry]) -> tuple[list[bytes], list[str]]:
+        """Compare a remote digest with this table: the encoded records to send back (members
+        it lacks or lists otherwise) and the node ids whose records to ask for (members it
+        lists otherwise, or that this table lacks and would learn)."""
+        theirs: dict[str, DigestEntry] = {}
+        for entry in entries:
+            theirs.setdefault(entry.node_id, entry)
+        send: list[bytes] = []
+        wants: list[str] = []
+        local = theirs.get(self.local_id)
+        if local != _entry_of(self.local):
+            send += self._local_records()
+            if local is not None:  # what it holds about us may need refuting
+                wants.append(self.local_id)
+        for member in self._members.values():
+            entry = theirs.get(member.node_id)
+            if entry is None:
+                if member.status in _LIVE:  # as merge: it would not learn the gone
+                    send += self._records_of(member)
+            elif entry != _entry_of(member):
+                send += self._records_of(member)
+                wants.append(member.node_id)
+        room = self.config.max_members - 1 - len(self._members)
+        for node_id, entry in theirs.items():
+            if room <= 0:
+                break
+            if entry.status in _LIVE_KINDS and node_id not in self._members:
+                if node_id != self.local_id:  # as merge: the gone are not learned
+                    wants.append(node_id)
+                    room -= 1
+        return send, wants
+
+    def records_for(self, node_ids: Iterable[str]) -> list[bytes]:
+        """The encoded records about ``node_ids`` (this node's included), unknown ids skipped."""
+        out: list[bytes] = []
+        for node_id in dict.fromkeys(node_ids):
+            if node_id == self.local_id:
+                out += self._local_records()
+            elif (member := self._members.get(node_id)) is not None:
+                out += self._records_of(member)
         return out
 
     # --- local changes ---------------------------------------------------------------------
@@ -617,6 +684,26 @@ def _with(
     return Member(
         member.node_id, status, incarnation, member.record, since, accuser, left_signature
     )
+
+
+def _entry_of(member: Member) -> DigestEntry:
+    record = member.record
+    return DigestEntry(
+        member.node_id,
+        _STATUS_KIND[member.status],
+        member.incarnation,
+        record.incarnation,
+        record.version,
+    )
+
+
+_STATUS_KIND = {
+    MemberStatus.ALIVE: RecordKind.ALIVE,
+    MemberStatus.SUSPECT: RecordKind.SUSPECT,
+    MemberStatus.DEAD: RecordKind.DEAD,
+    MemberStatus.LEFT: RecordKind.LEFT,
+}
+_LIVE_KINDS = (RecordKind.ALIVE, RecordKind.SUSPECT)
 
 
 def _status_record(member: Member) -> Record:

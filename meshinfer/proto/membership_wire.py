@@ -10,6 +10,12 @@ concatenated, so a sender packs pre-encoded records up to its byte budget withou
              NACK      [1, 4, seq]                  relay: target did not answer in time
              GOSSIP    [1, 5]                       records only
              PUSH_PULL [1, 6, join, response]       records = the sender's whole member table
+             DIGEST    [1, 7]                       items = digest entries, the sender's whole
+                                                    table summarised (periodic anti-entropy)
+             DIGEST_REPLY [1, 8, [node, ...]]       records = the replier's records the digest
+                                                    lacked or listed otherwise; the node ids are
+                                                    those whose records it wants back (the
+                                                    digest's sender answers PUSH_PULL response)
     record   ALIVE     [0, node, incarnation, version, state, signature]
              SUSPECT   [1, node, incarnation, accuser]
              DEAD      [2, node, incarnation, accuser]
@@ -17,6 +23,9 @@ concatenated, so a sender packs pre-encoded records up to its byte budget withou
     state    [host, port, static_key, roles, models, gpu_free_mb, queue_depth, links,
               position | nil, velocity | nil, revocation_version, (input_cache_mb)]
     model    [model_id, version, digest]
+    digest entry [node, status, incarnation, record incarnation, record version]
+             status: 0 alive, 1 suspect, 2 dead, 3 left (the RecordKind numbers); incarnation:
+             the member's liveness incarnation; the record's: its newest signed ALIVE record
 
 The sender of a packet is never written in it: it is the node id the session layer
 authenticated (``handle_packet(from_node=...)``). ALIVE and LEFT records are *self-claims*: only
@@ -47,7 +56,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -85,6 +94,8 @@ class PacketKind(enum.IntEnum):
     NACK = 4
     GOSSIP = 5
     PUSH_PULL = 6
+    DIGEST = 7
+    DIGEST_REPLY = 8
 
 
 class RecordKind(enum.IntEnum):
@@ -229,17 +240,46 @@ class PushPull:
     response: bool = False
 
 
-Header = Ping | Ack | PingReq | Nack | Gossip | PushPull
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """Anti-entropy, first step: the items are the sender's table as :class:`DigestEntry`."""
+
+
+@dataclass(frozen=True, slots=True)
+class DigestReply:
+    """Anti-entropy, second step: the records are the replier's that the digest lacked or
+    listed otherwise; ``wants`` names the members whose records it asks back."""
+
+    wants: tuple[str, ...] = ()
+
+
+Header = Ping | Ack | PingReq | Nack | Gossip | PushPull | Digest | DigestReply
+#: Headers of packets that may be larger than one Noise message (up to one session message).
+LARGE_HEADERS = (PushPull, Digest, DigestReply)
+
+
+class DigestEntry(NamedTuple):
+    """What one table says about one member, in a few bytes: two tables that list equal
+    entries for a member hold the same records about it (a signed ALIVE record is fixed by its
+    ``(incarnation, version)``; a status by its kind and incarnation)."""
+
+    node_id: str
+    status: int  # RecordKind number of the member's status: ALIVE, SUSPECT, DEAD or LEFT
+    incarnation: int  # the liveness incarnation (the highest accepted claim)
+    record_incarnation: int  # the newest ALIVE record's key
+    record_version: int
 
 
 @dataclass(frozen=True, slots=True)
 class Packet:
     """A decoded packet: its header and the records it carried (``truncated``: it carried
-    more than the decoder's ``max_records``, and the rest was dropped unread)."""
+    more than the decoder's ``max_records``, and the rest was dropped unread). A
+    :class:`Digest` carries ``entries`` instead of records."""
 
     header: Header
     records: tuple[Record, ...]
     truncated: bool = False
+    entries: tuple[DigestEntry, ...] = ()
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -312,7 +352,16 @@ def encode_header(header: Header) -> bytes:
         return msgpack.packb([PROTOCOL, kind, header.seq])
     if isinstance(header, PushPull):
         return msgpack.packb([PROTOCOL, PacketKind.PUSH_PULL, header.join, header.response])
+    if isinstance(header, Digest):
+        return msgpack.packb([PROTOCOL, PacketKind.DIGEST])
+    if isinstance(header, DigestReply):
+        return msgpack.packb([PROTOCOL, PacketKind.DIGEST_REPLY, list(header.wants)])
     return msgpack.packb([PROTOCOL, PacketKind.GOSSIP])
+
+
+def encode_entry(entry: DigestEntry) -> bytes:
+    """One digest entry as a msgpack array (see the module docstring)."""
+    return msgpack.packb(list(entry))
 
 
 def encode_packet(header: Header, encoded_records: Iterable[bytes] = ()) -> bytes:
@@ -446,7 +495,29 @@ def _header(value: Any) -> Header:
         if type(fields[2]) is not bool or type(fields[3]) is not bool:
             raise _fail("push-pull flags must be booleans")
         return PushPull(join=fields[2], response=fields[3])
+    if kind == PacketKind.DIGEST and arity == 2:
+        return Digest()
+    if kind == PacketKind.DIGEST_REPLY and arity == 3:
+        return DigestReply(
+            tuple(_node_id(n, "wanted node") for n in _list(fields[2], 0, MAX_RECORDS, "wants"))
+        )
     raise _fail(f"unknown packet kind {kind!r} with {arity} fields")
+
+
+def _entry(value: Any) -> DigestEntry:
+    node, status, incarnation, record_incarnation, version = _list(value, 5, 5, "digest entry")
+    if type(status) is not int or status not in _STATUSES:
+        raise _fail(f"digest entry status must be one of {sorted(_STATUSES)}")
+    return DigestEntry(
+        _node_id(node),
+        status,
+        _int(incarnation, MAX_COUNTER, "inc"),
+        _int(record_incarnation, MAX_COUNTER, "record inc"),
+        _int(version, MAX_COUNTER, "version"),
+    )
+
+
+_STATUSES = frozenset(int(kind) for kind in RecordKind)
 
 
 class _RecordMemo:
@@ -477,18 +548,22 @@ def _decode(data: bytes, max_records: int) -> Packet:
     unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(data)), max_map_len=0, raw=False)
     unpacker.feed(data)
     header = _header(next(unpacker))
-    if not isinstance(header, PushPull) and len(data) > MAX_PACKET_BYTES:
+    if not isinstance(header, LARGE_HEADERS) and len(data) > MAX_PACKET_BYTES:
         raise _fail("packet larger than one Noise message")
-    records: list[Record] = []
+    items: list[Any] = []
+    digest = isinstance(header, Digest)
     start = unpacker.tell()
-    while start != len(data) and len(records) < max_records:
+    while start != len(data) and len(items) < max_records:
         value = next(unpacker, _END)
         if value is _END:
             raise _fail("truncated")
         end = unpacker.tell()
-        records.append(_MEMO.decode(data[start:end], value))
+        items.append(_entry(value) if digest else _MEMO.decode(data[start:end], value))
         start = end
-    return Packet(header, tuple(records), truncated=start != len(data))
+    truncated = start != len(data)
+    if digest:
+        return Packet(header, (), truncated, tuple(items))
+    return Packet(header, tuple(items), truncated)
 
 
 def decode_packet(data: bytes, max_records: int = MAX_RECORDS) -> Packet:
