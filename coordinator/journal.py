@@ -67,7 +67,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from coordinator.journal_files import explained, lock_journal
-from coordinator.journal_history import JournalEvent, dispatch_detail, read_history
+from coordinator.journal_history import (
+    JournalEvent,
+    dispatch_detail,
+    read_dispatches,
+    read_history,
+)
 from coordinator.journal_hot import HOT_ITEMS, HotItem, HotTask, HotTasks, StagedRows
 from coordinator.journal_schema import MIGRATIONS, check_is_journal, migrate
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
@@ -100,6 +105,7 @@ __all__ = [
     "TaskPage",
     "TaskRecord",
     "TaskSummary",
+    "TransientJournalError",
     "UnknownTaskError",
     "item_ended",
     "read_stats",
@@ -130,6 +136,13 @@ assert {TRANSITIONS[TaskState(s), TaskEvent.DISPATCH] for s in _DISPATCHABLE} ==
 
 class JournalError(MeshInferError):
     """The journal cannot do what was asked (its message says why)."""
+
+
+class TransientJournalError(JournalError):
+    """The call failed for no fault of its own: its group's transaction was rolled back under
+    it (another call of the group hit an I/O error, a busy or full disk), so nothing of the
+    group is journaled. Made again, it may pass. The error that lost the group is chained
+    (``__cause__``). A refusal of the call itself (unknown task, wrong state) is never one."""
 
 
 class UnknownTaskError(JournalError, LookupError):
@@ -272,15 +285,16 @@ _RECORD = f"""SELECT t.id, t.state, t.pattern, t.priority, t.policy, t.created_a
     {_ITEM_COLUMNS}
     FROM tasks t LEFT JOIN items i ON i.task_id = t.id LEFT JOIN results r ON r.item_id = i.id
     WHERE t.id = ? ORDER BY i.position"""
-_EVENT_COLUMNS = "INSERT INTO events (at, task_id, item_id, kind, detail)"
+_EVENT_COLUMNS = "INSERT INTO events (at, task_id, item_id, kind, detail, attempt, node)"
 #: Events of item-only calls get their task id from the item (the mapping never changes).
 _EVENTS_FROM_JSON = f"""{_EVENT_COLUMNS} SELECT json_extract(value, '$[0]'),
     coalesce(json_extract(value, '$[1]'),
              (SELECT i.task_id FROM items i WHERE i.id = json_extract(value, '$[2]'))),
-    json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]')
+    json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),
+    json_extract(value, '$[5]'), json_extract(value, '$[6]')
     FROM json_each(?) ORDER BY key"""
 _EVENT_ROW = f"""{_EVENT_COLUMNS} SELECT ?, coalesce(?, (SELECT task_id FROM items WHERE id = ?)),
-    ?, ?, ?"""
+    ?, ?, ?, ?, ?"""
 
 
 class Journal:
@@ -311,7 +325,9 @@ class Journal:
         self._in_transaction = False
         self._specs: dict[str, tuple[bytes, TaskSpec]] = {}  # task id -> (blob, spec), oldest 1st
         self._spec_bytes = 0
-        self._events: list[tuple[float, str | None, str | None, str, str]] = []  # not yet written
+        #: audit lines not yet written: (at, task, item, kind, detail, attempt, node)
+        self._events: list[tuple[float, str | None, str | None, str, str, int | None, str | None]]
+        self._events = []
         self._hot = HotTasks(hot_items)  # live tasks known in memory (coordinator.journal_hot)
         self._staged = StagedRows()  # their rows, not yet written
         self._logged = 0  # audit lines logged so far (see _undo_free)
@@ -449,7 +465,8 @@ class Journal:
 
         A call that raises an :class:`Exception` has its writes undone and the exception in its
         :class:`CallOutcome`; the others are unaffected. Returns only after the ``COMMIT``;
-        raises (having rolled the whole group back) if the group cannot begin or commit. The
+        raises (having rolled the whole group back) if the group cannot begin or commit, or
+        :class:`TransientJournalError` if SQLite rolled it back during a call. The
         calls may be this journal's methods or functions calling several of them (one
         savepoint for all: they commit or roll back together). They must act on this journal
         only: a call may run twice (see below).
@@ -483,7 +500,8 @@ class Journal:
                     self._roll_back(db)
                     return None
                 if not db.in_transaction:  # SQLite rolled it all back (I/O error, disk full)
-                    raise JournalError(f"the group's transaction was lost: {outcome.error}")
+                    lost = f"the group's transaction was lost: {outcome.error}"
+                    raise TransientJournalError(lost) from outcome.error
                 outcomes.append(outcome)
             self._flush(db)
             if before_commit is not None:
@@ -537,9 +555,12 @@ class Journal:
             raise LocalProtocolError("the journal is closed")
         return self._db
 
-    def _log(self, kind: str, task_id: str | None, item_id=None, detail="") -> None:
-        """Add a line to the audit log, written with the transaction (before its COMMIT)."""
-        self._events.append((self._clock(), task_id, item_id, kind, detail))
+    def _log(
+        self, kind: str, task_id: str | None, item_id=None, detail="", sent=(None, None)
+    ) -> None:
+        """Add a line to the audit log, written with the transaction (before its COMMIT);
+        ``sent``: a dispatch line's (attempt, node), kept as columns (schema version 4)."""
+        self._events.append((self._clock(), task_id, item_id, kind, detail, *sent))
         self._logged += 1
 
     def _flush(self, db: sqlite3.Connection) -> None:
@@ -581,7 +602,7 @@ class Journal:
         if self._json_events:
             db.execute(_EVENTS_FROM_JSON, (json.dumps(events),))
         else:
-            db.executemany(_EVENT_ROW, [(a, t, i, i, k, d) for a, t, i, k, d in events])
+            db.executemany(_EVENT_ROW, [(a, t, i, i, *rest) for a, t, i, *rest in events])
 
     def _count(self, db: sqlite3.Connection, name: str, by: int = 1) -> None:
         db.execute(
@@ -617,10 +638,18 @@ class Journal:
             self._remember(spec, blob)  # under the lock; harmless if rolled back (blob checked)
         return True
 
+    def holds(self, spec: TaskSpec) -> bool:
+        """Whether ``spec`` itself is journaled under its task id (an idempotent retry of it
+        would run nothing), whatever the task's state; False for an unknown id or another
+        spec. Writes nothing."""
+        with self._read() as db:
+            row = db.execute("SELECT spec FROM tasks WHERE id = ?", (spec.task_id,)).fetchone()
+        return row is not None and _same_spec(bytes(row[0]), spec, encode_spec(spec))
+
     def _check_same(self, db, spec: TaskSpec, blob: bytes) -> None:
         """:class:`TaskConflictError` unless the task journaled under ``spec``'s id is ``spec``."""
         (known,) = db.execute("SELECT spec FROM tasks WHERE id = ?", (spec.task_id,)).fetchone()
-        if bytes(known) != blob and decode_spec(bytes(known)) != spec:  # dict order may differ
+        if not _same_spec(bytes(known), spec, blob):
             raise TaskConflictError(f"task {spec.task_id!r} exists with another spec")
 
     def _remember(self, spec: TaskSpec, blob: bytes) -> None:
@@ -710,7 +739,8 @@ class Journal:
                 f" WHERE id = ?) AND state IN {_DISPATCHABLE}",
                 (TaskState.DISPATCHED.value, now, item_id),
             )
-            self._log("dispatched", None, item_id, dispatch_detail(attempt, node))
+            detail = dispatch_detail(attempt, node)
+            self._log("dispatched", None, item_id, detail, sent=(attempt, node))
 
     def _refuse_dispatch(self, db, item_id: str, attempt: int) -> NoReturn:
         """Why the item cannot be dispatched as ``attempt`` (unknown, wrong state or attempt)."""
@@ -1006,6 +1036,12 @@ class Journal:
         with self._read() as db:
             return read_history(db, task_id)
 
+    def dispatches(self, task_id: str) -> dict[str, set[tuple[int, str]]]:
+        """Per item id of the task, the (attempt, node) of each journaled dispatch (those a
+        result vouched for are on the result rows instead: see :meth:`take_result`)."""
+        with self._read() as db:
+            return read_dispatches(db, task_id)
+
     def recover(self) -> list[RecoveredTask]:
         """After a restart: every unfinished task, with the items that need a (re)dispatch.
 
@@ -1150,6 +1186,11 @@ def _judge_result(
         return "late_results"
     highest_sent = current if state.value in _IN_FLIGHT or vouched else current - 1
     return None if 1 <= attempt <= highest_sent else "unexpected_results"
+
+
+def _same_spec(known: bytes, spec: TaskSpec, blob: bytes) -> bool:
+    """Whether the spec journaled as ``known`` is ``spec`` (encoded as ``blob``)."""
+    return known == blob or decode_spec(known) == spec  # dict order may differ
 
 
 def _filters(state, model, since, cursor) -> tuple[str, list[object]]:

@@ -7,7 +7,9 @@ result rows (which attempt, from which node, when). Storing those lines as well 
 task, in the ``events`` table and its index) was up to a quarter of the journal's work for a
 task on the hot path, so they are not stored: :func:`read_history` reads them back from the
 rows. What the rows do not keep is still stored as it happens: dispatches the
-coordinator journaled, failures, retries, refusals, requeues after a restart.
+coordinator journaled, failures, retries, refusals, requeues after a restart. A dispatch line
+also keeps its attempt and node as columns (schema version 4), which a restarted coordinator
+reads (:func:`read_dispatches`) instead of the text meant for people.
 
 Lines read back from the rows carry ``seq`` 0 (stored lines keep theirs, and their order); see
 :func:`_merged` for where they go. A journal written before this (schema version 2 or older)
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from meshinfer.proto.tasks import TERMINAL_STATES
 
-__all__ = ["JournalEvent", "dispatch_detail", "read_history"]
+__all__ = ["JournalEvent", "dispatch_detail", "read_dispatches", "read_history"]
 
 _ENDINGS = frozenset(s.value for s in TERMINAL_STATES)
 
@@ -100,6 +102,23 @@ def _merged(task_id: str, task, stored: list[JournalEvent], results) -> list[Jou
     if state in _ENDINGS and state not in own:
         lines.append(JournalEvent(0, updated_at, task_id, None, state, (error or "")[:500]))
     return lines
+
+
+def read_dispatches(db: sqlite3.Connection, task_id: str) -> dict[str, set[tuple[int, str]]]:
+    """Per item id of one task, the (attempt, node) of each stored dispatch line: its columns
+    (schema version 4), or for a line stored before them its detail text
+    (:func:`dispatch_sent`)."""
+    sends: dict[str, set[tuple[int, str]]] = {}
+    rows = db.execute(
+        "SELECT item_id, attempt, node, detail FROM events"
+        " WHERE task_id = ? AND kind = 'dispatched' AND item_id IS NOT NULL",
+        (task_id,),
+    )
+    for item_id, attempt, node, detail in rows:
+        sent = (attempt, node) if attempt is not None else dispatch_sent(detail)
+        if sent is not None and sent[1] is not None:
+            sends.setdefault(item_id, set()).add(sent)
+    return sends
 
 
 def dispatch_detail(attempt: int, node: str | None) -> str:

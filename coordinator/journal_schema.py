@@ -23,6 +23,12 @@ their node (not counted against ``max_attempts``; a restarted coordinator reads 
 Version 3: no statement: from it on, ``events`` holds only the audit lines the other rows do not
 say (:mod:`coordinator.journal_history`). Its number keeps an older coordinator, which would read
 those histories with lines missing, from opening the file.
+
+Version 4: ``events.attempt`` and ``events.node`` -- a dispatch line's attempt and node, as
+columns (NULL on other lines, and on dispatch lines written before version 4, whose detail text
+says them: :func:`coordinator.journal_history.read_dispatches` parses those). A restarted
+coordinator reads them to know which node may answer which earlier attempt of an item; they
+ride on the line the dispatch writes anyway, in the same statement: no row more per dispatch.
 """
 
 from __future__ import annotations
@@ -85,9 +91,10 @@ _V1 = (
 
 _V2 = ("ALTER TABLE items ADD COLUMN refused INTEGER NOT NULL DEFAULT 0",)
 _V3: tuple[str, ...] = ()  # the audit log's stored lines: see the module docstring
+_V4 = ("ALTER TABLE events ADD COLUMN attempt INTEGER", "ALTER TABLE events ADD COLUMN node TEXT")
 
 #: Statements taking the schema from version i to i + 1. ONLY APPEND.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -57,18 +57,20 @@ node answers that). Journal writes per task are kept few:
   Answers about an item count only from the node its current attempt went to. A result of
   an earlier attempt counts only from a node this coordinator sent it to or, for a recovered
   item, one the journal has that attempt's dispatch on (the item's row has the attempt just
-  before its own, the audit log those further back); any other member's is refused (in
-  ``foreign_results``), and so is every answer to a send the journal has no dispatch of
-  (that attempt runs again). Cancels go to the nodes this coordinator sent the items to,
-  journaled or not;
+  before its own, the dispatch lines' columns those further back); any other member's is
+  refused (in ``foreign_results``), and so is every answer to a send the journal has no
+  dispatch of (that attempt runs again). Cancels go to the nodes this coordinator sent the
+  items to, journaled or not;
 * an item is journaled as running only if its result has not arrived ``running_mark_delay_s``
   after the node accepted it (recovery treats dispatched and running alike);
 * the result that completes a task (single, batch, pipeline) is journaled together with the
   task's end, in one call: both commit or neither does; any other end (an aggregation, a
   failure, a deadline) whose write fails is written again, with a backoff, until it commits
-  (its waiters hear of it only then) or the coordinator closes; so is an item's failure, a
-  final one or a retry's (whose next attempt goes out only once the journal has it, else the
-  journal would refuse that attempt's dispatch and result);
+  (its waiters hear of it only then) or the coordinator closes (a write is tried again when
+  it may pass: a busy or full disk, or its group commit rolled back for another call's fault;
+  not when the journal refused it); so is an item's failure, a final one or a retry's (whose
+  next attempt goes out only once the journal has it, else the journal would refuse that
+  attempt's dispatch and result);
 * submitting a known task id with the same spec again is an idempotent retry: nothing runs
   again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
@@ -100,17 +102,16 @@ from coordinator.journal import (
     PRUNE_BATCH,
     CallOutcome,
     Journal,
-    JournalEvent,
     RecoveredTask,
     TaskEnd,
     TaskEnding,
     TaskPage,
     TaskRecord,
+    TransientJournalError,
     UnknownTaskError,
     item_ended,
     read_stats,
 )
-from coordinator.journal_history import dispatch_sent
 from coordinator.journal_writer import JournalWriter
 from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, RemoteProtocolError
@@ -127,6 +128,7 @@ from meshinfer.proto.scheduling import (
     unplaced_reason,
 )
 from meshinfer.proto.tasks import (
+    InvalidTaskError,
     TaskSpec,
     TaskState,
     WorkItem,
@@ -144,6 +146,7 @@ from meshinfer.proto.tasks_wire import (
 )
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.startup import address_text
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,8 @@ T = TypeVar("T")
 #: of each journaled dispatch of an earlier attempt). An item waiting to be sent has only
 #: dispatches of attempts before its own journaled (the journal moves an item on to attempt + 1
 #: only from a journaled dispatch: a retry, a refusal, or recovery requeuing an item in
-#: flight): the one just before it on the item's row, those further back in the audit log.
+#: flight): the one just before it on the item's row, those further back in the journal's
+#: dispatch lines (their attempt and node columns: :meth:`Journal.dispatches`).
 Attempt = tuple[int, int, frozenset[tuple[int, str]]]
 
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
@@ -166,6 +170,10 @@ HANDED_BYTES = 32 << 20
 #: the maximum (see Coordinator._finish).
 END_RETRY_FIRST_S = 0.05
 END_RETRY_MAX_S = 2.0
+#: The journal write errors that may pass if the write is made again: a busy or full disk, or
+#: a group commit rolled back for another call's fault. A refusal (an unknown task, an item in
+#: the wrong state) would be refused again: it is raised at once.
+_TRANSIENT = (sqlite3.OperationalError, OSError, TransientJournalError)
 
 _POLICIES = frozenset(p.value for p in Policy)
 _AGGREGATIONS = frozenset(m.value for m in Mode)
@@ -315,6 +323,10 @@ class Coordinator:
         #: Items whose result is being journaled (how many of their results: two copies of
         #: one result may be in the journal's hands at once).
         self._answered: Counter[str] = Counter()
+        #: Items of those whose node was lost meanwhile (died, left, unreachable): item id ->
+        #: (node, attempt, why, fast). Re-dispatched once their answers are handled, unless
+        #: one was taken (see _answer_handled).
+        self._lost_while_answered: dict[str, tuple[str, int, str, bool]] = {}
         #: Items dropped for good whose failure is being journaled (see _fail_item): a result
         #: the journal may still take counts, as for a live item, only from the nodes sent it.
         self._failing: dict[str, ItemRun] = {}
@@ -413,10 +425,10 @@ class Coordinator:
     async def _attempts_of(self, rec: RecoveredTask) -> dict[str, Attempt]:
         """The recovered task's items to dispatch, each with its journaled :data:`Attempt`
         (only the nodes of its earlier attempts' dispatches may answer those): the node of the
-        attempt just before its own is on its row; the audit log, read only if an item is
-        further on, has those before."""
+        attempt just before its own is on its row; the journal's dispatch lines, read only if
+        an item is further on, have those before (:meth:`Journal.dispatches`)."""
         far = any(i.attempt > 2 for i in rec.to_dispatch)
-        logged = _journaled_sends(await self._db.run("history", rec.task.task_id) if far else [])
+        logged = await self._db.run("dispatches", rec.task.task_id) if far else {}
         attempts: dict[str, Attempt] = {}
         for i in rec.to_dispatch:
             sent = {(a, node) for a, node in logged.get(i.item_id, ()) if a < i.attempt}
@@ -452,14 +464,21 @@ class Coordinator:
         retry of it after the default changed is a conflict). Likewise a parallel spec with a
         quorum or weights and no ``aggregation`` is accepted with ``default_aggregation``, and
         refused (InvalidTaskError) if that mode takes no quorum or weights. A spec of another
-        pattern naming an ``aggregation`` is refused (it would be ignored).
+        pattern naming an ``aggregation`` is refused (it would be ignored), unless the very
+        same spec is journaled under its id (accepted before that check: a retry of it gets
+        its id, as any idempotent retry does).
         """
         self._check_started()
         if spec.deadline_s is None and self.config.default_deadline_s:
             spec = replace(spec, deadline_s=self.config.default_deadline_s)
         spec = with_aggregation_mode(spec, self.config.default_aggregation)
         run = self._new_run(spec, self._loop.time())  # validates the spec
-        check_aggregation_used(spec)
+        try:
+            check_aggregation_used(spec)
+        except InvalidTaskError:
+            if not await self._db.run("holds", spec):  # a new task (or another spec): refused
+                raise
+            return spec.task_id  # a retry of a task journaled before the check: runs nothing
         durable = self._db.call("accept", spec, run.outline, on_decided=partial(self._decided, run))
         durable.add_done_callback(partial(self._undo_unless_durable, run))
         if not will_wait:
@@ -590,7 +609,7 @@ class Coordinator:
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),
                 "models": [f"{x.model_id}@{x.version}" for x in s.models],
                 "queue_depth": s.queue_depth if m.is_live else None,
-                "address": f"{s.host}:{s.port}",
+                "address": address_text(s.host, s.port),
                 "in_flight": in_flight[m.node_id],
                 "done": self.stats_.completed_by_node[m.node_id],
                 "rtt_ms": None if (rtt := membership.core.rtt(m.node_id)) is None
@@ -640,9 +659,10 @@ class Coordinator:
         while True:
             _, _, item_id = await self._ready.get()
             pair = self._items.get(item_id)
-            if pair is None or pair[1].node is not None:
+            if pair is None or pair[1].node is not None or pair[0].done:
                 # cancelled or finished meanwhile, or out already: queued twice (a retry's
-                # timer, or a hash's callback for a task id pruned and submitted again)
+                # timer, or a hash's callback for a task id pruned and submitted again); or
+                # its task's end is decided, being journaled: it would only be called back
                 continue
             run, entry = pair
             node = self._choose(run, entry)
@@ -932,6 +952,8 @@ class Coordinator:
             self._answered[msg.item_id] -= 1
             if not self._answered[msg.item_id]:
                 del self._answered[msg.item_id]
+                if msg.item_id in self._lost_while_answered:
+                    self._loop.call_soon(self._answer_handled, msg.item_id)
         if not fresh:
             self.stats_.duplicates += 1
             return
@@ -1101,8 +1123,33 @@ class Coordinator:
         ]
 
     def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
-        """Retry at once every item in flight on ``node`` (it died, left or is unreachable)."""
+        """Retry at once every item in flight on ``node`` (it died, left or is unreachable);
+        one whose result is being handled only once that is over, and only if it was not
+        taken: refused here or by the journal, or not written (:meth:`_answer_handled`)."""
+        for item_id in self._answered:
+            pair = self._items.get(item_id)
+            if pair is not None and pair[1].node == node:
+                self._lost_while_answered[item_id] = (node, pair[1].attempt, reason, fast)
         for run, entry in self._in_flight_on(node):
+            self.stats_.redispatched_after_death += 1
+            self.stats_.redispatched_after_disconnect += fast
+            self._retry(run, entry, reason, backoff=False)
+
+    def _answer_handled(self, item_id: str) -> None:
+        """The item's answers are handled (called soon after the last one's journal call: the
+        step that took a result has dropped the item by then). If its node was lost meanwhile
+        and it is still live there at that attempt (its result was refused, here or by the
+        journal, or could not be written), it is retried now, as the loss would have done,
+        rather than after its timeout."""
+        if item_id in self._answered:  # another answer came meanwhile: once it is handled
+            return
+        lost = self._lost_while_answered.pop(item_id, None)
+        pair = self._items.get(item_id)
+        if lost is None or pair is None or self._closed:
+            return
+        node, attempt, reason, fast = lost
+        run, entry = pair
+        if entry.node == node and entry.attempt == attempt:
             self.stats_.redispatched_after_death += 1
             self.stats_.redispatched_after_disconnect += fast
             self._retry(run, entry, reason, backoff=False)
@@ -1238,16 +1285,17 @@ class Coordinator:
         self, run: TaskRun, what: str, write: Callable[[], Awaitable[T]]
     ) -> T | None:
         """``await write()``, a journal write for ``run``, until it commits: one that fails
-        (e.g. a busy or full disk) is tried again after ``END_RETRY_FIRST_S``, doubling up to
-        ``END_RETRY_MAX_S``. Returns its value (never None), or None once ``run`` ended
-        otherwise meanwhile (cancelled, or its submit's COMMIT failed). Raises the write's
-        error if it fails once ``run`` ended or the coordinator closes (one last try:
-        recovery redoes it)."""
+        for a cause that may pass (``_TRANSIENT``: a busy or full disk, its group rolled back
+        for another call's fault) is tried again after ``END_RETRY_FIRST_S``, doubling up to
+        ``END_RETRY_MAX_S``; any other error (a refusal) is raised at once. Returns its value
+        (never None), or None once ``run`` ended otherwise meanwhile (cancelled, or its
+        submit's COMMIT failed). Raises the write's error if it fails once ``run`` ended or
+        the coordinator closes (one last try: recovery redoes it)."""
         delay = END_RETRY_FIRST_S
         while True:
             try:
                 return await write()
-            except (sqlite3.OperationalError, OSError) as exc:  # may pass (busy, full disk)
+            except _TRANSIENT as exc:  # may pass (busy, full disk; or another call's fault)
                 if self._closed or self._runs.get(run.task_id) is not run:
                     raise
                 log.warning("journal: %s failed, retrying in %g s: %s", what, delay, exc)
@@ -1377,16 +1425,6 @@ def _journal_retry(
         except (LocalProtocolError, UnknownTaskError):  # in flight (journaled), moved on, ended
             pass
     return journal.record_failure(item_id, attempt, reason, retryable=True, refused=refused)
-
-
-def _journaled_sends(history: list[JournalEvent]) -> dict[str, set[tuple[int, str]]]:
-    """Per item id, the (attempt, node) of each dispatch in a task's audit log."""
-    sends: dict[str, set[tuple[int, str]]] = {}
-    for event in history:
-        sent = dispatch_sent(event.detail) if event.kind == "dispatched" else None
-        if sent is not None and event.item_id:
-            sends.setdefault(event.item_id, set()).add(sent)
-    return sends
 
 
 def _nodes_of(entry: ItemRun, attempt: int) -> str:

@@ -601,7 +601,7 @@ def test_a_version_1_journal_gains_the_refused_column(tmp_path, monkeypatch):
     with Journal(path) as journal:
         assert [i.refused for i in journal.get("t1").items] == [0] * 3
     with sqlite3.connect(path) as db:
-        assert schema_version(db) == len(MIGRATIONS) == 3
+        assert schema_version(db) == len(MIGRATIONS) == 4
     db.close()
 
 
