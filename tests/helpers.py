@@ -10,9 +10,11 @@ import numpy as np
 import psutil
 
 from coordinator.client import CoordinatorClient
+from meshinfer.discovery.static import StaticSeed
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import NumpyEngine
 from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.session import Session
 from meshinfer.testing.cluster import LocalCluster
@@ -83,3 +85,15 @@ def kill_all(procs: Iterable[psutil.Process]) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+
+
+def seed_of(node: MeshNode) -> StaticSeed:
+    """A static seed that dials ``node`` on loopback with its key (it must be listening)."""
+    assert node.address is not None
+    return StaticSeed(
+        node_id=node.node_id,
+        host="127.0.0.1",
+        port=node.address.port,
+        static_key=node.identity.static_public,
+        fleet_id=node.identity.trust.fleet_id,
+    )

@@ -14,7 +14,6 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshinfer.discovery.static import StaticSeed
 from meshinfer.proto.membership import Membership, MemberStatus
 from meshinfer.proto.membership_config import MembershipConfig
 from meshinfer.proto.membership_wire import (
@@ -33,7 +32,7 @@ from meshinfer.proto.membership_wire import (
 )
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.fleet import make_fleet
-from tests.helpers import until
+from tests.helpers import seed_of, until
 
 CONFIG = MembershipConfig.test()
 MEMBERS = ["m1", "m2", "m3", "m4"]
@@ -217,14 +216,3 @@ async def test_daemons_reconcile_by_digest_over_noise_sessions_with_signed_recor
 
 def mesh_options(config: MembershipConfig, seeds=()) -> MeshNodeOptions:
     return MeshNodeOptions(membership=config, mdns=None, seeds=list(seeds))
-
-
-def seed_of(node: MeshNode) -> StaticSeed:
-    assert node.address is not None
-    return StaticSeed(
-        node_id=node.node_id,
-        host="127.0.0.1",
-        port=node.address.port,
-        static_key=node.identity.static_public,
-        fleet_id=node.identity.trust.fleet_id,
-    )

@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshinfer.discovery.static import StaticSeed
 from meshinfer.proto import xeddsa
 from meshinfer.proto.identity import FleetAuthority, NodeIdentity
 from meshinfer.proto.membership import Membership, MembershipConfig, MemberStatus
@@ -36,7 +35,7 @@ from meshinfer.proto.messages import Gossip as GossipMessage
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.fleet import make_fleet
 from meshinfer.testing.virtual_network import MembershipCluster
-from tests.helpers import until
+from tests.helpers import seed_of, until
 
 NOW = 1.8e9
 keys = st.binary(min_size=32, max_size=32)
@@ -254,17 +253,6 @@ def test_a_push_pull_listing_many_versions_of_a_member_costs_one_signature_check
 
 def options(**kw) -> MeshNodeOptions:
     return MeshNodeOptions(membership=MembershipConfig.test(), mdns=None, **kw)
-
-
-def seed_of(node: MeshNode) -> StaticSeed:
-    assert node.address is not None
-    return StaticSeed(
-        node_id=node.node_id,
-        host="127.0.0.1",
-        port=node.address.port,
-        static_key=node.identity.static_public,
-        fleet_id=node.identity.trust.fleet_id,
-    )
 
 
 async def test_a_fleet_member_cannot_announce_anothers_departure_or_invent_members():
