@@ -34,7 +34,7 @@ from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.startup import address_text, load_identity, mesh_options, start_mesh
+from meshinfer.runtime.startup import load_identity, mesh_options, start_mesh
 from meshinfer.tomlconfig import listen_failure, parse_address
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class CoordinatorDaemon:
         return {
             "node_id": self.node_id,
             "pid": os.getpid(),
-            "session": address_text(self.mesh.address.host, self.mesh.address.port),
+            "session": str(self.mesh.address),
             "api": self.api.url if self.api else None,
             "token_file": str(Path(token_file).resolve()) if token_file else None,
             "journal": str(self.journal_path),

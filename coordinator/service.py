@@ -146,7 +146,7 @@ from meshinfer.proto.tasks_wire import (
 )
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.startup import address_text
+from meshinfer.transport.base import Address
 
 log = logging.getLogger(__name__)
 
@@ -609,7 +609,7 @@ class Coordinator:
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),
                 "models": [f"{x.model_id}@{x.version}" for x in s.models],
                 "queue_depth": s.queue_depth if m.is_live else None,
-                "address": address_text(s.host, s.port),
+                "address": str(Address(s.host, s.port)),  # IPv6 in brackets
                 "in_flight": in_flight[m.node_id],
                 "done": self.stats_.completed_by_node[m.node_id],
                 "rtt_ms": None if (rtt := membership.core.rtt(m.node_id)) is None

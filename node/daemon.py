@@ -42,8 +42,8 @@ from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, log_failure, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.startup import address_text, load_identity, mesh_options, start_mesh
 from meshinfer.runtime.startup import check_validity as check_validity  # (its home was here)
+from meshinfer.runtime.startup import load_identity, mesh_options, start_mesh
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.tomlconfig import listen_failure
 from node.config import NodeConfig, parse_address, parse_models
@@ -133,7 +133,7 @@ class NodeDaemon:
         return {
             "node_id": self.node_id,
             "pid": os.getpid(),
-            "session": address_text(self.mesh.address.host, self.mesh.address.port),
+            "session": str(self.mesh.address),
             "http": self.http.url if self.http else None,
             "engine": self.config.inference.engine,
             "models": [str(m) for m in self.models],

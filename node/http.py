@@ -25,7 +25,6 @@ from meshinfer.proto.contact import check_vector
 from meshinfer.runtime.http_log import ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
-from meshinfer.runtime.startup import address_text
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
 from meshinfer.transport.base import Address
 
@@ -248,7 +247,7 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
                     "node_id": m.node_id,
                     "status": m.status.value,
                     "incarnation": m.incarnation,
-                    "address": address_text(m.state.host, m.state.port),
+                    "address": str(Address(m.state.host, m.state.port)),
                     "roles": list(m.state.roles),
                     "models": [f"{x.model_id}@{x.version}" for x in m.state.models],
                     # a dead or left member's last gossiped queue is stale: none
@@ -257,13 +256,12 @@ def node_status(d: NodeDaemon) -> dict[str, Any]:
             )
     ready, problems = d.readiness()
     ex = d.executor
-    here = mesh.address if mesh is not None else None  # (IPv6 in brackets, as a seed's)
     return {
         "node_id": d.node_id,
         "fleet_id": d.identity.trust.fleet_id,
         "ready": ready,
         "problems": problems,
-        "session_address": address_text(here.host, here.port) if here else None,
+        "session_address": str(mesh.address) if mesh and mesh.address else None,
         "incarnation": mesh.membership.core.incarnation if mesh and mesh.membership else None,
         "members": members,
         "sessions": mesh.peers.connected if mesh else [],

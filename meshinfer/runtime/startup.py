@@ -120,9 +120,3 @@ async def start_mesh(mesh: MeshNode, config: Any) -> None:
         if mesh.address is not None:  # listening: something after the bind failed
             raise
         raise listen_failure("[network] listen", config.network.listen, exc) from None
-
-
-def address_text(host: str, port: int) -> str:
-    """``host:port`` as the daemons write an address for people and their files, IPv6 in
-    brackets (``[::1]:7946``) as ``[network] listen`` and seeds take it back."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
