@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from meshinfer import PROTOCOL_VERSION, __version__
-from meshinfer.fleetcli import CommandParser, add_fleet_commands, dispatch, parse_command_line
+from meshinfer.fleetcli import (
+    EXIT_CLOSED_PIPE,
+    CommandParser,
+    add_fleet_commands,
+    dispatch,
+    parse_command_line,
+    stdout_gone,
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -73,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before a demo set its own handlers (while importing)
         print(f"meshinfer {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError as exc:  # ``meshinfer version | head -0``: the reader went away
+        if stdout_gone(exc):
+            return EXIT_CLOSED_PIPE
+        raise
 
 
 def _run(args: argparse.Namespace) -> int:

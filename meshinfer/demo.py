@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from meshinfer.errors import MeshInferError
+from meshinfer.fleetcli import EXIT_CLOSED_PIPE, stdout_gone
 
 DIGITS = "digits-mlp@1"
 ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
@@ -64,6 +65,12 @@ class DemoError(MeshInferError):
 class Interrupted(BaseException):
     """Raised in the main thread by the first of :data:`STOP_SIGNALS` (a BaseException, like
     KeyboardInterrupt: no ``except Exception`` on the way swallows it)."""
+
+
+class OutputClosed(BaseException):
+    """Raised by :meth:`Demo.say` once the reader of stdout has gone (``meshinfer demo | head``):
+    the demo stops its daemons and ends quietly with :data:`~meshinfer.fleetcli.EXIT_CLOSED_PIPE`
+    (a BaseException, like :class:`Interrupted`)."""
 
 
 class StopSignals:
@@ -180,10 +187,22 @@ class Demo:
         self.halted = halted or threading.Event()  # the stream and the killer give up
         self.forced = forced or threading.Event()  # stop() waits no longer
         self.killed: list[str] = []  # the daemons stop() had to SIGKILL
+        self.output_closed = False  # the reader of stdout has gone: the demo stops quietly
 
     def say(self, text: str) -> None:
-        if not self.options.quiet:
+        """Print one step; :class:`OutputClosed` once the reader of stdout has gone (``| head``),
+        from then on without printing, so that every thread's next step ends the demo."""
+        if self.output_closed:
+            raise OutputClosed
+        if self.options.quiet:
+            return
+        try:
             print(f"[{time.monotonic() - self.started:5.1f}s] {text}", flush=True)
+        except BrokenPipeError as exc:
+            if not stdout_gone(exc):
+                raise
+            self.output_closed = True
+            raise OutputClosed from None
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -289,6 +308,8 @@ class Demo:
     def _kill_halfway(self, progress: Progress, total: int) -> None:
         try:
             self._kill_a_busy_node(progress, total)
+        except OutputClosed:
+            self.halted.set()  # the stream gives up; the main thread's next step says so
         except MeshInferError:
             if not self.halted.is_set():
                 raise  # (the coordinator is gone when the demo is stopped early)
@@ -565,6 +586,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     for name in s["nodes"]:
         status = "killed" if name == s["killed"] else "alive"
         lines.append(f"  {name:<10}{s['items_by_node'].get(name, 0):>12}  {status}")
+    total = sum(s["items_by_node"].get(name, 0) for name in s["nodes"])
+    lines.append(f"  {'total':<10}{total:>12}")
     print("\n".join(lines), flush=True)
 
 
@@ -583,7 +606,7 @@ def _run(demo: Demo, x: np.ndarray, y: np.ndarray, signals: StopSignals) -> dict
         try:
             signals.hold()
         finally:
-            if not demo.forced.is_set():  # (else they are killed: stop() says so)
+            if not demo.forced.is_set() and not demo.output_closed:  # (killed: stop() says so)
                 demo.say("stopping the daemons (SIGTERM)")
             demo.stop()
 
@@ -604,6 +627,9 @@ def run_demo(options: DemoOptions | None = None) -> int:
             summary = _run(demo, x, y, signals)
     except Interrupted:
         pass  # the daemons were stopped on the way out
+    except OutputClosed:  # ``meshinfer demo | head``: the daemons were stopped on the way out
+        if signals.received is None:
+            return EXIT_CLOSED_PIPE
     except (MeshInferError, OSError) as exc:  # no fleet or temporary directory, no daemon up
         if signals.received is None:
             print(f"meshinfer demo: {exc}", file=sys.stderr)
@@ -613,10 +639,15 @@ def run_demo(options: DemoOptions | None = None) -> int:
         how = "killed" if demo is not None and demo.killed else "stopped"
         print(f"meshinfer demo: stopped by {name}; its daemons were {how}", file=sys.stderr)
         return 128 + signals.received
-    if options.json:
-        print(json.dumps(summary), flush=True)
-    else:
-        _print_summary(summary)
+    try:
+        if options.json:
+            print(json.dumps(summary), flush=True)
+        else:
+            _print_summary(summary)
+    except BrokenPipeError as exc:
+        if stdout_gone(exc):
+            return EXIT_CLOSED_PIPE
+        raise
     ok = not summary["tasks_failed"] and summary["accuracy"] > 0.9
     ok = ok and summary["ensemble_state"] == "succeeded"
     if not ok:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import MeshInferError
+from meshinfer.fleetcli import EXIT_CLOSED_PIPE, stdout_gone
 from meshinfer.identity_files import FleetDirectory, NodeDirectory
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.messages import AppData
@@ -234,6 +235,11 @@ def run_demo(*, messages: int = 5, quiet: bool = False) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="meshinfer-wire-demo-") as tmp:
             return asyncio.run(_until_signalled(_drive(Path(tmp), messages, quiet)))
+    except BrokenPipeError as exc:  # ``| head``: the node process is stopped; stop quietly
+        if stdout_gone(exc):
+            return EXIT_CLOSED_PIPE
+        print(f"meshinfer wire-demo: {exc}", file=sys.stderr)
+        return 1
     except (MeshInferError, OSError) as exc:  # no temporary directory, a step that failed
         print(f"meshinfer wire-demo: {exc}", file=sys.stderr)
         return 1

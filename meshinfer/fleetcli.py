@@ -128,16 +128,25 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in a warning at exit
         return code
     except BrokenPipeError as exc:
-        if not _stdout_closed():  # a pipe the command wrote to itself: an error like any
+        if not stdout_gone(exc):  # a pipe the command wrote to itself: an error like any
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        _discard_stdout()
         return EXIT_CLOSED_PIPE
     except (MeshInferError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def stdout_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is the reader of stdout having gone (``... | head``); if so, stdout now
+    points at /dev/null (:func:`_discard_stdout`) and the command should stop quietly with
+    :data:`EXIT_CLOSED_PIPE`. A broken pipe the command opened itself is not (False)."""
+    if not isinstance(exc, BrokenPipeError) or not _stdout_closed():
+        return False
+    _discard_stdout()
+    return True
 
 
 def _stdout_closed() -> bool:

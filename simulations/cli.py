@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshinfer.errors import ConfigError
 from meshinfer.fleetcli import CommandParser, command_line, run_cli
 from simulations.membership import (
+    CAP_COST,
     MAX_DURATION,
     MAX_JOINS,
     MAX_LATENCY,
@@ -35,6 +37,7 @@ from simulations.membership import (
     PRESETS,
     MembershipReport,
     MembershipScenario,
+    RunInterrupted,
     run_membership,
     run_size,
 )
@@ -128,9 +131,9 @@ def _add_membership(commands: Any) -> None:
         "seconds; print join dissemination, crash detection, false deaths and load."
     )
     epilog = (
-        f"A run may be at most {MAX_NODE_SECONDS:,} node-seconds, (N + J) x (2 + J + S): 5 to "
-        "15 CPU minutes without loss (a CPU second simulates 5,000 node-seconds in a fleet of "
-        "2000, 20,000 in one of 50; at 50%% loss only about 700)."
+        f"A run may be at most {MAX_NODE_SECONDS:,} node-seconds, (N + J) x (2 + J + S): "
+        f"{CAP_COST} (a CPU second simulates 5,000 node-seconds in a fleet of 2000, 20,000 in "
+        "one of 50; at 50% loss only about 700)."
     )
     parser = commands.add_parser(
         "membership", help=help_text, description=description, epilog=epilog
@@ -151,8 +154,8 @@ def _membership(args: argparse.Namespace) -> int:
     if size > MAX_NODE_SECONDS:
         raise ConfigError(
             f"arguments --nodes, --joins, --duration: a run of {size:,.0f} node-seconds, "
-            f"(N + J) x (2 + J + S), is over the cap of {MAX_NODE_SECONDS:,} (5 to 15 CPU "
-            "minutes without loss); lower --nodes, --joins or --duration (see --help)"
+            f"(N + J) x (2 + J + S), is over the cap of {MAX_NODE_SECONDS:,} ({CAP_COST}); "
+            "lower --nodes, --joins or --duration (see --help)"
         )
     scenario = MembershipScenario(
         nodes=args.nodes,
@@ -164,7 +167,11 @@ def _membership(args: argparse.Namespace) -> int:
         duration=args.duration,
         seed=args.seed,
     )
-    report = run_membership(scenario)
+    try:
+        report = run_membership(scenario)
+    except RunInterrupted as interrupted:  # Ctrl-C: say how far the run came, not nothing
+        print(f"meshinfer-sim membership: {interrupted}", file=sys.stderr)
+        return 130
     print(json.dumps(report.to_json(), indent=2) if args.json else membership_table(report))
     return 0
 

@@ -60,6 +60,8 @@ MAX_DURATION = 86_400.0
 #: (at 50 % loss about 700 node-seconds per CPU second). 2000 nodes for one simulated day would
 #: be 173 million node-seconds: ten hours or more.
 MAX_NODE_SECONDS = 5_000_000
+#: What a run at the cap costs, as the CLI's help and its refusal say it.
+CAP_COST = "5 to 15 CPU minutes without loss"
 #: Seconds :func:`run_size` counts for each join (one spreads in about a second without loss).
 JOIN_ESTIMATE = 1.0
 #: Default seconds a warm-started fleet runs before the joins, for its timers to reach their phases.
@@ -307,21 +309,46 @@ def _holds_dead(member: Member | None) -> bool:
     return member is not None and member.status is MemberStatus.DEAD
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C while :func:`run_membership` played a scenario: how far it had come."""
+
+    def __init__(self, phase: str, simulated: float, cpu_seconds: float) -> None:
+        super().__init__(phase, simulated, cpu_seconds)
+        self.phase = phase  # "settle", "join 3 of 10" or "after the crashes"
+        self.simulated = simulated  # virtual seconds played
+        self.cpu_seconds = cpu_seconds
+
+    def __str__(self) -> str:
+        return (
+            f"interrupted in the {self.phase} phase, {self.simulated:.1f} simulated seconds and "
+            f"{self.cpu_seconds:.1f} s of CPU into the run; nothing measured is reported"
+        )
+
+
 def run_membership(scenario: MembershipScenario) -> MembershipReport:
-    """Play ``scenario`` and measure it (CPU-bound: about N node-seconds per CPU second)."""
+    """Play ``scenario`` and measure it (CPU-bound: about N node-seconds per CPU second).
+    Ctrl-C (KeyboardInterrupt) becomes :class:`RunInterrupted`, which says how far it came."""
     cpu, wall = time.process_time(), time.perf_counter()
     run = MembershipRun(scenario)
-    run.warm_start()
-    joins_start = run.cluster.now
-    joins = tuple(run.join(index) for index in range(scenario.joins))
-    join_phase = run.cluster.now - joins_start
-    crashes = run.crash_and_observe()
+    phase = "settle"
+    try:
+        run.warm_start()
+        joins_start = run.cluster.now
+        joins = []
+        for index in range(scenario.joins):
+            phase = f"join {index + 1} of {scenario.joins}"
+            joins.append(run.join(index))
+        join_phase = run.cluster.now - joins_start
+        phase = "after the crashes"
+        crashes = run.crash_and_observe()
+    except KeyboardInterrupt:
+        raise RunInterrupted(phase, run.cluster.now, time.process_time() - cpu) from None
     stats, watch, now = run.cluster.network.stats, run.watch, run.cluster.now
     return MembershipReport(
         scenario=scenario,
         simulated=now,
         join_phase=join_phase,
-        joins=joins,
+        joins=tuple(joins),
         crashes=crashes,
         false_deaths=watch.false_deaths,
         falsely_dead_nodes=len(watch.falsely_dead),
