@@ -20,7 +20,8 @@ from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
-from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
+from meshinfer.proto.membership_config import MembershipConfig
+from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB, MAX_RECORDS
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
@@ -29,6 +30,10 @@ MAX_RESULT_REPLAY_MIB = 1 << 16
 MAX_MESSAGE_MIB = 1 << 16
 """The largest ``[session] max_message_mib``: each handshake's Hello carries the size in bytes
 as an unsigned 64-bit integer, which from 2**44 MiB on no Hello can hold."""
+
+#: The largest ``[membership] max_members`` (a whole table must fit in one decodable packet).
+MAX_MEMBERS = MAX_RECORDS // 2
+_MEMBERSHIP = MembershipConfig()  # the keys' defaults: every preset keeps them
 
 _SEED_FLEET = "fleet"
 """The fleet id a seed naming none is checked with here (the daemon reads seeds with its own
@@ -84,6 +89,19 @@ class DiscoverySection:
 @dataclass(frozen=True)
 class MembershipSection:
     preset: str = doc("lan", 'SWIM timing preset: "lan", "v2v" or "test"')
+    push_pull_digests: bool = doc(
+        _MEMBERSHIP.push_pull_digests,
+        "anti-entropy starts with a digest of the member table (a few bytes per member) and then"
+        " sends only the records the two sides hold differently; false sends whole tables, for a"
+        " fleet that still runs nodes without digest packets (they refuse and count them)",
+    )
+    max_members: int = doc(
+        _MEMBERSHIP.max_members,
+        f"most members the table holds, this node included, in any status (2..{MAX_MEMBERS}):"
+        " records of further node ids are refused and counted (meshinfer_members_refused_total);"
+        " set it well above the fleet, the same on every node (a packet is read up to twice as"
+        " many records)",
+    )
 
 
 @dataclass(frozen=True)
@@ -235,6 +253,8 @@ def check_mesh_sections(config: Any, source: str) -> None:
     if s.max_message_mib > MAX_MESSAGE_MIB:
         raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
     _check_discovery(config.discovery, source)
+    if not 2 <= config.membership.max_members <= MAX_MEMBERS:
+        raise ConfigError(f"{source}: [membership] max_members must be in 2..{MAX_MEMBERS}")
 
 
 def _check_mdns_host(n: NetworkSection, source: str) -> None:

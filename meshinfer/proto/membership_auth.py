@@ -15,13 +15,15 @@ records and every receiver verifies them against the key bound to the claimed no
   binds (:mod:`meshinfer.proto.xeddsa`), so a receiver that never met the author checks it with
   the fleet's trust anchor alone. A fleet member can no longer author another member's ALIVE or
   LEFT records, nor invent members: every node id in a table holds a certificate the fleet
-  authority signed, and an unrevoked one.
+  authority signed, and an unrevoked one. An ALIVE record must announce the Noise static key its
+  certificate binds (or none), and, given a wall clock, the certificate must be valid.
 
 An authenticator must be pure and fast: it runs inside the sans-I/O core, once per *new* record.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -31,10 +33,17 @@ import nacl.signing
 
 from meshinfer.errors import AdmissionError
 from meshinfer.proto import xeddsa
-from meshinfer.proto.identity import MAX_CERTIFICATE_BYTES, FleetTrust, NodeCertificate
+from meshinfer.proto.identity import (
+    DEFAULT_CLOCK_SKEW_S,
+    MAX_CERTIFICATE_BYTES,
+    FleetTrust,
+    NodeCertificate,
+)
+from meshinfer.proto.membership_wire import SIGNED_BODY_DOMAIN, RecordKind
 
 #: The largest proof :class:`CertifiedRecordAuthenticator` makes: [certificate, signature].
 MAX_PROOF_BYTES = MAX_CERTIFICATE_BYTES + xeddsa.SIGNATURE_BYTES + 16
+_STATE_FIELD, _STATIC_KEY_FIELD = 4, 2  # of an ALIVE body, and of its state
 
 
 class RecordAuthenticator(Protocol):
@@ -87,9 +96,14 @@ class CertifiedRecordAuthenticator:
     travels in the Noise handshake, and the XEdDSA signature over the signed body by the static
     key the certificate binds. :meth:`verify` accepts it when the certificate is the fleet
     authority's, names the record's node id and is not revoked (``revoked``, read at each call:
-    the list grows while the node runs), and the signature verifies. Certificate validity
-    windows are the session layer's to judge (with its clock-skew tolerance), not gossip's: an
-    expired node can no longer open sessions, so it is probed out of the mesh.
+    the list grows while the node runs), is valid at ``wallclock()`` give or take
+    ``clock_skew`` seconds (as :func:`~meshinfer.proto.identity.admit` judges sessions; the
+    runtime passes its session clock skew and its admission's clock; None, as on a virtual
+    clock, leaves validity unchecked), an ALIVE record's state announces the static key the
+    certificate binds (or none: peers then dial with XX and the handshake proves the key), and
+    the signature verifies. Each refusal is counted in :attr:`refusals` by reason:
+    ``malformed``, ``untrusted``, ``wrong-node``, ``revoked``, ``not-yet-valid``, ``expired``,
+    ``key-mismatch`` or ``bad-signature``.
 
     Checked certificates, with their Edwards keys, are kept (at most ``cache_entries``, the
     cache emptied when full), so a member's further records cost one Ed25519 verification
@@ -106,16 +120,28 @@ class CertifiedRecordAuthenticator:
         random_bytes: Callable[[int], bytes],
         revoked: Callable[[NodeCertificate], bool] = lambda cert: False,
         cache_entries: int = 8192,
+        wallclock: Callable[[], float] | None = None,
+        clock_skew: float = DEFAULT_CLOCK_SKEW_S,
     ) -> None:
         self._key = xeddsa.XEdDSAKey(static_private)
         if xeddsa.edwards_public(certificate.static_public) != self._key.edwards_public:
             raise ValueError("the certificate does not bind this static key")
         self._certificate = certificate.to_bytes()
+        self._static_public = certificate.static_public
         self._trust = trust
         self._revoked = revoked
         self._random_bytes = random_bytes
         self._cache_entries = cache_entries
+        self._wallclock = wallclock
+        self._clock_skew = clock_skew
         self._known: dict[bytes, tuple[NodeCertificate, bytes] | None] = {}
+        #: refused proofs by reason (see the class docstring)
+        self.refusals: Counter[str] = Counter()
+
+    @property
+    def static_public(self) -> bytes:
+        """The Noise static key this node's certificate binds: the key its records announce."""
+        return self._static_public
 
     def sign(self, body: bytes) -> bytes:
         """``[certificate, XEdDSA signature over body]`` (~230 bytes)."""
@@ -126,11 +152,34 @@ class CertifiedRecordAuthenticator:
         """Whether ``signature`` is a proof by ``node_id``'s certified key over ``body``."""
         proof = _proof(signature)
         if proof is None:
-            return False
+            return self._refuse("malformed")
         known = self._certified(proof[0])
-        if known is None or known[0].node_id != node_id or self._revoked(known[0]):
-            return False
-        return xeddsa.verify_edwards(known[1], body, proof[1])
+        if known is None:
+            return self._refuse("untrusted")
+        reason = self._refusal(node_id, body, known[0])
+        if reason is None and not xeddsa.verify_edwards(known[1], body, proof[1]):
+            reason = "bad-signature"
+        return reason is None or self._refuse(reason)
+
+    def _refuse(self, reason: str) -> bool:
+        self.refusals[reason] += 1
+        return False
+
+    def _refusal(self, node_id: str, body: bytes, cert: NodeCertificate) -> str | None:
+        """Why ``cert`` does not vouch for ``body`` by ``node_id`` (None: it does)."""
+        if cert.node_id != node_id:
+            return "wrong-node"
+        if self._revoked(cert):
+            return "revoked"
+        if self._wallclock is not None:
+            now = self._wallclock()
+            if now < cert.not_before - self._clock_skew:
+                return "not-yet-valid"
+            if now > cert.not_after + self._clock_skew:
+                return "expired"
+        if claimed_static_key(body) not in (b"", cert.static_public):
+            return "key-mismatch"
+        return None
 
     def _certified(self, data: bytes) -> tuple[NodeCertificate, bytes] | None:
         """The certificate ``data`` and its Edwards key, if the fleet authority signed it."""
@@ -149,6 +198,28 @@ def _certified(data: bytes, trust: FleetTrust) -> tuple[NodeCertificate, bytes] 
         return None
     edwards = xeddsa.edwards_public(cert.static_public)
     return None if edwards is None else (cert, edwards)
+
+
+def claimed_static_key(body: bytes) -> bytes | None:
+    """The Noise static key an ALIVE record's signed body announces (``b""`` for none, and for
+    a LEFT body, which has no state); None when ``body`` is not a signed body."""
+    if not body.startswith(SIGNED_BODY_DOMAIN):
+        return None
+    try:
+        fields = msgpack.unpackb(body[len(SIGNED_BODY_DOMAIN) :])
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if not isinstance(fields, list) or not fields:
+        return None
+    if fields[0] == RecordKind.LEFT and len(fields) == 3:
+        return b""
+    if fields[0] != RecordKind.ALIVE or len(fields) != _STATE_FIELD + 1:
+        return None
+    state = fields[_STATE_FIELD]
+    if not isinstance(state, list) or len(state) <= _STATIC_KEY_FIELD:
+        return None
+    key = state[_STATIC_KEY_FIELD]
+    return key if isinstance(key, bytes) else None
 
 
 def _proof(data: bytes) -> tuple[bytes, bytes] | None:

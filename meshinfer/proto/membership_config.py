@@ -77,7 +77,7 @@ class MembershipConfig:
     #: per member, and then sends only the records the two sides hold differently (three
     #: packets instead of two whole tables). False sends whole tables, for a fleet that still
     #: has nodes that do not know digest packets (they refuse and count them). Joins always
-    #: send whole tables.
+    #: send whole tables. The daemons' TOML key: ``[membership] push_pull_digests``.
     push_pull_digests: bool = True
     #: Period of reconnect attempts: a push-pull with one random dead (not left) member, so the
     #: two halves of a healed partition find each other again. 0 disables it.
@@ -102,6 +102,7 @@ class MembershipConfig:
     #: :meth:`max_packet_records` records. At 4096 a full table holds ~6 MB, and the longest
     #: packet read (8192 records) costs ~0.1 s of CPU: ~10 us a record to decode, ~10 us more
     #: per new member (a push-pull of 130,000 made-up members took ~4 s before the cap).
+    #: The daemons' TOML key: ``[membership] max_members``.
     max_members: int = 4096
 
     def __post_init__(self) -> None:

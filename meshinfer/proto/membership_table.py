@@ -23,7 +23,11 @@ LEFT records are self-claims: only the node they are about may author them. With
 :class:`~meshinfer.proto.membership_auth.RecordAuthenticator` each is signed by its subject and a
 record whose signature does not verify for the claimed node id is refused and counted
 (``impersonations_refused``), whoever relays it; an honest relay verifies before it re-gossips,
-so a refused record marks its sender as the forger. Without an authenticator relays are trusted
+so a refused record marks its sender as the forger. The daemons' authenticator also refuses (and
+counts the same way) an ALIVE record whose state announces a Noise static key other than the
+one its author's certificate binds, and one proven by a certificate outside its validity window
+(see :class:`~meshinfer.proto.membership_auth.CertifiedRecordAuthenticator`, whose ``refusals``
+gives the reasons). Without an authenticator relays are trusted
 (admission already limits the mesh to fleet members). SUSPECT and DEAD claims about others are
 plain gossip and are accepted from anyone; they cannot raise an incarnation above the member's
 own newest ALIVE record (a claim above it is applied at that incarnation and counted,

@@ -317,14 +317,16 @@ def encode_state(state: NodeState) -> bytes:
     return msgpack.packb(_state_fields(state))
 
 
+#: The domain prefix of :func:`signed_body`; the msgpack array of the record's fields follows.
+SIGNED_BODY_DOMAIN = b"meshinfer-member-v1\x00"
+
+
 def signed_body(record: AliveRecord | LeftRecord) -> bytes:
     """The bytes a node signs for its own ALIVE or LEFT record (kind-tagged, canonical)."""
     if isinstance(record, AliveRecord):
         fields = [RecordKind.ALIVE, record.node_id, record.incarnation, record.version]
-        return b"meshinfer-member-v1\x00" + msgpack.packb([*fields, _state_fields(record.state)])
-    return b"meshinfer-member-v1\x00" + msgpack.packb(
-        [RecordKind.LEFT, record.node_id, record.incarnation]
-    )
+        return SIGNED_BODY_DOMAIN + msgpack.packb([*fields, _state_fields(record.state)])
+    return SIGNED_BODY_DOMAIN + msgpack.packb([RecordKind.LEFT, record.node_id, record.incarnation])
 
 
 def encode_record(record: Record) -> bytes:

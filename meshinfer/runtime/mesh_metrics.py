@@ -92,6 +92,18 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
                 [({}, counters.members_refused)],
             )
         )
+        refusals = getattr(mesh.membership.core.table.authenticator, "refusals", None)
+        if refusals is not None:  # signed records (the daemons')
+            out.append(
+                family(
+                    "meshinfer_membership_records_refused_total",
+                    "counter",
+                    "Membership records refused by their proof, by reason: malformed, untrusted,"
+                    " wrong-node, revoked, not-yet-valid, expired, key-mismatch, bad-signature"
+                    " (the sender of one is taken as its forger).",
+                    [({"reason": r}, n) for r, n in sorted(refusals.items())],
+                )
+            )
         out.append(
             family(
                 "meshinfer_membership_packets_truncated_total",

@@ -193,6 +193,8 @@ class MeshNode:
             random_bytes=nacl.utils.random,
             revoked=lambda cert: admission.revocations.is_revoked(cert),
             cache_entries=2 * self.options.membership.max_members,
+            wallclock=lambda: admission.wallclock(),
+            clock_skew=self.options.session.clock_skew,
         )
 
     async def _start_discovery(self, port: int) -> None:

@@ -13,6 +13,7 @@ only light modules at its top: the mesh's own (sessions, discovery, membership) 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -87,7 +88,7 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
         "v2v": MembershipConfig.v2v,
         "test": MembershipConfig.test,
     }
-    d, s = config.discovery, config.session
+    d, s, m = config.discovery, config.session, config.membership
     mdns = None
     if d.mdns:
         interfaces = "all" if d.interfaces == ("all",) else tuple(d.interfaces)
@@ -99,7 +100,9 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
         link=LinkKind(config.network.link),
         mdns=mdns,
         seeds=tuple(parse_seeds(list(d.seeds), fleet_id=fleet_id)),
-        membership=presets[config.membership.preset](),
+        membership=dataclasses.replace(
+            presets[m.preset](), push_pull_digests=m.push_pull_digests, max_members=m.max_members
+        ),
         session=SessionConfig(
             handshake_timeout=s.handshake_timeout,
             idle_timeout=s.idle_timeout,

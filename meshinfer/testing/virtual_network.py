@@ -305,7 +305,7 @@ class MembershipCluster:
         known: Iterable[AliveRecord] = (),
     ) -> Membership:
         """Start (or restart, with no memory) ``node_id`` and join it through ``seeds``."""
-        state = self._states.setdefault(node_id, self._state_for(len(self._states)))
+        state = self._states.setdefault(node_id, self._state_for(len(self._states), node_id))
         core = Membership(
             node_id,
             state,
@@ -335,7 +335,7 @@ class MembershipCluster:
         """Start ``count`` nodes that already know each other (a converged fleet, no gossip)."""
         ids = [f"{prefix}{len(self._states) + i:04d}" for i in range(count)]
         for index, node_id in enumerate(ids):
-            self._states[node_id] = self._state_for(index)
+            self._states[node_id] = self._state_for(index, node_id)
         records = [self._signed(AliveRecord(n, 0, 1, self._states[n])) for n in ids]
         for node_id in ids:
             self.start_node(node_id, known=records)
@@ -349,11 +349,14 @@ class MembershipCluster:
         proof = authenticator.sign(signed_body(record))
         return AliveRecord(record.node_id, record.incarnation, record.version, record.state, proof)
 
-    def _state_for(self, index: int) -> NodeState:
+    def _state_for(self, index: int, node_id: str) -> NodeState:
+        """A made-up state; a node whose authenticator has a certificate announces its key."""
+        key = self.rng.randbytes(32)  # drawn either way: the same seed, the same trace
+        certified = getattr(self._authenticator_for(node_id), "static_public", None)
         return NodeState(
             host=f"10.{index // 65536 % 256}.{index // 256 % 256}.{index % 256}",
             port=7946,
-            static_key=self.rng.randbytes(32),
+            static_key=certified or key,
             roles=("vehicle",),
             links=("v2v",),
             gpu_free_mb=8192,
