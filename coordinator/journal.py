@@ -928,7 +928,7 @@ class Journal:
             item.state, item.result, item.result_attempt = state, blob, attempt
             staged = self._staged
             staged.results.append((item_id, attempt, node, blob, now))
-            staged.item_states[item_id] = (state.value, item.node, now)
+            staged.item_states[item_id] = (state.value, item.node, None, now)
             staged.serial += 1
             if ending is None:
                 new = TRANSITIONS.get((moved, TaskEvent.ACCEPT))
@@ -945,8 +945,8 @@ class Journal:
             if item.state.value in _LIVE:
                 if item.state.value in _IN_FLIGHT:
                     in_flight.append((item_id, item.node))
-                item.state = TaskState.CANCELLED
-                self._staged.item_states[item_id] = (item.state.value, item.node, now)
+                item.state, item.error = TaskState.CANCELLED, _ended_unfinished(ending.state)
+                self._staged.item_states[item_id] = (item.state.value, item.node, item.error, now)
         task.state, task.updated_at = ending.state, now
         self._staged.task_states[task_id] = (ending.state.value, ending.summary, ending.error, now)
         self._staged.serial += 1
@@ -982,9 +982,9 @@ class Journal:
             ).fetchall()
             if live:
                 db.execute(
-                    "UPDATE items SET state = 'cancelled', updated_at = ? WHERE task_id = ?"
-                    f" AND state IN {_LIVE}",
-                    (now, task_id),
+                    "UPDATE items SET state = 'cancelled', error = ?, updated_at = ?"
+                    f" WHERE task_id = ? AND state IN {_LIVE}",
+                    (_ended_unfinished(state), now, task_id),
                 )
             return [(item_id, node) for item_id, node, was in live if was in _IN_FLIGHT]
 
@@ -1226,13 +1226,23 @@ def item_ended(error: BaseException) -> bool:
 
 
 def _hot_record(task_id: str, item: HotItem) -> ItemRecord:
-    """A hot item as :meth:`Journal.get` reads it (a hot item has no error and no refusals:
-    a failure drops it from memory first)."""
+    """A hot item as :meth:`Journal.get` reads it (a hot item has no error but the one its
+    task's end gives it, and no refusals: a failure drops it from memory first)."""
     where = item.outline
     return ItemRecord(
         where.item_id, task_id, where.index, where.model, where.stage, item.state, item.node,
-        item.attempt, None, item.result, item.result_attempt,
+        item.attempt, item.error, item.result, item.result_attempt,
     )  # fmt: skip
+
+
+def _ended_unfinished(task_state: TaskState) -> str | None:
+    """The error of an item its task's end cancelled: why it never finished (None when the task
+    was cancelled: the item's state says it all)."""
+    if task_state == TaskState.FAILED:
+        return "not finished: the task failed"
+    if task_state == TaskState.SUCCEEDED:
+        return "not needed: the task succeeded without it"
+    return None
 
 
 def _summary(row) -> TaskSummary:

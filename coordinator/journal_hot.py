@@ -49,6 +49,7 @@ class HotItem:
     node: str | None = None
     result: bytes | None = None
     result_attempt: int | None = None
+    error: str | None = None  # set only as its task's end cancels it
 
 
 @dataclass(slots=True)
@@ -119,7 +120,7 @@ class StagedRows:
         self.items: list[tuple[object, ...]] = []
         #: (item id, attempt, node, blob, received at)
         self.results: list[tuple[object, ...]] = []
-        #: item id -> (state, node, updated at); the last one staged wins
+        #: item id -> (state, node, error, updated at); the last one staged wins
         self.item_states: dict[str, tuple[object, ...]] = {}
         #: task id -> (state, summary, error, updated at); the last one staged wins
         self.task_states: dict[str, tuple[object, ...]] = {}
@@ -166,10 +167,11 @@ _RESULTS = _Table(
     "(?, ?, ?, ?, ?)",
 )
 _ITEM_STATES = _Table(
-    "UPDATE items SET state = v.column2, node = v.column3, updated_at = v.column4 FROM (VALUES ",
-    "(?, ?, ?, ?)",
+    "UPDATE items SET state = v.column2, node = v.column3, error = v.column4,"
+    " updated_at = v.column5 FROM (VALUES ",
+    "(?, ?, ?, ?, ?)",
     ") AS v WHERE items.id = v.column1",
-    "UPDATE items SET state = ?2, node = ?3, updated_at = ?4 WHERE id = ?1",
+    "UPDATE items SET state = ?2, node = ?3, error = ?4, updated_at = ?5 WHERE id = ?1",
 )
 _TASK_STATES = _Table(
     "UPDATE tasks SET state = v.column2, summary = v.column3, error = v.column4,"

@@ -1317,6 +1317,9 @@ class Coordinator:
             if run.task_id in self._runs and not run.done:
                 run.check_timeout(self._loop.time())
                 if run.done:
+                    outcome = run.outcome
+                    if outcome is not None and not outcome.succeeded:  # say what still waited
+                        run.outcome = replace(outcome, error=outcome.error + self._waited(run))
                     self._steps.spawn(self._advance(run))
 
         self._set_task_timer(run.task_id, deadline + 1e-3, check)
@@ -1332,14 +1335,21 @@ class Coordinator:
     def _on_deadline(self, run: TaskRun) -> None:
         if self._runs.get(run.task_id) is not run or run.done:
             return
-        error = _deadline_passed(run)
-        reasons = Counter(self.waiting(run.task_id).values())
-        if reasons:  # said now: once the task ended, nothing waits any more
-            why, count = reasons.most_common(1)[0]
-            error += f"; {count} of them waiting: {why}"
+        error = _deadline_passed(run) + self._waited(run)
         log.info("task %s failed: %s", run.task_id, error)
         run.outcome = Outcome(False, error=error)
         self._steps.spawn(self._finish(run, run.outcome))
+
+    def _waited(self, run: TaskRun) -> str:
+        """For the error of a task that ran out of time: how many of its items were on no
+        node, and the most common reason (said as it ends: once forgotten, nothing waits)."""
+        reasons = Counter(self.waiting(run.task_id).values())
+        if not reasons:
+            return ""
+        (why, count), total = reasons.most_common(1)[0], reasons.total()
+        return f"; {count} of them waiting: {why}" + (
+            f" ({total - count} more waiting for other reasons)" if total > count else ""
+        )
 
     def _forget(self, task_id: str, record: TaskRecord | None = None) -> None:
         """Drop the task from memory; its waiters get ``record`` (None: they read it)."""

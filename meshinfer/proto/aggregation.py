@@ -11,12 +11,13 @@ Modes (:class:`Mode`):
 * ``first``    -- the first output that arrives.
 * ``all``      -- every output, as a tuple ordered by source id; done when every source answered.
 * ``majority`` -- a vote: each output's class predictions (``argmax`` over the last axis of a
-  float output; an integer output already holds labels), element-wise majority; ties go to the
-  smallest label and are reported (``tied``). Done when every source answered, or early when no
-  outstanding vote could change any element's winner.
+  float output; an integer output already holds labels, which must fit int64), element-wise
+  majority; ties go to the smallest label and are reported (``tied``). Done when every source
+  answered, or early when no outstanding vote could change any element's winner.
 * ``weighted`` -- the weighted average ``sum(w_s x_s) / sum(w_s)`` of float outputs, with
-  per-source weights (default 1); done when every source answered. Summed in float64, it has
-  the outputs' float dtype (float64 for integer outputs).
+  per-source weights (default 1); done when every source answered. Summed in float64 (so
+  that outputs near its limit, whose plain sum would overflow, are summed scaled down), it has
+  the outputs' float dtype (float64 for integer outputs). A NaN output gives a NaN average.
 * ``ensemble`` -- the weighted average over a *quorum*: done once ``quorum`` outputs arrived,
   whatever the other sources do.
 
@@ -124,6 +125,13 @@ def _votes(array: np.ndarray) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _check_labels(array: np.ndarray) -> None:
+    """Integer labels must fit int64, as votes are counted (a uint64 label past it would
+    wrap round to a negative one): RemoteProtocolError otherwise."""
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise RemoteProtocolError(f"majority: label {int(array.max())} does not fit int64")
+
+
 def _tally(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per element: its ``k`` labels sorted, and how often each of them occurs in the element.
 
@@ -217,6 +225,7 @@ class Aggregator:
         if mode in (Mode.WEIGHTED, Mode.ENSEMBLE, Mode.MAJORITY) and array.dtype.kind not in "biuf":
             raise RemoteProtocolError(f"{mode}: output dtype {array.dtype} is not numeric")
         if mode == Mode.MAJORITY:
+            _check_labels(array)
             shape = _votes(array).shape
             known = [_votes(a).shape for a in self._outputs.values()]
         else:
@@ -289,7 +298,33 @@ class Aggregator:
             return winner, tuple(int(i) for i in np.flatnonzero(tied))
         weights = np.array([self.config.weights.get(s, 1.0) for s in sources], np.float64)
         weights /= weights.max()  # in (0, 1]: huge weights cannot overflow the sums
-        total = sum(
-            w * outputs[s].astype(np.float64) for w, s in zip(weights, sources, strict=True)
-        )
-        return (total / weights.sum()).astype(_average_dtype(outputs[s] for s in sources)), ()
+        arrays = [outputs[s].astype(np.float64) for s in sources]
+        value = _weighted_average(weights, arrays)
+        return value.astype(_average_dtype(outputs[s] for s in sources)), ()
+
+
+#: The power of two that float64 outputs too large to be summed are scaled down by (exactly).
+_SUM_SCALE = 2.0**64
+
+
+def _weighted_average(weights: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
+    """``sum(w x) / sum(w)`` in float64 (``weights`` in (0, 1]). Elements whose sum overflows
+    though every input is finite (outputs near the float64 limit) are summed again scaled down
+    by :data:`_SUM_SCALE`, a power of two, and kept between their inputs (as an average is;
+    rounding could step past the largest float): finite. Other elements keep the plain sum,
+    bit for bit. Non-finite inputs give what IEEE sums give: an infinity stays, a NaN (or
+    opposite infinities) gives NaN."""
+
+    def average(scale: float) -> np.ndarray:
+        scaled = arrays if scale == 1.0 else [x / scale for x in arrays]
+        total = sum(w * x for w, x in zip(weights, scaled, strict=True))
+        return total / weights.sum() * scale
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = average(1.0)
+        unbounded = ~np.isfinite(value)
+        if np.any(unbounded):  # overflowed, or an input was not finite
+            overflowed = unbounded & np.all([np.isfinite(x) for x in arrays], axis=0)
+            rescued = np.clip(average(_SUM_SCALE), np.min(arrays, axis=0), np.max(arrays, axis=0))
+            value = np.where(overflowed, rescued, value)
+    return value
