@@ -25,7 +25,10 @@ Concurrency rules (every source follows them):
   ``source.started_at`` it gives "time from start to peer found".
 
 Discovery is only a hint: nothing here is authenticated. The session handshake proves that the
-peer holds the advertised static key and a valid fleet certificate.
+peer holds the advertised static key and a valid fleet certificate. In particular ``lost`` may be
+forged (an mDNS goodbye is one unsigned packet that any host on the link can send): a consumer
+must not end a session or mark a member dead on it. ``MeshNode`` ignores ``lost``; the failure
+detector of membership decides who is dead, and a peer's next announcement reports it ``found``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,14 @@ How a peer is found in milliseconds rather than zeroconf's ~1.2 s:
 ``aclose`` sends goodbye packets (TTL 0) before closing the sockets, so peers report ``lost`` at
 once rather than when the records expire.
 
+Addresses move on a vehicle (a V2I link comes up, DHCP renews to a new lease): every
+``address_check_interval`` the host's interfaces are read again (:data:`AdapterSource`), zeroconf's
+sockets follow (``async_update_interfaces``), and an advert whose addresses came from the
+interfaces is re-announced, after goodbyes for the addresses gone (zeroconf's browser re-reads a
+service when a record arrives, never when one expires, so a peer would keep listing the old one).
+A peer's loopback addresses are kept only while it may be on this host
+(:func:`drop_foreign_loopback`).
+
 Loopback: ``MdnsConfig.loopback()`` binds zeroconf to 127.0.0.1 only. Multicast between several
 zeroconf instances (in one process or several) works on Linux even when ``lo`` lacks the
 MULTICAST flag: the sockets join the group and set ``IP_MULTICAST_IF`` on 127.0.0.1 explicitly,
@@ -43,13 +51,28 @@ import hashlib
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import ifaddr
-from zeroconf import BadTypeInNameException, InterfaceChoice, IPVersion, ServiceStateChange
+from zeroconf import (
+    BadTypeInNameException,
+    DNSAddress,
+    DNSOutgoing,
+    InterfaceChoice,
+    IPVersion,
+    ServiceStateChange,
+)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import (
+    _CLASS_IN,
+    _CLASS_UNIQUE,
+    _FLAGS_AA,
+    _FLAGS_QR_RESPONSE,
+    _TYPE_A,
+    _TYPE_AAAA,
+)
 
 from meshinfer.discovery.base import (
     MAX_ADDRESSES,
@@ -100,33 +123,42 @@ def pack_txt(items: Mapping[str, str]) -> bytes:
     return bytes(out) or b"\x00"
 
 
-def unpack_txt(data: bytes) -> dict[str, bytes | None]:
+def unpack_txt(data: bytes, keys: Collection[str] | None = None) -> dict[str, bytes | None]:
     """Decode TXT record data into ``{key: value}``; a key without ``=`` maps to ``None``.
 
     Keys are ASCII and compared case-insensitively (returned lower-case); the first occurrence of
-    a key wins and empty strings are skipped (RFC 6763 section 6.4). Raises
-    :class:`~meshinfer.discovery.base.MalformedAdvert` for truncated data or non-ASCII keys.
+    a key wins and empty strings are skipped (RFC 6763 section 6.4). ``keys`` (lower-case), if
+    given, are the keys wanted: entries under any other key are skipped unread, whatever their
+    bytes (forward compatibility). Raises :class:`~meshinfer.discovery.base.MalformedAdvert` for
+    truncated data or for a non-ASCII key that is not skipped.
     """
     if not isinstance(data, bytes):
         raise MalformedAdvert("TXT data is not bytes")
+    wanted = None if keys is None else frozenset(k.encode("ascii") for k in keys)
     items: dict[str, bytes | None] = {}
     pos = 0
     while pos < len(data):
         end = pos + 1 + data[pos]
         if end > len(data):
             raise MalformedAdvert("TXT string runs past the end of the record")
-        _add_txt_entry(items, data[pos + 1 : end])
+        _add_txt_entry(items, data[pos + 1 : end], wanted)
         pos = end
     return items
 
 
-def _add_txt_entry(items: dict[str, bytes | None], entry: bytes) -> None:
+def _add_txt_entry(
+    items: dict[str, bytes | None], entry: bytes, wanted: frozenset[bytes] | None
+) -> None:
     key, equals, value = entry.partition(b"=")
-    if not key:
+    if not key or (wanted is not None and key.lower() not in wanted):
         return
     if not key.isascii() or not key.decode("ascii").isprintable():
         raise MalformedAdvert("TXT key is not printable ASCII")
     items.setdefault(key.decode("ascii").lower(), value if equals else None)
+
+
+TXT_KEYS = frozenset({"txtvers", "id", "fleet", "key", "fp", "roles", "pv", "link"})
+"""The TXT keys :func:`advert_from_txt` reads; entries under any other key are ignored."""
 
 
 def txt_for_advert(advert: PeerAdvert) -> bytes:
@@ -151,7 +183,7 @@ def advert_from_txt(data: bytes, *, addresses: Sequence[str], port: int | None) 
     Raises :class:`~meshinfer.discovery.base.MalformedAdvert` (a RemoteProtocolError) for
     anything a peer could get wrong; unknown keys are ignored for forward compatibility.
     """
-    items = unpack_txt(data)
+    items = unpack_txt(data, TXT_KEYS)
     if _txt_int(items, "txtvers") != TXT_VERSION:
         raise MalformedAdvert(f"unsupported txtvers (we read {TXT_VERSION})")
     static_key = _txt_key(items)
@@ -206,23 +238,54 @@ def _txt_link(items: Mapping[str, bytes | None]) -> LinkKind | None:
         raise MalformedAdvert("TXT link is not a known link kind") from None
 
 
-def advert_from_service(name: str, info: AsyncServiceInfo) -> PeerAdvert:
+def advert_from_service(
+    name: str, info: AsyncServiceInfo, local_addresses: Collection[str] | None = None
+) -> PeerAdvert:
     """Parse a resolved service into a PeerAdvert; its label must derive from its TXT ids.
 
     Addresses no peer can be reached at (unspecified, multicast, broadcast, IPv6 link-local
-    without a scope) are dropped; a service left with none is malformed.
+    without a scope) are dropped, and so are loopback addresses of a peer on another host, if
+    ``local_addresses`` (this host's addresses) are given (see :func:`drop_foreign_loopback`);
+    a service left with none is malformed.
     """
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):
         raise MalformedAdvert(f"service name {name!r} is not of type {SERVICE_TYPE}")
     text = info.text if isinstance(info.text, bytes) else b""
     addresses = [a for a in info.parsed_scoped_addresses() if _is_unicast(a)]
+    if local_addresses is not None:
+        addresses = drop_foreign_loopback(addresses, local_addresses)
     if not addresses:
         raise MalformedAdvert(f"service {name!r} has no unicast address")
     advert = advert_from_txt(text, addresses=addresses, port=info.port)
     if name[: -len(suffix)].lower() != instance_label(advert.node_id, advert.fleet_id).lower():
         raise MalformedAdvert(f"service name {name!r} does not derive from fleet and node id")
     return advert
+
+
+def drop_foreign_loopback(addresses: Sequence[str], local: Collection[str]) -> list[str]:
+    """``addresses`` (IP literals) of one peer, less the loopback ones if it is on another host.
+
+    A loopback address reaches the peer only from the peer's own host; from here it dials this
+    host (often another node on the fleet's common port). zeroconf keeps no sender per cached
+    record, so the addresses themselves decide: a peer that also advertises an address that is
+    neither loopback nor one of ``local`` (this host's addresses) is elsewhere. A peer that
+    advertises only loopback and local addresses may be on this host (every node of a mesh run
+    on one machine) and keeps them all; so does a remote peer advertising loopback alone, which
+    nothing here can tell apart (its handshake then fails: the key proves who answered).
+    """
+    ips = [_bare_ip(a) for a in addresses]
+    loopback = [ip.is_loopback for ip in ips]
+    own = {_bare_ip(a) for a in local if _is_ip(a.split("%", 1)[0])}
+    foreign = any(not lb and ip not in own for ip, lb in zip(ips, loopback, strict=True))
+    return [a for a, lb in zip(addresses, loopback, strict=True) if not (foreign and lb)]
+
+
+def _bare_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of an IP literal without its ``%scope``, IPv4-mapped IPv6 as IPv4."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped or ip
 
 
 # --- Configuration and interfaces --------------------------------------------------------------
@@ -251,6 +314,10 @@ class MdnsConfig:
       ``ignored_full`` (membership gossip still spreads it). Bounds our memory against a host
       forging adverts without end: zeroconf evicts the oldest of its 10000 cached records
       silently, so a forged peer evicted that way would never be reported lost.
+    * ``address_check_interval``: seconds between two looks at the host's interface addresses
+      (``None``: never look again after start). On a change (a V2I link comes up, DHCP gives a
+      new lease) zeroconf opens and closes sockets to match (``async_update_interfaces``), and
+      an advert whose addresses came from the interfaces is re-announced with the new ones.
     """
 
     interfaces: str | tuple[str, ...] = "all"
@@ -261,6 +328,7 @@ class MdnsConfig:
     resolve_timeout: float = 0.5
     max_resolving: int = 32
     max_peers: int = 1024
+    address_check_interval: float | None = 5.0
 
     def __post_init__(self) -> None:
         if isinstance(self.interfaces, list):  # from TOML
@@ -279,6 +347,9 @@ class MdnsConfig:
             raise ConfigError("mdns.max_resolving: must be an integer >= 1")
         if type(self.max_peers) is not int or self.max_peers < 1:
             raise ConfigError("mdns.max_peers: must be an integer >= 1")
+        interval = self.address_check_interval
+        if interval is not None and not (isinstance(interval, int | float) and interval > 0):
+            raise ConfigError("mdns.address_check_interval: must be > 0 seconds, or None")
 
     @classmethod
     def lan(cls) -> MdnsConfig:
@@ -296,25 +367,46 @@ class MdnsConfig:
         return cls(interfaces=interfaces, fast_register=False, reciprocal_announce=False)
 
 
-def resolve_interfaces(config: MdnsConfig) -> InterfaceChoice | list[str]:
-    """Map ``config.interfaces`` to what zeroconf takes: InterfaceChoice.All or IP strings."""
+AdapterSource = Callable[[], Sequence[ifaddr.Adapter]]
+"""Where :class:`MdnsDiscovery` reads the host's interfaces and addresses: ``ifaddr.get_adapters``
+(tests pass a fake). Called in a worker thread after start."""
+
+
+def resolve_interfaces(
+    config: MdnsConfig, adapters: Sequence[ifaddr.Adapter] | None = None, *, strict: bool = True
+) -> InterfaceChoice | list[str]:
+    """Map ``config.interfaces`` to what zeroconf takes: InterfaceChoice.All or IP strings.
+
+    ``adapters`` defaults to ``ifaddr.get_adapters()``. An interface name not among them is a
+    ConfigError if ``strict`` (at start), else it has no addresses (gone since start).
+    """
     if config.interfaces == "all":
         return InterfaceChoice.All
-    adapters = ifaddr.get_adapters()
+    adapters = ifaddr.get_adapters() if adapters is None else adapters
     ips: list[str] = []
     for entry in config.interfaces:
-        ips += _entry_ips(entry, adapters, config.ip_version)
+        ips += _entry_ips(entry, adapters, config.ip_version, strict)
     return list(dict.fromkeys(ips))
 
 
-def _entry_ips(entry: str, adapters: Sequence[ifaddr.Adapter], version: str) -> list[str]:
+def _entry_ips(
+    entry: str, adapters: Sequence[ifaddr.Adapter], version: str, strict: bool
+) -> list[str]:
     with contextlib.suppress(ValueError):
         return [str(ipaddress.ip_address(entry))]
     for adapter in adapters:
         if entry in (adapter.name, adapter.nice_name):
             ips = [_ifaddr_ip(ip.ip) for ip in adapter.ips]
             return [ip for ip in ips if _version_matches(ip, version)]
+    if not strict:
+        return []
     raise ConfigError(f"mdns.interfaces: no interface or address named {entry!r}")
+
+
+def host_addresses(adapters: Sequence[ifaddr.Adapter]) -> frozenset[str]:
+    """Every IP address of the host's interfaces (IPv6 without scope): what "local" means to
+    :func:`drop_foreign_loopback`."""
+    return frozenset(_ifaddr_ip(ip.ip).split("%", 1)[0] for a in adapters for ip in a.ips)
 
 
 def _is_ip(host: str) -> bool:
@@ -346,15 +438,19 @@ def _version_matches(ip: str, version: str) -> bool:
     return version == "both" or family == (4 if version == "v4" else 6)
 
 
-def advertised_addresses(config: MdnsConfig) -> tuple[str, ...]:
+def advertised_addresses(
+    config: MdnsConfig, adapters: Sequence[ifaddr.Adapter] | None = None, *, strict: bool = True
+) -> tuple[str, ...]:
     """The addresses to put in A/AAAA records when the advert names none.
 
     The chosen interfaces' addresses; for ``"all"`` every non-loopback address of
     ``ip_version`` (loopback only if nothing else exists). IPv6 link-local addresses are left out.
+    ``adapters`` and ``strict`` as for :func:`resolve_interfaces`.
     """
-    chosen = resolve_interfaces(config)
+    adapters = ifaddr.get_adapters() if adapters is None else adapters
+    chosen = resolve_interfaces(config, adapters, strict=strict)
     if isinstance(chosen, InterfaceChoice):
-        every = [_ifaddr_ip(ip.ip) for a in ifaddr.get_adapters() for ip in a.ips]
+        every = [_ifaddr_ip(ip.ip) for a in adapters for ip in a.ips]
         usable = [ip for ip in every if _version_matches(ip, config.ip_version)]
         chosen = [ip for ip in usable if not ipaddress.ip_address(ip).is_loopback] or usable
     routable = [ip for ip in chosen if not ipaddress.ip_address(ip).is_link_local]
@@ -368,14 +464,20 @@ class MdnsDiscovery(SourceBase):
     """Advertises our node by mDNS and reports the peers of our fleet that advertise theirs.
 
     ``advert`` describes our node; if its ``addresses`` are empty they are filled from the chosen
-    interfaces (see ``self.advert`` after ``start``). The concurrency rules of
-    :mod:`meshinfer.discovery.base` apply; every callback here runs on the loop.
+    interfaces (see ``self.advert`` after ``start``) and follow them while the source runs
+    (``MdnsConfig.address_check_interval``). ``adapters`` reads the host's interfaces. The
+    concurrency rules of :mod:`meshinfer.discovery.base` apply; every callback runs on the loop.
     """
 
     name = "mdns"
 
     def __init__(
-        self, advert: PeerAdvert, sink: EventSink, config: MdnsConfig | None = None
+        self,
+        advert: PeerAdvert,
+        sink: EventSink,
+        config: MdnsConfig | None = None,
+        *,
+        adapters: AdapterSource = ifaddr.get_adapters,
     ) -> None:
         if not all(_is_ip(host) for host in advert.addresses):
             raise ConfigError(f"mdns: advertised addresses must be IP literals: {advert.addresses}")
@@ -391,6 +493,10 @@ class MdnsDiscovery(SourceBase):
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._announce_handle: asyncio.TimerHandle | None = None
         self._last_announce = float("-inf")
+        self._adapters = adapters
+        self._follow_interfaces = not advert.addresses  # our addresses come from the interfaces
+        self._local_addresses: frozenset[str] = frozenset()  # this host's, for peers' loopback
+        self._address_watch: asyncio.Task[None] | None = None
 
     @property
     def service_name(self) -> str:
@@ -398,10 +504,13 @@ class MdnsDiscovery(SourceBase):
         return f"{instance_label(self.advert.node_id, self.advert.fleet_id)}.{SERVICE_TYPE}"
 
     async def _start(self) -> None:
-        if not self.advert.addresses:
-            self.advert = replace(self.advert, addresses=advertised_addresses(self.config))
+        adapters = self._adapters()
+        self._local_addresses = host_addresses(adapters)
+        if self._follow_interfaces:
+            addresses = advertised_addresses(self.config, adapters)
+            self.advert = replace(self.advert, addresses=addresses)
         self._zc = AsyncZeroconf(
-            interfaces=resolve_interfaces(self.config),
+            interfaces=resolve_interfaces(self.config, adapters),
             ip_version=_IP_VERSIONS[self.config.ip_version],
         )
         zc = self._zc.zeroconf
@@ -415,22 +524,81 @@ class MdnsDiscovery(SourceBase):
             self._info, cooperating_responders=self.config.fast_register
         )
         await self._own_broadcast(broadcast, "start")
+        if self.config.address_check_interval is not None:
+            watch = asyncio.get_running_loop().create_task(self._watch_addresses(adapters))
+            watch.add_done_callback(_log_watch_failure)
+            self._address_watch = watch
 
     async def update(self, advert: PeerAdvert) -> None:
         """Advertise a changed advert (roles, port, addresses...); peers report ``updated``.
 
-        Node id and fleet id cannot change (that is another node): LocalProtocolError.
+        Empty ``addresses`` keep ours (still following the interfaces, if they did); given ones
+        stop that. Node id and fleet id cannot change (another node): LocalProtocolError.
         """
         if (advert.node_id, advert.fleet_id) != (self.advert.node_id, self.advert.fleet_id):
             raise LocalProtocolError("mdns: update() cannot change node id or fleet id")
         if self._zc is None or self._closed:
             raise LocalProtocolError("mdns: update() needs a started, open source")
+        self._follow_interfaces = self._follow_interfaces and not advert.addresses
+        await self._publish(advert)
+
+    async def _publish(self, advert: PeerAdvert) -> None:
+        assert self._zc is not None
         if not advert.addresses:
             advert = replace(advert, addresses=self.advert.addresses)
         self.advert = advert
         self._info = self._service_info()
         broadcast = await self._zc.async_update_service(self._info)
         await self._own_broadcast(broadcast, "update")
+
+    async def _watch_addresses(self, adapters: Sequence[ifaddr.Adapter]) -> None:
+        """Look at the host's addresses every ``address_check_interval`` s; follow changes."""
+        assert self.config.address_check_interval is not None
+        seen = _address_snapshot(adapters)
+        while True:
+            await asyncio.sleep(self.config.address_check_interval)
+            try:
+                adapters = await asyncio.to_thread(self._adapters)
+                if _address_snapshot(adapters) != seen:
+                    seen = _address_snapshot(adapters)
+                    await self._follow_addresses(adapters)
+            except Exception:  # adapter churn, a socket that would not bind: try next time
+                log.exception("mdns: following the host's address change failed")
+
+    async def _follow_addresses(self, adapters: Sequence[ifaddr.Adapter]) -> None:
+        """Match zeroconf's sockets and (if derived from them) our addresses to ``adapters``.
+
+        Our records are updated first, so that zeroconf's re-announcement on the sockets it
+        opens carries the new addresses."""
+        assert self._zc is not None
+        self._local_addresses = host_addresses(adapters)
+        if self._follow_interfaces:
+            addresses = advertised_addresses(self.config, adapters, strict=False)
+            if addresses and addresses != self.advert.addresses:
+                log.info("mdns: our addresses are now %s", ", ".join(addresses))
+                self._send_address_goodbyes(set(self.advert.addresses) - set(addresses))
+                await self._publish(replace(self.advert, addresses=addresses))
+        chosen = resolve_interfaces(self.config, adapters, strict=False)
+        if isinstance(chosen, InterfaceChoice):
+            await self._zc.zeroconf.async_update_interfaces()  # zeroconf rescans on its own
+        elif chosen:
+            await self._zc.zeroconf.async_update_interfaces(chosen)
+        else:
+            log.warning("mdns: no address left on %s; keeping the sockets", self.config.interfaces)
+
+    def _send_address_goodbyes(self, gone: set[str]) -> None:
+        """Multicast TTL 0 for our address records of ``gone``: peers drop them from their cache
+        at once. zeroconf's update does not: a cache-flush leaves a record younger than 1 s,
+        and a peer re-reads our service only when a record arrives, not when one expires."""
+        assert self._zc is not None and self._info is not None
+        out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+        for host in sorted(gone):
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+            kind = _TYPE_A if ip.version == 4 else _TYPE_AAAA
+            record = DNSAddress(self._info.server, kind, _CLASS_IN | _CLASS_UNIQUE, 0, ip.packed)
+            out.add_answer_at_time(record, 0)
+        if gone:
+            self._zc.zeroconf.async_send(out)
 
     async def _own_broadcast(self, broadcast: Awaitable[Any], step: str) -> None:
         """Keep zeroconf's announcement task, to cancel on close. If ``aclose`` ran while
@@ -516,7 +684,7 @@ class MdnsDiscovery(SourceBase):
 
     def _accept(self, name: str, info: AsyncServiceInfo) -> None:
         try:
-            advert = advert_from_service(name, info)
+            advert = advert_from_service(name, info, self._local_addresses)
         except MalformedAdvert as exc:
             # Ignored, not taken as a goodbye: any host can publish a broken TXT record under
             # a peer's name. The peer stays found until its own goodbye or its records expire.
@@ -552,12 +720,22 @@ class MdnsDiscovery(SourceBase):
     async def _stop(self) -> None:
         if self._announce_handle is not None:
             self._announce_handle.cancel()
-        await _cancel_all([*self._resolving.values(), *self._broadcasts])
+        watch = [self._address_watch] if self._address_watch is not None else []
+        await _cancel_all([*watch, *self._resolving.values(), *self._broadcasts])
         if self._browser is not None:
             await _logged("cancel browser", self._browser.async_cancel())
         if self._zc is not None:
             await _logged("send goodbyes", self._zc.async_unregister_all_services())
             await _logged("close zeroconf", self._zc.async_close())
+
+
+def _address_snapshot(adapters: Sequence[ifaddr.Adapter]) -> frozenset[tuple[str, str]]:
+    return frozenset((a.name, str(_ifaddr_ip(ip.ip))) for a in adapters for ip in a.ips)
+
+
+def _log_watch_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("mdns: the address watch stopped", exc_info=task.exception())
 
 
 async def _cancel_all(futures: Sequence[asyncio.Future[Any]]) -> None:

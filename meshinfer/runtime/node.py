@@ -23,8 +23,8 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nacl.utils
@@ -68,6 +68,10 @@ class MeshNodeOptions:
     #: (:class:`~meshinfer.proto.membership_auth.CertifiedRecordAuthenticator`). Off only for
     #: tests of the unsigned core over real sessions: a signing node refuses unsigned records.
     signed_records: bool = True
+    #: Seconds between two looks at the address this host routes from, for a node listening on
+    #: every interface with no ``advertise_host`` (a V2I link comes up, DHCP gives a new lease):
+    #: on a change its gossiped state and its mDNS advert name the new one. None: never again.
+    address_check_interval: float | None = 5.0
 
 
 EVERY_INTERFACE = ("0.0.0.0", "::")
@@ -104,8 +108,10 @@ class MeshNode:
         *,
         transport: Transport | None = None,
         rng: random.Random | None = None,
+        outbound: Callable[[], str] = outbound_address,
     ) -> None:
         self.identity = identity
+        self._find_outbound = outbound  # (called in a worker thread)
         self.options = options or MeshNodeOptions()
         self.admission = Admission(identity, revocations)
         self.transport = transport or TcpTransport(self.options.link)
@@ -133,6 +139,7 @@ class MeshNode:
         self.ready = asyncio.Event()
         self._closed = False
         self._outbound: str | None = None
+        self._outbound_watch: asyncio.Task[None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -163,7 +170,7 @@ class MeshNode:
             return
         self.address = await self.listener.start(self.options.listen)
         if (self.options.advertise_host or self.options.listen.host) in EVERY_INTERFACE:
-            self._outbound = await asyncio.to_thread(outbound_address)
+            self._outbound = await asyncio.to_thread(self._find_outbound)
         self.membership = MembershipService(
             self.peers,
             self.initial_state(self.address.port),
@@ -178,6 +185,9 @@ class MeshNode:
         )  # fmt: skip
         self.revocation_sync.start()
         await self._start_discovery(self.address.port)
+        interval = self.options.address_check_interval
+        if self._outbound is not None and interval is not None:
+            self._outbound_watch = asyncio.create_task(self._watch_outbound(interval))
         self.ready.set()
         log.info("node %s listening on %s", self.node_id, self.address)
 
@@ -224,6 +234,27 @@ class MeshNode:
         for source in self.discovery:
             await source.start()
 
+    async def _watch_outbound(self, interval: float) -> None:
+        """Every ``interval`` s, look up the address this host routes from again; on a change,
+        tell the mesh (gossiped state, mDNS advert): peers dial the new one."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                host = await asyncio.to_thread(self._find_outbound)
+                if host != self._outbound:
+                    await self._move_to(host)
+            except Exception:  # an interface going away mid-look: try next time
+                log.exception("node %s: following its address failed", self.node_id)
+
+    async def _move_to(self, host: str) -> None:
+        log.info("node %s: its address is now %s (was %s)", self.node_id, host, self._outbound)
+        self._outbound = host
+        if self.membership is not None:
+            self.membership.update_state(replace(self.membership.state, host=host))
+        for source in self.discovery:
+            if isinstance(source, MdnsDiscovery):
+                await source.update(replace(source.advert, addresses=(host,)))
+
     def _on_discovered(self, event: DiscoveryEvent) -> None:
         if event.kind == "lost" or self.membership is None:
             return  # membership, not discovery, decides who is dead
@@ -255,6 +286,10 @@ class MeshNode:
         if self._closed:
             return
         self._closed = True
+        if self._outbound_watch is not None:
+            self._outbound_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._outbound_watch
         for source in self.discovery:
             with contextlib.suppress(Exception):
                 await source.aclose()
