@@ -312,8 +312,9 @@ class Coordinator:
         self._steps = Steps(log, "coordinator step")
         #: per live task, the timer of its deadline or of its aggregation's timeout
         self._task_timers: dict[str, asyncio.TimerHandle] = {}
-        #: each member's models, roles and links as sets, as of its gossiped state object
-        self._sets_of: dict[str, tuple[object, frozenset, frozenset, frozenset]] = {}
+        #: each member's models, roles and links as sets, as of its gossiped state object, and
+        #: when (loop time) this coordinator first saw its position and velocity as they are
+        self._sets_of: dict[str, tuple[Any, frozenset, frozenset, frozenset, float]] = {}
         self._inputs = InputRefs(mesh, self.config.input_ref_min_bytes, self.stats_)
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
@@ -716,6 +717,7 @@ class Coordinator:
             return []
         views, live = [], membership.core.live_members()
         infrastructure = infrastructure_positions(m.state for m in live)
+        now = self._loop.time()
         for m in live:
             if not self._reach.reachable(m):
                 continue
@@ -723,8 +725,10 @@ class Coordinator:
             known = self._sets_of.get(m.node_id)
             if known is None or known[0] is not s:
                 sets = frozenset((x.model_id, x.version) for x in s.models), frozenset(s.roles)
-                known = self._sets_of[m.node_id] = (s, *sets, frozenset(s.links))
-            _, models, roles, links = known
+                same_place = known is not None and _motion(known[0]) == _motion(s)
+                placed_at = known[4] if same_place else now  # (the position's age starts here)
+                known = self._sets_of[m.node_id] = (s, *sets, frozenset(s.links), placed_at)
+            _, models, roles, links, placed_at = known
             views.append(NodeView(
                 node_id=m.node_id, alive=m.status.value == "alive", models=models, roles=roles,
                 has_gpu=s.gpu_free_mb > 0,
@@ -732,7 +736,9 @@ class Coordinator:
                 queue_depth=max(s.queue_depth, in_flight[m.node_id]),
                 capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
                 links=links,
-                contact_s=node_contact_s(s, infrastructure, self.config.radio_range_m),
+                contact_s=node_contact_s(
+                    s, infrastructure, self.config.radio_range_m, age_s=now - placed_at
+                ),
             ))  # fmt: skip
         if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
             self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}
@@ -1384,6 +1390,11 @@ class Coordinator:
 
     def _cancel_timer(self, item_id: str) -> None:
         _pop_timer(self._timers, item_id)
+
+
+def _motion(state: Any) -> tuple[object, object]:
+    """A gossiped state's position and velocity (a change restarts the position's age)."""
+    return state.position, state.velocity
 
 
 def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:

@@ -255,8 +255,9 @@ def contact_of(mesh: Mesh, node: str) -> float | None:
 async def test_contact_aware_keeps_work_off_the_vehicle_leaving_range(tmp_path):
     async with road(tmp_path, LEAVING, STAYING) as mesh:
         await until(lambda: contact_of(mesh, "leaving") is not None)
-        assert contact_of(mesh, "leaving") == pytest.approx(0.5)
-        assert contact_of(mesh, "staying") == pytest.approx(40.0)
+        # (what is left of it: the coordinator takes them to drive on since it saw them)
+        assert 0.0 <= contact_of(mesh, "leaving") <= 0.5
+        assert 39.0 < contact_of(mesh, "staying") <= 40.0
         assert contact_of(mesh, "rsu") is None
         assert await run_batch(mesh, "aware", "contact_aware") == Counter({"staying": 12})
         spread = await run_batch(mesh, "loaded", "least_loaded")
@@ -286,7 +287,7 @@ async def test_a_position_posted_at_run_time_is_gossiped_and_scheduled_on(tmp_pa
                 assert response.status == 200
                 assert await response.json() == {"position": [290.0, 0.0], "velocity": [20.0, 0.0]}
         assert mesh.daemons["leaving"].mesh.membership.state.position == (290.0, 0.0)
-        await until(lambda: contact_of(mesh, "leaving") == pytest.approx(0.5))
+        await until(lambda: contact_of(mesh, "leaving") <= 0.5)  # (was ~40 s before the post)
         assert await run_batch(mesh, "aware", "contact_aware") == Counter({"staying": 12})
 
 

@@ -4,7 +4,8 @@ The ``contact_aware`` scheduling policy (:mod:`meshinfer.proto.scheduling`) need
 ``contact_s``: the seconds until it is expected to leave radio range. Nodes gossip their
 ``position`` (metres, 2 or 3 coordinates) and ``velocity`` (metres/second) in their
 :class:`~meshinfer.proto.membership_wire.NodeState`; the coordinator derives ``contact_s`` from
-them with :func:`node_contact_s`, a pure function (no clock: positions are taken as current).
+them with :func:`node_contact_s`, a pure function (no clock: the caller says how old a position
+is, ``age_s``, and the node is taken to have moved on meanwhile).
 
 Model: the node moves in a straight line at constant velocity; infrastructure nodes (role
 ``rsu`` or link kind ``v2i``) stand still, each covering a ball of radius ``radio_range_m``.
@@ -35,6 +36,7 @@ __all__ = [
     "contact_time",
     "infrastructure_positions",
     "is_infrastructure",
+    "moved",
     "node_contact_s",
 ]
 
@@ -81,13 +83,26 @@ def infrastructure_positions(states: Iterable[NodeState]) -> tuple[Vector, ...]:
 
 
 def node_contact_s(
-    state: NodeState, infrastructure: Sequence[Vector], radio_range_m: float
+    state: NodeState, infrastructure: Sequence[Vector], radio_range_m: float, age_s: float = 0.0
 ) -> float | None:
     """``contact_s`` of the node gossiping ``state`` (module docstring): None for an
-    infrastructure node, else :func:`contact_time` of its position and velocity."""
+    infrastructure node, else :func:`contact_time` of its position and velocity, the node taken
+    to have gone on moving for ``age_s`` seconds since its position was taken (the caller's
+    lower bound on the gossip's age; 0 or less: taken as current)."""
     if is_infrastructure(state):
         return None
-    return contact_time(state.position, state.velocity, infrastructure, radio_range_m)
+    position = state.position
+    if position is not None and state.velocity is not None and age_s > 0:
+        position = moved(position, state.velocity, age_s)
+    return contact_time(position, state.velocity, infrastructure, radio_range_m)
+
+
+def moved(position: Sequence[float], velocity: Sequence[float], seconds: float) -> Vector:
+    """Where a node at ``position`` moving at ``velocity`` is ``seconds`` later (straight line,
+    constant velocity; a 2-coordinate figure stays in the plane)."""
+    p, v = _xyz(position), _xyz(velocity)
+    out = tuple(p[i] + v[i] * seconds for i in range(3))
+    return out if len(position) > 2 or len(velocity) > 2 else out[:2]
 
 
 def _xyz(v: Sequence[float]) -> tuple[float, float, float]:
