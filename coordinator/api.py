@@ -19,7 +19,9 @@ Every request passes three middlewares, outermost first: ``_observe`` (counts an
 route and status), ``_errors`` (turns every exception into the JSON error
 ``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
 never with its traceback) and ``_auth`` (``Authorization: Bearer <token>``, compared in constant
-time). Query parameters are read strictly (on every route but ``/metrics`` and ``/healthz``): an
+time). A request aiohttp rejects before any middleware runs (one it cannot parse) gets the same
+JSON error, 400 ``bad_request``, from the connection itself (:class:`_JsonErrorConnection`).
+Query parameters are read strictly (on every route but ``/metrics`` and ``/healthz``): an
 unknown, repeated or malformed one is a 400 ``bad_parameter`` naming it. Large bodies are
 parsed, and large results rendered, in a worker thread so the event loop keeps serving.
 
@@ -47,6 +49,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from coordinator.journal import (
     MAX_PAGE,
@@ -187,8 +190,9 @@ class CoordinatorApi:
         max_upload_bytes: int = 256 << 20,
         rng: random.Random | None = None,
     ) -> None:
-        if not token or not token.isprintable() or any(c.isspace() for c in token):
-            raise ConfigError("api token must be non-empty printable text without spaces")
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            # (an HTTP header carries ASCII: a client cannot send other text the same way)
+            raise ConfigError("api token must be non-empty printable ASCII without spaces")
         if max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes {max_body_bytes} must be positive")
         if max_upload_bytes < max_body_bytes:
@@ -249,7 +253,7 @@ class CoordinatorApi:
         # read on and dropped for LINGER_S at most, not aiohttp's 10 s: long enough for the
         # client to read the answer before the close (closing on unread bytes resets the
         # connection), short enough not to hold a handler for a client that keeps sending
-        runner = web.AppRunner(
+        runner = _ApiRunner(
             self.app, access_log=None, handle_signals=False, logger=ClientErrorLog(log),
             shutdown_timeout=_SHUTDOWN_GRACE_S, lingering_time=LINGER_S,
         )  # fmt: skip
@@ -341,7 +345,7 @@ class CoordinatorApi:
     async def submit(self, request: web.Request) -> web.Response:
         """POST /v1/tasks."""
         _query(request, set())
-        _require_json(request)
+        _require_type(request, "application/json")
         size = request.content_length
         if size is None or size > self.max_body_bytes:  # chunked: it may be as large as allowed
             size = self.max_body_bytes
@@ -393,6 +397,9 @@ class CoordinatorApi:
         except web.RequestPayloadError:  # e.g. bytes that do not decode as their encoding
             encoding = request.headers.get("Content-Encoding", "identity")[:40]
             message = f"the body cannot be read as sent (Content-Encoding {encoding!r})"
+            raise ApiError(400, "bad_request", message) from None
+        except ConnectionResetError:  # the client went away mid-body: its fault, not a bug
+            message = "the connection closed before the whole body arrived"
             raise ApiError(400, "bad_request", message) from None
 
     def _spec_from_body(self, body: bytes) -> TaskSpec:
@@ -506,13 +513,7 @@ class CoordinatorApi:
         revoke`` writes it; every entry is verified against the fleet's authority, then merged
         (a set union: pushing an older or the same list changes nothing) and gossiped."""
         _query(request, set())
-        if request.content_type != "application/octet-stream":
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                "Content-Type must be application/octet-stream (the revocations.bin file), not"
-                f" {request.content_type!r}",
-            )
+        _require_type(request, "application/octet-stream", " (the revocations.bin file)")
         sync = self._revocation_sync()
         body = await self._read_body(request, MAX_REVOCATION_LIST_BYTES)
         try:  # (an Ed25519 check per entry: off the loop)
@@ -544,6 +545,66 @@ class CoordinatorApi:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# --- what aiohttp answers itself ---------------------------------------------------------------
+
+
+class _JsonErrorConnection(web.RequestHandler):
+    """aiohttp's HTTP/1.1 connection, answering a request it rejects before any middleware runs
+    (a malformed request line, header or chunk; a line over 8 KiB; a method llhttp does not
+    know; a body that does not decode as its Content-Encoding) with the API's JSON error, not
+    aiohttp's plain text. The connection closes after it, as aiohttp's own answer does."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if answering began
+        if status >= 500:  # (unreached: the _errors middleware answers every handler's error)
+            code, text = "internal", "the coordinator failed to handle this request"
+        else:
+            code, text = _HTTP_CODES.get(status, "bad_request"), _unparsed(exc, message)
+        response = ApiError(status, code, text).response()
+        response.force_close()
+        return response
+
+
+def _unparsed(exc: BaseException | None, message: str | None) -> str:
+    """What was wrong with a request aiohttp could not parse, in one line."""
+    if isinstance(exc, ContentEncodingError):  # (its message is the encoding's name)
+        encoding = str(exc.message)[:40]
+        return f"the body cannot be read as sent (Content-Encoding {encoding!r})"
+    lines = (message or str(exc or "")).strip().splitlines()
+    detail = _QUOTED_BYTES.split(lines[0])[0].rstrip(":. ") if lines else "malformed"
+    return f"the request is not valid HTTP/1.1: {detail[:200]}"
+
+
+#: Where aiohttp's message quotes the bytes it refused (the client's own: not sent back).
+_QUOTED_BYTES = re.compile(r":\s*(?:b'|b\"|bytearray\()")
+
+
+class _JsonErrorServer(web.Server):
+    """aiohttp's server, making :class:`_JsonErrorConnection` connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        connection = super().__call__()
+        connection.__class__ = _JsonErrorConnection  # the same slots: only handle_error differs
+        return connection
+
+
+class _ApiRunner(web.AppRunner):
+    """``web.AppRunner`` whose server is a :class:`_JsonErrorServer`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # (the application builds it: no other way in)
+        return server
+
+
 def _route_label(request: web.Request) -> str:
     """The route template (``/v1/tasks/{id}``), or ``unmatched``: bounded label values."""
     resource = request.match_info.route.resource
@@ -568,13 +629,15 @@ def _too_large(cap: int) -> ApiError:
     return ApiError(413, "too_large", f"request body over the limit of {cap} bytes")
 
 
-def _require_json(request: web.Request) -> None:
-    if request.content_type != "application/json":
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"Content-Type must be application/json, not {request.content_type!r}",
-        )
+def _require_type(request: web.Request, media_type: str, what: str = "") -> None:
+    """415 unless the body is ``media_type`` (``what``: how the message names that body)."""
+    if request.content_type == media_type:  # (none sent reads as application/octet-stream)
+        return
+    sent = request.headers.get("Content-Type")
+    problem = "the request has none" if sent is None else f"not {request.content_type!r}"
+    raise ApiError(
+        415, "unsupported_media_type", f"Content-Type must be {media_type}{what}, {problem}"
+    )
 
 
 # --- query parameters ------------------------------------------------------------------------

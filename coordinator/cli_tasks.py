@@ -26,8 +26,9 @@ area averaging, contrast-stretched to the 0..16 pixel counts of the digits data 
 16 (the models' ``input_scaling``). Rows are cast to ``--dtype`` (float32).
 
 Exit codes: 0 done (a waited task succeeded), 1 a waited task failed or was cancelled, 2 an
-error (bad argument or input file, coordinator unreachable or refusing), 3 ``--wait`` ran out
-of time while the task still runs.
+error (bad argument or input file, coordinator unreachable or refusing; a coordinator lost
+during ``submit --wait`` too, in one line naming the accepted task), 3 ``--wait`` ran out of
+time while the task still runs.
 """
 
 from __future__ import annotations
@@ -627,11 +628,24 @@ def _stage_with_model_object(path: Path, index: int, stage: dict[str, Any]) -> d
 
 
 def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str, Any]:
+    """The task once it ended or ``--wait-timeout`` passed. A coordinator lost meanwhile (it
+    stopped, or the network failed) is an ApiError naming the task, which it keeps: the one
+    line says how to look at it later."""
     deadline = time.monotonic() + args.wait_timeout
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    if show and answer["items_total"] > 1:
-        _watch(client, answer["task_id"], deadline, sys.stderr)
-    return client.wait(answer["task_id"], max(0.0, deadline - time.monotonic()))
+    task_id = answer["task_id"]
+    try:
+        if show and answer["items_total"] > 1:
+            _watch(client, task_id, deadline, sys.stderr)
+        return client.wait(task_id, max(0.0, deadline - time.monotonic()))
+    except ApiError as exc:
+        if exc.status is not None:  # an answer: the coordinator's own error says it all
+            raise
+        message = (
+            f"task {task_id} was accepted, but waiting for it failed: {exc.message}; the"
+            f" coordinator keeps the task (see `meshinfer-coord status {task_id}`)"
+        )
+        raise ApiError(None, exc.code, message) from None
 
 
 def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: TextIO) -> None:

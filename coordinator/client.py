@@ -242,10 +242,13 @@ def _read_token(path: Path) -> str:
 
 
 def check_token(token: str) -> str:
-    """``token`` stripped; ConfigError if it is empty or holds spaces or control characters."""
+    """``token`` stripped; ConfigError if it is empty or holds spaces, control characters or
+    anything but ASCII (an HTTP header carries no other text the same way on every client)."""
     token = token.strip()
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise ConfigError("the API token must be one line of printable characters without spaces")
+    if not token or not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(
+            "the API token must be one line of printable characters without spaces, all ASCII"
+        )
     return token
 
 

@@ -1207,7 +1207,8 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
         clauses.append("t.created_at >= ?")
         args.append(float(since))
     if cursor is not None:
-        if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19:  # not "²"
+        ok = cursor.isascii() and cursor.isdigit() and len(cursor) <= 19  # not "²"
+        if not ok or int(cursor) >= 1 << 63:  # (SQLite's integers are 64-bit)
             raise ConfigError(f"cursor {cursor!r} is not one this journal handed out")
         clauses.append("t.seq < ?")
         args.append(int(cursor))

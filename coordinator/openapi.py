@@ -245,7 +245,8 @@ def _mesh_schemas() -> dict[str, Schema]:
 _ERROR_RESPONSES = {
     "400": "A malformed body or query parameter, or an unknown one (code bad_json, invalid_task,"
     " bad_parameter, invalid_revocations; bad_request: a body that does not decode as its"
-    " Content-Encoding).",
+    " Content-Encoding, ends before its length, or a request that is not valid HTTP/1.1, on"
+    " any path).",
     "401": "No or a wrong bearer token (code unauthorized).",
     "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
@@ -263,8 +264,24 @@ def _json_content(schema: Schema) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def _ok(description: str, schema: Schema) -> dict[str, Any]:
-    return {"description": description, "content": _json_content(schema)}
+def _ok(description: str, schema: Schema, headers: dict | None = None) -> dict[str, Any]:
+    response = {"description": description, "content": _json_content(schema)}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _header(description: str, schema: Schema, *, required: bool = True) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": schema}
+
+
+#: The headers an answer carries besides its body, by status.
+_HEADERS = {
+    "401": {"WWW-Authenticate": _header('Bearer realm="meshinfer-coordinator"', _STR)},
+    "503": {"Retry-After": _header("code busy: seconds to wait before sending it again",
+                                   {"type": "integer", "minimum": 0}, required=False)},
+}  # fmt: skip
+_LOCATION = {"Location": _header("the task's path, /v1/tasks/{id}", _STR)}
 
 
 def _operation(op_id: str, summary: str, ok: dict[str, dict], errors: str = "", **extra) -> dict:
@@ -301,8 +318,8 @@ def _task_paths() -> dict[str, Any]:
         "/v1/tasks": {
             "post": _operation("submitTask", "Submit a task (journaled before the answer).", {
                 "200": _ok("The same task was already submitted with this spec.",
-                           _ref("Submitted")),
-                "202": _ok("Accepted and journaled.", _ref("Submitted")),
+                           _ref("Submitted"), _LOCATION),
+                "202": _ok("Accepted and journaled.", _ref("Submitted"), _LOCATION),
             }, "400 409 413 415 503 507", requestBody=submit_body),
             "get": _operation("listTasks", "List tasks, newest first, a page at a time.", {
                 "200": _ok("One page.", _ref("TaskPage"))}, "400", parameters=listing),
@@ -357,7 +374,8 @@ def openapi_document() -> dict[str, Any]:
     schemas = {**_tensor_schemas(), **_submission_schemas(), **_task_schemas(),
                **_mesh_schemas()}  # fmt: skip
     responses = {
-        f"E{status}": _ok(text, _ref("Error")) for status, text in _ERROR_RESPONSES.items()
+        f"E{status}": _ok(text, _ref("Error"), _HEADERS.get(status))
+        for status, text in _ERROR_RESPONSES.items()
     }
     return {
         "openapi": "3.1.0",

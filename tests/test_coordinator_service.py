@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -46,7 +47,9 @@ class Mesh:
     """A coordinator and ``n`` node daemons, all in this process."""
 
     def __init__(self, tmp, n=2, config=None, extra="", options=None, http=False):
-        self.cluster = LocalCluster(tmp, fleet_id="coord-test")
+        # a fleet of its own: loopback mDNS reaches every process on this host, and two test
+        # runs' nodes of one fleet id (node-0...) would find, and dial, each other
+        self.cluster = LocalCluster(tmp, fleet_id=f"coord-test-{secrets.token_hex(4)}")
         self.names = [f"node-{i}" for i in range(n)]
         http_section = f"[http]\nenabled = {str(http).lower()}\n"
         self.configs = [
