@@ -30,9 +30,10 @@ or closes it without answering (and keeps no other), or the session the item wen
 closed for a revoked certificate first, or the item could never be written to it (the peer
 table gave up: dial failed, message too large), the item is handed back (``TaskFailed``
 ``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of waiting for its item
-timeout. A session with the peer lost while another stays open (the peer dialled again after
-roaming) sends the peer's items again over the open one instead (unless that one is being cut
-for a revoked certificate: then they are handed back). An answer from a peer with a session
+timeout; one its coordinator cancelled meanwhile is answered ``CANCELLED`` instead. A session
+with the peer lost while another stays open (the peer dialled again after roaming) sends the
+peer's items again over the open one instead (unless that one is being cut for a revoked
+certificate: then they are handed back). An answer from a peer with a session
 under a revoked certificate (being cut) is not relayed, as it may come from the revoked
 certificate's holder: the item is handed back. Items a node passed here are cancelled when it
 dies or leaves (it handed them back: their answer would go nowhere useful; answered
@@ -46,13 +47,17 @@ node to keep (``keep_input``) go into its input cache
 item that names its input by reference (``input_ref``) is given it from there, or answered
 ``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before anything else is
 decided about the item, so the cache sees every message in the order sent (which is what lets the
-coordinator mirror it). An item this node already answered (its result is kept a while:
-:mod:`node.replay`, ``result_replay_mib``) is answered again from the kept result when it comes
-back (a coordinator resending what a lost session or its restart may have swallowed), even while
-draining, instead of running again. While draining (SIGTERM) new items are refused as retryable and
-queued ones are handed back, so the coordinator re-runs them elsewhere; those still running when
-the drain's time is up are handed back too. A cancelled item is answered (``CANCELLED``, or
-``SHUTTING_DOWN`` while draining) even if its cancel came before its task first ran.
+coordinator mirror it). An input to keep larger than 256 KiB is hashed in a worker thread
+(:class:`~meshinfer.inference.cache.OrderedInputs`), not on the loop; an item naming its input by
+reference meanwhile waits (milliseconds) until the cache operations before it are done, and if
+cancelled then is answered ``CANCELLED`` when they are. An item this node already answered (its
+result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the
+kept result when it comes back (a coordinator resending what a lost session or its restart may
+have swallowed), even while draining, instead of running again. While draining (SIGTERM) new
+items are refused as retryable and queued ones are handed back, so the coordinator re-runs them
+elsewhere; those still running when the drain's time is up are handed back too. A cancelled
+item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came
+before its task first ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -69,6 +74,7 @@ import random
 from collections import Counter
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -83,7 +89,7 @@ from meshinfer.errors import (
 )
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import DynamicBatcher
-from meshinfer.inference.cache import CacheItemTooLargeError, ContentCache
+from meshinfer.inference.cache import ContentCache, OrderedInputs
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
     REFUSALS,
@@ -190,6 +196,11 @@ class TaskExecutor:
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
         self._device_name: str | None = None
         self.inputs = ContentCache(config.input_cache_mib << 20)
+        self.input_order = OrderedInputs(self.inputs)  # the cache, fed in message order
+        #: items whose assignment (by reference) waits behind an input being hashed -> the
+        #: sender of each such assignment; and those of them cancelled meanwhile
+        self._waiting: dict[str, list[str]] = {}
+        self._waiting_cancels: set[str] = set()
         self.replay = ResultReplay(config.result_replay_mib << 20, config.result_replay_s)
         self._replay_sweep: asyncio.TimerHandle | None = None  # drops expired kept results
 
@@ -217,8 +228,24 @@ class TaskExecutor:
     # --- incoming --------------------------------------------------------------------------
 
     def _on_assign(self, peer: str, msg: TaskAssign) -> None:
-        msg = self._with_input(peer, msg)
-        if msg is None or self._replayed(peer, msg):
+        """Take the item's input from the input cache (it names it by reference) or put it
+        there (``keep_input``), in message order (see the module docstring), then go on."""
+        ref = msg.input_ref
+        if ref is not None:
+            waits = self.input_order.busy  # behind an input being hashed: may be cancelled
+            if waits:
+                self._waiting.setdefault(msg.item_id, []).append(peer)
+            self.input_order.fetch(ref.digest, partial(self._with_cached, peer, msg, waits))
+            return
+        if msg.keep_input:
+            self.input_order.keep(msg.input.data)
+            msg = replace(msg, keep_input=False)  # offloaded, it travels as a plain item
+        self._assign(peer, msg)
+
+    def _assign(self, peer: str, msg: TaskAssign) -> None:
+        """An item with its input inline: answer it from the kept result, refuse, run it or
+        pass it on."""
+        if self._replayed(peer, msg):
             return
         if self._draining:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
@@ -271,27 +298,36 @@ class TaskExecutor:
         self.mesh.peers.send(peer, result)
         return True
 
-    def _with_input(self, peer: str, msg: TaskAssign) -> TaskAssign | None:
-        """``msg`` with its input inline (kept in the cache if asked), or None once answered
-        with ``TaskFailed`` (a reference to bytes this node does not hold, or that do not fit
-        the reference's dtype and shape)."""
+    def _with_cached(self, peer: str, msg: TaskAssign, waited: bool, data: bytes | None) -> None:
+        """Go on with an item naming its input by reference, given the cache's bytes under it:
+        answered with ``TaskFailed`` if this node does not hold them, they do not fit the
+        reference's dtype and shape, or the item was cancelled while it ``waited``."""
+        if waited and self._waited(peer, msg.item_id):
+            why = "cancelled by the coordinator while its input was being stored"
+            self._fail(peer, msg, FailureKind.CANCELLED, why, retryable=False)
+            return
         ref = msg.input_ref
-        if ref is not None:
-            data = self.inputs.get(ref.digest)
-            if data is None:
-                text = f"input {ref.digest[:16]} is not in this node's input cache"
-                self._fail(peer, msg, FailureKind.INPUT_NOT_CACHED, text, retryable=True)
-                return None
-            try:
-                return replace(msg, input=ref.resolve(data), input_ref=None)
-            except RemoteProtocolError as exc:
-                self._fail(peer, msg, FailureKind.BAD_INPUT, str(exc), retryable=False)
-                return None
-        if msg.keep_input:
-            with contextlib.suppress(CacheItemTooLargeError):  # the coordinator knows the budget
-                self.inputs.put(msg.input.data)
-            return replace(msg, keep_input=False)  # offloaded, it travels as a plain item
-        return msg
+        if data is None:
+            text = f"input {ref.digest[:16]} is not in this node's input cache"
+            self._fail(peer, msg, FailureKind.INPUT_NOT_CACHED, text, retryable=True)
+            return
+        try:
+            msg = replace(msg, input=ref.resolve(data), input_ref=None)
+        except RemoteProtocolError as exc:
+            self._fail(peer, msg, FailureKind.BAD_INPUT, str(exc), retryable=False)
+            return
+        self._assign(peer, msg)
+
+    def _waited(self, peer: str, item_id: str) -> bool:
+        """One assignment of ``item_id`` from ``peer`` waited for its input and is done
+        waiting: whether the item was cancelled meanwhile."""
+        senders = self._waiting[item_id]
+        senders.remove(peer)
+        cancelled = item_id in self._waiting_cancels
+        if not senders:
+            del self._waiting[item_id]
+            self._waiting_cancels.discard(item_id)
+        return cancelled
 
     def _notify_accepted(self, peer: str, item_id: str, attempt: int) -> None:
         """Tell the coordinator the item runs here (only sent for items that take a while)."""
@@ -328,6 +364,10 @@ class TaskExecutor:
             notice.cancel()
 
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
+        senders = self._waiting.get(msg.item_id)
+        if senders is not None and (peer in senders or self._is_coordinator(peer)):
+            self._waiting_cancels.add(msg.item_id)  # answered once done waiting for its input
+            self.stats.cancelled += 1
         if msg.item_id not in self._items and msg.item_id not in self._offloaded:
             return  # over already (a forwarded cancel may come after the answer), or unknown
         if not self._may_direct(peer, msg.item_id):
@@ -662,8 +702,14 @@ class TaskExecutor:
                 self._hand_back(item_id, f"offloaded to {target}, which was lost ({why})")
 
     def _hand_back(self, item_id: str, text: str) -> None:
-        """Tell the coordinator an offloaded item will not be answered (retryable)."""
+        """Tell the coordinator an offloaded item will not be answered (retryable), or, if it
+        cancelled the item, that it is cancelled: it wants no re-run."""
+        cancelled = item_id in self._offload_cancels
         coordinator, msg = self._answer_to(*self._settle_offload(item_id)[:2])
+        if cancelled:
+            why = f"cancelled by the coordinator; {text}"
+            self._fail(coordinator, msg, FailureKind.CANCELLED, why, retryable=False)
+            return
         self.stats.handed_back += 1
         self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
 
@@ -771,6 +817,7 @@ class TaskExecutor:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self._no_offloads.wait()
+                await self.input_order.settled()  # items waiting for their input: answered
         for item_id in list(self._offloaded):
             self._hand_back(item_id, "passed on by a node that is stopping; not answered yet")
         write_by = max(deadline, loop.time() + HAND_BACK_WRITE_S)
@@ -796,8 +843,8 @@ class TaskExecutor:
 
     async def aclose(self) -> None:
         """Stop: cancel running items, session watchers and the waits for offloaded items'
-        sends (what is queued is still written), and the timers of items passed on.
-        Idempotent."""
+        sends (what is queued is still written), and the timers of items passed on; drop the
+        items waiting for an input being hashed (not answered). Idempotent."""
         self._draining = True
         self._closed = True
         for timer in self._offload_timers.values():
@@ -805,6 +852,7 @@ class TaskExecutor:
         if self._replay_sweep is not None:
             self._replay_sweep.cancel()
             self._replay_sweep = None
+        await self.input_order.aclose()  # (first: what waits for its input is dropped)
         tasks = [t for t in (*self._watchers, *self._items.values()) if not t.done()]
         for task in tasks:
             task.cancel()
@@ -859,10 +907,12 @@ class _Slots:
 
 
 def _input_array(tensor: Tensor) -> np.ndarray:
+    """The item's input as it came (a read-only view of its bytes, no copy): its batcher
+    converts it to the model's dtype, in its worker thread for a big one, never on the loop."""
     array = tensor.to_array()
     if array.ndim < 2:
         raise RemoteProtocolError(f"input must have a batch axis, got shape {array.shape}")
-    return array.astype(np.float32, copy=False)
+    return array
 
 
 def _priority(value: int) -> int:

@@ -28,8 +28,9 @@ engine's ``capacity().max_batch_size`` (read at :meth:`DynamicBatcher.start`).
 
 Concurrency: everything here runs on one event loop and reads time only from ``loop.time()``,
 so the batcher runs unchanged on a virtual-time loop. Not thread-safe. Converting and checking
-a request larger than :data:`INLINE_MAX_BYTES`, and joining a batch that large, run in the
-batcher's one worker thread, never on the loop.
+a request larger than :data:`INLINE_MAX_BYTES`, joining a batch that large, and checking outputs
+that large, run in the batcher's one worker thread, never on the loop. The engine is told which
+batch it was handed checked (:data:`CHECKED_BATCH`), so that it need not check it again.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -69,6 +71,13 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 INLINE_MAX_BYTES = 1 << 20
 """Largest request whose conversion and NaN/infinity check (~25 us), or batch whose joining,
 runs on the event loop; bigger ones go to the batcher's worker thread (16 MiB: 1-2 ms)."""
+
+CHECKED_BATCH: ContextVar[np.ndarray | None] = ContextVar("meshinfer_checked_batch", default=None)
+"""While a batcher's ``engine.infer`` call runs (in its task), the batch it hands the engine:
+every request in it was found free of NaN and infinity as the model's dtype (the batch's, if
+that is unknown) before it joined. An engine given that very array may skip its own check
+(:class:`~meshinfer.inference.numpy_engine.NumpyEngine` does for float32); a direct caller of
+``infer`` never sets it, so its batches are always checked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,8 +580,14 @@ class DynamicBatcher:
         self._counters.batch_sizes[rows] += 1
         try:
             inputs = await self._joined(batch, rows)
-            outputs = await self.engine.infer(self.ref, inputs)
-            self._deliver(batch, outputs, rows)
+            checked = CHECKED_BATCH.set(inputs)
+            try:
+                outputs = await self.engine.infer(self.ref, inputs)
+            finally:
+                CHECKED_BATCH.reset(checked)
+            self._check_outputs(outputs, rows)
+            finite = await self._finite_output_rows(outputs)
+            self._deliver(batch, outputs, finite)
         except Exception as exc:
             self._fail_batch(batch, self._batch_error(exc, rows))
         finally:
@@ -587,13 +602,24 @@ class DynamicBatcher:
             return np.concatenate(parts)
         return await self._off_loop(np.concatenate, parts)
 
-    def _deliver(self, batch: list[_Request], outputs: np.ndarray, rows: int) -> None:
+    def _check_outputs(self, outputs: object, rows: int) -> None:
         if not isinstance(outputs, np.ndarray) or outputs.ndim < 1 or outputs.shape[0] != rows:
             shape = getattr(outputs, "shape", type(outputs).__name__)
             raise InferenceError(
                 f"engine {self.engine.name!r} returned {shape} for a batch of {rows} samples"
             )
-        finite = _finite_rows(outputs)
+
+    async def _finite_output_rows(self, outputs: np.ndarray) -> np.ndarray | None:
+        """:func:`_finite_rows` of the outputs: in the worker thread when they are large."""
+        if outputs.nbytes <= INLINE_MAX_BYTES:
+            return _finite_rows(outputs)
+        return await self._off_loop(_finite_rows, outputs)
+
+    def _deliver(
+        self, batch: list[_Request], outputs: np.ndarray, finite: np.ndarray | None
+    ) -> None:
+        """Hand each request its rows of ``outputs``; ``finite``: per row, all finite? (None:
+        every row is)."""
         offset = 0
         for request in batch:
             span = slice(offset, offset + request.rows)

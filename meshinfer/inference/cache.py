@@ -17,18 +17,34 @@ coordinator feeds a node's cache, and its messages arrive, the mirror knows exac
 holds. When it does not (a second coordinator, a node restart) the node answers a reference it
 lacks with ``INPUT_NOT_CACHED`` and gets the bytes again: a wrong guess costs one round trip.
 
+The node feeds its cache through :class:`OrderedInputs`, which hashes a big input in a worker
+thread and holds the operations that come after it until it is stored, so that the cache still
+sees them in message order.
+
 Concurrency: not thread-safe. Use it from the event loop only (every method is short and never
-blocks, except hashing the bytes given to :meth:`put`, which is linear in their size).
+blocks, except hashing the bytes given to :meth:`ContentCache.put` without their digest, which
+is linear in their size: :class:`OrderedInputs` does that in its thread for big ones).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
-from collections import OrderedDict
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from meshinfer.errors import ConfigError, LocalProtocolError
+
+log = logging.getLogger(__name__)
+
+#: Inputs a node keeps that are larger than this are hashed in a worker thread (sha256 takes the
+#: loop ~145 us for 256 KiB and ~0.6 ms for 1 MiB; the hop to a thread and back ~30 us): the
+#: coordinator's own threshold (``coordinator.input_refs.HASH_OFF_LOOP_BYTES``).
+KEEP_OFF_LOOP_BYTES = 256 << 10
 
 
 class CacheItemTooLargeError(LocalProtocolError):
@@ -65,8 +81,9 @@ class ContentCache:
         self._misses = 0
         self._evictions = 0
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` (evicting LRU items as needed) and return its digest.
+    def put(self, data: bytes, digest: str | None = None) -> str:
+        """Store ``data`` (evicting LRU items as needed) and return its digest. ``digest``: its
+        :func:`content_digest`, when the caller computed it already (off the loop).
 
         Raises CacheItemTooLargeError if ``data`` alone exceeds the budget.
         """
@@ -75,7 +92,7 @@ class ContentCache:
             raise CacheItemTooLargeError(
                 f"item of {len(data)} bytes exceeds the cache budget of {self.budget_bytes} bytes"
             )
-        digest = content_digest(data)
+        digest = digest or content_digest(data)
         if digest in self._items:
             self._items.move_to_end(digest)
             return digest
@@ -129,6 +146,128 @@ class ContentCache:
             _, evicted = self._items.popitem(last=False)
             self._bytes -= len(evicted)
             self._evictions += 1
+
+
+@dataclass(eq=False, slots=True)
+class _Keep:
+    """A ``put`` waiting in :class:`OrderedInputs`: its bytes, and their digest once hashed."""
+
+    data: bytes
+    work: Future[str]  # the thread's
+    digest: asyncio.Future[str]  # the loop's
+
+
+@dataclass(eq=False, slots=True)
+class _Fetch:
+    """A ``get`` waiting in :class:`OrderedInputs` behind a ``put``."""
+
+    digest: str
+    then: Callable[[bytes | None], None]
+
+
+class OrderedInputs:
+    """A node's :class:`ContentCache`, fed in the order its messages came, with big inputs
+    hashed off the event loop.
+
+    :meth:`keep` (a ``put``) and :meth:`fetch` (a ``get``) take effect on the cache in the order
+    they are called, as the coordinator's :class:`InputMirror` of it assumes. While nothing
+    waits, at once, on the loop (the usual case, and always for small inputs: no thread hop).
+    An input larger than ``off_loop_bytes`` is hashed in one worker thread, and from then on
+    every later call waits in a queue, done in order as soon as those before it are; so
+    :meth:`fetch` hands the bytes to a callback: at once, or when the queue reaches it.
+
+    Concurrency: on the event loop (callbacks are called on it); only hashing runs in the
+    thread. Not thread-safe.
+    """
+
+    def __init__(self, cache: ContentCache, *, off_loop_bytes: int = KEEP_OFF_LOOP_BYTES) -> None:
+        self.cache = cache
+        self.off_loop_bytes = off_loop_bytes
+        self._queue: deque[_Keep | _Fetch] = deque()
+        self._hasher: ThreadPoolExecutor | None = None  # started at the first big input
+        self._settled: list[asyncio.Future[None]] = []  # waiters for an empty queue
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether calls wait behind an input being hashed (a :meth:`fetch` would not call
+        back at once)."""
+        return bool(self._queue)
+
+    def keep(self, data: bytes) -> None:
+        """Put ``data`` into the cache, after what came before. Data larger than the cache's
+        whole budget is not kept (nor hashed): it never fits."""
+        if len(data) > self.cache.budget_bytes or self._closed:
+            return
+        big = len(data) > self.off_loop_bytes
+        if not big and not self._queue:
+            self.cache.put(data)
+            return
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-input-hash")
+        if big:
+            work = self._hasher.submit(content_digest, data)
+        else:  # small, but behind a big one: hashed here, stored in its turn
+            work = Future()
+            work.set_result(content_digest(data))
+        digest = asyncio.wrap_future(work)
+        digest.add_done_callback(self._advance)
+        self._queue.append(_Keep(data, work, digest))
+
+    def fetch(self, digest: str, then: Callable[[bytes | None], None]) -> None:
+        """Call ``then`` with the cache's bytes under ``digest`` (or None), after what came
+        before: at once if nothing waits, else once the queue reaches it (dropped after
+        :meth:`aclose`)."""
+        if not self._queue:
+            then(self.cache.get(digest))
+        elif not self._closed:
+            self._queue.append(_Fetch(digest, then))
+
+    async def settled(self) -> None:
+        """Return once nothing waits (every call so far took effect)."""
+        if self._queue:
+            waiter = asyncio.get_running_loop().create_future()
+            self._settled.append(waiter)
+            await waiter
+
+    def _advance(self, _hashed: object = None) -> None:
+        """Do what waits at the head of the queue, in order, up to an input still hashed."""
+        while self._queue and not self._closed:
+            step = self._queue[0]
+            if isinstance(step, _Keep):
+                if not step.digest.done():
+                    return
+                self._queue.popleft()
+                self._store(step)
+            else:
+                self._queue.popleft()
+                try:
+                    step.then(self.cache.get(step.digest))
+                except Exception:
+                    log.exception("a callback of the input cache failed")
+        for waiter in self._settled:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._settled.clear()
+
+    def _store(self, step: _Keep) -> None:
+        failure = None if step.digest.cancelled() else step.digest.exception()
+        if step.digest.cancelled() or failure is not None:
+            log.error("hashing an input to keep failed: not kept", exc_info=failure)
+            return
+        self.cache.put(step.data, step.digest.result())
+
+    async def aclose(self) -> None:
+        """Take no more calls and call nothing back: drop the hashes not started, wait for the
+        one under way (a thread cannot be stopped; it takes milliseconds). Idempotent."""
+        self._closed = True
+        keeps = [step for step in self._queue if isinstance(step, _Keep)]
+        self._queue.clear()
+        under_way = [step.digest for step in keeps if not step.work.cancel()]
+        await asyncio.gather(*under_way, return_exceptions=True)
+        self._advance()  # (wakes the waiters of settled())
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=False)
 
 
 class Send(enum.Enum):

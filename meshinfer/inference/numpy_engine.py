@@ -18,6 +18,7 @@ import psutil
 
 from meshinfer.errors import LocalProtocolError, ModelNotFoundError
 from meshinfer.inference.base import EngineCapacity, ModelRef, TensorSpec
+from meshinfer.inference.batching import CHECKED_BATCH
 from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.inference.mlp import MLPWeights, as_float32, check_batch, finite_float32, forward
 from meshinfer.inference.registry import ModelInfo, ModelRegistry, default_registry
@@ -83,19 +84,23 @@ class LocalMLPEngine:
     async def infer(self, ref: ModelRef, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, float32 [batch, classes]. Raises ModelNotFoundError if not loaded,
         BatchShapeError if ``batch`` does not fit the model's input, NonFiniteInputError (one)
-        if it holds NaN or infinity as float32."""
+        if it holds NaN or infinity as float32 -- unless ``batch`` is the float32 array a
+        :class:`~meshinfer.inference.batching.DynamicBatcher` hands it as already checked
+        (:data:`~meshinfer.inference.batching.CHECKED_BATCH`): each of its requests was, before
+        it joined the batch, so that a bad one fails alone; it is not checked twice."""
         self._check_open()
         try:
             info, prepared = self._loaded[ref]
         except KeyError:
             raise ModelNotFoundError(f"model {ref} is not loaded on {self.name}") from None
         check_batch(batch, info.inputs[0].shape[1], self.max_batch_size)
+        checked = batch.dtype == np.float32 and batch is CHECKED_BATCH.get()
         if self._runs_inline(prepared, len(batch)):
-            return self._checked_forward(prepared, batch)
-        return await self._executor.run(self._checked_forward, prepared, batch)
+            return self._checked_forward(prepared, batch, checked)
+        return await self._executor.run(self._checked_forward, prepared, batch, checked)
 
-    def _checked_forward(self, prepared: Any, batch: np.ndarray) -> np.ndarray:
-        return self._forward(prepared, finite_float32(batch))
+    def _checked_forward(self, prepared: Any, batch: np.ndarray, checked: bool) -> np.ndarray:
+        return self._forward(prepared, as_float32(batch) if checked else finite_float32(batch))
 
     def capacity(self) -> EngineCapacity:
         """Device, batch limit, free memory and loaded models, without blocking."""
