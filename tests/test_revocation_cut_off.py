@@ -22,13 +22,20 @@ from meshinfer.proto.tasks_wire import TaskAssign
 from meshinfer.runtime.endpoint import dial
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.revocations import CutOff, RevocationSyncConfig
-from meshinfer.runtime.session import Admission, Session
+from meshinfer.runtime.session import Admission, Session, SessionConfig
 from meshinfer.transport.base import Address
 from meshinfer.transport.tcp import TcpTransport
 from tests.helpers import dial_again, until
 from tests.test_coordinator_service import Mesh, hold_inference, spec
 
 QUICK = RevocationSyncConfig(check_interval_s=0.1, ask_timeout_s=0.5)
+#: The coordinator's sessions. Adopting a stale session pings the node's older, good ones, and
+#: abandons as lost one that neither answers nor sends anything within ``verify_timeout``: the
+#: stale one then carries the node's messages, and what the tests assert of the cut (which
+#: session carried, whether the node stays connected) no longer holds. At the default 1 s that
+#: was a race with the loop: a stall that long, under load, failed them. No test here waits
+#: for such a check to abandon a session.
+PATIENT = SessionConfig(verify_timeout=60.0)
 OFFLOADING = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 1\n"
 
 
@@ -54,7 +61,11 @@ def revoke(mesh: Mesh, into: str, **which: object) -> None:
 
 
 def coordinator_options(tmp_path) -> dict:
-    return {"revocations_file": tmp_path / "coord-revocations.bin", "revocations": QUICK}
+    return {
+        "revocations_file": tmp_path / "coord-revocations.bin",
+        "revocations": QUICK,
+        "session": PATIENT,
+    }
 
 
 def serials_of(node: MeshNode, peer: str) -> list[int]:

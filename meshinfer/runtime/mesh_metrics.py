@@ -54,6 +54,20 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
             ],
         ),
         family(
+            "meshinfer_peer_messages_dropped_total",
+            "counter",
+            "Messages for peers dropped unsent, by reason (unknown-peer, outbox-full, revoked:"
+            " queued for a session whose peer certificate was revoked, ...).",
+            [({"reason": r}, n) for r, n in sorted(mesh.peers.stats.dropped.items())],
+        ),
+        family(
+            "meshinfer_messages_from_revoked_total",
+            "counter",
+            "Messages received over a session whose peer certificate the list in force revokes"
+            " (before its cut-off): dropped before any handler, by message type.",
+            [({"type": t}, n) for t, n in sorted(mesh.peers.stats.from_revoked.items())],
+        ),
+        family(
             "meshinfer_sessions_open",
             "gauge",
             "Peers with an open session.",

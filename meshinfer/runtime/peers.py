@@ -13,6 +13,14 @@ type (:meth:`PeerTable.on`). Handlers are plain callables run on the loop; they 
 and should spawn their own tasks for slow work. A handler's exception is logged and counted and
 does not close the session.
 
+A session whose peer certificate the revocation list in force revokes is about to be cut
+(:mod:`~meshinfer.runtime.revocations` writes the list down, then closes it): from the moment
+the list is in force, nothing goes to the peer over it (what is queued for the peer while it
+is the session sent over is dropped, counted as ``revoked``, its requesters told; a write that
+was waiting for the session's writer is refused by the session itself), and what comes over
+it is dropped before any handler (counted in ``PeerStats.from_revoked``). Both checks are a
+cached look per message (:attr:`~meshinfer.runtime.session.Session.peer_revoked`).
+
 A peer may hold several sessions with this node: both sides dialled at once, or the peer dialled
 again while an older connection looked open here (a vehicle that roamed: its old connections
 dead, not reset; another certificate of the same node). Messages go over the peer's oldest open
@@ -75,6 +83,8 @@ class PeerStats:
     abandoned: int = 0  # older sessions that did not, abandoned as lost
     handler_errors: int = 0
     unhandled: Counter[str] = field(default_factory=Counter)
+    #: messages received over a session under a revoked certificate (by type): not handled
+    from_revoked: Counter[str] = field(default_factory=Counter)
 
 
 #: Who hears what became of a queued message: a future (:meth:`PeerTable.send_tracked`), a
@@ -174,13 +184,13 @@ class PeerTable:
         """Whether the session messages to ``node_id`` go over (its oldest open one) is under
         a certificate the revocation list in force revokes. That session is being cut (the
         list is written down first; the close may wait behind the session's writer): what
-        goes over it meanwhile would reach the revoked certificate's holder, and be lost with
-        the session. False if no session is open."""
-        revocations = self.admission.revocations
-        if not revocations.entries:
+        goes over it meanwhile would reach the revoked certificate's holder: the table sends
+        nothing over it (what is queued for the node is dropped, its requesters told), so
+        what is sent to the node meanwhile is lost. False if no session is open."""
+        if not self.admission.revocations.entries:
             return False
         session = self.session(node_id)
-        return session is not None and revocations.is_revoked(session.peer)
+        return session is not None and session.peer_revoked
 
     def carried(self, session: Session) -> bool:
         """Whether this table wrote a message to ``session`` (so what it sent the peer may be
@@ -282,8 +292,12 @@ class PeerTable:
         :data:`~meshinfer.runtime.session.SEND_MANY_BYTES`): one syscall and one wake-up of the
         peer's reader for all of them. A message leaves the queue only once written; one that
         can never be sent (over the session's size cap) is dropped, its requester told, and
-        the rest go on."""
+        the rest go on. Nothing goes over a session whose peer certificate is revoked (it is
+        being cut): what is queued is dropped, its requesters told."""
         while box.queue and session.is_open and node_id not in self._verifying:
+            if session.peer_revoked:  # checked again by the session once its writer is free
+                self._fail_queue(box, "revoked")
+                return
             batch = list(itertools.islice(box.queue, WRITE_BATCH))
             try:
                 sent = await session.send_many([msg for msg, _ in batch])
@@ -293,7 +307,8 @@ class PeerTable:
                 _settle(batch[0][1], exc)
                 continue
             except (StreamClosed, TransportError, OSError):
-                return  # the session ended with the failed write: the loop above redials
+                return  # the session ended with the failed write (the loop above redials), or
+                # its certificate was revoked while the write waited (the check above drops)
             for _, fut in batch[:sent]:
                 box.queue.popleft()
                 _settle(fut, None)
@@ -395,6 +410,9 @@ class PeerTable:
         peer = session.peer_id
         try:
             async for msg in session:
+                if session.peer_revoked:  # in force, the session not cut yet: no work from it
+                    self.stats.from_revoked[type(msg).__name__] += 1
+                    continue
                 self._dispatch(peer, msg)
         finally:
             sessions = self._sessions.get(peer, [])

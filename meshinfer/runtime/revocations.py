@@ -17,7 +17,13 @@ How a revocation reaches every node of a running fleet:
 
 After every merge the node closes each session whose peer certificate is now revoked, and
 checks every session adopted from then on; handshakes refuse revoked peers
-(:class:`~meshinfer.runtime.session.Admission` reads the current list). Sessions are judged one
+(:class:`~meshinfer.runtime.session.Admission` reads the current list). From the moment the
+merged list is in force until the close (the list is written down first, and the close may
+wait behind the session's writer), such a session carries no application message either way:
+the peer table drops what is queued for the peer while it is the session sent over (its
+requesters told) and what comes over it before any handler, and the session refuses a write
+that was waiting for its writer (:attr:`~meshinfer.runtime.session.Session.peer_revoked`);
+only session control (pings, the Close) still goes. Sessions are judged one
 by one: a node id may have two, under an old certificate revoked by serial (stolen, or left over
 from before the node was re-enrolled) and under its new one, which stays up. The
 :meth:`RevocationSync.on_cut_off` listeners learn of each closed session as a :class:`CutOff`:
@@ -113,8 +119,10 @@ class CutOff:
     ``serial``: that certificate's. ``still_connected``: ``node_id`` keeps an open session under
     a certificate that is not revoked (only an old one was revoked, by serial), so it is still
     reachable. ``carried_sends``: this session was the one the peer table sent ``node_id``'s
-    messages over (its oldest open one); if not, an older session that is still open carried
-    everything sent to the node while this one was open. That says nothing of what the peer
+    messages over (its oldest open one) when it was cut: what was written to it before the
+    revocation came in force may be lost (what was still queued then was dropped, its
+    requesters told); if not, an older session that is still open carried everything sent to
+    the node while this one was open. That says nothing of what the peer
     sent back: it picks its own oldest session, and after simultaneous dials the two sides may
     disagree, so an answer unread on the closed session is lost even when ``carried_sends`` is
     False (the asker's own timeout covers it)."""

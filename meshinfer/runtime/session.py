@@ -23,7 +23,11 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     queued for :meth:`Session.recv`. When the application does not consume, the bounded queue
     fills, the reader stops reading, and TCP pushes back on the peer.
     Both directions rekey after ``rekey_after`` Noise messages; both sides count the same
-    records, so no signal is needed.
+    records, so no signal is needed. Once the revocation list in force (the admission's, read
+    at each write) revokes the peer's certificate, the session writes no more application
+    messages (:attr:`Session.peer_revoked`; it is about to be cut): a send that was waiting for
+    the writer then raises StreamClosed. Session control (``Ping``, ``Pong``, ``Close``) still
+    goes: it carries no work, and the close and the checks of older sessions need it.
 
 ``closed``
     Reached by :meth:`Session.aclose` (sends ``Close`` first), by the peer's ``Close``, by EOF,
@@ -146,7 +150,8 @@ class SessionMetrics:
 class Admission:
     """What a node checks peers against: its fleet trust anchor and the current revocations.
 
-    ``revocations`` is replaced as gossip merges newer lists; sessions read it at handshake time.
+    ``revocations`` is replaced as gossip merges newer lists; sessions read it at handshake time,
+    and before each write of application messages (:attr:`Session.peer_revoked`).
     ``wallclock`` is the only wall-clock read here: certificate validity is wall-clock time.
     """
 
@@ -182,6 +187,7 @@ class Session:
         config: SessionConfig,
         metrics: SessionMetrics,
         *,
+        admission: Admission,
         initiator: bool,
         handshake_hash: bytes,
         leftover: list[bytes],
@@ -190,6 +196,9 @@ class Session:
     ) -> None:
         self.stream = stream
         self.peer = peer
+        self._admission = admission
+        self._judged_by: RevocationList | None = None  # the list peer_revoked last read
+        self._revoked = False
         #: small messages of one send_many share a Noise message (both sides announced it)
         self.pack = pack
         self.config = config
@@ -239,6 +248,18 @@ class Session:
     def is_open(self) -> bool:
         return not self._closed.is_set()
 
+    @property
+    def peer_revoked(self) -> bool:
+        """Whether the revocation list in force (the admission's, read now) revokes the peer's
+        certificate: the session is being cut, and writes no application message (nor does a
+        peer table hand on what it receives). Cheap enough for every message: lists are
+        immutable and replaced whole, so the answer is kept until the admission holds another."""
+        listed = self._admission.revocations
+        if listed is not self._judged_by:
+            self._judged_by = listed
+            self._revoked = bool(listed.entries) and listed.is_revoked(self.peer)
+        return self._revoked
+
     async def send(self, msg: messages.Message) -> None:
         """Encrypt and send one message. Raises StreamClosed once the session is closed."""
         await self.send_many((msg,))
@@ -253,8 +274,10 @@ class Session:
 
         Raises :class:`LocalProtocolError`, having sent nothing, if the first message exceeds
         the session's message cap (a later one that does ends the batch before it: the next
-        call raises); StreamClosed once the session is closed. A write the stream fails ends
-        the session (lost) before its error (TransportError, OSError) is raised.
+        call raises); StreamClosed once the session is closed, or, having sent nothing, once
+        :attr:`peer_revoked` (checked when the writer is free, so a send waiting for it while
+        the revocation came in force sends nothing). A write the stream fails ends the session
+        (lost) before its error (TransportError, OSError) is raised.
         """
         encoded: list[bytes] = []
         total = 0
@@ -268,12 +291,25 @@ class Session:
                 break
             encoded.append(data)
             total += len(data)
+        await self._write_messages(encoded, control=False)
+        return len(encoded)
+
+    async def _send_control(self, msg: Ping | Pong) -> None:
+        """Send a session control message: it goes to a revoked peer too (see the module
+        docstring)."""
+        await self._write_messages([messages.encode(msg)], control=True)
+
+    async def _write_messages(self, encoded: list[bytes], *, control: bool) -> None:
         if self._closed.is_set():
             raise StreamClosed(f"session with {self.peer_id} is closed: {self.close_reason}")
         async with self._write_lock:
+            if not control and self.peer_revoked:
+                raise StreamClosed(
+                    f"session with {self.peer_id} carries nothing more: its certificate"
+                    f" (serial {self.peer.serial}) is revoked"
+                )
             await self._write_records(framing.frame_messages(encoded, pack=self.pack))
         self.metrics.messages_sent += len(encoded)
-        return len(encoded)
 
     async def recv(self) -> messages.Message:
         """Return the next application message; raises StreamClosed once the session ends."""
@@ -302,7 +338,7 @@ class Session:
         self._pings[nonce] = fut
         started = self._loop.time()
         try:
-            await self.send(Ping(nonce=nonce))
+            await self._send_control(Ping(nonce=nonce))
             async with asyncio.timeout(timeout):
                 return await fut - started
         finally:
@@ -416,7 +452,7 @@ class Session:
         self.metrics.messages_received += 1
         if isinstance(msg, Ping):
             with contextlib.suppress(StreamClosed):
-                await self.send(Pong(nonce=msg.nonce))
+                await self._send_control(Pong(nonce=msg.nonce))
         elif isinstance(msg, Pong):
             fut = self._pings.get(msg.nonce)
             if fut is not None and not fut.done():
@@ -453,7 +489,7 @@ class Session:
             elif now >= next_tx:
                 self._ping_seq += 1
                 with contextlib.suppress(StreamClosed, TransportError, OSError):
-                    await self.send(Ping(nonce=self._ping_seq))
+                    await self._send_control(Ping(nonce=self._ping_seq))
                 next_tx = self._last_tx + cfg.keepalive_interval
             next_rx = self._last_rx + cfg.idle_timeout
             await self._closed_or_timeout(min(next_rx, next_tx) - self._loop.time())
@@ -678,6 +714,7 @@ async def _establish(
         cert,
         config,
         metrics,
+        admission=admission,
         initiator=initiator,
         handshake_hash=hs.handshake_hash,
         leftover=hsio.pending,
