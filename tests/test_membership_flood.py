@@ -12,6 +12,7 @@ full fleet in one push-pull. Times are not asserted: the structure is.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -191,7 +192,7 @@ def test_the_refusals_are_exported_as_metrics() -> None:
     node = _core(_small(8))  # room for 4 more members, 16 records a packet
     node.handle_packet("h", encode_packet(PushPull(), _fakes(16)), 1.0)
     node.handle_packet("h", encode_packet(Gossip(), _fakes(17, "y")), 1.0)
-    stats = SimpleNamespace(verified=0, abandoned=0)
+    stats = SimpleNamespace(verified=0, abandoned=0, dropped=Counter(), from_revoked=Counter())
     mesh = SimpleNamespace(
         metrics=SimpleNamespace(
             handshake_failures={},

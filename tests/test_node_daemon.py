@@ -83,7 +83,8 @@ async def test_status_command_reads_the_daemons_runtime_file(tmp_path, capsys):
         main = node_cli.main
         assert await asyncio.to_thread(main, ["status", "--data-dir", str(node.data_dir)]) == 0
         table = capsys.readouterr().out.splitlines()
-        assert table[0].startswith("node node-0 (fleet coord-test) at 127.0.0.1:")
+        fleet = mesh.cluster.fleet_id
+        assert table[0].startswith(f"node node-0 (fleet {fleet}) at 127.0.0.1:")
         assert table[0].endswith(": ready")
         assert table[1].startswith("engine numpy, models digits-mlp@1")
         assert table[2].split() == ["member", "status", "address", "queue", "models"]
