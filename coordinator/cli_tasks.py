@@ -997,6 +997,8 @@ def _result_lines(result: dict[str, Any], show: int) -> list[str]:
         lines.append(
             f"aggregation: {aggregation.get('mode')} of {sources}"
             + (" (partial)" if aggregation.get("partial") else "")
+            + (f", {aggregation['tied']} tied" if aggregation.get("tied") else "")
+            + (f", {aggregation['abstained']} with no vote" if aggregation.get("abstained") else "")
         )
     return lines
 

@@ -53,6 +53,9 @@ class ItemRun:
     tried: set[str] = field(default_factory=set)
     last: str | None = None  # the node of the latest dispatch
     refused: int = 0  # refusals not counted against max_attempts (Coordinator._retry)
+    #: why the attempt before this one failed, while this one waits for its retry (its backoff
+    #: and the journal's write of that failure); None once the dispatcher takes it up again
+    retrying: str | None = None
     dispatched_at: float | None = None
     journaled: int = 0  # the attempt whose dispatch the journal has (0: none yet)
     digest: str = ""  # the input's sha256, once it was worth sending by reference
@@ -280,7 +283,7 @@ def encode_outcome(run: TaskRun, outcome: Outcome) -> bytes:
             "nodes": run.nodes,
             "aggregation": None if agg is None else {
                 "mode": str(agg.mode), "sources": list(agg.sources), "partial": agg.partial,
-                "reason": agg.reason, "tied": len(agg.tied),
+                "reason": agg.reason, "tied": len(agg.tied), "abstained": len(agg.abstained),
             },
         }
     )  # fmt: skip

@@ -564,9 +564,9 @@ class Coordinator:
 
     def waiting(self, task_id: str) -> dict[str, str]:
         """Why each item of a task live here that is on no node is waiting (for people: a
-        task's status), by item id: its large input is being hashed, no node serves its model,
-        none meets its requirements, all that could are full, a pipeline stage it needs is not
-        done, or only its turn.
+        task's status), by item id: its retry (after a failed attempt, named), its large input
+        being hashed, no node serves its model, none meets its requirements, all that could are
+        full, a pipeline stage it needs is not done, or only its turn.
         Empty for a task that is not live here. Items of one placement class share a reason
         (their task's params are the same): a large batch costs one look per model."""
         run = self._runs.get(task_id)
@@ -579,6 +579,9 @@ class Coordinator:
         policy = run.spec.policy or self.config.default_policy
         for item_id, entry in run.items.items():
             if entry.node is not None or item_id not in self._items:
+                continue
+            if entry.retrying is not None:
+                why[item_id] = f"retrying after {entry.retrying} (attempt {entry.attempt})"
                 continue
             if self._inputs.is_hashing(entry):
                 why[item_id] = "its input is being hashed (to be sent by reference)"
@@ -666,6 +669,7 @@ class Coordinator:
                 # its task's end is decided, being journaled: it would only be called back
                 continue
             run, entry = pair
+            entry.retrying = None  # (its backoff is over: now it waits for a node, if any)
             node = self._choose(run, entry)
             if node is None:
                 heap = self._parked.setdefault(self._placement(run, entry), [])
@@ -1190,6 +1194,7 @@ class Coordinator:
         failure = partial(_journal_retry, self, item_id, entry.node, attempt, reason, not counted)
         entry.attempt += 1
         entry.item = _with_attempt(entry.item, entry.attempt)
+        entry.retrying = reason
         self._assign(entry, None)
         delay = 0.0
         if backoff:
@@ -1410,9 +1415,21 @@ def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> N
 
 
 def _deadline_passed(run: TaskRun) -> str:
-    """Why a task failed at its deadline (the start of it: what waited may be said after)."""
+    """Why a task failed at its deadline (the start of it: what waited may be said after),
+    with how many of its items were still running, and on which nodes (the busiest 3)."""
     done, total = len(run.results), len(run.all_item_ids())
-    return f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+    error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+    on = Counter(e.node for e in run.items.values() if e.node is not None)
+    if not on:
+        return error
+    ranked = sorted(on.items(), key=lambda pair: (-pair[1], pair[0]))
+    if len(ranked) == 1:
+        return f"{error}; {on.total()} of them running on {ranked[0][0]}"
+    named = ", ".join(f"{count} on {node}" for node, count in ranked[:3])
+    if len(ranked) > 3:
+        rest = ranked[3:]
+        named += f" (and {sum(c for _, c in rest)} on {len(rest)} more nodes)"
+    return f"{error}; {on.total()} of them running: {named}"
 
 
 def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:

@@ -303,7 +303,8 @@ async def test_a_task_past_its_deadline_fails_with_a_reason_wherever_its_items_a
         for task_id, error in (
             ("nowhere", f"deadline of 0.3 s passed with 0 of 1 items done; 1 of them waiting: "
                         f"{unserved}"),
-            ("stuck", "deadline of 0.5 s passed with 0 of 2 items done"),  # on the node
+            ("stuck", "deadline of 0.5 s passed with 0 of 2 items done; 2 of them running on "
+                      "node-0"),
         ):  # fmt: skip
             record = await c.wait(task_id, timeout=10)
             assert record.state.value == "failed"

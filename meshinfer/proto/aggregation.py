@@ -12,7 +12,11 @@ Modes (:class:`Mode`):
 * ``all``      -- every output, as a tuple ordered by source id; done when every source answered.
 * ``majority`` -- a vote: each output's class predictions (``argmax`` over the last axis of a
   float output; an integer output already holds labels, which must fit int64), element-wise
-  majority; ties go to the smallest label and are reported (``tied``). Done when every source
+  majority; ties go to the smallest label and are reported (``tied``). A float output whose
+  scores for an element hold a NaN *abstains* there: it counts for no label (and is no vote
+  still outstanding either: its source answered). An element on which every source that
+  answered abstained has no winner: the value holds -1 there and the result lists it
+  (``abstained``; an integer label -1 is told apart by that list). Done when every source
   answered, or early when no outstanding vote could change any element's winner.
 * ``weighted`` -- the weighted average ``sum(w_s x_s) / sum(w_s)`` of float outputs, with
   per-source weights (default 1); done when every source answered. Summed in float64 (so
@@ -92,7 +96,8 @@ class AggregationConfig:
 class AggregateResult:
     """The outcome. ``value``: an array (a tuple of arrays for ``all``; None when failed).
     ``sources``: who contributed, sorted. ``tied``: for ``majority``, the flat indices of
-    elements whose vote was tied (each resolved to the smallest label)."""
+    elements whose vote was tied (each resolved to the smallest label); ``abstained``: those
+    on which every source abstained (NaN scores: no winner, -1 in ``value``)."""
 
     mode: Mode
     value: np.ndarray | tuple[np.ndarray, ...] | None
@@ -103,6 +108,7 @@ class AggregateResult:
     tied: tuple[int, ...] = ()
     duplicates: int = 0
     late: int = 0
+    abstained: tuple[int, ...] = ()
 
 
 def _average_dtype(outputs) -> np.dtype:
@@ -116,13 +122,24 @@ def _average_dtype(outputs) -> np.dtype:
     return np.dtype(np.float64)
 
 
-def _votes(array: np.ndarray) -> np.ndarray:
-    """Class labels of one output: argmax over the last axis of floats, integers as they are."""
+def _votes(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class labels of one output, and where it abstains: argmax over the last axis of floats
+    (abstaining, True, on an element whose scores hold a NaN), integers as they are (they
+    never abstain: None)."""
     if np.issubdtype(array.dtype, np.floating):
         if array.ndim == 0:
             raise RemoteProtocolError("majority: a float output needs a class axis")
-        return np.argmax(array, axis=-1)
-    return array.astype(np.int64)
+        return np.argmax(array, axis=-1), np.isnan(array).any(axis=-1)
+    return array.astype(np.int64), None
+
+
+def _ballots(outputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """The outputs' labels stacked, ``(k, *S)``, and where each abstains (None: nowhere)."""
+    votes, masks = zip(*(_votes(a) for a in outputs), strict=True)
+    if all(m is None or not m.any() for m in masks):
+        return np.stack(votes), None
+    shape = votes[0].shape
+    return np.stack(votes), np.stack([np.zeros(shape, bool) if m is None else m for m in masks])
 
 
 def _check_labels(array: np.ndarray) -> None:
@@ -132,37 +149,57 @@ def _check_labels(array: np.ndarray) -> None:
         raise RemoteProtocolError(f"majority: label {int(array.max())} does not fit int64")
 
 
-def _tally(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per element: its ``k`` labels sorted, and how often each of them occurs in the element.
+def _tally(votes: np.ndarray, abstain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per element: its ``k`` labels sorted, and how often each of them occurs in the element
+    (0 for an abstention: ``abstain``, of the votes' shape, True where a voter abstains).
 
     Equal labels are neighbours once sorted, so each label's count is the length of its run:
     memory is linear in elements x k (comparing every pair of voters was elements x k x k).
+    Abstentions sort after the votes, in runs of their own.
     """
-    ranked = np.sort(votes.reshape(votes.shape[0], -1).T, axis=1)  # (elements, k)
+    flat = votes.reshape(votes.shape[0], -1).T  # (elements, k)
+    if abstain is None:
+        ranked, skipped = np.sort(flat, axis=1), None
+    else:
+        skips = abstain.reshape(flat.shape[::-1]).T
+        order = np.lexsort((flat, skips), axis=1)  # by abstention, then by label
+        ranked = np.take_along_axis(flat, order, axis=1)
+        skipped = np.take_along_axis(skips, order, axis=1)
     elements, k = ranked.shape
     starts = np.ones(ranked.shape, dtype=bool)
     starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    if skipped is not None:
+        starts[:, 1:] |= skipped[:, 1:] != skipped[:, :-1]
     runs = np.cumsum(starts, axis=1) - 1 + (np.arange(elements) * k)[:, None]  # run ids, global
-    return ranked, np.bincount(runs.ravel(), minlength=elements * k)[runs]
+    counts = np.bincount(runs.ravel(), minlength=elements * k)[runs]
+    if skipped is not None:
+        counts[skipped] = 0
+    return ranked, counts
 
 
-def majority_vote(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Element-wise vote over ``votes`` of shape ``(k, *S)`` (k voters, integer labels).
+def majority_vote(
+    votes: np.ndarray, abstain: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise vote over ``votes`` of shape ``(k, *S)`` (k voters, integer labels);
+    ``abstain`` (same shape, optional) is True where a voter casts no vote.
 
     Returns ``(winner, tied)`` of shape ``S``: the most frequent label (a tie goes to the
-    smallest label) and whether the element was tied.
+    smallest label; -1 where every voter abstained) and whether the element was tied.
     """
-    ranked, counts = _tally(votes)
+    ranked, counts = _tally(votes, abstain)
     best = counts.max(axis=1)
     winner = ranked[np.arange(len(ranked)), counts.argmax(axis=1)]  # first max: smallest label
     tied = (counts == best[:, None]).sum(axis=1) > best
+    if abstain is not None:
+        winner, tied = np.where(best > 0, winner, -1), tied & (best > 0)
     shape = votes.shape[1:]
     return winner.reshape(shape), tied.reshape(shape)
 
 
-def _lead(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per element (flat): the winner's count and the best count of any other label."""
-    ranked, counts = _tally(votes)
+def _lead(votes: np.ndarray, abstain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per element (flat): the winner's count and the best count of any other label
+    (abstentions count for none)."""
+    ranked, counts = _tally(votes, abstain)
     winner = ranked[np.arange(len(ranked)), counts.argmax(axis=1)]
     runner_up = np.where(ranked != winner[:, None], counts, 0).max(axis=1)
     return counts.max(axis=1), runner_up
@@ -226,8 +263,8 @@ class Aggregator:
             raise RemoteProtocolError(f"{mode}: output dtype {array.dtype} is not numeric")
         if mode == Mode.MAJORITY:
             _check_labels(array)
-            shape = _votes(array).shape
-            known = [_votes(a).shape for a in self._outputs.values()]
+            shape = _votes(array)[0].shape
+            known = [_votes(a)[0].shape for a in self._outputs.values()]
         else:
             shape, known = array.shape, [a.shape for a in self._outputs.values()]
         if mode != Mode.ALL and known and shape != known[0]:
@@ -270,7 +307,7 @@ class Aggregator:
         """No outstanding vote can change any element's winner (needs at least one vote)."""
         if not self._outputs:
             return False
-        best, runner_up = _lead(np.stack([_votes(a) for a in self._outputs.values()]))
+        best, runner_up = _lead(*_ballots(self._outputs.values()))
         return bool(np.all(best > runner_up + self._remaining()))
 
     def result(self) -> AggregateResult:
@@ -281,26 +318,28 @@ class Aggregator:
         failed = len(sources) < min(self.config.min_responses, self._quorum())
         if self._reason == "complete":
             failed = False
-        value, tied = (None, ()) if failed else self._value(sources)
+        value, tied, abstained = (None, (), ()) if failed else self._value(sources)
         return AggregateResult(
             self.config.mode, value, sources, self._reason != "complete" and not failed, failed,
-            self._reason, tied, self.duplicates, self.late,
+            self._reason, tied, self.duplicates, self.late, abstained,
         )  # fmt: skip
 
     def _value(self, sources: tuple[str, ...]):
         mode, outputs = self.config.mode, self._outputs
         if mode == Mode.FIRST:
-            return outputs[self._order[0]], ()
+            return outputs[self._order[0]], (), ()
         if mode == Mode.ALL:
-            return tuple(outputs[s] for s in sources), ()
+            return tuple(outputs[s] for s in sources), (), ()
         if mode == Mode.MAJORITY:
-            winner, tied = majority_vote(np.stack([_votes(outputs[s]) for s in sources]))
-            return winner, tuple(int(i) for i in np.flatnonzero(tied))
+            votes, abstain = _ballots(outputs[s] for s in sources)
+            winner, tied = majority_vote(votes, abstain)
+            none = () if abstain is None else np.flatnonzero(np.all(abstain, axis=0))
+            return winner, tuple(int(i) for i in np.flatnonzero(tied)), tuple(map(int, none))
         weights = np.array([self.config.weights.get(s, 1.0) for s in sources], np.float64)
         weights /= weights.max()  # in (0, 1]: huge weights cannot overflow the sums
         arrays = [outputs[s].astype(np.float64) for s in sources]
         value = _weighted_average(weights, arrays)
-        return value.astype(_average_dtype(outputs[s] for s in sources)), ()
+        return value.astype(_average_dtype(outputs[s] for s in sources)), (), ()
 
 
 #: The power of two that float64 outputs too large to be summed are scaled down by (exactly).
