@@ -20,7 +20,8 @@ route and status), ``_errors`` (turns every exception into the JSON error
 ``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
 never with its traceback) and ``_auth`` (``Authorization: Bearer <token>``, compared in constant
 time). A request aiohttp rejects before any middleware runs (one it cannot parse) gets the same
-JSON error, 400 ``bad_request``, from the connection itself (:class:`_JsonErrorConnection`).
+JSON error, 400 ``bad_request``, from the connection itself (:class:`_JsonErrorConnection`),
+and is counted under route ``unparsed``.
 Query parameters are read strictly (on every route but ``/metrics`` and ``/healthz``): an
 unknown, repeated or malformed one is a 400 ``bad_parameter`` naming it. Large bodies are
 parsed, and large results rendered, in a worker thread so the event loop keeps serving.
@@ -254,8 +255,9 @@ class CoordinatorApi:
         # client to read the answer before the close (closing on unread bytes resets the
         # connection), short enough not to hold a handler for a client that keeps sending
         runner = _ApiRunner(
-            self.app, access_log=None, handle_signals=False, logger=ClientErrorLog(log),
-            shutdown_timeout=_SHUTDOWN_GRACE_S, lingering_time=LINGER_S,
+            self.app, self._count_unparsed, access_log=None, handle_signals=False,
+            logger=ClientErrorLog(log), shutdown_timeout=_SHUTDOWN_GRACE_S,
+            lingering_time=LINGER_S,
         )  # fmt: skip
         await runner.setup()
         self._runner = runner
@@ -295,6 +297,11 @@ class CoordinatorApi:
         self._requests.labels(method, route, str(response.status)).inc()
         self._latency.labels(route).observe(clock() - started)
         return response
+
+    def _count_unparsed(self, method: str, status: int) -> None:
+        """Count a request the connection answered itself (one aiohttp could not parse)."""
+        method = method if method in _METHODS else "other"
+        self._requests.labels(method, "unparsed", str(status)).inc()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -570,6 +577,9 @@ class _JsonErrorConnection(web.RequestHandler):
             code, text = _HTTP_CODES.get(status, "bad_request"), _unparsed(exc, message)
         response = ApiError(status, code, text).response()
         response.force_close()
+        server = self._manager  # (None once the connection is lost)
+        if isinstance(server, _JsonErrorServer):
+            server.count_unparsed(request.method, status)
         return response
 
 
@@ -588,7 +598,11 @@ _QUOTED_BYTES = re.compile(r":\s*(?:b'|b\"|bytearray\()")
 
 
 class _JsonErrorServer(web.Server):
-    """aiohttp's server, making :class:`_JsonErrorConnection` connections."""
+    """aiohttp's server, making :class:`_JsonErrorConnection` connections; they report each
+    request they answer themselves to ``count_unparsed(method, status)`` (the API's counter,
+    set by :class:`_ApiRunner`)."""
+
+    count_unparsed: Callable[[str, int], None]
 
     def __call__(self) -> web.RequestHandler:
         connection = super().__call__()
@@ -597,11 +611,19 @@ class _JsonErrorServer(web.Server):
 
 
 class _ApiRunner(web.AppRunner):
-    """``web.AppRunner`` whose server is a :class:`_JsonErrorServer`."""
+    """``web.AppRunner`` whose server is a :class:`_JsonErrorServer` counting what its
+    connections answer themselves with ``count_unparsed``."""
+
+    def __init__(
+        self, app: web.Application, count_unparsed: Callable[[str, int], None], **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._count_unparsed = count_unparsed
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorServer  # (the application builds it: no other way in)
+        server.count_unparsed = self._count_unparsed
         return server
 
 

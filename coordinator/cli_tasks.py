@@ -28,7 +28,8 @@ area averaging, contrast-stretched to the 0..16 pixel counts of the digits data 
 Exit codes: 0 done (a waited task succeeded), 1 a waited task failed or was cancelled, 2 an
 error (bad argument or input file, coordinator unreachable or refusing; a coordinator lost
 during ``submit --wait`` too, in one line naming the accepted task), 3 ``--wait`` ran out of
-time while the task still runs.
+time while the task still runs, 130 interrupted (Ctrl-C; during ``submit --wait``, after one
+line on stderr naming the accepted task).
 """
 
 from __future__ import annotations
@@ -630,7 +631,8 @@ def _stage_with_model_object(path: Path, index: int, stage: dict[str, Any]) -> d
 def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str, Any]:
     """The task once it ended or ``--wait-timeout`` passed. A coordinator lost meanwhile (it
     stopped, or the network failed) is an ApiError naming the task, which it keeps: the one
-    line says how to look at it later."""
+    line says how to look at it later. Ctrl-C (KeyboardInterrupt, exit 130) says so too, on
+    stderr, before it goes on."""
     deadline = time.monotonic() + args.wait_timeout
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     task_id = answer["task_id"]
@@ -646,6 +648,13 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
             f" coordinator keeps the task (see `meshinfer-coord status {task_id}`)"
         )
         raise ApiError(None, exc.code, message) from None
+    except KeyboardInterrupt:
+        print(
+            f"meshinfer-coord: interrupted: task {task_id} was accepted and the coordinator"
+            f" keeps running it; follow it with `meshinfer-coord status {task_id}`",
+            file=sys.stderr,
+        )
+        raise
 
 
 def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: TextIO) -> None:
