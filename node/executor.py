@@ -33,9 +33,11 @@ table gave up: dial failed, message too large), the item is handed back (``TaskF
 timeout; one its coordinator cancelled meanwhile is answered ``CANCELLED`` instead. A session
 with the peer lost while another stays open (the peer dialled again after roaming) sends the
 peer's items again over the open one instead (unless that one is being cut for a revoked
-certificate: then they are handed back). An answer from a peer with a session
-under a revoked certificate (being cut) is not relayed, as it may come from the revoked
-certificate's holder: the item is handed back. Items a node passed here are cancelled when it
+certificate: then they are handed back). What a peer sends over a session under a revoked
+certificate (being cut) never reaches the executor (the peer table drops it:
+``PeerStats.from_revoked``), so an answer that does is relayed: it came over a good session (a
+re-enrolled peer's new certificate), while the cut hands back what went over the revoked one.
+Items a node passed here are cancelled when it
 dies or leaves (it handed them back: their answer would go nowhere useful; answered
 ``PEER_LOST`` if its session stays open, as it may be alive after all), or when its last good
 session is cut for a revoked certificate (not answered: nothing goes to the holder), unless a
@@ -141,7 +143,6 @@ class ExecutorStats:
     cancels_refused: int = 0  # TaskCancel for an item here from a peer that may not: ignored
     reassigns_refused: int = 0  # TaskAssign for an item held here, from a peer that may not
     dropped: int = 0  # items a node passed here, cancelled: it died, left or was revoked
-    answers_refused: int = 0  # answers from a peer whose certificate is revoked: not relayed
 
 
 #: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
@@ -402,10 +403,6 @@ class TaskExecutor:
         offload = self._offloaded.get(msg.item_id)
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
-        if self._revoked_sender(peer):  # maybe from the revoked certificate's holder
-            self.stats.answers_refused += 1
-            self._hand_back(msg.item_id, f"offloaded to {peer}, whose certificate is revoked")
-            return
         cancelled = msg.item_id in self._offload_cancels
         item = self._time_left(offload[1])  # (before it is settled: that forgets its expiry)
         coordinator, _, _ = self._settle_offload(msg.item_id)
@@ -430,9 +427,8 @@ class TaskExecutor:
         offload = self._offloaded.get(msg.item_id)
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
             return
-        if not self._revoked_sender(peer):
-            coordinator, attempt = self._reply.get(msg.item_id, (offload[0], msg.attempt))
-            self.mesh.peers.send(coordinator, replace(msg, attempt=attempt))
+        coordinator, attempt = self._reply.get(msg.item_id, (offload[0], msg.attempt))
+        self.mesh.peers.send(coordinator, replace(msg, attempt=attempt))
 
     # --- running ---------------------------------------------------------------------------
 
@@ -685,15 +681,6 @@ class TaskExecutor:
             self._dropped[item_id] = why if tell else None
             self.stats.dropped += 1
             task.cancel()
-
-    def _revoked_sender(self, peer: str) -> bool:
-        """Whether a session with ``peer`` is under a certificate the revocation list in force
-        revokes (it is being cut): a message from ``peer`` may have come over that one, from
-        the revoked certificate's holder (a handler cannot tell which session carried it)."""
-        revocations = self.mesh.peers.admission.revocations
-        if not revocations.entries:
-            return False
-        return any(revocations.is_revoked(s.peer) for s in self.mesh.peers.open_sessions(peer))
 
     def _hand_back_from(self, target: str, why: str) -> None:
         """Items offloaded to ``target`` will not come back: the coordinator re-runs them."""

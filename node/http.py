@@ -196,15 +196,6 @@ def node_families(d: NodeDaemon) -> list[MetricFamily]:
         )
         out.append(
             family(
-                "meshinfer_offload_answers_refused_total",
-                "counter",
-                "Answers to items this node passed on, from a peer whose certificate is revoked:"
-                " not relayed (the item is handed back).",
-                [({}, st.answers_refused)],
-            )
-        )
-        out.append(
-            family(
                 "meshinfer_items_running",
                 "gauge",
                 "Work items running.",

@@ -10,8 +10,10 @@ Lifecycle (explicit and idempotent, STYLE.md 8)::
               -> sessions closed
 
 Discovery events (mDNS, static seeds) teach the peer table where a node listens and its static
-key, then ask membership to push-pull with it (a join). Membership teaches the peer table the
-addresses of every member it hears of, so nodes found only through gossip are dialled too.
+key (the peer table holds one address per node: of an advert's addresses, the first on a network
+one of this host's interfaces is on, else the first: :func:`preferred_address`), then ask
+membership to push-pull with it (a join). Membership teaches the peer table the addresses of
+every member it hears of, so nodes found only through gossip are dialled too.
 Applications add handlers for their own message types on :attr:`MeshNode.peers`.
 """
 
@@ -97,6 +99,48 @@ def outbound_address() -> str:
     return "127.0.0.1"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def local_networks() -> tuple[Network, ...]:
+    """The networks this host's interfaces that are up are on (loopback's included), from
+    their addresses and netmasks. A quick syscall (getifaddrs), not a network look-up."""
+    up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
+    networks: list[Network] = []
+    for name, addresses in psutil.net_if_addrs().items():
+        for address in addresses:
+            if name in up and address.family in (socket.AF_INET, socket.AF_INET6):
+                network = _network(address.address, address.netmask)
+                if network is not None:
+                    networks.append(network)
+    return tuple(networks)
+
+
+def _network(host: str, netmask: str | None) -> Network | None:
+    """The network of an interface address (``%scope`` dropped), or None if it has no usable
+    netmask."""
+    try:
+        bits = bin(int(ipaddress.ip_address(netmask or ""))).count("1")
+        return ipaddress.ip_interface(f"{host.split('%')[0]}/{bits}").network
+    except ValueError:
+        return None
+
+
+def preferred_address(addresses: Sequence[Address], networks: Sequence[Network]) -> Address:
+    """Which of a peer's advertised ``addresses`` (non-empty, in its order) to dial: the first
+    on one of ``networks`` (this host's: :func:`local_networks`), as a vehicle advertising a
+    V2I address and a V2V one is reached over the network both share; else the first (a host
+    name, or a peer behind a router)."""
+    for address in addresses:
+        try:
+            host = ipaddress.ip_address(address.host.split("%")[0])
+        except ValueError:
+            continue  # a host name: no network to compare
+        if any(host in network for network in networks):
+            return address
+    return addresses[0]
+
+
 class MeshNode:
     """A node's place in the mesh. Run on one event loop; see the module docstring."""
 
@@ -109,9 +153,11 @@ class MeshNode:
         transport: Transport | None = None,
         rng: random.Random | None = None,
         outbound: Callable[[], str] = outbound_address,
+        networks: Callable[[], Sequence[Network]] = local_networks,
     ) -> None:
         self.identity = identity
         self._find_outbound = outbound  # (called in a worker thread)
+        self._local_networks = networks  # (called on the loop, for a peer with two addresses)
         self.options = options or MeshNodeOptions()
         self.admission = Admission(identity, revocations)
         self.transport = transport or TcpTransport(self.options.link)
@@ -262,6 +308,8 @@ class MeshNode:
         addresses = advert.dial_addresses()
         if not addresses:
             return
+        if len(addresses) > 1:
+            addresses = (preferred_address(addresses, self._local_networks()),)
         self.peers.learn(advert.node_id, addresses[0], advert.static_key)
         member = self.membership.core.member(advert.node_id)
         if member is None or not member.is_live:
