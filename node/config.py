@@ -20,8 +20,8 @@ from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
-from meshinfer.proto.membership_config import MembershipConfig
-from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB, MAX_RECORDS
+from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
+from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
@@ -31,8 +31,6 @@ MAX_MESSAGE_MIB = 1 << 16
 """The largest ``[session] max_message_mib``: each handshake's Hello carries the size in bytes
 as an unsigned 64-bit integer, which from 2**44 MiB on no Hello can hold."""
 
-#: The largest ``[membership] max_members`` (a whole table must fit in one decodable packet).
-MAX_MEMBERS = MAX_RECORDS // 2
 _MEMBERSHIP = MembershipConfig()  # the keys' defaults: every preset keeps them
 
 _SEED_FLEET = "fleet"

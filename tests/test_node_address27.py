@@ -73,6 +73,7 @@ async def test_a_node_with_an_advertised_host_keeps_it():
         outbound=outbound,
     )
     async with node:
-        await asyncio.sleep(0.1)  # ten check intervals: a watch would have looked by now
+        watches = [t for t in asyncio.all_tasks() if "_watch_outbound" in repr(t.get_coro())]
+        assert watches == []  # nothing will look up its address again
         assert looked == []
         assert node.membership.state.host == "127.0.0.1"

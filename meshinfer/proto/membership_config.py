@@ -28,6 +28,9 @@ from dataclasses import dataclass, fields
 from meshinfer.errors import ConfigError
 from meshinfer.proto.membership_wire import MAX_RECORDS
 
+#: The largest ``max_members``: a whole table must fit in one decodable packet.
+MAX_MEMBERS = MAX_RECORDS // 2
+
 #: Below this many nodes push-pull runs at the configured interval; above it the interval grows
 #: with log2(n / threshold) so the anti-entropy traffic per node stays bounded.
 PUSH_PULL_SCALE_THRESHOLD = 32
@@ -118,8 +121,8 @@ class MembershipConfig:
             raise ConfigError("membership.dead_node_reclaim_time < gossip_to_the_dead_time")
         if self.packet_budget < 256:
             raise ConfigError("membership.packet_budget must be at least 256 bytes")
-        if not 2 <= self.max_members <= MAX_RECORDS // 2:
-            raise ConfigError(f"membership.max_members must be in 2..{MAX_RECORDS // 2}")
+        if not 2 <= self.max_members <= MAX_MEMBERS:
+            raise ConfigError(f"membership.max_members must be in 2..{MAX_MEMBERS}")
 
     # --- presets --------------------------------------------------------------------------
 

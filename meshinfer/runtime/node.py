@@ -25,9 +25,10 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import nacl.utils
 import psutil
@@ -90,13 +91,19 @@ def outbound_address() -> str:
         host = probe.getsockname()[0]
         if not ipaddress.ip_address(host).is_loopback and host != "0.0.0.0":
             return host
+    for address in _up_addresses((socket.AF_INET,)):
+        if not ipaddress.ip_address(address.address).is_loopback:
+            return address.address
+    return "127.0.0.1"
+
+
+def _up_addresses(families: tuple[int, ...]) -> Iterator[Any]:
+    """The addresses (psutil's ``snicaddr``) of ``families`` on this host's interfaces that
+    are up."""
     up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
     for name, addresses in psutil.net_if_addrs().items():
-        for address in addresses:
-            if name in up and address.family == socket.AF_INET:
-                if not ipaddress.ip_address(address.address).is_loopback:
-                    return address.address
-    return "127.0.0.1"
+        if name in up:
+            yield from (a for a in addresses if a.family in families)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,15 +112,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 def local_networks() -> tuple[Network, ...]:
     """The networks this host's interfaces that are up are on (loopback's included), from
     their addresses and netmasks. A quick syscall (getifaddrs), not a network look-up."""
-    up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
-    networks: list[Network] = []
-    for name, addresses in psutil.net_if_addrs().items():
-        for address in addresses:
-            if name in up and address.family in (socket.AF_INET, socket.AF_INET6):
-                network = _network(address.address, address.netmask)
-                if network is not None:
-                    networks.append(network)
-    return tuple(networks)
+    found = (_network(a.address, a.netmask) for a in _up_addresses(_IP_FAMILIES))
+    return tuple(network for network in found if network is not None)
+
+
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def _network(host: str, netmask: str | None) -> Network | None:
