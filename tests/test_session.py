@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 import pytest
 
@@ -329,6 +330,37 @@ async def test_ping_measures_round_trip(transport_and_addr):
         rtt = await client.ping()
         assert 0 < rtt < 5
         await client.aclose()
+
+
+async def test_a_ping_whose_write_fails_leaves_no_unretrieved_future(transport_and_addr):
+    """The failed write ends the session, which fails the ping's waiter with why; ping()
+    raises the write's own error, and the waiter's error is retrieved: nothing is logged as
+    "Future exception was never retrieved" once it is collected (seen in a chaos run's
+    coordinator log)."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    reported = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        async with Pair(*transport_and_addr, fleet) as pair:
+            client = await pair.dial()
+            await pair.accepted.get()
+
+            async def lost(data: bytes) -> None:
+                raise StreamClosed("connection lost")
+
+            client.stream.write = lost
+            failed = None
+            try:
+                await client.ping()
+            except StreamClosed as exc:  # the traceback (which holds the waiter) goes with it
+                failed = str(exc)
+            assert failed == "connection lost" and not client.is_open
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert [c.get("message") for c in reported] == []
 
 
 async def test_keepalive_holds_an_idle_session_open(transport_and_addr):

@@ -343,6 +343,10 @@ class Session:
                 return await fut - started
         finally:
             self._pings.pop(nonce, None)
+            if fut.done() and not fut.cancelled():
+                # a failed write ends the session, which fails the waiter before the write's
+                # own error is raised here: the waiter's copy is retrieved, not reported
+                fut.exception()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
