@@ -1,33 +1,17 @@
 """Session 27 fixes (b): the executor relays what a re-enrolled helper answers over its good
-session while an old session of it, under a revoked certificate, is still being cut; a node
-hands the peer table the address of a discovered peer it can reach.
+session while an old session of it, under a revoked certificate, is still being cut. (Which of
+a discovered peer's addresses is dialled is tested in tests/test_discovery_fixes28.py.)
 
 Real peer tables and Noise sessions over the in-memory transport (the
-:class:`~tests.test_executor_sharing.Net` of the work-sharing tests), real TCP on loopback."""
+:class:`~tests.test_executor_sharing.Net` of the work-sharing tests)."""
 
 from __future__ import annotations
 
 import time
-from ipaddress import ip_address, ip_network
 
-import pytest
-
-from meshinfer import PROTOCOL_VERSION
-from meshinfer.discovery.base import DiscoveryEvent, PeerAdvert
 from meshinfer.inference.synthetic import sample_inputs
-from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.messages import AppData
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskResult, Tensor
-from meshinfer.runtime.node import (
-    MeshNode,
-    MeshNodeOptions,
-    _network,
-    local_networks,
-    preferred_address,
-)
-from meshinfer.testing.fleet import make_fleet
-from meshinfer.transport.base import Address
-from tests.helpers import until
 from tests.test_executor_sharing import MODEL, Endpoint, Net, soon
 
 # --- an answer over a re-enrolled helper's good session -----------------------------------------
@@ -82,67 +66,3 @@ def _old_serial(net: Net, node: str) -> int:
     current = net.fleet.identities[node].certificate.serial
     (serial,) = {s.peer.serial for s in net.w.open_sessions(node)} - {current}
     return serial
-
-
-# --- which of a discovered peer's addresses the peer table dials ---------------------------------
-
-V2I, V2V = ip_network("10.20.0.0/16"), ip_network("192.168.49.0/24")
-
-
-def addresses(*hosts: str) -> tuple[Address, ...]:
-    return tuple(Address(host, 7000) for host in hosts)
-
-
-@pytest.mark.parametrize(
-    ("hosts", "networks", "dialled"),
-    [
-        (("10.99.1.5", "192.168.49.7"), (V2V,), "192.168.49.7"),  # V2I first: not from here
-        (("10.20.1.5", "192.168.49.7"), (V2I, V2V), "10.20.1.5"),  # both shared: its order
-        (("10.99.1.5", "172.16.0.9"), (V2I, V2V), "10.99.1.5"),  # none shared: the first
-        (("car-7.local", "192.168.49.7"), (V2V,), "192.168.49.7"),  # a name: no network
-        (("192.168.49.7", "fe80::7%wlan1"), (ip_network("fe80::/64"),), "fe80::7%wlan1"),
-        (("::ffff:c0a8:3107", "192.168.49.7"), (V2V,), "192.168.49.7"),  # v6 not in a v4 net
-    ],
-)
-def test_a_peer_is_dialled_at_its_first_address_on_a_network_this_host_shares(
-    hosts, networks, dialled
-):
-    assert preferred_address(addresses(*hosts), networks).host == dialled
-
-
-def test_this_hosts_networks_include_loopback_and_skip_a_missing_netmask():
-    assert ip_network("127.0.0.0/8") in local_networks()
-    assert _network("fe80::1%eth0", "ffff:ffff:ffff:ffff::") == ip_network("fe80::/64")
-    assert _network("10.20.3.4", "255.255.0.0") == V2I
-    assert _network("10.20.3.4", None) is None
-
-
-def unreachable_host() -> str:
-    """A documentation address (RFC 5737) on no network of this host (some test hosts have
-    one of them on an interface)."""
-    here = local_networks()
-    hosts = ("198.51.100.7", "203.0.113.7", "192.0.2.7")
-    return next(h for h in hosts if not any(ip_address(h) in n for n in here))
-
-
-async def test_a_peer_advertising_an_address_not_reachable_from_here_is_dialled_at_another():
-    """a advertises (over mDNS, as b sees it) an address on no network of b's host first, then
-    loopback, which b shares: b's peer table dials loopback, and b joins a."""
-    fleet = make_fleet(None, ("a", "b"))
-    opts = MeshNodeOptions(membership=MembershipConfig.test(), mdns=None)
-    a = MeshNode(fleet.identities["a"], fleet.revocations, opts)
-    b = MeshNode(fleet.identities["b"], fleet.revocations, opts)
-    try:
-        await a.start()
-        await b.start()
-        assert a.address is not None
-        advert = PeerAdvert(
-            "a", fleet.identities["a"].trust.fleet_id, a.identity.static_public, ("vehicle",),
-            PROTOCOL_VERSION, (unreachable_host(), "127.0.0.1"), a.address.port,
-        )  # fmt: skip
-        b._on_discovered(DiscoveryEvent("found", advert, at=0.0, source="mdns"))
-        assert b.peers.addresses["a"].address == Address("127.0.0.1", a.address.port)
-        await until(lambda: b.live_members() == ["a"] and a.live_members() == ["b"])
-    finally:
-        await b.aclose()
-        await a.aclose()

@@ -35,7 +35,10 @@ sockets follow (``async_update_interfaces``), and an advert whose addresses came
 interfaces is re-announced, after goodbyes for the addresses gone (zeroconf's browser re-reads a
 service when a record arrives, never when one expires, so a peer would keep listing the old one).
 A peer's loopback addresses are kept only while it may be on this host
-(:func:`drop_foreign_loopback`).
+(:func:`drop_foreign_loopback`), and its addresses are reported with those on a network this host
+shares first (:func:`nearest_first`, on the networks that same look read off the loop): its
+consumers dial the first. An interface named in ``MdnsConfig.interfaces`` that is not there at
+start (a V2I link not up yet) gets a warning, and zeroconf binds to it when a look finds it.
 
 Loopback: ``MdnsConfig.loopback()`` binds zeroconf to 127.0.0.1 only. Multicast between several
 zeroconf instances (in one process or several) works on Linux even when ``lo`` lacks the
@@ -58,21 +61,12 @@ from typing import Any, Literal
 import ifaddr
 from zeroconf import (
     BadTypeInNameException,
-    DNSAddress,
     DNSOutgoing,
     InterfaceChoice,
     IPVersion,
     ServiceStateChange,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
-from zeroconf.const import (
-    _CLASS_IN,
-    _CLASS_UNIQUE,
-    _FLAGS_AA,
-    _FLAGS_QR_RESPONSE,
-    _TYPE_A,
-    _TYPE_AAAA,
-)
 
 from meshinfer.discovery.base import (
     MAX_ADDRESSES,
@@ -93,6 +87,9 @@ _HEX_KEY_RE = re.compile(r"[0-9a-f]{64}")
 _DECIMAL_RE = re.compile(r"[0-9]{1,6}")
 _LABEL_UNSAFE_RE = re.compile(r"[^A-Za-z0-9-]+")
 _IP_VERSIONS = {"v4": IPVersion.V4Only, "v6": IPVersion.V6Only, "both": IPVersion.All}
+_IFNAME_RE = re.compile(r"[^\s/]{1,15}")  # Linux: IFNAMSIZ 16 with the NUL; no '/' or spaces
+_RESPONSE_FLAGS = 0x8400  # DNS header QR (a response) | AA (authoritative): RFC 6762 section 18
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 # --- TXT records -------------------------------------------------------------------------------
@@ -239,14 +236,20 @@ def _txt_link(items: Mapping[str, bytes | None]) -> LinkKind | None:
 
 
 def advert_from_service(
-    name: str, info: AsyncServiceInfo, local_addresses: Collection[str] | None = None
+    name: str,
+    info: AsyncServiceInfo,
+    local_addresses: Collection[str] | None = None,
+    *,
+    local_networks: Sequence[Network] = (),
 ) -> PeerAdvert:
     """Parse a resolved service into a PeerAdvert; its label must derive from its TXT ids.
 
     Addresses no peer can be reached at (unspecified, multicast, broadcast, IPv6 link-local
     without a scope) are dropped, and so are loopback addresses of a peer on another host, if
     ``local_addresses`` (this host's addresses) are given (see :func:`drop_foreign_loopback`);
-    a service left with none is malformed.
+    a service left with none is malformed. The rest are ordered by :func:`nearest_first` on
+    ``local_networks`` (this host's networks: :func:`host_networks`), so the first is the one
+    to dial.
     """
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):
@@ -257,6 +260,7 @@ def advert_from_service(
         addresses = drop_foreign_loopback(addresses, local_addresses)
     if not addresses:
         raise MalformedAdvert(f"service {name!r} has no unicast address")
+    addresses = nearest_first(addresses, local_networks)
     advert = advert_from_txt(text, addresses=addresses, port=info.port)
     if name[: -len(suffix)].lower() != instance_label(advert.node_id, advert.fleet_id).lower():
         raise MalformedAdvert(f"service name {name!r} does not derive from fleet and node id")
@@ -281,6 +285,22 @@ def drop_foreign_loopback(addresses: Sequence[str], local: Collection[str]) -> l
     return [a for a, lb in zip(addresses, loopback, strict=True) if not (foreign and lb)]
 
 
+def nearest_first(addresses: Sequence[str], networks: Sequence[Network]) -> tuple[str, ...]:
+    """A peer's ``addresses`` (in its order) with those on one of ``networks`` (this host's)
+    first, each group kept in the peer's order: a vehicle advertising a V2I address and a V2V
+    one is dialled over the network both share. A peer on none of them (behind a router) keeps
+    its order. Host names and IPv4-mapped IPv6 addresses are on no network here."""
+
+    def elsewhere(host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return True
+        return not any(ip in network for network in networks)
+
+    return tuple(sorted(addresses, key=elsewhere))  # stable: each group keeps its order
+
+
 def _bare_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address of an IP literal without its ``%scope``, IPv4-mapped IPv6 as IPv4."""
     ip = ipaddress.ip_address(host.split("%", 1)[0])
@@ -298,7 +318,9 @@ class MdnsConfig:
 
     * ``interfaces``: ``"all"`` (or ``("all",)``: every interface), or a tuple of interface
       names (``"eth0"``) and/or IP addresses to bind to; names map to their addresses of
-      ``ip_version``.
+      ``ip_version``. A name not there at start is bound to when it comes up (a warning
+      at start; ``address_check_interval`` says how soon); one that cannot be an interface
+      name is a ConfigError at start.
     * ``ip_version``: ``"v4"``, ``"v6"`` or ``"both"``.
     * ``fast_register``: skip conflict probing (``cooperating_responders``); safe because
       instance labels derive from fleet and node ids. ``False`` is zeroconf's default (~1.2 s).
@@ -339,6 +361,8 @@ class MdnsConfig:
             raise ConfigError(f"mdns.ip_version: {self.ip_version!r} is not v4, v6 or both")
         if not self.interfaces or (isinstance(self.interfaces, str) and self.interfaces != "all"):
             raise ConfigError("mdns.interfaces: 'all' or a non-empty list of names/addresses")
+        if self.interfaces != "all" and not all(isinstance(e, str) and e for e in self.interfaces):
+            raise ConfigError("mdns.interfaces: each entry is an interface name or IP address")
         if not self.reannounce_interval >= 0:
             raise ConfigError("mdns.reannounce_interval: must be >= 0 seconds")
         if not self.resolve_timeout > 0:
@@ -401,6 +425,36 @@ def _entry_ips(
     if not strict:
         return []
     raise ConfigError(f"mdns.interfaces: no interface or address named {entry!r}")
+
+
+def missing_interfaces(config: MdnsConfig, adapters: Sequence[ifaddr.Adapter]) -> list[str]:
+    """The interface names of ``config.interfaces`` that ``adapters`` lack (not up yet: a V2I
+    link comes up later, and the address watch binds to it then). Raises ConfigError for an
+    entry that is neither an IP address, nor a present interface, nor a well-formed interface
+    name (1-15 characters, no '/' or white space, not '.' or '..'): a typo, not a late link."""
+    if config.interfaces == "all":
+        return []
+    present = {name for a in adapters for name in (a.name, a.nice_name)}
+    missing = [e for e in config.interfaces if not _is_ip(e) and e not in present]
+    for entry in missing:
+        if not _IFNAME_RE.fullmatch(entry) or entry in (".", ".."):
+            raise ConfigError(
+                f"mdns.interfaces: {entry!r} is neither an IP address nor an interface name "
+                "(1-15 characters, no '/' or spaces)"
+            )
+    return missing
+
+
+def host_networks(adapters: Sequence[ifaddr.Adapter]) -> tuple[Network, ...]:
+    """The networks the host's interface addresses are on (loopback's included), from each
+    address and its prefix length: what "a network this host shares" means to
+    :func:`nearest_first`."""
+    networks: dict[Network, None] = {}
+    for ip in (ip for a in adapters for ip in a.ips):
+        with contextlib.suppress(ValueError):  # a prefix the platform did not report
+            host = _ifaddr_ip(ip.ip).split("%", 1)[0]
+            networks[ipaddress.ip_interface(f"{host}/{ip.network_prefix}").network] = None
+    return tuple(networks)
 
 
 def host_addresses(adapters: Sequence[ifaddr.Adapter]) -> frozenset[str]:
@@ -496,6 +550,7 @@ class MdnsDiscovery(SourceBase):
         self._adapters = adapters
         self._follow_interfaces = not advert.addresses  # our addresses come from the interfaces
         self._local_addresses: frozenset[str] = frozenset()  # this host's, for peers' loopback
+        self._local_networks: tuple[Network, ...] = ()  # this host's, to order peers' addresses
         self._address_watch: asyncio.Task[None] | None = None
 
     @property
@@ -505,12 +560,18 @@ class MdnsDiscovery(SourceBase):
 
     async def _start(self) -> None:
         adapters = self._adapters()
-        self._local_addresses = host_addresses(adapters)
+        self._read_host(adapters)
+        missing = missing_interfaces(self.config, adapters)  # ConfigError: not a name
+        if missing:
+            log.warning(
+                "mdns: no interface %s yet; discovery starts on it when it comes up",
+                ", ".join(missing),
+            )
         if self._follow_interfaces:
-            addresses = advertised_addresses(self.config, adapters)
+            addresses = advertised_addresses(self.config, adapters, strict=False)
             self.advert = replace(self.advert, addresses=addresses)
         self._zc = AsyncZeroconf(
-            interfaces=resolve_interfaces(self.config, adapters),
+            interfaces=resolve_interfaces(self.config, adapters, strict=False),
             ip_version=_IP_VERSIONS[self.config.ip_version],
         )
         zc = self._zc.zeroconf
@@ -571,7 +632,7 @@ class MdnsDiscovery(SourceBase):
         Our records are updated first, so that zeroconf's re-announcement on the sockets it
         opens carries the new addresses."""
         assert self._zc is not None
-        self._local_addresses = host_addresses(adapters)
+        self._read_host(adapters)
         if self._follow_interfaces:
             addresses = advertised_addresses(self.config, adapters, strict=False)
             if addresses and addresses != self.advert.addresses:
@@ -586,19 +647,26 @@ class MdnsDiscovery(SourceBase):
         else:
             log.warning("mdns: no address left on %s; keeping the sockets", self.config.interfaces)
 
+    def _read_host(self, adapters: Sequence[ifaddr.Adapter]) -> None:
+        """Take this host's addresses and networks (for peers' adverts) from ``adapters``."""
+        self._local_addresses = host_addresses(adapters)
+        self._local_networks = host_networks(adapters)
+
     def _send_address_goodbyes(self, gone: set[str]) -> None:
         """Multicast TTL 0 for our address records of ``gone``: peers drop them from their cache
         at once. zeroconf's update does not: a cache-flush leaves a record younger than 1 s,
         and a peer re-reads our service only when a record arrives, not when one expires."""
         assert self._zc is not None and self._info is not None
-        out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
-        for host in sorted(gone):
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-            kind = _TYPE_A if ip.version == 4 else _TYPE_AAAA
-            record = DNSAddress(self._info.server, kind, _CLASS_IN | _CLASS_UNIQUE, 0, ip.packed)
+        if not gone:
+            return
+        hosts = [host.split("%", 1)[0] for host in sorted(gone)]
+        old = AsyncServiceInfo(
+            SERVICE_TYPE, self.service_name, server=self._info.server, parsed_addresses=hosts
+        )
+        out = DNSOutgoing(_RESPONSE_FLAGS)
+        for record in old.dns_addresses(override_ttl=0):
             out.add_answer_at_time(record, 0)
-        if gone:
-            self._zc.zeroconf.async_send(out)
+        self._zc.zeroconf.async_send(out)
 
     async def _own_broadcast(self, broadcast: Awaitable[Any], step: str) -> None:
         """Keep zeroconf's announcement task, to cancel on close. If ``aclose`` ran while
@@ -607,7 +675,7 @@ class MdnsDiscovery(SourceBase):
         if self._closed:
             await _cancel_all([future])
             raise LocalProtocolError(f"mdns: aclose() was called while {step}() ran")
-        self._broadcasts = [*(f for f in self._broadcasts if not f.done()), future]
+        self._broadcasts = [*_unfinished(self._broadcasts), future]
         self._last_announce = self._now()
 
     def _service_info(self) -> AsyncServiceInfo:
@@ -684,7 +752,9 @@ class MdnsDiscovery(SourceBase):
 
     def _accept(self, name: str, info: AsyncServiceInfo) -> None:
         try:
-            advert = advert_from_service(name, info, self._local_addresses)
+            advert = advert_from_service(
+                name, info, self._local_addresses, local_networks=self._local_networks
+            )
         except MalformedAdvert as exc:
             # Ignored, not taken as a goodbye: any host can publish a broken TXT record under
             # a peer's name. The peer stays found until its own goodbye or its records expire.
@@ -729,8 +799,10 @@ class MdnsDiscovery(SourceBase):
             await _logged("close zeroconf", self._zc.async_close())
 
 
-def _address_snapshot(adapters: Sequence[ifaddr.Adapter]) -> frozenset[tuple[str, str]]:
-    return frozenset((a.name, str(_ifaddr_ip(ip.ip))) for a in adapters for ip in a.ips)
+def _address_snapshot(adapters: Sequence[ifaddr.Adapter]) -> frozenset[tuple[str, str, int]]:
+    return frozenset(
+        (a.name, str(_ifaddr_ip(ip.ip)), ip.network_prefix) for a in adapters for ip in a.ips
+    )
 
 
 def _log_watch_failure(task: asyncio.Task[None]) -> None:
@@ -739,10 +811,19 @@ def _log_watch_failure(task: asyncio.Task[None]) -> None:
 
 
 async def _cancel_all(futures: Sequence[asyncio.Future[Any]]) -> None:
-    pending = [f for f in futures if not f.done()]
-    for future in pending:
+    """Cancel ``futures`` and wait for them; a finished one's error is retrieved (never
+    reported by asyncio as unretrieved) and dropped: shutdown goes on."""
+    for future in futures:
         future.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*futures, return_exceptions=True)
+
+
+def _unfinished(futures: Sequence[asyncio.Future[Any]]) -> list[asyncio.Future[Any]]:
+    """The futures still running; a finished one's error is retrieved and logged here."""
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            log.warning("mdns: an announcement failed: %s", future.exception())
+    return [f for f in futures if not f.done()]
 
 
 async def _logged(step: str, awaitable: Any) -> None:

@@ -10,8 +10,8 @@ Lifecycle (explicit and idempotent, STYLE.md 8)::
               -> sessions closed
 
 Discovery events (mDNS, static seeds) teach the peer table where a node listens and its static
-key (the peer table holds one address per node: of an advert's addresses, the first on a network
-one of this host's interfaces is on, else the first: :func:`preferred_address`), then ask
+key (the peer table holds one address per node: an advert's first; the mDNS source lists first
+those on a network this host shares, :func:`~meshinfer.discovery.mdns.nearest_first`), then ask
 membership to push-pull with it (a join). Membership teaches the peer table the addresses of
 every member it hears of, so nodes found only through gossip are dialled too.
 Applications add handlers for their own message types on :attr:`MeshNode.peers`.
@@ -106,44 +106,6 @@ def _up_addresses(families: tuple[int, ...]) -> Iterator[Any]:
             yield from (a for a in addresses if a.family in families)
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def local_networks() -> tuple[Network, ...]:
-    """The networks this host's interfaces that are up are on (loopback's included), from
-    their addresses and netmasks. A quick syscall (getifaddrs), not a network look-up."""
-    found = (_network(a.address, a.netmask) for a in _up_addresses(_IP_FAMILIES))
-    return tuple(network for network in found if network is not None)
-
-
-_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-
-
-def _network(host: str, netmask: str | None) -> Network | None:
-    """The network of an interface address (``%scope`` dropped), or None if it has no usable
-    netmask."""
-    try:
-        bits = bin(int(ipaddress.ip_address(netmask or ""))).count("1")
-        return ipaddress.ip_interface(f"{host.split('%')[0]}/{bits}").network
-    except ValueError:
-        return None
-
-
-def preferred_address(addresses: Sequence[Address], networks: Sequence[Network]) -> Address:
-    """Which of a peer's advertised ``addresses`` (non-empty, in its order) to dial: the first
-    on one of ``networks`` (this host's: :func:`local_networks`), as a vehicle advertising a
-    V2I address and a V2V one is reached over the network both share; else the first (a host
-    name, or a peer behind a router)."""
-    for address in addresses:
-        try:
-            host = ipaddress.ip_address(address.host.split("%")[0])
-        except ValueError:
-            continue  # a host name: no network to compare
-        if any(host in network for network in networks):
-            return address
-    return addresses[0]
-
-
 class MeshNode:
     """A node's place in the mesh. Run on one event loop; see the module docstring."""
 
@@ -156,11 +118,9 @@ class MeshNode:
         transport: Transport | None = None,
         rng: random.Random | None = None,
         outbound: Callable[[], str] = outbound_address,
-        networks: Callable[[], Sequence[Network]] = local_networks,
     ) -> None:
         self.identity = identity
         self._find_outbound = outbound  # (called in a worker thread)
-        self._local_networks = networks  # (called on the loop, for a peer with two addresses)
         self.options = options or MeshNodeOptions()
         self.admission = Admission(identity, revocations)
         self.transport = transport or TcpTransport(self.options.link)
@@ -237,6 +197,7 @@ class MeshNode:
         interval = self.options.address_check_interval
         if self._outbound is not None and interval is not None:
             self._outbound_watch = asyncio.create_task(self._watch_outbound(interval))
+            self._outbound_watch.add_done_callback(self._outbound_watch_ended)
         self.ready.set()
         log.info("node %s listening on %s", self.node_id, self.address)
 
@@ -295,6 +256,15 @@ class MeshNode:
             except Exception:  # an interface going away mid-look: try next time
                 log.exception("node %s: following its address failed", self.node_id)
 
+    def _outbound_watch_ended(self, task: asyncio.Task[None]) -> None:
+        """Log the watch's death (it stops only when cancelled): the node keeps serving at the
+        address it has, and nobody would hear otherwise."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "node %s: the watch of its address stopped; it stays at %s",
+                self.node_id, self._outbound, exc_info=task.exception(),
+            )  # fmt: skip
+
     async def _move_to(self, host: str) -> None:
         log.info("node %s: its address is now %s (was %s)", self.node_id, host, self._outbound)
         self._outbound = host
@@ -308,11 +278,9 @@ class MeshNode:
         if event.kind == "lost" or self.membership is None:
             return  # membership, not discovery, decides who is dead
         advert = event.advert
-        addresses = advert.dial_addresses()
+        addresses = advert.dial_addresses()  # the source's order: the one to dial first
         if not addresses:
             return
-        if len(addresses) > 1:
-            addresses = (preferred_address(addresses, self._local_networks()),)
         self.peers.learn(advert.node_id, addresses[0], advert.static_key)
         member = self.membership.core.member(advert.node_id)
         if member is None or not member.is_live:
@@ -337,10 +305,9 @@ class MeshNode:
         if self._closed:
             return
         self._closed = True
-        if self._outbound_watch is not None:
+        if self._outbound_watch is not None:  # a failure was logged by its done-callback
             self._outbound_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._outbound_watch
+            await asyncio.gather(self._outbound_watch, return_exceptions=True)
         for source in self.discovery:
             with contextlib.suppress(Exception):
                 await source.aclose()
