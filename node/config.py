@@ -20,6 +20,7 @@ from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
+from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, MAX_CLOCK_SKEW_S
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
@@ -44,6 +45,13 @@ CPU_THREADS = 1
 MAX_CPU_THREADS = 1 << 16
 """The largest ``[inference] cpu_threads``: far above any host's cores, and within the C ``int``
 the math libraries take (a larger figure made their call raise at start, a traceback)."""
+
+ADDRESS_CHECK_INTERVAL = 5.0
+"""Default ``[discovery] address_check_interval``: ``MeshNodeOptions.address_check_interval``'s
+and ``MdnsConfig.address_check_interval``'s (imported by neither here: both pull in the mesh)."""
+
+MAX_ADDRESS_CHECK_INTERVAL = 86400.0
+"""The largest ``[discovery] address_check_interval``: a day (0 turns the checks off)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,13 @@ class DiscoverySection:
         'static peers, "node-id@host:port?key=HEX64[&roles=rsu,vehicle][&link=v2i]" (hosts'
         " without multicast, RSUs, the coordinator)",
     )
+    address_check_interval: float = doc(
+        ADDRESS_CHECK_INTERVAL,
+        "seconds between two looks at this host's interface addresses (a V2I link comes up,"
+        " DHCP gives a new lease): mDNS follows them and re-announces, and a node listening on"
+        " 0.0.0.0 or :: with no [network] advertise_host gossips its new route address;"
+        " 0: look only at start (at most 86400)",
+    )
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,12 @@ class SessionSection:
         " seconds or it is abandoned as lost (the coordinator then sends that node's items"
         " again, a node the items it passed on); sends to that peer wait meanwhile; 0 keeps"
         " older sessions unchecked",
+    )
+    clock_skew: float = doc(
+        DEFAULT_CLOCK_SKEW_S,
+        "seconds of tolerance on either side of a peer certificate's validity window, for"
+        " session handshakes and for the certificates proving membership records (0..86400);"
+        " the same on every node",
     )
 
 
@@ -250,6 +271,9 @@ def check_mesh_sections(config: Any, source: str) -> None:
         raise ConfigError(f"{source}: [session] verify_timeout must be >= 0")
     if s.max_message_mib > MAX_MESSAGE_MIB:
         raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
+    if not 0 <= s.clock_skew <= MAX_CLOCK_SKEW_S:
+        limit = f"{MAX_CLOCK_SKEW_S:g}"
+        raise ConfigError(f"{source}: [session] clock_skew must be in 0..{limit} seconds")
     _check_discovery(config.discovery, source)
     if not 2 <= config.membership.max_members <= MAX_MEMBERS:
         raise ConfigError(f"{source}: [membership] max_members must be in 2..{MAX_MEMBERS}")
@@ -275,6 +299,12 @@ def _check_mdns_host(n: NetworkSection, source: str) -> None:
 
 def _check_discovery(d: DiscoverySection, source: str) -> None:
     """What the daemon refuses at start (there without naming the file or key)."""
+    if not 0 <= d.address_check_interval <= MAX_ADDRESS_CHECK_INTERVAL:
+        limit = f"{MAX_ADDRESS_CHECK_INTERVAL:g}"
+        raise ConfigError(
+            f"{source}: [discovery] address_check_interval must be in 0..{limit} seconds"
+            " (0: only at start)"
+        )
     if d.mdns and not d.interfaces:
         raise ConfigError(f'{source}: [discovery] interfaces: ["all"] or at least one interface')
     if d.mdns and "all" in d.interfaces and len(d.interfaces) > 1:  # no interface is named "all"

@@ -73,7 +73,13 @@ MAX_REVOCATION_ENTRY_BYTES = 1024
 MAX_REVOCATION_ENTRIES = 16384
 MAX_REVOCATION_LIST_BYTES = 8 * 1024 * 1024
 LIST_FORMAT = 1
-DEFAULT_CLOCK_SKEW_S = 120.0
+#: Seconds of tolerance on either side of a certificate's validity window: the one default of
+#: session admission (``SessionConfig.clock_skew``) and of membership records' certificate checks
+#: (Kerberos' 5 minutes; the daemons' ``[session] clock_skew``).
+DEFAULT_CLOCK_SKEW_S = 300.0
+#: The largest clock skew a daemon's file may give: a day (a wider window would let a long
+#: expired certificate in).
+MAX_CLOCK_SKEW_S = 86400.0
 
 _NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NAME_CHARS}}}")
 _FINGERPRINT_PERSON = b"meshinfer-fp"

@@ -36,6 +36,9 @@ Four periodic activities run off the timers, each first scheduled at a random ph
 ``reconnect`` (every ``reconnect_interval``)
     The same exchange with one random *dead* member, so a partition heals once its links are
     back.
+``certificate check`` (every ``certificate_check_interval``, with signed records only)
+    Declare dead the live members whose newest record's certificate has expired (see
+    "Expired certificates" in :mod:`membership_table`).
 
 Joining is a whole-table push-pull marked ``join`` to the seeds, retried until one answers.
 Leaving marks this node LEFT at a higher incarnation and keeps gossiping until the news is out
@@ -143,6 +146,10 @@ class Membership:
         self._next_push_pull = _phase(now, rng, config.push_pull_period(n))
         self._next_reconnect = _phase(now, rng, config.reconnect_interval)
         self._next_join = INF
+        check = config.certificate_check_interval
+        self._next_certificate_check = (
+            now + check if check and self.table.checks_certificates else INF
+        )
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -231,6 +238,7 @@ class Membership:
         deadlines = [self._next_gossip, self._next_join, self.table.reap_at]
         if not self.table.has_left:
             deadlines += [self._next_probe, self._next_push_pull, self._next_reconnect]
+            deadlines.append(self._next_certificate_check)
         if probe is not None:
             deadlines.append(probe.round_deadline if probe.indirect_sent else probe.ack_deadline)
         if self._relayed:
@@ -285,7 +293,7 @@ class Membership:
             self._on_push_pull(from_node, header, packet.records, now)
             return
         if isinstance(header, Digest):
-            self._on_digest(from_node, packet.entries)
+            self._on_digest(from_node, packet.entries, packet.truncated)
             return
         if isinstance(header, DigestReply):
             self._on_digest_reply(from_node, header, packet.records, now)
@@ -359,9 +367,9 @@ class Membership:
             self._joined = True
             self._next_join = INF
 
-    def _on_digest(self, sender: str, entries: tuple[DigestEntry, ...]) -> None:
+    def _on_digest(self, sender: str, entries: tuple[DigestEntry, ...], truncated: bool) -> None:
         self.counters.digests += 1
-        records, wants = self.table.reconcile(entries)
+        records, wants = self.table.reconcile(entries, truncated=truncated)
         self._emit(sender, encode_packet(DigestReply(tuple(wants)), records))
 
     def _on_digest_reply(
@@ -388,6 +396,9 @@ class Membership:
                 self._push_pull_tick(now)
             if now >= self._next_reconnect:
                 self._reconnect_tick(now)
+            if now >= self._next_certificate_check:
+                self._next_certificate_check = now + self.config.certificate_check_interval
+                self.table.expire_certificates(now)
         if now >= self._next_gossip:
             self._gossip_tick(now)
         if now >= self._next_join:

@@ -16,7 +16,8 @@ records and every receiver verifies them against the key bound to the claimed no
   the fleet's trust anchor alone. A fleet member can no longer author another member's ALIVE or
   LEFT records, nor invent members: every node id in a table holds a certificate the fleet
   authority signed, and an unrevoked one. An ALIVE record must announce the Noise static key its
-  certificate binds (or none), and, given a wall clock, the certificate must be valid.
+  certificate binds (or none), and, given a wall clock, the certificate must be valid. A record
+  already held is judged again as time passes (:meth:`CertifiedRecordAuthenticator.expired`).
 
 An authenticator must be pure and fast: it runs inside the sans-I/O core, once per *new* record.
 """
@@ -105,6 +106,9 @@ class CertifiedRecordAuthenticator:
     ``malformed``, ``untrusted``, ``wrong-node``, ``revoked``, ``not-yet-valid``, ``expired``,
     ``key-mismatch`` or ``bad-signature``.
 
+    A record accepted earlier is not valid for ever: :meth:`expired` tells the member table
+    that the certificate proving one it holds has since expired (counted ``expired`` too).
+
     Checked certificates, with their Edwards keys, are kept (at most ``cache_entries``, the
     cache emptied when full), so a member's further records cost one Ed25519 verification
     (~55 us) and signing one ~25 us. ``random_bytes`` gives each signature's nonce (the runtime
@@ -160,6 +164,26 @@ class CertifiedRecordAuthenticator:
         if reason is None and not xeddsa.verify_edwards(known[1], body, proof[1]):
             reason = "bad-signature"
         return reason is None or self._refuse(reason)
+
+    @property
+    def judges_validity(self) -> bool:
+        """Whether certificates are judged against a wall clock (else :meth:`expired` is
+        always False, and the member table need not ask it)."""
+        return self._wallclock is not None
+
+    def expired(self, signature: bytes) -> bool:
+        """Whether the certificate in a held record's proof (its ``signature`` field, accepted
+        by :meth:`verify` earlier) expired more than ``clock_skew`` seconds before
+        ``wallclock()``; counted as a refusal ``expired``. False without a wall clock, and for
+        a proof that is not one of ours (nothing to judge it by)."""
+        if self._wallclock is None:
+            return False
+        proof = _proof(signature)
+        known = None if proof is None else self._certified(proof[0])
+        if known is None or self._wallclock() <= known[0].not_after + self._clock_skew:
+            return False
+        self.refusals["expired"] += 1
+        return True
 
     def _refuse(self, reason: str) -> bool:
         self.refusals[reason] += 1

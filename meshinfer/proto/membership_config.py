@@ -98,6 +98,14 @@ class MembershipConfig:
     dead_node_reclaim_time: float = 120.0
     #: A relay sends a nack when the target has not acked within this fraction of probe_timeout.
     nack_fraction: float = 0.8
+    #: With signed records whose certificates expire (the daemons'), every this many seconds a
+    #: node looks again at the certificate proving each live member's newest record, and
+    #: declares dead those expired beyond the clock skew: such a member can sign no record
+    #: anyone takes, and its record would otherwise be held and relayed at its last version for
+    #: ever, refused by every node that lacks it. A certificate expires at one instant for the
+    #: whole fleet, so every node reaches the same verdict within this period (give or take the
+    #: difference of their clocks). 0 never looks.
+    certificate_check_interval: float = 10.0
     #: Most members one table holds, this node included, in any status (the dead and left until
     #: they are forgotten). ALIVE records of node ids not in a full table are refused and counted
     #: (``members_refused``); known members are never evicted for them, and forgetting the dead
@@ -201,5 +209,6 @@ _MAY_BE_ZERO = frozenset(
         "reconnect_interval",
         "nack_fraction",
         "push_pull_digests",
+        "certificate_check_interval",
     }
 )

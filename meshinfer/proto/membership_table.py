@@ -38,6 +38,17 @@ one such claim sent to a node would cut it out of the mesh for good). The accuse
 SUSPECT is not authenticated: a forged one can shrink a suspicion timeout to its minimum but
 never below. Acks are checked by the probe round (see :mod:`membership_probe`).
 
+Expired certificates. A record stays valid only while the certificate proving it does: a
+member whose certificate expired (beyond the clock skew) can sign no record any node takes, so
+its last one would otherwise stay in every table that held it, probed, relayed in push-pulls and
+refused by each node that lacks it, for ever. :meth:`MemberTable.expire_certificates` (run every
+``certificate_check_interval``) declares such live members dead, as a failed probe would: the
+DEAD news spreads, the record is no longer relayed to tables that lack the member (the gone are
+not learned), and the member is forgotten after ``dead_node_reclaim_time``. Its refutation,
+signed under the same certificate, is refused; once re-enrolled, its ALIVE record under the new
+certificate at a higher incarnation brings it back. The authenticator counts each as a refusal
+``expired``.
+
 Stale-claim correction. A SUSPECT or DEAD claim at an incarnation the subject has already
 refuted means its sender missed the refutation (an honest node drops a queued suspicion once the
 refutation arrives). The receiver then sends the refuting ALIVE record straight back
@@ -50,13 +61,18 @@ for ourselves), and members that the remote side lists only as dead or left are 
 
 Digests. Periodic anti-entropy compares tables before it sends records. A digest lists one entry
 per member, :func:`_entry_of`: its status (as a record kind), liveness incarnation and newest ALIVE
-record's key. Two tables with equal entries for a member hold the same records about it, since a
-signed ALIVE record is fixed by its ``(incarnation, version)``. :meth:`MemberTable.reconcile`
+record's key (each kept encoded until the member changes: a ``Member`` is immutable, so the
+cached snapshot's identity says whether it is current). Two tables with equal entries for a
+member hold the same records about it, since a signed ALIVE record is fixed by its
+``(incarnation, version)``. :meth:`MemberTable.reconcile`
 answers a digest with the records the digest lacked or listed otherwise (not the gone it lacks,
 which merge would skip) and the ids whose records this table wants: those listed otherwise (this
 node's own included, so a claim about it is refuted) and live members it lacks while it has room.
 The other side sends those (:meth:`MemberTable.records_for`) and both have merged what a
-whole-table exchange would have given them.
+whole-table exchange would have given them. A digest cut short by the decoder (more entries than
+``max_packet_records()``: a sender with a larger table, or a hostile one) says nothing of the
+members past the cut, so the reply then carries records only about members it listed: it is
+never the whole table for a digest the sender could not even fit.
 
 Table cap. Without record signatures any member may invent node ids (node daemons sign, so there
 each node id needs a fleet certificate; simulations may not), so the table holds at most
@@ -238,6 +254,8 @@ class MemberTable:
         self._members: dict[str, Member] = {}
         self._ids: list[str] = []  # same keys as _members, for O(1) random picks
         self._encoded: dict[str, bytes] = {}  # each member's ALIVE record, encoded
+        #: each member's digest entry, encoded, with the snapshot it was made from
+        self._entries: dict[str, tuple[Member, DigestEntry, bytes]] = {}
         self._suspicions: dict[str, SuspicionTimer] = {}
         self._suspicion_deadline: float | None = None  # cached min of the deadlines
         self._live = 1  # live members, this node included
@@ -339,30 +357,44 @@ class MemberTable:
 
     def digest(self) -> list[bytes]:
         """Every member (this node first) as an encoded digest entry."""
-        return [encode_entry(_entry_of(self.local))] + [
-            encode_entry(_entry_of(member)) for member in self._members.values()
+        return [self._entry(self.local)[1]] + [
+            self._entry(member)[1] for member in self._members.values()
         ]
 
-    def reconcile(self, entries: Iterable[DigestEntry]) -> tuple[list[bytes], list[str]]:
+    def _entry(self, member: Member) -> tuple[DigestEntry, bytes]:
+        """``member``'s digest entry and its encoding, made once per snapshot."""
+        cached = self._entries.get(member.node_id)
+        if cached is not None and cached[0] is member:
+            return cached[1], cached[2]
+        entry = _entry_of(member)
+        data = encode_entry(entry)
+        self._entries[member.node_id] = (member, entry, data)
+        return entry, data
+
+    def reconcile(
+        self, entries: Iterable[DigestEntry], *, truncated: bool = False
+    ) -> tuple[list[bytes], list[str]]:
         """Compare a remote digest with this table: the encoded records to send back (members
         it lacks or lists otherwise) and the node ids whose records to ask for (members it
-        lists otherwise, or that this table lacks and would learn)."""
+        lists otherwise, or that this table lacks and would learn). A ``truncated`` digest
+        (cut by the decoder) may list past the cut any member it lacks here: only members it
+        listed are answered then."""
         theirs: dict[str, DigestEntry] = {}
         for entry in entries:
             theirs.setdefault(entry.node_id, entry)
         send: list[bytes] = []
         wants: list[str] = []
         local = theirs.get(self.local_id)
-        if local != _entry_of(self.local):
+        if local != self._entry(self.local)[0] and (local is not None or not truncated):
             send += self._local_records()
             if local is not None:  # what it holds about us may need refuting
                 wants.append(self.local_id)
         for member in self._members.values():
             entry = theirs.get(member.node_id)
             if entry is None:
-                if member.status in _LIVE:  # as merge: it would not learn the gone
+                if member.status in _LIVE and not truncated:  # as merge: no learning the gone
                     send += self._records_of(member)
-            elif entry != _entry_of(member):
+            elif entry != self._entry(member)[0]:
                 send += self._records_of(member)
                 wants.append(member.node_id)
         room = self.config.max_members - 1 - len(self._members)
@@ -437,6 +469,24 @@ class MemberTable:
             member = self._members[node_id]
             self.counters.deaths_declared += 1
             self.apply(DeadRecord(node_id, member.incarnation, self.local_id), now)
+
+    def expire_certificates(self, now: float) -> None:
+        """Declare dead every live member whose newest record's certificate has expired (see
+        "Expired certificates" in the module docstring); a no-op unless
+        :attr:`checks_certificates`."""
+        if not self.checks_certificates:
+            return
+        expired = self.authenticator.expired  # type: ignore[union-attr]
+        live = [m for m in self._members.values() if m.status in _LIVE]
+        for member in [m for m in live if expired(m.record.signature)]:
+            self.broadcasts.drop(member.node_id, UpdateFamily.RECORD)  # relay it no further
+            self.apply(DeadRecord(member.node_id, member.incarnation, self.local_id), now)
+
+    @property
+    def checks_certificates(self) -> bool:
+        """Whether :meth:`expire_certificates` has anything to do: the authenticator judges
+        certificates against a wall clock (``judges_validity``) and held records (``expired``)."""
+        return bool(getattr(self.authenticator, "judges_validity", False))
 
     def next_suspicion_deadline(self) -> float:
         """The earliest suspicion deadline (inf when nobody is suspected)."""
@@ -667,6 +717,7 @@ class MemberTable:
     def _remove(self, node_id: str) -> None:
         member = self._members.pop(node_id)
         del self._encoded[node_id]
+        self._entries.pop(node_id, None)
         self._live -= member.status in _LIVE
         index = self._ids.index(node_id)
         self._ids[index] = self._ids[-1]

@@ -60,7 +60,14 @@ from meshinfer.errors import (
     TransportError,
 )
 from meshinfer.proto import framing, messages
-from meshinfer.proto.identity import NodeCertificate, NodeIdentity, RevocationList, admit, prologue
+from meshinfer.proto.identity import (
+    DEFAULT_CLOCK_SKEW_S,
+    NodeCertificate,
+    NodeIdentity,
+    RevocationList,
+    admit,
+    prologue,
+)
 from meshinfer.proto.messages import Close, CloseCode, Hello, Ping, Pong
 from meshinfer.proto.noise import CipherState, HandshakeState
 from meshinfer.transport.base import Stream
@@ -99,7 +106,8 @@ class SessionConfig:
         rekey_after: rekey each direction after this many Noise messages.
         max_message_size: largest reassembled application message accepted (bytes).
         recv_queue: messages buffered for :meth:`Session.recv` before the reader stops reading.
-        clock_skew: seconds of tolerance on certificate validity windows.
+        clock_skew: seconds of tolerance on certificate validity windows (default
+            :data:`~meshinfer.proto.identity.DEFAULT_CLOCK_SKEW_S`).
         pack: announce the ``packed`` feature (several small messages per Noise message; used
             towards a peer that announces it too, and understood from any peer either way).
         verify_timeout: when a peer opens another session while older ones with it are open
@@ -116,7 +124,7 @@ class SessionConfig:
     rekey_after: int = 1 << 20
     max_message_size: int = 16 * 1024 * 1024
     recv_queue: int = 1024
-    clock_skew: float = 300.0
+    clock_skew: float = DEFAULT_CLOCK_SKEW_S
     pack: bool = True
     verify_timeout: float = 1.0
 

@@ -75,7 +75,9 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
 
     ``config`` has ``network``, ``discovery``, ``membership`` and ``session`` sections (both
     :class:`~node.config.NodeConfig` and the coordinator's file do). The revocation list file
-    watched and kept current is ``identity_dir``'s ``revocations.bin``.
+    watched and kept current is ``identity_dir``'s ``revocations.bin``. ``[session] clock_skew``
+    judges both session handshakes and membership records' certificates; ``[discovery]
+    address_check_interval`` paces both mDNS's and the node's looks at the host's addresses.
     """
     from meshinfer.discovery.mdns import MdnsConfig
     from meshinfer.discovery.static import parse_seeds
@@ -89,11 +91,12 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
         "test": MembershipConfig.test,
     }
     d, s, m = config.discovery, config.session, config.membership
+    interval = d.address_check_interval or None  # 0: look at the addresses only at start
     mdns = None
     if d.mdns:
         interfaces = "all" if d.interfaces == ("all",) else tuple(d.interfaces)
         mdns = MdnsConfig(interfaces=interfaces) if interfaces != ("127.0.0.1",) else None
-        mdns = mdns or MdnsConfig.loopback()
+        mdns = dataclasses.replace(mdns or MdnsConfig.loopback(), address_check_interval=interval)
     return MeshNodeOptions(
         listen=parse_address(config.network.listen, "[network] listen"),
         advertise_host=config.network.advertise_host,
@@ -110,8 +113,10 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
             rekey_after=s.rekey_after,
             max_message_size=s.max_message_mib * 1024 * 1024,
             verify_timeout=s.verify_timeout,
+            clock_skew=s.clock_skew,  # also the record checks' (MeshNode._record_authenticator)
         ),
         revocations_file=NodeDirectory(Path(identity_dir)).revocations_bin,
+        address_check_interval=interval,
     )
 
 
