@@ -268,8 +268,8 @@ def test_node_daemons_in_processes_spread_a_revocation_to_each_others_files(tmp_
         for name in names:
             cluster.add_node(name)
         cluster.enroll("lost-car")
-        for name in names:
-            cluster.start(name)
+        for name in names:  # a long deadline: READY came late once on a loaded machine
+            cluster.start(name, timeout=120)
         cluster.wait_for(lambda: cluster.members("node-1") == {"node-0": "alive"})
         cluster.fleet.revoke(node_id="lost-car", now=time.time(), reason="stolen")
         target = NodeDirectory(tmp_path / "nodes" / "node-0").revocations_bin

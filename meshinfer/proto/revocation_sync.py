@@ -79,7 +79,11 @@ class RevocationExchange:
         self._awaiting: dict[str, Question] = {}  # members asked that have not answered
         self._shortfall: dict[str, int] = {}  # member -> the version it claimed and fell short of
         self._answered: dict[str, tuple[float, int]] = {}  # peer -> last answer: when, have
-        self._wire: dict[RevocationEntry, bytes] = {}
+        self._held: frozenset[RevocationEntry] = frozenset()
+        self._sequences: list[int] = []  # of the entries held, in sequence order
+        self._encoded: list[bytes] = []  # the same entries, as the authority signed them
+        self._known: set[bytes] = set()
+        self._version = 0
         self.hold(listed)
 
     @property
@@ -88,16 +92,22 @@ class RevocationExchange:
         return self._version
 
     def hold(self, listed: RevocationList) -> None:
-        """The list in force is now ``listed`` (each entry is encoded once, when first seen)."""
-        wire = self._wire
-        for entry in listed.entries:
-            if entry not in wire:
-                wire[entry] = entry.to_bytes()
-        ordered = sorted(listed.entries, key=lambda e: (e.sequence, e.signature))
-        self._sequences = [e.sequence for e in ordered]
-        self._encoded = [wire[e] for e in ordered]
-        self._known = set(self._encoded)
-        self._version = self._sequences[-1] if ordered else 0
+        """The list in force is now ``listed``. A node's list only grows (merges are unions),
+        mostly by entries above its version (a peer's page, the operator's newer file): those
+        are encoded and appended, so such a merge costs what it added (and set operations in C
+        over the list), not a sort and a look-up of every entry. Any other list is taken whole
+        (sorted, every entry encoded)."""
+        fresh = sorted(listed.entries - self._held, key=_order)
+        if not self._held <= listed.entries or (fresh and fresh[0].sequence <= self._version):
+            fresh = sorted(listed.entries, key=_order)
+            self._sequences, self._encoded, self._known = [], [], set()
+        for entry in fresh:
+            raw = entry.to_bytes()
+            self._sequences.append(entry.sequence)
+            self._encoded.append(raw)
+            self._known.add(raw)
+        self._held = listed.entries
+        self._version = self._sequences[-1] if self._sequences else 0
 
     # --- asking ------------------------------------------------------------------------------
 
@@ -180,3 +190,7 @@ class RevocationExchange:
         if self._version < answer.question.claimed:
             self._shortfall[answer.question.node] = answer.question.claimed
         return False
+
+
+def _order(entry: RevocationEntry) -> tuple[int, bytes]:
+    return entry.sequence, entry.signature

@@ -16,16 +16,19 @@ does not close the session.
 A session whose peer certificate the revocation list in force revokes is about to be cut
 (:mod:`~meshinfer.runtime.revocations` writes the list down, then closes it): from the moment
 the list is in force, nothing goes to the peer over it (what is queued for the peer while it
-is the session sent over is dropped, counted as ``revoked``, its requesters told; a write that
-was waiting for the session's writer is refused by the session itself), and what comes over
-it is dropped before any handler (counted in ``PeerStats.from_revoked``). Both checks are a
-cached look per message (:attr:`~meshinfer.runtime.session.Session.peer_revoked`).
+goes over another open session with the peer, under a good certificate, if it has one, else
+is dropped, counted as ``revoked``, its requesters told; a write that was waiting for the
+session's writer is refused by the session itself), and what comes over it is dropped before
+any handler (counted in ``PeerStats.from_revoked``). Both checks are a cached look per message
+(:attr:`~meshinfer.runtime.session.Session.peer_revoked`).
 
 A peer may hold several sessions with this node: both sides dialled at once, or the peer dialled
 again while an older connection looked open here (a vehicle that roamed: its old connections
 dead, not reset; another certificate of the same node). Messages go over the peer's oldest open
-session, so a newer one never takes traffic from a session that works (nor does a session under
-a stale certificate). A newer session is also a hint that an older one may be dead, which a
+session whose certificate is not revoked, so a newer one never takes traffic from a session that
+works (nor does a session under a stale certificate), and a node re-enrolled with a new
+certificate gets what is queued for it over its new session while the one under its revoked
+certificate is being cut. A newer session is also a hint that an older one may be dead, which a
 send would otherwise find out only after ``idle_timeout``: when one is adopted, every older open
 session with that peer is pinged, and one that neither answers nor receives anything within the
 session config's ``verify_timeout`` is abandoned as lost (its watchers re-send what went over
@@ -143,7 +146,8 @@ class PeerTable:
         self._handlers[message_type] = handler
 
     def on_session(self, callback: SessionCallback) -> None:
-        """Call ``callback(peer_id, session)`` whenever a session with a peer opens."""
+        """Call ``callback(peer_id, session)`` whenever a session with a peer opens (on the
+        loop; one that raises is logged, and the session is kept)."""
         self._session_callbacks.append(callback)
 
     def learn(self, node_id: str, address: Address, static_key: bytes) -> None:
@@ -160,11 +164,24 @@ class PeerTable:
     # --- queries ---------------------------------------------------------------------------
 
     def session(self, node_id: str) -> Session | None:
-        """The oldest open session with ``node_id`` (the one messages go over), if any."""
+        """The oldest open session with ``node_id``, if any: the one messages go over, unless
+        its peer certificate is revoked and a newer one's is not (see :meth:`carrier_revoked`)."""
         for s in self._sessions.get(node_id, ()):
             if s.is_open:
                 return s
         return None
+
+    def _carrier(self, node_id: str) -> Session | None:
+        """The session messages to ``node_id`` go over: its oldest open one under a certificate
+        the list in force does not revoke, else its oldest open one (being cut: the sender
+        drops what is queued), else None."""
+        oldest = None
+        for s in self._sessions.get(node_id, ()):
+            if s.is_open:
+                if not s.peer_revoked:
+                    return s
+                oldest = oldest or s
+        return oldest
 
     def roles(self, node_id: str) -> frozenset[str]:
         """The roles the fleet's certificates grant ``node_id``, as its sessions with this table
@@ -181,12 +198,15 @@ class PeerTable:
         return frozenset.intersection(*(s.peer.roles for s in sessions))
 
     def carrier_revoked(self, node_id: str) -> bool:
-        """Whether the session messages to ``node_id`` go over (its oldest open one) is under
-        a certificate the revocation list in force revokes. That session is being cut (the
-        list is written down first; the close may wait behind the session's writer): what
-        goes over it meanwhile would reach the revoked certificate's holder: the table sends
-        nothing over it (what is queued for the node is dropped, its requesters told), so
-        what is sent to the node meanwhile is lost. False if no session is open."""
+        """Whether the session that carried messages to ``node_id`` until the revocation list
+        in force came in force (its oldest open one) is under a certificate that list revokes.
+        That session is being cut (the list is written down first; the close may wait behind
+        the session's writer), and what went over it may be lost with it: the cut's
+        :class:`~meshinfer.runtime.revocations.CutOff` tells its listeners, who re-send; a
+        sender holds new work for the node back until then. The table sends nothing over it
+        meanwhile: what is queued for the node goes over the node's oldest open session under
+        a good certificate (a re-enrolled node's new one) if it has one, else is dropped, its
+        requesters told. False if no session is open."""
         if not self.admission.revocations.entries:
             return False
         session = self.session(node_id)
@@ -276,7 +296,7 @@ class PeerTable:
                 box.wake.clear()
                 await box.wake.wait()
                 continue
-            session = self.session(node_id)
+            session = self._carrier(node_id)
             if session is not None:
                 await self._drain(node_id, session, box)
             elif loop.time() < box.retry_at:
@@ -284,34 +304,43 @@ class PeerTable:
             elif await self._dial(node_id) is None:
                 box.retry_at = loop.time() + self._dial_backoff
                 self._fail_queue(box, "dial-failed")
-            # else round again: the oldest open session, as for every send (one the peer
-            # dialled meanwhile may have been adopted first, and is then being checked)
+            # else round again: the carrier, as for every send (one the peer dialled
+            # meanwhile may have been adopted first, and is then being checked)
 
     async def _drain(self, node_id: str, session: Session, box: _Outbox) -> None:
         """Send what is queued, several messages per write (up to ``WRITE_BATCH``, and
         :data:`~meshinfer.runtime.session.SEND_MANY_BYTES`): one syscall and one wake-up of the
         peer's reader for all of them. A message leaves the queue only once written; one that
-        can never be sent (over the session's size cap) is dropped, its requester told, and
-        the rest go on. Nothing goes over a session whose peer certificate is revoked (it is
-        being cut): what is queued is dropped, its requesters told."""
+        can never be sent (over the session's size cap, or one that does not encode) is
+        dropped, its requester told, and the rest go on. Nothing goes over a session whose
+        peer certificate is revoked (it is being cut): the sender goes on over the peer's
+        good session if it has one; if not, what is queued is dropped, its requesters told."""
+        alone = 0  # messages to send one per write: a batch of them did not encode
         while box.queue and session.is_open and node_id not in self._verifying:
             if session.peer_revoked:  # checked again by the session once its writer is free
-                self._fail_queue(box, "revoked")
+                if self._carrier(node_id) is session:  # no good session to send over instead
+                    self._fail_queue(box, "revoked")
                 return
-            batch = list(itertools.islice(box.queue, WRITE_BATCH))
+            batch = list(itertools.islice(box.queue, 1 if alone else WRITE_BATCH))
             try:
                 sent = await session.send_many([msg for msg, _ in batch])
-            except LocalProtocolError as exc:  # the first message is too large to send
+            except LocalProtocolError as exc:  # a message is too large or does not encode
+                if len(batch) > 1:  # not necessarily the first: find which, one at a time
+                    alone = len(batch)
+                    continue
                 box.queue.popleft()
+                alone = max(alone - 1, 0)
                 self.stats.dropped["too-large"] += 1
                 _settle(batch[0][1], exc)
                 continue
             except (StreamClosed, TransportError, OSError):
-                return  # the session ended with the failed write (the loop above redials), or
-                # its certificate was revoked while the write waited (the check above drops)
+                return  # the session ended with the failed write (the sender redials), or its
+                # certificate was revoked while the write waited (the sender goes on over the
+                # peer's good session if it has one, else drops what is queued)
             for _, fut in batch[:sent]:
                 box.queue.popleft()
                 _settle(fut, None)
+            alone = max(alone - sent, 0)
             self.stats.sent += sent
             self._carriers.add(session)
 
@@ -363,7 +392,10 @@ class PeerTable:
             check.add_done_callback(self._verifiers.discard)
             check.add_done_callback(_log_check_failure)
         for callback in self._session_callbacks:
-            callback(peer, session)
+            try:
+                callback(peer, session)
+            except Exception:  # its owner's bug: the session (and the dial's sender) go on
+                log.exception("session callback for %s failed", peer)
         return task
 
     async def _verify(self, peer: str, older: list[Session]) -> None:
@@ -476,7 +508,11 @@ def _retrieve(task: asyncio.Task[object]) -> None:
 
 
 def _settle(requester: Requester, error: BaseException | None) -> None:
-    """Tell a requester its message was written (a future only), or why it never will be."""
+    """Tell a requester its message was written (a future only), or why it never will be. A
+    future's error is marked retrieved: its owner may have stopped waiting for it (dropped it,
+    or let it go with a task that ended otherwise), and asyncio would then log "Future
+    exception was never retrieved" at ERROR when it is collected; an owner that awaits it
+    still gets the error."""
     if requester is None:
         return
     if not isinstance(requester, asyncio.Future):
@@ -491,3 +527,4 @@ def _settle(requester: Requester, error: BaseException | None) -> None:
         requester.set_result(None)
     else:
         requester.set_exception(error)
+        requester.exception()  # retrieved: see above

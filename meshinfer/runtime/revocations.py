@@ -20,15 +20,16 @@ checks every session adopted from then on; handshakes refuse revoked peers
 (:class:`~meshinfer.runtime.session.Admission` reads the current list). From the moment the
 merged list is in force until the close (the list is written down first, and the close may
 wait behind the session's writer), such a session carries no application message either way:
-the peer table drops what is queued for the peer while it is the session sent over (its
-requesters told) and what comes over it before any handler, and the session refuses a write
-that was waiting for its writer (:attr:`~meshinfer.runtime.session.Session.peer_revoked`);
-only session control (pings, the Close) still goes. Sessions are judged one
-by one: a node id may have two, under an old certificate revoked by serial (stolen, or left over
-from before the node was re-enrolled) and under its new one, which stays up. The
-:meth:`RevocationSync.on_cut_off` listeners learn of each closed session as a :class:`CutOff`:
-whether the node keeps a session under a good certificate, and whether what this node sent to
-it went over the closed one (a peer table sends over a node's oldest open session).
+the peer table sends what is queued for the peer over the peer's good session if it has one,
+else drops it (its requesters told), drops what comes over the revoked one before any handler,
+and the session refuses a write that was waiting for its writer
+(:attr:`~meshinfer.runtime.session.Session.peer_revoked`); only session control (pings, the
+Close) still goes. Sessions are judged one by one: a node id may have two, under an old
+certificate revoked by serial (stolen, or left over from before the node was re-enrolled) and
+under its new one, which stays up. The :meth:`RevocationSync.on_cut_off` listeners learn of each
+closed session as a :class:`CutOff`: whether the node keeps a session under a good certificate,
+and whether what this node sent to it went over the closed one (a peer table sends over a node's
+oldest open session, until the list in force revokes its certificate).
 
 What a peer can make a node do is bounded (the decisions are the pure
 :class:`~meshinfer.proto.revocation_sync.RevocationExchange`; this module drives it). A node
@@ -119,13 +120,13 @@ class CutOff:
     ``serial``: that certificate's. ``still_connected``: ``node_id`` keeps an open session under
     a certificate that is not revoked (only an old one was revoked, by serial), so it is still
     reachable. ``carried_sends``: this session was the one the peer table sent ``node_id``'s
-    messages over (its oldest open one) when it was cut: what was written to it before the
-    revocation came in force may be lost (what was still queued then was dropped, its
-    requesters told); if not, an older session that is still open carried everything sent to
-    the node while this one was open. That says nothing of what the peer
-    sent back: it picks its own oldest session, and after simultaneous dials the two sides may
-    disagree, so an answer unread on the closed session is lost even when ``carried_sends`` is
-    False (the asker's own timeout covers it)."""
+    messages over (its oldest open one) until the revocation came in force: what was written to
+    it before then may be lost (what was still queued then went over the node's good session,
+    or, with none, was dropped, its requesters told); if not, an older session that is still
+    open carried everything sent to the node while this one was open. That says nothing of
+    what the peer sent back: it picks its own oldest session, and after simultaneous dials the
+    two sides may disagree, so an answer unread on the closed session is lost even when
+    ``carried_sends`` is False (the asker's own timeout covers it)."""
 
     node_id: str
     serial: int
@@ -265,8 +266,9 @@ class RevocationSync:
     async def _read_file_if_changed(self) -> RevocationList | None:
         """The file's list if it changed since last read (call holding ``_file_lock``). A file
         that does not parse (damaged, or half-copied by an operator) is logged and marked
-        unusable until it changes: the list in force stays, and is not written over it."""
-        stamp = _stamp_of(self.store)
+        unusable until it changes: the list in force stays, and is not written over it. The
+        look (a stat) runs in a worker thread too: on a network file system it can block."""
+        stamp = None if self.store is None else await asyncio.to_thread(file_stamp, self.store)
         if stamp == self._seen_file:  # unchanged, still absent, or no store
             return None
         self._seen_file = stamp  # if it changed again while read, the next look reads it again
@@ -432,10 +434,6 @@ class RevocationSync:
             step.close()
             return
         self._steps.spawn(step)
-
-
-def _stamp_of(path: Path | None) -> tuple[int, int] | None:
-    return None if path is None else file_stamp(path)
 
 
 def _write(

@@ -282,10 +282,12 @@ class Session:
 
         Raises :class:`LocalProtocolError`, having sent nothing, if the first message exceeds
         the session's message cap (a later one that does ends the batch before it: the next
-        call raises); StreamClosed once the session is closed, or, having sent nothing, once
-        :attr:`peer_revoked` (checked when the writer is free, so a send waiting for it while
-        the revocation came in force sends nothing). A write the stream fails ends the session
-        (lost) before its error (TransportError, OSError) is raised.
+        call raises), or if any message of the batch fails to encode (its type's own cap; the
+        peer table then finds which, one message per call); StreamClosed once the session is
+        closed, or, having sent nothing, once :attr:`peer_revoked` (checked when the writer is
+        free, so a send waiting for it while the revocation came in force sends nothing). A
+        write the stream fails ends the session (lost) before its error (TransportError,
+        OSError) is raised.
         """
         encoded: list[bytes] = []
         total = 0
