@@ -52,7 +52,9 @@ decided about the item, so the cache sees every message in the order sent (which
 coordinator mirror it). An input to keep larger than 256 KiB is hashed in a worker thread
 (:class:`~meshinfer.inference.cache.OrderedInputs`), not on the loop; an item naming its input by
 reference meanwhile waits (milliseconds) until the cache operations before it are done, and if
-cancelled then is answered ``CANCELLED`` when they are. An item this node already answered (its
+cancelled then is answered ``CANCELLED`` when they are, unless the cache holds its input already
+(and no earlier assignment of the item waits): it is given it at once, and its use of the cache
+takes effect in its turn all the same. An item this node already answered (its
 result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the
 kept result when it comes back (a coordinator resending what a lost session or its restart may
 have swallowed), even while draining, instead of running again. While draining (SIGTERM) new
@@ -90,10 +92,11 @@ from meshinfer.errors import (
     RemoteProtocolError,
 )
 from meshinfer.inference.base import ModelRef
-from meshinfer.inference.batching import DynamicBatcher
+from meshinfer.inference.batching import INLINE_MAX_BYTES, DynamicBatcher
 from meshinfer.inference.cache import ContentCache, OrderedInputs
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
+    DTYPES,
     REFUSALS,
     FailureKind,
     TaskAccepted,
@@ -202,6 +205,7 @@ class TaskExecutor:
         #: sender of each such assignment; and those of them cancelled meanwhile
         self._waiting: dict[str, list[str]] = {}
         self._waiting_cancels: set[str] = set()
+        self._cancelled: set[str] = set()  # items here whose cancel was counted (stats)
         self.replay = ResultReplay(config.result_replay_mib << 20, config.result_replay_s)
         self._replay_sweep: asyncio.TimerHandle | None = None  # drops expired kept results
 
@@ -234,6 +238,11 @@ class TaskExecutor:
         ref = msg.input_ref
         if ref is not None:
             waits = self.input_order.busy  # behind an input being hashed: may be cancelled
+            if waits and msg.item_id not in self._waiting:  # (else it would pass its retry)
+                data = self.input_order.fetch_cached(ref.digest)
+                if data is not None:  # held already: served now, its get done in turn
+                    self._with_cached(peer, msg, False, data)
+                    return
             if waits:
                 self._waiting.setdefault(msg.item_id, []).append(peer)
             self.input_order.fetch(ref.digest, partial(self._with_cached, peer, msg, waits))
@@ -359,16 +368,18 @@ class TaskExecutor:
         self._passed_here.discard(item_id)
         self._senders.pop(item_id, None)
         self._answered.discard(item_id)
+        self._cancelled.discard(item_id)
         self._reply.pop(item_id, None)
         notice = self._notices.pop(item_id, None)
         if notice is not None:
             notice.cancel()
 
     def _on_cancel(self, peer: str, msg: TaskCancel) -> None:
-        senders = self._waiting.get(msg.item_id)
-        if senders is not None and (peer in senders or self._is_coordinator(peer)):
-            self._waiting_cancels.add(msg.item_id)  # answered once done waiting for its input
-            self.stats.cancelled += 1
+        """Cancel the item: its assignments waiting for their input, and the item running here
+        or passed on. ``stats.cancelled`` counts an item once, however many of those it has
+        (a coordinator's retry may wait for its input while the first assignment runs) and
+        however often its cancel comes."""
+        counted = self._cancel_waiting(peer, msg.item_id)
         if msg.item_id not in self._items and msg.item_id not in self._offloaded:
             return  # over already (a forwarded cancel may come after the answer), or unknown
         if not self._may_direct(peer, msg.item_id):
@@ -383,8 +394,22 @@ class TaskExecutor:
         task = self._items.get(msg.item_id)
         if task is None or task.done() or msg.item_id in self._answered:
             return  # its answer is queued already: too late to cancel (it completes as sent)
-        self.stats.cancelled += 1
+        if not counted and msg.item_id not in self._cancelled:
+            self.stats.cancelled += 1
+        self._cancelled.add(msg.item_id)  # (another cancel of it is not counted again)
         task.cancel()
+
+    def _cancel_waiting(self, peer: str, item_id: str) -> bool:
+        """Mark the assignments of ``item_id`` waiting for their input as cancelled (each is
+        answered once done waiting), if ``peer`` may cancel them; whether it was, counted
+        now or by an earlier cancel."""
+        senders = self._waiting.get(item_id)
+        if senders is None or not (peer in senders or self._is_coordinator(peer)):
+            return False
+        if item_id not in self._waiting_cancels:
+            self._waiting_cancels.add(item_id)
+            self.stats.cancelled += 1
+        return True
 
     def _may_direct(self, peer: str, item_id: str) -> bool:
         """Whether ``peer`` may cancel or re-assign an item held here: a coordinator (by its
@@ -444,11 +469,12 @@ class TaskExecutor:
             done = loop.time()
             timings = {"queue_s": started - received, "infer_s": done - started}
             timings["total_s"] = done - received
+            packed = await self._output(ref, output)
             peer, msg = self._answer_to(peer, msg)
             result = TaskResult(
                 msg.item_id,
                 msg.attempt,
-                Tensor.from_array(np.ascontiguousarray(output, dtype=np.float32)),
+                packed,
                 self.mesh.node_id,
                 self._engine_name,
                 self._device(),
@@ -476,7 +502,8 @@ class TaskExecutor:
     async def _infer(
         self, ref: ModelRef, batch: np.ndarray, priority: int, deadline: float | None
     ) -> np.ndarray:
-        """Run ``batch`` through the model's batcher, in pieces the batcher accepts."""
+        """Run ``batch`` through the model's batcher, in pieces the batcher accepts (their
+        outputs joined in the batcher's worker thread when large: never on the loop)."""
         batcher = self.batchers[ref]
         size = batcher.max_request_rows
         if len(batch) <= size:
@@ -487,7 +514,18 @@ class TaskExecutor:
                 for i in range(0, len(batch), size)
             )
         )
-        return np.concatenate(parts)
+        if sum(part.nbytes for part in parts) <= INLINE_MAX_BYTES:
+            return np.concatenate(parts)
+        return await batcher.in_worker(np.concatenate, parts)
+
+    async def _output(self, ref: ModelRef, output: np.ndarray) -> Tensor:
+        """The item's output as it travels (:func:`_wire_tensor`), packed (a copy of it) in the
+        model's batcher's worker thread when larger than
+        :data:`~meshinfer.inference.batching.INLINE_MAX_BYTES`, as the batcher does its own
+        work on big arrays: never on the loop."""
+        if output.nbytes <= INLINE_MAX_BYTES:
+            return _wire_tensor(output)
+        return await self.batchers[ref].in_worker(_wire_tensor, output)
 
     @contextlib.asynccontextmanager
     async def _slot(self, item_id: str, priority: int, deadline: float | None):
@@ -631,8 +669,13 @@ class TaskExecutor:
         ``node`` (lost, or closed by a peer going away without answering: nothing more comes,
         and a peer that still runs an item dials again only to have its answer ignored); lost
         while another stays, send it again. A session cut for a revoked certificate is left
-        to :meth:`_on_cut_off`."""
+        to :meth:`_on_cut_off`. Nothing once this executor is closed (its :meth:`aclose` may
+        wait for an input's hash meanwhile): what is passed on is dropped, and a send whose
+        outcome nobody awaits (its :meth:`_forward` is not run then) would leave a failure
+        unretrieved."""
         await session.wait_closed()
+        if self._closed:
+            return
         peers = self.mesh.peers
         if peers.session(node) is None:
             if session.lost:
@@ -900,6 +943,27 @@ def _input_array(tensor: Tensor) -> np.ndarray:
     if array.ndim < 2:
         raise RemoteProtocolError(f"input must have a batch axis, got shape {array.shape}")
     return array
+
+
+def _wire_tensor(output: np.ndarray) -> Tensor:
+    """An item's output as a tensor that travels: in the engine's own
+    dtype where the wire carries it (:data:`~meshinfer.proto.tasks_wire.DTYPES`: integer labels
+    stay labels, float16 stays half the bytes); a float dtype it lacks (float64) as float32, an
+    integer one as int64. InferenceError for any other (complex, uint64: no dtype the wire
+    carries holds its values). Linear in the output: on the loop only for small ones."""
+    dtype = output.dtype
+    if dtype.name not in DTYPES:
+        if dtype.kind == "f":
+            with np.errstate(over="ignore"):
+                output = output.astype(np.float32)
+        elif dtype.kind in "iu" and np.can_cast(dtype, np.int64):
+            output = output.astype(np.int64)
+        else:
+            raise InferenceError(
+                f"the engine's output dtype {dtype} cannot be sent: the wire carries "
+                f"{', '.join(sorted(DTYPES))}"
+            )
+    return Tensor.from_array(output)
 
 
 def _priority(value: int) -> int:

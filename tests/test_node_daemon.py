@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import aiohttp
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.service import CoordinatorConfig
@@ -158,15 +157,16 @@ async def test_an_unexpected_error_running_an_item_is_answered_at_once_not_left_
     x, _ = load_digits_holdout()
     config = CoordinatorConfig(item_timeout_s=60.0, max_attempts=1)
     async with Mesh(tmp_path, n=1, config=config) as mesh:
+        # a bug in the executor itself, once the item ran (an engine's errors, and outputs
+        # the wire cannot carry, are InferenceErrors: the batcher and the packing say so)
+        def buggy() -> str:
+            raise ValueError("a bug")
 
-        async def buggy(ref, batch):  # an engine answering what is not numbers
-            return np.full((len(batch), 10), "?")
-
-        mesh.daemons["node-0"].engine.infer = buggy
+        mesh.daemons["node-0"].executor._device = buggy
         c = mesh.coordinator
         record = await c.wait(await c.submit(spec("bug", "single", x[:1])), timeout=10)
         assert record.state.value == "failed", "the node never answered"
-        assert "node node-0 failed: ValueError: could not convert" in (record.summary.error or "")
+        assert "node node-0 failed: ValueError: a bug" in (record.summary.error or "")
         assert "item bug/0 failed unexpectedly" in caplog.text
 
 

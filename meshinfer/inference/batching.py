@@ -375,6 +375,13 @@ class DynamicBatcher:
                 f"{self.config.max_queue_size}); retry later or on another node"
             )
 
+    async def in_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the batcher's worker thread, in turn with the batcher's own work
+        there: for a caller's work linear in a big array of this model's (the node joins the
+        outputs of an item's pieces, and packs a big output for the wire, there). Runs on the
+        loop; InferenceError once the batcher is closed."""
+        return await self._off_loop(fn, *args)
+
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the batcher's worker thread (for work linear in a large input)."""
         try:

@@ -111,6 +111,11 @@ class ContentCache:
         self._items.move_to_end(digest)
         return data
 
+    def peek(self, digest: str) -> bytes | None:
+        """The bytes stored under ``digest``, or None: no effect on the LRU order or the
+        counters (:meth:`OrderedInputs.fetch_cached` does the ``get`` in its turn)."""
+        return self._items.get(digest)
+
     def discard(self, digest: str) -> bool:
         """Drop ``digest`` if present; return whether it was. Not counted as an eviction."""
         data = self._items.pop(digest, None)
@@ -175,6 +180,8 @@ class OrderedInputs:
     An input larger than ``off_loop_bytes`` is hashed in one worker thread, and from then on
     every later call waits in a queue, done in order as soon as those before it are; so
     :meth:`fetch` hands the bytes to a callback: at once, or when the queue reaches it.
+    :meth:`fetch_cached` gives bytes the cache holds already at once, its ``get`` still done
+    in turn.
 
     Concurrency: on the event loop (callbacks are called on it); only hashing runs in the
     thread. Not thread-safe.
@@ -223,6 +230,25 @@ class OrderedInputs:
         elif not self._closed:
             self._queue.append(_Fetch(digest, then))
 
+    def fetch_cached(self, digest: str) -> bytes | None:
+        """The cache's bytes under ``digest`` at once, without waiting behind an input being
+        hashed, if it holds them now; else None, with nothing done (call :meth:`fetch`).
+
+        Served so, the ``get`` still takes effect on the cache in its turn, after what came
+        before (queued with nothing to call back), so the cache ends as the coordinator's
+        mirror says. The bytes are those the ``get`` would give: content-addressed, they are
+        the same whenever read. While one coordinator feeds the cache, it only names an input
+        its mirror holds then, so the ``get`` in turn finds it too; should it not (a second
+        coordinator's inputs evicted it, before this call's turn), the caller was given the
+        bytes it named, where the ``get`` in turn misses: one round trip saved, the cache as
+        it would be."""
+        if not self._queue:
+            return self.cache.get(digest) if digest in self.cache else None
+        data = None if self._closed else self.cache.peek(digest)
+        if data is not None:
+            self._queue.append(_Fetch(digest, _ignore))
+        return data
+
     async def settled(self) -> None:
         """Return once nothing waits (every call so far took effect)."""
         if self._queue:
@@ -268,6 +294,10 @@ class OrderedInputs:
         self._advance()  # (wakes the waiters of settled())
         if self._hasher is not None:
             self._hasher.shutdown(wait=False)
+
+
+def _ignore(_data: bytes | None) -> None:
+    """The callback of a ``get`` whose bytes were given already (:meth:`fetch_cached`)."""
 
 
 class Send(enum.Enum):
