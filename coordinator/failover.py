@@ -23,11 +23,12 @@ certificate is revoked (:meth:`~meshinfer.runtime.revocations.RevocationSync.on_
 *revoked here*: its items are re-dispatched at once, and it gets no work until a session with it
 opens again (which only a certificate that is not revoked can open), whatever membership says
 meanwhile, or until membership forgets it (the list in force keeps a revoked certificate out of
-membership as out of sessions). A node that keeps a session under a good certificate
-(re-enrolled; only its old certificate was revoked, by serial) stays as it was: only if the
-closed session was the one its items went over are they re-dispatched at once (items are
-tracked by node, not by session: all of the node's move, maybe back to it over the good
-session; a result still coming is accepted once)::
+membership as out of sessions; the scheduler goes on refusing such a node after that, by the
+certificate of its last session: :mod:`coordinator.certificates`). A node that keeps a session
+under a good certificate (re-enrolled; only its old certificate was revoked, by serial) stays
+as it was: only if the closed session was the one its items went over are they re-dispatched
+at once (items are tracked by node, not by session: all of the node's move, maybe back to it
+over the good session; a result still coming is accepted once)::
 
     reachable --session lost (abruptly, or silent)--> suspect (pings every session open)
     suspect --a ping answered, or a session opened meanwhile--> reachable (items sent again)

@@ -143,6 +143,8 @@ class JournalWriter:
             future = asyncio.get_running_loop().create_future()
             error = LocalProtocolError("the journal writer is closed")
             future.set_exception(error)
+            future.exception()  # a caller that drops it is told nothing new: logged here once
+            log.warning("journal writer closed: %s refused", getattr(call.fn, "__name__", call.fn))
             if call.decided is not None:
                 call.decided(CallOutcome(error=error))
             return future

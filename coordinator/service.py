@@ -70,7 +70,10 @@ node answers that). Journal writes per task are kept few:
   it may pass: a busy or full disk, or its group commit rolled back for another call's fault;
   not when the journal refused it); so is an item's failure, a final one or a retry's (whose
   next attempt goes out only once the journal has it, else the journal would refuse that
-  attempt's dispatch and result);
+  attempt's dispatch and result); so is a result, while its task is live here (its dispatch,
+  which the result journals, counts as journaled only while a write of it is under way); one
+  refused when written again, after a write whose sync failed (committed, not known to be
+  durable), is taken as the journal has it;
 * submitting a known task id with the same spec again is an idempotent retry: nothing runs
   again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
@@ -92,10 +95,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
+from coordinator.certificates import NodeCertificates
 from coordinator.failover import Reachability
 from coordinator.input_refs import InputRefs
 from coordinator.journal import (
@@ -175,8 +179,30 @@ END_RETRY_MAX_S = 2.0
 #: the wrong state) would be refused again: it is raised at once.
 _TRANSIENT = (sqlite3.OperationalError, OSError, TransientJournalError)
 
+#: Said of a task that ran out of time while no coordinator ran it (found so at recovery).
+_WHILE_DOWN = "(while the coordinator was down)"
+
+#: ``completed_by_node`` keeps a series of its own for each member membership knows and for
+#: this many other nodes (those credited most recently); the items of the rest are counted
+#: under ``GONE_NODES``, which no node id can be (:func:`fold_gone_nodes`).
+KEEP_GONE_NODES = 64
+GONE_NODES = "(gone)"
+
 _POLICIES = frozenset(p.value for p in Policy)
 _AGGREGATIONS = frozenset(m.value for m in Mode)
+
+
+class _KnownState(NamedTuple):
+    """What :meth:`Coordinator._views` keeps of a member, as of its gossiped state object
+    (``state``; a new object, gossiped anew, is read again): its models (id, version), roles
+    and links as sets, and when (loop time) this coordinator first saw its position and
+    velocity as they are (the age :func:`~meshinfer.proto.contact.node_contact_s` takes)."""
+
+    state: Any
+    models: frozenset[tuple[str, str]]
+    roles: frozenset[str]
+    links: frozenset[str]
+    placed_at: float
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,9 @@ class CoordinatorStats:
     inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
     input_bytes_saved: int = 0  # the bytes those references did not send
     input_cache_misses: int = 0  # references a node did not hold (the bytes went again)
+    #: Items completed, by the node credited (one series per member membership knows, plus
+    #: the ``KEEP_GONE_NODES`` others credited most recently; the rest are folded into the
+    #: series ``GONE_NODES``: see :func:`fold_gone_nodes`).
     completed_by_node: Counter[str] = field(default_factory=Counter)
 
 
@@ -314,8 +343,13 @@ class Coordinator:
         self._task_timers: dict[str, asyncio.TimerHandle] = {}
         #: each member's models, roles and links as sets, as of its gossiped state object, and
         #: when (loop time) this coordinator first saw its position and velocity as they are
-        self._sets_of: dict[str, tuple[Any, frozenset, frozenset, frozenset, float]] = {}
+        self._sets_of: dict[str, _KnownState] = {}
         self._inputs = InputRefs(mesh, self.config.input_ref_min_bytes, self.stats_)
+        #: the nodes of completed_by_node's own series, the one credited last at the end
+        self._credited_at: OrderedDict[str, None] = OrderedDict()
+        #: the newest certificate of each node's sessions: one the list in force revokes keeps
+        #: its node out of scheduling, whatever membership remembers (coordinator.certificates)
+        self._certificates = NodeCertificates(mesh)
         self._reach = Reachability(
             mesh, self.stats_, redial_timeout_s=self.config.redial_timeout_s,
             on_lost=self._lost, on_back=self._wake_parked.set,
@@ -362,6 +396,7 @@ class Coordinator:
         assert self.mesh.membership is not None, "start the MeshNode first"
         self.mesh.membership.subscribe(self._on_member)
         self._reach.start()
+        self._certificates.start()
         await self._recover()
         self._recovered = True
         loop = self._loop
@@ -410,11 +445,16 @@ class Coordinator:
                     self._replay_result(run, item.item_id, item.result, accepted_at)
                 elif item.state == TaskState.FAILED:
                     run.record_failure(item.item_id, item.error or "failed", accepted_at)
-            run.check_timeout(now)
+            settled = run.done
+            run.check_timeout(now)  # an aggregation whose timeout passed meanwhile ends here
+            if run.done and not settled and not run.outcome.succeeded:
+                error = f"{run.outcome.error} {_WHILE_DOWN}"
+                log.info("task %s failed: %s", run.task_id, error)
+                run.outcome = replace(run.outcome, error=error)
             # past its deadline: it fails here, its items unsent (they would go with no time)
             expired = run.expires_at is not None and run.expires_at <= now
             if expired and run.aggregator is None and not run.done:
-                error = f"{_deadline_passed(run)} (while the coordinator was down)"
+                error = f"{_deadline_passed(run)} {_WHILE_DOWN}"
                 log.info("task %s failed: %s", run.task_id, error)
                 run.outcome = Outcome(False, error=error)
             attempts = await self._attempts_of(rec)
@@ -599,16 +639,25 @@ class Coordinator:
         return why
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every member as the coordinator sees it, with the work it has in flight and done and
-        the round trip its membership probes measured (``rtt_ms``). A member that died or left
-        has no ``queue_depth`` nor ``rtt_ms`` (None): its last ones are stale."""
+        """Every member as the coordinator sees it, with the work it has in flight and done,
+        the round trip its membership probes measured (``rtt_ms``) and the seconds until it is
+        expected to leave the radio range of the roadside infrastructure (``contact_s``, as the
+        ``contact_aware`` policy estimates it: :func:`~meshinfer.proto.contact.node_contact_s`;
+        None: unknown, which counts as long enough). A member that died or left has no
+        ``queue_depth``, ``rtt_ms`` nor ``contact_s`` (None): its last ones are stale."""
         membership = self.mesh.membership
         if membership is None:
             return []
         in_flight = self._busy
+        infrastructure = infrastructure_positions(m.state for m in membership.core.live_members())
+        now, radio_range_m = self._loop.time(), self.config.radio_range_m
         out = []
         for m in sorted(membership.core.members(), key=lambda m: m.node_id):
             s = m.state
+            contact_s = None
+            if m.is_live:
+                age_s = now - self._known(m.node_id, s, now).placed_at
+                contact_s = node_contact_s(s, infrastructure, radio_range_m, age_s=age_s)
             out.append({
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),
                 "models": [f"{x.model_id}@{x.version}" for x in s.models],
@@ -618,6 +667,7 @@ class Coordinator:
                 "done": self.stats_.completed_by_node[m.node_id],
                 "rtt_ms": None if (rtt := membership.core.rtt(m.node_id)) is None
                 else round(rtt * 1e3, 3),
+                "contact_s": None if contact_s is None else round(contact_s, 3),
             })  # fmt: skip
         return out
 
@@ -714,7 +764,8 @@ class Coordinator:
 
     def _views(self) -> list[NodeView]:
         """What the scheduling policies see of each reachable live member, with the items
-        this coordinator has on each node (``_busy``)."""
+        this coordinator has on each node (``_busy``). A member whose certificate is revoked
+        is left out whatever membership says of it (:mod:`coordinator.certificates`)."""
         in_flight = self._busy
         membership = self.mesh.membership
         if membership is None:
@@ -723,30 +774,39 @@ class Coordinator:
         infrastructure = infrastructure_positions(m.state for m in live)
         now = self._loop.time()
         for m in live:
-            if not self._reach.reachable(m):
+            if not self._reach.reachable(m) or self._certificates.revoked(m.node_id):
                 continue
             s = m.state
-            known = self._sets_of.get(m.node_id)
-            if known is None or known[0] is not s:
-                sets = frozenset((x.model_id, x.version) for x in s.models), frozenset(s.roles)
-                same_place = known is not None and _motion(known[0]) == _motion(s)
-                placed_at = known[4] if same_place else now  # (the position's age starts here)
-                known = self._sets_of[m.node_id] = (s, *sets, frozenset(s.links), placed_at)
-            _, models, roles, links, placed_at = known
+            known = self._known(m.node_id, s, now)
             views.append(NodeView(
-                node_id=m.node_id, alive=m.status.value == "alive", models=models, roles=roles,
-                has_gpu=s.gpu_free_mb > 0,
+                node_id=m.node_id, alive=m.status.value == "alive", models=known.models,
+                roles=known.roles, has_gpu=s.gpu_free_mb > 0,
                 free_gpu_memory=s.gpu_free_mb << 20 if s.gpu_free_mb else None,
                 queue_depth=max(s.queue_depth, in_flight[m.node_id]),
                 capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
-                links=links,
+                links=known.links,
                 contact_s=node_contact_s(
-                    s, infrastructure, self.config.radio_range_m, age_s=now - placed_at
+                    s, infrastructure, self.config.radio_range_m, age_s=now - known.placed_at
                 ),
             ))  # fmt: skip
         if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
             self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}
         return views
+
+    def _known(self, node: str, state: Any, now: float) -> _KnownState:
+        """What is kept of ``node`` as of its gossiped ``state`` (read again once that object
+        is new; its position's age restarts only when its position or velocity changed)."""
+        known = self._sets_of.get(node)
+        if known is None or known.state is not state:
+            same_place = known is not None and _motion(known.state) == _motion(state)
+            known = self._sets_of[node] = _KnownState(
+                state=state,
+                models=frozenset((x.model_id, x.version) for x in state.models),
+                roles=frozenset(state.roles),
+                links=frozenset(state.links),
+                placed_at=known.placed_at if same_place else now,  # (its age starts here)
+            )
+        return known
 
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
         self._assign(entry, node)
@@ -949,22 +1009,19 @@ class Coordinator:
                 )  # fmt: skip
                 return
             msg = self._credited(peer, msg)
-            blob = messages.encode(msg)
-            ending = self._ending_with(msg)
-            sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
-            if sent:  # this result journals the dispatch: no mark_dispatched after it
-                pair[1].journaled = msg.attempt
-            fresh, ended = await self._db.run(
-                "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
-                sent_to=peer if sent else None, ending=ending,
-            )  # fmt: skip
+            taken = await self._take_result(pair, peer, msg)
         finally:
             self._answered[msg.item_id] -= 1
             if not self._answered[msg.item_id]:
                 del self._answered[msg.item_id]
                 if msg.item_id in self._lost_while_answered:
                     self._loop.call_soon(self._answer_handled, msg.item_id)
+        if taken is None:  # never written: the item runs on here (or again after a restart)
+            return
+        (fresh, ended), ending, failed_before = taken
         if not fresh:
+            if failed_before and await self._take_result_journaled(pair, msg):
+                return
             self.stats_.duplicates += 1
             return
         self._call_back_superseded(peer, msg)
@@ -985,6 +1042,74 @@ class Coordinator:
         except RemoteProtocolError as exc:  # a node returned an output we cannot use
             run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
         await self._advance(run)
+
+    async def _take_result(
+        self, pair: tuple[TaskRun, ItemRun] | None, peer: str, msg: TaskResult
+    ) -> tuple[tuple[bool, TaskEnd | None], TaskEnding | None, bool] | None:
+        """Journal ``msg`` (``take_result``, with the task's end when it decides it), written
+        again while the write fails for a cause that may pass (see :meth:`_until_durable`) and
+        the item's task is live here. Returns the journal's answer, the ending it was given,
+        and whether a write failed first (it may have committed all the same: its sync
+        failed); None if it was never written (the task ended meanwhile, or the coordinator
+        closes: recovery sends the item again, and its node answers that).
+
+        A result of the attempt now out, from the node it went to, vouches for its dispatch
+        (``sent_to``): that dispatch counts as journaled while the write is under way (no
+        ``mark_dispatched`` after it), and no longer once a write failed (a crash or a failure
+        of the item then finds the journal's item as it was)."""
+        sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
+        blob, failures, ending = messages.encode(msg), 0, None
+
+        async def write() -> tuple[bool, TaskEnd | None]:
+            nonlocal failures, ending
+            ending = self._ending_with(msg)  # (again: the run may have moved on meanwhile)
+            entry = pair[1] if sent and _sent_to(pair[1], msg.attempt, peer) else None
+            before = entry.journaled if entry is not None else 0
+            if entry is not None:
+                entry.journaled = msg.attempt
+            try:
+                return await self._db.run(
+                    "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
+                    sent_to=peer if sent else None, ending=ending,
+                )  # fmt: skip
+            except _TRANSIENT:
+                failures += 1
+                if entry is not None and entry.journaled == msg.attempt:
+                    entry.journaled = before
+                raise
+
+        try:
+            if pair is None:  # not live here: the journal refuses it (one try)
+                answer = await write()
+            else:
+                what = f"taking the result of {msg.item_id} from {peer}"
+                answer = await self._until_durable(pair[0], what, write)
+        except _TRANSIENT as exc:
+            log.warning("journal: the result of %s from %s is not journaled: %s",
+                        msg.item_id, peer, exc)  # fmt: skip
+            return None
+        return None if answer is None else (answer, ending, failures > 0)
+
+    async def _take_result_journaled(
+        self, pair: tuple[TaskRun, ItemRun] | None, msg: TaskResult
+    ) -> bool:
+        """``msg``'s write failed, then the journal refused it when it was written again: the
+        failed write may have committed (its sync failed). If the item is still live here and
+        the journal has a result of it, that is its outcome, taken as a fresh one would be;
+        whether it was."""
+        item_id = msg.item_id
+        if pair is None or self._items.get(item_id) is not pair:
+            return False
+        run = pair[0]
+        blob = await self._journaled_result(run, item_id)
+        if blob is None or self._items.get(item_id) is not pair:
+            return False
+        self._drop(item_id)
+        self._cancel_timer(item_id)
+        self._count_result(pair[1], msg)
+        self._record_journaled(run, item_id, blob)
+        await self._advance(run)
+        return True
 
     def _call_back_superseded(self, peer: str, msg: TaskResult) -> None:
         """The journal took ``msg``, a result of an earlier attempt than the one now out (a
@@ -1014,7 +1139,15 @@ class Coordinator:
         return replace(msg, node_id=peer)
 
     def _count_result(self, entry: ItemRun, msg: TaskResult) -> None:
-        self.stats_.completed_by_node[msg.node_id] += 1
+        completed, node = self.stats_.completed_by_node, msg.node_id
+        new = node not in completed
+        completed[node] += 1
+        self._credited_at[node] = None
+        self._credited_at.move_to_end(node)
+        if new:  # (only a new series can take the count past the bound)
+            membership = self.mesh.membership
+            known = {m.node_id for m in membership.core.members()} if membership else set()
+            fold_gone_nodes(completed, self._credited_at, known, KEEP_GONE_NODES)
         if entry.dispatched_at is not None:
             elapsed = self._loop.time() - entry.dispatched_at
             model = entry.item.model
@@ -1176,7 +1309,11 @@ class Coordinator:
         count, up to ``max_attempts`` of them per item, so a rolling restart of the nodes fails
         no task while an item every node refuses for ever still fails. The journal keeps the
         count (``items.refused``), so a restarted coordinator goes on from it. The backoff still
-        grows with every attempt, refused or not."""
+        grows with every attempt, refused or not. Nothing once the coordinator is closed (a
+        node's hand-back may still come while the daemon leaves the mesh): the item stays in
+        flight in the journal, and the next start's recovery runs it again."""
+        if self._closed:
+            return
         item_id, attempt = entry.item.item_id, entry.attempt
         self._cancel_timer(item_id)
         counted = ran or entry.refused >= self.config.max_attempts
@@ -1259,16 +1396,23 @@ class Coordinator:
     async def _take_journaled_result(self, run: TaskRun, item_id: str) -> bool:
         """Record the item's result as the journal has it, if it has one, and advance the
         task; whether it had one."""
-        record = await self._db.run("get", run.task_id)
-        blob = next((i.result for i in record.items if i.item_id == item_id), None)
+        blob = await self._journaled_result(run, item_id)
         if blob is None or self._runs.get(run.task_id) is not run:
             return blob is not None
+        self._record_journaled(run, item_id, blob)
+        await self._advance(run)
+        return True
+
+    async def _journaled_result(self, run: TaskRun, item_id: str) -> bytes | None:
+        """The item's result as the journal has it (None: it has none)."""
+        record = await self._db.run("get", run.task_id)
+        return next((i.result for i in record.items if i.item_id == item_id), None)
+
+    def _record_journaled(self, run: TaskRun, item_id: str, blob: bytes) -> None:
         try:
             self._replay_result(run, item_id, blob, self._loop.time())
         except RemoteProtocolError as exc:  # a node returned an output we cannot use
             run.record_failure(item_id, f"bad output: {exc}", self._loop.time())
-        await self._advance(run)
-        return True
 
     async def _advance(self, run: TaskRun, attempts: Mapping[str, Attempt] | None = None):
         """Queue what is ready (``attempts``: see :meth:`_schedule_ready`), or finish the run
@@ -1395,6 +1539,22 @@ class Coordinator:
 
     def _cancel_timer(self, item_id: str) -> None:
         _pop_timer(self._timers, item_id)
+
+
+def fold_gone_nodes(
+    completed: Counter[str], credited_at: OrderedDict[str, None], known: set[str], keep: int
+) -> None:
+    """Bound ``completed`` (items completed by node): every node in ``known`` (the members
+    membership knows) keeps its series, and so do the ``keep`` other nodes credited most
+    recently (``credited_at``: its nodes, the one credited last at the end); the counts of the
+    rest move to ``GONE_NODES`` and their series go (from both). The total stays the same:
+    each completed item is counted once, under its node or under ``GONE_NODES``. So on a
+    coordinator that meets vehicles by the thousand, ``/metrics`` has at most one series per
+    member, ``keep`` more and ``GONE_NODES``."""
+    gone = [node for node in credited_at if node not in known]
+    for node in gone[: max(0, len(gone) - keep)]:
+        del credited_at[node]
+        completed[GONE_NODES] += completed.pop(node, 0)
 
 
 def _motion(state: Any) -> tuple[object, object]:
