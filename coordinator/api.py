@@ -15,6 +15,9 @@ Routes (the OpenAPI document in :mod:`coordinator.openapi` describes each one)::
     GET  /openapi.json             the OpenAPI 3.1 document
     GET  /healthz                  liveness; the only route without the bearer token
 
+Every GET route answers HEAD too (its status and headers, no body), as HTTP has it (RFC 9110
+9.3.2); the OpenAPI document lists the GET operations only.
+
 Every request passes three middlewares, outermost first: ``_observe`` (counts and times it by
 route and status), ``_errors`` (turns every exception into the JSON error
 ``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
@@ -34,8 +37,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import errno
-import functools
 import hmac
 import json
 import logging
@@ -226,20 +229,19 @@ class CoordinatorApi:
             middlewares=[self._observe, self._errors, self._auth],
             client_max_size=self.max_body_bytes,
         )
-        get = functools.partial(web.get, allow_head=False)
-        app.add_routes([
+        app.add_routes([  # (web.get's routes answer HEAD too: allow_head)
             web.post("/v1/tasks", self.submit),
-            get("/v1/tasks", self.list_tasks),
-            get("/v1/tasks/{id}", self.get_task),
-            get("/v1/tasks/{id}/wait", self.wait_task),
+            web.get("/v1/tasks", self.list_tasks),
+            web.get("/v1/tasks/{id}", self.get_task),
+            web.get("/v1/tasks/{id}/wait", self.wait_task),
             web.post("/v1/tasks/{id}/cancel", self.cancel_task),
-            get("/v1/nodes", self.nodes),
-            get("/v1/stats", self.stats),
-            get("/v1/revocations", self.revocations),
+            web.get("/v1/nodes", self.nodes),
+            web.get("/v1/stats", self.stats),
+            web.get("/v1/revocations", self.revocations),
             web.post("/v1/revocations", self.push_revocations),
-            get("/metrics", self.metrics),
-            get("/openapi.json", self.openapi),
-            get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
+            web.get("/healthz", self.healthz),
         ])  # fmt: skip
         return app
 
@@ -331,7 +333,7 @@ class CoordinatorApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        public = request.method == "GET" and request.path == "/healthz"
+        public = request.method in ("GET", "HEAD") and request.path == "/healthz"
         if not public and not self._authorized(request.headers.get("Authorization", "")):
             raise ApiError(
                 401,
@@ -353,6 +355,7 @@ class CoordinatorApi:
         """POST /v1/tasks."""
         _query(request, set())
         _require_type(request, "application/json")
+        _require_utf8(request)
         size = request.content_length
         if size is None or size > self.max_body_bytes:  # chunked: it may be as large as allowed
             size = self.max_body_bytes
@@ -660,6 +663,26 @@ def _require_type(request: web.Request, media_type: str, what: str = "") -> None
     raise ApiError(
         415, "unsupported_media_type", f"Content-Type must be {media_type}{what}, {problem}"
     )
+
+
+def _require_utf8(request: web.Request) -> None:
+    """415 for a JSON body declared in another charset than UTF-8: JSON exchanged between
+    systems is UTF-8 (RFC 8259 8.1), and the body is read as such, never as declared."""
+    charset = request.charset  # (the Content-Type's charset parameter; None: not given)
+    if charset is None or _codec_name(charset) == "utf-8":
+        return
+    raise ApiError(
+        415, "unsupported_media_type",
+        f"the JSON body must be UTF-8 (RFC 8259), not charset={charset[:40]!r}: send it"
+        " encoded as UTF-8 with Content-Type application/json (or charset=utf-8)",
+    )  # fmt: skip
+
+
+def _codec_name(charset: str) -> str | None:
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return None
 
 
 # --- query parameters ------------------------------------------------------------------------
@@ -1019,7 +1042,8 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         family("meshinfer_coord_journal_events_total", "counter",
                "Journal counters (refused results, ignored failures) by name.",
                [({"name": k}, v) for k, v in sorted(stats.get("journal_counters", {}).items())]),
-        family("meshinfer_coord_completed_total", "counter", "Work items completed by node.",
+        family("meshinfer_coord_completed_total", "counter", "Work items completed by node"
+               " (nodes long gone are folded into the node (gone)).",
                [({"node": k}, v) for k, v in sorted(stats.get("completed_by_node", {}).items())]),
         family("meshinfer_coord_live_tasks", "gauge", "Tasks in flight.",
                [({}, stats.get("live_tasks", 0))]),

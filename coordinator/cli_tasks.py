@@ -27,9 +27,11 @@ area averaging, contrast-stretched to the 0..16 pixel counts of the digits data 
 
 Exit codes: 0 done (a waited task succeeded), 1 a waited task failed or was cancelled, 2 an
 error (bad argument or input file, coordinator unreachable or refusing; a coordinator lost
-during ``submit --wait`` too, in one line naming the accepted task), 3 ``--wait`` ran out of
-time while the task still runs, 130 interrupted (Ctrl-C; during ``submit --wait``, after one
-line on stderr naming the accepted task).
+during ``submit --wait`` too, in one line naming the accepted task; a submission whose
+connection dropped or timed out before the answer, in one line saying the task may or may not
+have been accepted and how to look), 3 ``--wait`` ran out of time while the task still runs,
+130 interrupted (Ctrl-C; during the submission, after one line on stderr saying the task may or
+may not have been accepted; during ``submit --wait``, after one naming the accepted task).
 """
 
 from __future__ import annotations
@@ -539,7 +541,7 @@ def _add_submit(commands: Any) -> None:
 
 def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
     inputs = load_inputs(args.input, args.key, args.dtype)
-    answer = client.submit(task_document(args, inputs))
+    answer = _send_submission(client, task_document(args, inputs))
     if not args.wait:
         if args.json:
             _print_json(answer)
@@ -555,6 +557,31 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
     else:
         print(render_result(doc, args.show))
     return _exit_code(doc)
+
+
+def _send_submission(client: CoordinatorClient, doc: dict[str, Any]) -> dict[str, Any]:
+    """POST the task. When the request went out but no answer came (the connection dropped,
+    the time ran out, or Ctrl-C: KeyboardInterrupt, exit 130, after one line on stderr), the
+    coordinator may or may not have accepted the task: the error says so and how to look."""
+    task_id = doc.get("task_id")
+    if task_id:
+        what, look = f"task {task_id}", f"`meshinfer-coord status {task_id}`"
+    else:
+        what, look = "the task", "`meshinfer-coord tasks` (newest first)"
+    try:
+        return client.submit(doc)
+    except ApiError as exc:
+        if exc.status is not None or exc.code == "unreachable":  # an answer, or none sent
+            raise
+        message = f"{exc.message}; to see whether it accepted {what}: {look}"
+        raise ApiError(None, exc.code, message) from None
+    except KeyboardInterrupt:
+        print(
+            f"meshinfer-coord: interrupted: the submission of {what} was cut short; the"
+            f" coordinator may or may not have accepted it: look with {look}",
+            file=sys.stderr,
+        )
+        raise
 
 
 def task_document(args: argparse.Namespace, inputs: np.ndarray) -> dict[str, Any]:
@@ -1015,7 +1042,8 @@ def _result_lines(result: dict[str, Any], show: int) -> list[str]:
 def render_nodes(doc: dict[str, Any]) -> str:
     """The ``nodes`` table of a GET /v1/nodes answer (a node that left or died has no queue
     depth: ``-``; nor has one whose round trip was not measured yet, or a coordinator's answer
-    from before ``rtt_ms``, an RTT)."""
+    from before ``rtt_ms``, an RTT; nor a contact time, ``CONTACT S``, one whose ``contact_s``
+    is unknown: see :mod:`meshinfer.proto.contact`)."""
     nodes = doc["nodes"]
     if not nodes:
         return "no nodes"
@@ -1026,6 +1054,7 @@ def render_nodes(doc: dict[str, Any]) -> str:
             ",".join(n["roles"]) or "-",
             n["address"],
             None if (rtt := n.get("rtt_ms")) is None else f"{rtt:.1f}",
+            None if (contact := n.get("contact_s")) is None else f"{contact:.1f}",
             n["queue_depth"],
             n["in_flight"],
             n["done"],
@@ -1034,9 +1063,11 @@ def render_nodes(doc: dict[str, Any]) -> str:
         for n in nodes
     ]
     headers = (
-        "NODE", "STATUS", "ROLES", "ADDRESS", "RTT MS", "QUEUE", "IN FLIGHT", "DONE", "MODELS"
+        "NODE", "STATUS", "ROLES", "ADDRESS", "RTT MS", "CONTACT S", "QUEUE", "IN FLIGHT",
+        "DONE", "MODELS",
     )  # fmt: skip
-    return format_table(headers, rows, right={"RTT MS", "QUEUE", "IN FLIGHT", "DONE"})
+    right = {"RTT MS", "CONTACT S", "QUEUE", "IN FLIGHT", "DONE"}
+    return format_table(headers, rows, right=right)
 
 
 def render_stats(doc: dict[str, Any]) -> str:

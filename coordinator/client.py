@@ -9,11 +9,16 @@ Used by the ``meshinfer-coord`` task commands (:mod:`coordinator.cli_tasks`) and
     labels = done["result"]["labels"]
 
 Every failure is an :class:`ApiError`: the coordinator's JSON error (status, code, message), an
-answer that is not the JSON the API promises, or no answer at all ("cannot reach the coordinator
-at URL: ..."). :func:`resolve_endpoint` finds the URL and token the way the CLI does: explicit
-options, then ``<data_dir>/runtime.json`` (written by the coordinator daemon: ``{"api": url,
-"token_file": path, ...}``), then the ``MESHINFER_COORD_URL`` / ``MESHINFER_COORD_TOKEN``
-environment variables.
+answer that is not the JSON the API promises, or no answer at all. Without an answer, the code
+says whether the request reached the coordinator: ``unreachable`` ("cannot reach the coordinator
+at URL: ...": no connection, nothing was received), ``disconnected`` (the connection closed or
+broke after it was made, before the whole answer came: the request may or may not have been
+carried out) or ``timeout`` (sent, and no answer in time: the same).
+
+:func:`resolve_endpoint` finds the URL and token the way the CLI does: explicit options, then
+``<data_dir>/runtime.json`` (written by the coordinator daemon: ``{"api": url, "token_file":
+path, ...}``), then the ``MESHINFER_COORD_URL`` / ``MESHINFER_COORD_TOKEN`` environment
+variables.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +78,9 @@ class ApiError(MeshInferError):
     """A request to the coordinator failed.
 
     ``status`` is the HTTP status (None when no answer came), ``code`` the API's short error code
-    (``not_found``, ``invalid_task``... or ``unreachable``/``timeout``/``bad_response`` from the
-    client itself) and ``message`` the explanation. ``retry_after``: the seconds the coordinator
+    (``not_found``, ``invalid_task``... or ``unreachable``/``disconnected``/``timeout``/
+    ``bad_response`` from the client itself: see the module docstring) and ``message`` the
+    explanation. ``retry_after``: the seconds the coordinator
     asked to wait before trying again (its ``Retry-After``), if it did.
     """
 
@@ -398,8 +404,11 @@ class CoordinatorClient:
             error = _error_from_response(exc.code, _read_quietly(exc))
             error.retry_after = _seconds(exc.headers.get("Retry-After"))
             raise error from None
-        except (TimeoutError, urllib.error.URLError, HTTPException, OSError) as exc:
-            raise self._unreachable(exc) from None
+        except urllib.error.URLError as exc:  # connecting, or sending the request
+            reason = exc.reason if isinstance(exc.reason, BaseException) else exc
+            raise self._no_answer(reason, request, sent=isinstance(reason, _DROPPED)) from None
+        except (HTTPException, OSError) as exc:  # the request was sent: reading the answer
+            raise self._no_answer(exc, request, sent=True) from None
         return _json_object(status, raw)
 
     def _build(self, method, path, query, body) -> urllib.request.Request:
@@ -414,16 +423,37 @@ class CoordinatorClient:
             headers["Content-Type"] = "application/json"
         return urllib.request.Request(url, data=data, headers=headers, method=method)
 
-    def _unreachable(self, exc: BaseException) -> ApiError:
-        reason = getattr(exc, "reason", None) or exc
-        if isinstance(reason, TimeoutError):
-            return ApiError(
-                None, "timeout", f"no answer from the coordinator at {self.url} in time"
-            )
-        detail = str(reason) or type(reason).__name__
-        return ApiError(
-            None, "unreachable", f"cannot reach the coordinator at {self.url}: {detail}"
+    def _no_answer(
+        self, exc: BaseException, request: urllib.request.Request, *, sent: bool
+    ) -> ApiError:
+        """The error for a request that got no whole answer: ``sent`` when the connection was
+        made and the request (or part of it) went over it, so the coordinator may have acted."""
+        detail = str(exc) or type(exc).__name__
+        what = f"{request.get_method()} {urllib.parse.urlsplit(request.full_url).path}"
+        unsure = (
+            f"it may or may not have carried out {what}"
+            if request.get_method() not in ("GET", "HEAD")
+            else f"asking again is safe ({what} changes nothing)"
         )
+        if isinstance(exc, TimeoutError):  # (connecting or sending, as well: sent or not)
+            message = f"no answer from the coordinator at {self.url} in time: {unsure}"
+            return ApiError(None, "timeout", message)
+        if not sent:
+            return ApiError(
+                None, "unreachable", f"cannot reach the coordinator at {self.url}: {detail}"
+            )
+        if isinstance(exc, HTTPException) and not isinstance(exc, _DROPPED):
+            message = f"the coordinator at {self.url} did not answer in HTTP ({detail}): {unsure}"
+            return ApiError(None, "bad_response", message)
+        message = (
+            f"the connection to the coordinator at {self.url} closed before its answer came"
+            f" ({detail}): {unsure}"
+        )
+        return ApiError(None, "disconnected", message)
+
+
+#: A connection that was made and then closed or broke: what was sent may have been received.
+_DROPPED = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, IncompleteRead)
 
 
 def _task_path(task_id: str, suffix: str = "") -> str:

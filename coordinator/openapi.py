@@ -202,6 +202,12 @@ def _mesh_schemas() -> dict[str, Schema]:
         "rtt_ms": {"type": ["number", "null"], "description": "smoothed round trip of the"
                    " coordinator's membership probes to the node (what the latency policy ranks"
                    " by); null until one was answered, and for a node that died or left"},
+        "contact_s": {"type": ["number", "null"], "description": "seconds until the node is"
+                      " expected to leave the radio range of the roadside infrastructure, as"
+                      " the contact_aware policy estimates it from its gossiped position and"
+                      " velocity; null: unknown (an infrastructure node, one not moving or"
+                      " without a position, none known of the infrastructure), which counts as"
+                      " long enough; null too for a node that died or left"},
     }, closed=False)  # fmt: skip
     counts = {"type": "object", "additionalProperties": _INT}
     stats = _obj(["tasks", "items", "dispatched", "retries", "live_tasks"], {
@@ -251,7 +257,8 @@ _ERROR_RESPONSES = {
     "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
     "413": "The body is over the size limit (code too_large).",
-    "415": "The body is not of the route's media type (code unsupported_media_type).",
+    "415": "The body is not of the route's media type, or a JSON body declares a charset other"
+    " than UTF-8 (code unsupported_media_type).",
     "503": "Too many submissions are being uploaded; retry after Retry-After (code busy); or"
     " this coordinator runs no revocation sync (code unavailable).",
     "500": "The coordinator failed; the error is logged (code internal).",
@@ -380,7 +387,8 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "meshinfer coordinator API", "version": API_VERSION,
-                 "description": "Submit, watch and cancel inference tasks on a vehicle mesh."},
+                 "description": "Submit, watch and cancel inference tasks on a vehicle mesh."
+                 " Every GET operation answers HEAD too: its status and headers, no body."},
         "security": [{"bearerAuth": []}],
         "paths": {**_task_paths(), **_other_paths()},
         "components": {

@@ -633,14 +633,10 @@ async def test_healthz_answers_without_a_token(served):
         ("DELETE", "/v1/tasks", 405, "method_not_allowed"),
         ("PUT", "/v1/tasks/x", 405, "method_not_allowed"),
         ("POST", "/healthz", 405, "method_not_allowed"),
-        ("HEAD", "/v1/nodes", 405, "method_not_allowed"),
+        ("PATCH", "/v1/nodes", 405, "method_not_allowed"),
     ],
 )
 async def test_unknown_routes_tasks_and_methods(served, method, path, status, code):
-    if method == "HEAD":  # no body to read: check the status only
-        async with served.http.head(path) as response:
-            assert response.status == status and "GET" in response.headers["Allow"]
-        return
     doc = await call(served.http, method, path, status=status)
     assert doc["error"]["code"] == code
 
@@ -920,8 +916,10 @@ async def test_the_openapi_document_is_valid_and_covers_every_route(served):
     doc = await call(served.http, "GET", "/openapi.json")
     assert doc == DOC
     await asyncio.to_thread(validate_openapi, doc)  # ~0.15 s of CPU: not on the served loop
-    served_routes = {
-        (route.method.lower(), route.resource.canonical) for route in served.api.app.router.routes()
+    served_routes = {  # HEAD beside every GET is HTTP's, not an operation of its own
+        (route.method.lower(), route.resource.canonical)
+        for route in served.api.app.router.routes()
+        if route.method != "HEAD"
     }
     documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
     assert served_routes == documented
