@@ -8,10 +8,12 @@ holds an exclusive ``flock`` on ``<journal>-lock`` for as long as it is open
 (:func:`lock_journal`, by :func:`meshinfer.filelock.lock_file`), and a second one is refused,
 naming the process that holds it. The lock is a file of its own, not the database: SQLite's own
 (POSIX) locks on the database are dropped when *any* descriptor of that file in the process is
-closed. A lock file of another user (left by a coordinator run as root) is an error naming that
-user and what to do. Readers (:func:`~coordinator.journal.read_stats`, the CLI) take no lock:
-WAL lets them read beside the writer. The kernel drops the lock when its process dies, so a
-crash leaves nothing to clean up (the file stays, unlocked).
+closed. A lock file of another user (left by a coordinator run as root), or a directory this
+user may not search or write, is an error naming that path, its owner and what to do
+(:func:`meshinfer.filelock.failure_text`), never a bare ``PermissionError``. Readers
+(:func:`~coordinator.journal.read_stats`, the CLI) take no lock: WAL lets them read beside the
+writer. The kernel drops the lock when its process dies, so a crash leaves nothing to clean up
+(the file stays, unlocked).
 
 Every ``sqlite3`` error while the journal opens (a directory, random bytes, a damaged file, a
 read-only place, a full disk) becomes a :class:`JournalFileError` naming the file and what is
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from coordinator.journal_schema import SchemaError
 from meshinfer.errors import MeshInferError
-from meshinfer.filelock import LockHeld, LockUnavailable, lock_file
+from meshinfer.filelock import LockHeld, LockUnavailable, failure_text, lock_file
 
 __all__ = ["LOCK_SUFFIX", "JournalFileError", "explained", "lock_journal"]
 
@@ -53,7 +55,11 @@ def lock_journal(path: Path) -> int:
     """Take the journal's lock (see the module docstring); its descriptor, which holds the lock
     until it is closed. :class:`JournalFileError` if another journal holds it, or the lock
     file cannot be made or opened (one of another user names that user and what to do)."""
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a directory above it that this user may not search
+        raise JournalFileError(f"journal {path}: {failure_text(path, 'reach', exc)}") from None
+    if is_dir:
         raise JournalFileError(f"journal {path} is a directory, not a file")
     lock_path = Path(f"{path}{LOCK_SUFFIX}")
     try:

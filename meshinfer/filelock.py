@@ -7,8 +7,10 @@ directory (:mod:`meshinfer.identity_files`), a coordinator on its journal
 Either returns the open descriptor that holds the lock until it is closed; the kernel drops the
 lock when its process dies, so a crash leaves nothing to clean up. Nobody waits: a lock someone
 holds is :class:`LockHeld` at once. A path that cannot be opened or locked is
-:class:`LockUnavailable`, whose message names the path and, when it belongs to another user,
-that user and what to do (rather than a bare "Permission denied").
+:class:`LockUnavailable`, whose message names the path and, where access was denied, the path
+that stops this process (the lock's, or a directory above it) and what to do: run as the user it
+belongs to, or chown it, or check its permissions (rather than a bare "Permission denied"; see
+:func:`failure_text`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from meshinfer.errors import MeshInferError
 
-__all__ = ["LockHeld", "LockUnavailable", "lock_directory", "lock_file"]
+__all__ = ["LockHeld", "LockUnavailable", "failure_text", "lock_directory", "lock_file"]
 
 _DENIED = {errno.EACCES, errno.EPERM}
 
@@ -55,7 +57,7 @@ def _lock(path: Path, flags: int, *, record_pid: bool) -> int:
     try:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise LockUnavailable(_why(path, "open", exc)) from None
+        raise LockUnavailable(failure_text(path, "open", exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -64,7 +66,7 @@ def _lock(path: Path, flags: int, *, record_pid: bool) -> int:
         raise LockHeld(path, pid) from None
     except OSError as exc:
         os.close(fd)
-        raise LockUnavailable(_why(path, "lock", exc)) from None
+        raise LockUnavailable(failure_text(path, "lock", exc)) from None
     if record_pid:
         _record_holder(fd)
     return fd
@@ -88,23 +90,36 @@ def _holder(fd: int) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def _why(path: Path, doing: str, exc: OSError) -> str:
-    """``cannot open PATH: REASON``, and for a path of another user, whose it is and what to
-    do."""
+def failure_text(path: Path, doing: str, exc: OSError) -> str:
+    """``cannot DOING PATH: REASON`` for ``exc``, met doing that to ``path``. Where access was
+    denied: the path that stops this process (``path``, or the nearest directory above it that
+    can be looked at), whose it is and what to do: run as its owner or chown it, or, where it is
+    this user's own, check its permissions."""
     message = f"cannot {doing} {path}: {exc.strerror}"
     if exc.errno not in _DENIED:
         return message
-    try:
-        owner = os.stat(path).st_uid
-    except OSError:
+    found = _nearest_status(Path(path))
+    if found is None:
         return message
+    where, status = found
+    it = "it" if where == Path(path) else str(where)
     me = os.geteuid()
-    if owner == me:
-        return message
+    if status.st_uid == me:
+        return f"{message}; check the permissions of {where} (mode {status.st_mode & 0o7777:04o})"
     return (
-        f"{message}; it belongs to {_user(owner)} and this process runs as {_user(me)}: run"
-        f" this as {_user(owner)}, or chown it to {_user(me)}"
+        f"{message}; {it} belongs to {_user(status.st_uid)} and this process runs as"
+        f" {_user(me)}: run this as {_user(status.st_uid)}, or chown {it} to {_user(me)}"
     )
+
+
+def _nearest_status(path: Path) -> tuple[Path, os.stat_result] | None:
+    """``path`` or the nearest directory above it that can be looked at, with its status."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate, os.stat(candidate)
+        except OSError:  # missing, or in a directory this user may not search
+            continue
+    return None
 
 
 def _user(uid: int) -> str:

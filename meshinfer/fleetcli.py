@@ -433,8 +433,11 @@ def _revoke(args: argparse.Namespace) -> int:
     target = f"serial {entry.serial}" if entry.serial is not None else f"node {entry.node_id}"
     print(f"revoked {target}; revocation list version {entry.sequence}")
     print(
-        f"to spread it, copy {fleet.revocations_bin} into the identity directory of any running"
-        " node or coordinator"
+        "the mesh admits that certificate until a running node has this list: push it to the"
+        f" coordinator (meshinfer-coord revocations --push {args.dir}), or copy"
+        f" {fleet.revocations_bin} into the identity directory of any running node or"
+        " coordinator; gossip then spreads it to every node (one not running now gets it when"
+        " it joins)"
     )
     return 0
 

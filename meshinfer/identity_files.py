@@ -44,7 +44,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,22 +90,16 @@ def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -
     """
     if path.is_dir() and not path.is_symlink():
         raise IdentityError(f"cannot write {path}: it is a directory")
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    written = _write_temporary(temporary, data, mode, path)
-    try:
+
+    def name(temporary: Path) -> bool:
         if force:
             os.replace(temporary, path)
         else:
             _link_new(temporary, path, mode)
-    except FileExistsError:
-        raise IdentityError(
-            f"{path} already exists; refusing to overwrite it (use --force)"
-        ) from None
-    except OSError as exc:
-        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        _remove_quietly(temporary)
-    _sync_directory(path.parent)
+        return True
+
+    written = _write_then_name(path, data, mode, name)
+    assert written is not None  # name() always names it
     return written
 
 
@@ -131,12 +125,29 @@ def replace_unchanged(
     no file) once the new contents are on disk: then ``path`` is left as it is and None returned.
     So a file someone is writing meanwhile (an operator's copy) is not renamed over, which
     would send the rest of their writes to a file nobody can read."""
+
+    def name(temporary: Path) -> bool:
+        if file_stamp(path) != stamp:
+            return False
+        os.replace(temporary, path)
+        return True
+
+    return _write_then_name(path, data, mode, name)
+
+
+def _write_then_name(
+    path: Path, data: bytes, mode: int, name: Callable[[Path], bool]
+) -> os.stat_result | None:
+    """Write ``data`` to a temporary file beside ``path`` (created with ``mode``, flushed to
+    disk), then have ``name(temporary)`` give it ``path``'s name, and flush the directory;
+    the file's status as written. ``name`` returns False to leave ``path`` as it is (then None).
+    The temporary file never outlives the call; an ``OSError`` is an :class:`IdentityError`
+    naming ``path``."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     written = _write_temporary(temporary, data, mode, path)
     try:
-        if file_stamp(path) != stamp:
+        if not name(temporary):
             return None
-        os.replace(temporary, path)
     except OSError as exc:
         raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
     finally:
@@ -168,12 +179,17 @@ def _link_new(temporary: Path, path: Path, mode: int) -> None:
     dangling symlink). Where the file system has no hard links, the name is reserved by
     creating it exclusively, then the temporary file is renamed over it."""
     try:
-        os.link(temporary, path)
-        return
-    except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
-            raise
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode))
+        try:
+            os.link(temporary, path)
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode))
+    except FileExistsError:
+        raise IdentityError(
+            f"{path} already exists; refusing to overwrite it (use --force)"
+        ) from None
     os.replace(temporary, path)
 
 

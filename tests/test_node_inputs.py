@@ -70,7 +70,7 @@ async def test_a_data_dir_that_cannot_be_one_is_named(base, tmp_path):
     (tmp_path / "a-file").write_text("")
     for path, problem in [("a-file", "exists and is not a directory"), ("a-file/sub", "")]:
         config = _config(base, node={"data_dir": str(tmp_path / path)})
-        with pytest.raises(ConfigError, match=rf"\[node\] data_dir \S*{path}: .*{problem}"):
+        with pytest.raises(ConfigError, match=rf"\[node\] data_dir\b.* \S*{path}: .*{problem}"):
             async with _started(config):
                 pass
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import ConfigError
+from meshinfer.filelock import failure_text
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class DataDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # a file (or a link to one) is in the way
             raise ConfigError(f"{where}: exists and is not a directory") from None
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot create it: {exc.strerror or exc}") from None
+        except OSError as exc:  # where access is denied: by whom, and what to do
+            raise ConfigError(f"{self.key}: {failure_text(self.path, 'create', exc)}") from None
 
     def write_runtime(self, facts: dict[str, Any]) -> None:
         """Record ``facts`` (which must hold this process's ``pid``) in the runtime file."""
