@@ -23,8 +23,9 @@ route and status), ``_errors`` (turns every exception into the JSON error
 ``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
 never with its traceback) and ``_auth`` (``Authorization: Bearer <token>``, compared in constant
 time). A request aiohttp rejects before any middleware runs (one it cannot parse) gets the same
-JSON error, 400 ``bad_request``, from the connection itself (:class:`_JsonErrorConnection`),
-and is counted under route ``unparsed``.
+JSON error, 400 ``bad_request``, from the connection itself (:mod:`coordinator.api_errors`,
+which holds the errors and the aiohttp internals this relies on), and is counted under route
+``unparsed``.
 Query parameters are read strictly (on every route but ``/metrics`` and ``/healthz``): an
 unknown, repeated or malformed one is a 400 ``bad_parameter`` naming it. Large bodies are
 parsed, and large results rendered, in a worker thread so the event loop keeps serving.
@@ -53,8 +54,9 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
 
+from coordinator.api_errors import ApiError, ApiRunner, error_body, from_http_exception
+from coordinator.api_errors import json_response as _json
 from coordinator.journal import (
     MAX_PAGE,
     ItemRecord,
@@ -108,18 +110,9 @@ _OFF_LOOP_BYTES = 256 * 1024
 LINGER_S = 1.0
 #: Requests still running this long after ``aclose`` began are cancelled.
 _SHUTDOWN_GRACE_S = 5.0
-#: Error messages are cut to this many characters (they may quote what the client sent).
-_MAX_MESSAGE = 500
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _STATES = tuple(s.value for s in TaskState)
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    415: "unsupported_media_type",
-}
 
 
 def _out_of_space(exc: BaseException) -> bool:
@@ -130,24 +123,6 @@ def _out_of_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
-class ApiError(Exception):
-    """An answer other than success: HTTP ``status``, a short ``code`` and a clear ``message``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
-
-    def response(self) -> web.Response:
-        """The JSON error response."""
-        body = error_body(self.status, self.code, self.message)
-        return _json(body, status=self.status, headers=self.headers)
-
-
 def revocations_doc(listed: RevocationList) -> dict[str, Any]:
     """``{"version", "entries": [...]}`` of a revocation list, oldest entry first."""
     return {"version": listed.version, "entries": listed.records()}
@@ -156,18 +131,6 @@ def revocations_doc(listed: RevocationList) -> dict[str, Any]:
 def _doc_bytes(listed: RevocationList) -> int:
     """About how large ``listed``'s JSON document is (a long list is built off the loop)."""
     return 300 * len(listed.entries)
-
-
-def error_body(status: int, code: str, message: str) -> dict[str, Any]:
-    """The API's error document (the message is cut to a sane length)."""
-    if len(message) > _MAX_MESSAGE:
-        message = message[: _MAX_MESSAGE - 3] + "..."
-    return {"error": {"status": status, "code": code, "message": message}}
-
-
-def _json(doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None):
-    text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
-    return web.Response(text=text, status=status, headers=headers, content_type="application/json")
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -256,7 +219,7 @@ class CoordinatorApi:
         # read on and dropped for LINGER_S at most, not aiohttp's 10 s: long enough for the
         # client to read the answer before the close (closing on unread bytes resets the
         # connection), short enough not to hold a handler for a client that keeps sending
-        runner = _ApiRunner(
+        runner = ApiRunner(
             self.app, self._count_unparsed, access_log=None, handle_signals=False,
             logger=ClientErrorLog(log), shutdown_timeout=_SHUTDOWN_GRACE_S,
             lingering_time=LINGER_S,
@@ -312,7 +275,7 @@ class CoordinatorApi:
         except ApiError as exc:
             return exc.response()
         except web.HTTPException as exc:
-            return _from_http_exception(exc, request, self.max_body_bytes).response()
+            return from_http_exception(exc, request, self.max_body_bytes).response()
         except UnknownTaskError as exc:
             return ApiError(404, "not_found", str(exc)).response()
         except TaskConflictError as exc:
@@ -555,99 +518,10 @@ class CoordinatorApi:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# --- what aiohttp answers itself ---------------------------------------------------------------
-
-
-class _JsonErrorConnection(web.RequestHandler):
-    """aiohttp's HTTP/1.1 connection, answering a request it rejects before any middleware runs
-    (a malformed request line, header or chunk; a line over 8 KiB; a method llhttp does not
-    know; a body that does not decode as its Content-Encoding) with the API's JSON error, not
-    aiohttp's plain text. The connection closes after it, as aiohttp's own answer does."""
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; raises if answering began
-        if status >= 500:  # (unreached: the _errors middleware answers every handler's error)
-            code, text = "internal", "the coordinator failed to handle this request"
-        else:
-            code, text = _HTTP_CODES.get(status, "bad_request"), _unparsed(exc, message)
-        response = ApiError(status, code, text).response()
-        response.force_close()
-        server = self._manager  # (None once the connection is lost)
-        if isinstance(server, _JsonErrorServer):
-            server.count_unparsed(request.method, status)
-        return response
-
-
-def _unparsed(exc: BaseException | None, message: str | None) -> str:
-    """What was wrong with a request aiohttp could not parse, in one line."""
-    if isinstance(exc, ContentEncodingError):  # (its message is the encoding's name)
-        encoding = str(exc.message)[:40]
-        return f"the body cannot be read as sent (Content-Encoding {encoding!r})"
-    lines = (message or str(exc or "")).strip().splitlines()
-    detail = _QUOTED_BYTES.split(lines[0])[0].rstrip(":. ") if lines else "malformed"
-    return f"the request is not valid HTTP/1.1: {detail[:200]}"
-
-
-#: Where aiohttp's message quotes the bytes it refused (the client's own: not sent back).
-_QUOTED_BYTES = re.compile(r":\s*(?:b'|b\"|bytearray\()")
-
-
-class _JsonErrorServer(web.Server):
-    """aiohttp's server, making :class:`_JsonErrorConnection` connections; they report each
-    request they answer themselves to ``count_unparsed(method, status)`` (the API's counter,
-    set by :class:`_ApiRunner`)."""
-
-    count_unparsed: Callable[[str, int], None]
-
-    def __call__(self) -> web.RequestHandler:
-        connection = super().__call__()
-        connection.__class__ = _JsonErrorConnection  # the same slots: only handle_error differs
-        return connection
-
-
-class _ApiRunner(web.AppRunner):
-    """``web.AppRunner`` whose server is a :class:`_JsonErrorServer` counting what its
-    connections answer themselves with ``count_unparsed``."""
-
-    def __init__(
-        self, app: web.Application, count_unparsed: Callable[[str, int], None], **kwargs: Any
-    ) -> None:
-        super().__init__(app, **kwargs)
-        self._count_unparsed = count_unparsed
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer  # (the application builds it: no other way in)
-        server.count_unparsed = self._count_unparsed
-        return server
-
-
 def _route_label(request: web.Request) -> str:
     """The route template (``/v1/tasks/{id}``), or ``unmatched``: bounded label values."""
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
-
-
-def _from_http_exception(exc: web.HTTPException, request: web.Request, cap: int) -> ApiError:
-    status = exc.status
-    code = _HTTP_CODES.get(status) or re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
-    path = request.path[:200]
-    message = {
-        404: f"no route {request.method} {path}",
-        405: f"{request.method} is not allowed on {path}"
-        + (f"; allowed: {exc.headers['Allow']}" if "Allow" in exc.headers else ""),
-        413: f"request body over the limit of {cap} bytes",
-    }.get(status, exc.text or exc.reason)
-    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-    return ApiError(status, code or "http_error", message, headers)
 
 
 def _too_large(cap: int) -> ApiError:
