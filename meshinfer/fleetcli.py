@@ -54,8 +54,8 @@ from meshinfer.proto.identity import (
     check_name,
     check_reason,
     check_roles,
+    utc_text,
 )
-from meshinfer.runtime.startup import utc_text
 
 EXIT_USAGE = 2
 EXIT_CLOSED_PIPE = 141

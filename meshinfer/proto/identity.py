@@ -34,6 +34,7 @@ the key material in (a seed), never from a seeded ``random.Random``.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import re
@@ -665,3 +666,13 @@ class NodeIdentity:
         from meshinfer.identity_files import NodeDirectory  # file I/O lives outside proto/
 
         return NodeDirectory(Path(directory)).load()
+
+
+def utc_text(seconds: float) -> str:
+    """``seconds`` (a certificate's or revocation's time) as a UTC date and time for people,
+    or as a number where no calendar date fits."""
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.6g} s"
+    return moment.strftime("%Y-%m-%d %H:%M:%S")

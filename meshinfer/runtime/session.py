@@ -31,8 +31,12 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
 
 ``closed``
     Reached by :meth:`Session.aclose` (sends ``Close`` first), by the peer's ``Close``, by EOF,
-    by an idle timeout, or by a protocol error from the peer. Pending and later ``recv`` calls
-    raise :class:`~meshinfer.errors.StreamClosed` carrying the reason; ``aclose`` is idempotent.
+    by an idle timeout, by a protocol error from the peer, or once the peer's certificate has
+    expired beyond ``clock_skew`` (judged by the admission's wall clock, as the handshake judged
+    it; the keep-alive task wakes for it, so no message reads a clock): the session is then
+    closed as lost, with a ``Close`` frame (``ADMISSION_REFUSED``) naming the expiry. Pending
+    and later ``recv`` calls raise :class:`~meshinfer.errors.StreamClosed` carrying the reason;
+    ``aclose`` is idempotent.
 
 Everything time-related uses the running loop's clock (``loop.time()``), so a virtual-time loop
 can drive sessions unchanged.
@@ -67,6 +71,7 @@ from meshinfer.proto.identity import (
     RevocationList,
     admit,
     prologue,
+    utc_text,
 )
 from meshinfer.proto.messages import Close, CloseCode, Hello, Ping, Pong
 from meshinfer.proto.noise import CipherState, HandshakeState
@@ -107,7 +112,8 @@ class SessionConfig:
         max_message_size: largest reassembled application message accepted (bytes).
         recv_queue: messages buffered for :meth:`Session.recv` before the reader stops reading.
         clock_skew: seconds of tolerance on certificate validity windows (default
-            :data:`~meshinfer.proto.identity.DEFAULT_CLOCK_SKEW_S`).
+            :data:`~meshinfer.proto.identity.DEFAULT_CLOCK_SKEW_S`): at the handshake, and for
+            as long as the session lasts (it ends once the peer's certificate expired by more).
         pack: announce the ``packed`` feature (several small messages per Noise message; used
             towards a peer that announces it too, and understood from any peer either way).
         verify_timeout: when a peer opens another session while older ones with it are open
@@ -160,7 +166,9 @@ class Admission:
 
     ``revocations`` is replaced as gossip merges newer lists; sessions read it at handshake time,
     and before each write of application messages (:attr:`Session.peer_revoked`).
-    ``wallclock`` is the only wall-clock read here: certificate validity is wall-clock time.
+    ``wallclock`` is the only wall-clock read here: certificate validity is wall-clock time (read
+    at the handshake, and by each session's keep-alive task, which ends the session once the
+    peer's certificate has expired: :meth:`Session.certificate_left`).
     """
 
     identity: NodeIdentity
@@ -238,7 +246,9 @@ class Session:
         #: or an error (e.g. the peer's process was killed and its kernel reset the socket), or
         #: this side gave up on a peer that stopped answering (:meth:`abandon`, or nothing came
         #: for ``idle_timeout``: then a Close frame is still sent, best effort), or the peer
-        #: closed it for its own idle timeout.
+        #: closed it for its own idle timeout, or this side cut it because the peer's certificate
+        #: expired (what the peer had sent meanwhile is dropped unread; its owners' recovery,
+        #: e.g. the coordinator's re-dial, finds the node refused and re-dispatches its items).
         self.lost = False
         self._closing = False  # aclose() under way
         self._closed = asyncio.Event()
@@ -386,6 +396,11 @@ class Session:
         self._mark_lost(reason)
         await self._shutdown(abort=True)
 
+    def certificate_left(self) -> float:
+        """Seconds until the peer's certificate expires beyond ``clock_skew``, by the admission's
+        wall clock (negative once it has): the session then ends (see the module docstring)."""
+        return self.peer.not_after + self.config.clock_skew - self._admission.wallclock()
+
     @property
     def last_received(self) -> float:
         """The loop time at which bytes last arrived on the session."""
@@ -485,6 +500,14 @@ class Session:
         cfg = self.config
         while not self._closed.is_set():
             now = self._loop.time()
+            # Wall-clock seconds turned into loop time, read again at each wake-up: the two
+            # clocks drift (or the wall clock is stepped), so a wake-up that comes early sleeps
+            # again, for what is left by the wall clock.
+            left = self.certificate_left()
+            if left < 0:  # as admit() judges: valid up to not_after + clock_skew inclusive
+                await self._expire()
+                return
+            expires_at = now + left
             if now - self._last_rx >= cfg.idle_timeout:
                 log.info(
                     "session with %s idle for %.1fs: closing", self.peer_id, now - self._last_rx
@@ -506,7 +529,18 @@ class Session:
                     await self._send_control(Ping(nonce=self._ping_seq))
                 next_tx = self._last_tx + cfg.keepalive_interval
             next_rx = self._last_rx + cfg.idle_timeout
-            await self._closed_or_timeout(min(next_rx, next_tx) - self._loop.time())
+            await self._closed_or_timeout(min(next_rx, next_tx, expires_at) - self._loop.time())
+
+    async def _expire(self) -> None:
+        """The peer's certificate has expired beyond the clock skew (no handshake would admit it
+        now): end the session, as lost, since what the peer sent meanwhile is dropped unread
+        (see :attr:`lost`); the Close frame names the expiry."""
+        peer = self.peer
+        expired = utc_text(peer.not_after)
+        reason = f"certificate of {peer.node_id} (serial {peer.serial}) expired at {expired} UTC"
+        log.warning("session with %s: %s: closing", self.peer_id, reason)
+        self.lost = True
+        await self.aclose(CloseCode.ADMISSION_REFUSED, reason)
 
     async def _closed_or_timeout(self, seconds: float) -> None:
         """Sleep ``seconds``, waking at once when the session closes (so that a session the

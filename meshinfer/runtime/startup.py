@@ -4,17 +4,15 @@
 certificate (:func:`check_validity`); :func:`mesh_options` turns the mesh sections their files
 share (``[network]``, ``[discovery]``, ``[membership]``, ``[session]``) into
 :class:`~meshinfer.runtime.node.MeshNodeOptions`; :func:`start_mesh` starts the mesh, naming the
-setting when the listener cannot bind; :func:`utc_text` writes a certificate's times for people.
+setting when the listener cannot bind.
 
-The command lines import :func:`utc_text` from here (``fleet show``), so this module imports
-only light modules at its top: the mesh's own (sessions, discovery, membership) are imported by
-:func:`mesh_options`, which only a starting daemon calls.
+This module imports only light modules at its top: the mesh's own (sessions, discovery,
+membership) are imported by :func:`mesh_options`, which only a starting daemon calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshinfer.errors import ConfigError, IdentityError, TransportError
 from meshinfer.identity_files import NodeDirectory
-from meshinfer.proto.identity import NodeIdentity
+from meshinfer.proto.identity import NodeIdentity, utc_text
 from meshinfer.tomlconfig import listen_failure, parse_address
 from meshinfer.transport.base import LinkKind
 
@@ -30,15 +28,6 @@ if TYPE_CHECKING:
     from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 
 log = logging.getLogger(__name__)
-
-
-def utc_text(seconds: float) -> str:
-    """``seconds`` as a UTC date and time, or as a number where no calendar date fits."""
-    try:
-        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds:.6g} s"
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def load_identity(directory: str, where: str) -> NodeIdentity:
