@@ -34,6 +34,9 @@ Addresses move on a vehicle (a V2I link comes up, DHCP renews to a new lease): e
 sockets follow (``async_update_interfaces``), and an advert whose addresses came from the
 interfaces is re-announced, after goodbyes for the addresses gone (zeroconf's browser re-reads a
 service when a record arrives, never when one expires, so a peer would keep listing the old one).
+The same look reads each reported peer again from zeroconf's cache: an address whose record
+expired (its goodbye lost, or the peer gone without one) is dropped (``updated``, or ``lost`` with
+none left); a peer's address record past ``REFRESH_AT`` (75%) of its TTL is asked for first.
 A peer's loopback addresses are kept only while it may be on this host
 (:func:`drop_foreign_loopback`), and its addresses are reported with those on a network this host
 shares first (:func:`nearest_first`, on the networks that same look read off the loop): its
@@ -62,9 +65,11 @@ import ifaddr
 from zeroconf import (
     BadTypeInNameException,
     DNSOutgoing,
+    DNSQuestion,
     InterfaceChoice,
     IPVersion,
     ServiceStateChange,
+    current_time_millis,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -89,6 +94,12 @@ _LABEL_UNSAFE_RE = re.compile(r"[^A-Za-z0-9-]+")
 _IP_VERSIONS = {"v4": IPVersion.V4Only, "v6": IPVersion.V6Only, "both": IPVersion.All}
 _IFNAME_RE = re.compile(r"[^\s/]{1,15}")  # Linux: IFNAMSIZ 16 with the NUL; no '/' or spaces
 _RESPONSE_FLAGS = 0x8400  # DNS header QR (a response) | AA (authoritative): RFC 6762 section 18
+_QUERY_FLAGS = 0x0000
+_ADDRESS_TYPES = (1, 28)  # DNS record types A and AAAA
+_CLASS_IN = 1
+#: Share of its TTL after which a peer's address record is asked for again, each check until an
+#: answer comes (RFC 6762 section 5.2 asks from 80%); one that expires unanswered is dropped.
+REFRESH_AT = 0.75
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -625,6 +636,39 @@ class MdnsDiscovery(SourceBase):
                     await self._follow_addresses(adapters)
             except Exception:  # adapter churn, a socket that would not bind: try next time
                 log.exception("mdns: following the host's address change failed")
+            try:
+                self._check_peer_addresses()
+            except Exception:  # our bug: the watch goes on
+                log.exception("mdns: checking peers' addresses failed")
+
+    def _check_peer_addresses(self) -> None:
+        """Read each reported peer again from zeroconf's cache, where records expire by TTL:
+        an address whose record expired is dropped (``updated``; ``lost`` with none left).
+        zeroconf's browser reports a record that arrives, never one that expires, so a lost
+        address goodbye (or a peer gone without one) left the address listed for good. An
+        address record past :data:`REFRESH_AT` of its TTL is asked for first, so a peer that
+        is still there keeps it."""
+        assert self._zc is not None
+        zc, now = self._zc.zeroconf, current_time_millis()
+        query = DNSOutgoing(_QUERY_FLAGS)
+        for name in list(self._names):
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            advert = None
+            if info.load_from_cache(zc, now) and info.port is not None and info.server:
+                with contextlib.suppress(MalformedAdvert):  # an address left that is not usable
+                    advert = advert_from_service(
+                        name, info, self._local_addresses, local_networks=self._local_networks
+                    )
+            if advert is None:
+                self._forget(name)
+                continue
+            self.directory.sight(advert, self._now())  # reports only a change
+            for type_ in _ADDRESS_TYPES:
+                records = zc.cache.get_all_by_details(info.server, type_, _CLASS_IN)
+                if any(_near_end(record, now) for record in records):
+                    query.add_question(DNSQuestion(info.server, type_, _CLASS_IN))
+        if query.questions:
+            zc.async_send(query)
 
     async def _follow_addresses(self, adapters: Sequence[ifaddr.Adapter]) -> None:
         """Match zeroconf's sockets and (if derived from them) our addresses to ``adapters``.
@@ -803,6 +847,11 @@ def _address_snapshot(adapters: Sequence[ifaddr.Adapter]) -> frozenset[tuple[str
     return frozenset(
         (a.name, str(_ifaddr_ip(ip.ip)), ip.network_prefix) for a in adapters for ip in a.ips
     )
+
+
+def _near_end(record: Any, now: float) -> bool:
+    """Whether a cached record is past :data:`REFRESH_AT` of its TTL and not yet expired."""
+    return 0 < record.get_remaining_ttl(now) <= record.ttl * (1 - REFRESH_AT)
 
 
 def _log_watch_failure(task: asyncio.Task[None]) -> None:

@@ -6,7 +6,9 @@ the static key is known from discovery or membership). Callers never wait for a 
 :meth:`PeerTable.send` queues the message on the peer's bounded outbox and a per-peer sender
 task dials if needed and writes. Best-effort traffic (gossip) is dropped, counted, when a peer
 is unreachable or its outbox is full; :meth:`PeerTable.request` is for callers that need to know
-the message went out.
+the message went out. A sender that fails (our bug) is logged at ERROR once, and what is queued
+for its peer is dropped (counted as ``sender-failed``), its requesters told; the next send to the
+peer starts a new one.
 
 Every session gets a reader task that hands each message to the handler registered for its
 type (:meth:`PeerTable.on`). Handlers are plain callables run on the loop; they must not block
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import weakref
@@ -273,7 +276,19 @@ class PeerTable:
             box.task = asyncio.get_running_loop().create_task(
                 self._sender(node_id, box), name=f"peer-send-{node_id}"
             )
+            box.task.add_done_callback(functools.partial(self._sender_ended, node_id, box))
         return True
+
+    def _sender_ended(self, node_id: str, box: _Outbox, task: asyncio.Task[None]) -> None:
+        """A sender's done-callback. One that failed (our bug) is logged, and what is queued
+        for its peer is dropped, its requesters told (unless a send has started a new sender
+        meanwhile, which tries it): nobody waits for a sender that is gone, and the next send
+        starts a new one. A cancelled one (the table closing) ended as it should."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("the sender for %s failed", node_id, exc_info=exc)
+        if box.task is task:
+            self._fail_queue(box, "sender-failed", f"the sender for {node_id} failed", exc)
 
     async def _sender(self, node_id: str, box: _Outbox) -> None:
         loop = asyncio.get_running_loop()
@@ -344,11 +359,21 @@ class PeerTable:
             self.stats.sent += sent
             self._carriers.add(session)
 
-    def _fail_queue(self, box: _Outbox, reason: str) -> None:
+    def _fail_queue(
+        self, box: _Outbox, reason: str, text: str = "", cause: BaseException | None = None
+    ) -> None:
+        """Drop what is queued, counted as ``reason``, each requester told with a
+        :class:`TransportError` (``text``: ``"peer <reason>"`` unless given; ``cause``: its
+        ``__cause__``)."""
+        text = text or f"peer {reason}"
+        if cause is not None:
+            text = f"{text}: {cause!r}"
         while box.queue:
             _, fut = box.queue.popleft()
             self.stats.dropped[reason] += 1
-            _settle(fut, TransportError(f"peer {reason}"))
+            error = TransportError(text)
+            error.__cause__ = cause
+            _settle(fut, error)
 
     async def _dial(self, node_id: str) -> Session | None:
         peer = self.addresses.get(node_id)
