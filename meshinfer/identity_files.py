@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshinfer.errors import AdmissionError, ConfigError, IdentityError, RemoteProtocolError
 from meshinfer.filelock import LockHeld, LockUnavailable, lock_directory
@@ -109,30 +109,66 @@ def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat
     return write_new_file(path, data, mode=mode, force=True)
 
 
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    """``path``'s (mtime in ns, size), which every write changes; None if there is no file."""
+class FileStamp(NamedTuple):
+    """What a stat tells of a file: where it is (device, inode) and when and how it last
+    changed. Equal stamps are not proof of equal contents: a change within the file system's
+    time granularity, at the same size and in place, keeps them (see :func:`stamp_settled`)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int  # set by every write, rename and utime: nobody can set it back
+
+
+#: a stamp whose times are this recent (by our clock) may yet hide a change: file systems keep
+#: times at up to 2 s granularity (FAT), and a network file system's clock may run a little late
+STAMP_SETTLE_NS = 5_000_000_000
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """``path``'s :class:`FileStamp`, which every write changes unless made within the time
+    granularity of the last; None if there is no file."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stamp_settled(stamp: FileStamp, now_ns: int) -> bool:
+    """Whether an unchanged ``stamp`` (taken at ``now_ns``, ``time.time_ns()``) shows for
+    sure that the file did not change since: its times are far enough in the past that a later
+    write would set new ones. A file that changed too recently must be read to tell."""
+    return max(stamp.mtime_ns, stamp.ctime_ns) < now_ns - STAMP_SETTLE_NS
 
 
 def replace_unchanged(
-    path: Path, data: bytes, stamp: tuple[int, int] | None, *, mode: int = PUBLIC_MODE
+    path: Path, data: bytes, expected: bytes | None, *, mode: int = PUBLIC_MODE
 ) -> os.stat_result | None:
-    """:func:`replace_file`, unless ``path`` no longer has ``stamp`` (:func:`file_stamp`; None:
-    no file) once the new contents are on disk: then ``path`` is left as it is and None returned.
+    """:func:`replace_file`, unless ``path`` no longer holds exactly ``expected`` (None: no
+    file) once the new contents are on disk: then ``path`` is left as it is and None returned.
     So a file someone is writing meanwhile (an operator's copy) is not renamed over, which
-    would send the rest of their writes to a file nobody can read."""
+    would send the rest of their writes to a file nobody can read. The contents are compared,
+    not a stamp: a change within the file system's time granularity keeps mtime and size."""
 
     def name(temporary: Path) -> bool:
-        if file_stamp(path) != stamp:
+        if _current_bytes(path, expected) != expected:
             return False
         os.replace(temporary, path)
         return True
 
     return _write_then_name(path, data, mode, name)
+
+
+def _current_bytes(path: Path, expected: bytes | None) -> bytes | None:
+    """``path``'s bytes, read up to one past ``expected``'s length (enough to tell them
+    apart); None if there is no file. A directory or unreadable file raises OSError."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(expected or b"") + 1)
+    except FileNotFoundError:
+        return None
 
 
 def _write_then_name(
@@ -297,9 +333,18 @@ def load_revocations(path: Path, trust: FleetTrust, *, missing_ok: bool = False)
     """Read and verify ``revocations.bin``; an absent file is an empty list if ``missing_ok``."""
     if missing_ok and not path.exists():
         return RevocationList(trust.fleet_id)
+    return parse_revocations(read_revocations(path), path, trust)
+
+
+def read_revocations(path: Path) -> bytes:
+    """``revocations.bin``'s bytes, unchecked (:func:`parse_revocations` checks them)."""
+    return read_file(path, "revocation list", limit=MAX_REVOCATION_LIST_BYTES)
+
+
+def parse_revocations(data: bytes, path: Path, trust: FleetTrust) -> RevocationList:
+    """Decode and verify ``data``, read from ``path`` (named in the error)."""
     try:
-        listed = read_file(path, "revocation list", limit=MAX_REVOCATION_LIST_BYTES)
-        return RevocationList.from_bytes(listed, trust)
+        return RevocationList.from_bytes(data, trust)
     except RemoteProtocolError as exc:
         raise IdentityError(f"revocation list {path} is invalid: {exc}") from None
 

@@ -23,7 +23,6 @@ from meshinfer.errors import IdentityError
 from meshinfer.filelock import LockHeld, lock_directory, lock_file
 from meshinfer.identity_files import (
     FleetDirectory,
-    file_stamp,
     load_revocations,
     load_trust,
     replace_file,
@@ -165,11 +164,11 @@ async def test_a_half_copied_revocation_file_is_never_written_over(tmp_path, cap
 def test_a_file_changed_since_it_was_read_is_not_replaced(tmp_path):
     path = tmp_path / "list"
     path.write_bytes(b"seen")
-    seen = file_stamp(path)
+    seen = path.read_bytes()
     path.write_bytes(b"someone else's, longer")
     assert replace_unchanged(path, b"ours", seen) is None
     assert path.read_bytes() == b"someone else's, longer"
-    assert replace_unchanged(path, b"ours", file_stamp(path)) is not None
+    assert replace_unchanged(path, b"ours", path.read_bytes()) is not None
     assert path.read_bytes() == b"ours"
     assert replace_unchanged(tmp_path / "new", b"x", None) is not None  # None: no file yet
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list", "new"]  # no temporaries

@@ -7,7 +7,8 @@ config, or, left empty, a fresh temporary directory that is removed when the dae
 (a reader never sees half a file), and removed when the daemon closes if it is still this
 process's, so a stopped daemon is not taken for a running one. A daemon that could not remove
 it (SIGKILLed, the OOM killer, a power cut) leaves it behind: :func:`stale_pid` tells such a
-file from a running daemon's by the ``pid`` it records.
+file from a running daemon's by the ``pid`` it records and, on Linux, that process's start time
+(``pid_started``, :func:`process_started`): a pid reused by another process is told exactly.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ class DataDir:
             raise ConfigError(f"{self.key}: {failure_text(self.path, 'create', exc)}") from None
 
     def write_runtime(self, facts: dict[str, Any]) -> None:
-        """Record ``facts`` (which must hold this process's ``pid``) in the runtime file."""
+        """Record ``facts`` (which must hold this process's ``pid``) in the runtime file, with
+        the process's start time as ``pid_started`` where it is known (Linux)."""
+        pid = facts.get("pid")
+        started = process_started(pid) if isinstance(pid, int) else None
+        if started is not None:
+            facts = {**facts, "pid_started": started}
         partial = self.path / f".{RUNTIME_FILE}.{os.getpid()}"
         partial.write_text(json.dumps(facts))
         os.replace(partial, self.runtime_file)
@@ -73,10 +79,29 @@ class DataDir:
             self.runtime_file.unlink()
 
 
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22, ``starttime``, of
+    ``/proc/<pid>/stat``): with the pid, it names one process for as long as the machine runs.
+    None where there is no such process, or no ``/proc`` (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            text = file.read()
+    except (OSError, ValueError):
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so the fields are
+    # counted from the last ")"; state is field 3, starttime field 22
+    try:
+        return int(text[text.rindex(b")") + 1 :].split()[22 - 3])
+    except (ValueError, IndexError):
+        return None
+
+
 def stale_pid(runtime_file: Path, facts: dict[str, Any]) -> int | None:
     """The ``pid`` recorded in ``runtime_file`` (its ``facts``) if that daemon is gone: no such
-    process, a zombie, or a process started after the file was written (the pid was reused).
-    None while it may still run, or when no pid is recorded (nothing to tell by)."""
+    process, a zombie, or another process now (the pid was reused): one whose start time is not
+    the recorded ``pid_started`` or, where that is not recorded (an older daemon's file) or
+    cannot be read here (no ``/proc``), one started after the file was written. None while it
+    may still run, or when no pid is recorded (nothing to tell by)."""
     import psutil  # here: the command lines import this module and start fast
 
     pid = facts.get("pid")
@@ -91,6 +116,9 @@ def stale_pid(runtime_file: Path, facts: dict[str, Any]) -> int | None:
         return pid
     except psutil.Error:  # e.g. not allowed to look: it exists
         return None
+    recorded = facts.get("pid_started")
+    if type(recorded) is int and (now := process_started(pid)) is not None:
+        return None if now == recorded else pid
     try:
         written = runtime_file.stat().st_mtime
     except OSError:

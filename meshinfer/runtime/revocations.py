@@ -44,7 +44,9 @@ operator copied in is merged before the node writes its own list over it, and on
 entries in force (an older list copied in) is written over with the list in force, which a
 restart reads. A file that does not parse (damaged, or still being copied in) is never written
 over: a warning names it, the last good list stays in force, and the file is read again when it
-changes. Nor is a file that changed since it was last read (the node reads it first). Versions
+changes. Nor is a file that changed since it was last read (the node reads it first; its bytes
+are compared, as a stat cannot tell a change made within the file system's time granularity at
+the same size: a file whose stamp is that recent is read again at the next look). Versions
 compare the highest sequence numbers only: the authority numbers its entries 1, 2, 3... and
 every list it writes holds all of them, so a list with the same version holds the same entries.
 
@@ -56,15 +58,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import IdentityError, RevocationError
-from meshinfer.identity_files import file_stamp, load_revocations, replace_unchanged
+from meshinfer.identity_files import (
+    FileStamp,
+    file_stamp,
+    parse_revocations,
+    read_revocations,
+    replace_unchanged,
+    stamp_settled,
+)
 from meshinfer.proto.identity import (
     MAX_REVOCATION_ENTRIES,
     FleetTrust,
@@ -172,8 +181,12 @@ class RevocationSync:
             patience=self.config.ask_timeout_s,
             answer_interval=self.config.answer_interval_s,
         )
-        #: the list file's stamp when last looked at (None: absent, or not looked at yet)
-        self._seen_file: tuple[int, int] | None = None
+        #: the list file's stamp when last looked at (None: absent, or not looked at yet), and
+        #: whether it was old enough then to show any later change (else the next look reads)
+        self._seen_file: FileStamp | None = None
+        self._seen_settled = True
+        #: the file's bytes as last read or written (None: absent, or unreadable)
+        self._seen_bytes: bytes | None = None
         self._file_unusable = False  # the file as last read does not parse: never written over
         self._file_lock = asyncio.Lock()
         self._cut_off: list[Callable[[CutOff], None]] = []
@@ -264,19 +277,32 @@ class RevocationSync:
             await self._write_down()
 
     async def _read_file_if_changed(self) -> RevocationList | None:
-        """The file's list if it changed since last read (call holding ``_file_lock``). A file
-        that does not parse (damaged, or half-copied by an operator) is logged and marked
-        unusable until it changes: the list in force stays, and is not written over it. The
-        look (a stat) runs in a worker thread too: on a network file system it can block."""
-        stamp = None if self.store is None else await asyncio.to_thread(file_stamp, self.store)
-        if stamp == self._seen_file:  # unchanged, still absent, or no store
+        """The file's list if its bytes changed since last read (call holding ``_file_lock``).
+        A stat first: a file whose stamp is unchanged and settled (:func:`stamp_settled`) is not
+        read. A file that does not parse (damaged, or half-copied by an operator) is logged and
+        marked unusable until it changes: the list in force stays, and is not written over it.
+        The look (a stat) runs in a worker thread too: on a network file system it can block."""
+        if self.store is None:
             return None
-        self._seen_file = stamp  # if it changed again while read, the next look reads it again
-        self._file_unusable = False
+        stamp, settled = await asyncio.to_thread(_look, self.store)
+        if stamp == self._seen_file and self._seen_settled:  # unchanged, or still absent
+            return None
+        # if it changes again while read, its stamp changes (or is unsettled): read again then
+        self._seen_file, self._seen_settled = stamp, settled
         if stamp is None:
+            self._seen_bytes, self._file_unusable = None, False
             return None
         try:
-            return await asyncio.to_thread(load_revocations, self.store, self.trust)
+            data = await asyncio.to_thread(read_revocations, self.store)
+        except IdentityError as exc:  # unreadable, too large, or gone meanwhile
+            self._seen_bytes, self._file_unusable = None, True
+            log.warning("revocation list file not used: %s", exc)
+            return None
+        if data == self._seen_bytes:  # touched, or our own write read back: nothing new
+            return None
+        self._seen_bytes, self._file_unusable = data, False
+        try:
+            return await asyncio.to_thread(parse_revocations, data, self.store, self.trust)
         except IdentityError as exc:
             self._file_unusable = True
             log.warning(
@@ -420,14 +446,14 @@ class RevocationSync:
                     self.store,
                 )
                 return
-            current, seen = self.revocations, self._seen_file
+            current, seen = self.revocations, self._seen_bytes
             try:
                 written = await asyncio.to_thread(_write, self.store, current, seen)
             except (IdentityError, OSError) as exc:
                 log.warning("revocation list not written to %s: %s", self.store, exc)
                 return
-            if written is not None:  # our own write: not news
-                self._seen_file = (written.st_mtime_ns, written.st_size)
+            if written is not None:  # our own write: not news (the next look reads it back)
+                self._seen_bytes, self._seen_settled = written, False
 
     def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
         if self._closed:
@@ -436,12 +462,17 @@ class RevocationSync:
         self._steps.spawn(step)
 
 
-def _write(
-    path: Path, listed: RevocationList, seen: tuple[int, int] | None
-) -> os.stat_result | None:
-    """Encode and atomically replace the file, unless it changed since it was seen as ``seen``
-    (then None). Runs in a worker thread."""
-    return replace_unchanged(path, listed.to_bytes(), seen)
+def _look(path: Path) -> tuple[FileStamp | None, bool]:
+    """The file's stamp (None: absent), and whether it is settled. Runs in a worker thread."""
+    stamp = file_stamp(path)
+    return stamp, stamp is not None and stamp_settled(stamp, time.time_ns())
+
+
+def _write(path: Path, listed: RevocationList, seen: bytes | None) -> bytes | None:
+    """Encode and atomically replace the file, unless it no longer holds ``seen`` (None: no
+    file); the bytes written, or None if left as it is. Runs in a worker thread."""
+    data = listed.to_bytes()
+    return data if replace_unchanged(path, data, seen) is not None else None
 
 
 def _verify(raws: tuple[bytes, ...], trust: FleetTrust) -> tuple[list[RevocationEntry], str | None]:
