@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshinfer.discovery.base import is_host
+from meshinfer.discovery.base import ADDRESS_CHECK_INTERVAL, is_host
 from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
@@ -45,10 +45,6 @@ CPU_THREADS = 1
 MAX_CPU_THREADS = 1 << 16
 """The largest ``[inference] cpu_threads``: far above any host's cores, and within the C ``int``
 the math libraries take (a larger figure made their call raise at start, a traceback)."""
-
-ADDRESS_CHECK_INTERVAL = 5.0
-"""Default ``[discovery] address_check_interval``: ``MeshNodeOptions.address_check_interval``'s
-and ``MdnsConfig.address_check_interval``'s (imported by neither here: both pull in the mesh)."""
 
 MAX_ADDRESS_CHECK_INTERVAL = 86400.0
 """The largest ``[discovery] address_check_interval``: a day (0 turns the checks off)."""

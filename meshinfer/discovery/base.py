@@ -54,6 +54,10 @@ MAX_FLEET_ID_BYTES = 64
 MAX_ROLES = 16
 MAX_ROLES_CHARS = 200  # ",".join(roles) must fit one TXT string (255 bytes) with its key
 MAX_ADDRESSES = 16
+#: Seconds between two looks at this host's interface addresses: the default of mDNS's
+#: (``MdnsConfig``), a node's (``MeshNodeOptions``) and the daemons' ``[discovery]
+#: address_check_interval``.
+ADDRESS_CHECK_INTERVAL = 5.0
 _ROLE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 

@@ -74,6 +74,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from meshinfer.discovery.base import (
+    ADDRESS_CHECK_INTERVAL,
     MAX_ADDRESSES,
     EventSink,
     MalformedAdvert,
@@ -361,7 +362,7 @@ class MdnsConfig:
     resolve_timeout: float = 0.5
     max_resolving: int = 32
     max_peers: int = 1024
-    address_check_interval: float | None = 5.0
+    address_check_interval: float | None = ADDRESS_CHECK_INTERVAL
 
     def __post_init__(self) -> None:
         if isinstance(self.interfaces, list):  # from TOML

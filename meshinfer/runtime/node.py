@@ -34,7 +34,7 @@ import nacl.utils
 import psutil
 
 from meshinfer import PROTOCOL_VERSION
-from meshinfer.discovery.base import DiscoveryEvent, PeerAdvert
+from meshinfer.discovery.base import ADDRESS_CHECK_INTERVAL, DiscoveryEvent, PeerAdvert
 from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
 from meshinfer.discovery.static import StaticDiscovery, StaticSeed
 from meshinfer.proto.identity import NodeIdentity, RevocationList
@@ -74,7 +74,7 @@ class MeshNodeOptions:
     #: Seconds between two looks at the address this host routes from, for a node listening on
     #: every interface with no ``advertise_host`` (a V2I link comes up, DHCP gives a new lease):
     #: on a change its gossiped state and its mDNS advert name the new one. None: never again.
-    address_check_interval: float | None = 5.0
+    address_check_interval: float | None = ADDRESS_CHECK_INTERVAL
 
 
 EVERY_INTERFACE = ("0.0.0.0", "::")
