@@ -1,0 +1,97 @@
+"""Images as rows for the digit classifiers (the ``submit --input`` image formats).
+
+A grayscale image becomes one 64-feature row the way the digit classifiers were trained: light
+background inverted to dark, shrunk to 8x8 by area averaging, contrast-stretched to the 0..16
+pixel counts of the digits data set, divided by 16 (the models' ``input_scaling``). PGM (P2 and
+P5) is read here; PNG and JPEG need Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+
+from meshinfer.errors import ConfigError
+
+__all__ = ["DIGIT_LEVELS", "DIGIT_SIDE", "MAX_IMAGE_SIDE", "image_row", "read_image", "read_pgm"]
+
+DIGIT_SIDE = 8
+DIGIT_LEVELS = 16
+MAX_IMAGE_SIDE = 16384
+
+_PGM_TOKEN = re.compile(rb"(?:\s|#[^\n]*\n?)*([^\s#]+)")
+
+
+def read_pgm(name: str, data: bytes, key: str | None) -> np.ndarray:
+    """A binary (P5) or ASCII (P2) PGM image as one digit row."""
+    fields, pos = [], 0
+    for _ in range(4):
+        match = _PGM_TOKEN.match(data, pos)
+        if match is None:
+            raise ConfigError(f"{name}: truncated PGM header")
+        fields.append(match.group(1))
+        pos = match.end()
+    magic, *numbers = fields
+    if magic not in (b"P2", b"P5") or not all(n.isdigit() for n in numbers):
+        raise ConfigError(f"{name}: not a PGM image (P2 or P5 header expected)")
+    width, height, maxval = (int(n) for n in numbers)
+    if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE and 0 < maxval < 65536):
+        raise ConfigError(f"{name}: PGM size {width}x{height} or maxval {maxval} out of range")
+    body = _pgm_binary if magic == b"P5" else _pgm_ascii
+    pixels = body(name, data[pos + 1 :] if magic == b"P5" else data[pos:], width * height, maxval)
+    gray = pixels.reshape(height, width).astype(np.float64) / maxval
+    return image_row(np.minimum(gray, 1.0))
+
+
+def _pgm_binary(name: str, body: bytes, count: int, maxval: int) -> np.ndarray:
+    dtype = np.dtype(">u2") if maxval > 255 else np.dtype("u1")
+    if len(body) < count * dtype.itemsize:
+        raise ConfigError(f"{name}: PGM pixel data is truncated")
+    return np.frombuffer(body, dtype=dtype, count=count)
+
+
+def _pgm_ascii(name: str, body: bytes, count: int, maxval: int) -> np.ndarray:
+    values = body.split()
+    if len(values) < count or not all(v.isdigit() for v in values[:count]):
+        raise ConfigError(f"{name}: PGM pixel data is truncated or not numbers")
+    return np.array([int(v) for v in values[:count]], dtype=np.int64)
+
+
+def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfigError(
+            f"{name}: reading PNG or JPEG needs Pillow (pip install pillow); "
+            "or convert the image to .pgm or .npy"
+        ) from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    except Exception as exc:  # Pillow's decoders raise many types for a malformed file
+        raise ConfigError(f"{name}: not a readable image ({exc or type(exc).__name__})") from None
+    return image_row(gray)
+
+
+def image_row(gray: np.ndarray) -> np.ndarray:
+    """A grayscale image (2-D, values 0..1) as one digit-classifier row of 64 (module doc)."""
+    if gray.ndim != 2 or 0 in gray.shape:
+        raise ConfigError("an image must be a non-empty 2-D grayscale array")
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    ink = 1.0 - gray if border.mean() > 0.5 else gray
+    small = _area_weights(ink.shape[0]) @ ink @ _area_weights(ink.shape[1]).T
+    low, high = small.min(), small.max()
+    stretched = (small - low) / (high - low) if high > low else np.zeros_like(small)
+    counts = np.rint(stretched * DIGIT_LEVELS)
+    return (counts / DIGIT_LEVELS).reshape(1, DIGIT_SIDE * DIGIT_SIDE)
+
+
+def _area_weights(n: int) -> np.ndarray:
+    """(8, n) matrix averaging n input pixels onto 8 by the overlap of their intervals."""
+    into, out = np.arange(n + 1) / n, np.arange(DIGIT_SIDE + 1) / DIGIT_SIDE
+    low = np.maximum(out[:-1, None], into[None, :-1])
+    high = np.minimum(out[1:, None], into[None, 1:])
+    overlap = np.clip(high - low, 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)

@@ -1,0 +1,177 @@
+"""Task inputs read from files: the rows that ``meshinfer-coord submit --input`` sends.
+
+Formats, by suffix: ``.npy``, ``.npz`` (its first array, or ``key``), ``.json`` (a list of rows,
+one row, or a tensor document of the API), ``.csv`` (rows of numbers, an optional header line)
+and images ``.pgm`` / ``.png`` / ``.jpg`` (one row each: :mod:`coordinator.digit_images`).
+Anything unreadable, malformed or mismatched is a ConfigError naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.client import array_from_json
+from coordinator.digit_images import read_image, read_pgm
+from meshinfer.errors import ConfigError, RemoteProtocolError
+
+__all__ = ["load_inputs", "parse_input"]
+
+
+def load_inputs(
+    paths: Sequence[Path], key: str | None = None, dtype: str = "float32"
+) -> np.ndarray:
+    """The rows of every file in ``paths``, concatenated, as a ``dtype`` array of >= 2 dims.
+
+    ConfigError naming the file for anything unreadable, malformed or mismatched.
+    """
+    paths = [Path(p) for p in paths]
+    if key is not None and not any(p.suffix.lower() == ".npz" for p in paths):
+        raise ConfigError("--key picks an array of a .npz input, and no input is one")
+    arrays = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
+        file_key = key if path.suffix.lower() == ".npz" else None
+        arrays.append(_as_rows(path, parse_input(path.name, data, file_key)))
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise ConfigError(f"input files disagree on the row shape: {sorted(shapes)}")
+    return _cast(np.concatenate(arrays), dtype)
+
+
+def parse_input(name: str, data: bytes, key: str | None = None) -> np.ndarray:
+    """The array in one input file (format from ``name``'s suffix); ConfigError if malformed."""
+    suffix = Path(name).suffix.lower()
+    reader = _READERS.get(suffix)
+    if reader is None:
+        known = ", ".join(sorted(_READERS))
+        raise ConfigError(f"{name}: unknown input format {suffix or '(no suffix)'!r}; use {known}")
+    if key is not None and suffix != ".npz":
+        raise ConfigError(f"{name}: --key picks an array of a .npz file only")
+    return reader(name, data, key)
+
+
+def _as_rows(path: Path, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "biuf":
+        raise ConfigError(f"{path}: holds {array.dtype} values, not numbers")
+    if array.ndim == 0:
+        raise ConfigError(f"{path}: holds a single number, not rows")
+    rows = array.reshape(1, -1) if array.ndim == 1 else array
+    if rows.shape[0] == 0 or rows.size == 0:
+        raise ConfigError(f"{path}: holds no values")
+    return rows
+
+
+def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ConfigError("input holds NaN or infinite values")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(array, dtype=dtype)
+    if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+        raise ConfigError(f"input values are out of range for {dtype}")
+    if cast.dtype.kind in "iu" and not np.array_equal(cast, array):
+        raise ConfigError(f"input values do not fit {dtype} (out of range or not whole numbers)")
+    return cast
+
+
+#: What np.load raises for a malformed file: its header parser and zipfile raise many types
+#: (MemoryError: a header claiming a huge shape; tokenize.TokenError: a cut .npy header;
+#: zlib.error, NotImplementedError: a corrupt .npz member), so any Exception is the file's.
+_NUMPY_ERRORS = (Exception,)
+
+
+def _npy(name: str, data: bytes, key: str | None) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except _NUMPY_ERRORS as exc:
+        raise ConfigError(f"{name}: not a readable .npy file ({exc})") from None
+    if not isinstance(array, np.ndarray):
+        raise ConfigError(f"{name}: holds several arrays; name it .npz and pick one with --key")
+    return array
+
+
+def _npz(name: str, data: bytes, key: str | None) -> np.ndarray:
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+    except _NUMPY_ERRORS as exc:
+        raise ConfigError(f"{name}: not a readable .npz file ({exc})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ConfigError(f"{name}: not a .npz archive (a single .npy array?)")
+    with archive:
+        names = list(archive.files)
+        if not names:
+            raise ConfigError(f"{name}: the archive holds no arrays")
+        if key is not None and key not in names:
+            raise ConfigError(f"{name}: no array {key!r}; it holds {', '.join(names)}")
+        try:
+            return archive[key if key is not None else names[0]]
+        except _NUMPY_ERRORS as exc:
+            raise ConfigError(f"{name}: not a readable .npz file ({exc})") from None
+
+
+def _json(name: str, data: bytes, key: str | None) -> np.ndarray:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{name}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        doc = {"values": doc, "dtype": "float32"}
+    try:
+        return array_from_json(doc)
+    except RemoteProtocolError as exc:
+        raise ConfigError(
+            f"{name}: expected a list of rows of numbers or a tensor ({exc})"
+        ) from None
+
+
+def _csv(name: str, data: bytes, key: str | None) -> np.ndarray:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: not UTF-8 text") from None
+    try:
+        lines = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text)), 1) if row]
+    except csv.Error as exc:
+        raise ConfigError(f"{name}: malformed CSV ({exc})") from None
+    if lines and not any(_is_number(cell) for cell in lines[0][1]):
+        lines = lines[1:]  # a header line
+    rows = [_csv_row(name, n, row) for n, row in lines]
+    if not rows:
+        raise ConfigError(f"{name}: holds no rows")
+    if len({len(r) for r in rows}) > 1:
+        raise ConfigError(f"{name}: rows have different numbers of columns")
+    return np.array(rows, dtype=np.float64)
+
+
+def _csv_row(name: str, line: int, row: list[str]) -> list[float]:
+    if not all(_is_number(cell) for cell in row):
+        raise ConfigError(f"{name}: line {line} holds something that is not a number")
+    return [float(cell) for cell in row]
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+_READERS: dict[str, Callable[[str, bytes, str | None], np.ndarray]] = {
+    ".npy": _npy,
+    ".npz": _npz,
+    ".json": _json,
+    ".csv": _csv,
+    ".pgm": read_pgm,
+    ".png": read_image,
+    ".jpg": read_image,
+    ".jpeg": read_image,
+}
