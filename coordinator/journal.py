@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from coordinator.journal_files import explained, lock_journal
+from coordinator.journal_files import check_readable, explained, lock_journal
 from coordinator.journal_history import (
     JournalEvent,
     dispatch_detail,
@@ -1146,13 +1146,19 @@ class Journal:
 def read_stats(path: str | Path) -> JournalStats:
     """:meth:`Journal.stats` of the journal file at ``path``, read on a read-only connection of
     its own: call it from any thread while a :class:`Journal` writes (in WAL mode readers and
-    the writer do not wait for each other); it sees what was committed when it began."""
-    db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-    try:
-        db.execute("BEGIN")
-        return _stats_of(db)
-    finally:
-        db.close()
+    the writer do not wait for each other); it sees what was committed when it began.
+    :class:`~coordinator.journal_files.JournalFileError` (or ``SchemaError``) naming the file
+    and what is wrong if it cannot be read as a journal."""
+    path = Path(path)
+    check_readable(path)
+    with explained(path):
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            db.execute("BEGIN")
+            check_is_journal(db)
+            return _stats_of(db)
+        finally:
+            db.close()
 
 
 def _stats_of(db: sqlite3.Connection) -> JournalStats:

@@ -12,8 +12,9 @@ closed. A lock file of another user (left by a coordinator run as root), or a di
 user may not search or write, is an error naming that path, its owner and what to do
 (:func:`meshinfer.filelock.failure_text`), never a bare ``PermissionError``. Readers
 (:func:`~coordinator.journal.read_stats`, the CLI) take no lock: WAL lets them read beside the
-writer. The kernel drops the lock when its process dies, so a crash leaves nothing to clean up
-(the file stays, unlocked).
+writer; a file a reader cannot open is a :class:`JournalFileError` naming it and what to do
+(:func:`check_readable`), as for the writer. The kernel drops the lock when its process dies,
+so a crash leaves nothing to clean up (the file stays, unlocked).
 
 Every ``sqlite3`` error while the journal opens (a directory, random bytes, a damaged file, a
 read-only place, a full disk) becomes a :class:`JournalFileError` naming the file and what is
@@ -22,7 +23,9 @@ wrong (:func:`explained`): the operator meets it as one line from ``meshinfer-co
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +34,7 @@ from coordinator.journal_schema import SchemaError
 from meshinfer.errors import MeshInferError
 from meshinfer.filelock import LockHeld, LockUnavailable, failure_text, lock_file
 
-__all__ = ["LOCK_SUFFIX", "JournalFileError", "explained", "lock_journal"]
+__all__ = ["LOCK_SUFFIX", "JournalFileError", "check_readable", "explained", "lock_journal"]
 
 #: The lock file is the journal's path with this appended (as SQLite's ``-wal`` and ``-shm``).
 LOCK_SUFFIX = "-lock"
@@ -44,6 +47,7 @@ _HINTS = (
     ("unable to open", "it cannot be opened or created (may this user write its directory?)"),
     ("locked", "another process holds it locked"),
     ("full", "the disk is full"),
+    ("no such table", "it holds no journal tables (not a meshinfer journal, or never opened)"),
 )
 
 
@@ -72,6 +76,21 @@ def lock_journal(path: Path) -> int:
         ) from None
     except LockUnavailable as exc:
         raise JournalFileError(f"journal {path}: {exc}") from None
+
+
+def check_readable(path: Path) -> None:
+    """Raise :class:`JournalFileError` unless this process can open ``path`` to read it: one
+    missing, a directory, or one this user may not read (the message names the path that stops
+    it, its owner and what to do: :func:`meshinfer.filelock.failure_text`), rather than
+    SQLite's bare "unable to open database file"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO: no wait)
+    except OSError as exc:
+        raise JournalFileError(f"journal {path}: {failure_text(path, 'read', exc)}") from None
+    is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+    os.close(fd)
+    if is_dir:
+        raise JournalFileError(f"journal {path} is a directory, not a file")
 
 
 @contextmanager

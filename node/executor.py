@@ -950,12 +950,13 @@ def _wire_tensor(output: np.ndarray) -> Tensor:
     dtype where the wire carries it (:data:`~meshinfer.proto.tasks_wire.DTYPES`: integer labels
     stay labels, float16 stays half the bytes); a float dtype it lacks (float64) as float32, an
     integer one as int64. InferenceError for any other (complex, uint64: no dtype the wire
-    carries holds its values). Linear in the output: on the loop only for small ones."""
+    carries holds its values), and for a float64 output with a finite value beyond float32's
+    range (it would arrive as inf: :func:`_as_float32`). Linear in the output: on the loop
+    only for small ones."""
     dtype = output.dtype
     if dtype.name not in DTYPES:
         if dtype.kind == "f":
-            with np.errstate(over="ignore"):
-                output = output.astype(np.float32)
+            output = _as_float32(output)
         elif dtype.kind in "iu" and np.can_cast(dtype, np.int64):
             output = output.astype(np.int64)
         else:
@@ -964,6 +965,27 @@ def _wire_tensor(output: np.ndarray) -> Tensor:
                 f"{', '.join(sorted(DTYPES))}"
             )
     return Tensor.from_array(output)
+
+
+def _as_float32(output: np.ndarray) -> np.ndarray:
+    """``output`` (a float dtype the wire lacks) as float32: inf and NaN stay what they are;
+    InferenceError if a finite value is beyond float32's range. The cast itself notices (the
+    CPU's overflow flag, which an inf or NaN does not raise): no second pass over a big
+    output, only over one that failed, for the message."""
+    try:
+        with np.errstate(over="raise", invalid="ignore"):
+            return output.astype(np.float32)
+    except FloatingPointError:
+        pass
+    limit = float(np.finfo(np.float32).max)
+    with np.errstate(invalid="ignore"):
+        beyond = np.isfinite(output) & (np.abs(output) > limit)
+    where = np.unravel_index(int(np.argmax(beyond)), output.shape)
+    raise InferenceError(
+        f"the engine's {output.dtype} output cannot be sent: {int(beyond.sum())} value(s) overflow"
+        f" float32 (beyond {limit:.4g}; the wire carries no {output.dtype}), the first"
+        f" {float(output[where])!r} at index {tuple(int(i) for i in where)}"
+    )
 
 
 def _priority(value: int) -> int:

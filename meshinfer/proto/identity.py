@@ -389,8 +389,17 @@ class RevocationList:
     def __post_init__(self) -> None:
         check_name("fleet id", self.fleet_id)
         object.__setattr__(self, "entries", frozenset(self.entries))
-        if any(e.fleet_id != self.fleet_id for e in self.entries):
-            raise LocalProtocolError("revocation list mixes entries of different fleets")
+        _check_one_fleet(self.fleet_id, self.entries)
+
+    @classmethod
+    def _of_checked(cls, fleet_id: str, entries: frozenset[RevocationEntry]) -> RevocationList:
+        """A list of ``entries`` that lists of ``fleet_id`` already hold (each checked when
+        that list was built), without ``__post_init__``'s pass over them all: a merge into a
+        list of 16k entries checks only what is new (see :meth:`merge`)."""
+        made = object.__new__(cls)
+        object.__setattr__(made, "fleet_id", fleet_id)
+        object.__setattr__(made, "entries", entries)
+        return made
 
     @property
     def version(self) -> int:
@@ -401,7 +410,11 @@ class RevocationList:
         """Union with ``other`` (same fleet): commutative, associative and idempotent."""
         if other.fleet_id != self.fleet_id:
             raise LocalProtocolError(f"cannot merge revocations of {other.fleet_id!r}")
-        return RevocationList(self.fleet_id, self.entries | other.entries)
+        new = other.entries - self.entries  # (set operations in C: no Python pass over all)
+        if not new:
+            return self  # (its lookup indexes, once built, kept)
+        _check_one_fleet(self.fleet_id, new)  # only the new: this list's were checked
+        return RevocationList._of_checked(self.fleet_id, self.entries | new)
 
     def records(self) -> list[dict[str, Any]]:
         """The entries as plain dicts (sequence, serial, node_id, revoked_at, reason), oldest
@@ -412,9 +425,8 @@ class RevocationList:
 
     def since(self, version: int) -> RevocationList:
         """The entries with a sequence above ``version`` (a delta to gossip to a peer)."""
-        return RevocationList(
-            self.fleet_id, frozenset(e for e in self.entries if e.sequence > version)
-        )
+        newer = frozenset(e for e in self.entries if e.sequence > version)
+        return RevocationList._of_checked(self.fleet_id, newer)
 
     def revocation_for(self, cert: NodeCertificate) -> RevocationEntry | None:
         """The entry that revokes ``cert`` (the earliest by sequence), or None."""
@@ -463,6 +475,11 @@ class RevocationList:
         return cls(
             trust.fleet_id, frozenset(RevocationEntry.from_bytes(r, trust) for r in raw_entries)
         )
+
+
+def _check_one_fleet(fleet_id: str, entries: frozenset[RevocationEntry]) -> None:
+    if any(e.fleet_id != fleet_id for e in entries):
+        raise LocalProtocolError("revocation list mixes entries of different fleets")
 
 
 # --- admission and prologue --------------------------------------------------------------------
