@@ -37,7 +37,7 @@ class FrozenClock:
 
 async def test_session_ends_when_peer_certificate_expires(transport_and_addr):
     """alpha's certificate expires (beyond the default skew) half a second after it dials:
-    bravo ends the session as lost, with an ADMISSION_REFUSED Close naming the expiry, and
+    bravo ends the session as lost, with a CERTIFICATE_EXPIRED Close naming the expiry, and
     alpha hears why; a new dial by alpha is refused, as the handshake would have."""
     fleet = make_fleet(None, ["alpha", "bravo"])
     now = time.time()
@@ -49,13 +49,14 @@ async def test_session_ends_when_peer_certificate_expires(transport_and_addr):
         assert (await server.recv()).payload == b"before"
         await until(lambda: not server.is_open, timeout=5.0)
         assert server.lost  # what alpha sent meanwhile is dropped unread
-        assert server.close_code == CloseCode.ADMISSION_REFUSED
+        assert server.close_code == CloseCode.CERTIFICATE_EXPIRED
         assert "certificate of alpha" in server.close_reason
         assert "expired at" in server.close_reason and "UTC" in server.close_reason
         with pytest.raises(StreamClosed, match="expired at"):
             await server.recv()
         await until(lambda: not client.is_open, timeout=5.0)
-        assert client.close_code == CloseCode.ADMISSION_REFUSED
+        assert client.close_code == CloseCode.CERTIFICATE_EXPIRED
+        assert client.lost  # the receiver of that Close ends it as lost too
         assert "expired at" in client.close_reason
         with pytest.raises(StreamClosed):
             await client.send(AppData(topic="up", payload=b"after"))
@@ -90,7 +91,7 @@ async def test_early_wakeup_sleeps_again_by_the_wall_clock(transport_and_addr):
             assert server.is_open and client.is_open
             clock.now = not_after + DEFAULT_CLOCK_SKEW_S + 0.01
             await until(lambda: not server.is_open, timeout=5.0)
-            assert server.lost and server.close_code == CloseCode.ADMISSION_REFUSED
+            assert server.lost and server.close_code == CloseCode.CERTIFICATE_EXPIRED
             await until(lambda: not client.is_open, timeout=5.0)
 
 

@@ -37,8 +37,9 @@ Four periodic activities run off the timers, each first scheduled at a random ph
     The same exchange with one random *dead* member, so a partition heals once its links are
     back.
 ``certificate check`` (every ``certificate_check_interval``, with signed records only)
-    Declare dead the live members whose newest record's certificate has expired (see
-    "Expired certificates" in :mod:`membership_table`).
+    Declare dead the live members whose newest record's certificate has expired, or (once the
+    local state announced a newer revocation list) was revoked since (see "Expired
+    certificates" and "Revoked certificates" in :mod:`membership_table`).
 
 Joining is a whole-table push-pull marked ``join`` to the seeds, retried until one answers.
 Leaving marks this node LEFT at a higher incarnation and keeps gossiping until the news is out

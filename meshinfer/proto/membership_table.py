@@ -49,6 +49,16 @@ signed under the same certificate, is refused; once re-enrolled, its ALIVE recor
 certificate at a higher incarnation brings it back. The authenticator counts each as a refusal
 ``expired``.
 
+Revoked certificates. A record is checked against the revocation list when it arrives; one
+held from before its certificate was revoked would stay, as an expired one would. The table
+learns of a newer list from the local state (``revocation_version``, which the runtime's
+revocation sync raises once the merged list is in force): the next certificate check then
+verifies every live member's newest record again (one signature check each, once per newer
+list) and declares dead those that no longer verify, as above (refusals ``revoked``). Their
+refutations under the same certificate are refused; a re-enrolled member comes back under its
+new certificate. The check waits for the next period rather than the state update, so that the
+runtime's cut of the revoked sessions, which names the revocation, comes first.
+
 Stale-claim correction. A SUSPECT or DEAD claim at an incarnation the subject has already
 refuted means its sender missed the refutation (an honest node drops a queued suspicion once the
 refutation arrives). The receiver then sends the refuting ALIVE record straight back
@@ -260,6 +270,7 @@ class MemberTable:
         self._suspicion_deadline: float | None = None  # cached min of the deadlines
         self._live = 1  # live members, this node included
         self._left_signature = b""
+        self._revocations_grew = False  # the local state announced a newer list: judge again
         self.reap_at = float("inf")  # when reap() has work next
         self.local = Member(
             local.node_id, MemberStatus.ALIVE, local.incarnation, self._sign(local), now
@@ -438,6 +449,8 @@ class MemberTable:
         if len(encode_state(state)) > MAX_STATE_BYTES:
             raise LocalProtocolError(f"membership: node state over {MAX_STATE_BYTES} bytes")
         record = self.local.record
+        if state.revocation_version != record.state.revocation_version:
+            self._revocations_grew = True  # judged at the next certificate check
         self._publish(record.incarnation, record.version + 1, state, now)
 
     def leave(self, now: float) -> None:
@@ -471,16 +484,35 @@ class MemberTable:
             self.apply(DeadRecord(node_id, member.incarnation, self.local_id), now)
 
     def expire_certificates(self, now: float) -> None:
-        """Declare dead every live member whose newest record's certificate has expired (see
-        "Expired certificates" in the module docstring); a no-op unless
-        :attr:`checks_certificates`."""
+        """Declare dead every live member whose newest record's certificate has expired, or
+        was revoked since the record was accepted when the local state announced a newer
+        revocation list since the last check (see "Expired certificates" and "Revoked
+        certificates" in the module docstring); a no-op unless :attr:`checks_certificates`."""
         if not self.checks_certificates:
             return
+        if self._revocations_grew:
+            self._revocations_grew = False
+            self._expire_revoked(now)
         expired = self.authenticator.expired  # type: ignore[union-attr]
         live = [m for m in self._members.values() if m.status in _LIVE]
         for member in [m for m in live if expired(m.record.signature)]:
-            self.broadcasts.drop(member.node_id, UpdateFamily.RECORD)  # relay it no further
-            self.apply(DeadRecord(member.node_id, member.incarnation, self.local_id), now)
+            self._declare_unproven(member, now)
+
+    def _expire_revoked(self, now: float) -> None:
+        """Declare dead every live member whose newest record no longer verifies (its
+        certificate revoked since); the authenticator counts each by its refusal's reason."""
+        verify = self.authenticator.verify  # type: ignore[union-attr]
+        live = [m for m in self._members.values() if m.status in _LIVE]
+        for member in live:
+            record = member.record
+            if not verify(member.node_id, signed_body(record), record.signature):
+                self._declare_unproven(member, now)
+
+    def _declare_unproven(self, member: Member, now: float) -> None:
+        """``member``'s record is no longer proven (expired or revoked certificate): declare
+        it dead, as a failed probe would, and relay the record no further."""
+        self.broadcasts.drop(member.node_id, UpdateFamily.RECORD)
+        self.apply(DeadRecord(member.node_id, member.incarnation, self.local_id), now)
 
     @property
     def checks_certificates(self) -> bool:

@@ -695,6 +695,10 @@ class CloseCode(enum.IntEnum):
     IDLE_TIMEOUT = 3
     ADMISSION_REFUSED = 4
     OVERLOADED = 5
+    #: the sender cut an open session: the receiver's certificate expired (beyond the clock
+    #: skew); what the receiver sent meanwhile was dropped unread. An older peer takes it as
+    #: an unknown code: closed (``PROTOCOL_ERROR``), not lost.
+    CERTIFICATE_EXPIRED = 6
 
 
 def _refuse(cls_name: str, detail: str) -> RemoteProtocolError:

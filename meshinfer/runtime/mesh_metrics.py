@@ -115,7 +115,8 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
                     "Membership records refused by their proof, by reason: malformed, untrusted,"
                     " wrong-node, revoked, not-yet-valid, expired, key-mismatch, bad-signature"
                     " (the sender of one is taken as its forger); expired also counts members"
-                    " held whose certificate has expired since (each declared dead once).",
+                    " held whose certificate has expired since, revoked those revoked since (each"
+                    " declared dead once).",
                     [({"reason": r}, n) for r, n in sorted(refusals.items())],
                 )
             )

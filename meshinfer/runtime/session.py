@@ -34,7 +34,9 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     by an idle timeout, by a protocol error from the peer, or once the peer's certificate has
     expired beyond ``clock_skew`` (judged by the admission's wall clock, as the handshake judged
     it; the keep-alive task wakes for it, so no message reads a clock): the session is then
-    closed as lost, with a ``Close`` frame (``ADMISSION_REFUSED``) naming the expiry. Pending
+    closed as lost, with a ``Close`` frame (``CERTIFICATE_EXPIRED``) naming the expiry, and its
+    receiver ends it as lost too (what it sent meanwhile went unread; an older peer, which
+    does not know the code, ends it as closed with ``PROTOCOL_ERROR``). Pending
     and later ``recv`` calls raise :class:`~meshinfer.errors.StreamClosed` carrying the reason;
     ``aclose`` is idempotent.
 
@@ -248,7 +250,8 @@ class Session:
         #: for ``idle_timeout``: then a Close frame is still sent, best effort), or the peer
         #: closed it for its own idle timeout, or this side cut it because the peer's certificate
         #: expired (what the peer had sent meanwhile is dropped unread; its owners' recovery,
-        #: e.g. the coordinator's re-dial, finds the node refused and re-dispatches its items).
+        #: e.g. the coordinator's re-dial, finds the node refused and re-dispatches its items),
+        #: or the peer cut it because this side's certificate expired (``CERTIFICATE_EXPIRED``).
         self.lost = False
         self._closing = False  # aclose() under way
         self._closed = asyncio.Event()
@@ -487,7 +490,7 @@ class Session:
             if fut is not None and not fut.done():
                 fut.set_result(self._loop.time())
         elif isinstance(msg, Close):
-            if msg.code == CloseCode.IDLE_TIMEOUT:  # what the peer missed may be lost too
+            if msg.code in _LOST_CLOSE_CODES:  # what the peer missed may be lost too
                 self.lost = True
             self._mark_closed(_close_code(msg.code), f"peer closed: {msg.reason}")
         else:
@@ -540,7 +543,7 @@ class Session:
         reason = f"certificate of {peer.node_id} (serial {peer.serial}) expired at {expired} UTC"
         log.warning("session with %s: %s: closing", self.peer_id, reason)
         self.lost = True
-        await self.aclose(CloseCode.ADMISSION_REFUSED, reason)
+        await self.aclose(CloseCode.CERTIFICATE_EXPIRED, reason)
 
     async def _closed_or_timeout(self, seconds: float) -> None:
         """Sleep ``seconds``, waking at once when the session closes (so that a session the
@@ -583,6 +586,14 @@ class Session:
                 task.exception()
         with contextlib.suppress(Exception):
             await self.stream.aclose()
+
+
+#: Close codes whose receiver ends the session as lost: the sender stopped reading it before
+#: the close (it heard nothing for ``idle_timeout``; it judged the receiver's certificate
+#: expired), so what the receiver sent meanwhile may never have been read. ADMISSION_REFUSED
+#: is not one: it answers a handshake (nothing else was sent yet), and a refused dialler that
+#: took it as lost would dial again and again.
+_LOST_CLOSE_CODES = frozenset({CloseCode.IDLE_TIMEOUT, CloseCode.CERTIFICATE_EXPIRED})
 
 
 def _close_code(code: int) -> CloseCode:
