@@ -78,24 +78,29 @@ node answers that). Journal writes per task are kept few:
   again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
 Concurrency: every coroutine runs on the coordinator's event loop.
+
+Layout: this module holds :class:`Coordinator`'s state, its lifecycle, recovery and public API
+(submit, wait, get, cancel, waiting, nodes, stats); the rest of it comes from mixins, one
+module each, working on that state: :mod:`coordinator.service_dispatch` (queuing, placing and
+sending items), :mod:`coordinator.service_answers` (answers from nodes, node losses),
+:mod:`coordinator.service_outcomes` (retries, the ends of items and tasks, deadlines). The
+config, stats and shared pure helpers are in :mod:`coordinator.service_config`; their public
+names are importable from here as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
-import math
 import random
 import sqlite3
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -107,62 +112,47 @@ from coordinator.journal import (
     CallOutcome,
     Journal,
     RecoveredTask,
-    TaskEnd,
-    TaskEnding,
     TaskPage,
     TaskRecord,
-    TransientJournalError,
     UnknownTaskError,
     item_ended,
     read_stats,
 )
 from coordinator.journal_writer import JournalWriter
-from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome, encode_outcome
-from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, RemoteProtocolError
-from meshinfer.proto import messages
-from meshinfer.proto.aggregation import Mode
-from meshinfer.proto.contact import infrastructure_positions, node_contact_s
-from meshinfer.proto.membership import MemberEvent, MemberEventKind
-from meshinfer.proto.scheduling import (
-    NodeView,
-    Policy,
-    SchedulerState,
-    choose,
-    requirements,
-    unplaced_reason,
+from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome
+from coordinator.service_answers import NodeAnswers
+from coordinator.service_config import (
+    _WHILE_DOWN,
+    END_RETRY_FIRST_S,
+    END_RETRY_MAX_S,
+    GONE_NODES,
+    KEEP_GONE_NODES,
+    Attempt,
+    CoordinatorConfig,
+    CoordinatorStats,
+    _deadline_passed,
+    _pop_timer,
+    fold_gone_nodes,
 )
+from coordinator.service_dispatch import Dispatch, _KnownState
+from coordinator.service_outcomes import TaskOutcomes
+from meshinfer.errors import LocalProtocolError, MeshInferError
+from meshinfer.proto import messages
+from meshinfer.proto.contact import infrastructure_positions, node_contact_s
+from meshinfer.proto.scheduling import NodeView, SchedulerState, unplaced_reason
 from meshinfer.proto.tasks import (
     InvalidTaskError,
     TaskSpec,
     TaskState,
-    WorkItem,
     check_aggregation_used,
     with_aggregation_mode,
 )
-from meshinfer.proto.tasks_wire import (
-    REFUSALS,
-    FailureKind,
-    TaskAccepted,
-    TaskAssign,
-    TaskCancel,
-    TaskFailed,
-    TaskResult,
-)
+from meshinfer.proto.tasks_wire import TaskAccepted, TaskFailed, TaskResult
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.node import MeshNode
 from meshinfer.transport.base import Address
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-#: An item's attempt as the journal has it at recovery: (attempt, refused, the (attempt, node)
-#: of each journaled dispatch of an earlier attempt). An item waiting to be sent has only
-#: dispatches of attempts before its own journaled (the journal moves an item on to attempt + 1
-#: only from a journaled dispatch: a retry, a refusal, or recovery requeuing an item in
-#: flight): the one just before it on the item's row, those further back in the journal's
-#: dispatch lines (their attempt and node columns: :meth:`Journal.dispatches`).
-Attempt = tuple[int, int, frozenset[tuple[int, str]]]
 
 #: How many ended tasks' records, and how many of their bytes (inputs and results), wait for
 #: the wait() that follows their submit() (a client that never waits, e.g. one polling get(),
@@ -170,132 +160,10 @@ Attempt = tuple[int, int, frozenset[tuple[int, str]]]
 HANDED_RECORDS = 256
 HANDED_BYTES = 32 << 20
 
-#: A task's end the journal failed to write is written again after this long, doubling up to
-#: the maximum (see Coordinator._finish).
-END_RETRY_FIRST_S = 0.05
-END_RETRY_MAX_S = 2.0
-#: The journal write errors that may pass if the write is made again: a busy or full disk, or
-#: a group commit rolled back for another call's fault. A refusal (an unknown task, an item in
-#: the wrong state) would be refused again: it is raised at once.
-_TRANSIENT = (sqlite3.OperationalError, OSError, TransientJournalError)
 
-#: Said of a task that ran out of time while no coordinator ran it (found so at recovery).
-_WHILE_DOWN = "(while the coordinator was down)"
-
-#: ``completed_by_node`` keeps a series of its own for each member membership knows and for
-#: this many other nodes (those credited most recently); the items of the rest are counted
-#: under ``GONE_NODES``, which no node id can be (:func:`fold_gone_nodes`).
-KEEP_GONE_NODES = 64
-GONE_NODES = "(gone)"
-
-_POLICIES = frozenset(p.value for p in Policy)
-_AGGREGATIONS = frozenset(m.value for m in Mode)
-
-
-class _KnownState(NamedTuple):
-    """What :meth:`Coordinator._views` keeps of a member, as of its gossiped state object
-    (``state``; a new object, gossiped anew, is read again): its models (id, version), roles
-    and links as sets, and when (loop time) this coordinator first saw its position and
-    velocity as they are (the age :func:`~meshinfer.proto.contact.node_contact_s` takes)."""
-
-    state: Any
-    models: frozenset[tuple[str, str]]
-    roles: frozenset[str]
-    links: frozenset[str]
-    placed_at: float
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    """Defaults and fault-tolerance knobs (see the module docstring)."""
-
-    default_policy: str = "least_loaded"
-    default_aggregation: str = "all"
-    max_attempts: int = 4
-    retry_backoff_s: float = 0.05
-    retry_backoff_max_s: float = 2.0
-    item_timeout_s: float = 30.0
-    journal_synchronous: str = "FULL"
-    node_capacity: int = 4
-    max_in_flight_per_node: int = 32
-    #: Fast failover: after a node's session is lost abruptly, the node must answer a ping (over
-    #: another session, or a re-dial) within this many seconds, or its items are re-dispatched
-    #: (0 disables the fast path: membership decides). On a slow link, set it above a round
-    #: trip plus a retransmission.
-    redial_timeout_s: float = 0.25
-    #: Journal an item's dispatch, and its node's accept (running), only if its result is not
-    #: in this long after it (a quick item costs the journal its result alone).
-    running_mark_delay_s: float = 0.05
-    #: Ended tasks are deleted from the journal (items, results, audit lines) this long after
-    #: they ended, checked every ``prune_interval_s``; 0 keeps them forever.
-    retention_s: float = 7 * 86400.0
-    prune_interval_s: float = 60.0
-    #: Inputs this large or larger are sent by reference to a node that keeps them already
-    #: (see the module docstring); 0 always sends the bytes.
-    input_ref_min_bytes: int = 64 * 1024
-    #: The time budget (s) of a task that names no ``deadline_s``; 0: such a task has none.
-    default_deadline_s: float = 0.0
-    #: ``contact_aware``: radio range (m) of an infrastructure node (role ``rsu`` or link
-    #: ``v2i``), from which a moving node's gossiped position and velocity give its contact time
-    #: (:mod:`meshinfer.proto.contact`).
-    radio_range_m: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.default_policy not in _POLICIES:
-            raise ConfigError(f"default_policy: unknown policy {self.default_policy!r}")
-        if self.default_aggregation not in _AGGREGATIONS:
-            raise ConfigError(f"default_aggregation: unknown mode {self.default_aggregation!r}")
-        if self.journal_synchronous not in ("FULL", "NORMAL"):
-            raise ConfigError(
-                f'journal_synchronous: "FULL" or "NORMAL", not {self.journal_synchronous!r}'
-            )
-        for name in (
-            "max_attempts",
-            "item_timeout_s",
-            "prune_interval_s",
-            "retry_backoff_max_s",
-            "node_capacity",
-            "max_in_flight_per_node",
-            "radio_range_m",
-        ):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ConfigError(f"{name} must be > 0 and finite, got {getattr(self, name)!r}")
-        for name in (
-            "retry_backoff_s",
-            "redial_timeout_s",
-            "running_mark_delay_s",
-            "retention_s",
-            "input_ref_min_bytes",
-            "default_deadline_s",
-        ):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
-
-
-@dataclass
-class CoordinatorStats:
-    dispatched: int = 0
-    retries: int = 0
-    refusals: int = 0  # retries not counted against max_attempts (Coordinator._retry)
-    redispatched_after_death: int = 0  # after a death, a leave, or a lost session (below)
-    redispatched_after_disconnect: int = 0  # by the fast path, before membership decided
-    sessions_lost: int = 0  # node sessions that ended lost (no Close frame from it, or silent)
-    sessions_closed: int = 0  # node sessions that ended otherwise (Close frame, local close)
-    redials_ok: int = 0  # lost sessions whose node answered the ping (over another or a new one)
-    resent_after_redial: int = 0  # items sent again to a node reachable after a lost session
-    duplicates: int = 0
-    foreign_results: int = 0  # results from a node their attempt was not sent to (refused)
-    inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
-    input_bytes_saved: int = 0  # the bytes those references did not send
-    input_cache_misses: int = 0  # references a node did not hold (the bytes went again)
-    #: Items completed, by the node credited (one series per member membership knows, plus
-    #: the ``KEEP_GONE_NODES`` others credited most recently; the rest are folded into the
-    #: series ``GONE_NODES``: see :func:`fold_gone_nodes`).
-    completed_by_node: Counter[str] = field(default_factory=Counter)
-
-
-class Coordinator:
-    """See the module docstring. ``start`` / ``aclose``; every other coroutine needs ``start``."""
+class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
+    """See the module docstring. ``start`` / ``aclose``; every other coroutine needs ``start``.
+    Its state is all set up here; the mixins it inherits work on it (see "Layout" above)."""
 
     def __init__(
         self,
@@ -691,263 +559,6 @@ class Coordinator:
             "live_tasks": len(self._runs), "parked_items": sum(map(len, self._parked.values())),
         }  # fmt: skip
 
-    # --- dispatching -----------------------------------------------------------------------
-
-    def _schedule_ready(self, run: TaskRun, attempts: Mapping[str, Attempt]) -> None:
-        """Queue the task's items that are ready; ``attempts``: item id -> :data:`Attempt` as
-        the journal has it (recovery), else a first attempt."""
-        for item in run.ready():
-            attempt, refused, sent = attempts.get(item.item_id, (1, 0, frozenset()))
-            entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
-            entry.sent.update(sent)  # earlier attempts went there: only their results count
-            run.items[item.item_id] = entry
-            self._items[item.item_id] = (run, entry)
-            # a large input is hashed in a worker thread first (coordinator.input_refs)
-            self._inputs.when_hashed(run, entry, self._queue, item.item_id, run.spec.priority)
-        self._arm_aggregation_timeout(run)
-
-    def _queue(self, item_id: str, priority: int) -> None:
-        self._ready.put_nowait((-priority, next(self._seq), item_id))
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            _, _, item_id = await self._ready.get()
-            pair = self._items.get(item_id)
-            if pair is None or pair[1].node is not None or pair[0].done:
-                # cancelled or finished meanwhile, or out already: queued twice (a retry's
-                # timer, or a hash's callback for a task id pruned and submitted again); or
-                # its task's end is decided, being journaled: it would only be called back
-                continue
-            run, entry = pair
-            entry.retrying = None  # (its backoff is over: now it waits for a node, if any)
-            node = self._choose(run, entry)
-            if node is None:
-                heap = self._parked.setdefault(self._placement(run, entry), [])
-                heapq.heappush(heap, (-run.spec.priority, next(self._seq), item_id))
-                continue
-            self._send(run, entry, node)
-
-    def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
-        policy = run.spec.policy or self.config.default_policy
-        views, full = self._views(), self._full_nodes()
-        kw = {"rng": self.rng, "state": self.scheduler}
-        node = choose(policy, views, entry.item, exclude=frozenset(entry.tried) | full, **kw)
-        if node is None and entry.tried:  # every capable node had it once: allow repeats, but
-            if entry.last is not None:  # not the one it just came back from while another fits
-                node = choose(policy, views, entry.item, exclude=full | {entry.last}, **kw)
-            if node is None:
-                node = choose(policy, views, entry.item, exclude=full, **kw)
-        return node
-
-    def _full_nodes(self) -> frozenset[str]:
-        """The nodes with ``max_in_flight_per_node`` items of this coordinator on them."""
-        limit = self.config.max_in_flight_per_node
-        return frozenset(n for n, k in self._busy.items() if k >= limit)
-
-    def _assign(self, entry: ItemRun, node: str | None) -> None:
-        """Move a live item to ``node`` (None: to no node), keeping ``_busy`` in step."""
-        if entry.node:
-            self._busy[entry.node] -= 1
-            if not self._busy[entry.node]:
-                del self._busy[entry.node]
-            self._wake_parked.set()  # a slot on that node is free again
-        entry.node = node
-        if node:
-            self._busy[node] += 1
-
-    def _drop(self, item_id: str) -> tuple[TaskRun, ItemRun] | None:
-        """The item is no longer live here (answered, failed, or its task ended)."""
-        pair = self._items.pop(item_id, None)
-        if pair is not None:
-            self._assign(pair[1], None)
-        return pair
-
-    def _views(self) -> list[NodeView]:
-        """What the scheduling policies see of each reachable live member, with the items
-        this coordinator has on each node (``_busy``). A member whose certificate is revoked
-        is left out whatever membership says of it (:mod:`coordinator.certificates`)."""
-        in_flight = self._busy
-        membership = self.mesh.membership
-        if membership is None:
-            return []
-        views, live = [], membership.core.live_members()
-        infrastructure = infrastructure_positions(m.state for m in live)
-        now = self._loop.time()
-        for m in live:
-            if not self._reach.reachable(m) or self._certificates.revoked(m.node_id):
-                continue
-            s = m.state
-            known = self._known(m.node_id, s, now)
-            views.append(NodeView(
-                node_id=m.node_id, alive=m.status.value == "alive", models=known.models,
-                roles=known.roles, has_gpu=s.gpu_free_mb > 0,
-                free_gpu_memory=s.gpu_free_mb << 20 if s.gpu_free_mb else None,
-                queue_depth=max(s.queue_depth, in_flight[m.node_id]),
-                capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
-                links=known.links,
-                contact_s=node_contact_s(
-                    s, infrastructure, self.config.radio_range_m, age_s=now - known.placed_at
-                ),
-            ))  # fmt: skip
-        if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
-            self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}
-        return views
-
-    def _known(self, node: str, state: Any, now: float) -> _KnownState:
-        """What is kept of ``node`` as of its gossiped ``state`` (read again once that object
-        is new; its position's age restarts only when its position or velocity changed)."""
-        known = self._sets_of.get(node)
-        if known is None or known.state is not state:
-            same_place = known is not None and _motion(known.state) == _motion(state)
-            known = self._sets_of[node] = _KnownState(
-                state=state,
-                models=frozenset((x.model_id, x.version) for x in state.models),
-                roles=frozenset(state.roles),
-                links=frozenset(state.links),
-                placed_at=known.placed_at if same_place else now,  # (its age starts here)
-            )
-        return known
-
-    def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:
-        self._assign(entry, node)
-        entry.tried.add(node)
-        entry.sent.add((entry.attempt, node))
-        entry.last = node
-        entry.dispatched_at = self._loop.time()
-        self.stats_.dispatched += 1
-        if not self._send_message(run, entry, node):
-            return
-        # Journaled only if its result is overdue (see the module docstring).
-        item_id, attempt = entry.item.item_id, entry.attempt
-        delay = self.config.running_mark_delay_s
-        if delay < self.config.item_timeout_s:
-            self._set_timer(item_id, delay, self._dispatch_overdue, item_id, attempt)
-        else:
-            self._set_timer(item_id, self.config.item_timeout_s, self._on_timeout, item_id, attempt)
-
-    def _message(self, run: TaskRun, entry: ItemRun, node: str) -> TaskAssign:
-        """The item's TaskAssign for ``node``: what is left of the task's deadline, the input
-        by reference or to be kept where ``node``'s input cache allows."""
-        msg = entry.item.to_message()
-        if run.expires_at is not None:  # what is left of the task's budget
-            msg = replace(msg, deadline_s=max(0.0, run.expires_at - self._loop.time()))
-        return self._inputs.message(run, entry, node, msg)
-
-    def _forget_mirror(self, node: str) -> None:
-        """What ``node`` keeps of ours is no longer known (a session with it ended without its
-        Close frame, so what was queued on it may never have arrived; a send failed; it died,
-        left or was given up on)."""
-        self._inputs.forget_node(node)
-
-    def _resend_input(self, run: TaskRun, entry: ItemRun, node: str) -> None:
-        """``node`` does not hold the input this attempt named by reference: the same attempt
-        goes again with the bytes (not a retry: the node ran nothing)."""
-        self._inputs.missed(node, entry)
-        self._send_message(run, entry, node)
-
-    def _send_message(self, run: TaskRun, entry: ItemRun, node: str) -> bool:
-        """Send the item's TaskAssign to ``node``; if it cannot even be queued, forget what the
-        mirror now believes the node keeps and retry the item elsewhere (and the same, later,
-        if it is dropped unwritten: :meth:`_unsent`)."""
-        unsent = partial(self._unsent, entry.item.item_id, entry.attempt, node)
-        if self.mesh.peers.send(node, self._message(run, entry, node), on_failure=unsent):
-            self._inputs.queued(entry)
-            return True
-        self._never_got(run, entry, node, f"could not send to {node}")
-        return False
-
-    def _unsent(self, item_id: str, attempt: int, node: str, error: BaseException) -> None:
-        """The TaskAssign of this attempt was queued for ``node`` but dropped before it was
-        written (no session could be had: e.g. a restarted node not yet found at its new
-        address): the node never saw it, so retry it now rather than after its timeout."""
-        pair = self._items.get(item_id)
-        if pair is None or self._closed:
-            return
-        run, entry = pair
-        if entry.attempt == attempt and entry.node == node:
-            self._never_got(run, entry, node, f"could not send to {node}: {error}")
-
-    def _never_got(self, run: TaskRun, entry: ItemRun, node: str, reason: str) -> None:
-        """``node`` never got this attempt: what the mirror believes it keeps is unknown now,
-        and the item is retried as a refusal (see :meth:`_retry`)."""
-        self._forget_mirror(node)
-        self._retry(run, entry, reason, backoff=True, ran=False)
-
-    def _dispatch_overdue(self, item_id: str, attempt: int) -> None:
-        """The item's result is not in ``running_mark_delay_s`` after its dispatch: journal the
-        dispatch, then watch for the item's timeout."""
-        pair = self._items.get(item_id)
-        if pair is None or pair[1].attempt != attempt or self._closed:
-            return
-        self._journal_dispatch(pair[1])
-        remaining = self.config.item_timeout_s - self.config.running_mark_delay_s
-        self._set_timer(item_id, remaining, self._on_timeout, item_id, attempt)
-
-    def _journal_dispatch(self, entry: ItemRun) -> None:
-        """Journal the item's current dispatch unless that is done or a vouched result of it is
-        queued (``take_result(sent_to=...)`` records the dispatch). Told, not waited for: the
-        journal's thread runs it before anything queued later (a failure, a result)."""
-        item_id, attempt = entry.item.item_id, entry.attempt
-        if entry.node is None or entry.journaled == attempt:
-            return
-        entry.journaled = attempt
-        self._db.tell("mark_dispatched", item_id, entry.node, attempt)
-
-    def _set_timer(self, item_id: str, delay: float, callback, *args: object) -> None:
-        """The item's one timer (its dispatch mark or its timeout), replacing any before."""
-        _replace_timer(self._timers, item_id, self._loop.call_later(delay, callback, *args))
-
-    def _on_timeout(self, item_id: str, attempt: int) -> None:
-        pair = self._items.get(item_id)
-        if pair is not None and pair[1].attempt == attempt:
-            run, entry = pair
-            self._retry(run, entry, f"no answer from {entry.node} in {self.config.item_timeout_s}s")
-
-    def _placement(self, run: TaskRun, entry: ItemRun) -> tuple:
-        """Items of one class fit the same nodes: model, policy and requirements. If the first
-        of a class fits nowhere, none of the class does (a node an item failed on is only
-        avoided while another fits)."""
-        model = entry.item.model
-        policy = run.spec.policy or self.config.default_policy
-        return (model.model_id, model.version, policy, *requirements(entry.item.params))
-
-    async def _parked_loop(self) -> None:
-        """Items no node could take wait here, per placement class, until a slot frees,
-        membership or a node's reachability changes, or 1 s passes. Then as many of a class's
-        items as the reachable nodes serving its model have free slots are tried again, highest
-        priority first: a large batch waiting for slots is not re-scheduled whole on every
-        result, and a class that fits nowhere holds back no other class."""
-        loop = self._loop
-        swept_at = loop.time()
-        while True:
-            self._wake_parked.clear()
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._wake_parked.wait()
-            except TimeoutError:
-                pass
-            if not self._parked:
-                continue
-            # once a second, by the clock: a busy fleet's gossip and results wake this loop
-            # more often than that, and a class no node takes would keep its ended items
-            sweep = loop.time() - swept_at >= 1.0
-            if sweep:
-                swept_at = loop.time()
-            free = self._free_slots()
-            for key, heap in list(self._parked.items()):
-                if sweep:  # drop the entries of items that ended or were cancelled meanwhile
-                    heap[:] = [e for e in heap if e[2] in self._items]
-                    heapq.heapify(heap)
-                budget = free[key[:2]]
-                while budget > 0 and heap:
-                    _, _, item_id = heapq.heappop(heap)
-                    pair = self._items.get(item_id)
-                    if pair is not None:
-                        self._queue(item_id, pair[0].spec.priority)
-                        budget -= 1
-                if not heap:
-                    del self._parked[key]
-
     async def _prune_loop(self) -> None:
         """Retention: every ``prune_interval_s``, delete from the journal the tasks that ended
         more than ``retention_s`` ago, a bounded batch per journal group (the calls queued
@@ -961,550 +572,6 @@ class Coordinator:
                     pass
             except (MeshInferError, sqlite3.Error, OSError) as exc:  # e.g. disk I/O, locked
                 log.warning("journal retention: prune failed, retrying later: %s", exc)
-
-    def _free_slots(self) -> Counter[tuple[str, str]]:
-        """Per model: the items the reachable nodes serving it could take now (per-node cap;
-        a node serving several models counts for each)."""
-        cap, free = self.config.max_in_flight_per_node, Counter()
-        for view in self._views():
-            room = cap - self._busy[view.node_id]
-            if room > 0:
-                for model in view.models:
-                    free[model] += room
-        return free
-
-    # --- answers from nodes ----------------------------------------------------------------
-
-    def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
-        pair = self._items.get(msg.item_id)
-        if pair is None or not self._started or not _sent_to(pair[1], msg.attempt, peer):
-            return  # stale: e.g. a send before a restart (the same attempt is sent again)
-        self._loop.call_later(
-            self.config.running_mark_delay_s, self._mark_running, msg.item_id, msg.attempt
-        )
-
-    def _mark_running(self, item_id: str, attempt: int) -> None:
-        """Journal the item as running unless its result (or a retry) came first."""
-        pair = self._items.get(item_id)
-        if pair is None or pair[1].attempt != attempt or not self._started or self._closed:
-            return
-        self._journal_dispatch(pair[1])  # first, if its own timer has not fired yet
-        self._db.tell("mark_running", item_id, attempt)
-
-    def _on_result(self, peer: str, msg: TaskResult) -> None:
-        if not self._recovered:  # its item may not be live yet, to take a result the journal
-            return  # takes: recovery sends it again, and its node answers that send
-        self._answered[msg.item_id] += 1  # being journaled: not to be re-dispatched meanwhile
-        self._steps.spawn(self._accept_result(peer, msg))
-
-    async def _accept_result(self, peer: str, msg: TaskResult) -> None:
-        try:
-            pair = self._items.get(msg.item_id)
-            known = pair[1] if pair is not None else self._failing.get(msg.item_id)
-            if known is not None and not _may_answer(known, msg.attempt, peer):
-                self.stats_.foreign_results += 1
-                log.warning(
-                    "refused a result of %s attempt %d from %s: that attempt went to %s",
-                    msg.item_id, msg.attempt, peer, _nodes_of(known, msg.attempt) or "no node",
-                )  # fmt: skip
-                return
-            msg = self._credited(peer, msg)
-            taken = await self._take_result(pair, peer, msg)
-        finally:
-            self._answered[msg.item_id] -= 1
-            if not self._answered[msg.item_id]:
-                del self._answered[msg.item_id]
-                if msg.item_id in self._lost_while_answered:
-                    self._loop.call_soon(self._answer_handled, msg.item_id)
-        if taken is None:  # never written: the item runs on here (or again after a restart)
-            return
-        (fresh, ended), ending, failed_before = taken
-        if not fresh:
-            if failed_before and await self._take_result_journaled(pair, msg):
-                return
-            self.stats_.duplicates += 1
-            return
-        self._call_back_superseded(peer, msg)
-        live, pair = pair, self._drop(msg.item_id)
-        if pair is None and live is not None and self._runs.get(live[0].task_id) is live[0]:
-            pair = live  # given up on meanwhile (its timeout): the journal took this result first
-        self._cancel_timer(msg.item_id)
-        if pair is not None:
-            self._count_result(pair[1], msg)
-        if ending is not None:  # the journal ended the task together with this result
-            self._ended(ending.task_id, *ended)
-            return
-        if pair is None:
-            return
-        run = pair[0]
-        try:
-            run.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
-        except RemoteProtocolError as exc:  # a node returned an output we cannot use
-            run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
-        await self._advance(run)
-
-    async def _take_result(
-        self, pair: tuple[TaskRun, ItemRun] | None, peer: str, msg: TaskResult
-    ) -> tuple[tuple[bool, TaskEnd | None], TaskEnding | None, bool] | None:
-        """Journal ``msg`` (``take_result``, with the task's end when it decides it), written
-        again while the write fails for a cause that may pass (see :meth:`_until_durable`) and
-        the item's task is live here. Returns the journal's answer, the ending it was given,
-        and whether a write failed first (it may have committed all the same: its sync
-        failed); None if it was never written (the task ended meanwhile, or the coordinator
-        closes: recovery sends the item again, and its node answers that).
-
-        A result of the attempt now out, from the node it went to, vouches for its dispatch
-        (``sent_to``): that dispatch counts as journaled while the write is under way (no
-        ``mark_dispatched`` after it), and no longer once a write failed (a crash or a failure
-        of the item then finds the journal's item as it was)."""
-        sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
-        blob, failures, ending = messages.encode(msg), 0, None
-
-        async def write() -> tuple[bool, TaskEnd | None]:
-            nonlocal failures, ending
-            ending = self._ending_with(msg)  # (again: the run may have moved on meanwhile)
-            entry = pair[1] if sent and _sent_to(pair[1], msg.attempt, peer) else None
-            before = entry.journaled if entry is not None else 0
-            if entry is not None:
-                entry.journaled = msg.attempt
-            try:
-                return await self._db.run(
-                    "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
-                    sent_to=peer if sent else None, ending=ending,
-                )  # fmt: skip
-            except _TRANSIENT:
-                failures += 1
-                if entry is not None and entry.journaled == msg.attempt:
-                    entry.journaled = before
-                raise
-
-        try:
-            if pair is None:  # not live here: the journal refuses it (one try)
-                answer = await write()
-            else:
-                what = f"taking the result of {msg.item_id} from {peer}"
-                answer = await self._until_durable(pair[0], what, write)
-        except _TRANSIENT as exc:
-            log.warning("journal: the result of %s from %s is not journaled: %s",
-                        msg.item_id, peer, exc)  # fmt: skip
-            return None
-        return None if answer is None else (answer, ending, failures > 0)
-
-    async def _take_result_journaled(
-        self, pair: tuple[TaskRun, ItemRun] | None, msg: TaskResult
-    ) -> bool:
-        """``msg``'s write failed, then the journal refused it when it was written again: the
-        failed write may have committed (its sync failed). If the item is still live here and
-        the journal has a result of it, that is its outcome, taken as a fresh one would be;
-        whether it was."""
-        item_id = msg.item_id
-        if pair is None or self._items.get(item_id) is not pair:
-            return False
-        run = pair[0]
-        blob = await self._journaled_result(run, item_id)
-        if blob is None or self._items.get(item_id) is not pair:
-            return False
-        self._drop(item_id)
-        self._cancel_timer(item_id)
-        self._count_result(pair[1], msg)
-        self._record_journaled(run, item_id, blob)
-        await self._advance(run)
-        return True
-
-    def _call_back_superseded(self, peer: str, msg: TaskResult) -> None:
-        """The journal took ``msg``, a result of an earlier attempt than the one now out (a
-        late answer after a retry): ``TaskCancel`` to the node running the later attempt, which
-        would finish wasted work once the item is dropped here (and no longer counted on it)."""
-        pair = self._items.get(msg.item_id)
-        if pair is None or pair[1].node is None or _sent_to(pair[1], msg.attempt, peer):
-            return
-        node = pair[1].node
-        log.info("%s answered by %s (attempt %d): cancelling attempt %d on %s",
-                 msg.item_id, peer, msg.attempt, pair[1].attempt, node)  # fmt: skip
-        self.mesh.peers.send(node, TaskCancel(msg.item_id, "answered by an earlier attempt"))
-
-    def _credited(self, peer: str, msg: TaskResult) -> TaskResult:
-        """``msg`` naming as the node that ran it one this coordinator can vouch for: the
-        sender, or another member (one the sender passed the item to: work sharing). Any
-        other ``node_id`` is the sender's say-so alone: the sender is credited (in the journal,
-        the task document and ``completed_by_node``, whose series stay one per member)."""
-        if msg.node_id == peer:
-            return msg
-        membership = self.mesh.membership
-        if msg.node_id != self.mesh.node_id and membership is not None:
-            if membership.core.member(msg.node_id) is not None:
-                return msg
-        log.info("result of %s from %s names %s, no member: credited to %s",
-                 msg.item_id, peer, msg.node_id, peer)  # fmt: skip
-        return replace(msg, node_id=peer)
-
-    def _count_result(self, entry: ItemRun, msg: TaskResult) -> None:
-        completed, node = self.stats_.completed_by_node, msg.node_id
-        new = node not in completed
-        completed[node] += 1
-        self._credited_at[node] = None
-        self._credited_at.move_to_end(node)
-        if new:  # (only a new series can take the count past the bound)
-            membership = self.mesh.membership
-            known = {m.node_id for m in membership.core.members()} if membership else set()
-            fold_gone_nodes(completed, self._credited_at, known, KEEP_GONE_NODES)
-        if entry.dispatched_at is not None:
-            elapsed = self._loop.time() - entry.dispatched_at
-            model = entry.item.model
-            self.scheduler.observe_runtime((model.model_id, model.version), elapsed)
-
-    def _ending_with(self, msg: TaskResult) -> TaskEnding | None:
-        """How the task ends if ``msg`` is accepted, when that alone decides it: the last
-        missing result of a single, batch or pipeline task (aggregations are left to
-        :meth:`_advance`: their outcome may depend on time). Tried on a copy of the run."""
-        pair = self._items.get(msg.item_id)
-        if pair is None:
-            return None  # not live here: the journal will refuse it
-        run = pair[0]
-        ids = run.all_item_ids()
-        if run.aggregator is not None or run.done or len(run.results) + 1 != len(ids):
-            return None
-        try:
-            trial = object.__new__(TaskRun)  # a shallow copy whose result maps can change
-            trial.__dict__.update(
-                run.__dict__,
-                results=dict(run.results),
-                nodes=dict(run.nodes),
-                failed=dict(run.failed),
-            )
-            trial.items = {}
-            trial.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
-        except Exception:  # e.g. an output we cannot use: the ordinary way handles it
-            return None
-        outcome = trial.outcome
-        if outcome is None:
-            return None
-        return self._ending(run, trial, outcome)
-
-    def _ending(self, run: TaskRun, source: TaskRun, outcome: Outcome) -> TaskEnding:
-        state = TaskState.SUCCEEDED if outcome.succeeded else TaskState.FAILED
-        summary = encode_outcome(source, outcome)
-        # read the record back with the end if someone waits, or soon will (see _handed)
-        waited = run.task_id in self._waiters or run.task_id in self._submitting
-        return TaskEnding(run.task_id, state, summary, outcome.error or None, waited)
-
-    def _ended(
-        self, task_id: str, in_flight: list[tuple[str, str]], record: TaskRecord | None
-    ) -> None:
-        """The journal ended the task: tell nodes still on its items (e.g. an ensemble that
-        reached its quorum early), forget it here."""
-        self._call_back(task_id, in_flight, "task finished")
-        self._forget(task_id, record)
-
-    def _call_back(self, task_id: str, in_flight: list[tuple[str, str]], reason: str) -> None:
-        """``TaskCancel`` to every node on one of the task's items: those the journal had in
-        flight, and those sent from here (a dispatch is journaled only once overdue)."""
-        calls = {(item_id, node) for item_id, node in in_flight if node}
-        run = self._runs.get(task_id)
-        if run is not None:
-            calls.update(
-                (item_id, entry.node)
-                for item_id, entry in run.items.items()
-                if entry.node and item_id in self._items
-            )
-        for item_id, node in sorted(calls):
-            self.mesh.peers.send(node, TaskCancel(item_id, reason))
-
-    def _on_failed(self, peer: str, msg: TaskFailed) -> None:
-        pair = self._items.get(msg.item_id)
-        if pair is None or not _sent_to(pair[1], msg.attempt, peer):
-            return  # stale (see _on_accepted); relayed failures come from the node sent to
-        run, entry = pair
-        if msg.code == FailureKind.INPUT_NOT_CACHED:
-            if entry.by_reference:
-                self._resend_input(run, entry, peer)
-                return
-            if entry.referenced == entry.attempt:  # the answer to a reference sent earlier in
-                return  # this attempt: the bytes went after it (a resend after a re-dial)
-            self._inputs.forget_input(peer, entry)  # sent with its bytes, yet not kept there
-        reason = f"{peer}: {msg.message}"
-        if msg.retryable:
-            self._retry(run, entry, reason, backoff=True, ran=msg.code not in REFUSALS)
-        else:
-            self._steps.spawn(self._fail_item(run, entry, reason))
-
-    def _on_member(self, event: MemberEvent) -> None:
-        node = event.member.node_id
-        if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
-            self._forget_mirror(node)  # if it comes back, its cache starts empty
-            self._redispatch_from(node, f"node {node} {event.kind.value}")
-        self._reach.on_member(event)
-        if event.kind in (MemberEventKind.JOINED, MemberEventKind.ALIVE, MemberEventKind.UPDATED):
-            self._wake_parked.set()
-
-    def _lost(self, node: str, why: str) -> None:
-        """``node``'s session ended abruptly and it answered no ping (over another session or a
-        re-dial), or this node cut it off for a revoked certificate (``why`` says which)."""
-        self._forget_mirror(node)
-        self._redispatch_from(node, why, fast=True)
-
-    def _resend_to(self, node: str) -> None:
-        """A session with ``node`` was lost abruptly, and ``node`` is reachable again: what
-        went over the lost session may never have arrived, an answer coming back on it is gone,
-        and a node that restarted meanwhile holds nothing. Each item in flight there goes again
-        under the same attempt (not a retry): a node still holding it keeps running it and
-        answers once, one that does not runs it, and a second answer is dropped as a
-        duplicate. (Not while the session they would go over is being cut for a revoked
-        certificate: :class:`~coordinator.failover.Reachability` calls this once it is cut.)"""
-        for run, entry in self._in_flight_on(node):
-            if not run.done:
-                self.stats_.resent_after_redial += 1
-                self._send_message(run, entry, node)
-
-    def _in_flight_on(self, node: str) -> list[tuple[TaskRun, ItemRun]]:
-        """The items on ``node`` whose result is not being journaled (a copy: callers change
-        ``_items``)."""
-        return [
-            (run, entry)
-            for run, entry in self._items.values()
-            if entry.node == node and entry.item.item_id not in self._answered
-        ]
-
-    def _redispatch_from(self, node: str, reason: str, *, fast: bool = False) -> None:
-        """Retry at once every item in flight on ``node`` (it died, left or is unreachable);
-        one whose result is being handled only once that is over, and only if it was not
-        taken: refused here or by the journal, or not written (:meth:`_answer_handled`)."""
-        for item_id in self._answered:
-            pair = self._items.get(item_id)
-            if pair is not None and pair[1].node == node:
-                self._lost_while_answered[item_id] = (node, pair[1].attempt, reason, fast)
-        for run, entry in self._in_flight_on(node):
-            self.stats_.redispatched_after_death += 1
-            self.stats_.redispatched_after_disconnect += fast
-            self._retry(run, entry, reason, backoff=False)
-
-    def _answer_handled(self, item_id: str) -> None:
-        """The item's answers are handled (called soon after the last one's journal call: the
-        step that took a result has dropped the item by then). If its node was lost meanwhile
-        and it is still live there at that attempt (its result was refused, here or by the
-        journal, or could not be written), it is retried now, as the loss would have done,
-        rather than after its timeout."""
-        if item_id in self._answered:  # another answer came meanwhile: once it is handled
-            return
-        lost = self._lost_while_answered.pop(item_id, None)
-        pair = self._items.get(item_id)
-        if lost is None or pair is None or self._closed:
-            return
-        node, attempt, reason, fast = lost
-        run, entry = pair
-        if entry.node == node and entry.attempt == attempt:
-            self.stats_.redispatched_after_death += 1
-            self.stats_.redispatched_after_disconnect += fast
-            self._retry(run, entry, reason, backoff=False)
-
-    # --- retries and outcomes --------------------------------------------------------------
-
-    def _retry(
-        self, run: TaskRun, entry: ItemRun, reason: str, *, backoff: bool = True, ran: bool = True
-    ) -> None:
-        """Try the item again (on another node if one fits), or fail it once ``max_attempts``
-        attempts failed. ``ran=False``, a *refusal*: the node refused or handed back this
-        attempt (draining, overloaded, model not loaded: ``REFUSALS``) or never got it
-        (dropped unsent, though a resend after a re-dial may have reached it). Refusals do not
-        count, up to ``max_attempts`` of them per item, so a rolling restart of the nodes fails
-        no task while an item every node refuses for ever still fails. The journal keeps the
-        count (``items.refused``), so a restarted coordinator goes on from it. The backoff still
-        grows with every attempt, refused or not. Nothing once the coordinator is closed (a
-        node's hand-back may still come while the daemon leaves the mesh): the item stays in
-        flight in the journal, and the next start's recovery runs it again."""
-        if self._closed:
-            return
-        item_id, attempt = entry.item.item_id, entry.attempt
-        self._cancel_timer(item_id)
-        counted = ran or entry.refused >= self.config.max_attempts
-        if not counted:
-            entry.refused += 1
-            self.stats_.refusals += 1
-        if attempt - entry.refused >= self.config.max_attempts:
-            tried = f"{attempt} attempts" + (f" ({entry.refused} refused)" if entry.refused else "")
-            self._steps.spawn(self._fail_item(run, entry, f"gave up after {tried}; last: {reason}"))
-            return
-        self.stats_.retries += 1
-        outcome = "failed" if counted else "refused"
-        log.info("retrying %s (attempt %d %s: %s)", item_id, attempt, outcome, reason)
-        self._journal_dispatch(entry)  # the failure needs it first (and journals it, if lost)
-        failure = partial(_journal_retry, self, item_id, entry.node, attempt, reason, not counted)
-        entry.attempt += 1
-        entry.item = _with_attempt(entry.item, entry.attempt)
-        entry.retrying = reason
-        self._assign(entry, None)
-        delay = 0.0
-        if backoff:
-            doubled = 2.0 ** min(attempt - 1, 64)  # (2 ** 1024 overflows a float)
-            delay = min(self.config.retry_backoff_max_s, self.config.retry_backoff_s * doubled)
-        due = self._loop.time() + delay
-        written = self._db.call(failure)  # queued now: in order with what comes after it
-        self._steps.spawn(self._queue_once_journaled(run, entry, failure, written, due))
-
-    async def _queue_once_journaled(
-        self,
-        run: TaskRun,
-        entry: ItemRun,
-        failure: Callable[[], bool],
-        written: asyncio.Future[object],
-        due: float,
-    ) -> None:
-        """Queue the item's next attempt at ``due`` (its backoff), but not before the journal
-        has the failure of the attempt before it (``written``; written again while it fails:
-        see :meth:`_until_durable`): a journal that still has that attempt in flight refuses
-        the next one's dispatch and result. The wait is one group commit, within the backoff
-        but for a retry after a node death. (A late result of the failed attempt may be taken
-        meanwhile: the item is then done, and not queued.)"""
-        item_id, attempt = entry.item.item_id, entry.attempt
-        first: asyncio.Future[object] | None = written
-
-        async def write() -> object:
-            nonlocal first
-            pending, first = first, None
-            return await (pending if pending is not None else self._db.run(failure))
-
-        if await self._until_durable(run, f"retrying item {item_id}", write) is None:
-            return
-        pair = self._items.get(item_id)
-        if pair is None or pair[1] is not entry or entry.attempt != attempt or self._closed:
-            return  # answered, failed or ended meanwhile
-        self._loop.call_at(due, self._queue, item_id, run.spec.priority)
-
-    async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:
-        """Fail the item for good: journal that (written again while the write fails, see
-        :meth:`_until_durable`), then decide the task. A result of the item the journal took
-        first is its outcome instead (the journal ignores the failure)."""
-        item_id = entry.item.item_id
-        self._journal_dispatch(entry)
-        self._drop(item_id)
-        self._cancel_timer(item_id)
-        self._failing[item_id] = entry  # answers about it still count only from its nodes
-        try:
-            write = partial(
-                self._db.run, "record_failure", item_id, entry.attempt, reason, retryable=False
-            )
-            changed = await self._until_durable(run, f"failing item {item_id}", write)
-        finally:
-            self._failing.pop(item_id, None)
-        if changed is None or item_id in run.results:  # the task ended meanwhile, or a result
-            return  # of the item was journaled while it was live: _accept_result recorded it
-        if not changed and await self._take_journaled_result(run, item_id):
-            return  # taken while the failure's write was tried again (the item was dropped)
-        run.record_failure(item_id, reason, self._loop.time())
-        await self._advance(run)
-
-    async def _take_journaled_result(self, run: TaskRun, item_id: str) -> bool:
-        """Record the item's result as the journal has it, if it has one, and advance the
-        task; whether it had one."""
-        blob = await self._journaled_result(run, item_id)
-        if blob is None or self._runs.get(run.task_id) is not run:
-            return blob is not None
-        self._record_journaled(run, item_id, blob)
-        await self._advance(run)
-        return True
-
-    async def _journaled_result(self, run: TaskRun, item_id: str) -> bytes | None:
-        """The item's result as the journal has it (None: it has none)."""
-        record = await self._db.run("get", run.task_id)
-        return next((i.result for i in record.items if i.item_id == item_id), None)
-
-    def _record_journaled(self, run: TaskRun, item_id: str, blob: bytes) -> None:
-        try:
-            self._replay_result(run, item_id, blob, self._loop.time())
-        except RemoteProtocolError as exc:  # a node returned an output we cannot use
-            run.record_failure(item_id, f"bad output: {exc}", self._loop.time())
-
-    async def _advance(self, run: TaskRun, attempts: Mapping[str, Attempt] | None = None):
-        """Queue what is ready (``attempts``: see :meth:`_schedule_ready`), or finish the run
-        once it has an outcome (queuing may give it one: pipeline outputs that do not fit)."""
-        if run.outcome is None:
-            self._schedule_ready(run, attempts or {})
-        if run.outcome is not None:
-            await self._finish(run, run.outcome)
-
-    async def _finish(self, run: TaskRun, outcome: Outcome) -> None:
-        """Journal the task's end, then act on it (its waiters get the outcome once durable).
-        A failed write (e.g. a busy or full disk) is tried again, with a backoff of up to
-        ``END_RETRY_MAX_S``, until it commits, the coordinator closes (one last try; recovery
-        redoes the end) or the task ended otherwise meanwhile (cancelled, or its submit's
-        COMMIT failed)."""
-
-        async def end() -> TaskEnd:  # read back if a waiter came meanwhile
-            return await self._db.run("end_task", self._ending(run, run, outcome))
-
-        ended = await self._until_durable(run, f"ending task {run.task_id}", end)
-        if ended is not None:  # (None: ended meanwhile, e.g. cancelled: nothing left to write)
-            self._ended(run.task_id, *ended)
-
-    async def _until_durable(
-        self, run: TaskRun, what: str, write: Callable[[], Awaitable[T]]
-    ) -> T | None:
-        """``await write()``, a journal write for ``run``, until it commits: one that fails
-        for a cause that may pass (``_TRANSIENT``: a busy or full disk, its group rolled back
-        for another call's fault) is tried again after ``END_RETRY_FIRST_S``, doubling up to
-        ``END_RETRY_MAX_S``; any other error (a refusal) is raised at once. Returns its value
-        (never None), or None once ``run`` ended otherwise meanwhile (cancelled, or its
-        submit's COMMIT failed). Raises the write's error if it fails once ``run`` ended or
-        the coordinator closes (one last try: recovery redoes it)."""
-        delay = END_RETRY_FIRST_S
-        while True:
-            try:
-                return await write()
-            except _TRANSIENT as exc:  # may pass (busy, full disk; or another call's fault)
-                if self._closed or self._runs.get(run.task_id) is not run:
-                    raise
-                log.warning("journal: %s failed, retrying in %g s: %s", what, delay, exc)
-            try:
-                async with asyncio.timeout(delay):
-                    await self._closing.wait()
-            except TimeoutError:
-                pass
-            if self._runs.get(run.task_id) is not run:
-                return None
-            delay = min(END_RETRY_MAX_S, 2 * delay)
-
-    def _arm_aggregation_timeout(self, run: TaskRun) -> None:
-        deadline = run.deadline()
-        if deadline is None or run.done:
-            return
-
-        def check() -> None:
-            if run.task_id in self._runs and not run.done:
-                run.check_timeout(self._loop.time())
-                if run.done:
-                    outcome = run.outcome
-                    if outcome is not None and not outcome.succeeded:  # say what still waited
-                        run.outcome = replace(outcome, error=outcome.error + self._waited(run))
-                    self._steps.spawn(self._advance(run))
-
-        self._set_task_timer(run.task_id, deadline + 1e-3, check)
-
-    def _arm_deadline(self, run: TaskRun) -> None:
-        """Fail the task when its ``deadline_s`` runs out, wherever its items are (queued,
-        parked for want of a node, running). A parallel task's deadline is its aggregation's
-        timeout instead (:meth:`_arm_aggregation_timeout`: it may end with partial results)."""
-        if run.expires_at is None or run.aggregator is not None or run.done:
-            return
-        self._set_task_timer(run.task_id, run.expires_at, self._on_deadline, run)
-
-    def _on_deadline(self, run: TaskRun) -> None:
-        if self._runs.get(run.task_id) is not run or run.done:
-            return
-        error = _deadline_passed(run) + self._waited(run)
-        log.info("task %s failed: %s", run.task_id, error)
-        run.outcome = Outcome(False, error=error)
-        self._steps.spawn(self._finish(run, run.outcome))
-
-    def _waited(self, run: TaskRun) -> str:
-        """For the error of a task that ran out of time: how many of its items were on no
-        node, and the most common reason (said as it ends: once forgotten, nothing waits)."""
-        reasons = Counter(self.waiting(run.task_id).values())
-        if not reasons:
-            return ""
-        (why, count), total = reasons.most_common(1)[0], reasons.total()
-        return f"; {count} of them waiting: {why}" + (
-            f" ({total - count} more waiting for other reasons)" if total > count else ""
-        )
 
     def _forget(self, task_id: str, record: TaskRecord | None = None) -> None:
         """Drop the task from memory; its waiters get ``record`` (None: they read it)."""
@@ -1532,106 +599,6 @@ class Coordinator:
             _, (_, dropped) = self._handed.popitem(last=False)
             self._handed_bytes -= dropped
 
-    def _set_task_timer(self, task_id: str, when: float, callback, *args: object) -> None:
-        """The task's one timer (its deadline or its aggregation's timeout), replacing any
-        before (re-armed as more items became ready); cancelled when the task is forgotten."""
-        _replace_timer(self._task_timers, task_id, self._loop.call_at(when, callback, *args))
-
-    def _cancel_timer(self, item_id: str) -> None:
-        _pop_timer(self._timers, item_id)
-
-
-def fold_gone_nodes(
-    completed: Counter[str], credited_at: OrderedDict[str, None], known: set[str], keep: int
-) -> None:
-    """Bound ``completed`` (items completed by node): every node in ``known`` (the members
-    membership knows) keeps its series, and so do the ``keep`` other nodes credited most
-    recently (``credited_at``: its nodes, the one credited last at the end); the counts of the
-    rest move to ``GONE_NODES`` and their series go (from both). The total stays the same:
-    each completed item is counted once, under its node or under ``GONE_NODES``. So on a
-    coordinator that meets vehicles by the thousand, ``/metrics`` has at most one series per
-    member, ``keep`` more and ``GONE_NODES``."""
-    gone = [node for node in credited_at if node not in known]
-    for node in gone[: max(0, len(gone) - keep)]:
-        del credited_at[node]
-        completed[GONE_NODES] += completed.pop(node, 0)
-
-
-def _motion(state: Any) -> tuple[object, object]:
-    """A gossiped state's position and velocity (a change restarts the position's age)."""
-    return state.position, state.velocity
-
-
-def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
-    """Cancel and forget ``key``'s timer, if it has one."""
-    timer = timers.pop(key, None)
-    if timer is not None:
-        timer.cancel()
-
-
-def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
-    _pop_timer(timers, key)
-    timers[key] = timer
-
-
-def _deadline_passed(run: TaskRun) -> str:
-    """Why a task failed at its deadline (the start of it: what waited may be said after),
-    with how many of its items were still running, and on which nodes (the busiest 3)."""
-    done, total = len(run.results), len(run.all_item_ids())
-    error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
-    on = Counter(e.node for e in run.items.values() if e.node is not None)
-    if not on:
-        return error
-    ranked = sorted(on.items(), key=lambda pair: (-pair[1], pair[0]))
-    if len(ranked) == 1:
-        return f"{error}; {on.total()} of them running on {ranked[0][0]}"
-    named = ", ".join(f"{count} on {node}" for node, count in ranked[:3])
-    if len(ranked) > 3:
-        rest = ranked[3:]
-        named += f" (and {sum(c for _, c in rest)} on {len(rest)} more nodes)"
-    return f"{error}; {on.total()} of them running: {named}"
-
-
-def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
-    """Whether the item's current attempt is ``attempt`` and went to ``node``: only then does
-    that node's answer about it count (relayed answers come from the node it was sent to)."""
-    return entry.attempt == attempt and entry.node == node
-
-
-def _may_answer(entry: ItemRun, attempt: int, node: str) -> bool:
-    """Whether ``node`` may answer ``attempt`` of the item: this coordinator sent it that
-    attempt, or the journal has that attempt's dispatch to it (from before a restart). Any
-    other member's result is forged or misrouted: it would become the task's output. (An
-    attempt sent before a restart whose dispatch the journal lacks runs again: the answer to
-    that send is the one that counts.)"""
-    return (attempt, node) in entry.sent
-
-
-def _journal_retry(
-    coordinator: Coordinator, item_id: str, node: str | None, attempt: int, reason: str,
-    refused: bool,
-) -> bool:  # fmt: skip
-    """On the journal's thread: ``attempt``'s retryable failure, its dispatch to ``node``
-    journaled first unless it is (the dispatch mark is told, and may have failed: a journal
-    that has the item pending would ignore the failure), in one call: both commit or neither
-    does. Whether the failure changed the item (see :meth:`Journal.record_failure`)."""
-    journal = coordinator.journal
-    assert journal is not None
-    if node is not None:
-        try:
-            journal.mark_dispatched(item_id, node, attempt)
-        except (LocalProtocolError, UnknownTaskError):  # in flight (journaled), moved on, ended
-            pass
-    return journal.record_failure(item_id, attempt, reason, retryable=True, refused=refused)
-
-
-def _nodes_of(entry: ItemRun, attempt: int) -> str:
-    return ", ".join(sorted(n for a, n in entry.sent if a == attempt))
-
-
-def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
-    return item if item.attempt == attempt else replace(item, attempt=attempt)
-
 
 def _labels(output: np.ndarray | None) -> list[int] | None:
     if output is None or output.ndim == 0:
@@ -1648,4 +615,18 @@ def _log_death(task: asyncio.Task[Any]) -> None:
         log.critical("coordinator task %s died", task.get_name(), exc_info=task.exception())
 
 
-__all__ = ["Coordinator", "CoordinatorConfig", "UnknownTaskError"]
+#: Also importable from here, as before the split: the config, stats and constants that live
+#: in :mod:`coordinator.service_config`.
+__all__ = [
+    "END_RETRY_FIRST_S",
+    "END_RETRY_MAX_S",
+    "GONE_NODES",
+    "HANDED_BYTES",
+    "HANDED_RECORDS",
+    "KEEP_GONE_NODES",
+    "Coordinator",
+    "CoordinatorConfig",
+    "CoordinatorStats",
+    "UnknownTaskError",
+    "fold_gone_nodes",
+]

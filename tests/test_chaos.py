@@ -92,7 +92,8 @@ COUNTERS = ("dispatched", "retries", "duplicates", "redispatched_after_death",
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
 LIVE = ("pending", "dispatched", "running", "retrying")
 #: The coordinator's log line for an attempt that timed out, and the node's for a work-sharing
-#: hop (coordinator/service.py ``_retry`` and ``_on_timeout``; node/executor.py ``_offload``).
+#: hop (coordinator/service_outcomes.py ``_retry``, service_dispatch.py ``_on_timeout``;
+#: node/executor.py ``_offload``).
 TIMED_OUT = re.compile(
     r"^(\S+ \S+),(\d+) INFO coordinator\.service: retrying (\S+) \(attempt (\d+) failed:"
     r" no answer from (\S+) in "

@@ -1,0 +1,212 @@
+"""The coordinator's config and stats, and the pure helpers its parts share (no state, no I/O).
+
+:class:`CoordinatorConfig` (every knob, checked when built), :class:`CoordinatorStats` (the
+counters ``stats()`` and ``/metrics`` show), :func:`fold_gone_nodes` (bounds
+``completed_by_node``), an item's attempt as the journal has it (:data:`Attempt`), the retry
+constants of a journal write (``END_RETRY_*``, ``_TRANSIENT``), and small functions over an
+:class:`~coordinator.runs.ItemRun` or a :class:`~coordinator.runs.TaskRun` (which node may answer
+an attempt, what a passed deadline left undone) and over maps of timers. What the knobs do is
+told in :mod:`coordinator.service`, from which the public names here are importable too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field, replace
+
+from coordinator.journal import TransientJournalError
+from coordinator.runs import ItemRun, TaskRun
+from meshinfer.errors import ConfigError
+from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.scheduling import Policy
+from meshinfer.proto.tasks import WorkItem
+
+#: An item's attempt as the journal has it at recovery: (attempt, refused, the (attempt, node)
+#: of each journaled dispatch of an earlier attempt). An item waiting to be sent has only
+#: dispatches of attempts before its own journaled (the journal moves an item on to attempt + 1
+#: only from a journaled dispatch: a retry, a refusal, or recovery requeuing an item in
+#: flight): the one just before it on the item's row, those further back in the journal's
+#: dispatch lines (their attempt and node columns: :meth:`Journal.dispatches`).
+Attempt = tuple[int, int, frozenset[tuple[int, str]]]
+
+#: A task's end the journal failed to write is written again after this long, doubling up to
+#: the maximum (see Coordinator._finish).
+END_RETRY_FIRST_S = 0.05
+END_RETRY_MAX_S = 2.0
+#: The journal write errors that may pass if the write is made again: a busy or full disk, or
+#: a group commit rolled back for another call's fault. A refusal (an unknown task, an item in
+#: the wrong state) would be refused again: it is raised at once.
+_TRANSIENT = (sqlite3.OperationalError, OSError, TransientJournalError)
+
+#: Said of a task that ran out of time while no coordinator ran it (found so at recovery).
+_WHILE_DOWN = "(while the coordinator was down)"
+
+#: ``completed_by_node`` keeps a series of its own for each member membership knows and for
+#: this many other nodes (those credited most recently); the items of the rest are counted
+#: under ``GONE_NODES``, which no node id can be (:func:`fold_gone_nodes`).
+KEEP_GONE_NODES = 64
+GONE_NODES = "(gone)"
+
+_POLICIES = frozenset(p.value for p in Policy)
+_AGGREGATIONS = frozenset(m.value for m in Mode)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Defaults and fault-tolerance knobs (see the module docstring)."""
+
+    default_policy: str = "least_loaded"
+    default_aggregation: str = "all"
+    max_attempts: int = 4
+    retry_backoff_s: float = 0.05
+    retry_backoff_max_s: float = 2.0
+    item_timeout_s: float = 30.0
+    journal_synchronous: str = "FULL"
+    node_capacity: int = 4
+    max_in_flight_per_node: int = 32
+    #: Fast failover: after a node's session is lost abruptly, the node must answer a ping (over
+    #: another session, or a re-dial) within this many seconds, or its items are re-dispatched
+    #: (0 disables the fast path: membership decides). On a slow link, set it above a round
+    #: trip plus a retransmission.
+    redial_timeout_s: float = 0.25
+    #: Journal an item's dispatch, and its node's accept (running), only if its result is not
+    #: in this long after it (a quick item costs the journal its result alone).
+    running_mark_delay_s: float = 0.05
+    #: Ended tasks are deleted from the journal (items, results, audit lines) this long after
+    #: they ended, checked every ``prune_interval_s``; 0 keeps them forever.
+    retention_s: float = 7 * 86400.0
+    prune_interval_s: float = 60.0
+    #: Inputs this large or larger are sent by reference to a node that keeps them already
+    #: (see the module docstring); 0 always sends the bytes.
+    input_ref_min_bytes: int = 64 * 1024
+    #: The time budget (s) of a task that names no ``deadline_s``; 0: such a task has none.
+    default_deadline_s: float = 0.0
+    #: ``contact_aware``: radio range (m) of an infrastructure node (role ``rsu`` or link
+    #: ``v2i``), from which a moving node's gossiped position and velocity give its contact time
+    #: (:mod:`meshinfer.proto.contact`).
+    radio_range_m: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.default_policy not in _POLICIES:
+            raise ConfigError(f"default_policy: unknown policy {self.default_policy!r}")
+        if self.default_aggregation not in _AGGREGATIONS:
+            raise ConfigError(f"default_aggregation: unknown mode {self.default_aggregation!r}")
+        if self.journal_synchronous not in ("FULL", "NORMAL"):
+            raise ConfigError(
+                f'journal_synchronous: "FULL" or "NORMAL", not {self.journal_synchronous!r}'
+            )
+        for name in (
+            "max_attempts",
+            "item_timeout_s",
+            "prune_interval_s",
+            "retry_backoff_max_s",
+            "node_capacity",
+            "max_in_flight_per_node",
+            "radio_range_m",
+        ):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be > 0 and finite, got {getattr(self, name)!r}")
+        for name in (
+            "retry_backoff_s",
+            "redial_timeout_s",
+            "running_mark_delay_s",
+            "retention_s",
+            "input_ref_min_bytes",
+            "default_deadline_s",
+        ):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
+
+
+@dataclass
+class CoordinatorStats:
+    dispatched: int = 0
+    retries: int = 0
+    refusals: int = 0  # retries not counted against max_attempts (Coordinator._retry)
+    redispatched_after_death: int = 0  # after a death, a leave, or a lost session (below)
+    redispatched_after_disconnect: int = 0  # by the fast path, before membership decided
+    sessions_lost: int = 0  # node sessions that ended lost (no Close frame from it, or silent)
+    sessions_closed: int = 0  # node sessions that ended otherwise (Close frame, local close)
+    redials_ok: int = 0  # lost sessions whose node answered the ping (over another or a new one)
+    resent_after_redial: int = 0  # items sent again to a node reachable after a lost session
+    duplicates: int = 0
+    foreign_results: int = 0  # results from a node their attempt was not sent to (refused)
+    inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
+    input_bytes_saved: int = 0  # the bytes those references did not send
+    input_cache_misses: int = 0  # references a node did not hold (the bytes went again)
+    #: Items completed, by the node credited (one series per member membership knows, plus
+    #: the ``KEEP_GONE_NODES`` others credited most recently; the rest are folded into the
+    #: series ``GONE_NODES``: see :func:`fold_gone_nodes`).
+    completed_by_node: Counter[str] = field(default_factory=Counter)
+
+
+def fold_gone_nodes(
+    completed: Counter[str], credited_at: OrderedDict[str, None], known: set[str], keep: int
+) -> None:
+    """Bound ``completed`` (items completed by node): every node in ``known`` (the members
+    membership knows) keeps its series, and so do the ``keep`` other nodes credited most
+    recently (``credited_at``: its nodes, the one credited last at the end); the counts of the
+    rest move to ``GONE_NODES`` and their series go (from both). The total stays the same:
+    each completed item is counted once, under its node or under ``GONE_NODES``. So on a
+    coordinator that meets vehicles by the thousand, ``/metrics`` has at most one series per
+    member, ``keep`` more and ``GONE_NODES``."""
+    gone = [node for node in credited_at if node not in known]
+    for node in gone[: max(0, len(gone) - keep)]:
+        del credited_at[node]
+        completed[GONE_NODES] += completed.pop(node, 0)
+
+
+def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
+    """Cancel and forget ``key``'s timer, if it has one."""
+    timer = timers.pop(key, None)
+    if timer is not None:
+        timer.cancel()
+
+
+def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
+    _pop_timer(timers, key)
+    timers[key] = timer
+
+
+def _deadline_passed(run: TaskRun) -> str:
+    """Why a task failed at its deadline (the start of it: what waited may be said after),
+    with how many of its items were still running, and on which nodes (the busiest 3)."""
+    done, total = len(run.results), len(run.all_item_ids())
+    error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
+    on = Counter(e.node for e in run.items.values() if e.node is not None)
+    if not on:
+        return error
+    ranked = sorted(on.items(), key=lambda pair: (-pair[1], pair[0]))
+    if len(ranked) == 1:
+        return f"{error}; {on.total()} of them running on {ranked[0][0]}"
+    named = ", ".join(f"{count} on {node}" for node, count in ranked[:3])
+    if len(ranked) > 3:
+        rest = ranked[3:]
+        named += f" (and {sum(c for _, c in rest)} on {len(rest)} more nodes)"
+    return f"{error}; {on.total()} of them running: {named}"
+
+
+def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
+    """Whether the item's current attempt is ``attempt`` and went to ``node``: only then does
+    that node's answer about it count (relayed answers come from the node it was sent to)."""
+    return entry.attempt == attempt and entry.node == node
+
+
+def _may_answer(entry: ItemRun, attempt: int, node: str) -> bool:
+    """Whether ``node`` may answer ``attempt`` of the item: this coordinator sent it that
+    attempt, or the journal has that attempt's dispatch to it (from before a restart). Any
+    other member's result is forged or misrouted: it would become the task's output. (An
+    attempt sent before a restart whose dispatch the journal lacks runs again: the answer to
+    that send is the one that counts.)"""
+    return (attempt, node) in entry.sent
+
+
+def _nodes_of(entry: ItemRun, attempt: int) -> str:
+    return ", ".join(sorted(n for a, n in entry.sent if a == attempt))
+
+
+def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
+    return item if item.attempt == attempt else replace(item, attempt=attempt)
