@@ -123,6 +123,10 @@ class CoordinatorConfig:
 
 @dataclass
 class CoordinatorStats:
+    """The coordinator's counters since it started (its ``/metrics`` and ``stats``): items
+    sent, retried, re-dispatched after a node was lost, session ends, duplicates and foreign
+    results refused, inputs sent by reference, and items completed by node."""
+
     dispatched: int = 0
     retries: int = 0
     refusals: int = 0  # retries not counted against max_attempts (Coordinator._retry)
