@@ -8,45 +8,18 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
     coordinator --TaskCancel--> node   (the item's asyncio task is cancelled; TaskFailed CANCELLED;
                                         an item passed to a peer: the cancel is passed on)
 
-At most ``max_concurrent`` items run at once; the rest wait in order of priority (larger
-first, then in order of arrival), each until its deadline at most (then it is answered
-``DEADLINE_EXCEEDED``, not once a slot frees). Work sharing:
-when an item from a coordinator arrives while this node's backlog reaches
-``offload_queue_depth`` (or it lacks the model) and a peer that is ALIVE (not suspect), has an
-open session with this node and gossips the model with a smaller load (any load, if this node
-lacks the model) exists, the item is forwarded to that peer, and whatever comes back is relayed
-to the coordinator (its ``TaskAccepted`` too, so the coordinator sees the item running), except
-a refusal (the peer is draining, overloaded or lacks the model: it never ran the item), after
-which the item runs here unless this node is draining too. One hop only: an item another node
-passed on runs where it lands. A peer's load is its gossiped queue depth (up to a second old)
-plus the items this node passed to it that are not answered yet, and ties are broken at random,
-so overloaded nodes do not all pile onto the one peer that looked idlest. A peer whose session
-this node would send over carries a certificate that is now revoked (the session is about to be
-cut) gets nothing. A node already holding an item, running or passed on, answers its latest
-``TaskAssign`` (a coordinator's retry after the first sender went away, or its resend after a
-lost session): an item passed on is not passed on again, and the peer's answer is relayed under
-the latest attempt. If the peer an item was passed to dies, leaves, loses its session abruptly
-or closes it without answering (and keeps no other), or the session the item went over is
-closed for a revoked certificate first, or the item could never be written to it (the peer
-table gave up: dial failed, message too large), the item is handed back (``TaskFailed``
-``PEER_LOST``, retryable) so the coordinator re-runs it at once instead of waiting for its item
-timeout; one its coordinator cancelled meanwhile is answered ``CANCELLED`` instead. A session
-with the peer lost while another stays open (the peer dialled again after roaming) sends the
-peer's items again over the open one instead (unless that one is being cut for a revoked
-certificate: then they are handed back). What a peer sends over a session under a revoked
-certificate (being cut) never reaches the executor (the peer table drops it:
-``PeerStats.from_revoked``), so an answer that does is relayed: it came over a good session (a
-re-enrolled peer's new certificate), while the cut hands back what went over the revoked one.
-Items a node passed here are cancelled when it
-dies or leaves (it handed them back: their answer would go nowhere useful; answered
-``PEER_LOST`` if its session stays open, as it may be alive after all), or when its last good
-session is cut for a revoked certificate (not answered: nothing goes to the holder), unless a
-coordinator assigned them here again meanwhile. Sent again, or run here after a refusal, an item
-has what is left of its deadline, counted from when it came here. Bad input from a peer is answered
-with ``TaskFailed`` (``BAD_INPUT``) and never reaches the engine. Inputs a coordinator asks this
-node to keep (``keep_input``) go into its input cache
-(:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item arrives, and an
-item that names its input by reference (``input_ref``) is given it from there, or answered
+At most ``max_concurrent`` items run at once; the rest wait in order of priority (larger first,
+then in order of arrival), each until its deadline at most (then it is answered
+``DEADLINE_EXCEEDED``, not once a slot frees: :mod:`node.slots`). Work sharing (an item from a
+coordinator passed to a less loaded peer while this node's backlog is deep, whatever comes back
+relayed, handed back when the peer is lost; items a lost node passed here dropped) is
+:mod:`node.work_sharing`. A node already holding an item, running or passed on, answers its latest
+``TaskAssign`` (a coordinator's retry after the first sender went away, or its resend after a lost
+session): an item passed on is not passed on again, and the peer's answer is relayed under the
+latest attempt. Bad input from a peer is answered with ``TaskFailed`` (``BAD_INPUT``) and never
+reaches the engine. Inputs a coordinator asks this node to keep (``keep_input``) go into its input
+cache (:class:`~meshinfer.inference.cache.ContentCache`, ``input_cache_mib``) as the item arrives,
+and an item that names its input by reference (``input_ref``) is given it from there, or answered
 ``INPUT_NOT_CACHED`` so the coordinator sends the bytes; both happen before anything else is
 decided about the item, so the cache sees every message in the order sent (which is what lets the
 coordinator mirror it). An input to keep larger than 256 KiB is hashed in a worker thread
@@ -54,14 +27,14 @@ coordinator mirror it). An input to keep larger than 256 KiB is hashed in a work
 reference meanwhile waits (milliseconds) until the cache operations before it are done, and if
 cancelled then is answered ``CANCELLED`` when they are, unless the cache holds its input already
 (and no earlier assignment of the item waits): it is given it at once, and its use of the cache
-takes effect in its turn all the same. An item this node already answered (its
-result is kept a while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the
-kept result when it comes back (a coordinator resending what a lost session or its restart may
-have swallowed), even while draining, instead of running again. While draining (SIGTERM) new
-items are refused as retryable and queued ones are handed back, so the coordinator re-runs them
-elsewhere; those still running when the drain's time is up are handed back too. A cancelled
-item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came
-before its task first ran.
+takes effect in its turn all the same. An item this node already answered (its result is kept a
+while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the kept result when it
+comes back (a coordinator resending what a lost session or its restart may have swallowed), even
+while draining, instead of running again. While draining (SIGTERM) new items are refused as
+retryable and queued ones are handed back, so the coordinator re-runs them elsewhere; those still
+running when the drain's time is up are handed back too. A cancelled item is answered
+(``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came before its task first
+ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -70,34 +43,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
-import math
 import random
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
 
-from meshinfer.errors import (
-    BatchShapeError,
-    DeadlineExceededError,
-    InferenceError,
-    MeshInferError,
-    ModelNotFoundError,
-    OverloadedError,
-    RemoteProtocolError,
-)
+from meshinfer.errors import DeadlineExceededError, MeshInferError, RemoteProtocolError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import INLINE_MAX_BYTES, DynamicBatcher
 from meshinfer.inference.cache import ContentCache, OrderedInputs
-from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind, MemberStatus
 from meshinfer.proto.tasks_wire import (
-    DTYPES,
-    REFUSALS,
     FailureKind,
     TaskAccepted,
     TaskAssign,
@@ -105,20 +64,21 @@ from meshinfer.proto.tasks_wire import (
     TaskFailed,
     TaskResult,
     Tensor,
-    failure_kind,
 )
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.revocations import CutOff
-from meshinfer.runtime.session import Session
 from node.config import ExecutorSection
+from node.item_values import as_float32 as _as_float32  # noqa: F401 (re-exported)
+from node.item_values import clamp_priority as _priority
+from node.item_values import classify as _classify
+from node.item_values import input_array as _input_array
+from node.item_values import wire_tensor as _wire_tensor
 from node.replay import ResultReplay
+from node.slots import Slots as _Slots
+from node.work_sharing import OFFLOAD_ANSWER_S, Offload, WorkSharing  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-#: How long an item passed to a peer may go unanswered (less: its deadline and a second) before
-#: it is handed back; its answer was lost on the way, and until then it counts against the peer.
-OFFLOAD_ANSWER_S = 60.0
 #: How long a drain waits, past its own timeout if need be, for the hand-backs and relayed
 #: answers it queued to be written to their sessions (one may need a re-dial): the peer table
 #: drops what is still queued when it closes, and a coordinator that missed one waits for the
@@ -148,13 +108,9 @@ class ExecutorStats:
     dropped: int = 0  # items a node passed here, cancelled: it died, left or was revoked
 
 
-#: An item passed to a peer: (the coordinator that sent it, the item, the peer it went to).
-Offload = tuple[str, TaskAssign, str]
-
-
-class TaskExecutor:
+class TaskExecutor(WorkSharing):
     """Serves TaskAssign/TaskCancel for one node; see the module docstring. ``rng`` breaks ties
-    between equally loaded peers when passing an item on."""
+    between equally loaded peers when passing an item on (:mod:`node.work_sharing`)."""
 
     def __init__(
         self,
@@ -174,16 +130,6 @@ class TaskExecutor:
         self._notices: dict[str, asyncio.TimerHandle] = {}  # item -> its pending TaskAccepted
         self._started: set[str] = set()
         self._answered: set[str] = set()  # items whose result is queued or being written
-        self._offloaded: dict[str, Offload] = {}
-        #: items passed on, then cancelled: the cancel passed on too (sent again with them)
-        self._offload_cancels: dict[str, TaskCancel] = {}
-        #: per item passed on, the timer that hands it back if no answer comes
-        self._offload_timers: dict[str, asyncio.TimerHandle] = {}
-        #: per item passed on with a deadline, when (loop time) that deadline passes: what is
-        #: left of it goes with the item when it is sent again or run here after all
-        self._offload_expiry: dict[str, float] = {}
-        self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
-        self._no_offloads.set()
         self._handing_back: set[asyncio.Future[None]] = set()  # answers sent while draining
         self._closed = False
         #: item -> (sender, attempt) of a later TaskAssign for an item already held here (a
@@ -196,7 +142,7 @@ class TaskExecutor:
         self._dropped: dict[str, str | None] = {}
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()  # session watchers and offload sends
-        self._rng = rng or random.Random()
+        self._init_work_sharing(rng)
         self._engine_name = type(next(iter(batchers.values())).engine).__name__ if batchers else ""
         self._device_name: str | None = None
         self.inputs = ContentCache(config.input_cache_mib << 20)
@@ -424,37 +370,6 @@ class TaskExecutor:
             or self._is_coordinator(peer)
         )
 
-    def _on_relay(self, peer: str, msg: TaskResult | TaskFailed) -> None:
-        offload = self._offloaded.get(msg.item_id)
-        if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
-            return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
-        cancelled = msg.item_id in self._offload_cancels
-        item = self._time_left(offload[1])  # (before it is settled: that forgets its expiry)
-        coordinator, _, _ = self._settle_offload(msg.item_id)
-        ref = ModelRef(item.model_id, item.model_version)
-        coordinator, latest = self._answer_to(coordinator, item)
-        if isinstance(msg, TaskResult):
-            self._keep_result(coordinator, latest, msg)
-        if isinstance(msg, TaskFailed) and not cancelled and self._runs_refused(msg, ref):
-            log.info("%s refused %s (%s): running it here", peer, msg.item_id, msg.message)
-            self.stats.taken_back += 1
-            self._start(coordinator, latest, ref)
-            return
-        if latest.attempt != msg.attempt:
-            msg = replace(msg, attempt=latest.attempt)
-        self.stats.relayed += 1
-        self._answer(coordinator, msg)
-
-    def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
-        """The peer an item was passed to accepted it: the coordinator hears so (under the
-        item's latest assignment), as from a node running it itself; else its journal shows
-        the item dispatched, never running, until the answer."""
-        offload = self._offloaded.get(msg.item_id)
-        if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
-            return
-        coordinator, attempt = self._reply.get(msg.item_id, (offload[0], msg.attempt))
-        self.mesh.peers.send(coordinator, replace(msg, attempt=attempt))
-
     # --- running ---------------------------------------------------------------------------
 
     async def _run(self, peer: str, msg: TaskAssign, ref: ModelRef) -> None:
@@ -597,61 +512,7 @@ class TaskExecutor:
             self._device_name = engine.capacity().device if engine is not None else ""
         return self._device_name
 
-    # --- work sharing ----------------------------------------------------------------------
-
-    def _should_offload(self, ref: ModelRef) -> bool:
-        return ref not in self.batchers or self.backlog >= self.config.offload_queue_depth
-
-    def _offload(self, coordinator: str, msg: TaskAssign, ref: ModelRef) -> bool:
-        target = self._least_loaded_peer(ref, exclude={coordinator})
-        if target is None:
-            return False
-        sent = self.mesh.peers.send_tracked(target, msg)
-        if sent is None:  # refused at once (outbox full): run it here after all
-            return False
-        offload = self._offloaded[msg.item_id] = (coordinator, msg, target)
-        self._no_offloads.clear()
-        loop = asyncio.get_running_loop()
-        wait = OFFLOAD_ANSWER_S
-        if msg.deadline_s is not None:
-            self._offload_expiry[msg.item_id] = loop.time() + msg.deadline_s
-            wait = min(wait, msg.deadline_s + 1.0)
-        self._offload_timers[msg.item_id] = loop.call_later(wait, self._offload_overdue, offload)
-        self._spawn(self._forward(offload, sent))
-        self.stats.offloaded += 1
-        log.info("offloaded %s to %s (backlog %d)", msg.item_id, target, self.backlog)
-        return True
-
-    async def _forward(self, offload: Offload, sent: asyncio.Future[None]) -> None:
-        """Wait until an offloaded item was written to its peer; if the peer table gives up on
-        it (dial failed, too large for the session), hand it back unless it was answered or
-        handed back meanwhile."""
-        _, msg, target = offload
-        try:
-            await sent
-        except MeshInferError as exc:
-            if self._offloaded.get(msg.item_id) is offload:
-                self._hand_back(msg.item_id, f"offloaded to {target}, but not sent: {exc}")
-
-    def _on_member(self, event: MemberEvent) -> None:
-        if event.kind in (MemberEventKind.DEAD, MemberEventKind.LEFT):
-            node = event.member.node_id
-            self._hand_back_from(node, event.kind.value)
-            tell = self.mesh.peers.session(node) is not None  # it may be alive after all
-            why = f"passed here by {node}, which is {event.kind.value} as seen here"
-            self._drop_from(node, why, tell=tell)
-
-    def _on_cut_off(self, cut: CutOff) -> None:
-        """A session with a peer was closed for its revoked certificate: a graceful close, but
-        what went over it will not be answered. Nothing is lost if the items went over another
-        session of that peer, under a good certificate, which stays up."""
-        if cut.sends_lost:
-            self._hand_back_from(cut.node_id, f"certificate serial {cut.serial} revoked")
-        if not cut.still_connected:  # an answer would go to the revoked certificate's holder
-            self._drop_from(cut.node_id, "", tell=False)
-
-    def _on_session(self, node: str, session: Session) -> None:
-        self._spawn(self._watch(node, session))
+    # --- owned tasks and authority ---------------------------------------------------------
 
     def _spawn(self, step: Coroutine[object, object, None]) -> None:
         """Run ``step`` as a task this executor owns (cancelled by :meth:`aclose`; after it,
@@ -664,121 +525,6 @@ class TaskExecutor:
         task.add_done_callback(self._watchers.discard)
         task.add_done_callback(_log_failure)
 
-    async def _watch(self, node: str, session: Session) -> None:
-        """Once ``session`` ends: with no other session left, hand back what was passed to
-        ``node`` (lost, or closed by a peer going away without answering: nothing more comes,
-        and a peer that still runs an item dials again only to have its answer ignored); lost
-        while another stays, send it again. A session cut for a revoked certificate is left
-        to :meth:`_on_cut_off`. Nothing once this executor is closed (its :meth:`aclose` may
-        wait for an input's hash meanwhile): what is passed on is dropped, and a send whose
-        outcome nobody awaits (its :meth:`_forward` is not run then) would leave a failure
-        unretrieved."""
-        await session.wait_closed()
-        if self._closed:
-            return
-        peers = self.mesh.peers
-        if peers.session(node) is None:
-            if session.lost:
-                self._hand_back_from(node, "session lost")
-            elif not peers.admission.revocations.is_revoked(session.peer):
-                self._hand_back_from(node, f"session closed: {session.close_reason}")
-        elif session.lost and peers.carried(session):
-            self._pass_again(node)
-
-    def _pass_again(self, target: str) -> None:
-        """A session with ``target`` that carried messages to it was lost while another stays
-        open (it dialled again after roaming, or both sides had dialled): an item passed to it
-        over the lost one may never have arrived, or its answer may have gone with it. Send
-        each item passed to ``target`` again, over the open session; a peer that holds or
-        answered one answers it once more (its latest assignment; its kept result), as for a
-        coordinator's resend. An item cancelled meanwhile is not sent again: its cancel is. The
-        session left being cut for a revoked certificate, nothing goes to its holder: the items
-        are handed back."""
-        if self.mesh.peers.carrier_revoked(target):
-            self._hand_back_from(target, "its session left is under a revoked certificate")
-            return
-        for offload in [o for o in self._offloaded.values() if o[2] == target]:
-            _, item, _ = offload
-            cancel = self._offload_cancels.get(item.item_id)
-            if cancel is not None:  # not wanted any more: the cancel may have been lost too
-                self.mesh.peers.send(target, cancel)
-                continue
-            sent = self.mesh.peers.send_tracked(target, self._time_left(item))
-            if sent is None:  # the outbox is full: it would wait for its deadline
-                self._hand_back(item.item_id, f"offloaded to {target}, not sent again")
-                continue
-            self.stats.passed_again += 1
-            self._spawn(self._forward(offload, sent))
-
-    def _drop_from(self, sender: str, why: str, *, tell: bool) -> None:
-        """Cancel the items ``sender``, a node, passed here whose answer goes to it (not to a
-        coordinator that assigned them again): it died, left or was revoked, and gave them
-        back to their coordinators, so running them only spends this node's engine.
-        ``tell``: answer each to it all the same (``PEER_LOST``, retryable, ``why``), for a
-        node declared dead while its session with this one stays open."""
-        for item_id in list(self._passed_here):
-            task = self._items[item_id]
-            to = self._reply.get(item_id, (self._senders.get(item_id), 0))[0]
-            if to != sender or task.done() or item_id in self._answered:
-                continue
-            self._dropped[item_id] = why if tell else None
-            self.stats.dropped += 1
-            task.cancel()
-
-    def _hand_back_from(self, target: str, why: str) -> None:
-        """Items offloaded to ``target`` will not come back: the coordinator re-runs them."""
-        for item_id, (_, _, to) in list(self._offloaded.items()):
-            if to == target:
-                self._hand_back(item_id, f"offloaded to {target}, which was lost ({why})")
-
-    def _hand_back(self, item_id: str, text: str) -> None:
-        """Tell the coordinator an offloaded item will not be answered (retryable), or, if it
-        cancelled the item, that it is cancelled: it wants no re-run."""
-        cancelled = item_id in self._offload_cancels
-        coordinator, msg = self._answer_to(*self._settle_offload(item_id)[:2])
-        if cancelled:
-            why = f"cancelled by the coordinator; {text}"
-            self._fail(coordinator, msg, FailureKind.CANCELLED, why, retryable=False)
-            return
-        self.stats.handed_back += 1
-        self._fail(coordinator, msg, FailureKind.PEER_LOST, text, retryable=True)
-
-    def _settle_offload(self, item_id: str) -> Offload:
-        """The item passed on is answered or handed back: forget it (and its timer)."""
-        offload = self._offloaded.pop(item_id)
-        self._offload_cancels.pop(item_id, None)
-        self._offload_expiry.pop(item_id, None)
-        timer = self._offload_timers.pop(item_id, None)
-        if timer is not None:
-            timer.cancel()
-        if not self._offloaded:
-            self._no_offloads.set()
-        return offload
-
-    def _time_left(self, item: TaskAssign) -> TaskAssign:
-        """``item``, passed on, with what is left of its deadline now (it counts from when the
-        item arrived here, not from when it is sent again or run here after all)."""
-        expiry = self._offload_expiry.get(item.item_id)
-        if expiry is None:
-            return item
-        left = max(0.0, expiry - asyncio.get_running_loop().time())
-        return replace(item, deadline_s=left)
-
-    def _offload_overdue(self, offload: Offload) -> None:
-        """No answer from the peer an item was passed to, by the item's deadline (or within
-        :data:`OFFLOAD_ANSWER_S`): the answer was lost on the way; hand the item back."""
-        _, msg, target = offload
-        self._offload_timers.pop(msg.item_id, None)
-        if self._offloaded.get(msg.item_id) is offload:
-            self._hand_back(msg.item_id, f"offloaded to {target}, which has not answered")
-
-    def _runs_refused(self, failed: TaskFailed, ref: ModelRef) -> bool:
-        """Whether an item the peer refused (draining, overloaded, model not loaded: it never
-        ran there) runs here instead of the refusal going back: this node has the model and is
-        not draining itself (one round trip to the coordinator and its re-scheduling saved)."""
-        refused = failed.retryable and failure_kind(failed.code) in REFUSALS
-        return refused and not self._draining and ref in self.batchers
-
     def _is_coordinator(self, peer: str) -> bool:
         """Whether ``peer`` holds the coordinator role, as the fleet certificate its session
         proved says (not what membership gossips, nor "unknown, so maybe"): a coordinator may
@@ -788,44 +534,6 @@ class TaskExecutor:
         overwritten. A message's handler runs while its session is listed, so its sender's
         certificate is always at hand."""
         return "coordinator" in self.mesh.peers.roles(peer)
-
-    def _least_loaded_peer(self, ref: ModelRef, exclude: set[str]) -> str | None:
-        """The peer to pass an item for ``ref`` to: the least loaded of those that can take
-        it and are less loaded than this node (any, if this node lacks the model), at random
-        among equals; None if there is none. A peer's load counts what this node passed to it
-        and has not had answered, which its gossiped depth may not show yet."""
-        passed = Counter(to for _, _, to in self._offloaded.values())
-        ceiling = self.backlog if ref in self.batchers else math.inf
-        loads = {
-            m.node_id: m.state.queue_depth + passed[m.node_id]
-            for m in self._offload_targets(ref, exclude)
-        }
-        loads = {node: load for node, load in loads.items() if load < ceiling}
-        if not loads:
-            return None
-        least = min(loads.values())
-        return self._rng.choice(sorted(node for node, load in loads.items() if load == least))
-
-    def _offload_targets(self, ref: ModelRef, exclude: set[str]) -> Iterator[Member]:
-        """Live members that gossip ``ref`` and can be sent an item now (:meth:`_reachable`)."""
-        membership = self.mesh.membership
-        if membership is None:
-            return
-        for member in membership.core.live_members():
-            models = member.state.models
-            has = any((m.model_id, m.version) == (ref.model_id, ref.version) for m in models)
-            if has and member.node_id not in exclude and self._reachable(member):
-                yield member
-
-    def _reachable(self, member: Member) -> bool:
-        """ALIVE (a suspect may be dead or just restarted), with an open session (else an item
-        would wait for a dial that may fail), and that session's certificate not revoked: the
-        revocation list in force already names it while the session is being cut, and what
-        went over it then would be lost."""
-        if member.status is not MemberStatus.ALIVE:
-            return False
-        peers, node = self.mesh.peers, member.node_id
-        return peers.session(node) is not None and not peers.carrier_revoked(node)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -887,120 +595,3 @@ class TaskExecutor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _Slots:
-    """``limit`` slots for items to run in, given to waiters highest priority first (in order
-    of arrival within one priority). A waiter cancelled after it was given a slot passes the
-    slot on; one cancelled before stays in the heap until popped, or until the cancelled ones
-    are more than half of it (then they are all dropped): a heap of waiters whose deadlines
-    passed while every slot stayed busy is not kept."""
-
-    def __init__(self, limit: int) -> None:
-        self.free = limit
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # (-priority, n, fut)
-        self._arrivals = itertools.count()
-        self._gone = 0  # waiters in the heap that were cancelled before being given a slot
-
-    async def acquire(self, priority: int) -> None:
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
-            return
-        given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (-priority, next(self._arrivals), given))
-        try:
-            await given
-        except asyncio.CancelledError:
-            if given.done() and not given.cancelled():  # given a slot, then cancelled
-                self.release()
-            else:
-                given.cancel()  # (cancelled with its task already: a stale entry either way)
-                self._left()
-            raise
-
-    def _left(self) -> None:
-        """A waiter was cancelled in the heap: drop every cancelled one once they are most."""
-        self._gone += 1
-        if 2 * self._gone > len(self._waiters):
-            self._waiters = [w for w in self._waiters if not w[2].done()]
-            heapq.heapify(self._waiters)
-            self._gone = 0
-
-    def release(self) -> None:
-        while self._waiters:
-            _, _, given = heapq.heappop(self._waiters)
-            if not given.done():  # (a cancelled waiter's future is done: skipped)
-                given.set_result(None)
-                return
-            self._gone -= 1
-        self.free += 1
-
-
-def _input_array(tensor: Tensor) -> np.ndarray:
-    """The item's input as it came (a read-only view of its bytes, no copy): its batcher
-    converts it to the model's dtype, in its worker thread for a big one, never on the loop."""
-    array = tensor.to_array()
-    if array.ndim < 2:
-        raise RemoteProtocolError(f"input must have a batch axis, got shape {array.shape}")
-    return array
-
-
-def _wire_tensor(output: np.ndarray) -> Tensor:
-    """An item's output as a tensor that travels: in the engine's own
-    dtype where the wire carries it (:data:`~meshinfer.proto.tasks_wire.DTYPES`: integer labels
-    stay labels, float16 stays half the bytes); a float dtype it lacks (float64) as float32, an
-    integer one as int64. InferenceError for any other (complex, uint64: no dtype the wire
-    carries holds its values), and for a float64 output with a finite value beyond float32's
-    range (it would arrive as inf: :func:`_as_float32`). Linear in the output: on the loop
-    only for small ones."""
-    dtype = output.dtype
-    if dtype.name not in DTYPES:
-        if dtype.kind == "f":
-            output = _as_float32(output)
-        elif dtype.kind in "iu" and np.can_cast(dtype, np.int64):
-            output = output.astype(np.int64)
-        else:
-            raise InferenceError(
-                f"the engine's output dtype {dtype} cannot be sent: the wire carries "
-                f"{', '.join(sorted(DTYPES))}"
-            )
-    return Tensor.from_array(output)
-
-
-def _as_float32(output: np.ndarray) -> np.ndarray:
-    """``output`` (a float dtype the wire lacks) as float32: inf and NaN stay what they are;
-    InferenceError if a finite value is beyond float32's range. The cast itself notices (the
-    CPU's overflow flag, which an inf or NaN does not raise): no second pass over a big
-    output, only over one that failed, for the message."""
-    try:
-        with np.errstate(over="raise", invalid="ignore"):
-            return output.astype(np.float32)
-    except FloatingPointError:
-        pass
-    limit = float(np.finfo(np.float32).max)
-    with np.errstate(invalid="ignore"):
-        beyond = np.isfinite(output) & (np.abs(output) > limit)
-    where = np.unravel_index(int(np.argmax(beyond)), output.shape)
-    raise InferenceError(
-        f"the engine's {output.dtype} output cannot be sent: {int(beyond.sum())} value(s) overflow"
-        f" float32 (beyond {limit:.4g}; the wire carries no {output.dtype}), the first"
-        f" {float(output[where])!r} at index {tuple(int(i) for i in where)}"
-    )
-
-
-def _priority(value: int) -> int:
-    return max(0, min(3, value))
-
-
-def _classify(exc: MeshInferError) -> tuple[FailureKind, bool]:
-    if isinstance(exc, RemoteProtocolError | BatchShapeError):
-        return FailureKind.BAD_INPUT, False
-    if isinstance(exc, OverloadedError):
-        return FailureKind.OVERLOADED, True
-    if isinstance(exc, DeadlineExceededError):
-        return FailureKind.DEADLINE_EXCEEDED, False
-    if isinstance(exc, ModelNotFoundError):
-        return FailureKind.MODEL_NOT_FOUND, True
-    if isinstance(exc, InferenceError):
-        return FailureKind.INFERENCE_ERROR, False
-    return FailureKind.UNKNOWN, True

@@ -93,7 +93,7 @@ SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
 LIVE = ("pending", "dispatched", "running", "retrying")
 #: The coordinator's log line for an attempt that timed out, and the node's for a work-sharing
 #: hop (coordinator/service_outcomes.py ``_retry``, service_dispatch.py ``_on_timeout``;
-#: node/executor.py ``_offload``).
+#: node/work_sharing.py ``_offload``).
 TIMED_OUT = re.compile(
     r"^(\S+ \S+),(\d+) INFO coordinator\.service: retrying (\S+) \(attempt (\d+) failed:"
     r" no answer from (\S+) in "
