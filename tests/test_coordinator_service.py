@@ -30,6 +30,7 @@ from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
+from meshinfer.proto.membership_table import MemberStatus
 from meshinfer.proto.messages import Gossip
 from meshinfer.proto.tasks import Pattern, Stage, TaskSpec
 from meshinfer.proto.tasks_wire import FailureKind, TaskAccepted, TaskFailed, Tensor
@@ -863,20 +864,36 @@ async def test_malformed_input_fails_cleanly_and_the_node_keeps_serving(tmp_path
         assert good.state.value == "succeeded"
 
 
+def _seen_idle(daemon: NodeDaemon, node: str) -> bool:
+    """Whether ``daemon`` could pass an item to ``node`` now as to an idle peer: ALIVE, with a
+    session open, and gossiping an empty queue in ``daemon``'s membership view."""
+    member = daemon.mesh.membership.core.member(node)
+    if member is None or member.status is not MemberStatus.ALIVE:
+        return False
+    return member.state.queue_depth == 0 and daemon.mesh.peers.session(node) is not None
+
+
 async def test_deep_queue_offloads_to_a_less_loaded_peer(tmp_path):
     x, _ = load_digits_holdout()
     extra = "[executor]\nmax_concurrent = 1\noffload_queue_depth = 2\n"
-    async with Mesh(tmp_path, n=2, extra=extra) as mesh:
+    config = CoordinatorConfig(item_timeout_s=120.0)  # o0 and o2 wait on the gate meanwhile
+    async with Mesh(tmp_path, n=2, extra=extra, config=config) as mesh:
         c = mesh.coordinator
         busy = mesh.daemons["node-0"]
         gate = hold_inference(busy)
         # Round robin sends every other task to node-0, whose backlog (held by the gate) passes
         # offload_queue_depth, so it forwards further items to node-1 and relays the answers.
-        ids = []
-        for i in range(6):
-            task = spec(f"o{i}", "single", x[i : i + 1], policy="round_robin")
-            ids.append(await c.submit(task))
-        await until(lambda: busy.executor.stats.offloaded >= 1, timeout=10)
+        tasks = [spec(f"o{i}", "single", x[i : i + 1], policy="round_robin") for i in range(6)]
+        ids = [await c.submit(task) for task in tasks[:4]]  # o0, o2 held on node-0
+        for task_id in ids[1::2]:  # o1, o3 run on node-1
+            record = await c.wait(task_id, timeout=15)
+            assert [i.node for i in record.items] == ["node-1"], record.summary.error
+        # node-0 passes o4 on only if node-1's gossiped depth (sampled once a second) is below
+        # its own backlog: wait until its view has node-1 idle, not running o1 and o3
+        await until(lambda: busy.executor.backlog == 2 and _seen_idle(busy, "node-1"))
+        ids.append(await c.submit(tasks[4]))
+        await until(lambda: busy.executor.stats.offloaded == 1)
+        ids.append(await c.submit(tasks[5]))  # to node-1 once o4 is passed on (its depth then)
         gate.set()
         for task_id in ids:
             record = await c.wait(task_id, timeout=15)
@@ -902,15 +919,21 @@ async def test_items_offloaded_to_a_peer_that_dies_are_handed_back(tmp_path):
         async def stuck(ref, batch):
             await never.wait()
 
-        busy.engine.infer, helper.engine.infer = slow, stuck
-        ids = [
-            await c.submit(spec(f"h{i}", "single", x[i : i + 1], policy="round_robin"))
-            for i in range(4)
-        ]
-        await until(lambda: busy.executor.stats.offloaded >= 1, timeout=10)
-        await helper.mesh.aclose()  # node-1 vanishes holding the offloaded item (no leave)
-        busy_gate.set()
+        busy.engine.infer = slow
+        tasks = [spec(f"h{i}", "single", x[i : i + 1], policy="round_robin") for i in range(3)]
+        ids = [await c.submit(task) for task in tasks[:2]]  # h0 held on node-0, h1 on node-1
+        record = await c.wait(ids[1], timeout=15)
+        assert [i.node for i in record.items] == ["node-1"], record.summary.error
+        helper.engine.infer = stuck  # from now on node-1 keeps what it gets
         try:
+            # node-0 (backlog 1) passes h2 on only if node-1's gossiped depth (sampled once a
+            # second) is 0: a depth gossiped while h1 ran would keep h2 here
+            await until(lambda: busy.executor.backlog == 1 and _seen_idle(busy, "node-1"))
+            ids.append(await c.submit(tasks[2]))
+            await until(lambda: busy.executor.stats.offloaded == 1)
+            await until(lambda: helper.executor.backlog == 1)  # node-1 holds h2
+            await helper.mesh.aclose()  # node-1 vanishes holding the offloaded item (no leave)
+            busy_gate.set()
             for task_id in ids:
                 record = await c.wait(task_id, timeout=30)
                 assert record.state.value == "succeeded", record.summary.error

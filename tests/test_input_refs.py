@@ -76,11 +76,11 @@ async def _labels_of(c, task_id: str) -> list[int]:
 
 
 @asynccontextmanager
-async def after_a_first_task(tmp_path):
+async def after_a_first_task(tmp_path, config=CONFIG):
     """One node that ran a first task ("a") on a 20-row frame, so it holds that input: yields
     the coordinator, the node daemon, the frame and the task's labels."""
     frame = load_digits_holdout()[0][:20]
-    async with Mesh(tmp_path, n=1, config=CONFIG) as mesh:
+    async with Mesh(tmp_path, n=1, config=config) as mesh:
         c = mesh.coordinator
         yield c, mesh.daemons["node-0"], frame, await _labels(c, spec("a", "single", frame))
 
@@ -282,7 +282,11 @@ async def test_a_late_not_cached_answer_to_a_reference_resent_with_its_bytes_is_
     again with its bytes (same attempt). The node's INPUT_NOT_CACHED answer to the reference
     (it arrives after the resend) is not taken for a failure of the copy with the bytes: the
     item is not retried, and the node's one result ends it."""
-    async with after_a_first_task(tmp_path) as (c, node, frame, first):
+    # The node must count as reachable again (a re-dial) and the item must not time out: at
+    # CONFIG's 5 s item timeout and the default 0.25 s re-dial deadline, a loaded machine could
+    # retry the item (attempt 2) instead of resending it. Neither deadline is what is tested.
+    patient = replace(CONFIG, item_timeout_s=120.0, redial_timeout_s=30.0)
+    async with after_a_first_task(tmp_path, patient) as (c, node, frame, first):
         gate = hold_inference(node)
         task_id = await c.submit(spec("b", "single", frame))
         await until(lambda: node.executor.running == 1)

@@ -270,14 +270,20 @@ def test_node_daemons_in_processes_spread_a_revocation_to_each_others_files(tmp_
         cluster.enroll("lost-car")
         for name in names:  # a long deadline: READY came late once on a loaded machine
             cluster.start(name, timeout=120)
-        cluster.wait_for(lambda: cluster.members("node-1") == {"node-0": "alive"})
+        # generous deadlines (a loaded machine is slow to join and to sync; met early or not)
+        cluster.wait_for(lambda: cluster.members("node-1") == {"node-0": "alive"}, timeout=120)
         cluster.fleet.revoke(node_id="lost-car", now=time.time(), reason="stolen")
         target = NodeDirectory(tmp_path / "nodes" / "node-0").revocations_bin
         shutil.copyfile(cluster.fleet.revocations_bin, target)  # the operator's copy
         written = NodeDirectory(tmp_path / "nodes" / "node-1").revocations_bin
         trust = cluster.fleet.trust()
-        cluster.wait_for(lambda: load_revocations(written, trust).version == 1)
-        with urllib.request.urlopen(cluster.processes["node-1"].http + "/metrics") as response:
+
+        def synced() -> bool:  # node-1 wrote the list it had from node-0 (not there yet: no)
+            return load_revocations(written, trust, missing_ok=True).version == 1
+
+        cluster.wait_for(synced, timeout=120)
+        metrics = cluster.processes["node-1"].http + "/metrics"
+        with urllib.request.urlopen(metrics, timeout=30) as response:
             text = response.read().decode()
         gauges = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
         assert gauges["meshinfer_revocation_list_version"] == 1
