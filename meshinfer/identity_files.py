@@ -26,30 +26,53 @@ Node directory (one per vehicle, roadside unit or coordinator)::
     fleet.json       0644  copy of the fleet's trust anchor
     revocations.bin  0644  optional copy of the fleet's revocation list at enrollment
 
-Secret files are created with ``os.open(O_CREAT | O_EXCL, 0o600)`` so they are never readable by
-others, not even briefly, and a node refuses to load a ``node.key`` that group or others can read.
-Every file is written to a temporary file beside it, flushed to disk, and only then given its name
-(hard-linked, or renamed over the old one), so a crash never leaves a half-written key. Nothing is
-overwritten unless ``force=True``. Commands that change the index or the revocation list hold an
-exclusive lock on the fleet directory meanwhile; a second one at once is refused. Files are read
-with a size cap. Every failure raises :class:`IdentityError` naming the file.
+Every file is written whole or not at all by :mod:`meshinfer.atomic_files` (a temporary file
+beside it, flushed, then given its name), secret files with mode 0600 from the start, so a crash
+never leaves a half-written key; a node refuses to load a ``node.key`` that group or others can
+read. Nothing is overwritten unless ``force=True``. Commands that change the index or the
+revocation list hold an exclusive lock on the fleet directory meanwhile
+(:func:`meshinfer.filelock.lock_directory`); a second one at once is refused. Files are read with
+a size cap. Every failure raises :class:`IdentityError` naming the file.
+
+The file helpers that used to live here (``write_new_file``, ``replace_file``,
+``replace_unchanged``, ``read_file``, ``FileStamp``, ``file_stamp``, ``stamp_settled``, the
+modes) are still importable from here; new code should import them from
+:mod:`meshinfer.atomic_files`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import secrets
 import shutil
-import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from meshinfer.atomic_files import (
+    MAX_FILE_BYTES,
+    PUBLIC_MODE,
+    SECRET_MODE,
+    make_directory,
+    read_file,
+    refuse_directories,
+    refuse_existing,
+    replace_file,
+    require_private,
+    sync_directory,
+    write_new_file,
+)
+
+# re-exported: these were defined here, and callers still import them from here
+from meshinfer.atomic_files import STAMP_SETTLE_NS as STAMP_SETTLE_NS
+from meshinfer.atomic_files import FileStamp as FileStamp
+from meshinfer.atomic_files import file_stamp as file_stamp
+from meshinfer.atomic_files import replace_unchanged as replace_unchanged
+from meshinfer.atomic_files import stamp_settled as stamp_settled
 from meshinfer.errors import AdmissionError, ConfigError, IdentityError, RemoteProtocolError
 from meshinfer.filelock import LockHeld, LockUnavailable, lock_directory
 from meshinfer.proto.identity import (
@@ -65,11 +88,6 @@ from meshinfer.proto.identity import (
 )
 
 FILE_FORMAT = 1
-SECRET_MODE = 0o600
-PUBLIC_MODE = 0o644
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
-MAX_FILE_BYTES = 64 * 1024 * 1024  # the issued-certificates index is the largest file
 MAX_SMALL_FILE_BYTES = 64 * 1024  # keys, tokens, fleet.json
 #: a fleet directory's files, in the order ``fleet init`` names them: the trust anchor last
 FLEET_FILES = ("authority.key", "api-token", "revocations.bin", "issued.json", "fleet.json")
@@ -77,194 +95,7 @@ STAGING_PREFIX = ".init-"  # where ``fleet init`` writes a new fleet before nami
 BACKUP_PREFIX = "replaced-"  # where ``fleet init --force`` keeps the fleet it replaced
 
 
-# --- low-level file helpers --------------------------------------------------------------------
-
-
-def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> os.stat_result:
-    """Create ``path`` with ``mode`` holding ``data``; refuse to overwrite unless ``force``.
-    Returns the new file's status as written.
-
-    The data goes to a temporary file in the same directory first, flushed to disk, and only
-    then appears under ``path`` (hard-linked, or renamed over it with ``force``): a crash never
-    leaves a half-written file, and an existing file (or symlink) is never followed or clobbered.
-    """
-    if path.is_dir() and not path.is_symlink():
-        raise IdentityError(f"cannot write {path}: it is a directory")
-
-    def name(temporary: Path) -> bool:
-        if force:
-            os.replace(temporary, path)
-        else:
-            _link_new(temporary, path, mode)
-        return True
-
-    written = _write_then_name(path, data, mode, name)
-    assert written is not None  # name() always names it
-    return written
-
-
-def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat_result:
-    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
-    the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
-    return write_new_file(path, data, mode=mode, force=True)
-
-
-class FileStamp(NamedTuple):
-    """What a stat tells of a file: where it is (device, inode) and when and how it last
-    changed. Equal stamps are not proof of equal contents: a change within the file system's
-    time granularity, at the same size and in place, keeps them (see :func:`stamp_settled`)."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int  # set by every write, rename and utime: nobody can set it back
-
-
-#: a stamp whose times are this recent (by our clock) may yet hide a change: file systems keep
-#: times at up to 2 s granularity (FAT), and a network file system's clock may run a little late
-STAMP_SETTLE_NS = 5_000_000_000
-
-
-def file_stamp(path: Path) -> FileStamp | None:
-    """``path``'s :class:`FileStamp`, which every write changes unless made within the time
-    granularity of the last; None if there is no file."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def stamp_settled(stamp: FileStamp, now_ns: int) -> bool:
-    """Whether an unchanged ``stamp`` (taken at ``now_ns``, ``time.time_ns()``) shows for
-    sure that the file did not change since: its times are far enough in the past that a later
-    write would set new ones. A file that changed too recently must be read to tell."""
-    return max(stamp.mtime_ns, stamp.ctime_ns) < now_ns - STAMP_SETTLE_NS
-
-
-def replace_unchanged(
-    path: Path, data: bytes, expected: bytes | None, *, mode: int = PUBLIC_MODE
-) -> os.stat_result | None:
-    """:func:`replace_file`, unless ``path`` no longer holds exactly ``expected`` (None: no
-    file) once the new contents are on disk: then ``path`` is left as it is and None returned.
-    So a file someone is writing meanwhile (an operator's copy) is not renamed over, which
-    would send the rest of their writes to a file nobody can read. The contents are compared,
-    not a stamp: a change within the file system's time granularity keeps mtime and size."""
-
-    def name(temporary: Path) -> bool:
-        if _current_bytes(path, expected) != expected:
-            return False
-        os.replace(temporary, path)
-        return True
-
-    return _write_then_name(path, data, mode, name)
-
-
-def _current_bytes(path: Path, expected: bytes | None) -> bytes | None:
-    """``path``'s bytes, read up to one past ``expected``'s length (enough to tell them
-    apart); None if there is no file. A directory or unreadable file raises OSError."""
-    try:
-        with open(path, "rb") as file:
-            return file.read(len(expected or b"") + 1)
-    except FileNotFoundError:
-        return None
-
-
-def _write_then_name(
-    path: Path, data: bytes, mode: int, name: Callable[[Path], bool]
-) -> os.stat_result | None:
-    """Write ``data`` to a temporary file beside ``path`` (created with ``mode``, flushed to
-    disk), then have ``name(temporary)`` give it ``path``'s name, and flush the directory;
-    the file's status as written. ``name`` returns False to leave ``path`` as it is (then None).
-    The temporary file never outlives the call; an ``OSError`` is an :class:`IdentityError`
-    naming ``path``."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    written = _write_temporary(temporary, data, mode, path)
-    try:
-        if not name(temporary):
-            return None
-    except OSError as exc:
-        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        _remove_quietly(temporary)
-    _sync_directory(path.parent)
-    return written
-
-
-def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.stat_result:
-    """Write and fsync ``temporary`` (created with ``mode``); return its status."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
-    try:
-        fd = os.open(temporary, flags, mode)
-    except OSError as exc:
-        raise IdentityError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-            return os.fstat(file.fileno())
-    except OSError as exc:
-        _remove_quietly(temporary)
-        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _link_new(temporary: Path, path: Path, mode: int) -> None:
-    """Give the finished ``temporary`` the name ``path`` unless that name exists (even as a
-    dangling symlink). Where the file system has no hard links, the name is reserved by
-    creating it exclusively, then the temporary file is renamed over it."""
-    try:
-        try:
-            os.link(temporary, path)
-            return
-        except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
-                raise
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode))
-    except FileExistsError:
-        raise IdentityError(
-            f"{path} already exists; refusing to overwrite it (use --force)"
-        ) from None
-    os.replace(temporary, path)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def _sync_directory(directory: Path) -> None:
-    """Flush a directory's entries to disk (best effort: not every file system allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
-    """Read ``path`` (at most ``limit`` bytes); a missing, unreadable or larger file raises
-    :class:`IdentityError` naming ``what``."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(limit + 1)
-    except FileNotFoundError:
-        raise IdentityError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise IdentityError(f"{what} {path} is a directory, not a file") from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise IdentityError(f"{what} {path} is over the {limit}-byte limit")
-    return data
+# --- key files and the fleet's trust anchor and revocations ------------------------------------
 
 
 def _hex_key(path: Path, what: str) -> bytes:
@@ -276,37 +107,6 @@ def _hex_key(path: Path, what: str) -> bytes:
     if len(key) != 32:
         raise IdentityError(f"{what} {path} must hold 64 hex digits (a 32-byte key)")
     return key
-
-
-def _require_private(path: Path, what: str) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise IdentityError(f"{what} {path} is readable by others (mode {mode:04o}); chmod 600 it")
-
-
-def _refuse_existing(paths: list[Path], force: bool) -> None:
-    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise IdentityError(
-            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-            "refusing to overwrite (use --force)"
-        )
-
-
-def _refuse_directories(paths: list[Path]) -> None:
-    directories = [str(p) for p in paths if p.is_dir() and not p.is_symlink()]
-    if directories:
-        raise IdentityError(f"{', '.join(directories)}: a directory where a file belongs")
-
-
-def _make_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IdentityError(f"cannot create directory {path}: {exc.strerror}") from None
-
-
-# --- trust anchor and revocations --------------------------------------------------------------
 
 
 def trust_to_json(trust: FleetTrust) -> bytes:
@@ -330,8 +130,9 @@ def load_trust(path: Path) -> FleetTrust:
 
 
 def load_revocations(path: Path, trust: FleetTrust, *, missing_ok: bool = False) -> RevocationList:
-    """Read and verify ``revocations.bin``; an absent file is an empty list if ``missing_ok``."""
-    if missing_ok and not path.exists():
+    """Read and verify ``revocations.bin``; an absent file is an empty list if ``missing_ok``
+    (a symlink to a missing file is not absent: it is refused, as a list nobody can read)."""
+    if missing_ok and not (path.exists() or path.is_symlink()):
         return RevocationList(trust.fleet_id)
     return parse_revocations(read_revocations(path), path, trust)
 
@@ -413,7 +214,7 @@ class FleetDirectory:
         """The signing authority; checks the key against ``fleet.json``."""
         trust = self.trust()
         seed = _hex_key(self.authority_key, "authority key")
-        _require_private(self.authority_key, "authority key")
+        require_private(self.authority_key, "authority key")
         authority = FleetAuthority.create(trust.fleet_id, seed)
         if authority.trust != trust:
             raise IdentityError(f"{self.authority_key} does not match {self.fleet_json}")
@@ -427,7 +228,7 @@ class FleetDirectory:
         """The coordinator HTTP API token."""
         token = read_file(self.api_token_file, "api token", limit=MAX_SMALL_FILE_BYTES)
         token = token.decode("ascii", "replace").strip()
-        _require_private(self.api_token_file, "api token")
+        require_private(self.api_token_file, "api token")
         return token
 
     def issued(self) -> list[NodeCertificate]:
@@ -554,7 +355,7 @@ def init_fleet(
     as an unfinished fleet (:meth:`FleetDirectory.trust`) until ``--force`` makes it again.
     """
     fleet = FleetDirectory(Path(path))
-    _refuse_directories(fleet.files())  # before replacing anything
+    refuse_directories(fleet.files())  # before replacing anything
     authority = FleetAuthority.create(fleet_id)
     contents = {
         "authority.key": (authority.seed.hex().encode() + b"\n", SECRET_MODE),
@@ -563,12 +364,12 @@ def init_fleet(
         "issued.json": (_index_json([]), PUBLIC_MODE),
         "fleet.json": (trust_to_json(authority.trust), PUBLIC_MODE),
     }
-    _make_dir(fleet.path)
+    make_directory(fleet.path)
     with fleet._exclusive():
         existing = [p for p in fleet.files() if p.exists() or p.is_symlink()]
         if existing and not force:
             _refuse_unfinished(fleet)
-            _refuse_existing(existing, force)
+            refuse_existing(existing, force)
         _remove_staging_left_over(fleet.path)  # by an init cut short (it holds a secret)
         staging = _stage(fleet.path, contents)
         try:
@@ -612,8 +413,8 @@ def _set_aside(directory: Path, files: list[Path], now: float) -> Path:
         raise IdentityError(f"cannot create a {BACKUP_PREFIX}{stamp} directory in {directory}")
     for path in sorted(files, key=lambda p: p.name != "fleet.json"):
         _rename(path, backup / path.name)
-    _sync_directory(backup)
-    _sync_directory(directory)
+    sync_directory(backup)
+    sync_directory(directory)
     return backup
 
 
@@ -621,7 +422,7 @@ def _name_files(staging: Path, directory: Path) -> None:
     """Move the staged fleet's files into ``directory``, ``fleet.json`` last."""
     for name in FLEET_FILES:
         _rename(staging / name, directory / name)
-    _sync_directory(directory)
+    sync_directory(directory)
 
 
 def _rename(source: Path, target: Path) -> None:
@@ -711,9 +512,9 @@ class NodeDirectory:
 
     def keygen(self, *, force: bool = False) -> bytes:
         """Write a fresh ``node.key`` (0600) and ``node.pub``; return the public key."""
-        _refuse_existing([self.node_key, self.node_pub], force)
+        refuse_existing([self.node_key, self.node_pub], force)
         private, public = generate_static_keypair()
-        _make_dir(self.path)
+        make_directory(self.path)
         write_new_file(self.node_key, private.hex().encode() + b"\n", mode=SECRET_MODE, force=force)
         write_new_file(self.node_pub, public.hex().encode() + b"\n", mode=PUBLIC_MODE, force=force)
         return public
@@ -721,7 +522,7 @@ class NodeDirectory:
     def static_private(self) -> bytes:
         """The Noise static private key; checks its mode and that ``node.pub`` matches."""
         private = _hex_key(self.node_key, "node key")
-        _require_private(self.node_key, "node key")
+        require_private(self.node_key, "node key")
         public = static_public_key(private)
         if self.node_pub.exists() and _hex_key(self.node_pub, "node public key") != public:
             raise IdentityError(f"{self.node_pub} does not match {self.node_key}")
@@ -742,8 +543,8 @@ class NodeDirectory:
         ]
         if revocations is not None:
             outputs.append((self.revocations_bin, revocations.to_bytes()))
-        _refuse_existing([path for path, _ in outputs], force)
-        _make_dir(self.path)
+        refuse_existing([path for path, _ in outputs], force)
+        make_directory(self.path)
         for path, data in outputs:
             write_new_file(path, data, mode=PUBLIC_MODE, force=force)
 
@@ -780,8 +581,8 @@ def enroll(
     """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations.
     ``new_key``: as for :meth:`FleetDirectory.sign`."""
     outputs = [node.node_cert, node.fleet_json, node.revocations_bin]
-    _refuse_existing(outputs, force)
-    _refuse_directories(outputs)  # before a serial is issued that no file would hold
+    refuse_existing(outputs, force)
+    refuse_directories(outputs)  # before a serial is issued that no file would hold
     trust, revocations = fleet.trust(), fleet.revocations()
     fleet.authority()  # fail on a bad authority key before touching the node directory
     present = static_public_key(node.static_private()) if node.has_key() else None

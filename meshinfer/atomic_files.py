@@ -1,0 +1,258 @@
+"""Files written whole or not at all, and read with a size cap.
+
+A file is written to a temporary file beside it (created with ``os.open(O_CREAT | O_EXCL,
+mode)``, so a secret file is never readable by others, not even briefly), flushed to disk, and
+only then given its name: hard-linked to a name that must not exist yet (:func:`write_new_file`),
+or renamed over the old file (:func:`replace_file`; :func:`replace_unchanged` only while the old
+file still holds what the caller last read), and the directory flushed. So a crash never leaves a
+half-written file, and an existing file (or symlink) is never followed or clobbered unless asked.
+
+:class:`FileStamp` and :func:`stamp_settled` tell whether a file may have changed since it was
+last read without reading it again. :func:`read_file` reads with a size cap; the checks below it
+refuse to overwrite, to write where a directory is, or to use a secret file others can read.
+
+Every failure raises :class:`~meshinfer.errors.IdentityError` naming the file (these helpers were
+written for the key and certificate files of :mod:`meshinfer.identity_files`, and other file
+readers rely on that error).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from meshinfer.errors import IdentityError
+
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+MAX_FILE_BYTES = 64 * 1024 * 1024  # read_file's default cap: a fleet's certificate index fits
+
+
+def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> os.stat_result:
+    """Create ``path`` with ``mode`` holding ``data``; refuse to overwrite unless ``force``.
+    Returns the new file's status as written.
+
+    The data goes to a temporary file in the same directory first, flushed to disk, and only
+    then appears under ``path`` (hard-linked, or renamed over it with ``force``): a crash never
+    leaves a half-written file, and an existing file (or symlink) is never followed or clobbered.
+    """
+    if path.is_dir() and not path.is_symlink():
+        raise IdentityError(f"cannot write {path}: it is a directory")
+
+    def name(temporary: Path) -> bool:
+        if force:
+            os.replace(temporary, path)
+        else:
+            _link_new(temporary, path, mode)
+        return True
+
+    written = _write_then_name(path, data, mode, name)
+    assert written is not None  # name() always names it
+    return written
+
+
+def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat_result:
+    """Atomically replace ``path`` with ``data`` (write a temporary file, then rename); returns
+    the new file's status as written (a later change to ``path`` shows in its mtime/size)."""
+    return write_new_file(path, data, mode=mode, force=True)
+
+
+class FileStamp(NamedTuple):
+    """What a stat tells of a file: where it is (device, inode) and when and how it last
+    changed. Equal stamps are not proof of equal contents: a change within the file system's
+    time granularity, at the same size and in place, keeps them (see :func:`stamp_settled`)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int  # set by every write, rename and utime: nobody can set it back
+
+
+#: a stamp whose times are this recent (by our clock) may yet hide a change: file systems keep
+#: times at up to 2 s granularity (FAT), and a network file system's clock may run a little late
+STAMP_SETTLE_NS = 5_000_000_000
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """``path``'s :class:`FileStamp`, which every write changes unless made within the time
+    granularity of the last; None if there is no file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stamp_settled(stamp: FileStamp, now_ns: int) -> bool:
+    """Whether an unchanged ``stamp`` (taken at ``now_ns``, ``time.time_ns()``) shows for
+    sure that the file did not change since: its times are far enough in the past that a later
+    write would set new ones. A file that changed too recently must be read to tell."""
+    return max(stamp.mtime_ns, stamp.ctime_ns) < now_ns - STAMP_SETTLE_NS
+
+
+def replace_unchanged(
+    path: Path, data: bytes, expected: bytes | None, *, mode: int = PUBLIC_MODE
+) -> os.stat_result | None:
+    """:func:`replace_file`, unless ``path`` no longer holds exactly ``expected`` (None: no
+    file) once the new contents are on disk: then ``path`` is left as it is and None returned.
+    So a file someone is writing meanwhile (an operator's copy) is not renamed over, which
+    would send the rest of their writes to a file nobody can read. The contents are compared,
+    not a stamp: a change within the file system's time granularity keeps mtime and size."""
+
+    def name(temporary: Path) -> bool:
+        if _current_bytes(path, expected) != expected:
+            return False
+        os.replace(temporary, path)
+        return True
+
+    return _write_then_name(path, data, mode, name)
+
+
+def _current_bytes(path: Path, expected: bytes | None) -> bytes | None:
+    """``path``'s bytes, read up to one past ``expected``'s length (enough to tell them
+    apart); None if there is no file. A directory or unreadable file raises OSError."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(expected or b"") + 1)
+    except FileNotFoundError:
+        return None
+
+
+def _write_then_name(
+    path: Path, data: bytes, mode: int, name: Callable[[Path], bool]
+) -> os.stat_result | None:
+    """Write ``data`` to a temporary file beside ``path`` (created with ``mode``, flushed to
+    disk), then have ``name(temporary)`` give it ``path``'s name, and flush the directory;
+    the file's status as written. ``name`` returns False to leave ``path`` as it is (then None).
+    The temporary file never outlives the call; an ``OSError`` is an :class:`IdentityError`
+    naming ``path``."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    written = _write_temporary(temporary, data, mode, path)
+    try:
+        if not name(temporary):
+            return None
+    except OSError as exc:
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        _remove_quietly(temporary)
+    sync_directory(path.parent)
+    return written
+
+
+def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.stat_result:
+    """Write and fsync ``temporary`` (created with ``mode``); return its status."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+    try:
+        fd = os.open(temporary, flags, mode)
+    except OSError as exc:
+        raise IdentityError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+            return os.fstat(file.fileno())
+    except OSError as exc:
+        _remove_quietly(temporary)
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _link_new(temporary: Path, path: Path, mode: int) -> None:
+    """Give the finished ``temporary`` the name ``path`` unless that name exists (even as a
+    dangling symlink). Where the file system has no hard links, the name is reserved by
+    creating it exclusively, then the temporary file is renamed over it."""
+    try:
+        try:
+            os.link(temporary, path)
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode))
+    except FileExistsError:
+        raise IdentityError(
+            f"{path} already exists; refusing to overwrite it (use --force)"
+        ) from None
+    os.replace(temporary, path)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def sync_directory(directory: Path) -> None:
+    """Flush a directory's entries to disk (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Read ``path`` (at most ``limit`` bytes); a missing, unreadable or larger file raises
+    :class:`IdentityError` naming ``what``."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
+    except FileNotFoundError:
+        raise IdentityError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise IdentityError(f"{what} {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise IdentityError(f"{what} {path} is over the {limit}-byte limit")
+    return data
+
+
+# --- checks before reading or writing ----------------------------------------------------------
+
+
+def require_private(path: Path, what: str) -> None:
+    """:class:`IdentityError` if group or others may read the secret file ``path``."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise IdentityError(f"{what} {path} is readable by others (mode {mode:04o}); chmod 600 it")
+
+
+def refuse_existing(paths: list[Path], force: bool) -> None:
+    """:class:`IdentityError` naming those of ``paths`` that exist (even as a dangling
+    symlink), unless ``force``."""
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise IdentityError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "refusing to overwrite (use --force)"
+        )
+
+
+def refuse_directories(paths: list[Path]) -> None:
+    """:class:`IdentityError` naming those of ``paths`` that are directories."""
+    directories = [str(p) for p in paths if p.is_dir() and not p.is_symlink()]
+    if directories:
+        raise IdentityError(f"{', '.join(directories)}: a directory where a file belongs")
+
+
+def make_directory(path: Path) -> None:
+    """Create ``path`` and its parents where missing; an :class:`IdentityError` if it cannot."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdentityError(f"cannot create directory {path}: {exc.strerror}") from None
