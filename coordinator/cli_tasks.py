@@ -40,7 +40,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -143,17 +144,36 @@ def _command(commands: Any, name: str, help_text: str, run: Command) -> argparse
     return parser
 
 
+#: What a malformed document raises where code reads it expecting another shape.
+_SHAPE_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError)
+
+
 def _run(run: Command, args: argparse.Namespace) -> int:
+    """Run a command; a stray error reading the coordinator's answer is an ApiError saying so.
+    The command reads its own files (inputs, stages, a revocation list) inside :func:`_local`
+    first, so an error there names the file, never the coordinator."""
     endpoint = resolve_endpoint(args.url, args.token_file, args.data_dir)
     client = CoordinatorClient(endpoint.url, endpoint.token, timeout=args.timeout)
     try:
         return run(client, args)
     except MeshInferError:
         raise  # (a ConfigError is a ValueError too: a bad argument, not a bad answer)
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+    except _SHAPE_ERRORS as exc:
         detail = f"{type(exc).__name__}: {exc}"
         message = f"unexpected answer from the coordinator ({detail})"
         raise ApiError(None, "bad_response", message) from None
+
+
+@contextmanager
+def _local(what: str) -> Iterator[None]:
+    """Work on this side before any request (reading ``what``): an error the readers did not
+    foresee is a ConfigError about ``what``, not an unexpected answer (see :func:`_run`)."""
+    try:
+        yield
+    except MeshInferError:
+        raise
+    except (*_SHAPE_ERRORS, ArithmeticError, RecursionError) as exc:
+        raise ConfigError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 def _print_json(doc: Any) -> None:
@@ -230,8 +250,9 @@ def _add_submit(commands: Any) -> None:
 
 
 def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    inputs = load_inputs(args.input, args.key, args.dtype)
-    answer = _send_submission(client, task_document(args, inputs))
+    with _local("reading the task's input or stages files"):
+        doc = task_document(args, load_inputs(args.input, args.key, args.dtype))
+    answer = _send_submission(client, doc)
     if not args.wait:
         if args.json:
             _print_json(answer)
@@ -425,8 +446,10 @@ def _revocations(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.push is None:
         doc = client.revocations()
     else:
-        path = args.push / "revocations.bin" if args.push.is_dir() else args.push
-        doc = client.push_revocations(read_file(path, "revocation list"))
+        with _local(f"reading the revocation list {args.push}"):
+            path = args.push / "revocations.bin" if args.push.is_dir() else args.push
+            data = read_file(path, "revocation list")
+        doc = client.push_revocations(data)
     if args.json:
         _print_json(doc)
     else:

@@ -21,6 +21,10 @@ DIGIT_SIDE = 8
 DIGIT_LEVELS = 16
 MAX_IMAGE_SIDE = 16384
 
+#: The most digits a PGM header field or ASCII pixel value may have (maxval is at most 65535;
+#: a pixel over maxval counts as maxval): Python's int() refuses a string of 4300 or more.
+_MAX_DIGITS = 9
+
 _PGM_TOKEN = re.compile(rb"(?:\s|#[^\n]*\n?)*([^\s#]+)")
 
 
@@ -36,6 +40,9 @@ def read_pgm(name: str, data: bytes, key: str | None) -> np.ndarray:
     magic, *numbers = fields
     if magic not in (b"P2", b"P5") or not all(n.isdigit() for n in numbers):
         raise ConfigError(f"{name}: not a PGM image (P2 or P5 header expected)")
+    numbers = [n.lstrip(b"0") or b"0" for n in numbers]  # (int() refuses 4300 digits)
+    if any(len(n) > _MAX_DIGITS for n in numbers):
+        raise ConfigError(f"{name}: PGM size or maxval out of range (a number of over 9 digits)")
     width, height, maxval = (int(n) for n in numbers)
     if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE and 0 < maxval < 65536):
         raise ConfigError(f"{name}: PGM size {width}x{height} or maxval {maxval} out of range")
@@ -56,7 +63,10 @@ def _pgm_ascii(name: str, body: bytes, count: int, maxval: int) -> np.ndarray:
     values = body.split()
     if len(values) < count or not all(v.isdigit() for v in values[:count]):
         raise ConfigError(f"{name}: PGM pixel data is truncated or not numbers")
-    return np.array([int(v) for v in values[:count]], dtype=np.int64)
+    values = [v.lstrip(b"0") or b"0" for v in values[:count]]
+    if any(len(v) > _MAX_DIGITS for v in values):
+        raise ConfigError(f"{name}: PGM pixel value out of range (a number of over 9 digits)")
+    return np.array([int(v) for v in values], dtype=np.int64)
 
 
 def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:

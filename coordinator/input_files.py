@@ -40,7 +40,7 @@ def load_inputs(
         except OSError as exc:
             raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
         file_key = key if path.suffix.lower() == ".npz" else None
-        arrays.append(_as_rows(path, parse_input(path.name, data, file_key)))
+        arrays.append(_as_rows(path, _parsed(path, data, file_key)))
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) > 1:
         raise ConfigError(f"input files disagree on the row shape: {sorted(shapes)}")
@@ -57,6 +57,17 @@ def parse_input(name: str, data: bytes, key: str | None = None) -> np.ndarray:
     if key is not None and suffix != ".npz":
         raise ConfigError(f"{name}: --key picks an array of a .npz file only")
     return reader(name, data, key)
+
+
+def _parsed(path: Path, data: bytes, key: str | None) -> np.ndarray:
+    """:func:`parse_input`, where an error a reader did not foresee (a ValueError, say) is a
+    ConfigError naming the file too: it is the file's, never a bad answer of the coordinator."""
+    try:
+        return parse_input(path.name, data, key)
+    except ConfigError:
+        raise
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not a readable input ({type(exc).__name__}: {exc})") from None
 
 
 def _as_rows(path: Path, array: np.ndarray) -> np.ndarray:
@@ -158,6 +169,8 @@ def _csv_row(name: str, line: int, row: list[str]) -> list[float]:
 
 
 def _is_number(cell: str) -> bool:
+    if "_" in cell:  # float() takes "1_0" as 10: a typo, not a number of the file
+        return False
     try:
         float(cell)
     except ValueError:

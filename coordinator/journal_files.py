@@ -43,7 +43,11 @@ LOCK_SUFFIX = "-lock"
 _HINTS = (
     ("not a database", "it is not an SQLite database (not a meshinfer journal, or damaged)"),
     ("malformed", "it is damaged (restore it from a backup, or move it away to start afresh)"),
-    ("readonly", "it is read-only, and the coordinator must write its journal"),
+    (
+        "readonly",
+        "it or its directory is read-only to this user (the coordinator writes its journal; a"
+        " reader too may need to make the -wal and -shm files beside it)",
+    ),
     ("unable to open", "it cannot be opened or created (may this user write its directory?)"),
     ("locked", "another process holds it locked"),
     ("full", "the disk is full"),

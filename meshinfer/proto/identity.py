@@ -392,18 +392,24 @@ class RevocationList:
         _check_one_fleet(self.fleet_id, self.entries)
 
     @classmethod
-    def _of_checked(cls, fleet_id: str, entries: frozenset[RevocationEntry]) -> RevocationList:
+    def _of_checked(
+        cls, fleet_id: str, entries: frozenset[RevocationEntry], version: int | None = None
+    ) -> RevocationList:
         """A list of ``entries`` that lists of ``fleet_id`` already hold (each checked when
         that list was built), without ``__post_init__``'s pass over them all: a merge into a
-        list of 16k entries checks only what is new (see :meth:`merge`)."""
+        list of 16k entries checks only what is new (see :meth:`merge`). ``version``, when
+        the caller knows it, fills the :attr:`version` cache."""
         made = object.__new__(cls)
         object.__setattr__(made, "fleet_id", fleet_id)
         object.__setattr__(made, "entries", entries)
+        if version is not None:
+            made.__dict__["version"] = version  # (where the cached_property keeps its value)
         return made
 
-    @property
+    @cached_property
     def version(self) -> int:
-        """The highest sequence number seen (0 for an empty list)."""
+        """The highest sequence number seen (0 for an empty list). Computed once per list (the
+        list is immutable): :meth:`FleetAuthority.revoke` and gossip read it often."""
         return max((e.sequence for e in self.entries), default=0)
 
     def merge(self, other: RevocationList) -> RevocationList:
@@ -414,7 +420,8 @@ class RevocationList:
         if not new:
             return self  # (its lookup indexes, once built, kept)
         _check_one_fleet(self.fleet_id, new)  # only the new: this list's were checked
-        return RevocationList._of_checked(self.fleet_id, self.entries | new)
+        version = max(self.version, max(e.sequence for e in new))
+        return RevocationList._of_checked(self.fleet_id, self.entries | new, version)
 
     def records(self) -> list[dict[str, Any]]:
         """The entries as plain dicts (sequence, serial, node_id, revoked_at, reason), oldest
