@@ -212,6 +212,9 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         #: each member's models, roles and links as sets, as of its gossiped state object, and
         #: when (loop time) this coordinator first saw its position and velocity as they are
         self._sets_of: dict[str, _KnownState] = {}
+        #: the members' views as the dispatch loop read them for the items queued together
+        #: (None once it waits for more: see Dispatch._view_bases)
+        self._burst_views: list[NodeView] | None = None
         self._inputs = InputRefs(mesh, self.config.input_ref_min_bytes, self.stats_)
         #: the nodes of completed_by_node's own series, the one credited last at the end
         self._credited_at: OrderedDict[str, None] = OrderedDict()

@@ -74,6 +74,8 @@ class Dispatch:
 
     async def _dispatch_loop(self) -> None:
         while True:
+            if self._ready.empty():  # it waits: what the views rest on may change meanwhile
+                self._burst_views = None
             _, _, item_id = await self._ready.get()
             pair = self._items.get(item_id)
             if pair is None or pair[1].node is not None or pair[0].done:
@@ -83,6 +85,8 @@ class Dispatch:
                 continue
             run, entry = pair
             entry.retrying = None  # (its backoff is over: now it waits for a node, if any)
+            if self._burst_views is None:  # read once for the items queued together
+                self._burst_views = self._view_bases()
             node = self._choose(run, entry)
             if node is None:
                 heap = self._parked.setdefault(self._placement(run, entry), [])
@@ -126,10 +130,26 @@ class Dispatch:
         return pair
 
     def _views(self) -> list[NodeView]:
-        """What the scheduling policies see of each reachable live member, with the items
-        this coordinator has on each node (``_busy``). A member whose certificate is revoked
-        is left out whatever membership says of it (:mod:`coordinator.certificates`)."""
+        """What the scheduling policies see of each reachable live member (as
+        :meth:`_view_bases` reads them, or read them for the dispatch loop's current burst),
+        with the items this coordinator has on each node (``_busy``) as its queue depth where
+        they are more than it gossiped."""
+        bases = self._view_bases() if self._burst_views is None else self._burst_views
         in_flight = self._busy
+        return [
+            replace(view, queue_depth=n) if (n := in_flight.get(view.node_id, 0)) > view.queue_depth
+            else view
+            for view in bases
+        ]  # fmt: skip
+
+    def _view_bases(self) -> list[NodeView]:
+        """What the scheduling policies see of each reachable live member, as gossiped (its
+        queue depth as it said; :meth:`_views` adds this coordinator's items). A member whose
+        certificate is revoked is left out whatever membership says of it
+        (:mod:`coordinator.certificates`). The dispatch loop reads them once for the items
+        queued together (``_burst_views``, None while it waits: no other task runs between
+        those items, so membership, reachability and revocations stay as they are; its sends
+        change only ``_busy``)."""
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -145,7 +165,7 @@ class Dispatch:
                 node_id=m.node_id, alive=m.status.value == "alive", models=known.models,
                 roles=known.roles, has_gpu=s.gpu_free_mb > 0,
                 free_gpu_memory=s.gpu_free_mb << 20 if s.gpu_free_mb else None,
-                queue_depth=max(s.queue_depth, in_flight[m.node_id]),
+                queue_depth=s.queue_depth,
                 capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
                 links=known.links,
                 contact_s=node_contact_s(
