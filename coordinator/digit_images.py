@@ -3,29 +3,47 @@
 A grayscale image becomes one 64-feature row the way the digit classifiers were trained: light
 background inverted to dark, shrunk to 8x8 by area averaging, contrast-stretched to the 0..16
 pixel counts of the digits data set, divided by 16 (the models' ``input_scaling``). PGM (P2 and
-P5) is read here; PNG and JPEG need Pillow.
+P5) is read here; PNG and JPEG need Pillow. An image over :data:`MAX_IMAGE_SIDE` pixels a side or
+:data:`MAX_IMAGE_PIXELS` in all is refused from its header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meshinfer.errors import ConfigError
 
-__all__ = ["DIGIT_LEVELS", "DIGIT_SIDE", "MAX_IMAGE_SIDE", "image_row", "read_image", "read_pgm"]
+if TYPE_CHECKING:
+    import PIL.Image
+
+__all__ = [
+    "DIGIT_LEVELS",
+    "DIGIT_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
+    "image_row",
+    "read_image",
+    "read_pgm",
+]
 
 DIGIT_SIDE = 8
 DIGIT_LEVELS = 16
 MAX_IMAGE_SIDE = 16384
+#: The most pixels an image may have (8192 x 4096): decoded as float64 that is 256 MiB a copy.
+#: A PNG of a few KiB can declare far more (Pillow only warns up to 179M pixels).
+MAX_IMAGE_PIXELS = 1 << 25
 
 #: The most digits a PGM header field or ASCII pixel value may have (maxval is at most 65535;
-#: a pixel over maxval counts as maxval): Python's int() refuses a string of 4300 or more.
+#: a pixel over maxval is refused): Python's int() refuses a string of 4300 or more.
 _MAX_DIGITS = 9
 
-_PGM_TOKEN = re.compile(rb"(?:\s|#[^\n]*\n?)*([^\s#]+)")
+_PGM_TOKEN = re.compile(rb"(?:\s|#[^\r\n]*)*([^\s#]+)")
 
 
 def read_pgm(name: str, data: bytes, key: str | None) -> np.ndarray:
@@ -44,12 +62,32 @@ def read_pgm(name: str, data: bytes, key: str | None) -> np.ndarray:
     if any(len(n) > _MAX_DIGITS for n in numbers):
         raise ConfigError(f"{name}: PGM size or maxval out of range (a number of over 9 digits)")
     width, height, maxval = (int(n) for n in numbers)
-    if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE and 0 < maxval < 65536):
+    if not (0 < width and 0 < height and 0 < maxval < 65536):
         raise ConfigError(f"{name}: PGM size {width}x{height} or maxval {maxval} out of range")
+    _check_size(name, width, height)
     body = _pgm_binary if magic == b"P5" else _pgm_ascii
-    pixels = body(name, data[pos + 1 :] if magic == b"P5" else data[pos:], width * height, maxval)
-    gray = pixels.reshape(height, width).astype(np.float64) / maxval
-    return image_row(np.minimum(gray, 1.0))
+    pixels = body(name, data[_raster_start(data, pos) :], width * height, maxval)
+    if pixels.max() > maxval:
+        raise ConfigError(f"{name}: PGM pixel value {pixels.max()} is over the maxval {maxval}")
+    return image_row(pixels.reshape(height, width).astype(np.float64) / maxval)
+
+
+def _raster_start(data: bytes, pos: int) -> int:
+    """Where the pixels begin after the maxval ending at ``pos``: past exactly one whitespace
+    character, or past a comment and the newline ending it, which stands for that character
+    (Netpbm: a comment may come before the whitespace that delimits the raster)."""
+    if data[pos : pos + 1] != b"#":
+        return pos + 1  # the token ended at a whitespace character (or at the end of data)
+    ends = [i for i in (data.find(b"\n", pos), data.find(b"\r", pos)) if i >= 0]
+    return min(ends) + 1 if ends else len(data)
+
+
+def _check_size(name: str, width: int, height: int) -> None:
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise ConfigError(
+            f"{name}: image of {width}x{height} pixels is too large (at most {MAX_IMAGE_SIDE} "
+            f"a side and {MAX_IMAGE_PIXELS} in all; shrink it first)"
+        )
 
 
 def _pgm_binary(name: str, body: bytes, count: int, maxval: int) -> np.ndarray:
@@ -78,11 +116,29 @@ def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
             "or convert the image to .pgm or .npy"
         ) from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _opened(Image, name, data) as image:
+            _check_size(name, *image.size)
             gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    except ConfigError:
+        raise
     except Exception as exc:  # Pillow's decoders raise many types for a malformed file
         raise ConfigError(f"{name}: not a readable image ({exc or type(exc).__name__})") from None
     return image_row(gray)
+
+
+def _opened(image_module: ModuleType, name: str, data: bytes) -> PIL.Image.Image:
+    """Pillow's ``Image.open``, which reads only the header: its decompression-bomb warning (on
+    stderr, for 89M-179M pixels) is silenced and its error made ours, since the caller refuses
+    a large image by :func:`_check_size` before decoding it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
+            return image_module.open(io.BytesIO(data))
+    except image_module.DecompressionBombError:
+        raise ConfigError(
+            f"{name}: image is too large (at most {MAX_IMAGE_SIDE} pixels a side and "
+            f"{MAX_IMAGE_PIXELS} in all; shrink it first)"
+        ) from None
 
 
 def image_row(gray: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def _as_rows(path: Path, array: np.ndarray) -> np.ndarray:
     rows = array.reshape(1, -1) if array.ndim == 1 else array
     if rows.shape[0] == 0 or rows.size == 0:
         raise ConfigError(f"{path}: holds no values")
+    if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+        raise ConfigError(f"{path}: holds NaN or infinite values")
     return rows
 
 
@@ -165,7 +168,13 @@ def _csv(name: str, data: bytes, key: str | None) -> np.ndarray:
 def _csv_row(name: str, line: int, row: list[str]) -> list[float]:
     if not all(_is_number(cell) for cell in row):
         raise ConfigError(f"{name}: line {line} holds something that is not a number")
-    return [float(cell) for cell in row]
+    values = [float(cell) for cell in row]
+    for column, value in enumerate(values, 1):
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"{name}: line {line}, column {column} is {row[column - 1]!r}, not a finite number"
+            )
+    return values
 
 
 def _is_number(cell: str) -> bool:
