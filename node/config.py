@@ -91,7 +91,8 @@ class DiscoverySection:
         "seconds between two looks at this host's interface addresses (a V2I link comes up,"
         " DHCP gives a new lease): mDNS follows them and re-announces, and a node listening on"
         " 0.0.0.0 or :: with no [network] advertise_host gossips its new route address;"
-        " 0: look only at start (at most 86400)",
+        " 0: look only at start, and peers' expired mDNS records are no longer checked (a peer"
+        " gone silently is lost only when its PTR record expires, ~75 min) (at most 86400)",
     )
 
 
