@@ -52,7 +52,12 @@ from functools import partial
 
 import numpy as np
 
-from meshinfer.errors import DeadlineExceededError, MeshInferError, RemoteProtocolError
+from meshinfer.errors import (
+    DeadlineExceededError,
+    MeshInferError,
+    RemoteProtocolError,
+    TransportError,
+)
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import INLINE_MAX_BYTES, DynamicBatcher
 from meshinfer.inference.cache import ContentCache, OrderedInputs
@@ -397,8 +402,14 @@ class TaskExecutor(WorkSharing):
             )
             self._answered.add(msg.item_id)  # its answer is queued: cancelling sends no other
             self._keep_result(peer, msg, result)
-            await self.mesh.peers.request(peer, result)
-            self.stats.completed += 1
+            try:
+                await self.mesh.peers.request(peer, result)
+            except TransportError as exc:  # no session carries it now. No TaskFailed: the
+                # kept result answers the item sent again (a re-dial, a restart), and a failure
+                # would make the coordinator run it again, counted against its attempts
+                log.info("result of %s not written to %s (kept): %s", msg.item_id, peer, exc)
+            else:
+                self.stats.completed += 1
             later = self._reply.pop(msg.item_id, None)
             if later is not None:  # re-assigned while written (and not answered from replay)
                 self._answer(later[0], replace(result, attempt=later[1]))

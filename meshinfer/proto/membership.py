@@ -458,9 +458,17 @@ class Membership:
         if not len(self.table.broadcasts):
             return
         dead_after = now - self.config.gossip_to_the_dead_time
+        # While this node leaves, those that left just before it hear it too: a fleet stopping
+        # at once would otherwise leave the first to go sending its LEFT, its full number of
+        # times, to members already gone (they gossip only to the live).
+        leaving = self.table.has_left
         targets = self.table.sample(
             self.config.gossip_nodes,
-            lambda m: m.is_live or (m.status is MemberStatus.DEAD and m.since > dead_after),
+            lambda m: (
+                m.is_live
+                or (m.status is MemberStatus.DEAD and m.since > dead_after)
+                or (leaving and m.status is MemberStatus.LEFT and m.since > dead_after)
+            ),
         )
         for target in targets:
             if not self._send(target, Gossip(), require_records=True):
