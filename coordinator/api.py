@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from coordinator.api_errors import ApiError, ApiRunner, error_body, from_http_exception
+from coordinator.api_errors import ApiError, ApiRunner, from_http_exception
 from coordinator.api_errors import json_response as _json
 from coordinator.journal import (
     MAX_PAGE,
@@ -87,7 +87,6 @@ __all__ = [
     "CoordinatorApi",
     "body_to_spec",
     "coordinator_families",
-    "error_body",
     "item_doc",
     "json_safe",
     "parse_json",

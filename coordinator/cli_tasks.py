@@ -49,7 +49,6 @@ from coordinator.client import TERMINAL_STATES, ApiError, CoordinatorClient, res
 from coordinator.digit_images import image_row
 from coordinator.input_files import load_inputs, parse_input
 from coordinator.task_arguments import (
-    MAX_REQUEST_TIMEOUT_S,
     model_ref,
     page_limit,
     parse_since,
@@ -61,7 +60,6 @@ from coordinator.task_arguments import (
     weight,
 )
 from coordinator.task_views import (
-    PROGRESS_WIDTH,
     aggregation_text,
     count_text,
     deadline_text,
@@ -89,8 +87,6 @@ from meshinfer.proto.tasks_wire import DTYPES
 __all__ = [
     "EXIT_STILL_RUNNING",
     "EXIT_TASK_FAILED",
-    "MAX_REQUEST_TIMEOUT_S",
-    "PROGRESS_WIDTH",
     "add_task_commands",
     "aggregation_text",
     "deadline_text",

@@ -32,7 +32,7 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
-from meshinfer.inference.cache import InputMirror, Send, content_digest
+from meshinfer.inference.cache import KEEP_OFF_LOOP_BYTES, InputMirror, Send, content_digest
 from meshinfer.proto.tasks_wire import TaskAssign, by_reference
 
 if TYPE_CHECKING:
@@ -41,10 +41,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Inputs of at least this many bytes (and ``min_bytes``) are hashed in a worker thread. Measured
-#: here: sha256 takes the loop 37 us for 64 KiB, 145 us for 256 KiB and 0.6 ms for 1 MiB; the hop
-#: to a thread and back about 30 us of the loop's time, whatever the size.
-HASH_OFF_LOOP_BYTES = 256 << 10
+#: Inputs of at least this many bytes (and ``min_bytes``) are hashed in a worker thread: the
+#: node's figure for the inputs it keeps (measured: sha256 takes the loop 37 us for 64 KiB,
+#: 145 us for 256 KiB and 0.6 ms for 1 MiB; the hop to a thread and back about 30 us of the
+#: loop's time, whatever the size).
+HASH_OFF_LOOP_BYTES = KEEP_OFF_LOOP_BYTES
 
 
 class InputRefStats(Protocol):

@@ -123,10 +123,7 @@ from coordinator.runs import ItemRun, Outcome, TaskRun, decode_outcome
 from coordinator.service_answers import NodeAnswers
 from coordinator.service_config import (
     _WHILE_DOWN,
-    END_RETRY_FIRST_S,
-    END_RETRY_MAX_S,
     GONE_NODES,
-    KEEP_GONE_NODES,
     Attempt,
     CoordinatorConfig,
     CoordinatorStats,
@@ -618,15 +615,12 @@ def _log_death(task: asyncio.Task[Any]) -> None:
         log.critical("coordinator task %s died", task.get_name(), exc_info=task.exception())
 
 
-#: Also importable from here, as before the split: the config, stats and constants that live
-#: in :mod:`coordinator.service_config`.
+#: Also importable from here, as before the split: the config, stats and the gone-nodes series
+#: that live in :mod:`coordinator.service_config`.
 __all__ = [
-    "END_RETRY_FIRST_S",
-    "END_RETRY_MAX_S",
     "GONE_NODES",
     "HANDED_BYTES",
     "HANDED_RECORDS",
-    "KEEP_GONE_NODES",
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorStats",

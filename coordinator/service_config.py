@@ -56,7 +56,7 @@ _AGGREGATIONS = frozenset(m.value for m in Mode)
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    """Defaults and fault-tolerance knobs (see the module docstring)."""
+    """Defaults and fault-tolerance knobs (see :mod:`coordinator.service`)."""
 
     default_policy: str = "least_loaded"
     default_aggregation: str = "all"
@@ -80,7 +80,7 @@ class CoordinatorConfig:
     retention_s: float = 7 * 86400.0
     prune_interval_s: float = 60.0
     #: Inputs this large or larger are sent by reference to a node that keeps them already
-    #: (see the module docstring); 0 always sends the bytes.
+    #: (see :mod:`coordinator.service`); 0 always sends the bytes.
     input_ref_min_bytes: int = 64 * 1024
     #: The time budget (s) of a task that names no ``deadline_s``; 0: such a task has none.
     default_deadline_s: float = 0.0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
@@ -35,8 +34,6 @@ from coordinator.service_config import Attempt, _pop_timer, _replace_timer, _wit
 from meshinfer.proto.contact import infrastructure_positions, node_contact_s
 from meshinfer.proto.scheduling import NodeView, choose, requirements
 from meshinfer.proto.tasks_wire import TaskAssign
-
-log = logging.getLogger("coordinator.service")  # the Coordinator's one logger, as before the split
 
 
 class _KnownState(NamedTuple):
@@ -130,21 +127,21 @@ class Dispatch:
         return pair
 
     def _views(self) -> list[NodeView]:
-        """What the scheduling policies see of each reachable live member (as
-        :meth:`_view_bases` reads them, or read them for the dispatch loop's current burst),
-        with the items this coordinator has on each node (``_busy``) as its queue depth where
-        they are more than it gossiped."""
-        bases = self._view_bases() if self._burst_views is None else self._burst_views
+        """What the scheduling policies see of each reachable live member, with the items this
+        coordinator has on each node (``_busy``) as its queue depth where they are more than it
+        gossiped: read now, or from the views the dispatch loop read for its current burst."""
         in_flight = self._busy
+        if self._burst_views is None:
+            return self._view_bases(in_flight)
         return [
             replace(view, queue_depth=n) if (n := in_flight.get(view.node_id, 0)) > view.queue_depth
             else view
-            for view in bases
+            for view in self._burst_views
         ]  # fmt: skip
 
-    def _view_bases(self) -> list[NodeView]:
-        """What the scheduling policies see of each reachable live member, as gossiped (its
-        queue depth as it said; :meth:`_views` adds this coordinator's items). A member whose
+    def _view_bases(self, in_flight: Mapping[str, int] | None = None) -> list[NodeView]:
+        """What the scheduling policies see of each reachable live member, its queue depth as
+        it gossiped it, or the items ``in_flight`` on it where more (:meth:`_views`). A member whose
         certificate is revoked is left out whatever membership says of it
         (:mod:`coordinator.certificates`). The dispatch loop reads them once for the items
         queued together (``_burst_views``, None while it waits: no other task runs between
@@ -165,7 +162,8 @@ class Dispatch:
                 node_id=m.node_id, alive=m.status.value == "alive", models=known.models,
                 roles=known.roles, has_gpu=s.gpu_free_mb > 0,
                 free_gpu_memory=s.gpu_free_mb << 20 if s.gpu_free_mb else None,
-                queue_depth=s.queue_depth,
+                queue_depth=max(s.queue_depth, in_flight.get(m.node_id, 0)) if in_flight
+                else s.queue_depth,
                 capacity=self.config.node_capacity, rtt_s=membership.core.rtt(m.node_id),
                 links=known.links,
                 contact_s=node_contact_s(
@@ -335,7 +333,7 @@ class Dispatch:
         """Per model: the items the reachable nodes serving it could take now (per-node cap;
         a node serving several models counts for each)."""
         cap, free = self.config.max_in_flight_per_node, Counter()
-        for view in self._views():
+        for view in self._view_bases():  # (models only: no in-flight counts needed)
             room = cap - self._busy[view.node_id]
             if room > 0:
                 for model in view.models:

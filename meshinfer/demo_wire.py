@@ -32,6 +32,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from meshinfer.demo import STOP_SIGNALS
 from meshinfer.errors import MeshInferError
 from meshinfer.fleetcli import EXIT_CLOSED_PIPE, stdout_gone
 from meshinfer.identity_files import FleetDirectory, NodeDirectory
@@ -42,8 +43,6 @@ from meshinfer.runtime.session import Admission, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
 from meshinfer.transport.base import Address
 from meshinfer.transport.tcp import TcpTransport
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class WireDemoError(MeshInferError):

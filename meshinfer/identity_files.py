@@ -68,7 +68,6 @@ from meshinfer.atomic_files import (
 )
 
 # re-exported: these were defined here, and callers still import them from here
-from meshinfer.atomic_files import STAMP_SETTLE_NS as STAMP_SETTLE_NS
 from meshinfer.atomic_files import FileStamp as FileStamp
 from meshinfer.atomic_files import file_stamp as file_stamp
 from meshinfer.atomic_files import replace_unchanged as replace_unchanged

@@ -73,14 +73,13 @@ from meshinfer.proto.tasks_wire import (
 from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 from node.config import ExecutorSection
-from node.item_values import as_float32 as _as_float32  # noqa: F401 (re-exported)
 from node.item_values import clamp_priority as _priority
 from node.item_values import classify as _classify
 from node.item_values import input_array as _input_array
 from node.item_values import wire_tensor as _wire_tensor
 from node.replay import ResultReplay
 from node.slots import Slots as _Slots
-from node.work_sharing import OFFLOAD_ANSWER_S, Offload, WorkSharing  # noqa: F401 (re-exported)
+from node.work_sharing import WorkSharing
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,8 @@ Offload = tuple[str, TaskAssign, str]
 
 class WorkSharing:
     """The work-sharing part of :class:`~node.executor.TaskExecutor` (see the module
-    docstring); ``rng`` breaks ties between equally loaded peers when passing an item on."""
+    docstring); the ``rng`` given to :meth:`_init_work_sharing` breaks ties between equally
+    loaded peers when passing an item on."""
 
     def _init_work_sharing(self, rng: random.Random | None) -> None:
         self._offloaded: dict[str, Offload] = {}

@@ -1,4 +1,4 @@
-"""Work sharing in the node's task executor (node/executor.py): which peer an item is passed to,
+"""Work sharing in the node's task executor (node/work_sharing.py): which peer an item is passed to,
 what happens when it cannot be sent, and whom a held item answers.
 
 Real peer tables and Noise sessions, over the in-memory transport (and real TCP on loopback

@@ -19,9 +19,9 @@ async def test_a_burst_reads_the_views_once_and_spreads_by_its_own_sends(tmp_pat
         placed: Counter[str] = Counter()
         choose = c._choose
 
-        def counting_read():
+        def counting_read(*args):
             reads.append(len(c._busy))
-            return read()
+            return read(*args)
 
         def noting_choose(run, entry):
             node = choose(run, entry)

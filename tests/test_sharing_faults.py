@@ -1,4 +1,4 @@
-"""Faults found in work sharing (node/executor.py): what a node does with items a peer passed it
+"""Faults found in work sharing (node/work_sharing.py): what a node does with items a peer passed it
 once that peer is gone or revoked, what it relays from a helper, and how soon it notices a
 helper that went away without answering. Real peer tables and Noise sessions over the in-memory
 transport (the :class:`~tests.test_executor_sharing.Net` of the work-sharing tests), a real

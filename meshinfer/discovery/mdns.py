@@ -184,7 +184,9 @@ class MdnsDiscovery(SourceBase):
         return f"{instance_label(self.advert.node_id, self.advert.fleet_id)}.{SERVICE_TYPE}"
 
     async def _start(self) -> None:
-        adapters = self._adapters()
+        adapters = await asyncio.to_thread(
+            self._adapters
+        )  # (ifaddr reads the system: off the loop)
         self._read_host(adapters)
         missing = missing_interfaces(self.config, adapters)  # ConfigError: not a name
         if missing:
@@ -245,8 +247,9 @@ class MdnsDiscovery(SourceBase):
             await asyncio.sleep(self.config.address_check_interval)
             try:
                 adapters = await asyncio.to_thread(self._adapters)
-                if address_snapshot(adapters) != seen:
-                    seen = address_snapshot(adapters)
+                snapshot = address_snapshot(adapters)
+                if snapshot != seen:
+                    seen = snapshot
                     await self._follow_addresses(adapters)
             except Exception:  # adapter churn, a socket that would not bind: try next time
                 log.exception("mdns: following the host's address change failed")

@@ -41,8 +41,8 @@ def advert_from_service(
     without a scope) are dropped, and so are loopback addresses of a peer on another host, if
     ``local_addresses`` (this host's addresses) are given (see :func:`drop_foreign_loopback`);
     a service left with none is malformed. The rest are ordered by :func:`nearest_first` on
-    ``local_networks`` (this host's networks: :func:`host_networks`), so the first is the one
-    to dial.
+    ``local_networks`` (this host's networks:
+    :func:`~meshinfer.discovery.addresses.host_networks`), so the first is the one to dial.
     """
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):

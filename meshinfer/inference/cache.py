@@ -42,8 +42,9 @@ from meshinfer.errors import ConfigError, LocalProtocolError
 log = logging.getLogger(__name__)
 
 #: Inputs a node keeps that are larger than this are hashed in a worker thread (sha256 takes the
-#: loop ~145 us for 256 KiB and ~0.6 ms for 1 MiB; the hop to a thread and back ~30 us): the
-#: coordinator's own threshold (``coordinator.input_refs.HASH_OFF_LOOP_BYTES``).
+#: loop ~145 us for 256 KiB and ~0.6 ms for 1 MiB; the hop to a thread and back ~30 us); the
+#: coordinator hashes what it sends by reference from the same size
+#: (``coordinator.input_refs.HASH_OFF_LOOP_BYTES``).
 KEEP_OFF_LOOP_BYTES = 256 << 10
 
 

@@ -11,7 +11,7 @@ Lifecycle (explicit and idempotent, STYLE.md 8)::
 
 Discovery events (mDNS, static seeds) teach the peer table where a node listens and its static
 key (the peer table holds one address per node: an advert's first; the mDNS source lists first
-those on a network this host shares, :func:`~meshinfer.discovery.mdns.nearest_first`), then ask
+those on a network this host shares, :func:`~meshinfer.discovery.addresses.nearest_first`), then ask
 membership to push-pull with it (a join). Membership teaches the peer table the addresses of
 every member it hears of, so nodes found only through gossip are dialled too.
 Applications add handlers for their own message types on :attr:`MeshNode.peers`.

@@ -65,15 +65,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from meshinfer.atomic_files import FileStamp, file_stamp, replace_unchanged, stamp_settled
 from meshinfer.errors import IdentityError, RevocationError
-from meshinfer.identity_files import (
-    FileStamp,
-    file_stamp,
-    parse_revocations,
-    read_revocations,
-    replace_unchanged,
-    stamp_settled,
-)
+from meshinfer.identity_files import parse_revocations, read_revocations
 from meshinfer.proto.identity import (
     MAX_REVOCATION_ENTRIES,
     FleetTrust,
