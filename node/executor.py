@@ -30,11 +30,13 @@ cancelled then is answered ``CANCELLED`` when they are, unless the cache holds i
 takes effect in its turn all the same. An item this node already answered (its result is kept a
 while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the kept result when it
 comes back (a coordinator resending what a lost session or its restart may have swallowed), even
-while draining, instead of running again. While draining (SIGTERM) new items are refused as
-retryable and queued ones are handed back, so the coordinator re-runs them elsewhere; those still
-running when the drain's time is up are handed back too. A cancelled item is answered
-(``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came before its task first
-ran.
+while draining, instead of running again; a result too large for the session it must go over is
+answered with ``TaskFailed`` and forgotten, whether found so when first sent or when replayed, so
+the item sent again is answered (it runs again), never met with silence. While draining
+(SIGTERM) new items are refused as retryable and queued ones are handed back, so the coordinator
+re-runs them elsewhere; those still running when the drain's time is up are handed back too. A
+cancelled item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel
+came before its task first ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -54,6 +56,7 @@ import numpy as np
 
 from meshinfer.errors import (
     DeadlineExceededError,
+    LocalProtocolError,
     MeshInferError,
     RemoteProtocolError,
     TransportError,
@@ -140,10 +143,6 @@ class TaskExecutor(WorkSharing):
         #: coordinator's retry after the one who sent it first went away): answered instead
         self._reply: dict[str, tuple[str, int]] = {}
         self._senders: dict[str, str] = {}  # item running here -> the peer it came from
-        self._passed_here: set[str] = set()  # items here that a node (no coordinator) passed
-        #: items cancelled because the node that passed them is gone -> what to answer it
-        #: (``PEER_LOST`` with this text), or None: nothing (its certificate is revoked)
-        self._dropped: dict[str, str | None] = {}
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()  # session watchers and offload sends
         self._init_work_sharing(rng)
@@ -226,7 +225,7 @@ class TaskExecutor(WorkSharing):
             return
         self._start(peer, msg, ref)
         if offloaded_to_us:
-            self._passed_here.add(msg.item_id)
+            self._note_passed_here(msg.item_id)
 
     def _start(self, peer: str, msg: TaskAssign, ref: ModelRef) -> None:
         """Run the item here (``ref`` is loaded); its answer goes to ``peer``."""
@@ -255,8 +254,19 @@ class TaskExecutor(WorkSharing):
         result = self.replay.answer(peer, msg, asyncio.get_running_loop().time())
         if result is None:
             return False
-        self.mesh.peers.send(peer, result)
+        self.mesh.peers.send(peer, result, partial(self._replay_unsent, peer, msg))
         return True
+
+    def _replay_unsent(self, peer: str, msg: TaskAssign, exc: BaseException) -> None:
+        """The kept result sent as the answer to ``msg`` was dropped. One that can never be
+        sent (too large for the session it went to) is forgotten and ``msg`` is answered with
+        the failure, as a run's result would be; one lost for want of a session stays kept,
+        for the next attempt."""
+        if not isinstance(exc, LocalProtocolError):
+            return
+        self.replay.forget(msg.item_id)
+        why = f"result of {msg.item_id} not sent: {exc}"
+        self._fail(peer, msg, FailureKind.UNKNOWN, why, retryable=True)
 
     def _with_cached(self, peer: str, msg: TaskAssign, waited: bool, data: bytes | None) -> None:
         """Go on with an item naming its input by reference, given the cache's bytes under it:
@@ -303,7 +313,7 @@ class TaskExecutor(WorkSharing):
         task cancelled before its first step (its cancel or a drain came in the same loop
         iteration as the item) never runs a line of it."""
         item_id = msg.item_id
-        dropped = self._dropped.pop(item_id, "")
+        dropped = self._settle_passed_here(item_id)
         if task.cancelled() and item_id not in self._answered and dropped is not None:
             peer, msg = self._answer_to(peer, msg)
             kind, text = (
@@ -315,7 +325,6 @@ class TaskExecutor(WorkSharing):
                 kind, text = FailureKind.PEER_LOST, dropped
             self._fail(peer, msg, kind, text, retryable=self._draining or bool(dropped))
         self._items.pop(item_id, None)
-        self._passed_here.discard(item_id)
         self._senders.pop(item_id, None)
         self._answered.discard(item_id)
         self._cancelled.discard(item_id)
@@ -336,10 +345,7 @@ class TaskExecutor(WorkSharing):
             self.stats.cancels_refused += 1
             log.info("%s may not cancel %s: ignored", peer, msg.item_id)
             return
-        forward = self._offloaded.get(msg.item_id)
-        if forward is not None:  # the peer runs it: the cancel goes there (its CANCELLED, or a
-            self._offload_cancels[msg.item_id] = msg  # result already on its way, is relayed);
-            self.mesh.peers.send(forward[2], msg)  # if it refuses, the item is not run here
+        if self._cancel_passed_on(msg):
             return
         task = self._items.get(msg.item_id)
         if task is None or task.done() or msg.item_id in self._answered:
@@ -407,6 +413,11 @@ class TaskExecutor(WorkSharing):
                 # kept result answers the item sent again (a re-dial, a restart), and a failure
                 # would make the coordinator run it again, counted against its attempts
                 log.info("result of %s not written to %s (kept): %s", msg.item_id, peer, exc)
+            except LocalProtocolError:  # it can never be sent (too large for the session): not
+                # kept, or a resend would be answered with it and dropped again, in silence; the
+                # failure is answered below, and an attempt sent again runs again
+                self.replay.forget(msg.item_id)
+                raise
             else:
                 self.stats.completed += 1
             later = self._reply.pop(msg.item_id, None)
@@ -595,8 +606,7 @@ class TaskExecutor(WorkSharing):
         items waiting for an input being hashed (not answered). Idempotent."""
         self._draining = True
         self._closed = True
-        for timer in self._offload_timers.values():
-            timer.cancel()
+        self._stop_offload_timers()
         if self._replay_sweep is not None:
             self._replay_sweep.cancel()
             self._replay_sweep = None

@@ -22,6 +22,9 @@ every older-generation collection (measured: ~10 us more node CPU per task at 64
 Expired entries are dropped whenever the store is used (:meth:`~ResultReplay.keep`,
 :meth:`~ResultReplay.answer`) and by :meth:`~ResultReplay.expire`, which says when to call it
 next: the executor calls it from a timer, so an idle node does not hold its budget.
+:meth:`~ResultReplay.forget` drops one entry at once: the executor forgets a result the peer
+table could not send (over the session's size cap), so the item sent again runs again and is
+answered with its failure, instead of with a replay that would be dropped as well.
 
 Pure and synchronous: the clock is passed in. Not thread-safe (the node's event loop owns it).
 """
@@ -131,6 +134,16 @@ class ResultReplay:
             return None
         self.stats.replayed += 1
         return _result(item.item_id, item.attempt, kept)
+
+    def forget(self, item_id: str) -> bool:
+        """Drop the kept result of ``item_id``, if one is: it can never be sent (too large
+        for the session it must go over), so a later attempt of the item must not be answered
+        with it (that send would be dropped too, and the asker left waiting). Whether one
+        was kept."""
+        if item_id not in self._kept:
+            return False
+        self._forget(item_id)
+        return True
 
     def expire(self, now: float) -> float | None:
         """Drop the entries expired by ``now``; return when the oldest one left expires (on

@@ -31,10 +31,13 @@ holder), unless a coordinator assigned them here again meanwhile. Sent again, or
 refusal, an item has what is left of its deadline, counted from when it came here.
 
 :class:`WorkSharing` is mixed into :class:`~node.executor.TaskExecutor`: its state (what this node
-passed on, with its timers and cancels) lives on the executor, set up by
-:meth:`WorkSharing._init_work_sharing`, and it answers, runs and checks authority with the
-executor's own methods (``_fail``, ``_answer``, ``_answer_to``, ``_keep_result``, ``_start``,
-``_spawn``, ``_is_coordinator``). Concurrency: every method runs on the node's event loop.
+passed on, with its timers and cancels; the items nodes passed here, and those dropped) lives on
+the executor, all of it set up by :meth:`WorkSharing._init_work_sharing`, and the executor reaches
+it through this class's methods only (``_note_passed_here``, ``_settle_passed_here``,
+``_cancel_passed_on``, ``_stop_offload_timers``; it reads ``_offloaded``). It answers, runs and
+checks authority with the executor's own methods (``_fail``, ``_answer``, ``_answer_to``,
+``_keep_result``, ``_start``, ``_spawn``, ``_is_coordinator``). Concurrency: every method runs on
+the node's event loop.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class WorkSharing:
     loaded peers when passing an item on."""
 
     def _init_work_sharing(self, rng: random.Random | None) -> None:
+        """Set up all of work sharing's state on the executor (called once, from its
+        ``__init__``)."""
         self._offloaded: dict[str, Offload] = {}
         #: items passed on, then cancelled: the cancel passed on too (sent again with them)
         self._offload_cancels: dict[str, TaskCancel] = {}
@@ -91,6 +96,40 @@ class WorkSharing:
         self._no_offloads = asyncio.Event()  # set while nothing passed on awaits an answer
         self._no_offloads.set()
         self._rng = rng or random.Random()
+        self._passed_here: set[str] = set()  # items here that a node (no coordinator) passed
+        #: items cancelled because the node that passed them is gone -> what to answer it
+        #: (``PEER_LOST`` with this text), or None: nothing (its certificate is revoked)
+        self._dropped: dict[str, str | None] = {}
+
+    # --- the executor's hooks --------------------------------------------------------------
+
+    def _note_passed_here(self, item_id: str) -> None:
+        """``item_id``, which runs here, was passed here by a node (not a coordinator): it is
+        dropped if that node is lost (:meth:`_drop_from`)."""
+        self._passed_here.add(item_id)
+
+    def _settle_passed_here(self, item_id: str) -> str | None:
+        """The item running here ended: forget it was passed here. What its cancel answers if
+        it was dropped for the node that passed it (:meth:`_drop_from`): ``PEER_LOST`` with
+        this text, or None: nothing; "" if it was not dropped."""
+        self._passed_here.discard(item_id)
+        return self._dropped.pop(item_id, "")
+
+    def _cancel_passed_on(self, cancel: TaskCancel) -> bool:
+        """Pass ``cancel`` on to the peer its item was passed to, if it was: its CANCELLED, or
+        a result already on its way, is relayed, and if it refuses the item, the item is not
+        run here. Whether the item was passed on."""
+        offload = self._offloaded.get(cancel.item_id)
+        if offload is None:
+            return False
+        self._offload_cancels[cancel.item_id] = cancel
+        self.mesh.peers.send(offload[2], cancel)
+        return True
+
+    def _stop_offload_timers(self) -> None:
+        """Cancel the timers of the items passed on (the executor is closing)."""
+        for timer in self._offload_timers.values():
+            timer.cancel()
 
     # --- answers from the peer an item was passed to ---------------------------------------
 

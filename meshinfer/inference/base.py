@@ -17,10 +17,20 @@ they may hold NaN or infinity when inputs overflow the model; the batcher fails 
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+CHECKED_BATCH: ContextVar[np.ndarray | None] = ContextVar("meshinfer_checked_batch", default=None)
+"""While a batcher's ``engine.infer`` call runs (in its task), the batch it hands the engine:
+every request in it was found free of NaN and infinity as the model's dtype (the batch's, if
+that is unknown) before it joined. An engine given that very array may skip its own check
+(:class:`~meshinfer.inference.numpy_engine.NumpyEngine` does for float32); a direct caller of
+``infer`` never sets it, so its batches are always checked. Set by
+:class:`~meshinfer.inference.batching.DynamicBatcher`; part of the engine interface, so an
+engine reads it from here without importing the batcher."""
 
 
 @dataclass(frozen=True, slots=True)

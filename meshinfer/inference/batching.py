@@ -30,7 +30,8 @@ Concurrency: everything here runs on one event loop and reads time only from ``l
 so the batcher runs unchanged on a virtual-time loop. Not thread-safe. Converting and checking
 a request larger than :data:`INLINE_MAX_BYTES`, joining a batch that large, and checking outputs
 that large, run in the batcher's one worker thread, never on the loop. The engine is told which
-batch it was handed checked (:data:`CHECKED_BATCH`), so that it need not check it again.
+batch it was handed checked (:data:`~meshinfer.inference.base.CHECKED_BATCH`), so that it need
+not check it again.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -58,7 +58,7 @@ from meshinfer.errors import (
     NonFiniteInputError,
     OverloadedError,
 )
-from meshinfer.inference.base import InferenceEngine, ModelRef, TensorSpec
+from meshinfer.inference.base import CHECKED_BATCH, InferenceEngine, ModelRef, TensorSpec
 from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.inference.mlp import check_finite
 
@@ -71,13 +71,6 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 INLINE_MAX_BYTES = 1 << 20
 """Largest request whose conversion and NaN/infinity check (~25 us), or batch whose joining,
 runs on the event loop; bigger ones go to the batcher's worker thread (16 MiB: 1-2 ms)."""
-
-CHECKED_BATCH: ContextVar[np.ndarray | None] = ContextVar("meshinfer_checked_batch", default=None)
-"""While a batcher's ``engine.infer`` call runs (in its task), the batch it hands the engine:
-every request in it was found free of NaN and infinity as the model's dtype (the batch's, if
-that is unknown) before it joined. An engine given that very array may skip its own check
-(:class:`~meshinfer.inference.numpy_engine.NumpyEngine` does for float32); a direct caller of
-``infer`` never sets it, so its batches are always checked."""
 
 
 @dataclass(frozen=True, slots=True)

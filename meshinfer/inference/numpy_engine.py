@@ -17,8 +17,7 @@ import numpy as np
 import psutil
 
 from meshinfer.errors import LocalProtocolError, ModelNotFoundError
-from meshinfer.inference.base import EngineCapacity, ModelRef, TensorSpec
-from meshinfer.inference.batching import CHECKED_BATCH
+from meshinfer.inference.base import CHECKED_BATCH, EngineCapacity, ModelRef, TensorSpec
 from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.inference.mlp import MLPWeights, as_float32, check_batch, finite_float32, forward
 from meshinfer.inference.registry import ModelInfo, ModelRegistry, default_registry
@@ -86,7 +85,7 @@ class LocalMLPEngine:
         BatchShapeError if ``batch`` does not fit the model's input, NonFiniteInputError (one)
         if it holds NaN or infinity as float32 -- unless ``batch`` is the float32 array a
         :class:`~meshinfer.inference.batching.DynamicBatcher` hands it as already checked
-        (:data:`~meshinfer.inference.batching.CHECKED_BATCH`): each of its requests was, before
+        (:data:`~meshinfer.inference.base.CHECKED_BATCH`): each of its requests was, before
         it joined the batch, so that a bad one fails alone; it is not checked twice."""
         self._check_open()
         try:
