@@ -40,8 +40,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -146,8 +145,9 @@ _SHAPE_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError)
 
 def _run(run: Command, args: argparse.Namespace) -> int:
     """Run a command; a stray error reading the coordinator's answer is an ApiError saying so.
-    The command reads its own files (inputs, stages, a revocation list) inside :func:`_local`
-    first, so an error there names the file, never the coordinator."""
+    The command's own files (inputs, stages, a revocation list) are read before any request,
+    by readers that raise a MeshInferError naming the file for anything wrong in them (an
+    input reader's unforeseen error too: :func:`coordinator.input_files.load_inputs`)."""
     endpoint = resolve_endpoint(args.url, args.token_file, args.data_dir)
     client = CoordinatorClient(endpoint.url, endpoint.token, timeout=args.timeout)
     try:
@@ -158,18 +158,6 @@ def _run(run: Command, args: argparse.Namespace) -> int:
         detail = f"{type(exc).__name__}: {exc}"
         message = f"unexpected answer from the coordinator ({detail})"
         raise ApiError(None, "bad_response", message) from None
-
-
-@contextmanager
-def _local(what: str) -> Iterator[None]:
-    """Work on this side before any request (reading ``what``): an error the readers did not
-    foresee is a ConfigError about ``what``, not an unexpected answer (see :func:`_run`)."""
-    try:
-        yield
-    except MeshInferError:
-        raise
-    except (*_SHAPE_ERRORS, ArithmeticError, RecursionError) as exc:
-        raise ConfigError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 def _print_json(doc: Any) -> None:
@@ -246,8 +234,7 @@ def _add_submit(commands: Any) -> None:
 
 
 def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    with _local("reading the task's input or stages files"):
-        doc = task_document(args, load_inputs(args.input, args.key, args.dtype))
+    doc = task_document(args, load_inputs(args.input, args.key, args.dtype))
     answer = _send_submission(client, doc)
     if not args.wait:
         if args.json:
@@ -442,9 +429,11 @@ def _revocations(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.push is None:
         doc = client.revocations()
     else:
-        with _local(f"reading the revocation list {args.push}"):
+        try:
             path = args.push / "revocations.bin" if args.push.is_dir() else args.push
-            data = read_file(path, "revocation list")
+        except OSError:  # (a directory on the way that cannot be searched): read_file says so
+            path = args.push
+        data = read_file(path, "revocation list")
         doc = client.push_revocations(data)
     if args.json:
         _print_json(doc)

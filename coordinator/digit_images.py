@@ -2,16 +2,16 @@
 
 A grayscale image becomes one 64-feature row the way the digit classifiers were trained: light
 background inverted to dark, shrunk to 8x8 by area averaging, contrast-stretched to the 0..16
-pixel counts of the digits data set, divided by 16 (the models' ``input_scaling``). PGM (P2 and
-P5) is read here; PNG and JPEG need Pillow. An image over :data:`MAX_IMAGE_SIDE` pixels a side or
-:data:`MAX_IMAGE_PIXELS` in all is refused from its header, before any pixel is decoded.
+pixel counts of the digits data set, divided by 16 (the models' ``input_scaling``). PGM (P2, with
+``#`` comments between its pixel values too, and P5) is read here; PNG and JPEG (those two
+formats only, whatever the name) need Pillow. An image over :data:`MAX_IMAGE_SIDE` pixels a side
+or :data:`MAX_IMAGE_PIXELS` in all is refused from its header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import io
 import re
-import warnings
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ import numpy as np
 from meshinfer.errors import ConfigError
 
 if TYPE_CHECKING:
-    import PIL.Image
+    import PIL.ImageFile
 
 __all__ = [
     "DIGIT_LEVELS",
@@ -44,6 +44,7 @@ MAX_IMAGE_PIXELS = 1 << 25
 _MAX_DIGITS = 9
 
 _PGM_TOKEN = re.compile(rb"(?:\s|#[^\r\n]*)*([^\s#]+)")
+_PGM_COMMENT = re.compile(rb"#[^\r\n]*")
 
 
 def read_pgm(name: str, data: bytes, key: str | None) -> np.ndarray:
@@ -56,12 +57,10 @@ def read_pgm(name: str, data: bytes, key: str | None) -> np.ndarray:
         fields.append(match.group(1))
         pos = match.end()
     magic, *numbers = fields
-    if magic not in (b"P2", b"P5") or not all(n.isdigit() for n in numbers):
-        raise ConfigError(f"{name}: not a PGM image (P2 or P5 header expected)")
-    numbers = [n.lstrip(b"0") or b"0" for n in numbers]  # (int() refuses 4300 digits)
-    if any(len(n) > _MAX_DIGITS for n in numbers):
-        raise ConfigError(f"{name}: PGM size or maxval out of range (a number of over 9 digits)")
-    width, height, maxval = (int(n) for n in numbers)
+    not_pgm = "not a PGM image (P2 or P5 header expected)"
+    if magic not in (b"P2", b"P5"):
+        raise ConfigError(f"{name}: {not_pgm}")
+    width, height, maxval = _pgm_numbers(name, numbers, not_pgm, "size or maxval")
     if not (0 < width and 0 < height and 0 < maxval < 65536):
         raise ConfigError(f"{name}: PGM size {width}x{height} or maxval {maxval} out of range")
     _check_size(name, width, height)
@@ -98,13 +97,29 @@ def _pgm_binary(name: str, body: bytes, count: int, maxval: int) -> np.ndarray:
 
 
 def _pgm_ascii(name: str, body: bytes, count: int, maxval: int) -> np.ndarray:
-    values = body.split()
-    if len(values) < count or not all(v.isdigit() for v in values[:count]):
-        raise ConfigError(f"{name}: PGM pixel data is truncated or not numbers")
-    values = [v.lstrip(b"0") or b"0" for v in values[:count]]
-    if any(len(v) > _MAX_DIGITS for v in values):
-        raise ConfigError(f"{name}: PGM pixel value out of range (a number of over 9 digits)")
-    return np.array([int(v) for v in values], dtype=np.int64)
+    """The pixels of a P2 raster: decimal numbers between whitespace and comments (pbmplus'
+    pgm(5): "characters from a '#' to the next end-of-line are ignored"; libnetpbm's plain
+    reader skips them in the raster too)."""
+    if b"#" in body:
+        body = _PGM_COMMENT.sub(b" ", body)  # (a comment ends a number: "12#c\n3" is 12, 3)
+    values = body.split()[:count]
+    malformed = "PGM pixel data is truncated or not numbers"
+    if len(values) < count:
+        raise ConfigError(f"{name}: {malformed}")
+    return np.array(_pgm_numbers(name, values, malformed, "pixel value"), dtype=np.int64)
+
+
+def _pgm_numbers(name: str, tokens: list[bytes], malformed: str, what: str) -> list[int]:
+    """``tokens`` as numbers: ConfigError ``malformed`` unless each is ASCII digits, and one
+    naming ``what`` for a number of over :data:`_MAX_DIGITS` digits (leading zeros dropped)."""
+    if not all(t.isdigit() for t in tokens):  # (bytes.isdigit: ASCII digits only)
+        raise ConfigError(f"{name}: {malformed}")
+    digits = [t.lstrip(b"0") or b"0" for t in tokens]
+    if any(len(d) > _MAX_DIGITS for d in digits):
+        raise ConfigError(
+            f"{name}: PGM {what} out of range (a number of over {_MAX_DIGITS} digits)"
+        )
+    return [int(d) for d in digits]
 
 
 def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
@@ -126,19 +141,21 @@ def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
     return image_row(gray)
 
 
-def _opened(image_module: ModuleType, name: str, data: bytes) -> PIL.Image.Image:
-    """Pillow's ``Image.open``, which reads only the header: its decompression-bomb warning (on
-    stderr, for 89M-179M pixels) is silenced and its error made ours, since the caller refuses
-    a large image by :func:`_check_size` before decoding it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
-            return image_module.open(io.BytesIO(data))
-    except image_module.DecompressionBombError:
-        raise ConfigError(
-            f"{name}: image is too large (at most {MAX_IMAGE_SIDE} pixels a side and "
-            f"{MAX_IMAGE_PIXELS} in all; shrink it first)"
-        ) from None
+def _opened(image_module: ModuleType, name: str, data: bytes) -> PIL.ImageFile.ImageFile:
+    """The PNG or JPEG image in ``data`` with only its header read, by Pillow's own reader for
+    the format, the one ``Image.open`` picks, but without ``Image.open``'s decompression-bomb
+    check (a process-wide warning on stderr for 89M-179M pixels, an error beyond): the caller
+    refuses a large image by :func:`_check_size` before decoding it."""
+    image_module.preinit()  # (registers the PNG and JPEG readers, as Image.open does)
+    for kind in _IMAGE_KINDS:
+        factory, accept = image_module.OPEN[kind]
+        if accept is None or accept(data[:16]) is True:  # (a str: why it is not this kind)
+            return factory(io.BytesIO(data), name)
+    raise ConfigError(f"{name}: not a readable image (neither PNG nor JPEG)")
+
+
+#: The formats read with Pillow, as its registry names them.
+_IMAGE_KINDS = ("PNG", "JPEG")
 
 
 def image_row(gray: np.ndarray) -> np.ndarray:

@@ -60,14 +60,19 @@ def parse_input(name: str, data: bytes, key: str | None = None) -> np.ndarray:
     return reader(name, data, key)
 
 
+#: What a reader raises where it did not foresee a malformed file (its data is in memory).
+_UNFORESEEN = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError, RecursionError)
+
+
 def _parsed(path: Path, data: bytes, key: str | None) -> np.ndarray:
     """:func:`parse_input`, where an error a reader did not foresee (a ValueError, say) is a
-    ConfigError naming the file too: it is the file's, never a bad answer of the coordinator."""
+    ConfigError naming the file too: it is the file's, never a bad answer of the coordinator.
+    (The only such net: the CLI relies on it to tell a bad input from a bad answer.)"""
     try:
         return parse_input(path.name, data, key)
     except ConfigError:
         raise
-    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+    except _UNFORESEEN as exc:
         raise ConfigError(f"{path}: not a readable input ({type(exc).__name__}: {exc})") from None
 
 
@@ -85,8 +90,7 @@ def _as_rows(path: Path, array: np.ndarray) -> np.ndarray:
 
 
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ConfigError("input holds NaN or infinite values")
+    """``array`` (finite: :func:`_as_rows` refused NaN and infinity per file) as ``dtype``."""
     with np.errstate(over="ignore", invalid="ignore"):
         cast = np.ascontiguousarray(array, dtype=dtype)
     if cast.dtype.kind == "f" and not np.isfinite(cast).all():
