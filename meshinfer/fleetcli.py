@@ -489,9 +489,7 @@ def _status(
         return exc.reason
     if revocations.is_revoked(cert):
         return "revoked"
-    if now > cert.not_after:
-        return "expired"
-    return "not-yet-valid" if now < cert.not_before else "valid"
+    return cert.validity_problem(now, 0.0) or "valid"
 
 
 def _format_report(report: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, InitVar, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,25 @@ class NodeCertificate:
         """Short hex fingerprint of the static key (what mDNS TXT records advertise)."""
         return key_fingerprint(self.static_public)
 
+    def seconds_left(self, now: float, clock_skew: float) -> float:
+        """Seconds from ``now`` until the certificate expires beyond ``clock_skew``: negative
+        exactly when :meth:`validity_problem` says ``"expired"`` (valid up to ``not_after +
+        clock_skew`` inclusive)."""
+        return self.not_after + clock_skew - now
+
+    def validity_problem(self, now: float, clock_skew: float) -> str | None:
+        """Why the certificate is not valid at ``now`` (unix seconds), give or take
+        ``clock_skew`` seconds on either side: ``"not-yet-valid"`` (``now`` before
+        ``not_before - clock_skew``), ``"expired"`` (after ``not_after + clock_skew``), or
+        None: valid, both ends inclusive. The one validity rule of admission, membership
+        records, sessions, daemon start-up (``clock_skew`` 0) and ``fleet status``. Fails
+        closed: a NaN ``now`` or ``clock_skew`` is never valid."""
+        if not now >= self.not_before - clock_skew:
+            return "not-yet-valid"
+        if not self.seconds_left(now, clock_skew) >= 0:
+            return "expired"
+        return None
+
     def body(self) -> bytes:
         """The canonical encoding the authority signs (without the domain prefix)."""
         fields = [self.fleet_id, self.serial, self.node_id, self.static_public]
@@ -385,23 +404,25 @@ class RevocationList:
 
     fleet_id: str
     entries: frozenset[RevocationEntry] = frozenset()
+    _: KW_ONLY
+    #: :data:`_ENTRIES_CHECKED` from :meth:`_of_checked` only (not a field: never stored)
+    entries_checked: InitVar[object] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, entries_checked: object) -> None:
         check_name("fleet id", self.fleet_id)
-        object.__setattr__(self, "entries", frozenset(self.entries))
-        _check_one_fleet(self.fleet_id, self.entries)
+        if entries_checked is not _ENTRIES_CHECKED:  # (else a frozenset, each entry checked)
+            object.__setattr__(self, "entries", frozenset(self.entries))
+            _check_one_fleet(self.fleet_id, self.entries)
 
     @classmethod
     def _of_checked(
         cls, fleet_id: str, entries: frozenset[RevocationEntry], version: int | None = None
     ) -> RevocationList:
         """A list of ``entries`` that lists of ``fleet_id`` already hold (each checked when
-        that list was built), without ``__post_init__``'s pass over them all: a merge into a
-        list of 16k entries checks only what is new (see :meth:`merge`). ``version``, when
-        the caller knows it, fills the :attr:`version` cache."""
-        made = object.__new__(cls)
-        object.__setattr__(made, "fleet_id", fleet_id)
-        object.__setattr__(made, "entries", entries)
+        that list was built), built by the constructor but without its pass over them all: a
+        merge into a list of 16k entries checks only what is new (see :meth:`merge`).
+        ``version``, when the caller knows it, fills the :attr:`version` cache."""
+        made = cls(fleet_id, entries, entries_checked=_ENTRIES_CHECKED)
         if version is not None:
             made.__dict__["version"] = version  # (where the cached_property keeps its value)
         return made
@@ -484,6 +505,11 @@ class RevocationList:
         )
 
 
+#: The token by which :meth:`RevocationList._of_checked` tells the constructor that every entry
+#: is already known to be of the list's fleet.
+_ENTRIES_CHECKED = object()
+
+
 def _check_one_fleet(fleet_id: str, entries: frozenset[RevocationEntry]) -> None:
     if any(e.fleet_id != fleet_id for e in entries):
         raise LocalProtocolError("revocation list mixes entries of different fleets")
@@ -527,11 +553,14 @@ def admit(
     return cert
 
 
+_VALIDITY_DETAIL = {"not-yet-valid": "starts later", "expired": "has expired"}
+
+
 def _check_validity(cert: NodeCertificate, now: float, clock_skew: float) -> None:
-    if now < cert.not_before - clock_skew:
-        raise AdmissionError("not-yet-valid", f"node {cert.node_id!r} certificate starts later")
-    if now > cert.not_after + clock_skew:
-        raise AdmissionError("expired", f"node {cert.node_id!r} certificate has expired")
+    problem = cert.validity_problem(now, clock_skew)
+    if problem is not None:
+        detail = _VALIDITY_DETAIL[problem]
+        raise AdmissionError(problem, f"node {cert.node_id!r} certificate {detail}")
 
 
 def prologue(fleet_id: str, protocol_version: int) -> bytes:

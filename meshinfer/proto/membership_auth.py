@@ -37,18 +37,30 @@ from meshinfer.proto import xeddsa
 from meshinfer.proto.identity import (
     DEFAULT_CLOCK_SKEW_S,
     MAX_CERTIFICATE_BYTES,
+    MAX_CLOCK_SKEW_S,
     FleetTrust,
     NodeCertificate,
 )
-from meshinfer.proto.membership_wire import SIGNED_BODY_DOMAIN, RecordKind
+from meshinfer.proto.membership_wire import (
+    ALIVE_BODY_FIELDS,
+    ALIVE_BODY_STATE,
+    LEFT_BODY_FIELDS,
+    SIGNED_BODY_DOMAIN,
+    STATE_STATIC_KEY,
+    RecordKind,
+)
 
 #: The largest proof :class:`CertifiedRecordAuthenticator` makes: [certificate, signature].
 MAX_PROOF_BYTES = MAX_CERTIFICATE_BYTES + xeddsa.SIGNATURE_BYTES + 16
-_STATE_FIELD, _STATIC_KEY_FIELD = 4, 2  # of an ALIVE body, and of its state
 
 
 class RecordAuthenticator(Protocol):
-    """Signs this node's own records and verifies other nodes' records."""
+    """Signs this node's own records and verifies other nodes' records.
+
+    Implementations subclass it to inherit the defaults of the members an authenticator that
+    does not judge certificates' validity needs not write (:attr:`judges_validity`,
+    :meth:`expired`). Called from the member table only (one thread: the sans-I/O core's).
+    """
 
     def sign(self, body: bytes) -> bytes:
         """Signature of this node over ``body`` (from :func:`membership_wire.signed_body`)."""
@@ -58,8 +70,19 @@ class RecordAuthenticator(Protocol):
         """Whether ``signature`` over ``body`` was made by ``node_id``'s key."""
         ...
 
+    @property
+    def judges_validity(self) -> bool:
+        """Whether records' certificates are judged against a wall clock: if so the member
+        table asks :meth:`expired` about the records it holds as time passes. False here."""
+        return False
 
-class Ed25519RecordAuthenticator:
+    def expired(self, signature: bytes) -> bool:
+        """Whether the proof of a held record (its ``signature``, accepted by :meth:`verify`
+        earlier) no longer vouches for it, its certificate having expired. False here."""
+        return False
+
+
+class Ed25519RecordAuthenticator(RecordAuthenticator):
     """Ed25519 signatures with a caller-supplied public key lookup (fails closed)."""
 
     def __init__(
@@ -90,7 +113,7 @@ class Ed25519RecordAuthenticator:
         return True
 
 
-class CertifiedRecordAuthenticator:
+class CertifiedRecordAuthenticator(RecordAuthenticator):
     """Records proven by the author's fleet certificate and its Noise static key (XEdDSA).
 
     A proof is the msgpack array ``[certificate, signature]``: the author's certificate as it
@@ -130,6 +153,8 @@ class CertifiedRecordAuthenticator:
         self._key = xeddsa.XEdDSAKey(static_private)
         if xeddsa.edwards_public(certificate.static_public) != self._key.edwards_public:
             raise ValueError("the certificate does not bind this static key")
+        if not 0 <= clock_skew <= MAX_CLOCK_SKEW_S:  # (NaN too: it would refuse every record)
+            raise ValueError(f"clock_skew must be in 0..{MAX_CLOCK_SKEW_S:g} seconds")
         self._certificate = certificate.to_bytes()
         self._static_public = certificate.static_public
         self._trust = trust
@@ -180,7 +205,7 @@ class CertifiedRecordAuthenticator:
             return False
         proof = _proof(signature)
         known = None if proof is None else self._certified(proof[0])
-        if known is None or self._wallclock() <= known[0].not_after + self._clock_skew:
+        if known is None or self._validity_problem(known[0]) != "expired":
             return False
         self.refusals["expired"] += 1
         return True
@@ -195,15 +220,19 @@ class CertifiedRecordAuthenticator:
             return "wrong-node"
         if self._revoked(cert):
             return "revoked"
-        if self._wallclock is not None:
-            now = self._wallclock()
-            if now < cert.not_before - self._clock_skew:
-                return "not-yet-valid"
-            if now > cert.not_after + self._clock_skew:
-                return "expired"
+        problem = self._validity_problem(cert)
+        if problem is not None:
+            return problem
         if claimed_static_key(body) not in (b"", cert.static_public):
             return "key-mismatch"
         return None
+
+    def _validity_problem(self, cert: NodeCertificate) -> str | None:
+        """``cert``'s :meth:`~NodeCertificate.validity_problem` at ``wallclock()`` (None
+        without a wall clock)."""
+        if self._wallclock is None:
+            return None
+        return cert.validity_problem(self._wallclock(), self._clock_skew)
 
     def _certified(self, data: bytes) -> tuple[NodeCertificate, bytes] | None:
         """The certificate ``data`` and its Edwards key, if the fleet authority signed it."""
@@ -235,14 +264,14 @@ def claimed_static_key(body: bytes) -> bytes | None:
         return None
     if not isinstance(fields, list) or not fields:
         return None
-    if fields[0] == RecordKind.LEFT and len(fields) == 3:
+    if fields[0] == RecordKind.LEFT and len(fields) == LEFT_BODY_FIELDS:
         return b""
-    if fields[0] != RecordKind.ALIVE or len(fields) != _STATE_FIELD + 1:
+    if fields[0] != RecordKind.ALIVE or len(fields) != ALIVE_BODY_FIELDS:
         return None
-    state = fields[_STATE_FIELD]
-    if not isinstance(state, list) or len(state) <= _STATIC_KEY_FIELD:
+    state = fields[ALIVE_BODY_STATE]
+    if not isinstance(state, list) or len(state) <= STATE_STATIC_KEY:
         return None
-    key = state[_STATIC_KEY_FIELD]
+    key = state[STATE_STATIC_KEY]
     return key if isinstance(key, bytes) else None
 
 

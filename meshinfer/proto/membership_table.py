@@ -518,7 +518,7 @@ class MemberTable:
     def checks_certificates(self) -> bool:
         """Whether :meth:`expire_certificates` has anything to do: the authenticator judges
         certificates against a wall clock (``judges_validity``) and held records (``expired``)."""
-        return bool(getattr(self.authenticator, "judges_validity", False))
+        return self.authenticator is not None and self.authenticator.judges_validity
 
     def next_suspicion_deadline(self) -> float:
         """The earliest suspicion deadline (inf when nobody is suspected)."""

@@ -321,6 +321,16 @@ def encode_state(state: NodeState) -> bytes:
 SIGNED_BODY_DOMAIN = b"meshinfer-member-v1\x00"
 
 
+#: Where an ALIVE record's signed body (:func:`signed_body`: ``[kind, node, incarnation, version,
+#: state]``) keeps its state, how many fields it has, and where the state (:func:`_state_fields`:
+#: ``[host, port, static_key, ...]``) keeps the Noise static key, as
+#: :func:`~meshinfer.proto.membership_auth.claimed_static_key` reads them: change them with
+#: those two functions.
+ALIVE_BODY_STATE, ALIVE_BODY_FIELDS, STATE_STATIC_KEY = 4, 5, 2
+#: The number of fields of a LEFT record's signed body: ``[kind, node, incarnation]``.
+LEFT_BODY_FIELDS = 3
+
+
 def signed_body(record: AliveRecord | LeftRecord) -> bytes:
     """The bytes a node signs for its own ALIVE or LEFT record (kind-tagged, canonical)."""
     if isinstance(record, AliveRecord):

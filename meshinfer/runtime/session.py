@@ -68,6 +68,7 @@ from meshinfer.errors import (
 from meshinfer.proto import framing, messages
 from meshinfer.proto.identity import (
     DEFAULT_CLOCK_SKEW_S,
+    MAX_CLOCK_SKEW_S,
     NodeCertificate,
     NodeIdentity,
     RevocationList,
@@ -141,6 +142,8 @@ class SessionConfig:
             raise ValueError("keepalive_interval must be below idle_timeout")
         if self.verify_timeout < 0:
             raise ValueError("verify_timeout must not be negative")
+        if not 0 <= self.clock_skew <= MAX_CLOCK_SKEW_S:  # (NaN too: it would refuse every peer)
+            raise ValueError(f"clock_skew must be in 0..{MAX_CLOCK_SKEW_S:g} seconds")
         if self.rekey_after < 1 or self.recv_queue < 1 or self.max_message_size < 1:
             raise ValueError("rekey_after, recv_queue and max_message_size must be positive")
 
@@ -402,7 +405,7 @@ class Session:
     def certificate_left(self) -> float:
         """Seconds until the peer's certificate expires beyond ``clock_skew``, by the admission's
         wall clock (negative once it has): the session then ends (see the module docstring)."""
-        return self.peer.not_after + self.config.clock_skew - self._admission.wallclock()
+        return self.peer.seconds_left(self._admission.wallclock(), self.config.clock_skew)
 
     @property
     def last_received(self) -> float:
@@ -507,7 +510,7 @@ class Session:
             # clocks drift (or the wall clock is stepped), so a wake-up that comes early sleeps
             # again, for what is left by the wall clock.
             left = self.certificate_left()
-            if left < 0:  # as admit() judges: valid up to not_after + clock_skew inclusive
+            if not left >= 0:  # NodeCertificate.validity_problem's "expired", as admit() judges
                 await self._expire()
                 return
             expires_at = now + left

@@ -46,12 +46,13 @@ def check_validity(identity: NodeIdentity, where: str, *, now: float) -> None:
     """An expired certificate is a ConfigError (every peer refuses it: the daemon could only
     sit alone); one not valid yet is a warning (this host's clock may be behind its peers')."""
     cert = identity.certificate
-    if now > cert.not_after:
+    problem = cert.validity_problem(now, 0.0)  # (this host's clock: no skew to allow for)
+    if problem == "expired":
         raise ConfigError(
             f"{where}: the certificate of {cert.node_id!r} (serial {cert.serial}) expired at"
             f" {utc_text(cert.not_after)} UTC; enrol the node again (fleet enroll --force)"
         )
-    if now < cert.not_before:
+    if problem == "not-yet-valid":
         log.warning(
             "%s: the certificate of %r is valid only from %s UTC (is this host's clock behind?):"
             " peers refuse it until then",
