@@ -73,7 +73,7 @@ from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES, RevocationList
 from meshinfer.proto.tasks import Pattern, TaskSpec, TaskState, new_task_id
 from meshinfer.proto.tasks_codec import spec_from_dict
 from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
-from meshinfer.runtime.http_log import ClientErrorLog
+from meshinfer.runtime.http_log import LINGER_S, ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family, render_family
 from meshinfer.runtime.revocations import RevocationSync
@@ -105,8 +105,6 @@ MAX_WAIT_S = 300.0
 DEFAULT_PAGE = 100
 #: Bodies and results larger than this are parsed or rendered in a worker thread.
 _OFF_LOOP_BYTES = 256 * 1024
-#: Seconds an unread request body is read and dropped after an early answer (see start()).
-LINGER_S = 1.0
 #: Requests still running this long after ``aclose`` began are cancelled.
 _SHUTDOWN_GRACE_S = 5.0
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

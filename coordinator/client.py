@@ -43,12 +43,13 @@ import numpy as np
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
 from meshinfer.http_url import check_http_url, opener_for
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
-from meshinfer.runtime.data_dir import RUNTIME_FILE, stale_pid
+from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime
 
 __all__ = [
     "BUSY_PAUSE_S",
     "ENV_TOKEN",
     "ENV_URL",
+    "MAX_REQUEST_TIMEOUT_S",
     "MAX_WAIT_S",
     "MIN_RETRY_PAUSE_S",
     "RUNTIME_FILE",
@@ -63,6 +64,9 @@ __all__ = [
 
 ENV_URL = "MESHINFER_COORD_URL"
 ENV_TOKEN = "MESHINFER_COORD_TOKEN"
+#: The longest ``timeout`` of a :class:`CoordinatorClient` (per request; ``wait`` adds what it
+#: asks the server to wait): a day. A socket refuses timeouts past about 1e9 s.
+MAX_REQUEST_TIMEOUT_S = 86400.0
 #: The longest single ``/wait`` the server grants; :meth:`CoordinatorClient.wait` loops past it.
 MAX_WAIT_S = 300.0
 #: The least pause before asking again after a ``/wait`` answered early (the server closing, or
@@ -216,21 +220,7 @@ def resolve_endpoint(
 
 def _runtime_facts(data_dir: Path) -> dict[str, Any]:
     path = Path(data_dir) / RUNTIME_FILE
-    try:
-        facts = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(
-            f"{path}: no running coordinator recorded there ({exc.strerror})"
-        ) from None
-    except ValueError:
-        raise ConfigError(f"{path}: not a JSON document") from None
-    if not isinstance(facts, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    if (pid := stale_pid(path, facts)) is not None:  # SIGKILLed: it could not remove the file
-        raise ConfigError(
-            f"{path}: no coordinator running (stale runtime file from pid {pid}; a coordinator"
-            " started on this data_dir replaces it once ready)"
-        )
+    facts = read_runtime(data_dir, "coordinator")
     for key in ("api", "token_file"):
         if not isinstance(facts.get(key), str | None):
             raise ConfigError(f"{path}: {key!r} must be a string or null")
@@ -264,14 +254,19 @@ def check_token(token: str) -> str:
 class CoordinatorClient:
     """Blocking calls to one coordinator; each returns the decoded JSON answer (a dict).
 
-    ``timeout`` bounds every request (``wait`` adds the time it asks the server to wait): positive,
-    finite seconds, as the CLI's ``--timeout``, else ConfigError. Thread-safe: it holds no
+    ``timeout`` bounds every request (``wait`` adds the time it asks the server to wait): positive
+    seconds, at most :data:`MAX_REQUEST_TIMEOUT_S` (a day, as the CLI's ``--timeout``; a socket
+    refuses far longer ones), else ConfigError naming the limit: a longer one is refused, not
+    cut short, as a caller who asked for it expects it to hold. Thread-safe: it holds no
     connection between calls.
     """
 
     def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
-        if not 0 < timeout < math.inf:
-            raise ConfigError(f"timeout: {timeout!r} is not a positive, finite number of seconds")
+        if not 0 < timeout <= MAX_REQUEST_TIMEOUT_S:
+            raise ConfigError(
+                f"timeout: {timeout!r} is not a positive number of seconds of at most"
+                f" {MAX_REQUEST_TIMEOUT_S:g} (a day)"
+            )
         self.url = check_http_url(url, "coordinator URL")
         self.timeout = timeout
         self._token = check_token(token)

@@ -17,7 +17,7 @@ from typing import Any
 from meshinfer.errors import ConfigError
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
-from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
+from meshinfer.tomlconfig import Schema, doc, parse_address, paths_from, with_overrides
 from node.config import CHOICES as NODE_CHOICES
 from node.config import POSITIVE as NODE_POSITIVE
 from node.config import (
@@ -179,23 +179,10 @@ def load_config(path: str | Path) -> CoordinatorFileConfig:
     from the file's folder (made absolute), so the daemon finds the same files whatever directory
     it is started from.
     """
-    return _paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent)
+    return paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent, _PATH_KEYS)
 
 
 _PATH_KEYS = {"coordinator": ("identity_dir", "data_dir"), "api": ("token_file",)}
-
-
-def _paths_from(config: CoordinatorFileConfig, folder: Path) -> CoordinatorFileConfig:
-    """``config`` with its relative paths joined to ``folder``."""
-    sections = {
-        name: {
-            key: str(folder / value)
-            for key in keys
-            if (value := getattr(getattr(config, name), key)) and not Path(value).is_absolute()
-        }
-        for name, keys in _PATH_KEYS.items()
-    }
-    return with_overrides(config, **{name: vals for name, vals in sections.items() if vals})
 
 
 def render_defaults(config: CoordinatorFileConfig | None = None) -> str:

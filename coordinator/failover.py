@@ -60,6 +60,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
+from coordinator.service_config import _pop_timer, _replace_timer
 from meshinfer.errors import MeshInferError
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
@@ -210,7 +211,7 @@ class Reachability:
             log.warning(
                 "certificate %d of %s is revoked: re-dispatching its items", cut.serial, node
             )
-            self._stop_waiting_for_cut(node)  # (moved instead)
+            _pop_timer(self._resend_after_cut, node)  # (moved instead)
             self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
         elif node in self._resend_after_cut:  # it answered a probe while this session was cut
             self._resend(node)
@@ -337,18 +338,13 @@ class Reachability:
             return
         if self.mesh.peers.carrier_revoked(node):
             log.info("not sending %s's items again over a session being cut off", node)
-            self._stop_waiting_for_cut(node)
-            self._resend_after_cut[node] = asyncio.get_running_loop().call_later(
+            overdue = asyncio.get_running_loop().call_later(
                 self.cut_wait_s, self._cut_overdue, node
             )
+            _replace_timer(self._resend_after_cut, node, overdue)
             return
-        self._stop_waiting_for_cut(node)
+        _pop_timer(self._resend_after_cut, node)
         self._on_resend(node)
-
-    def _stop_waiting_for_cut(self, node: str) -> None:
-        timer = self._resend_after_cut.pop(node, None)
-        if timer is not None:
-            timer.cancel()
 
     def _cut_overdue(self, node: str) -> None:
         """No cut came ``cut_wait_s`` after ``node`` answered a probe while the session

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.client import tensor_json
+from coordinator.client import MAX_REQUEST_TIMEOUT_S, tensor_json
 from meshinfer.errors import ConfigError
 from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, Pattern
 
@@ -32,9 +32,6 @@ __all__ = [
     "task_document",
     "weight",
 ]
-
-#: The longest ``--timeout`` (per request; ``/wait`` adds what it asks the server to wait).
-MAX_REQUEST_TIMEOUT_S = 86400.0
 
 
 def model_ref(text: str) -> dict[str, str]:

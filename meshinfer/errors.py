@@ -11,6 +11,13 @@ bare ``ValueError``/``KeyError`` leaking out of a decoder: the fuzz tests hold u
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
+
 
 class MeshInferError(Exception):
     """Base class for every error meshinfer raises on purpose."""
@@ -121,3 +128,21 @@ class OverloadedError(InferenceError):
 
 class DeadlineExceededError(InferenceError, TimeoutError):
     """A request's deadline passed before it could run; it was not run."""
+
+
+def log_failure(
+    log: logging.Logger, what: str, ended: str = "failed"
+) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback that logs how a background task failed (no task fails silently), as
+    ``"{what} {ended}: {exception}"``: a warning for a :class:`MeshInferError` (a peer, the
+    input, the network), an error with its traceback for anything else (our bug). A cancelled
+    task did not fail. Here, at the bottom of the layers, so that every layer can use it
+    (:mod:`meshinfer.runtime.loop` re-exports it)."""
+
+    def logged(task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        level = logging.WARNING if isinstance(exc, MeshInferError) else logging.ERROR
+        log.log(level, "%s %s: %s", what, ended, exc, exc_info=exc)
+
+    return logged

@@ -25,7 +25,7 @@ from typing import Any
 from meshinfer.errors import ConfigError
 from meshinfer.transport.base import Address
 
-__all__ = ["Schema", "doc", "parse_address", "read_toml", "with_overrides"]
+__all__ = ["Schema", "doc", "parse_address", "paths_from", "read_toml", "with_overrides"]
 
 
 def doc(default: Any, text: str) -> Any:
@@ -167,6 +167,20 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def paths_from(config: Any, folder: Path, keys: Mapping[str, tuple[str, ...]]) -> Any:
+    """``config`` with its relative paths joined to ``folder``: ``keys`` maps a section to its
+    path keys (an empty value is left empty), e.g. ``{"node": ("identity_dir", "data_dir")}``."""
+    sections = {
+        name: {
+            key: str(folder / value)
+            for key in names
+            if (value := getattr(getattr(config, name), key)) and not Path(value).is_absolute()
+        }
+        for name, names in keys.items()
+    }
+    return with_overrides(config, **{name: vals for name, vals in sections.items() if vals})
 
 
 def with_overrides(config: Any, **sections: dict[str, Any]) -> Any:

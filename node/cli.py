@@ -87,28 +87,18 @@ def _status(args: argparse.Namespace) -> int:
 def _recorded_url(data_dir: Path) -> str:
     """The HTTP URL the daemon with ``data_dir`` recorded in its runtime file; a file a daemon
     that is gone left behind (SIGKILLed: it could not remove it) says so."""
-    import json
+    from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime
 
-    from meshinfer.runtime.data_dir import RUNTIME_FILE, stale_pid
-
+    facts = read_runtime(data_dir)
     runtime = data_dir / RUNTIME_FILE
-    try:
-        facts = json.loads(runtime.read_text())
-        url = facts["http"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{runtime}: no running daemon recorded there ({exc})") from None
-    pid = stale_pid(runtime, facts) if isinstance(facts, dict) else None
-    if pid is not None:
-        raise ConfigError(
-            f"{runtime}: no daemon running (stale runtime file from pid {pid}; a daemon"
-            " started on this data_dir replaces it once ready)"
-        )
-    if url is None:
+    if "http" in facts and facts["http"] is None:
         raise ConfigError(
             f"{runtime}: the daemon recorded there serves no HTTP ([http] enabled = false)"
         )
+    url = facts.get("http")
     if not isinstance(url, str):
-        raise ConfigError(f"{runtime}: no running daemon recorded there (http: {url!r})")
+        what = f"http: {url!r}" if "http" in facts else "no http URL"
+        raise ConfigError(f"{runtime}: no running daemon recorded there ({what})")
     return url
 
 

@@ -23,7 +23,7 @@ from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, MAX_CLOCK_SKEW_S
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
-from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
+from meshinfer.tomlconfig import Schema, doc, parse_address, paths_from, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
 MAX_RESULT_REPLAY_MIB = 1 << 16
@@ -393,18 +393,10 @@ def load_config(path: str | Path) -> NodeConfig:
     A relative ``[node] identity_dir`` or ``data_dir`` is taken from the file's folder (made
     absolute), so the daemon finds the same directories whatever directory it is started from.
     """
-    return _paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent)
+    return paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent, _PATH_KEYS)
 
 
-def _paths_from(config: NodeConfig, folder: Path) -> NodeConfig:
-    """``config`` with its relative directories joined to ``folder``."""
-    node = config.node
-    relative = {
-        key: str(folder / value)
-        for key in ("identity_dir", "data_dir")
-        if (value := getattr(node, key)) and not Path(value).is_absolute()
-    }
-    return with_overrides(config, node=relative) if relative else config
+_PATH_KEYS = {"node": ("identity_dir", "data_dir")}
 
 
 def render_defaults(config: NodeConfig | None = None) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from meshinfer.proto.contact import check_vector
-from meshinfer.runtime.http_log import ClientErrorLog
+from meshinfer.runtime.http_log import LINGER_S, ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
@@ -38,9 +38,6 @@ SHUTDOWN_GRACE_S = 1.0
 """How long ``aclose`` lets requests in progress finish: every handler answers at once, so only
 a client still sending its request is waited for (aiohttp's own default, 60 s, let one local
 client hold a SIGTERM's stop for a minute)."""
-LINGER_S = 1.0
-"""How long a body left unread (a 403 answered first) is read on and dropped before the
-connection closes (aiohttp's default: 10 s)."""
 
 
 class NodeHttp:

@@ -258,7 +258,13 @@ class PeerDirectory:
     """
 
     def __init__(
-        self, own_node_id: str, fleet_id: str, sink: EventSink, stats: DiscoveryStats, source: str
+        self,
+        own_node_id: str,
+        fleet_id: str,
+        sink: EventSink,
+        stats: DiscoveryStats,
+        source: str,
+        max_peers: int | None = None,
     ) -> None:
         self.own_node_id = own_node_id
         self.fleet_id = fleet_id
@@ -266,7 +272,7 @@ class PeerDirectory:
         self.stats = stats
         self.source = source
         self.peers: dict[str, PeerAdvert] = {}
-        self.max_peers: int | None = None
+        self.max_peers = max_peers
         self._warned_at: float | None = None  # the last malformed advert logged as a warning
         self._warned_count = 0  # ignored_malformed then
 
@@ -360,13 +366,18 @@ class SourceBase:
 
     Subclasses set ``name`` and implement ``_start`` (undone by ``aclose`` if it fails) and
     ``_stop`` (which must cope with a source that never started, or only half started).
+    ``max_peers`` bounds the peers reported at once (:class:`PeerDirectory`).
     """
 
     name = "source"
 
-    def __init__(self, own_node_id: str, fleet_id: str, sink: EventSink) -> None:
+    def __init__(
+        self, own_node_id: str, fleet_id: str, sink: EventSink, max_peers: int | None = None
+    ) -> None:
         self.stats = DiscoveryStats()
-        self.directory = PeerDirectory(own_node_id, fleet_id, sink, self.stats, self.name)
+        self.directory = PeerDirectory(
+            own_node_id, fleet_id, sink, self.stats, self.name, max_peers
+        )
         self._started_at: float | None = None
         self._closed = False
         self._stopped = asyncio.Event()  # set once the first aclose() has finished stopping

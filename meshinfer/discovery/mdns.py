@@ -30,9 +30,10 @@ How a peer is found in milliseconds rather than zeroconf's ~1.2 s:
 once rather than when the records expire.
 
 Addresses move on a vehicle (a V2I link comes up, DHCP renews to a new lease): every
-``address_check_interval`` the host's interfaces are read again (:data:`AdapterSource`), zeroconf's
-sockets follow (``async_update_interfaces``), and an advert whose addresses came from the
-interfaces is re-announced, after goodbyes for the addresses gone (zeroconf's browser re-reads a
+``address_check_interval`` the host's interfaces are read again (``adapters``, an
+:data:`~meshinfer.discovery.mdns_config.AdapterSource`), zeroconf's sockets follow
+(``async_update_interfaces``), and an advert whose addresses came from the interfaces is
+re-announced, after goodbyes for the addresses gone (zeroconf's browser re-reads a
 service when a record arrives, never when one expires, so a peer would keep listing the old one).
 The same look reads each reported peer again from zeroconf's cache: an address whose record
 expired (its goodbye lost, or the peer gone without one) is dropped (``updated``, or ``lost`` with
@@ -68,7 +69,7 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-# The names below are this module's API (re-exported): code and tests import them from here.
+# Those of the names below in __all__ are re-exported: code and tests import them from here.
 from meshinfer.discovery.addresses import (
     Network,
     address_snapshot,
@@ -97,29 +98,23 @@ from meshinfer.discovery.mdns_config import (
 from meshinfer.discovery.mdns_txt import (
     SERVICE_TYPE,
     TXT_KEYS,
-    TXT_VERSION,
     advert_from_txt,
     instance_label,
     pack_txt,
     txt_for_advert,
     unpack_txt,
 )
-from meshinfer.errors import ConfigError, LocalProtocolError
+from meshinfer.errors import ConfigError, LocalProtocolError, log_failure
 
 __all__ = [
     "REFRESH_AT",
     "SERVICE_TYPE",
     "TXT_KEYS",
-    "TXT_VERSION",
-    "AdapterSource",
     "MdnsConfig",
     "MdnsDiscovery",
-    "Network",
     "advert_from_service",
     "advert_from_txt",
-    "advertised_addresses",
     "drop_foreign_loopback",
-    "host_addresses",
     "host_networks",
     "instance_label",
     "missing_interfaces",
@@ -160,10 +155,10 @@ class MdnsDiscovery(SourceBase):
     ) -> None:
         if not all(is_ip(host) for host in advert.addresses):
             raise ConfigError(f"mdns: advertised addresses must be IP literals: {advert.addresses}")
-        super().__init__(advert.node_id, advert.fleet_id, sink)
+        config = config or MdnsConfig()
+        super().__init__(advert.node_id, advert.fleet_id, sink, config.max_peers)
         self.advert = advert
-        self.config = config or MdnsConfig()
-        self.directory.max_peers = self.config.max_peers
+        self.config = config
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -214,7 +209,7 @@ class MdnsDiscovery(SourceBase):
         await self._own_broadcast(broadcast, "start")
         if self.config.address_check_interval is not None:
             watch = asyncio.get_running_loop().create_task(self._watch_addresses(adapters))
-            watch.add_done_callback(_log_watch_failure)
+            watch.add_done_callback(log_failure(log, "mdns: the address watch", "stopped"))
             self._address_watch = watch
 
     async def update(self, advert: PeerAdvert) -> None:
@@ -456,11 +451,6 @@ class MdnsDiscovery(SourceBase):
         if self._zc is not None:
             await _logged("send goodbyes", self._zc.async_unregister_all_services())
             await _logged("close zeroconf", self._zc.async_close())
-
-
-def _log_watch_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("mdns: the address watch stopped", exc_info=task.exception())
 
 
 async def _cancel_all(futures: Sequence[asyncio.Future[Any]]) -> None:

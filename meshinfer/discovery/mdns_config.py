@@ -1,8 +1,11 @@
 """How the mDNS source uses the network: :class:`MdnsConfig` and its presets, and the mapping
 of its ``interfaces`` onto the host's adapters (what zeroconf binds to, what we advertise).
 
-No sockets: the adapters are passed in (``ifaddr.get_adapters()`` by default). Re-exported by
-:mod:`meshinfer.discovery.mdns`.
+No sockets, and the host is read only where asked: the adapters are passed in
+(:class:`MdnsDiscovery` reads them with ``ifaddr.get_adapters()`` in a worker thread). Given none,
+:func:`resolve_interfaces` and :func:`advertised_addresses` call ``ifaddr.get_adapters()``
+themselves, a blocking read of the system meant for scripts and tests, never for the loop.
+Re-exported by :mod:`meshinfer.discovery.mdns`.
 """
 
 from __future__ import annotations
@@ -122,8 +125,9 @@ def resolve_interfaces(
 ) -> InterfaceChoice | list[str]:
     """Map ``config.interfaces`` to what zeroconf takes: InterfaceChoice.All or IP strings.
 
-    ``adapters`` defaults to ``ifaddr.get_adapters()``. An interface name not among them is a
-    ConfigError if ``strict`` (at start), else it has no addresses (gone since start).
+    ``adapters`` defaults to ``ifaddr.get_adapters()`` (read here: blocking). An interface
+    name not among them is a ConfigError if ``strict`` (at start), else it has no addresses
+    (gone since start).
     """
     if config.interfaces == "all":
         return InterfaceChoice.All

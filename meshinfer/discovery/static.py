@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import EventSink, PeerAdvert, SourceBase
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, log_failure
 from meshinfer.transport.base import LinkKind
 
 log = logging.getLogger(__name__)
+_log_failure = log_failure(log, "static discovery: re-announce task")
 
 _HEX_KEY_RE = re.compile(r"[0-9a-fA-F]{64}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -228,8 +229,3 @@ class StaticDiscovery(SourceBase):
         if self._reannouncer is not None:
             self._reannouncer.cancel()
             await asyncio.gather(self._reannouncer, return_exceptions=True)
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("static discovery: re-announce task failed", exc_info=task.exception())

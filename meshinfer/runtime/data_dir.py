@@ -79,6 +79,33 @@ class DataDir:
             self.runtime_file.unlink()
 
 
+def read_runtime(data_dir: str | Path, daemon: str = "daemon") -> dict[str, Any]:
+    """The facts the daemon on ``data_dir`` recorded in its runtime file (as
+    :meth:`DataDir.write_runtime` wrote them), checked to be a running daemon's. Each fault is a
+    ConfigError naming the file, ``daemon`` the word it uses (``"coordinator"``): none there or
+    unreadable ("no running daemon recorded there (why)"), not a JSON document, not a JSON
+    object, or left by a daemon that is gone ("no daemon running (stale runtime file from pid
+    N; ...)", :func:`stale_pid`). What each key must hold is the caller's to check."""
+    path = Path(data_dir) / RUNTIME_FILE
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise ConfigError(f"{path}: no running {daemon} recorded there ({why})") from None
+    try:
+        facts = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError; nested too deep)
+        raise ConfigError(f"{path}: not a JSON document") from None
+    if not isinstance(facts, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(facts).__name__}")
+    if (pid := stale_pid(path, facts)) is not None:  # SIGKILLed: it could not remove the file
+        raise ConfigError(
+            f"{path}: no {daemon} running (stale runtime file from pid {pid}; a {daemon}"
+            " started on this data_dir replaces it once ready)"
+        )
+    return facts
+
+
 def process_started(pid: int) -> int | None:
     """When process ``pid`` started, in clock ticks since boot (field 22, ``starttime``, of
     ``/proc/<pid>/stat``): with the pid, it names one process for as long as the machine runs.

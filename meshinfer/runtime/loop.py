@@ -20,7 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
-from meshinfer.errors import MeshInferError
+from meshinfer.errors import log_failure  # (its home is errors: every layer logs with it)
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ class Daemon(Protocol):
     async def start(self) -> dict[str, Any]: ...
 
     async def aclose(self) -> None: ...
-
-
-def log_failure(log: logging.Logger, what: str) -> Callable[[asyncio.Task[Any]], None]:
-    """A done-callback that logs how a background task failed (no task fails silently): a
-    warning for a :class:`MeshInferError` (a peer, the input, the network), an error with its
-    traceback for anything else (our bug). A cancelled task did not fail."""
-
-    def logged(task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or (exc := task.exception()) is None:
-            return
-        level = logging.WARNING if isinstance(exc, MeshInferError) else logging.ERROR
-        log.log(level, "%s failed: %s", what, exc, exc_info=exc)
-
-    return logged
 
 
 class Steps:

@@ -41,6 +41,7 @@ from meshinfer.proto.identity import NodeIdentity, RevocationList
 from meshinfer.proto.membership import MembershipConfig, NodeState
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.runtime.endpoint import ListenerLimits, SessionListener
+from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.revocations import RevocationSync, RevocationSyncConfig
@@ -197,7 +198,15 @@ class MeshNode:
         interval = self.options.address_check_interval
         if self._outbound is not None and interval is not None:
             self._outbound_watch = asyncio.create_task(self._watch_outbound(interval))
-            self._outbound_watch.add_done_callback(self._outbound_watch_ended)
+            # it stops only when cancelled; should it die, the node keeps serving at the
+            # address it has, and nobody would hear of it but for the log
+            self._outbound_watch.add_done_callback(
+                log_failure(
+                    log,
+                    f"node {self.node_id}: the watch of its address",
+                    "stopped (it stays at the address it has)",
+                )
+            )
         self.ready.set()
         log.info("node %s listening on %s", self.node_id, self.address)
 
@@ -255,15 +264,6 @@ class MeshNode:
                     await self._move_to(host)
             except Exception:  # an interface going away mid-look: try next time
                 log.exception("node %s: following its address failed", self.node_id)
-
-    def _outbound_watch_ended(self, task: asyncio.Task[None]) -> None:
-        """Log the watch's death (it stops only when cancelled): the node keeps serving at the
-        address it has, and nobody would hear otherwise."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "node %s: the watch of its address stopped; it stays at %s",
-                self.node_id, self._outbound, exc_info=task.exception(),
-            )  # fmt: skip
 
     async def _move_to(self, host: str) -> None:
         log.info("node %s: its address is now %s (was %s)", self.node_id, host, self._outbound)
