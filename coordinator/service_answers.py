@@ -101,7 +101,7 @@ class NodeAnswers:
             return
         (fresh, ended), ending, failed_before = taken
         if not fresh:
-            if failed_before and await self._take_result_journaled(pair, msg):
+            if failed_before and await self._take_result_whose_write_committed(pair, msg):
                 return
             self.stats_.duplicates += 1
             return
@@ -171,13 +171,15 @@ class NodeAnswers:
             return None
         return None if answer is None else (answer, ending, failures > 0)
 
-    async def _take_result_journaled(
+    async def _take_result_whose_write_committed(
         self, pair: tuple[TaskRun, ItemRun] | None, msg: TaskResult
     ) -> bool:
         """``msg``'s write failed, then the journal refused it when it was written again: the
         failed write may have committed (its sync failed). If the item is still live here and
-        the journal has a result of it, that is its outcome, taken as a fresh one would be;
-        whether it was."""
+        the journal has a result of it, that is its outcome, taken as a fresh one would be
+        (the item dropped, its timer cancelled, the result counted); whether it was. (Compare
+        ``_take_result_journaled_first``: the result the journal took before an item's
+        failure.)"""
         item_id = msg.item_id
         if pair is None or self._items.get(item_id) is not pair:
             return False
@@ -188,8 +190,7 @@ class NodeAnswers:
         self._drop(item_id)
         self._cancel_timer(item_id)
         self._count_result(pair[1], msg)
-        self._record_journaled(run, item_id, blob)
-        await self._advance(run)
+        await self._decide_with_journaled(run, item_id, blob)
         return True
 
     def _call_back_superseded(self, peer: str, msg: TaskResult) -> None:

@@ -12,7 +12,7 @@
   its waiters hear of it (``_finish``); a task's deadline and its aggregation's timeout are
   timers (``_arm_deadline``, ``_arm_aggregation_timeout``), and the error of a task out of
   time says what still waited;
-* :func:`until_durable`: a journal write made again, with a backoff, while it fails for a
+* :func:`_retry_until_durable`: a journal write made again, with a backoff, while it fails for a
   cause that may pass and its task is live.
 
 Every coroutine runs on the coordinator's event loop.
@@ -139,19 +139,20 @@ class TaskOutcomes:
             self._failing.pop(item_id, None)
         if changed is None or item_id in run.results:  # the task ended meanwhile, or a result
             return  # of the item was journaled while it was live: _accept_result recorded it
-        if not changed and await self._take_journaled_result(run, item_id):
+        if not changed and await self._take_result_journaled_first(run, item_id):
             return  # taken while the failure's write was tried again (the item was dropped)
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
 
-    async def _take_journaled_result(self, run: TaskRun, item_id: str) -> bool:
-        """Record the item's result as the journal has it, if it has one, and advance the
-        task; whether it had one."""
+    async def _take_result_journaled_first(self, run: TaskRun, item_id: str) -> bool:
+        """The journal ignored the item's failure (``_fail_item``): it took a result of the
+        item first. Record that result, if the journal has one, as the item's outcome while
+        ``run`` is live here; whether it had one. (Compare ``_take_result_whose_write_committed``:
+        a result whose own write failed, decided while the item is live.)"""
         blob = await self._journaled_result(run, item_id)
         if blob is None or self._runs.get(run.task_id) is not run:
             return blob is not None
-        self._record_journaled(run, item_id, blob)
-        await self._advance(run)
+        await self._decide_with_journaled(run, item_id, blob)
         return True
 
     async def _journaled_result(self, run: TaskRun, item_id: str) -> bytes | None:
@@ -159,11 +160,14 @@ class TaskOutcomes:
         record = await self._db.run("get", run.task_id)
         return next((i.result for i in record.items if i.item_id == item_id), None)
 
-    def _record_journaled(self, run: TaskRun, item_id: str, blob: bytes) -> None:
+    async def _decide_with_journaled(self, run: TaskRun, item_id: str, blob: bytes) -> None:
+        """Record ``blob``, the item's result as the journal has it, as its outcome (a failure
+        if the output is unusable), and advance the task."""
         try:
             self._replay_result(run, item_id, blob, self._loop.time())
         except RemoteProtocolError as exc:  # a node returned an output we cannot use
             run.record_failure(item_id, f"bad output: {exc}", self._loop.time())
+        await self._advance(run)
 
     async def _advance(self, run: TaskRun, attempts: Mapping[str, Attempt] | None = None):
         """Queue what is ready (``attempts``: see :meth:`_schedule_ready`), or finish the run
@@ -191,8 +195,8 @@ class TaskOutcomes:
         self, run: TaskRun, what: str, write: Callable[[], Awaitable[T]]
     ) -> T | None:
         """``await write()``, a journal write for ``run``, until it commits, while ``run`` is
-        live here (see :func:`until_durable`)."""
-        return await until_durable(
+        live here (see :func:`_retry_until_durable`)."""
+        return await _retry_until_durable(
             write, what, live=lambda: self._runs.get(run.task_id) is run, closing=self._closing
         )
 
@@ -263,7 +267,7 @@ def _journal_retry(
     return journal.record_failure(item_id, attempt, reason, retryable=True, refused=refused)
 
 
-async def until_durable(
+async def _retry_until_durable(
     write: Callable[[], Awaitable[T]], what: str, *, live: Callable[[], bool],
     closing: asyncio.Event,
 ) -> T | None:  # fmt: skip

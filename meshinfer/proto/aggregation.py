@@ -17,7 +17,8 @@ Modes (:class:`Mode`):
   still outstanding either: its source answered). An element on which every source that
   answered abstained has no winner: the value holds -1 there and the result lists it
   (``abstained``; an integer label -1 is told apart by that list). Done when every source
-  answered, or early when no outstanding vote could change any element's winner.
+  answered, or early when no outstanding vote could change any element's winner. Each output
+  is voted once, as it arrives, into running counts (:class:`_RunningVote`).
 * ``weighted`` -- the weighted average ``sum(w_s x_s) / sum(w_s)`` of float outputs, with
   per-source weights (default 1); done when every source answered. Summed in float64 (so
   that outputs near its limit, whose plain sum would overflow, are summed scaled down), it has
@@ -133,15 +134,6 @@ def _votes(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return array.astype(np.int64), None
 
 
-def _ballots(outputs) -> tuple[np.ndarray, np.ndarray | None]:
-    """The outputs' labels stacked, ``(k, *S)``, and where each abstains (None: nowhere)."""
-    votes, masks = zip(*(_votes(a) for a in outputs), strict=True)
-    if all(m is None or not m.any() for m in masks):
-        return np.stack(votes), None
-    shape = votes[0].shape
-    return np.stack(votes), np.stack([np.zeros(shape, bool) if m is None else m for m in masks])
-
-
 def _check_labels(array: np.ndarray) -> None:
     """Integer labels must fit int64, as votes are counted (a uint64 label past it would
     wrap round to a negative one): RemoteProtocolError otherwise."""
@@ -196,13 +188,57 @@ def majority_vote(
     return winner.reshape(shape), tied.reshape(shape)
 
 
-def _lead(votes: np.ndarray, abstain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per element (flat): the winner's count and the best count of any other label
-    (abstentions count for none)."""
-    ranked, counts = _tally(votes, abstain)
-    winner = ranked[np.arange(len(ranked)), counts.argmax(axis=1)]
-    runner_up = np.where(ranked != winner[:, None], counts, 0).max(axis=1)
-    return counts.max(axis=1), runner_up
+class _RunningVote:
+    """The running counts of a ``majority`` vote, each voter's labels added once as its output
+    arrives (the argmax of that output alone; no earlier output is looked at again).
+
+    Per element, up to ``voters`` slots of (label, count), filled left to right as labels first
+    appear there (an abstention takes none): each slot holds a distinct label, so the winner is
+    the smallest label among the slots with the most votes, and the best count of any other
+    label is the second largest count. Adding a voter costs elements x voters integer
+    comparisons; memory is linear in elements x voters, whatever the labels."""
+
+    def __init__(self, shape: tuple[int, ...], voters: int):
+        elements = math.prod(shape)
+        self._shape = shape
+        self._labels = np.zeros((elements, voters), np.int64)
+        self._counts = np.zeros((elements, voters), np.int64)
+        self._distinct = np.zeros(elements, np.intp)  # slots filled, per element
+
+    def add(self, votes: np.ndarray, abstain: np.ndarray | None) -> None:
+        """Count one voter's ``votes`` (labels of the vote's shape; ``abstain`` True where it
+        casts none)."""
+        labels = votes.reshape(-1)
+        voting = np.ones(labels.shape, bool) if abstain is None else ~abstain.reshape(-1)
+        hit = (self._labels == labels[:, None]) & (self._counts > 0)  # its label's slot, if any
+        self._counts[hit & voting[:, None]] += 1
+        rows = np.flatnonzero(voting & ~hit.any(axis=1))  # a label new to the element
+        slots = self._distinct[rows]
+        self._labels[rows, slots] = labels[rows]
+        self._counts[rows, slots] = 1
+        self._distinct[rows] += 1
+
+    def margin(self) -> int:
+        """The least lead, over the elements, of the winner's count over any other label's
+        (abstentions count for none)."""
+        counts = self._counts
+        best = counts.max(axis=1)
+        if counts.shape[1] < 2:
+            return int(best.min())
+        runner_up = np.partition(counts, -2, axis=1)[:, -2]
+        return int((best - runner_up).min())
+
+    def outcome(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(winner, tied, abstained)`` as :func:`majority_vote` gives them over the voters
+        counted, and whether every voter abstained on an element: each of the vote's shape."""
+        counts = self._counts
+        best = counts.max(axis=1)
+        top = (counts == best[:, None]) & (counts > 0)
+        smallest = np.where(top, self._labels, np.iinfo(np.int64).max).min(axis=1)
+        winner = np.where(best > 0, smallest, -1)
+        tied = top.sum(axis=1) > 1
+        shape = self._shape
+        return winner.reshape(shape), tied.reshape(shape), (best == 0).reshape(shape)
 
 
 class Aggregator:
@@ -217,6 +253,9 @@ class Aggregator:
             raise ConfigError(f"aggregation.weights names {strangers[0]!r}, not a source here")
         self._outputs: dict[str, np.ndarray] = {}
         self._order: list[str] = []
+        self._shape: tuple[int, ...] | None = None  # every output's (majority: vote's) shape
+        self._vote: _RunningVote | None = None  # majority: the votes counted so far
+        self._margin = 0  # majority: the least lead of a winner (_RunningVote.margin)
         self._failed: set[str] = set()
         self._deadline = None if config.timeout_s is None else now + config.timeout_s
         self._reason: str | None = None
@@ -234,9 +273,11 @@ class Aggregator:
         if not self._accepts(source_id, now):
             return
         array = np.asarray(array)
-        self._check_fits(array)
+        ballot = self._check_fits(array)
         self._outputs[source_id] = array
         self._order.append(source_id)
+        if ballot is not None:
+            self._count_vote(*ballot)
         self.is_done(now)
 
     def add_failure(self, source_id: str, now: float) -> None:
@@ -257,18 +298,29 @@ class Aggregator:
             return False
         return True
 
-    def _check_fits(self, array: np.ndarray) -> None:
-        mode = self.config.mode
+    def _check_fits(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """RemoteProtocolError unless ``array`` fits the outputs already in; for ``majority``,
+        its labels and abstentions (:func:`_votes`), else None."""
+        mode, ballot = self.config.mode, None
         if mode in (Mode.WEIGHTED, Mode.ENSEMBLE, Mode.MAJORITY) and array.dtype.kind not in "biuf":
             raise RemoteProtocolError(f"{mode}: output dtype {array.dtype} is not numeric")
         if mode == Mode.MAJORITY:
             _check_labels(array)
-            shape = _votes(array)[0].shape
-            known = [_votes(a)[0].shape for a in self._outputs.values()]
+            ballot = _votes(array)
+            shape = ballot[0].shape
         else:
-            shape, known = array.shape, [a.shape for a in self._outputs.values()]
-        if mode != Mode.ALL and known and shape != known[0]:
-            raise RemoteProtocolError(f"{mode}: output shape {shape} differs from {known[0]}")
+            shape = array.shape
+        if mode != Mode.ALL and self._shape is not None and shape != self._shape:
+            raise RemoteProtocolError(f"{mode}: output shape {shape} differs from {self._shape}")
+        if self._shape is None:
+            self._shape = shape
+        return ballot
+
+    def _count_vote(self, votes: np.ndarray, abstain: np.ndarray | None) -> None:
+        if self._vote is None:
+            self._vote = _RunningVote(votes.shape, len(self.expected))
+        self._vote.add(votes, abstain)
+        self._margin = self._vote.margin()
 
     def is_done(self, now: float) -> bool:
         """Whether the result is ready; closes the aggregator at the deadline."""
@@ -305,10 +357,7 @@ class Aggregator:
 
     def _vote_decided(self) -> bool:
         """No outstanding vote can change any element's winner (needs at least one vote)."""
-        if not self._outputs:
-            return False
-        best, runner_up = _lead(*_ballots(self._outputs.values()))
-        return bool(np.all(best > runner_up + self._remaining()))
+        return self._vote is not None and self._margin > self._remaining()
 
     def result(self) -> AggregateResult:
         """The aggregate; LocalProtocolError before :meth:`is_done` returned True."""
@@ -330,11 +379,11 @@ class Aggregator:
             return outputs[self._order[0]], (), ()
         if mode == Mode.ALL:
             return tuple(outputs[s] for s in sources), (), ()
-        if mode == Mode.MAJORITY:
-            votes, abstain = _ballots(outputs[s] for s in sources)
-            winner, tied = majority_vote(votes, abstain)
-            none = () if abstain is None else np.flatnonzero(np.all(abstain, axis=0))
-            return winner, tuple(int(i) for i in np.flatnonzero(tied)), tuple(map(int, none))
+        if mode == Mode.MAJORITY:  # every output in is counted (none is, once done)
+            assert self._vote is not None  # (a result that is not failed has an output)
+            winner, tied, none = self._vote.outcome()
+            flat = (tuple(map(int, np.flatnonzero(where))) for where in (tied, none))
+            return winner, *flat
         weights = np.array([self.config.weights.get(s, 1.0) for s in sources], np.float64)
         weights /= weights.max()  # in (0, 1]: huge weights cannot overflow the sums
         arrays = [outputs[s].astype(np.float64) for s in sources]
