@@ -39,6 +39,7 @@ from meshinfer.proto.identity import FleetAuthority
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.proto.membership_wire import PacketKind
+from meshinfer.testing.fleet import ThrowawayFleet
 from meshinfer.testing.virtual_network import MembershipCluster
 
 TARGET = 0.999
@@ -79,18 +80,12 @@ class FleetSigners:
     (what node daemons run: certificate + XEdDSA proofs, checked with the fleet's trust)."""
 
     def __init__(self) -> None:
-        self.authority = FleetAuthority.create("bench-fleet")
+        self.fleet = ThrowawayFleet(FleetAuthority.create("bench-fleet"))
         self.signers: dict[str, CertifiedRecordAuthenticator] = {}
 
     def __call__(self, node_id: str) -> CertifiedRecordAuthenticator:
         if node_id not in self.signers:
-            identity = self.authority.enroll(
-                node_id,
-                ["vehicle"],
-                now=time.time(),
-                lifetime_s=86400,
-                serial=len(self.signers) + 1,
-            )
+            identity = self.fleet.enroll(node_id)
             self.signers[node_id] = CertifiedRecordAuthenticator(
                 identity.certificate,
                 identity.static_private,

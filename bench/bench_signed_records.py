@@ -28,7 +28,12 @@ import statistics
 import time
 from collections.abc import Callable
 
-from meshinfer.proto.identity import FleetAuthority, NodeIdentity
+from meshinfer.proto.identity import (
+    DEFAULT_CLOCK_SKEW_S,
+    FleetAuthority,
+    NodeIdentity,
+    RevocationList,
+)
 from meshinfer.proto.membership import Membership, MembershipConfig
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.proto.membership_wire import (
@@ -53,12 +58,19 @@ def state_of(identity: NodeIdentity, port: int = 47001) -> NodeState:
 
 
 def authenticator(identity: NodeIdentity) -> CertifiedRecordAuthenticator:
+    """As a node daemon builds it (:meth:`meshinfer.runtime.node.MeshNode`): the revocation list
+    in force looked up per certificate (an empty list here, as in most fleets) and each
+    certificate's validity judged against a wall clock (inside the enrolment's hour)."""
+    revocations = RevocationList(identity.trust.fleet_id)
     return CertifiedRecordAuthenticator(
         identity.certificate,
         identity.static_private,
         identity.trust,
         random_bytes=os.urandom,
+        revoked=revocations.is_revoked,
         cache_entries=1 << 16,
+        wallclock=lambda: NOW + 60,
+        clock_skew=DEFAULT_CLOCK_SKEW_S,
     )
 
 
