@@ -33,6 +33,7 @@ ride on the line the dispatch writes anyway, in the same statement: no row more 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 from meshinfer.errors import MeshInferError
@@ -104,8 +105,12 @@ def schema_version(db: sqlite3.Connection) -> int:
     return row[0] or 0
 
 
-#: The tables of a journal at version 1 or later (``sqlite_sequence`` is SQLite's own).
-_TABLES = frozenset({"schema_version", "tasks", "items", "results", "events", "counters"})
+#: The tables of a journal at version 1 or later (``sqlite_sequence`` is SQLite's own): those
+#: version 1 creates, read off its statements, and the version table itself.
+_TABLES = frozenset(
+    {"schema_version"}
+    | {m[1] for statement in _V1 if (m := re.match(r"CREATE TABLE (\w+)", statement))}
+)
 
 
 def check_is_journal(db: sqlite3.Connection) -> None:

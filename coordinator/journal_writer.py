@@ -11,6 +11,14 @@ A told call (:meth:`JournalWriter.tell`) has nobody to hear of its failure, so t
 it -- except a failure its owner's ``stale`` predicate calls the expected end of a race, not a
 fault (for the coordinator: :func:`coordinator.journal.item_ended`, a step of an item that
 ended before the call ran); those it counts (``stale_tells``) and logs at debug level only.
+
+What the writer needs of a journal beyond the calls themselves is two optional parts, each a
+protocol: :class:`GroupCommits` (``commit_group``: without it the calls of a group run one by
+one, each committing on its own) and :class:`Syncs` (``sync``: with it the writer's second
+thread syncs what a group committed, beside the next group; without it a ``commit_group``
+keeps its own sync, and a stand-in's calls are answered as they return).
+:class:`~coordinator.journal.Journal` has both; a stand-in for tests or benchmarks (the
+bench's ``NullJournal``) may have neither.
 """
 
 from __future__ import annotations
@@ -20,19 +28,46 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol, runtime_checkable
 
-from coordinator.journal import CallOutcome
+from coordinator.journal_types import CallOutcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
 
-__all__ = ["JournalWriter"]
+__all__ = ["GroupCommits", "JournalWriter", "Syncs"]
 
 log = logging.getLogger(__name__)
 
 #: A journal call: a function, or the name of a method of the journal.
 JournalCall = Callable[..., object] | str
+
+
+@runtime_checkable
+class GroupCommits(Protocol):
+    """A journal that runs several calls as one transaction (optional: see the module
+    docstring); :meth:`coordinator.journal.Journal.commit_group` says what it must do."""
+
+    def commit_group(
+        self,
+        calls: Sequence[Callable[[], object]],
+        *,
+        before_commit: Callable[[list[CallOutcome]], None] | None = None,
+        sync: bool = True,
+    ) -> list[CallOutcome]:
+        """Run ``calls`` in one transaction; with ``sync=False``, return before the sync."""
+        ...
+
+
+@runtime_checkable
+class Syncs(Protocol):
+    """A journal whose commits are durable only once :meth:`sync` returned (optional: see the
+    module docstring); thread-safe, it runs beside the next group's calls."""
+
+    def sync(self) -> None:
+        """Make every commit so far durable (raise ``OSError`` if that failed)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -59,9 +94,11 @@ class JournalWriter:
     writer runs the next group -- one sync covers every group committed meanwhile -- and only
     then resolves the callers' futures, all of a group in one wake-up of the event loop. So an
     answer still means "durable", and the sync no longer stalls the statements behind it.
-    ``journal`` returns the journal to commit on (read at each group; None before it is open).
-    An object without ``commit_group`` (a stand-in for tests or benchmarks) gets its calls one
-    by one, in order. A queued call always runs; a caller cancelled meanwhile gets no answer.
+    ``journal`` returns the journal to commit on (read at each group; None before it is open):
+    any object whose methods the calls name, and that is :class:`GroupCommits` and
+    :class:`Syncs` or not (see the module docstring): one without ``commit_group`` gets its
+    calls one by one, in order. A queued call always runs; a caller cancelled meanwhile gets
+    no answer.
 
     :meth:`call`, :meth:`tell`, :meth:`run`, :meth:`run_alone` and :meth:`aclose` run on the
     event loop (the first call binds the writer to that loop and starts the thread); the calls
@@ -227,11 +264,10 @@ class JournalWriter:
 
     @staticmethod
     def _sync(journal: object) -> BaseException | None:
-        sync = getattr(journal, "sync", None)
-        if sync is None:
+        if not isinstance(journal, Syncs):
             return None
         try:
-            sync()
+            journal.sync()
         except BaseException as exc:
             log.critical("the journal could not sync its log: %s", exc)
             return exc
@@ -283,16 +319,15 @@ class JournalWriter:
         return group
 
     def _execute(self, group: list[_Call], journal: object) -> list[CallOutcome]:
-        commit_group = getattr(journal, "commit_group", None)
-        if group[0].alone or commit_group is None:
+        if group[0].alone or not isinstance(journal, GroupCommits):
             return [_outcome_of(call.bound(journal)) for call in group]
         kw = {}
         if any(call.decided is not None for call in group):
             kw["before_commit"] = partial(self._hand_back, self._settle_decided, group)
-        if hasattr(journal, "sync"):
+        if isinstance(journal, Syncs):
             kw["sync"] = False  # the sync thread syncs it, while the next group runs
         try:
-            return commit_group([call.bound(journal) for call in group], **kw)
+            return journal.commit_group([call.bound(journal) for call in group], **kw)
         except BaseException as exc:  # rolled back: nothing in the group is durable
             return [CallOutcome(error=exc)] * len(group)
 
