@@ -124,6 +124,8 @@ class JournalWriter:
         self.name = name
         self._stale = stale  # which told-call failures are the expected end of a race
         self._journal = journal
+        #: (journal, commits groups, syncs) of the last journal looked at (:meth:`_abilities`)
+        self._known: tuple[object, bool, bool] | None = None
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
         self._next: _Call | None = None  # taken from the queue, opens the next group (thread)
         self._stopping = False  # the thread took the stop mark from the queue
@@ -262,12 +264,11 @@ class JournalWriter:
                 outcomes = [CallOutcome(error=failed)] * len(group)
             self._hand_back(self._settle, group, outcomes)
 
-    @staticmethod
-    def _sync(journal: object) -> BaseException | None:
-        if not isinstance(journal, Syncs):
+    def _sync(self, journal: object) -> BaseException | None:
+        if not self._abilities(journal)[1]:
             return None
         try:
-            journal.sync()
+            journal.sync()  # type: ignore[attr-defined]
         except BaseException as exc:
             log.critical("the journal could not sync its log: %s", exc)
             return exc
@@ -318,16 +319,27 @@ class JournalWriter:
             told_only = told_only and call.future is None
         return group
 
+    def _abilities(self, journal: object) -> tuple[bool, bool]:
+        """Whether ``journal`` commits groups and syncs, judged once per journal object (a
+        protocol ``isinstance`` costs ~5 us: per group, that is on the single task's path)."""
+        known = self._known
+        if known is None or known[0] is not journal:
+            commits, syncs = isinstance(journal, GroupCommits), isinstance(journal, Syncs)
+            self._known = known = (journal, commits, syncs)
+        return known[1], known[2]
+
     def _execute(self, group: list[_Call], journal: object) -> list[CallOutcome]:
-        if group[0].alone or not isinstance(journal, GroupCommits):
+        commits, syncs = self._abilities(journal)
+        if group[0].alone or not commits:
             return [_outcome_of(call.bound(journal)) for call in group]
         kw = {}
         if any(call.decided is not None for call in group):
             kw["before_commit"] = partial(self._hand_back, self._settle_decided, group)
-        if isinstance(journal, Syncs):
+        if syncs:
             kw["sync"] = False  # the sync thread syncs it, while the next group runs
         try:
-            return journal.commit_group([call.bound(journal) for call in group], **kw)
+            commit_group = journal.commit_group  # type: ignore[attr-defined]
+            return commit_group([call.bound(journal) for call in group], **kw)
         except BaseException as exc:  # rolled back: nothing in the group is durable
             return [CallOutcome(error=exc)] * len(group)
 
