@@ -22,7 +22,8 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,16 +46,13 @@ def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -
     """
     if path.is_dir() and not path.is_symlink():
         raise IdentityError(f"cannot write {path}: it is a directory")
-
-    def name(temporary: Path) -> bool:
+    temporary, written = _write_temporary(path, data, mode)
+    with _naming(path, temporary):
         if force:
             os.replace(temporary, path)
         else:
             _link_new(temporary, path, mode)
-        return True
-
-    written = _write_then_name(path, data, mode, name)
-    assert written is not None  # name() always names it
+    sync_directory(path.parent)
     return written
 
 
@@ -77,7 +75,9 @@ class FileStamp(NamedTuple):
 
 
 #: a stamp whose times are this recent (by our clock) may yet hide a change: file systems keep
-#: times at up to 2 s granularity (FAT), and a network file system's clock may run a little late
+#: times at up to 2 s granularity (FAT), and a network file system's clock may run a little late.
+#: (:mod:`meshinfer.runtime.revocations` instead watches a stamp this long by its own monotonic
+#: clock, which no offset between the two clocks can fool.)
 STAMP_SETTLE_NS = 5_000_000_000
 
 
@@ -107,13 +107,13 @@ def replace_unchanged(
     would send the rest of their writes to a file nobody can read. The contents are compared,
     not a stamp: a change within the file system's time granularity keeps mtime and size."""
 
-    def name(temporary: Path) -> bool:
+    temporary, written = _write_temporary(path, data, mode)
+    with _naming(path, temporary):
         if _current_bytes(path, expected) != expected:
-            return False
+            return None
         os.replace(temporary, path)
-        return True
-
-    return _write_then_name(path, data, mode, name)
+    sync_directory(path.parent)
+    return written
 
 
 def _current_bytes(path: Path, expected: bytes | None) -> bytes | None:
@@ -126,29 +126,11 @@ def _current_bytes(path: Path, expected: bytes | None) -> bytes | None:
         return None
 
 
-def _write_then_name(
-    path: Path, data: bytes, mode: int, name: Callable[[Path], bool]
-) -> os.stat_result | None:
-    """Write ``data`` to a temporary file beside ``path`` (created with ``mode``, flushed to
-    disk), then have ``name(temporary)`` give it ``path``'s name, and flush the directory;
-    the file's status as written. ``name`` returns False to leave ``path`` as it is (then None).
-    The temporary file never outlives the call; an ``OSError`` is an :class:`IdentityError`
-    naming ``path``."""
+def _write_temporary(path: Path, data: bytes, mode: int) -> tuple[Path, os.stat_result]:
+    """A new temporary file beside ``path`` (created with ``mode``) holding ``data``, flushed
+    to disk, and its status as written. Every failure is an :class:`IdentityError` naming
+    ``path``, and leaves no temporary file; on success the caller removes it (:func:`_naming`)."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    written = _write_temporary(temporary, data, mode, path)
-    try:
-        if not name(temporary):
-            return None
-    except OSError as exc:
-        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        _remove_quietly(temporary)
-    sync_directory(path.parent)
-    return written
-
-
-def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.stat_result:
-    """Write and fsync ``temporary`` (created with ``mode``); return its status."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
     try:
         fd = os.open(temporary, flags, mode)
@@ -159,16 +141,31 @@ def _write_temporary(temporary: Path, data: bytes, mode: int, path: Path) -> os.
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-            return os.fstat(file.fileno())
+            return temporary, os.fstat(file.fileno())
     except OSError as exc:
         _remove_quietly(temporary)
         raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
 
 
+@contextmanager
+def _naming(path: Path, temporary: Path) -> Iterator[None]:
+    """Around giving the finished ``temporary`` the name ``path``: an ``OSError`` is an
+    :class:`IdentityError` naming ``path``, and ``temporary`` never outlives the block (once
+    named, the name that is left is only a second link to the file, or none)."""
+    try:
+        yield
+    except OSError as exc:
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        _remove_quietly(temporary)
+
+
 def _link_new(temporary: Path, path: Path, mode: int) -> None:
     """Give the finished ``temporary`` the name ``path`` unless that name exists (even as a
     dangling symlink). Where the file system has no hard links, the name is reserved by
-    creating it exclusively, then the temporary file is renamed over it."""
+    creating an empty placeholder exclusively, then the temporary file is renamed over it; if
+    that rename fails, the placeholder is removed (so a retry is not told the file exists), but
+    only while the name still holds our placeholder, not a file someone put there meanwhile."""
     try:
         try:
             os.link(temporary, path)
@@ -176,12 +173,41 @@ def _link_new(temporary: Path, path: Path, mode: int) -> None:
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode))
+        placeholder = _create_empty(path, mode)
     except FileExistsError:
         raise IdentityError(
             f"{path} already exists; refusing to overwrite it (use --force)"
         ) from None
-    os.replace(temporary, path)
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        _remove_if_same(path, placeholder)
+        raise
+
+
+def _create_empty(path: Path, mode: int) -> os.stat_result:
+    """Create the empty file ``path`` (``FileExistsError`` if the name exists); its status."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_if_same(path: Path, created: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file ``created`` describes (same device, inode and
+    change time, still empty); leave anything else there. Best effort."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return
+    if _identity(now) == _identity(created) and now.st_size == 0:
+        _remove_quietly(path)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """Which file a status is of: a file made later in a freed inode has a later ctime."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _remove_quietly(path: Path) -> None:

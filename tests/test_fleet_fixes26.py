@@ -178,7 +178,7 @@ def test_a_file_changed_since_it_was_read_is_not_replaced(tmp_path):
 
 _CUT_SHORT = """
 import os, signal, sys
-import meshinfer.identity_files as files
+import meshinfer.fleet_dir as files
 renames = []
 real = files._rename
 def rename(source, target):

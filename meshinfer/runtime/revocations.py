@@ -46,7 +46,20 @@ restart reads. A file that does not parse (damaged, or still being copied in) is
 over: a warning names it, the last good list stays in force, and the file is read again when it
 changes. Nor is a file that changed since it was last read (the node reads it first; its bytes
 are compared, as a stat cannot tell a change made within the file system's time granularity at
-the same size: a file whose stamp is that recent is read again at the next look). Versions
+the same size). A file that cannot be read at all (a directory, too large, no permission) is
+named in a warning once per problem, not at each look.
+
+The watch is a stat at each look, and a read only when the stat may hide a change. A stamp
+(:class:`~meshinfer.atomic_files.FileStamp`) hides changes made within the file system's time
+granularity (up to 2 s) of the write that set it, so it is read again at each look until this
+node has seen that same stamp for ``STAMP_SETTLE_NS`` (5 s) by its own monotonic clock: the
+write that set the stamp came before the look that first saw it, so any write made after that
+look plus the granularity gets a new stamp. That holds whatever the offset between this host's
+wall clock and the file system's (a network file system's server, a FAT clock set wrong): only
+the rates of the two clocks matter, not their readings. (Comparing the stamp's times with this
+host's wall clock instead, as before, took a file as settled at once when the host clock ran
+more than 5 s ahead of the file system's, and missed a same-size change made within the
+granularity; with the host behind, it read the file at each look until the clocks met.) Versions
 compare the highest sequence numbers only: the authority numbers its entries 1, 2, 3... and
 every list it writes holds all of them, so a list with the same version holds the same entries.
 
@@ -59,13 +72,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from meshinfer.atomic_files import FileStamp, file_stamp, replace_unchanged, stamp_settled
+from meshinfer.atomic_files import STAMP_SETTLE_NS, FileStamp, file_stamp, replace_unchanged
 from meshinfer.errors import IdentityError, RevocationError
 from meshinfer.identity_files import parse_revocations, read_revocations
 from meshinfer.proto.identity import (
@@ -86,6 +98,7 @@ from meshinfer.runtime.session import Admission, Session
 log = logging.getLogger(__name__)
 
 _log_failure = log_failure(log, "revocation step")
+_SETTLE_S = STAMP_SETTLE_NS / 1e9  # how long a stamp is watched before it counts as settled
 
 
 @dataclass(frozen=True)
@@ -175,10 +188,13 @@ class RevocationSync:
             patience=self.config.ask_timeout_s,
             answer_interval=self.config.answer_interval_s,
         )
-        #: the list file's stamp when last looked at (None: absent, or not looked at yet), and
-        #: whether it was old enough then to show any later change (else the next look reads)
+        #: the list file's stamp when last looked at (None: absent, or not looked at yet), the
+        #: loop time that stamp was first seen, and whether the file was last read once it had
+        #: been seen long enough to show any later change (else the next look reads it again)
         self._seen_file: FileStamp | None = None
+        self._seen_since = self._loop.time()
         self._seen_settled = True
+        self._problem: str | None = None  # why the file could not be read, as last warned
         #: the file's bytes as last read or written (None: absent, or unreadable)
         self._seen_bytes: bytes | None = None
         self._file_unusable = False  # the file as last read does not parse: never written over
@@ -272,26 +288,33 @@ class RevocationSync:
 
     async def _read_file_if_changed(self) -> RevocationList | None:
         """The file's list if its bytes changed since last read (call holding ``_file_lock``).
-        A stat first: a file whose stamp is unchanged and settled (:func:`stamp_settled`) is not
-        read. A file that does not parse (damaged, or half-copied by an operator) is logged and
-        marked unusable until it changes: the list in force stays, and is not written over it.
-        The look (a stat) runs in a worker thread too: on a network file system it can block."""
+        A stat first: a file whose stamp is unchanged since a read made once that stamp had
+        settled (seen for ``STAMP_SETTLE_NS``, see the module docstring) is not read. A file
+        that does not parse (damaged, or half-copied by an operator) is logged and marked
+        unusable until it changes: the list in force stays, and is not written over it. One
+        that cannot be read is warned about once per problem. The look (a stat) runs in a
+        worker thread too: on a network file system it can block."""
         if self.store is None:
             return None
-        stamp, settled = await asyncio.to_thread(_look, self.store)
-        if stamp == self._seen_file and self._seen_settled:  # unchanged, or still absent
+        stamp = await asyncio.to_thread(file_stamp, self.store)
+        now = self._loop.time()  # after the stat: the stamp was there by then
+        if stamp != self._seen_file:
+            self._seen_file, self._seen_since = stamp, now
+        elif self._seen_settled:  # unchanged since a read that any later change would show in
             return None
-        # if it changes again while read, its stamp changes (or is unsettled): read again then
-        self._seen_file, self._seen_settled = stamp, settled
+        # the read below comes after ``now``: once the stamp has been seen for the settle window,
+        # a change made after that read gets a new stamp
+        self._seen_settled = stamp is None or now - self._seen_since >= _SETTLE_S
         if stamp is None:
-            self._seen_bytes, self._file_unusable = None, False
+            self._seen_bytes, self._file_unusable, self._problem = None, False, None
             return None
         try:
             data = await asyncio.to_thread(read_revocations, self.store)
         except IdentityError as exc:  # unreadable, too large, or gone meanwhile
             self._seen_bytes, self._file_unusable = None, True
-            log.warning("revocation list file not used: %s", exc)
+            self._warn_unreadable(str(exc))
             return None
+        self._problem = None
         if data == self._seen_bytes:  # touched, or our own write read back: nothing new
             return None
         self._seen_bytes, self._file_unusable = data, False
@@ -306,6 +329,13 @@ class RevocationSync:
                 self.version,
             )
             return None
+
+    def _warn_unreadable(self, problem: str) -> None:
+        """Warn that the file cannot be read, unless that is what was warned of last (the file
+        is read again at each look while its stamp settles, and after each change)."""
+        if problem != self._problem:
+            self._problem = problem
+            log.warning("revocation list file not used: %s", problem)
 
     # --- peers' questions and answers --------------------------------------------------------
 
@@ -454,12 +484,6 @@ class RevocationSync:
             step.close()
             return
         self._steps.spawn(step)
-
-
-def _look(path: Path) -> tuple[FileStamp | None, bool]:
-    """The file's stamp (None: absent), and whether it is settled. Runs in a worker thread."""
-    stamp = file_stamp(path)
-    return stamp, stamp is not None and stamp_settled(stamp, time.time_ns())
 
 
 def _write(path: Path, listed: RevocationList, seen: bytes | None) -> bytes | None:
