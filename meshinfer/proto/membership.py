@@ -31,7 +31,7 @@ Four periodic activities run off the timers, each first scheduled at a random ph
     Anti-entropy with one random live member; both sides merge. With ``push_pull_digests`` (the
     default) it takes three packets: a digest of this node's table (a few bytes per member), a
     reply with the records the digest lacked or listed otherwise plus the ids whose records the
-    replier wants, and those records (see "Digests" in :mod:`membership_table`). Otherwise
+    replier wants, and those records (see "Digests" in :mod:`membership_store`). Otherwise
     both sides send their whole tables (two packets).
 ``reconnect`` (every ``reconnect_interval``)
     The same exchange with one random *dead* member, so a partition heals once its links are
