@@ -22,7 +22,7 @@ API_VERSION = "1.0.0"
 ERROR_CODES = (
     "bad_json", "invalid_task", "bad_parameter", "bad_request", "unauthorized", "not_found",
     "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "busy", "internal",
-    "invalid_revocations", "unavailable", "insufficient_storage",
+    "invalid_revocations", "unavailable", "insufficient_storage", "expectation_failed",
 )  # fmt: skip
 
 Schema = dict[str, Any]
@@ -261,6 +261,9 @@ _ERROR_RESPONSES = {
     " than UTF-8 (code unsupported_media_type).",
     "503": "Too many submissions are being uploaded; retry after Retry-After (code busy); or"
     " this coordinator runs no revocation sync (code unavailable).",
+    "417": "An Expect header other than 100-continue (code expectation_failed). A body sent"
+    " with Expect: 100-continue is asked for only once the request has passed every check"
+    " made before reading it (token, size, media type).",
     "500": "The coordinator failed; the error is logged (code internal).",
     "507": "The coordinator is out of disk space: the request changed nothing (code"
     " insufficient_storage).",
@@ -293,7 +296,7 @@ _LOCATION = {"Location": _header("the task's path, /v1/tasks/{id}", _STR)}
 
 def _operation(op_id: str, summary: str, ok: dict[str, dict], errors: str = "", **extra) -> dict:
     responses = dict(ok)
-    for status in ["401", "500", *errors.split()]:
+    for status in ["401", "417", "500", *errors.split()]:
         responses[status] = {"$ref": f"#/components/responses/E{status}"}
     return {"operationId": op_id, "summary": summary, "tags": ["coordinator"],
             "responses": dict(sorted(responses.items())), **extra}  # fmt: skip
