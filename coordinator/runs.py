@@ -23,7 +23,8 @@ No I/O and no clock reads: ``now`` is passed in. The service drives it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import msgpack
 import numpy as np
@@ -64,6 +65,37 @@ class ItemRun:
     #: (attempt, node) of every send of the item by this coordinator (and of the dispatch the
     #: journal had at recovery): a result for one of those attempts counts only from its node
     sent: set[tuple[int, str]] = field(default_factory=set)
+
+    @classmethod
+    def at_attempt(cls, item: WorkItem, attempt: int, *, refused: int = 0) -> ItemRun:
+        """A live item at ``attempt`` (the item sent carries that number)."""
+        return cls(_with_attempt(item, attempt), attempt, refused=refused)
+
+    def next_attempt(self) -> None:
+        """Move on to the attempt after this one (the item sent carries its number)."""
+        self.attempt += 1
+        self.item = _with_attempt(self.item, self.attempt)
+
+    def sent_to(self, attempt: int, node: str) -> bool:
+        """Whether the item's current attempt is ``attempt`` and went to ``node``: only then does
+        that node's answer about it count (relayed answers come from the node it was sent to)."""
+        return self.attempt == attempt and self.node == node
+
+    def may_answer(self, attempt: int, node: str) -> bool:
+        """Whether ``node`` may answer ``attempt`` of the item: this coordinator sent it that
+        attempt, or the journal has that attempt's dispatch to it (from before a restart). Any
+        other member's result is forged or misrouted: it would become the task's output. (An
+        attempt sent before a restart whose dispatch the journal lacks runs again: the answer to
+        that send is the one that counts.)"""
+        return (attempt, node) in self.sent
+
+    def nodes_of(self, attempt: int) -> str:
+        """The nodes ``attempt`` of the item was sent to, sorted, comma-separated ("" if none)."""
+        return ", ".join(sorted(n for a, n in self.sent if a == attempt))
+
+
+def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
+    return item if item.attempt == attempt else replace(item, attempt=attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +239,23 @@ class TaskRun:
 
     def deadline(self) -> float | None:
         return self.aggregator.deadline() if self.aggregator else None
+
+    def deadline_error(self) -> str:
+        """Why the task failed at its deadline (the start of it: what waited may be said after),
+        with how many of its items were still running, and on which nodes (the busiest 3)."""
+        done, total = len(self.results), len(self._ids)
+        error = f"deadline of {self.spec.deadline_s:g} s passed with {done} of {total} items done"
+        on = Counter(e.node for e in self.items.values() if e.node is not None)
+        if not on:
+            return error
+        ranked = sorted(on.items(), key=lambda pair: (-pair[1], pair[0]))
+        if len(ranked) == 1:
+            return f"{error}; {on.total()} of them running on {ranked[0][0]}"
+        named = ", ".join(f"{count} on {node}" for node, count in ranked[:3])
+        if len(ranked) > 3:
+            rest = ranked[3:]
+            named += f" (and {sum(c for _, c in rest)} on {len(rest)} more nodes)"
+        return f"{error}; {on.total()} of them running: {named}"
 
     def _settle(self, now: float) -> None:
         if self.outcome is not None:

@@ -127,7 +127,6 @@ from coordinator.service_config import (
     Attempt,
     CoordinatorConfig,
     CoordinatorStats,
-    _deadline_passed,
     _pop_timer,
     fold_gone_nodes,
 )
@@ -207,7 +206,8 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         #: per live task, the timer of its deadline or of its aggregation's timeout
         self._task_timers: dict[str, asyncio.TimerHandle] = {}
         #: each member's models, roles and links as sets, as of its gossiped state object, and
-        #: when (loop time) this coordinator first saw its position and velocity as they are
+        #: when (loop time) the dispatcher first read its position and velocity as they are
+        #: (written by placement only: nodes() and waiting() read it, Dispatch._known)
         self._sets_of: dict[str, _KnownState] = {}
         #: the members' views as the dispatch loop read them for the items queued together
         #: (None once it waits for more: see Dispatch._view_bases)
@@ -322,7 +322,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
             # past its deadline: it fails here, its items unsent (they would go with no time)
             expired = run.expires_at is not None and run.expires_at <= now
             if expired and run.aggregator is None and not run.done:
-                error = f"{_deadline_passed(run)} {_WHILE_DOWN}"
+                error = f"{run.deadline_error()} {_WHILE_DOWN}"
                 log.info("task %s failed: %s", run.task_id, error)
                 run.outcome = Outcome(False, error=error)
             attempts = await self._attempts_of(rec)
@@ -495,7 +495,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
                 why[item_id] = "its input is being hashed (to be sent by reference)"
                 continue
             if views is None:
-                views, full = self._views(), self._full_nodes()
+                views, full = self._views(keep=False), self._full_nodes()
             key = self._placement(run, entry)
             if key not in by_class:
                 by_class[key] = unplaced_reason(
@@ -511,8 +511,10 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         the round trip its membership probes measured (``rtt_ms``) and the seconds until it is
         expected to leave the radio range of the roadside infrastructure (``contact_s``, as the
         ``contact_aware`` policy estimates it: :func:`~meshinfer.proto.contact.node_contact_s`;
-        None: unknown, which counts as long enough). A member that died or left has no
-        ``queue_depth``, ``rtt_ms`` nor ``contact_s`` (None): its last ones are stale."""
+        None: unknown, which counts as long enough; its position aged from when the dispatcher
+        first read it, or taken as current if it did not yet: this read starts no age). A member
+        that died or left has no ``queue_depth``, ``rtt_ms`` nor ``contact_s`` (None): its last
+        ones are stale."""
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -524,7 +526,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
             s = m.state
             contact_s = None
             if m.is_live:
-                age_s = now - self._known(m.node_id, s, now).placed_at
+                age_s = now - self._known(m.node_id, s, now, keep=False).placed_at
                 contact_s = node_contact_s(s, infrastructure, radio_range_m, age_s=age_s)
             out.append({
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),
@@ -614,6 +616,10 @@ def _log_death(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.critical("coordinator task %s died", task.get_name(), exc_info=task.exception())
 
+
+#: What a passed deadline left undone, now :meth:`TaskRun.deadline_error`, under its old name
+#: (tests/test_agg_fixes27b.py imports it from here).
+_deadline_passed = TaskRun.deadline_error
 
 #: Also importable from here, as before the split: the config, stats and the gone-nodes series
 #: that live in :mod:`coordinator.service_config`.

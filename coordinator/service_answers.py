@@ -31,9 +31,6 @@ from coordinator.runs import ItemRun, Outcome, TaskRun, encode_outcome
 from coordinator.service_config import (
     _TRANSIENT,
     KEEP_GONE_NODES,
-    _may_answer,
-    _nodes_of,
-    _sent_to,
     fold_gone_nodes,
 )
 from meshinfer.errors import RemoteProtocolError
@@ -58,7 +55,7 @@ class NodeAnswers:
 
     def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
         pair = self._items.get(msg.item_id)
-        if pair is None or not self._started or not _sent_to(pair[1], msg.attempt, peer):
+        if pair is None or not self._started or not pair[1].sent_to(msg.attempt, peer):
             return  # stale: e.g. a send before a restart (the same attempt is sent again)
         self._loop.call_later(
             self.config.running_mark_delay_s, self._mark_running, msg.item_id, msg.attempt
@@ -82,11 +79,11 @@ class NodeAnswers:
         try:
             pair = self._items.get(msg.item_id)
             known = pair[1] if pair is not None else self._failing.get(msg.item_id)
-            if known is not None and not _may_answer(known, msg.attempt, peer):
+            if known is not None and not known.may_answer(msg.attempt, peer):
                 self.stats_.foreign_results += 1
                 log.warning(
                     "refused a result of %s attempt %d from %s: that attempt went to %s",
-                    msg.item_id, msg.attempt, peer, _nodes_of(known, msg.attempt) or "no node",
+                    msg.item_id, msg.attempt, peer, known.nodes_of(msg.attempt) or "no node",
                 )  # fmt: skip
                 return
             msg = self._credited(peer, msg)
@@ -138,13 +135,13 @@ class NodeAnswers:
         (``sent_to``): that dispatch counts as journaled while the write is under way (no
         ``mark_dispatched`` after it), and no longer once a write failed (a crash or a failure
         of the item then finds the journal's item as it was)."""
-        sent = pair is not None and _sent_to(pair[1], msg.attempt, peer)
+        sent = pair is not None and pair[1].sent_to(msg.attempt, peer)
         blob, failures, ending = messages.encode(msg), 0, None
 
         async def write() -> tuple[bool, TaskEnd | None]:
             nonlocal failures, ending
             ending = self._ending_with(msg)  # (again: the run may have moved on meanwhile)
-            entry = pair[1] if sent and _sent_to(pair[1], msg.attempt, peer) else None
+            entry = pair[1] if sent and pair[1].sent_to(msg.attempt, peer) else None
             before = entry.journaled if entry is not None else 0
             if entry is not None:
                 entry.journaled = msg.attempt
@@ -198,7 +195,7 @@ class NodeAnswers:
         late answer after a retry): ``TaskCancel`` to the node running the later attempt, which
         would finish wasted work once the item is dropped here (and no longer counted on it)."""
         pair = self._items.get(msg.item_id)
-        if pair is None or pair[1].node is None or _sent_to(pair[1], msg.attempt, peer):
+        if pair is None or pair[1].node is None or pair[1].sent_to(msg.attempt, peer):
             return
         node = pair[1].node
         log.info("%s answered by %s (attempt %d): cancelling attempt %d on %s",
@@ -294,7 +291,7 @@ class NodeAnswers:
 
     def _on_failed(self, peer: str, msg: TaskFailed) -> None:
         pair = self._items.get(msg.item_id)
-        if pair is None or not _sent_to(pair[1], msg.attempt, peer):
+        if pair is None or not pair[1].sent_to(msg.attempt, peer):
             return  # stale (see _on_accepted); relayed failures come from the node sent to
         run, entry = pair
         if msg.code == FailureKind.INPUT_NOT_CACHED:

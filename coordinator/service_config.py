@@ -3,10 +3,11 @@
 :class:`CoordinatorConfig` (every knob, checked when built), :class:`CoordinatorStats` (the
 counters ``stats()`` and ``/metrics`` show), :func:`fold_gone_nodes` (bounds
 ``completed_by_node``), an item's attempt as the journal has it (:data:`Attempt`), the retry
-constants of a journal write (``END_RETRY_*``, ``_TRANSIENT``), and small functions over an
-:class:`~coordinator.runs.ItemRun` or a :class:`~coordinator.runs.TaskRun` (which node may answer
-an attempt, what a passed deadline left undone) and over maps of timers. What the knobs do is
-told in :mod:`coordinator.service`, from which the public names here are importable too.
+constants of a journal write (``END_RETRY_*``, ``_TRANSIENT``) and small functions over maps
+of timers. (Which node may answer an item's attempt, and what a passed deadline left undone, are
+methods of :class:`~coordinator.runs.ItemRun` and :class:`~coordinator.runs.TaskRun`.) What the
+knobs do is told in :mod:`coordinator.service`, from which the public names here are importable
+too.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ import asyncio
 import math
 import sqlite3
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from coordinator.journal import TransientJournalError
-from coordinator.runs import ItemRun, TaskRun
 from meshinfer.errors import ConfigError
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
-from meshinfer.proto.tasks import WorkItem
 
 #: An item's attempt as the journal has it at recovery: (attempt, refused, the (attempt, node)
 #: of each journaled dispatch of an earlier attempt). An item waiting to be sent has only
@@ -173,44 +172,3 @@ def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
 def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
     _pop_timer(timers, key)
     timers[key] = timer
-
-
-def _deadline_passed(run: TaskRun) -> str:
-    """Why a task failed at its deadline (the start of it: what waited may be said after),
-    with how many of its items were still running, and on which nodes (the busiest 3)."""
-    done, total = len(run.results), len(run.all_item_ids())
-    error = f"deadline of {run.spec.deadline_s:g} s passed with {done} of {total} items done"
-    on = Counter(e.node for e in run.items.values() if e.node is not None)
-    if not on:
-        return error
-    ranked = sorted(on.items(), key=lambda pair: (-pair[1], pair[0]))
-    if len(ranked) == 1:
-        return f"{error}; {on.total()} of them running on {ranked[0][0]}"
-    named = ", ".join(f"{count} on {node}" for node, count in ranked[:3])
-    if len(ranked) > 3:
-        rest = ranked[3:]
-        named += f" (and {sum(c for _, c in rest)} on {len(rest)} more nodes)"
-    return f"{error}; {on.total()} of them running: {named}"
-
-
-def _sent_to(entry: ItemRun, attempt: int, node: str) -> bool:
-    """Whether the item's current attempt is ``attempt`` and went to ``node``: only then does
-    that node's answer about it count (relayed answers come from the node it was sent to)."""
-    return entry.attempt == attempt and entry.node == node
-
-
-def _may_answer(entry: ItemRun, attempt: int, node: str) -> bool:
-    """Whether ``node`` may answer ``attempt`` of the item: this coordinator sent it that
-    attempt, or the journal has that attempt's dispatch to it (from before a restart). Any
-    other member's result is forged or misrouted: it would become the task's output. (An
-    attempt sent before a restart whose dispatch the journal lacks runs again: the answer to
-    that send is the one that counts.)"""
-    return (attempt, node) in entry.sent
-
-
-def _nodes_of(entry: ItemRun, attempt: int) -> str:
-    return ", ".join(sorted(n for a, n in entry.sent if a == attempt))
-
-
-def _with_attempt(item: WorkItem, attempt: int) -> WorkItem:
-    return item if item.attempt == attempt else replace(item, attempt=attempt)

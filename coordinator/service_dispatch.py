@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from coordinator.runs import ItemRun, TaskRun
-from coordinator.service_config import Attempt, _pop_timer, _replace_timer, _with_attempt
+from coordinator.service_config import Attempt, _pop_timer, _replace_timer
 from meshinfer.proto.contact import infrastructure_positions, node_contact_s
 from meshinfer.proto.scheduling import NodeView, choose, requirements
 from meshinfer.proto.tasks_wire import TaskAssign
@@ -39,7 +39,7 @@ from meshinfer.proto.tasks_wire import TaskAssign
 class _KnownState(NamedTuple):
     """What :meth:`Coordinator._views` keeps of a member, as of its gossiped state object
     (``state``; a new object, gossiped anew, is read again): its models (id, version), roles
-    and links as sets, and when (loop time) this coordinator first saw its position and
+    and links as sets, and when (loop time) the dispatcher first read its position and
     velocity as they are (the age :func:`~meshinfer.proto.contact.node_contact_s` takes)."""
 
     state: Any
@@ -58,7 +58,7 @@ class Dispatch:
         the journal has it (recovery), else a first attempt."""
         for item in run.ready():
             attempt, refused, sent = attempts.get(item.item_id, (1, 0, frozenset()))
-            entry = ItemRun(_with_attempt(item, attempt), attempt, refused=refused)
+            entry = ItemRun.at_attempt(item, attempt, refused=refused)
             entry.sent.update(sent)  # earlier attempts went there: only their results count
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
@@ -126,27 +126,30 @@ class Dispatch:
             self._assign(pair[1], None)
         return pair
 
-    def _views(self) -> list[NodeView]:
+    def _views(self, *, keep: bool = True) -> list[NodeView]:
         """What the scheduling policies see of each reachable live member, with the items this
         coordinator has on each node (``_busy``) as its queue depth where they are more than it
-        gossiped: read now, or from the views the dispatch loop read for its current burst."""
+        gossiped: read now, or from the views the dispatch loop read for its current burst
+        (``keep``: see :meth:`_known`)."""
         in_flight = self._busy
         if self._burst_views is None:
-            return self._view_bases(in_flight)
+            return self._view_bases(in_flight, keep=keep)
         return [
             replace(view, queue_depth=n) if (n := in_flight.get(view.node_id, 0)) > view.queue_depth
             else view
             for view in self._burst_views
         ]  # fmt: skip
 
-    def _view_bases(self, in_flight: Mapping[str, int] | None = None) -> list[NodeView]:
+    def _view_bases(
+        self, in_flight: Mapping[str, int] | None = None, *, keep: bool = True
+    ) -> list[NodeView]:
         """What the scheduling policies see of each reachable live member, its queue depth as
         it gossiped it, or the items ``in_flight`` on it where more (:meth:`_views`). A member whose
         certificate is revoked is left out whatever membership says of it
         (:mod:`coordinator.certificates`). The dispatch loop reads them once for the items
         queued together (``_burst_views``, None while it waits: no other task runs between
         those items, so membership, reachability and revocations stay as they are; its sends
-        change only ``_busy``)."""
+        change only ``_busy``). ``keep``: see :meth:`_known`."""
         membership = self.mesh.membership
         if membership is None:
             return []
@@ -157,7 +160,7 @@ class Dispatch:
             if not self._reach.reachable(m) or self._certificates.revoked(m.node_id):
                 continue
             s = m.state
-            known = self._known(m.node_id, s, now)
+            known = self._known(m.node_id, s, now, keep=keep)
             views.append(NodeView(
                 node_id=m.node_id, alive=m.status.value == "alive", models=known.models,
                 roles=known.roles, has_gpu=s.gpu_free_mb > 0,
@@ -170,23 +173,29 @@ class Dispatch:
                     s, infrastructure, self.config.radio_range_m, age_s=now - known.placed_at
                 ),
             ))  # fmt: skip
-        if len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget theirs
+        if keep and len(self._sets_of) > 2 * len(views) + 64:  # members gone for good: forget
             self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}
         return views
 
-    def _known(self, node: str, state: Any, now: float) -> _KnownState:
+    def _known(self, node: str, state: Any, now: float, *, keep: bool = True) -> _KnownState:
         """What is kept of ``node`` as of its gossiped ``state`` (read again once that object
-        is new; its position's age restarts only when its position or velocity changed)."""
+        is new; its position's age restarts only when its position or velocity changed).
+        ``keep=False`` (an API read: ``nodes``, ``waiting``) keeps nothing new: a member the
+        dispatcher did not read yet, or not as of ``state``, gets a throwaway entry (a position
+        it did not read yet is taken as current), so what the scheduler sees does not hang on
+        whether, and when, someone asked."""
         known = self._sets_of.get(node)
         if known is None or known.state is not state:
             same_place = known is not None and _motion(known.state) == _motion(state)
-            known = self._sets_of[node] = _KnownState(
+            known = _KnownState(
                 state=state,
                 models=frozenset((x.model_id, x.version) for x in state.models),
                 roles=frozenset(state.roles),
                 links=frozenset(state.links),
                 placed_at=known.placed_at if same_place else now,  # (its age starts here)
             )
+            if keep:
+                self._sets_of[node] = known
         return known
 
     def _send(self, run: TaskRun, entry: ItemRun, node: str) -> None:

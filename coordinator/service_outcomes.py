@@ -35,9 +35,7 @@ from coordinator.service_config import (
     END_RETRY_FIRST_S,
     END_RETRY_MAX_S,
     Attempt,
-    _deadline_passed,
     _replace_timer,
-    _with_attempt,
 )
 from meshinfer.errors import LocalProtocolError, RemoteProtocolError
 
@@ -80,8 +78,7 @@ class TaskOutcomes:
         log.info("retrying %s (attempt %d %s: %s)", item_id, attempt, outcome, reason)
         self._journal_dispatch(entry)  # the failure needs it first (and journals it, if lost)
         failure = partial(_journal_retry, self, item_id, entry.node, attempt, reason, not counted)
-        entry.attempt += 1
-        entry.item = _with_attempt(entry.item, entry.attempt)
+        entry.next_attempt()
         entry.retrying = reason
         self._assign(entry, None)
         delay = 0.0
@@ -227,7 +224,7 @@ class TaskOutcomes:
     def _on_deadline(self, run: TaskRun) -> None:
         if self._runs.get(run.task_id) is not run or run.done:
             return
-        error = _deadline_passed(run) + self._waited(run)
+        error = run.deadline_error() + self._waited(run)
         log.info("task %s failed: %s", run.task_id, error)
         run.outcome = Outcome(False, error=error)
         self._steps.spawn(self._finish(run, run.outcome))

@@ -243,6 +243,9 @@ class OrderedInputs:
         coordinator's inputs evicted it, before this call's turn), the caller was given the
         bytes it named, where the ``get`` in turn misses: one round trip saved, the cache as
         it would be."""
+        # The executor calls this only while busy, but the idle case stays: a get queued
+        # behind nothing would never be taken (only a hash's end advances the queue), leaving
+        # it busy, and every later fetch waiting, until some big input came.
         if not self._queue:
             return self.cache.get(digest) if digest in self.cache else None
         data = None if self._closed else self.cache.peek(digest)
