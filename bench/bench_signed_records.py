@@ -58,7 +58,7 @@ def state_of(identity: NodeIdentity, port: int = 47001) -> NodeState:
 
 
 def authenticator(identity: NodeIdentity) -> CertifiedRecordAuthenticator:
-    """As a node daemon builds it (:meth:`meshinfer.runtime.node.MeshNode`): the revocation list
+    """As a node daemon builds it (:class:`meshinfer.runtime.node.MeshNode`): the revocation list
     in force looked up per certificate (an empty list here, as in most fleets) and each
     certificate's validity judged against a wall clock (inside the enrolment's hour)."""
     revocations = RevocationList(identity.trust.fleet_id)

@@ -60,11 +60,10 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
-from coordinator.service_config import _pop_timer, _replace_timer
-from meshinfer.errors import MeshInferError
+from meshinfer.errors import MeshInferError, log_failure
 from meshinfer.proto.membership import Member, MemberEvent, MemberEventKind
 from meshinfer.proto.messages import Ping
-from meshinfer.runtime.loop import log_failure
+from meshinfer.runtime.loop import pop_timer, replace_timer
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.revocations import CutOff
 from meshinfer.runtime.session import Session
@@ -211,7 +210,7 @@ class Reachability:
             log.warning(
                 "certificate %d of %s is revoked: re-dispatching its items", cut.serial, node
             )
-            _pop_timer(self._resend_after_cut, node)  # (moved instead)
+            pop_timer(self._resend_after_cut, node)  # (moved instead)
             self._on_lost(node, f"the certificate of {node} (serial {cut.serial}) was revoked")
         elif node in self._resend_after_cut:  # it answered a probe while this session was cut
             self._resend(node)
@@ -341,9 +340,9 @@ class Reachability:
             overdue = asyncio.get_running_loop().call_later(
                 self.cut_wait_s, self._cut_overdue, node
             )
-            _replace_timer(self._resend_after_cut, node, overdue)
+            replace_timer(self._resend_after_cut, node, overdue)
             return
-        _pop_timer(self._resend_after_cut, node)
+        pop_timer(self._resend_after_cut, node)
         self._on_resend(node)
 
     def _cut_overdue(self, node: str) -> None:

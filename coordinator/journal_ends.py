@@ -53,7 +53,7 @@ class TaskEnds:
         Items still live are cancelled; returns those that were in flight, as :meth:`cancel`.
         A task that already ended is left alone ([]).
         """
-        if state not in (TaskState.SUCCEEDED, TaskState.FAILED):
+        if state not in _FINISHED:
             raise LocalProtocolError(f"finish() takes succeeded or failed, not {state}")
         return self._close_task(task_id, state, summary, error) or []
 

@@ -127,7 +127,6 @@ from coordinator.service_config import (
     Attempt,
     CoordinatorConfig,
     CoordinatorStats,
-    _pop_timer,
     fold_gone_nodes,
 )
 from coordinator.service_dispatch import Dispatch, _KnownState
@@ -144,7 +143,7 @@ from meshinfer.proto.tasks import (
     with_aggregation_mode,
 )
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskFailed, TaskResult
-from meshinfer.runtime.loop import Steps
+from meshinfer.runtime.loop import Steps, pop_timer
 from meshinfer.runtime.node import MeshNode
 from meshinfer.transport.base import Address
 
@@ -579,7 +578,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         """Drop the task from memory; its waiters get ``record`` (None: they read it)."""
         run = self._runs.pop(task_id, None)
         if run is not None:
-            _pop_timer(self._task_timers, task_id)
+            pop_timer(self._task_timers, task_id)
             for item_id in list(run.items):
                 self._drop(item_id)
                 self._cancel_timer(item_id)

@@ -12,7 +12,6 @@ too.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sqlite3
 from collections import Counter, OrderedDict
@@ -160,15 +159,3 @@ def fold_gone_nodes(
     for node in gone[: max(0, len(gone) - keep)]:
         del credited_at[node]
         completed[GONE_NODES] += completed.pop(node, 0)
-
-
-def _pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
-    """Cancel and forget ``key``'s timer, if it has one."""
-    timer = timers.pop(key, None)
-    if timer is not None:
-        timer.cancel()
-
-
-def _replace_timer(timers: dict[str, asyncio.TimerHandle], key: str, timer) -> None:
-    _pop_timer(timers, key)
-    timers[key] = timer

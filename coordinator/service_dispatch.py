@@ -30,10 +30,11 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from coordinator.runs import ItemRun, TaskRun
-from coordinator.service_config import Attempt, _pop_timer, _replace_timer
+from coordinator.service_config import Attempt
 from meshinfer.proto.contact import infrastructure_positions, node_contact_s
 from meshinfer.proto.scheduling import NodeView, choose, requirements
 from meshinfer.proto.tasks_wire import TaskAssign
+from meshinfer.runtime.loop import pop_timer, replace_timer
 
 
 class _KnownState(NamedTuple):
@@ -254,7 +255,7 @@ class Dispatch:
         if pair is None or self._closed:
             return
         run, entry = pair
-        if entry.attempt == attempt and entry.node == node:
+        if entry.sent_to(attempt, node):
             self._never_got(run, entry, node, f"could not send to {node}: {error}")
 
     def _never_got(self, run: TaskRun, entry: ItemRun, node: str, reason: str) -> None:
@@ -285,7 +286,7 @@ class Dispatch:
 
     def _set_timer(self, item_id: str, delay: float, callback, *args: object) -> None:
         """The item's one timer (its dispatch mark or its timeout), replacing any before."""
-        _replace_timer(self._timers, item_id, self._loop.call_later(delay, callback, *args))
+        replace_timer(self._timers, item_id, self._loop.call_later(delay, callback, *args))
 
     def _on_timeout(self, item_id: str, attempt: int) -> None:
         pair = self._items.get(item_id)
@@ -350,7 +351,7 @@ class Dispatch:
         return free
 
     def _cancel_timer(self, item_id: str) -> None:
-        _pop_timer(self._timers, item_id)
+        pop_timer(self._timers, item_id)
 
 
 def _motion(state: Any) -> tuple[object, object]:

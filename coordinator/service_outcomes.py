@@ -35,9 +35,9 @@ from coordinator.service_config import (
     END_RETRY_FIRST_S,
     END_RETRY_MAX_S,
     Attempt,
-    _replace_timer,
 )
 from meshinfer.errors import LocalProtocolError, RemoteProtocolError
+from meshinfer.runtime.loop import replace_timer
 
 log = logging.getLogger("coordinator.service")  # the Coordinator's one logger, as before the split
 
@@ -243,7 +243,7 @@ class TaskOutcomes:
     def _set_task_timer(self, task_id: str, when: float, callback, *args: object) -> None:
         """The task's one timer (its deadline or its aggregation's timeout), replacing any
         before (re-armed as more items became ready); cancelled when the task is forgotten."""
-        _replace_timer(self._task_timers, task_id, self._loop.call_at(when, callback, *args))
+        replace_timer(self._task_timers, task_id, self._loop.call_at(when, callback, *args))
 
 
 def _journal_retry(

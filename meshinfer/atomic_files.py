@@ -8,8 +8,12 @@ file still holds what the caller last read), and the directory flushed. So a cra
 half-written file, and an existing file (or symlink) is never followed or clobbered unless asked.
 
 :class:`FileStamp` and :func:`stamp_settled` tell whether a file may have changed since it was
-last read without reading it again. :func:`read_file` reads with a size cap; the checks below it
-refuse to overwrite, to write where a directory is, or to use a secret file others can read.
+last read without reading it again (:func:`stamp_settled` judges by this host's wall clock, so
+only while that is not ahead of the file system's: a watcher that must be exact whatever the
+offset watches a stamp for :data:`STAMP_SETTLE_NS` by its own monotonic clock, as
+:mod:`meshinfer.runtime.revocations` does). :func:`read_file` reads with a size cap; the checks
+below it refuse to overwrite, to write where a directory is, or to use a secret file others
+can read.
 
 Every failure raises :class:`~meshinfer.errors.IdentityError` naming the file (these helpers were
 written for the key and certificate files of :mod:`meshinfer.identity_files`, and other file
@@ -94,7 +98,8 @@ def file_stamp(path: Path) -> FileStamp | None:
 def stamp_settled(stamp: FileStamp, now_ns: int) -> bool:
     """Whether an unchanged ``stamp`` (taken at ``now_ns``, ``time.time_ns()``) shows for
     sure that the file did not change since: its times are far enough in the past that a later
-    write would set new ones. A file that changed too recently must be read to tell."""
+    write would set new ones. A file that changed too recently must be read to tell. Exact
+    only while this host's clock is not ahead of the file system's (module docstring)."""
     return max(stamp.mtime_ns, stamp.ctime_ns) < now_ns - STAMP_SETTLE_NS
 
 

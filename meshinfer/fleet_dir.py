@@ -288,7 +288,7 @@ class FleetDirectory:
             for c in (self.issued() if issued is None else issued)
             if c.node_id == node_id
             and c.static_public != static_public
-            and now <= c.not_after
+            and c.seconds_left(now, 0.0) >= 0  # (NaN: not held)
             and not revocations.is_revoked(c)
         ]
         if holding:

@@ -20,7 +20,7 @@ from meshinfer.discovery.static import parse_seeds
 from meshinfer.errors import ConfigError
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
-from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, MAX_CLOCK_SKEW_S
+from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, check_clock_skew
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.tomlconfig import Schema, doc, parse_address, paths_from, with_overrides
@@ -268,9 +268,10 @@ def check_mesh_sections(config: Any, source: str) -> None:
         raise ConfigError(f"{source}: [session] verify_timeout must be >= 0")
     if s.max_message_mib > MAX_MESSAGE_MIB:
         raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
-    if not 0 <= s.clock_skew <= MAX_CLOCK_SKEW_S:
-        limit = f"{MAX_CLOCK_SKEW_S:g}"
-        raise ConfigError(f"{source}: [session] clock_skew must be in 0..{limit} seconds")
+    try:
+        check_clock_skew(s.clock_skew)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: [session] {exc}") from None
     _check_discovery(config.discovery, source)
     if not 2 <= config.membership.max_members <= MAX_MEMBERS:
         raise ConfigError(f"{source}: [membership] max_members must be in 2..{MAX_MEMBERS}")

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshinfer.errors import ConfigError, ModelNotFoundError
+from meshinfer.errors import ConfigError, ModelNotFoundError, log_failure
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
 from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
@@ -40,7 +40,7 @@ from meshinfer.inference.threads import limit_cpu_threads, restore_cpu_threads
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
-from meshinfer.runtime.loop import close_in_order, log_failure, serve_until_signalled
+from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
 from meshinfer.runtime.startup import check_validity as check_validity  # (its home was here)
 from meshinfer.runtime.startup import load_identity, mesh_options, start_mesh

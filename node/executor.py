@@ -32,11 +32,12 @@ while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the kep
 comes back (a coordinator resending what a lost session or its restart may have swallowed), even
 while draining, instead of running again; a result too large for the session it must go over is
 answered with ``TaskFailed`` and forgotten, whether found so when first sent or when replayed, so
-the item sent again is answered (it runs again), never met with silence. While draining
-(SIGTERM) new items are refused as retryable and queued ones are handed back, so the coordinator
-re-runs them elsewhere; those still running when the drain's time is up are handed back too. A
-cancelled item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel
-came before its task first ran.
+the item sent again is answered (it runs again), never met with silence (a result relayed from a
+peer it was passed to, and a re-assigned item's later answer, are still sent without that
+check). While draining (SIGTERM) new items are refused as retryable and queued ones are handed
+back, so the coordinator re-runs them elsewhere; those still running when the drain's time is up
+are handed back too. A cancelled item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while
+draining) even if its cancel came before its task first ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -60,6 +61,7 @@ from meshinfer.errors import (
     MeshInferError,
     RemoteProtocolError,
     TransportError,
+    log_failure,
 )
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.batching import INLINE_MAX_BYTES, DynamicBatcher
@@ -73,7 +75,6 @@ from meshinfer.proto.tasks_wire import (
     TaskResult,
     Tensor,
 )
-from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.node import MeshNode
 from node.config import ExecutorSection
 from node.item_values import clamp_priority as _priority

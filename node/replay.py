@@ -117,9 +117,9 @@ class ResultReplay:
         size = len(result.output.data) + ENTRY_OVERHEAD
         if size > self.budget_bytes or self.keep_s <= 0:
             return
-        self._forget(result.item_id)
+        self.forget(result.item_id)
         while self._bytes + size > self.budget_bytes:
-            self._forget(next(iter(self._kept)))
+            self.forget(next(iter(self._kept)))
             self.stats.evicted += 1
         self._kept[result.item_id] = _flat(now, size, work_of(asker, item), result)
         self._bytes += size
@@ -136,14 +136,11 @@ class ResultReplay:
         return _result(item.item_id, item.attempt, kept)
 
     def forget(self, item_id: str) -> bool:
-        """Drop the kept result of ``item_id``, if one is: it can never be sent (too large
-        for the session it must go over), so a later attempt of the item must not be answered
-        with it (that send would be dropped too, and the asker left waiting). Whether one
-        was kept."""
-        if item_id not in self._kept:
-            return False
-        self._forget(item_id)
-        return True
+        """Drop the kept result of ``item_id``; whether one was kept."""
+        kept = self._kept.pop(item_id, None)
+        if kept is not None:
+            self._bytes -= kept[1]
+        return kept is not None
 
     def expire(self, now: float) -> float | None:
         """Drop the entries expired by ``now``; return when the oldest one left expires (on
@@ -158,9 +155,4 @@ class ResultReplay:
             item_id, oldest = next(iter(self._kept.items()))
             if now - oldest[0] < self.keep_s:
                 return
-            self._forget(item_id)
-
-    def _forget(self, item_id: str) -> None:
-        kept = self._kept.pop(item_id, None)
-        if kept is not None:
-            self._bytes -= kept[1]
+            self.forget(item_id)

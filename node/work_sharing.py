@@ -34,7 +34,8 @@ refusal, an item has what is left of its deadline, counted from when it came her
 passed on, with its timers and cancels; the items nodes passed here, and those dropped) lives on
 the executor, all of it set up by :meth:`WorkSharing._init_work_sharing`, and the executor reaches
 it through this class's methods only (``_note_passed_here``, ``_settle_passed_here``,
-``_cancel_passed_on``, ``_stop_offload_timers``; it reads ``_offloaded``). It answers, runs and
+``_cancel_passed_on``, ``_stop_offload_timers``; it reads ``_offloaded`` and, draining, awaits
+``_no_offloads``). It answers, runs and
 checks authority with the executor's own methods (``_fail``, ``_answer``, ``_answer_to``,
 ``_keep_result``, ``_start``, ``_spawn``, ``_is_coordinator``). Concurrency: every method runs on
 the node's event loop.

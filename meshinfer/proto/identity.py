@@ -82,6 +82,14 @@ DEFAULT_CLOCK_SKEW_S = 300.0
 #: expired certificate in).
 MAX_CLOCK_SKEW_S = 86400.0
 
+
+def check_clock_skew(value: float) -> None:
+    """ValueError unless ``value`` is a clock skew in 0..:data:`MAX_CLOCK_SKEW_S` seconds (NaN
+    is not: with it every certificate's validity would be refused)."""
+    if not 0 <= value <= MAX_CLOCK_SKEW_S:
+        raise ValueError(f"clock_skew must be in 0..{MAX_CLOCK_SKEW_S:g} seconds")
+
+
 _NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NAME_CHARS}}}")
 _FINGERPRINT_PERSON = b"meshinfer-fp"
 

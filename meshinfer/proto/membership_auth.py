@@ -37,9 +37,9 @@ from meshinfer.proto import xeddsa
 from meshinfer.proto.identity import (
     DEFAULT_CLOCK_SKEW_S,
     MAX_CERTIFICATE_BYTES,
-    MAX_CLOCK_SKEW_S,
     FleetTrust,
     NodeCertificate,
+    check_clock_skew,
 )
 from meshinfer.proto.membership_wire import (
     ALIVE_BODY_FIELDS,
@@ -153,8 +153,7 @@ class CertifiedRecordAuthenticator(RecordAuthenticator):
         self._key = xeddsa.XEdDSAKey(static_private)
         if xeddsa.edwards_public(certificate.static_public) != self._key.edwards_public:
             raise ValueError("the certificate does not bind this static key")
-        if not 0 <= clock_skew <= MAX_CLOCK_SKEW_S:  # (NaN too: it would refuse every record)
-            raise ValueError(f"clock_skew must be in 0..{MAX_CLOCK_SKEW_S:g} seconds")
+        check_clock_skew(clock_skew)
         self._certificate = certificate.to_bytes()
         self._static_public = certificate.static_public
         self._trust = trust

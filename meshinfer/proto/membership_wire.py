@@ -326,7 +326,8 @@ SIGNED_BODY_DOMAIN = b"meshinfer-member-v1\x00"
 #: ``[host, port, static_key, ...]``) keeps the Noise static key, as
 #: :func:`~meshinfer.proto.membership_auth.claimed_static_key` reads them: change them with
 #: those two functions.
-ALIVE_BODY_STATE, ALIVE_BODY_FIELDS, STATE_STATIC_KEY = 4, 5, 2
+ALIVE_BODY_STATE, STATE_STATIC_KEY = 4, 2
+ALIVE_BODY_FIELDS = ALIVE_BODY_STATE + 1  # (the state is the last field)
 #: The number of fields of a LEFT record's signed body: ``[kind, node, incarnation]``.
 LEFT_BODY_FIELDS = 3
 

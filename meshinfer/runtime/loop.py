@@ -40,6 +40,21 @@ class Daemon(Protocol):
     async def aclose(self) -> None: ...
 
 
+def pop_timer(timers: dict[str, asyncio.TimerHandle], key: str) -> None:
+    """Cancel and forget ``key``'s timer in ``timers``, if it has one."""
+    timer = timers.pop(key, None)
+    if timer is not None:
+        timer.cancel()
+
+
+def replace_timer(
+    timers: dict[str, asyncio.TimerHandle], key: str, timer: asyncio.TimerHandle
+) -> None:
+    """Cancel ``key``'s timer in ``timers``, if any, and keep ``timer`` in its place."""
+    pop_timer(timers, key)
+    timers[key] = timer
+
+
 class Steps:
     """The short background steps of one component (STYLE.md 9: each has an owner, and a
     failure is logged by :func:`log_failure`). :meth:`aclose` waits until none is left, steps

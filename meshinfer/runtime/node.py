@@ -37,11 +37,11 @@ from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import ADDRESS_CHECK_INTERVAL, DiscoveryEvent, PeerAdvert
 from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
 from meshinfer.discovery.static import StaticDiscovery, StaticSeed
+from meshinfer.errors import log_failure
 from meshinfer.proto.identity import NodeIdentity, RevocationList
 from meshinfer.proto.membership import MembershipConfig, NodeState
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.runtime.endpoint import ListenerLimits, SessionListener
-from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.revocations import RevocationSync, RevocationSyncConfig

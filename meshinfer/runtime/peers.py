@@ -54,11 +54,16 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshinfer.errors import LocalProtocolError, MeshInferError, StreamClosed, TransportError
+from meshinfer.errors import (
+    LocalProtocolError,
+    MeshInferError,
+    StreamClosed,
+    TransportError,
+    log_failure,
+)
 from meshinfer.proto import messages
 from meshinfer.proto.messages import CloseCode
 from meshinfer.runtime.endpoint import dial
-from meshinfer.runtime.loop import log_failure
 from meshinfer.runtime.session import Admission, Session, SessionConfig, SessionMetrics
 from meshinfer.transport.base import Address, Transport
 

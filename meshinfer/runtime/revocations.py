@@ -78,8 +78,8 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.atomic_files import STAMP_SETTLE_NS, FileStamp, file_stamp, replace_unchanged
-from meshinfer.errors import IdentityError, RevocationError
-from meshinfer.identity_files import parse_revocations, read_revocations
+from meshinfer.errors import IdentityError, RevocationError, log_failure
+from meshinfer.fleet_dir import parse_revocations, read_revocations
 from meshinfer.proto.identity import (
     MAX_REVOCATION_ENTRIES,
     FleetTrust,
@@ -90,7 +90,7 @@ from meshinfer.proto.membership import MemberEvent
 from meshinfer.proto.messages import CloseCode
 from meshinfer.proto.revocation_sync import Answer, RevocationExchange
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
-from meshinfer.runtime.loop import Steps, log_failure
+from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.session import Admission, Session

@@ -68,11 +68,11 @@ from meshinfer.errors import (
 from meshinfer.proto import framing, messages
 from meshinfer.proto.identity import (
     DEFAULT_CLOCK_SKEW_S,
-    MAX_CLOCK_SKEW_S,
     NodeCertificate,
     NodeIdentity,
     RevocationList,
     admit,
+    check_clock_skew,
     prologue,
     utc_text,
 )
@@ -142,8 +142,7 @@ class SessionConfig:
             raise ValueError("keepalive_interval must be below idle_timeout")
         if self.verify_timeout < 0:
             raise ValueError("verify_timeout must not be negative")
-        if not 0 <= self.clock_skew <= MAX_CLOCK_SKEW_S:  # (NaN too: it would refuse every peer)
-            raise ValueError(f"clock_skew must be in 0..{MAX_CLOCK_SKEW_S:g} seconds")
+        check_clock_skew(self.clock_skew)
         if self.rekey_after < 1 or self.recv_queue < 1 or self.max_message_size < 1:
             raise ValueError("rekey_after, recv_queue and max_message_size must be positive")
 
