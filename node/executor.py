@@ -31,13 +31,13 @@ takes effect in its turn all the same. An item this node already answered (its r
 while: :mod:`node.replay`, ``result_replay_mib``) is answered again from the kept result when it
 comes back (a coordinator resending what a lost session or its restart may have swallowed), even
 while draining, instead of running again; a result too large for the session it must go over is
-answered with ``TaskFailed`` and forgotten, whether found so when first sent or when replayed, so
-the item sent again is answered (it runs again), never met with silence (a result relayed from a
-peer it was passed to, and a re-assigned item's later answer, are still sent without that
-check). While draining (SIGTERM) new items are refused as retryable and queued ones are handed
-back, so the coordinator re-runs them elsewhere; those still running when the drain's time is up
-are handed back too. A cancelled item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while
-draining) even if its cancel came before its task first ran.
+answered with ``TaskFailed`` and forgotten, whether found so when first sent, replayed, relayed
+from the peer it was passed to or sent to a later assignment of it, so the item sent again is
+answered (it runs again), never met with silence. While draining (SIGTERM) new items are
+refused as retryable and queued ones are handed back, so the coordinator re-runs them
+elsewhere; those still running when the drain's time is up are handed back too. A cancelled
+item is answered (``CANCELLED``, or ``SHUTTING_DOWN`` while draining) even if its cancel came
+before its task first ran.
 
 Concurrency: every method runs on the node's event loop.
 """
@@ -49,7 +49,7 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -255,14 +255,14 @@ class TaskExecutor(WorkSharing):
         result = self.replay.answer(peer, msg, asyncio.get_running_loop().time())
         if result is None:
             return False
-        self.mesh.peers.send(peer, result, partial(self._replay_unsent, peer, msg))
+        self._answer(peer, result, msg)
         return True
 
-    def _replay_unsent(self, peer: str, msg: TaskAssign, exc: BaseException) -> None:
-        """The kept result sent as the answer to ``msg`` was dropped. One that can never be
-        sent (too large for the session it went to) is forgotten and ``msg`` is answered with
-        the failure, as a run's result would be; one lost for want of a session stays kept,
-        for the next attempt."""
+    def _result_unsent(self, peer: str, msg: TaskAssign, exc: BaseException) -> None:
+        """The result sent to ``peer`` as the answer to ``msg`` (kept, relayed, or a later
+        assignment's) was dropped. One that can never be sent (too large for the session it
+        went to) is forgotten and ``msg`` is answered with the failure, as a run's result
+        would be; one lost for want of a session stays kept, for the next attempt."""
         if not isinstance(exc, LocalProtocolError):
             return
         self.replay.forget(msg.item_id)
@@ -423,7 +423,8 @@ class TaskExecutor(WorkSharing):
                 self.stats.completed += 1
             later = self._reply.pop(msg.item_id, None)
             if later is not None:  # re-assigned while written (and not answered from replay)
-                self._answer(later[0], replace(result, attempt=later[1]))
+                again = replace(msg, attempt=later[1])
+                self._answer(later[0], replace(result, attempt=later[1]), again)
         except MeshInferError as exc:
             peer, msg = self._answer_to(peer, msg)
             kind, retryable = _classify(exc)
@@ -493,22 +494,34 @@ class TaskExecutor(WorkSharing):
         self.stats.failed[kind.name.lower()] += 1
         self._answer(peer, TaskFailed(msg.item_id, msg.attempt, int(kind), text, retryable))
 
-    def _answer(self, peer: str, msg: TaskResult | TaskFailed) -> None:
-        """Send an answer that nothing here waits for (a failure, a relayed answer): best
-        effort, except during a drain, which waits for it to be written before the node closes
-        its sessions (see :meth:`drain`)."""
+    def _answer(
+        self, peer: str, msg: TaskResult | TaskFailed, item: TaskAssign | None = None
+    ) -> None:
+        """Send an answer that nothing here waits for (a failure, a relayed or kept result):
+        best effort, except during a drain, which waits for it to be written before the node
+        closes its sessions (see :meth:`drain`). A result names the assignment it answers
+        (``item``): one that can never be sent is answered with the failure instead
+        (:meth:`_result_unsent`), never dropped in silence."""
+        unsent = None if item is None else partial(self._result_unsent, peer, item)
         if not self._draining or self._closed:
-            self.mesh.peers.send(peer, msg)
+            self.mesh.peers.send(peer, msg, unsent)
             return
         sent = self.mesh.peers.send_tracked(peer, msg)
         if sent is not None:
             self._handing_back.add(sent)
-            sent.add_done_callback(self._written)
+            sent.add_done_callback(partial(self._written, unsent))
 
-    def _written(self, sent: asyncio.Future[None]) -> None:
+    def _written(
+        self, unsent: Callable[[BaseException], None] | None, sent: asyncio.Future[None]
+    ) -> None:
         self._handing_back.discard(sent)
-        if not sent.cancelled() and sent.exception() is not None:  # the coordinator relies
-            log.info("an answer sent while draining was not written: %s", sent.exception())
+        if sent.cancelled() or (exc := sent.exception()) is None:
+            return
+        if unsent is not None and isinstance(exc, LocalProtocolError):
+            unsent(exc)  # its failure is sent (and tracked) instead
+            return
+        log.info("an answer sent while draining was not written: %s", exc)  # the coordinator
+        # hears of the item from its own timeout
 
     def _keep_result(self, asker: str, item: TaskAssign, result: TaskResult) -> None:
         """Keep ``result`` a while (:mod:`node.replay`), and the sweep that drops it then: an

@@ -153,7 +153,7 @@ class WorkSharing:
         if latest.attempt != msg.attempt:
             msg = replace(msg, attempt=latest.attempt)
         self.stats.relayed += 1
-        self._answer(coordinator, msg)
+        self._answer(coordinator, msg, latest if isinstance(msg, TaskResult) else None)
 
     def _on_accepted(self, peer: str, msg: TaskAccepted) -> None:
         """The peer an item was passed to accepted it: the coordinator hears so (under the
