@@ -54,7 +54,6 @@ def test_every_name_taken_from_membership_table_is_still_there() -> None:
     for name in ("LIVENESS", "Member", "MemberEvent", "MemberEventKind", "MemberStatus"):
         assert getattr(membership_table, name) is getattr(membership_member, name)
     assert membership_table.MembershipCounters is membership_member.MembershipCounters
-    assert membership_table._entry_of is membership_member.entry_of
     assert issubclass(membership_table.MemberTable, membership_store.MemberStore)
 
 

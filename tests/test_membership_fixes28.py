@@ -29,7 +29,8 @@ from meshinfer.proto.identity import (
 )
 from meshinfer.proto.membership import Membership, MembershipConfig, MemberStatus
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
-from meshinfer.proto.membership_table import MemberEventKind, MemberTable, _entry_of
+from meshinfer.proto.membership_member import entry_of
+from meshinfer.proto.membership_table import MemberEventKind, MemberTable
 from meshinfer.proto.membership_wire import (
     AliveRecord,
     Digest,
@@ -149,7 +150,7 @@ def test_a_member_whose_certificate_expired_is_declared_dead_at_the_next_check(a
 
     # a table that lacks it is not sent its record any more
     node_a.drain_packets()
-    digest = [encode_entry(_entry_of(node_a.local_member)), encode_entry(entry_of_c(c))]
+    digest = [encode_entry(entry_of(node_a.local_member)), encode_entry(entry_of_c(c))]
     node_a.handle_packet("c", encode_packet(Digest(), digest), 3 * check)
     (reply,) = node_a.drain_packets()
     sent = {r.node_id for r in decode_packet(reply.data).records}
@@ -191,7 +192,7 @@ def table_of(n: int, **config) -> MemberTable:
 
 def fresh_digest(table: MemberTable) -> list[bytes]:
     members = [table.local, *table.members()]
-    return [encode_entry(_entry_of(m)) for m in members]
+    return [encode_entry(entry_of(m)) for m in members]
 
 
 def test_digest_entries_are_encoded_once_per_member_snapshot_and_stay_true():

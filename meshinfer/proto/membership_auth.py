@@ -48,6 +48,7 @@ from meshinfer.proto.membership_wire import (
     SIGNED_BODY_DOMAIN,
     STATE_STATIC_KEY,
     RecordKind,
+    record_kind,
 )
 
 #: The largest proof :class:`CertifiedRecordAuthenticator` makes: [certificate, signature].
@@ -263,9 +264,10 @@ def claimed_static_key(body: bytes) -> bytes | None:
         return None
     if not isinstance(fields, list) or not fields:
         return None
-    if fields[0] == RecordKind.LEFT and len(fields) == LEFT_BODY_FIELDS:
+    kind = record_kind(fields[0])  # exact: a msgpack False or 0.0 is no ALIVE
+    if kind is RecordKind.LEFT and len(fields) == LEFT_BODY_FIELDS:
         return b""
-    if fields[0] != RecordKind.ALIVE or len(fields) != ALIVE_BODY_FIELDS:
+    if kind is not RecordKind.ALIVE or len(fields) != ALIVE_BODY_FIELDS:
         return None
     state = fields[ALIVE_BODY_STATE]
     if not isinstance(state, list) or len(state) <= STATE_STATIC_KEY:

@@ -3,8 +3,11 @@
 :class:`MemberStore` keeps the members (this node's record apart), each member's ALIVE record
 encoded once, and answers the queries of the failure detector (who is live, random picks) and
 of anti-entropy (the whole table as records, a digest, the records a digest lacks). It changes
-nothing by itself but through :meth:`MemberStore._store` and :meth:`MemberStore._remove`; the
-rules that decide those changes are :class:`~meshinfer.proto.membership_table.MemberTable`'s.
+nothing by itself but through :meth:`MemberStore._store`, :meth:`MemberStore._replace`,
+:meth:`MemberStore._remove` and :meth:`MemberStore._set_local`, which keep what is derived from
+the members in step with them (the encoded records, the live count, the random-pick list); the
+rules that decide those changes are :class:`~meshinfer.proto.membership_table.MemberTable`'s,
+which reads the members but writes none of this state itself.
 
 Digests. Periodic anti-entropy compares tables before it sends records. A digest lists one entry
 per member, :func:`~meshinfer.proto.membership_member.entry_of`: its status (as a record kind),
@@ -141,9 +144,7 @@ class MemberStore:
 
     def _records_of(self, member: Member) -> list[bytes]:
         """A member's ALIVE record, and its status record when it is not alive."""
-        data = self._encoded[member.node_id]
-        if not data:
-            data = self._encoded[member.node_id] = encode_record(member.record)
+        data = self._alive_bytes(member)
         if member.status is MemberStatus.ALIVE:
             return [data]
         return [data, encode_record(status_record(member))]
@@ -204,12 +205,36 @@ class MemberStore:
 
     # --- changes (the table's rules decide them) -------------------------------------------
 
-    def _store(self, member: Member, encoded: bytes) -> None:
-        """Hold a new member; ``encoded`` is its ALIVE record (b"": encoded on first use)."""
+    def _alive_bytes(self, member: Member) -> bytes:
+        """A held member's ALIVE record, encoded (once per record: the one encoder path)."""
+        data = self._encoded[member.node_id]
+        if not data:
+            data = self._encoded[member.node_id] = encode_record(member.record)
+        return data
+
+    def _store(self, member: Member) -> None:
+        """Hold a new member (its ALIVE record is encoded on first use)."""
         self._members[member.node_id] = member
-        self._encoded[member.node_id] = encoded
+        self._encoded[member.node_id] = b""
         self._ids.append(member.node_id)
         self._live += member.status in LIVE
+
+    def _replace(self, member: Member) -> None:
+        """Hold ``member`` as the new snapshot of a held member: the live count follows its
+        status, and its encoded ALIVE record is made anew if its record changed."""
+        old = self._members[member.node_id]
+        self._members[member.node_id] = member
+        self._live += (member.status in LIVE) - (old.status in LIVE)
+        if member.record is not old.record:
+            self._encoded[member.node_id] = b""
+
+    def _set_local(self, local: Member, left_signature: bytes = b"") -> None:
+        """This node's new snapshot (its encoded record follows a new record), and its
+        signature on its LEFT record once it left."""
+        if local.record is not self.local.record:
+            self.local_bytes = encode_record(local.record)
+        self.local = local
+        self._left_signature = left_signature
 
     def _remove(self, node_id: str) -> None:
         """Drop a member and all that was derived from it."""

@@ -106,7 +106,6 @@ from meshinfer.proto.membership_member import (
     with_record,
     with_status,
 )
-from meshinfer.proto.membership_member import entry_of as _entry_of
 from meshinfer.proto.membership_store import MemberStore
 from meshinfer.proto.membership_suspicion import LocalHealth, SuspicionTimer
 from meshinfer.proto.membership_wire import (
@@ -132,7 +131,6 @@ __all__ = [
     "MemberStatus",
     "MemberTable",
     "MembershipCounters",
-    "_entry_of",
 ]
 
 
@@ -191,7 +189,7 @@ class MemberTable(MemberStore):
                     self.counters.members_refused += 1
                     continue
                 member = Member(record.node_id, MemberStatus.ALIVE, record.incarnation, record, now)
-                self._store(member, b"")  # encoded on first use; probed from the next pass on
+                self._store(member)  # probed from the next pass on
 
     def update_local_state(self, state: NodeState, now: float) -> None:
         """Publish a new local state with the next version."""
@@ -207,11 +205,11 @@ class MemberTable(MemberStore):
     def leave(self, now: float) -> None:
         """Mark this node LEFT at the next incarnation and queue the announcement."""
         incarnation = min(self.local.incarnation + 1, MAX_COUNTER)  # LEFT wins at >=
-        left = LeftRecord(self.local_id, incarnation)
-        self._left_signature = self._signature(left)
-        self.local = Member(self.local_id, MemberStatus.LEFT, incarnation, self.local.record, now)
+        signature = self._signature(LeftRecord(self.local_id, incarnation))
+        local = Member(self.local_id, MemberStatus.LEFT, incarnation, self.local.record, now)
+        self._set_local(local, signature)
         self.broadcasts.drop(self.local_id, UpdateFamily.RECORD)
-        left = LeftRecord(self.local_id, incarnation, self._left_signature)
+        left = LeftRecord(self.local_id, incarnation, signature)
         self.broadcasts.enqueue(self.local_id, UpdateFamily.STATUS, encode_record(left))
 
     def leave_announced(self) -> bool:
@@ -342,8 +340,7 @@ class MemberTable(MemberStore):
     def _correct_stale(self, member: Member, claim: SuspectRecord | DeadRecord) -> None:
         """The sender still suspects a member we know refuted: send it the refutation."""
         if member.status is MemberStatus.ALIVE and member.record.incarnation > claim.incarnation:
-            data = self._encoded[member.node_id] or encode_record(member.record)
-            self.corrections.append(data)
+            self.corrections.append(self._alive_bytes(member))
 
     def _learn(self, record: AliveRecord, now: float) -> None:
         if self.is_full():  # see "Table cap" in the module docstring
@@ -352,18 +349,16 @@ class MemberTable(MemberStore):
         if not self._authentic(record):
             return
         member = Member(record.node_id, MemberStatus.ALIVE, record.incarnation, record, now)
-        data = encode_record(record)
-        self._store(member, data)
+        self._store(member)
         self.on_new_member(record.node_id)
         self.events.append(MemberEvent(MemberEventKind.JOINED, member, now))
-        self.broadcasts.enqueue(record.node_id, UpdateFamily.RECORD, data)
+        self.broadcasts.enqueue(record.node_id, UpdateFamily.RECORD, self._alive_bytes(member))
 
     def _new_record(self, member: Member, record: AliveRecord, now: float) -> Member:
         changed = record.state != member.record.state
         updated = with_record(member, record)
-        self._members[member.node_id] = updated
-        data = self._encoded[member.node_id] = encode_record(record)
-        self.broadcasts.enqueue(record.node_id, UpdateFamily.RECORD, data)
+        self._replace(updated)
+        self.broadcasts.enqueue(record.node_id, UpdateFamily.RECORD, self._alive_bytes(updated))
         # A record that also revives the member is reported by the ALIVE event instead.
         revives = (
             member.status is not MemberStatus.ALIVE and record.incarnation > member.incarnation
@@ -391,9 +386,7 @@ class MemberTable(MemberStore):
         ):
             self._confirm(member, record, now)
         elif member.status is MemberStatus.ALIVE and status is MemberStatus.ALIVE:
-            self._members[member.node_id] = with_status(
-                member, status, record.incarnation, member.since
-            )
+            self._replace(with_status(member, status, record.incarnation, member.since))
         else:
             self._transition(member, record, status, now)
 
@@ -401,8 +394,7 @@ class MemberTable(MemberStore):
         accuser = getattr(record, "accuser", "")
         signature = record.signature if isinstance(record, LeftRecord) else b""
         updated = with_status(member, status, record.incarnation, now, accuser, signature)
-        self._members[member.node_id] = updated
-        self._live += (status in LIVE) - (member.status in LIVE)
+        self._replace(updated)
         self._suspicions.pop(member.node_id, None)
         self._suspicion_deadline = None
         if status is MemberStatus.SUSPECT:
@@ -416,7 +408,7 @@ class MemberTable(MemberStore):
 
     def _start_suspicion(self, node_id: str, accuser: str, now: float) -> None:
         self.counters.suspicions += 1
-        n, config = self._live, self.config
+        n, config = self.live_count(), self.config
         self._suspicion_deadline = None
         self._suspicions[node_id] = SuspicionTimer(
             now,
@@ -463,8 +455,7 @@ class MemberTable(MemberStore):
 
     def _publish(self, incarnation: int, version: int, state: NodeState, now: float) -> None:
         record = self._sign(AliveRecord(self.local_id, incarnation, version, state))
-        self.local = Member(self.local_id, MemberStatus.ALIVE, incarnation, record, now)
-        self.local_bytes = encode_record(record)
+        self._set_local(Member(self.local_id, MemberStatus.ALIVE, incarnation, record, now))
         self.broadcasts.drop(self.local_id, UpdateFamily.STATUS)
         self.broadcasts.enqueue(self.local_id, UpdateFamily.RECORD, self.local_bytes)
 

@@ -321,38 +321,51 @@ def encode_state(state: NodeState) -> bytes:
 SIGNED_BODY_DOMAIN = b"meshinfer-member-v1\x00"
 
 
-#: Where an ALIVE record's signed body (:func:`signed_body`: ``[kind, node, incarnation, version,
-#: state]``) keeps its state, how many fields it has, and where the state (:func:`_state_fields`:
-#: ``[host, port, static_key, ...]``) keeps the Noise static key, as
-#: :func:`~meshinfer.proto.membership_auth.claimed_static_key` reads them: change them with
-#: those two functions.
+#: The layout of the self-claims, spelled here once: an ALIVE or LEFT record is its signed body
+#: (:func:`signed_body`) followed by its signature. An ALIVE body ``[kind, node, incarnation,
+#: version, state]`` has ``ALIVE_BODY_FIELDS`` fields, its state at ``ALIVE_BODY_STATE`` (the
+#: last), and the state (:func:`_state_fields`: ``[host, port, static_key, ...]``) keeps the Noise
+#: static key at ``STATE_STATIC_KEY``; a LEFT body is ``[kind, node, incarnation]``. The encoder
+#: (:func:`_alive_body`, :func:`_left_body`), the decoder (:func:`_record`, :func:`_state`) and
+#: :func:`~meshinfer.proto.membership_auth.claimed_static_key` all go by these.
 ALIVE_BODY_STATE, STATE_STATIC_KEY = 4, 2
 ALIVE_BODY_FIELDS = ALIVE_BODY_STATE + 1  # (the state is the last field)
-#: The number of fields of a LEFT record's signed body: ``[kind, node, incarnation]``.
 LEFT_BODY_FIELDS = 3
+
+
+def record_kind(value: Any) -> RecordKind | None:
+    """The record kind a decoded field names, exactly: an ``int`` (not a ``bool`` or a float
+    that compares equal) of a known kind; None otherwise."""
+    if type(value) is not int or value not in _STATUSES:
+        return None
+    return RecordKind(value)
+
+
+def _alive_body(record: AliveRecord) -> list[Any]:
+    """An ALIVE record's signed fields (see the layout above)."""
+    state = _state_fields(record.state)
+    return [RecordKind.ALIVE, record.node_id, record.incarnation, record.version, state]
+
+
+def _left_body(record: LeftRecord) -> list[Any]:
+    """A LEFT record's signed fields (see the layout above)."""
+    return [RecordKind.LEFT, record.node_id, record.incarnation]
 
 
 def signed_body(record: AliveRecord | LeftRecord) -> bytes:
     """The bytes a node signs for its own ALIVE or LEFT record (kind-tagged, canonical)."""
-    if isinstance(record, AliveRecord):
-        fields = [RecordKind.ALIVE, record.node_id, record.incarnation, record.version]
-        return SIGNED_BODY_DOMAIN + msgpack.packb([*fields, _state_fields(record.state)])
-    return SIGNED_BODY_DOMAIN + msgpack.packb([RecordKind.LEFT, record.node_id, record.incarnation])
+    body = _alive_body(record) if isinstance(record, AliveRecord) else _left_body(record)
+    return SIGNED_BODY_DOMAIN + msgpack.packb(body)
 
 
 def encode_record(record: Record) -> bytes:
     """One record as a msgpack array (see the module docstring)."""
     if isinstance(record, AliveRecord):
-        state = _state_fields(record.state)
-        fields = [RecordKind.ALIVE, record.node_id, record.incarnation, record.version, state]
-        return msgpack.packb([*fields, record.signature])
-    if isinstance(record, SuspectRecord):
-        fields = [RecordKind.SUSPECT, record.node_id, record.incarnation, record.accuser]
-    elif isinstance(record, DeadRecord):
-        fields = [RecordKind.DEAD, record.node_id, record.incarnation, record.accuser]
-    else:
-        fields = [RecordKind.LEFT, record.node_id, record.incarnation, record.signature]
-    return msgpack.packb(fields)
+        return msgpack.packb([*_alive_body(record), record.signature])
+    if isinstance(record, LeftRecord):
+        return msgpack.packb([*_left_body(record), record.signature])
+    kind = RecordKind.SUSPECT if isinstance(record, SuspectRecord) else RecordKind.DEAD
+    return msgpack.packb([kind, record.node_id, record.incarnation, record.accuser])
 
 
 def encode_header(header: Header) -> bytes:
@@ -443,7 +456,7 @@ def _model(value: Any) -> ModelInfo:
 
 def _state(value: Any) -> NodeState:
     fields = _list(value, 11, 12 + MAX_LATER_FIELDS, "state")
-    static_key = _bytes(fields[2], 32, "static key")
+    static_key = _bytes(fields[STATE_STATIC_KEY], 32, "static key")
     if len(static_key) not in (0, 32):
         raise _fail("static key must be empty or 32 bytes")
     return NodeState(
@@ -473,21 +486,23 @@ def _input_cache_mb(fields: list[Any]) -> int:
 
 
 def _record(value: Any) -> Record:
-    fields = _list(value, 4, 6, "record")
-    kind, node, incarnation = fields[0], _node_id(fields[1]), _int(fields[2], MAX_COUNTER, "inc")
-    if kind == RecordKind.ALIVE and type(kind) is int and len(fields) == 6:
+    fields = _list(value, LEFT_BODY_FIELDS + 1, ALIVE_BODY_FIELDS + 1, "record")
+    node, incarnation = _node_id(fields[1]), _int(fields[2], MAX_COUNTER, "inc")
+    kind = record_kind(fields[0])
+    if kind is RecordKind.ALIVE and len(fields) == ALIVE_BODY_FIELDS + 1:
         version = _int(fields[3], MAX_COUNTER, "version")
-        signature = _bytes(fields[5], MAX_SIGNATURE_BYTES, "signature")
-        return AliveRecord(node, incarnation, version, _state(fields[4]), signature)
-    if len(fields) != 4 or type(kind) is not int:
+        signature = _bytes(fields[ALIVE_BODY_FIELDS], MAX_SIGNATURE_BYTES, "signature")
+        return AliveRecord(node, incarnation, version, _state(fields[ALIVE_BODY_STATE]), signature)
+    if len(fields) != LEFT_BODY_FIELDS + 1 or type(fields[0]) is not int:
         raise _fail("record has the wrong number of fields")
-    if kind == RecordKind.SUSPECT:
+    if kind is RecordKind.SUSPECT:
         return SuspectRecord(node, incarnation, _node_id(fields[3], "accuser"))
-    if kind == RecordKind.DEAD:
+    if kind is RecordKind.DEAD:
         return DeadRecord(node, incarnation, _node_id(fields[3], "accuser"))
-    if kind == RecordKind.LEFT:
-        return LeftRecord(node, incarnation, _bytes(fields[3], MAX_SIGNATURE_BYTES, "signature"))
-    raise _fail(f"unknown record kind {kind!r}")
+    if kind is RecordKind.LEFT:
+        signature = _bytes(fields[LEFT_BODY_FIELDS], MAX_SIGNATURE_BYTES, "signature")
+        return LeftRecord(node, incarnation, signature)
+    raise _fail(f"unknown record kind {fields[0]!r}")
 
 
 def _header(value: Any) -> Header:
