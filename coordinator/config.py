@@ -17,6 +17,7 @@ from typing import Any
 from meshinfer.errors import ConfigError
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
+from meshinfer.proto.tasks import MAX_DEADLINE_S
 from meshinfer.tomlconfig import Schema, doc, parse_address, paths_from, with_overrides
 from node.config import CHOICES as NODE_CHOICES
 from node.config import POSITIVE as NODE_POSITIVE
@@ -154,6 +155,11 @@ def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     for key in non_negative:
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
+    if config.coordinator.default_deadline_s > MAX_DEADLINE_S:
+        raise ConfigError(
+            f"{source}: [coordinator] default_deadline_s must be at most {MAX_DEADLINE_S:.0f}"
+            " (30 days: a task's longest deadline)"
+        )
     if not math.isfinite(config.coordinator.retention_days * 86400.0):  # the service's seconds
         raise ConfigError(f"{source}: [coordinator] retention_days is too large (0: forever)")
 

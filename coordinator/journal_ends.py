@@ -4,9 +4,11 @@
 :class:`TaskEnds` is a mixin of ``Journal`` and works on its state (see ``Journal.__init__``)
 through its transactions (:mod:`coordinator.journal_transactions`). It journals how a task
 ends: cancelled, or finished as the coordinator decided (``end_task``), possibly with the
-result that decides it (``take_result``, one call). A result for a hot task is taken from
-memory and its rows staged (``_take_hot``, ``_end_hot``: see :mod:`coordinator.journal_hot`);
-any other takes the ordinary path (:mod:`coordinator.journal_items`, ``_close_task``).
+result that decides it (``take_result``, one call; ``record_result`` is it without an end). A
+result for a hot task is taken from memory and its rows staged (``_take_hot``, ``_end_hot``:
+see :mod:`coordinator.journal_hot`); any other takes the ordinary path
+(:mod:`coordinator.journal_items`' ``_record_result``, ``_close_task``). The dependency is one
+way: this module builds on :mod:`coordinator.journal_items`, which never calls back here.
 """
 
 from __future__ import annotations
@@ -65,6 +67,28 @@ class TaskEnds:
                 ending.task_id, ending.state, summary=ending.summary, error=ending.error
             )
             return in_flight, self.get(ending.task_id) if ending.read_back else None
+
+    def record_result(
+        self,
+        item_id: str,
+        attempt: int,
+        blob: bytes,
+        *,
+        node: str | None = None,
+        sent_to: str | None = None,
+    ) -> bool:
+        """Accept the item's result exactly once; True if this call recorded it.
+
+        Returns False, counting it, for a duplicate (the item already has a result), a late
+        result (the item failed or was cancelled), an unknown item, or an attempt that was
+        never dispatched. The result of any dispatched attempt is accepted while the item lives.
+
+        ``sent_to``: the caller vouches that attempt ``attempt`` went to that node although its
+        ``mark_dispatched`` may not be journaled (the coordinator journals a dispatch only
+        once its result is overdue): an item still waiting at that attempt is then taken as
+        dispatched there, in this same call.
+        """
+        return self.take_result(item_id, attempt, blob, node=node, sent_to=sent_to)[0]
 
     def take_result(
         self,

@@ -98,31 +98,10 @@ class ItemProgress:
             self._advance_task(db, task_id, task_state, TaskEvent.ACCEPT)
             return True
 
-    def record_result(
-        self,
-        item_id: str,
-        attempt: int,
-        blob: bytes,
-        *,
-        node: str | None = None,
-        sent_to: str | None = None,
-    ) -> bool:
-        """Accept the item's result exactly once; True if this call recorded it.
-
-        Returns False, counting it, for a duplicate (the item already has a result), a late
-        result (the item failed or was cancelled), an unknown item, or an attempt that was
-        never dispatched. The result of any dispatched attempt is accepted while the item lives.
-
-        ``sent_to``: the caller vouches that attempt ``attempt`` went to that node although its
-        :meth:`mark_dispatched` may not be journaled (the coordinator journals a dispatch only
-        once its result is overdue): an item still waiting at that attempt is then taken as
-        dispatched there, in this same call.
-        """
-        return self.take_result(item_id, attempt, blob, node=node, sent_to=sent_to)[0]
-
     def _record_result(self, item_id, attempt, blob, node, sent_to, *, advance: bool) -> bool:
-        """:meth:`record_result`; ``advance=False`` leaves the task's row alone (the caller
-        ends the task in the same transaction)."""
+        """Journal the item's result the ordinary way, once (see ``Journal.record_result``,
+        which :mod:`coordinator.journal_ends` builds on this); ``advance=False`` leaves the
+        task's row alone (the caller ends the task in the same transaction)."""
         with self._write() as db:
             row = self._item_row(db, item_id)
             verdict = _judge_result(row, attempt, vouched=sent_to is not None)

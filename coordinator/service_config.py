@@ -21,6 +21,7 @@ from coordinator.journal import TransientJournalError
 from meshinfer.errors import ConfigError
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
+from meshinfer.proto.tasks import MAX_DEADLINE_S
 
 #: An item's attempt as the journal has it at recovery: (attempt, refused, the (attempt, node)
 #: of each journaled dispatch of an earlier attempt). An item waiting to be sent has only
@@ -117,6 +118,11 @@ class CoordinatorConfig:
         ):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
+        if self.default_deadline_s > MAX_DEADLINE_S:  # every task without one would be refused
+            raise ConfigError(
+                f"default_deadline_s must be at most {MAX_DEADLINE_S:.0f} (30 days: a task's"
+                f" longest deadline), got {self.default_deadline_s!r}"
+            )
 
 
 @dataclass

@@ -23,6 +23,16 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from meshinfer.proto.models import ModelRef  # its home is the protocol layer; re-exported here
+
+__all__ = [
+    "CHECKED_BATCH",
+    "EngineCapacity",
+    "InferenceEngine",
+    "ModelRef",
+    "TensorSpec",
+]
+
 CHECKED_BATCH: ContextVar[np.ndarray | None] = ContextVar("meshinfer_checked_batch", default=None)
 """While a batcher's ``engine.infer`` call runs (in its task), the batch it hands the engine:
 every request in it was found free of NaN and infinity as the model's dtype (the batch's, if
@@ -40,17 +50,6 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRef:
-    """Which model: an id and a version (e.g. ``digits-mlp`` version ``1``)."""
-
-    model_id: str
-    version: str = "1"
-
-    def __str__(self) -> str:
-        return f"{self.model_id}@{self.version}"
 
 
 @dataclass(frozen=True, slots=True)

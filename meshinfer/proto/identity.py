@@ -723,8 +723,10 @@ class NodeIdentity:
 
     @classmethod
     def load(cls, directory: str | Path) -> NodeIdentity:
-        """Load a node directory (see :mod:`meshinfer.identity_files`); raise IdentityError."""
-        from meshinfer.identity_files import NodeDirectory  # file I/O lives outside proto/
+        """Load a node directory; raise IdentityError. Deprecated: file I/O lives outside
+        proto/, so call ``meshinfer.identity_files.NodeDirectory(directory).load()``; kept
+        (importing it only when called) until its callers have moved."""
+        from meshinfer.identity_files import NodeDirectory
 
         return NodeDirectory(Path(directory)).load()
 

@@ -42,12 +42,12 @@ import functools
 import math
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from meshinfer.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from meshinfer.inference.base import ModelRef
 from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.models import ModelRef, models_named
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks_wire import (
     MAX_TENSOR_BYTES,
@@ -64,6 +64,7 @@ from meshinfer.proto.tasks_wire import (
 __all__ = [
     "DEFAULT_SHARD_ROWS",
     "MAX_BATCH_INPUT_BYTES",
+    "MAX_DEADLINE_S",
     "MAX_STAGES",
     "TERMINAL_STATES",
     "TRANSITIONS",
@@ -91,6 +92,11 @@ __all__ = [
 MAX_BATCH_INPUT_BYTES = 256 * 1024 * 1024
 #: At most this many stages in a pipeline, and this many models in a parallel task.
 MAX_STAGES = 64
+#: A task's ``deadline_s`` and ``aggregation_timeout_s`` may be at most this (30 days), so the
+#: coordinator's and nodes' timers and the task documents never take an absurd value (1e308).
+#: A spec journaled before this bound with a longer one reads back with the bound
+#: (:func:`~meshinfer.proto.tasks_codec.decode_spec`), so it still recovers.
+MAX_DEADLINE_S = 30 * 24 * 3600.0
 #: Rows per shard of a batch task when the spec gives no ``shard_size`` (less if rows are big).
 DEFAULT_SHARD_ROWS = 256
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -205,8 +211,8 @@ class TaskSpec:
 
     ``models``: exactly one for single and batch, one or more (distinct) for parallel, none for
     pipeline (its ``stages`` name theirs). ``deadline_s``: the time budget in seconds from
-    acceptance (None: no deadline). ``priority``: larger runs first. ``policy`` and
-    ``aggregation``: a :class:`~meshinfer.proto.scheduling.Policy` and
+    acceptance, at most :data:`MAX_DEADLINE_S` (None: no deadline). ``priority``: larger runs
+    first. ``policy`` and ``aggregation``: a :class:`~meshinfer.proto.scheduling.Policy` and
     :class:`~meshinfer.proto.aggregation.Mode` value, None for the coordinator's default.
     ``shard_size``: rows per item of a batch task (None: :data:`DEFAULT_SHARD_ROWS`, fewer when
     rows are large).
@@ -215,11 +221,12 @@ class TaskSpec:
     ``quorum`` (ensemble only) -- outputs that complete it, 1..len(models) (default: every
     model); ``min_responses`` -- outputs that still make a partial result when it times out or
     models fail, 1..len(models) (default 1); ``aggregation_timeout_s`` -- seconds from
-    acceptance the aggregation waits, positive, finite and at most ``deadline_s`` (default: the
-    deadline); ``weights`` (weighted and ensemble only) -- a positive, finite weight per model
-    of ``models`` (a model not named weighs 1). An ``aggregation`` of None takes the
-    coordinator's default mode; a spec with a quorum or weights gets it written in at submit
-    (:func:`with_aggregation_mode`) so the mode they need is checked before it is journaled.
+    acceptance the aggregation waits, positive and at most ``deadline_s`` and
+    :data:`MAX_DEADLINE_S` (default: the deadline); ``weights`` (weighted and ensemble only)
+    -- a positive, finite weight per model of ``models`` (a model not named weighs 1). An
+    ``aggregation`` of None takes the coordinator's default mode; a spec with a quorum or
+    weights gets it written in at submit (:func:`with_aggregation_mode`) so the mode they need
+    is checked before it is journaled.
 
     Call :meth:`validate` (``plan`` does) before trusting a spec from a user.
     """
@@ -343,8 +350,11 @@ def _check_models(spec: TaskSpec) -> str | None:
 
 
 def _check_options(spec: TaskSpec) -> str | None:
-    if spec.deadline_s is not None and not 0 < spec.deadline_s < math.inf:
-        return f"deadline_s {spec.deadline_s} must be a positive number of seconds"
+    if spec.deadline_s is not None and not 0 < spec.deadline_s <= MAX_DEADLINE_S:
+        return (
+            f"deadline_s {spec.deadline_s!r:.40} must be a positive number of seconds,"
+            f" at most MAX_DEADLINE_S = {MAX_DEADLINE_S:.0f} (30 days)"
+        )
     if type(spec.priority) is not int or not -(2**31) <= spec.priority < 2**31:
         return f"priority {spec.priority!r} must be a 32-bit integer"
     if spec.policy is not None and not _is_value(spec.policy, Policy):
@@ -394,8 +404,11 @@ def _check_aggregation(spec: TaskSpec) -> str | None:
         if value is not None and (type(value) is not int or not 1 <= value <= count):
             return f"{key} {value!r} must be an integer in 1..{count} (the task's models)"
     timeout = spec.aggregation_timeout_s
-    if timeout is not None and not _positive_finite(timeout):
-        return f"aggregation_timeout_s {timeout!r} must be a positive, finite number of seconds"
+    if timeout is not None and not (_positive_finite(timeout) and timeout <= MAX_DEADLINE_S):
+        return (
+            f"aggregation_timeout_s {timeout!r:.40} must be a positive number of seconds,"
+            f" at most MAX_DEADLINE_S = {MAX_DEADLINE_S:.0f} (30 days)"
+        )
     if timeout is not None and spec.deadline_s is not None and timeout > spec.deadline_s:
         return f"aggregation_timeout_s {timeout:g} exceeds deadline_s {spec.deadline_s:g}"
     if (problem := _check_weights(spec)) is not None:
@@ -452,15 +465,6 @@ def with_aggregation_mode(spec: TaskSpec, default: str) -> TaskSpec:
     if spec.quorum is None and not spec.weights:
         return spec
     return replace(spec, aggregation=default)
-
-
-def models_named(name: str, models: Sequence[ModelRef]) -> tuple[ModelRef, ...]:
-    """The ``models`` that ``name`` names, written as submissions write models: ``"id@version"``,
-    or ``"id"`` for version ``"1"``. One, unless the name is unknown (none) or ambiguous (an id
-    holding ``@``: ``"a@b@1"`` is both ``a@b`` version 1 and ``a`` version ``b@1``)."""
-    return tuple(
-        ref for ref in models if name == str(ref) or (name == ref.model_id and ref.version == "1")
-    )
 
 
 # --- pipeline DAG --------------------------------------------------------------------------

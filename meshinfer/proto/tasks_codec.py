@@ -32,8 +32,8 @@ from typing import Any
 
 import msgpack
 
-from meshinfer.inference.base import ModelRef
-from meshinfer.proto.tasks import InvalidTaskError, Pattern, Stage, TaskSpec, models_named
+from meshinfer.proto.models import ModelRef, models_named
+from meshinfer.proto.tasks import MAX_DEADLINE_S, InvalidTaskError, Pattern, Stage, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 
 __all__ = ["decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
@@ -224,10 +224,22 @@ def encode_spec(spec: TaskSpec) -> bytes:
 
 
 def decode_spec(blob: bytes) -> TaskSpec:
-    """A spec from its blob; InvalidTaskError for a malformed or invalid one."""
+    """A spec from its blob; InvalidTaskError for a malformed or invalid one. A time budget
+    journaled before :data:`~meshinfer.proto.tasks.MAX_DEADLINE_S` bounded it reads back as
+    that bound (the task still recovers, with the budget it runs under now)."""
     try:
         raw = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         detail = str(exc) or type(exc).__name__
         raise InvalidTaskError(f"task blob: malformed msgpack: {detail}") from None
+    if isinstance(raw, dict):
+        _bound_budgets(raw)
     return spec_from_dict(raw)
+
+
+def _bound_budgets(raw: dict[Any, Any]) -> None:
+    """Lower a journaled ``deadline_s`` or ``aggregation_timeout_s`` past the bound to it."""
+    for key in ("deadline_s", "aggregation_timeout_s"):
+        value = raw.get(key)
+        if type(value) in _NUMBER and value > MAX_DEADLINE_S:
+            raw[key] = MAX_DEADLINE_S

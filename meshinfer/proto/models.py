@@ -1,0 +1,33 @@
+"""How models are named: :class:`ModelRef` (an id and a version) and reading a name back.
+
+Pure data, shared by the protocol (tasks and their codec) and the engines
+(:mod:`meshinfer.inference.base` re-exports :class:`ModelRef`, its historical home). A model is
+written ``"id@version"`` (``str(ref)``), or ``"id"`` for version ``"1"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["ModelRef", "models_named"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Which model: an id and a version (e.g. ``digits-mlp`` version ``1``)."""
+
+    model_id: str
+    version: str = "1"
+
+    def __str__(self) -> str:
+        return f"{self.model_id}@{self.version}"
+
+
+def models_named(name: str, models: Sequence[ModelRef]) -> tuple[ModelRef, ...]:
+    """The ``models`` that ``name`` names, written as submissions write models: ``"id@version"``,
+    or ``"id"`` for version ``"1"``. One, unless the name is unknown (none) or ambiguous (an id
+    holding ``@``: ``"a@b@1"`` is both ``a@b`` version 1 and ``a`` version ``b@1``)."""
+    return tuple(
+        ref for ref in models if name == str(ref) or (name == ref.model_id and ref.version == "1")
+    )
