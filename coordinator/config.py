@@ -9,7 +9,6 @@ node's, so a coordinator joins the mesh exactly like a node does. Unknown or inv
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from meshinfer.errors import ConfigError
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks import MAX_DEADLINE_S
-from meshinfer.tomlconfig import Schema, doc, parse_address, paths_from, with_overrides
+from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 from node.config import CHOICES as NODE_CHOICES
 from node.config import POSITIVE as NODE_POSITIVE
 from node.config import (
@@ -185,7 +184,7 @@ def load_config(path: str | Path) -> CoordinatorFileConfig:
     from the file's folder (made absolute), so the daemon finds the same files whatever directory
     it is started from.
     """
-    return paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent, _PATH_KEYS)
+    return SCHEMA.load(path, relative_paths=_PATH_KEYS)
 
 
 _PATH_KEYS = {"coordinator": ("identity_dir", "data_dir"), "api": ("token_file",)}

@@ -7,10 +7,9 @@ or renamed over the old file (:func:`replace_file`; :func:`replace_unchanged` on
 file still holds what the caller last read), and the directory flushed. So a crash never leaves a
 half-written file, and an existing file (or symlink) is never followed or clobbered unless asked.
 
-:class:`FileStamp` and :func:`stamp_settled` tell whether a file may have changed since it was
-last read without reading it again (:func:`stamp_settled` judges by this host's wall clock, so
-only while that is not ahead of the file system's: a watcher that must be exact whatever the
-offset watches a stamp for :data:`STAMP_SETTLE_NS` by its own monotonic clock, as
+:class:`FileStamp` tells whether a file may have changed since it was last read without
+reading it again, once the same stamp has been seen for :data:`STAMP_SETTLE_NS` (by the
+watcher's own monotonic clock, which no offset from the file system's clock can fool, as
 :mod:`meshinfer.runtime.revocations` does). :func:`read_file` reads with a size cap; the checks
 below it refuse to overwrite, to write where a directory is, or to use a secret file others
 can read.
@@ -69,7 +68,7 @@ def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> os.stat
 class FileStamp(NamedTuple):
     """What a stat tells of a file: where it is (device, inode) and when and how it last
     changed. Equal stamps are not proof of equal contents: a change within the file system's
-    time granularity, at the same size and in place, keeps them (see :func:`stamp_settled`)."""
+    time granularity, at the same size and in place, keeps them (see :data:`STAMP_SETTLE_NS`)."""
 
     device: int
     inode: int
@@ -93,14 +92,6 @@ def file_stamp(path: Path) -> FileStamp | None:
     except OSError:
         return None
     return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def stamp_settled(stamp: FileStamp, now_ns: int) -> bool:
-    """Whether an unchanged ``stamp`` (taken at ``now_ns``, ``time.time_ns()``) shows for
-    sure that the file did not change since: its times are far enough in the past that a later
-    write would set new ones. A file that changed too recently must be read to tell. Exact
-    only while this host's clock is not ahead of the file system's (module docstring)."""
-    return max(stamp.mtime_ns, stamp.ctime_ns) < now_ns - STAMP_SETTLE_NS
 
 
 def replace_unchanged(
@@ -201,7 +192,12 @@ def _create_empty(path: Path, mode: int) -> os.stat_result:
 
 def _remove_if_same(path: Path, created: os.stat_result) -> None:
     """Remove ``path`` if it is still the file ``created`` describes (same device, inode and
-    change time, still empty); leave anything else there. Best effort."""
+    change time, still empty); leave anything else there. Best effort: a file renamed over
+    ``path`` between the check and the unlink is removed. POSIX has no unlink-if-same, and
+    moving the file to a private name first does not close the window: putting back a file
+    that was not ours either clobbers one made at ``path`` meanwhile (rename) or needs a hard
+    link, which this path runs for want of (:func:`_link_new`); and the other writer's file
+    would be missing from ``path`` while it is aside."""
     try:
         now = os.lstat(path)
     except OSError:

@@ -136,13 +136,34 @@ def log_failure(
     """A done-callback that logs how a background task failed (no task fails silently), as
     ``"{what} {ended}: {exception}"``: a warning for a :class:`MeshInferError` (a peer, the
     input, the network), an error with its traceback for anything else (our bug). A cancelled
-    task did not fail. Here, at the bottom of the layers, so that every layer can use it
-    (:mod:`meshinfer.runtime.loop` re-exports it)."""
+    task did not fail. For a short step, which may run again; a watch that runs until it is
+    cancelled takes :func:`log_stopped`. Here, at the bottom of the layers, so that every layer
+    can use it (:mod:`meshinfer.runtime.loop` re-exports it)."""
 
     def logged(task: asyncio.Task[Any]) -> None:
         if task.cancelled() or (exc := task.exception()) is None:
             return
         level = logging.WARNING if isinstance(exc, MeshInferError) else logging.ERROR
         log.log(level, "%s %s: %s", what, ended, exc, exc_info=exc)
+
+    return logged
+
+
+def log_stopped(
+    log: logging.Logger, what: str, keeps: Callable[[], str]
+) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback for a watch that runs until it is cancelled: ended any other way, it
+    stopped for good and nothing follows the host any more, so that is an ERROR with the
+    traceback, whatever the exception (a :class:`MeshInferError` included; :func:`log_failure`
+    would say WARNING), as ``"{what} stopped for good: {exception}; {keeps()}"``. ``keeps`` is
+    read when the watch stops: what the node goes on with (the address it stays at). The
+    watch logs its own transient failures (one look that failed) and goes on."""
+
+    def logged(task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        why = exc if exc is not None else "it returned"
+        log.error("%s stopped for good: %s; %s", what, why, keeps(), exc_info=exc)
 
     return logged

@@ -66,8 +66,14 @@ from meshinfer.proto.identity import (
 
 FILE_FORMAT = 1
 MAX_SMALL_FILE_BYTES = 64 * 1024  # keys, tokens, fleet.json
+# The names of a fleet directory's files (fleet.json and revocations.bin also of a node's).
+AUTHORITY_KEY = "authority.key"
+API_TOKEN = "api-token"
+REVOCATIONS_BIN = "revocations.bin"
+ISSUED_JSON = "issued.json"
+FLEET_JSON = "fleet.json"
 #: a fleet directory's files, in the order ``fleet init`` names them: the trust anchor last
-FLEET_FILES = ("authority.key", "api-token", "revocations.bin", "issued.json", "fleet.json")
+FLEET_FILES = (AUTHORITY_KEY, API_TOKEN, REVOCATIONS_BIN, ISSUED_JSON, FLEET_JSON)
 STAGING_PREFIX = ".init-"  # where ``fleet init`` writes a new fleet before naming its files
 BACKUP_PREFIX = "replaced-"  # where ``fleet init --force`` keeps the fleet it replaced
 
@@ -154,23 +160,23 @@ class FleetDirectory:
 
     @property
     def authority_key(self) -> Path:
-        return self.path / "authority.key"
+        return self.path / AUTHORITY_KEY
 
     @property
     def fleet_json(self) -> Path:
-        return self.path / "fleet.json"
+        return self.path / FLEET_JSON
 
     @property
     def revocations_bin(self) -> Path:
-        return self.path / "revocations.bin"
+        return self.path / REVOCATIONS_BIN
 
     @property
     def issued_json(self) -> Path:
-        return self.path / "issued.json"
+        return self.path / ISSUED_JSON
 
     @property
     def api_token_file(self) -> Path:
-        return self.path / "api-token"
+        return self.path / API_TOKEN
 
     @classmethod
     def init(cls, path: Path, fleet_id: str, *, force: bool = False) -> FleetDirectory:
@@ -337,11 +343,11 @@ def init_fleet(
     refuse_directories(fleet.files())  # before replacing anything
     authority = FleetAuthority.create(fleet_id)
     contents = {
-        "authority.key": (authority.seed.hex().encode() + b"\n", SECRET_MODE),
-        "api-token": (secrets.token_urlsafe(32).encode() + b"\n", SECRET_MODE),
-        "revocations.bin": (RevocationList(fleet_id).to_bytes(), PUBLIC_MODE),
-        "issued.json": (_index_json([]), PUBLIC_MODE),
-        "fleet.json": (trust_to_json(authority.trust), PUBLIC_MODE),
+        AUTHORITY_KEY: (authority.seed.hex().encode() + b"\n", SECRET_MODE),
+        API_TOKEN: (secrets.token_urlsafe(32).encode() + b"\n", SECRET_MODE),
+        REVOCATIONS_BIN: (RevocationList(fleet_id).to_bytes(), PUBLIC_MODE),
+        ISSUED_JSON: (_index_json([]), PUBLIC_MODE),
+        FLEET_JSON: (trust_to_json(authority.trust), PUBLIC_MODE),
     }
     make_directory(fleet.path)
     with fleet._exclusive():
@@ -390,7 +396,7 @@ def _set_aside(directory: Path, files: list[Path], now: float) -> Path:
             raise IdentityError(f"cannot create directory {backup}: {exc.strerror}") from None
     else:
         raise IdentityError(f"cannot create a {BACKUP_PREFIX}{stamp} directory in {directory}")
-    for path in sorted(files, key=lambda p: p.name != "fleet.json"):
+    for path in sorted(files, key=lambda p: p.name != FLEET_JSON):
         _rename(path, backup / path.name)
     sync_directory(backup)
     sync_directory(directory)
@@ -420,12 +426,12 @@ def _remove_staging_left_over(directory: Path) -> None:
 def _refuse_unfinished(fleet: FleetDirectory) -> None:
     """:class:`IdentityError` if ``fleet`` holds some of its files but not ``fleet.json``."""
     present = [p.name for p in fleet.files() if p.exists() or p.is_symlink()]
-    if present and "fleet.json" not in present:
+    if present and FLEET_JSON not in present:
         backups = sorted(p.name for p in fleet.path.glob(f"{BACKUP_PREFIX}*"))
         kept = f"; the fleet replaced last is in {backups[-1]}/ there" if backups else ""
         raise IdentityError(
             f"fleet directory {fleet.path} holds an unfinished fleet ({', '.join(present)}"
-            f" without fleet.json: a `fleet init` was cut short{kept}); make it again with"
+            f" without {FLEET_JSON}: a `fleet init` was cut short{kept}); make it again with"
             " `fleet init --force`, which keeps these files in a backup directory"
         )
 

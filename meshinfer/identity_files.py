@@ -19,7 +19,7 @@ failure raises :class:`IdentityError` naming the file.
 What :mod:`meshinfer.fleet_dir` defines (``FleetDirectory``, ``init_fleet``, ``load_trust``,
 ``load_revocations``...) and the file helpers of :mod:`meshinfer.atomic_files`
 (``write_new_file``, ``replace_file``, ``replace_unchanged``, ``read_file``, ``FileStamp``,
-``file_stamp``, ``stamp_settled``, the modes) used to live here and are still importable from
+``file_stamp``, the modes) used to live here and are still importable from
 here; new code should import them from where they are defined.
 """
 
@@ -44,12 +44,12 @@ from meshinfer.atomic_files import FileStamp as FileStamp
 from meshinfer.atomic_files import file_stamp as file_stamp
 from meshinfer.atomic_files import replace_file as replace_file
 from meshinfer.atomic_files import replace_unchanged as replace_unchanged
-from meshinfer.atomic_files import stamp_settled as stamp_settled
 from meshinfer.atomic_files import sync_directory as sync_directory
 from meshinfer.errors import AdmissionError, IdentityError
 from meshinfer.fleet_dir import BACKUP_PREFIX as BACKUP_PREFIX
 from meshinfer.fleet_dir import FILE_FORMAT as FILE_FORMAT
 from meshinfer.fleet_dir import FLEET_FILES as FLEET_FILES
+from meshinfer.fleet_dir import FLEET_JSON, REVOCATIONS_BIN, read_hex_key
 from meshinfer.fleet_dir import MAX_SMALL_FILE_BYTES as MAX_SMALL_FILE_BYTES
 from meshinfer.fleet_dir import STAGING_PREFIX as STAGING_PREFIX
 from meshinfer.fleet_dir import FleetDirectory as FleetDirectory
@@ -57,7 +57,6 @@ from meshinfer.fleet_dir import init_fleet as init_fleet
 from meshinfer.fleet_dir import load_revocations as load_revocations
 from meshinfer.fleet_dir import load_trust as load_trust
 from meshinfer.fleet_dir import parse_revocations as parse_revocations
-from meshinfer.fleet_dir import read_hex_key
 from meshinfer.fleet_dir import read_revocations as read_revocations
 from meshinfer.fleet_dir import trust_to_json as trust_to_json
 from meshinfer.proto.identity import (
@@ -72,6 +71,12 @@ from meshinfer.proto.identity import (
 # --- node directory ----------------------------------------------------------------------------
 
 
+# The names of a node directory's own files (fleet.json and revocations.bin: fleet_dir's).
+NODE_KEY = "node.key"
+NODE_PUB = "node.pub"
+NODE_CERT = "node.cert"
+
+
 @dataclass(frozen=True)
 class NodeDirectory:
     """One node's directory: Noise static key pair, certificate, trust anchor, revocations."""
@@ -80,23 +85,23 @@ class NodeDirectory:
 
     @property
     def node_key(self) -> Path:
-        return self.path / "node.key"
+        return self.path / NODE_KEY
 
     @property
     def node_pub(self) -> Path:
-        return self.path / "node.pub"
+        return self.path / NODE_PUB
 
     @property
     def node_cert(self) -> Path:
-        return self.path / "node.cert"
+        return self.path / NODE_CERT
 
     @property
     def fleet_json(self) -> Path:
-        return self.path / "fleet.json"
+        return self.path / FLEET_JSON
 
     @property
     def revocations_bin(self) -> Path:
-        return self.path / "revocations.bin"
+        return self.path / REVOCATIONS_BIN
 
     def has_key(self) -> bool:
         """Whether ``node.key`` exists."""

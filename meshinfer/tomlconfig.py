@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import tomllib
 import typing
@@ -25,7 +26,15 @@ from typing import Any
 from meshinfer.errors import ConfigError
 from meshinfer.transport.base import Address
 
-__all__ = ["Schema", "doc", "parse_address", "paths_from", "read_toml", "with_overrides"]
+__all__ = [
+    "Schema",
+    "config_folder",
+    "doc",
+    "parse_address",
+    "paths_from",
+    "read_toml",
+    "with_overrides",
+]
 
 
 def doc(default: Any, text: str) -> Any:
@@ -98,9 +107,18 @@ class Schema:
             self.cross_check(config, source)
         return config
 
-    def load(self, path: str | Path) -> Any:
-        """Read and validate ``path``; every problem is a ConfigError naming the file and key."""
-        return self.from_dict(read_toml(path), str(path))
+    def load(
+        self, path: str | Path, *, relative_paths: Mapping[str, tuple[str, ...]] | None = None
+    ) -> Any:
+        """Read and validate ``path``; every problem is a ConfigError naming the file and key.
+
+        ``relative_paths`` (as ``keys`` of :func:`paths_from`) names the path keys whose
+        relative values are taken from the file's folder (:func:`config_folder`), so a daemon
+        finds the same files whatever directory it is started from."""
+        config = self.from_dict(read_toml(path), str(path))
+        if relative_paths is None:
+            return config
+        return paths_from(config, config_folder(path), relative_paths)
 
     def _section(self, name: str, cls: type, table: Any, source: str) -> Any:
         if not isinstance(table, dict):
@@ -167,6 +185,12 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def config_folder(path: str | Path) -> Path:
+    """The folder a config file's relative paths are taken from: the file's own, made absolute
+    (``os.path.abspath``: a symlink to the file is not followed)."""
+    return Path(os.path.abspath(path)).parent
 
 
 def paths_from(config: Any, folder: Path, keys: Mapping[str, tuple[str, ...]]) -> Any:

@@ -9,7 +9,6 @@ expected "host:port", got "7946"``.
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, check_clock_skew
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
-from meshinfer.tomlconfig import Schema, doc, parse_address, paths_from, with_overrides
+from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
 MAX_RESULT_REPLAY_MIB = 1 << 16
@@ -394,7 +393,7 @@ def load_config(path: str | Path) -> NodeConfig:
     A relative ``[node] identity_dir`` or ``data_dir`` is taken from the file's folder (made
     absolute), so the daemon finds the same directories whatever directory it is started from.
     """
-    return paths_from(SCHEMA.load(path), Path(os.path.abspath(path)).parent, _PATH_KEYS)
+    return SCHEMA.load(path, relative_paths=_PATH_KEYS)
 
 
 _PATH_KEYS = {"node": ("identity_dir", "data_dir")}

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshinfer.errors import ConfigError, ModelNotFoundError, log_failure
+from meshinfer.errors import ConfigError, ModelNotFoundError, log_stopped
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
 from meshinfer.inference.batching import BatcherConfig, DynamicBatcher
@@ -121,7 +121,9 @@ class NodeDaemon:
         await self._start_executor()
         await self._start_http()
         telemetry = asyncio.get_running_loop().create_task(self._telemetry_loop())
-        telemetry.add_done_callback(log_failure(log, "the telemetry loop"))  # gossip goes stale
+        telemetry.add_done_callback(  # it runs until cancelled: ended otherwise, gossip goes stale
+            log_stopped(log, "the telemetry loop", lambda: "the state gossiped is not refreshed")
+        )
         self._tasks.append(telemetry)
         self.ready.set()
         facts = self.facts()

@@ -20,15 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
+from meshinfer.discovery.addresses import drop_foreign_loopback
 from meshinfer.discovery.base import DiscoveryEvent, MalformedAdvert, PeerAdvert
-from meshinfer.discovery.mdns import (
+from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
+from meshinfer.discovery.mdns_cache import advert_from_service
+from meshinfer.discovery.mdns_txt import (
     SERVICE_TYPE,
     TXT_KEYS,
-    MdnsConfig,
-    MdnsDiscovery,
-    advert_from_service,
     advert_from_txt,
-    drop_foreign_loopback,
     instance_label,
     txt_for_advert,
     unpack_txt,

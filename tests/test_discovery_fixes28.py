@@ -24,14 +24,10 @@ import pytest
 
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery import mdns as mdns_module
+from meshinfer.discovery.addresses import host_networks, nearest_first
 from meshinfer.discovery.base import DiscoveryEvent, PeerAdvert
-from meshinfer.discovery.mdns import (
-    MdnsConfig,
-    MdnsDiscovery,
-    host_networks,
-    missing_interfaces,
-    nearest_first,
-)
+from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
+from meshinfer.discovery.mdns_config import missing_interfaces
 from meshinfer.errors import ConfigError
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions

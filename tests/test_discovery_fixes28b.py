@@ -14,12 +14,8 @@ from dataclasses import replace
 from zeroconf import current_time_millis
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from meshinfer.discovery.mdns import (
-    SERVICE_TYPE,
-    MdnsDiscovery,
-    instance_label,
-    txt_for_advert,
-)
+from meshinfer.discovery.mdns import MdnsDiscovery
+from meshinfer.discovery.mdns_txt import SERVICE_TYPE, instance_label, txt_for_advert
 from tests.helpers import until
 from tests.test_discovery_mdns import LOOPBACK, Recorder, make_advert
 

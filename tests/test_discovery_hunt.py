@@ -19,10 +19,10 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _CLASS_UNIQUE, _TYPE_TXT
 
 from meshinfer.discovery.base import MalformedAdvert, PeerAdvert, is_host
-from meshinfer.discovery.mdns import (
+from meshinfer.discovery.mdns import MdnsDiscovery
+from meshinfer.discovery.mdns_cache import advert_from_service
+from meshinfer.discovery.mdns_txt import (
     SERVICE_TYPE,
-    MdnsDiscovery,
-    advert_from_service,
     instance_label,
     pack_txt,
     txt_for_advert,

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
+import ifaddr
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,15 +26,14 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _TYPE_PTR
 
 from meshinfer.discovery.base import DiscoveryEvent, DiscoverySource, MalformedAdvert, PeerAdvert
-from meshinfer.discovery.mdns import (
+from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
+from meshinfer.discovery.mdns_cache import advert_from_service
+from meshinfer.discovery.mdns_config import resolve_interfaces
+from meshinfer.discovery.mdns_txt import (
     SERVICE_TYPE,
-    MdnsConfig,
-    MdnsDiscovery,
-    advert_from_service,
     advert_from_txt,
     instance_label,
     pack_txt,
-    resolve_interfaces,
     txt_for_advert,
     unpack_txt,
 )
@@ -227,12 +227,13 @@ def test_instance_labels_are_distinct_dns_labels() -> None:
 
 
 def test_config_validation_and_interfaces() -> None:
-    assert resolve_interfaces(MdnsConfig(interfaces=("lo",))) == ["127.0.0.1"]
+    host = ifaddr.get_adapters()
+    assert resolve_interfaces(MdnsConfig(interfaces=("lo",)), host) == ["127.0.0.1"]
     assert MdnsConfig(interfaces=["lo"]).interfaces == ("lo",)  # type: ignore[arg-type]
     assert MdnsConfig(interfaces=("all",)).interfaces == "all"
-    assert resolve_interfaces(MdnsConfig(interfaces=("127.0.0.1", "lo"))) == ["127.0.0.1"]
+    assert resolve_interfaces(MdnsConfig(interfaces=("127.0.0.1", "lo")), host) == ["127.0.0.1"]
     with pytest.raises(ConfigError, match="no-such-if0"):
-        resolve_interfaces(MdnsConfig(interfaces=("no-such-if0",)))
+        resolve_interfaces(MdnsConfig(interfaces=("no-such-if0",)), host)
     with pytest.raises(ConfigError, match="IP literals"):
         MdnsDiscovery(make_advert("a", "f", addresses=("rsu.example",)), Recorder())
     for bad in [{"interfaces": "eth0"}, {"ip_version": "v5"}, {"resolve_timeout": 0}]:

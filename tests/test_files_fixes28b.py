@@ -18,13 +18,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from meshinfer.atomic_files import STAMP_SETTLE_NS
 from meshinfer.identity_files import (
     FileStamp,
     file_stamp,
     load_revocations,
     replace_file,
     replace_unchanged,
-    stamp_settled,
 )
 from meshinfer.runtime.data_dir import DataDir, process_started, stale_pid
 from meshinfer.runtime.node import MeshNode
@@ -80,6 +80,12 @@ def test_a_same_size_change_keeping_the_mtime_is_not_replaced(tmp_path):
     assert replace_unchanged(path, b"x", b"our") is None  # a prefix is not the file
     assert replace_unchanged(tmp_path / "new", b"x", None) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list", "new"]  # no temporaries
+
+
+def stamp_settled(stamp: FileStamp, now_ns: int) -> bool:
+    """Whether an unchanged ``stamp`` (taken at ``now_ns``, ``time.time_ns()``) shows that the
+    file did not change since (only tests use it; it was meshinfer.atomic_files')."""
+    return max(stamp.mtime_ns, stamp.ctime_ns) < now_ns - STAMP_SETTLE_NS
 
 
 def test_a_stamp_is_settled_only_once_its_times_are_well_past():

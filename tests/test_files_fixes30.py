@@ -117,7 +117,7 @@ def test_the_fleet_directory_moved_and_every_old_import_still_works(tmp_path):
         assert getattr(identity_files, name) is getattr(fleet_dir, name), name
     for name in (
         "write_new_file", "replace_file", "replace_unchanged", "read_file", "FileStamp",
-        "file_stamp", "stamp_settled", "SECRET_MODE", "PUBLIC_MODE", "MAX_FILE_BYTES",
+        "file_stamp", "SECRET_MODE", "PUBLIC_MODE", "MAX_FILE_BYTES",
     ):  # fmt: skip
         assert getattr(identity_files, name) is getattr(atomic_files, name), name
     fleet, backup = identity_files.init_fleet(tmp_path / "fleet", "f", now=1_700_000_000.0)

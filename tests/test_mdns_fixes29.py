@@ -28,15 +28,9 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from meshinfer.discovery import mdns
 from meshinfer.discovery.base import PeerAdvert
-from meshinfer.discovery.mdns import (
-    REFRESH_AT,
-    SERVICE_TYPE,
-    MdnsConfig,
-    MdnsDiscovery,
-    instance_label,
-    txt_for_advert,
-)
-from meshinfer.discovery.mdns_cache import drop_expired_addresses, refresh_questions
+from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
+from meshinfer.discovery.mdns_cache import REFRESH_AT, drop_expired_addresses, refresh_questions
+from meshinfer.discovery.mdns_txt import SERVICE_TYPE, instance_label, txt_for_advert
 from tests.helpers import until
 from tests.test_discovery_mdns import LOOPBACK, Recorder, make_advert
 
@@ -168,21 +162,8 @@ async def test_no_address_check_interval_means_no_cache_check() -> None:
 
 def test_names_other_modules_import_from_mdns_stay_there() -> None:
     names = [
-        "SERVICE_TYPE",
-        "TXT_KEYS",
         "MdnsConfig",
         "MdnsDiscovery",
-        "advert_from_service",
-        "advert_from_txt",
-        "drop_foreign_loopback",
-        "host_networks",
-        "instance_label",
-        "missing_interfaces",
-        "nearest_first",
-        "pack_txt",
-        "resolve_interfaces",
-        "txt_for_advert",
-        "unpack_txt",
         "_cancel_all",
         "_unfinished",
         "AsyncZeroconf",  # monkeypatched there by tests/test_discovery_hunt.py

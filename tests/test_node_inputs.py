@@ -204,7 +204,7 @@ async def test_a_failing_telemetry_sample_is_logged_once_and_the_loop_goes_on(
         await until(lambda: len(calls) >= 2, timeout=10)  # it went on (and gossips its depth)
         said = [r for r in caplog.records if "telemetry sample failed" in r.getMessage()]
         assert len(said) == 1 and "sensor gone" in said[0].exc_text
-        assert not any("the telemetry loop failed" in r.getMessage() for r in caplog.records)
+        assert not any("the telemetry loop" in r.getMessage() for r in caplog.records)
 
 
 def test_an_expired_certificate_is_refused_and_one_not_valid_yet_is_a_warning(base, caplog):
@@ -246,4 +246,4 @@ async def test_the_telemetry_loop_goes_on_quietly_after_the_node_left(base, capl
         monkeypatch.setattr(daemon.telemetry, "sample", counted)
         monkeypatch.setattr(daemon, "_gpu_free_mb", lambda: 12345)  # a change to gossip
         await until(lambda: len(samples) >= 2, timeout=10)  # a whole turn after the change
-        assert not any("telemetry loop failed" in r.getMessage() for r in caplog.records)
+        assert not any("telemetry loop" in r.getMessage() for r in caplog.records)

@@ -159,8 +159,9 @@ async def test_a_dead_mdns_address_watch_is_logged_once(caplog: pytest.LogCaptur
             await source.aclose()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == [
-        "mdns: the address watch stopped: interface table gone"
-    ]
+        "mdns: the address watch stopped for good: interface table gone; our advert stays at"
+        " 127.0.0.1; host and peers' addresses are looked at no more"
+    ]  # (session 31: "for good", with the address it stays at)
     assert isinstance(errors[0].exc_info[1], WatchBroke)
 
 

@@ -3,7 +3,7 @@
 A peer's addresses are filtered (:func:`is_unicast`, :func:`drop_foreign_loopback`) and ordered
 (:func:`nearest_first`) against this host's addresses and networks, which
 :func:`host_addresses` and :func:`host_networks` read off ``ifaddr`` adapters. Used by the mDNS
-source (:mod:`meshinfer.discovery.mdns`, which re-exports the public names).
+source (:mod:`meshinfer.discovery.mdns`); import them from here.
 """
 
 from __future__ import annotations

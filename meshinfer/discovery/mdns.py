@@ -40,10 +40,12 @@ expired (its goodbye lost, or the peer gone without one) is dropped (``updated``
 none left); a peer's SRV, TXT or address record past ``REFRESH_AT`` (75%) of its TTL is asked
 for first.
 A peer's loopback addresses are kept only while it may be on this host
-(:func:`drop_foreign_loopback`), and its addresses are reported with those on a network this host
-shares first (:func:`nearest_first`, on the networks that same look read off the loop): its
-consumers dial the first. An interface named in ``MdnsConfig.interfaces`` that is not there at
-start (a V2I link not up yet) gets a warning, and zeroconf binds to it when a look finds it.
+(:func:`~meshinfer.discovery.addresses.drop_foreign_loopback`), and its addresses are reported
+with those on a network this host shares first
+(:func:`~meshinfer.discovery.addresses.nearest_first`, on the networks that same look read off
+the loop): its consumers dial the first. An interface named in ``MdnsConfig.interfaces`` that is
+not there at start (a V2I link not up yet) gets a warning, and zeroconf binds to it when a look
+finds it.
 
 Loopback: ``MdnsConfig.loopback()`` binds zeroconf to 127.0.0.1 only. Multicast between several
 zeroconf instances (in one process or several) works on Linux even when ``lo`` lacks the
@@ -69,25 +71,21 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-# Those of the names below in __all__ are re-exported: code and tests import them from here.
 from meshinfer.discovery.addresses import (
     Network,
     address_snapshot,
-    drop_foreign_loopback,
     host_addresses,
     host_networks,
     is_ip,
-    nearest_first,
 )
 from meshinfer.discovery.base import EventSink, MalformedAdvert, PeerAdvert, SourceBase
 from meshinfer.discovery.mdns_cache import (
-    REFRESH_AT,
     advert_from_service,
     cached_advert,
     drop_expired_addresses,
     refresh_questions,
 )
-from meshinfer.discovery.mdns_config import (
+from meshinfer.discovery.mdns_config import (  # MdnsConfig: its callers import it from here
     IP_VERSIONS,
     AdapterSource,
     MdnsConfig,
@@ -95,35 +93,10 @@ from meshinfer.discovery.mdns_config import (
     missing_interfaces,
     resolve_interfaces,
 )
-from meshinfer.discovery.mdns_txt import (
-    SERVICE_TYPE,
-    TXT_KEYS,
-    advert_from_txt,
-    instance_label,
-    pack_txt,
-    txt_for_advert,
-    unpack_txt,
-)
-from meshinfer.errors import ConfigError, LocalProtocolError, log_failure
+from meshinfer.discovery.mdns_txt import SERVICE_TYPE, instance_label, txt_for_advert
+from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError, log_stopped
 
-__all__ = [
-    "REFRESH_AT",
-    "SERVICE_TYPE",
-    "TXT_KEYS",
-    "MdnsConfig",
-    "MdnsDiscovery",
-    "advert_from_service",
-    "advert_from_txt",
-    "drop_foreign_loopback",
-    "host_networks",
-    "instance_label",
-    "missing_interfaces",
-    "nearest_first",
-    "pack_txt",
-    "resolve_interfaces",
-    "txt_for_advert",
-    "unpack_txt",
-]
+__all__ = ["MdnsConfig", "MdnsDiscovery"]
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +182,7 @@ class MdnsDiscovery(SourceBase):
         await self._own_broadcast(broadcast, "start")
         if self.config.address_check_interval is not None:
             watch = asyncio.get_running_loop().create_task(self._watch_addresses(adapters))
-            watch.add_done_callback(log_failure(log, "mdns: the address watch", "stopped"))
+            watch.add_done_callback(log_stopped(log, "mdns: the address watch", self._kept))
             self._address_watch = watch
 
     async def update(self, advert: PeerAdvert) -> None:
@@ -246,20 +219,26 @@ class MdnsDiscovery(SourceBase):
                 if snapshot != seen:
                     seen = snapshot
                     await self._follow_addresses(adapters)
-            except Exception:  # adapter churn, a socket that would not bind: try next time
-                log.exception("mdns: following the host's address change failed")
+            except Exception as exc:  # adapter churn, a socket that would not bind: next time
+                _log_look_failure("following the host's address change", exc)
             try:
                 self._check_peer_addresses()
-            except Exception:  # our bug: the watch goes on
-                log.exception("mdns: checking peers' addresses failed")
+            except Exception as exc:  # the watch goes on
+                _log_look_failure("checking peers' addresses", exc)
+
+    def _kept(self) -> str:
+        """What stays when the address watch has stopped for good (for its log line)."""
+        addresses = ", ".join(self.advert.addresses) or "no address"
+        return f"our advert stays at {addresses}; host and peers' addresses are looked at no more"
 
     def _check_peer_addresses(self) -> None:
         """Read each reported peer again from zeroconf's cache, where records expire by TTL:
         an address whose record expired is dropped (``updated``; ``lost`` with none left).
         zeroconf's browser reports a record that arrives, never one that expires, so a lost
         address goodbye (or a peer gone without one) left the address listed for good. A
-        peer's SRV, TXT or address record past :data:`REFRESH_AT` of its TTL is asked for
-        first, so a peer that is still there keeps it; an expired address record is purged
+        peer's SRV, TXT or address record past
+        :data:`~meshinfer.discovery.mdns_cache.REFRESH_AT` of its TTL is asked for first, so a
+        peer that is still there keeps it; an expired address record is purged
         (:func:`~meshinfer.discovery.mdns_cache.drop_expired_addresses`)."""
         assert self._zc is not None
         zc, now = self._zc.zeroconf, current_time_millis()
@@ -451,6 +430,16 @@ class MdnsDiscovery(SourceBase):
         if self._zc is not None:
             await _logged("send goodbyes", self._zc.async_unregister_all_services())
             await _logged("close zeroconf", self._zc.async_close())
+
+
+def _log_look_failure(step: str, exc: Exception) -> None:
+    """One look of the address watch failed; the next one tries again. The network (an
+    interface going away mid-look, a socket that would not bind) is a warning; anything else
+    is our bug: an error with its traceback."""
+    if isinstance(exc, OSError | MeshInferError):
+        log.warning("mdns: %s failed (next look in a while): %s", step, exc)
+    else:
+        log.error("mdns: %s failed", step, exc_info=exc)
 
 
 async def _cancel_all(futures: Sequence[asyncio.Future[Any]]) -> None:

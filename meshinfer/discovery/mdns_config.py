@@ -1,11 +1,9 @@
 """How the mDNS source uses the network: :class:`MdnsConfig` and its presets, and the mapping
 of its ``interfaces`` onto the host's adapters (what zeroconf binds to, what we advertise).
 
-No sockets, and the host is read only where asked: the adapters are passed in
-(:class:`MdnsDiscovery` reads them with ``ifaddr.get_adapters()`` in a worker thread). Given none,
-:func:`resolve_interfaces` and :func:`advertised_addresses` call ``ifaddr.get_adapters()``
-themselves, a blocking read of the system meant for scripts and tests, never for the loop.
-Re-exported by :mod:`meshinfer.discovery.mdns`.
+No sockets, and no read of the host: the adapters are always passed in
+(:class:`MdnsDiscovery` reads them with ``ifaddr.get_adapters()`` in a worker thread, as that
+read blocks). :class:`MdnsConfig` is also importable from :mod:`meshinfer.discovery.mdns`.
 """
 
 from __future__ import annotations
@@ -121,17 +119,16 @@ AdapterSource = Callable[[], Sequence[ifaddr.Adapter]]
 
 
 def resolve_interfaces(
-    config: MdnsConfig, adapters: Sequence[ifaddr.Adapter] | None = None, *, strict: bool = True
+    config: MdnsConfig, adapters: Sequence[ifaddr.Adapter], *, strict: bool = True
 ) -> InterfaceChoice | list[str]:
     """Map ``config.interfaces`` to what zeroconf takes: InterfaceChoice.All or IP strings.
 
-    ``adapters`` defaults to ``ifaddr.get_adapters()`` (read here: blocking). An interface
-    name not among them is a ConfigError if ``strict`` (at start), else it has no addresses
-    (gone since start).
+    ``adapters`` are the host's (``ifaddr.get_adapters()``, read by the caller: it blocks, so
+    off the loop). An interface name not among them is a ConfigError if ``strict`` (at start),
+    else it has no addresses (gone since start).
     """
     if config.interfaces == "all":
         return InterfaceChoice.All
-    adapters = ifaddr.get_adapters() if adapters is None else adapters
     ips: list[str] = []
     for entry in config.interfaces:
         ips += _entry_ips(entry, adapters, config.ip_version, strict)
@@ -171,7 +168,7 @@ def missing_interfaces(config: MdnsConfig, adapters: Sequence[ifaddr.Adapter]) -
 
 
 def advertised_addresses(
-    config: MdnsConfig, adapters: Sequence[ifaddr.Adapter] | None = None, *, strict: bool = True
+    config: MdnsConfig, adapters: Sequence[ifaddr.Adapter], *, strict: bool = True
 ) -> tuple[str, ...]:
     """The addresses to put in A/AAAA records when the advert names none.
 
@@ -179,7 +176,6 @@ def advertised_addresses(
     ``ip_version`` (loopback only if nothing else exists). IPv6 link-local addresses are left out.
     ``adapters`` and ``strict`` as for :func:`resolve_interfaces`.
     """
-    adapters = ifaddr.get_adapters() if adapters is None else adapters
     chosen = resolve_interfaces(config, adapters, strict=strict)
     if isinstance(chosen, InterfaceChoice):
         every = [ifaddr_ip(ip.ip) for a in adapters for ip in a.ips]

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import EventSink, PeerAdvert, SourceBase
-from meshinfer.errors import ConfigError, log_failure
+from meshinfer.errors import ConfigError, log_stopped
 from meshinfer.transport.base import LinkKind
 
 log = logging.getLogger(__name__)
-_log_failure = log_failure(log, "static discovery: re-announce task")
 
 _HEX_KEY_RE = re.compile(r"[0-9a-fA-F]{64}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -202,7 +201,9 @@ class StaticDiscovery(SourceBase):
         if self.reannounce_interval is not None:
             loop = asyncio.get_running_loop()
             self._reannouncer = loop.create_task(self._reannounce(), name="static-reannounce")
-            self._reannouncer.add_done_callback(_log_failure)
+            self._reannouncer.add_done_callback(
+                log_stopped(log, "static discovery: the re-announce task", self._kept)
+            )
 
     def replace_seeds(self, seeds: Sequence[StaticSeed]) -> None:
         """Swap in a new seed list (a config reload): reports lost, found and updated seeds."""
@@ -213,6 +214,10 @@ class StaticDiscovery(SourceBase):
         for node_id in [n for n in self.directory.peers if n not in kept]:
             self.directory.lose(node_id, self._now())
         self._announce(repeat=False)
+
+    def _kept(self) -> str:
+        """What stays when the re-announce task has stopped for good (for its log line)."""
+        return f"its {len(self.seeds)} seeds stay found but are re-announced no more"
 
     def _announce(self, *, repeat: bool) -> None:
         now = self._now()

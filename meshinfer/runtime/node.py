@@ -37,7 +37,7 @@ from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import ADDRESS_CHECK_INTERVAL, DiscoveryEvent, PeerAdvert
 from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
 from meshinfer.discovery.static import StaticDiscovery, StaticSeed
-from meshinfer.errors import log_failure
+from meshinfer.errors import log_stopped
 from meshinfer.proto.identity import NodeIdentity, RevocationList
 from meshinfer.proto.membership import MembershipConfig, NodeState
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
@@ -201,10 +201,10 @@ class MeshNode:
             # it stops only when cancelled; should it die, the node keeps serving at the
             # address it has, and nobody would hear of it but for the log
             self._outbound_watch.add_done_callback(
-                log_failure(
+                log_stopped(
                     log,
                     f"node {self.node_id}: the watch of its address",
-                    "stopped (it stays at the address it has)",
+                    lambda: f"it stays at {self._outbound}",
                 )
             )
         self.ready.set()
