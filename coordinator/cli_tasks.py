@@ -45,12 +45,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from coordinator.client import TERMINAL_STATES, ApiError, CoordinatorClient, resolve_endpoint
-from coordinator.digit_images import image_row
-from coordinator.input_files import load_inputs, parse_input
+from coordinator.input_files import load_inputs
 from coordinator.task_arguments import (
     model_ref,
     page_limit,
-    parse_since,
     positive_int,
     request_seconds,
     seconds,
@@ -59,10 +57,7 @@ from coordinator.task_arguments import (
     weight,
 )
 from coordinator.task_views import (
-    aggregation_text,
     count_text,
-    deadline_text,
-    format_table,
     progress_line,
     render_nodes,
     render_result,
@@ -70,11 +65,9 @@ from coordinator.task_views import (
     render_stats,
     render_task,
     render_tasks,
-    utc_iso,
-    waiting_lines,
 )
-from coordinator.task_views import result_lines as _result_lines  # noqa: F401 (tests import it)
 from meshinfer.errors import ConfigError, MeshInferError
+from meshinfer.fleet_dir import REVOCATIONS_BIN
 from meshinfer.identity_files import read_file
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
@@ -82,37 +75,26 @@ from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, Pattern, TaskState
 from meshinfer.proto.tasks_wire import DTYPES
 
 # The input readers, argument types and views live in coordinator.input_files, digit_images,
-# task_arguments and task_views; the names other code imports from here stay importable.
-__all__ = [
-    "EXIT_STILL_RUNNING",
-    "EXIT_TASK_FAILED",
-    "add_task_commands",
-    "aggregation_text",
-    "deadline_text",
-    "format_table",
-    "image_row",
-    "load_inputs",
-    "parse_input",
-    "parse_since",
-    "progress_line",
-    "render_nodes",
-    "render_result",
-    "render_revocations",
-    "render_stats",
-    "render_task",
-    "render_tasks",
-    "task_document",
-    "utc_iso",
-    "waiting_lines",
-]
+# task_arguments and task_views: import them from there.
+__all__ = ["EXIT_STILL_RUNNING", "EXIT_TASK_FAILED", "add_task_commands"]
 
 EXIT_TASK_FAILED = 1
 EXIT_STILL_RUNNING = 3
 POLL_INTERVAL_S = 0.25
 
 # --- command wiring --------------------------------------------------------------------------
+#
+# A command runs in two steps, so that who is at fault for a stray error follows from where it
+# was raised: its local step (:data:`LocalStep`) reads and checks what the command line names
+# (input files, a stages file, a revocation list) and builds what is to be sent, with no
+# client at hand; its request step (:data:`Command`) talks to the coordinator with that value
+# and reads the answers. A stray error of the first is the command's input, reported so before
+# any request is sent; of the second, an unexpected answer of the coordinator.
 
-Command = Callable[[CoordinatorClient, argparse.Namespace], int]
+#: A command's local step: ``args`` to the value its request step sends (None: nothing to read).
+LocalStep = Callable[[argparse.Namespace], Any]
+#: A command's request step: the client, ``args`` and what its local step returned.
+Command = Callable[[CoordinatorClient, argparse.Namespace, Any], int]
 
 
 def add_task_commands(commands: Any) -> None:
@@ -125,7 +107,13 @@ def add_task_commands(commands: Any) -> None:
         add(commands)
 
 
-def _command(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
+def _no_local_step(args: argparse.Namespace) -> None:
+    return None
+
+
+def _command(
+    commands: Any, name: str, help_text: str, run: Command, local: LocalStep = _no_local_step
+) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text, description=help_text)
     where = parser.add_argument_group("coordinator (else $MESHINFER_COORD_URL / _TOKEN)")
     where.add_argument("--url", help="the API base URL, e.g. http://127.0.0.1:7950")
@@ -135,23 +123,40 @@ def _command(commands: Any, name: str, help_text: str, run: Command) -> argparse
         "--timeout", type=request_seconds, default=30.0, help="per-request seconds (<= 86400)"
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON documents")
-    parser.set_defaults(handler=lambda args: _run(run, args))
+    parser.set_defaults(handler=lambda args: _run(name, local, run, args))
     return parser
 
 
 #: What a malformed document raises where code reads it expecting another shape.
 _SHAPE_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError)
+#: What a local step raises where it did not foresee something wrong in its input.
+_LOCAL_ERRORS = (
+    ArithmeticError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    ValueError,
+    RecursionError,
+)
 
 
-def _run(run: Command, args: argparse.Namespace) -> int:
-    """Run a command; a stray error reading the coordinator's answer is an ApiError saying so.
-    The command's own files (inputs, stages, a revocation list) are read before any request,
-    by readers that raise a MeshInferError naming the file for anything wrong in them (an
-    input reader's unforeseen error too: :func:`coordinator.input_files.load_inputs`)."""
+def _run(name: str, local: LocalStep, run: Command, args: argparse.Namespace) -> int:
+    """Run command ``name``: its local step, then its request step (see above). A stray error
+    of the local step is a ConfigError saying the input is at fault and nothing was sent; of
+    the request step, an ApiError saying the coordinator's answer was unexpected. (Readers
+    raise a MeshInferError naming the file for what they foresee; it passes as it is.)"""
     endpoint = resolve_endpoint(args.url, args.token_file, args.data_dir)
+    try:
+        prepared = local(args)
+    except MeshInferError:
+        raise
+    except _LOCAL_ERRORS as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        message = f"{name}: bad input, nothing was sent to the coordinator ({detail})"
+        raise ConfigError(message) from None
     client = CoordinatorClient(endpoint.url, endpoint.token, timeout=args.timeout)
     try:
-        return run(client, args)
+        return run(client, args, prepared)
     except MeshInferError:
         raise  # (a ConfigError is a ValueError too: a bad argument, not a bad answer)
     except _SHAPE_ERRORS as exc:
@@ -168,7 +173,8 @@ def _print_json(doc: Any) -> None:
 
 
 def _add_submit(commands: Any) -> None:
-    parser = _command(commands, "submit", "submit a task (and --wait for its result)", _submit)
+    help_text = "submit a task (and --wait for its result)"
+    parser = _command(commands, "submit", help_text, _submit, _submission)
     what = parser.add_argument_group("task")
     what.add_argument(
         "--model",
@@ -233,8 +239,12 @@ def _add_submit(commands: Any) -> None:
     wait.add_argument("--show", type=int, default=20, metavar="N", help="labels to print")
 
 
-def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    doc = task_document(args, load_inputs(args.input, args.key, args.dtype))
+def _submission(args: argparse.Namespace) -> dict[str, Any]:
+    """The local step of ``submit``: the task document, inputs read from their files."""
+    return task_document(args, load_inputs(args.input, args.key, args.dtype))
+
+
+def _submit(client: CoordinatorClient, args: argparse.Namespace, doc: dict[str, Any]) -> int:
     answer = _send_submission(client, doc)
     if not args.wait:
         if args.json:
@@ -335,14 +345,18 @@ def _exit_code(doc: dict[str, Any]) -> int:
 
 
 def _add_status(commands: Any) -> None:
-    parser = _command(commands, "status", "show one task and its work items", _status)
+    parser = _command(commands, "status", "show one task and its work items", _status, _outputs)
     parser.add_argument("task_id", metavar="TASK_ID")
     parser.add_argument("--outputs", action="store_true", help="with --json: include outputs")
 
 
-def _status(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    if args.outputs and not args.json:  # the table shows no tensors: say so, not ignore it
+def _outputs(args: argparse.Namespace) -> None:
+    """The local step of ``status``: the table shows no tensors: say so, not ignore it."""
+    if args.outputs and not args.json:
         raise ConfigError("--outputs adds the output tensors to the --json document; add --json")
+
+
+def _status(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     doc = client.get(args.task_id, outputs=args.outputs)
     if args.json:
         _print_json(doc)
@@ -367,7 +381,7 @@ def _add_tasks(commands: Any) -> None:
     page.add_argument("--all", action="store_true", help="follow cursors to the last page")
 
 
-def _tasks(client: CoordinatorClient, args: argparse.Namespace) -> int:
+def _tasks(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     filters = {"state": args.state, "model": args.model, "since": args.since, "limit": args.limit}
     if args.all:
         page = {"tasks": list(client.iter_tasks(**filters)), "next_cursor": None}
@@ -385,7 +399,7 @@ def _add_cancel(commands: Any) -> None:
     parser.add_argument("task_id", metavar="TASK_ID")
 
 
-def _cancel(client: CoordinatorClient, args: argparse.Namespace) -> int:
+def _cancel(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     answer = client.cancel(args.task_id)
     if args.json:
         _print_json(answer)
@@ -400,7 +414,7 @@ def _add_nodes(commands: Any) -> None:
     _command(commands, "nodes", "list the mesh nodes the coordinator sees", _nodes)
 
 
-def _nodes(client: CoordinatorClient, args: argparse.Namespace) -> int:
+def _nodes(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     doc = client.nodes()
     if args.json:
         _print_json(doc)
@@ -416,6 +430,7 @@ def _add_revocations(commands: Any) -> None:
         "show the certificate revocation list in force, or --push the fleet's to the coordinator"
         " (gossip then spreads it to every node)",
         _revocations,
+        _revocation_list,
     )
     parser.add_argument(
         "--push",
@@ -425,16 +440,19 @@ def _add_revocations(commands: Any) -> None:
     )
 
 
-def _revocations(client: CoordinatorClient, args: argparse.Namespace) -> int:
+def _revocation_list(args: argparse.Namespace) -> bytes | None:
+    """The local step of ``revocations``: the list to ``--push`` (None: show the one in force)."""
     if args.push is None:
-        doc = client.revocations()
-    else:
-        try:
-            path = args.push / "revocations.bin" if args.push.is_dir() else args.push
-        except OSError:  # (a directory on the way that cannot be searched): read_file says so
-            path = args.push
-        data = read_file(path, "revocation list")
-        doc = client.push_revocations(data)
+        return None
+    try:
+        path = args.push / REVOCATIONS_BIN if args.push.is_dir() else args.push
+    except OSError:  # (a directory on the way that cannot be searched): read_file says so
+        path = args.push
+    return read_file(path, "revocation list")
+
+
+def _revocations(client: CoordinatorClient, args: argparse.Namespace, data: bytes | None) -> int:
+    doc = client.revocations() if data is None else client.push_revocations(data)
     if args.json:
         _print_json(doc)
     else:
@@ -446,7 +464,7 @@ def _add_stats(commands: Any) -> None:
     _command(commands, "stats", "task and item counts, dispatch and retry counters", _stats)
 
 
-def _stats(client: CoordinatorClient, args: argparse.Namespace) -> int:
+def _stats(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     doc = client.stats()
     if args.json:
         _print_json(doc)

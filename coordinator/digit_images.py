@@ -5,13 +5,16 @@ background inverted to dark, shrunk to 8x8 by area averaging, contrast-stretched
 pixel counts of the digits data set, divided by 16 (the models' ``input_scaling``). PGM (P2, with
 ``#`` comments between its pixel values too, and P5) is read here; PNG and JPEG (those two
 formats only, whatever the name) need Pillow. An image over :data:`MAX_IMAGE_SIDE` pixels a side
-or :data:`MAX_IMAGE_PIXELS` in all is refused from its header, before any pixel is decoded.
+or :data:`MAX_IMAGE_PIXELS` in all is refused from its header, before any pixel is decoded (and
+before Pillow's ``Image.open`` sees it: its own decompression-bomb check would warn on stderr
+from 89M pixels; it stays as the backstop, its error read as ours).
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -136,26 +139,73 @@ def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
             gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
     except ConfigError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ConfigError(f"{name}: image is too large ({exc}); shrink it first") from None
     except Exception as exc:  # Pillow's decoders raise many types for a malformed file
         raise ConfigError(f"{name}: not a readable image ({exc or type(exc).__name__})") from None
     return image_row(gray)
 
 
 def _opened(image_module: ModuleType, name: str, data: bytes) -> PIL.ImageFile.ImageFile:
-    """The PNG or JPEG image in ``data`` with only its header read, by Pillow's own reader for
-    the format, the one ``Image.open`` picks, but without ``Image.open``'s decompression-bomb
-    check (a process-wide warning on stderr for 89M-179M pixels, an error beyond): the caller
-    refuses a large image by :func:`_check_size` before decoding it."""
-    image_module.preinit()  # (registers the PNG and JPEG readers, as Image.open does)
-    for kind in _IMAGE_KINDS:
-        factory, accept = image_module.OPEN[kind]
-        if accept is None or accept(data[:16]) is True:  # (a str: why it is not this kind)
-            return factory(io.BytesIO(data), name)
-    raise ConfigError(f"{name}: not a readable image (neither PNG nor JPEG)")
+    """The PNG or JPEG image in ``data`` (told by its signature) with only its header read, by
+    ``Image.open`` restricted to that format, once every size its header declares passed
+    :func:`_check_size` (which refuses any image Pillow's bomb check would warn about)."""
+    kind = next((k for k, signature in _SIGNATURES.items() if data.startswith(signature)), None)
+    if kind is None:
+        raise ConfigError(f"{name}: not a readable image (neither PNG nor JPEG)")
+    for width, height in _DECLARED_SIZES[kind](data):
+        _check_size(name, width, height)
+    from PIL import UnidentifiedImageError  # (the caller imported Pillow)
+
+    try:
+        return image_module.open(io.BytesIO(data), formats=[kind])
+    except UnidentifiedImageError:  # (Pillow's reader refused the header)
+        raise ConfigError(f"{name}: not a readable image (a malformed {kind} header)") from None
 
 
-#: The formats read with Pillow, as its registry names them.
-_IMAGE_KINDS = ("PNG", "JPEG")
+def _png_sizes(data: bytes) -> list[tuple[int, int]]:
+    """The (width, height) of every IHDR chunk before the pixel data (Pillow keeps the last)."""
+    sizes, pos = [], len(_SIGNATURES["PNG"])
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind in (b"IDAT", b"fdAT"):
+            break
+        if kind == b"IHDR" and length >= 8 and pos + 16 <= len(data):
+            sizes.append(struct.unpack_from(">II", data, pos + 8))
+        pos += 12 + length  # length, type, data, CRC
+    return sizes
+
+
+#: JPEG start-of-frame markers (the second byte after 0xFF): each declares the image's size.
+_JPEG_FRAMES = frozenset([*range(0xC0, 0xD0), 0xDE]) - {0xC4, 0xC8, 0xCC}
+#: JPEG markers without a length (TEM, RSTn, SOI, EOI), and the fill bytes after a 0xFF.
+_JPEG_BARE = frozenset([0x01, *range(0xD0, 0xDA)])
+_JPEG_FILL = frozenset([0x00, 0xFF])
+_JPEG_SCAN = 0xDA
+
+
+def _jpeg_sizes(data: bytes) -> list[tuple[int, int]]:
+    """The (width, height) of every frame header before the first scan (Pillow keeps the
+    last), walking the marker segments as Pillow does (bytes between them skipped)."""
+    sizes, pos = [], 2
+    while pos + 4 <= len(data):
+        marker = data[pos + 1]
+        if data[pos] != 0xFF or marker in _JPEG_FILL:
+            pos += 1
+        elif marker == _JPEG_SCAN:
+            break
+        elif marker in _JPEG_BARE:
+            pos += 2
+        else:
+            if marker in _JPEG_FRAMES and pos + 9 <= len(data):
+                height, width = struct.unpack_from(">HH", data, pos + 5)
+                sizes.append((width, height))
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return sizes
+
+
+_SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
+_DECLARED_SIZES = {"PNG": _png_sizes, "JPEG": _jpeg_sizes}
 
 
 def image_row(gray: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ _UNFORESEEN = (ArithmeticError, AttributeError, LookupError, TypeError, ValueErr
 def _parsed(path: Path, data: bytes, key: str | None) -> np.ndarray:
     """:func:`parse_input`, where an error a reader did not foresee (a ValueError, say) is a
     ConfigError naming the file too: it is the file's, never a bad answer of the coordinator.
-    (The only such net: the CLI relies on it to tell a bad input from a bad answer.)"""
+    (The CLI tells the two apart by where an error is raised, but could not name the file.)"""
     try:
         return parse_input(path.name, data, key)
     except ConfigError:

@@ -184,7 +184,7 @@ def test_the_deadline_error_says_how_many_items_were_running_and_where():
 
 
 def test_status_says_how_many_elements_were_tied_or_had_no_vote():
-    from coordinator.cli_tasks import _result_lines
+    from coordinator.task_views import result_lines as _result_lines
 
     aggregation = {"mode": "majority", "sources": ["a", "b"], "tied": 2, "abstained": 1}
     assert _result_lines({"aggregation": aggregation}, 20) == [

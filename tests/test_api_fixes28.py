@@ -23,9 +23,9 @@ import pytest_asyncio
 
 from coordinator.api import CoordinatorApi
 from coordinator.cli import main
-from coordinator.cli_tasks import render_nodes
 from coordinator.client import ApiError, CoordinatorClient
 from coordinator.openapi import openapi_document
+from coordinator.task_views import render_nodes
 from meshinfer.transport.base import Address
 from tests.helpers import until
 from tests.test_api_fixes27 import Lone, is_api_error

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-import coordinator.cli_tasks as cli_tasks
+from coordinator import cli_tasks, digit_images, input_files, task_arguments, task_views
 from coordinator.cli import main
 from coordinator.client import ENV_TOKEN
 from meshinfer.errors import ConfigError
@@ -19,12 +19,11 @@ from meshinfer.errors import ConfigError
 OFFLINE = ("--url", "http://127.0.0.1:9", "--timeout", "1")  # never contacted by these tests
 
 
-def test_names_other_modules_import_stay_in_cli_tasks():
-    names = [
-        *cli_tasks.__all__, "render_revocations", "aggregation_text", "deadline_text",
-        "waiting_lines", "_result_lines",
-    ]  # fmt: skip
-    missing = [name for name in names if not hasattr(cli_tasks, name)]
+@pytest.mark.parametrize(
+    "module", [cli_tasks, digit_images, input_files, task_arguments, task_views]
+)
+def test_the_names_each_module_exports_resolve(module):
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert not missing
 
 
@@ -59,13 +58,13 @@ def _npz_with_unknown_compression() -> bytes:
 
 def test_a_npy_with_a_cut_header_is_a_config_error():
     with pytest.raises(ConfigError, match=r"a\.npy: not a readable \.npy file"):
-        cli_tasks.parse_input("a.npy", _npy_with_cut_header())
+        input_files.parse_input("a.npy", _npy_with_cut_header())
 
 
 @pytest.mark.parametrize("make", [_npz_with_bad_deflate, _npz_with_unknown_compression])
 def test_a_corrupt_npz_is_a_config_error(make):
     with pytest.raises(ConfigError, match=r"a\.npz: not a readable \.npz file"):
-        cli_tasks.parse_input("a.npz", make())
+        input_files.parse_input("a.npz", make())
 
 
 @pytest.mark.parametrize(
@@ -97,7 +96,7 @@ def test_a_non_finite_since_says_so(capsys, since):
 
 def test_an_age_too_long_to_represent_is_refused():
     with pytest.raises(ConfigError, match="not a finite number"):
-        cli_tasks.parse_since("1" * 400 + "d", 1_700_000_000.0)
+        task_arguments.parse_since("1" * 400 + "d", 1_700_000_000.0)
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ import pytest
 
 from coordinator import config as coord_config
 from coordinator.cli import main as coord_main
-from coordinator.cli_tasks import render_task, utc_iso
 from coordinator.client import ApiError, CoordinatorClient
+from coordinator.task_views import render_task, utc_iso
 from meshinfer.errors import ConfigError, LocalProtocolError
 from node import cli as node_cli
 from node import config as node_config

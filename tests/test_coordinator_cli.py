@@ -28,20 +28,6 @@ import coordinator.daemon as coordinator_daemon
 from coordinator import config as coord_config
 from coordinator.api import CoordinatorApi
 from coordinator.cli import main
-from coordinator.cli_tasks import (
-    format_table,
-    image_row,
-    load_inputs,
-    parse_input,
-    parse_since,
-    progress_line,
-    render_nodes,
-    render_result,
-    render_stats,
-    render_task,
-    render_tasks,
-    utc_iso,
-)
 from coordinator.client import (
     ENV_TOKEN,
     ENV_URL,
@@ -52,9 +38,22 @@ from coordinator.client import (
     tensor_json,
 )
 from coordinator.daemon import CoordinatorDaemon
+from coordinator.digit_images import image_row
+from coordinator.input_files import load_inputs, parse_input
 from coordinator.journal import Journal
 from coordinator.journal_files import JournalFileError
 from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.task_arguments import parse_since
+from coordinator.task_views import (
+    format_table,
+    progress_line,
+    render_nodes,
+    render_result,
+    render_stats,
+    render_task,
+    render_tasks,
+    utc_iso,
+)
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.errors import ConfigError, InferenceError, MeshInferError, RemoteProtocolError
 from meshinfer.identity_files import NodeDirectory
@@ -463,7 +462,7 @@ def test_endpoint_resolution_order(tmp_path):
 
 def test_submit_document_and_default_patterns(tmp_path):
     from coordinator.cli import build_parser
-    from coordinator.cli_tasks import task_document
+    from coordinator.task_arguments import task_document
 
     (tmp_path / "stages.json").write_text(json.dumps({"stages": [
         {"name": "a", "model": "digits-mlp@1"},
@@ -496,7 +495,7 @@ def test_submit_document_and_default_patterns(tmp_path):
 
 def test_submit_aggregation_flags_become_the_documents_options():
     from coordinator.cli import build_parser
-    from coordinator.cli_tasks import task_document
+    from coordinator.task_arguments import task_document
 
     def doc(*argv):
         args = build_parser().parse_args(["submit", "--model", "a", "--model", "b@2", *argv,
