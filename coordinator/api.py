@@ -22,10 +22,13 @@ Every request passes three middlewares, outermost first: ``_observe`` (counts an
 route and status), ``_errors`` (turns every exception into the JSON error
 ``{"error": {"status", "code", "message"}}``; an unexpected one is logged and answered 500,
 never with its traceback) and ``_auth`` (``Authorization: Bearer <token>``, compared in constant
-time). A request aiohttp rejects before any middleware runs (one it cannot parse) gets the same
-JSON error, 400 ``bad_request``, from the connection itself (:mod:`coordinator.api_errors`,
-which holds the errors and the aiohttp internals this relies on), and is counted under route
-``unparsed``.
+time; a request with more than one ``Authorization`` header is refused first, 400
+``bad_request``, as a proxy might have read another one). A path no route serves reaches the
+catch-all route :meth:`CoordinatorApi.no_route` (404, or 405 with ``Allow``) behind the same
+middlewares, counted under route ``unmatched``. A request aiohttp rejects before any
+middleware runs (one it cannot parse) gets the same JSON error, 400 ``bad_request``, from the
+connection itself (:mod:`coordinator.api_errors`, which holds the errors and the aiohttp
+internals this relies on), and is counted under route ``unparsed``.
 Query parameters are read strictly (on every route but ``/metrics`` and ``/healthz``): an
 unknown, repeated or malformed one is a 400 ``bad_parameter`` naming it. Large bodies are
 parsed, and large results rendered, in a worker thread so the event loop keeps serving.
@@ -116,6 +119,8 @@ _OFF_LOOP_BYTES = 256 * 1024
 #: Requests still running this long after ``aclose`` began are cancelled.
 _SHUTDOWN_GRACE_S = 5.0
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+#: The name of the route of every path no other route serves (:meth:`CoordinatorApi.no_route`).
+_NO_ROUTE = "unmatched"
 
 
 def _out_of_space(exc: BaseException) -> bool:
@@ -202,16 +207,9 @@ class CoordinatorApi:
             web.get("/openapi.json", self.openapi, **x),
             web.get("/healthz", self.healthz, **x),
         ])  # fmt: skip
+        # last, what no route above took: aiohttp's own 404/405 would answer an Expect itself
+        app.router.add_route("*", "/{path:.*}", self.no_route, name=_NO_ROUTE, **x)
         return app
-
-    @property
-    def _uploading(self) -> int:
-        """Bytes of the task submissions being read and parsed now."""
-        return self.tasks.uploading
-
-    @_uploading.setter
-    def _uploading(self, size: int) -> None:
-        self.tasks.uploading = size
 
     @property
     def url(self) -> str:
@@ -303,7 +301,13 @@ class CoordinatorApi:
     async def _auth(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         check_expect(request)
         public = request.method in ("GET", "HEAD") and request.path == "/healthz"
-        if not public and not self._authorized(request.headers.get("Authorization", "")):
+        if public:
+            return await handler(request)
+        given = request.headers.getall("Authorization", [""])
+        if len(given) > 1:  # (which one counts? a proxy may read another than we would)
+            message = "the request has more than one Authorization header; send one"
+            raise ApiError(400, "bad_request", message)
+        if not self._authorized(given[0]):
             raise ApiError(
                 401,
                 "unauthorized",
@@ -362,8 +366,8 @@ class CoordinatorApi:
         require_type(request, "application/octet-stream", " (the revocations.bin file)")
         sync = self._revocation_sync()
         body = await read_body(request, self.max_body_bytes, MAX_REVOCATION_LIST_BYTES)
-        try:  # (an Ed25519 check per entry: off the loop)
-            listed = await asyncio.to_thread(RevocationList.from_bytes, body, sync.trust)
+        try:  # (an Ed25519 check per entry: off the loop, in the bounded workers)
+            listed = await self._json_work.run(RevocationList.from_bytes, body, sync.trust)
             merged = await sync.merge_list(listed, "the HTTP API")
         except RevocationError as exc:
             raise ApiError(400, "invalid_revocations", str(exc)) from None
@@ -376,6 +380,19 @@ class CoordinatorApi:
         if sync is None:
             raise ApiError(503, "unavailable", "this coordinator runs no revocation sync")
         return sync
+
+    async def no_route(self, request: web.Request) -> web.Response:
+        """A path no route serves: 404 ``not_found``, or 405 ``method_not_allowed`` (with
+        ``Allow``) where another method is served. A route of the API's own (aiohttp's answers
+        ``Expect`` before any middleware: ``100 Continue`` for a path that does not exist), so
+        the expectation and the token are checked first, and no body is ever asked for."""
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource.name != _NO_ROUTE:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        raise web.HTTPNotFound()
 
     async def healthz(self, request: web.Request) -> web.Response:
         """GET /healthz (no token needed)."""
@@ -394,4 +411,6 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _route_label(request: web.Request) -> str:
     """The route template (``/v1/tasks/{id}``), or ``unmatched``: bounded label values."""
     resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
+    if resource is None or resource.name == _NO_ROUTE:
+        return "unmatched"
+    return resource.canonical

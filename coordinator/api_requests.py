@@ -39,6 +39,7 @@ __all__ = [
     "bool_param",
     "check_expect",
     "defer_expect",
+    "expects_continue",
     "int_param",
     "list_filters",
     "number_param",
@@ -136,9 +137,10 @@ def upload_size(request: web.Request, max_body_bytes: int) -> int:
 #
 # aiohttp answers an ``Expect`` header before any middleware runs: ``100 Continue`` (the client
 # then sends its body) even to a request its checks will refuse (no token, too large), and a
-# plain-text 417 to any other expectation. The routes' expect handler (:func:`defer_expect`)
-# answers nothing; :func:`check_expect` refuses an unknown expectation with the JSON error, and
-# :func:`read_body` sends the ``100 Continue`` once every check has passed (RFC 9110 10.1.1).
+# plain-text 417 to any other expectation. The routes' expect handler (:func:`defer_expect`, on
+# every route, the API's catch-all of paths no other route serves too) answers nothing;
+# :func:`check_expect` refuses an unknown expectation with the JSON error, and :func:`read_body`
+# sends the ``100 Continue`` once every check has passed (RFC 9110 10.1.1).
 
 
 async def defer_expect(request: web.Request) -> None:
@@ -148,17 +150,25 @@ async def defer_expect(request: web.Request) -> None:
 
 def check_expect(request: web.Request) -> None:
     """417 ``expectation_failed`` for an ``Expect`` other than ``100-continue`` (HTTP/1.1)."""
+    expects_continue(request)
+
+
+def expects_continue(request: web.Request) -> bool:
+    """True when the client waits for ``100 Continue`` before sending its body (HTTP/1.1 and
+    ``Expect: 100-continue``, any case); 417 ``expectation_failed`` for any other ``Expect``
+    (an HTTP/1.0 request's is ignored, as RFC 9110 10.1.1 has it)."""
     expect = request.headers.get("Expect")
-    if expect is None or request.version < (1, 1) or expect.lower() == "100-continue":
-        return
+    if expect is None or request.version < (1, 1):
+        return False
+    if expect.lower() == "100-continue":
+        return True
     message = f"Expect {expect[:40]!r} cannot be met: only 100-continue is understood"
     raise ApiError(417, "expectation_failed", message)
 
 
 async def _continue(request: web.Request) -> None:
     """Send ``100 Continue`` if the client waits for it before sending the body."""
-    expect = request.headers.get("Expect", "")
-    if request.version >= (1, 1) and expect.lower() == "100-continue":
+    if expects_continue(request):  # (an unknown expectation was refused before: check_expect)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # (as aiohttp's own handler: not the answer's bytes)
 

@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of the coordinator's HTTP API v1 (served at ``/openapi.json``).
 
 Built from the domain's own enumerations (patterns, states, policies, aggregation modes, wire
-dtypes), so the document cannot drift from what the server accepts. Schemas are JSON Schema
+dtypes) and the limits the handlers enforce (page size, wait, revocation list size), so the
+document cannot drift from what the server accepts. Schemas are JSON Schema
 2020-12, as OpenAPI 3.1 has it; response schemas close their objects
 (``additionalProperties: false``) so tests can hold the server to them.
 """
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.api_requests import DEFAULT_PAGE
+from coordinator.api_tasks import DEFAULT_WAIT_S, MAX_WAIT_S
+from coordinator.journal import MAX_PAGE
 from meshinfer.proto.aggregation import Mode
+from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks import Pattern, TaskState
 from meshinfer.proto.tasks_wire import DTYPES
@@ -251,8 +256,8 @@ def _mesh_schemas() -> dict[str, Schema]:
 _ERROR_RESPONSES = {
     "400": "A malformed body or query parameter, or an unknown one (code bad_json, invalid_task,"
     " bad_parameter, invalid_revocations; bad_request: a body that does not decode as its"
-    " Content-Encoding, ends before its length, or a request that is not valid HTTP/1.1, on"
-    " any path).",
+    " Content-Encoding, ends before its length, a request with more than one Authorization"
+    " header, or one that is not valid HTTP/1.1, on any path).",
     "401": "No or a wrong bearer token (code unauthorized).",
     "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
@@ -318,8 +323,8 @@ def _task_paths() -> dict[str, Any]:
         _query("state", _ref("TaskState"), "Only tasks in this state."),
         _query("model", _STR, "Only tasks with an item of this model id (no @version)."),
         _query("since", _NUM, "Only tasks created at or after this Unix time."),
-        _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-               "Tasks per page."),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE,
+                         "default": DEFAULT_PAGE}, "Tasks per page."),
         _query("cursor", _STR, "next_cursor of the previous page (opaque)."),
     ]  # fmt: skip
     submit_body = {"required": True, "content": _json_content(_ref("TaskSubmission"))}
@@ -339,8 +344,8 @@ def _task_paths() -> dict[str, Any]:
         "/v1/tasks/{id}/wait": {"get": _operation(
             "waitTask", "The task once it finished, or as it is when the timeout passed.",
             {"200": task}, "400 404", parameters=[_TASK_ID, _OUTPUTS, _query(
-                "timeout", {"type": "number", "minimum": 0, "maximum": 300, "default": 30},
-                "Seconds to wait at most.")])},
+                "timeout", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S,
+                            "default": DEFAULT_WAIT_S}, "Seconds to wait at most.")])},
         "/v1/tasks/{id}/cancel": {"post": _operation(
             "cancelTask", "Cancel a task; the nodes running its items are told.",
             {"200": _ok("cancelled is false when the task had already finished.",
@@ -368,7 +373,10 @@ def _other_paths() -> dict[str, Any]:
                             _ref("RevocationsMerged"))}, "400 413 415 503 507",
                 requestBody={"required": True, "content": {
                     "application/octet-stream": {"schema": {"type": "string",
-                                                            "format": "binary"}}}}),
+                                                            "format": "binary"}}},
+                    "description": "The revocations.bin file: at most"
+                    f" {MAX_REVOCATION_LIST_BYTES} bytes, and no more than the body limit"
+                    " (over it: 413)."}),
         },
         "/metrics": {"get": _operation("getMetrics", "Prometheus metrics.", {"200": metrics})},
         "/openapi.json": {"get": _operation("getOpenApi", "This document.", {

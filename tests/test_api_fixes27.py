@@ -164,9 +164,9 @@ async def test_a_client_gone_mid_body_is_its_fault_not_a_logged_server_error(ser
         _, writer = await asyncio.open_connection("127.0.0.1", served.port)
         writer.write(head.encode() + b'{"pattern": "si')
         await writer.drain()
-        await until(lambda: served.api._uploading > 0)  # the server is reading the body
+        await until(lambda: served.api.tasks.uploading > 0)  # the server is reading the body
         writer.transport.abort()
-        await until(lambda: served.api._uploading == 0)
+        await until(lambda: served.api.tasks.uploading == 0)
     assert answered("400") == 1 and answered("500") == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 

@@ -147,7 +147,7 @@ async def test_a_compressed_submission_counts_as_what_it_may_inflate_to(served):
     _, writer = await asyncio.open_connection("127.0.0.1", served.port)
     try:  # one submission is being read: MAX_BODY of the budget (1.5 MAX_BODY) is taken
         writer.write(held_head + held_body[:10])
-        await until(lambda: api._uploading == MAX_BODY)
+        await until(lambda: api.tasks.uploading == MAX_BODY)
         small = gzip.compress(json.dumps(TASK).encode())  # a few dozen bytes, inflating to more
         request = served.head(
             "POST", "/v1/tasks", "Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
@@ -158,7 +158,7 @@ async def test_a_compressed_submission_counts_as_what_it_may_inflate_to(served):
         assert json.loads(body)["error"]["code"] == "busy"
     finally:
         await closed(served, writer)
-    assert api._uploading == 0
+    assert api.tasks.uploading == 0
     # alone, the same compressed submission is let in and read
     status, _, body = await first_answer(served, request)
     assert status == 202, body
