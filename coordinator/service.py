@@ -616,10 +616,6 @@ def _log_death(task: asyncio.Task[Any]) -> None:
         log.critical("coordinator task %s died", task.get_name(), exc_info=task.exception())
 
 
-#: What a passed deadline left undone, now :meth:`TaskRun.deadline_error`, under its old name
-#: (tests/test_agg_fixes27b.py imports it from here).
-_deadline_passed = TaskRun.deadline_error
-
 #: Also importable from here, as before the split: the config, stats and the gone-nodes series
 #: that live in :mod:`coordinator.service_config`.
 __all__ = [

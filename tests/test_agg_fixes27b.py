@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from coordinator.runs import ItemRun, TaskRun
-from coordinator.service import CoordinatorConfig, _deadline_passed
+from coordinator.service import CoordinatorConfig
 from meshinfer.errors import OverloadedError
 from meshinfer.inference.registry import load_digits_holdout
 from meshinfer.proto.aggregation import AggregationConfig, Aggregator, Mode, majority_vote
@@ -173,12 +173,12 @@ def _running(nodes: dict[str, int], total: int) -> TaskRun:
 
 def test_the_deadline_error_says_how_many_items_were_running_and_where():
     start = "deadline of 2 s passed with 0 of 9 items done"
-    assert _deadline_passed(_running({}, 9)) == start
-    assert _deadline_passed(_running({"node-0": 2}, 9)) == f"{start}; 2 of them running on node-0"
+    assert _running({}, 9).deadline_error() == start
+    assert _running({"node-0": 2}, 9).deadline_error() == f"{start}; 2 of them running on node-0"
     two = _running({"node-1": 1, "node-0": 3}, 9)
-    assert _deadline_passed(two) == f"{start}; 4 of them running: 3 on node-0, 1 on node-1"
+    assert two.deadline_error() == f"{start}; 4 of them running: 3 on node-0, 1 on node-1"
     many = _running({"a": 1, "b": 2, "c": 2, "d": 3, "e": 1}, 9)
-    assert _deadline_passed(many) == (
+    assert many.deadline_error() == (
         f"{start}; 9 of them running: 3 on d, 2 on b, 2 on c (and 2 on 2 more nodes)"
     )
 

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
+from coordinator import service
 from coordinator.runs import ItemRun, TaskRun
-from coordinator.service import _deadline_passed
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.cache import ContentCache, OrderedInputs, content_digest
 from meshinfer.inference.registry import load_digits_holdout
@@ -39,11 +39,12 @@ def test_an_item_run_says_who_may_answer_which_attempt():
     assert not entry.sent_to(2, "c")  # (its node is the service's to move)
 
 
-def test_the_old_name_of_the_deadline_error_still_gives_it():
+def test_the_deadline_error_is_a_method_of_the_run_only():
+    """The old module-level name (``service._deadline_passed``, kept for tests) is gone."""
     x, _ = load_digits_holdout()
     run = TaskRun(spec("d", "single", x[:1], deadline_s=2.0), default_aggregation="all", now=0.0)
-    assert _deadline_passed(run) == run.deadline_error()
     assert run.deadline_error() == "deadline of 2 s passed with 0 of 1 items done"
+    assert not hasattr(service, "_deadline_passed")
 
 
 async def test_asking_for_the_nodes_starts_no_members_position_age(tmp_path):
