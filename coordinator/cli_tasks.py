@@ -47,6 +47,7 @@ from typing import Any, TextIO
 from coordinator.client import TERMINAL_STATES, ApiError, CoordinatorClient, resolve_endpoint
 from coordinator.input_files import load_inputs
 from coordinator.task_arguments import (
+    budget_seconds,
     model_ref,
     page_limit,
     positive_int,
@@ -204,7 +205,7 @@ def _add_submit(commands: Any) -> None:
     what.add_argument("--policy", choices=[p.value for p in Policy])
     what.add_argument("--priority", type=int, help="larger runs first (default 0)")
     what.add_argument(
-        "--deadline", type=seconds, metavar="S",
+        "--deadline", type=budget_seconds, metavar="S",
         help="time budget in seconds from acceptance; the task fails when it runs out",
     )  # fmt: skip
     what.add_argument("--shard-size", type=positive_int, metavar="ROWS")
@@ -219,7 +220,7 @@ def _add_submit(commands: Any) -> None:
         help="outputs a partial result needs at the timeout (default 1)",
     )  # fmt: skip
     agg.add_argument(
-        "--aggregation-timeout", type=seconds, metavar="S",
+        "--aggregation-timeout", type=budget_seconds, metavar="S",
         help="seconds the aggregation waits (default: --deadline; at most that)",
     )  # fmt: skip
     agg.add_argument(

@@ -18,7 +18,7 @@ import numpy as np
 
 from coordinator.client import MAX_REQUEST_TIMEOUT_S, tensor_json
 from meshinfer.errors import ConfigError
-from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, Pattern
+from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, MAX_DEADLINE_S, Pattern
 
 __all__ = [
     "MAX_REQUEST_TIMEOUT_S",
@@ -102,6 +102,15 @@ def seconds(text: str) -> float:
     value = _positive_finite(text)
     if value is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def budget_seconds(text: str) -> float:
+    """``--deadline``, ``--aggregation-timeout``: positive seconds, at most
+    :data:`~meshinfer.proto.tasks.MAX_DEADLINE_S` (30 days: the coordinator refuses longer)."""
+    value = seconds(text)
+    if value > MAX_DEADLINE_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is over {MAX_DEADLINE_S:.0f} seconds (30 days)")
     return value
 
 

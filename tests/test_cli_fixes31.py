@@ -21,7 +21,9 @@ import pytest
 from coordinator import cli_tasks
 from coordinator.cli import main as coord_main
 from coordinator.input_files import load_inputs
+from coordinator.task_arguments import budget_seconds
 from meshinfer.errors import ConfigError
+from meshinfer.proto.tasks import MAX_DEADLINE_S
 from tests.test_client_config_hunt import TOKEN, ScriptedServer, one_line_error
 from tests.test_inputs_fixes29 import _chunk
 
@@ -145,3 +147,19 @@ def test_a_png_and_a_jpeg_still_read_under_either_name(tmp_path):
     Image.new("L", (16, 16), 255).save(png, format="PNG")
     for name, data in [("a.png", png.getvalue()), ("b.jpg", _jpeg()), ("c.png", _jpeg())]:
         assert load_inputs([_written(tmp_path / name, data)]).shape == (1, 64)
+
+
+@pytest.mark.parametrize("option", ["--deadline", "--aggregation-timeout"])
+@pytest.mark.parametrize("value", ["2592001", "1e12", "1e308"])
+def test_a_task_budget_past_the_coordinators_bound_is_a_usage_error(capsys, option, value):
+    """The coordinator refuses a ``deadline_s``/``aggregation_timeout_s`` past MAX_DEADLINE_S
+    (30 days): ``submit`` says so before reading any input or sending anything (exit 2)."""
+    offline = ("--url", "http://127.0.0.1:9", "--timeout", "1")  # never contacted
+    argv = ["submit", *offline, "--model", "x", "--input", "f.npy", option, value]
+    assert coord_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "30 days" in err and "Traceback" not in err, err
+
+
+def test_a_task_budget_at_the_bound_is_taken():
+    assert budget_seconds(str(MAX_DEADLINE_S)) == MAX_DEADLINE_S

@@ -127,9 +127,10 @@ def task(**changes: object) -> dict[str, object]:
 def test_status_of_a_task_whose_deadline_is_past_the_calendar(
     canned, capsys, monkeypatch, deadline_s
 ):
-    """The API takes any positive finite ``deadline_s`` (``--deadline 1e12``: "no deadline to
-    speak of"), so ``expires_at`` may lie beyond year 9999; ``status`` crashed rendering it
-    (ValueError, OSError or OverflowError from ``datetime.fromtimestamp``)."""
+    """A coordinator from before ``MAX_DEADLINE_S`` took any positive finite ``deadline_s``
+    (``--deadline 1e12``: "no deadline to speak of"), so ``expires_at`` may lie beyond year
+    9999; ``status`` crashed rendering it (ValueError, OSError or OverflowError from
+    ``datetime.fromtimestamp``)."""
     monkeypatch.setenv("MESHINFER_COORD_TOKEN", TOKEN)
     doc = task(deadline_s=deadline_s, expires_at=1.7e9 + deadline_s)
     assert f"{deadline_s:g} s, until" in render_task(doc)
