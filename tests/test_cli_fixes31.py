@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from coordinator import cli_tasks
+from coordinator import cli_tasks, digit_images
 from coordinator.cli import main as coord_main
 from coordinator.input_files import load_inputs
 from coordinator.task_arguments import budget_seconds
@@ -163,3 +165,28 @@ def test_a_task_budget_past_the_coordinators_bound_is_a_usage_error(capsys, opti
 
 def test_a_task_budget_at_the_bound_is_taken():
     assert budget_seconds(str(MAX_DEADLINE_S)) == MAX_DEADLINE_S
+
+
+# --- the image header walkers: any bytes end in an image or a clear error ----------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prefix=st.sampled_from([_PNG_SIGNATURE, b"\xff\xd8\xff", b"\xff\xd8\xff\xc0\x00\x11\x08"]),
+    body=st.binary(max_size=512),
+)
+def test_arbitrary_bytes_after_an_image_signature_are_read_or_refused_clearly(prefix, body):
+    """The header walkers (sizes checked before Pillow opens the file) and Pillow's readers
+    behind them: whatever follows the signature, the reader returns the model's row or raises
+    the ConfigError naming the file, never another exception."""
+    data = prefix + body
+    try:
+        row = digit_images.read_image("fuzz.png", data, None)
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.png: ")
+    else:
+        assert row.shape == (1, 64) and np.isfinite(row).all()
+    assert isinstance(digit_images._png_sizes(data), list)
+    assert isinstance(digit_images._jpeg_sizes(data), list)
