@@ -46,7 +46,6 @@ from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import default_registry
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
@@ -86,7 +85,7 @@ async def run(args) -> list[tuple[int, int, float, float]]:
 
 async def run_sizes(cluster, tmp: Path, tag: str, node: psutil.Process, args) -> list:
     """Every ``--sizes`` batch through a fresh coordinator: (N, seconds, node CPU seconds)."""
-    ident = NodeIdentity.load(cluster.enroll(f"coord-{tag}", roles=("coordinator",)))
+    ident = NodeDirectory(cluster.enroll(f"coord-{tag}", roles=("coordinator",))).load()
     revocations = NodeDirectory(cluster.root / "nodes" / f"coord-{tag}").revocations(ident.trust)
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
     mesh = MeshNode(ident, revocations, opts)

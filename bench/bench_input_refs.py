@@ -49,7 +49,6 @@ from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import DIGITS_REFS
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
@@ -68,7 +67,7 @@ def models(n: int) -> tuple[ModelRef, ...]:
 
 async def start_coordinator(cluster: LocalCluster, tmp: Path, case: str, args):
     name = f"coord-{case}-{time.monotonic_ns()}"
-    ident = NodeIdentity.load(cluster.enroll(name, roles=("coordinator",)))
+    ident = NodeDirectory(cluster.enroll(name, roles=("coordinator",))).load()
     revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
     mesh = MeshNode(ident, revocations, opts)

@@ -39,7 +39,6 @@ from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MemberEvent, MemberEventKind, MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
@@ -69,7 +68,7 @@ class Trial:
 
 
 async def coordinator_for(cluster: LocalCluster, tmp: Path, redial: float):
-    ident = NodeIdentity.load(cluster.enroll("coord", roles=("coordinator",)))
+    ident = NodeDirectory(cluster.enroll("coord", roles=("coordinator",))).load()
     revocations = NodeDirectory(cluster.root / "nodes" / "coord").revocations(ident.trust)
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.lan())
     mesh = MeshNode(ident, revocations, opts)

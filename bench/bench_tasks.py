@@ -60,7 +60,6 @@ from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.mlp import forward
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec, new_task_id
 from meshinfer.proto.tasks_wire import Tensor
@@ -219,7 +218,7 @@ async def start_coordinator(cluster: LocalCluster, tmp: Path, synchronous: str, 
     """A fresh coordinator (own identity and journal); ``synchronous="none"`` swaps its journal
     for a :class:`NullJournal`."""
     name = f"coord-{synchronous}-{in_flight}-{time.monotonic_ns()}"
-    ident = NodeIdentity.load(cluster.enroll(name, roles=("coordinator",)))
+    ident = NodeDirectory(cluster.enroll(name, roles=("coordinator",))).load()
     revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
     journal = tmp / f"{name}.db"
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())

@@ -17,7 +17,7 @@ from coordinator.journal import MAX_PAGE
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES
 from meshinfer.proto.scheduling import Policy
-from meshinfer.proto.tasks import Pattern, TaskState
+from meshinfer.proto.tasks import MAX_PRIORITY, MIN_PRIORITY, NAME_PATTERN, Pattern, TaskState
 from meshinfer.proto.tasks_wire import DTYPES
 
 __all__ = ["API_VERSION", "ERROR_CODES", "openapi_document"]
@@ -54,8 +54,8 @@ _INT: Schema = {"type": "integer"}
 _NUM: Schema = {"type": "number"}
 _NULLABLE_STR: Schema = {"type": ["string", "null"]}
 #: A task id or stage name, as :class:`~meshinfer.proto.tasks.TaskSpec` validates it.
-_NAME: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}
-_PRIORITY: Schema = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+_NAME: Schema = {"type": "string", "pattern": f"^{NAME_PATTERN}$"}
+_PRIORITY: Schema = {"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY}
 
 
 def _array(items: Schema) -> Schema:

@@ -36,7 +36,6 @@ from meshinfer.demo import STOP_SIGNALS
 from meshinfer.errors import MeshInferError
 from meshinfer.fleetcli import EXIT_CLOSED_PIPE, stdout_gone
 from meshinfer.identity_files import FleetDirectory, NodeDirectory
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.messages import AppData
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import Admission, SessionMetrics
@@ -63,7 +62,7 @@ def _cli(*args: str) -> None:
 
 
 def _load_admission(node_dir: Path) -> Admission:
-    ident = NodeIdentity.load(node_dir)
+    ident = NodeDirectory(node_dir).load()
     return Admission(ident, NodeDirectory(node_dir).revocations(ident.trust))
 
 
@@ -177,7 +176,7 @@ async def _drive(tmp: Path, n: int, quiet: bool) -> int:
         _say(f"rsu-1 runs as process {node.proc.pid}, listening on {node.address}", quiet)
         started = time.perf_counter()
         await _exchange(car, node.address, n, quiet)
-        rsu_key = NodeIdentity.load(rsu_dir).static_public
+        rsu_key = NodeDirectory(rsu_dir).load().static_public
         await _exchange(car, node.address, n, quiet, expected_static=rsu_key)
         intruder = make_fleet(None, ["intruder"], fleet_id="other-fleet").admission("intruder")
         _say(

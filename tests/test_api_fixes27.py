@@ -30,7 +30,6 @@ from coordinator.openapi import ERROR_CODES, openapi_document
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.runtime.node import MeshNode, MeshNodeOptions
 from meshinfer.testing.cluster import LocalCluster
@@ -51,7 +50,7 @@ class Lone:
         self.tmp = tmp
         self.cluster = LocalCluster(tmp, fleet_id="api27-test")
         coord_dir = self.cluster.enroll("coord", roles=("coordinator",))
-        self.ident = NodeIdentity.load(coord_dir)
+        self.ident = NodeDirectory(coord_dir).load()
         self.revocations = NodeDirectory(coord_dir).revocations(self.ident.trust)
 
     async def __aenter__(self) -> Lone:

@@ -59,7 +59,6 @@ from meshinfer.errors import ConfigError, InferenceError, MeshInferError, Remote
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec, TaskState
 from meshinfer.proto.tasks_wire import Tensor
@@ -732,7 +731,7 @@ class Stack:
             daemon = NodeDaemon(load_config(path), rng=random.Random(name))
             await daemon.start()
             self.daemons[name] = daemon
-        ident = NodeIdentity.load(self.coord_dir)
+        ident = NodeDirectory(self.coord_dir).load()
         opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
         revocations = NodeDirectory(self.coord_dir).revocations(ident.trust)
         self.mesh = MeshNode(ident, revocations, opts)

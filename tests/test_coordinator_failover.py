@@ -35,7 +35,6 @@ from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.mlp import forward
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MemberEvent, MemberEventKind, MembershipConfig
 from meshinfer.proto.membership_wire import ModelInfo as GossipModel
 from meshinfer.proto.messages import CloseCode
@@ -67,7 +66,7 @@ def mesh_for(
     roles=("coordinator",),
     session: SessionConfig | None = None,
 ) -> MeshNode:
-    ident = NodeIdentity.load(cluster.enroll(name, roles=roles))
+    ident = NodeDirectory(cluster.enroll(name, roles=roles)).load()
     revocations = NodeDirectory(cluster.root / "nodes" / name).revocations(ident.trust)
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.lan())
     if session is not None:

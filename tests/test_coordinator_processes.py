@@ -16,7 +16,6 @@ from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.tasks import Pattern, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
@@ -29,7 +28,7 @@ DIGITS = ModelRef("digits-mlp", "1")
 
 
 async def coordinator_for(cluster: LocalCluster, tmp, config: CoordinatorConfig):
-    ident = NodeIdentity.load(cluster.enroll("coord", roles=("coordinator",)))
+    ident = NodeDirectory(cluster.enroll("coord", roles=("coordinator",))).load()
     revocations = NodeDirectory(cluster.root / "nodes" / "coord").revocations(ident.trust)
     opts = MeshNodeOptions(mdns=MdnsConfig.loopback(), membership=MembershipConfig.test())
     mesh = MeshNode(ident, revocations, opts)

@@ -28,7 +28,6 @@ from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory, replace_file
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import load_digits_holdout
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.proto.membership import MembershipConfig
 from meshinfer.proto.membership_table import MemberStatus
 from meshinfer.proto.messages import Gossip
@@ -57,7 +56,7 @@ class Mesh:
             self.cluster.add_node(name, extra=http_section + extra) for name in self.names
         ]
         coord_dir = self.cluster.enroll("coord", roles=("coordinator",))
-        self.coord_ident = NodeIdentity.load(coord_dir)
+        self.coord_ident = NodeDirectory(coord_dir).load()
         self.coord_dir = coord_dir
         self.tmp = tmp
         self.config = config or CoordinatorConfig(item_timeout_s=5.0)

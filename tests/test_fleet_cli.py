@@ -22,7 +22,7 @@ from meshinfer.identity_files import (
     load_trust,
     write_new_file,
 )
-from meshinfer.proto.identity import NodeCertificate, NodeIdentity, admit, static_public_key
+from meshinfer.proto.identity import NodeCertificate, admit, static_public_key
 from node.cli import main as node_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_fleet_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 
 def _admit(node_dir: Path, fleet: Path, now: float) -> NodeCertificate:
-    identity = NodeIdentity.load(node_dir)
+    identity = NodeDirectory(node_dir).load()
     revocations = load_revocations(fleet / "revocations.bin", identity.trust)
     return admit(
         identity.certificate.to_bytes(),
@@ -146,7 +146,7 @@ def test_init_enroll_sign_revoke_show_round_trip(tmp_path: Path) -> None:
     enroll_car1 = "fleet enroll --dir {fleet} --node-dir {car1} --node-id car-1 --roles vehicle"
     ok(line("coord", enroll_car1, **paths))
     assert mode(car1 / "node.key") == 0o600
-    assert _admit(car1, fleet, NodeIdentity.load(car1).certificate.not_before).serial == 1
+    assert _admit(car1, fleet, NodeDirectory(car1).load().certificate.not_before).serial == 1
 
     public = ok(line("node", "keygen --dir {car2}", **paths)).strip()
     sign_car2 = "fleet sign --dir {fleet} --node-id car-2 --pubkey {car2}/node.pub"
@@ -163,7 +163,7 @@ def test_init_enroll_sign_revoke_show_round_trip(tmp_path: Path) -> None:
     ok(line("node", "fleet revoke --dir {fleet} --serial 3", **paths))
     assert _statuses("node", fleet) == {1: "revoked", 2: "valid", 3: "revoked"}
     with pytest.raises(AdmissionError) as refusal:
-        _admit(car1, fleet, NodeIdentity.load(car1).certificate.not_before)
+        _admit(car1, fleet, NodeDirectory(car1).load().certificate.not_before)
     assert refusal.value.reason == "revoked"
 
     text = ok(cli("coord", "fleet", "show", "--dir", fleet))
@@ -173,8 +173,8 @@ def test_init_enroll_sign_revoke_show_round_trip(tmp_path: Path) -> None:
     # Re-enrolling keeps the node's key and issues a new certificate the old revocation misses.
     ok(line("coord", enroll_car1 + " --force", **paths))
     assert _statuses("coord", fleet)[4] == "valid"
-    assert _admit(car1, fleet, NodeIdentity.load(car1).certificate.not_before).serial == 4
-    assert (car1 / "node.pub").read_text().strip() == NodeIdentity.load(car1).static_public.hex()
+    assert _admit(car1, fleet, NodeDirectory(car1).load().certificate.not_before).serial == 4
+    assert (car1 / "node.pub").read_text().strip() == NodeDirectory(car1).load().static_public.hex()
 
 
 def test_revoking_twice_is_refused(tmp_path: Path) -> None:
@@ -262,9 +262,9 @@ def _enrolled(tmp_path: Path) -> tuple[FleetDirectory, NodeDirectory]:
     return fleet, node
 
 
-def test_node_identity_load_round_trip(tmp_path: Path) -> None:
+def test_node_directory_load_round_trip(tmp_path: Path) -> None:
     fleet, node = _enrolled(tmp_path)
-    identity = NodeIdentity.load(node.path)
+    identity = node.load()
     assert identity.node_id == "car-1"
     assert identity.trust == fleet.trust()
     assert identity.certificate == fleet.issued()[0]
@@ -275,7 +275,7 @@ def test_load_refuses_a_certificate_for_another_key(tmp_path: Path) -> None:
     _, node = _enrolled(tmp_path)
     node.keygen(force=True)
     with pytest.raises(IdentityError, match="static key does not match"):
-        NodeIdentity.load(node.path)
+        node.load()
 
 
 @pytest.mark.parametrize(
@@ -295,7 +295,7 @@ def test_load_reports_missing_or_corrupt_files(tmp_path: Path, damage, message: 
     _, node = _enrolled(tmp_path)
     damage(node)
     with pytest.raises(IdentityError, match=message):
-        NodeIdentity.load(node.path)
+        node.load()
 
 
 def test_fleet_refuses_a_world_readable_or_foreign_authority_key(tmp_path: Path) -> None:

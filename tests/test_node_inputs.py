@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -22,7 +23,6 @@ from aiohttp import web
 
 from meshinfer.errors import ConfigError
 from meshinfer.identity_files import NodeDirectory, enroll
-from meshinfer.proto.identity import NodeIdentity
 from meshinfer.testing.cluster import LocalCluster
 from node import cli as node_cli
 from node.config import config_from_dict
@@ -208,7 +208,7 @@ async def test_a_failing_telemetry_sample_is_logged_once_and_the_loop_goes_on(
 
 
 def test_an_expired_certificate_is_refused_and_one_not_valid_yet_is_a_warning(base, caplog):
-    identity = NodeIdentity.load(base["node"]["identity_dir"])
+    identity = NodeDirectory(Path(base["node"]["identity_dir"])).load()
     cert, where = identity.certificate, "[node] identity_dir"
     check_validity(identity, where, now=cert.not_before)  # valid: nothing to say
     assert caplog.records == []

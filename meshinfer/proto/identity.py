@@ -41,7 +41,6 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, InitVar, dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -686,6 +685,8 @@ class NodeIdentity:
     """Everything a node needs to run sessions: its Noise static key pair, certificate and trust.
 
     Construction checks that the pieces belong together and raises :class:`IdentityError` if not.
+    A node directory on disk is read by ``meshinfer.identity_files.NodeDirectory(path).load()``
+    (file I/O lives outside ``proto/``).
     """
 
     node_id: str
@@ -720,15 +721,6 @@ class NodeIdentity:
         except ConfigError as exc:
             raise IdentityError(str(exc)) from None
         return cls(certificate.node_id, static_private, public, certificate, trust)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> NodeIdentity:
-        """Load a node directory; raise IdentityError. Deprecated: file I/O lives outside
-        proto/, so call ``meshinfer.identity_files.NodeDirectory(directory).load()``; kept
-        (importing it only when called) until its callers have moved."""
-        from meshinfer.identity_files import NodeDirectory
-
-        return NodeDirectory(Path(directory)).load()
 
 
 def utc_text(seconds: float) -> str:

@@ -50,7 +50,9 @@ from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.models import ModelRef, models_named
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks_wire import (
+    MAX_PRIORITY,
     MAX_TENSOR_BYTES,
+    MIN_PRIORITY,
     ParamValue,
     TaskAssign,
     Tensor,
@@ -65,7 +67,10 @@ __all__ = [
     "DEFAULT_SHARD_ROWS",
     "MAX_BATCH_INPUT_BYTES",
     "MAX_DEADLINE_S",
+    "MAX_PRIORITY",
     "MAX_STAGES",
+    "MIN_PRIORITY",
+    "NAME_PATTERN",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "InvalidTaskError",
@@ -99,7 +104,11 @@ MAX_STAGES = 64
 MAX_DEADLINE_S = 30 * 24 * 3600.0
 #: Rows per shard of a batch task when the spec gives no ``shard_size`` (less if rows are big).
 DEFAULT_SHARD_ROWS = 256
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+#: A task id or a stage name is the whole of a string that this regular expression matches
+#: (1-64 characters; unanchored: :func:`re.fullmatch` it, or anchor it as ``^...$``, as the
+#: coordinator's OpenAPI document does).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
 _MAX_MODEL_LEN = 128
 
 
@@ -355,7 +364,7 @@ def _check_options(spec: TaskSpec) -> str | None:
             f"deadline_s {spec.deadline_s!r:.40} must be a positive number of seconds,"
             f" at most MAX_DEADLINE_S = {MAX_DEADLINE_S:.0f} (30 days)"
         )
-    if type(spec.priority) is not int or not -(2**31) <= spec.priority < 2**31:
+    if type(spec.priority) is not int or not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
         return f"priority {spec.priority!r} must be a 32-bit integer"
     if spec.policy is not None and not _is_value(spec.policy, Policy):
         return f"policy {spec.policy!r} is not one of {[p.value for p in Policy]}"

@@ -52,7 +52,9 @@ __all__ = [
     "DTYPES",
     "MAX_DIM",
     "MAX_NDIM",
+    "MAX_PRIORITY",
     "MAX_TENSOR_BYTES",
+    "MIN_PRIORITY",
     "NO_INPUT",
     "REFUSALS",
     "FailureKind",
@@ -74,6 +76,11 @@ __all__ = [
     "unpack_array",
 ]
 
+#: A task's ``priority`` is a 32-bit signed integer: from this to :data:`MAX_PRIORITY`, inclusive
+#: (:mod:`meshinfer.proto.tasks` re-exports both).
+MIN_PRIORITY = -(2**31)
+#: The largest ``priority`` (larger runs first).
+MAX_PRIORITY = 2**31 - 1
 #: The dtypes a tensor may have on the wire (NumPy names).
 DTYPES = frozenset({"float32", "float16", "int64", "int32", "uint8", "bool"})
 #: Each wire dtype as NumPy reads it (little-endian), and its item size.
@@ -380,7 +387,7 @@ class TaskAssign:
             raise _refuse("TaskAssign", "an input_ref comes with an empty input, not kept")
         if self.deadline_s is not None and not 0 <= self.deadline_s < math.inf:
             raise _refuse("TaskAssign", f"deadline_s {self.deadline_s} is not a finite >= 0")
-        if not -(2**31) <= self.priority < 2**31:
+        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise _refuse("TaskAssign", "priority outside the 32-bit range")
         decode_params(self.params)
 

@@ -35,7 +35,7 @@ def load_identity(directory: str, where: str) -> NodeIdentity:
     if not directory:
         raise ConfigError(f"{where} is required (made by `fleet enroll`)")
     try:
-        identity = NodeIdentity.load(directory)
+        identity = NodeDirectory(Path(directory)).load()
     except IdentityError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     check_validity(identity, where, now=time.time())
