@@ -41,7 +41,11 @@ Four periodic activities run off the timers, each first scheduled at a random ph
     local state announced a newer revocation list) was revoked since (see "Expired
     certificates" and "Revoked certificates" in :mod:`membership_table`).
 
-Joining is a whole-table push-pull marked ``join`` to the seeds, retried until one answers.
+Joining is a whole-table push-pull marked ``join`` to the seeds, retried until one answers; its
+answer carries this node's own record from an earlier life, if the seed holds one, which a
+restarted node outbids. A claim about this node above its incarnation that arrives in any other
+packet starts an anti-entropy exchange with its sender, once per claimed incarnation, for the
+same evidence ("Claims above this node's incarnation" in :mod:`membership_table`).
 Leaving marks this node LEFT at a higher incarnation and keeps gossiping until the news is out
 (:attr:`Membership.leave_announced`). The rules for applying records, including refutation,
 the impersonation rule and the table cap (``max_members``), live in :mod:`membership_table`; a
@@ -302,6 +306,9 @@ class Membership:
         for record in packet.records:
             self.table.apply(record, now)
         self._send_corrections(from_node)
+        if self.table.ask_evidence:  # see "Claims above this node's incarnation"
+            self.table.ask_evidence = False
+            self._anti_entropy(from_node)
         self._on_header(from_node, header, now)
 
     def _send_corrections(self, to_node: str) -> None:
@@ -359,6 +366,7 @@ class Membership:
         incarnation = self.table.local.incarnation
         self.table.merge(records, now)
         self.table.corrections.clear()  # the table we send back (or sent) carries them
+        self.table.ask_evidence = False  # the sender's table held all it knows about us
         if not header.response:
             self._send_table(sender, PushPull(join=header.join, response=True))
             return
@@ -377,6 +385,7 @@ class Membership:
         self, sender: str, header: DigestReply, records: tuple[Record, ...], now: float
     ) -> None:
         self.table.merge(records, now)
+        self.table.ask_evidence = False  # the reply held the sender's records about us
         corrections, self.table.corrections = self.table.corrections, []
         back = self.table.records_for(header.wants[: self.config.max_packet_records()])
         back += [data for data in dict.fromkeys(corrections) if data not in back]

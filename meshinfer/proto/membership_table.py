@@ -14,10 +14,22 @@ independent steps:
    incarnation brings a suspect, dead or left member back, and suspicion or death never
    overrides a departure.
 
-Claims about this node itself never change the local record: a SUSPECT/DEAD (or a LEFT from an
-earlier life) at ``j >= i`` is *refuted* by re-announcing ALIVE at ``j + 1``; an ALIVE record about
-us newer than ours (we restarted and forgot) is outbid the same way. That is how a restarted
-node, which starts at incarnation 0, learns its old incarnation from the others and bumps past it.
+Claims about this node itself never change the local record: a SUSPECT/DEAD at ``j >= i`` is
+*refuted* by re-announcing ALIVE at ``i + 1``, and a record this node signed (a LEFT, or an ALIVE
+record newer than ours) at ``j >= i`` is outbid at ``j + 1``.
+
+Claims above this node's incarnation. A SUSPECT/DEAD at ``j > i`` names an incarnation this node
+never announced in this life: it is counted (``claims_ahead``) and refuted at ``i + 1`` as one at
+``i``, never at ``j + 1`` (others lower such a claim to the newest ALIVE record they hold, so
+``i + 1`` refutes it wherever they hold ours; taking ``j`` at face value would let one member's
+claim at ``MAX_COUNTER`` leave this node unable to refute ever again). A restarted node, which
+starts at incarnation 0, rises above its old life only on evidence: its own signed ALIVE (or LEFT)
+record from that life, outbid at its incarnation + 1. The join's whole-table push-pull brings it
+from the seed, as does any anti-entropy exchange (a digest lists this node's entry; the answer
+carries the records the other side holds about it). A claim above ``i`` that arrives by gossip
+alone sets :attr:`MemberTable.ask_evidence`, at most once per claimed incarnation: the driver then
+starts an anti-entropy exchange with the claim's sender, whose answer brings the evidence well
+within the suspicion timeout.
 
 Impersonation rule. The sender of a packet is the node id its session authenticated. ALIVE and
 LEFT records are self-claims: only the node they are about may author them. With a
@@ -32,10 +44,10 @@ gives the reasons). Without an authenticator relays are trusted
 (admission already limits the mesh to fleet members). SUSPECT and DEAD claims about others are
 plain gossip and are accepted from anyone; they cannot raise an incarnation above the member's
 own newest ALIVE record (a claim above it is applied at that incarnation and counted,
-``claims_ahead``), so the worst a liar achieves is a refutation (or, for a real crash, an
-earlier death). Nor does a node refute a claim about itself that only an incarnation above
-``MAX_COUNTER`` would answer (no decoder takes that ALIVE record, nor any packet carrying it:
-one such claim sent to a node would cut it out of the mesh for good). The accuser named in a
+``claims_ahead``; the subject itself refutes it at its own incarnation + 1, see above), so the
+worst a liar achieves is a refutation (or, for a real crash, an earlier death). Nor does a node
+refute a claim about itself that only an incarnation above ``MAX_COUNTER`` would answer (no
+decoder takes that ALIVE record, nor any packet carrying it). The accuser named in a
 SUSPECT is not authenticated: a forged one can shrink a suspicion timeout to its minimum but
 never below. Acks are checked by the probe round (see :mod:`membership_probe`).
 
@@ -158,6 +170,10 @@ class MemberTable(MemberStore):
         self.events: list[MemberEvent] = []
         #: Encoded ALIVE records that refute stale claims just received (for the sender).
         self.corrections: list[bytes] = []
+        #: A claim about this node above its incarnation arrived without evidence: ask its
+        #: sender for its records about this node (the driver reads and clears it).
+        self.ask_evidence = False
+        self._evidence_asked = -1  # the highest claimed incarnation evidence was asked for
         self.on_new_member: Callable[[str], None] = lambda node_id: None
         self._suspicions: dict[str, SuspicionTimer] = {}
         self._suspicion_deadline: float | None = None  # cached min of the deadlines
@@ -439,12 +455,24 @@ class MemberTable(MemberStore):
             return
         elif isinstance(record, LeftRecord) and not self._authentic(record):
             return
-        if record.incarnation >= MAX_COUNTER:
+        claimed = record.incarnation
+        if isinstance(record, SuspectRecord | DeadRecord) and claimed > incarnation:
+            self._claim_ahead(claimed)
+            claimed = incarnation  # see "Claims above this node's incarnation"
+        if claimed >= MAX_COUNTER:
             self.counters.claims_ahead += 1  # a refutation would be undecodable
             return
-        self.refute(record.incarnation, now)
+        self.refute(claimed, now)
         if not isinstance(record, AliveRecord):
             self.health.apply(1)
+
+    def _claim_ahead(self, claimed: int) -> None:
+        """A SUSPECT/DEAD about this node above its incarnation: count it, and ask for
+        evidence (our own older record) once per claimed incarnation."""
+        self.counters.claims_ahead += 1
+        if claimed > self._evidence_asked:
+            self._evidence_asked = claimed
+            self.ask_evidence = True
 
     def refute(self, claimed_incarnation: int, now: float) -> None:
         """Re-announce this node ALIVE above ``claimed_incarnation``."""
