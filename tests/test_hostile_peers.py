@@ -85,14 +85,19 @@ def test_a_relayed_claim_above_the_members_own_incarnation_is_lowered_to_it() ->
 
 
 def test_a_claim_about_self_that_cannot_be_refuted_in_range_is_ignored() -> None:
-    """Told directly that it is dead at the top incarnation, a node does not publish an
-    ALIVE record above it (every peer would refuse each packet carrying it); one below the top
-    is refuted, and even a leave from the top stays decodable."""
+    """Told directly that it is dead or suspect above its own incarnation, a node refutes one
+    above its own number, not the claim's (a liar's top number would leave it unable to refute
+    again); its own record at the top cannot be outbid and is ignored (every peer would refuse
+    an ALIVE record above it); one just below the top is outbid at the top, and even a leave
+    from the top stays decodable."""
     a = _core("a", ["b", "h"])
     a.handle_packet("h", _gossip(DeadRecord("a", MAX_COUNTER, "h")), 1.0)
+    assert a.incarnation == 1 and a.counters.claims_ahead == 1
     a.handle_packet("h", _gossip(AliveRecord("a", MAX_COUNTER, 1, NodeState())), 1.0)
-    assert a.incarnation == 0 and a.counters.claims_ahead == 2
+    assert a.incarnation == 1 and a.counters.claims_ahead == 2
     a.handle_packet("h", _gossip(SuspectRecord("a", MAX_COUNTER - 1, "h")), 1.1)
+    assert a.incarnation == 2 and a.counters.claims_ahead == 3
+    a.handle_packet("h", _gossip(AliveRecord("a", MAX_COUNTER - 1, 1, NodeState())), 1.2)
     assert a.incarnation == MAX_COUNTER
     assert AliveRecord("a", MAX_COUNTER, 1, a.local_state) in _sent_records_after_tick(a)
     a.leave(2.0)
