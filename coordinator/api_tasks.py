@@ -40,6 +40,7 @@ from coordinator.api_requests import (
     strict_query,
     upload_size,
 )
+from coordinator.client import MAX_WAIT_S
 from coordinator.journal import TaskConflictError, TaskRecord, UnknownTaskError
 from coordinator.service import Coordinator
 from meshinfer.errors import ConfigError
@@ -47,9 +48,9 @@ from meshinfer.proto.tasks import TaskSpec, new_task_id
 
 __all__ = ["DEFAULT_WAIT_S", "MAX_WAIT_S", "TaskRoutes"]
 
-#: ``/wait`` waits this long when no ``timeout`` is given, and at most :data:`MAX_WAIT_S`.
+#: ``/wait`` waits this long when no ``timeout`` is given, and at most :data:`MAX_WAIT_S` (the
+#: API's contract, spelled once in :mod:`coordinator.client`, whose ``wait`` loops past it).
 DEFAULT_WAIT_S = 30.0
-MAX_WAIT_S = 300.0
 
 #: ``off_loop(size, fn, *args)``: ``fn(*args)``, in a worker thread when ``size`` is large.
 OffLoop = Callable[..., Awaitable[Any]]
