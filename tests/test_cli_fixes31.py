@@ -34,13 +34,8 @@ Image = pytest.importorskip("PIL.Image")
 
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
-    scripted = ScriptedServer()
-    scripted.thread.start()
-    try:
+    with ScriptedServer() as scripted:
         yield scripted
-    finally:
-        scripted.server.shutdown()
-        scripted.server.server_close()
 
 
 def _submit(server: ScriptedServer, tmp_path: Path) -> int:

@@ -28,13 +28,8 @@ from tests.test_client_config_hunt import TOKEN, ScriptedServer, one_line_error,
 
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
-    scripted = ScriptedServer()
-    scripted.thread.start()
-    try:
+    with ScriptedServer() as scripted:
         yield scripted
-    finally:
-        scripted.server.shutdown()
-        scripted.server.server_close()
 
 
 class VirtualClock:

@@ -69,6 +69,14 @@ class ScriptedServer:
         serve = {"poll_interval": 0.05}  # (a shutdown waits up to one)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs=serve, daemon=True)
 
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
     def script(self, method: str, path: str, *answers: object, status: int = 200, **headers: str):
         """Answer ``method path`` with ``answers`` in turn (JSON documents, or bytes as they
         are), each with ``status``
@@ -88,13 +96,8 @@ def _body(doc: object) -> bytes:
 
 @pytest.fixture
 def canned() -> Iterator[ScriptedServer]:
-    server = ScriptedServer()
-    server.thread.start()
-    try:
+    with ScriptedServer() as server:
         yield server
-    finally:
-        server.server.shutdown()
-        server.server.server_close()
 
 
 def coord(canned: ScriptedServer, *argv: str) -> int:

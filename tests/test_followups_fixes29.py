@@ -34,13 +34,8 @@ LONG_NUMBER_PGMS = {
 
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
-    scripted = ScriptedServer()
-    scripted.thread.start()
-    try:
+    with ScriptedServer() as scripted:
         yield scripted
-    finally:
-        scripted.server.shutdown()
-        scripted.server.server_close()
 
 
 def submit(server: ScriptedServer, path: Path) -> int:

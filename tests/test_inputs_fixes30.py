@@ -28,13 +28,8 @@ Image = pytest.importorskip("PIL.Image")
 
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
-    scripted = ScriptedServer()
-    scripted.thread.start()
-    try:
+    with ScriptedServer() as scripted:
         yield scripted
-    finally:
-        scripted.server.shutdown()
-        scripted.server.server_close()
 
 
 def submit(server: ScriptedServer, *argv: str) -> int:
