@@ -44,8 +44,9 @@ Four periodic activities run off the timers, each first scheduled at a random ph
 Joining is a whole-table push-pull marked ``join`` to the seeds, retried until one answers; its
 answer carries this node's own record from an earlier life, if the seed holds one, which a
 restarted node outbids. A claim about this node above its incarnation that arrives in any other
-packet starts an anti-entropy exchange with its sender, once per claimed incarnation, for the
-same evidence ("Claims above this node's incarnation" in :mod:`membership_table`).
+packet starts an anti-entropy exchange with its sender for the same evidence: at once for a
+claim above any asked about, else again at most once per ``probe_interval`` while such claims
+keep coming ("Claims above this node's incarnation" in :mod:`membership_table`).
 Leaving marks this node LEFT at a higher incarnation and keeps gossiping until the news is out
 (:attr:`Membership.leave_announced`). The rules for applying records, including refutation,
 the impersonation rule and the table cap (``max_members``), live in :mod:`membership_table`; a

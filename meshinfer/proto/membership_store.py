@@ -7,7 +7,8 @@ nothing by itself but through :meth:`MemberStore._store`, :meth:`MemberStore._re
 :meth:`MemberStore._remove` and :meth:`MemberStore._set_local`, which keep what is derived from
 the members in step with them (the encoded records, the live count, the random-pick list); the
 rules that decide those changes are :class:`~meshinfer.proto.membership_table.MemberTable`'s,
-which reads the members but writes none of this state itself.
+which reads the members through the queries (``get``, ``knows``, ``live_members``...) and
+writes none of this state itself.
 
 Digests. Periodic anti-entropy compares tables before it sends records. A digest lists one entry
 per member, :func:`~meshinfer.proto.membership_member.entry_of`: its status (as a record kind),
@@ -79,9 +80,21 @@ class MemberStore:
         """The member ``node_id`` (not this node), if known."""
         return self._members.get(node_id)
 
+    def knows(self, node_id: str) -> bool:
+        """Whether ``node_id`` is a held member (this node is none)."""
+        return node_id in self._members
+
     def members(self) -> list[Member]:
         """All known members but this node, in any status."""
         return list(self._members.values())
+
+    def live_members(self) -> list[Member]:
+        """The alive and suspect members (this node excluded)."""
+        return [m for m in self._members.values() if m.status in LIVE]
+
+    def gone_members(self) -> list[Member]:
+        """The dead and left members, not yet forgotten."""
+        return [m for m in self._members.values() if m.status not in LIVE]
 
     def live_count(self) -> int:
         """n: alive and suspect members, this node included."""
@@ -98,7 +111,7 @@ class MemberStore:
 
     def live_ids(self) -> list[str]:
         """Ids of the live members (this node excluded)."""
-        return [m.node_id for m in self._members.values() if m.status in LIVE]
+        return [m.node_id for m in self.live_members()]
 
     def retransmit_limit(self) -> int:
         """How many times each queued update is sent, for the current n."""
@@ -204,6 +217,10 @@ class MemberStore:
         return send, wants
 
     # --- changes (the table's rules decide them) -------------------------------------------
+
+    def _held(self, node_id: str) -> Member:
+        """A member the table's own bookkeeping names (a suspicion timer): KeyError otherwise."""
+        return self._members[node_id]
 
     def _alive_bytes(self, member: Member) -> bytes:
         """A held member's ALIVE record, encoded (once per record: the one encoder path)."""

@@ -27,9 +27,12 @@ starts at incarnation 0, rises above its old life only on evidence: its own sign
 record from that life, outbid at its incarnation + 1. The join's whole-table push-pull brings it
 from the seed, as does any anti-entropy exchange (a digest lists this node's entry; the answer
 carries the records the other side holds about it). A claim above ``i`` that arrives by gossip
-alone sets :attr:`MemberTable.ask_evidence`, at most once per claimed incarnation: the driver then
-starts an anti-entropy exchange with the claim's sender, whose answer brings the evidence well
-within the suspicion timeout.
+alone sets :attr:`MemberTable.ask_evidence`: the driver then starts an anti-entropy exchange with
+the claim's sender, whose answer brings the evidence well within the suspicion timeout. It is set
+at once for a claimed incarnation higher than any asked for, and otherwise again at most once per
+``probe_interval`` while such claims keep coming: an exchange that never came back, or a liar's
+claim at a higher incarnation, delays the evidence by a probe interval, not until the next
+periodic push-pull (by then the suspicion may have run out).
 
 Impersonation rule. The sender of a packet is the node id its session authenticated. ALIVE and
 LEFT records are self-claims: only the node they are about may author them. With a
@@ -106,7 +109,6 @@ from meshinfer.proto.membership_config import MembershipConfig
 from meshinfer.proto.membership_gossip import BroadcastQueue, UpdateFamily
 from meshinfer.proto.membership_member import (
     EVENT_FOR,
-    LIVE,
     LIVENESS,
     RECORD_KIND,
     Member,
@@ -174,6 +176,7 @@ class MemberTable(MemberStore):
         #: sender for its records about this node (the driver reads and clears it).
         self.ask_evidence = False
         self._evidence_asked = -1  # the highest claimed incarnation evidence was asked for
+        self._evidence_at = float("-inf")  # when evidence was last asked for
         self.on_new_member: Callable[[str], None] = lambda node_id: None
         self._suspicions: dict[str, SuspicionTimer] = {}
         self._suspicion_deadline: float | None = None  # cached min of the deadlines
@@ -186,11 +189,11 @@ class MemberTable(MemberStore):
         """What a probe of ``node_id`` carries first: if it is suspect, its suspicion (Lifeguard
         buddy system: it learns of it and refutes in its ack); otherwise one random suspicion
         we hold (an echo: a receiver that saw the refutation corrects us)."""
-        member = self._members.get(node_id)
+        member = self.get(node_id)
         if member is None or member.status is not MemberStatus.SUSPECT:
             if not self._suspicions:
                 return []
-            member = self._members[self.rng.choice(list(self._suspicions))]
+            member = self._held(self.rng.choice(list(self._suspicions)))
         return [encode_record(status_record(member))]
 
     # --- local changes ---------------------------------------------------------------------
@@ -198,9 +201,8 @@ class MemberTable(MemberStore):
     def add_known(self, records: Iterable[AliveRecord], now: float) -> None:
         """Seed the table with trusted records (warm start): no events, no broadcasts; those
         past ``max_members`` are refused like received ones."""
-        members, local_id = self._members, self.local_id
         for record in records:
-            if record.node_id != local_id and record.node_id not in members:
+            if record.node_id != self.local_id and not self.knows(record.node_id):
                 if self.is_full():
                     self.counters.members_refused += 1
                     continue
@@ -234,7 +236,7 @@ class MemberTable(MemberStore):
 
     def suspect(self, node_id: str, now: float) -> None:
         """Our own probe of ``node_id`` failed: suspect it at its current incarnation."""
-        member = self._members.get(node_id)
+        member = self.get(node_id)
         if member is not None:
             self.apply(SuspectRecord(node_id, member.incarnation, self.local_id), now)
 
@@ -244,7 +246,7 @@ class MemberTable(MemberStore):
             return
         expired = [n for n, timer in self._suspicions.items() if timer.deadline <= now]
         for node_id in expired:
-            member = self._members[node_id]
+            member = self._held(node_id)
             self.counters.deaths_declared += 1
             self.apply(DeadRecord(node_id, member.incarnation, self.local_id), now)
 
@@ -259,16 +261,14 @@ class MemberTable(MemberStore):
             self._revocations_grew = False
             self._expire_revoked(now)
         expired = self.authenticator.expired  # type: ignore[union-attr]
-        members = self._members.values()
-        for member in [m for m in members if m.status in LIVE and expired(m.record.signature)]:
+        for member in [m for m in self.live_members() if expired(m.record.signature)]:
             self._declare_unproven(member, now)
 
     def _expire_revoked(self, now: float) -> None:
         """Declare dead every live member whose newest record no longer verifies (its
         certificate revoked since); the authenticator counts each by its refusal's reason."""
         verify = self.authenticator.verify  # type: ignore[union-attr]
-        live = [m for m in self._members.values() if m.status in LIVE]
-        for member in live:
+        for member in self.live_members():
             record = member.record
             if not verify(member.node_id, signed_body(record), record.signature):
                 self._declare_unproven(member, now)
@@ -296,7 +296,7 @@ class MemberTable(MemberStore):
         """Forget members dead or left for ``dead_node_reclaim_time`` (sets ``reap_at``)."""
         keep = self.config.dead_node_reclaim_time
         next_at = float("inf")
-        for member in [m for m in self._members.values() if m.status not in LIVE]:
+        for member in self.gone_members():
             if member.since + keep <= now:
                 self._remove(member.node_id)
                 self.events.append(MemberEvent(MemberEventKind.FORGOTTEN, member, now))
@@ -313,7 +313,7 @@ class MemberTable(MemberStore):
             return
         if isinstance(record, DeadRecord) and push_pull:
             record = SuspectRecord(record.node_id, record.incarnation, record.accuser)
-        member = self._members.get(record.node_id)
+        member = self.get(record.node_id)
         if isinstance(record, SuspectRecord | DeadRecord) and member is not None:
             if record.incarnation > member.record.incarnation:  # the member never reached it
                 self.counters.claims_ahead += 1
@@ -347,7 +347,7 @@ class MemberTable(MemberStore):
         for record in records:
             alive = newest.pop(record.node_id, None)  # at the member's first record
             if alive is not None:
-                unknown = alive.node_id not in self._members and alive.node_id != self.local_id
+                unknown = not self.knows(alive.node_id) and alive.node_id != self.local_id
                 if not (unknown and alive.node_id in gone):
                     self.apply(alive, now, push_pull=True)
             if not isinstance(record, AliveRecord):
@@ -457,7 +457,7 @@ class MemberTable(MemberStore):
             return
         claimed = record.incarnation
         if isinstance(record, SuspectRecord | DeadRecord) and claimed > incarnation:
-            self._claim_ahead(claimed)
+            self._claim_ahead(claimed, now)
             claimed = incarnation  # see "Claims above this node's incarnation"
         if claimed >= MAX_COUNTER:
             self.counters.claims_ahead += 1  # a refutation would be undecodable
@@ -466,12 +466,15 @@ class MemberTable(MemberStore):
         if not isinstance(record, AliveRecord):
             self.health.apply(1)
 
-    def _claim_ahead(self, claimed: int) -> None:
+    def _claim_ahead(self, claimed: int, now: float) -> None:
         """A SUSPECT/DEAD about this node above its incarnation: count it, and ask for
-        evidence (our own older record) once per claimed incarnation."""
+        evidence (our own older record) at once for a higher claimed incarnation than any
+        asked for, else again at most once per ``probe_interval`` (the last exchange was lost,
+        or a liar's claim took the higher incarnation)."""
         self.counters.claims_ahead += 1
-        if claimed > self._evidence_asked:
-            self._evidence_asked = claimed
+        if claimed > self._evidence_asked or now >= self._evidence_at + self.config.probe_interval:
+            self._evidence_asked = max(self._evidence_asked, claimed)
+            self._evidence_at = now
             self.ask_evidence = True
 
     def refute(self, claimed_incarnation: int, now: float) -> None:
