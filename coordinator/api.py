@@ -118,6 +118,8 @@ log = logging.getLogger(__name__)
 _OFF_LOOP_BYTES = 256 * 1024
 #: Requests still running this long after ``aclose`` began are cancelled.
 _SHUTDOWN_GRACE_S = 5.0
+#: The ``Retry-After`` (seconds) of a 503 ``shutting_down``: about a restart's time.
+_SHUTDOWN_RETRY_AFTER = "5"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 #: The name of the route of every path no other route serves (:meth:`CoordinatorApi.no_route`).
 _NO_ROUTE = "unmatched"
@@ -169,6 +171,9 @@ class CoordinatorApi:
         self._token = token.encode()
         self._json_work = BoundedExecutor(2, name="coord-api-json")
         self._closing = asyncio.Event()
+        self._close_lock = asyncio.Lock()
+        self._drain_cut = False  # an aclose was cancelled mid-drain: the next one is abrupt
+        self._handling: set[asyncio.Task[Any]] = set()  # the tasks of requests in handlers
         self.tasks = TaskRoutes(
             coordinator, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
             rng=rng or random.SystemRandom(), closing=self._closing, off_loop=self._off_loop,
@@ -235,16 +240,31 @@ class CoordinatorApi:
         self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def aclose(self) -> None:
-        """Stop serving and release the JSON workers. Idempotent.
+        """Stop serving and release the JSON workers. Idempotent; a second call waits for
+        the first.
 
         Open ``/wait`` calls answer at once with the task as it is; other requests get
-        :data:`_SHUTDOWN_GRACE_S` seconds to finish.
+        :data:`_SHUTDOWN_GRACE_S` seconds to finish, and a request that arrives meanwhile gets
+        503 ``shutting_down``. A call cancelled while it drains leaves the rest of the close to
+        the next call, which cancels the requests still running at once. The JSON workers are
+        released only once no handler runs, so none meets them closed.
         """
         self._closing.set()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-        await self._json_work.aclose()
+        async with self._close_lock:
+            if self._runner is not None:
+                if self._drain_cut:
+                    await self._cancel_handlers()
+                self._drain_cut = True
+                await self._runner.cleanup()  # (cancelled: the runner stays, for the next call)
+                self._runner = None
+            await self._json_work.aclose()
+
+    async def _cancel_handlers(self) -> None:
+        """Cancel the requests being handled and wait until each has ended."""
+        handling = list(self._handling)
+        for task in handling:
+            task.cancel()
+        await asyncio.gather(*handling, return_exceptions=True)
 
     async def __aenter__(self) -> CoordinatorApi:
         await self.start()
@@ -259,7 +279,13 @@ class CoordinatorApi:
     async def _observe(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         clock = asyncio.get_running_loop().time
         started = clock()
-        response = await handler(request)
+        task = asyncio.current_task()
+        assert task is not None  # (aiohttp runs each request in a task of its own)
+        self._handling.add(task)
+        try:
+            response = await handler(request)
+        finally:
+            self._handling.discard(task)
         route = _route_label(request)
         method = request.method if request.method in _METHODS else "other"
         self._requests.labels(method, route, str(response.status)).inc()
@@ -273,6 +299,8 @@ class CoordinatorApi:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if self._closing.is_set():  # (arrived as the server began to close: nothing was done)
+            return _shutting_down().response()
         try:
             return await handler(request)
         except ApiError as exc:
@@ -284,6 +312,12 @@ class CoordinatorApi:
         except TaskConflictError as exc:
             return ApiError(409, "conflict", str(exc)).response()
         except Exception as exc:
+            if self._closing.is_set():  # e.g. the JSON workers or the journal closed under it
+                log.info(
+                    "API %s %s: cut short by the shutdown: %r",
+                    request.method, request.path[:200], exc,
+                )  # fmt: skip
+                return _shutting_down(begun=True).response()
             if _out_of_space(exc):  # an operator's problem, not a bug: one line, no traceback
                 log.error(
                     "API %s %s: out of disk space: %s", request.method, request.path[:200], exc
@@ -406,6 +440,19 @@ class CoordinatorApi:
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _shutting_down(*, begun: bool = False) -> ApiError:
+    """503 ``shutting_down`` for a request the closing API does not serve (``begun``: it was
+    being served; what it asked may have been done, a submitted task kept in the journal)."""
+    if begun:
+        message = (
+            "the coordinator is shutting down and cut this request short; it may have taken"
+            " effect (a submitted task is kept: ask for it by its task_id once it is back)"
+        )
+    else:
+        message = "the coordinator is shutting down: this request was not served; retry later"
+    return ApiError(503, "shutting_down", message, {"Retry-After": _SHUTDOWN_RETRY_AFTER})
 
 
 def _route_label(request: web.Request) -> str:

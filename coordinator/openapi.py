@@ -28,6 +28,7 @@ ERROR_CODES = (
     "bad_json", "invalid_task", "bad_parameter", "bad_request", "unauthorized", "not_found",
     "method_not_allowed", "conflict", "too_large", "unsupported_media_type", "busy", "internal",
     "invalid_revocations", "unavailable", "insufficient_storage", "expectation_failed",
+    "shutting_down",
 )  # fmt: skip
 
 Schema = dict[str, Any]
@@ -265,7 +266,9 @@ _ERROR_RESPONSES = {
     "415": "The body is not of the route's media type, or a JSON body declares a charset other"
     " than UTF-8 (code unsupported_media_type).",
     "503": "Too many submissions are being uploaded; retry after Retry-After (code busy); or"
-    " this coordinator runs no revocation sync (code unavailable).",
+    " this coordinator runs no revocation sync (code unavailable); or the coordinator is"
+    " shutting down, on any path: a request that arrives then is not served, one it was"
+    " serving may have taken effect (code shutting_down, with Retry-After).",
     "417": "An Expect header other than 100-continue (code expectation_failed). A body sent"
     " with Expect: 100-continue is asked for only once the request has passed every check"
     " made before reading it (token, size, media type).",
@@ -293,7 +296,8 @@ def _header(description: str, schema: Schema, *, required: bool = True) -> dict[
 #: The headers an answer carries besides its body, by status.
 _HEADERS = {
     "401": {"WWW-Authenticate": _header('Bearer realm="meshinfer-coordinator"', _STR)},
-    "503": {"Retry-After": _header("code busy: seconds to wait before sending it again",
+    "503": {"Retry-After": _header("codes busy and shutting_down: seconds to wait before"
+                                   " sending it again",
                                    {"type": "integer", "minimum": 0}, required=False)},
 }  # fmt: skip
 _LOCATION = {"Location": _header("the task's path, /v1/tasks/{id}", _STR)}
@@ -301,7 +305,7 @@ _LOCATION = {"Location": _header("the task's path, /v1/tasks/{id}", _STR)}
 
 def _operation(op_id: str, summary: str, ok: dict[str, dict], errors: str = "", **extra) -> dict:
     responses = dict(ok)
-    for status in ["401", "417", "500", *errors.split()]:
+    for status in ["401", "417", "500", "503", *errors.split()]:
         responses[status] = {"$ref": f"#/components/responses/E{status}"}
     return {"operationId": op_id, "summary": summary, "tags": ["coordinator"],
             "responses": dict(sorted(responses.items())), **extra}  # fmt: skip
@@ -383,7 +387,8 @@ def _other_paths() -> dict[str, Any]:
             "200": _ok("The OpenAPI document.", {"type": "object"})}, "400")},
         "/healthz": {"get": {"operationId": "getHealth", "summary": "Liveness (no token).",
                              "tags": ["coordinator"], "security": [],
-                             "responses": {"200": health}}},
+                             "responses": {"200": health,
+                                           "503": {"$ref": "#/components/responses/E503"}}}},
     }  # fmt: skip
 
 
