@@ -77,6 +77,7 @@ from meshinfer.proto.tasks_wire import (
 )
 from meshinfer.runtime.node import MeshNode
 from node.config import ExecutorSection
+from node.item_values import clamp_deadline as _deadline
 from node.item_values import clamp_priority as _priority
 from node.item_values import classify as _classify
 from node.item_values import input_array as _input_array
@@ -184,7 +185,11 @@ class TaskExecutor(WorkSharing):
 
     def _on_assign(self, peer: str, msg: TaskAssign) -> None:
         """Take the item's input from the input cache (it names it by reference) or put it
-        there (``keep_input``), in message order (see the module docstring), then go on."""
+        there (``keep_input``), in message order (see the module docstring), then go on. A
+        deadline past ``MAX_DEADLINE_S`` is taken as that bound, here and wherever the item is
+        passed on (:func:`~node.item_values.clamp_deadline`)."""
+        if (bounded := _deadline(msg.deadline_s)) != msg.deadline_s:
+            msg = replace(msg, deadline_s=bounded)
         ref = msg.input_ref
         if ref is not None:
             waits = self.input_order.busy  # behind an input being hashed: may be cancelled
@@ -209,6 +214,9 @@ class TaskExecutor(WorkSharing):
             return
         if self._draining:
             self._fail(peer, msg, FailureKind.SHUTTING_DOWN, "node is draining", retryable=True)
+            return
+        if self._ending(msg.item_id):  # taken as a re-assignment, it would go unanswered
+            asyncio.get_running_loop().call_soon(self._assign, peer, msg)
             return
         if msg.item_id in self._items or msg.item_id in self._offloaded:
             if not self._may_direct(peer, msg.item_id):  # would take the answer (and cancel)
@@ -244,6 +252,13 @@ class TaskExecutor(WorkSharing):
         else:
             self._notify_accepted(peer, item_id, msg.attempt)
         task.add_done_callback(lambda t: self._item_done(peer, msg, t))
+
+    def _ending(self, item_id: str) -> bool:
+        """Whether the item's task here is done and its end not settled yet: its done-callback
+        (:meth:`_item_done`, which forgets a later assignment) runs in this loop iteration, so
+        a message about the item is dealt with after it (``call_soon``, in arrival order)."""
+        task = self._items.get(item_id)
+        return task is not None and task.done()
 
     def _replayed(self, peer: str, msg: TaskAssign) -> bool:
         """Whether ``msg`` was answered from the result kept of its item: one that ran here (or
@@ -314,6 +329,14 @@ class TaskExecutor(WorkSharing):
         task cancelled before its first step (its cancel or a drain came in the same loop
         iteration as the item) never runs a line of it."""
         item_id = msg.item_id
+        try:
+            self._answer_cancelled(peer, msg, task)
+        finally:  # (always: a done task left in _items would defer its messages for ever)
+            self._forget_item(item_id)
+
+    def _answer_cancelled(self, peer: str, msg: TaskAssign, task: asyncio.Task[None]) -> None:
+        """Answer the item if its task was cancelled before it answered (see :meth:`_item_done`)."""
+        item_id = msg.item_id
         dropped = self._settle_passed_here(item_id)
         if task.cancelled() and item_id not in self._answered and dropped is not None:
             peer, msg = self._answer_to(peer, msg)
@@ -325,6 +348,8 @@ class TaskExecutor(WorkSharing):
             if dropped:  # the node that passed it was declared dead or left: maybe wrongly
                 kind, text = FailureKind.PEER_LOST, dropped
             self._fail(peer, msg, kind, text, retryable=self._draining or bool(dropped))
+
+    def _forget_item(self, item_id: str) -> None:
         self._items.pop(item_id, None)
         self._senders.pop(item_id, None)
         self._answered.discard(item_id)
@@ -340,6 +365,13 @@ class TaskExecutor(WorkSharing):
         (a coordinator's retry may wait for its input while the first assignment runs) and
         however often its cancel comes."""
         counted = self._cancel_waiting(peer, msg.item_id)
+        self._cancel_held(peer, msg, counted)
+
+    def _cancel_held(self, peer: str, msg: TaskCancel, counted: bool) -> None:
+        """Cancel the item running here or passed on (``counted``: its cancel was counted)."""
+        if self._ending(msg.item_id):  # after its end, and an assignment of it that came first
+            asyncio.get_running_loop().call_soon(self._cancel_held, peer, msg, counted)
+            return
         if msg.item_id not in self._items and msg.item_id not in self._offloaded:
             return  # over already (a forwarded cancel may come after the answer), or unknown
         if not self._may_direct(peer, msg.item_id):
@@ -441,17 +473,25 @@ class TaskExecutor(WorkSharing):
         self, ref: ModelRef, batch: np.ndarray, priority: int, deadline: float | None
     ) -> np.ndarray:
         """Run ``batch`` through the model's batcher, in pieces the batcher accepts (their
-        outputs joined in the batcher's worker thread when large: never on the loop)."""
+        outputs joined in the batcher's worker thread when large: never on the loop). One
+        piece failing (its rows hold NaN, say) cancels the others: the item is answered with
+        the failure and gives up its slot, so none of it may go on taking the engine."""
         batcher = self.batchers[ref]
         size = batcher.max_request_rows
         if len(batch) <= size:
             return await batcher.submit(batch, priority=priority, deadline=deadline)
-        parts = await asyncio.gather(
-            *(
+        pieces = [
+            asyncio.ensure_future(
                 batcher.submit(batch[i : i + size], priority=priority, deadline=deadline)
-                for i in range(0, len(batch), size)
             )
-        )
+            for i in range(0, len(batch), size)
+        ]
+        try:
+            parts = await asyncio.gather(*pieces)
+        except BaseException:
+            for piece in pieces:  # (what they end with is retrieved by the gather)
+                piece.cancel()
+            raise
         if sum(part.nbytes for part in parts) <= INLINE_MAX_BYTES:
             return np.concatenate(parts)
         return await batcher.in_worker(np.concatenate, parts)

@@ -1,5 +1,6 @@
 """Pure helpers on a work item's values, for :mod:`node.executor`: its input as an array, its
-output as a tensor the wire carries, its priority, and the failure an error answers it with.
+output as a tensor the wire carries, its priority and deadline, and the failure an error
+answers it with.
 
 No asyncio, no clock: plain functions on arrays and errors, linear in the array at most (the
 executor calls the tensor ones off the loop for big arrays).
@@ -18,6 +19,7 @@ from meshinfer.errors import (
     OverloadedError,
     RemoteProtocolError,
 )
+from meshinfer.proto.tasks import MAX_DEADLINE_S
 from meshinfer.proto.tasks_wire import DTYPES, FailureKind, Tensor
 
 
@@ -75,6 +77,14 @@ def as_float32(output: np.ndarray) -> np.ndarray:
 
 def clamp_priority(value: int) -> int:
     return max(0, min(3, value))
+
+
+def clamp_deadline(value: float | None) -> float | None:
+    """A peer's ``deadline_s`` (finite and >= 0: its decoder checks) at most
+    :data:`~meshinfer.proto.tasks.MAX_DEADLINE_S` (30 days): a longer one (an older
+    coordinator's, or 1e308) is taken as the bound, not refused, so no timer or loop deadline
+    takes an absurd value."""
+    return value if value is None or value <= MAX_DEADLINE_S else MAX_DEADLINE_S
 
 
 def classify(exc: MeshInferError) -> tuple[FailureKind, bool]:
