@@ -544,12 +544,15 @@ class TaskExecutor(WorkSharing):
         (:meth:`_result_unsent`), never dropped in silence."""
         unsent = None if item is None else partial(self._result_unsent, peer, item)
         if not self._draining or self._closed:
-            self.mesh.peers.send(peer, msg, unsent)
+            if not self.mesh.peers.send(peer, msg, unsent):
+                _log_dropped(peer, msg)
             return
         sent = self.mesh.peers.send_tracked(peer, msg)
-        if sent is not None:
-            self._handing_back.add(sent)
-            sent.add_done_callback(partial(self._written, unsent))
+        if sent is None:
+            _log_dropped(peer, msg)
+            return
+        self._handing_back.add(sent)
+        sent.add_done_callback(partial(self._written, unsent))
 
     def _written(
         self, unsent: Callable[[BaseException], None] | None, sent: asyncio.Future[None]
@@ -669,3 +672,10 @@ class TaskExecutor(WorkSharing):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _log_dropped(peer: str, msg: TaskResult | TaskFailed) -> None:
+    """An answer the peer table dropped at once (outbox full, peer unknown or closing): the
+    coordinator hears of the item from its attempt timeout (the table counts the drop)."""
+    what = "result" if isinstance(msg, TaskResult) else "failure"
+    log.info("%s of %s to %s dropped unsent (outbox full or peer gone)", what, msg.item_id, peer)

@@ -171,3 +171,16 @@ async def test_the_pieces_of_an_item_are_cancelled_when_one_fails():
         assert coord.failure("nan").code == FailureKind.BAD_INPUT
         await soon(lambda: net.batcher.stats().cancelled == 1)
         assert executor.running == 0 and executor.backlog == 0
+
+
+# --- an answer the peer table drops at once ----------------------------------------------------
+
+
+async def test_an_answer_the_peer_table_drops_at_once_is_logged(caplog):
+    """A failure for a peer the table does not know is dropped by ``send`` at once: it was
+    dropped in silence (the coordinator's timeout covers it, but nothing said so)."""
+    async with Net() as net:
+        executor = net.worker(ExecutorSection(max_concurrent=1, input_cache_mib=1))
+        caplog.set_level("INFO", logger="node.executor")
+        executor._fail("nobody", item("gone"), FailureKind.CANCELLED, "x", retryable=False)
+        assert "failure of gone to nobody dropped unsent" in caplog.text
