@@ -183,6 +183,7 @@ async def test_peer_exceeding_our_cap_is_dropped_as_protocol_error(transport_and
     small = SessionConfig(max_message_size=100_000)
     async with Pair(*transport_and_addr, fleet, server_config=small) as pair:
         client = await pair.dial()
+        client.send_cap = 1 << 30  # a peer that ignores the cap our Hello announced
         server = await pair.accepted.get()
         with contextlib.suppress(StreamClosed):  # the server may cut us off mid-message
             await client.send(AppData(topic="big", payload=b"x" * 300_000))

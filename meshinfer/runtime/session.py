@@ -213,9 +213,14 @@ class Session:
         leftover: list[bytes],
         pack: bool = False,
         decoder: framing.RecordDecoder | None = None,
+        peer_max_message_size: int | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
+        #: the largest message this session sends: the smaller of our cap and the one the
+        #: peer's Hello announced (its reader ends the session on a larger one, as a protocol
+        #: error, and what went with it would be lost unannounced)
+        self.send_cap = min(config.max_message_size, peer_max_message_size or (1 << 62))
         self._admission = admission
         self._judged_by: RevocationList | None = None  # the list peer_revoked last read
         self._revoked = False
@@ -259,6 +264,7 @@ class Session:
         self._closed = asyncio.Event()
         self._leftover = leftover
         self._reader = loop.create_task(self._read_loop(), name=f"session-read-{peer.node_id}")
+        self._pinger: asyncio.Task[None] | None = None  # the last keep-alive ping's write
         self._keeper = loop.create_task(self._keepalive_loop(), name=f"session-ka-{peer.node_id}")
 
     # --- public API ------------------------------------------------------------------------
@@ -296,22 +302,25 @@ class Session:
         encoded messages, and always the first.
 
         Raises :class:`LocalProtocolError`, having sent nothing, if the first message exceeds
-        the session's message cap (a later one that does ends the batch before it: the next
-        call raises), or if any message of the batch fails to encode (its type's own cap; the
-        peer table then finds which, one message per call); StreamClosed once the session is
-        closed, or, having sent nothing, once :attr:`peer_revoked` (checked when the writer is
-        free, so a send waiting for it while the revocation came in force sends nothing). A
-        write the stream fails ends the session (lost) before its error (TransportError,
+        the session's message cap, :attr:`send_cap` (a later one that does ends the batch before
+        it: the next call raises), or if any message of the batch fails to encode (its type's
+        own cap; the peer table then finds which, one message per call); StreamClosed once the
+        session is closed, or, having sent nothing, once :attr:`peer_revoked` (checked when the
+        writer is free, so a send waiting for it while the revocation came in force sends
+        nothing). A write the stream fails ends the session (lost) before its error (TransportError,
         OSError) is raised.
         """
         encoded: list[bytes] = []
         total = 0
         for msg in msgs:
             data = messages.encode(msg)
-            if len(data) > self.config.max_message_size:
+            if len(data) > self.send_cap:
                 if encoded:
                     break
-                raise LocalProtocolError(f"message of {len(data)} bytes exceeds the session cap")
+                raise LocalProtocolError(
+                    f"message of {len(data)} bytes exceeds the session cap of {self.send_cap}"
+                    f" bytes (ours or the one {self.peer_id} announced, the smaller)"
+                )
             if encoded and total + len(data) > max_bytes:
                 break
             encoded.append(data)
@@ -529,12 +538,23 @@ class Session:
                 # would keep the idle check from ever running
                 next_tx = now + cfg.keepalive_interval
             elif now >= next_tx:
-                self._ping_seq += 1
-                with contextlib.suppress(StreamClosed, TransportError, OSError):
-                    await self._send_control(Ping(nonce=self._ping_seq))
-                next_tx = self._last_tx + cfg.keepalive_interval
+                self._start_keepalive_ping()
+                next_tx = now + cfg.keepalive_interval
             next_rx = self._last_rx + cfg.idle_timeout
             await self._closed_or_timeout(min(next_rx, next_tx, expires_at) - self._loop.time())
+
+    def _start_keepalive_ping(self) -> None:
+        """Send a keep-alive ``Ping`` in a task of its own, never awaited here: its write may
+        itself get stuck behind a dead link (the send buffer full, no reset), and the
+        keep-alive task must still wake for the idle timeout. The write is not cancelled (a
+        record cut off part-way would break the stream); it ends with the session, and the
+        task's outcome is retrieved by :func:`_retrieve_write`."""
+        self._ping_seq += 1
+        task = self._loop.create_task(
+            self._send_control(Ping(nonce=self._ping_seq)), name=f"session-ping-{self.peer_id}"
+        )
+        task.add_done_callback(_retrieve_write)
+        self._pinger = task
 
     async def _expire(self) -> None:
         """The peer's certificate has expired beyond the clock skew (no handshake would admit it
@@ -579,7 +599,8 @@ class Session:
             with contextlib.suppress(Exception):
                 self.stream.abort()
         current = asyncio.current_task()
-        others = [task for task in (self._keeper, self._reader) if task is not current]
+        mine = (self._keeper, self._reader, self._pinger)
+        others = [task for task in mine if task is not None and task is not current]
         for task in others:
             task.cancel()
         await asyncio.wait(others)
@@ -596,6 +617,16 @@ class Session:
 #: is not one: it answers a handshake (nothing else was sent yet), and a refused dialler that
 #: took it as lost would dial again and again.
 _LOST_CLOSE_CODES = frozenset({CloseCode.IDLE_TIMEOUT, CloseCode.CERTIFICATE_EXPIRED})
+
+
+def _retrieve_write(task: asyncio.Task[None]) -> None:
+    """Mark a keep-alive ping's outcome as seen: a write that failed ended the session (the
+    reason is the session's); anything else is our bug and is logged."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, StreamClosed | TransportError | OSError):
+        log.error("keep-alive ping failed", exc_info=exc)
 
 
 def _close_code(code: int) -> CloseCode:
@@ -781,6 +812,7 @@ async def _establish(
         leftover=hsio.pending,
         pack=config.pack and PACKED_FEATURE in hello.features,
         decoder=hsio.decoder,
+        peer_max_message_size=hello.max_message_size,
     )
 
 
