@@ -9,7 +9,8 @@ result, a failure) and the loss of a node. A part of :class:`~coordinator.servic
   attempt, one the journal has it dispatched to; others are refused: ``foreign_results``); a
   result is journaled once (``take_result``, with the task's end when it alone decides it:
   ``_ending_with``), then recorded in the task's run and credited to a node (``_credited``,
-  ``completed_by_node``); a late result of an earlier attempt calls the later one back;
+  ``completed_by_node``); a result taken calls back the other attempts of its item
+  still out (a later one, or an earlier one that timed out: it runs on);
 * accepts and failures: a running mark journaled only once overdue; a failure retried (a
   refusal does not count) or failed for good; ``INPUT_NOT_CACHED`` sends the same attempt
   again with the input's bytes;
@@ -191,16 +192,32 @@ class NodeAnswers:
         return True
 
     def _call_back_superseded(self, peer: str, msg: TaskResult) -> None:
-        """The journal took ``msg``, a result of an earlier attempt than the one now out (a
-        late answer after a retry): ``TaskCancel`` to the node running the later attempt, which
-        would finish wasted work once the item is dropped here (and no longer counted on it)."""
+        """The journal took ``msg``: ``TaskCancel`` to every other node that may still run an
+        attempt of the item (:meth:`_nodes_on`), which would finish wasted work once the item is
+        dropped here (and no longer counted on it): the node of the later attempt now out (a
+        late answer after a retry), and a node an earlier attempt timed out on (it runs on)."""
         pair = self._items.get(msg.item_id)
-        if pair is None or pair[1].node is None or pair[1].sent_to(msg.attempt, peer):
+        if pair is None:
             return
-        node = pair[1].node
-        log.info("%s answered by %s (attempt %d): cancelling attempt %d on %s",
-                 msg.item_id, peer, msg.attempt, pair[1].attempt, node)  # fmt: skip
-        self.mesh.peers.send(node, TaskCancel(msg.item_id, "answered by an earlier attempt"))
+        entry = pair[1]
+        if entry.node in (None, peer) and all(node == peer for _, node in entry.sent):
+            return  # (the common case: no attempt went anywhere else)
+        for node in sorted(self._nodes_on(entry) - {peer}):
+            log.info("%s answered by %s (attempt %d): cancelling it on %s",
+                     msg.item_id, peer, msg.attempt, node)  # fmt: skip
+            self.mesh.peers.send(node, TaskCancel(msg.item_id, "answered by another attempt"))
+
+    def _nodes_on(self, entry: ItemRun) -> set[str]:
+        """The nodes that may still run an attempt of the item: the node of the attempt now out,
+        and the live members earlier attempts went to (one given up on for its timeout runs it
+        on; a dead one is not dialled for a cancel, and one that answered ignores it)."""
+        membership = self.mesh.membership
+        nodes = {entry.node} if entry.node else set()
+        for _, node in entry.sent:
+            member = membership.core.member(node) if membership is not None else None
+            if member is not None and member.is_live:
+                nodes.add(node)
+        return nodes
 
     def _credited(self, peer: str, msg: TaskResult) -> TaskResult:
         """``msg`` naming as the node that ran it one this coordinator can vouch for: the
@@ -277,14 +294,16 @@ class NodeAnswers:
 
     def _call_back(self, task_id: str, in_flight: list[tuple[str, str]], reason: str) -> None:
         """``TaskCancel`` to every node on one of the task's items: those the journal had in
-        flight, and those sent from here (a dispatch is journaled only once overdue)."""
+        flight, and those sent from here (a dispatch is journaled only once overdue), earlier
+        attempts' nodes included (:meth:`_nodes_on`: one that timed out there runs on)."""
         calls = {(item_id, node) for item_id, node in in_flight if node}
         run = self._runs.get(task_id)
         if run is not None:
             calls.update(
-                (item_id, entry.node)
+                (item_id, node)
                 for item_id, entry in run.items.items()
-                if entry.node and item_id in self._items
+                if item_id in self._items
+                for node in self._nodes_on(entry)
             )
         for item_id, node in sorted(calls):
             self.mesh.peers.send(node, TaskCancel(item_id, reason))

@@ -273,16 +273,19 @@ async def _retry_until_durable(
     for another call's fault) is tried again after ``END_RETRY_FIRST_S``, doubling up to
     ``END_RETRY_MAX_S``; any other error (a refusal) is raised at once. Returns its value
     (never None), or None once ``live()`` is false (the task it writes for ended otherwise
-    meanwhile: cancelled, or its submit's COMMIT failed). Raises the write's error if it fails
-    once not ``live()`` or ``closing`` is set (the coordinator closes: one last try; recovery
-    redoes it). Runs on the coordinator's event loop."""
+    meanwhile: cancelled, or its submit's COMMIT failed), and None, with a warning, if it fails
+    once ``closing`` is set (the coordinator closes: that was the last try; recovery redoes
+    it): a step's failure would be logged at ERROR, for no fault of ours. Runs on the
+    coordinator's event loop."""
     delay = END_RETRY_FIRST_S
     while True:
         try:
             return await write()
         except _TRANSIENT as exc:  # may pass (busy, full disk; or another call's fault)
             if closing.is_set() or not live():
-                raise
+                why = "the coordinator closes" if closing.is_set() else "its task ended"
+                log.warning("journal: %s failed, not retried (%s): %s", what, why, exc)
+                return None
             log.warning("journal: %s failed, retrying in %g s: %s", what, delay, exc)
         try:
             async with asyncio.timeout(delay):
