@@ -159,6 +159,8 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         self._flushed_changes = 0  # rows those flushes changed
         self.syncs = synchronous == "FULL"  # commits are durable only once sync() returned
         self._wal: int | None = None  # a descriptor of the write-ahead log, opened by sync()
+        #: the error of a failed fdatasync: every later sync fails too (see :meth:`sync`)
+        self._sync_failed: OSError | None = None
         self._sync_lock = threading.Lock()
         #: held while open: one journal per file (see coordinator.journal_files)
         self._file_lock: int | None = lock_journal(self.path)
@@ -214,10 +216,20 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         """Make every commit so far durable: ``fdatasync`` the write-ahead log (FULL; NORMAL:
         nothing). The log is appended to in commit order, so one sync covers every commit
         before it. Thread-safe; it runs beside the next group's statements on the connection.
-        Raises ``OSError`` if the sync fails (those commits may then be lost)."""
+        Raises ``OSError`` if the sync fails (those commits may then be lost), and from then on
+        at every call: the kernel may drop the unwritten pages and report the error once, so a
+        later sync that "succeeds" would not make the log durable (a lost frame ends SQLite's
+        recovery of the log there, with every commit after it). Reopen the journal (restart)."""
         if not self.syncs:
             return
         with self._sync_lock:
+            if self._sync_failed is not None:
+                failed = self._sync_failed
+                raise OSError(
+                    failed.errno,
+                    f"journal {self.path}: an earlier sync of its log failed ({failed}), so"
+                    " commits since may be lost: restart the coordinator",
+                )
             if self._db is None:
                 return  # closed: closing the connection checkpointed and synced the log
             if self._wal is None:
@@ -225,7 +237,11 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
                     self._wal = os.open(f"{self.path}-wal", os.O_RDONLY)
                 except FileNotFoundError:  # nothing committed in WAL mode yet
                     return
-            os.fdatasync(self._wal)
+            try:
+                os.fdatasync(self._wal)
+            except OSError as exc:
+                self._sync_failed = exc
+                raise
 
     def __enter__(self) -> Journal:
         return self

@@ -154,7 +154,8 @@ def migrate(db: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...] = MI
                 db.execute(statement)
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # (SQLite may have rolled it back: a full disk, an I/O error)
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
     return len(migrations)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, runtime_checkable
+from typing import NoReturn, Protocol, runtime_checkable
 
 from coordinator.journal_types import CallOutcome
 from meshinfer.errors import ConfigError, LocalProtocolError, MeshInferError
@@ -80,8 +80,14 @@ class _Call:
     decided: Callable[[CallOutcome], None] | None = None  # see JournalWriter.call; once
 
     def bound(self, journal: object) -> Callable[[], object]:
-        """The call, ready to run on ``journal`` (a name is looked up there)."""
-        fn = getattr(journal, self.fn) if isinstance(self.fn, str) else self.fn
+        """The call, ready to run on ``journal`` (a name is looked up there; one it lacks
+        makes a call that raises ``AttributeError``: that call fails, not its group)."""
+        fn = self.fn
+        if isinstance(fn, str):
+            try:
+                fn = getattr(journal, fn)
+            except AttributeError:
+                return partial(_missing, journal, fn)
         return partial(fn, *self.args, **self.kwargs)
 
 
@@ -387,6 +393,10 @@ class JournalWriter:
             return
         level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
         log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)
+
+
+def _missing(journal: object, name: str) -> NoReturn:
+    raise AttributeError(f"the journal ({type(journal).__name__}) has no call {name!r}")
 
 
 def _outcome_of(fn: Callable[[], object]) -> CallOutcome:
