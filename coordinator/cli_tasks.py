@@ -319,11 +319,17 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
 
 
 def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: TextIO) -> None:
-    """Draw a progress bar from GET ?outputs=false polls until the task ends or time is up."""
+    """Draw a progress bar from GET ?outputs=false polls until the task ends or time is up, or
+    the coordinator goes away (restarting: the wait that follows waits for it to return)."""
     width = 0
     try:
         while True:
-            doc = client.get(task_id, outputs=False)
+            try:
+                doc = client.get(task_id, outputs=False)
+            except ApiError as exc:
+                if exc.code in ("shutting_down", "unreachable", "disconnected"):
+                    return
+                raise
             line = progress_line(doc)
             stream.write("\r" + line.ljust(width))  # blank what a longer line left
             stream.flush()

@@ -52,6 +52,8 @@ __all__ = [
     "MAX_REQUEST_TIMEOUT_S",
     "MAX_WAIT_S",
     "MIN_RETRY_PAUSE_S",
+    "RESTART_GRACE_S",
+    "RESTART_POLL_S",
     "RUNTIME_FILE",
     "TERMINAL_STATES",
     "ApiError",
@@ -74,6 +76,14 @@ MAX_WAIT_S = 300.0
 MIN_RETRY_PAUSE_S = 0.25
 #: The pause after a 503 ``busy`` without a usable ``Retry-After`` (what the coordinator sends).
 BUSY_PAUSE_S = 1.0
+#: How long :meth:`CoordinatorClient.wait` keeps asking a coordinator it has reached before that
+#: went away (503 ``shutting_down``, then connections refused or dropped while it restarts),
+#: within its own timeout, before it gives up: the coordinator keeps its tasks across a restart.
+RESTART_GRACE_S = 120.0
+#: The pause between asks while the coordinator is away (no ``Retry-After`` to go by).
+RESTART_POLL_S = 0.5
+#: The errors of a coordinator stopping or restarting: a ``/wait`` (a GET) is asked again.
+_AWAY = frozenset({"shutting_down", "busy", "unreachable", "disconnected"})
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _ERROR_BODY_PREVIEW = 200
 
@@ -271,6 +281,7 @@ class CoordinatorClient:
         self.timeout = timeout
         self._token = check_token(token)
         self._opener = opener_for(self.url)
+        self._answered = False  # (any HTTP answer came: a later outage is a restart, not a typo)
 
     def submit(self, doc: Mapping[str, Any], *, busy_s: float = 30.0) -> dict[str, Any]:
         """POST /v1/tasks: ``{"task_id", "state", "items_total", "location"}``.
@@ -306,16 +317,38 @@ class CoordinatorClient:
         Asks the server to wait at most :data:`MAX_WAIT_S` per request and asks again until
         ``timeout`` is spent: a server may answer sooner (closing, or capping its waits shorter),
         and is then asked again after a pause of up to :data:`MIN_RETRY_PAUSE_S`.
+
+        A coordinator that answered (in this call or an earlier one of this client) and then
+        goes away, restarting (503 ``shutting_down`` or ``busy``, then connections refused or
+        dropped), is asked again, after its ``Retry-After`` or :data:`RESTART_POLL_S`, until
+        ``timeout`` is spent or it stayed away :data:`RESTART_GRACE_S`: it recovers its tasks
+        from its journal. Then the last error is raised, saying how long it was waited for. A
+        coordinator never reached is an error at once (a wrong URL, or none running).
         """
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        path = _task_path(task_id, "/wait")
+        away_since: float | None = None
         while True:
             asked = time.monotonic()
             left = MAX_WAIT_S if deadline is None else max(0.0, deadline - asked)
             step = min(left, MAX_WAIT_S)
             query = {"timeout": f"{step:.3f}", "outputs": None if outputs else "false"}
-            doc = self._request(
-                "GET", _task_path(task_id, "/wait"), query=query, timeout=self.timeout + step
-            )
+            try:
+                doc = self._request("GET", path, query=query, timeout=self.timeout + step)
+            except ApiError as exc:
+                if exc.code not in _AWAY or not self._answered:
+                    raise
+                away_since = asked if away_since is None else away_since
+                pause = RESTART_POLL_S if exc.retry_after is None else exc.retry_after
+                pause = max(MIN_RETRY_PAUSE_S, pause)
+                now = time.monotonic()
+                ends = away_since + RESTART_GRACE_S
+                ends = ends if deadline is None else min(ends, deadline)
+                if now >= ends:
+                    raise _still_away(exc, now - away_since) from None
+                time.sleep(min(pause, ends - now))
+                continue
+            away_since = None
             now = time.monotonic()
             if doc.get("state") in TERMINAL_STATES or (deadline is not None and now >= deadline):
                 return doc
@@ -396,6 +429,7 @@ class CoordinatorClient:
             with self._opener.open(request, timeout=timeout or self.timeout) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as exc:
+            self._answered = True
             error = _error_from_response(exc.code, _read_quietly(exc))
             error.retry_after = _seconds(exc.headers.get("Retry-After"))
             raise error from None
@@ -404,6 +438,7 @@ class CoordinatorClient:
             raise self._no_answer(reason, request, sent=isinstance(reason, _DROPPED)) from None
         except (HTTPException, OSError) as exc:  # the request was sent: reading the answer
             raise self._no_answer(exc, request, sent=True) from None
+        self._answered = True
         return _json_object(status, raw)
 
     def _build(self, method, path, query, body) -> urllib.request.Request:
@@ -449,6 +484,12 @@ class CoordinatorClient:
 
 #: A connection that was made and then closed or broke: what was sent may have been received.
 _DROPPED = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, IncompleteRead)
+
+
+def _still_away(exc: ApiError, waited: float) -> ApiError:
+    """``exc``, the last error of a coordinator that went away during a wait, saying so."""
+    message = f"{exc.message} (the coordinator went away; waited {waited:.1f} s for it to return)"
+    return ApiError(exc.status, exc.code, message, exc.retry_after)
 
 
 def _task_path(task_id: str, suffix: str = "") -> str:
