@@ -8,9 +8,12 @@ reads them once for the items queued together (``_burst_views``) and adds only i
 in-flight counts per item. This bench runs the real ``Dispatch`` methods over ``N`` members
 (stand-in membership, reachability and certificate objects that answer at once: no mesh, so
 only the placement code is timed, and the real lookups would only add to the per-item read)
-and prints, per ``N``, the microseconds per item of ``_views()`` + ``choose`` with the views read
-per item (the baseline: the path outside a burst, one pass as before) and read once per burst
-(that read timed too), and their ratio. CPU time of this process, best of five. Usage::
+and prints, per ``N``, the microseconds per item of ``Dispatch._choose`` (and ``_assign``, as a
+send does) with the views read per item (the path outside a burst), read once per burst (that
+read timed too) with ``_views()`` + ``choose`` per item (the baseline), and as the dispatch loop
+now places a burst (``_read_burst``: that read, then a ``BurstPlacer`` from the burst's second
+item on, its build timed too), and the baseline's ratio to each. CPU time of this process, best
+of five. Usage::
 
     python bench/bench_placement.py [--members 1 16 128 1024] [--burst 64] [--policy least_loaded]
 """
@@ -33,7 +36,7 @@ from coordinator.service_dispatch import Dispatch
 from meshinfer.inference.base import ModelRef
 from meshinfer.proto.membership_table import MemberStatus
 from meshinfer.proto.membership_wire import ModelInfo, NodeState
-from meshinfer.proto.scheduling import SchedulerState, choose
+from meshinfer.proto.scheduling import SchedulerState
 from meshinfer.proto.tasks import Pattern, TaskSpec, plan
 from meshinfer.proto.tasks_wire import Tensor
 
@@ -68,29 +71,37 @@ class _Placer(Dispatch):
         self._reach = SimpleNamespace(reachable=lambda member: True)
         self._certificates = SimpleNamespace(revoked=lambda node_id: False)
         self._loop = SimpleNamespace(time=time.monotonic)
-        self.config = SimpleNamespace(node_capacity=4, radio_range_m=300.0)
+        self.config = SimpleNamespace(
+            node_capacity=4, radio_range_m=300.0, max_in_flight_per_node=32
+        )
         self._busy: Counter[str] = Counter()
         self._sets_of = {}
-        self._burst_views = None
+        self._burst_views = self._burst_placer = None
 
 
-def _per_item_us(placer: _Placer, burst: int, policy: str, cached: bool) -> float:
-    """CPU microseconds per item to place a burst of ``burst`` items (best of five)."""
+def _per_item_us(placer: _Placer, burst: int, policy: str, how: str) -> float:
+    """CPU microseconds per item to place a burst of ``burst`` items (best of five), the views
+    read per ``item``, once per ``burst``, or as the dispatch loop does (``placer``)."""
     item = plan(TaskSpec("t", Pattern.SINGLE, Tensor.from_array(_ROW), (MODEL,)))[0]
+    run = SimpleNamespace(spec=SimpleNamespace(policy=policy))
     rng, state = random.Random(0), SchedulerState()
+    placer.rng, placer.scheduler = rng, state
     best = float("inf")
     placer._view_bases()  # what is kept of each member's gossip, as a running coordinator has it
     for _ in range(5):
         placer._busy.clear()
-        placer._burst_views = None
+        placer._burst_views = placer._burst_placer = None
+        entries = [SimpleNamespace(item=item, tried=set(), last=None, node=None)
+                   for _ in range(burst)]  # fmt: skip
         start = time.process_time()
-        if cached:  # the one read of the burst is timed with it
+        if how == "burst":  # the one read of the burst is timed with it
             placer._burst_views = placer._view_bases()
-        for _ in range(burst):
-            node = choose(policy, placer._views(), item, rng=rng, state=state)
-            placer._busy[node] += 1  # as a send does
+        for entry in entries:
+            if how == "placer":
+                placer._read_burst()
+            placer._assign(entry, placer._choose(run, entry))  # as a send does
         best = min(best, time.process_time() - start)
-    placer._burst_views = None
+    placer._burst_views = placer._burst_placer = None
     return best / burst * 1e6
 
 
@@ -101,12 +112,19 @@ def main() -> None:
     parser.add_argument("--policy", default="least_loaded")
     args = parser.parse_args()
     print(f"placement per item, burst of {args.burst}, policy {args.policy} (CPU us, best of 5)")
-    print(f"{'members':>8} {'read per item':>14} {'read per burst':>15} {'ratio':>7}")
+    print(
+        f"{'members':>8} {'read per item':>14} {'read per burst':>15} {'ratio':>7}"
+        f" {'burst placer':>13} {'ratio':>7}"
+    )
     for n in args.members:
         placer = _Placer(n)
-        per_item = _per_item_us(placer, args.burst, args.policy, cached=False)
-        per_burst = _per_item_us(placer, args.burst, args.policy, cached=True)
-        print(f"{n:>8} {per_item:>14.1f} {per_burst:>15.1f} {per_item / per_burst:>6.2f}x")
+        per_item = _per_item_us(placer, args.burst, args.policy, "item")
+        per_burst = _per_item_us(placer, args.burst, args.policy, "burst")
+        placed = _per_item_us(placer, args.burst, args.policy, "placer")
+        print(
+            f"{n:>8} {per_item:>14.1f} {per_burst:>15.1f} {per_item / per_burst:>6.2f}x"
+            f" {placed:>13.1f} {per_burst / placed:>6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@
   :mod:`coordinator.input_refs`); the dispatch loop takes them highest priority first;
 * placement: the task's scheduling policy chooses among the views of the reachable live
   members whose certificate is not revoked (``_views``; what is kept of each member's gossip:
-  ``_known``), leaving out full nodes and, while another fits, those the item was on; an item
-  no node takes is parked with its placement class until a slot frees, membership or a node's
-  reachability changes, or a second passes (``_parked_loop``);
+  ``_known``; read once per burst of items queued together, placed from its second item on by
+  a ``BurstPlacer``: ``_read_burst``), leaving out full nodes and, while another fits, those
+  the item was on; an item no node takes is parked with its placement class until a slot
+  frees, membership or a node's reachability changes, or a second passes (``_parked_loop``);
 * sending: the ``TaskAssign`` (with what is left of the task's deadline; its input by
   reference where the node keeps it), a send that cannot be queued or is dropped unwritten
   retried as a refusal, and the item's one timer: its dispatch journaled once overdue
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple
 from coordinator.runs import ItemRun, TaskRun
 from coordinator.service_config import Attempt
 from meshinfer.proto.contact import infrastructure_positions, node_contact_s
-from meshinfer.proto.scheduling import NodeView, choose, requirements
+from meshinfer.proto.scheduling import BurstPlacer, NodeView, choose, requirements
 from meshinfer.proto.tasks_wire import TaskAssign
 from meshinfer.runtime.loop import pop_timer, replace_timer
 
@@ -54,6 +55,9 @@ class Dispatch:
     """Queuing, placing and sending work items (a mixin of ``Coordinator``: see the module
     docstring)."""
 
+    #: The burst's placements from its second item on (see :meth:`_read_burst`).
+    _burst_placer: BurstPlacer | None = None
+
     def _schedule_ready(self, run: TaskRun, attempts: Mapping[str, Attempt]) -> None:
         """Queue the task's items that are ready; ``attempts``: item id -> :data:`Attempt` as
         the journal has it (recovery), else a first attempt."""
@@ -73,7 +77,7 @@ class Dispatch:
     async def _dispatch_loop(self) -> None:
         while True:
             if self._ready.empty():  # it waits: what the views rest on may change meanwhile
-                self._burst_views = None
+                self._burst_views = self._burst_placer = None
             _, _, item_id = await self._ready.get()
             pair = self._items.get(item_id)
             if pair is None or pair[1].node is not None or pair[0].done:
@@ -83,8 +87,7 @@ class Dispatch:
                 continue
             run, entry = pair
             entry.retrying = None  # (its backoff is over: now it waits for a node, if any)
-            if self._burst_views is None:  # read once for the items queued together
-                self._burst_views = self._view_bases()
+            self._read_burst()
             node = self._choose(run, entry)
             if node is None:
                 heap = self._parked.setdefault(self._placement(run, entry), [])
@@ -92,16 +95,32 @@ class Dispatch:
                 continue
             self._send(run, entry, node)
 
+    def _read_burst(self) -> None:
+        """Before an item of the burst is placed: the views are read once for the items queued
+        together (``_burst_views``); from the burst's second item on, a
+        :class:`~meshinfer.proto.scheduling.BurstPlacer` over them places each item as
+        :func:`~meshinfer.proto.scheduling.choose` over :meth:`_views` would, without a pass
+        over every view per item (``_assign`` tells it the in-flight counts as they change)."""
+        if self._burst_views is None:
+            self._burst_views = self._view_bases()
+        elif self._burst_placer is None:
+            limit = self.config.max_in_flight_per_node
+            self._burst_placer = BurstPlacer(self._burst_views, self._busy, limit=limit)
+
     def _choose(self, run: TaskRun, entry: ItemRun) -> str | None:
         policy = run.spec.policy or self.config.default_policy
-        views, full = self._views(), self._full_nodes()
         kw = {"rng": self.rng, "state": self.scheduler}
-        node = choose(policy, views, entry.item, exclude=frozenset(entry.tried) | full, **kw)
+        if (placer := self._burst_placer) is not None:  # (it leaves out the full nodes)
+            place, full = partial(placer.choose, policy, entry.item, **kw), frozenset()
+        else:
+            place = partial(choose, policy, self._views(), entry.item, **kw)
+            full = self._full_nodes()
+        node = place(exclude=frozenset(entry.tried) | full)
         if node is None and entry.tried:  # every capable node had it once: allow repeats, but
             if entry.last is not None:  # not the one it just came back from while another fits
-                node = choose(policy, views, entry.item, exclude=full | {entry.last}, **kw)
+                node = place(exclude=full | {entry.last})
             if node is None:
-                node = choose(policy, views, entry.item, exclude=full, **kw)
+                node = place(exclude=full)
         return node
 
     def _full_nodes(self) -> frozenset[str]:
@@ -111,14 +130,19 @@ class Dispatch:
 
     def _assign(self, entry: ItemRun, node: str | None) -> None:
         """Move a live item to ``node`` (None: to no node), keeping ``_busy`` in step."""
+        placer = self._burst_placer
         if entry.node:
             self._busy[entry.node] -= 1
             if not self._busy[entry.node]:
                 del self._busy[entry.node]
+            if placer is not None:
+                placer.set_in_flight(entry.node, self._busy[entry.node])
             self._wake_parked.set()  # a slot on that node is free again
         entry.node = node
         if node:
             self._busy[node] += 1
+            if placer is not None:
+                placer.set_in_flight(node, self._busy[node])
 
     def _drop(self, item_id: str) -> tuple[TaskRun, ItemRun] | None:
         """The item is no longer live here (answered, failed, or its task ended)."""

@@ -35,18 +35,23 @@ of seconds as not given.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
+import heapq
+import itertools
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # tasks imports Policy from here; only annotations need WorkItem
     from meshinfer.proto.tasks import WorkItem
 
 __all__ = [
+    "BurstPlacer",
     "NodeView",
     "Policy",
     "SchedulerConfig",
@@ -205,8 +210,13 @@ def load_ratio(node: NodeView) -> float:
     realistic queue depths and capacities (below 2**20) never round to the same float. A ratio
     that is NaN (an infinite depth over an infinite capacity) or beyond any float is infinite.
     """
+    return _ratio(node.queue_depth, node.capacity)
+
+
+def _ratio(queue_depth: int, capacity: int) -> float:
+    """:func:`load_ratio` of a node with this queue depth and capacity."""
     try:
-        ratio = max(0, node.queue_depth) / max(1, node.capacity)
+        ratio = max(0, queue_depth) / max(1, capacity)
     except OverflowError:  # an integer depth beyond any float
         return math.inf
     return math.inf if math.isnan(ratio) else ratio
@@ -274,10 +284,7 @@ def _model_affinity(nodes, item, rng, state) -> NodeView:
 
 def _in_contact_long_enough(nodes, item, state: SchedulerState) -> list[NodeView]:
     """``contact_aware``: the nodes expected to stay in range for the item's runtime + RTT."""
-    config = state.config
-    runtime = _seconds(item.params.get("expected_runtime_s"))
-    if runtime is None:
-        runtime = state.expected_runtime(_model_key(item))
+    config, runtime = state.config, _expected_runtime(item, state)
 
     def stays_long_enough(node: NodeView) -> bool:
         rtt = _rtt(node)
@@ -285,6 +292,12 @@ def _in_contact_long_enough(nodes, item, state: SchedulerState) -> list[NodeView
         return node.contact_s is None or node.contact_s >= (runtime + rtt) * config.contact_safety
 
     return [n for n in nodes if stays_long_enough(n)]
+
+
+def _expected_runtime(item: WorkItem, state: SchedulerState) -> float:
+    """``contact_aware``: the item's ``expected_runtime_s``, else its model's estimate."""
+    runtime = _seconds(item.params.get("expected_runtime_s"))
+    return state.expected_runtime(_model_key(item)) if runtime is None else runtime
 
 
 def _contact_aware(nodes, item, rng, state) -> NodeView | None:
@@ -360,3 +373,295 @@ def unplaced_reason(
     if all(n.node_id in full for n in fit):
         return f"every node that can run it ({len(fit)}) has its limit of items in flight"
     return "waiting for its turn to be dispatched"
+
+
+# --- a burst of placements -------------------------------------------------------------------
+
+
+class _LoadIndex:
+    """Nodes bucketed by load ratio (each bucket's ids sorted, as ``_least_loaded`` sorts its
+    ties), the loads in a lazy min-heap: the least loaded of them without a scan."""
+
+    __slots__ = ("_buckets", "_heap", "_load")
+
+    def __init__(self, loads: Mapping[str, float]) -> None:
+        self._load: dict[str, float] = {}
+        self._buckets: dict[float, list[str]] = {}
+        for node, load in loads.items():
+            self._load[node] = load
+            self._buckets.setdefault(load, []).append(node)
+        for bucket in self._buckets.values():
+            bucket.sort()
+        self._heap = list(self._buckets)
+        heapq.heapify(self._heap)
+
+    def _add(self, node: str, load: float) -> bool:
+        """Add ``node``; True if its load is new to the index."""
+        self._load[node] = load
+        bucket = self._buckets.get(load)
+        if bucket is None:
+            self._buckets[load] = [node]
+            return True
+        bisect.insort(bucket, node)
+        return False
+
+    def place(self, node: str, load: float | None) -> None:
+        """``node`` now has ``load`` (None: it is full, out of the index until it is not)."""
+        old = self._load.pop(node, None)
+        if old is not None:
+            bucket = self._buckets[old]
+            del bucket[bisect.bisect_left(bucket, node)]
+            if not bucket:
+                del self._buckets[old]  # (its heap entry goes when it comes to the top)
+        if load is not None and self._add(node, load):
+            heap = self._heap
+            if len(heap) > 2 * len(self._buckets) + 16:  # stale entries: rebuild
+                heap[:] = self._buckets
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, load)
+
+    def least_loaded(self, exclude: frozenset[str], rng: random.Random) -> str | None:
+        """What ``_least_loaded`` chooses among the nodes not in ``exclude`` (None: none)."""
+        heap, buckets = self._heap, self._buckets
+        while heap and heap[0] not in buckets:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        tied = self._without(heap[0], exclude)
+        if not tied:  # every least-loaded node is excluded: the next loads, in order
+            for load in sorted(buckets):
+                if tied := self._without(load, exclude):
+                    break
+            else:
+                return None
+        return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+    def _without(self, load: float, exclude: frozenset[str]) -> list[str]:
+        bucket, loads = self._buckets[load], self._load
+        if not any(loads.get(node) == load for node in exclude):
+            return bucket
+        return [node for node in bucket if node not in exclude]
+
+
+@dataclass(slots=True)
+class _PlacementClass:
+    """The nodes eligible for the items of one model and requirements (in view order), and
+    what each policy keeps of them, built when first asked for."""
+
+    nodes: list[NodeView]
+    by_node: dict[str, NodeView]
+    least_loaded: _LoadIndex | None = None
+    by_id: list[str] | None = None  # round_robin
+    gpu_tiers: list[_LoadIndex] | None = None  # capability: most free GPU memory first
+    rtt_tiers: list[_LoadIndex] | None = None  # latency: lowest RTT first
+    ranked: list[NodeView] | None = None  # model_affinity: highest rendezvous weight first
+    in_contact: dict[tuple, _LoadIndex] = field(default_factory=dict)  # contact_aware
+
+
+class BurstPlacer:
+    """:func:`choose` for the items of one dispatch burst, over views that stay as they are
+    but for the queue depths the caller's own in-flight counts raise as the burst goes.
+
+    ``placer.choose(policy, item, exclude=X, rng=rng, state=state)`` returns what
+    ``choose(policy, placer.views(), item, exclude=X | placer.full(), rng=rng, state=state)``
+    returns, uses ``rng`` and changes ``state`` as it does, where ``views()`` are the views
+    with each node's queue depth raised to its in-flight count (:meth:`set_in_flight`) where
+    that is more, and ``full()`` the nodes with ``limit`` or more in flight. It narrows the
+    nodes to each placement class (model, requirements) once, and keeps them indexed as the
+    policies need (by load, id, free GPU memory, RTT, rendezvous weight, contact): an item is
+    placed without rebuilding or scanning every view. Views with a node id twice are placed by
+    :func:`choose` itself. Not thread-safe; the views' figures other than the queue depth
+    must not change while it is used (a dispatch burst: nothing else runs meanwhile).
+    """
+
+    def __init__(
+        self,
+        views: Sequence[NodeView],
+        in_flight: Mapping[str, int],
+        *,
+        limit: int | None = None,
+    ) -> None:
+        self._views = list(views)
+        self._by_id = {view.node_id: view for view in self._views}
+        self._unique = len(self._by_id) == len(self._views)
+        self._limit = None if limit is None else max(1, limit)
+        self._in_flight: dict[str, int] = {}
+        self._full: set[str] = set()
+        self._indexes: dict[str, list[_LoadIndex]] = {}  # node -> the indexes it is in
+        self._classes: dict[tuple, _PlacementClass] = {}
+        for node, count in in_flight.items():
+            self._count(node, count)
+
+    def views(self) -> list[NodeView]:
+        """The views as :func:`choose` would be given them now."""
+        return [
+            replace(view, queue_depth=n) if (n := self._in_flight.get(view.node_id, 0))
+            > view.queue_depth else view
+            for view in self._views
+        ]  # fmt: skip
+
+    def full(self) -> frozenset[str]:
+        """The nodes with ``limit`` or more items in flight (those of the views only)."""
+        return frozenset(self._full)
+
+    def set_in_flight(self, node: str, count: int) -> None:
+        """``node`` now has ``count`` items in flight."""
+        if self._count(node, count):
+            load = self._load(node)
+            for index in self._indexes.get(node, ()):
+                index.place(node, load)
+
+    def _count(self, node: str, count: int) -> bool:
+        if node not in self._by_id:
+            return False
+        if count:
+            self._in_flight[node] = count
+        else:
+            self._in_flight.pop(node, None)
+        if self._limit is not None and count >= self._limit:
+            self._full.add(node)
+        else:
+            self._full.discard(node)
+        return True
+
+    def _depth(self, view: NodeView) -> int:
+        n = self._in_flight.get(view.node_id, 0)
+        return n if n > view.queue_depth else view.queue_depth
+
+    def _load(self, node: str) -> float | None:
+        """The node's load ratio in the views, None while it is full."""
+        if node in self._full:
+            return None
+        view = self._by_id[node]
+        return _ratio(self._depth(view), view.capacity)
+
+    def _index(self, nodes: Sequence[NodeView]) -> _LoadIndex:
+        index = _LoadIndex({
+            view.node_id: load for view in nodes if (load := self._load(view.node_id)) is not None
+        })  # fmt: skip
+        for view in nodes:
+            self._indexes.setdefault(view.node_id, []).append(index)
+        return index
+
+    def _class(self, item: WorkItem) -> _PlacementClass:
+        key = (_model_key(item), requirements(item.params))
+        found = self._classes.get(key)
+        if found is None:
+            nodes = eligible(self._views, item, frozenset())
+            found = self._classes[key] = _PlacementClass(nodes, {n.node_id: n for n in nodes})
+        return found
+
+    def choose(
+        self,
+        policy: Policy | str,
+        item: WorkItem,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        rng: random.Random,
+        state: SchedulerState,
+    ) -> str | None:
+        """What :func:`choose` returns over :meth:`views`, leaving out ``exclude`` and the
+        :meth:`full` nodes (see the class docstring). Raises ValueError for an unknown policy."""
+        policy = Policy(policy)
+        if not self._unique:
+            views, exclude = self.views(), exclude | self._full
+            return choose(policy, views, item, exclude=exclude, rng=rng, state=state)
+        cls = self._class(item)
+        if policy is Policy.LEAST_LOADED:
+            return self._least_loaded(cls).least_loaded(exclude, rng)
+        if policy is Policy.CAPABILITY:
+            return self._capability(cls, item, exclude, rng, state)
+        if policy is Policy.LATENCY:
+            return self._latency(cls, exclude, rng)
+        if policy is Policy.ROUND_ROBIN:
+            return self._round_robin(cls, exclude, state)
+        if policy is Policy.MODEL_AFFINITY:
+            return self._model_affinity(cls, item, exclude, state)
+        return self._contact_aware(cls, item, exclude, rng, state)
+
+    def _least_loaded(self, cls: _PlacementClass) -> _LoadIndex:
+        if cls.least_loaded is None:
+            cls.least_loaded = self._index(cls.nodes)
+        return cls.least_loaded
+
+    def _tiers(self, nodes: Sequence[NodeView], key, *, reverse: bool) -> list[_LoadIndex]:
+        """One index per value of ``key`` (None: not in any), in order of the value."""
+        groups: dict[object, list[NodeView]] = {}
+        for view in nodes:
+            value = key(view)
+            if value is not None:
+                groups.setdefault(value, []).append(view)
+        return [self._index(groups[value]) for value in sorted(groups, reverse=reverse)]
+
+    def _first_of(self, tiers, cls, exclude, rng) -> str | None:
+        for tier in tiers:
+            if (node := tier.least_loaded(exclude, rng)) is not None:
+                return node
+        return self._least_loaded(cls).least_loaded(exclude, rng)
+
+    def _capability(self, cls, item, exclude, rng, state) -> str | None:
+        if item.input.rows < state.config.gpu_batch_rows:
+            return self._least_loaded(cls).least_loaded(exclude, rng)
+        if cls.gpu_tiers is None:
+            gpu = lambda n: _free_gpu_memory(n) if n.has_gpu else None  # noqa: E731
+            cls.gpu_tiers = self._tiers(cls.nodes, gpu, reverse=True)
+        return self._first_of(cls.gpu_tiers, cls, exclude, rng)
+
+    def _latency(self, cls, exclude, rng) -> str | None:
+        if cls.rtt_tiers is None:
+            cls.rtt_tiers = self._tiers(cls.nodes, _rtt, reverse=False)
+        return self._first_of(cls.rtt_tiers, cls, exclude, rng)
+
+    def _round_robin(self, cls, exclude, state) -> str | None:
+        if cls.by_id is None:
+            cls.by_id = sorted(view.node_id for view in cls.nodes)
+        ids, last, full = cls.by_id, state.rr_cursor, self._full
+        start = len(ids) if last is None else bisect.bisect_right(ids, last)
+        for node in itertools.chain(ids[start:], ids[:start]):
+            if node not in exclude and node not in full:
+                state.rr_cursor = node
+                return node
+        return None
+
+    def _model_affinity(self, cls, item, exclude, state) -> str | None:
+        model = _model_key(item)
+        if cls.ranked is None:
+            weight = partial(_rendezvous_weight, model)
+            cls.ranked = sorted(cls.nodes, key=lambda n: weight(n.node_id), reverse=True)
+        home, full = state.affinity.get(model), self._full
+        chosen = first = None
+        view = cls.by_node.get(home)
+        if view is not None and home not in exclude and home not in full:
+            first = view  # the last home first, if it still qualifies
+            chosen = view if self._depth(view) < max(1, view.capacity) else None
+        if chosen is None:  # then the others, highest weight first: the first unsaturated
+            for view in cls.ranked:
+                node = view.node_id
+                if node == home or node in exclude or node in full:
+                    continue
+                first = first or view
+                if self._depth(view) < max(1, view.capacity):
+                    chosen = view
+                    break
+        chosen = chosen or first
+        if chosen is None:
+            return None
+        state.affinity[model] = chosen.node_id
+        return chosen.node_id
+
+    def _contact_aware(self, cls, item, exclude, rng, state) -> str | None:
+        key = (_expected_runtime(item, state), state.config)
+        index = cls.in_contact.get(key)
+        if index is None:
+            if len(cls.in_contact) >= _MAX_CONTACT_INDEXES:  # (runtimes of every kind)
+                views, exclude = self.views(), exclude | self._full
+                return choose(Policy.CONTACT_AWARE, views, item, exclude=exclude, rng=rng,
+                              state=state)  # fmt: skip
+            reachable = _in_contact_long_enough(cls.nodes, item, state)
+            index = cls.in_contact[key] = self._index(reachable)
+        return index.least_loaded(exclude, rng)
+
+
+#: ``contact_aware``: the expected runtimes of one class a burst keeps an index for.
+_MAX_CONTACT_INDEXES = 16
