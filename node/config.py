@@ -118,7 +118,11 @@ class SessionSection:
     handshake_timeout: float = doc(5.0, "seconds for a whole Noise handshake")
     idle_timeout: float = doc(60.0, "close a session after this many silent seconds")
     keepalive_interval: float = doc(15.0, "send a ping after this many seconds without sending")
-    rekey_after: int = doc(1 << 20, "rekey each direction after this many Noise messages")
+    rekey_after: int = doc(
+        1 << 20,
+        "rekey each direction after this many Noise messages (a session uses the smaller of"
+        " this and its peer's value)",
+    )
     max_message_mib: int = doc(16, "largest application message accepted, MiB (at most 65536)")
     verify_timeout: float = doc(
         1.0,

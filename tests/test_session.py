@@ -12,7 +12,7 @@ import gc
 import pytest
 
 from meshinfer.errors import AdmissionError, HandshakeError, LocalProtocolError, StreamClosed
-from meshinfer.proto.messages import AppData, CloseCode, Ping
+from meshinfer.proto.messages import AppData, CloseCode, Hello, Ping
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import SessionConfig, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
@@ -211,7 +211,8 @@ async def test_rekey_really_changes_keys(transport_and_addr):
     # If only one side rekeys, the other can no longer decrypt: proof that rekeying happens.
     fleet = make_fleet(None, ["alpha", "bravo"])
     async with Pair(*transport_and_addr, fleet, server_config=SessionConfig()) as pair:
-        client = await pair.dial(config=SessionConfig(rekey_after=2))
+        client = await pair.dial()
+        client.rekey_after = 2  # (past the handshake's agreement: as if one side ignored it)
         server = await pair.accepted.get()
         for i in range(4):
             await client.send(AppData(topic="r", payload=bytes([i])))
@@ -220,6 +221,40 @@ async def test_rekey_really_changes_keys(transport_and_addr):
         with pytest.raises(StreamClosed):
             await server.recv()
         assert server.close_code == CloseCode.PROTOCOL_ERROR
+
+
+async def test_sides_configured_with_different_rekey_after_stay_in_step(transport_and_addr):
+    """Each Hello announces its rekey_after and both sides use the smaller: a client set to
+    rekey every 2 records and a server left at its default used to fall out of step at the
+    second record (the server, unable to decrypt, closed the session as a protocol error)."""
+    fleet = make_fleet(None, ["alpha", "bravo"])
+    async with Pair(*transport_and_addr, fleet, server_config=SessionConfig()) as pair:
+        client = await pair.dial(config=SessionConfig(rekey_after=2))
+        server = await pair.accepted.get()
+        assert client.rekey_after == server.rekey_after == 2
+        for i in range(7):
+            await client.send(AppData(topic="r", payload=bytes([i])))
+            await server.send(AppData(topic="r", payload=bytes([i])))
+        for i in range(7):
+            assert (await server.recv()).payload == bytes([i])
+            assert (await client.recv()).payload == bytes([i])
+        await client.aclose()
+
+
+def test_a_peer_rekey_after_is_read_from_its_hello_features():
+    """The first well-formed ``rekey-after=N`` counts; none, or only malformed ones (an older
+    node, a hostile one), reads as None: ours is used."""
+    from meshinfer.runtime.session import peer_rekey_after
+
+    def hello(*features: str) -> Hello:
+        return Hello(1, "a", b"", (), features, 1 << 20)
+
+    assert peer_rekey_after(hello("packed", "rekey-after=5")) == 5
+    assert peer_rekey_after(hello("rekey-after=x", "rekey-after=7")) == 7
+    for bad in ("rekey-after=", "rekey-after=0", "rekey-after=-3", "rekey-after=1e3",
+                "rekey-after=\u0663", f"rekey-after={1 << 63}"):  # fmt: skip
+        assert peer_rekey_after(hello(bad)) is None
+    assert peer_rekey_after(hello("packed")) is None
 
 
 async def test_graceful_close_reaches_the_peer(transport_and_addr):

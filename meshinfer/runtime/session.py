@@ -23,10 +23,13 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     queued for :meth:`Session.recv`. When the application does not consume, the bounded queue
     fills, the reader stops reading, and TCP pushes back on the peer.
     Both directions rekey after ``rekey_after`` Noise messages; both sides count the same
-    records, so no signal is needed. Once the revocation list in force (the admission's, read
-    at each write) revokes the peer's certificate, the session writes no more application
-    messages (:attr:`Session.peer_revoked`; it is about to be cut): a send that was waiting for
-    the writer then raises StreamClosed. Session control (``Ping``, ``Pong``, ``Close``) still
+    records, so no signal is needed. Each side announces its ``rekey_after`` in its Hello
+    (the ``rekey-after=N`` feature) and both use the smaller of the two values (one of a peer
+    that announces none is taken as ours): nodes configured differently stay in step. Once
+    the revocation list in force (the admission's, read at each write) revokes the peer's
+    certificate, the session writes no more application messages
+    (:attr:`Session.peer_revoked`; it is about to be cut): a send that was waiting for the
+    writer then raises StreamClosed. Session control (``Ping``, ``Pong``, ``Close``) still
     goes: it carries no work, and the close and the checks of older sessions need it.
 
 ``closed``
@@ -98,6 +101,8 @@ _PATTERN_IK = 0x02
 _MAX_HANDSHAKE_RECORD = 8192
 #: The Hello feature: several small messages may share one Noise message (framing.FLAG_PACKED).
 PACKED_FEATURE = "packed"
+#: The Hello feature announcing the sender's ``rekey_after`` (``rekey-after=N``).
+REKEY_FEATURE = "rekey-after="
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,8 @@ class SessionConfig:
         idle_timeout: close the session when nothing at all arrived for this long.
         keepalive_interval: send a ``Ping`` when nothing was sent for this long; must be well
             below the peer's ``idle_timeout``.
-        rekey_after: rekey each direction after this many Noise messages.
+        rekey_after: rekey each direction after this many Noise messages (the smaller of
+            this and the peer's announced value, so both sides rekey at the same record).
         max_message_size: largest reassembled application message accepted (bytes).
         recv_queue: messages buffered for :meth:`Session.recv` before the reader stops reading.
         clock_skew: seconds of tolerance on certificate validity windows (default
@@ -214,6 +220,7 @@ class Session:
         pack: bool = False,
         decoder: framing.RecordDecoder | None = None,
         peer_max_message_size: int | None = None,
+        rekey_after: int | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
@@ -221,6 +228,8 @@ class Session:
         #: peer's Hello announced (its reader ends the session on a larger one, as a protocol
         #: error, and what went with it would be lost unannounced)
         self.send_cap = min(config.max_message_size, peer_max_message_size or (1 << 62))
+        #: records per key in each direction: the smaller of ours and the peer's announced one
+        self.rekey_after = rekey_after or config.rekey_after
         self._admission = admission
         self._judged_by: RevocationList | None = None  # the list peer_revoked last read
         self._revoked = False
@@ -434,7 +443,7 @@ class Session:
             out += framing.encode_record(self._send_cs.encrypt(chunk))
             self._sent_records += 1
             self.metrics.records_sent += 1
-            if self._sent_records % self.config.rekey_after == 0:
+            if self._sent_records % self.rekey_after == 0:
                 self._send_cs.rekey()
         try:
             await self.stream.write(bytes(out))
@@ -453,7 +462,7 @@ class Session:
         plaintext = self._recv_cs.decrypt(record)
         self._recv_records += 1
         self.metrics.records_received += 1
-        if self._recv_records % self.config.rekey_after == 0:
+        if self._recv_records % self.rekey_after == 0:
             self._recv_cs.rekey()
         return [messages.decode(whole) for whole in self._reassembler.feed_all(plaintext)]
 
@@ -677,7 +686,7 @@ def _hello(identity: NodeIdentity, config: SessionConfig) -> bytes:
             node_id=identity.node_id,
             certificate=cert.to_bytes(),
             roles=tuple(sorted(cert.roles)),
-            features=(PACKED_FEATURE,) if config.pack else (),
+            features=(*((PACKED_FEATURE,) if config.pack else ()), _rekey_feature(config)),
             max_message_size=config.max_message_size,
         )
     )
@@ -813,7 +822,24 @@ async def _establish(
         pack=config.pack and PACKED_FEATURE in hello.features,
         decoder=hsio.decoder,
         peer_max_message_size=hello.max_message_size,
+        rekey_after=min(config.rekey_after, peer_rekey_after(hello) or config.rekey_after),
     )
+
+
+def _rekey_feature(config: SessionConfig) -> str:
+    return f"{REKEY_FEATURE}{config.rekey_after}"
+
+
+def peer_rekey_after(hello: Hello) -> int | None:
+    """The ``rekey_after`` a peer's Hello announces (the first well-formed one), else None:
+    a peer that announces none (an older node), or only malformed values, is taken to use
+    ours."""
+    for feature in hello.features:
+        if feature.startswith(REKEY_FEATURE):
+            value = feature[len(REKEY_FEATURE) :]
+            if value.isascii() and value.isdigit() and 0 < (n := int(value)) < 1 << 63:
+                return n
+    return None
 
 
 def _count_failure(metrics: SessionMetrics, exc: BaseException) -> None:
