@@ -86,11 +86,15 @@ def is_ip(host: str) -> bool:
 
 def is_unicast(host: str) -> bool:
     """True for an IP literal a peer can listen on and we can dial: not unspecified, multicast
-    or broadcast, nor an IPv6 link-local address without its ``%scope`` (connect() refuses)."""
+    or broadcast, nor an IPv6 link-local address without its ``%scope`` (connect() refuses).
+    An IPv4-mapped IPv6 address is judged as its IPv4 address: ``::ffff:0.0.0.0`` dials this
+    host, as 0.0.0.0 does."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     broadcast = ip.version == 4 and int(ip) == 0xFFFFFFFF
     unscoped = isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local and not ip.scope_id
     return not (ip.is_unspecified or ip.is_multicast or broadcast or unscoped)

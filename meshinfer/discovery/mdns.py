@@ -155,6 +155,8 @@ class MdnsDiscovery(SourceBase):
         adapters = await asyncio.to_thread(
             self._adapters
         )  # (ifaddr reads the system: off the loop)
+        if self._closed:  # aclose ran meanwhile and saw no zeroconf: make none it cannot close
+            raise LocalProtocolError("mdns: aclose() was called while start() ran")
         self._read_host(adapters)
         missing = missing_interfaces(self.config, adapters)  # ConfigError: not a name
         if missing:
