@@ -9,6 +9,7 @@ shared ``fleet`` group (see :mod:`meshinfer.fleetcli`). Add a command by writing
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,14 +113,36 @@ def _fetch_status(url: str) -> Any:
 
     url = check_http_url(url, "the daemon's URL")
     try:
-        with opener_for(url).open(url + "/status", timeout=5) as response:
-            body = response.read()
+        with opener_for(url).open(url + "/status", timeout=STATUS_TIMEOUT_S) as response:
+            body = _read_bounded(response, time.monotonic() + STATUS_TIMEOUT_S, url)
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise ConfigError(f"cannot reach the daemon at {url}: {exc}") from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # (nested past the parser's limit)
         raise ConfigError(f"{url}: not a meshinfer node's /status (not JSON: {exc})") from None
+
+
+STATUS_TIMEOUT_S = 5.0
+"""How long ``status`` waits for the daemon's whole answer (each read waited this long, so a
+hung daemon that sent a byte now and then held the command for ever)."""
+STATUS_MAX_BYTES = 256 << 20
+"""The largest ``/status`` document ``status`` reads (a full table of 65,536 members is some
+tens of MiB); past it, what answered is no meshinfer node (an endless answer filled memory)."""
+
+
+def _read_bounded(response: Any, deadline: float, url: str) -> bytes:
+    """The body of ``response``, read by ``deadline`` (monotonic) and within
+    :data:`STATUS_MAX_BYTES`; TimeoutError or ConfigError past either."""
+    chunks, size = [], 0
+    while chunk := response.read1(1 << 16):
+        size += len(chunk)
+        if size > STATUS_MAX_BYTES:
+            raise ConfigError(f"{url}: not a meshinfer node's /status (over {size} bytes)")
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no whole answer within {STATUS_TIMEOUT_S:g} s")
+    return b"".join(chunks)
 
 
 def _status_table(doc: dict[str, Any]) -> str:

@@ -58,8 +58,9 @@ class NodeSection:
     )
     data_dir: str = doc(
         "",
-        "where the node keeps its runtime.json (empty: a temp dir, removed at stop; relative:"
-        " from this file's folder)",
+        "where the node keeps its runtime.json, and node.lock, which refuses a second daemon on"
+        " the same data_dir (empty: a temp dir, removed at stop; relative: from this file's"
+        " folder)",
     )
 
 

@@ -85,7 +85,7 @@ class NodeDaemon:
         self.identity = load_identity(config.node.identity_dir, "[node] identity_dir")
         self.models = parse_models(config.inference.models, "[inference] models")
         self.options = mesh_options(config, self.identity.trust.fleet_id, config.node.identity_dir)
-        self.data = DataDir(config.node.data_dir, "[node] data_dir", "meshinfer-node-")
+        self.data = DataDir(config.node.data_dir, "[node] data_dir", "meshinfer-node-", "node.lock")
         self.data_dir = self.data.path
         self.engine: InferenceEngine | None = None
         self.batchers: dict[ModelRef, DynamicBatcher] = {}
@@ -254,14 +254,29 @@ class NodeDaemon:
         problems = []
         if self.mesh is None or not self.mesh.ready.is_set():
             problems.append("mesh not listening")
-        if self.engine is None or not self.engine.capacity().ready:
-            problems.append("engine not ready")
-        missing = [str(r) for r in self.models if r not in self.batchers]
+        loaded = self._engine_models(problems)
+        missing = [
+            str(r)
+            for r in self.models
+            if r not in loaded or r not in self.batchers or self.batchers[r].closed
+        ]
         if missing:
             problems.append(f"models not loaded: {', '.join(missing)}")
         if self.stopping.is_set():
             problems.append("draining")
         return not problems, problems
+
+    def _engine_models(self, problems: list[str]) -> tuple[ModelRef, ...]:
+        """The models the engine holds loaded now; a problem added when it is not ready, or
+        cannot say (a GPU lost under it: its ``capacity`` raises), which then holds none."""
+        try:
+            capacity = self.engine.capacity() if self.engine is not None else None
+        except Exception as exc:  # the engine's fault, told to whoever asks: never a 500
+            problems.append(f"engine not ready: {exc!r}")
+            return ()
+        if capacity is None or not capacity.ready:
+            problems.append("engine not ready")
+        return () if capacity is None else capacity.loaded_models
 
     async def drain_and_close(self, timeout: float = DRAIN_S) -> None:
         """SIGTERM: stop taking work, finish or hand back what we have, leave, close (at most

@@ -8,7 +8,8 @@
 ``POST /position`` from the vehicle's positioning, loopback only: JSON ``{"position": [x, y(, z)],
                   "velocity": [vx, vy(, vz)]}`` (metres, metres/second; a key left out, null or
                   ``[]``: unknown, not moving), gossiped for the ``contact_aware`` policy
-                  (``[mobility]``). 200 with what is published; 400 for a bad body; 403 from
+                  (``[mobility]``). 200 with what is published; 400 for a bad body (one
+                  that does not decode as its Content-Encoding too); 403 from
                   another host; 503 once a drain has left the mesh (nothing is gossiped).
 """
 
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from meshinfer.proto.contact import check_vector
-from meshinfer.runtime.http_log import LINGER_S, ClientErrorLog
+from meshinfer.runtime.http_log import CLIENT_ERRORS, LINGER_S, ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
@@ -100,6 +101,9 @@ class NodeHttp:
             return _refuse(403, "POST /position is accepted from this host (loopback) only")
         try:
             body = await request.json()
+        except CLIENT_ERRORS as exc:  # a body that does not decode as its Content-Encoding
+            why = getattr(exc, "message", "") or str(exc)  # (the HttpProcessingErrors' text)
+            return _refuse(400, f"the body cannot be read: {why}")
         # (nested past the parser's limit; a charset Python has no codec for)
         except (ValueError, RecursionError, LookupError):
             return _refuse(400, "the body must be JSON")

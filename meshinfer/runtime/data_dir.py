@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import ConfigError
-from meshinfer.filelock import failure_text
+from meshinfer.filelock import LockHeld, LockUnavailable, failure_text, lock_file
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,19 @@ RUNTIME_FILE = "runtime.json"
 
 class DataDir:
     """``configured`` (empty: a temporary directory named ``temp_prefix...``); ``key`` names
-    the setting in errors, e.g. ``"[node] data_dir"``."""
+    the setting in errors, e.g. ``"[node] data_dir"``. With ``lock`` (a file name, e.g.
+    ``"node.lock"``), :meth:`make` takes that lock file's exclusive lock in a configured
+    directory, held until :meth:`close` (the kernel drops it when the process dies): a second
+    daemon on the same directory is refused at start instead of replacing the first's runtime
+    file, which the one stopped first then removed while the other still ran."""
 
-    def __init__(self, configured: str, key: str, temp_prefix: str) -> None:
+    def __init__(self, configured: str, key: str, temp_prefix: str, lock: str = "") -> None:
         self.key = key
         self.temporary = not configured
         self.path = Path(configured) if configured else Path(tempfile.mkdtemp(prefix=temp_prefix))
+        self.lock = lock
+        self._lock_fd: int | None = None
+        self._wrote = False  # the runtime file is this one's to remove
 
     @property
     def runtime_file(self) -> Path:
@@ -53,6 +60,20 @@ class DataDir:
             raise ConfigError(f"{where}: exists and is not a directory") from None
         except OSError as exc:  # where access is denied: by whom, and what to do
             raise ConfigError(f"{self.key}: {failure_text(self.path, 'create', exc)}") from None
+        if self.lock and not self.temporary and self._lock_fd is None:
+            self._lock_fd = self._take_lock(where)
+
+    def _take_lock(self, where: str) -> int:
+        try:
+            return lock_file(self.path / self.lock)
+        except LockHeld as exc:
+            holder = f" (pid {exc.pid})" if exc.pid else ""
+            raise ConfigError(
+                f"{where}: in use by another daemon{holder}: one data_dir serves one daemon"
+                " (stop that one, or give this one another data_dir)"
+            ) from None
+        except LockUnavailable as exc:
+            raise ConfigError(f"{self.key}: {exc}") from None
 
     def write_runtime(self, facts: dict[str, Any]) -> None:
         """Record ``facts`` (which must hold this process's ``pid``) in the runtime file, with
@@ -62,8 +83,15 @@ class DataDir:
         if started is not None:
             facts = {**facts, "pid_started": started}
         partial = self.path / f".{RUNTIME_FILE}.{os.getpid()}"
-        partial.write_text(json.dumps(facts))
-        os.replace(partial, self.runtime_file)
+        try:
+            partial.write_text(json.dumps(facts))
+            os.replace(partial, self.runtime_file)
+        except OSError as exc:  # a full disk, a read-only mount, a directory in the way
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            why = failure_text(self.runtime_file, "write", exc)
+            raise ConfigError(f"{self.key}: {why}") from None
+        self._wrote = True
 
     def close(self) -> None:
         """Remove the runtime file if this process wrote it, and a temporary directory whole.
@@ -74,9 +102,12 @@ class DataDir:
                 log.warning("cannot remove the temporary %s %s", self.key, self.path)
             return
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            if json.loads(self.runtime_file.read_text()).get("pid") != os.getpid():
-                return  # not there, or another daemon's since (one on the same data_dir)
-            self.runtime_file.unlink()
+            if self._wrote and json.loads(self.runtime_file.read_text()).get("pid") == os.getpid():
+                self.runtime_file.unlink()  # (else not there, or another daemon's since)
+        self._wrote = False
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes last: no other daemon saw a file of ours
+            self._lock_fd = None
 
 
 def read_runtime(data_dir: str | Path, daemon: str = "daemon") -> dict[str, Any]:

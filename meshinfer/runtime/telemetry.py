@@ -139,6 +139,7 @@ class NvmlProbe:
     def __init__(self) -> None:
         self.available = False
         self.reason = ""
+        self.failing = False  # the last sample failed (warned once)
         try:
             import pynvml
 
@@ -154,10 +155,17 @@ class NvmlProbe:
         if not self.available:
             return GpuSample()
         try:
-            return self._sample_devices()
-        except self._nvml.NVMLError as exc:  # e.g. a GPU fell off the bus: report no figures
-            log.warning("NVML sample failed: %r", exc)
+            sample = self._sample_devices()
+        # a GPU fell off the bus (NVMLError), or a binding that does not fit the driver raised
+        # something else: report no figures, never raise (the node's telemetry loop logged an
+        # ERROR); warned once until it reads again (it was every second)
+        except Exception as exc:
+            if not self.failing:
+                log.warning("NVML sample failed, no GPU figures until it reads again: %r", exc)
+            self.failing = True
             return GpuSample()
+        self.failing = False
+        return sample
 
     def _sample_devices(self) -> GpuSample:
         nvml = self._nvml
@@ -192,7 +200,7 @@ class NvmlProbe:
             self.available = False
             try:
                 self._nvml.nvmlShutdown()
-            except self._nvml.NVMLError as exc:
+            except Exception as exc:  # an NVMLError, or a binding's own: on the way out
                 log.warning("NVML shutdown failed: %r", exc)
 
 
