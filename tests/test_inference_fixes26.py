@@ -25,6 +25,8 @@ from meshinfer.inference.registry import DIGITS_REF, ModelRegistry, synthetic_mo
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights
 from meshinfer.inference.triton_engine import TritonEngine
 from meshinfer.testing.triton_server import TritonServerProcess
+from node.config import ExecutorSection
+from node.executor import TaskExecutor
 
 SPEC = SyntheticSpec(8, 2)
 REF = SPEC.ref
@@ -287,9 +289,6 @@ async def test_bad_requests_fail_alone_in_front_of_triton(triton_server) -> None
 
 
 async def test_node_splits_items_by_what_the_batcher_accepts() -> None:
-    from node.config import ExecutorSection
-    from node.executor import TaskExecutor
-
     async with engine_for(max_batch_size=4) as engine:
         await engine.load(REF)
         async with DynamicBatcher(engine, REF, CONFIG) as batcher:

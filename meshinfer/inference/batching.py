@@ -324,7 +324,8 @@ class DynamicBatcher:
         fail anyone else's. Raises OverloadedError when the queue is full,
         DeadlineExceededError if the deadline passes before the request is batched,
         InferenceError if the engine fails the batch, gives NaN or infinity for this request's
-        rows, or the batcher closes.
+        rows, or the batcher closes; LocalProtocolError for a priority out of range or a
+        deadline that is no time (NaN), before anything is queued or counted.
         """
         self._check_open()
         self._check_priority(priority)
@@ -340,9 +341,9 @@ class DynamicBatcher:
         except asyncio.CancelledError:
             if self._withdraw(request, _State.CANCELLED):
                 self._compact_if_sparse()
-            elif request.state is _State.DISPATCHED:
+            elif request.state is _State.DISPATCHED and request.future.cancelled():
                 self._counters.cancelled += 1  # in a batch already: its rows are dropped
-            raise
+            raise  # (answered a moment before the cancel: counted completed or failed only)
 
     def _enqueue(
         self, batch: np.ndarray, single: bool, priority: int, deadline: float | None
@@ -351,13 +352,29 @@ class DynamicBatcher:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        if deadline is not None and deadline <= now:
-            self._counters.expired += 1
-            raise DeadlineExceededError(f"request for {self.ref}: deadline passed before submit")
+        if deadline is not None:
+            try:
+                live = deadline > now
+            except TypeError:  # not a time (NaN just compares False)
+                live = False
+            if not live:
+                self._refuse_deadline(deadline, now)
         self._check_room()
         request = _Request(batch, single, priority, now, deadline, loop.create_future())
         self._push(request)
         return request
+
+    def _refuse_deadline(self, deadline: object, now: float) -> None:
+        """Raise for a deadline not after ``now``: passed, or not a time at all (NaN, a
+        string), which no timer may be set for."""
+        try:
+            passed = deadline <= now  # type: ignore[operator]
+        except TypeError:
+            passed = False
+        if not passed:
+            raise LocalProtocolError(f"deadline {deadline!r} is not a time (loop.time() seconds)")
+        self._counters.expired += 1
+        raise DeadlineExceededError(f"request for {self.ref}: deadline passed before submit")
 
     def _check_room(self) -> None:
         if self._queued >= self.config.max_queue_size:
@@ -391,7 +408,11 @@ class DynamicBatcher:
             raise LocalProtocolError(f"batcher for {self.ref} not started: call start() first")
 
     def _check_priority(self, priority: int) -> None:
-        if not 0 <= priority < self.config.priorities:
+        try:
+            fits = 0 <= priority < self.config.priorities
+        except TypeError:
+            fits = False
+        if not fits:
             raise LocalProtocolError(
                 f"priority {priority} out of range 0..{self.config.priorities - 1}"
             )

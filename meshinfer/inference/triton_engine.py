@@ -13,11 +13,17 @@ Failures, and what the caller sees:
   ``retries`` times with exponential backoff (``backoff_s``, doubling) on the loop's clock;
   then :class:`InferenceError` naming the server. Inference is a pure function of its input,
   so retrying a batch is safe. ``capacity().ready`` turns False until a call succeeds again.
-* unknown or not-ready model (HTTP 404, gRPC ``NOT_FOUND``): :class:`ModelNotFoundError`.
+* unknown or not-ready model (HTTP 404, gRPC ``NOT_FOUND``): :class:`ModelNotFoundError`. A
+  loaded model the server stops knowing (it restarted and is loading its models again) is
+  looked up again, as ``load`` does, by the next ``infer``: it serves again once the server
+  has it back, without a new ``load``.
 * the server refuses the batch as malformed (HTTP 400, gRPC ``INVALID_ARGUMENT``: wrong shape,
   more rows than the model's ``max_batch_size``): :class:`BatchShapeError` (bad input).
 * every other server error (backend failure): :class:`InferenceError`.
 * no answer within ``timeout_s``: :class:`InferenceError` (not retried: the time is spent).
+* an answer the engine cannot use (metadata without a tensor's name or datatype; an output
+  missing, malformed, not numeric, or with other than one row per sample of a batching
+  model): :class:`InferenceError` naming the server.
 
 Concurrency: coroutines run on the event loop; at most ``max_in_flight`` requests are in flight
 at once (a semaphore). The tritonclient asyncio clients never block the loop.
@@ -146,6 +152,7 @@ class TritonEngine:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._client: Any = None
         self._models: dict[ModelRef, TritonModel] = {}
+        self._vanished: set[ModelRef] = set()  # loaded, then unknown to the server: look again
         self._ready = False
         self._closed = False
 
@@ -193,6 +200,7 @@ class TritonEngine:
                 "still loading)"
             )
         self._models[ref] = await self._describe(ref)
+        self._vanished.discard(ref)
 
     async def _describe(self, ref: ModelRef) -> TritonModel:
         kwargs = self._protocol.metadata_kwargs
@@ -212,12 +220,16 @@ class TritonEngine:
                 f"model {ref} on {self.url} has {len(inputs)} inputs and {len(outputs)} outputs; "
                 "the Triton engine drives models with one input and at least one output"
             )
-        batching = self._protocol.max_batch_size(config)
+        try:
+            batching = self._protocol.max_batch_size(config)
+            names = (str(inputs[0]["name"]), str(inputs[0]["datatype"]), str(outputs[0]["name"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InferenceError(
+                f"model {ref} on Triton server {self.url}: metadata or config lacks {exc!r}"
+            ) from None
         max_batch = batching or self.default_max_batch_size
         spec = _input_spec(inputs[0]) if batching else None
-        return TritonModel(
-            ref, inputs[0]["name"], inputs[0]["datatype"], outputs[0]["name"], max_batch, spec
-        )
+        return TritonModel(ref, *names, max_batch, spec)
 
     def input_spec(self, ref: ModelRef) -> TensorSpec | None:
         """The input tensor of loaded ``ref`` as the server described it (shape ``[-1, ...]``,
@@ -228,22 +240,21 @@ class TritonEngine:
     async def unload(self, ref: ModelRef) -> None:
         """Forget ``ref`` locally (the server keeps serving it); idempotent."""
         self._models.pop(ref, None)
+        self._vanished.discard(ref)
 
     async def infer(self, ref: ModelRef, batch: np.ndarray) -> np.ndarray:
         """Run one batch on the server and return the model's first output.
 
         Raises BatchShapeError (before any server call) if ``batch`` is not an array with at
         least one sample or cannot be converted to the model's input datatype,
-        ModelNotFoundError if ``ref`` was not loaded here or vanished from the server,
+        ModelNotFoundError if ``ref`` was not loaded here or is not (or no longer) on the server,
         InferenceError for any other failure (see the module docstring).
         """
         self._check_open()
         if not isinstance(batch, np.ndarray) or batch.ndim < 1 or batch.shape[0] < 1:
             shape = getattr(batch, "shape", type(batch).__name__)
             raise BatchShapeError(f"a batch must be an array of >= 1 samples, got {shape}")
-        model = self._models.get(ref)
-        if model is None:
-            raise ModelNotFoundError(f"model {ref} is not loaded on triton engine {self.url}")
+        model = self._models.get(ref) or await self._reloaded(ref)
         request = self._request_inputs(model, batch)
         outputs = [self._protocol.requested_output(model.output_name)]
         result = await self._call(
@@ -251,10 +262,31 @@ class TritonEngine:
             lambda c: c.infer(ref.model_id, request, model_version=ref.version, outputs=outputs),
             ref,
         )
-        output = result.as_numpy(model.output_name)
+        return self._output(model, result, len(batch))
+
+    async def _reloaded(self, ref: ModelRef) -> TritonModel:
+        """A model that vanished from the server (a restart), looked up again as ``load``
+        does; ModelNotFoundError if it was never loaded here or is not back yet."""
+        if ref not in self._vanished:
+            raise ModelNotFoundError(f"model {ref} is not loaded on triton engine {self.url}")
+        await self.load(ref)
+        return self._models[ref]
+
+    def _output(self, model: TritonModel, result: Any, rows: int) -> np.ndarray:
+        """The model's output in ``result``, checked: InferenceError if missing, malformed,
+        not numeric, or (a batching model) not one row per sample."""
+        what = f"Triton server {self.url} sent for {model.ref}"
+        try:
+            output = result.as_numpy(model.output_name)
+        except Exception as exc:  # data that does not fill its own shape, a bad datatype
+            raise InferenceError(f"{what} a malformed {model.output_name!r}: {exc!r}") from None
         if output is None:
+            raise InferenceError(f"{what} no {model.output_name!r}")
+        batched = model.input_spec is not None
+        if output.dtype.kind not in "fiub" or (batched and output.shape[:1] != (rows,)):
             raise InferenceError(
-                f"Triton server {self.url} sent no {model.output_name!r} for {ref}"
+                f"{what} {model.output_name!r} as {output.dtype} {output.shape} for a batch "
+                f"of {rows}: not one row of numbers per sample"
             )
         return output
 
@@ -291,6 +323,7 @@ class TritonEngine:
         self._closed = True
         self._ready = False
         self._models.clear()
+        self._vanished.clear()
         await self._drop_client(self._client)
 
     async def __aenter__(self) -> TritonEngine:
@@ -355,8 +388,8 @@ class TritonEngine:
             return InferenceError(f"{what} on Triton server {self.url} failed: {exc!r}")
         detail = f"{exc.message()} (status {exc.status()})"
         if exc.status() in _NOT_FOUND_STATUSES or "unknown model" in str(exc.message()).lower():
-            if ref is not None:
-                self._models.pop(ref, None)  # it went away: load() must look again
+            if ref is not None and self._models.pop(ref, None) is not None:
+                self._vanished.add(ref)  # it went away: the next infer looks again
             return ModelNotFoundError(f"{what}: Triton server {self.url}: {detail}")
         if exc.status() in _BAD_INPUT_STATUSES and what.startswith("inference"):
             return BatchShapeError(f"{what} refused by Triton server {self.url}: {detail}")
