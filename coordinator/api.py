@@ -312,7 +312,9 @@ class CoordinatorApi:
         except TaskConflictError as exc:
             return ApiError(409, "conflict", str(exc)).response()
         except Exception as exc:
-            if self._closing.is_set():  # e.g. the JSON workers or the journal closed under it
+            # the JSON workers or the journal closed under it, or the journal's sync failed
+            # (the coordinator acknowledges nothing more and its daemon is about to stop)
+            if self._closing.is_set() or getattr(self.coordinator, "failure", None) is not None:
                 log.info(
                     "API %s %s: cut short by the shutdown: %r",
                     request.method, request.path[:200], exc,

@@ -14,6 +14,11 @@ Once everything listens, ``<data_dir>/runtime.json`` records the API URL and tok
 CLI's ``--data-dir``) and a ``READY {json}`` line goes to stdout. SIGTERM stops the API, the
 dispatcher and the mesh (announcing the leave); unfinished tasks stay in the journal and resume
 on the next start. A second SIGTERM (or SIGINT) skips the graceful leave.
+
+A failed sync of the journal's log is fatal (:meth:`~coordinator.service.Coordinator.failed`:
+commits since the last sync may be lost, and the journal syncs nothing more): the daemon logs
+it (CRITICAL), stops as on SIGTERM and exits 1, for its supervisor to restart it; the restart's
+recovery replays the journal.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class CoordinatorDaemon:
         self.coordinator: Coordinator | None = None
         self.api: Any = None
         self._journal: Journal | None = None  # open, not yet the coordinator's
+        self._coordinating = asyncio.Event()  # set once self.coordinator is made (see fatal)
         self._closed = False
 
     @property
@@ -125,6 +131,7 @@ class CoordinatorDaemon:
             self.mesh, self.journal_path, service_config(self.config), rng=self.rng,
             journal=journal,
         )  # fmt: skip
+        self._coordinating.set()
         await self.coordinator.start()
         if self.config.api.enabled:
             from coordinator.api import CoordinatorApi
@@ -143,6 +150,14 @@ class CoordinatorDaemon:
         facts = self.facts()
         await asyncio.to_thread(self.data.write_runtime, facts)
         return facts
+
+    async def fatal(self) -> str:
+        """Return (why) once this daemon cannot go on: its coordinator's journal failed to
+        sync its log, during the start (its recovery) or after (see the module docstring)."""
+        await self._coordinating.wait()
+        assert self.coordinator is not None
+        error = await self.coordinator.failed()
+        return f"journal {self.journal_path}: a sync of its log failed: {error}"
 
     def _open_journal(self) -> Journal:
         """Open the journal before joining the mesh: a coordinator whose journal is unusable
@@ -195,7 +210,9 @@ class CoordinatorDaemon:
 
 async def run_coordinator(config: CoordinatorFileConfig, parent_pid: int | None = None) -> int:
     """Run until SIGTERM/SIGINT (or, with ``parent_pid``, until this process's parent is no
-    longer that one: ``--exit-with-parent``); print ``READY {json}`` once ready. Returns the
-    exit code."""
+    longer that one: ``--exit-with-parent``), or until the journal fails to sync (exit code 1);
+    print ``READY {json}`` once ready. Returns the exit code."""
     daemon = CoordinatorDaemon(config)
-    return await serve_until_signalled(daemon, daemon.stop, parent_pid, on_ready=settle_heap)
+    return await serve_until_signalled(
+        daemon, daemon.stop, parent_pid, on_ready=settle_heap, fatal=daemon.fatal
+    )

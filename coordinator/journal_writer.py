@@ -12,6 +12,13 @@ it -- except a failure its owner's ``stale`` predicate calls the expected end of
 fault (for the coordinator: :func:`coordinator.journal.item_ended`, a step of an item that
 ended before the call ran); those it counts (``stale_tells``) and logs at debug level only.
 
+A failed sync is its owner's to act on: the journal's log may have lost commits already
+answered as taken, and a sticky journal (:meth:`coordinator.journal.Journal.sync`) fails every
+later sync. The first failure is handed to ``on_sync_failed``, once, on the loop (the
+coordinator stops: see :attr:`coordinator.service.Coordinator.failure`), before the callers of
+the groups it failed hear of it; later sync failures, and told calls failed by a sync, are
+logged as warnings only (the first one was the news).
+
 What the writer needs of a journal beyond the calls themselves is two optional parts, each a
 protocol: :class:`GroupCommits` (``commit_group``: without it the calls of a group run one by
 one, each committing on its own) and :class:`Syncs` (``sync``: with it the writer's second
@@ -120,6 +127,7 @@ class JournalWriter:
         tell_delay_s: float = 0.005,
         name: str = "journal",
         stale: Callable[[BaseException], bool] = lambda error: False,
+        on_sync_failed: Callable[[OSError], None] | None = None,
     ) -> None:
         if max_group < 1:
             raise ConfigError("max_group must be >= 1")
@@ -129,6 +137,9 @@ class JournalWriter:
         self.tell_delay_s = tell_delay_s
         self.name = name
         self._stale = stale  # which told-call failures are the expected end of a race
+        self._on_sync_failed = on_sync_failed  # see the module docstring
+        #: the first sync failure (set on the sync thread; later ones are logged as warnings)
+        self.sync_failure: OSError | None = None
         self._journal = journal
         #: (journal, commits groups, syncs) of the last journal looked at (:meth:`_abilities`)
         self._known: tuple[object, bool, bool] | None = None
@@ -275,6 +286,16 @@ class JournalWriter:
             return None
         try:
             journal.sync()  # type: ignore[attr-defined]
+        except OSError as exc:
+            if self.sync_failure is not None:  # told already (a sticky journal fails again)
+                log.warning("the journal's log is not synced: %s", exc)
+                return exc
+            self.sync_failure = exc
+            if self._on_sync_failed is None:
+                log.critical("the journal could not sync its log: %s", exc)
+            else:  # its owner says what it means (once), before any caller hears of it
+                self._hand_back(self._on_sync_failed, exc)
+            return exc
         except BaseException as exc:
             log.critical("the journal could not sync its log: %s", exc)
             return exc
@@ -390,6 +411,9 @@ class JournalWriter:
         if self._stale(error):
             self.stale_tells += 1
             log.debug("journal call %s skipped: %s", call.fn, error)
+            return
+        if self.sync_failure is not None and isinstance(error, OSError):  # reported once
+            log.warning("journal call %s not known durable: %s", call.fn, error)
             return
         level = logging.WARNING if isinstance(error, MeshInferError) else logging.ERROR
         log.log(level, "journal call %s failed: %s", call.fn, error, exc_info=error)

@@ -74,6 +74,10 @@ node answers that). Journal writes per task are kept few:
   which the result journals, counts as journaled only while a write of it is under way); one
   refused when written again, after a write whose sync failed (committed, not known to be
   durable), is taken as the journal has it;
+* a failed sync of the journal's log is fatal (:meth:`Coordinator.failed`): the journal fails
+  every later sync, so from then on nothing is acknowledged (submits and cancels are refused
+  before they write), and the daemon closes the coordinator, which ends the retries, and exits
+  for a restart to recover from the journal;
 * submitting a known task id with the same spec again is an idempotent retry: nothing runs
   again (until retention, ``retention_s`` after the task ended, deleted it from the journal).
 
@@ -180,7 +184,14 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         self.scheduler = SchedulerState()
         self.journal: Journal | None = journal
         # One thread keeps journal calls in order and commits what is queued as one group.
-        self._db = JournalWriter(lambda: self.journal, name="journal", stale=item_ended)
+        self._db = JournalWriter(
+            lambda: self.journal, name="journal", stale=item_ended,
+            on_sync_failed=self._on_sync_failed,
+        )  # fmt: skip
+        #: the error of the journal's failed sync, once one failed: this coordinator then
+        #: acknowledges nothing more (:meth:`failed`)
+        self.failure: OSError | None = None
+        self._failed = asyncio.Event()
         self._started = False
         self._runs: dict[str, TaskRun] = {}
         self._items: dict[str, tuple[TaskRun, ItemRun]] = {}  # live item id -> run, item
@@ -290,12 +301,52 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         for timer in (*self._timers.values(), *self._task_timers.values()):
             timer.cancel()
         if self.journal is not None:
-            await self._db.run_alone(self.journal.close)
+            try:
+                await self._db.run_alone(self.journal.close)
+            except OSError as exc:  # closed, but answered with the failed sync's error
+                if self.failure is None:
+                    raise
+                log.info("journal closed (its log's sync had failed: %s)", exc)
         await self._db.aclose()
 
     def _check_started(self) -> None:
         if not self._started:
             raise LocalProtocolError("the coordinator is not started")
+
+    async def failed(self) -> OSError:
+        """Return once the journal failed to sync its log (its error): commits answered
+        durable since the last sync may be lost, and the journal syncs nothing more (it fails
+        every later sync), so this coordinator acknowledges nothing more (submits and cancels
+        are refused; the writes it retries keep failing until :meth:`aclose` ends them) and
+        must stop: a restart reopens the journal, whose recovery replays what it holds. The
+        daemon exits on it (see :mod:`coordinator.daemon`); an embedding should close it."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
+    def _on_sync_failed(self, error: OSError) -> None:
+        """On the loop, once (the journal writer's ``on_sync_failed``): see :meth:`failed`."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        log.critical(
+            "journal %s: a sync of its log failed (%s), so commits since the last sync may be"
+            " lost: this coordinator acknowledges nothing more and stops; restart it (its"
+            " recovery replays the journal)",
+            self.journal_path, error,
+        )  # fmt: skip
+        self._failed.set()
+
+    def _check_serving(self) -> None:
+        """Refuse a write (a submit, a cancel) once the journal's sync failed (:meth:`failed`),
+        before anything is written."""
+        self._check_started()
+        if self.failure is not None:
+            raise OSError(
+                self.failure.errno,
+                f"journal {self.journal_path}: a sync of its log failed ({self.failure}):"
+                " this coordinator acknowledges nothing more; restart it",
+            )
 
     async def _recover(self) -> None:
         recovered = await self._db.run("recover")
@@ -376,7 +427,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         same spec is journaled under its id (accepted before that check: a retry of it gets
         its id, as any idempotent retry does).
         """
-        self._check_started()
+        self._check_serving()
         if spec.deadline_s is None and self.config.default_deadline_s:
             spec = replace(spec, deadline_s=self.config.default_deadline_s)
         spec = with_aggregation_mode(spec, self.config.default_aggregation)
@@ -450,6 +501,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task; the nodes running its items are told. False if it already ended
         (also when it ended after this call read it live: the journal says which came first)."""
+        self._check_serving()
         record = await self.get(task_id)  # UnknownTaskError for an unknown id
         if record.state.value in ("succeeded", "failed", "cancelled"):
             return False

@@ -37,7 +37,9 @@ END_RETRY_FIRST_S = 0.05
 END_RETRY_MAX_S = 2.0
 #: The journal write errors that may pass if the write is made again: a busy or full disk, or
 #: a group commit rolled back for another call's fault. A refusal (an unknown task, an item in
-#: the wrong state) would be refused again: it is raised at once.
+#: the wrong state) would be refused again: it is raised at once. A failed sync of the log (an
+#: ``OSError``) never passes: it stops the daemon (Coordinator.failed), whose close of the
+#: coordinator ends the retries.
 _TRANSIENT = (sqlite3.OperationalError, OSError, TransientJournalError)
 
 #: Said of a task that ran out of time while no coordinator ran it (found so at recovery).

@@ -6,6 +6,8 @@ decides how to look at its first look: a daemon whose parent is the launcher wat
 re-parented; one started through something in between (``timeout``, ``sudo``, ``sh -c``,
 ``strace -f``) watches whether the launcher's pid is still alive. The first stop runs the
 daemon's graceful drain; a second signal during the drain abandons it for a plain close.
+A daemon may also have a fatal fault to stop on (the coordinator's journal failed to sync):
+it stops as on SIGTERM, and the process exits non-zero for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ async def serve_until_signalled(
     current_parent: Callable[[], int] = os.getppid,
     pid_alive: Callable[[int], bool] = pid_alive,
     on_ready: Callable[[], None] | None = None,
+    fatal: Callable[[], Awaitable[object]] | None = None,
 ) -> int:
     """Start ``daemon``, print ``READY {facts}``, and on SIGTERM/SIGINT run ``graceful``.
 
@@ -184,6 +187,10 @@ async def serve_until_signalled(
     at the end; returns the exit code (0 after a clean stop). The signal handlers are removed on
     return. ``on_ready`` runs once the daemon started, before ``READY`` is printed (e.g.
     :func:`~meshinfer.runtime.heap.settle_heap`).
+
+    ``fatal``, awaited from before the start, returns (what went wrong) once the daemon cannot
+    go on: then it stops as on a signal (cancelling the start, or running ``graceful``), and
+    the exit code is 1, also when that happens during a drain (which it does not cut short).
     """
     loop = asyncio.get_running_loop()
     stops = asyncio.Queue[str]()
@@ -194,10 +201,15 @@ async def serve_until_signalled(
         watched = _watch_parent(parent_pid, current_parent, pid_alive, stops)
         watch = loop.create_task(watched)
         watch.add_done_callback(log_failure(log, "the parent watch"))
+    failed = None
+    if fatal is not None:
+        failed = loop.create_task(_awaited(fatal))
+        failed.add_done_callback(log_failure(log, "the fatal watch"))  # (its end is fatal too)
     try:
-        return await _serve(daemon, graceful, stops, watch, on_ready)
+        return await _serve(daemon, graceful, stops, watch, failed, on_ready)
     finally:
         await _cancelled(watch)
+        await _cancelled(failed)
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
 
@@ -222,29 +234,36 @@ async def _watch_parent(
     stops.put_nowait("parent gone")
 
 
+async def _awaited(fatal: Callable[[], Awaitable[object]]) -> object:
+    return await fatal()
+
+
 async def _serve(
     daemon: Daemon,
     graceful: Callable[[], Awaitable[None]],
     stops: asyncio.Queue[str],
     watch: asyncio.Task[None] | None,
+    failed: asyncio.Task[object] | None,
     on_ready: Callable[[], None] | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     starting = loop.create_task(daemon.start())
     first = loop.create_task(stops.get())
+    stoppers = {first} if failed is None else {first, failed}
     try:
-        await asyncio.wait({starting, first}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({starting, *stoppers}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # cancelled from outside: the start goes too
         await _cancelled(first)
         await _cancelled(starting)
         await daemon.aclose()
         raise
     if not starting.done():  # a stop during the start (a join or a model load that hangs)
-        log.info("stopping during the start-up (%s): closing what started", first.result())
+        log.info("stopping during the start-up (%s): closing what started", _why(first, failed))
+        await _cancelled(first)
         await _cancelled(starting)
         await daemon.aclose()
         _announce(f"STOPPED {daemon.node_id}")
-        return 0
+        return _exit_code(failed, 0)
     try:
         facts = starting.result()
     except BaseException:  # the start failed: close what it started, and raise its error
@@ -254,12 +273,14 @@ async def _serve(
     if on_ready is not None:
         on_ready()
     _announce("READY " + json.dumps(facts))
-    code = 0
-    log.info("stopping (%s)", await first)
+    await asyncio.wait(stoppers, return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping (%s)", _why(first, failed))
     await _cancelled(watch)  # only a signal cuts the drain short
     stop = loop.create_task(graceful())
-    second = loop.create_task(stops.get())
+    # a signal during the drain cuts it short (the first one, after a fatal stop)
+    second = loop.create_task(stops.get()) if first.done() else first
     done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
     if second in done:
         log.warning("%s while draining: closing at once", second.result())
         await _cancelled(stop)
@@ -268,13 +289,32 @@ async def _serve(
         await _cancelled(second)
         failure = stop.exception()
         if failure is None:
-            log.info("stopped cleanly")
+            log.info("stopped" if _ended(failed) else "stopped cleanly")
         else:  # a bug in the drain: say so, close anyway, and exit non-zero
             log.error("the drain failed; closing at once", exc_info=failure)
             await daemon.aclose()
             code = 1
     _announce(f"STOPPED {daemon.node_id}")
-    return code
+    return _exit_code(failed, code)
+
+
+def _ended(failed: asyncio.Task[object] | None) -> bool:
+    """Whether the fatal watch ``failed`` ended (the daemon cannot go on)."""
+    return failed is not None and failed.done() and not failed.cancelled()
+
+
+def _why(first: asyncio.Task[str], failed: asyncio.Task[object] | None) -> str:
+    """Why the daemon stops: a signal (or its parent gone), or what its fatal watch says."""
+    if first.done() and not first.cancelled():
+        return first.result()
+    assert failed is not None and _ended(failed)
+    exc = failed.exception()  # (logged by its done-callback)
+    return f"fatal: {failed.result() if exc is None else exc}"
+
+
+def _exit_code(failed: asyncio.Task[object] | None, code: int) -> int:
+    """``code``, or 1 if the fatal watch ended meanwhile (a drain does not make it clean)."""
+    return 1 if _ended(failed) else code
 
 
 async def _cancelled(task: asyncio.Task[Any] | None) -> None:
