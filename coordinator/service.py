@@ -146,6 +146,7 @@ from meshinfer.proto.tasks import (
     check_aggregation_used,
     with_aggregation_mode,
 )
+from meshinfer.proto.tasks_codec import check_model_names
 from meshinfer.proto.tasks_wire import TaskAccepted, TaskFailed, TaskResult
 from meshinfer.runtime.loop import Steps, pop_timer
 from meshinfer.runtime.node import MeshNode
@@ -216,8 +217,9 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         #: per live task, the timer of its deadline or of its aggregation's timeout
         self._task_timers: dict[str, asyncio.TimerHandle] = {}
         #: each member's models, roles and links as sets, as of its gossiped state object, and
-        #: when (loop time) the dispatcher first read its position and velocity as they are
-        #: (written by placement only: nodes() and waiting() read it, Dispatch._known)
+        #: when (loop time) its position and velocity as they are arrived (membership's
+        #: Member.position_at) (written by placement only: nodes() and waiting() read it,
+        #: Dispatch._known)
         self._sets_of: dict[str, _KnownState] = {}
         #: the members' views as the dispatch loop read them for the items queued together
         #: (None once it waits for more: see Dispatch._view_bases)
@@ -428,6 +430,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         its id, as any idempotent retry does).
         """
         self._check_serving()
+        check_model_names(spec)  # (a new task's only: recovery reads older ones as they are)
         if spec.deadline_s is None and self.config.default_deadline_s:
             spec = replace(spec, deadline_s=self.config.default_deadline_s)
         spec = with_aggregation_mode(spec, self.config.default_aggregation)
@@ -562,8 +565,8 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         the round trip its membership probes measured (``rtt_ms``) and the seconds until it is
         expected to leave the radio range of the roadside infrastructure (``contact_s``, as the
         ``contact_aware`` policy estimates it: :func:`~meshinfer.proto.contact.node_contact_s`;
-        None: unknown, which counts as long enough; its position aged from when the dispatcher
-        first read it, or taken as current if it did not yet: this read starts no age). A member
+        None: unknown, which counts as long enough; its position aged from when membership
+        received it, ``Member.position_at``). A member
         that died or left has no ``queue_depth``, ``rtt_ms`` nor ``contact_s`` (None): its last
         ones are stale."""
         membership = self.mesh.membership

@@ -41,8 +41,9 @@ from meshinfer.runtime.loop import pop_timer, replace_timer
 class _KnownState(NamedTuple):
     """What :meth:`Coordinator._views` keeps of a member, as of its gossiped state object
     (``state``; a new object, gossiped anew, is read again): its models (id, version), roles
-    and links as sets, and when (loop time) the dispatcher first read its position and
-    velocity as they are (the age :func:`~meshinfer.proto.contact.node_contact_s` takes)."""
+    and links as sets, and when (loop time) its position and velocity, as they are, arrived
+    here (membership's ``Member.position_at``; the age
+    :func:`~meshinfer.proto.contact.node_contact_s` takes runs from it)."""
 
     state: Any
     models: frozenset[tuple[str, str]]
@@ -204,20 +205,26 @@ class Dispatch:
 
     def _known(self, node: str, state: Any, now: float, *, keep: bool = True) -> _KnownState:
         """What is kept of ``node`` as of its gossiped ``state`` (read again once that object
-        is new; its position's age restarts only when its position or velocity changed).
-        ``keep=False`` (an API read: ``nodes``, ``waiting``) keeps nothing new: a member the
-        dispatcher did not read yet, or not as of ``state``, gets a throwaway entry (a position
-        it did not read yet is taken as current), so what the scheduler sees does not hang on
-        whether, and when, someone asked."""
+        is new). Its position is aged from when membership received it
+        (``Member.position_at``: a newer record that does not move the member keeps it), read
+        or not by the dispatcher before; from when the dispatcher first read it (or ``now``)
+        only where membership did not record it. ``keep=False`` (an API read: ``nodes``,
+        ``waiting``) keeps nothing new: a member the dispatcher did not read yet, or not as of
+        ``state``, gets a throwaway entry, so what the scheduler sees does not hang on whether,
+        and when, someone asked."""
         known = self._sets_of.get(node)
         if known is None or known.state is not state:
-            same_place = known is not None and _motion(known.state) == _motion(state)
+            member = self.mesh.membership.core.member(node)
+            placed_at = member.position_at if member is not None and member.state is state else None
+            if placed_at is None:  # (not recorded: its age starts at the dispatcher's read)
+                same_place = known is not None and _motion(known.state) == _motion(state)
+                placed_at = known.placed_at if same_place else now
             known = _KnownState(
                 state=state,
                 models=frozenset((x.model_id, x.version) for x in state.models),
                 roles=frozenset(state.roles),
                 links=frozenset(state.links),
-                placed_at=known.placed_at if same_place else now,  # (its age starts here)
+                placed_at=placed_at,
             )
             if keep:
                 self._sets_of[node] = known

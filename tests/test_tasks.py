@@ -887,15 +887,17 @@ def test_spec_from_dict_names_the_bad_aggregation_option(changes, match):
         spec_from_dict(_parallel_dict(**changes))
 
 
-def test_weights_of_models_whose_ids_hold_at_signs_round_trip():
-    refs = ({"model_id": "a@b", "version": "1"}, {"model_id": "x", "version": "y@z"})
-    raw = _parallel_dict(models=list(refs), weights={"a@b": 2, "x@y@z": 3}, quorum=None)
-    spec = spec_from_dict(raw)
-    assert spec.weights == {ModelRef("a@b"): 2.0, ModelRef("x", "y@z"): 3.0}
-    assert decode_spec(encode_spec(spec)) == spec
-    both = [*refs, {"model_id": "a", "version": "b@1"}]
-    with pytest.raises(InvalidTaskError, match=r"weights\['a@b@1'\]: names 2 of the models"):
-        spec_from_dict(_parallel_dict(models=both, weights={"a@b@1": 2}))
+def test_models_whose_ids_or_versions_hold_at_signs_are_refused_by_name():
+    """``"a@b@c"`` would name both ``a@b`` version ``c`` and ``a`` version ``b@c``: a model's id
+    or version holding ``@`` is refused, naming its key (weights keyed by such names could
+    not say which model they weigh)."""
+    refs = ({"model_id": "x", "version": "1"}, {"model_id": "a@b", "version": "1"})
+    raw = _parallel_dict(models=list(refs), weights={"a@b": 2}, quorum=None)
+    with pytest.raises(InvalidTaskError, match=r"models\[1\]: id 'a@b' holds \"@\""):
+        spec_from_dict(raw)
+    refs = ({"model_id": "x", "version": "y@z"},)
+    with pytest.raises(InvalidTaskError, match=r"models\[0\]: version 'y@z' holds"):
+        spec_from_dict(_parallel_dict(models=list(refs), quorum=None))
 
 
 #: any code point, surrogates included (Hypothesis leaves them out unless told)

@@ -62,14 +62,20 @@ class BroadcastQueue:
 
     def take(self, budget: int, limit: int) -> list[bytes]:
         """Pick updates fitting ``budget`` bytes, count one transmit each, retire those at
-        ``limit`` transmits. Returns the encoded records."""
+        ``limit`` transmits. Returns the encoded records. The first-ranked update goes even
+        if it is larger than ``budget``, alone: a record may be (a full state and a
+        certificate: ~1.75 KB against the default budget of 1,400 B), and skipped on every
+        packet it would spread only by push-pull (a packet travels over a session, up to 64
+        KiB, not in one network frame)."""
         if not self._items or budget < MIN_RECORD_BYTES:
             return []
         chosen: list[bytes] = []
         ranked = sorted(self._items.items(), key=lambda kv: (kv[1].transmits, -kv[1].order))
         for slot, item in ranked:
             if len(item.data) > budget:
-                continue
+                if chosen:
+                    continue
+                budget = 0  # (alone: nothing else joins it)
             chosen.append(item.data)
             budget -= len(item.data)
             item.transmits += 1

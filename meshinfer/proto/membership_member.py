@@ -107,6 +107,11 @@ class Member:
     since: float  # when the status last changed
     accuser: str = ""  # who suspected it / declared it dead
     left_signature: bytes = b""  # the member's signature on its LEFT record
+    #: When (the table's clock, the ``now`` it is given) the member's current position and
+    #: velocity arrived here: a newer record that changes neither keeps it. A lower bound on
+    #: the position's age, which the coordinator's contact-time estimate extrapolates from.
+    #: None where not recorded (a snapshot made outside the table).
+    position_at: float | None = None
 
     @property
     def state(self) -> NodeState:
@@ -171,12 +176,22 @@ def with_status(
 ) -> Member:
     """``member`` in ``status`` at liveness ``incarnation`` (its state record kept)."""
     return Member(
-        member.node_id, status, incarnation, member.record, since, accuser, left_signature
+        member.node_id,
+        status,
+        incarnation,
+        member.record,
+        since,
+        accuser,
+        left_signature,
+        member.position_at,
     )
 
 
-def with_record(member: Member, record: AliveRecord) -> Member:
-    """``member`` with a newer state ``record`` (its status kept)."""
+def with_record(member: Member, record: AliveRecord, now: float) -> Member:
+    """``member`` with a newer state ``record``, received at ``now`` (its status kept; its
+    ``position_at`` too unless the record moves it: a new position or velocity)."""
+    old, new = member.record.state, record.state
+    same_place = old.position == new.position and old.velocity == new.velocity
     return Member(
         member.node_id,
         member.status,
@@ -185,6 +200,7 @@ def with_record(member: Member, record: AliveRecord) -> Member:
         member.since,
         member.accuser,
         member.left_signature,
+        member.position_at if same_place else now,
     )
 
 

@@ -206,7 +206,7 @@ class MemberTable(MemberStore):
                 if self.is_full():
                     self.counters.members_refused += 1
                     continue
-                member = Member(record.node_id, MemberStatus.ALIVE, record.incarnation, record, now)
+                member = _arrived(record, now)
                 self._store(member)  # probed from the next pass on
 
     def update_local_state(self, state: NodeState, now: float) -> None:
@@ -364,7 +364,7 @@ class MemberTable(MemberStore):
             return
         if not self._authentic(record):
             return
-        member = Member(record.node_id, MemberStatus.ALIVE, record.incarnation, record, now)
+        member = _arrived(record, now)
         self._store(member)
         self.on_new_member(record.node_id)
         self.events.append(MemberEvent(MemberEventKind.JOINED, member, now))
@@ -372,7 +372,7 @@ class MemberTable(MemberStore):
 
     def _new_record(self, member: Member, record: AliveRecord, now: float) -> Member:
         changed = record.state != member.record.state
-        updated = with_record(member, record)
+        updated = with_record(member, record, now)
         self._replace(updated)
         self.broadcasts.enqueue(record.node_id, UpdateFamily.RECORD, self._alive_bytes(updated))
         # A record that also revives the member is reported by the ALIVE event instead.
@@ -515,3 +515,11 @@ class MemberTable(MemberStore):
         self._suspicion_deadline = None
         self.broadcasts.drop(node_id, UpdateFamily.RECORD)
         self.broadcasts.drop(node_id, UpdateFamily.STATUS)
+
+
+def _arrived(record: AliveRecord, now: float) -> Member:
+    """A member first held here at ``now``, alive by its ``record`` (its position too: see
+    :attr:`~meshinfer.proto.membership_member.Member.position_at`)."""
+    return Member(
+        record.node_id, MemberStatus.ALIVE, record.incarnation, record, now, position_at=now
+    )

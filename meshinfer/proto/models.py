@@ -2,7 +2,9 @@
 
 Pure data, shared by the protocol (tasks and their codec) and the engines
 (:mod:`meshinfer.inference.base` re-exports :class:`ModelRef`, its historical home). A model is
-written ``"id@version"`` (``str(ref)``), or ``"id"`` for version ``"1"``.
+written ``"id@version"`` (``str(ref)``), or ``"id"`` for version ``"1"``; so neither its id nor
+its version may hold ``@`` (:func:`model_name_problem`), or ``"a@b@c"`` would name both ``a@b``
+version ``c`` and ``a`` version ``b@c``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ModelRef", "models_named"]
+__all__ = ["MODEL_SEPARATOR", "ModelRef", "model_name_problem", "models_named"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,20 @@ class ModelRef:
 
     def __str__(self) -> str:
         return f"{self.model_id}@{self.version}"
+
+
+#: What separates a model's id from its version when written down: in neither of them.
+MODEL_SEPARATOR = "@"
+
+
+def model_name_problem(model_id: str, version: str) -> str | None:
+    """Why a model cannot be named ``model_id`` version ``version`` (either holds
+    :data:`MODEL_SEPARATOR`: written ``"id@version"`` it would read back as another model), or
+    None. Submissions are checked by it (:func:`~meshinfer.proto.tasks_codec.spec_from_dict`)."""
+    for what, name in (("id", model_id), ("version", version)):
+        if MODEL_SEPARATOR in name:
+            return f'{what} {name!r:.140} holds "@", which separates a model\'s id from its version'
+    return None
 
 
 def models_named(name: str, models: Sequence[ModelRef]) -> tuple[ModelRef, ...]:

@@ -32,11 +32,11 @@ from typing import Any
 
 import msgpack
 
-from meshinfer.proto.models import ModelRef, models_named
+from meshinfer.proto.models import ModelRef, model_name_problem, models_named
 from meshinfer.proto.tasks import MAX_DEADLINE_S, InvalidTaskError, Pattern, Stage, TaskSpec
 from meshinfer.proto.tasks_wire import Tensor
 
-__all__ = ["decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
+__all__ = ["check_model_names", "decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
 
 _REQUIRED = object()
 _NUMBER = (int, float)
@@ -152,7 +152,15 @@ def _stage(raw: Any, index: int) -> Stage:
 
 
 def spec_from_dict(raw: Any) -> TaskSpec:
-    """Read a spec from plain data and validate it; InvalidTaskError naming the bad key."""
+    """Read a spec from plain data and validate it; InvalidTaskError naming the bad key. A
+    model's id or version may not hold ``@`` (:func:`~meshinfer.proto.models.model_name_problem`:
+    written ``"id@version"`` it would name another model)."""
+    return _spec_from_dict(raw, names_checked=True)
+
+
+def _spec_from_dict(raw: Any, *, names_checked: bool) -> TaskSpec:
+    """:func:`spec_from_dict`; without ``names_checked`` (a journaled spec: it may predate the
+    rule, and its task must still recover) a model name holding ``@`` is let through."""
     reader = _Reader(raw, "", _TOP_KEYS)
     models = reader.take("models", (list, tuple), ())
     stages = reader.take("stages", (list, tuple), ())
@@ -172,10 +180,23 @@ def spec_from_dict(raw: Any) -> TaskSpec:
         min_responses=reader.take("min_responses", (int, type(None)), None),
         aggregation_timeout_s=_seconds(reader, "aggregation_timeout_s"),
     )
+    if names_checked:
+        check_model_names(spec)
     weights = _weights(reader.take("weights", Mapping, {}), spec.models)
     spec = replace(spec, weights=weights) if weights else spec
     spec.validate()
     return spec
+
+
+def check_model_names(spec: TaskSpec) -> None:
+    """InvalidTaskError naming the first model, by its key, whose name holds ``@`` (a new
+    task's: :func:`spec_from_dict` and ``Coordinator.submit`` check it; a journaled spec, which
+    may predate the rule, is not)."""
+    named = [(f"models[{i}]", ref) for i, ref in enumerate(spec.models)]
+    named += [(f"stages[{i}].model", stage.model) for i, stage in enumerate(spec.stages)]
+    for path, ref in named:
+        if (problem := model_name_problem(ref.model_id, ref.version)) is not None:
+            raise InvalidTaskError(f"{path}: {problem}")
 
 
 def _weights(raw: Mapping[Any, Any], models: tuple[ModelRef, ...]) -> dict[ModelRef, float]:
@@ -226,7 +247,8 @@ def encode_spec(spec: TaskSpec) -> bytes:
 def decode_spec(blob: bytes) -> TaskSpec:
     """A spec from its blob; InvalidTaskError for a malformed or invalid one. A time budget
     journaled before :data:`~meshinfer.proto.tasks.MAX_DEADLINE_S` bounded it reads back as
-    that bound (the task still recovers, with the budget it runs under now)."""
+    that bound (the task still recovers, with the budget it runs under now), and a model name
+    holding ``@`` journaled before :func:`spec_from_dict` refused it reads back as it was."""
     try:
         raw = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -234,7 +256,7 @@ def decode_spec(blob: bytes) -> TaskSpec:
         raise InvalidTaskError(f"task blob: malformed msgpack: {detail}") from None
     if isinstance(raw, dict):
         _bound_budgets(raw)
-    return spec_from_dict(raw)
+    return _spec_from_dict(raw, names_checked=False)
 
 
 def _bound_budgets(raw: dict[Any, Any]) -> None:
