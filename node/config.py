@@ -22,6 +22,7 @@ from meshinfer.inference.numpy_engine import INLINE_MAX_MACS
 from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, check_clock_skew
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
+from meshinfer.proto.models import model_name_problem
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
@@ -324,6 +325,8 @@ def parse_model_ref(text: str, where: str = "model") -> ModelRef:
     model_id, _, version = text.partition("@")
     if not model_id or (_ and not version):
         raise ConfigError(f'{where}: expected "id@version", got {text!r}')
+    if (problem := model_name_problem(model_id, version or "1")) is not None:
+        raise ConfigError(f"{where}: {text!r}: {problem} (no task could name it)")
     return ModelRef(model_id, version or "1")
 
 

@@ -203,3 +203,16 @@ async def test_submit_refuses_a_python_spec_with_an_at_sign(tmp_path):
             )
         with pytest.raises(UnknownTaskError):
             await mesh.coordinator.get("t")  # nothing was journaled
+
+
+def test_a_node_config_model_name_holding_an_at_sign_is_refused():
+    """``models = ["a@b@c"]`` was served as ``a`` version ``b@c``: a model no task can name."""
+    from meshinfer.errors import ConfigError
+    from node.config import parse_models
+
+    with pytest.raises(ConfigError, match=r"models\[1\]: 'a@b@c': version 'b@c' holds"):
+        parse_models(["digits-mlp@1", "a@b@c"], "models")
+    assert [str(r) for r in parse_models(["digits-mlp", "m@w10-d1"], "models")] == [
+        "digits-mlp@1",
+        "m@w10-d1",
+    ]
