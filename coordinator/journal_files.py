@@ -32,7 +32,7 @@ from pathlib import Path
 
 from coordinator.journal_schema import SchemaError
 from meshinfer.errors import MeshInferError
-from meshinfer.filelock import LockHeld, LockUnavailable, failure_text, lock_file
+from meshinfer.filelock import failure_text, lock_one_user
 
 __all__ = ["LOCK_SUFFIX", "JournalFileError", "check_readable", "explained", "lock_journal"]
 
@@ -69,17 +69,13 @@ def lock_journal(path: Path) -> int:
         raise JournalFileError(f"journal {path}: {failure_text(path, 'reach', exc)}") from None
     if is_dir:
         raise JournalFileError(f"journal {path} is a directory, not a file")
-    lock_path = Path(f"{path}{LOCK_SUFFIX}")
-    try:
-        return lock_file(lock_path)
-    except LockHeld as exc:
-        holder = f" (pid {exc.pid})" if exc.pid else ""
-        raise JournalFileError(
-            f"journal {path} is in use by another coordinator{holder}: one journal serves"
-            " one coordinator (stop that one, or give this one another data_dir)"
-        ) from None
-    except LockUnavailable as exc:
-        raise JournalFileError(f"journal {path}: {exc}") from None
+    return lock_one_user(
+        Path(f"{path}{LOCK_SUFFIX}"), JournalFileError,
+        in_use=f"journal {path} is in use by another coordinator",
+        advice="one journal serves one coordinator (stop that one, or give this one another"
+        " data_dir)",
+        where=f"journal {path}",
+    )  # fmt: skip
 
 
 def check_readable(path: Path) -> None:

@@ -19,11 +19,19 @@ import errno
 import fcntl
 import os
 import pwd
+from collections.abc import Callable
 from pathlib import Path
 
 from meshinfer.errors import MeshInferError
 
-__all__ = ["LockHeld", "LockUnavailable", "failure_text", "lock_directory", "lock_file"]
+__all__ = [
+    "LockHeld",
+    "LockUnavailable",
+    "failure_text",
+    "lock_directory",
+    "lock_file",
+    "lock_one_user",
+]
 
 _DENIED = {errno.EACCES, errno.EPERM}
 
@@ -51,6 +59,21 @@ def lock_file(path: Path) -> int:
     """Take the exclusive lock of the lock file ``path`` (made with mode 0644 if missing) and
     write this process's pid into it; its open descriptor (see the module docstring)."""
     return _lock(Path(path), os.O_RDWR | os.O_CREAT, record_pid=True)
+
+
+def lock_one_user(
+    path: Path, error: Callable[[str], Exception], *, in_use: str, advice: str, where: str
+) -> int:
+    """:func:`lock_file` for what one process at a time may use (a journal, a data directory),
+    or ``error(message)``: held, ``"<in_use> (pid N): <advice>"``; not to be had at all,
+    ``"<where>: <why>"``."""
+    try:
+        return lock_file(path)
+    except LockHeld as exc:
+        holder = f" (pid {exc.pid})" if exc.pid else ""
+        raise error(f"{in_use}{holder}: {advice}") from None
+    except LockUnavailable as exc:
+        raise error(f"{where}: {exc}") from None
 
 
 def _lock(path: Path, flags: int, *, record_pid: bool) -> int:

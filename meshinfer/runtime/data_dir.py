@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from meshinfer.errors import ConfigError
-from meshinfer.filelock import LockHeld, LockUnavailable, failure_text, lock_file
+from meshinfer.filelock import failure_text, lock_one_user
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,11 @@ class DataDir:
             self._lock_fd = self._take_lock(where)
 
     def _take_lock(self, where: str) -> int:
-        try:
-            return lock_file(self.path / self.lock)
-        except LockHeld as exc:
-            holder = f" (pid {exc.pid})" if exc.pid else ""
-            raise ConfigError(
-                f"{where}: in use by another daemon{holder}: one data_dir serves one daemon"
-                " (stop that one, or give this one another data_dir)"
-            ) from None
-        except LockUnavailable as exc:
-            raise ConfigError(f"{self.key}: {exc}") from None
+        advice = "one data_dir serves one daemon (stop that one, or give this one another data_dir)"
+        return lock_one_user(
+            self.path / self.lock, ConfigError, in_use=f"{where}: in use by another daemon",
+            advice=advice, where=self.key,
+        )  # fmt: skip
 
     def write_runtime(self, facts: dict[str, Any]) -> None:
         """Record ``facts`` (which must hold this process's ``pid``) in the runtime file, with
