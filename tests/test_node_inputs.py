@@ -93,7 +93,8 @@ async def test_the_runtime_file_is_written_whole_and_removed_at_stop(base, tmp_p
     async with _started(_config(base)) as daemon:
         facts = json.loads(runtime.read_text())
         assert facts["pid"] == os.getpid() and facts["node_id"] == daemon.node_id
-        assert os.listdir(runtime.parent) == ["runtime.json"]  # no partial file beside it
+        # no partial file beside it (node.lock: one daemon per data_dir)
+        assert sorted(os.listdir(runtime.parent)) == ["node.lock", "runtime.json"]
     assert not runtime.exists()  # `meshinfer-node status --data-dir` no longer finds it
     assert runtime.parent.is_dir()  # a configured data_dir stays
 

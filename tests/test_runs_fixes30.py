@@ -48,23 +48,23 @@ def test_the_deadline_error_is_a_method_of_the_run_only():
 
 
 async def test_asking_for_the_nodes_starts_no_members_position_age(tmp_path):
-    """``road`` waits for its members through ``nodes()``: each was first seen there. Before,
-    that started the age of its position, so the dispatcher, reading it later, took a vehicle
-    to have driven on since someone asked (40 s of contact less the time since); a member
-    never asked about starts its age when the dispatcher first reads it."""
+    """``road`` waits for its members through ``nodes()``: each was first seen there. Before
+    the thirtieth session that started the age of its position; then the dispatcher's first
+    read did (a member never read counted as current). A position is now aged from when
+    membership received it: neither an ask nor the placement restarts it, and a read keeps
+    nothing."""
     async with road(tmp_path, STAYING, STAYING) as mesh:
         c, loop = mesh.coordinator, asyncio.get_running_loop()
         asked_at = loop.time()
         c.nodes()
         assert c._sets_of == {}  # a read keeps nothing
         await until(lambda: loop.time() > asked_at + 0.5)
-        placed_from = loop.time()
         x, _ = load_digits_holdout()
         record = await c.wait(await c.submit(spec("placed", "single", x[:1])), 10)
         assert record.state.value == "succeeded", record.summary.error
         contact = {n["node_id"]: n["contact_s"] for n in c.nodes()}
-        # aged from its placement at the earliest (40 s left then), not from the first ask
-        assert contact["staying"] >= 40.0 - (loop.time() - placed_from) - 2e-3
+        # aged from its arrival, before the first ask (40 s left then): not from the placement
+        assert contact["staying"] <= 40.0 - (loop.time() - asked_at) + 2e-3
 
 
 async def test_asking_why_items_wait_keeps_nothing_of_the_members(tmp_path):
