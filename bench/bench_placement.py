@@ -48,7 +48,7 @@ class _Placer(Dispatch):
     """The dispatch mixin over ``n`` stand-in members (the state it reads, nothing else)."""
 
     def __init__(self, n: int) -> None:
-        rng = random.Random(n)
+        rng, arrived = random.Random(n), time.monotonic()
         members = [
             SimpleNamespace(
                 node_id=f"node-{i:05d}",
@@ -63,6 +63,7 @@ class _Placer(Dispatch):
                     position=(rng.uniform(0, 5000), rng.uniform(0, 5000)),
                     velocity=(rng.uniform(-20, 20), rng.uniform(-20, 20)),
                 ),
+                position_at=arrived,  # (membership's record of when the state came)
             )
             for i in range(n)
         ]

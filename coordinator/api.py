@@ -314,7 +314,7 @@ class CoordinatorApi:
         except Exception as exc:
             # the JSON workers or the journal closed under it, or the journal's sync failed
             # (the coordinator acknowledges nothing more and its daemon is about to stop)
-            if self._closing.is_set() or getattr(self.coordinator, "failure", None) is not None:
+            if self._closing.is_set() or self.coordinator.failure is not None:
                 log.info(
                     "API %s %s: cut short by the shutdown: %r",
                     request.method, request.path[:200], exc,

@@ -580,7 +580,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
             s = m.state
             contact_s = None
             if m.is_live:
-                age_s = now - self._known(m.node_id, s, now, keep=False).placed_at
+                age_s = now - self._known(m, now, keep=False).placed_at
                 contact_s = node_contact_s(s, infrastructure, radio_range_m, age_s=age_s)
             out.append({
                 "node_id": m.node_id, "status": m.status.value, "roles": list(s.roles),

@@ -186,7 +186,7 @@ class Dispatch:
             if not self._reach.reachable(m) or self._certificates.revoked(m.node_id):
                 continue
             s = m.state
-            known = self._known(m.node_id, s, now, keep=keep)
+            known = self._known(m, now, keep=keep)
             views.append(NodeView(
                 node_id=m.node_id, alive=m.status.value == "alive", models=known.models,
                 roles=known.roles, has_gpu=s.gpu_free_mb > 0,
@@ -203,19 +203,19 @@ class Dispatch:
             self._sets_of = {v.node_id: self._sets_of[v.node_id] for v in views}
         return views
 
-    def _known(self, node: str, state: Any, now: float, *, keep: bool = True) -> _KnownState:
-        """What is kept of ``node`` as of its gossiped ``state`` (read again once that object
-        is new). Its position is aged from when membership received it
-        (``Member.position_at``: a newer record that does not move the member keeps it), read
+    def _known(self, member: Any, now: float, *, keep: bool = True) -> _KnownState:
+        """What is kept of ``member`` (a membership snapshot) as of its gossiped state (read
+        again once that object is new). Its position is aged from when membership received it
+        (``member.position_at``: a newer record that does not move the member keeps it), read
         or not by the dispatcher before; from when the dispatcher first read it (or ``now``)
         only where membership did not record it. ``keep=False`` (an API read: ``nodes``,
         ``waiting``) keeps nothing new: a member the dispatcher did not read yet, or not as of
         ``state``, gets a throwaway entry, so what the scheduler sees does not hang on whether,
         and when, someone asked."""
+        node, state = member.node_id, member.state
         known = self._sets_of.get(node)
         if known is None or known.state is not state:
-            member = self.mesh.membership.core.member(node)
-            placed_at = member.position_at if member is not None and member.state is state else None
+            placed_at = member.position_at
             if placed_at is None:  # (not recorded: its age starts at the dispatcher's read)
                 same_place = known is not None and _motion(known.state) == _motion(state)
                 placed_at = known.placed_at if same_place else now

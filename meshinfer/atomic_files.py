@@ -233,17 +233,29 @@ def sync_directory(directory: Path) -> None:
 
 
 def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
-    """Read ``path`` (at most ``limit`` bytes); a missing, unreadable or larger file raises
-    :class:`IdentityError` naming ``what``."""
+    """Read ``path`` (at most ``limit`` bytes); a missing, unreadable or larger file, or one
+    that is not a regular file, raises :class:`IdentityError` naming ``what``. Opened without
+    blocking and judged by the opened file's own status: a FIFO put there (or swapped in after
+    a look) made a plain open wait for a writer for good, in whatever thread read it (the
+    node's revocation watch held its file lock meanwhile, and its exit waited for it)."""
     try:
-        with open(path, "rb") as file:
-            data = file.read(limit + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise IdentityError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise IdentityError(f"{what} {path} is a directory, not a file") from None
     except OSError as exc:
         raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IdentityError(f"{what} {path} is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise IdentityError(f"{what} {path} is a FIFO, socket or device, not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise IdentityError(f"{what} {path} is over the {limit}-byte limit")
     return data

@@ -203,7 +203,7 @@ async def serve_until_signalled(
         watch.add_done_callback(log_failure(log, "the parent watch"))
     failed = None
     if fatal is not None:
-        failed = loop.create_task(_awaited(fatal))
+        failed = asyncio.ensure_future(fatal())
         failed.add_done_callback(log_failure(log, "the fatal watch"))  # (its end is fatal too)
     try:
         return await _serve(daemon, graceful, stops, watch, failed, on_ready)
@@ -232,10 +232,6 @@ async def _watch_parent(
         how = "no longer running"
     log.warning("parent process %d is gone (%s): stopping as on SIGTERM", parent_pid, how)
     stops.put_nowait("parent gone")
-
-
-async def _awaited(fatal: Callable[[], Awaitable[object]]) -> object:
-    return await fatal()
 
 
 async def _serve(

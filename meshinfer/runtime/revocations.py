@@ -71,9 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import stat
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,10 +79,9 @@ from typing import Any
 
 from meshinfer.atomic_files import STAMP_SETTLE_NS, FileStamp, file_stamp, replace_unchanged
 from meshinfer.errors import IdentityError, RevocationError, log_failure
-from meshinfer.fleet_dir import parse_revocations
+from meshinfer.fleet_dir import parse_revocations, read_revocations
 from meshinfer.proto.identity import (
     MAX_REVOCATION_ENTRIES,
-    MAX_REVOCATION_LIST_BYTES,
     FleetTrust,
     RevocationEntry,
     RevocationList,
@@ -312,7 +309,7 @@ class RevocationSync:
             self._seen_bytes, self._file_unusable, self._problem = None, False, None
             return None
         try:
-            data = await asyncio.to_thread(_read_list_file, self.store)
+            data = await asyncio.to_thread(read_revocations, self.store)
         except IdentityError as exc:  # unreadable, not a file, too large, or gone meanwhile
             self._seen_bytes, self._file_unusable = None, True
             self._warn_unreadable(str(exc))
@@ -487,35 +484,6 @@ class RevocationSync:
             step.close()
             return
         self._steps.spawn(step)
-
-
-def _read_list_file(path: Path) -> bytes:
-    """The list file's bytes, unchecked; :class:`IdentityError` if it is missing, unreadable,
-    over :data:`MAX_REVOCATION_LIST_BYTES` or not a regular file. Opened without blocking and
-    judged by the opened file's own status: a FIFO put there (or swapped in after the stat)
-    made a plain open wait for a writer for good, holding the file lock, and so every merge,
-    and the node's exit, which waits for its worker threads. Runs in a worker thread."""
-    what = f"revocation list {path}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise IdentityError(f"{what} not found") from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what}: {exc.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
-            raise IdentityError(f"{what} is {kind}, not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(MAX_REVOCATION_LIST_BYTES + 1)
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_REVOCATION_LIST_BYTES:
-        raise IdentityError(f"{what} is over the {MAX_REVOCATION_LIST_BYTES}-byte limit")
-    return data
 
 
 def _write(path: Path, listed: RevocationList, seen: bytes | None) -> bytes | None:
