@@ -198,12 +198,16 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
             self._file_lock = None
 
     def close(self) -> None:
-        """Close the database; safe to call twice (not from a call of a group)."""
+        """Close the database; safe to call twice (not from a call of a group). After a failed
+        sync the write-ahead log is left as it is (see :meth:`_close_without_checkpoint`)."""
         with self._lock:
             if self._in_transaction:
                 raise LocalProtocolError("cannot close the journal from inside a group commit")
             if self._db is not None:
-                self._db.close()
+                if self._sync_failed is None:
+                    self._db.close()
+                else:
+                    self._close_without_checkpoint(self._db)
                 self._db = None
                 self._hot.clear()
             with self._sync_lock:
@@ -211,6 +215,31 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
                     os.close(self._wal)
                     self._wal = None
             self._release_file()  # last: another journal may open the file from now on
+
+    def _close_without_checkpoint(self, db: sqlite3.Connection) -> None:
+        """Close ``db`` leaving the write-ahead log as it is, after a failed sync.
+
+        The last connection to close checkpoints the log into the database file and syncs that:
+        after a failed ``fdatasync`` it would copy pages the kernel may have dropped into the
+        database for good. A read-only connection that has read from the file is open while
+        ``db`` closes (so ``db`` is not the last), and a read-only one does not checkpoint
+        (``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`` is not reachable from Python 3.11's sqlite3).
+        The next open recovers what of the log is whole."""
+        try:
+            reader = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error:
+            db.close()  # no reader: the checkpoint cannot be avoided
+            return
+        try:
+            reader.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            pass  # it holds no read of the file: db's close checkpoints after all
+        try:
+            db.close()
+        finally:
+            reader.close()
 
     def sync(self) -> None:
         """Make every commit so far durable: ``fdatasync`` the write-ahead log (FULL; NORMAL:

@@ -124,3 +124,22 @@ async def test_an_alone_call_naming_no_method_leaves_the_writer_running(tmp_path
     assert await writer.run("submit", single("a")) == "a"  # not "the journal writer is closed"
     await writer.aclose()
     journal.close()
+
+
+def test_a_journal_whose_sync_failed_closes_without_checkpointing_its_log(tmp_path, eio_once):
+    """Closing the last connection checkpoints the log into the database file and syncs it:
+    after a failed sync that would make pages the kernel may have dropped permanent. The log is
+    left as it is for the next open's recovery instead."""
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    with pytest.raises(OSError, match="injected"):
+        journal.submit(single("a"))
+    with pytest.raises(OSError, match="earlier sync"):
+        journal.submit(single("b"))
+    database_before = path.read_bytes()
+    journal.close()
+    wal = tmp_path / "j.db-wal"
+    assert wal.exists() and wal.stat().st_size > 0  # not checkpointed and removed
+    assert path.read_bytes() == database_before  # nor copied into the database file
+    with Journal(path) as reopened:  # recovery reads the log
+        assert {t.task_id for t in reopened.list().tasks} == {"a", "b"}
