@@ -11,6 +11,7 @@ counts from any thread, on a read-only connection of its own.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from pathlib import Path
 
@@ -150,8 +151,10 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
         clauses.append("EXISTS (SELECT 1 FROM items i WHERE i.task_id = t.id AND i.model_id = ?)")
         args.append(model)
     if since is not None:
+        if not math.isfinite(since := float(since)):  # NaN would match nothing, silently
+            raise ConfigError(f"since {since!r} is not a finite time")
         clauses.append("t.created_at >= ?")
-        args.append(float(since))
+        args.append(since)
     if cursor is not None:
         ok = cursor.isascii() and cursor.isdigit() and len(cursor) <= 19  # not "²"
         if not ok or int(cursor) >= 1 << 63:  # (SQLite's integers are 64-bit)

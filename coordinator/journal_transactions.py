@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from coordinator.journal_types import CallOutcome, TransientJournalError
 from meshinfer.errors import LocalProtocolError
@@ -80,8 +80,12 @@ class JournalTransactions:
             db.execute("BEGIN")
             try:
                 yield db
-            finally:
-                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may have ended it already (the error's cause)
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise  # the read's own error, not one of ending its snapshot
+            db.execute("COMMIT")
 
     def commit_group(
         self,

@@ -143,3 +143,27 @@ def test_a_journal_whose_sync_failed_closes_without_checkpointing_its_log(tmp_pa
     assert path.read_bytes() == database_before  # nor copied into the database file
     with Journal(path) as reopened:  # recovery reads the log
         assert {t.task_id for t in reopened.list().tasks} == {"a", "b"}
+
+
+def test_a_read_that_fails_raises_its_own_error_not_the_end_of_its_snapshot(tmp_path):
+    """A read whose transaction SQLite already ended (as it does on some errors) used to raise
+    "cannot commit - no transaction is active" from the read's ``finally``, hiding its error."""
+    with Journal(tmp_path / "j.db") as journal:
+        journal.submit(single("a"))
+        with pytest.raises(ValueError, match="the read's own"):
+            with journal._read() as db:
+                db.execute("ROLLBACK")  # the snapshot ended under the read
+                raise ValueError("the read's own error")
+        assert [t.task_id for t in journal.list().tasks] == ["a"]  # and the journal reads on
+
+
+@pytest.mark.parametrize("since", [float("nan"), float("inf"), float("-inf")])
+def test_a_listing_since_a_time_that_is_no_time_is_refused(tmp_path, since):
+    """``list(since=nan)`` matched nothing, silently (only the API checked it)."""
+    from meshinfer.errors import ConfigError
+
+    with Journal(tmp_path / "j.db") as journal:
+        journal.submit(single("a"))
+        with pytest.raises(ConfigError, match="not a finite time"):
+            journal.list(since=since)
+        assert [t.task_id for t in journal.list(since=0.0).tasks] == ["a"]
