@@ -110,7 +110,9 @@ def load_trust(path: Path) -> FleetTrust:
     try:
         key = bytes.fromhex(document["authority_public_key"])
         return FleetTrust(document["fleet_id"], key)
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise IdentityError(f"fleet trust file {path} is invalid: missing {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise IdentityError(f"fleet trust file {path} is invalid: {exc}") from None
 
 
@@ -223,7 +225,9 @@ class FleetDirectory:
         try:
             certs = [bytes.fromhex(c["certificate"]) for c in document["certificates"]]
             issued = [NodeCertificate.from_bytes(c) for c in certs]
-        except (KeyError, TypeError, ValueError, AdmissionError) as exc:
+        except KeyError as exc:
+            raise IdentityError(f"index {self.issued_json} is invalid: missing {exc}") from None
+        except (TypeError, ValueError, AdmissionError) as exc:
             raise IdentityError(f"index {self.issued_json} is invalid: {exc}") from None
         foreign = next((c for c in issued if c.fleet_id != fleet_id), None)
         if foreign is not None:
@@ -261,8 +265,8 @@ class FleetDirectory:
         key; revoke the old serial once it runs with the new one)."""
         if not lifetime_s > 0:
             raise ConfigError(f"certificate lifetime must be positive, got {lifetime_s}")
-        authority = self.authority()
         with self._exclusive():
+            authority = self.authority()  # under the lock: an init --force may have run
             issued = self.issued()
             if not new_key:
                 self.refuse_another_key(node_id, static_public, now=now, issued=issued)
@@ -310,8 +314,10 @@ class FleetDirectory:
         self, *, now: float, serial: int | None = None, node_id: str | None = None, reason: str = ""
     ) -> RevocationEntry:
         """Revoke an issued serial, or every issued certificate of a node; return the entry."""
-        authority = self.authority()
         with self._exclusive():
+            # read under the lock, with the list it signs onto: an init --force that ran before
+            # the lock was taken replaced both (an entry of the old key made the list unreadable)
+            authority = self.authority()
             revocations = self.revocations()
             targets = [c for c in self.issued() if c.serial == serial or c.node_id == node_id]
             what = f"serial {serial}" if serial is not None else f"node id {node_id!r}"

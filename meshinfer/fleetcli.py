@@ -42,6 +42,7 @@ from meshinfer.identity_files import (
     PUBLIC_MODE,
     FleetDirectory,
     NodeDirectory,
+    check_writable,
     enroll,
     init_fleet,
     write_new_file,
@@ -227,7 +228,8 @@ def _public_key(text: str) -> bytes:
     path = Path(text)
     if not path.is_file():
         raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file")
-    if path.suffix == ".key":  # node.key holds the private key: certifying it would publish it
+    # node.key (or a symlink to it) holds the private key: certifying it would publish it
+    if ".key" in (path.suffix, path.resolve().suffix):
         raise ConfigError(f"{text!r} is a private key file; give the public key (node.pub)")
     try:
         with path.open("rb") as file:
@@ -406,6 +408,7 @@ def _check_output(out: Path, force: bool) -> None:
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
     if (out.exists() or out.is_symlink()) and not force:
         raise ConfigError(f"{out} already exists; refusing to overwrite it (use --force)")
+    check_writable(out.parent)
 
 
 def _enroll(args: argparse.Namespace) -> int:

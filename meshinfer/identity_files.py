@@ -14,7 +14,8 @@ Every file is written whole or not at all by :mod:`meshinfer.atomic_files` (a te
 beside it, flushed, then given its name), secret files with mode 0600 from the start, so a crash
 never leaves a half-written key; a node refuses to load a ``node.key`` that group or others can
 read. Nothing is overwritten unless ``force=True``. Files are read with a size cap. Every
-failure raises :class:`IdentityError` naming the file.
+failure raises :class:`IdentityError` naming the file. :func:`enroll` refuses the fleet
+directory itself as a node directory, and issues no serial for a node directory it cannot write.
 
 What :mod:`meshinfer.fleet_dir` defines (``FleetDirectory``, ``init_fleet``, ``load_trust``,
 ``load_revocations``...) and the file helpers of :mod:`meshinfer.atomic_files`
@@ -25,6 +26,8 @@ here; new code should import them from where they are defined.
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,8 +181,11 @@ def enroll(
     """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations.
     ``new_key``: as for :meth:`FleetDirectory.sign`."""
     outputs = [node.node_cert, node.fleet_json, node.revocations_bin]
+    _refuse_fleet_directory(fleet, node)  # it would take the node's key and copies
     refuse_existing(outputs, force)
     refuse_directories(outputs)  # before a serial is issued that no file would hold
+    if node.path.is_dir():
+        check_writable(node.path)
     trust, revocations = fleet.trust(), fleet.revocations()
     fleet.authority()  # fail on a bad authority key before touching the node directory
     present = static_public_key(node.static_private()) if node.has_key() else None
@@ -189,3 +195,32 @@ def enroll(
     cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key)
     node.install(cert, trust, revocations, force=force)
     return node.load()
+
+
+def check_writable(directory: Path) -> None:
+    """:class:`IdentityError` naming ``directory`` unless a file can be created in it (tried:
+    permissions, a read-only mount or a pseudo file system tell no other way), so that no
+    serial is issued for a certificate that no file could hold."""
+    probe = directory / f".write-check-{secrets.token_hex(4)}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise IdentityError(f"cannot create a file in {directory}: {exc.strerror}") from None
+    try:
+        probe.unlink()
+    except OSError:
+        pass
+
+
+def _refuse_fleet_directory(fleet: FleetDirectory, node: NodeDirectory) -> None:
+    """:class:`IdentityError` if ``node`` is ``fleet``'s own directory (by any name): the
+    node's copies would be written over the fleet's files, outside the fleet's lock."""
+    try:
+        same = os.path.samefile(node.path, fleet.path)
+    except OSError:  # one of them does not exist (yet)
+        same = False
+    if same:
+        raise IdentityError(
+            f"node directory {node.path} is the fleet directory {fleet.path}; give each node"
+            " a directory of its own"
+        )
