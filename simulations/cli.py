@@ -71,7 +71,7 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str
             raise argparse.ArgumentTypeError(
                 f"must be a number in {bracket}{low:g}, {high:g}], got {text!r}"
             )
-        return value
+        return value + 0.0  # -0 is 0: reported as "-0.0%" otherwise
 
     return number
 
@@ -87,7 +87,7 @@ def _latency_ms(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(
             f"must be LO,HI milliseconds with 0 <= LO <= HI <= {MAX_LATENCY * 1000:g}, got {text!r}"
         )
-    return low / 1000, high / 1000
+    return low / 1000 + 0.0, high / 1000 + 0.0  # -0 is 0: reported as "-0-1 ms" otherwise
 
 
 def _seed(text: str) -> int:

@@ -6,9 +6,10 @@ in-memory transport with ten seconds of latency therefore runs in microseconds, 
 ``loop.time()`` difference is exact. Real file descriptors are still polled (without blocking),
 so ``call_soon_threadsafe`` keeps working.
 
-If nothing is scheduled and no I/O arrives for ``deadlock_after`` real seconds, the loop raises
-:class:`VirtualClockDeadlock`: with a virtual clock, that can only mean every task waits on
-every other.
+If no timer is due (none is scheduled, or the only ones are at infinity, as
+``asyncio.sleep(math.inf)`` makes) and no I/O arrives for ``deadlock_after`` real seconds, the
+loop raises :class:`VirtualClockDeadlock`: with a virtual clock, that can only mean every task
+waits on every other. A timer far in the future is reached in one jump, not a day at a time.
 
 Usage: ``asyncio.Runner(loop_factory=VirtualClockLoop)``.
 """
@@ -33,12 +34,14 @@ class _JumpingSelector(selectors.DefaultSelector):
         events = super().select(0)
         if events or timeout == 0:
             return events
-        if timeout is None:
+        # asyncio caps ``timeout`` at one day; jump to the timer itself, not a day at a time
+        due = self._loop._next_timer()
+        if timeout is None or due == math.inf:  # no timer, or only ones that never fire
             events = super().select(self._loop.deadlock_after)
             if not events:
-                raise VirtualClockDeadlock("no timer is scheduled and no task can run")
+                raise VirtualClockDeadlock("no timer is due and no task can run")
             return events
-        self._loop.advance(timeout)
+        self._loop.advance(max(timeout, due - self._loop.time()))
         return events
 
 
@@ -55,6 +58,11 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         """The virtual clock, in seconds."""
         return self._virtual_now
+
+    def _next_timer(self) -> float:
+        """When the earliest timer is due (asyncio drops cancelled ones from the head before it
+        selects); inf when there is none or it never fires (``sleep(math.inf)``)."""
+        return self._scheduled[0].when() if self._scheduled else math.inf
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds`` (never backwards)."""

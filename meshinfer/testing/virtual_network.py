@@ -18,6 +18,7 @@ cores on top, with an event log and the helpers the membership tests and benchma
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ class VirtualNetwork:
         """``strict``: a RemoteProtocolError from a core propagates (honest cores never provoke
         one); otherwise it is counted in ``stats.protocol_errors`` and the packet dropped."""
         self.rng = rng
-        self.latency = latency
+        self.latency = latency  # checked by the property setters below
         self.loss = loss
         self.on_event = on_event
         #: Optional ``on_send(src, dst, data)``, called for every packet a core emits.
@@ -98,6 +99,31 @@ class VirtualNetwork:
         self._groups: dict[str, int] = {}
         self._heap: list[tuple[float, int, int, str, int, Any]] = []
         self._seq = 0
+
+    @property
+    def latency(self) -> tuple[float, float]:
+        """One-way delay of every packet, uniform in ``(low, high)`` seconds, each direction."""
+        return self._latency
+
+    @latency.setter
+    def latency(self, value: tuple[float, float]) -> None:
+        low, high = value
+        if not 0 <= low <= high < math.inf:  # a negative delay would turn the clock back
+            raise ValueError(
+                f"latency must be (low, high) with 0 <= low <= high < inf, got {value!r}"
+            )
+        self._latency = (low, high)
+
+    @property
+    def loss(self) -> float:
+        """Probability that one packet is dropped, drawn for each packet."""
+        return self._loss
+
+    @loss.setter
+    def loss(self, value: float) -> None:
+        if not 0 <= value <= 1:  # NaN would silently mean no loss
+            raise ValueError(f"loss must be a probability from 0 to 1, got {value!r}")
+        self._loss = value
 
     # --- topology --------------------------------------------------------------------------
 
@@ -126,7 +152,8 @@ class VirtualNetwork:
         return list(self._nodes)
 
     def partition(self, *groups: Iterable[str]) -> None:
-        """Cut the links between the groups (nodes not named talk to everyone)."""
+        """Cut the links between the groups (nodes not named talk to everyone). A packet is
+        dropped when its link is cut as it is sent or as it arrives (in flight across a cut)."""
         self._groups = {node: index for index, group in enumerate(groups) for node in group}
 
     def heal(self) -> None:
@@ -150,6 +177,8 @@ class VirtualNetwork:
 
     def schedule(self, at: float, callback: Callable[[float], None]) -> None:
         """Run ``callback(now)`` at virtual time ``at`` (a time already past means now)."""
+        if math.isnan(at):  # a NaN in the heap would stop run_until at it for good
+            raise ValueError("schedule: at is NaN")
         self._push(max(at, self.now), _CALLBACK, "", 0, callback)
 
     def inject(self, src: str, dst: str, data: bytes) -> None:
@@ -195,6 +224,9 @@ class VirtualNetwork:
         if node is None or node.generation != generation:
             self.stats.undeliverable += 1
             return
+        if self._groups and self._cut(payload[0], node_id):  # cut while in flight
+            self.stats.cut += 1
+            return
         self.stats.delivered += 1
         try:
             node.core.handle_packet(payload[0], payload[1], self.now)
@@ -211,7 +243,10 @@ class VirtualNetwork:
         if self.on_event is not None:
             for event in node.core.drain_events():
                 self.on_event(self.now, node_id, event)
-        deadline = max(node.core.next_deadline(), self.now)  # overdue: now, never back in time
+        deadline = node.core.next_deadline()
+        if math.isnan(deadline):  # it would never be pushed: the core would stop ticking
+            raise LocalProtocolError(f"{node_id}: core asks for a tick at NaN")
+        deadline = max(deadline, self.now)  # overdue: now, never back in time
         if deadline < node.timer_at:
             node.timer_at = deadline
             self._push(deadline, _TIMER, node_id, node.generation, None)
