@@ -23,7 +23,13 @@ document of the API), ``.csv`` (rows of numbers, an optional header line) and im
 ``.pgm`` / ``.png`` / ``.jpg`` (PNG and JPEG need Pillow), each becoming one 64-feature row the
 way the digit classifiers were trained: light background inverted to dark, shrunk to 8x8 by
 area averaging, contrast-stretched to the 0..16 pixel counts of the digits data set, divided by
-16 (the models' ``input_scaling``). Rows are cast to ``--dtype`` (float32).
+16 (the models' ``input_scaling``). Rows are cast to ``--dtype`` (float32). An input must be a
+regular file of a known suffix (a FIFO or a device is refused, not waited on or read for ever).
+
+What the coordinator sends is shown as text only: a control character or escape sequence in a
+task id, state or error message is printed escaped (``\\x1b``); ``--json`` is plain JSON (an
+answer with NaN or Infinity is refused as a bad answer). A redirect is not followed (it would
+carry the API token elsewhere): an error naming where it pointed.
 
 Exit codes: 0 done (a waited task succeeded), 1 a waited task failed or was cancelled, 2 an
 error (bad argument or input file, coordinator unreachable or refusing; a coordinator lost
@@ -44,7 +50,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from coordinator.client import TERMINAL_STATES, ApiError, CoordinatorClient, resolve_endpoint
+from coordinator.client import (
+    TERMINAL_STATES,
+    ApiError,
+    CoordinatorClient,
+    printable,
+    resolve_endpoint,
+)
 from coordinator.input_files import load_inputs
 from coordinator.task_arguments import (
     budget_seconds,
@@ -167,7 +179,19 @@ def _run(name: str, local: LocalStep, run: Command, args: argparse.Namespace) ->
 
 
 def _print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2))
+    print(json.dumps(doc, indent=2))  # (ASCII: a control character is written \u001b)
+
+
+def _shown(doc: Any) -> Any:
+    """``doc``, an answer of the coordinator, with every string (keys too) :func:`printable`:
+    a text view shows what a server sent, never a terminal escape sequence it put there."""
+    if isinstance(doc, str):
+        return printable(doc)
+    if isinstance(doc, dict):
+        return {_shown(k): _shown(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_shown(v) for v in doc]
+    return doc
 
 
 # --- submit ----------------------------------------------------------------------------------
@@ -251,6 +275,7 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace, doc: dict[str, 
         if args.json:
             _print_json(answer)
         else:
+            answer = _shown(answer)
             print(
                 f"submitted task {answer['task_id']}: {answer['state']}, "
                 f"{count_text(answer['items_total'], 'item')}"
@@ -260,7 +285,7 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace, doc: dict[str, 
     if args.json:
         _print_json(doc)
     else:
-        print(render_result(doc, args.show))
+        print(render_result(_shown(doc), args.show))
     return _exit_code(doc)
 
 
@@ -295,11 +320,12 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
     line says how to look at it later. Ctrl-C (KeyboardInterrupt, exit 130) says so too, on
     stderr, before it goes on."""
     deadline = time.monotonic() + args.wait_timeout
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    stderr = sys.stderr  # (None where the command started with its stderr closed: 2>&-)
+    show = stderr is not None and (args.progress if args.progress is not None else stderr.isatty())
     task_id = answer["task_id"]
     try:
         if show and answer["items_total"] > 1:
-            _watch(client, task_id, deadline, sys.stderr)
+            _watch(client, task_id, deadline, stderr)
         return client.wait(task_id, max(0.0, deadline - time.monotonic()))
     except ApiError as exc:
         if exc.status is not None:  # an answer: the coordinator's own error says it all
@@ -330,7 +356,7 @@ def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: Tex
                 if exc.code in ("shutting_down", "unreachable", "disconnected"):
                     return
                 raise
-            line = progress_line(doc)
+            line = progress_line(_shown(doc))
             stream.write("\r" + line.ljust(width))  # blank what a longer line left
             stream.flush()
             width = len(line)
@@ -368,7 +394,7 @@ def _status(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int
     if args.json:
         _print_json(doc)
     else:
-        print(render_task(doc))
+        print(render_task(_shown(doc)))
     return 0
 
 
@@ -397,7 +423,7 @@ def _tasks(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     if args.json:
         _print_json(page)
     else:
-        print(render_tasks(page))
+        print(render_tasks(_shown(page)))
     return 0
 
 
@@ -411,9 +437,10 @@ def _cancel(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int
     if args.json:
         _print_json(answer)
     elif answer["cancelled"]:
-        print(f"cancelled task {answer['task_id']}")
+        print(f"cancelled task {printable(answer['task_id'])}")
     else:
-        print(f"task {answer['task_id']} was not cancelled: it already ended ({answer['state']})")
+        task_id, state = printable(answer["task_id"]), printable(answer["state"])
+        print(f"task {task_id} was not cancelled: it already ended ({state})")
     return 0
 
 
@@ -426,7 +453,7 @@ def _nodes(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     if args.json:
         _print_json(doc)
     else:
-        print(render_nodes(doc))
+        print(render_nodes(_shown(doc)))
     return 0
 
 
@@ -463,7 +490,7 @@ def _revocations(client: CoordinatorClient, args: argparse.Namespace, data: byte
     if args.json:
         _print_json(doc)
     else:
-        print(render_revocations(doc))
+        print(render_revocations(_shown(doc)))
     return 0
 
 
@@ -476,5 +503,5 @@ def _stats(client: CoordinatorClient, args: argparse.Namespace, _: None) -> int:
     if args.json:
         _print_json(doc)
     else:
-        print(render_stats(doc))
+        print(render_stats(_shown(doc)))
     return 0

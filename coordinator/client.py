@@ -13,7 +13,10 @@ answer that is not the JSON the API promises, or no answer at all. Without an an
 says whether the request reached the coordinator: ``unreachable`` ("cannot reach the coordinator
 at URL: ...": no connection, nothing was received), ``disconnected`` (the connection closed or
 broke after it was made, before the whole answer came: the request may or may not have been
-carried out) or ``timeout`` (sent, and no answer in time: the same).
+carried out) or ``timeout`` (sent, and no answer in time: the same). A redirect is not followed
+(it would carry the API token, and turn a POST into a GET): it is an ApiError ``redirect`` naming
+where it pointed. An answer with NaN or Infinity (no JSON the API sends) is ``bad_response``; an
+error message, whatever the server put in it, holds no control characters (:func:`printable`).
 
 :func:`resolve_endpoint` finds the URL and token the way the CLI does: explicit options, then
 ``<data_dir>/runtime.json`` (written by the coordinator daemon: ``{"api": url, "token_file":
@@ -60,6 +63,7 @@ __all__ = [
     "CoordinatorClient",
     "Endpoint",
     "array_from_json",
+    "printable",
     "resolve_endpoint",
     "tensor_json",
 ]
@@ -94,19 +98,28 @@ class ApiError(MeshInferError):
     ``status`` is the HTTP status (None when no answer came), ``code`` the API's short error code
     (``not_found``, ``invalid_task``... or ``unreachable``/``disconnected``/``timeout``/
     ``bad_response`` from the client itself: see the module docstring) and ``message`` the
-    explanation. ``retry_after``: the seconds the coordinator
-    asked to wait before trying again (its ``Retry-After``), if it did.
+    explanation, made :func:`printable` (it may quote the server). ``retry_after``: the seconds
+    the coordinator asked to wait before trying again (its ``Retry-After``), if it did.
     """
 
     def __init__(
         self, status: int | None, code: str, message: str, retry_after: float | None = None
     ) -> None:
         self.status = status
-        self.code = code
-        self.message = message
+        self.code = printable(code)
+        self.message = message = printable(message)
         self.retry_after = retry_after
         suffix = f" (HTTP {status} {code})" if status is not None else ""
         super().__init__(message + suffix)
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (control characters such as a
+    terminal's escape, newlines, tabs, format characters such as a bidirectional override)
+    written as its Python escape (``\\x1b``): what a server says reaches a terminal as text only."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -281,6 +294,7 @@ class CoordinatorClient:
         self.timeout = timeout
         self._token = check_token(token)
         self._opener = opener_for(self.url)
+        self._opener.add_handler(_RefuseRedirects())
         self._answered = False  # (any HTTP answer came: a later outage is a restart, not a typo)
 
     def submit(self, doc: Mapping[str, Any], *, busy_s: float = 30.0) -> dict[str, Any]:
@@ -375,13 +389,17 @@ class CoordinatorClient:
         limit: int = 100,
     ) -> Iterator[dict[str, Any]]:
         """Every matching task summary, newest first, fetching pages of ``limit`` as needed."""
-        cursor = None
+        cursor, seen = None, set()
         while True:
             page = self.list(state, model, since, limit, cursor)
             yield from page["tasks"]
             cursor = page.get("next_cursor")
             if not cursor:
                 return
+            if cursor in seen:  # (a page already read: following it would never end)
+                message = f"the coordinator handed out the cursor {cursor!r} twice: its pages loop"
+                raise ApiError(None, "bad_response", message)
+            seen.add(cursor)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """POST /v1/tasks/{id}/cancel: ``{"task_id", "cancelled", "state"}``."""
@@ -430,6 +448,9 @@ class CoordinatorClient:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as exc:
             self._answered = True
+            if 300 <= exc.code < 400:
+                _read_quietly(exc)
+                raise self._redirected(exc, request) from None
             error = _error_from_response(exc.code, _read_quietly(exc))
             error.retry_after = _seconds(exc.headers.get("Retry-After"))
             raise error from None
@@ -452,6 +473,15 @@ class CoordinatorClient:
             data = json.dumps(body, allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
         return urllib.request.Request(url, data=data, headers=headers, method=method)
+
+    def _redirected(self, exc: urllib.error.HTTPError, request: urllib.request.Request) -> ApiError:
+        where = exc.headers.get("Location") or "(no Location)"
+        what = f"{request.get_method()} {urllib.parse.urlsplit(request.full_url).path}"
+        message = (
+            f"the server at {self.url} redirected {what} to {where}: not followed (it would carry"
+            " the API token there); give the coordinator's own API URL"
+        )
+        return ApiError(exc.code, "redirect", message)
 
     def _no_answer(
         self, exc: BaseException, request: urllib.request.Request, *, sent: bool
@@ -480,6 +510,18 @@ class CoordinatorClient:
             f" ({detail}): {unsure}"
         )
         return ApiError(None, "disconnected", message)
+
+
+class _RefuseRedirects(urllib.request.BaseHandler):
+    """Raises the HTTPError of a redirect, before urllib's HTTPRedirectHandler (order 500)
+    follows it with the Authorization header to wherever it points (another host too)."""
+
+    handler_order = 400
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 #: A connection that was made and then closed or broke: what was sent may have been received.
@@ -538,10 +580,24 @@ def _error_from_response(status: int, raw: bytes) -> ApiError:
 
 
 def _json_object(status: int, raw: bytes) -> dict[str, Any]:
+    """The answer's JSON object; no NaN or Infinity (nor a number past the float range), which
+    the API never sends and ``--json`` could not print back as JSON."""
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # (nested past the parser's limit)
         doc = None
     if not isinstance(doc, dict):
-        raise ApiError(status, "bad_response", "the coordinator's answer is not a JSON object")
+        message = "the coordinator's answer is not a JSON object (of finite numbers)"
+        raise ApiError(status, "bad_response", message)
     return doc
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the float range")
+    return value

@@ -3,7 +3,9 @@
 Formats, by suffix: ``.npy``, ``.npz`` (its first array, or ``key``), ``.json`` (a list of rows,
 one row, or a tensor document of the API), ``.csv`` (rows of numbers, an optional header line)
 and images ``.pgm`` / ``.png`` / ``.jpg`` (one row each: :mod:`coordinator.digit_images`).
-Anything unreadable, malformed or mismatched is a ConfigError naming the file.
+Anything unreadable, malformed or mismatched is a ConfigError naming the file; so is a name of
+no known format (told before reading) and anything but a regular file (a FIFO, a device such as
+/dev/zero: read without waiting for a writer, refused by what it is).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import csv
 import io
 import json
 import math
+import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,12 +38,11 @@ def load_inputs(
     paths = [Path(p) for p in paths]
     if key is not None and not any(p.suffix.lower() == ".npz" for p in paths):
         raise ConfigError("--key picks an array of a .npz input, and no input is one")
+    for path in paths:  # every name checked before any file is read
+        _reader(str(path))
     arrays = []
     for path in paths:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
+        data = _read_regular_file(path)
         file_key = key if path.suffix.lower() == ".npz" else None
         arrays.append(_as_rows(path, _parsed(path, data, file_key)))
     shapes = {a.shape[1:] for a in arrays}
@@ -50,14 +53,44 @@ def load_inputs(
 
 def parse_input(name: str, data: bytes, key: str | None = None) -> np.ndarray:
     """The array in one input file (format from ``name``'s suffix); ConfigError if malformed."""
+    reader = _reader(name)
+    if key is not None and Path(name).suffix.lower() != ".npz":
+        raise ConfigError(f"{name}: --key picks an array of a .npz file only")
+    return reader(name, data, key)
+
+
+def _reader(name: str) -> Callable[[str, bytes, str | None], np.ndarray]:
+    """The reader of a file called ``name`` (by its suffix); ConfigError for an unknown one."""
     suffix = Path(name).suffix.lower()
     reader = _READERS.get(suffix)
     if reader is None:
         known = ", ".join(sorted(_READERS))
         raise ConfigError(f"{name}: unknown input format {suffix or '(no suffix)'!r}; use {known}")
-    if key is not None and suffix != ".npz":
-        raise ConfigError(f"{name}: --key picks an array of a .npz file only")
-    return reader(name, data, key)
+    return reader
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file ``path``. Opened without blocking and judged by the
+    opened file's status: a FIFO made a plain open wait for a writer for good, and a device
+    (/dev/zero, /dev/stdin) can be read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"cannot read input {path}: it is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"cannot read input {path}: a FIFO, socket or device, not a regular file"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 #: What a reader raises where it did not foresee a malformed file (its data is in memory).
