@@ -8,6 +8,12 @@ an item larger than the whole budget is refused with :class:`CacheItemTooLargeEr
 ``get`` and ``put`` of an existing item make it most recently used; ``in`` does not (it is a
 cheap "have you got it" probe that should not keep items alive).
 
+The byte budget counts item data only, and each item also costs ~250 bytes of Python objects
+(its key, the bytes object, the LRU's links): tiny items (a peer keeping 8-byte inputs) would
+make a budget take ~30 times its size. So a cache also holds at most :func:`item_slots` items
+(one per :data:`BYTES_PER_SLOT` of its budget, at least :data:`MIN_SLOTS`), evicting the least
+recently used one for a new item when full; an :class:`InputMirror` follows the same rule.
+
 A node keeps the inputs a coordinator asks it to keep here (``TaskAssign.keep_input``), and a
 coordinator then sends such an input again as a reference (``TaskAssign.input_ref``; see
 :mod:`meshinfer.proto.tasks_wire`). The coordinator decides with an :class:`InputMirror` per
@@ -47,6 +53,18 @@ log = logging.getLogger(__name__)
 #: (``coordinator.input_refs.HASH_OFF_LOOP_BYTES``).
 KEEP_OFF_LOOP_BYTES = 256 << 10
 
+#: A cache holds at most one item per this many bytes of its budget (:func:`item_slots`): with
+#: ~250 bytes of objects per item besides its data, the count bound keeps that to ~6% of the
+#: budget, whatever the items' sizes.
+BYTES_PER_SLOT = 4096
+#: The fewest items any cache may hold (a small budget's objects cost ~250 KiB at most).
+MIN_SLOTS = 1024
+
+
+def item_slots(budget_bytes: int) -> int:
+    """The most items a cache (or mirror) of ``budget_bytes`` holds at once."""
+    return max(MIN_SLOTS, budget_bytes // BYTES_PER_SLOT)
+
 
 class CacheItemTooLargeError(LocalProtocolError):
     """An item is larger than the cache's whole byte budget, so it can never be cached."""
@@ -76,6 +94,7 @@ class ContentCache:
         if budget_bytes < 0:
             raise ConfigError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
+        self.max_items = item_slots(budget_bytes)
         self._items: OrderedDict[str, bytes] = OrderedDict()  # oldest first
         self._bytes = 0
         self._hits = 0
@@ -148,7 +167,7 @@ class ContentCache:
         return len(self._items)
 
     def _make_room(self, size: int) -> None:
-        while self._bytes + size > self.budget_bytes:
+        while self._bytes + size > self.budget_bytes or len(self._items) >= self.max_items:
             _, evicted = self._items.popitem(last=False)
             self._bytes -= len(evicted)
             self._evictions += 1
@@ -324,6 +343,7 @@ class InputMirror:
         if budget_bytes < 0:
             raise ConfigError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
+        self.max_items = item_slots(budget_bytes)  # as the node's cache (ContentCache)
         self._sizes: OrderedDict[str, int] = OrderedDict()  # oldest first
         self._bytes = 0
 
@@ -335,7 +355,7 @@ class InputMirror:
             return Send.REF
         if size > self.budget_bytes:
             return Send.INLINE
-        while self._bytes + size > self.budget_bytes:
+        while self._bytes + size > self.budget_bytes or len(self._sizes) >= self.max_items:
             self._bytes -= self._sizes.popitem(last=False)[1]
         self._sizes[digest] = size
         self._bytes += size
