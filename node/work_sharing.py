@@ -8,7 +8,9 @@ and gossips the model with a smaller load (any load, if this node lacks the mode
 is forwarded to that peer, and whatever comes back is relayed to the coordinator (its
 ``TaskAccepted`` too, so the coordinator sees the item running), except a refusal (the peer is
 draining, overloaded or lacks the model: it never ran the item), after which the item runs here
-unless this node is draining too. One hop only: an item another node passed on runs where it lands.
+unless this node is draining too. One hop only: an item another node passed on runs where it lands,
+and a node whose own certificate grants the coordinator role passes nothing on (its peers would take
+its items for a coordinator's, free to pass on again).
 A peer's load is its gossiped queue depth (up to a second old) plus the items this node passed to
 it that are not answered yet, and ties are broken at random, so overloaded nodes do not all pile
 onto the one peer that looked idlest. A peer whose session this node would send over carries a
@@ -137,7 +139,8 @@ class WorkSharing:
     def _on_relay(self, peer: str, msg: TaskResult | TaskFailed) -> None:
         offload = self._offloaded.get(msg.item_id)
         if offload is None or offload[2] != peer or offload[1].attempt != msg.attempt:
-            return  # not ours to relay (a late, foreign or earlier attempt's message): ignore
+            _log_ignored(peer, msg, offload)  # not ours to relay: a late, foreign or stale one
+            return
         cancelled = msg.item_id in self._offload_cancels
         item = self._time_left(offload[1])  # (before it is settled: that forgets its expiry)
         coordinator, _, _ = self._settle_offload(msg.item_id)
@@ -168,6 +171,12 @@ class WorkSharing:
     # --- passing items on ------------------------------------------------------------------
 
     def _should_offload(self, ref: ModelRef) -> bool:
+        """Whether an item for ``ref`` from a coordinator is passed on, if a peer can take it:
+        never by a node whose own certificate grants the coordinator role (its peers would take
+        the item for a coordinator's and might pass it on again, with no hop limit: back to a
+        node that passed it, a cycle only the answer timers end)."""
+        if "coordinator" in self.mesh.peers.admission.identity.certificate.roles:
+            return False
         return ref not in self.batchers or self.backlog >= self.config.offload_queue_depth
 
     def _offload(self, coordinator: str, msg: TaskAssign, ref: ModelRef) -> bool:
@@ -375,3 +384,20 @@ class WorkSharing:
             return item
         left = max(0.0, expiry - asyncio.get_running_loop().time())
         return replace(item, deadline_s=left)
+
+
+def _log_ignored(peer: str, msg: TaskResult | TaskFailed, offload: Offload | None) -> None:
+    """An answer from ``peer`` that is not relayed: the item was not passed on (or is answered
+    or handed back already: a late or second answer), was passed to another peer, or under
+    another attempt. Logged, so a helper whose answers come too late can be told from one
+    whose answers are lost."""
+    what = "result" if isinstance(msg, TaskResult) else "failure"
+    if offload is None:
+        why = "not passed on, or answered or handed back already"
+    elif offload[2] != peer:
+        why = f"it was passed to {offload[2]}"
+    else:
+        why = f"it was passed on as attempt {offload[1].attempt}"
+    log.info(
+        "%s of %s (attempt %d) from %s not relayed: %s", what, msg.item_id, msg.attempt, peer, why
+    )

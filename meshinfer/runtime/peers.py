@@ -145,6 +145,8 @@ class PeerTable:
         self._session_callbacks: list[SessionCallback] = []
         self._outbox_limit = outbox_limit
         self._dial_backoff = dial_backoff
+        #: addresses of nodes forgotten while connected, kept until their last session ends
+        self._parked: dict[str, PeerAddress] = {}
         self._closed = False
 
     # --- configuration ---------------------------------------------------------------------
@@ -162,12 +164,18 @@ class PeerTable:
         """Remember where ``node_id`` listens (from discovery or membership)."""
         if node_id != self.node_id:
             self.addresses[node_id] = PeerAddress(address, static_key)
+            self._parked.pop(node_id, None)
 
     def forget(self, node_id: str) -> None:
-        """Forget where ``node_id`` listens (membership forgot it: dead or left for good), unless
-        a session with it is open; discovery or membership teach it again if it comes back."""
-        if self.session(node_id) is None:
-            self.addresses.pop(node_id, None)
+        """Forget where ``node_id`` listens (membership forgot it: dead or left for good).
+        With a session with it still listed, the address is kept aside (it is still dialled
+        if a send needs it) until the last one ends, then dropped, unless it is learnt again
+        meanwhile: else the table would keep the address of every node forgotten while
+        connected. Discovery or membership teach it again if it comes back (not in
+        :attr:`addresses` any more, it is seen as new)."""
+        address = self.addresses.pop(node_id, None)
+        if address is not None and node_id in self._sessions:
+            self._parked[node_id] = address
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -266,7 +274,8 @@ class PeerTable:
     def _enqueue(self, node_id: str, msg: messages.Message, fut: Requester) -> bool:
         if self._closed or node_id == self.node_id:
             return False
-        if node_id not in self.addresses and self.session(node_id) is None:
+        known = node_id in self.addresses or node_id in self._parked
+        if not known and self.session(node_id) is None:
             self.stats.dropped["unknown-peer"] += 1
             return False
         box = self._outboxes.get(node_id)
@@ -381,7 +390,7 @@ class PeerTable:
             _settle(fut, error)
 
     async def _dial(self, node_id: str) -> Session | None:
-        peer = self.addresses.get(node_id)
+        peer = self.addresses.get(node_id) or self._parked.get(node_id)
         if peer is None:
             return None
         self.stats.dials += 1
@@ -482,6 +491,7 @@ class PeerTable:
                 sessions.remove(session)
             if not sessions:
                 self._sessions.pop(peer, None)
+                self._parked.pop(peer, None)  # (membership forgot it while it was connected)
 
     def _dispatch(self, peer: str, msg: messages.Message) -> None:
         handler = self._handlers.get(type(msg))
