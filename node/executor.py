@@ -203,7 +203,10 @@ class TaskExecutor(WorkSharing):
             self.input_order.fetch(ref.digest, partial(self._with_cached, peer, msg, waits))
             return
         if msg.keep_input:
-            self.input_order.keep(msg.input.data)
+            # only a coordinator asks (its mirror of this cache follows what it asked): another
+            # member's ask would evict the coordinators' inputs behind their mirrors' backs
+            if self._is_coordinator(peer):
+                self.input_order.keep(msg.input.data)
             msg = replace(msg, keep_input=False)  # offloaded, it travels as a plain item
         self._assign(peer, msg)
 

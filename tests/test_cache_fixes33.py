@@ -4,8 +4,8 @@
   cache hold ~30 times its budget in Python objects: a cache now holds at most one item per
   4 KiB of its budget (at least 1024 items), and a coordinator's mirror of it follows the same
   rule, so references still find what the mirror says.
-* (xfail, node/executor.py) a member that is not a coordinator still fills a node's cache with
-  ``keep_input``.
+* A member that is not a coordinator no longer fills a node's cache with ``keep_input``
+  (node/executor.py keeps only a coordinator's).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import replace
-
-import pytest
 
 from meshinfer.inference.cache import ContentCache, InputMirror, OrderedInputs, Send
 from meshinfer.proto.tasks_wire import TaskFailed, TaskResult
@@ -76,12 +74,6 @@ def test_a_mirror_follows_the_item_bound_of_the_node_cache_it_mirrors():
     asyncio.run(run())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/executor.py _on_assign keeps the input of any member's TaskAssign with"
-    " keep_input; only a coordinator sends one (items passed on go without it), so another"
-    " member's evicts the coordinators' inputs behind their mirrors' backs",
-)
 async def test_keep_input_from_a_member_that_is_not_a_coordinator_is_not_kept():
     async with Net() as net:
         net.gate.set()
