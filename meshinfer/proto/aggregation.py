@@ -11,7 +11,8 @@ Modes (:class:`Mode`):
 * ``first``    -- the first output that arrives.
 * ``all``      -- every output, as a tuple ordered by source id; done when every source answered.
 * ``majority`` -- a vote: each output's class predictions (``argmax`` over the last axis of a
-  float output; an integer output already holds labels, which must fit int64), element-wise
+  float output, which must hold a score; an integer output already holds labels, which must
+  fit int64), element-wise
   majority; ties go to the smallest label and are reported (``tied``). A float output whose
   scores for an element hold a NaN *abstains* there: it counts for no label (and is no vote
   still outstanding either: its source answered). An element on which every source that
@@ -128,8 +129,11 @@ def _votes(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     (abstaining, True, on an element whose scores hold a NaN), integers as they are (they
     never abstain: None)."""
     if np.issubdtype(array.dtype, np.floating):
-        if array.ndim == 0:
-            raise RemoteProtocolError("majority: a float output needs a class axis")
+        if array.ndim == 0 or array.shape[-1] == 0:  # (argmax of no scores has no answer)
+            raise RemoteProtocolError(
+                f"majority: a float output needs a class axis of 1 or more scores, "
+                f"got shape {list(array.shape)}"
+            )
         return np.argmax(array, axis=-1), np.isnan(array).any(axis=-1)
     return array.astype(np.int64), None
 
@@ -220,8 +224,11 @@ class _RunningVote:
 
     def margin(self) -> int:
         """The least lead, over the elements, of the winner's count over any other label's
-        (abstentions count for none)."""
+        (abstentions count for none); 0 for a vote over no elements (an empty output: nothing
+        to decide early, so every vote is waited for)."""
         counts = self._counts
+        if not counts.size:
+            return 0
         best = counts.max(axis=1)
         if counts.shape[1] < 2:
             return int(best.min())
