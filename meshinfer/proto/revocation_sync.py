@@ -23,8 +23,9 @@ answering
 taking answers
     :meth:`~RevocationExchange.take` drops an answer nobody asked for, one that came after
     ``patience`` or one longer than a page, and leaves out the entries we hold already; the
-    caller verifies the rest, merges what verified and reports with
-    :meth:`~RevocationExchange.checked`.
+    caller verifies the rest, merges what verified up to the first gap in sequence numbers
+    (:func:`up_to_gap`) and reports with :meth:`~RevocationExchange.checked`; an answer cut
+    short at a bad entry, at a gap or by the list's entry limit counts as bad.
 
 Versions compare the highest sequence numbers only: the authority numbers its entries 1, 2,
 3... and every list it writes holds all of them.
@@ -34,13 +35,13 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshinfer.proto.identity import RevocationEntry, RevocationList
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
 
-__all__ = ["PAGE_ENTRIES", "Answer", "Question", "RevocationExchange"]
+__all__ = ["PAGE_ENTRIES", "Answer", "Question", "RevocationExchange", "up_to_gap"]
 
 #: The most entries one answer carries (~130 bytes each); a longer list goes in pages.
 PAGE_ENTRIES = 256
@@ -190,6 +191,26 @@ class RevocationExchange:
         if self._version < answer.question.claimed:
             self._shortfall[answer.question.node] = answer.question.claimed
         return False
+
+
+def up_to_gap(
+    version: int, entries: Iterable[RevocationEntry]
+) -> tuple[list[RevocationEntry], bool]:
+    """The ``entries`` (verified, from a peer's answer) that extend a list of ``version``
+    without a gap in sequence numbers, in sequence order, and whether any were left out above
+    a gap. The authority numbers its entries 1, 2, 3... and versions compare the highest
+    sequence only, so merging an entry above a gap would raise this node's version past
+    entries it never got, and no member would ever be asked for them again: a peer that
+    answered only the newest entry (a bug, or one shielding a revoked friend) could keep
+    those revocations from this node for good."""
+    kept: list[RevocationEntry] = []
+    top = version
+    for entry in sorted(entries, key=_order):
+        if entry.sequence > top + 1:
+            return kept, True
+        kept.append(entry)
+        top = max(top, entry.sequence)
+    return kept, False
 
 
 def _order(entry: RevocationEntry) -> tuple[int, bytes]:

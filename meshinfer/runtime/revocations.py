@@ -36,7 +36,9 @@ What a peer can make a node do is bounded (the decisions are the pure
 asks at most one question per ``ask_timeout_s``, except for the next page of an answer that
 filled one. A member whose answer falls short of the version it claims, or holds a bad entry,
 is not asked again until it claims another version; checking an answer stops at its first bad
-entry. Answers nobody asked for (or that come after ``ask_timeout_s``) are dropped unread, and a
+entry, and merging it at its first gap in sequence numbers (an entry above a gap would raise
+this node's version past entries nobody would be asked for again). Answers nobody asked for
+(or that come after ``ask_timeout_s``) are dropped unread, and a
 node answers each peer at most once per ``answer_interval_s`` unless it asks for the next page.
 
 The list file is only ever replaced whole, and reading or writing it holds one lock: a file the
@@ -88,7 +90,7 @@ from meshinfer.proto.identity import (
 )
 from meshinfer.proto.membership import MemberEvent
 from meshinfer.proto.messages import CloseCode
-from meshinfer.proto.revocation_sync import Answer, RevocationExchange
+from meshinfer.proto.revocation_sync import Answer, RevocationExchange, up_to_gap
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.membership_service import MembershipService
@@ -122,6 +124,8 @@ class RevocationStats:
     answered: int = 0  # answers to our questions
     merged: int = 0  # merges that added entries (from the file or from peers)
     bad_entries: int = 0  # answers from peers stopped at an entry that failed verification
+    gaps: int = 0  # answers from peers cut at a gap in sequence numbers (the rest not merged)
+    over_limit: int = 0  # lists not merged: the union would be over MAX_REVOCATION_ENTRIES
     unsolicited: int = 0  # offers nobody asked for, or too late or too long (dropped)
     answers_sent: int = 0
     requests_dropped: int = 0  # questions from a peer answered too recently
@@ -356,13 +360,27 @@ class RevocationSync:
         self._spawn(self._merge_offer(peer, answer))
 
     async def _merge_offer(self, peer: str, answer: Answer) -> None:
+        """Verify ``peer``'s answer (in a worker thread) and merge it up to its first bad
+        entry or gap in sequence numbers; an answer cut short, or over the entry limit, leaves
+        ``peer`` unasked until it claims another version."""
         verified, bad = await asyncio.to_thread(_verify, answer.fresh, self.trust)
-        if verified:
-            await self._adopt(RevocationList(self.trust.fleet_id, verified), f"peer {peer}")
+        kept, gap = up_to_gap(self.version, verified)  # (the version now, after the wait)
+        refused = bad is not None
         if bad is not None:
             self.stats.bad_entries += 1
             log.warning("revocation answer from %s refused from a bad entry on: %s", peer, bad)
-        if self._exchange.checked(answer, bad=bad is not None) and not self._closed:
+        if gap:
+            refused = True
+            self.stats.gaps += 1
+            missing = max([self.version, *(e.sequence for e in kept)]) + 1
+            log.warning(
+                "revocation answer from %s refused from a gap on: it lacks entry %d", peer, missing
+            )
+        if kept:
+            listed = RevocationList(self.trust.fleet_id, kept)
+            grew = await self._adopt(listed, f"peer {peer}")
+            refused |= not grew and not listed.entries <= self.revocations.entries
+        if self._exchange.checked(answer, bad=refused) and not self._closed:
             self._ask(next_page_of=peer)  # the next page, at once
 
     # --- merging -----------------------------------------------------------------------------
@@ -394,8 +412,11 @@ class RevocationSync:
         if len(merged.entries) == len(current.entries):
             return False
         if len(merged.entries) > MAX_REVOCATION_ENTRIES:  # the file could not be read back
-            log.error(
-                "revocation list from %s not merged: over %d entries",
+            # (not our bug: the authority signed more entries than a list may hold; a warning,
+            # counted, since a peer relaying them must not be able to make ERROR lines)
+            self.stats.over_limit += 1
+            log.warning(
+                "revocation list from %s not merged: the list in force would be over %d entries",
                 source,
                 MAX_REVOCATION_ENTRIES,
             )
@@ -453,31 +474,38 @@ class RevocationSync:
 
     async def _write_down(self) -> None:
         """Write the list in force to ``store``, merging first what the file holds if it was
-        replaced meanwhile (by the operator): its entries are never overwritten unread. A file
-        that does not parse (perhaps one the operator is still copying in) is left as it is;
-        so is one that changes while this write is made ready: the next look reads it."""
+        replaced meanwhile (by the operator): its entries are never overwritten unread, and
+        the sessions they revoke are closed. A file that does not parse (perhaps one the
+        operator is still copying in) is left as it is; so is one that changes while this
+        write is made ready: the next look reads it."""
         if self.store is None:
             return
         async with self._file_lock:
             listed = await self._read_file_if_changed()
-            if listed is not None:
-                self._merge(listed, f"file {self.store}")
-            if self._file_unusable:
-                log.warning(
-                    "revocation list (version %d) not written to %s: that file does not parse;"
-                    " it is written once the file is fixed or removed",
-                    self.version,
-                    self.store,
-                )
-                return
-            current, seen = self.revocations, self._seen_bytes
-            try:
-                written = await asyncio.to_thread(_write, self.store, current, seen)
-            except (IdentityError, OSError) as exc:
-                log.warning("revocation list not written to %s: %s", self.store, exc)
-                return
-            if written is not None:  # our own write: not news (the next look reads it back)
-                self._seen_bytes, self._seen_settled = written, False
+            grew = listed is not None and self._merge(listed, f"file {self.store}")
+            await self._write_locked(self.store)
+        if grew:  # entries the file brought in: their sessions are cut like any merge's
+            await self._close_revoked(self.peers.open_sessions())
+
+    async def _write_locked(self, store: Path) -> None:
+        """Write the list in force over ``store`` unless it is unusable (call holding
+        ``_file_lock``); a failed write is logged."""
+        if self._file_unusable:
+            log.warning(
+                "revocation list (version %d) not written to %s: that file does not parse;"
+                " it is written once the file is fixed or removed",
+                self.version,
+                store,
+            )
+            return
+        current, seen = self.revocations, self._seen_bytes
+        try:
+            written = await asyncio.to_thread(_write, store, current, seen)
+        except (IdentityError, OSError) as exc:
+            log.warning("revocation list not written to %s: %s", store, exc)
+            return
+        if written is not None:  # our own write: not news (the next look reads it back)
+            self._seen_bytes, self._seen_settled = written, False
 
     def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
         if self._closed:
