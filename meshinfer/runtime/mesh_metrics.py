@@ -5,6 +5,7 @@ its ``/metrics`` under the same names.
 
 from __future__ import annotations
 
+from meshinfer.proto.membership_member import MemberStatus
 from meshinfer.runtime.metrics import MetricFamily, family
 from meshinfer.runtime.node import MeshNode
 
@@ -85,14 +86,16 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
         ),
     ]
     if mesh.membership is not None:
-        counts: dict[str, int] = {}
+        # every status, at 0 when none: a series that vanished read as no data, not 0 (a query
+        # for the suspect or dead went empty, its alert never fired or resolved)
+        counts = {status.value: 0 for status in MemberStatus}
         for member in mesh.membership.core.members():
             counts[member.status.value] = counts.get(member.status.value, 0) + 1
         out.append(
             family(
                 "meshinfer_members",
                 "gauge",
-                "Known members by status.",
+                "Known members by status (every status, 0 when none).",
                 [({"status": s}, n) for s, n in sorted(counts.items())],
             )
         )

@@ -272,6 +272,7 @@ class MetricsRegistry:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
         self._collectors: list[Callable[[], Iterable[MetricFamily]]] = []
+        self._refused: set[str] = set()  # families already logged as left out (once each)
 
     def _register(self, metric: _Metric) -> Any:
         if metric.name in self._metrics:
@@ -301,7 +302,10 @@ class MetricsRegistry:
         """Call ``collect`` at every render for families computed on demand (e.g. batcher stats).
 
         A collector that raises (a generator: at any point) is logged and left out of that
-        render, whatever it yielded before; the rest still renders.
+        render, whatever it yielded before; the rest still renders. So is a family it yields
+        that cannot be written (a name or label name outside the charset, a value that is not
+        a number, a series twice), and a series that one of the same name already gave: one
+        bad line made a scraper drop the whole page (or a value of None made rendering raise).
         """
         self._collectors.append(collect)
 
@@ -317,7 +321,10 @@ class MetricsRegistry:
                 log.exception("metrics collector %r failed; its families are left out", collect)
                 continue
             for fam in collected:
-                _merge_into(out, fam)
+                why = family_problem(fam) or _merge_into(out, fam)
+                if why and fam.name not in self._refused:
+                    self._refused.add(fam.name)  # (logged once: scraped every few seconds)
+                    log.error("metric family %r left out: %s", fam.name, why)
         return list(out.values())
 
     def render(self) -> str:
@@ -325,15 +332,44 @@ class MetricsRegistry:
         return "".join(render_family(family) for family in self.families())
 
 
-def _merge_into(families: dict[str, MetricFamily], fam: MetricFamily) -> None:
-    """Add ``fam`` to ``families`` (by name): its samples join those of a family of its name."""
+def _merge_into(families: dict[str, MetricFamily], fam: MetricFamily) -> str | None:
+    """Add ``fam`` to ``families`` (by name): its samples join those of a family of its name.
+    Returns why it was left out (another kind), or why some of its samples were (series the
+    family of its name has already), else None."""
     known = families.get(fam.name)
     if known is None:
         families[fam.name] = fam
-    elif known.kind != fam.kind:
-        log.error("metric family %s is a %s and a %s: the %s left out", fam.name, known.kind,
-                  fam.kind, fam.kind)  # fmt: skip
-    else:
-        families[fam.name] = MetricFamily(
-            known.name, known.kind, known.help, known.samples + fam.samples
-        )
+        return None
+    if known.kind != fam.kind:
+        return f"it is a {fam.kind} and a {known.kind} of that name came first"
+    have = {(s.name, s.labels) for s in known.samples}
+    new = tuple(s for s in fam.samples if (s.name, s.labels) not in have)
+    families[fam.name] = MetricFamily(known.name, known.kind, known.help, known.samples + new)
+    return None if len(new) == len(fam.samples) else "series given twice (the later ones dropped)"
+
+
+_KINDS = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def family_problem(fam: MetricFamily) -> str | None:
+    """Why ``fam`` cannot be written as the text format wants, or None: its kind, a metric or
+    label name outside the charset, a sample name not of the family, a value that is not a
+    real number (NaN and infinities are), a label value not a string, or a series twice."""
+    suffixes = _KINDS.get(fam.kind)
+    if suffixes is None or not _METRIC_NAME.match(fam.name):
+        return f"kind {fam.kind!r} or name {fam.name!r} is not one the text format has"
+    seen: set[tuple[str, Labels]] = set()
+    for s in fam.samples:
+        names = [k for k, _ in s.labels]
+        if s.name not in {fam.name + suffix for suffix in suffixes}:
+            return f"sample {s.name!r} is not of the family"
+        if len(set(names)) != len(names) or not all(map(_LABEL_NAME.match, names)):
+            return f"label names {names!r} are not the text format's"
+        if not all(isinstance(v, str) for _, v in s.labels):
+            return f"label values of {names!r} are not all strings"
+        if isinstance(s.value, bool) or not isinstance(s.value, int | float):
+            return f"value {s.value!r} is not a number"
+        if (s.name, s.labels) in seen:
+            return f"series {s.name}{dict(s.labels)} given twice"
+        seen.add((s.name, s.labels))
+    return None

@@ -6,7 +6,8 @@ Three parts:
   memory, temperature and power (NVML via ``pynvml`` from ``nvidia-ml-py``; all None when the
   library or a GPU is absent) and folds in the batchers' :class:`BatcherStats`. ``collect`` blocks
   briefly (psutil/NVML syscalls); on the loop use ``await collector.sample(...)``, which runs it
-  in a worker thread.
+  on the collector's own worker thread (always the same one: psutil keeps the CPU reading's
+  baseline per thread).
 * :class:`TelemetrySnapshot` is the compact, frozen result, gossiped in node state
   (:meth:`~TelemetrySnapshot.to_wire` / :meth:`~TelemetrySnapshot.from_wire`).
 * :func:`snapshot_families` and :func:`batcher_families` turn telemetry into metric families
@@ -24,6 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,16 +171,20 @@ class NvmlProbe:
 
     def _sample_devices(self) -> GpuSample:
         nvml = self._nvml
-        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        # a device whose handle cannot be had (fallen off the bus, not ours in this container)
+        # is left out; the others are still read (it cost every GPU's figures)
+        count = nvml.nvmlDeviceGetCount()
+        found = [self._read(lambda i: nvml.nvmlDeviceGetHandleByIndex(i), i) for i in range(count)]
+        handles = [h for h in found if h is not None]
         utils = [
             self._read(lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, h) for h in handles
         ]
-        memory = [self._read(nvml.nvmlDeviceGetMemoryInfo, h) for h in handles]
+        memory = [self._read(lambda h: nvml.nvmlDeviceGetMemoryInfo(h), h) for h in handles]
         temps = [
             self._read(lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU), h)
             for h in handles
         ]
-        power_mw = [self._read(nvml.nvmlDeviceGetPowerUsage, h) for h in handles]
+        power_mw = [self._read(lambda h: nvml.nvmlDeviceGetPowerUsage(h), h) for h in handles]
         return GpuSample(
             count=len(handles),
             utilization_percent=_mean(utils),
@@ -191,7 +197,9 @@ class NvmlProbe:
     def _read(self, read: Callable[[Any], Any], handle: Any) -> Any:
         try:
             return read(handle)
-        except self._nvml.NVMLError:  # not supported on this device / transient
+        # not supported on this device, transient, or a binding without that call (an
+        # AttributeError): that one figure of that one device is left out, not every GPU's
+        except Exception:
             return None
 
     def close(self) -> None:
@@ -227,7 +235,11 @@ class TelemetryCollector:
     """Samples host, GPU and engine figures into :class:`TelemetrySnapshot`.
 
     CPU percent is psutil's non-blocking ``cpu_percent(interval=None)``: the share of CPU time
-    since the previous reading. It is primed on construction, and a reading less than
+    since the previous reading *on the same thread* (psutil keeps one baseline per thread). It
+    is primed on construction on the collector's own worker thread, where :meth:`sample` always
+    runs :meth:`collect` (a shared pool's threads each had a baseline of their own: a sample on
+    a thread's first use read 0, later ones spanned whatever time since that thread's last
+    use). Call :meth:`collect` from one thread only, or use :meth:`sample`. A reading less than
     ``min_cpu_interval_s`` (real time) after the last one reuses that value, because very short
     intervals give noise. Construction starts NVML (it may take a moment: do it at startup,
     or in a thread). Call :meth:`close` to release NVML.
@@ -243,7 +255,10 @@ class TelemetryCollector:
         self._nvml = NvmlProbe() if gpu else None
         self._min_cpu_interval_s = min_cpu_interval_s
         self._failing: set[str] = set()  # host sensors whose last reading failed
-        self._read("cpu_percent", _cpu_percent, 0.0)  # primes psutil (its first reading is 0)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-telemetry")
+        self._closed = False
+        # primes psutil (its first reading is 0) on the thread that :meth:`sample` reads on
+        self._worker.submit(self._read, "cpu_percent", _cpu_percent, 0.0).result()
         self._cpu_read_at = time.monotonic()  # real time: CPU shares are about real seconds
         self._cpu_percent = 0.0
         self._memory = (0.0, 0)  # (percent, available bytes) as last read
@@ -275,8 +290,12 @@ class TelemetryCollector:
             )
 
     async def sample(self, engine_stats: Iterable[BatcherStats] = ()) -> TelemetrySnapshot:
-        """:meth:`collect` in a worker thread, so the loop never blocks. Runs on the loop."""
-        return await asyncio.to_thread(self.collect, tuple(engine_stats))
+        """:meth:`collect` on the collector's worker thread, so the loop never blocks (after
+        :meth:`close`, on a thread of the loop's pool). Runs on the loop."""
+        stats = tuple(engine_stats)
+        if self._closed:
+            return await asyncio.to_thread(self.collect, stats)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.collect, stats)
 
     def _cpu(self) -> float:
         now = time.monotonic()
@@ -298,7 +317,10 @@ class TelemetryCollector:
         return value
 
     def close(self) -> None:
-        """Release NVML. Idempotent."""
+        """Release NVML and the worker thread (it ends after any sample under way; never
+        waited for). Idempotent."""
+        self._closed = True
+        self._worker.shutdown(wait=False)
         if self._nvml is not None:
             self._nvml.close()
 
