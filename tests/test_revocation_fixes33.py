@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from meshinfer.identity_files import replace_file
 from meshinfer.proto.identity import (
     MAX_REVOCATION_ENTRIES,
@@ -14,6 +16,8 @@ from meshinfer.proto.identity import (
     RevocationList,
 )
 from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
+from meshinfer.runtime.mesh_metrics import mesh_families
+from meshinfer.runtime.metrics import render_family
 from meshinfer.runtime.revocations import RevocationSyncConfig
 from meshinfer.testing.fleet import make_fleet
 from tests.helpers import until
@@ -54,6 +58,14 @@ async def test_an_answer_that_skips_entries_is_refused_and_another_member_fills_
         a.membership.update_state(replace(a.membership.state, revocation_version=3))
         await until(lambda: sync.stats.gaps == 1)
         assert b.admission.revocations.version == 0  # not raised past entries it lacks
+        page = "".join(render_family(fam) for fam in mesh_families(b))
+        cut = {
+            s.labels["reason"]: s.value
+            for fam in text_string_to_metric_families(page)
+            for s in fam.samples
+            if s.name == "meshinfer_revocation_answers_cut_total"
+        }
+        assert cut == {"gap": 1, "over_limit": 0}
         replace_file(f.files["car-c"], f.fleet.revocations.to_bytes())  # c holds all three
         await until(lambda: b.admission.revocations.entries == f.fleet.revocations.entries)
         assert b.peers.session("car-a") is not None  # a gap is not a reason to hang up

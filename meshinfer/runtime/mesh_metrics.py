@@ -150,4 +150,16 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
                 [({}, sync.stats.bad_entries)],
             )
         )
+        out.append(
+            family(
+                "meshinfer_revocation_answers_cut_total",
+                "counter",
+                "Revocation lists not merged whole: a peer's answer cut at a gap in sequence"
+                " numbers, or a list over the entry limit.",
+                [
+                    ({"reason": "gap"}, sync.stats.gaps),
+                    ({"reason": "over_limit"}, sync.stats.over_limit),
+                ],
+            )
+        )
     return out
