@@ -89,7 +89,7 @@ from meshinfer.inference.executor import BoundedExecutor
 from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES, RevocationList
 from meshinfer.runtime.http_log import LINGER_S, ClientErrorLog
 from meshinfer.runtime.mesh_metrics import mesh_families
-from meshinfer.runtime.metrics import MetricsRegistry, render_family
+from meshinfer.runtime.metrics import MetricsRegistry
 from meshinfer.runtime.revocations import RevocationSync
 from meshinfer.transport.base import Address
 
@@ -376,7 +376,7 @@ class CoordinatorApi:
         stats = await self.coordinator.stats()
         families = coordinator_families(stats, self.coordinator.nodes())
         families += mesh_families(self.coordinator.mesh)
-        text = self.registry.render() + "".join(render_family(f) for f in families)
+        text = self.registry.render(families)  # (checked: a bad family is left out, logged)
         return web.Response(
             body=text.encode(), headers={"Content-Type": self.registry.content_type}
         )

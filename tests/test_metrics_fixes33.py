@@ -173,3 +173,18 @@ def test_members_by_status_lists_every_status_at_zero_too() -> None:
     by_status = {dict(s.labels)["status"]: s.value for s in members.samples}
     assert by_status["suspect"] == by_status["dead"] == by_status["left"] == 0
     assert by_status["alive"] >= 1
+
+
+def test_families_the_caller_computed_are_checked_as_a_collectors_are(caplog) -> None:
+    """The coordinator's /metrics appended its own and its mesh's families unchecked after the
+    registry's page (``render_family`` each): a bad one made it answer 500, and one repeating a
+    registered name wrote a second TYPE line. They go through ``render(extra)`` now."""
+    bad = family("meshinfer_x", "gauge", "X.", [({}, None)])  # type: ignore[list-item]
+    again = family("alive", "gauge", "Alive again.", [({"node": "n"}, 1)])
+    good = family("meshinfer_y", "gauge", "Y.", [({}, 2)])
+    with caplog.at_level(logging.ERROR, logger="meshinfer.runtime.metrics"):
+        text = _registry().render([bad, again, good])
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(parsed) == {"alive", "meshinfer_y"}
+    assert len(parsed["alive"].samples) == 2  # merged under one TYPE line
+    assert text.count("# TYPE alive ") == 1

@@ -309,12 +309,13 @@ class MetricsRegistry:
         """
         self._collectors.append(collect)
 
-    def families(self) -> list[MetricFamily]:
-        """Every registered metric, then every collector's families; families of one name are
+    def families(self, extra: Iterable[MetricFamily] = ()) -> list[MetricFamily]:
+        """Every registered metric, then every collector's families, then ``extra`` (families
+        computed by the caller, checked as a collector's are); families of one name are
         merged into one (one HELP and TYPE line each, their samples together, as the text
         format requires), and one whose kind differs from the first of its name is left out."""
         out = {metric.name: metric.collect() for metric in self._metrics.values()}
-        for collect in self._collectors:
+        for collect in [*self._collectors, lambda: extra]:
             try:
                 collected = list(collect())
             except Exception:
@@ -327,9 +328,10 @@ class MetricsRegistry:
                     log.error("metric family %r left out: %s", fam.name, why)
         return list(out.values())
 
-    def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4) of everything registered."""
-        return "".join(render_family(family) for family in self.families())
+    def render(self, extra: Iterable[MetricFamily] = ()) -> str:
+        """The Prometheus text exposition (format 0.0.4) of everything registered, and of
+        ``extra`` (see :meth:`families`)."""
+        return "".join(render_family(family) for family in self.families(extra))
 
 
 def _merge_into(families: dict[str, MetricFamily], fam: MetricFamily) -> str | None:
