@@ -402,8 +402,9 @@ class CoordinatorApi:
         require_type(request, "application/octet-stream", " (the revocations.bin file)")
         sync = self._revocation_sync()
         body = await read_body(request, self.max_body_bytes, MAX_REVOCATION_LIST_BYTES)
-        try:  # (an Ed25519 check per entry: off the loop, in the bounded workers)
-            listed = await self._json_work.run(RevocationList.from_bytes, body, sync.trust)
+        try:  # (an Ed25519 check per entry not held already: off the loop, bounded workers)
+            held = sync.revocations
+            listed = await self._json_work.run(RevocationList.from_bytes, body, sync.trust, held)
             merged = await sync.merge_list(listed, "the HTTP API")
         except RevocationError as exc:
             raise ApiError(400, "invalid_revocations", str(exc)) from None

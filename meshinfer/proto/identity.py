@@ -494,9 +494,19 @@ class RevocationList:
         ordered = sorted(self.entries, key=lambda e: (e.sequence, e.signature))
         return msgpack.packb([LIST_FORMAT, self.fleet_id, [e.to_bytes() for e in ordered]])
 
+    @cached_property
+    def _by_wire(self) -> dict[bytes, RevocationEntry]:
+        """Each entry by its wire form (computed once per list: the list is immutable)."""
+        return {entry.to_bytes(): entry for entry in self.entries}
+
     @classmethod
-    def from_bytes(cls, data: bytes, trust: FleetTrust) -> RevocationList:
-        """Decode a list, verifying each entry against ``trust``; raise :class:`RevocationError`."""
+    def from_bytes(
+        cls, data: bytes, trust: FleetTrust, held: RevocationList | None = None
+    ) -> RevocationList:
+        """Decode a list, verifying each entry against ``trust``; raise :class:`RevocationError`.
+        An entry whose bytes are those of one in ``held`` (a list of the same fleet, verified
+        when it was built) is taken from it unverified: pushing a 16k-entry list again costs
+        no 16k signature checks."""
         outer = _unpack(data, "revocation list", MAX_REVOCATION_LIST_BYTES, RevocationError)
         if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == LIST_FORMAT):
             raise RevocationError(f"revocation list must be [{LIST_FORMAT}, fleet id, entries]")
@@ -507,8 +517,10 @@ class RevocationList:
             raise RevocationError(f"revocation list holds at most {MAX_REVOCATION_ENTRIES} entries")
         if not all(type(raw) is bytes for raw in raw_entries):
             raise RevocationError("revocation entries must be byte strings")
+        known = held._by_wire if held is not None and held.fleet_id == trust.fleet_id else {}
         return cls(
-            trust.fleet_id, frozenset(RevocationEntry.from_bytes(r, trust) for r in raw_entries)
+            trust.fleet_id,
+            frozenset(known.get(r) or RevocationEntry.from_bytes(r, trust) for r in raw_entries),
         )
 
 
