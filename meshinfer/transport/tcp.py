@@ -59,6 +59,17 @@ def _address(sockaddr: Any) -> Address:
     return _UNKNOWN
 
 
+def _check_address(action: str, address: Address) -> None:
+    port = address.port
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise TransportError(f"{action} {address.host!r} port {port!r}: not a port (0..65535)")
+
+
+def _bad_host(action: str, address: Address, exc: ValueError) -> TransportError:
+    # repr: the host may hold control characters that a log line must not carry raw
+    return TransportError(f"{action} {address.host!r} port {address.port}: bad host name ({exc})")
+
+
 class TcpStream(asyncio.Protocol):
     """One TCP connection as a :class:`~meshinfer.transport.base.Stream`.
 
@@ -118,12 +129,18 @@ class TcpStream(asyncio.Protocol):
     async def write(self, data: bytes) -> None:
         """Queue ``data`` on the socket and wait while the send buffer is above its high mark.
 
-        Raises :class:`StreamClosed` if this stream was closed or the connection is lost.
+        A write that finds the buffer above the mark (one before it was cancelled while it
+        waited) waits first and queues nothing until the peer takes bytes, so cancelled writes
+        cannot pile up bytes for a peer that never reads; cancelled while it waits there, it
+        has sent nothing. Raises :class:`StreamClosed` if this stream was closed or the
+        connection is lost.
         """
         if self._closed or self._lost:
             raise StreamClosed(f"{self!r} is closed")
         if self._drain_waiter is not None:
             raise LocalProtocolError("another task is already writing to this stream")
+        if self._writing_paused:
+            await self._drain()
         self._transport.write(data)  # type: ignore[union-attr]
         if self._writing_paused:
             await self._drain()
@@ -248,11 +265,15 @@ class TcpStream(asyncio.Protocol):
             self._read_waiter = None
 
     async def _drain(self) -> None:
-        self._drain_waiter = self._loop.create_future()  # type: ignore[union-attr]
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
+        """Wait until the send buffer is below its high mark. The peer's FIN also wakes the
+        waiter, but a half-closed peer may still read: only ``resume_writing``, a close or a
+        lost connection end the wait."""
+        while self._writing_paused and not (self._closed or self._lost):
+            self._drain_waiter = self._loop.create_future()  # type: ignore[union-attr]
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
         if self._closed or self._lost:
             raise StreamClosed(f"{self!r} closed while writing")
 
@@ -384,7 +405,10 @@ class TcpTransport:
         return f"<TcpTransport {self.link.value}>"
 
     async def dial(self, address: Address, *, timeout: float | None = None) -> TcpStream:
-        """Connect to ``address``; raises :class:`TransportError` on refusal, error or timeout."""
+        """Connect to ``address``; raises :class:`TransportError` on refusal, error or timeout,
+        and for an address no socket can take (a port outside 0..65535, a host name the
+        resolver refuses: a NUL byte, a label over 63 characters), as gossip may bring."""
+        _check_address("dial", address)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -395,19 +419,25 @@ class TcpTransport:
             raise TransportError(f"dial {address}: timed out after {timeout}s") from exc
         except OSError as exc:
             raise TransportError(f"dial {address}: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # UnicodeError (IDNA) or an embedded NUL, from the resolver
+            raise _bad_host("dial", address, exc) from exc
         return stream
 
     async def listen(self, address: Address, handler: StreamHandler) -> TcpListener:
         """Bind ``address`` (port 0 picks a free port) and run ``handler`` for each connection.
 
         ``TcpListener.address`` is the bound address. A host name that resolves to several
-        addresses is bound on the first only.
+        addresses is bound on the first only. Raises :class:`TransportError` when it cannot
+        bind, and for a port outside 0..65535 (the resolver would wrap 70000 to 4464).
         """
+        _check_address("listen", address)
         tasks = HandlerTasks(handler, f"tcp listener {address}")
         try:
             sock = await self._bind(address)
         except OSError as exc:
             raise TransportError(f"listen {address}: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise _bad_host("listen", address, exc) from exc
         bound = _address(sock.getsockname())
         return TcpListener(sock, bound, tasks, lambda: self._new_stream(on_connect=tasks.spawn))
 
