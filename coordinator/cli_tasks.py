@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from coordinator.client import (
+    AWAY_CODES,
     TERMINAL_STATES,
     ApiError,
     CoordinatorClient,
@@ -353,7 +354,7 @@ def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: Tex
             try:
                 doc = client.get(task_id, outputs=False)
             except ApiError as exc:
-                if exc.code in ("shutting_down", "unreachable", "disconnected"):
+                if exc.code in AWAY_CODES:  # (the wait that follows rides over it, as it can)
                     return
                 raise
             line = progress_line(_shown(doc))

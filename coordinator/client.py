@@ -13,10 +13,15 @@ answer that is not the JSON the API promises, or no answer at all. Without an an
 says whether the request reached the coordinator: ``unreachable`` ("cannot reach the coordinator
 at URL: ...": no connection, nothing was received), ``disconnected`` (the connection closed or
 broke after it was made, before the whole answer came: the request may or may not have been
-carried out) or ``timeout`` (sent, and no answer in time: the same). A redirect is not followed
-(it would carry the API token, and turn a POST into a GET): it is an ApiError ``redirect`` naming
-where it pointed. An answer with NaN or Infinity (no JSON the API sends) is ``bad_response``; an
-error message, whatever the server put in it, holds no control characters (:func:`printable`).
+carried out) or ``timeout`` (no whole answer within the client's ``timeout``, a deadline for the
+whole request, connecting and every read of the answer included: the same). A 502, 503 or 504
+without the API's JSON error is a reverse proxy's, not the coordinator's: ``unavailable`` (the
+proxy could not reach it: it may be restarting). An answer larger than ``max_response_bytes``
+(:data:`MAX_RESPONSE_BYTES`, 1 GiB, by default) is ``bad_response``, read no further. A redirect
+is not followed (it would carry the API token, and turn a POST into a GET): it is an ApiError
+``redirect`` naming where it pointed. An answer with NaN or Infinity (no JSON the API sends) is
+``bad_response``; an error message, whatever the server put in it, holds no control characters
+(:func:`printable`).
 
 :func:`resolve_endpoint` finds the URL and token the way the CLI does: explicit options, then
 ``<data_dir>/runtime.json`` (written by the coordinator daemon: ``{"api": url, "token_file":
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
+import io
 import json
 import math
 import os
@@ -49,10 +56,12 @@ from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime
 
 __all__ = [
+    "AWAY_CODES",
     "BUSY_PAUSE_S",
     "ENV_TOKEN",
     "ENV_URL",
     "MAX_REQUEST_TIMEOUT_S",
+    "MAX_RESPONSE_BYTES",
     "MAX_WAIT_S",
     "MIN_RETRY_PAUSE_S",
     "RESTART_GRACE_S",
@@ -73,6 +82,16 @@ ENV_TOKEN = "MESHINFER_COORD_TOKEN"
 #: The longest ``timeout`` of a :class:`CoordinatorClient` (per request; ``wait`` adds what it
 #: asks the server to wait): a day. A socket refuses timeouts past about 1e9 s.
 MAX_REQUEST_TIMEOUT_S = 86400.0
+#: The largest answer a :class:`CoordinatorClient` reads by default (its ``max_response_bytes``):
+#: 1 GiB. The API bounds no answer: a finished task's document carries its outputs in base64 (4/3
+#: of their bytes), and a batch task may take 256 MiB of input (``MAX_BATCH_INPUT_BYTES``), with
+#: outputs as large again (embeddings, say). 1 GiB holds such a result, while a broken or hostile
+#: server cannot make the client hold more than that (it is read in chunks, and refused at once
+#: past a ``Content-Length`` over it). ``status`` without ``--outputs`` asks for no tensors.
+MAX_RESPONSE_BYTES = 1 << 30
+#: The error answers' bodies are read up to this (the API's JSON errors are well under 1 KiB).
+_MAX_ERROR_BODY = 64 << 10
+_READ_CHUNK = 1 << 20
 #: The longest single ``/wait`` the server grants; :meth:`CoordinatorClient.wait` loops past it.
 MAX_WAIT_S = 300.0
 #: The least pause before asking again after a ``/wait`` answered early (the server closing, or
@@ -87,7 +106,11 @@ RESTART_GRACE_S = 120.0
 #: The pause between asks while the coordinator is away (no ``Retry-After`` to go by).
 RESTART_POLL_S = 0.5
 #: The errors of a coordinator stopping or restarting: a ``/wait`` (a GET) is asked again.
-_AWAY = frozenset({"shutting_down", "busy", "unreachable", "disconnected"})
+#: (``unavailable``: a reverse proxy's 502/503/504 while the coordinator behind it is down.)
+AWAY_CODES = frozenset({"shutting_down", "busy", "unreachable", "disconnected", "unavailable"})
+#: The statuses a reverse proxy answers for a backend it cannot reach (bad gateway, service
+#: unavailable, gateway timeout): without the API's JSON error body, they are ``unavailable``.
+_PROXY_STATUSES = frozenset({502, 503, 504})
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _ERROR_BODY_PREVIEW = 200
 
@@ -277,24 +300,37 @@ def check_token(token: str) -> str:
 class CoordinatorClient:
     """Blocking calls to one coordinator; each returns the decoded JSON answer (a dict).
 
-    ``timeout`` bounds every request (``wait`` adds the time it asks the server to wait): positive
+    ``timeout`` bounds every request as a whole, from connecting to the answer's last byte
+    (``wait`` adds the time it asks the server to wait): positive
     seconds, at most :data:`MAX_REQUEST_TIMEOUT_S` (a day, as the CLI's ``--timeout``; a socket
     refuses far longer ones), else ConfigError naming the limit: a longer one is refused, not
-    cut short, as a caller who asked for it expects it to hold. Thread-safe: it holds no
-    connection between calls.
+    cut short, as a caller who asked for it expects it to hold. ``max_response_bytes``: the
+    largest answer read (:data:`MAX_RESPONSE_BYTES`); a larger one is ``bad_response``.
+    Thread-safe: it holds no connection between calls.
     """
 
-    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout: float = 30.0,
+        *,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         if not 0 < timeout <= MAX_REQUEST_TIMEOUT_S:
             raise ConfigError(
                 f"timeout: {timeout!r} is not a positive number of seconds of at most"
                 f" {MAX_REQUEST_TIMEOUT_S:g} (a day)"
             )
+        if max_response_bytes < 1:
+            raise ConfigError(f"max_response_bytes: {max_response_bytes!r} is not positive")
         self.url = check_http_url(url, "coordinator URL")
         self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
         self._token = check_token(token)
         self._opener = opener_for(self.url)
-        self._opener.add_handler(_RefuseRedirects())
+        for handler in (_RefuseRedirects(), _DeadlineHTTPHandler(), _DeadlineHTTPSHandler()):
+            self._opener.add_handler(handler)
         self._answered = False  # (any HTTP answer came: a later outage is a restart, not a typo)
 
     def submit(self, doc: Mapping[str, Any], *, busy_s: float = 30.0) -> dict[str, Any]:
@@ -350,7 +386,7 @@ class CoordinatorClient:
             try:
                 doc = self._request("GET", path, query=query, timeout=self.timeout + step)
             except ApiError as exc:
-                if exc.code not in _AWAY or not self._answered:
+                if exc.code not in AWAY_CODES or not self._answered:
                     raise
                 away_since = asked if away_since is None else away_since
                 pause = RESTART_POLL_S if exc.retry_after is None else exc.retry_after
@@ -445,14 +481,16 @@ class CoordinatorClient:
     def _send(self, request: urllib.request.Request, timeout: float | None = None) -> dict:
         try:
             with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                status, raw = response.status, response.read()
+                status, raw = response.status, _read_capped(response, self.max_response_bytes)
         except urllib.error.HTTPError as exc:
-            self._answered = True
             if 300 <= exc.code < 400:
+                self._answered = True
                 _read_quietly(exc)
                 raise self._redirected(exc, request) from None
             error = _error_from_response(exc.code, _read_quietly(exc))
             error.retry_after = _seconds(exc.headers.get("Retry-After"))
+            # (a proxy's answer is not the coordinator's: one never reached is not waited for)
+            self._answered = self._answered or error.code != "unavailable"
             raise error from None
         except urllib.error.URLError as exc:  # connecting, or sending the request
             reason = exc.reason if isinstance(exc.reason, BaseException) else exc
@@ -460,6 +498,13 @@ class CoordinatorClient:
         except (HTTPException, OSError) as exc:  # the request was sent: reading the answer
             raise self._no_answer(exc, request, sent=True) from None
         self._answered = True
+        if raw is None:
+            message = (
+                f"the coordinator's answer to {request.get_method()} is larger than"
+                f" {_size_text(self.max_response_bytes)} (the client's max_response_bytes):"
+                " not read further"
+            )
+            raise ApiError(status, "bad_response", message)
         return _json_object(status, raw)
 
     def _build(self, method, path, query, body) -> urllib.request.Request:
@@ -524,6 +569,109 @@ class _RefuseRedirects(urllib.request.BaseHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
+class _DeadlineConnection(http.client.HTTPConnection):
+    """An HTTP connection whose every step (connecting, each send, each read of the answer)
+    ends by one deadline, ``timeout`` seconds after it was made (urllib makes one per request).
+    A socket's own timeout bounds each step alone: a server sending one byte just within it,
+    over and over, held a request for ever."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        timed = isinstance(self.timeout, int | float)
+        self._deadline = time.monotonic() + self.timeout if timed else None
+
+    def _left(self) -> float:
+        left = self._deadline - time.monotonic()  # type: ignore[operator]
+        if left <= 0:
+            raise TimeoutError("the request's time ran out")
+        return left
+
+    def connect(self) -> None:
+        if self._deadline is not None:
+            self.timeout = self._left()
+        super().connect()
+
+    def send(self, data: Any) -> None:
+        if self._deadline is not None and self.sock is not None:
+            self.sock.settimeout(self._left())
+        super().send(data)
+
+    def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        if self._deadline is not None:
+            sock = _DeadlineSocket(sock, self._left)
+        return http.client.HTTPResponse(sock, *args, **kwargs)
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineSocket:
+    """What an HTTPResponse reads its answer from (it only calls ``makefile``): each read
+    waits no longer than what is left of the request's time."""
+
+    def __init__(self, sock: Any, left: Any) -> None:
+        self._sock, self._left = sock, left
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._left))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: Any, left: Any) -> None:
+        self._sock, self._left = sock, left
+        self._raw = sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(self._left())
+        return self._raw.readinto(buffer)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    handler_order = 499  # (asked before the opener's own HTTPHandler, order 500)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineConnection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    handler_order = 499
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
+
+
+def _read_capped(response: http.client.HTTPResponse, cap: int) -> bytearray | None:
+    """The answer's body, read in chunks; None once it is larger than ``cap`` bytes (then no
+    more of it is read: a ``Content-Length`` over ``cap`` is not read at all)."""
+    if response.length is not None and response.length > cap:
+        return None
+    body = bytearray()
+    while chunk := response.read(min(_READ_CHUNK, cap + 1 - len(body))):
+        body += chunk
+        if len(body) > cap:
+            return None
+    return body
+
+
+def _size_text(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):g} {unit}"
+    return f"{size} bytes"
+
+
 #: A connection that was made and then closed or broke: what was sent may have been received.
 _DROPPED = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, IncompleteRead)
 
@@ -548,7 +696,7 @@ def _query_value(value: Any) -> str:
 
 def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
     try:
-        return exc.read()
+        return exc.read(_MAX_ERROR_BODY)  # (the API's errors are small; the rest is not read)
     except (OSError, HTTPException):
         return b""
     finally:
@@ -576,6 +724,12 @@ def _error_from_response(status: int, raw: bytes) -> ApiError:
     except (ValueError, KeyError, TypeError, RecursionError):  # (nested past the parser's limit)
         pass
     preview = raw[:_ERROR_BODY_PREVIEW].decode("utf-8", "replace").strip() or "no details"
+    if status in _PROXY_STATUSES:  # (the coordinator's own 503s are JSON errors)
+        message = (
+            f"the server in front of the coordinator answered HTTP {status}, not the coordinator"
+            f" (a proxy that cannot reach it: down or restarting?): {preview}"
+        )
+        return ApiError(status, "unavailable", message)
     return ApiError(status, "http_error", f"the coordinator refused the request: {preview}")
 
 

@@ -3,6 +3,8 @@
 Formats, by suffix: ``.npy``, ``.npz`` (its first array, or ``key``), ``.json`` (a list of rows,
 one row, or a tensor document of the API), ``.csv`` (rows of numbers, an optional header line)
 and images ``.pgm`` / ``.png`` / ``.jpg`` (one row each: :mod:`coordinator.digit_images`).
+A ``.npz`` array whose header claims more than :data:`MAX_ARRAY_BYTES` (the largest input a
+task takes) is refused from that header, unread: a compressed member can inflate a thousandfold.
 Anything unreadable, malformed or mismatched is a ConfigError naming the file; so is a name of
 no known format (told before reading) and anything but a regular file (a FIFO, a device such as
 /dev/zero: read without waiting for a writer, refused by what it is).
@@ -24,8 +26,13 @@ import numpy as np
 from coordinator.client import array_from_json
 from coordinator.digit_images import read_image, read_pgm
 from meshinfer.errors import ConfigError, RemoteProtocolError
+from meshinfer.proto.tasks import MAX_BATCH_INPUT_BYTES
 
-__all__ = ["load_inputs", "parse_input"]
+__all__ = ["MAX_ARRAY_BYTES", "load_inputs", "parse_input"]
+
+#: The most bytes a ``.npz`` array may claim in its header (shape times item size): no task
+#: takes a larger input (a batch task's whole input, ``MAX_BATCH_INPUT_BYTES``: 256 MiB).
+MAX_ARRAY_BYTES = MAX_BATCH_INPUT_BYTES
 
 
 def load_inputs(
@@ -162,10 +169,35 @@ def _npz(name: str, data: bytes, key: str | None) -> np.ndarray:
             raise ConfigError(f"{name}: the archive holds no arrays")
         if key is not None and key not in names:
             raise ConfigError(f"{name}: no array {key!r}; it holds {', '.join(names)}")
+        member = key if key is not None else names[0]
         try:
-            return archive[key if key is not None else names[0]]
+            claimed = _claimed_bytes(archive, member)
+            if claimed > MAX_ARRAY_BYTES:
+                raise ConfigError(
+                    f"{name}: array {member!r} would take {claimed:,} bytes once decompressed;"
+                    f" an input may take at most {MAX_ARRAY_BYTES:,} (not read)"
+                )
+            return archive[member]
         except _NUMPY_ERRORS as exc:
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"{name}: not a readable .npz file ({exc})") from None
+
+
+def _claimed_bytes(archive: np.lib.npyio.NpzFile, member: str) -> int:
+    """The bytes the .npy header of ``member`` says its array holds (shape times item size),
+    read from the header alone; 0 for a member that is no .npy (np.load refuses it then)."""
+    entry = member if member in archive.zip.namelist() else member + ".npy"
+    with archive.zip.open(entry) as file:
+        try:
+            version = np.lib.format.read_magic(file)
+        except ValueError:
+            return 0
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+    return math.prod(shape) * dtype.itemsize
 
 
 def _json(name: str, data: bytes, key: str | None) -> np.ndarray:

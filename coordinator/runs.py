@@ -197,7 +197,7 @@ class TaskRun:
     def record_result(self, item_id: str, output: Tensor, node: str, now: float) -> None:
         """An item's output. One that cannot be combined with the others fails the task
         (module docstring); a pipeline whose next stage cannot be fed fails in :meth:`ready`."""
-        self.items.pop(item_id, None)
+        self._finished(item_id)
         try:
             self._check_shard(item_id, output)
             if self.aggregator is not None:
@@ -228,10 +228,22 @@ class TaskRun:
     def record_failure(self, item_id: str, error: str, now: float) -> None:
         """An item failed for good (no more retries)."""
         self.failed[item_id] = error
-        self.items.pop(item_id, None)
+        self._finished(item_id)
         if self.aggregator is not None:
             self.aggregator.add_failure(item_id, now)
         self._settle(now)
+
+    def _finished(self, item_id: str) -> None:
+        """The item is live no more: its entry goes, and so does the digest of its input unless
+        that is the task's own input (other items may share it). A pipeline stage's input, made
+        from earlier stages' outputs, was kept (here alone) until the task ended."""
+        entry = self.items.pop(item_id, None)
+        if entry is None:
+            return
+        data = entry.item.input.data
+        known = self._digests.get(id(data))
+        if known is not None and known[0] is data and data is not self.spec.inputs.data:
+            del self._digests[id(data)]
 
     def check_timeout(self, now: float) -> None:
         """For aggregations with a timeout: settle if the deadline passed."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 import datetime
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from coordinator.client import TERMINAL_STATES
 
 __all__ = [
+    "ID_WIDTH",
+    "NAME_WIDTH",
     "PROGRESS_WIDTH",
     "aggregation_text",
     "count_text",
@@ -33,6 +35,11 @@ __all__ = [
 ]
 
 PROGRESS_WIDTH = 30
+#: The widest a table shows a task id (the API's longest, 64: a valid one is never cut) and
+#: an item id, model or node name (longer ones are cut to this with ``...``; ``--json`` shows
+#: every one whole): one long name no longer widens every row of its table.
+ID_WIDTH = 64
+NAME_WIDTH = 48
 
 
 def utc_iso(seconds: float | None) -> str:
@@ -48,9 +55,19 @@ def utc_iso(seconds: float | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right=()) -> str:
-    """Columns padded to their widest cell; columns named in ``right`` are right-aligned."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+def format_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    right=(),
+    widest: Mapping[str, int] | None = None,
+) -> str:
+    """Columns padded to their widest cell; columns named in ``right`` are right-aligned; a
+    cell of a column named in ``widest`` longer than its width there is cut to it (``...``)."""
+    limits = [(widest or {}).get(h) for h in headers]
+    cells = [[str(h) for h in headers]] + [
+        [_cut("-" if c is None else str(c), w) for c, w in zip(r, limits, strict=True)]
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -60,6 +77,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right=()
         ]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
+
+
+def _cut(text: str, width: int | None) -> str:
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def count_text(n: int, noun: str) -> str:
@@ -91,7 +112,7 @@ def render_tasks(page: dict[str, Any]) -> str:
         for t in tasks
     ]
     headers = ("TASK", "STATE", "PATTERN", "PRIO", "ITEMS", "CREATED (UTC)", "ERROR")
-    text = format_table(headers, rows, right={"PRIO", "ITEMS"})
+    text = format_table(headers, rows, right={"PRIO", "ITEMS"}, widest={"TASK": ID_WIDTH})
     if page.get("next_cursor"):
         text += f"\n(more: --cursor {page['next_cursor']}, or --all)"
     return text
@@ -122,7 +143,8 @@ def render_task(doc: dict[str, Any]) -> str:
             for i in items
         ]  # fmt: skip
         headers = ("ITEM", "STATE", "MODEL", "NODE", "ATTEMPT", "ERROR / WAITING")
-        lines += ["", format_table(headers, rows, right={"ATTEMPT"})]
+        widest = {"ITEM": ID_WIDTH, "MODEL": NAME_WIDTH, "NODE": NAME_WIDTH}
+        lines += ["", format_table(headers, rows, right={"ATTEMPT"}, widest=widest)]
     if doc.get("result"):
         lines += ["", *result_lines(doc["result"], 20)]
     return "\n".join(lines)
@@ -241,7 +263,8 @@ def render_nodes(doc: dict[str, Any]) -> str:
         "DONE", "MODELS",
     )  # fmt: skip
     right = {"RTT MS", "CONTACT S", "QUEUE", "IN FLIGHT", "DONE"}
-    return format_table(headers, rows, right=right)
+    widest = {"NODE": NAME_WIDTH, "ADDRESS": NAME_WIDTH, "MODELS": ID_WIDTH}
+    return format_table(headers, rows, right=right, widest=widest)
 
 
 def render_stats(doc: dict[str, Any]) -> str:
