@@ -41,10 +41,19 @@ class DataDir:
     def __init__(self, configured: str, key: str, temp_prefix: str, lock: str = "") -> None:
         self.key = key
         self.temporary = not configured
-        self.path = Path(configured) if configured else Path(tempfile.mkdtemp(prefix=temp_prefix))
+        self.path = Path(configured) if configured else self._make_temporary(temp_prefix)
         self.lock = lock
         self._lock_fd: int | None = None
         self._wrote = False  # the runtime file is this one's to remove
+
+    def _make_temporary(self, prefix: str) -> Path:
+        """A fresh temporary directory; none to be had (TMPDIR missing, full or read-only) is a
+        ConfigError naming the key, as the daemon cannot run without one."""
+        try:
+            return Path(tempfile.mkdtemp(prefix=prefix))
+        except OSError as exc:
+            why = failure_text(Path(tempfile.gettempdir()), "create a directory in", exc)
+            raise ConfigError(f"{self.key} (empty: a temporary directory): {why}") from None
 
     @property
     def runtime_file(self) -> Path:

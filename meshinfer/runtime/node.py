@@ -9,6 +9,12 @@ Lifecycle (explicit and idempotent, STYLE.md 8)::
     aclose(): discovery goodbyes -> revocation sync and membership stopped -> listener closed
               -> sessions closed
 
+Each close step runs even when one before it fails (logged). A second ``start`` waits for the
+first; ``aclose`` during a start stops it where it is (that ``start`` raises RuntimeError) and
+closes what it started; a start that fails, or whose caller is cancelled, closes what it started;
+a ``start`` after ``aclose`` raises RuntimeError. ``aclose`` called again, or concurrently, waits
+for the first close to end; one whose caller is cancelled goes on closing.
+
 Discovery events (mDNS, static seeds) teach the peer table where a node listens and its static
 key (the peer table holds one address per node: an advert's first; the mDNS source lists first
 those on a network this host shares, :func:`~meshinfer.discovery.addresses.nearest_first`), then ask
@@ -150,6 +156,8 @@ class MeshNode:
         self._closed = False
         self._outbound: str | None = None
         self._outbound_watch: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None  # the start, once asked for
+        self._closing: asyncio.Task[None] | None = None  # the close, once asked for
 
     @property
     def node_id(self) -> str:
@@ -175,9 +183,27 @@ class MeshNode:
         )
 
     async def start(self) -> None:
-        """Listen, start membership, then advertise and browse. Sets :attr:`ready`."""
-        if self.ready.is_set():
-            return
+        """Listen, start membership, then advertise and browse. Sets :attr:`ready`. Once
+        started, a no-op; see the module docstring for a start that fails, is cancelled or
+        meets :meth:`aclose`."""
+        if self._closed:
+            raise RuntimeError(f"node {self.node_id} is closed: it cannot start again")
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # not ours: aclose() stopped the start
+                raise RuntimeError(f"node {self.node_id} was closed during its start") from None
+            await asyncio.shield(self.aclose())  # our caller was cancelled: the start goes too
+            raise
+        except BaseException:
+            await asyncio.shield(self.aclose())
+            raise
+
+    async def _start(self) -> None:
         self.address = await self.listener.start(self.options.listen)
         if (self.options.advertise_host or self.options.listen.host) in EVERY_INTERFACE:
             self._outbound = await asyncio.to_thread(self._find_outbound)
@@ -306,22 +332,36 @@ class MeshNode:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Abrupt but orderly shutdown (no leave announcement). Idempotent."""
-        if self._closed:
-            return
+        """Abrupt but orderly shutdown (no leave announcement). Idempotent: every call waits
+        until the one close has ended (it goes on when a caller is cancelled)."""
         self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        if self._starting is not None:  # a start under way stops where it is
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
         if self._outbound_watch is not None:  # a failure was logged by its done-callback
             self._outbound_watch.cancel()
             await asyncio.gather(self._outbound_watch, return_exceptions=True)
         for source in self.discovery:
             with contextlib.suppress(Exception):
                 await source.aclose()
-        if self.revocation_sync is not None:
-            await self.revocation_sync.aclose()
-        if self.membership is not None:
-            await self.membership.aclose()
-        await self.listener.aclose()
-        await self.peers.aclose()
+        sync, membership = self.revocation_sync, self.membership
+        steps = (
+            ("its revocation sync", sync.aclose if sync is not None else None),
+            ("its membership", membership.aclose if membership is not None else None),
+            ("its listener", self.listener.aclose),
+            ("its sessions", self.peers.aclose),
+        )
+        for what, close in steps:
+            try:
+                if close is not None:
+                    await close()
+            except Exception:  # the rest still close
+                log.exception("node %s: closing %s failed", self.node_id, what)
 
     async def __aenter__(self) -> MeshNode:
         await self.start()
