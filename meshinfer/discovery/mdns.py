@@ -38,7 +38,9 @@ service when a record arrives, never when one expires, so a peer would keep list
 The same look reads each reported peer again from zeroconf's cache: an address whose record
 expired (its goodbye lost, or the peer gone without one) is dropped (``updated``, or ``lost`` with
 none left); a peer's SRV, TXT or address record past ``REFRESH_AT`` (75%) of its TTL is asked
-for first.
+for first. Records there that do not parse, or an SRV record naming a host other than the
+peer's own ``<label>.local.``, are what anyone on the link can send: they leave the peer as
+reported, less the addresses whose own records expired (discovery only adds addresses).
 A peer's loopback addresses are kept only while it may be on this host
 (:func:`~meshinfer.discovery.addresses.drop_foreign_loopback`), and its addresses are reported
 with those on a network this host shares first
@@ -83,7 +85,10 @@ from meshinfer.discovery.mdns_cache import (
     advert_from_service,
     cached_advert,
     drop_expired_addresses,
+    live_addresses,
+    own_host,
     refresh_questions,
+    service_host,
 )
 from meshinfer.discovery.mdns_config import (  # MdnsConfig: its callers import it from here
     IP_VERSIONS,
@@ -246,20 +251,34 @@ class MdnsDiscovery(SourceBase):
         zc, now = self._zc.zeroconf, current_time_millis()
         query = DNSOutgoing(_QUERY_FLAGS)
         for name in list(self._names):
-            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            info, host = AsyncServiceInfo(SERVICE_TYPE, name), service_host(name)
             local = self._local_addresses, self._local_networks
-            advert = cached_advert(zc, name, info, now, *local)
-            if info.server:
-                drop_expired_addresses(zc, info.server, now)
+            try:
+                advert = cached_advert(zc, name, info, now, *local)
+            except MalformedAdvert:  # anyone can send such records under its name: no goodbye
+                advert = self._less_expired(name, host, now)
+            drop_expired_addresses(zc, host, now)
             if advert is None:
                 self._forget(name)
                 continue
             self.directory.sight(advert, self._now())  # reports only a change
-            assert info.server is not None  # cached_advert checked it
-            for question in refresh_questions(zc, name, info.server, now):
+            for question in refresh_questions(zc, name, host, now):
                 query.add_question(question)
         if query.questions:
             zc.async_send(query)
+
+    def _less_expired(self, name: str, host: str, now: float) -> PeerAdvert | None:
+        """The advert reported for service ``name``, less the addresses whose records (of
+        ``host``, its own) expired at ``now``; None when none is left. For a service whose
+        cached records do not parse: discovery only adds addresses (admission is by the Noise
+        handshake), and forged records must not make a peer ``lost``."""
+        assert self._zc is not None
+        reported = self.directory.peers.get(self._names[name])
+        if reported is None:
+            return None
+        live = live_addresses(self._zc.zeroconf, host, now)
+        kept = tuple(a for a in reported.addresses if a.split("%", 1)[0] in live)
+        return replace(reported, addresses=kept) if kept else None
 
     async def _follow_addresses(self, adapters: Sequence[ifaddr.Adapter]) -> None:
         """Match zeroconf's sockets and (if derived from them) our addresses to ``adapters``.
@@ -352,8 +371,9 @@ class MdnsDiscovery(SourceBase):
             self._forget(name)
             return
         info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if info.load_from_cache(self._zc.zeroconf) and info.port is not None:
-            self._accept(name, info)
+        complete = info.load_from_cache(self._zc.zeroconf)
+        if (complete and info.port is not None) or not own_host(name, info):
+            self._accept(name, info)  # an SRV record naming another host is malformed at once
         elif name.lower() in self._resolving:
             return
         elif len(self._resolving) >= self.config.max_resolving:

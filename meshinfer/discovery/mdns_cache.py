@@ -10,6 +10,7 @@ from it) and asks again for address records near their end (:func:`refresh_quest
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ def advert_from_service(
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):
         raise MalformedAdvert(f"service name {name!r} is not of type {SERVICE_TYPE}")
+    if not own_host(name, info):
+        raise MalformedAdvert(f"service {name!r} names host {info.server!r}, not its own")
     text = info.text if isinstance(info.text, bytes) else b""
     addresses = [a for a in info.parsed_scoped_addresses() if is_unicast(a)]
     if local_addresses is not None:
@@ -58,6 +61,29 @@ def advert_from_service(
     if name[: -len(suffix)].lower() != instance_label(advert.node_id, advert.fleet_id).lower():
         raise MalformedAdvert(f"service name {name!r} does not derive from fleet and node id")
     return advert
+
+
+def service_host(name: str) -> str:
+    """The host (SRV target) of meshinfer service ``name``: ``<instance label>.local.``, as
+    every node publishes it (``MdnsDiscovery._service_info``)."""
+    return f"{name[: -len(SERVICE_TYPE) - 1]}.local."
+
+
+def own_host(name: str, info: AsyncServiceInfo) -> bool:
+    """False when ``info``'s SRV record names a host other than :func:`service_host`: anyone on
+    the link can send one, to point a peer's service at addresses of theirs (or at none)."""
+    return info.server is None or info.server.lower() == service_host(name).lower()
+
+
+def live_addresses(zc: Zeroconf, server: str, now: float) -> frozenset[str]:
+    """The addresses (without scope) of ``server``'s address records in ``zc``'s cache that
+    have not expired at ``now`` (ms)."""
+    return frozenset(
+        str(ipaddress.ip_address(record.address))
+        for type_ in _ADDRESS_TYPES
+        for record in zc.cache.get_all_by_details(server, type_, _CLASS_IN)
+        if not record.is_expired(now) and len(record.address) in (4, 16)
+    )
 
 
 def _near_end(record: Any, now: float) -> bool:
@@ -74,14 +100,18 @@ def cached_advert(
     local_networks: Sequence[Network],
 ) -> PeerAdvert | None:
     """Service ``name`` read into ``info`` from ``zc``'s cache at ``now`` (ms) and parsed as by
-    :func:`advert_from_service`; None when a record it needs expired or no usable address is
-    left (the peer is lost)."""
-    if not (info.load_from_cache(zc, now) and info.port is not None and info.server):
+    :func:`advert_from_service`; None when a record it needs expired (the peer is lost).
+
+    Raises :class:`MalformedAdvert` when the records there do not parse, no usable address is
+    left, or the SRV record names another host: any host on the link can send such records
+    under a peer's name, so the caller must not take them as the peer's goodbye (it keeps the
+    reported advert, less addresses whose records expired: :func:`live_addresses`)."""
+    complete = info.load_from_cache(zc, now)
+    if not own_host(name, info):
+        raise MalformedAdvert(f"service {name!r} names host {info.server!r}, not its own")
+    if not (complete and info.port is not None and info.server):
         return None
-    try:
-        return advert_from_service(name, info, local_addresses, local_networks=local_networks)
-    except MalformedAdvert:  # an address left that is not usable
-        return None
+    return advert_from_service(name, info, local_addresses, local_networks=local_networks)
 
 
 def refresh_questions(zc: Zeroconf, name: str, server: str, now: float) -> list[DNSQuestion]:
