@@ -34,7 +34,9 @@ Decoding a peer's bytes (:meth:`MessageRegistry.decode`), in order:
    type's widest fixed shape (or ``max_items`` where it has variable-length tuples/dicts), maps no
    longer than ``max_items`` (0 when it has none), no ext types, ``strict_map_key``, UTF-8 strings
    (``raw=False``); string/bin lengths are bounded by the input length (msgpack's default); trailing
-   bytes are an error;
+   bytes are an error; a type capped above 64 KiB also refuses more arrays and maps than a valid
+   encoding of it holds (``max_items`` more for an extensible type, room for a newer peer's
+   fields), as it unpacks them: each costs ~70 times its byte in memory;
 4. check each field with a validator compiled once, at registration, from the field annotation:
    ``int`` (never ``bool``), ``float`` (an int is accepted and converted), ``str``, ``bytes``,
    ``bool``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``dict[str, X]``, an ``IntEnum``
@@ -240,6 +242,8 @@ class _TypeCodec:
         "arity",
         "checks",
         "cls",
+        "container_limit",
+        "containers",
         "extensible",
         "fast_build",
         "fast_build_top",
@@ -247,6 +251,7 @@ class _TypeCodec:
         "fields_to_wire",
         "fixed_len",
         "has_validate",
+        "hints",
         "max_items",
         "max_size",
         "name",
@@ -300,6 +305,27 @@ class _TypeCodec:
 
 def _no_ext(code: int, data: bytes) -> Any:
     raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
+
+
+#: Types whose cap is above this count the arrays and maps they unpack (:func:`_counting_hook`).
+_COUNTED_SIZE = 64 * 1024
+
+
+def _counting_hook(name: str, limit: int) -> Callable[[Any], Any]:
+    """A msgpack ``list_hook``/``object_hook`` that refuses the array or map past ``limit``:
+    one byte of msgpack unpacks to a 64-byte dict or tuple, so a frame of nested containers
+    would otherwise grow ~70-fold in memory, in fields that are checked only after unpacking
+    (or, extra fields of an extensible type, never)."""
+    left = limit
+
+    def hook(obj: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise RemoteProtocolError(f"{name} message holds more than {limit} arrays and maps")
+        return obj
+
+    return hook
 
 
 def _generate_to_wire(names: tuple[str, ...], converts: list[_Convert], type_id: int | None):
@@ -464,6 +490,7 @@ class MessageRegistry:
         codec.required = sum(1 for f in fields if _has_no_default(f))
         codec.has_validate = callable(getattr(cls, "validate", None))
         hint_list = [hints[f.name] for f in fields]
+        codec.hints = tuple(hint_list)
         codec.checks = tuple(self._check_for(h, cls) for h in hint_list)
         codec.scalar_types = tuple(h if h in (int, str, bytes, bool) else None for h in hint_list)
         fixed, variable = self._shape(hint_list)
@@ -473,6 +500,9 @@ class MessageRegistry:
         codec.fields_to_wire = _generate_to_wire(codec.field_names, converts, None)
         codec.to_wire = _generate_to_wire(codec.field_names, converts, type_id)
         codec.unpack_kwargs = _unpack_kwargs(codec)
+        codec.containers = self._containers_of(codec, max_items)
+        large = max_size is not None and max_size > _COUNTED_SIZE
+        codec.container_limit = codec.containers if large else None
         codec.fast_build = _generate_fast_build(codec, skip=0)
         codec.fast_build_top = _generate_fast_build(codec, skip=1)
         return codec
@@ -540,6 +570,27 @@ class MessageRegistry:
                 widest, variable = max(widest, sub_widest, fixed), variable or sub_variable
         return widest, variable
 
+    def _containers_of(self, codec: _TypeCodec, max_items: int) -> int:
+        """The most arrays and maps a valid encoding of ``codec``'s type holds, its own
+        included; an extensible type may hold ``max_items`` more in a newer peer's fields."""
+        own = 1 + (max_items if codec.extensible else 0)
+        return own + sum(self._containers(h, max_items) for h in codec.hints)
+
+    def _containers(self, hint: Any, max_items: int) -> int:
+        """The most arrays and maps a valid value of one (supported) annotation holds."""
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint in self._by_class:
+            return self._containers_of(self._by_class[hint], max_items)
+        if origin in (types.UnionType, typing.Union):
+            return max(self._containers(a, max_items) for a in args)
+        if origin is tuple and Ellipsis in args:
+            return 1 + max_items * self._containers(args[0], max_items)
+        if origin is tuple:
+            return 1 + sum(self._containers(a, max_items) for a in args)
+        if origin is dict:
+            return 1 + max_items * self._containers(args[1], max_items)
+        return 0
+
     # --- lookups -------------------------------------------------------------------------
 
     def spec_of(self, cls_or_id: type | int) -> MessageSpec:
@@ -603,8 +654,15 @@ class MessageRegistry:
         return codec
 
     def _decode_with(self, codec: _TypeCodec, data: bytes) -> Any:
+        limit = codec.container_limit
         try:
-            items = msgpack.unpackb(data, **codec.unpack_kwargs)
+            if limit is None:
+                items = msgpack.unpackb(data, **codec.unpack_kwargs)
+            else:
+                hook = _counting_hook(codec.name, limit)
+                items = msgpack.unpackb(
+                    data, list_hook=hook, object_hook=hook, **codec.unpack_kwargs
+                )
         except msgpack.ExtraData:
             raise RemoteProtocolError(f"trailing bytes after {codec.name} message") from None
         except (ValueError, TypeError, msgpack.UnpackException) as exc:

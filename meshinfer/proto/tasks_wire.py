@@ -2,7 +2,8 @@
 
 Tensors travel as raw little-endian bytes plus a dtype name and a shape (:class:`Tensor`); the
 dtype comes from a whitelist (:data:`DTYPES`) and a decoder checks that the byte count matches
-``prod(shape) * itemsize`` before any NumPy view is made.
+``prod(shape) * itemsize`` before any NumPy view is made (an empty tensor's other dimensions,
+its zeros taken as 1, may span no more than the cap either: NumPy could not shape it).
 
 Task parameters (``requires_gpu``, ``expected_runtime_s``, ...) are a small flat map of
 ``str -> str | int | float | bool | None``; on the wire they ride as one msgpack blob
@@ -128,6 +129,10 @@ def _layout_bytes(dtype: str, shape: tuple[int, ...], limit: int, what: str = "t
     expected = math.prod(shape) * itemsize
     if expected > limit:
         raise _refuse(what, f"{expected} bytes, over the cap of {limit}")
+    if not expected and math.prod(d or 1 for d in shape) * itemsize > limit:
+        # an empty tensor whose other dimensions span more than the cap: NumPy refuses to
+        # shape one past its index range, and no slice of it could ever be sent
+        raise _refuse(what, f"shape {shape} spans more than {limit} bytes outside its zeros")
     return expected
 
 
@@ -149,6 +154,10 @@ def pack_array(array: np.ndarray) -> tuple[bytes, str, tuple[int, ...]]:
         raise LocalProtocolError(f"dtype {name} cannot be sent; use one of {sorted(DTYPES)}")
     if array.nbytes > MAX_TENSOR_BYTES or array.ndim > MAX_NDIM:
         raise LocalProtocolError(f"array of {array.nbytes} bytes, {array.ndim} dims is too big")
+    if not array.nbytes and math.prod(d or 1 for d in array.shape) * array.itemsize > (
+        MAX_TENSOR_BYTES
+    ):  # as a peer's decoder would refuse it (_layout_bytes)
+        raise LocalProtocolError(f"empty array of shape {array.shape} spans too many bytes")
     wire = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[name])
     return wire.tobytes(), name, array.shape  # (a shape is a tuple of ints)
 
