@@ -109,9 +109,9 @@ async def test_a_pushed_list_is_verified_in_the_apis_bounded_workers(served, mon
     verified_in: list[str] = []
     real = RevocationList.from_bytes
 
-    def spy(data: bytes, trust):  # the real verification, noting the thread it ran in
+    def spy(data: bytes, trust, held=None):  # the real verification, noting its thread
         verified_in.append(threading.current_thread().name)
-        return real(data, trust)
+        return real(data, trust, held)
 
     monkeypatch.setattr(RevocationList, "from_bytes", staticmethod(spy))
     request = served.head(
