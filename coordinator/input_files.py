@@ -16,8 +16,6 @@ import csv
 import io
 import json
 import math
-import os
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 
 from coordinator.client import array_from_json
 from coordinator.digit_images import read_image, read_pgm
+from meshinfer.atomic_files import NotRegularFileError, read_regular
 from meshinfer.errors import ConfigError, RemoteProtocolError
 from meshinfer.proto.tasks import MAX_BATCH_INPUT_BYTES
 
@@ -77,27 +76,18 @@ def _reader(name: str) -> Callable[[str, bytes, str | None], np.ndarray]:
 
 
 def _read_regular_file(path: Path) -> bytes:
-    """The bytes of the regular file ``path``. Opened without blocking and judged by the
-    opened file's status: a FIFO made a plain open wait for a writer for good, and a device
-    (/dev/zero, /dev/stdin) can be read forever."""
+    """The bytes of the regular file ``path`` (:func:`~meshinfer.atomic_files.read_regular`:
+    a FIFO made a plain open wait for a writer for good, a device could be read forever)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path)
+    except IsADirectoryError:
+        raise ConfigError(f"cannot read input {path}: it is a directory, not a file") from None
+    except NotRegularFileError:
+        raise ConfigError(
+            f"cannot read input {path}: a FIFO, socket or device, not a regular file"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(f"cannot read input {path}: it is a directory, not a file")
-        if not stat.S_ISREG(mode):
-            raise ConfigError(
-                f"cannot read input {path}: a FIFO, socket or device, not a regular file"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            return file.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
 
 
 #: What a reader raises where it did not foresee a malformed file (its data is in memory).
@@ -172,16 +162,15 @@ def _npz(name: str, data: bytes, key: str | None) -> np.ndarray:
         member = key if key is not None else names[0]
         try:
             claimed = _claimed_bytes(archive, member)
-            if claimed > MAX_ARRAY_BYTES:
-                raise ConfigError(
-                    f"{name}: array {member!r} would take {claimed:,} bytes once decompressed;"
-                    f" an input may take at most {MAX_ARRAY_BYTES:,} (not read)"
-                )
-            return archive[member]
+            array = archive[member] if claimed <= MAX_ARRAY_BYTES else None
         except _NUMPY_ERRORS as exc:
-            if isinstance(exc, ConfigError):
-                raise
             raise ConfigError(f"{name}: not a readable .npz file ({exc})") from None
+    if array is None:
+        raise ConfigError(
+            f"{name}: array {member!r} would take {claimed:,} bytes once decompressed;"
+            f" an input may take at most {MAX_ARRAY_BYTES:,} (not read)"
+        )
+    return array
 
 
 def _claimed_bytes(archive: np.lib.npyio.NpzFile, member: str) -> int:

@@ -232,30 +232,47 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
-    """Read ``path`` (at most ``limit`` bytes); a missing, unreadable or larger file, or one
-    that is not a regular file, raises :class:`IdentityError` naming ``what``. Opened without
-    blocking and judged by the opened file's own status: a FIFO put there (or swapped in after
-    a look) made a plain open wait for a writer for good, in whatever thread read it (the
-    node's revocation watch held its file lock meanwhile, and its exit waited for it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise IdentityError(f"{what} not found: {path}") from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+class NotRegularFileError(OSError):
+    """A FIFO, socket or device where a regular file was to be read (:func:`read_regular`)."""
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path``: all of them, or at most ``limit + 1`` (so that a
+    caller can tell a file over ``limit``). Opened without blocking and judged by the opened
+    file's own status: a FIFO put there (or swapped in after a look) made a plain open wait for
+    a writer for good, and a device (/dev/zero) can be read for ever. Raises ``OSError``:
+    ``IsADirectoryError`` for a directory, :class:`NotRegularFileError` for anything else that
+    is not a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise IdentityError(f"{what} {path} is a directory, not a file")
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         if not stat.S_ISREG(mode):
-            raise IdentityError(f"{what} {path} is a FIFO, socket or device, not a regular file")
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
         with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(limit + 1)
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
+            return file.read() if limit is None else file.read(limit + 1)
     finally:
         os.close(fd)
+
+
+def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Read ``path`` (at most ``limit`` bytes) with :func:`read_regular`; a missing,
+    unreadable or larger file, or one that is not a regular file, raises
+    :class:`IdentityError` naming ``what`` (a FIFO there held the node's revocation watch, its
+    file lock and its exit)."""
+    try:
+        data = read_regular(path, limit)
+    except FileNotFoundError:
+        raise IdentityError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise IdentityError(f"{what} {path} is a directory, not a file") from None
+    except NotRegularFileError:
+        raise IdentityError(
+            f"{what} {path} is a FIFO, socket or device, not a regular file"
+        ) from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
     if len(data) > limit:
         raise IdentityError(f"{what} {path} is over the {limit}-byte limit")
     return data

@@ -129,11 +129,16 @@ def _layout_bytes(dtype: str, shape: tuple[int, ...], limit: int, what: str = "t
     expected = math.prod(shape) * itemsize
     if expected > limit:
         raise _refuse(what, f"{expected} bytes, over the cap of {limit}")
-    if not expected and math.prod(d or 1 for d in shape) * itemsize > limit:
+    if not expected and _span_outside_zeros(shape, itemsize) > limit:
         # an empty tensor whose other dimensions span more than the cap: NumPy refuses to
         # shape one past its index range, and no slice of it could ever be sent
         raise _refuse(what, f"shape {shape} spans more than {limit} bytes outside its zeros")
     return expected
+
+
+def _span_outside_zeros(shape: tuple[int, ...], itemsize: int) -> int:
+    """The bytes a tensor of ``shape`` would hold with each zero dimension taken as 1."""
+    return math.prod(d or 1 for d in shape) * itemsize
 
 
 def _check_layout(dtype: str, shape: tuple[int, ...], nbytes: int, limit: int) -> None:
@@ -154,9 +159,8 @@ def pack_array(array: np.ndarray) -> tuple[bytes, str, tuple[int, ...]]:
         raise LocalProtocolError(f"dtype {name} cannot be sent; use one of {sorted(DTYPES)}")
     if array.nbytes > MAX_TENSOR_BYTES or array.ndim > MAX_NDIM:
         raise LocalProtocolError(f"array of {array.nbytes} bytes, {array.ndim} dims is too big")
-    if not array.nbytes and math.prod(d or 1 for d in array.shape) * array.itemsize > (
-        MAX_TENSOR_BYTES
-    ):  # as a peer's decoder would refuse it (_layout_bytes)
+    if not array.nbytes and _span_outside_zeros(array.shape, array.itemsize) > MAX_TENSOR_BYTES:
+        # as a peer's decoder would refuse it (_layout_bytes)
         raise LocalProtocolError(f"empty array of shape {array.shape} spans too many bytes")
     wire = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[name])
     return wire.tobytes(), name, array.shape  # (a shape is a tuple of ints)

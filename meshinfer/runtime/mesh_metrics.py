@@ -90,7 +90,7 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
         # for the suspect or dead went empty, its alert never fired or resolved)
         counts = {status.value: 0 for status in MemberStatus}
         for member in mesh.membership.core.members():
-            counts[member.status.value] = counts.get(member.status.value, 0) + 1
+            counts[member.status.value] += 1
         out.append(
             family(
                 "meshinfer_members",
