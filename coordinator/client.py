@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
-import io
 import json
 import math
 import os
@@ -50,8 +48,9 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.client_http import read_capped, strict_opener
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
-from meshinfer.http_url import check_http_url, opener_for
+from meshinfer.http_url import check_http_url
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime
 
@@ -91,7 +90,6 @@ MAX_REQUEST_TIMEOUT_S = 86400.0
 MAX_RESPONSE_BYTES = 1 << 30
 #: The error answers' bodies are read up to this (the API's JSON errors are well under 1 KiB).
 _MAX_ERROR_BODY = 64 << 10
-_READ_CHUNK = 1 << 20
 #: The longest single ``/wait`` the server grants; :meth:`CoordinatorClient.wait` loops past it.
 MAX_WAIT_S = 300.0
 #: The least pause before asking again after a ``/wait`` answered early (the server closing, or
@@ -328,9 +326,7 @@ class CoordinatorClient:
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self._token = check_token(token)
-        self._opener = opener_for(self.url)
-        for handler in (_RefuseRedirects(), _DeadlineHTTPHandler(), _DeadlineHTTPSHandler()):
-            self._opener.add_handler(handler)
+        self._opener = strict_opener(self.url)
         self._answered = False  # (any HTTP answer came: a later outage is a restart, not a typo)
 
     def submit(self, doc: Mapping[str, Any], *, busy_s: float = 30.0) -> dict[str, Any]:
@@ -481,7 +477,7 @@ class CoordinatorClient:
     def _send(self, request: urllib.request.Request, timeout: float | None = None) -> dict:
         try:
             with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                status, raw = response.status, _read_capped(response, self.max_response_bytes)
+                status, raw = response.status, read_capped(response, self.max_response_bytes)
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
                 self._answered = True
@@ -555,114 +551,6 @@ class CoordinatorClient:
             f" ({detail}): {unsure}"
         )
         return ApiError(None, "disconnected", message)
-
-
-class _RefuseRedirects(urllib.request.BaseHandler):
-    """Raises the HTTPError of a redirect, before urllib's HTTPRedirectHandler (order 500)
-    follows it with the Authorization header to wherever it points (another host too)."""
-
-    handler_order = 400
-
-    def http_error_302(self, req, fp, code, msg, headers):
-        raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
-
-    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
-
-
-class _DeadlineConnection(http.client.HTTPConnection):
-    """An HTTP connection whose every step (connecting, each send, each read of the answer)
-    ends by one deadline, ``timeout`` seconds after it was made (urllib makes one per request).
-    A socket's own timeout bounds each step alone: a server sending one byte just within it,
-    over and over, held a request for ever."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        timed = isinstance(self.timeout, int | float)
-        self._deadline = time.monotonic() + self.timeout if timed else None
-
-    def _left(self) -> float:
-        left = self._deadline - time.monotonic()  # type: ignore[operator]
-        if left <= 0:
-            raise TimeoutError("the request's time ran out")
-        return left
-
-    def connect(self) -> None:
-        if self._deadline is not None:
-            self.timeout = self._left()
-        super().connect()
-
-    def send(self, data: Any) -> None:
-        if self._deadline is not None and self.sock is not None:
-            self.sock.settimeout(self._left())
-        super().send(data)
-
-    def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
-        if self._deadline is not None:
-            sock = _DeadlineSocket(sock, self._left)
-        return http.client.HTTPResponse(sock, *args, **kwargs)
-
-
-class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
-    pass
-
-
-class _DeadlineSocket:
-    """What an HTTPResponse reads its answer from (it only calls ``makefile``): each read
-    waits no longer than what is left of the request's time."""
-
-    def __init__(self, sock: Any, left: Any) -> None:
-        self._sock, self._left = sock, left
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(_DeadlineReader(self._sock, self._left))
-
-
-class _DeadlineReader(io.RawIOBase):
-    def __init__(self, sock: Any, left: Any) -> None:
-        self._sock, self._left = sock, left
-        self._raw = sock.makefile("rb", buffering=0)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int | None:
-        self._sock.settimeout(self._left())
-        return self._raw.readinto(buffer)
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
-
-
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    handler_order = 499  # (asked before the opener's own HTTPHandler, order 500)
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_DeadlineConnection, req)
-
-
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    handler_order = 499
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
-
-
-def _read_capped(response: http.client.HTTPResponse, cap: int) -> bytearray | None:
-    """The answer's body, read in chunks; None once it is larger than ``cap`` bytes (then no
-    more of it is read: a ``Content-Length`` over ``cap`` is not read at all)."""
-    if response.length is not None and response.length > cap:
-        return None
-    body = bytearray()
-    while chunk := response.read(min(_READ_CHUNK, cap + 1 - len(body))):
-        body += chunk
-        if len(body) > cap:
-            return None
-    return body
 
 
 def _size_text(size: int) -> str:
