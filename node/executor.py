@@ -223,8 +223,11 @@ class TaskExecutor(WorkSharing):
             return
         if msg.item_id in self._items or msg.item_id in self._offloaded:
             if not self._may_direct(peer, msg.item_id):  # would take the answer (and cancel)
+                # refused, not ignored: a node that passed on a retry of an item still held
+                # here runs it itself (or relays the refusal) instead of waiting for its timer
                 self.stats.reassigns_refused += 1
-                log.info("%s may not re-assign %s: ignored", peer, msg.item_id)
+                log.info("%s may not re-assign %s: refused", peer, msg.item_id)
+                self._fail(peer, msg, FailureKind.OVERLOADED, "holds it already", retryable=True)
                 return
             self._reply[msg.item_id] = (peer, msg.attempt)  # answer the latest assignment
             return

@@ -20,7 +20,8 @@ other), or the session the item went over is closed for a revoked certificate fi
 could never be written to it (the peer table gave up: dial failed, message too large), the item is
 handed back (``TaskFailed`` ``PEER_LOST``, retryable) so the coordinator re-runs it at once instead
 of waiting for its item timeout; one its coordinator cancelled meanwhile is answered ``CANCELLED``
-instead. A session with the peer lost while another stays open (the peer dialled again after
+instead, as it is at once if the cancel cannot be passed on (the outbox to the peer is full). A
+session with the peer lost while another stays open (the peer dialled again after
 roaming) sends the peer's items again over the open one instead (unless that one is being cut for a
 revoked certificate: then they are handed back). What a peer sends over a session under a revoked
 certificate (being cut) never reaches the executor (the peer table drops it:
@@ -126,8 +127,15 @@ class WorkSharing:
         if offload is None:
             return False
         self._offload_cancels[cancel.item_id] = cancel
-        self.mesh.peers.send(offload[2], cancel)
+        self._pass_cancel(offload[2], cancel)
         return True
+
+    def _pass_cancel(self, target: str, cancel: TaskCancel) -> None:
+        """Send ``cancel`` to ``target``, the peer its item was passed to; if the peer table
+        drops it at once (outbox full), answer the item ``CANCELLED`` now instead of at its
+        answer timer (the peer runs it on; its late answer is not relayed)."""
+        if not self.mesh.peers.send(target, cancel):
+            self._hand_back(cancel.item_id, f"the cancel was not passed on to {target}")
 
     def _stop_offload_timers(self) -> None:
         """Cancel the timers of the items passed on (the executor is closing)."""
@@ -322,7 +330,7 @@ class WorkSharing:
             _, item, _ = offload
             cancel = self._offload_cancels.get(item.item_id)
             if cancel is not None:  # not wanted any more: the cancel may have been lost too
-                self.mesh.peers.send(target, cancel)
+                self._pass_cancel(target, cancel)
                 continue
             sent = self.mesh.peers.send_tracked(target, self._time_left(item))
             if sent is None:  # the outbox is full: it would wait for its deadline

@@ -828,7 +828,8 @@ async def test_a_coordinator_is_known_by_its_certificate_not_by_gossip_or_absenc
 
 async def test_only_a_coordinator_or_the_items_sender_may_re_assign_it():
     """v, a vehicle, re-assigns coord's item x (which would make w answer v) and then cancels
-    it: both are ignored and counted; coord still gets x's result."""
+    it: the re-assignment is refused (a node passing on a retry of x runs it itself instead of
+    waiting for its timer), the cancel ignored, both counted; coord still gets x's result."""
     async with Net() as net:
         executor = net.worker(KEEPING)
         await net.assign("coord", "x")
@@ -839,7 +840,9 @@ async def test_only_a_coordinator_or_the_items_sender_may_re_assign_it():
         assert executor.stats.reassigns_refused == 1 and executor.stats.cancelled == 0
         net.gate.set()
         await soon(lambda: net.nodes["coord"].answers() == [("TaskResult", "x", 1, "w")])
-        assert net.nodes["v"].answers() == []
+        assert net.nodes["v"].answers() == [("TaskFailed", "x", 7, "w")]  # refused, not run
+        refusal = net.nodes["v"].failure("x")  # retryable: a node that passed x on runs it
+        assert (refusal.code, refusal.retryable) == (FailureKind.OVERLOADED, True)
 
 
 def confirm_result_late(net: Net, item_id: str) -> tuple[asyncio.Event, asyncio.Event]:
