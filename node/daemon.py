@@ -228,8 +228,8 @@ class NodeDaemon:
                 self.snapshot = await self.telemetry.sample(stats)
                 failing = False
             except Exception:  # the loop also gossips the queue depth: it must go on
-                if not failing:
-                    log.exception("telemetry sample failed; keeping the last one")
+                if not failing:  # (a warning: a wedged GPU is the host's fault, not ours)
+                    log.warning("telemetry sample failed; keeping the last one", exc_info=True)
                 failing = True
             depth = self.executor.backlog if self.executor else 0
             state = self.mesh.membership.state
@@ -242,12 +242,11 @@ class NodeDaemon:
             await asyncio.sleep(1.0)
 
     def _gpu_free_mb(self) -> int:
+        """The gossiped free GPU memory: the freest single device's (a task's memory must fit
+        on one GPU; placement's ``min_gpu_memory`` reads this), 0 without a GPU."""
         snap = self.snapshot
-        total = snap.gpu_memory_total_bytes if snap else None
-        used = snap.gpu_memory_used_bytes if snap else None
-        if total is None or used is None:
-            return 0
-        return max(0, int((total - used) // (1 << 20)))  # (peers refuse a negative figure)
+        free = snap.gpu_memory_free_max_bytes if snap else None
+        return 0 if free is None else max(0, int(free // (1 << 20)))  # (peers refuse < 0)
 
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons it is not) for ``/readyz``."""

@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 # --- Prometheus text exposition (format 0.0.4) ------------------------------------------------
 
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# (whole names, by ``fullmatch``: ``$`` also matched before a final newline, so a name ending
+# in one passed and split its line of the page in two)
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 Labels = tuple[tuple[str, str], ...]
 
@@ -89,10 +91,10 @@ def render_family(family: MetricFamily) -> str:
 
 
 def _check_names(name: str, labelnames: Iterable[str], reserved: Iterable[str] = ()) -> None:
-    if not _METRIC_NAME.match(name):
+    if not _METRIC_NAME.fullmatch(name):
         raise LocalProtocolError(f"invalid metric name {name!r}")
     for label in labelnames:
-        if not _LABEL_NAME.match(label) or label.startswith("__") or label in reserved:
+        if not _LABEL_NAME.fullmatch(label) or label.startswith("__") or label in reserved:
             raise LocalProtocolError(f"invalid label name {label!r} for metric {name}")
 
 
@@ -151,8 +153,11 @@ class _Value:
 
 class _CounterChild(_Value):
     def inc(self, amount: float = 1.0) -> None:
-        if not amount >= 0:  # (NaN too: a counter at NaN would stay there for good)
-            raise LocalProtocolError(f"a counter only goes up; got inc({amount})")
+        # (NaN and +Inf too: a counter at NaN or +Inf would stay there for good)
+        if not 0 <= amount < math.inf:
+            raise LocalProtocolError(
+                f"a counter only goes up by a finite amount; got inc({amount})"
+            )
         self.value += amount
 
 
@@ -208,9 +213,11 @@ class _HistogramChild:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        # NaN is at or below no finite bound: it counts in the +Inf bucket only
-        index = len(self.bounds) if math.isnan(value) else bisect.bisect_left(self.bounds, value)
-        self.bucket_counts[index] += 1
+        # a NaN or infinite value would leave ``_sum`` at NaN or +-Inf for good (and the rate
+        # of every query over it): refused, nothing recorded
+        if not math.isfinite(value):
+            raise LocalProtocolError(f"a histogram observes finite values; got {value}")
+        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
 
@@ -239,7 +246,7 @@ class Histogram(_Metric):
         return _HistogramChild(self.buckets)
 
     def observe(self, value: float) -> None:
-        """Record one observation in the unlabelled histogram."""
+        """Record one observation (finite) in the unlabelled histogram."""
         self._only_child().observe(value)
 
     def _samples(self, key: tuple[str, ...], child: _HistogramChild) -> list[Sample]:
@@ -358,14 +365,14 @@ def family_problem(fam: MetricFamily) -> str | None:
     label name outside the charset, a sample name not of the family, a value that is not a
     real number (NaN and infinities are), a label value not a string, or a series twice."""
     suffixes = _KINDS.get(fam.kind)
-    if suffixes is None or not _METRIC_NAME.match(fam.name):
+    if suffixes is None or not _METRIC_NAME.fullmatch(fam.name):
         return f"kind {fam.kind!r} or name {fam.name!r} is not one the text format has"
     seen: set[tuple[str, Labels]] = set()
     for s in fam.samples:
         names = [k for k, _ in s.labels]
         if s.name not in {fam.name + suffix for suffix in suffixes}:
             return f"sample {s.name!r} is not of the family"
-        if len(set(names)) != len(names) or not all(map(_LABEL_NAME.match, names)):
+        if len(set(names)) != len(names) or not all(map(_LABEL_NAME.fullmatch, names)):
             return f"label names {names!r} are not the text format's"
         if not all(isinstance(v, str) for _, v in s.labels):
             return f"label values of {names!r} are not all strings"
@@ -374,4 +381,31 @@ def family_problem(fam: MetricFamily) -> str | None:
         if (s.name, s.labels) in seen:
             return f"series {s.name}{dict(s.labels)} given twice"
         seen.add((s.name, s.labels))
+    return _histogram_problem(fam) if fam.kind == "histogram" else None
+
+
+def _histogram_problem(fam: MetricFamily) -> str | None:
+    """Why a histogram's buckets are not ones: per series, ``le`` bounds that are numbers and
+    rise, ending at ``+Inf``; counts that never fall; ``_count`` that of ``+Inf``. (A
+    collector's own histogram went out unchecked: a scraper refused the page, or a quantile
+    over it read nonsense.)"""
+    buckets: dict[Labels, list[tuple[float, float]]] = {}
+    for s in fam.samples:
+        if s.name.endswith("_bucket"):
+            series = tuple(pair for pair in s.labels if pair[0] != "le")
+            le = dict(s.labels).get("le", "")
+            bound = float(le) if _LE.fullmatch(le) else math.nan
+            buckets.setdefault(series, []).append((bound, s.value))
+    counts = {s.labels: s.value for s in fam.samples if s.name == f"{fam.name}_count"}
+    for series, pairs in buckets.items():
+        bounds, values = [b for b, _ in pairs], [v for _, v in pairs]
+        if any(map(math.isnan, bounds)) or bounds != sorted(set(bounds)) or bounds[-1] != math.inf:
+            return f"bucket bounds {bounds} of {dict(series)} do not rise to +Inf"
+        if not all(0 <= a <= b for a, b in itertools.pairwise([0, *values])):
+            return f"bucket counts {values} of {dict(series)} fall or are not numbers"
+        if series in counts and counts[series] != values[-1]:
+            return f"_count of {dict(series)} is not its +Inf bucket's"
     return None
+
+
+_LE = re.compile(r"[+-]?(Inf|[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?)")

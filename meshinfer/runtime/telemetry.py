@@ -24,9 +24,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psutil
@@ -50,8 +50,10 @@ class TelemetrySnapshot:
     """One sample of a node's load. GPU fields are None without NVML or a GPU.
 
     GPU figures are summed over devices (memory, power), averaged (utilisation) or the maximum
-    (temperature). Engine figures come from the node's batchers: total queue depth, mean batch
-    size over all batches so far, and the worst model's recent p50/p99 latency.
+    (temperature); ``gpu_memory_free_max_bytes`` is the free memory of the one device with the
+    most (what a task that must fit on one GPU can have: the sum over devices is not). Engine
+    figures come from the node's batchers: total queue depth, mean batch size over all batches
+    so far, and the worst model's recent p50/p99 latency.
     """
 
     cpu_percent: float
@@ -68,6 +70,7 @@ class TelemetrySnapshot:
     mean_batch_size: float | None = None
     latency_p50_s: float | None = None
     latency_p99_s: float | None = None
+    gpu_memory_free_max_bytes: int | None = None
 
     def to_wire(self) -> dict[str, int | float]:
         """A msgpack-ready dict with short keys (:data:`WIRE_KEYS`); None fields are left out."""
@@ -99,11 +102,12 @@ WIRE_KEYS = {
     "mean_batch_size": "batch",
     "latency_p50_s": "p50",
     "latency_p99_s": "p99",
+    "gpu_memory_free_max_bytes": "gpu_free_max",
 }
 """Snapshot field -> key in the gossiped map. Append only; never reuse a key."""
 
 _WIRE_INTS = {"memory_available_bytes", "gpu_count", "gpu_memory_used_bytes"}
-_WIRE_INTS |= {"gpu_memory_total_bytes", "queue_depth"}
+_WIRE_INTS |= {"gpu_memory_total_bytes", "queue_depth", "gpu_memory_free_max_bytes"}
 _WIRE_REQUIRED = {"cpu_percent", "memory_percent", "memory_available_bytes"}
 _WIRE_DEFAULTS = {"gpu_count": 0, "queue_depth": 0}
 
@@ -133,6 +137,7 @@ class GpuSample:
     memory_total_bytes: int | None = None
     temperature_c: float | None = None
     power_w: float | None = None
+    memory_free_max_bytes: int | None = None  # the one device with the most free
 
 
 class NvmlProbe:
@@ -192,6 +197,9 @@ class NvmlProbe:
             memory_total_bytes=_total([m.total if m else None for m in memory]),
             temperature_c=_maximum(temps),
             power_w=None if (mw := _total(power_mw)) is None else mw / 1000.0,
+            memory_free_max_bytes=_maximum_int(
+                [max(0, m.total - m.used) if m else None for m in memory]
+            ),
         )
 
     def _read(self, read: Callable[[Any], Any], handle: Any) -> Any:
@@ -231,6 +239,11 @@ def _maximum(values: Iterable[float | None]) -> float | None:
     return float(max(known)) if known else None
 
 
+def _maximum_int(values: Iterable[int | None]) -> int | None:
+    known = _known(values)
+    return int(max(known)) if known else None
+
+
 class TelemetryCollector:
     """Samples host, GPU and engine figures into :class:`TelemetrySnapshot`.
 
@@ -247,16 +260,22 @@ class TelemetryCollector:
     A host sensor that raises (psutil on a host where ``/proc`` is not readable, say) never
     makes :meth:`collect` raise: its figures stay at their last reading (0 before the first),
     and the failure is logged once until the sensor reads again. The node's telemetry loop,
-    which also gossips its queue depth, must not die of it.
+    which also gossips its queue depth, must not die of it. Nor must it hang on a sensor that
+    never returns (an NVML call to a wedged GPU): :meth:`sample` gives up after
+    ``sample_timeout_s``.
     """
 
-    def __init__(self, *, gpu: bool = True, min_cpu_interval_s: float = 0.5) -> None:
+    def __init__(
+        self, *, gpu: bool = True, min_cpu_interval_s: float = 0.5, sample_timeout_s: float = 10.0
+    ) -> None:
         self._lock = threading.Lock()
         self._nvml = NvmlProbe() if gpu else None
         self._min_cpu_interval_s = min_cpu_interval_s
         self._failing: set[str] = set()  # host sensors whose last reading failed
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-telemetry")
         self._closed = False
+        self._sample_timeout_s = sample_timeout_s
+        self._reading: Future[TelemetrySnapshot] | None = None  # the worker's, while under way
         # primes psutil (its first reading is 0) on the thread that :meth:`sample` reads on
         self._worker.submit(self._read, "cpu_percent", _cpu_percent, 0.0).result()
         self._cpu_read_at = time.monotonic()  # real time: CPU shares are about real seconds
@@ -286,16 +305,35 @@ class TelemetryCollector:
                 gpu_memory_total_bytes=gpu.memory_total_bytes,
                 gpu_temperature_c=gpu.temperature_c,
                 gpu_power_w=gpu.power_w,
+                gpu_memory_free_max_bytes=gpu.memory_free_max_bytes,
                 **_engine_figures(tuple(engine_stats)),
             )
 
     async def sample(self, engine_stats: Iterable[BatcherStats] = ()) -> TelemetrySnapshot:
         """:meth:`collect` on the collector's worker thread, so the loop never blocks (after
-        :meth:`close`, on a thread of the loop's pool). Runs on the loop."""
-        stats = tuple(engine_stats)
+        :meth:`close`, on a thread of the loop's pool). Runs on the loop.
+
+        Raises TimeoutError if the host and GPU reading takes over ``sample_timeout_s`` (a hung
+        NVML call): the caller keeps its last snapshot. That reading goes on on the worker, and
+        the next call waits for it rather than queueing one more behind it (they piled up, one
+        a second). Calls that overlap share one reading; each gets its own engine figures.
+        """
+        engine = _engine_figures(tuple(engine_stats))
+        try:
+            host = await asyncio.wait_for(self._host_reading(), self._sample_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"telemetry: reading host and GPU figures took over {self._sample_timeout_s} s"
+                " (a hung NVML or /proc read?); it goes on in the background"
+            ) from None
+        return replace(host, **engine)
+
+    def _host_reading(self) -> Awaitable[TelemetrySnapshot]:
         if self._closed:
-            return await asyncio.to_thread(self.collect, stats)
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self.collect, stats)
+            return asyncio.to_thread(self.collect)
+        if self._reading is None or self._reading.done():
+            self._reading = self._worker.submit(self.collect)
+        return asyncio.wrap_future(self._reading)
 
     def _cpu(self) -> float:
         now = time.monotonic()
@@ -367,6 +405,11 @@ _SNAPSHOT_GAUGES = (
     ("gpu_memory_total_bytes", "meshinfer_gpu_memory_total_bytes", "Total GPU memory."),
     ("gpu_temperature_c", "meshinfer_gpu_temperature_celsius", "Hottest GPU temperature."),
     ("gpu_power_w", "meshinfer_gpu_power_watts", "GPU power draw, all devices."),
+    (
+        "gpu_memory_free_max_bytes",
+        "meshinfer_gpu_memory_free_max_bytes",
+        "Free memory of the GPU with the most free (what one task can have).",
+    ),
 )
 
 
