@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.client_http import read_capped, strict_opener
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
+from meshinfer.http_client import read_capped, strict_opener
 from meshinfer.http_url import check_http_url
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshinfer.atomic_files import NotRegularFileError, read_regular
 from meshinfer.errors import ConfigError
 from meshinfer.transport.base import Address
 
@@ -65,14 +66,30 @@ def _is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""The largest configuration file read (a full one is some kilobytes)."""
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse ``path``; a missing, unreadable or malformed file is a ConfigError naming it."""
+    """Parse ``path``; a missing, unreadable or malformed file is a ConfigError naming it, and
+    so is one that is no regular file (a FIFO held the command for good, waiting for a writer;
+    a device such as /dev/zero was read until memory ran out) or over :data:`MAX_CONFIG_BYTES`."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        data = read_regular(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except NotRegularFileError:
+        raise ConfigError(f"{path}: is a FIFO, socket or device, not a regular file") from None
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: over the {MAX_CONFIG_BYTES}-byte limit of a config file")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except ValueError as exc:  # a TOMLDecodeError, or an integer of over 4300 digits
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None

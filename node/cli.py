@@ -9,10 +9,9 @@ shared ``fleet`` group (see :mod:`meshinfer.fleetcli`). Add a command by writing
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshinfer.errors import ConfigError
 from meshinfer.fleetcli import (
@@ -24,6 +23,9 @@ from meshinfer.fleetcli import (
     run_cli,
 )
 from meshinfer.identity_files import NodeDirectory
+
+if TYPE_CHECKING:
+    import urllib.error
 
 
 def _add_keygen(commands: Any) -> None:
@@ -109,18 +111,36 @@ def _fetch_status(url: str) -> Any:
     import json
     import urllib.error
 
-    from meshinfer.http_url import check_http_url, opener_for
+    from meshinfer.http_client import read_capped, strict_opener
+    from meshinfer.http_url import check_http_url
 
     url = check_http_url(url, "the daemon's URL")
-    try:
-        with opener_for(url).open(url + "/status", timeout=STATUS_TIMEOUT_S) as response:
-            body = _read_bounded(response, time.monotonic() + STATUS_TIMEOUT_S, url)
+    try:  # one deadline for the whole request, headers included (each read waited 5 s)
+        with strict_opener(url).open(url + "/status", timeout=STATUS_TIMEOUT_S) as response:
+            body = read_capped(response, STATUS_MAX_BYTES)
+    except urllib.error.HTTPError as exc:  # something answered: no node (its /status is 200)
+        exc.close()
+        raise ConfigError(_not_a_node(url, exc)) from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        if isinstance(getattr(exc, "reason", exc), TimeoutError):
+            exc = TimeoutError(f"no whole answer within {STATUS_TIMEOUT_S:g} s")
         raise ConfigError(f"cannot reach the daemon at {url}: {exc}") from None
+    if body is None:
+        raise ConfigError(f"{url}: not a meshinfer node's /status (over {STATUS_MAX_BYTES} bytes)")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # (nested past the parser's limit)
         raise ConfigError(f"{url}: not a meshinfer node's /status (not JSON: {exc})") from None
+
+
+def _not_a_node(url: str, exc: urllib.error.HTTPError) -> str:
+    """What ``status`` says of an HTTP error answer: a meshinfer daemon's ``/status`` is 200
+    (500 only if it failed), so a 404, 405 or redirect comes from some other server on that
+    port."""
+    answer = f"HTTP {exc.code} {exc.reason}"
+    if exc.code >= 500:
+        return f"{url}: the server failed to answer /status ({answer})"
+    return f"{url}: not a meshinfer node's /status (it answered {answer})"
 
 
 STATUS_TIMEOUT_S = 5.0
@@ -129,20 +149,6 @@ hung daemon that sent a byte now and then held the command for ever)."""
 STATUS_MAX_BYTES = 256 << 20
 """The largest ``/status`` document ``status`` reads (a full table of 65,536 members is some
 tens of MiB); past it, what answered is no meshinfer node (an endless answer filled memory)."""
-
-
-def _read_bounded(response: Any, deadline: float, url: str) -> bytes:
-    """The body of ``response``, read by ``deadline`` (monotonic) and within
-    :data:`STATUS_MAX_BYTES`; TimeoutError or ConfigError past either."""
-    chunks, size = [], 0
-    while chunk := response.read1(1 << 16):
-        size += len(chunk)
-        if size > STATUS_MAX_BYTES:
-            raise ConfigError(f"{url}: not a meshinfer node's /status (over {size} bytes)")
-        chunks.append(chunk)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no whole answer within {STATUS_TIMEOUT_S:g} s")
-    return b"".join(chunks)
 
 
 def _status_table(doc: dict[str, Any]) -> str:

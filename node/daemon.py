@@ -261,6 +261,9 @@ class NodeDaemon:
         ]
         if missing:
             problems.append(f"models not loaded: {', '.join(missing)}")
+        for ref, batcher in self.batchers.items():
+            if batcher.failure is not None:  # every item for it would fail
+                problems.append(f"batcher for {ref} stopped: {batcher.failure!r}")
         if self.stopping.is_set():
             problems.append("draining")
         return not problems, problems

@@ -310,6 +310,12 @@ class DynamicBatcher:
         """True once :meth:`aclose` has been called."""
         return self._closed
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the dispatcher stopped on its own (a bug: every submit then fails), or None
+        while it runs (or it was closed)."""
+        return self._failure
+
     # --- submitting ---------------------------------------------------------------------------
 
     async def submit(

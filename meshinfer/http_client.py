@@ -1,4 +1,5 @@
-"""urllib plumbing of the coordinator's HTTP client (:mod:`coordinator.client`).
+"""urllib plumbing of the command-line HTTP clients (:mod:`coordinator.client`, ``meshinfer-node
+status``).
 
 :func:`strict_opener` is :func:`~meshinfer.http_url.opener_for` that follows no redirect (it
 would carry the API token wherever a 30x pointed, and turn a POST into a GET: the redirect's
