@@ -136,8 +136,12 @@ class TaskOutcomes:
             self._failing.pop(item_id, None)
         if changed is None or item_id in run.results:  # the task ended meanwhile, or a result
             return  # of the item was journaled while it was live: _accept_result recorded it
+        if self._runs.get(run.task_id) is not run:  # ended (cancelled) as the write went: it
+            return  # is forgotten here, and its timers with it (none to arm again)
         if not changed and await self._take_result_journaled_first(run, item_id):
             return  # taken while the failure's write was tried again (the item was dropped)
+        if self._runs.get(run.task_id) is not run:  # (ended while the journal was read)
+            return
         run.record_failure(item_id, reason, self._loop.time())
         await self._advance(run)
 
