@@ -16,7 +16,8 @@ Routes (the OpenAPI document in :mod:`coordinator.openapi` describes each one)::
     GET  /healthz                  liveness; the only route without the bearer token
 
 Every GET route answers HEAD too (its status and headers, no body), as HTTP has it (RFC 9110
-9.3.2); the OpenAPI document lists the GET operations only.
+9.3.2; HEAD on ``/wait`` answers at once, without waiting); the OpenAPI document lists the GET
+operations only. A body in a Content-Encoding not decoded here is refused, 415.
 
 Every request passes three middlewares, outermost first: ``_observe`` (counts and times it by
 route and status), ``_errors`` (turns every exception into the JSON error

@@ -22,6 +22,9 @@ That relies on aiohttp internals, none of them public API (written against aioht
   own to ``RequestHandler`` (``__slots__ = ()``) and ``Server``: same-layout classes.
 * The ``RequestHandler._manager`` attribute is the server that made the connection (``None``
   once the connection is lost); the counter is reached through it.
+* ``aiohttp.compression_utils.HAS_BROTLI``/``HAS_ZSTD`` say which codings it decodes
+  (:data:`BODY_CODINGS`), and the ``ContentEncodingError`` of one it has no library for reads
+  "... (zstd). Please install ..." (``tests/test_api_fixes34.py`` pins the 415 it becomes).
 
 An aiohttp upgrade that breaks any of these is caught by the pinned tests
 ``tests/test_api_fixes27.py::test_a_request_aiohttp_cannot_parse_gets_the_apis_json_error``
@@ -39,13 +42,30 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import compression_utils, web
 from aiohttp.http_exceptions import ContentEncodingError
 
-__all__ = ["ApiError", "ApiRunner", "error_body", "from_http_exception", "json_response"]
+__all__ = [
+    "BODY_CODINGS",
+    "ApiError",
+    "ApiRunner",
+    "error_body",
+    "from_http_exception",
+    "json_response",
+    "unsupported_coding",
+]
 
 #: Error messages are cut to this many characters (they may quote what the client sent).
 _MAX_MESSAGE = 500
+#: The body Content-Encodings aiohttp decodes here (besides ``identity``): it decodes only these,
+#: named alone (``gzip, identity`` is not decoded), and refuses one it has no library for
+#: (``compression_utils.HAS_BROTLI``/``HAS_ZSTD``, aiohttp internals) before any middleware.
+_LIBRARY = {"gzip": "", "deflate": "", "br": "HAS_BROTLI", "zstd": "HAS_ZSTD"}
+BODY_CODINGS: tuple[str, ...] = tuple(
+    coding
+    for coding, present in _LIBRARY.items()
+    if not present or getattr(compression_utils, present, False)
+)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -86,6 +106,18 @@ def json_response(doc: Any, *, status: int = 200, headers: Mapping[str, str] | N
     return web.Response(text=text, status=status, headers=headers, content_type="application/json")
 
 
+def unsupported_coding(coding: str) -> ApiError:
+    """415 for a body in a Content-Encoding not decoded here, with ``Accept-Encoding`` naming
+    those that are (RFC 9110 15.5.16)."""
+    accepted = ", ".join(("identity", *BODY_CODINGS))
+    message = (
+        f"Content-Encoding {coding[:40]!r} is not supported here: send the body uncompressed"
+        f" or in one of {accepted}"
+    )
+    headers = {"Accept-Encoding": ", ".join(BODY_CODINGS)}
+    return ApiError(415, "unsupported_media_type", message, headers)
+
+
 def from_http_exception(exc: web.HTTPException, request: web.Request, cap: int) -> ApiError:
     """The API's error for an ``HTTPException`` aiohttp raised (``cap``: the body limit)."""
     status = exc.status
@@ -120,11 +152,15 @@ class _JsonErrorConnection(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; raises if answering began
+        coding = _missing_coding(exc)
         if status >= 500:  # (unreached: the _errors middleware answers every handler's error)
-            code, text = "internal", "the coordinator failed to handle this request"
+            error = ApiError(status, "internal", "the coordinator failed to handle this request")
+        elif coding is not None:  # (aiohttp's 400: a coding it has no library for here)
+            error, status = unsupported_coding(coding), 415
         else:
-            code, text = _HTTP_CODES.get(status, "bad_request"), _unparsed(exc, message)
-        response = ApiError(status, code, text).response()
+            code = _HTTP_CODES.get(status, "bad_request")
+            error = ApiError(status, code, _unparsed(exc, message))
+        response = error.response()
         response.force_close()
         server = self._manager  # (None once the connection is lost)
         if isinstance(server, _JsonErrorServer):
@@ -132,10 +168,23 @@ class _JsonErrorConnection(web.RequestHandler):
         return response
 
 
+def _missing_coding(exc: BaseException | None) -> str | None:
+    """The Content-Encoding aiohttp refused for want of its library (``br`` without Brotli,
+    ``zstd`` without backports.zstd), or None for any other error. Its message then reads
+    "Can not decode content-encoding: zstandard (zstd). Please install ..."."""
+    if not isinstance(exc, ContentEncodingError):
+        return None
+    named = _INSTALL_CODING.search(str(exc.message))
+    return None if named is None or named[1] in BODY_CODINGS else named[1]
+
+
+_INSTALL_CODING = re.compile(r"\((\w+)\)\.\s*Please install")
+
+
 def _unparsed(exc: BaseException | None, message: str | None) -> str:
     """What was wrong with a request aiohttp could not parse, in one line."""
-    if isinstance(exc, ContentEncodingError):  # (its message is the encoding's name)
-        encoding = str(exc.message)[:40]
+    if isinstance(exc, ContentEncodingError):  # ("deflate", or "Can not decode ...: gzip")
+        encoding = str(exc.message).rpartition(": ")[2][:40]
         return f"the body cannot be read as sent (Content-Encoding {encoding!r})"
     lines = (message or str(exc or "")).strip().splitlines()
     detail = _QUOTED_BYTES.split(lines[0])[0].rstrip(":. ") if lines else "malformed"

@@ -18,6 +18,7 @@ import codecs
 import json
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from coordinator.api_errors import ApiError
+from coordinator.api_errors import BODY_CODINGS, ApiError, unsupported_coding
 from coordinator.journal import MAX_PAGE
 from meshinfer.errors import ConfigError
 from meshinfer.proto.tasks import TaskSpec, TaskState
@@ -45,6 +46,7 @@ __all__ = [
     "number_param",
     "parse_json",
     "read_body",
+    "require_coding",
     "require_type",
     "require_utf8",
     "strict_query",
@@ -63,7 +65,22 @@ _STATES = tuple(s.value for s in TaskState)
 
 
 def too_large(cap: int) -> ApiError:
+    """413 for a body over ``cap`` bytes: as sent (its Content-Length) or as read (decoded)."""
     return ApiError(413, "too_large", f"request body over the limit of {cap} bytes")
+
+
+def require_coding(request: web.Request) -> None:
+    """415 for a body in a Content-Encoding aiohttp would not decode: it would be read as it
+    came, compressed or not (an unknown coding, a list such as ``gzip, identity``, or the
+    header twice: aiohttp reads the first one only)."""
+    sent = request.headers.getall("Content-Encoding", [])
+    if not sent:
+        return
+    if len(sent) > 1:
+        raise unsupported_coding(", ".join(sent))
+    coding = sent[0].strip().lower() if sent[0].isascii() else sent[0]  # (as aiohttp reads it)
+    if coding not in ("", "identity", *BODY_CODINGS):
+        raise unsupported_coding(sent[0])
 
 
 def require_type(request: web.Request, media_type: str, what: str = "") -> None:
@@ -101,6 +118,7 @@ async def read_body(request: web.Request, max_body_bytes: int, cap: int | None =
     """The request's body, 413 past ``cap`` (at most, and by default, ``max_body_bytes``, the
     application's ``client_max_size``): a chunked body is read no further than that."""
     cap = max_body_bytes if cap is None else min(cap, max_body_bytes)
+    require_coding(request)
     length = request.content_length
     if length is not None and length > cap:
         raise too_large(cap)
@@ -254,7 +272,12 @@ def parse_json(body: bytes) -> Any:
         doc = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not UTF-8 text: {exc.reason}") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the JSON body is nested too deeply to read") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # (Python's int digit limit, not JSON's)
+            problem = f"a number with more than {sys.get_int_max_str_digits()} digits"
+            raise ApiError(400, "bad_json", f"the JSON body holds {problem}") from None
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text) is not None:  # rare: check the strings only then
         _no_lone_surrogates(doc)

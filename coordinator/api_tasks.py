@@ -146,11 +146,16 @@ class TaskRoutes:
         return await self._task_response(record, outputs)
 
     async def wait_task(self, request: web.Request) -> web.Response:
-        """GET /v1/tasks/{id}/wait."""
+        """GET /v1/tasks/{id}/wait. HEAD answers at once, as the task is now: a wait for
+        headers alone would hold the connection for nothing."""
         query = strict_query(request, {"timeout", "outputs"})
         timeout = number_param(query, "timeout", DEFAULT_WAIT_S, 0.0, MAX_WAIT_S)
         outputs = bool_param(query, "outputs", default=True)
-        record = await self._wait(request.match_info["id"], timeout)
+        task_id = request.match_info["id"]
+        if request.method == "HEAD":
+            record = await self.coordinator.get(task_id)
+        else:
+            record = await self._wait(task_id, timeout)
         return await self._task_response(record, outputs)
 
     async def _wait(self, task_id: str, timeout: float) -> TaskRecord:

@@ -264,7 +264,8 @@ _ERROR_RESPONSES = {
     "409": "The task_id is used by a different task (code conflict).",
     "413": "The body is over the size limit (code too_large).",
     "415": "The body is not of the route's media type, or a JSON body declares a charset other"
-    " than UTF-8 (code unsupported_media_type).",
+    " than UTF-8, or the body's Content-Encoding is not one decoded here: identity or one"
+    " Accept-Encoding names (code unsupported_media_type).",
     "503": "Too many submissions are being uploaded; retry after Retry-After (code busy); or"
     " this coordinator runs no revocation sync (code unavailable); or the coordinator is"
     " shutting down, on any path: a request that arrives then is not served, one it was"
@@ -299,6 +300,8 @@ _HEADERS = {
     "503": {"Retry-After": _header("codes busy and shutting_down: seconds to wait before"
                                    " sending it again",
                                    {"type": "integer", "minimum": 0}, required=False)},
+    "415": {"Accept-Encoding": _header("with a Content-Encoding not decoded here: the codings"
+                                       " that are", _STR, required=False)},
 }  # fmt: skip
 _LOCATION = {"Location": _header("the task's path, /v1/tasks/{id}", _STR)}
 
@@ -404,7 +407,8 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "meshinfer coordinator API", "version": API_VERSION,
                  "description": "Submit, watch and cancel inference tasks on a vehicle mesh."
-                 " Every GET operation answers HEAD too: its status and headers, no body."},
+                 " Every GET operation answers HEAD too: its status and headers, no body"
+                 " (HEAD on /wait answers at once)."},
         "security": [{"bearerAuth": []}],
         "paths": {**_task_paths(), **_other_paths()},
         "components": {
