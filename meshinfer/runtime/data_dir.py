@@ -65,8 +65,8 @@ class DataDir:
         where = f"{self.key} {self.path}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:  # a file (or a link to one) is in the way
-            raise ConfigError(f"{where}: exists and is not a directory") from None
+        except FileExistsError:  # a file, a link to one, or a link to nothing is in the way
+            raise ConfigError(f"{where}: {_in_the_way(self.path)}") from None
         except OSError as exc:  # where access is denied: by whom, and what to do
             raise ConfigError(f"{self.key}: {failure_text(self.path, 'create', exc)}") from None
         if self.lock and not self.temporary and self._lock_fd is None:
@@ -112,6 +112,19 @@ class DataDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # the lock goes last: no other daemon saw a file of ours
             self._lock_fd = None
+
+
+def _in_the_way(path: Path) -> str:
+    """What keeps ``path`` from being made a directory (``mkdir`` found something there): the
+    first of it and its parents that is a symbolic link pointing nowhere, or not a directory."""
+    for part in (*reversed(path.parents), path):
+        if part.is_symlink() and not part.exists():  # (a link in a loop included)
+            with contextlib.suppress(OSError):
+                target = os.readlink(part)
+                return f"{part} is a symbolic link to {target}, which points nowhere"
+        elif part.exists() and not part.is_dir():
+            return "exists and is not a directory" if part == path else f"{part} is not a directory"
+    return "exists and is not a directory"
 
 
 def read_runtime(data_dir: str | Path, daemon: str = "daemon") -> dict[str, Any]:

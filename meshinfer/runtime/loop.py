@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -88,23 +89,51 @@ class Steps:
 
 
 async def close_in_order(steps: Iterable[Awaitable[Any] | None], log: logging.Logger) -> None:
-    """Await each close step in turn (None is skipped); an error is logged and the rest run."""
-    for step in steps:
-        if step is None:
-            continue
-        try:
-            await step
-        except Exception:
-            log.exception("error while closing")
+    """Await each close step in turn (None is skipped); an error is logged and the rest run.
+    Cancelled, it closes the coroutines among the steps not run yet (none is left "never
+    awaited") and raises; what they would have closed is the caller's to close."""
+    pending = iter(steps)
+    try:
+        for step in pending:
+            if step is None:
+                continue
+            try:
+                await step
+            except Exception:
+                log.exception("error while closing")
+    finally:
+        for step in pending:  # (empty after a full run)
+            if inspect.iscoroutine(step):
+                step.close()
 
 
 def new_runner() -> asyncio.Runner:
-    """An :class:`asyncio.Runner` on uvloop if it can be imported (it is a dependency on Linux)."""
+    """An :class:`asyncio.Runner` on uvloop if it is installed (it is a dependency on Linux).
+    An uvloop that is installed but broken (its import, or making its loop, fails) is a
+    warning, and the runner falls back to asyncio's own loop: slower, but the daemon serves."""
     try:
         import uvloop
-    except ImportError:
-        return asyncio.Runner()
-    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ModuleNotFoundError as exc:
+        if exc.name == "uvloop":  # not installed (not a dependency off Linux): no warning
+            return asyncio.Runner()
+        return _without_uvloop(exc)
+    except Exception as exc:  # (an ImportError of its extension module included)
+        return _without_uvloop(exc)
+    return asyncio.Runner(loop_factory=lambda: _uvloop_or_asyncio(uvloop.new_event_loop))
+
+
+def _without_uvloop(exc: Exception) -> asyncio.Runner:
+    log.warning("uvloop is installed but cannot be imported (%s): running on asyncio's loop", exc)
+    return asyncio.Runner()
+
+
+def _uvloop_or_asyncio(new_uvloop: Callable[[], asyncio.AbstractEventLoop]) -> Any:
+    """A new uvloop loop, or asyncio's (with a warning) where uvloop fails to make one."""
+    try:
+        return new_uvloop()
+    except Exception as exc:
+        log.warning("uvloop cannot make an event loop (%s): running on asyncio's loop", exc)
+        return asyncio.new_event_loop()
 
 
 def run_main(main: Coroutine[Any, Any, int], log_level: str) -> int:
@@ -184,9 +213,12 @@ async def serve_until_signalled(
     during ``graceful`` abandons it for a plain ``aclose``, and so does a ``graceful`` that raises
     (logged; exit code 1). A stop during the start cancels it and closes what started, without
     ``READY`` (a join or a model load that hangs needs no SIGKILL). Prints ``STOPPED <node id>``
-    at the end; returns the exit code (0 after a clean stop). The signal handlers are removed on
-    return. ``on_ready`` runs once the daemon started, before ``READY`` is printed (e.g.
-    :func:`~meshinfer.runtime.heap.settle_heap`).
+    at the end; returns the exit code (0 after a clean stop). Cancelled from outside, at any
+    point, it cancels the start or the drain under way, closes the daemon (``aclose``) and
+    raises, without ``STOPPED``. The signal handlers are removed on every way out. ``on_ready``
+    runs once the daemon started, before ``READY`` is printed (e.g.
+    :func:`~meshinfer.runtime.heap.settle_heap`); should it or that line fail, the daemon is
+    closed and the error raised.
 
     ``fatal``, awaited from before the start, returns (what went wrong) once the daemon cannot
     go on: then it stops as on a signal (cancelling the start, or running ``graceful``), and
@@ -194,24 +226,25 @@ async def serve_until_signalled(
     """
     loop = asyncio.get_running_loop()
     stops = asyncio.Queue[str]()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stops.put_nowait, sig.name)
-    watch = None
-    if parent_pid is not None:
-        watched = _watch_parent(parent_pid, current_parent, pid_alive, stops)
-        watch = loop.create_task(watched)
-        watch.add_done_callback(log_failure(log, "the parent watch"))
-    failed = None
-    if fatal is not None:
-        failed = asyncio.ensure_future(fatal())
-        failed.add_done_callback(log_failure(log, "the fatal watch"))  # (its end is fatal too)
-    try:
+    watch: asyncio.Task[None] | None = None
+    failed: asyncio.Future[object] | None = None
+    try:  # (the handlers go on every way out, a failure while setting up included)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stops.put_nowait, sig.name)
+        if parent_pid is not None:
+            watched = _watch_parent(parent_pid, current_parent, pid_alive, stops)
+            watch = loop.create_task(watched)
+            watch.add_done_callback(log_failure(log, "the parent watch"))
+        if fatal is not None:
+            failed = asyncio.ensure_future(fatal())
+            failed.add_done_callback(log_failure(log, "the fatal watch"))  # (its end is fatal)
         return await _serve(daemon, graceful, stops, watch, failed, on_ready)
     finally:
-        await _cancelled(watch)
-        await _cancelled(failed)
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
+        try:
+            await _cancelled(watch, failed)
+        finally:  # (also when that wait is cut short)
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
 
 
 async def _watch_parent(
@@ -266,32 +299,65 @@ async def _serve(
         await _cancelled(first)
         await daemon.aclose()
         raise
-    if on_ready is not None:
-        on_ready()
-    _announce("READY " + json.dumps(facts))
-    await asyncio.wait(stoppers, return_when=asyncio.FIRST_COMPLETED)
-    log.info("stopping (%s)", _why(first, failed))
-    await _cancelled(watch)  # only a signal cuts the drain short
-    stop = loop.create_task(graceful())
-    # a signal during the drain cuts it short (the first one, after a fatal stop)
-    second = loop.create_task(stops.get()) if first.done() else first
-    done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if second in done:
-        log.warning("%s while draining: closing at once", second.result())
-        await _cancelled(stop)
-        await daemon.aclose()
-    else:
+    ready = _ready(facts, on_ready)
+    code = await _serve_ready(daemon, graceful, stops, watch, first, failed, ready)
+    _announce(f"STOPPED {daemon.node_id}")
+    return _exit_code(failed, code)
+
+
+async def _serve_ready(
+    daemon: Daemon,
+    graceful: Callable[[], Awaitable[None]],
+    stops: asyncio.Queue[str],
+    watch: asyncio.Task[None] | None,
+    first: asyncio.Task[str],
+    failed: asyncio.Task[object] | None,
+    ready: Callable[[], None],
+) -> int:
+    """Say the started ``daemon`` is ``ready``, serve until a stop, then drain it; 0, or 1 for
+    a drain that failed. Cancelled from outside (or ``ready`` failing), it cancels the drain
+    under way and closes the daemon at once."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Task[None] | None = None
+    second: asyncio.Task[str] | None = None
+    try:
+        ready()
+        stoppers = {first} if failed is None else {first, failed}
+        await asyncio.wait(stoppers, return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping (%s)", _why(first, failed))
+        await _cancelled(watch)  # only a signal cuts the drain short
+        stop = loop.create_task(graceful())
+        # a signal during the drain cuts it short (the first one, after a fatal stop)
+        second = loop.create_task(stops.get()) if first.done() else first
+        done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
+        if second in done:
+            log.warning("%s while draining: closing at once", second.result())
+            await _cancelled(stop)
+            await daemon.aclose()
+            return 0
         await _cancelled(second)
         failure = stop.exception()
         if failure is None:
             log.info("stopped" if _ended(failed) else "stopped cleanly")
-        else:  # a bug in the drain: say so, close anyway, and exit non-zero
-            log.error("the drain failed; closing at once", exc_info=failure)
-            await daemon.aclose()
-            code = 1
-    _announce(f"STOPPED {daemon.node_id}")
-    return _exit_code(failed, code)
+            return 0
+        log.error("the drain failed; closing at once", exc_info=failure)  # a bug in the drain
+        await daemon.aclose()
+        return 1
+    except BaseException:  # cancelled from outside: no drain is left without an owner
+        await _cancelled(stop, second, first)
+        await daemon.aclose()
+        raise
+
+
+def _ready(facts: dict[str, Any], on_ready: Callable[[], None] | None) -> Callable[[], None]:
+    """What makes a started daemon ready: ``on_ready``, then the ``READY {facts}`` line."""
+
+    def ready() -> None:
+        if on_ready is not None:
+            on_ready()
+        _announce("READY " + json.dumps(facts))
+
+    return ready
 
 
 def _ended(failed: asyncio.Task[object] | None) -> bool:
@@ -313,11 +379,14 @@ def _exit_code(failed: asyncio.Task[object] | None, code: int) -> int:
     return 1 if _ended(failed) else code
 
 
-async def _cancelled(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` (None: nothing) and wait until it has ended."""
-    if task is not None:
+async def _cancelled(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel each of ``tasks`` (None: nothing) and wait until all have ended (their outcomes
+    retrieved, also when this wait is cancelled)."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    if running:
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def _announce(line: str) -> None:

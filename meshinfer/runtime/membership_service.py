@@ -118,11 +118,11 @@ class MembershipService:
         return True
 
     async def aclose(self) -> None:
-        """Stop the timer task (no leave: call :meth:`leave` first for a graceful exit)."""
+        """Stop the timer task (no leave: call :meth:`leave` first for a graceful exit). A
+        task that died was logged then (:meth:`_on_task_done`); a cancelled caller is raised to."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
 
     # --- driving the core ------------------------------------------------------------------
 

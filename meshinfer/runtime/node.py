@@ -4,7 +4,8 @@ Lifecycle (explicit and idempotent, STYLE.md 8)::
 
     start():  listener up -> membership timer and revocation sync running (see
               :mod:`meshinfer.runtime.revocations`) -> discovery advertising and browsing
-              (readiness = listening; ``wait_joined`` = a seed or discovered peer answered)
+              (readiness = listening; ``wait_joined`` = a seed or discovered peer answered;
+              called before the start made the membership, it raises RuntimeError)
     leave():  graceful: announce LEFT, wait until gossiped, then aclose()
     aclose(): discovery goodbyes -> revocation sync and membership stopped -> listener closed
               -> sessions closed
@@ -190,12 +191,12 @@ class MeshNode:
             raise RuntimeError(f"node {self.node_id} is closed: it cannot start again")
         if self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(self._start())
-        starting = self._starting
+        starting, caller = self._starting, asyncio.current_task()
+        cancels = caller.cancelling() if caller is not None else 0  # (one swallowed before)
         try:
             await asyncio.shield(starting)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or not task.cancelling():  # not ours: aclose() stopped the start
+            if caller is None or caller.cancelling() <= cancels:  # aclose() stopped the start
                 raise RuntimeError(f"node {self.node_id} was closed during its start") from None
             await asyncio.shield(self.aclose())  # our caller was cancelled: the start goes too
             raise
@@ -313,7 +314,12 @@ class MeshNode:
             self.membership.join([advert.node_id])
 
     async def wait_joined(self) -> None:
-        assert self.membership is not None
+        """Wait until a seed or a discovered peer answered. RuntimeError before the start has
+        made the membership (await :meth:`start` first)."""
+        if self.membership is None:
+            raise RuntimeError(
+                f"node {self.node_id} has not started its membership: await start() first"
+            )
         await self.membership.wait_joined()
 
     def live_members(self) -> list[str]:
