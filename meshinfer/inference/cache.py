@@ -243,8 +243,9 @@ class OrderedInputs:
 
     def fetch(self, digest: str, then: Callable[[bytes | None], None]) -> None:
         """Call ``then`` with the cache's bytes under ``digest`` (or None), after what came
-        before: at once if nothing waits, else once the queue reaches it (dropped after
-        :meth:`aclose`)."""
+        before: at once if nothing waits, else once the queue reaches it. :meth:`aclose` drops
+        the calls waiting then, uncalled; after it nothing waits, so a later call is called
+        back at once (the node, stopping, answers that item as any other that comes then)."""
         if not self._queue:
             then(self.cache.get(digest))
         elif not self._closed:

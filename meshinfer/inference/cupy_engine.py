@@ -196,7 +196,7 @@ class CupyEngine(LocalMLPEngine):
 
     def graph_buckets(self, ref: ModelRef) -> tuple[int, ...]:
         """Buckets (padded batch sizes) of ``ref`` that replay a captured CUDA graph."""
-        graphs = self.device_weights(ref).graphs
+        graphs = self.device_weights(ref).graphs.copy()  # (a worker may add one meanwhile)
         return tuple(sorted({bucket for (_, bucket), plan in graphs.items() if plan}))
 
     # --- worker-thread hooks -----------------------------------------------------------------
@@ -405,7 +405,11 @@ def _capture_graph(stream: Any, body: Callable[[], None]) -> Any:
         with contextlib.suppress(Exception):
             stream.end_capture()
         return None
-    return stream.end_capture()
+    try:
+        return stream.end_capture()
+    except Exception as exc:  # (the capture was invalidated): the bucket runs eagerly, rather
+        _log.warning("CUDA graph capture failed: %s", exc)  # than fail every batch of it
+        return None
 
 
 def _to_device(dst: Any, src: np.ndarray, stream: Any) -> None:

@@ -23,6 +23,7 @@ from meshinfer.errors import InferenceError, LocalProtocolError, ModelNotFoundEr
 from meshinfer.inference.base import ModelRef, TensorSpec
 from meshinfer.inference.mlp import MLPWeights, sha256_hex, weights_from_bytes
 from meshinfer.inference.synthetic import SyntheticSpec, make_weights
+from meshinfer.proto.models import model_name_problem
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DIGITS_REF = ModelRef("digits-mlp", "1")
@@ -74,7 +75,11 @@ class ModelRegistry:
             self.register(info)
 
     def register(self, info: ModelInfo) -> None:
-        """Add ``info``; re-registering the same ref with another hash is an error."""
+        """Add ``info``; re-registering the same ref with another hash is an error, and so is
+        an id or version holding ``@`` (``"id@version"`` would not name it alone)."""
+        ref = info.ref
+        if (problem := model_name_problem(ref.model_id, ref.version)) is not None:
+            raise LocalProtocolError(f"model {ref!s:.200} cannot be registered: {problem}")
         known = self._models.get(info.ref)
         if known is not None and known.sha256 != info.sha256:
             raise LocalProtocolError(f"{info.ref} is already registered with another hash")
@@ -154,8 +159,11 @@ def _file_model(metadata_path: Path, doc: dict) -> ModelInfo:
     inputs, outputs = _tensor_specs(doc["inputs"]), _tensor_specs(doc["outputs"])
     if not (_is_matrix(inputs) and _is_matrix(outputs)):
         raise ValueError("inputs/outputs: one [-1, n] tensor each")
+    ref = ModelRef(str(doc["model_id"]), str(doc["version"]))
+    if (problem := model_name_problem(ref.model_id, ref.version)) is not None:
+        raise ValueError(f"model {problem}")
     return ModelInfo(
-        ref=ModelRef(str(doc["model_id"]), str(doc["version"])),
+        ref=ref,
         sha256=sha,
         inputs=inputs,
         outputs=outputs,

@@ -21,12 +21,17 @@ Failures, and what the caller sees:
   more rows than the model's ``max_batch_size``): :class:`BatchShapeError` (bad input).
 * every other server error (backend failure): :class:`InferenceError`.
 * no answer within ``timeout_s``: :class:`InferenceError` (not retried: the time is spent).
+  ``timeout_s`` bounds the whole call from when it is made: the wait for a free request slot,
+  every attempt and the backoffs between them (a retry whose backoff would end past it is not
+  made: the call fails as unreachable).
 * an answer the engine cannot use (metadata without a tensor's name or datatype; an output
   missing, malformed, not numeric, or with other than one row per sample of a batching
   model): :class:`InferenceError` naming the server.
 
 Concurrency: coroutines run on the event loop; at most ``max_in_flight`` requests are in flight
-at once (a semaphore). The tritonclient asyncio clients never block the loop.
+at once (a semaphore). The tritonclient asyncio clients never block the loop. Calls share one
+client; one replaced after a connection error is closed when the last call using it ends, so
+that calls still on it are not cut off (closing the engine closes it at once).
 """
 
 from __future__ import annotations
@@ -96,6 +101,24 @@ class _Protocol:
         return self.module.InferRequestedOutput(name)
 
 
+@dataclass(eq=False, slots=True)
+class _Client:
+    """A tritonclient client and the number of calls using it now. One that failed with a
+    connection error is ``retired`` (replaced for later calls) and closed by the last call on
+    it, never under another call's feet."""
+
+    client: Any
+    users: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                await self.client.close()
+
+
 def _input_spec(tensor: dict[str, Any]) -> TensorSpec | None:
     """A batch-led TensorSpec from a model's metadata input (None if it is not one)."""
     from tritonclient.utils import triton_to_np_dtype
@@ -149,8 +172,9 @@ class TritonEngine:
         self.backoff_s = backoff_s
         self.default_max_batch_size = default_max_batch_size
         self._protocol = _Protocol(protocol)
+        self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._client: Any = None
+        self._client: _Client | None = None
         self._models: dict[ModelRef, TritonModel] = {}
         self._vanished: set[ModelRef] = set()  # loaded, then unknown to the server: look again
         self._ready = False
@@ -324,7 +348,10 @@ class TritonEngine:
         self._ready = False
         self._models.clear()
         self._vanished.clear()
-        await self._drop_client(self._client)
+        lease, self._client = self._client, None
+        if lease is not None:  # calls still on it fail: the engine is closing
+            lease.retired = True
+            await lease.close()
 
     async def __aenter__(self) -> TritonEngine:
         return self
@@ -337,49 +364,80 @@ class TritonEngine:
     async def _call(
         self, what: str, operation: Callable[[Any], Awaitable[T]], ref: ModelRef | None = None
     ) -> T:
-        """Run ``operation(client)`` with timeout, reconnect-and-retry and error mapping."""
-        async with self._slots:
-            for attempt in range(self.retries + 1):
-                client = self._connected_client()
-                try:
-                    async with asyncio.timeout(self.timeout_s):
-                        result = await operation(client)
-                except TimeoutError:
-                    raise InferenceError(
-                        f"{what} on Triton server {self.url} timed out after {self.timeout_s} s"
-                    ) from None
-                except Exception as exc:
-                    if not _is_connection_error(exc):
-                        raise self._mapped(what, exc, ref) from exc
-                    last_error = exc
-                    await self._reconnect_after(client, attempt)
-                    continue
+        """Run ``operation(client)`` with reconnect-and-retry and error mapping, all of it (the
+        wait for a free slot, every attempt and backoff) within ``timeout_s`` of the call."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        await self._take_slot(what, deadline)
+        try:
+            return await self._attempts(what, operation, ref, deadline)
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self, what: str, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise InferenceError(
+                f"{what} on Triton server {self.url} timed out after {self.timeout_s} s waiting "
+                f"for one of its {self.max_in_flight} request slots (all busy)"
+            ) from None
+
+    async def _attempts(
+        self, what: str, operation: Callable[[Any], Awaitable[T]], ref: ModelRef | None,
+        deadline: float,
+    ) -> T:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            lease = self._lease()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    result = await operation(lease.client)
+            except TimeoutError:
+                raise InferenceError(
+                    f"{what} on Triton server {self.url} timed out after {self.timeout_s} s"
+                ) from None
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise self._mapped(what, exc, ref) from exc
+                last_error = exc
+                self._retire(lease)
+            else:
                 self._ready = True
                 return result
+            finally:
+                await self._give_back(lease)
+            delay = self.backoff_s * 2 ** (attempt - 1)
+            if attempt > self.retries or loop.time() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
         raise InferenceError(
             f"{what}: Triton server {self.url} ({self.protocol}) unreachable after "
-            f"{self.retries + 1} attempts: {last_error}"
+            f"{attempt} attempts: {last_error}"
         ) from last_error
 
-    def _connected_client(self) -> Any:
+    def _lease(self) -> _Client:
+        """The client to call with, counted as in use until :meth:`_give_back`."""
         self._check_open()
         if self._client is None:
-            self._client = self._protocol.client(self.url, self.timeout_s)
+            self._client = _Client(self._protocol.client(self.url, self.timeout_s))
+        self._client.users += 1
         return self._client
 
-    async def _reconnect_after(self, failed_client: Any, attempt: int) -> None:
+    def _retire(self, lease: _Client) -> None:
+        """A connection error on ``lease``: the next call gets a new client; this one is
+        closed once no call uses it (closing it now would fail the calls still on it)."""
         self._ready = False
-        if self._client is failed_client:  # another caller may have replaced it already
+        lease.retired = True
+        if self._client is lease:  # another caller may have replaced it already
             self._client = None
-            await self._drop_client(failed_client)
-        if attempt < self.retries:
-            await asyncio.sleep(self.backoff_s * 2**attempt)
 
-    @staticmethod
-    async def _drop_client(client: Any) -> None:
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
+    async def _give_back(self, lease: _Client) -> None:
+        lease.users -= 1
+        if lease.retired and lease.users == 0:
+            await lease.close()
 
     def _mapped(self, what: str, exc: Exception, ref: ModelRef | None) -> InferenceError:
         from tritonclient.utils import InferenceServerException
