@@ -4,11 +4,12 @@ Fleet directory (kept by the fleet operator, e.g. on the coordinator host)::
 
     authority.key    0600  Ed25519 seed of the fleet authority, hex, one line
     fleet.json       0644  {"format": 1, "fleet_id": ..., "authority_public_key": hex}: the trust
-                           anchor every node needs
+                           anchor every node needs (a key that is no Ed25519 point is refused)
     revocations.bin  0644  RevocationList.to_bytes() (each entry signed by the authority)
     issued.json      0644  index of issued certificates, {"format": 1, "certificates": [...]};
                            serials are allocated from it (highest + 1)
-    api-token        0600  random url-safe token for the coordinator HTTP API
+    api-token        0600  random url-safe token for the coordinator HTTP API (read: at least
+                           16 printable ASCII characters, no spaces)
     replaced-<UTC time>/  0700  the files of a fleet ``fleet init --force`` replaced
 
 ``fleet init`` is all or nothing: it writes the five files into a private directory inside the
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nacl.bindings
+
 from meshinfer.atomic_files import (
     MAX_FILE_BYTES,
     PUBLIC_MODE,
@@ -66,6 +69,8 @@ from meshinfer.proto.identity import (
 
 FILE_FORMAT = 1
 MAX_SMALL_FILE_BYTES = 64 * 1024  # keys, tokens, fleet.json
+#: the shortest API token taken (as the coordinator daemon's ``read_token``; init writes 43)
+MIN_API_TOKEN_CHARS = 16
 # The names of a fleet directory's files (fleet.json and revocations.bin also of a node's).
 AUTHORITY_KEY = "authority.key"
 API_TOKEN = "api-token"
@@ -109,11 +114,18 @@ def load_trust(path: Path) -> FleetTrust:
     document = _load_json(path, "fleet trust file", limit=MAX_SMALL_FILE_BYTES)
     try:
         key = bytes.fromhex(document["authority_public_key"])
-        return FleetTrust(document["fleet_id"], key)
+        trust = FleetTrust(document["fleet_id"], key)
     except KeyError as exc:
         raise IdentityError(f"fleet trust file {path} is invalid: missing {exc}") from None
     except (TypeError, ValueError) as exc:
         raise IdentityError(f"fleet trust file {path} is invalid: {exc}") from None
+    if not nacl.bindings.crypto_core_ed25519_is_valid_point(key):
+        # every certificate and revocation would then fail as "bad signature", far from here
+        raise IdentityError(
+            f"fleet trust file {path} is invalid: authority_public_key is not an Ed25519 public"
+            " key (copy fleet.json again from the fleet directory)"
+        )
+    return trust
 
 
 def load_revocations(path: Path, trust: FleetTrust, *, missing_ok: bool = False) -> RevocationList:
@@ -145,6 +157,11 @@ def _load_json(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> dict[st
     if not isinstance(document, dict) or not _is_format(document.get("format")):
         raise IdentityError(f"{what} {path} has an unknown format")
     return document
+
+
+def _is_header_text(text: str) -> bool:
+    """Whether ``text`` can be sent as is in an HTTP header: printable ASCII, no spaces."""
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 def _is_format(value: object) -> bool:
@@ -216,6 +233,12 @@ class FleetDirectory:
         token = read_file(self.api_token_file, "api token", limit=MAX_SMALL_FILE_BYTES)
         token = token.decode("ascii", "replace").strip()
         require_private(self.api_token_file, "api token")
+        if len(token) < MIN_API_TOKEN_CHARS or not _is_header_text(token):
+            raise IdentityError(
+                f"api token {self.api_token_file} holds no usable token (one line of at least"
+                f" {MIN_API_TOKEN_CHARS} printable ASCII characters without spaces);"
+                " `fleet init` writes one"
+            )
         return token
 
     def issued(self) -> list[NodeCertificate]:
@@ -263,7 +286,7 @@ class FleetDirectory:
         A node id that holds a good certificate (issued, not revoked, not expired) for another
         key is refused (two machines under one id), unless ``new_key`` (the node moves to a new
         key; revoke the old serial once it runs with the new one)."""
-        if not lifetime_s > 0:
+        if not now + lifetime_s > now:  # (a lifetime too short to move a float: none)
             raise ConfigError(f"certificate lifetime must be positive, got {lifetime_s}")
         with self._exclusive():
             authority = self.authority()  # under the lock: an init --force may have run

@@ -6,7 +6,8 @@ returns an exit code. :func:`run_cli` parses, dispatches (:func:`dispatch`, whic
 fleet`` uses as well) and turns every expected failure (a bad argument, a
 :class:`MeshInferError`, an ``OSError``) into one line on stderr and exit code 2, so
 a user never sees a traceback; a reader that closed stdout early (``| head``) ends the command
-quietly with exit code 141. To add a command to a CLI::
+quietly with exit code 141, and a closed stderr that cannot take the error line ends it quietly
+with exit code 2. To add a command to a CLI::
 
     def add_status_command(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser("status", help="...")
@@ -20,6 +21,8 @@ Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
     fleet enroll  --dir DIR --node-dir NODEDIR --node-id ID --roles R[,R...] [--days N] [--force]
                   [--new-key]
     fleet revoke  --dir DIR (--node-id ID | --serial N) [--reason TEXT]
+
+(``--days``: one minute, :data:`MIN_CERT_DAYS`, up to under 36600.)
     fleet show    --dir DIR [--json]
 """
 
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from meshinfer import __version__
+from meshinfer.atomic_files import NotRegularFileError, read_regular
 from meshinfer.errors import AdmissionError, ConfigError, MeshInferError
 from meshinfer.identity_files import (
     PUBLIC_MODE,
@@ -65,6 +69,8 @@ process SIGPIPE killed (128 + 13)."""
 MAX_PUBLIC_KEY_FILE_BYTES = 4096
 DEFAULT_CERT_DAYS = 365.0
 SECONDS_PER_DAY = 86400.0
+#: the shortest ``--days`` taken (one minute): a shorter certificate expires before it is used
+MIN_CERT_DAYS = 60.0 / SECONDS_PER_DAY
 
 FLEET_HELP = "fleet authority: node certificates and revocations"
 FLEET_DESCRIPTION = (
@@ -130,14 +136,25 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return code
     except BrokenPipeError as exc:
         if not stdout_gone(exc):  # a pipe the command wrote to itself: an error like any
-            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return report_error(parser, exc)
         return EXIT_CLOSED_PIPE
     except (MeshInferError, OSError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(parser, exc)
     except KeyboardInterrupt:
         return 130
+
+
+def report_error(parser: argparse.ArgumentParser, exc: BaseException) -> int:
+    """Print ``exc`` as the command's one error line on stderr; return :data:`EXIT_USAGE`.
+
+    A stderr whose reader has gone (``2>&1 | head -0``) takes nothing: the command still ends
+    quietly with :data:`EXIT_USAGE`, as argparse's own usage errors do, instead of a traceback
+    and exit code 1 (or 120 from the flush at exit)."""
+    try:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+    except OSError:  # BrokenPipeError, or any other failing stderr
+        _discard_stream(sys.stderr)
+    return EXIT_USAGE
 
 
 def stdout_gone(exc: BaseException) -> bool:
@@ -163,9 +180,18 @@ def _stdout_closed() -> bool:
 def _discard_stdout() -> None:
     """Point stdout at /dev/null, so the flush at exit does not fail on the closed pipe again:
     the reader stopped reading, which is no error of this command (as with ``git log | head``)."""
+    _discard_stream(sys.stdout)
+
+
+def _discard_stream(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null (a stream without one is left alone)."""
+    try:
+        fileno = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fileno)
     finally:
         os.close(devnull)
 
@@ -209,8 +235,11 @@ def _days(text: str) -> float:
         days = float(text)
     except ValueError:
         days = float("nan")
-    if not 0 < days < 100 * 366:
-        raise ConfigError(f"days must be a positive number below 36600, got {text!r}")
+    if not MIN_CERT_DAYS <= days < 100 * 366:
+        raise ConfigError(
+            f"days must be a number from {MIN_CERT_DAYS:.6f} (one minute) to below 36600,"
+            f" got {text!r}"
+        )
     return days
 
 
@@ -226,14 +255,14 @@ def _public_key(text: str) -> bytes:
     if key is not None:
         return key
     path = Path(text)
-    if not path.is_file():
-        raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file")
     # node.key (or a symlink to it) holds the private key: certifying it would publish it
-    if ".key" in (path.suffix, path.resolve().suffix):
+    # (os.path.realpath: Path.resolve raises RuntimeError on a symlink loop in Python 3.11)
+    if ".key" in (path.suffix, Path(os.path.realpath(path)).suffix):
         raise ConfigError(f"{text!r} is a private key file; give the public key (node.pub)")
-    try:
-        with path.open("rb") as file:
-            content = file.read(MAX_PUBLIC_KEY_FILE_BYTES + 1)
+    try:  # never blocks: a FIFO there (even one swapped in after a look) is refused
+        content = read_regular(path, MAX_PUBLIC_KEY_FILE_BYTES)
+    except (FileNotFoundError, IsADirectoryError, NotRegularFileError):
+        raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {text!r}: {exc.strerror}") from None
     key = _hex_key_text(content.decode("ascii", errors="replace"))

@@ -111,10 +111,17 @@ class NodeDirectory:
         return self.node_key.exists()
 
     def keygen(self, *, force: bool = False) -> bytes:
-        """Write a fresh ``node.key`` (0600) and ``node.pub``; return the public key."""
+        """Write a fresh ``node.key`` (0600) and ``node.pub``; return the public key.
+
+        With ``force`` the old ``node.pub`` is removed first, so a crash part way leaves the
+        old pair, the old or new key alone (``node.pub`` is optional), or the new pair: never
+        one key beside the other's public key."""
         refuse_existing([self.node_key, self.node_pub], force)
+        refuse_directories([self.node_key, self.node_pub])  # before removing anything
         private, public = generate_static_keypair()
         make_directory(self.path)
+        if force:
+            _remove(self.node_pub)
         write_new_file(self.node_key, private.hex().encode() + b"\n", mode=SECRET_MODE, force=force)
         write_new_file(self.node_pub, public.hex().encode() + b"\n", mode=PUBLIC_MODE, force=force)
         return public
@@ -125,7 +132,11 @@ class NodeDirectory:
         require_private(self.node_key, "node key")
         public = static_public_key(private)
         if self.node_pub.exists() and read_hex_key(self.node_pub, "node public key") != public:
-            raise IdentityError(f"{self.node_pub} does not match {self.node_key}")
+            raise IdentityError(
+                f"{self.node_pub} does not match {self.node_key}: if node.key is the key the node"
+                " was enrolled with, remove node.pub (it is optional); otherwise make a new pair"
+                " with `keygen --force` and enroll the node again"
+            )
         return private
 
     def install(
@@ -195,6 +206,14 @@ def enroll(
     cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key)
     node.install(cert, trust, revocations, force=force)
     return node.load()
+
+
+def _remove(path: Path) -> None:
+    """Remove the file ``path`` if it is there; :class:`IdentityError` if it cannot be."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise IdentityError(f"cannot remove {path}: {exc.strerror}") from None
 
 
 def check_writable(directory: Path) -> None:
