@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from meshinfer.atomic_files import read_regular
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
 from meshinfer.http_client import read_capped, strict_opener
 from meshinfer.http_url import check_http_url
@@ -72,6 +73,7 @@ __all__ = [
     "Endpoint",
     "array_from_json",
     "printable",
+    "read_token_file",
     "resolve_endpoint",
     "tensor_json",
 ]
@@ -253,7 +255,7 @@ def resolve_endpoint(
         )
     if token_file is None and runtime.get("token_file"):
         token_file = Path(runtime["token_file"])
-    token = _read_token(token_file) if token_file is not None else environ.get(ENV_TOKEN)
+    token = read_token_file(token_file) if token_file is not None else environ.get(ENV_TOKEN)
     if not token:
         raise ConfigError(
             f"no API token given: pass --token-file FILE (the fleet's api-token) or --data-dir"
@@ -274,11 +276,21 @@ def _runtime_facts(data_dir: Path) -> dict[str, Any]:
     return facts
 
 
-def _read_token(path: Path) -> str:
+def read_token_file(path: Path | str, what: str = "the API token file") -> str:
+    """The stripped text of the token file ``path``; ConfigError naming ``what`` if it cannot
+    be read, is not a regular file (a FIFO there blocked the read for good) or is over
+    :data:`MAX_TOKEN_FILE_BYTES`. The token itself is checked by the caller."""
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        raw = read_regular(Path(path), MAX_TOKEN_FILE_BYTES)
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"{what} {path} is over {MAX_TOKEN_FILE_BYTES} bytes: no token")
+        return raw.decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the API token file {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
+MAX_TOKEN_FILE_BYTES = 4096
+"""The largest API token file read (``fleet init`` writes a 43-character token)."""
 
 
 def check_token(token: str) -> str:

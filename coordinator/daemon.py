@@ -30,6 +30,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from coordinator.client import read_token_file
 from coordinator.config import CoordinatorFileConfig
 from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
@@ -74,10 +75,7 @@ def read_token(config: CoordinatorFileConfig) -> str:
             "[api] token_file is required while the API is enabled: point it at the fleet's"
             " `api-token` (made by `meshinfer-coord fleet init`)"
         )
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"[api] token_file: cannot read {path}: {exc}") from None
+    token = read_token_file(path, "[api] token_file")
     if len(token) < 16:
         raise ConfigError(f"[api] token_file: {path} holds no usable token (under 16 chars)")
     return token
