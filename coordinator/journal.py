@@ -54,6 +54,7 @@ Wall-clock timestamps (``*_at``) are for people only; nothing schedules by them.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -161,6 +162,7 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         self._wal: int | None = None  # a descriptor of the write-ahead log, opened by sync()
         #: the error of a failed fdatasync: every later sync fails too (see :meth:`sync`)
         self._sync_failed: OSError | None = None
+        self._moved = False  # that error: the files were removed or replaced (_check_in_place)
         self._sync_lock = threading.Lock()
         #: held while open: one journal per file (see coordinator.journal_files)
         self._file_lock: int | None = lock_journal(self.path)
@@ -187,6 +189,8 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
                 db.execute("PRAGMA busy_timeout=5000")
                 migrate(db)
                 self._json_events = _has_json(db)
+                self._where = os.path.abspath(self.path)  # (as SQLite has it: a chdir later)
+                self._file_id = _file_id(os.stat(self._where))  # see _check_in_place
             except BaseException:
                 db.close()
                 raise
@@ -204,7 +208,7 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
             if self._in_transaction:
                 raise LocalProtocolError("cannot close the journal from inside a group commit")
             if self._db is not None:
-                if self._sync_failed is None:
+                if self._sync_failed is None or self._moved:  # (moved: see _check_in_place)
                     self._db.close()
                 else:
                     self._close_without_checkpoint(self._db)
@@ -245,7 +249,8 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         """Make every commit so far durable: ``fdatasync`` the write-ahead log (FULL; NORMAL:
         nothing). The log is appended to in commit order, so one sync covers every commit
         before it. Thread-safe; it runs beside the next group's statements on the connection.
-        Raises ``OSError`` if the sync fails (those commits may then be lost), and from then on
+        Raises ``OSError`` if the sync fails (those commits may then be lost), or the file or
+        its log was found removed or replaced (:meth:`_check_in_place`), and from then on
         at every call: the kernel may drop the unwritten pages and report the error once, so a
         later sync that "succeeds" would not make the log durable (a lost frame ends SQLite's
         recovery of the log there, with every commit after it). Reopen the journal (restart)."""
@@ -268,9 +273,28 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
                     return
             try:
                 os.fdatasync(self._wal)
+                self._check_in_place()
             except OSError as exc:
                 self._sync_failed = exc
                 raise
+
+    def _check_in_place(self) -> None:
+        """``OSError`` if the database file or its write-ahead log was removed or replaced
+        while open: SQLite goes on writing to the files it has open, and a sync of those makes
+        nothing durable (the next open reads the files at the path; a removed log's commits
+        are gone even after a mere process crash). Sticky, as a failed sync (see :meth:`sync`);
+        but :meth:`close` then merges the log into the database file as usual: the log open
+        here may be the only copy of its commits (a removed ``-wal``), and its pages are whole."""
+        try:
+            moved = os.fstat(self._wal).st_nlink == 0
+            moved = moved or _file_id(os.stat(self._where)) != self._file_id
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self._moved = True
+            raise OSError(
+                errno.ENOENT, f"journal {self.path}: the file or its log was removed or replaced"
+            )
 
     def __enter__(self) -> Journal:
         return self
@@ -358,6 +382,10 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         old = self._specs.pop(task_id, None)
         if old is not None:
             self._spec_bytes -= len(old[0])
+
+
+def _file_id(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
 
 
 def _same_spec(known: bytes, spec: TaskSpec, blob: bytes) -> bool:

@@ -3,7 +3,8 @@
 
 :class:`JournalUpkeep` is a mixin of ``Journal`` and works on its state (see
 ``Journal.__init__``). ``recover`` runs once, at startup: items whose fate is unknown go back
-to pending with a new attempt, and every unfinished task is handed back with what to dispatch.
+to pending with a new attempt (counted as refused, up to a cap, if the caller asks: see
+``recover``), and every unfinished task is handed back with what to dispatch.
 ``prune`` forgets tasks that ended long enough ago, a bounded batch per call.
 """
 
@@ -23,11 +24,15 @@ PRUNE_BATCH = 200
 class JournalUpkeep:
     """Recovery and retention (a mixin of ``Journal``: see the module docstring)."""
 
-    def recover(self) -> list[RecoveredTask]:
+    def recover(self, *, max_refused: int = 0) -> list[RecoveredTask]:
         """After a restart: every unfinished task, with the items that need a (re)dispatch.
 
         Items that were dispatched or running have an unknown fate: they go back to pending
-        with attempt + 1 (a late result of the old attempt is still accepted). Items still
+        with attempt + 1 (a late result of the old attempt is still accepted). Nothing failed,
+        so the requeue counts as a refusal (``refused`` + 1: not against ``max_attempts``, see
+        ``Coordinator._retry``) while the item has fewer than ``max_refused`` refusals, as a
+        send whose fate is unknown; beyond that (or with the default 0) it counts as an
+        attempt, so a coordinator that crashes on an item for ever still ends it. Items still
         pending or retrying are listed too, with their attempt: among them any item that was
         sent while its :meth:`mark_dispatched` had not committed yet, which therefore runs
         again (a result of that unjournaled send is refused unless the new dispatch is
@@ -40,22 +45,22 @@ class JournalUpkeep:
             self._hot.clear()
             ids = [r[0] for r in db.execute(f"SELECT id FROM tasks WHERE state IN {_LIVE}")]
             for task_id in ids:
-                self._requeue(db, task_id)
+                self._requeue(db, task_id, max_refused)
             records = [self._record(db, task_id) for task_id in ids]
         return [
             RecoveredTask(r, tuple(i for i in r.items if i.state.value in _WAITING))
             for r in records
         ]
 
-    def _requeue(self, db, task_id: str) -> None:
+    def _requeue(self, db, task_id: str, max_refused: int) -> None:
         stuck = db.execute(
             f"SELECT id FROM items WHERE task_id = ? AND state IN {_IN_FLIGHT}", (task_id,)
         ).fetchall()
         for (item_id,) in stuck:
             db.execute(
-                "UPDATE items SET state = 'pending', attempt = attempt + 1, updated_at = ?"
-                " WHERE id = ?",
-                (self._clock(), item_id),
+                "UPDATE items SET state = 'pending', attempt = attempt + 1,"
+                " refused = refused + (refused < ?), updated_at = ? WHERE id = ?",
+                (max_refused, self._clock(), item_id),
             )
             self._log("requeued", task_id, item_id, "coordinator restarted")
 

@@ -145,6 +145,9 @@ class JournalWriter:
         self._known: tuple[object, bool, bool] | None = None
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: stop
         self._next: _Call | None = None  # taken from the queue, opens the next group (thread)
+        #: calls taken from the queue and not yet handed to the sync thread (writer's thread):
+        #: the ones to fail should the thread die (never a group already handed over)
+        self._taken: list[_Call] = []
         self._stopping = False  # the thread took the stop mark from the queue
         #: Groups committed by the writer's thread, to sync and answer (None: stop).
         self._committed: queue.Queue[tuple[list[_Call], list[CallOutcome], object] | None]
@@ -225,7 +228,6 @@ class JournalWriter:
     # --- on the writer's thread -----------------------------------------------------------
 
     def _serve(self) -> None:
-        group: list[_Call] = []
         died: BaseException | None = None
         syncer = threading.Thread(target=self._sync_and_settle, name=f"{self.name}-sync")
         syncer.start()
@@ -238,6 +240,7 @@ class JournalWriter:
                 self.groups += 1
                 self.calls += len(group)
                 self._committed.put((group, outcomes, journal))
+                self._taken = []  # the sync thread answers them from here on
         except BaseException as exc:  # a bug here: fail what waits rather than hang it
             log.critical("the journal writer died", exc_info=exc)
             self._closing = True
@@ -246,7 +249,7 @@ class JournalWriter:
             self._committed.put(None)
             syncer.join()  # every committed group is answered before what follows
             if died is not None:
-                self._hand_back(self._settle_all, group, died)
+                self._hand_back(self._settle_all, self._taken, died)
             self._hand_back(_resolve, self._stopped)
 
     def _sync_and_settle(self) -> None:
@@ -302,7 +305,8 @@ class JournalWriter:
         return None
 
     def _settle_all(self, group: list[_Call], error: BaseException) -> None:
-        """On the loop, after the thread died: fail its last group and every call queued."""
+        """On the loop, after the thread died: fail the calls it had taken and not handed to
+        the sync thread (``group``), and every call queued."""
         pending = [*group, self._next]
         while True:
             try:
@@ -328,7 +332,7 @@ class JournalWriter:
         if first is None:
             self._stopping = True
             return []
-        group = [first]
+        self._taken = group = [first]  # failed with the queue should this raise (a bug)
         told_only = first.future is None
         deadline = time.monotonic() + self.tell_delay_s
         while not first.alone and len(group) < self.max_group:

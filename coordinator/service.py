@@ -351,7 +351,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
             )
 
     async def _recover(self) -> None:
-        recovered = await self._db.run("recover")
+        recovered = await self._db.run("recover", max_refused=self.config.max_attempts)
         now, wall = self._loop.time(), time.time()
         for rec in recovered:
             # accepted this long ago, by the journal's wall clock (the loop's did not survive)
