@@ -39,12 +39,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshinfer.proto.identity import RevocationEntry, RevocationList
-from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
+from meshinfer.proto.revocation_wire import MAX_OFFER_ENTRIES, RevocationsOffer, RevocationsWanted
 
 __all__ = ["PAGE_ENTRIES", "Answer", "Question", "RevocationExchange", "up_to_gap"]
 
 #: The most entries one answer carries (~130 bytes each); a longer list goes in pages.
 PAGE_ENTRIES = 256
+assert PAGE_ENTRIES <= MAX_OFFER_ENTRIES  # (a page must decode at the receiver)
 #: Beyond this many peers answered recently, the ones answered longer ago are forgotten.
 _ANSWERED_KEPT = 64
 

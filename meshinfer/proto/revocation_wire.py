@@ -20,17 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshinfer.errors import RemoteProtocolError
-from meshinfer.proto.identity import (
-    MAX_REVOCATION_ENTRIES,
-    MAX_REVOCATION_ENTRY_BYTES,
-    MAX_REVOCATION_LIST_BYTES,
-)
+from meshinfer.proto.identity import MAX_REVOCATION_ENTRY_BYTES
 from meshinfer.proto.messages import message
 
-__all__ = ["MAX_VERSION", "RevocationsOffer", "RevocationsWanted"]
+__all__ = ["MAX_OFFER_ENTRIES", "MAX_VERSION", "RevocationsOffer", "RevocationsWanted"]
 
 #: The largest list version (a sequence number) a peer may name.
 MAX_VERSION = 2**63 - 1
+#: The most entries one offer may hold: four of today's pages
+#: (:data:`~meshinfer.proto.revocation_sync.PAGE_ENTRIES`), room for a later version's larger
+#: ones. A longer offer is a protocol error (the session closes), not 8 MiB decoded first.
+MAX_OFFER_ENTRIES = 1024
 
 
 @message(type_id=17, max_size=64)
@@ -48,7 +48,11 @@ class RevocationsWanted:
             )
 
 
-@message(type_id=18, max_size=MAX_REVOCATION_LIST_BYTES + 1024, max_items=MAX_REVOCATION_ENTRIES)
+@message(
+    type_id=18,
+    max_size=MAX_OFFER_ENTRIES * (MAX_REVOCATION_ENTRY_BYTES + 5) + 1024,
+    max_items=MAX_OFFER_ENTRIES,
+)
 @dataclass(frozen=True, slots=True)
 class RevocationsOffer:
     """Revocation entries, each as the authority signed it (``RevocationEntry.to_bytes()``);

@@ -140,6 +140,7 @@ class MeshNode:
             self.admission,
             config=self.options.session,
             metrics=self.metrics,
+            rng=self.rng,  # (the dial backoff's jitter)
         )
         self.listener = SessionListener(
             self.transport,

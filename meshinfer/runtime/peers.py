@@ -49,6 +49,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import random
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
@@ -115,7 +116,11 @@ class _Outbox:
 
 
 class PeerTable:
-    """Sessions by node id, on-demand dialling, per-peer outboxes and typed dispatch."""
+    """Sessions by node id, on-demand dialling, per-peer outboxes and typed dispatch.
+
+    ``dial_backoff``: after a failed dial, sends to that peer are dropped (``unreachable``) for
+    this many seconds, stretched by up to half at random (``rng``; by default one seeded with
+    the node id) so that a fleet's nodes do not redial in lockstep."""
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class PeerTable:
         metrics: SessionMetrics | None = None,
         outbox_limit: int = 256,
         dial_backoff: float = 1.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.node_id = node_id
         self.transport = transport
@@ -145,6 +151,8 @@ class PeerTable:
         self._session_callbacks: list[SessionCallback] = []
         self._outbox_limit = outbox_limit
         self._dial_backoff = dial_backoff
+        # (unseeded it would make a simulation's run differ from one with the same seed)
+        self._rng = rng or random.Random(f"dial jitter of {node_id}")
         #: addresses of nodes forgotten while connected, kept until their last session ends
         self._parked: dict[str, PeerAddress] = {}
         self._closed = False
@@ -331,7 +339,7 @@ class PeerTable:
             elif loop.time() < box.retry_at:
                 self._fail_queue(box, "unreachable")
             elif await self._dial(node_id) is None:
-                box.retry_at = loop.time() + self._dial_backoff
+                box.retry_at = loop.time() + self._redial_after()
                 self._fail_queue(box, "dial-failed")
             # else round again: the carrier, as for every send (one the peer dialled
             # meanwhile may have been adopted first, and is then being checked)
@@ -388,6 +396,12 @@ class PeerTable:
             error = TransportError(text)
             error.__cause__ = cause
             _settle(fut, error)
+
+    def _redial_after(self) -> float:
+        """How long a peer that could not be dialled is not dialled again: ``dial_backoff``
+        stretched by up to half at random, so that nodes that lost a peer together (a fleet
+        restarting, a roadside unit back up) do not all dial it again in the same instant."""
+        return self._dial_backoff * (1.0 + self._rng.random() / 2)
 
     async def _dial(self, node_id: str) -> Session | None:
         peer = self.addresses.get(node_id) or self._parked.get(node_id)

@@ -72,6 +72,7 @@ threads.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -130,6 +131,18 @@ class RevocationStats:
     answers_sent: int = 0
     requests_dropped: int = 0  # questions from a peer answered too recently
     disconnected: int = 0  # sessions closed because the peer's certificate was revoked
+
+
+class _Merged(enum.Enum):
+    """What a merge did: the list in force grew, held every entry already, or was left as it
+    is because the union would be over ``MAX_REVOCATION_ENTRIES``."""
+
+    GREW = "grew"
+    HELD = "held"
+    OVER_LIMIT = "over-limit"
+
+    def __bool__(self) -> bool:  # true: the list grew
+        return self is _Merged.GREW
 
 
 @dataclass(frozen=True)
@@ -205,6 +218,7 @@ class RevocationSync:
         self._file_lock = asyncio.Lock()
         self._cut_off: list[Callable[[CutOff], None]] = []
         self._cutting: set[Session] = set()  # sessions being closed for a revoked certificate
+        self._settling: set[asyncio.Task[None]] = set()  # write-downs and cuts after merges
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
         peers.on_session(self._on_session)
@@ -242,6 +256,8 @@ class RevocationSync:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
         await self._steps.aclose()
 
     # --- looking for news --------------------------------------------------------------------
@@ -286,7 +302,7 @@ class RevocationSync:
             listed = await self._read_file_if_changed()
         if listed is None:
             return
-        grew = await self._adopt(listed, f"file {self.store}")
+        grew = await self._adopt(listed, f"file {self.store}") is _Merged.GREW
         if not grew and listed.entries < self.revocations.entries:
             await self._write_down()
 
@@ -378,8 +394,7 @@ class RevocationSync:
             )
         if kept:
             listed = RevocationList(self.trust.fleet_id, kept)
-            grew = await self._adopt(listed, f"peer {peer}")
-            refused |= not grew and not listed.entries <= self.revocations.entries
+            refused |= await self._adopt(listed, f"peer {peer}") is _Merged.OVER_LIMIT
         if self._exchange.checked(answer, bad=refused) and not self._closed:
             self._ask(next_page_of=peer)  # the next page, at once
 
@@ -394,23 +409,31 @@ class RevocationSync:
             raise RevocationError(f"revocation list is for fleet {more.fleet_id!r}")
         if len(self.revocations.merge(more).entries) > MAX_REVOCATION_ENTRIES:
             raise RevocationError(f"the merged list would be over {MAX_REVOCATION_ENTRIES} entries")
-        return await self._adopt(more, source)
+        return await self._adopt(more, source) is _Merged.GREW
 
-    async def _adopt(self, more: RevocationList, source: str) -> bool:
+    async def _adopt(self, more: RevocationList, source: str) -> _Merged:
         """Merge ``more`` into the list in force; if it grew, write it down and close the
-        sessions of peers it revokes."""
-        if not self._merge(more, source):
-            return False
+        sessions of peers it revokes, in a step of its own that a cancelled caller does not
+        cut short: a list in force is always written down and its sessions cut."""
+        merged = self._merge(more, source)
+        if merged is _Merged.GREW:
+            step = self._loop.create_task(self._settle_merge(), name="revocations write-down")
+            self._settling.add(step)
+            step.add_done_callback(self._settling.discard)
+            step.add_done_callback(_log_failure)
+            await asyncio.shield(step)
+        return merged
+
+    async def _settle_merge(self) -> None:
         await self._write_down()
         await self._close_revoked(self.peers.open_sessions())
-        return True
 
-    def _merge(self, more: RevocationList, source: str) -> bool:
-        """Put the union in force and gossip its version; whether it grew."""
+    def _merge(self, more: RevocationList, source: str) -> _Merged:
+        """Put the union in force and gossip its version; whether it grew, or why not."""
         current = self.revocations
         merged = current.merge(more)
         if len(merged.entries) == len(current.entries):
-            return False
+            return _Merged.HELD
         if len(merged.entries) > MAX_REVOCATION_ENTRIES:  # the file could not be read back
             # (not our bug: the authority signed more entries than a list may hold; a warning,
             # counted, since a peer relaying them must not be able to make ERROR lines)
@@ -420,7 +443,7 @@ class RevocationSync:
                 source,
                 MAX_REVOCATION_ENTRIES,
             )
-            return False
+            return _Merged.OVER_LIMIT
         self.admission.revocations = merged
         self._exchange.hold(merged)
         self.stats.merged += 1
@@ -431,7 +454,7 @@ class RevocationSync:
             "revocation list now version %d (%d entries, from %s)",
             self.version, len(merged.entries), source,
         )  # fmt: skip
-        return True
+        return _Merged.GREW
 
     def _on_session(self, peer: str, session: Session) -> None:
         if self.revocations.is_revoked(session.peer):  # admitted just before a merge
@@ -482,7 +505,7 @@ class RevocationSync:
             return
         async with self._file_lock:
             listed = await self._read_file_if_changed()
-            grew = listed is not None and self._merge(listed, f"file {self.store}")
+            grew = listed is not None and self._merge(listed, f"file {self.store}") is _Merged.GREW
             await self._write_locked(self.store)
         if grew:  # entries the file brought in: their sessions are cut like any merge's
             await self._close_revoked(self.peers.open_sessions())

@@ -34,8 +34,13 @@ class Address:
     port: int = 0
 
     def __str__(self) -> str:
-        """``host:port``; an IPv6 host in brackets (``[::1]:7946``), as config and seeds take it."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        """``host:port``; an IPv6 host in brackets (``[::1]:7946``), as config and seeds take it.
+        A host with a character that is not printable is shown escaped, as ``repr`` writes it:
+        a gossiped address is a peer's string, and logs and error messages name it."""
+        host = self.host
+        if not host.isprintable():
+            return f"{host!r}:{self.port}"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
 @runtime_checkable

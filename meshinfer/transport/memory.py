@@ -6,7 +6,10 @@ For unit tests and the simulator: no sockets, no threads, and no clock but the r
 Addresses are ``Address(name, port)``; listening on port 0 picks a free port. Each direction of a
 stream is a :class:`_Pipe`: a bounded queue of chunks, each stamped with the loop time at which it
 reaches the reader (``network.latency`` seconds after it was written). A writer waits while the
-pipe holds ``network.buffer_limit`` bytes or more (backpressure).
+pipe holds ``network.buffer_limit`` bytes or more (backpressure), then queues its bytes whole
+and, for a write over the limit, waits until the reader took all but a limit's worth of them, as
+a TCP write waits for its buffer to drain: a write that was cancelled sent all of its bytes or
+none, never a part.
 
 Pipe states, per direction::
 
@@ -107,14 +110,19 @@ class _Pipe:
     async def write(self, data: bytes) -> None:
         if self._write_waiter is not None:
             raise LocalProtocolError("another task is already writing to this stream")
+        # wait until the buffer is below the limit, queue the bytes whole (as TCP does), then
+        # wait until no more than a limit's worth of them is left above it (a write of up to
+        # the limit never waits there). Cancelled, a write sent all of its bytes or none,
+        # never a part (that would break a record stream)
         limit = self._network.buffer_limit
-        for start in range(0, len(data), limit):
-            while self.buffered >= limit and not self._failed():
-                await self._wait_writable()
-            if self._failed():
-                raise StreamClosed("stream closed while writing")
-            piece = data if len(data) <= limit else data[start : start + limit]
-            self._append(piece)
+        while self.buffered >= limit and not self._failed():
+            await self._wait_writable()
+        if not self._failed() and data:
+            self._append(data)
+        while self.buffered - min(len(data), limit) >= limit and not self._failed():
+            await self._wait_writable()
+        if self._failed():
+            raise StreamClosed("stream closed while writing")
 
     def _append(self, piece: bytes) -> None:
         deliver_at = asyncio.get_running_loop().time() + self._network.latency

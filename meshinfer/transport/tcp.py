@@ -20,6 +20,9 @@ message names the address (``dial 10.0.0.7:7946: timed out after 3s``).
 Listeners accept with a configurable ``backlog`` in their own accept loop. Accept errors such as
 EMFILE are logged and accepting backs off briefly, then resumes; no error ends the listener.
 Handler task ownership is described in :mod:`meshinfer.transport._handlers`.
+
+No SO_KEEPALIVE: a session pings an idle peer itself (``SessionConfig``), far sooner than the
+kernel's two-hour keepalive would.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import struct
 from collections import deque
 from typing import Any
 
-from meshinfer.errors import LocalProtocolError, StreamClosed, TransportError
+from meshinfer.errors import LocalProtocolError, StreamClosed, TransportError, log_stopped
 from meshinfer.transport._handlers import HandlerTasks
 from meshinfer.transport.base import Address, LinkKind, StreamHandler
 
@@ -51,6 +54,11 @@ log = logging.getLogger("meshinfer.transport")
 
 _UNKNOWN = Address("", 0)
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _address(sockaddr: Any) -> Address:
@@ -306,10 +314,13 @@ class TcpStream(asyncio.Protocol):
 class TcpListener:
     """A listening TCP socket that runs a handler task per accepted :class:`TcpStream`.
 
-    Accepting happens in one task the listener owns, with ``loop.sock_accept``: on a resource
-    error (EMFILE, ENFILE, ENOBUFS, ENOMEM) it logs a warning and backs off (10 ms doubling to
-    1 s) while the connections waiting in the kernel queue stay there; per-connection errors
-    (a client that reset before it was accepted) are skipped. Nothing a client does ends it.
+    Accepting happens in one task the listener owns, a non-blocking ``accept()`` when the
+    socket is readable (so cancelling it never loses a connection accepted just then): on a
+    resource error (EMFILE, ENFILE, ENOBUFS, ENOMEM) it logs a warning and backs off (10 ms
+    doubling to 1 s) while the connections waiting in the kernel queue stay there;
+    per-connection errors (a client that reset before it was accepted) are skipped; any other
+    exception (our bug) is logged at ERROR and backs off the same way. Nothing a client does
+    ends it, and should it ever end other than by ``aclose`` that is logged at ERROR.
     (asyncio's own ``create_server`` is not used: on Python 3.11 it reschedules its accept
     retry once per backlog slot after EMFILE and can starve the loop, CPython gh-151615.)
     """
@@ -324,6 +335,9 @@ class TcpListener:
         self._closed = False
         self._accepting = asyncio.get_running_loop().create_task(
             self._accept_loop(), name=f"tcp listener {address} accept loop"
+        )
+        self._accepting.add_done_callback(
+            log_stopped(log, f"{self}: accepting", lambda: "no new connections are accepted")
         )
 
     @property
@@ -350,22 +364,49 @@ class TcpListener:
         await self.aclose(cancel_handlers=True)
 
     async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         backoff = _MIN_ACCEPT_BACKOFF
         while True:
             try:
-                conn, _ = await loop.sock_accept(self._sock)
+                conn = await self._accept()
             except OSError as exc:
                 if exc.errno in _SKIPPABLE_ACCEPT_ERRORS:
                     continue
                 log.warning("%s: accept failed (%s); retrying in %.2fs", self, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, _MAX_ACCEPT_BACKOFF)
+            except Exception:  # our bug: said loudly, but the listener goes on accepting
+                log.exception("%s: accept failed; retrying in %.2fs", self, backoff)
+            else:
+                backoff = _MIN_ACCEPT_BACKOFF
+                await self._connect(conn)
                 continue
-            backoff = _MIN_ACCEPT_BACKOFF
-            await self._connect(loop, conn)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, _MAX_ACCEPT_BACKOFF)
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    async def _accept(self) -> socket.socket:
+        """The next connection, accepted without a cancellation point between ``accept()``
+        and the return: cancelled, this has accepted nothing (``loop.sock_accept`` can lose
+        a connection it accepted just as it is cancelled, an open socket nobody closes)."""
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            conn.setblocking(False)
+            return conn
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self._sock.fileno()
+        loop.add_reader(fd, _set_done, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        """Hand ``conn`` to a new stream (cancelled meanwhile, asyncio closes its transport)."""
+        loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(self._new_stream, conn)
         except Exception as exc:  # a broken connection must never end the accept loop
