@@ -573,7 +573,11 @@ _END = object()  # the unpacker ran out: the packet ends inside a record
 
 
 def _decode(data: bytes, max_records: int) -> Packet:
-    unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(data)), max_map_len=0, raw=False)
+    # No array on the wire is longer than MAX_RECORDS (a DIGEST_REPLY's wants): a longer one is
+    # refused at its header, before msgpack fills a list of it (8 bytes a 1-byte item).
+    unpacker = msgpack.Unpacker(
+        max_buffer_size=max(1, len(data)), max_array_len=MAX_RECORDS, max_map_len=0, raw=False
+    )
     unpacker.feed(data)
     header = _header(next(unpacker))
     if not isinstance(header, LARGE_HEADERS) and len(data) > MAX_PACKET_BYTES:

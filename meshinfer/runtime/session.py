@@ -20,8 +20,10 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     ``packed`` feature, the small messages of one :meth:`Session.send_many` share chunks (one
     Noise message for a burst of them). One reader task per session decrypts, reassembles and
     decodes; session control (``Ping``/``Pong``/``Close``) is handled here, everything else is
-    queued for :meth:`Session.recv`. When the application does not consume, the bounded queue
-    fills, the reader stops reading, and TCP pushes back on the peer.
+    queued for :meth:`Session.recv` (nothing behind a ``Close`` is). When the application does
+    not consume, the queue fills (``recv_queue`` messages or ``recv_queue_bytes`` bytes of them),
+    the reader stops reading, and TCP pushes back on the peer. A send cancelled while its write
+    waits ends the session, as lost (see :meth:`Session._write_records`).
     Both directions rekey after ``rekey_after`` Noise messages; both sides count the same
     records, so no signal is needed. Each side announces its ``rekey_after`` in its Hello
     (the ``rekey-after=N`` feature) and both use the smaller of the two values (one of a peer
@@ -120,6 +122,10 @@ class SessionConfig:
             this and the peer's announced value, so both sides rekey at the same record).
         max_message_size: largest reassembled application message accepted (bytes).
         recv_queue: messages buffered for :meth:`Session.recv` before the reader stops reading.
+        recv_queue_bytes: encoded bytes of messages buffered for :meth:`Session.recv` before
+            the reader stops reading (whichever of the two limits comes first; one message
+            always goes in, so at most this plus ``max_message_size`` are held): a peer cannot
+            park ``recv_queue`` times ``max_message_size`` bytes (16 GiB) in our memory.
         clock_skew: seconds of tolerance on certificate validity windows (default
             :data:`~meshinfer.proto.identity.DEFAULT_CLOCK_SKEW_S`): at the handshake, and for
             as long as the session lasts (it ends once the peer's certificate expired by more).
@@ -139,6 +145,7 @@ class SessionConfig:
     rekey_after: int = 1 << 20
     max_message_size: int = 16 * 1024 * 1024
     recv_queue: int = 1024
+    recv_queue_bytes: int = 64 * 1024 * 1024
     clock_skew: float = DEFAULT_CLOCK_SKEW_S
     pack: bool = True
     verify_timeout: float = 1.0
@@ -149,8 +156,11 @@ class SessionConfig:
         if self.verify_timeout < 0:
             raise ValueError("verify_timeout must not be negative")
         check_clock_skew(self.clock_skew)
-        if self.rekey_after < 1 or self.recv_queue < 1 or self.max_message_size < 1:
-            raise ValueError("rekey_after, recv_queue and max_message_size must be positive")
+        limits = (self.rekey_after, self.recv_queue, self.recv_queue_bytes, self.max_message_size)
+        if min(limits) < 1:
+            raise ValueError(
+                "rekey_after, recv_queue, recv_queue_bytes and max_message_size must be positive"
+            )
 
 
 @dataclass
@@ -245,8 +255,11 @@ class Session:
         self._recv_records = 0
         self._write_lock = asyncio.Lock()
         # Unbounded queue plus a high-water mark: the reader pauses at ``recv_queue`` messages
-        # (so TCP pushes back on the peer), while the close sentinel can always be queued.
-        self._inbox: asyncio.Queue[messages.Message | None] = asyncio.Queue()
+        # or ``recv_queue_bytes`` bytes of them (so TCP pushes back on the peer), while the
+        # close sentinel can always be queued. Each message goes in with its encoded size.
+        self._inbox: asyncio.Queue[tuple[messages.Message, int] | None] = asyncio.Queue()
+        self._inbox_bytes = 0
+        self._arriving = 0  # encoded size of the message being dispatched
         self._room = asyncio.Event()
         self._room.set()
         # the handshake's: it may hold the start of a record that came with the last one
@@ -317,7 +330,8 @@ class Session:
         session is closed, or, having sent nothing, once :attr:`peer_revoked` (checked when the
         writer is free, so a send waiting for it while the revocation came in force sends
         nothing). A write the stream fails ends the session (lost) before its error (TransportError,
-        OSError) is raised.
+        OSError) is raised; so does a cancel of the caller while the write waits (the stream
+        may hold part of a record).
         """
         encoded: list[bytes] = []
         total = 0
@@ -357,12 +371,18 @@ class Session:
     async def recv(self) -> messages.Message:
         """Return the next application message; raises StreamClosed once the session ends."""
         item = await self._inbox.get()
-        if not self._room.is_set() and self._inbox.qsize() < self.config.recv_queue:
-            self._room.set()
         if item is None:
             self._inbox.put_nowait(None)  # keep waking later callers
             raise StreamClosed(f"session with {self.peer_id} closed: {self.close_reason}")
-        return item
+        msg, size = item
+        self._inbox_bytes -= size
+        if not self._room.is_set() and not self._inbox_full():
+            self._room.set()
+        return msg
+
+    def _inbox_full(self) -> bool:
+        cfg = self.config
+        return self._inbox.qsize() >= cfg.recv_queue or self._inbox_bytes >= cfg.recv_queue_bytes
 
     def __aiter__(self) -> Session:
         return self
@@ -403,6 +423,7 @@ class Session:
                     await self._write_records(
                         framing.split_message(messages.encode(Close(code=int(code), reason=reason)))
                     )
+                    self.metrics.messages_sent += 1
             self._mark_closed(code, reason)
         await self._shutdown()
 
@@ -438,6 +459,11 @@ class Session:
     # --- internals -------------------------------------------------------------------------
 
     async def _write_records(self, chunks: list[bytes]) -> None:
+        """Encrypt ``chunks`` and write them (the caller holds the writer). Once encrypted,
+        their nonces are spent: if the caller is cancelled while the stream write waits, how
+        much of them went is unknown (none: the peer could decrypt nothing after; part: the
+        stream is cut mid-record), so the session ends, as lost, its stream reset (what part
+        went is dropped, not followed by more records), unless it is being closed anyway."""
         out = bytearray()
         for chunk in chunks:
             out += framing.encode_record(self._send_cs.encrypt(chunk))
@@ -447,6 +473,12 @@ class Session:
                 self._send_cs.rekey()
         try:
             await self.stream.write(bytes(out))
+        except asyncio.CancelledError:
+            if not self._closing:
+                self._mark_lost("a write was cancelled part-way")
+                with contextlib.suppress(Exception):
+                    self.stream.abort()
+            raise
         except (StreamClosed, TransportError, OSError) as exc:
             # the connection is gone: end the session (lost: no Close frame can go) now, its
             # tasks and stream too, not when the reader gets round to it (a sender retrying an
@@ -456,15 +488,16 @@ class Session:
             raise
         self._last_tx = self._loop.time()
 
-    def _open_record(self, record: bytes) -> list[messages.Message]:
-        """The messages one record completes: none (a part of a larger one), one, or several
-        (a packed chunk)."""
+    def _open_record(self, record: bytes) -> list[tuple[messages.Message, int]]:
+        """The messages one record completes, each with its encoded size: none (a part of a
+        larger one), one, or several (a packed chunk)."""
         plaintext = self._recv_cs.decrypt(record)
         self._recv_records += 1
         self.metrics.records_received += 1
         if self._recv_records % self.rekey_after == 0:
             self._recv_cs.rekey()
-        return [messages.decode(whole) for whole in self._reassembler.feed_all(plaintext)]
+        wholes = self._reassembler.feed_all(plaintext)
+        return [(messages.decode(whole), len(whole)) for whole in wholes]
 
     async def _read_loop(self) -> None:
         try:
@@ -491,9 +524,16 @@ class Session:
     async def _handle_records(self, records: list[bytes]) -> None:
         """Open and dispatch ``records``, yielding the loop every ``DISPATCH_BATCH`` messages
         (a peer's flood of small messages must not starve the node's other sessions), counted
-        across reads: a read that finds bytes waiting returns without yielding."""
+        across reads: a read that finds bytes waiting returns without yielding. Nothing after
+        the session closed (the peer's ``Close``, or ours) is opened or delivered: it would
+        reach :meth:`recv` after a StreamClosed."""
         for record in records:
-            for msg in self._open_record(record):
+            if self._closed.is_set():
+                return
+            for msg, size in self._open_record(record):
+                if self._closed.is_set():
+                    return
+                self._arriving = size
                 await self._dispatch(msg)
                 self._handled += 1
                 if self._handled >= DISPATCH_BATCH:
@@ -501,6 +541,7 @@ class Session:
                     await asyncio.sleep(0)
 
     async def _dispatch(self, msg: messages.Message) -> None:
+        """Handle session control here; queue anything else (``_arriving``: its size)."""
         self.metrics.messages_received += 1
         if isinstance(msg, Ping):
             with contextlib.suppress(StreamClosed):
@@ -514,8 +555,10 @@ class Session:
                 self.lost = True
             self._mark_closed(_close_code(msg.code), f"peer closed: {msg.reason}")
         else:
-            self._inbox.put_nowait(msg)
-            if self._inbox.qsize() >= self.config.recv_queue:
+            size = self._arriving
+            self._inbox.put_nowait((msg, size))
+            self._inbox_bytes += size
+            if self._inbox_full():
                 self._room.clear()
                 await self._room.wait()
 
