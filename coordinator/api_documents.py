@@ -150,7 +150,7 @@ def coordinator_families(stats: Mapping[str, Any], nodes: list[dict]) -> list[Me
         ("dispatched", "Work items sent to nodes."),
         ("retries", "Work item attempts retried."),
         ("refusals", "Retried attempts a node refused, handed back or never got (uncounted)."),
-        ("duplicates", "Duplicate or late results refused."),
+        ("duplicates", "Results refused: duplicate, late, unknown or unexpected."),
         ("foreign_results", "Results refused: their attempt went to another node."),
         ("redispatched_after_death", "Items re-sent after their node died or left."),
         ("redispatched_after_disconnect", "Items re-sent after their node's session was lost."),

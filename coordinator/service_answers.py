@@ -34,7 +34,6 @@ from coordinator.service_config import (
     KEEP_GONE_NODES,
     fold_gone_nodes,
 )
-from meshinfer.errors import RemoteProtocolError
 from meshinfer.proto import messages
 from meshinfer.proto.membership import MemberEvent, MemberEventKind
 from meshinfer.proto.tasks import TaskState
@@ -116,10 +115,8 @@ class NodeAnswers:
         if pair is None:
             return
         run = pair[0]
-        try:
-            run.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
-        except RemoteProtocolError as exc:  # a node returned an output we cannot use
-            run.record_failure(msg.item_id, f"bad output from {peer}: {exc}", self._loop.time())
+        # (an output we cannot use fails the task in there, naming the node: it raises nothing)
+        run.record_result(msg.item_id, msg.output, msg.node_id, self._loop.time())
         await self._advance(run)
 
     async def _take_result(

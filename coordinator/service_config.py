@@ -142,7 +142,7 @@ class CoordinatorStats:
     sessions_closed: int = 0  # node sessions that ended otherwise (Close frame, local close)
     redials_ok: int = 0  # lost sessions whose node answered the ping (over another or a new one)
     resent_after_redial: int = 0  # items sent again to a node reachable after a lost session
-    duplicates: int = 0
+    duplicates: int = 0  # results the journal refused: duplicate, late, unknown, unexpected
     foreign_results: int = 0  # results from a node their attempt was not sent to (refused)
     inputs_by_reference: int = 0  # items sent with an input_ref instead of their input's bytes
     input_bytes_saved: int = 0  # the bytes those references did not send

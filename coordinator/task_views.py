@@ -281,7 +281,9 @@ def render_stats(doc: dict[str, Any]) -> str:
             f"dispatched         {doc['dispatched']}, retries {doc['retries']} "
             f"({doc.get('refusals', 0)} refused), "
             f"redispatched after a node death {doc['redispatched_after_death']}",
-            f"duplicate results  {doc['duplicates']}",
+            # (every result the journal refused, not only duplicates: its counters say why)
+            f"refused results    {doc['duplicates']} "
+            "(duplicate, late or unknown: see the journal counters)",
             f"inputs by ref      {doc.get('inputs_by_reference', 0)}, "
             f"{doc.get('input_bytes_saved', 0) / 2**20:.1f} MiB not sent, "
             f"{doc.get('input_cache_misses', 0)} sent again",

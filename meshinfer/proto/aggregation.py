@@ -392,7 +392,6 @@ class Aggregator:
             flat = (tuple(map(int, np.flatnonzero(where))) for where in (tied, none))
             return winner, *flat
         weights = np.array([self.config.weights.get(s, 1.0) for s in sources], np.float64)
-        weights /= weights.max()  # in (0, 1]: huge weights cannot overflow the sums
         arrays = [outputs[s].astype(np.float64) for s in sources]
         value = _weighted_average(weights, arrays)
         return value.astype(_average_dtype(outputs[s] for s in sources)), (), ()
@@ -403,17 +402,25 @@ _SUM_SCALE = 2.0**64
 
 
 def _weighted_average(weights: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
-    """``sum(w x) / sum(w)`` in float64 (``weights`` in (0, 1]). Elements whose sum overflows
-    though every input is finite (outputs near the float64 limit) are summed again scaled down
-    by :data:`_SUM_SCALE`, a power of two, and kept between their inputs (as an average is;
-    rounding could step past the largest float): finite. Other elements keep the plain sum,
-    bit for bit. Non-finite inputs give what IEEE sums give: an infinity stays, a NaN (or
-    opposite infinities) gives NaN."""
+    """``sum(w x) / sum(w)`` in float64 (``weights`` positive and finite, of any ratio). Each
+    weight is split into a mantissa ``m`` in [1, 2) and a power of two relative to the largest
+    weight's (0 or less): ``w x`` is ``m x`` (rounded once) scaled by that power, exactly
+    unless it falls below the normal floats. So no ratio of weights loses the lesser one (a
+    weight 1e-30 beside 1e300 still counts, as it would have underflowed to 0 divided by the
+    largest), huge weights cannot overflow the sums, and equal weights give the plain mean.
+    Elements whose sum overflows though every input is finite (outputs near the float64
+    limit) are summed again scaled down by :data:`_SUM_SCALE`, a power of two, and kept
+    between their inputs (as an average is; rounding could step past the largest float):
+    finite. Other elements keep the plain sum, bit for bit. Non-finite inputs give what IEEE
+    sums give: an infinity stays, a NaN (or opposite infinities) gives NaN."""
+    mantissas, powers = np.frexp(weights)  # weights = mantissas * 2**powers, mantissas in [.5, 1)
+    mantissas, shifts = mantissas * 2, powers - powers.max()  # now in [1, 2); shifts <= 0
+    total_weight = np.ldexp(mantissas, shifts).sum()  # >= 1 (a lost term is below 2**-1022)
 
     def average(scale: float) -> np.ndarray:
         scaled = arrays if scale == 1.0 else [x / scale for x in arrays]
-        total = sum(w * x for w, x in zip(weights, scaled, strict=True))
-        return total / weights.sum() * scale
+        terms = (np.ldexp(m * x, s) for m, s, x in zip(mantissas, shifts, scaled, strict=True))
+        return sum(terms) / total_weight * scale
 
     with np.errstate(over="ignore", invalid="ignore"):
         value = average(1.0)
