@@ -3,14 +3,16 @@
 Commands::
 
     membership --nodes N --preset lan|v2v|test --loss P --latency-ms LO,HI
-               --crash K --joins J --duration S --seed SEED [--json]
+               --crash K --joins J --duration S --seed SEED [--json] [--no-timing]
 
 ``membership`` plays a :class:`~simulations.membership.MembershipScenario` (a converged fleet,
 J joins, K simultaneous crashes, S more seconds) and prints what it measured: join
 dissemination, crash detection, false deaths, load and the CPU the run took. The same seed gives
-the same figures. One run is capped at :data:`~simulations.membership.MAX_NODE_SECONDS`
-(5 million) node-seconds, ``(N + J) * (2 + J + S)`` (2 s settle, about 1 s per join): 5 to 15
-CPU minutes without loss; a larger one is refused up front rather than left running for hours.
+the same figures; with ``--no-timing`` (no CPU and wall seconds) the same bytes. The table shows
+the JSON's figures rounded half up (see :mod:`simulations.membership`). One run is capped at
+:data:`~simulations.membership.MAX_NODE_SECONDS` (5 million) node-seconds,
+``(N + J) * (2 + J + S)`` (2 s settle, about 1 s per join): 5 to 15 CPU minutes without loss;
+a larger one is refused up front rather than left running for hours.
 Errors follow :func:`meshinfer.fleetcli.run_cli`: a bad argument is one line on stderr and exit
 code 2. Add a command by writing an ``_add_<name>(commands)`` function and listing it in
 :data:`COMMANDS`.
@@ -38,6 +40,7 @@ from simulations.membership import (
     MembershipReport,
     MembershipScenario,
     RunInterrupted,
+    decimal_text,
     run_membership,
     run_size,
 )
@@ -120,6 +123,9 @@ MEMBERSHIP_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                         help="simulated seconds to run after the crashes (default 60)")),
     ("--seed", dict(type=_seed, default=1, help="random seed (default 1)")),
     ("--json", dict(action="store_true", help="print one JSON document instead of the table")),
+    ("--no-timing", dict(action="store_true",
+                         help="leave out the CPU and wall seconds the run took: the same seed "
+                              "then gives byte-identical output")),
 )  # fmt: skip
 
 
@@ -172,20 +178,27 @@ def _membership(args: argparse.Namespace) -> int:
     except RunInterrupted as interrupted:  # Ctrl-C: say how far the run came, not nothing
         print(f"meshinfer-sim membership: {interrupted}", file=sys.stderr)
         return 130
-    print(json.dumps(report.to_json(), indent=2) if args.json else membership_table(report))
+    if args.json:
+        doc = report.to_json()
+        if args.no_timing:
+            del doc["timing"]
+        print(json.dumps(doc, indent=2))
+    else:
+        print(membership_table(report, timing=not args.no_timing))
     return 0
 
 
-def membership_table(report: MembershipReport) -> str:
-    """The human-readable report of one membership run."""
+def membership_table(report: MembershipReport, *, timing: bool = True) -> str:
+    """The human-readable report of one membership run: the figures of its JSON document,
+    rounded half up; ``timing`` False leaves out the "cost" row (CPU and wall seconds)."""
     doc = report.to_json()
     scenario, joins, crashes = report.scenario, doc["joins"], doc["crashes"]
     low, high = doc["scenario"]["latency_ms"]
     lines = [
         f"membership: {scenario.nodes} nodes, preset {scenario.preset}, "
         f"loss {_share(scenario.loss)}, latency {low:g}-{high:g} ms, seed {scenario.seed}",
-        f"simulated {report.simulated:.1f} s = settle {scenario.settle:g} s + "
-        f"{_count(joins['count'], 'join')} {report.join_phase:.1f} s + "
+        f"simulated {decimal_text(doc['simulated_s'], 1)} s = settle {scenario.settle:g} s + "
+        f"{_count(joins['count'], 'join')} {decimal_text(doc['join_phase_s'], 1)} s + "
         f"{scenario.duration:g} s after {_count(crashes['count'], 'crash', 'crashes')}",
         "",
         _row("joins", "to 99.9% of the fleet", joins, "max", joins["count"])
@@ -195,7 +208,8 @@ def membership_table(report: MembershipReport) -> str:
         _row("", "DEAD at all live nodes", crashes["all_live"], "p99", crashes["count"])
         + f"  ({crashes['known_by_all']}/{crashes['count']} complete)",
         *_false_death_rows(doc["false_deaths"]),
-        *_load_rows(report),
+        *_load_rows(doc["load"]),
+        *([_cost_row(doc["timing"])] if timing else []),
     ]
     return "\n".join(lines + _per_crash_rows(crashes["per_crash"]))
 
@@ -217,7 +231,7 @@ def _row(section: str, what: str, figures: dict[str, Any], top: str, count: int)
 
 
 def _seconds(value: float | None, none: str = "never") -> str:
-    return f"{none:>8}" if value is None else f"{value:>6.2f} s"
+    return f"{none:>8}" if value is None else f"{decimal_text(value, 2):>6} s"
 
 
 def _false_death_rows(false_deaths: dict[str, int]) -> list[str]:
@@ -229,14 +243,19 @@ def _false_death_rows(false_deaths: dict[str, int]) -> list[str]:
     ]
 
 
-def _load_rows(report: MembershipReport) -> list[str]:
-    lost = report.lost / max(1, report.packets)
+def _load_rows(load: dict[str, Any]) -> list[str]:
+    lost = decimal_text(load["lost"] / max(1, load["packets"]), 1, percent=True)
+    packets = decimal_text(load["packets_per_node_s"], 1)
+    size = decimal_text(load["bytes_per_node_s"], 0)
     return [
-        f"{'load':<11} {'per node per second':<24} {report.packets_per_node_second:>8.1f} "
-        f"packets  {report.bytes_per_node_second:>8.0f} bytes  ({lost:.1%} of packets lost)",
-        f"{'cost':<11} {'of this simulation':<24} {report.cpu_seconds:>8.2f} s CPU  "
-        f"{report.wall_seconds:>8.2f} s wall",
+        f"{'load':<11} {'per node per second':<24} {packets:>8} "
+        f"packets  {size:>8} bytes  ({lost}% of packets lost)",
     ]
+
+
+def _cost_row(timing: dict[str, float]) -> str:
+    cpu, wall = decimal_text(timing["cpu_s"], 2), decimal_text(timing["wall_s"], 2)
+    return f"{'cost':<11} {'of this simulation':<24} {cpu:>8} s CPU  {wall:>8} s wall"
 
 
 def _per_crash_rows(per_crash: list[dict[str, Any]]) -> list[str]:

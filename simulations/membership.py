@@ -18,7 +18,14 @@ in four phases:
 Over the whole run a DEAD declaration about a node that is running is a *false death*; the load
 is every packet the cores sent divided by the node-seconds of uptime. All randomness comes from
 generators seeded by ``seed``, so a scenario gives the same :class:`MembershipReport` every time
-(only its ``cpu_seconds`` and ``wall_seconds`` differ).
+(only its ``cpu_seconds`` and ``wall_seconds`` differ). The scenario's own draws (seed nodes,
+victims), the cores' generators and the network's loss and latency draws are separate streams:
+scenarios that differ only in loss or latency start the same cores and crash the same victims
+(common random numbers), so comparing them does not add the variance of unrelated draws.
+
+Figures are rounded half up (a tie away from zero) on their shortest decimal form, the JSON to 6
+decimals and the table the JSON's figures further: 12.75 s shows as 12.8 and 0.125 s as 0.13
+(Python's ``round`` and ``format`` round a tie to even and work on the binary value).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 from meshinfer.errors import ConfigError
@@ -385,8 +393,19 @@ def summary(values: Sequence[float | None], top: str) -> dict[str, float | None]
     return {"median_s": _finite(statistics.median(timed)), f"{top}_s": _finite(high)}
 
 
+_DECIMAL = Context(prec=400, rounding=ROUND_HALF_UP)  # room for every digit of any float
+
+
+def decimal_text(value: float, places: int, *, percent: bool = False) -> str:
+    """Finite ``value`` (times 100 when ``percent``) with ``places`` decimals, a tie rounded away
+    from zero on the shortest decimal form of ``value``: 12.75 -> "12.8", 2.675 -> "2.68"."""
+    number = Decimal(repr(value)).scaleb(2 if percent else 0)
+    fixed = number.quantize(Decimal(1).scaleb(-places), context=_DECIMAL)
+    return str(fixed.copy_abs() if fixed.is_zero() else fixed)  # never "-0.0"
+
+
 def _finite(value: float) -> float | None:
-    return round(value, 6) if math.isfinite(value) else None
+    return float(decimal_text(value, 6)) if math.isfinite(value) else None
 
 
 def report_document(report: MembershipReport) -> dict[str, Any]:
@@ -414,15 +433,15 @@ def report_document(report: MembershipReport) -> dict[str, Any]:
             "node_seconds": _finite(report.node_seconds),
         },
         "timing": {
-            "cpu_s": round(report.cpu_seconds, 3),
-            "wall_s": round(report.wall_seconds, 3),
+            "cpu_s": float(decimal_text(report.cpu_seconds, 3)),
+            "wall_s": float(decimal_text(report.wall_seconds, 3)),
         },
     }
 
 
 def _scenario_document(scenario: MembershipScenario) -> dict[str, Any]:
     document = {item.name: getattr(scenario, item.name) for item in fields(scenario)}
-    latency_ms = [round(value * 1000, 6) for value in scenario.latency]
+    latency_ms = [float(decimal_text(value * 1000, 6)) for value in scenario.latency]
     return {
         ("latency_ms" if k == "latency" else k): (latency_ms if k == "latency" else v)
         for k, v in document.items()

@@ -3,7 +3,11 @@
 :class:`VirtualNetwork` holds a virtual clock and one heap of timed entries: core timers,
 packet deliveries and scheduled callbacks. It hands every packet a core emits to its
 destination after a random latency, unless the (seeded) loss draw, a partition or a crashed
-destination drops it. Cores only need the :class:`PacketCore` shape (``handle_packet``, ``tick``,
+destination drops it. Loss and latency draw from two streams of their own, both derived from the
+network's generator, and every packet draws both whether it is delivered or not: as long as
+the traffic is the same, the k-th packet gets the same loss draw and the same delay at every loss
+level, so one lost at a level is lost at every higher one (common random numbers across levels).
+Cores only need the :class:`PacketCore` shape (``handle_packet``, ``tick``,
 ``next_deadline``, ``drain_packets``, ``drain_events``), so any sans-I/O protocol core can run
 here; nothing sleeps, so a minute of a 1000-node fleet takes seconds of CPU.
 
@@ -84,8 +88,13 @@ class VirtualNetwork:
         strict: bool = True,
     ) -> None:
         """``strict``: a RemoteProtocolError from a core propagates (honest cores never provoke
-        one); otherwise it is counted in ``stats.protocol_errors`` and the packet dropped."""
+        one); otherwise it is counted in ``stats.protocol_errors`` and the packet dropped.
+
+        ``rng`` seeds the loss stream and the latency stream once, here; the network draws
+        nothing more from it, so a generator shared with others is not perturbed by traffic."""
         self.rng = rng
+        self._loss_rng = random.Random(rng.getrandbits(64))
+        self._latency_rng = random.Random(rng.getrandbits(64))
         self.latency = latency  # checked by the property setters below
         self.loss = loss
         self.on_event = on_event
@@ -153,8 +162,15 @@ class VirtualNetwork:
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Cut the links between the groups (nodes not named talk to everyone). A packet is
-        dropped when its link is cut as it is sent or as it arrives (in flight across a cut)."""
-        self._groups = {node: index for index, group in enumerate(groups) for node in group}
+        dropped when its link is cut as it is sent or as it arrives (in flight across a cut).
+        A node named in two groups is refused (ValueError): which side it is on would be a guess.
+        A partition lasts until :meth:`heal` or the next ``partition`` call."""
+        placed: dict[str, int] = {}
+        for index, group in enumerate(groups):
+            for node in group:
+                if placed.setdefault(node, index) != index:
+                    raise ValueError(f"partition: {node!r} is named in two groups")
+        self._groups = placed
 
     def heal(self) -> None:
         """Remove every partition."""
@@ -186,7 +202,12 @@ class VirtualNetwork:
         self._send(src, dst, data)
 
     def run_until(self, until: float) -> None:
-        """Process everything due up to ``until``, then set the clock to ``until``."""
+        """Process everything due up to ``until``, then set the clock to ``until``.
+
+        ``until`` must be finite (ValueError): NaN would silently do nothing, and infinity
+        never returns while a core keeps a timer (or stops the clock at infinity)."""
+        if not math.isfinite(until):
+            raise ValueError(f"run_until: until must be a finite time, got {until!r}")
         heap = self._heap
         while heap and heap[0][0] <= until:
             at, _, kind, node_id, generation, payload = heapq.heappop(heap)
@@ -259,7 +280,9 @@ class VirtualNetwork:
         stats.bytes_by[src] = stats.bytes_by.get(src, 0) + len(data)
         if self.on_send is not None:
             self.on_send(src, dst, data)
-        if self.loss and self.rng.random() < self.loss:
+        # both drawn for every packet, even at no loss: see the module's docstring
+        lost, delay = self._loss_rng.random() < self.loss, self._latency_rng.uniform(*self.latency)
+        if lost:
             stats.lost += 1
             return
         if self._groups and self._cut(src, dst):
@@ -269,7 +292,6 @@ class VirtualNetwork:
         if target is None:
             stats.undeliverable += 1
             return
-        delay = self.rng.uniform(*self.latency)
         self._push(self.now + delay, _DELIVERY, dst, target.generation, (src, data))
 
 
@@ -292,6 +314,9 @@ class MembershipCluster:
     """N :class:`Membership` cores on a :class:`VirtualNetwork`, with an event log.
 
     ``authenticator_for(node_id)`` (optional) gives each core its record authenticator.
+    ``seed`` seeds two independent streams: ``rng`` (each core's generator and each node's
+    made-up state, drawn as nodes start) and the network's loss and latency draws. Traffic never
+    moves ``rng``, so a node gets the same generator and state at every loss or latency setting.
     """
 
     def __init__(
@@ -309,7 +334,10 @@ class MembershipCluster:
         self.log: list[LoggedEvent] = []
         self.keep_log = keep_log
         self.hooks: list[EventHook] = []
-        self.network = VirtualNetwork(self.rng, latency=latency, loss=loss, on_event=self._record)
+        network_rng = random.Random(f"meshinfer/virtual-network/{seed!r}")
+        self.network = VirtualNetwork(
+            network_rng, latency=latency, loss=loss, on_event=self._record
+        )
         self._authenticator_for = authenticator_for or (lambda node_id: None)
         self._states: dict[str, NodeState] = {}
 
@@ -357,9 +385,14 @@ class MembershipCluster:
         return core
 
     def join_all(self, count: int, *, spacing: float = 0.05, prefix: str = "n") -> list[str]:
-        """Start ``count`` nodes, each joining through the first, ``spacing`` seconds apart."""
+        """Start ``count`` nodes, each joining through the first running node (or, in an empty
+        cluster, the first of them), ``spacing`` seconds apart. ``count`` 0 starts none."""
+        if not 0 <= spacing < math.inf:
+            raise ValueError(f"join_all: spacing must be finite and >= 0, got {spacing!r}")
+        ids = self._new_ids(count, prefix)
+        if not ids:
+            return []
         seeds = self.up()[:1]
-        ids = [f"{prefix}{len(self._states) + i:04d}" for i in range(count)]
         self.start_node(ids[0], seeds=seeds)
         for node_id in ids[1:]:
             self.network.run_for(spacing)
@@ -367,13 +400,24 @@ class MembershipCluster:
         return ids
 
     def warm_start(self, count: int, *, prefix: str = "n") -> list[str]:
-        """Start ``count`` nodes that already know each other (a converged fleet, no gossip)."""
-        ids = [f"{prefix}{len(self._states) + i:04d}" for i in range(count)]
-        for index, node_id in enumerate(ids):
-            self._states[node_id] = self._state_for(index, node_id)
+        """Start ``count`` nodes that already know each other (a converged fleet, no gossip).
+        A second call starts another such fleet, with hosts of its own, that knows only itself."""
+        ids = self._new_ids(count, prefix)
+        for node_id in ids:
+            self._states[node_id] = self._state_for(len(self._states), node_id)
         records = [self._signed(AliveRecord(n, 0, 1, self._states[n])) for n in ids]
         for node_id in ids:
             self.start_node(node_id, known=records)
+        return ids
+
+    def _new_ids(self, count: int, prefix: str) -> list[str]:
+        """``count`` fresh node ids; ValueError for a negative count or an id already used."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an integer >= 0, got {count!r}")
+        ids = [f"{prefix}{len(self._states) + i:04d}" for i in range(count)]
+        taken = [node_id for node_id in ids if node_id in self._states]
+        if taken:
+            raise ValueError(f"node ids already in the cluster: {', '.join(taken)}")
         return ids
 
     def _signed(self, record: AliveRecord) -> AliveRecord:
@@ -431,7 +475,14 @@ class MembershipCluster:
         self.network.run_for(duration)
 
     def run_until(self, done: Callable[[], bool], *, timeout: float, step: float = 0.1) -> bool:
-        """Advance in ``step``s until ``done()``; False if ``timeout`` virtual seconds passed."""
+        """Advance in ``step``s until ``done()``; False if ``timeout`` virtual seconds passed.
+
+        ``timeout`` must be finite and ``step`` positive (ValueError): either would otherwise
+        loop for ever on a condition that never comes true (a partition that never heals)."""
+        if not (math.isfinite(timeout) and 0 < step < math.inf):
+            raise ValueError(
+                f"run_until: timeout must be finite and step > 0, got {timeout!r}, {step!r}"
+            )
         end = self.now + timeout
         while not done():
             if self.now >= end:
