@@ -21,6 +21,7 @@ from meshinfer.identity_files import FleetDirectory, NodeDirectory, enroll, init
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0
+NODE_KEY = bytes([9]) + bytes(31)  # a Noise static key (X25519 base point: not of small order)
 KEY = "ab" * 32
 VEHICLE = frozenset({"vehicle"})
 #: a directory nobody may create files in, not even root
@@ -65,7 +66,7 @@ def overtaken_by_init_force(monkeypatch: pytest.MonkeyPatch, path: Path) -> None
             pending.clear()
             init_fleet(path, "f1", force=True, now=NOW + 1)
             # and certified a node in the new fleet (takes the lock itself)
-            FleetDirectory(path).sign("car-1", bytes(32), VEHICLE, now=NOW, lifetime_s=DAY)
+            FleetDirectory(path).sign("car-1", NODE_KEY, VEHICLE, now=NOW, lifetime_s=DAY)
         return real_lock(directory)
 
     monkeypatch.setattr(fleet_dir, "_lock_directory", lock_after_init)
@@ -78,7 +79,7 @@ def test_a_revoke_overtaken_by_init_force_leaves_a_readable_revocation_list(
     fleet: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = FleetDirectory(fleet)
-    directory.sign("car-1", bytes(32), VEHICLE, now=NOW, lifetime_s=DAY)
+    directory.sign("car-1", NODE_KEY, VEHICLE, now=NOW, lifetime_s=DAY)
     overtaken_by_init_force(monkeypatch, fleet)
     entry = directory.revoke(now=NOW, serial=1)  # serial 1 of the new fleet
     entry.verify(directory.trust())
@@ -90,7 +91,7 @@ def test_a_sign_overtaken_by_init_force_signs_with_the_new_authority(
 ) -> None:
     directory = FleetDirectory(fleet)
     overtaken_by_init_force(monkeypatch, fleet)
-    cert = directory.sign("car-1", bytes(32), VEHICLE, now=NOW, lifetime_s=DAY)
+    cert = directory.sign("car-1", NODE_KEY, VEHICLE, now=NOW, lifetime_s=DAY)
     cert.verify(directory.trust())  # the fleet the index belongs to now
     for issued in directory.issued():
         issued.verify(directory.trust())
@@ -164,7 +165,7 @@ def test_a_trust_file_missing_a_field_names_the_field(
 def test_an_index_record_missing_its_certificate_names_the_field(
     fleet: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    FleetDirectory(fleet).sign("car-1", bytes(32), VEHICLE, now=NOW, lifetime_s=DAY)
+    FleetDirectory(fleet).sign("car-1", NODE_KEY, VEHICLE, now=NOW, lifetime_s=DAY)
     path = fleet / "issued.json"
     document = json.loads(path.read_text())
     del document["certificates"][0]["certificate"]

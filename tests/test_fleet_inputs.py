@@ -38,6 +38,7 @@ from node.cli import main as node_main
 ROOT = Path(__file__).resolve().parents[1]
 NOW = 1_700_000_000.0
 DAY = 86_400.0
+NODE_KEY = bytes([9]) + bytes(31)  # a Noise static key (X25519 base point: not of small order)
 KEY = "ab" * 32
 
 
@@ -89,7 +90,7 @@ def held_lock(directory: Path) -> Iterator[None]:
 def test_revoke_refuses_a_reason_that_is_not_one_line_of_text(
     fleet: Path, tmp_path: Path, reason: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    FleetDirectory(fleet).sign("car-1", bytes(32), frozenset({"vehicle"}), now=NOW, lifetime_s=DAY)
+    FleetDirectory(fleet).sign("car-1", NODE_KEY, frozenset({"vehicle"}), now=NOW, lifetime_s=DAY)
     before = snapshot(fleet)
     refused(
         run(capsys, "fleet", "revoke", "--dir", fleet, "--serial", 1, "--reason", reason), "reason"
@@ -153,7 +154,7 @@ def test_sign_issues_no_serial_when_the_certificate_cannot_be_written(
 def test_revoke_takes_only_ascii_digits_as_a_serial(
     fleet: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    FleetDirectory(fleet).sign("car-1", bytes(32), frozenset({"vehicle"}), now=NOW, lifetime_s=DAY)
+    FleetDirectory(fleet).sign("car-1", NODE_KEY, frozenset({"vehicle"}), now=NOW, lifetime_s=DAY)
     refused(run(capsys, "fleet", "revoke", "--dir", fleet, "--serial", "\u0661"), "serial")
     assert FleetDirectory(fleet).revocations().version == 0
 
@@ -256,7 +257,7 @@ def test_an_index_copied_from_another_fleet_is_refused(
     tmp_path: Path, fleet: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     other = FleetDirectory.init(tmp_path / "other", "other")
-    other.sign("car-9", bytes(32), frozenset({"vehicle"}), now=NOW, lifetime_s=DAY)
+    other.sign("car-9", NODE_KEY, frozenset({"vehicle"}), now=NOW, lifetime_s=DAY)
     (fleet / "issued.json").write_bytes(other.issued_json.read_bytes())
     refused(run(capsys, "fleet", "show", "--dir", fleet), "issued.json", "'other'")
     args = ("--node-id", "n", "--roles", "rsu", "--pubkey", KEY, "--out", tmp_path / "n.cert")
@@ -267,7 +268,7 @@ def test_show_flags_a_certificate_the_authority_did_not_sign(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old = FleetDirectory.init(tmp_path / "old", "same")
-    old.sign("car-1", bytes(32), frozenset({"vehicle"}), now=NOW, lifetime_s=DAY * 36_500)
+    old.sign("car-1", NODE_KEY, frozenset({"vehicle"}), now=NOW, lifetime_s=DAY * 36_500)
     fleet = FleetDirectory.init(tmp_path / "new", "same")  # same id, new authority key
     fleet.issued_json.write_bytes(old.issued_json.read_bytes())
     code, out, err = run(capsys, "fleet", "show", "--dir", fleet.path, "--json")
@@ -278,7 +279,7 @@ def test_show_flags_a_certificate_the_authority_did_not_sign(
 def test_show_prints_times_beyond_the_calendar(
     fleet: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    FleetDirectory(fleet).sign("far", bytes(32), frozenset({"rsu"}), now=NOW, lifetime_s=1e300)
+    FleetDirectory(fleet).sign("far", NODE_KEY, frozenset({"rsu"}), now=NOW, lifetime_s=1e300)
     code, out, err = run(capsys, "fleet", "show", "--dir", fleet)
     assert code == 0, err
     assert "far" in out and "1e+300 s" in out

@@ -27,8 +27,9 @@ _WIDE = (0, *(tw.MAX_DIM,) * 7)  # no bytes, but 2**217 elements outside its zer
 
 # --- valid messages of every registered type -----------------------------------------------
 
-_ids = st.text(min_size=1, max_size=tw.MAX_ID_LEN // 10)
-_names = st.text(min_size=1, max_size=m.MAX_NAME_LEN)
+_plain = st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp"))  # (ids refuse controls)
+_ids = st.text(_plain, min_size=1, max_size=tw.MAX_ID_LEN // 10)
+_names = st.text(_plain, min_size=1, max_size=m.MAX_NAME_LEN)
 _tensors = hnp.arrays(
     st.sampled_from(sorted(tw.DTYPES)),
     hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
@@ -56,7 +57,7 @@ VALID = {
     m.Hello: st.builds(
         m.Hello,
         st.integers(1, _UINT64_MAX),
-        st.text(min_size=1, max_size=m.MAX_NODE_ID_LEN),
+        st.text(_plain, min_size=1, max_size=m.MAX_NODE_ID_LEN),
         st.binary(max_size=64),
         st.lists(_names, max_size=4).map(tuple),
         st.lists(_names, max_size=4).map(tuple),
@@ -94,9 +95,9 @@ VALID = {
         st.integers(1, 2**32 - 1),
         _tensors,
         _ids,
-        st.text(max_size=20),
-        st.text(max_size=20),
-        st.dictionaries(st.text(max_size=64), _seconds, max_size=tw.MAX_TIMINGS),
+        st.text(_plain, max_size=20),
+        st.text(_plain, max_size=20),
+        st.dictionaries(st.text(_plain, max_size=64), _seconds, max_size=tw.MAX_TIMINGS),
     ),
     tw.TaskFailed: st.builds(
         tw.TaskFailed,

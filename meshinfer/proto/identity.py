@@ -140,6 +140,26 @@ def _check_key(kind: str, value: object) -> bytes:
     return value
 
 
+#: A fixed scalar to multiply a public key by: X25519 clamps it to a multiple of 8, so the
+#: product is the all-zero point exactly when the key has small order (libsodium then fails).
+_ORDER_PROBE = b"\x01" * KEY_BYTES
+
+
+def check_static_public(value: object) -> bytes:
+    """Return ``value`` if it can be a Noise static public key: 32 bytes that are no X25519 point
+    of small order (all zeros, one, ... : Diffie-Hellman with one gives all zeros, which the
+    handshake refuses, so a node holding such a key could never join). ConfigError if not."""
+    key = _check_key("static public key", value)
+    try:
+        nacl.bindings.crypto_scalarmult(_ORDER_PROBE, key)
+    except nacl.exceptions.CryptoError:
+        raise ConfigError(
+            "static public key is an X25519 point of small order (such as all zeros): "
+            "no Noise handshake can complete with it"
+        ) from None
+    return key
+
+
 def _check_time(kind: str, value: object) -> float:
     if type(value) not in (int, float):
         raise ConfigError(f"{kind} must be a number of unix seconds")
@@ -630,7 +650,9 @@ class FleetAuthority:
         not_after: float,
         serial: int,
     ) -> NodeCertificate:
-        """Issue a certificate binding ``static_public`` to ``node_id``."""
+        """Issue a certificate binding ``static_public`` to ``node_id``; ConfigError for a key of
+        small order (:func:`check_static_public`), which could never complete a handshake."""
+        check_static_public(static_public)
         draft = NodeCertificate(
             self.fleet_id,
             serial,

@@ -34,9 +34,10 @@ Decoding a peer's bytes (:meth:`MessageRegistry.decode`), in order:
    type's widest fixed shape (or ``max_items`` where it has variable-length tuples/dicts), maps no
    longer than ``max_items`` (0 when it has none), no ext types, ``strict_map_key``, UTF-8 strings
    (``raw=False``); string/bin lengths are bounded by the input length (msgpack's default); trailing
-   bytes are an error; a type capped above 64 KiB also refuses more arrays and maps than a valid
-   encoding of it holds (``max_items`` more for an extensible type, room for a newer peer's
-   fields), as it unpacks them: each costs ~70 times its byte in memory;
+   bytes are an error; a frame over 4 KiB also refuses more arrays and maps, and more values
+   (array items, map entries), than a valid encoding of its type holds (for an extensible type,
+   room for a newer peer's fields: ``max_items`` more arrays and maps, ``4 * max_items`` more
+   values), as it unpacks them: each costs up to ~70 times its bytes in memory;
 4. check each field with a validator compiled once, at registration, from the field annotation:
    ``int`` (never ``bool``), ``float`` (an int is accepted and converted), ``str``, ``bytes``,
    ``bool``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``dict[str, X]``, an ``IntEnum``
@@ -68,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
+import re
 import threading
 import types
 import typing
@@ -97,6 +99,7 @@ __all__ = [
     "decode_as",
     "embedded",
     "encode",
+    "is_plain_text",
     "message",
     "message_types",
     "spec_of",
@@ -107,6 +110,16 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 #: Default bound on the length of variable-length tuples and dicts inside one message.
 DEFAULT_MAX_ITEMS = 1024
 _MAX_TYPE_ID = 0xFFFF
+#: What an id or a name may not hold: C0 and C1 controls, DEL, line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def is_plain_text(value: str) -> bool:
+    """Whether ``value`` holds no control character (C0, DEL, C1) and no line or paragraph
+    separator: what ids and names must be, as they end up in logs, file names and HTTP answers.
+    (A printable string, the usual id, is answered by one C pass.)"""
+    return value.isprintable() or _CONTROL.search(value) is None
+
 
 #: What :func:`decode` returns: an instance of some registered message dataclass.
 Message = object
@@ -260,6 +273,7 @@ class _TypeCodec:
         "to_wire",
         "type_id",
         "unpack_kwargs",
+        "value_limit",
         "variable",
     )
 
@@ -307,22 +321,32 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
 
 
-#: Types whose cap is above this count the arrays and maps they unpack (:func:`_counting_hook`).
-_COUNTED_SIZE = 64 * 1024
+#: Frames longer than this count the arrays and maps they unpack, and the values in them
+#: (:func:`_counting_hook`); a shorter one unpacks to at most ~70 times its size (~280 KiB).
+_COUNTED_SIZE = 4096
+#: The values (items of arrays, entries of maps) an extensible type's extra fields, from a
+#: newer peer, may hold beyond what a valid encoding of the fields it knows holds, per
+#: ``max_items``.
+_EXTENSION_VALUES = 4
 
 
-def _counting_hook(name: str, limit: int) -> Callable[[Any], Any]:
-    """A msgpack ``list_hook``/``object_hook`` that refuses the array or map past ``limit``:
-    one byte of msgpack unpacks to a 64-byte dict or tuple, so a frame of nested containers
-    would otherwise grow ~70-fold in memory, in fields that are checked only after unpacking
-    (or, extra fields of an extensible type, never)."""
-    left = limit
+def _counting_hook(name: str, limit: int, values: int) -> Callable[[Any], Any]:
+    """A msgpack ``list_hook``/``object_hook`` that refuses the array or map past ``limit``, or
+    the one that brings the items and entries unpacked past ``values``: one byte of msgpack
+    unpacks to a 64-byte dict or tuple, and three to a 50-byte string, so a frame of nested
+    containers, or of maps and arrays of short strings, would otherwise grow up to ~70-fold in
+    memory, in fields that are checked only after unpacking (or, extra fields of an extensible
+    type, never)."""
+    left, values_left = limit, values
 
     def hook(obj: Any) -> Any:
-        nonlocal left
+        nonlocal left, values_left
         left -= 1
+        values_left -= len(obj)
         if left < 0:
             raise RemoteProtocolError(f"{name} message holds more than {limit} arrays and maps")
+        if values_left < 0:
+            raise RemoteProtocolError(f"{name} message holds more than {values} values")
         return obj
 
     return hook
@@ -501,8 +525,8 @@ class MessageRegistry:
         codec.to_wire = _generate_to_wire(codec.field_names, converts, type_id)
         codec.unpack_kwargs = _unpack_kwargs(codec)
         codec.containers = self._containers_of(codec, max_items)
-        large = max_size is not None and max_size > _COUNTED_SIZE
-        codec.container_limit = codec.containers if large else None
+        codec.container_limit = codec.containers if max_size is not None else None
+        codec.value_limit = 1 + self._values_of(codec, max_items)  # (1: the type id)
         codec.fast_build = _generate_fast_build(codec, skip=0)
         codec.fast_build_top = _generate_fast_build(codec, skip=1)
         return codec
@@ -575,6 +599,28 @@ class MessageRegistry:
         included; an extensible type may hold ``max_items`` more in a newer peer's fields."""
         own = 1 + (max_items if codec.extensible else 0)
         return own + sum(self._containers(h, max_items) for h in codec.hints)
+
+    def _values_of(self, codec: _TypeCodec, max_items: int) -> int:
+        """The most values (array items, map entries) a valid encoding of ``codec``'s type
+        holds at any depth; an extensible type may hold ``_EXTENSION_VALUES * max_items`` more
+        in a newer peer's fields."""
+        own = codec.arity + (_EXTENSION_VALUES * max_items if codec.extensible else 0)
+        return own + sum(self._values(h, max_items) for h in codec.hints)
+
+    def _values(self, hint: Any, max_items: int) -> int:
+        """The most values a valid value of one (supported) annotation holds at any depth."""
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint in self._by_class:
+            return self._values_of(self._by_class[hint], max_items)
+        if origin in (types.UnionType, typing.Union):
+            return max(self._values(a, max_items) for a in args)
+        if origin is tuple and Ellipsis in args:
+            return max_items * (1 + self._values(args[0], max_items))
+        if origin is tuple:
+            return len(args) + sum(self._values(a, max_items) for a in args)
+        if origin is dict:
+            return max_items * (1 + self._values(args[1], max_items))
+        return 0
 
     def _containers(self, hint: Any, max_items: int) -> int:
         """The most arrays and maps a valid value of one (supported) annotation holds."""
@@ -656,10 +702,10 @@ class MessageRegistry:
     def _decode_with(self, codec: _TypeCodec, data: bytes) -> Any:
         limit = codec.container_limit
         try:
-            if limit is None:
+            if limit is None or len(data) <= _COUNTED_SIZE:
                 items = msgpack.unpackb(data, **codec.unpack_kwargs)
             else:
-                hook = _counting_hook(codec.name, limit)
+                hook = _counting_hook(codec.name, limit, codec.value_limit)
                 items = msgpack.unpackb(
                     data, list_hook=hook, object_hook=hook, **codec.unpack_kwargs
                 )
@@ -768,6 +814,8 @@ def _check_names(owner: str, field: str, names: tuple[str, ...], limit: int) -> 
         raise _refuse(owner, f"{field} has {len(names)} entries, at most {limit} allowed")
     if any(not 0 < len(n) <= MAX_NAME_LEN for n in names):
         raise _refuse(owner, f"{field} entries must be 1..{MAX_NAME_LEN} characters")
+    if not all(map(is_plain_text, names)):
+        raise _refuse(owner, f"{field} entries may not hold control characters")
 
 
 @message(type_id=1, max_size=8192)
@@ -788,6 +836,8 @@ class Hello:
             raise _refuse("Hello", f"protocol_version {self.protocol_version} < 1")
         if not 0 < len(self.node_id) <= MAX_NODE_ID_LEN:
             raise _refuse("Hello", f"node_id must be 1..{MAX_NODE_ID_LEN} characters")
+        if not is_plain_text(self.node_id):
+            raise _refuse("Hello", "node_id holds a control character")
         if len(self.certificate) > MAX_CERTIFICATE_LEN:
             raise _refuse("Hello", f"certificate longer than {MAX_CERTIFICATE_LEN} bytes")
         if self.max_message_size < 1:

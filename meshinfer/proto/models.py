@@ -4,13 +4,16 @@ Pure data, shared by the protocol (tasks and their codec) and the engines
 (:mod:`meshinfer.inference.base` re-exports :class:`ModelRef`, its historical home). A model is
 written ``"id@version"`` (``str(ref)``), or ``"id"`` for version ``"1"``; so neither its id nor
 its version may hold ``@`` (:func:`model_name_problem`), or ``"a@b@c"`` would name both ``a@b``
-version ``c`` and ``a`` version ``b@c``.
+version ``c`` and ``a`` version ``b@c``; nor a control character (a node refuses a task
+message naming such a model, :func:`~meshinfer.proto.messages.is_plain_text`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from meshinfer.proto.messages import is_plain_text
 
 __all__ = ["MODEL_SEPARATOR", "ModelRef", "model_name_problem", "models_named"]
 
@@ -32,11 +35,14 @@ MODEL_SEPARATOR = "@"
 
 def model_name_problem(model_id: str, version: str) -> str | None:
     """Why a model cannot be named ``model_id`` version ``version`` (either holds
-    :data:`MODEL_SEPARATOR`: written ``"id@version"`` it would read back as another model), or
-    None. Submissions are checked by it (:func:`~meshinfer.proto.tasks_codec.spec_from_dict`)."""
+    :data:`MODEL_SEPARATOR`: written ``"id@version"`` it would read back as another model; or a
+    control character: no node would take a task message naming it), or None. Submissions are
+    checked by it (:func:`~meshinfer.proto.tasks_codec.spec_from_dict`)."""
     for what, name in (("id", model_id), ("version", version)):
         if MODEL_SEPARATOR in name:
             return f'{what} {name!r:.140} holds "@", which separates a model\'s id from its version'
+        if not is_plain_text(name):
+            return f"{what} {name!r:.140} holds a control character"
     return None
 
 

@@ -34,7 +34,7 @@ import msgpack
 
 from meshinfer.proto.models import ModelRef, model_name_problem, models_named
 from meshinfer.proto.tasks import MAX_DEADLINE_S, InvalidTaskError, Pattern, Stage, TaskSpec
-from meshinfer.proto.tasks_wire import Tensor
+from meshinfer.proto.tasks_wire import Tensor, canonical_bools
 
 __all__ = ["check_model_names", "decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
 
@@ -247,8 +247,10 @@ def encode_spec(spec: TaskSpec) -> bytes:
 def decode_spec(blob: bytes) -> TaskSpec:
     """A spec from its blob; InvalidTaskError for a malformed or invalid one. A time budget
     journaled before :data:`~meshinfer.proto.tasks.MAX_DEADLINE_S` bounded it reads back as
-    that bound (the task still recovers, with the budget it runs under now), and a model name
-    holding ``@`` journaled before :func:`spec_from_dict` refused it reads back as it was."""
+    that bound (the task still recovers, with the budget it runs under now), a model name
+    holding ``@`` journaled before :func:`spec_from_dict` refused it reads back as it was, and
+    a bool input journaled before bytes other than 0 and 1 were refused reads back with them
+    as 1 (:func:`~meshinfer.proto.tasks_wire.canonical_bools`)."""
     try:
         raw = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -256,7 +258,15 @@ def decode_spec(blob: bytes) -> TaskSpec:
         raise InvalidTaskError(f"task blob: malformed msgpack: {detail}") from None
     if isinstance(raw, dict):
         _bound_budgets(raw)
+        _canonical_bool_input(raw)
     return _spec_from_dict(raw, names_checked=False)
+
+
+def _canonical_bool_input(raw: dict[Any, Any]) -> None:
+    """Read a journaled bool input's bytes other than 0 and 1 as 1, as NumPy did."""
+    inputs = raw.get("inputs")
+    if type(inputs) is dict and inputs.get("dtype") == "bool" and type(inputs.get("data")) is bytes:
+        inputs["data"] = canonical_bools(inputs["data"])
 
 
 def _bound_budgets(raw: dict[Any, Any]) -> None:

@@ -3,7 +3,8 @@
 Tensors travel as raw little-endian bytes plus a dtype name and a shape (:class:`Tensor`); the
 dtype comes from a whitelist (:data:`DTYPES`) and a decoder checks that the byte count matches
 ``prod(shape) * itemsize`` before any NumPy view is made (an empty tensor's other dimensions,
-its zeros taken as 1, may span no more than the cap either: NumPy could not shape it).
+its zeros taken as 1, may span no more than the cap either: NumPy could not shape it); a bool
+tensor's bytes are each 0 or 1 (NumPy would hold any other byte as a bool that is neither).
 
 Task parameters (``requires_gpu``, ``expected_runtime_s``, ...) are a small flat map of
 ``str -> str | int | float | bool | None``; on the wire they ride as one msgpack blob
@@ -47,7 +48,7 @@ import msgpack
 import numpy as np
 
 from meshinfer.errors import LocalProtocolError, RemoteProtocolError
-from meshinfer.proto.messages import MAX_MESSAGE_SIZE, embedded, message
+from meshinfer.proto.messages import MAX_MESSAGE_SIZE, embedded, is_plain_text, message
 
 __all__ = [
     "DTYPES",
@@ -68,6 +69,7 @@ __all__ = [
     "Tensor",
     "TensorRef",
     "by_reference",
+    "canonical_bools",
     "check_params",
     "decode_params",
     "encode_params",
@@ -141,11 +143,26 @@ def _span_outside_zeros(shape: tuple[int, ...], itemsize: int) -> int:
     return math.prod(d or 1 for d in shape) * itemsize
 
 
-def _check_layout(dtype: str, shape: tuple[int, ...], nbytes: int, limit: int) -> None:
-    """Raise RemoteProtocolError unless dtype/shape are allowed and describe ``nbytes``."""
+def _check_layout(dtype: str, shape: tuple[int, ...], data: bytes, limit: int) -> None:
+    """Raise RemoteProtocolError unless dtype/shape are allowed and describe ``data`` (and a
+    bool tensor's bytes are canonical)."""
     expected = _layout_bytes(dtype, shape, limit)
-    if expected != nbytes:
-        raise _refuse("tensor", f"shape {shape} of {dtype} needs {expected} bytes, got {nbytes}")
+    if expected != len(data):
+        raise _refuse("tensor", f"shape {shape} of {dtype} needs {expected} bytes, got {len(data)}")
+    if dtype == "bool" and data.translate(None, _BOOL_BYTES):
+        raise _refuse("tensor", "a bool tensor holds a byte other than 0 and 1")
+
+
+#: The bytes a bool tensor may hold (NumPy's False and True).
+_BOOL_BYTES = b"\x00\x01"
+
+
+def canonical_bools(data: bytes) -> bytes:
+    """``data`` (a bool tensor's bytes) with every byte other than 0 read as 1, as NumPy reads
+    it: what a peer's decoder accepts."""
+    if not data.translate(None, _BOOL_BYTES):
+        return data
+    return np.frombuffer(data, dtype=np.uint8).astype(bool).tobytes()
 
 
 def pack_array(array: np.ndarray) -> tuple[bytes, str, tuple[int, ...]]:
@@ -163,7 +180,8 @@ def pack_array(array: np.ndarray) -> tuple[bytes, str, tuple[int, ...]]:
         # as a peer's decoder would refuse it (_layout_bytes)
         raise LocalProtocolError(f"empty array of shape {array.shape} spans too many bytes")
     wire = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[name])
-    return wire.tobytes(), name, array.shape  # (a shape is a tuple of ints)
+    data = wire.tobytes() if name != "bool" else canonical_bools(wire.tobytes())
+    return data, name, array.shape  # (a shape is a tuple of ints)
 
 
 @functools.cache
@@ -178,11 +196,12 @@ def unpack_array(
     """The (read-only) array described by ``data``/``dtype``/``shape``.
 
     Raises RemoteProtocolError for an unknown dtype, too many or out-of-range dimensions, more
-    than ``limit`` bytes, or a byte count that does not match ``prod(shape) * itemsize``.
+    than ``limit`` bytes, a byte count that does not match ``prod(shape) * itemsize``, or a
+    bool tensor holding a byte other than 0 and 1.
     """
     if type(data) is not bytes or type(dtype) is not str or type(shape) is not tuple:
         raise _refuse("tensor", "data, dtype and shape must be bytes, str and tuple")
-    _check_layout(dtype, shape, len(data), limit)
+    _check_layout(dtype, shape, data, limit)
     return np.frombuffer(data, dtype=_WIRE_DTYPES[dtype]).reshape(shape)
 
 
@@ -210,8 +229,8 @@ class Tensor:
         return self.shape[0] if self.shape else 1
 
     def validate(self) -> None:
-        """Dtype whitelisted, dimensions bounded, byte count consistent."""
-        _check_layout(self.dtype, self.shape, len(self.data), MAX_TENSOR_BYTES)
+        """Dtype whitelisted, dimensions bounded, byte count consistent, bools 0 or 1."""
+        _check_layout(self.dtype, self.shape, self.data, MAX_TENSOR_BYTES)
 
 
 #: An empty input: what a :class:`TaskAssign` carries in ``input`` when ``input_ref`` names it.
@@ -360,6 +379,8 @@ def failure_kind(code: int) -> FailureKind:
 def _check_id(owner: str, field: str, value: str) -> None:
     if not 0 < len(value) <= MAX_ID_LEN:
         raise _refuse(owner, f"{field} must be 1..{MAX_ID_LEN} characters")
+    if not is_plain_text(value):
+        raise _refuse(owner, f"{field} holds a control character")
 
 
 def _check_attempt(owner: str, attempt: int) -> None:
@@ -453,10 +474,15 @@ class TaskResult:
         _check_attempt("TaskResult", self.attempt)
         if len(self.engine) > MAX_ID_LEN or len(self.device) > MAX_ID_LEN:
             raise _refuse("TaskResult", f"engine/device longer than {MAX_ID_LEN}")
+        if not (is_plain_text(self.engine) and is_plain_text(self.device)):
+            raise _refuse("TaskResult", "engine/device holds a control character")
         if len(self.timings) > MAX_TIMINGS:
             raise _refuse("TaskResult", f"more than {MAX_TIMINGS} timings")
-        if any(not 0 <= v < math.inf or len(k) > 64 for k, v in self.timings.items()):
-            raise _refuse("TaskResult", "timings must be finite, >= 0, with short names")
+        if any(
+            not 0 <= v < math.inf or len(k) > 64 or not is_plain_text(k)
+            for k, v in self.timings.items()
+        ):
+            raise _refuse("TaskResult", "timings must be finite, >= 0, with short plain names")
 
 
 @message(type_id=35, max_size=_SMALL_CAP, extensible=True)
