@@ -40,7 +40,7 @@ from meshinfer.proto.tasks import (
     outline,
     plan,
 )
-from meshinfer.proto.tasks_pipeline import PipelinePlan
+from meshinfer.proto.tasks_pipeline import PipelinePlan, StageInputError
 from meshinfer.proto.tasks_wire import Tensor
 
 
@@ -186,8 +186,9 @@ class TaskRun:
             started = set(self.items) | set(self.results) | set(self.failed)
             try:
                 return self.pipeline.ready_items(self.results, started)
-            except RemoteProtocolError as exc:  # the stages' outputs do not fit together
-                self.outcome = Outcome(False, error=f"pipeline: {exc}")
+            except StageInputError as exc:  # the stages' outputs do not fit together
+                nodes = ", ".join(f"{item} on {self.nodes.get(item, '?')}" for item in exc.feeds)
+                self.outcome = Outcome(False, error=f"pipeline: {exc}; produced by {nodes}")
                 return []
         planned = self._planned
         while self._unstarted < len(planned) and self._started(planned[self._unstarted].item_id):

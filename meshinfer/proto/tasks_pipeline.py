@@ -21,7 +21,16 @@ from meshinfer.errors import LocalProtocolError, RemoteProtocolError
 from meshinfer.proto.tasks import Pattern, Stage, TaskSpec, WorkItem, stage_order
 from meshinfer.proto.tasks_wire import Tensor, pack_array
 
-__all__ = ["PipelinePlan"]
+__all__ = ["PipelinePlan", "StageInputError"]
+
+
+class StageInputError(RemoteProtocolError):
+    """A stage's inputs (its dependencies' outputs) cannot be joined; ``feeds``: the item ids
+    of the stages that produced them, for the caller to name their nodes."""
+
+    def __init__(self, message: str, feeds: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.feeds = feeds
 
 
 class PipelinePlan:
@@ -81,17 +90,21 @@ class PipelinePlan:
         feeds = [results[self.item_id(dep)] for dep in stage.after]
         if len(feeds) == 1:
             return feeds[0]
+        problem = None
         if len({f.dtype for f in feeds}) != 1:
-            dtypes = [f.dtype for f in feeds]
-            raise RemoteProtocolError(f"stage {stage.name!r}: inputs of mixed dtypes {dtypes}")
-        try:
-            joined = np.concatenate([f.to_array() for f in feeds], axis=-1)
-        except ValueError as exc:
-            raise RemoteProtocolError(f"stage {stage.name!r}: cannot join inputs: {exc}") from None
-        try:
-            return Tensor(*pack_array(joined))
-        except LocalProtocolError as exc:
-            raise RemoteProtocolError(f"stage {stage.name!r}: joined input: {exc}") from None
+            problem = "cannot join inputs of mixed dtypes"
+        else:
+            try:
+                return Tensor(*pack_array(np.concatenate([f.to_array() for f in feeds], axis=-1)))
+            except (ValueError, LocalProtocolError) as exc:  # (the latter: joined, too large)
+                problem = f"cannot join inputs: {exc}"
+        inputs = ", ".join(
+            f"{dep!r} {f.dtype}{list(f.shape)}" for dep, f in zip(stage.after, feeds, strict=True)
+        )
+        raise StageInputError(
+            f"stage {stage.name!r}: {problem} (outputs of {inputs})",
+            tuple(self.item_id(dep) for dep in stage.after),
+        )
 
     def _item(self, index: int, stage: Stage, tensor: Tensor) -> WorkItem:
         spec = self.spec
