@@ -1,8 +1,10 @@
-"""IP addresses of peers and of this host: pure functions, no sockets, no zeroconf.
+"""IP addresses of peers and of this host: pure functions, no sockets, no zeroconf (but
+:func:`up_adapters`, which reads the host).
 
 A peer's addresses are filtered (:func:`is_unicast`, :func:`drop_foreign_loopback`) and ordered
 (:func:`nearest_first`) against this host's addresses and networks, which
-:func:`host_addresses` and :func:`host_networks` read off ``ifaddr`` adapters. Used by the mDNS
+:func:`host_addresses` and :func:`host_networks` read off ``ifaddr`` adapters (those up:
+:func:`up_adapters`). Used by the mDNS
 source (:mod:`meshinfer.discovery.mdns`); import them from here.
 """
 
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import ifaddr
+import psutil
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,6 +52,15 @@ def nearest_first(addresses: Sequence[str], networks: Sequence[Network]) -> tupl
         return not any(ip in network for network in networks)
 
     return tuple(sorted(addresses, key=elsewhere))  # stable: each group keeps its order
+
+
+def dial_preference(host: str) -> tuple[bool, int, int, str]:
+    """Sort key of a peer's IP literal among its others, for a stable order whatever order
+    its records came in: loopback last (another address of a peer on this host reaches it
+    too), IPv4 before IPv6, then by address and scope."""
+    address, _, scope = host.partition("%")
+    ip = ipaddress.ip_address(address)
+    return (ip.is_loopback, ip.version, int(ip), scope)
 
 
 def bare_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -98,6 +110,24 @@ def is_unicast(host: str) -> bool:
     broadcast = ip.version == 4 and int(ip) == 0xFFFFFFFF
     unscoped = isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local and not ip.scope_id
     return not (ip.is_unspecified or ip.is_multicast or broadcast or unscoped)
+
+
+def up_adapters() -> list[ifaddr.Adapter]:
+    """The host's interfaces that are up (``ifaddr.get_adapters`` by psutil's ``isup``):
+    ifaddr lists a down interface's addresses too, and a node advertised them (a V2I link
+    gone down kept its address in our advert) and bound zeroconf to them. An interface psutil
+    does not know is kept. Blocks (reads the system): call it in a worker thread."""
+    adapters = ifaddr.get_adapters()
+    try:
+        stats = psutil.net_if_stats()
+    except OSError:  # the states cannot be read: every interface, as ifaddr lists them
+        return list(adapters)
+    return only_up(adapters, {name: stat.isup for name, stat in stats.items()})
+
+
+def only_up(adapters: Sequence[ifaddr.Adapter], up: Mapping[str, bool]) -> list[ifaddr.Adapter]:
+    """``adapters`` less those ``up`` (interface name: is it up) says are down."""
+    return [a for a in adapters if up.get(a.name, True)]
 
 
 def ifaddr_ip(ip: str | tuple[str, int, int]) -> str:

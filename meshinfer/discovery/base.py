@@ -161,7 +161,9 @@ def _addresses_problem(addresses: object) -> str | None:
 
 
 def is_host(value: object) -> bool:
-    """True for an IPv4/IPv6 literal (a ``%scope`` allowed) or an RFC 1123 host name.
+    """True for an IPv4/IPv6 literal (a ``%scope`` allowed) or an RFC 1123 host name: the
+    form of a host. Whether a peer can listen on an IP literal is
+    :func:`~meshinfer.discovery.addresses.is_unicast`, which mDNS and the seed lists apply.
 
     A name whose last label is all digits is neither (RFC 3696 section 2): the resolver would
     read ``10.0.7`` as the IPv4 address 10.0.0.7, and ``999.0.0.1`` resolves to nothing.

@@ -45,7 +45,9 @@ A peer's loopback addresses are kept only while it may be on this host
 (:func:`~meshinfer.discovery.addresses.drop_foreign_loopback`), and its addresses are reported
 with those on a network this host shares first
 (:func:`~meshinfer.discovery.addresses.nearest_first`, on the networks that same look read off
-the loop): its consumers dial the first. An interface named in ``MdnsConfig.interfaces`` that is
+the loop; in a stable order within each group): its consumers dial the first. A reported peer's
+static key that changes is reported and logged (:meth:`MdnsDiscovery._note_key_change`).
+An interface named in ``MdnsConfig.interfaces`` that is
 not there at start (a V2I link not up yet) gets a warning, and zeroconf binds to it when a look
 finds it.
 
@@ -79,8 +81,16 @@ from meshinfer.discovery.addresses import (
     host_addresses,
     host_networks,
     is_ip,
+    up_adapters,
 )
-from meshinfer.discovery.base import EventSink, MalformedAdvert, PeerAdvert, SourceBase
+from meshinfer.discovery.base import (
+    MALFORMED_WARNING_S,
+    DiscoveryEvent,
+    EventSink,
+    MalformedAdvert,
+    PeerAdvert,
+    SourceBase,
+)
 from meshinfer.discovery.mdns_cache import (
     advert_from_service,
     cached_advert,
@@ -129,7 +139,7 @@ class MdnsDiscovery(SourceBase):
         sink: EventSink,
         config: MdnsConfig | None = None,
         *,
-        adapters: AdapterSource = ifaddr.get_adapters,
+        adapters: AdapterSource = up_adapters,
     ) -> None:
         if not all(is_ip(host) for host in advert.addresses):
             raise ConfigError(f"mdns: advertised addresses must be IP literals: {advert.addresses}")
@@ -150,6 +160,7 @@ class MdnsDiscovery(SourceBase):
         self._local_addresses: frozenset[str] = frozenset()  # this host's, for peers' loopback
         self._local_networks: tuple[Network, ...] = ()  # this host's, to order peers' addresses
         self._address_watch: asyncio.Task[None] | None = None
+        self._key_warned: dict[str, float] = {}  # node id -> when its key change was logged
 
     @property
     def service_name(self) -> str:
@@ -261,7 +272,7 @@ class MdnsDiscovery(SourceBase):
             if advert is None:
                 self._forget(name)
                 continue
-            self.directory.sight(advert, self._now())  # reports only a change
+            self._sight(advert)  # reports only a change
             for question in refresh_questions(zc, name, host, now):
                 query.add_question(question)
         if query.questions:
@@ -415,16 +426,51 @@ class MdnsDiscovery(SourceBase):
             # a peer's name. The peer stays found until its own goodbye or its records expire.
             self.directory.malformed(exc, self._now())
             return
-        event = self.directory.sight(advert, self._now())
+        event = self._sight(advert)
         # Only names of reported peers: not ours, not another fleet's node of a peer's id.
         if self.directory.reports(advert) and advert.node_id in self.directory.peers:
             self._names[name.lower()] = advert.node_id
         if event is not None and event.kind == "found" and self.config.reciprocal_announce:
             self._announce_soon()
 
+    def _sight(self, advert: PeerAdvert) -> DiscoveryEvent | None:
+        """Report ``advert`` to the directory, after saying so if it changes the static key of
+        a reported peer (:meth:`_note_key_change`)."""
+        self._note_key_change(advert)
+        return self.directory.sight(advert, self._now())
+
+    def _note_key_change(self, advert: PeerAdvert) -> None:
+        """A WARNING when a reported peer's advertised static key changes, then at most one per
+        :data:`~meshinfer.discovery.base.MALFORMED_WARNING_S` for that node id (DEBUG between).
+
+        A node re-keyed (re-enrolled, restarted without its goodbye) does this once; two nodes
+        announcing one node id (mDNS has no conflict probing here: ``fast_register``), or a
+        host forging adverts, flip it on every announcement, and each flip is reported
+        ``updated`` and redirects dials until the next one. The change is reported, not pinned:
+        a re-keyed node announces its new key with cache-flush records that replace the old
+        ones, and would never be reported again; the handshake decides who holds which key.
+        """
+        old = self.directory.peers.get(advert.node_id)
+        if old is None or old.static_key == advert.static_key or not self.directory.reports(advert):
+            return
+        now, last = self._now(), self._key_warned.get(advert.node_id)
+        change = f"{old.fingerprint} -> {advert.fingerprint}"
+        if last is not None and now - last < MALFORMED_WARNING_S:
+            log.debug("mdns: %s changed its static key again (%s)", advert.node_id, change)
+            return
+        self._key_warned[advert.node_id] = now
+        log.warning(
+            "mdns: %s changed its advertised static key (%s): re-keyed, or two nodes (or a "
+            "forger) announce this node id; next warning in %.0f s at the earliest",
+            advert.node_id,
+            change,
+            MALFORMED_WARNING_S,
+        )
+
     def _forget(self, name: str) -> None:
         node_id = self._names.pop(name.lower(), None)
         if node_id is not None:
+            self._key_warned.pop(node_id, None)
             self.directory.lose(node_id, self._now())
 
     def _announce_soon(self) -> None:

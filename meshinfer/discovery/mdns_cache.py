@@ -17,7 +17,13 @@ from typing import Any
 from zeroconf import DNSQuestion, Zeroconf
 from zeroconf.asyncio import AsyncServiceInfo
 
-from meshinfer.discovery.addresses import Network, drop_foreign_loopback, is_unicast, nearest_first
+from meshinfer.discovery.addresses import (
+    Network,
+    dial_preference,
+    drop_foreign_loopback,
+    is_unicast,
+    nearest_first,
+)
 from meshinfer.discovery.base import MalformedAdvert, PeerAdvert
 from meshinfer.discovery.mdns_txt import SERVICE_TYPE, advert_from_txt, instance_label
 
@@ -43,7 +49,10 @@ def advert_from_service(
     ``local_addresses`` (this host's addresses) are given (see :func:`drop_foreign_loopback`);
     a service left with none is malformed. The rest are ordered by :func:`nearest_first` on
     ``local_networks`` (this host's networks:
-    :func:`~meshinfer.discovery.addresses.host_networks`), so the first is the one to dial.
+    :func:`~meshinfer.discovery.addresses.host_networks`), so the first is the one to dial;
+    within each of its groups by :func:`~meshinfer.discovery.addresses.dial_preference`, not
+    zeroconf's cache order (which follows arrivals: a re-read reported ``updated`` for a mere
+    reordering, and the address dialled depended on which record came last).
     """
     suffix = "." + SERVICE_TYPE
     if not name.lower().endswith(suffix.lower()):
@@ -56,7 +65,7 @@ def advert_from_service(
         addresses = drop_foreign_loopback(addresses, local_addresses)
     if not addresses:
         raise MalformedAdvert(f"service {name!r} has no unicast address")
-    addresses = nearest_first(addresses, local_networks)
+    addresses = nearest_first(sorted(addresses, key=dial_preference), local_networks)
     advert = advert_from_txt(text, addresses=addresses, port=info.port)
     if name[: -len(suffix)].lower() != instance_label(advert.node_id, advert.fleet_id).lower():
         raise MalformedAdvert(f"service name {name!r} does not derive from fleet and node id")

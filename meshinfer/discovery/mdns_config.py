@@ -114,8 +114,9 @@ class MdnsConfig:
 
 
 AdapterSource = Callable[[], Sequence[ifaddr.Adapter]]
-"""Where :class:`MdnsDiscovery` reads the host's interfaces and addresses: ``ifaddr.get_adapters``
-(tests pass a fake). Called in a worker thread after start."""
+"""Where :class:`MdnsDiscovery` reads the host's interfaces and addresses: those up
+(:func:`~meshinfer.discovery.addresses.up_adapters`; tests pass a fake). Called in a worker
+thread after start."""
 
 
 def resolve_interfaces(

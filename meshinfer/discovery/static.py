@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from meshinfer import PROTOCOL_VERSION
+from meshinfer.discovery.addresses import is_ip, is_unicast
 from meshinfer.discovery.base import EventSink, PeerAdvert, SourceBase
 from meshinfer.errors import ConfigError, log_stopped
 from meshinfer.transport.base import LinkKind
@@ -89,12 +90,26 @@ def parse_seed(text: str, *, fleet_id: str) -> StaticSeed:
 
 
 def parse_seeds(entries: Iterable[str], *, fleet_id: str) -> tuple[StaticSeed, ...]:
-    """Parse a seed list; also refuses two seeds with one node id."""
-    seeds = tuple(parse_seed(entry, fleet_id=fleet_id) for entry in entries)
+    """Parse a seed list, and check it (:func:`checked_seeds`: one seed per node id, each at
+    an address a peer can listen on)."""
+    return checked_seeds(parse_seed(entry, fleet_id=fleet_id) for entry in entries)
+
+
+def checked_seeds(seeds: Iterable[StaticSeed]) -> tuple[StaticSeed, ...]:
+    """``seeds`` as a tuple, if fit to dial: ConfigError if two have one node id (which one to
+    dial, with which key, would be a guess: a seed list names each node once), or if one's
+    host is an IP literal no peer listens on (unspecified, multicast, broadcast, IPv6
+    link-local without its scope: :func:`~meshinfer.discovery.addresses.is_unicast`, the
+    rule mDNS applies to a peer's addresses; 0.0.0.0 dialled this host)."""
+    seeds = tuple(seeds)
     seen: set[str] = set()
     for seed in seeds:
         if seed.node_id in seen:
             raise ConfigError(f"static seeds: node id {seed.node_id!r} appears twice")
+        if is_ip(seed.host) and not is_unicast(seed.host):
+            raise ConfigError(
+                f"static seed {seed.node_id!r}: {seed.host} is no address a peer listens on"
+            )
         seen.add(seed.node_id)
     return seeds
 
@@ -172,7 +187,8 @@ def _parse_link(value: str | None) -> LinkKind | None:
 
 
 class StaticDiscovery(SourceBase):
-    """Reports a fixed list of seeds as found; see the module docstring.
+    """Reports a fixed list of seeds as found; see the module docstring. A list
+    :func:`checked_seeds` refuses (two seeds with one node id...) is a ConfigError.
 
     ``own_node_id`` and ``fleet_id`` filter the list like any other source (our own entry is
     skipped, other fleets are counted and skipped). Runs on the loop.
@@ -192,7 +208,7 @@ class StaticDiscovery(SourceBase):
         if reannounce_interval is not None and not reannounce_interval > 0:
             raise ConfigError("static.reannounce_interval: must be > 0 seconds, or None")
         super().__init__(own_node_id, fleet_id, sink)
-        self.seeds = tuple(seeds)
+        self.seeds = checked_seeds(seeds)
         self.reannounce_interval = reannounce_interval
         self._reannouncer: asyncio.Task[None] | None = None
 
@@ -206,8 +222,9 @@ class StaticDiscovery(SourceBase):
             )
 
     def replace_seeds(self, seeds: Sequence[StaticSeed]) -> None:
-        """Swap in a new seed list (a config reload): reports lost, found and updated seeds."""
-        self.seeds = tuple(seeds)
+        """Swap in a new seed list (a config reload): reports lost, found and updated seeds.
+        A list :func:`checked_seeds` refuses is a ConfigError, and the list in force stays."""
+        self.seeds = checked_seeds(seeds)
         if self._started_at is None or self._closed:
             return
         kept = {seed.node_id for seed in self.seeds}
