@@ -55,6 +55,12 @@ DRAIN_S = 20.0
 daemon's drain and leave take up to ``node.daemon.STOP_S`` (14 s), then it closes."""
 FORCED_CHECK_S = 0.05
 """How often :meth:`Demo.stop` looks, while it waits, whether a second stop signal came."""
+TASK_WAIT_S = 60.0
+"""How long the batch stream waits for one task."""
+WAIT_SLICE_S = 1.0
+"""The longest single wait of the batch stream for a task: once the demo is halted, each of its
+threads ends within about that long (the client asks a coordinator gone away again, for all of
+a wait's time: the demo's process could not exit until then)."""
 
 
 class DemoError(MeshInferError):
@@ -176,7 +182,9 @@ class Demo:
         # a fleet id of its own: two demos at once would otherwise share one (started in the same
         # second), and with it their nodes' mDNS names, and dial each other's nodes
         fleet_id = f"demo-{int(time.time())}-{secrets.token_hex(3)}"
-        self.cluster = LocalCluster(root, fleet_id=fleet_id, preset="lan")
+        # absolute: the daemons' configs name their directories, and a relative path in one is
+        # taken from that file's folder (``--keep DIR`` with a relative DIR: none came up)
+        self.cluster = LocalCluster(root.absolute(), fleet_id=fleet_id, preset="lan")
         roles = ["rsu"] + ["vehicle"] * (options.nodes - 1)
         self.names = ["rsu-1"] + [f"veh-{i}" for i in range(1, options.nodes)]
         self.roles = dict(zip(self.names, roles, strict=True))
@@ -234,6 +242,8 @@ class Demo:
         except TimeoutError:
             raise DemoError(
                 "the coordinator did not see every node alive with its models within 30 s"
+                f" ({self._seen()}); the daemons find each other by mDNS on 127.0.0.1: is"
+                f" multicast there blocked (a firewall on UDP port 5353)?{self._logs_hint()}"
             ) from None
         if self.halted.is_set():
             return
@@ -241,6 +251,19 @@ class Demo:
             f"the coordinator sees {len(self.names)} nodes alive (mDNS + SWIM gossip), each"
             f" serving {', '.join(ENSEMBLE)}"
         )
+
+    def _seen(self) -> str:
+        """What the coordinator sees of each node (for an error message)."""
+        try:
+            nodes = self._nodes()
+        except MeshInferError as exc:
+            return f"its API did not answer: {exc}"
+        return ", ".join(f"{name} {_node_state(nodes.get(name))}" for name in self.names)
+
+    def _logs_hint(self) -> str:
+        if self.options.keep is not None:
+            return f" The daemons' logs are in {self.cluster.root}."
+        return " Run it with --keep DIR to keep the daemons' logs."
 
     def _all_nodes_ready(self) -> bool:
         nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
@@ -274,10 +297,14 @@ class Demo:
                     "pattern": "batch", "model": DIGITS, "inputs": tensor_json(rows),
                     "shard_size": self.options.shard_size,
                 })  # fmt: skip
-                doc = self.client.wait(task["task_id"], timeout=60)
+                doc = self._finished(task["task_id"])
             except MeshInferError as exc:
+                if self.halted.is_set():
+                    return
                 with progress.lock:
                     progress.failed.append(f"rows {start}..: {exc}")
+                return
+            if doc is None:  # halted
                 return
             elapsed = time.perf_counter() - t0
             with progress.lock:
@@ -296,6 +323,24 @@ class Demo:
         if self.killer is not None:
             self.killer.join()
         return progress, elapsed
+
+    def _finished(self, task_id: str) -> dict[str, Any] | None:
+        """The task's document once it finished (or as it is after :data:`TASK_WAIT_S`), waited
+        for in waits of at most :data:`WAIT_SLICE_S`; None once the demo is halted."""
+        from coordinator.client import AWAY_CODES, TERMINAL_STATES, ApiError
+
+        deadline = time.monotonic() + TASK_WAIT_S
+        while not self.halted.is_set():
+            left = deadline - time.monotonic()
+            try:
+                doc = self.client.wait(task_id, timeout=max(0.0, min(WAIT_SLICE_S, left)))
+            except ApiError as exc:  # (a coordinator away: asked again while time is left)
+                if self.halted.is_set() or (exc.code in AWAY_CODES and left > WAIT_SLICE_S):
+                    continue
+                raise
+            if doc["state"] in TERMINAL_STATES or left <= WAIT_SLICE_S:
+                return doc
+        return None
 
     def start_killer(self, progress: Progress, total: int) -> None:
         """Start the thread that kills the busiest node once half of ``total`` tasks are done
@@ -323,8 +368,8 @@ class Demo:
         if frozen is None:
             return
         self.victim, in_flight = frozen
+        killed_at = time.perf_counter()  # (kill() returns once the process is reaped)
         self.cluster.kill(self.victim, signal.SIGKILL)
-        killed_at = time.perf_counter()
         self.say(f"halfway: SIGKILL {self.victim} with {_items(in_flight)} in flight on it")
         self.kill_report = {"node": self.victim, "in_flight": in_flight}
         try:
@@ -350,7 +395,7 @@ class Demo:
             counted = f"; {_items(in_flight - moved)} answered just before"
         self.say(
             f"{self.kill_report['settled_s'] * 1000:.0f} ms after the kill nothing was left on"
-            f" {self.victim}: the coordinator saw the session drop, got no answer to a ping"
+            f" {self.victim}: the coordinator saw its session drop, could not reach it again"
             f" and re-dispatched {_items(moved)} to other nodes{counted}"
         )
         self.say(
@@ -557,6 +602,12 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         "redispatched_after_death": stats["redispatched_after_death"],
         "duplicates_dropped": stats["duplicates"],
     }
+
+
+def _node_state(node: dict[str, Any] | None) -> str:
+    if node is None:
+        return "not found"
+    return f"{node.get('status')}, {len(node.get('models') or ())} models"
 
 
 def _items(n: int) -> str:

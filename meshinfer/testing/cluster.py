@@ -56,7 +56,7 @@ class LocalCluster:
     them with ``asyncio.to_thread``."""
 
     def __init__(self, root: Path, *, fleet_id: str = "test-fleet", preset: str = "test") -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # (a config's relative path is from its own folder)
         self.fleet_id = fleet_id
         self.preset = preset
         self.fleet = FleetDirectory.init(self.root / "fleet", fleet_id)
@@ -82,9 +82,9 @@ class LocalCluster:
         data_dir.mkdir(parents=True, exist_ok=True)
         config = self.root / f"{node_id}.toml"
         config.write_text(
-            f'[node]\nidentity_dir = "{node_dir}"\ndata_dir = "{data_dir}"\n'
+            f"[node]\nidentity_dir = {_toml(node_dir)}\ndata_dir = {_toml(data_dir)}\n"
             f'[discovery]\ninterfaces = ["127.0.0.1"]\n'
-            f'[membership]\npreset = "{self.preset}"\n{extra}'
+            f"[membership]\npreset = {_toml(self.preset)}\n{extra}"
         )
         self.configs[node_id] = config
         return config
@@ -102,10 +102,11 @@ class LocalCluster:
         config = self.root / f"{node_id}.toml"
         settings = settings if not settings or settings.endswith("\n") else settings + "\n"
         config.write_text(
-            f'[coordinator]\nidentity_dir = "{node_dir}"\ndata_dir = "{data_dir}"\n{settings}'
+            f"[coordinator]\nidentity_dir = {_toml(node_dir)}\ndata_dir = {_toml(data_dir)}\n"
+            f"{settings}"
             f'[discovery]\ninterfaces = ["127.0.0.1"]\n'
-            f'[membership]\npreset = "{self.preset}"\n'
-            f'[api]\nlisten = "127.0.0.1:0"\ntoken_file = "{self.fleet.api_token_file}"\n'
+            f"[membership]\npreset = {_toml(self.preset)}\n"
+            f'[api]\nlisten = "127.0.0.1:0"\ntoken_file = {_toml(self.fleet.api_token_file)}\n'
             f"{extra}"
         )
         self.configs[node_id] = config
@@ -135,7 +136,8 @@ class LocalCluster:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=_child_env(),
+                cwd=self.root,  # (the caller's folder would come first on the child's sys.path)
                 start_new_session=True,
             )
         daemon = DaemonProcess(node_id, proc, {})
@@ -201,6 +203,23 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _toml(value: object) -> str:
+    """``value`` as a TOML basic string (a JSON string is one: quotes, backslashes and control
+    characters escaped; a path holding any of them was written into the config as it was)."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+#: the folder holding the packages this process runs (meshinfer, node, coordinator): first on
+#: a daemon's import path, which no longer starts with the caller's working directory
+_PACKAGES = str(Path(__file__).resolve().parents[2])
+
+
+def _child_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGES, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _killed(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
