@@ -191,11 +191,13 @@ def type_lines(text: str) -> Counter[str]:
     return Counter(line.split()[2] for line in text.splitlines() if line.startswith("# TYPE "))
 
 
-def test_a_nan_observation_lands_in_no_finite_bucket():
-    """It landed in the first bucket (bisect of NaN): a NaN latency passed for 0.1 s or less."""
+def test_a_nan_observation_lands_in_no_bucket():
+    """It landed in the first bucket (bisect of NaN): a NaN latency passed for 0.1 s or less;
+    then in +Inf only, its sum NaN for good; now it is refused and nothing is recorded."""
     registry = MetricsRegistry()
     latency = registry.histogram("rpc_seconds", "RPC latency.", buckets=[0.1, 1.0])
-    latency.observe(math.nan)
+    with pytest.raises(LocalProtocolError, match="finite"):
+        latency.observe(math.nan)
     latency.observe(0.5)
     samples = {
         (s.name, s.labels.get("le")): s.value
@@ -204,8 +206,9 @@ def test_a_nan_observation_lands_in_no_finite_bucket():
     }
     assert samples[("rpc_seconds_bucket", "0.1")] == 0
     assert samples[("rpc_seconds_bucket", "1.0")] == 1
-    assert samples[("rpc_seconds_bucket", "+Inf")] == 2
-    assert samples[("rpc_seconds_count", None)] == 2
+    assert samples[("rpc_seconds_bucket", "+Inf")] == 1
+    assert samples[("rpc_seconds_count", None)] == 1
+    assert samples[("rpc_seconds_sum", None)] == 0.5
 
 
 def test_a_counter_refuses_nan():
