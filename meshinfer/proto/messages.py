@@ -524,9 +524,9 @@ class MessageRegistry:
         codec.fields_to_wire = _generate_to_wire(codec.field_names, converts, None)
         codec.to_wire = _generate_to_wire(codec.field_names, converts, type_id)
         codec.unpack_kwargs = _unpack_kwargs(codec)
-        codec.containers = self._containers_of(codec, max_items)
+        codec.containers, values = self._bounds_of(codec, max_items)
         codec.container_limit = codec.containers if max_size is not None else None
-        codec.value_limit = 1 + self._values_of(codec, max_items)  # (1: the type id)
+        codec.value_limit = 1 + values  # (1: the type id)
         codec.fast_build = _generate_fast_build(codec, skip=0)
         codec.fast_build_top = _generate_fast_build(codec, skip=1)
         return codec
@@ -594,48 +594,34 @@ class MessageRegistry:
                 widest, variable = max(widest, sub_widest, fixed), variable or sub_variable
         return widest, variable
 
-    def _containers_of(self, codec: _TypeCodec, max_items: int) -> int:
-        """The most arrays and maps a valid encoding of ``codec``'s type holds, its own
-        included; an extensible type may hold ``max_items`` more in a newer peer's fields."""
-        own = 1 + (max_items if codec.extensible else 0)
-        return own + sum(self._containers(h, max_items) for h in codec.hints)
+    def _bounds_of(self, codec: _TypeCodec, max_items: int) -> tuple[int, int]:
+        """The most arrays and maps (its own included) and the most values (array items, map
+        entries) a valid encoding of ``codec``'s type holds at any depth; an extensible type
+        may hold ``max_items`` more containers and ``_EXTENSION_VALUES * max_items`` more
+        values in a newer peer's fields."""
+        containers = 1 + (max_items if codec.extensible else 0)
+        values = codec.arity + (_EXTENSION_VALUES * max_items if codec.extensible else 0)
+        for hint in codec.hints:
+            nested_containers, nested_values = self._bounds(hint, max_items)
+            containers += nested_containers
+            values += nested_values
+        return containers, values
 
-    def _values_of(self, codec: _TypeCodec, max_items: int) -> int:
-        """The most values (array items, map entries) a valid encoding of ``codec``'s type
-        holds at any depth; an extensible type may hold ``_EXTENSION_VALUES * max_items`` more
-        in a newer peer's fields."""
-        own = codec.arity + (_EXTENSION_VALUES * max_items if codec.extensible else 0)
-        return own + sum(self._values(h, max_items) for h in codec.hints)
-
-    def _values(self, hint: Any, max_items: int) -> int:
-        """The most values a valid value of one (supported) annotation holds at any depth."""
+    def _bounds(self, hint: Any, max_items: int) -> tuple[int, int]:
+        """The most (containers, values) a valid value of one (supported) annotation holds."""
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         if hint in self._by_class:
-            return self._values_of(self._by_class[hint], max_items)
+            return self._bounds_of(self._by_class[hint], max_items)
         if origin in (types.UnionType, typing.Union):
-            return max(self._values(a, max_items) for a in args)
-        if origin is tuple and Ellipsis in args:
-            return max_items * (1 + self._values(args[0], max_items))
+            each = [self._bounds(a, max_items) for a in args]
+            return max(c for c, _ in each), max(v for _, v in each)
+        if (origin is tuple and Ellipsis in args) or origin is dict:
+            containers, values = self._bounds(args[-1 if origin is dict else 0], max_items)
+            return 1 + max_items * containers, max_items * (1 + values)
         if origin is tuple:
-            return len(args) + sum(self._values(a, max_items) for a in args)
-        if origin is dict:
-            return max_items * (1 + self._values(args[1], max_items))
-        return 0
-
-    def _containers(self, hint: Any, max_items: int) -> int:
-        """The most arrays and maps a valid value of one (supported) annotation holds."""
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if hint in self._by_class:
-            return self._containers_of(self._by_class[hint], max_items)
-        if origin in (types.UnionType, typing.Union):
-            return max(self._containers(a, max_items) for a in args)
-        if origin is tuple and Ellipsis in args:
-            return 1 + max_items * self._containers(args[0], max_items)
-        if origin is tuple:
-            return 1 + sum(self._containers(a, max_items) for a in args)
-        if origin is dict:
-            return 1 + max_items * self._containers(args[1], max_items)
-        return 0
+            each = [self._bounds(a, max_items) for a in args]
+            return 1 + sum(c for c, _ in each), len(args) + sum(v for _, v in each)
+        return 0, 0
 
     # --- lookups -------------------------------------------------------------------------
 
