@@ -2,7 +2,9 @@
 holding bytes other than 0 and 1, frames that unpack to far more memory than their size, and
 certificates for Noise keys no handshake can complete with."""
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import tracemalloc
 
@@ -131,6 +133,12 @@ def test_a_journaled_bool_input_with_odd_bytes_still_recovers():
 
 
 def _peak(data: bytes) -> int:
+    """The peak of memory allocated while ``data`` decodes (or is refused), after one decode
+    untraced: what a first call allocates once in the process (lazily built codecs, an
+    exception's traceback machinery) is not the frame's doing."""
+    with contextlib.suppress(RemoteProtocolError):
+        decode(data)
+    gc.collect()
     tracemalloc.start()
     try:
         try:
@@ -152,7 +160,7 @@ def test_extra_fields_of_maps_of_short_strings_do_not_blow_up_memory():
     assert len(data) > 1_000_000
     with pytest.raises(RemoteProtocolError, match="values"):
         decode(data)
-    assert _peak(data) < len(data) * 2
+    assert _peak(data) < len(data) * 4  # (~2x: unpacking is refused part-way; it was ~12x)
 
 
 def test_a_small_types_frame_of_nested_maps_does_not_blow_up_memory():
