@@ -182,9 +182,8 @@ class Demo:
         # a fleet id of its own: two demos at once would otherwise share one (started in the same
         # second), and with it their nodes' mDNS names, and dial each other's nodes
         fleet_id = f"demo-{int(time.time())}-{secrets.token_hex(3)}"
-        # absolute: the daemons' configs name their directories, and a relative path in one is
-        # taken from that file's folder (``--keep DIR`` with a relative DIR: none came up)
-        self.cluster = LocalCluster(root.absolute(), fleet_id=fleet_id, preset="lan")
+        # (LocalCluster makes the root absolute: ``--keep DIR`` may name a relative DIR)
+        self.cluster = LocalCluster(root, fleet_id=fleet_id, preset="lan")
         roles = ["rsu"] + ["vehicle"] * (options.nodes - 1)
         self.names = ["rsu-1"] + [f"veh-{i}" for i in range(1, options.nodes)]
         self.roles = dict(zip(self.names, roles, strict=True))

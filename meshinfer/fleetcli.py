@@ -21,9 +21,9 @@ Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
     fleet enroll  --dir DIR --node-dir NODEDIR --node-id ID --roles R[,R...] [--days N] [--force]
                   [--new-key]
     fleet revoke  --dir DIR (--node-id ID | --serial N) [--reason TEXT]
+    fleet show    --dir DIR [--json]
 
 (``--days``: one minute, :data:`MIN_CERT_DAYS`, up to under 36600.)
-    fleet show    --dir DIR [--json]
 """
 
 from __future__ import annotations

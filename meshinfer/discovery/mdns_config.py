@@ -2,8 +2,9 @@
 of its ``interfaces`` onto the host's adapters (what zeroconf binds to, what we advertise).
 
 No sockets, and no read of the host: the adapters are always passed in
-(:class:`MdnsDiscovery` reads them with ``ifaddr.get_adapters()`` in a worker thread, as that
-read blocks). :class:`MdnsConfig` is also importable from :mod:`meshinfer.discovery.mdns`.
+(:class:`MdnsDiscovery` reads those up, :func:`~meshinfer.discovery.addresses.up_adapters`, in a
+worker thread, as that read blocks). :class:`MdnsConfig` is also importable from
+:mod:`meshinfer.discovery.mdns`.
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def resolve_interfaces(
 ) -> InterfaceChoice | list[str]:
     """Map ``config.interfaces`` to what zeroconf takes: InterfaceChoice.All or IP strings.
 
-    ``adapters`` are the host's (``ifaddr.get_adapters()``, read by the caller: it blocks, so
-    off the loop). An interface name not among them is a ConfigError if ``strict`` (at start),
-    else it has no addresses (gone since start).
+    ``adapters`` are the host's (:func:`~meshinfer.discovery.addresses.up_adapters`, read by the
+    caller: it blocks, so off the loop). An interface name not among them is a ConfigError if
+    ``strict`` (at start), else it has no addresses (gone since start).
     """
     if config.interfaces == "all":
         return InterfaceChoice.All
