@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from meshinfer.atomic_files import read_regular
+from meshinfer.atomic_files import read_limited
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
 from meshinfer.http_client import read_capped, strict_opener
 from meshinfer.http_url import check_http_url
@@ -280,12 +280,10 @@ def read_token_file(path: Path | str, what: str = "the API token file") -> str:
     """The stripped text of the token file ``path``; ConfigError naming ``what`` if it cannot
     be read, is not a regular file (a FIFO there blocked the read for good) or is over
     :data:`MAX_TOKEN_FILE_BYTES`. The token itself is checked by the caller."""
+    raw = read_limited(Path(path), what, limit=MAX_TOKEN_FILE_BYTES, error=ConfigError)
     try:
-        raw = read_regular(Path(path), MAX_TOKEN_FILE_BYTES)
-        if len(raw) > MAX_TOKEN_FILE_BYTES:
-            raise ConfigError(f"{what} {path} is over {MAX_TOKEN_FILE_BYTES} bytes: no token")
         return raw.decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
 
 

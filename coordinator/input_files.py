@@ -23,7 +23,7 @@ import numpy as np
 
 from coordinator.client import array_from_json
 from coordinator.digit_images import read_image, read_pgm
-from meshinfer.atomic_files import NotRegularFileError, read_regular
+from meshinfer.atomic_files import read_limited
 from meshinfer.errors import ConfigError, RemoteProtocolError
 from meshinfer.proto.tasks import MAX_BATCH_INPUT_BYTES
 
@@ -48,7 +48,7 @@ def load_inputs(
         _reader(str(path))
     arrays = []
     for path in paths:
-        data = _read_regular_file(path)
+        data = read_limited(path, "input", limit=None, error=ConfigError)
         file_key = key if path.suffix.lower() == ".npz" else None
         arrays.append(_as_rows(path, _parsed(path, data, file_key)))
     shapes = {a.shape[1:] for a in arrays}
@@ -73,21 +73,6 @@ def _reader(name: str) -> Callable[[str, bytes, str | None], np.ndarray]:
         known = ", ".join(sorted(_READERS))
         raise ConfigError(f"{name}: unknown input format {suffix or '(no suffix)'!r}; use {known}")
     return reader
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of the regular file ``path`` (:func:`~meshinfer.atomic_files.read_regular`:
-    a FIFO made a plain open wait for a writer for good, a device could be read forever)."""
-    try:
-        return read_regular(path)
-    except IsADirectoryError:
-        raise ConfigError(f"cannot read input {path}: it is a directory, not a file") from None
-    except NotRegularFileError:
-        raise ConfigError(
-            f"cannot read input {path}: a FIFO, socket or device, not a regular file"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read input {path}: {exc.strerror or exc}") from None
 
 
 #: What a reader raises where it did not foresee a malformed file (its data is in memory).

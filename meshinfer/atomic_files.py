@@ -10,11 +10,11 @@ half-written file, and an existing file (or symlink) is never followed or clobbe
 :class:`FileStamp` tells whether a file may have changed since it was last read without
 reading it again, once the same stamp has been seen for :data:`STAMP_SETTLE_NS` (by the
 watcher's own monotonic clock, which no offset from the file system's clock can fool, as
-:mod:`meshinfer.runtime.revocations` does). :func:`read_file` reads with a size cap; the checks
-below it refuse to overwrite, to write where a directory is, or to use a secret file others
-can read.
+:mod:`meshinfer.runtime.revocations` does). :func:`read_limited` reads a regular file with a
+size cap, raising the caller's error (:func:`read_file`: IdentityError); the checks below it
+refuse to overwrite, to write where a directory is, or to use a secret file others can read.
 
-Every failure raises :class:`~meshinfer.errors.IdentityError` naming the file (these helpers were
+Every other failure raises :class:`~meshinfer.errors.IdentityError` naming the file (these helpers were
 written for the key and certificate files of :mod:`meshinfer.identity_files`, and other file
 readers rely on that error).
 """
@@ -25,7 +25,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -115,9 +115,8 @@ def replace_unchanged(
 def _current_bytes(path: Path, expected: bytes | None) -> bytes | None:
     """``path``'s bytes, read up to one past ``expected``'s length (enough to tell them
     apart); None if there is no file. A directory or unreadable file raises OSError."""
-    try:
-        with open(path, "rb") as file:
-            return file.read(len(expected or b"") + 1)
+    try:  # (never blocks: a FIFO swapped in raises NotRegularFileError, an OSError)
+        return read_regular(path, len(expected or b""))
     except FileNotFoundError:
         return None
 
@@ -256,26 +255,33 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
         os.close(fd)
 
 
-def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
-    """Read ``path`` (at most ``limit`` bytes) with :func:`read_regular`; a missing,
-    unreadable or larger file, or one that is not a regular file, raises
-    :class:`IdentityError` naming ``what`` (a FIFO there held the node's revocation watch, its
-    file lock and its exit)."""
+def read_limited(
+    path: Path, what: str, *, limit: int | None, error: Callable[[str], Exception]
+) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`read_regular`), at most ``limit`` of them
+    (None: no limit). A missing or unreadable file, a directory, a FIFO, socket or device, and
+    a file over ``limit`` each raise ``error(message)``, the message naming ``what`` and
+    ``path``: the one reader behind every configuration, key, token and input file read."""
     try:
         data = read_regular(path, limit)
     except FileNotFoundError:
-        raise IdentityError(f"{what} not found: {path}") from None
+        raise error(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise IdentityError(f"{what} {path} is a directory, not a file") from None
+        raise error(f"{what} {path} is a directory, not a file") from None
     except NotRegularFileError:
-        raise IdentityError(
-            f"{what} {path} is a FIFO, socket or device, not a regular file"
-        ) from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise IdentityError(f"{what} {path} is over the {limit}-byte limit")
+        raise error(f"{what} {path} is a FIFO, socket or device, not a regular file") from None
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise error(f"cannot read {what} {path}: {reason}") from None
+    if limit is not None and len(data) > limit:
+        raise error(f"{what} {path} is over the {limit}-byte limit")
     return data
+
+
+def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
+    """:func:`read_limited` raising :class:`IdentityError` (a FIFO there held the node's
+    revocation watch, its file lock and its exit)."""
+    return read_limited(path, what, limit=limit, error=IdentityError)
 
 
 # --- checks before reading or writing ----------------------------------------------------------

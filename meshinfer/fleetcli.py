@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from meshinfer import __version__
-from meshinfer.atomic_files import NotRegularFileError, read_regular
+from meshinfer.atomic_files import read_limited
 from meshinfer.errors import AdmissionError, ConfigError, MeshInferError
 from meshinfer.identity_files import (
     PUBLIC_MODE,
@@ -259,14 +259,13 @@ def _public_key(text: str) -> bytes:
     # (os.path.realpath: Path.resolve raises RuntimeError on a symlink loop in Python 3.11)
     if ".key" in (path.suffix, Path(os.path.realpath(path)).suffix):
         raise ConfigError(f"{text!r} is a private key file; give the public key (node.pub)")
-    try:  # never blocks: a FIFO there (even one swapped in after a look) is refused
-        content = read_regular(path, MAX_PUBLIC_KEY_FILE_BYTES)
-    except (FileNotFoundError, IsADirectoryError, NotRegularFileError):
-        raise ConfigError(f"{text!r} is neither a 64-hex-digit key nor a readable file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {text!r}: {exc.strerror}") from None
+    # never blocks: a FIFO there (even one swapped in after a look) is refused
+    try:
+        content = read_limited(path, "file", limit=MAX_PUBLIC_KEY_FILE_BYTES, error=ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: give a 64-hex-digit key or the file holding one") from None
     key = _hex_key_text(content.decode("ascii", errors="replace"))
-    if key is None or len(content) > MAX_PUBLIC_KEY_FILE_BYTES:
+    if key is None:
         raise ConfigError(f"{text!r} does not hold a 32-byte key as 64 hex digits")
     return key
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshinfer.atomic_files import NotRegularFileError, read_regular
+from meshinfer.atomic_files import read_limited
 from meshinfer.errors import ConfigError
 from meshinfer.transport.base import Address
 
@@ -75,18 +75,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     so is one that is no regular file (a FIFO held the command for good, waiting for a writer;
     a device such as /dev/zero was read until memory ran out) or over :data:`MAX_CONFIG_BYTES`."""
     path = Path(path)
-    try:
-        data = read_regular(path, MAX_CONFIG_BYTES)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a file") from None
-    except NotRegularFileError:
-        raise ConfigError(f"{path}: is a FIFO, socket or device, not a regular file") from None
-    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: over the {MAX_CONFIG_BYTES}-byte limit of a config file")
+    data = read_limited(path, "config file", limit=MAX_CONFIG_BYTES, error=ConfigError)
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -236,5 +236,5 @@ def test_submit_wait_with_stderr_closed_prints_the_result(canned, capsys, tmp_pa
 
 
 def test_a_missing_input_still_names_the_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"cannot read input .*none\.npy"):
+    with pytest.raises(ConfigError, match=r"input not found: .*none\.npy"):
         load_inputs([Path(tmp_path / "none.npy")])

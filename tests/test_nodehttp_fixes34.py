@@ -44,7 +44,7 @@ def test_a_fifo_as_config_is_refused_at_once(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("meshinfer-node waited on a FIFO given as its config file")
     assert done.returncode == 2
-    assert f"{fifo}: is a FIFO, socket or device, not a regular file" in done.stderr
+    assert f"config file {fifo} is a FIFO, socket or device, not a regular file" in done.stderr
 
 
 def test_a_device_as_config_is_refused_not_read_as_an_empty_file() -> None:
