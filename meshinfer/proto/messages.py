@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import operator
 import re
 import threading
 import types
@@ -80,6 +79,27 @@ from typing import Any, TypeVar
 import msgpack
 
 from meshinfer.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from meshinfer.proto.message_codec import (
+    COUNTED_SIZE,
+    EXTENSION_VALUES,
+    Check,
+    Convert,
+    MessageSpec,
+    Mismatch,
+    TypeCodec,
+    check_float,
+    counting_hook,
+    dict_check,
+    enum_check,
+    fixed_tuple_check,
+    generate_fast_build,
+    generate_to_wire,
+    no_ext,
+    optional_check,
+    peek_header,
+    scalar_check,
+    tuple_of_check,
+)
 
 __all__ = [
     "DEFAULT_MAX_ITEMS",
@@ -126,322 +146,6 @@ Message = object
 
 T = TypeVar("T")
 M = TypeVar("M")
-_Check = Callable[[Any], Any]
-_Convert = Callable[[Any], Any] | None
-
-
-class _Mismatch(Exception):
-    """A field value does not match its annotation; ``path`` grows while unwinding."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.path: list[str] = []
-
-
-@dataclass(frozen=True, slots=True)
-class MessageSpec:
-    """What the registry knows about one registered type (``type_id`` is None for embedded)."""
-
-    cls: type
-    name: str
-    type_id: int | None
-    max_size: int | None
-    extensible: bool
-    max_items: int
-
-
-# --- field validators (value from msgpack -> value for the dataclass, or _Mismatch) -----------
-
-
-def _got(value: Any) -> str:
-    return type(value).__name__
-
-
-def _scalar_check(expected: type) -> _Check:
-    def check(value: Any) -> Any:
-        if type(value) is expected:
-            return value
-        raise _Mismatch(f"expected {expected.__name__}, got {_got(value)}")
-
-    return check
-
-
-def _check_float(value: Any) -> float:
-    kind = type(value)
-    if kind is float:
-        return value
-    if kind is int:
-        return float(value)
-    raise _Mismatch(f"expected float, got {_got(value)}")
-
-
-def _enum_check(enum_cls: type[enum.IntEnum]) -> _Check:
-    def check(value: Any) -> Any:
-        if type(value) is not int:
-            raise _Mismatch(f"expected {enum_cls.__name__} (int), got {_got(value)}")
-        try:
-            return enum_cls(value)
-        except ValueError:
-            raise _Mismatch(f"{value} is not a {enum_cls.__name__}") from None
-
-    return check
-
-
-def _optional_check(inner: _Check) -> _Check:
-    def check(value: Any) -> Any:
-        return None if value is None else inner(value)
-
-    return check
-
-
-def _tuple_of_check(inner: _Check) -> _Check:
-    def check(value: Any) -> tuple[Any, ...]:
-        if type(value) is not tuple:
-            raise _Mismatch(f"expected array, got {_got(value)}")
-        out = []
-        try:
-            for item in value:
-                out.append(inner(item))
-        except _Mismatch as exc:
-            exc.path.append(f"[{len(out)}]")
-            raise
-        return tuple(out)
-
-    return check
-
-
-def _fixed_tuple_check(inners: tuple[_Check, ...]) -> _Check:
-    def check(value: Any) -> tuple[Any, ...]:
-        if type(value) is not tuple or len(value) != len(inners):
-            raise _Mismatch(f"expected array of {len(inners)}, got {_got(value)}")
-        out = []
-        try:
-            for inner, item in zip(inners, value, strict=True):
-                out.append(inner(item))
-        except _Mismatch as exc:
-            exc.path.append(f"[{len(out)}]")
-            raise
-        return tuple(out)
-
-    return check
-
-
-def _dict_check(inner: _Check) -> _Check:
-    def check(value: Any) -> dict[str, Any]:
-        if type(value) is not dict:
-            raise _Mismatch(f"expected map, got {_got(value)}")
-        out = {}
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _Mismatch(f"expected str map key, got {_got(key)}")
-            try:
-                out[key] = inner(item)
-            except _Mismatch as exc:
-                exc.path.append(f"[{key!r}]")
-                raise
-        return out
-
-    return check
-
-
-# --- per-type codec, compiled once at registration --------------------------------------------
-
-
-class _TypeCodec:
-    """Everything needed to encode/decode one registered type, precomputed."""
-
-    __slots__ = (
-        "arity",
-        "checks",
-        "cls",
-        "container_limit",
-        "containers",
-        "extensible",
-        "fast_build",
-        "fast_build_top",
-        "field_names",
-        "fields_to_wire",
-        "fixed_len",
-        "has_validate",
-        "hints",
-        "max_items",
-        "max_size",
-        "name",
-        "required",
-        "scalar_types",
-        "to_wire",
-        "type_id",
-        "unpack_kwargs",
-        "value_limit",
-        "variable",
-    )
-
-    def count_ok(self, count: int) -> bool:
-        """Whether ``count`` fields are acceptable (see the forward-compatibility rule)."""
-        return count == self.arity or (self.extensible and count >= self.required)
-
-    def build(self, items: tuple[Any, ...]) -> Any:
-        """Check ``items`` (this type's fields, already unpacked) and build the dataclass."""
-        if not self.count_ok(len(items)):
-            raise _Mismatch(f"expected {self.arity} fields, got {len(items)}")
-        try:
-            # map() stops at the shorter input: an extensible type may get more or fewer items
-            values = tuple(map(operator.call, self.checks, items))
-        except _Mismatch as exc:
-            exc.path.append(f".{self._failing_field(items)}")
-            raise
-        msg = self.cls(*values)
-        if self.has_validate:
-            msg.validate()
-        return msg
-
-    def _failing_field(self, items: tuple[Any, ...]) -> str:
-        """Name of the first field whose check fails (only run on the error path)."""
-        for name, check, value in zip(self.field_names, self.checks, items, strict=False):
-            try:
-                check(value)
-            except _Mismatch:
-                return name
-        return "?"
-
-    def nested_check(self, value: Any) -> Any:
-        """Validator for a field whose annotation is this type."""
-        if type(value) is not tuple:
-            raise _Mismatch(f"expected {self.name} array, got {_got(value)}")
-        return self.fast_build(value)
-
-    def spec(self) -> MessageSpec:
-        return MessageSpec(
-            self.cls, self.name, self.type_id, self.max_size, self.extensible, self.max_items
-        )
-
-
-def _no_ext(code: int, data: bytes) -> Any:
-    raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
-
-
-#: Frames longer than this count the arrays and maps they unpack, and the values in them
-#: (:func:`_counting_hook`); a shorter one unpacks to at most ~70 times its size (~280 KiB).
-_COUNTED_SIZE = 4096
-#: The values (items of arrays, entries of maps) an extensible type's extra fields, from a
-#: newer peer, may hold beyond what a valid encoding of the fields it knows holds, per
-#: ``max_items``.
-_EXTENSION_VALUES = 4
-
-
-def _counting_hook(name: str, limit: int, values: int) -> Callable[[Any], Any]:
-    """A msgpack ``list_hook``/``object_hook`` that refuses the array or map past ``limit``, or
-    the one that brings the items and entries unpacked past ``values``: one byte of msgpack
-    unpacks to a 64-byte dict or tuple, and three to a 50-byte string, so a frame of nested
-    containers, or of maps and arrays of short strings, would otherwise grow up to ~70-fold in
-    memory, in fields that are checked only after unpacking (or, extra fields of an extensible
-    type, never)."""
-    left, values_left = limit, values
-
-    def hook(obj: Any) -> Any:
-        nonlocal left, values_left
-        left -= 1
-        values_left -= len(obj)
-        if left < 0:
-            raise RemoteProtocolError(f"{name} message holds more than {limit} arrays and maps")
-        if values_left < 0:
-            raise RemoteProtocolError(f"{name} message holds more than {values} values")
-        return obj
-
-    return hook
-
-
-def _generate_to_wire(names: tuple[str, ...], converts: list[_Convert], type_id: int | None):
-    """Generate a straight-line ``obj -> tuple of msgpack-ready field values`` (nested
-    dataclasses become arrays), led by ``type_id`` unless it is None: one tuple display, no
-    generator or zip per message."""
-    parts = [str(type_id)] if type_id is not None else []
-    namespace: dict[str, Any] = {}
-    for i, (name, convert) in enumerate(zip(names, converts, strict=True)):
-        if convert is None:
-            parts.append(f"obj.{name}")
-        else:
-            namespace[f"c{i}"] = convert
-            parts.append(f"c{i}(obj.{name})")
-    exec(f"def to_wire(obj):\n    return ({', '.join(parts)}{',' if parts else ''})", namespace)
-    return namespace["to_wire"]
-
-
-def _generate_fast_build(codec: _TypeCodec, skip: int) -> Callable[[tuple[Any, ...]], Any]:
-    """Generate a straight-line ``build`` for the common case, as dataclasses generates
-    ``__init__``: exact field count, scalar fields checked inline, the instance filled through
-    its slots. Anything unusual (wrong count or type) is handed to :meth:`_TypeCodec.build`,
-    which raises the precise error or handles an extensible type's other field counts.
-    ``skip`` leading items (the type id) are ignored."""
-    names = [f"v{i}" for i in range(codec.arity)]
-    scalar = [f"type({n}) is not t{i}" for i, n in enumerate(names) if codec.scalar_types[i]]
-    other = [f"        {n} = c{i}({n})" for i, n in enumerate(names) if not codec.scalar_types[i]]
-    fallback = f"return slow(items[{skip}:])" if skip else "return slow(items)"
-    targets = ", ".join(["_"] * skip + names)
-    lines = [
-        "def fast_build(items):",
-        f"    if len(items) != {codec.arity + skip}:",
-        f"        {fallback}",
-        f"    {targets}, = items" if targets else "",
-        f"    if {' or '.join(scalar)}:" if scalar else "",
-        f"        {fallback}" if scalar else "",
-        *(["    try:", *other, "    except _Mismatch:", f"        {fallback}"] if other else []),
-        "    obj = new(cls)",
-        *(f"    s{i}(obj, {n})" for i, n in enumerate(names)),
-        "    obj.validate()" if codec.has_validate else "",
-        "    return obj",
-    ]
-    namespace: dict[str, Any] = {
-        "slow": codec.build,
-        "new": object.__new__,
-        "cls": codec.cls,
-        "_Mismatch": _Mismatch,
-    }
-    for i, name in enumerate(codec.field_names):
-        namespace[f"t{i}"], namespace[f"c{i}"] = codec.scalar_types[i], codec.checks[i]
-        namespace[f"s{i}"] = _slot_setter(codec.cls, name)
-    exec("\n".join(line for line in lines if line), namespace)
-    return namespace["fast_build"]
-
-
-def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
-    """The slot descriptor's setter: fills a frozen instance without its __setattr__ guard."""
-    for klass in cls.__mro__:
-        if name in klass.__dict__:
-            return klass.__dict__[name].__set__
-    raise LocalProtocolError(f"{cls.__name__}.{name} has no slot")
-
-
-_WIDE_ARRAY_HEADER_SIZE = {0xDC: 3, 0xDD: 5}  # array 16, array 32
-
-
-def _peek_header(data: bytes) -> tuple[int, int]:
-    """Read (type id, array length) from the raw bytes, without unpacking."""
-    if len(data) >= 2 and 0x91 <= data[0] <= 0x9F and data[1] <= 0x7F:
-        return data[1], data[0] & 0x0F  # fast path: fixarray, fixint type id
-    return _peek_header_slow(data)
-
-
-def _peek_header_slow(data: bytes) -> tuple[int, int]:
-    size = len(data)
-    head = data[0] if size else -1
-    pos, count = 1, 0
-    if 0x90 <= head <= 0x9F:  # fixarray
-        count = head & 0x0F
-    elif head in _WIDE_ARRAY_HEADER_SIZE and size > _WIDE_ARRAY_HEADER_SIZE[head]:
-        pos = _WIDE_ARRAY_HEADER_SIZE[head]
-        count = int.from_bytes(data[1:pos], "big")
-    if count == 0:
-        raise RemoteProtocolError("message is not a non-empty msgpack array")
-    tag = data[pos] if size > pos else -1
-    if 0 <= tag <= 0x7F:
-        return tag, count
-    if tag == 0xCC and size > pos + 1:
-        return data[pos + 1], count
-    if tag == 0xCD and size > pos + 2:
-        return (data[pos + 1] << 8) | data[pos + 2], count
-    raise RemoteProtocolError("message type id is missing or not a small unsigned integer")
 
 
 class MessageRegistry:
@@ -450,8 +154,8 @@ class MessageRegistry:
     tests may build private ones."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, _TypeCodec] = {}
-        self._by_class: dict[type, _TypeCodec] = {}
+        self._by_id: dict[int, TypeCodec] = {}
+        self._by_class: dict[type, TypeCodec] = {}
         self._local = threading.local()
 
     # --- registration --------------------------------------------------------------------
@@ -503,10 +207,10 @@ class MessageRegistry:
         max_size: int | None,
         extensible: bool,
         max_items: int,
-    ) -> _TypeCodec:
+    ) -> TypeCodec:
         fields = _message_fields(cls, self._by_class)
         hints = _resolve_hints(cls)
-        codec = _TypeCodec()
+        codec = TypeCodec()
         codec.cls, codec.name, codec.type_id = cls, cls.__name__, type_id
         codec.max_size, codec.extensible, codec.max_items = max_size, extensible, max_items
         codec.field_names = tuple(f.name for f in fields)
@@ -521,42 +225,42 @@ class MessageRegistry:
         codec.fixed_len = max(fixed, codec.arity)
         codec.variable = variable or extensible
         converts = [self._convert_for(h) for h in hint_list]
-        codec.fields_to_wire = _generate_to_wire(codec.field_names, converts, None)
-        codec.to_wire = _generate_to_wire(codec.field_names, converts, type_id)
+        codec.fields_to_wire = generate_to_wire(codec.field_names, converts, None)
+        codec.to_wire = generate_to_wire(codec.field_names, converts, type_id)
         codec.unpack_kwargs = _unpack_kwargs(codec)
         codec.containers, values = self._bounds_of(codec, max_items)
         codec.container_limit = codec.containers if max_size is not None else None
         codec.value_limit = 1 + values  # (1: the type id)
-        codec.fast_build = _generate_fast_build(codec, skip=0)
-        codec.fast_build_top = _generate_fast_build(codec, skip=1)
+        codec.fast_build = generate_fast_build(codec, skip=0)
+        codec.fast_build_top = generate_fast_build(codec, skip=1)
         return codec
 
-    def _check_for(self, hint: Any, owner: type) -> _Check:
+    def _check_for(self, hint: Any, owner: type) -> Check:
         """Compile the validator for one annotation (LocalProtocolError if unsupported)."""
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         if hint in (int, str, bytes, bool):
-            return _scalar_check(hint)
+            return scalar_check(hint)
         if hint is float:
-            return _check_float
+            return check_float
         if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
-            return _enum_check(hint)
+            return enum_check(hint)
         if hint in self._by_class:
             return self._by_class[hint].nested_check
         if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
             inner = args[0] if args[1] is type(None) else args[1]
-            return _optional_check(self._check_for(inner, owner))
+            return optional_check(self._check_for(inner, owner))
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return _tuple_of_check(self._check_for(args[0], owner))
+            return tuple_of_check(self._check_for(args[0], owner))
         if origin is tuple and args and Ellipsis not in args:
-            return _fixed_tuple_check(tuple(self._check_for(a, owner) for a in args))
+            return fixed_tuple_check(tuple(self._check_for(a, owner) for a in args))
         if origin is dict and args and args[0] is str:
-            return _dict_check(self._check_for(args[1], owner))
+            return dict_check(self._check_for(args[1], owner))
         raise LocalProtocolError(
             f"{owner.__name__}: unsupported field annotation {hint!r} (nested dataclasses must be "
             "registered first; use tuple, not list)"
         )
 
-    def _convert_for(self, hint: Any) -> _Convert:
+    def _convert_for(self, hint: Any) -> Convert:
         """How to turn a field value into msgpack-ready data; None when it already is."""
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         if hint in self._by_class:
@@ -594,13 +298,13 @@ class MessageRegistry:
                 widest, variable = max(widest, sub_widest, fixed), variable or sub_variable
         return widest, variable
 
-    def _bounds_of(self, codec: _TypeCodec, max_items: int) -> tuple[int, int]:
+    def _bounds_of(self, codec: TypeCodec, max_items: int) -> tuple[int, int]:
         """The most arrays and maps (its own included) and the most values (array items, map
         entries) a valid encoding of ``codec``'s type holds at any depth; an extensible type
-        may hold ``max_items`` more containers and ``_EXTENSION_VALUES * max_items`` more
+        may hold ``max_items`` more containers and ``EXTENSION_VALUES * max_items`` more
         values in a newer peer's fields."""
         containers = 1 + (max_items if codec.extensible else 0)
-        values = codec.arity + (_EXTENSION_VALUES * max_items if codec.extensible else 0)
+        values = codec.arity + (EXTENSION_VALUES * max_items if codec.extensible else 0)
         for hint in codec.hints:
             nested_containers, nested_values = self._bounds(hint, max_items)
             containers += nested_containers
@@ -627,7 +331,7 @@ class MessageRegistry:
 
     def spec_of(self, cls_or_id: type | int) -> MessageSpec:
         """The registration of a message class (or type id); LocalProtocolError if unknown."""
-        table: Mapping[Any, _TypeCodec] = self._by_id if type(cls_or_id) is int else self._by_class
+        table: Mapping[Any, TypeCodec] = self._by_id if type(cls_or_id) is int else self._by_class
         codec = table.get(cls_or_id)
         if codec is None:
             raise LocalProtocolError(f"{cls_or_id!r} is not registered")
@@ -669,9 +373,9 @@ class MessageRegistry:
             raise RemoteProtocolError(f"expected a {cls.__name__} message, got {codec.name}")
         return self._decode_with(codec, data)
 
-    def _codec_for(self, data: bytes) -> _TypeCodec:
+    def _codec_for(self, data: bytes) -> TypeCodec:
         """The codec of the type id in ``data``, after the cap and field count checks."""
-        type_id, count = _peek_header(data)
+        type_id, count = peek_header(data)
         codec = self._by_id.get(type_id)
         if codec is None:
             raise RemoteProtocolError(f"unknown message type id {type_id}")
@@ -685,13 +389,13 @@ class MessageRegistry:
             )
         return codec
 
-    def _decode_with(self, codec: _TypeCodec, data: bytes) -> Any:
+    def _decode_with(self, codec: TypeCodec, data: bytes) -> Any:
         limit = codec.container_limit
         try:
-            if limit is None or len(data) <= _COUNTED_SIZE:
+            if limit is None or len(data) <= COUNTED_SIZE:
                 items = msgpack.unpackb(data, **codec.unpack_kwargs)
             else:
-                hook = _counting_hook(codec.name, limit, codec.value_limit)
+                hook = counting_hook(codec.name, limit, codec.value_limit)
                 items = msgpack.unpackb(
                     data, list_hook=hook, object_hook=hook, **codec.unpack_kwargs
                 )
@@ -702,7 +406,7 @@ class MessageRegistry:
             raise RemoteProtocolError(f"malformed {codec.name} message: {detail}") from None
         try:
             return codec.fast_build_top(items)
-        except _Mismatch as exc:
+        except Mismatch as exc:
             path = "".join(reversed(exc.path))
             raise RemoteProtocolError(f"bad {codec.name}{path}: {exc.detail}") from None
 
@@ -742,14 +446,14 @@ def _has_no_default(field: dataclasses.Field) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
-def _unpack_kwargs(codec: _TypeCodec) -> dict[str, Any]:
+def _unpack_kwargs(codec: TypeCodec) -> dict[str, Any]:
     widest = codec.fixed_len + (1 if codec.type_id is not None else 0)
     return {
         "use_list": False,
         "raw": False,
         "strict_map_key": True,
         "max_ext_len": 0,
-        "ext_hook": _no_ext,
+        "ext_hook": no_ext,
         "max_array_len": max(widest, codec.max_items) if codec.variable else widest,
         "max_map_len": codec.max_items if codec.variable else 0,
     }
