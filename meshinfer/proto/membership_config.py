@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, fields
 
 from meshinfer.errors import ConfigError
-from meshinfer.proto.membership_wire import MAX_RECORDS
+from meshinfer.proto.membership_wire import MAX_PACKET_BYTES, MAX_RECORDS
 
 #: The largest ``max_members``: a whole table must fit in one decodable packet.
 MAX_MEMBERS = MAX_RECORDS // 2
@@ -40,7 +40,9 @@ PUSH_PULL_SCALE_THRESHOLD = 32
 class MembershipConfig:
     """Timers and limits of one membership core. All durations are seconds.
 
-    Read every field's comment for its default and the formula it feeds.
+    Read every field's comment for its default and the formula it feeds. Each field must hold
+    its declared type (an ``int`` field an integer, a ``float`` one a finite number), else
+    :class:`~meshinfer.errors.ConfigError`.
     """
 
     #: Period of the failure detector: every ``probe_interval`` (times the local health
@@ -88,7 +90,8 @@ class MembershipConfig:
     #: Period of join retries while no seed has answered our join.
     join_retry_interval: float = 1.0
     #: Byte budget of one packet (ping, ack, gossip...). Piggybacked updates are packed up to it;
-    #: 1400 fits an Ethernet/802.11 MTU after IP/UDP/Noise overhead.
+    #: 1400 fits an Ethernet/802.11 MTU after IP/UDP/Noise overhead. At most one Noise message
+    #: (65535 bytes): receivers refuse a longer packet.
     packet_budget: int = 1400
     #: Lifeguard local health: a node that misses acks and nacks (its own links or CPU are the
     #: problem) scales its probe interval and timeout by ``score + 1``, up to this multiplier.
@@ -119,6 +122,7 @@ class MembershipConfig:
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
+            _check_type(item.name, item.type, value)
             if value < 0 or (value == 0 and item.name not in _MAY_BE_ZERO):
                 raise ConfigError(f"membership.{item.name} must be positive, got {value!r}")
         if 2 * self.probe_timeout > self.probe_interval:
@@ -127,8 +131,8 @@ class MembershipConfig:
             raise ConfigError("membership.suspicion_mult must be >= 2 and nack_fraction < 1")
         if self.dead_node_reclaim_time < self.gossip_to_the_dead_time:
             raise ConfigError("membership.dead_node_reclaim_time < gossip_to_the_dead_time")
-        if self.packet_budget < 256:
-            raise ConfigError("membership.packet_budget must be at least 256 bytes")
+        if not 256 <= self.packet_budget <= MAX_PACKET_BYTES:  # a longer packet is refused
+            raise ConfigError(f"membership.packet_budget must be in 256..{MAX_PACKET_BYTES} bytes")
         if not 2 <= self.max_members <= MAX_MEMBERS:
             raise ConfigError(f"membership.max_members must be in 2..{MAX_MEMBERS}")
 
@@ -200,6 +204,22 @@ class MembershipConfig:
             return self.push_pull_interval
         multiplier = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1
         return self.push_pull_interval * multiplier
+
+
+def _check_type(name: str, annotation: object, value: object) -> None:
+    """A field's value must be of its declared type: a bool for ``bool`` fields, an int (not a
+    bool) for ``int`` ones, and a finite int or float for ``float`` ones (a NaN passes every
+    comparison the checks make, and an infinite timer or reclaim time never fires)."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        what = {"bool": "true or false", "int": "an integer"}.get(kind, "a finite number")
+        raise ConfigError(f"membership.{name} must be {what}, got {value!r}")
 
 
 _MAY_BE_ZERO = frozenset(
