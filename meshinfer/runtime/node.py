@@ -353,9 +353,14 @@ class MeshNode:
         if self._outbound_watch is not None:  # a failure was logged by its done-callback
             self._outbound_watch.cancel()
             await asyncio.gather(self._outbound_watch, return_exceptions=True)
-        for source in self.discovery:
-            with contextlib.suppress(Exception):
+        for source in self.discovery:  # best effort, as leave()'s goodbyes: said, not raised
+            try:
                 await source.aclose()
+            except Exception as exc:
+                what = type(source).__name__
+                log.warning(
+                    "node %s: closing its discovery (%s) failed: %r", self.node_id, what, exc
+                )
         sync, membership = self.revocation_sync, self.membership
         steps = (
             ("its revocation sync", sync.aclose if sync is not None else None),
