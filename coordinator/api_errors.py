@@ -23,7 +23,8 @@ That relies on aiohttp internals, none of them public API (written against aioht
 * The ``RequestHandler._manager`` attribute is the server that made the connection (``None``
   once the connection is lost); the counter is reached through it.
 * ``aiohttp.compression_utils.HAS_BROTLI``/``HAS_ZSTD`` say which codings it decodes
-  (:data:`BODY_CODINGS`), and the ``ContentEncodingError`` of one it has no library for reads
+  (:data:`meshinfer.runtime.http_log.BODY_CODINGS`, shared with the node's server), and the
+  ``ContentEncodingError`` of one it has no library for reads
   "... (zstd). Please install ..." (``tests/test_api_fixes34.py`` pins the 415 it becomes).
 
 An aiohttp upgrade that breaks any of these is caught by the pinned tests
@@ -42,11 +43,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiohttp import compression_utils, web
+from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
+from meshinfer.runtime import http_log
+
 __all__ = [
-    "BODY_CODINGS",
     "ApiError",
     "ApiRunner",
     "error_body",
@@ -57,15 +59,6 @@ __all__ = [
 
 #: Error messages are cut to this many characters (they may quote what the client sent).
 _MAX_MESSAGE = 500
-#: The body Content-Encodings aiohttp decodes here (besides ``identity``): it decodes only these,
-#: named alone (``gzip, identity`` is not decoded), and refuses one it has no library for
-#: (``compression_utils.HAS_BROTLI``/``HAS_ZSTD``, aiohttp internals) before any middleware.
-_LIBRARY = {"gzip": "", "deflate": "", "br": "HAS_BROTLI", "zstd": "HAS_ZSTD"}
-BODY_CODINGS: tuple[str, ...] = tuple(
-    coding
-    for coding, present in _LIBRARY.items()
-    if not present or getattr(compression_utils, present, False)
-)
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -109,12 +102,7 @@ def json_response(doc: Any, *, status: int = 200, headers: Mapping[str, str] | N
 def unsupported_coding(coding: str) -> ApiError:
     """415 for a body in a Content-Encoding not decoded here, with ``Accept-Encoding`` naming
     those that are (RFC 9110 15.5.16)."""
-    accepted = ", ".join(("identity", *BODY_CODINGS))
-    message = (
-        f"Content-Encoding {coding[:40]!r} is not supported here: send the body uncompressed"
-        f" or in one of {accepted}"
-    )
-    headers = {"Accept-Encoding": ", ".join(BODY_CODINGS)}
+    message, headers = http_log.unsupported_coding(coding)
     return ApiError(415, "unsupported_media_type", message, headers)
 
 
@@ -175,7 +163,7 @@ def _missing_coding(exc: BaseException | None) -> str | None:
     if not isinstance(exc, ContentEncodingError):
         return None
     named = _INSTALL_CODING.search(str(exc.message))
-    return None if named is None or named[1] in BODY_CODINGS else named[1]
+    return None if named is None or named[1] in http_log.BODY_CODINGS else named[1]
 
 
 _INSTALL_CODING = re.compile(r"\((\w+)\)\.\s*Please install")

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from coordinator.api_errors import BODY_CODINGS, ApiError, unsupported_coding
+from coordinator.api_errors import ApiError, unsupported_coding
 from coordinator.journal import MAX_PAGE
 from meshinfer.errors import ConfigError
 from meshinfer.proto.tasks import TaskSpec, TaskState
 from meshinfer.proto.tasks_codec import spec_from_dict
 from meshinfer.proto.tasks_wire import DTYPES, MAX_NDIM
+from meshinfer.runtime.http_log import refused_coding
 
 __all__ = [
     "DEFAULT_PAGE",
@@ -73,14 +74,8 @@ def require_coding(request: web.Request) -> None:
     """415 for a body in a Content-Encoding aiohttp would not decode: it would be read as it
     came, compressed or not (an unknown coding, a list such as ``gzip, identity``, or the
     header twice: aiohttp reads the first one only)."""
-    sent = request.headers.getall("Content-Encoding", [])
-    if not sent:
-        return
-    if len(sent) > 1:
-        raise unsupported_coding(", ".join(sent))
-    coding = sent[0].strip().lower() if sent[0].isascii() else sent[0]  # (as aiohttp reads it)
-    if coding not in ("", "identity", *BODY_CODINGS):
-        raise unsupported_coding(sent[0])
+    if (coding := refused_coding(request.headers)) is not None:
+        raise unsupported_coding(coding)
 
 
 def require_type(request: web.Request, media_type: str, what: str = "") -> None:

@@ -9,8 +9,13 @@
                   "velocity": [vx, vy(, vz)]}`` (metres, metres/second; a key left out, null or
                   ``[]``: unknown, not moving), gossiped for the ``contact_aware`` policy
                   (``[mobility]``). 200 with what is published; 400 for a bad body (one
-                  that does not decode as its Content-Encoding too); 403 from
-                  another host; 503 once a drain has left the mesh (nothing is gossiped).
+                  that does not decode as its Content-Encoding too, or cut short by the
+                  client's close); 403 from another host; 415 for a body in a
+                  Content-Encoding not decoded here (``Accept-Encoding`` names those that
+                  are); 503 once a drain has left the mesh (nothing is gossiped).
+
+``/metrics`` gathers the host's, the batchers' and the mesh's families with one collector each:
+one that fails is left out, the others still render.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from meshinfer.proto.contact import check_vector
-from meshinfer.runtime.http_log import CLIENT_ERRORS, LINGER_S, ClientErrorLog
+from meshinfer.runtime.http_log import (
+    CLIENT_ERRORS,
+    LINGER_S,
+    ClientErrorLog,
+    refused_coding,
+    unsupported_coding,
+)
 from meshinfer.runtime.mesh_metrics import mesh_families
 from meshinfer.runtime.metrics import MetricFamily, MetricsRegistry, family
 from meshinfer.runtime.telemetry import batcher_families, snapshot_families
@@ -48,7 +59,8 @@ class NodeHttp:
         self.daemon = daemon
         self.address = address
         self.registry = MetricsRegistry()
-        self.registry.add_collector(self._families)
+        for collect in (self._host_families, self._batcher_families, self._node_families):
+            self.registry.add_collector(collect)
         self.app = web.Application()
         self.app.add_routes(
             [
@@ -99,8 +111,12 @@ class NodeHttp:
     async def position(self, request: web.Request) -> web.Response:
         if not _is_loopback(request.remote):
             return _refuse(403, "POST /position is accepted from this host (loopback) only")
+        if (coding := refused_coding(request.headers)) is not None:  # (else read as it came)
+            return _refuse(415, *unsupported_coding(coding))
         try:
             body = await request.json()
+        except ConnectionResetError:  # the client closed mid-body: its fault, not our ERROR
+            return _refuse(400, "the connection closed before the whole body arrived")
         except CLIENT_ERRORS as exc:  # a body that does not decode as its Content-Encoding
             why = getattr(exc, "message", "") or str(exc)  # (the HttpProcessingErrors' text)
             return _refuse(400, f"the body cannot be read: {why}")
@@ -121,14 +137,15 @@ class NodeHttp:
         published = {"position": list(where) or None, "velocity": list(motion) or None}
         return web.json_response(published)
 
-    def _families(self) -> list[MetricFamily]:
-        d = self.daemon
-        out: list[MetricFamily] = []
-        if d.snapshot is not None:
-            out += snapshot_families(d.snapshot)
-        out += batcher_families(b.stats() for b in d.batchers.values())
-        out += node_families(d)
-        return out
+    def _host_families(self) -> list[MetricFamily]:
+        snapshot = self.daemon.snapshot
+        return [] if snapshot is None else snapshot_families(snapshot)
+
+    def _batcher_families(self) -> list[MetricFamily]:
+        return batcher_families(b.stats() for b in self.daemon.batchers.values())
+
+    def _node_families(self) -> list[MetricFamily]:
+        return node_families(self.daemon)
 
 
 def _is_loopback(remote: str | None) -> bool:
@@ -140,8 +157,8 @@ def _is_loopback(remote: str | None) -> bool:
     return (mapped or address).is_loopback
 
 
-def _refuse(status: int, error: str) -> web.Response:
-    return web.json_response({"error": error}, status=status)
+def _refuse(status: int, error: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
 def node_families(d: NodeDaemon) -> list[MetricFamily]:

@@ -270,7 +270,7 @@ def test_missing_input_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(ENV_TOKEN, "t" * 32)
     code = main(["submit", *OFFLINE, "--model", "m", "--input", str(tmp_path / "none.npy")])
     assert code == 2
-    one_line_error(capsys, "cannot read input", "none.npy")
+    one_line_error(capsys, "input not found", "none.npy")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
