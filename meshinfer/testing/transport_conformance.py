@@ -11,6 +11,7 @@ The contract these checks pin down (beyond the docstrings in :mod:`meshinfer.tra
 
 * ``read`` returns ``b""`` at EOF, after the peer closed or reset, after a local ``aclose`` and
   when a local ``aclose`` happens while it is pending -- it does not raise for closed streams;
+  ``read(n)`` never returns more than ``n`` bytes;
 * ``write`` raises :class:`~meshinfer.errors.StreamClosed` after a local ``aclose`` (also when
   the close happens while it waits on backpressure) and, perhaps a few writes late, after the
   peer closed;
@@ -125,11 +126,18 @@ async def echo(stream: Stream) -> None:
         await stream.aclose()
 
 
+async def read_at_most(stream: Stream, max_bytes: int = 64 * KiB) -> bytes:
+    """``stream.read(max_bytes)``, failing the check when it hands out more than asked for."""
+    data = await stream.read(max_bytes)
+    assert len(data) <= max_bytes, f"read({max_bytes}) returned {len(data)} bytes"
+    return data
+
+
 async def read_exactly(stream: Stream, size: int, max_bytes: int = 64 * KiB) -> bytes:
     """Read until ``size`` bytes arrived; fails the check on an early EOF."""
     out = bytearray()
     while len(out) < size:
-        data = await stream.read(min(max_bytes, size - len(out)))
+        data = await read_at_most(stream, min(max_bytes, size - len(out)))
         assert data, f"EOF after {len(out)} of {size} bytes"
         out += data
     return bytes(out)
@@ -138,7 +146,7 @@ async def read_exactly(stream: Stream, size: int, max_bytes: int = 64 * KiB) -> 
 async def read_to_eof(stream: Stream) -> bytes:
     """Read until ``b""``."""
     out = bytearray()
-    while data := await stream.read(64 * KiB):
+    while data := await read_at_most(stream, 64 * KiB):
         out += data
     return bytes(out)
 
@@ -149,11 +157,18 @@ async def write_in_pieces(stream: Stream, data: bytes, piece: int = 64 * KiB) ->
 
 
 async def expect_raises(exc_type: type[BaseException], awaitable: Awaitable[Any]) -> BaseException:
-    """Await ``awaitable`` and fail the check unless it raises ``exc_type``."""
+    """Await ``awaitable`` and fail the check unless it raises ``exc_type`` (another exception
+    fails the check too, naming both; cancellation passes through)."""
     try:
         await awaitable
     except exc_type as exc:
         return exc
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise AssertionError(
+            f"expected {exc_type.__name__}, got {type(exc).__name__}: {exc}"
+        ) from exc
     raise AssertionError(f"expected {exc_type.__name__}, nothing was raised")
 
 
@@ -165,10 +180,15 @@ async def settle(task: asyncio.Task[Any], rounds: int = 5) -> None:
 
 
 async def within(seconds: float, awaitable: Awaitable[Any], what: str) -> Any:
+    """Await ``awaitable``; fail the check if that takes over ``seconds`` (a TimeoutError that
+    the awaitable raises itself passes through as it is)."""
+    limit = asyncio.timeout(seconds)
     try:
-        async with asyncio.timeout(seconds):
+        async with limit:
             return await awaitable
     except TimeoutError:
+        if not limit.expired():
+            raise
         raise AssertionError(f"{what} did not happen within {seconds}s") from None
 
 
@@ -218,7 +238,7 @@ async def check_ordered_and_complete(
         async def receive() -> bytes:
             out = bytearray()
             while len(out) < total:
-                data = await stream.read(rng.choice((1, 7, 1000, 4096, 65536, 1 << 20)))
+                data = await read_at_most(stream, rng.choice((1, 7, 1000, 4096, 65536, 1 << 20)))
                 assert data, f"EOF after {len(out)} of {total} bytes"
                 out += data
             return bytes(out)
@@ -472,11 +492,23 @@ async def _no_leftover_tasks() -> None:
 
 
 async def run_checked(check: Check, factory: TransportFactory, time_limit: float = 30) -> None:
-    """Run ``check`` within ``time_limit`` seconds of loop time, then fail on leftover tasks."""
+    """Run ``check`` within ``time_limit`` seconds of loop time, then fail on leftover tasks.
+    A TimeoutError the check raises itself (not this limit's) passes through as it is; a failed
+    assertion inside a task group is raised as the AssertionError itself."""
+    limit = asyncio.timeout(time_limit)
     try:
-        async with asyncio.timeout(time_limit):
+        async with limit:
             await check(factory)
+    except BaseExceptionGroup as group:
+        failed = group.subgroup(AssertionError)
+        if failed is None:
+            raise
+        while isinstance(failed, BaseExceptionGroup):
+            failed = failed.exceptions[0]
+        raise failed from group
     except TimeoutError:
+        if not limit.expired():
+            raise
         raise AssertionError(f"{check.__name__} took over {time_limit}s (deadlock?)") from None
     await _no_leftover_tasks()
 

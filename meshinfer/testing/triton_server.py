@@ -43,9 +43,17 @@ class TritonServerError(RuntimeError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1 that were free a moment ago (all held bound
+    at once while they are picked, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def server_environment() -> dict[str, str]:
@@ -65,7 +73,7 @@ class TritonServerProcess:
 
     def __init__(self, models: Sequence[ModelRef] = (DIGITS,)) -> None:
         self.models = tuple(models)
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self._process: subprocess.Popen[bytes] | None = None
         self._tmp: Path | None = None
         self.log_path: Path | None = None
@@ -86,14 +94,26 @@ class TritonServerProcess:
         return self._process is not None and self._process.poll() is None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        """Start the server and return once every model is ready. Blocking (test helper)."""
+        """Start the server and return once every model is ready. Blocking (test helper).
+
+        Raises :class:`TritonServerError` (with the log's tail, once there is a log) when the
+        server cannot be started, exits during startup or is not ready within ``timeout_s``; by
+        then what it started is gone (its process group killed, its files removed). A server
+        that died on its own since the last start is cleaned up so before the new one starts."""
         if self.running:
             return
+        self._end(0.0)  # the remains of a server that exited by itself, if any
         self._tmp = Path(tempfile.mkdtemp(prefix="meshinfer-triton-"))
         self.log_path = self._tmp / "server.log"
         ready_read, ready_write = os.pipe()
         try:
             self._process = self._spawn(ready_write)
+        except BaseException as exc:
+            os.close(ready_read)
+            self._end(0.0)
+            if isinstance(exc, OSError):
+                raise TritonServerError(f"could not start the server: {exc}") from exc
+            raise
         finally:
             os.close(ready_write)
         try:

@@ -11,18 +11,50 @@ If no timer is due (none is scheduled, or the only ones are at infinity, as
 loop raises :class:`VirtualClockDeadlock`: with a virtual clock, that can only mean every task
 waits on every other. A timer far in the future is reached in one jump, not a day at a time.
 
+Timers due at the same instant run in the order they were scheduled (asyncio's heap alone keeps
+no order among equal deadlines; on a virtual clock, where many timers share an instant, that
+would run them shuffled).
+
 Usage: ``asyncio.Runner(loop_factory=VirtualClockLoop)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import selectors
+from collections.abc import Callable
+from contextvars import Context
+from typing import Any
 
 
 class VirtualClockDeadlock(RuntimeError):
     """Every task is waiting, no timer is scheduled and no I/O is ready."""
+
+
+class _OrderedTimerHandle(asyncio.TimerHandle):
+    """A timer that sorts after the timers scheduled before it for the same instant."""
+
+    __slots__ = ("_order",)
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        args: tuple,
+        loop: Any,
+        context: Context | None,
+        order: int,
+    ) -> None:
+        super().__init__(when, callback, args, loop, context)
+        self._order = order
+
+    def __lt__(self, other: object) -> bool:
+        if isinstance(other, _OrderedTimerHandle) and self._when == other._when:
+            return self._order < other._order
+        return super().__lt__(other)
 
 
 class _JumpingSelector(selectors.DefaultSelector):
@@ -54,6 +86,24 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         super().__init__(selector=_JumpingSelector(self))
         self._least_resolution = self._clock_resolution
         self._keep_resolution()
+        self._timer_order = itertools.count()
+
+    def call_at(
+        self, when: float, callback: Callable[..., Any], *args: Any, context: Context | None = None
+    ) -> asyncio.TimerHandle:
+        """asyncio's ``call_at``, with timers of equal deadline run first scheduled first."""
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()  # type: ignore[attr-defined]
+        if self.get_debug():
+            self._check_thread()  # type: ignore[attr-defined]
+            self._check_callback(callback, "call_at")  # type: ignore[attr-defined]
+        timer = _OrderedTimerHandle(when, callback, args, self, context, next(self._timer_order))
+        if timer._source_traceback:
+            del timer._source_traceback[-1]
+        heapq.heappush(self._scheduled, timer)  # type: ignore[attr-defined]
+        timer._scheduled = True
+        return timer
 
     def time(self) -> float:
         """The virtual clock, in seconds."""
