@@ -29,7 +29,9 @@ regular file of a known suffix (a FIFO or a device is refused, not waited on or 
 What the coordinator sends is shown as text only: a control character or escape sequence in a
 task id, state or error message is printed escaped (``\\x1b``); ``--json`` is plain JSON (an
 answer with NaN or Infinity is refused as a bad answer). A redirect is not followed (it would
-carry the API token elsewhere): an error naming where it pointed.
+carry the API token elsewhere): an error naming where it pointed. The ``--progress`` bar is
+drawn on stderr only when it changed, cut to the terminal's width (``$COLUMNS``, else the
+terminal's, else 80); a stderr that fails ends the bar, not the wait.
 
 Exit codes: 0 done (a waited task succeeded), 1 a waited task failed or was cancelled, 2 an
 error (bad argument or input file, coordinator unreachable or refusing; a coordinator lost
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +75,7 @@ from coordinator.task_arguments import (
 )
 from coordinator.task_views import (
     count_text,
+    display_width,
     progress_line,
     render_nodes,
     render_result,
@@ -141,8 +145,9 @@ def _command(
     return parser
 
 
-#: What a malformed document raises where code reads it expecting another shape.
-_SHAPE_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError)
+#: What a malformed document raises where code reads it expecting another shape (a
+#: RecursionError: one nested deeper than a view or ``--json`` walks, yet within the parser's).
+_SHAPE_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError)
 #: What a local step raises where it did not foresee something wrong in its input.
 _LOCAL_ERRORS = (
     ArithmeticError,
@@ -347,8 +352,14 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
 
 def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: TextIO) -> None:
     """Draw a progress bar from GET ?outputs=false polls until the task ends or time is up, or
-    the coordinator goes away (restarting: the wait that follows waits for it to return)."""
-    width = 0
+    the coordinator goes away (restarting: the wait that follows waits for it to return).
+
+    A line is drawn only when it changed, cut to one column less than the terminal's width (a
+    line that wrapped is not overwritten by the next: each redraw would add lines). The bar is
+    only a view: a stream that cannot take it (a stderr whose reader went away) ends the bar,
+    not the wait."""
+    columns = _columns(stream) - 1
+    drawn: str | None = None  # (None: nothing drawn yet; the stream failed: stop drawing)
     try:
         while True:
             try:
@@ -357,15 +368,44 @@ def _watch(client: CoordinatorClient, task_id: str, deadline: float, stream: Tex
                 if exc.code in AWAY_CODES:  # (the wait that follows rides over it, as it can)
                     return
                 raise
-            line = progress_line(_shown(doc))
-            stream.write("\r" + line.ljust(width))  # blank what a longer line left
-            stream.flush()
-            width = len(line)
+            line = progress_line(_shown(doc), columns)
+            if line != drawn:
+                blank = " " * max(0, display_width(drawn or "") - display_width(line))
+                if not _draw(stream, "\r" + line + blank):  # (blank what a longer line left)
+                    drawn = None
+                    return
+                drawn = line
             if doc["state"] in TERMINAL_STATES or time.monotonic() >= deadline:
                 return
             time.sleep(POLL_INTERVAL_S)
     finally:
-        stream.write("\n")
+        if drawn is not None:
+            _draw(stream, "\n")
+
+
+def _draw(stream: TextIO, text: str) -> bool:
+    """Write ``text`` to ``stream`` at once; False if the stream failed (it is not used again)."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):  # (ValueError: a stream closed meanwhile)
+        return False
+    return True
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` shows on: ``$COLUMNS``, else what the terminal
+    says, else 80 (a width of 0, which some terminals report, is no width)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # (no descriptor, or not a terminal)
+            columns = 0
+    return columns if columns > 1 else 80
 
 
 def _exit_code(doc: dict[str, Any]) -> int:

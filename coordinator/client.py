@@ -441,6 +441,9 @@ class CoordinatorClient:
             if cursor in seen:  # (a page already read: following it would never end)
                 message = f"the coordinator handed out the cursor {cursor!r} twice: its pages loop"
                 raise ApiError(None, "bad_response", message)
+            if not page["tasks"]:  # (a page with a next one is full: new cursors without end)
+                message = f"the coordinator named a next page ({cursor!r}) after an empty one"
+                raise ApiError(None, "bad_response", message)
             seen.add(cursor)
 
     def cancel(self, task_id: str) -> dict[str, Any]:

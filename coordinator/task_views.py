@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ __all__ = [
     "aggregation_text",
     "count_text",
     "deadline_text",
+    "display_width",
+    "fit",
     "format_table",
     "one_line",
     "progress_line",
@@ -62,25 +65,60 @@ def format_table(
     widest: Mapping[str, int] | None = None,
 ) -> str:
     """Columns padded to their widest cell; columns named in ``right`` are right-aligned; a
-    cell of a column named in ``widest`` longer than its width there is cut to it (``...``)."""
+    cell of a column named in ``widest`` longer than its width there is cut to it (``...``).
+    Widths are terminal columns (:func:`display_width`): a wide character takes two."""
     limits = [(widest or {}).get(h) for h in headers]
     cells = [[str(h) for h in headers]] + [
         [_cut("-" if c is None else str(c), w) for c, w in zip(r, limits, strict=True)]
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
         padded = [
-            cell.rjust(w) if headers[i] in right else cell.ljust(w)
+            _pad(cell, w, headers[i] in right)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
 
 
+def _pad(cell: str, width: int, right: bool) -> str:
+    blank = " " * (width - display_width(cell))
+    return blank + cell if right else cell + blank
+
+
 def _cut(text: str, width: int | None) -> str:
-    return text if width is None or len(text) <= width else text[: width - 3] + "..."
+    return text if width is None else fit(text, width)
+
+
+def display_width(text: str) -> int:
+    """The terminal columns ``text`` (printable: see :func:`coordinator.client.printable`)
+    takes: two for a wide or full-width character (East Asian), none for a combining mark."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(c) for c in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.category(char) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def fit(text: str, columns: int) -> str:
+    """``text`` if it takes at most ``columns`` terminal columns, else its start ending in
+    ``...`` in that many (or fewer: a wide character is not split)."""
+    if display_width(text) <= columns:
+        return text
+    dots = "..." if columns > 3 else ""
+    room, kept = columns - len(dots), []
+    for char in text:
+        room -= _char_width(char)
+        if room < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + dots
 
 
 def count_text(n: int, noun: str) -> str:
@@ -293,15 +331,18 @@ def render_stats(doc: dict[str, Any]) -> str:
     )
 
 
-def progress_line(doc: dict[str, Any]) -> str:
+def progress_line(doc: dict[str, Any], columns: int | None = None) -> str:
     """``[#####.....] done/total items  state`` for a task, and why its items wait if they
-    do (the most common reason)."""
+    do (the most common reason); cut to ``columns`` terminal columns if given (:func:`fit`).
+    The bar stays :data:`PROGRESS_WIDTH` wide whatever counts the coordinator sent."""
     total, done = doc["items_total"], doc["items_done"]
-    filled = PROGRESS_WIDTH * done // total if total else PROGRESS_WIDTH
+    filled = PROGRESS_WIDTH * done // total if total > 0 else PROGRESS_WIDTH
+    filled = min(PROGRESS_WIDTH, max(0, filled))
     bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
     line = f"[{bar}] {done}/{total} items  {doc['state']:<10}"
     why = waiting_lines(doc, show=1)
-    return f"{line}  {one_line(why[0], 70)}" if why else line
+    line = f"{line}  {one_line(why[0], 70)}" if why else line
+    return line if columns is None else fit(line, columns)
 
 
 def render_revocations(doc: dict[str, Any]) -> str:
