@@ -46,12 +46,21 @@ def doc(default: Any, text: str) -> Any:
 
 
 def parse_address(text: str, where: str) -> Address:
-    """``"host:port"`` (IPv6 as ``"[::1]:7946"``) -> Address, or ConfigError naming ``where``."""
+    """``"host:port"`` (IPv6 as ``"[::1]:7946"``) -> Address, or ConfigError naming ``where``:
+    an IPv6 address without its brackets (``::1:80`` could end in its port or in a group),
+    stray brackets and a port outside 0..65535 are each refused with their own reason."""
     host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
     # ASCII digits only: str.isdigit also takes "²", which int() refuses
-    if not sep or not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _is_decimal(port):
         raise ConfigError(f'{where}: expected "host:port", got {text!r}')
+    if "[" in host or "]" in host:
+        raise ConfigError(f'{where}: stray bracket in the host of {text!r} ("[::1]:7946")')
+    if ":" in host and not bracketed:
+        raise ConfigError(f'{where}: an IPv6 address goes in brackets, "[{host}]:{port}"')
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: port {int(port)} of {text!r} is outside 0..65535")
     return Address(host, int(port))
 
 

@@ -1,16 +1,18 @@
-"""The one bounded reader of regular files (``read_limited``) and the FIFO-safe comparison in
-``replace_unchanged`` (thirty-fifth session)."""
+"""The one bounded reader of regular files (``read_limited``), the FIFO-safe comparison in
+``replace_unchanged`` and the reasons ``parse_address`` gives (thirty-fifth session)."""
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
 from meshinfer.atomic_files import read_limited, replace_unchanged
-from meshinfer.errors import IdentityError
+from meshinfer.errors import ConfigError, IdentityError
+from meshinfer.tomlconfig import parse_address
 
 
 class Refused(Exception):
@@ -69,3 +71,31 @@ def test_replace_unchanged_never_blocks_on_a_fifo_put_where_the_file_was(tmp_pat
         pytest.fail("replace_unchanged blocked opening a FIFO")
     assert f"cannot write {path}: not a regular file" == str(outcome.get("error"))
     assert [p.name for p in tmp_path.iterdir()] == ["revocations.bin"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("::1:80", 'an IPv6 address goes in brackets, "[::1]:80"'),
+        ("[::1]x:80", "stray bracket in the host"),
+        ("a]b:80", "stray bracket in the host"),
+        ("host:65536", "port 65536 of 'host:65536' is outside 0..65535"),
+        ("7946", 'expected "host:port"'),
+    ],
+)
+def test_an_address_is_refused_with_its_own_reason(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"[net] listen: {reason}")):
+        parse_address(text, "[net] listen")
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("[::1]:80", "::1", 80),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+        ("car-1.local:65535", "car-1.local", 65535),
+    ],
+)
+def test_good_addresses_still_parse(text: str, host: str, port: int) -> None:
+    address = parse_address(text, "[net] listen")
+    assert (address.host, address.port) == (host, port)
