@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -190,6 +191,7 @@ class Demo:
         self.client: Any = None
         self.victim: str | None = None
         self.kill_report: dict[str, Any] = {}
+        self.kill_error: str | None = None  # why the halfway kill failed (the summary says it)
         self.killer: threading.Thread | None = None  # kills a node halfway (see classify)
         self.halted = halted or threading.Event()  # the stream and the killer give up
         self.forced = forced or threading.Event()  # stop() waits no longer
@@ -354,9 +356,11 @@ class Demo:
             self._kill_a_busy_node(progress, total)
         except OutputClosed:
             self.halted.set()  # the stream gives up; the main thread's next step says so
-        except MeshInferError:
-            if not self.halted.is_set():
-                raise  # (the coordinator is gone when the demo is stopped early)
+        except Exception as exc:  # (the coordinator is gone when the demo is stopped early)
+            if not self.halted.is_set():  # else said in the summary, which fails the demo
+                self.kill_error = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, MeshInferError):  # (a fault here: where it came from)
+                    traceback.print_exc()
 
     def _kill_a_busy_node(self, progress: Progress, total: int) -> None:
         while progress.done < total // 2:
@@ -585,6 +589,7 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         "kill_settled_s": demo.kill_report.get("settled_s"),
         "killed_items_moved": demo.kill_report.get("moved"),
         "kill_detected_s": demo.kill_report.get("detected_s"),
+        "kill_error": demo.kill_error,
         "tasks": len(progress.latencies) + len(progress.failed),
         "tasks_failed": progress.failed,
         "rows": len(y),
@@ -631,6 +636,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  faults:   killed {s['killed'] or '-'}; items retried {s['retries']},"
         f" re-dispatched after death {s['redispatched_after_death']}, duplicate results"
         f" dropped {s['duplicates_dropped']}, tasks failed {len(s['tasks_failed'])}",
+        *([f"  the halfway kill failed: {s['kill_error']}"] if s["kill_error"] else []),
         f"  {'node':<10}{'items done':>12}  status",
     ]
     for name in s["nodes"]:
@@ -699,7 +705,7 @@ def run_demo(options: DemoOptions | None = None) -> int:
             return EXIT_CLOSED_PIPE
         raise
     ok = not summary["tasks_failed"] and summary["accuracy"] > 0.9
-    ok = ok and summary["ensemble_state"] == "succeeded"
+    ok = ok and summary["ensemble_state"] == "succeeded" and summary["kill_error"] is None
     if not ok:
         print("meshinfer demo: some work failed (see above)", file=sys.stderr)
     return 0 if ok else 1
