@@ -109,27 +109,42 @@ def _xyz(v: Sequence[float]) -> tuple[float, float, float]:
     return (float(v[0]), float(v[1]), float(v[2]) if len(v) > 2 else 0.0)
 
 
+def _direction(v: tuple[float, float, float]) -> tuple[tuple[float, float, float], float] | None:
+    """``v`` as (unit vector, speed), None if zero or not finite. Scaled by its largest
+    component first, so that no square of a speed in range of a float underflows or overflows
+    (the speed itself may overflow to infinity: a node out of range at once)."""
+    largest = max(abs(v[0]), abs(v[1]), abs(v[2]))
+    if not 0 < largest < math.inf:  # not moving, or NaN, or infinite
+        return None
+    w = (v[0] / largest, v[1] / largest, v[2] / largest)
+    norm = math.hypot(*w)  # in [1, sqrt(3)]
+    return (w[0] / norm, w[1] / norm, w[2] / norm), largest * norm
+
+
 def _in_range_interval(
-    rel: tuple[float, float, float], v: tuple[float, float, float], speed2: float, r: float
+    rel: tuple[float, float, float], u: tuple[float, float, float], r: float
 ) -> tuple[float, float] | None:
-    """The times ``[t_in, t_out]`` with ``|rel + v t| <= r`` (``t_out >= 0``), or None if
-    never at or after 0. Roots of ``a t^2 + 2 b t + c`` with the cancellation-free formula."""
-    b = rel[0] * v[0] + rel[1] * v[1] + rel[2] * v[2]
+    """The distances ``[x_in, x_out]`` along the unit vector ``u`` with ``|rel + u x| <= r``
+    (``x_out >= 0``), or None if never at or after 0 (or NaN from figures too large). Roots
+    of ``a x^2 + 2 b x + c`` (``a = |u|^2``, 1 but for rounding) with the cancellation-free
+    formula."""
+    a = u[0] * u[0] + u[1] * u[1] + u[2] * u[2]
+    b = rel[0] * u[0] + rel[1] * u[1] + rel[2] * u[2]
     distance = math.hypot(*rel)
     c = (distance - r) * (distance + r)
-    disc = b * b - speed2 * c
+    disc = b * b - a * c
     if not disc >= 0:  # passes by out of range (or NaN from figures too large)
         return None
     s = math.sqrt(disc)
     if b > 0:
         q = -(b + s)
-        t_in, t_out = q / speed2, c / q
+        x_in, x_out = q / a, c / q
     elif b < 0:
         q = s - b
-        t_in, t_out = c / q, q / speed2
+        x_in, x_out = c / q, q / a
     else:
-        t_in, t_out = -s / speed2, s / speed2
-    return (t_in, t_out) if t_out >= 0 else None
+        x_in, x_out = -s / a, s / a
+    return (x_in, x_out) if x_out >= 0 else None
 
 
 def contact_time(
@@ -140,26 +155,28 @@ def contact_time(
 ) -> float | None:
     """Seconds until a node at ``position`` moving at ``velocity`` leaves the range
     ``radio_range_m`` of every ``infrastructure`` position (module docstring): 0 if out of
-    range now, None if unknown (no position, not moving, no infrastructure, figures too large).
+    range now, None if unknown (no position, not moving, no infrastructure, a NaN figure, a
+    contact beyond any float); a unit whose position is not finite is left out. Computed along
+    the way in metres, then over the speed, so that no speed a float holds is too large or small.
     For one unit it is the largest ``t >= 0`` with ``|position + velocity t - unit| = R``."""
     if position is None or velocity is None or not infrastructure:
         return None
-    v = _xyz(velocity)
-    speed2 = v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
-    if not 0 < speed2 < math.inf:  # not moving (or a speed beyond any float)
+    p, motion = _xyz(position), _direction(_xyz(velocity))
+    if motion is None or any(math.isnan(x) for x in p):  # not moving, or figures unusable
         return None
-    p = _xyz(position)
-    intervals = []
+    u, speed = motion
+    intervals = []  # in metres along the way: a speed far from 1 m/s loses no precision
     for unit in infrastructure:
         q = _xyz(unit)
         rel = (p[0] - q[0], p[1] - q[1], p[2] - q[2])
-        found = _in_range_interval(rel, v, speed2, radio_range_m)
+        found = _in_range_interval(rel, u, radio_range_m)
         if found is not None:
             intervals.append(found)
-    if not all(math.isfinite(t) for pair in intervals for t in pair):
+    if not all(math.isfinite(x) for pair in intervals for x in pair):
         return None  # a contact beyond any float
     end = 0.0  # out of range of every unit now: no interval holds 0
-    for t_in, t_out in sorted(intervals):
-        if t_in <= end:
-            end = max(end, t_out)
-    return end
+    for x_in, x_out in sorted(intervals):
+        if x_in <= end:
+            end = max(end, x_out)
+    seconds = end / speed
+    return seconds if seconds < math.inf else None  # (a speed that small: beyond any float)
