@@ -16,6 +16,7 @@ from coordinator.api_tasks import DEFAULT_WAIT_S, MAX_WAIT_S
 from coordinator.journal import MAX_PAGE
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.identity import MAX_REVOCATION_LIST_BYTES
+from meshinfer.proto.membership_member import MemberStatus
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks import MAX_PRIORITY, MIN_PRIORITY, NAME_PATTERN, Pattern, TaskState
 from meshinfer.proto.tasks_wire import DTYPES
@@ -162,7 +163,8 @@ def _task_schemas() -> dict[str, Schema]:
         "weights": {"type": "object", "additionalProperties": _NUM,
                     "description": "by model (id@version); a model not named weighs 1"},
     })  # fmt: skip
-    item = _obj(["item_id", "state", "node", "attempt", "error"], {
+    item = _obj(["item_id", "state", "node", "attempt", "refused", "error", "model", "stage",
+                 "position", "has_result", "waiting"], {
         "item_id": _STR, "state": _ref("TaskState"), "node": _NULLABLE_STR, "attempt": _INT,
         "refused": {**_INT, "description": "attempts its node refused or never got (not counted"
                     " against max_attempts)"},
@@ -200,8 +202,9 @@ def _task_schemas() -> dict[str, Schema]:
 
 
 def _mesh_schemas() -> dict[str, Schema]:
-    node = _obj(["node_id", "status"], {
-        "node_id": _STR, "status": _STR, "roles": _array(_STR), "models": _array(_STR),
+    node_props: dict[str, Schema] = {
+        "node_id": _STR, "status": _enum(MemberStatus), "roles": _array(_STR),
+        "models": _array(_STR),
         "queue_depth": {"type": ["integer", "null"], "description": "the node's gossiped queue;"
                         " null for a node that died or left (its last one is stale)"},
         "address": _STR, "in_flight": _INT, "done": _INT,
@@ -214,9 +217,10 @@ def _mesh_schemas() -> dict[str, Schema]:
                       " velocity; null: unknown (an infrastructure node, one not moving or"
                       " without a position, none known of the infrastructure), which counts as"
                       " long enough; null too for a node that died or left"},
-    }, closed=False)  # fmt: skip
+    }  # fmt: skip
+    node = _obj(list(node_props), node_props)
     counts = {"type": "object", "additionalProperties": _INT}
-    stats = _obj(["tasks", "items", "dispatched", "retries", "live_tasks"], {
+    stats_props: dict[str, Schema] = {
         "tasks": counts, "items": counts, "journal_counters": counts, "dispatched": _INT,
         "retries": _INT, "refusals": _INT, "redispatched_after_death": _INT, "duplicates": _INT,
         "foreign_results": {**_INT, "description": "results refused because their attempt"
@@ -226,7 +230,8 @@ def _mesh_schemas() -> dict[str, Schema]:
         "parked_items": _INT,
         "inputs_by_reference": _INT, "input_bytes_saved": _INT, "input_cache_misses": _INT,
         "stale_tells": _INT,
-    }, closed=False)  # fmt: skip
+    }  # fmt: skip
+    stats = _obj(list(stats_props), stats_props)
     error = _obj(["status", "code", "message"], {
         "status": _INT, "code": _enum(ERROR_CODES), "message": _STR,
     })  # fmt: skip
@@ -258,7 +263,11 @@ _ERROR_RESPONSES = {
     "400": "A malformed body or query parameter, or an unknown one (code bad_json, invalid_task,"
     " bad_parameter, invalid_revocations; bad_request: a body that does not decode as its"
     " Content-Encoding, ends before its length, a request with more than one Authorization"
-    " header, or one that is not valid HTTP/1.1, on any path).",
+    " header where the token is asked for, or one that is not valid HTTP/1.1, on any path).",
+    #: the 400 of the routes that read no query and no body (their query is not checked)
+    "400Request": "A request that is not valid HTTP/1.1 (a body that does not decode as its"
+    " Content-Encoding included), or one with more than one Authorization header where the"
+    " token is asked for (code bad_request); query parameters are not checked here.",
     "401": "No or a wrong bearer token (code unauthorized).",
     "404": "No such task, or one deleted by retention (code not_found).",
     "409": "The task_id is used by a different task (code conflict).",
@@ -306,12 +315,26 @@ _HEADERS = {
 _LOCATION = {"Location": _header("the task's path, /v1/tasks/{id}", _STR)}
 
 
-def _operation(op_id: str, summary: str, ok: dict[str, dict], errors: str = "", **extra) -> dict:
+def _operation(
+    op_id: str,
+    summary: str,
+    ok: dict[str, dict],
+    errors: str = "",
+    *,
+    public: bool = False,
+    **extra: Any,
+) -> dict:
+    """An operation answering ``ok``, the errors every one may answer and ``errors`` (names of
+    :data:`_ERROR_RESPONSES`, whose first three characters are the status); ``public``: no
+    token asked for (no 401)."""
     responses = dict(ok)
-    for status in ["401", "417", "500", "503", *errors.split()]:
-        responses[status] = {"$ref": f"#/components/responses/E{status}"}
-    return {"operationId": op_id, "summary": summary, "tags": ["coordinator"],
-            "responses": dict(sorted(responses.items())), **extra}  # fmt: skip
+    for name in [*([] if public else ["401"]), "417", "500", "503", *errors.split()]:
+        responses[name[:3]] = {"$ref": f"#/components/responses/E{name}"}
+    op = {"operationId": op_id, "summary": summary, "tags": ["coordinator"],
+          "responses": dict(sorted(responses.items())), **extra}  # fmt: skip
+    if public:
+        op["security"] = []
+    return op
 
 
 def _query(name: str, schema: Schema, description: str) -> dict[str, Any]:
@@ -328,11 +351,13 @@ _OUTPUTS = _query("outputs", {"type": "boolean", "default": True},
 def _task_paths() -> dict[str, Any]:
     listing = [
         _query("state", _ref("TaskState"), "Only tasks in this state."),
-        _query("model", _STR, "Only tasks with an item of this model id (no @version)."),
+        _query("model", {"type": "string", "minLength": 1, "pattern": "^[^@]*$"},
+               "Only tasks with an item of this model id (no @version)."),
         _query("since", _NUM, "Only tasks created at or after this Unix time."),
         _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE,
                          "default": DEFAULT_PAGE}, "Tasks per page."),
-        _query("cursor", _STR, "next_cursor of the previous page (opaque)."),
+        _query("cursor", {"type": "string", "minLength": 1},
+               "next_cursor of the previous page (opaque; one not handed out is a 400)."),
     ]  # fmt: skip
     submit_body = {"required": True, "content": _json_content(_ref("TaskSubmission"))}
     task = _ok("The task, its items and result.", _ref("Task"))
@@ -385,13 +410,13 @@ def _other_paths() -> dict[str, Any]:
                     f" {MAX_REVOCATION_LIST_BYTES} bytes, and no more than the body limit"
                     " (over it: 413)."}),
         },
-        "/metrics": {"get": _operation("getMetrics", "Prometheus metrics.", {"200": metrics})},
+        "/metrics": {"get": _operation("getMetrics", "Prometheus metrics (any query is"
+                                       " ignored).", {"200": metrics}, "400Request")},
         "/openapi.json": {"get": _operation("getOpenApi", "This document.", {
             "200": _ok("The OpenAPI document.", {"type": "object"})}, "400")},
-        "/healthz": {"get": {"operationId": "getHealth", "summary": "Liveness (no token).",
-                             "tags": ["coordinator"], "security": [],
-                             "responses": {"200": health,
-                                           "503": {"$ref": "#/components/responses/E503"}}}},
+        "/healthz": {"get": _operation("getHealth", "Liveness (no token; any query is"
+                                       " ignored).", {"200": health}, "400Request",
+                                       public=True)},
     }  # fmt: skip
 
 
@@ -408,7 +433,9 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "meshinfer coordinator API", "version": API_VERSION,
                  "description": "Submit, watch and cancel inference tasks on a vehicle mesh."
                  " Every GET operation answers HEAD too: its status and headers, no body"
-                 " (HEAD on /wait answers at once)."},
+                 " (HEAD on /wait answers at once). A path no operation serves is answered"
+                 " 404 not_found, and a method not served on a path 405 method_not_allowed"
+                 " with Allow (the token is asked for first)."},
         "security": [{"bearerAuth": []}],
         "paths": {**_task_paths(), **_other_paths()},
         "components": {
