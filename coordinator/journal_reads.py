@@ -81,8 +81,8 @@ class JournalReads:
         """Tasks newest first, filtered by state, model id (any item's) and creation time
         (wall clock, ``created_at >= since``). Keyset pagination: a page never repeats or skips
         a task that existed when the listing began, however many are submitted meanwhile."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise ConfigError(f"limit {limit} outside 1..{MAX_PAGE}")
+        if type(limit) is not int or not 1 <= limit <= MAX_PAGE:  # (2.5: an SQL error)
+            raise ConfigError(f"limit {limit!r} is not a whole number in 1..{MAX_PAGE}")
         where, args = _filters(state, model, since, cursor)
         with self._read() as db:
             rows = db.execute(
@@ -151,6 +151,8 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
         clauses.append("EXISTS (SELECT 1 FROM items i WHERE i.task_id = t.id AND i.model_id = ?)")
         args.append(model)
     if since is not None:
+        if isinstance(since, bool) or not isinstance(since, int | float):
+            raise ConfigError(f"since {since!r} is not a time (seconds since the epoch)")
         if not math.isfinite(since := float(since)):  # NaN would match nothing, silently
             raise ConfigError(f"since {since!r} is not a finite time")
         clauses.append("t.created_at >= ?")

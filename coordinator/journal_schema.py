@@ -99,10 +99,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 
 
 def schema_version(db: sqlite3.Connection) -> int:
-    """The schema version of ``db`` (0 when it has none yet)."""
+    """The schema version of ``db`` (0 when it has none yet); :class:`SchemaError` if its
+    table holds no version (a damaged file)."""
     db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-    return row[0] or 0
+    (version,) = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    if version is not None and (type(version) is not int or version < 0):  # (SQLite: any type)
+        raise SchemaError(f"damaged: its schema_version table holds {version!r}, not a version")
+    return version or 0
 
 
 #: The tables of a journal at version 1 or later (``sqlite_sequence`` is SQLite's own): those
@@ -116,10 +119,14 @@ _TABLES = frozenset(
 def check_is_journal(db: sqlite3.Connection) -> None:
     """Refuse, before writing anything, a database of some other application: one with tables
     but no ``schema_version`` (a new journal has none; one a crash interrupted before its
-    first migration has that table only), or one whose version claims tables it lacks."""
+    first migration has that table only), or one whose version claims tables it lacks; and a
+    journal a newer meshinfer wrote (a version beyond :data:`MIGRATIONS`), whose rows this code
+    may read wrong (:func:`migrate` refuses it too)."""
     rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     tables = {name for (name,) in rows} - {"sqlite_sequence"}
     version = schema_version(db) if "schema_version" in tables else 0
+    if version > len(MIGRATIONS):  # refused before anything touches it (even the WAL switch)
+        raise SchemaError(_newer(version, len(MIGRATIONS)))
     if version == 0 and (others := sorted(tables - {"schema_version"})):
         raise SchemaError(
             f"not a meshinfer journal (it holds other tables: {', '.join(others[:5])})"
@@ -140,10 +147,7 @@ def migrate(db: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...] = MI
     """
     current = schema_version(db)
     if current > len(migrations):
-        raise SchemaError(
-            f"schema version {current} is newer than this meshinfer's {len(migrations)}"
-            " (a newer meshinfer wrote it: run that one)"
-        )
+        raise SchemaError(_newer(current, len(migrations)))
     for version in range(current, len(migrations)):
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -159,3 +163,10 @@ def migrate(db: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...] = MI
             raise
         db.execute("COMMIT")
     return len(migrations)
+
+
+def _newer(version: int, known: int) -> str:
+    return (
+        f"schema version {version} is newer than this meshinfer's {known}"
+        " (a newer meshinfer wrote it: run that one)"
+    )

@@ -75,7 +75,8 @@ class JournalUpkeep:
         again journals it as a new task.
 
         Tasks are walked in the order they were journaled, up to the first one created after
-        the cutoff (no later task can have ended before it), so no index is kept for this on
+        the cutoff (no later task can have ended before it; one stamped in the future, by a
+        clock since stepped back, is passed: see ``_expired``), so no index is kept for this on
         the hot path and a call reads little more than what it deletes (and the old tasks still
         live). Counted in the ``pruned_tasks`` counter. The file does not shrink: SQLite reuses
         the freed pages, so a journal with retention stays about as large as the tasks of one
@@ -84,8 +85,9 @@ class JournalUpkeep:
         if older_than_s < 0 or limit < 1:
             raise LocalProtocolError("prune() needs older_than_s >= 0 and limit >= 1")
         with self._write() as db:
-            cutoff = self._clock() - older_than_s
-            ids = self._expired(db, cutoff, limit)
+            now = self._clock()
+            cutoff = now - older_than_s
+            ids = self._expired(db, now, cutoff, limit)
             if ids:
                 for task_id in ids:
                     self._hot.drop(task_id)  # (an ended task is not hot: belt and braces)
@@ -104,12 +106,17 @@ class JournalUpkeep:
         return len(ids)
 
     @staticmethod
-    def _expired(db: sqlite3.Connection, cutoff: float, limit: int) -> list[str]:
-        """The ids of up to ``limit`` tasks that ended before ``cutoff``, oldest first."""
+    def _expired(db: sqlite3.Connection, now: float, cutoff: float, limit: int) -> list[str]:
+        """The ids of up to ``limit`` tasks that ended before ``cutoff``, oldest first.
+
+        A task stamped later than ``now`` was journaled while the wall clock ran ahead (it has
+        since stepped back): it says nothing of the tasks after it, so the walk passes it
+        rather than stop there until the clock catches up with it (after a clock set a year
+        ahead and then corrected, no later task would go for a year)."""
         ids: list[str] = []
         rows = db.execute("SELECT id, state, created_at, updated_at FROM tasks ORDER BY seq")
         for task_id, state, created_at, updated_at in rows:
-            if created_at >= cutoff or len(ids) == limit:
+            if (cutoff <= created_at <= now) or len(ids) == limit:
                 break
             if state in _ENDED and updated_at < cutoff:
                 ids.append(task_id)
