@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -272,7 +273,7 @@ class TelemetryCollector:
         self._nvml = NvmlProbe() if gpu else None
         self._min_cpu_interval_s = min_cpu_interval_s
         self._failing: set[str] = set()  # host sensors whose last reading failed
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="meshinfer-telemetry")
+        self._worker = _DaemonWorker("meshinfer-telemetry")
         self._closed = False
         self._sample_timeout_s = sample_timeout_s
         self._reading: Future[TelemetrySnapshot] | None = None  # the worker's, while under way
@@ -355,12 +356,48 @@ class TelemetryCollector:
         return value
 
     def close(self) -> None:
-        """Release NVML and the worker thread (it ends after any sample under way; never
-        waited for). Idempotent."""
+        """Release NVML and the worker thread, after any sample under way (never waited for:
+        NVML's shutdown waits on a hung call, so it runs on the worker, after it). No GPU
+        figure is read from here on. Idempotent."""
         self._closed = True
-        self._worker.shutdown(wait=False)
-        if self._nvml is not None:
-            self._nvml.close()
+        nvml, self._nvml = self._nvml, None
+        if nvml is not None:
+            self._worker.submit(nvml.close)
+        self._worker.shutdown()
+
+
+class _DaemonWorker:
+    """One daemon thread running the calls submitted to it, in order. A ThreadPoolExecutor's
+    thread is joined at interpreter exit: a call hung for good on it (NVML on a wedged GPU)
+    held the daemon's exit after everything else had closed. This one is left behind."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple] | None]
+        self._jobs = queue.SimpleQueue()
+        self._shut = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> Future[Any]:
+        if self._shut:
+            raise RuntimeError("submit after shutdown")
+        future: Future[Any] = Future()
+        self._jobs.put((future, call, args))
+        return future
+
+    def shutdown(self) -> None:
+        """The thread ends once the calls submitted so far have run. Idempotent."""
+        if not self._shut:
+            self._shut = True
+            self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call(*args))
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
 
 
 def _cpu_percent() -> float:
