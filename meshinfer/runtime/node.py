@@ -43,7 +43,7 @@ import psutil
 from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import ADDRESS_CHECK_INTERVAL, DiscoveryEvent, PeerAdvert
 from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
-from meshinfer.discovery.static import StaticDiscovery, StaticSeed
+from meshinfer.discovery.static import StaticDiscovery, StaticSeed, checked_seeds
 from meshinfer.errors import log_stopped
 from meshinfer.proto.identity import NodeIdentity, RevocationList
 from meshinfer.proto.membership import MembershipConfig, NodeState
@@ -83,6 +83,10 @@ class MeshNodeOptions:
     #: every interface with no ``advertise_host`` (a V2I link comes up, DHCP gives a new lease):
     #: on a change its gossiped state and its mDNS advert name the new one. None: never again.
     address_check_interval: float | None = ADDRESS_CHECK_INTERVAL
+
+    def __post_init__(self) -> None:
+        # checked here, not when discovery starts (after the listener: a ConfigError then)
+        object.__setattr__(self, "seeds", checked_seeds(self.seeds))
 
 
 EVERY_INTERFACE = ("0.0.0.0", "::")
