@@ -144,6 +144,7 @@ from meshinfer.proto.tasks import (
     TaskSpec,
     TaskState,
     check_aggregation_used,
+    check_sendable,
     with_aggregation_mode,
 )
 from meshinfer.proto.tasks_codec import check_model_names
@@ -437,6 +438,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         run = self._new_run(spec, self._loop.time())  # validates the spec
         try:
             check_aggregation_used(spec)
+            check_sendable(spec)  # (the HTTP path checked it before planning a huge batch)
         except InvalidTaskError:
             if not await self._db.run("holds", spec):  # a new task (or another spec): refused
                 raise

@@ -50,6 +50,8 @@ from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.models import ModelRef, models_named
 from meshinfer.proto.scheduling import Policy
 from meshinfer.proto.tasks_wire import (
+    MAX_PARAMS,
+    MAX_PARAMS_BYTES,
     MAX_PRIORITY,
     MAX_TENSOR_BYTES,
     MIN_PRIORITY,
@@ -66,6 +68,7 @@ from meshinfer.proto.tasks_wire import (
 __all__ = [
     "DEFAULT_SHARD_ROWS",
     "MAX_BATCH_INPUT_BYTES",
+    "MAX_BATCH_ITEMS",
     "MAX_DEADLINE_S",
     "MAX_PRIORITY",
     "MAX_STAGES",
@@ -84,6 +87,7 @@ __all__ = [
     "WorkItem",
     "check_aggregation_mode",
     "check_aggregation_used",
+    "check_sendable",
     "models_named",
     "new_task_id",
     "outline",
@@ -97,6 +101,10 @@ __all__ = [
 MAX_BATCH_INPUT_BYTES = 256 * 1024 * 1024
 #: At most this many stages in a pipeline, and this many models in a parallel task.
 MAX_STAGES = 64
+#: A new batch task splits into at most this many items (rows / shard size; checked at submit
+#: by :func:`check_sendable`): each item costs the coordinator a journal row and ~1 KiB, so a
+#: small input of one-byte rows in one-row shards would otherwise cost it gigabytes.
+MAX_BATCH_ITEMS = 65536
 #: A task's ``deadline_s`` and ``aggregation_timeout_s`` may be at most this (30 days), so the
 #: coordinator's and nodes' timers and the task documents never take an absurd value (1e308).
 #: A spec journaled before this bound with a longer one reads back with the bound
@@ -359,7 +367,8 @@ def _check_models(spec: TaskSpec) -> str | None:
 
 
 def _check_options(spec: TaskSpec) -> str | None:
-    if spec.deadline_s is not None and not 0 < spec.deadline_s <= MAX_DEADLINE_S:
+    deadline = spec.deadline_s
+    if deadline is not None and not (_positive_finite(deadline) and deadline <= MAX_DEADLINE_S):
         return (
             f"deadline_s {spec.deadline_s!r:.40} must be a positive number of seconds,"
             f" at most MAX_DEADLINE_S = {MAX_DEADLINE_S:.0f} (30 days)"
@@ -463,6 +472,33 @@ def check_aggregation_used(spec: TaskSpec) -> None:
             f"task {spec.task_id!r}: aggregation: only a parallel task aggregates,"
             f" not a {spec.pattern} task"
         )
+
+
+def check_sendable(spec: TaskSpec) -> None:
+    """Raise :class:`InvalidTaskError` if a valid ``spec`` could not be run as submitted: an
+    item would carry more than ``MAX_PARAMS`` params or more than ``MAX_PARAMS_BYTES`` of them
+    encoded (a pipeline stage's item carries the task's params merged with its own), which a
+    node refuses; or a batch splits into more than :data:`MAX_BATCH_ITEMS` items. Checked at
+    submit, not by :meth:`TaskSpec.validate`: journals may hold such specs and must still read
+    them (as for :func:`check_aggregation_used`)."""
+    carried = [("params", spec.params)]
+    carried += [(f"stage {s.name!r}: params", {**spec.params, **s.params}) for s in spec.stages]
+    for what, params in carried:
+        if len(params) > MAX_PARAMS:
+            problem = f"{what}: an item would carry {len(params)} params, at most {MAX_PARAMS}"
+        elif (size := len(encode_params(params))) > MAX_PARAMS_BYTES:
+            problem = f"{what}: {size} bytes encoded, at most {MAX_PARAMS_BYTES} per item"
+        else:
+            continue
+        raise InvalidTaskError(f"task {spec.task_id!r}: {problem}")
+    if spec.pattern == Pattern.BATCH:
+        rows, size = spec.inputs.rows, _shard_rows(spec)
+        if (count := math.ceil(rows / size)) > MAX_BATCH_ITEMS:
+            raise InvalidTaskError(
+                f"task {spec.task_id!r}: shard_size: {rows} rows in shards of {size} make"
+                f" {count} items, at most {MAX_BATCH_ITEMS}: give a shard_size of at least"
+                f" {math.ceil(rows / MAX_BATCH_ITEMS)}"
+            )
 
 
 def with_aggregation_mode(spec: TaskSpec, default: str) -> TaskSpec:

@@ -33,7 +33,14 @@ from typing import Any
 import msgpack
 
 from meshinfer.proto.models import ModelRef, model_name_problem, models_named
-from meshinfer.proto.tasks import MAX_DEADLINE_S, InvalidTaskError, Pattern, Stage, TaskSpec
+from meshinfer.proto.tasks import (
+    MAX_DEADLINE_S,
+    InvalidTaskError,
+    Pattern,
+    Stage,
+    TaskSpec,
+    check_sendable,
+)
 from meshinfer.proto.tasks_wire import Tensor, canonical_bools
 
 __all__ = ["check_model_names", "decode_spec", "encode_spec", "spec_from_dict", "spec_to_dict"]
@@ -154,13 +161,16 @@ def _stage(raw: Any, index: int) -> Stage:
 def spec_from_dict(raw: Any) -> TaskSpec:
     """Read a spec from plain data and validate it; InvalidTaskError naming the bad key. A
     model's id or version may not hold ``@`` (:func:`~meshinfer.proto.models.model_name_problem`:
-    written ``"id@version"`` it would name another model)."""
+    written ``"id@version"`` it would name another model), and its items must be sendable
+    (:func:`~meshinfer.proto.tasks.check_sendable`: params within a node's caps, a batch of at
+    most ``MAX_BATCH_ITEMS`` items)."""
     return _spec_from_dict(raw, names_checked=True)
 
 
 def _spec_from_dict(raw: Any, *, names_checked: bool) -> TaskSpec:
     """:func:`spec_from_dict`; without ``names_checked`` (a journaled spec: it may predate the
-    rule, and its task must still recover) a model name holding ``@`` is let through."""
+    rules, and its task must still recover) a model name holding ``@`` is let through, and
+    :func:`~meshinfer.proto.tasks.check_sendable` is not applied."""
     reader = _Reader(raw, "", _TOP_KEYS)
     models = reader.take("models", (list, tuple), ())
     stages = reader.take("stages", (list, tuple), ())
@@ -185,6 +195,8 @@ def _spec_from_dict(raw: Any, *, names_checked: bool) -> TaskSpec:
     weights = _weights(reader.take("weights", Mapping, {}), spec.models)
     spec = replace(spec, weights=weights) if weights else spec
     spec.validate()
+    if names_checked:
+        check_sendable(spec)
     return spec
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from meshinfer.errors import LocalProtocolError, RemoteProtocolError
 from meshinfer.proto.tasks import Pattern, Stage, TaskSpec, WorkItem, stage_order
-from meshinfer.proto.tasks_wire import Tensor, pack_array
+from meshinfer.proto.tasks_wire import MAX_TENSOR_BYTES, Tensor, pack_array
 
 __all__ = ["PipelinePlan", "StageInputError"]
 
@@ -72,8 +72,9 @@ class PipelinePlan:
         """Items whose dependencies all have results and that have neither a result nor are in
         ``started`` (already dispatched), in topological order.
 
-        Raises RemoteProtocolError when the outputs feeding a stage cannot be concatenated
-        (different dtypes or leading shapes: a node returned something unexpected).
+        Raises RemoteProtocolError (:class:`StageInputError`) when the outputs feeding a stage
+        cannot be concatenated (different dtypes or leading shapes: a node returned something
+        unexpected), or would join to more than ``MAX_TENSOR_BYTES`` (refused before joining).
         """
         ready = []
         for index, stage in enumerate(self.stages):
@@ -91,8 +92,11 @@ class PipelinePlan:
         if len(feeds) == 1:
             return feeds[0]
         problem = None
+        joined = sum(len(f.data) for f in feeds)
         if len({f.dtype for f in feeds}) != 1:
             problem = "cannot join inputs of mixed dtypes"
+        elif joined > MAX_TENSOR_BYTES:  # refused before NumPy allocates it (up to ~1 GiB)
+            problem = f"cannot join inputs: {joined} bytes, over the cap of {MAX_TENSOR_BYTES}"
         else:
             try:
                 return Tensor(*pack_array(np.concatenate([f.to_array() for f in feeds], axis=-1)))
