@@ -54,6 +54,7 @@ from meshinfer.http_client import read_capped, strict_opener
 from meshinfer.http_url import check_http_url
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime
+from meshinfer.runtime.log_lines import printable
 
 __all__ = [
     "AWAY_CODES",
@@ -134,15 +135,6 @@ class ApiError(MeshInferError):
         self.retry_after = retry_after
         suffix = f" (HTTP {status} {code})" if status is not None else ""
         super().__init__(message + suffix)
-
-
-def printable(text: str) -> str:
-    """``text`` with each character that is not printable (control characters such as a
-    terminal's escape, newlines, tabs, format characters such as a bidirectional override)
-    written as its Python escape (``\\x1b``): what a server says reaches a terminal as text only."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 # --- tensors ---------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ watcher's own monotonic clock, which no offset from the file system's clock can 
 size cap, raising the caller's error (:func:`read_file`: IdentityError); the checks below it
 refuse to overwrite, to write where a directory is, or to use a secret file others can read.
 
-Every other failure raises :class:`~meshinfer.errors.IdentityError` naming the file (these helpers were
-written for the key and certificate files of :mod:`meshinfer.identity_files`, and other file
-readers rely on that error).
+Every other failure raises :class:`~meshinfer.errors.IdentityError` naming the file (these
+helpers were written for the key and certificate files of :mod:`meshinfer.identity_files`, and
+other file readers rely on that error).
 """
 
 from __future__ import annotations

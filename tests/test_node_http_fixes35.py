@@ -18,6 +18,7 @@ import pytest
 from aiohttp.http_exceptions import InvalidURLError
 
 from meshinfer.runtime import http_log
+from meshinfer.runtime.log_lines import printable
 from tests.helpers import until
 from tests.test_node_surface_hunt import http_port, node
 
@@ -145,6 +146,6 @@ def test_a_refused_request_is_logged_on_one_line_with_its_control_characters_esc
     assert r"/\x1b[2J\r" in message and r"FAKE ERROR line\x85\u2028" in message
 
 
-def test_one_line_leaves_printable_text_alone() -> None:
-    assert http_log.one_line("Invalid HTTP header: 'é ü'") == "Invalid HTTP header: 'é ü'"
-    assert http_log.one_line("a\tb\nc\x00") == r"a\tb\nc\x00"
+def test_printable_leaves_printable_text_alone() -> None:
+    assert printable("Invalid HTTP header: 'é ü'") == "Invalid HTTP header: 'é ü'"
+    assert printable("a\tb\nc\x00") == r"a\tb\nc\x00"

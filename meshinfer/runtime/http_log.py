@@ -20,6 +20,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
+from meshinfer.runtime.log_lines import printable
+
 #: What aiohttp raises for a request it cannot parse or whose body it cannot decode (the
 #: latter when the rest of a body answered before it was read is drained).
 CLIENT_ERRORS = (HttpProcessingError, RequestPayloadError)
@@ -67,14 +69,6 @@ def unsupported_coding(coding: str) -> tuple[str, dict[str, str]]:
     return message, {"Accept-Encoding": ", ".join(BODY_CODINGS)}
 
 
-def one_line(text: str) -> str:
-    """``text`` on one line of printable characters: CR, LF, ESC and every other character
-    that is not printable (C0/C1 controls, U+2028...) escaped as ``\\xNN``/``\\uNNNN``."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
 class ClientErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """``logger`` for ``web.AppRunner(..., logger=ClientErrorLog(logger))`` (module doc)."""
 
@@ -85,5 +79,5 @@ class ClientErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         exc = kwargs.get("exc_info")
         if isinstance(exc, CLIENT_ERRORS):
             level, kwargs["exc_info"] = logging.DEBUG, None
-            msg, args = f"{msg}: %s", (*args, one_line(str(exc).replace("\n", " ")))
+            msg, args = f"{msg}: %s", (*args, printable(str(exc).replace("\n", " ")))
         super().log(level, msg, *args, **kwargs)

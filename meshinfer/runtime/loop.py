@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from meshinfer.errors import log_failure  # (its home is errors: every layer logs with it)
+from meshinfer.runtime.log_lines import OneLineFormatter
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ def _uvloop_or_asyncio(new_uvloop: Callable[[], asyncio.AbstractEventLoop]) -> A
 
 def run_main(main: Coroutine[Any, Any, int], log_level: str) -> int:
     """Configure logging to stderr and run ``main`` on :func:`new_runner`; its exit code."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # (stderr) one line per record, whatever a peer sent
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level, handlers=[handler])
     with new_runner() as runner:
         return runner.run(main)
 
