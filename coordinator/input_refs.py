@@ -141,13 +141,16 @@ class InputRefs:
 
     async def aclose(self) -> None:
         """Call nothing back any more: drop the hashes not started, wait for the one under way
-        (a thread cannot be stopped; it takes milliseconds). Idempotent."""
+        (a thread cannot be stopped; it takes milliseconds). Idempotent; the thread is let go
+        even if this is cancelled while it waits."""
         self._closed = True
         hashing = list(self._hashing.values())
         under_way = [fut for _, work, fut in hashing if not work.cancel()]  # (not started: off)
-        await asyncio.gather(*under_way, return_exceptions=True)
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=False)
+        try:
+            await asyncio.gather(*under_way, return_exceptions=True)
+        finally:
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=False)
 
     def message(self, run: TaskRun, entry: ItemRun, node: str, msg: TaskAssign) -> TaskAssign:
         """``msg`` as it goes to ``node``: its input by reference if the node holds it, with

@@ -309,15 +309,19 @@ class OrderedInputs:
 
     async def aclose(self) -> None:
         """Take no more calls and call nothing back: drop the hashes not started, wait for the
-        one under way (a thread cannot be stopped; it takes milliseconds). Idempotent."""
+        one under way (a thread cannot be stopped; it takes milliseconds). Idempotent; the
+        waiters of :meth:`settled` return at once (nothing waits any more), and the thread is
+        let go even if this is cancelled while it waits."""
         self._closed = True
         keeps = [step for step in self._queue if isinstance(step, _Keep)]
         self._queue.clear()
-        under_way = [step.digest for step in keeps if not step.work.cancel()]
-        await asyncio.gather(*under_way, return_exceptions=True)
         self._advance()  # (wakes the waiters of settled())
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=False)
+        under_way = [step.digest for step in keeps if not step.work.cancel()]
+        try:
+            await asyncio.gather(*under_way, return_exceptions=True)
+        finally:
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=False)
 
 
 def _ignore(_data: bytes | None) -> None:
