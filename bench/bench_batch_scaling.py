@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_tasks import TINY_REF, add_cpu_threads_option, cpu_between, serving
 from coordinator.service import Coordinator, CoordinatorConfig
 from meshinfer.discovery.mdns import MdnsConfig
+from meshinfer.errors import ModelNotFoundError
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import ModelRef
 from meshinfer.inference.registry import default_registry
@@ -158,10 +159,15 @@ def main() -> None:
     args = ap.parse_args()
     model_id, _, version = args.model.partition("@")
     args.model = ModelRef(model_id, version or "1")
-    args.width = default_registry().get(args.model).inputs[0].shape[1]
+    try:
+        args.width = default_registry().get(args.model).inputs[0].shape[1]
+    except ModelNotFoundError as exc:
+        ap.error(f"--model: {exc}")
     if min(args.cpu_threads) < 0 or min(args.rounds, args.shard_size) < 1:
         ap.error("--cpu-threads values must be >= 0, --rounds and --shard-size >= 1")
-    args.sizes = sorted(args.sizes)
+    if min(args.sizes) < 1 or args.slots < 1:
+        ap.error("--sizes values and --slots must be at least 1")
+    args.sizes = sorted(set(args.sizes))  # (a size given twice would submit one task id twice)
     figures = asyncio.run(run(args))
     report(figures, args)
 

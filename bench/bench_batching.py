@@ -83,6 +83,10 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
+    if min(args.requests, args.concurrency, args.max_batch_size) < 1:
+        parser.error("--requests, --concurrency and --max-batch-size must be at least 1")
+    if args.max_queue_delay_ms < 0:
+        parser.error("--max-queue-delay-ms must be >= 0")
     if args.uvloop:
         import uvloop
 

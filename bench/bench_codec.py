@@ -145,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
     seconds = parser.parse_args().seconds
+    if not seconds > 0:
+        parser.error("--seconds must be > 0")
     codec_rows = []
     for name, msg in _cases().items():
         assert _codec(msg)() == msg and _codec_framed(msg)() == msg

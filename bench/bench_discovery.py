@@ -105,6 +105,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     args = parser.parse_args()
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
     medians: dict[tuple[str, str], float] = {}
     print(f"mDNS discovery on 127.0.0.1, {args.trials} trials per mode (times in ms)")
     print(f"{'mode':<18} {'direction':<9} {'median':>9} {'p90':>9} {'max':>9}")

@@ -182,13 +182,18 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per measurement")
     args = parser.parse_args()
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+        specs = [SyntheticSpec(*parse_version(v)) for v in args.models.split(",")]
+    except ValueError as exc:
+        parser.error(f"--batches (comma-separated row counts) or --models: {exc}")
+    if min(batches) < 1 or not args.budget > 0:
+        parser.error("--batches values must be at least 1 and --budget > 0")
     reason = cupy_unavailable_reason()
     if reason is not None:
         raise SystemExit(f"bench_gpu needs an NVIDIA GPU with CuPy: {reason}")
     describe_device()
-    batches = tuple(int(b) for b in args.batches.split(","))
-    for version in args.models.split(","):
-        spec = SyntheticSpec(*parse_version(version))
+    for spec in specs:
         asyncio.run(bench_model(spec, batches, args.budget))
 
 

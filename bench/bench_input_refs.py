@@ -232,6 +232,8 @@ def main() -> None:
         ap.error(f"--models in 1..{len(MODELS)}, and --rows, --in-flight and --rounds >= 1")
     if min(args.cpu_threads) < 0:
         ap.error("--cpu-threads values must be >= 0")
+    if not args.seconds > 0 or args.warmup < 0:
+        ap.error("--seconds must be > 0 and --warmup >= 0")
     if args.quick:
         args.seconds, args.warmup, args.rounds = 1.0, 0.5, 1
     logging.basicConfig(level=logging.ERROR)

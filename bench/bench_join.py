@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -46,6 +47,11 @@ async def one_trial(fleet, anchor: MeshNode, name: str, mdns: MdnsConfig) -> flo
         await node.aclose()
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1) of sorted samples: p90 of 10 is the 9th."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 async def run(trials: int) -> None:
     fleet = make_fleet(None, ["anchor"], fleet_id="bench-join")
     modes = (
@@ -67,7 +73,7 @@ async def run(trials: int) -> None:
         results[label] = sorted(samples)
     print(f"{'mode':<20}{'median ms':>12}{'p90 ms':>10}{'max ms':>10}  (trials={trials})")
     for label, s in results.items():
-        p90 = s[min(len(s) - 1, int(0.9 * len(s)))]
+        p90 = percentile(s, 0.9)
         print(
             f"{label:<20}{statistics.median(s) * 1e3:>12.1f}{p90 * 1e3:>10.1f}{s[-1] * 1e3:>10.1f}"
         )
@@ -78,7 +84,10 @@ async def run(trials: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
-    asyncio.run(run(ap.parse_args().trials))
+    trials = ap.parse_args().trials
+    if trials < 1:
+        ap.error("--trials must be at least 1")
+    asyncio.run(run(trials))
 
 
 if __name__ == "__main__":

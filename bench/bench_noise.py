@@ -75,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     seconds = parser.parse_args().seconds
+    if not seconds > 0:
+        parser.error("--seconds must be > 0")
     print("frame bytes   bare pynacl rt/s   CipherState rt/s   ratio")
     for size in (64, 1024, 16384, 65519):
         frame = bytes(size)

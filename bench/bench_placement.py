@@ -36,7 +36,7 @@ from coordinator.service_dispatch import Dispatch
 from meshinfer.inference.base import ModelRef
 from meshinfer.proto.membership_table import MemberStatus
 from meshinfer.proto.membership_wire import ModelInfo, NodeState
-from meshinfer.proto.scheduling import SchedulerState
+from meshinfer.proto.scheduling import Policy, SchedulerState
 from meshinfer.proto.tasks import Pattern, TaskSpec, plan
 from meshinfer.proto.tasks_wire import Tensor
 
@@ -107,11 +107,13 @@ def _per_item_us(placer: _Placer, burst: int, policy: str, how: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--members", type=int, nargs="+", default=[1, 16, 128, 1024])
     parser.add_argument("--burst", type=int, default=64)
-    parser.add_argument("--policy", default="least_loaded")
+    parser.add_argument("--policy", default="least_loaded", choices=[p.value for p in Policy])
     args = parser.parse_args()
+    if min(args.members) < 1 or args.burst < 1:
+        parser.error("--members values and --burst must be at least 1")
     print(f"placement per item, burst of {args.burst}, policy {args.policy} (CPU us, best of 5)")
     print(
         f"{'members':>8} {'read per item':>14} {'read per burst':>15} {'ratio':>7}"

@@ -128,6 +128,12 @@ class Stream:
         self.stopping = True
         await asyncio.gather(*self.workers)
 
+    async def cancel(self) -> None:
+        """Stop at once (a trial that failed): no worker is left behind the coordinator's close."""
+        for worker in self.workers:
+            worker.cancel()
+        await asyncio.gather(*self.workers, return_exceptions=True)
+
 
 async def trial(tmp: Path, redial: float, width: int) -> Trial:
     loop = asyncio.get_running_loop()
@@ -143,11 +149,13 @@ async def trial(tmp: Path, redial: float, width: int) -> Trial:
                 deaths.setdefault(event.member.node_id, loop.time())
 
         mesh.membership.subscribe(on_member)
+        stream = None
         try:
             await until(lambda: serving(c) == 2, step=0.05)
             stream = Stream(c, width)
             await until(lambda: c.stats_.completed_by_node[VICTIM] > 20, step=0.01)
-            await until(lambda: in_flight_on(c, VICTIM) > 10)
+            # a queue on X when it dies (about half the stream waits there: see NODE_EXTRA)
+            await until(lambda: in_flight_on(c, VICTIM) > min(10, width // 4))
             held = in_flight_on(c, VICTIM)
             killed = loop.time()
             os.kill(cluster.processes[VICTIM].proc.pid, signal.SIGKILL)
@@ -168,6 +176,8 @@ async def trial(tmp: Path, redial: float, width: int) -> Trial:
                 stats["redispatched_after_disconnect"],
             )
         finally:
+            if stream is not None:
+                await stream.cancel()
             await c.aclose()
             await mesh.aclose()
 
@@ -211,6 +221,8 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=64, help="tasks kept outstanding")
     ap.add_argument("--quick", action="store_true", help="2 trials per mode")
     args = ap.parse_args()
+    if args.trials < 1 or args.in_flight < 2:
+        ap.error("--trials must be at least 1 and --in-flight at least 2 (two nodes)")
     logging.basicConfig(level=logging.ERROR)  # the fast path logs a warning per kill
     if args.quick:
         args.trials = 2

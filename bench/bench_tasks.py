@@ -37,6 +37,7 @@ import asyncio
 import cProfile
 import io
 import logging
+import math
 import os
 import pstats
 import random
@@ -75,6 +76,8 @@ NODE_EXTRA = (
     "max_queue_delay_ms = 0.0\n"
     "[executor]\nmax_concurrent = 256\noffload_queue_depth = 100000\n"
 )
+#: The journal's ``synchronous`` settings measured; "none": no journal at all (the ceiling).
+SYNC_MODES = ("FULL", "NORMAL", "none")
 #: The journal calls the coordinator makes for a task (each one timed).
 JOURNAL_CALLS = ("accept", "mark_dispatched", "mark_running", "take_result")
 
@@ -91,15 +94,19 @@ class Figures:
         return len(self.latencies) / self.seconds
 
     def pct(self, q: float) -> float:
+        """Nearest-rank percentile (``q`` in 0..1): the smallest latency with at least ``q`` of
+        them at or below it (of fewer than 100, p99 is the largest)."""
         s = self.latencies
-        return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+        return s[max(0, math.ceil(q * len(s)) - 1)] if s else float("nan")
 
 
 # --- the measuring loop shared by both systems ------------------------------------------------
 
 
 class Window:
-    """Warm-up, then a measuring window; completions inside it are kept."""
+    """Warm-up, then a measuring window; the tasks that complete inside it are kept, whenever
+    they were submitted (a closed loop has tasks in flight when the window opens: leaving them
+    out would count ``in_flight`` fewer tasks than completed, more of a slower system's)."""
 
     def __init__(self, warmup: float, seconds: float) -> None:
         self.start = time.perf_counter() + warmup
@@ -107,7 +114,7 @@ class Window:
         self.latencies: list[float] = []
 
     def record(self, t0: float, t1: float) -> None:
-        if self.start <= t0 and t1 <= self.end:
+        if self.start <= t1 <= self.end:
             self.latencies.append(t1 - t0)
 
     @property
@@ -345,8 +352,8 @@ async def mesh_all(args) -> dict[str, tuple[Figures, dict, cProfile.Profile | No
 async def mesh_cases(cluster: LocalCluster, tmp: Path, args, out: dict) -> None:
     cluster.add_node("worker", extra="[http]\nenabled = false\n" + NODE_EXTRA)
     pid = cluster.start("worker").proc.pid
-    for in_flight in (args.in_flight, 1):
-        for synchronous in ("FULL", "NORMAL", "none"):
+    for in_flight in dict.fromkeys((args.in_flight, 1)):  # (each once with --in-flight 1)
+        for synchronous in SYNC_MODES:
             if args.only and f"{synchronous}/{in_flight}" not in args.only:
                 continue
             out[f"{synchronous}/{in_flight}"] = await mesh_case(
@@ -368,6 +375,9 @@ def ray_case(in_flight: int, args) -> Figures:
 
     w_ref = ray.put(weights)
     x = np.random.default_rng(0).random((1, TINY.width), dtype=np.float32)
+    # Ray warm before the clock starts, as meshinfer's node is (started and serving before its
+    # cases): its worker processes start on the first tasks, which can take longer than --warmup.
+    ray.get([infer.remote(w_ref, x) for _ in range(max(in_flight, 2))])
     window = Window(args.warmup, args.seconds)
     started: dict = {}
     for _ in range(in_flight):
@@ -418,7 +428,7 @@ def report(args, mesh, ray_version: str | None, ray_figs, ray_error: str | None)
         for n in (k, 1):
             line(f"ray {ray_version} {n} in flight", ray_figs[n])
         print("\nratios meshinfer / ray (tasks/s: higher is better; p50: lower is better)")
-        for sync in ("FULL", "NORMAL", "none"):
+        for sync in SYNC_MODES:
             m, r = mesh[f"{sync}/{k}"][0], ray_figs[k]
             m1, r1 = mesh[f"{sync}/1"][0], ray_figs[1]
             print(
@@ -429,7 +439,26 @@ def report(args, mesh, ray_version: str | None, ray_figs, ray_error: str | None)
         goals(mesh, ray_figs, k)
     else:
         print(f"\nray not measured: {ray_error}")
+        print_ceiling_ratios(mesh)
     breakdown(mesh)
+
+
+def ceiling_ratios(rates: dict[str, float]) -> list[str]:
+    """Each journal case's tasks/s over the no-journal ceiling's at the same in-flight count
+    (the baseline measured in the same run when Ray is not), for the cases whose ceiling ran."""
+    out = []
+    for key, rate in rates.items():
+        sync, n = key.split("/")
+        ceiling = rates.get(f"none/{n}")
+        if sync != "none" and ceiling:
+            out.append(f"{key} / none/{n} tasks/s x{rate / ceiling:.2f}")
+    return out
+
+
+def print_ceiling_ratios(mesh) -> None:
+    ratios = ceiling_ratios({key: figures.rate for key, (figures, _, _) in mesh.items()})
+    if ratios:
+        print("ratios to the no-journal ceiling: " + ", ".join(ratios))
 
 
 def goals(mesh, ray_figs, k: int) -> None:
@@ -495,7 +524,7 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray baseline")
     ap.add_argument("--profile", action="store_true", help="cProfile the loaded meshinfer cases")
     ap.add_argument(
-        "--only", nargs="*", help="only these meshinfer cases, e.g. FULL/64 none/1 (no Ray)"
+        "--only", nargs="+", help="only these meshinfer cases, e.g. FULL/64 none/1 (no Ray)"
     )
     ap.add_argument(
         "--rounds",
@@ -518,8 +547,9 @@ def main() -> None:
         " CPython's defaults (the node daemon always settles its own)",
     )
     args = ap.parse_args()
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    problem = bad_options(args)
+    if problem:
+        ap.error(problem)
     logging.basicConfig(level=logging.ERROR)  # the fast path logs a warning per kill
     if args.quick:
         args.seconds, args.warmup = 1.0, 0.5
@@ -532,8 +562,10 @@ def main() -> None:
             print(f"\n=== round {n} of {args.rounds} ===")
         mesh = run_mesh(args)
         if args.only:
+            print(f"{'case':<40}{'tasks/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'tasks':>9}")
             for key, (figures, _, _) in mesh.items():
                 line(label(key), figures)
+            print_ceiling_ratios(mesh)
             breakdown(mesh)
             continue
         ray_version, ray_figs, ray_error = None, None, None
@@ -549,6 +581,21 @@ def main() -> None:
             compared.append((mesh, ray_figs))
     if len(compared) > 1:
         summary(compared, args.in_flight)
+
+
+def bad_options(args) -> str | None:
+    """What is wrong with the parsed options, or None: a window that could not measure, or an
+    ``--only`` case this run would not have (it would run nothing and print nothing)."""
+    if args.seconds <= 0 or args.warmup < 0:
+        return "--seconds must be > 0 and --warmup >= 0"
+    if args.in_flight < 1 or args.rounds < 1:
+        return "--in-flight and --rounds must be at least 1"
+    cases = [f"{s}/{n}" for n in dict.fromkeys((args.in_flight, 1)) for s in SYNC_MODES]
+    unknown = [case for case in args.only or () if case not in cases]
+    if unknown:
+        known = " ".join(cases)
+        return f"--only: no case {', '.join(unknown)} (with --in-flight {args.in_flight}: {known})"
+    return None
 
 
 def run_mesh(args) -> dict[str, tuple[Figures, dict, cProfile.Profile | None]]:

@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--loop", choices=["uvloop", "asyncio", "both"], default="both")
     args = parser.parse_args()
+    if not args.seconds > 0:
+        parser.error("--seconds must be > 0")
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
     for loop_name in loops:
         factory = None
