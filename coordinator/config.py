@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.service_config import MAX_ATTEMPTS
 from meshinfer.errors import ConfigError
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
@@ -50,8 +51,12 @@ class CoordinatorSection:
         "all",
         "aggregation for parallel tasks that name none: first, all, majority, weighted, ensemble",
     )
-    max_attempts: int = doc(4, "attempts per work item (first try included) before it fails")
-    retry_backoff_s: float = doc(0.05, "first retry delay; doubles each attempt")
+    max_attempts: int = doc(
+        4, f"attempts per work item (first try included) before it fails; at most {MAX_ATTEMPTS}"
+    )
+    retry_backoff_s: float = doc(
+        0.05, "first retry delay; doubles each attempt (at most retry_backoff_max_s)"
+    )
     retry_backoff_max_s: float = doc(2.0, "longest retry delay")
     item_timeout_s: float = doc(30.0, "an attempt with no result after this long is retried")
     default_deadline_s: float = doc(
@@ -154,6 +159,17 @@ def _cross_checks(config: CoordinatorFileConfig, source: str) -> None:
     for key in non_negative:
         if getattr(config.coordinator, key) < 0:
             raise ConfigError(f"{source}: [coordinator] {key} must not be negative")
+    c = config.coordinator
+    if c.max_attempts > MAX_ATTEMPTS:  # (the journal's 64-bit columns: see service_config)
+        raise ConfigError(
+            f"{source}: [coordinator] max_attempts must be at most {MAX_ATTEMPTS},"
+            f" got {c.max_attempts!r}"
+        )
+    if c.retry_backoff_s > c.retry_backoff_max_s:  # (the first delay would be the longest)
+        raise ConfigError(
+            f"{source}: [coordinator] retry_backoff_s ({c.retry_backoff_s!r}) must be at most"
+            f" retry_backoff_max_s ({c.retry_backoff_max_s!r})"
+        )
     if config.coordinator.default_deadline_s > MAX_DEADLINE_S:
         raise ConfigError(
             f"{source}: [coordinator] default_deadline_s must be at most {MAX_DEADLINE_S:.0f}"

@@ -3,7 +3,8 @@
 Composition, in start order (reverse order on shutdown):
 
 1. identity and revocations from ``[coordinator] identity_dir`` (a certificate with the
-   ``coordinator`` role) and the API token from ``[api] token_file``;
+   ``coordinator`` role, not expired and not revoked by that directory's revocation list: every
+   peer would refuse it) and the API token from ``[api] token_file``;
 2. the mesh: session listener, membership, discovery (the node's sections, and the start-up
    code both daemons share: :mod:`meshinfer.runtime.startup`);
 3. the :class:`~coordinator.service.Coordinator` on its SQLite journal
@@ -13,7 +14,9 @@ Composition, in start order (reverse order on shutdown):
 Once everything listens, ``<data_dir>/runtime.json`` records the API URL and token file (for the
 CLI's ``--data-dir``) and a ``READY {json}`` line goes to stdout. SIGTERM stops the API, the
 dispatcher and the mesh (announcing the leave); unfinished tasks stay in the journal and resume
-on the next start. A second SIGTERM (or SIGINT) skips the graceful leave.
+on the next start. A second SIGTERM (or SIGINT) skips the graceful leave (and the API's grace
+for the requests it serves); the coordinator's close, once begun, still ends with the journal
+closed.
 
 A failed sync of the journal's log is fatal (:meth:`~coordinator.service.Coordinator.failed`:
 commits since the last sync may be lost, and the journal syncs nothing more): the daemon logs
@@ -34,13 +37,13 @@ from coordinator.client import read_token_file
 from coordinator.config import CoordinatorFileConfig
 from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
-from meshinfer.errors import ConfigError
+from meshinfer.errors import ConfigError, log_failure
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.startup import load_identity, mesh_options, start_mesh
+from meshinfer.runtime.startup import check_not_revoked, load_identity, mesh_options, start_mesh
 from meshinfer.tomlconfig import listen_failure, parse_address
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,7 @@ class CoordinatorDaemon:
                 f"[coordinator] identity_dir: certificate of {self.identity.node_id!r} lacks"
                 " the coordinator role (enrol it with --roles coordinator)"
             )
+        self.coordinator_config = service_config(config)  # (a bad knob: refused before a start)
         self.token = read_token(config) if config.api.enabled else ""
         self.api_address = parse_address(config.api.listen, "[api] listen")
         self.options = mesh_options(
@@ -105,6 +109,7 @@ class CoordinatorDaemon:
         self.api: Any = None
         self._journal: Journal | None = None  # open, not yet the coordinator's
         self._coordinating = asyncio.Event()  # set once self.coordinator is made (see fatal)
+        self._coordinator_closing: asyncio.Future[None] | None = None  # see _close_coordinator
         self._closed = False
 
     @property
@@ -120,15 +125,18 @@ class CoordinatorDaemon:
         node_dir = NodeDirectory(Path(self.config.coordinator.identity_dir))
         # file I/O (and the list's signature checks) off the loop, as a stop may come meanwhile
         revocations = await asyncio.to_thread(node_dir.revocations, self.identity.trust)
+        check_not_revoked(
+            self.identity, revocations, "[coordinator] identity_dir", node_dir.revocations_bin
+        )
         await asyncio.to_thread(self.data.make)
         self._journal = await asyncio.to_thread(self._open_journal)
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await start_mesh(self.mesh, self.config)
-        journal, self._journal = self._journal, None  # the coordinator's to close from here
         self.coordinator = Coordinator(
-            self.mesh, self.journal_path, service_config(self.config), rng=self.rng,
-            journal=journal,
+            self.mesh, self.journal_path, self.coordinator_config, rng=self.rng,
+            journal=self._journal,
         )  # fmt: skip
+        self._journal = None  # the coordinator's to close from here
         self._coordinating.set()
         await self.coordinator.start()
         if self.config.api.enabled:
@@ -182,12 +190,26 @@ class CoordinatorDaemon:
         await close_in_order(
             [
                 self.api.aclose() if self.api else None,
-                self.coordinator.aclose() if self.coordinator else None,
+                self._close_coordinator(),
                 self.mesh.leave(timeout=2.0) if graceful and self.mesh else None,
             ],
             log,
         )
         await self.aclose()  # both aclose calls above are idempotent
+
+    async def _close_coordinator(self) -> None:
+        """Close the coordinator (if made) as one task of its own, which :meth:`stop` and
+        :meth:`aclose` both wait for: a stop cut short during it (a second signal) leaves it
+        to end rather than half done, for :meth:`aclose` to wait on (the coordinator's own
+        ``aclose``, called again, returns at once, with its journal still open). Its failure
+        is logged once, by the task's done-callback."""
+        if self.coordinator is None:
+            return
+        if self._coordinator_closing is None:
+            closing = asyncio.ensure_future(self.coordinator.aclose())
+            closing.add_done_callback(log_failure(log, "closing the coordinator"))
+            self._coordinator_closing = closing
+        await asyncio.wait({self._coordinator_closing})  # (cancelled: the close goes on)
 
     async def aclose(self) -> None:
         """Close in reverse start order. Idempotent; errors are logged, not raised."""
@@ -196,7 +218,7 @@ class CoordinatorDaemon:
         self._closed = True
         steps = [
             self.api.aclose() if self.api else None,
-            self.coordinator.aclose() if self.coordinator else None,
+            self._close_coordinator(),
             self.mesh.aclose() if self.mesh else None,
         ]
         await close_in_order(steps, log)

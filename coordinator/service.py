@@ -248,6 +248,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         self._failing: dict[str, ItemRun] = {}
         self._closed = False
         self._closing = asyncio.Event()  # set by aclose: wakes a step waiting to retry a write
+        self._close_task: asyncio.Task[None] | None = None  # the one close (see aclose)
         #: :meth:`_recover` is over: answers from nodes count from then on (see _on_result)
         self._recovered = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
@@ -291,10 +292,16 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
             task.add_done_callback(_log_death)
 
     async def aclose(self) -> None:
-        """Stop dispatching and close the journal (in-flight items stay journaled). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop dispatching and close the journal (in-flight items stay journaled). Idempotent:
+        every call waits until the one close has ended, which goes on when a caller is
+        cancelled (a second call after a cancelled one returned at once, the journal open)."""
+        if self._close_task is None:
+            self._closed = True
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+            self._close_task.add_done_callback(_retrieved)  # (raised to every caller too)
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         self._closing.set()
         for task in self._tasks:
             task.cancel()
@@ -666,6 +673,13 @@ def _labels(output: np.ndarray | None) -> list[int] | None:
     if output.dtype.kind == "f" and output.ndim == 2:
         return [int(v) for v in np.argmax(output, axis=1)]
     return None
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Mark the close's outcome as seen: its callers get it, and when every one of them was
+    cancelled nobody else would (asyncio logs an unseen failure at ERROR)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _log_death(task: asyncio.Task[Any]) -> None:

@@ -51,6 +51,11 @@ _WHILE_DOWN = "(while the coordinator was down)"
 KEEP_GONE_NODES = 64
 GONE_NODES = "(gone)"
 
+#: The most attempts per work item ``max_attempts`` may allow: the journal counts an item's
+#: attempts in a 64-bit column (and compares them with ``max_attempts`` there, at recovery),
+#: and a million retries outlast any task's longest deadline many times over.
+MAX_ATTEMPTS = 1_000_000
+
 _POLICIES = frozenset(p.value for p in Policy)
 _AGGREGATIONS = frozenset(m.value for m in Mode)
 
@@ -120,6 +125,15 @@ class CoordinatorConfig:
         ):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
+        if self.max_attempts > MAX_ATTEMPTS:  # (a recovery's journal query would overflow)
+            raise ConfigError(
+                f"max_attempts must be at most {MAX_ATTEMPTS}, got {self.max_attempts!r}"
+            )
+        if self.retry_backoff_s > self.retry_backoff_max_s:
+            raise ConfigError(
+                f"retry_backoff_s ({self.retry_backoff_s!r}) must be at most retry_backoff_max_s"
+                f" ({self.retry_backoff_max_s!r}), the longest retry delay"
+            )
         if self.default_deadline_s > MAX_DEADLINE_S:  # every task without one would be refused
             raise ConfigError(
                 f"default_deadline_s must be at most {MAX_DEADLINE_S:.0f} (30 days: a task's"

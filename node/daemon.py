@@ -42,8 +42,8 @@ from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
+from meshinfer.runtime.startup import check_not_revoked, load_identity, mesh_options, start_mesh
 from meshinfer.runtime.startup import check_validity as check_validity  # (its home was here)
-from meshinfer.runtime.startup import load_identity, mesh_options, start_mesh
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.tomlconfig import listen_failure
 from node.config import NodeConfig, parse_address, parse_models
@@ -112,6 +112,8 @@ class NodeDaemon:
         node_dir = NodeDirectory(Path(self.config.node.identity_dir))
         # file I/O (and the list's signature checks) off the loop, as a stop may come meanwhile
         revocations = await asyncio.to_thread(node_dir.revocations, self.identity.trust)
+        where = "[node] identity_dir"
+        check_not_revoked(self.identity, revocations, where, node_dir.revocations_bin)
         await asyncio.to_thread(self.data.make)
         await self._start_inference()
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
@@ -222,7 +224,7 @@ class NodeDaemon:
     async def _telemetry_loop(self) -> None:
         assert self.mesh is not None and self.mesh.membership is not None
         failing = False
-        while True:
+        while not self._closed:
             stats = [b.stats() for b in self.batchers.values()]
             try:
                 self.snapshot = await self.telemetry.sample(stats)
@@ -307,6 +309,9 @@ class NodeDaemon:
         self._closed = True
         for task in self._tasks:
             task.cancel()
+        # awaited (a pending task at loop close is an ERROR line); a cancel lost in a race
+        # with the telemetry reading ends its loop at the next turn (it checks _closed)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         steps = [
             self.http.aclose() if self.http else None,
             self.executor.aclose() if self.executor else None,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshinfer.errors import ConfigError, IdentityError, TransportError
 from meshinfer.identity_files import NodeDirectory
-from meshinfer.proto.identity import NodeIdentity, utc_text
+from meshinfer.proto.identity import NodeIdentity, RevocationList, utc_text
 from meshinfer.tomlconfig import listen_failure, parse_address
 from meshinfer.transport.base import LinkKind
 
@@ -58,6 +58,20 @@ def check_validity(identity: NodeIdentity, where: str, *, now: float) -> None:
             " peers refuse it until then",
             where, cert.node_id, utc_text(cert.not_before),
         )  # fmt: skip
+
+
+def check_not_revoked(
+    identity: NodeIdentity, revocations: RevocationList, where: str, listed_in: Path
+) -> None:
+    """A certificate that the identity directory's revocation list (``listed_in``) revokes is
+    a ConfigError: every peer's handshake refuses it, so the daemon could only sit alone (as
+    with an expired one, :func:`check_validity`)."""
+    cert = identity.certificate
+    if revocations.is_revoked(cert):
+        raise ConfigError(
+            f"{where}: the certificate of {cert.node_id!r} (serial {cert.serial}) is revoked by"
+            f" {listed_in}, so every peer refuses it; enrol the node again (fleet enroll --force)"
+        )
 
 
 def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
