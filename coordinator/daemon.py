@@ -198,11 +198,10 @@ class CoordinatorDaemon:
         await self.aclose()  # both aclose calls above are idempotent
 
     async def _close_coordinator(self) -> None:
-        """Close the coordinator (if made) as one task of its own, which :meth:`stop` and
-        :meth:`aclose` both wait for: a stop cut short during it (a second signal) leaves it
-        to end rather than half done, for :meth:`aclose` to wait on (the coordinator's own
-        ``aclose``, called again, returns at once, with its journal still open). Its failure
-        is logged once, by the task's done-callback."""
+        """Close the coordinator (if made), waited for by both :meth:`stop` and :meth:`aclose`
+        without raising: its failure is logged once, by the task's done-callback (the
+        coordinator's own ``aclose`` raises it to every caller, and each of the two would log
+        it). A stop cut short during it (a second signal) leaves the close going on."""
         if self.coordinator is None:
             return
         if self._coordinator_closing is None:
