@@ -82,11 +82,13 @@ MAX_CONFIG_BYTES = 16 << 20
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse ``path``; a missing, unreadable or malformed file is a ConfigError naming it, and
     so is one that is no regular file (a FIFO held the command for good, waiting for a writer;
-    a device such as /dev/zero was read until memory ran out) or over :data:`MAX_CONFIG_BYTES`."""
+    a device such as /dev/zero was read until memory ran out) or over :data:`MAX_CONFIG_BYTES`.
+    A leading UTF-8 byte-order mark (some editors write one) is skipped: tomllib took it for a
+    key and answered "Invalid statement" at line 1."""
     path = Path(path)
     data = read_limited(path, "config file", limit=MAX_CONFIG_BYTES, error=ConfigError)
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except ValueError as exc:  # a TOMLDecodeError, or an integer of over 4300 digits
