@@ -23,6 +23,7 @@ from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, check_clock_skew
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.proto.models import model_name_problem
+from meshinfer.runtime.session import MAX_REKEY_AFTER
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
@@ -271,6 +272,8 @@ def check_mesh_sections(config: Any, source: str) -> None:
         raise ConfigError(f"{source}: [session] keepalive_interval must be below idle_timeout")
     if s.verify_timeout < 0:
         raise ConfigError(f"{source}: [session] verify_timeout must be >= 0")
+    if s.rekey_after > MAX_REKEY_AFTER:
+        raise ConfigError(f"{source}: [session] rekey_after must be at most {MAX_REKEY_AFTER}")
     if s.max_message_mib > MAX_MESSAGE_MIB:
         raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
     try:

@@ -105,6 +105,9 @@ _MAX_HANDSHAKE_RECORD = 8192
 PACKED_FEATURE = "packed"
 #: The Hello feature announcing the sender's ``rekey_after`` (``rekey-after=N``).
 REKEY_FEATURE = "rekey-after="
+#: The largest ``rekey_after``: a Noise nonce is 64 bits, and a Hello feature is at most 64
+#: characters (a 60-digit value made our own Hello invalid: every handshake failed).
+MAX_REKEY_AFTER = (1 << 63) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,8 @@ class SessionConfig:
             raise ValueError(
                 "rekey_after, recv_queue, recv_queue_bytes and max_message_size must be positive"
             )
+        if self.rekey_after > MAX_REKEY_AFTER:
+            raise ValueError(f"rekey_after must be at most {MAX_REKEY_AFTER} (2**63 - 1)")
 
 
 @dataclass
@@ -880,7 +885,7 @@ def peer_rekey_after(hello: Hello) -> int | None:
     for feature in hello.features:
         if feature.startswith(REKEY_FEATURE):
             value = feature[len(REKEY_FEATURE) :]
-            if value.isascii() and value.isdigit() and 0 < (n := int(value)) < 1 << 63:
+            if value.isascii() and value.isdigit() and 0 < (n := int(value)) <= MAX_REKEY_AFTER:
                 return n
     return None
 
