@@ -135,6 +135,7 @@ from coordinator.service_config import (
 )
 from coordinator.service_dispatch import Dispatch, _KnownState
 from coordinator.service_outcomes import TaskOutcomes
+from meshinfer.closing import OneClose
 from meshinfer.errors import LocalProtocolError, MeshInferError
 from meshinfer.proto import messages
 from meshinfer.proto.contact import infrastructure_positions, node_contact_s
@@ -248,7 +249,7 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         self._failing: dict[str, ItemRun] = {}
         self._closed = False
         self._closing = asyncio.Event()  # set by aclose: wakes a step waiting to retry a write
-        self._close_task: asyncio.Task[None] | None = None  # the one close (see aclose)
+        self._one_close = OneClose()
         #: :meth:`_recover` is over: answers from nodes count from then on (see _on_result)
         self._recovered = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
@@ -295,11 +296,8 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         """Stop dispatching and close the journal (in-flight items stay journaled). Idempotent:
         every call waits until the one close has ended, which goes on when a caller is
         cancelled (a second call after a cancelled one returned at once, the journal open)."""
-        if self._close_task is None:
-            self._closed = True
-            self._close_task = asyncio.get_running_loop().create_task(self._close())
-            self._close_task.add_done_callback(_retrieved)  # (raised to every caller too)
-        await asyncio.shield(self._close_task)
+        self._closed = True
+        await self._one_close.run(self._close, name="coordinator-close")
 
     async def _close(self) -> None:
         self._closing.set()
@@ -673,13 +671,6 @@ def _labels(output: np.ndarray | None) -> list[int] | None:
     if output.dtype.kind == "f" and output.ndim == 2:
         return [int(v) for v in np.argmax(output, axis=1)]
     return None
-
-
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """Mark the close's outcome as seen: its callers get it, and when every one of them was
-    cancelled nobody else would (asyncio logs an unseen failure at ERROR)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _log_death(task: asyncio.Task[Any]) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meshinfer.closing import OneClose
 from meshinfer.errors import ConfigError, ModelNotFoundError, log_stopped
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.inference.base import InferenceEngine, ModelRef
@@ -100,6 +101,7 @@ class NodeDaemon:
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._one_close = OneClose()
 
     @property
     def node_id(self) -> str:
@@ -303,10 +305,14 @@ class NodeDaemon:
             membership.update_state(_replace(membership.state, models=()))
 
     async def aclose(self) -> None:
-        """Close in reverse start order. Idempotent; errors are logged, not raised."""
-        if self._closed:
-            return
+        """Close in reverse start order. Idempotent; errors are logged, not raised. The close
+        runs once (:class:`~meshinfer.closing.OneClose`): a caller cancelled half-way leaves it
+        running, and a later call waits for it (it returned at once, the mesh and the engine
+        left open)."""
         self._closed = True
+        await self._one_close.run(self._close, name="node-close")
+
+    async def _close(self) -> None:
         for task in self._tasks:
             task.cancel()
         # awaited (a pending task at loop close is an ERROR line); a cancel lost in a race

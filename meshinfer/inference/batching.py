@@ -49,6 +49,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from meshinfer.closing import OneClose
 from meshinfer.errors import (
     BatchShapeError,
     ConfigError,
@@ -237,6 +238,7 @@ class DynamicBatcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._one_close = OneClose()
         self._failure: BaseException | None = None
         self._max_rows = self.config.max_batch_size  # capped by the engine's limit at start()
         self._worker = BoundedExecutor(1, name="meshinfer-batcher")  # big checks and joins
@@ -276,12 +278,18 @@ class DynamicBatcher:
         """Stop batching: fail waiting requests, let running batches finish. Idempotent.
 
         A batch still running after ``grace`` seconds (an engine that hangs) is abandoned: its
-        callers get an InferenceError, so closing never waits on the engine forever.
+        callers get an InferenceError, so closing never waits on the engine forever. The close
+        runs once, in a task of its own: a caller cancelled while it waits leaves it running,
+        and every later call (its ``grace`` unused) waits for that same close to end.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._fail_queued(InferenceError(f"batcher for {self.ref} closed before the request ran"))
+        if not self._one_close.started:
+            self._closed = True
+            self._fail_queued(
+                InferenceError(f"batcher for {self.ref} closed before the request ran")
+            )
+        await self._one_close.run(lambda: self._close(grace), name=f"batcher-close-{self.ref}")
+
+    async def _close(self, grace: float) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)

@@ -118,12 +118,13 @@ class BoundedExecutor:
             outcome.set_result(job.result())
 
     async def aclose(self) -> None:
-        """Refuse new jobs, cancel queued ones and wait for running ones. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Refuse new jobs, cancel queued ones and wait for running ones. Idempotent: every
+        call waits for the jobs still running (a call after a cancelled one too)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        # (a job leaves _jobs on the loop, after its end: those just cancelled are still here)
         pending = [asyncio.wrap_future(job) for job in list(self._jobs)]
-        self._pool.shutdown(wait=False, cancel_futures=True)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from meshinfer.closing import OneClose
 from meshinfer.errors import LocalProtocolError, ModelNotFoundError
 from meshinfer.inference.base import CHECKED_BATCH, EngineCapacity, ModelRef, TensorSpec
 from meshinfer.inference.executor import BoundedExecutor
@@ -46,6 +47,7 @@ class LocalMLPEngine:
         self._executor = executor
         self._loaded: dict[ModelRef, tuple[ModelInfo, Any]] = {}
         self._closed = False
+        self._one_close = OneClose()
 
     @property
     def loaded_models(self) -> tuple[ModelInfo, ...]:
@@ -112,10 +114,13 @@ class LocalMLPEngine:
         )
 
     async def aclose(self) -> None:
-        """Wait for running batches, drop the models and the executor. Idempotent."""
-        if self._closed:
-            return
+        """Wait for running batches, drop the models and the executor. Idempotent: the close
+        runs once, in a task of its own, which a cancelled caller leaves running and every
+        later call waits for."""
         self._closed = True
+        await self._one_close.run(self._close)
+
+    async def _close(self) -> None:
         await self._executor.aclose()
         self._loaded.clear()
         await self._release()
