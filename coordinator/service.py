@@ -73,7 +73,9 @@ node answers that). Journal writes per task are kept few:
   attempt's dispatch and result); so is a result, while its task is live here (its dispatch,
   which the result journals, counts as journaled only while a write of it is under way); one
   refused when written again, after a write whose sync failed (committed, not known to be
-  durable), is taken as the journal has it;
+  durable), is taken as the journal has it. An end the journal refuses outright (e.g.
+  SQLite's "string or blob too big" for its outputs) is written as the task's failure, saying
+  why (a result that would end its task with it is then taken alone first);
 * a failed sync of the journal's log is fatal (:meth:`Coordinator.failed`): the journal fails
   every later sync, so from then on nothing is acknowledged (submits and cancels are refused
   before they write), and the daemon closes the coordinator, which ends the retries, and exits
@@ -305,6 +307,10 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
             task.cancel()
         await asyncio.gather(*self._tasks, self._reach.aclose(), return_exceptions=True)
         await self._steps.aclose()  # results and failures being journaled: they land first
+        for waiters in self._waiters.values():  # tasks that did not end: wait() says so
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
         await self._inputs.aclose()  # inputs being hashed: their items are not queued any more
         for timer in (*self._timers.values(), *self._task_timers.values()):
             timer.cancel()
@@ -485,13 +491,16 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         return await self._db.run("list", **filters)
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
-        """The task once it ended (or as it is at ``timeout``)."""
+        """The task once it ended (or as it is at ``timeout``). LocalProtocolError if the
+        coordinator closes first (or has closed) while the task is live here."""
         if task_id not in self._runs:  # not running here: as the journal has it (or unknown)
             handed = self._handed.pop(task_id, None)
             if handed is None:
                 return await self.get(task_id)
             self._handed_bytes -= handed[1]
             return handed[0]
+        if self._closed:  # nothing would end it here: it runs again once this restarts
+            raise LocalProtocolError(f"the coordinator closed before task {task_id!r} ended")
         fut: asyncio.Future[TaskRecord | None] = self._loop.create_future()
         waiters = self._waiters.setdefault(task_id, [])
         waiters.append(fut)
@@ -506,6 +515,8 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
                 waiters.remove(fut)
             if not waiters and self._waiters.get(task_id) is waiters:
                 del self._waiters[task_id]
+        if record is None and self._closed:  # (its journal may be closed: nothing to read)
+            raise LocalProtocolError(f"the coordinator closed before task {task_id!r} ended")
         return record if record is not None else await self.get(task_id)
 
     async def cancel(self, task_id: str) -> bool:
@@ -515,12 +526,20 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         record = await self.get(task_id)  # UnknownTaskError for an unknown id
         if record.state.value in ("succeeded", "failed", "cancelled"):
             return False
-        in_flight = await self._db.run("cancel", task_id)
-        if in_flight is None:
-            return False
-        self._call_back(task_id, in_flight, "task cancelled")
-        self._forget(task_id)
-        return True
+        done = self._db.call("cancel", task_id)
+        done.add_done_callback(partial(self._cancelled, task_id))
+        # a caller cancelled meanwhile leaves the cancel to act: the journal may have it
+        return await asyncio.shield(done) is not None
+
+    def _cancelled(self, task_id: str, done: asyncio.Future[object]) -> None:
+        """The journal answered a cancel (its caller may have been cancelled meanwhile: the
+        task is cancelled all the same): call its items back and forget it here."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        in_flight = done.result()
+        if in_flight is not None:
+            self._call_back(task_id, in_flight, "task cancelled")  # type: ignore[arg-type]
+            self._forget(task_id)
 
     def result_of(self, record: TaskRecord) -> dict[str, Any] | None:
         """The decoded result of a finished task (outputs as arrays; labels for classifiers)."""

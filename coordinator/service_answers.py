@@ -134,11 +134,12 @@ class NodeAnswers:
         ``mark_dispatched`` after it), and no longer once a write failed (a crash or a failure
         of the item then finds the journal's item as it was)."""
         sent = pair is not None and pair[1].sent_to(msg.attempt, peer)
-        blob, failures, ending = messages.encode(msg), 0, None
+        blob, failures, ending, alone = messages.encode(msg), 0, None, False
 
         async def write() -> tuple[bool, TaskEnd | None]:
-            nonlocal failures, ending
-            ending = self._ending_with(msg)  # (again: the run may have moved on meanwhile)
+            nonlocal failures, ending, alone
+            # (again: the run may have moved on meanwhile)
+            ending = None if alone else self._ending_with(msg)
             entry = pair[1] if sent and pair[1].sent_to(msg.attempt, peer) else None
             before = entry.journaled if entry is not None else 0
             if entry is not None:
@@ -148,11 +149,19 @@ class NodeAnswers:
                     "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
                     sent_to=peer if sent else None, ending=ending,
                 )  # fmt: skip
-            except _TRANSIENT:
-                failures += 1
+            except Exception as exc:
+                transient = isinstance(exc, _TRANSIENT)
+                failures += transient
                 if entry is not None and entry.journaled == msg.attempt:
                     entry.journaled = before
-                raise
+                if transient or ending is None:
+                    raise
+            # the end it decides was refused (e.g. SQLite's "string or blob too big" for a
+            # batch's joined outputs): the result alone, the end then as _finish writes it
+            log.warning("journal: the end of task %s with the result of %s was refused,"
+                        " taking the result alone", ending.task_id, msg.item_id)  # fmt: skip
+            alone = True
+            return await write()
 
         try:
             if pair is None:  # not live here: the journal refuses it (one try)

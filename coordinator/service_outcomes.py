@@ -183,12 +183,26 @@ class TaskOutcomes:
         A failed write (e.g. a busy or full disk) is tried again, with a backoff of up to
         ``END_RETRY_MAX_S``, until it commits, the coordinator closes (one last try; recovery
         redoes the end) or the task ended otherwise meanwhile (cancelled, or its submit's
-        COMMIT failed)."""
+        COMMIT failed).
+
+        An end the journal refuses (not a cause that may pass: e.g. SQLite's "string or blob
+        too big" for an aggregation's outputs) is written once more as the task's failure,
+        saying why, rather than leaving the task live here with nothing left to end it."""
 
         async def end() -> TaskEnd:  # read back if a waiter came meanwhile
             return await self._db.run("end_task", self._ending(run, run, outcome))
 
-        ended = await self._until_durable(run, f"ending task {run.task_id}", end)
+        what = f"ending task {run.task_id}"
+        try:
+            ended = await self._until_durable(run, what, end)
+        except Exception as exc:  # refused (the transient causes were retried in there)
+            said = "result" if outcome.succeeded else "end"
+            error = f"its {said} could not be journaled ({type(exc).__name__}: {exc})"
+            log.warning("journal: %s was refused, failing it instead: %s", what, exc)
+            outcome = run.outcome = Outcome(
+                False, error=f"{outcome.error}; {error}" if outcome.error else error
+            )
+            ended = await self._until_durable(run, what, end)
         if ended is not None:  # (None: ended meanwhile, e.g. cancelled: nothing left to write)
             self._ended(run.task_id, *ended)
 
