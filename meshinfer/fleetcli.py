@@ -23,7 +23,9 @@ Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
     fleet revoke  --dir DIR (--node-id ID | --serial N) [--reason TEXT]
     fleet show    --dir DIR [--json]
 
-(``--days``: one minute, :data:`MIN_CERT_DAYS`, up to under 36600.)
+(``--days``: one minute, :data:`MIN_CERT_DAYS`, up to under 36600. ``sign --out`` is never one
+of the fleet directory's own files, ``--pubkey`` never a file named as a private key, such as
+``node.key`` or ``node.key.bak``.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from meshinfer import __version__
 from meshinfer.atomic_files import read_limited
 from meshinfer.errors import AdmissionError, ConfigError, MeshInferError
 from meshinfer.identity_files import (
+    FLEET_FILES,
     PUBLIC_MODE,
     FleetDirectory,
     NodeDirectory,
@@ -255,9 +258,17 @@ def _public_key(text: str) -> bytes:
     if key is not None:
         return key
     path = Path(text)
-    # node.key (or a symlink to it) holds the private key: certifying it would publish it
-    # (os.path.realpath: Path.resolve raises RuntimeError on a symlink loop in Python 3.11)
-    if ".key" in (path.suffix, Path(os.path.realpath(path)).suffix):
+    wrong = _hex_digits(text)
+    if wrong is not None and not (path.exists() or path.is_symlink()):
+        # (not "file not found: <the text>": the paste is not echoed, it may be a private key)
+        raise ConfigError(
+            f"the key given is {wrong} (and names no file): give node.pub's 64 hex digits"
+            " (32 bytes, no 0x), or the file holding them"
+        )
+    # node.key (or a symlink to it, or a copy such as node.key.bak) holds the private key:
+    # certifying it would publish it (os.path.realpath: Path.resolve raises RuntimeError on a
+    # symlink loop in Python 3.11)
+    if _private_key_name(path) or _private_key_name(Path(os.path.realpath(path))):
         raise ConfigError(f"{text!r} is a private key file; give the public key (node.pub)")
     # never blocks: a FIFO there (even one swapped in after a look) is refused
     try:
@@ -270,12 +281,33 @@ def _public_key(text: str) -> bytes:
     return key
 
 
+def _private_key_name(path: Path) -> bool:
+    """Whether ``path`` is named as a private key file: ``node.key``, ``authority.key`` or a
+    copy of one (``node.key.bak``), but not ``host.key.pub``."""
+    suffixes = path.suffixes
+    return ".key" in suffixes and suffixes[-1] != ".pub"
+
+
 def _hex_key_text(text: str) -> bytes | None:
     """The 32-byte key that ``text`` spells as 64 hex digits (blanks around allowed), or None."""
     candidate = text.strip()
     if len(candidate) != 64 or not all(c in string.hexdigits for c in candidate):
         return None
     return bytes.fromhex(candidate)
+
+
+def _hex_digits(text: str) -> str | None:
+    """What is wrong with ``text`` as a key if it is hex digits (blanks around and a 0x prefix
+    allowed) and nothing else, at least 16 of them: a key pasted with a digit too many or too
+    few."""
+    candidate = text.strip()
+    prefixed = candidate[:2].lower() == "0x"
+    candidate = candidate[2:] if prefixed else candidate
+    if len(candidate) < 16 or not all(c in string.hexdigits for c in candidate):
+        return None  # (a short one is more likely a file name mistyped: "file not found")
+    if prefixed and len(candidate) == 64:
+        return "64 hex digits behind a 0x prefix"
+    return f"{len(candidate)} hex digits, not 64"
 
 
 def _reason(text: str) -> str:
@@ -414,7 +446,7 @@ def _init(args: argparse.Namespace) -> int:
 def _sign(args: argparse.Namespace) -> int:
     fleet = FleetDirectory(args.dir)
     fleet.authority()  # refuse early if the authority is unusable
-    _check_output(args.out, args.force)  # before a serial is issued that no file would hold
+    _check_output(args.out, args.force, fleet)  # before a serial is issued no file would hold
     lifetime = args.days * SECONDS_PER_DAY
     cert = fleet.sign(
         args.node_id,
@@ -429,14 +461,30 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(out: Path, force: bool) -> None:
+def _check_output(out: Path, force: bool, fleet: FleetDirectory) -> None:
     if out.is_dir() and not out.is_symlink():
         raise ConfigError(f"--out {out} is a directory; give the certificate file to write")
+    if out.name in FLEET_FILES and _same_directory(out.parent, fleet.path):
+        # with --force the certificate replaced it: the authority key lost for good, or the
+        # index or revocation list rewritten outside the fleet's lock
+        raise ConfigError(
+            f"--out {out} is the fleet directory's own {out.name}; write the certificate"
+            " elsewhere (such as the node's directory, as node.cert)"
+        )
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
     if (out.exists() or out.is_symlink()) and not force:
         raise ConfigError(f"{out} already exists; refusing to overwrite it (use --force)")
     check_writable(out.parent)
+
+
+def _same_directory(one: Path, other: Path) -> bool:
+    """Whether ``one`` and ``other`` are one directory, by any name (False if either is
+    missing)."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 def _enroll(args: argparse.Namespace) -> int:

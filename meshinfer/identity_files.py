@@ -190,6 +190,7 @@ def enroll(
     new_key: bool = False,
 ) -> NodeIdentity:
     """Make ``node`` ready to run: key (kept if present), certificate, trust anchor, revocations.
+    ``force``: replace those files (and a ``node.pub`` left without its ``node.key``);
     ``new_key``: as for :meth:`FleetDirectory.sign`."""
     outputs = [node.node_cert, node.fleet_json, node.revocations_bin]
     _refuse_fleet_directory(fleet, node)  # it would take the node's key and copies
@@ -202,7 +203,8 @@ def enroll(
     present = static_public_key(node.static_private()) if node.has_key() else None
     if not new_key:  # before a key is made for a node id that is taken
         fleet.refuse_another_key(node_id, present, now=now)
-    public = present if present is not None else node.keygen()
+    # (force: a node.pub left without its node.key is replaced too, not refused "use --force")
+    public = present if present is not None else node.keygen(force=force)
     cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key)
     node.install(cert, trust, revocations, force=force)
     return node.load()
