@@ -37,6 +37,7 @@ from coordinator.client import read_token_file
 from coordinator.config import CoordinatorFileConfig
 from coordinator.journal import Journal
 from coordinator.service import Coordinator, CoordinatorConfig
+from meshinfer.closing import OneClose
 from meshinfer.errors import ConfigError, log_failure
 from meshinfer.identity_files import NodeDirectory
 from meshinfer.runtime.data_dir import DataDir
@@ -110,7 +111,7 @@ class CoordinatorDaemon:
         self._journal: Journal | None = None  # open, not yet the coordinator's
         self._coordinating = asyncio.Event()  # set once self.coordinator is made (see fatal)
         self._coordinator_closing: asyncio.Future[None] | None = None  # see _close_coordinator
-        self._closed = False
+        self._one_close = OneClose()
 
     @property
     def node_id(self) -> str:
@@ -211,10 +212,12 @@ class CoordinatorDaemon:
         await asyncio.wait({self._coordinator_closing})  # (cancelled: the close goes on)
 
     async def aclose(self) -> None:
-        """Close in reverse start order. Idempotent; errors are logged, not raised."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close in reverse start order. Idempotent; errors are logged, not raised. The close
+        runs once (:class:`~meshinfer.closing.OneClose`): a caller cancelled half-way leaves it
+        running, and a later call waits for it (it returned at once, the mesh left open)."""
+        await self._one_close.run(self._close, name="coordinator-daemon-close")
+
+    async def _close(self) -> None:
         steps = [
             self.api.aclose() if self.api else None,
             self._close_coordinator(),

@@ -13,7 +13,11 @@ import logging
 
 import pytest
 
+from coordinator import config as coord_config
+from coordinator.daemon import CoordinatorDaemon
+from coordinator.journal import Journal
 from meshinfer.closing import OneClose
+from tests.test_coordinator_cli import serve_config
 from tests.test_node_surface_hunt import node
 
 
@@ -41,6 +45,33 @@ async def test_a_node_close_after_a_cancelled_one_waits_and_closes_everything(tm
         await asyncio.wait_for(second, 10)
         assert daemon.engine.loaded_models == ()
         assert all(b._closed for b in daemon.batchers.values())
+
+
+async def test_a_coordinator_daemon_close_after_a_cancelled_one_closes_the_mesh(tmp_path):
+    daemon = CoordinatorDaemon(coord_config.load_config(serve_config(tmp_path, tmp_path / "d")))
+    await daemon.start()
+    held, release, closed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    close_mesh = daemon.mesh.aclose
+
+    async def slow_mesh_close() -> None:  # the last step of the close takes a while
+        held.set()
+        await release.wait()
+        await close_mesh()
+        closed.set()
+
+    daemon.mesh.aclose = slow_mesh_close
+    first = asyncio.create_task(daemon.aclose())
+    await asyncio.wait_for(held.wait(), 10)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    second = asyncio.create_task(daemon.aclose())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not second.done()  # it returned at once, the mesh open and the data dir kept
+    release.set()
+    await asyncio.wait_for(second, 10)
+    assert closed.is_set()
+    Journal(daemon.journal_path).close()  # not "in use by another coordinator"
 
 
 async def test_one_close_runs_once_and_every_caller_gets_its_error(caplog):
