@@ -10,8 +10,9 @@ Concurrency rules (every source follows them):
 * ``start`` and ``aclose`` are coroutines that run on the event loop. ``start`` is called once;
   ``aclose`` may be called any number of times, from any task, also without ``start``; each call
   returns once the source is stopped (an ``aclose`` during ``start`` makes ``start`` raise
-  LocalProtocolError, as ``start`` after ``aclose`` does). Entering the source as an async
-  context manager calls ``start``; leaving it calls ``aclose``.
+  LocalProtocolError, as ``start`` after ``aclose`` does). A caller cancelled during ``aclose``
+  leaves the stop running to its end (sockets closed, goodbyes said); the next call waits for it.
+  Entering the source as an async context manager calls ``start``; leaving it calls ``aclose``.
 * The sink is called on the loop's thread, synchronously, from inside the source's own callbacks.
   It must return quickly and never block; to do async work (dial a session) it schedules a task
   or puts the event on a queue (:class:`EventQueue` does the latter). An exception raised by the
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Literal, Protocol, Self, runtime_checkable
 
+from meshinfer.closing import OneClose
 from meshinfer.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from meshinfer.proto.identity import key_fingerprint
 from meshinfer.transport.base import Address, LinkKind
@@ -382,7 +384,7 @@ class SourceBase:
         )
         self._started_at: float | None = None
         self._closed = False
-        self._stopped = asyncio.Event()  # set once the first aclose() has finished stopping
+        self._one_stop = OneClose()
 
     @property
     def started_at(self) -> float | None:
@@ -409,15 +411,12 @@ class SourceBase:
 
     async def aclose(self) -> None:
         """Stop the source. Idempotent; safe before ``start``. A call made while another one
-        is stopping the source returns when that one is done."""
-        if self._closed:
-            await self._stopped.wait()
-            return
+        is stopping the source returns when that one is done. The stop runs once, in a task of
+        its own (:class:`~meshinfer.closing.OneClose`): a caller cancelled meanwhile (a shutdown
+        timeout) does not cut it short, which left zeroconf's sockets and tasks open while later
+        calls took the source as closed."""
         self._closed = True
-        try:
-            await self._stop()
-        finally:
-            self._stopped.set()
+        await self._one_stop.run(self._stop)
 
     async def __aenter__(self) -> Self:
         await self.start()

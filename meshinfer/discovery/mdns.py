@@ -37,13 +37,13 @@ re-announced, after goodbyes for the addresses gone (zeroconf's browser re-reads
 service when a record arrives, never when one expires, so a peer would keep listing the old one).
 The same look reads each reported peer again from zeroconf's cache: an address whose record
 expired (its goodbye lost, or the peer gone without one) is dropped (``updated``, or ``lost`` with
-none left); a peer's SRV, TXT or address record past ``REFRESH_AT`` (75%) of its TTL is asked
-for first. Records there that do not parse, or an SRV record naming a host other than the
-peer's own ``<label>.local.``, are what anyone on the link can send: they leave the peer as
-reported, less the addresses whose own records expired (discovery only adds addresses).
-A peer's loopback addresses are kept only while it may be on this host
-(:func:`~meshinfer.discovery.addresses.drop_foreign_loopback`), and its addresses are reported
-with those on a network this host shares first
+none left); a peer's SRV, TXT or address record past ``REFRESH_AT`` (75%) of its TTL, or that
+would expire before the next look, is asked for first. Records there that do not parse, or an
+SRV record naming a host other than the peer's own ``<label>.local.``, are what anyone on the
+link can send: they leave the peer as reported, less the addresses whose own records expired
+(discovery only adds addresses). A peer's loopback addresses are kept only while it may be on
+this host (:func:`~meshinfer.discovery.addresses.drop_foreign_loopback`), and its addresses are
+reported with those on a network this host shares first
 (:func:`~meshinfer.discovery.addresses.nearest_first`, on the networks that same look read off
 the loop; in a stable order within each group): its consumers dial the first. A reported peer's
 static key that changes is reported and logged (:meth:`MdnsDiscovery._note_key_change`).
@@ -255,11 +255,15 @@ class MdnsDiscovery(SourceBase):
         zeroconf's browser reports a record that arrives, never one that expires, so a lost
         address goodbye (or a peer gone without one) left the address listed for good. A
         peer's SRV, TXT or address record past
-        :data:`~meshinfer.discovery.mdns_cache.REFRESH_AT` of its TTL is asked for first, so a
+        :data:`~meshinfer.discovery.mdns_cache.REFRESH_AT` of its TTL, or that would expire
+        before the next look, is asked for first, so a
         peer that is still there keeps it; an expired address record is purged
         (:func:`~meshinfer.discovery.mdns_cache.drop_expired_addresses`)."""
         assert self._zc is not None
         zc, now = self._zc.zeroconf, current_time_millis()
+        # A record that would expire before the next look is asked for now (with room for a
+        # late look): its last quarter of TTL may fall between two looks.
+        horizon = 1.5 * (self.config.address_check_interval or 0.0)
         query = DNSOutgoing(_QUERY_FLAGS)
         for name in list(self._names):
             info, host = AsyncServiceInfo(SERVICE_TYPE, name), service_host(name)
@@ -273,7 +277,7 @@ class MdnsDiscovery(SourceBase):
                 self._forget(name)
                 continue
             self._sight(advert)  # reports only a change
-            for question in refresh_questions(zc, name, host, now):
+            for question in refresh_questions(zc, name, host, now, horizon):
                 query.add_question(question)
         if query.questions:
             zc.async_send(query)

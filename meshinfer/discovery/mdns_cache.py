@@ -95,9 +95,11 @@ def live_addresses(zc: Zeroconf, server: str, now: float) -> frozenset[str]:
     )
 
 
-def _near_end(record: Any, now: float) -> bool:
-    """Whether a cached record is past :data:`REFRESH_AT` of its TTL and not yet expired."""
-    return 0 < record.get_remaining_ttl(now) <= record.ttl * (1 - REFRESH_AT)
+def _near_end(record: Any, now: float, horizon: float) -> bool:
+    """Whether a cached record is not yet expired but past :data:`REFRESH_AT` of its TTL, or
+    would expire within ``horizon`` seconds."""
+    remaining = record.get_remaining_ttl(now)
+    return 0 < remaining <= max(record.ttl * (1 - REFRESH_AT), horizon)
 
 
 def cached_advert(
@@ -123,18 +125,25 @@ def cached_advert(
     return advert_from_service(name, info, local_addresses, local_networks=local_networks)
 
 
-def refresh_questions(zc: Zeroconf, name: str, server: str, now: float) -> list[DNSQuestion]:
+def refresh_questions(
+    zc: Zeroconf, name: str, server: str, now: float, horizon: float = 0.0
+) -> list[DNSQuestion]:
     """Questions for the records of service ``name`` (SRV, TXT) and its host ``server`` (A,
-    AAAA) with a cached record past :data:`REFRESH_AT` of its TTL and not yet expired, so a
-    peer still there keeps them. The SRV record lives as long as the address records (zeroconf's
+    AAAA) with a cached record past :data:`REFRESH_AT` of its TTL, or expiring within
+    ``horizon`` seconds (when the caller looks next), and not yet expired, so a peer still
+    there keeps them. The SRV record lives as long as the address records (zeroconf's
     ``host_ttl``, 120 s) and nothing else asks for it (zeroconf's browser refreshes only PTR
-    records): left to expire, it made a live, quiet peer ``lost``."""
+    records): left to expire, it made a live, quiet peer ``lost``. Without ``horizon``, looks
+    further apart than the last quarter of a TTL (every 60 s, for 120 s records) missed it
+    about every other time."""
     wanted = [(name, type_) for type_ in _SERVICE_TYPES]
     wanted += [(server, type_) for type_ in _ADDRESS_TYPES]
     return [
         DNSQuestion(owner, type_, _CLASS_IN)
         for owner, type_ in wanted
-        if any(_near_end(r, now) for r in zc.cache.get_all_by_details(owner, type_, _CLASS_IN))
+        if any(
+            _near_end(r, now, horizon) for r in zc.cache.get_all_by_details(owner, type_, _CLASS_IN)
+        )
     ]
 
 

@@ -227,7 +227,8 @@ class StaticDiscovery(SourceBase):
         self.seeds = checked_seeds(seeds)
         if self._started_at is None or self._closed:
             return
-        kept = {seed.node_id for seed in self.seeds}
+        # A seed now of another fleet is not kept: its node id is not this fleet's node.
+        kept = {seed.node_id for seed in self.seeds if self.directory.reports(seed.advert)}
         for node_id in [n for n in self.directory.peers if n not in kept]:
             self.directory.lose(node_id, self._now())
         self._announce(repeat=False)
