@@ -36,6 +36,7 @@ from simulations.membership import (
     MAX_LOSS,
     MAX_NODE_SECONDS,
     MAX_NODES,
+    MAX_SEED,
     PRESETS,
     MembershipReport,
     MembershipScenario,
@@ -56,7 +57,7 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
             value = low - 1
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(
-                f"must be an integer from {low} to {high}, got {text!r}"
+                f"must be an integer from {low} to {high}, got {_shown(text)}"
             )
         return value
 
@@ -72,7 +73,7 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str
         if not (low < value if low_open else low <= value) or not value <= high:
             bracket = "(" if low_open else "["
             raise argparse.ArgumentTypeError(
-                f"must be a number in {bracket}{low:g}, {high:g}], got {text!r}"
+                f"must be a number in {bracket}{low:g}, {high:g}], got {_shown(text)}"
             )
         return value + 0.0  # -0 is 0: reported as "-0.0%" otherwise
 
@@ -88,19 +89,30 @@ def _latency_ms(text: str) -> tuple[float, float]:
         low = high = float("nan")
     if not 0 <= low <= high <= MAX_LATENCY * 1000:
         raise argparse.ArgumentTypeError(
-            f"must be LO,HI milliseconds with 0 <= LO <= HI <= {MAX_LATENCY * 1000:g}, got {text!r}"
+            "must be LO,HI milliseconds with 0 <= LO <= HI <= "
+            f"{MAX_LATENCY * 1000:g}, got {_shown(text)}"
         )
     return low / 1000 + 0.0, high / 1000 + 0.0  # -0 is 0: reported as "-0-1 ms" otherwise
 
 
 def _seed(text: str) -> int:
+    # random.Random(-n) draws what random.Random(n) does; int() refuses a string of over 4300
+    # digits (ValueError): out of range like any other number past MAX_SEED
     try:
         seed = int(text)
     except ValueError:
         seed = -1
-    if seed < 0:  # random.Random(-n) draws what random.Random(n) does
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 0 to 2**64 - 1 ({MAX_SEED}), got {_shown(text)}"
+        )
     return seed
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error line, cut short: a value of thousands of characters would
+    bury the message."""
+    return repr(text) if len(text) <= 60 else f"{text[:40]!r}... ({len(text):,} characters)"
 
 
 # --- membership --------------------------------------------------------------------------------
@@ -121,7 +133,7 @@ MEMBERSHIP_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                      help="nodes that join one after another (default 1)")),
     ("--duration", dict(type=_number(0, MAX_DURATION, low_open=True), default=60.0, metavar="S",
                         help="simulated seconds to run after the crashes (default 60)")),
-    ("--seed", dict(type=_seed, default=1, help="random seed (default 1)")),
+    ("--seed", dict(type=_seed, default=1, help="random seed, 0 to 2**64 - 1 (default 1)")),
     ("--json", dict(action="store_true", help="print one JSON document instead of the table")),
     ("--no-timing", dict(action="store_true",
                          help="leave out the CPU and wall seconds the run took: the same seed "

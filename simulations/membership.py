@@ -62,6 +62,9 @@ MAX_JOINS = 500
 MAX_LOSS = 0.5
 MAX_LATENCY = 10.0
 MAX_DURATION = 86_400.0
+#: Largest seed: the JSON echoes it, and JSON readers keep 64-bit integers at best (and Python
+#: itself reads no integer of more than 4300 digits).
+MAX_SEED = 2**64 - 1
 #: Cap on the size of one run in node-seconds of simulated uptime, as :func:`run_size` estimates
 #: it. Without loss a CPU second simulates about 5,000 node-seconds in a fleet of 2000 and 20,000
 #: in one of 50, so the cap keeps a run within about 5 to 15 CPU minutes; heavy loss costs more
@@ -102,7 +105,7 @@ class MembershipScenario:
             counts,
         )
         # random.Random(-n) draws what random.Random(n) does: two seeds, one run
-        _check(self.seed >= 0, "seed", ">= 0", self.seed)
+        _check(0 <= self.seed <= MAX_SEED, "seed", "from 0 to 2**64 - 1", self.seed)
         _check(2 <= self.nodes <= MAX_NODES, "nodes", f"from 2 to {MAX_NODES}", self.nodes)
         _check(self.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", self.preset)
         _check(0 <= self.loss <= MAX_LOSS, "loss", f"from 0 to {MAX_LOSS}", self.loss)
@@ -140,7 +143,16 @@ def run_size(nodes: int, joins: int, duration: float, settle: float = SETTLE) ->
 
 def _check(ok: bool, name: str, expected: str, value: object) -> None:
     if not ok:
-        raise ConfigError(f"scenario {name} must be {expected}, got {value!r}")
+        raise ConfigError(f"scenario {name} must be {expected}, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short: an integer of thousands of digits has no repr (ValueError)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer of more than 4300 digits"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 @dataclass(frozen=True, slots=True)

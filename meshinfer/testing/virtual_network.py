@@ -453,7 +453,15 @@ class MembershipCluster:
         return self.start_node(node_id, seeds=seeds)
 
     def leave(self, node_id: str, *, poll: float = 0.1, linger: float = 30.0) -> None:
-        """Leave gracefully; the node stops once its LEFT news is out (or after ``linger``)."""
+        """Leave gracefully; the node stops once its LEFT news is out (or after ``linger``).
+
+        ``poll`` must be finite and > 0, ``linger`` finite and >= 0 (ValueError, before the core
+        leaves): a ``poll`` of 0 re-checks at one instant for ever, a NaN ``linger`` never ends."""
+        if not (0 < poll < math.inf and 0 <= linger < math.inf):
+            raise ValueError(
+                f"leave: poll must be finite and > 0, linger finite and >= 0, got {poll!r}, "
+                f"{linger!r}"
+            )
         self.network.call(node_id, lambda core, now: core.leave(now))
         generation = self.network.generation(node_id)
         give_up = self.now + linger
@@ -477,8 +485,9 @@ class MembershipCluster:
     def run_until(self, done: Callable[[], bool], *, timeout: float, step: float = 0.1) -> bool:
         """Advance in ``step``s until ``done()``; False if ``timeout`` virtual seconds passed.
 
-        ``timeout`` must be finite and ``step`` positive (ValueError): either would otherwise
-        loop for ever on a condition that never comes true (a partition that never heals)."""
+        ``timeout`` must be finite and ``step`` positive and large enough to move the clock
+        (ValueError): either would otherwise loop for ever on a condition that never comes true
+        (a partition that never heals)."""
         if not (math.isfinite(timeout) and 0 < step < math.inf):
             raise ValueError(
                 f"run_until: timeout must be finite and step > 0, got {timeout!r}, {step!r}"
@@ -487,6 +496,8 @@ class MembershipCluster:
         while not done():
             if self.now >= end:
                 return False
+            if self.now + step == self.now:  # below the clock's precision: it would never move
+                raise ValueError(f"run_until: step {step!r} does not move the clock at {self.now}")
             self.network.run_for(step)
         return True
 
