@@ -7,7 +7,7 @@ Ownership rules, the same for every listener in this package:
 * a handler that returns normally keeps ownership of its stream: the listener does not close
   it, so a handler may hand the stream to another task (the session layer closes its sessions);
 * ``Listener.aclose()`` leaves running handlers alone; ``aclose(cancel_handlers=True)`` cancels
-  them, closes their streams and waits for them to finish.
+  them, closes their streams and waits for them to finish (all but the calling handler's own).
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ class HandlerTasks:
             await stream.aclose()
 
     async def cancel_all(self) -> None:
-        """Cancel every running handler (closing its stream) and wait until all have ended."""
-        tasks = list(self._tasks)
+        """Cancel every running handler (closing its stream) and wait until all have ended.
+        Called from a handler, this leaves that handler alone (it would cancel itself half-way
+        and wait for none of the others)."""
+        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -216,11 +216,14 @@ class MemoryStream:
         self._network._forget(self)
 
     def abort(self) -> None:
-        """Close at once, dropping buffered bytes both ways (as a TCP reset would)."""
+        """Close at once, dropping buffered bytes both ways (as a TCP reset would). After
+        :meth:`aclose` this does nothing: the bytes that close let go are on the wire, and the
+        peer reads them then ``b""``, as over TCP."""
+        if self._closed:
+            return
+        self._closed = True
         self.sever()
-        if not self._closed:
-            self._closed = True
-            self._network._forget(self)
+        self._network._forget(self)
 
     def sever(self) -> None:
         """Break both directions at once, dropping buffered bytes (a lost radio link)."""

@@ -5,6 +5,9 @@ rest of meshinfer reads and writes: received chunks go into a deque (handed out 
 when one fits the read), one waiter future wakes a pending ``read``, and ``pause_writing`` /
 ``resume_writing`` gate ``write`` (backpressure). Reading is flow-controlled too: above
 ``read_buffer`` buffered bytes the socket stops being read until the application catches up.
+Each buffered chunk counts ``_CHUNK_COST`` bytes beyond its length (what a ``bytes`` object and
+its deque slot take), so a peer that sends one byte per segment cannot make a stream hold some
+fifty times ``read_buffer`` in chunk objects.
 
 Stream lifecycle (``read`` never raises for a closed or broken stream; ``write`` raises
 :class:`~meshinfer.errors.StreamClosed`)::
@@ -53,6 +56,8 @@ _SKIPPABLE_ACCEPT_ERRORS = frozenset(
 log = logging.getLogger("meshinfer.transport")
 
 _UNKNOWN = Address("", 0)
+# what one received chunk costs beyond its bytes (object header, allocator rounding, deque slot)
+_CHUNK_COST = 64
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
@@ -206,7 +211,7 @@ class TcpStream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > self._read_limit and not self._reading_paused:
+        if self._held() > self._read_limit and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()  # type: ignore[union-attr]
         waiter = self._read_waiter
@@ -251,11 +256,15 @@ class TcpStream(asyncio.Protocol):
             if chunks and len(data) + len(chunks[0]) <= max_bytes:
                 data = self._join_small(data, max_bytes)
         self._buffered -= len(data)
-        if self._reading_paused and self._buffered <= self._read_limit // 2:
+        if self._reading_paused and self._held() <= self._read_limit // 2:
             self._reading_paused = False
             if not self._lost:
                 self._transport.resume_reading()  # type: ignore[union-attr]
         return data
+
+    def _held(self) -> int:
+        """Memory the received chunks hold: their bytes plus a cost per chunk."""
+        return self._buffered + _CHUNK_COST * len(self._chunks)
 
     def _join_small(self, data: bytes, max_bytes: int) -> bytes:
         chunks, parts, size = self._chunks, [data], len(data)
