@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import numbers
 import queue
 import threading
 import time
@@ -179,35 +180,44 @@ class NvmlProbe:
         nvml = self._nvml
         # a device whose handle cannot be had (fallen off the bus, not ours in this container)
         # is left out; the others are still read (it cost every GPU's figures)
-        count = nvml.nvmlDeviceGetCount()
+        count = int(_figure(nvml.nvmlDeviceGetCount(), MAX_GPUS))
         found = [self._read(lambda i: nvml.nvmlDeviceGetHandleByIndex(i), i) for i in range(count)]
         handles = [h for h in found if h is not None]
         utils = [
-            self._read(lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, h) for h in handles
-        ]
-        memory = [self._read(lambda h: nvml.nvmlDeviceGetMemoryInfo(h), h) for h in handles]
-        temps = [
-            self._read(lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU), h)
+            self._read(lambda h: _figure(nvml.nvmlDeviceGetUtilizationRates(h).gpu, 100), h)
             for h in handles
         ]
-        power_mw = [self._read(lambda h: nvml.nvmlDeviceGetPowerUsage(h), h) for h in handles]
+        memory = [
+            self._read(lambda h: _device_memory(nvml.nvmlDeviceGetMemoryInfo(h)), h)
+            for h in handles
+        ]
+        temps = [
+            self._read(
+                lambda h: _figure(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)), h
+            )
+            for h in handles
+        ]
+        power_mw = [
+            self._read(lambda h: _figure(nvml.nvmlDeviceGetPowerUsage(h)), h) for h in handles
+        ]
         return GpuSample(
             count=len(handles),
             utilization_percent=_mean(utils),
-            memory_used_bytes=_total([m.used if m else None for m in memory]),
-            memory_total_bytes=_total([m.total if m else None for m in memory]),
+            memory_used_bytes=_total([m[0] if m else None for m in memory]),
+            memory_total_bytes=_total([m[1] if m else None for m in memory]),
             temperature_c=_maximum(temps),
             power_w=None if (mw := _total(power_mw)) is None else mw / 1000.0,
             memory_free_max_bytes=_maximum_int(
-                [max(0, m.total - m.used) if m else None for m in memory]
+                [max(0, m[1] - m[0]) if m else None for m in memory]
             ),
         )
 
     def _read(self, read: Callable[[Any], Any], handle: Any) -> Any:
         try:
             return read(handle)
-        # not supported on this device, transient, or a binding without that call (an
-        # AttributeError): that one figure of that one device is left out, not every GPU's
+        # not supported on this device, transient, a binding without that call (an
+        # AttributeError), or garbage (a ValueError of :func:`_figure`): that one figure of that
+        # one device is left out, not every GPU's
         except Exception:
             return None
 
@@ -219,6 +229,30 @@ class NvmlProbe:
                 self._nvml.nvmlShutdown()
             except Exception as exc:  # an NVMLError, or a binding's own: on the way out
                 log.warning("NVML shutdown failed: %r", exc)
+
+
+MAX_GPUS = 1024
+"""A device count NVML gives beyond this is garbage (no GPU figures, as for a failed sample):
+each device is read in turn, and a count of billions held the worker for good."""
+MAX_DEVICE_BYTES = 2**60
+"""A GPU's memory (total or used) beyond one exbibyte is a garbage reading: that device's
+memory figures are left out. (Its free memory is gossiped in MiB, which peers take up to
+2**40: a bigger one made every peer refuse this node's state.)"""
+
+
+def _figure(value: Any, high: float = 2**63) -> Any:
+    """``value`` if it is a real number in ``0..high``, else ValueError: a sensor's garbage
+    (NaN, an infinity, a negative or huge number, a string), read as a failed reading. So a
+    snapshot is one that :meth:`TelemetrySnapshot.from_wire` takes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= high:
+        raise ValueError(f"a reading of {value!r} is not a number in 0..{high}")
+    return value
+
+
+def _device_memory(info: Any) -> tuple[int, int]:
+    """``(used, total)`` bytes of one device's NVML memory info, checked (:func:`_figure`)."""
+    used, total = (int(_figure(n, MAX_DEVICE_BYTES)) for n in (info.used, info.total))
+    return used, total
 
 
 def _known(values: Iterable[float | None]) -> list[float]:
@@ -260,8 +294,11 @@ class TelemetryCollector:
 
     A host sensor that raises (psutil on a host where ``/proc`` is not readable, say) never
     makes :meth:`collect` raise: its figures stay at their last reading (0 before the first),
-    and the failure is logged once until the sensor reads again. The node's telemetry loop,
-    which also gossips its queue depth, must not die of it. Nor must it hang on a sensor that
+    and the failure is logged once until the sensor reads again. A reading that is garbage (not
+    a finite number, negative, a percent over 100, a GPU's memory over
+    :data:`MAX_DEVICE_BYTES`) is such a failure (a GPU figure is left out, as when NVML
+    raises), so a snapshot passes :meth:`TelemetrySnapshot.from_wire`. The node's telemetry
+    loop, which also gossips its queue depth, must not die of it. Nor must it hang on a sensor that
     never returns (an NVML call to a wedged GPU): :meth:`sample` gives up after
     ``sample_timeout_s``.
     """
@@ -401,19 +438,20 @@ class _DaemonWorker:
 
 
 def _cpu_percent() -> float:
-    return float(psutil.cpu_percent(interval=None))
+    return float(_figure(psutil.cpu_percent(interval=None), 100))
 
 
 def _memory() -> tuple[float, int]:
     memory = psutil.virtual_memory()
-    return float(memory.percent), int(memory.available)
+    return float(_figure(memory.percent, 100)), int(_figure(memory.available))
 
 
 def _load_average() -> float | None:
     try:
-        return float(psutil.getloadavg()[0])
+        load = psutil.getloadavg()[0]
     except (AttributeError, OSError):  # a platform without one: no figure, quietly
         return None
+    return float(_figure(load))
 
 
 def _engine_figures(stats: tuple[BatcherStats, ...]) -> dict[str, Any]:
