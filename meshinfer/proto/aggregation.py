@@ -41,7 +41,9 @@ lists only the sources that had voted by then).
 from __future__ import annotations
 
 import enum
+import functools
 import math
+import numbers
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -78,7 +80,9 @@ class AggregationConfig:
     weights: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def check(self, expected: int) -> None:
-        """Raise ConfigError (naming the field) if unusable with ``expected`` sources."""
+        """Raise ConfigError (naming the field) if unusable with ``expected`` sources, or of
+        the wrong type (a quorum of 1.5 acted as 2; a weight ``"2"`` raised a TypeError)."""
+        _check_types(self)
         if expected < 1:
             raise ConfigError("aggregation: at least one expected source is needed")
         if self.quorum is not None and not 1 <= self.quorum <= expected:
@@ -92,6 +96,27 @@ class AggregationConfig:
             raise ConfigError(f"aggregation.timeout_s {self.timeout_s} must be finite and > 0")
         if any(not 0 < w < math.inf for w in self.weights.values()):
             raise ConfigError("aggregation.weights must be positive and finite")
+
+
+def _check_types(config: AggregationConfig) -> None:
+    def integer(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def real(value: object) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    if config.mode not in {mode.value for mode in Mode}:  # (a str of one is taken)
+        raise ConfigError(
+            f"aggregation.mode {config.mode!r} is not one of {[str(m) for m in Mode]}"
+        )
+    if not (config.quorum is None or integer(config.quorum)):
+        raise ConfigError(f"aggregation.quorum {config.quorum!r} must be an integer")
+    if not integer(config.min_responses):
+        raise ConfigError(f"aggregation.min_responses {config.min_responses!r} must be an integer")
+    if not (config.timeout_s is None or real(config.timeout_s)):
+        raise ConfigError(f"aggregation.timeout_s {config.timeout_s!r} must be a number")
+    if not isinstance(config.weights, Mapping) or not all(map(real, config.weights.values())):
+        raise ConfigError("aggregation.weights must map sources to numbers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,10 +434,11 @@ def _weighted_average(weights: np.ndarray, arrays: list[np.ndarray]) -> np.ndarr
     weight 1e-30 beside 1e300 still counts, as it would have underflowed to 0 divided by the
     largest), huge weights cannot overflow the sums, and equal weights give the plain mean.
     Elements whose sum overflows though every input is finite (outputs near the float64
-    limit) are summed again scaled down by :data:`_SUM_SCALE`, a power of two, and kept
-    between their inputs (as an average is; rounding could step past the largest float):
-    finite. Other elements keep the plain sum, bit for bit. Non-finite inputs give what IEEE
-    sums give: an infinity stays, a NaN (or opposite infinities) gives NaN."""
+    limit) are summed again scaled down by :data:`_SUM_SCALE`, a power of two: finite. Every
+    element is kept between its inputs, as an average is (rounding could step past the largest
+    float, or past the largest input by an ulp where the inputs are subnormal); the others keep
+    the plain sum, bit for bit. Non-finite inputs give what IEEE sums give: an infinity stays,
+    a NaN (or opposite infinities) gives NaN."""
     mantissas, powers = np.frexp(weights)  # weights = mantissas * 2**powers, mantissas in [.5, 1)
     mantissas, shifts = mantissas * 2, powers - powers.max()  # now in [1, 2); shifts <= 0
     total_weight = np.ldexp(mantissas, shifts).sum()  # >= 1 (a lost term is below 2**-1022)
@@ -427,6 +453,8 @@ def _weighted_average(weights: np.ndarray, arrays: list[np.ndarray]) -> np.ndarr
         unbounded = ~np.isfinite(value)
         if np.any(unbounded):  # overflowed, or an input was not finite
             overflowed = unbounded & np.all([np.isfinite(x) for x in arrays], axis=0)
-            rescued = np.clip(average(_SUM_SCALE), np.min(arrays, axis=0), np.max(arrays, axis=0))
-            value = np.where(overflowed, rescued, value)
-    return value
+            value = np.where(overflowed, average(_SUM_SCALE), value)
+        # (a NaN input makes both bounds NaN, and the value is NaN already)
+        return np.clip(
+            value, functools.reduce(np.minimum, arrays), functools.reduce(np.maximum, arrays)
+        )
