@@ -31,7 +31,8 @@ at once (items are tracked by node, not by session: all of the node's move, mayb
 over the good session; a result still coming is accepted once)::
 
     reachable --session lost (abruptly, or silent)--> suspect (pings every session open)
-    suspect --a ping answered, or a session opened meanwhile--> reachable (items sent again)
+    suspect --a ping answered (its session still open), or a session opened meanwhile-->
+                                       reachable (items sent again)
     suspect --every session ended--> re-dialling (in the rest of the time)
     suspect --none answered, some open--> re-dialling (silent ones abandoned first; time anew)
     re-dialling --handshake done--> reachable (items sent again)
@@ -274,7 +275,8 @@ class Reachability:
 
     async def _ping(self, node: str, silent: list[Session]) -> bool:
         """True if ``node`` answered: a ping over any session still open with it within
-        ``redial_timeout_s``, else a re-dial (a handshake done is an answer). An open session
+        ``redial_timeout_s`` (and still open once the silent ones are abandoned), else a
+        re-dial (a handshake done is an answer). An open session
         proves nothing: a second session with a killed node may not have seen its end yet, and
         one across a link that went silent never will; items sent over it would wait for their
         timeout. The sessions that stay open without answering are abandoned, and added to
@@ -283,7 +285,7 @@ class Reachability:
         abandoned (a node that roamed: its old connections dead but not reset)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.redial_timeout_s
-        answered = await self._ping_open(node, deadline, silent)
+        answering = await self._ping_open(node, deadline, silent)
         if silent:
             # Given up on before anything else goes to the node, above all the dial: the peer
             # table sends over a node's oldest open session, so the dial's Ping would be written
@@ -296,15 +298,18 @@ class Reachability:
             # leaves no closing task to outlive the probe.
             await self._abandon_silent(silent)
             deadline = loop.time() + self.redial_timeout_s
-        return answered or await self._redial(node, deadline)
+        # An answer counts while a session that gave one is still open: one that answered and
+        # ended meanwhile (its loss, the node being under probe, starts no probe of its own)
+        # left nothing the items could go over but a new dial, which decides then.
+        return any(s.is_open for s in answering) or await self._redial(node, deadline)
 
-    async def _ping_open(self, node: str, deadline: float, silent: list[Session]) -> bool:
-        """True if a session still open with ``node`` answered a ping by ``deadline``; those
+    async def _ping_open(self, node: str, deadline: float, silent: list[Session]) -> list[Session]:
+        """The sessions still open with ``node`` that answered a ping by ``deadline``; those
         that stay open without answering are added to ``silent``."""
         sessions = self.mesh.peers.open_sessions(node)
         answers = await asyncio.gather(*(self._answers(s, deadline) for s in sessions))
         silent.extend(s for s, ok in zip(sessions, answers, strict=True) if not ok and s.is_open)
-        return any(answers)
+        return [s for s, ok in zip(sessions, answers, strict=True) if ok]
 
     async def _redial(self, node: str, deadline: float) -> bool:
         """True if a session with ``node`` could be had by ``deadline``: a dial's handshake

@@ -10,8 +10,10 @@
   members whose certificate is not revoked (``_views``; what is kept of each member's gossip:
   ``_known``; read once per burst of items queued together, placed from its second item on by
   a ``BurstPlacer``: ``_read_burst``), leaving out full nodes and, while another fits, those
-  the item was on; an item no node takes is parked with its placement class until a slot
-  frees, membership or a node's reachability changes, or a second passes (``_parked_loop``);
+  the item was on (a retry waits for a slot on a full node it was not on rather than go back;
+  a recovered item's earlier attempts count); an item no node takes is parked with its
+  placement class until a slot frees, membership or a node's reachability changes, or a
+  second passes (``_parked_loop``);
 * sending: the ``TaskAssign`` (with what is left of the task's deadline; its input by
   reference where the node keeps it), a send that cannot be queued or is dropped unwritten
   retried as a refusal, and the item's one timer: its dispatch journaled once overdue
@@ -33,7 +35,14 @@ from typing import Any, NamedTuple
 from coordinator.runs import ItemRun, TaskRun
 from coordinator.service_config import Attempt
 from meshinfer.proto.contact import infrastructure_positions, node_contact_s
-from meshinfer.proto.scheduling import BurstPlacer, NodeView, Policy, choose, requirements
+from meshinfer.proto.scheduling import (
+    BurstPlacer,
+    NodeView,
+    Policy,
+    choose,
+    eligible,
+    requirements,
+)
 from meshinfer.proto.tasks_wire import TaskAssign
 from meshinfer.runtime.loop import pop_timer, replace_timer
 
@@ -66,6 +75,9 @@ class Dispatch:
             attempt, refused, sent = attempts.get(item.item_id, (1, 0, frozenset()))
             entry = ItemRun.at_attempt(item, attempt, refused=refused)
             entry.sent.update(sent)  # earlier attempts went there: only their results count
+            if sent:  # and it is retried on another node while one fits, as before the restart
+                entry.tried.update(node for _, node in sent)
+                entry.last = max(sent)[1]
             run.items[item.item_id] = entry
             self._items[item.item_id] = (run, entry)
             # a large input is hashed in a worker thread first (coordinator.input_refs)
@@ -117,12 +129,26 @@ class Dispatch:
             place = partial(choose, policy, self._views(), entry.item, **kw)
             full = self._full_nodes()
         node = place(exclude=frozenset(entry.tried) | full)
-        if node is None and entry.tried:  # every capable node had it once: allow repeats, but
+        if node is None and entry.tried:
+            if self._untried_full(entry):  # one it was not on takes it once a slot frees there
+                return None  # (parked: a retry goes back to a node it failed on only if no
+                # other can take it, not because the others are busy this moment)
+            # every capable node had it once: allow repeats, but
             if entry.last is not None:  # not the one it just came back from while another fits
                 node = place(exclude=full | {entry.last})
             if node is None:
                 node = place(exclude=full)
         return node
+
+    def _untried_full(self, entry: ItemRun) -> bool:
+        """Whether a node the item was not on could take it but for its full slots (read
+        from the views the dispatch loop read for its burst; a pure check: the policies keep
+        state, which a trial placement would move)."""
+        waiting = self._full_nodes() - entry.tried
+        if not waiting:
+            return False
+        views = self._burst_views if self._burst_views is not None else self._view_bases()
+        return bool(eligible([v for v in views if v.node_id in waiting], entry.item, frozenset()))
 
     def _full_nodes(self) -> frozenset[str]:
         """The nodes with ``max_in_flight_per_node`` items of this coordinator on them."""

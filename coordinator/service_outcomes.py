@@ -116,7 +116,10 @@ class TaskOutcomes:
         pair = self._items.get(item_id)
         if pair is None or pair[1] is not entry or entry.attempt != attempt or self._closed:
             return  # answered, failed or ended meanwhile
-        self._loop.call_at(due, self._queue, item_id, run.spec.priority)
+        # the item's one timer: the close and the task's end cancel it (a bare call_at kept
+        # a closed coordinator alive for up to the longest backoff)
+        delay = max(0.0, due - self._loop.time())
+        self._set_timer(item_id, delay, self._queue, item_id, run.spec.priority)
 
     async def _fail_item(self, run: TaskRun, entry: ItemRun, reason: str) -> None:
         """Fail the item for good: journal that (written again while the write fails, see
