@@ -490,7 +490,7 @@ async def test_submit_wait_that_loses_its_coordinator_is_one_line_naming_the_tas
     argv = [
         "submit", "--url", closing.url, "--token-file", token_file,
         "--model", "digits-mlp", "--input", str(tmp_path / "x.npy"), "--task-id", "lost-1",
-        "--wait", "--wait-timeout", "60", "--no-progress",
+        "--wait", "--wait-timeout", "5", "--no-progress",  # (rides over the loss: 5 s)
     ]  # fmt: skip
     cli = asyncio.ensure_future(asyncio.to_thread(main, argv))
     try:
