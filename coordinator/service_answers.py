@@ -378,9 +378,7 @@ class NodeAnswers:
             if pair is not None and pair[1].node == node:
                 self._lost_while_answered[item_id] = (node, pair[1].attempt, reason, fast)
         for run, entry in self._in_flight_on(node):
-            self.stats_.redispatched_after_death += 1
-            self.stats_.redispatched_after_disconnect += fast
-            self._retry(run, entry, reason, backoff=False)
+            self._redispatch(run, entry, reason, fast)
 
     def _answer_handled(self, item_id: str) -> None:
         """The item's answers are handled (called soon after the last one's journal call: the
@@ -397,6 +395,11 @@ class NodeAnswers:
         node, attempt, reason, fast = lost
         run, entry = pair
         if entry.node == node and entry.attempt == attempt:
+            self._redispatch(run, entry, reason, fast)
+
+    def _redispatch(self, run: TaskRun, entry: ItemRun, reason: str, fast: bool) -> None:
+        """Retry an item its lost node had, counted as re-dispatched only if it goes on (one
+        on its last attempt fails instead)."""
+        if self._retry(run, entry, reason, backoff=False):
             self.stats_.redispatched_after_death += 1
             self.stats_.redispatched_after_disconnect += fast
-            self._retry(run, entry, reason, backoff=False)

@@ -50,7 +50,7 @@ class TaskOutcomes:
 
     def _retry(
         self, run: TaskRun, entry: ItemRun, reason: str, *, backoff: bool = True, ran: bool = True
-    ) -> None:
+    ) -> bool:
         """Try the item again (on another node if one fits), or fail it once ``max_attempts``
         attempts failed. ``ran=False``, a *refusal*: the node refused or handed back this
         attempt (draining, overloaded, model not loaded: ``REFUSALS``) or never got it
@@ -60,9 +60,10 @@ class TaskOutcomes:
         count (``items.refused``), so a restarted coordinator goes on from it. The backoff still
         grows with every attempt, refused or not. Nothing once the coordinator is closed (a
         node's hand-back may still come while the daemon leaves the mesh): the item stays in
-        flight in the journal, and the next start's recovery runs it again."""
+        flight in the journal, and the next start's recovery runs it again. True if the item
+        goes on to another attempt."""
         if self._closed:
-            return
+            return False
         item_id, attempt = entry.item.item_id, entry.attempt
         self._cancel_timer(item_id)
         counted = ran or entry.refused >= self.config.max_attempts
@@ -72,7 +73,7 @@ class TaskOutcomes:
         if attempt - entry.refused >= self.config.max_attempts:
             tried = f"{attempt} attempts" + (f" ({entry.refused} refused)" if entry.refused else "")
             self._steps.spawn(self._fail_item(run, entry, f"gave up after {tried}; last: {reason}"))
-            return
+            return False
         self.stats_.retries += 1
         outcome = "failed" if counted else "refused"
         log.info("retrying %s (attempt %d %s: %s)", item_id, attempt, outcome, reason)
@@ -88,6 +89,7 @@ class TaskOutcomes:
         due = self._loop.time() + delay
         written = self._db.call(failure)  # queued now: in order with what comes after it
         self._steps.spawn(self._queue_once_journaled(run, entry, failure, written, due))
+        return True
 
     async def _queue_once_journaled(
         self,
