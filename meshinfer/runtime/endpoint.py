@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from meshinfer.closing import OneClose
 from meshinfer.errors import MeshInferError
 from meshinfer.proto.messages import CloseCode
 from meshinfer.runtime.session import (
@@ -57,7 +58,8 @@ class SessionListener:
     ``aclose`` closes the listener, then every session it accepted, then waits for the handler
     tasks: a handler whose session was closed has ``limits.handler_grace_s`` to return, then
     it is cancelled, as is a handshake still in progress. Nothing it started outlives ``aclose``,
-    which is idempotent.
+    which is idempotent: every call, also one after a call that was cancelled, waits until the
+    one close has ended (it goes on when a caller is cancelled).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class SessionListener:
         self._by_peer: Counter[str] = Counter()
         self._handlers: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing = OneClose()
 
     @property
     def address(self) -> Address:
@@ -96,19 +99,23 @@ class SessionListener:
         return self._listener.address
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        self._closed = True  # (no more handshakes are started from now on)
+        caller = asyncio.current_task()  # (a handler that closes the listener: not waited for)
+        if caller in self._handlers and self._closing.started:
+            return  # the close under way waits for the handlers: not for itself
+        await self._closing.run(lambda: self._close(caller), name="session-listener-close")
+
+    async def _close(self, caller: asyncio.Task[object] | None) -> None:
         if self._listener is not None:
             await self._listener.aclose()
         await asyncio.gather(
             *(s.aclose(CloseCode.GOING_AWAY, "node shutting down") for s in list(self.sessions)),
             return_exceptions=True,
         )
-        await self._end_handlers()
+        await self._end_handlers(caller)
 
-    async def _end_handlers(self) -> None:
-        handlers = self._handlers - {asyncio.current_task()}
+    async def _end_handlers(self, caller: asyncio.Task[object] | None) -> None:
+        handlers = self._handlers - {caller}
         if not handlers:
             return
         _, late = await asyncio.wait(handlers, timeout=self.limits.handler_grace_s)

@@ -95,7 +95,12 @@ class MembershipService:
         await self._joined.wait()
 
     def update_state(self, state: NodeState) -> None:
-        """Publish a new version of this node's gossiped state."""
+        """Publish a new version of this node's gossiped state. After :meth:`leave`, a no-op
+        (logged): only the LEFT news goes out then (a revocation merge or an address change
+        during the leave raised, the merge half done, out of a message handler)."""
+        if self.core.has_left:
+            log.debug("state of %s not published: it has left", self.peers.node_id)
+            return
         self.core.update_local_state(state, self._loop.time())
         self._kick()
 

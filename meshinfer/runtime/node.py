@@ -333,22 +333,31 @@ class MeshNode:
     async def leave(self, timeout: float = 2.0) -> None:
         """Graceful: announce LEFT so peers do not wait for a failure detector, then close.
         Discovery says its goodbyes (mDNS: three, 125 ms apart) meanwhile: its ``lost`` events
-        are not what membership goes by."""
+        are not what membership goes by. A leave whose caller is cancelled still closes the
+        node (in a task of its own, as :meth:`aclose` does; a later ``aclose`` waits for it)."""
         if self.membership is not None and not self._closed:
-            await asyncio.gather(
-                self.membership.leave(timeout),
-                *(source.aclose() for source in self.discovery),
-                return_exceptions=True,  # (each is best effort; aclose below finishes the job)
-            )
+            try:
+                await asyncio.gather(
+                    self.membership.leave(timeout),
+                    *(source.aclose() for source in self.discovery),
+                    return_exceptions=True,  # (each is best effort; aclose below finishes the job)
+                )
+            except asyncio.CancelledError:  # else LEFT was announced by a node left running
+                self._begin_close()
+                raise
         await self.aclose()
 
     async def aclose(self) -> None:
         """Abrupt but orderly shutdown (no leave announcement). Idempotent: every call waits
         until the one close has ended (it goes on when a caller is cancelled)."""
+        await asyncio.shield(self._begin_close())
+
+    def _begin_close(self) -> asyncio.Task[None]:
+        """The one close of this node, started on the first call."""
         self._closed = True
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._closing)
+        return self._closing
 
     async def _close(self) -> None:
         if self._starting is not None:  # a start under way stops where it is

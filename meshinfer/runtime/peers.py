@@ -5,7 +5,8 @@
 the static key is known from discovery or membership). Callers never wait for a dial:
 :meth:`PeerTable.send` queues the message on the peer's bounded outbox and a per-peer sender
 task dials if needed and writes. Best-effort traffic (gossip) is dropped, counted, when a peer
-is unreachable or its outbox is full; :meth:`PeerTable.request` is for callers that need to know
+is unreachable or its outbox is full (not when a dial fails while the peer dials in: what is
+queued goes over its session); :meth:`PeerTable.request` is for callers that need to know
 the message went out. A sender that fails (our bug) is logged at ERROR once, and what is queued
 for its peer is dropped (counted as ``sender-failed``), its requesters told; the next send to the
 peer starts a new one.
@@ -55,6 +56,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from meshinfer.closing import OneClose
 from meshinfer.errors import (
     LocalProtocolError,
     MeshInferError,
@@ -156,6 +158,7 @@ class PeerTable:
         #: addresses of nodes forgotten while connected, kept until their last session ends
         self._parked: dict[str, PeerAddress] = {}
         self._closed = False
+        self._closing = OneClose()
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -264,34 +267,39 @@ class PeerTable:
         ``on_failure`` is called (on the loop) with the reason if it is dropped later, never
         written to a session (no session could be had with the peer, this table closed):
         cheaper than :meth:`send_tracked` for a sender that only acts on a loss."""
-        return self._enqueue(node_id, msg, on_failure)
+        return self._enqueue(node_id, msg, on_failure) is None
 
     async def request(self, node_id: str, msg: messages.Message) -> None:
-        """Send ``msg`` and wait until it was written to a session; raises if it could not be."""
-        fut = self.send_tracked(node_id, msg)
-        if fut is None:
-            raise TransportError(f"cannot send to {node_id}: outbox full or node unknown")
+        """Send ``msg`` and wait until it was written to a session; raises if it could not be
+        (a :class:`TransportError` naming why: refused at once, or failed later)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        refused = self._enqueue(node_id, msg, fut)
+        if refused is not None:
+            raise TransportError(f"cannot send to {node_id}: {refused}")
         await fut
 
     def send_tracked(self, node_id: str, msg: messages.Message) -> asyncio.Future[None] | None:
         """Queue ``msg`` for ``node_id``: None if it was dropped at once, else a future done
         once it was written to a session (or failed with why it never will be)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        return fut if self._enqueue(node_id, msg, fut) else None
+        return fut if self._enqueue(node_id, msg, fut) is None else None
 
-    def _enqueue(self, node_id: str, msg: messages.Message, fut: Requester) -> bool:
-        if self._closed or node_id == self.node_id:
-            return False
+    def _enqueue(self, node_id: str, msg: messages.Message, fut: Requester) -> str | None:
+        """Queue ``msg``; None if queued, else why it was refused (``fut`` is not told)."""
+        if self._closed:
+            return "the peer table is closed"
+        if node_id == self.node_id:
+            return "that is this node"
         known = node_id in self.addresses or node_id in self._parked
         if not known and self.session(node_id) is None:
             self.stats.dropped["unknown-peer"] += 1
-            return False
+            return "unknown peer (no address learnt, no session open)"
         box = self._outboxes.get(node_id)
         if box is None:
             box = self._outboxes[node_id] = _Outbox(self._outbox_limit)
         if len(box.queue) >= box.limit:
             self.stats.dropped["outbox-full"] += 1
-            return False
+            return f"its outbox is full ({box.limit} messages queued)"
         box.queue.append((msg, fut))
         box.wake.set()
         if box.task is None or box.task.done():
@@ -299,7 +307,7 @@ class PeerTable:
                 self._sender(node_id, box), name=f"peer-send-{node_id}"
             )
             box.task.add_done_callback(functools.partial(self._sender_ended, node_id, box))
-        return True
+        return None
 
     def _sender_ended(self, node_id: str, box: _Outbox, task: asyncio.Task[None]) -> None:
         """A sender's done-callback. One that failed (our bug) is logged, and what is queued
@@ -339,6 +347,8 @@ class PeerTable:
             elif loop.time() < box.retry_at:
                 self._fail_queue(box, "unreachable")
             elif await self._dial(node_id) is None:
+                if self._carrier(node_id) is not None:
+                    continue  # the peer dialled us while our dial failed: go over its session
                 box.retry_at = loop.time() + self._redial_after()
                 self._fail_queue(box, "dial-failed")
             # else round again: the carrier, as for every send (one the peer dialled
@@ -526,10 +536,13 @@ class PeerTable:
             await session.aclose(CloseCode.GOING_AWAY, reason)
 
     async def aclose(self) -> None:
-        """Close every session and stop every task. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close every session and stop every task. Idempotent: every call, also one after a
+        call that was cancelled, waits until the one close has ended (it goes on when a caller
+        is cancelled)."""
+        self._closed = True  # (no more sends are queued from now on)
+        await self._closing.run(self._close, name="peer-table-close")
+
+    async def _close(self) -> None:
         for box in self._outboxes.values():
             self._fail_queue(box, "shutting-down")
             box.wake.set()
