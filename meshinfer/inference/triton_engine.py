@@ -20,6 +20,9 @@ Failures, and what the caller sees:
 * the server refuses the batch as malformed (HTTP 400, gRPC ``INVALID_ARGUMENT``: wrong shape,
   more rows than the model's ``max_batch_size``): :class:`BatchShapeError` (bad input).
 * every other server error (backend failure): :class:`InferenceError`.
+* the engine closed while the call was in flight: :class:`LocalProtocolError` ("closed"), for
+  either protocol (grpc.aio cancels the calls on a channel it closes; that CancelledError is
+  not passed on to a caller that was not cancelled).
 * no answer within ``timeout_s``: :class:`InferenceError` (not retried: the time is spent).
   ``timeout_s`` bounds the whole call from when it is made: the wait for a free request slot,
   every attempt and the backoffs between them (a retry whose backoff would end past it is not
@@ -134,6 +137,13 @@ def _input_spec(tensor: dict[str, Any]) -> TensorSpec | None:
     return TensorSpec(str(tensor["name"]), name, shape)
 
 
+def _caller_cancelled() -> bool:
+    """Whether the running task was asked to stop (not a CancelledError the client library
+    raised of its own accord: grpc.aio raises one from each call on a channel it closes)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     import aiohttp
     from tritonclient.utils import InferenceServerException
@@ -238,7 +248,13 @@ class TritonEngine:
             lambda c: c.get_model_config(ref.model_id, ref.version, **kwargs),
             ref,
         )
-        inputs, outputs = metadata.get("inputs", []), metadata.get("outputs", [])
+        try:  # (a JSON body that is not an object, or tensor lists that are not lists)
+            inputs, outputs = list(metadata.get("inputs", [])), list(metadata.get("outputs", []))
+        except (TypeError, ValueError, AttributeError):
+            raise InferenceError(
+                f"model {ref} on Triton server {self.url}: metadata is not an object with "
+                f"lists of inputs and outputs: {str(metadata)[:200]!r}"
+            ) from None
         if len(inputs) != 1 or not outputs:
             raise InferenceError(
                 f"model {ref} on {self.url} has {len(inputs)} inputs and {len(outputs)} outputs; "
@@ -398,6 +414,13 @@ class TritonEngine:
             except TimeoutError:
                 raise InferenceError(
                     f"{what} on Triton server {self.url} timed out after {self.timeout_s} s"
+                ) from None
+            except asyncio.CancelledError:
+                if _caller_cancelled():
+                    raise
+                self._check_open()  # gRPC cancels the calls on a channel that aclose closes
+                raise InferenceError(
+                    f"{what} on Triton server {self.url}: the client cancelled the call"
                 ) from None
             except Exception as exc:
                 if not _is_connection_error(exc):

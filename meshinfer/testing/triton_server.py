@@ -4,15 +4,18 @@ Run it directly::
 
     python -m meshinfer.testing.triton_server --http-port 8000 --grpc-port 8001 --metrics-port 8002
 
-serves ``digits-mlp`` version 1 (add ``--model id@version`` to choose others; Triton versions
-must be integers) through a Python inference callable that runs the NumPy forward pass of
-:mod:`meshinfer.inference.mlp`, until SIGINT or SIGTERM.
+serves ``digits-mlp`` version 1 on 127.0.0.1 (``--address 0.0.0.0`` for every interface; add
+``--model id@version`` to choose others; Triton versions must be integers) through a Python
+inference callable that runs the NumPy forward pass of :mod:`meshinfer.inference.mlp`, until
+SIGINT or SIGTERM.
 
 From a test, :class:`TritonServerProcess` does the plumbing: it picks free ports, starts the
 server in its own process group with ``LD_LIBRARY_PATH`` pointing at this interpreter's
 ``libpython`` (PyTriton's Python-backend stub needs it), waits -- bounded -- until the child
 reports that every model is ready (a line on a pipe, not polling), and at :meth:`stop` sends
-SIGINT, then kills the whole process group if the server lingers.
+SIGINT, then kills the whole process group if the server lingers (a graceful stop takes a few
+seconds; ``timeout_s`` is only its bound). What a killed server cannot clean up itself -- the
+Python backend's model copies in ``/tmp`` and its shared memory in ``/dev/shm`` -- is removed.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ def _interrupt_then_kill(process: subprocess.Popen[bytes], timeout_s: float) -> 
         except subprocess.TimeoutExpired:
             pass
     leftovers = _model_copies(process.pid)
+    segments = _shared_memory(process.pid)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its group
     except ProcessLookupError:
@@ -199,6 +203,9 @@ def _interrupt_then_kill(process: subprocess.Popen[bytes], timeout_s: float) -> 
     process.wait()
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
+    for segment in segments:
+        with contextlib.suppress(OSError):
+            segment.unlink()
 
 
 def _model_copies(group: int) -> set[Path]:
@@ -216,6 +223,23 @@ def _model_copies(group: int) -> set[Path]:
                 if path.name == "model.py" and path.parent.parent.name.startswith("folder"):
                     folders.add(path.parent.parent)
     return folders
+
+
+def _shared_memory(group: int) -> set[Path]:
+    """The ``/dev/shm`` files that the processes of ``group`` map or hold open: the Python
+    backend's region (``pytrtion<pid>-...``, ~4 MiB) and PyTriton's tensor stores are unlinked
+    only on a graceful stop, and a killed server would leave them in RAM for good."""
+    import psutil
+
+    segments = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) != group:
+                continue
+            paths = [m.path for m in proc.memory_maps(grouped=False)]
+            paths += [f.path for f in proc.open_files()]
+            segments.update(Path(p) for p in paths if p.startswith("/dev/shm/"))
+    return segments
 
 
 # --- the server side (runs in the child process) -------------------------------------------------
@@ -260,7 +284,12 @@ def _serve(args: argparse.Namespace) -> None:
     from pytriton.triton import Triton, TritonConfig
 
     config = TritonConfig(
-        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port
+        http_address=args.address,
+        http_port=args.http_port,
+        grpc_address=args.address,
+        grpc_port=args.grpc_port,
+        metrics_address=args.address,
+        metrics_port=args.metrics_port,
     )
     triton = Triton(config=config, workspace=args.workspace)
     for ref in args.model or [DIGITS]:
@@ -282,6 +311,7 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m meshinfer.testing.triton_server``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1", help="to listen on (all: 0.0.0.0)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
