@@ -7,7 +7,10 @@ pixel counts of the digits data set, divided by 16 (the models' ``input_scaling`
 formats only, whatever the name) need Pillow. An image over :data:`MAX_IMAGE_SIDE` pixels a side
 or :data:`MAX_IMAGE_PIXELS` in all is refused from its header, before any pixel is decoded (and
 before Pillow's ``Image.open`` sees it: its own decompression-bomb check would warn on stderr
-from 89M pixels; it stays as the backstop, its error read as ours).
+from 89M pixels; it stays as the backstop, its error read as ours). A PNG or JPEG is read as a
+viewer shows it: turned upright by its EXIF orientation, a 16-bit gray PNG at its full depth,
+and transparent pixels on a plain background of the shade farthest from the visible pixels'
+(a digit drawn on a transparent canvas, its invisible pixels black, is no blank image).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from meshinfer.errors import ConfigError
 
 if TYPE_CHECKING:
+    import PIL.Image
     import PIL.ImageFile
 
 __all__ = [
@@ -136,7 +140,7 @@ def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
     try:
         with _opened(Image, name, data) as image:
             _check_size(name, *image.size)
-            gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+            gray = _gray_levels(image)
     except ConfigError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -144,6 +148,28 @@ def read_image(name: str, data: bytes, key: str | None) -> np.ndarray:
     except Exception as exc:  # Pillow's decoders raise many types for a malformed file
         raise ConfigError(f"{name}: not a readable image ({exc or type(exc).__name__})") from None
     return image_row(gray)
+
+
+#: Pillow's modes of a 16-bit gray PNG: its ``convert("L")`` clips them at 255 (all white).
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+#: Pillow's modes that carry an alpha channel (a palette or gray image may have a tRNS too).
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _gray_levels(image: PIL.Image.Image) -> np.ndarray:
+    """The gray levels (0..1) of ``image`` as a viewer shows it (module doc)."""
+    from PIL import ImageOps  # (the caller imported Pillow)
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GRAY_MODES:
+        return np.asarray(image, dtype=np.float64) / 65535.0
+    if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
+        return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    levels = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float64) / 255.0
+    gray, alpha = levels[..., 0], levels[..., 1]
+    shown = alpha.sum()
+    background = 1.0 if shown == 0 or (gray * alpha).sum() / shown < 0.5 else 0.0
+    return gray * alpha + background * (1.0 - alpha)
 
 
 def _opened(image_module: ModuleType, name: str, data: bytes) -> PIL.ImageFile.ImageFile:

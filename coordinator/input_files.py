@@ -3,8 +3,12 @@
 Formats, by suffix: ``.npy``, ``.npz`` (its first array, or ``key``), ``.json`` (a list of rows,
 one row, or a tensor document of the API), ``.csv`` (rows of numbers, an optional header line)
 and images ``.pgm`` / ``.png`` / ``.jpg`` (one row each: :mod:`coordinator.digit_images`).
-A ``.npz`` array whose header claims more than :data:`MAX_ARRAY_BYTES` (the largest input a
-task takes) is refused from that header, unread: a compressed member can inflate a thousandfold.
+A file over :data:`MAX_INPUT_FILE_BYTES` is refused before it is read, a ``.npz`` array whose
+header claims more than :data:`MAX_ARRAY_BYTES` (the largest input a task takes) from that
+header, unread (a compressed member can inflate a thousandfold), and rows that take more than
+that as ``dtype``, all files together, as each file is read. Each file is cast to ``dtype`` on
+its own (a value out of its range is named with the file); whole numbers in JSON and CSV reach
+an integer ``dtype`` exactly (never rounded through float32 or float64).
 Anything unreadable, malformed or mismatched is a ConfigError naming the file; so is a name of
 no known format (told before reading) and anything but a regular file (a FIFO, a device such as
 /dev/zero: read without waiting for a writer, refused by what it is).
@@ -16,6 +20,7 @@ import csv
 import io
 import json
 import math
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,11 +32,16 @@ from meshinfer.atomic_files import read_limited
 from meshinfer.errors import ConfigError, RemoteProtocolError
 from meshinfer.proto.tasks import MAX_BATCH_INPUT_BYTES
 
-__all__ = ["MAX_ARRAY_BYTES", "load_inputs", "parse_input"]
+__all__ = ["MAX_ARRAY_BYTES", "MAX_INPUT_FILE_BYTES", "load_inputs", "parse_input"]
 
 #: The most bytes a ``.npz`` array may claim in its header (shape times item size): no task
 #: takes a larger input (a batch task's whole input, ``MAX_BATCH_INPUT_BYTES``: 256 MiB).
 MAX_ARRAY_BYTES = MAX_BATCH_INPUT_BYTES
+#: The largest input file read (1 GiB): four times the largest input, room for a CSV or JSON
+#: text of it, or a .npy of wider numbers than ``dtype``; a larger one is refused unread.
+MAX_INPUT_FILE_BYTES = 4 * MAX_ARRAY_BYTES
+#: The dtypes a JSON list of numbers is read as directly (those of the API's ``values``).
+_JSON_VALUE_DTYPES = frozenset({"float32", "float16", "int64", "int32", "uint8"})
 
 
 def load_inputs(
@@ -44,24 +54,53 @@ def load_inputs(
     paths = [Path(p) for p in paths]
     if key is not None and not any(p.suffix.lower() == ".npz" for p in paths):
         raise ConfigError("--key picks an array of a .npz input, and no input is one")
-    for path in paths:  # every name checked before any file is read
+    for path in paths:  # every name and size checked before any file is read
         _reader(str(path))
-    arrays = []
+        _check_file_size(path)
+    arrays, total = [], 0
     for path in paths:
-        data = read_limited(path, "input", limit=None, error=ConfigError)
+        data = read_limited(path, "input", limit=MAX_INPUT_FILE_BYTES, error=ConfigError)
         file_key = key if path.suffix.lower() == ".npz" else None
-        arrays.append(_as_rows(path, _parsed(path, data, file_key)))
+        rows = _cast(path, _as_rows(path, _parsed(path, data, file_key, dtype)), dtype)
+        del data
+        total += rows.nbytes
+        if total > MAX_ARRAY_BYTES:
+            raise ConfigError(
+                f"{path}: the inputs take {total:,} bytes as {dtype} up to this file;"
+                f" a task takes at most {MAX_ARRAY_BYTES:,}"
+            )
+        arrays.append(rows)
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) > 1:
         raise ConfigError(f"input files disagree on the row shape: {sorted(shapes)}")
-    return _cast(np.concatenate(arrays), dtype)
+    return np.concatenate(arrays)
 
 
-def parse_input(name: str, data: bytes, key: str | None = None) -> np.ndarray:
-    """The array in one input file (format from ``name``'s suffix); ConfigError if malformed."""
+def _check_file_size(path: Path) -> None:
+    """ConfigError for a regular file over :data:`MAX_INPUT_FILE_BYTES`, told by its size (its
+    read stops past the limit too, should it grow); anything else is for the read to judge."""
+    try:
+        status = path.stat()
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(status.st_mode) and status.st_size > MAX_INPUT_FILE_BYTES:
+        raise ConfigError(
+            f"{path}: input file of {status.st_size:,} bytes is over the"
+            f" {MAX_INPUT_FILE_BYTES:,}-byte limit (not read)"
+        )
+
+
+def parse_input(
+    name: str, data: bytes, key: str | None = None, dtype: str = "float32"
+) -> np.ndarray:
+    """The array in one input file (format from ``name``'s suffix); ConfigError if malformed.
+
+    A JSON list of numbers is read as ``dtype`` (when the API takes it: whole numbers exactly)."""
     reader = _reader(name)
     if key is not None and Path(name).suffix.lower() != ".npz":
         raise ConfigError(f"{name}: --key picks an array of a .npz file only")
+    if reader is _json:
+        return _json(name, data, key, dtype)
     return reader(name, data, key)
 
 
@@ -79,12 +118,12 @@ def _reader(name: str) -> Callable[[str, bytes, str | None], np.ndarray]:
 _UNFORESEEN = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError, RecursionError)
 
 
-def _parsed(path: Path, data: bytes, key: str | None) -> np.ndarray:
+def _parsed(path: Path, data: bytes, key: str | None, dtype: str) -> np.ndarray:
     """:func:`parse_input`, where an error a reader did not foresee (a ValueError, say) is a
     ConfigError naming the file too: it is the file's, never a bad answer of the coordinator.
     (The CLI tells the two apart by where an error is raised, but could not name the file.)"""
     try:
-        return parse_input(path.name, data, key)
+        return parse_input(path.name, data, key, dtype)
     except ConfigError:
         raise
     except _UNFORESEEN as exc:
@@ -104,14 +143,15 @@ def _as_rows(path: Path, array: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
-    """``array`` (finite: :func:`_as_rows` refused NaN and infinity per file) as ``dtype``."""
+def _cast(path: Path, array: np.ndarray, dtype: str) -> np.ndarray:
+    """``array``, the rows of ``path`` (finite: :func:`_as_rows` refused NaN and infinity), as
+    ``dtype``."""
     with np.errstate(over="ignore", invalid="ignore"):
         cast = np.ascontiguousarray(array, dtype=dtype)
     if cast.dtype.kind == "f" and not np.isfinite(cast).all():
-        raise ConfigError(f"input values are out of range for {dtype}")
+        raise ConfigError(f"{path}: values are out of range for {dtype}")
     if cast.dtype.kind in "iu" and not np.array_equal(cast, array):
-        raise ConfigError(f"input values do not fit {dtype} (out of range or not whole numbers)")
+        raise ConfigError(f"{path}: values do not fit {dtype} (out of range or not whole numbers)")
     return cast
 
 
@@ -174,13 +214,13 @@ def _claimed_bytes(archive: np.lib.npyio.NpzFile, member: str) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _json(name: str, data: bytes, key: str | None) -> np.ndarray:
+def _json(name: str, data: bytes, key: str | None, dtype: str = "float32") -> np.ndarray:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{name}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        doc = {"values": doc, "dtype": "float32"}
+    if not isinstance(doc, dict):  # (read as the dtype sent: 16777217 is no float32)
+        doc = {"values": doc, "dtype": dtype if dtype in _JSON_VALUE_DTYPES else "float32"}
     try:
         return array_from_json(doc)
     except RemoteProtocolError as exc:
@@ -195,7 +235,8 @@ def _csv(name: str, data: bytes, key: str | None) -> np.ndarray:
     except UnicodeDecodeError:
         raise ConfigError(f"{name}: not UTF-8 text") from None
     try:
-        lines = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text)), 1) if row]
+        rows = csv.reader(io.StringIO(text, newline=""))  # (as csv reads: "\r" ends lines too)
+        lines = [(n, row) for n, row in enumerate(rows, 1) if row]
     except csv.Error as exc:
         raise ConfigError(f"{name}: malformed CSV ({exc})") from None
     if lines and not any(_is_number(cell) for cell in lines[0][1]):
@@ -205,19 +246,30 @@ def _csv(name: str, data: bytes, key: str | None) -> np.ndarray:
         raise ConfigError(f"{name}: holds no rows")
     if len({len(r) for r in rows}) > 1:
         raise ConfigError(f"{name}: rows have different numbers of columns")
-    return np.array(rows, dtype=np.float64)
+    whole = all(type(value) is int for row in rows for value in row)
+    return np.array(rows, dtype=np.int64 if whole else np.float64)
 
 
-def _csv_row(name: str, line: int, row: list[str]) -> list[float]:
+def _csv_row(name: str, line: int, row: list[str]) -> list[float | int]:
     if not all(_is_number(cell) for cell in row):
         raise ConfigError(f"{name}: line {line} holds something that is not a number")
-    values = [float(cell) for cell in row]
+    values = [_number(cell) for cell in row]
     for column, value in enumerate(values, 1):
         if not math.isfinite(value):
             raise ConfigError(
                 f"{name}: line {line}, column {column} is {row[column - 1]!r}, not a finite number"
             )
     return values
+
+
+def _number(cell: str) -> float | int:
+    """``cell`` (:func:`_is_number`) as an int if it is a whole number within int64 (exact, as
+    a float is not past 2**53), else as a float."""
+    try:
+        value = int(cell)
+    except ValueError:  # (a fraction, an exponent, or over 4,300 digits)
+        return float(cell)
+    return value if -(2**63) <= value < 2**63 else float(cell)
 
 
 def _is_number(cell: str) -> bool:

@@ -12,7 +12,12 @@ has its own training seed. Training is plain NumPy (mini-batch Adam, float64 mat
 export): the same seed on the same machine gives a byte-identical weights file. scikit-learn is
 needed here only for the bundled data set and the split; the runtime never imports it.
 
-    python examples/train_digits.py                 # rewrite meshinfer/inference/models/*
+It writes ``<id>-<version>.npz`` (weights), ``<id>-<version>.json`` (metadata: the registry's
+model file, with the held-out accuracy it prints) and ``digits-mlp-heldout.npz`` into ``--out``
+(default: the shipped models' folder), each file replaced atomically. A file already there is
+refused before any training, unless ``--force``:
+
+    python examples/train_digits.py --force         # rewrite meshinfer/inference/models/*
     python examples/train_digits.py --model digits-mlp-wide@1 --out /tmp/m --seed 7
 """
 
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshinfer.atomic_files import replace_file
 from meshinfer.inference.mlp import (
     MLPWeights,
     forward,
@@ -231,7 +237,7 @@ def metadata(recipe: Recipe, sha: str, holdout_sha: str, acc: float, n_test: int
 def write_heldout(out: Path, x_test: np.ndarray, y_test: np.ndarray) -> str:
     """Write the held-out set (raw uint8 pixels and labels); return its sha256."""
     holdout = npz_bytes({"pixels": x_test, "labels": y_test.astype(np.uint8)})
-    (out / HELDOUT_FILE).write_bytes(holdout)
+    replace_file(out / HELDOUT_FILE, holdout)
     return sha256_hex(holdout)
 
 
@@ -243,7 +249,7 @@ def build(recipe: Recipe, split: tuple, out: Path, holdout_sha: str) -> tuple[fl
     acc = accuracy(weights, scale_pixels(x_te), y_te)
     sha = save_weights(weights, out / f"{recipe.stem}.npz")
     doc = metadata(recipe, sha, holdout_sha, acc, len(y_te))
-    (out / f"{recipe.stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    replace_file(out / f"{recipe.stem}.json", (json.dumps(doc, indent=2) + "\n").encode())
     return acc, sha
 
 
@@ -255,8 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--out", type=Path, default=MODELS_DIR)
+    parser.add_argument("--force", action="store_true", help="replace files already in --out")
     args = parser.parse_args(argv)
     recipes = [recipe_named(args.model)] if args.model else list(RECIPES)
+    outputs = [HELDOUT_FILE] + [f"{r.stem}{ext}" for r in recipes for ext in (".npz", ".json")]
+    existing = [name for name in outputs if (args.out / name).exists()]
+    if existing and not args.force:
+        parser.error(f"{args.out} already holds {', '.join(existing)}; use --force to replace")
     split = load_split(SPLIT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     holdout_sha = write_heldout(args.out, split[2], split[3])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshinfer.atomic_files import replace_file
 from meshinfer.errors import (  # the batch errors: here too, where they were first
     BatchShapeError,
     InferenceError,
@@ -198,9 +199,10 @@ def sha256_hex(data: bytes) -> str:
 
 
 def save_weights(weights: MLPWeights, path: Path) -> str:
-    """Write ``weights`` to ``path``; return the file's sha256."""
+    """Write ``weights`` to ``path`` (atomically: a reader never sees half a file); return the
+    file's sha256."""
     data = weights_to_bytes(weights)
-    Path(path).write_bytes(data)
+    replace_file(Path(path), data)
     return sha256_hex(data)
 
 
@@ -213,15 +215,20 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def forward(weights: MLPWeights, batch: np.ndarray) -> np.ndarray:
-    """Class probabilities (float32, [batch, classes]) for a float32 [batch, input_dim] array."""
+    """Class probabilities (float32, [batch, classes]) for a float32 [batch, input_dim] array.
+
+    A row whose finite values are too large for the model (its sums overflow float32) comes out
+    NaN, without a RuntimeWarning: the caller fails that row's request (the dynamic batcher
+    checks outputs), and the other rows are exact."""
     h = batch
     last = len(weights.layers) - 1
-    for i, layer in enumerate(weights.layers):
-        h = h @ layer.weight
-        h += layer.bias
-        if i < last:
-            np.maximum(h, 0.0, out=h)
-    return softmax_rows(h)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, layer in enumerate(weights.layers):
+            h = h @ layer.weight
+            h += layer.bias
+            if i < last:
+                np.maximum(h, 0.0, out=h)
+        return softmax_rows(h)
 
 
 def check_batch(batch: object, input_dim: int, max_batch_size: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 A synthetic model is ``synthetic-mlp`` at version ``w{width}-d{depth}`` (e.g. ``w4096-d8``):
 ``depth`` hidden ReLU layers of ``width`` units on a ``width``-wide input, then ``classes``
 outputs through a softmax. The weights are a pure function of (width, depth, classes, seed), so
-the model's hash is the sha256 of that recipe: there is no file that could be corrupted.
+the model's hash is the sha256 of that recipe: there is no file that could be corrupted. A spec
+whose float32 weights would take more than ``MAX_WEIGHTS_BYTES`` (2 GiB, as a weights file may)
+is refused when it is made (ValueError), before anything is allocated.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshinfer.inference.base import ModelRef, TensorSpec
-from meshinfer.inference.mlp import MLPWeights, sha256_hex
+from meshinfer.inference.mlp import MAX_WEIGHTS_BYTES, MLPWeights, sha256_hex
 
 SYNTHETIC_MODEL_ID = "synthetic-mlp"
 _VERSION = re.compile(r"^w([1-9][0-9]{0,5})-d([1-9][0-9]{0,2})$")
@@ -33,6 +35,11 @@ class SyntheticSpec:
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1 or self.classes < 1:
             raise ValueError(f"width, depth and classes must be >= 1: {self}")
+        if self.parameter_count * 4 > MAX_WEIGHTS_BYTES:  # (float32: 4 bytes a parameter)
+            raise ValueError(
+                f"{self.version} with {self.classes} classes takes {self.parameter_count * 4:,}"
+                f" bytes of weights, more than a model may ({MAX_WEIGHTS_BYTES:,})"
+            )
 
     @property
     def version(self) -> str:
