@@ -14,42 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import main as coord_main
 from meshinfer.errors import IdentityError
 from meshinfer.identity_files import (
     FLEET_FILES,
     FleetDirectory,
     NodeDirectory,
     enroll,
-    init_fleet,
 )
+from tests.test_fleet_fixes34 import KEY, NOW, VEHICLE, fleet, refused, run
 
-NOW = 1_700_000_000.0
-KEY = "ab" * 32
-VEHICLE = frozenset({"vehicle"})
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    code = coord_main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(result: tuple[int, str, str], *fragments: str) -> str:
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0], err
-    assert all(f in lines[0] for f in fragments), lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Path:
-    path = tmp_path / "fleet"
-    init_fleet(path, "f1", now=NOW)
-    return path
-
+__all__ = ["fleet"]  # (a fixture, imported to be used)
 
 def snapshot(fleet: Path) -> dict[str, bytes]:
     return {name: (fleet / name).read_bytes() for name in FLEET_FILES}
