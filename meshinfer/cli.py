@@ -38,7 +38,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-kill", action="store_true", help="do not kill a node halfway")
     demo.add_argument("--keep", type=Path, help="keep the fleet, configs and logs in this dir")
     demo.add_argument("--quiet", action="store_true", help="print only the summary")
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as one JSON object (its keys: python3 -m pydoc meshinfer.demo)",
+    )
     wire = sub.add_parser(
         "wire-demo", help="two nodes enrol, connect over Noise-encrypted TCP, exchange messages"
     )

@@ -16,6 +16,30 @@ Everything runs as an operator would run it, only on loopback and in a throw-awa
    them (``ensemble`` aggregation);
 6. a summary: accuracy, throughput, task latency percentiles, and the work each node did.
 
+``--json`` prints the summary as one JSON object instead, with these keys (times in seconds,
+null where there is nothing to say):
+
+- ``nodes``: the node daemons' names (the coordinator is not one);
+- ``killed``: the node killed halfway (null with ``--no-kill``); ``killed_in_flight``: the items
+  the coordinator counted in flight on it then; ``kill_settled_s``: from the kill until none was
+  left on it; ``killed_items_moved``: the items re-dispatched meanwhile; ``kill_detected_s``:
+  from the kill until membership no longer had it alive;
+- ``kill_error``: why the halfway kill failed (null: it did not);
+- ``tasks``: the batch tasks that ended; ``tasks_failed``: one line for each that did not succeed;
+- ``rows``: the held-out digits; ``rows_classified``: those the batch tasks classified;
+  ``accuracy``: the share of all ``rows`` classified right (one not classified counts as wrong);
+- ``rows_per_s``: ``rows_classified`` over ``seconds``, the time from the first submission to the
+  last task's end;
+- ``latency``: ``p50_ms``, ``p90_ms`` and ``p99_ms`` of the succeeded batch tasks, each from
+  its submission to its result over HTTP, by nearest rank (a time one task took: p99 of fewer
+  than 100 tasks is the slowest);
+- ``ensemble_state``, ``ensemble_accuracy``, ``ensemble_s``: the ensemble task's end, the share of
+  ``rows`` it classified right and how long it took;
+- ``items_by_node``: the work items each node completed (every node named, 0 for none; the batch
+  tasks' and the ensemble's); ``items``: their sum;
+- ``retries``, ``redispatched_after_death``, ``duplicates_dropped``: the coordinator's counts of
+  items tried again, moved off a node that died, and results that came twice (the second dropped).
+
 Ctrl-C, SIGTERM and SIGHUP stop it early the same way: the daemons are stopped (SIGTERM, they
 drain) before it exits with status 128 + the signal. A second of them while it waits for the
 daemons (a second Ctrl-C) waits no longer: the daemons left are killed (SIGKILL) and reaped, and
@@ -189,6 +213,7 @@ class Demo:
         self.names = ["rsu-1"] + [f"veh-{i}" for i in range(1, options.nodes)]
         self.roles = dict(zip(self.names, roles, strict=True))
         self.client: Any = None
+        self.daemons: list[Any] = []  # the daemons start() started (DaemonProcess)
         self.victim: str | None = None
         self.kill_report: dict[str, Any] = {}
         self.kill_error: str | None = None  # why the halfway kill failed (the summary says it)
@@ -228,7 +253,7 @@ class Demo:
         with ThreadPoolExecutor(len(self.names) + 1) as pool:
             futures = [pool.submit(self.cluster.start_coordinator, "coord")]
             futures += [pool.submit(self.cluster.start, name) for name in self.names]
-            daemons = [_started(future) for future in futures]
+            self.daemons = daemons = [_started(future) for future in futures]
         coord = daemons[0]
         self.client = CoordinatorClient(coord.facts["api"], self.cluster.token)
         pids = ", ".join(f"{d.name} {d.facts['pid']}" for d in daemons)
@@ -243,8 +268,9 @@ class Demo:
         except TimeoutError:
             raise DemoError(
                 "the coordinator did not see every node alive with its models within 30 s"
-                f" ({self._seen()}); the daemons find each other by mDNS on 127.0.0.1: is"
-                f" multicast there blocked (a firewall on UDP port 5353)?{self._logs_hint()}"
+                f" ({self._seen()}); the daemons find each other by mDNS (UDP port 5353, group"
+                " 224.0.0.251) on 127.0.0.1: let it through a firewall there, and on Linux"
+                f" give lo the MULTICAST flag (`ip link set lo multicast on`).{self._logs_hint()}"
             ) from None
         if self.halted.is_set():
             return
@@ -267,6 +293,14 @@ class Demo:
         return " Run it with --keep DIR to keep the daemons' logs."
 
     def _all_nodes_ready(self) -> bool:
+        """Whether the coordinator sees every node alive with its models; a :class:`DemoError`
+        naming a daemon that exited meanwhile, with its log's tail (no wait can help then)."""
+        for daemon in self.daemons:
+            if not daemon.alive():
+                raise DemoError(
+                    f"{daemon.name} exited (status {daemon.proc.returncode}) before the fleet"
+                    f" assembled; log tail:\n{self.cluster.log_tail(daemon.name)}"
+                )
         nodes = {n["node_id"]: n for n in self.client.nodes()["nodes"]}
         return all(
             nodes.get(name, {}).get("status") == "alive" and len(nodes[name]["models"]) >= 3
@@ -568,11 +602,15 @@ def _abandoned_when_interrupted(pool: ThreadPoolExecutor) -> Iterator[ThreadPool
     pool.shutdown()
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p90 and p99 of ``values`` (seconds) in milliseconds, by nearest rank: the smallest
+    value with at least q% of them at or below it (each one a time some task took)."""
     if not values:
         return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
-    ms = np.asarray(values) * 1000
-    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+    ordered = sorted(values)
+    return {
+        f"p{q}_ms": ordered[max(1, -(-q * len(ordered) // 100)) - 1] * 1000 for q in (50, 90, 99)
+    }
 
 
 def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, ens_s: float):
@@ -581,6 +619,8 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         predicted[start : start + len(labels)] = labels
     classified = int((predicted >= 0).sum())
     stats = demo.client.stats()
+    done = stats["completed_by_node"]
+    items_by_node = {name: done.get(name, 0) for name in demo.names}
     ens_labels = np.asarray((ens.get("result") or {}).get("labels") or [-1] * len(y))
     return {
         "nodes": demo.names,
@@ -601,7 +641,8 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         "ensemble_state": ens.get("state"),
         "ensemble_accuracy": float((ens_labels == y).mean()) if len(ens_labels) == len(y) else 0.0,
         "ensemble_s": ens_s,
-        "items_by_node": stats["completed_by_node"],
+        "items_by_node": items_by_node,
+        "items": sum(items_by_node.values()),
         "retries": stats["retries"],
         "redispatched_after_death": stats["redispatched_after_death"],
         "duplicates_dropped": stats["duplicates"],

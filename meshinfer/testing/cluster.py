@@ -153,10 +153,18 @@ class LocalCluster:
             raise
         if not came_up:
             _killed(proc)
-            log = (self.root / f"{node_id}.log").read_text()[-2000:]
-            raise RuntimeError(f"{node_id} did not become ready; log tail:\n{log}")
+            raise RuntimeError(
+                f"{node_id} did not become ready; log tail:\n{self.log_tail(node_id)}"
+            )
         self.processes[node_id] = daemon
         return daemon
+
+    def log_tail(self, node_id: str, chars: int = 2000) -> str:
+        """The last ``chars`` characters of ``node_id``'s log (its stderr); empty if it has none."""
+        try:
+            return (self.root / f"{node_id}.log").read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         daemon = self.processes[node_id]
