@@ -158,6 +158,9 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         self._logged = 0  # audit lines logged so far (see _undo_free)
         self._flushes = 0  # flushes that wrote something
         self._flushed_changes = 0  # rows those flushes changed
+        #: the error of a flush SQLite refused with the transaction still open (see _flush)
+        self._refused: Exception | None = None
+        self._in_call = False  # a group's call runs in its savepoint (see _in_savepoint)
         self.syncs = synchronous == "FULL"  # commits are durable only once sync() returned
         self._wal: int | None = None  # a descriptor of the write-ahead log, opened by sync()
         #: the error of a failed fdatasync: every later sync fails too (see :meth:`sync`)
@@ -189,7 +192,12 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
                 db.execute("PRAGMA busy_timeout=5000")
                 migrate(db)
                 self._json_events = _has_json(db)
-                self._where = os.path.abspath(self.path)  # (as SQLite has it: a chdir later)
+                # the file as SQLite named it (absolute, a symbolic link followed): its log is
+                # that name's "-wal" (not the path's, if that is a link), and a chdir later
+                # changes neither
+                self._where = db.execute("PRAGMA database_list").fetchone()[2] or os.path.abspath(
+                    self.path
+                )
                 self._file_id = _file_id(os.stat(self._where))  # see _check_in_place
             except BaseException:
                 db.close()
@@ -231,7 +239,7 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
         The next open recovers what of the log is whole."""
         try:
             reader = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+                f"{Path(self._where).as_uri()}?mode=ro", uri=True, isolation_level=None
             )
         except sqlite3.Error:
             db.close()  # no reader: the checkpoint cannot be avoided
@@ -268,7 +276,7 @@ class Journal(JournalTransactions, ItemProgress, TaskEnds, JournalReads, Journal
                 return  # closed: closing the connection checkpointed and synced the log
             if self._wal is None:
                 try:
-                    self._wal = os.open(f"{self.path}-wal", os.O_RDONLY)
+                    self._wal = os.open(f"{self._where}-wal", os.O_RDONLY)  # (a chdir since)
                 except FileNotFoundError:  # nothing committed in WAL mode yet
                     return
             try:

@@ -69,8 +69,10 @@ def lock_journal(path: Path) -> int:
         raise JournalFileError(f"journal {path}: {failure_text(path, 'reach', exc)}") from None
     if is_dir:
         raise JournalFileError(f"journal {path} is a directory, not a file")
+    # beside the file SQLite opens: a journal held through a symbolic link let in another
+    # opened by the real path (its lock was beside the link)
     return lock_one_user(
-        Path(f"{path}{LOCK_SUFFIX}"), JournalFileError,
+        Path(f"{os.path.realpath(path)}{LOCK_SUFFIX}"), JournalFileError,
         in_use=f"journal {path} is in use by another coordinator",
         advice="one journal serves one coordinator (stop that one, or give this one another"
         " data_dir)",

@@ -116,7 +116,9 @@ class ItemProgress:
                     " VALUES (?, ?, ?, ?, ?)",
                     (item_id, attempt, node, blob, self._clock()),
                 )
-            except sqlite3.IntegrityError:  # belt and braces: the primary key says "once"
+            except sqlite3.IntegrityError as exc:  # belt and braces: the primary key says "once"
+                if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise  # not a second result (a blob of None): no duplicate to count
                 self._count(db, "duplicate_results")
                 return False
             if state.value in _WAITING and attempt == current and sent_to is not None:

@@ -112,7 +112,8 @@ class JournalTransactions:
         the group first runs without them. This journal's methods check before they write, so
         a call that raises has usually written nothing (``total_changes`` tells) and nothing
         needs undoing. Only if a call raised *after* writing is the group rolled back and run
-        again with a real ``SAVEPOINT`` around each call.
+        again with a real ``SAVEPOINT`` around each call -- or if SQLite refused a row held back
+        for the group (too big, unbindable: see :meth:`_flush`), which fails its call alone.
         """
         with self._lock:
             db = self._connection()
@@ -128,19 +129,25 @@ class JournalTransactions:
         writing."""
         db.execute("BEGIN IMMEDIATE")
         self._in_transaction = True
+        self._refused = None
         try:
             run = self._in_savepoint if savepoints else self._undo_free
             outcomes = []
             for call in calls:
                 outcome = run(db, call)
-                if outcome is None:
+                if outcome is None or self._refused is not None:  # (refused: see _flush)
                     self._roll_back(db)
                     return None
                 if not db.in_transaction:  # SQLite rolled it all back (I/O error, disk full)
                     lost = f"the group's transaction was lost: {outcome.error}"
                     raise TransientJournalError(lost) from outcome.error
                 outcomes.append(outcome)
-            self._flush(db)
+            try:
+                self._flush(db)
+            except Exception:
+                if self._refused is None or savepoints:
+                    raise
+                return None  # whose rows SQLite refused: the run with savepoints tells
             if before_commit is not None:
                 before_commit(outcomes)
             db.execute("COMMIT")
@@ -175,15 +182,22 @@ class JournalTransactions:
     def _in_savepoint(self, db: sqlite3.Connection, call: Callable[[], object]) -> CallOutcome:
         self._flush(db)  # the writes of earlier calls must not be undone with this one
         db.execute("SAVEPOINT call")
+        self._in_call = True
         try:
             value = call()
+            self._flush(db)  # its staged rows, in its savepoint: refused, they go with it
+            if self._refused is not None:  # refused in a flush whose error the call caught
+                raise self._refused
         except Exception as exc:
             self._forget_unwritten()
-            if not db.in_transaction:  # a flush inside the call failed: the group fails
+            self._refused = None
+            if not db.in_transaction:  # SQLite rolled the group back: the group fails
                 return CallOutcome(error=exc)
             db.execute("ROLLBACK TO call")
             db.execute("RELEASE call")
             return CallOutcome(error=exc)
+        finally:
+            self._in_call = False
         db.execute("RELEASE call")
         return CallOutcome(value)
 
@@ -203,15 +217,27 @@ class JournalTransactions:
     def _flush(self, db: sqlite3.Connection) -> None:
         """Write what the transaction holds back: staged rows, then the logged events. If that
         fails, the whole transaction is rolled back (calls already answered wrote those rows:
-        it must not commit without them) and the error raised."""
+        it must not commit without them) and the error raised -- but inside a call's savepoint
+        (``_in_savepoint``) only what the call held is dropped: the savepoint undoes its rows.
+
+        A failure that left SQLite's transaction open (a row refused: "string or blob too
+        big", a constraint; not an I/O error or a full disk, which end it) is kept in
+        ``_refused``: a group then runs again with savepoints, in which each call's rows are
+        written before its savepoint is released, so that only the call whose rows were
+        refused fails (not every call of its group)."""
         if not (self._staged or self._events):
             return
         before = db.total_changes
         try:
             self._staged.flush(db)
             self._write_events(db)
-        except BaseException:
-            self._roll_back(db)
+        except BaseException as exc:
+            if db.in_transaction and isinstance(exc, Exception):
+                self._refused = exc
+            if self._in_call and db.in_transaction:
+                self._forget_unwritten()  # its rows: ROLLBACK TO undoes what of them went in
+            else:
+                self._roll_back(db)
             raise
         finally:
             self._flushes += 1

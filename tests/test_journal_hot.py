@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from coordinator.journal import Journal, JournalError, TaskEnding
+from coordinator.journal import Journal, TaskEnding
 from meshinfer.proto.tasks import TaskState
 from tests.test_journal_group_commit import _OPS, _in_groups, _state, pair, single
 
@@ -140,22 +140,6 @@ def test_audit_lines_a_raising_call_wrote_out_are_undone(tmp_path):
         outcomes = journal.commit_group([lambda: journal.submit(single("a")), log_read_raise])
         assert isinstance(outcomes[1].error, RuntimeError)
         assert [e.kind for e in journal.history("a")] == ["submitted"]
-
-
-def test_a_failed_flush_fails_the_whole_group(tmp_path):
-    """Calls answered before the flush wrote those rows: the group must not commit without
-    them (here a node id SQLite cannot bind, which a caller's bug could pass)."""
-    with Journal(tmp_path / "j.db") as journal:
-        journal.submit(single("a"))
-        journal.submit(single("b"))
-        with pytest.raises(JournalError, match="lost"):
-            journal.commit_group([
-                lambda: journal.take_result("a/0", 1, b"r", node=("n",), sent_to="veh"),
-                lambda: journal.get("b"),  # flushes the row above, inside this call
-            ])  # fmt: skip
-        assert len(journal._hot) == 0 and not journal._staged
-        assert journal.get("a").items[0].result is None  # nothing of the group committed
-        assert journal.take_result("a/0", 1, b"r", node="n", sent_to="veh")[0]
 
 
 class Statements:
