@@ -14,7 +14,8 @@ asking
     page. A member that fell short of the version it claimed (or sent a bad entry) is not
     asked again until it claims another version.
 answering
-    :meth:`~RevocationExchange.answer` gives the next page above the asker's version, at most
+    :meth:`~RevocationExchange.answer` gives the next page above the asker's version (up to
+    this node's own version: entries held above a gap would be refused), at most
     once per ``answer_interval`` seconds to one peer, unless it asks for the page after the
     one it got (it moved on).
     A member's shortfall is forgotten once it no longer claims that version among the live
@@ -28,7 +29,8 @@ taking answers
     short at a bad entry, at a gap or by the list's entry limit counts as bad.
 
 Versions compare the highest sequence numbers only: the authority numbers its entries 1, 2,
-3... and every list it writes holds all of them.
+3... and every list it writes holds all of them. (A list that lacks some, put together by hand,
+counts as the version below its first gap: :attr:`RevocationExchange.version`.)
 """
 
 from __future__ import annotations
@@ -86,11 +88,17 @@ class RevocationExchange:
         self._encoded: list[bytes] = []  # the same entries, as the authority signed them
         self._known: set[bytes] = set()
         self._version = 0
+        self._unbroken = 0  # how many of ``_sequences`` the version covers (1..version, no gap)
         self.hold(listed)
 
     @property
     def version(self) -> int:
-        """The version of the list held: its highest sequence number (0: empty)."""
+        """The version of the list held: the highest sequence number up to which it holds
+        every entry, 1, 2, 3... (0: empty, or entry 1 missing). That is its highest sequence
+        number but for a list with a gap (a list file put together by hand, or cut short):
+        gossiping the highest would tell every member it holds entries it lacks, and nobody
+        would ever be asked for them; at the version below the gap, a member with the whole
+        list is asked for what lies above it."""
         return self._version
 
     def hold(self, listed: RevocationList) -> None:
@@ -100,16 +108,22 @@ class RevocationExchange:
         over the list), not a sort and a look-up of every entry. Any other list is taken whole
         (sorted, every entry encoded)."""
         fresh = sorted(listed.entries - self._held, key=_order)
-        if not self._held <= listed.entries or (fresh and fresh[0].sequence <= self._version):
+        top = self._sequences[-1] if self._sequences else 0
+        if not self._held <= listed.entries or (fresh and fresh[0].sequence <= top):
             fresh = sorted(listed.entries, key=_order)
             self._sequences, self._encoded, self._known = [], [], set()
+            self._version, self._unbroken = 0, 0
         for entry in fresh:
             raw = entry.to_bytes()
             self._sequences.append(entry.sequence)
             self._encoded.append(raw)
             self._known.add(raw)
         self._held = listed.entries
-        self._version = self._sequences[-1] if self._sequences else 0
+        sequences, at, version = self._sequences, self._unbroken, self._version
+        while at < len(sequences) and sequences[at] <= version + 1:  # (each entry passed once)
+            version = max(version, sequences[at])
+            at += 1
+        self._unbroken, self._version = at, version
 
     # --- asking ------------------------------------------------------------------------------
 
@@ -169,7 +183,8 @@ class RevocationExchange:
             }
         self._answered[peer] = (now, wanted.have)
         start = bisect.bisect_right(self._sequences, wanted.have)
-        return RevocationsOffer(tuple(self._encoded[start : start + PAGE_ENTRIES]))
+        end = min(start + PAGE_ENTRIES, self._unbroken)  # (entries above a gap would be refused)
+        return RevocationsOffer(tuple(self._encoded[start:end]))
 
     # --- taking answers ----------------------------------------------------------------------
 

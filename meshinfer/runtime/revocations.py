@@ -64,6 +64,12 @@ more than 5 s ahead of the file system's, and missed a same-size change made wit
 granularity; with the host behind, it read the file at each look until the clocks met.) Versions
 compare the highest sequence numbers only: the authority numbers its entries 1, 2, 3... and
 every list it writes holds all of them, so a list with the same version holds the same entries.
+A list that lacks some (a file put together by hand) is in force whole, but gossiped as the
+version below its first gap, so that a member with the whole list is asked for the rest (see
+:attr:`RevocationExchange.version <meshinfer.proto.revocation_sync.RevocationExchange.version>`).
+
+A list that revokes this node's own certificate, however it came, is said in a warning once, and
+the :meth:`RevocationSync.on_self_revoked` listeners are told (peers refuse the node from then on).
 
 Concurrency: everything runs on the node's loop; signature checks and file I/O run in worker
 threads.
@@ -217,12 +223,18 @@ class RevocationSync:
         self._file_unusable = False  # the file as last read does not parse: never written over
         self._file_lock = asyncio.Lock()
         self._cut_off: list[Callable[[CutOff], None]] = []
+        self._self_revoked: list[Callable[[RevocationEntry], None]] = []
+        #: the entry of the list in force that revokes this node's own certificate (None: none)
+        self.own_revocation = admission.revocations.revocation_for(admission.identity.certificate)
         self._cutting: set[Session] = set()  # sessions being closed for a revoked certificate
         self._settling: set[asyncio.Task[None]] = set()  # write-downs and cuts after merges
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
         peers.on_session(self._on_session)
         membership.subscribe(self._on_member)
+        state = membership.state  # (gossiped as the list's highest sequence: a gap hides less)
+        if state.revocation_version != self.version:
+            membership.update_state(replace(state, revocation_version=self.version))
 
     @property
     def revocations(self) -> RevocationList:
@@ -243,6 +255,14 @@ class RevocationSync:
         re-run at once what was sent over it and, unless ``cut.still_connected``, to stop
         counting on that peer. A callback that raises is logged."""
         self._cut_off.append(callback)
+
+    def on_self_revoked(self, callback: Callable[[RevocationEntry], None]) -> None:
+        """Call ``callback(entry)`` once, when a list that revokes this node's own certificate
+        comes in force (by gossip, the file or a push; ``entry`` is the one that revokes it):
+        peers refuse this node from then on, so it should stop serving. A list in force at the
+        start that revokes it already is the daemon's to refuse (see :attr:`own_revocation`).
+        A callback that raises is logged."""
+        self._self_revoked.append(callback)
 
     def start(self) -> None:
         if self._task is None and not self._closed:
@@ -380,6 +400,9 @@ class RevocationSync:
         entry or gap in sequence numbers; an answer cut short, or over the entry limit, leaves
         ``peer`` unasked until it claims another version."""
         verified, bad = await asyncio.to_thread(_verify, answer.fresh, self.trust)
+        held = self.revocations
+        if held.version > self.version:  # entries held above a gap (from a file) continue it too
+            verified += [e for e in held.entries if e.sequence > self.version]
         kept, gap = up_to_gap(self.version, verified)  # (the version now, after the wait)
         refused = bad is not None
         if bad is not None:
@@ -454,7 +477,29 @@ class RevocationSync:
             "revocation list now version %d (%d entries, from %s)",
             self.version, len(merged.entries), source,
         )  # fmt: skip
+        if self.own_revocation is None:
+            self._check_own(merged, source)
         return _Merged.GREW
+
+    def _check_own(self, merged: RevocationList, source: str) -> None:
+        """Say so, and tell the :meth:`on_self_revoked` listeners, if ``merged`` (now in force)
+        revokes this node's own certificate."""
+        cert = self.admission.identity.certificate
+        own = merged.revocation_for(cert)
+        if own is None:
+            return
+        self.own_revocation = own
+        log.warning(
+            "this node's own certificate (%s, serial %d) is revoked by revocation entry %d"
+            " (reason %r, from %s): every peer refuses it from now on; it needs a new"
+            " certificate (meshinfer fleet enroll)",
+            cert.node_id, cert.serial, own.sequence, own.reason, source,
+        )  # fmt: skip
+        for callback in self._self_revoked:
+            try:
+                callback(own)
+            except Exception:  # one listener's bug must not keep the others from hearing
+                log.exception("own-revocation listener failed")
 
     def _on_session(self, peer: str, session: Session) -> None:
         if self.revocations.is_revoked(session.peer):  # admitted just before a merge
