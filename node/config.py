@@ -197,7 +197,8 @@ class ExecutorSection:
         16,
         "MiB of recent results kept so an item a coordinator sends again (its answer may have"
         " been lost with a session, or with the coordinator's restart) is answered without"
-        " running it again; each result counts its output plus ~700 bytes; 0 keeps none",
+        " running it again; each result counts its output plus ~700 bytes (more for a relayed"
+        " one with long ids or many timings); 0 keeps none",
     )
     result_replay_s: float = doc(60.0, "seconds a result is kept for such a replay (0 keeps none)")
 

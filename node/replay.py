@@ -15,7 +15,10 @@ CRC-32, the parameters): item ids are ``task/n`` and a client may choose its tas
 another coordinator, or the same one after losing its journal, may reuse an id for other work;
 and a peer can only ever get back what it asked for itself. Each entry counts its output's bytes
 plus :data:`ENTRY_OVERHEAD` (the Python objects around it), so a budget bounds the count of tiny
-results as well. An entry is kept as a flat tuple of strings, numbers and bytes, which the
+results as well, plus its text past :data:`TEXT_ALLOWANCE` (:func:`text_bytes`): a relayed result's
+ids, engine, device and timings are the helper peer's to choose (up to ~4 KiB of objects an entry,
+against the ~700 bytes a node's own result takes), and uncounted they let it hold several times
+the budget. An entry is kept as a flat tuple of strings, numbers and bytes, which the
 garbage collector stops tracking: thousands of long-lived results would otherwise be walked by
 every older-generation collection (measured: ~10 us more node CPU per task at 64 in flight).
 
@@ -38,11 +41,25 @@ from dataclasses import dataclass
 from meshinfer.errors import ConfigError
 from meshinfer.proto.tasks_wire import TaskAssign, TaskResult, Tensor
 
-__all__ = ["ENTRY_OVERHEAD", "ReplayStats", "ResultReplay", "Work", "work_of"]
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "TEXT_ALLOWANCE",
+    "ReplayStats",
+    "ResultReplay",
+    "Work",
+    "text_bytes",
+    "work_of",
+]
 
 #: Bytes an entry is counted for besides its output's data: its result, tensor, timings, item
 #: id and this store's bookkeeping (``tracemalloc``: ~690 bytes for a one-row result).
 ENTRY_OVERHEAD = 700
+#: The :func:`text_bytes` :data:`ENTRY_OVERHEAD` covers: a node's own result's (~600: an item id
+#: of a few dozen characters, its node id, engine and device names, three timings) is within.
+TEXT_ALLOWANCE = 768
+#: What one timing takes besides its name's characters: its (name, seconds) pair, the name's
+#: string header and the float.
+_TIMING_BYTES = 160
 
 
 @dataclass
@@ -63,6 +80,15 @@ def work_of(asker: str, item: TaskAssign) -> Work:
     x = item.input
     return (asker, item.model_id, item.model_version, x.dtype, x.shape, zlib.crc32(x.data),
             zlib.crc32(item.params))  # fmt: skip
+
+
+def text_bytes(result: TaskResult) -> int:
+    """What ``result``'s text takes kept (its item id, node id, engine, device and timings),
+    about: a character a byte (four, in a string that is not ASCII) and :data:`_TIMING_BYTES` a
+    timing more. At most a few KiB (the decoder bounds each name and the count of timings)."""
+    names = (result.item_id, result.node_id, result.engine, result.device, *result.timings)
+    chars = sum(len(n) if n.isascii() else 4 * len(n) for n in names)
+    return chars + _TIMING_BYTES * len(result.timings)
 
 
 #: One kept result: (stored_at, size, work, dtype, shape, data, node id, engine, device,
@@ -112,9 +138,11 @@ class ResultReplay:
     def keep(self, asker: str, item: TaskAssign, result: TaskResult, now: float) -> None:
         """Remember ``result``, the answer to ``item`` (its input inline) asked by ``asker``,
         dropping expired entries and, if still over budget, the oldest. A result larger than
-        the whole budget is not kept."""
+        the whole budget is not kept. It counts its output's bytes, :data:`ENTRY_OVERHEAD` and
+        its :func:`text_bytes` past :data:`TEXT_ALLOWANCE`."""
         self._expire(now)
-        size = len(result.output.data) + ENTRY_OVERHEAD
+        text = max(0, text_bytes(result) - TEXT_ALLOWANCE)
+        size = len(result.output.data) + ENTRY_OVERHEAD + text
         if size > self.budget_bytes or self.keep_s <= 0:
             return
         self.forget(result.item_id)
