@@ -82,7 +82,7 @@ from node.item_values import clamp_priority as _priority
 from node.item_values import classify as _classify
 from node.item_values import input_array as _input_array
 from node.item_values import wire_tensor as _wire_tensor
-from node.replay import ResultReplay
+from node.replay import ResultReplay, work_of
 from node.slots import Slots as _Slots
 from node.work_sharing import WorkSharing
 
@@ -145,6 +145,7 @@ class TaskExecutor(WorkSharing):
         #: coordinator's retry after the one who sent it first went away): answered instead
         self._reply: dict[str, tuple[str, int]] = {}
         self._senders: dict[str, str] = {}  # item running here -> the peer it came from
+        self._held: dict[str, TaskAssign] = {}  # item running here -> its assignment
         self._draining = False
         self._watchers: set[asyncio.Task[None]] = set()  # session watchers and offload sends
         self._init_work_sharing(rng)
@@ -229,6 +230,12 @@ class TaskExecutor(WorkSharing):
                 log.info("%s may not re-assign %s: refused", peer, msg.item_id)
                 self._fail(peer, msg, FailureKind.OVERLOADED, "holds it already", retryable=True)
                 return
+            if not self._same_work(msg):  # another coordinator's task of the same id
+                self.stats.reassigns_refused += 1
+                log.info("%s sent %s for other work than the one held: refused", peer, msg.item_id)
+                text = "holds other work under this item id"
+                self._fail(peer, msg, FailureKind.OVERLOADED, text, retryable=True)
+                return
             self._reply[msg.item_id] = (peer, msg.attempt)  # answer the latest assignment
             return
         ref = ModelRef(msg.model_id, msg.model_version)
@@ -250,6 +257,7 @@ class TaskExecutor(WorkSharing):
         task = loop.create_task(self._run(peer, msg, ref), name=f"item-{item_id}")
         self._items[item_id] = task
         self._senders[item_id] = peer
+        self._held[item_id] = msg
         delay = self.config.accepted_notice_ms / 1000
         if delay > 0:
             self._notices[item_id] = loop.call_later(
@@ -355,9 +363,19 @@ class TaskExecutor(WorkSharing):
                 kind, text = FailureKind.PEER_LOST, dropped
             self._fail(peer, msg, kind, text, retryable=self._draining or bool(dropped))
 
+    def _same_work(self, msg: TaskAssign) -> bool:
+        """Whether a re-assignment of an item held here (running, or passed on) is for the
+        work held: item ids are ``task/n`` and clients choose task ids, so another coordinator
+        may send the id for other work (it took this item's answer, and the first coordinator
+        got none). Checked on this rare path only (a CRC-32 of each input)."""
+        passed_on = self._offloaded.get(msg.item_id)
+        held = passed_on[1] if passed_on is not None else self._held.get(msg.item_id)
+        return held is None or work_of("", held) == work_of("", msg)
+
     def _forget_item(self, item_id: str) -> None:
         self._items.pop(item_id, None)
         self._senders.pop(item_id, None)
+        self._held.pop(item_id, None)
         self._answered.discard(item_id)
         self._cancelled.discard(item_id)
         self._reply.pop(item_id, None)

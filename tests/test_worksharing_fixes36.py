@@ -8,7 +8,6 @@ import gc
 import tracemalloc
 
 import numpy as np
-import pytest
 
 from meshinfer.proto.tasks_wire import MAX_ID_LEN, MAX_TIMINGS, TaskAssign, TaskResult, Tensor
 from node.replay import ENTRY_OVERHEAD, ResultReplay
@@ -60,13 +59,6 @@ def test_a_nodes_own_result_still_counts_its_output_plus_the_entry_overhead():
     assert replay.bytes == 16 + ENTRY_OVERHEAD
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/executor.py _assign: a TaskAssign for an item id held here (running or passed "
-    "on) from another coordinator is taken as a re-assignment whatever its work: the other "
-    "work's coordinator gets this item's result, and the first coordinator none (the replay "
-    "store checks work_of; the held-item path does not)",
-)
 async def test_a_held_item_re_assigned_with_other_work_does_not_take_its_answer():
     """Item ids are ``task/n`` and clients choose task ids: coord-2 may send an item id coord's
     item runs under here, for other work. coord must get its own result, and coord-2 never a
