@@ -25,6 +25,7 @@ from tests.test_fleet_fixes34 import KEY, NOW, VEHICLE, fleet, refused, run
 
 __all__ = ["fleet"]  # (a fixture, imported to be used)
 
+
 def snapshot(fleet: Path) -> dict[str, bytes]:
     return {name: (fleet / name).read_bytes() for name in FLEET_FILES}
 
