@@ -313,9 +313,10 @@ class CoordinatorApi:
         except TaskConflictError as exc:
             return ApiError(409, "conflict", str(exc)).response()
         except Exception as exc:
-            # the JSON workers or the journal closed under it, or the journal's sync failed
-            # (the coordinator acknowledges nothing more and its daemon is about to stop)
-            if self._closing.is_set() or self.coordinator.failure is not None:
+            # the JSON workers, the coordinator or its journal closed under it, or the journal's
+            # sync failed (the coordinator acknowledges nothing more; its daemon is to stop)
+            c = self.coordinator
+            if self._closing.is_set() or c.closed or c.failure is not None:
                 log.info(
                     "API %s %s: cut short by the shutdown: %r",
                     request.method, request.path[:200], exc,

@@ -294,6 +294,12 @@ class Coordinator(Dispatch, NodeAnswers, TaskOutcomes):
         for task in self._tasks:
             task.add_done_callback(_log_death)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called (what a request meets from then on is cut short
+        by the shutdown: the API answers it 503 ``shutting_down``)."""
+        return self._closed
+
     async def aclose(self) -> None:
         """Stop dispatching and close the journal (in-flight items stay journaled). Idempotent:
         every call waits until the one close has ended, which goes on when a caller is
