@@ -219,7 +219,12 @@ def test_synthetic_weights_follow_their_recipe() -> None:
 @given(width=st.integers(1, 999_999), depth=st.integers(1, 999))
 @settings(max_examples=200)
 def test_synthetic_versions_round_trip(width: int, depth: int) -> None:
-    assert parse_version(SyntheticSpec(width, depth).version) == (width, depth)
+    try:
+        spec = SyntheticSpec(width, depth)
+    except ValueError as exc:  # weights over the limit: refused before anything is made
+        assert "more than a model may" in str(exc)
+        return
+    assert parse_version(spec.version) == (width, depth)
 
 
 @given(st.text(max_size=20))
