@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from meshinfer.percentiles import nearest_rank
 from meshinfer.proto.identity import FleetAuthority
 from meshinfer.proto.membership import MemberEventKind, MembershipConfig
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
@@ -52,12 +53,6 @@ def model_seconds(n: int, fanout: int, loss: float, interval: float) -> float:
     while 1 / (1 + (n + 1) * math.exp(-(fanout / 2) * (1 - loss) * rounds)) < TARGET:
         rounds += 1
     return rounds * interval
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 @dataclass
@@ -190,7 +185,7 @@ def run_scenario(
         statistics.median(spreads),
         model_seconds(n, config.gossip_nodes, loss, config.gossip_interval),
         statistics.median(pairs),
-        percentile(pairs, 99),
+        nearest_rank(pairs, 99),
         statistics.median(firsts),
         packets,
         size,

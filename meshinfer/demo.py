@@ -69,6 +69,7 @@ import numpy as np
 
 from meshinfer.errors import MeshInferError
 from meshinfer.fleetcli import EXIT_CLOSED_PIPE, stdout_gone
+from meshinfer.percentiles import nearest_rank
 
 DIGITS = "digits-mlp@1"
 ENSEMBLE = ("digits-mlp@1", "digits-mlp-wide@1", "digits-mlp-deep@1")
@@ -607,10 +608,7 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     value with at least q% of them at or below it (each one a time some task took)."""
     if not values:
         return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
-    ordered = sorted(values)
-    return {
-        f"p{q}_ms": ordered[max(1, -(-q * len(ordered) // 100)) - 1] * 1000 for q in (50, 90, 99)
-    }
+    return {f"p{q}_ms": nearest_rank(values, q) * 1000 for q in (50, 90, 99)}
 
 
 def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, ens_s: float):

@@ -40,6 +40,7 @@ from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 from meshinfer.errors import ConfigError
+from meshinfer.percentiles import nearest_rank
 from meshinfer.proto.membership import (
     Member,
     MemberEvent,
@@ -386,12 +387,6 @@ def run_membership(scenario: MembershipScenario) -> MembershipReport:
 # --- summaries ---------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of a non-empty sequence; inf sorts last."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
 def summary(values: Sequence[float | None], top: str) -> dict[str, float | None]:
     """``{"median_s", top + "_s"}`` where None (never happened) counts as infinitely late.
 
@@ -401,7 +396,7 @@ def summary(values: Sequence[float | None], top: str) -> dict[str, float | None]
     if not values:
         return {"median_s": None, f"{top}_s": None}
     timed = [math.inf if v is None else v for v in values]
-    high = max(timed) if top == "max" else percentile(timed, 99)
+    high = max(timed) if top == "max" else nearest_rank(timed, 99)
     return {"median_s": _finite(statistics.median(timed)), f"{top}_s": _finite(high)}
 
 

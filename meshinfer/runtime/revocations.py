@@ -495,11 +495,7 @@ class RevocationSync:
             " certificate (meshinfer fleet enroll)",
             cert.node_id, cert.serial, own.sequence, own.reason, source,
         )  # fmt: skip
-        for callback in self._self_revoked:
-            try:
-                callback(own)
-            except Exception:  # one listener's bug must not keep the others from hearing
-                log.exception("own-revocation listener failed")
+        _tell(self._self_revoked, own, "own-revocation listener failed")
 
     def _on_session(self, peer: str, session: Session) -> None:
         if self.revocations.is_revoked(session.peer):  # admitted just before a merge
@@ -527,11 +523,7 @@ class RevocationSync:
         carried = self.peers.session(node) is session
         await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
         cut = CutOff(node, serial, self._has_good_session(node), carried)
-        for callback in self._cut_off:
-            try:
-                callback(cut)
-            except Exception:  # one listener's bug must not keep the others from hearing
-                log.exception("cut-off listener failed for %s", node)
+        _tell(self._cut_off, cut, f"cut-off listener failed for {node}")
 
     def _has_good_session(self, node: str) -> bool:
         """Whether ``node`` has an open session under a certificate that is not revoked."""
@@ -580,6 +572,16 @@ class RevocationSync:
             step.close()
             return
         self._steps.spawn(step)
+
+
+def _tell(listeners: list[Callable[[Any], None]], value: object, failed: str) -> None:
+    """Call each listener with ``value``; one that raises is logged (``failed``), and the
+    others still hear of it."""
+    for callback in listeners:
+        try:
+            callback(value)
+        except Exception:
+            log.exception("%s", failed)
 
 
 def _write(path: Path, listed: RevocationList, seen: bytes | None) -> bytes | None:
