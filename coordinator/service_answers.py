@@ -137,31 +137,34 @@ class NodeAnswers:
         blob, failures, ending, alone = messages.encode(msg), 0, None, False
 
         async def write() -> tuple[bool, TaskEnd | None]:
+            # (a loop, not a call of itself: a closure naming itself is a reference cycle
+            # per result, holding its message and blob until the cyclic collector runs)
             nonlocal failures, ending, alone
-            # (again: the run may have moved on meanwhile)
-            ending = None if alone else self._ending_with(msg)
-            entry = pair[1] if sent and pair[1].sent_to(msg.attempt, peer) else None
-            before = entry.journaled if entry is not None else 0
-            if entry is not None:
-                entry.journaled = msg.attempt
-            try:
-                return await self._db.run(
-                    "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
-                    sent_to=peer if sent else None, ending=ending,
-                )  # fmt: skip
-            except Exception as exc:
-                transient = isinstance(exc, _TRANSIENT)
-                failures += transient
-                if entry is not None and entry.journaled == msg.attempt:
-                    entry.journaled = before
-                if transient or ending is None:
-                    raise
-            # the end it decides was refused (e.g. SQLite's "string or blob too big" for a
-            # batch's joined outputs): the result alone, the end then as _finish writes it
-            log.warning("journal: the end of task %s with the result of %s was refused,"
-                        " taking the result alone", ending.task_id, msg.item_id)  # fmt: skip
-            alone = True
-            return await write()
+            while True:
+                # (again: the run may have moved on meanwhile)
+                ending = None if alone else self._ending_with(msg)
+                entry = pair[1] if sent and pair[1].sent_to(msg.attempt, peer) else None
+                before = entry.journaled if entry is not None else 0
+                if entry is not None:
+                    entry.journaled = msg.attempt
+                try:
+                    return await self._db.run(
+                        "take_result", msg.item_id, msg.attempt, blob, node=msg.node_id,
+                        sent_to=peer if sent else None, ending=ending,
+                    )  # fmt: skip
+                except Exception as exc:
+                    transient = isinstance(exc, _TRANSIENT)
+                    failures += transient
+                    if entry is not None and entry.journaled == msg.attempt:
+                        entry.journaled = before
+                    if transient or ending is None:
+                        raise
+                # the end it decides was refused (e.g. SQLite's "string or blob too big" for
+                # a batch's joined outputs): the result alone, the end then as _finish
+                # writes it
+                log.warning("journal: the end of task %s with the result of %s was refused,"
+                            " taking the result alone", ending.task_id, msg.item_id)  # fmt: skip
+                alone = True
 
         try:
             if pair is None:  # not live here: the journal refuses it (one try)
