@@ -21,7 +21,9 @@ closed.
 A failed sync of the journal's log is fatal (:meth:`~coordinator.service.Coordinator.failed`:
 commits since the last sync may be lost, and the journal syncs nothing more): the daemon logs
 it (CRITICAL), stops as on SIGTERM and exits 1, for its supervisor to restart it; the restart's
-recovery replays the journal.
+recovery replays the journal. So does a revocation list that revokes the coordinator's own
+certificate, coming in force while it runs (every peer refuses it from then on; a restart is
+refused until it is enrolled again).
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.startup import check_not_revoked, load_identity, mesh_options, start_mesh
+from meshinfer.runtime.startup import (
+    check_not_revoked,
+    load_identity,
+    mesh_options,
+    start_mesh,
+    until_self_revoked,
+)
 from meshinfer.tomlconfig import listen_failure, parse_address
 
 log = logging.getLogger(__name__)
@@ -160,10 +168,24 @@ class CoordinatorDaemon:
 
     async def fatal(self) -> str:
         """Return (why) once this daemon cannot go on: its coordinator's journal failed to
-        sync its log, during the start (its recovery) or after (see the module docstring)."""
+        sync its log, during the start (its recovery) or after, or a revocation list that
+        revokes its own certificate came in force while it ran (see the module docstring)."""
         await self._coordinating.wait()
-        assert self.coordinator is not None
-        error = await self.coordinator.failed()
+        assert self.coordinator is not None and self.mesh is not None
+        watches = [
+            asyncio.ensure_future(self._journal_failed(self.coordinator)),
+            asyncio.ensure_future(until_self_revoked(self.mesh)),
+        ]
+        try:
+            done, _ = await asyncio.wait(watches, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for watch in watches:
+                watch.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
+        return done.pop().result()
+
+    async def _journal_failed(self, coordinator: Coordinator) -> str:
+        error = await coordinator.failed()
         return f"journal {self.journal_path}: a sync of its log failed: {error}"
 
     def _open_journal(self) -> Journal:

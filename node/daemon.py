@@ -19,6 +19,10 @@ Readiness is reported (``/readyz`` 200 and a ``READY {json}`` line on stdout) on
 listener is up and every configured model is loaded. SIGTERM drains: the executor stops taking
 work and hands back queued items, running ones finish, membership announces the leave, then the
 rest closes. A second SIGTERM (or SIGINT) skips the drain.
+
+A revocation list that revokes this node's own certificate, coming in force while it runs (by
+gossip, a copy in its identity directory, or a push), stops it as SIGTERM does, and it exits 1:
+every peer refuses it from then on, and a restart is refused until it is enrolled again.
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ from meshinfer.runtime.data_dir import DataDir
 from meshinfer.runtime.heap import settle_heap
 from meshinfer.runtime.loop import close_in_order, serve_until_signalled
 from meshinfer.runtime.node import MeshNode
-from meshinfer.runtime.startup import check_not_revoked, load_identity, mesh_options, start_mesh
+from meshinfer.runtime.startup import (
+    check_not_revoked,
+    load_identity,
+    mesh_options,
+    start_mesh,
+    until_self_revoked,
+)
 from meshinfer.runtime.startup import check_validity as check_validity  # (its home was here)
 from meshinfer.runtime.telemetry import TelemetryCollector
 from meshinfer.tomlconfig import listen_failure
@@ -99,6 +109,7 @@ class NodeDaemon:
         self.snapshot: Any = None
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
+        self._meshed = asyncio.Event()  # set once self.mesh started (see fatal)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._one_close = OneClose()
@@ -120,6 +131,7 @@ class NodeDaemon:
         await self._start_inference()
         self.mesh = MeshNode(self.identity, revocations, self.options, rng=self.rng)
         await start_mesh(self.mesh, self.config)
+        self._meshed.set()
         self._publish_models()
         self.set_mobility(self.config.mobility.position, self.config.mobility.velocity)
         await self._start_executor()
@@ -133,6 +145,13 @@ class NodeDaemon:
         facts = self.facts()
         await asyncio.to_thread(self.data.write_runtime, facts)
         return facts
+
+    async def fatal(self) -> str:
+        """Return (why) once this daemon cannot go on: a revocation list that revokes its own
+        certificate came in force while it ran (see the module docstring)."""
+        await self._meshed.wait()
+        assert self.mesh is not None
+        return await until_self_revoked(self.mesh)
 
     def facts(self) -> dict[str, Any]:
         assert self.mesh is not None and self.mesh.address is not None
@@ -345,5 +364,5 @@ async def run_daemon(config: NodeConfig, parent_pid: int | None = None) -> int:
     exit code."""
     daemon = NodeDaemon(config)
     return await serve_until_signalled(
-        daemon, daemon.drain_and_close, parent_pid, on_ready=settle_heap
+        daemon, daemon.drain_and_close, parent_pid, on_ready=settle_heap, fatal=daemon.fatal
     )

@@ -264,6 +264,24 @@ class RevocationSync:
         A callback that raises is logged."""
         self._self_revoked.append(callback)
 
+    async def self_revoked(self) -> RevocationEntry:
+        """Wait until a list that revokes this node's own certificate is in force (at once if
+        one is), and return the entry that revokes it: a daemon's cue to stop (see
+        :func:`~meshinfer.runtime.startup.until_self_revoked`)."""
+        if self.own_revocation is None:
+            told: asyncio.Future[RevocationEntry] = self._loop.create_future()
+
+            def tell(entry: RevocationEntry) -> None:
+                if not told.done():
+                    told.set_result(entry)
+
+            self._self_revoked.append(tell)
+            try:
+                return await told
+            finally:
+                self._self_revoked.remove(tell)
+        return self.own_revocation
+
     def start(self) -> None:
         if self._task is None and not self._closed:
             self._task = self._loop.create_task(self._run(), name="revocations")

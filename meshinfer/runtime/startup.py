@@ -74,6 +74,24 @@ def check_not_revoked(
         )
 
 
+async def until_self_revoked(mesh: MeshNode) -> str:
+    """Return (why) once a revocation list that revokes ``mesh``'s own certificate comes in
+    force while it runs (gossiped by a peer, copied into its identity directory, or pushed):
+    every peer refuses it from then on, and a restart is refused until the node is enrolled
+    again (:func:`check_not_revoked`). For a daemon's fatal watch: it stops as on SIGTERM and
+    exits 1, rather than serve on cut off from the fleet."""
+    sync = mesh.revocation_sync
+    assert sync is not None, "the mesh is not started"
+    entry = await sync.self_revoked()
+    cert = mesh.identity.certificate
+    reason = f", reason {entry.reason!r}" if entry.reason else ""
+    return (
+        f"the certificate of {cert.node_id!r} (serial {cert.serial}) is revoked (revocation"
+        f" entry {entry.sequence}{reason}): every peer refuses it; enrol the node again"
+        " (fleet enroll --force)"
+    )
+
+
 def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptions:
     """The mesh sections of a node's or coordinator's file as :class:`MeshNodeOptions`.
 
