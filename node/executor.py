@@ -192,6 +192,13 @@ class TaskExecutor(WorkSharing):
         if (bounded := _deadline(msg.deadline_s)) != msg.deadline_s:
             msg = replace(msg, deadline_s=bounded)
         ref = msg.input_ref
+        if ref is not None and not self._is_coordinator(peer):
+            # only a coordinator's inputs are kept here, and only its mirror may name them:
+            # another member could run models on a kept input knowing its digest alone (or
+            # probe what is held), and its gets would reorder the cache behind the mirrors
+            self._fail(peer, msg, FailureKind.BAD_INPUT, "input by reference from a member"
+                       " that is not a coordinator", retryable=False)  # fmt: skip
+            return
         if ref is not None:
             waits = self.input_order.busy  # behind an input being hashed: may be cancelled
             if waits and msg.item_id not in self._waiting:  # (else it would pass its retry)
