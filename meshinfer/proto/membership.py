@@ -313,10 +313,19 @@ class Membership:
         self._on_header(from_node, header, now)
 
     def _send_corrections(self, to_node: str) -> None:
+        """Send the refutations of the stale claims just received back to their sender, in
+        gossip packets within ``packet_budget`` each (one record alone may exceed it): one
+        packet of them all could exceed one Noise message, which the sender would refuse."""
         corrections, self.table.corrections = self.table.corrections, []
-        if corrections:
-            unique = list(dict.fromkeys(corrections))
-            self._send(to_node, Gossip(), first=unique)
+        room = self.config.packet_budget - len(encode_header(Gossip()))
+        chunk: list[bytes] = []
+        for data in dict.fromkeys(corrections):
+            if chunk and sum(map(len, chunk)) + len(data) > room:
+                self._send(to_node, Gossip(), first=chunk)
+                chunk = []
+            chunk.append(data)
+        if chunk:
+            self._send(to_node, Gossip(), first=chunk)
 
     def _on_header(self, sender: str, header: Header, now: float) -> None:
         if isinstance(header, Ping):
@@ -524,8 +533,10 @@ class Membership:
         """Send ``header`` with ``first`` records, then queued updates up to the budget."""
         head = encode_header(header)
         records = first or []
-        room = self.config.packet_budget - len(head) - sum(len(r) for r in records)
-        records += self.table.broadcasts.take(room, self.table.retransmit_limit())
+        room = self.config.packet_budget - len(head)
+        left = room - sum(len(r) for r in records)
+        limit = self.table.retransmit_limit()
+        records += self.table.broadcasts.take(left, limit, packet_room=room)
         if require_records and not records:
             return False
         self._emit(to_node, head + b"".join(records))

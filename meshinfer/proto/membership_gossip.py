@@ -60,20 +60,23 @@ class BroadcastQueue:
         """Forget everything queued."""
         self._items.clear()
 
-    def take(self, budget: int, limit: int) -> list[bytes]:
+    def take(self, budget: int, limit: int, *, packet_room: int | None = None) -> list[bytes]:
         """Pick updates fitting ``budget`` bytes, count one transmit each, retire those at
         ``limit`` transmits. Returns the encoded records. The first-ranked update goes even
-        if it is larger than ``budget``, alone: a record may be (a full state and a
-        certificate: ~1.75 KB against the default budget of 1,400 B), and skipped on every
-        packet it would spread only by push-pull (a packet travels over a session, up to 64
-        KiB, not in one network frame)."""
+        if it is larger than ``budget``, alone, when it is larger than ``packet_room`` too
+        (the room of a packet that carries nothing else; default ``budget``): a record may be
+        (a full state and a certificate: ~1.75 KB against the default budget of 1,400 B), and
+        skipped on every packet it would spread only by push-pull (a packet travels over a
+        session, up to 64 KiB, not in one network frame). One that some packet could fit
+        waits for a packet with the room."""
         if not self._items or budget < MIN_RECORD_BYTES:
             return []
+        room = budget if packet_room is None else packet_room
         chosen: list[bytes] = []
         ranked = sorted(self._items.items(), key=lambda kv: (kv[1].transmits, -kv[1].order))
         for slot, item in ranked:
             if len(item.data) > budget:
-                if chosen:
+                if chosen or len(item.data) <= room:
                     continue
                 budget = 0  # (alone: nothing else joins it)
             chosen.append(item.data)
