@@ -59,7 +59,8 @@ class MessageTooLargeError(NoiseError, LocalProtocolError):
 
 
 class NonceExhaustedError(NoiseError, LocalProtocolError):
-    """A cipher state used up its 2**64-1 nonces; the session must be torn down or rekeyed."""
+    """A cipher state used up its 2**64-1 nonces; the session must be torn down (a rekey keeps
+    the nonce)."""
 
 
 # --- Admission (fleet identity) --------------------------------------------------------------

@@ -533,7 +533,9 @@ class RevocationList:
         _, fleet_id, raw_entries = outer
         if fleet_id != trust.fleet_id:
             raise RevocationError(f"revocation list is for fleet {fleet_id!r:.80}")
-        if not isinstance(raw_entries, list) or len(raw_entries) > MAX_REVOCATION_ENTRIES:
+        if not isinstance(raw_entries, list):
+            raise RevocationError("revocation list entries must be an array")
+        if len(raw_entries) > MAX_REVOCATION_ENTRIES:
             raise RevocationError(f"revocation list holds at most {MAX_REVOCATION_ENTRIES} entries")
         if not all(type(raw) is bytes for raw in raw_entries):
             raise RevocationError("revocation entries must be byte strings")

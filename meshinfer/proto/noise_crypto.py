@@ -39,6 +39,7 @@ _pack_nonce = struct.Struct("<4xQ").pack  # 32 zero bits, then the 64-bit counte
 _CryptoError = nacl.exceptions.CryptoError
 _REKEY_NONCE = _pack_nonce(MAX_NONCE)
 _ZERO_KEY = bytes(KEY_LEN)
+_EXHAUSTED = "nonces exhausted; reconnect (a rekey keeps the nonce, section 11.3)"
 
 Rng = Callable[[int], bytes]
 
@@ -150,7 +151,7 @@ class CipherState:
         """EncryptWithAd: ciphertext + 16-byte tag; plaintext at most 65519 bytes."""
         n = self._n
         if n >= MAX_NONCE:
-            raise NonceExhaustedError(f"{self.label}: nonces exhausted; rekey or reconnect")
+            raise NonceExhaustedError(f"{self.label}: {_EXHAUSTED}")
         if len(plaintext) > MAX_PLAINTEXT_LEN:
             raise MessageTooLargeError(
                 f"{self.label}: plaintext of {len(plaintext)} bytes exceeds {MAX_PLAINTEXT_LEN}"
@@ -168,7 +169,7 @@ class CipherState:
         """DecryptWithAd; raises :class:`DecryptError` without advancing the nonce on failure."""
         n = self._n
         if n >= MAX_NONCE:
-            raise NonceExhaustedError(f"{self.label}: nonces exhausted; rekey or reconnect")
+            raise NonceExhaustedError(f"{self.label}: {_EXHAUSTED}")
         if not TAG_LEN <= len(ciphertext) <= MAX_MESSAGE_LEN:
             raise DecryptError(
                 f"{self.label}: ciphertext of {len(ciphertext)} bytes is outside "

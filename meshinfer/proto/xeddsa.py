@@ -16,7 +16,8 @@ How it works (the paper's section 2.3, with the curve's own constants):
 * ``r = SHA-512(0xFE || 0xFF * 31 || a || message || Z) mod q`` with 64 fresh random bytes ``Z``,
   ``R = rB``, ``h = SHA-512(R || A || message) mod q``, ``s = r + h a (mod q)``; the signature is
   ``R || s`` -- an ordinary Ed25519 signature by ``A``.
-* The verifier maps ``u`` to Edwards ``y = (u - 1) / (u + 1) (mod p)`` with sign bit 0 and runs
+* The verifier refuses a non-canonical ``u`` (``u >= p``, the top bit included), maps ``u`` to
+  Edwards ``y = (u - 1) / (u + 1) (mod p)`` with sign bit 0 and runs
   libsodium's Ed25519 verification (which also refuses small-order keys and non-canonical ``s``).
 
 Point arithmetic is libsodium's (through pynacl); only the scalar and field reductions are
@@ -72,11 +73,16 @@ class XEdDSAKey:
 
 
 def edwards_public(x25519_public: bytes) -> bytes | None:
-    """The Edwards form (sign bit 0) of a Montgomery public key, or None if it has none."""
+    """The Edwards form (sign bit 0) of a Montgomery public key, or None if it has none.
+
+    Only the canonical encoding ``u < p`` has one: the paper's ``xeddsa_verify`` refuses
+    ``u >= p`` before it masks the top bit (so does libsignal), else a key with its ignored top
+    bit set would be a second encoding that every signature of the key verifies under.
+    """
     if len(x25519_public) != KEY_BYTES:
         return None
-    u = int.from_bytes(x25519_public, "little") & ((1 << 255) - 1)
-    if u >= P or u == P - 1:  # not canonical; or u + 1 = 0, which has no inverse
+    u = int.from_bytes(x25519_public, "little")
+    if u >= P or u == P - 1:  # not canonical (top bit set too); or u + 1 = 0: no inverse
         return None
     y = (u - 1) * pow(u + 1, -1, P) % P
     return y.to_bytes(KEY_BYTES, "little")
