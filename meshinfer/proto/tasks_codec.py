@@ -108,7 +108,7 @@ class _Reader:
             raise InvalidTaskError(f"{path or 'task'}: expected a map, got {type(raw).__name__}")
         unknown = sorted(str(k) for k in raw if k not in keys)
         if unknown:
-            raise InvalidTaskError(f"{path or 'task'}: unknown key {unknown[0]!r}")
+            raise InvalidTaskError(f"{path or 'task'}: unknown key {unknown[0]!r:.80}")
         self.raw, self.path = raw, path
 
     def take(self, key: str, kinds: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
@@ -236,7 +236,7 @@ def _pattern(value: str) -> Pattern:
         return Pattern(value)
     except ValueError:
         names = [p.value for p in Pattern]
-        raise InvalidTaskError(f"pattern: {value!r} is not one of {names}") from None
+        raise InvalidTaskError(f"pattern: {value!r:.80} is not one of {names}") from None
 
 
 def _seconds(reader: _Reader, key: str) -> float | None:

@@ -122,7 +122,7 @@ def _layout_bytes(dtype: str, shape: tuple[int, ...], limit: int, what: str = "t
     allowed, the dimensions bounded and the count within ``limit``."""
     itemsize = _ITEM_SIZES.get(dtype) if type(dtype) is str else None
     if itemsize is None:
-        raise _refuse(what, f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise _refuse(what, f"dtype {dtype!r:.40} is not one of {sorted(DTYPES)}")
     if len(shape) > MAX_NDIM:
         raise _refuse(what, f"{len(shape)} dimensions, at most {MAX_NDIM} allowed")
     for d in shape:
@@ -290,7 +290,7 @@ def is_text(value: str) -> bool:
 def _check_param(key: Any, value: Any) -> str | None:
     """What is wrong with one parameter, or None."""
     if type(key) is not str or not 0 < len(key) <= MAX_PARAM_KEY_LEN:
-        return f"key {key!r} must be a string of 1..{MAX_PARAM_KEY_LEN} characters"
+        return f"key {key!r:.80} must be a string of 1..{MAX_PARAM_KEY_LEN} characters"
     if not is_text(key):
         return f"key {key!r} holds a lone surrogate, which is not text"
     if type(value) not in _PARAM_TYPES:
