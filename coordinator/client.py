@@ -50,7 +50,7 @@ import numpy as np
 
 from meshinfer.atomic_files import read_limited
 from meshinfer.errors import ConfigError, MeshInferError, RemoteProtocolError
-from meshinfer.http_client import read_capped, strict_opener
+from meshinfer.http_client import read_body, read_capped, strict_opener
 from meshinfer.http_url import check_http_url
 from meshinfer.proto.tasks_wire import pack_array, unpack_array
 from meshinfer.runtime.data_dir import RUNTIME_FILE, read_runtime
@@ -397,6 +397,9 @@ class CoordinatorClient:
                 time.sleep(min(pause, ends - now))
                 continue
             away_since = None
+            if not isinstance(doc.get("state"), str):  # (a list: TypeError; none: asked again)
+                message = f"the coordinator's answer to GET {path} names no task state"
+                raise ApiError(None, "bad_response", message)
             now = time.monotonic()
             if doc.get("state") in TERMINAL_STATES or (deadline is not None and now >= deadline):
                 return doc
@@ -411,9 +414,15 @@ class CoordinatorClient:
         limit: int = 100,
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        """GET /v1/tasks: one page ``{"tasks": [summary...], "next_cursor": str | None}``."""
+        """GET /v1/tasks: one page ``{"tasks": [summary...], "next_cursor": str | None}`` (an
+        answer of another shape is an ApiError ``bad_response``)."""
         query = {"state": state, "model": model, "since": since, "limit": limit, "cursor": cursor}
-        return self._request("GET", "/v1/tasks", query=query)
+        page = self._request("GET", "/v1/tasks", query=query)
+        tasks, following = page.get("tasks"), page.get("next_cursor")
+        if not isinstance(tasks, list) or not isinstance(following, str | None):
+            message = 'the coordinator\'s page of tasks is not {"tasks": [...], "next_cursor"}'
+            raise ApiError(None, "bad_response", message)
+        return page
 
     def iter_tasks(
         self,
@@ -589,7 +598,7 @@ def _query_value(value: Any) -> str:
 
 def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
     try:
-        return exc.read(_MAX_ERROR_BODY)  # (the API's errors are small; the rest is not read)
+        return read_body(exc, _MAX_ERROR_BODY)  # (the API's errors are small; no more is read)
     except (OSError, HTTPException):
         return b""
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 
 from meshinfer.http_url import opener_for
 
-__all__ = ["read_capped", "strict_opener"]
+__all__ = ["read_body", "read_capped", "strict_opener"]
 
 _READ_CHUNK = 1 << 20
 
@@ -131,12 +131,23 @@ class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
 
 def read_capped(response: http.client.HTTPResponse, cap: int) -> bytearray | None:
     """The answer's body, read in chunks; None once it is larger than ``cap`` bytes (then no
-    more of it is read: a ``Content-Length`` over ``cap`` is not read at all)."""
+    more of it is read: a ``Content-Length`` over ``cap`` is not read at all). A body that
+    cannot be read as HTTP is an :class:`http.client.HTTPException` (see :func:`read_body`)."""
     if response.length is not None and response.length > cap:
         return None
     body = bytearray()
-    while chunk := response.read(min(_READ_CHUNK, cap + 1 - len(body))):
+    while chunk := read_body(response, min(_READ_CHUNK, cap + 1 - len(body))):
         body += chunk
         if len(body) > cap:
             return None
     return body
+
+
+def read_body(response: http.client.HTTPResponse, size: int) -> bytes:
+    """Up to ``size`` bytes of the answer's body. http.client raises a bare ValueError for a
+    negative chunk size (it asks its reader for ``-5`` bytes): here an HTTPException, as every
+    other answer that is not HTTP, which callers take as the server's fault."""
+    try:
+        return response.read(size)
+    except ValueError as exc:
+        raise http.client.HTTPException(f"the answer's body is not valid HTTP ({exc})") from None
