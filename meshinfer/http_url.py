@@ -13,14 +13,24 @@ __all__ = ["check_http_url", "opener_for"]
 
 def check_http_url(url: str, what: str) -> str:
     """``url`` without surrounding blanks or a trailing slash; ConfigError naming ``what``
-    (e.g. "coordinator URL") unless it is an http(s) URL with a host and, if any, a valid port."""
+    (e.g. "coordinator URL") unless it is an http(s) URL with a host and, if any, a valid port
+    and a path, without a query, a fragment, a user, blanks or control characters (the API's
+    paths are appended to it)."""
     try:
         parts = urllib.parse.urlsplit(url.strip())
         parts.port  # noqa: B018 -- raises ValueError for a malformed or out-of-range port
     except ValueError:  # also an unclosed "[" of an IPv6 address
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} {url!r} must look like http://HOST:PORT")
+        raise ConfigError(f"{what} {url!r:.200} must look like http://HOST:PORT")
+    # the API's paths are appended to it: a query or fragment would swallow them, a user
+    # would be taken for part of the host, a blank or control character is no URL
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ConfigError(f"{what} {url!r:.200} must not hold a query or fragment (? or #)")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{what} {url!r:.200} must not hold a user name (give no user@)")
+    if any(c.isspace() or not c.isprintable() for c in url.strip()):
+        raise ConfigError(f"{what} {url!r:.200} must not hold blanks or control characters")
     return url.strip().rstrip("/")
 
 

@@ -4,7 +4,9 @@ A negative chunk size in a chunked answer made http.client raise a bare ValueErr
 reader for ``-5`` bytes), which left :class:`CoordinatorClient` as no ApiError, the error
 answers' reader included; a ``/wait`` answer whose ``state`` was a list raised TypeError, and
 one without a state was asked again for ever (``timeout=None``); a page of ``/v1/tasks`` of
-another shape raised KeyError or TypeError, or iterated a string's characters as tasks.
+another shape raised KeyError or TypeError, or iterated a string's characters as tasks; a base
+URL with a query, a fragment, a user or a blank was taken, and the API's paths appended to it
+(another endpoint asked, or a failure blamed on the coordinator).
 
 Servers are real HTTP on loopback: :class:`RawServer` (a socket answering every connection
 with the same bytes) and ScriptedServer (test_client_config_hunt).
@@ -130,13 +132,6 @@ def test_pages_of_the_documented_shape_are_still_followed(canned):
 # --- for meshinfer/http_url.py (not this helper's file) -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshinfer/http_url.py check_http_url takes a base URL with a query, a fragment, a"
-    " user or a blank: the client appends /v1/... after it (a query or fragment swallows the"
-    " path: another endpoint is asked; a blank is http.client's InvalidURL, reported as the"
-    " coordinator not answering in HTTP; a user becomes part of the host name to resolve)",
-)
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1:7950?x=1", "http://127.0.0.1:7950#f", "http://u:p@127.0.0.1:7950",
