@@ -397,5 +397,31 @@ def _file_id(stat: os.stat_result) -> tuple[int, int]:
 
 
 def _same_spec(known: bytes, spec: TaskSpec, blob: bytes) -> bool:
-    """Whether the spec journaled as ``known`` is ``spec`` (encoded as ``blob``)."""
-    return known == blob or decode_spec(known) == spec  # dict order may differ
+    """Whether the spec journaled as ``known`` is ``spec`` (encoded as ``blob``): the same
+    bytes, or (the order of a params map's keys may differ) an equal spec whose params hold
+    values of the same types too (``==`` takes ``True``, ``1`` and ``1.0`` for one value,
+    which a model reading its params need not)."""
+    if known == blob:
+        return True
+    journaled = decode_spec(known)
+    return (
+        journaled == spec
+        and _same_typed(journaled.params, spec.params)
+        and all(
+            _same_typed(a.params, b.params)
+            for a, b in zip(journaled.stages, spec.stages, strict=True)
+        )
+    )
+
+
+def _same_typed(a: object, b: object) -> bool:
+    """``a == b`` with every value of the same type, maps and sequences walked."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        return a.keys() == b.keys() and all(_same_typed(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple))
+        return len(a) == len(b) and all(map(_same_typed, a, b))
+    return a == b

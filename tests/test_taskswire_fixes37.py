@@ -3,7 +3,9 @@ and the pipeline plan (tasks_pipeline).
 
 Refusals name the offending value, but only its first few dozen characters: a peer's 16 MiB
 dtype string or an HTTP body's 64 MiB key must not come back as a message (and a log line) of
-the same size. Property tests: every decoder raises only the project's protocol errors, and a
+the same size (also the spec checks of tasks.py). The journal took a spec whose params differed
+only in a value's type (``True`` for ``1``) for a retry of the one it held: ``==`` over the
+decoded specs. Property tests: every decoder raises only the project's protocol errors, and a
 valid spec survives encode/decode unchanged.
 """
 
@@ -102,14 +104,8 @@ def test_spec_refusal_names_a_bounded_prefix(where):
     assert len(str(caught.value)) < BOUNDED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshinfer/proto/tasks.py echoes the whole value (_check_name, _check_model, "
-    "stage_order's unknown dependency, policy/aggregation): a 64 MiB HTTP body gives a "
-    "message (and a 400 answer) of that size",
-)
 @pytest.mark.parametrize(
-    "where", ["task_id", "stage name", "after", "model_id", "policy", "aggregation"]
+    "where", ["task_id", "stage name", "after", "after twice", "model_id", "policy", "aggregation"]
 )
 def test_spec_refusal_in_tasks_names_a_bounded_prefix(where):
     doc, long = _pipeline_doc(), "x" * 100_000
@@ -120,6 +116,8 @@ def test_spec_refusal_in_tasks_names_a_bounded_prefix(where):
         stage["name"] = long
     elif where == "after":
         stage["after"] = [long]
+    elif where == "after twice":
+        stage["after"] = ["a"] * 2 + [f"s{n}" for n in range(20_000)]
     elif where == "model_id":
         stage["model"] = {"model_id": long}
     else:
@@ -129,11 +127,6 @@ def test_spec_refusal_in_tasks_names_a_bounded_prefix(where):
     assert len(str(caught.value)) < BOUNDED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coordinator/journal.py _same_spec compares decoded specs with ==, which takes "
-    "True == 1 == 1.0: another spec under a known task id is taken for an idempotent retry",
-)
 def test_a_spec_differing_only_in_a_param_type_is_a_conflict(tmp_path):
     model = (ModelRef("m", "1"),)
     first = TaskSpec("t1", Pattern.SINGLE, _T, model, params={"x": 1})
@@ -142,6 +135,21 @@ def test_a_spec_differing_only_in_a_param_type_is_a_conflict(tmp_path):
         assert journal.accept(first)
         with pytest.raises(TaskConflictError):
             journal.accept(other)
+
+
+def test_the_same_spec_with_its_params_in_another_order_is_a_retry(tmp_path):
+    """(The journal's fault above was ``==`` over the decoded spec; the same params in another
+    key order are still the same task: accept says "known".)"""
+    model = (ModelRef("m", "1"),)
+    params = {"a": 1, "b": 2.5, "c": "s", "d": True, "e": None}
+    first = TaskSpec("t1", Pattern.SINGLE, _T, model, params=params)
+    again = TaskSpec("t1", Pattern.SINGLE, _T, model, params=dict(reversed(params.items())))
+    widened = TaskSpec("t1", Pattern.SINGLE, _T, model, params={**params, "a": 1.0})
+    with Journal(tmp_path / "journal.db") as journal:
+        assert journal.accept(first)
+        assert journal.accept(again) is False
+        with pytest.raises(TaskConflictError):
+            journal.accept(widened)
 
 
 # --- properties: only protocol errors, round trips ---------------------------------------------

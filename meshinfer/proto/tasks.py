@@ -270,7 +270,7 @@ class TaskSpec:
         for check in checks:
             problem = check(self)
             if problem is not None:
-                raise InvalidTaskError(f"task {self.task_id!r}: {problem}")
+                raise InvalidTaskError(f"task {self.task_id!r:.80}: {problem}")
         if self.pattern == Pattern.PIPELINE:
             stage_order(self)
 
@@ -307,7 +307,7 @@ def _values(choices: type[enum.StrEnum]) -> frozenset[str]:
 
 def _check_name(what: str, name: object) -> str | None:
     if type(name) is not str or not _NAME.fullmatch(name):
-        return f"{what} {name!r} must match {_NAME.pattern}"
+        return f"{what} {name!r:.80} must match {_NAME.pattern}"
     return None
 
 
@@ -315,9 +315,9 @@ def _check_model(what: str, ref: object) -> str | None:
     if not isinstance(ref, ModelRef):
         return f"{what} must be a ModelRef"
     if not (0 < len(ref.model_id) <= _MAX_MODEL_LEN and 0 < len(ref.version) <= _MAX_MODEL_LEN):
-        return f"{what} {ref} must have an id and version of 1..{_MAX_MODEL_LEN} characters"
+        return f"{what} {ref!s:.80} must have an id and version of 1..{_MAX_MODEL_LEN} characters"
     if not (is_text(ref.model_id) and is_text(ref.version)):
-        return f"{what} {ref!r} holds a lone surrogate, which is not text"
+        return f"{what} {ref!r:.80} holds a lone surrogate, which is not text"
     return None
 
 
@@ -325,7 +325,7 @@ def _check_header(spec: TaskSpec) -> str | None:
     if (problem := _check_name("task_id", spec.task_id)) is not None:
         return problem
     if not _is_value(spec.pattern, Pattern):
-        return f"pattern {spec.pattern!r} is not one of {[p.value for p in Pattern]}"
+        return f"pattern {spec.pattern!r:.80} is not one of {[p.value for p in Pattern]}"
     if (problem := check_params(spec.params)) is not None:
         return f"params: {problem}"
     return None
@@ -376,9 +376,9 @@ def _check_options(spec: TaskSpec) -> str | None:
     if type(spec.priority) is not int or not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
         return f"priority {spec.priority!r} must be a 32-bit integer"
     if spec.policy is not None and not _is_value(spec.policy, Policy):
-        return f"policy {spec.policy!r} is not one of {[p.value for p in Policy]}"
+        return f"policy {spec.policy!r:.80} is not one of {[p.value for p in Policy]}"
     if spec.aggregation is not None and not _is_value(spec.aggregation, Mode):
-        return f"aggregation {spec.aggregation!r} is not one of {[m.value for m in Mode]}"
+        return f"aggregation {spec.aggregation!r:.80} is not one of {[m.value for m in Mode]}"
     return _check_shard_size(spec)
 
 
@@ -459,7 +459,7 @@ def check_aggregation_mode(spec: TaskSpec, mode: str) -> None:
     """Raise :class:`InvalidTaskError` if the spec's aggregation options do not suit ``mode``
     (a quorum outside ensemble, weights outside weighted and ensemble)."""
     if (problem := _mode_problem(spec, Mode(mode))) is not None:
-        raise InvalidTaskError(f"task {spec.task_id!r}: {problem}")
+        raise InvalidTaskError(f"task {spec.task_id!r:.80}: {problem}")
 
 
 def check_aggregation_used(spec: TaskSpec) -> None:
@@ -490,7 +490,7 @@ def check_sendable(spec: TaskSpec) -> None:
             problem = f"{what}: {size} bytes encoded, at most {MAX_PARAMS_BYTES} per item"
         else:
             continue
-        raise InvalidTaskError(f"task {spec.task_id!r}: {problem}")
+        raise InvalidTaskError(f"task {spec.task_id!r:.80}: {problem}")
     if spec.pattern == Pattern.BATCH:
         rows, size = spec.inputs.rows, _shard_rows(spec)
         if (count := math.ceil(rows / size)) > MAX_BATCH_ITEMS:
@@ -521,11 +521,11 @@ def _check_stage(stage: object, names: set[str]) -> str | None:
     if (problem := _check_name("stage name", stage.name)) is not None:
         return problem
     if stage.name in names:
-        return f"stage {stage.name!r}: duplicate stage name"
+        return f"stage {stage.name!r:.80}: duplicate stage name"
     if (problem := _check_model(f"stage {stage.name!r}: model", stage.model)) is not None:
         return problem
     if len(set(stage.after)) != len(stage.after):
-        return f"stage {stage.name!r}: lists a dependency twice in after={stage.after}"
+        return f"stage {stage.name!r}: lists a dependency twice in after={stage.after!s:.200}"
     if (problem := check_params(stage.params)) is not None:
         return f"stage {stage.name!r}: params: {problem}"
     return None
@@ -551,7 +551,7 @@ def stage_order(spec: TaskSpec) -> tuple[Stage, ...]:
     if isinstance(order, str):
         problem = order
     if problem is not None:
-        raise InvalidTaskError(f"task {spec.task_id!r}: {problem}")
+        raise InvalidTaskError(f"task {spec.task_id!r:.80}: {problem}")
     return order
 
 
@@ -566,7 +566,7 @@ def _check_stages(stages: tuple[Stage, ...]) -> str | None:
     for stage in stages:
         unknown = [dep for dep in stage.after if dep not in names]
         if unknown:
-            return f"stage {stage.name!r} depends on unknown stage {unknown[0]!r}"
+            return f"stage {stage.name!r:.80} depends on unknown stage {unknown[0]!r:.80}"
     return None
 
 
