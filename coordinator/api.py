@@ -68,7 +68,13 @@ from coordinator.api_documents import (
     task_doc,
     tensor_to_json,
 )
-from coordinator.api_errors import ApiError, ApiRunner, from_http_exception
+from coordinator.api_errors import (
+    ApiError,
+    ApiRunner,
+    body_response,
+    from_http_exception,
+    json_body,
+)
 from coordinator.api_errors import json_response as _json
 from coordinator.api_requests import (
     DEFAULT_PAGE,
@@ -394,7 +400,7 @@ class CoordinatorApi:
         """GET /v1/revocations."""
         strict_query(request, set())
         listed = self._revocation_sync().revocations
-        return _json(await self._off_loop(revocations_doc_bytes(listed), revocations_doc, listed))
+        return await self._revocations_response(listed)
 
     async def push_revocations(self, request: web.Request) -> web.Response:
         """POST /v1/revocations: the body is a revocation list file as ``meshinfer fleet
@@ -410,9 +416,13 @@ class CoordinatorApi:
             merged = await sync.merge_list(listed, "the HTTP API")
         except RevocationError as exc:
             raise ApiError(400, "invalid_revocations", str(exc)) from None
-        listed = sync.revocations
-        doc = await self._off_loop(revocations_doc_bytes(listed), revocations_doc, listed)
-        return _json({**doc, "merged": merged})
+        return await self._revocations_response(sync.revocations, merged=merged)
+
+    async def _revocations_response(self, listed: RevocationList, **extra: bool) -> web.Response:
+        """The list's document (``extra`` keys after its own), built and encoded off the loop
+        when long (a list of 8 MiB holds tens of thousands of entries)."""
+        size = revocations_doc_bytes(listed)
+        return body_response(await self._off_loop(size, _revocations_body, listed, extra))
 
     def _revocation_sync(self) -> RevocationSync:
         sync = self.coordinator.mesh.revocation_sync
@@ -445,6 +455,11 @@ class CoordinatorApi:
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _revocations_body(listed: RevocationList, extra: dict[str, Any]) -> bytes:
+    """The list's document with ``extra``'s keys after its own, encoded."""
+    return json_body({**revocations_doc(listed), **extra})
 
 
 def _shutting_down(*, begun: bool = False) -> ApiError:

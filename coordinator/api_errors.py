@@ -51,8 +51,10 @@ from meshinfer.runtime import http_log
 __all__ = [
     "ApiError",
     "ApiRunner",
+    "body_response",
     "error_body",
     "from_http_exception",
+    "json_body",
     "json_response",
     "unsupported_coding",
 ]
@@ -95,8 +97,22 @@ def error_body(status: int, code: str, message: str) -> dict[str, Any]:
 
 def json_response(doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None):
     """``doc`` as a compact JSON response (NaN and infinities refused: strict JSON)."""
-    text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
-    return web.Response(text=text, status=status, headers=headers, content_type="application/json")
+    return body_response(json_body(doc), status=status, headers=headers)
+
+
+def json_body(doc: Any) -> bytes:
+    """``doc`` as compact JSON in UTF-8 (NaN and infinities refused: strict JSON). Pure: a
+    large document is encoded in a worker thread, then answered with :func:`body_response`."""
+    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def body_response(
+    body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON response of ``body``, a document :func:`json_body` encoded."""
+    return web.Response(
+        body=body, status=status, headers=headers, content_type="application/json", charset="utf-8"
+    )
 
 
 def unsupported_coding(coding: str) -> ApiError:

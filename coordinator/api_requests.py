@@ -2,9 +2,9 @@
 
 Query parameters are read strictly (:func:`strict_query`): an unknown, repeated or malformed one
 is a 400 ``bad_parameter`` naming it. A body is JSON only as RFC 8259 has it (:func:`parse_json`:
-UTF-8, no NaN or Infinity, no key twice, no lone surrogate) and a task only once
-:func:`body_to_spec` and the spec's own checks accept every key; tensors come as
-``{"dtype", "shape", "data_b64"}`` or ``{"values", "dtype"?}`` (:func:`tensor_from_json`).
+UTF-8, no NaN or Infinity, nor a number past the float range, no key twice, no lone surrogate)
+and a task only once :func:`body_to_spec` and the spec's own checks accept every key; tensors
+come as ``{"dtype", "shape", "data_b64"}`` or ``{"values", "dtype"?}`` (:func:`tensor_from_json`).
 Each check raises :class:`~coordinator.api_errors.ApiError` with a message naming what is wrong.
 
 Pure functions but :func:`read_body`, a coroutine that runs on the coordinator's event loop.
@@ -259,12 +259,16 @@ def list_filters(query: dict[str, str]) -> dict[str, Any]:
 
 
 def parse_json(body: bytes) -> Any:
-    """The JSON value of a body: UTF-8, no NaN/Infinity, no key twice; 400 bad_json if not."""
+    """The JSON value of a body: UTF-8, no NaN/Infinity (nor a number past the float range), no
+    key twice; 400 bad_json if not."""
     if not body.strip():
         raise ApiError(400, "bad_json", "the request body is empty; send a JSON object")
     try:
         text = body.decode("utf-8")
-        doc = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        doc = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float,
+            object_pairs_hook=_no_duplicates,
+        )  # fmt: skip
     except UnicodeDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not UTF-8 text: {exc.reason}") from None
     except RecursionError:
@@ -284,15 +288,42 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _no_lone_surrogates(doc: Any) -> None:
+    """Walks ``doc`` with a stack of its own, not by recursion: a document nested as deep as
+    ``json.loads`` allows would exceed the recursion limit in any recursive walk."""
+    pending = [doc]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.keys()
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str) and not _is_text(value):
+            message = "a string holds a lone surrogate escape (\\ud800..\\udfff), which is not text"
+            raise ApiError(400, "bad_json", message)
+
+
+def _is_text(value: str) -> bool:
     try:
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError:
-        message = "a string holds a lone surrogate escape (\\ud800..\\udfff), which is not text"
-        raise ApiError(400, "bad_json", message) from None
+        return False
+    return True
 
 
 def _no_constant(name: str) -> Any:
     raise ApiError(400, "bad_json", f"the body holds {name}, which is not JSON; send numbers")
+
+
+def _finite_float(literal: str) -> float:
+    """A JSON number with a fraction or exponent as a float; one past the float range (1e400)
+    would read as infinity, which JSON has not (RFC 8259 6)."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ApiError(
+            400, "bad_json", f"the number {literal[:40]} is out of the range of a float64"
+        )
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

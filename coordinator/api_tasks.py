@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api_documents import summary_doc, task_doc
-from coordinator.api_errors import ApiError
+from coordinator.api_errors import ApiError, body_response, json_body
 from coordinator.api_errors import json_response as _json
 from coordinator.api_requests import (
     body_to_spec,
@@ -51,6 +51,9 @@ __all__ = ["DEFAULT_WAIT_S", "MAX_WAIT_S", "TaskRoutes"]
 #: ``/wait`` waits this long when no ``timeout`` is given, and at most :data:`MAX_WAIT_S` (the
 #: API's contract, spelled once in :mod:`coordinator.client`, whose ``wait`` loops past it).
 DEFAULT_WAIT_S = 30.0
+
+#: About how many bytes of a task's document each of its items takes (its JSON is ~250).
+_ITEM_DOC_BYTES = 300
 
 #: ``off_loop(size, fn, *args)``: ``fn(*args)``, in a worker thread when ``size`` is large.
 OffLoop = Callable[..., Awaitable[Any]]
@@ -174,17 +177,20 @@ class TaskRoutes:
         return waiting.result() if ended else await self.coordinator.get(task_id)
 
     async def _task_response(self, record: TaskRecord, outputs: bool) -> web.Response:
-        size = len(record.result_summary or b"")
+        # (a batch task's document lists up to 65536 items: large before any result is in)
+        size = len(record.result_summary or b"") + _ITEM_DOC_BYTES * len(record.items)
         waiting = self.coordinator.waiting(record.task_id)  # on the loop: it reads membership
-        doc = await self._off_loop(size, self._task_doc, record, outputs, waiting)
-        return _json(doc)
+        body = await self._off_loop(size, self._task_body, record, outputs, waiting)
+        return body_response(body)
 
-    def _task_doc(self, record: TaskRecord, outputs: bool, waiting: Mapping[str, str]) -> dict:
+    def _task_body(self, record: TaskRecord, outputs: bool, waiting: Mapping[str, str]) -> bytes:
+        """The task's document, encoded (the JSON of a large one takes a while: off the loop)."""
         result = self.coordinator.result_of(record)
         default = self.coordinator.config.default_aggregation
-        return task_doc(
+        doc = task_doc(
             record, result, outputs=outputs, waiting=waiting, default_aggregation=default
         )
+        return json_body(doc)
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         """POST /v1/tasks/{id}/cancel (a body, if any, is ignored)."""
