@@ -27,6 +27,11 @@ taking answers
     caller verifies the rest, merges what verified up to the first gap in sequence numbers
     (:func:`up_to_gap`) and reports with :meth:`~RevocationExchange.checked`; an answer cut
     short at a bad entry, at a gap or by the list's entry limit counts as bad.
+taking notices
+    :meth:`~RevocationExchange.notice` lets a peer's
+    :class:`~meshinfer.proto.revocation_wire.RevocationNotice` (the entry that revokes this
+    node, sent by a peer that cuts it off) be checked at most once per ``answer_interval``
+    seconds per peer: each costs a signature check.
 
 Versions compare the highest sequence numbers only: the authority numbers its entries 1, 2,
 3... and every list it writes holds all of them. (A list that lacks some, put together by hand,
@@ -83,6 +88,7 @@ class RevocationExchange:
         self._awaiting: dict[str, Question] = {}  # members asked that have not answered
         self._shortfall: dict[str, int] = {}  # member -> the version it claimed and fell short of
         self._answered: dict[str, tuple[float, int]] = {}  # peer -> last answer: when, have
+        self._noticed: dict[str, float] = {}  # peer -> when its last notice was taken
         self._held: frozenset[RevocationEntry] = frozenset()
         self._sequences: list[int] = []  # of the entries held, in sequence order
         self._encoded: list[bytes] = []  # the same entries, as the authority signed them
@@ -185,6 +191,21 @@ class RevocationExchange:
         start = bisect.bisect_right(self._sequences, wanted.have)
         end = min(start + PAGE_ENTRIES, self._unbroken)  # (entries above a gap would be refused)
         return RevocationsOffer(tuple(self._encoded[start:end]))
+
+    # --- taking notices ----------------------------------------------------------------------
+
+    def notice(self, peer: str, now: float) -> bool:
+        """Whether to check a notice from ``peer`` now (then counted as taken); False (drop it
+        unread) if one from ``peer`` was taken within ``answer_interval``."""
+        last = self._noticed.get(peer)
+        if last is not None and now - last < self.answer_interval:
+            return False
+        if len(self._noticed) > _ANSWERED_KEPT:  # only the recent ones matter
+            self._noticed = {
+                p: t for p, t in self._noticed.items() if now - t < self.answer_interval
+            }
+        self._noticed[peer] = now
+        return True
 
     # --- taking answers ----------------------------------------------------------------------
 

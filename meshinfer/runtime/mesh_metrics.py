@@ -162,4 +162,21 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
                 ],
             )
         )
+        out.append(
+            family(
+                "meshinfer_revocation_notices_total",
+                "counter",
+                "Revocation notices (the entry that revokes a peer, told it as its session is"
+                " cut or its handshake refused): sent as a session was cut (a refused handshake's"
+                " is not counted), taken (this node's own revocation), refused (not verified, or"
+                " not about this node), dropped unread (too soon after the peer's last, or"
+                " needless).",
+                [
+                    ({"outcome": "sent"}, sync.stats.notices_sent),
+                    ({"outcome": "taken"}, sync.stats.notices),
+                    ({"outcome": "refused"}, sync.stats.notices_refused),
+                    ({"outcome": "dropped"}, sync.stats.notices_dropped),
+                ],
+            )
+        )
     return out

@@ -70,6 +70,16 @@ version below its first gap, so that a member with the whole list is asked for t
 
 A list that revokes this node's own certificate, however it came, is said in a warning once, and
 the :meth:`RevocationSync.on_self_revoked` listeners are told (peers refuse the node from then on).
+Since its peers cut it off as soon as they hold the list, a node that cuts a session for a
+revoked certificate tells the peer why, just before the ``Close``: a
+:class:`~meshinfer.proto.revocation_wire.RevocationNotice` with the entry that revokes it (only
+to a peer whose Hello announced ``revocation-notice``). The receiver checks at most one notice
+per peer per ``answer_interval_s``, verifies the entry against its own trust anchor, and merges
+it like any list (written down, gossiped, its listeners told) only if it revokes this node's own
+certificate; any other entry, however well signed, is refused with a warning: entries about
+others come through the paced, paged exchange, and this way a peer can make this node merge
+once at most. A single entry above a gap is held as a hand-made file's would be (in force,
+the version gossiped below the gap).
 
 Concurrency: everything runs on the node's loop; signature checks and file I/O run in worker
 threads.
@@ -98,7 +108,12 @@ from meshinfer.proto.identity import (
 from meshinfer.proto.membership import MemberEvent
 from meshinfer.proto.messages import CloseCode
 from meshinfer.proto.revocation_sync import Answer, RevocationExchange, up_to_gap
-from meshinfer.proto.revocation_wire import RevocationsOffer, RevocationsWanted
+from meshinfer.proto.revocation_wire import (
+    NOTICE_FEATURE,
+    RevocationNotice,
+    RevocationsOffer,
+    RevocationsWanted,
+)
 from meshinfer.runtime.loop import Steps
 from meshinfer.runtime.membership_service import MembershipService
 from meshinfer.runtime.peers import PeerTable
@@ -137,6 +152,10 @@ class RevocationStats:
     answers_sent: int = 0
     requests_dropped: int = 0  # questions from a peer answered too recently
     disconnected: int = 0  # sessions closed because the peer's certificate was revoked
+    notices_sent: int = 0  # revocation notices sent to peers so cut off
+    notices: int = 0  # notices from peers that revoked this node's own certificate
+    notices_refused: int = 0  # notices whose entry failed verification or is not this node's
+    notices_dropped: int = 0  # notices not checked: too soon after the peer's last, or needless
 
 
 class _Merged(enum.Enum):
@@ -230,6 +249,7 @@ class RevocationSync:
         self._settling: set[asyncio.Task[None]] = set()  # write-downs and cuts after merges
         peers.on(RevocationsWanted, self._on_wanted)
         peers.on(RevocationsOffer, self._on_offer)
+        peers.on(RevocationNotice, self._on_notice)
         peers.on_session(self._on_session)
         membership.subscribe(self._on_member)
         state = membership.state  # (gossiped as the list's highest sequence: a gap hides less)
@@ -439,6 +459,38 @@ class RevocationSync:
         if self._exchange.checked(answer, bad=refused) and not self._closed:
             self._ask(next_page_of=peer)  # the next page, at once
 
+    def _on_notice(self, peer: str, msg: RevocationNotice) -> None:
+        """A peer that cuts this node off says which entry revokes it: checked unless this
+        node knows already, or ``peer``'s last notice was too recent (see the module doc)."""
+        if self._closed or self.own_revocation is not None:
+            self.stats.notices_dropped += 1
+        elif not self._exchange.notice(peer, self._loop.time()):
+            self.stats.notices_dropped += 1
+        else:
+            self._spawn(self._take_notice(peer, msg.entry))
+
+    async def _take_notice(self, peer: str, raw: bytes) -> None:
+        """Verify ``raw`` (in a worker thread) and merge it if it revokes this node's own
+        certificate; anything else is refused with a warning."""
+        try:
+            entry = await asyncio.to_thread(RevocationEntry.from_bytes, raw, self.trust)
+        except RevocationError as exc:
+            self.stats.notices_refused += 1
+            log.warning("revocation notice from %s refused: %s", peer, exc)
+            return
+        if not entry.covers(self.admission.identity.certificate):
+            self.stats.notices_refused += 1
+            log.warning(
+                "revocation notice from %s refused: its entry %d does not revoke this node's"
+                " certificate",
+                peer,
+                entry.sequence,
+            )
+            return
+        self.stats.notices += 1
+        listed = RevocationList(self.trust.fleet_id, [entry])
+        await self._adopt(listed, f"peer {peer}, which cut this node off")
+
     # --- merging -----------------------------------------------------------------------------
 
     async def merge_list(self, more: RevocationList, source: str) -> bool:
@@ -539,9 +591,19 @@ class RevocationSync:
         )
         self.stats.disconnected += 1
         carried = self.peers.session(node) is session
-        await session.aclose(CloseCode.GOING_AWAY, "certificate revoked")
+        notice = self._notice(session)
+        await session.aclose(CloseCode.GOING_AWAY, "certificate revoked", before=notice)
         cut = CutOff(node, serial, self._has_good_session(node), carried)
         _tell(self._cut_off, cut, f"cut-off listener failed for {node}")
+
+    def _notice(self, session: Session) -> RevocationNotice | None:
+        """What tells ``session``'s peer why it is cut (None: its Hello did not announce that
+        it understands a notice)."""
+        entry = self.revocations.revocation_for(session.peer)
+        if entry is None or NOTICE_FEATURE not in session.peer_features:
+            return None
+        self.stats.notices_sent += 1
+        return RevocationNotice(entry.to_bytes())
 
     def _has_good_session(self, node: str) -> bool:
         """Whether ``node`` has an open session under a certificate that is not revoked."""

@@ -12,7 +12,12 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     authority signed. A session exists only when :func:`~meshinfer.proto.identity.admit` accepts
     the peer's certificate for the very static key the handshake proved. The Noise prologue binds
     protocol version and fleet id, so a node of another fleet fails the handshake cryptographically.
-    The whole handshake runs under ``handshake_timeout``.
+    The whole handshake runs under ``handshake_timeout``. A refused peer learns why only
+    where the handshake completes (XX: the listener's ``Close``, ``ADMISSION_REFUSED``, goes
+    encrypted once the dialler's Hello is in), with one exception: a peer refused because its
+    certificate is revoked, whose Hello announces ``revocation-notice``, is answered (IK too,
+    the handshake completed for it) with a ``RevocationNotice`` naming the entry that revokes
+    it, before that ``Close``: its peers cut it off, so it would otherwise never learn.
 
 ``open``
     Messages are msgpack-encoded, split into chunks that fit one Noise message, encrypted and
@@ -32,7 +37,9 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
     certificate, the session writes no more application messages
     (:attr:`Session.peer_revoked`; it is about to be cut): a send that was waiting for the
     writer then raises StreamClosed. Session control (``Ping``, ``Pong``, ``Close``) still
-    goes: it carries no work, and the close and the checks of older sessions need it.
+    goes: it carries no work, and the close and the checks of older sessions need it; so does
+    a message :meth:`Session.aclose` sends just before the ``Close`` (a
+    :class:`~meshinfer.proto.revocation_wire.RevocationNotice` telling the peer why it is cut).
 
 ``closed``
     Reached by :meth:`Session.aclose` (sends ``Close`` first), by the peer's ``Close``, by EOF,
@@ -83,6 +90,7 @@ from meshinfer.proto.identity import (
 )
 from meshinfer.proto.messages import Close, CloseCode, Hello, Ping, Pong
 from meshinfer.proto.noise import CipherState, HandshakeState
+from meshinfer.proto.revocation_wire import NOTICE_FEATURE, RevocationNotice
 from meshinfer.transport.base import Stream
 
 log = logging.getLogger(__name__)
@@ -236,9 +244,12 @@ class Session:
         decoder: framing.RecordDecoder | None = None,
         peer_max_message_size: int | None = None,
         rekey_after: int | None = None,
+        peer_features: frozenset[str] = frozenset(),
     ) -> None:
         self.stream = stream
         self.peer = peer
+        #: the features the peer's Hello announced (what it understands: e.g. ``packed``)
+        self.peer_features = peer_features
         #: the largest message this session sends: the smaller of our cap and the one the
         #: peer's Hello announced (its reader ends the session on a larger one, as a protocol
         #: error, and what went with it would be lost unannounced)
@@ -419,18 +430,41 @@ class Session:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def aclose(self, code: CloseCode = CloseCode.NORMAL, reason: str = "closed") -> None:
-        """Send ``Close`` (best effort), then close the stream. Idempotent."""
+    async def aclose(
+        self,
+        code: CloseCode = CloseCode.NORMAL,
+        reason: str = "closed",
+        *,
+        before: messages.Message | None = None,
+    ) -> None:
+        """Send ``Close`` (best effort), then close the stream. Idempotent. ``before``: a
+        message sent just before the ``Close``, in the same write, even to a revoked peer
+        (the caller checks that the peer understands it: :attr:`peer_features`); one that
+        does not encode is left out (logged), the ``Close`` still goes."""
         self._closing = True
         if not self._closed.is_set():
+            chunks = self._last_words(before)
             with contextlib.suppress(MeshInferError, OSError, TimeoutError):
+                close = messages.encode(Close(code=int(code), reason=reason))
                 async with asyncio.timeout(1.0), self._write_lock:
-                    await self._write_records(
-                        framing.split_message(messages.encode(Close(code=int(code), reason=reason)))
-                    )
-                    self.metrics.messages_sent += 1
+                    await self._write_records(chunks + framing.split_message(close))
+                    self.metrics.messages_sent += 1 + (1 if chunks else 0)
             self._mark_closed(code, reason)
         await self._shutdown()
+
+    def _last_words(self, msg: messages.Message | None) -> list[bytes]:
+        """The chunks of ``msg`` (see :meth:`aclose`), none if it is None or cannot go."""
+        if msg is None:
+            return []
+        try:
+            data = messages.encode(msg)
+        except LocalProtocolError as exc:  # our bug, but the Close must still go
+            log.warning("session with %s: message before the close left out: %s", self.peer_id, exc)
+            return []
+        if len(data) > self.send_cap:
+            log.warning("session with %s: message before the close over the cap", self.peer_id)
+            return []
+        return framing.split_message(data)
 
     async def abandon(self, reason: str) -> None:
         """End the session as lost, at once and with no ``Close`` frame: for a peer that
@@ -734,7 +768,11 @@ def _hello(identity: NodeIdentity, config: SessionConfig) -> bytes:
             node_id=identity.node_id,
             certificate=cert.to_bytes(),
             roles=tuple(sorted(cert.roles)),
-            features=(*((PACKED_FEATURE,) if config.pack else ()), _rekey_feature(config)),
+            features=(
+                *((PACKED_FEATURE,) if config.pack else ()),
+                _rekey_feature(config),
+                NOTICE_FEATURE,
+            ),
             max_message_size=config.max_message_size,
         )
     )
@@ -802,7 +840,15 @@ async def _respond(
     hs = HandshakeState(name, False, _noise_prologue(admission), s=ident.static_private)
     if pattern == _PATTERN_IK:
         hello = _read_hello(hs.read_message(body))
-        cert = _admit(hello, hs, admission, config)
+        try:
+            cert = _admit(hello, hs, admission, config)
+        except AdmissionError as exc:
+            notice = _notice_for(hello, exc, admission)
+            if notice is not None:  # complete the handshake only to tell the peer why
+                with contextlib.suppress(MeshInferError, OSError):
+                    await hsio.write_record(hs.write_message(_hello(ident, config)))
+                    await _send_refusal(hsio, hs, exc, notice)
+            raise
         await hsio.write_record(hs.write_message(_hello(ident, config)))
         return hs, cert, hello
     hs.read_message(body)
@@ -812,18 +858,38 @@ async def _respond(
         return hs, _admit(hello, hs, admission, config), hello
     except AdmissionError as exc:
         # The handshake is complete, so the refusal can travel encrypted with its reason.
-        await _send_refusal(hsio, hs, exc)
+        await _send_refusal(hsio, hs, exc, _notice_for(hello, exc, admission))
         raise
 
 
-async def _send_refusal(hsio: _Handshake, hs: HandshakeState, exc: AdmissionError) -> None:
+def _notice_for(hello: Hello, exc: AdmissionError, admission: Admission) -> RevocationNotice | None:
+    """What tells a peer refused as revoked which entry revokes it, if its Hello announced
+    that it understands one (else None). It gives nothing away: ``admit`` judges revocation
+    last, so the peer proved the static key of that very certificate, and the entry is about
+    that certificate alone."""
+    if exc.reason != "revoked" or NOTICE_FEATURE not in hello.features:
+        return None
+    cert = NodeCertificate.from_bytes(hello.certificate)  # (admit parsed and verified it)
+    entry = admission.revocations.revocation_for(cert)  # (lists only grow: still there)
+    return None if entry is None else RevocationNotice(entry.to_bytes())
+
+
+async def _send_refusal(
+    hsio: _Handshake,
+    hs: HandshakeState,
+    exc: AdmissionError,
+    notice: RevocationNotice | None = None,
+) -> None:
+    """Send the refusal over the completed handshake's keys, ``notice`` first if any."""
     send_cs, _ = hs.transport()
     refusal = Close(
         code=int(CloseCode.ADMISSION_REFUSED), reason=f"admission refused: {exc.reason}"
     )
     with contextlib.suppress(MeshInferError, OSError):
-        for chunk in framing.split_message(messages.encode(refusal)):
-            await hsio.write_record(send_cs.encrypt(chunk))
+        said = [notice, refusal] if notice is not None else [refusal]
+        for msg in said:
+            for chunk in framing.split_message(messages.encode(msg)):
+                await hsio.write_record(send_cs.encrypt(chunk))
 
 
 async def _establish(
@@ -871,6 +937,7 @@ async def _establish(
         decoder=hsio.decoder,
         peer_max_message_size=hello.max_message_size,
         rekey_after=min(config.rekey_after, peer_rekey_after(hello) or config.rekey_after),
+        peer_features=frozenset(hello.features),
     )
 
 
