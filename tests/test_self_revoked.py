@@ -3,8 +3,9 @@
 Before, a node or coordinator that learnt of its own revocation (copied into its identity
 directory, or gossiped by a peer that had not cut it off yet) said so in a warning and served
 on, cut off: every peer refuses its handshakes from then on, and its supervisor saw a healthy
-process. Now it stops as on
-SIGTERM (``STOPPED``), exits 1, and a restart is refused until it is enrolled again.
+process. Now it stops as on SIGTERM (``STOPPED``), exits 1, and a restart is refused until it
+is enrolled again; and a peer that cuts it off tells it which entry revokes it (a
+RevocationNotice), so a node whose own directory never got the list stops too.
 
 Real parts: ``meshinfer-node run`` and ``meshinfer-coord serve`` subprocesses on loopback TCP
 and mDNS, the fleet directory's signed revocation list.
@@ -75,3 +76,21 @@ async def test_a_coordinator_given_a_list_revoking_it_stops_and_exits_1(tmp_path
         assert "'coord' (serial 1) is revoked (revocation entry 1)" in cluster.log_tail(
             "coord", 20000
         )
+
+
+async def test_a_node_cut_off_by_a_peer_holding_the_list_stops_too(tmp_path):
+    """Only car-2's directory gets the list: car-2 cuts car-1 off at once, and tells it which
+    entry revokes it (a RevocationNotice before the Close), so car-1 stops all the same."""
+    async with LocalCluster(tmp_path, fleet_id=f"self-revoked-{time.monotonic_ns()}") as cluster:
+        for name in ("car-1", "car-2"):
+            cluster.add_node(name)
+        await asyncio.to_thread(cluster.start, "car-1")
+        await asyncio.to_thread(cluster.start, "car-2")
+        await asyncio.to_thread(
+            cluster.wait_for, lambda: cluster.members("car-1").get("car-2") == "alive"
+        )
+        listed = revoke(cluster, "car-1", "stolen")
+        replace_file(cluster.root / "nodes" / "car-2" / "revocations.bin", listed)
+        assert await stopped(cluster, "car-1") == 1
+        assert "reason 'stolen'" in cluster.log_tail("car-1", 20000)
+        assert cluster.processes["car-2"].alive()  # the node that holds the list serves on
