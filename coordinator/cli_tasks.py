@@ -37,9 +37,11 @@ Exit codes: 0 done (a waited task succeeded), 1 a waited task failed or was canc
 error (bad argument or input file, coordinator unreachable or refusing; a coordinator lost
 during ``submit --wait`` too, in one line naming the accepted task; a submission whose
 connection dropped or timed out before the answer, in one line saying the task may or may not
-have been accepted and how to look), 3 ``--wait`` ran out of time while the task still runs,
-130 interrupted (Ctrl-C; during the submission, after one line on stderr saying the task may or
-may not have been accepted; during ``submit --wait``, after one naming the accepted task).
+have been accepted and how to look: a task has its id before it is sent, ``--task-id`` or one
+made here, and the same submit with that ``--task-id`` cannot run it twice), 3 ``--wait`` ran
+out of time while the task still runs, 130 interrupted (Ctrl-C; during the submission, after
+one line on stderr saying the task may or may not have been accepted; during ``submit --wait``,
+after one naming the accepted task).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -64,9 +67,11 @@ from coordinator.client import (
 from coordinator.input_files import load_inputs
 from coordinator.task_arguments import (
     budget_seconds,
+    chosen_task_id,
     model_ref,
     page_limit,
     positive_int,
+    priority,
     request_seconds,
     seconds,
     since,
@@ -89,7 +94,7 @@ from meshinfer.fleet_dir import REVOCATIONS_BIN
 from meshinfer.identity_files import read_file
 from meshinfer.proto.aggregation import Mode
 from meshinfer.proto.scheduling import Policy
-from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, Pattern, TaskState
+from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, Pattern, TaskState, new_task_id
 from meshinfer.proto.tasks_wire import DTYPES
 
 # The input readers, argument types and views live in coordinator.input_files, digit_images,
@@ -233,7 +238,9 @@ def _add_submit(commands: Any) -> None:
     )
     what.add_argument("--stages", type=Path, metavar="FILE.json", help="pipeline stages")
     what.add_argument("--policy", choices=[p.value for p in Policy])
-    what.add_argument("--priority", type=int, help="larger runs first (default 0)")
+    what.add_argument(
+        "--priority", type=priority, metavar="N", help="larger runs first (32-bit; default 0)"
+    )
     what.add_argument(
         "--deadline", type=budget_seconds, metavar="S",
         help="time budget in seconds from acceptance; the task fails when it runs out",
@@ -257,7 +264,11 @@ def _add_submit(commands: Any) -> None:
         "--weight", action="append", type=weight, default=[], metavar="ID[@VER]=W",
         help="weighted/ensemble: a model's weight (repeat; unnamed models weigh 1)",
     )  # fmt: skip
-    what.add_argument("--task-id", help="your own id (a retry with the same spec is idempotent)")
+    what.add_argument(
+        "--task-id", type=chosen_task_id, metavar="ID",
+        help="the task's id (default: one made here); submitting the same spec under it again"
+        " is idempotent",
+    )  # fmt: skip
     wait = parser.add_argument_group("waiting")
     wait.add_argument("--wait", action="store_true", help="wait for the result and print it")
     wait.add_argument("--wait-timeout", type=seconds, default=600.0, metavar="S")
@@ -271,8 +282,14 @@ def _add_submit(commands: Any) -> None:
 
 
 def _submission(args: argparse.Namespace) -> dict[str, Any]:
-    """The local step of ``submit``: the task document, inputs read from their files."""
-    return task_document(args, load_inputs(args.input, args.key, args.dtype))
+    """The local step of ``submit``: the task document, inputs read from their files, under
+    ``--task-id`` or else an id made here (as the coordinator makes them): a submission whose
+    answer never came names the task to look for, and the same command with that
+    ``--task-id`` cannot run it twice."""
+    doc = task_document(args, load_inputs(args.input, args.key, args.dtype))
+    if "task_id" not in doc:
+        doc["task_id"] = new_task_id(random.SystemRandom(), time.time())
+    return doc
 
 
 def _submit(client: CoordinatorClient, args: argparse.Namespace, doc: dict[str, Any]) -> int:
@@ -298,23 +315,22 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace, doc: dict[str, 
 def _send_submission(client: CoordinatorClient, doc: dict[str, Any]) -> dict[str, Any]:
     """POST the task. When the request went out but no answer came (the connection dropped,
     the time ran out, or Ctrl-C: KeyboardInterrupt, exit 130, after one line on stderr), the
-    coordinator may or may not have accepted the task: the error says so and how to look."""
-    task_id = doc.get("task_id")
-    if task_id:
-        what, look = f"task {task_id}", f"`meshinfer-coord status {task_id}`"
-    else:
-        what, look = "the task", "`meshinfer-coord tasks` (newest first)"
+    coordinator may or may not have accepted the task: the error says so, how to look, and
+    how to submit it again without running it twice."""
+    task_id = doc["task_id"]
+    what, look = f"task {task_id}", f"`meshinfer-coord status {task_id}`"
+    again = f"the same submit with --task-id {task_id} cannot run it twice"
     try:
         return client.submit(doc)
     except ApiError as exc:
         if exc.status is not None or exc.code == "unreachable":  # an answer, or none sent
             raise
-        message = f"{exc.message}; to see whether it accepted {what}: {look}"
+        message = f"{exc.message}; to see whether it accepted {what}: {look}; {again}"
         raise ApiError(None, exc.code, message) from None
     except KeyboardInterrupt:
         print(
             f"meshinfer-coord: interrupted: the submission of {what} was cut short; the"
-            f" coordinator may or may not have accepted it: look with {look}",
+            f" coordinator may or may not have accepted it: look with {look}; {again}",
             file=sys.stderr,
         )
         raise
@@ -329,6 +345,7 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
     stderr = sys.stderr  # (None where the command started with its stderr closed: 2>&-)
     show = stderr is not None and (args.progress if args.progress is not None else stderr.isatty())
     task_id = answer["task_id"]
+    shown = printable(task_id)  # (the server's: a line below shows no escape sequence of it)
     try:
         if show and answer["items_total"] > 1:
             _watch(client, task_id, deadline, stderr)
@@ -337,14 +354,14 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
         if exc.status is not None:  # an answer: the coordinator's own error says it all
             raise
         message = (
-            f"task {task_id} was accepted, but waiting for it failed: {exc.message}; the"
-            f" coordinator keeps the task (see `meshinfer-coord status {task_id}`)"
+            f"task {shown} was accepted, but waiting for it failed: {exc.message}; the"
+            f" coordinator keeps the task (see `meshinfer-coord status {shown}`)"
         )
         raise ApiError(None, exc.code, message) from None
     except KeyboardInterrupt:
         print(
-            f"meshinfer-coord: interrupted: task {task_id} was accepted and the coordinator"
-            f" keeps running it; follow it with `meshinfer-coord status {task_id}`",
+            f"meshinfer-coord: interrupted: task {shown} was accepted and the coordinator"
+            f" keeps running it; follow it with `meshinfer-coord status {shown}`",
             file=sys.stderr,
         )
         raise

@@ -18,14 +18,17 @@ import numpy as np
 
 from coordinator.client import MAX_REQUEST_TIMEOUT_S, tensor_json
 from meshinfer.errors import ConfigError
-from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, MAX_DEADLINE_S, Pattern
+from meshinfer.proto.tasks import DEFAULT_SHARD_ROWS, MAX_DEADLINE_S, NAME_PATTERN, Pattern
+from meshinfer.proto.tasks_wire import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
     "MAX_REQUEST_TIMEOUT_S",
+    "chosen_task_id",
     "model_ref",
     "page_limit",
     "parse_since",
     "positive_int",
+    "priority",
     "request_seconds",
     "seconds",
     "since",
@@ -80,6 +83,36 @@ def positive_int(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:  # (int("²") fails)
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+_TASK_ID = re.compile(NAME_PATTERN)
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a repr cut to 80 characters: an error line does not echo a huge value whole."""
+    return f"{text!r:.80}" + ("..." if len(repr(text)) > 80 else "")
+
+
+def chosen_task_id(text: str) -> str:
+    """``--task-id``: an id the coordinator takes (1..64 of ``A-Za-z0-9_.:-``, starting with a
+    letter or digit), checked before any input file is read or uploaded."""
+    if not _TASK_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"task id {_quoted(text)} must be 1..64 characters of A-Z a-z 0-9 _ . : -"
+            " starting with a letter or digit"
+        )
+    return text
+
+
+def priority(text: str) -> int:
+    """``--priority``: a 32-bit integer, as the coordinator takes (checked before any upload)."""
+    value = int(text) if _INTEGER.fullmatch(text) else None
+    if value is None or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise argparse.ArgumentTypeError(
+            f"priority {_quoted(text)} is not an integer of {MIN_PRIORITY}..{MAX_PRIORITY}"
+        )
+    return value
 
 
 def page_limit(text: str) -> int:

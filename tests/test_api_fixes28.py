@@ -251,13 +251,10 @@ async def test_a_submission_whose_connection_drops_says_the_task_may_be_accepted
     dropped = f"meshinfer-coord: error: the connection to the coordinator at {relay.url} closed"
     assert err.startswith(dropped + " before its answer came"), err
     assert "it may or may not have carried out POST /v1/tasks" in err
-    if task_id:
-        assert accepted == task_id
-        assert err.endswith(f"to see whether it accepted task {task_id}:"
-                            f" `meshinfer-coord status {task_id}`"), err  # fmt: skip
-    else:
-        assert err.endswith("to see whether it accepted the task: `meshinfer-coord tasks`"
-                            " (newest first)"), err  # fmt: skip
+    assert accepted == (task_id or accepted)  # (no --task-id: the CLI made the id it sent)
+    assert err.endswith(f"to see whether it accepted task {accepted}: `meshinfer-coord status"
+                        f" {accepted}`; the same submit with --task-id {accepted} cannot run"
+                        " it twice"), err  # fmt: skip
     assert (await served.coordinator.get(accepted)).state.value == "pending"  # kept
 
 
@@ -325,8 +322,7 @@ async def test_ctrl_c_during_the_submission_says_it_may_have_been_accepted(
     assert cli.returncode == 130 and out == b"", (cli.returncode, out, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert len(err.strip().splitlines()) == 1, err
-    what = f"task {task_id}" if task_id else "the task"
-    look = f"`meshinfer-coord status {task_id}`" if task_id else "`meshinfer-coord tasks`"
+    what, look = f"task {accepted}", f"`meshinfer-coord status {accepted}`"
     assert err.startswith(
         f"meshinfer-coord: interrupted: the submission of {what} was cut short; the coordinator"
         " may or may not have accepted it: look with"
