@@ -12,7 +12,10 @@ Model: the node moves in a straight line at constant velocity; infrastructure no
 The node is in range at time ``t`` while ``|p + v t - q| <= R`` for some infrastructure position
 ``q``: for each ``q`` that is an interval of ``t`` (the roots of a quadratic). The contact time
 is the end of the run of overlapping intervals that holds ``t = 0`` (a hand-over between units
-whose coverage overlaps keeps the contact); 0 when out of range of every unit now. None --
+whose coverage overlaps keeps the contact); 0 when out of range of every unit now. Where
+intervals meet, or a node on the edge of range is heading in, the rounding of the figures may
+leave a gap of a few ulps; one narrower than ``radio_range_m * 1e-9`` does not end the contact
+(a node on the edge heading in is in range). None --
 "unknown, counts as long enough" -- for an infrastructure node, a node not moving (no velocity,
 or zero), one with no position, when no infrastructure position is known, or when the figures
 are too large to compute with (an expected contact beyond any float).
@@ -175,8 +178,14 @@ def contact_time(
     if not all(math.isfinite(x) for pair in intervals for x in pair):
         return None  # a contact beyond any float
     end = 0.0  # out of range of every unit now: no interval holds 0
+    slack = radio_range_m * _GAP  # (rounding: a node on the edge heading in is in range)
     for x_in, x_out in sorted(intervals):
-        if x_in <= end:
+        if x_in <= end + slack:
             end = max(end, x_out)
     seconds = end / speed
     return seconds if seconds < math.inf else None  # (a speed that small: beyond any float)
+
+
+#: The gap between in-range intervals, relative to the range, that rounding may leave where a
+#: node is on the edge of range or at a hand-over: one narrower does not end the contact.
+_GAP = 1e-9

@@ -11,7 +11,10 @@ item's model (id and version), and meeting the hard requirements in the item's p
 (``requires_gpu``, ``min_gpu_memory``, ``requires_role``) -- and returns one of those, or None
 when there is none. Then:
 
-* ``round_robin``   -- the next eligible node id after the last one chosen (sorted ids, wrapping).
+* ``round_robin``   -- the next eligible node id after the last one chosen for the item's
+  placement class (its model and requirements; sorted ids, wrapping), so that items of classes
+  eligible on different nodes, queued in turn, do not each go back to the same node; a class
+  not seen yet goes on from the last node chosen for any.
 * ``least_loaded``  -- the lowest load ``queue_depth / capacity``; ties by ``rng``.
 * ``capability``    -- for a large batch (rows >= ``gpu_batch_rows``) GPU nodes first, most free
   GPU memory first; then least loaded.
@@ -122,7 +125,10 @@ class SchedulerState:
     (round-robin cursor, model affinity) and :meth:`observe_runtime`."""
 
     config: SchedulerConfig = field(default_factory=SchedulerConfig)
-    rr_cursor: str | None = None  # the node round robin chose last
+    rr_cursor: str | None = None  # the node round robin chose last (for any placement class)
+    #: The node round robin chose last per placement class (model, requirements), the classes
+    #: used last kept (at most ``_MAX_RR_CURSORS``: requirements come from submitted specs).
+    rr_cursors: dict[tuple, str] = field(default_factory=dict)
     affinity: dict[tuple[str, str], str] = field(default_factory=dict)
     runtime_s: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -134,6 +140,19 @@ class SchedulerState:
         old = self.runtime_s.get(model)
         alpha = self.config.runtime_smoothing
         self.runtime_s[model] = seconds if old is None else old + alpha * (seconds - old)
+
+    def rr_last(self, key: tuple) -> str | None:
+        """The node round robin chose last for placement class ``key`` (else for any)."""
+        return self.rr_cursors.get(key, self.rr_cursor)
+
+    def rr_chose(self, key: tuple, node: str) -> None:
+        """Round robin chose ``node`` for placement class ``key``."""
+        self.rr_cursor = node
+        cursors = self.rr_cursors
+        cursors.pop(key, None)  # (to the end: the class used last)
+        cursors[key] = node
+        if len(cursors) > _MAX_RR_CURSORS:
+            del cursors[next(iter(cursors))]
 
     def expected_runtime(self, model: tuple[str, str]) -> float:
         """The runtime estimate of ``model`` (the default when never observed)."""
@@ -167,6 +186,11 @@ def _free_gpu_memory(node: NodeView) -> int | float:
 
 def _model_key(item: WorkItem) -> tuple[str, str]:
     return (item.model.model_id, item.model.version)
+
+
+def _class_key(item: WorkItem) -> tuple:
+    """The item's placement class: items of one class are eligible on the same nodes."""
+    return (_model_key(item), requirements(item.params))
 
 
 def requirements(params: Mapping[str, object]) -> tuple[bool, int | None, str | None]:
@@ -238,10 +262,11 @@ _Choose = Callable[[list[NodeView], "WorkItem", random.Random, SchedulerState], 
 
 def _round_robin(nodes, item, rng, state) -> NodeView:
     ordered = sorted(nodes, key=lambda n: n.node_id)
-    last = state.rr_cursor
+    key = _class_key(item)
+    last = state.rr_last(key)
     after = [n for n in ordered if last is not None and n.node_id > last]
     chosen = (after or ordered)[0]
-    state.rr_cursor = chosen.node_id
+    state.rr_chose(key, chosen.node_id)
     return chosen
 
 
@@ -449,6 +474,7 @@ class _PlacementClass:
     """The nodes eligible for the items of one model and requirements (in view order), and
     what each policy keeps of them, built when first asked for."""
 
+    key: tuple  # (model, requirements)
     nodes: list[NodeView]
     by_node: dict[str, NodeView]
     least_loaded: _LoadIndex | None = None
@@ -545,11 +571,11 @@ class BurstPlacer:
         return index
 
     def _class(self, item: WorkItem) -> _PlacementClass:
-        key = (_model_key(item), requirements(item.params))
+        key = _class_key(item)
         found = self._classes.get(key)
         if found is None:
             nodes = eligible(self._views, item, frozenset())
-            found = self._classes[key] = _PlacementClass(nodes, {n.node_id: n for n in nodes})
+            found = self._classes[key] = _PlacementClass(key, nodes, {n.node_id: n for n in nodes})
         return found
 
     def choose(
@@ -616,11 +642,11 @@ class BurstPlacer:
     def _round_robin(self, cls, exclude, state) -> str | None:
         if cls.by_id is None:
             cls.by_id = sorted(view.node_id for view in cls.nodes)
-        ids, last, full = cls.by_id, state.rr_cursor, self._full
+        ids, last, full = cls.by_id, state.rr_last(cls.key), self._full
         start = len(ids) if last is None else bisect.bisect_right(ids, last)
         for node in itertools.chain(ids[start:], ids[:start]):
             if node not in exclude and node not in full:
-                state.rr_cursor = node
+                state.rr_chose(cls.key, node)
                 return node
         return None
 
@@ -662,6 +688,9 @@ class BurstPlacer:
             index = cls.in_contact[key] = self._index(reachable)
         return index.least_loaded(exclude, rng)
 
+
+#: ``round_robin``: the placement classes whose last node :class:`SchedulerState` keeps.
+_MAX_RR_CURSORS = 1024
 
 #: ``contact_aware``: the expected runtimes of one class a burst keeps an index for.
 _MAX_CONTACT_INDEXES = 16
