@@ -57,8 +57,9 @@ def mesh_families(mesh: MeshNode) -> list[MetricFamily]:
         family(
             "meshinfer_peer_messages_dropped_total",
             "counter",
-            "Messages for peers dropped unsent, by reason (unknown-peer, outbox-full, revoked:"
-            " queued for a session whose peer certificate was revoked, ...).",
+            "Messages for peers dropped unsent, by reason (unknown-peer, outbox-full,"
+            " outbox-bytes, revoked: queued for a session whose peer certificate was revoked,"
+            " ...).",
             [({"reason": r}, n) for r, n in sorted(mesh.peers.stats.dropped.items())],
         ),
         family(

@@ -6,10 +6,15 @@ the static key is known from discovery or membership). Callers never wait for a 
 :meth:`PeerTable.send` queues the message on the peer's bounded outbox and a per-peer sender
 task dials if needed and writes. Best-effort traffic (gossip) is dropped, counted, when a peer
 is unreachable or its outbox is full (not when a dial fails while the peer dials in: what is
-queued goes over its session); :meth:`PeerTable.request` is for callers that need to know
-the message went out. A sender that fails (our bug) is logged at ERROR once, and what is queued
-for its peer is dropped (counted as ``sender-failed``), its requesters told; the next send to the
-peer starts a new one.
+queued goes over its session). An outbox is bounded by count (``outbox_limit``) and by bytes
+(``outbox_bytes``, estimated per message as it is queued:
+:func:`~meshinfer.runtime.outbox_size.queued_size`), so a peer that stalls (or never reads
+what it asked for) holds at most that much of this node's memory, or one message larger than
+the byte bound (which goes when nothing else is queued for the peer); a send over either bound
+is refused at once (``outbox-full``, ``outbox-bytes``). :meth:`PeerTable.request` is for
+callers that need to know the message went out. A sender that fails (our bug) is logged at
+ERROR once, and what is queued for its peer is dropped (counted as ``sender-failed``), its
+requesters told; the next send to the peer starts a new one.
 
 Every session gets a reader task that hands each message to the handler registered for its
 type (:meth:`PeerTable.on`). Handlers are plain callables run on the loop; they must not block
@@ -67,6 +72,7 @@ from meshinfer.errors import (
 from meshinfer.proto import messages
 from meshinfer.proto.messages import CloseCode
 from meshinfer.runtime.endpoint import dial
+from meshinfer.runtime.outbox_size import OUTBOX_BYTES, queued_size
 from meshinfer.runtime.session import Admission, Session, SessionConfig, SessionMetrics
 from meshinfer.transport.base import Address, Transport
 
@@ -107,14 +113,28 @@ Requester = asyncio.Future[None] | Callable[[BaseException], None] | None
 
 
 class _Outbox:
-    """Bounded queue of messages for one peer and the task that sends them."""
+    """Bounded queue of messages for one peer and the task that sends them. Each entry keeps
+    the size it was counted at when queued; ``size`` is their sum (entries come and go only
+    through :meth:`push` and :meth:`pop`)."""
 
-    def __init__(self, limit: int) -> None:
-        self.queue: deque[tuple[messages.Message, Requester]] = deque()
+    def __init__(self, limit: int, byte_limit: int) -> None:
+        self.queue: deque[tuple[messages.Message, Requester, int]] = deque()
         self.limit = limit
+        self.byte_limit = byte_limit
+        self.size = 0
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.retry_at = 0.0
+
+    def push(self, msg: messages.Message, fut: Requester, size: int) -> None:
+        self.queue.append((msg, fut, size))
+        self.size += size
+
+    def pop(self) -> Requester:
+        """Take the oldest entry off (it was written or is dropped): its requester."""
+        _, fut, size = self.queue.popleft()
+        self.size -= size
+        return fut
 
 
 class PeerTable:
@@ -122,7 +142,11 @@ class PeerTable:
 
     ``dial_backoff``: after a failed dial, sends to that peer are dropped (``unreachable``) for
     this many seconds, stretched by up to half at random (``rng``; by default one seeded with
-    the node id) so that a fleet's nodes do not redial in lockstep."""
+    the node id) so that a fleet's nodes do not redial in lockstep.
+
+    ``outbox_limit``, ``outbox_bytes``: the most messages, and the most bytes (estimated:
+    :func:`~meshinfer.runtime.outbox_size.queued_size`), queued for one peer; a message larger
+    than ``outbox_bytes`` is queued only when nothing else is."""
 
     def __init__(
         self,
@@ -133,6 +157,7 @@ class PeerTable:
         config: SessionConfig | None = None,
         metrics: SessionMetrics | None = None,
         outbox_limit: int = 256,
+        outbox_bytes: int = OUTBOX_BYTES,
         dial_backoff: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -152,6 +177,7 @@ class PeerTable:
         self._handlers: dict[type, MessageHandler] = {}
         self._session_callbacks: list[SessionCallback] = []
         self._outbox_limit = outbox_limit
+        self._outbox_bytes = outbox_bytes
         self._dial_backoff = dial_backoff
         # (unseeded it would make a simulation's run differ from one with the same seed)
         self._rng = rng or random.Random(f"dial jitter of {node_id}")
@@ -296,11 +322,18 @@ class PeerTable:
             return "unknown peer (no address learnt, no session open)"
         box = self._outboxes.get(node_id)
         if box is None:
-            box = self._outboxes[node_id] = _Outbox(self._outbox_limit)
+            box = self._outboxes[node_id] = _Outbox(self._outbox_limit, self._outbox_bytes)
         if len(box.queue) >= box.limit:
             self.stats.dropped["outbox-full"] += 1
             return f"its outbox is full ({box.limit} messages queued)"
-        box.queue.append((msg, fut))
+        size = queued_size(msg)
+        if box.size + size > box.byte_limit and box.queue:  # (a larger one goes alone)
+            self.stats.dropped["outbox-bytes"] += 1
+            return (
+                f"its outbox is full ({box.size} bytes queued, {size} more would pass its"
+                f" bound of {box.byte_limit} bytes)"
+            )
+        box.push(msg, fut, size)
         box.wake.set()
         if box.task is None or box.task.done():
             box.task = asyncio.get_running_loop().create_task(
@@ -370,12 +403,12 @@ class PeerTable:
                 return
             batch = list(itertools.islice(box.queue, 1 if alone else WRITE_BATCH))
             try:
-                sent = await session.send_many([msg for msg, _ in batch])
+                sent = await session.send_many([msg for msg, _, _ in batch])
             except LocalProtocolError as exc:  # a message is too large or does not encode
                 if len(batch) > 1:  # not necessarily the first: find which, one at a time
                     alone = len(batch)
                     continue
-                box.queue.popleft()
+                box.pop()
                 alone = max(alone - 1, 0)
                 self.stats.dropped["too-large"] += 1
                 _settle(batch[0][1], exc)
@@ -384,8 +417,8 @@ class PeerTable:
                 return  # the session ended with the failed write (the sender redials), or its
                 # certificate was revoked while the write waited (the sender goes on over the
                 # peer's good session if it has one, else drops what is queued)
-            for _, fut in batch[:sent]:
-                box.queue.popleft()
+            for _, fut, _ in batch[:sent]:
+                box.pop()
                 _settle(fut, None)
             alone = max(alone - sent, 0)
             self.stats.sent += sent
@@ -401,7 +434,7 @@ class PeerTable:
         if cause is not None:
             text = f"{text}: {cause!r}"
         while box.queue:
-            _, fut = box.queue.popleft()
+            fut = box.pop()
             self.stats.dropped[reason] += 1
             error = TransportError(text)
             error.__cause__ = cause
