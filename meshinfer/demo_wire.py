@@ -36,7 +36,9 @@ from meshinfer.demo import STOP_SIGNALS
 from meshinfer.errors import MeshInferError
 from meshinfer.fleetcli import EXIT_CLOSED_PIPE, stdout_gone
 from meshinfer.identity_files import FleetDirectory, NodeDirectory
+from meshinfer.proto.identity import RevocationEntry
 from meshinfer.proto.messages import AppData
+from meshinfer.proto.revocation_wire import RevocationNotice
 from meshinfer.runtime.endpoint import SessionListener, dial
 from meshinfer.runtime.session import Admission, SessionMetrics
 from meshinfer.testing.fleet import make_fleet
@@ -144,7 +146,11 @@ async def _refused(label: str, admission: Admission, addr: Address, quiet: bool)
     try:
         session = await dial(TcpTransport(), addr, admission)
         await session.send(AppData(topic="hello", payload=b"let me in"))
-        await session.recv()
+        said = await session.recv()
+        if isinstance(said, RevocationNotice):  # a revoked node is told which entry revokes it
+            entry = RevocationEntry.from_bytes(said.entry, admission.identity.trust)
+            _say(f"[{label}] told why: revocation entry {entry.sequence} ({entry.reason!r})", quiet)
+            await session.recv()  # the refusal's Close
     except MeshInferError as exc:
         _say(f"[{label}] refused: {type(exc).__name__}: {exc}", quiet)
         return True

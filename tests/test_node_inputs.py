@@ -177,7 +177,8 @@ async def test_status_refuses_what_is_not_a_meshinfer_node(impostor, capsys):
 
 async def test_status_names_an_unusable_url_or_runtime_file(tmp_path, capsys):
     for url, said in [
-        ("http://127.0.0.1:1/a b", "cannot reach the daemon at"),
+        ("http://127.0.0.1:1/a b", "must not hold blanks"),  # (refused before any request)
+        ("http://127.0.0.1:1/", "cannot reach the daemon at"),
         ("file:///etc/passwd", "must look like http://HOST:PORT"),
         ("http://[::1", "must look like http://HOST:PORT"),  # was a ValueError traceback
         ("http://127.0.0.1:99999", "must look like http://HOST:PORT"),

@@ -72,6 +72,7 @@ VALID = {
     rw.RevocationsOffer: st.builds(
         rw.RevocationsOffer, st.lists(st.binary(max_size=16), max_size=4).map(tuple)
     ),
+    rw.RevocationNotice: st.builds(rw.RevocationNotice, st.binary(max_size=64)),
     tw.TaskAssign: st.builds(
         _assign,
         st.none() | _refs,
