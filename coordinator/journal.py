@@ -59,7 +59,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from coordinator.journal_ends import TaskEnds
@@ -406,22 +406,15 @@ def _same_spec(known: bytes, spec: TaskSpec, blob: bytes) -> bool:
     journaled = decode_spec(known)
     return (
         journaled == spec
-        and _same_typed(journaled.params, spec.params)
+        and _same_types(journaled.params, spec.params)
         and all(
-            _same_typed(a.params, b.params)
+            _same_types(a.params, b.params)
             for a, b in zip(journaled.stages, spec.stages, strict=True)
         )
     )
 
 
-def _same_typed(a: object, b: object) -> bool:
-    """``a == b`` with every value of the same type, maps and sequences walked."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        assert isinstance(b, dict)
-        return a.keys() == b.keys() and all(_same_typed(v, b[k]) for k, v in a.items())
-    if isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple))
-        return len(a) == len(b) and all(map(_same_typed, a, b))
-    return a == b
+def _same_types(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
+    """Whether the equal params ``a`` and ``b`` (flat: scalars only) hold values of the same
+    types under each key."""
+    return all(type(value) is type(b[key]) for key, value in a.items())

@@ -91,7 +91,8 @@ _INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 def _quoted(text: str) -> str:
     """``text`` as a repr cut to 80 characters: an error line does not echo a huge value whole."""
-    return f"{text!r:.80}" + ("..." if len(repr(text)) > 80 else "")
+    quoted = repr(text)
+    return quoted if len(quoted) <= 80 else f"{quoted[:80]}..."
 
 
 def chosen_task_id(text: str) -> str:

@@ -319,11 +319,13 @@ class Membership:
         corrections, self.table.corrections = self.table.corrections, []
         room = self.config.packet_budget - len(encode_header(Gossip()))
         chunk: list[bytes] = []
+        size = 0
         for data in dict.fromkeys(corrections):
-            if chunk and sum(map(len, chunk)) + len(data) > room:
+            if chunk and size + len(data) > room:
                 self._send(to_node, Gossip(), first=chunk)
-                chunk = []
+                chunk, size = [], 0
             chunk.append(data)
+            size += len(data)
         if chunk:
             self._send(to_node, Gossip(), first=chunk)
 
