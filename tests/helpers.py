@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import psutil
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from coordinator.client import CoordinatorClient
 from meshinfer.discovery.static import StaticSeed
@@ -97,3 +98,18 @@ def seed_of(node: MeshNode) -> StaticSeed:
         static_key=node.identity.static_public,
         fleet_id=node.identity.trust.fleet_id,
     )
+
+
+async def announce_once(zc: AsyncZeroconf, info: AsyncServiceInfo, *, update: bool = False) -> None:
+    """Register (or ``update``) ``info`` on a test's own zeroconf, without probing, and multicast
+    its records once. zeroconf's own announcements (three, 225 ms apart) are cancelled: a test
+    that left them running left their task pending when its loop closed, and loopback multicast
+    loses nothing that a repeat would make up for."""
+    if update:
+        repeats = await zc.async_update_service(info)
+    else:
+        repeats = await zc.async_register_service(info, cooperating_responders=True)
+    future = asyncio.ensure_future(repeats)
+    future.cancel()
+    await asyncio.gather(future, return_exceptions=True)
+    zc.zeroconf.async_send(zc.zeroconf.generate_service_broadcast(info, None))

@@ -33,6 +33,7 @@ from meshinfer.discovery.mdns_txt import (
     unpack_txt,
 )
 from meshinfer.errors import ConfigError
+from tests.helpers import announce_once
 from tests.test_discovery_mdns import LOOPBACK, WAIT, Recorder, adverts, make_advert, nodes
 
 
@@ -183,7 +184,7 @@ async def test_remote_peer_announcing_loopback_is_dialled_elsewhere(fleet: str) 
     remote = make_advert("veh-r", fleet, addresses=("127.0.0.1", "192.0.2.7"))
     async with nodes(fleet, "veh-a") as [(_, a_seen)]:
         async with AsyncZeroconf(interfaces=["127.0.0.1"]) as raw:
-            await raw.async_register_service(_service_of(remote), cooperating_responders=True)
+            await announce_once(raw, _service_of(remote))
             found = await a_seen.wait("found", "veh-r")
             await raw.async_unregister_all_services()
     assert found.advert.addresses == ("192.0.2.7",)  # was: 127.0.0.1 too, a local node's port
@@ -195,7 +196,7 @@ async def test_peer_on_this_host_keeps_its_loopback_address(fleet: str) -> None:
     a_seen = Recorder()
     async with MdnsDiscovery(make_advert("veh-a", fleet), a_seen, LOOPBACK, adapters=host):
         async with AsyncZeroconf(interfaces=["127.0.0.1"]) as raw:
-            await raw.async_register_service(_service_of(here), cooperating_responders=True)
+            await announce_once(raw, _service_of(here))
             found = await a_seen.wait("found", "veh-h")
             await raw.async_unregister_all_services()
     assert sorted(found.advert.addresses) == ["127.0.0.1", "192.0.2.7"]

@@ -30,6 +30,7 @@ from meshinfer.discovery.mdns_txt import (
 )
 from meshinfer.discovery.static import parse_seed
 from meshinfer.errors import ConfigError, LocalProtocolError
+from tests.helpers import announce_once
 from tests.test_discovery_mdns import (
     LOOPBACK,
     MDNS_RESPONSE_FLAGS,
@@ -117,7 +118,7 @@ async def test_node_restarted_on_a_new_port_without_goodbye_is_updated(fleet: st
         first = make_advert("veh-b", fleet, addresses=("127.0.0.1",), port=7000)
         async with AsyncZeroconf(interfaces=["127.0.0.1"]) as crashed:
             info = _service_of(first)
-            await crashed.async_register_service(info, cooperating_responders=True)
+            await announce_once(crashed, info)
             await a_seen.wait("found", "veh-b")
             crashed.zeroconf.registry.async_remove(info)  # dies: no goodbye on close
         restarted = MdnsDiscovery(replace(first, port=7100), Recorder(), LOOPBACK)
@@ -283,11 +284,11 @@ async def test_forged_adverts_beyond_max_peers_are_counted_not_kept(fleet: str) 
     async with a, AsyncZeroconf(interfaces=["127.0.0.1"]) as raw:
         sighted = spy_on(a, "sight")
         for advert in forged:
-            await raw.async_register_service(_service_of(advert), cooperating_responders=True)
+            await announce_once(raw, _service_of(advert))
         await _wait_until(sighted, lambda: a.stats.ignored_full >= 2)
         assert len(a.peers) == 2 and len(a._names) == 2 and a.stats.found == 2
         known = next(iter(a.peers.values()))
-        await raw.async_update_service(_service_of(replace(known, port=7100)))
+        await announce_once(raw, _service_of(replace(known, port=7100)), update=True)
         await _wait_until(sighted, lambda: a.stats.updated == 1)  # a known peer still updates
         assert a.peers[known.node_id].port == 7100 and len(a.peers) == 2
 

@@ -39,6 +39,7 @@ from meshinfer.discovery.mdns_txt import (
 )
 from meshinfer.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from meshinfer.transport.base import LinkKind
+from tests.helpers import announce_once
 
 LOOPBACK = MdnsConfig.loopback()
 WAIT = 3.0  # upper bound for anything that should take milliseconds
@@ -311,7 +312,7 @@ async def _register_raw(zc: AsyncZeroconf, label: str, text: bytes) -> AsyncServ
         server=f"{label}.local.",
         parsed_addresses=["127.0.0.1"],
     )
-    await zc.async_register_service(info, cooperating_responders=True)
+    await announce_once(zc, info)
     return info
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 
+from meshinfer.discovery.mdns import MdnsConfig
 from meshinfer.errors import TransportError
 from meshinfer.proto.messages import AppData
 from meshinfer.runtime.endpoint import SessionListener
@@ -24,7 +25,7 @@ from meshinfer.testing.fleet import make_fleet
 from meshinfer.transport.base import Address
 from meshinfer.transport.tcp import TcpTransport
 from tests.helpers import until
-from tests.test_mesh_node import nodes_for
+from tests.test_mesh_node import nodes_for, options
 from tests.test_peers import Pair
 
 LOOPBACK = Address("127.0.0.1", 0)
@@ -132,7 +133,8 @@ async def test_a_cancelled_leave_still_closes_the_node():
     """A ``leave`` cancelled half-way (a timeout around it, a second SIGTERM) announced LEFT
     and left the node running: listener open, membership timer going, nobody to close them."""
     fleet = make_fleet(None, ["solo"])
-    (node,) = nodes_for(fleet, ["solo"])
+    three_goodbyes = replace(MdnsConfig.loopback(), goodbyes=3)
+    (node,) = nodes_for(fleet, ["solo"], lambda _name: options(mdns=three_goodbyes))
     await node.start()
     try:
         leaving = asyncio.create_task(node.leave(timeout=5.0))

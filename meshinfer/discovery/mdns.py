@@ -101,6 +101,7 @@ from meshinfer.discovery.mdns_cache import (
     service_host,
 )
 from meshinfer.discovery.mdns_config import (  # MdnsConfig: its callers import it from here
+    GOODBYE_INTERVAL,
     IP_VERSIONS,
     AdapterSource,
     MdnsConfig,
@@ -500,8 +501,20 @@ class MdnsDiscovery(SourceBase):
         if self._browser is not None:
             await _logged("cancel browser", self._browser.async_cancel())
         if self._zc is not None:
-            await _logged("send goodbyes", self._zc.async_unregister_all_services())
+            await _logged("send goodbyes", self._goodbyes())
             await _logged("close zeroconf", self._zc.async_close())
+
+    async def _goodbyes(self) -> None:
+        """Multicast our records with TTL 0 ``config.goodbyes`` times, ``GOODBYE_INTERVAL``
+        apart (zeroconf's ``async_unregister_all_services`` always sends 3). Building the
+        goodbye empties zeroconf's registry, so its close sends none of its own."""
+        assert self._zc is not None
+        zc = self._zc.zeroconf
+        out = zc.generate_unregister_all_services()
+        for i in range(self.config.goodbyes if out is not None else 0):
+            if i:
+                await asyncio.sleep(GOODBYE_INTERVAL)
+            zc.async_send(out)
 
 
 def _log_look_failure(step: str, exc: Exception) -> None:

@@ -25,6 +25,10 @@ from meshinfer.errors import ConfigError
 
 IP_VERSIONS = {"v4": IPVersion.V4Only, "v6": IPVersion.V6Only, "both": IPVersion.All}
 """zeroconf's ``ip_version`` for each ``MdnsConfig.ip_version``."""
+GOODBYE_INTERVAL = 0.125
+"""Seconds between two goodbyes on close (zeroconf's ``_UNREGISTER_TIME``)."""
+MAX_GOODBYES = 3
+"""Most goodbyes a close sends (zeroconf's count): more only delays the close."""
 _IFNAME_RE = re.compile(r"[^\s/]{1,15}")  # Linux: IFNAMSIZ 16 with the NUL; no '/' or spaces
 
 
@@ -63,6 +67,10 @@ class MdnsConfig:
       the peer announces again, and a peer gone without goodbyes is ``lost`` only when its PTR
       record expires (zeroconf's default TTL: 75 minutes) rather than its address records
       (2 minutes). The daemons' ``[discovery] address_check_interval = 0`` means ``None``.
+    * ``goodbyes``: how many times the goodbye (our records with TTL 0) is multicast on close,
+      ``GOODBYE_INTERVAL`` apart (1 to 3). zeroconf sends 3, for lossy links; a close waits
+      for the last one. The ``loopback()`` preset sends 1: the kernel hands loopback
+      multicast to every member socket without loss, so the repeats only delay the close.
     """
 
     interfaces: str | tuple[str, ...] = "all"
@@ -74,6 +82,7 @@ class MdnsConfig:
     max_resolving: int = 32
     max_peers: int = 1024
     address_check_interval: float | None = ADDRESS_CHECK_INTERVAL
+    goodbyes: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.interfaces, list):  # from TOML
@@ -97,6 +106,8 @@ class MdnsConfig:
         interval = self.address_check_interval
         if interval is not None and not (isinstance(interval, int | float) and interval > 0):
             raise ConfigError("mdns.address_check_interval: must be > 0 seconds, or None")
+        if type(self.goodbyes) is not int or not 1 <= self.goodbyes <= MAX_GOODBYES:
+            raise ConfigError(f"mdns.goodbyes: must be an integer from 1 to {MAX_GOODBYES}")
 
     @classmethod
     def lan(cls) -> MdnsConfig:
@@ -105,8 +116,9 @@ class MdnsConfig:
 
     @classmethod
     def loopback(cls) -> MdnsConfig:
-        """127.0.0.1 only, for tests and several nodes on one host; faster re-announcements."""
-        return cls(interfaces=("127.0.0.1",), reannounce_interval=0.1)
+        """127.0.0.1 only, for tests and several nodes on one host; faster re-announcements,
+        one goodbye on close."""
+        return cls(interfaces=("127.0.0.1",), reannounce_interval=0.1, goodbyes=1)
 
     @classmethod
     def zeroconf_default(cls, interfaces: str | tuple[str, ...] = "all") -> MdnsConfig:
