@@ -55,6 +55,11 @@ DEFAULT_WAIT_S = 30.0
 #: About how many bytes of a task's document each of its items takes (its JSON is ~250).
 _ITEM_DOC_BYTES = 300
 
+#: How often an open ``/wait`` looks whether its client is still connected. aiohttp tells a
+#: GET's handler nothing when the client goes (a body-less request has no payload to fail), so
+#: a client that gave up held its handler, and a coordinator waiter, until the timeout.
+CLIENT_CHECK_S = 1.0
+
 #: ``off_loop(size, fn, *args)``: ``fn(*args)``, in a worker thread when ``size`` is large.
 OffLoop = Callable[..., Awaitable[Any]]
 
@@ -158,18 +163,21 @@ class TaskRoutes:
         if request.method == "HEAD":
             record = await self.coordinator.get(task_id)
         else:
-            record = await self._wait(task_id, timeout)
+            record = await self._wait(task_id, timeout, request)
         return await self._task_response(record, outputs)
 
-    async def _wait(self, task_id: str, timeout: float) -> TaskRecord:
-        """The task once it ended, the timeout passed or the server began to close."""
+    async def _wait(self, task_id: str, timeout: float, request: web.Request) -> TaskRecord:
+        """The task once it ended, the timeout passed, the server began to close or the
+        client went away (then nobody reads the answer: it is the task as it is now)."""
         waiting = asyncio.ensure_future(self.coordinator.wait(task_id, timeout=timeout))
         closing = asyncio.ensure_future(self._closing.wait())
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiting, closing, gone}, return_when=asyncio.FIRST_COMPLETED)
             ended = waiting.done()
         finally:
             closing.cancel()
+            gone.cancel()
             if not waiting.done():
                 waiting.cancel()
             elif not waiting.cancelled():
@@ -199,3 +207,9 @@ class TaskRoutes:
         cancelled = await self.coordinator.cancel(task_id)
         state = (await self.coordinator.get(task_id)).state.value
         return _json({"task_id": task_id, "cancelled": cancelled, "state": state})
+
+
+async def _client_gone(request: web.Request) -> None:
+    """Return once ``request``'s connection is closed or closing (polled: no event to await)."""
+    while (transport := request.transport) is not None and not transport.is_closing():  # noqa: ASYNC110
+        await asyncio.sleep(CLIENT_CHECK_S)
