@@ -69,6 +69,7 @@ from coordinator.task_arguments import (
     budget_seconds,
     chosen_task_id,
     model_ref,
+    non_negative_int,
     page_limit,
     positive_int,
     priority,
@@ -271,14 +272,25 @@ def _add_submit(commands: Any) -> None:
     )  # fmt: skip
     wait = parser.add_argument_group("waiting")
     wait.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    wait.add_argument("--wait-timeout", type=seconds, default=600.0, metavar="S")
+    wait.add_argument(
+        "--wait-timeout", type=seconds, metavar="S",
+        help=f"with --wait: give up waiting after S seconds (default {WAIT_TIMEOUT_S:g})",
+    )  # fmt: skip
     wait.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
+        help="with --wait: progress bar on stderr (default: when stderr is a terminal)",
     )
-    wait.add_argument("--show", type=int, default=20, metavar="N", help="labels to print")
+    wait.add_argument(
+        "--show", type=non_negative_int, metavar="N",
+        help=f"with --wait: labels to print (default {SHOW_LABELS})",
+    )  # fmt: skip
+
+
+#: ``submit --wait``'s defaults for ``--wait-timeout`` and ``--show``.
+WAIT_TIMEOUT_S, SHOW_LABELS = 600.0, 20
+_WAIT_OPTIONS = (("--wait-timeout", "wait_timeout"), ("--progress", "progress"), ("--show", "show"))
 
 
 def _submission(args: argparse.Namespace) -> dict[str, Any]:
@@ -286,6 +298,9 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
     ``--task-id`` or else an id made here (as the coordinator makes them): a submission whose
     answer never came names the task to look for, and the same command with that
     ``--task-id`` cannot run it twice."""
+    given = [flag for flag, name in _WAIT_OPTIONS if getattr(args, name) is not None]
+    if given and not args.wait:
+        raise ConfigError(f"{', '.join(given)}: only with --wait (nothing was sent)")
     doc = task_document(args, load_inputs(args.input, args.key, args.dtype))
     if "task_id" not in doc:
         doc["task_id"] = new_task_id(random.SystemRandom(), time.time())
@@ -308,7 +323,7 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace, doc: dict[str, 
     if args.json:
         _print_json(doc)
     else:
-        print(render_result(_shown(doc), args.show))
+        print(render_result(_shown(doc), SHOW_LABELS if args.show is None else args.show))
     return _exit_code(doc)
 
 
@@ -341,7 +356,8 @@ def _await(client: CoordinatorClient, answer: dict[str, Any], args) -> dict[str,
     stopped, or the network failed) is an ApiError naming the task, which it keeps: the one
     line says how to look at it later. Ctrl-C (KeyboardInterrupt, exit 130) says so too, on
     stderr, before it goes on."""
-    deadline = time.monotonic() + args.wait_timeout
+    budget = WAIT_TIMEOUT_S if args.wait_timeout is None else args.wait_timeout
+    deadline = time.monotonic() + budget
     stderr = sys.stderr  # (None where the command started with its stderr closed: 2>&-)
     show = stderr is not None and (args.progress if args.progress is not None else stderr.isatty())
     task_id = answer["task_id"]

@@ -81,7 +81,13 @@ def since(text: str) -> float:
 
 def positive_int(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:  # (int("²") fails)
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+        raise argparse.ArgumentTypeError(f"{_quoted(text)} is not a positive integer")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{_quoted(text)} is not an integer >= 0")
     return int(text)
 
 
