@@ -31,7 +31,7 @@ at once (items are tracked by node, not by session: all of the node's move, mayb
 over the good session; a result still coming is accepted once)::
 
     reachable --session lost (abruptly, or silent)--> suspect (pings every session open)
-    suspect --a ping answered (its session still open), or a session opened meanwhile-->
+    suspect --a ping answered, or a session opened meanwhile (either still open)-->
                                        reachable (items sent again)
     suspect --every session ended--> re-dialling (in the rest of the time)
     suspect --none answered, some open--> re-dialling (silent ones abandoned first; time anew)
@@ -131,8 +131,9 @@ class Reachability:
         self.cut_wait_s = cut_wait_s
         self._watchers: set[asyncio.Task[None]] = set()
         #: node being probed (it lost a session) -> sessions opened with it since the probe began
-        #: (one that opens is an answer); kept only while probed: bounded by the nodes under probe
-        self._suspects: dict[str, int] = {}
+        #: (one still open when the probe ends is an answer); kept only while probed: bounded by
+        #: the nodes under probe and the sessions that open in a probe's time
+        self._suspects: dict[str, list[Session]] = {}
         #: node -> its incarnation when we gave up on it (_REVOKED: its certificate was revoked)
         self._unreachable: dict[str, float] = {}
         #: nodes that answered a probe while the session their items go over was being cut for
@@ -223,7 +224,7 @@ class Reachability:
         if self._closed:
             return
         if node in self._suspects:
-            self._suspects[node] += 1
+            self._suspects[node].append(session)
         if self._unreachable.pop(node, None) is not None:
             log.info("node %s is reachable again", node)
             self._on_back()
@@ -252,8 +253,9 @@ class Reachability:
         """Have ``node`` answer (:meth:`_ping`: a ping over a session still open, else a
         re-dial); give up on it (``on_lost``) if it does not in time. The sessions pinged in
         vain are abandoned by then either way; a session with it that opened meanwhile is an
-        answer."""
-        self._suspects[node] = 0
+        answer while it is still open (one lost again meanwhile, whose loss starts no probe
+        while this one runs, leaves nothing the items could go over)."""
+        self._suspects[node] = []
         silent: list[Session] = []
         try:
             answered = await self._ping(node, silent)
@@ -261,7 +263,7 @@ class Reachability:
             opened = self._suspects.pop(node)
         if self._closed:
             return
-        if answered or opened:
+        if answered or any(s.is_open for s in opened):
             self.counts.redials_ok += 1
             self._on_back()
             self._resend(node)

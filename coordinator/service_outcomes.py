@@ -71,7 +71,11 @@ class TaskOutcomes:
             entry.refused += 1
             self.stats_.refusals += 1
         if attempt - entry.refused >= self.config.max_attempts:
-            tried = f"{attempt} attempts" + (f" ({entry.refused} refused)" if entry.refused else "")
+            # (refusals past the max_attempts that do not count are counted: the later
+            # attempts may have been refused too, as the last reason may say)
+            noun = "refusal" if entry.refused == 1 else "refusals"
+            uncounted = f" ({entry.refused} {noun} not counted)" if entry.refused else ""
+            tried = f"{attempt} attempts{uncounted}"
             self._steps.spawn(self._fail_item(run, entry, f"gave up after {tried}; last: {reason}"))
             return False
         self.stats_.retries += 1
