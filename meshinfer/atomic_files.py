@@ -235,20 +235,26 @@ class NotRegularFileError(OSError):
     """A FIFO, socket or device where a regular file was to be read (:func:`read_regular`)."""
 
 
-def read_regular(path: Path, limit: int | None = None) -> bytes:
+def read_regular(
+    path: Path, limit: int | None = None, *, check: Callable[[os.stat_result], None] | None = None
+) -> bytes:
     """The bytes of the regular file ``path``: all of them, or at most ``limit + 1`` (so that a
     caller can tell a file over ``limit``). Opened without blocking and judged by the opened
     file's own status: a FIFO put there (or swapped in after a look) made a plain open wait for
     a writer for good, and a device (/dev/zero) can be read for ever. Raises ``OSError``:
     ``IsADirectoryError`` for a directory, :class:`NotRegularFileError` for anything else that
-    is not a regular file."""
+    is not a regular file. ``check`` is given that status before anything is read (whatever it
+    raises goes to the caller): the file read is the file checked."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
+        status = os.fstat(fd)
+        mode = status.st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         if not stat.S_ISREG(mode):
             raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+        if check is not None:
+            check(status)
         with os.fdopen(fd, "rb", closefd=False) as file:
             return file.read() if limit is None else file.read(limit + 1)
     finally:
@@ -256,14 +262,20 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
 
 
 def read_limited(
-    path: Path, what: str, *, limit: int | None, error: Callable[[str], Exception]
+    path: Path,
+    what: str,
+    *,
+    limit: int | None,
+    error: Callable[[str], Exception],
+    check: Callable[[os.stat_result], None] | None = None,
 ) -> bytes:
-    """The bytes of the regular file ``path`` (:func:`read_regular`), at most ``limit`` of them
-    (None: no limit). A missing or unreadable file, a directory, a FIFO, socket or device, and
-    a file over ``limit`` each raise ``error(message)``, the message naming ``what`` and
-    ``path``: the one reader behind every configuration, key, token and input file read."""
+    """The bytes of the regular file ``path`` (:func:`read_regular`, given ``check``), at most
+    ``limit`` of them (None: no limit). A missing or unreadable file, a directory, a FIFO,
+    socket or device, and a file over ``limit`` each raise ``error(message)``, the message
+    naming ``what`` and ``path``: the one reader behind every configuration, key, token and
+    input file read."""
     try:
-        data = read_regular(path, limit)
+        data = read_regular(path, limit, check=check)
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except IsADirectoryError:
@@ -278,18 +290,34 @@ def read_limited(
     return data
 
 
-def read_file(path: Path, what: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
+def read_file(
+    path: Path, what: str, *, limit: int = MAX_FILE_BYTES, private: bool = False
+) -> bytes:
     """:func:`read_limited` raising :class:`IdentityError` (a FIFO there held the node's
-    revocation watch, its file lock and its exit)."""
-    return read_limited(path, what, limit=limit, error=IdentityError)
+    revocation watch, its file lock and its exit). ``private``: a secret file, refused as
+    :func:`require_private` does if group or others may read it, judged by the status of the
+    file opened (a second look at the path, as before, passed a private file swapped in after
+    an exposed one was read)."""
+
+    def check(status: os.stat_result) -> None:
+        _refuse_exposed(path, what, status)
+
+    return read_limited(
+        path, what, limit=limit, error=IdentityError, check=check if private else None
+    )
 
 
 # --- checks before reading or writing ----------------------------------------------------------
 
 
 def require_private(path: Path, what: str) -> None:
-    """:class:`IdentityError` if group or others may read the secret file ``path``."""
-    mode = stat.S_IMODE(path.stat().st_mode)
+    """:class:`IdentityError` if group or others may read the secret file ``path`` (to read
+    one, :func:`read_file` with ``private=True`` checks the very file it reads)."""
+    _refuse_exposed(path, what, path.stat())
+
+
+def _refuse_exposed(path: Path, what: str, status: os.stat_result) -> None:
+    mode = stat.S_IMODE(status.st_mode)
     if mode & 0o077:
         raise IdentityError(f"{what} {path} is readable by others (mode {mode:04o}); chmod 600 it")
 

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _DENIED = {errno.EACCES, errno.EPERM}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class LockHeld(MeshInferError):
@@ -57,8 +58,10 @@ def lock_directory(path: Path) -> int:
 
 def lock_file(path: Path) -> int:
     """Take the exclusive lock of the lock file ``path`` (made with mode 0644 if missing) and
-    write this process's pid into it; its open descriptor (see the module docstring)."""
-    return _lock(Path(path), os.O_RDWR | os.O_CREAT, record_pid=True)
+    write this process's pid into it; its open descriptor (see the module docstring). A symlink
+    at ``path`` is not followed (:class:`LockUnavailable`): the pid written over the file it
+    named destroyed that file."""
+    return _lock(Path(path), os.O_RDWR | os.O_CREAT | _NOFOLLOW, record_pid=True)
 
 
 def lock_one_user(
@@ -80,6 +83,11 @@ def _lock(path: Path, flags: int, *, record_pid: bool) -> int:
     try:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP and flags & _NOFOLLOW and os.path.islink(path):
+            raise LockUnavailable(
+                f"cannot open {path}: it is a symbolic link, and a lock file is never followed"
+                " (its pid would be written over the file it names); remove it"
+            ) from None
         raise LockUnavailable(failure_text(path, "open", exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -52,7 +52,6 @@ from meshinfer.atomic_files import (
     refuse_directories,
     refuse_existing,
     replace_file,
-    require_private,
     sync_directory,
     write_new_file,
 )
@@ -86,10 +85,12 @@ BACKUP_PREFIX = "replaced-"  # where ``fleet init --force`` keeps the fleet it r
 # --- key files and the fleet's trust anchor and revocations ------------------------------------
 
 
-def read_hex_key(path: Path, what: str) -> bytes:
+def read_hex_key(path: Path, what: str, *, private: bool = False) -> bytes:
     """The 32-byte key ``path`` holds as 64 hex digits (one line); :class:`IdentityError`
-    naming ``what`` if it does not."""
-    text = read_file(path, what, limit=MAX_SMALL_FILE_BYTES).decode("ascii", "replace").strip()
+    naming ``what`` if it does not (``private``: or if group or others may read the file read,
+    as :func:`~meshinfer.atomic_files.read_file` checks)."""
+    data = read_file(path, what, limit=MAX_SMALL_FILE_BYTES, private=private)
+    text = data.decode("ascii", "replace").strip()
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -217,8 +218,7 @@ class FleetDirectory:
     def authority(self) -> FleetAuthority:
         """The signing authority; checks the key against ``fleet.json``."""
         trust = self.trust()
-        seed = read_hex_key(self.authority_key, "authority key")
-        require_private(self.authority_key, "authority key")
+        seed = read_hex_key(self.authority_key, "authority key", private=True)
         authority = FleetAuthority.create(trust.fleet_id, seed)
         if authority.trust != trust:
             raise IdentityError(f"{self.authority_key} does not match {self.fleet_json}")
@@ -230,9 +230,8 @@ class FleetDirectory:
 
     def api_token(self) -> str:
         """The coordinator HTTP API token."""
-        token = read_file(self.api_token_file, "api token", limit=MAX_SMALL_FILE_BYTES)
-        token = token.decode("ascii", "replace").strip()
-        require_private(self.api_token_file, "api token")
+        data = read_file(self.api_token_file, "api token", limit=MAX_SMALL_FILE_BYTES, private=True)
+        token = data.decode("ascii", "replace").strip()
         if len(token) < MIN_API_TOKEN_CHARS or not _is_header_text(token):
             raise IdentityError(
                 f"api token {self.api_token_file} holds no usable token (one line of at least"
@@ -286,13 +285,35 @@ class FleetDirectory:
         A node id that holds a good certificate (issued, not revoked, not expired) for another
         key is refused (two machines under one id), unless ``new_key`` (the node moves to a new
         key; revoke the old serial once it runs with the new one)."""
+        cert, _, _ = self.issue(
+            node_id, static_public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key
+        )
+        return cert
+
+    def issue(
+        self,
+        node_id: str,
+        static_public: bytes,
+        roles: frozenset[str],
+        *,
+        now: float,
+        lifetime_s: float,
+        new_key: bool = False,
+    ) -> tuple[NodeCertificate, FleetTrust, RevocationList]:
+        """:meth:`sign`, and the trust anchor and revocation list read under the same lock: the
+        copies a node enrolled with the certificate needs (read before the lock, an ``init
+        --force`` in between gave the node the old fleet's anchor beside the new fleet's
+        certificate, and a revocation in between was missing from its copy)."""
         if not now + lifetime_s > now:  # (a lifetime too short to move a float: none)
             raise ConfigError(f"certificate lifetime must be positive, got {lifetime_s}")
         with self._exclusive():
             authority = self.authority()  # under the lock: an init --force may have run
             issued = self.issued()
+            revocations = self.revocations()
             if not new_key:
-                self.refuse_another_key(node_id, static_public, now=now, issued=issued)
+                self.refuse_another_key(
+                    node_id, static_public, now=now, issued=issued, revocations=revocations
+                )
             serial = max((c.serial for c in issued), default=0) + 1
             cert = authority.sign(
                 node_id=node_id,
@@ -303,7 +324,7 @@ class FleetDirectory:
                 serial=serial,
             )
             replace_file(self.issued_json, _index_json([*issued, cert]))
-        return cert
+        return cert, authority.trust, revocations
 
     def refuse_another_key(
         self,
@@ -312,10 +333,12 @@ class FleetDirectory:
         *,
         now: float,
         issued: list[NodeCertificate] | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         """:class:`IdentityError` if ``node_id`` holds a good certificate for a key other than
         ``static_public`` (None: a key not made yet), saying what to do."""
-        revocations = self.revocations()
+        if revocations is None:
+            revocations = self.revocations()
         holding = [
             c
             for c in (self.issued() if issued is None else issued)

@@ -25,7 +25,8 @@ Fleet commands (see :mod:`meshinfer.identity_files` for the directory layouts)::
 
 (``--days``: one minute, :data:`MIN_CERT_DAYS`, up to under 36600. ``sign --out`` is never one
 of the fleet directory's own files, ``--pubkey`` never a file named as a private key, such as
-``node.key`` or ``node.key.bak``.)
+``node.key`` or ``node.key.bak``; nor does ``--out`` replace a file holding a key, even with
+``--force``, such as ``--pubkey``'s own ``node.pub``.)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from meshinfer import __version__
-from meshinfer.atomic_files import read_limited
+from meshinfer.atomic_files import read_limited, read_regular
 from meshinfer.errors import AdmissionError, ConfigError, MeshInferError
 from meshinfer.identity_files import (
     FLEET_FILES,
@@ -247,8 +248,10 @@ def _days(text: str) -> float:
 
 
 def _serial(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):  # int() also takes non-ASCII digits
-        raise ConfigError(f"serial must be a non-negative integer, got {text!r}")
+    # int() also takes non-ASCII digits; 20 digits hold any serial (one below 2**63), and int()
+    # refuses over 4,300 ("invalid serial value: " and all of them, echoed)
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise ConfigError(f"serial must be a non-negative integer, got {text!r:.80}")
     return int(text)
 
 
@@ -259,7 +262,8 @@ def _public_key(text: str) -> bytes:
         return key
     path = Path(text)
     wrong = _hex_digits(text)
-    if wrong is not None and not (path.exists() or path.is_symlink()):
+    # (os.path.lexists: Path.exists raised OSError on a name too long, a traceback from argparse)
+    if wrong is not None and not os.path.lexists(path):
         # (not "file not found: <the text>": the paste is not echoed, it may be a private key)
         raise ConfigError(
             f"the key given is {wrong} (and names no file): give node.pub's 64 hex digits"
@@ -475,7 +479,25 @@ def _check_output(out: Path, force: bool, fleet: FleetDirectory) -> None:
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
     if (out.exists() or out.is_symlink()) and not force:
         raise ConfigError(f"{out} already exists; refusing to overwrite it (use --force)")
+    if _holds_key(out):
+        # with --force the certificate replaced it: --pubkey's own node.pub (the node then
+        # fails to start: node.pub does not match), or a node.key lost for good
+        raise ConfigError(
+            f"--out {out} holds a key (64 hex digits), not a certificate; refusing to overwrite"
+            " it even with --force: write the certificate elsewhere (such as the node's"
+            " directory, as node.cert)"
+        )
     check_writable(out.parent)
+
+
+def _holds_key(path: Path) -> bool:
+    """Whether ``path`` is a regular file holding a 32-byte key as 64 hex digits (a public or
+    private key file, which a certificate never is)."""
+    try:
+        data = read_regular(path, MAX_PUBLIC_KEY_FILE_BYTES)
+    except (OSError, ValueError):
+        return False
+    return _hex_key_text(data.decode("ascii", errors="replace")) is not None
 
 
 def _same_directory(one: Path, other: Path) -> bool:

@@ -40,7 +40,6 @@ from meshinfer.atomic_files import (
     read_file,
     refuse_directories,
     refuse_existing,
-    require_private,
     write_new_file,
 )
 from meshinfer.atomic_files import FileStamp as FileStamp
@@ -128,8 +127,7 @@ class NodeDirectory:
 
     def static_private(self) -> bytes:
         """The Noise static private key; checks its mode and that ``node.pub`` matches."""
-        private = read_hex_key(self.node_key, "node key")
-        require_private(self.node_key, "node key")
+        private = read_hex_key(self.node_key, "node key", private=True)
         public = static_public_key(private)
         if self.node_pub.exists() and read_hex_key(self.node_pub, "node public key") != public:
             raise IdentityError(
@@ -198,14 +196,18 @@ def enroll(
     refuse_directories(outputs)  # before a serial is issued that no file would hold
     if node.path.is_dir():
         check_writable(node.path)
-    trust, revocations = fleet.trust(), fleet.revocations()
-    fleet.authority()  # fail on a bad authority key before touching the node directory
+    fleet.revocations()  # fail on a bad file (trust anchor, revocations, authority key)
+    fleet.authority()  # before touching the node directory
     present = static_public_key(node.static_private()) if node.has_key() else None
     if not new_key:  # before a key is made for a node id that is taken
         fleet.refuse_another_key(node_id, present, now=now)
     # (force: a node.pub left without its node.key is replaced too, not refused "use --force")
     public = present if present is not None else node.keygen(force=force)
-    cert = fleet.sign(node_id, public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key)
+    # the copies are read with the certificate under the fleet's lock (read before it, an
+    # init --force in between gave the node the old fleet's trust anchor beside the new cert)
+    cert, trust, revocations = fleet.issue(
+        node_id, public, roles, now=now, lifetime_s=lifetime_s, new_key=new_key
+    )
     node.install(cert, trust, revocations, force=force)
     return node.load()
 
