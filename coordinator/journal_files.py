@@ -10,7 +10,11 @@ naming the process that holds it. The lock is a file of its own, not the databas
 (POSIX) locks on the database are dropped when *any* descriptor of that file in the process is
 closed. A lock file of another user (left by a coordinator run as root), or a directory this
 user may not search or write, is an error naming that path, its owner and what to do
-(:func:`meshinfer.filelock.failure_text`), never a bare ``PermissionError``. Readers
+(:func:`meshinfer.filelock.failure_text`), never a bare ``PermissionError``. A journal that does
+not exist yet is made for its owner only (:data:`JOURNAL_MODE`: it holds every task's inputs and
+results, which the API serves to holders of its token only; SQLite gives the ``-wal`` and
+``-shm`` files the database file's mode); one that exists keeps its mode. A path that names a
+FIFO, a socket or a device is refused (SQLite would wait on a FIFO for ever). Readers
 (:func:`~coordinator.journal.read_stats`, the CLI) take no lock: WAL lets them read beside the
 writer; a file a reader cannot open is a :class:`JournalFileError` naming it and what to do
 (:func:`check_readable`), as for the writer. The kernel drops the lock when its process dies,
@@ -34,10 +38,19 @@ from coordinator.journal_schema import SchemaError
 from meshinfer.errors import MeshInferError
 from meshinfer.filelock import failure_text, lock_one_user
 
-__all__ = ["LOCK_SUFFIX", "JournalFileError", "check_readable", "explained", "lock_journal"]
+__all__ = [
+    "JOURNAL_MODE",
+    "LOCK_SUFFIX",
+    "JournalFileError",
+    "check_readable",
+    "explained",
+    "lock_journal",
+]
 
 #: The lock file is the journal's path with this appended (as SQLite's ``-wal`` and ``-shm``).
 LOCK_SUFFIX = "-lock"
+#: The mode a new journal file is made with (the umask may take more away).
+JOURNAL_MODE = 0o600
 
 #: What an ``sqlite3`` error met while opening says to an operator (first match wins).
 _HINTS = (
@@ -61,38 +74,62 @@ class JournalFileError(MeshInferError):
 
 def lock_journal(path: Path) -> int:
     """Take the journal's lock (see the module docstring); its descriptor, which holds the lock
-    until it is closed. :class:`JournalFileError` if another journal holds it, or the lock
-    file cannot be made or opened (one of another user names that user and what to do)."""
+    until it is closed; a journal not there yet is then made, for its owner only
+    (:func:`_make_private`). :class:`JournalFileError` if another journal holds it, the lock
+    file cannot be made or opened (one of another user names that user and what to do), or
+    ``path`` is no regular file."""
     try:
-        is_dir = path.is_dir()
+        _check_kind(path, os.stat(path).st_mode)
+    except FileNotFoundError:
+        pass  # a new journal (or a link to none yet): made below
     except OSError as exc:  # e.g. a directory above it that this user may not search
         raise JournalFileError(f"journal {path}: {failure_text(path, 'reach', exc)}") from None
-    if is_dir:
-        raise JournalFileError(f"journal {path} is a directory, not a file")
     # beside the file SQLite opens: a journal held through a symbolic link let in another
     # opened by the real path (its lock was beside the link)
-    return lock_one_user(
+    fd = lock_one_user(
         Path(f"{os.path.realpath(path)}{LOCK_SUFFIX}"), JournalFileError,
         in_use=f"journal {path} is in use by another coordinator",
         advice="one journal serves one coordinator (stop that one, or give this one another"
         " data_dir)",
         where=f"journal {path}",
     )  # fmt: skip
+    _make_private(path)
+    return fd
+
+
+def _make_private(path: Path) -> None:
+    """Make the journal ``path`` names, empty and with :data:`JOURNAL_MODE`, if nothing is
+    there yet (under the lock: no other journal makes it meanwhile). SQLite takes an empty file
+    for a new database; one that cannot be made here is left for SQLite to make or explain."""
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        os.close(os.open(os.path.realpath(path), flags, JOURNAL_MODE))
+    except OSError:
+        pass  # there already (EEXIST), or SQLite says why not
+
+
+def _check_kind(path: Path, mode: int) -> None:
+    """:class:`JournalFileError` unless ``mode`` is that of a regular file."""
+    if stat.S_ISDIR(mode):
+        raise JournalFileError(f"journal {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket or device"
+        raise JournalFileError(f"journal {path} is {kind}, not a regular file")
 
 
 def check_readable(path: Path) -> None:
     """Raise :class:`JournalFileError` unless this process can open ``path`` to read it: one
-    missing, a directory, or one this user may not read (the message names the path that stops
-    it, its owner and what to do: :func:`meshinfer.filelock.failure_text`), rather than
-    SQLite's bare "unable to open database file"."""
+    missing, a directory (or anything but a regular file), or one this user may not read (the
+    message names the path that stops it, its owner and what to do:
+    :func:`meshinfer.filelock.failure_text`), rather than SQLite's bare "unable to open
+    database file"."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO: no wait)
     except OSError as exc:
         raise JournalFileError(f"journal {path}: {failure_text(path, 'read', exc)}") from None
-    is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+    mode = os.fstat(fd).st_mode
     os.close(fd)
-    if is_dir:
-        raise JournalFileError(f"journal {path} is a directory, not a file")
+    _check_kind(path, mode)  # (a FIFO: SQLite's own open would wait for a writer for ever)
 
 
 @contextmanager

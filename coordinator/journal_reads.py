@@ -153,7 +153,11 @@ def _filters(state, model, since, cursor) -> tuple[str, list[object]]:
     if since is not None:
         if isinstance(since, bool) or not isinstance(since, int | float):
             raise ConfigError(f"since {since!r} is not a time (seconds since the epoch)")
-        if not math.isfinite(since := float(since)):  # NaN would match nothing, silently
+        try:
+            since = float(since)
+        except OverflowError:  # an int beyond any float (its repr may be refused too)
+            raise ConfigError(f"since ({since.bit_length()} bits) is no time") from None
+        if not math.isfinite(since):  # NaN would match nothing, silently
             raise ConfigError(f"since {since!r} is not a finite time")
         clauses.append("t.created_at >= ?")
         args.append(since)

@@ -82,8 +82,8 @@ class JournalUpkeep:
         the freed pages, so a journal with retention stays about as large as the tasks of one
         retention period.
         """
-        if older_than_s < 0 or limit < 1:
-            raise LocalProtocolError("prune() needs older_than_s >= 0 and limit >= 1")
+        if not older_than_s >= 0 or type(limit) is not int or limit < 1:  # (NaN; 2.5: no bound)
+            raise LocalProtocolError("prune() needs older_than_s >= 0 and a whole limit >= 1")
         with self._write() as db:
             now = self._clock()
             cutoff = now - older_than_s
