@@ -204,7 +204,8 @@ class MemoryStream:
         """Send ``data``, waiting while the peer's buffer is full; raises :class:`StreamClosed`."""
         if self._closed:
             raise StreamClosed(f"{self!r} is closed")
-        await self._outbound.write(data if type(data) is bytes else bytes(data))
+        # a copy (the caller may reuse its buffer); memoryview: bytes(3) would be three NULs
+        await self._outbound.write(data if type(data) is bytes else bytes(memoryview(data)))
 
     async def aclose(self) -> None:
         """Close both directions (idempotent): the peer reads what was sent, then ``b""``."""

@@ -119,6 +119,7 @@ class TcpStream(asyncio.Protocol):
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lost_waiter: asyncio.Future[None] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # aclose's abort after a flush
 
     def __repr__(self) -> str:
         return f"<TcpStream {self.local_address} -> {self.remote_address}>"
@@ -146,7 +147,9 @@ class TcpStream(asyncio.Protocol):
         waited) waits first and queues nothing until the peer takes bytes, so cancelled writes
         cannot pile up bytes for a peer that never reads; cancelled while it waits there, it
         has sent nothing. Raises :class:`StreamClosed` if this stream was closed or the
-        connection is lost.
+        connection is lost. A ``bytearray`` or ``memoryview`` is copied: the socket may still
+        hold the bytes when this returns (uvloop and Python 3.12+ keep the caller's object),
+        and the caller may reuse or resize its buffer at once.
         """
         if self._closed or self._lost:
             raise StreamClosed(f"{self!r} is closed")
@@ -154,6 +157,8 @@ class TcpStream(asyncio.Protocol):
             raise LocalProtocolError("another task is already writing to this stream")
         if self._writing_paused:
             await self._drain()
+        if type(data) is not bytes:
+            data = bytes(memoryview(data))  # memoryview: bytes(3) would be three NULs
         self._transport.write(data)  # type: ignore[union-attr]
         if self._writing_paused:
             await self._drain()
@@ -175,7 +180,11 @@ class TcpStream(asyncio.Protocol):
             return
         transport.close()
         if transport.get_write_buffer_size():
-            self._loop.call_later(self._close_timeout, self._abort)  # type: ignore[union-attr]
+            # cancelled once the connection is lost (it would keep this stream alive for
+            # close_timeout seconds after the flush)
+            self._close_timer = self._loop.call_later(  # type: ignore[union-attr]
+                self._close_timeout, self._abort
+            )
             return
         await asyncio.shield(self._lost_waiter)  # type: ignore[arg-type]
 
@@ -226,6 +235,9 @@ class TcpStream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self._wake_all()
         if self._lost_waiter is not None and not self._lost_waiter.done():
             self._lost_waiter.set_result(None)
@@ -361,8 +373,13 @@ class TcpListener:
         if not self._closed:
             self._closed = True
             self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-            self._sock.close()
+            try:
+                await asyncio.gather(self._accepting, return_exceptions=True)
+            finally:  # cancelled here, a later aclose() does not come back to close it
+                if self._accepting.done():
+                    self._sock.close()
+                else:  # once the accept loop has removed its reader from the socket's fd
+                    self._accepting.add_done_callback(lambda _: self._sock.close())
         if cancel_handlers:
             await self._tasks.cancel_all()
 
