@@ -59,7 +59,8 @@ class SessionListener:
     tasks: a handler whose session was closed has ``limits.handler_grace_s`` to return, then
     it is cancelled, as is a handshake still in progress. Nothing it started outlives ``aclose``,
     which is idempotent: every call, also one after a call that was cancelled, waits until the
-    one close has ended (it goes on when a caller is cancelled).
+    one close has ended (it goes on when a caller is cancelled). A handshake that ends during
+    the close gets its session closed at once (``GOING_AWAY``), never handed to ``handler``.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class SessionListener:
         self._by_peer: Counter[str] = Counter()
         self._handlers: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._started = False
         self._closing = OneClose()
 
     @property
@@ -94,9 +96,19 @@ class SessionListener:
         return self._listener.address
 
     async def start(self, address: Address) -> Address:
-        """Bind and start accepting; returns the bound address (port 0 picks one)."""
-        self._listener = await self.transport.listen(address, self._on_stream)
-        return self._listener.address
+        """Bind and start accepting; returns the bound address (port 0 picks one). Once only:
+        RuntimeError when started before, or closed before it listens (a socket bound then
+        would never be closed)."""
+        if self._closed or self._started:
+            what = "closed" if self._closed else "already started"
+            raise RuntimeError(f"session listener {what}: it cannot start again")
+        self._started = True
+        listener = await self.transport.listen(address, self._on_stream)
+        if self._closed:  # aclose ran during the bind and found nothing to close
+            await listener.aclose()  # (a stream it accepted meanwhile is refused)
+            raise RuntimeError("session listener closed during its start")
+        self._listener = listener
+        return listener.address
 
     async def aclose(self) -> None:
         self._closed = True  # (no more handshakes are started from now on)
@@ -169,6 +181,10 @@ class SessionListener:
 
     async def _serve(self, session: Session) -> None:
         peer = session.peer_id
+        if self._closed:  # a handshake that ended during the close: not served
+            self.metrics.refuse("shutting-down")
+            await session.aclose(CloseCode.GOING_AWAY, "node shutting down")
+            return
         if self._by_peer[peer] >= self.limits.max_sessions_per_peer:
             self.metrics.refuse("peer-limit")
             await session.aclose(CloseCode.OVERLOADED, "too many sessions from this peer")
@@ -199,7 +215,10 @@ async def dial(
     expected_node_id: str | None = None,
     timeout: float | None = None,
 ) -> Session:
-    """Dial ``address`` and run the initiator handshake (IK when ``expected_static`` is given)."""
+    """Dial ``address`` and run the initiator handshake (IK when ``expected_static`` is given).
+    ``timeout`` (default: the config's ``handshake_timeout``) bounds the TCP connect, and the
+    handshake has ``handshake_timeout`` after it: a listener that accepts and then stalls costs
+    at most the two together (:class:`~meshinfer.errors.SessionTimeout`)."""
     config = config or SessionConfig()
     stream = await transport.dial(address, timeout=timeout or config.handshake_timeout)
     return await connect(

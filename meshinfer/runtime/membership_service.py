@@ -72,7 +72,12 @@ class MembershipService:
         self._task: asyncio.Task[None] | None = None
         self._joined = asyncio.Event()
         self._left = asyncio.Event()
+        self._closed = asyncio.Event()
+        #: each member's gossiped (host, port, static key) when last looked at (see _teach)
+        self._gossiped: dict[str, tuple[str, int, bytes]] = {}
         self.protocol_errors = 0
+        #: Gossip packets that came in after :meth:`aclose`, dropped unread
+        self.dropped_closed = 0
         peers.on(Gossip, self._on_gossip)
 
     # --- API -------------------------------------------------------------------------------
@@ -82,6 +87,10 @@ class MembershipService:
         self._subscribers.append(callback)
 
     def start(self) -> None:
+        """Start the timer task (once; later calls are no-ops). RuntimeError after
+        :meth:`aclose`."""
+        if self._closed.is_set():
+            raise RuntimeError(f"membership of {self.peers.node_id} is closed: it cannot start")
         if self._task is None:
             self._task = self._loop.create_task(self._run(), name="membership")
             self._task.add_done_callback(self._on_task_done)
@@ -92,7 +101,19 @@ class MembershipService:
         self._kick()
 
     async def wait_joined(self) -> None:
-        await self._joined.wait()
+        """Wait until a seed or a discovered peer answered. RuntimeError once :meth:`aclose`
+        has run without that (no answer can come any more: a waiter would hang)."""
+        if not self._joined.is_set() and not self._closed.is_set():
+            joined = asyncio.ensure_future(self._joined.wait())
+            closed = asyncio.ensure_future(self._closed.wait())
+            try:
+                await asyncio.wait((joined, closed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                joined.cancel()
+                closed.cancel()
+                await asyncio.gather(joined, closed, return_exceptions=True)
+        if not self._joined.is_set():
+            raise RuntimeError(f"membership of {self.peers.node_id} closed before it joined")
 
     def update_state(self, state: NodeState) -> None:
         """Publish a new version of this node's gossiped state. After :meth:`leave`, a no-op
@@ -112,7 +133,10 @@ class MembershipService:
         return sorted(m.node_id for m in self.core.live_members())
 
     async def leave(self, timeout: float = 2.0) -> bool:
-        """Announce a graceful leave and keep gossiping until it is out (or ``timeout``)."""
+        """Announce a graceful leave and keep gossiping until it is out (or ``timeout``).
+        After :meth:`aclose`, False at once (nothing can be gossiped any more)."""
+        if self._closed.is_set():
+            return False
         self.core.leave(self._loop.time())
         self._kick()
         try:
@@ -124,7 +148,11 @@ class MembershipService:
 
     async def aclose(self) -> None:
         """Stop the timer task (no leave: call :meth:`leave` first for a graceful exit). A
-        task that died was logged then (:meth:`_on_task_done`); a cancelled caller is raised to."""
+        task that died was logged then (:meth:`_on_task_done`); a cancelled caller is raised to.
+        From the call on, nothing more is sent and Gossip that still comes in over the peer
+        table's sessions is dropped unread (the handler stays registered there: the table has
+        no way to take one off), so a closed node answers no probe or push-pull."""
+        self._closed.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -132,10 +160,15 @@ class MembershipService:
     # --- driving the core ------------------------------------------------------------------
 
     def _kick(self) -> None:
+        if self._closed.is_set():
+            return  # (closed: nothing is sent any more)
         self._flush()
         self._wake.set()
 
     def _on_gossip(self, peer: str, msg: Gossip) -> None:
+        if self._closed.is_set():
+            self.dropped_closed += 1
+            return
         try:
             self.core.handle_packet(peer, msg.payload, self._loop.time())
         except RemoteProtocolError as exc:
@@ -166,10 +199,23 @@ class MembershipService:
             self._left.set()
 
     def _teach(self, node_id: str) -> None:
+        """Teach the peer table where ``node_id`` listens, by its gossiped state: when the
+        table has no address for it, another key or port, or when the member's gossiped
+        address changed since last looked at (it moved: a new lease, a V2I link). A host that
+        alone differs from the table's, gossiped so all along, is left: discovery may have
+        taught one nearer this node (mDNS lists first those on a network it shares)."""
         addr = self.core.address_of(node_id)
         if addr is not None and addr[1] and len(addr[2]) == 32:
             known = self.peers.addresses.get(node_id)
-            if known is None or known.static_key != addr[2] or known.address.port != addr[1]:
+            before = self._gossiped.get(node_id)
+            self._gossiped[node_id] = (addr[0], addr[1], addr[2])
+            moved = before is not None and before != self._gossiped[node_id]
+            if (
+                moved
+                or known is None
+                or known.static_key != addr[2]
+                or known.address.port != addr[1]
+            ):
                 self.peers.learn(node_id, Address(addr[0], addr[1]), addr[2])
 
     def _on_event(self, event: MemberEvent) -> None:
@@ -177,6 +223,7 @@ class MembershipService:
             self._teach(event.member.node_id)
         elif event.kind == MemberEventKind.FORGOTTEN:  # else the table keeps every node ever met
             self.peers.forget(event.member.node_id)
+            self._gossiped.pop(event.member.node_id, None)
         log.info("member %s %s", event.member.node_id, event.kind.value)
         for callback in self._subscribers:
             try:

@@ -320,7 +320,7 @@ class MeshNode:
 
     async def wait_joined(self) -> None:
         """Wait until a seed or a discovered peer answered. RuntimeError before the start has
-        made the membership (await :meth:`start` first)."""
+        made the membership (await :meth:`start` first), and once the node closed unjoined."""
         if self.membership is None:
             raise RuntimeError(
                 f"node {self.node_id} has not started its membership: await start() first"
