@@ -9,7 +9,8 @@ Protocol (messages in :mod:`meshinfer.proto.tasks_wire`), per work item::
                                         an item passed to a peer: the cancel is passed on)
 
 At most ``max_concurrent`` items run at once; the rest wait in order of priority (larger first,
-then in order of arrival), each until its deadline at most (then it is answered
+then in order of arrival; at most 1,024 of them, ``node.slots.MAX_WAITING``: one more is answered
+``OVERLOADED``, retryable), each until its deadline at most (then it is answered
 ``DEADLINE_EXCEEDED``, not once a slot frees: :mod:`node.slots`). Work sharing (an item from a
 coordinator passed to a less loaded peer while this node's backlog is deep, whatever comes back
 relayed, handed back when the peer is lost; items a lost node passed here dropped) is
