@@ -23,11 +23,16 @@ from meshinfer.proto.identity import DEFAULT_CLOCK_SKEW_S, check_clock_skew
 from meshinfer.proto.membership_config import MAX_MEMBERS, MembershipConfig
 from meshinfer.proto.membership_wire import MAX_INPUT_CACHE_MB
 from meshinfer.proto.models import model_name_problem
+from meshinfer.runtime.outbox_size import OUTBOX_BYTES
 from meshinfer.runtime.session import MAX_REKEY_AFTER
 from meshinfer.tomlconfig import Schema, doc, parse_address, with_overrides
 
 #: The largest ``[executor] result_replay_mib``.
 MAX_RESULT_REPLAY_MIB = 1 << 16
+
+MAX_OUTBOX_MIB = 1 << 16
+"""The largest ``[session] outbox_mib`` (it is at least ``max_message_mib``, itself at most
+:data:`MAX_MESSAGE_MIB`)."""
 
 MAX_MESSAGE_MIB = 1 << 16
 """The largest ``[session] max_message_mib``: each handshake's Hello carries the size in bytes
@@ -127,6 +132,12 @@ class SessionSection:
         " this and its peer's value)",
     )
     max_message_mib: int = doc(16, "largest application message accepted, MiB (at most 65536)")
+    outbox_mib: int = doc(
+        0,
+        "most MiB of messages queued for one peer (each counted by the bytes it carries) before"
+        " a send to it is refused (outbox-bytes): at least max_message_mib, at most 65536;"
+        f" 0: {OUTBOX_BYTES >> 20}, or max_message_mib if that is larger",
+    )
     verify_timeout: float = doc(
         1.0,
         "when a peer opens a session while older ones with it are open (it re-dialled after"
@@ -277,6 +288,12 @@ def check_mesh_sections(config: Any, source: str) -> None:
         raise ConfigError(f"{source}: [session] rekey_after must be at most {MAX_REKEY_AFTER}")
     if s.max_message_mib > MAX_MESSAGE_MIB:
         raise ConfigError(f"{source}: [session] max_message_mib must be at most {MAX_MESSAGE_MIB}")
+    if s.outbox_mib and not s.max_message_mib <= s.outbox_mib <= MAX_OUTBOX_MIB:
+        raise ConfigError(
+            f"{source}: [session] outbox_mib must be 0 (the default) or in"
+            f" max_message_mib..{MAX_OUTBOX_MIB} ({s.max_message_mib}..{MAX_OUTBOX_MIB}: a"
+            f" peer's outbox holds the largest message), got {s.outbox_mib!r}"
+        )
     try:
         check_clock_skew(s.clock_skew)
     except ValueError as exc:

@@ -44,12 +44,13 @@ from meshinfer import PROTOCOL_VERSION
 from meshinfer.discovery.base import ADDRESS_CHECK_INTERVAL, DiscoveryEvent, PeerAdvert
 from meshinfer.discovery.mdns import MdnsConfig, MdnsDiscovery
 from meshinfer.discovery.static import StaticDiscovery, StaticSeed, checked_seeds
-from meshinfer.errors import log_stopped
+from meshinfer.errors import ConfigError, log_stopped
 from meshinfer.proto.identity import NodeIdentity, RevocationList
 from meshinfer.proto.membership import MembershipConfig, NodeState
 from meshinfer.proto.membership_auth import CertifiedRecordAuthenticator
 from meshinfer.runtime.endpoint import ListenerLimits, SessionListener
 from meshinfer.runtime.membership_service import MembershipService
+from meshinfer.runtime.outbox_size import OUTBOX_BYTES
 from meshinfer.runtime.peers import PeerTable
 from meshinfer.runtime.revocations import RevocationSync, RevocationSyncConfig
 from meshinfer.runtime.session import Admission, SessionConfig, SessionMetrics
@@ -71,6 +72,9 @@ class MeshNodeOptions:
     membership: MembershipConfig = field(default_factory=MembershipConfig.lan)
     session: SessionConfig = field(default_factory=SessionConfig)
     limits: ListenerLimits = field(default_factory=ListenerLimits)
+    #: The most bytes of messages queued for one peer (:class:`PeerTable`'s ``outbox_bytes``;
+    #: the daemons' ``[session] outbox_mib``).
+    outbox_bytes: int = OUTBOX_BYTES
     #: the revocation list file to watch for news and to write merged lists to (the identity
     #: directory's ``revocations.bin``; None: the list lives in memory only)
     revocations_file: Path | None = None
@@ -87,6 +91,9 @@ class MeshNodeOptions:
     def __post_init__(self) -> None:
         # checked here, not when discovery starts (after the listener: a ConfigError then)
         object.__setattr__(self, "seeds", checked_seeds(self.seeds))
+        bound = self.outbox_bytes
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound <= 0:
+            raise ConfigError(f"outbox_bytes must be a positive integer, got {bound!r}")
 
 
 EVERY_INTERFACE = ("0.0.0.0", "::")
@@ -144,6 +151,7 @@ class MeshNode:
             self.admission,
             config=self.options.session,
             metrics=self.metrics,
+            outbox_bytes=self.options.outbox_bytes,
             rng=self.rng,  # (the dial backoff's jitter)
         )
         self.listener = SessionListener(

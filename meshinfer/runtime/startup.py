@@ -96,8 +96,10 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
     """The mesh sections of a node's or coordinator's file as :class:`MeshNodeOptions`.
 
     ``config`` has ``network``, ``discovery``, ``membership`` and ``session`` sections (both
-    :class:`~node.config.NodeConfig` and the coordinator's file do). The revocation list file
-    watched and kept current is ``identity_dir``'s ``revocations.bin``. ``[session] clock_skew``
+    :class:`~node.config.NodeConfig` and the coordinator's file do); ``[session] outbox_mib``
+    is the peer table's byte bound per peer (``outbox_bytes``; 0: :data:`OUTBOX_BYTES`, or the
+    largest message if larger). The revocation list file watched and kept current is
+    ``identity_dir``'s ``revocations.bin``. ``[session] clock_skew``
     judges both session handshakes and membership records' certificates; ``[discovery]
     address_check_interval`` paces both mDNS's and the node's looks at the host's addresses.
     """
@@ -105,6 +107,7 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
     from meshinfer.discovery.static import parse_seeds
     from meshinfer.proto.membership_config import MembershipConfig
     from meshinfer.runtime.node import MeshNodeOptions
+    from meshinfer.runtime.outbox_size import OUTBOX_BYTES
     from meshinfer.runtime.session import SessionConfig
 
     presets = {
@@ -137,6 +140,7 @@ def mesh_options(config: Any, fleet_id: str, identity_dir: str) -> MeshNodeOptio
             verify_timeout=s.verify_timeout,
             clock_skew=s.clock_skew,  # also the record checks' (MeshNode._record_authenticator)
         ),
+        outbox_bytes=(s.outbox_mib or max(OUTBOX_BYTES >> 20, s.max_message_mib)) << 20,
         revocations_file=NodeDirectory(Path(identity_dir)).revocations_bin,
         address_check_interval=interval,
     )
