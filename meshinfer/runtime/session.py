@@ -43,7 +43,9 @@ A session runs over any :class:`~meshinfer.transport.base.Stream`. It has three 
 
 ``closed``
     Reached by :meth:`Session.aclose` (sends ``Close`` first), by the peer's ``Close``, by EOF,
-    by an idle timeout, by a protocol error from the peer, or once the peer's certificate has
+    by an idle timeout, by a protocol error from the peer, by a failure of the session's own
+    reader or keep-alive task or of an encryption (a nonce spent: logged once, ended as lost,
+    a send raising StreamClosed), or once the peer's certificate has
     expired beyond ``clock_skew`` (judged by the admission's wall clock, as the handshake judged
     it; the keep-alive task wakes for it, so no message reads a clock): the session is then
     closed as lost, with a ``Close`` frame (``CERTIFICATE_EXPIRED``) naming the expiry, and its
@@ -444,11 +446,20 @@ class Session:
         self._closing = True
         if not self._closed.is_set():
             chunks = self._last_words(before)
-            with contextlib.suppress(MeshInferError, OSError, TimeoutError):
-                close = messages.encode(Close(code=int(code), reason=reason))
-                async with asyncio.timeout(1.0), self._write_lock:
-                    await self._write_records(chunks + framing.split_message(close))
-                    self.metrics.messages_sent += 1 + (1 if chunks else 0)
+            try:
+                with contextlib.suppress(MeshInferError, OSError, TimeoutError):
+                    close = messages.encode(Close(code=int(code), reason=reason))
+                    async with asyncio.timeout(1.0), self._write_lock:
+                        await self._write_records(chunks + framing.split_message(close))
+                        self.metrics.messages_sent += 1 + (1 if chunks else 0)
+            except asyncio.CancelledError:
+                # cancelled while the Close waited for the writer or the stream: the session
+                # ends all the same (it used to stay open, its abandon() a no-op), its stream
+                # reset (the Close may be cut part-way); its tasks end on their own
+                self._mark_closed(code, reason)
+                with contextlib.suppress(Exception):
+                    self.stream.abort()
+                raise
             self._mark_closed(code, reason)
         await self._shutdown()
 
@@ -502,14 +513,23 @@ class Session:
         their nonces are spent: if the caller is cancelled while the stream write waits, how
         much of them went is unknown (none: the peer could decrypt nothing after; part: the
         stream is cut mid-record), so the session ends, as lost, its stream reset (what part
-        went is dropped, not followed by more records), unless it is being closed anyway."""
+        went is dropped, not followed by more records), unless it is being closed anyway.
+        An encryption that fails (the send nonce is exhausted) ends the session too, as lost,
+        and raises StreamClosed: the records encrypted before it spent their nonces unsent,
+        and no later one would encrypt (a LocalProtocolError would read as "this message
+        is bad" to a sender, which would drop each message queued for the peer in turn)."""
         out = bytearray()
-        for chunk in chunks:
-            out += framing.encode_record(self._send_cs.encrypt(chunk))
-            self._sent_records += 1
-            self.metrics.records_sent += 1
-            if self._sent_records % self.rekey_after == 0:
-                self._send_cs.rekey()
+        try:
+            for chunk in chunks:
+                out += framing.encode_record(self._send_cs.encrypt(chunk))
+                self._sent_records += 1
+                self.metrics.records_sent += 1
+                if self._sent_records % self.rekey_after == 0:
+                    self._send_cs.rekey()
+        except MeshInferError as exc:
+            self._mark_lost(f"cannot encrypt: {exc}")
+            await self._shutdown(abort=True)
+            raise StreamClosed(f"session with {self.peer_id} ended: {exc}") from exc
         try:
             await self.stream.write(bytes(out))
         except asyncio.CancelledError:
@@ -555,6 +575,8 @@ class Session:
             self._mark_closed(CloseCode.PROTOCOL_ERROR, f"protocol error: {exc}")
         except (TransportError, OSError) as exc:
             self._mark_lost(f"transport error: {exc}")
+        except Exception as exc:  # our bug (or a receive nonce spent): end it, with a reason
+            self._fail_internally("reader", exc)
         finally:
             self._mark_closed(CloseCode.GOING_AWAY, "reader stopped")
             with contextlib.suppress(Exception):
@@ -601,7 +623,23 @@ class Session:
                 self._room.clear()
                 await self._room.wait()
 
+    def _fail_internally(self, task: str, exc: Exception) -> None:
+        """End the session, as lost (what it carried meanwhile may be dropped), when its
+        ``task`` failed on something that is not the peer's fault: logged once here, the
+        task then ends normally, so nothing is left unretrieved and the session never stays
+        "open" without its reader or its idle check."""
+        log.error("session with %s: %s failed: %r", self.peer_id, task, exc, exc_info=exc)
+        self._mark_lost(f"internal error in the session's {task}: {exc!r}")
+        with contextlib.suppress(Exception):
+            self.stream.abort()
+
     async def _keepalive_loop(self) -> None:
+        try:
+            await self._keep_alive()
+        except Exception as exc:  # e.g. the admission's wall clock raised
+            self._fail_internally("keep-alive", exc)
+
+    async def _keep_alive(self) -> None:
         cfg = self.config
         while not self._closed.is_set():
             now = self._loop.time()
