@@ -37,6 +37,8 @@ null where there is nothing to say):
   ``rows`` it classified right and how long it took;
 - ``items_by_node``: the work items each node completed (every node named, 0 for none; the batch
   tasks' and the ensemble's); ``items``: their sum;
+- ``node_status``: each node daemon's process as the summary was made: ``alive``, ``killed``
+  (the halfway kill's) or ``exited (status N)`` (one that ended by itself: the demo fails);
 - ``retries``, ``redispatched_after_death``, ``duplicates_dropped``: the coordinator's counts of
   items tried again, moved off a node that died, and results that came twice (the second dropped).
 
@@ -495,8 +497,9 @@ class Demo:
             "pattern": "parallel", "models": list(ENSEMBLE), "inputs": tensor_json(x),
             "aggregation": "ensemble",
         })  # fmt: skip
-        doc = self.client.wait(task["task_id"], timeout=60)
-        return doc, time.perf_counter() - t0
+        # (in waits of at most WAIT_SLICE_S, like the stream's: once halted it waits no longer)
+        doc = self._finished(task["task_id"])
+        return doc or {}, time.perf_counter() - t0
 
     def stop(self) -> None:
         """Halt the stream and the node killer (waiting up to :data:`KILLER_GRACE_S` for it to
@@ -641,10 +644,23 @@ def _summary(demo: Demo, x, y, progress: Progress, seconds: float, ens: dict, en
         "ensemble_s": ens_s,
         "items_by_node": items_by_node,
         "items": sum(items_by_node.values()),
+        "node_status": {name: _process_status(demo, name) for name in demo.names},
         "retries": stats["retries"],
         "redispatched_after_death": stats["redispatched_after_death"],
         "duplicates_dropped": stats["duplicates"],
     }
+
+
+def _process_status(demo: Demo, name: str) -> str:
+    """``name``'s daemon process as it is now (see ``node_status``), not as the demo meant it."""
+    daemon = demo.cluster.processes.get(name)
+    if daemon is None:
+        return "not started"
+    if daemon.alive():
+        return "alive"
+    if name == demo.victim:  # (set before the kill: also when the kill's wait failed)
+        return "killed"
+    return f"exited (status {daemon.proc.returncode})"
 
 
 def _node_state(node: dict[str, Any] | None) -> str:
@@ -679,7 +695,9 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  {'node':<10}{'items done':>12}  status",
     ]
     for name in s["nodes"]:
-        status = "killed" if name == s["killed"] else "alive"
+        status = s.get("node_status", {}).get(name)
+        if status is None:  # (a summary without it: from the kill report)
+            status = "killed" if name == s["killed"] else "alive"
         lines.append(f"  {name:<10}{s['items_by_node'].get(name, 0):>12}  {status}")
     total = sum(s["items_by_node"].get(name, 0) for name in s["nodes"])
     lines.append(f"  {'total':<10}{total:>12}")
@@ -707,9 +725,10 @@ def _run(demo: Demo, x: np.ndarray, y: np.ndarray, signals: StopSignals) -> dict
 
 
 def run_demo(options: DemoOptions | None = None) -> int:
-    """Run the demo; 0 when every task succeeded and accuracy is as trained, else 1; 128 + the
-    signal when SIGINT, SIGTERM or SIGHUP stopped it early (its daemons are stopped first: they
-    drain, or are killed at once when a second of those signals comes meanwhile)."""
+    """Run the demo; 0 when every task succeeded, accuracy is as trained and no node daemon but
+    the one killed halfway exited, else 1; 128 + the signal when SIGINT, SIGTERM or SIGHUP
+    stopped it early (its daemons are stopped first: they drain, or are killed at once when a
+    second of those signals comes meanwhile)."""
     from meshinfer.inference.registry import load_digits_holdout
 
     options = options or DemoOptions()
@@ -745,6 +764,7 @@ def run_demo(options: DemoOptions | None = None) -> int:
         raise
     ok = not summary["tasks_failed"] and summary["accuracy"] > 0.9
     ok = ok and summary["ensemble_state"] == "succeeded" and summary["kill_error"] is None
+    ok = ok and not any(v.startswith("exited") for v in summary.get("node_status", {}).values())
     if not ok:
         print("meshinfer demo: some work failed (see above)", file=sys.stderr)
     return 0 if ok else 1

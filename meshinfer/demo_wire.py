@@ -101,6 +101,17 @@ async def _serve(node_dir: Path, fleet_dir: Path | None) -> None:
 # --- the driving side -------------------------------------------------------------------------
 
 
+LISTEN_S = 30.0
+"""How long the wire demo waits for its node process to say ``LISTENING``."""
+
+
+async def _start_node(node_dir: Path, fleet_dir: Path | None = None) -> _NodeProcess:
+    """A node process listening (see :meth:`_NodeProcess.listening`)."""
+    node = _NodeProcess(node_dir, fleet_dir)
+    await node.listening()
+    return node
+
+
 class _NodeProcess:
     def __init__(self, node_dir: Path, fleet_dir: Path | None = None) -> None:
         cmd = [sys.executable, "-m", "meshinfer.demo_wire", "serve", str(node_dir)]
@@ -109,11 +120,31 @@ class _NodeProcess:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
         )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        self.address = Address("127.0.0.1", 0)  # (known once it said LISTENING: see listening)
+
+    async def listening(self, timeout: float | None = None) -> None:
+        """Wait (off the event loop: a stop signal still cancels it) for its ``LISTENING`` line;
+        a :class:`WireDemoError` when it exits or says nothing within ``timeout`` s (default
+        :data:`LISTEN_S`). On every way out but that line (a cancel too) it is killed and
+        reaped."""
+        timeout = LISTEN_S if timeout is None else timeout
+        stdout = self.proc.stdout
+        assert stdout is not None
+        reading = asyncio.ensure_future(asyncio.to_thread(stdout.readline))
+        line, said = "", None
+        try:
+            line = await asyncio.wait_for(asyncio.shield(reading), timeout)
+        except TimeoutError:
+            said = f"it said nothing within {timeout:g} s"
+        finally:
+            if not line.startswith("LISTENING "):
+                self.proc.kill()  # (its stdout ends: the read returns)
+                await asyncio.wait({reading})
+                if not reading.cancelled():
+                    reading.exception()  # (retrieved: a failed read is reported as below)
+                self.proc.communicate()
         if not line.startswith("LISTENING "):
-            self.proc.kill()
-            self.proc.communicate()
-            raise WireDemoError(f"node process failed to start: {line!r}")
+            raise WireDemoError(f"node process failed to start: {said or repr(line)}")
         self.address = Address("127.0.0.1", int(line.split()[1]))
 
     def stop(self) -> str:
@@ -176,7 +207,7 @@ async def _drive(tmp: Path, n: int, quiet: bool) -> int:
         )
     _say(f"fleet 'demo-fleet' created in {fleet_dir}; enrolled rsu-1 and car-1", quiet)
     car = _load_admission(car_dir)
-    node = _NodeProcess(rsu_dir)
+    node = await _start_node(rsu_dir)
     ok = True
     try:
         _say(f"rsu-1 runs as process {node.proc.pid}, listening on {node.address}", quiet)
@@ -196,7 +227,7 @@ async def _drive(tmp: Path, n: int, quiet: bool) -> int:
             _say(line, quiet)
     FleetDirectory(fleet_dir).revoke(node_id="car-1", serial=None, reason="demo", now=time.time())
     _say("car-1 revoked by the fleet authority; rsu-1 restarts with the new list", quiet)
-    node = _NodeProcess(rsu_dir, fleet_dir)
+    node = await _start_node(rsu_dir, fleet_dir)
     try:
         ok &= await _refused("car-1", car, node.address, quiet)
     finally:
