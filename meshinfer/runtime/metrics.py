@@ -310,9 +310,10 @@ class MetricsRegistry:
 
         A collector that raises (a generator: at any point) is logged and left out of that
         render, whatever it yielded before; the rest still renders. So is a family it yields
-        that cannot be written (a name or label name outside the charset, a value that is not
-        a number, a series twice), and a series that one of the same name already gave: one
-        bad line made a scraper drop the whole page (or a value of None made rendering raise).
+        that cannot be written (a name or label name outside the charset or not a str, a value
+        that is not a number, a series twice, not a family at all), and a series that one of
+        the same name already gave: one bad line made a scraper drop the whole page (or a value
+        of None made rendering raise).
         """
         self._collectors.append(collect)
 
@@ -329,10 +330,17 @@ class MetricsRegistry:
                 log.exception("metrics collector %r failed; its families are left out", collect)
                 continue
             for fam in collected:
-                why = family_problem(fam) or _merge_into(out, fam)
-                if why and fam.name not in self._refused:
-                    self._refused.add(fam.name)  # (logged once: scraped every few seconds)
-                    log.error("metric family %r left out: %s", fam.name, why)
+                try:
+                    why = family_problem(fam) or _merge_into(out, fam)
+                # not a family to check at all (a name or label name not a str, labels not
+                # pairs, not a MetricFamily): it raised out of the page, which answered 500
+                except Exception as exc:
+                    why = f"it cannot be read as a family: {exc!r}"
+                name = getattr(fam, "name", None)
+                name = name if isinstance(name, str) else repr(type(fam))
+                if why and name not in self._refused:
+                    self._refused.add(name)  # (logged once: scraped every few seconds)
+                    log.error("metric family %r left out: %s", name, why)
         return list(out.values())
 
     def render(self, extra: Iterable[MetricFamily] = ()) -> str:
@@ -363,10 +371,14 @@ _KINDS = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_c
 def family_problem(fam: MetricFamily) -> str | None:
     """Why ``fam`` cannot be written as the text format wants, or None: its kind, a metric or
     label name outside the charset, a sample name not of the family, a value that is not a
-    real number (NaN and infinities are), a label value not a string, or a series twice."""
+    real number (NaN and infinities are) or an integer beyond a float's range, HELP text or a
+    label value not a string of UTF-8 (a lone surrogate), or a series twice. (Each of these
+    raised as the page was written or encoded: the whole ``/metrics`` answered 500.)"""
     suffixes = _KINDS.get(fam.kind)
     if suffixes is None or not _METRIC_NAME.fullmatch(fam.name):
         return f"kind {fam.kind!r} or name {fam.name!r} is not one the text format has"
+    if not _utf8(fam.help):
+        return "its HELP text is not a string of UTF-8"
     seen: set[tuple[str, Labels]] = set()
     for s in fam.samples:
         names = [k for k, _ in s.labels]
@@ -374,14 +386,35 @@ def family_problem(fam: MetricFamily) -> str | None:
             return f"sample {s.name!r} is not of the family"
         if len(set(names)) != len(names) or not all(map(_LABEL_NAME.fullmatch, names)):
             return f"label names {names!r} are not the text format's"
-        if not all(isinstance(v, str) for _, v in s.labels):
-            return f"label values of {names!r} are not all strings"
+        if not all(_utf8(v) for _, v in s.labels):
+            return f"label values of {names!r} are not all strings of UTF-8"
         if isinstance(s.value, bool) or not isinstance(s.value, int | float):
             return f"value {s.value!r} is not a number"
+        if isinstance(s.value, int) and not _fits_float(s.value):
+            return f"value of {s.name}{dict(s.labels)} is beyond a float's range"
         if (s.name, s.labels) in seen:
             return f"series {s.name}{dict(s.labels)} given twice"
         seen.add((s.name, s.labels))
     return _histogram_problem(fam) if fam.kind == "histogram" else None
+
+
+def _utf8(text: object) -> bool:
+    """``text`` is a str that encodes as UTF-8 (no lone surrogate, as JSON's ``\\ud800`` gives)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        text.isascii() or text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _fits_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _histogram_problem(fam: MetricFamily) -> str | None:

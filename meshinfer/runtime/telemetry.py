@@ -354,7 +354,8 @@ class TelemetryCollector:
         Raises TimeoutError if the host and GPU reading takes over ``sample_timeout_s`` (a hung
         NVML call): the caller keeps its last snapshot. That reading goes on on the worker, and
         the next call waits for it rather than queueing one more behind it (they piled up, one
-        a second). Calls that overlap share one reading; each gets its own engine figures.
+        a second). Calls that overlap share one reading (one cancelled leaves it to the
+        others); each gets its own engine figures.
         """
         engine = _engine_figures(tuple(engine_stats))
         try:
@@ -371,7 +372,13 @@ class TelemetryCollector:
             return asyncio.to_thread(self.collect)
         if self._reading is None or self._reading.done():
             self._reading = self._worker.submit(self.collect)
-        return asyncio.wrap_future(self._reading)
+        # shielded: a caller cancelled (or timed out) while the shared reading still waited
+        # for the worker cancelled that reading, and every other caller on it got a
+        # CancelledError of nobody's asking. (The shield drops what it guards once its caller
+        # has gone: a reading that fails after that is retrieved here, not an ERROR line.)
+        reading = asyncio.wrap_future(self._reading)
+        reading.add_done_callback(_retrieved)
+        return asyncio.shield(reading)
 
     def _cpu(self) -> float:
         now = time.monotonic()
@@ -401,6 +408,11 @@ class TelemetryCollector:
         if nvml is not None:
             self._worker.submit(nvml.close)
         self._worker.shutdown()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _DaemonWorker:
