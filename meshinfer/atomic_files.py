@@ -27,6 +27,7 @@ import secrets
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -298,13 +299,8 @@ def read_file(
     :func:`require_private` does if group or others may read it, judged by the status of the
     file opened (a second look at the path, as before, passed a private file swapped in after
     an exposed one was read)."""
-
-    def check(status: os.stat_result) -> None:
-        _refuse_exposed(path, what, status)
-
-    return read_limited(
-        path, what, limit=limit, error=IdentityError, check=check if private else None
-    )
+    check = partial(_refuse_exposed, path, what) if private else None
+    return read_limited(path, what, limit=limit, error=IdentityError, check=check)
 
 
 # --- checks before reading or writing ----------------------------------------------------------

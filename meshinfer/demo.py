@@ -695,10 +695,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  {'node':<10}{'items done':>12}  status",
     ]
     for name in s["nodes"]:
-        status = s.get("node_status", {}).get(name)
-        if status is None:  # (a summary without it: from the kill report)
-            status = "killed" if name == s["killed"] else "alive"
-        lines.append(f"  {name:<10}{s['items_by_node'].get(name, 0):>12}  {status}")
+        lines.append(f"  {name:<10}{s['items_by_node'].get(name, 0):>12}  {s['node_status'][name]}")
     total = sum(s["items_by_node"].get(name, 0) for name in s["nodes"])
     lines.append(f"  {'total':<10}{total:>12}")
     print("\n".join(lines), flush=True)
@@ -764,7 +761,7 @@ def run_demo(options: DemoOptions | None = None) -> int:
         raise
     ok = not summary["tasks_failed"] and summary["accuracy"] > 0.9
     ok = ok and summary["ensemble_state"] == "succeeded" and summary["kill_error"] is None
-    ok = ok and not any(v.startswith("exited") for v in summary.get("node_status", {}).values())
+    ok = ok and not any(v.startswith("exited") for v in summary["node_status"].values())
     if not ok:
         print("meshinfer demo: some work failed (see above)", file=sys.stderr)
     return 0 if ok else 1

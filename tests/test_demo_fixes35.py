@@ -38,7 +38,7 @@ def test_the_summary_names_the_failed_kill_and_the_demo_fails(tmp_path, monkeypa
         "latency": {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0}, "ensemble_state": "succeeded",
         "ensemble_accuracy": 1.0, "ensemble_s": 0.1, "killed": None, "retries": 0,
         "redispatched_after_death": 0, "duplicates_dropped": 0, "tasks_failed": [],
-        "nodes": ["rsu-1"], "items_by_node": {"rsu-1": 10},
+        "nodes": ["rsu-1"], "items_by_node": {"rsu-1": 10}, "node_status": {"rsu-1": "alive"},
         "kill_error": "ApiError: the coordinator is restarting",
     }  # fmt: skip
     monkeypatch.setattr(demo_module, "load_digits_holdout", lambda: (None, None), raising=False)

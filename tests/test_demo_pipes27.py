@@ -79,6 +79,7 @@ def test_the_node_table_of_the_summary_ends_with_the_total(capsys):
         "killed": "veh-1", "retries": 1, "redispatched_after_death": 1, "duplicates_dropped": 0,
         "tasks_failed": [], "nodes": ["rsu-1", "veh-1", "veh-2"],
         "items_by_node": {"rsu-1": 4, "veh-1": 2, "veh-2": 5, "gone-node": 7}, "kill_error": None,
+        "node_status": {"rsu-1": "alive", "veh-1": "killed", "veh-2": "alive"},
     }  # fmt: skip
     _print_summary(summary)
     table = capsys.readouterr().out.splitlines()
